@@ -1,0 +1,50 @@
+"""The Backend protocol: where frames live and how they are copied.
+
+A backend owns the frame buffers of every node (a 2-D ``(nr_pages, page_size)`` uint8 array each) and the
+synchronous copies the migrating thread performs. The DMA engine's asynchronous channels also come from the
+backend (see :mod:`dmamig.dma.engine`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend", "DeviceInfo"]
+
+
+class DeviceInfo(dict):
+    """A description of one accelerator: ``name``, ``memory_bytes``, ``peers`` (device ids with peer access)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the machine and the migration core need from a backend."""
+
+    name: str
+
+    def alloc_frames(self, kind: str, device: int, nr_pages: int, page_size: int) -> Any:
+        """Allocate one node's frame buffer, zero-filled: host frames (pinned where it matters) or device."""
+
+    def read_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
+        """Return a host copy, shape ``(len(idx), page_size)``, of the frames at ``idx``."""
+
+    def write_frames(self, frames: Any, idx: np.ndarray, data: np.ndarray) -> None:
+        """Store ``data`` (``(len(idx), page_size)`` uint8 on the host) into the frames at ``idx``."""
+
+    def zero_frames(self, frames: Any, idx: np.ndarray) -> None:
+        """Zero the frames at ``idx`` (a fresh page must not show a previous owner's bytes)."""
+
+    def copy_folios(self, src: Any, src_idx: np.ndarray, dst: Any, dst_idx: np.ndarray,
+                    nr_pages: np.ndarray) -> None:
+        """Copy folio ``i`` (``nr_pages[i]`` contiguous frames) from ``src[src_idx[i]:]`` to ``dst[dst_idx[i]:]``.
+
+        Runs synchronously on the calling (migrating) thread, one folio after another: the kernel's CPU copy.
+        """
+
+    def devices(self) -> list[DeviceInfo]:
+        """Describe the accelerators this backend drives (empty on the CPU backend)."""
+
+    def close(self) -> None:
+        """Release everything the backend holds."""

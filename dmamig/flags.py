@@ -1,0 +1,80 @@
+"""Bit flags mirroring the kernel's: page flags, PTE bits, migrate modes and migrate_vma pfn flags."""
+
+from __future__ import annotations
+
+import enum
+import errno
+
+__all__ = ["MigrateMode", "MigratePfn", "PageFlag", "PteFlag"]
+
+# Per-page status codes, as the kernel returns them (negative errno).
+EAGAIN = -errno.EAGAIN
+EBUSY = -errno.EBUSY
+ENOMEM = -errno.ENOMEM
+EIO = -errno.EIO
+EFAULT = -errno.EFAULT
+ENOENT = -errno.ENOENT
+EINVAL = -errno.EINVAL
+EPERM = -errno.EPERM
+
+
+class PageFlag(enum.IntFlag):
+    """struct page flags (``PG_*``), one bit each in ``PageArray.flags``."""
+
+    LOCKED = 1 << 0
+    REFERENCED = 1 << 1
+    UPTODATE = 1 << 2
+    DIRTY = 1 << 3
+    LRU = 1 << 4
+    ACTIVE = 1 << 5
+    WORKINGSET = 1 << 6
+    ERROR = 1 << 7
+    WRITEBACK = 1 << 8
+    PRIVATE = 1 << 9
+    HEAD = 1 << 10
+    MAPPEDTODISK = 1 << 11
+    RECLAIM = 1 << 12
+    SWAPBACKED = 1 << 13
+    UNEVICTABLE = 1 << 14
+    MLOCKED = 1 << 15
+    CHECKED = 1 << 16
+    YOUNG = 1 << 17
+    IDLE = 1 << 18
+    ISOLATED = 1 << 19
+    SWAPCACHE = 1 << 20
+
+
+class PteFlag(enum.IntFlag):
+    """Bits of an emulated page-table entry."""
+
+    PRESENT = 1 << 0
+    WRITE = 1 << 1
+    YOUNG = 1 << 2
+    DIRTY = 1 << 3
+    MIGRATION = 1 << 4  # a migration entry: not present, accessors wait for the migration to finish
+
+
+class MigrateMode(enum.Flag):
+    """How hard a migration may block, plus the ``NO_COPY`` modifier.
+
+    ``ASYNC`` never blocks (busy page lock -> ``-EAGAIN``, writeback -> ``-EBUSY``); ``SYNC_LIGHT`` blocks on
+    page locks but not on writeback; ``SYNC`` blocks on both. ``NO_COPY`` moves page state only: the data was
+    (or is being) copied by someone else, typically a DMA engine.
+    """
+
+    ASYNC = enum.auto()
+    SYNC_LIGHT = enum.auto()
+    SYNC = enum.auto()
+    NO_COPY = enum.auto()
+
+
+class MigratePfn(enum.IntFlag):
+    """Flags in the low bits of ``MigrateVma.src``/``dst`` entries (``pfn << MIGRATE_PFN_SHIFT | flags``)."""
+
+    VALID = 1 << 0
+    MIGRATE = 1 << 1
+    WRITE = 1 << 3
+    COMPOUND = 1 << 4
+
+
+MIGRATE_PFN_SHIFT = 6

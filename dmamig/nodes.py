@@ -1,0 +1,194 @@
+"""Memory nodes: one frame buffer each, and a buddy-style free-frame allocator.
+
+Frames are numbered by a machine-wide page frame number (pfn): node ``i`` owns the pfns
+``[node.base_pfn, node.base_pfn + node.total_pages)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+__all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap"]
+
+#: Largest folio order served (order 9 = 2 MiB folios of 4 KiB pages), as ``pageblock_order`` on x86-64.
+PAGEBLOCK_ORDER = 9
+MAX_ORDER = PAGEBLOCK_ORDER
+_BLOCK = 1 << PAGEBLOCK_ORDER
+
+
+class FrameAllocator:
+    """Free frames of one node as a bitmap, with per-pageblock free counts.
+
+    Order-0 requests are served from partly used pageblocks first and whole free pageblocks last, which keeps
+    large contiguous blocks available as a buddy allocator would; order-``k`` requests get naturally aligned
+    blocks of ``2**k`` frames. All operations are vectorized over the request.
+    """
+
+    def __init__(self, nr_frames: int):
+        self.nr_frames = int(nr_frames)
+        self._nblocks = -(-self.nr_frames // _BLOCK)
+        # Frames past the end of the node (padding of the last pageblock) are permanently "used".
+        self._free = np.zeros(self._nblocks * _BLOCK, dtype=bool)
+        self._free[: self.nr_frames] = True
+        self._block_free = self._free.reshape(self._nblocks, _BLOCK).sum(axis=1).astype(np.int64)
+        self._nr_free = self.nr_frames
+
+    @property
+    def nr_free(self) -> int:
+        """Number of free frames."""
+        return self._nr_free
+
+    def is_free(self, idx: np.ndarray) -> np.ndarray:
+        """Whether each frame index in ``idx`` is free."""
+        return self._free[idx]
+
+    def _candidate_blocks(self) -> np.ndarray:
+        partial = np.flatnonzero((self._block_free > 0) & (self._block_free < _BLOCK))
+        whole = np.flatnonzero(self._block_free == _BLOCK)
+        return np.concatenate([partial, whole])
+
+    def alloc(self, count: int, order: int = 0) -> np.ndarray:
+        """Allocate up to ``count`` blocks of ``2**order`` frames; return their first frame indices.
+
+        Fewer than ``count`` come back when the node runs out of (contiguous) free frames.
+        """
+        if not 0 <= order <= MAX_ORDER:
+            raise InvalidArgument(f"order must be in 0..{MAX_ORDER}, got {order}")
+        if count <= 0:
+            return np.empty(0, dtype=np.int64)
+        if order == 0:
+            heads = self._alloc_order0(count)
+        else:
+            heads = self._alloc_order(count, order)
+        if heads.size:
+            frames = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
+            self._take(frames)
+        return heads
+
+    def _alloc_order0(self, count: int) -> np.ndarray:
+        cand = self._candidate_blocks()
+        if cand.size == 0:
+            return np.empty(0, dtype=np.int64)
+        cum = np.cumsum(self._block_free[cand])
+        nb = int(np.searchsorted(cum, count)) + 1
+        chosen = cand[:nb]
+        rows, cols = np.nonzero(self._free.reshape(self._nblocks, _BLOCK)[chosen])
+        frames = chosen[rows] * _BLOCK + cols
+        return frames[:count].astype(np.int64)
+
+    def _alloc_order(self, count: int, order: int) -> np.ndarray:
+        size = 1 << order
+        if order == PAGEBLOCK_ORDER:
+            return (np.flatnonzero(self._block_free == _BLOCK)[:count] * _BLOCK).astype(np.int64)
+        cand = self._candidate_blocks()
+        cand = cand[self._block_free[cand] >= size]
+        found: list[np.ndarray] = []
+        got = 0
+        # Scan candidate pageblocks in chunks so a small request does not look at the whole node.
+        for start in range(0, cand.size, 64):
+            chunk = cand[start:start + 64]
+            sub = self._free.reshape(self._nblocks, _BLOCK)[chunk].reshape(chunk.size, _BLOCK // size, size)
+            rows, cols = np.nonzero(sub.all(axis=2))
+            heads = chunk[rows] * _BLOCK + cols * size
+            found.append(heads)
+            got += heads.size
+            if got >= count:
+                break
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate(found)[:count].astype(np.int64)
+
+    def _take(self, frames: np.ndarray) -> None:
+        self._free[frames] = False
+        self._block_free -= np.bincount(frames // _BLOCK, minlength=self._nblocks)
+        self._nr_free -= frames.size
+
+    def free(self, frames: np.ndarray) -> None:
+        """Return frames (base-frame indices, each listed once) to the free pool."""
+        frames = np.asarray(frames, dtype=np.int64)
+        if frames.size == 0:
+            return
+        if self._free[frames].any() or np.unique(frames).size != frames.size:
+            bad = frames[self._free[frames]][:8]
+            raise RuntimeError(f"double free of frames {bad.tolist()} (allocator invariant broken)")
+        self._free[frames] = True
+        self._block_free += np.bincount(frames // _BLOCK, minlength=self._nblocks)
+        self._nr_free += frames.size
+
+    def buddyinfo(self) -> list[int]:
+        """Free blocks per order 0..MAX_ORDER, each counted at its largest aligned free order (/proc/buddyinfo)."""
+        counts = []
+        for order in range(MAX_ORDER + 1):
+            fo = self._free.reshape(-1, 1 << order).all(axis=1)
+            if order < MAX_ORDER:
+                parent = self._free.reshape(-1, 1 << (order + 1)).all(axis=1)
+                maximal = fo & ~np.repeat(parent, 2)
+            else:
+                maximal = fo
+            counts.append(int(maximal.sum()))
+        return counts
+
+    def unusable_index(self, order: int) -> float:
+        """The kernel's unusable free space index: the share of free frames not in free blocks of ``order``."""
+        if self._nr_free == 0:
+            return 0.0
+        usable = int(self._free.reshape(-1, 1 << order).all(axis=1).sum()) << order
+        return (self._nr_free - usable) / self._nr_free
+
+
+class Node:
+    """One memory node: host RAM (node 0) or a device. Its frames live in one backend buffer."""
+
+    def __init__(self, node_id: int, kind: str, device: int, base_pfn: int, total_pages: int, frames: Any):
+        self._id = node_id
+        self._kind = kind
+        self._device = device
+        self._base_pfn = base_pfn
+        self._total_pages = total_pages
+        self.frames = frames
+        self.allocator = FrameAllocator(total_pages)
+
+    id = property(lambda self: self._id, doc="Node number; 0 is host RAM.")
+    kind = property(lambda self: self._kind, doc='"host" or "device".')
+    device = property(lambda self: self._device, doc="Accelerator index of a device node; -1 for host RAM.")
+    base_pfn = property(lambda self: self._base_pfn, doc="First pfn of this node.")
+    total_pages = property(lambda self: self._total_pages, doc="Number of base-page frames.")
+
+    @property
+    def free_pages(self) -> int:
+        """Number of free base-page frames."""
+        return self.allocator.nr_free
+
+    def fragmentation(self) -> dict:
+        """Free-space report: free pages, buddyinfo per order and the unusable index for 2 MiB folios."""
+        return {
+            "free_pages": self.free_pages,
+            "buddyinfo": self.allocator.buddyinfo(),
+            "unusable_index_order9": self.allocator.unusable_index(PAGEBLOCK_ORDER),
+        }
+
+    def __repr__(self) -> str:
+        return f"Node(id={self.id}, kind={self.kind!r}, total_pages={self.total_pages}, free_pages={self.free_pages})"
+
+
+class NodeMap:
+    """Translate machine-wide pfns to (node id, frame index within the node), vectorized."""
+
+    def __init__(self, nodes: Sequence[Node]):
+        self.nodes = tuple(nodes)
+        self.bases = np.array([n.base_pfn for n in self.nodes], dtype=np.int64)
+        self.nr_pfns = int(self.nodes[-1].base_pfn + self.nodes[-1].total_pages)
+
+    def node_of(self, pfns: np.ndarray) -> np.ndarray:
+        """Node id of each pfn."""
+        return np.searchsorted(self.bases, pfns, side="right") - 1
+
+    def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(node_ids, frame_indices)`` of each pfn."""
+        nid = self.node_of(pfns)
+        return nid, pfns - self.bases[nid]

@@ -1,0 +1,121 @@
+"""PageArray: every pfn's struct-page state as parallel numpy arrays.
+
+A folio of order ``k`` is ``2**k`` consecutive pfns; its state (flags, refcount, mapping, index, ...) lives on
+the head pfn, which carries ``PageFlag.HEAD`` when ``k > 0``. Every pfn records its head in ``head``, and
+``mapcount`` is kept per base page because each PTE maps one base page.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .flags import PageFlag
+
+__all__ = ["NO_MAPPING", "PageArray"]
+
+#: ``mapping`` value of a page that belongs to no address space object.
+NO_MAPPING = -1
+
+
+class PageArray:
+    """Struct-page state of ``nr_pfns`` frames, one entry per pfn in each array."""
+
+    def __init__(self, nr_pfns: int):
+        n = int(nr_pfns)
+        self.nr_pfns = n
+        self.flags = np.zeros(n, dtype=np.uint32)
+        self.refcount = np.zeros(n, dtype=np.int32)
+        self.mapcount = np.zeros(n, dtype=np.int32)
+        self.mapping = np.full(n, NO_MAPPING, dtype=np.int64)
+        self.index = np.zeros(n, dtype=np.int64)
+        self.private = np.zeros(n, dtype=np.int64)
+        self.last_cpupid = np.full(n, -1, dtype=np.int32)
+        self.memcg = np.zeros(n, dtype=np.int32)
+        self.order = np.zeros(n, dtype=np.int8)
+        self.head = np.arange(n, dtype=np.int64)
+
+    # -- flag helpers, vectorized over an index array ------------------------------------------------------
+    def test(self, pfns: np.ndarray | int, flag: PageFlag) -> np.ndarray:
+        """Whether ``flag`` is set on each pfn."""
+        return (self.flags[pfns] & np.uint32(flag)) != 0
+
+    def set(self, pfns: np.ndarray | int, flag: PageFlag) -> None:
+        """Set ``flag`` on each pfn."""
+        self.flags[pfns] |= np.uint32(flag)
+
+    def clear(self, pfns: np.ndarray | int, flag: PageFlag) -> None:
+        """Clear ``flag`` on each pfn."""
+        self.flags[pfns] &= np.uint32(~np.uint32(flag))
+
+    def nr_pages(self, heads: np.ndarray) -> np.ndarray:
+        """Base pages in each folio whose head pfn is given."""
+        return np.left_shift(1, self.order[heads].astype(np.int64))
+
+    def expand(self, heads: np.ndarray) -> np.ndarray:
+        """Every base pfn of the folios whose heads are given, folio by folio."""
+        heads = np.asarray(heads, dtype=np.int64)
+        nr = self.nr_pages(heads)
+        if heads.size == 0 or (nr == 1).all():
+            return heads.copy()
+        starts = np.repeat(heads - np.concatenate(([0], np.cumsum(nr)[:-1])), nr)
+        return starts + np.arange(int(nr.sum()))
+
+    # -- folio life cycle ------------------------------------------------------------------------------------
+    def prep_new(self, heads: np.ndarray, order: int) -> None:
+        """Initialise freshly allocated folios: refcount 1, clean state, compound head/tails set up."""
+        heads = np.asarray(heads, dtype=np.int64)
+        pfns = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
+        self.flags[pfns] = 0
+        self.refcount[pfns] = 0
+        self.mapcount[pfns] = 0
+        self.mapping[pfns] = NO_MAPPING
+        self.index[pfns] = 0
+        self.private[pfns] = 0
+        self.last_cpupid[pfns] = -1
+        self.memcg[pfns] = 0
+        self.order[pfns] = 0
+        self.head[pfns] = np.repeat(heads, 1 << order) if order else heads
+        self.order[heads] = order
+        self.refcount[heads] = 1
+        if order:
+            self.set(heads, PageFlag.HEAD)
+
+    def reset(self, pfns: np.ndarray) -> None:
+        """Return base pfns to the free state (no folio, no references)."""
+        self.flags[pfns] = 0
+        self.refcount[pfns] = 0
+        self.mapcount[pfns] = 0
+        self.mapping[pfns] = NO_MAPPING
+        self.index[pfns] = 0
+        self.private[pfns] = 0
+        self.last_cpupid[pfns] = -1
+        self.memcg[pfns] = 0
+        self.order[pfns] = 0
+        self.head[pfns] = pfns
+
+    def split(self, head: int, page_cache: bool = False) -> np.ndarray:
+        """Split one large folio into base pages (``split_folio``); return the new base-page heads.
+
+        Each base page inherits the folio's flags (but ``HEAD``), mapping, memcg and cpupid, gets consecutive
+        ``index`` values, and takes one reference per mapping of that page plus its share of the page-cache
+        references, as ``__split_huge_page`` distributes them.
+        """
+        order = int(self.order[head])
+        nr = 1 << order
+        pfns = head + np.arange(nr, dtype=np.int64)
+        extra = int(self.refcount[head]) - int(self.mapcount[pfns].sum())
+        flags = self.flags[head] & np.uint32(~np.uint32(PageFlag.HEAD))
+        self.flags[pfns] = flags
+        self.mapping[pfns] = self.mapping[head]
+        self.index[pfns] = self.index[head] + np.arange(nr)
+        self.memcg[pfns] = self.memcg[head]
+        self.last_cpupid[pfns] = self.last_cpupid[head]
+        self.private[pfns] = 0
+        self.order[pfns] = 0
+        self.head[pfns] = pfns
+        # References not held by PTEs (isolation, pins, page cache) are per folio; the page cache held one per
+        # base page (``page_cache``), every other holder keeps its reference on the head only.
+        cache = 1 if page_cache else 0
+        self.refcount[pfns] = self.mapcount[pfns] + cache
+        self.refcount[head] += extra - cache * nr
+        return pfns
