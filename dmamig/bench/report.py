@@ -1,0 +1,256 @@
+"""Reading, rendering and comparing benchmark results: rich tables, CSV, and baseline regression checks.
+
+Everything here works on the results document (the parsed ``results.json``), so a report can be re-rendered
+or compared on a machine that never ran the benchmark.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .scenarios import DIRECTIONS, format_size
+from .schema import ResultsError, validate_results
+
+__all__ = [
+    "CSV_FIELDS",
+    "METRICS",
+    "Comparison",
+    "compare_results",
+    "comparison_table",
+    "load_results",
+    "primary_metric",
+    "regressions",
+    "render_tables",
+    "write_csv",
+    "write_json",
+]
+
+PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
+
+#: Columns of results.csv, in order; phase columns are ``phase_<name>_ns`` and ``share_<name>``.
+CSV_FIELDS = (
+    ["id", "kind", "mode", "direction", "layout", "folio_bytes", "folio_order", "channels", "bytes", "pages",
+     "repeat", "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
+     "ceiling_gbps", "ceiling_ratio", "ceiling_method", "speedup_vs_copy", "nr_failed", "verified"]
+    + [f"phase_{p}_ns" for p in PHASES]
+    + [f"share_{p}" for p in PHASES]
+)
+
+#: Metrics ``dmamig report`` can compare: ``throughput`` (GB/s; pages per CPU-second for state-only
+#: scenarios) or ``ceiling-ratio`` (throughput over the same run's ceiling, which factors out machine speed).
+METRICS = ("throughput", "ceiling-ratio")
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and validate a results.json file.
+
+    Raises
+    ------
+    ResultsError
+        When the file is missing, not JSON, or does not follow the schema.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ResultsError(f"cannot read results file {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{str(p)!r} is not JSON: {exc}") from None
+    try:
+        validate_results(doc)
+    except ResultsError as exc:
+        raise ResultsError(f"{str(p)!r}: {exc}") from None
+    return doc
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> None:
+    """Write a results document as indented JSON."""
+    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(doc: dict[str, Any], path: str | Path) -> None:
+    """Write one CSV row per scenario with the columns of :data:`CSV_FIELDS`."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for sc in doc["scenarios"]:
+            row = {k: sc.get(k) for k in CSV_FIELDS}
+            for p in PHASES:
+                row[f"phase_{p}_ns"] = (sc.get("phase_ns") or {}).get(p)
+                row[f"share_{p}"] = (sc.get("phase_share") or {}).get(p)
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+
+def _f(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _phases(sc: dict[str, Any]) -> str:
+    share = sc.get("phase_share") or {}
+    parts = [f"{p} {share[p] * 100:.0f}%" for p in PHASES if share.get(p, 0) >= 0.005]
+    return " ".join(parts) or "-"
+
+
+def _header(doc: dict[str, Any]) -> str:
+    m, s = doc["machine"], doc["settings"]
+    gpus = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
+    return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "
+            f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)")
+
+
+def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
+    """Print the results as rich tables: migrations, then engine scenarios, then the ceilings.
+
+    Parameters
+    ----------
+    doc : dict
+        A results document.
+    console : rich.console.Console, optional
+        Where to print (a new console on stdout by default).
+    """
+    console = console or Console()
+    console.print(_header(doc))
+    scs = doc["scenarios"]
+    mig = [s for s in scs if s["kind"] == "migrate"]
+    if mig:
+        t = Table(title="Migration (mm.migrate, end to end)", title_justify="left")
+        for col, just in (("direction", "left"), ("folio", "right"), ("mode", "left"), ("ch", "right"),
+                          ("GB/s", "right"), ("pages/s", "right"), ("CPU ns/page", "right"),
+                          ("ceiling GB/s", "right"), ("x ceiling", "right"), ("no-copy/copy", "right"),
+                          ("phases (share of wall)", "left"), ("ok", "center")):
+            t.add_column(col, justify=just, no_wrap=col != "phases (share of wall)")
+        for s in mig:
+            t.add_row(DIRECTIONS.get(s["direction"], s["direction"]), format_size(s["folio_bytes"]),
+                      "no-copy" if s["mode"] == "nocopy" else "copy", _f(s["channels"], "{}"),
+                      _f(s["gbps"]), _rate(s["pages_per_s"]), _f(s["cpu_ns_per_page"], "{:.0f}"),
+                      _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), _f(s.get("speedup_vs_copy")),
+                      _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
+        console.print(t)
+    eng = [s for s in scs if s["kind"] != "migrate"]
+    if eng:
+        t = Table(title="Engine (state-only migration, raw DMA copy)", title_justify="left")
+        for col in ("scenario", "pages", "GB/s", "pages/s", "CPU ns/page", "pages per CPU-s", "ceiling GB/s",
+                    "x ceiling", "ok"):
+            t.add_column(col, justify="left" if col == "scenario" else "right")
+        for s in eng:
+            t.add_row(s["id"], str(s["pages"]), _f(s["gbps"]), _rate(s["pages_per_s"]),
+                      _f(s["cpu_ns_per_page"], "{:.0f}"), _rate(s.get("pages_per_cpu_s")),
+                      _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), "yes" if s["verified"] else "[red]NO[/red]")
+        console.print(t)
+    if doc.get("ceilings"):
+        console.print("Ceilings (same run): " + "; ".join(
+            f"{DIRECTIONS.get(c['direction'], c['direction'])} {c['gbps']:.2f} GB/s ({c['method']}, "
+            f"{format_size(c['bytes'])})" for c in doc["ceilings"]))
+
+
+# -- comparison ------------------------------------------------------------------------------------------------
+
+def primary_metric(sc: dict[str, Any], metric: str = "throughput") -> float | None:
+    """The figure compared between runs: GB/s (pages per CPU-second for state-only), or its ceiling ratio.
+
+    With ``metric="ceiling-ratio"`` a scenario without a ceiling (state-only) falls back to throughput.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "ceiling-ratio" and sc.get("ceiling_ratio") is not None:
+        return sc["ceiling_ratio"]
+    if sc["kind"] == "state":
+        return sc.get("pages_per_cpu_s")
+    return sc.get("gbps")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One scenario of a run against its baseline; ``ratio`` is new / baseline (higher is better)."""
+
+    id: str
+    baseline: float | None
+    new: float | None
+    ratio: float | None
+    regressed: bool
+    note: str = ""
+
+
+def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: float = 0.1,
+                    metric: str = "throughput") -> list[Comparison]:
+    """Compare two runs scenario by scenario.
+
+    A scenario regresses when ``new / baseline < 1 - threshold``, or when its data failed verification in the
+    new run. Scenarios present in only one of the runs are listed (with a note) but never regress, so that a
+    sweep can grow without breaking its baseline.
+
+    Parameters
+    ----------
+    new, baseline : dict
+        Results documents.
+    threshold : float
+        Allowed relative slowdown, e.g. ``0.1`` for 10 %.
+    metric : str
+        One of :data:`METRICS`.
+
+    Returns
+    -------
+    list of Comparison
+        In the new run's scenario order, then baseline-only scenarios.
+    """
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    base = {s["id"]: s for s in baseline["scenarios"]}
+    seen = set()
+    out = []
+    for s in new["scenarios"]:
+        seen.add(s["id"])
+        nv = primary_metric(s, metric)
+        b = base.get(s["id"])
+        if b is None:
+            out.append(Comparison(s["id"], None, nv, None, not s["verified"],
+                                  "not in baseline" + ("; data NOT verified" if not s["verified"] else "")))
+            continue
+        bv = primary_metric(b, metric)
+        ratio = nv / bv if (nv is not None and bv) else None
+        slow = ratio is not None and ratio < 1.0 - threshold
+        note = "data NOT verified" if not s["verified"] else ""
+        out.append(Comparison(s["id"], bv, nv, ratio, slow or not s["verified"], note))
+    for sid, b in base.items():
+        if sid not in seen:
+            out.append(Comparison(sid, primary_metric(b, metric), None, None, False, "not in this run"))
+    return out
+
+
+def regressions(comparisons: list[Comparison]) -> list[Comparison]:
+    """The comparisons that regressed."""
+    return [c for c in comparisons if c.regressed]
+
+
+def comparison_table(comparisons: list[Comparison], threshold: float, metric: str) -> Table:
+    """A rich table of a comparison, regressions in red."""
+    unit = "ratio to ceiling" if metric == "ceiling-ratio" else "GB/s or pages/CPU-s"
+    t = Table(title=f"Against baseline ({metric}: {unit}; regression below {1 - threshold:.2f}x)",
+              title_justify="left")
+    for col in ("scenario", "baseline", "new", "new/baseline", "", "note"):
+        t.add_column(col, justify="left" if col in ("scenario", "note") else "right")
+    for c in comparisons:
+        fmt = _rate if (c.new or c.baseline or 0) >= 1e4 else _f
+        verdict = "[red]REGRESSED[/red]" if c.regressed else ("ok" if c.ratio is not None else "")
+        t.add_row(c.id, fmt(c.baseline), fmt(c.new), _f(c.ratio, "{:.3f}"), verdict, c.note)
+    return t

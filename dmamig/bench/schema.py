@@ -1,0 +1,171 @@
+"""The JSON schema of ``results.json``, the file ``dmamig bench`` writes and ``dmamig report`` reads.
+
+The schema lives in code (not a data file) so that every install has it; ``dmamig schema`` prints it.
+
+Units: sizes in bytes, times in nanoseconds, throughput in GB/s (10**9 bytes per second), rates per second.
+Every figure of a scenario is the median over its timed repetitions; ``wall_ns`` keeps every repetition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RESULTS_SCHEMA", "SCHEMA_VERSION", "ResultsError", "validate_results"]
+
+SCHEMA_VERSION = 1
+
+_PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
+
+_num = {"type": "number", "minimum": 0}
+_num_or_null = {"type": ["number", "null"], "minimum": 0}
+_int = {"type": "integer", "minimum": 0}
+_phase_map = {
+    "type": "object",
+    "properties": {p: _num for p in _PHASES},
+    "additionalProperties": _num,
+}
+
+_SCENARIO = {
+    "type": "object",
+    "description": "One measured scenario; every figure is a median over the timed repetitions.",
+    "required": ["id", "kind", "mode", "direction", "folio_bytes", "folio_order", "channels", "bytes", "pages",
+                 "repeat", "wall_ns", "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns",
+                 "cpu_ns_per_page", "ceiling_gbps", "ceiling_ratio", "verified"],
+    "properties": {
+        "id": {"type": "string", "description": "Stable key, e.g. migrate/h2d/2m/nocopy/ch2; matches baselines."},
+        "kind": {"enum": ["migrate", "state", "dma"],
+                 "description": "migrate: mm.migrate end to end; state: NO_COPY m.migrate_pages (page state "
+                                "only); dma: m.dma.copy of pages."},
+        "mode": {"enum": ["copy", "nocopy", "state", "dma"]},
+        "direction": {"enum": ["h2d", "d2h", "d2d"]},
+        "direction_name": {"type": "string"},
+        "layout": {"type": "string", "description": "dma scenarios: random or contiguous pages."},
+        "folio_bytes": {"type": "integer", "minimum": 4096},
+        "folio_order": {"type": "integer", "minimum": 0, "maximum": 9},
+        "channels": {"type": ["integer", "null"], "minimum": 1,
+                     "description": "DMA channels; null for copy migration (the CPU copies)."},
+        "bytes": _int,
+        "pages": _int,
+        "repeat": {"type": "integer", "minimum": 1},
+        "wall_ns": {"type": "array", "items": _int, "minItems": 1,
+                    "description": "Wall time of every timed repetition."},
+        "median_wall_ns": _num,
+        "gbps": _num,
+        "pages_per_s": _num,
+        "thread_time_ns": {**_num, "description": "CPU time of the migrating thread (time.thread_time_ns)."},
+        "cpu_ns_per_page": _num,
+        "pages_per_cpu_s": {**_num_or_null, "description": "Base pages per second of migrating-thread CPU time."},
+        "ceiling_gbps": {**_num_or_null, "description": "Plain copy of the same bytes, measured in this run."},
+        "ceiling_method": {"type": ["string", "null"]},
+        "ceiling_ratio": {**_num_or_null, "description": "gbps / ceiling_gbps."},
+        "speedup_vs_copy": {**_num_or_null,
+                            "description": "no-copy gbps / copy gbps of the same direction and folio size."},
+        "phase_ns": {**_phase_map, "description": "Median wall time per migration phase."},
+        "phase_share": {**_phase_map, "description": "phase_ns / median_wall_ns."},
+        "nr_succeeded": _int,
+        "nr_failed": _int,
+        "nr_thp_split": _int,
+        "verified": {"type": "boolean", "description": "Every repetition's data was checked after it ran."},
+    },
+}
+
+_CEILING = {
+    "type": "object",
+    "required": ["direction", "method", "bytes", "seconds", "gbps"],
+    "properties": {
+        "direction": {"enum": ["h2d", "d2h", "d2d"]},
+        "method": {"type": "string", "description": "e.g. np.copyto contiguous, cudaMemcpyAsync pinned H2D."},
+        "bytes": _int,
+        "seconds": _num,
+        "gbps": _num,
+    },
+}
+
+RESULTS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://dmamig.invalid/results.schema.json",
+    "title": "dmamig bench results",
+    "type": "object",
+    "required": ["schema_version", "created", "machine", "settings", "ceilings", "scenarios"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "created": {"type": "string", "description": "ISO 8601 time the run started (UTC)."},
+        "wall_s": {**_num, "description": "Wall time of the whole sweep."},
+        "machine": {
+            "type": "object",
+            "required": ["backend", "cpu", "cpu_count", "python", "numpy", "dmamig"],
+            "properties": {
+                "backend": {"enum": ["cpu", "cuda"]},
+                "hostname": {"type": "string"},
+                "platform": {"type": "string"},
+                "cpu": {"type": "string"},
+                "cpu_count": {"type": "integer", "minimum": 1},
+                "gpus": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                     "properties": {"name": {"type": "string"}}}},
+                "python": {"type": "string"},
+                "numpy": {"type": "string"},
+                "numba": {"type": ["string", "null"]},
+                "cupy": {"type": ["string", "null"]},
+                "dmamig": {"type": "string"},
+                "git_commit": {"type": ["string", "null"]},
+                "note": {"type": "string"},
+            },
+        },
+        "settings": {
+            "type": "object",
+            "required": ["backend", "page_size", "sizes", "total_bytes", "channels", "repeat", "warmup"],
+            "properties": {
+                "backend": {"enum": ["cpu", "cuda"]},
+                "page_size": {"type": "integer", "minimum": 1},
+                "sizes": {"type": "array", "items": _int, "minItems": 1},
+                "total_bytes": _int,
+                "channels": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+                "devices": {"type": "integer", "minimum": 1},
+                "repeat": {"type": "integer", "minimum": 1},
+                "warmup": _int,
+                "quick": {"type": "boolean"},
+            },
+        },
+        "ceilings": {"type": "array", "items": _CEILING},
+        "scenarios": {"type": "array", "items": _SCENARIO},
+    },
+}
+
+
+class ResultsError(ValueError):
+    """A results file does not follow the schema."""
+
+
+def validate_results(doc: Any) -> None:
+    """Check ``doc`` against :data:`RESULTS_SCHEMA`.
+
+    Uses ``jsonschema`` when it is installed (the ``test`` extra); otherwise checks the top-level structure
+    and the fields the report needs, so that ``dmamig report`` gives a clear error on a wrong file anyway.
+
+    Raises
+    ------
+    ResultsError
+        Naming the first offending field.
+    """
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is not None:
+        try:
+            jsonschema.validate(doc, RESULTS_SCHEMA)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+            raise ResultsError(f"results file is not valid at {where}: {exc.message}") from None
+        return
+    if not isinstance(doc, dict):
+        raise ResultsError("results file is not valid: the top level must be an object")
+    for key in RESULTS_SCHEMA["required"]:
+        if key not in doc:
+            raise ResultsError(f"results file is not valid: missing {key!r}")
+    if doc["schema_version"] != SCHEMA_VERSION:
+        raise ResultsError(f"results file has schema_version {doc['schema_version']!r}; expected {SCHEMA_VERSION}")
+    for i, sc in enumerate(doc["scenarios"]):
+        missing = [k for k in _SCENARIO["required"] if k not in sc]
+        if missing:
+            raise ResultsError(f"results file is not valid at scenarios/{i}: missing {missing}")
