@@ -1,0 +1,209 @@
+"""Results documents: schema validation, CSV, tables, plots and the baseline comparison of ``dmamig report``."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+
+import jsonschema
+import pytest
+from rich.console import Console
+
+from dmamig.bench.plots import write_plots
+from dmamig.bench.report import (
+    CSV_FIELDS,
+    compare_results,
+    load_results,
+    primary_metric,
+    regressions,
+    render_tables,
+    write_csv,
+    write_json,
+)
+from dmamig.bench.runner import _figures, machine_info
+from dmamig.bench.scenarios import BenchSettings, build_sweep
+from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, validate_results
+from dmamig.cli import main
+
+CEIL = {"h2d": 10.0, "d2h": 10.0, "d2d": 10.0}
+
+
+def make_doc(scale: float = 1.0, devices: int = 1) -> dict:
+    """A synthetic but schema-complete results document built with the runner's own record builder."""
+    settings = BenchSettings(backend="cpu", sizes=[4096, 2 << 20], total_bytes=8 << 20, channels=[1, 2],
+                             devices=devices, repeat=3, warmup=1)
+    groups, engine = build_sweep(settings)
+    ceilings = [{"direction": d, "method": "np.copyto contiguous, host RAM", "bytes": settings.total_bytes,
+                 "seconds": settings.total_bytes / (g * 1e9), "gbps": g} for d, g in CEIL.items()]
+    cmap = {c["direction"]: c for c in ceilings}
+    recs = []
+    for g in groups:
+        for sc in g.scenarios:
+            # Faster for larger folios and for no-copy, so plots and speedups have a shape.
+            gbps = scale * (2.0 if sc.mode == "copy" else 4.0) * (1 + sc.order / 9)
+            wall = int(sc.total_bytes / (gbps * 1e9) * 1e9)
+            phases = [{"unmap": wall // 10, "copy": wall // 2 if sc.mode == "copy" else 0, "move": wall // 10,
+                       "undo": 0, "dma_wait": 0 if sc.mode == "copy" else wall // 2}] * 3
+            recs.append(_figures(sc, [wall] * 3, [wall // 2] * 3, phases, cmap[sc.direction],
+                                 {"nr_succeeded": sc.pages, "nr_failed": 0, "nr_thp_split": 0}))
+    for sc in engine:
+        wall = int(sc.pages * 50 / scale)
+        recs.append(_figures(sc, [wall] * 3, [wall] * 3, [], cmap["h2d"] if sc.kind == "dma" else None))
+    copy_gbps = {(r["direction"], r["folio_bytes"]): r["gbps"] for r in recs if r["mode"] == "copy"}
+    for r in recs:
+        if r["mode"] == "nocopy":
+            r["speedup_vs_copy"] = r["gbps"] / copy_gbps[(r["direction"], r["folio_bytes"])]
+    return {"schema_version": SCHEMA_VERSION, "created": "2026-01-01T00:00:00+00:00", "wall_s": 1.0,
+            "machine": machine_info("cpu", []), "settings": settings.to_json(), "ceilings": ceilings,
+            "scenarios": recs}
+
+
+def test_synthetic_document_validates_against_schema():
+    doc = make_doc(devices=2)
+    jsonschema.Draft202012Validator.check_schema(RESULTS_SCHEMA)
+    jsonschema.validate(doc, RESULTS_SCHEMA)
+    validate_results(json.loads(json.dumps(doc)))
+    assert {s["direction"] for s in doc["scenarios"]} == {"h2d", "d2d", "d2h"}
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda d: d.pop("scenarios"), "scenarios"),
+    (lambda d: d["scenarios"][0].update(gbps=-1.0), "scenarios/0/gbps"),
+    (lambda d: d["scenarios"][0].update(kind="teleport"), "scenarios/0/kind"),
+    (lambda d: d["settings"].update(channels=[]), "settings/channels"),
+    (lambda d: d.update(schema_version=99), "schema_version"),
+])
+def test_invalid_documents_are_rejected_naming_the_field(mutate, where):
+    doc = make_doc()
+    mutate(doc)
+    with pytest.raises(ResultsError, match="not valid|schema_version|scenarios"):
+        validate_results(doc)
+    try:
+        validate_results(doc)
+    except ResultsError as exc:
+        assert where.split("/")[0] in str(exc)
+
+
+def test_load_results_errors_are_clear(tmp_path):
+    with pytest.raises(ResultsError, match="cannot read"):
+        load_results(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ResultsError, match="is not JSON"):
+        load_results(bad)
+
+
+def test_csv_has_one_row_per_scenario(tmp_path):
+    doc = make_doc()
+    write_csv(doc, tmp_path / "r.csv")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert len(rows) == len(doc["scenarios"])
+    assert list(rows[0]) == CSV_FIELDS
+    assert float(rows[0]["gbps"]) == pytest.approx(doc["scenarios"][0]["gbps"])
+    assert rows[0]["phase_unmap_ns"] != ""
+
+
+def test_tables_render_every_scenario():
+    doc = make_doc()
+    buf = io.StringIO()
+    render_tables(doc, Console(file=buf, width=250, color_system=None))
+    out = buf.getvalue()
+    assert "host->device" in out and "device->host" in out and "state/4k" in out and "dma/random/4k/ch2" in out
+    assert "Ceilings (same run)" in out and "10.00 GB/s" in out
+    assert "NO" not in out.replace("no-copy", "").replace("NO_COPY", "")
+
+
+def test_plots_are_png(tmp_path):
+    paths = write_plots(make_doc(devices=2), tmp_path)
+    assert [p.name for p in paths] == ["throughput_vs_folio.png", "copy_vs_nocopy.png", "phases.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_compare_same_run_has_no_regression():
+    doc = make_doc()
+    comps = compare_results(doc, doc, 0.1)
+    assert len(comps) == len(doc["scenarios"])
+    assert all(c.ratio == pytest.approx(1.0) for c in comps)
+    assert regressions(comps) == []
+
+
+def test_compare_flags_only_scenarios_beyond_threshold():
+    base = make_doc()
+    new = copy.deepcopy(base)
+    slow = new["scenarios"][3]
+    slow["gbps"] *= 0.85
+    bit_slow = new["scenarios"][4]
+    bit_slow["gbps"] *= 0.95
+    bad = regressions(compare_results(new, base, 0.1))
+    assert [c.id for c in bad] == [slow["id"]]
+    assert bad[0].ratio == pytest.approx(0.85)
+    # A tighter threshold catches both; a looser one neither.
+    assert len(regressions(compare_results(new, base, 0.01))) == 2
+    assert regressions(compare_results(new, base, 0.2)) == []
+
+
+def test_compare_state_scenarios_use_cpu_rate_and_missing_scenarios_do_not_regress():
+    base = make_doc()
+    new = copy.deepcopy(base)
+    state = next(s for s in new["scenarios"] if s["kind"] == "state")
+    assert primary_metric(state) == state["pages_per_cpu_s"]
+    state["pages_per_cpu_s"] *= 0.5
+    dropped = new["scenarios"].pop(0)
+    comps = compare_results(new, base, 0.1)
+    assert [c.id for c in regressions(comps)] == [state["id"]]
+    missing = next(c for c in comps if c.id == dropped["id"])
+    assert missing.note == "not in this run" and not missing.regressed
+
+
+def test_compare_unverified_scenario_regresses():
+    base = make_doc()
+    new = copy.deepcopy(base)
+    new["scenarios"][0]["verified"] = False
+    assert [c.id for c in regressions(compare_results(new, base, 0.1))] == [new["scenarios"][0]["id"]]
+
+
+def test_ceiling_ratio_metric_factors_out_machine_speed():
+    base = make_doc()
+    new = make_doc(scale=0.5)  # everything half as fast ...
+    for s in new["scenarios"]:  # ... on a machine whose ceiling is also half
+        if s["ceiling_gbps"]:
+            s["ceiling_gbps"] /= 2
+            s["ceiling_ratio"] = s["gbps"] / s["ceiling_gbps"]
+    assert regressions(compare_results(new, base, 0.1, "throughput"))
+    comps = compare_results(new, base, 0.1, "ceiling-ratio")
+    # State-only scenarios have no ceiling and fall back to throughput: only they regress.
+    assert {c.id.split("/")[0] for c in regressions(comps)} == {"state"}
+
+
+def test_report_command_exit_codes(tmp_path, capsys):
+    base = make_doc()
+    new = copy.deepcopy(base)
+    victim = new["scenarios"][1]
+    victim["gbps"] *= 0.5
+    write_json(base, tmp_path / "base.json")
+    write_json(new, tmp_path / "new.json")
+    assert main(["report", str(tmp_path / "base.json")]) == 0
+    assert main(["report", str(tmp_path / "base.json"), str(tmp_path / "base.json")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json"), "--threshold", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "1 scenario(s) regressed" in err and victim["id"] in err and "0.500x baseline" in err
+    assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json"), "--threshold", "0.6"]) == 0
+
+
+def test_report_out_writes_csv_and_plots(tmp_path):
+    write_json(make_doc(), tmp_path / "r.json")
+    assert main(["report", str(tmp_path / "r.json"), "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "copy_vs_nocopy.png", "phases.png", "results.csv", "throughput_vs_folio.png"]
+
+
+def test_report_on_invalid_file_exits_1(tmp_path, capsys):
+    doc = make_doc()
+    del doc["scenarios"][0]["gbps"]
+    write_json(doc, tmp_path / "r.json")
+    assert main(["report", str(tmp_path / "r.json")]) == 1
+    assert "gbps" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""The benchmark sweep: scenario generation, figures, ceilings, and ``dmamig bench --quick`` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import jsonschema
+import pytest
+
+from dmamig.bench.report import load_results
+from dmamig.bench.runner import _figures, cpu_copy_ceiling, measure_ceilings, sweep_steps
+from dmamig.bench.scenarios import Scenario, build_sweep, default_settings
+from dmamig.bench.schema import RESULTS_SCHEMA
+from dmamig.cli import main
+
+
+def test_default_cpu_sweep_covers_sizes_modes_directions_channels():
+    s = default_settings("cpu")
+    assert s.sizes == [4096, 65536, 2 << 20] and s.total_bytes == 256 << 20 and s.channels == [1, 2]
+    groups, engine = build_sweep(s)
+    # copy once per size (the CPU copies: no channels), no-copy once per channel count.
+    assert len(groups) == 3 * (1 + 2)
+    ids = [sc.id for g in groups for sc in g.scenarios]
+    assert len(ids) == len(set(ids)) == 3 * 3 * 2
+    assert "migrate/h2d/4k/copy" in ids and "migrate/d2h/2m/nocopy/ch2" in ids and "migrate/h2d/64k/nocopy/ch1" in ids
+    assert [e.id for e in engine] == ["state/4k", "state/2m", "dma/random/4k/ch2", "dma/contiguous/4k/ch2"]
+    assert sweep_steps(s) == (len(ids) + len(engine)) * (s.warmup + s.repeat)
+
+
+def test_two_devices_add_device_to_device_legs():
+    s = default_settings("cuda", gpus=4)
+    assert s.devices == 2 and s.channels == [1, 2, 4] and s.total_bytes == 1 << 30
+    groups, _ = build_sweep(s)
+    assert all(g.path == ("h2d", "d2d", "d2h") for g in groups)
+    assert default_settings("cuda", gpus=1).devices == 1
+
+
+def test_quick_sweep_is_small():
+    s = default_settings("cpu", quick=True)
+    assert s.quick and s.total_bytes <= 16 << 20 and s.repeat == 1
+    assert sweep_steps(s) <= 40
+
+
+def test_scenario_ids_and_orders():
+    assert Scenario("migrate", 65536, 1 << 20, "nocopy", "d2d", 4).id == "migrate/d2d/64k/nocopy/ch4"
+    assert Scenario("migrate", 2 << 20, 1 << 20, "copy", "h2d").order == 9
+    assert Scenario("state", 4096, 1 << 20, "state").id == "state/4k"
+    assert Scenario("dma", 4096, 1 << 20, "dma", "h2d", 2, "random").pages == 256
+
+
+def test_figures_use_medians_and_ratios():
+    sc = Scenario("migrate", 4096, 1 << 30, "nocopy", "h2d", 2)
+    walls = [3_000_000_000, 1_000_000_000, 2_000_000_000]
+    ceiling = {"gbps": 2.0, "method": "np.copyto"}
+    phases = [{"unmap": 100, "dma_wait": 10}, {"unmap": 300, "dma_wait": 30}, {"unmap": 200, "dma_wait": 20}]
+    r = _figures(sc, walls, [262144 * 100] * 3, phases, ceiling)
+    assert r["median_wall_ns"] == 2e9
+    assert r["gbps"] == pytest.approx((1 << 30) / 2 / 1e9)
+    assert r["ceiling_ratio"] == pytest.approx(r["gbps"] / 2.0)
+    assert r["cpu_ns_per_page"] == pytest.approx(100)
+    assert r["pages_per_cpu_s"] == pytest.approx(1e7)
+    assert r["phase_ns"]["unmap"] == 200 and r["phase_ns"]["copy"] == 0
+    assert r["phase_share"]["unmap"] == pytest.approx(1e-7)
+    assert r["wall_ns"] == walls and r["verified"]
+
+
+def test_cpu_ceiling_is_measured_once_for_every_direction():
+    secs = cpu_copy_ceiling(4 << 20, repeat=2)
+    assert 0 < secs < 1
+    out = measure_ceilings(object(), "cpu", 4 << 20, ["h2d", "d2h"], repeat=2)
+    assert [c["direction"] for c in out] == ["h2d", "d2h"]
+    assert out[0]["gbps"] == out[1]["gbps"] > 0 and "np.copyto" in out[0]["method"]
+
+
+def test_backend_ceiling_is_used_when_offered():
+    class Fake:
+        def copy_ceiling(self, direction, nbytes, repeat):
+            return {"h2d": 0.1, "d2h": 0.2, "d2d": 0.01}[direction]
+
+    out = measure_ceilings(Fake(), "cuda", 10**9, ["h2d", "d2h", "d2d"])
+    assert [c["gbps"] for c in out] == pytest.approx([10.0, 5.0, 100.0])
+    assert "pinned H2D" in out[0]["method"] and "CUDA events" in out[2]["method"]
+
+
+def test_bench_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["bench", "--quick", "--backend", "cpu", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["copy_vs_nocopy.png", "phases.png", "results.csv", "results.json", "throughput_vs_folio.png"]
+    doc = json.loads((out / "results.json").read_text())
+    jsonschema.validate(doc, RESULTS_SCHEMA)
+    load_results(out / "results.json")
+    scs = doc["scenarios"]
+    assert all(s["verified"] and s["gbps"] > 0 for s in scs)
+    mig = [s for s in scs if s["kind"] == "migrate"]
+    assert {(s["direction"], s["mode"], s["folio_bytes"]) for s in mig} == {
+        (d, m, f) for d in ("h2d", "d2h") for m in ("copy", "nocopy") for f in (4096, 2 << 20)}
+    for s in mig:
+        assert s["ceiling_gbps"] > 0 and s["ceiling_ratio"] == pytest.approx(s["gbps"] / s["ceiling_gbps"])
+        assert s["nr_failed"] == 0 and s["nr_succeeded"] == s["pages"]
+        assert (s["speedup_vs_copy"] is None) == (s["mode"] == "copy")
+    state = [s for s in scs if s["kind"] == "state"]
+    assert state and all(s["pages_per_cpu_s"] > 0 for s in state)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(scs)
+    printed = capsys.readouterr().out
+    assert "Migration (mm.migrate, end to end)" in printed and "x ceiling" in printed
+    # The written file re-renders and compares with itself without a regression.
+    assert main(["report", str(out / "results.json"), str(out / "results.json")]) == 0
+
+
+def test_selftest_cpu_passes(capsys):
+    assert main(["selftest", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "no frames leaked" in out
+
+
+def test_quick_settings_can_be_overridden_from_the_command_line(tmp_path):
+    out = tmp_path / "r"
+    assert main(["bench", "--quick", "--backend", "cpu", "--sizes", "64k", "--total", "1M", "--channels", "1",
+                 "--no-engine", "--no-plots", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["sizes"] == [65536] and doc["settings"]["total_bytes"] == 1 << 20
+    assert {s["kind"] for s in doc["scenarios"]} == {"migrate"}
+    assert not list(out.glob("*.png"))
