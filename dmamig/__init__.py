@@ -1,0 +1,34 @@
+"""dmamig: emulated Linux page migration between memory nodes with a device DMA engine.
+
+Copy migration (the migrating thread copies every page) and no-copy migration (a DMA engine copies while the
+core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CPU backend or on CUDA streams.
+"""
+
+from .errors import AddressFault, BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
+from .flags import MigrateMode, MigratePfn, PageFlag, PteFlag
+from .machine import Machine
+from .migrate import MigrateResult, MigrateStats, MigrateVma
+from .mm import AddressSpace
+from .nodes import Node
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddressFault",
+    "AddressSpace",
+    "BackendUnavailable",
+    "DmaError",
+    "DmamigError",
+    "InvalidArgument",
+    "Machine",
+    "MigrateMode",
+    "MigratePfn",
+    "MigrateResult",
+    "MigrateStats",
+    "MigrateVma",
+    "Node",
+    "OutOfMemory",
+    "PageFlag",
+    "PteFlag",
+    "__version__",
+]

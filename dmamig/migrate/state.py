@@ -1,0 +1,82 @@
+"""Vectorized state transfer: the kernel's ``folio_migrate_mapping`` and ``folio_migrate_flags``.
+
+Both run over a whole batch of (old, new) folio heads at once; no Python code runs per page.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..flags import PageFlag
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+__all__ = ["COPIED_FLAGS", "migrate_folio_mapping", "migrate_folio_states"]
+
+#: Flags copied from the old folio to the new one as they are (``folio_migrate_flags``).
+COPIED_FLAGS = (PageFlag.ERROR | PageFlag.REFERENCED | PageFlag.UPTODATE | PageFlag.WORKINGSET
+                | PageFlag.CHECKED | PageFlag.MAPPEDTODISK | PageFlag.DIRTY | PageFlag.YOUNG | PageFlag.IDLE
+                | PageFlag.MLOCKED | PageFlag.RECLAIM)
+#: Flags that move: set on the new folio, cleared on the old one.
+_MOVED_ON_OLD = PageFlag.ACTIVE | PageFlag.UNEVICTABLE | PageFlag.SWAPCACHE | PageFlag.PRIVATE
+
+
+def _u32(flag: PageFlag) -> np.uint32:
+    return np.uint32(int(flag))
+
+
+def migrate_folio_mapping(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
+    """Move mapping, index and the object's slots (the xarray entries) from ``old`` to ``new`` folios.
+
+    The new folio takes over the old one's references except those of its PTEs (which the migration
+    entries dropped and ``remove_migration_entries`` adds back): the isolation reference and, for
+    shared-memory pages, the page cache's.
+    """
+    pages = m.pages
+    old_pfns = pages.expand(old)
+    new_pfns = pages.expand(new)
+    pages.mapping[new_pfns] = pages.mapping[old_pfns]
+    pages.index[new_pfns] = pages.index[old_pfns]
+    pages.refcount[new] = pages.refcount[old]
+    pages.refcount[old] = 1  # the migration core's own reference, dropped when the old folio is freed
+    swapbacked = pages.test(old, PageFlag.SWAPBACKED)
+    pages.set(new[swapbacked], PageFlag.SWAPBACKED)
+    mapping = pages.mapping[old_pfns]
+    for oid in np.unique(mapping[mapping >= 0]).tolist():
+        sel = mapping == oid
+        obj = m.object(oid)
+        idx = pages.index[old_pfns[sel]]
+        # Only slots that still hold the old page move (a munmapped private slot stays empty).
+        hit = obj.pfns[idx] == old_pfns[sel]
+        obj.pfns[idx[hit]] = new_pfns[sel][hit]
+
+
+def migrate_folio_states(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
+    """Transfer the page state of ``old`` folios to ``new`` ones (``folio_migrate_flags``).
+
+    Copied: error, referenced, uptodate, workingset, checked, mappedtodisk, dirty, young, idle, mlocked,
+    reclaim. Moved (test-and-clear on the old folio): active, else unevictable. ``last_cpupid`` is exchanged
+    (the old folio gets -1), swapcache and private are cleared on the old folio (private data moves with
+    ``PG_private``), writeback is ended on the new folio, and the memcg moves.
+    """
+    pages = m.pages
+    of = pages.flags[old]
+    nf = pages.flags[new] | (of & _u32(COPIED_FLAGS))
+    active = (of & _u32(PageFlag.ACTIVE)) != 0
+    unevictable = ~active & ((of & _u32(PageFlag.UNEVICTABLE)) != 0)
+    nf[active] |= _u32(PageFlag.ACTIVE)
+    nf[unevictable] |= _u32(PageFlag.UNEVICTABLE)
+    private = (of & _u32(PageFlag.PRIVATE)) != 0
+    nf[private] |= _u32(PageFlag.PRIVATE)
+    nf &= ~_u32(PageFlag.WRITEBACK)
+    pages.flags[new] = nf
+    pages.private[new] = np.where(private, pages.private[old], pages.private[new])
+    pages.private[old] = 0
+    pages.flags[old] = of & ~_u32(_MOVED_ON_OLD)
+    pages.last_cpupid[new] = pages.last_cpupid[old]
+    pages.last_cpupid[old] = -1
+    pages.memcg[new] = pages.memcg[old]
+    pages.memcg[old] = 0

@@ -1,0 +1,226 @@
+"""MigrateVma: driver-driven device migration of a virtual range (the kernel's ``migrate_vma_*``).
+
+``setup()`` collects the range into ``src`` (``pfn << MIGRATE_PFN_SHIFT | flags``), isolates, locks and
+unmaps; the driver allocates destinations and copies with its DMA engine (``alloc_and_copy``); ``pages()``
+moves page state only; ``finalize()`` remaps every slot to its new page, or restores the old one. A page
+fails by losing its ``MIGRATE`` bit, never by aborting the range.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._validate import check_node
+from ..errors import DmaError, InvalidArgument
+from ..flags import EAGAIN, EBUSY, EIO, ENOMEM, MIGRATE_PFN_SHIFT, MigratePfn, PageFlag, PteFlag
+from ..vma import install_migration_entries, remove_migration_entries
+from .core import isolate_folios
+from .state import migrate_folio_mapping, migrate_folio_states
+
+if TYPE_CHECKING:
+    from ..dma import DmaEngine
+    from ..mm import AddressSpace
+
+__all__ = ["MigrateVma"]
+
+_VALID = np.int64(MigratePfn.VALID)
+_MIGRATE = np.int64(MigratePfn.MIGRATE)
+_WRITE = np.int64(MigratePfn.WRITE)
+
+
+class MigrateVma:
+    """Migrate ``[start, end)`` of ``mm`` to ``node``, step by step as a device driver does.
+
+    Attributes
+    ----------
+    src, dst : numpy.ndarray
+        One int64 entry per page: ``pfn << 6 | MigratePfn`` flags (``src`` from :meth:`setup`, ``dst`` from
+        :meth:`alloc_and_copy`). A hole is selected as ``MIGRATE`` without ``VALID``.
+    cpages : int
+        Pages collected by :meth:`setup` (``MIGRATE`` set).
+    status : numpy.ndarray
+        Per page after :meth:`finalize`: ``0`` migrated, or why not (``-EBUSY`` locked/pinned/shared,
+        ``-ENOMEM``, ``-EIO``, ``-EAGAIN``).
+    """
+
+    def __init__(self, mm: AddressSpace, start: int, end: int, node: int):
+        m = mm.machine
+        ps = m.page_size
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 or v % ps:
+                raise InvalidArgument(f"{name} must be a page-aligned address ({ps} bytes), got {v!r}")
+        if end <= start:
+            raise InvalidArgument(f"end ({end:#x}) must be greater than start ({start:#x})")
+        self.mm = mm
+        self.start, self.end = int(start), int(end)
+        self.node = check_node(m, "node", node)
+        self.npages = (self.end - self.start) // ps
+        self.src = np.zeros(self.npages, dtype=np.int64)
+        self.dst = np.zeros(self.npages, dtype=np.int64)
+        self.status = np.zeros(self.npages, dtype=np.int32)
+        self.cpages = 0
+        self._vma = None
+        self._state = "new"
+
+    def _step(self, expected: str, nxt: str) -> None:
+        if self._state != expected:
+            raise InvalidArgument(f"MigrateVma steps run in order setup, alloc_and_copy, pages, finalize: "
+                                  f"cannot run {nxt} after {self._state}")
+        self._state = nxt
+
+    @staticmethod
+    def _pfns(entries: np.ndarray) -> np.ndarray:
+        return entries >> MIGRATE_PFN_SHIFT
+
+    def setup(self) -> int:
+        """Collect, isolate, lock and unmap the range; return ``cpages``.
+
+        Raises InvalidArgument when the range is not inside one mapping (the kernel's ``-EINVAL``). Shared
+        mappings, pages already on the target node, locked and pinned pages are not selected.
+        """
+        self._step("new", "setup")
+        mm, m = self.mm, self.mm.machine
+        pages = m.pages
+        with m.changed:
+            try:
+                segs = mm._wait_migrations(self.start, self.end - self.start)
+            except Exception as exc:
+                self._state = "new"
+                raise InvalidArgument(f"range {self.start:#x}-{self.end:#x} is not fully mapped: {exc}") from exc
+            if len(segs) != 1:
+                self._state = "new"
+                raise InvalidArgument(f"range {self.start:#x}-{self.end:#x} spans {len(segs)} mappings; "
+                                      f"migrate_vma works within one")
+            vma, s0, s1 = segs[0]
+            self._vma, self._s0 = vma, s0
+            self.status[:] = EBUSY
+            if vma.shared:
+                return 0  # only anonymous private memory migrates to a device (the selftests' -ENOENT)
+            pfns = vma.pte_pfn[s0:s1]
+            holes = pfns < 0
+            self.src[holes] = _MIGRATE
+            # Large folios are split so that every page is handled on its own (migrate_vma_collect_pmd).
+            for head in np.unique(pages.head[pfns[~holes]][pages.order[pages.head[pfns[~holes]]] > 0]).tolist():
+                self._try_split(head)
+            present = np.flatnonzero(~holes)
+            p = pfns[present]
+            on_node = m.nodemap.node_of(p) == self.node
+            large = pages.order[pages.head[p]] > 0
+            locked = pages.test(pages.head[p], PageFlag.LOCKED)
+            pinned = pages.refcount[p] != pages.mapcount[p]
+            take = ~on_node & ~large & ~locked & ~pinned
+            present, p = present[take], p[take]
+            rc = isolate_folios(m, p)
+            present, p = present[rc == 0], p[rc == 0]
+            pages.set(p, PageFlag.LOCKED)
+            writable = (vma.pte_flags[s0 + present] & np.uint8(PteFlag.WRITE)) != 0
+            install_migration_entries(m, p)
+            m.count_event("migrate_tlb_flush")
+            self.src[present] = (p << MIGRATE_PFN_SHIFT) | _VALID | _MIGRATE | np.where(writable, _WRITE, 0)
+            self.cpages = int(((self.src & _MIGRATE) != 0).sum())
+        return self.cpages
+
+    def _try_split(self, head: int) -> None:
+        m = self.mm.machine
+        pages = m.pages
+        nr = 1 << int(pages.order[head])
+        pfns = head + np.arange(nr)
+        if pages.refcount[head] == int(pages.mapcount[pfns].sum()) and not pages.test(head, PageFlag.LOCKED):
+            pages.split(head)
+            m.count_event("thp_migration_split")
+
+    def alloc_and_copy(self, engine: DmaEngine | None = None) -> None:
+        """Allocate destinations on the node and copy: with ``engine`` (a DMA copy) or on this thread.
+
+        A hole gets a zero-filled page. Entries that get no frame or whose copy fails lose ``MIGRATE``.
+        """
+        self._step("setup", "copied")
+        m = self.mm.machine
+        sel = np.flatnonzero(self.src & _MIGRATE)
+        with m.lock:
+            got = m.alloc_folios(self.node, sel.size, 0)
+            self.src[sel[got.size:]] &= ~_MIGRATE
+            self.status[sel[got.size:]] = ENOMEM
+            sel = sel[: got.size]
+            m.pages.set(got, PageFlag.LOCKED)
+            writable = (self.src[sel] & _WRITE) != 0
+            self.dst[sel] = (got << MIGRATE_PFN_SHIFT) | _VALID | np.where(writable, _WRITE, 0)
+        valid = (self.src[sel] & _VALID) != 0
+        src_p, dst_p = self._pfns(self.src[sel[valid]]), got[valid]
+        m.zero_pfns(got[~valid])
+        if src_p.size == 0:
+            return
+        if engine is None:
+            m.copy_pages(src_p, dst_p)
+            return
+        try:
+            engine.copy(src_p, dst_p).wait()
+        except DmaError:
+            bad = sel[valid]
+            self.src[bad] &= ~_MIGRATE
+            self.status[bad] = EIO
+
+    def pages(self) -> None:
+        """Move page state to the destinations, no copy (``folio_migrate_mapping`` + ``folio_migrate_flags``)."""
+        self._step("copied", "pages")
+        m = self.mm.machine
+        pages = m.pages
+        with m.lock:
+            sel = np.flatnonzero((self.src & _MIGRATE) & (self.src & _VALID) & (self.dst & _VALID))
+            old, new = self._pfns(self.src[sel]), self._pfns(self.dst[sel])
+            busy = pages.refcount[old] != 1  # only the isolation reference may remain
+            self.src[sel[busy]] &= ~_MIGRATE
+            self.status[sel[busy]] = EAGAIN
+            sel, old, new = sel[~busy], old[~busy], new[~busy]
+            migrate_folio_mapping(m, old, new)
+            migrate_folio_states(m, old, new)
+
+    def finalize(self) -> None:
+        """Remap each slot to its new page (or restore the old one), unlock, put back, free the leftovers."""
+        self._step("pages", "done")
+        m = self.mm.machine
+        pages = m.pages
+        with m.changed:
+            moved = (self.src & _MIGRATE) & (self.src & _VALID) & (self.dst & _VALID) != 0
+            kept = ((self.src & _VALID) != 0) & ~moved
+            old, new = self._pfns(self.src[moved]), self._pfns(self.dst[moved])
+            remove_migration_entries(m, old, new)
+            back = self._pfns(self.src[kept])
+            remove_migration_entries(m, back, back)
+            pages.clear(np.concatenate([old, back, new]), PageFlag.LOCKED | PageFlag.ISOLATED)
+            pages.set(np.concatenate([back, new]), PageFlag.LRU)
+            m.free_folios(old)
+            m.put_folios(np.concatenate([back, new]))
+            self.status[moved] = 0
+            holes = np.flatnonzero(((self.src & _MIGRATE) != 0) & ((self.src & _VALID) == 0)
+                                   & ((self.dst & _VALID) != 0))
+            self._fill_holes(holes)
+            unused = ((self.dst & _VALID) != 0) & ~moved
+            unused[holes[self.status[holes] == 0]] = False
+            m.free_folios(self._pfns(self.dst[unused]))
+            n = int(moved.sum()) + int((self.status[holes] == 0).sum())
+            m.count_event("pgmigrate_success", n)
+            m.count_event("pgmigrate_no_copy", n)
+            m.changed.notify_all()
+
+    def _fill_holes(self, holes: np.ndarray) -> None:
+        """Map the new zero-filled pages of holes, unless a racing fault filled the slot first."""
+        if holes.size == 0:
+            return
+        m = self.mm.machine
+        pages = m.pages
+        vma, s0 = self._vma, self._s0
+        slots = s0 + holes
+        free = vma.pte_pfn[slots] < 0
+        holes, slots = holes[free], slots[free]
+        new = self._pfns(self.dst[holes])
+        pages.clear(new, PageFlag.LOCKED)
+        pages.set(new, PageFlag.UPTODATE | PageFlag.LRU | PageFlag.SWAPBACKED)
+        pages.mapping[new] = vma.obj.id
+        pages.index[new] = vma.pgoff + slots
+        pages.refcount[new] = 0
+        vma.obj.pfns[vma.pgoff + slots] = new
+        self.mm._map(vma, slots, new)
+        self.status[holes] = 0

@@ -1,0 +1,142 @@
+"""Mappings: memory objects, VMAs with their page tables, and the reverse map (rmap).
+
+A :class:`MemObject` is what ``page.mapping`` points at: an anonymous object (the kernel's anon_vma) for
+private mappings or a shared-memory object (an address_space) for shared ones. ``page.index`` is the page's
+offset in its object, so the reverse map of a page is: every VMA of ``page.mapping`` that covers
+``page.index``. Page tables are per-VMA arrays: the pfn of each slot and its PTE bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .flags import PageFlag, PteFlag
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .mm import AddressSpace
+
+__all__ = ["MemObject", "Vma", "install_migration_entries", "remove_migration_entries", "rmap_walk"]
+
+NO_PFN = -1
+_PRESENT = np.uint8(PteFlag.PRESENT)
+_MIGRATION = np.uint8(PteFlag.MIGRATION)
+# Bits a migration entry keeps from the PTE it replaces (the kernel keeps young, dirty and write).
+_KEPT = np.uint8(PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY)
+
+
+class MemObject:
+    """An anonymous (private) or shared-memory object: the pages of a mapping, by page index.
+
+    ``pfns[i]`` is the pfn holding page ``i`` of the object or ``-1``. A shared object is a page cache: it
+    holds one reference per base page it caches, and outlives any one VMA; an anonymous object holds no
+    references (its pages are held by their PTEs).
+    """
+
+    def __init__(self, machine: Machine, npages: int, shared: bool, order: int):
+        self.machine = machine
+        self.shared = shared
+        self.order = order
+        self.pfns = np.full(npages, NO_PFN, dtype=np.int64)
+        self.vmas: list[Vma] = []
+        self.id = machine.register_object(self)
+
+    def release(self) -> None:
+        """Drop the object's page-cache references once no VMA maps it (caller holds the lock)."""
+        m = self.machine
+        present = self.pfns[self.pfns >= 0]
+        if self.shared and present.size:
+            heads, refs = np.unique(m.pages.head[present], return_counts=True)
+            m.pages.mapping[present] = -1  # truncated: a page kept alive by a pin belongs to no object
+            m.put_folios(heads, refs)
+        self.pfns[:] = NO_PFN
+        m.unregister_object(self.id)
+
+
+class Vma:
+    """A virtual memory area of one address space: ``npages`` pages from ``start``, object pages from
+    ``pgoff``, with its page table (``pte_pfn``, ``pte_flags``)."""
+
+    def __init__(self, mm: AddressSpace, start: int, npages: int, obj: MemObject, pgoff: int,
+                 pte_pfn: np.ndarray | None = None, pte_flags: np.ndarray | None = None):
+        self.mm = mm
+        self.start = start
+        self.npages = npages
+        self.obj = obj
+        self.pgoff = pgoff
+        self.pte_pfn = np.full(npages, NO_PFN, dtype=np.int64) if pte_pfn is None else pte_pfn
+        self.pte_flags = np.zeros(npages, dtype=np.uint8) if pte_flags is None else pte_flags
+
+    @property
+    def end(self) -> int:
+        """First address past the VMA."""
+        return self.start + self.npages * self.mm.machine.page_size
+
+    @property
+    def shared(self) -> bool:
+        return self.obj.shared
+
+    def has_migration_entries(self, s0: int = 0, s1: int | None = None) -> bool:
+        """Whether any slot in ``[s0, s1)`` holds a migration entry."""
+        return bool((self.pte_flags[s0:s1] & _MIGRATION).any())
+
+    def __repr__(self) -> str:
+        return f"Vma({self.start:#x}-{self.end:#x}, obj={self.obj.id}, pgoff={self.pgoff})"
+
+
+def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np.ndarray, np.ndarray]]:
+    """Yield ``(vma, slots, positions)``: the PTE slots that map ``pfns[positions]`` with a ``want`` bit set.
+
+    ``want`` is ``PteFlag.PRESENT`` for live mappings or ``PteFlag.MIGRATION`` for migration entries. The walk
+    is vectorized per (object, VMA) pair, never per page.
+    """
+    mapping = m.pages.mapping[pfns]
+    index = m.pages.index[pfns]
+    for oid in np.unique(mapping[mapping >= 0]).tolist():
+        pos = np.flatnonzero(mapping == oid)
+        idx = index[pos]
+        for vma in m.object(oid).vmas:
+            inside = (idx >= vma.pgoff) & (idx < vma.pgoff + vma.npages)
+            if not inside.any():
+                continue
+            p = pos[inside]
+            slots = idx[inside] - vma.pgoff
+            hit = (vma.pte_pfn[slots] == pfns[p]) & ((vma.pte_flags[slots] & np.uint8(want)) != 0)
+            if hit.any():
+                yield vma, slots[hit], p[hit]
+
+
+def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
+    """``try_to_migrate``: replace every PTE mapping ``pfns`` with a migration entry (caller holds the lock).
+
+    Each PTE's reference and mapcount are dropped; a dirty PTE marks its folio dirty, as the kernel does.
+    """
+    pages = m.pages
+    for vma, slots, pos in rmap_walk(m, pfns, PteFlag.PRESENT):
+        flags = vma.pte_flags[slots]
+        vma.pte_flags[slots] = (flags & _KEPT) | _MIGRATION
+        p = pfns[pos]
+        heads = pages.head[p]
+        dirty = (flags & np.uint8(PteFlag.DIRTY)) != 0
+        if dirty.any():
+            pages.set(heads[dirty], PageFlag.DIRTY)
+        np.subtract.at(pages.mapcount, p, 1)
+        np.subtract.at(pages.refcount, heads, 1)
+
+
+def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
+    """``remove_migration_ptes``: point the migration entries of ``old`` at ``new`` and make them present.
+
+    ``new`` equal to ``old`` restores the original mapping (undo). Each PTE takes a reference and a mapcount
+    on the page it now maps.
+    """
+    pages = m.pages
+    for vma, slots, pos in rmap_walk(m, old, PteFlag.MIGRATION):
+        q = new[pos]
+        vma.pte_pfn[slots] = q
+        vma.pte_flags[slots] = (vma.pte_flags[slots] & _KEPT) | _PRESENT
+        np.add.at(pages.mapcount, q, 1)
+        np.add.at(pages.refcount, pages.head[q], 1)
