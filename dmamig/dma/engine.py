@@ -1,0 +1,413 @@
+"""The device DMA engine: asynchronous page copies between any nodes, spread over channels.
+
+A submission (:meth:`DmaEngine.copy`) is validated, planned (:mod:`dmamig.dma.plan`: sorted, coalesced into
+runs, balanced over channels, a copy method per run) and handed to the backend's channels, each of which runs
+its share asynchronously. The caller gets a :class:`Fence` at once and keeps working.
+
+Ordering: work on one channel runs in submission order, but different channels run concurrently, so two
+submissions are **not** ordered with respect to each other. Wait for a fence before submitting a copy that
+reads what that fence's copy writes (or writes what it reads).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import ChannelWork, Completion
+from ..errors import DmaError, InvalidArgument
+from .plan import CopyPlan, PlanOptions, plan_copy
+
+__all__ = ["DmaEngine", "DmaStats", "Fence"]
+
+
+@dataclass
+class DmaStats:
+    """Counters of a :class:`DmaEngine` since it was created or last reset.
+
+    Attributes
+    ----------
+    bytes : int
+        Bytes submitted for copying (including submissions that then failed).
+    pages : int
+        Base pages submitted.
+    submissions : int
+        Non-empty :meth:`DmaEngine.copy` calls.
+    runs : int
+        Runs after coalescing and splitting.
+    kernel_launches : int
+        Gather/scatter kernel launches (one per segment of short runs).
+    memcpy_calls : int
+        Single large copies issued (one per long run).
+    batch_calls : int
+        Batched copy calls issued (cuMemcpyBatchAsync).
+    busy_seconds : list of float
+        Per channel: seconds spent copying (completed work).
+    errors : int
+        Submissions that failed (injected or real).
+    """
+
+    bytes: int = 0
+    pages: int = 0
+    submissions: int = 0
+    runs: int = 0
+    kernel_launches: int = 0
+    memcpy_calls: int = 0
+    batch_calls: int = 0
+    busy_seconds: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+class Fence:
+    """Completion of one :meth:`DmaEngine.copy` submission.
+
+    ``done`` polls; ``wait`` blocks (sleeping, never spinning) until every channel finished its share. A failed
+    submission raises :class:`~dmamig.errors.DmaError` from every ``wait`` once all of its work has stopped, so
+    a caller that catches the error may free the destination frames at once.
+    """
+
+    __slots__ = ("_completions", "_engine", "_error", "_failed", "_reported", "submission")
+
+    def __init__(self, completions: list[Completion], error: DmaError | None = None,
+                 engine: DmaEngine | None = None, submission: int = 0):
+        self._completions = completions
+        self._error = error
+        self._engine = engine
+        self._failed: DmaError | None = None
+        self._reported = False
+        #: Sequence number of the submission (1-based; 0 for an empty one).
+        self.submission = submission
+
+    @property
+    def done(self) -> bool:
+        """Whether the submission has finished, successfully or not. Never blocks."""
+        return all(c.done() for c in self._completions)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the submission to finish.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait at most; ``None`` waits as long as it takes.
+
+        Returns
+        -------
+        bool
+            ``True`` when the submission completed, ``False`` when ``timeout`` expired first.
+
+        Raises
+        ------
+        DmaError
+            The submission failed (an injected error or a channel error). Raised by every ``wait`` call on
+            this fence, after all of its channels have stopped.
+        """
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        for c in self._completions:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not c.wait(remaining):
+                return False
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        return True
+
+    def _failure(self) -> DmaError | None:
+        if self._failed is None:
+            if self._error is not None:
+                self._failed = self._error
+            else:
+                for i, c in enumerate(self._completions):
+                    if c.error is not None:
+                        self._failed = DmaError(f"DMA submission #{self.submission} failed on a channel "
+                                                f"(share {i}): {type(c.error).__name__}: {c.error}")
+                        self._failed.__cause__ = c.error
+                        break
+            if self._failed is not None and not self._reported and self._engine is not None:
+                self._reported = True
+                if self._error is None:  # injected failures were counted at submission
+                    self._engine._count_error()
+        return self._failed
+
+    def __repr__(self) -> str:
+        return f"Fence(submission={self.submission}, done={self.done})"
+
+
+_DONE = Fence([])
+
+
+class DmaEngine:
+    """Asynchronous page copies between memory nodes over ``channels`` backend channels.
+
+    Parameters
+    ----------
+    nodes : tuple of Node
+        The machine's nodes (each with ``frames``, ``kind``, ``device``, ``base_pfn``, ``total_pages``).
+    nodemap : NodeMap
+        Translates machine-wide pfns to (node, frame index).
+    backend : Backend
+        Provides the channels (:meth:`~dmamig.backends.base.Backend.open_channels`) and checksums.
+    page_size : int
+        Bytes of a base page.
+    channels : int
+        Number of DMA channels (>= 1).
+    options : PlanOptions, optional
+        Planner thresholds.
+
+    Examples
+    --------
+    >>> fence = engine.copy(src_pfns, dst_pfns)   # doctest: +SKIP
+    >>> fence.wait()                              # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, nodes: Any, nodemap: Any, backend: Any, page_size: int = 4096, channels: int = 4,
+                 options: PlanOptions | None = None):
+        if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 1:
+            raise InvalidArgument(f"channels must be an integer >= 1, got {channels!r}")
+        if not isinstance(page_size, (int, np.integer)) or page_size < 1:
+            raise InvalidArgument(f"page_size must be a positive integer, got {page_size!r}")
+        self.nodes = tuple(nodes)
+        if not self.nodes:
+            raise InvalidArgument("the DMA engine needs at least one node")
+        self.nodemap = nodemap
+        self.backend = backend
+        self.page_size = int(page_size)
+        self.options = options or PlanOptions()
+        self._nr_pfns = int(nodemap.nr_pfns)
+        self._bases = np.array([n.base_pfn for n in self.nodes], dtype=np.int64)
+        if self._bases.size > 1 and not bool((np.diff(self._bases) > 0).all()):
+            raise InvalidArgument("nodes must be given in increasing base_pfn order")
+        self._lock = threading.Lock()
+        self._closed = False
+        self._inject = 0
+        self._seq = 0
+        self._stats = DmaStats()
+        self._base_busy = [0.0] * int(channels)
+        self._base_counters: list[dict[str, int]] = []
+        self._pending: list[Fence] = []
+        self._channels = list(backend.open_channels(int(channels)))
+        self._base_counters = [dict(ch.counters) for ch in self._channels]
+
+    # -- properties ----------------------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """Number of channels."""
+        return len(self._channels)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def stats(self) -> DmaStats:
+        """A snapshot of the counters (see :class:`DmaStats`)."""
+        with self._lock:
+            s = DmaStats(**{k: v for k, v in vars(self._stats).items() if k != "busy_seconds"})
+        for ch, busy0, c0 in zip(self._channels, self._base_busy, self._base_counters):
+            counters = ch.counters
+            s.kernel_launches += counters["kernel_launches"] - c0["kernel_launches"]
+            s.memcpy_calls += counters["memcpy_calls"] - c0["memcpy_calls"]
+            s.batch_calls += counters["batch_calls"] - c0["batch_calls"]
+            s.busy_seconds.append(ch.busy_seconds - busy0)
+        return s
+
+    def reset_stats(self) -> None:
+        """Zero every counter."""
+        with self._lock:
+            self._stats = DmaStats()
+            self._base_busy = [ch.busy_seconds for ch in self._channels]
+            self._base_counters = [dict(ch.counters) for ch in self._channels]
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self._stats.errors += 1
+
+    # -- fault injection -----------------------------------------------------------------------------------
+    def inject_errors(self, n: int = 1) -> None:
+        """Make the next ``n`` non-empty submissions fail.
+
+        A failing submission copies only part of its pages (the destination content is then unspecified; the
+        source is never written) and its fence's ``wait`` raises :class:`~dmamig.errors.DmaError`. The engine
+        stays usable.
+        """
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise InvalidArgument(f"inject_errors needs a count >= 0, got {n!r}")
+        with self._lock:
+            self._inject += int(n)
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def _pfn_array(self, name: str, value: Any) -> np.ndarray:
+        a = np.asarray(value)
+        if a.ndim != 1:
+            raise InvalidArgument(f"{name} must be a 1-D array of pfns, got shape {a.shape}")
+        if a.dtype.kind not in "iu":
+            raise InvalidArgument(f"{name} must have an integer dtype (pfns), got {a.dtype}")
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= self._nr_pfns:
+                bad = lo if lo < 0 else hi
+                raise InvalidArgument(f"{name} holds pfn {bad}, outside the machine's pfns 0..{self._nr_pfns - 1}")
+        return a.astype(np.int64, copy=False)
+
+    def _validate(self, src_pfns: Any, dst_pfns: Any) -> tuple[np.ndarray, np.ndarray]:
+        src = self._pfn_array("src_pfns", src_pfns)
+        dst = self._pfn_array("dst_pfns", dst_pfns)
+        if src.size != dst.size:
+            raise InvalidArgument(f"src_pfns and dst_pfns must have the same length (one destination per "
+                                  f"source page), got {src.size} and {dst.size}")
+        if src.size == 0:
+            return src, dst
+        # One counting pass finds both a destination written twice and a page that is read and written by
+        # the same submission (channels run concurrently, so either would make the result depend on timing).
+        lo = int(min(src.min(), dst.min()))
+        hi = int(max(src.max(), dst.max()))
+        counts = np.bincount(dst - lo, minlength=hi - lo + 1)
+        if int(counts.max()) > 1:
+            dup = int(np.flatnonzero(counts > 1)[0]) + lo
+            raise InvalidArgument(f"dst_pfns lists pfn {dup} more than once; each destination page may be "
+                                  f"written once per submission")
+        clash = counts[src - lo] != 0
+        if clash.any():
+            i = int(np.flatnonzero(clash)[0])
+            what = "is copied onto itself" if src[i] == dst[i] else "is both a source and a destination"
+            raise InvalidArgument(f"pfn {int(src[i])} {what} in one submission; sources and destinations must "
+                                  f"not overlap")
+        return src, dst
+
+    # -- submission ----------------------------------------------------------------------------------------
+    def plan(self, src_pfns: Any, dst_pfns: Any) -> CopyPlan:
+        """Validate and plan a submission without running it (for inspection and tests)."""
+        src, dst = self._validate(src_pfns, dst_pfns)
+        return self._plan(src, dst)
+
+    def _locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        bases = self._bases
+        if bases.size == 1:
+            return np.broadcast_to(np.int64(0), pfns.shape), pfns - bases[0]
+        if bases.size <= 8:
+            # A few comparisons beat a binary search per pfn (searchsorted costs ~12 ns per random key).
+            nid = (pfns >= bases[1]).astype(np.int64)
+            for b in bases[2:].tolist():
+                nid += pfns >= b
+            return nid, pfns - bases[nid]
+        return self.nodemap.locate(pfns)
+
+    def _plan(self, src: np.ndarray, dst: np.ndarray) -> CopyPlan:
+        snode, sidx = self._locate(src)
+        dnode, didx = self._locate(dst)
+        return plan_copy(snode, sidx, dnode, didx, channels=self.channels, options=self.options,
+                         batch_available=bool(getattr(self.backend, "batch_copy_available", False)))
+
+    def copy(self, src_pfns: Any, dst_pfns: Any) -> Fence:
+        """Copy page ``src_pfns[i]`` to page ``dst_pfns[i]`` for every ``i``, asynchronously.
+
+        Parameters
+        ----------
+        src_pfns, dst_pfns : array_like of int
+            Machine-wide base pfns (each base page of a folio listed), any node pair per page. Destinations
+            must be distinct and no page may be both a source and a destination.
+
+        Returns
+        -------
+        Fence
+            Completes when every page is copied; already done for an empty submission.
+
+        Raises
+        ------
+        InvalidArgument
+            Lengths differ, a non-integer dtype, a pfn out of range, a duplicate destination, or a page that
+            is both source and destination.
+        DmaError
+            The engine is closed.
+        """
+        if self._closed:
+            raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
+        src, dst = self._validate(src_pfns, dst_pfns)
+        if src.size == 0:
+            return _DONE
+        plan = self._plan(src, dst)
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            inject = self._inject > 0
+            if inject:
+                self._inject -= 1
+                self._stats.errors += 1
+            self._stats.submissions += 1
+            self._stats.pages += int(src.size)
+            self._stats.bytes += int(src.size) * self.page_size
+            self._stats.runs += plan.nr_runs
+        error = None
+        if inject:
+            # A failure part way through: half of every segment's runs are copied, then the submission
+            # reports an error. Sources are only read, so they stay intact.
+            plan = plan.truncated(0.5)
+            error = DmaError(f"DMA submission #{seq} failed (injected error): destination contents are "
+                             f"unspecified, sources are intact")
+        fence = Fence(self._submit(plan), error, self, seq)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done]
+            self._pending.append(fence)
+        return fence
+
+    def _submit(self, plan: CopyPlan) -> list[Completion]:
+        per_channel: list[list[ChannelWork]] = [[] for _ in self._channels]
+        nodes = self.nodes
+        for seg in plan.segments():
+            s, d = nodes[seg.src_node], nodes[seg.dst_node]
+            per_channel[seg.channel].append(ChannelWork(
+                s.frames, d.frames, s.kind, d.kind, s.device, d.device, seg.method,
+                plan.src_start[seg.runs], plan.dst_start[seg.runs], plan.npages[seg.runs]))
+        return [ch.submit(work) for ch, work in zip(self._channels, per_channel) if work]
+
+    # -- checksums -----------------------------------------------------------------------------------------
+    def checksum(self, pfns: Any) -> np.ndarray:
+        """Per-page checksums of ``pfns`` (uint64; :func:`dmamig.dma.checksum.page_checksums`).
+
+        Runs the backend's checksum (the ``page_checksum`` kernel on CUDA, the numpy reference on CPU)
+        synchronously. Pending copies are not waited for: wait on their fences first.
+        """
+        p = self._pfn_array("pfns", pfns)
+        out = np.empty(p.size, dtype=np.uint64)
+        if p.size == 0:
+            return out
+        nid, idx = self._locate(p)
+        for node_id in np.unique(nid).tolist():
+            sel = np.flatnonzero(nid == node_id)
+            out[sel] = self.backend.checksum_frames(self.nodes[node_id].frames, idx[sel])
+        return out
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait until everything submitted so far has finished (errors are left to the fences' ``wait``)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fence in pending:
+            for c in fence._completions:
+                c.wait(None)
+
+    def close(self) -> None:
+        """Wait for submitted work, then release the channels. Idempotent; ``copy`` raises afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.synchronize()
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> DmaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"DmaEngine(backend={getattr(self.backend, 'name', '?')!r}, channels={self.channels}, "
+                f"closed={self._closed})")
