@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    con = Console(stderr=stderr)
+    # Piped into a CI log, rich would fall back to 80 columns and fold every table; logs can be wide.
+    return con if con.is_terminal else Console(stderr=stderr, width=180)
 
 
 def _resolve_backend(parser: argparse.ArgumentParser, name: str) -> str:

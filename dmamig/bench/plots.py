@@ -93,7 +93,8 @@ def plot_copy_vs_nocopy(doc: dict[str, Any], path: Path) -> None:
                             ha="center", va="bottom", fontsize=8)
         c = _ceiling(doc, d)
         if c:
-            ax.axhline(c["gbps"], color="black", linestyle=":", linewidth=1.5, label="ceiling")
+            ax.axhline(c["gbps"], color="black", linestyle=":", linewidth=1.5,
+                       label=f"ceiling {c['gbps']:.1f} GB/s")
         ax.set_title(DIRECTIONS[d])
         ax.set_xticks(list(xs), [format_size(s) for s in sizes])
         ax.set_xlabel("folio size")
@@ -110,7 +111,7 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
     """Stacked bars of each migration scenario's wall time split into phases."""
     plt = _pyplot()
     _, _, mig = _migrations(doc)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(mig) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(mig) + 3), 4.8))
     xs = range(len(mig))
     bottom = [0.0] * len(mig)
     for p in (*_PHASES, "other"):
@@ -125,7 +126,8 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("share of wall time")
     ax.set_ylim(0, max(1.0, max(bottom, default=1.0)))
     ax.set_title("Where migration time goes (median repetition)")
-    ax.legend(fontsize=8, ncol=3)
+    # Outside the axes: the bars fill the whole height.
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

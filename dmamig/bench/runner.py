@@ -32,8 +32,10 @@ __all__ = [
     "cpu_copy_ceiling",
     "machine_info",
     "measure_ceilings",
+    "range_pfns",
     "run_sweep",
     "sweep_steps",
+    "verify_pages",
 ]
 
 PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
@@ -57,6 +59,15 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _package_version() -> str:
+    # Running from a source tree that is not installed: no distribution metadata, but the package knows.
+    try:
+        from .. import __version__
+    except ImportError:
+        return "unknown"
+    return str(__version__)
 
 
 def _cupy_version() -> str | None:
@@ -121,7 +132,7 @@ def machine_info(backend: str, gpus: list[dict[str, Any]] | None = None) -> dict
         "numpy": numpy.__version__,
         "numba": _version("numba"),
         "cupy": _cupy_version(),
-        "dmamig": _version("dmamig") or "unknown",
+        "dmamig": _version("dmamig") or _package_version(),
         "git_commit": _git_commit(),
     }
     if backend == "cpu":
@@ -200,12 +211,30 @@ def _machine(settings: BenchSettings, pages: int, channels: int, devices: int | 
         m.close()
 
 
-def _range_pfns(mm: Any, addr: int, pages: int) -> np.ndarray:
-    """The pfn backing each base page of ``[addr, addr + pages * PAGE_SIZE)``, in address order."""
+def range_pfns(mm: Any, addr: int, pages: int) -> np.ndarray:
+    """The pfn backing each base page of ``[addr, addr + pages * PAGE_SIZE)``, in address order.
+
+    Parameters
+    ----------
+    mm : AddressSpace
+        The address space that maps the range.
+    addr : int
+        Page-aligned start address.
+    pages : int
+        Number of base pages.
+    """
     fn = getattr(mm, "pfns_of", None)
     if fn is not None:
         return np.asarray(fn(addr, pages * PAGE_SIZE), dtype=np.int64)
-    return np.fromiter((mm.pfn_of(addr + i * PAGE_SIZE) for i in range(pages)), dtype=np.int64, count=pages)
+    # Without a vectorized lookup, read the VMAs' page tables: the range is quiescent here (no migration in
+    # flight), and a scalar pfn_of per page would cost more than the migration being measured.
+    end = addr + pages * PAGE_SIZE
+    parts = [v.pte_pfn[(max(addr, v.start) - v.start) // PAGE_SIZE:(min(end, v.end) - v.start) // PAGE_SIZE]
+             for v in mm.vmas if v.start < end and v.end > addr]
+    pfns = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+    if pfns.size != pages:
+        raise VerificationError(f"range {addr:#x}+{pages} pages is not fully mapped ({pfns.size} pages found)")
+    return pfns
 
 
 def _pattern(nbytes: int, seed: int) -> np.ndarray:
@@ -218,8 +247,27 @@ def _check(cond: bool, what: str, msg: str) -> None:
         raise VerificationError(f"{what}: {msg}")
 
 
-def _verify_pages(m: Any, pfns: np.ndarray, node: int, ref: np.ndarray | None, what: str) -> None:
-    """Every page is on ``node`` and (with ``ref``) its checksum equals the source page's."""
+def verify_pages(m: Any, pfns: np.ndarray, node: int, ref: np.ndarray | None, what: str) -> None:
+    """Check that every page is on ``node`` and (with ``ref``) that its checksum equals the source page's.
+
+    Parameters
+    ----------
+    m : Machine
+        The machine.
+    pfns : numpy.ndarray
+        The pages, in the order of ``ref``.
+    node : int
+        Where every page must be.
+    ref : numpy.ndarray or None
+        ``m.dma.checksum`` of the source pages, taken before migrating.
+    what : str
+        Names the run in the error message.
+
+    Raises
+    ------
+    VerificationError
+        On the first discrepancy, with the number of bad pages and the first one.
+    """
     nid = m.node_of_pfns(pfns)
     bad = np.flatnonzero(nid != node)
     _check(bad.size == 0, what, f"{bad.size} pages are not on node {node} (first: page {bad[:1].tolist()}, "
@@ -299,8 +347,8 @@ def _run_group(g: MigrateGroup, settings: BenchSettings, ceilings: dict[str, dic
             addr = mm.mmap(g.total_bytes, order=order)
             data = _pattern(g.total_bytes, seed)
             mm.write(addr, data)
-            pfns = _range_pfns(mm, addr, pages)
-            _verify_pages(m, pfns, 0, None, f"{g.label}: populate")
+            pfns = range_pfns(mm, addr, pages)
+            verify_pages(m, pfns, 0, None, f"{g.label}: populate")
             ref = np.asarray(m.dma.checksum(pfns))
             engine = m.dma if g.mode == "nocopy" else None
             samples: dict[str, dict[str, list]] = {d: {"wall": [], "cpu": [], "phase": [], "res": []}
@@ -315,7 +363,7 @@ def _run_group(g: MigrateGroup, settings: BenchSettings, ceilings: dict[str, dic
                     cpu = time.thread_time_ns() - c0
                     what = f"{sc.id} (repetition {rep + 1})"
                     _verify_result(res, pages, what)
-                    _verify_pages(m, _range_pfns(mm, addr, pages), target, ref, what)
+                    verify_pages(m, range_pfns(mm, addr, pages), target, ref, what)
                     if rep >= settings.warmup:
                         s = samples[sc.direction]
                         s["wall"].append(wall)
@@ -357,7 +405,7 @@ def _run_state(sc: Scenario, settings: BenchSettings, progress: ProgressFn) -> d
             for rep in range(settings.warmup + settings.repeat):
                 what = f"{sc.id} (repetition {rep + 1})"
                 for node, timed in ((1, True), (0, False)):
-                    src = _range_pfns(mm, addr, pages)
+                    src = range_pfns(mm, addr, pages)
                     heads = src[:: 1 << sc.order]
                     dst = np.asarray(m.alloc_pages(node, nfolios, order=sc.order), dtype=np.int64)
                     _check(dst.size == nfolios, what, f"alloc_pages gave {dst.size} of {nfolios} folios")
@@ -367,7 +415,7 @@ def _run_state(sc: Scenario, settings: BenchSettings, progress: ProgressFn) -> d
                     wall = time.perf_counter_ns() - t0
                     cpu = time.thread_time_ns() - c0
                     _verify_result(res, pages, what)
-                    now = _range_pfns(mm, addr, pages)
+                    now = range_pfns(mm, addr, pages)
                     expect = m.pages.expand(dst) if sc.order else dst
                     _check(np.array_equal(now, expect), what, "pages are not mapped to the destination frames")
                     if timed and rep >= settings.warmup:
@@ -390,7 +438,7 @@ def _run_dma(sc: Scenario, settings: BenchSettings, ceilings: dict[str, dict], p
         try:
             addr = mm.mmap(sc.total_bytes)
             mm.write(addr, _pattern(sc.total_bytes, seed))
-            src = _range_pfns(mm, addr, pages)
+            src = range_pfns(mm, addr, pages)
             if sc.layout == "random":
                 src = src[np.random.default_rng(seed).permutation(pages)]
             ref = np.asarray(m.dma.checksum(src))

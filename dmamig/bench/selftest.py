@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .runner import _range_pfns
+from .runner import range_pfns
 
 __all__ = ["run_selftest"]
 
@@ -35,14 +35,14 @@ def _migrate_roundtrip(m: Any, order: int, nocopy: bool, rng: np.random.Generato
         addr = mm.mmap(n * ps, order=order)
         data = np.frombuffer(rng.bytes(n * ps), dtype=np.uint8)
         mm.write(addr, data)
-        ref = np.asarray(m.dma.checksum(_range_pfns(mm, addr, n)))
+        ref = np.asarray(m.dma.checksum(range_pfns(mm, addr, n)))
         engine = m.dma if nocopy else None
         for node in (1, 0):
             res = mm.migrate(addr, n * ps, node, mode=MigrateMode.SYNC, engine=engine)
             st = np.asarray(res.status)
             _check(res.nr_failed == 0 and not st.any(), f"to node {node}: {res.nr_failed} pages failed "
                                                         f"(status {sorted(set(st[st != 0].tolist()))[:4]})")
-            pfns = _range_pfns(mm, addr, n)
+            pfns = range_pfns(mm, addr, n)
             where = np.asarray(m.node_of_pfns(pfns))
             _check((where == node).all(), f"to node {node}: {(where != node).sum()} pages on the wrong node")
             sums = np.asarray(m.dma.checksum(pfns))
@@ -63,7 +63,7 @@ def _dma_random(m: Any, rng: np.random.Generator) -> str:
         n = _PAGES
         addr = mm.mmap(n * ps)
         mm.write(addr, np.frombuffer(rng.bytes(n * ps), dtype=np.uint8))
-        src = _range_pfns(mm, addr, n)[rng.permutation(n)]
+        src = range_pfns(mm, addr, n)[rng.permutation(n)]
         dst = np.asarray(m.alloc_pages(1, n), dtype=np.int64)[rng.permutation(n)]
         m.dma.copy(src, dst).wait()
         # The reference: numpy checksums of the source pages as read back to the host.
@@ -93,7 +93,7 @@ def _dma_error(m: Any, rng: np.random.Generator) -> str:
         m.dma.inject_errors(1)
         res = mm.migrate(addr, n * ps, 1, mode=MigrateMode.SYNC, engine=m.dma)
         st = np.asarray(res.status)
-        where = np.asarray(m.node_of_pfns(_range_pfns(mm, addr, n)))
+        where = np.asarray(m.node_of_pfns(range_pfns(mm, addr, n)))
         _check(((st == 0) | (where == 0)).all(), "a page that failed to migrate is not on its source node")
         _check(((st != 0) | (where == 1)).all(), "a page reported migrated is not on the target node")
         _check(np.array_equal(mm.read(addr, n * ps), data), "data changed after an injected DMA error")
