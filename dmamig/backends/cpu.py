@@ -16,15 +16,13 @@ from typing import Any
 import numpy as np
 
 from ..dma.checksum import page_checksums
+from ..dma.plan import METHOD_GATHER
 from ..errors import DmaError, InvalidArgument
 from . import cpu_kernels
 from .base import ChannelWork, DeviceInfo
 
 __all__ = ["CpuBackend", "CpuChannel"]
 
-_METHOD_MEMCPY = 0
-_METHOD_GATHER = 1
-_METHOD_BATCH = 2
 
 
 class _ThreadCompletion:
@@ -93,25 +91,27 @@ class CpuChannel:
                 return
             work, completion = item
             error: BaseException | None = None
-            launches = memcpys = 0
             start = time.perf_counter()
             try:
-                for w in work:
-                    cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
-                    # Bookkeeping mirrors what a GPU channel issues: one call per long run, one launch per
-                    # segment of short runs. The CPU kernel copies both kinds in the same loop.
-                    if w.method == _METHOD_GATHER:
-                        launches += 1
-                    else:
-                        memcpys += int(w.npages.size)
+                self._execute(work)
             except BaseException as exc:  # reported through the fence, never lost in the worker
                 error = exc
             elapsed = time.perf_counter() - start
             with self._lock:
                 self._busy += elapsed
-                self._counters["kernel_launches"] += launches
-                self._counters["memcpy_calls"] += memcpys
             completion._finish(error)
+
+    def _execute(self, work: list[ChannelWork]) -> None:
+        """Run one job on the worker thread (GIL released inside the kernels)."""
+        for w in work:
+            cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
+            # Bookkeeping mirrors what a GPU channel issues: one call per long run, one launch per segment of
+            # short runs. The CPU kernel copies both kinds in the same loop.
+            with self._lock:
+                if w.method == METHOD_GATHER:
+                    self._counters["kernel_launches"] += 1
+                else:
+                    self._counters["memcpy_calls"] += int(w.npages.size)
 
     def close(self) -> None:
         """Let queued work finish, then stop the worker. Idempotent."""

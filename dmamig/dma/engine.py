@@ -246,6 +246,8 @@ class DmaEngine:
         a = np.asarray(value)
         if a.ndim != 1:
             raise InvalidArgument(f"{name} must be a 1-D array of pfns, got shape {a.shape}")
+        if a.size == 0 and a.dtype.kind in "iuf":  # ``[]`` is float64 to numpy; an empty list is fine
+            return np.empty(0, dtype=np.int64)
         if a.dtype.kind not in "iu":
             raise InvalidArgument(f"{name} must have an integer dtype (pfns), got {a.dtype}")
         if a.size:
