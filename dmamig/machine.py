@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._arrays import add_at, distinct
 from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
 from .errors import InvalidArgument, OutOfMemory
@@ -172,16 +173,25 @@ class Machine:
         pfns = self.pages.expand(heads)
         self.pages.reset(pfns)
         nid, frame = self.nodemap.locate(pfns)
-        for n in np.unique(nid).tolist():
+        nodes = distinct(nid)
+        if len(nodes) == 1:
+            self._nodes[nodes[0]].allocator.free(frame)
+            return
+        for n in nodes:
             self._nodes[n].allocator.free(frame[nid == n])
 
-    def put_folios(self, heads: np.ndarray, refs: np.ndarray | int = 1) -> None:
-        """Drop references on folios and free those whose refcount reaches zero (caller holds the lock)."""
+    def put_folios(self, heads: np.ndarray, refs: np.ndarray | int = 1, unique: bool = False) -> None:
+        """Drop references on folios and free those whose refcount reaches zero (caller holds the lock).
+
+        ``unique=True`` promises that ``heads`` has no repeats (a faster path).
+        """
         heads = np.asarray(heads, dtype=np.int64)
         if heads.size == 0:
             return
-        np.subtract.at(self.pages.refcount, heads, refs)
-        dead = np.unique(heads[self.pages.refcount[heads] <= 0])
+        add_at(self.pages.refcount, heads, -np.asarray(refs), unique)
+        dead = heads[self.pages.refcount[heads] <= 0]
+        if not unique:
+            dead = np.unique(dead)
         if dead.size:
             if (self.pages.refcount[dead] < 0).any():
                 raise RuntimeError(f"refcount underflow on pfns {dead[self.pages.refcount[dead] < 0][:8]}")
@@ -191,7 +201,7 @@ class Machine:
         """Group pfns by node: ``[(node_id, positions, frame_indices), ...]``."""
         nid, frame = self.nodemap.locate(np.asarray(pfns, dtype=np.int64))
         out = []
-        for n in np.unique(nid).tolist():
+        for n in distinct(nid):
             pos = np.flatnonzero(nid == n)
             out.append((n, pos, frame[pos]))
         return out
@@ -221,7 +231,7 @@ class Machine:
         snid, sframe = self.nodemap.locate(src_heads)
         dnid, dframe = self.nodemap.locate(dst_heads)
         pair = snid * len(self._nodes) + dnid
-        for p in np.unique(pair).tolist():
+        for p in distinct(pair):
             sel = pair == p
             s, d = divmod(p, len(self._nodes))
             self._backend.copy_folios(self._nodes[s].frames, sframe[sel], self._nodes[d].frames, dframe[sel],
@@ -232,7 +242,7 @@ class Machine:
         snid, sframe = self.nodemap.locate(src_pfns)
         dnid, dframe = self.nodemap.locate(dst_pfns)
         pair = snid * len(self._nodes) + dnid
-        for p in np.unique(pair).tolist():
+        for p in distinct(pair):
             sel = pair == p
             s, d = divmod(p, len(self._nodes))
             self._backend.copy_folios(self._nodes[s].frames, sframe[sel], self._nodes[d].frames, dframe[sel],

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._arrays import add_at, distinct
 from .flags import PageFlag, PteFlag
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np
     """
     mapping = m.pages.mapping[pfns]
     index = m.pages.index[pfns]
-    for oid in np.unique(mapping[mapping >= 0]).tolist():
+    for oid in distinct(mapping[mapping >= 0]):
         pos = np.flatnonzero(mapping == oid)
         idx = index[pos]
         for vma in m.object(oid).vmas:
@@ -123,8 +124,9 @@ def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
         dirty = (flags & np.uint8(PteFlag.DIRTY)) != 0
         if dirty.any():
             pages.set(heads[dirty], PageFlag.DIRTY)
-        np.subtract.at(pages.mapcount, p, 1)
-        np.subtract.at(pages.refcount, heads, 1)
+        # A pfn has at most one PTE per VMA; heads repeat only for large folios.
+        pages.mapcount[p] -= 1
+        add_at(pages.refcount, heads, -1, unique=np.array_equal(heads, p))
 
 
 def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
@@ -138,5 +140,6 @@ def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> No
         q = new[pos]
         vma.pte_pfn[slots] = q
         vma.pte_flags[slots] = (vma.pte_flags[slots] & _KEPT) | _PRESENT
-        np.add.at(pages.mapcount, q, 1)
-        np.add.at(pages.refcount, pages.head[q], 1)
+        heads = pages.head[q]
+        pages.mapcount[q] += 1
+        add_at(pages.refcount, heads, 1, unique=np.array_equal(heads, q))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._arrays import all_distinct, distinct, first_occurrences
 from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, EIO, ENOENT, ENOMEM, MigrateMode, PageFlag
 from ..vma import install_migration_entries, remove_migration_entries
@@ -52,6 +53,12 @@ NR_MAX_MIGRATE_PAGES_RETRY = 10
 NR_MAX_MIGRATE_ASYNC_RETRY = 3
 #: ...then each folio that failed alone, in the caller's mode, this many passes.
 NR_MAX_MIGRATE_SYNC_RETRY = NR_MAX_MIGRATE_PAGES_RETRY - NR_MAX_MIGRATE_ASYNC_RETRY
+#: Consecutive batches whose phases run as one vectorized step. Each batch keeps its own unmap, TLB flush and
+#: move; stepping several at once only amortizes the per-call cost of numpy. A step whose data moves outside
+#: the metadata lock (a CPU or DMA copy) holds at most this many batches unmapped at a time; a state-only
+#: migration (NO_COPY onto copied destinations) runs wholly under the lock, where batch-by-batch and
+#: all-at-once cannot be told apart, so it takes all its batches in one step.
+NR_BATCHES_PER_STEP = 8
 
 # Internal entry states (positive, so they never collide with -errno).
 _PENDING = 1  # still to be tried: the kernel's -EAGAIN between passes
@@ -142,6 +149,8 @@ class _Migration:
         self.given = np.empty(0, dtype=bool)  # destination supplied (and pre-copied) by the caller
         self.fresh = np.empty(0, dtype=bool)  # destination content equals the source right now
         self.nr = np.empty(0, dtype=np.int64)  # base pages of each entry's folio
+        self.expected = np.empty(0, dtype=np.int64)  # folio_expected_refs() of each entry
+        self.batch_of = np.empty(0, dtype=np.int64)  # the batch each entry belongs to
 
     # -- entries -------------------------------------------------------------------------------------------
     def add(self, heads: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
@@ -154,23 +163,32 @@ class _Migration:
         given = np.full(n, dst is not None)
         self.given = np.concatenate([self.given, given])
         self.fresh = np.concatenate([self.fresh, given.copy()])
-        self.nr = np.concatenate([self.nr, self.m.pages.nr_pages(heads)])
+        nr = self.m.pages.nr_pages(heads)
+        self.nr = np.concatenate([self.nr, nr])
+        # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
+        self.expected = np.concatenate([self.expected, 1 + np.where(self._shared(heads), nr, 0)])
+        self.batch_of = np.concatenate([self.batch_of, np.full(n, -1, np.int64)])
         return np.arange(start, start + n)
 
-    def _batches(self, positions: np.ndarray) -> list[np.ndarray]:
+    def _steps(self, positions: np.ndarray) -> list[np.ndarray]:
+        """Cut entries into batches of NR_MAX_BATCHED_MIGRATION base pages, and batches into steps."""
         nr = self.nr[positions]
         batch_id = (np.cumsum(nr) - nr) // NR_MAX_BATCHED_MIGRATION
-        cuts = np.flatnonzero(np.diff(batch_id)) + 1
+        self.batch_of[positions] = batch_id
+        state_only = self.engine is None and self.fresh[positions].all()
+        per_step = int(batch_id[-1]) + 1 if state_only else NR_BATCHES_PER_STEP
+        step_id = batch_id // per_step
+        cuts = np.flatnonzero(np.diff(step_id)) + 1
         return np.split(positions, cuts)
 
     # -- the driver ----------------------------------------------------------------------------------------
     def run(self, positions: np.ndarray) -> None:
         """Migrate the entries at ``positions`` with the retry policy of the mode."""
-        batches = self._batches(positions)
+        steps = self._steps(positions)
         if self.mode == MigrateMode.ASYNC:
-            self._run_batches(batches, MigrateMode.ASYNC, NR_MAX_MIGRATE_PAGES_RETRY)
+            self._run_steps(steps, MigrateMode.ASYNC, NR_MAX_MIGRATE_PAGES_RETRY)
         else:
-            self._run_batches(batches, MigrateMode.ASYNC, NR_MAX_MIGRATE_ASYNC_RETRY)
+            self._run_steps(steps, MigrateMode.ASYNC, NR_MAX_MIGRATE_ASYNC_RETRY)
             # Every folio that failed but for lack of memory or a DMA error is tried again alone, in the
             # caller's mode: now it may block on the page lock and on writeback.
             all_pos = np.arange(self.src.size)
@@ -178,16 +196,16 @@ class _Migration:
                             | (self.status == _PENDING)]
             self.status[retry] = _PENDING
             for pos in retry.tolist():
-                self._run_batches([np.array([pos])], self.mode, NR_MAX_MIGRATE_SYNC_RETRY)
+                self._run_steps([np.array([pos])], self.mode, NR_MAX_MIGRATE_SYNC_RETRY)
         self.status[self.status == _PENDING] = EAGAIN
 
-    def _run_batches(self, batches: list[np.ndarray], mode: MigrateMode, passes: int) -> None:
-        # With a DMA engine one batch copies while the next is unmapped (a two-deep pipeline); a blocking mode
-        # keeps to one batch at a time so the core never sleeps on a lock while holding other page locks.
+    def _run_steps(self, steps: list[np.ndarray], mode: MigrateMode, passes: int) -> None:
+        # With a DMA engine one step copies while the next is unmapped (a two-deep pipeline); a blocking mode
+        # keeps to one step at a time so the core never sleeps on a lock while holding other page locks.
         depth = 1 if self.engine is not None and mode == MigrateMode.ASYNC else 0
         queue: deque[Iterator[None]] = deque()
-        for b in batches:
-            gen = self._batch(b, mode, passes)
+        for b in steps:
+            gen = self._step(b, mode, passes)
             if next(gen, StopIteration) is not StopIteration:
                 queue.append(gen)
             while len(queue) > depth:
@@ -201,8 +219,8 @@ class _Migration:
         if next(gen, StopIteration) is not StopIteration:
             queue.append(gen)
 
-    def _batch(self, positions: np.ndarray, mode: MigrateMode, passes: int) -> Iterator[None]:
-        """One batch through its passes; yields while its DMA copy runs."""
+    def _step(self, positions: np.ndarray, mode: MigrateMode, passes: int) -> Iterator[None]:
+        """One step of batches through their passes; yields while its DMA copy runs."""
         for _ in range(passes):
             todo = positions[self.status[positions] == _PENDING]
             if todo.size == 0:
@@ -228,8 +246,11 @@ class _Migration:
             todo = self._check_writeback(todo, mode)
             if todo.size:
                 install_migration_entries(m, m.pages.expand(self.src[todo]))
-                self.stats.nr_tlb_flush += 1  # try_to_unmap_flush(): one flush for the whole batch
-                m.count_event("migrate_tlb_flush")
+                # try_to_unmap_flush(): one flush per batch, after the whole batch is unmapped.
+                flushes = len(distinct(self.batch_of[todo])) if todo.size < 4096 else \
+                    int(np.count_nonzero(np.bincount(self.batch_of[todo])))
+                self.stats.nr_tlb_flush += flushes
+                m.count_event("migrate_tlb_flush", flushes)
         self.phase_ns["unmap"] += time.perf_counter_ns() - t0
         return todo, added
 
@@ -239,7 +260,7 @@ class _Migration:
         need = todo[self.dst[todo] < 0]
         orders = pages.order[self.src[need]]
         added = []
-        for order in np.unique(orders).tolist():
+        for order in distinct(orders):
             pos = need[orders == order]
             heads = m.alloc_folios(self.node, pos.size, order)
             self.dst[pos[: heads.size]] = heads
@@ -277,7 +298,9 @@ class _Migration:
         self.status[pos] = _SPLIT
         self.stats.nr_thp_split += 1
         m.count_event("thp_migration_split")
-        return self.add(pfns)
+        added = self.add(pfns)
+        self.batch_of[added] = self.batch_of[pos]
+        return added
 
     def _lock_folios(self, todo: np.ndarray, mode: MigrateMode) -> np.ndarray:
         """Take each source folio's lock: ASYNC only tries (busy -> -EAGAIN, retried); sync modes wait."""
@@ -337,16 +360,11 @@ class _Migration:
         return self.engine.copy(pages.expand(self.src[need]), pages.expand(self.dst[need]))
 
     # -- phase 2: move ---------------------------------------------------------------------------------------
-    def _expected_refs(self, heads: np.ndarray) -> np.ndarray:
-        # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
-        pages = self.m.pages
-        return 1 + np.where(self._shared(heads), pages.nr_pages(heads), 0)
-
     def _shared(self, heads: np.ndarray) -> np.ndarray:
         m = self.m
         mapping = m.pages.mapping[heads]
         out = np.zeros(heads.size, dtype=bool)
-        for oid in np.unique(mapping[mapping >= 0]).tolist():
+        for oid in distinct(mapping[mapping >= 0]):
             out[mapping == oid] = m.object(oid).shared
         return out
 
@@ -358,7 +376,7 @@ class _Migration:
         failed: list[tuple[np.ndarray, int]] = []
         t0 = time.perf_counter_ns()
         with m.lock:
-            busy = pages.refcount[self.src[unmapped]] != self._expected_refs(self.src[unmapped])
+            busy = pages.refcount[self.src[unmapped]] != self.expected[unmapped]
         if busy.any():
             failed.append((unmapped[busy], _PENDING))
             unmapped = unmapped[~busy]
@@ -385,7 +403,7 @@ class _Migration:
         t0 = time.perf_counter_ns()
         with m.changed:
             # Freeze: references may have been taken while we copied.
-            busy = pages.refcount[self.src[unmapped]] != self._expected_refs(self.src[unmapped])
+            busy = pages.refcount[self.src[unmapped]] != self.expected[unmapped]
             if busy.any():
                 failed.append((unmapped[busy], _PENDING))
                 no_copy = no_copy[~busy] if isinstance(no_copy, np.ndarray) else no_copy
@@ -412,7 +430,7 @@ class _Migration:
         pages.clear(new, PageFlag.ISOLATED | _LOCKED)
         pages.set(new, PageFlag.LRU)
         m.free_folios(old)
-        m.put_folios(new)
+        m.put_folios(new, unique=True)
         nr = self.nr[pos]
         self.status[pos] = 0
         pages_moved = int(nr.sum())
@@ -460,18 +478,14 @@ class _Migration:
         """Status of each base pfn that was a source page of this migration; -ENOENT for any other."""
         live = self.status != _SPLIT
         nr = self.nr[live]
-        first = np.concatenate(([0], np.cumsum(nr)[:-1]))
-        base = np.repeat(self.src[live] - first, nr) + np.arange(int(nr.sum()))
-        st = np.repeat(self.status[live], nr)
-        out = np.full(pfns.size, ENOENT, dtype=np.int32)
-        if base.size == 0:
-            return out
-        order = np.argsort(base, kind="stable")
-        base, st = base[order], st[order]
-        at = np.minimum(np.searchsorted(base, pfns), base.size - 1)
-        hit = base[at] == pfns
-        out[hit] = st[at[hit]]
-        return out
+        table = np.full(self.m.pages.nr_pfns, ENOENT, dtype=np.int32)
+        if (nr == 1).all():
+            table[self.src[live]] = self.status[live]
+        else:
+            first = np.concatenate(([0], np.cumsum(nr)[:-1]))
+            base = np.repeat(self.src[live] - first, nr) + np.arange(int(nr.sum()))
+            table[base] = np.repeat(self.status[live], nr)
+        return table[pfns]
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
@@ -506,19 +520,16 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray,
     on_node = present & (m.nodemap.node_of(np.maximum(heads_all, 0)) == node)
     status[on_node] = 0
     want = present & ~on_node
-    heads, first = np.unique(heads_all[want], return_index=True)
-    heads = heads[np.argsort(first)]  # keep address order: runs stay contiguous for the DMA planner
+    wanted = heads_all[want]
+    # Each folio once, in address order: runs stay contiguous for the DMA planner.
+    heads = wanted[first_occurrences(wanted, m.pages.nr_pfns)]
     rc = isolate_folios(m, heads)
     if want.any():
-        status[want] = _lookup(heads, rc, heads_all[want])
+        rc_of = np.zeros(m.pages.nr_pfns, dtype=np.int32)
+        rc_of[heads] = rc
+        status[want] = rc_of[wanted]
     status[want & (status == 0)] = _PENDING
     return status, heads[rc == 0]
-
-
-def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
-    order = np.argsort(keys)
-    at = np.searchsorted(keys[order], query)
-    return values[order][at]
 
 
 def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, engine: DmaEngine | None,
@@ -561,7 +572,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             dst = _check_dst(m, pfns, as_pfn_array(m, "dst_pfns", dst_pfns), node)
         status, heads = collect_folios(m, pfns, node)
         if dst is not None:
-            taken = np.isin(pfns, heads)
+            taken = status == _PENDING
             m.free_folios(dst[~taken])  # destinations of folios that will not move are ours to free
             dst = dst[taken]
             heads = pfns[taken]
@@ -573,9 +584,9 @@ def _check_dst(m: Machine, pfns: np.ndarray, dst: np.ndarray, node: int) -> np.n
     if dst.size != pfns.size:
         raise InvalidArgument(f"dst_pfns must pair one destination with each pfn: {pfns.size} pfns, "
                               f"{dst.size} dst_pfns")
-    if (pages.head[pfns] != pfns).any() or np.unique(pfns).size != pfns.size:
+    if (pages.head[pfns] != pfns).any() or not all_distinct(pfns, pages.nr_pfns):
         raise InvalidArgument("with dst_pfns, pfns must be distinct folio heads (one entry per folio)")
-    if np.unique(dst).size != dst.size:
+    if not all_distinct(dst, pages.nr_pfns):
         raise InvalidArgument("dst_pfns must be distinct")
     owned = (pages.head[dst] == dst) & (pages.refcount[dst] == 1) & (pages.mapping[dst] < 0) \
         & ~pages.test(dst, PageFlag.LRU) & (pages.mapcount[dst] == 0)

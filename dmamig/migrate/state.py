@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._arrays import distinct
 from ..flags import PageFlag
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def migrate_folio_mapping(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
     swapbacked = pages.test(old, PageFlag.SWAPBACKED)
     pages.set(new[swapbacked], PageFlag.SWAPBACKED)
     mapping = pages.mapping[old_pfns]
-    for oid in np.unique(mapping[mapping >= 0]).tolist():
+    for oid in distinct(mapping[mapping >= 0]):
         sel = mapping == oid
         obj = m.object(oid)
         idx = pages.index[old_pfns[sel]]
