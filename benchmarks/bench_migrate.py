@@ -19,7 +19,7 @@ import pytest
 
 from dmamig import Machine, MigrateMode
 from dmamig.bench.runner import measure_ceilings, range_pfns, verify_pages
-from dmamig.bench.scenarios import PAGE_SIZE, folio_order
+from dmamig.bench.scenarios import PAGE_SIZE, folio_order, format_size
 
 ROUNDS = int(os.environ.get("DMAMIG_BENCH_ROUNDS", "5"))
 CHANNELS = 2
@@ -121,7 +121,7 @@ def test_migrate_host_to_device(benchmark, bench_summary, mode, folio, total_byt
         benchmark.pedantic(migrate, setup=back_to_host, rounds=ROUNDS, warmup_rounds=1, iterations=1)
         assert all(r.nr_failed == 0 and r.nr_succeeded == pages for r in results)
         verify_pages(m, range_pfns(mm, addr, pages), 1, ref, f"{mode} {folio} host->device")
-        _report(benchmark, bench_summary, f"migrate h2d {mode} {folio // 1024}K", total_bytes, ceilings["h2d"],
+        _report(benchmark, bench_summary, f"migrate h2d {mode} {format_size(folio)}", total_bytes, ceilings["h2d"],
                 cpu, pages)
 
 
@@ -156,7 +156,7 @@ def test_state_only_migration(benchmark, bench_summary, folio, total_bytes, back
         res, dst = results[-1]
         assert res.nr_failed == 0 and res.nr_succeeded == pages
         assert np.array_equal(range_pfns(mm, addr, pages), m.pages.expand(np.asarray(dst)))
-        _report(benchmark, bench_summary, f"state-only NO_COPY {folio // 1024}K", total_bytes, None, cpu,
+        _report(benchmark, bench_summary, f"state-only NO_COPY {format_size(folio)}", total_bytes, None, cpu,
                 pages)
 
 

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels", type=_argtype(_channels), metavar="LIST",
                    help="DMA channel counts for no-copy migration (default 1,2 on cpu, 1,2,4 on cuda)")
     b.add_argument("--repeat", type=_argtype(_positive), metavar="N",
-                   help="timed repetitions per scenario; medians are reported (default 3 on cpu, 5 on cuda)")
+                   help="timed repetitions per scenario; medians are reported (default 5; 1 with --quick)")
     b.add_argument("--warmup", type=_argtype(_nonnegative), metavar="N", help="untimed repetitions first (1)")
     b.add_argument("--devices", type=_argtype(_positive), metavar="N",
                    help="device nodes; 2 adds device->device migration (default: GPUs present, at most 2)")
@@ -299,7 +299,7 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
     info = machine_info(backend, devices)
     info["devices"] = devices
     info["cuda"] = "usable" if reason is None else f"not usable: {reason}"
-    info["kernel_build_status"] = _kernel_status() if reason is None else "not checked (no usable GPU)"
+    info["kernel_build_status"] = _kernel_status()
     if err:
         info["error"] = err
     return info
@@ -310,6 +310,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 1 if "error" in info else 0
+    from rich.markup import escape
     from rich.table import Table
 
     con = _console()
@@ -320,7 +321,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 "cpu_count", "platform", "kernel_build_status", "error"):
         if key in info:
             v = info[key]
-            t.add_row(key, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
+            text = json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
+            t.add_row(key, escape(text))
     con.print(t)
     if info["devices"]:
         d = Table(title="devices", title_justify="left")
@@ -328,7 +330,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             d.add_column(col)
         for k, dev in enumerate(info["devices"]):
             mem = dev.get("memory_bytes")
-            d.add_row(str(k), str(dev.get("name", "?")), f"{mem / (1 << 30):.1f} GiB" if mem else "?",
+            d.add_row(str(k), escape(str(dev.get("name", "?"))), f"{mem / (1 << 30):.1f} GiB" if mem else "?",
                       ", ".join(map(str, dev.get("peers", []))) or "none")
         con.print(d)
     else:
@@ -337,6 +339,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rich.markup import escape
+
     from .bench.selftest import run_selftest
 
     backend = _resolve_backend(parser, args.backend)
@@ -345,7 +349,7 @@ def _cmd_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for name, ok, detail in run_selftest(backend):
         failed += not ok
         mark = "[green]PASS[/green]" if ok else "[bold red]FAIL[/bold red]"
-        con.print(f"{mark} {name}" + (f": {detail}" if detail else ""))
+        con.print(f"{mark} {escape(name)}" + (f": {escape(detail)}" if detail else ""))
     if failed:
         con.print(f"[bold red]selftest ({backend}): {failed} check(s) failed[/bold red]")
         return 1

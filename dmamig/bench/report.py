@@ -153,7 +153,9 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
                     "x ceiling", "ok"):
             t.add_column(col, justify="left" if col == "scenario" else "right")
         for s in eng:
-            t.add_row(s["id"], str(s["pages"]), _f(s["gbps"]), _rate(s["pages_per_s"]),
+            # State-only migration copies no data: a GB/s figure would only restate pages/s.
+            gbps = None if s["kind"] == "state" else s["gbps"]
+            t.add_row(s["id"], str(s["pages"]), _f(gbps), _rate(s["pages_per_s"]),
                       _f(s["cpu_ns_per_page"], "{:.0f}"), _rate(s.get("pages_per_cpu_s")),
                       _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), "yes" if s["verified"] else "[red]NO[/red]")
         console.print(t)

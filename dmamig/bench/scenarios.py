@@ -207,7 +207,7 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
         return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=1 << 30,
                              channels=[1, 2, 4], devices=max(1, min(gpus, 2)), repeat=5, warmup=1)
     return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=256 << 20,
-                         channels=[1, 2], devices=1, repeat=3, warmup=1)
+                         channels=[1, 2], devices=1, repeat=5, warmup=1)
 
 
 @dataclass(frozen=True)

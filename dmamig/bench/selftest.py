@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .runner import range_pfns
+from .scenarios import PAGE_SIZE, format_size
 
 __all__ = ["run_selftest"]
 
@@ -105,7 +106,7 @@ def _dma_error(m: Any, rng: np.random.Generator) -> str:
 def _checks(backend: str) -> Iterator[tuple[str, Callable[[Any, np.random.Generator], str]]]:
     for order in (0, 4, 9):
         for nocopy in (False, True):
-            name = f"{'no-copy' if nocopy else 'copy'} migration, {4 << order} KiB folios"
+            name = f"{'no-copy' if nocopy else 'copy'} migration, {format_size(PAGE_SIZE << order)} folios"
             yield name, lambda m, rng, o=order, nc=nocopy: _migrate_roundtrip(m, o, nc, rng)
     what = "GPU gather/scatter and checksum kernels vs numpy reference" if backend == "cuda" else \
         "DMA copy of scattered pages vs numpy reference checksums"
