@@ -265,15 +265,21 @@ class DmaEngine:
                                   f"source page), got {src.size} and {dst.size}")
         if src.size == 0:
             return src, dst
-        # One counting pass finds both a destination written twice and a page that is read and written by
-        # the same submission (channels run concurrently, so either would make the result depend on timing).
-        lo = int(min(src.min(), dst.min()))
-        hi = int(max(src.max(), dst.max()))
+        # A destination written twice, or a page both read and written by one submission, would make the result
+        # depend on channel timing. Cheap cases first: increasing destinations are distinct, and disjoint pfn
+        # ranges cannot overlap; otherwise one counting pass answers both questions.
+        s_lo, s_hi, d_lo, d_hi = int(src.min()), int(src.max()), int(dst.min()), int(dst.max())
+        disjoint = s_hi < d_lo or d_hi < s_lo
+        if disjoint and bool((dst[1:] > dst[:-1]).all()):
+            return src, dst
+        lo, hi = min(s_lo, d_lo), max(s_hi, d_hi)
         counts = np.bincount(dst - lo, minlength=hi - lo + 1)
         if int(counts.max()) > 1:
             dup = int(np.flatnonzero(counts > 1)[0]) + lo
             raise InvalidArgument(f"dst_pfns lists pfn {dup} more than once; each destination page may be "
                                   f"written once per submission")
+        if disjoint:
+            return src, dst
         clash = counts[src - lo] != 0
         if clash.any():
             i = int(np.flatnonzero(clash)[0])
