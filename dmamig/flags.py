@@ -78,3 +78,10 @@ class MigratePfn(enum.IntFlag):
 
 
 MIGRATE_PFN_SHIFT = 6
+
+#: Page flags that ``folio_migrate_flags`` copies to the new folio as they are.
+MIGRATE_COPIED_FLAGS = (PageFlag.ERROR | PageFlag.REFERENCED | PageFlag.UPTODATE | PageFlag.WORKINGSET
+                        | PageFlag.CHECKED | PageFlag.MAPPEDTODISK | PageFlag.DIRTY | PageFlag.YOUNG
+                        | PageFlag.IDLE | PageFlag.MLOCKED | PageFlag.RECLAIM)
+#: Page flags that move: set on the new folio, cleared on the old one.
+MIGRATE_MOVED_FLAGS = PageFlag.ACTIVE | PageFlag.UNEVICTABLE | PageFlag.SWAPCACHE | PageFlag.PRIVATE

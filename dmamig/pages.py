@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _kernels
 from .flags import PageFlag
 
 __all__ = ["NO_MAPPING", "PageArray"]
@@ -82,6 +83,10 @@ class PageArray:
 
     def reset(self, pfns: np.ndarray) -> None:
         """Return base pfns to the free state (no folio, no references)."""
+        if _kernels.HAVE_NUMBA and isinstance(pfns, np.ndarray) and pfns.dtype == np.int64 and pfns.ndim == 1:
+            _kernels.reset_pages(pfns, self.flags, self.refcount, self.mapcount, self.mapping, self.index,
+                                 self.private, self.last_cpupid, self.memcg, self.order, self.head)
+            return
         self.flags[pfns] = 0
         self.refcount[pfns] = 0
         self.mapcount[pfns] = 0

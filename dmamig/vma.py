@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import _kernels
 from ._arrays import add_at, distinct
 from .flags import PageFlag, PteFlag
 
@@ -110,12 +111,30 @@ def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np
                 yield vma, slots[hit], p[hit]
 
 
+def _vmas_mapping(m: Machine, pfns: np.ndarray) -> Iterator[tuple[int, Vma]]:
+    """Every (object id, VMA) through which some of ``pfns`` may be mapped."""
+    for oid in distinct(m.pages.mapping[pfns]):
+        if oid >= 0:
+            for vma in m.object(oid).vmas:
+                yield oid, vma
+
+
+#: Use the compiled loops of ``_kernels`` (numba); the numpy code is the reference and the fallback.
+USE_KERNELS = _kernels.HAVE_NUMBA
+
+
 def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
     """``try_to_migrate``: replace every PTE mapping ``pfns`` with a migration entry (caller holds the lock).
 
     Each PTE's reference and mapcount are dropped; a dirty PTE marks its folio dirty, as the kernel does.
     """
     pages = m.pages
+    if USE_KERNELS:
+        for oid, vma in _vmas_mapping(m, pfns):
+            _kernels.install_entries(pfns, pages.mapping, pages.index, pages.head, pages.mapcount,
+                                     pages.refcount, pages.flags, oid, vma.pgoff, vma.npages, vma.pte_pfn,
+                                     vma.pte_flags)
+        return
     for vma, slots, pos in rmap_walk(m, pfns, PteFlag.PRESENT):
         flags = vma.pte_flags[slots]
         vma.pte_flags[slots] = (flags & _KEPT) | _MIGRATION
@@ -136,6 +155,11 @@ def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> No
     on the page it now maps.
     """
     pages = m.pages
+    if USE_KERNELS:
+        for oid, vma in _vmas_mapping(m, old):
+            _kernels.remove_entries(old, new, pages.mapping, pages.index, pages.head, pages.mapcount,
+                                    pages.refcount, oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags)
+        return
     for vma, slots, pos in rmap_walk(m, old, PteFlag.MIGRATION):
         q = new[pos]
         vma.pte_pfn[slots] = q

@@ -25,7 +25,7 @@ from .._arrays import all_distinct, distinct, first_occurrences
 from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, EIO, ENOENT, ENOMEM, MigrateMode, PageFlag
 from ..vma import install_migration_entries, remove_migration_entries
-from .state import migrate_folio_mapping, migrate_folio_states
+from .state import migrate_folio
 
 if TYPE_CHECKING:
     from ..dma import DmaEngine, Fence
@@ -422,22 +422,25 @@ class _Migration:
             return
         m, pages = self.m, self.m.pages
         old, new = self.src[pos], self.dst[pos]
-        migrate_folio_mapping(m, old, new)
-        migrate_folio_states(m, old, new)
+        migrate_folio(m, old, new, self.nr[pos])
         remove_migration_entries(m, pages.expand(old), pages.expand(new))
-        pages.clear(old, _LOCKED | PageFlag.ISOLATED)
-        # putback: the new folio joins the LRU and drops the isolation reference it inherited.
-        pages.clear(new, PageFlag.ISOLATED | _LOCKED)
-        pages.set(new, PageFlag.LRU)
+        # putback: the new folio joins the LRU and drops the isolation reference it inherited; the old one
+        # (still locked and isolated: nobody can reach it) goes back to the allocator.
+        pages.flags[new] = (pages.flags[new] & np.uint32(~np.uint32(PageFlag.ISOLATED | _LOCKED))) \
+            | np.uint32(PageFlag.LRU)
         m.free_folios(old)
         m.put_folios(new, unique=True)
-        nr = self.nr[pos]
         self.status[pos] = 0
-        pages_moved = int(nr.sum())
-        thp = int((nr > 1).sum())
+        nr = self.nr[pos]
+        large = nr > 1
+        thp = int(np.count_nonzero(large))
+        pages_moved = int(nr.sum()) if thp else pos.size
         self.stats.nr_succeeded += pages_moved
         self.stats.nr_thp_succeeded += thp
-        nc = int(nr[np.broadcast_to(no_copy, nr.shape)].sum())
+        if isinstance(no_copy, np.ndarray):
+            nc = int(nr[no_copy].sum())
+        else:
+            nc = pages_moved if no_copy else 0
         self.stats.nr_no_copy += nc
         m.count_event("pgmigrate_success", pages_moved)
         m.count_event("thp_migration_success", thp)
@@ -516,7 +519,10 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray,
     """
     status = np.full(pfns.size, ENOENT, dtype=np.int32)
     present = pfns >= 0
-    heads_all = np.where(present, m.pages.head[np.where(present, pfns, 0)], -1)
+    if present.all():
+        heads_all = m.pages.head[pfns]
+    else:
+        heads_all = np.where(present, m.pages.head[np.where(present, pfns, 0)], -1)
     on_node = present & (m.nodemap.node_of(np.maximum(heads_all, 0)) == node)
     status[on_node] = 0
     want = present & ~on_node

@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import _kernels
 from .._arrays import distinct
-from ..flags import PageFlag
+from ..flags import MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
-__all__ = ["COPIED_FLAGS", "migrate_folio_mapping", "migrate_folio_states"]
+__all__ = ["COPIED_FLAGS", "migrate_folio", "migrate_folio_mapping", "migrate_folio_states"]
 
 #: Flags copied from the old folio to the new one as they are (``folio_migrate_flags``).
-COPIED_FLAGS = (PageFlag.ERROR | PageFlag.REFERENCED | PageFlag.UPTODATE | PageFlag.WORKINGSET
-                | PageFlag.CHECKED | PageFlag.MAPPEDTODISK | PageFlag.DIRTY | PageFlag.YOUNG | PageFlag.IDLE
-                | PageFlag.MLOCKED | PageFlag.RECLAIM)
-#: Flags that move: set on the new folio, cleared on the old one.
-_MOVED_ON_OLD = PageFlag.ACTIVE | PageFlag.UNEVICTABLE | PageFlag.SWAPCACHE | PageFlag.PRIVATE
+COPIED_FLAGS = MIGRATE_COPIED_FLAGS
+_MOVED_ON_OLD = MIGRATE_MOVED_FLAGS
+#: Use the compiled loops of ``_kernels`` (numba); the numpy code below is the reference and the fallback.
+USE_KERNELS = _kernels.HAVE_NUMBA
 
 
 def _u32(flag: PageFlag) -> np.uint32:
@@ -81,3 +81,18 @@ def migrate_folio_states(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
     pages.last_cpupid[old] = -1
     pages.memcg[new] = pages.memcg[old]
     pages.memcg[old] = 0
+
+
+def migrate_folio(m: Machine, old: np.ndarray, new: np.ndarray, nr: np.ndarray) -> None:
+    """Move mapping and state from ``old`` to ``new`` folios of ``nr`` base pages each (no data copy)."""
+    if not USE_KERNELS:
+        migrate_folio_mapping(m, old, new)
+        migrate_folio_states(m, old, new)
+        return
+    pages = m.pages
+    # The object slots first: they are found through the old pages' mapping and index.
+    for oid in distinct(pages.mapping[old]):
+        if oid >= 0:
+            _kernels.move_object_slots(old, new, nr, pages.mapping, pages.index, oid, m.object(oid).pfns)
+    _kernels.move_folio_state(old, new, nr, pages.flags, pages.refcount, pages.mapping, pages.index,
+                              pages.private, pages.last_cpupid, pages.memcg)

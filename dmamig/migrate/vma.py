@@ -17,7 +17,7 @@ from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, EIO, ENOMEM, MIGRATE_PFN_SHIFT, MigratePfn, PageFlag, PteFlag
 from ..vma import install_migration_entries, remove_migration_entries
 from .core import isolate_folios
-from .state import migrate_folio_mapping, migrate_folio_states
+from .state import migrate_folio
 
 if TYPE_CHECKING:
     from ..dma import DmaEngine
@@ -174,8 +174,7 @@ class MigrateVma:
             self.src[sel[busy]] &= ~_MIGRATE
             self.status[sel[busy]] = EAGAIN
             sel, old, new = sel[~busy], old[~busy], new[~busy]
-            migrate_folio_mapping(m, old, new)
-            migrate_folio_states(m, old, new)
+            migrate_folio(m, old, new, np.ones(old.size, dtype=np.int64))
 
     def finalize(self) -> None:
         """Remap each slot to its new page (or restore the old one), unlock, put back, free the leftovers."""

@@ -1,0 +1,142 @@
+"""Compiled per-page loops of the migration core (numba), used when numba imports.
+
+Each kernel does in one pass what the numpy code in ``vma.py``, ``migrate/state.py`` and ``pages.py`` does in many
+array operations; those numpy versions stay as the reference (the tests check both agree) and as the path
+where numba is missing. The kernels are ``nogil`` so a migrating thread never holds the GIL while it walks
+its batch, and ``cache=True`` so they compile once per machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .flags import MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
+
+__all__ = ["HAVE_NUMBA", "install_entries", "move_folio_state", "move_object_slots", "remove_entries",
+           "reset_pages"]
+
+try:
+    from numba import njit
+
+    HAVE_NUMBA = True
+except Exception:  # pragma: no cover - numba is a dependency; this keeps the numpy path usable without it
+    HAVE_NUMBA = False
+
+_PRESENT = int(PteFlag.PRESENT)
+_MIGRATION = int(PteFlag.MIGRATION)
+_DIRTY_PTE = int(PteFlag.DIRTY)
+_KEPT = int(PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY)
+_PG_DIRTY = np.uint32(PageFlag.DIRTY)
+_COPIED = np.uint32(MIGRATE_COPIED_FLAGS | PageFlag.SWAPBACKED)
+_ACTIVE = np.uint32(PageFlag.ACTIVE)
+_UNEVICTABLE = np.uint32(PageFlag.UNEVICTABLE)
+_PRIVATE = np.uint32(PageFlag.PRIVATE)
+_WRITEBACK = np.uint32(PageFlag.WRITEBACK)
+_MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
+
+
+def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
+                     pte_flags):
+    """try_to_migrate over one VMA: each present PTE of ``pfns`` becomes a migration entry."""
+    for i in range(pfns.size):
+        p = pfns[i]
+        if mapping[p] != oid:
+            continue
+        s = index[p] - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != p:
+            continue
+        f = pte_flags[s]
+        if (f & _PRESENT) == 0:
+            continue
+        pte_flags[s] = (f & _KEPT) | _MIGRATION
+        h = head[p]
+        if f & _DIRTY_PTE:
+            flags[h] |= _PG_DIRTY
+        mapcount[p] -= 1
+        refcount[h] -= 1
+
+
+def _remove_entries(old, new, mapping, index, head, mapcount, refcount, oid, pgoff, npages, pte_pfn,
+                    pte_flags):
+    """remove_migration_ptes over one VMA: each migration entry of ``old[i]`` maps ``new[i]``."""
+    for i in range(old.size):
+        p = old[i]
+        if mapping[p] != oid:
+            continue
+        s = index[p] - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != p:
+            continue
+        f = pte_flags[s]
+        if (f & _MIGRATION) == 0:
+            continue
+        q = new[i]
+        pte_pfn[s] = q
+        pte_flags[s] = (f & _KEPT) | _PRESENT
+        mapcount[q] += 1
+        refcount[head[q]] += 1
+
+
+def _move_folio_state(old, new, nr, flags, refcount, mapping, index, private, last_cpupid, memcg):
+    """folio_migrate_mapping + folio_migrate_flags for each (old, new) folio pair (see state.py)."""
+    for i in range(old.size):
+        o = old[i]
+        n = new[i]
+        of = flags[o]
+        nf = flags[n] | (of & _COPIED)
+        if of & _ACTIVE:
+            nf |= _ACTIVE
+        elif of & _UNEVICTABLE:
+            nf |= _UNEVICTABLE
+        if of & _PRIVATE:
+            nf |= _PRIVATE
+            private[n] = private[o]
+        private[o] = 0
+        flags[n] = nf & ~_WRITEBACK
+        flags[o] = of & ~_MOVED_ON_OLD
+        last_cpupid[n] = last_cpupid[o]
+        last_cpupid[o] = -1
+        memcg[n] = memcg[o]
+        memcg[o] = 0
+        refcount[n] = refcount[o]
+        refcount[o] = 1
+        for k in range(nr[i]):
+            mapping[n + k] = mapping[o + k]
+            index[n + k] = index[o + k]
+
+
+def _move_object_slots(old, new, nr, mapping, index, oid, obj_pfns):
+    """The object's slots (the xarray) that hold an old page now hold its new page."""
+    for i in range(old.size):
+        for k in range(nr[i]):
+            p = old[i] + k
+            if mapping[p] == oid:
+                j = index[p]
+                if obj_pfns[j] == p:
+                    obj_pfns[j] = new[i] + k
+
+
+def _reset_pages(pfns, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head):
+    """PageArray.reset: free-page state for each base pfn."""
+    for i in range(pfns.size):
+        p = pfns[i]
+        flags[p] = 0
+        refcount[p] = 0
+        mapcount[p] = 0
+        mapping[p] = -1
+        index[p] = 0
+        private[p] = 0
+        last_cpupid[p] = -1
+        memcg[p] = 0
+        order[p] = 0
+        head[p] = p
+
+
+if HAVE_NUMBA:
+    _jit = njit(nogil=True, cache=True)
+    install_entries = _jit(_install_entries)
+    remove_entries = _jit(_remove_entries)
+    move_folio_state = _jit(_move_folio_state)
+    move_object_slots = _jit(_move_object_slots)
+    reset_pages = _jit(_reset_pages)
+else:  # pragma: no cover
+    install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
