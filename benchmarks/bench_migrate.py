@@ -4,8 +4,8 @@ Each benchmark records GB/s, its same-run ceiling and the ratio in ``benchmark.e
 side by side at the end of the run. Every benchmark verifies its data afterwards (checksums against the source
 pages), so a fast wrong result fails.
 
-    pytest benchmarks/ --benchmark-only                       # 64 MiB working sets, seconds
-    DMAMIG_BENCH_TOTAL=1G pytest benchmarks/ --benchmark-only # the working sets the targets quote
+    pytest benchmarks/ --benchmark-only                             # 128 MiB working sets, seconds
+    DMAMIG_BENCH_PAGES=262144 pytest benchmarks/ --benchmark-only   # 1 GiB, as the targets quote
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """pytest-benchmark suites of dmamig: collection of ``bench_*.py``, scale, backend and the ceiling summary.
 
-Run with ``pytest benchmarks/ --benchmark-only``. The working set defaults to 64 MiB so that the suite takes
-seconds; ``DMAMIG_BENCH_TOTAL=1G`` gives the 1 GiB working sets the performance targets quote.
-``DMAMIG_BACKEND=cpu|cuda`` picks the backend (auto by default).
+Run with ``pytest benchmarks/ --benchmark-only``. The working set defaults to 32768 pages (128 MiB) so that
+the suite takes seconds; ``DMAMIG_BENCH_PAGES=262144`` gives the 1 GiB working sets the performance targets
+quote. ``DMAMIG_BACKEND=cpu|cuda`` picks the backend (auto by default).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-from dmamig.bench.scenarios import parse_size
 
 #: Lines printed after the run: each benchmark's figure beside its same-run ceiling.
 SUMMARY: list[str] = []
@@ -27,15 +25,12 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 
 @pytest.fixture(scope="session")
 def total_bytes() -> int:
-    """Working set per benchmark: ``DMAMIG_BENCH_TOTAL`` (e.g. 256M, 1G), 64 MiB by default."""
-    text = os.environ.get("DMAMIG_BENCH_TOTAL", "64M")
-    try:
-        n = parse_size(text)
-    except ValueError as exc:
-        raise pytest.UsageError(f"DMAMIG_BENCH_TOTAL: {exc}") from None
-    if n % (2 << 20):
-        raise pytest.UsageError(f"DMAMIG_BENCH_TOTAL must be a multiple of 2M, got {text!r}")
-    return n
+    """Working set per benchmark: ``DMAMIG_BENCH_PAGES`` base pages of 4 KiB (default 32768 = 128 MiB)."""
+    text = os.environ.get("DMAMIG_BENCH_PAGES", "32768")
+    if not text.strip().isdigit() or int(text) <= 0 or int(text) % 512:
+        raise pytest.UsageError(f"DMAMIG_BENCH_PAGES must be a positive multiple of 512 (whole 2 MiB folios), "
+                                f"got {text!r}; e.g. 262144 for 1 GiB")
+    return int(text) * 4096
 
 
 @pytest.fixture(scope="session")

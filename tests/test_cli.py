@@ -114,3 +114,15 @@ def test_python_dash_m_runs_the_cli():
     assert out.returncode == 0
     for cmd in ("bench", "report", "info", "selftest", "schema"):
         assert cmd in out.stdout
+
+
+def test_readme_keeps_the_ci_commands_and_its_quick_tour_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = readme.splitlines()
+    # CI runs these two lines verbatim (.ci/run greps the test command out of the README).
+    assert "python3 -m pip install . && dmamig bench" in lines
+    assert "python3 -m pip install '.[test]' && python3 -m pytest" in lines
+    tour = readme.split("## Python API quick tour", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(tour, "README.md quick tour", "exec"), {})
