@@ -90,22 +90,32 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _git_commit() -> str | None:
-    """The commit of the source tree dmamig runs from, when it runs from a git checkout."""
-    here = Path(__file__).resolve().parent
+def _git_head(where: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    commit = out.stdout.strip()
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        dirty = ""
-    return commit + ("-dirty" if dirty else "")
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree dmamig runs from, or of the dmamig checkout in the current directory.
+
+    An installed copy (``pip install .``) has no git metadata, but CI runs it from the checkout it installed,
+    so a current directory holding dmamig's own pyproject.toml names the commit.
+    """
+    here = Path(__file__).resolve().parent
+    if (here.parent.parent / "pyproject.toml").exists():
+        return _git_head(here)
+    try:
+        ours = 'name = "dmamig"' in (Path.cwd() / "pyproject.toml").read_text()
+    except OSError:
+        ours = False
+    return _git_head(Path.cwd()) if ours else None
 
 
 def machine_info(backend: str, gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
