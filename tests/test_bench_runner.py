@@ -6,6 +6,7 @@ import csv
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 
 from dmamig.bench.report import load_results
@@ -124,3 +125,29 @@ def test_quick_settings_can_be_overridden_from_the_command_line(tmp_path):
     assert doc["settings"]["sizes"] == [65536] and doc["settings"]["total_bytes"] == 1 << 20
     assert {s["kind"] for s in doc["scenarios"]} == {"migrate"}
     assert not list(out.glob("*.png"))
+
+
+def test_machine_info_makes_device_descriptions_json():
+    from dmamig.bench.runner import machine_info
+
+    info = machine_info("cuda", [{"name": "GPU", "memory_bytes": np.int64(80 << 30), "compute_capability": (9, 0),
+                                  "peers": [1], "handle": object()}])
+    gpu = json.loads(json.dumps(info))["gpus"][0]
+    assert gpu["compute_capability"] == [9, 0] and gpu["memory_bytes"] == 80 << 30 and gpu["peers"] == [1]
+    assert isinstance(gpu["handle"], str)
+
+
+@pytest.mark.gpu
+def test_bench_quick_on_cuda(tmp_path):
+    out = tmp_path / "gpu"
+    assert main(["bench", "--quick", "--backend", "cuda", "--out", str(out)]) == 0
+    doc = load_results(out / "results.json")
+    assert doc["machine"]["backend"] == "cuda" and doc["machine"]["gpus"]
+    assert all(s["verified"] for s in doc["scenarios"])
+    assert {c["direction"] for c in doc["ceilings"]} >= {"h2d", "d2h"}
+
+
+@pytest.mark.gpu
+def test_selftest_cuda_passes(capsys):
+    assert main(["selftest", "--backend", "cuda"]) == 0
+    assert "FAIL" not in capsys.readouterr().out

@@ -118,6 +118,21 @@ def _git_commit() -> str | None:
     return _git_head(Path.cwd()) if ours else None
 
 
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    # Device descriptions may carry tuples (compute capability) or numpy scalars; JSON wants lists and numbers.
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, tuple | list):
+            out[k] = [x.item() if isinstance(x, np.generic) else x for x in v]
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        elif isinstance(v, str | int | float | bool) or v is None:
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out
+
+
 def machine_info(backend: str, gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Describe where a run happens: CPU, GPUs, versions and the git commit.
 
@@ -136,8 +151,7 @@ def machine_info(backend: str, gpus: list[dict[str, Any]] | None = None) -> dict
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count() or 1,
-        "gpus": [{k: v for k, v in dict(g).items() if isinstance(v, str | int | float | bool | list)}
-                 for g in (gpus or [])],
+        "gpus": [_jsonable(dict(g)) for g in (gpus or [])],
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "numba": _version("numba"),
