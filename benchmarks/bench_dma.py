@@ -91,3 +91,11 @@ def test_dma_2mib_folios_shuffled(benchmark, rig):
     src = (heads_s[:, None] + np.arange(512)).ravel()
     dst = (heads_d[:, None] + np.arange(512)).ravel() + PAGES
     run(benchmark, rig, src, dst, "2 MiB folios")
+
+
+def test_dma_random_sparse(benchmark, rig):
+    # Half of each node's pages, chosen at random on both sides: sorting cannot make either side sequential.
+    rng = np.random.default_rng(2)
+    src = rng.choice(PAGES, PAGES // 2, replace=False)
+    dst = rng.choice(PAGES, PAGES // 2, replace=False) + PAGES
+    run(benchmark, rig, src, dst, "random sparse pages")
