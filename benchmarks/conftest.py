@@ -18,7 +18,8 @@ SUMMARY: list[str] = []
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     # The suites are named bench_*.py so that a plain `pytest` run of tests/ never picks them up by accident.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # A file named on the command line is collected by pytest itself; collecting it here too would run it twice.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
