@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from .scenarios import DIRECTIONS, format_size
+from .schema import PHASES
 
 __all__ = ["write_plots"]
 
-_PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
 _PHASE_COLORS = {"unmap": "#4c72b0", "copy": "#dd8452", "move": "#55a868", "undo": "#c44e52",
                  "dma_wait": "#8172b3", "other": "#cccccc"}
 
@@ -117,7 +117,7 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(mig) + 3), 4.8))
     xs = range(len(mig))
     bottom = [0.0] * len(mig)
-    for p in (*_PHASES, "other"):
+    for p in (*PHASES, "other"):
         if p == "other":
             vals = [max(0.0, 1.0 - b) for b in bottom]
         else:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .scenarios import DIRECTIONS, format_size
-from .schema import ResultsError, validate_results
+from .schema import PHASES, ResultsError, validate_results
 
 __all__ = [
     "CSV_FIELDS",
@@ -31,8 +31,6 @@ __all__ = [
     "write_csv",
     "write_json",
 ]
-
-PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
 
 #: Columns of results.csv, in order; phase columns are ``phase_<name>_ns`` and ``share_<name>``.
 CSV_FIELDS = (

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RESULTS_SCHEMA", "SCHEMA_VERSION", "ResultsError", "validate_results"]
+__all__ = ["PHASES", "RESULTS_SCHEMA", "SCHEMA_VERSION", "ResultsError", "validate_results"]
 
 SCHEMA_VERSION = 1
 
-_PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
+#: Migration phases timed in ``MigrateResult.phase_ns``, in pipeline order.
+PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
 
 _num = {"type": "number", "minimum": 0}
 _num_or_null = {"type": ["number", "null"], "minimum": 0}
 _int = {"type": "integer", "minimum": 0}
 _phase_map = {
     "type": "object",
-    "properties": {p: _num for p in _PHASES},
+    "properties": {p: _num for p in PHASES},
     "additionalProperties": _num,
 }
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .runner import range_pfns
+from .runner import range_pfns, verify_pages, verify_result
 from .scenarios import PAGE_SIZE, format_size
 
 __all__ = ["run_selftest"]
@@ -40,14 +40,8 @@ def _migrate_roundtrip(m: Any, order: int, nocopy: bool, rng: np.random.Generato
         engine = m.dma if nocopy else None
         for node in (1, 0):
             res = mm.migrate(addr, n * ps, node, mode=MigrateMode.SYNC, engine=engine)
-            st = np.asarray(res.status)
-            _check(res.nr_failed == 0 and not st.any(), f"to node {node}: {res.nr_failed} pages failed "
-                                                        f"(status {sorted(set(st[st != 0].tolist()))[:4]})")
-            pfns = range_pfns(mm, addr, n)
-            where = np.asarray(m.node_of_pfns(pfns))
-            _check((where == node).all(), f"to node {node}: {(where != node).sum()} pages on the wrong node")
-            sums = np.asarray(m.dma.checksum(pfns))
-            _check(np.array_equal(sums, ref), f"to node {node}: {(sums != ref).sum()} pages have wrong content")
+            verify_result(res, n, f"to node {node}")
+            verify_pages(m, range_pfns(mm, addr, n), node, ref, f"to node {node}")
         _check(np.array_equal(mm.read(addr, n * ps), data), "read-back differs from the bytes written")
         return f"{n} pages there and back, checksums and read-back equal"
     finally:
