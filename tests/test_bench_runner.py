@@ -151,3 +151,31 @@ def test_bench_quick_on_cuda(tmp_path):
 def test_selftest_cuda_passes(capsys):
     assert main(["selftest", "--backend", "cuda"]) == 0
     assert "FAIL" not in capsys.readouterr().out
+
+
+@pytest.fixture
+def corrupting_cpu_copy(monkeypatch):
+    """The CPU copy path of copy migration flips one byte of every batch it copies: fast and wrong."""
+    from dmamig.backends.cpu import CpuBackend
+
+    real = CpuBackend.copy_folios
+
+    def corrupt(self, src, src_idx, dst, dst_idx, nr_pages):
+        real(self, src, src_idx, dst, dst_idx, nr_pages)
+        dst[int(np.asarray(dst_idx)[0]), 17] ^= 0xFF
+
+    monkeypatch.setattr(CpuBackend, "copy_folios", corrupt)
+
+
+def test_bench_fails_loudly_on_wrong_data(tmp_path, capsys, corrupting_cpu_copy):
+    assert main(["bench", "--quick", "--backend", "cpu", "--no-engine", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "verification FAILED" in err and "migrate/h2d/4k/copy" in err and "wrong content" in err
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_selftest_fails_on_wrong_data(capsys, corrupting_cpu_copy):
+    assert main(["selftest", "--backend", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL copy migration, 4K folios" in out and "wrong content" in out
+    assert "PASS no-copy migration, 4K folios" in out  # the DMA path does not use the corrupted copy
