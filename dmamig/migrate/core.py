@@ -58,7 +58,7 @@ NR_MAX_MIGRATE_SYNC_RETRY = NR_MAX_MIGRATE_PAGES_RETRY - NR_MAX_MIGRATE_ASYNC_RE
 #: the metadata lock (a CPU or DMA copy) holds at most this many batches unmapped at a time; a state-only
 #: migration (NO_COPY onto copied destinations) runs wholly under the lock, where batch-by-batch and
 #: all-at-once cannot be told apart, so it takes all its batches in one step.
-NR_BATCHES_PER_STEP = 8
+NR_BATCHES_PER_STEP = 16
 
 # Internal entry states (positive, so they never collide with -errno).
 _PENDING = 1  # still to be tried: the kernel's -EAGAIN between passes
