@@ -368,14 +368,17 @@ class AddressSpace:
             ((v, s0, _s1),) = self._segments(addr, 1)
             return PteFlag(int(v.pte_flags[s0]))
 
-    def nodes_of(self, addr: int, length: int) -> np.ndarray:
-        """Node of every page of ``[addr, addr + length)``, -1 where not populated (vectorized node_of)."""
+    def pfns_of(self, addr: int, length: int) -> np.ndarray:
+        """Pfn of every page of ``[addr, addr + length)``, -1 where not populated (vectorized pfn_of)."""
         self._check_open()
         addr, length = self._check_range(addr, length, aligned=False)
-        m = self.machine
-        with m.changed:
-            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in self._wait_migrations(addr, length)])
-        return np.where(pfns >= 0, m.nodemap.node_of(np.maximum(pfns, 0)), -1)
+        with self.machine.changed:
+            return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in self._wait_migrations(addr, length)])
+
+    def nodes_of(self, addr: int, length: int) -> np.ndarray:
+        """Node of every page of ``[addr, addr + length)``, -1 where not populated (vectorized node_of)."""
+        pfns = self.pfns_of(addr, length)
+        return np.where(pfns >= 0, self.machine.nodemap.node_of(np.maximum(pfns, 0)), -1)
 
     # -- pins -------------------------------------------------------------------------------------------------
     def pin(self, addr: int, length: int) -> None:

@@ -109,6 +109,20 @@ def test_devices_info(cuda, cp):
         assert isinstance(info["peers"], list)
 
 
+@pytest.mark.parametrize("direction", ["h2d", "d2h", "d2d"])
+def test_copy_ceiling_is_a_positive_event_timing(cuda, direction):
+    seconds = cuda.copy_ceiling(direction, 8 << 20, repeat=2)
+    # A copy takes some time, and 8 MiB cannot move faster than 100 TB/s on any current link.
+    assert 8e-8 < seconds < 10.0
+
+
+def test_copy_ceiling_rejects_unknown_direction(cuda):
+    from dmamig.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="direction"):
+        cuda.copy_ceiling("h2h", 1 << 20)
+
+
 # -- channels, streams, events ------------------------------------------------------------------------------------
 def test_channels_have_their_own_non_blocking_streams(cuda, cp):
     channels = cuda.open_channels(3)

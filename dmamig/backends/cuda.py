@@ -542,6 +542,47 @@ class CudaBackend:
             s.synchronize()
         return out
 
+    def copy_ceiling(self, direction: str, nbytes: int, repeat: int = 3) -> float:
+        """Best seconds of one ``cudaMemcpyAsync`` of ``nbytes`` contiguous bytes, timed with CUDA events.
+
+        ``"h2d"`` copies pinned host memory to device 0, ``"d2h"`` the reverse, ``"d2d"`` device 0 to device 1
+        where two devices exist (a peer copy when peer access is enabled), else within device 0. One untimed
+        copy warms up first; the best of ``repeat`` timed copies is returned: the ceiling the migration
+        throughput of the same run is compared against.
+        """
+        if direction not in ("h2d", "d2h", "d2d"):
+            raise InvalidArgument(f"direction must be 'h2d', 'd2h' or 'd2d', got {direction!r}")
+        cp = self._cp
+        rt = cp.cuda.runtime
+        nbytes = int(nbytes)
+        with cp.cuda.Device(0):
+            stream = cp.cuda.Stream(non_blocking=True)
+            dev0 = cp.zeros(nbytes, dtype=cp.uint8)
+            keep: list[Any] = [dev0]
+            if direction == "d2d":
+                if self._ndev > 1:
+                    with cp.cuda.Device(1):
+                        other = cp.zeros(nbytes, dtype=cp.uint8)
+                else:
+                    other = cp.zeros(nbytes, dtype=cp.uint8)
+                keep.append(other)
+                src, dst = dev0.data.ptr, other.data.ptr
+            else:
+                host = cp.cuda.alloc_pinned_memory(nbytes)
+                keep.append(host)
+                src, dst = (host.ptr, dev0.data.ptr) if direction == "h2d" else (dev0.data.ptr, host.ptr)
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            best = float("inf")
+            for i in range(max(1, int(repeat)) + 1):
+                start.record(stream)
+                rt.memcpyAsync(dst, src, nbytes, rt.memcpyDefault, stream.ptr)
+                end.record(stream)
+                end.synchronize()
+                if i:  # the first copy is the warm-up
+                    best = min(best, cp.cuda.get_elapsed_time(start, end) / 1e3)
+            del keep
+        return best
+
     def devices(self) -> list[DeviceInfo]:
         """Name, memory, compute capability and peers of every visible device."""
         rt = self._cp.cuda.runtime

@@ -248,17 +248,9 @@ def range_pfns(mm: Any, addr: int, pages: int) -> np.ndarray:
     pages : int
         Number of base pages.
     """
-    fn = getattr(mm, "pfns_of", None)
-    if fn is not None:
-        return np.asarray(fn(addr, pages * PAGE_SIZE), dtype=np.int64)
-    # Without a vectorized lookup, read the VMAs' page tables: the range is quiescent here (no migration in
-    # flight), and a scalar pfn_of per page would cost more than the migration being measured.
-    end = addr + pages * PAGE_SIZE
-    parts = [v.pte_pfn[(max(addr, v.start) - v.start) // PAGE_SIZE:(min(end, v.end) - v.start) // PAGE_SIZE]
-             for v in mm.vmas if v.start < end and v.end > addr]
-    pfns = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
-    if pfns.size != pages:
-        raise VerificationError(f"range {addr:#x}+{pages} pages is not fully mapped ({pfns.size} pages found)")
+    pfns = mm.pfns_of(addr, pages * PAGE_SIZE)
+    if (pfns < 0).any():
+        raise VerificationError(f"range {addr:#x}+{pages} pages is not fully populated")
     return pfns
 
 
