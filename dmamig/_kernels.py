@@ -12,8 +12,8 @@ import numpy as np
 
 from .flags import MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "install_entries", "move_folio_state", "move_object_slots", "remove_entries",
-           "reset_pages"]
+__all__ = ["HAVE_NUMBA", "install_entries", "move_folio_state", "move_object_slots", "prep_new_folios",
+           "remove_entries", "reset_pages"]
 
 try:
     from numba import njit
@@ -131,6 +131,30 @@ def _reset_pages(pfns, flags, refcount, mapcount, mapping, index, private, last_
         head[p] = p
 
 
+def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping, index, private, last_cpupid,
+                     memcg, order_arr, head):
+    """PageArray.prep_new: a fresh folio of ``2**order`` pages at each head, refcount 1 on the head."""
+    nr = 1 << order
+    for i in range(heads.size):
+        h = heads[i]
+        for k in range(nr):
+            p = h + k
+            flags[p] = 0
+            refcount[p] = 0
+            mapcount[p] = 0
+            mapping[p] = -1
+            index[p] = 0
+            private[p] = 0
+            last_cpupid[p] = -1
+            memcg[p] = 0
+            order_arr[p] = 0
+            head[p] = h
+        order_arr[h] = order
+        refcount[h] = 1
+        if order:
+            flags[h] = head_flag
+
+
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
     install_entries = _jit(_install_entries)
@@ -138,5 +162,7 @@ if HAVE_NUMBA:
     move_folio_state = _jit(_move_folio_state)
     move_object_slots = _jit(_move_object_slots)
     reset_pages = _jit(_reset_pages)
+    prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
+    prep_new_folios = None

@@ -50,7 +50,7 @@ class PageArray:
 
     def nr_pages(self, heads: np.ndarray) -> np.ndarray:
         """Base pages in each folio whose head pfn is given."""
-        return np.left_shift(1, self.order[heads].astype(np.int64))
+        return np.left_shift(np.int64(1), self.order[heads], dtype=np.int64)
 
     def expand(self, heads: np.ndarray) -> np.ndarray:
         """Every base pfn of the folios whose heads are given, folio by folio."""
@@ -65,6 +65,11 @@ class PageArray:
     def prep_new(self, heads: np.ndarray, order: int) -> None:
         """Initialise freshly allocated folios: refcount 1, clean state, compound head/tails set up."""
         heads = np.asarray(heads, dtype=np.int64)
+        if _kernels.HAVE_NUMBA:
+            _kernels.prep_new_folios(heads, int(order), np.uint32(PageFlag.HEAD), self.flags, self.refcount,
+                                     self.mapcount, self.mapping, self.index, self.private, self.last_cpupid,
+                                     self.memcg, self.order, self.head)
+            return
         pfns = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
         self.flags[pfns] = 0
         self.refcount[pfns] = 0

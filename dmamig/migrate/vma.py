@@ -70,6 +70,10 @@ class MigrateVma:
                                   f"cannot run {nxt} after {self._state}")
         self._state = nxt
 
+    def _moving(self) -> np.ndarray:
+        """Entries with a page that is still selected and has a destination."""
+        return ((self.src & _MIGRATE) != 0) & ((self.src & _VALID) != 0) & ((self.dst & _VALID) != 0)
+
     @staticmethod
     def _pfns(entries: np.ndarray) -> np.ndarray:
         return entries >> MIGRATE_PFN_SHIFT
@@ -168,7 +172,7 @@ class MigrateVma:
         m = self.mm.machine
         pages = m.pages
         with m.lock:
-            sel = np.flatnonzero((self.src & _MIGRATE) & (self.src & _VALID) & (self.dst & _VALID))
+            sel = np.flatnonzero(self._moving())
             old, new = self._pfns(self.src[sel]), self._pfns(self.dst[sel])
             busy = pages.refcount[old] != 1  # only the isolation reference may remain
             self.src[sel[busy]] &= ~_MIGRATE
@@ -182,7 +186,7 @@ class MigrateVma:
         m = self.mm.machine
         pages = m.pages
         with m.changed:
-            moved = (self.src & _MIGRATE) & (self.src & _VALID) & (self.dst & _VALID) != 0
+            moved = self._moving()
             kept = ((self.src & _VALID) != 0) & ~moved
             old, new = self._pfns(self.src[moved]), self._pfns(self.dst[moved])
             remove_migration_entries(m, old, new)
