@@ -350,22 +350,20 @@ class Machine:
 
     def set_page_flags(self, pfn: int, flags: PageFlag) -> None:
         """Set page flags on the folio of ``pfn`` (referenced, active, dirty, unevictable, ...)."""
-        head = self._head(pfn)
-        flags = PageFlag(flags)
-        if flags & (PageFlag.HEAD | PageFlag.ISOLATED | PageFlag.LOCKED):
-            raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use lock_page for LOCKED")
-        with self.changed:
-            self.pages.set(head, flags)
-            self.changed.notify_all()
+        self._change_flags(pfn, flags, self.pages.set)
 
     def clear_page_flags(self, pfn: int, flags: PageFlag) -> None:
         """Clear page flags on the folio of ``pfn`` and wake waiters."""
+        self._change_flags(pfn, flags, self.pages.clear)
+
+    def _change_flags(self, pfn: int, flags: PageFlag, change: Any) -> None:
         head = self._head(pfn)
         flags = PageFlag(flags)
         if flags & (PageFlag.HEAD | PageFlag.ISOLATED | PageFlag.LOCKED):
-            raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use unlock_page for LOCKED")
+            raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use lock_page and "
+                                  "unlock_page for LOCKED")
         with self.changed:
-            self.pages.clear(head, flags)
+            change(head, flags)
             self.changed.notify_all()
 
     def page_flags(self, pfn: int) -> PageFlag:

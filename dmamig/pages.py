@@ -71,15 +71,7 @@ class PageArray:
                                      self.memcg, self.order, self.head)
             return
         pfns = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
-        self.flags[pfns] = 0
-        self.refcount[pfns] = 0
-        self.mapcount[pfns] = 0
-        self.mapping[pfns] = NO_MAPPING
-        self.index[pfns] = 0
-        self.private[pfns] = 0
-        self.last_cpupid[pfns] = -1
-        self.memcg[pfns] = 0
-        self.order[pfns] = 0
+        self.reset(pfns)
         self.head[pfns] = np.repeat(heads, 1 << order) if order else heads
         self.order[heads] = order
         self.refcount[heads] = 1
