@@ -151,6 +151,7 @@ class _Migration:
         self.nr = np.empty(0, dtype=np.int64)  # base pages of each entry's folio
         self.expected = np.empty(0, dtype=np.int64)  # folio_expected_refs() of each entry
         self.batch_of = np.empty(0, dtype=np.int64)  # the batch each entry belongs to
+        self.unmapped = np.empty(0, dtype=bool)  # source locked and behind migration entries right now
 
     # -- entries -------------------------------------------------------------------------------------------
     def add(self, heads: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
@@ -168,6 +169,7 @@ class _Migration:
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
         self.expected = np.concatenate([self.expected, 1 + np.where(self._shared(heads), nr, 0)])
         self.batch_of = np.concatenate([self.batch_of, np.full(n, -1, np.int64)])
+        self.unmapped = np.concatenate([self.unmapped, np.zeros(n, dtype=bool)])
         return np.arange(start, start + n)
 
     def _steps(self, positions: np.ndarray) -> list[np.ndarray]:
@@ -246,6 +248,7 @@ class _Migration:
             todo = self._check_writeback(todo, mode)
             if todo.size:
                 install_migration_entries(m, m.pages.expand(self.src[todo]))
+                self.unmapped[todo] = True
                 # try_to_unmap_flush(): one flush per batch, after the whole batch is unmapped.
                 flushes = len(distinct(self.batch_of[todo])) if todo.size < 4096 else \
                     int(np.count_nonzero(np.bincount(self.batch_of[todo])))
@@ -422,6 +425,7 @@ class _Migration:
             return
         m, pages = self.m, self.m.pages
         old, new = self.src[pos], self.dst[pos]
+        self.unmapped[pos] = False
         migrate_folio(m, old, new, self.nr[pos])
         remove_migration_entries(m, pages.expand(old), pages.expand(new))
         # putback: the new folio joins the LRU and drops the isolation reference it inherited; the old one
@@ -453,6 +457,7 @@ class _Migration:
         m, pages = self.m, self.m.pages
         srcp = pages.expand(self.src[pos])
         remove_migration_entries(m, srcp, srcp)
+        self.unmapped[pos] = False
         pages.clear(self.src[pos], _LOCKED)
         self._release_dst(pos)
         self.status[pos] = rc
@@ -462,6 +467,13 @@ class _Migration:
         """Put back the sources that did not migrate, free unused caller destinations, count failures."""
         m, pages = self.m, self.m.pages
         with m.changed:
+            # After an exception (a failing copy, an interrupt) some entries may still be unmapped or never
+            # tried: restore and put them back too, so that no page stays unmapped, locked or isolated.
+            if self.unmapped.any():
+                if self.engine is not None:
+                    self.engine.synchronize()  # no copy may still write a destination we free
+                self._undo(np.flatnonzero(self.unmapped), EIO)
+            self.status[self.status == _PENDING] = EAGAIN
             failed = np.flatnonzero(self.status < 0)
             heads = self.src[failed]
             nr = self.nr[failed]
