@@ -1,0 +1,277 @@
+"""Large folios: 2 MiB folios migrate whole, or split when the target has no contiguous block."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import numpy as np
+import pytest
+
+from dmamig import Machine, MigrateMode, PageFlag
+
+EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
+HOST = DEV = 4096
+NR = 512  # base pages of an order-9 folio
+
+
+def finish_within(fn, what: str, timeout: float = 30.0) -> None:
+    """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"{what} did not finish: something was left locked or unmapped")
+
+
+@pytest.fixture
+def m():
+    mach = Machine(host_pages=HOST, device_pages=DEV, devices=2, backend="cpu", channels=2)
+    yield mach
+    finish_within(mach.close, "Machine.close")
+
+
+@pytest.fixture
+def mm(m):
+    space = m.address_space()
+    yield space
+    finish_within(space.close, "AddressSpace.close")
+
+
+def rand(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def thp(m, mm, folios: int, seed: int = 0, shared: bool = False) -> tuple[int, np.ndarray]:
+    n = folios * NR * m.page_size
+    addr = mm.mmap(n, order=9, shared=shared)
+    data = rand(n, seed)
+    mm.write(addr, data)
+    return addr, data
+
+
+def delta(m, before: dict) -> dict:
+    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
+
+
+def fragment(m, node: int, keep_free: int | None = None) -> np.ndarray:
+    """Leave one used frame in every pageblock of ``node`` (and at most ``keep_free`` free frames)."""
+    nd = m.nodes[node]
+    got = m.alloc_pages(node, nd.free_pages)
+    scattered = (got - nd.base_pfn) % NR == 7
+    held = got[scattered]
+    rest = got[~scattered]
+    if keep_free is not None:
+        held = np.concatenate([held, rest[keep_free:]])
+        rest = rest[:keep_free]
+    m.put_pages(rest)
+    assert nd.fragmentation()["buddyinfo"][9] == 0
+    return held
+
+
+def folio_of(m, mm, addr) -> dict:
+    return m.page_state(mm.pfn_of(addr))
+
+
+def test_fault_makes_2mib_folios(m, mm):
+    ps = m.page_size
+    addr, _ = thp(m, mm, 2)
+    head = folio_of(m, mm, addr)
+    assert head["order"] == 9 and head["head"] == head["pfn"]
+    assert PageFlag.HEAD in head["flags"]
+    assert (head["pfn"] - m.nodes[0].base_pfn) % NR == 0
+    tail = folio_of(m, mm, addr + 100 * ps)
+    assert tail["head"] == head["pfn"] and tail["pfn"] == head["pfn"] + 100
+    assert head["refcount"] == NR and tail["mapcount"] == 1
+
+
+def test_fault_falls_back_to_base_pages_on_a_fragmented_node(m, mm):
+    ps = m.page_size
+    held = fragment(m, 0)
+    addr = mm.mmap(NR * ps, order=9)
+    mm.write(addr, b"x")
+    st = folio_of(m, mm, addr)
+    assert st["order"] == 0
+    mm.close()
+    m.put_pages(held)
+    assert m.nodes[0].free_pages == HOST
+
+
+@pytest.mark.parametrize("mode", [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC])
+def test_thp_migrates_whole(m, mm, mode):
+    ps = m.page_size
+    addr, data = thp(m, mm, 2)
+    before = m.vmstat
+    res = mm.migrate(addr, 2 * NR * ps, 1, mode=mode)
+    assert res.ok and res.status.size == 2 * NR
+    assert res.nr_succeeded == 2 * NR and res.nr_thp_succeeded == 2 and res.nr_thp_split == 0
+    assert delta(m, before) == {"pgmigrate_success": 2 * NR, "thp_migration_success": 2, "migrate_tlb_flush": 2}
+    for off in (0, NR * ps):
+        st = folio_of(m, mm, addr + off)
+        assert st["node"] == 1 and st["order"] == 9 and st["refcount"] == NR
+        assert (st["pfn"] - m.nodes[1].base_pfn) % NR == 0
+        assert PageFlag.HEAD in st["flags"]
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV - 2 * NR, DEV]
+    assert np.array_equal(mm.read(addr, 2 * NR * ps), data)
+    assert folio_of(m, mm, addr)["order"] == 9  # came back whole too
+
+
+def test_thp_splits_when_target_has_no_contiguous_block(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 2, seed=1)
+    held = fragment(m, 1)
+    before = m.vmstat
+    res = mm.migrate(addr, 2 * NR * ps, 1)
+    assert res.ok
+    assert res.nr_thp_split == 2 and res.nr_thp_succeeded == 0
+    assert res.nr_succeeded == 2 * NR and res.nr_failed == 0
+    d = delta(m, before)
+    assert d["thp_migration_split"] == 2 and d["pgmigrate_success"] == 2 * NR
+    assert "thp_migration_success" not in d and "pgmigrate_fail" not in d
+    assert (mm.nodes_of(addr, 2 * NR * ps) == 1).all()
+    for i in (0, 1, 300, NR, 2 * NR - 1):
+        st = folio_of(m, mm, addr + i * ps)
+        assert st["order"] == 0 and st["refcount"] == 1 and st["mapcount"] == 1
+        assert PageFlag.HEAD not in st["flags"]
+    assert m.nodes[0].free_pages == HOST
+    assert np.array_equal(mm.read(addr, 2 * NR * ps), data)
+    mm.close()
+    m.put_pages(held)
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_split_folio_with_too_few_frames_migrates_what_fits(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1, seed=2)
+    held = fragment(m, 1, keep_free=200)
+    res = mm.migrate(addr, NR * ps, 1)
+    st = res.status
+    assert res.nr_thp_split == 1
+    assert int((st == 0).sum()) == 200 and int((st == ENOMEM).sum()) == NR - 200
+    assert res.nr_succeeded == 200 and res.nr_failed == NR - 200
+    nodes = mm.nodes_of(addr, NR * ps)
+    assert (nodes[st == 0] == 1).all() and (nodes[st != 0] == 0).all()
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+    mm.close()
+    m.put_pages(held)
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_pinned_thp_fails_whole(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1)
+    mm.pin(addr + 5 * ps, ps)
+    before = m.vmstat
+    res = mm.migrate(addr, NR * ps, 1)
+    assert (res.status == EAGAIN).all()
+    assert res.nr_failed == NR and res.nr_thp_failed == 1
+    d = delta(m, before)
+    assert d["pgmigrate_fail"] == NR and d["thp_migration_fail"] == 1
+    assert folio_of(m, mm, addr)["order"] == 9 and mm.node_of(addr) == 0
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+
+
+def test_pinned_thp_is_not_split(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1)
+    mm.pin(addr, ps)
+    held = fragment(m, 1)
+    res = mm.migrate(addr, NR * ps, 1)
+    assert res.nr_thp_split == 0 and res.nr_succeeded == 0
+    assert (res.status < 0).all()
+    assert folio_of(m, mm, addr)["order"] == 9
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+    m.put_pages(held)
+
+
+def test_locked_thp_in_async_is_eagain_for_every_base_page(m, mm):
+    ps = m.page_size
+    addr, _ = thp(m, mm, 2)
+    m.lock_page(mm.pfn_of(addr + NR * ps + 3))  # a tail page's lock is its folio's
+    res = mm.migrate(addr, 2 * NR * ps, 1, mode=MigrateMode.ASYNC)
+    assert (res.status[:NR] == 0).all() and (res.status[NR:] == EAGAIN).all()
+    assert res.nr_thp_succeeded == 1 and res.nr_thp_failed == 1
+    m.unlock_page(mm.pfn_of(addr + NR * ps))
+
+
+def test_mapping_with_a_partial_folio_at_its_end(m, mm):
+    ps = m.page_size
+    n = NR + 88
+    addr = mm.mmap(n * ps, order=9)
+    data = rand(n * ps, 3)
+    mm.write(addr, data)
+    assert folio_of(m, mm, addr)["order"] == 9
+    assert folio_of(m, mm, addr + NR * ps)["order"] == 0
+    res = mm.migrate(addr, n * ps, 2)
+    assert res.nr_succeeded == n and res.nr_thp_succeeded == 1
+    assert np.array_equal(mm.read(addr, n * ps), data)
+
+
+def test_partly_unmapped_thp_migrates_and_frees(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1, seed=4)
+    mm.munmap(addr, 200 * ps)
+    res = mm.migrate(addr + 200 * ps, (NR - 200) * ps, 1)
+    assert res.ok and res.nr_thp_succeeded == 1 and res.nr_succeeded == NR
+    st = folio_of(m, mm, addr + 200 * ps)
+    assert st["order"] == 9 and st["node"] == 1 and st["refcount"] == NR - 200
+    assert np.array_equal(mm.read(addr + 200 * ps, (NR - 200) * ps), data[200 * ps:])
+    mm.munmap(addr + 200 * ps, 100 * ps)
+    assert np.array_equal(mm.read(addr + 300 * ps, (NR - 300) * ps), data[300 * ps:])
+    mm.close()
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_migrate_pages_with_a_tail_pfn_moves_the_whole_folio(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1)
+    tail = mm.pfn_of(addr + 77 * ps)
+    res = m.migrate_pages([tail], 2)
+    assert res.status.tolist() == [0] and res.nr_succeeded == NR and res.nr_thp_succeeded == 1
+    assert (mm.nodes_of(addr, NR * ps) == 2).all()
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+
+
+def test_shared_thp_keeps_page_cache_references(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1, shared=True)
+    child = mm.fork()
+    st = folio_of(m, mm, addr)
+    assert st["refcount"] == 3 * NR and st["mapcount"] == 2
+    res = mm.migrate(addr, NR * ps, 1)
+    assert res.nr_thp_succeeded == 1
+    st = folio_of(m, mm, addr)
+    assert st["node"] == 1 and st["refcount"] == 3 * NR and st["mapcount"] == 2
+    assert child.pfn_of(addr + 9 * ps) == mm.pfn_of(addr + 9 * ps)
+    assert np.array_equal(child.read(addr, NR * ps), data)
+    child.close()
+    mm.close()
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_shared_thp_split_keeps_references_balanced(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1, shared=True)
+    held = fragment(m, 1)
+    res = mm.migrate(addr, NR * ps, 1)
+    assert res.ok and res.nr_thp_split == 1
+    for i in (0, 1, NR - 1):
+        st = folio_of(m, mm, addr + i * ps)
+        assert st["order"] == 0 and st["refcount"] == 2 and st["mapcount"] == 1
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+    mm.close()
+    m.put_pages(held)
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_fork_of_private_thp_copies_folios(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1)
+    mm.migrate(addr, NR * ps, 1)
+    child = mm.fork()
+    st = folio_of(m, child, addr)
+    assert st["order"] == 9 and st["node"] == 1
+    child.write(addr, b"child")
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+    assert child.read(addr, 5).tobytes() == b"child"
+    child.close()

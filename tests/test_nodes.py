@@ -1,0 +1,272 @@
+"""Nodes and the frame allocator: order-0 and aligned order-k blocks, fragmentation reports, frees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dmamig import InvalidArgument, Machine, OutOfMemory
+from dmamig.nodes import MAX_ORDER, FrameAllocator, NodeMap
+
+BLOCK = 1 << MAX_ORDER
+
+
+def used_frames(a: FrameAllocator) -> np.ndarray:
+    return np.flatnonzero(~a.is_free(np.arange(a.nr_frames)))
+
+
+def check_buddyinfo(a: FrameAllocator) -> list[int]:
+    info = a.buddyinfo()
+    assert len(info) == MAX_ORDER + 1
+    assert sum(c << o for o, c in enumerate(info)) == a.nr_free
+    return info
+
+
+# -- FrameAllocator --------------------------------------------------------------------------------------------
+def test_fresh_allocator():
+    a = FrameAllocator(4 * BLOCK)
+    assert a.nr_free == 4 * BLOCK
+    assert check_buddyinfo(a) == [0] * MAX_ORDER + [4]
+    assert a.unusable_index(MAX_ORDER) == 0.0
+
+
+def test_order0_allocations_are_distinct_and_counted():
+    a = FrameAllocator(2 * BLOCK)
+    first = a.alloc(100)
+    second = a.alloc(100)
+    both = np.concatenate([first, second])
+    assert both.size == 200 and np.unique(both).size == 200
+    assert a.nr_free == 2 * BLOCK - 200
+    assert not a.is_free(both).any()
+    assert np.array_equal(np.sort(both), used_frames(a))
+
+
+def test_order0_prefers_partly_used_pageblocks():
+    a = FrameAllocator(4 * BLOCK)
+    a.alloc(1)
+    a.alloc(BLOCK - 2)
+    # Everything so far fits in one pageblock, so three whole 2 MiB blocks remain.
+    assert np.unique(used_frames(a) // BLOCK).size == 1
+    assert a.alloc(3, MAX_ORDER).size == 3
+
+
+@pytest.mark.parametrize("order", [1, 3, 4, 8, MAX_ORDER])
+def test_order_k_blocks_are_aligned_and_disjoint(order):
+    a = FrameAllocator(8 * BLOCK)
+    a.alloc(7)  # make the first pageblock partly used
+    before = used_frames(a)
+    heads = a.alloc(5, order)
+    assert heads.size == 5
+    assert (heads % (1 << order) == 0).all()
+    frames = (heads[:, None] + np.arange(1 << order)).ravel()
+    assert np.unique(frames).size == frames.size
+    assert not np.isin(frames, before).any()
+    assert a.nr_free == 8 * BLOCK - 7 - 5 * (1 << order)
+
+
+def test_order_k_short_of_contiguous_frames_returns_fewer():
+    a = FrameAllocator(2 * BLOCK)
+    a.alloc(1)
+    # One pageblock is partly used, so only one whole order-9 block is left.
+    assert a.alloc(2, MAX_ORDER).size == 1
+    assert a.alloc(1, MAX_ORDER).size == 0
+
+
+def test_order0_beyond_free_returns_what_is_left():
+    a = FrameAllocator(BLOCK)
+    got = a.alloc(BLOCK + 10)
+    assert got.size == BLOCK
+    assert a.nr_free == 0
+    assert a.alloc(1).size == 0
+
+
+def test_node_size_not_a_multiple_of_a_pageblock():
+    a = FrameAllocator(BLOCK + 100)
+    assert a.nr_free == BLOCK + 100
+    got = a.alloc(10_000)
+    assert got.size == BLOCK + 100 and got.max() < BLOCK + 100
+    assert a.alloc(1, 2).size == 0
+    a.free(got)
+    assert a.nr_free == BLOCK + 100
+    check_buddyinfo(a)
+
+
+def test_bad_order_is_invalid_argument():
+    a = FrameAllocator(BLOCK)
+    with pytest.raises(InvalidArgument):
+        a.alloc(1, MAX_ORDER + 1)
+    with pytest.raises(InvalidArgument):
+        a.alloc(1, -1)
+
+
+def test_double_free_is_refused_and_changes_nothing():
+    a = FrameAllocator(BLOCK)
+    got = a.alloc(4)
+    a.free(got[:2])
+    with pytest.raises(RuntimeError, match="double free"):
+        a.free(got[1:3])
+    assert a.nr_free == BLOCK - 2
+    assert not a.is_free(got[2:]).any()
+    with pytest.raises(RuntimeError, match="double free"):
+        a.free(np.array([got[3] + 50]))  # never allocated
+
+
+def test_free_returns_to_start():
+    a = FrameAllocator(4 * BLOCK)
+    start = a.buddyinfo()
+    rng = np.random.default_rng(1)
+    held = [a.alloc(int(rng.integers(1, 300))) for _ in range(5)]
+    held += [(h[:, None] + np.arange(16)).ravel() for h in [a.alloc(3, 4)]]
+    rng.shuffle(held)
+    for frames in held:
+        a.free(frames)
+    assert a.nr_free == 4 * BLOCK
+    assert a.buddyinfo() == start
+    assert a.unusable_index(MAX_ORDER) == 0.0
+
+
+def test_buddyinfo_counts_maximal_aligned_blocks():
+    a = FrameAllocator(2 * BLOCK)
+    a.alloc(1)  # frame 0 of a pageblock: the rest of it splits into one block of each order 0..8
+    info = check_buddyinfo(a)
+    assert info == [1] * MAX_ORDER + [1]
+
+
+def test_buddyinfo_stays_consistent_under_random_frees():
+    a = FrameAllocator(4 * BLOCK)
+    got = a.alloc(4 * BLOCK)
+    rng = np.random.default_rng(7)
+    rng.shuffle(got)
+    for chunk in np.array_split(got, 9):
+        a.free(chunk)
+        check_buddyinfo(a)
+    assert a.nr_free == 4 * BLOCK
+
+
+def test_unusable_index_measures_fragmentation():
+    a = FrameAllocator(4 * BLOCK)
+    got = a.alloc(4 * BLOCK)
+    keep = np.arange(4) * BLOCK + 5  # one used frame in every pageblock
+    a.free(got[~np.isin(got, keep)])
+    assert a.nr_free == 4 * (BLOCK - 1)
+    assert a.unusable_index(MAX_ORDER) == 1.0  # no free 2 MiB block at all
+    assert a.unusable_index(0) == 0.0  # every free frame serves an order-0 request
+    assert 0.0 < a.unusable_index(3) < 1.0
+    assert a.alloc(1, MAX_ORDER).size == 0
+    a.free(keep[:1])
+    assert a.unusable_index(MAX_ORDER) == pytest.approx(1 - BLOCK / a.nr_free)
+    assert a.alloc(1, MAX_ORDER).size == 1
+
+
+def test_unusable_index_of_a_full_node_is_zero():
+    a = FrameAllocator(BLOCK)
+    a.alloc(BLOCK)
+    assert a.unusable_index(MAX_ORDER) == 0.0
+    assert a.buddyinfo() == [0] * (MAX_ORDER + 1)
+
+
+# -- Node and NodeMap ------------------------------------------------------------------------------------------
+def test_nodemap_locates_pfns():
+    with Machine(host_pages=1024, device_pages=512, devices=2, backend="cpu") as m:
+        nm = NodeMap(m.nodes)
+        pfns = np.array([0, 1023, 1024, 1535, 1536, 2047])
+        nid, frame = nm.locate(pfns)
+        assert nid.tolist() == [0, 0, 1, 1, 2, 2]
+        assert frame.tolist() == [0, 1023, 0, 511, 0, 511]
+        assert [n.base_pfn for n in m.nodes] == [0, 1024, 1536]
+        assert nm.nr_pfns == 2048
+
+
+def test_node_fragmentation_report():
+    with Machine(host_pages=1024, device_pages=2048, backend="cpu") as m:
+        node = m.nodes[1]
+        rep = node.fragmentation()
+        assert rep["free_pages"] == 2048
+        assert rep["buddyinfo"][MAX_ORDER] == 4
+        assert rep["unusable_index_order9"] == 0.0
+        got = m.alloc_pages(1, 2048)
+        m.put_pages(got[(got - node.base_pfn) % BLOCK != 0])
+        rep = node.fragmentation()
+        assert rep["free_pages"] == 2048 - 4
+        assert rep["buddyinfo"][MAX_ORDER] == 0
+        assert rep["unusable_index_order9"] == 1.0
+        assert "free_pages=2044" in repr(node)
+
+
+# -- Machine.alloc_pages / put_pages --------------------------------------------------------------------------
+@pytest.fixture
+def m():
+    with Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=2) as mach:
+        yield mach
+
+
+@pytest.mark.parametrize("order", [0, 2, MAX_ORDER])
+def test_alloc_pages_gives_zeroed_aligned_folios(m, order):
+    node = m.nodes[1]
+    heads = m.alloc_pages(1, 3, order=order)
+    assert heads.size == 3
+    assert ((heads - node.base_pfn) % (1 << order) == 0).all()
+    assert node.free_pages == 2048 - (3 << order)
+    pfns = m.pages.expand(heads)
+    assert (m.nodemap.node_of(pfns) == 1).all()
+    assert not m.read_pfns(pfns).any()
+    st = m.page_state(int(heads[0]))
+    assert st["refcount"] == 1 and st["order"] == order and st["mapping"] == -1
+    if order:
+        tail = m.page_state(int(heads[0]) + 1)
+        assert tail["head"] == heads[0]
+    m.put_pages(heads)
+    assert node.free_pages == 2048
+
+
+def test_alloc_pages_zeroes_recycled_frames(m):
+    heads = m.alloc_pages(1, 4)
+    m.write_pfns(heads, np.full((4, m.page_size), 0xAB, np.uint8))
+    m.put_pages(heads)
+    again = m.alloc_pages(1, 2048)
+    assert not m.read_pfns(again).any()
+    m.put_pages(again)
+
+
+def test_alloc_pages_out_of_memory_allocates_nothing(m):
+    held = m.alloc_pages(1, 2000)
+    with pytest.raises(OutOfMemory, match="node 1"):
+        m.alloc_pages(1, 100)
+    assert m.nodes[1].free_pages == 48
+    with pytest.raises(OutOfMemory):
+        m.alloc_pages(1, 1, order=MAX_ORDER)
+    assert m.nodes[1].free_pages == 48
+    m.put_pages(held)
+    assert m.nodes[1].free_pages == 2048
+
+
+@pytest.mark.parametrize("kw", [
+    {"node": 2}, {"node": -1}, {"node": 1.0}, {"count": 0}, {"count": -3},
+    {"order": MAX_ORDER + 1}, {"order": -1},
+])
+def test_alloc_pages_bad_arguments(m, kw):
+    args = {"node": 1, "count": 2, "order": 0} | kw
+    with pytest.raises(InvalidArgument):
+        m.alloc_pages(args["node"], args["count"], order=args["order"])
+    assert [n.free_pages for n in m.nodes] == [2048, 2048]
+
+
+def test_put_pages_refuses_double_free_and_mapped_pages(m):
+    heads = m.alloc_pages(1, 2)
+    m.put_pages(heads[:1])
+    with pytest.raises(InvalidArgument):
+        m.put_pages(heads[:1])
+    assert m.nodes[1].free_pages == 2047
+    mm = m.address_space()
+    addr = mm.mmap(m.page_size)
+    mm.write(addr, b"x")
+    with pytest.raises(InvalidArgument):
+        m.put_pages([mm.pfn_of(addr)])
+    assert mm.read(addr, 1).tobytes() == b"x"
+    big = m.alloc_pages(1, 1, order=2)
+    with pytest.raises(InvalidArgument):
+        m.put_pages(big + 1)  # a tail page is not a folio head
+    m.put_pages(big)
+    m.put_pages(heads[1:])
+    mm.close()
+    assert [n.free_pages for n in m.nodes] == [2048, 2048]
