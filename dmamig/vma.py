@@ -54,6 +54,10 @@ class MemObject:
             heads, refs = np.unique(m.pages.head[present], return_counts=True)
             m.pages.mapping[present] = -1  # truncated: a page kept alive by a pin belongs to no object
             m.put_folios(heads, refs)
+        elif not self.shared:
+            # Anonymous pages still alive (isolated by a migration, pinned) belong to no object from now on:
+            # an rmap walk or a migration must not look the released object up.
+            m.pages.mapping[np.flatnonzero(m.pages.mapping == self.id)] = -1
         self.pfns[:] = NO_PFN
         m.unregister_object(self.id)
 
