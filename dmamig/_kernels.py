@@ -35,14 +35,8 @@ _WRITEBACK = np.uint32(PageFlag.WRITEBACK)
 _MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
 
 
-def _slot_of(p, mapping, index, oid, pgoff, npages, pte_pfn, pte_flags, want):
-    """The PTE slot of one VMA that maps ``p`` with a ``want`` bit set, or -1 (the rmap walk of one page)."""
-    if mapping[p] != oid:
-        return -1
-    s = index[p] - pgoff
-    if s < 0 or s >= npages or pte_pfn[s] != p or (pte_flags[s] & want) == 0:
-        return -1
-    return s
+# The two PTE kernels below repeat the same slot lookup (the rmap walk of one page) inline: a shared helper,
+# even with numba's inline="always", measured 30-50% slower in the unmap phase.
 
 
 def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
@@ -50,10 +44,14 @@ def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid,
     """try_to_migrate over one VMA: each present PTE of ``pfns`` becomes a migration entry."""
     for i in range(pfns.size):
         p = pfns[i]
-        s = _slot_of(p, mapping, index, oid, pgoff, npages, pte_pfn, pte_flags, _PRESENT)
-        if s < 0:
+        if mapping[p] != oid:
+            continue
+        s = index[p] - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != p:
             continue
         f = pte_flags[s]
+        if (f & _PRESENT) == 0:
+            continue
         pte_flags[s] = (f & _KEPT) | _MIGRATION
         h = head[p]
         if f & _DIRTY_PTE:
@@ -67,10 +65,14 @@ def _remove_entries(old, new, mapping, index, head, mapcount, refcount, oid, pgo
     """remove_migration_ptes over one VMA: each migration entry of ``old[i]`` maps ``new[i]``."""
     for i in range(old.size):
         p = old[i]
-        s = _slot_of(p, mapping, index, oid, pgoff, npages, pte_pfn, pte_flags, _MIGRATION)
-        if s < 0:
+        if mapping[p] != oid:
+            continue
+        s = index[p] - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != p:
             continue
         f = pte_flags[s]
+        if (f & _MIGRATION) == 0:
+            continue
         q = new[i]
         pte_pfn[s] = q
         pte_flags[s] = (f & _KEPT) | _PRESENT
@@ -159,7 +161,6 @@ def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping
 
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
-    _slot_of = njit(nogil=True, cache=True, inline="always")(_slot_of)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
