@@ -91,6 +91,7 @@ class Machine:
         self._spaces: list[AddressSpace] = []
         self._vmstat = dict.fromkeys(VMSTAT_COUNTERS, 0)
         self._dma: DmaEngine | None = None
+        self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
         self._closed = False
 
     # -- read-only properties --------------------------------------------------------------------------------
@@ -379,13 +380,19 @@ class Machine:
             if self.pages.refcount[head] <= 0:
                 raise InvalidArgument(f"pfn {pfn} is free; only an in-use page can be referenced")
             self.pages.refcount[head] += 1
+            self._page_refs[head] = self._page_refs.get(head, 0) + 1
 
     def put_page(self, pfn: int) -> None:
-        """Drop a reference taken with :meth:`get_page`."""
+        """Drop a reference taken with :meth:`get_page`; the folio is freed if it was the last one."""
         head = self._head(pfn)
         with self.changed:
-            if self.pages.refcount[head] <= 1:
-                raise InvalidArgument(f"pfn {pfn} holds no extra reference to drop")
+            held = self._page_refs.get(head, 0)
+            if held <= 0:
+                raise InvalidArgument(f"pfn {pfn} holds no reference taken with get_page to drop")
+            if held == 1:
+                del self._page_refs[head]
+            else:
+                self._page_refs[head] = held - 1
             self.put_folios(np.array([head]))
             self.changed.notify_all()
 

@@ -194,7 +194,7 @@ class MigrateVma:
             remove_migration_entries(m, back, back)
             pages.clear(np.concatenate([old, back, new]), PageFlag.LOCKED | PageFlag.ISOLATED)
             pages.set(np.concatenate([back, new]), PageFlag.LRU)
-            m.free_folios(old)
+            m.put_folios(old)  # the migration's reference: a reference taken since pages() keeps it alive
             m.put_folios(np.concatenate([back, new]))
             self.status[moved] = 0
             holes = np.flatnonzero(((self.src & _MIGRATE) != 0) & ((self.src & _VALID) == 0)
