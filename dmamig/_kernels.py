@@ -101,7 +101,7 @@ def _move_folio_state(old, new, nr, flags, refcount, mapping, index, private, la
         last_cpupid[o] = -1
         memcg[n] = memcg[o]
         memcg[o] = 0
-        refcount[n] = refcount[o]
+        refcount[n] += refcount[o] - 1  # keeps references taken on the new folio since its allocation
         refcount[o] = 1
         for k in range(nr[i]):
             mapping[n + k] = mapping[o + k]

@@ -41,7 +41,9 @@ def migrate_folio_mapping(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
     new_pfns = pages.expand(new)
     pages.mapping[new_pfns] = pages.mapping[old_pfns]
     pages.index[new_pfns] = pages.index[old_pfns]
-    pages.refcount[new] = pages.refcount[old]
+    # The old folio's references replace the new one's allocation reference; references a pfn walker took on
+    # the new folio since it was allocated stay (their holders will drop them).
+    pages.refcount[new] += pages.refcount[old] - 1
     pages.refcount[old] = 1  # the migration core's own reference, dropped when the old folio is freed
     swapbacked = pages.test(old, PageFlag.SWAPBACKED)
     pages.set(new[swapbacked], PageFlag.SWAPBACKED)

@@ -223,7 +223,7 @@ class MigrateVma:
         pages.set(new, PageFlag.UPTODATE | PageFlag.LRU | PageFlag.SWAPBACKED)
         pages.mapping[new] = vma.obj.id
         pages.index[new] = vma.pgoff + slots
-        pages.refcount[new] = 0
+        pages.refcount[new] -= 1  # the allocation reference: the PTE takes its own below
         vma.obj.pfns[vma.pgoff + slots] = new
         self.mm._map(vma, slots, new)
         self.status[holes] = 0
