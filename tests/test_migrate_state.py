@@ -39,11 +39,21 @@ def implementation(request, monkeypatch):
 
 def finish_within(fn, what: str, timeout: float = 30.0) -> None:
     """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
-    t = threading.Thread(target=fn, daemon=True)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():
         pytest.fail(f"{what} did not finish: something was left locked or unmapped")
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
@@ -354,6 +364,44 @@ def test_shared_refcount_is_mapcount_plus_page_cache(m, mm):
     st = m.page_state(mm.pfn_of(addr))
     assert st["mapcount"] == 2 and st["refcount"] == 3
     child.close()
+
+
+@pytest.mark.parametrize("engine", [False, True], ids=["copy", "no-copy"])
+def test_reference_taken_on_a_fresh_destination_survives(m, mm, monkeypatch, engine):
+    """A pfn walker that finds a destination folio while its copy runs keeps its reference."""
+    ps = m.page_size
+    addr = mm.mmap(2 * ps)
+    mm.write(addr, np.ones(2 * ps, np.uint8))
+    grabbed = []
+    if engine:
+        real = m.dma.copy
+
+        def copy(src, dst):
+            m.get_page(int(dst[0]))
+            grabbed.append(int(dst[0]))
+            return real(src, dst)
+
+        monkeypatch.setattr(m.dma, "copy", copy)
+    else:
+        real = m.copy_folios
+
+        def copy(src, dst):
+            m.get_page(int(dst[0]))
+            grabbed.append(int(dst[0]))
+            real(src, dst)
+
+        monkeypatch.setattr(m, "copy_folios", copy)
+    migrate(mm, addr, 1, 2, engine=m.dma if engine else None)
+    monkeypatch.undo()
+    pfn = grabbed[0]
+    assert mm.pfn_of(addr) == pfn
+    st = m.page_state(pfn)
+    assert st["mapcount"] == 1 and st["refcount"] == 2
+    m.put_page(pfn)
+    st = m.page_state(pfn)
+    assert st["refcount"] == 1 and m.nodes[1].free_pages == DEV - 2  # still mapped, still allocated
+    mm.close()
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
 def test_mapping_and_index_move_with_the_page(m, mm):

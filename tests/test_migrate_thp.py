@@ -17,11 +17,21 @@ NR = 512  # base pages of an order-9 folio
 
 def finish_within(fn, what: str, timeout: float = 30.0) -> None:
     """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
-    t = threading.Thread(target=fn, daemon=True)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():
         pytest.fail(f"{what} did not finish: something was left locked or unmapped")
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture

@@ -18,11 +18,21 @@ VALID, MIGRATE, WRITE = int(MigratePfn.VALID), int(MigratePfn.MIGRATE), int(Migr
 
 def finish_within(fn, what: str, timeout: float = 30.0) -> None:
     """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
-    t = threading.Thread(target=fn, daemon=True)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():
         pytest.fail(f"{what} did not finish: something was left locked or unmapped")
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
@@ -362,3 +372,63 @@ def test_failed_setup_can_be_retried_after_mapping(m, mm):
     mm.munmap(addr, ps)
     with pytest.raises(InvalidArgument):
         mv.setup()
+
+
+def test_reference_taken_after_pages_keeps_the_old_page_alive(m, mm):
+    """A speculative reference on the old page after pages(): finalize drops only its own reference."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 2)
+    mv = MigrateVma(mm, addr, addr + 2 * ps, 1)
+    mv.setup()
+    mv.alloc_and_copy()
+    mv.pages()
+    old = int(mv.src[0] >> MIGRATE_PFN_SHIFT)
+    m.get_page(old)
+    mv.finalize()
+    assert (mv.status == 0).all()
+    assert mm.node_of(addr) == 1
+    assert m.page_state(old)["refcount"] == 1  # still allocated: the reference holder frees it
+    assert m.nodes[0].free_pages == HOST - 1
+    m.put_page(old)
+    assert m.nodes[0].free_pages == HOST
+    assert np.array_equal(mm.read(addr, 2 * ps), data)
+    mm.close()
+    assert used(m) == 0
+
+
+def test_transient_reference_outlives_munmap(m, mm):
+    ps = m.page_size
+    addr, _ = filled(m, mm, 1)
+    pfn = mm.pfn_of(addr)
+    m.get_page(pfn)
+    mm.munmap(addr, ps)
+    assert m.nodes[0].free_pages == HOST - 1
+    m.put_page(pfn)
+    assert m.nodes[0].free_pages == HOST
+    with pytest.raises(InvalidArgument):
+        m.put_page(pfn)
+
+
+def test_reference_taken_on_destinations_survives(m, mm):
+    """pfn walkers that find a destination (or a hole's new page) before the remap keep their references."""
+    ps = m.page_size
+    addr = mm.mmap(2 * ps)
+    mm.write(addr, b"data")  # page 1 stays a hole
+    mv = MigrateVma(mm, addr, addr + 2 * ps, 1)
+    mv.setup()
+    mv.alloc_and_copy()
+    dst = (mv.dst >> MIGRATE_PFN_SHIFT).tolist()
+    for pfn in dst:
+        m.get_page(pfn)
+    mv.pages()
+    mv.finalize()
+    assert (mv.status == 0).all()
+    assert [mm.pfn_of(addr), mm.pfn_of(addr + ps)] == dst
+    for pfn in dst:
+        assert m.page_state(pfn)["refcount"] == 2
+        m.put_page(pfn)
+        assert m.page_state(pfn)["refcount"] == 1
+    assert m.nodes[1].free_pages == DEV - 2
+    assert mm.read(addr, 4).tobytes() == b"data"
+    mm.close()
+    assert used(m) == 0
