@@ -133,6 +133,8 @@ class MigrateVma:
         pfns = head + np.arange(nr)
         if pages.refcount[head] == int(pages.mapcount[pfns].sum()) and not pages.test(head, PageFlag.LOCKED):
             pages.split(head)
+            # Base pages nobody maps any more (a partly unmapped folio) are freed, as __split_huge_page does.
+            m.free_folios(pfns[pages.refcount[pfns] <= 0])
             m.count_event("thp_migration_split")
 
     def alloc_and_copy(self, engine: DmaEngine | None = None) -> None:
