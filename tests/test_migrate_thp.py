@@ -285,3 +285,17 @@ def test_fork_of_private_thp_copies_folios(m, mm):
     assert np.array_equal(mm.read(addr, NR * ps), data)
     assert child.read(addr, 5).tobytes() == b"child"
     child.close()
+
+
+def test_partly_unmapped_thp_split_on_a_fragmented_target(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1, seed=5)
+    mm.munmap(addr + 400 * ps, 112 * ps)
+    held = fragment(m, 1)
+    res = mm.migrate(addr, 400 * ps, 1)
+    assert res.ok and res.nr_thp_split == 1
+    assert m.nodes[0].free_pages == HOST
+    assert np.array_equal(mm.read(addr, 400 * ps), data[: 400 * ps])
+    mm.close()
+    m.put_pages(held)
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]

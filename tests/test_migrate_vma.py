@@ -432,3 +432,16 @@ def test_reference_taken_on_destinations_survives(m, mm):
     assert mm.read(addr, 4).tobytes() == b"data"
     mm.close()
     assert used(m) == 0
+
+
+def test_partly_unmapped_thp_is_split_without_leaking(m, mm):
+    ps = m.page_size
+    addr, data = filled(m, mm, 512, order=9)
+    mm.munmap(addr, 100 * ps)
+    assert m.nodes[0].free_pages == HOST - 512  # the folio keeps its unmapped pages until it is split
+    mv = run(MigrateVma(mm, addr + 100 * ps, addr + 512 * ps, 1))
+    assert (mv.status == 0).all()
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV - 412, DEV]
+    assert np.array_equal(mm.read(addr + 100 * ps, 412 * ps), data[100 * ps:])
+    mm.close()
+    assert used(m) == 0
