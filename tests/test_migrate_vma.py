@@ -445,3 +445,20 @@ def test_partly_unmapped_thp_is_split_without_leaking(m, mm):
     assert np.array_equal(mm.read(addr + 100 * ps, 412 * ps), data[100 * ps:])
     mm.close()
     assert used(m) == 0
+
+
+def test_migrate_vma_on_every_backend(backend):
+    """The driver flow on each backend (CUDA where a GPU is usable), with the CPU copy and the DMA engine."""
+    mach = Machine(host_pages=1024, device_pages=1024, devices=1, backend=backend, channels=2)
+    try:
+        ps = mach.page_size
+        mm = mach.address_space()
+        addr, data = filled(mach, mm, 64, seed=21)
+        for engine in (None, mach.dma):
+            mv = run(MigrateVma(mm, addr, addr + 64 * ps, 1), engine)
+            assert (mv.status == 0).all() and (mm.nodes_of(addr, 64 * ps) == 1).all()
+            assert np.array_equal(mm.read(addr, 64 * ps), data)
+        finish_within(mm.close, "AddressSpace.close")
+        assert [n.free_pages for n in mach.nodes] == [1024, 1024]
+    finally:
+        finish_within(mach.close, "Machine.close")

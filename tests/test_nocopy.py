@@ -402,3 +402,30 @@ def test_bad_destinations_are_refused_and_nothing_changes(m, mm, case):
     for e in extra:
         m.put_pages(e)
     assert np.array_equal(mm.read(addr, 4 * ps), data)
+
+
+def test_copy_and_no_copy_round_trips_on_every_backend(backend):
+    """The same migrations on each backend (CUDA where a GPU is usable): data intact, nothing leaked."""
+    mach = Machine(host_pages=2048, device_pages=2048, devices=1, backend=backend, channels=2)
+    try:
+        ps = mach.page_size
+        mm = mach.address_space()
+        addr, data = filled(mach, mm, 600, seed=11)
+        big, big_data = filled(mach, mm, NR, seed=12, order=9)
+        for engine in (None, mach.dma):
+            for node in (1, 0):
+                res = mm.migrate(addr, 600 * ps, node, engine=engine)
+                assert res.ok and (mm.nodes_of(addr, 600 * ps) == node).all()
+                res = mm.migrate(big, NR * ps, node, engine=engine)
+                assert res.ok and res.nr_thp_succeeded == 1
+            mm.migrate(addr, 600 * ps, 1, engine=engine)
+            assert np.array_equal(mm.read(addr, 600 * ps), data)  # back to the host through the CPU
+        mach.dma.inject_errors(1)
+        res = mm.migrate(addr, 600 * ps, 1, engine=mach.dma)
+        assert (res.status == EIO).all()
+        assert np.array_equal(mm.read(addr, 600 * ps), data)
+        assert np.array_equal(mm.read(big, NR * ps), big_data)
+        finish_within(mm.close, "AddressSpace.close")
+        assert [n.free_pages for n in mach.nodes] == [2048, 2048]
+    finally:
+        finish_within(mach.close, "Machine.close")

@@ -1,0 +1,312 @@
+"""A stateful property test: random address-space operations and migrations against a plain-bytes model.
+
+The model keeps, per address space, one bytearray per mapped page (shared mappings share the same
+bytearray between the spaces that map them). Whatever migrates, fails, retries or faults, every read must
+match the model, and once everything is closed every node's frames must be free again.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from dmamig import AddressFault, Machine, MigrateMode, MigrateVma, OutOfMemory, PteFlag
+
+PS = 256
+HOST, DEV = 256, 128
+MAX_SPACES = 4
+MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
+OK_STATUS = {0, -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM, -errno.ENOENT}
+EIO = -errno.EIO
+
+try:
+    import dmamig.dma  # noqa: F401
+
+    HAVE_DMA = True
+except ImportError:  # the engine is optional for this test
+    HAVE_DMA = False
+
+
+class Page:
+    """The model of one page: its bytes."""
+
+    __slots__ = ("b",)
+
+    def __init__(self, b: bytearray | None = None):
+        self.b = bytearray(PS) if b is None else b
+
+
+class Space:
+    """An address space and its model: page address -> Page."""
+
+    def __init__(self, mm):
+        self.mm = mm
+        self.pages: dict[int, Page] = {}
+        self.pins: list[tuple[int, int]] = []
+
+
+class MigrationModel(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.m = Machine(host_pages=HOST, device_pages=DEV, devices=2, page_size=PS, backend="cpu",
+                         channels=2)
+        self.totals = [n.total_pages for n in self.m.nodes]
+        self.spaces: list[Space] = [Space(self.m.address_space())]
+        self.injected = 0  # DMA errors injected; the engine counts those that hit a submission
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _pick_space(self, data) -> Space:
+        return self.spaces[data.draw(st.integers(0, len(self.spaces) - 1), label="space")]
+
+    def _pick_range(self, data, sp: Space) -> tuple[int, int] | None:
+        """A page range inside one VMA of ``sp``: (start address, pages)."""
+        vmas = sp.mm.vmas
+        if not vmas:
+            return None
+        v = vmas[data.draw(st.integers(0, len(vmas) - 1), label="vma")]
+        first = data.draw(st.integers(0, v.npages - 1), label="first")
+        count = data.draw(st.integers(1, v.npages - first), label="count")
+        return v.start + first * PS, count
+
+    def _model_bytes(self, sp: Space, addr: int, length: int) -> bytes:
+        out = bytearray()
+        a = addr
+        end = addr + length
+        while a < end:
+            page = a - a % PS
+            lo, hi = a - page, min(PS, end - page)
+            out += sp.pages[page].b[lo:hi]
+            a = page + hi
+        return bytes(out)
+
+    def _eio_possible(self) -> bool:
+        """Whether an injected DMA error still waits for a submission (call before the operation)."""
+        return HAVE_DMA and self.injected > self.m.dma.stats.errors
+
+    def _check_status(self, status: np.ndarray, eio: bool) -> None:
+        allowed = OK_STATUS | ({EIO} if eio else set())
+        assert set(np.unique(status).tolist()) <= allowed, status
+
+    # -- rules ---------------------------------------------------------------------------------------------
+    @rule(data=st.data(), npages=st.integers(1, 24), shared=st.booleans(), order=st.sampled_from([0, 4]))
+    def mmap(self, data, npages, shared, order):
+        sp = self._pick_space(data)
+        addr = sp.mm.mmap(npages * PS, shared=shared, order=order)
+        assert addr % (PS << order) == 0
+        for i in range(npages):
+            sp.pages[addr + i * PS] = Page()
+
+    @rule(data=st.data())
+    def write(self, data):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        off = data.draw(st.integers(0, PS - 1), label="offset")
+        length = data.draw(st.integers(1, count * PS - off), label="length")
+        seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+        buf = np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8)
+        try:
+            sp.mm.write(addr + off, buf)
+        except OutOfMemory:
+            return  # nothing was written
+        a, i = addr + off, 0
+        while i < length:
+            page = a - a % PS
+            n = min(PS - (a - page), length - i)
+            sp.pages[page].b[a - page: a - page + n] = buf[i: i + n].tobytes()
+            a += n
+            i += n
+
+    @rule(data=st.data())
+    def read(self, data):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        off = data.draw(st.integers(0, PS - 1), label="offset")
+        length = data.draw(st.integers(1, count * PS - off), label="length")
+        try:
+            got = sp.mm.read(addr + off, length)
+        except OutOfMemory:
+            return
+        assert got.tobytes() == self._model_bytes(sp, addr + off, length)
+
+    @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES), no_copy=st.booleans())
+    def migrate(self, data, node, mode, no_copy):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        engine = self.m.dma if no_copy and HAVE_DMA else None
+        eio = self._eio_possible()
+        res = sp.mm.migrate(addr, count * PS, node, mode=mode, engine=engine)
+        self._check_status(res.status, eio)
+        assert res.status.size == count
+        nodes = sp.mm.nodes_of(addr, count * PS)
+        assert ((nodes == node) == (res.status == 0)).all()
+        assert ((nodes == -1) == (res.status == -errno.ENOENT)).all()
+
+    @precondition(lambda self: HAVE_DMA)
+    @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES))
+    def migrate_with_dma_error(self, data, node, mode):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        self.m.dma.inject_errors(1)
+        self.injected += 1
+        res = sp.mm.migrate(addr, count * PS, node, mode=mode, engine=self.m.dma)
+        self._check_status(res.status, eio=True)
+
+    @rule(data=st.data(), node=st.integers(1, 2))
+    def migrate_vma(self, data, node):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        mv = MigrateVma(sp.mm, addr, addr + count * PS, node)
+        eio = self._eio_possible()
+        mv.setup()
+        mv.alloc_and_copy(engine=self.m.dma if HAVE_DMA and data.draw(st.booleans(), label="dma") else None)
+        mv.pages()
+        mv.finalize()
+        self._check_status(mv.status, eio)
+
+    @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES))
+    def migrate_pages_no_copy(self, data, node, mode):
+        """A driver's state-only migration: destinations allocated and copied by the caller."""
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        m = self.m
+        pfns = np.array([sp.mm.pfn_of(addr + i * PS) for i in range(count)])
+        pfns = pfns[pfns >= 0]
+        with m.lock:
+            pfns = pfns[(m.pages.head[pfns] == pfns) & (m.pages.order[pfns] == 0)]
+        pfns = np.unique(pfns)
+        if pfns.size == 0:
+            return
+        try:
+            dst = m.alloc_pages(node, pfns.size)
+        except OutOfMemory:
+            return
+        m.write_pfns(dst, m.read_pfns(pfns))
+        res = m.migrate_pages(pfns, node, mode=mode | MigrateMode.NO_COPY, dst_pfns=dst)
+        self._check_status(res.status, eio=False)
+
+    @rule(data=st.data())
+    def pin(self, data):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        try:
+            sp.mm.pin(addr, count * PS)
+        except OutOfMemory:
+            return
+        sp.pins.append((addr, count))
+        for i in range(count):
+            assert PteFlag.PRESENT in sp.mm.pte_flags(addr + i * PS)
+
+    @precondition(lambda self: any(sp.pins for sp in self.spaces))
+    @rule(data=st.data())
+    def unpin(self, data):
+        with_pins = [sp for sp in self.spaces if sp.pins]
+        sp = with_pins[data.draw(st.integers(0, len(with_pins) - 1), label="space")]
+        addr, count = sp.pins.pop(data.draw(st.integers(0, len(sp.pins) - 1), label="pin"))
+        sp.mm.unpin(addr, count * PS)
+
+    @precondition(lambda self: len(self.spaces) < MAX_SPACES)
+    @rule(data=st.data())
+    def fork(self, data):
+        sp = self._pick_space(data)
+        try:
+            child = sp.mm.fork()
+        except OutOfMemory:
+            return
+        shared = {v.start + i * PS: v.shared for v in sp.mm.vmas for i in range(v.npages)}
+        new = Space(child)
+        new.pages = {a: (p if shared[a] else Page(bytearray(p.b))) for a, p in sp.pages.items()}
+        self.spaces.append(new)
+
+    @rule(data=st.data())
+    def munmap(self, data):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        sp.mm.munmap(addr, count * PS)
+        end = addr + count * PS
+        for a in range(addr, end, PS):
+            del sp.pages[a]
+        # a pin over an unmapped page can no longer be dropped by address; close() drops it
+        sp.pins = [(a, n) for a, n in sp.pins if a + n * PS <= addr or a >= end]
+        with pytest.raises(AddressFault):
+            sp.mm.read(addr, 1)
+
+    @precondition(lambda self: len(self.spaces) > 1)
+    @rule(data=st.data())
+    def close(self, data):
+        sp = self.spaces.pop(data.draw(st.integers(0, len(self.spaces) - 1), label="space"))
+        sp.mm.close()
+
+    # -- invariants ----------------------------------------------------------------------------------------
+    @invariant()
+    def model_covers_exactly_the_mappings(self):
+        for sp in self.spaces:
+            mapped = {v.start + i * PS for v in sp.mm.vmas for i in range(v.npages)}
+            assert mapped == set(sp.pages)
+
+    @invariant()
+    def mapped_pages_are_live(self):
+        m = self.m
+        with m.lock:
+            pg = m.pages
+            assert (pg.refcount >= 0).all() and (pg.mapcount >= 0).all()
+            for sp in self.spaces:
+                for v in sp.mm.vmas:
+                    pfns = v.pte_pfn[v.pte_pfn >= 0]
+                    assert (pg.refcount[pg.head[pfns]] > 0).all()
+                    assert (pg.mapcount[pfns] > 0).all()
+                    assert not (v.pte_flags & np.uint8(PteFlag.MIGRATION)).any()
+            # every allocated frame belongs to a folio that somebody references, and the other way round
+            used = sum(t - n.free_pages for t, n in zip(self.totals, m.nodes))
+            heads = np.flatnonzero((pg.head == np.arange(pg.nr_pfns)) & (pg.refcount > 0))
+            assert used == int(pg.nr_pages(heads).sum())
+
+    def teardown(self):
+        try:
+            for sp in self.spaces:
+                for a in sorted(sp.pages):
+                    try:
+                        got = sp.mm.read(a, PS).tobytes()
+                    except OutOfMemory:
+                        got = bytes(PS)  # backed by nothing (a fault found no frame): it must read as zeros
+                    assert got == bytes(sp.pages[a].b), f"page {a:#x} differs"
+            for sp in self.spaces:
+                sp.mm.close()
+            assert [n.free_pages for n in self.m.nodes] == self.totals, "frames leaked"
+        finally:
+            self.m.close()
+
+
+MigrationModel.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=30, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_migration_model = MigrationModel.TestCase
