@@ -61,7 +61,6 @@ class Crew:
     def __init__(self):
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
-        self.start_gate = threading.Barrier(1)
 
     def add(self, fn, *args) -> None:
         def body():

@@ -299,3 +299,13 @@ def test_partly_unmapped_thp_split_on_a_fragmented_target(m, mm):
     mm.close()
     m.put_pages(held)
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_range_covering_part_of_a_folio_moves_the_whole_folio(m, mm):
+    ps = m.page_size
+    addr, data = thp(m, mm, 1, seed=6)
+    res = mm.migrate(addr + 10 * ps, 100 * ps, 2)
+    assert res.status.size == 100 and res.ok
+    assert res.nr_succeeded == NR and res.nr_thp_succeeded == 1
+    assert (mm.nodes_of(addr, NR * ps) == 2).all()
+    assert np.array_equal(mm.read(addr, NR * ps), data)
