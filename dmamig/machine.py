@@ -226,28 +226,24 @@ class Machine:
 
     def copy_folios(self, src_heads: np.ndarray, dst_heads: np.ndarray) -> None:
         """Copy folios on the calling thread (the CPU copy path), grouped by node pair."""
-        if src_heads.size == 0:
-            return
-        nr = self.pages.nr_pages(src_heads)
-        snid, sframe = self.nodemap.locate(src_heads)
-        dnid, dframe = self.nodemap.locate(dst_heads)
+        if src_heads.size:
+            self._copy_runs(src_heads, dst_heads, self.pages.nr_pages(src_heads))
+
+    def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
+        """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""
+        if src_pfns.size:
+            self._copy_runs(src_pfns, dst_pfns, np.ones(src_pfns.size, dtype=np.int64))
+
+    def _copy_runs(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> None:
+        """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""
+        snid, sframe = self.nodemap.locate(src)
+        dnid, dframe = self.nodemap.locate(dst)
         pair = snid * len(self._nodes) + dnid
         for p in distinct(pair):
             sel = pair == p
             s, d = divmod(p, len(self._nodes))
             self._backend.copy_folios(self._nodes[s].frames, sframe[sel], self._nodes[d].frames, dframe[sel],
                                       nr[sel])
-
-    def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
-        """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""
-        snid, sframe = self.nodemap.locate(src_pfns)
-        dnid, dframe = self.nodemap.locate(dst_pfns)
-        pair = snid * len(self._nodes) + dnid
-        for p in distinct(pair):
-            sel = pair == p
-            s, d = divmod(p, len(self._nodes))
-            self._backend.copy_folios(self._nodes[s].frames, sframe[sel], self._nodes[d].frames, dframe[sel],
-                                      np.ones(int(sel.sum()), dtype=np.int64))
 
     # -- the driver-level API ----------------------------------------------------------------------------------
     def alloc_pages(self, node: int, count: int, order: int = 0) -> np.ndarray:
