@@ -462,3 +462,22 @@ def test_migrate_vma_on_every_backend(backend):
         assert [n.free_pages for n in mach.nodes] == [1024, 1024]
     finally:
         finish_within(mach.close, "Machine.close")
+
+
+def test_holes_are_filled_after_a_munmap_elsewhere_split_the_mapping(m, mm):
+    # A munmap outside the migrated range, between setup() and finalize(), splits the VMA: the hole's new page
+    # must land in the piece that now covers it, not in the VMA object setup() saw.
+    a = mm.mmap(8 * m.page_size)
+    mm.write(a, b"\x11" * m.page_size)  # page 0 present, page 1 a hole
+    mv = MigrateVma(mm, a, a + 2 * m.page_size, 1)
+    assert mv.setup() == 2
+    mv.alloc_and_copy()
+    mv.pages()
+    mm.munmap(a + 4 * m.page_size, 2 * m.page_size)
+    mv.finalize()
+    assert mv.status.tolist() == [0, 0]
+    assert mm.node_of(a + m.page_size) == 1 and mm.node_of(a) == 1
+    assert mm.read(a + m.page_size, m.page_size).tobytes() == bytes(m.page_size)
+    assert mm.read(a, m.page_size).tobytes() == b"\x11" * m.page_size
+    mm.close()
+    assert [n.free_pages for n in m.nodes] == [n.total_pages for n in m.nodes]

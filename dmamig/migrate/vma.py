@@ -22,6 +22,7 @@ from .state import migrate_folio
 if TYPE_CHECKING:
     from ..dma import DmaEngine
     from ..mm import AddressSpace
+    from ..vma import Vma
 
 __all__ = ["MigrateVma"]
 
@@ -61,7 +62,6 @@ class MigrateVma:
         self.dst = np.zeros(self.npages, dtype=np.int64)
         self.status = np.zeros(self.npages, dtype=np.int32)
         self.cpages = 0
-        self._vma = None
         self._state = "new"
 
     def _step(self, expected: str, nxt: str) -> None:
@@ -98,7 +98,6 @@ class MigrateVma:
                 raise InvalidArgument(f"range {self.start:#x}-{self.end:#x} spans {len(segs)} mappings; "
                                       f"migrate_vma works within one")
             vma, s0, s1 = segs[0]
-            self._vma, self._s0 = vma, s0
             self.status[:] = EBUSY
             if vma.shared:
                 return 0  # only anonymous private memory migrates to a device (the selftests' -ENOENT)
@@ -214,10 +213,17 @@ class MigrateVma:
         """Map the new zero-filled pages of holes, unless a racing fault filled the slot first."""
         if holes.size == 0:
             return
-        m = self.mm.machine
-        pages = m.pages
-        vma, s0 = self._vma, self._s0
-        slots = s0 + holes
+        ps = self.mm.machine.page_size
+        addrs = self.start + holes * ps
+        # Look the VMAs up again: a munmap elsewhere in the mapping may have split it since setup(), and a
+        # hole that was munmapped meanwhile has nowhere to go (its new page is freed as unused).
+        for vma in self.mm.vmas:
+            inside = (addrs >= vma.start) & (addrs < vma.end)
+            if inside.any():
+                self._fill_vma_holes(vma, holes[inside], (addrs[inside] - vma.start) // ps)
+
+    def _fill_vma_holes(self, vma: Vma, holes: np.ndarray, slots: np.ndarray) -> None:
+        pages = self.mm.machine.pages
         free = vma.pte_pfn[slots] < 0
         holes, slots = holes[free], slots[free]
         new = self._pfns(self.dst[holes])
