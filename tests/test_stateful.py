@@ -310,7 +310,7 @@ class MigrationModel(RuleBasedStateMachine):
 
 
 MigrationModel.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=30, deadline=None, database=None,
+    max_examples=50, stateful_step_count=40, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_migration_model = MigrationModel.TestCase
