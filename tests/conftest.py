@@ -1,11 +1,14 @@
-"""Shared fixtures: the ``backend`` fixture (every backend, GPU ones skipped with a reason) and GPU skipping."""
+"""Shared fixtures: the ``backend`` fixture (every backend, GPU ones skipped with a reason), GPU skipping, and
+the small CPU machine (``m``) and address space (``mm``) of the core tests."""
 
 from __future__ import annotations
 
 import functools
 
 import pytest
+from support import finish_within
 
+from dmamig import Machine
 from dmamig.backends import cuda_unavailable_reason
 
 
@@ -36,3 +39,21 @@ def backend(request: pytest.FixtureRequest) -> str:
         if reason is not None:
             pytest.skip(reason)
     return request.param
+
+
+@pytest.fixture
+def m(request: pytest.FixtureRequest):
+    """A CPU machine with two device nodes; a module sets its node sizes with ``HOST`` and ``DEV``."""
+    host = getattr(request.module, "HOST", 4096)
+    dev = getattr(request.module, "DEV", host)
+    mach = Machine(host_pages=host, device_pages=dev, devices=2, backend="cpu", channels=2)
+    yield mach
+    finish_within(mach.close, "Machine.close")
+
+
+@pytest.fixture
+def mm(m):
+    """An address space of ``m``, closed (and checked not to hang) after the test."""
+    space = m.address_space()
+    yield space
+    finish_within(space.close, "AddressSpace.close")

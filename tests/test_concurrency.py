@@ -12,40 +12,15 @@ import time
 
 import numpy as np
 import pytest
+from support import finish_within
 
 import dmamig.migrate.core as core
-from dmamig import AddressFault, InvalidArgument, Machine, MigrateMode, MigrateVma, PageFlag
+from dmamig import AddressFault, InvalidArgument, MigrateMode, MigrateVma, PageFlag
 
 HOST = DEV = 2048
 WAIT = 60.0
 MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
 EAGAIN, EBUSY, ENOMEM = -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM
-
-
-def finish_within(fn, what: str, timeout: float = WAIT) -> None:
-    """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # re-raised below, on the test's thread
-            errors.append(exc)
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"{what} did not finish: something was left locked or unmapped")
-    if errors:
-        raise errors[0]
-
-
-@pytest.fixture
-def m():
-    mach = Machine(host_pages=HOST, device_pages=DEV, devices=2, backend="cpu", channels=2)
-    yield mach
-    finish_within(mach.close, "Machine.close")
 
 
 def engine_or_skip(m, use_engine: bool):
@@ -199,8 +174,8 @@ def test_accessors_and_migrators_never_lose_a_byte(m, use_engine):
     for i, (space, addr) in enumerate(pages):
         assert unstamp(space.read(addr, ps)) == (i % writers, last[i])
     assert sum(n.total_pages - n.free_pages for n in m.nodes) == 2 * npriv + nshared  # the child copied priv
-    finish_within(child.close, "close")
-    finish_within(mm.close, "close")
+    finish_within(child.close, "close", WAIT)
+    finish_within(mm.close, "close", WAIT)
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
@@ -225,7 +200,7 @@ def test_two_migrators_on_the_same_pages(m, use_engine):
     crew.add(mover, 2)
     crew.run()
     assert np.array_equal(mm.read(addr, 256 * ps), data)
-    finish_within(mm.close, "close")
+    finish_within(mm.close, "close", WAIT)
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
@@ -250,7 +225,7 @@ def test_fork_during_migrations_copies_consistent_content(m):
     crew.add(mover)
     crew.add(forker)
     crew.run()
-    finish_within(mm.close, "close")
+    finish_within(mm.close, "close", WAIT)
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
@@ -287,7 +262,7 @@ def test_mapping_removed_while_a_migration_waits_for_a_page_lock(m, shared, how)
     if crew.errors:
         raise crew.errors[0]
     assert out["res"].status[1:].tolist() == [0, 0, 0]
-    finish_within(mm.close, "close")
+    finish_within(mm.close, "close", WAIT)
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
@@ -311,7 +286,7 @@ def test_pinned_page_munmapped_between_passes(m, monkeypatch):
     assert res.status.tolist() == [EAGAIN]
     monkeypatch.undo()
     assert m.nodes[0].free_pages == HOST - 1  # still pinned
-    finish_within(mm.close, "close")
+    finish_within(mm.close, "close", WAIT)
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
@@ -370,4 +345,4 @@ def test_waiters_wake_when_a_lock_holder_unlocks(m):
     assert not any(t.is_alive() for t in crew.threads)
     assert not crew.errors
     assert len(results) == 4 and all(np.array_equal(r, data) for r in results)
-    finish_within(mm.close, "close")
+    finish_within(mm.close, "close", WAIT)

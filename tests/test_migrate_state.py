@@ -5,7 +5,6 @@ Each test runs on the compiled per-page loops and on the numpy reference code.
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import dmamig._kernels as kernels
 import dmamig.migrate.state as state
 import dmamig.vma as vma_mod
-from dmamig import Machine, MigrateMode, PageFlag, PteFlag
+from dmamig import MigrateMode, PageFlag, PteFlag
 from dmamig.migrate.state import migrate_folio_mapping, migrate_folio_states
 from dmamig.pages import PageArray
 
@@ -35,39 +34,6 @@ def implementation(request, monkeypatch):
         for mod, name in ((state, "USE_KERNELS"), (vma_mod, "USE_KERNELS"), (kernels, "HAVE_NUMBA")):
             monkeypatch.setattr(mod, name, False, raising=False)
     return request.param
-
-
-def finish_within(fn, what: str, timeout: float = 30.0) -> None:
-    """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # re-raised below, on the test's thread
-            errors.append(exc)
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"{what} did not finish: something was left locked or unmapped")
-    if errors:
-        raise errors[0]
-
-
-@pytest.fixture
-def m():
-    mach = Machine(host_pages=HOST, device_pages=DEV, devices=2, backend="cpu", channels=2)
-    yield mach
-    finish_within(mach.close, "Machine.close")
-
-
-@pytest.fixture
-def mm(m):
-    space = m.address_space()
-    yield space
-    finish_within(space.close, "AddressSpace.close")
 
 
 @pytest.fixture

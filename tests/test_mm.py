@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
-from dmamig import AddressFault, InvalidArgument, Machine, MigrateMode, OutOfMemory, PteFlag
+from dmamig import AddressFault, InvalidArgument, MigrateMode, OutOfMemory, PteFlag
 
 HOST = 4096
 DEV = 4096
-
-
-def finish_within(fn, what: str, timeout: float = 30.0) -> None:
-    """Run a teardown call, failing (instead of hanging) if a bug left a page locked or unmapped."""
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # re-raised below, on the test's thread
-            errors.append(exc)
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"{what} did not finish: something was left locked or unmapped")
-    if errors:
-        raise errors[0]
-
-
-@pytest.fixture
-def m():
-    mach = Machine(host_pages=HOST, device_pages=DEV, devices=2, backend="cpu", channels=2)
-    yield mach
-    finish_within(mach.close, "Machine.close")
-
-
-@pytest.fixture
-def mm(m):
-    space = m.address_space()
-    yield space
-    finish_within(space.close, "AddressSpace.close")
 
 
 def rand(n: int, seed: int = 0) -> np.ndarray:
