@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 #: Generous bound for joins and teardowns; a healthy run takes milliseconds.
@@ -27,3 +28,16 @@ def finish_within(fn, what: str, timeout: float = WAIT) -> None:
         pytest.fail(f"{what} did not finish: something was left locked or unmapped")
     if errors:
         raise errors[0]
+
+
+def rand(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random bytes, reproducible from ``seed``."""
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def filled(m, mm, npages: int, seed: int = 0, **kw) -> tuple[int, np.ndarray]:
+    """Map ``npages`` pages (``mmap`` keywords in ``kw``), write random bytes; return the address and bytes."""
+    addr = mm.mmap(npages * m.page_size, **kw)
+    data = rand(npages * m.page_size, seed)
+    mm.write(addr, data)
+    return addr, data

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from support import filled, rand
 
 import dmamig.migrate.core as core
 from dmamig import InvalidArgument, Machine, MigrateMode, PageFlag
@@ -16,17 +17,6 @@ EAGAIN, EBUSY, ENOMEM, ENOENT = -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM, -err
 HOST = DEV = 4096
 ALL_MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
 WAIT = 30.0  # generous bound for joins; a healthy run takes milliseconds
-
-
-def rand(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
-def filled(m, mm, npages: int, seed: int = 0, **kw) -> tuple[int, np.ndarray]:
-    addr = mm.mmap(npages * m.page_size, **kw)
-    data = rand(npages * m.page_size, seed)
-    mm.write(addr, data)
-    return addr, data
 
 
 def delta(m, before: dict) -> dict:

@@ -6,16 +6,13 @@ import errno
 
 import numpy as np
 import pytest
+from support import rand
 
 from dmamig import MigrateMode, PageFlag
 
 EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
 HOST = DEV = 4096
 NR = 512  # base pages of an order-9 folio
-
-
-def rand(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def thp(m, mm, folios: int, seed: int = 0, shared: bool = False) -> tuple[int, np.ndarray]:

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import finish_within
+from support import filled, finish_within
 
 from dmamig import InvalidArgument, Machine, MigratePfn, MigrateVma, PageFlag, PteFlag
 from dmamig.flags import MIGRATE_PFN_SHIFT
@@ -24,17 +24,6 @@ def engine(request, m):
         return None
     pytest.importorskip("dmamig.dma")
     return m.dma
-
-
-def rand(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
-def filled(m, mm, npages: int, seed: int = 0, **kw) -> tuple[int, np.ndarray]:
-    addr = mm.mmap(npages * m.page_size, **kw)
-    data = rand(npages * m.page_size, seed)
-    mm.write(addr, data)
-    return addr, data
 
 
 def run(mv: MigrateVma, engine=None) -> MigrateVma:

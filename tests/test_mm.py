@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import rand
 
 from dmamig import AddressFault, InvalidArgument, MigrateMode, OutOfMemory, PteFlag
 
 HOST = 4096
 DEV = 4096
-
-
-def rand(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def free(m) -> list[int]:

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import finish_within
+from support import filled, finish_within, rand
 
 pytest.importorskip("dmamig.dma")
 
@@ -19,17 +19,6 @@ HOST = DEV = 4096
 NR = 512
 ALL_MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
 SYNC_NO_COPY = MigrateMode.SYNC | MigrateMode.NO_COPY
-
-
-def rand(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
-def filled(m, mm, npages: int, seed: int = 0, **kw) -> tuple[int, np.ndarray]:
-    addr = mm.mmap(npages * m.page_size, **kw)
-    data = rand(npages * m.page_size, seed)
-    mm.write(addr, data)
-    return addr, data
 
 
 def pfns_of(mm, addr: int, npages: int) -> np.ndarray:
