@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,8 +23,6 @@ __all__ = ["AddressSpace"]
 
 #: First virtual address handed out by mmap (like a process's mmap base, away from 0).
 MMAP_BASE = 0x10_0000_0000
-_PRESENT = np.uint8(PteFlag.PRESENT)
-_MIGRATION = np.uint8(PteFlag.MIGRATION)
 _NEW_PTE = np.uint8(PteFlag.PRESENT | PteFlag.WRITE | PteFlag.YOUNG)
 _TOUCHED = np.uint8(PteFlag.YOUNG | PteFlag.DIRTY)
 # Flags of a freshly faulted anonymous or shared-memory page.
@@ -550,9 +547,6 @@ class AddressSpace:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def iter_vmas(self) -> Iterator[Vma]:
-        return iter(list(self._vmas))
 
 
 def _as_bytes(data: Any) -> np.ndarray:

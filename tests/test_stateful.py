@@ -101,22 +101,30 @@ class MigrationModel(RuleBasedStateMachine):
         for i in range(npages):
             sp.pages[addr + i * PS] = Page()
 
-    @rule(data=st.data())
-    def write(self, data):
-        sp = self._pick_space(data)
+    def _pick_span(self, data, sp):
+        """An unaligned ``(address, length)`` inside a mapped range of ``sp``, or None when it maps nothing."""
         rng = self._pick_range(data, sp)
         if rng is None:
-            return
+            return None
         addr, count = rng
         off = data.draw(st.integers(0, PS - 1), label="offset")
         length = data.draw(st.integers(1, count * PS - off), label="length")
+        return addr + off, length
+
+    @rule(data=st.data())
+    def write(self, data):
+        sp = self._pick_space(data)
+        span = self._pick_span(data, sp)
+        if span is None:
+            return
+        start, length = span
         seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
         buf = np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8)
         try:
-            sp.mm.write(addr + off, buf)
+            sp.mm.write(start, buf)
         except OutOfMemory:
             return  # nothing was written
-        a, i = addr + off, 0
+        a, i = start, 0
         while i < length:
             page = a - a % PS
             n = min(PS - (a - page), length - i)
@@ -127,17 +135,15 @@ class MigrationModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def read(self, data):
         sp = self._pick_space(data)
-        rng = self._pick_range(data, sp)
-        if rng is None:
+        span = self._pick_span(data, sp)
+        if span is None:
             return
-        addr, count = rng
-        off = data.draw(st.integers(0, PS - 1), label="offset")
-        length = data.draw(st.integers(1, count * PS - off), label="length")
+        start, length = span
         try:
-            got = sp.mm.read(addr + off, length)
+            got = sp.mm.read(start, length)
         except OutOfMemory:
             return
-        assert got.tobytes() == self._model_bytes(sp, addr + off, length)
+        assert got.tobytes() == self._model_bytes(sp, start, length)
 
     @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES), no_copy=st.booleans())
     def migrate(self, data, node, mode, no_copy):
