@@ -24,6 +24,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out, write the PNG and release the figure (pyplot keeps every open figure otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _series_label(sc: dict[str, Any]) -> str:
     return "copy" if sc["mode"] == "copy" else f"no-copy, {sc['channels']} ch"
 
@@ -65,9 +72,7 @@ def plot_throughput(doc: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("GB/s (median)")
     fig.suptitle(f"Migration throughput vs folio size ({doc['machine']['backend']} backend, "
                  f"{format_size(doc['settings']['total_bytes'])} per run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_copy_vs_nocopy(doc: dict[str, Any], path: Path) -> None:
@@ -105,9 +110,7 @@ def plot_copy_vs_nocopy(doc: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8, loc="upper left")
     axes[0][0].set_ylabel("GB/s (median)")
     fig.suptitle("Copy vs no-copy migration (labels: no-copy / copy)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_phases(doc: dict[str, Any], path: Path) -> None:
@@ -131,9 +134,7 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
     ax.set_title("Where migration time goes (median repetition)")
     # Outside the axes: the bars fill the whole height.
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
