@@ -7,7 +7,7 @@ core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CP
 from .errors import AddressFault, BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
 from .flags import MigrateMode, MigratePfn, PageFlag, PteFlag
 from .machine import Machine
-from .migrate import MigrateResult, MigrateStats, MigrateVma
+from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
 from .mm import AddressSpace
 from .nodes import Node
 
@@ -22,6 +22,7 @@ __all__ = [
     "InvalidArgument",
     "Machine",
     "MigrateMode",
+    "MigrateOptions",
     "MigratePfn",
     "MigrateResult",
     "MigrateStats",

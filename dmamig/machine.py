@@ -19,6 +19,7 @@ from .pages import PageArray
 if TYPE_CHECKING:
     from .dma import DmaEngine
     from .migrate import MigrateResult
+    from .migrate.options import MigrateOptions
     from .mm import AddressSpace, MemObject
 
 __all__ = ["Machine"]
@@ -285,7 +286,7 @@ class Machine:
             self.put_folios(heads)
 
     def migrate_pages(self, pfns: Any, node: int, mode: MigrateMode = MigrateMode.SYNC,
-                      dst_pfns: Any = None) -> MigrateResult:
+                      dst_pfns: Any = None, options: MigrateOptions | None = None) -> MigrateResult:
         """Migrate the folios containing ``pfns`` to ``node``, like the kernel's ``migrate_pages()``.
 
         Parameters
@@ -301,6 +302,8 @@ class Machine:
             content the caller already copied. migrate_pages takes ownership: destinations of failed folios are
             freed. A folio retried after its source was remapped gets a fresh CPU copy (the caller's copy may
             be stale by then).
+        options : MigrateOptions, optional
+            Batching; ``None`` is the kernel's. Other settings are experiments.
 
         Returns
         -------
@@ -310,7 +313,7 @@ class Machine:
         from .migrate.core import migrate_pfns
 
         self._check_open()
-        return migrate_pfns(self, pfns, node, mode, dst_pfns)
+        return migrate_pfns(self, pfns, node, mode, dst_pfns, options)
 
     # -- controls that emulate the rest of the kernel ---------------------------------------------------------
     def _head(self, pfn: int) -> int:

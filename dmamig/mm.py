@@ -11,6 +11,7 @@ import numpy as np
 from ._validate import check_node
 from .errors import AddressFault, InvalidArgument, OutOfMemory
 from .flags import MigrateMode, PageFlag, PteFlag
+from .migrate.options import MigrateOptions
 from .nodes import MAX_ORDER
 from .vma import NO_PFN, MemObject, Vma
 
@@ -482,7 +483,7 @@ class AddressSpace:
             self._fault(vma, int(run[0]), int(run[-1]) + 1, node)
 
     def migrate(self, addr: int, length: int, node: int, mode: MigrateMode = MigrateMode.SYNC,
-                engine: DmaEngine | None = None) -> MigrateResult:
+                engine: DmaEngine | None = None, options: MigrateOptions | None = None) -> MigrateResult:
         """Migrate the pages of ``[addr, addr + length)`` to ``node`` (like move_pages(2)).
 
         Parameters
@@ -495,8 +496,11 @@ class AddressSpace:
             ``ASYNC``, ``SYNC_LIGHT`` or ``SYNC``.
         engine : DmaEngine, optional
             ``None`` for copy migration (the migrating thread copies every folio); ``m.dma`` for no-copy
-            migration: the batch is unmapped, its copy submitted to the DMA engine, the next batch unmapped
-            while it runs, and only page state moves (``NO_COPY``).
+            migration: each batch is unmapped, its copy submitted to the DMA engine and waited for, and only
+            page state moves (``NO_COPY``).
+        options : MigrateOptions, optional
+            Batching; ``None`` is the kernel's (512-page batches, one at a time). Other settings are
+            experiments (see :class:`~dmamig.MigrateOptions`).
 
         Returns
         -------
@@ -512,6 +516,7 @@ class AddressSpace:
         m = self.machine
         node = check_node(m, "node", node)
         mode = check_mode(mode, allow_no_copy=False)
+        options = MigrateOptions.coerce(options)
         if engine is not None:
             from .dma import DmaEngine
 
@@ -522,7 +527,7 @@ class AddressSpace:
             segs = self._wait_migrations(addr, length)
             pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
             status, heads = collect_folios(m, pfns, node)
-        return run_migration(m, heads, node, mode, engine, None, pfns, status, t_thread, t_wall)
+        return run_migration(m, heads, node, mode, engine, None, pfns, status, t_thread, t_wall, options)
 
     def close(self) -> None:
         """Unmap everything and drop this address space's pins. Idempotent."""

@@ -25,6 +25,7 @@ from .._arrays import all_distinct, distinct, first_occurrences
 from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, EIO, ENOENT, ENOMEM, MigrateMode, PageFlag
 from ..vma import install_migration_entries, remove_migration_entries
+from .options import NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from .state import migrate_folio
 
 if TYPE_CHECKING:
@@ -45,20 +46,12 @@ __all__ = [
     "run_migration",
 ]
 
-#: Base pages unmapped (and flushed) together before any of them moves.
-NR_MAX_BATCHED_MIGRATION = 512
 #: Passes over a batch in all.
 NR_MAX_MIGRATE_PAGES_RETRY = 10
 #: Sync modes first try the whole batch in ASYNC mode this many passes...
 NR_MAX_MIGRATE_ASYNC_RETRY = 3
 #: ...then each folio that failed alone, in the caller's mode, this many passes.
 NR_MAX_MIGRATE_SYNC_RETRY = NR_MAX_MIGRATE_PAGES_RETRY - NR_MAX_MIGRATE_ASYNC_RETRY
-#: Consecutive batches whose phases run as one vectorized step. Each batch keeps its own unmap, TLB flush and
-#: move; stepping several at once only amortizes the per-call cost of numpy. A step whose data moves outside
-#: the metadata lock (a CPU or DMA copy) holds at most this many batches unmapped at a time; a state-only
-#: migration (NO_COPY onto copied destinations) runs wholly under the lock, where batch-by-batch and
-#: all-at-once cannot be told apart, so it takes all its batches in one step.
-NR_BATCHES_PER_STEP = 16
 
 # Internal entry states (positive, so they never collide with -errno).
 _PENDING = 1  # still to be tried: the kernel's -EAGAIN between passes
@@ -101,6 +94,8 @@ class MigrateResult:
         Wall nanoseconds on the migrating thread per phase: unmap, copy, dma_wait, move, undo.
     thread_time_ns, wall_ns : int
         CPU time of the migrating thread and wall time of the whole call.
+    options : MigrateOptions
+        The batching the call ran with (the kernel's unless an experiment asked otherwise).
     """
 
     status: np.ndarray
@@ -113,6 +108,7 @@ class MigrateResult:
     thread_time_ns: int = 0
     wall_ns: int = 0
     stats: MigrateStats = field(default_factory=MigrateStats)
+    options: MigrateOptions = field(default_factory=MigrateOptions)
 
     @property
     def ok(self) -> bool:
@@ -136,8 +132,10 @@ def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
 class _Migration:
     """One ``migrate_pages()`` call over isolated folios: entries, passes, statistics."""
 
-    def __init__(self, m: Machine, node: int, mode: MigrateMode, engine: DmaEngine | None):
+    def __init__(self, m: Machine, node: int, mode: MigrateMode, engine: DmaEngine | None,
+                 options: MigrateOptions):
         self.m = m
+        self.options = options
         self.node = node
         self.mode = mode & _MODE_MASK
         self.engine = engine
@@ -175,11 +173,9 @@ class _Migration:
     def _steps(self, positions: np.ndarray) -> list[np.ndarray]:
         """Cut entries into batches of NR_MAX_BATCHED_MIGRATION base pages, and batches into steps."""
         nr = self.nr[positions]
-        batch_id = (np.cumsum(nr) - nr) // NR_MAX_BATCHED_MIGRATION
+        batch_id = (np.cumsum(nr) - nr) // self.options.batch_pages
         self.batch_of[positions] = batch_id
-        state_only = self.engine is None and self.fresh[positions].all()
-        per_step = int(batch_id[-1]) + 1 if state_only else NR_BATCHES_PER_STEP
-        step_id = batch_id // per_step
+        step_id = batch_id // self.options.batches_per_step
         cuts = np.flatnonzero(np.diff(step_id)) + 1
         return np.split(positions, cuts)
 
@@ -202,9 +198,10 @@ class _Migration:
         self.status[self.status == _PENDING] = EAGAIN
 
     def _run_steps(self, steps: list[np.ndarray], mode: MigrateMode, passes: int) -> None:
-        # With a DMA engine one step copies while the next is unmapped (a two-deep pipeline); a blocking mode
-        # keeps to one step at a time so the core never sleeps on a lock while holding other page locks.
-        depth = 1 if self.engine is not None and mode == MigrateMode.ASYNC else 0
+        # The kernel's order is one step at a time: unmap, copy or wait for the DMA copy, move. The pipeline
+        # (an experiment setting) lets that many steps' DMA copies run while the next step is unmapped; a
+        # blocking pass never pipelines, so the core never sleeps on a lock while holding other page locks.
+        depth = self.options.pipeline_depth if self.engine is not None and mode == MigrateMode.ASYNC else 0
         queue: deque[Iterator[None]] = deque()
         for b in steps:
             gen = self._step(b, mode, passes)
@@ -552,9 +549,10 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray,
 
 def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, engine: DmaEngine | None,
                   dst: np.ndarray | None, pfns: np.ndarray, status: np.ndarray, t_thread: int,
-                  t_wall: int) -> MigrateResult:
+                  t_wall: int, options: MigrateOptions | None = None) -> MigrateResult:
     """Migrate isolated ``heads`` and build the result for the requested ``pfns``."""
-    mig = _Migration(m, node, mode, engine)
+    options = MigrateOptions.coerce(options)
+    mig = _Migration(m, node, mode, engine, options)
     if heads.size:
         positions = mig.add(heads, dst)
         try:
@@ -568,10 +566,11 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
                          nr_thp_succeeded=s.nr_thp_succeeded, nr_thp_failed=s.nr_thp_failed,
                          nr_thp_split=s.nr_thp_split, phase_ns=mig.phase_ns,
                          thread_time_ns=time.thread_time_ns() - t_thread,
-                         wall_ns=time.perf_counter_ns() - t_wall, stats=s)
+                         wall_ns=time.perf_counter_ns() - t_wall, stats=s, options=options)
 
 
-def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: Any = None) -> MigrateResult:
+def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: Any = None,
+                 options: MigrateOptions | None = None) -> MigrateResult:
     """``Machine.migrate_pages``: validate, isolate, migrate, put back."""
     from .._validate import as_pfn_array, check_node
 
@@ -579,6 +578,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
     pfns = as_pfn_array(m, "pfns", pfns)
     node = check_node(m, "node", node)
     mode = check_mode(mode, allow_no_copy=True)
+    options = MigrateOptions.coerce(options)
     no_copy = bool(mode & MigrateMode.NO_COPY)
     if no_copy != (dst_pfns is not None):
         raise InvalidArgument("NO_COPY and dst_pfns go together: NO_COPY moves state onto destinations the "
@@ -594,7 +594,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             m.free_folios(dst[~taken])  # destinations of folios that will not move are ours to free
             dst = dst[taken]
             heads = pfns[taken]
-    return run_migration(m, heads, node, mode, None, dst, pfns, status, t_thread, t_wall)
+    return run_migration(m, heads, node, mode, None, dst, pfns, status, t_thread, t_wall, options)
 
 
 def _check_dst(m: Machine, pfns: np.ndarray, dst: np.ndarray, node: int) -> np.ndarray:

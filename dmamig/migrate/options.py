@@ -1,0 +1,87 @@
+"""Migration settings: the kernel's batching by default, anything else a named experiment.
+
+The kernel's ``migrate_pages_batch()`` takes :data:`NR_MAX_BATCHED_MIGRATION` base pages, unmaps them, copies
+(or, with a DMA engine, submits the copy and waits for it), moves them, and only then takes the next batch.
+:class:`MigrateOptions` with its defaults is exactly that. Other values are experiments the kernel does not run
+(bigger batches, several batches per step, one step's DMA copy overlapping the next step's unmap); every
+benchmark result records the options it ran with, so a figure always says which one it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import InvalidArgument
+
+__all__ = ["FAITHFUL", "NR_MAX_BATCHED_MIGRATION", "MigrateOptions"]
+
+#: Base pages unmapped (and flushed) together before any of them moves (``NR_MAX_BATCHED_MIGRATION``).
+NR_MAX_BATCHED_MIGRATION = 512
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    """How a migration batches its work.
+
+    Parameters
+    ----------
+    batch_pages : int
+        Base pages per batch: unmapped together, one TLB flush, then moved together. The kernel's value is
+        ``NR_MAX_BATCHED_MIGRATION`` (512). A large folio never splits across batches, so a batch may hold
+        more when one folio alone is larger.
+    batches_per_step : int
+        Consecutive batches whose phases run together (each still counts its own TLB flush). ``1`` is the
+        kernel. More amortizes the emulator's per-call cost over more pages: an experiment setting.
+    pipeline_depth : int
+        With a DMA engine, how many steps' copies may be in flight while the next step is unmapped. ``0`` is
+        the kernel and the DMA batch-offload RFC (submit, wait, move, next batch). ``1`` overlaps one step's
+        copy with the next step's unmap: an experiment setting. Blocking passes (sync modes' per-folio retries)
+        always run unpipelined, so the core never sleeps on a lock while holding other page locks.
+    """
+
+    batch_pages: int = NR_MAX_BATCHED_MIGRATION
+    batches_per_step: int = 1
+    pipeline_depth: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("batch_pages", 1), ("batches_per_step", 1), ("pipeline_depth", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InvalidArgument(f"MigrateOptions.{name} must be an integer >= {low}, got {value!r}")
+
+    @property
+    def faithful(self) -> bool:
+        """True for the kernel's own batching (the default)."""
+        return self == FAITHFUL
+
+    @property
+    def label(self) -> str:
+        """A short name for reports: ``faithful`` or the settings that differ from it."""
+        if self.faithful:
+            return "faithful"
+        parts = []
+        if self.batch_pages != NR_MAX_BATCHED_MIGRATION:
+            parts.append(f"batch {self.batch_pages}")
+        if self.batches_per_step != 1:
+            parts.append(f"{self.batches_per_step} batches/step")
+        if self.pipeline_depth:
+            parts.append(f"pipeline {self.pipeline_depth}")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain values (for ``results.json``), with ``faithful`` beside them."""
+        return {**asdict(self), "faithful": self.faithful}
+
+    @classmethod
+    def coerce(cls, value: Any, name: str = "options") -> MigrateOptions:
+        """``None`` gives the defaults; a MigrateOptions passes; anything else is an error naming ``name``."""
+        if value is None:
+            return FAITHFUL
+        if isinstance(value, cls):
+            return value
+        raise InvalidArgument(f"{name} must be a MigrateOptions or None (the kernel's batching), got {value!r}")
+
+
+#: The kernel's batching: 512-page batches, one at a time, no pipeline.
+FAITHFUL = MigrateOptions()
