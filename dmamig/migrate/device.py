@@ -1,4 +1,4 @@
-"""MigrateVma: driver-driven device migration of a virtual range (the kernel's ``migrate_vma_*``).
+"""MigrateVma: driver-driven device migration of a virtual range (the kernel's ``migrate_device.c``).
 
 ``setup()`` collects the range into ``src`` (``pfn << MIGRATE_PFN_SHIFT | flags``), isolates, locks and
 unmaps; the driver allocates destinations and copies with its DMA engine (``alloc_and_copy``); ``pages()``
