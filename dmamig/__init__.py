@@ -5,6 +5,7 @@ core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CP
 """
 
 from .errors import AddressFault, BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
+from .fault import FaultAttr, FaultPoints
 from .flags import MigrateMode, MigratePfn, PageFlag, PteFlag
 from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
@@ -19,6 +20,8 @@ __all__ = [
     "BackendUnavailable",
     "DmaError",
     "DmamigError",
+    "FaultAttr",
+    "FaultPoints",
     "InvalidArgument",
     "Machine",
     "MigrateMode",

@@ -12,6 +12,7 @@ from ._arrays import add_at, distinct
 from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
 from .errors import InvalidArgument, OutOfMemory
+from .fault import FaultPoints
 from .flags import MigrateMode, PageFlag
 from .nodes import MAX_ORDER, Node, NodeMap
 from .pages import PageArray
@@ -93,6 +94,7 @@ class Machine:
         self._vmstat = dict.fromkeys(VMSTAT_COUNTERS, 0)
         self._dma: DmaEngine | None = None
         self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
+        self._faults = FaultPoints()
         self._closed = False
 
     # -- read-only properties --------------------------------------------------------------------------------
@@ -112,6 +114,12 @@ class Machine:
         self._vmstat[name] += int(n)
 
     @property
+    @property
+    def faults(self) -> FaultPoints:
+        """The machine's fault points (``alloc``, ``dma_submit``, ``dma_copy``, ``dma_complete``,
+        ``channel_crash``); see :mod:`dmamig.fault`."""
+        return self._faults
+
     def dma(self) -> DmaEngine:
         """The device DMA engine (created on first use)."""
         if self._dma is None:
@@ -119,7 +127,7 @@ class Machine:
             from .dma import DmaEngine
 
             self._dma = DmaEngine(nodes=self._nodes, nodemap=self.nodemap, backend=self._backend,
-                                  page_size=self._page_size, channels=self._channels)
+                                  page_size=self._page_size, channels=self._channels, faults=self._faults)
         return self._dma
 
     # -- address spaces --------------------------------------------------------------------------------------
@@ -163,6 +171,8 @@ class Machine:
         """
         nd = self._nodes[node]
         heads = nd.allocator.alloc(count, order) + nd.base_pfn
+        if self._faults.armed:  # an injected allocation failure at folio k returns the k folios before it
+            count = self._faults.allowed("alloc", int(count), self._page_size << order)
         if heads.size:
             self.pages.prep_new(heads, order)
         return heads

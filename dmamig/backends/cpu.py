@@ -8,9 +8,12 @@ sleeps in the kernel, it never spins.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
+import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 import numpy as np
@@ -21,38 +24,74 @@ from ..errors import DmaError, InvalidArgument
 from . import cpu_kernels
 from .base import ChannelWork, DeviceInfo
 
-__all__ = ["CpuBackend", "CpuChannel"]
+__all__ = ["ChannelCrash", "CpuBackend", "CpuChannel"]
 
+#: How often a sleeping waiter wakes to check that the channel's worker is still alive (seconds). A healthy
+#: completion wakes its waiters at once; this only bounds how long a dead worker can go unnoticed.
+LIVENESS_PERIOD = 0.05
+#: A channel whose worker dies this many times in a row without holding a job (so without the queue moving
+#: on) is broken: its shares fail at once instead of waiting for a worker that cannot run them.
+MAX_CONSECUTIVE_DEATHS = 3
+#: Seconds ``close`` waits for a worker to finish its queue and stop.
+CLOSE_TIMEOUT = 60.0
+
+
+class ChannelCrash(BaseException):
+    """Raised inside a channel worker by an injected ``channel_crash`` fault: the worker thread dies.
+
+    A BaseException, like the errors that really kill threads (MemoryError aside, SystemExit and friends),
+    so that it escapes the per-job error handling.
+    """
 
 
 class _ThreadCompletion:
     """Completion of one channel job: an event plus the error the job raised, if any."""
 
-    __slots__ = ("_event", "error")
+    __slots__ = ("_channel", "_event", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, channel: CpuChannel) -> None:
         self._event = threading.Event()
+        self._channel = channel
         self.error: BaseException | None = None
 
     def done(self) -> bool:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
+        # Sleep on the event, waking every LIVENESS_PERIOD to look at the worker: a dead worker never sets
+        # the event, and its channel's revival fails (or restarts) what it held.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            period = LIVENESS_PERIOD if deadline is None else min(LIVENESS_PERIOD,
+                                                                  max(0.0, deadline - time.monotonic()))
+            if self._event.wait(period):
+                return True
+            self._channel.revive()
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._event.is_set()
 
     def _finish(self, error: BaseException | None) -> None:
-        self.error = error
-        self._event.set()
+        if not self._event.is_set():
+            self.error = error
+            self._event.set()
 
 
 class CpuChannel:
     """One DMA channel of the CPU backend: a worker thread executing queued work in order.
+
+    A worker that dies (an injected ``channel_crash``, or any error outside a job) fails the job it held with
+    a :class:`~dmamig.errors.DmaError`; the next ``submit`` or a waiter notices the dead thread and starts a
+    new worker, which runs the jobs still queued. A worker that keeps dying makes the channel *broken*: its
+    shares then fail at once with a DmaError that says why.
 
     Parameters
     ----------
     index : int
         Channel number (names the thread, ``dmamig-dma<index>``).
     """
+
+    #: The engine may pass ``fault=`` to :meth:`submit` (faults happen inside the worker).
+    injects_faults = True
 
     def __init__(self, index: int):
         self.index = int(index)
@@ -61,8 +100,19 @@ class CpuChannel:
         self._busy = 0.0
         self._counters = {"kernel_launches": 0, "memcpy_calls": 0, "batch_calls": 0}
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"dmamig-dma{self.index}", daemon=True)
-        self._thread.start()
+        self._current: _ThreadCompletion | None = None
+        self._death: BaseException | None = None
+        self._death_held_job = False
+        self._deaths_in_a_row = 0
+        self._broken: str | None = None
+        #: Workers started again after they died.
+        self.restarts = 0
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        t = threading.Thread(target=self._main, name=f"dmamig-dma{self.index}", daemon=True)
+        t.start()
+        return t
 
     @property
     def busy_seconds(self) -> float:
@@ -76,33 +126,129 @@ class CpuChannel:
         with self._lock:
             return dict(self._counters)
 
-    def submit(self, work: list[ChannelWork]) -> _ThreadCompletion:
-        """Queue ``work`` for the worker and return its completion immediately."""
-        if self._closed:
-            raise DmaError(f"DMA channel {self.index} is closed; open a new engine to copy")
-        completion = _ThreadCompletion()
-        self._queue.put((work, completion))
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running."""
+        return self._thread.is_alive()
+
+    def submit(self, work: list[ChannelWork], fault: str | None = None) -> _ThreadCompletion:
+        """Queue ``work`` for the worker and return its completion immediately.
+
+        Parameters
+        ----------
+        work : list of ChannelWork
+            Runs to copy, in order.
+        fault : {None, "copy", "complete", "crash"}
+            An injected fault for this job: fail half way through the copy, report an error after a full
+            copy, or kill the worker thread while it holds the job.
+        """
+        self.revive()
+        completion = _ThreadCompletion(self)
+        with self._lock:
+            if self._closed:
+                raise DmaError(f"DMA channel {self.index} is closed; open a new engine to copy")
+            if self._broken is not None:
+                completion._finish(DmaError(self._broken))
+                return completion
+            self._queue.put((work, completion, fault))
         return completion
 
-    def _run(self) -> None:
+    def revive(self) -> None:
+        """If the worker died, fail the job it held and start a new worker for the queued ones.
+
+        Called by ``submit`` and by waiters; cheap when the worker is alive.
+        """
+        if self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread.is_alive() or self._closed and self._queue.empty():
+                return
+            held, self._current = self._current, None
+            death, self._death = self._death, None
+            cause = f"{type(death).__name__}: {death}" if death is not None else "it exited"
+            # A death that held a job moved the queue on (that job failed); one that held none did not.
+            moved_on = held is not None or self._death_held_job
+            self._death_held_job = False
+            self._deaths_in_a_row = 0 if moved_on else self._deaths_in_a_row + 1
+            if self._deaths_in_a_row >= MAX_CONSECUTIVE_DEATHS and self._broken is None:
+                self._broken = (f"DMA channel {self.index} is broken: its worker thread died "
+                                f"{self._deaths_in_a_row} times in a row (last: {cause})")
+            if self._broken is None:
+                self.restarts += 1
+                self._thread = self._start()
+            else:
+                drained = self._drain()
+        if held is not None:
+            held._finish(DmaError(f"DMA channel {self.index}'s worker thread died while copying ({cause}); "
+                                  f"the channel was restarted"))
+        if self._broken is not None:
+            for c in drained:
+                c._finish(DmaError(self._broken))
+
+    def _drain(self) -> list[_ThreadCompletion]:
+        out = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return out
+            if item is not None:
+                out.append(item[1])
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the worker dies: keep the cause and fail the job it held at once
+            with self._lock:
+                self._death = exc
+                held, self._current = self._current, None
+                self._death_held_job = held is not None
+            if held is not None:
+                held._finish(DmaError(f"DMA channel {self.index}'s worker thread died while copying "
+                                      f"({type(exc).__name__}: {exc}); the channel restarts on its next use"))
+
+    def _loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            work, completion = item
+            work, completion, fault = item
+            with self._lock:
+                self._current = completion
+            if fault == "crash":
+                raise ChannelCrash(f"injected channel_crash fault on DMA channel {self.index}")
             error: BaseException | None = None
             start = time.perf_counter()
             try:
-                self._execute(work)
-            except BaseException as exc:  # reported through the fence, never lost in the worker
+                if fault is None:
+                    self._execute(work)
+                else:
+                    self._execute(work, fault)
+            except Exception as exc:  # reported through the fence, never lost in the worker
                 error = exc
             elapsed = time.perf_counter() - start
             with self._lock:
                 self._busy += elapsed
+                self._current = None
+                self._deaths_in_a_row = 0
             completion._finish(error)
 
-    def _execute(self, work: list[ChannelWork]) -> None:
+    def _execute(self, work: list[ChannelWork], fault: str | None = None) -> None:
         """Run one job on the worker thread (GIL released inside the kernels)."""
+        if fault == "copy":
+            # A channel that fails mid-copy: about half of the job's runs land, then the error.
+            total = sum(int(w.npages.size) for w in work)
+            keep = total // 2
+            cut = []
+            for w in work:
+                k = min(keep, int(w.npages.size))
+                keep -= k
+                if k:
+                    cut.append(dataclasses.replace(w, src_start=w.src_start[:k], dst_start=w.dst_start[:k],
+                                                   npages=w.npages[:k]))
+            self._execute(cut)
+            raise DmaError(f"injected dma_copy fault: DMA channel {self.index} failed mid-copy after "
+                           f"{sum(int(w.npages.size) for w in cut)} of {total} runs")
         for w in work:
             cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
             # Bookkeeping mirrors what a GPU channel issues: one call per long run, one launch per segment of
@@ -112,15 +258,42 @@ class CpuChannel:
                     self._counters["kernel_launches"] += 1
                 else:
                     self._counters["memcpy_calls"] += int(w.npages.size)
+        if fault == "complete":
+            raise DmaError(f"injected dma_complete fault: DMA channel {self.index} copied its share but "
+                           f"reported an error on completion")
 
     def close(self) -> None:
-        """Let queued work finish, then stop the worker. Idempotent."""
-        if self._closed:
+        """Let queued work finish, then stop the worker. Idempotent.
+
+        Raises
+        ------
+        DmaError
+            The worker did not stop within ``CLOSE_TIMEOUT`` seconds (its stack is in the message).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        if threading.current_thread() is self._thread:
             return
-        self._closed = True
-        self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        while True:
+            self.revive()  # a dead worker is replaced so that what is queued still runs (or fails)
+            t = self._thread
+            t.join(min(LIVENESS_PERIOD * 4, max(0.0, deadline - time.monotonic())))
+            if not t.is_alive() and t is self._thread and (self._queue.empty() or self._broken):
+                break
+            if time.monotonic() >= deadline:
+                raise DmaError(f"DMA channel {self.index}'s worker thread did not stop within "
+                               f"{CLOSE_TIMEOUT:g} s:\n{_stack_of(t)}")
+        for c in self._drain():
+            c._finish(DmaError(f"DMA channel {self.index} was closed before this job ran"))
+
+
+def _stack_of(thread: threading.Thread) -> str:
+    frame = sys._current_frames().get(thread.ident or -1)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(no stack: the thread is gone)"
 
 
 class CpuBackend:

@@ -11,8 +11,8 @@ reads what that fence's copy writes (or writes what it reads).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,8 @@ import numpy as np
 
 from ..backends.base import ChannelWork, Completion
 from ..errors import DmaError, InvalidArgument
+from ..fault import FaultAttr, FaultPoints
+from .fence import DONE, FailedCompletion, FaultedCompletion, Fence
 from .plan import CopyPlan, PlanOptions, plan_copy
 
 __all__ = ["DmaEngine", "DmaStats", "Fence"]
@@ -49,6 +51,8 @@ class DmaStats:
         Per channel: seconds spent copying (completed work).
     errors : int
         Submissions that failed (injected or real).
+    channel_restarts : int
+        Channel workers found dead and started again.
     """
 
     bytes: int = 0
@@ -60,84 +64,9 @@ class DmaStats:
     batch_calls: int = 0
     busy_seconds: list[float] = field(default_factory=list)
     errors: int = 0
+    channel_restarts: int = 0
 
 
-class Fence:
-    """Completion of one :meth:`DmaEngine.copy` submission.
-
-    ``done`` polls; ``wait`` blocks (sleeping, never spinning) until every channel finished its share. A failed
-    submission raises :class:`~dmamig.errors.DmaError` from every ``wait`` once all of its work has stopped, so
-    a caller that catches the error may free the destination frames at once.
-    """
-
-    __slots__ = ("_completions", "_engine", "_error", "_failed", "_reported", "submission")
-
-    def __init__(self, completions: list[Completion], error: DmaError | None = None,
-                 engine: DmaEngine | None = None, submission: int = 0):
-        self._completions = completions
-        self._error = error
-        self._engine = engine
-        self._failed: DmaError | None = None
-        self._reported = False
-        #: Sequence number of the submission (1-based; 0 for an empty one).
-        self.submission = submission
-
-    @property
-    def done(self) -> bool:
-        """Whether the submission has finished, successfully or not. Never blocks."""
-        return all(c.done() for c in self._completions)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the submission to finish.
-
-        Parameters
-        ----------
-        timeout : float, optional
-            Seconds to wait at most; ``None`` waits as long as it takes.
-
-        Returns
-        -------
-        bool
-            ``True`` when the submission completed, ``False`` when ``timeout`` expired first.
-
-        Raises
-        ------
-        DmaError
-            The submission failed (an injected error or a channel error). Raised by every ``wait`` call on
-            this fence, after all of its channels have stopped.
-        """
-        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-        for c in self._completions:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not c.wait(remaining):
-                return False
-        failure = self._failure()
-        if failure is not None:
-            raise failure
-        return True
-
-    def _failure(self) -> DmaError | None:
-        if self._failed is None:
-            if self._error is not None:
-                self._failed = self._error
-            else:
-                for i, c in enumerate(self._completions):
-                    if c.error is not None:
-                        self._failed = DmaError(f"DMA submission #{self.submission} failed on a channel "
-                                                f"(share {i}): {type(c.error).__name__}: {c.error}")
-                        self._failed.__cause__ = c.error
-                        break
-            if self._failed is not None and not self._reported and self._engine is not None:
-                self._reported = True
-                if self._error is None:  # injected failures were counted at submission
-                    self._engine._count_error()
-        return self._failed
-
-    def __repr__(self) -> str:
-        return f"Fence(submission={self.submission}, done={self.done})"
-
-
-_DONE = Fence([])
 
 
 class DmaEngine:
@@ -157,6 +86,9 @@ class DmaEngine:
         Number of DMA channels (>= 1).
     options : PlanOptions, optional
         Planner thresholds.
+    faults : FaultPoints, optional
+        Fault points consulted on every submission (``dma_submit``, ``dma_copy``, ``dma_complete``,
+        ``channel_crash``); the machine passes its own ``m.faults``. A new, unarmed set by default.
 
     Examples
     --------
@@ -166,7 +98,7 @@ class DmaEngine:
     """
 
     def __init__(self, nodes: Any, nodemap: Any, backend: Any, page_size: int = 4096, channels: int = 4,
-                 options: PlanOptions | None = None):
+                 options: PlanOptions | None = None, faults: FaultPoints | None = None):
         if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 1:
             raise InvalidArgument(f"channels must be an integer >= 1, got {channels!r}")
         if not isinstance(page_size, (int, np.integer)) or page_size < 1:
@@ -184,7 +116,7 @@ class DmaEngine:
             raise InvalidArgument("nodes must be given in increasing base_pfn order")
         self._lock = threading.Lock()
         self._closed = False
-        self._inject = 0
+        self.faults = faults if faults is not None else FaultPoints()
         self._seq = 0
         self._stats = DmaStats()
         self._base_busy = [0.0] * int(channels)
@@ -192,6 +124,7 @@ class DmaEngine:
         self._pending: list[Fence] = []
         self._channels = list(backend.open_channels(int(channels)))
         self._base_counters = [dict(ch.counters) for ch in self._channels]
+        self._base_restarts = 0
 
     # -- properties ----------------------------------------------------------------------------------------
     @property
@@ -215,6 +148,7 @@ class DmaEngine:
             s.memcpy_calls += counters["memcpy_calls"] - c0["memcpy_calls"]
             s.batch_calls += counters["batch_calls"] - c0["batch_calls"]
             s.busy_seconds.append(ch.busy_seconds - busy0)
+        s.channel_restarts = sum(getattr(ch, "restarts", 0) for ch in self._channels) - self._base_restarts
         return s
 
     def reset_stats(self) -> None:
@@ -223,6 +157,7 @@ class DmaEngine:
             self._stats = DmaStats()
             self._base_busy = [ch.busy_seconds for ch in self._channels]
             self._base_counters = [dict(ch.counters) for ch in self._channels]
+            self._base_restarts = sum(getattr(ch, "restarts", 0) for ch in self._channels)
 
     def _count_error(self) -> None:
         with self._lock:
@@ -230,16 +165,28 @@ class DmaEngine:
 
     # -- fault injection -----------------------------------------------------------------------------------
     def inject_errors(self, n: int = 1) -> None:
-        """Make the next ``n`` non-empty submissions fail.
+        """Make the next ``n`` non-empty submissions fail; ``0`` cancels the failures still pending.
 
-        A failing submission copies only part of its pages (the destination content is then unspecified; the
-        source is never written) and its fence's ``wait`` raises :class:`~dmamig.errors.DmaError`. The engine
-        stays usable.
+        A shortcut onto the ``dma_submit`` fault point (``faults["dma_submit"]``): calls add up, and a
+        probabilistic setting there is replaced. A failing submission has one channel's share refused (with
+        one channel, nothing is copied); the destination contents are then unspecified, the sources are never
+        written, and its fence's ``wait`` raises :class:`~dmamig.errors.DmaError`. The engine stays usable.
+
+        Raises
+        ------
+        InvalidArgument
+            ``n`` is not an integer >= 0.
         """
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise InvalidArgument(f"inject_errors needs a count >= 0, got {n!r}")
         with self._lock:
-            self._inject += int(n)
+            attr = self.faults.get("dma_submit")
+            pending = attr.times if (attr is not None and attr.probability == 1.0 and attr.interval == 1
+                                     and attr.space == 0 and attr.times > 0) else 0
+            if pending + int(n) == 0:
+                self.faults.clear("dma_submit")
+            else:
+                self.faults.set("dma_submit", FaultAttr(probability=1.0, times=pending + int(n), seed=0))
 
     # -- validation ----------------------------------------------------------------------------------------
     def _pfn_array(self, name: str, value: Any) -> np.ndarray:
@@ -338,33 +285,29 @@ class DmaEngine:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
         src, dst = self._validate(src_pfns, dst_pfns)
         if src.size == 0:
-            return _DONE
+            return DONE
         plan = self._plan(src, dst)
+        # Submission happens under the engine lock so that close() cannot slip between the check and the
+        # queueing: no share is ever queued behind a channel's stop.
         with self._lock:
+            if self._closed:
+                raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
             self._seq += 1
             seq = self._seq
-            inject = self._inject > 0
-            if inject:
-                self._inject -= 1
-                self._stats.errors += 1
             self._stats.submissions += 1
             self._stats.pages += int(src.size)
             self._stats.bytes += int(src.size) * self.page_size
             self._stats.runs += plan.nr_runs
-        error = None
-        if inject:
-            # A failure part way through: half of every segment's runs are copied, then the submission
-            # reports an error. Sources are only read, so they stay intact.
-            plan = plan.truncated(0.5)
-            error = DmaError(f"DMA submission #{seq} failed (injected error): destination contents are "
-                             f"unspecified, sources are intact")
-        fence = Fence(self._submit(plan), error, self, seq)
-        with self._lock:
+            completions, error = self._submit(plan, seq, int(src.size) * self.page_size)
+            if error is not None:
+                self._stats.errors += 1
+            fence = Fence(completions, error, self, seq)
             self._pending = [f for f in self._pending if not f.done]
             self._pending.append(fence)
         return fence
 
-    def _submit(self, plan: CopyPlan) -> list[Completion]:
+    def _submit(self, plan: CopyPlan, seq: int, nbytes: int) -> tuple[list[Completion], DmaError | None]:
+        """Queue each channel's share; consult the fault points (caller holds the lock)."""
         per_channel: list[list[ChannelWork]] = [[] for _ in self._channels]
         nodes = self.nodes
         for seg in plan.segments():
@@ -372,7 +315,47 @@ class DmaEngine:
             per_channel[seg.channel].append(ChannelWork(
                 s.frames, d.frames, s.kind, d.kind, s.device, d.device, seg.method,
                 plan.src_start[seg.runs], plan.dst_start[seg.runs], plan.npages[seg.runs]))
-        return [ch.submit(work) for ch, work in zip(self._channels, per_channel) if work]
+        shares = [(ch, work) for ch, work in zip(self._channels, per_channel) if work]
+        faults = self.faults
+        # dma_submit is decided once per submission (so inject_errors(n) fails n submissions); the refused
+        # share is the first one, the others still run, as when one channel's descriptor ring rejects its part.
+        refused = faults.armed and faults.should_fail("dma_submit", nbytes)
+        error = None
+        if refused:
+            error = DmaError(f"DMA submission #{seq} failed (injected dma_submit fault): channel "
+                             f"{shares[0][0].index} refused its share; destination contents are unspecified, "
+                             f"sources are intact")
+        out: list[Completion] = []
+        for i, (ch, work) in enumerate(shares):
+            if refused and i == 0:
+                out.append(FailedCompletion(error))
+                continue
+            fault = self._share_fault(work) if faults.armed else None
+            out.append(self._queue(ch, work, fault, seq))
+        return out, error
+
+    def _share_fault(self, work: list[ChannelWork]) -> str | None:
+        """Which injected fault (if any) a channel share suffers: decided here, on the submitting thread,
+        so that a seeded run draws the same faults whatever the channel timing."""
+        size = int(sum(int(w.npages.sum()) for w in work)) * self.page_size
+        for point, fault in (("channel_crash", "crash"), ("dma_copy", "copy"), ("dma_complete", "complete")):
+            if self.faults.should_fail(point, size):
+                return fault
+        return None
+
+    def _queue(self, ch: Any, work: list[ChannelWork], fault: str | None, seq: int) -> Completion:
+        if fault is None:
+            return ch.submit(work)
+        if getattr(ch, "injects_faults", False):
+            return ch.submit(work, fault=fault)
+        # A channel that cannot fail inside its own worker (a CUDA stream): copy about half of the share for
+        # a mid-copy fault or a crash, all of it for a completion fault, and report the error on completion.
+        if fault != "complete":
+            work = [dataclasses.replace(w, src_start=w.src_start[:k], dst_start=w.dst_start[:k],
+                                        npages=w.npages[:k])
+                    for w in work if (k := w.npages.size // 2) > 0] or []
+        error = DmaError(f"injected {fault} fault on DMA channel {ch.index} (submission #{seq})")
+        return FaultedCompletion(ch.submit(work) if work else FailedCompletion(error), error)
 
     # -- checksums -----------------------------------------------------------------------------------------
     def checksum(self, pfns: Any) -> np.ndarray:
@@ -393,7 +376,10 @@ class DmaEngine:
 
     # -- life cycle ----------------------------------------------------------------------------------------
     def synchronize(self) -> None:
-        """Wait until everything submitted so far has finished (errors are left to the fences' ``wait``)."""
+        """Wait until everything submitted so far has stopped (errors are left to the fences' ``wait``).
+
+        Never hangs on a dead channel: its completions fail (see :class:`Fence`).
+        """
         with self._lock:
             pending, self._pending = self._pending, []
         for fence in pending:
@@ -401,14 +387,24 @@ class DmaEngine:
                 c.wait(None)
 
     def close(self) -> None:
-        """Wait for submitted work, then release the channels. Idempotent; ``copy`` raises afterwards."""
+        """Let submitted work finish (or fail, on a dead channel), then stop the channels.
+
+        Idempotent; ``copy`` raises :class:`~dmamig.errors.DmaError` afterwards. A channel whose worker does
+        not stop in time is reported with a DmaError naming it, after the other channels were stopped.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self.synchronize()
+        errors = []
         for ch in self._channels:
-            ch.close()
+            try:
+                ch.close()
+            except DmaError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> DmaEngine:
         return self

@@ -1,0 +1,154 @@
+"""Fences of DMA submissions, and the completions the engine makes itself (refused or faulted shares).
+
+A :class:`Fence` gathers the completions of one submission's channel shares. Waiting is bounded wherever it
+could otherwise hang: the CPU backend's completions wake periodically to check that their worker thread is
+still alive, so a dead channel turns into a :class:`~dmamig.errors.DmaError` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backends.base import Completion
+from ..errors import DmaError, InvalidArgument
+
+if TYPE_CHECKING:
+    from .engine import DmaEngine
+
+__all__ = ["FailedCompletion", "Fence", "FaultedCompletion", "check_timeout"]
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """``timeout`` as seconds (``None`` = no limit); InvalidArgument unless a number >= 0 or None."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) \
+            or math.isnan(timeout) or timeout < 0:
+        raise InvalidArgument(f"timeout must be a number of seconds >= 0, or None to wait until done; "
+                              f"got {timeout!r}")
+    return float(timeout)
+
+
+class FailedCompletion:
+    """A share that never ran (its submission was refused): done at once, with ``error`` set."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error: BaseException | None = error
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+
+class FaultedCompletion:
+    """A share that runs (possibly cut short) but whose completion reports ``error`` once it has stopped.
+
+    Used where a backend's channel cannot inject a fault in its own worker (CUDA streams).
+    """
+
+    __slots__ = ("_error", "_inner")
+
+    def __init__(self, inner: Completion, error: BaseException):
+        self._inner = inner
+        self._error = error
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._inner.error or self._error if self._inner.done() else self._inner.error
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._inner.wait(timeout)
+
+
+class Fence:
+    """Completion of one :meth:`DmaEngine.copy` submission.
+
+    ``done`` polls; ``wait`` blocks (sleeping, never spinning) until every channel finished its share. A failed
+    submission raises :class:`~dmamig.errors.DmaError` from every ``wait`` once all of its work has stopped, so
+    a caller that catches the error may free the destination frames at once.
+    """
+
+    __slots__ = ("_completions", "_engine", "_error", "_failed", "_reported", "submission")
+
+    def __init__(self, completions: list[Any], error: DmaError | None = None,
+                 engine: DmaEngine | None = None, submission: int = 0):
+        self._completions = completions
+        self._error = error
+        self._engine = engine
+        self._failed: DmaError | None = None
+        self._reported = False
+        #: Sequence number of the submission (1-based; 0 for an empty one).
+        self.submission = submission
+
+    @property
+    def done(self) -> bool:
+        """Whether the submission has finished, successfully or not. Never blocks."""
+        return all(c.done() for c in self._completions)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the submission to finish.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait at most; ``None`` waits until the work has stopped. Even then the wait cannot
+            hang on a dead channel: the channel's death fails the share.
+
+        Returns
+        -------
+        bool
+            ``True`` when the submission completed, ``False`` when ``timeout`` expired first.
+
+        Raises
+        ------
+        DmaError
+            The submission failed (an injected fault, a channel error or a dead channel). Raised by every
+            ``wait`` call on this fence, after all of its channels have stopped.
+        InvalidArgument
+            ``timeout`` is not a number >= 0 or None.
+        """
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for c in self._completions:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not c.wait(remaining):
+                return False
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        return True
+
+    def _failure(self) -> DmaError | None:
+        if self._failed is None:
+            if self._error is not None:
+                self._failed = self._error
+            else:
+                for i, c in enumerate(self._completions):
+                    if c.error is not None:
+                        self._failed = DmaError(f"DMA submission #{self.submission} failed on a channel "
+                                                f"(share {i}): {type(c.error).__name__}: {c.error}")
+                        self._failed.__cause__ = c.error
+                        break
+            if self._failed is not None and not self._reported and self._engine is not None:
+                self._reported = True
+                if self._error is None:  # failures known at submission were counted there
+                    self._engine._count_error()
+        return self._failed
+
+    def __repr__(self) -> str:
+        return f"Fence(submission={self.submission}, done={self.done})"
+
+
+#: The fence of an empty submission: already done.
+DONE = Fence([])
