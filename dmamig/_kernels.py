@@ -31,6 +31,7 @@ _COPIED = np.uint32(MIGRATE_COPIED_FLAGS | PageFlag.SWAPBACKED)
 _ACTIVE = np.uint32(PageFlag.ACTIVE)
 _UNEVICTABLE = np.uint32(PageFlag.UNEVICTABLE)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
+_SWAPCACHE = np.uint32(PageFlag.SWAPCACHE)
 _WRITEBACK = np.uint32(PageFlag.WRITEBACK)
 _MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
 
@@ -91,6 +92,7 @@ def _move_folio_state(old, new, nr, flags, refcount, mapping, index, private, la
             nf |= _ACTIVE
         elif of & _UNEVICTABLE:
             nf |= _UNEVICTABLE
+        nf |= of & _SWAPCACHE
         if of & _PRIVATE:
             nf |= _PRIVATE
             private[n] = private[o]

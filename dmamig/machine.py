@@ -30,6 +30,7 @@ VMSTAT_COUNTERS = (
     "pgmigrate_success",
     "pgmigrate_fail",
     "pgmigrate_no_copy",
+    "pgmigrate_dma_fallback",
     "thp_migration_success",
     "thp_migration_fail",
     "thp_migration_split",
@@ -93,8 +94,8 @@ class Machine:
         self._spaces: list[AddressSpace] = []
         self._vmstat = dict.fromkeys(VMSTAT_COUNTERS, 0)
         self._dma: DmaEngine | None = None
-        self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
         self._faults = FaultPoints()
+        self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
         self._closed = False
 
     # -- read-only properties --------------------------------------------------------------------------------
@@ -114,12 +115,12 @@ class Machine:
         self._vmstat[name] += int(n)
 
     @property
-    @property
     def faults(self) -> FaultPoints:
         """The machine's fault points (``alloc``, ``dma_submit``, ``dma_copy``, ``dma_complete``,
         ``channel_crash``); see :mod:`dmamig.fault`."""
         return self._faults
 
+    @property
     def dma(self) -> DmaEngine:
         """The device DMA engine (created on first use)."""
         if self._dma is None:
@@ -170,9 +171,9 @@ class Machine:
         short of (contiguous) frames.
         """
         nd = self._nodes[node]
-        heads = nd.allocator.alloc(count, order) + nd.base_pfn
         if self._faults.armed:  # an injected allocation failure at folio k returns the k folios before it
             count = self._faults.allowed("alloc", int(count), self._page_size << order)
+        heads = nd.allocator.alloc(count, order) + nd.base_pfn
         if heads.size:
             self.pages.prep_new(heads, order)
         return heads
@@ -229,21 +230,26 @@ class Machine:
         """Store ``data`` (``(len(pfns), page_size)`` uint8) into the frames at ``pfns``."""
         for n, pos, frame in self.frames_of(pfns):
             self._backend.write_frames(self._nodes[n].frames, frame, data[pos])
+        self.pages.note_written(pfns)
 
     def zero_pfns(self, pfns: np.ndarray) -> None:
         """Zero the frames at ``pfns``."""
         for n, _pos, frame in self.frames_of(pfns):
             self._backend.zero_frames(self._nodes[n].frames, frame)
+        self.pages.note_written(pfns)
 
     def copy_folios(self, src_heads: np.ndarray, dst_heads: np.ndarray) -> None:
         """Copy folios on the calling thread (the CPU copy path), grouped by node pair."""
         if src_heads.size:
-            self._copy_runs(src_heads, dst_heads, self.pages.nr_pages(src_heads))
+            nr = self.pages.nr_pages(src_heads)
+            self._copy_runs(src_heads, dst_heads, nr)
+            self.pages.note_written(dst_heads if (nr == 1).all() else self.pages.expand(dst_heads))
 
     def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
         """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""
         if src_pfns.size:
             self._copy_runs(src_pfns, dst_pfns, np.ones(src_pfns.size, dtype=np.int64))
+            self.pages.note_written(dst_pfns)
 
     def _copy_runs(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> None:
         """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""

@@ -34,6 +34,11 @@ class PageArray:
         self.memcg = np.zeros(n, dtype=np.int32)
         self.order = np.zeros(n, dtype=np.int8)
         self.head = np.arange(n, dtype=np.int64)
+        # When each frame's content last changed, as a machine-wide sequence number. A NO_COPY migration
+        # trusts a caller's copy only if the destination was written after the source last changed: a write to
+        # the source after the caller's copy makes the copy stale, and the core copies again.
+        self.write_seq = np.zeros(n, dtype=np.int64)
+        self._seq = 0
 
     # -- flag helpers, vectorized over an index array ------------------------------------------------------
     def test(self, pfns: np.ndarray | int, flag: PageFlag) -> np.ndarray:
@@ -60,6 +65,19 @@ class PageArray:
             return heads.copy()
         starts = np.repeat(heads - np.concatenate(([0], np.cumsum(nr)[:-1])), nr)
         return starts + np.arange(int(nr.sum()))
+
+    # -- content sequence -----------------------------------------------------------------------------------
+    def note_written(self, pfns: np.ndarray) -> None:
+        """Frames at ``pfns`` got new content: written, zeroed, or the destination of a copy just issued."""
+        self._seq += 1
+        self.write_seq[pfns] = self._seq
+
+    def copies_current(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> np.ndarray:
+        """Per folio pair: whether every base frame of ``dst`` was written after its ``src`` frame last was."""
+        if (nr == 1).all():
+            return self.write_seq[dst] > self.write_seq[src]
+        ok = self.write_seq[self.expand(dst)] > self.write_seq[self.expand(src)]
+        return np.logical_and.reduceat(ok, np.concatenate(([0], np.cumsum(nr)[:-1])))
 
     # -- folio life cycle ------------------------------------------------------------------------------------
     def prep_new(self, heads: np.ndarray, order: int) -> None:

@@ -373,8 +373,12 @@ def test_sync_retries_failed_folios_one_at_a_time(m, mm, monkeypatch):
     assert res.status.tolist() == [EAGAIN, 0, 0, EAGAIN]
     async_passes = core.NR_MAX_MIGRATE_ASYNC_RETRY
     sync_passes = core.NR_MAX_MIGRATE_SYNC_RETRY
-    assert sizes == [4] + [2] * (async_passes - 1) + [1] * (2 * sync_passes)
+    # migrate_pages_sync(): one batched ASYNC unmap, the two busy folios stay unmapped through its move passes;
+    # then each alone in SYNC: unmapped once more, moved up to NR_MAX_MIGRATE_SYNC_RETRY times.
+    assert sizes == [4, 1, 1]
+    assert res.stats.nr_move_passes == async_passes + 2 * sync_passes
     assert res.stats.nr_passes == async_passes + 2 * sync_passes
+    assert res.nr_failed == 2 and res.rc == 2
     for pfn in stuck:
         m.put_page(pfn)
     assert np.array_equal(mm.read(addr, 4 * ps), data)
@@ -387,19 +391,22 @@ def test_reference_dropped_between_passes_is_retried(m, mm, monkeypatch, mode):
     pfn = mm.pfn_of(addr + ps)
     m.get_page(pfn)
     calls = []
-    real = core.install_migration_entries
+    real = core._Migration._move_pass
 
-    def drop_on_second_pass(mach, pfns):
-        calls.append(len(pfns))
+    def drop_on_second_pass(self, moving):
+        calls.append(moving.size)
         if len(calls) == 2:
-            m.put_page(pfn)  # the speculative reference goes away before the second pass unmaps
-        return real(mach, pfns)
+            m.put_page(pfn)  # the speculative reference goes away before the second move pass
+        return real(self, moving)
 
-    monkeypatch.setattr(core, "install_migration_entries", drop_on_second_pass)
+    monkeypatch.setattr(core._Migration, "_move_pass", drop_on_second_pass)
     res = mm.migrate(addr, 3 * ps, 1, mode=mode)
     assert res.status.tolist() == [0, 0, 0]
     assert res.nr_succeeded == 3 and res.nr_failed == 0
-    assert res.stats.nr_passes == 2
+    # migrate_pages_batch(): a folio whose move meets an extra reference stays unmapped and locked, and the
+    # move loop retries it; it is not remapped and unmapped again.
+    assert calls == [3, 1]
+    assert res.stats.nr_unmap_passes == 1 and res.stats.nr_move_passes == 2 and res.stats.nr_tlb_flush == 1
     assert np.array_equal(mm.read(addr, 3 * ps), data)
 
 
@@ -467,9 +474,12 @@ def test_target_full_fails_the_pages_that_do_not_fit(m, mm, mode):
     before = m.vmstat
     res = mm.migrate(addr, 8 * ps, 1, mode=mode)
     st = res.status
-    assert int((st == 0).sum()) == 3 and int((st == ENOMEM).sum()) == 5
-    assert res.nr_succeeded == 3 and res.nr_failed == 5
-    assert delta(m, before) == {"pgmigrate_success": 3, "pgmigrate_fail": 5, "migrate_tlb_flush": 1}
+    # migrate_pages_batch(): the fourth page finds no frame; -ENOMEM ends the call. The three unmapped pages
+    # still move; the fourth fails; the last four are never tried: not failed, not retried.
+    assert st.tolist() == [0, 0, 0] + [ENOMEM] * 5
+    assert res.nr_succeeded == 3 and res.nr_failed == 1 and res.stats.nr_untried_pages == 4
+    assert res.rc == ENOMEM
+    assert delta(m, before) == {"pgmigrate_success": 3, "pgmigrate_fail": 1, "migrate_tlb_flush": 1}
     nodes = mm.nodes_of(addr, 8 * ps)
     assert (nodes[st == 0] == 1).all() and (nodes[st == ENOMEM] == 0).all()
     assert m.nodes[1].free_pages == 0

@@ -18,6 +18,9 @@ EAGAIN, EIO, ENOENT = -errno.EAGAIN, -errno.EIO, -errno.ENOENT
 HOST = DEV = 4096
 NR = 512
 ALL_MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
+# Modes that remap a busy folio and unmap it again (migrate_pages_sync's per-folio retry); in ASYNC a folio with
+# an extra reference stays unmapped through every move pass, so nothing can write it in between.
+SYNC_MODES = [MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
 SYNC_NO_COPY = MigrateMode.SYNC | MigrateMode.NO_COPY
 
 
@@ -125,26 +128,32 @@ def test_no_copy_with_failures_mixed_in(m, mm):
 
 # -- DMA errors ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_dma_error_undoes_the_batch(m, mm, mode):
+def test_dma_error_falls_back_to_a_cpu_copy(m, mm, mode):
+    """The batch-offload RFC: a folio whose DMA copy failed is copied by the migrating thread; none fails."""
     ps = m.page_size
     addr, data = filled(m, mm, 40)
-    pfns = pfns_of(mm, addr, 40)
     m.dma.inject_errors(1)
     before = m.vmstat
     res = mm.migrate(addr, 40 * ps, 1, mode=mode, engine=m.dma)
-    assert (res.status == EIO).all()
-    assert res.nr_succeeded == 0 and res.nr_failed == 40
-    assert delta(m, before) == {"pgmigrate_fail": 40, "migrate_tlb_flush": 1}
-    assert res.stats.nr_passes == 1  # -EIO is permanent
-    assert np.array_equal(pfns_of(mm, addr, 40), pfns)
-    assert [n.free_pages for n in m.nodes] == [HOST - 40, DEV, DEV]
-    for pfn in pfns[:3].tolist():
-        flags = m.page_flags(pfn)
-        assert PageFlag.LOCKED not in flags and PageFlag.ISOLATED not in flags and PageFlag.LRU in flags
+    assert res.ok and res.nr_succeeded == 40 and res.nr_failed == 0
+    assert res.stats.nr_dma_fallback == 40 and res.stats.nr_no_copy == 40
+    assert delta(m, before) == {"pgmigrate_success": 40, "pgmigrate_no_copy": 40, "pgmigrate_dma_fallback": 40,
+                                "migrate_tlb_flush": 1}
+    assert (mm.nodes_of(addr, 40 * ps) == 1).all()
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV - 40, DEV]
     assert np.array_equal(mm.read(addr, 40 * ps), data)
-    res = mm.migrate(addr, 40 * ps, 1, mode=mode, engine=m.dma)
-    assert res.ok
-    assert np.array_equal(mm.read(addr, 40 * ps), data)
+
+
+def test_dma_error_costs_only_its_own_batch(m, mm):
+    """An error in one batch's submission falls back for that batch; the other batches' DMA copies stand."""
+    ps = m.page_size
+    n = 3 * core.NR_MAX_BATCHED_MIGRATION
+    addr, data = filled(m, mm, n)
+    m.dma.inject_errors(1)
+    res = mm.migrate(addr, n * ps, 1, engine=m.dma)
+    assert res.ok and res.stats.nr_dma_fallback == core.NR_MAX_BATCHED_MIGRATION
+    assert res.stats.nr_tlb_flush == 3
+    assert np.array_equal(mm.read(addr, n * ps), data)
 
 
 def test_dma_error_on_a_thp(m, mm):
@@ -152,9 +161,8 @@ def test_dma_error_on_a_thp(m, mm):
     addr, data = filled(m, mm, NR, order=9)
     m.dma.inject_errors(1)
     res = mm.migrate(addr, NR * ps, 1, engine=m.dma)
-    assert (res.status == EIO).all() and res.nr_thp_failed == 1
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9 and mm.node_of(addr) == 0
-    assert m.nodes[1].free_pages == DEV
+    assert res.ok and res.nr_thp_succeeded == 1 and res.stats.nr_dma_fallback == NR
+    assert m.page_state(mm.pfn_of(addr))["order"] == 9 and mm.node_of(addr) == 1
     assert np.array_equal(mm.read(addr, NR * ps), data)
 
 
@@ -205,7 +213,7 @@ def _write_between_passes(monkeypatch, m, mm, addr: int, new: bytes):
     return calls
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", SYNC_MODES)
 def test_engine_retry_copies_the_current_content(m, mm, monkeypatch, mode):
     ps = m.page_size
     addr, data = filled(m, mm, 4)
@@ -300,7 +308,7 @@ def test_no_copy_dma_helper_copy_then_state_only(m, mm):
     assert np.array_equal(mm.read(addr, 64 * ps), data)
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", SYNC_MODES)
 def test_retried_no_copy_folio_gets_a_fresh_copy(m, mm, monkeypatch, mode):
     """The caller's copy is stale once the source was remapped (and written): a retry copies again."""
     ps = m.page_size
@@ -379,7 +387,7 @@ def test_copy_and_no_copy_round_trips_on_every_backend(backend):
             assert np.array_equal(mm.read(addr, 600 * ps), data)  # back to the host through the CPU
         mach.dma.inject_errors(1)
         res = mm.migrate(addr, 600 * ps, 1, engine=mach.dma)
-        assert (res.status == EIO).all()
+        assert res.ok and res.stats.nr_dma_fallback > 0  # the failed batch was copied by the CPU instead
         assert np.array_equal(mm.read(addr, 600 * ps), data)
         assert np.array_equal(mm.read(big, NR * ps), big_data)
         finish_within(mm.close, "AddressSpace.close")

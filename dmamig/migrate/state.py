@@ -62,8 +62,8 @@ def migrate_folio_states(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
 
     Copied: error, referenced, uptodate, workingset, checked, mappedtodisk, dirty, young, idle, mlocked,
     reclaim. Moved (test-and-clear on the old folio): active, else unevictable. ``last_cpupid`` is exchanged
-    (the old folio gets -1), swapcache and private are cleared on the old folio (private data moves with
-    ``PG_private``), writeback is ended on the new folio, and the memcg moves.
+    (the old folio gets -1), swapcache and private move to the new folio and are cleared on the old one (private
+    data moves with ``PG_private``), writeback is ended on the new folio, and the memcg moves.
     """
     pages = m.pages
     of = pages.flags[old]
@@ -74,6 +74,7 @@ def migrate_folio_states(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
     nf[unevictable] |= _u32(PageFlag.UNEVICTABLE)
     private = (of & _u32(PageFlag.PRIVATE)) != 0
     nf[private] |= _u32(PageFlag.PRIVATE)
+    nf |= of & _u32(PageFlag.SWAPCACHE)  # folio_migrate_mapping: the swap cache entry moves to the new folio
     nf &= ~_u32(PageFlag.WRITEBACK)
     pages.flags[new] = nf
     pages.private[new] = np.where(private, pages.private[old], pages.private[new])

@@ -1,0 +1,167 @@
+"""The folios of one migrate call, as parallel arrays: the kernel's ``from`` list with its ``dst`` folios.
+
+One entry per isolated source folio: its head, destination, status, size and the expected reference count.
+A large folio split on ``-ENOMEM`` keeps its entry (status ``_SPLIT``) and adds one entry per base page.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._arrays import distinct
+from ..flags import PageFlag
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+__all__ = ["Entries"]
+
+# Internal entry states (positive, so they never collide with -errno).
+_PENDING = 1  # tried and still to go: the kernel's -EAGAIN between passes
+_SPLIT = 2  # a large folio split into base-page entries of its own
+_UNTRIED = 3  # not reached yet (and never, once an -ENOMEM ended the call)
+
+
+class Entries:
+    """Per-folio state of a migrate call; positions index every array."""
+
+    def __init__(self, m: Machine, heads: np.ndarray, dst: np.ndarray | None = None):
+        self.m = m
+        pages = m.pages
+        n = heads.size
+        self.src = np.asarray(heads, dtype=np.int64)
+        self.order = pages.order[self.src].astype(np.int64)
+        self.nr = np.left_shift(1, self.order)
+        self.given = np.full(n, dst is not None)  # destination supplied (and copied) by the caller
+        self.dst = np.full(n, -1, np.int64) if dst is None else np.asarray(dst, dtype=np.int64).copy()
+        self.status = np.full(n, _UNTRIED, np.int32)
+        # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
+        self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0)
+        self.fresh = np.zeros(n, dtype=bool)  # destination content equals the source right now
+        self.unmapped = np.zeros(n, dtype=bool)  # source locked and behind migration entries right now
+        self.counted = np.zeros(n, dtype=bool)  # failure already counted in the statistics
+        self.batch_of = np.zeros(n, dtype=np.int64)
+        self.split_first = np.full(n, -1, np.int64)  # first piece of a split entry
+        self._pieces: list[np.ndarray] = []
+
+    @property
+    def size(self) -> int:
+        return self.src.size
+
+    # -- batches -----------------------------------------------------------------------------------------------
+    def steps(self, positions: np.ndarray, batch_pages: int, per_step: int) -> list[np.ndarray]:
+        """Cut entries into batches of ``batch_pages`` base pages (a folio never straddles two), and batches
+        into steps of ``per_step`` batches."""
+        nr = self.nr[positions]
+        total = int(nr.sum())
+        if total <= batch_pages:
+            self.batch_of[positions] = 0
+            return [positions]
+        batch_id = (np.cumsum(nr) - nr) // batch_pages
+        self.batch_of[positions] = batch_id
+        step_id = batch_id // per_step
+        cuts = np.flatnonzero(np.diff(step_id)) + 1
+        return np.split(positions, cuts)
+
+    def nr_batches(self, pos: np.ndarray) -> int:
+        """How many batches the entries at ``pos`` span (one TLB flush each)."""
+        return len(distinct(self.batch_of[pos]))
+
+    # -- destinations --------------------------------------------------------------------------------------
+    def release_dst(self, pos: np.ndarray, given_too: bool = False) -> None:
+        """Free the destinations the core allocated for ``pos``; the caller's are kept (stale from now on)
+        unless ``given_too`` (a failed folio's caller destination is the core's to free)."""
+        if pos.size == 0:
+            return
+        own = pos[(self.dst[pos] >= 0) & (given_too | ~self.given[pos])]
+        if own.size:
+            self.m.free_folios(self.dst[own])
+            self.dst[own] = -1
+        self.fresh[pos] = False
+
+    def check_fresh(self, pos: np.ndarray) -> None:
+        """Right after unmap: is each caller destination still a copy of its (now frozen) source?
+
+        A write between the caller's copy and the unmap makes the copy stale; the move then copies again.
+        """
+        given = pos[self.given[pos]]
+        if given.size:
+            pages = self.m.pages
+            self.fresh[given] = pages.copies_current(self.src[given], self.dst[given], self.nr[given])
+
+    # -- splitting -----------------------------------------------------------------------------------------------
+    def split(self, pos: int) -> bool:
+        """Split the large folio of entry ``pos`` into base-page entries; False if it cannot be split."""
+        pages = self.m.pages
+        head = int(self.src[pos])
+        nr = int(self.nr[pos])
+        pfns = head + np.arange(nr)
+        shared = bool(self.expected[pos] > 1)
+        expected = 1 + int(pages.mapcount[pfns].sum()) + (nr if shared else 0)
+        if pages.refcount[head] != expected or pages.test(head, PageFlag.LOCKED):
+            return False  # split_folio() refuses a folio with extra references or a busy lock
+        pages.split(head, page_cache=shared)
+        # The isolation reference stayed on the head; every other base page gets its own.
+        pages.refcount[pfns[1:]] += 1
+        self.status[pos] = _SPLIT
+        first = self.size
+        self.split_first[pos] = first
+        self._grow(pfns, 1 + (1 if shared else 0), int(self.batch_of[pos]))
+        self._pieces.append(np.arange(first, first + nr))
+        return True
+
+    def _grow(self, heads: np.ndarray, expected: int, batch: int) -> None:
+        n = heads.size
+
+        def cat(a: np.ndarray, fill: object) -> np.ndarray:
+            return np.concatenate([a, np.full(n, fill, dtype=a.dtype)])
+
+        self.src = np.concatenate([self.src, heads])
+        self.order, self.nr = cat(self.order, 0), cat(self.nr, 1)
+        self.given, self.dst, self.status = cat(self.given, False), cat(self.dst, -1), cat(self.status, _UNTRIED)
+        self.expected = cat(self.expected, expected)
+        self.fresh, self.unmapped, self.counted = cat(self.fresh, False), cat(self.unmapped, False), \
+            cat(self.counted, False)
+        self.batch_of, self.split_first = cat(self.batch_of, batch), cat(self.split_first, -1)
+
+    def take_split_pieces(self) -> np.ndarray:
+        """Entries of folios split since the last call, to migrate after their batch."""
+        if not self._pieces:
+            return np.empty(0, dtype=np.int64)
+        out = np.concatenate(self._pieces)
+        self._pieces = []
+        return out
+
+    # -- per-page status -----------------------------------------------------------------------------------------
+    def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(entry, offset)`` of each base pfn inside the source folios (before anything moved)."""
+        heads = self.m.pages.head[pfns]
+        src = self.src
+        if src.size < 2 or bool((src[1:] > src[:-1]).all()):
+            entry = np.searchsorted(src, heads)
+        else:
+            order = np.argsort(src)
+            entry = order[np.searchsorted(src[order], heads)]
+        return entry, pfns - src[entry]
+
+    def status_at(self, where: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Final status of the pages :meth:`locate` found; a split folio's page reports its own piece."""
+        entry, off = where
+        st = self.status[entry]
+        split = st == _SPLIT
+        if split.any():
+            st = st.copy()
+            st[split] = self.status[self.split_first[entry[split]] + off[split]]
+        return st
+
+
+def shared_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
+    """Whether each folio belongs to a shared-memory object (a page cache holds a reference per page)."""
+    mapping = m.pages.mapping[heads]
+    out = np.zeros(heads.size, dtype=bool)
+    for oid in distinct(mapping[mapping >= 0]):
+        if m.object(oid).shared:
+            out[mapping == oid] = True
+    return out

@@ -1,0 +1,102 @@
+"""Taking folios for migration and giving them back: isolation, collection of a range, put-back."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._arrays import all_distinct, first_occurrences
+from ..errors import InvalidArgument
+from ..flags import EBUSY, ENOENT, PageFlag
+from .entries import _PENDING
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+__all__ = ["check_dst", "collect_folios", "isolate_folios", "putback_folios"]
+
+
+def isolate_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
+    """Take folios off their LRU list for migration (caller holds the lock); return 0 or -errno per folio.
+
+    A free page gives ``-ENOENT``; a page off the LRU (driver-owned, or already isolated by another
+    migration) gives ``-EBUSY``. An isolated folio holds one extra reference until it is put back.
+    """
+    pages = m.pages
+    rc = np.zeros(heads.size, dtype=np.int32)
+    free = pages.refcount[heads] <= 0
+    rc[free] = ENOENT
+    off_lru = ~free & (~pages.test(heads, PageFlag.LRU) | pages.test(heads, PageFlag.ISOLATED))
+    rc[off_lru] = EBUSY
+    ok = heads[rc == 0]
+    pages.set(ok, PageFlag.ISOLATED)
+    pages.clear(ok, PageFlag.LRU)
+    pages.refcount[ok] += 1
+    return rc
+
+
+def putback_folios(m: Machine, heads: np.ndarray) -> None:
+    """``putback_movable_pages``: back on the LRU, the isolation reference dropped (caller holds the lock)."""
+    if heads.size == 0:
+        return
+    pages = m.pages
+    pages.clear(heads, PageFlag.ISOLATED)
+    pages.set(heads, PageFlag.LRU)
+    m.put_folios(heads, unique=True)
+
+
+def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pick and isolate the folios of ``pfns`` (``-1`` = no page) that must move to ``node``.
+
+    Caller holds the lock. Returns ``(status, heads)``: a provisional per-page status (``0`` for pages already
+    on ``node``, ``-errno`` for pages that cannot be taken, ``_PENDING`` for the rest) and the isolated heads.
+    """
+    status = np.full(pfns.size, ENOENT, dtype=np.int32)
+    present = pfns >= 0
+    if present.all():
+        heads_all = m.pages.head[pfns]
+    else:
+        heads_all = np.where(present, m.pages.head[np.where(present, pfns, 0)], -1)
+    nd = m.nodes[node]
+    on_node = present & (heads_all >= nd.base_pfn) & (heads_all < nd.base_pfn + nd.total_pages)
+    status[on_node] = 0
+    want = present & ~on_node
+    wanted = heads_all[want] if not want.all() else heads_all
+    # Each folio once, in address order: runs stay contiguous for the DMA planner. A range populated in order
+    # has non-decreasing heads, where the first page of each folio is a change from its predecessor.
+    if wanted.size < 2 or bool((wanted[1:] >= wanted[:-1]).all()):
+        first = np.ones(wanted.size, dtype=bool)
+        if wanted.size > 1:
+            first[1:] = wanted[1:] != wanted[:-1]
+        heads = wanted[first] if not first.all() else wanted
+        rc = isolate_folios(m, heads)
+        status[want] = rc if heads.size == wanted.size else rc[np.cumsum(first) - 1]
+    else:
+        heads = wanted[first_occurrences(wanted, m.pages.nr_pfns)]
+        rc = isolate_folios(m, heads)
+        order = np.argsort(heads, kind="stable")
+        status[want] = rc[order[np.searchsorted(heads[order], wanted)]]
+    status[want & (status == 0)] = _PENDING
+    return status, heads[rc == 0]
+
+
+def check_dst(m: Machine, pfns: np.ndarray, dst: np.ndarray, node: int) -> np.ndarray:
+    """Validate caller-supplied NO_COPY destinations: one distinct driver-owned folio per source folio."""
+    pages = m.pages
+    if dst.size != pfns.size:
+        raise InvalidArgument(f"dst_pfns must pair one destination with each pfn: {pfns.size} pfns, "
+                              f"{dst.size} dst_pfns")
+    if (pages.head[pfns] != pfns).any() or not all_distinct(pfns, pages.nr_pfns):
+        raise InvalidArgument("with dst_pfns, pfns must be distinct folio heads (one entry per folio)")
+    if not all_distinct(dst, pages.nr_pfns):
+        raise InvalidArgument("dst_pfns must be distinct")
+    owned = (pages.head[dst] == dst) & (pages.refcount[dst] == 1) & (pages.mapping[dst] < 0) \
+        & ~pages.test(dst, PageFlag.LRU) & (pages.mapcount[dst] == 0)
+    if not owned.all():
+        raise InvalidArgument(f"dst_pfns {dst[~owned][:8].tolist()} are not folios from m.alloc_pages")
+    if (m.nodemap.node_of(dst) != node).any():
+        raise InvalidArgument(f"dst_pfns must all be on the target node {node}")
+    if (pages.order[dst] != pages.order[pfns]).any():
+        raise InvalidArgument("each destination folio must have the order of its source folio")
+    return dst
