@@ -51,6 +51,24 @@ def _channels(text: str) -> list[int]:
     return parse_channels(text)
 
 
+def _batch_pages(text: str) -> list[int]:
+    from .bench.scenarios import parse_batch_pages
+
+    return parse_batch_pages(text)
+
+
+def _batches_per_step(text: str) -> list[int]:
+    from .bench.scenarios import parse_batches_per_step
+
+    return parse_batches_per_step(text)
+
+
+def _pipeline(text: str) -> list[int]:
+    from .bench.scenarios import parse_pipeline
+
+    return parse_pipeline(text)
+
+
 def _positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError(f"{text!r} is not a positive whole number, e.g. 3")
@@ -83,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the copy vs no-copy migration sweep and write a results folder",
                        description="Migrate a working set between host and device nodes with copy migration "
                                    "(the CPU copies) and no-copy migration (the DMA engine copies), over folio "
-                                   "sizes and channel counts; every run is verified. Writes results.json, "
-                                   "results.csv and PNG plots.")
+                                   "sizes and channel counts; every run is verified. Migrations run with the "
+                                   "kernel's batching (faithful, the headline); --batch, --batches-per-step "
+                                   "and --pipeline add experiment settings as separate, labelled scenarios. "
+                                   "Writes results.json, results.csv and PNG plots.")
     b.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks cuda when a GPU is usable (DMAMIG_BACKEND overrides auto)")
     b.add_argument("--sizes", type=_argtype(_sizes), metavar="LIST",
@@ -93,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working set per scenario, e.g. 256M or 1G (default 256M on cpu, 1G on cuda)")
     b.add_argument("--channels", type=_argtype(_channels), metavar="LIST",
                    help="DMA channel counts for no-copy migration (default 1,2 on cpu, 1,2,4 on cuda)")
+    b.add_argument("--batch", type=_argtype(_batch_pages), metavar="LIST", dest="batch_pages",
+                   help="experiment axis: base pages per migration batch, e.g. 512,2048 (the kernel's is 512, "
+                        "which always runs)")
+    b.add_argument("--batches-per-step", type=_argtype(_batches_per_step), metavar="LIST",
+                   help="experiment axis: batches whose phases run together, e.g. 1,16 (the kernel's is 1)")
+    b.add_argument("--pipeline", type=_argtype(_pipeline), metavar="LIST",
+                   help="experiment axis: steps whose DMA copy overlaps the next step's unmap, e.g. 0,1 "
+                        "(no-copy only; the kernel's is 0)")
+    b.add_argument("--faithful-only", action="store_true",
+                   help="run only the kernel's batching: no default pipelined no-copy variant at the "
+                        "smallest folio size")
     b.add_argument("--repeat", type=_argtype(_positive), metavar="N",
                    help="timed repetitions per scenario; medians are reported (default 5; 1 with --quick)")
     b.add_argument("--warmup", type=_argtype(_nonnegative), metavar="N", help="untimed repetitions first (1)")
@@ -169,23 +200,34 @@ def _gpu_count(backend: str) -> int:
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import dataclasses
 
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .bench.naming import describe_options
     from .bench.plots import write_plots
     from .bench.report import render_tables, write_csv, write_json
     from .bench.runner import VerificationError, run_sweep, sweep_steps
-    from .bench.scenarios import default_settings, format_size
+    from .bench.scenarios import PIPELINED, default_settings, format_size
 
     backend = _resolve_backend(parser, args.backend)
     settings = default_settings(backend, gpus=_gpu_count(backend), quick=args.quick)
     over: dict[str, Any] = {}
-    for key in ("sizes", "channels", "repeat", "warmup", "devices"):
+    for key in ("sizes", "channels", "repeat", "warmup", "devices", "batch_pages", "batches_per_step"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
+    if args.pipeline is not None:
+        over["pipeline"] = args.pipeline
     if args.total is not None:
         over["total_bytes"] = args.total
     if args.no_engine:
         over["extras"] = False
+    if args.faithful_only:
+        axes = [f"--{k}" for k, v in (("batch", args.batch_pages), ("batches-per-step", args.batches_per_step),
+                                      ("pipeline", args.pipeline)) if v is not None]
+        if axes:
+            parser.error(f"argument --faithful-only: not allowed with {', '.join(axes)}, which add experiment "
+                         f"settings; drop one of them")
+        over["variants"] = False
     settings = dataclasses.replace(settings, **over)
     largest = max(settings.sizes)
     if settings.total_bytes % largest:
@@ -195,9 +237,14 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     out = args.out or Path("dmamig-results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     err = _console(stderr=True)
+    experiments = [describe_options(o) for o in settings.option_sets()[1:]]
+    if settings.variants:
+        experiments.append(f"{describe_options(PIPELINED)} at {format_size(settings.sizes[0])}")
     err.print(f"dmamig bench: backend {backend}, sizes {','.join(format_size(s) for s in settings.sizes)}, "
-              f"{format_size(settings.total_bytes)} per scenario, channels "
-              f"{','.join(map(str, settings.channels))}, repeat {settings.repeat} -> {out}")
+              f"{format_size(settings.total_bytes)} per scenario, DMA channels "
+              f"{','.join(map(str, settings.channels))}, repeat {settings.repeat}, faithful batching"
+              + (f" + experiments: {'; '.join(dict.fromkeys(experiments))}" if experiments else " only")
+              + f" -> {out}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[scenario]}"), console=err) as bar:
         task = bar.add_task("migrating", total=sweep_steps(settings), scenario="")
@@ -205,7 +252,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             doc = run_sweep(settings, progress=lambda sid, n: bar.update(task, advance=n, scenario=sid))
         except VerificationError as exc:
             bar.stop()
-            err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {exc}")
+            err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
             return 1
     write_json(doc, out / "results.json")
     write_csv(doc, out / "results.csv")
@@ -217,6 +264,8 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from .bench.plots import write_plots
     from .bench.report import (
         compare_results,
@@ -251,7 +300,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
                   f"({args.metric}):[/bold red]")
         for c in bad:
             detail = f"{c.ratio:.3f}x baseline" if c.ratio is not None else c.note
-            err.print(f"  {c.id}: {detail}" + (f" ({c.note})" if c.note and c.ratio is not None else ""))
+            err.print(escape(f"  {c.name or c.id} ({c.id}): {detail}")
+                      + (f" ({c.note})" if c.note and c.ratio is not None else ""))
         return 1
     err.print(f"dmamig report: no regression beyond {args.threshold:.0%} ({args.metric}, {len(comps)} scenarios)")
     return 0

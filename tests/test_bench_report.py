@@ -6,11 +6,13 @@ import copy
 import csv
 import io
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
 from rich.console import Console
 
+from dmamig.bench import plots
 from dmamig.bench.plots import write_plots
 from dmamig.bench.report import (
     CSV_FIELDS,
@@ -22,10 +24,13 @@ from dmamig.bench.report import (
     write_csv,
     write_json,
 )
-from dmamig.bench.runner import _figures, machine_info
+from dmamig.bench.runner import _figures, add_speedups, machine_info
 from dmamig.bench.scenarios import BenchSettings, build_sweep
 from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, validate_results
 from dmamig.cli import main
+
+#: A results file written before settings were recorded (schema 1), kept in the repository.
+LEGACY = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-epyc-2core-2026-11-25" / "results.json"
 
 CEIL = {"h2d": 10.0, "d2h": 10.0, "d2d": 10.0}
 
@@ -51,10 +56,7 @@ def make_doc(scale: float = 1.0, devices: int = 1) -> dict:
     for sc in engine:
         wall = int(sc.pages * 50 / scale)
         recs.append(_figures(sc, [wall] * 3, [wall] * 3, [], cmap["h2d"] if sc.kind == "dma" else None))
-    copy_gbps = {(r["direction"], r["folio_bytes"]): r["gbps"] for r in recs if r["mode"] == "copy"}
-    for r in recs:
-        if r["mode"] == "nocopy":
-            r["speedup_vs_copy"] = r["gbps"] / copy_gbps[(r["direction"], r["folio_bytes"])]
+    add_speedups(recs)
     return {"schema_version": SCHEMA_VERSION, "created": "2026-01-01T00:00:00+00:00", "wall_s": 1.0,
             "machine": machine_info("cpu", []), "settings": settings.to_json(), "ceilings": ceilings,
             "scenarios": recs}
@@ -102,7 +104,10 @@ def test_csv_has_one_row_per_scenario(tmp_path):
     assert len(rows) == len(doc["scenarios"])
     assert list(rows[0]) == CSV_FIELDS
     assert float(rows[0]["gbps"]) == pytest.approx(doc["scenarios"][0]["gbps"])
-    assert rows[0]["phase_unmap_ns"] != ""
+    assert rows[0]["phase_unmap_ns"] != "" and rows[0]["outside_phases_ns"] != ""
+    assert rows[0]["batching"] == "faithful" and rows[0]["batch_pages"] == "512" and rows[0]["faithful"] == "True"
+    piped = next(r for r in rows if r["pipeline_depth"] == "1")
+    assert piped["batches_per_step"] == "16" and piped["speedup_vs"].endswith("/copy/steps16")
 
 
 def test_tables_render_every_scenario():
@@ -110,7 +115,8 @@ def test_tables_render_every_scenario():
     buf = io.StringIO()
     render_tables(doc, Console(file=buf, width=250, color_system=None))
     out = buf.getvalue()
-    assert "host->device" in out and "device->host" in out and "state/4k" in out and "dma/random/4k/ch2" in out
+    assert "host->device" in out and "device->host" in out
+    assert "state-only migration (NO_COPY), 4K pages" in out and "DMA copy, random 4K pages, 2 DMA channels" in out
     assert "Ceilings (same run)" in out and "10.00 GB/s" in out
     assert "NO" not in out.replace("no-copy", "").replace("NO_COPY", "")
 
@@ -120,6 +126,119 @@ def test_plots_are_png(tmp_path):
     assert [p.name for p in paths] == ["throughput_vs_folio.png", "copy_vs_nocopy.png", "phases.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure the plots save, by file name, kept open for inspection."""
+    saved = {}
+    real = plots._save
+
+    def keep(plt, fig, path, rect=(0, 0, 1, 1)):
+        saved[path.name] = fig
+        fig.canvas.draw()  # lay out as the real save does, so tick labels exist
+        real(plt, fig, path, rect)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return saved
+
+
+def _texts(fig) -> str:
+    parts = [fig._suptitle.get_text() if fig._suptitle else ""]
+    for ax in fig.axes:
+        parts.append(ax.get_title())
+        parts += [t.get_text() for t in ax.get_xticklabels()]
+        if ax.get_legend():
+            parts += [t.get_text() for t in ax.get_legend().get_texts()]
+    for leg in fig.legends:
+        parts += [t.get_text() for t in leg.get_texts()]
+    return "\n".join(parts)
+
+
+def test_plot_titles_name_backend_working_set_and_settings(tmp_path, figures):
+    write_plots(make_doc(), tmp_path)
+    assert set(figures) == {"throughput_vs_folio.png", "copy_vs_nocopy.png", "phases.png"}
+    for name, fig in figures.items():
+        title = fig._suptitle.get_text()
+        assert "cpu backend" in title and "8M working set" in title and "median of 3" in title, name
+        assert "faithful" in title, name
+        assert " ch" not in _texts(fig).replace(" channel", ""), name  # "DMA channels", never "ch"
+    # The pipelined experiment is in the throughput and phase plots, named, never in the headline bars.
+    assert "experiment: no-copy, 2 DMA channels, 16 batches/step, DMA overlaps next unmap" in \
+        _texts(figures["throughput_vs_folio.png"])
+    assert "hatched bars experiment settings" in figures["phases.png"]._suptitle.get_text()
+    assert "16 batches/step" not in _texts(figures["copy_vs_nocopy.png"])
+
+
+def test_throughput_axes_start_at_zero(tmp_path, figures):
+    write_plots(make_doc(devices=2), tmp_path)
+    for name in ("throughput_vs_folio.png", "copy_vs_nocopy.png", "phases.png"):
+        for ax in figures[name].axes:
+            assert ax.get_ylim()[0] == 0, name
+
+
+def test_phase_plot_stacks_ns_per_page_and_explains_outside(tmp_path, figures):
+    doc = make_doc()
+    write_plots(doc, tmp_path)
+    fig = figures["phases.png"]
+    assert "nanoseconds per base page" in fig._suptitle.get_text()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("outside phases: validation, isolation, put-back") for t in legend)
+    assert any(t.startswith("unmap: lock") for t in legend) and any(t.startswith("dma_wait") for t in legend)
+    # Heights are ns per page, not shares: the copy bar of host->device 4K sums to wall / pages.
+    rec = next(s for s in doc["scenarios"] if s["id"] == "migrate/h2d/4k/copy")
+    ax = fig.axes[0]
+    first_bar_top = max(p.get_y() + p.get_height() for p in ax.patches if abs(p.get_x() + p.get_width() / 2) < 0.01)
+    assert first_bar_top == pytest.approx(rec["median_wall_ns"] / rec["pages"])
+    assert "copy" in [t.get_text() for t in ax.get_xticklabels()][0]
+
+
+def test_legacy_results_load_render_plot_and_compare(tmp_path, figures):
+    doc = load_results(LEGACY)
+    assert doc["schema_version"] == 1
+    for s in doc["scenarios"]:
+        assert "options" not in s and s["name"] and s["batching"] in ("not recorded", "not a migration")
+    assert next(s for s in doc["scenarios"] if s["id"] == "migrate/h2d/4k/nocopy/ch2")["name"] == \
+        "host->device, 4K pages, no-copy, 2 DMA channels"
+    buf = io.StringIO()
+    render_tables(doc, Console(file=buf, width=250, color_system=None))
+    assert "batching not recorded" in buf.getvalue() and "Migration, faithful" not in buf.getvalue()
+    write_plots(doc, tmp_path)
+    assert "batching not recorded" in figures["copy_vs_nocopy.png"]._suptitle.get_text()
+    # A new faithful run still compares with the old baseline, by id, and says the settings were unknown.
+    new = make_doc()
+    comps = {c.id: c for c in compare_results(new, doc, 0.1)}
+    c = comps["migrate/h2d/4k/nocopy/ch2"]
+    assert c.baseline is not None and c.ratio is not None and "baseline's batching not recorded" in c.note
+    assert comps["migrate/h2d/4k/nocopy/ch2/steps16-pipe1"].note == "not in baseline"
+    write_csv(doc, tmp_path / "legacy.csv")
+    rows = list(csv.DictReader(open(tmp_path / "legacy.csv")))
+    assert rows[0]["batching"] == "not recorded" and rows[0]["faithful"] == ""
+
+
+def test_tables_say_faithful_or_experiment_per_row():
+    doc = make_doc()
+    buf = io.StringIO()
+    render_tables(doc, Console(file=buf, width=300, color_system=None))
+    out = buf.getvalue()
+    faithful, rest = out.split("Migration, experiment settings", 1)
+    assert "Migration, faithful" in faithful and "pipelined" not in faithful
+    assert "DMA channels" in faithful and "faithful copy" in faithful
+    experiments = rest.split("Engine", 1)[0]
+    rows = [ln for ln in experiments.splitlines() if "host->device" in ln or "device->host" in ln]
+    assert rows and all("pipelined" in ln or "experiment" in ln for ln in rows)
+    assert "copy with 16 batches/step" in experiments  # what the pipelined ratio divides by
+
+
+def test_schema_2_requires_recorded_settings_and_schema_1_does_not():
+    doc = make_doc()
+    del doc["scenarios"][0]["options"]
+    with pytest.raises(ResultsError, match="options"):
+        validate_results(doc)
+    doc["schema_version"] = 1
+    for s in doc["scenarios"]:
+        s.pop("options", None), s.pop("name"), s.pop("batching")
+    validate_results(doc)
 
 
 def test_compare_same_run_has_no_regression():
@@ -178,6 +297,12 @@ def test_ceiling_ratio_metric_factors_out_machine_speed():
     assert {c.id.split("/")[0] for c in regressions(comps)} == {"state"}
 
 
+def test_comparison_names_scenarios_in_words():
+    doc = make_doc()
+    comps = compare_results(doc, copy.deepcopy(doc), 0.1)
+    assert comps[0].name == doc["scenarios"][0]["name"] and comps[0].note == ""
+
+
 def test_report_command_exit_codes(tmp_path, capsys):
     base = make_doc()
     new = copy.deepcopy(base)
@@ -191,6 +316,7 @@ def test_report_command_exit_codes(tmp_path, capsys):
     assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json"), "--threshold", "0.1"]) == 1
     err = capsys.readouterr().err
     assert "1 scenario(s) regressed" in err and victim["id"] in err and "0.500x baseline" in err
+    assert victim["name"] in err
     assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json"), "--threshold", "0.6"]) == 0
 
 

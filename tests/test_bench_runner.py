@@ -3,30 +3,69 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import jsonschema
 import numpy as np
 import pytest
 
+from dmamig import MigrateOptions
 from dmamig.bench.report import load_results
-from dmamig.bench.runner import _figures, cpu_copy_ceiling, measure_ceilings, sweep_steps
-from dmamig.bench.scenarios import Scenario, build_sweep, default_settings
+from dmamig.bench.runner import _figures, add_speedups, cpu_copy_ceiling, measure_ceilings, sweep_steps
+from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
 from dmamig.bench.schema import RESULTS_SCHEMA
 from dmamig.cli import main
+from dmamig.migrate.options import FAITHFUL
 
 
 def test_default_cpu_sweep_covers_sizes_modes_directions_channels():
     s = default_settings("cpu")
     assert s.sizes == [4096, 65536, 2 << 20] and s.total_bytes == 256 << 20 and s.channels == [1, 2]
     groups, engine = build_sweep(s)
-    # copy once per size (the CPU copies: no channels), no-copy once per channel count.
-    assert len(groups) == 3 * (1 + 2)
+    # Headline first, with the kernel's batching: copy once per size (the CPU copies: no channels), no-copy
+    # once per channel count.
+    faithful = [g for g in groups if g.options.faithful]
+    assert groups[:len(faithful)] == faithful and len(faithful) == 3 * (1 + 2)
     ids = [sc.id for g in groups for sc in g.scenarios]
-    assert len(ids) == len(set(ids)) == 3 * 3 * 2
+    assert len(ids) == len(set(ids))
     assert "migrate/h2d/4k/copy" in ids and "migrate/d2h/2m/nocopy/ch2" in ids and "migrate/h2d/64k/nocopy/ch1" in ids
+    # Then the default experiment, at 4K only: pipelined no-copy per channel count, beside copy at the same
+    # batches per step so that its ratio compares like with like.
+    exp = groups[len(faithful):]
+    assert [(g.mode, g.folio_bytes, g.channels, g.options) for g in exp] == [
+        ("copy", 4096, None, MigrateOptions(batches_per_step=16)),
+        ("nocopy", 4096, 1, PIPELINED), ("nocopy", 4096, 2, PIPELINED)]
+    assert "migrate/h2d/4k/nocopy/ch2/steps16-pipe1" in ids and "migrate/d2h/4k/copy/steps16" in ids
     assert [e.id for e in engine] == ["state/4k", "state/2m", "dma/random/4k/ch2", "dma/contiguous/4k/ch2"]
+    assert all(e.options == MigrateOptions() for e in engine if e.kind == "state")
+    assert all(e.options is None for e in engine if e.kind == "dma")
     assert sweep_steps(s) == (len(ids) + len(engine)) * (s.warmup + s.repeat)
+
+
+def test_without_variants_only_the_kernels_batching_runs():
+    s = dataclasses.replace(default_settings("cpu"), variants=False)
+    groups, engine = build_sweep(s)
+    assert len(groups) == 9 and all(g.options.faithful for g in groups)
+    assert all(sc.options.faithful for g in groups for sc in g.scenarios)
+
+
+def test_sweep_axes_add_experiments_at_every_size_and_skip_pipelines_for_copy():
+    s = BenchSettings(backend="cpu", sizes=[4096, 2 << 20], total_bytes=8 << 20, channels=[2],
+                      batch_pages=[512, 2048], pipeline=[0, 1], variants=False)
+    assert s.option_sets() == [MigrateOptions(), MigrateOptions(pipeline_depth=1), MigrateOptions(batch_pages=2048),
+                               MigrateOptions(batch_pages=2048, pipeline_depth=1)]
+    groups, engine = build_sweep(s)
+    copy = {(g.folio_bytes, g.options) for g in groups if g.mode == "copy"}
+    nocopy = {(g.folio_bytes, g.options) for g in groups if g.mode == "nocopy"}
+    # A pipeline depth means nothing without a DMA copy to overlap: copy runs each batch size once.
+    assert copy == {(f, MigrateOptions(batch_pages=b)) for f in (4096, 2 << 20) for b in (512, 2048)}
+    assert nocopy == {(f, o) for f in (4096, 2 << 20) for o in s.option_sets()}
+    assert groups[0].options.faithful and groups[1].options.faithful  # the headline comes first
+    state = [e for e in engine if e.kind == "state"]
+    assert {(e.folio_bytes, e.options) for e in state} == {
+        (f, MigrateOptions(batch_pages=b)) for f in (4096, 2 << 20) for b in (512, 2048)}
+    assert "state/4k/batch2048" in [e.id for e in state]
 
 
 def test_two_devices_add_device_to_device_legs():
@@ -48,6 +87,26 @@ def test_scenario_ids_and_orders():
     assert Scenario("migrate", 2 << 20, 1 << 20, "copy", "h2d").order == 9
     assert Scenario("state", 4096, 1 << 20, "state").id == "state/4k"
     assert Scenario("dma", 4096, 1 << 20, "dma", "h2d", 2, "random").pages == 256
+    exp = MigrateOptions(batch_pages=2048, batches_per_step=4, pipeline_depth=2)
+    assert Scenario("migrate", 4096, 1 << 20, "nocopy", "h2d", 2, options=exp).id == \
+        "migrate/h2d/4k/nocopy/ch2/batch2048-steps4-pipe2"
+
+
+@pytest.mark.parametrize("sc, name", [
+    (Scenario("migrate", 4096, 1 << 20, "nocopy", "h2d", 2), "host->device, 4K pages, no-copy, 2 DMA channels"),
+    (Scenario("migrate", 4096, 1 << 20, "nocopy", "d2h", 1), "device->host, 4K pages, no-copy, 1 DMA channel"),
+    (Scenario("migrate", 2 << 20, 1 << 20, "copy", "d2d"), "device->device, 2M folios, copy"),
+    (Scenario("migrate", 4096, 1 << 20, "nocopy", "h2d", 2, options=PIPELINED),
+     "host->device, 4K pages, no-copy, 2 DMA channels, pipelined (16 batches/step, DMA overlaps next unmap)"),
+    (Scenario("migrate", 65536, 1 << 20, "copy", "h2d", options=MigrateOptions(batch_pages=2048)),
+     "host->device, 64K folios, copy, experiment (2048-page batches)"),
+    (Scenario("state", 2 << 20, 1 << 20, "state"), "state-only migration (NO_COPY), 2M folios"),
+    (Scenario("dma", 4096, 1 << 20, "dma", "h2d", 2, "random", options=None),
+     "DMA copy, random 4K pages, 2 DMA channels"),
+])
+def test_scenario_names_are_words(sc, name):
+    assert sc.name == name
+    assert "/" not in sc.name.replace("batches/step", "")
 
 
 def test_figures_use_medians_and_ratios():
@@ -64,6 +123,41 @@ def test_figures_use_medians_and_ratios():
     assert r["phase_ns"]["unmap"] == 200 and r["phase_ns"]["copy"] == 0
     assert r["phase_share"]["unmap"] == pytest.approx(1e-7)
     assert r["wall_ns"] == walls and r["verified"]
+    # Outside the phases: per repetition, then the median (3e9 - 330, 1e9 - 110, 2e9 - 220).
+    assert r["outside_phases_ns"] == 2e9 - 220
+    assert r["options"] == {"batch_pages": 512, "batches_per_step": 1, "pipeline_depth": 0, "faithful": True}
+    assert r["batching"] == "faithful" and r["name"] == "host->device, 4K pages, no-copy, 2 DMA channels"
+
+
+def test_figures_keep_phases_the_schema_does_not_name():
+    sc = Scenario("migrate", 4096, 1 << 20, "copy", "h2d", options=PIPELINED)
+    r = _figures(sc, [1000], [500], [{"unmap": 100, "dma_submit": 50}], None)
+    assert r["phase_ns"]["dma_submit"] == 50 and r["outside_phases_ns"] == 850
+    assert r["options"]["pipeline_depth"] == 1 and not r["options"]["faithful"]
+    assert r["batching"] == "pipelined (16 batches/step, DMA overlaps next unmap)"
+
+
+def _rec(mode, gbps, options=FAITHFUL, ch=2, folio=4096, direction="h2d"):
+    sc = Scenario("migrate", folio, 1 << 20, mode, direction, ch if mode == "nocopy" else None, options=options)
+    r = _figures(sc, [1000], [1000], [], None)
+    r["gbps"] = gbps
+    return r
+
+
+def test_speedups_compare_like_with_like():
+    copy, copy16 = _rec("copy", 2.0), _rec("copy", 4.0, MigrateOptions(batches_per_step=16))
+    nocopy, piped = _rec("nocopy", 3.0), _rec("nocopy", 10.0, PIPELINED)
+    big = _rec("nocopy", 5.0, MigrateOptions(batch_pages=2048))
+    other = _rec("nocopy", 9.0, direction="d2h")
+    recs = [copy, copy16, nocopy, piped, big, other]
+    add_speedups(recs)
+    assert nocopy["speedup_vs_copy"] == 1.5 and nocopy["speedup_vs"] == copy["id"]
+    # Pipelined runs 16 batches per step: it divides by copy at 16 batches per step, and says so.
+    assert piped["speedup_vs_copy"] == 2.5 and piped["speedup_vs"] == "migrate/h2d/4k/copy/steps16"
+    assert piped["speedup_vs_faithful_copy"] == 5.0
+    # No copy ran with 2048-page batches: the faithful copy stands in, named.
+    assert big["speedup_vs_copy"] == 2.5 and big["speedup_vs"] == copy["id"]
+    assert other["speedup_vs_copy"] is None and copy["speedup_vs_copy"] is None
 
 
 def test_cpu_ceiling_is_measured_once_for_every_direction():
@@ -95,18 +189,36 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     scs = doc["scenarios"]
     assert all(s["verified"] and s["gbps"] > 0 for s in scs)
     mig = [s for s in scs if s["kind"] == "migrate"]
-    assert {(s["direction"], s["mode"], s["folio_bytes"]) for s in mig} == {
+    faithful = [s for s in mig if s["options"]["faithful"]]
+    assert {(s["direction"], s["mode"], s["folio_bytes"]) for s in faithful} == {
         (d, m, f) for d in ("h2d", "d2h") for m in ("copy", "nocopy") for f in (4096, 2 << 20)}
+    assert all(s["batching"] == "faithful" and s["options"] == MigrateOptions().as_dict() for s in faithful)
+    # The default experiment, labelled as one: pipelined no-copy at 4K, against copy at 16 batches/step.
+    piped = [s for s in mig if s["options"]["pipeline_depth"]]
+    assert {s["direction"] for s in piped} == {"h2d", "d2h"} and all(s["folio_bytes"] == 4096 for s in piped)
+    for s in piped:
+        assert s["options"] == PIPELINED.as_dict() and s["batching"].startswith("pipelined (16 batches/step")
+        assert s["id"].endswith("/steps16-pipe1") and "pipelined" in s["name"]
+        assert s["speedup_vs"] == f"migrate/{s['direction']}/4k/copy/steps16"
     for s in mig:
         assert s["ceiling_gbps"] > 0 and s["ceiling_ratio"] == pytest.approx(s["gbps"] / s["ceiling_gbps"])
         assert s["nr_failed"] == 0 and s["nr_succeeded"] == s["pages"]
         assert (s["speedup_vs_copy"] is None) == (s["mode"] == "copy")
+        assert s["outside_phases_ns"] is not None and s["outside_phases_ns"] >= 0
+    for s in faithful:
+        if s["mode"] == "nocopy":  # the headline ratio: faithful no-copy over faithful copy
+            assert s["speedup_vs"] == f"migrate/{s['direction']}/{s['id'].split('/')[2]}/copy"
+            assert s["speedup_vs_copy"] == s["speedup_vs_faithful_copy"]
+    assert all(s["options"] is None for s in scs if s["kind"] == "dma")
     state = [s for s in scs if s["kind"] == "state"]
     assert state and all(s["pages_per_cpu_s"] > 0 for s in state)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == len(scs)
-    printed = capsys.readouterr().out
-    assert "Migration (mm.migrate, end to end)" in printed and "x ceiling" in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "Migration, faithful" in printed and "Migration, experiment settings" in printed
+    assert "x ceiling" in printed and "DMA channels" in printed
+    assert "faithful batching + experiments: pipelined (16 batches/step" in captured.err
     # The written file re-renders and compares with itself without a regression.
     assert main(["report", str(out / "results.json"), str(out / "results.json")]) == 0
 

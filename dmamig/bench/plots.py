@@ -1,17 +1,42 @@
-"""PNG plots of a results document (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of a results document (matplotlib, Agg backend: no display needed).
+
+Each plot is meant to be read without the README: its title names the backend, the working set and the batching
+(faithful, i.e. the kernel's, unless marked as an experiment), axes of rates start at zero, and legends say
+what each colour measures.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .scenarios import DIRECTIONS, format_size
+from .naming import DIRECTIONS, batching_class, format_size, options_of, settings_words
 from .schema import PHASES
 
-__all__ = ["write_plots"]
+__all__ = ["plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "write_plots"]
 
 _PHASE_COLORS = {"unmap": "#4c72b0", "copy": "#dd8452", "move": "#55a868", "undo": "#c44e52",
-                 "dma_wait": "#8172b3", "other": "#cccccc"}
+                 "dma_wait": "#8172b3", "outside": "#bbbbbb"}
+_EXTRA_COLORS = ("#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+
+#: What each phase is, for the legend: the kernel's step names with the work they stand for.
+PHASE_LEGEND = {
+    "unmap": "unmap: lock, install migration entries, TLB flush",
+    "copy": "copy: the CPU copies the data (copy mode)",
+    "dma_wait": "dma_wait: waiting for the DMA copy (no-copy)",
+    "move": "move: transfer page state, remap, unlock",
+    "undo": "undo: restore pages that failed",
+    "outside": "outside phases: validation, isolation, put-back, result",
+    # Phases a core may report beyond the schema's; any other name is shown as it is.
+    "dma_submit": "dma_submit: plan and queue the DMA copy (no-copy)",
+    "submit": "submit: plan and queue the DMA copy (no-copy)",
+    "isolate": "isolate: collect and isolate the folios",
+    "collect": "collect: find the folios of the range",
+    "putback": "putback: return folios to their lists",
+}
+
+_FAITHFUL_WORDS = "faithful (the kernel's batching: 512-page batches, one at a time, no pipeline)"
+_LEGACY_WORDS = "batching not recorded (results from before settings were recorded)"
 
 
 def _pyplot():
@@ -24,117 +49,237 @@ def _pyplot():
     return plt
 
 
-def _save(plt: Any, fig: Any, path: Path) -> None:
-    """Lay out, write the PNG and release the figure (pyplot keeps every open figure otherwise)."""
-    fig.tight_layout()
+def _save(plt: Any, fig: Any, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """Lay out (inside ``rect``, leaving room for a figure legend), write the PNG and release the figure.
+
+    pyplot keeps every open figure otherwise.
+    """
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _series_label(sc: dict[str, Any]) -> str:
-    return "copy" if sc["mode"] == "copy" else f"no-copy, {sc['channels']} ch"
+# -- selecting and labelling records ---------------------------------------------------------------------------
+
+def _migrations(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in doc["scenarios"] if s["kind"] == "migrate"]
 
 
-def _migrations(doc: dict[str, Any]) -> tuple[list[str], list[int], list[dict[str, Any]]]:
-    mig = [s for s in doc["scenarios"] if s["kind"] == "migrate"]
-    directions = [d for d in DIRECTIONS if any(s["direction"] == d for s in mig)]
-    sizes = sorted({s["folio_bytes"] for s in mig})
-    return directions, sizes, mig
+def _headline(mig: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The records a headline plot shows, and their batching in words: faithful ones, else legacy ones."""
+    faithful = [s for s in mig if batching_class(s) == "faithful"]
+    if faithful:
+        return faithful, _FAITHFUL_WORDS
+    return [s for s in mig if batching_class(s) == "legacy"], _LEGACY_WORDS
+
+
+def _directions(mig: list[dict[str, Any]]) -> list[str]:
+    return [d for d in DIRECTIONS if any(s["direction"] == d for s in mig)]
+
+
+def _context(doc: dict[str, Any]) -> str:
+    """Backend, working set and repetitions: the line every title carries."""
+    s = doc["settings"]
+    gpus = ", ".join(g["name"] for g in doc["machine"].get("gpus") or [])
+    where = f"{doc['machine']['backend']} backend" + (f" ({gpus})" if gpus else "")
+    reps = f"median of {s['repeat']} repetitions" if s["repeat"] > 1 else "1 repetition"
+    return f"{where}, {format_size(s['total_bytes'])} working set, {reps}"
+
+
+def _mode_label(sc: dict[str, Any]) -> str:
+    if sc["mode"] == "copy":
+        return "copy"
+    n = sc["channels"]
+    return f"no-copy, {n} DMA channel" + ("" if n == 1 else "s")
+
+
+def _experiment_label(sc: dict[str, Any]) -> str:
+    return f"{_mode_label(sc)}, {settings_words(options_of(sc))}"
 
 
 def _ceiling(doc: dict[str, Any], direction: str) -> dict[str, Any] | None:
     return next((c for c in doc.get("ceilings", []) if c["direction"] == direction), None)
 
 
+def _ceiling_line(ax: Any, doc: dict[str, Any], direction: str) -> float:
+    c = _ceiling(doc, direction)
+    if not c:
+        return 0.0
+    ax.axhline(c["gbps"], color="black", linestyle=":", linewidth=1.5,
+               label=f"ceiling {c['gbps']:.1f} GB/s (plain copy, same run)")
+    return float(c["gbps"])
+
+
+# -- the plots -------------------------------------------------------------------------------------------------
+
 def plot_throughput(doc: dict[str, Any], path: Path) -> None:
-    """Throughput against folio size, one panel per direction, one line per mode; the ceiling dashed."""
+    """Throughput against folio size, one panel per direction.
+
+    Faithful records are lines (copy, and no-copy per DMA channel count); experiment records are hollow
+    markers labelled with their settings; the same-run ceiling is dotted. The y axis starts at 0.
+    """
     plt = _pyplot()
-    directions, sizes, mig = _migrations(doc)
-    fig, axes = plt.subplots(1, len(directions), figsize=(5.2 * len(directions), 4.2), squeeze=False,
+    mig = _migrations(doc)
+    head, words = _headline(mig)
+    experiments = [s for s in mig if batching_class(s) == "experiment"]
+    directions = _directions(mig)
+    sizes = sorted({s["folio_bytes"] for s in mig})
+    fig, axes = plt.subplots(1, len(directions), figsize=(6.2 * len(directions), 5.4), squeeze=False,
                              sharey=True)
-    xs = list(range(len(sizes)))
+    top = 0.0
     for ax, d in zip(axes[0], directions, strict=True):
-        labels = sorted({_series_label(s) for s in mig if s["direction"] == d}, key=lambda x: (x != "copy", x))
+        labels = sorted({_mode_label(s) for s in head if s["direction"] == d}, key=lambda x: (x != "copy", x))
         for label in labels:
-            pts = {s["folio_bytes"]: s["gbps"] for s in mig if s["direction"] == d and _series_label(s) == label}
+            pts = {s["folio_bytes"]: s["gbps"] for s in head if s["direction"] == d and _mode_label(s) == label}
             x = [i for i, sz in enumerate(sizes) if sz in pts]
-            ax.plot(x, [pts[sizes[i]] for i in x], marker="o", label=label,
-                    linestyle="-" if label == "copy" else "--" if label.endswith(" 1 ch") else "-.")
-        c = _ceiling(doc, d)
-        if c:
-            ax.axhline(c["gbps"], color="black", linestyle=":", linewidth=1.5,
-                       label=f"ceiling {c['gbps']:.1f} GB/s")
+            ys = [pts[sizes[i]] for i in x]
+            top = max([top, *ys])
+            ax.plot(x, ys, marker="o", label=label, linestyle="-" if label == "copy" else "--")
+        for k, s in enumerate(e for e in experiments if e["direction"] == d):
+            top = max(top, s["gbps"])
+            ax.plot([sizes.index(s["folio_bytes"])], [s["gbps"]], marker="osD^v<>"[k % 7], markersize=9,
+                    markerfacecolor="none", markeredgewidth=1.8, linestyle="none",
+                    label=f"experiment: {_experiment_label(s)}")
+        top = max(top, _ceiling_line(ax, doc, d))
         ax.set_title(DIRECTIONS[d])
-        ax.set_xticks(xs, [format_size(s) for s in sizes])
-        ax.set_xlabel("folio size")
+        ax.set_xticks(list(range(len(sizes))), [format_size(s) for s in sizes])
+        ax.set_xlabel("folio size (4K = base pages)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("GB/s (median)")
-    fig.suptitle(f"Migration throughput vs folio size ({doc['machine']['backend']} backend, "
-                 f"{format_size(doc['settings']['total_bytes'])} per run)")
+        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.04), ncol=1, frameon=False)
+    for ax in axes[0]:
+        ax.set_ylim(0, top * 1.1 or 1.0)
+    axes[0][0].set_ylabel("GB/s (median; axis starts at 0)")
+    fig.suptitle(f"Migration throughput vs folio size: lines {words}\n{_context(doc)}", fontsize=11)
     _save(plt, fig, path)
 
 
 def plot_copy_vs_nocopy(doc: dict[str, Any], path: Path) -> None:
-    """Grouped bars: copy against the best no-copy run per (direction, folio size), the ceiling as a line."""
+    """Grouped bars, faithful records only: copy against the best no-copy run per (direction, folio size).
+
+    Each pair is labelled with its no-copy/copy ratio, so the headline ratio compares like with like (both
+    with the kernel's batching); the ceiling is a dotted line.
+    """
     plt = _pyplot()
-    directions, sizes, mig = _migrations(doc)
-    fig, axes = plt.subplots(1, len(directions), figsize=(5.2 * len(directions), 4.2), squeeze=False,
+    head, words = _headline(_migrations(doc))
+    directions = _directions(head)
+    sizes = sorted({s["folio_bytes"] for s in head})
+    chans = sorted({s["channels"] for s in head if s["mode"] == "nocopy"})
+    fig, axes = plt.subplots(1, len(directions), figsize=(5.6 * len(directions), 4.8), squeeze=False,
                              sharey=True)
     width = 0.38
     for ax, d in zip(axes[0], directions, strict=True):
         copy, best = [], []
         for sz in sizes:
-            cell = [s for s in mig if s["direction"] == d and s["folio_bytes"] == sz]
+            cell = [s for s in head if s["direction"] == d and s["folio_bytes"] == sz]
             copy.append(max((s["gbps"] for s in cell if s["mode"] == "copy"), default=0.0))
             best.append(max((s["gbps"] for s in cell if s["mode"] == "nocopy"), default=0.0))
         xs = range(len(sizes))
-        ax.bar([x - width / 2 for x in xs], copy, width, label="copy (CPU copies)", color="#dd8452")
-        bars = ax.bar([x + width / 2 for x in xs], best, width, label="no-copy (DMA copies), best ch",
-                      color="#4c72b0")
+        ax.bar([x - width / 2 for x in xs], copy, width, label="copy (the CPU copies)", color="#dd8452")
+        if len(chans) == 1:
+            how = f"{chans[0]} DMA channel" + ("" if chans[0] == 1 else "s")
+        else:
+            how = f"best of {', '.join(map(str, chans[:-1]))} or {chans[-1]} DMA channels"
+        bars = ax.bar([x + width / 2 for x in xs], best, width, color="#4c72b0",
+                      label=f"no-copy (the DMA engine copies), {how}")
         for rect, c, n in zip(bars, copy, best, strict=True):
             if c > 0:
                 ax.annotate(f"{n / c:.2f}x", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
                             ha="center", va="bottom", fontsize=8)
-        c = _ceiling(doc, d)
-        if c:
-            ax.axhline(c["gbps"], color="black", linestyle=":", linewidth=1.5,
-                       label=f"ceiling {c['gbps']:.1f} GB/s")
+        ceiling = _ceiling_line(ax, doc, d)
         ax.set_title(DIRECTIONS[d])
         ax.set_xticks(list(xs), [format_size(s) for s in sizes])
-        ax.set_xlabel("folio size")
+        ax.set_xlabel("folio size (4K = base pages)")
         ax.grid(True, axis="y", alpha=0.3)
         # Headroom above the tallest bar or the ceiling, so the legend covers neither.
-        top = max([*copy, *best, c["gbps"] if c else 0.0, 1e-9])
-        ax.set_ylim(0, top * 1.4)
+        ax.set_ylim(0, max([*copy, *best, ceiling, 1e-9]) * 1.45)
         ax.legend(fontsize=8, loc="upper left")
-    axes[0][0].set_ylabel("GB/s (median)")
-    fig.suptitle("Copy vs no-copy migration (labels: no-copy / copy)")
+    axes[0][0].set_ylabel("GB/s (median; axis starts at 0)")
+    fig.suptitle(f"Copy vs no-copy migration, {words}\nlabels: no-copy GB/s / copy GB/s; {_context(doc)}",
+                 fontsize=10.5)
     _save(plt, fig, path)
+
+
+def _phase_names(mig: list[dict[str, Any]]) -> list[str]:
+    seen = {p for s in mig for p in (s.get("phase_ns") or {})}
+    return [p for p in PHASES if p in seen] + sorted(seen - set(PHASES))
+
+
+def _outside_ns(sc: dict[str, Any]) -> float:
+    # Recorded from schema 2 on; older results only have the median wall time and the phase medians.
+    if sc.get("outside_phases_ns") is not None:
+        return float(sc["outside_phases_ns"])
+    return max(0.0, sc["median_wall_ns"] - sum((sc.get("phase_ns") or {}).values()))
 
 
 def plot_phases(doc: dict[str, Any], path: Path) -> None:
-    """Stacked bars of each migration scenario's wall time split into phases."""
+    """Stacked bars of nanoseconds per base page by phase: one row of panels per direction, one per folio size.
+
+    Bar heights are absolute (wall nanoseconds per base page), so copy and no-copy compare by height; the
+    grey top of each bar is the call's time outside the named phases. Experiment settings are hatched.
+    """
     plt = _pyplot()
-    _, _, mig = _migrations(doc)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(mig) + 3), 4.8))
-    xs = range(len(mig))
-    bottom = [0.0] * len(mig)
-    for p in (*PHASES, "other"):
-        if p == "other":
-            vals = [max(0.0, 1.0 - b) for b in bottom]
-        else:
-            vals = [(s.get("phase_share") or {}).get(p, 0.0) for s in mig]
-        ax.bar(xs, vals, bottom=bottom, color=_PHASE_COLORS[p], label=p)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_xticks(list(xs), [s["id"].removeprefix("migrate/") for s in mig], rotation=70, ha="right",
-                  fontsize=7)
-    ax.set_ylabel("share of wall time")
-    ax.set_ylim(0, max(1.0, max(bottom, default=1.0)))
-    ax.set_title("Where migration time goes (median repetition)")
-    # Outside the axes: the bars fill the whole height.
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _save(plt, fig, path)
+    mig = _migrations(doc)
+    directions = _directions(mig)
+    sizes = sorted({s["folio_bytes"] for s in mig})
+    names = _phase_names(mig)
+    colors = dict(_PHASE_COLORS)
+    for k, p in enumerate(p for p in names if p not in colors):
+        colors[p] = _EXTRA_COLORS[k % len(_EXTRA_COLORS)]
+    per_panel = max(len([s for s in mig if s["direction"] == d and s["folio_bytes"] == sz])
+                    for d in directions for sz in sizes)
+    fig, axes = plt.subplots(len(directions), len(sizes), squeeze=False, sharey="row",
+                             figsize=(max(4.2, 1.05 * per_panel + 1.2) * len(sizes), 4.6 * len(directions) + 1.2))
+    handles: dict[str, Any] = {}
+    for r, d in enumerate(directions):
+        row_top = 0.0
+        for c, sz in enumerate(sizes):
+            ax = axes[r][c]
+            cell = [s for s in mig if s["direction"] == d and s["folio_bytes"] == sz]
+            cell.sort(key=lambda s: (batching_class(s) == "experiment", s["mode"] != "copy", s["channels"] or 0))
+            bottom = [0.0] * len(cell)
+            for p in (*names, "outside"):
+                vals = [(_outside_ns(s) if p == "outside" else (s.get("phase_ns") or {}).get(p, 0.0)) / s["pages"]
+                        for s in cell]
+                hatch = ["//" if batching_class(s) == "experiment" else "" for s in cell]
+                bars = ax.bar(range(len(cell)), vals, bottom=bottom, color=colors[p], edgecolor="white",
+                              linewidth=0.5)
+                for b, h in zip(bars, hatch, strict=True):
+                    b.set_hatch(h)
+                handles.setdefault(p, bars[0] if len(bars) else None)
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+            ax.set_xticks(list(range(len(cell))), [_bar_label(s) for s in cell], fontsize=8)
+            ax.set_title(f"{DIRECTIONS[d]}, {format_size(sz)} folios" if sz > 4096 else f"{DIRECTIONS[d]}, 4K pages",
+                         fontsize=10)
+            ax.grid(True, axis="y", alpha=0.3)
+            row_top = max([row_top, *bottom])
+        axes[r][0].set_ylabel("wall ns per base page (median)")
+        axes[r][0].set_ylim(0, row_top * 1.05 or 1.0)  # the row shares its y axis: one limit fits all panels
+    order = [p for p in (*names, "outside") if handles.get(p) is not None]
+    legend = {p: PHASE_LEGEND.get(p, p) for p in order}
+    if any(s["mode"] == "nocopy" for s in mig) and not any("submit" in p for p in names):
+        # This core does not time DMA submission as a phase of its own, so no-copy's grey includes it.
+        legend["outside"] += "; no-copy: also planning and queueing the DMA copy"
+    fig.legend([handles[p] for p in order], [legend[p] for p in order], loc="lower center",
+               ncol=min(3, len(order)), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    head_words = "faithful (the kernel's batching)" if any(batching_class(s) == "faithful" for s in mig) \
+        else "batching not recorded (older results)"
+    marks = (f"plain bars {head_words}, hatched bars experiment settings (named under the bar)"
+             if any(batching_class(s) == "experiment" for s in mig) else f"all bars {head_words}")
+    fig.suptitle("Where migration time goes: wall nanoseconds per base page, by phase (lower is faster)\n"
+                 f"{_context(doc)}; {marks}", fontsize=10.5)
+    _save(plt, fig, path, rect=(0, 0.07, 1, 1))
+
+
+def _bar_label(sc: dict[str, Any]) -> str:
+    # Short lines under a bar: the mode, the channels spelled out, and an experiment's settings.
+    if sc["mode"] == "copy":
+        lines = ["copy"]
+    else:
+        n = sc["channels"]
+        lines = ["no-copy", f"{n} DMA channel" + ("" if n == 1 else "s")]
+    if batching_class(sc) == "experiment":
+        lines += [w.strip() for w in settings_words(options_of(sc)).split(",")]
+    return "\n".join(lines)
 
 
 def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
@@ -145,7 +290,7 @@ def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not any(s["kind"] == "migrate" for s in doc["scenarios"]):
+    if not _migrations(doc):
         return []
     paths = []
     for name, fn in (("throughput_vs_folio.png", plot_throughput), ("copy_vs_nocopy.png", plot_copy_vs_nocopy),

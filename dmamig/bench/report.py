@@ -15,7 +15,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .scenarios import DIRECTIONS, format_size
+from .naming import (
+    DIRECTIONS,
+    LEGACY_BATCHING,
+    NOT_A_MIGRATION,
+    batching_class,
+    format_size,
+    options_of,
+    scenario_name,
+    settings_words,
+)
 from .schema import PHASES, ResultsError, validate_results
 
 __all__ = [
@@ -25,6 +34,7 @@ __all__ = [
     "compare_results",
     "comparison_table",
     "load_results",
+    "normalize_results",
     "primary_metric",
     "regressions",
     "render_tables",
@@ -33,11 +43,16 @@ __all__ = [
 ]
 
 #: Columns of results.csv, in order; phase columns are ``phase_<name>_ns`` and ``share_<name>``.
+#: ``batch_pages``, ``batches_per_step``, ``pipeline_depth`` and ``faithful`` come from the scenario's options
+#: (empty for raw DMA copies and for results that predate recorded settings).
 CSV_FIELDS = (
-    ["id", "kind", "mode", "direction", "layout", "folio_bytes", "folio_order", "channels", "bytes", "pages",
-     "repeat", "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
-     "ceiling_gbps", "ceiling_ratio", "ceiling_method", "speedup_vs_copy", "nr_failed", "verified"]
+    ["id", "name", "kind", "mode", "direction", "layout", "folio_bytes", "folio_order", "channels", "batching",
+     "batch_pages", "batches_per_step", "pipeline_depth", "faithful", "bytes", "pages", "repeat",
+     "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
+     "ceiling_gbps", "ceiling_ratio", "ceiling_method", "speedup_vs_copy", "speedup_vs",
+     "speedup_vs_faithful_copy", "nr_failed", "verified"]
     + [f"phase_{p}_ns" for p in PHASES]
+    + ["outside_phases_ns"]
     + [f"share_{p}" for p in PHASES]
 )
 
@@ -67,6 +82,22 @@ def load_results(path: str | Path) -> dict[str, Any]:
         validate_results(doc)
     except ResultsError as exc:
         raise ResultsError(f"{str(p)!r}: {exc}") from None
+    return normalize_results(doc)
+
+
+def normalize_results(doc: dict[str, Any]) -> dict[str, Any]:
+    """Give every scenario of ``doc`` a ``name`` and a ``batching`` text, in place; return ``doc``.
+
+    Results written before settings were recorded (schema 1) have neither: the name is built from the
+    scenario's fields, and the batching reads as not recorded. Their ``options`` stay absent, which is how
+    the report tells them apart from a run that recorded the kernel's batching.
+    """
+    for sc in doc["scenarios"]:
+        if "name" not in sc:
+            sc["name"] = scenario_name(sc["kind"], sc["direction"], sc["folio_bytes"], sc["mode"],
+                                       sc.get("channels"), sc.get("layout", ""))
+        if "batching" not in sc:
+            sc["batching"] = NOT_A_MIGRATION if sc["kind"] == "dma" else LEGACY_BATCHING
     return doc
 
 
@@ -82,6 +113,7 @@ def write_csv(doc: dict[str, Any], path: str | Path) -> None:
         w.writeheader()
         for sc in doc["scenarios"]:
             row = {k: sc.get(k) for k in CSV_FIELDS}
+            row.update(sc.get("options") or {})
             for p in PHASES:
                 row[f"phase_{p}_ns"] = (sc.get("phase_ns") or {}).get(p)
                 row[f"share_{p}"] = (sc.get("phase_share") or {}).get(p)
@@ -104,8 +136,12 @@ def _rate(value: float | None) -> str:
 
 
 def _phases(sc: dict[str, Any]) -> str:
-    share = sc.get("phase_share") or {}
-    parts = [f"{p} {share[p] * 100:.0f}%" for p in PHASES if share.get(p, 0) >= 0.005]
+    # Nanoseconds per base page, as the phase plot shows them: copy and no-copy compare by size, not share.
+    per = sc.get("phase_ns") or {}
+    pages = sc.get("pages") or 1
+    parts = [f"{p} {per[p] / pages:.0f}" for p in per if per[p] / pages >= 0.5]
+    if sc.get("outside_phases_ns") is not None:
+        parts.append(f"outside {sc['outside_phases_ns'] / pages:.0f}")
     return " ".join(parts) or "-"
 
 
@@ -116,44 +152,74 @@ def _header(doc: dict[str, Any]) -> str:
             f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)")
 
 
+def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
+    if sc.get("speedup_vs_copy") is None:
+        return "-"
+    base = by_id.get(sc.get("speedup_vs") or "")
+    if base is None:  # legacy results: the copy of the same direction and folio size
+        return "copy, same folio size"
+    opts = options_of(base)
+    return "faithful copy" if opts is None or opts.faithful else f"copy with {settings_words(opts)}"
+
+
+_MIGRATION_TABLES = (
+    ("faithful", "Migration, faithful: the kernel's batching (512-page batches, one at a time, no pipeline)"),
+    ("experiment", "Migration, experiment settings (not the kernel's batching: compare with care)"),
+    ("legacy", "Migration, batching not recorded (results from before settings were recorded)"),
+)
+
+
+def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    # The ceiling itself is printed once below the tables, and pages/s is GB/s in other units: both stay in
+    # the CSV, out of a table that is wide already.
+    for col, just in (("direction", "left"), ("folio", "right"), ("mode", "left"), ("DMA channels", "right"),
+                      ("batching", "left"), ("GB/s", "right"), ("CPU ns/page", "right"),
+                      ("x ceiling", "right"), ("no-copy ÷ copy", "right"),
+                      ("compared with", "left"), ("ns per page by phase", "left"), ("ok", "center")):
+        t.add_column(col, justify=just, no_wrap=col not in ("ns per page by phase", "batching", "compared with"))
+    for s in rows:
+        t.add_row(DIRECTIONS.get(s["direction"], s["direction"]), format_size(s["folio_bytes"]),
+                  "no-copy" if s["mode"] == "nocopy" else "copy", _f(s["channels"], "{}"), s["batching"],
+                  _f(s["gbps"]), _f(s["cpu_ns_per_page"], "{:.0f}"),
+                  _f(s["ceiling_ratio"]), _f(s.get("speedup_vs_copy")),
+                  _compared_with(s, by_id), _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
+    return t
+
+
 def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
-    """Print the results as rich tables: migrations, then engine scenarios, then the ceilings.
+    """Print the results as rich tables: faithful migrations, experiments, engine scenarios, then ceilings.
+
+    Each migration row says its batching (``faithful`` or the experiment's settings) and which copy
+    scenario its no-copy/copy ratio divides by.
 
     Parameters
     ----------
     doc : dict
-        A results document.
+        A results document (as :func:`load_results` returns it, or as the runner builds it).
     console : rich.console.Console, optional
         Where to print (a new console on stdout by default).
     """
     console = console or Console()
+    normalize_results(doc)
     console.print(_header(doc))
     scs = doc["scenarios"]
+    by_id = {s["id"]: s for s in scs}
     mig = [s for s in scs if s["kind"] == "migrate"]
-    if mig:
-        t = Table(title="Migration (mm.migrate, end to end)", title_justify="left")
-        for col, just in (("direction", "left"), ("folio", "right"), ("mode", "left"), ("ch", "right"),
-                          ("GB/s", "right"), ("pages/s", "right"), ("CPU ns/page", "right"),
-                          ("ceiling GB/s", "right"), ("x ceiling", "right"), ("no-copy/copy", "right"),
-                          ("phases (share of wall)", "left"), ("ok", "center")):
-            t.add_column(col, justify=just, no_wrap=col != "phases (share of wall)")
-        for s in mig:
-            t.add_row(DIRECTIONS.get(s["direction"], s["direction"]), format_size(s["folio_bytes"]),
-                      "no-copy" if s["mode"] == "nocopy" else "copy", _f(s["channels"], "{}"),
-                      _f(s["gbps"]), _rate(s["pages_per_s"]), _f(s["cpu_ns_per_page"], "{:.0f}"),
-                      _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), _f(s.get("speedup_vs_copy")),
-                      _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
-        console.print(t)
+    for cls, title in _MIGRATION_TABLES:
+        rows = [s for s in mig if batching_class(s) == cls]
+        if rows:
+            console.print(_migration_table(rows, title, by_id))
     eng = [s for s in scs if s["kind"] != "migrate"]
     if eng:
         t = Table(title="Engine (state-only migration, raw DMA copy)", title_justify="left")
-        for col in ("scenario", "pages", "GB/s", "pages/s", "CPU ns/page", "pages per CPU-s", "ceiling GB/s",
-                    "x ceiling", "ok"):
-            t.add_column(col, justify="left" if col == "scenario" else "right")
+        for col in ("scenario", "batching", "pages", "GB/s", "pages/s", "CPU ns/page", "pages per CPU-s",
+                    "ceiling GB/s", "x ceiling", "ok"):
+            t.add_column(col, justify="left" if col in ("scenario", "batching") else "right")
         for s in eng:
             # State-only migration copies no data: a GB/s figure would only restate pages/s.
             gbps = None if s["kind"] == "state" else s["gbps"]
-            t.add_row(s["id"], str(s["pages"]), _f(gbps), _rate(s["pages_per_s"]),
+            t.add_row(s["name"], s["batching"], str(s["pages"]), _f(gbps), _rate(s["pages_per_s"]),
                       _f(s["cpu_ns_per_page"], "{:.0f}"), _rate(s.get("pages_per_cpu_s")),
                       _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), "yes" if s["verified"] else "[red]NO[/red]")
         console.print(t)
@@ -181,7 +247,10 @@ def primary_metric(sc: dict[str, Any], metric: str = "throughput") -> float | No
 
 @dataclass(frozen=True)
 class Comparison:
-    """One scenario of a run against its baseline; ``ratio`` is new / baseline (higher is better)."""
+    """One scenario of a run against its baseline; ``ratio`` is new / baseline (higher is better).
+
+    ``id`` is the stable key both runs share; ``name`` says the scenario in words.
+    """
 
     id: str
     baseline: float | None
@@ -189,6 +258,19 @@ class Comparison:
     ratio: float | None
     regressed: bool
     note: str = ""
+    name: str = ""
+
+
+def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> str:
+    # Same id, but one side predates recorded settings: the figures may come from different batching.
+    n, b = batching_class(new), batching_class(base)
+    if n == b or "n/a" in (n, b):
+        return ""
+    if b == "legacy":
+        return "baseline's batching not recorded (older results)"
+    if n == "legacy":
+        return "this run's batching not recorded (older results)"
+    return f"batching differs: {new['batching']} vs baseline {base['batching']}"
 
 
 def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: float = 0.1,
@@ -215,25 +297,28 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    normalize_results(new)
+    normalize_results(baseline)
     base = {s["id"]: s for s in baseline["scenarios"]}
     seen = set()
     out = []
     for s in new["scenarios"]:
         seen.add(s["id"])
         nv = primary_metric(s, metric)
+        unverified = "data NOT verified" if not s["verified"] else ""
         b = base.get(s["id"])
         if b is None:
             out.append(Comparison(s["id"], None, nv, None, not s["verified"],
-                                  "not in baseline" + ("; data NOT verified" if not s["verified"] else "")))
+                                  "; ".join(x for x in ("not in baseline", unverified) if x), s["name"]))
             continue
         bv = primary_metric(b, metric)
         ratio = nv / bv if (nv is not None and bv) else None
         slow = ratio is not None and ratio < 1.0 - threshold
-        note = "data NOT verified" if not s["verified"] else ""
-        out.append(Comparison(s["id"], bv, nv, ratio, slow or not s["verified"], note))
+        note = "; ".join(x for x in (unverified, _settings_note(s, b)) if x)
+        out.append(Comparison(s["id"], bv, nv, ratio, slow or not s["verified"], note, s["name"]))
     for sid, b in base.items():
         if sid not in seen:
-            out.append(Comparison(sid, primary_metric(b, metric), None, None, False, "not in this run"))
+            out.append(Comparison(sid, primary_metric(b, metric), None, None, False, "not in this run", b["name"]))
     return out
 
 
@@ -247,10 +332,10 @@ def comparison_table(comparisons: list[Comparison], threshold: float, metric: st
     unit = "ratio to ceiling" if metric == "ceiling-ratio" else "GB/s or pages/CPU-s"
     t = Table(title=f"Against baseline ({metric}: {unit}; regression below {1 - threshold:.2f}x)",
               title_justify="left")
-    for col in ("scenario", "baseline", "new", "new/baseline", "", "note"):
-        t.add_column(col, justify="left" if col in ("scenario", "note") else "right")
+    for col in ("scenario", "id", "baseline", "new", "new/baseline", "", "note"):
+        t.add_column(col, justify="left" if col in ("scenario", "id", "note") else "right")
     for c in comparisons:
         fmt = _rate if (c.new or c.baseline or 0) >= 1e4 else _f
         verdict = "[red]REGRESSED[/red]" if c.regressed else ("ok" if c.ratio is not None else "")
-        t.add_row(c.id, fmt(c.baseline), fmt(c.new), _f(c.ratio, "{:.3f}"), verdict, c.note)
+        t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), _f(c.ratio, "{:.3f}"), verdict, c.note)
     return t

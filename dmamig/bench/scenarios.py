@@ -10,20 +10,28 @@ populated range on the right node without an untimed reset in between.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
+
+from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
+from .naming import DIRECTIONS, format_size, options_id, scenario_name
 
 __all__ = [
     "DIRECTIONS",
     "PAGE_SIZE",
+    "PIPELINED",
     "BenchSettings",
     "MigrateGroup",
     "Scenario",
     "build_sweep",
     "default_settings",
     "format_size",
+    "parse_batch_pages",
+    "parse_batches_per_step",
     "parse_channels",
     "parse_folio_sizes",
+    "parse_pipeline",
     "parse_size",
 ]
 
@@ -32,12 +40,9 @@ PAGE_SIZE = 4096
 #: Largest folio order a node serves (2 MiB folios of 4 KiB pages).
 MAX_FOLIO_ORDER = 9
 
-#: Short names of the migration directions, in report order.
-DIRECTIONS = {
-    "h2d": "host->device",
-    "d2h": "device->host",
-    "d2d": "device->device",
-}
+#: The pipelined variant every default sweep adds for no-copy at its smallest folio size: the setting that hid
+#: the emulator's per-batch cost before the kernel's batching became the default. An experiment, never a headline.
+PIPELINED = MigrateOptions(batches_per_step=16, pipeline_depth=1)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -72,15 +77,6 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_size(nbytes: int) -> str:
-    """Render a byte count compactly with binary units: ``4096`` -> ``"4K"``, ``2097152`` -> ``"2M"``."""
-    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if nbytes >= scale and nbytes % scale == 0:
-            return f"{nbytes // scale}{unit}"
-    if nbytes >= 1 << 20:
-        return f"{nbytes / (1 << 20):.1f}M"
-    return f"{nbytes}B"
-
 
 def folio_sizes() -> list[int]:
     """Every folio size a node serves: ``PAGE_SIZE << order`` for order 0..9."""
@@ -109,6 +105,19 @@ def parse_folio_sizes(text: str) -> list[int]:
     return sorted(out)
 
 
+def _parse_int_list(text: str, what: str, low: int, high: int, example: str) -> list[int]:
+    # One parser for every numeric sweep axis, so that each rejects bad input with the same kind of message.
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list of {what}s, e.g. {example}")
+    out = set()
+    for item in items:
+        if not item.isdigit() or not low <= int(item) <= high:
+            raise ValueError(f"{item!r} is not a {what}; use whole numbers from {low} to {high}, e.g. {example}")
+        out.add(int(item))
+    return sorted(out)
+
+
 def parse_channels(text: str) -> list[int]:
     """Parse a comma-separated list of DMA channel counts (``1,2,4``), each in 1..64.
 
@@ -117,15 +126,42 @@ def parse_channels(text: str) -> list[int]:
     ValueError
         On an empty list, a non-integer or a count outside 1..64.
     """
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise ValueError("expected a comma-separated list of channel counts, e.g. 1,2,4")
-    out = set()
-    for item in items:
-        if not item.isdigit() or not 1 <= int(item) <= 64:
-            raise ValueError(f"{item!r} is not a channel count; use whole numbers from 1 to 64, e.g. 1,2,4")
-        out.add(int(item))
-    return sorted(out)
+    return _parse_int_list(text, "channel count", 1, 64, "1,2,4")
+
+
+def parse_batch_pages(text: str) -> list[int]:
+    """Parse a comma-separated list of batch sizes in base pages (``512,2048``), each in 1..262144.
+
+    ``512`` is the kernel's ``NR_MAX_BATCHED_MIGRATION``; any other value is an experiment setting.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a size outside 1..262144.
+    """
+    return _parse_int_list(text, "batch size in pages", 1, 1 << 18, "512,2048")
+
+
+def parse_batches_per_step(text: str) -> list[int]:
+    """Parse a comma-separated list of batches per step (``1,16``), each in 1..1024; ``1`` is the kernel's.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a count outside 1..1024.
+    """
+    return _parse_int_list(text, "batches-per-step count", 1, 1024, "1,16")
+
+
+def parse_pipeline(text: str) -> list[int]:
+    """Parse a comma-separated list of DMA pipeline depths (``0,1``), each in 0..8; ``0`` is the kernel's.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a depth outside 0..8.
+    """
+    return _parse_int_list(text, "pipeline depth", 0, 8, "0,1")
 
 
 def folio_order(folio_bytes: int) -> int:
@@ -157,6 +193,13 @@ class BenchSettings:
         A tiny smoke-test sweep.
     extras : bool
         Also run the engine scenarios (state-only migration, raw DMA copy).
+    batch_pages, batches_per_step, pipeline : list of int
+        Sweep axes of the migration batching (:class:`~dmamig.MigrateOptions`). The kernel's batching (512,
+        1, 0) always runs as the headline; every other combination runs as an experiment at every folio size
+        and channel count.
+    variants : bool
+        Add the default experiment: no-copy :data:`PIPELINED` at the smallest folio size, beside copy with the
+        same batches per step, so that its no-copy/copy ratio compares like with like.
     """
 
     backend: str
@@ -168,6 +211,19 @@ class BenchSettings:
     warmup: int = 1
     quick: bool = False
     extras: bool = True
+    batch_pages: list[int] = field(default_factory=lambda: [NR_MAX_BATCHED_MIGRATION])
+    batches_per_step: list[int] = field(default_factory=lambda: [1])
+    pipeline: list[int] = field(default_factory=lambda: [0])
+    variants: bool = True
+
+    def option_sets(self) -> list[MigrateOptions]:
+        """The batching settings of the sweep axes: the kernel's first, then each experiment once."""
+        out = [FAITHFUL]
+        for b, s, p in itertools.product(self.batch_pages, self.batches_per_step, self.pipeline):
+            o = MigrateOptions(batch_pages=b, batches_per_step=s, pipeline_depth=p)
+            if o not in out:
+                out.append(o)
+        return out
 
     def to_json(self) -> dict:
         """The settings as they are recorded in results.json."""
@@ -181,15 +237,20 @@ class BenchSettings:
             "repeat": self.repeat,
             "warmup": self.warmup,
             "quick": self.quick,
+            "batch_pages": list(self.batch_pages),
+            "batches_per_step": list(self.batches_per_step),
+            "pipeline": list(self.pipeline),
+            "variants": self.variants,
         }
 
 
 def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> BenchSettings:
     """The sweep ``dmamig bench`` runs when no option says otherwise.
 
-    On the CPU backend the default fits about two minutes on a 2-core machine: 256 MiB working sets (the
+    On the CPU backend the default fits about a minute on a 2-core machine: 256 MiB working sets (the
     performance targets quote 1 GiB; ``--total 1G`` selects it) and 1 or 2 channels, one per core. On a GPU
     the working set is 1 GiB, channels go up to 4 (one stream each), and a second GPU adds device->device.
+    Every default runs the kernel's batching, plus the pipelined variant at the smallest folio size.
 
     Parameters
     ----------
@@ -216,6 +277,7 @@ class Scenario:
 
     ``kind`` is ``"migrate"`` (end-to-end ``mm.migrate``), ``"state"`` (``m.migrate_pages`` with ``NO_COPY``:
     page state only) or ``"dma"`` (``m.dma.copy`` of pages, ``layout`` ``"random"`` or ``"contiguous"``).
+    ``options`` is the migration's batching (``None`` for a raw DMA copy, which migrates nothing).
     """
 
     kind: str
@@ -225,17 +287,28 @@ class Scenario:
     direction: str = "h2d"
     channels: int | None = None
     layout: str = ""
+    options: MigrateOptions | None = FAITHFUL
 
     @property
     def id(self) -> str:
-        """A stable identifier, used to match scenarios between a run and its baseline."""
+        """A stable identifier, used to match scenarios between a run and its baseline.
+
+        The kernel's batching adds no suffix (ids stay as they were before settings were recorded); an
+        experiment appends its settings, e.g. ``migrate/h2d/4k/nocopy/ch2/steps16-pipe1``.
+        """
         size = format_size(self.folio_bytes).lower()
         if self.kind == "migrate":
             ch = f"/ch{self.channels}" if self.mode == "nocopy" else ""
-            return f"migrate/{self.direction}/{size}/{self.mode}{ch}"
+            return f"migrate/{self.direction}/{size}/{self.mode}{ch}{options_id(self.options)}"
         if self.kind == "state":
-            return f"state/{size}"
+            return f"state/{size}{options_id(self.options)}"
         return f"dma/{self.layout}/{size}/ch{self.channels}"
+
+    @property
+    def name(self) -> str:
+        """The scenario in words, e.g. ``host->device, 4K pages, no-copy, 2 DMA channels``."""
+        return scenario_name(self.kind, self.direction, self.folio_bytes, self.mode, self.channels, self.layout,
+                             self.options)
 
     @property
     def pages(self) -> int:
@@ -261,24 +334,36 @@ class MigrateGroup:
     channels: int | None
     path: tuple[str, ...]
     scenarios: tuple[Scenario, ...] = field(default=())
+    options: MigrateOptions = FAITHFUL
 
     @property
     def label(self) -> str:
         """A short progress label."""
-        ch = f" ch{self.channels}" if self.channels else ""
-        return f"{self.mode} {format_size(self.folio_bytes)}{ch}"
+        ch = f", {self.channels} DMA ch." if self.channels else ""
+        how = "no-copy" if self.mode == "nocopy" else "copy"
+        return f"{how} {format_size(self.folio_bytes)}{ch}{options_id(self.options)}"
 
 
 def _path(devices: int) -> tuple[str, ...]:
     return ("h2d", "d2d", "d2h") if devices >= 2 else ("h2d", "d2h")
 
 
+def _group(settings: BenchSettings, mode: str, size: int, ch: int | None, opts: MigrateOptions) -> MigrateGroup:
+    path = _path(settings.devices)
+    legs = tuple(Scenario("migrate", size, settings.total_bytes, mode, d, ch, options=opts) for d in path)
+    return MigrateGroup(mode, size, settings.total_bytes, ch, path, legs, opts)
+
+
 def build_sweep(settings: BenchSettings) -> tuple[list[MigrateGroup], list[Scenario]]:
     """Expand settings into migration groups and engine scenarios.
 
-    Copy migration does not use the DMA engine, so it runs once per folio size; no-copy runs once per channel
-    count. The engine scenarios are state-only migration (one per folio size, smallest and largest) and raw DMA
-    copies of random and contiguous 4 KiB pages at the largest channel count.
+    Copy migration does not use the DMA engine, so it runs once per folio size and batching (a pipeline depth
+    changes nothing without a DMA copy to overlap); no-copy runs once per channel count. The kernel's batching
+    comes first (the headline), then each experiment of the sweep axes at every folio size, then (with
+    ``settings.variants``) :data:`PIPELINED` no-copy at the smallest folio size beside copy at the same
+    batches per step. The engine scenarios are state-only migration (smallest and largest folio size, in
+    every batching of the axes without a pipeline) and raw DMA copies of random and contiguous 4 KiB pages at
+    the largest channel count.
 
     Returns
     -------
@@ -287,18 +372,36 @@ def build_sweep(settings: BenchSettings) -> tuple[list[MigrateGroup], list[Scena
     engine : list of Scenario
         State-only and DMA-copy scenarios (empty when ``settings.extras`` is false).
     """
-    path = _path(settings.devices)
-    groups: list[MigrateGroup] = []
-    for size in settings.sizes:
-        for mode, chans in (("copy", [None]), ("nocopy", settings.channels)):
-            for ch in chans:
-                legs = tuple(Scenario("migrate", size, settings.total_bytes, mode, d, ch) for d in path)
-                groups.append(MigrateGroup(mode, size, settings.total_bytes, ch, path, legs))
+    plan: list[tuple[str, int, int | None, MigrateOptions]] = []
+
+    def add(mode: str, size: int, opts: MigrateOptions) -> None:
+        if mode == "copy":
+            # Without a DMA engine the pipeline depth is ignored: run each copy batching once.
+            opts = MigrateOptions(opts.batch_pages, opts.batches_per_step, 0)
+            todo = [None]
+        else:
+            todo = list(settings.channels)
+        for ch in todo:
+            if (mode, size, ch, opts) not in plan:
+                plan.append((mode, size, ch, opts))
+
+    for opts in settings.option_sets():
+        for size in settings.sizes:
+            add("copy", size, opts)
+            add("nocopy", size, opts)
+    if settings.variants:
+        add("copy", settings.sizes[0], PIPELINED)
+        add("nocopy", settings.sizes[0], PIPELINED)
+    groups = [_group(settings, mode, size, ch, opts) for mode, size, ch, opts in plan]
+
     engine: list[Scenario] = []
     if settings.extras:
-        for size in sorted({settings.sizes[0], settings.sizes[-1]}):
-            engine.append(Scenario("state", size, settings.total_bytes, "state", "h2d"))
+        state_opts = list(dict.fromkeys(MigrateOptions(o.batch_pages, o.batches_per_step, 0)
+                                        for o in settings.option_sets()))
+        for opts in state_opts:
+            for size in sorted({settings.sizes[0], settings.sizes[-1]}):
+                engine.append(Scenario("state", size, settings.total_bytes, "state", "h2d", options=opts))
         ch = max(settings.channels)
         for layout in ("random", "contiguous"):
-            engine.append(Scenario("dma", PAGE_SIZE, settings.total_bytes, "dma", "h2d", ch, layout))
+            engine.append(Scenario("dma", PAGE_SIZE, settings.total_bytes, "dma", "h2d", ch, layout, options=None))
     return groups, engine

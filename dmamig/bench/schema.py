@@ -4,15 +4,21 @@ The schema lives in code (not a data file) so that every install has it; ``dmami
 
 Units: sizes in bytes, times in nanoseconds, throughput in GB/s (10**9 bytes per second), rates per second.
 Every figure of a scenario is the median over its timed repetitions; ``wall_ns`` keeps every repetition.
+
+Schema 2 records each scenario's name in words and the batching it ran with (``options``: the
+:class:`~dmamig.MigrateOptions`, ``null`` for a raw DMA copy). Schema 1 files (written before settings were
+recorded) still validate and load; their batching reads as not recorded.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PHASES", "RESULTS_SCHEMA", "SCHEMA_VERSION", "ResultsError", "validate_results"]
+__all__ = ["PHASES", "RESULTS_SCHEMA", "SCHEMA_VERSION", "SCHEMA_VERSIONS", "ResultsError", "validate_results"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions ``dmamig report`` reads: 1 has no recorded settings (legacy), 2 records them.
+SCHEMA_VERSIONS = (1, 2)
 
 #: Migration phases timed in ``MigrateResult.phase_ns``, in pipeline order.
 PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
@@ -33,7 +39,26 @@ _SCENARIO = {
                  "repeat", "wall_ns", "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns",
                  "cpu_ns_per_page", "ceiling_gbps", "ceiling_ratio", "verified"],
     "properties": {
-        "id": {"type": "string", "description": "Stable key, e.g. migrate/h2d/2m/nocopy/ch2; matches baselines."},
+        "id": {"type": "string", "description": "Stable key, e.g. migrate/h2d/2m/nocopy/ch2; matches baselines. "
+                                                "Experiment settings append a suffix, e.g. /steps16-pipe1."},
+        "name": {"type": "string",
+                 "description": "The scenario in words, e.g. host->device, 4K pages, no-copy, 2 DMA channels."},
+        "options": {
+            "type": ["object", "null"],
+            "description": "MigrateOptions the migration ran with; null for a raw DMA copy (no migration).",
+            "required": ["batch_pages", "batches_per_step", "pipeline_depth", "faithful"],
+            "properties": {
+                "batch_pages": {"type": "integer", "minimum": 1,
+                                "description": "Base pages per batch (the kernel's: 512)."},
+                "batches_per_step": {"type": "integer", "minimum": 1,
+                                     "description": "Batches whose phases run together (the kernel's: 1)."},
+                "pipeline_depth": {"type": "integer", "minimum": 0,
+                                   "description": "Steps whose DMA copy overlaps the next unmap (kernel: 0)."},
+                "faithful": {"type": "boolean", "description": "True for the kernel's batching."},
+            },
+        },
+        "batching": {"type": "string",
+                     "description": "options in words: faithful, pipelined (...) or experiment (...)."},
         "kind": {"enum": ["migrate", "state", "dma"],
                  "description": "migrate: mm.migrate end to end; state: NO_COPY m.migrate_pages (page state "
                                 "only); dma: m.dma.copy of pages."},
@@ -60,7 +85,15 @@ _SCENARIO = {
         "ceiling_method": {"type": ["string", "null"]},
         "ceiling_ratio": {**_num_or_null, "description": "gbps / ceiling_gbps."},
         "speedup_vs_copy": {**_num_or_null,
-                            "description": "no-copy gbps / copy gbps of the same direction and folio size."},
+                            "description": "no-copy gbps / gbps of the copy scenario named by speedup_vs: same "
+                                           "direction, folio size, batch size and batches per step."},
+        "speedup_vs": {"type": ["string", "null"], "description": "id of the copy scenario compared with."},
+        "speedup_vs_faithful_copy": {**_num_or_null,
+                                     "description": "no-copy gbps / the faithful copy's, same direction and "
+                                                    "folio size."},
+        "outside_phases_ns": {**_num_or_null,
+                              "description": "Median wall time outside every named phase: argument checks, "
+                                             "collecting and isolating folios, putting them back, the result."},
         "phase_ns": {**_phase_map, "description": "Median wall time per migration phase."},
         "phase_share": {**_phase_map, "description": "phase_ns / median_wall_ns."},
         "nr_succeeded": _int,
@@ -89,7 +122,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "created", "machine", "settings", "ceilings", "scenarios"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(SCHEMA_VERSIONS)},
         "created": {"type": "string", "description": "ISO 8601 time the run started (UTC)."},
         "wall_s": {**_num, "description": "Wall time of the whole sweep."},
         "machine": {
@@ -125,11 +158,18 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "repeat": {"type": "integer", "minimum": 1},
                 "warmup": _int,
                 "quick": {"type": "boolean"},
+                "batch_pages": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "batches_per_step": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "pipeline": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "variants": {"type": "boolean"},
             },
         },
         "ceilings": {"type": "array", "items": _CEILING},
         "scenarios": {"type": "array", "items": _SCENARIO},
     },
+    # From schema 2 on, every scenario says what it is in words and which batching it ran with.
+    "if": {"properties": {"schema_version": {"const": 2}}},
+    "then": {"properties": {"scenarios": {"items": {"required": ["name", "options", "batching"]}}}},
 }
 
 
@@ -164,9 +204,11 @@ def validate_results(doc: Any) -> None:
     for key in RESULTS_SCHEMA["required"]:
         if key not in doc:
             raise ResultsError(f"results file is not valid: missing {key!r}")
-    if doc["schema_version"] != SCHEMA_VERSION:
-        raise ResultsError(f"results file has schema_version {doc['schema_version']!r}; expected {SCHEMA_VERSION}")
+    if doc["schema_version"] not in SCHEMA_VERSIONS:
+        raise ResultsError(f"results file has schema_version {doc['schema_version']!r}; expected one of "
+                           f"{list(SCHEMA_VERSIONS)}")
+    required = _SCENARIO["required"] + (["name", "options", "batching"] if doc["schema_version"] >= 2 else [])
     for i, sc in enumerate(doc["scenarios"]):
-        missing = [k for k in _SCENARIO["required"] if k not in sc]
+        missing = [k for k in required if k not in sc]
         if missing:
             raise ResultsError(f"results file is not valid at scenarios/{i}: missing {missing}")
