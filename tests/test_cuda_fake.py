@@ -1,0 +1,741 @@
+"""The CUDA backend's own code (channels, completions, frames, error mapping, close) driven through a stand-in
+for the few CuPy calls it makes, on every machine.
+
+The stand-in (:class:`FakeCupy`) is a real implementation of that interface on host memory: allocations are
+numpy buffers, copies are ``memmove`` between the real addresses (every range is checked against the
+allocations, so address arithmetic errors fail loudly), streams are queues that run on command, events complete
+or fail on command, and the two kernels are their numpy references. It never replaces the GPU tests in
+``test_cuda_backend.py``; it checks what a GPU cannot be made to do on demand (sticky errors, slow streams,
+failed events on one device of two, missing NVRTC) and what does not need one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from dmamig.backends import cuda as cuda_mod
+from dmamig.backends.base import ChannelWork
+from dmamig.backends.cuda import (
+    TIMING_RING,
+    CudaBackend,
+    DeviceFrames,
+)
+from dmamig.dma import DmaEngine, PlanOptions, page_checksums
+from dmamig.dma.plan import METHOD_BATCH, METHOD_MEMCPY
+from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
+from dmamig.nodes import Node, NodeMap
+
+PAGE = 4096
+
+ERROR_NAMES = {
+    1: "cudaErrorInvalidValue: invalid argument",
+    2: "cudaErrorMemoryAllocation: out of memory",
+    35: "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version",
+    600: "cudaErrorNotReady: device not ready",
+    700: "cudaErrorIllegalAddress: an illegal memory access was encountered",
+    704: "cudaErrorPeerAccessAlreadyEnabled: peer access is already enabled",
+}
+
+
+class FakeCudaError(RuntimeError):
+    """Stands in for ``CUDARuntimeError``: carries ``status``; its text is the CUDA error's name."""
+
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(ERROR_NAMES.get(status, f"cudaErrorUnknown{status}: unknown error"))
+
+
+class FakeStream:
+    """A queue of operations; runs them at once (``auto``) or when the GPU is told to run."""
+
+    def __init__(self, gpu: FakeGpu, device: int, non_blocking: bool = False):
+        self.gpu = gpu
+        self.device = device
+        self.non_blocking = non_blocking
+        self.ptr = gpu.new_handle()
+        self.ops: list = []
+        self.enqueued = 0
+        self.executed = 0
+        gpu.streams[self.ptr] = self
+
+    def enqueue(self, op) -> None:
+        self.ops.append(op)
+        self.enqueued += 1
+        if self.gpu.auto:
+            self.run()
+
+    def run(self, upto: int | None = None) -> None:
+        upto = self.enqueued if upto is None else upto
+        while self.executed < upto:
+            op = self.ops.pop(0)
+            op()
+            self.executed += 1
+
+    def synchronize(self) -> None:
+        self.gpu.log.append(("streamSynchronize", self.ptr))
+        if self.gpu.sticky:
+            raise FakeCudaError(self.gpu.sticky)
+        self.run()
+
+    def __enter__(self) -> FakeStream:
+        self.gpu.tls.__dict__.setdefault("streams", []).append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gpu.tls.streams.pop()
+
+
+class FakeRuntime:
+    """``cupy.cuda.runtime`` on host memory."""
+
+    CUDARuntimeError = FakeCudaError
+    hostAllocPortable = 1
+    hostAllocMapped = 2
+    memcpyDefault = 4
+
+    def __init__(self, gpu: FakeGpu):
+        self.gpu = gpu
+
+    # versions and devices
+    def getDeviceCount(self) -> int:
+        if self.gpu.count_error:
+            raise FakeCudaError(self.gpu.count_error)
+        return self.gpu.ndev
+
+    def driverGetVersion(self) -> int:
+        return self.gpu.driver
+
+    def runtimeGetVersion(self) -> int:
+        return 13000
+
+    def getDeviceProperties(self, i: int) -> dict:
+        return {"name": f"Fake GPU {i}".encode(), "totalGlobalMem": 1 << 30, "major": 9, "minor": 0}
+
+    def deviceCanAccessPeer(self, a: int, b: int) -> int:
+        return int(self.gpu.peer_capable)
+
+    def deviceEnablePeerAccess(self, peer: int) -> None:
+        key = (self.gpu.current_device(), peer)
+        if key in self.gpu.peer_enabled:
+            raise FakeCudaError(704)
+        self.gpu.peer_enabled.add(key)
+
+    # memory
+    def malloc(self, n: int) -> int:
+        if self.gpu.oom:
+            raise FakeCudaError(2)
+        return self.gpu.alloc(n, self.gpu.current_device())
+
+    def free(self, ptr: int) -> None:
+        self.gpu.release(ptr, host=False)
+
+    def hostAlloc(self, n: int, flags: int) -> int:
+        return self.gpu.alloc(n, -1)
+
+    def freeHost(self, ptr: int) -> None:
+        self.gpu.release(ptr, host=True)
+
+    def _stream(self, ptr: int) -> FakeStream:
+        if ptr not in self.gpu.streams:
+            raise FakeCudaError(1)
+        return self.gpu.streams[ptr]
+
+    def memcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> None:
+        self.gpu.log.append(("memcpyAsync", dst, src, n, kind, stream))
+        if self.gpu.sticky:
+            raise FakeCudaError(self.gpu.sticky)
+        # Pageable (unregistered) host memory is allowed only where the direction is explicit.
+        ddev = self.gpu.check(dst, n, pageable=kind == 2)
+        sdev = self.gpu.check(src, n, pageable=kind == 1)
+        if kind == 4 and ddev >= 0 and sdev >= 0 and ddev != sdev and not self.gpu.default_cross_device:
+            raise FakeCudaError(1)  # cross-device copies must say which devices they join
+        self._stream(stream).enqueue(lambda: ctypes.memmove(dst, src, n))
+
+    def memcpyPeerAsync(self, dst: int, ddev: int, src: int, sdev: int, n: int, stream: int) -> None:
+        self.gpu.log.append(("memcpyPeerAsync", dst, ddev, src, sdev, n, stream))
+        if self.gpu.check(dst, n) != ddev or self.gpu.check(src, n) != sdev:
+            raise FakeCudaError(1)
+        self._stream(stream).enqueue(lambda: ctypes.memmove(dst, src, n))
+
+    def memsetAsync(self, ptr: int, value: int, n: int, stream: int) -> None:
+        self.gpu.check(ptr, n)
+        self._stream(stream).enqueue(lambda: ctypes.memset(ptr, value, n))
+
+    # events
+    def eventCreateWithFlags(self, flags: int) -> int:
+        ev = self.gpu.new_handle()
+        self.gpu.events[ev] = {"stream": None, "mark": 0, "fail": 0, "flags": flags}
+        return ev
+
+    def eventDestroy(self, ev: int) -> None:
+        self.gpu.log.append(("eventDestroy", ev))
+        del self.gpu.events[ev]
+
+    def eventRecord(self, ev: int, stream: int) -> None:
+        self.gpu.log.append(("eventRecord", ev, stream))
+        s = self._stream(stream)
+        e = self.gpu.events[ev]
+        e["stream"], e["mark"] = s, s.enqueued
+
+    def _event_code(self, ev: int) -> int:
+        e = self.gpu.events[ev]
+        if e["fail"]:
+            return e["fail"]
+        if self.gpu.sticky:
+            return self.gpu.sticky
+        return 0 if e["stream"] is None or e["stream"].executed >= e["mark"] else 600
+
+    def eventQuery(self, ev: int) -> int:
+        self.gpu.log.append(("eventQuery", ev))
+        return self._event_code(ev)
+
+    def eventSynchronize(self, ev: int) -> None:
+        self.gpu.log.append(("eventSynchronize", ev))
+        e = self.gpu.events[ev]
+        if e["stream"] is not None:
+            e["stream"].run(e["mark"])  # the device finishes the work before the event
+        code = self._event_code(ev)
+        if code:
+            raise FakeCudaError(code)
+
+    def eventElapsedTime(self, start: int, end: int) -> float:
+        a, b = self.gpu.events[start], self.gpu.events[end]
+        if self._event_code(start) or self._event_code(end):
+            raise FakeCudaError(600)
+        return 0.5 * (b["mark"] - a["mark"])  # half a millisecond per queued operation
+
+
+class FakeDevice:
+    def __init__(self, gpu: FakeGpu, i: int):
+        self.gpu, self.id = gpu, int(i)
+
+    def __enter__(self) -> FakeDevice:
+        self.gpu.tls.__dict__.setdefault("devices", []).append(self.id)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gpu.tls.devices.pop()
+
+
+class FakeKernel:
+    def __init__(self, gpu: FakeGpu, name: str):
+        self.gpu, self.name = gpu, name
+
+    def __call__(self, grid, block, args, **kwargs) -> None:
+        streams = getattr(self.gpu.tls, "streams", [])
+        if not streams:
+            raise AssertionError("kernel launched outside `with stream:` (it would run on the default stream)")
+        s = streams[-1]
+        self.gpu.launches.append((self.name, grid, block))
+        a, b, n, page = (int(x) for x in args)
+        if self.name == "page_gather_copy":
+            self.gpu.check(a, 8 * n)
+            self.gpu.check(b, 8 * n)
+            s.enqueue(lambda: self._gather(a, b, n, page))
+        else:
+            self.gpu.check(a, 8 * n)
+            self.gpu.check(b, 8 * n)
+            s.enqueue(lambda: self._checksum(a, b, n, page))
+
+    def _gather(self, a: int, b: int, n: int, page: int) -> None:
+        src = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(a))
+        dst = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(b))
+        for s_, d_ in zip(src.tolist(), dst.tolist()):
+            self.gpu.check(s_, page)
+            self.gpu.check(d_, page)
+            ctypes.memmove(d_, s_, page)
+
+    def _checksum(self, a: int, out: int, n: int, page: int) -> None:
+        addrs = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(a)).tolist()
+        pages = np.stack([np.ctypeslib.as_array((ctypes.c_uint8 * page).from_address(p)) for p in addrs])
+        np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(out))[:] = page_checksums(pages)
+
+
+class FakeModule:
+    def __init__(self, gpu: FakeGpu, code: str):
+        self.gpu, self.code = gpu, code
+        if gpu.nvrtc_missing:
+            raise RuntimeError("CuPy failed to load libnvrtc.so.13: OSError: libnvrtc.so.13: cannot open shared "
+                               "object file: No such file or directory")
+
+    def get_function(self, name: str) -> FakeKernel:
+        assert f"void {name}(" in self.code
+        return FakeKernel(self.gpu, name)
+
+
+class FakeNvrtc:
+    def __init__(self, gpu: FakeGpu):
+        self.gpu = gpu
+
+    def getVersion(self):
+        if self.gpu.nvrtc_missing:
+            raise RuntimeError("CuPy failed to load libnvrtc.so.13")
+        return (13, 0)
+
+
+class FakeGpu:
+    """The state behind the stand-in: memory, streams, events, and switches for failures."""
+
+    def __init__(self, ndev: int = 1, auto: bool = True):
+        self.ndev = ndev
+        self.auto = auto
+        self.driver = 13000
+        self.count_error = 0
+        self.sticky = 0  # a sticky context error: every query and synchronize reports it
+        self.oom = False
+        self.nvrtc_missing = False
+        self.peer_capable = True
+        self.default_cross_device = False
+        self.peer_enabled: set = set()
+        self.tls = threading.local()
+        self.allocs: dict[int, tuple[np.ndarray, int]] = {}
+        self.streams: dict[int, FakeStream] = {}
+        self.events: dict[int, dict] = {}
+        self.launches: list = []
+        self.log: list = []
+        self._next = 0x1000
+        self.runtime = FakeRuntime(self)
+
+    def new_handle(self) -> int:
+        self._next += 16
+        return self._next
+
+    def current_device(self) -> int:
+        devs = getattr(self.tls, "devices", [])
+        return devs[-1] if devs else 0
+
+    def alloc(self, n: int, device: int) -> int:
+        buf = np.zeros(n + 64, dtype=np.uint8)
+        ptr = (buf.ctypes.data + 63) & ~63
+        self.allocs[ptr] = (buf, device, n)
+        return ptr
+
+    def release(self, ptr: int, host: bool) -> None:
+        buf, device, _n = self.allocs.pop(ptr)
+        assert (device < 0) == host, "freed with the wrong call (free vs freeHost)"
+
+    def check(self, ptr: int, n: int, pageable: bool = False) -> int:
+        """Device of the allocation holding ``[ptr, ptr + n)`` (-2 for pageable host memory where allowed); a
+        range outside every allocation, or straddling one's end, is an error."""
+        for base, (_buf, device, size) in self.allocs.items():
+            if base <= ptr and ptr + n <= base + size:
+                return device
+            if ptr < base + size and base < ptr + n:
+                raise FakeCudaError(1)
+        if pageable:
+            return -2
+        raise FakeCudaError(1)
+
+    def run(self) -> None:
+        """Let every stream finish its queued work."""
+        for s in list(self.streams.values()):
+            s.run()
+
+    def live(self, kind: str) -> int:
+        if kind == "device":
+            return sum(1 for _b, d, _n in self.allocs.values() if d >= 0)
+        if kind == "host":
+            return sum(1 for _b, d, _n in self.allocs.values() if d < 0)
+        return len(self.events)
+
+
+class _CudaNamespace:
+    def __init__(self, gpu: FakeGpu):
+        self.runtime = gpu.runtime
+        self.nvrtc = FakeNvrtc(gpu)
+        self._gpu = gpu
+
+    def Device(self, i: int = 0) -> FakeDevice:  # noqa: N802 (CuPy's name)
+        return FakeDevice(self._gpu, i)
+
+    def Stream(self, non_blocking: bool = False) -> FakeStream:  # noqa: N802 (CuPy's name)
+        return FakeStream(self._gpu, self._gpu.current_device(), non_blocking)
+
+
+class FakeCupy:
+    """The names of ``cupy`` the CUDA backend uses."""
+
+    __version__ = "14.2.0"
+
+    def __init__(self, gpu: FakeGpu):
+        self.gpu = gpu
+        self.cuda = _CudaNamespace(gpu)
+
+    def RawModule(self, code: str, **kwargs) -> FakeModule:  # noqa: N802 (CuPy's name)
+        return FakeModule(self.gpu, code)
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu() -> FakeGpu:
+    return FakeGpu()
+
+
+def backend_on(gpu: FakeGpu, **kw) -> CudaBackend:
+    return CudaBackend(cupy=FakeCupy(gpu), **kw)
+
+
+def make_nodes(backend, sizes=(64, 64), devices=(-1, 0), seed=0, page=PAGE):
+    rng = np.random.default_rng(seed)
+    nodes, base = [], 0
+    for i, (n, dev) in enumerate(zip(sizes, devices)):
+        kind = "host" if dev < 0 else "device"
+        frames = backend.alloc_frames(kind, dev, n, page)
+        backend.write_frames(frames, np.arange(n), rng.integers(0, 256, (n, page), dtype=np.uint8))
+        nodes.append(Node(i, kind, dev, base, n, frames))
+        base += n
+    return tuple(nodes)
+
+
+def contents(backend, nodes):
+    return np.concatenate([backend.read_frames(n.frames, np.arange(n.total_pages)) for n in nodes])
+
+
+def engine_for(backend, nodes, channels=2, options=None):
+    return DmaEngine(nodes=nodes, nodemap=NodeMap(nodes), backend=backend, page_size=nodes[0].frames.shape[1],
+                     channels=channels, options=options)
+
+
+GATHER = PlanOptions(memcpy_min_pages=10**9)
+MEMCPY = PlanOptions(memcpy_min_pages=1)
+
+
+# -- frames ----------------------------------------------------------------------------------------------------------
+
+def test_frames_round_trip_and_zero(gpu):
+    b = backend_on(gpu)
+    dev = b.alloc_frames("device", 0, 32, PAGE)
+    host = b.alloc_frames("host", -1, 8, PAGE)
+    assert isinstance(dev, DeviceFrames) and dev.shape == (32, PAGE) and not b.read_frames(dev, np.arange(32)).any()
+    assert isinstance(host, np.ndarray) and host.shape == (8, PAGE)
+    rng = np.random.default_rng(1)
+    idx = np.array([5, 6, 7, 20, 3, 31])  # runs and single pages, out of order
+    data = rng.integers(0, 256, (idx.size, PAGE), dtype=np.uint8)
+    b.write_frames(dev, idx, data)
+    np.testing.assert_array_equal(b.read_frames(dev, idx), data)
+    b.zero_frames(dev, idx[:2])
+    assert not b.read_frames(dev, idx[:2]).any()
+    np.testing.assert_array_equal(b.read_frames(dev, idx[2:]), data[2:])
+    assert dev.__cuda_array_interface__["data"][0] == dev.ptr
+    b.close()
+
+
+def test_close_frees_device_memory_and_later_use_raises(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(16, 16, 16), devices=(-1, 0, 0))
+    with engine_for(b, nodes, options=GATHER) as engine:
+        engine.copy(np.arange(8), 16 + np.arange(8)).wait()
+        engine.checksum(np.arange(48))
+    assert gpu.live("device") > 2  # frames plus descriptor and checksum buffers
+    b.close()
+    assert gpu.live("device") == 0 and gpu.live("events") == 0
+    assert nodes[1].frames.released
+    with pytest.raises(DmaError, match="closed"):
+        b.read_frames(nodes[1].frames, np.arange(2))
+    with pytest.raises(BackendUnavailable, match="closed"):
+        b.alloc_frames("device", 0, 1, PAGE)
+    b.close()  # idempotent
+    del nodes, engine
+    gc.collect()
+    assert gpu.live("host") == 0  # pinned host frames go with their last reference
+
+
+def test_close_after_sticky_error_still_releases_everything(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(16, 16), devices=(-1, 0))
+    engine = engine_for(b, nodes)
+    gpu.auto = False
+    fence = engine.copy(np.arange(8), 16 + np.arange(8))
+    gpu.sticky = 700
+    with pytest.raises(DmaError, match="cudaErrorIllegalAddress"):
+        fence.wait()
+    engine.close()
+    b.close()
+    assert gpu.live("device") == 0 and gpu.live("events") == 0
+
+
+def test_allocation_failure_is_out_of_memory(gpu):
+    b = backend_on(gpu)
+    gpu.oom = True
+    with pytest.raises(OutOfMemory, match="device 0"):
+        b.alloc_frames("device", 0, 4, PAGE)
+    with pytest.raises(InvalidArgument, match="device 3 does not exist"):
+        b.alloc_frames("device", 3, 4, PAGE)
+    with pytest.raises(InvalidArgument, match="'host' or 'device'"):
+        b.alloc_frames("gpu", 0, 4, PAGE)
+
+
+def test_cuda_errors_outside_the_engine_become_dma_errors(gpu):
+    b = backend_on(gpu)
+    frames = b.alloc_frames("device", 0, 4, PAGE)
+    gpu.sticky = 700
+    with pytest.raises(DmaError, match="cudaErrorIllegalAddress") as info:
+        b.read_frames(frames, np.arange(2))
+    assert isinstance(info.value.__cause__, FakeCudaError)
+    with pytest.raises(DmaError, match="writing frames"):
+        b.write_frames(frames, np.arange(1), np.zeros((1, PAGE), np.uint8))
+    with pytest.raises(DmaError, match="checksumming"):
+        b.checksum_frames(frames, np.arange(2))
+
+
+def test_no_usable_driver_is_backend_unavailable(gpu):
+    gpu.count_error = 35
+    with pytest.raises(BackendUnavailable, match="cudaErrorInsufficientDriver"):
+        backend_on(gpu)
+
+
+# -- copies ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [GATHER, MEMCPY], ids=["gather", "memcpy"])
+def test_engine_copies_match_numpy(gpu, opts):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(96, 96, 64), devices=(-1, 0, 0), seed=3)
+    rng = np.random.default_rng(4)
+    with engine_for(b, nodes, channels=3, options=opts) as engine:
+        for _ in range(4):
+            perm = rng.permutation(256)
+            n = int(rng.integers(1, 100))
+            dst, src = perm[:n], rng.choice(perm[n:], size=n)
+            expect = contents(b, nodes)
+            expect[dst] = expect[src]
+            assert engine.copy(src, dst).wait(timeout=5)
+            np.testing.assert_array_equal(contents(b, nodes), expect)
+        stats = engine.stats
+    if opts is GATHER:
+        assert stats.kernel_launches > 0 and stats.memcpy_calls == 0
+    else:
+        assert stats.memcpy_calls > 0 and stats.kernel_launches == 0
+    assert sum(stats.busy_seconds) > 0
+    b.close()
+
+
+def test_grid_is_capped_and_kernels_launch_on_the_channel_stream(gpu, monkeypatch):
+    monkeypatch.setattr(cuda_mod, "MAX_GRID", 8)
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(64, 64), devices=(-1, 0), page=64)
+    with engine_for(b, nodes, channels=1, options=GATHER) as engine:
+        expect = contents(b, nodes)
+        expect[64:] = expect[np.arange(0, 64)[::-1]]
+        engine.copy(np.arange(64)[::-1], 64 + np.arange(64)).wait()
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+        np.testing.assert_array_equal(engine.checksum(np.arange(128)), page_checksums(expect))
+    assert all(grid[0] <= 8 for _name, grid, _block in gpu.launches)
+
+
+def test_checksum_of_pages_not_a_multiple_of_16_uses_the_host(gpu):
+    b = backend_on(gpu)
+    frames = b.alloc_frames("device", 0, 10, 24)
+    data = np.random.default_rng(5).integers(0, 256, (10, 24), dtype=np.uint8)
+    b.write_frames(frames, np.arange(10), data)
+    launches = len(gpu.launches)
+    np.testing.assert_array_equal(b.checksum_frames(frames, np.arange(10)), page_checksums(data))
+    assert len(gpu.launches) == launches
+
+
+@pytest.mark.parametrize("pair", [("host", "device"), ("device", "host"), ("device", "device")])
+def test_copy_folios_counts_calls(gpu, pair):
+    b = backend_on(gpu)
+    src = b.alloc_frames(pair[0], 0, 64, PAGE)
+    dst = b.alloc_frames(pair[1], 0, 64, PAGE)
+    data = np.random.default_rng(2).integers(0, 256, (64, PAGE), dtype=np.uint8)
+    b.write_frames(src, np.arange(64), data)
+    s, d, n = np.array([0, 16, 40]), np.array([32, 0, 60]), np.array([16, 1, 4])
+    b.copy_folios(src, s, dst, d, n)
+    out = b.read_frames(dst, np.arange(64))
+    for a, c, k in zip(s, d, n):
+        np.testing.assert_array_equal(out[c:c + k], data[a:a + k])
+    stats = b.copy_stats
+    assert stats["calls"] == 3 and stats["seconds"] > 0 and stats["us_per_call"] > 0
+
+
+# -- peers ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peer_capable", [True, False])
+def test_copies_between_two_devices(peer_capable):
+    gpu = FakeGpu(ndev=2)
+    gpu.peer_capable = peer_capable
+    b = backend_on(gpu)
+    assert b.peers == ({(0, 1), (1, 0)} if peer_capable else set())
+    nodes = make_nodes(b, sizes=(32, 64, 64), devices=(-1, 0, 1), seed=9)
+    with engine_for(b, nodes, channels=2) as engine:
+        expect = contents(b, nodes)
+        # contiguous multi-page runs from device 0 to device 1, and scattered pages device 1 -> device 0
+        src = np.concatenate([32 + np.arange(20), 96 + np.array([55, 3, 17, 60])])
+        dst = np.concatenate([96 + 30 + np.arange(20), 32 + np.array([60, 61, 25, 22])])
+        expect[dst] = expect[src]
+        engine.copy(src, dst).wait()
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+    peers = [e for e in gpu.log if e[0] == "memcpyPeerAsync"]
+    if not peer_capable:
+        # Without peer access no kernel may touch the other device: every cross-device run is a peer memcpy,
+        # one per run (a 20-page run is one call), which the driver stages through host memory.
+        assert {(e[2], e[4]) for e in peers} == {(1, 0), (0, 1)}
+        assert any(e[5] == 20 * PAGE for e in peers)
+    # folio copies between devices name both devices
+    before = len([e for e in gpu.log if e[0] == "memcpyPeerAsync"])
+    b.copy_folios(nodes[2].frames, np.array([0]), nodes[1].frames, np.array([5]), np.array([4]))
+    assert len([e for e in gpu.log if e[0] == "memcpyPeerAsync"]) == before + 1
+    np.testing.assert_array_equal(b.read_frames(nodes[1].frames, np.arange(5, 9)),
+                                  b.read_frames(nodes[2].frames, np.arange(4)))
+
+
+def test_peer_access_already_enabled_counts_as_enabled():
+    gpu = FakeGpu(ndev=2)
+    first = backend_on(gpu)
+    second = backend_on(gpu)  # the runtime answers "already enabled" for every pair now
+    assert first.peers == second.peers == {(0, 1), (1, 0)}
+
+
+# -- events, fences and timing --------------------------------------------------------------------------------------
+
+def test_wait_with_timeout_returns_false_until_the_stream_runs(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b)
+    with engine_for(b, nodes) as engine:
+        gpu.auto = False
+        fence = engine.copy(np.arange(10), 64 + np.arange(10))
+        assert fence.wait(timeout=0.01) is False
+        assert not fence.done
+        gpu.run()
+        assert fence.done and fence.wait(timeout=0.01) is True
+
+
+def test_sticky_error_surfaces_from_a_timed_wait(gpu):
+    # CuPy's Event.done is `eventQuery() == 0`: after a sticky error it stays False, and a timed wait would
+    # return False forever. The error must come out instead, named.
+    b = backend_on(gpu)
+    nodes = make_nodes(b)
+    with engine_for(b, nodes) as engine:
+        gpu.auto = False
+        fence = engine.copy(np.arange(10), 64 + np.arange(10))
+        gpu.sticky = 700
+        with pytest.raises(DmaError, match="cudaErrorIllegalAddress"):
+            fence.wait(timeout=2)
+        assert fence.done
+        gpu.sticky = 0
+
+
+def test_failed_wait_synchronizes_every_device_and_keeps_the_first_error():
+    gpu = FakeGpu(ndev=2)
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(32, 32, 32), devices=(-1, 0, 1))
+    gpu.auto = False
+    ch = b.open_channels(1)[0]
+
+    def work(dst_node):
+        n = nodes[dst_node]
+        return ChannelWork(nodes[0].frames, n.frames, "host", "device", -1, n.device, METHOD_MEMCPY,
+                           np.array([0]), np.array([0]), np.array([8]))
+
+    completion = ch.submit([work(1), work(2)])
+    ends = list(completion._ends)
+    assert len(ends) == 2
+    gpu.events[ends[0]]["fail"] = 700  # device 0's work failed; device 1's is still queued
+    assert completion.wait() is True
+    synced = [e[1] for e in gpu.log if e[0] == "eventSynchronize"]
+    assert ends[1] in synced, "the second device's event was not waited for after the first failed"
+    assert gpu.streams[ch.stream(1).ptr].executed == gpu.streams[ch.stream(1).ptr].enqueued
+    assert isinstance(completion.error, DmaError) and "cudaErrorIllegalAddress" in str(completion.error)
+    assert gpu.live("events") == 0  # a failed job's events are freed too
+    assert ch.busy_seconds == 0  # and its time is not counted
+    ch.close()
+
+
+def test_timing_events_are_bounded_and_start_after_descriptor_work(gpu, monkeypatch):
+    b = backend_on(gpu)
+    nodes = make_nodes(b)
+    engine = engine_for(b, nodes, channels=1, options=GATHER)
+    ch = engine._channels[0]
+    real_prepare = ch._prepare
+
+    def logged_prepare(dev, w):
+        gpu.log.append(("prepare",))
+        return real_prepare(dev, w)
+
+    monkeypatch.setattr(ch, "_prepare", logged_prepare)
+    gpu.log.clear()
+    engine.copy(np.arange(4), 64 + np.arange(4))
+    names = [e[0] for e in gpu.log]
+    assert names.index("prepare") < names.index("eventRecord")
+    fences = [engine.copy(np.arange(4), 64 + np.arange(4)) for _ in range(3 * TIMING_RING)]
+    # never waited on: still the number of live events stays bounded by the ring
+    assert gpu.live("events") <= 2 * TIMING_RING + 2
+    assert ch.busy_seconds > 0
+    assert gpu.live("events") == 0
+    assert all(f.done for f in fences)
+    engine.close()
+
+
+def test_submit_after_close_raises(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b)
+    ch = b.open_channels(1)[0]
+    ch.close()
+    w = ChannelWork(nodes[0].frames, nodes[1].frames, "host", "device", -1, 0, METHOD_MEMCPY,
+                    np.array([0]), np.array([0]), np.array([1]))
+    with pytest.raises(DmaError, match="closed"):
+        ch.submit([w])
+
+
+# -- missing NVRTC and the batched copy ------------------------------------------------------------------------------
+
+def test_missing_nvrtc_warns_once_and_falls_back(gpu):
+    gpu.nvrtc_missing = True
+    b = backend_on(gpu)
+    nodes = make_nodes(b, seed=11)
+    with engine_for(b, nodes, options=GATHER) as engine:
+        expect = contents(b, nodes)
+        expect[64:74] = expect[20:30]
+        with pytest.warns(RuntimeWarning, match="cannot be built.*libnvrtc") as record:
+            engine.copy(20 + np.arange(10), 64 + np.arange(10)).wait()
+            np.testing.assert_array_equal(engine.checksum(np.arange(128)), page_checksums(expect))
+            engine.copy(20 + np.arange(10), 64 + np.arange(10)).wait()
+        assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+        assert engine.stats.kernel_launches == 0 and engine.stats.memcpy_calls > 0
+    assert not b.kernels_available and "libnvrtc" in b.kernel_error
+
+
+def test_batch_copy_is_off_by_default_and_needs_a_new_enough_driver(gpu, monkeypatch):
+    monkeypatch.delenv(cuda_mod.BATCH_COPY_ENV, raising=False)
+    b = backend_on(gpu)
+    assert not b.batch_copy_available and "off by default" in b.batch_copy_reason
+    gpu.driver = 12040
+    b = backend_on(gpu, batch_copy=True)
+    assert not b.batch_copy_available and "12.4" in b.batch_copy_reason and "12.8" in b.batch_copy_reason
+
+
+class _FailingBatch:
+    def copy(self, dsts, srcs, sizes, stream_ptr):
+        raise DmaError("cuMemcpyBatchAsync failed: CUDA_ERROR_NOT_SUPPORTED")
+
+
+def test_a_failing_batch_copy_is_switched_off_with_its_reason(gpu):
+    b = backend_on(gpu)
+    b._batch = _FailingBatch()
+    nodes = make_nodes(b, seed=12)
+    with engine_for(b, nodes) as engine:
+        ch = engine._channels[0]
+        w = ChannelWork(nodes[0].frames, nodes[1].frames, "host", "device", -1, 0, METHOD_BATCH,
+                        np.array([0, 10]), np.array([5, 40]), np.array([3, 2]))
+        expect = contents(b, nodes)
+        expect[64 + 5:64 + 8] = expect[0:3]
+        expect[64 + 40:64 + 42] = expect[10:12]
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            ch.submit([w]).wait()
+        assert any("NOT_SUPPORTED" in str(r.message) for r in record)
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+    assert not b.batch_copy_available and "NOT_SUPPORTED" in b.batch_copy_reason
+
+
+def test_devices_report(gpu):
+    infos = backend_on(gpu).devices()
+    assert infos[0]["name"] == "Fake GPU 0" and infos[0]["compute_capability"] == (9, 0)
