@@ -7,6 +7,7 @@ what each colour measures.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ PHASE_LEGEND = {
     "dma_wait": "dma_wait: waiting for the DMA copy (no-copy)",
     "move": "move: transfer page state, remap, unlock",
     "undo": "undo: restore pages that failed",
-    "outside": "outside phases: validation, isolation, put-back, result",
     # Phases a core may report beyond the schema's; any other name is shown as it is.
     "dma_submit": "dma_submit: plan and queue the DMA copy (no-copy)",
     "submit": "submit: plan and queue the DMA copy (no-copy)",
@@ -124,7 +124,7 @@ def plot_throughput(doc: dict[str, Any], path: Path) -> None:
     experiments = [s for s in mig if batching_class(s) == "experiment"]
     directions = _directions(mig)
     sizes = sorted({s["folio_bytes"] for s in mig})
-    fig, axes = plt.subplots(1, len(directions), figsize=(6.2 * len(directions), 5.4), squeeze=False,
+    fig, axes = plt.subplots(1, len(directions), figsize=(max(9.0, 5.2 * len(directions)), 6.4), squeeze=False,
                              sharey=True)
     top = 0.0
     for ax, d in zip(axes[0], directions, strict=True):
@@ -145,12 +145,17 @@ def plot_throughput(doc: dict[str, Any], path: Path) -> None:
         ax.set_xticks(list(range(len(sizes))), [format_size(s) for s in sizes])
         ax.set_xlabel("folio size (4K = base pages)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.04), ncol=1, frameon=False)
     for ax in axes[0]:
         ax.set_ylim(0, top * 1.1 or 1.0)
     axes[0][0].set_ylabel("GB/s (median; axis starts at 0)")
+    # One legend for every panel (they share their series), below them, so it never covers a point.
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"Migration throughput vs folio size: lines {words}\n{_context(doc)}", fontsize=11)
-    _save(plt, fig, path)
+    _save(plt, fig, path, rect=(0, 0.04 + 0.028 * ((len(legend) + 1) // 2), 1, 1))
 
 
 def plot_copy_vs_nocopy(doc: dict[str, Any], path: Path) -> None:
@@ -225,10 +230,13 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
     colors = dict(_PHASE_COLORS)
     for k, p in enumerate(p for p in names if p not in colors):
         colors[p] = _EXTRA_COLORS[k % len(_EXTRA_COLORS)]
-    per_panel = max(len([s for s in mig if s["direction"] == d and s["folio_bytes"] == sz])
-                    for d in directions for sz in sizes)
+    counts = [max(len([s for s in mig if s["direction"] == d and s["folio_bytes"] == sz]) for d in directions)
+              for sz in sizes]
+    # Panels as wide as their bar count, so that every bar has the same width whatever the panel holds.
     fig, axes = plt.subplots(len(directions), len(sizes), squeeze=False, sharey="row",
-                             figsize=(max(4.2, 1.05 * per_panel + 1.2) * len(sizes), 4.6 * len(directions) + 1.2))
+                             gridspec_kw={"width_ratios": [max(c, 2) for c in counts]},
+                             figsize=(max(9.0, 1.25 * sum(max(c, 2) for c in counts) + 1.5),
+                                      4.8 * len(directions) + 1.4))
     handles: dict[str, Any] = {}
     for r, d in enumerate(directions):
         row_top = 0.0
@@ -256,9 +264,7 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
         axes[r][0].set_ylim(0, row_top * 1.05 or 1.0)  # the row shares its y axis: one limit fits all panels
     order = [p for p in (*names, "outside") if handles.get(p) is not None]
     legend = {p: PHASE_LEGEND.get(p, p) for p in order}
-    if any(s["mode"] == "nocopy" for s in mig) and not any("submit" in p for p in names):
-        # This core does not time DMA submission as a phase of its own, so no-copy's grey includes it.
-        legend["outside"] += "; no-copy: also planning and queueing the DMA copy"
+    legend["outside"] = _outside_legend(names, any(s["mode"] == "nocopy" for s in mig))
     fig.legend([handles[p] for p in order], [legend[p] for p in order], loc="lower center",
                ncol=min(3, len(order)), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
     head_words = "faithful (the kernel's batching)" if any(batching_class(s) == "faithful" for s in mig) \
@@ -270,6 +276,20 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
     _save(plt, fig, path, rect=(0, 0.07, 1, 1))
 
 
+def _outside_legend(names: list[str], nocopy: bool) -> str:
+    """What the grey top of a bar holds: the call's work that no reported phase covers."""
+    parts = ["validation", "result"]
+    if not any("isolat" in p or "collect" in p for p in names):
+        parts.insert(1, "isolation")
+    if not any("putback" in p or "put_back" in p for p in names):
+        parts.insert(-1, "put-back")
+    text = "outside phases: " + ", ".join(parts)
+    if nocopy and not any("submit" in p for p in names):
+        # A core that does not time DMA submission as a phase of its own leaves it in no-copy's grey.
+        text += "; no-copy: also planning and queueing the DMA copy"
+    return text
+
+
 def _bar_label(sc: dict[str, Any]) -> str:
     # Short lines under a bar: the mode, the channels spelled out, and an experiment's settings.
     if sc["mode"] == "copy":
@@ -278,7 +298,8 @@ def _bar_label(sc: dict[str, Any]) -> str:
         n = sc["channels"]
         lines = ["no-copy", f"{n} DMA channel" + ("" if n == 1 else "s")]
     if batching_class(sc) == "experiment":
-        lines += [w.strip() for w in settings_words(options_of(sc)).split(",")]
+        for w in settings_words(options_of(sc)).split(","):
+            lines += textwrap.wrap(w.strip(), 16)
     return "\n".join(lines)
 
 
