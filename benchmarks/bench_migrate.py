@@ -4,6 +4,11 @@ Each benchmark records GB/s, its same-run ceiling and the ratio in ``benchmark.e
 side by side at the end of the run. Every benchmark verifies its data afterwards (checksums against the source
 pages), so a fast wrong result fails.
 
+Migrations run with the kernel's batching (``faithful``: 512-page batches, one at a time) unless the test id
+says otherwise: the ``pipelined`` case (16 batches per step, one step's DMA copy overlapping the next step's
+unmap) and its like-for-like copy partner (16 batches per step) are experiment settings, and their
+``extra_info`` records the :class:`~dmamig.MigrateOptions` they ran with, as every migration case does.
+
     pytest benchmarks/ --benchmark-only                             # 128 MiB working sets, seconds
     DMAMIG_BENCH_PAGES=262144 pytest benchmarks/ --benchmark-only   # 1 GiB, as the targets quote
 """
@@ -17,13 +22,25 @@ import time
 import numpy as np
 import pytest
 
-from dmamig import Machine, MigrateMode
+from dmamig import Machine, MigrateMode, MigrateOptions
+from dmamig.bench.naming import describe_options, scenario_name
 from dmamig.bench.runner import measure_ceilings, range_pfns, verify_pages
-from dmamig.bench.scenarios import PAGE_SIZE, folio_order, format_size
+from dmamig.bench.scenarios import PAGE_SIZE, PIPELINED, folio_order, format_size
 
 ROUNDS = int(os.environ.get("DMAMIG_BENCH_ROUNDS", "5"))
 CHANNELS = 2
 FOLIOS = pytest.mark.parametrize("folio", [4096, 2 << 20], ids=["4k", "2m"])
+#: The kernel's batching.
+FAITHFUL = MigrateOptions()
+#: Copy at the pipelined case's batches per step: what the pipelined no-copy ratio is compared with.
+STEPS16 = MigrateOptions(batches_per_step=PIPELINED.batches_per_step)
+#: Host->device migration cases: faithful copy and no-copy at each folio size, then the experiments at 4K.
+MIGRATIONS = pytest.mark.parametrize("mode, folio, options", [
+    *(pytest.param(mode, folio, FAITHFUL, id=f"{mode}-{format_size(folio).lower()}-faithful")
+      for folio in (4096, 2 << 20) for mode in ("copy", "nocopy")),
+    pytest.param("copy", 4096, STEPS16, id="copy-4k-experiment-16-batches-per-step"),
+    pytest.param("nocopy", 4096, PIPELINED, id="nocopy-4k-pipelined"),
+])
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +67,19 @@ def _median_s(benchmark) -> float | None:
 
 
 def _report(benchmark, summary: list[str], name: str, nbytes: int, ceiling: dict | None, cpu_ns: list[int],
-            pages: int, copies_data: bool = True) -> None:
+            pages: int, copies_data: bool = True, options: MigrateOptions | None = None) -> None:
     """Put GB/s, the ceiling and their ratio in extra_info, and a line in the end-of-run summary.
 
     ``copies_data=False`` (state-only migration) leaves GB/s out: no byte moves, pages per CPU-second count.
+    ``options`` (migrations only) is recorded with its batching in words: ``faithful`` or the experiment.
     """
     secs = _median_s(benchmark) if copies_data else None
     info = benchmark.extra_info
     info["bytes"] = nbytes
     info["pages"] = pages
+    if options is not None:
+        info["options"] = options.as_dict()
+        info["batching"] = describe_options(options)
     if cpu_ns:
         cpu = statistics.median(cpu_ns)
         info["cpu_ns_per_page"] = cpu / pages
@@ -95,10 +116,13 @@ def test_ceiling_copyto(benchmark, bench_summary, total_bytes):
             total_bytes // PAGE_SIZE)
 
 
-@FOLIOS
-@pytest.mark.parametrize("mode", ["copy", "nocopy"])
-def test_migrate_host_to_device(benchmark, bench_summary, mode, folio, total_bytes, backend_name, ceilings):
-    """mm.migrate host->device of the whole working set: copy (CPU copies) or no-copy (DMA copies)."""
+@MIGRATIONS
+def test_migrate_host_to_device(benchmark, bench_summary, mode, folio, options, total_bytes, backend_name,
+                                ceilings):
+    """mm.migrate host->device of the whole working set: copy (CPU copies) or no-copy (DMA copies).
+
+    Faithful (the kernel's batching) unless ``options`` names an experiment.
+    """
     pages = total_bytes // PAGE_SIZE
     with _machine(total_bytes, backend_name) as m:
         mm = m.address_space()
@@ -112,25 +136,31 @@ def test_migrate_host_to_device(benchmark, bench_summary, mode, folio, total_byt
         def back_to_host():
             # Untimed: each round starts with the range populated on the host.
             if (mm.nodes_of(addr, total_bytes) != 0).any():
-                res = mm.migrate(addr, total_bytes, 0, engine=engine)
+                res = mm.migrate(addr, total_bytes, 0, engine=engine, options=options)
                 assert res.nr_failed == 0
 
         def migrate():
             c0 = time.thread_time_ns()
-            res = mm.migrate(addr, total_bytes, 1, mode=MigrateMode.SYNC, engine=engine)
+            res = mm.migrate(addr, total_bytes, 1, mode=MigrateMode.SYNC, engine=engine, options=options)
             cpu.append(time.thread_time_ns() - c0)
             results.append(res)
 
         benchmark.pedantic(migrate, setup=back_to_host, rounds=ROUNDS, warmup_rounds=1, iterations=1)
         assert all(r.nr_failed == 0 and r.nr_succeeded == pages for r in results)
-        verify_pages(m, range_pfns(mm, addr, pages), 1, ref, f"{mode} {folio} host->device")
-        _report(benchmark, bench_summary, f"migrate h2d {mode} {format_size(folio)}", total_bytes, ceilings["h2d"],
-                cpu, pages)
+        assert all(getattr(r, "options", options) == options for r in results)
+        name = scenario_name("migrate", "h2d", folio, mode, CHANNELS if mode == "nocopy" else None, options=options)
+        verify_pages(m, range_pfns(mm, addr, pages), 1, ref, name)
+        if options.faithful:
+            name += ", faithful"
+        _report(benchmark, bench_summary, name, total_bytes, ceilings["h2d"], cpu, pages, options=options)
 
 
 @FOLIOS
 def test_state_only_migration(benchmark, bench_summary, folio, total_bytes, backend_name):
-    """m.migrate_pages with NO_COPY to frames from m.alloc_pages: page state only (target >= 10M pages/CPU-s)."""
+    """m.migrate_pages with NO_COPY to frames from m.alloc_pages: page state only (target >= 10M pages/CPU-s).
+
+    Faithful: the kernel's batching, as the target is stated.
+    """
     pages = total_bytes // PAGE_SIZE
     order = folio_order(folio)
     mode = MigrateMode.SYNC | MigrateMode.NO_COPY
@@ -145,13 +175,14 @@ def test_state_only_migration(benchmark, bench_summary, folio, total_bytes, back
             # Untimed: move back to the host (state only as well) and allocate this round's destinations.
             if (mm.nodes_of(addr, total_bytes) != 0).any():
                 heads = range_pfns(mm, addr, pages)[:: 1 << order]
-                m.migrate_pages(heads, 0, mode=mode, dst_pfns=m.alloc_pages(0, heads.size, order=order))
+                m.migrate_pages(heads, 0, mode=mode, dst_pfns=m.alloc_pages(0, heads.size, order=order),
+                                options=FAITHFUL)
             heads = range_pfns(mm, addr, pages)[:: 1 << order]
             return (heads, m.alloc_pages(1, heads.size, order=order)), {}
 
         def migrate(heads, dst):
             c0 = time.thread_time_ns()
-            res = m.migrate_pages(heads, 1, mode=mode, dst_pfns=dst)
+            res = m.migrate_pages(heads, 1, mode=mode, dst_pfns=dst, options=FAITHFUL)
             cpu.append(time.thread_time_ns() - c0)
             results.append((res, dst))
 
@@ -159,8 +190,8 @@ def test_state_only_migration(benchmark, bench_summary, folio, total_bytes, back
         res, dst = results[-1]
         assert res.nr_failed == 0 and res.nr_succeeded == pages
         assert np.array_equal(range_pfns(mm, addr, pages), m.pages.expand(np.asarray(dst)))
-        _report(benchmark, bench_summary, f"state-only NO_COPY {format_size(folio)}", total_bytes, None, cpu,
-                pages, copies_data=False)
+        _report(benchmark, bench_summary, scenario_name("state", "h2d", folio, "state", None) + ", faithful",
+                total_bytes, None, cpu, pages, copies_data=False, options=FAITHFUL)
 
 
 @pytest.mark.parametrize("layout", ["random", "contiguous"])
@@ -185,5 +216,5 @@ def test_dma_copy(benchmark, bench_summary, layout, total_bytes, backend_name, c
         benchmark.pedantic(copy, rounds=ROUNDS, warmup_rounds=1, iterations=1)
         assert np.array_equal(np.asarray(m.dma.checksum(dst)), np.asarray(m.dma.checksum(src)))
         m.put_pages(dst)
-        _report(benchmark, bench_summary, f"dma.copy {layout} 4K pages, {CHANNELS} ch", total_bytes,
+        _report(benchmark, bench_summary, f"m.dma.copy, {layout} 4K pages, {CHANNELS} DMA channels", total_bytes,
                 ceilings["h2d"], cpu, pages)
