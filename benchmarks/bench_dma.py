@@ -65,7 +65,7 @@ def run(benchmark, rig, src, dst, label: str) -> None:
     ratio = gbps / ceiling
     benchmark.extra_info.update({"pages": int(src.size), "channels": engine.channels, "gbps": round(gbps, 2),
                                  "ceiling_copyto_gbps": round(ceiling, 2), "ratio_to_ceiling": round(ratio, 3)})
-    print(f"\n{label}: {src.size} x 4 KiB pages, {engine.channels} channels: {gbps:.2f} GB/s "
+    print(f"\n{label}: {src.size} x 4 KiB pages, {engine.channels} DMA channels: {gbps:.2f} GB/s "
           f"(np.copyto ceiling {ceiling:.2f} GB/s, ratio {ratio:.2f}x)")
     np.testing.assert_array_equal(nodes[1].frames[dst[:64] - PAGES], nodes[0].frames[src[:64]])
 
