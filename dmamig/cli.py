@@ -1,4 +1,4 @@
-"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest`` and ``schema``.
+"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema`` and ``stress``.
 
 Exit codes: 0 success; 1 a failure the command found (a regression beyond the threshold, a benchmark whose
 data failed verification, a failed self-test, an unreadable results file); 2 a usage error (argparse).
@@ -157,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
 
     sub.add_parser("schema", help="print the JSON schema of results.json")
+
+    st = sub.add_parser("stress", help="bounded stress with fault injection and invariant checks; exit 1 on a "
+                                       "violation",
+                        description="Run readers, writers, migrators (every mode, copy and no-copy), MigrateVma "
+                                    "drivers and fork/munmap churn together on one machine for N operations, "
+                                    "with faults injected at rate R; check bytes, refcounts, mapcounts, frames "
+                                    "and vmstat every K operations and at the end.")
+    st.add_argument("--ops", type=_argtype(_positive), default=10_000, metavar="N",
+                    help="operations in all (default 10000)")
+    st.add_argument("--threads", type=_argtype(_positive), default=6, metavar="T", help="worker threads (6)")
+    st.add_argument("--fault-rate", type=_argtype(_rate), default=0.0, metavar="R",
+                    help="chance that each DMA share fails (submission, mid-copy, completion); worker crashes "
+                         "and allocation failures at R/4 (default 0)")
+    st.add_argument("--seed", type=_argtype(_nonnegative), metavar="S", help="seed (default: random, printed)")
+    st.add_argument("--check-every", type=_argtype(_positive), default=1000, metavar="K",
+                    help="operations between invariant checks (1000)")
+    st.add_argument("--stall-timeout", type=_argtype(_seconds), default=60.0, metavar="SECONDS",
+                    help="fail when no thread progresses for this long (60)")
+    st.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu")
     return p
 
 
@@ -407,6 +426,40 @@ def _cmd_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; use a fraction such as 0.01") from None
+    if not 0 <= v <= 1:
+        raise ValueError(f"{text!r} is out of range; use a fraction in [0, 1], such as 0.01")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds, e.g. 60") from None
+    if not v > 0:
+        raise ValueError(f"{text!r} must be > 0 seconds, e.g. 60")
+    return v
+
+
+def _cmd_stress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .stress import StressConfig, run_stress
+
+    backend = _resolve_backend(parser, args.backend)
+    cfg = StressConfig(ops=args.ops, threads=args.threads, fault_rate=args.fault_rate, seed=args.seed,
+                       check_every=args.check_every, stall_timeout=args.stall_timeout, backend=backend)
+    print(f"dmamig stress: {cfg.ops} ops, {cfg.threads} threads, fault rate {cfg.fault_rate:g}, backend "
+          f"{backend}", flush=True)
+    report = run_stress(cfg, out=lambda line: print(line, flush=True))
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dmamig`` command line; return its exit code.
 
@@ -425,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_info(args)
     if args.command == "selftest":
         return _cmd_selftest(args, parser)
+    if args.command == "stress":
+        return _cmd_stress(args, parser)
     from .bench.schema import RESULTS_SCHEMA
 
     print(json.dumps(RESULTS_SCHEMA, indent=2))
