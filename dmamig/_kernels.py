@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .flags import MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
+from .flags import EBUSY, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "install_entries", "move_folio_state", "move_object_slots", "prep_new_folios",
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "free_frames", "install_entries", "move_folio_state", "move_object_slots", "prep_new_folios",
            "remove_entries", "reset_pages"]
 
 try:
@@ -161,8 +161,89 @@ def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping
             flags[h] = head_flag
 
 
+def _alloc_frames0(free, block_free, block, count, out):
+    """FrameAllocator order-0 allocation: partly used pageblocks first, then whole free ones; both in address
+    order. Marks the frames used and returns how many it found (up to ``count``)."""
+    got = 0
+    for whole in (False, True):
+        for b in range(block_free.size):
+            bf = block_free[b]
+            if bf == 0 or (bf == block) != whole:
+                continue
+            base = b * block
+            for k in range(block):
+                if free[base + k]:
+                    free[base + k] = False
+                    out[got] = base + k
+                    got += 1
+                    bf -= 1
+                    if got == count:
+                        break
+            block_free[b] = bf
+            if got == count:
+                return got
+    return got
+
+
+def _free_frames(free, block_free, block, frames):
+    """FrameAllocator.free: return frames to the pool; on a double free change nothing and return its index."""
+    for i in range(frames.size):
+        if free[frames[i]]:
+            return i
+    for i in range(frames.size):
+        f = frames[i]
+        free[f] = True
+        block_free[f // block] += 1
+    return -1
+
+
+def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mark, lru, isolated, status, entry, heads):
+    """collect_folios + isolate_folios in one pass (see migrate/isolate.py for the numpy reference).
+
+    Per page: ``status`` 0 (already on the node), -ENOENT (no page, or free), -EBUSY (off the LRU or isolated by
+    someone else) or 1 (the core's pending state; ``entry`` is its folio's index in ``heads``). Each folio is isolated once, in
+    first-occurrence order; ``mark`` (one slot per pfn, all -1) remembers this call's folios and is reset.
+    """
+    n = 0
+    for i in range(pfns.size):
+        p = pfns[i]
+        entry[i] = -1
+        if p < 0:
+            status[i] = ENOENT
+            continue
+        h = head[p]
+        if h >= node_lo and h < node_hi:
+            status[i] = 0
+            continue
+        e = mark[h]
+        if e >= 0:
+            status[i] = 1
+            entry[i] = e
+            continue
+        if refcount[h] <= 0:
+            status[i] = ENOENT
+            continue
+        f = flags[h]
+        if (f & lru) == 0 or (f & isolated) != 0:
+            status[i] = EBUSY
+            continue
+        flags[h] = (f | isolated) & ~lru
+        refcount[h] += 1
+        mark[h] = n
+        heads[n] = h
+        entry[i] = n
+        status[i] = 1
+        n += 1
+    for k in range(n):
+        mark[heads[k]] = -1
+    return n
+
+
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
+    alloc_frames0 = _jit(_alloc_frames0)
+    free_frames = _jit(_free_frames)
+    collect_folios = _jit(_collect_folios)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -170,5 +251,6 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
+    alloc_frames0 = free_frames = collect_folios = None
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
     prep_new_folios = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _kernels
 from .errors import InvalidArgument
 
 __all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap"]
@@ -65,12 +66,17 @@ class FrameAllocator:
             heads = self._alloc_order0(count)
         else:
             heads = self._alloc_order(count, order)
-        if heads.size:
+        if heads.size and not (order == 0 and _kernels.HAVE_NUMBA):  # the compiled order-0 path took them
             frames = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
             self._take(frames)
         return heads
 
     def _alloc_order0(self, count: int) -> np.ndarray:
+        if _kernels.HAVE_NUMBA:
+            out = np.empty(min(count, self._nr_free), dtype=np.int64)
+            got = _kernels.alloc_frames0(self._free, self._block_free, _BLOCK, out.size, out) if out.size else 0
+            self._nr_free -= got
+            return out[:got]
         cand = self._candidate_blocks()
         if cand.size == 0:
             return np.empty(0, dtype=np.int64)
@@ -112,6 +118,12 @@ class FrameAllocator:
         """Return frames (base-frame indices, each listed once) to the free pool."""
         frames = np.asarray(frames, dtype=np.int64)
         if frames.size == 0:
+            return
+        if _kernels.HAVE_NUMBA:
+            bad = _kernels.free_frames(self._free, self._block_free, _BLOCK, frames)
+            if bad >= 0:
+                raise RuntimeError(f"double free of frame {int(frames[bad])} (allocator invariant broken)")
+            self._nr_free += frames.size
             return
         if self._free[frames].any():
             bad = frames[self._free[frames]][:8]

@@ -39,6 +39,8 @@ class PageArray:
         # the source after the caller's copy makes the copy stale, and the core copies again.
         self.write_seq = np.zeros(n, dtype=np.int64)
         self._seq = 0
+        # Scratch for one pass over a batch under the lock (pfn -> batch entry); always all -1 between uses.
+        self.mark = np.full(n, -1, dtype=np.int64)
 
     # -- flag helpers, vectorized over an index array ------------------------------------------------------
     def test(self, pfns: np.ndarray | int, flag: PageFlag) -> np.ndarray:

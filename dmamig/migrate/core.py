@@ -442,6 +442,8 @@ class _Migration:
         they are restored first, so no page stays unmapped, locked or isolated.
         """
         m, e = self.m, self.e
+        if not interrupted and not self.enomem and not (e.status != 0).any():
+            return  # every folio moved (a split one's pieces included): nothing to put back or count
         with m.changed:
             if e.unmapped.any():
                 if self.engine is not None:
@@ -473,8 +475,10 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
     of their folio.
     """
     options = MigrateOptions.coerce(options)
+    t_run = time.perf_counter_ns()
     entries = Entries(m, heads, dst)
     mig = _Migration(m, node, mode, engine, options, entries)
+    mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
         pending = status == _PENDING
         where = entries.locate(pfns[pending])
@@ -483,8 +487,10 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
             mig.migrate_pages(np.arange(heads.size))
             interrupted = False
         finally:
+            t0 = time.perf_counter_ns()
             mig.finish(interrupted)
-        status[pending] = entries.status_at(where)
+            status[pending] = entries.status_at(where)
+            mig.phase_ns["putback"] += time.perf_counter_ns() - t0
     s = mig.stats
     rc = ENOMEM if mig.enomem else mig.nr_failed_folios
     return MigrateResult(status=status, nr_succeeded=s.nr_succeeded, nr_failed=s.nr_failed_pages,

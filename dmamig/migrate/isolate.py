@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import _kernels
 from .._arrays import all_distinct, first_occurrences
 from ..errors import InvalidArgument
 from ..flags import EBUSY, ENOENT, PageFlag
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 __all__ = ["check_dst", "collect_folios", "isolate_folios", "putback_folios"]
+
+_LRU = np.uint32(PageFlag.LRU)
+_ISOLATED = np.uint32(PageFlag.ISOLATED)
 
 
 def isolate_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
@@ -50,15 +54,25 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray,
     """Pick and isolate the folios of ``pfns`` (``-1`` = no page) that must move to ``node``.
 
     Caller holds the lock. Returns ``(status, heads)``: a provisional per-page status (``0`` for pages already
-    on ``node``, ``-errno`` for pages that cannot be taken, ``_PENDING`` for the rest) and the isolated heads.
+    on ``node``, ``-errno`` for pages that cannot be taken, ``_PENDING`` for the rest) and the isolated heads,
+    each folio once, in first-occurrence order. The compiled loop does it in one pass; the numpy code below is
+    its reference.
     """
+    nd = m.nodes[node]
+    if _kernels.HAVE_NUMBA:
+        pages = m.pages
+        status = np.empty(pfns.size, dtype=np.int32)
+        entry = np.empty(pfns.size, dtype=np.int64)
+        heads = np.empty(pfns.size, dtype=np.int64)
+        n = _kernels.collect_folios(pfns, nd.base_pfn, nd.base_pfn + nd.total_pages, pages.head, pages.refcount,
+                                    pages.flags, pages.mark, _LRU, _ISOLATED, status, entry, heads)
+        return status, heads[:n]
     status = np.full(pfns.size, ENOENT, dtype=np.int32)
     present = pfns >= 0
     if present.all():
         heads_all = m.pages.head[pfns]
     else:
         heads_all = np.where(present, m.pages.head[np.where(present, pfns, 0)], -1)
-    nd = m.nodes[node]
     on_node = present & (heads_all >= nd.base_pfn) & (heads_all < nd.base_pfn + nd.total_pages)
     status[on_node] = 0
     want = present & ~on_node

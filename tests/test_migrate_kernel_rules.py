@@ -1,0 +1,258 @@
+"""The failure rules of mm/migrate.c that the core mirrors, each test named after the kernel code it follows."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import numpy as np
+import pytest
+from support import WAIT, filled
+
+import dmamig.migrate.core as core
+from dmamig import InvalidArgument, MigrateMode, MigrateOptions, PageFlag
+
+EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
+HOST = DEV = 4096
+NR = 512
+
+
+def delta(m, before: dict) -> dict:
+    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
+
+
+# -- batching -------------------------------------------------------------------------------------------------
+def test_faithful_default_runs_one_batch_at_a_time(m, mm, monkeypatch):
+    """migrate_pages(): batch N is unmapped, copied and moved before batch N+1 is unmapped."""
+    ps = m.page_size
+    n = 3 * NR
+    addr, data = filled(m, mm, n)
+    events = []
+    real_unmap, real_move = core._Migration._unmap_pass, core._Migration._move_pass
+
+    def unmap(self, todo, mode):
+        events.append(("unmap", todo.size))
+        return real_unmap(self, todo, mode)
+
+    def move(self, moving):
+        events.append(("move", moving.size))
+        return real_move(self, moving)
+
+    monkeypatch.setattr(core._Migration, "_unmap_pass", unmap)
+    monkeypatch.setattr(core._Migration, "_move_pass", move)
+    res = mm.migrate(addr, n * ps, 1, engine=m.dma)
+    assert res.ok and res.options.faithful
+    assert events == [("unmap", NR), ("move", NR)] * 3
+    assert res.stats.nr_tlb_flush == 3
+    assert np.array_equal(mm.read(addr, n * ps), data)
+
+
+@pytest.mark.parametrize("options", [MigrateOptions(batches_per_step=4), MigrateOptions(pipeline_depth=1),
+                                     MigrateOptions(batch_pages=2048, batches_per_step=2, pipeline_depth=2),
+                                     MigrateOptions(batch_pages=64)])
+@pytest.mark.parametrize("engine", [False, True])
+def test_experiment_settings_move_the_same_data(m, mm, options, engine):
+    """Experiment settings change how batches are grouped and overlapped, never what ends where."""
+    ps = m.page_size
+    n = 3 * NR + 17
+    addr, data = filled(m, mm, n, seed=3)
+    res = mm.migrate(addr, n * ps, 1, engine=m.dma if engine else None, options=options)
+    assert res.ok and res.options == options and not options.faithful
+    batches = -(-n // options.batch_pages)
+    assert res.stats.nr_tlb_flush == batches  # still one flush per batch, however many run together
+    assert np.array_equal(mm.read(addr, n * ps), data)
+
+
+def test_pipelined_steps_overlap_unmap_with_the_previous_copy(m, mm, monkeypatch):
+    """pipeline_depth=1: the next step is unmapped before the previous step moves."""
+    ps = m.page_size
+    addr, _ = filled(m, mm, 3 * NR)
+    events = []
+    real_unmap, real_move = core._Migration._unmap_pass, core._Migration._move_pass
+    monkeypatch.setattr(core._Migration, "_unmap_pass",
+                        lambda self, t, mode: (events.append("unmap"), real_unmap(self, t, mode))[1])
+    monkeypatch.setattr(core._Migration, "_move_pass", lambda self, mv: (events.append("move"), real_move(self, mv))[1])
+    res = mm.migrate(addr, 3 * NR * ps, 1, engine=m.dma, options=MigrateOptions(pipeline_depth=1))
+    assert res.ok
+    assert events == ["unmap", "unmap", "move", "unmap", "move", "move"]
+
+
+def test_options_are_validated():
+    with pytest.raises(InvalidArgument, match="batch_pages"):
+        MigrateOptions(batch_pages=0)
+    with pytest.raises(InvalidArgument, match="pipeline_depth"):
+        MigrateOptions(pipeline_depth=-1)
+    with pytest.raises(InvalidArgument, match="batches_per_step"):
+        MigrateOptions(batches_per_step=1.5)
+
+
+def test_bad_options_argument_is_refused(m, mm):
+    addr, _ = filled(m, mm, 1)
+    with pytest.raises(InvalidArgument, match="options must be a MigrateOptions"):
+        mm.migrate(addr, m.page_size, 1, options={"batch_pages": 4})
+
+
+def test_options_label_names_the_experiment():
+    assert MigrateOptions().label == "faithful"
+    assert MigrateOptions(batches_per_step=16, pipeline_depth=1).label == "16 batches/step, pipeline 1"
+    assert MigrateOptions(batch_pages=2048).as_dict() == {"batch_pages": 2048, "batches_per_step": 1,
+                                                          "pipeline_depth": 0, "faithful": False}
+
+
+# -- -ENOMEM ----------------------------------------------------------------------------------------------------
+def test_enomem_ends_the_call_across_batches(m, mm):
+    """migrate_pages(): rc < 0 from one batch ends the call; later batches are never tried."""
+    ps = m.page_size
+    n = 2 * NR
+    addr, data = filled(m, mm, n)
+    held = m.alloc_pages(1, DEV - 100)
+    before = m.vmstat
+    res = mm.migrate(addr, n * ps, 1, mode=MigrateMode.SYNC)
+    assert res.rc == ENOMEM
+    assert (res.status[:100] == 0).all() and (res.status[100:] == ENOMEM).all()
+    assert res.nr_succeeded == 100 and res.nr_failed == 1 and res.stats.nr_untried_pages == n - 101
+    assert res.stats.nr_tlb_flush == 1  # the second batch was never unmapped
+    assert delta(m, before) == {"pgmigrate_success": 100, "pgmigrate_fail": 1, "migrate_tlb_flush": 1}
+    assert np.array_equal(mm.read(addr, n * ps), data)
+    m.put_pages(held)
+
+
+def test_thp_counters_count_pmd_sized_folios_only(m, mm):
+    """count_vm_events(THP_MIGRATION_*): an order-4 folio is large but not a THP."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 64, order=4)
+    before = m.vmstat
+    res = mm.migrate(addr, 64 * ps, 1)
+    assert res.ok and res.nr_succeeded == 64
+    assert res.nr_thp_succeeded == 0 and res.stats.nr_large_succeeded == 4
+    assert delta(m, before) == {"pgmigrate_success": 64, "migrate_tlb_flush": 1}
+    big, _ = filled(m, mm, NR, order=9)
+    res = mm.migrate(big, NR * ps, 1)
+    assert res.nr_thp_succeeded == 1 and res.stats.nr_large_succeeded == 1
+    assert np.array_equal(mm.read(addr, 64 * ps), data)
+
+
+def test_split_thp_counts_as_one_folio_in_the_return_value(m, mm):
+    """migrate_pages(): 'the number of large folio splits will be considered as the number of non-migrated
+    large folio, no matter how many split folios of the large folio are migrated successfully'."""
+    ps = m.page_size
+    addr, data = filled(m, mm, NR, order=9)
+    # Free frames, but no free pageblock: the THP cannot get a 2 MiB destination.
+    held = m.alloc_pages(1, DEV)
+    m.put_pages(held[::2])
+    res = mm.migrate(addr, NR * ps, 1)
+    assert res.ok and res.nr_thp_split == 1 and res.nr_thp_failed == 1 and res.rc == 1
+    assert res.nr_succeeded == NR and res.nr_failed == 0
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+    m.put_pages(held[1::2])
+
+
+# -- the move loop ----------------------------------------------------------------------------------------------
+def test_busy_folio_stays_unmapped_between_move_passes(m, mm):
+    """migrate_pages_batch(): -EAGAIN from migrate_folio_move keeps the folio on unmap_folios; only the final
+    undo restores its mapping."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 4)
+    pfn = mm.pfn_of(addr + ps)
+    m.get_page(pfn)
+    res = mm.migrate(addr, 4 * ps, 1, mode=MigrateMode.ASYNC)
+    assert res.status.tolist() == [0, EAGAIN, 0, 0]
+    assert res.stats.nr_unmap_passes == 1 and res.stats.nr_move_passes == core.NR_MAX_MIGRATE_PAGES_RETRY
+    assert res.rc == 1
+    st = m.page_state(pfn)
+    assert PageFlag.LOCKED not in st["flags"] and PageFlag.LRU in st["flags"] and st["mapcount"] == 1
+    m.put_page(pfn)
+    assert np.array_equal(mm.read(addr, 4 * ps), data)
+
+
+# -- DMA fallback -----------------------------------------------------------------------------------------------
+def test_dma_fallback_is_counted_per_submission(m, mm):
+    """The batch-offload RFC: a failed DMA batch is copied by the CPU; the next batch uses the engine again."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 2 * NR)
+    m.dma.inject_errors(1)
+    res = mm.migrate(addr, 2 * NR * ps, 1, engine=m.dma)
+    assert res.ok and res.stats.nr_dma_fallback == NR and res.stats.nr_no_copy == 2 * NR
+    assert np.array_equal(mm.read(addr, 2 * NR * ps), data)
+
+
+# -- stale NO_COPY destinations ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("copier", ["dma", "cpu"])
+def test_write_after_the_callers_copy_is_not_lost(m, mm, copier):
+    """A NO_COPY destination copied before a write to its source is stale: the core copies it again."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 8)
+    src = np.array([mm.pfn_of(addr + i * ps) for i in range(8)])
+    dst = m.alloc_pages(1, 8)
+    if copier == "dma":
+        m.dma.copy(src, dst).wait()
+    else:
+        m.copy_pages(src, dst)
+    mm.write(addr + 3 * ps, b"written after the copy")
+    res = m.migrate_pages(src, 1, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
+    assert res.ok and res.stats.nr_no_copy == 7  # the written page was copied again by the CPU
+    data[3 * ps: 3 * ps + 22] = np.frombuffer(b"written after the copy", np.uint8)
+    assert np.array_equal(mm.read(addr, 8 * ps), data)
+
+
+def test_write_racing_a_no_copy_migration_is_never_lost(m, mm):
+    """Writers hammer the sources while NO_COPY migrations run on copies taken earlier: no write is lost."""
+    ps = m.page_size
+    n = 64
+    addr, _ = filled(m, mm, n)
+    stop = threading.Event()
+    last = {}
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            page = k % n
+            mm.write(addr + page * ps, k.to_bytes(8, "little"))
+            last[page] = k
+            k += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        for rnd in range(20):
+            node = 1 + rnd % 2
+            src = np.array([mm.pfn_of(addr + i * ps) for i in range(n)])
+            dst = m.alloc_pages(node, n)
+            m.dma.copy(src, dst).wait()
+            res = m.migrate_pages(src, node, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
+            # A write to a device page brings it back to the host first, so a listed pfn may be gone (-ENOENT)
+            # or taken by that migration (-EBUSY) by the time this call isolates it.
+            assert set(res.status.tolist()) <= {0, EAGAIN, -errno.EBUSY, -errno.ENOENT}
+    finally:
+        stop.set()
+        t.join(WAIT)
+    assert not t.is_alive()
+    got = mm.read(addr, n * ps).reshape(n, ps)
+    for page, k in last.items():
+        assert int.from_bytes(got[page, :8].tobytes(), "little") == k
+
+
+# -- SWAPCACHE and writeback ------------------------------------------------------------------------------------
+def test_swapcache_moves_to_the_new_folio(m, mm):
+    """folio_migrate_mapping(): a swap-cache folio's new folio is in the swap cache."""
+    addr, _ = filled(m, mm, 1)
+    m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
+    assert mm.migrate(addr, m.page_size, 1).ok
+    assert PageFlag.SWAPCACHE in m.page_flags(mm.pfn_of(addr))
+
+
+def test_writeback_cannot_start_on_a_folio_a_migration_holds(m, mm):
+    """folio_start_writeback() needs the folio lock, which a migration holds from unmap to move."""
+    addr, _ = filled(m, mm, 1)
+    pfn = mm.pfn_of(addr)
+    m.lock_page(pfn)  # as a migration would hold it
+    assert m.start_writeback(pfn, blocking=False) is False
+    assert PageFlag.WRITEBACK not in m.page_flags(pfn)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (m.start_writeback(pfn), done.set()), daemon=True)
+    t.start()
+    assert not done.wait(0.05)  # blocked on the lock
+    m.unlock_page(pfn)
+    assert done.wait(WAIT)
+    assert PageFlag.WRITEBACK in m.page_flags(pfn)
+    m.end_writeback(pfn)
