@@ -356,9 +356,22 @@ class Machine:
             self.pages.clear(head, PageFlag.LOCKED)
             self.changed.notify_all()
 
-    def start_writeback(self, pfn: int) -> None:
-        """Mark the folio of ``pfn`` under writeback (PG_writeback)."""
-        self.set_page_flags(pfn, PageFlag.WRITEBACK)
+    def start_writeback(self, pfn: int, blocking: bool = True) -> bool:
+        """Start writeback on the folio of ``pfn`` (PG_writeback), as the kernel does: under the folio lock.
+
+        A folio that a migration holds locked cannot start writeback until the migration lets it go: with
+        ``blocking`` the call waits for the lock, otherwise it returns False at once. Returns True once
+        writeback has started.
+        """
+        head = self._head(pfn)
+        with self.changed:
+            while self.pages.test(head, PageFlag.LOCKED):
+                if not blocking:
+                    return False
+                self.changed.wait()
+            self.pages.set(head, PageFlag.WRITEBACK)
+            self.changed.notify_all()
+        return True
 
     def end_writeback(self, pfn: int) -> None:
         """End writeback on the folio of ``pfn`` and wake waiters."""
