@@ -1,25 +1,53 @@
-"""Shared fixtures: the ``backend`` fixture (every backend, GPU ones skipped with a reason), GPU skipping, and
+"""Shared fixtures: the ``backend`` fixture (every backend, GPU ones skipped with a reason), GPU skipping (or
+failing, where a GPU is present but unusable), and
 the small CPU machine (``m``) and address space (``mm``) of the core tests."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 from support import finish_within
 
 from dmamig import Machine
-from dmamig.backends import cuda_unavailable_reason
+from dmamig.backends import REQUIRE_GPU_ENV, cuda_status
 
 
 @functools.lru_cache(maxsize=1)
+def _gpu_state() -> tuple[str, str | None]:
+    """``("usable", None)``, ``("absent", reason)`` (GPU tests skip) or ``("unusable", reason)`` (they fail).
+
+    ``DMAMIG_REQUIRE_GPU=1`` turns "absent" into "unusable": a GPU runner must not go green on skips.
+    """
+    status = cuda_status()
+    if status.usable:
+        return "usable", None
+    if status.state == "absent" and os.environ.get(REQUIRE_GPU_ENV, "").strip() not in ("1", "true", "yes"):
+        return "absent", f"no usable GPU: {status.reason}"
+    return "unusable", f"a GPU is required but CUDA is not usable: {status.reason}"
+
+
 def _gpu_skip_reason() -> str | None:
-    reason = cuda_unavailable_reason()
-    return None if reason is None else f"no usable GPU: {reason}"
+    state, reason = _gpu_state()
+    return reason if state == "absent" else None
+
+
+def require_gpu() -> None:
+    """Skip (no GPU here) or fail (a GPU that CUDA cannot use) the calling test; return when usable."""
+    state, reason = _gpu_state()
+    if state == "absent":
+        pytest.skip(reason)
+    if state == "unusable":
+        pytest.fail(reason, pytrace=False)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip every test marked ``gpu`` (with the reason) where no CUDA GPU is usable; run them where one is."""
+    """Skip every test marked ``gpu`` (with the reason) where there is no GPU; run them where one is usable.
+
+    Where a GPU is present but unusable (e.g. an insufficient driver) they are not skipped: each fails with the
+    reason, so such a runner cannot look green.
+    """
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
@@ -31,13 +59,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(marker)
 
 
+@pytest.fixture(autouse=True)
+def _gpu_guard(request: pytest.FixtureRequest) -> None:
+    """Fail a ``gpu`` test at setup when the GPU is present but unusable (skipped ones never get here)."""
+    if request.node.get_closest_marker("gpu") is not None:
+        require_gpu()
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request: pytest.FixtureRequest) -> str:
     """Name of a backend to test (``"cpu"``, and ``"cuda"`` where a GPU is usable); pass it as ``backend=``."""
     if request.param == "cuda":
-        reason = _gpu_skip_reason()
-        if reason is not None:
-            pytest.skip(reason)
+        require_gpu()
     return request.param
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "Backend",
     "CudaStatus",
     "DeviceInfo",
+    "REQUIRE_GPU_ENV",
     "classify_cuda",
     "cuda_status",
     "cuda_unavailable_reason",
