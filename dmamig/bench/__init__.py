@@ -1,11 +1,14 @@
 """Benchmarks of copy vs no-copy migration: scenarios, a verified runner, reports, plots and the results schema.
 
 ``dmamig bench`` drives :func:`dmamig.bench.runner.run_sweep`; ``dmamig report`` re-renders and compares the
-results document it writes (see :mod:`dmamig.bench.schema`).
+results document it writes (see :mod:`dmamig.bench.schema`). Every migration scenario records the
+:class:`~dmamig.MigrateOptions` it ran with: the kernel's batching (faithful, the headline) or a named
+experiment such as :data:`~dmamig.bench.scenarios.PIPELINED`.
 """
 
-from .scenarios import BenchSettings, Scenario, build_sweep, default_settings, parse_size
+from .naming import describe_options, scenario_name
+from .scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings, parse_size
 from .schema import RESULTS_SCHEMA, validate_results
 
-__all__ = ["RESULTS_SCHEMA", "BenchSettings", "Scenario", "build_sweep", "default_settings", "parse_size",
-           "validate_results"]
+__all__ = ["PIPELINED", "RESULTS_SCHEMA", "BenchSettings", "Scenario", "build_sweep", "default_settings",
+           "describe_options", "parse_size", "scenario_name", "validate_results"]
