@@ -7,11 +7,9 @@ data failed verification, a failed self-test, an unreadable results file); 2 a u
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 __all__ = ["build_parser", "main"]
@@ -30,45 +28,6 @@ def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     return wrapped
 
 
-def _sizes(text: str) -> list[int]:
-    from .bench.scenarios import parse_folio_sizes
-
-    return parse_folio_sizes(text)
-
-
-def _total(text: str) -> int:
-    from .bench.scenarios import PAGE_SIZE, parse_size
-
-    n = parse_size(text)
-    if n % PAGE_SIZE:
-        raise ValueError(f"{text!r} is not a whole number of 4 KiB pages; use e.g. 256M or 1G")
-    return n
-
-
-def _channels(text: str) -> list[int]:
-    from .bench.scenarios import parse_channels
-
-    return parse_channels(text)
-
-
-def _batch_pages(text: str) -> list[int]:
-    from .bench.scenarios import parse_batch_pages
-
-    return parse_batch_pages(text)
-
-
-def _batches_per_step(text: str) -> list[int]:
-    from .bench.scenarios import parse_batches_per_step
-
-    return parse_batches_per_step(text)
-
-
-def _pipeline(text: str) -> list[int]:
-    from .bench.scenarios import parse_pipeline
-
-    return parse_pipeline(text)
-
-
 def _positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError(f"{text!r} is not a positive whole number, e.g. 3")
@@ -81,16 +40,6 @@ def _nonnegative(text: str) -> int:
     return int(text)
 
 
-def _threshold(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number; use a fraction such as 0.1 for 10 %") from None
-    if not 0 <= v < 1:
-        raise ValueError(f"{text!r} is out of range; use a fraction in [0, 1), such as 0.1 for 10 %")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dmamig`` command."""
     p = argparse.ArgumentParser(
@@ -98,56 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Emulated Linux page migration with a device DMA engine: copy vs no-copy benchmarks.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    b = sub.add_parser("bench", help="run the copy vs no-copy migration sweep and write a results folder",
-                       description="Migrate a working set between host and device nodes with copy migration "
-                                   "(the CPU copies) and no-copy migration (the DMA engine copies), over folio "
-                                   "sizes and channel counts; every run is verified. Migrations run with the "
-                                   "kernel's batching (faithful, the headline); --batch, --batches-per-step "
-                                   "and --pipeline add experiment settings as separate, labelled scenarios. "
-                                   "Writes results.json, results.csv and PNG plots.")
-    b.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto picks cuda when a GPU is usable (DMAMIG_BACKEND overrides auto)")
-    b.add_argument("--sizes", type=_argtype(_sizes), metavar="LIST",
-                   help="folio sizes, 4k..2m in powers of two (default 4k,64k,2m)")
-    b.add_argument("--total", type=_argtype(_total), metavar="SIZE",
-                   help="working set per scenario, e.g. 256M or 1G (default 256M on cpu, 1G on cuda)")
-    b.add_argument("--channels", type=_argtype(_channels), metavar="LIST",
-                   help="DMA channel counts for no-copy migration (default 1,2 on cpu, 1,2,4 on cuda)")
-    b.add_argument("--batch", type=_argtype(_batch_pages), metavar="LIST", dest="batch_pages",
-                   help="experiment axis: base pages per migration batch, e.g. 512,2048 (the kernel's is 512, "
-                        "which always runs)")
-    b.add_argument("--batches-per-step", type=_argtype(_batches_per_step), metavar="LIST",
-                   help="experiment axis: batches whose phases run together, e.g. 1,16 (the kernel's is 1)")
-    b.add_argument("--pipeline", type=_argtype(_pipeline), metavar="LIST",
-                   help="experiment axis: steps whose DMA copy overlaps the next step's unmap, e.g. 0,1 "
-                        "(no-copy only; the kernel's is 0)")
-    b.add_argument("--faithful-only", action="store_true",
-                   help="run only the kernel's batching: no default pipelined no-copy variant at the "
-                        "smallest folio size")
-    b.add_argument("--repeat", type=_argtype(_positive), metavar="N",
-                   help="timed repetitions per scenario; medians are reported (default 5; 1 with --quick)")
-    b.add_argument("--warmup", type=_argtype(_nonnegative), metavar="N", help="untimed repetitions first (1)")
-    b.add_argument("--devices", type=_argtype(_positive), metavar="N",
-                   help="device nodes; 2 adds device->device migration (default: GPUs present, at most 2)")
-    b.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests (a few seconds)")
-    b.add_argument("--no-engine", action="store_true",
-                   help="skip the engine scenarios (state-only migration, raw DMA copies)")
-    b.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
-    b.add_argument("--out", type=Path, metavar="DIR",
-                   help="output folder (default ./dmamig-results/<timestamp>/)")
+    from .bench.commands import add_bench_parser, add_report_parser
 
-    r = sub.add_parser("report", help="re-render a results.json; with a baseline, check for regressions",
-                       description="Print the tables of a results file (and write CSV and plots with --out). "
-                                   "With BASELINE, compare scenario by scenario and exit 1 when any scenario "
-                                   "is slower than (1 - threshold) times its baseline.")
-    r.add_argument("results", type=Path, metavar="RESULTS.json")
-    r.add_argument("baseline", type=Path, nargs="?", metavar="BASELINE.json")
-    r.add_argument("--threshold", type=_argtype(_threshold), default=0.1, metavar="FRACTION",
-                   help="allowed slowdown before a scenario counts as regressed (default 0.1 = 10 %%)")
-    r.add_argument("--metric", choices=("throughput", "ceiling-ratio"), default="throughput",
-                   help="compare GB/s (pages per CPU-second for state-only), or the ratio to the same run's "
-                        "ceiling, which factors out machine speed (default throughput)")
-    r.add_argument("--out", type=Path, metavar="DIR", help="also write results.csv and plots into DIR")
+    add_bench_parser(sub, _argtype, _positive, _nonnegative)
+    add_report_parser(sub, _argtype)
 
     i = sub.add_parser("info", help="backend, devices, versions and kernel build status")
     i.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
@@ -216,116 +119,6 @@ def _gpu_count(backend: str) -> int:
         be.close()
 
 
-def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import dataclasses
-
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .bench.naming import describe_options
-    from .bench.plots import write_plots
-    from .bench.report import render_tables, write_csv, write_json
-    from .bench.runner import VerificationError, run_sweep, sweep_steps
-    from .bench.scenarios import PIPELINED, default_settings, format_size
-
-    backend = _resolve_backend(parser, args.backend)
-    settings = default_settings(backend, gpus=_gpu_count(backend), quick=args.quick)
-    over: dict[str, Any] = {}
-    for key in ("sizes", "channels", "repeat", "warmup", "devices", "batch_pages", "batches_per_step"):
-        if getattr(args, key) is not None:
-            over[key] = getattr(args, key)
-    if args.pipeline is not None:
-        over["pipeline"] = args.pipeline
-    if args.total is not None:
-        over["total_bytes"] = args.total
-    if args.no_engine:
-        over["extras"] = False
-    if args.faithful_only:
-        axes = [f"--{k}" for k, v in (("batch", args.batch_pages), ("batches-per-step", args.batches_per_step),
-                                      ("pipeline", args.pipeline)) if v is not None]
-        if axes:
-            parser.error(f"argument --faithful-only: not allowed with {', '.join(axes)}, which add experiment "
-                         f"settings; drop one of them")
-        over["variants"] = False
-    settings = dataclasses.replace(settings, **over)
-    largest = max(settings.sizes)
-    if settings.total_bytes % largest:
-        parser.error(f"argument --total: {format_size(settings.total_bytes)} is not a multiple of the largest "
-                     f"folio size {format_size(largest)}; use e.g. --total {format_size(largest * 64)}")
-
-    out = args.out or Path("dmamig-results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    err = _console(stderr=True)
-    experiments = [describe_options(o) for o in settings.option_sets()[1:]]
-    if settings.variants:
-        experiments.append(f"{describe_options(PIPELINED)} at {format_size(settings.sizes[0])}")
-    err.print(f"dmamig bench: backend {backend}, sizes {','.join(format_size(s) for s in settings.sizes)}, "
-              f"{format_size(settings.total_bytes)} per scenario, DMA channels "
-              f"{','.join(map(str, settings.channels))}, repeat {settings.repeat}, faithful batching"
-              + (f" + experiments: {'; '.join(dict.fromkeys(experiments))}" if experiments else " only")
-              + f" -> {out}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[scenario]}"), console=err) as bar:
-        task = bar.add_task("migrating", total=sweep_steps(settings), scenario="")
-        try:
-            doc = run_sweep(settings, progress=lambda sid, n: bar.update(task, advance=n, scenario=sid))
-        except VerificationError as exc:
-            bar.stop()
-            err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
-            return 1
-    write_json(doc, out / "results.json")
-    write_csv(doc, out / "results.csv")
-    plots = [] if args.no_plots else write_plots(doc, out)
-    render_tables(doc, _console())
-    names = ", ".join(p.name for p in [out / "results.json", out / "results.csv", *plots])
-    err.print(f"wrote {names} to {out} ({doc['wall_s']:.1f} s)")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
-    from .bench.plots import write_plots
-    from .bench.report import (
-        compare_results,
-        comparison_table,
-        load_results,
-        regressions,
-        render_tables,
-        write_csv,
-    )
-    from .bench.schema import ResultsError
-
-    err = _console(stderr=True)
-    try:
-        doc = load_results(args.results)
-        base = load_results(args.baseline) if args.baseline else None
-    except ResultsError as exc:
-        err.print(f"[bold red]dmamig report:[/bold red] {exc}")
-        return 1
-    con = _console()
-    render_tables(doc, con)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_csv(doc, args.out / "results.csv")
-        write_plots(doc, args.out)
-    if base is None:
-        return 0
-    comps = compare_results(doc, base, args.threshold, args.metric)
-    con.print(comparison_table(comps, args.threshold, args.metric))
-    bad = regressions(comps)
-    if bad:
-        err.print(f"[bold red]dmamig report: {len(bad)} scenario(s) regressed beyond {args.threshold:.0%} "
-                  f"({args.metric}):[/bold red]")
-        for c in bad:
-            detail = f"{c.ratio:.3f}x baseline" if c.ratio is not None else c.note
-            err.print(escape(f"  {c.name or c.id} ({c.id}): {detail}")
-                      + (f" ({c.note})" if c.note and c.ratio is not None else ""))
-        return 1
-    err.print(f"dmamig report: no regression beyond {args.threshold:.0%} ({args.metric}, {len(comps)} scenarios)")
-    return 0
-
-
 def _kernel_status() -> Any:
     """``kernel_build_status()`` of the CUDA backend, or why it could not be asked."""
     try:
@@ -342,11 +135,17 @@ def _kernel_status() -> Any:
 
 
 def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
-    """Everything ``dmamig info`` shows, as a dict."""
-    from .backends import cuda_unavailable_reason, open_backend, resolve_backend
+    """Everything ``dmamig info`` shows, as a dict.
+
+    ``cuda`` says whether the CUDA backend can run (``usable``, ``absent: ...`` or ``UNUSABLE: ...`` where a GPU
+    is present but CUDA cannot use it, which is also an ``error``); ``cuda_driver``, ``cuda_runtime`` (the CUDA
+    version cupy was built for), ``nvrtc`` and ``batch_copy`` are shown wherever cupy imports.
+    """
+    from .backends import cuda_status, open_backend, resolve_backend
     from .bench.runner import machine_info
 
-    reason = cuda_unavailable_reason()
+    status = cuda_status()
+    reason = status.reason
     try:
         backend = resolve_backend(backend_arg)
     except Exception as exc:
@@ -354,6 +153,7 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
     else:
         err = None
     devices: list[dict[str, Any]] = []
+    batch_reason = None
     if backend == "cuda" and reason is not None:
         err = f"cuda requested but unusable: {reason}"
     else:
@@ -361,13 +161,24 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
             be = open_backend(backend)
             try:
                 devices = [dict(d) for d in be.devices()]
+                batch_reason = getattr(be, "batch_copy_reason", None)
             finally:
                 be.close()
         except Exception as exc:
             err = f"{type(exc).__name__}: {exc}"
+    if status.state == "unusable" and err is None:
+        err = f"a GPU is present but CUDA is not usable: {reason}"
     info = machine_info(backend, devices)
     info["devices"] = devices
-    info["cuda"] = "usable" if reason is None else f"not usable: {reason}"
+    info["cuda"] = {"usable": "usable", "absent": f"absent: {reason}"}.get(status.state, f"UNUSABLE: {reason}")
+    if status.state != "absent" or "cupy is not installed" not in (reason or ""):
+        from .backends.cuda import cuda_environment
+
+        env = cuda_environment()
+        env.pop("cupy", None)  # the installed version is already there, from the package metadata
+        info.update(env)
+        if batch_reason is not None:
+            info["batch_copy"] = "on" if batch_reason == "available" else f"off: {batch_reason}"
     info["kernel_build_status"] = _kernel_status()
     if err:
         info["error"] = err
@@ -386,8 +197,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     t = Table(title="dmamig info", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
-    for key in ("backend", "cuda", "dmamig", "git_commit", "python", "numpy", "numba", "cupy", "cpu",
-                "cpu_count", "platform", "kernel_build_status", "error"):
+    for key in ("backend", "cuda", "cuda_driver", "cuda_runtime", "nvrtc", "batch_copy", "dmamig", "git_commit",
+                "python", "numpy", "numba", "cupy", "cpu", "cpu_count", "platform", "kernel_build_status",
+                "error"):
         if key in info:
             v = info[key]
             text = json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
@@ -410,10 +222,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.markup import escape
 
+    from .backends import cuda_status, resolve_backend
     from .bench.selftest import run_selftest
+    from .errors import InvalidArgument
 
-    backend = _resolve_backend(parser, args.backend)
     con = _console()
+    try:
+        wanted = resolve_backend(args.backend)
+    except InvalidArgument as exc:
+        parser.error(str(exc))
+    status = cuda_status()
+    # A GPU that CUDA cannot use (an insufficient driver, say) is a failure, never a quiet fallback or skip.
+    if status.state == "unusable" or (wanted == "cuda" and not status.usable):
+        what = "a GPU is present but CUDA is not usable" if status.state == "unusable" else "cuda cannot run here"
+        con.print(f"[bold red]FAIL[/bold red] CUDA backend: {escape(what)}: {escape(status.reason or '')}")
+        con.print(f"[bold red]selftest ({args.backend}): CUDA is not usable[/bold red]")
+        return 1
+    backend = _resolve_backend(parser, args.backend)
     failed = 0
     for name, ok, detail in run_selftest(backend):
         failed += not ok
@@ -471,9 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
-        return _cmd_bench(args, parser)
+        from .bench.commands import cmd_bench
+
+        backend = _resolve_backend(parser, args.backend)
+        return cmd_bench(args, parser, backend, _gpu_count(backend), _console)
     if args.command == "report":
-        return _cmd_report(args)
+        from .bench.commands import cmd_report
+
+        return cmd_report(args, _console)
     if args.command == "info":
         return _cmd_info(args)
     if args.command == "selftest":

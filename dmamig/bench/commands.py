@@ -1,0 +1,268 @@
+"""The ``bench`` and ``report`` subcommands of ``dmamig``: their arguments and what they run.
+
+:mod:`dmamig.cli` builds the command line and hands these two commands their parsed arguments, the resolved
+backend and a console factory; everything specific to benchmarks lives here, beside the code it drives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_bench_parser", "add_report_parser", "cmd_bench", "cmd_report"]
+
+
+# -- argument types: each names what was wrong and what is allowed ---------------------------------------------
+
+def _sizes(text: str) -> list[int]:
+    from .scenarios import parse_folio_sizes
+
+    return parse_folio_sizes(text)
+
+
+def _total(text: str) -> int:
+    from .scenarios import PAGE_SIZE, parse_size
+
+    n = parse_size(text)
+    if n % PAGE_SIZE:
+        raise ValueError(f"{text!r} is not a whole number of 4 KiB pages; use e.g. 256M or 1G")
+    return n
+
+
+def _channels(text: str) -> list[int]:
+    from .scenarios import parse_channels
+
+    return parse_channels(text)
+
+
+def _batch_pages(text: str) -> list[int]:
+    from .scenarios import parse_batch_pages
+
+    return parse_batch_pages(text)
+
+
+def _batches_per_step(text: str) -> list[int]:
+    from .scenarios import parse_batches_per_step
+
+    return parse_batches_per_step(text)
+
+
+def _pipeline(text: str) -> list[int]:
+    from .scenarios import parse_pipeline
+
+    return parse_pipeline(text)
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; use a fraction such as 0.1 for 10 %") from None
+    if not 0 <= v < 1:
+        raise ValueError(f"{text!r} is out of range; use a fraction in [0, 1), such as 0.1 for 10 %")
+    return v
+
+
+# -- parsers ---------------------------------------------------------------------------------------------------
+
+def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegative: Callable) -> None:
+    """Add the ``bench`` subcommand to ``sub`` (an argparse subparsers object).
+
+    ``argtype`` wraps a ``ValueError``-raising parser into an argparse type; ``positive`` and ``nonnegative``
+    are the command line's shared integer types.
+    """
+    b = sub.add_parser("bench", help="run the copy vs no-copy migration sweep and write a results folder",
+                       description="Migrate a working set between host and device nodes with copy migration "
+                                   "(the CPU copies) and no-copy migration (the DMA engine copies), over folio "
+                                   "sizes and channel counts; every run is verified. Migrations run with the "
+                                   "kernel's batching (faithful, the headline); --batch, --batches-per-step "
+                                   "and --pipeline add experiment settings as separate, labelled scenarios. "
+                                   "Writes results.json, results.csv and PNG plots.")
+    b.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto picks cuda when a GPU is usable (DMAMIG_BACKEND overrides auto)")
+    b.add_argument("--sizes", type=argtype(_sizes), metavar="LIST",
+                   help="folio sizes, 4k..2m in powers of two (default 4k,64k,2m)")
+    b.add_argument("--total", type=argtype(_total), metavar="SIZE",
+                   help="working set per scenario, e.g. 256M or 1G (default 256M on cpu, 1G on cuda)")
+    b.add_argument("--channels", type=argtype(_channels), metavar="LIST",
+                   help="DMA channel counts for no-copy migration (default 1,2 on cpu, 1,2,4 on cuda)")
+    b.add_argument("--batch", type=argtype(_batch_pages), metavar="LIST", dest="batch_pages",
+                   help="experiment axis: base pages per migration batch, e.g. 512,2048 (the kernel's is 512, "
+                        "which always runs)")
+    b.add_argument("--batches-per-step", type=argtype(_batches_per_step), metavar="LIST",
+                   help="experiment axis: batches whose phases run together, e.g. 1,16 (the kernel's is 1)")
+    b.add_argument("--pipeline", type=argtype(_pipeline), metavar="LIST",
+                   help="experiment axis: steps whose DMA copy overlaps the next step's unmap, e.g. 0,1 "
+                        "(no-copy only; the kernel's is 0)")
+    b.add_argument("--faithful-only", action="store_true",
+                   help="run only the kernel's batching: no default pipelined no-copy variant at the "
+                        "smallest folio size")
+    b.add_argument("--repeat", type=argtype(positive), metavar="N",
+                   help="timed repetitions per scenario; medians are reported (default 5; 1 with --quick)")
+    b.add_argument("--warmup", type=argtype(nonnegative), metavar="N", help="untimed repetitions first (1)")
+    b.add_argument("--devices", type=argtype(positive), metavar="N",
+                   help="device nodes; 2 adds device->device migration (default: GPUs present, at most 2)")
+    b.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests (a few seconds)")
+    b.add_argument("--no-engine", action="store_true",
+                   help="skip the engine scenarios (state-only migration, raw DMA copies)")
+    b.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    b.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default ./dmamig-results/<timestamp>/)")
+
+
+def add_report_parser(sub: Any, argtype: Callable) -> None:
+    """Add the ``report`` subcommand to ``sub`` (an argparse subparsers object)."""
+    r = sub.add_parser("report", help="re-render a results.json; with a baseline, check for regressions",
+                       description="Print the tables of a results file (and write CSV and plots with --out). "
+                                   "With BASELINE, compare scenario by scenario and exit 1 when any scenario "
+                                   "is slower than (1 - threshold) times its baseline.")
+    r.add_argument("results", type=Path, metavar="RESULTS.json")
+    r.add_argument("baseline", type=Path, nargs="?", metavar="BASELINE.json")
+    r.add_argument("--threshold", type=argtype(_threshold), default=0.1, metavar="FRACTION",
+                   help="allowed slowdown before a scenario counts as regressed (default 0.1 = 10 %%)")
+    r.add_argument("--metric", choices=("throughput", "ceiling-ratio"), default="throughput",
+                   help="compare GB/s (pages per CPU-second for state-only), or the ratio to the same run's "
+                        "ceiling, which factors out machine speed (default throughput)")
+    r.add_argument("--out", type=Path, metavar="DIR", help="also write results.csv and plots into DIR")
+
+
+# -- commands --------------------------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend: str, gpus: int,
+              console: Callable[..., Any]) -> int:
+    """Run ``dmamig bench``: build the sweep from the arguments, run it, write and print the results.
+
+    Parameters
+    ----------
+    args, parser
+        The parsed arguments and their parser (for usage errors).
+    backend : str
+        The resolved backend, ``"cpu"`` or ``"cuda"``.
+    gpus : int
+        Usable GPUs (0 on the CPU backend).
+    console : callable
+        ``console(stderr=False)`` gives a rich console.
+
+    Returns
+    -------
+    int
+        0, or 1 when a repetition failed verification.
+    """
+    import dataclasses
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .naming import describe_options
+    from .plots import write_plots
+    from .report import render_tables, write_csv, write_json
+    from .runner import VerificationError, run_sweep, sweep_steps
+    from .scenarios import PIPELINED, default_settings, format_size
+
+    settings = default_settings(backend, gpus=gpus, quick=args.quick)
+    over: dict[str, Any] = {}
+    for key in ("sizes", "channels", "repeat", "warmup", "devices", "batch_pages", "batches_per_step"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    if args.pipeline is not None:
+        over["pipeline"] = args.pipeline
+    if args.total is not None:
+        over["total_bytes"] = args.total
+    if args.no_engine:
+        over["extras"] = False
+    if args.faithful_only:
+        axes = [f"--{k}" for k, v in (("batch", args.batch_pages), ("batches-per-step", args.batches_per_step),
+                                      ("pipeline", args.pipeline)) if v is not None]
+        if axes:
+            parser.error(f"argument --faithful-only: not allowed with {', '.join(axes)}, which add experiment "
+                         f"settings; drop one of them")
+        over["variants"] = False
+    settings = dataclasses.replace(settings, **over)
+    largest = max(settings.sizes)
+    if settings.total_bytes % largest:
+        parser.error(f"argument --total: {format_size(settings.total_bytes)} is not a multiple of the largest "
+                     f"folio size {format_size(largest)}; use e.g. --total {format_size(largest * 64)}")
+
+    out = args.out or Path("dmamig-results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    err = console(stderr=True)
+    experiments = [describe_options(o) for o in settings.option_sets()[1:]]
+    if settings.variants:
+        experiments.append(f"{describe_options(PIPELINED)} at {format_size(settings.sizes[0])}")
+    err.print(f"dmamig bench: backend {backend}, sizes {','.join(format_size(s) for s in settings.sizes)}, "
+              f"{format_size(settings.total_bytes)} per scenario, DMA channels "
+              f"{','.join(map(str, settings.channels))}, repeat {settings.repeat}, faithful batching"
+              + (f" + experiments: {'; '.join(dict.fromkeys(experiments))}" if experiments else " only")
+              + f" -> {out}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[scenario]}"), console=err) as bar:
+        task = bar.add_task("migrating", total=sweep_steps(settings), scenario="")
+        try:
+            doc = run_sweep(settings, progress=lambda sid, n: bar.update(task, advance=n, scenario=sid))
+        except VerificationError as exc:
+            bar.stop()
+            err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
+            return 1
+    write_json(doc, out / "results.json")
+    write_csv(doc, out / "results.csv")
+    plots = [] if args.no_plots else write_plots(doc, out)
+    render_tables(doc, console())
+    names = ", ".join(p.name for p in [out / "results.json", out / "results.csv", *plots])
+    err.print(f"wrote {names} to {out} ({doc['wall_s']:.1f} s)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
+    """Run ``dmamig report``: print a results file; with a baseline, compare and exit 1 on a regression.
+
+    Parameters
+    ----------
+    args
+        The parsed arguments.
+    console : callable
+        ``console(stderr=False)`` gives a rich console.
+    """
+    from rich.markup import escape
+
+    from .plots import write_plots
+    from .report import (
+        compare_results,
+        comparison_table,
+        load_results,
+        regressions,
+        render_tables,
+        write_csv,
+    )
+    from .schema import ResultsError
+
+    err = console(stderr=True)
+    try:
+        doc = load_results(args.results)
+        base = load_results(args.baseline) if args.baseline else None
+    except ResultsError as exc:
+        err.print(f"[bold red]dmamig report:[/bold red] {exc}")
+        return 1
+    con = console()
+    render_tables(doc, con)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(doc, args.out / "results.csv")
+        write_plots(doc, args.out)
+    if base is None:
+        return 0
+    comps = compare_results(doc, base, args.threshold, args.metric)
+    con.print(comparison_table(comps, args.threshold, args.metric))
+    bad = regressions(comps)
+    if bad:
+        err.print(f"[bold red]dmamig report: {len(bad)} scenario(s) regressed beyond {args.threshold:.0%} "
+                  f"({args.metric}):[/bold red]")
+        for c in bad:
+            detail = f"{c.ratio:.3f}x baseline" if c.ratio is not None else c.note
+            err.print(escape(f"  {c.name or c.id} ({c.id}): {detail}")
+                      + (f" ({c.note})" if c.note and c.ratio is not None else ""))
+        return 1
+    err.print(f"dmamig report: no regression beyond {args.threshold:.0%} ({args.metric}, {len(comps)} scenarios)")
+    return 0
