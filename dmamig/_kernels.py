@@ -12,7 +12,7 @@ import numpy as np
 
 from .flags import EBUSY, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "free_frames", "install_entries", "move_folio_state", "move_object_slots", "prep_new_folios",
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "free_frames", "install_entries", "move_folio_state", "move_object_slots", "prep_new_folios",
            "remove_entries", "reset_pages"]
 
 try:
@@ -239,8 +239,40 @@ def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mark, lru, is
     return n
 
 
+def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid,
+                 memcg, order, head, out):
+    """migrate_folio_done for moved folios: the new folio back on the LRU without the isolation reference; every
+    base page of the old folio reset to free state and listed in ``out`` for the allocator. Returns how many new
+    folios lost their last reference (their mappings went away during the migration)."""
+    dead = 0
+    k = 0
+    for i in range(old.size):
+        n = new[i]
+        flags[n] = (flags[n] & putback_clear) | lru
+        refcount[n] -= 1
+        if refcount[n] <= 0:
+            dead += 1
+        o = old[i]
+        for j in range(nr[i]):
+            p = o + j
+            flags[p] = 0
+            refcount[p] = 0
+            mapcount[p] = 0
+            mapping[p] = -1
+            index[p] = 0
+            private[p] = 0
+            last_cpupid[p] = -1
+            memcg[p] = 0
+            order[p] = 0
+            head[p] = p
+            out[k] = p
+            k += 1
+    return dead
+
+
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
+    done_folios = _jit(_done_folios)
     alloc_frames0 = _jit(_alloc_frames0)
     free_frames = _jit(_free_frames)
     collect_folios = _jit(_collect_folios)
@@ -251,6 +283,6 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    alloc_frames0 = free_frames = collect_folios = None
+    alloc_frames0 = free_frames = collect_folios = done_folios = None
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
     prep_new_folios = None

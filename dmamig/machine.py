@@ -37,6 +37,8 @@ VMSTAT_COUNTERS = (
     "migrate_tlb_flush",
     "pgfault",
     "migrate_to_ram",
+    "migrate_vma_success",  # MigrateVma counts these instead of pgmigrate_*, as migrate_device.c counts none
+    "migrate_vma_fail",
 )
 
 
@@ -185,6 +187,10 @@ class Machine:
             return
         pfns = self.pages.expand(heads)
         self.pages.reset(pfns)
+        self.free_frames(pfns)
+
+    def free_frames(self, pfns: np.ndarray) -> None:
+        """Return base frames already reset to the free state to their nodes' allocators (lock held)."""
         nid, frame = self.nodemap.locate(pfns)
         nodes = distinct(nid)
         if len(nodes) == 1:

@@ -42,14 +42,26 @@ def freed(m, monkeypatch):
     seen: dict[int, dict] = {}
     real = m.free_folios
 
-    def spy(heads):
+    def snapshot(heads):
         pg = m.pages
         for h in np.asarray(heads, dtype=np.int64).tolist():
             seen[h] = {"flags": PageFlag(int(pg.flags[h])), "last_cpupid": int(pg.last_cpupid[h]),
                        "memcg": int(pg.memcg[h]), "private": int(pg.private[h])}
+
+    def spy(heads):
+        snapshot(heads)
         return real(heads)
 
     monkeypatch.setattr(m, "free_folios", spy)
+    if kernels.HAVE_NUMBA:
+        # The compiled migrate_folio_done frees the old folios itself.
+        real_done = kernels.done_folios
+
+        def done_spy(old, *args):
+            snapshot(old)
+            return real_done(old, *args)
+
+        monkeypatch.setattr(kernels, "done_folios", done_spy)
     return seen
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _kernels
 from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, ENOMEM, MigrateMode, PageFlag
 from ..nodes import PAGEBLOCK_ORDER
@@ -256,7 +257,7 @@ class _Migration:
             pages.set(e.src[todo], _LOCKED)
             todo = self._check_writeback(todo, mode)
             if todo.size:
-                install_migration_entries(m, pages.expand(e.src[todo]))
+                install_migration_entries(m, e.base_pfns(e.src[todo], todo))
                 e.unmapped[todo] = True
                 e.check_fresh(todo)
         self.phase_ns["unmap"] += time.perf_counter_ns() - t0
@@ -404,12 +405,21 @@ class _Migration:
         old, new = e.src[pos], e.dst[pos]
         e.unmapped[pos] = False
         migrate_folio(m, old, new, e.nr[pos])
-        remove_migration_entries(m, pages.expand(old), pages.expand(new))
+        remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
         # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
         # old one (still locked and isolated: nobody can reach it) goes back to the allocator.
-        pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
-        m.free_folios(old)
-        m.put_folios(new, unique=True)
+        if _kernels.HAVE_NUMBA:
+            freed = np.empty(int(e.nr[pos].sum()), dtype=np.int64)
+            dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
+                                        pages.mapcount, pages.mapping, pages.index, pages.private,
+                                        pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
+            m.free_frames(freed)
+            if dead:
+                m.free_folios(new[pages.refcount[new] <= 0])
+        else:
+            pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
+            m.free_folios(old)
+            m.put_folios(new, unique=True)
         e.status[pos] = 0
         nr = e.nr[pos]
         pages_moved = int(nr.sum())
@@ -427,7 +437,7 @@ class _Migration:
         if pos.size == 0:
             return
         m, e, pages = self.m, self.e, self.m.pages
-        srcp = pages.expand(e.src[pos])
+        srcp = e.base_pfns(e.src[pos], pos)
         remove_migration_entries(m, srcp, srcp)
         e.unmapped[pos] = False
         pages.clear(e.src[pos], _LOCKED)

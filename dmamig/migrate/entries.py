@@ -38,13 +38,20 @@ class Entries:
         self.dst = np.full(n, -1, np.int64) if dst is None else np.asarray(dst, dtype=np.int64).copy()
         self.status = np.full(n, _UNTRIED, np.int32)
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
-        self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0)
+        self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
         self.fresh = np.zeros(n, dtype=bool)  # destination content equals the source right now
         self.unmapped = np.zeros(n, dtype=bool)  # source locked and behind migration entries right now
         self.counted = np.zeros(n, dtype=bool)  # failure already counted in the statistics
         self.batch_of = np.zeros(n, dtype=np.int64)
         self.split_first = np.full(n, -1, np.int64)  # first piece of a split entry
         self._pieces: list[np.ndarray] = []
+        self.all_base = not self.order.any()  # only base pages: a folio's head is its one pfn
+
+    def base_pfns(self, heads: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Every base pfn of the folios ``heads`` (of entries ``pos``), folio by folio."""
+        if self.all_base:
+            return heads
+        return self.m.pages.expand(heads)
 
     @property
     def size(self) -> int:
@@ -160,6 +167,9 @@ class Entries:
 def shared_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
     """Whether each folio belongs to a shared-memory object (a page cache holds a reference per page)."""
     mapping = m.pages.mapping[heads]
+    lo, hi = mapping.min(), mapping.max()
+    if lo == hi:  # one object (the common case)
+        return np.full(heads.size, lo >= 0 and m.object(int(lo)).shared)
     out = np.zeros(heads.size, dtype=bool)
     for oid in distinct(mapping[mapping >= 0]):
         if m.object(oid).shared:
