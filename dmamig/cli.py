@@ -222,21 +222,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.markup import escape
 
-    from .backends import cuda_status, resolve_backend
+    from .backends import cuda_status
     from .bench.selftest import run_selftest
-    from .errors import InvalidArgument
 
     con = _console()
-    try:
-        wanted = resolve_backend(args.backend)
-    except InvalidArgument as exc:
-        parser.error(str(exc))
     status = cuda_status()
-    # A GPU that CUDA cannot use (an insufficient driver, say) is a failure, never a quiet fallback or skip.
-    if status.state == "unusable" or (wanted == "cuda" and not status.usable):
-        what = "a GPU is present but CUDA is not usable" if status.state == "unusable" else "cuda cannot run here"
-        con.print(f"[bold red]FAIL[/bold red] CUDA backend: {escape(what)}: {escape(status.reason or '')}")
-        con.print(f"[bold red]selftest ({args.backend}): CUDA is not usable[/bold red]")
+    # A GPU that CUDA cannot use (an insufficient driver, say) is a failure, never a quiet fallback to the CPU.
+    # (No GPU at all with --backend cuda is a usage error, below.)
+    if status.state == "unusable" and args.backend in ("cuda", "auto"):
+        con.print(f"[bold red]FAIL[/bold red] CUDA backend: a GPU is present but CUDA is not usable: "
+                  f"{escape(status.reason or '')}")
+        con.print(f"[bold red]selftest ({args.backend}): CUDA is not usable on this GPU machine[/bold red]")
         return 1
     backend = _resolve_backend(parser, args.backend)
     failed = 0

@@ -739,3 +739,95 @@ def test_a_failing_batch_copy_is_switched_off_with_its_reason(gpu):
 def test_devices_report(gpu):
     infos = backend_on(gpu).devices()
     assert infos[0]["name"] == "Fake GPU 0" and infos[0]["compute_capability"] == (9, 0)
+
+
+# -- the whole machine on the stand-in -------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cuda_machine(monkeypatch):
+    """``backend="cuda"`` machines built on the stand-in (``gpu`` is its state)."""
+    import dmamig.backends as backends
+
+    gpu = FakeGpu()
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_mod, "_cupy", lambda: FakeCupy(gpu))
+    return gpu
+
+
+def test_selftest_passes_on_the_stand_in(fake_cuda_machine):
+    from dmamig.bench.selftest import run_selftest
+
+    results = run_selftest("cuda")
+    failed = [(name, detail) for name, ok, detail in results if not ok]
+    assert not failed
+    names = [name for name, _ok, _detail in results]
+    assert names[0] == "CUDA kernels built with NVRTC"
+    copy_detail = next(d for n, _ok, d in results if n.startswith("copy migration"))
+    assert "folio copy calls" in copy_detail and "us per call" in copy_detail
+    assert fake_cuda_machine.live("device") == 0  # Machine.close gave every device buffer back
+
+
+def test_selftest_fails_when_kernels_cannot_be_built(fake_cuda_machine):
+    from dmamig.bench.selftest import run_selftest
+
+    fake_cuda_machine.nvrtc_missing = True
+    with pytest.warns(RuntimeWarning, match="cannot be built"):
+        results = run_selftest("cuda")
+    by_name = {name: (ok, detail) for name, ok, detail in results}
+    ok, detail = by_name["CUDA kernels built with NVRTC"]
+    assert not ok and "libnvrtc" in detail and "dmamig[cuda13]" in detail
+    # every migration still works, on the fallbacks
+    assert all(ok for name, (ok, _d) in by_name.items() if name != "CUDA kernels built with NVRTC")
+
+
+def test_machine_migrations_on_the_stand_in(fake_cuda_machine):
+    from dmamig import Machine, MigrateMode
+
+    with Machine(host_pages=512, device_pages=512, devices=1, backend="cuda", channels=2) as m:
+        assert m.backend_name == "cuda"
+        mm = m.address_space()
+        data = np.random.default_rng(20).integers(0, 256, 300 * PAGE, dtype=np.uint8)
+        addr = mm.mmap(300 * PAGE)
+        mm.write(addr, data)
+        assert mm.migrate(addr, 300 * PAGE, 1, mode=MigrateMode.SYNC, engine=m.dma).nr_failed == 0
+        assert mm.node_of(addr) == 1
+        m.dma.inject_errors(1)
+        res = mm.migrate(addr, 300 * PAGE, 0, mode=MigrateMode.SYNC, engine=m.dma)
+        assert res.nr_failed == 0
+        np.testing.assert_array_equal(mm.read(addr, 300 * PAGE), data)
+        mm.close()
+    assert fake_cuda_machine.live("device") == 0 and fake_cuda_machine.live("events") == 0
+
+
+# -- the command line where a GPU is present but unusable -------------------------------------------------------------
+
+@pytest.fixture
+def unusable_gpu(monkeypatch):
+    import dmamig.backends as backends
+
+    reason = ("insufficient driver: the driver supports CUDA 12.4, cupy was built for CUDA 13.0; update the driver "
+              "or install the cupy build for CUDA 12 (dmamig[cuda12])")
+    monkeypatch.setattr(backends, "cuda_status", lambda: backends.CudaStatus("unusable", reason))
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: reason)
+    monkeypatch.setattr(cuda_mod, "cuda_environment", lambda cp=None: {"cuda_driver": "12.4"})
+    return reason
+
+
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_selftest_fails_loudly_on_an_unusable_gpu(unusable_gpu, capsys, backend):
+    from dmamig.cli import main
+
+    assert main(["selftest", "--backend", backend]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "insufficient driver" in out and "12.4" in out
+
+
+def test_info_reports_an_unusable_gpu_as_an_error(unusable_gpu, capsys):
+    import json
+
+    from dmamig.cli import main
+
+    assert main(["info", "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["cuda"].startswith("UNUSABLE: insufficient driver")
+    assert "insufficient driver" in info["error"] and info["cuda_driver"] == "12.4"

@@ -422,11 +422,15 @@ def kernel_build_status() -> dict[str, str]:
             status[fname] = f"error: cannot read the source: {exc}"
             continue
         if reason is not None:
+            nv = nvrtc_status()
+            if not nv["found"]:
+                status[fname] = f"not built: CUDA is not usable here ({reason})"
+                continue
             try:
                 compile_kernel_nvrtc(fname, 90)
-                status[fname] = f"NVRTC compiles it for sm_90; not loaded (no GPU: {reason})"
+                status[fname] = f"NVRTC {nv['version']} compiles it for sm_90; not loaded: {reason}"
             except Exception as exc:
-                status[fname] = f"no GPU ({reason}); NVRTC check: {type(exc).__name__}: {exc}"
+                status[fname] = f"error: NVRTC {nv['version']} cannot compile it: {type(exc).__name__}: {exc}"
             continue
         try:
             cp = _cupy()

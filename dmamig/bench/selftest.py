@@ -38,12 +38,20 @@ def _migrate_roundtrip(m: Any, order: int, nocopy: bool, rng: np.random.Generato
         mm.write(addr, data)
         ref = np.asarray(m.dma.checksum(range_pfns(mm, addr, n)))
         engine = m.dma if nocopy else None
+        stats = getattr(m.backend, "copy_stats", None)
+        calls0 = stats["calls"] if stats else 0
         for node in (1, 0):
             res = mm.migrate(addr, n * ps, node, mode=MigrateMode.SYNC, engine=engine)
             verify_result(res, n, f"to node {node}")
             verify_pages(m, range_pfns(mm, addr, n), node, ref, f"to node {node}")
         _check(np.array_equal(mm.read(addr, n * ps), data), "read-back differs from the bytes written")
-        return f"{n} pages there and back, checksums and read-back equal"
+        detail = f"{n} pages there and back, checksums and read-back equal"
+        if stats and not nocopy:
+            # Copy mode on a GPU: one synchronous copy call per folio; show what each one costs.
+            now = m.backend.copy_stats
+            calls = now["calls"] - calls0
+            detail += f"; {calls} folio copy calls, {now['us_per_call']:.1f} us per call"
+        return detail
     finally:
         mm.close()
 
@@ -97,7 +105,21 @@ def _dma_error(m: Any, rng: np.random.Generator) -> str:
         mm.close()
 
 
+def _cuda_kernels(m: Any, rng: np.random.Generator) -> str:
+    from ..backends.cuda import KERNEL_FILES
+
+    be = m.backend
+    for fname, funcs in KERNEL_FILES.items():
+        for func in funcs:
+            _check(be.kernel(0, fname, func) is not None,
+                   f"the CUDA kernels cannot be built ({be.kernel_error}); copies and checksums run on their "
+                   f"slower fallbacks. Install dmamig[cuda12] or dmamig[cuda13], which bring NVRTC")
+    return f"{', '.join(KERNEL_FILES)} compiled and loaded on device 0"
+
+
 def _checks(backend: str) -> Iterator[tuple[str, Callable[[Any, np.random.Generator], str]]]:
+    if backend == "cuda":
+        yield "CUDA kernels built with NVRTC", _cuda_kernels
     for order in (0, 4, 9):
         for nocopy in (False, True):
             name = f"{'no-copy' if nocopy else 'copy'} migration, {format_size(PAGE_SIZE << order)} folios"
