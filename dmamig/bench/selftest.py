@@ -39,7 +39,7 @@ def _migrate_roundtrip(m: Any, order: int, nocopy: bool, rng: np.random.Generato
         ref = np.asarray(m.dma.checksum(range_pfns(mm, addr, n)))
         engine = m.dma if nocopy else None
         stats = getattr(m.backend, "copy_stats", None)
-        calls0 = stats["calls"] if stats else 0
+        calls0, secs0 = (stats["calls"], stats["seconds"]) if stats else (0, 0.0)
         for node in (1, 0):
             res = mm.migrate(addr, n * ps, node, mode=MigrateMode.SYNC, engine=engine)
             verify_result(res, n, f"to node {node}")
@@ -50,7 +50,8 @@ def _migrate_roundtrip(m: Any, order: int, nocopy: bool, rng: np.random.Generato
             # Copy mode on a GPU: one synchronous copy call per folio; show what each one costs.
             now = m.backend.copy_stats
             calls = now["calls"] - calls0
-            detail += f"; {calls} folio copy calls, {now['us_per_call']:.1f} us per call"
+            per_call = (now["seconds"] - secs0) / calls * 1e6 if calls else 0.0
+            detail += f"; {calls} folio copy calls, {per_call:.1f} us per call"
         return detail
     finally:
         mm.close()
