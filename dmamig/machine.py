@@ -261,6 +261,10 @@ class Machine:
         """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""
         snid, sframe = self.nodemap.locate(src)
         dnid, dframe = self.nodemap.locate(dst)
+        s0, d0 = int(snid[0]), int(dnid[0])
+        if (snid == s0).all() and (dnid == d0).all():  # one node pair: the common case
+            self._backend.copy_folios(self._nodes[s0].frames, sframe, self._nodes[d0].frames, dframe, nr)
+            return
         pair = snid * len(self._nodes) + dnid
         for p in distinct(pair):
             sel = pair == p

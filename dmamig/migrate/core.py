@@ -149,6 +149,8 @@ class _Migration:
     def _after_step(self, step: np.ndarray) -> None:
         """``migrate_pages_sync``'s second half, then the split pieces of the step's large folios."""
         e = self.e
+        if not (e.status[step] != 0).any() and not e.has_pieces:
+            return  # the whole step moved
         if self.mode != MigrateMode.ASYNC:
             # Every folio that failed but for lack of memory is tried again alone in the caller's mode: now it
             # may block on the page lock and on writeback. Its failure in the ASYNC passes is not counted.
@@ -409,7 +411,7 @@ class _Migration:
         # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
         # old one (still locked and isolated: nobody can reach it) goes back to the allocator.
         if _kernels.HAVE_NUMBA:
-            freed = np.empty(int(e.nr[pos].sum()), dtype=np.int64)
+            freed = np.empty(pos.size if e.all_base else int(e.nr[pos].sum()), dtype=np.int64)
             dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
                                         pages.mapcount, pages.mapping, pages.index, pages.private,
                                         pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
@@ -421,12 +423,16 @@ class _Migration:
             m.free_folios(old)
             m.put_folios(new, unique=True)
         e.status[pos] = 0
-        nr = e.nr[pos]
-        pages_moved = int(nr.sum())
-        thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
+        if e.all_base:
+            pages_moved, thp, large = pos.size, 0, 0
+        else:
+            nr = e.nr[pos]
+            pages_moved = int(nr.sum())
+            thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
+            large = int(np.count_nonzero(nr > 1))
         self.stats.nr_succeeded += pages_moved
         self.stats.nr_thp_succeeded += thp
-        self.stats.nr_large_succeeded += int(np.count_nonzero(nr > 1))
+        self.stats.nr_large_succeeded += large
         self.stats.nr_no_copy += no_copy_pages
         m.count_event("pgmigrate_success", pages_moved)
         m.count_event("thp_migration_success", thp)

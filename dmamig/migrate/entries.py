@@ -34,16 +34,21 @@ class Entries:
         self.src = np.asarray(heads, dtype=np.int64)
         self.order = pages.order[self.src].astype(np.int64)
         self.nr = np.left_shift(1, self.order)
-        self.given = np.full(n, dst is not None)  # destination supplied (and copied) by the caller
-        self.dst = np.full(n, -1, np.int64) if dst is None else np.asarray(dst, dtype=np.int64).copy()
+        # Few allocations per call: the int64 and the bool columns each come from one block.
+        ints = np.empty((3, n), dtype=np.int64)
+        self.dst, self.batch_of, self.split_first = ints
+        self.dst[:] = -1 if dst is None else dst
+        self.batch_of[:] = 0
+        self.split_first[:] = -1  # first piece of a split entry
+        flags = np.zeros((4, n), dtype=bool)
+        # given: destination supplied (and copied) by the caller; fresh: destination content equals the source
+        # right now; unmapped: source locked and behind migration entries; counted: failure in the statistics.
+        self.given, self.fresh, self.unmapped, self.counted = flags
+        if dst is not None:
+            self.given[:] = True
         self.status = np.full(n, _UNTRIED, np.int32)
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
         self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
-        self.fresh = np.zeros(n, dtype=bool)  # destination content equals the source right now
-        self.unmapped = np.zeros(n, dtype=bool)  # source locked and behind migration entries right now
-        self.counted = np.zeros(n, dtype=bool)  # failure already counted in the statistics
-        self.batch_of = np.zeros(n, dtype=np.int64)
-        self.split_first = np.full(n, -1, np.int64)  # first piece of a split entry
         self._pieces: list[np.ndarray] = []
         self.all_base = not self.order.any()  # only base pages: a folio's head is its one pfn
 
@@ -61,11 +66,11 @@ class Entries:
     def steps(self, positions: np.ndarray, batch_pages: int, per_step: int) -> list[np.ndarray]:
         """Cut entries into batches of ``batch_pages`` base pages (a folio never straddles two), and batches
         into steps of ``per_step`` batches."""
-        nr = self.nr[positions]
-        total = int(nr.sum())
+        total = positions.size if self.all_base else int(self.nr[positions].sum())
         if total <= batch_pages:
             self.batch_of[positions] = 0
             return [positions]
+        nr = self.nr[positions]
         batch_id = (np.cumsum(nr) - nr) // batch_pages
         self.batch_of[positions] = batch_id
         step_id = batch_id // per_step
@@ -74,7 +79,8 @@ class Entries:
 
     def nr_batches(self, pos: np.ndarray) -> int:
         """How many batches the entries at ``pos`` span (one TLB flush each)."""
-        return len(distinct(self.batch_of[pos]))
+        b = self.batch_of[pos]
+        return 1 if b[0] == b[-1] else len(distinct(b))
 
     # -- destinations --------------------------------------------------------------------------------------
     def release_dst(self, pos: np.ndarray, given_too: bool = False) -> None:
@@ -132,6 +138,11 @@ class Entries:
         self.fresh, self.unmapped, self.counted = cat(self.fresh, False), cat(self.unmapped, False), \
             cat(self.counted, False)
         self.batch_of, self.split_first = cat(self.batch_of, batch), cat(self.split_first, -1)
+
+    @property
+    def has_pieces(self) -> bool:
+        """Whether split pieces wait for their pass."""
+        return bool(self._pieces)
 
     def take_split_pieces(self) -> np.ndarray:
         """Entries of folios split since the last call, to migrate after their batch."""
