@@ -153,3 +153,10 @@ def test_environment_report_without_a_gpu():
     assert env["cuda_driver"] == "none" or re.fullmatch(r"\d+\.\d+", env["cuda_driver"])
     st = cuda_mod.nvrtc_status()
     assert env["nvrtc"].startswith(st["version"] if st["found"] else "not found")
+
+
+def test_nvrtc_check_entry_point(capsys):
+    _nvrtc_or_skip()
+    assert cuda_mod.nvrtc_check((90,)) == 0
+    out = capsys.readouterr().out
+    assert all(f"sm_90 {fname}: OK" in out for fname in cuda_mod.KERNEL_FILES)

@@ -176,3 +176,12 @@ def test_gpu_tests_skip_without_a_gpu_and_fail_when_one_is_required():
     required = _pytest_gpu({REQUIRE_GPU_ENV: "1"})
     assert required.returncode == 1, required.stdout + required.stderr
     assert "CUDA is not usable" in required.stdout
+
+
+def test_nvrtc_check_without_nvrtc_is_a_note_not_a_failure(monkeypatch, capsys):
+    from dmamig.backends import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "nvrtc_status", lambda cp=None: {"found": False, "version": None,
+                                                                     "detail": "cupy is not installed"})
+    assert cuda_mod.nvrtc_check() == 0
+    assert "skipped: cupy is not installed" in capsys.readouterr().out

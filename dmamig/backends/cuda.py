@@ -62,6 +62,7 @@ __all__ = [
     "kernel_build_status",
     "kernel_source",
     "map_cuda_error",
+    "nvrtc_check",
     "nvrtc_status",
     "preload_nvrtc",
 ]
@@ -967,7 +968,6 @@ class CudaBackend:
         self._sync_locks = [threading.Lock() for _ in range(self._ndev)]
         self._sync_scratch: dict[int, tuple[int, int]] = {}
         self._device_frames: list[DeviceFrames] = []
-        self._host_frames: list[weakref.finalize] = []
         self._copy_calls = 0
         self._copy_seconds = 0.0
         self.peers: set[tuple[int, int]] = self._enable_peer_access()
@@ -1122,10 +1122,7 @@ class CudaBackend:
         frames = np.frombuffer(buf, dtype=np.uint8)
         # Freed when the last view of the frames goes (numpy arrays keep their base, and ``buf``, alive).
         # Host frames may outlive the backend in user code, so close() cannot free them under a live view.
-        fin = weakref.finalize(buf, _free_host, rt, ptr)
-        with self._lock:
-            self._host_frames = [f for f in self._host_frames if f.alive]
-            self._host_frames.append(fin)
+        weakref.finalize(buf, _free_host, rt, ptr)
         frames.fill(0)
         return frames
 
@@ -1352,7 +1349,10 @@ class CudaBackend:
         rt = self._rt
         out = []
         for i in range(self._ndev):
-            props = rt.getDeviceProperties(i)
+            try:
+                props = rt.getDeviceProperties(i)
+            except Exception as exc:
+                raise map_cuda_error(exc, f"reading the properties of device {i}") from exc
             name = props.get("name", b"")
             out.append(DeviceInfo(
                 id=i,
@@ -1396,3 +1396,29 @@ def _free_host(rt: Any, ptr: int) -> None:
         rt.freeHost(ptr)
     except Exception:  # at interpreter exit the driver may already be gone
         pass
+
+
+def nvrtc_check(archs: Iterable[int] = (80, 90)) -> int:
+    """Compile every kernel through NVRTC for each ``sm_<arch>`` and print one line each (no GPU needed).
+
+    For CI beside the ``nvcc`` check: ``python -m dmamig.backends.cuda``. Returns the exit code: 0 when all
+    compiled, 1 when one failed, 0 with a note when cupy or NVRTC is not installed (nothing to check).
+    """
+    st = nvrtc_status()
+    if not st["found"]:
+        print(f"NVRTC compile check skipped: {st['detail']}")
+        return 0
+    failed = 0
+    for fname in KERNEL_FILES:
+        for arch in archs:
+            try:
+                cubin = compile_kernel_nvrtc(fname, arch)
+                print(f"nvrtc {st['version']} sm_{arch} {fname}: OK ({len(cubin)} bytes of cubin)")
+            except Exception as exc:
+                failed += 1
+                print(f"nvrtc {st['version']} sm_{arch} {fname}: FAILED: {exc}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(nvrtc_check())
