@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InvalidArgument
+from . import plan_kernels
 
 __all__ = [
     "METHOD_BATCH",
@@ -358,6 +359,26 @@ def choose_methods(npages: np.ndarray, options: PlanOptions, batch_available: bo
     return method
 
 
+#: Plan one-node-pair submissions with the compiled pass (numba); the numpy steps above are its reference.
+USE_COMPILED = True
+
+
+def _plan_one_pair(src_node: int, dst_node: int, src_idx: np.ndarray, dst_idx: np.ndarray, channels: int,
+                   options: PlanOptions, batch_available: bool) -> CopyPlan:
+    n = src_idx.size
+    runs = np.empty((4, n), dtype=np.int64)
+    method = np.empty(n, dtype=np.int8)
+    seg = np.empty(n + 1, dtype=np.int64)
+    nr, nseg = plan_kernels.plan_runs(np.ascontiguousarray(src_idx), np.ascontiguousarray(dst_idx), channels,
+                                      options.split_min_pages, options.large_run_fraction,
+                                      options.memcpy_min_pages, bool(options.use_batch and batch_available),
+                                      options.batch_max_pages, runs[0], runs[1], runs[2], runs[3], method, seg)
+    shape = (nr,)
+    return CopyPlan(np.broadcast_to(np.int64(src_node), shape), np.broadcast_to(np.int64(dst_node), shape),
+                    runs[0, :nr], runs[1, :nr], runs[2, :nr], runs[3, :nr], method[:nr], channels,
+                    seg[:nseg], seg[1:nseg + 1])
+
+
 def plan_copy(src_node: np.ndarray, src_idx: np.ndarray, dst_node: np.ndarray, dst_idx: np.ndarray, *,
               channels: int, options: PlanOptions | None = None, batch_available: bool = False) -> CopyPlan:
     """Plan one submission.
@@ -398,6 +419,11 @@ def plan_copy(src_node: np.ndarray, src_idx: np.ndarray, dst_node: np.ndarray, d
     one_pair = int(src_node.min()) == int(src_node.max()) and int(dst_node.min()) == int(dst_node.max())
     pair = None if one_pair else src_node * nn + dst_node
     order = sort_pages(pair if pair is not None else 0, src_idx)
+    if one_pair and plan_kernels.HAVE_NUMBA and USE_COMPILED:
+        if order is not None:
+            src_idx, dst_idx = src_idx[order], dst_idx[order]
+        return _plan_one_pair(int(src_node[0]), int(dst_node[0]), src_idx, dst_idx, channels, options,
+                              batch_available)
     if order is not None:
         src_idx, dst_idx = src_idx[order], dst_idx[order]
         if pair is not None:
