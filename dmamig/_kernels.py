@@ -12,7 +12,7 @@ import numpy as np
 
 from .flags import EBUSY, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "free_frames", "install_entries", "move_folio_state", "move_object_slots", "prep_new_folios",
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
            "remove_entries", "reset_pages"]
 
 try:
@@ -239,6 +239,25 @@ def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mark, lru, is
     return n
 
 
+def _trylock_folios(heads, flags, locked, writeback, rc):
+    """The ASYNC unmap's lock step: take each free folio lock; a busy lock is -EAGAIN (rc 1, retried next pass)
+    and a folio under writeback -EBUSY (its lock given back). Returns how many did not lock."""
+    bad = 0
+    for i in range(heads.size):
+        h = heads[i]
+        f = flags[h]
+        if f & locked:
+            rc[i] = 1
+            bad += 1
+        elif f & writeback:
+            rc[i] = EBUSY
+            bad += 1
+        else:
+            flags[h] = f | locked
+            rc[i] = 0
+    return bad
+
+
 def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid,
                  memcg, order, head, out):
     """migrate_folio_done for moved folios: the new folio back on the LRU without the isolation reference; every
@@ -273,6 +292,7 @@ def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, ma
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
     done_folios = _jit(_done_folios)
+    trylock_folios = _jit(_trylock_folios)
     alloc_frames0 = _jit(_alloc_frames0)
     free_frames = _jit(_free_frames)
     collect_folios = _jit(_collect_folios)
@@ -283,6 +303,6 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    alloc_frames0 = free_frames = collect_folios = done_folios = None
+    alloc_frames0 = free_frames = collect_folios = done_folios = trylock_folios = None
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
     prep_new_folios = None

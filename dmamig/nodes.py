@@ -196,16 +196,15 @@ class NodeMap:
         self.bases = np.array([n.base_pfn for n in self.nodes], dtype=np.int64)
         self.nr_pfns = int(self.nodes[-1].base_pfn + self.nodes[-1].total_pages)
         # One byte per pfn: a gather is cheaper than a binary search over the node bases.
-        self._node_table = np.repeat(np.arange(len(self.nodes), dtype=np.int8),
-                                     [n.total_pages for n in self.nodes])
+        self.node_table = np.repeat(np.arange(len(self.nodes), dtype=np.int8), [n.total_pages for n in self.nodes])
 
     def node_of(self, pfns: np.ndarray) -> np.ndarray:
         """Node id of each pfn."""
-        return self._node_table[pfns].astype(np.int64)
+        return self.node_table[pfns].astype(np.int64)
 
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(node_ids, frame_indices)`` of each pfn."""
-        nid = self._node_table[pfns]
+        nid = self.node_table[pfns]
         lo, hi = nid.min(initial=0), nid.max(initial=0)
         if lo == hi:  # the common case: one node, no per-pfn base gather
             return nid.astype(np.int64), pfns - self.bases[lo]

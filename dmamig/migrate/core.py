@@ -73,6 +73,8 @@ HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
 _LOCKED = PageFlag.LOCKED
 _MODE_MASK = MigrateMode.ASYNC | MigrateMode.SYNC_LIGHT | MigrateMode.SYNC
 _PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
+_LOCKED_U32 = np.uint32(PageFlag.LOCKED)
+_WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
 _LRU = np.uint32(PageFlag.LRU)
 
 
@@ -248,16 +250,12 @@ class _Migration:
         with m.changed:
             e.status[todo] = _PENDING
             todo = self._get_new_folios(todo)
-            heads = e.src[todo]
             if mode == MigrateMode.ASYNC:
-                # trylock: a busy folio is -EAGAIN, retried on the next pass.
-                busy = pages.test(heads, _LOCKED)
-                retry = todo[busy]
-                todo = todo[~busy]
+                todo, retry = self._trylock(todo)
             else:
                 todo, retry = self._lock_waiting(todo, mode)
-            pages.set(e.src[todo], _LOCKED)
-            todo = self._check_writeback(todo, mode)
+                pages.set(e.src[todo], _LOCKED)
+                todo = self._check_writeback(todo, mode)
             if todo.size:
                 install_migration_entries(m, e.base_pfns(e.src[todo], todo))
                 e.unmapped[todo] = True
@@ -271,13 +269,17 @@ class _Migration:
         Returns the entries that go on (those with a destination, ahead of any -ENOMEM).
         """
         m, e = self.m, self.e
-        need = todo[e.dst[todo] < 0]
+        dst = e.dst[todo]
+        need = todo[dst < 0] if not (dst < 0).all() else todo
         if need.size == 0:
             return todo
-        orders = e.order[need]
-        lo = int(orders.min())
-        groups = [(lo, need)] if lo == int(orders.max()) else \
-            [(int(o), need[orders == o]) for o in np.unique(orders)]
+        if e.all_base:
+            groups = [(0, need)]
+        else:
+            orders = e.order[need]
+            lo = int(orders.min())
+            groups = [(lo, need)] if lo == int(orders.max()) else \
+                [(int(o), need[orders == o]) for o in np.unique(orders)]
         stop = None  # position of the first entry that ended the call with -ENOMEM
         for order, pos in groups:
             heads = m.alloc_folios(self.node, pos.size, order)
@@ -297,7 +299,7 @@ class _Migration:
                 stop = p if stop is None else min(stop, p)
                 break
         if stop is None:
-            return todo[e.status[todo] == _PENDING]
+            return todo if e.all_base else todo[e.status[todo] == _PENDING]
         self.batch_enomem = True
         self._count_failed(np.array([stop]), folios=self.batch_counts_folios)
         # The kernel stops at the folio that found no memory: the ones after it in the list stay untried.
@@ -305,6 +307,27 @@ class _Migration:
         e.release_dst(later)
         e.status[later] = _UNTRIED
         return todo[(todo < stop) & (e.status[todo] == _PENDING)]
+
+    def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
+        m, e, pages = self.m, self.e, self.m.pages
+        heads = e.src[todo]
+        if _kernels.HAVE_NUMBA:
+            rc = np.empty(todo.size, dtype=np.int32)
+            if not _kernels.trylock_folios(heads, pages.flags, _LOCKED_U32, _WRITEBACK_U32, rc):
+                return todo, todo[:0]
+            busy = rc == 1
+            bad = todo[rc == EBUSY]
+        else:
+            busy = pages.test(heads, _LOCKED)
+            wb = ~busy & pages.test(heads, PageFlag.WRITEBACK)
+            pages.set(heads[~busy & ~wb], _LOCKED)
+            bad = todo[wb]
+        if bad.size:
+            e.release_dst(bad)
+            e.status[bad] = EBUSY
+            m.changed.notify_all()
+        return todo[(e.status[todo] == _PENDING) & ~busy], todo[busy]  # (bad ones now hold -EBUSY)
 
     def _lock_waiting(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
         """Sync modes take the lock, sleeping while it is busy; SYNC_LIGHT gives up on a !uptodate folio."""
@@ -415,7 +438,11 @@ class _Migration:
             dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
                                         pages.mapcount, pages.mapping, pages.index, pages.private,
                                         pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
-            m.free_frames(freed)
+            if e.src_node >= 0:
+                nd = m.nodes[e.src_node]
+                nd.allocator.free(freed - nd.base_pfn)
+            else:
+                m.free_frames(freed)
             if dead:
                 m.free_folios(new[pages.refcount[new] <= 0])
         else:

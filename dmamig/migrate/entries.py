@@ -51,6 +51,9 @@ class Entries:
         self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
         self._pieces: list[np.ndarray] = []
         self.all_base = not self.order.any()  # only base pages: a folio's head is its one pfn
+        # The node every source lives on, or -1 if they span several (then frees look each one up).
+        nid = m.nodemap.node_table[self.src] if n else self.src
+        self.src_node = int(nid[0]) if n and nid.min() == nid.max() else -1
 
     def base_pfns(self, heads: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Every base pfn of the folios ``heads`` (of entries ``pos``), folio by folio."""
@@ -153,8 +156,14 @@ class Entries:
         return out
 
     # -- per-page status -----------------------------------------------------------------------------------------
-    def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(entry, offset)`` of each base pfn inside the source folios (before anything moved)."""
+    def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(entry, offset)`` of each base pfn inside the source folios (before anything moved).
+
+        ``None`` when the pfns are the entries themselves, in order (base pages, each listed once: the usual
+        case, since collection keeps first occurrences in order).
+        """
+        if self.all_base and pfns.size == self.src.size:
+            return None
         heads = self.m.pages.head[pfns]
         src = self.src
         if src.size < 2 or bool((src[1:] > src[:-1]).all()):
@@ -164,8 +173,10 @@ class Entries:
             entry = order[np.searchsorted(src[order], heads)]
         return entry, pfns - src[entry]
 
-    def status_at(self, where: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def status_at(self, where: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Final status of the pages :meth:`locate` found; a split folio's page reports its own piece."""
+        if where is None:
+            return self.status[: self.size]
         entry, off = where
         st = self.status[entry]
         split = st == _SPLIT
