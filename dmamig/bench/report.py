@@ -139,9 +139,10 @@ def _phases(sc: dict[str, Any]) -> str:
     # Nanoseconds per base page, as the phase plot shows them: copy and no-copy compare by size, not share.
     per = sc.get("phase_ns") or {}
     pages = sc.get("pages") or 1
-    parts = [f"{p} {per[p] / pages:.0f}" for p in per if per[p] / pages >= 0.5]
+    # A no-break space keeps each phase with its figure when the column wraps.
+    parts = [f"{p}\u00a0{per[p] / pages:.0f}" for p in per if per[p] / pages >= 0.5]
     if sc.get("outside_phases_ns") is not None:
-        parts.append(f"outside {sc['outside_phases_ns'] / pages:.0f}")
+        parts.append(f"outside\u00a0{sc['outside_phases_ns'] / pages:.0f}")
     return " ".join(parts) or "-"
 
 
@@ -177,7 +178,10 @@ def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, di
                       ("batching", "left"), ("GB/s", "right"), ("CPU ns/page", "right"),
                       ("x ceiling", "right"), ("no-copy ÷ copy", "right"),
                       ("compared with", "left"), ("ns per page by phase", "left"), ("ok", "center")):
-        t.add_column(col, justify=just, no_wrap=col not in ("ns per page by phase", "batching", "compared with"))
+        # Wide enough for "pipelined (16 batches/step, DMA overlaps next unmap)" in two lines.
+        width = {"batching": min(28, max(len(s["batching"]) for s in rows)), "compared with": 14}.get(col)
+        t.add_column(col, justify=just, min_width=width,
+                     no_wrap=col not in ("ns per page by phase", "batching", "compared with"))
     for s in rows:
         t.add_row(DIRECTIONS.get(s["direction"], s["direction"]), format_size(s["folio_bytes"]),
                   "no-copy" if s["mode"] == "nocopy" else "copy", _f(s["channels"], "{}"), s["batching"],
