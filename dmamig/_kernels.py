@@ -12,7 +12,7 @@ import numpy as np
 
 from .flags import EBUSY, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "entry_info", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
            "remove_entries", "reset_pages"]
 
 try:
@@ -258,6 +258,32 @@ def _trylock_folios(heads, flags, locked, writeback, rc):
     return bad
 
 
+def _entry_info(heads, page_order, mapping, node_table, order_out):
+    """Per-folio order of ``heads`` into ``order_out``; returns (largest order, the one node of all heads or -1,
+    lowest and highest ``mapping``) so the caller can take the one-object, one-node, base-page paths."""
+    top = 0
+    node = -2
+    lo = 1 << 62
+    hi = -(1 << 62)
+    for i in range(heads.size):
+        h = heads[i]
+        o = page_order[h]
+        order_out[i] = o
+        if o > top:
+            top = o
+        nd = node_table[h]
+        if node == -2:
+            node = nd
+        elif nd != node:
+            node = -1
+        mp = mapping[h]
+        if mp < lo:
+            lo = mp
+        if mp > hi:
+            hi = mp
+    return top, node, lo, hi
+
+
 def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid,
                  memcg, order, head, out):
     """migrate_folio_done for moved folios: the new folio back on the LRU without the isolation reference; every
@@ -293,6 +319,7 @@ if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
     done_folios = _jit(_done_folios)
     trylock_folios = _jit(_trylock_folios)
+    entry_info = _jit(_entry_info)
     alloc_frames0 = _jit(_alloc_frames0)
     free_frames = _jit(_free_frames)
     collect_folios = _jit(_collect_folios)
@@ -303,6 +330,6 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    alloc_frames0 = free_frames = collect_folios = done_folios = trylock_folios = None
+    alloc_frames0 = free_frames = collect_folios = done_folios = trylock_folios = entry_info = None
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
     prep_new_folios = None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import _kernels
 from .._arrays import distinct
 from ..flags import PageFlag
 
@@ -32,8 +33,26 @@ class Entries:
         pages = m.pages
         n = heads.size
         self.src = np.asarray(heads, dtype=np.int64)
-        self.order = pages.order[self.src].astype(np.int64)
+        if _kernels.HAVE_NUMBA and n:
+            self.order = np.empty(n, dtype=np.int64)
+            top, node, lo, hi = _kernels.entry_info(self.src, pages.order, pages.mapping, m.nodemap.node_table,
+                                                    self.order)
+            one_object = lo == hi
+        else:
+            self.order = pages.order[self.src].astype(np.int64)
+            top = int(self.order.max()) if n else 0
+            nid = m.nodemap.node_table[self.src]
+            node = int(nid[0]) if n and nid.min() == nid.max() else -1
+            one_object, lo = False, -1
+        self.all_base = top == 0  # only base pages: a folio's head is its one pfn
+        self.src_node = node  # the node every source lives on, or -1 if they span several
         self.nr = np.left_shift(1, self.order)
+        # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
+        if one_object:
+            shared = lo >= 0 and m.object(int(lo)).shared
+            self.expected = self.nr + 1 if shared else np.ones(n, dtype=np.int64)
+        else:
+            self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
         # Few allocations per call: the int64 and the bool columns each come from one block.
         ints = np.empty((3, n), dtype=np.int64)
         self.dst, self.batch_of, self.split_first = ints
@@ -47,13 +66,7 @@ class Entries:
         if dst is not None:
             self.given[:] = True
         self.status = np.full(n, _UNTRIED, np.int32)
-        # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
-        self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
         self._pieces: list[np.ndarray] = []
-        self.all_base = not self.order.any()  # only base pages: a folio's head is its one pfn
-        # The node every source lives on, or -1 if they span several (then frees look each one up).
-        nid = m.nodemap.node_table[self.src] if n else self.src
-        self.src_node = int(nid[0]) if n and nid.min() == nid.max() else -1
 
     def base_pfns(self, heads: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Every base pfn of the folios ``heads`` (of entries ``pos``), folio by folio."""
