@@ -299,6 +299,7 @@ class FakeGpu:
         self.events: dict[int, dict] = {}
         self.launches: list = []
         self.log: list = []
+        self.double_frees = 0
         self._next = 0x1000
         self.runtime = FakeRuntime(self)
 
@@ -317,6 +318,9 @@ class FakeGpu:
         return ptr
 
     def release(self, ptr: int, host: bool) -> None:
+        if ptr not in self.allocs:
+            self.double_frees += 1
+            raise FakeCudaError(1)
         buf, device, _n = self.allocs.pop(ptr)
         assert (device < 0) == host, "freed with the wrong call (free vs freeHost)"
 
@@ -445,6 +449,20 @@ def test_close_frees_device_memory_and_later_use_raises(gpu):
     del nodes, engine
     gc.collect()
     assert gpu.live("host") == 0  # pinned host frames go with their last reference
+
+
+def test_frames_dropped_without_close_are_freed_once(gpu):
+    b = backend_on(gpu)
+    frames = b.alloc_frames("device", 0, 8, PAGE)
+    kept = b.alloc_frames("device", 0, 8, PAGE)
+    del frames
+    gc.collect()
+    assert gpu.live("device") == 1
+    b.close()
+    assert kept.released and gpu.live("device") == 0
+    del kept
+    gc.collect()
+    assert gpu.double_frees == 0
 
 
 def test_close_after_sticky_error_still_releases_everything(gpu):

@@ -509,6 +509,7 @@ class DeviceFrames:
         self.ptr = int(ptr)
         self.device = int(device)
         self.shape = (int(nr_pages), int(page_size))
+        self._finalizer: weakref.finalize | None = None  # frees the memory once, at release or collection
 
     @property
     def nbytes(self) -> int:
@@ -967,7 +968,7 @@ class CudaBackend:
         self._sync_streams: dict[int, Any] = {}
         self._sync_locks = [threading.Lock() for _ in range(self._ndev)]
         self._sync_scratch: dict[int, tuple[int, int]] = {}
-        self._device_frames: list[DeviceFrames] = []
+        self._device_frames: list[weakref.ref] = []
         self._copy_calls = 0
         self._copy_seconds = 0.0
         self.peers: set[tuple[int, int]] = self._enable_peer_access()
@@ -1109,8 +1110,11 @@ class CudaBackend:
             if ptr:
                 collect_first_error([lambda: self._free_device(device, ptr)])
             raise map_cuda_error(exc, f"allocating {nbytes} bytes of frames on device {device}") from exc
+        # A machine dropped without close() still gives its device memory back, when the frames are collected.
+        frames._finalizer = weakref.finalize(frames, _free_device_memory, self._cp, device, ptr)
+        frames._finalizer.atexit = False
         with self._lock:
-            self._device_frames.append(frames)
+            self._device_frames.append(weakref.ref(frames))
         return frames
 
     def _alloc_pinned(self, nbytes: int) -> np.ndarray:
@@ -1122,7 +1126,8 @@ class CudaBackend:
         frames = np.frombuffer(buf, dtype=np.uint8)
         # Freed when the last view of the frames goes (numpy arrays keep their base, and ``buf``, alive).
         # Host frames may outlive the backend in user code, so close() cannot free them under a live view.
-        weakref.finalize(buf, _free_host, rt, ptr)
+        fin = weakref.finalize(buf, _free_host, rt, ptr)
+        fin.atexit = False  # at exit the process gives it back; freeing then could pull it from under a view
         frames.fill(0)
         return frames
 
@@ -1381,14 +1386,25 @@ class CudaBackend:
             self._sync_scratch.clear()
         calls: list[Callable[[], Any]] = [s.synchronize for s in streams]
         calls += [lambda d=d, p=p: self._free_device(d, p) for d, (p, _) in scratch]
-        for f in frames:
-            calls.append(lambda f=f: self._release_frames(f))
+        for ref in frames:
+            f = ref()
+            if f is not None:
+                calls.append(lambda f=f: self._release_frames(f))
         collect_first_error(calls)
 
     def _release_frames(self, frames: DeviceFrames) -> None:
-        ptr, frames.ptr = frames.ptr, 0  # released first: any later use raises instead of touching freed memory
-        if ptr:
-            self._free_device(frames.device, ptr)
+        frames.ptr = 0  # released first: any later use raises instead of touching freed memory
+        fin = frames._finalizer
+        if fin is not None:
+            fin()  # frees once; collecting the frames later does nothing
+
+
+def _free_device_memory(cp: Any, device: int, ptr: int) -> None:
+    try:
+        with cp.cuda.Device(device):
+            cp.cuda.runtime.free(ptr)
+    except Exception:  # a sticky context error: the driver reclaims it with the context
+        pass
 
 
 def _free_host(rt: Any, ptr: int) -> None:
