@@ -70,7 +70,11 @@ def _headline(mig: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     faithful = [s for s in mig if batching_class(s) == "faithful"]
     if faithful:
         return faithful, _FAITHFUL_WORDS
-    return [s for s in mig if batching_class(s) == "legacy"], _LEGACY_WORDS
+    legacy = [s for s in mig if batching_class(s) == "legacy"]
+    if legacy:
+        return legacy, _LEGACY_WORDS
+    # Only experiments (a hand-made or filtered document): plot them, and say so.
+    return mig, "experiment settings only (no faithful run in this file)"
 
 
 def _directions(mig: list[dict[str, Any]]) -> list[str]:
