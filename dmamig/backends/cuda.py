@@ -355,6 +355,14 @@ def nvrtc_status(cp: Any = None) -> dict[str, Any]:
                 "detail": f"{type(exc).__name__}: {exc}; install dmamig[cuda{cuda_major or 13}] (it brings the "
                           f"{wheel} wheel) or a CUDA toolkit"}
     loaded = _preloaded.get(int(major))
+    if loaded is None:
+        try:
+            # CuPy 14 loads NVRTC through cuda-pathfinder; asking it again only reports where from.
+            from cuda import pathfinder
+
+            loaded = str(pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path)
+        except Exception:
+            loaded = None
     return {"found": True, "version": f"{major}.{minor}",
             "detail": f"loaded from {loaded}" if loaded else "loaded by cupy"}
 
