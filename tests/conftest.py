@@ -59,6 +59,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(marker)
 
 
+@pytest.fixture(scope="session")
+def gpu_required() -> None:
+    """For module-scoped GPU fixtures: skip (no GPU) or fail (an unusable GPU) before they touch CUDA."""
+    require_gpu()
+
+
 @pytest.fixture(autouse=True)
 def _gpu_guard(request: pytest.FixtureRequest) -> None:
     """Fail a ``gpu`` test at setup when the GPU is present but unusable (skipped ones never get here)."""

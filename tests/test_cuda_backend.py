@@ -7,7 +7,6 @@ import gc
 
 import numpy as np
 import pytest
-from conftest import require_gpu
 
 from dmamig import Machine, MigrateMode
 from dmamig.backends.base import ChannelWork
@@ -22,16 +21,14 @@ PAGE = 4096
 
 
 @pytest.fixture(scope="module")
-def cp():
-    require_gpu()
+def cp(gpu_required):
     import cupy
 
     return cupy
 
 
 @pytest.fixture(scope="module")
-def cuda():
-    require_gpu()
+def cuda(gpu_required):
     from dmamig.backends.cuda import CudaBackend
 
     backend = CudaBackend()
