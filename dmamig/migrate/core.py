@@ -36,6 +36,7 @@ from ..flags import EAGAIN, EBUSY, ENOMEM, MigrateMode, PageFlag
 from ..nodes import PAGEBLOCK_ORDER
 from ..vma import install_migration_entries, remove_migration_entries
 from .entries import _PENDING, _SPLIT, _UNTRIED, Entries
+from .interrupts import DeferredInterrupt
 from .isolate import collect_folios, isolate_folios, putback_folios
 from .options import NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from .result import PHASES, MigrateResult, MigrateStats
@@ -107,6 +108,7 @@ class _Migration:
         self.enomem = False  # a base page found no frame: the call ends (the kernel's rc_saved = -ENOMEM)
         self.batch_enomem = False  # ...and the batch it was in stops unmapping
         self.batch_counts_folios = True  # the batch's failures are folios of the return value
+        self.interrupts = DeferredInterrupt()  # Ctrl-C lands between phases only
         self.nr_failed_folios = 0  # the kernel's return value: folios not migrated, a split THP as one
 
     # -- migrate_pages(): batches, one at a time ---------------------------------------------------------------
@@ -205,6 +207,7 @@ class _Migration:
         self.batch_enomem = False
         self.batch_counts_folios = ends_call
         for _ in range(passes):
+            self.interrupts.check()
             if todo.size == 0 or self.batch_enomem:
                 break
             nr_unmap += 1
@@ -222,12 +225,14 @@ class _Migration:
         self.stats.nr_tlb_flush += flushes
         with self.m.lock:
             self.m.count_event("migrate_tlb_flush", flushes)
+        self.interrupts.check()
         fence = self._submit(moving)
         if fence is not None:
             yield
             self._wait(fence, moving)
         nr_move = 0
         for _ in range(passes):
+            self.interrupts.check()
             nr_move += 1
             moving = self._move_pass(moving)
             if moving.size == 0:
@@ -526,14 +531,15 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
         pending = status == _PENDING
         where = entries.locate(pfns[pending])
         interrupted = True
-        try:
-            mig.migrate_pages(np.arange(heads.size))
-            interrupted = False
-        finally:
-            t0 = time.perf_counter_ns()
-            mig.finish(interrupted)
-            status[pending] = entries.status_at(where)
-            mig.phase_ns["putback"] += time.perf_counter_ns() - t0
+        with mig.interrupts:
+            try:
+                mig.migrate_pages(np.arange(heads.size))
+                interrupted = False
+            finally:
+                t0 = time.perf_counter_ns()
+                mig.finish(interrupted)
+                status[pending] = entries.status_at(where)
+                mig.phase_ns["putback"] += time.perf_counter_ns() - t0
     s = mig.stats
     rc = ENOMEM if mig.enomem else mig.nr_failed_folios
     return MigrateResult(status=status, nr_succeeded=s.nr_succeeded, nr_failed=s.nr_failed_pages,
