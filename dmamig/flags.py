@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 
-__all__ = ["MigrateMode", "MigratePfn", "PageFlag", "PteFlag"]
+__all__ = ["MigrateMode", "MigratePfn", "PageFlag", "Prot", "PteFlag"]
 
 # Per-page status codes, as the kernel returns them (negative errno).
 EAGAIN = -errno.EAGAIN
@@ -16,6 +16,7 @@ EFAULT = -errno.EFAULT
 ENOENT = -errno.ENOENT
 EINVAL = -errno.EINVAL
 EPERM = -errno.EPERM
+EACCES = -errno.EACCES
 
 
 class PageFlag(enum.IntFlag):
@@ -52,6 +53,18 @@ class PteFlag(enum.IntFlag):
     YOUNG = 1 << 2
     DIRTY = 1 << 3
     MIGRATION = 1 << 4  # a migration entry: not present, accessors wait for the migration to finish
+    SPECIAL = 1 << 5  # maps no struct page: the shared zero page (pfn ``ZERO_PFN``), never writable
+
+
+class Prot(enum.IntFlag):
+    """Access rights of a mapping (``PROT_*`` of mmap(2) and mprotect(2)).
+
+    ``NONE`` forbids every access, ``READ`` allows loads, ``WRITE`` stores (and loads, as on x86).
+    """
+
+    NONE = 0
+    READ = 1
+    WRITE = 2
 
 
 class MigrateMode(enum.Flag):

@@ -1,37 +1,36 @@
-"""AddressSpace: a process's mappings, page tables, faults, accesses, pins, fork and migration."""
+"""AddressSpace: a process's mappings and page tables, accesses, pins, fork, mprotect/mremap and migration.
+
+Faults live in :mod:`dmamig.memory`, fork in :mod:`dmamig.fork`, mprotect and mremap in
+:mod:`dmamig.mprotect`, and the bodies of ``migrate`` and ``move_pages`` in :mod:`dmamig.migrate.move_pages`.
+"""
 
 from __future__ import annotations
 
 import bisect
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._validate import check_node
-from .errors import AddressFault, InvalidArgument, OutOfMemory
-from .flags import MigrateMode, PageFlag, PteFlag
+from .errors import AddressFault, InvalidArgument
+from .flags import MigrateMode, Prot, PteFlag
+from .gup import drop_pins
+from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages
 from .migrate.options import MigrateOptions
 from .nodes import MAX_ORDER
-from .vma import NO_PFN, MemObject, Vma
+from .vma import NO_PFN, ZERO_PFN, MemObject, Vma, forget_anon_slots
 
 if TYPE_CHECKING:
     from .dma import DmaEngine
     from .machine import Machine
     from .migrate import MigrateResult
+    from .migrate.move_pages import MovePagesResult
 
-__all__ = ["AddressSpace"]
+__all__ = ["DEFAULT_MEMCG", "MMAP_BASE", "ZERO_PFN", "AddressSpace"]
 
 #: First virtual address handed out by mmap (like a process's mmap base, away from 0).
 MMAP_BASE = 0x10_0000_0000
-_NEW_PTE = np.uint8(PteFlag.PRESENT | PteFlag.WRITE | PteFlag.YOUNG)
 _TOUCHED = np.uint8(PteFlag.YOUNG | PteFlag.DIRTY)
-# Flags of a freshly faulted anonymous or shared-memory page.
-_NEW_PAGE_FLAGS = PageFlag.UPTODATE | PageFlag.LRU | PageFlag.SWAPBACKED
-#: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
-DEFAULT_MEMCG = 1
-# How many times read/write try to bring device pages back before accessing them in place.
-_MIGRATE_TO_RAM_TRIES = 3
 
 
 class AddressSpace:
@@ -39,6 +38,10 @@ class AddressSpace:
 
     Create with :meth:`Machine.address_space`. Every method is thread-safe; an access that meets a
     migration entry waits until the migration finishes.
+
+    Private memory behaves as the kernel's anonymous memory: a read of an untouched page maps the shared
+    zero page (no frame; :meth:`pfn_of` gives ``ZERO_PFN``, :meth:`node_of` gives ``-1``, :meth:`pte_flags`
+    shows ``PRESENT | SPECIAL`` without ``WRITE``), and :meth:`fork` shares private pages copy-on-write.
     """
 
     def __init__(self, machine: Machine):
@@ -99,7 +102,7 @@ class AddressSpace:
 
     # -- mmap / munmap ----------------------------------------------------------------------------------------
     def mmap(self, length: int, shared: bool = False, order: int = 0) -> int:
-        """Map ``length`` bytes (rounded up to pages) of anonymous memory; return the start address.
+        """Map ``length`` bytes (rounded up to pages) of anonymous memory, readable and writable.
 
         Parameters
         ----------
@@ -107,10 +110,15 @@ class AddressSpace:
             Bytes; rounded up to whole pages.
         shared : bool
             A shared mapping (shared memory: fork shares it, its pages sit in a page cache) instead of a
-            private one (fork copies it).
+            private one (fork shares its pages copy-on-write).
         order : int
             Folio order of the pages faulted in: ``9`` gives 2 MiB folios with 4 KiB pages. The address is
             aligned to the folio size; a fault falls back to base pages when no contiguous block is free.
+
+        Returns
+        -------
+        int
+            The start address.
         """
         self._check_open()
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length <= 0:
@@ -118,23 +126,39 @@ class AddressSpace:
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 0 <= order <= MAX_ORDER:
             raise InvalidArgument(f"order must be an integer in 0..{MAX_ORDER}, got {order!r}")
         m = self.machine
-        ps = m.page_size
-        npages = -(-int(length) // ps)
-        align = ps << order
+        npages = -(-int(length) // m.page_size)
         with m.lock:
-            start = -(-self._next // align) * align
-            self._next = start + npages * ps + ps  # a guard page between mappings
+            start = self._get_unmapped_area(npages, int(order))
             obj = MemObject(m, npages, bool(shared), int(order))
             self._insert(Vma(self, start, npages, obj, 0))
         return start
 
+    def _get_unmapped_area(self, npages: int, order: int) -> int:
+        """A fresh, folio-aligned range of ``npages`` pages, followed by a guard page (caller holds the lock)."""
+        ps = self.machine.page_size
+        align = ps << order
+        start = -(-self._next // align) * align
+        self._next = start + npages * ps + ps
+        return start
+
     def _insert(self, vma: Vma) -> None:
         bisect.insort(self._vmas, vma, key=lambda v: v.start)
-        vma.obj.vmas.append(vma)
+        for obj in vma.chain:
+            obj.vmas.append(vma)
 
     def _remove(self, vma: Vma) -> None:
         self._vmas.remove(vma)
-        vma.obj.vmas.remove(vma)
+        for obj in vma.chain:
+            obj.vmas.remove(vma)
+
+    def _replace(self, vma: Vma, pieces: list[Vma]) -> None:
+        """Put ``pieces`` in the place of ``vma``; release the objects no VMA is linked to any more."""
+        self._remove(vma)
+        for piece in pieces:
+            self._insert(piece)
+        for obj in vma.chain:
+            if not obj.vmas:
+                obj.release()
 
     def munmap(self, addr: int, length: int) -> None:
         """Unmap ``[addr, addr + length)`` (rounded up to pages); parts of a VMA may be unmapped.
@@ -143,184 +167,80 @@ class AddressSpace:
         """
         self._check_open()
         addr, length = self._check_range(addr, length, aligned=True)
+        ps = self.machine.page_size
+        with self.machine.changed:
+            self._unmap_range(addr, addr + -(-length // ps) * ps)
+            self.machine.changed.notify_all()
+
+    def _unmap_range(self, addr: int, end: int) -> None:
+        """munmap's body (caller holds ``machine.changed``): waits for migration entries in the range."""
         m = self.machine
         ps = m.page_size
-        end = addr + -(-length // ps) * ps
-        with m.changed:
-            while True:
-                hit = [v for v in self._vmas if v.start < end and v.end > addr]
-                spans = [(v, max(0, (addr - v.start) // ps), min(v.npages, (end - v.start) // ps)) for v in hit]
-                if not any(v.has_migration_entries(s0, s1) for v, s0, s1 in spans):
-                    break
-                m.changed.wait()
-            for v, s0, s1 in spans:
-                self._unmap_slots(v, np.arange(s0, s1))
-                self._split_vma(v, s0, s1)
-            m.changed.notify_all()
+        while True:
+            hit = [v for v in self._vmas if v.start < end and v.end > addr]
+            spans = [(v, max(0, (addr - v.start) // ps), min(v.npages, (end - v.start) // ps)) for v in hit]
+            if not any(v.has_migration_entries(s0, s1) for v, s0, s1 in spans):
+                break
+            m.changed.wait()
+        for v, s0, s1 in spans:
+            self._unmap_slots(v, np.arange(s0, s1))
+            self._replace(v, ([v.slice(0, s0)] if s0 > 0 else []) + ([v.slice(s1, v.npages)] if s1 < v.npages
+                                                                      else []))
 
     def _unmap_slots(self, vma: Vma, slots: np.ndarray) -> None:
         """Drop the PTEs of ``slots``: mapcount and the PTE's reference; free what nobody holds."""
         m = self.machine
         pfns = vma.pte_pfn[slots]
-        live = pfns >= 0
-        pfns = pfns[live]
+        pfns = pfns[pfns >= 0]  # the zero page holds no mapcount and no reference
         if pfns.size:
             np.subtract.at(m.pages.mapcount, pfns, 1)
             if not vma.shared:
-                vma.obj.pfns[vma.pgoff + slots[live]] = NO_PFN
+                forget_anon_slots(m, pfns)
             m.put_folios(m.pages.head[pfns])
         vma.pte_pfn[slots] = NO_PFN
         vma.pte_flags[slots] = 0
 
-    def _split_vma(self, vma: Vma, s0: int, s1: int) -> None:
-        """Remove slots ``[s0, s1)`` from ``vma``, keeping the pieces on either side as VMAs of their own."""
-        ps = self.machine.page_size
-        self._remove(vma)
-        if s0 > 0:
-            self._insert(Vma(self, vma.start, s0, vma.obj, vma.pgoff, vma.pte_pfn[:s0].copy(),
-                             vma.pte_flags[:s0].copy()))
-        if s1 < vma.npages:
-            self._insert(Vma(self, vma.start + s1 * ps, vma.npages - s1, vma.obj, vma.pgoff + s1,
-                             vma.pte_pfn[s1:].copy(), vma.pte_flags[s1:].copy()))
-        if not vma.obj.vmas:
-            vma.obj.release()
-
     # -- faults -----------------------------------------------------------------------------------------------
-    def _fault(self, vma: Vma, s0: int, s1: int, node: int) -> None:
-        """Fault in every unpopulated slot of ``[s0, s1)``, new pages on ``node`` (caller holds the lock).
-
-        Shared mappings find pages in their object's page cache first. A large-folio mapping allocates whole
-        folios where the folio lies inside the VMA and is wholly absent, else base pages. Raises OutOfMemory,
-        with nothing allocated, when the node is short.
-        """
-        slots = s0 + np.flatnonzero(vma.pte_pfn[s0:s1] == NO_PFN)
-        if slots.size == 0:
-            return
-        m, pages, obj = self.machine, self.machine.pages, vma.obj
-        cached = obj.pfns[vma.pgoff + slots]
-        hit = cached >= 0
-        if hit.any():
-            self._map(vma, slots[hit], cached[hit])
-        slots = slots[~hit]
-        if slots.size == 0:
-            return
-        idx = vma.pgoff + slots
-        folio_heads, base_idx = self._plan_folios(vma, idx)
-        order = obj.order
-        big = m.alloc_folios(node, folio_heads.size, order) if folio_heads.size else np.empty(0, np.int64)
-        # Folios that found no contiguous block fall back to base pages, as a THP fault does.
-        fallback = folio_heads[big.size:]
-        if fallback.size:
-            base_idx = np.sort(np.concatenate([base_idx, (fallback[:, None] + np.arange(1 << order)).ravel()]))
-        small = m.alloc_folios(node, base_idx.size, 0)
-        if small.size < base_idx.size:
-            m.free_folios(np.concatenate([big, small]))
-            raise OutOfMemory(f"node {node} is out of free pages: {base_idx.size + (big.size << order)} needed "
-                              f"for a fault at {vma.start + int(slots[0]) * m.page_size:#x}, "
-                              f"{m.nodes[node].free_pages} free")
-        new_idx = np.concatenate([(folio_heads[: big.size, None] + np.arange(1 << order)).ravel(), base_idx]) \
-            if big.size else base_idx
-        new_pfns = np.concatenate([pages.expand(big), small]) if big.size else small
-        heads = np.concatenate([big, small])
-        m.zero_pfns(new_pfns)
-        pages.mapping[new_pfns] = obj.id
-        pages.index[new_pfns] = new_idx
-        pages.set(heads, _NEW_PAGE_FLAGS)
-        pages.memcg[heads] = DEFAULT_MEMCG
-        # The allocation reference becomes the page cache's (one per base page) for shared memory; for
-        # anonymous memory the PTEs' references are the only ones.
-        pages.refcount[heads] = pages.nr_pages(heads) if obj.shared else 0
-        obj.pfns[new_idx] = new_pfns
-        m.count_event("pgfault", new_pfns.size)
-        self._map(vma, new_idx - vma.pgoff, new_pfns)
-
-    def _plan_folios(self, vma: Vma, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Split missing object indices into whole large folios (their first index) and base pages."""
-        order = vma.obj.order
-        if order == 0:
-            return np.empty(0, np.int64), idx
-        nr = 1 << order
-        first = np.unique(idx >> order) << order
-        inside = (first >= vma.pgoff) & (first + nr <= vma.pgoff + vma.npages)
-        first = first[inside]
-        if first.size:
-            members = first[:, None] + np.arange(nr)
-            empty = (vma.obj.pfns[members] == NO_PFN).all(axis=1)
-            first = first[empty]
-        in_folio = np.isin(idx >> order, first >> order)
-        return first, idx[~in_folio]
-
-    def _map(self, vma: Vma, slots: np.ndarray, pfns: np.ndarray) -> None:
-        pages = self.machine.pages
-        vma.pte_pfn[slots] = pfns
-        vma.pte_flags[slots] = _NEW_PTE
-        np.add.at(pages.mapcount, pfns, 1)
-        np.add.at(pages.refcount, pages.head[pfns], 1)
-
     def populate(self, addr: int, length: int, node: int = 0) -> None:
-        """Fault in every page of ``[addr, addr + length)`` now, new pages on ``node``.
+        """Fault in every page of ``[addr, addr + length)`` now, new pages on ``node`` (like MAP_POPULATE).
 
-        Pages already present stay where they are. Raises AddressFault on an unmapped address and
-        OutOfMemory when ``node`` is full.
+        A writable private mapping is faulted for writing, as the kernel's ``populate_vma_page_range`` does:
+        zero-page and copy-on-write pages are replaced by pages of its own. A read-only private mapping gets
+        the zero page, and a mapping without access rights is left alone. Pages present stay where they are.
+        Raises AddressFault on an unmapped address and OutOfMemory when ``node`` is full.
         """
         self._check_open()
         addr, length = self._check_range(addr, length, aligned=False)
         node = check_node(self.machine, "node", node)
         with self.machine.changed:
             for v, s0, s1 in self._wait_migrations(addr, length):
-                self._fault(v, s0, s1, node)
+                if v.readable:
+                    fault(self, v, s0, s1, node, write=v.writable and not v.shared)
 
     # -- access -----------------------------------------------------------------------------------------------
-    def _pfns_for_access(self, addr: int, length: int) -> np.ndarray:
-        """Fault in the range on the host and bring device pages back (``migrate_to_ram``); return its pfns.
-
-        Device pages that cannot come back (pinned, host full) are accessed in place, as device-coherent
-        memory would be. On return the caller holds ``machine.changed`` with the range free of migrations.
-        """
-        m = self.machine
-        for attempt in range(_MIGRATE_TO_RAM_TRIES + 1):
-            segs = self._wait_migrations(addr, length)
-            for v, s0, s1 in segs:
-                self._fault(v, s0, s1, 0)
-            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-            remote = m.nodemap.node_of(pfns) != 0
-            if not remote.any() or attempt == _MIGRATE_TO_RAM_TRIES:
-                return pfns
-            self._migrate_to_ram(pfns[remote])
-        return pfns
-
-    def _migrate_to_ram(self, pfns: np.ndarray) -> None:
-        """A CPU fault on device pages: migrate their folios back to host RAM (lock held on entry and exit)."""
-        from .migrate.core import collect_folios, run_migration
-
-        m = self.machine
-        t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
-        status, heads = collect_folios(m, pfns, 0)
-        m.count_event("migrate_to_ram", int(m.pages.nr_pages(heads).sum()) if heads.size else 0)
-        m.lock.release()
-        try:
-            run_migration(m, heads, 0, MigrateMode.SYNC, None, None, pfns, status, t_thread, t_wall)
-        finally:
-            m.lock.acquire()
-
     def read(self, addr: int, length: int) -> np.ndarray:
         """Return a host copy of ``length`` bytes at ``addr`` as a uint8 array.
 
-        Unpopulated pages fault in (zero-filled, on the host); device-resident pages are migrated back first.
+        Untouched private pages map the zero page (no frame is used); device-resident pages are migrated
+        back first. Raises AddressFault on an unmapped address or a mapping without read access.
         """
         self._check_open()
         addr, length = self._check_range(addr, length, aligned=False)
         m = self.machine
         ps = m.page_size
         with m.changed:
-            pfns = self._pfns_for_access(addr, length)
+            pfns = access_pfns(self, addr, length, write=False)
             self._touch(addr, length, dirty=False)
-            data = m.read_pfns(pfns).reshape(-1)
+            data = read_pages(m, pfns).reshape(-1)
         off = addr % ps
         return data[off: off + length].copy()
 
     def write(self, addr: int, data: Any) -> None:
-        """Write bytes (bytes-like or a uint8 array) at ``addr``, faulting pages in on first touch."""
+        """Write bytes (bytes-like or a uint8 array) at ``addr``, faulting pages in on first touch.
+
+        A write to a copy-on-write page (after :meth:`fork`) or to the zero page copies it first, for this
+        address space alone. Raises AddressFault on an unmapped address or a mapping without write access.
+        """
         self._check_open()
         buf = _as_bytes(data)
         addr, length = self._check_range(addr, buf.size, aligned=False)
@@ -328,7 +248,7 @@ class AddressSpace:
         ps = m.page_size
         off = addr % ps
         with m.changed:
-            pfns = self._pfns_for_access(addr, length)
+            pfns = access_pfns(self, addr, length, write=True)
             pages_data = m.read_pfns(pfns) if (off or (off + length) % ps) else \
                 np.empty((pfns.size, ps), dtype=np.uint8)
             flat = pages_data.reshape(-1)
@@ -350,16 +270,16 @@ class AddressSpace:
             return int(v.pte_pfn[s0])
 
     def pfn_of(self, addr: int) -> int:
-        """The pfn backing the page at ``addr``, or -1 if it is not populated."""
+        """The pfn backing the page at ``addr``: ``-1`` if not populated, ``ZERO_PFN`` (-2) for the zero page."""
         return self._pte_pfn(addr)
 
     def node_of(self, addr: int) -> int:
-        """The node backing the page at ``addr``, or -1 if it is not populated."""
+        """The node backing the page at ``addr``; ``-1`` if not populated or mapped to the zero page (no frame)."""
         pfn = self._pte_pfn(addr)
         return -1 if pfn < 0 else int(self.machine.nodemap.node_of(np.array([pfn]))[0])
 
     def pte_flags(self, addr: int) -> PteFlag:
-        """The PTE bits of the page at ``addr`` (0 when not populated)."""
+        """The PTE bits of the page at ``addr`` (0 when not populated; ``SPECIAL`` marks the zero page)."""
         self._check_open()
         addr, _ = self._check_range(addr, 1, aligned=False)
         with self.machine.lock:
@@ -367,14 +287,14 @@ class AddressSpace:
             return PteFlag(int(v.pte_flags[s0]))
 
     def pfns_of(self, addr: int, length: int) -> np.ndarray:
-        """Pfn of every page of ``[addr, addr + length)``, -1 where not populated (vectorized pfn_of)."""
+        """Pfn of every page of ``[addr, addr + length)`` as :meth:`pfn_of` gives it (vectorized)."""
         self._check_open()
         addr, length = self._check_range(addr, length, aligned=False)
         with self.machine.changed:
             return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in self._wait_migrations(addr, length)])
 
     def nodes_of(self, addr: int, length: int) -> np.ndarray:
-        """Node of every page of ``[addr, addr + length)``, -1 where not populated (vectorized node_of)."""
+        """Node of every page of ``[addr, addr + length)`` as :meth:`node_of` gives it (vectorized)."""
         pfns = self.pfns_of(addr, length)
         return np.where(pfns >= 0, self.machine.nodemap.node_of(np.maximum(pfns, 0)), -1)
 
@@ -382,57 +302,33 @@ class AddressSpace:
     def pin(self, addr: int, length: int) -> None:
         """Pin the pages of ``[addr, addr + length)``: fault them in and hold an extra reference on each.
 
-        Pinned pages do not migrate (``-EAGAIN``), like pages under a long-term GUP pin.
+        Pinned pages do not migrate (``-EAGAIN``), like pages under a long-term GUP pin. As
+        ``pin_user_pages`` does, a private page is made this address space's own first (the zero page and
+        copy-on-write pages are replaced by a copy), so the pin and the mapping always see the same page;
+        :meth:`fork` copies pinned pages at once instead of sharing them.
         """
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=True)
-        m = self.machine
-        with m.changed:
-            segs = self._wait_migrations(addr, length)
-            for v, s0, s1 in segs:
-                self._fault(v, s0, s1, 0)
-            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-            np.add.at(m.pages.refcount, m.pages.head[pfns], 1)
-            for p in pfns.tolist():
-                self._pins[p] = self._pins.get(p, 0) + 1
+        from .gup import pin_range
+
+        pin_range(self, addr, length)
 
     def unpin(self, addr: int, length: int) -> None:
         """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``."""
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=True)
-        m = self.machine
-        with m.changed:
-            segs = self._wait_migrations(addr, length)
-            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-            need: dict[int, int] = {}
-            for p in pfns.tolist():
-                need[p] = need.get(p, 0) + 1
-            missing = [p for p, n in need.items() if self._pins.get(p, 0) < n]
-            if missing:
-                raise InvalidArgument(f"range {addr:#x}+{length:#x} holds pages this address space has not "
-                                      f"pinned ({len(missing)} of {len(need)})")
-            self._drop_pins(need)
-            m.changed.notify_all()
+        from .gup import unpin_range
 
-    def _drop_pins(self, pins: dict[int, int]) -> None:
-        m = self.machine
-        for p, n in pins.items():
-            left = self._pins[p] - n
-            if left:
-                self._pins[p] = left
-            else:
-                del self._pins[p]
-        if pins:
-            pfns = np.fromiter(pins.keys(), dtype=np.int64, count=len(pins))
-            refs = np.fromiter(pins.values(), dtype=np.int64, count=len(pins))
-            m.put_folios(m.pages.head[pfns], refs)
+        unpin_range(self, addr, length)
 
-    # -- fork, migrate, close ---------------------------------------------------------------------------------
+    # -- fork, mprotect, mremap -------------------------------------------------------------------------------
     def fork(self) -> AddressSpace:
-        """A child address space: shared mappings are shared (mapcount 2), private ones copied now.
+        """A child address space, as fork(2) makes it.
 
-        Raises OutOfMemory (and leaves nothing behind) when there are no frames for the private copies.
+        Shared mappings are shared (mapcount 2). Private pages are shared copy-on-write: both processes map
+        the same frame without the write bit, and the first write in either copies the page for the writer
+        (the last mapper just gets the write bit back). Pages this address space has pinned are copied now.
+
+        Raises OutOfMemory (and leaves nothing behind) when there are no frames for the pinned pages' copies.
         """
+        from .fork import dup_mmap
+
         self._check_open()
         m = self.machine
         child = m.address_space()
@@ -440,51 +336,60 @@ class AddressSpace:
             with m.changed:
                 while any(v.has_migration_entries() for v in self._vmas):
                     m.changed.wait()
-                child._next = self._next
-                for v in self._vmas:
-                    self._fork_vma(child, v)
+                dup_mmap(self, child)
         except BaseException:
             child.close()
             raise
         return child
 
-    def _fork_vma(self, child: AddressSpace, v: Vma) -> None:
-        m = self.machine
-        if v.shared:
-            cv = Vma(child, v.start, v.npages, v.obj, v.pgoff, v.pte_pfn.copy(), v.pte_flags.copy())
-            child._insert(cv)
-            live = cv.pte_pfn >= 0
-            pfns = cv.pte_pfn[live]
-            np.add.at(m.pages.mapcount, pfns, 1)
-            np.add.at(m.pages.refcount, m.pages.head[pfns], 1)
-            return
-        # A private mapping gets its own object and a copy of every present page, on the page's node and with
-        # the parent's folio order where the node still has a contiguous block.
-        obj = MemObject(m, v.obj.pfns.size, False, v.obj.order)
-        cv = Vma(child, v.start, v.npages, obj, v.pgoff)
-        child._insert(cv)
-        present = np.flatnonzero(v.pte_pfn >= 0)
-        if present.size == 0:
-            return
-        src = v.pte_pfn[present]
-        nodes = m.nodemap.node_of(src)
-        for n in np.unique(nodes).tolist():
-            sel = present[nodes == n]
-            child._fault_slots(cv, sel, n)
-            m.copy_pages(v.pte_pfn[sel], cv.pte_pfn[sel])
-        cv.pte_flags[present] = v.pte_flags[present]
+    def mprotect(self, addr: int, length: int, prot: Prot | int) -> None:
+        """Change the access rights of ``[addr, addr + length)`` (rounded up to pages), like mprotect(2).
 
-    def _fault_slots(self, vma: Vma, slots: np.ndarray, node: int) -> None:
-        """Fault in exactly ``slots`` of ``vma`` on ``node`` (grouping contiguous slot runs)."""
-        if slots.size == 0:
-            return
-        cuts = np.flatnonzero(np.diff(slots) != 1) + 1
-        for run in np.split(slots, cuts):
-            self._fault(vma, int(run[0]), int(run[-1]) + 1, node)
+        Parameters
+        ----------
+        addr, length : int
+            A page-aligned start address and a length in bytes; every page must be mapped.
+        prot : Prot or int
+            ``Prot.NONE``, ``Prot.READ``, ``Prot.WRITE`` or ``Prot.READ | Prot.WRITE`` (0 to 3).
 
+        Notes
+        -----
+        VMAs are split at the range's ends. Removing write access clears the write bit of every PTE,
+        migration entries included, so a page under migration comes back read-only; granting it sets no
+        bit: the next write faults (and copies a copy-on-write page). Pages and migrations are not touched.
+        """
+        from .mprotect import change_protection
+
+        change_protection(self, addr, length, prot)
+
+    def mremap(self, old_addr: int, old_len: int, new_len: int, may_move: bool = True) -> int:
+        """Resize, and if needed move, the mapping at ``[old_addr, old_addr + old_len)``, like mremap(2).
+
+        Parameters
+        ----------
+        old_addr, old_len : int
+            A page-aligned address and a length inside one VMA.
+        new_len : int
+            The new length: smaller unmaps the tail, larger grows in place when the addresses after the
+            range are free, else moves the mapping to a fresh range.
+        may_move : bool
+            ``MREMAP_MAYMOVE``: without it a growth that does not fit in place raises InvalidArgument.
+
+        Returns
+        -------
+        int
+            The mapping's (new) address. A moved mapping keeps its pages: same frames, same data, and
+            migrations in flight over it complete (the rmap finds pages by object and index, not address).
+        """
+        from .mprotect import move_vma
+
+        return move_vma(self, old_addr, old_len, new_len, may_move)
+
+    # -- migration --------------------------------------------------------------------------------------------
     def migrate(self, addr: int, length: int, node: int, mode: MigrateMode = MigrateMode.SYNC,
-                engine: DmaEngine | None = None, options: MigrateOptions | None = None) -> MigrateResult:
-        """Migrate the pages of ``[addr, addr + length)`` to ``node`` (like move_pages(2)).
+                engine: DmaEngine | None = None, options: MigrateOptions | None = None,
+                move_all: bool = False) -> MigrateResult:
+        """Migrate the pages of ``[addr, addr + length)`` to ``node`` (like move_pages(2) over a range).
 
         Parameters
         ----------
@@ -501,33 +406,47 @@ class AddressSpace:
         options : MigrateOptions, optional
             Batching; ``None`` is the kernel's (512-page batches, one at a time). Other settings are
             experiments (see :class:`~dmamig.MigrateOptions`).
+        move_all : bool
+            ``MPOL_MF_MOVE_ALL``: also move pages that other processes map (after a fork, or shared memory).
+            Without it such a page is left alone with ``-EACCES``, as with ``MPOL_MF_MOVE``.
 
         Returns
         -------
         MigrateResult
             One status per page of the range: ``0`` (migrated or already on ``node``), ``-ENOENT`` (not
-            populated) or the failure's ``-errno``.
+            populated), ``-EFAULT`` (the zero page: nothing to move), ``-EACCES`` (mapped by another process,
+            without ``move_all``) or the failure's ``-errno``. Pages left alone are not counted failed.
         """
-        from .migrate.core import check_mode, collect_folios, run_migration
+        from .migrate.move_pages import migrate_range
 
-        t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=True)
-        m = self.machine
-        node = check_node(m, "node", node)
-        mode = check_mode(mode, allow_no_copy=False)
-        options = MigrateOptions.coerce(options)
-        if engine is not None:
-            from .dma import DmaEngine
+        return migrate_range(self, addr, length, node, mode, engine, options, move_all)
 
-            if not isinstance(engine, DmaEngine) or engine is not m.dma:
-                raise InvalidArgument("engine must be this machine's DMA engine (m.dma) or None")
-            mode |= MigrateMode.NO_COPY
-        with m.changed:
-            segs = self._wait_migrations(addr, length)
-            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-            status, heads = collect_folios(m, pfns, node)
-        return run_migration(m, heads, node, mode, engine, None, pfns, status, t_thread, t_wall, options)
+    def move_pages(self, addrs: Any, nodes: Any = None, mode: MigrateMode = MigrateMode.SYNC,
+                   engine: DmaEngine | None = None, move_all: bool = False,
+                   options: MigrateOptions | None = None) -> MovePagesResult:
+        """Move the page at each address to its node, or report where each page is, like move_pages(2).
+
+        Parameters
+        ----------
+        addrs : sequence of int
+            Addresses (any byte of a page names the page), in any order.
+        nodes : sequence of int, optional
+            The target node of each address; ``None`` only queries (the syscall with ``nodes == NULL``).
+        mode, engine, options :
+            As for :meth:`migrate`.
+        move_all : bool
+            ``MPOL_MF_MOVE_ALL``; without it a page other processes map gets ``-EACCES``.
+
+        Returns
+        -------
+        MovePagesResult
+            ``status[i]``: the node the page at ``addrs[i]`` is on after the call, or ``-ENOENT`` (not
+            populated), ``-EFAULT`` (no mapping there, or the zero page), ``-EACCES`` (mapped by another
+            process, without ``move_all``), or the migration's ``-EBUSY``/``-EAGAIN``/``-ENOMEM``/``-EIO``.
+        """
+        from .migrate.move_pages import move_pages
+
+        return move_pages(self, addrs, nodes, mode, engine, move_all, options)
 
     def close(self) -> None:
         """Unmap everything and drop this address space's pins. Idempotent."""
@@ -539,10 +458,8 @@ class AddressSpace:
                 m.changed.wait()
             for v in list(self._vmas):
                 self._unmap_slots(v, np.arange(v.npages))
-                self._remove(v)
-                if not v.obj.vmas:
-                    v.obj.release()
-            self._drop_pins(dict(self._pins))
+                self._replace(v, [])
+            drop_pins(self, dict(self._pins))
             self._closed = True
             m.forget_space(self)
             m.changed.notify_all()

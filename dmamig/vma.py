@@ -2,8 +2,15 @@
 
 A :class:`MemObject` is what ``page.mapping`` points at: an anonymous object (the kernel's anon_vma) for
 private mappings or a shared-memory object (an address_space) for shared ones. ``page.index`` is the page's
-offset in its object, so the reverse map of a page is: every VMA of ``page.mapping`` that covers
-``page.index``. Page tables are per-VMA arrays: the pfn of each slot and its PTE bits.
+offset in its object, so the reverse map of a page is: every VMA linked to ``page.mapping`` that covers
+``page.index`` and whose page table holds that pfn. Page tables are per-VMA arrays: the pfn of each slot and
+its PTE bits.
+
+Fork shares private pages copy-on-write, and the rmap must then find the page in parent and child. As in the
+kernel, a VMA is linked to a chain of anonymous objects (its anon_vma chain): its own object, where the pages
+it faults from now on go, and the objects of the mappings it was forked from, whose pages it may still map.
+The child of a fork is linked into every object of its parent's chain, so a page faulted before the fork is
+found through either process's VMA.
 """
 
 from __future__ import annotations
@@ -15,15 +22,20 @@ import numpy as np
 
 from . import _kernels
 from ._arrays import add_at, distinct
-from .flags import PageFlag, PteFlag
+from .flags import PageFlag, Prot, PteFlag
 
 if TYPE_CHECKING:
     from .machine import Machine
     from .mm import AddressSpace
 
-__all__ = ["MemObject", "Vma", "install_migration_entries", "remove_migration_entries", "rmap_walk"]
+__all__ = ["NO_PFN", "ZERO_PFN", "MemObject", "Vma", "forget_anon_slots", "install_migration_entries",
+           "remove_migration_entries", "rmap_walk"]
 
+#: ``pte_pfn`` of a slot that maps nothing.
 NO_PFN = -1
+#: ``pte_pfn`` of a slot that maps the shared zero page: no frame, no struct page, reads as zeros. Like every
+#: negative pfn it is skipped by the rmap, the page accounting and the migration core.
+ZERO_PFN = -2
 _PRESENT = np.uint8(PteFlag.PRESENT)
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 # Bits a migration entry keeps from the PTE it replaces (the kernel keeps young, dirty and write).
@@ -34,8 +46,11 @@ class MemObject:
     """An anonymous (private) or shared-memory object: the pages of a mapping, by page index.
 
     ``pfns[i]`` is the pfn holding page ``i`` of the object or ``-1``. A shared object is a page cache: it
-    holds one reference per base page it caches, and outlives any one VMA; an anonymous object holds no
-    references (its pages are held by their PTEs).
+    holds one reference per base page it caches, it is where a fault looks a page up, and it outlives any one
+    VMA. An anonymous object holds no references (its pages are held by their PTEs) and is never looked up by
+    a fault: after a fork, parent and child may hold different pages at one index (one of them copied it on
+    a write), so ``pfns`` records the last page installed at each index for inspection only, and the page
+    tables of the linked VMAs (``vmas``) are the truth.
     """
 
     def __init__(self, machine: Machine, npages: int, shared: bool, order: int):
@@ -43,8 +58,13 @@ class MemObject:
         self.shared = shared
         self.order = order
         self.pfns = np.full(npages, NO_PFN, dtype=np.int64)
-        self.vmas: list[Vma] = []
+        self.vmas: list[Vma] = []  # every VMA linked to the object (anon_vma_chain), in any address space
         self.id = machine.register_object(self)
+
+    def grow(self, npages: int) -> None:
+        """Make room for indices up to ``npages`` (a mapping grown by mremap); caller holds the lock."""
+        if npages > self.pfns.size:
+            self.pfns = np.concatenate([self.pfns, np.full(npages - self.pfns.size, NO_PFN, np.int64)])
 
     def release(self) -> None:
         """Drop the object's page-cache references once no VMA maps it (caller holds the lock)."""
@@ -64,10 +84,12 @@ class MemObject:
 
 class Vma:
     """A virtual memory area of one address space: ``npages`` pages from ``start``, object pages from
-    ``pgoff``, with its page table (``pte_pfn``, ``pte_flags``)."""
+    ``pgoff``, with its page table (``pte_pfn``, ``pte_flags``), its access rights ``prot`` and its
+    anon_vma ``chain`` (its own object first, then the objects of the mappings it was forked from)."""
 
     def __init__(self, mm: AddressSpace, start: int, npages: int, obj: MemObject, pgoff: int,
-                 pte_pfn: np.ndarray | None = None, pte_flags: np.ndarray | None = None):
+                 pte_pfn: np.ndarray | None = None, pte_flags: np.ndarray | None = None,
+                 prot: Prot = Prot.READ | Prot.WRITE, chain: tuple[MemObject, ...] | None = None):
         self.mm = mm
         self.start = start
         self.npages = npages
@@ -75,6 +97,21 @@ class Vma:
         self.pgoff = pgoff
         self.pte_pfn = np.full(npages, NO_PFN, dtype=np.int64) if pte_pfn is None else pte_pfn
         self.pte_flags = np.zeros(npages, dtype=np.uint8) if pte_flags is None else pte_flags
+        self.prot = Prot(prot)
+        self.chain = (obj,) if chain is None else chain
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.prot & (Prot.READ | Prot.WRITE))
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.prot & Prot.WRITE)
+
+    def slice(self, s0: int, s1: int) -> Vma:
+        """A new VMA for slots ``[s0, s1)`` of this one (same objects, rights and page-table entries)."""
+        return Vma(self.mm, self.start + s0 * self.mm.machine.page_size, s1 - s0, self.obj, self.pgoff + s0,
+                   self.pte_pfn[s0:s1].copy(), self.pte_flags[s0:s1].copy(), self.prot, self.chain)
 
     @property
     def end(self) -> int:
@@ -90,7 +127,24 @@ class Vma:
         return bool((self.pte_flags[s0:s1] & _MIGRATION).any())
 
     def __repr__(self) -> str:
-        return f"Vma({self.start:#x}-{self.end:#x}, obj={self.obj.id}, pgoff={self.pgoff})"
+        return f"Vma({self.start:#x}-{self.end:#x}, obj={self.obj.id}, pgoff={self.pgoff}, prot={self.prot!r})"
+
+
+def forget_anon_slots(m: Machine, pfns: np.ndarray) -> None:
+    """Clear the anonymous-object records of ``pfns`` that no PTE maps any more (caller holds the lock)."""
+    pages = m.pages
+    gone = pfns[pages.mapcount[pfns] == 0]
+    mapping = pages.mapping[gone]
+    for oid in distinct(mapping[mapping >= 0]):
+        obj = m.object(oid)
+        if obj.shared:
+            continue  # the page cache keeps its pages whether mapped or not
+        p = gone[mapping == oid]
+        idx = pages.index[p]
+        inside = idx < obj.pfns.size
+        p, idx = p[inside], idx[inside]
+        hit = obj.pfns[idx] == p
+        obj.pfns[idx[hit]] = NO_PFN
 
 
 def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np.ndarray, np.ndarray]]:

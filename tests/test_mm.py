@@ -7,6 +7,7 @@ import pytest
 from support import rand
 
 from dmamig import AddressFault, InvalidArgument, MigrateMode, OutOfMemory, PteFlag
+from dmamig.vma import ZERO_PFN
 
 HOST = 4096
 DEV = 4096
@@ -53,17 +54,30 @@ def test_mmap_bad_arguments(m, mm, kw):
 
 
 # -- read / write / faults -------------------------------------------------------------------------------------
-def test_first_touch_read_is_zero_filled_on_the_host(m, mm):
+def test_first_touch_read_maps_the_zero_page(m, mm):
+    """do_anonymous_page: a read fault on untouched private memory maps the shared zero page, no frame."""
     ps = m.page_size
     addr = mm.mmap(4 * ps)
-    m.alloc_pages(0, 1)  # a recycled frame must still read as zeros
     faults = m.vmstat["pgfault"]
     out = mm.read(addr + ps + 10, 2 * ps)
     assert out.dtype == np.uint8 and out.shape == (2 * ps,)
     assert not out.any()
-    assert mm.nodes_of(addr, 4 * ps).tolist() == [-1, 0, 0, 0]
+    assert mm.pfns_of(addr, 4 * ps).tolist() == [-1, ZERO_PFN, ZERO_PFN, ZERO_PFN]
+    assert mm.nodes_of(addr, 4 * ps).tolist() == [-1, -1, -1, -1]
+    assert mm.pte_flags(addr + ps) == PteFlag.PRESENT | PteFlag.YOUNG | PteFlag.SPECIAL
     assert m.vmstat["pgfault"] - faults == 3
-    assert m.nodes[0].free_pages == HOST - 1 - 3
+    assert free(m) == START
+
+
+def test_first_touch_write_is_zero_filled_on_the_host(m, mm):
+    ps = m.page_size
+    addr = mm.mmap(4 * ps)
+    m.alloc_pages(0, 1)  # a recycled frame must still read as zeros
+    mm.write(addr + ps + 10, b"x")
+    assert mm.nodes_of(addr, 4 * ps).tolist() == [-1, 0, -1, -1]
+    out = mm.read(addr + ps, ps)
+    assert out[10] == ord("x") and not out[:10].any() and not out[11:].any()
+    assert m.nodes[0].free_pages == HOST - 1 - 1
 
 
 def test_fault_after_reuse_of_dirty_frames_is_zeroed(m, mm):
@@ -96,6 +110,7 @@ def test_partial_write_to_fresh_pages_keeps_zeroes_around_it(m, mm):
     mm.write(addr + ps - 3, b"abcdef")
     assert mm.nodes_of(addr, 3 * ps).tolist() == [0, 0, -1]
     out = mm.read(addr, 3 * ps)
+    assert mm.pfn_of(addr + 2 * ps) == ZERO_PFN
     assert out[ps - 3: ps + 3].tobytes() == b"abcdef"
     assert not out[: ps - 3].any() and not out[ps + 3:].any()
 
@@ -331,22 +346,30 @@ def test_munmap_then_mmap_again_reads_zero(m, mm):
 
 
 # -- fork ------------------------------------------------------------------------------------------------------
-def test_fork_copies_private_memory(m, mm):
+def test_fork_shares_private_memory_copy_on_write(m, mm):
+    """copy_present_pte: the child maps the parent's frames, write-protected in both, until one writes."""
     ps = m.page_size
     addr = mm.mmap(4 * ps)
     data = rand(3 * ps, 6)
     mm.write(addr, data)
     mm.migrate(addr + 2 * ps, ps, 2)
     child = mm.fork()
-    assert np.array_equal(child.nodes_of(addr, 4 * ps), mm.nodes_of(addr, 4 * ps))
-    assert child.pfn_of(addr) != mm.pfn_of(addr)
-    assert sum(n.total_pages - n.free_pages for n in m.nodes) == 6
+    assert np.array_equal(child.pfns_of(addr, 4 * ps), mm.pfns_of(addr, 4 * ps))
+    assert sum(n.total_pages - n.free_pages for n in m.nodes) == 3  # one frame per page, shared
+    for i in range(3):
+        st = m.page_state(mm.pfn_of(addr + i * ps))
+        assert st["mapcount"] == 2 and st["refcount"] == 2
+        assert PteFlag.WRITE not in mm.pte_flags(addr + i * ps)
+        assert PteFlag.WRITE not in child.pte_flags(addr + i * ps)
     child.write(addr, b"child")
     mm.write(addr + ps, b"parent")
+    assert sum(n.total_pages - n.free_pages for n in m.nodes) == 5  # each writer got a copy of one page
     assert mm.read(addr, 5).tobytes() == data[:5].tobytes()
     assert child.read(addr + ps, 6).tobytes() == data[ps: ps + 6].tobytes()
     assert child.read(addr, 5).tobytes() == b"child"
+    assert mm.read(addr + ps, 6).tobytes() == b"parent"
     assert np.array_equal(child.read(addr + 2 * ps, ps), data[2 * ps:])
+    assert child.pfn_of(addr + 2 * ps) == mm.pfn_of(addr + 2 * ps)  # read, never written: still shared
     # The page unpopulated at fork is independent in both.
     child.write(addr + 3 * ps, b"c")
     assert mm.read(addr + 3 * ps, 1).tobytes() == b"\x00"
@@ -388,16 +411,21 @@ def test_fork_of_a_closed_space_is_refused(m, mm):
 
 
 def test_fork_out_of_memory_leaves_nothing_behind(m, mm):
+    """copy_present_page: pinned pages are copied at fork, and a fork without frames for them fails whole."""
     ps = m.page_size
     addr = mm.mmap(8 * ps)
     mm.write(addr, rand(8 * ps))
+    mm.pin(addr, 8 * ps)
     held = m.alloc_pages(0, HOST - 8 - 4)
     with pytest.raises(OutOfMemory):
         mm.fork()
     assert m.nodes[0].free_pages == 4  # the partial child was torn down
+    assert len(m._spaces) == 1
     m.put_pages(held)
     child = mm.fork()  # with frames it works
     assert np.array_equal(child.read(addr, 8 * ps), mm.read(addr, 8 * ps))
+    assert (child.pfns_of(addr, 8 * ps) != mm.pfns_of(addr, 8 * ps)).all()
+    mm.unpin(addr, 8 * ps)
     child.close()
     mm.close()
     assert free(m) == START
@@ -528,7 +556,7 @@ def test_shared_device_page_comes_back_for_every_mapper(m, mm):
     addr = mm.mmap(2 * ps, shared=True)
     mm.write(addr, b"shared!")
     child = mm.fork()
-    res = mm.migrate(addr, 2 * ps, 2, mode=MigrateMode.SYNC)
+    res = mm.migrate(addr, 2 * ps, 2, mode=MigrateMode.SYNC, move_all=True)
     assert res.nr_succeeded == 1
     assert child.node_of(addr) == 2 and mm.node_of(addr) == 2
     assert child.read(addr, 7).tobytes() == b"shared!"

@@ -1,8 +1,10 @@
 """A stateful property test: random address-space operations and migrations against a plain-bytes model.
 
 The model keeps, per address space, one bytearray per mapped page (shared mappings share the same
-bytearray between the spaces that map them). Whatever migrates, fails, retries or faults, every read must
-match the model, and once everything is closed every node's frames must be free again.
+bytearray between the spaces that map them; fork gives the child its own copy of a private page, which is
+what copy-on-write looks like from outside) and whether the page may be written. Whatever migrates, fails,
+retries, faults, is write-protected or moved by mremap, every read must match the model, and once
+everything is closed every node's frames must be free again.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dmamig import AddressFault, Machine, MigrateMode, MigrateVma, OutOfMemory, PteFlag
+from dmamig.flags import Prot
 
 PS = 256
 HOST, DEV = 256, 128
 MAX_SPACES = 4
 MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
-OK_STATUS = {0, -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM, -errno.ENOENT}
+OK_STATUS = {0, -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM, -errno.ENOENT, -errno.EACCES, -errno.EFAULT}
 EIO = -errno.EIO
 
 try:
@@ -47,6 +50,7 @@ class Space:
     def __init__(self, mm):
         self.mm = mm
         self.pages: dict[int, Page] = {}
+        self.readonly: set[int] = set()  # page addresses mprotected to Prot.READ
         self.pins: list[tuple[int, int]] = []
 
 
@@ -120,6 +124,11 @@ class MigrationModel(RuleBasedStateMachine):
         start, length = span
         seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
         buf = np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8)
+        first = start - start % PS
+        if any(a in sp.readonly for a in range(first, start + length, PS)):
+            with pytest.raises(AddressFault, match="not writable"):
+                sp.mm.write(start, buf)
+            return  # refused before anything was written
         try:
             sp.mm.write(start, buf)
         except OutOfMemory:
@@ -145,8 +154,9 @@ class MigrationModel(RuleBasedStateMachine):
             return
         assert got.tobytes() == self._model_bytes(sp, start, length)
 
-    @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES), no_copy=st.booleans())
-    def migrate(self, data, node, mode, no_copy):
+    @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES), no_copy=st.booleans(),
+          move_all=st.booleans())
+    def migrate(self, data, node, mode, no_copy, move_all):
         sp = self._pick_space(data)
         rng = self._pick_range(data, sp)
         if rng is None:
@@ -154,12 +164,81 @@ class MigrationModel(RuleBasedStateMachine):
         addr, count = rng
         engine = self.m.dma if no_copy and HAVE_DMA else None
         eio = self._eio_possible()
-        res = sp.mm.migrate(addr, count * PS, node, mode=mode, engine=engine)
+        res = sp.mm.migrate(addr, count * PS, node, mode=mode, engine=engine, move_all=move_all)
         self._check_status(res.status, eio)
         assert res.status.size == count
         nodes = sp.mm.nodes_of(addr, count * PS)
+        pfns = sp.mm.pfns_of(addr, count * PS)
         assert ((nodes == node) == (res.status == 0)).all()
-        assert ((nodes == -1) == (res.status == -errno.ENOENT)).all()
+        assert ((pfns == -1) == (res.status == -errno.ENOENT)).all()
+        assert ((pfns == -2) == (res.status == -errno.EFAULT)).all()  # the zero page stays
+        assert not (move_all and (res.status == -errno.EACCES).any())
+
+    @rule(data=st.data(), query=st.booleans(), move_all=st.booleans())
+    def move_pages(self, data, query, move_all):
+        sp = self._pick_space(data)
+        mapped = sorted(sp.pages)
+        n = data.draw(st.integers(1, 6), label="n")
+        addrs = [mapped[data.draw(st.integers(0, len(mapped) - 1), label="page")]
+                 + data.draw(st.integers(0, PS - 1), label="offset") if mapped else 0 for _ in range(n)]
+        addrs[-1] = addrs[-1] if data.draw(st.booleans(), label="hole") else 1 << 30  # never mapped
+        nodes = None if query else [data.draw(st.integers(0, 2), label="node") for _ in range(n)]
+        eio = self._eio_possible()
+        res = sp.mm.move_pages(addrs, nodes, move_all=move_all)
+        allowed = OK_STATUS - {0} | ({EIO} if eio else set())
+        for a, s_ in zip(addrs, res.status.tolist()):
+            if (a - a % PS) not in sp.pages:
+                assert s_ == -errno.EFAULT
+            elif s_ >= 0:
+                assert s_ == sp.mm.node_of(a)
+            else:
+                assert s_ in allowed, res.status
+
+    @rule(data=st.data(), writable=st.booleans())
+    def mprotect(self, data, writable):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        sp.mm.mprotect(addr, count * PS, Prot.READ | (Prot.WRITE if writable else Prot.NONE))
+        for a in range(addr, addr + count * PS, PS):
+            if writable:
+                sp.readonly.discard(a)
+            else:
+                sp.readonly.add(a)
+                assert PteFlag.WRITE not in sp.mm.pte_flags(a)
+
+    @rule(data=st.data())
+    def mremap(self, data):
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        new = data.draw(st.integers(1, 24), label="new_pages")
+        vma = next(v for v in sp.mm.vmas if v.start <= addr < v.end)
+        if vma.shared and new > count:
+            return  # a shared mapping grows over pages of its object other mappings may show: not modelled
+        pfns = sp.mm.pfns_of(addr, min(count, new) * PS)
+        got = sp.mm.mremap(addr, count * PS, new * PS)
+        assert np.array_equal(sp.mm.pfns_of(got, min(count, new) * PS), pfns)  # same frames, moved or not
+        end = addr + count * PS
+        moved = {a: (sp.pages.pop(a), a in sp.readonly) for a in range(addr, end, PS)}
+        sp.readonly -= set(moved)
+        for i in range(new):
+            page, ro = moved.get(addr + i * PS, (Page(), False))
+            sp.pages[got + i * PS] = page
+            if ro:
+                sp.readonly.add(got + i * PS)
+        kept = []
+        for a, n in sp.pins:
+            if a + n * PS <= addr or a >= end:
+                kept.append((a, n))
+            elif addr <= a and a + n * PS <= addr + min(count, new) * PS:
+                kept.append((a - addr + got, n))
+            # a pin cut by the move or over the unmapped tail is dropped by close()
+        sp.pins = kept
 
     @precondition(lambda self: HAVE_DMA)
     @rule(data=st.data(), node=st.integers(0, 2), mode=st.sampled_from(MODES))
@@ -247,6 +326,7 @@ class MigrationModel(RuleBasedStateMachine):
         shared = {v.start + i * PS: v.shared for v in sp.mm.vmas for i in range(v.npages)}
         new = Space(child)
         new.pages = {a: (p if shared[a] else Page(bytearray(p.b))) for a, p in sp.pages.items()}
+        new.readonly = set(sp.readonly)
         self.spaces.append(new)
 
     @rule(data=st.data())
@@ -260,6 +340,7 @@ class MigrationModel(RuleBasedStateMachine):
         end = addr + count * PS
         for a in range(addr, end, PS):
             del sp.pages[a]
+            sp.readonly.discard(a)
         # a pin over an unmapped page can no longer be dropped by address; close() drops it
         sp.pins = [(a, n) for a, n in sp.pins if a + n * PS <= addr or a >= end]
         with pytest.raises(AddressFault):
@@ -290,6 +371,14 @@ class MigrationModel(RuleBasedStateMachine):
                     assert (pg.refcount[pg.head[pfns]] > 0).all()
                     assert (pg.mapcount[pfns] > 0).all()
                     assert not (v.pte_flags & np.uint8(PteFlag.MIGRATION)).any()
+                    writable = (v.pte_flags & np.uint8(PteFlag.WRITE)) != 0
+                    # Copy-on-write: a private page mapped twice, and the zero page, are never writable.
+                    if not v.shared:
+                        live = v.pte_pfn >= 0
+                        assert not (writable & live & (pg.mapcount[np.maximum(v.pte_pfn, 0)] > 1)).any()
+                        assert not (writable & (v.pte_pfn == -2)).any()
+                    if not v.writable:
+                        assert not writable.any()
             # every allocated frame belongs to a folio that somebody references, and the other way round
             used = sum(t - n.free_pages for t, n in zip(self.totals, m.nodes))
             heads = np.flatnonzero((pg.head == np.arange(pg.nr_pfns)) & (pg.refcount > 0))

@@ -15,6 +15,7 @@ import numpy as np
 from .._validate import check_node
 from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, EIO, ENOMEM, MIGRATE_PFN_SHIFT, MigratePfn, PageFlag, PteFlag
+from ..memory import map_pages
 from ..vma import install_migration_entries, remove_migration_entries
 from .core import isolate_folios
 from .state import migrate_folio
@@ -38,12 +39,19 @@ class MigrateVma:
     ----------
     src, dst : numpy.ndarray
         One int64 entry per page: ``pfn << 6 | MigratePfn`` flags (``src`` from :meth:`setup`, ``dst`` from
-        :meth:`alloc_and_copy`). A hole is selected as ``MIGRATE`` without ``VALID``.
+        :meth:`alloc_and_copy`). A hole (nothing mapped, or the shared zero page, as
+        ``migrate_vma_collect_pmd`` selects it) is ``MIGRATE`` without ``VALID``; finalize maps a new page.
     cpages : int
         Pages collected by :meth:`setup` (``MIGRATE`` set).
     status : numpy.ndarray
         Per page after :meth:`finalize`: ``0`` migrated, or why not (``-EBUSY`` locked/pinned/shared,
         ``-ENOMEM``, ``-EIO``, ``-EAGAIN``).
+
+    Notes
+    -----
+    As ``migrate_device.c``, device migration counts no ``pgmigrate_*`` events: :meth:`finalize` adds the
+    pages it migrated (holes included) to vmstat ``migrate_vma_success`` and the collected pages it could not
+    migrate to ``migrate_vma_fail``.
     """
 
     def __init__(self, mm: AddressSpace, start: int, end: int, node: int):
@@ -204,9 +212,10 @@ class MigrateVma:
             unused = ((self.dst & _VALID) != 0) & ~moved
             unused[holes[self.status[holes] == 0]] = False
             m.free_folios(self._pfns(self.dst[unused]))
+            # migrate_device.c counts no pgmigrate_* events: device migration has counters of its own.
             n = int(moved.sum()) + int((self.status[holes] == 0).sum())
-            m.count_event("pgmigrate_success", n)
-            m.count_event("pgmigrate_no_copy", n)
+            m.count_event("migrate_vma_success", n)
+            m.count_event("migrate_vma_fail", self.cpages - n)
             m.changed.notify_all()
 
     def _fill_holes(self, holes: np.ndarray) -> None:
@@ -233,5 +242,5 @@ class MigrateVma:
         pages.index[new] = vma.pgoff + slots
         pages.refcount[new] -= 1  # the allocation reference: the PTE takes its own below
         vma.obj.pfns[vma.pgoff + slots] = new
-        self.mm._map(vma, slots, new)
+        map_pages(self.mm, vma, slots, new)
         self.status[holes] = 0

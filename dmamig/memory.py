@@ -1,0 +1,283 @@
+"""Page faults, after the kernel's ``mm/memory.c``: what a CPU access does to a VMA's page table.
+
+- A read fault on an untouched slot of a private mapping maps the shared zero page (``do_anonymous_page``):
+  a present, read-only, special PTE with pfn ``ZERO_PFN``. It takes no frame, no reference and no mapcount,
+  so node accounting does not change; reads return zeros.
+- A write fault on an untouched or zero-page slot allocates a zeroed page (whole large folios where the folio
+  lies inside the VMA and none of its slots holds a page), as ``do_anonymous_page`` and the zero-page COW do.
+- A write fault on a present private page without the write bit is ``do_wp_page``: the page is reused (the
+  write bit comes back) when this PTE is its only user; otherwise it is copied into a new page for the writer
+  alone (``wp_page_copy``) and the others keep the old one. Fork leaves private pages this way in both
+  processes.
+- Shared mappings look pages up in their object's page cache and never copy (``do_shared_fault``).
+
+Every function here runs with ``machine.lock`` held, on slots that hold no migration entry (the caller
+waited), and is vectorized over a slot range.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import AddressFault, OutOfMemory
+from .flags import PageFlag, PteFlag
+from .vma import NO_PFN, ZERO_PFN, forget_anon_slots
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .mm import AddressSpace
+    from .vma import Vma
+
+__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "map_pages",
+           "new_pte_flags", "read_pages"]
+
+#: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
+DEFAULT_MEMCG = 1
+# Flags of a freshly faulted anonymous or shared-memory page.
+_NEW_PAGE_FLAGS = PageFlag.UPTODATE | PageFlag.LRU | PageFlag.SWAPBACKED
+_ZERO_PTE = np.uint8(PteFlag.PRESENT | PteFlag.YOUNG | PteFlag.SPECIAL)
+_WRITE = np.uint8(PteFlag.WRITE)
+
+
+def new_pte_flags(vma: Vma) -> np.uint8:
+    """Bits of a PTE that maps a page this VMA owns alone: present, young, writable if the VMA is."""
+    return np.uint8(PteFlag.PRESENT | PteFlag.YOUNG | (PteFlag.WRITE if vma.writable else 0))
+
+
+def check_access(vma: Vma, addr: int, write: bool) -> None:
+    """Raise AddressFault when ``vma``'s rights forbid the access (the kernel's SIGSEGV, ``-EFAULT``)."""
+    if write and not vma.writable:
+        raise AddressFault(f"write at {addr:#x}: the mapping {vma.start:#x}-{vma.end:#x} is not writable "
+                           f"(prot {vma.prot!r}); mprotect it with Prot.WRITE first")
+    if not vma.readable:
+        raise AddressFault(f"access at {addr:#x}: the mapping {vma.start:#x}-{vma.end:#x} has prot "
+                           f"{vma.prot!r}; mprotect it with Prot.READ first")
+
+
+def map_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, pfns: np.ndarray) -> None:
+    """Point ``slots`` (empty or zero-page) at ``pfns``: each PTE takes a mapcount and a folio reference."""
+    pages = mm.machine.pages
+    vma.pte_pfn[slots] = pfns
+    vma.pte_flags[slots] = new_pte_flags(vma)
+    np.add.at(pages.mapcount, pfns, 1)
+    np.add.at(pages.refcount, pages.head[pfns], 1)
+
+
+def fault(mm: AddressSpace, vma: Vma, s0: int, s1: int, node: int, write: bool) -> None:
+    """Handle a fault on every slot of ``[s0, s1)`` that needs one; new pages go on ``node``.
+
+    ``write`` asks for pages this VMA owns alone (a write, a pin, populate of a writable mapping): absent and
+    zero-page slots get new pages and copy-on-write pages are broken. The write bit is granted only where the
+    VMA is writable. Raises OutOfMemory, with nothing changed, when ``node`` is short of frames.
+    """
+    if vma.shared:
+        _fault_absent(mm, vma, s0 + np.flatnonzero(vma.pte_pfn[s0:s1] == NO_PFN), node)
+        if write and vma.writable:
+            # Shared pages are never copied: a write fault only restores the write bit (wp_page_shared).
+            vma.pte_flags[s0:s1] |= np.where(vma.pte_pfn[s0:s1] >= 0, _WRITE, np.uint8(0)).astype(np.uint8)
+        return
+    pfns = vma.pte_pfn[s0:s1]
+    if not write:
+        empty = s0 + np.flatnonzero(pfns == NO_PFN)
+        if empty.size:
+            vma.pte_pfn[empty] = ZERO_PFN
+            vma.pte_flags[empty] = _ZERO_PTE
+            mm.machine.count_event("pgfault", empty.size)
+        return
+    absent = s0 + np.flatnonzero(pfns < 0)
+    wp = s0 + np.flatnonzero((pfns >= 0) & ((vma.pte_flags[s0:s1] & _WRITE) == 0))
+    if absent.size:
+        _fault_absent(mm, vma, absent, node)
+    if wp.size:
+        _wp_pages(mm, vma, wp, node)
+
+
+def _fault_absent(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
+    """Fault in ``slots`` (empty or zero-page): page-cache hits for shared memory, else new zeroed pages."""
+    if slots.size == 0:
+        return
+    m, pages, obj = mm.machine, mm.machine.pages, vma.obj
+    if obj.shared:
+        cached = obj.pfns[vma.pgoff + slots]
+        hit = cached >= 0
+        if hit.any():
+            map_pages(mm, vma, slots[hit], cached[hit])
+        slots = slots[~hit]
+        if slots.size == 0:
+            return
+    idx = vma.pgoff + slots
+    folio_heads, base_idx = _plan_folios(vma, idx)
+    order = obj.order
+    big = m.alloc_folios(node, folio_heads.size, order) if folio_heads.size else np.empty(0, np.int64)
+    # Folios that found no contiguous block fall back to base pages, as a THP fault does.
+    fallback = folio_heads[big.size:]
+    if fallback.size:
+        base_idx = np.sort(np.concatenate([base_idx, (fallback[:, None] + np.arange(1 << order)).ravel()]))
+    small = m.alloc_folios(node, base_idx.size, 0)
+    if small.size < base_idx.size:
+        m.free_folios(np.concatenate([big, small]))
+        raise OutOfMemory(f"node {node} is out of free pages: {base_idx.size + (big.size << order)} needed "
+                          f"for a fault at {vma.start + int(slots[0]) * m.page_size:#x}, "
+                          f"{m.nodes[node].free_pages} free")
+    new_idx = np.concatenate([(folio_heads[: big.size, None] + np.arange(1 << order)).ravel(), base_idx]) \
+        if big.size else base_idx
+    new_pfns = np.concatenate([pages.expand(big), small]) if big.size else small
+    heads = np.concatenate([big, small])
+    m.zero_pfns(new_pfns)
+    _prep_pages(mm, vma, new_pfns, heads, new_idx)
+    # The allocation reference becomes the page cache's (one per base page) for shared memory; for
+    # anonymous memory the PTEs' references are the only ones.
+    pages.refcount[heads] = pages.nr_pages(heads) if obj.shared else 0
+    m.count_event("pgfault", new_pfns.size)
+    map_pages(mm, vma, new_idx - vma.pgoff, new_pfns)
+
+
+def _prep_pages(mm: AddressSpace, vma: Vma, pfns: np.ndarray, heads: np.ndarray, idx: np.ndarray) -> None:
+    """Make new pages ``pfns`` (folio ``heads``) pages ``idx`` of the VMA's own object."""
+    pages, obj = mm.machine.pages, vma.obj
+    pages.mapping[pfns] = obj.id
+    pages.index[pfns] = idx
+    pages.set(heads, _NEW_PAGE_FLAGS)
+    pages.memcg[heads] = DEFAULT_MEMCG
+    obj.pfns[idx] = pfns
+
+
+def _plan_folios(vma: Vma, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split missing object indices into whole large folios (their first index) and base pages.
+
+    A folio is allocated whole when it lies inside the VMA and none of its slots holds a page (empty and
+    zero-page slots both qualify); the page cache decides for shared memory.
+    """
+    order = vma.obj.order
+    if order == 0:
+        return np.empty(0, np.int64), idx
+    nr = 1 << order
+    first = np.unique(idx >> order) << order
+    inside = (first >= vma.pgoff) & (first + nr <= vma.pgoff + vma.npages)
+    first = first[inside]
+    if first.size:
+        members = first[:, None] + np.arange(nr)
+        if vma.shared:
+            empty = (vma.obj.pfns[members] == NO_PFN).all(axis=1)
+        else:
+            empty = (vma.pte_pfn[members - vma.pgoff] < 0).all(axis=1)
+        first = first[empty]
+    in_folio = np.isin(idx >> order, first >> order)
+    return first, idx[~in_folio]
+
+
+def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
+    """``do_wp_page`` on present private pages without the write bit: reuse where exclusive, else copy."""
+    m, pages = mm.machine, mm.machine.pages
+    old = vma.pte_pfn[slots]
+    reuse = pages.mapcount[old] == 1
+    if reuse.any():
+        reuse[reuse] = _only_ptes_and_own_pins(mm, pages.head[old[reuse]])
+    if vma.writable:
+        vma.pte_flags[slots[reuse]] |= _WRITE
+    slots, old = slots[~reuse], old[~reuse]
+    if slots.size == 0:
+        return
+    new = m.alloc_folios(node, slots.size, 0)
+    if new.size < slots.size:
+        m.free_folios(new)
+        raise OutOfMemory(f"node {node} is out of free pages: {slots.size} needed to copy shared pages for a "
+                          f"write at {vma.start + int(slots[0]) * m.page_size:#x}, {m.nodes[node].free_pages} "
+                          f"free")
+    m.copy_pages(old, new)
+    _prep_pages(mm, vma, new, new, vma.pgoff + slots)
+    pages.refcount[new] = 0  # the PTE's reference, taken below, is the only one
+    # The old page loses this PTE; the other mappers keep it (and free it when the last one goes).
+    np.subtract.at(pages.mapcount, old, 1)
+    forget_anon_slots(m, old)
+    m.put_folios(pages.head[old])
+    vma.pte_pfn[slots] = NO_PFN
+    map_pages(mm, vma, slots, new)
+    m.count_event("pgfault", slots.size)
+
+
+def _only_ptes_and_own_pins(mm: AddressSpace, heads: np.ndarray) -> np.ndarray:
+    """Whether each folio's references are its PTEs' and this address space's pins, nothing else.
+
+    An extra reference (a migration's isolation, a speculative ``get_page``) may be a reader the writer must
+    not disturb, so such a page is copied, as ``wp_can_reuse_anon_folio`` refuses it.
+    """
+    pages = mm.machine.pages
+    u, inv = np.unique(heads, return_inverse=True)
+    nr = pages.nr_pages(u)
+    if (nr == 1).all():
+        mapped = pages.mapcount[u].astype(np.int64)
+    else:
+        starts = np.concatenate(([0], np.cumsum(nr)[:-1]))
+        mapped = np.add.reduceat(pages.mapcount[pages.expand(u)].astype(np.int64), starts)
+    pinned = np.zeros(u.size, dtype=np.int64)
+    if mm._pins:
+        keys = np.fromiter(mm._pins.keys(), dtype=np.int64, count=len(mm._pins))
+        vals = np.fromiter(mm._pins.values(), dtype=np.int64, count=len(mm._pins))
+        ph = pages.head[keys]
+        pos = np.minimum(np.searchsorted(u, ph), u.size - 1)
+        hit = u[pos] == ph
+        np.add.at(pinned, pos[hit], vals[hit])
+    return (pages.refcount[u] - mapped == pinned)[inv]
+
+
+# -- the access path of read and write ---------------------------------------------------------------------------
+#: How many times an access tries to bring device pages back before accessing them in place.
+MIGRATE_TO_RAM_TRIES = 3
+
+
+def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.ndarray:
+    """Fault the range in on the host and bring device pages back (``migrate_to_ram``); return its pfns.
+
+    A read maps the zero page where nothing is mapped (``ZERO_PFN`` in the result); a write gets pages of its
+    own. Device pages that cannot come back (pinned, host full) are accessed in place, as device-coherent
+    memory would be. The caller holds ``machine.changed``, and on return the range holds no migration entry.
+    Raises AddressFault when the mapping's rights forbid the access.
+    """
+    m = mm.machine
+    for attempt in range(MIGRATE_TO_RAM_TRIES + 1):
+        segs = mm._wait_migrations(addr, length)
+        for v, _s0, _s1 in segs:
+            check_access(v, max(addr, v.start), write)
+        for v, s0, s1 in segs:
+            fault(mm, v, s0, s1, 0, write)
+        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+        remote = (pfns >= 0) & (m.nodemap.node_of(np.maximum(pfns, 0)) != 0)
+        if not remote.any() or attempt == MIGRATE_TO_RAM_TRIES:
+            return pfns
+        _migrate_to_ram(mm, pfns[remote])
+    return pfns
+
+
+def _migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:
+    """A CPU fault on device pages: migrate their folios back to host RAM (lock held on entry and exit).
+
+    Every mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this
+    is the kernel's fault path, not move_pages.
+    """
+    from .flags import MigrateMode
+    from .migrate.core import collect_folios, run_migration
+
+    m = mm.machine
+    t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
+    status, heads = collect_folios(m, pfns, 0)
+    m.count_event("migrate_to_ram", int(m.pages.nr_pages(heads).sum()) if heads.size else 0)
+    m.lock.release()
+    try:
+        run_migration(m, heads, 0, MigrateMode.SYNC, None, None, pfns, status, t_thread, t_wall)
+    finally:
+        m.lock.acquire()
+
+
+def read_pages(m: Machine, pfns: np.ndarray) -> np.ndarray:
+    """Contents of ``pfns``, zero-page entries as zeros: ``(len(pfns), page_size)`` uint8."""
+    real = pfns >= 0
+    if real.all():
+        return m.read_pfns(pfns)
+    out = np.zeros((pfns.size, m.page_size), dtype=np.uint8)
+    if real.any():
+        out[real] = m.read_pfns(pfns[real])
+    return out

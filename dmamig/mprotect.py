@@ -1,0 +1,135 @@
+"""mprotect and mremap, after the kernel's ``mm/mprotect.c`` and ``mm/mremap.c``.
+
+Both work on VMAs whose pages may be under migration right now, and neither waits for it, as in the kernel:
+
+- ``change_protection`` rewrites the PTE bits in place. Dropping write access clears the write bit of
+  present PTEs and of migration entries alike (``make_readable_migration_entry``), so a migration that
+  finishes afterwards maps its new page read-only. Granting write access sets no bit: the next write faults,
+  and the fault reuses or copies the page as copy-on-write demands.
+- ``move_vma`` moves a VMA, page table and all, to a new address. The rmap finds a page by its object and
+  index, never by its address, so pages keep their frames and a migration in flight still finds its
+  migration entries to restore. Shrinking unmaps the tail, which waits for migrations there (as munmap).
+  A private mapping grows with untouched pages; a shared one maps more pages of its memory object, and may
+  not grow past the object's end (where the kernel would raise SIGBUS on access).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import AddressFault, InvalidArgument
+from .flags import Prot, PteFlag
+
+if TYPE_CHECKING:
+    from .mm import AddressSpace
+    from .vma import Vma
+
+__all__ = ["change_protection", "move_vma"]
+
+_NOT_WRITE = np.uint8(~np.uint8(PteFlag.WRITE))
+
+
+def _check_prot(prot: Any) -> Prot:
+    if isinstance(prot, bool) or not isinstance(prot, (int, np.integer)) or not 0 <= int(prot) <= 3:
+        raise InvalidArgument(f"prot must be Prot.NONE, Prot.READ, Prot.WRITE or Prot.READ | Prot.WRITE "
+                              f"(0 to 3), got {prot!r}")
+    return Prot(int(prot))
+
+
+def _split_range(mm: AddressSpace, addr: int, end: int) -> list[Vma]:
+    """Split VMAs so that ``[addr, end)`` is covered by whole VMAs; return them (caller holds the lock).
+
+    Raises AddressFault, with nothing split, when part of the range is not mapped.
+    """
+    segs = mm._segments(addr, end - addr)
+    out = []
+    for v, s0, s1 in segs:
+        if s0 == 0 and s1 == v.npages:
+            out.append(v)
+            continue
+        inner = v.slice(s0, s1)
+        mm._replace(v, [p for p in ([v.slice(0, s0)] if s0 else []) + [inner]
+                        + ([v.slice(s1, v.npages)] if s1 < v.npages else [])])
+        out.append(inner)
+    return out
+
+
+def change_protection(mm: AddressSpace, addr: int, length: int, prot: Any) -> None:
+    """``AddressSpace.mprotect``: set the rights of every VMA of the range, splitting VMAs at its ends."""
+    mm._check_open()
+    addr, length = mm._check_range(addr, length, aligned=True)
+    prot = _check_prot(prot)
+    ps = mm.machine.page_size
+    end = addr + -(-length // ps) * ps
+    with mm.machine.changed:
+        for v in _split_range(mm, addr, end):
+            v.prot = prot
+            if not prot & Prot.WRITE:
+                v.pte_flags &= _NOT_WRITE
+        mm.machine.changed.notify_all()
+
+
+def _check_len(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise InvalidArgument(f"{name} must be a positive integer (bytes), got {v!r}")
+    return int(v)
+
+
+def move_vma(mm: AddressSpace, old_addr: int, old_len: int, new_len: int, may_move: bool) -> int:
+    """``AddressSpace.mremap``: shrink, grow in place, or move the range to a fresh address."""
+    mm._check_open()
+    old_addr, old_len = mm._check_range(old_addr, old_len, aligned=True)
+    new_len = _check_len("new_len", new_len)
+    m = mm.machine
+    ps = m.page_size
+    old_n, new_n = -(-old_len // ps), -(-new_len // ps)
+    with m.changed:
+        segs = mm._segments(old_addr, old_n * ps)
+        if len(segs) != 1:
+            raise AddressFault(f"mremap: [{old_addr:#x}, {old_addr + old_n * ps:#x}) spans {len(segs)} "
+                               f"mappings; it must lie inside one")
+        if new_n < old_n:
+            mm._unmap_range(old_addr + new_n * ps, old_addr + old_n * ps)
+            m.changed.notify_all()
+            return old_addr
+        if new_n == old_n:
+            return old_addr
+        old_end = old_addr + old_n * ps
+        v = segs[0][0]
+        if v.shared and v.pgoff + (old_addr - v.start) // ps + new_n > v.obj.pfns.size:
+            raise InvalidArgument(f"mremap: a shared mapping cannot grow past the end of its memory object "
+                                  f"({v.obj.pfns.size} pages): {new_len} bytes from {old_addr:#x} would")
+        in_place = old_end == segs[0][0].end and _free(mm, old_end, old_end + (new_n - old_n) * ps)
+        if not in_place and not may_move:
+            raise InvalidArgument(f"mremap: cannot grow {old_addr:#x} to {new_len} bytes in place (the "
+                                  f"addresses after it are mapped); pass may_move=True to let it move")
+        (vma,) = _split_range(mm, old_addr, old_end)
+        if in_place:
+            _resize(mm, vma, new_n)
+            return old_addr
+        # The page table moves with the VMA: same slots, same pfns, same migration entries.
+        mm._vmas.remove(vma)
+        vma.start = mm._get_unmapped_area(new_n, vma.obj.order)
+        bisect.insort(mm._vmas, vma, key=lambda v: v.start)
+        _resize(mm, vma, new_n)
+        m.changed.notify_all()
+        return vma.start
+
+
+def _free(mm: AddressSpace, start: int, end: int) -> bool:
+    """Whether no VMA overlaps ``[start, end)``, leaving a guard page after it."""
+    guard = end + mm.machine.page_size
+    return not any(v.start < guard and v.end > start for v in mm.vmas)
+
+
+def _resize(mm: AddressSpace, vma: Vma, npages: int) -> None:
+    """Grow ``vma`` to ``npages`` slots, the new ones empty; a private VMA's object grows to cover them."""
+    extra = npages - vma.npages
+    vma.pte_pfn = np.concatenate([vma.pte_pfn, np.full(extra, -1, np.int64)])
+    vma.pte_flags = np.concatenate([vma.pte_flags, np.zeros(extra, np.uint8)])
+    vma.npages = npages
+    vma.obj.grow(vma.pgoff + npages)
+    mm._next = max(mm._next, vma.end + mm.machine.page_size)
