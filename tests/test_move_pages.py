@@ -1,0 +1,135 @@
+"""AddressSpace.move_pages, modelled on move_pages(2): ``do_pages_stat`` (nodes=None) and ``do_pages_move``."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from support import filled
+
+from dmamig import InvalidArgument, MigrateMode
+from dmamig.check import state_digest
+
+HOST = 512
+DEV = 512
+ENOENT, EFAULT, EACCES = -errno.ENOENT, -errno.EFAULT, -errno.EACCES
+EAGAIN, EBUSY, ENOMEM = -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM
+
+
+def test_query_reports_each_pages_node_or_why_not(m, mm):
+    """do_pages_stat_array: the node, -ENOENT when not populated, -EFAULT for the zero page or no mapping."""
+    ps = m.page_size
+    addr = mm.mmap(4 * ps)
+    mm.write(addr, b"a")
+    mm.populate(addr + ps, ps, node=2)
+    mm.read(addr + 2 * ps, 1)  # the zero page
+    hole = addr + 64 * ps
+    res = mm.move_pages([addr, addr + ps + 5, addr + 2 * ps, addr + 3 * ps, hole])
+    assert res.status.tolist() == [0, 2, EFAULT, ENOENT, EFAULT]
+    assert res.results == {} and res.nr_failed == 0
+
+
+def test_pages_move_to_their_own_nodes(m, mm):
+    """do_pages_move: each address to its node; the core runs once per target node."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 6)
+    targets = [1, 2, 1, 0, 2, 1]
+    res = mm.move_pages([addr + i * ps + i for i in range(6)], targets)
+    assert res.status.tolist() == targets
+    assert mm.nodes_of(addr, 6 * ps).tolist() == targets
+    assert sorted(res.results) == [0, 1, 2] and res.nr_succeeded == 5 and res.nr_failed == 0
+    assert np.array_equal(mm.read(addr, 6 * ps), data)
+
+
+def test_no_copy_with_the_dma_engine(m, mm):
+    ps = m.page_size
+    addr, data = filled(m, mm, 8)
+    res = mm.move_pages([addr + i * ps for i in range(8)], [1] * 8, engine=m.dma)
+    assert res.status.tolist() == [1] * 8 and res.results[1].stats.nr_no_copy == 8
+    assert np.array_equal(mm.read(addr, 8 * ps), data)
+
+
+def test_shared_page_needs_move_all(m, mm):
+    """add_folio_for_migration: -EACCES for a page another process maps, unless MPOL_MF_MOVE_ALL."""
+    ps = m.page_size
+    addr, _ = filled(m, mm, 2)
+    child = mm.fork()
+    child.write(addr + ps, b"c")
+    res = mm.move_pages([addr, addr + ps], [1, 1])
+    assert res.status.tolist() == [EACCES, 1]
+    res = mm.move_pages([addr, addr + ps], [2, 2], move_all=True)
+    assert res.status.tolist() == [2, 2] and child.node_of(addr) == 2
+
+
+def test_unmapped_untouched_and_zero_pages_are_skipped(m, mm):
+    ps = m.page_size
+    addr = mm.mmap(3 * ps)
+    mm.write(addr, b"x")
+    mm.read(addr + ps, 1)
+    res = mm.move_pages([addr, addr + ps, addr + 2 * ps, addr + 50 * ps], [1, 1, 1, 1])
+    assert res.status.tolist() == [1, EFAULT, ENOENT, EFAULT]
+    assert res.nr_succeeded == 1 and res.nr_failed == 0
+
+
+def test_migration_failures_are_reported_per_page(m, mm):
+    """Pinned -> -EAGAIN, writeback in ASYNC -> -EBUSY, target full -> -ENOMEM; the others still move."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 4)
+    mm.pin(addr, ps)
+    m.start_writeback(mm.pfn_of(addr + ps))
+    res = mm.move_pages([addr, addr + ps, addr + 2 * ps], [1, 1, 1], mode=MigrateMode.ASYNC)
+    assert res.status.tolist() == [EAGAIN, EBUSY, 1]
+    assert res.nr_failed == 2
+    held = m.alloc_pages(2, DEV)
+    res = mm.move_pages([addr + 3 * ps], [2])
+    assert res.status.tolist() == [ENOMEM]
+    m.put_pages(held)
+    m.end_writeback(mm.pfn_of(addr + ps))
+    mm.unpin(addr, ps)
+    assert np.array_equal(mm.read(addr, 4 * ps), data)
+
+
+def test_an_address_named_twice_reports_where_its_page_ends(m, mm):
+    """Two addresses of one page with different targets: the later node wins, and both report it."""
+    addr, _ = filled(m, mm, 1)
+    res = mm.move_pages([addr, addr + 9], [1, 2])
+    assert res.status.tolist() == [2, 2] and mm.node_of(addr) == 2
+
+
+def test_move_pages_waits_for_nothing_when_idle_and_leaves_state_alone_on_a_query(m, mm):
+    ps = m.page_size
+    addr, _ = filled(m, mm, 2)
+    before = state_digest(m)
+    mm.move_pages(np.array([addr, addr + ps], dtype=np.uint64))
+    assert state_digest(m) == before
+
+
+@pytest.mark.parametrize("addrs, nodes, kw, match", [
+    ([], None, {}, "non-empty"),
+    ([[0]], None, {}, "1-D"),
+    ([1.5], None, {}, "integers"),
+    ([True], None, {}, "integers"),
+    ([-4096], None, {}, ">= 0"),
+    ("ADDR", [1, 1], {}, "one target node per address"),
+    ("ADDR", [1.0], {}, "integers"),
+    ("ADDR", [3], {}, "nodes are 0..2"),
+    ("ADDR", [-1], {}, "not a node"),
+    ("ADDR", [1], {"mode": "SYNC"}, "MigrateMode"),
+    ("ADDR", [1], {"mode": MigrateMode.SYNC | MigrateMode.NO_COPY}, "NO_COPY"),
+    ("ADDR", [1], {"engine": object()}, "engine"),
+], ids=["empty", "2d", "float", "bool", "negative", "nodes-length", "nodes-float", "node-too-big",
+        "node-negative", "mode-str", "mode-no-copy", "engine"])
+def test_bad_arguments_say_what_was_wrong_and_change_nothing(m, mm, addrs, nodes, kw, match):
+    addr, _ = filled(m, mm, 1)
+    addrs = [addr] if addrs == "ADDR" else addrs
+    before = state_digest(m)
+    with pytest.raises(InvalidArgument, match=match):
+        mm.move_pages(addrs, nodes, **kw)
+    assert state_digest(m) == before
+
+
+def test_closed_address_space_is_refused(m, mm):
+    mm.close()
+    with pytest.raises(InvalidArgument, match="closed"):
+        mm.move_pages([0])
