@@ -210,7 +210,7 @@ class FaultPoints:
         return self._names
 
     def _check(self, point: Any) -> str:
-        if point not in self._names:
+        if not isinstance(point, str) or point not in self._names:
             raise InvalidArgument(f"unknown fault point {point!r}; the points are {', '.join(self._names)}")
         return point
 
@@ -246,7 +246,7 @@ class FaultPoints:
         self.clear(point)
 
     def __contains__(self, point: object) -> bool:
-        return point in self._attrs
+        return isinstance(point, str) and point in self._attrs
 
     @property
     def armed(self) -> bool:
@@ -255,7 +255,7 @@ class FaultPoints:
 
     def should_fail(self, point: str, size: int = 1) -> bool:
         """Whether this call of ``point`` fails now; counted in :attr:`injected` when it does."""
-        attr = self._attrs.get(point)
+        attr = self._attrs.get(self._check(point))
         if attr is None or self._suspended:
             return False
         if attr.should_fail(size, point):
@@ -269,7 +269,7 @@ class FaultPoints:
 
         Used by allocations: folio ``k`` of a request fails, so only the first ``k`` come back.
         """
-        if self._attrs.get(point) is None or self._suspended:
+        if self._attrs.get(self._check(point)) is None or self._suspended:
             return n
         for i in range(n):
             if self.should_fail(point, size):

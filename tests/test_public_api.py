@@ -222,3 +222,10 @@ def test_machine_close_closes_its_address_spaces():
     assert m.nodes[0].free_pages == 1024
     with pytest.raises(InvalidArgument, match="closed"):
         mm.read(addr, 1)
+
+
+def test_fault_injection_is_public():
+    assert {"FaultAttr", "FaultPoints"} <= set(dmamig.__all__)
+    with small() as m:
+        assert isinstance(m.faults, dmamig.FaultPoints)
+        assert set(m.faults.points) == {"alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit"}

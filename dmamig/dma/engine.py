@@ -183,7 +183,7 @@ class DmaEngine:
             attr = self.faults.get("dma_submit")
             pending = attr.times if (attr is not None and attr.probability == 1.0 and attr.interval == 1
                                      and attr.space == 0 and attr.times > 0) else 0
-            if pending + int(n) == 0:
+            if n == 0:
                 self.faults.clear("dma_submit")
             else:
                 self.faults.set("dma_submit", FaultAttr(probability=1.0, times=pending + int(n), seed=0))
@@ -364,6 +364,8 @@ class DmaEngine:
         Runs the backend's checksum (the ``page_checksum`` kernel on CUDA, the numpy reference on CPU)
         synchronously. Pending copies are not waited for: wait on their fences first.
         """
+        if self._closed:
+            raise DmaError("the DMA engine is closed; checksums need an open engine (create a new Machine)")
         p = self._pfn_array("pfns", pfns)
         out = np.empty(p.size, dtype=np.uint64)
         if p.size == 0:

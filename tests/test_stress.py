@@ -1,0 +1,85 @@
+"""``dmamig stress``: a small run with faults, its command line, and the detection of a stuck thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dmamig import InvalidArgument
+from dmamig.cli import main
+from dmamig.stress import StressConfig, run_stress
+from dmamig.stress_ops import Worker
+
+
+def small(**kw) -> StressConfig:
+    kw.setdefault("ops", 3000)
+    kw.setdefault("threads", 6)
+    kw.setdefault("check_every", 500)
+    kw.setdefault("host_pages", 2048)
+    kw.setdefault("device_pages", 2048)
+    return StressConfig(**kw)
+
+
+def test_a_small_run_with_faults_holds_every_invariant():
+    report = run_stress(small(fault_rate=0.05, seed=11))
+    assert report.ok, "\n".join(report.lines())
+    assert report.ops == 3000 and report.checks >= 6
+    assert sum(report.faults_injected.values()) > 20
+    assert report.faults_survived == sum(report.faults_injected.values())
+    assert report.bytes_verified > 0 and report.pages_migrated > 0
+    kinds = set(report.op_counts)
+    assert {"read", "write", "migrate-vma", "fork", "migrate-pfns"} <= kinds
+    assert any(k.startswith("migrate-dma") for k in kinds) and any(k.startswith("migrate-copy") for k in kinds)
+    assert f"--seed {report.seed}" in "\n".join(report.lines())
+
+
+def test_one_thread_mixes_every_role():
+    report = run_stress(small(ops=600, threads=1, seed=3, check_every=200))
+    assert report.ok, "\n".join(report.lines())
+    assert report.checks >= 3
+
+
+def test_the_command_prints_figures_and_the_seed(capsys):
+    assert main(["stress", "--ops", "400", "--threads", "3", "--fault-rate", "0.05", "--seed", "7",
+                 "--check-every", "200"]) == 0
+    out = capsys.readouterr().out
+    for word in ("ops/s", "faults injected", "bytes verified", "seed: 7", "OK"):
+        assert word in out
+
+
+@pytest.mark.parametrize("args", [["--ops", "0"], ["--fault-rate", "2"], ["--fault-rate", "x"],
+                                  ["--seed", "-1"], ["--threads", "1.5"], ["--stall-timeout", "0"]])
+def test_bad_arguments_exit_2_with_one_line(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["stress", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error:" in err[-1]
+
+
+@pytest.mark.parametrize("kw", [{"ops": 0}, {"threads": -1}, {"fault_rate": 1.5}, {"seed": -3},
+                                {"stall_timeout": 0}])
+def test_bad_settings_are_invalid_arguments(kw):
+    with pytest.raises(InvalidArgument):
+        run_stress(small(**kw))
+
+
+def test_a_stuck_thread_fails_the_run_and_is_named(monkeypatch):
+    release = threading.Event()
+    real = Worker._reader
+
+    def stuck_reader(self):
+        if self.name.startswith("stress-1"):
+            self.doing = "a read that never ends"
+            release.wait(60)
+        return real(self)
+
+    monkeypatch.setattr(Worker, "_reader", stuck_reader)
+    try:
+        report = run_stress(small(ops=600, seed=5, stall_timeout=1.0, check_every=100))
+    finally:
+        release.set()
+    assert not report.ok
+    text = "\n".join(report.violations)
+    assert "stress-1" in text and "a read that never ends" in text and "waits in" in text
