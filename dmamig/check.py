@@ -24,6 +24,8 @@ __all__ = ["check_machine", "state_digest"]
 
 _PRESENT = np.uint8(PteFlag.PRESENT)
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
+# A special PTE (the shared zero page) maps no struct page: no frame, no reference, no mapcount.
+_SPECIAL = np.uint8(getattr(PteFlag, "SPECIAL", 0))
 
 
 def _first(pfns: np.ndarray, k: int = 8) -> list[int]:
@@ -58,7 +60,10 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
         for mm in list(m._spaces):
             for v in mm.vmas:
                 flags, pfn = v.pte_flags, v.pte_pfn
-                present = (flags & _PRESENT) != 0
+                special = (flags & _SPECIAL) != 0
+                if (special & (pfn >= 0)).any():
+                    out.append(f"{v}: special PTEs (the zero page) that map a real frame")
+                present = ((flags & _PRESENT) != 0) & ~special
                 migration = (flags & _MIGRATION) != 0
                 if (present & (pfn < 0)).any() or (present & migration).any():
                     out.append(f"{v}: PTEs marked present without a page, or present and migration at once")

@@ -78,10 +78,11 @@ class Shared:
         self.regions: list[Region] = []
         self.spaces: list[AddressSpace] = []
         self.churn_spaces: list[AddressSpace] = []
-        self.sums = {"success": 0, "fail": 0, "thp_success": 0, "thp_fail": 0}
+        self.sums = {"success": 0, "fail": 0, "thp_success": 0, "thp_fail": 0, "vma_success": 0}
         self.op_counts: dict[str, int] = {}
         self.ops_done = 0
         self.progress = 0
+        self.checked_at = -1  # ops_done at the last invariant check
 
     def add_region(self, r: Region) -> None:
         with self.lock:
@@ -110,7 +111,7 @@ class Shared:
 
     def add_vma_success(self, n: int) -> None:
         with self.lock:
-            self.sums["success"] += int(n)
+            self.sums["vma_success"] += int(n)
 
 
 class Worker:
