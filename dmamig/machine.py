@@ -157,6 +157,10 @@ class Machine:
         """The object whose ``mapping`` id is ``oid``."""
         return self._objects[oid]
 
+    def object_or_none(self, oid: int) -> MemObject | None:
+        """The object whose ``mapping`` id is ``oid``, or None once it was released."""
+        return self._objects.get(oid)
+
     def forget_space(self, mm: AddressSpace) -> None:
         if mm in self._spaces:
             self._spaces.remove(mm)

@@ -273,16 +273,19 @@ def test_pinned_page_munmapped_between_passes(m, monkeypatch):
     mm.write(addr, b"pinned")
     mm.pin(addr, ps)
     calls = []
-    real = core.install_migration_entries
+    real = core._Migration._unmap_pass
 
-    def hook(mach, pfns):
-        calls.append(len(pfns))
+    def hook(self, todo, mode):
+        calls.append(todo.size)
         if len(calls) == 2:
-            mm.munmap(addr, 2 * ps)  # between passes the mapping goes away; the pin keeps the page
-        return real(mach, pfns)
+            # Between the batched passes and the folio's own SYNC retry (it was remapped in between), the
+            # mapping goes away; the pin keeps the page.
+            mm.munmap(addr, 2 * ps)
+        return real(self, todo, mode)
 
-    monkeypatch.setattr(core, "install_migration_entries", hook)
-    res = mm.migrate(addr, ps, 1, mode=MigrateMode.ASYNC)
+    monkeypatch.setattr(core._Migration, "_unmap_pass", hook)
+    res = mm.migrate(addr, ps, 1, mode=MigrateMode.SYNC)
+    assert len(calls) == 2
     assert res.status.tolist() == [EAGAIN]
     monkeypatch.undo()
     assert m.nodes[0].free_pages == HOST - 1  # still pinned

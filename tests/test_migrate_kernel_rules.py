@@ -10,6 +10,7 @@ import pytest
 from support import WAIT, filled
 
 import dmamig.migrate.core as core
+import dmamig.migrate.entries as ent
 from dmamig import InvalidArgument, MigrateMode, MigrateOptions, PageFlag
 
 EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
@@ -301,16 +302,16 @@ def test_sigint_inside_a_phase_is_held_until_the_phase_ends(m, mm, monkeypatch):
 
     ps = m.page_size
     addr, data = filled(m, mm, 2 * NR, seed=6)
-    real = core.install_migration_entries
+    real = ent.Entries.check_fresh
     seen = []
 
-    def install(mach, pfns):
+    def check_fresh(self, pos):  # called inside the unmap phase, after the folios were unmapped
         if not seen:
             signal.raise_signal(signal.SIGINT)  # arrives while this phase is half done
-        seen.append(pfns.size)
-        return real(mach, pfns)
+        seen.append(pos.size)
+        return real(self, pos)
 
-    monkeypatch.setattr(core, "install_migration_entries", install)
+    monkeypatch.setattr(ent.Entries, "check_fresh", check_fresh)
     with pytest.raises(KeyboardInterrupt):
         mm.migrate(addr, 2 * NR * ps, 1)
     monkeypatch.undo()

@@ -362,13 +362,13 @@ def test_sync_retries_failed_folios_one_at_a_time(m, mm, monkeypatch):
     for pfn in stuck:
         m.get_page(pfn)
     sizes = []
-    real = core.install_migration_entries
+    real = core._Migration._unmap_pass
 
-    def spy(mach, pfns):
-        sizes.append(len(pfns))
-        return real(mach, pfns)
+    def spy(self, todo, mode):
+        sizes.append(todo.size)
+        return real(self, todo, mode)
 
-    monkeypatch.setattr(core, "install_migration_entries", spy)
+    monkeypatch.setattr(core._Migration, "_unmap_pass", spy)
     res = mm.migrate(addr, 4 * ps, 1, mode=MigrateMode.SYNC)
     assert res.status.tolist() == [EAGAIN, 0, 0, EAGAIN]
     async_passes = core.NR_MAX_MIGRATE_ASYNC_RETRY

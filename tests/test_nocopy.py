@@ -200,16 +200,16 @@ def _write_between_passes(monkeypatch, m, mm, addr: int, new: bytes):
     pfn = mm.pfn_of(addr)
     m.get_page(pfn)
     calls = []
-    real = core.install_migration_entries
+    real = core._Migration._unmap_pass
 
-    def hook(mach, pfns):
-        calls.append(len(pfns))
+    def hook(self, todo, mode):
+        calls.append(todo.size)
         if len(calls) == 2:
             m.put_page(pfn)
             mm.write(addr, new)  # the source is mapped again between the passes: it can change
-        return real(mach, pfns)
+        return real(self, todo, mode)
 
-    monkeypatch.setattr(core, "install_migration_entries", hook)
+    monkeypatch.setattr(core._Migration, "_unmap_pass", hook)
     return calls
 
 

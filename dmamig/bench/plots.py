@@ -16,8 +16,9 @@ from .schema import PHASES
 
 __all__ = ["plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "write_plots"]
 
-_PHASE_COLORS = {"unmap": "#4c72b0", "copy": "#dd8452", "move": "#55a868", "undo": "#c44e52",
-                 "dma_wait": "#8172b3", "outside": "#bbbbbb"}
+_PHASE_COLORS = {"isolate": "#64b5cd", "unmap": "#4c72b0", "copy": "#dd8452", "submit": "#da8bc3",
+                 "dma_wait": "#8172b3", "move": "#55a868", "undo": "#c44e52", "putback": "#ccb974",
+                 "outside": "#bbbbbb"}
 _EXTRA_COLORS = ("#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 #: What each phase is, for the legend: the kernel's step names with the work they stand for.
@@ -30,9 +31,9 @@ PHASE_LEGEND = {
     # Phases a core may report beyond the schema's; any other name is shown as it is.
     "dma_submit": "dma_submit: plan and queue the DMA copy (no-copy)",
     "submit": "submit: plan and queue the DMA copy (no-copy)",
-    "isolate": "isolate: collect and isolate the folios",
+    "isolate": "isolate: validate, collect and isolate the folios of the range",
     "collect": "collect: find the folios of the range",
-    "putback": "putback: return folios to their lists",
+    "putback": "putback: return folios that did not move, build the per-page status",
 }
 
 _FAITHFUL_WORDS = "faithful (the kernel's batching: 512-page batches, one at a time, no pipeline)"
@@ -282,11 +283,12 @@ def plot_phases(doc: dict[str, Any], path: Path) -> None:
 
 def _outside_legend(names: list[str], nocopy: bool) -> str:
     """What the grey top of a bar holds: the call's work that no reported phase covers."""
-    parts = ["validation", "result"]
+    parts = []
     if not any("isolat" in p or "collect" in p for p in names):
-        parts.insert(1, "isolation")
+        parts += ["validation", "isolation"]
     if not any("putback" in p or "put_back" in p for p in names):
-        parts.insert(-1, "put-back")
+        parts.append("put-back")
+    parts.append("batch set-up and the result")
     text = "outside phases: " + ", ".join(parts)
     if nocopy and not any("submit" in p for p in names):
         # A core that does not time DMA submission as a phase of its own leaves it in no-copy's grey.

@@ -20,8 +20,8 @@ SCHEMA_VERSION = 2
 #: Versions ``dmamig report`` reads: 1 has no recorded settings (legacy), 2 records them.
 SCHEMA_VERSIONS = (1, 2)
 
-#: Migration phases timed in ``MigrateResult.phase_ns``, in pipeline order.
-PHASES = ("unmap", "copy", "move", "undo", "dma_wait")
+#: Migration phases timed in ``MigrateResult.phase_ns``, in pipeline order (older results hold a subset).
+PHASES = ("isolate", "unmap", "copy", "submit", "dma_wait", "move", "undo", "putback")
 
 _num = {"type": "number", "minimum": 0}
 _num_or_null = {"type": ["number", "null"], "minimum": 0}

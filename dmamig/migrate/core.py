@@ -35,6 +35,7 @@ from ..errors import DmaError, InvalidArgument
 from ..flags import EAGAIN, EBUSY, ENOMEM, MigrateMode, PageFlag
 from ..nodes import PAGEBLOCK_ORDER
 from ..vma import install_migration_entries, remove_migration_entries
+from . import batch_kernels
 from .entries import _PENDING, _SPLIT, _UNTRIED, Entries
 from .interrupts import DeferredInterrupt
 from .isolate import collect_folios, isolate_folios, putback_folios
@@ -45,6 +46,7 @@ from .state import migrate_folio
 if TYPE_CHECKING:
     from ..dma import DmaEngine, Fence
     from ..machine import Machine
+    from ..vma import Vma
 
 __all__ = [
     "HPAGE_PMD_ORDER",
@@ -70,6 +72,9 @@ NR_MAX_MIGRATE_ASYNC_RETRY = 3
 NR_MAX_MIGRATE_SYNC_RETRY = NR_MAX_MIGRATE_PAGES_RETRY - NR_MAX_MIGRATE_ASYNC_RETRY
 #: Order of a PMD-mapped THP; only folios of this order count in ``thp_migration_*``.
 HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
+#: Run a batch mapped through one VMA as one compiled call per phase (``batch_kernels``); the phase-by-phase
+#: path below is the reference, and the only path for folios mapped through several VMAs.
+USE_BATCH_KERNELS = True
 
 _LOCKED = PageFlag.LOCKED
 _MODE_MASK = MigrateMode.ASYNC | MigrateMode.SYNC_LIGHT | MigrateMode.SYNC
@@ -221,10 +226,7 @@ class _Migration:
             self.stats.nr_passes += nr_unmap
             return
         # try_to_unmap_flush(): one flush per batch, after the whole batch is unmapped.
-        flushes = e.nr_batches(moving)
-        self.stats.nr_tlb_flush += flushes
-        with self.m.lock:
-            self.m.count_event("migrate_tlb_flush", flushes)
+        self.stats.nr_tlb_flush += e.nr_batches(moving)
         self.interrupts.check()
         fence = self._submit(moving)
         if fence is not None:
@@ -255,6 +257,10 @@ class _Migration:
         with m.changed:
             e.status[todo] = _PENDING
             todo = self._get_new_folios(todo)
+            vma = self._one_vma()
+            if mode == MigrateMode.ASYNC and vma is not None:
+                self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+                return self._unmap_one_vma(todo, vma)
             if mode == MigrateMode.ASYNC:
                 todo, retry = self._trylock(todo)
             else:
@@ -298,7 +304,6 @@ class _Migration:
                     self.stats.nr_split += 1
                     self.stats.nr_large_failed += 1
                     self.nr_failed_folios += 1
-                    m.count_event("thp_migration_split", thp)
                     continue
                 e.status[p] = ENOMEM
                 stop = p if stop is None else min(stop, p)
@@ -312,6 +317,40 @@ class _Migration:
         e.release_dst(later)
         e.status[later] = _UNTRIED
         return todo[(todo < stop) & (e.status[todo] == _PENDING)]
+
+    def _one_vma(self) -> Vma | None:
+        """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path)."""
+        if not _kernels.HAVE_NUMBA or not USE_BATCH_KERNELS or self.e.oid < 0:
+            return None
+        obj = self.m.object_or_none(self.e.oid)
+        if obj is None or len(obj.vmas) != 1:
+            return None
+        return obj.vmas[0]
+
+    def _unmap_one_vma(self, todo: np.ndarray, vma: Vma) -> tuple[np.ndarray, np.ndarray]:
+        """The ASYNC unmap pass in one compiled call (caller holds the lock): lock, writeback, unmap."""
+        t0 = time.perf_counter_ns()
+        e, pages = self.e, self.m.pages
+        rc = np.empty(todo.size, dtype=np.int32)
+        bad = batch_kernels.unmap_one_vma(e.src[todo], e.nr[todo], _LOCKED_U32, _WRITEBACK_U32, pages.flags,
+                                          pages.refcount, pages.mapcount, pages.mapping, pages.index,
+                                          pages.head, e.oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
+                                          rc)
+        retry = todo[:0]
+        if bad:
+            busy = rc == 1
+            retry = todo[busy]
+            wb = todo[rc == EBUSY]
+            if wb.size:
+                e.release_dst(wb)
+                e.status[wb] = EBUSY
+                self.m.changed.notify_all()
+            todo = todo[rc == 0]
+        if todo.size:
+            e.unmapped[todo] = True
+            e.check_fresh(todo)
+        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+        return todo, retry
 
     def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
@@ -374,8 +413,11 @@ class _Migration:
         need = moving[~self.e.fresh[moving]]
         if need.size == 0:
             return None
-        pages = self.m.pages
-        return self.engine.copy(pages.expand(self.e.src[need]), pages.expand(self.e.dst[need]))
+        t0 = time.perf_counter_ns()
+        e = self.e
+        fence = self.engine.copy(e.base_pfns(e.src[need], need), e.base_pfns(e.dst[need], need))
+        self.phase_ns["submit"] += time.perf_counter_ns() - t0
+        return fence
 
     def _wait(self, fence: Fence, moving: np.ndarray) -> None:
         """Wait for the batch's DMA copy; if it failed, the migrating thread copies those folios instead."""
@@ -393,21 +435,23 @@ class _Migration:
             self.phase_ns["copy"] += time.perf_counter_ns() - t0
             n = int(self.e.nr[failed].sum())
             self.stats.nr_dma_fallback += n
-            with self.m.lock:
-                self.m.count_event("pgmigrate_dma_fallback", n)
         self.e.fresh[moving] = True
 
     # -- the move loop ------------------------------------------------------------------------------------------
     def _move_pass(self, moving: np.ndarray) -> np.ndarray:
         """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass)."""
         m, e, pages = self.m, self.e, self.m.pages
-        t0 = time.perf_counter_ns()
-        with m.lock:
-            busy = pages.refcount[e.src[moving]] != e.expected[moving]
-        retry = moving[busy] if busy.any() else moving[:0]
-        if retry.size:
-            moving = moving[~busy]
-        self.phase_ns["move"] += time.perf_counter_ns() - t0
+        fresh = e.fresh[moving]
+        retry = moving[:0]
+        if not fresh.all():
+            # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
+            t0 = time.perf_counter_ns()
+            with m.lock:
+                busy = pages.refcount[e.src[moving]] != e.expected[moving]
+            if busy.any():
+                retry = moving[busy]
+                moving = moving[~busy]
+            self.phase_ns["move"] += time.perf_counter_ns() - t0
         stale = moving[~e.fresh[moving]]
         if stale.size:
             # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
@@ -417,23 +461,78 @@ class _Migration:
             self.phase_ns["copy"] += time.perf_counter_ns() - t0
         t0 = time.perf_counter_ns()
         with m.changed:
+            vma = self._one_vma()
+            if vma is not None:
+                busy_pos = self._move_one_vma(moving, vma)
+                m.changed.notify_all()
+                self.phase_ns["move"] += time.perf_counter_ns() - t0
+                return np.concatenate([retry, busy_pos]) if retry.size else busy_pos
             # Freeze: references may have been taken while we copied.
             busy = pages.refcount[e.src[moving]] != e.expected[moving]
             if busy.any():
                 retry = np.concatenate([retry, moving[busy]])
                 moving = moving[~busy]
             if moving.size:
-                nc = int(e.nr[moving[e.fresh[moving]]].sum())
-                self._move_to_new_folios(moving, nc)
+                self._move_to_new_folios(moving)
             m.changed.notify_all()
         self.phase_ns["move"] += time.perf_counter_ns() - t0
         return retry
 
-    def _move_to_new_folios(self, pos: np.ndarray, no_copy_pages: int) -> None:
+    def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
+        """Freeze, move and finish the folios of ``moving`` in one compiled call; return the busy ones."""
+        m, e, pages = self.m, self.e, self.m.pages
+        obj = m.object(e.oid)
+        rc = np.empty(moving.size, dtype=np.int32)
+        freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
+        old, new = e.src[moving], e.dst[moving]
+        nfreed, dead = batch_kernels.move_one_vma(
+            old, new, e.nr[moving], e.expected[moving], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
+            pages.mapcount, pages.mapping, pages.index, pages.private, pages.last_cpupid, pages.memcg,
+            pages.order, pages.head, e.oid, obj.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc,
+            freed)
+        if nfreed == 0:
+            return moving
+        busy = rc != 0
+        done = moving[~busy] if busy.any() else moving
+        self._free_old(freed[:nfreed])
+        if dead:
+            m.free_folios(new[pages.refcount[new] <= 0])
+        self._count_moved(done)
+        return moving[busy] if busy.any() else moving[:0]
+
+    def _free_old(self, pfns: np.ndarray) -> None:
+        """Give the reset frames of old folios back to their allocator."""
+        e = self.e
+        if e.src_node >= 0:
+            nd = self.m.nodes[e.src_node]
+            nd.allocator.free(pfns - nd.base_pfn)
+        else:
+            self.m.free_frames(pfns)
+
+    def _count_moved(self, pos: np.ndarray) -> None:
+        """Moved folios: status 0, counted (no-copy pages are those whose destination was already fresh)."""
+        e = self.e
+        e.unmapped[pos] = False
+        e.status[pos] = 0
+        if e.all_base:
+            pages_moved, thp, large = pos.size, 0, 0
+            nc = int(np.count_nonzero(e.fresh[pos]))
+        else:
+            nr = e.nr[pos]
+            pages_moved = int(nr.sum())
+            thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
+            large = int(np.count_nonzero(nr > 1))
+            nc = int(nr[e.fresh[pos]].sum())
+        s = self.stats
+        s.nr_succeeded += pages_moved
+        s.nr_thp_succeeded += thp
+        s.nr_large_succeeded += large
+        s.nr_no_copy += nc
+
+    def _move_to_new_folios(self, pos: np.ndarray) -> None:
         """Move mapping and state, point migration entries at the new folios, unlock, free the old ones."""
         m, e, pages = self.m, self.e, self.m.pages
         old, new = e.src[pos], e.dst[pos]
-        e.unmapped[pos] = False
         migrate_folio(m, old, new, e.nr[pos])
         remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
         # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
@@ -443,32 +542,14 @@ class _Migration:
             dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
                                         pages.mapcount, pages.mapping, pages.index, pages.private,
                                         pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
-            if e.src_node >= 0:
-                nd = m.nodes[e.src_node]
-                nd.allocator.free(freed - nd.base_pfn)
-            else:
-                m.free_frames(freed)
+            self._free_old(freed)
             if dead:
                 m.free_folios(new[pages.refcount[new] <= 0])
         else:
             pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
             m.free_folios(old)
             m.put_folios(new, unique=True)
-        e.status[pos] = 0
-        if e.all_base:
-            pages_moved, thp, large = pos.size, 0, 0
-        else:
-            nr = e.nr[pos]
-            pages_moved = int(nr.sum())
-            thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
-            large = int(np.count_nonzero(nr > 1))
-        self.stats.nr_succeeded += pages_moved
-        self.stats.nr_thp_succeeded += thp
-        self.stats.nr_large_succeeded += large
-        self.stats.nr_no_copy += no_copy_pages
-        m.count_event("pgmigrate_success", pages_moved)
-        m.count_event("thp_migration_success", thp)
-        m.count_event("pgmigrate_no_copy", no_copy_pages)
+        self._count_moved(pos)
 
     def _undo(self, pos: np.ndarray, rc: int = _PENDING) -> None:
         """``migrate_folio_undo_src/dst``: restore the source mappings, unlock, give back the destinations."""
@@ -491,7 +572,9 @@ class _Migration:
         """
         m, e = self.m, self.e
         if not interrupted and not self.enomem and not (e.status != 0).any():
-            return  # every folio moved (a split one's pieces included): nothing to put back or count
+            with m.lock:  # every folio moved (a split one's pieces included): nothing to put back
+                self._count_vmstat()
+            return
         with m.changed:
             if e.unmapped.any():
                 if self.engine is not None:
@@ -507,10 +590,18 @@ class _Migration:
             back = np.flatnonzero((e.status != 0) & (e.status != _SPLIT))
             putback_folios(m, e.src[back])
             e.release_dst(back, given_too=True)
-            s = self.stats
-            m.count_event("pgmigrate_fail", s.nr_failed_pages)
-            m.count_event("thp_migration_fail", s.nr_thp_failed)
+            self._count_vmstat()
             m.changed.notify_all()
+
+    def _count_vmstat(self) -> None:
+        """Add the call's counters to vmstat, once, at the end (as migrate_pages() does; caller holds the lock)."""
+        s, count = self.stats, self.m.count_event
+        for name, value in (("pgmigrate_success", s.nr_succeeded), ("pgmigrate_fail", s.nr_failed_pages),
+                            ("thp_migration_success", s.nr_thp_succeeded), ("thp_migration_fail", s.nr_thp_failed),
+                            ("thp_migration_split", s.nr_thp_split), ("pgmigrate_no_copy", s.nr_no_copy),
+                            ("pgmigrate_dma_fallback", s.nr_dma_fallback), ("migrate_tlb_flush", s.nr_tlb_flush)):
+            if value:
+                count(name, value)
 
 
 # -- entry points ------------------------------------------------------------------------------------------------

@@ -38,12 +38,14 @@ class Entries:
             top, node, lo, hi = _kernels.entry_info(self.src, pages.order, pages.mapping, m.nodemap.node_table,
                                                     self.order)
             one_object = lo == hi
+            self.oid = int(lo) if one_object and lo >= 0 else -1  # the one object of every folio, if so
         else:
             self.order = pages.order[self.src].astype(np.int64)
             top = int(self.order.max()) if n else 0
             nid = m.nodemap.node_table[self.src]
             node = int(nid[0]) if n and nid.min() == nid.max() else -1
             one_object, lo = False, -1
+            self.oid = -1
         self.all_base = top == 0  # only base pages: a folio's head is its one pfn
         self.src_node = node  # the node every source lives on, or -1 if they span several
         self.nr = np.left_shift(1, self.order)
@@ -90,8 +92,8 @@ class Entries:
         batch_id = (np.cumsum(nr) - nr) // batch_pages
         self.batch_of[positions] = batch_id
         step_id = batch_id // per_step
-        cuts = np.flatnonzero(np.diff(step_id)) + 1
-        return np.split(positions, cuts)
+        cuts = (np.flatnonzero(np.diff(step_id)) + 1).tolist()
+        return [positions[a:b] for a, b in zip([0, *cuts], [*cuts, positions.size])]
 
     def nr_batches(self, pos: np.ndarray) -> int:
         """How many batches the entries at ``pos`` span (one TLB flush each)."""

@@ -12,8 +12,9 @@ __all__ = ["PHASES", "MigrateResult", "MigrateStats"]
 
 #: Wall-time phases of the migrating thread. ``isolate`` and ``putback`` are the per-call work around the
 #: batches (collecting and isolating the folios of the range; putting back what did not move and building the
-#: result); ``unmap``, ``copy``, ``dma_wait``, ``move`` and ``undo`` are the batch phases.
-PHASES = ("isolate", "unmap", "copy", "dma_wait", "move", "undo", "putback")
+#: result); ``unmap``, ``copy``, ``submit`` (handing a batch's copy to the DMA engine: planning, queueing),
+#: ``dma_wait``, ``move`` and ``undo`` are the batch phases.
+PHASES = ("isolate", "unmap", "copy", "submit", "dma_wait", "move", "undo", "putback")
 
 
 @dataclass

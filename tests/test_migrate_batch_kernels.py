@@ -1,0 +1,100 @@
+"""The single-call batch kernels against the phase-by-phase reference: same pages, page tables and slots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dmamig._kernels as kernels
+import dmamig.migrate.core as core
+import dmamig.migrate.state as state
+import dmamig.vma as vma_mod
+from dmamig import Machine, MigrateMode, MigrateOptions, PageFlag
+
+PAGE_FIELDS = ("flags", "refcount", "mapcount", "mapping", "index", "private", "last_cpupid", "memcg", "order",
+               "head")
+FLAGS = [PageFlag.ACTIVE, PageFlag.DIRTY, PageFlag.REFERENCED, PageFlag.UNEVICTABLE, PageFlag.SWAPCACHE,
+         PageFlag.WORKINGSET]
+
+
+def run_scenario(seed: int, path: str) -> dict:
+    """Build a machine from ``seed``, run a series of migrations on ``path``, return every piece of state."""
+    rng = np.random.default_rng(seed)
+    m = Machine(host_pages=2048, device_pages=2048, devices=2, backend="cpu", channels=2)
+    try:
+        mm = m.address_space()
+        regions = []
+        for _ in range(int(rng.integers(1, 4))):
+            order = int(rng.choice([0, 0, 4, 9]))
+            npages = int(rng.integers(1, 3)) << max(order, 0) if order else int(rng.integers(1, 700))
+            addr = mm.mmap(npages * m.page_size, shared=bool(rng.integers(0, 4) == 0), order=order)
+            mm.write(addr, rng.integers(0, 256, npages * m.page_size, dtype=np.uint8))
+            regions.append((addr, npages))
+        for addr, npages in regions:
+            pfns = mm.pfns_of(addr, npages * m.page_size)
+            for pfn in rng.choice(pfns, size=min(8, pfns.size), replace=False).tolist():
+                m.set_page_flags(int(pfn), PageFlag(int(rng.choice(FLAGS))))
+                m.set_page_cpupid(int(pfn), int(rng.integers(0, 1000)))
+            if rng.integers(0, 2):
+                m.get_page(int(pfns[rng.integers(0, pfns.size)]))  # a transient reference: -EAGAIN
+        locked = bool(rng.integers(0, 3) == 0)
+        if locked:  # a busy page lock: -EAGAIN in ASYNC (a sync mode would wait for this very thread)
+            addr, npages = regions[0]
+            m.lock_page(mm.pfn_of(addr + int(rng.integers(0, npages)) * m.page_size))
+        out = {"status": [], "stats": []}
+        for _ in range(int(rng.integers(2, 5))):
+            addr, npages = regions[int(rng.integers(0, len(regions)))]
+            mode = MigrateMode.ASYNC if locked else \
+                [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC][int(rng.integers(0, 3))]
+            engine = m.dma if rng.integers(0, 2) else None
+            options = MigrateOptions(batch_pages=int(rng.choice([64, 512])))
+            res = mm.migrate(addr, npages * m.page_size, int(rng.integers(0, 3)), mode=mode, engine=engine,
+                             options=options)
+            out["status"].append(res.status.copy())
+            s = res.stats
+            out["stats"].append((s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_no_copy))
+        for name in PAGE_FIELDS:
+            out[name] = getattr(m.pages, name).copy()
+        out["ptes"] = [(v.pte_pfn.copy(), v.pte_flags.copy()) for v in mm.vmas]
+        out["free"] = [nd.allocator.is_free(np.arange(nd.total_pages)).copy() for nd in m.nodes]
+        out["data"] = [mm.read(a, n * m.page_size) for a, n in regions]
+        out["vmstat"] = m.vmstat
+        return out
+    finally:
+        m.close()
+
+
+def _set_path(monkeypatch, path: str) -> None:
+    if path == "numpy":
+        for mod, name in ((state, "USE_KERNELS"), (vma_mod, "USE_KERNELS"), (kernels, "HAVE_NUMBA")):
+            monkeypatch.setattr(mod, name, False)
+    monkeypatch.setattr(core, "USE_BATCH_KERNELS", path == "batch")
+
+
+@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_batch_kernels_match_the_phase_by_phase_paths(seed):
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for path in ("batch", "phases", "numpy"):
+            _set_path(mp, path)
+            results[path] = run_scenario(seed, path)
+            mp.undo()
+    ref = results["numpy"]
+    for path in ("batch", "phases"):
+        got = results[path]
+        for a, b in zip(got["status"], ref["status"]):
+            assert np.array_equal(a, b), path
+        assert got["stats"] == ref["stats"], path
+        for name in PAGE_FIELDS:
+            assert np.array_equal(got[name], ref[name]), (path, name)
+        for (pa, fa), (pb, fb) in zip(got["ptes"], ref["ptes"]):
+            assert np.array_equal(pa, pb) and np.array_equal(fa, fb), path
+        for a, b in zip(got["free"], ref["free"]):
+            assert np.array_equal(a, b), path
+        for a, b in zip(got["data"], ref["data"]):
+            assert np.array_equal(a, b), path
+        assert got["vmstat"] == ref["vmstat"], path
