@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="operations between invariant checks (1000)")
     st.add_argument("--stall-timeout", type=_argtype(_seconds), default=60.0, metavar="SECONDS",
                     help="fail when no thread progresses for this long (60)")
+    st.add_argument("--roles", type=_argtype(_roles), metavar="LIST",
+                    help="roles to deal to the threads, comma-separated among writer, reader, migrator, dma, "
+                         "driver, churn (default: all)")
     st.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu")
     return p
 
@@ -257,6 +260,16 @@ def _rate(text: str) -> float:
     return v
 
 
+def _roles(text: str) -> tuple[str, ...]:
+    from .stress_ops import ROLES
+
+    roles = tuple(r.strip() for r in text.split(",") if r.strip())
+    bad = [r for r in roles if r not in ROLES]
+    if not roles or bad or len(set(roles)) != len(roles):
+        raise ValueError(f"{text!r} is not a list of distinct roles among {','.join(ROLES)}")
+    return roles
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -272,7 +285,8 @@ def _cmd_stress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     backend = _resolve_backend(parser, args.backend)
     cfg = StressConfig(ops=args.ops, threads=args.threads, fault_rate=args.fault_rate, seed=args.seed,
-                       check_every=args.check_every, stall_timeout=args.stall_timeout, backend=backend)
+                       check_every=args.check_every, stall_timeout=args.stall_timeout, backend=backend,
+                       **({"roles": args.roles} if args.roles else {}))
     print(f"dmamig stress: {cfg.ops} ops, {cfg.threads} threads, fault rate {cfg.fault_rate:g}, backend "
           f"{backend}", flush=True)
     report = run_stress(cfg, out=lambda line: print(line, flush=True))

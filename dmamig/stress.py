@@ -50,6 +50,8 @@ class StressConfig:
         Operations between invariant checks.
     stall_timeout : float
         Seconds without any progress after which the run fails and names the stuck threads.
+    roles : tuple of str
+        The roles to deal (a subset of writer, reader, migrator, dma, driver, churn; all by default).
     """
 
     ops: int = 10_000
@@ -64,6 +66,7 @@ class StressConfig:
     page_size: int = 4096
     channels: int = 3
     backend: str = "cpu"
+    roles: tuple[str, ...] = ROLES
 
     def validate(self) -> None:
         """Raise InvalidArgument for a setting out of range."""
@@ -76,6 +79,9 @@ class StressConfig:
             raise InvalidArgument(f"fault_rate must be a number in [0, 1], got {self.fault_rate!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidArgument(f"seed must be an integer >= 0, got {self.seed!r}")
+        roles = tuple(self.roles) if isinstance(self.roles, (list, tuple)) else ()
+        if not roles or any(r not in ROLES for r in roles) or len(set(roles)) != len(roles):
+            raise InvalidArgument(f"roles must be distinct names among {', '.join(ROLES)}, got {self.roles!r}")
         if not self.stall_timeout > 0:
             raise InvalidArgument(f"stall_timeout must be > 0 seconds, got {self.stall_timeout!r}")
 
@@ -223,8 +229,9 @@ def run_stress(config: StressConfig | None = None, out: Callable[[str], None] | 
             out(f"check {report.checks}: {shared.ops_done} ops, {m.faults.total_injected} faults, "
                 f"{len(report.violations)} violations")
 
-    roles = [ROLES[i::cfg.threads] or [ROLES[i % len(ROLES)]] for i in range(min(cfg.threads, len(ROLES)))]
-    roles += [[ROLES[i % len(ROLES)]] for i in range(len(roles), cfg.threads)]
+    dealt = tuple(cfg.roles)
+    roles = [list(dealt[i::cfg.threads]) for i in range(min(cfg.threads, len(dealt)))]
+    roles += [[dealt[i % len(dealt)]] for i in range(len(roles), cfg.threads)]
     gate = _Checkpoint(cfg.threads, check)
     seeds = np.random.SeedSequence(seed).spawn(cfg.threads)
     per = [cfg.ops // cfg.threads + (i < cfg.ops % cfg.threads) for i in range(cfg.threads)]
