@@ -88,7 +88,31 @@ class StressConfig:
 
 @dataclass
 class StressReport:
-    """What a stress run did and found. ``ok`` is true when no invariant was violated."""
+    """What a stress run did and found.
+
+    Attributes
+    ----------
+    seed : int
+        The seed that repeats the run's operations and faults.
+    ops, seconds : int, float
+        Operations done and the wall time they took.
+    faults_injected : dict of str to int
+        Faults injected at each fault point.
+    faults_survived : int
+        Faults injected before the last invariant check that passed.
+    bytes_verified : int
+        Bytes compared with the model, by readers and by the checks.
+    checks : int
+        Invariant checks run.
+    pages_migrated : int
+        Base pages migrated (vmstat ``pgmigrate_success``).
+    channel_restarts : int
+        DMA channel workers restarted after a crash.
+    op_counts : dict of str to int
+        Operations by kind (``-raced``: the range was unmapped meanwhile; ``-oom``: an allocation failed).
+    violations : list of str
+        What went wrong; empty when every invariant held (``ok``).
+    """
 
     seed: int
     ops: int = 0
@@ -104,10 +128,12 @@ class StressReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every invariant held."""
         return not self.violations
 
     @property
     def ops_per_second(self) -> float:
+        """Operations per second of wall time."""
         return self.ops / self.seconds if self.seconds > 0 else 0.0
 
     def lines(self) -> list[str]:
@@ -199,6 +225,16 @@ def run_stress(config: StressConfig | None = None, out: Callable[[str], None] | 
         Settings; the defaults when ``None``.
     out : callable, optional
         Called with progress lines (one per invariant check).
+
+    Returns
+    -------
+    StressReport
+        Figures and violations; ``report.ok`` is false when an invariant broke or a thread got stuck.
+
+    Raises
+    ------
+    InvalidArgument
+        A setting of ``config`` is out of range.
     """
     cfg = config or StressConfig()
     cfg.validate()

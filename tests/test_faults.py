@@ -417,3 +417,41 @@ def test_fence_wait_rejects_a_bad_timeout(m3, timeout):
     with pytest.raises(InvalidArgument, match="timeout"):
         fence.wait(timeout=timeout)
     assert fence.wait(timeout=WAIT)
+
+
+# -- channels that cannot fail inside their worker (as CUDA streams): the engine emulates the fault -----------
+class PlainChannel(cpu_backend.CpuChannel):
+    injects_faults = False
+
+    def submit(self, work, fault=None):
+        assert fault is None, "the engine must not ask this channel to inject a fault"
+        return super().submit(work)
+
+
+class PlainBackend(cpu_backend.CpuBackend):
+    def open_channels(self, count):
+        cpu_kernels.warm_up()
+        return [PlainChannel(i) for i in range(count)]
+
+
+@pytest.mark.parametrize("point", ["dma_copy", "dma_complete", "channel_crash"])
+def test_the_engine_emulates_faults_for_channels_without_fault_support(point):
+    from dmamig.dma import DmaEngine
+    from dmamig.nodes import Node, NodeMap
+
+    backend = PlainBackend()
+    nodes, base = [], 0
+    for i, n in enumerate((64, 64)):
+        frames = backend.alloc_frames("host", -1, n, 256)
+        frames[:] = np.random.default_rng(i).integers(0, 256, frames.shape, dtype=np.uint8)
+        nodes.append(Node(i, "host" if i == 0 else "device", i - 1, base, n, frames))
+        base += n
+    with DmaEngine(nodes=nodes, nodemap=NodeMap(nodes), backend=backend, page_size=256, channels=1) as engine:
+        engine.faults[point] = FaultAttr(probability=1.0, times=1)
+        src = np.arange(0, 64, 2)  # scattered: one run per page
+        fence = engine.copy(src, 64 + src)
+        with pytest.raises(DmaError, match=f"injected {point.split('_')[-1]} fault"):
+            fence.wait(timeout=WAIT)
+        copied = (nodes[1].frames[src] == nodes[0].frames[src]).all(axis=1)
+        assert copied.all() if point == "dma_complete" else 0 < copied.sum() < src.size
+        assert engine.copy(src, 64 + src).wait(timeout=WAIT)

@@ -353,7 +353,7 @@ class DmaEngine:
         if fault != "complete":
             work = [dataclasses.replace(w, src_start=w.src_start[:k], dst_start=w.dst_start[:k],
                                         npages=w.npages[:k])
-                    for w in work if (k := w.npages.size // 2) > 0] or []
+                    for w in work if (k := w.npages.size // 2) > 0]
         error = DmaError(f"injected {fault} fault on DMA channel {ch.index} (submission #{seq})")
         return FaultedCompletion(ch.submit(work) if work else FailedCompletion(error), error)
 
