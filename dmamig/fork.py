@@ -24,10 +24,29 @@ from .vma import MemObject, Vma
 if TYPE_CHECKING:
     from .mm import AddressSpace
 
-__all__ = ["dup_mmap"]
+__all__ = ["dup_mmap", "fork_mm"]
 
 _NOT_WRITE = np.uint8(~np.uint8(PteFlag.WRITE))
 _NOT_YOUNG = np.uint8(~np.uint8(PteFlag.YOUNG))
+
+
+def fork_mm(parent: AddressSpace) -> AddressSpace:
+    """``AddressSpace.fork``: a new address space with a copy of ``parent``'s mappings.
+
+    Waits until no migration entry is left in the parent. Raises OutOfMemory, with the partial child torn
+    down, when there are no frames for the pinned pages that must be copied.
+    """
+    m = parent.machine
+    child = m.address_space()
+    try:
+        with m.changed:
+            while any(v.has_migration_entries() for v in parent.vmas):
+                m.changed.wait()
+            dup_mmap(parent, child)
+    except BaseException:
+        child.close()
+        raise
+    return child
 
 
 def dup_mmap(parent: AddressSpace, child: AddressSpace) -> None:

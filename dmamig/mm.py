@@ -1,7 +1,9 @@
 """AddressSpace: a process's mappings and page tables, accesses, pins, fork, mprotect/mremap and migration.
 
-Faults live in :mod:`dmamig.memory`, fork in :mod:`dmamig.fork`, mprotect and mremap in
-:mod:`dmamig.mprotect`, and the bodies of ``migrate`` and ``move_pages`` in :mod:`dmamig.migrate.move_pages`.
+The class holds the VMAs and the public calls; the work lives beside it, named after the kernel's files:
+:mod:`dmamig.mmap` (mapping and unmapping), :mod:`dmamig.memory` (faults, copy-on-write, the zero page,
+the access path), :mod:`dmamig.gup` (pins), :mod:`dmamig.fork`, :mod:`dmamig.mprotect` (mprotect and
+mremap) and :mod:`dmamig.migrate.move_pages` (``migrate`` and ``move_pages``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from .flags import MigrateMode, Prot, PteFlag
 from .gup import drop_pins
 from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages
 from .migrate.options import MigrateOptions
-from .nodes import MAX_ORDER
-from .vma import NO_PFN, ZERO_PFN, MemObject, Vma, forget_anon_slots
+from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
+from .vma import ZERO_PFN, MemObject, Vma
 
 if TYPE_CHECKING:
     from .dma import DmaEngine
@@ -121,24 +123,11 @@ class AddressSpace:
             The start address.
         """
         self._check_open()
-        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length <= 0:
-            raise InvalidArgument(f"length must be a positive integer, got {length!r}")
-        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 0 <= order <= MAX_ORDER:
-            raise InvalidArgument(f"order must be an integer in 0..{MAX_ORDER}, got {order!r}")
         m = self.machine
-        npages = -(-int(length) // m.page_size)
         with m.lock:
-            start = self._get_unmapped_area(npages, int(order))
-            obj = MemObject(m, npages, bool(shared), int(order))
-            self._insert(Vma(self, start, npages, obj, 0))
-        return start
-
-    def _get_unmapped_area(self, npages: int, order: int) -> int:
-        """A fresh, folio-aligned range of ``npages`` pages, followed by a guard page (caller holds the lock)."""
-        ps = self.machine.page_size
-        align = ps << order
-        start = -(-self._next // align) * align
-        self._next = start + npages * ps + ps
+            npages, shared, order = check_mmap(self, length, shared, order)
+            start = get_unmapped_area(self, npages, order)
+            self._insert(Vma(self, start, npages, MemObject(m, npages, shared, order), 0))
         return start
 
     def _insert(self, vma: Vma) -> None:
@@ -169,36 +158,8 @@ class AddressSpace:
         addr, length = self._check_range(addr, length, aligned=True)
         ps = self.machine.page_size
         with self.machine.changed:
-            self._unmap_range(addr, addr + -(-length // ps) * ps)
+            unmap_range(self, addr, addr + -(-length // ps) * ps)
             self.machine.changed.notify_all()
-
-    def _unmap_range(self, addr: int, end: int) -> None:
-        """munmap's body (caller holds ``machine.changed``): waits for migration entries in the range."""
-        m = self.machine
-        ps = m.page_size
-        while True:
-            hit = [v for v in self._vmas if v.start < end and v.end > addr]
-            spans = [(v, max(0, (addr - v.start) // ps), min(v.npages, (end - v.start) // ps)) for v in hit]
-            if not any(v.has_migration_entries(s0, s1) for v, s0, s1 in spans):
-                break
-            m.changed.wait()
-        for v, s0, s1 in spans:
-            self._unmap_slots(v, np.arange(s0, s1))
-            self._replace(v, ([v.slice(0, s0)] if s0 > 0 else []) + ([v.slice(s1, v.npages)] if s1 < v.npages
-                                                                      else []))
-
-    def _unmap_slots(self, vma: Vma, slots: np.ndarray) -> None:
-        """Drop the PTEs of ``slots``: mapcount and the PTE's reference; free what nobody holds."""
-        m = self.machine
-        pfns = vma.pte_pfn[slots]
-        pfns = pfns[pfns >= 0]  # the zero page holds no mapcount and no reference
-        if pfns.size:
-            np.subtract.at(m.pages.mapcount, pfns, 1)
-            if not vma.shared:
-                forget_anon_slots(m, pfns)
-            m.put_folios(m.pages.head[pfns])
-        vma.pte_pfn[slots] = NO_PFN
-        vma.pte_flags[slots] = 0
 
     # -- faults -----------------------------------------------------------------------------------------------
     def populate(self, addr: int, length: int, node: int = 0) -> None:
@@ -327,20 +288,10 @@ class AddressSpace:
 
         Raises OutOfMemory (and leaves nothing behind) when there are no frames for the pinned pages' copies.
         """
-        from .fork import dup_mmap
+        from .fork import fork_mm
 
         self._check_open()
-        m = self.machine
-        child = m.address_space()
-        try:
-            with m.changed:
-                while any(v.has_migration_entries() for v in self._vmas):
-                    m.changed.wait()
-                dup_mmap(self, child)
-        except BaseException:
-            child.close()
-            raise
-        return child
+        return fork_mm(self)
 
     def mprotect(self, addr: int, length: int, prot: Prot | int) -> None:
         """Change the access rights of ``[addr, addr + length)`` (rounded up to pages), like mprotect(2).
@@ -457,7 +408,7 @@ class AddressSpace:
             while any(v.has_migration_entries() for v in self._vmas):
                 m.changed.wait()
             for v in list(self._vmas):
-                self._unmap_slots(v, np.arange(v.npages))
+                unmap_slots(self, v, np.arange(v.npages))
                 self._replace(v, [])
             drop_pins(self, dict(self._pins))
             self._closed = True

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import AddressFault, InvalidArgument
 from .flags import Prot, PteFlag
+from .mmap import get_unmapped_area, unmap_range
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
@@ -92,7 +93,7 @@ def move_vma(mm: AddressSpace, old_addr: int, old_len: int, new_len: int, may_mo
             raise AddressFault(f"mremap: [{old_addr:#x}, {old_addr + old_n * ps:#x}) spans {len(segs)} "
                                f"mappings; it must lie inside one")
         if new_n < old_n:
-            mm._unmap_range(old_addr + new_n * ps, old_addr + old_n * ps)
+            unmap_range(mm, old_addr + new_n * ps, old_addr + old_n * ps)
             m.changed.notify_all()
             return old_addr
         if new_n == old_n:
@@ -112,7 +113,7 @@ def move_vma(mm: AddressSpace, old_addr: int, old_len: int, new_len: int, may_mo
             return old_addr
         # The page table moves with the VMA: same slots, same pfns, same migration entries.
         mm._vmas.remove(vma)
-        vma.start = mm._get_unmapped_area(new_n, vma.obj.order)
+        vma.start = get_unmapped_area(mm, new_n, vma.obj.order)
         bisect.insort(mm._vmas, vma, key=lambda v: v.start)
         _resize(mm, vma, new_n)
         m.changed.notify_all()

@@ -7,6 +7,7 @@ import pytest
 from support import rand
 
 from dmamig import AddressFault, InvalidArgument, MigrateMode, OutOfMemory, PteFlag
+from dmamig.mm import MMAP_BASE
 from dmamig.vma import ZERO_PFN
 
 HOST = 4096
@@ -51,6 +52,18 @@ def test_mmap_bad_arguments(m, mm, kw):
     with pytest.raises(InvalidArgument):
         mm.mmap(args["length"], order=args["order"])
     assert mm.vmas == ()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"length": 2**60}, "address space"), ({"length": 2**44}, "at most"), ({"shared": np.zeros(2)}, "shared"),
+    ({"shared": 1}, "shared"),
+])
+def test_mmap_limits_are_checked_before_anything_changes(m, mm, kw, match):
+    args = {"length": m.page_size, "shared": False} | kw
+    with pytest.raises(InvalidArgument, match=match):
+        mm.mmap(args["length"], shared=args["shared"])
+    assert mm.vmas == ()
+    assert mm.mmap(m.page_size) == MMAP_BASE  # a refused mmap leaves the address cursor alone
 
 
 # -- read / write / faults -------------------------------------------------------------------------------------
