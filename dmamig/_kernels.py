@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .flags import EBUSY, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
+from .flags import EACCES, EBUSY, EFAULT, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "entry_info", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
            "remove_entries", "reset_pages"]
@@ -22,6 +22,8 @@ try:
 except Exception:  # pragma: no cover - numba is a dependency; this keeps the numpy path usable without it
     HAVE_NUMBA = False
 
+#: The shared zero page's pfn in a page table (as vma.ZERO_PFN: it maps no frame).
+ZERO_PFN = -2
 _PRESENT = int(PteFlag.PRESENT)
 _MIGRATION = int(PteFlag.MIGRATION)
 _DIRTY_PTE = int(PteFlag.DIRTY)
@@ -197,11 +199,13 @@ def _free_frames(free, block_free, block, frames):
     return -1
 
 
-def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mark, lru, isolated, status, entry, heads):
+def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mapcount, order, mark, lru, isolated,
+                    refuse_shared, status, entry, heads):
     """collect_folios + isolate_folios in one pass (see migrate/isolate.py for the numpy reference).
 
-    Per page: ``status`` 0 (already on the node), -ENOENT (no page, or free), -EBUSY (off the LRU or isolated by
-    someone else) or 1 (the core's pending state; ``entry`` is its folio's index in ``heads``). Each folio is isolated once, in
+    Per page: ``status`` 0 (already on the node), -ENOENT (no page, or free), -EFAULT (the zero page), -EACCES
+    (mapped by another process, with ``refuse_shared``), -EBUSY (off the LRU or isolated by someone else) or 1
+    (the core's pending state; ``entry`` is its folio's index in ``heads``). Each folio is isolated once, in
     first-occurrence order; ``mark`` (one slot per pfn, all -1) remembers this call's folios and is reset.
     """
     n = 0
@@ -209,7 +213,7 @@ def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mark, lru, is
         p = pfns[i]
         entry[i] = -1
         if p < 0:
-            status[i] = ENOENT
+            status[i] = EFAULT if p == ZERO_PFN else ENOENT
             continue
         h = head[p]
         if h >= node_lo and h < node_hi:
@@ -223,6 +227,15 @@ def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mark, lru, is
         if refcount[h] <= 0:
             status[i] = ENOENT
             continue
+        if refuse_shared:
+            shared = False
+            for k in range(1 << order[h]):
+                if mapcount[h + k] > 1:
+                    shared = True
+                    break
+            if shared:
+                status[i] = EACCES
+                continue
         f = flags[h]
         if (f & lru) == 0 or (f & isolated) != 0:
             status[i] = EBUSY

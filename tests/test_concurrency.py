@@ -124,9 +124,11 @@ def test_accessors_and_migrators_never_lose_a_byte(m, use_engine):
             if rng.random() < 0.7:
                 first = int(rng.integers(0, npriv))
                 count = int(rng.integers(1, npriv - first + 1))
-                res = mm.migrate(priv + first * ps, count * ps, node, mode=mode, engine=engine)
+                # Private pages are shared copy-on-write with the child until written: move them all.
+                res = mm.migrate(priv + first * ps, count * ps, node, mode=mode, engine=engine, move_all=True)
             else:
-                res = child.migrate(shared, nshared * ps, node, mode=mode, engine=engine)
+                # The shared pages are mapped by both processes: MPOL_MF_MOVE_ALL is needed to move them.
+                res = child.migrate(shared, nshared * ps, node, mode=mode, engine=engine, move_all=True)
             assert set(np.unique(res.status).tolist()) <= {0, EAGAIN, EBUSY}
 
     def driver() -> None:

@@ -22,7 +22,7 @@ FLAGS = [PageFlag.ACTIVE, PageFlag.DIRTY, PageFlag.REFERENCED, PageFlag.UNEVICTA
 def run_scenario(seed: int, path: str) -> dict:
     """Build a machine from ``seed``, run a series of migrations on ``path``, return every piece of state."""
     rng = np.random.default_rng(seed)
-    m = Machine(host_pages=2048, device_pages=2048, devices=2, backend="cpu", channels=2)
+    m = Machine(host_pages=4096, device_pages=2048, devices=2, backend="cpu", channels=2)
     try:
         mm = m.address_space()
         regions = []
@@ -39,6 +39,13 @@ def run_scenario(seed: int, path: str) -> dict:
                 m.set_page_cpupid(int(pfn), int(rng.integers(0, 1000)))
             if rng.integers(0, 2):
                 m.get_page(int(pfns[rng.integers(0, pfns.size)]))  # a transient reference: -EAGAIN
+        if rng.integers(0, 2):
+            mm.fork()  # private pages shared copy-on-write: -EACCES without move_all
+        if rng.integers(0, 2):
+            addr = mm.mmap(64 * m.page_size)
+            mm.read(addr, 64 * m.page_size)  # the zero page: -EFAULT
+            mm.write(addr + 8 * m.page_size, b"one real page")
+            regions.append((addr, 64))
         locked = bool(rng.integers(0, 3) == 0)
         if locked:  # a busy page lock: -EAGAIN in ASYNC (a sync mode would wait for this very thread)
             addr, npages = regions[0]
@@ -51,7 +58,7 @@ def run_scenario(seed: int, path: str) -> dict:
             engine = m.dma if rng.integers(0, 2) else None
             options = MigrateOptions(batch_pages=int(rng.choice([64, 512])))
             res = mm.migrate(addr, npages * m.page_size, int(rng.integers(0, 3)), mode=mode, engine=engine,
-                             options=options)
+                             options=options, move_all=bool(rng.integers(0, 2)))
             out["status"].append(res.status.copy())
             s = res.stats
             out["stats"].append((s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_no_copy))

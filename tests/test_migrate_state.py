@@ -336,7 +336,7 @@ def test_shared_refcount_is_mapcount_plus_page_cache(m, mm):
     child = mm.fork()
     grandchild = child.fork()
     for node in (2, 1):
-        migrate(child, addr, node, 4)
+        migrate(child, addr, node, 4, move_all=True)  # mapped by three processes
         for i in range(4):
             pfn = mm.pfn_of(addr + i * ps)
             assert child.pfn_of(addr + i * ps) == grandchild.pfn_of(addr + i * ps) == pfn

@@ -213,7 +213,9 @@ def test_shared_thp_keeps_page_cache_references(m, mm):
     child = mm.fork()
     st = folio_of(m, mm, addr)
     assert st["refcount"] == 3 * NR and st["mapcount"] == 2
-    res = mm.migrate(addr, NR * ps, 1)
+    res = mm.migrate(addr, NR * ps, 1)  # two processes map it: move_pages(2) refuses without MOVE_ALL
+    assert (res.status == -13).all() and res.nr_thp_failed == 0
+    res = mm.migrate(addr, NR * ps, 1, move_all=True)
     assert res.nr_thp_succeeded == 1
     st = folio_of(m, mm, addr)
     assert st["node"] == 1 and st["refcount"] == 3 * NR and st["mapcount"] == 2

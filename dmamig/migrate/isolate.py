@@ -9,7 +9,8 @@ import numpy as np
 from .. import _kernels
 from .._arrays import all_distinct, first_occurrences
 from ..errors import InvalidArgument
-from ..flags import EBUSY, ENOENT, PageFlag
+from ..flags import EACCES, EBUSY, EFAULT, ENOENT, PageFlag
+from ..vma import ZERO_PFN
 from .entries import _PENDING
 
 if TYPE_CHECKING:
@@ -50,8 +51,13 @@ def putback_folios(m: Machine, heads: np.ndarray) -> None:
     m.put_folios(heads, unique=True)
 
 
-def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pick and isolate the folios of ``pfns`` (``-1`` = no page) that must move to ``node``.
+def collect_folios(m: Machine, pfns: np.ndarray, node: int,
+                   move_all: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Pick and isolate the folios of ``pfns`` (``-1`` = no page, ``ZERO_PFN`` = the zero page) for ``node``.
+
+    ``move_all=False`` is move_pages(2) without ``MPOL_MF_MOVE_ALL``: a folio another process maps too (a page
+    of it with mapcount > 1) stays, with ``-EACCES``, unless it is on ``node`` already. The zero page is
+    ``-EFAULT``, as the syscall reports it.
 
     Caller holds the lock. Returns ``(status, heads)``: a provisional per-page status (``0`` for pages already
     on ``node``, ``-errno`` for pages that cannot be taken, ``_PENDING`` for the rest) and the isolated heads,
@@ -65,9 +71,10 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray,
         entry = np.empty(pfns.size, dtype=np.int64)
         heads = np.empty(pfns.size, dtype=np.int64)
         n = _kernels.collect_folios(pfns, nd.base_pfn, nd.base_pfn + nd.total_pages, pages.head, pages.refcount,
-                                    pages.flags, pages.mark, _LRU, _ISOLATED, status, entry, heads)
+                                    pages.flags, pages.mapcount, pages.order, pages.mark, _LRU, _ISOLATED,
+                                    not move_all, status, entry, heads)
         return status, heads[:n]
-    status = np.full(pfns.size, ENOENT, dtype=np.int32)
+    status = np.where(pfns == ZERO_PFN, EFAULT, ENOENT).astype(np.int32)
     present = pfns >= 0
     if present.all():
         heads_all = m.pages.head[pfns]
@@ -76,6 +83,14 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int) -> tuple[np.ndarray,
     on_node = present & (heads_all >= nd.base_pfn) & (heads_all < nd.base_pfn + nd.total_pages)
     status[on_node] = 0
     want = present & ~on_node
+    if not move_all and want.any():
+        # A folio is shared when any of its base pages is mapped more than once.
+        h = heads_all[want]
+        nr = m.pages.nr_pages(h)
+        shared = np.maximum.reduceat(m.pages.mapcount[m.pages.expand(h)], np.concatenate(([0], np.cumsum(nr)[:-1])))
+        refused = np.flatnonzero(want)[shared > 1]
+        status[refused] = EACCES
+        want[refused] = False
     wanted = heads_all[want] if not want.all() else heads_all
     # Each folio once, in address order: runs stay contiguous for the DMA planner. A range populated in order
     # has non-decreasing heads, where the first page of each folio is a change from its predecessor.

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._validate import check_node
 from ..errors import InvalidArgument
-from ..flags import EACCES, EFAULT, MigrateMode
+from ..flags import EFAULT, MigrateMode
 from ..vma import ZERO_PFN
 from .core import check_mode, collect_folios, run_migration
 from .options import MigrateOptions
@@ -71,32 +71,6 @@ def _check_engine(m: Machine, engine: Any, mode: MigrateMode) -> MigrateMode:
     return mode | MigrateMode.NO_COPY
 
 
-def refuse_mask(m: Machine, pfns: np.ndarray, node: int, move_all: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(zero, shared)``: zero-page entries, and pages mapped by other processes that must stay (``-EACCES``).
-
-    Pages already on ``node`` are never refused: the kernel reports them done before it checks sharing.
-    """
-    pages = m.pages
-    zero = pfns == ZERO_PFN
-    real = pfns >= 0
-    if move_all or not real.any():
-        return zero, np.zeros(pfns.size, dtype=bool)
-    safe = np.maximum(pfns, 0)
-    multi = real & (pages.mapcount[safe] > 1)
-    heads = pages.head[safe]
-    large = real & (pages.order[heads] > 0)
-    if large.any():
-        # A large folio is shared if any of its pages is, even one outside the requested range.
-        u = np.unique(heads[large])
-        nr = pages.nr_pages(u)
-        starts = np.concatenate(([0], np.cumsum(nr)[:-1]))
-        busy = np.maximum.reduceat(pages.mapcount[pages.expand(u)], starts) > 1
-        multi[large] |= busy[np.searchsorted(u, heads[large])]
-    if not multi.any():
-        return zero, multi
-    return zero, multi & (m.nodemap.node_of(heads) != node)
-
-
 def migrate_range(mm: AddressSpace, addr: int, length: int, node: int, mode: MigrateMode,
                   engine: DmaEngine | None, options: MigrateOptions | None, move_all: bool) -> MigrateResult:
     """``AddressSpace.migrate``: every page of a range to one node."""
@@ -109,14 +83,10 @@ def migrate_range(mm: AddressSpace, addr: int, length: int, node: int, mode: Mig
     options = MigrateOptions.coerce(options)
     with m.changed:
         segs = mm._wait_migrations(addr, length)
-        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-        zero, shared = refuse_mask(m, pfns, node, bool(move_all))
-        left = zero | shared
-        status, heads = collect_folios(m, np.where(left, -1, pfns) if left.any() else pfns, node)
-    res = run_migration(m, heads, node, mode, engine, None, pfns, status, t_thread, t_wall, options)
-    res.status[zero] = EFAULT
-    res.status[shared] = EACCES
-    return res
+        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])  # a copy: the tables change
+        # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
+        status, heads = collect_folios(m, pfns, node, move_all=bool(move_all))
+    return run_migration(m, heads, node, mode, engine, None, pfns, status, t_thread, t_wall, options)
 
 
 def _as_addrs(addrs: Any) -> np.ndarray:
@@ -213,12 +183,9 @@ def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engi
         sel = np.flatnonzero(targets == node)
         with m.changed:
             pfns, mapped = _lookup_settled(mm, addrs[sel])
-            zero, shared = refuse_mask(m, pfns, node, bool(move_all))
-            left = zero | shared | ~mapped
-            st, heads = collect_folios(m, np.where(left, -1, pfns), node)
+            st, heads = collect_folios(m, np.where(mapped, pfns, ZERO_PFN), node, move_all=bool(move_all))
         res = run_migration(m, heads, node, mode, engine, None, pfns, st, t_thread, t_wall, options)
-        res.status[shared] = EACCES
-        res.status[zero | ~mapped] = EFAULT
+        res.status[~mapped] = EFAULT
         results[node] = res
         failed = (res.status < 0) & (res.status != EFAULT)
         errors[sel[failed]] = res.status[failed]
