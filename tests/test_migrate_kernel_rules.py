@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from support import WAIT, filled
 
+import dmamig.migrate.batch_kernels as batch_kernels
 import dmamig.migrate.core as core
-import dmamig.migrate.entries as ent
 from dmamig import InvalidArgument, MigrateMode, MigrateOptions, PageFlag
 
 EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
@@ -302,16 +302,16 @@ def test_sigint_inside_a_phase_is_held_until_the_phase_ends(m, mm, monkeypatch):
 
     ps = m.page_size
     addr, data = filled(m, mm, 2 * NR, seed=6)
-    real = ent.Entries.check_fresh
+    real = batch_kernels.unmap_one_vma
     seen = []
 
-    def check_fresh(self, pos):  # called inside the unmap phase, after the folios were unmapped
+    def unmap(todo, *args):  # the compiled unmap pass, in the middle of the unmap phase
         if not seen:
             signal.raise_signal(signal.SIGINT)  # arrives while this phase is half done
-        seen.append(pos.size)
-        return real(self, pos)
+        seen.append(todo.size)
+        return real(todo, *args)
 
-    monkeypatch.setattr(ent.Entries, "check_fresh", check_fresh)
+    monkeypatch.setattr(batch_kernels, "unmap_one_vma", unmap)
     with pytest.raises(KeyboardInterrupt):
         mm.migrate(addr, 2 * NR * ps, 1)
     monkeypatch.undo()

@@ -30,53 +30,92 @@ def _expand(heads, nr, total):
     return out
 
 
-def _unmap_one_vma(src, nr, locked, writeback, flags, refcount, mapcount, mapping, index, head, oid, pgoff,
-                   npages, pte_pfn, pte_flags, rc):
-    """Lock each folio (busy: rc 1; writeback: rc -EBUSY, lock given back) and install migration entries for
-    the locked ones. Returns how many did not lock."""
-    bad = trylock_folios(src, flags, locked, writeback, rc)
-    ok = src if bad == 0 else src[rc == 0]
-    okn = nr if bad == 0 else nr[rc == 0]
+def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags, refcount,
+                   mapcount, mapping, index, head, oid, pgoff, npages, pte_pfn, pte_flags, rc):
+    """Lock each folio of entries ``pos`` (busy: rc 1; writeback: rc -EBUSY, lock given back), install
+    migration entries for the locked ones, mark them unmapped and check their caller destinations (fresh when
+    written after the source last changed). Returns how many did not lock."""
+    heads = np.empty(pos.size, dtype=np.int64)
+    for i in range(pos.size):
+        heads[i] = src[pos[i]]
+    bad = trylock_folios(heads, flags, locked, writeback, rc)
     total = 0
-    for i in range(okn.size):
-        total += okn[i]
-    pfns = ok if total == ok.size else _expand(ok, okn, total)
+    for i in range(pos.size):
+        if rc[i] == 0:
+            total += nr[pos[i]]
+    pfns = np.empty(total, dtype=np.int64)
+    k = 0
+    for i in range(pos.size):
+        if rc[i] != 0:
+            continue
+        p = pos[i]
+        unmapped[p] = True
+        ok = True
+        for j in range(nr[p]):
+            pfns[k] = heads[i] + j
+            k += 1
+            if given[p] and write_seq[dst[p] + j] <= write_seq[heads[i] + j]:
+                ok = False
+        if given[p]:
+            fresh[p] = ok
     install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                     pte_flags)
     return bad
 
 
-def _move_one_vma(old, new, nr, expected, putback_clear, lru, flags, refcount, mapcount, mapping, index,
-                  private, last_cpupid, memcg, order, head, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags,
-                  rc, freed):
-    """Freeze-check, move and finish each folio pair; rc 0 moved, 1 busy (an extra reference: retry).
+def _move_one_vma(pos, src, dst, nr, expected, order, fresh, status, unmapped, pmd_order, putback_clear, lru,
+                  flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, page_order, head, oid,
+                  obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts):
+    """Freeze-check, move and finish the folios of entries ``pos``; rc 0 moved, 1 busy (an extra reference:
+    retry). Moved entries get status 0 and leave the unmapped set.
 
-    Returns ``(frames freed into freed[:n], new folios that lost their last reference)``.
+    ``counts`` receives (base pages moved, PMD-sized folios, large folios, pages whose destination was already
+    a copy). Returns ``(frames freed into freed[:n], new folios that lost their last reference)``.
     """
     moved = 0
     total = 0
-    for i in range(old.size):
-        if refcount[old[i]] == expected[i]:
+    for i in range(pos.size):
+        p = pos[i]
+        if refcount[src[p]] == expected[p]:
             rc[i] = 0
             moved += 1
-            total += nr[i]
+            total += nr[p]
         else:
             rc[i] = 1
+    for c in range(4):
+        counts[c] = 0
     if moved == 0:
         return 0, 0
-    if moved == old.size:
-        o, n, k = old, new, nr
-    else:
-        o, n, k = old[rc == 0], new[rc == 0], nr[rc == 0]
+    o = np.empty(moved, dtype=np.int64)
+    n = np.empty(moved, dtype=np.int64)
+    k = np.empty(moved, dtype=np.int64)
+    j = 0
+    for i in range(pos.size):
+        if rc[i] != 0:
+            continue
+        p = pos[i]
+        o[j] = src[p]
+        n[j] = dst[p]
+        k[j] = nr[p]
+        j += 1
+        status[p] = 0
+        unmapped[p] = False
+        counts[0] += nr[p]
+        if order[p] == pmd_order:
+            counts[1] += 1
+        if nr[p] > 1:
+            counts[2] += 1
+        if fresh[p]:
+            counts[3] += nr[p]
     move_object_slots(o, n, k, mapping, index, oid, obj_pfns)
     move_folio_state(o, n, k, flags, refcount, mapping, index, private, last_cpupid, memcg)
-    if total == o.size:
+    if total == moved:
         remove_entries(o, n, mapping, index, head, mapcount, refcount, oid, pgoff, npages, pte_pfn, pte_flags)
     else:
         remove_entries(_expand(o, k, total), _expand(n, k, total), mapping, index, head, mapcount, refcount,
                        oid, pgoff, npages, pte_pfn, pte_flags)
     dead = done_folios(o, n, k, putback_clear, lru, flags, refcount, mapcount, mapping, index, private,
-                       last_cpupid, memcg, order, head, freed)
+                       last_cpupid, memcg, page_order, head, freed)
     return total, dead
 
 

@@ -332,23 +332,19 @@ class _Migration:
         t0 = time.perf_counter_ns()
         e, pages = self.e, self.m.pages
         rc = np.empty(todo.size, dtype=np.int32)
-        bad = batch_kernels.unmap_one_vma(e.src[todo], e.nr[todo], _LOCKED_U32, _WRITEBACK_U32, pages.flags,
-                                          pages.refcount, pages.mapcount, pages.mapping, pages.index,
-                                          pages.head, e.oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
-                                          rc)
+        bad = batch_kernels.unmap_one_vma(todo, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
+                                          _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount,
+                                          pages.mapcount, pages.mapping, pages.index, pages.head, e.oid,
+                                          vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc)
         retry = todo[:0]
         if bad:
-            busy = rc == 1
-            retry = todo[busy]
+            retry = todo[rc == 1]
             wb = todo[rc == EBUSY]
             if wb.size:
                 e.release_dst(wb)
                 e.status[wb] = EBUSY
                 self.m.changed.notify_all()
             todo = todo[rc == 0]
-        if todo.size:
-            e.unmapped[todo] = True
-            e.check_fresh(todo)
         self.phase_ns["unmap"] += time.perf_counter_ns() - t0
         return todo, retry
 
@@ -481,24 +477,27 @@ class _Migration:
     def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
         """Freeze, move and finish the folios of ``moving`` in one compiled call; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
-        obj = m.object(e.oid)
         rc = np.empty(moving.size, dtype=np.int32)
         freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
-        old, new = e.src[moving], e.dst[moving]
+        counts = np.empty(4, dtype=np.int64)
         nfreed, dead = batch_kernels.move_one_vma(
-            old, new, e.nr[moving], e.expected[moving], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
-            pages.mapcount, pages.mapping, pages.index, pages.private, pages.last_cpupid, pages.memcg,
-            pages.order, pages.head, e.oid, obj.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc,
-            freed)
+            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, e.status, e.unmapped, HPAGE_PMD_ORDER,
+            _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping, pages.index,
+            pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
+            vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
         if nfreed == 0:
             return moving
-        busy = rc != 0
-        done = moving[~busy] if busy.any() else moving
         self._free_old(freed[:nfreed])
         if dead:
+            new = e.dst[moving[rc == 0]]
             m.free_folios(new[pages.refcount[new] <= 0])
-        self._count_moved(done)
-        return moving[busy] if busy.any() else moving[:0]
+        s = self.stats
+        s.nr_succeeded += int(counts[0])
+        s.nr_thp_succeeded += int(counts[1])
+        s.nr_large_succeeded += int(counts[2])
+        s.nr_no_copy += int(counts[3])
+        return moving[rc != 0] if int(counts[0]) < (moving.size if e.all_base else int(e.nr[moving].sum())) \
+            else moving[:0]
 
     def _free_old(self, pfns: np.ndarray) -> None:
         """Give the reset frames of old folios back to their allocator."""
