@@ -523,3 +523,68 @@ def test_mprotect_and_mremap_over_holes_fault(m, mm):
     with pytest.raises(AddressFault, match="inside one"):
         mm.mremap(b2, 2 * ps, 4 * ps)
     assert [v.writable for v in mm.vmas] == [True, True, False, True]
+
+
+# -- copy-on-write under concurrent migration -------------------------------------------------------------------
+def test_cow_writers_and_migrators_race_without_losing_a_byte(m, mm):
+    """Parent and child write the pages they share copy-on-write while other threads migrate them (move_all
+    and not, MigrateVma too): each process reads back exactly its own writes, and no frame leaks."""
+    import threading
+
+    from support import WAIT
+
+    ps = m.page_size
+    n = 32
+    addr, data = filled(m, mm, n)
+    child = mm.fork()
+    spaces = {"parent": mm, "child": child}
+    expect = {k: data.copy() for k in spaces}
+    errors: list[BaseException] = []
+
+    def guard(fn, *args):
+        def body():
+            try:
+                fn(*args)
+            except BaseException as exc:  # re-raised on the test's thread
+                errors.append(exc)
+        return threading.Thread(target=body, daemon=True)
+
+    def writer(name: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        space, mine = spaces[name], expect[name]
+        for _ in range(60):
+            i = int(rng.integers(0, n))
+            buf = rng.integers(0, 256, 16, dtype=np.uint8)
+            off = i * ps + int(rng.integers(0, ps - 16))
+            space.write(addr + off, buf)
+            mine[off: off + 16] = buf
+            assert np.array_equal(space.read(addr + i * ps, ps), mine[i * ps: (i + 1) * ps])
+
+    def migrator(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(25):
+            space = spaces["parent" if rng.random() < 0.5 else "child"]
+            first = int(rng.integers(0, n - 4))
+            if rng.random() < 0.2:
+                mv = MigrateVma(space, addr + first * ps, addr + (first + 4) * ps, int(rng.integers(1, 3)))
+                mv.setup()
+                mv.alloc_and_copy()
+                mv.pages()
+                mv.finalize()
+                continue
+            res = space.migrate(addr + first * ps, 4 * ps, int(rng.integers(0, 3)), move_all=bool(rng.random() < 0.5))
+            assert set(res.status.tolist()) <= {0, EACCES, -errno.EAGAIN, -errno.EBUSY}
+
+    threads = [guard(writer, "parent", 1), guard(writer, "child", 2), guard(migrator, 3), guard(migrator, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck: a deadlock or a lost wakeup"
+    if errors:
+        raise errors[0]
+    for name, space in spaces.items():
+        assert np.array_equal(space.read(addr, n * ps), expect[name]), name
+    child.close()
+    mm.close()
+    assert free(m) == START
