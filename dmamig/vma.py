@@ -136,9 +136,9 @@ def forget_anon_slots(m: Machine, pfns: np.ndarray) -> None:
     gone = pfns[pages.mapcount[pfns] == 0]
     mapping = pages.mapping[gone]
     for oid in distinct(mapping[mapping >= 0]):
-        obj = m.object(oid)
-        if obj.shared:
-            continue  # the page cache keeps its pages whether mapped or not
+        obj = m.object_or_none(oid)
+        if obj is None or obj.shared:
+            continue  # released: nothing to forget; shared: the page cache keeps its pages mapped or not
         p = gone[mapping == oid]
         idx = pages.index[p]
         inside = idx < obj.pfns.size
