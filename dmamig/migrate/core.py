@@ -280,6 +280,8 @@ class _Migration:
         Returns the entries that go on (those with a destination, ahead of any -ENOMEM).
         """
         m, e = self.m, self.e
+        if e.all_given:
+            return todo  # NO_COPY onto the caller's destinations: nothing to allocate
         dst = e.dst[todo]
         need = todo[dst < 0] if not (dst < 0).all() else todo
         if need.size == 0:
@@ -437,9 +439,8 @@ class _Migration:
     def _move_pass(self, moving: np.ndarray) -> np.ndarray:
         """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass)."""
         m, e, pages = self.m, self.e, self.m.pages
-        fresh = e.fresh[moving]
         retry = moving[:0]
-        if not fresh.all():
+        if not e.fresh[moving].all():
             # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
             t0 = time.perf_counter_ns()
             with m.lock:
@@ -448,7 +449,8 @@ class _Migration:
                 retry = moving[busy]
                 moving = moving[~busy]
             self.phase_ns["move"] += time.perf_counter_ns() - t0
-        stale = moving[~e.fresh[moving]]
+        fresh = e.fresh[moving]
+        stale = moving[~fresh] if not fresh.all() else moving[:0]
         if stale.size:
             # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
             # outside the metadata lock; the locked, unmapped source cannot change meanwhile.

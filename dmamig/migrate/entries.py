@@ -65,6 +65,7 @@ class Entries:
         # given: destination supplied (and copied) by the caller; fresh: destination content equals the source
         # right now; unmapped: source locked and behind migration entries; counted: failure in the statistics.
         self.given, self.fresh, self.unmapped, self.counted = flags
+        self.all_given = dst is not None  # every destination is the caller's (NO_COPY with dst_pfns)
         if dst is not None:
             self.given[:] = True
         self.status = np.full(n, _UNTRIED, np.int32)
@@ -88,6 +89,10 @@ class Entries:
         if total <= batch_pages:
             self.batch_of[positions] = 0
             return [positions]
+        if self.all_base:  # every folio one page: batches are fixed-size slices
+            self.batch_of[positions] = np.arange(positions.size) // batch_pages
+            size = batch_pages * per_step
+            return [positions[a:a + size] for a in range(0, positions.size, size)]
         nr = self.nr[positions]
         batch_id = (np.cumsum(nr) - nr) // batch_pages
         self.batch_of[positions] = batch_id
@@ -150,6 +155,7 @@ class Entries:
             return np.concatenate([a, np.full(n, fill, dtype=a.dtype)])
 
         self.src = np.concatenate([self.src, heads])
+        self.all_given = False
         self.order, self.nr = cat(self.order, 0), cat(self.nr, 1)
         self.given, self.dst, self.status = cat(self.given, False), cat(self.dst, -1), cat(self.status, _UNTRIED)
         self.expected = cat(self.expected, expected)
