@@ -2,7 +2,8 @@
 
 Both work on VMAs whose pages may be under migration right now, and neither waits for it, as in the kernel:
 
-- ``change_protection`` rewrites the PTE bits in place. Dropping write access clears the write bit of
+- ``change_protection`` splits VMAs at the range's ends, rewrites the PTE bits in place and merges VMAs that
+  continue each other again (``vma_merge``). Dropping write access clears the write bit of
   present PTEs and of migration entries alike (``make_readable_migration_entry``), so a migration that
   finishes afterwards maps its new page read-only. Granting write access sets no bit: the next write faults,
   and the fault reuses or copies the page as copy-on-write demands.
@@ -23,10 +24,10 @@ import numpy as np
 from .errors import AddressFault, InvalidArgument
 from .flags import Prot, PteFlag
 from .mmap import get_unmapped_area, unmap_range
+from .vma import Vma
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
-    from .vma import Vma
 
 __all__ = ["change_protection", "move_vma"]
 
@@ -70,7 +71,33 @@ def change_protection(mm: AddressSpace, addr: int, length: int, prot: Any) -> No
             v.prot = prot
             if not prot & Prot.WRITE:
                 v.pte_flags &= _NOT_WRITE
+        _merge_around(mm, addr, end)
         mm.machine.changed.notify_all()
+
+
+def _mergeable(a: Vma, b: Vma) -> bool:
+    """``is_mergeable_vma``: ``b`` continues ``a`` in address, object, offset and rights."""
+    return (a.end == b.start and a.obj is b.obj and a.chain == b.chain and a.prot == b.prot
+            and a.pgoff + a.npages == b.pgoff)
+
+
+def _merge_around(mm: AddressSpace, addr: int, end: int) -> None:
+    """``vma_merge``: join the VMAs of ``[addr, end)`` and their neighbours that continue each other."""
+    near = [v for v in mm.vmas if v.end >= addr and v.start <= end]
+    run = near[:1]
+    for v in near[1:] + [None]:
+        if v is not None and _mergeable(run[-1], v):
+            run.append(v)
+            continue
+        if len(run) > 1:
+            first = run[0]
+            merged = Vma(mm, first.start, sum(r.npages for r in run), first.obj, first.pgoff,
+                         np.concatenate([r.pte_pfn for r in run]), np.concatenate([r.pte_flags for r in run]),
+                         first.prot, first.chain)
+            for r in run[1:]:
+                mm._replace(r, [])
+            mm._replace(first, [merged])
+        run = [v]
 
 
 def _check_len(name: str, v: Any) -> int:

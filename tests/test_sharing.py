@@ -588,3 +588,65 @@ def test_cow_writers_and_migrators_race_without_losing_a_byte(m, mm):
     child.close()
     mm.close()
     assert free(m) == START
+
+
+def test_mprotect_and_mremap_race_migrations(m, mm):
+    """change_pte_range and move_vma never wait for migrations: VMAs split, lose write and move while the core
+    and MigrateVma have pages of them unmapped; every page still lands, intact, where its mapping now is."""
+    import threading
+
+    from support import WAIT
+
+    ps = m.page_size
+    n = 32
+    addr, data = filled(m, mm, n)
+    mm.mmap(ps)  # growth cannot happen in place: mremap moves the mapping
+    where = {"addr": addr}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def guard(fn, *args):
+        def body():
+            try:
+                fn(*args)
+            except BaseException as exc:  # re-raised on the test's thread
+                errors.append(exc)
+        return threading.Thread(target=body, daemon=True)
+
+    def changer() -> None:
+        rng = np.random.default_rng(5)
+        for k in range(40):
+            with lock:
+                a = where["addr"]
+                first = int(rng.integers(0, n - 4))
+                mm.mprotect(a + first * ps, 4 * ps, Prot.READ if k % 2 == 0 else Prot.READ | Prot.WRITE)
+                if k % 10 == 9:
+                    mm.mprotect(a, n * ps, Prot.READ | Prot.WRITE)
+                    where["addr"] = mm.mremap(a, n * ps, n * ps + ps)
+                    mm.mremap(where["addr"], n * ps + ps, n * ps)
+
+    def migrator(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            with lock:
+                a = where["addr"]
+            first = int(rng.integers(0, n - 4))
+            try:
+                if rng.random() < 0.3:
+                    run_migrate_vma(mm, a + first * ps, a + (first + 4) * ps, int(rng.integers(1, 3)))
+                else:
+                    mm.migrate(a + first * ps, 4 * ps, int(rng.integers(0, 3)))
+            except (AddressFault, InvalidArgument):
+                pass  # the mapping moved or split under the call's range: nothing was changed
+
+    threads = [guard(changer), guard(migrator, 6), guard(migrator, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck: a deadlock or a lost wakeup"
+    if errors:
+        raise errors[0]
+    assert np.array_equal(mm.read(where["addr"], n * ps), data)
+    mm.close()
+    assert free(m) == START
