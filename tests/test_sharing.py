@@ -382,7 +382,7 @@ def test_pin_and_populate_replace_the_zero_page(m, mm, how):
 
 # -- mprotect and mremap ----------------------------------------------------------------------------------------
 def test_mprotect_read_only_refuses_writes_and_splits_the_vma(m, mm):
-    """mprotect_fixup splits the VMA; a write to a read-only mapping faults (SIGSEGV: AddressFault)."""
+    """mprotect_fixup splits the VMA (and vma_merge joins it again); a write to a read-only mapping faults."""
     ps = m.page_size
     addr, data = filled(m, mm, 6)
     mm.mprotect(addr + 2 * ps, 2 * ps, Prot.READ)
@@ -395,6 +395,7 @@ def test_mprotect_read_only_refuses_writes_and_splits_the_vma(m, mm):
     with pytest.raises(AddressFault):
         mm.read(addr, 1)
     mm.mprotect(addr, 6 * ps, Prot.READ | Prot.WRITE)
+    assert [(v.start, v.npages) for v in mm.vmas] == [(addr, 6)]  # vma_merge joined the pieces again
     old = mm.pfn_of(addr + 2 * ps)
     mm.write(addr + 2 * ps, b"w")
     assert mm.pfn_of(addr + 2 * ps) == old  # write access back: the page is reused, not copied
