@@ -11,6 +11,7 @@ from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
 from .mm import AddressSpace
 from .nodes import Node
+from .uvm import DeviceAccessor, UvmOptions, UvmStats
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "AddressFault",
     "AddressSpace",
     "BackendUnavailable",
+    "DeviceAccessor",
     "DmaError",
     "DmamigError",
     "FaultAttr",
@@ -34,5 +36,7 @@ __all__ = [
     "OutOfMemory",
     "PageFlag",
     "PteFlag",
+    "UvmOptions",
+    "UvmStats",
     "__version__",
 ]

@@ -318,6 +318,18 @@ class CpuBackend:
     def zero_frames(self, frames: np.ndarray, idx: np.ndarray) -> None:
         frames[idx] = 0
 
+    def access_frames(self, frames: np.ndarray, idx: np.ndarray, data: np.ndarray | None = None) -> np.ndarray | None:
+        """A device's own access to whole frames: read them (``data`` None) or store ``data`` into them.
+
+        The numpy reference of the CUDA backend's ``page_access`` kernels (``kernels/page_access.cu``):
+        a read gathers ``frames[idx]`` into a host array, a write scatters ``data`` rows to ``frames[idx]``.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        if data is None:
+            return frames[idx]
+        frames[idx] = data
+        return None
+
     def copy_folios(self, src: np.ndarray, src_idx: np.ndarray, dst: np.ndarray, dst_idx: np.ndarray,
                     nr_pages: np.ndarray) -> None:
         """Copy folio ``i`` (``nr_pages[i]`` frames) from ``src[src_idx[i]:]`` to ``dst[dst_idx[i]:]``.

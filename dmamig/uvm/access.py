@@ -1,0 +1,300 @@
+"""Device-side access to an address space: a device node reads and writes virtual memory, UVM-style.
+
+Pages resident on the device are accessed in place (on the CUDA backend by the ``page_access`` kernel on
+that GPU's frames; on the CPU backend by its numpy reference). Other pages fault: the access runs in
+order, and each time its non-resident pages fill a fault batch, the batch is serviced
+(:class:`~dmamig.uvm.faults.FaultService`) and the access replays up to there. A page that cannot come
+(pinned, no room anywhere) is accessed where it is, as a remote access.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .._validate import check_node
+from ..errors import AddressFault, InvalidArgument
+from ..flags import PteFlag
+from ..memory import check_access, read_pages
+from ..migrate.move_pages import _lookup, _lookup_settled
+from .faults import FaultService
+from .options import UvmOptions, UvmStats
+
+if TYPE_CHECKING:
+    from ..mm import AddressSpace
+
+__all__ = ["DeviceAccessor"]
+
+_YOUNG = np.uint8(PteFlag.YOUNG)
+_DIRTY = np.uint8(PteFlag.YOUNG | PteFlag.DIRTY)
+_WRITE = np.uint8(PteFlag.WRITE)
+#: Times an access services its own pages again when they left the device before it reached them.
+REFAULT_TRIES = 2
+
+
+class DeviceAccessor:
+    """Device node ``node`` accessing ``mm``'s memory, faulting non-resident pages to itself.
+
+    Parameters
+    ----------
+    mm : AddressSpace
+        The address space the device works in (HMM/UVM share the process's page tables).
+    node : int
+        A device node of the machine.
+    options : UvmOptions, optional
+        Fault batching, prefetch, copy or no-copy servicing, eviction policy.
+
+    Notes
+    -----
+    Every method is thread-safe as the address space is. Counters accumulate in :attr:`stats`; CPU faults
+    that bring pages back are the machine's ``vmstat["migrate_to_ram"]``.
+    """
+
+    def __init__(self, mm: AddressSpace, node: int, options: UvmOptions | None = None):
+        m = mm.machine
+        node = check_node(m, "node", node)
+        if m.nodes[node].kind != "device":
+            raise InvalidArgument(f"node {node} is host memory; a DeviceAccessor needs a device node "
+                                  f"(1..{len(m.nodes) - 1})")
+        if options is None:
+            options = UvmOptions()
+        elif not isinstance(options, UvmOptions):
+            raise InvalidArgument(f"options must be a UvmOptions or None, got {options!r}")
+        self.mm, self.node, self.options = mm, node, options
+        self.stats = UvmStats()
+        self._svc = FaultService(mm, node, options, self.stats)
+
+    # -- public API ----------------------------------------------------------------------------------------------
+    def read(self, addr: int, length: int) -> np.ndarray:
+        """Read ``length`` bytes at ``addr`` on the device; return a host copy (uint8)."""
+        addr, length = self.mm._check_range(addr, length, aligned=False)
+        ps = self.mm.machine.page_size
+        first = addr - addr % ps
+        npages = -(-(addr + length - first) // ps)
+        out = np.empty((npages, ps), dtype=np.uint8)
+
+        def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
+            out[lo:hi] = self._load(pfns)
+
+        self._run(first + np.arange(npages, dtype=np.int64) * ps, False, visit, contiguous=True)
+        off = addr - first
+        return out.reshape(-1)[off: off + length].copy()
+
+    def write(self, addr: int, data: Any) -> None:
+        """Write ``data`` (bytes-like or uint8 array) at ``addr`` from the device."""
+        from ..mm import _as_bytes
+
+        buf = _as_bytes(data)
+        addr, length = self.mm._check_range(addr, buf.size, aligned=False)
+        ps = self.mm.machine.page_size
+        first = addr - addr % ps
+        npages = -(-(addr + length - first) // ps)
+        rows = np.empty((npages, ps), dtype=np.uint8)
+        off, end = addr - first, addr - first + length
+        rows.reshape(-1)[off:end] = buf
+        tail = npages * ps - end  # bytes of the last page after the data, kept as they are
+
+        def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
+            chunk = rows[lo:hi]
+            if lo == 0 and off:
+                chunk[0, :off] = self._load(pfns[:1])[0, :off]
+            if hi == npages and tail:
+                chunk[-1, ps - tail:] = self._load(pfns[-1:])[0, ps - tail:]
+            self._store(pfns, chunk)
+
+        self._run(first + np.arange(npages, dtype=np.int64) * ps, True, visit, contiguous=True)
+
+    def read_pages(self, addrs: Any) -> np.ndarray:
+        """Read whole pages at page-aligned ``addrs`` (any order, repeats allowed): ``(len(addrs), page_size)``."""
+        addrs = self._as_page_addrs(addrs)
+        out = np.empty((addrs.size, self.mm.machine.page_size), dtype=np.uint8)
+
+        def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
+            out[lo:hi] = self._load(pfns)
+
+        self._run(addrs, False, visit)
+        return out
+
+    def write_pages(self, addrs: Any, data: Any) -> None:
+        """Write whole pages: ``data[i]`` (``(len(addrs), page_size)`` uint8) to the page at ``addrs[i]``.
+
+        Where an address repeats, the last of its rows is what stays.
+        """
+        addrs = self._as_page_addrs(addrs)
+        ps = self.mm.machine.page_size
+        data = np.asarray(data)
+        if data.dtype != np.uint8 or data.shape != (addrs.size, ps):
+            raise InvalidArgument(f"data must be a uint8 array of shape ({addrs.size}, {ps}), got "
+                                  f"{data.dtype} {data.shape}")
+
+        def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
+            p, rows = pfns, data[lo:hi]
+            _, last = np.unique(p[::-1], return_index=True)
+            keep = p.size - 1 - last
+            self._store(p[keep], rows[keep])
+
+        self._run(addrs, True, visit)
+
+    def touch(self, addr: int, length: int, write: bool = False) -> int:
+        """Access ``[addr, addr + length)`` without moving data to the host; return the pages touched.
+
+        A read touch reads every byte of every page on the device (a per-page checksum, the
+        ``page_checksum`` kernel on CUDA); a write touch makes the pages writable and dirty in place.
+        """
+        addr, length = self.mm._check_range(addr, length, aligned=False)
+        m = self.mm.machine
+        ps = m.page_size
+        first = addr - addr % ps
+        npages = -(-(addr + length - first) // ps)
+
+        def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
+            if not write:
+                self._checksum(pfns)
+
+        self._run(first + np.arange(npages, dtype=np.int64) * ps, write, visit, contiguous=True)
+        return npages
+
+    def reset_stats(self) -> UvmStats:
+        """Start the counters again; return the old ones."""
+        old = self.stats
+        self.stats = UvmStats()
+        self._svc.stats = self.stats
+        return old
+
+    # -- the access loop -----------------------------------------------------------------------------------------
+    def _as_page_addrs(self, addrs: Any) -> np.ndarray:
+        arr = np.asarray(addrs)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidArgument(f"addrs must be a non-empty 1-D array of integers, got {arr.dtype} {arr.shape}")
+        ps = self.mm.machine.page_size
+        if (arr < 0).any() or (arr % ps).any():
+            raise InvalidArgument(f"addrs must be page-aligned ({ps} bytes) and >= 0")
+        return arr.astype(np.int64)
+
+    def _run(self, addrs: np.ndarray, write: bool, visit: Callable[[int, int, np.ndarray], None],
+             contiguous: bool = False) -> None:
+        """Access page ``addrs[i]`` in order, calling ``visit(lo, hi, pfns)`` on each serviced stretch."""
+        self.mm._check_open()
+        m = self.mm.machine
+        if contiguous:
+            uniq, inv = addrs, np.arange(addrs.size, dtype=np.int64)
+        else:
+            uniq, inv = np.unique(addrs, return_inverse=True)
+        with m.changed:
+            pfns, mapped = _lookup_settled(self.mm, uniq)
+            if not mapped.all():
+                raise AddressFault(f"device access at {int(uniq[~mapped][0]):#x}: address not mapped")
+            for v, pos, _slots in _lookup(self.mm, uniq)[1]:
+                check_access(v, int(uniq[pos[0]]), write)
+            known = pfns >= 0
+            known[known] = m.nodemap.node_of(pfns[known]) == self.node
+        self.stats.accesses += 1
+        self.stats.pages_resident += int(known[inv].sum())
+        k = self.options.faults_per_page if contiguous else 1
+        per_batch = max(1, -(-self.options.fault_batch_size // k))
+        n, ptr = inv.size, 0
+        while ptr < n:
+            end = self._batch_end(known, inv, ptr, per_batch)
+            chunk = inv[ptr:end]
+            fault_idx = chunk[~known[chunk]]
+            if fault_idx.size:
+                entries = uniq[fault_idx]
+                done = self._svc.service_batch(np.repeat(entries, k) if k > 1 else entries)
+                known[fault_idx] = True
+                pos = np.searchsorted(uniq, done) if not contiguous else (done - uniq[0]) // m.page_size
+                ok = (pos >= 0) & (pos < uniq.size)
+                ok[ok] = uniq[pos[ok]] == done[ok]
+                known[pos[ok]] = True
+            self._access_chunk(uniq, chunk, ptr, end, write, visit)
+            ptr = end
+
+    @staticmethod
+    def _batch_end(known: np.ndarray, inv: np.ndarray, ptr: int, per_batch: int) -> int:
+        """End of the stretch from ``ptr`` whose non-resident entries fill one fault batch."""
+        n = inv.size
+        w = per_batch * 4
+        while True:
+            miss = np.flatnonzero(~known[inv[ptr: ptr + w]])
+            if miss.size >= per_batch:
+                return ptr + int(miss[per_batch - 1]) + 1
+            if ptr + w >= n:
+                return n
+            w *= 4
+
+    def _access_chunk(self, uniq: np.ndarray, chunk: np.ndarray, lo: int, hi: int, write: bool,
+                      visit: Callable[[int, int, np.ndarray], None]) -> None:
+        """Access entries ``[lo, hi)`` in place once their pages are on the device (or cannot come)."""
+        m, st = self.mm.machine, self.stats
+        cu = np.unique(chunk)
+        addrs = uniq[cu]
+        for attempt in range(REFAULT_TRIES + 1):
+            t0 = time.perf_counter_ns()
+            with m.changed:
+                pfns, mapped = _lookup_settled(self.mm, addrs)
+                if not mapped.all():
+                    raise AddressFault(f"device access at {int(addrs[~mapped][0]):#x}: unmapped during the access")
+                on = pfns >= 0
+                on[on] = m.nodemap.node_of(pfns[on]) == self.node
+                st.service_ns["replay"] += time.perf_counter_ns() - t0
+                if on.all() or attempt == REFAULT_TRIES:
+                    t1 = time.perf_counter_ns()
+                    if write:
+                        self._svc.make_writable(addrs)
+                        pfns, _ = _lookup_settled(self.mm, addrs)
+                    st.pages_remote += int((~on).sum())
+                    visit(lo, hi, pfns[np.searchsorted(cu, chunk)])
+                    self._mark(addrs, write)
+                    self._svc.tracker.touch(self.mm, addrs[on] // self._svc.block_size)
+                    st.access_ns += time.perf_counter_ns() - t1
+                    return
+                missing = addrs[~on]
+            # The pages left the device since they were serviced (evicted for a later batch, or taken by the
+            # CPU or another device): they fault again, as a replayed access would.
+            self._svc.service_batch(missing)
+
+    def _mark(self, addrs: np.ndarray, write: bool) -> None:
+        bits = _DIRTY if write else _YOUNG
+        for v, _pos, slots in _lookup(self.mm, addrs)[1]:
+            v.pte_flags[slots] |= bits
+
+    # -- in-place data access (caller holds the lock) -----------------------------------------------------------
+    def _on_device(self, pfns: np.ndarray) -> np.ndarray:
+        m = self.mm.machine
+        on = pfns >= 0
+        on[on] = m.nodemap.node_of(pfns[on]) == self.node
+        return on
+
+    def _load(self, pfns: np.ndarray) -> np.ndarray:
+        """Page contents: device pages by the device's access kernel, the others where they are."""
+        m = self.mm.machine
+        on = self._on_device(pfns)
+        if not on.any():
+            return read_pages(m, pfns)
+        nd = m.nodes[self.node]
+        if on.all():
+            return m.backend.access_frames(nd.frames, pfns - nd.base_pfn)
+        out = read_pages(m, np.where(on, -1, pfns))
+        out[on] = m.backend.access_frames(nd.frames, pfns[on] - nd.base_pfn)
+        return out
+
+    def _store(self, pfns: np.ndarray, rows: np.ndarray) -> None:
+        m = self.mm.machine
+        on = self._on_device(pfns)
+        nd = m.nodes[self.node]
+        if on.any():
+            m.backend.access_frames(nd.frames, pfns[on] - nd.base_pfn, np.ascontiguousarray(rows[on]))
+            m.pages.note_written(pfns[on])
+        if not on.all():
+            m.write_pfns(pfns[~on], np.ascontiguousarray(rows[~on]))
+
+    def _checksum(self, pfns: np.ndarray) -> None:
+        m = self.mm.machine
+        on = self._on_device(pfns)
+        nd = m.nodes[self.node]
+        if on.any():
+            m.backend.checksum_frames(nd.frames, pfns[on] - nd.base_pfn)
+        rest = pfns[~on & (pfns >= 0)]
+        if rest.size:
+            m.read_pfns(rest)

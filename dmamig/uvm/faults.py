@@ -1,0 +1,187 @@
+"""Servicing a batch of device faults, as UVM's fault handler does.
+
+One batch: the fetched fault-buffer entries are deduplicated and grouped by 2 MiB virtual block; the
+prefetch policy widens each block's faulted pages; the device makes room by evicting other blocks when it is
+short of frames; untouched pages get zeroed pages on the device (nothing to copy); pages resident elsewhere
+go through the migration core, copied by the DMA engine (no-copy migration) or the migrating thread; then the
+access is replayed. Service time is split into :data:`~dmamig.uvm.options.SERVICE_PHASES`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import OutOfMemory
+from ..flags import MigrateMode, PteFlag
+from ..memory import _fault_absent, _wp_pages
+from ..migrate.core import collect_folios, run_migration
+from ..migrate.move_pages import _lookup, _lookup_settled
+from .evict import evict_block, tracker_of
+from .options import VA_BLOCK_SIZE, UvmOptions, UvmStats
+from .prefetch import density_prefetch
+
+if TYPE_CHECKING:
+    from ..mm import AddressSpace
+
+__all__ = ["FaultService"]
+
+_WRITE = np.uint8(PteFlag.WRITE)
+
+
+class FaultService:
+    """Services the faults of one device node on one address space, counting into ``stats``."""
+
+    def __init__(self, mm: AddressSpace, node: int, options: UvmOptions, stats: UvmStats):
+        m = mm.machine
+        self.mm, self.node, self.options, self.stats = mm, node, options, stats
+        ps = m.page_size
+        self.block_size = max(VA_BLOCK_SIZE, ps)
+        self.block_pages = self.block_size // ps
+        self.tracker = tracker_of(m, node)
+        self.engine = m.dma if options.no_copy else None
+        self.mode = MigrateMode.SYNC | MigrateMode.NO_COPY if options.no_copy else MigrateMode.SYNC
+
+    # -- one batch ---------------------------------------------------------------------------------------------
+    def service_batch(self, entries: np.ndarray) -> np.ndarray:
+        """Service fault-buffer ``entries`` (page addresses, duplicates allowed); return the pages handled.
+
+        The returned page addresses (faulted and prefetched) were brought to the device, or could not be and
+        will be accessed where they are. The caller holds no lock.
+        """
+        st, m = self.stats, self.mm.machine
+        t0 = time.perf_counter_ns()
+        uniq = np.unique(entries)
+        st.faults += int(entries.size)
+        st.duplicates += int(entries.size - uniq.size)
+        st.batches += 1
+        st.pages_faulted += int(uniq.size)
+        ps, bs, bp = m.page_size, self.block_size, self.block_pages
+        blocks = np.unique(uniq // bs)
+        cand = (blocks[:, None] * bs + np.arange(bp, dtype=np.int64) * ps).reshape(-1)
+        with m.changed:
+            pfns, valid = self._lookup_valid(cand)
+            resident = (pfns >= 0) & valid
+            resident[resident] = m.nodemap.node_of(pfns[resident]) == self.node
+        faulted = np.zeros(cand.size, dtype=bool)
+        faulted[np.searchsorted(blocks, uniq // bs) * bp + (uniq % bs) // ps] = True
+        t1 = time.perf_counter_ns()
+        st.service_ns["fetch"] += t1 - t0
+        if self.options.prefetch == "density":
+            want = density_prefetch(faulted.reshape(-1, bp), resident.reshape(-1, bp), valid.reshape(-1, bp),
+                                    self.options.prefetch_threshold).reshape(-1)
+        else:
+            want = faulted & valid & ~resident
+        t2 = time.perf_counter_ns()
+        st.service_ns["prefetch"] += t2 - t1
+        addrs = cand[want]
+        prefetched = int((want & ~faulted).sum())
+        if addrs.size:
+            need = self._frames_needed(pfns[want])
+            self._make_room(need, {(self.mm, int(b)) for b in blocks.tolist()})
+            self._bring_in(addrs)
+            st.pages_prefetched += prefetched
+        self.tracker.touch(self.mm, blocks)
+        st.replays += 1
+        return np.union1d(addrs, uniq)
+
+    def _lookup_valid(self, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pfns of ``addrs`` and whether each lies in a readable mapping (caller holds ``changed``)."""
+        pfns, mapped = _lookup_settled(self.mm, addrs)
+        valid = mapped.copy()
+        for v in self.mm.vmas:
+            if not v.readable:
+                valid[(addrs >= v.start) & (addrs < v.end)] = False
+        return pfns, valid
+
+    def _frames_needed(self, pfns: np.ndarray) -> int:
+        """Device frames the pages ``pfns`` need: one per absent page, whole folios for present ones."""
+        pages = self.mm.machine.pages
+        present = pfns[pfns >= 0]
+        heads = np.unique(pages.head[present]) if present.size else present
+        return int((pfns < 0).sum()) + int(pages.nr_pages(heads).sum() if heads.size else 0)
+
+    # -- eviction ----------------------------------------------------------------------------------------------
+    def _make_room(self, need: int, exclude: set) -> None:
+        """Evict blocks in policy order until ``need`` frames are free (or nothing more can go)."""
+        m, st = self.mm.machine, self.stats
+        nd = m.nodes[self.node]
+        with m.lock:
+            if nd.free_pages >= need:
+                return
+        t0 = time.perf_counter_ns()
+        for mm, block in self.tracker.victims(self.options.eviction, exclude):
+            with m.lock:
+                if nd.free_pages >= need:
+                    break
+            n, _res = evict_block(mm, block, self.block_size, self.node, self.engine,
+                                  self.options.migrate_options)
+            # The entry goes even when some pages could not move (pinned): retrying them on every batch
+            # would only repeat the failure; a later access of the block tracks it again.
+            self.tracker.forget(mm, block)
+            st.pages_evicted += n
+            st.bytes_evicted += n * m.page_size
+            st.blocks_evicted += bool(n)
+        st.service_ns["evict"] += time.perf_counter_ns() - t0
+
+    # -- populate and migrate ----------------------------------------------------------------------------------
+    def _bring_in(self, addrs: np.ndarray) -> None:
+        """Give absent pages zeroed device pages and migrate the others onto the device."""
+        m, st, mm = self.mm.machine, self.stats, self.mm
+        t0 = time.perf_counter_ns()
+        t_thread = time.thread_time_ns()
+        with m.changed:
+            pfns, hits = _lookup(mm, addrs)
+            for v, pos, slots in hits:
+                absent = slots[pfns[pos] < 0]
+                if absent.size:
+                    st.pages_populated += self._populate(v, absent)
+            pfns, _ = _lookup_settled(mm, addrs)
+            present = pfns >= 0
+            present[present] = m.nodemap.node_of(pfns[present]) != self.node
+            move = pfns[present]
+            t_wall = time.perf_counter_ns()
+            st.service_ns["populate"] += t_wall - t0
+            status, heads = collect_folios(m, move, self.node) if move.size else (None, move)
+        if heads.size:
+            res = run_migration(m, heads, self.node, self.mode, self.engine, None, move, status, t_thread, t_wall,
+                                self.options.migrate_options)
+            st.pages_migrated += res.nr_succeeded
+            st.bytes_migrated += res.nr_succeeded * m.page_size
+            for k, v in res.phase_ns.items():
+                st.service_ns[k] += v
+
+    def _populate(self, vma: object, slots: np.ndarray) -> int:
+        """Zeroed pages for untouched slots, on the device, or on the host when neither room nor eviction
+        could free enough (then accessed remotely). Returns the pages placed on the device."""
+        mm = self.mm
+        try:
+            _fault_absent(mm, vma, slots, self.node)
+            return int(slots.size)
+        except OutOfMemory:
+            _fault_absent(mm, vma, slots, 0)
+            return 0
+
+    def make_writable(self, addrs: np.ndarray) -> None:
+        """Break copy-on-write (or restore the write bit of shared pages) for a device write to ``addrs``.
+
+        The caller holds ``changed``. The private copy goes on the device, or on the host when it is full.
+        """
+        mm = self.mm
+        pfns, hits = _lookup(mm, addrs)
+        for v, pos, slots in hits:
+            p = pfns[pos]
+            if v.shared:
+                v.pte_flags[slots[p >= 0]] |= _WRITE
+                continue
+            absent = slots[p < 0]
+            if absent.size:
+                self._populate(v, absent)
+            wp = slots[(p >= 0) & ((v.pte_flags[slots] & _WRITE) == 0)]
+            if wp.size:
+                try:
+                    _wp_pages(mm, v, wp, self.node)
+                except OutOfMemory:
+                    _wp_pages(mm, v, wp, 0)
