@@ -130,7 +130,8 @@ class Machine:
             from .dma import DmaEngine
 
             self._dma = DmaEngine(nodes=self._nodes, nodemap=self.nodemap, backend=self._backend,
-                                  page_size=self._page_size, channels=self._channels, faults=self._faults)
+                                  page_size=self._page_size, channels=self._channels, faults=self._faults,
+                                  on_submit=self.pages.note_written)
         return self._dma
 
     # -- address spaces --------------------------------------------------------------------------------------

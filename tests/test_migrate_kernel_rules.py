@@ -319,3 +319,18 @@ def test_sigint_inside_a_phase_is_held_until_the_phase_ends(m, mm, monkeypatch):
     assert (mm.nodes_of(addr, 2 * NR * ps) == 0).all()
     assert np.array_equal(mm.read(addr, 2 * NR * ps), data)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_dma_copy_after_the_last_write_is_current(m, mm):
+    """A source written before the caller's DMA copy, but after its destination was allocated: the copy is
+    current, so the migration moves state only."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 8)
+    src = np.array([mm.pfn_of(addr + i * ps) for i in range(8)])
+    dst = m.alloc_pages(1, 8)
+    mm.write(addr, b"written after the allocation, before the copy")
+    m.dma.copy(src, dst).wait()
+    res = m.migrate_pages(src, 1, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
+    assert res.ok and res.stats.nr_no_copy == 8
+    data[:45] = np.frombuffer(b"written after the allocation, before the copy", np.uint8)
+    assert np.array_equal(mm.read(addr, 8 * ps), data)

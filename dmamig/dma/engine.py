@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +99,8 @@ class DmaEngine:
     """
 
     def __init__(self, nodes: Any, nodemap: Any, backend: Any, page_size: int = 4096, channels: int = 4,
-                 options: PlanOptions | None = None, faults: FaultPoints | None = None):
+                 options: PlanOptions | None = None, faults: FaultPoints | None = None,
+                 on_submit: Callable[[np.ndarray], None] | None = None):
         if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 1:
             raise InvalidArgument(f"channels must be an integer >= 1, got {channels!r}")
         if not isinstance(page_size, (int, np.integer)) or page_size < 1:
@@ -117,6 +119,9 @@ class DmaEngine:
         self._lock = threading.Lock()
         self._closed = False
         self.faults = faults if faults is not None else FaultPoints()
+        # Told the destination pfns of every submission before it is queued (the machine records that their
+        # content changes, so a NO_COPY migration can tell a current copy from a stale one).
+        self._on_submit = on_submit
         self._seq = 0
         self._stats = DmaStats()
         self._base_busy = [0.0] * int(channels)
@@ -287,6 +292,8 @@ class DmaEngine:
         if src.size == 0:
             return DONE
         plan = self._plan(src, dst)
+        if self._on_submit is not None:
+            self._on_submit(dst)
         # Submission happens under the engine lock so that close() cannot slip between the check and the
         # queueing: no share is ever queued behind a channel's stop.
         with self._lock:
