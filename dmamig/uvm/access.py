@@ -10,7 +10,8 @@ order, and each time its non-resident pages fill a fault batch, the batch is ser
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -201,7 +202,8 @@ class DeviceAccessor:
             fault_idx = chunk[~known[chunk]]
             if fault_idx.size:
                 entries = uniq[fault_idx]
-                done = self._svc.service_batch(np.repeat(entries, k) if k > 1 else entries)
+                done = self._svc.service_batch(np.repeat(entries, k) if k > 1 else entries,
+                                               self._blocks(uniq[np.unique(chunk)]))
                 known[fault_idx] = True
                 pos = np.searchsorted(uniq, done) if not contiguous else (done - uniq[0]) // m.page_size
                 ok = (pos >= 0) & (pos < uniq.size)
@@ -252,7 +254,10 @@ class DeviceAccessor:
                 missing = addrs[~on]
             # The pages left the device since they were serviced (evicted for a later batch, or taken by the
             # CPU or another device): they fault again, as a replayed access would.
-            self._svc.service_batch(missing)
+            self._svc.service_batch(missing, self._blocks(addrs))
+
+    def _blocks(self, addrs: np.ndarray) -> np.ndarray:
+        return np.unique(addrs // self._svc.block_size)
 
     def _mark(self, addrs: np.ndarray, write: bool) -> None:
         bits = _DIRTY if write else _YOUNG

@@ -60,6 +60,10 @@ class BlockTracker:
         """Record an access to ``blocks`` (block numbers) of ``mm`` now."""
         t = next(self._tick)
         use = self._use
+        # Blocks of closed address spaces hold nothing any more (their pages were freed): drop them here, so
+        # that the tracker never keeps a closed address space alive.
+        for key in [k for k in use if k[0]._closed]:
+            del use[key]
         for b in np.unique(blocks).tolist():
             key = (mm, b)
             old = use.get(key)

@@ -45,11 +45,12 @@ class FaultService:
         self.mode = MigrateMode.SYNC | MigrateMode.NO_COPY if options.no_copy else MigrateMode.SYNC
 
     # -- one batch ---------------------------------------------------------------------------------------------
-    def service_batch(self, entries: np.ndarray) -> np.ndarray:
+    def service_batch(self, entries: np.ndarray, protect: np.ndarray | None = None) -> np.ndarray:
         """Service fault-buffer ``entries`` (page addresses, duplicates allowed); return the pages handled.
 
         The returned page addresses (faulted and prefetched) were brought to the device, or could not be and
-        will be accessed where they are. The caller holds no lock.
+        will be accessed where they are. Blocks in ``protect`` (block numbers: the rest of the stretch the
+        access replays next) are not evicted to make room. The caller holds no lock.
         """
         st, m = self.stats, self.mm.machine
         t0 = time.perf_counter_ns()
@@ -80,7 +81,8 @@ class FaultService:
         prefetched = int((want & ~faulted).sum())
         if addrs.size:
             need = self._frames_needed(pfns[want])
-            self._make_room(need, {(self.mm, int(b)) for b in blocks.tolist()})
+            keep = blocks if protect is None else np.union1d(blocks, protect)
+            self._make_room(need, {(self.mm, int(b)) for b in keep.tolist()})
             self._bring_in(addrs)
             st.pages_prefetched += prefetched
         self.tracker.touch(self.mm, blocks)
