@@ -84,8 +84,13 @@ _WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
 _LRU = np.uint32(PageFlag.LRU)
 
 
+_CHECKED_MODES: dict[tuple[MigrateMode, bool], MigrateMode] = {}  # valid (mode, allow_no_copy) pairs seen
+
+
 def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
     """Validate a MigrateMode: exactly one of ASYNC, SYNC_LIGHT, SYNC, plus NO_COPY where allowed."""
+    if isinstance(mode, MigrateMode) and (mode, allow_no_copy) in _CHECKED_MODES:
+        return mode  # flag arithmetic on enums is slow; a mode once accepted is accepted again
     if not isinstance(mode, MigrateMode):
         raise InvalidArgument(f"mode must be a MigrateMode (ASYNC, SYNC_LIGHT or SYNC), got {mode!r}")
     base = mode & _MODE_MASK
@@ -94,6 +99,7 @@ def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
     if mode & MigrateMode.NO_COPY and not allow_no_copy:
         raise InvalidArgument("NO_COPY needs destinations whose content is already copied: pass engine=m.dma "
                               "here, or use m.migrate_pages(..., dst_pfns=...)")
+    _CHECKED_MODES[(mode, allow_no_copy)] = mode
     return mode
 
 
