@@ -19,7 +19,7 @@ import numpy as np
 
 from .flags import PteFlag
 from .memory import fault
-from .vma import MemObject, Vma
+from .vma import NO_PFN, MemObject, Vma
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
@@ -79,7 +79,7 @@ def _dup_private(parent: AddressSpace, child: AddressSpace, v: Vma) -> None:
     cv = Vma(child, v.start, v.npages, obj, v.pgoff, v.pte_pfn.copy(), v.pte_flags.copy(), v.prot,
              (obj,) + v.chain)
     pinned = _pinned_slots(parent, v)
-    cv.pte_pfn[pinned] = -1
+    cv.pte_pfn[pinned] = NO_PFN
     cv.pte_flags[pinned] = 0
     child._insert(cv)
     shared = np.flatnonzero(cv.pte_pfn >= 0)

@@ -71,7 +71,8 @@ def fault(mm: AddressSpace, vma: Vma, s0: int, s1: int, node: int, write: bool) 
 
     ``write`` asks for pages this VMA owns alone (a write, a pin, populate of a writable mapping): absent and
     zero-page slots get new pages and copy-on-write pages are broken. The write bit is granted only where the
-    VMA is writable. Raises OutOfMemory, with nothing changed, when ``node`` is short of frames.
+    VMA is writable. Raises OutOfMemory when ``node`` is short of frames: no page is half made, though slots
+    faulted before the shortage (absent ones, when copy-on-write pages then find no frame) stay mapped.
     """
     if vma.shared:
         _fault_absent(mm, vma, s0 + np.flatnonzero(vma.pte_pfn[s0:s1] == NO_PFN), node)
