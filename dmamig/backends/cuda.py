@@ -1259,6 +1259,53 @@ class CudaBackend:
         """Whether channels use ``cuMemcpyBatchAsync`` (see ``batch_copy_reason`` when not)."""
         return self._batch is not None
 
+    def access_frames(self, frames: Any, idx: np.ndarray, data: np.ndarray | None = None) -> np.ndarray | None:
+        """A device's own access to whole frames, by the ``page_access`` kernels on that device.
+
+        A read (``data`` None) gathers the frames at ``idx`` into a device buffer with ``page_access_read``
+        and returns its host copy; a write stages ``data`` in a device buffer and scatters it with
+        ``page_access_write``. Host frames, pages whose size is not a multiple of 16, and kernels that cannot
+        be built fall back to :meth:`read_frames` / :meth:`write_frames`. Synchronous.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        page = int(frames.shape[1])
+        read = data is None
+        if isinstance(frames, np.ndarray) or idx.size == 0:
+            if read:
+                return self.read_frames(frames, idx)
+            self.write_frames(frames, idx, data)
+            return None
+        dev = max(_device_of(frames), 0)
+        func = "page_access_read" if read else "page_access_write"
+        kernel = None if page % 16 else self.kernel(dev, "page_access.cu", func)
+        if kernel is None:
+            if read:
+                return self.read_frames(frames, idx)
+            self.write_frames(frames, idx, data)
+            return None
+        addrs = (_ptr(frames) + idx * page).astype(np.uint64)
+        nbytes = idx.size * page
+        host = np.empty((idx.size, page), dtype=np.uint8) if read else \
+            np.ascontiguousarray(data, dtype=np.uint8).reshape(idx.size, page)
+        # The dense page buffer starts 256-byte aligned after the address list (uint4 accesses need 16).
+        offset = -(-addrs.nbytes // 256) * 256
+        rt = self._rt
+
+        def op(s: Any) -> np.ndarray | None:
+            buf = self._sync_buffer(dev, offset + nbytes)
+            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            if not read:
+                rt.memcpyAsync(buf + offset, int(host.ctypes.data), nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            with s:
+                kernel((min(idx.size, MAX_GRID),), (BLOCK_THREADS,),
+                       (np.uint64(buf), np.uint64(buf + offset), np.uint64(idx.size), np.uint64(page)))
+            if read:
+                rt.memcpyAsync(int(host.ctypes.data), buf + offset, nbytes, _MEMCPY_DEVICE_TO_HOST, s.ptr)
+                return host
+            return None
+
+        return self._device_op(dev, "device access to frames", op)
+
     def checksum_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
         """Per-page checksums with the ``page_checksum`` kernel (pinned host pages are read through UVA).
 

@@ -279,9 +279,9 @@ class DeviceAccessor:
             return read_pages(m, pfns)
         nd = m.nodes[self.node]
         if on.all():
-            return m.backend.access_frames(nd.frames, pfns - nd.base_pfn)
+            return _device_access(m.backend, nd.frames, pfns - nd.base_pfn)
         out = read_pages(m, np.where(on, -1, pfns))
-        out[on] = m.backend.access_frames(nd.frames, pfns[on] - nd.base_pfn)
+        out[on] = _device_access(m.backend, nd.frames, pfns[on] - nd.base_pfn)
         return out
 
     def _store(self, pfns: np.ndarray, rows: np.ndarray) -> None:
@@ -289,7 +289,7 @@ class DeviceAccessor:
         on = self._on_device(pfns)
         nd = m.nodes[self.node]
         if on.any():
-            m.backend.access_frames(nd.frames, pfns[on] - nd.base_pfn, np.ascontiguousarray(rows[on]))
+            _device_access(m.backend, nd.frames, pfns[on] - nd.base_pfn, np.ascontiguousarray(rows[on]))
             m.pages.note_written(pfns[on])
         if not on.all():
             m.write_pfns(pfns[~on], np.ascontiguousarray(rows[~on]))
@@ -303,3 +303,14 @@ class DeviceAccessor:
         rest = pfns[~on & (pfns >= 0)]
         if rest.size:
             m.read_pfns(rest)
+
+
+def _device_access(backend: Any, frames: Any, idx: np.ndarray, data: np.ndarray | None = None) -> Any:
+    """The backend's device access kernels, or its plain frame reads and writes where it has none."""
+    fn = getattr(backend, "access_frames", None)
+    if fn is not None:
+        return fn(frames, idx, data)
+    if data is None:
+        return backend.read_frames(frames, idx)
+    backend.write_frames(frames, idx, data)
+    return None

@@ -1,0 +1,58 @@
+"""Device-side access on a real GPU: the page_access kernels against their numpy reference, and faults
+serviced into real device memory (run only where a CUDA GPU is usable)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dmamig import DeviceAccessor, Machine, UvmOptions
+from dmamig.backends.cpu import CpuBackend
+
+pytestmark = pytest.mark.gpu
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def cuda(gpu_required):
+    from dmamig.backends.cuda import CudaBackend
+
+    backend = CudaBackend()
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("page", [PAGE, 64 << 10])
+def test_page_access_kernels_match_the_reference(cuda, page):
+    rng = np.random.default_rng(0)
+    n = 300
+    frames = cuda.alloc_frames("device", 0, n, page)
+    ref = CpuBackend().alloc_frames("device", 0, n, page)
+    init = rng.integers(0, 256, (n, page), dtype=np.uint8)
+    cuda.write_frames(frames, np.arange(n), init)
+    ref[:] = init
+    idx = rng.permutation(n)[:200]
+    np.testing.assert_array_equal(cuda.access_frames(frames, idx), CpuBackend().access_frames(ref, idx))
+    rows = rng.integers(0, 256, (idx.size, page), dtype=np.uint8)
+    cuda.access_frames(frames, idx, rows)
+    CpuBackend().access_frames(ref, idx, rows)
+    np.testing.assert_array_equal(cuda.read_frames(frames, np.arange(n)), ref)
+    assert cuda.kernel(0, "page_access.cu", "page_access_read") is not None
+
+
+@pytest.mark.parametrize("no_copy", [True, False])
+def test_faults_through_real_device_memory_oversubscribed(gpu_required, no_copy):
+    with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2) as m:
+        mm = m.address_space()
+        n = 2048  # twice the device
+        a = mm.mmap(n * PAGE)
+        data = np.random.default_rng(1).integers(0, 256, n * PAGE, dtype=np.uint8)
+        mm.write(a, data)
+        acc = DeviceAccessor(mm, 1, UvmOptions(no_copy=no_copy))
+        assert (acc.read(a, n * PAGE) == data).all()
+        data[::PAGE] = 5
+        acc.write_pages(a + np.arange(n) * PAGE, data.reshape(n, PAGE))
+        assert acc.stats.pages_evicted > 0
+        assert (mm.read(a, n * PAGE) == data).all()
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [4096, 1024]
