@@ -163,7 +163,9 @@ def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engi
 
     The kernel flushes its page list whenever the target node changes from one address to the next; grouping
     every address of a node into one run places the pages the same way with fewer passes. Statuses are read
-    back from the page tables at the end, so a page named twice reports where it finally is.
+    back from the page tables at the end, so a page named twice reports where it finally is. An address whose
+    page is under migration is waited for, as ``migrate`` waits, where the kernel's page walk would skip the
+    migration entry and report ``-ENOENT``.
     """
     mm._check_open()
     m = mm.machine
