@@ -203,8 +203,9 @@ def test_dma_copy_fence_and_fault_settings(world, data):
         dsts = data.draw(st.one_of(st.just(dst), st.just(dst[::-1]), junk), label="dst")
         fence, exc = attempt(m, m.dma.copy, src, dsts)
         if fence is not None:
-            attempt(m, fence.wait, data.draw(st.one_of(st.none(), st.floats(0, 5), junk), label="timeout"))
+            # Let the copy land first: a copy still in flight would change the frames under the comparison.
             fence.wait(timeout=30)
+            attempt(m, fence.wait, data.draw(st.one_of(st.none(), st.floats(0, 5), junk), label="timeout"))
     finally:
         m.put_pages(dst)
     attempt(m, m.dma.inject_errors, data.draw(junk, label="n"))

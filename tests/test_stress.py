@@ -34,10 +34,6 @@ def test_a_small_run_with_faults_holds_every_invariant():
     assert f"--seed {report.seed}" in "\n".join(report.lines())
 
 
-@pytest.mark.xfail(strict=False, reason="known core race: a migration that isolated folios of a range the "
-                                        "churn thread then munmaps looks up the released object outside the "
-                                        "lock (Entries.__init__: KeyError from Machine.object) and leaves the "
-                                        "folios isolated")
 def test_a_small_run_with_fork_and_munmap_churn():
     report = run_stress(small(fault_rate=0.05, seed=12))
     assert report.ok, "\n".join(report.lines())

@@ -622,7 +622,8 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
     """
     options = MigrateOptions.coerce(options)
     t_run = time.perf_counter_ns()
-    entries = Entries(m, heads, dst)
+    with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
+        entries = Entries(m, heads, dst)
     mig = _Migration(m, node, mode, engine, options, entries)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:

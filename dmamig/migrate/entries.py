@@ -51,7 +51,8 @@ class Entries:
         self.nr = np.left_shift(1, self.order)
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
         if one_object:
-            shared = lo >= 0 and m.object(int(lo)).shared
+            obj = m.object_or_none(int(lo)) if lo >= 0 else None
+            shared = obj is not None and obj.shared
             self.expected = self.nr + 1 if shared else np.ones(n, dtype=np.int64)
         else:
             self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
@@ -212,9 +213,11 @@ def shared_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
     mapping = m.pages.mapping[heads]
     lo, hi = mapping.min(), mapping.max()
     if lo == hi:  # one object (the common case)
-        return np.full(heads.size, lo >= 0 and m.object(int(lo)).shared)
+        obj = m.object_or_none(int(lo)) if lo >= 0 else None
+        return np.full(heads.size, obj is not None and obj.shared)
     out = np.zeros(heads.size, dtype=bool)
     for oid in distinct(mapping[mapping >= 0]):
-        if m.object(oid).shared:
+        obj = m.object_or_none(oid)
+        if obj is not None and obj.shared:
             out[mapping == oid] = True
     return out
