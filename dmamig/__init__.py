@@ -6,9 +6,10 @@ core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CP
 
 from .errors import AddressFault, BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
 from .fault import FaultAttr, FaultPoints
-from .flags import MigrateMode, MigratePfn, PageFlag, PteFlag
+from .flags import MigrateMode, MigratePfn, PageFlag, Prot, PteFlag
 from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
+from .migrate.move_pages import MovePagesResult
 from .mm import AddressSpace
 from .nodes import Node
 from .uvm import DeviceAccessor, UvmOptions, UvmStats
@@ -32,9 +33,11 @@ __all__ = [
     "MigrateResult",
     "MigrateStats",
     "MigrateVma",
+    "MovePagesResult",
     "Node",
     "OutOfMemory",
     "PageFlag",
+    "Prot",
     "PteFlag",
     "UvmOptions",
     "UvmStats",
