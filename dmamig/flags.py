@@ -54,6 +54,9 @@ class PteFlag(enum.IntFlag):
     DIRTY = 1 << 3
     MIGRATION = 1 << 4  # a migration entry: not present, accessors wait for the migration to finish
     SPECIAL = 1 << 5  # maps no struct page: the shared zero page (pfn ``ZERO_PFN``), never writable
+    # A device-private entry (``Machine(device_memory="private")``): not present to the CPU, it names a device
+    # page; a CPU access faults and migrates the page back (``migrate_to_ram``). Shown by ``pte_flags``.
+    DEVICE_PRIVATE = 1 << 6
 
 
 class Prot(enum.IntFlag):

@@ -57,10 +57,17 @@ class Machine:
         Where frames live; ``"auto"`` picks CUDA when a GPU is usable (``DMAMIG_BACKEND`` overrides).
     channels : int
         DMA channels of ``m.dma``.
+    device_memory : {"coherent", "private"}
+        How the CPU sees device memory. ``coherent`` (the default): the CPU can address it; an access
+        brings device pages back when it can and accesses them in place when it cannot. ``private``
+        (``MEMORY_DEVICE_PRIVATE``): the CPU cannot address it; a CPU page-table entry of a device page is a
+        non-present device-private entry, every CPU access migrates the page back (or fails), and a pin
+        migrates device pages back first, as a ``FOLL_LONGTERM`` pin does.
     """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
-                 page_size: int = 4096, backend: str = "auto", channels: int = 4):
+                 page_size: int = 4096, backend: str = "auto", channels: int = 4,
+                 device_memory: str = "coherent"):
         check_positive_int("host_pages", host_pages)
         check_positive_int("device_pages", device_pages)
         if not isinstance(devices, (int, np.integer)) or isinstance(devices, bool) or devices < 0:
@@ -69,6 +76,9 @@ class Machine:
         if page_size < 64 or page_size & (page_size - 1):
             raise InvalidArgument(f"page_size must be a power of two >= 64, got {page_size}")
         check_positive_int("channels", channels)
+        if device_memory not in ("coherent", "private"):
+            raise InvalidArgument(f"device_memory must be 'coherent' or 'private', got {device_memory!r}")
+        self._device_private = device_memory == "private"
         self._backend = open_backend(backend)
         self._page_size = int(page_size)
         self._channels = int(channels)
@@ -105,6 +115,8 @@ class Machine:
     backend_name = property(lambda self: self._backend.name, doc='"cpu" or "cuda".')
     page_size = property(lambda self: self._page_size, doc="Bytes per base page.")
     nodes = property(lambda self: self._nodes, doc="Tuple of Node; nodes[0] is host RAM.")
+    device_private = property(lambda self: self._device_private,
+                              doc='True when device memory is device-private (``device_memory="private"``).')
 
     @property
     def vmstat(self) -> dict[str, int]:

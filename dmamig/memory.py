@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .vma import Vma
 
 __all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "map_pages",
-           "new_pte_flags", "read_pages"]
+           "migrate_range_to_ram", "new_pte_flags", "read_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -235,8 +235,9 @@ def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.nda
 
     A read maps the zero page where nothing is mapped (``ZERO_PFN`` in the result); a write gets pages of its
     own. Device pages that cannot come back (pinned, host full) are accessed in place, as device-coherent
-    memory would be. The caller holds ``machine.changed``, and on return the range holds no migration entry.
-    Raises AddressFault when the mapping's rights forbid the access.
+    memory would be; device-private memory cannot be, and the access fails (the kernel's ``SIGBUS``). The
+    caller holds ``machine.changed``, and on return the range holds no migration entry.
+    Raises AddressFault when the mapping's rights forbid the access or a device-private page cannot come back.
     """
     m = mm.machine
     for attempt in range(MIGRATE_TO_RAM_TRIES + 1):
@@ -247,10 +248,36 @@ def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.nda
             fault(mm, v, s0, s1, 0, write)
         pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
         remote = (pfns >= 0) & (m.nodemap.node_of(np.maximum(pfns, 0)) != 0)
-        if not remote.any() or attempt == MIGRATE_TO_RAM_TRIES:
+        if not remote.any():
+            return pfns
+        if attempt == MIGRATE_TO_RAM_TRIES:
+            if m.device_private:
+                _cannot_come_back(m, addr, pfns[remote])
             return pfns
         _migrate_to_ram(mm, pfns[remote])
     return pfns
+
+
+def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
+    raise AddressFault(f"access at {addr:#x}: {pfns.size} device-private pages could not migrate back to host "
+                       f"memory ({m.nodes[0].free_pages} host pages free); the CPU cannot address device-private "
+                       f"memory, so the access fails (SIGBUS)")
+
+
+def migrate_range_to_ram(mm: AddressSpace, addr: int, length: int) -> None:
+    """Bring every device page of ``[addr, addr + length)`` back to host memory (``FOLL_LONGTERM`` does).
+
+    Caller holds ``machine.changed``. Raises AddressFault when a page cannot come back.
+    """
+    m = mm.machine
+    for _attempt in range(MIGRATE_TO_RAM_TRIES + 1):
+        segs = mm._wait_migrations(addr, length)
+        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+        remote = (pfns >= 0) & (m.nodemap.node_of(np.maximum(pfns, 0)) != 0)
+        if not remote.any():
+            return
+        _migrate_to_ram(mm, pfns[remote])
+    _cannot_come_back(m, addr, pfns[remote])
 
 
 def _migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:

@@ -17,7 +17,7 @@ from ._validate import check_node
 from .errors import AddressFault, InvalidArgument
 from .flags import MigrateMode, Prot, PteFlag
 from .gup import drop_pins
-from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages
+from .memory import DEFAULT_MEMCG, access_pfns, fault, migrate_range_to_ram, read_pages
 from .migrate.options import MigrateOptions
 from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
 from .vma import ZERO_PFN, MemObject, Vma
@@ -240,12 +240,22 @@ class AddressSpace:
         return -1 if pfn < 0 else int(self.machine.nodemap.node_of(np.array([pfn]))[0])
 
     def pte_flags(self, addr: int) -> PteFlag:
-        """The PTE bits of the page at ``addr`` (0 when not populated; ``SPECIAL`` marks the zero page)."""
+        """The PTE bits of the page at ``addr`` (0 when not populated; ``SPECIAL`` marks the zero page).
+
+        On a machine with device-private memory, a device page's entry is not present to the CPU: it shows
+        ``DEVICE_PRIVATE`` instead of ``PRESENT`` (its write, young and dirty bits as they are).
+        """
         self._check_open()
         addr, _ = self._check_range(addr, 1, aligned=False)
-        with self.machine.lock:
+        m = self.machine
+        with m.lock:
             ((v, s0, _s1),) = self._segments(addr, 1)
-            return PteFlag(int(v.pte_flags[s0]))
+            flags = PteFlag(int(v.pte_flags[s0]))
+            pfn = int(v.pte_pfn[s0])
+            if m.device_private and pfn >= 0 and flags & PteFlag.PRESENT \
+                    and m.nodes[int(m.nodemap.node_of(np.array([pfn]))[0])].kind == "device":
+                flags = (flags & ~PteFlag.PRESENT) | PteFlag.DEVICE_PRIVATE
+            return flags
 
     def pfns_of(self, addr: int, length: int) -> np.ndarray:
         """Pfn of every page of ``[addr, addr + length)`` as :meth:`pfn_of` gives it (vectorized)."""
@@ -266,11 +276,22 @@ class AddressSpace:
         Pinned pages do not migrate (``-EAGAIN``), like pages under a long-term GUP pin. As
         ``pin_user_pages`` does, a private page is made this address space's own first (the zero page and
         copy-on-write pages are replaced by a copy), so the pin and the mapping always see the same page;
-        :meth:`fork` copies pinned pages at once instead of sharing them.
+        :meth:`fork` copies pinned pages at once instead of sharing them. With device-private memory, device
+        pages are migrated back to host memory before they are pinned (AddressFault if one cannot come).
         """
         from .gup import pin_range
 
-        pin_range(self, addr, length)
+        m = self.machine
+        if not m.device_private:
+            pin_range(self, addr, length)
+            return
+        self._check_open()
+        addr, length = self._check_range(addr, length, aligned=True)
+        with m.changed:
+            # A device-private page cannot be pinned: as a FOLL_LONGTERM pin, bring device pages back first.
+            # The lock is held from here to the pin, so no device migrates them away in between.
+            migrate_range_to_ram(self, addr, length)
+            pin_range(self, addr, length)
 
     def unpin(self, addr: int, length: int) -> None:
         """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``."""
