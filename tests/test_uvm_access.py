@@ -232,3 +232,55 @@ def test_bad_arguments(m):
     with pytest.raises(AddressFault):
         acc.write(a, b"x")
     assert not acc.read(a, PS).any()
+
+
+def test_access_counter_migration_maps_remote_first(m):
+    mm = m.address_space()
+    n = 100
+    a = mm.mmap(2 * n * PS)
+    data = _data(n * PS, 9)
+    mm.write(a, data)  # the first n pages on the host; the next n never touched
+    acc = DeviceAccessor(mm, 1, UvmOptions(access_counter_threshold=3, prefetch="none"))
+    for i in range(2):
+        assert (acc.read(a, n * PS) == data).all()
+        assert (mm.nodes_of(a, n * PS) == 0).all()
+        assert acc.stats.pages_remote == n * (i + 1) and acc.stats.pages_migrated == 0
+    acc.touch(a, n * PS)  # the third access: every count reaches the threshold
+    assert (mm.nodes_of(a, n * PS) == 1).all()
+    assert acc.stats.pages_counter_migrated == n and acc.stats.pages_migrated == n
+    # Untouched pages fault in on the device at once: there is nothing remote to count.
+    acc.touch(a + n * PS, n * PS)
+    assert (mm.nodes_of(a + n * PS, n * PS) == 1).all() and acc.stats.pages_populated == n
+    assert (mm.read(a, n * PS) == data).all()
+
+
+def test_access_counters_count_repeats_in_a_page_list():
+    from dmamig.uvm.counters import AccessCounters
+
+    c = AccessCounters(4)
+    assert not c.count(np.array([10, 20]), np.array([1, 3])).any()
+    reached = c.count(np.array([5, 20]), np.array([1, 1]))
+    assert reached.tolist() == [False, True]
+    assert c.counts_of(np.array([5, 10, 20, 30])).tolist() == [1, 1, 0, 0]
+    assert len(c) == 2
+
+
+def test_resident_pages_are_accessed_with_the_backend_access_kernel(m, monkeypatch):
+    mm = m.address_space()
+    a = mm.mmap(16 * PS)
+    mm.write(a, _data(16 * PS, 11))
+    calls = []
+    real = type(m.backend).access_frames
+
+    def spy(self, frames, idx, data=None):
+        calls.append((frames is m.nodes[1].frames, idx.size, data is None))
+        return real(self, frames, idx, data)
+
+    monkeypatch.setattr(type(m.backend), "access_frames", spy)
+    acc = DeviceAccessor(mm, 1)
+    acc.read(a, 16 * PS)
+    acc.write_pages([a], np.zeros((1, PS), np.uint8))
+    assert calls == [(True, 16, True), (True, 1, False)]
+    s = acc.stats
+    assert s.service_ns["unmap"] > 0 and s.service_ns["move"] > 0 and s.service_ns["fetch"] > 0
+    assert s.service_total_ns == sum(s.service_ns.values()) and s.access_ns > 0

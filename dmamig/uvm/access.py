@@ -20,6 +20,7 @@ from ..errors import AddressFault, InvalidArgument
 from ..flags import PteFlag
 from ..memory import check_access, read_pages
 from ..migrate.move_pages import _lookup, _lookup_settled
+from .counters import AccessCounters
 from .faults import FaultService
 from .options import UvmOptions, UvmStats
 
@@ -66,6 +67,8 @@ class DeviceAccessor:
         self.mm, self.node, self.options = mm, node, options
         self.stats = UvmStats()
         self._svc = FaultService(mm, node, options, self.stats)
+        t = options.access_counter_threshold
+        self._counters = AccessCounters(t) if t else None
 
     # -- public API ----------------------------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> np.ndarray:
@@ -191,8 +194,11 @@ class DeviceAccessor:
                 check_access(v, int(uniq[pos[0]]), write)
             known = pfns >= 0
             known[known] = m.nodemap.node_of(pfns[known]) == self.node
+            elsewhere = (pfns >= 0) & ~known
         self.stats.accesses += 1
         self.stats.pages_resident += int(known[inv].sum())
+        remote_ok = self._count_remote(uniq, inv, elsewhere, contiguous)
+        known |= remote_ok
         k = self.options.faults_per_page if contiguous else 1
         per_batch = max(1, -(-self.options.fault_batch_size // k))
         n, ptr = inv.size, 0
@@ -209,8 +215,21 @@ class DeviceAccessor:
                 ok = (pos >= 0) & (pos < uniq.size)
                 ok[ok] = uniq[pos[ok]] == done[ok]
                 known[pos[ok]] = True
-            self._access_chunk(uniq, chunk, ptr, end, write, visit)
+            self._access_chunk(uniq, chunk, ptr, end, write, visit, remote_ok)
             ptr = end
+
+    def _count_remote(self, uniq: np.ndarray, inv: np.ndarray, elsewhere: np.ndarray,
+                      contiguous: bool) -> np.ndarray:
+        """Access-counter migration: which pages stay remote this time (bool over ``uniq``)."""
+        remote_ok = np.zeros(uniq.size, dtype=bool)
+        if self._counters is None or not elsewhere.any():
+            return remote_ok
+        times = np.ones(uniq.size, dtype=np.int64) if contiguous else np.bincount(inv, minlength=uniq.size)
+        idx = np.flatnonzero(elsewhere)
+        reached = self._counters.count(uniq[idx], times[idx])
+        remote_ok[idx[~reached]] = True
+        self.stats.pages_counter_migrated += int(reached.sum())
+        return remote_ok
 
     @staticmethod
     def _batch_end(known: np.ndarray, inv: np.ndarray, ptr: int, per_batch: int) -> int:
@@ -226,11 +245,13 @@ class DeviceAccessor:
             w *= 4
 
     def _access_chunk(self, uniq: np.ndarray, chunk: np.ndarray, lo: int, hi: int, write: bool,
-                      visit: Callable[[int, int, np.ndarray], None]) -> None:
-        """Access entries ``[lo, hi)`` in place once their pages are on the device (or cannot come)."""
+                      visit: Callable[[int, int, np.ndarray], None], remote_ok: np.ndarray) -> None:
+        """Access entries ``[lo, hi)`` in place once their pages are on the device (or cannot come, or are
+        left remote by access-counter migration)."""
         m, st = self.mm.machine, self.stats
         cu = np.unique(chunk)
         addrs = uniq[cu]
+        stay = remote_ok[cu]
         for attempt in range(REFAULT_TRIES + 1):
             t0 = time.perf_counter_ns()
             with m.changed:
@@ -240,7 +261,7 @@ class DeviceAccessor:
                 on = pfns >= 0
                 on[on] = m.nodemap.node_of(pfns[on]) == self.node
                 st.service_ns["replay"] += time.perf_counter_ns() - t0
-                if on.all() or attempt == REFAULT_TRIES:
+                if (on | stay).all() or attempt == REFAULT_TRIES:
                     t1 = time.perf_counter_ns()
                     if write:
                         self._svc.make_writable(addrs)
@@ -251,7 +272,7 @@ class DeviceAccessor:
                     self._svc.tracker.touch(self.mm, addrs[on] // self._svc.block_size)
                     st.access_ns += time.perf_counter_ns() - t1
                     return
-                missing = addrs[~on]
+                missing = addrs[~on & ~stay]
             # The pages left the device since they were serviced (evicted for a later batch, or taken by the
             # CPU or another device): they fault again, as a replayed access would.
             self._svc.service_batch(missing, self._blocks(addrs))

@@ -48,6 +48,10 @@ class UvmOptions:
         several warps touching one page each fault: the extra ones are duplicates the batch drops.
     migrate_options : MigrateOptions or None
         Batching of the migration core (``None`` is the kernel's).
+    access_counter_threshold : int
+        ``0`` (the default): every non-resident page faults and migrates. ``N > 0``: access-counter
+        migration: a page populated elsewhere is accessed remotely, in place, and migrates once the device
+        has accessed it ``N`` times (pages never touched still fault in on the device).
     """
 
     fault_batch_size: int = DEFAULT_FAULT_BATCH_SIZE
@@ -57,10 +61,11 @@ class UvmOptions:
     eviction: str = "lru"
     faults_per_page: int = 1
     migrate_options: MigrateOptions | None = None
+    access_counter_threshold: int = 0
 
     def __post_init__(self) -> None:
         for name, low, high in (("fault_batch_size", 1, 1 << 20), ("prefetch_threshold", 1, 100),
-                                ("faults_per_page", 1, 1024)):
+                                ("faults_per_page", 1, 1024), ("access_counter_threshold", 0, 1 << 30)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
                 raise InvalidArgument(f"UvmOptions.{name} must be an integer in {low}..{high}, got {v!r}")
@@ -105,7 +110,10 @@ class UvmStats:
     pages_evicted, bytes_evicted, blocks_evicted : int
         Device pages sent back to host memory to make room, and the 2 MiB blocks they belonged to.
     pages_remote : int
-        Page accesses served in place on another node because the page could not come (pinned, no room).
+        Page accesses served in place on another node: the page could not come (pinned, no room), or
+        access-counter migration left it there until its count reaches the threshold.
+    pages_counter_migrated : int
+        Pages whose access count reached the threshold and were serviced for migration.
     pages_resident : int
         Page accesses that found their page on the device already.
     service_ns : dict
@@ -128,6 +136,7 @@ class UvmStats:
     bytes_evicted: int = 0
     blocks_evicted: int = 0
     pages_remote: int = 0
+    pages_counter_migrated: int = 0
     pages_resident: int = 0
     service_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICE_PHASES, 0))
     access_ns: int = 0
