@@ -23,7 +23,7 @@ from ..backends.base import ChannelWork, Completion
 from ..errors import DmaError, InvalidArgument
 from ..fault import FaultAttr, FaultPoints
 from .fence import DONE, FailedCompletion, FaultedCompletion, Fence
-from .plan import CopyPlan, PlanOptions, plan_copy
+from .plan import CopyPlan, PlanOptions, plan_copy, plan_one_pair
 
 __all__ = ["DmaEngine", "DmaStats", "Fence"]
 
@@ -259,10 +259,18 @@ class DmaEngine:
         return self.nodemap.locate(pfns)
 
     def _plan(self, src: np.ndarray, dst: np.ndarray) -> CopyPlan:
+        batch = bool(getattr(self.backend, "batch_copy_available", False))
+        # One source node and one destination node (every migration batch): the ends of each range tell.
+        bases = self._bases
+        s_lo, s_hi = np.searchsorted(bases, (src.min(), src.max()), side="right") - 1
+        d_lo, d_hi = np.searchsorted(bases, (dst.min(), dst.max()), side="right") - 1
+        if s_lo == s_hi and d_lo == d_hi:
+            return plan_one_pair(int(s_lo), src - bases[s_lo], int(d_lo), dst - bases[d_lo],
+                                 channels=self.channels, options=self.options, batch_available=batch)
         snode, sidx = self._locate(src)
         dnode, didx = self._locate(dst)
         return plan_copy(snode, sidx, dnode, didx, channels=self.channels, options=self.options,
-                         batch_available=bool(getattr(self.backend, "batch_copy_available", False)))
+                         batch_available=batch)
 
     def copy(self, src_pfns: Any, dst_pfns: Any) -> Fence:
         """Copy page ``src_pfns[i]`` to page ``dst_pfns[i]`` for every ``i``, asynchronously.

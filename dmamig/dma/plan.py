@@ -40,6 +40,7 @@ __all__ = [
     "Segment",
     "coalesce_runs",
     "plan_copy",
+    "plan_one_pair",
     "sort_pages",
 ]
 
@@ -373,10 +374,29 @@ def _plan_one_pair(src_node: int, dst_node: int, src_idx: np.ndarray, dst_idx: n
                                       options.split_min_pages, options.large_run_fraction,
                                       options.memcpy_min_pages, bool(options.use_batch and batch_available),
                                       options.batch_max_pages, runs[0], runs[1], runs[2], runs[3], method, seg)
-    shape = (nr,)
-    return CopyPlan(np.broadcast_to(np.int64(src_node), shape), np.broadcast_to(np.int64(dst_node), shape),
+    return CopyPlan(np.full(nr, src_node, dtype=np.int64), np.full(nr, dst_node, dtype=np.int64),
                     runs[0, :nr], runs[1, :nr], runs[2, :nr], runs[3, :nr], method[:nr], channels,
                     seg[:nseg], seg[1:nseg + 1])
+
+
+def plan_one_pair(src_node: int, src_idx: np.ndarray, dst_node: int, dst_idx: np.ndarray, *, channels: int,
+                  options: PlanOptions | None = None, batch_available: bool = False) -> CopyPlan:
+    """:func:`plan_copy` for a submission whose pages all go from node ``src_node`` to node ``dst_node``.
+
+    The caller already knows the node pair (a migration batch does), so no per-page node arrays are built.
+    ``src_idx`` and ``dst_idx`` are int64 frame indices within those nodes.
+    """
+    options = options or PlanOptions()
+    if not (plan_kernels.HAVE_NUMBA and USE_COMPILED):
+        n = src_idx.size
+        return plan_copy(np.full(n, src_node), src_idx, np.full(n, dst_node), dst_idx, channels=channels,
+                         options=options, batch_available=batch_available)
+    if src_idx.size == 0:
+        return _empty_plan(channels)
+    order = sort_pages(0, src_idx)
+    if order is not None:
+        src_idx, dst_idx = src_idx[order], dst_idx[order]
+    return _plan_one_pair(src_node, dst_node, src_idx, dst_idx, int(channels), options, batch_available)
 
 
 def plan_copy(src_node: np.ndarray, src_idx: np.ndarray, dst_node: np.ndarray, dst_idx: np.ndarray, *,
