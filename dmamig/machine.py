@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Machine"]
 
+#: Most frames a node may have (1 TiB of 4 KiB pages): struct-page state costs tens of bytes per frame.
+MAX_NODE_PAGES = 1 << 28
+
 #: vmstat counters the migration core maintains (names as in /proc/vmstat).
 VMSTAT_COUNTERS = (
     "pgmigrate_success",
@@ -70,6 +73,9 @@ class Machine:
                  device_memory: str = "coherent"):
         check_positive_int("host_pages", host_pages)
         check_positive_int("device_pages", device_pages)
+        for name, value in (("host_pages", host_pages), ("device_pages", device_pages)):
+            if value > MAX_NODE_PAGES:
+                raise InvalidArgument(f"{name} must be at most {MAX_NODE_PAGES} (2**28) frames per node, got {value}")
         if not isinstance(devices, (int, np.integer)) or isinstance(devices, bool) or devices < 0:
             raise InvalidArgument(f"devices must be an integer >= 0, got {devices!r}")
         check_positive_int("page_size", page_size)
@@ -306,7 +312,7 @@ class Machine:
         self._check_open()
         check_node(self, "node", node)
         check_positive_int("count", count)
-        if not isinstance(order, (int, np.integer)) or not 0 <= order <= MAX_ORDER:
+        if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or not 0 <= order <= MAX_ORDER:
             raise InvalidArgument(f"order must be an integer in 0..{MAX_ORDER}, got {order!r}")
         with self.lock:
             heads = self.alloc_folios(node, count, order)
@@ -319,6 +325,7 @@ class Machine:
 
     def put_pages(self, pfns: np.ndarray) -> None:
         """Free folios obtained from :meth:`alloc_pages` (their head pfns)."""
+        self._check_open()
         heads = as_pfn_array(self, "pfns", pfns)
         with self.lock:
             pages = self.pages

@@ -270,20 +270,13 @@ def _xfail(reason: str):
 
 
 DEFECTS = [
-    pytest.param(lambda w: w.mm.mmap(2**60), id="mmap(2**60)", marks=_xfail(
-        "mmap allocates page tables for the whole length up front and lets numpy's MemoryError out (mm.py)")),
-    pytest.param(lambda w: w.mm.mmap(2**44), id="mmap(2**44)", marks=_xfail(
-        "32 GiB of page table before any check (mm.py)")),
-    pytest.param(lambda w: w.mm.mmap(PS, shared=np.zeros(2)), id="mmap(shared=array)", marks=_xfail(
-        "shared is not checked; numpy's ValueError about an ambiguous truth value escapes (mm.py)")),
-    pytest.param(lambda w: Machine(host_pages=2**40, backend="cpu"), id="Machine(host_pages=2**40)",
-                 marks=_xfail("frame and struct-page arrays allocated before any size check (machine.py)")),
-    pytest.param(lambda w: Machine(host_pages=2**62, backend="cpu"), id="Machine(host_pages=2**62)",
-                 marks=_xfail("numpy's ValueError escapes (machine.py)")),
-    pytest.param(lambda w: w.m.put_pages(w.m.alloc_pages(1, 1, order=True)), id="alloc_pages(order=True)",
-                 marks=_xfail("a bool is accepted as an order (machine.py)")),
-    pytest.param(lambda w: _closed_machine_call("put_pages"), id="put_pages after close",
-                 marks=_xfail("put_pages does not check that the machine is open (machine.py)")),
+    pytest.param(lambda w: w.mm.mmap(2**60), id="mmap(2**60)"),
+    pytest.param(lambda w: w.mm.mmap(2**44), id="mmap(2**44)"),
+    pytest.param(lambda w: w.mm.mmap(PS, shared=np.zeros(2)), id="mmap(shared=array)"),
+    pytest.param(lambda w: Machine(host_pages=2**40, backend="cpu"), id="Machine(host_pages=2**40)"),
+    pytest.param(lambda w: Machine(host_pages=2**62, backend="cpu"), id="Machine(host_pages=2**62)"),
+    pytest.param(lambda w: w.m.put_pages(w.m.alloc_pages(1, 1, order=True)), id="alloc_pages(order=True)"),
+    pytest.param(lambda w: _closed_machine_call("put_pages"), id="put_pages after close"),
     pytest.param(lambda w: _closed_machine_call("checksum"), id="checksum after close"),
     pytest.param(lambda w: _closed_machine_call("migrate_vma"), id="MigrateVma after close"),
 ]
@@ -295,6 +288,5 @@ def test_known_defects(world, call):
         call(world)
 
 
-@_xfail("a failed mmap has already moved the address cursor (mm.py)")
 def test_a_failed_mmap_leaves_the_address_cursor():
     _mmap_then_cursor()
