@@ -23,13 +23,14 @@ def _free(m: Machine) -> list[int]:
     return [nd.free_pages for nd in m.nodes]
 
 
+@pytest.mark.parametrize("order", [0, 9], ids=["4k", "2m"])
 @pytest.mark.parametrize("factor", [1.5, 2.0])
 @pytest.mark.parametrize("no_copy", [True, False])
-def test_oversubscribed_sweeps_keep_every_byte_and_leak_no_frame(m, factor, no_copy):
+def test_oversubscribed_sweeps_keep_every_byte_and_leak_no_frame(m, factor, no_copy, order):
     start = _free(m)
     mm = m.address_space()
     n = int(2048 * factor)
-    a = mm.mmap(n * PS)
+    a = mm.mmap(n * PS, order=order)
     data = np.random.default_rng(1).integers(0, 256, n * PS, dtype=np.uint8)
     mm.write(a, data)
     acc = DeviceAccessor(mm, 1, UvmOptions(no_copy=no_copy))
@@ -115,4 +116,29 @@ def test_closed_address_space_blocks_are_skipped(m):
     assert (mm2.nodes_of(a2, 3 * BLOCK * PS) == 1).all()
     assert len(tracker_of(m, 1)) == 3
     mm2.close()
+    assert _free(m) == [8192, 2048]
+
+
+@pytest.mark.parametrize("no_copy", [True, False])
+def test_explicit_prefetch_and_evict(m, no_copy):
+    mm = m.address_space()
+    n = 1500
+    a = mm.mmap(n * PS)
+    data = np.random.default_rng(3).integers(0, 256, n * PS, dtype=np.uint8)
+    mm.write(a, data[: 1000 * PS])  # the last 500 pages are untouched
+    data[1000 * PS:] = 0
+    acc = DeviceAccessor(mm, 1, UvmOptions(no_copy=no_copy))
+    assert acc.prefetch(a, n * PS) == n
+    assert acc.stats.faults == 0 and acc.stats.pages_migrated == 1000 and acc.stats.pages_populated == 500
+    assert (acc.read(a, n * PS) == data).all() and acc.stats.faults == 0
+    assert acc.evict(a + 100 * PS, 200 * PS) == 200
+    nodes = mm.nodes_of(a, n * PS)
+    assert (nodes[100:300] == 0).all() and (nodes[:100] == 1).all() and (nodes[300:] == 1).all()
+    assert acc.evict(a + 100 * PS, 200 * PS) == 0
+    # Prefetching as much as the device holds (2 MiB-aligned, 2 MiB folios) evicts everything else.
+    b = mm.mmap(2048 * PS, order=9)
+    assert acc.prefetch(b, 2048 * PS) == 2048
+    assert (mm.nodes_of(a, n * PS) == 0).all()
+    assert (mm.read(a, n * PS) == data).all()
+    mm.close()
     assert _free(m) == [8192, 2048]

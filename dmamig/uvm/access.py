@@ -21,6 +21,7 @@ from ..flags import PteFlag
 from ..memory import check_access, read_pages
 from ..migrate.move_pages import _lookup, _lookup_settled
 from .counters import AccessCounters
+from .evict import migrate_device_pages
 from .faults import FaultService
 from .options import UvmOptions, UvmStats
 
@@ -159,6 +160,57 @@ class DeviceAccessor:
 
         self._run(first + np.arange(npages, dtype=np.int64) * ps, write, visit, contiguous=True)
         return npages
+
+    def prefetch(self, addr: int, length: int) -> int:
+        """Migrate ``[addr, addr + length)`` to the device now, with no fault (``cudaMemPrefetchAsync``).
+
+        Block by block (2 MiB), evicting other blocks when the device is full; untouched pages get zeroed
+        device pages. Returns the number of pages of the range resident on the device afterwards (those
+        that could not come, pinned ones for instance, stay where they are).
+        """
+        addrs = self._range_pages(addr, length)
+        bs = self._svc.block_size
+        blocks = addrs // bs
+        cuts = np.flatnonzero(np.diff(blocks)) + 1
+        for part in np.split(addrs, cuts):
+            self._svc.prefetch_pages(part)
+        return int(self._resident(addrs).sum())
+
+    def evict(self, addr: int, length: int) -> int:
+        """Send this device's pages of ``[addr, addr + length)`` back to host memory; return how many went.
+
+        The bulk eviction of a range, through the same engine the faults use (``migrate_device_pages``).
+        """
+        addrs = self._range_pages(addr, length)
+        m = self.mm.machine
+        with m.changed:
+            pfns, _ = _lookup_settled(self.mm, addrs)
+        on = self._on_device(pfns)
+        if not on.any():
+            return 0
+        res = migrate_device_pages(m, pfns[on], self._svc.engine, options=self.options.migrate_options)
+        n = int((res.status == 0).sum())
+        self.stats.pages_evicted += n
+        self.stats.bytes_evicted += n * m.page_size
+        return n
+
+    def _range_pages(self, addr: int, length: int) -> np.ndarray:
+        self.mm._check_open()
+        addr, length = self.mm._check_range(addr, length, aligned=False)
+        ps = self.mm.machine.page_size
+        first = addr - addr % ps
+        npages = -(-(addr + length - first) // ps)
+        addrs = first + np.arange(npages, dtype=np.int64) * ps
+        with self.mm.machine.changed:
+            _pfns, mapped = _lookup_settled(self.mm, addrs)
+        if not mapped.all():
+            raise AddressFault(f"device access at {int(addrs[~mapped][0]):#x}: address not mapped")
+        return addrs
+
+    def _resident(self, addrs: np.ndarray) -> np.ndarray:
+        with self.mm.machine.changed:
+            pfns, _ = _lookup_settled(self.mm, addrs)
+            return self._on_device(pfns)
 
     def reset_stats(self) -> UvmStats:
         """Start the counters again; return the old ones."""
