@@ -12,7 +12,7 @@ import numpy as np
 
 from .flags import EACCES, EBUSY, EFAULT, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "collect_folios", "done_folios", "entry_info", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "entry_info", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
            "remove_entries", "reset_pages"]
 
 try:
@@ -187,6 +187,37 @@ def _alloc_frames0(free, block_free, block, count, out):
     return got
 
 
+def _alloc_frames_order(free, block_free, block, size, count, out):
+    """FrameAllocator order-k allocation (``size`` = 2**k frames, naturally aligned): blocks from partly used
+    pageblocks first, then whole free ones, each in address order; marks them used, returns how many."""
+    got = 0
+    for whole in (False, True):
+        for b in range(block_free.size):
+            bf = block_free[b]
+            if bf < size or (bf == block) != whole:
+                continue
+            base = b * block
+            for start in range(base, base + block, size):
+                ok = True
+                for k in range(size):
+                    if not free[start + k]:
+                        ok = False
+                        break
+                if not ok:
+                    continue
+                for k in range(size):
+                    free[start + k] = False
+                bf -= size
+                out[got] = start
+                got += 1
+                if got == count:
+                    break
+            block_free[b] = bf
+            if got == count:
+                return got
+    return got
+
+
 def _free_frames(free, block_free, block, frames):
     """FrameAllocator.free: return frames to the pool; on a double free change nothing and return its index."""
     for i in range(frames.size):
@@ -334,6 +365,7 @@ if HAVE_NUMBA:
     trylock_folios = _jit(_trylock_folios)
     entry_info = _jit(_entry_info)
     alloc_frames0 = _jit(_alloc_frames0)
+    alloc_frames_order = _jit(_alloc_frames_order)
     free_frames = _jit(_free_frames)
     collect_folios = _jit(_collect_folios)
     install_entries = _jit(_install_entries)
@@ -343,6 +375,6 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    alloc_frames0 = free_frames = collect_folios = done_folios = trylock_folios = entry_info = None
+    alloc_frames0 = alloc_frames_order = free_frames = collect_folios = done_folios = trylock_folios = entry_info = None
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
     prep_new_folios = None

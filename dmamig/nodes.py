@@ -20,6 +20,8 @@ __all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap"]
 PAGEBLOCK_ORDER = 9
 MAX_ORDER = PAGEBLOCK_ORDER
 _BLOCK = 1 << PAGEBLOCK_ORDER
+#: Allocate and free with the compiled loops of ``_kernels`` (numba); the numpy methods are the reference.
+USE_COMPILED = True
 
 
 class FrameAllocator:
@@ -62,21 +64,25 @@ class FrameAllocator:
             raise InvalidArgument(f"order must be in 0..{MAX_ORDER}, got {order}")
         if count <= 0:
             return np.empty(0, dtype=np.int64)
-        if order == 0:
-            heads = self._alloc_order0(count)
-        else:
-            heads = self._alloc_order(count, order)
-        if heads.size and not (order == 0 and _kernels.HAVE_NUMBA):  # the compiled order-0 path took them
+        if _kernels.HAVE_NUMBA and USE_COMPILED:
+            # One compiled pass finds and takes the blocks (the numpy methods below are the reference).
+            size = 1 << order
+            out = np.empty(min(count, self._nr_free // size), dtype=np.int64)
+            if out.size == 0:
+                return out
+            if order == 0:
+                got = _kernels.alloc_frames0(self._free, self._block_free, _BLOCK, out.size, out)
+            else:
+                got = _kernels.alloc_frames_order(self._free, self._block_free, _BLOCK, size, out.size, out)
+            self._nr_free -= got * size
+            return out[:got]
+        heads = self._alloc_order0(count) if order == 0 else self._alloc_order(count, order)
+        if heads.size:
             frames = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
             self._take(frames)
         return heads
 
     def _alloc_order0(self, count: int) -> np.ndarray:
-        if _kernels.HAVE_NUMBA:
-            out = np.empty(min(count, self._nr_free), dtype=np.int64)
-            got = _kernels.alloc_frames0(self._free, self._block_free, _BLOCK, out.size, out) if out.size else 0
-            self._nr_free -= got
-            return out[:got]
         cand = self._candidate_blocks()
         if cand.size == 0:
             return np.empty(0, dtype=np.int64)
@@ -119,7 +125,7 @@ class FrameAllocator:
         frames = np.asarray(frames, dtype=np.int64)
         if frames.size == 0:
             return
-        if _kernels.HAVE_NUMBA:
+        if _kernels.HAVE_NUMBA and USE_COMPILED:
             bad = _kernels.free_frames(self._free, self._block_free, _BLOCK, frames)
             if bad >= 0:
                 raise RuntimeError(f"double free of frame {int(frames[bad])} (allocator invariant broken)")

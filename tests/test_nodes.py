@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dmamig import InvalidArgument, Machine, OutOfMemory
 from dmamig.nodes import MAX_ORDER, FrameAllocator, NodeMap
@@ -270,3 +272,33 @@ def test_put_pages_refuses_double_free_and_mapped_pages(m):
     m.put_pages(heads[1:])
     mm.close()
     assert [n.free_pages for n in m.nodes] == [2048, 2048]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_compiled_allocator_matches_the_numpy_reference(seed):
+    """Random allocations and frees of every order: the compiled loops hand out exactly the numpy frames."""
+    import dmamig.nodes as nodes_mod
+
+    rng = np.random.default_rng(seed)
+    # (free one held block first?, which one as a fraction of those held, order, count)
+    ops = [(bool(rng.integers(0, 2)), float(rng.random()), int(rng.choice([0, 0, 1, 4, 9])),
+            int(rng.integers(1, 40))) for _ in range(30)]
+    results = []
+    for compiled in (True, False):
+        nodes_mod.USE_COMPILED = compiled
+        try:
+            a = FrameAllocator(4096 + 300)
+            held: list[np.ndarray] = []
+            got = []
+            for free_some, which, order, count in ops:
+                if free_some and held:
+                    a.free(held.pop(int(which * len(held))))
+                heads = a.alloc(count, order)
+                got.append(heads.tolist())
+                if heads.size:
+                    held.append((heads[:, None] + np.arange(1 << order)).ravel())
+            results.append((got, a.nr_free, a.is_free(np.arange(4096 + 300)).tolist()))
+        finally:
+            nodes_mod.USE_COMPILED = True
+    assert results[0] == results[1]
