@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,6 +46,26 @@ VMSTAT_COUNTERS = (
 )
 
 
+def _host_tiers(host_pages: int, host_nodes: Sequence[Any] | None) -> tuple[list[int], list[float]]:
+    """Frame counts and access costs of the host nodes from ``host_pages`` or ``host_nodes``."""
+    if host_nodes is None:
+        return [host_pages], [1.0]
+    if isinstance(host_nodes, (str, bytes)) or not isinstance(host_nodes, Sequence) or not host_nodes:
+        raise InvalidArgument(f"host_nodes must be a non-empty sequence of frame counts or (frames, cost) "
+                              f"pairs, got {host_nodes!r}")
+    sizes, costs = [], []
+    for i, entry in enumerate(host_nodes):
+        pages, cost = (entry, 1.0 if i == 0 else 2.0) if not isinstance(entry, (tuple, list)) else tuple(entry)
+        check_positive_int(f"host_nodes[{i}] frames", pages)
+        if pages > MAX_NODE_PAGES:
+            raise InvalidArgument(f"host_nodes[{i}] must have at most {MAX_NODE_PAGES} frames, got {pages}")
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost > 0:
+            raise InvalidArgument(f"host_nodes[{i}] cost must be a number > 0, got {cost!r}")
+        sizes.append(int(pages))
+        costs.append(float(cost))
+    return sizes, costs
+
+
 class Machine:
     """An emulated machine: host RAM (node 0) and ``devices`` device nodes, each a frame buffer.
 
@@ -66,11 +87,18 @@ class Machine:
         (``MEMORY_DEVICE_PRIVATE``): the CPU cannot address it; a CPU page-table entry of a device page is a
         non-present device-private entry, every CPU access migrates the page back (or fails), and a pin
         migrates device pages back first, as a ``FOLL_LONGTERM`` pin does.
+    host_nodes : sequence, optional
+        Tiered host memory: one entry per host node, either a frame count or ``(frames, cost)`` with the
+        node's relative cost per byte accessed (e.g. ``[(4096, 1.0), (16384, 2.5)]``: DRAM then CXL). Host
+        nodes are numbered first (node 0 is host RAM), devices after them. CPU accesses use slow host nodes
+        in place; first touch allocates on node 0. ``None`` (the default) is one host node of ``host_pages``.
     """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
                  page_size: int = 4096, backend: str = "auto", channels: int = 4,
-                 device_memory: str = "coherent"):
+                 device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None):
+        host_sizes, host_costs = _host_tiers(host_pages, host_nodes)
+        host_pages = host_sizes[0]
         check_positive_int("host_pages", host_pages)
         check_positive_int("device_pages", device_pages)
         for name, value in (("host_pages", host_pages), ("device_pages", device_pages)):
@@ -91,16 +119,22 @@ class Machine:
         nodes = []
         base = 0
         try:
-            for nid in range(devices + 1):
-                kind = "host" if nid == 0 else "device"
-                count = int(host_pages if nid == 0 else device_pages)
-                frames = self._backend.alloc_frames(kind, nid - 1, count, self._page_size)
-                nodes.append(Node(nid, kind, nid - 1, base, count, frames))
+            # Host nodes come first (node 0 is always host RAM), then the devices.
+            nh = len(host_sizes)
+            for nid in range(nh + devices):
+                kind = "host" if nid < nh else "device"
+                count = int(host_sizes[nid] if nid < nh else device_pages)
+                dev = -1 if nid < nh else nid - nh
+                frames = self._backend.alloc_frames(kind, dev, count, self._page_size)
+                nodes.append(Node(nid, kind, dev, base, count, frames))
                 base += count
         except Exception:
             self._backend.close()
             raise
         self._nodes = tuple(nodes)
+        self._access_cost = tuple(host_costs) + (1.0,) * devices
+        # Per node: True for device memory, which a CPU access brings back to host RAM (host tiers are not).
+        self.device_node_mask = np.array([n.kind == "device" for n in nodes], dtype=bool)
         self.nodemap = NodeMap(self._nodes)
         self.pages = PageArray(base)
         # The machine-wide metadata lock (page tables, struct pages, allocators). Data copies of a migration run
@@ -121,6 +155,11 @@ class Machine:
     backend_name = property(lambda self: self._backend.name, doc='"cpu" or "cuda".')
     page_size = property(lambda self: self._page_size, doc="Bytes per base page.")
     nodes = property(lambda self: self._nodes, doc="Tuple of Node; nodes[0] is host RAM.")
+    access_cost = property(lambda self: self._access_cost,
+                           doc="Relative cost per byte a CPU access pays on each node (host tiers as given in "
+                               "``host_nodes``; 1.0 for node 0 and devices by default).")
+    host_node_ids = property(lambda self: tuple(n.id for n in self._nodes if n.kind == "host"),
+                             doc="Ids of the host memory nodes (tiers), fastest first as given.")
     device_private = property(lambda self: self._device_private,
                               doc='True when device memory is device-private (``device_memory="private"``).')
 

@@ -247,7 +247,7 @@ def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.nda
         for v, s0, s1 in segs:
             fault(mm, v, s0, s1, 0, write)
         pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-        remote = (pfns >= 0) & (m.nodemap.node_of(np.maximum(pfns, 0)) != 0)
+        remote = (pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]
         if not remote.any():
             return pfns
         if attempt == MIGRATE_TO_RAM_TRIES:
@@ -273,7 +273,7 @@ def migrate_range_to_ram(mm: AddressSpace, addr: int, length: int) -> None:
     for _attempt in range(MIGRATE_TO_RAM_TRIES + 1):
         segs = mm._wait_migrations(addr, length)
         pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-        remote = (pfns >= 0) & (m.nodemap.node_of(np.maximum(pfns, 0)) != 0)
+        remote = (pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]
         if not remote.any():
             return
         _migrate_to_ram(mm, pfns[remote])

@@ -9,6 +9,8 @@ mremap) and :mod:`dmamig.migrate.move_pages` (``migrate`` and ``move_pages``).
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +53,10 @@ class AddressSpace:
         self._vmas: list[Vma] = []
         self._next = MMAP_BASE
         self._pins: dict[int, int] = {}
+        self._notifiers: list[Callable[[int, int], None]] = []
         self._closed = False
+        self._stalls = 0  # accesses that met a migration entry, and the nanoseconds they waited
+        self._stall_ns = 0
 
     # -- lookup -----------------------------------------------------------------------------------------------
     @property
@@ -96,11 +101,24 @@ class AddressSpace:
 
     def _wait_migrations(self, addr: int, length: int) -> list[tuple[Vma, int, int]]:
         """Segments of the range once no migration entry is left in it (caller holds ``machine.changed``)."""
+        t0 = 0
         while True:
             segs = self._segments(addr, length)
             if not any(v.has_migration_entries(s0, s1) for v, s0, s1 in segs):
+                if t0:
+                    self._stall_ns += time.perf_counter_ns() - t0
                 return segs
+            if not t0:
+                t0 = time.perf_counter_ns()
+                self._stalls += 1
             self.machine.changed.wait()
+
+    @property
+    def migration_stalls(self) -> tuple[int, int]:
+        """``(count, nanoseconds)``: calls of this address space that met a migration entry and waited for it
+        to go, and the wall time they waited in all (what an application sees of migrations in flight)."""
+        with self.machine.lock:
+            return self._stalls, self._stall_ns
 
     # -- mmap / munmap ----------------------------------------------------------------------------------------
     def mmap(self, length: int, shared: bool = False, order: int = 0) -> int:
@@ -158,6 +176,7 @@ class AddressSpace:
         addr, length = self._check_range(addr, length, aligned=True)
         ps = self.machine.page_size
         with self.machine.changed:
+            self._notify(addr, addr + -(-length // ps) * ps)
             unmap_range(self, addr, addr + -(-length // ps) * ps)
             self.machine.changed.notify_all()
 
@@ -209,6 +228,7 @@ class AddressSpace:
         ps = m.page_size
         off = addr % ps
         with m.changed:
+            self._notify(addr, addr + length)
             pfns = access_pfns(self, addr, length, write=True)
             pages_data = m.read_pfns(pfns) if (off or (off + length) % ps) else \
                 np.empty((pfns.size, ps), dtype=np.uint8)
@@ -268,6 +288,26 @@ class AddressSpace:
         """Node of every page of ``[addr, addr + length)`` as :meth:`node_of` gives it (vectorized)."""
         pfns = self.pfns_of(addr, length)
         return np.where(pfns >= 0, self.machine.nodemap.node_of(np.maximum(pfns, 0)), -1)
+
+    # -- notifiers --------------------------------------------------------------------------------------------
+    def register_notifier(self, fn: Callable[[int, int], None]) -> None:
+        """Have ``fn(start, end)`` called before the CPU changes what ``[start, end)`` holds or maps.
+
+        Like an ``mmu_interval_notifier``: a device keeping copies of this address space's pages (read
+        duplicates) drops them there. Called with the machine lock held, on :meth:`write`, :meth:`munmap`,
+        :meth:`mremap` (the old range) and :meth:`close` (everything). Migration does not notify: it keeps
+        every byte.
+        """
+        self._notifiers.append(fn)
+
+    def unregister_notifier(self, fn: Callable[[int, int], None]) -> None:
+        """Stop calling ``fn``; a function never registered is ignored."""
+        if fn in self._notifiers:
+            self._notifiers.remove(fn)
+
+    def _notify(self, start: int, end: int) -> None:
+        for fn in list(self._notifiers):
+            fn(start, end)
 
     # -- pins -------------------------------------------------------------------------------------------------
     def pin(self, addr: int, length: int) -> None:
@@ -355,7 +395,10 @@ class AddressSpace:
         """
         from .mprotect import move_vma
 
-        return move_vma(self, old_addr, old_len, new_len, may_move)
+        with self.machine.changed:
+            if isinstance(old_addr, (int, np.integer)) and isinstance(old_len, (int, np.integer)):
+                self._notify(int(old_addr), int(old_addr) + int(old_len))
+            return move_vma(self, old_addr, old_len, new_len, may_move)
 
     # -- migration --------------------------------------------------------------------------------------------
     def migrate(self, addr: int, length: int, node: int, mode: MigrateMode = MigrateMode.SYNC,
@@ -426,6 +469,7 @@ class AddressSpace:
             return
         m = self.machine
         with m.changed:
+            self._notify(0, 1 << 62)
             while any(v.has_migration_entries() for v in self._vmas):
                 m.changed.wait()
             for v in list(self._vmas):

@@ -1,0 +1,81 @@
+"""Tiered host memory: several host nodes with access costs, CPU access in place, migration stalls counted."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from dmamig import InvalidArgument, Machine
+
+
+def tiered(**kw) -> Machine:
+    kw.setdefault("host_nodes", [(64, 1.0), (128, 2.5)])
+    kw.setdefault("device_pages", 32)
+    return Machine(backend="cpu", **kw)
+
+
+def test_host_nodes_come_first_then_devices():
+    with tiered() as m:
+        assert [(n.id, n.kind, n.device, n.total_pages) for n in m.nodes] == [
+            (0, "host", -1, 64), (1, "host", -1, 128), (2, "device", 0, 32)]
+        assert m.access_cost == (1.0, 2.5, 1.0)
+        assert m.host_node_ids == (0, 1)
+        assert m.device_node_mask.tolist() == [False, False, True]
+
+
+def test_default_machine_keeps_one_host_node():
+    with Machine(host_pages=16, device_pages=16, backend="cpu") as m:
+        assert [n.kind for n in m.nodes] == ["host", "device"]
+        assert m.access_cost == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("bad", [[], [0], [(8, 0.0)], [(8, "x")], "8"])
+def test_bad_host_nodes_are_refused(bad):
+    with pytest.raises(InvalidArgument, match="host_nodes"):
+        Machine(host_nodes=bad, backend="cpu")
+
+
+def test_slow_tier_pages_are_accessed_in_place_and_device_pages_come_back():
+    with tiered() as m:
+        mm = m.address_space()
+        n = 8 * m.page_size
+        a = mm.mmap(n)
+        data = np.random.default_rng(1).integers(0, 256, n, dtype=np.uint8)
+        mm.write(a, data)
+        assert mm.migrate(a, n, 1, engine=m.dma).nr_succeeded == 8
+        assert (mm.read(a, n) == data).all()
+        assert (mm.nodes_of(a, n) == 1).all()  # a CXL page stays where it is when the CPU reads it
+        mm.migrate(a, m.page_size, 2)
+        assert (mm.read(a, n) == data).all()
+        assert mm.node_of(a) == 0  # a device page comes back to node 0
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [64, 128, 32]
+
+
+def test_migration_stalls_are_counted():
+    with tiered(host_nodes=[(2048, 1.0), (2048, 2.0)]) as m:
+        mm = m.address_space()
+        n = 1024 * m.page_size
+        a = mm.mmap(n)
+        mm.write(a, b"\1" * n)
+        assert mm.migration_stalls == (0, 0)
+        stop = threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                mm.read(a, n)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            for i in range(200):
+                mm.migrate(a, n, (i + 1) % 2)
+                if mm.migration_stalls[0]:
+                    break
+        finally:
+            stop.set()
+            t.join()
+        count, ns = mm.migration_stalls
+        assert count >= 1 and ns > 0
