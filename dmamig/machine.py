@@ -363,8 +363,10 @@ class Machine:
         return heads
 
     def put_pages(self, pfns: np.ndarray) -> None:
-        """Free folios obtained from :meth:`alloc_pages` (their head pfns)."""
-        self._check_open()
+        """Free folios obtained from :meth:`alloc_pages` (their head pfns).
+
+        Allowed after :meth:`close` too: a driver racing the machine's close still gives its frames back.
+        """
         heads = as_pfn_array(self, "pfns", pfns)
         with self.lock:
             pages = self.pages

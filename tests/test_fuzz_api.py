@@ -254,6 +254,15 @@ def _closed_machine_call(what: str):
     calls[what]()
 
 
+def test_put_pages_after_close_gives_the_frames_back():
+    """A driver that races Machine.close still returns its frames: nothing leaks in the accounting."""
+    m = Machine(host_pages=64, device_pages=64, devices=1, backend="cpu")
+    heads = m.alloc_pages(1, 4)
+    m.close()
+    m.put_pages(heads)
+    assert m.nodes[1].free_pages == 64
+
+
 def _mmap_then_cursor():
     m = Machine(host_pages=64, device_pages=64, devices=1, backend="cpu")
     mm = m.address_space()
@@ -276,7 +285,6 @@ DEFECTS = [
     pytest.param(lambda w: Machine(host_pages=2**40, backend="cpu"), id="Machine(host_pages=2**40)"),
     pytest.param(lambda w: Machine(host_pages=2**62, backend="cpu"), id="Machine(host_pages=2**62)"),
     pytest.param(lambda w: w.m.put_pages(w.m.alloc_pages(1, 1, order=True)), id="alloc_pages(order=True)"),
-    pytest.param(lambda w: _closed_machine_call("put_pages"), id="put_pages after close"),
     pytest.param(lambda w: _closed_machine_call("checksum"), id="checksum after close"),
     pytest.param(lambda w: _closed_machine_call("migrate_vma"), id="MigrateVma after close"),
 ]
