@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from dmamig import DeviceAccessor, Machine, UvmOptions
 
 PS = 4096
 
 
-def test_device_and_cpu_threads_on_one_range():
+@pytest.mark.parametrize("dup", [False, True], ids=["migrate", "read-duplication"])
+def test_device_and_cpu_threads_on_one_range(dup):
     with Machine(host_pages=4096, device_pages=768, devices=1, backend="cpu", channels=2) as m:
         mm = m.address_space()
         n = 1024  # more than the device holds: evictions race with the CPU's migrations
@@ -21,7 +23,7 @@ def test_device_and_cpu_threads_on_one_range():
         mm.write(a, data.reshape(-1))
         even, odd = np.arange(0, n, 2), np.arange(1, n, 2)
         errors: list[BaseException] = []
-        acc = DeviceAccessor(mm, 1, UvmOptions(fault_batch_size=64))
+        acc = DeviceAccessor(mm, 1, UvmOptions(fault_batch_size=64, read_duplication=dup))
 
         def device():
             try:

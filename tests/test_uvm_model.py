@@ -20,17 +20,17 @@ OPS = st.lists(st.tuples(
 ), min_size=1, max_size=12)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, batch=st.sampled_from([16, 256]), prefetch=st.sampled_from(["none", "density"]),
-       no_copy=st.booleans(), private=st.booleans())
-def test_random_device_and_cpu_accesses_keep_every_byte(ops, batch, prefetch, no_copy, private):
+       no_copy=st.booleans(), private=st.booleans(), dup=st.booleans())
+def test_random_device_and_cpu_accesses_keep_every_byte(ops, batch, prefetch, no_copy, private, dup):
     with Machine(host_pages=4096, device_pages=1024, devices=2, backend="cpu", channels=2,
                  device_memory="private" if private else "coherent") as m:
         start = [nd.free_pages for nd in m.nodes]
         mm = m.address_space()
         a = mm.mmap(NPAGES * PS)
         model = np.zeros(NPAGES * PS, dtype=np.uint8)
-        opts = UvmOptions(fault_batch_size=batch, prefetch=prefetch, no_copy=no_copy)
+        opts = UvmOptions(fault_batch_size=batch, prefetch=prefetch, no_copy=no_copy, read_duplication=dup)
         devs = [DeviceAccessor(mm, 1, opts), DeviceAccessor(mm, 2, opts)]
         for op, who, off, length, seed in ops:
             length = min(length, NPAGES * PS - off)

@@ -244,8 +244,13 @@ class DeviceAccessor:
                 raise AddressFault(f"device access at {int(uniq[~mapped][0]):#x}: address not mapped")
             for v, pos, _slots in _lookup(self.mm, uniq)[1]:
                 check_access(v, int(uniq[pos[0]]), write)
+            if write and self._svc.dups is not None:
+                # A write collapses every read duplicate of its pages, this device's and the others'.
+                self.mm._notify(int(uniq[0]), int(uniq[-1]) + m.page_size)
             known = pfns >= 0
             known[known] = m.nodemap.node_of(pfns[known]) == self.node
+            if not write:
+                known |= self._svc._duplicated(uniq)
             elsewhere = (pfns >= 0) & ~known
         self.stats.accesses += 1
         self.stats.pages_resident += int(known[inv].sum())
@@ -261,7 +266,7 @@ class DeviceAccessor:
             if fault_idx.size:
                 entries = uniq[fault_idx]
                 done = self._svc.service_batch(np.repeat(entries, k) if k > 1 else entries,
-                                               self._blocks(uniq[np.unique(chunk)]))
+                                               self._blocks(uniq[np.unique(chunk)]), write)
                 known[fault_idx] = True
                 pos = np.searchsorted(uniq, done) if not contiguous else (done - uniq[0]) // m.page_size
                 ok = (pos >= 0) & (pos < uniq.size)
@@ -312,6 +317,11 @@ class DeviceAccessor:
                     raise AddressFault(f"device access at {int(addrs[~mapped][0]):#x}: unmapped during the access")
                 on = pfns >= 0
                 on[on] = m.nodemap.node_of(pfns[on]) == self.node
+                if not write and self._svc.dups is not None:
+                    dup = self._svc.dups.lookup(addrs)
+                    use = (dup >= 0) & ~on
+                    pfns = np.where(use, dup, pfns)
+                    on |= use
                 st.service_ns["replay"] += time.perf_counter_ns() - t0
                 if (on | stay).all() or attempt == REFAULT_TRIES:
                     t1 = time.perf_counter_ns()
@@ -327,7 +337,7 @@ class DeviceAccessor:
                 missing = addrs[~on & ~stay]
             # The pages left the device since they were serviced (evicted for a later batch, or taken by the
             # CPU or another device): they fault again, as a replayed access would.
-            self._svc.service_batch(missing, self._blocks(addrs))
+            self._svc.service_batch(missing, self._blocks(addrs), write)
 
     def _blocks(self, addrs: np.ndarray) -> np.ndarray:
         return np.unique(addrs // self._svc.block_size)

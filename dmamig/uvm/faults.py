@@ -19,6 +19,7 @@ from ..flags import MigrateMode, PteFlag
 from ..memory import _fault_absent, _wp_pages
 from ..migrate.core import collect_folios, run_migration
 from ..migrate.move_pages import _lookup, _lookup_settled
+from .dup import ReadDuplicates
 from .evict import evict_block, tracker_of
 from .options import VA_BLOCK_SIZE, UvmOptions, UvmStats
 from .prefetch import density_prefetch
@@ -43,14 +44,29 @@ class FaultService:
         self.tracker = tracker_of(m, node)
         self.engine = m.dma if options.no_copy else None
         self.mode = MigrateMode.SYNC | MigrateMode.NO_COPY if options.no_copy else MigrateMode.SYNC
+        self.dups = ReadDuplicates(m, node) if options.read_duplication else None
+        if self.dups is not None:
+            mm.register_notifier(self.collapse)
+
+    def collapse(self, start: int, end: int) -> None:
+        """Drop the read duplicates of ``[start, end)`` (the address space's notifier; lock held)."""
+        if self.dups is not None:
+            self.stats.pages_collapsed += self.dups.drop(start, end)
+
+    def _duplicated(self, addrs: np.ndarray) -> np.ndarray:
+        if self.dups is None or not len(self.dups):
+            return np.zeros(addrs.size, dtype=bool)
+        return self.dups.lookup(addrs) >= 0
 
     # -- one batch ---------------------------------------------------------------------------------------------
-    def service_batch(self, entries: np.ndarray, protect: np.ndarray | None = None) -> np.ndarray:
+    def service_batch(self, entries: np.ndarray, protect: np.ndarray | None = None,
+                      write: bool = False) -> np.ndarray:
         """Service fault-buffer ``entries`` (page addresses, duplicates allowed); return the pages handled.
 
         The returned page addresses (faulted and prefetched) were brought to the device, or could not be and
         will be accessed where they are. Blocks in ``protect`` (block numbers: the rest of the stretch the
-        access replays next) are not evicted to make room. The caller holds no lock.
+        access replays next) are not evicted to make room. A read with read duplication copies pages
+        resident elsewhere instead of migrating them. The caller holds no lock.
         """
         st, m = self.stats, self.mm.machine
         t0 = time.perf_counter_ns()
@@ -66,6 +82,7 @@ class FaultService:
             pfns, valid = self._lookup_valid(cand)
             resident = (pfns >= 0) & valid
             resident[resident] = m.nodemap.node_of(pfns[resident]) == self.node
+            resident |= self._duplicated(cand) & valid
         faulted = np.zeros(cand.size, dtype=bool)
         faulted[np.searchsorted(blocks, uniq // bs) * bp + (uniq % bs) // ps] = True
         t1 = time.perf_counter_ns()
@@ -83,7 +100,7 @@ class FaultService:
             need = self._frames_needed(pfns[want])
             keep = blocks if protect is None else np.union1d(blocks, protect)
             self._make_room(need, {(self.mm, int(b)) for b in keep.tolist()})
-            self._bring_in(addrs)
+            self._bring_in(addrs, duplicate=not write and self.dups is not None)
             st.pages_prefetched += prefetched
         self.tracker.touch(self.mm, blocks)
         st.replays += 1
@@ -128,6 +145,11 @@ class FaultService:
         with m.lock:
             if nd.free_pages >= need:
                 return
+            if self.dups is not None:
+                # Copies are the cheapest room: dropping one moves nothing (the page is still where it was).
+                st.pages_collapsed += self.dups.drop_some(need - nd.free_pages)
+                if nd.free_pages >= need:
+                    return
         t0 = time.perf_counter_ns()
         for mm, block in self.tracker.victims(self.options.eviction, exclude):
             with m.lock:
@@ -144,8 +166,9 @@ class FaultService:
         st.service_ns["evict"] += time.perf_counter_ns() - t0
 
     # -- populate and migrate ----------------------------------------------------------------------------------
-    def _bring_in(self, addrs: np.ndarray) -> None:
-        """Give absent pages zeroed device pages and migrate the others onto the device."""
+    def _bring_in(self, addrs: np.ndarray, duplicate: bool = False) -> None:
+        """Give absent pages zeroed device pages and migrate the others onto the device (or, with
+        ``duplicate``, copy private pages resident elsewhere into read-only device copies)."""
         m, st, mm = self.mm.machine, self.stats, self.mm
         t0 = time.perf_counter_ns()
         t_thread = time.thread_time_ns()
@@ -158,6 +181,8 @@ class FaultService:
             pfns, _ = _lookup_settled(mm, addrs)
             present = pfns >= 0
             present[present] = m.nodemap.node_of(pfns[present]) != self.node
+            if duplicate:
+                present &= ~self._dup_private(addrs, pfns, present)
             move = pfns[present]
             t_wall = time.perf_counter_ns()
             st.service_ns["populate"] += t_wall - t0
@@ -169,6 +194,24 @@ class FaultService:
             st.bytes_migrated += res.nr_succeeded * m.page_size
             for k, v in res.phase_ns.items():
                 st.service_ns[k] += v
+
+    def _dup_private(self, addrs: np.ndarray, pfns: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Copy the present private pages among ``addrs`` to the device; return which now have a copy.
+
+        Pages of shared mappings are left to migrate: another process may write them without this address
+        space's notifier hearing of it. Caller holds ``changed``.
+        """
+        private = present.copy()
+        for v in self.mm.vmas:
+            if v.shared:
+                private[(addrs >= v.start) & (addrs < v.end)] = False
+        private &= ~self._duplicated(addrs)
+        idx = np.flatnonzero(private)
+        n = self.dups.add(addrs[idx], pfns[idx], self.engine) if idx.size else 0
+        self.stats.pages_read_duplicated += n
+        done = np.zeros(addrs.size, dtype=bool)
+        done[idx[:n]] = True
+        return done | (present & self._duplicated(addrs))
 
     def _populate(self, vma: object, slots: np.ndarray) -> int:
         """Zeroed pages for untouched slots, on the device, or on the host when neither room nor eviction

@@ -52,6 +52,10 @@ class UvmOptions:
         ``0`` (the default): every non-resident page faults and migrates. ``N > 0``: access-counter
         migration: a page populated elsewhere is accessed remotely, in place, and migrates once the device
         has accessed it ``N`` times (pages never touched still fault in on the device).
+    read_duplication : bool
+        UVM's read-mostly memory: a device read of a private page resident elsewhere makes a read-only copy
+        on the device and leaves the page where it is; any write (CPU or device), munmap or close drops
+        the copies first.
     """
 
     fault_batch_size: int = DEFAULT_FAULT_BATCH_SIZE
@@ -62,6 +66,7 @@ class UvmOptions:
     faults_per_page: int = 1
     migrate_options: MigrateOptions | None = None
     access_counter_threshold: int = 0
+    read_duplication: bool = False
 
     def __post_init__(self) -> None:
         for name, low, high in (("fault_batch_size", 1, 1 << 20), ("prefetch_threshold", 1, 100),
@@ -73,8 +78,9 @@ class UvmOptions:
             raise InvalidArgument(f"UvmOptions.prefetch must be one of {PREFETCH_POLICIES}, got {self.prefetch!r}")
         if self.eviction not in ("lru", "fifo"):
             raise InvalidArgument(f"UvmOptions.eviction must be 'lru' or 'fifo', got {self.eviction!r}")
-        if not isinstance(self.no_copy, bool):
-            raise InvalidArgument(f"UvmOptions.no_copy must be a bool, got {self.no_copy!r}")
+        for name in ("no_copy", "read_duplication"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(f"UvmOptions.{name} must be a bool, got {getattr(self, name)!r}")
         MigrateOptions.coerce(self.migrate_options, "UvmOptions.migrate_options")
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,6 +120,9 @@ class UvmStats:
         access-counter migration left it there until its count reaches the threshold.
     pages_counter_migrated : int
         Pages whose access count reached the threshold and were serviced for migration.
+    pages_read_duplicated, pages_collapsed : int
+        Read-only device copies made (read duplication), and copies dropped because the page was written,
+        unmapped, or their frames were needed.
     pages_resident : int
         Page accesses that found their page on the device already.
     service_ns : dict
@@ -137,6 +146,8 @@ class UvmStats:
     blocks_evicted: int = 0
     pages_remote: int = 0
     pages_counter_migrated: int = 0
+    pages_read_duplicated: int = 0
+    pages_collapsed: int = 0
     pages_resident: int = 0
     service_ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICE_PHASES, 0))
     access_ns: int = 0
