@@ -114,6 +114,7 @@ class DmaEngine:
         self.options = options or PlanOptions()
         self._nr_pfns = int(nodemap.nr_pfns)
         self._bases = np.array([n.base_pfn for n in self.nodes], dtype=np.int64)
+        self._base_list = self._bases.tolist()
         if self._bases.size > 1 and not bool((np.diff(self._bases) > 0).all()):
             raise InvalidArgument("nodes must be given in increasing base_pfn order")
         self._lock = threading.Lock()
@@ -195,35 +196,45 @@ class DmaEngine:
 
     # -- validation ----------------------------------------------------------------------------------------
     def _pfn_array(self, name: str, value: Any) -> np.ndarray:
+        return self._pfn_array_bounds(name, value)[0]
+
+    def _pfn_array_bounds(self, name: str, value: Any) -> tuple[np.ndarray, int, int]:
+        """``value`` as an int64 pfn array, with its lowest and highest pfn (``0, -1`` when empty)."""
         a = np.asarray(value)
         if a.ndim != 1:
             raise InvalidArgument(f"{name} must be a 1-D array of pfns, got shape {a.shape}")
         if a.size == 0 and a.dtype.kind in "iuf":  # ``[]`` is float64 to numpy; an empty list is fine
-            return np.empty(0, dtype=np.int64)
+            return np.empty(0, dtype=np.int64), 0, -1
         if a.dtype.kind not in "iu":
             raise InvalidArgument(f"{name} must have an integer dtype (pfns), got {a.dtype}")
+        lo, hi = 0, -1
         if a.size:
             lo, hi = int(a.min()), int(a.max())
             if lo < 0 or hi >= self._nr_pfns:
                 bad = lo if lo < 0 else hi
                 raise InvalidArgument(f"{name} holds pfn {bad}, outside the machine's pfns 0..{self._nr_pfns - 1}")
-        return a.astype(np.int64, copy=False)
+        return a.astype(np.int64, copy=False), lo, hi
 
     def _validate(self, src_pfns: Any, dst_pfns: Any) -> tuple[np.ndarray, np.ndarray]:
-        src = self._pfn_array("src_pfns", src_pfns)
-        dst = self._pfn_array("dst_pfns", dst_pfns)
+        src, dst, _ = self._validate_bounds(src_pfns, dst_pfns)
+        return src, dst
+
+    def _validate_bounds(self, src_pfns: Any, dst_pfns: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        """Validated ``(src, dst, (src lo, src hi, dst lo, dst hi))``; the bounds also serve the planner."""
+        src, s_lo, s_hi = self._pfn_array_bounds("src_pfns", src_pfns)
+        dst, d_lo, d_hi = self._pfn_array_bounds("dst_pfns", dst_pfns)
         if src.size != dst.size:
             raise InvalidArgument(f"src_pfns and dst_pfns must have the same length (one destination per "
                                   f"source page), got {src.size} and {dst.size}")
+        bounds = (s_lo, s_hi, d_lo, d_hi)
         if src.size == 0:
-            return src, dst
+            return src, dst, bounds
         # A destination written twice, or a page both read and written by one submission, would make the result
         # depend on channel timing. Cheap cases first: increasing destinations are distinct, and disjoint pfn
         # ranges cannot overlap; otherwise one counting pass answers both questions.
-        s_lo, s_hi, d_lo, d_hi = int(src.min()), int(src.max()), int(dst.min()), int(dst.max())
         disjoint = s_hi < d_lo or d_hi < s_lo
         if disjoint and bool((dst[1:] > dst[:-1]).all()):
-            return src, dst
+            return src, dst, bounds
         lo, hi = min(s_lo, d_lo), max(s_hi, d_hi)
         counts = np.bincount(dst - lo, minlength=hi - lo + 1)
         if int(counts.max()) > 1:
@@ -231,14 +242,14 @@ class DmaEngine:
             raise InvalidArgument(f"dst_pfns lists pfn {dup} more than once; each destination page may be "
                                   f"written once per submission")
         if disjoint:
-            return src, dst
+            return src, dst, bounds
         clash = counts[src - lo] != 0
         if clash.any():
             i = int(np.flatnonzero(clash)[0])
             what = "is copied onto itself" if src[i] == dst[i] else "is both a source and a destination"
             raise InvalidArgument(f"pfn {int(src[i])} {what} in one submission; sources and destinations must "
                                   f"not overlap")
-        return src, dst
+        return src, dst, bounds
 
     # -- submission ----------------------------------------------------------------------------------------
     def plan(self, src_pfns: Any, dst_pfns: Any) -> CopyPlan:
@@ -258,15 +269,23 @@ class DmaEngine:
             return nid, pfns - bases[nid]
         return self.nodemap.locate(pfns)
 
-    def _plan(self, src: np.ndarray, dst: np.ndarray) -> CopyPlan:
+    def _node_of(self, pfn: int) -> int:
+        node = 0
+        for i, b in enumerate(self._base_list):
+            if pfn >= b:
+                node = i
+        return node
+
+    def _plan(self, src: np.ndarray, dst: np.ndarray, bounds: tuple[int, ...] | None = None) -> CopyPlan:
         batch = bool(getattr(self.backend, "batch_copy_available", False))
         # One source node and one destination node (every migration batch): the ends of each range tell.
-        bases = self._bases
-        s_lo, s_hi = np.searchsorted(bases, (src.min(), src.max()), side="right") - 1
-        d_lo, d_hi = np.searchsorted(bases, (dst.min(), dst.max()), side="right") - 1
-        if s_lo == s_hi and d_lo == d_hi:
-            return plan_one_pair(int(s_lo), src - bases[s_lo], int(d_lo), dst - bases[d_lo],
-                                 channels=self.channels, options=self.options, batch_available=batch)
+        s_lo, s_hi, d_lo, d_hi = bounds if bounds is not None else \
+            (int(src.min()), int(src.max()), int(dst.min()), int(dst.max()))
+        sn, dn = self._node_of(s_lo), self._node_of(d_lo)
+        if sn == self._node_of(s_hi) and dn == self._node_of(d_hi):
+            base = self._base_list
+            return plan_one_pair(sn, src - base[sn], dn, dst - base[dn], channels=self.channels,
+                                 options=self.options, batch_available=batch)
         snode, sidx = self._locate(src)
         dnode, didx = self._locate(dst)
         return plan_copy(snode, sidx, dnode, didx, channels=self.channels, options=self.options,
@@ -296,10 +315,10 @@ class DmaEngine:
         """
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-        src, dst = self._validate(src_pfns, dst_pfns)
+        src, dst, bounds = self._validate_bounds(src_pfns, dst_pfns)
         if src.size == 0:
             return DONE
-        plan = self._plan(src, dst)
+        plan = self._plan(src, dst, bounds)
         if self._on_submit is not None:
             self._on_submit(dst)
         # Submission happens under the engine lock so that close() cannot slip between the check and the
