@@ -1,0 +1,229 @@
+"""Placement policies: observe each epoch's accesses and hint faults, return the migrations to make.
+
+A policy is a small class with two methods, both fed numpy arrays (never a Python object per page):
+
+- ``start(tiers)`` once, with the :class:`Tiers` of the machine (which node is fast, which slow, sizes);
+- ``epoch(obs)`` after every epoch, with an :class:`Observation`; it returns a list of
+  :class:`Migration` (page indices of the region and a target node), made while the next epoch runs.
+
+A NUMA hint fault is an access to a page on a slow node (the kernel unmaps pages with ``PROT_NONE`` to catch
+such accesses; replay sees every access, so every slow access is a hint fault here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidArgument
+
+__all__ = ["POLICIES", "FirstTouch", "Lru", "Migration", "NumaBalancing", "Observation", "Policy", "Tiers", "Tpp",
+           "make_policy"]
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """The memory a policy places pages in.
+
+    Attributes
+    ----------
+    fast, slow : int
+        Node ids of the fast tier (DRAM) and the slow tier (CXL).
+    capacity : dict
+        Frames of each node.
+    pages : int
+        Pages of the replayed region (policies index pages ``0 .. pages - 1``).
+    """
+
+    fast: int
+    slow: int
+    capacity: dict[int, int]
+    pages: int
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a policy sees of one epoch.
+
+    Attributes
+    ----------
+    epoch : int
+        The epoch that just ended.
+    pages, counts : numpy.ndarray
+        The distinct pages accessed in the epoch (sorted) and how often each was.
+    written : numpy.ndarray
+        Bool per entry of ``pages``: stored to at least once.
+    hint : numpy.ndarray
+        Bool per entry of ``pages``: the page was on a slow node when accessed (a NUMA hint fault).
+    placement : numpy.ndarray
+        Node of every page of the region at the start of the epoch (-1: not populated).
+    free : dict
+        Free frames of each node now.
+    """
+
+    epoch: int
+    pages: np.ndarray
+    counts: np.ndarray
+    written: np.ndarray
+    hint: np.ndarray
+    placement: np.ndarray
+    free: dict[int, int]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Move ``pages`` (indices into the region) to ``node``; ``kind`` labels it in results."""
+
+    pages: np.ndarray
+    node: int
+    kind: str = "promote"
+
+
+class Policy:
+    """Base class: keeps nothing and moves nothing (first touch). Subclasses override :meth:`epoch`."""
+
+    name = "first-touch"
+
+    def start(self, tiers: Tiers) -> None:
+        """Called once before the first epoch."""
+        self.tiers = tiers
+
+    def epoch(self, obs: Observation) -> list[Migration]:
+        """Decide the migrations after ``obs.epoch``; they run while the next epoch runs."""
+        return []
+
+    def params(self) -> dict[str, object]:
+        """Settings recorded with results."""
+        return {k: v for k, v in vars(self).items() if k != "tiers" and not k.startswith("_")}
+
+
+class FirstTouch(Policy):
+    """Pages stay where first touch put them (the kernel without NUMA balancing or demotion)."""
+
+    name = "first-touch"
+
+
+class NumaBalancing(Policy):
+    """NUMA-balancing tiering promotion: a slow page that took ``threshold`` hint faults is promoted.
+
+    Hint faults accumulate per page across epochs (``decay`` halves them each epoch, as the kernel's
+    scan-period windows forget old faults); at most ``rate_limit`` pages are promoted per epoch (the kernel's
+    ``numa_balancing_promote_rate_limit_MBps``), the hottest first, and only into free frames of the fast
+    tier: this policy never demotes.
+    """
+
+    name = "numa-balancing"
+
+    def __init__(self, threshold: int = 2, rate_limit: int = 64, decay: bool = True):
+        if threshold < 1 or rate_limit < 1:
+            raise InvalidArgument(f"threshold and rate_limit must be >= 1, got {threshold}, {rate_limit}")
+        self.threshold, self.rate_limit, self.decay = int(threshold), int(rate_limit), bool(decay)
+
+    def start(self, tiers: Tiers) -> None:
+        super().start(tiers)
+        self._faults = np.zeros(tiers.pages, dtype=np.int64)
+
+    def _hot(self, obs: Observation) -> np.ndarray:
+        """Slow pages past the threshold, hottest first (ties: lower page first)."""
+        if self.decay:
+            self._faults >>= 1
+        np.add.at(self._faults, obs.pages[obs.hint], obs.counts[obs.hint])
+        slow = obs.placement == self.tiers.slow
+        cand = np.flatnonzero(slow & (self._faults >= self.threshold))
+        return cand[np.argsort(-self._faults[cand], kind="stable")]
+
+    def epoch(self, obs: Observation) -> list[Migration]:
+        cand = self._hot(obs)
+        room = min(self.rate_limit, obs.free.get(self.tiers.fast, 0))
+        chosen = cand[:max(room, 0)]
+        self._faults[chosen] = 0
+        return [Migration(chosen, self.tiers.fast)] if chosen.size else []
+
+
+class Tpp(NumaBalancing):
+    """TPP-style tiering: NUMA-balancing promotion plus proactive demotion with watermarks.
+
+    When the fast tier's free frames fall below ``low`` (a fraction of its size), the coldest fast pages (least
+    recently accessed) are demoted until ``high`` is free again; promotion may then use the room down to
+    ``low``: demotion makes room ahead of promotion, as TPP decouples the two.
+    """
+
+    name = "tpp"
+
+    def __init__(self, threshold: int = 2, rate_limit: int = 64, low: float = 0.05, high: float = 0.10,
+                 decay: bool = True):
+        super().__init__(threshold, rate_limit, decay)
+        if not 0.0 <= low <= high < 1.0:
+            raise InvalidArgument(f"watermarks need 0 <= low <= high < 1, got low={low}, high={high}")
+        self.low, self.high = float(low), float(high)
+
+    def start(self, tiers: Tiers) -> None:
+        super().start(tiers)
+        self._last = np.full(tiers.pages, -1, dtype=np.int64)  # last epoch each page was accessed
+
+    def epoch(self, obs: Observation) -> list[Migration]:
+        self._last[obs.pages] = obs.epoch
+        cand = self._hot(obs)
+        size = self.tiers.capacity[self.tiers.fast]
+        free = obs.free.get(self.tiers.fast, 0)
+        low, high = int(size * self.low), int(size * self.high)
+        out = []
+        promote = cand[:max(0, min(self.rate_limit, free - low))]
+        free -= promote.size
+        if free < low or (cand.size > promote.size):
+            # Demote enough cold pages to be back at the high watermark after this epoch's promotions.
+            want = high - free
+            fast = np.flatnonzero(obs.placement == self.tiers.fast)
+            fast = fast[self._last[fast] < obs.epoch]  # never demote what was just used
+            cold = fast[np.argsort(self._last[fast], kind="stable")][:max(want, 0)]
+            if cold.size:
+                out.append(Migration(cold, self.tiers.slow, "demote"))
+        if promote.size:
+            self._faults[promote] = 0
+            out.append(Migration(promote, self.tiers.fast))
+        return out
+
+
+class Lru(Policy):
+    """Demand placement with LRU eviction, as a device driver manages its memory: every page accessed on
+    the slow tier is brought to the fast tier, evicting the least recently used fast pages when it is full
+    (at most ``rate_limit`` pages per epoch)."""
+
+    name = "lru"
+
+    def __init__(self, rate_limit: int = 256):
+        if rate_limit < 1:
+            raise InvalidArgument(f"rate_limit must be >= 1, got {rate_limit}")
+        self.rate_limit = int(rate_limit)
+
+    def start(self, tiers: Tiers) -> None:
+        super().start(tiers)
+        self._last = np.full(tiers.pages, -1, dtype=np.int64)
+
+    def epoch(self, obs: Observation) -> list[Migration]:
+        self._last[obs.pages] = obs.epoch
+        want = obs.pages[obs.hint & (obs.placement[obs.pages] == self.tiers.slow)][:self.rate_limit]
+        out = []
+        short = want.size - obs.free.get(self.tiers.fast, 0)
+        if short > 0:
+            fast = np.flatnonzero(obs.placement == self.tiers.fast)
+            fast = fast[self._last[fast] < obs.epoch]
+            victims = fast[np.argsort(self._last[fast], kind="stable")][:short]
+            out.append(Migration(victims, self.tiers.slow, "demote"))
+            want = want[:obs.free.get(self.tiers.fast, 0) + victims.size]
+        if want.size:
+            out.append(Migration(want, self.tiers.fast))
+        return out
+
+
+#: Built-in policies by name.
+POLICIES: dict[str, type[Policy]] = {"first-touch": FirstTouch, "lru": Lru, "numa-balancing": NumaBalancing,
+                                     "tpp": Tpp}
+
+
+def make_policy(name: str, **kw: object) -> Policy:
+    """A new built-in policy ``name`` (one of :data:`POLICIES`) with settings ``kw``."""
+    if name not in POLICIES:
+        raise InvalidArgument(f"unknown policy {name!r}; built-in policies: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](**kw)

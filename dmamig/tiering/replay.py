@@ -1,0 +1,280 @@
+"""Replay a trace on a tiered machine under a policy, in copy or no-copy mode, and measure it.
+
+The machine has two host nodes: node 0 (fast, DRAM, cost 1.0) and node 1 (slow, CXL-like, ``slow_cost``).
+Replay maps one region, places its pages by first touch (in the order the trace first touches them, the fast
+tier filled to ``first_touch_fill`` of its size, the rest on the slow tier), writes known bytes to it, then runs
+epoch after epoch:
+
+1. the migrations the policy chose after the previous epoch start on a migrator thread (``move_pages``; copy:
+   the migrator copies; no-copy: ``m.dma`` copies and the migrator moves state only);
+2. meanwhile the accessor threads replay this epoch's records through ``mm.read`` / ``mm.write``, meeting the
+   migrations' entries (their waits are the stall, :attr:`AddressSpace.migration_stalls`);
+3. the policy sees the epoch (accessed pages, counts, hint faults) and decides the next migrations.
+
+Every read is compared with a reference model of the region where no other actor stored to the page in that
+epoch, and the whole region is read back and compared at the end; then the address space is closed and every
+frame must be free again. Decisions taken after the last epoch are not run (nothing would observe them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..flags import MigrateMode
+from ..machine import Machine
+from .policies import Migration, Observation, Policy, Tiers
+from .trace import Trace
+
+__all__ = ["EPOCH_FIELDS", "ReplayResult", "replay"]
+
+#: Per-epoch series of a replay, each one number per epoch.
+EPOCH_FIELDS = ("accesses", "fast_hits", "hint_faults", "promoted", "demoted", "migrate_failed", "migrate_cpu_ns",
+                "migrate_wall_ns", "stalls", "stall_ns", "access_cost", "access_wall_ns", "fast_pages",
+                "slow_pages")
+
+
+@dataclass
+class ReplayResult:
+    """What one replay measured.
+
+    Attributes
+    ----------
+    summary : dict
+        Totals: accesses, fast-tier hit share, pages promoted and demoted, bytes migrated, migrating-thread CPU
+        (``migrate_cpu_ns``, and per migrated page), accessor stall (count and ns), modelled access cost,
+        verification (``verified``, ``reads_verified``, ``mismatches``, ``leaked_frames``).
+    epochs : dict
+        One list per name of :data:`EPOCH_FIELDS`.
+    config : dict
+        Trace, policy, mode and machine settings.
+    """
+
+    summary: dict[str, Any]
+    epochs: dict[str, list[int | float]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"config": self.config, "summary": self.summary, "epochs": self.epochs}
+
+
+def _first_touch_order(trace: Trace, pages: int, ps: int) -> np.ndarray:
+    """Pages in the order the trace first touches them, untouched pages last."""
+    page = trace.offset // ps
+    uniq, first = np.unique(page, return_index=True)
+    rest = np.setdiff1d(np.arange(pages), uniq, assume_unique=True)
+    return np.concatenate([uniq[np.argsort(first, kind="stable")], rest])
+
+
+class _Migrator(threading.Thread):
+    """Runs one epoch's migrations on its own thread and measures its CPU time."""
+
+    def __init__(self, mm: Any, addr: int, ps: int, todo: list[Migration], engine: Any):
+        super().__init__(name="dmamig-tiering-migrator", daemon=True)
+        self.mm, self.addr, self.ps, self.todo, self.engine = mm, addr, ps, todo, engine
+        self.done = {"promote": 0, "demote": 0}
+        self.failed = self.cpu_ns = self.wall_ns = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        t_cpu, t_wall = time.thread_time_ns(), time.perf_counter_ns()
+        try:
+            for mig in self.todo:
+                if mig.pages.size == 0:
+                    continue
+                res = self.mm.move_pages(self.addr + mig.pages.astype(np.int64) * self.ps,
+                                         np.full(mig.pages.size, mig.node), mode=MigrateMode.SYNC,
+                                         engine=self.engine)
+                ok = int((res.status == mig.node).sum())
+                self.done[mig.kind] = self.done.get(mig.kind, 0) + ok
+                self.failed += int(mig.pages.size - ok)
+        except BaseException as exc:  # reported by the replay thread, which owns the error path
+            self.error = exc
+        self.cpu_ns = time.thread_time_ns() - t_cpu
+        self.wall_ns = time.perf_counter_ns() - t_wall
+
+
+class _Accessor:
+    """Replays records through the real access path and checks reads against the reference model."""
+
+    def __init__(self, mm: Any, addr: int, ref: np.ndarray, trace: Trace):
+        self.mm, self.addr, self.ref, self.trace = mm, addr, ref, trace
+        self.mismatches = 0
+        self.verified = 0
+        self.first_bad: str | None = None
+        self.lock = threading.Lock()
+
+    def run(self, idx: np.ndarray, check: np.ndarray) -> None:
+        t = self.trace
+        mm, addr, ref = self.mm, self.addr, self.ref
+        bad = ok = 0
+        for i, c in zip(idx.tolist(), check.tolist()):
+            off, n = int(t.offset[i]), int(t.length[i])
+            if t.write[i]:
+                # A store's bytes are derived from its record number, so any replay of the trace writes them.
+                data = np.full(n, (i * 7 + 1) & 0xFF, dtype=np.uint8)
+                mm.write(addr + off, data)
+                ref[off:off + n] = data
+            else:
+                got = mm.read(addr + off, n)
+                if c:
+                    ok += 1
+                    if not np.array_equal(got, ref[off:off + n]):
+                        bad += 1
+                        with self.lock:
+                            self.first_bad = self.first_bad or f"record {i} (offset {off}, length {n})"
+        with self.lock:
+            self.mismatches += bad
+            self.verified += ok
+
+
+def _run_epoch(acc: _Accessor, trace: Trace, lo: int, hi: int, threads: int, ps: int, pages: int) -> None:
+    idx = np.arange(lo, hi)
+    page = trace.offset[lo:hi] // ps
+    actor = trace.actor[lo:hi]
+    w = trace.write[lo:hi]
+    owner = np.full(pages, -1, dtype=np.int64)
+    owner[page[w]] = actor[w]
+    shared = (owner[page[w]] != actor[w]).any()  # two actors stored to one page: replay in trace order
+    check = (owner[page] < 0) | (owner[page] == actor)
+    if threads == 1 or shared:
+        acc.run(idx, np.ones(idx.size, dtype=bool) if threads == 1 or shared else check)
+        return
+    workers = []
+    for k in range(threads):
+        sel = actor % threads == k
+        if sel.any():
+            workers.append(threading.Thread(target=acc.run, args=(idx[sel], check[sel])))
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join()
+
+
+def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: float = 0.25,
+           slow_cost: float = 2.5, first_touch_fill: float = 0.9, channels: int = 2, threads: int = 1,
+           seed: int = 0, progress: Callable[[int, int], None] | None = None) -> ReplayResult:
+    """Replay ``trace`` under ``policy`` with copy or no-copy migration on a fresh CPU-backend machine.
+
+    Parameters
+    ----------
+    trace : Trace
+        The accesses (validated first; a bad record raises before anything runs).
+    policy : Policy
+        Decides migrations after each epoch.
+    mode : {"copy", "no-copy"}
+        ``copy``: the migrating thread copies pages; ``no-copy``: the DMA engine does, state moves only.
+    fast_fraction : float
+        Fast-tier (node 0) frames as a fraction of the region's pages.
+    slow_cost : float
+        Relative cost per byte of the slow tier (node 1); node 0 costs 1.0.
+    first_touch_fill : float
+        Share of the fast tier that first touch fills before it falls back to the slow tier.
+    channels, threads : int
+        DMA channels; accessor threads (actors are dealt to threads by ``actor % threads``).
+    seed : int
+        Seed of the region's initial bytes.
+    progress : callable, optional
+        Called as ``progress(epoch_done, epochs)``.
+
+    Returns
+    -------
+    ReplayResult
+    """
+    if mode not in ("copy", "no-copy"):
+        raise InvalidArgument(f"mode must be 'copy' or 'no-copy', got {mode!r}")
+    if not 0.0 < fast_fraction <= 1.0 or not 0.0 <= first_touch_fill <= 1.0 or threads < 1:
+        raise InvalidArgument(f"need 0 < fast_fraction <= 1, 0 <= first_touch_fill <= 1, threads >= 1; got "
+                              f"{fast_fraction}, {first_touch_fill}, {threads}")
+    trace.validate()
+    ps = trace.page_size
+    pages = -(-trace.region_bytes // ps)
+    fast_pages = max(8, int(pages * fast_fraction))
+    m = Machine(host_nodes=[(fast_pages, 1.0), (pages + 8, float(slow_cost))], devices=0, device_pages=1,
+                page_size=ps, backend="cpu", channels=channels)
+    try:
+        return _replay_on(m, trace, policy, mode, pages, fast_pages, first_touch_fill, threads, seed, progress,
+                          {"fast_fraction": fast_fraction, "slow_cost": slow_cost, "channels": channels,
+                           "threads": threads, "first_touch_fill": first_touch_fill, "seed": seed})
+    finally:
+        m.close()
+
+
+def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, fast_pages: int, fill: float,
+               threads: int, seed: int, progress: Callable[[int, int], None] | None,
+               settings: dict[str, Any]) -> ReplayResult:
+    ps, nbytes = m.page_size, pages * m.page_size
+    free0 = [n.free_pages for n in m.nodes]
+    mm = m.address_space()
+    addr = mm.mmap(nbytes)
+    mm.populate(addr, nbytes, node=1)
+    order = _first_touch_order(trace, pages, ps)[:int(fast_pages * fill)]
+    if order.size:
+        mm.move_pages(addr + order * ps, np.zeros(order.size, dtype=np.int64))
+    ref = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    mm.write(addr, ref)
+    ref = ref.copy()
+    cost = np.array(m.access_cost + (0.0,))  # index -1 (not populated) costs nothing
+    engine = m.dma if mode == "no-copy" else None
+    policy.start(Tiers(fast=0, slow=1, capacity={n.id: n.total_pages for n in m.nodes}, pages=pages))
+    acc = _Accessor(mm, addr, ref, trace)
+    series: dict[str, list] = {k: [] for k in EPOCH_FIELDS}
+    bounds = np.searchsorted(trace.epoch, np.arange(trace.epochs + 1))
+    pending: list[Migration] = []
+    for e in range(trace.epochs):
+        lo, hi = int(bounds[e]), int(bounds[e + 1])
+        placement = mm.nodes_of(addr, nbytes)
+        stalls0 = mm.migration_stalls
+        mig = _Migrator(mm, addr, ps, pending, engine)
+        t0 = time.perf_counter_ns()
+        mig.start()
+        _run_epoch(acc, trace, lo, hi, threads, ps, pages)
+        access_ns = time.perf_counter_ns() - t0
+        mig.join()
+        if mig.error is not None:
+            raise mig.error
+        stalls1 = mm.migration_stalls
+        page = trace.offset[lo:hi] // ps
+        node = placement[page]
+        uniq, inv, counts = np.unique(page, return_inverse=True, return_counts=True)
+        written = np.zeros(uniq.size, dtype=bool)
+        written[inv[trace.write[lo:hi]]] = True
+        hint = placement[uniq] == 1
+        rec = {"accesses": hi - lo, "fast_hits": int((node == 0).sum()), "hint_faults": int(counts[hint].sum()),
+               "promoted": mig.done.get("promote", 0), "demoted": mig.done.get("demote", 0),
+               "migrate_failed": mig.failed, "migrate_cpu_ns": mig.cpu_ns, "migrate_wall_ns": mig.wall_ns,
+               "stalls": stalls1[0] - stalls0[0], "stall_ns": stalls1[1] - stalls0[1],
+               "access_cost": float((trace.length[lo:hi] * cost[node]).sum()), "access_wall_ns": access_ns,
+               "fast_pages": int((placement == 0).sum()), "slow_pages": int((placement == 1).sum())}
+        for k, v in rec.items():
+            series[k].append(v)
+        pending = policy.epoch(Observation(e, uniq, counts, written, hint, placement,
+                                           {n.id: n.free_pages for n in m.nodes}))
+        if progress is not None:
+            progress(e + 1, trace.epochs)
+    final_ok = bool(np.array_equal(mm.read(addr, nbytes), ref))
+    mm.close()
+    leaked = int(sum(a - n.free_pages for a, n in zip(free0, m.nodes)))
+    tot = {k: sum(v) for k, v in series.items()}
+    migrated = tot["promoted"] + tot["demoted"]
+    summary = {
+        "accesses": tot["accesses"], "fast_hit_share": tot["fast_hits"] / max(tot["accesses"], 1),
+        "hint_faults": tot["hint_faults"], "promoted": tot["promoted"], "demoted": tot["demoted"],
+        "migrate_failed": tot["migrate_failed"], "bytes_migrated": migrated * ps,
+        "migrate_cpu_ns": tot["migrate_cpu_ns"], "migrate_wall_ns": tot["migrate_wall_ns"],
+        "cpu_ns_per_migrated_page": tot["migrate_cpu_ns"] / migrated if migrated else None,
+        "stalls": tot["stalls"], "stall_ns": tot["stall_ns"], "access_cost": tot["access_cost"],
+        "access_wall_ns": tot["access_wall_ns"], "reads_verified": acc.verified, "mismatches": acc.mismatches,
+        "first_mismatch": acc.first_bad, "final_bytes_ok": final_ok, "leaked_frames": leaked,
+        "verified": final_ok and acc.mismatches == 0 and leaked == 0}
+    config = {"trace": trace.name, "trace_meta": trace.meta, "records": len(trace), "epochs": trace.epochs,
+              "region_pages": pages, "page_size": ps, "policy": policy.name, "policy_params": policy.params(),
+              "mode": mode, "fast_pages": fast_pages, "slow_pages": m.nodes[1].total_pages, **settings}
+    return ReplayResult(summary, series, config)
