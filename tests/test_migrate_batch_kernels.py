@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dmamig._kernels as kernels
-import dmamig.migrate.core as core
+import dmamig.migrate.batch_kernels as batch_kernels
 import dmamig.migrate.state as state
 import dmamig.vma as vma_mod
 from dmamig import Machine, MigrateMode, MigrateOptions, PageFlag
@@ -77,7 +77,7 @@ def _set_path(monkeypatch, path: str) -> None:
     if path == "numpy":
         for mod, name in ((state, "USE_KERNELS"), (vma_mod, "USE_KERNELS"), (kernels, "HAVE_NUMBA")):
             monkeypatch.setattr(mod, name, False)
-    monkeypatch.setattr(core, "USE_BATCH_KERNELS", path == "batch")
+    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", path == "batch")
 
 
 @pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not available: only the reference path exists")

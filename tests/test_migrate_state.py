@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import dmamig._kernels as kernels
-import dmamig.migrate.core as core
+import dmamig.migrate.batch_kernels as batch_kernels
 import dmamig.migrate.state as state
 import dmamig.vma as vma_mod
 from dmamig import MigrateMode, PageFlag, PteFlag
@@ -56,7 +56,7 @@ def freed(m, monkeypatch):
     monkeypatch.setattr(m, "free_folios", spy)
     # The single-call batch kernels reset the old folio in the same compiled call that moves its state, so
     # there is no moment to look at it: take the phase-by-phase path, which runs the same state kernels.
-    monkeypatch.setattr(core, "USE_BATCH_KERNELS", False)
+    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", False)
     if kernels.HAVE_NUMBA:
         # The compiled migrate_folio_done frees the old folios itself.
         real_done = kernels.done_folios

@@ -15,9 +15,12 @@ import numpy as np
 
 from .. import _kernels
 
-__all__ = ["HAVE_NUMBA", "move_one_vma", "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "USE_BATCH_KERNELS", "move_one_vma", "unmap_one_vma"]
 
 HAVE_NUMBA = _kernels.HAVE_NUMBA
+#: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
+#: move.py is the reference, and the only path for folios mapped through several VMAs.
+USE_BATCH_KERNELS = True
 
 
 def _expand(heads, nr, total):

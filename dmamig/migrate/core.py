@@ -30,23 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import _kernels
-from ..errors import DmaError, InvalidArgument
-from ..flags import EAGAIN, EBUSY, ENOMEM, MigrateMode, PageFlag
-from ..nodes import PAGEBLOCK_ORDER
-from ..vma import install_migration_entries, remove_migration_entries
-from . import batch_kernels
-from .entries import _PENDING, _SPLIT, _UNTRIED, Entries
+from ..errors import InvalidArgument
+from ..flags import EAGAIN, ENOMEM, MigrateMode
+from .entries import _PENDING, _SPLIT, _UNTRIED, HPAGE_PMD_ORDER, Entries
 from .interrupts import DeferredInterrupt
 from .isolate import collect_folios, isolate_folios, putback_folios
+from .move import MovePhase
 from .options import NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from .result import PHASES, MigrateResult, MigrateStats
-from .state import migrate_folio
+from .unmap import UnmapPhase
 
 if TYPE_CHECKING:
-    from ..dma import DmaEngine, Fence
+    from ..dma import DmaEngine
     from ..machine import Machine
-    from ..vma import Vma
 
 __all__ = [
     "HPAGE_PMD_ORDER",
@@ -70,18 +66,7 @@ NR_MAX_MIGRATE_PAGES_RETRY = 10
 NR_MAX_MIGRATE_ASYNC_RETRY = 3
 #: ...then each folio that failed alone, in the caller's mode, this many passes.
 NR_MAX_MIGRATE_SYNC_RETRY = NR_MAX_MIGRATE_PAGES_RETRY - NR_MAX_MIGRATE_ASYNC_RETRY
-#: Order of a PMD-mapped THP; only folios of this order count in ``thp_migration_*``.
-HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
-#: Run a batch mapped through one VMA as one compiled call per phase (``batch_kernels``); the phase-by-phase
-#: path below is the reference, and the only path for folios mapped through several VMAs.
-USE_BATCH_KERNELS = True
-
-_LOCKED = PageFlag.LOCKED
 _MODE_MASK = MigrateMode.ASYNC | MigrateMode.SYNC_LIGHT | MigrateMode.SYNC
-_PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
-_LOCKED_U32 = np.uint32(PageFlag.LOCKED)
-_WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
-_LRU = np.uint32(PageFlag.LRU)
 
 
 _CHECKED_MODES: dict[tuple[MigrateMode, bool], MigrateMode] = {}  # valid (mode, allow_no_copy) pairs seen
@@ -103,8 +88,12 @@ def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
     return mode
 
 
-class _Migration:
-    """One ``migrate_pages()`` call over isolated folios: its entries, loops and statistics."""
+class _Migration(UnmapPhase, MovePhase):
+    """One ``migrate_pages()`` call over isolated folios: its entries, loops and statistics.
+
+    The unmap loop's passes come from :class:`UnmapPhase` (unmap.py), the copy and the move loop's passes from
+    :class:`MovePhase` (move.py); this class drives them as ``migrate_pages()`` and ``migrate_pages_batch()``.
+    """
 
     def __init__(self, m: Machine, node: int, mode: MigrateMode, engine: DmaEngine | None,
                  options: MigrateOptions, entries: Entries):
@@ -254,321 +243,6 @@ class _Migration:
             self._undo(moving)  # still busy after the last pass: -EAGAIN, remapped to the old folio
             self.m.changed.notify_all()
         self.phase_ns["undo"] += time.perf_counter_ns() - t0
-
-    # -- the unmap loop -----------------------------------------------------------------------------------------
-    def _unmap_pass(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
-        """``migrate_folio_unmap`` over ``todo``; return (unmapped, busy: retry on the next pass)."""
-        t0 = time.perf_counter_ns()
-        m, e, pages = self.m, self.e, self.m.pages
-        with m.changed:
-            e.status[todo] = _PENDING
-            todo = self._get_new_folios(todo)
-            vma = self._one_vma()
-            if mode == MigrateMode.ASYNC and vma is not None:
-                self.phase_ns["unmap"] += time.perf_counter_ns() - t0
-                return self._unmap_one_vma(todo, vma)
-            if mode == MigrateMode.ASYNC:
-                todo, retry = self._trylock(todo)
-            else:
-                todo, retry = self._lock_waiting(todo, mode)
-                pages.set(e.src[todo], _LOCKED)
-                todo = self._check_writeback(todo, mode)
-            if todo.size:
-                install_migration_entries(m, e.base_pfns(e.src[todo], todo))
-                e.unmapped[todo] = True
-                e.check_fresh(todo)
-        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
-        return todo, retry
-
-    def _get_new_folios(self, todo: np.ndarray) -> np.ndarray:
-        """Allocate destinations; split large folios that get none; a base page that gets none ends the call.
-
-        Returns the entries that go on (those with a destination, ahead of any -ENOMEM).
-        """
-        m, e = self.m, self.e
-        if e.all_given:
-            return todo  # NO_COPY onto the caller's destinations: nothing to allocate
-        dst = e.dst[todo]
-        need = todo[dst < 0] if not (dst < 0).all() else todo
-        if need.size == 0:
-            return todo
-        if e.all_base:
-            groups = [(0, need)]
-        else:
-            orders = e.order[need]
-            lo = int(orders.min())
-            groups = [(lo, need)] if lo == int(orders.max()) else \
-                [(int(o), need[orders == o]) for o in np.unique(orders)]
-        stop = None  # position of the first entry that ended the call with -ENOMEM
-        for order, pos in groups:
-            heads = m.alloc_folios(self.node, pos.size, order)
-            e.dst[pos[: heads.size]] = heads
-            for p in pos[heads.size:].tolist():
-                if order > 0 and e.split(p):
-                    # A split large folio is one failed folio (its pieces are migrated on their own).
-                    thp = int(order == HPAGE_PMD_ORDER)
-                    self.stats.nr_thp_split += thp
-                    self.stats.nr_thp_failed += thp
-                    self.stats.nr_split += 1
-                    self.stats.nr_large_failed += 1
-                    self.nr_failed_folios += 1
-                    continue
-                e.status[p] = ENOMEM
-                stop = p if stop is None else min(stop, p)
-                break
-        if stop is None:
-            return todo if e.all_base else todo[e.status[todo] == _PENDING]
-        self.batch_enomem = True
-        self._count_failed(np.array([stop]), folios=self.batch_counts_folios)
-        # The kernel stops at the folio that found no memory: the ones after it in the list stay untried.
-        later = todo[(todo > stop) & (e.status[todo] == _PENDING)]
-        e.release_dst(later)
-        e.status[later] = _UNTRIED
-        return todo[(todo < stop) & (e.status[todo] == _PENDING)]
-
-    def _one_vma(self) -> Vma | None:
-        """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path)."""
-        if not _kernels.HAVE_NUMBA or not USE_BATCH_KERNELS or self.e.oid < 0:
-            return None
-        obj = self.m.object_or_none(self.e.oid)
-        if obj is None or len(obj.vmas) != 1:
-            return None
-        return obj.vmas[0]
-
-    def _unmap_one_vma(self, todo: np.ndarray, vma: Vma) -> tuple[np.ndarray, np.ndarray]:
-        """The ASYNC unmap pass in one compiled call (caller holds the lock): lock, writeback, unmap."""
-        t0 = time.perf_counter_ns()
-        e, pages = self.e, self.m.pages
-        rc = np.empty(todo.size, dtype=np.int32)
-        bad = batch_kernels.unmap_one_vma(todo, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
-                                          _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount,
-                                          pages.mapcount, pages.mapping, pages.index, pages.head, e.oid,
-                                          vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc)
-        retry = todo[:0]
-        if bad:
-            retry = todo[rc == 1]
-            wb = todo[rc == EBUSY]
-            if wb.size:
-                e.release_dst(wb)
-                e.status[wb] = EBUSY
-                self.m.changed.notify_all()
-            todo = todo[rc == 0]
-        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
-        return todo, retry
-
-    def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
-        m, e, pages = self.m, self.e, self.m.pages
-        heads = e.src[todo]
-        if _kernels.HAVE_NUMBA:
-            rc = np.empty(todo.size, dtype=np.int32)
-            if not _kernels.trylock_folios(heads, pages.flags, _LOCKED_U32, _WRITEBACK_U32, rc):
-                return todo, todo[:0]
-            busy = rc == 1
-            bad = todo[rc == EBUSY]
-        else:
-            busy = pages.test(heads, _LOCKED)
-            wb = ~busy & pages.test(heads, PageFlag.WRITEBACK)
-            pages.set(heads[~busy & ~wb], _LOCKED)
-            bad = todo[wb]
-        if bad.size:
-            e.release_dst(bad)
-            e.status[bad] = EBUSY
-            m.changed.notify_all()
-        return todo[(e.status[todo] == _PENDING) & ~busy], todo[busy]  # (bad ones now hold -EBUSY)
-
-    def _lock_waiting(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
-        """Sync modes take the lock, sleeping while it is busy; SYNC_LIGHT gives up on a !uptodate folio."""
-        m, e, pages = self.m, self.e, self.m.pages
-        retry = []
-        for p in todo[pages.test(e.src[todo], _LOCKED)].tolist():
-            head = int(e.src[p])
-            if mode == MigrateMode.SYNC_LIGHT and not pages.test(head, PageFlag.UPTODATE):
-                retry.append(p)
-                continue
-            while pages.test(head, _LOCKED):
-                m.changed.wait()
-        retry_arr = np.array(retry, dtype=np.int64)
-        return (todo[~np.isin(todo, retry_arr)] if retry else todo), retry_arr
-
-    def _check_writeback(self, todo: np.ndarray, mode: MigrateMode) -> np.ndarray:
-        """Folios under writeback: -EBUSY unless SYNC, which waits for the writeback to end."""
-        m, e, pages = self.m, self.e, self.m.pages
-        wb = pages.test(e.src[todo], PageFlag.WRITEBACK)
-        if not wb.any():
-            return todo
-        if mode != MigrateMode.SYNC:
-            bad = todo[wb]
-            pages.clear(e.src[bad], _LOCKED)
-            e.release_dst(bad)
-            e.status[bad] = EBUSY
-            m.changed.notify_all()
-            return todo[~wb]
-        for p in todo[wb].tolist():
-            while pages.test(int(e.src[p]), PageFlag.WRITEBACK):
-                m.changed.wait()
-        return todo
-
-    # -- the copy -----------------------------------------------------------------------------------------------
-    def _submit(self, moving: np.ndarray) -> Fence | None:
-        """No-copy with an engine: one DMA submission for the whole batch's stale destinations."""
-        if self.engine is None:
-            return None
-        need = moving[~self.e.fresh[moving]]
-        if need.size == 0:
-            return None
-        t0 = time.perf_counter_ns()
-        e = self.e
-        fence = self.engine.copy(e.base_pfns(e.src[need], need), e.base_pfns(e.dst[need], need))
-        self.phase_ns["submit"] += time.perf_counter_ns() - t0
-        return fence
-
-    def _wait(self, fence: Fence, moving: np.ndarray) -> None:
-        """Wait for the batch's DMA copy; if it failed, the migrating thread copies those folios instead."""
-        t0 = time.perf_counter_ns()
-        try:
-            fence.wait()
-            failed = None
-        except DmaError:
-            failed = moving[~self.e.fresh[moving]]
-        self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
-        if failed is not None:
-            # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
-            t0 = time.perf_counter_ns()
-            self.m.copy_folios(self.e.src[failed], self.e.dst[failed])
-            self.phase_ns["copy"] += time.perf_counter_ns() - t0
-            n = int(self.e.nr[failed].sum())
-            self.stats.nr_dma_fallback += n
-        self.e.fresh[moving] = True
-
-    # -- the move loop ------------------------------------------------------------------------------------------
-    def _move_pass(self, moving: np.ndarray) -> np.ndarray:
-        """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass)."""
-        m, e, pages = self.m, self.e, self.m.pages
-        retry = moving[:0]
-        if not e.fresh[moving].all():
-            # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
-            t0 = time.perf_counter_ns()
-            with m.lock:
-                busy = pages.refcount[e.src[moving]] != e.expected[moving]
-            if busy.any():
-                retry = moving[busy]
-                moving = moving[~busy]
-            self.phase_ns["move"] += time.perf_counter_ns() - t0
-        fresh = e.fresh[moving]
-        stale = moving[~fresh] if not fresh.all() else moving[:0]
-        if stale.size:
-            # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
-            # outside the metadata lock; the locked, unmapped source cannot change meanwhile.
-            t0 = time.perf_counter_ns()
-            m.copy_folios(e.src[stale], e.dst[stale])
-            self.phase_ns["copy"] += time.perf_counter_ns() - t0
-        t0 = time.perf_counter_ns()
-        with m.changed:
-            vma = self._one_vma()
-            if vma is not None:
-                busy_pos = self._move_one_vma(moving, vma)
-                m.changed.notify_all()
-                self.phase_ns["move"] += time.perf_counter_ns() - t0
-                return np.concatenate([retry, busy_pos]) if retry.size else busy_pos
-            # Freeze: references may have been taken while we copied.
-            busy = pages.refcount[e.src[moving]] != e.expected[moving]
-            if busy.any():
-                retry = np.concatenate([retry, moving[busy]])
-                moving = moving[~busy]
-            if moving.size:
-                self._move_to_new_folios(moving)
-            m.changed.notify_all()
-        self.phase_ns["move"] += time.perf_counter_ns() - t0
-        return retry
-
-    def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
-        """Freeze, move and finish the folios of ``moving`` in one compiled call; return the busy ones."""
-        m, e, pages = self.m, self.e, self.m.pages
-        rc = np.empty(moving.size, dtype=np.int32)
-        freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
-        counts = np.empty(4, dtype=np.int64)
-        nfreed, dead = batch_kernels.move_one_vma(
-            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, e.status, e.unmapped, HPAGE_PMD_ORDER,
-            _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping, pages.index,
-            pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
-            vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
-        if nfreed == 0:
-            return moving
-        self._free_old(freed[:nfreed])
-        if dead:
-            new = e.dst[moving[rc == 0]]
-            m.free_folios(new[pages.refcount[new] <= 0])
-        s = self.stats
-        s.nr_succeeded += int(counts[0])
-        s.nr_thp_succeeded += int(counts[1])
-        s.nr_large_succeeded += int(counts[2])
-        s.nr_no_copy += int(counts[3])
-        return moving[rc != 0] if int(counts[0]) < (moving.size if e.all_base else int(e.nr[moving].sum())) \
-            else moving[:0]
-
-    def _free_old(self, pfns: np.ndarray) -> None:
-        """Give the reset frames of old folios back to their allocator."""
-        e = self.e
-        if e.src_node >= 0:
-            nd = self.m.nodes[e.src_node]
-            nd.allocator.free(pfns - nd.base_pfn)
-        else:
-            self.m.free_frames(pfns)
-
-    def _count_moved(self, pos: np.ndarray) -> None:
-        """Moved folios: status 0, counted (no-copy pages are those whose destination was already fresh)."""
-        e = self.e
-        e.unmapped[pos] = False
-        e.status[pos] = 0
-        if e.all_base:
-            pages_moved, thp, large = pos.size, 0, 0
-            nc = int(np.count_nonzero(e.fresh[pos]))
-        else:
-            nr = e.nr[pos]
-            pages_moved = int(nr.sum())
-            thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
-            large = int(np.count_nonzero(nr > 1))
-            nc = int(nr[e.fresh[pos]].sum())
-        s = self.stats
-        s.nr_succeeded += pages_moved
-        s.nr_thp_succeeded += thp
-        s.nr_large_succeeded += large
-        s.nr_no_copy += nc
-
-    def _move_to_new_folios(self, pos: np.ndarray) -> None:
-        """Move mapping and state, point migration entries at the new folios, unlock, free the old ones."""
-        m, e, pages = self.m, self.e, self.m.pages
-        old, new = e.src[pos], e.dst[pos]
-        migrate_folio(m, old, new, e.nr[pos])
-        remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
-        # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
-        # old one (still locked and isolated: nobody can reach it) goes back to the allocator.
-        if _kernels.HAVE_NUMBA:
-            freed = np.empty(pos.size if e.all_base else int(e.nr[pos].sum()), dtype=np.int64)
-            dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
-                                        pages.mapcount, pages.mapping, pages.index, pages.private,
-                                        pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
-            self._free_old(freed)
-            if dead:
-                m.free_folios(new[pages.refcount[new] <= 0])
-        else:
-            pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
-            m.free_folios(old)
-            m.put_folios(new, unique=True)
-        self._count_moved(pos)
-
-    def _undo(self, pos: np.ndarray, rc: int = _PENDING) -> None:
-        """``migrate_folio_undo_src/dst``: restore the source mappings, unlock, give back the destinations."""
-        if pos.size == 0:
-            return
-        m, e, pages = self.m, self.e, self.m.pages
-        srcp = e.base_pfns(e.src[pos], pos)
-        remove_migration_entries(m, srcp, srcp)
-        e.unmapped[pos] = False
-        pages.clear(e.src[pos], _LOCKED)
-        e.release_dst(pos)
-        e.status[pos] = rc
 
     # -- the end ------------------------------------------------------------------------------------------------
     def finish(self, interrupted: bool) -> None:

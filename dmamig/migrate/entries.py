@@ -13,11 +13,15 @@ import numpy as np
 from .. import _kernels
 from .._arrays import distinct
 from ..flags import PageFlag
+from ..nodes import PAGEBLOCK_ORDER
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
 __all__ = ["Entries"]
+
+#: Order of a PMD-mapped THP; only folios of this order count in ``thp_migration_*``.
+HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
 
 # Internal entry states (positive, so they never collide with -errno).
 _PENDING = 1  # tried and still to go: the kernel's -EAGAIN between passes

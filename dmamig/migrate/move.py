@@ -1,0 +1,199 @@
+"""The copy and the move loop of ``migrate_pages_batch()``: ``migrate_folio_move`` over a batch.
+
+With a DMA engine the batch's copy is one submission, waited for before anything moves (a failed copy falls
+back to the migrating thread). Each move pass checks references (an extra one keeps the folio unmapped for
+the next pass), copies where no current copy exists, moves state and mapping, points the migration entries
+at the new folios and frees the old ones (``migrate_folio_done``); ``_undo`` is ``migrate_folio_undo_src`` and
+``_dst``. A batch mapped through one VMA moves in one compiled call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _kernels
+from ..errors import DmaError
+from ..flags import PageFlag
+from ..vma import remove_migration_entries
+from . import batch_kernels
+from .entries import _PENDING, HPAGE_PMD_ORDER
+from .state import migrate_folio
+
+if TYPE_CHECKING:
+    from ..dma import Fence
+    from ..vma import Vma
+
+__all__ = ["MovePhase"]
+
+_LOCKED = PageFlag.LOCKED
+_PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
+_LRU = np.uint32(PageFlag.LRU)
+
+
+class MovePhase:
+    """The copy and the move loop's passes; mixed into the migration driver."""
+
+    # -- the copy -----------------------------------------------------------------------------------------------
+    def _submit(self, moving: np.ndarray) -> Fence | None:
+        """No-copy with an engine: one DMA submission for the whole batch's stale destinations."""
+        if self.engine is None:
+            return None
+        need = moving[~self.e.fresh[moving]]
+        if need.size == 0:
+            return None
+        t0 = time.perf_counter_ns()
+        e = self.e
+        fence = self.engine.copy(e.base_pfns(e.src[need], need), e.base_pfns(e.dst[need], need))
+        self.phase_ns["submit"] += time.perf_counter_ns() - t0
+        return fence
+
+    def _wait(self, fence: Fence, moving: np.ndarray) -> None:
+        """Wait for the batch's DMA copy; if it failed, the migrating thread copies those folios instead."""
+        t0 = time.perf_counter_ns()
+        try:
+            fence.wait()
+            failed = None
+        except DmaError:
+            failed = moving[~self.e.fresh[moving]]
+        self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+        if failed is not None:
+            # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
+            t0 = time.perf_counter_ns()
+            self.m.copy_folios(self.e.src[failed], self.e.dst[failed])
+            self.phase_ns["copy"] += time.perf_counter_ns() - t0
+            n = int(self.e.nr[failed].sum())
+            self.stats.nr_dma_fallback += n
+        self.e.fresh[moving] = True
+
+    # -- the move loop ------------------------------------------------------------------------------------------
+    def _move_pass(self, moving: np.ndarray) -> np.ndarray:
+        """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass)."""
+        m, e, pages = self.m, self.e, self.m.pages
+        retry = moving[:0]
+        if not e.fresh[moving].all():
+            # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
+            t0 = time.perf_counter_ns()
+            with m.lock:
+                busy = pages.refcount[e.src[moving]] != e.expected[moving]
+            if busy.any():
+                retry = moving[busy]
+                moving = moving[~busy]
+            self.phase_ns["move"] += time.perf_counter_ns() - t0
+        fresh = e.fresh[moving]
+        stale = moving[~fresh] if not fresh.all() else moving[:0]
+        if stale.size:
+            # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
+            # outside the metadata lock; the locked, unmapped source cannot change meanwhile.
+            t0 = time.perf_counter_ns()
+            m.copy_folios(e.src[stale], e.dst[stale])
+            self.phase_ns["copy"] += time.perf_counter_ns() - t0
+        t0 = time.perf_counter_ns()
+        with m.changed:
+            vma = self._one_vma()
+            if vma is not None:
+                busy_pos = self._move_one_vma(moving, vma)
+                m.changed.notify_all()
+                self.phase_ns["move"] += time.perf_counter_ns() - t0
+                return np.concatenate([retry, busy_pos]) if retry.size else busy_pos
+            # Freeze: references may have been taken while we copied.
+            busy = pages.refcount[e.src[moving]] != e.expected[moving]
+            if busy.any():
+                retry = np.concatenate([retry, moving[busy]])
+                moving = moving[~busy]
+            if moving.size:
+                self._move_to_new_folios(moving)
+            m.changed.notify_all()
+        self.phase_ns["move"] += time.perf_counter_ns() - t0
+        return retry
+
+    def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
+        """Freeze, move and finish the folios of ``moving`` in one compiled call; return the busy ones."""
+        m, e, pages = self.m, self.e, self.m.pages
+        rc = np.empty(moving.size, dtype=np.int32)
+        freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
+        counts = np.empty(4, dtype=np.int64)
+        nfreed, dead = batch_kernels.move_one_vma(
+            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, e.status, e.unmapped, HPAGE_PMD_ORDER,
+            _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping, pages.index,
+            pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
+            vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
+        if nfreed == 0:
+            return moving
+        self._free_old(freed[:nfreed])
+        if dead:
+            new = e.dst[moving[rc == 0]]
+            m.free_folios(new[pages.refcount[new] <= 0])
+        s = self.stats
+        s.nr_succeeded += int(counts[0])
+        s.nr_thp_succeeded += int(counts[1])
+        s.nr_large_succeeded += int(counts[2])
+        s.nr_no_copy += int(counts[3])
+        return moving[rc != 0] if int(counts[0]) < (moving.size if e.all_base else int(e.nr[moving].sum())) \
+            else moving[:0]
+
+    def _free_old(self, pfns: np.ndarray) -> None:
+        """Give the reset frames of old folios back to their allocator."""
+        e = self.e
+        if e.src_node >= 0:
+            nd = self.m.nodes[e.src_node]
+            nd.allocator.free(pfns - nd.base_pfn)
+        else:
+            self.m.free_frames(pfns)
+
+    def _count_moved(self, pos: np.ndarray) -> None:
+        """Moved folios: status 0, counted (no-copy pages are those whose destination was already fresh)."""
+        e = self.e
+        e.unmapped[pos] = False
+        e.status[pos] = 0
+        if e.all_base:
+            pages_moved, thp, large = pos.size, 0, 0
+            nc = int(np.count_nonzero(e.fresh[pos]))
+        else:
+            nr = e.nr[pos]
+            pages_moved = int(nr.sum())
+            thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
+            large = int(np.count_nonzero(nr > 1))
+            nc = int(nr[e.fresh[pos]].sum())
+        s = self.stats
+        s.nr_succeeded += pages_moved
+        s.nr_thp_succeeded += thp
+        s.nr_large_succeeded += large
+        s.nr_no_copy += nc
+
+    def _move_to_new_folios(self, pos: np.ndarray) -> None:
+        """Move mapping and state, point migration entries at the new folios, unlock, free the old ones."""
+        m, e, pages = self.m, self.e, self.m.pages
+        old, new = e.src[pos], e.dst[pos]
+        migrate_folio(m, old, new, e.nr[pos])
+        remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
+        # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
+        # old one (still locked and isolated: nobody can reach it) goes back to the allocator.
+        if _kernels.HAVE_NUMBA:
+            freed = np.empty(pos.size if e.all_base else int(e.nr[pos].sum()), dtype=np.int64)
+            dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
+                                        pages.mapcount, pages.mapping, pages.index, pages.private,
+                                        pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
+            self._free_old(freed)
+            if dead:
+                m.free_folios(new[pages.refcount[new] <= 0])
+        else:
+            pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
+            m.free_folios(old)
+            m.put_folios(new, unique=True)
+        self._count_moved(pos)
+
+    def _undo(self, pos: np.ndarray, rc: int = _PENDING) -> None:
+        """``migrate_folio_undo_src/dst``: restore the source mappings, unlock, give back the destinations."""
+        if pos.size == 0:
+            return
+        m, e, pages = self.m, self.e, self.m.pages
+        srcp = e.base_pfns(e.src[pos], pos)
+        remove_migration_entries(m, srcp, srcp)
+        e.unmapped[pos] = False
+        pages.clear(e.src[pos], _LOCKED)
+        e.release_dst(pos)
+        e.status[pos] = rc
+

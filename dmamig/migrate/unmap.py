@@ -1,0 +1,186 @@
+"""The unmap loop of ``migrate_pages_batch()``: ``migrate_folio_unmap`` over a batch, pass by pass.
+
+Each pass gets destinations (``get_new_folio``; -ENOMEM splits a large folio or ends the call), locks (ASYNC
+only tries: busy is -EAGAIN, retried next pass), checks writeback (-EBUSY unless SYNC) and installs
+migration entries (``try_to_migrate``). A batch mapped through one VMA does all of that in one compiled call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import _kernels
+from ..flags import EBUSY, ENOMEM, MigrateMode, PageFlag
+from ..vma import install_migration_entries
+from . import batch_kernels
+from .entries import _PENDING, _UNTRIED, HPAGE_PMD_ORDER
+
+if TYPE_CHECKING:
+    from ..vma import Vma
+
+__all__ = ["UnmapPhase"]
+
+_LOCKED = PageFlag.LOCKED
+_LOCKED_U32 = np.uint32(PageFlag.LOCKED)
+_WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
+
+
+class UnmapPhase:
+    """The unmap loop's passes; mixed into the migration driver, whose entries and counters it uses."""
+
+    def _unmap_pass(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
+        """``migrate_folio_unmap`` over ``todo``; return (unmapped, busy: retry on the next pass)."""
+        t0 = time.perf_counter_ns()
+        m, e, pages = self.m, self.e, self.m.pages
+        with m.changed:
+            e.status[todo] = _PENDING
+            todo = self._get_new_folios(todo)
+            vma = self._one_vma()
+            if mode == MigrateMode.ASYNC and vma is not None:
+                self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+                return self._unmap_one_vma(todo, vma)
+            if mode == MigrateMode.ASYNC:
+                todo, retry = self._trylock(todo)
+            else:
+                todo, retry = self._lock_waiting(todo, mode)
+                pages.set(e.src[todo], _LOCKED)
+                todo = self._check_writeback(todo, mode)
+            if todo.size:
+                install_migration_entries(m, e.base_pfns(e.src[todo], todo))
+                e.unmapped[todo] = True
+                e.check_fresh(todo)
+        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+        return todo, retry
+
+    def _get_new_folios(self, todo: np.ndarray) -> np.ndarray:
+        """Allocate destinations; split large folios that get none; a base page that gets none ends the call.
+
+        Returns the entries that go on (those with a destination, ahead of any -ENOMEM).
+        """
+        m, e = self.m, self.e
+        if e.all_given:
+            return todo  # NO_COPY onto the caller's destinations: nothing to allocate
+        dst = e.dst[todo]
+        need = todo[dst < 0] if not (dst < 0).all() else todo
+        if need.size == 0:
+            return todo
+        if e.all_base:
+            groups = [(0, need)]
+        else:
+            orders = e.order[need]
+            lo = int(orders.min())
+            groups = [(lo, need)] if lo == int(orders.max()) else \
+                [(int(o), need[orders == o]) for o in np.unique(orders)]
+        stop = None  # position of the first entry that ended the call with -ENOMEM
+        for order, pos in groups:
+            heads = m.alloc_folios(self.node, pos.size, order)
+            e.dst[pos[: heads.size]] = heads
+            for p in pos[heads.size:].tolist():
+                if order > 0 and e.split(p):
+                    # A split large folio is one failed folio (its pieces are migrated on their own).
+                    thp = int(order == HPAGE_PMD_ORDER)
+                    self.stats.nr_thp_split += thp
+                    self.stats.nr_thp_failed += thp
+                    self.stats.nr_split += 1
+                    self.stats.nr_large_failed += 1
+                    self.nr_failed_folios += 1
+                    continue
+                e.status[p] = ENOMEM
+                stop = p if stop is None else min(stop, p)
+                break
+        if stop is None:
+            return todo if e.all_base else todo[e.status[todo] == _PENDING]
+        self.batch_enomem = True
+        self._count_failed(np.array([stop]), folios=self.batch_counts_folios)
+        # The kernel stops at the folio that found no memory: the ones after it in the list stay untried.
+        later = todo[(todo > stop) & (e.status[todo] == _PENDING)]
+        e.release_dst(later)
+        e.status[later] = _UNTRIED
+        return todo[(todo < stop) & (e.status[todo] == _PENDING)]
+
+    def _one_vma(self) -> Vma | None:
+        """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path)."""
+        if not _kernels.HAVE_NUMBA or not batch_kernels.USE_BATCH_KERNELS or self.e.oid < 0:
+            return None
+        obj = self.m.object_or_none(self.e.oid)
+        if obj is None or len(obj.vmas) != 1:
+            return None
+        return obj.vmas[0]
+
+    def _unmap_one_vma(self, todo: np.ndarray, vma: Vma) -> tuple[np.ndarray, np.ndarray]:
+        """The ASYNC unmap pass in one compiled call (caller holds the lock): lock, writeback, unmap."""
+        t0 = time.perf_counter_ns()
+        e, pages = self.e, self.m.pages
+        rc = np.empty(todo.size, dtype=np.int32)
+        bad = batch_kernels.unmap_one_vma(todo, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
+                                          _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount,
+                                          pages.mapcount, pages.mapping, pages.index, pages.head, e.oid,
+                                          vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc)
+        retry = todo[:0]
+        if bad:
+            retry = todo[rc == 1]
+            wb = todo[rc == EBUSY]
+            if wb.size:
+                e.release_dst(wb)
+                e.status[wb] = EBUSY
+                self.m.changed.notify_all()
+            todo = todo[rc == 0]
+        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+        return todo, retry
+
+    def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
+        m, e, pages = self.m, self.e, self.m.pages
+        heads = e.src[todo]
+        if _kernels.HAVE_NUMBA:
+            rc = np.empty(todo.size, dtype=np.int32)
+            if not _kernels.trylock_folios(heads, pages.flags, _LOCKED_U32, _WRITEBACK_U32, rc):
+                return todo, todo[:0]
+            busy = rc == 1
+            bad = todo[rc == EBUSY]
+        else:
+            busy = pages.test(heads, _LOCKED)
+            wb = ~busy & pages.test(heads, PageFlag.WRITEBACK)
+            pages.set(heads[~busy & ~wb], _LOCKED)
+            bad = todo[wb]
+        if bad.size:
+            e.release_dst(bad)
+            e.status[bad] = EBUSY
+            m.changed.notify_all()
+        return todo[(e.status[todo] == _PENDING) & ~busy], todo[busy]  # (bad ones now hold -EBUSY)
+
+    def _lock_waiting(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
+        """Sync modes take the lock, sleeping while it is busy; SYNC_LIGHT gives up on a !uptodate folio."""
+        m, e, pages = self.m, self.e, self.m.pages
+        retry = []
+        for p in todo[pages.test(e.src[todo], _LOCKED)].tolist():
+            head = int(e.src[p])
+            if mode == MigrateMode.SYNC_LIGHT and not pages.test(head, PageFlag.UPTODATE):
+                retry.append(p)
+                continue
+            while pages.test(head, _LOCKED):
+                m.changed.wait()
+        retry_arr = np.array(retry, dtype=np.int64)
+        return (todo[~np.isin(todo, retry_arr)] if retry else todo), retry_arr
+
+    def _check_writeback(self, todo: np.ndarray, mode: MigrateMode) -> np.ndarray:
+        """Folios under writeback: -EBUSY unless SYNC, which waits for the writeback to end."""
+        m, e, pages = self.m, self.e, self.m.pages
+        wb = pages.test(e.src[todo], PageFlag.WRITEBACK)
+        if not wb.any():
+            return todo
+        if mode != MigrateMode.SYNC:
+            bad = todo[wb]
+            pages.clear(e.src[bad], _LOCKED)
+            e.release_dst(bad)
+            e.status[bad] = EBUSY
+            m.changed.notify_all()
+            return todo[~wb]
+        for p in todo[wb].tolist():
+            while pages.test(int(e.src[p]), PageFlag.WRITEBACK):
+                m.changed.wait()
+        return todo
+
