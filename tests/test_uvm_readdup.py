@@ -96,3 +96,14 @@ def test_shared_mappings_migrate_instead(m):
     acc = DeviceAccessor(mm, 1, DUP)
     acc.read(a, 8 * PS)
     assert (mm.nodes_of(a, 8 * PS) == 1).all() and acc.stats.pages_read_duplicated == 0
+
+
+def test_a_write_inside_a_page_collapses_its_copy(m):
+    mm = m.address_space()
+    a = mm.mmap(2 * PS)
+    acc = DeviceAccessor(mm, 2, DUP)
+    DeviceAccessor(mm, 1).read(a, 1)  # untouched: populated on device 1
+    assert acc.read(a, 2).tolist() == [0, 0] and acc.stats.pages_read_duplicated == 1
+    mm.write(a + 1, b"\x5f")  # one byte in the middle of the page
+    assert acc.stats.pages_collapsed == 1
+    assert acc.read(a, 2).tolist() == [0, 0x5F]

@@ -73,8 +73,9 @@ class ReadDuplicates:
         return n
 
     def drop(self, start: int, end: int) -> int:
-        """Free the copies of pages in ``[start, end)`` (lock held); return how many went."""
-        lo, hi = np.searchsorted(self.addrs, [start, end])
+        """Free the copies of every page that ``[start, end)`` touches (lock held); return how many went."""
+        ps = self.m.page_size
+        lo, hi = np.searchsorted(self.addrs, [start - start % ps, end])
         return self._free(np.arange(lo, hi))
 
     def drop_some(self, count: int) -> int:
