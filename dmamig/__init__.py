@@ -12,6 +12,7 @@ from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
 from .migrate.move_pages import MovePagesResult
 from .mm import AddressSpace
 from .nodes import Node
+from .tiering import Policy, ReplayResult, Trace, TraceError, replay
 from .uvm import DeviceAccessor, UvmOptions, UvmStats
 
 __version__ = "0.1.0"
@@ -37,9 +38,14 @@ __all__ = [
     "Node",
     "OutOfMemory",
     "PageFlag",
+    "Policy",
     "Prot",
     "PteFlag",
+    "ReplayResult",
+    "Trace",
+    "TraceError",
     "UvmOptions",
     "UvmStats",
     "__version__",
+    "replay",
 ]

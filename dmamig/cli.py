@@ -1,4 +1,4 @@
-"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema`` and ``stress``.
+"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema``, ``stress`` and ``replay``.
 
 Exit codes: 0 success; 1 a failure the command found (a regression beyond the threshold, a benchmark whose
 data failed verification, a failed self-test, an unreadable results file); 2 a usage error (argparse).
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub, _argtype, _positive, _nonnegative)
     add_report_parser(sub, _argtype)
+
+    from .tiering.commands import add_replay_parser
+
+    add_replay_parser(sub, _argtype, _positive, _nonnegative)
 
     i = sub.add_parser("info", help="backend, devices, versions and kernel build status")
     i.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
@@ -320,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_selftest(args, parser)
     if args.command == "stress":
         return _cmd_stress(args, parser)
+    if args.command == "replay":
+        from .tiering.commands import cmd_replay
+
+        return cmd_replay(args, _console)
     from .bench.schema import RESULTS_SCHEMA
 
     print(json.dumps(RESULTS_SCHEMA, indent=2))

@@ -226,6 +226,7 @@ def test_machine_close_closes_its_address_spaces():
 
 def test_fault_injection_is_public():
     assert {"FaultAttr", "FaultPoints"} <= set(dmamig.__all__)
+    assert {"Policy", "ReplayResult", "Trace", "TraceError", "replay"} <= set(dmamig.__all__)
     with small() as m:
         assert isinstance(m.faults, dmamig.FaultPoints)
         assert set(m.faults.points) == {"alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit"}

@@ -1,0 +1,142 @@
+"""The ``dmamig replay`` command: replay a trace or a built-in workload under a policy, copy vs no-copy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgument
+from .lackey import lackey_to_trace
+from .policies import POLICIES, make_policy
+from .replay import replay
+from .trace import Trace, TraceError, load_trace, save_trace
+from .workloads import WORKLOADS, make_workload
+
+__all__ = ["add_replay_parser", "cmd_replay", "load_source"]
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"{text!r} is not a fraction in (0, 1], e.g. 0.25")
+    return v
+
+
+def _cost(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise ValueError(f"{text!r} is not a cost > 0, e.g. 2.5")
+    return v
+
+
+def add_replay_parser(sub: Any, argtype: Callable, positive: Callable, nonnegative: Callable) -> None:
+    """Add ``replay`` to the ``dmamig`` subcommands."""
+    r = sub.add_parser(
+        "replay", help="replay a trace or a built-in workload on tiered memory under a migration policy",
+        description="Replay an access trace (.npz/.parquet, or a Valgrind Lackey --trace-mem=yes log) or a "
+                    f"built-in workload ({', '.join(sorted(WORKLOADS))}) on a machine with a fast and a slow "
+                    "host tier, with a policy choosing migrations after each epoch, in copy and/or no-copy "
+                    "mode. Prints a table, writes results.json and plots; exit 1 when data did not verify.")
+    r.add_argument("source", metavar="TRACE|WORKLOAD", help="a trace file or a built-in workload name")
+    r.add_argument("--policy", choices=sorted(POLICIES), default="tpp", help="migration policy (tpp)")
+    r.add_argument("--mode", choices=("copy", "no-copy", "both"), default="both",
+                   help="copy: the migrating thread copies; no-copy: the DMA engine does; both (default)")
+    r.add_argument("--channels", type=argtype(positive), default=2, metavar="N", help="DMA channels (2)")
+    r.add_argument("--threads", type=argtype(positive), default=1, metavar="T", help="accessor threads (1)")
+    r.add_argument("--fast-fraction", type=argtype(_fraction), default=0.25, metavar="F",
+                   help="fast-tier frames as a share of the region's pages (0.25)")
+    r.add_argument("--slow-cost", type=argtype(_cost), default=2.5, metavar="C",
+                   help="relative cost per byte of the slow tier (2.5)")
+    r.add_argument("--pages", type=argtype(positive), default=512, help="workload: region pages (512)")
+    r.add_argument("--epochs", type=argtype(positive), default=16, help="workload: epochs (16)")
+    r.add_argument("--per-epoch", type=argtype(positive), default=256, metavar="N",
+                   help="workload: accesses per epoch; Lackey: accesses per epoch (256)")
+    r.add_argument("--actors", type=argtype(positive), default=1, help="workload: actors (1)")
+    r.add_argument("--seed", type=argtype(nonnegative), default=0, help="workload and initial bytes seed (0)")
+    r.add_argument("--format", choices=("auto", "trace", "lackey"), default="auto",
+                   help="how to read a TRACE file: auto (.npz/.parquet are traces, other files Lackey logs)")
+    r.add_argument("--record", type=Path, metavar="PATH", help="also save the replayed trace (.npz/.parquet)")
+    r.add_argument("--out", type=Path, metavar="DIR", help="results folder (default replay-results/NAME-POLICY)")
+    r.add_argument("--no-plots", action="store_true", help="skip the figures")
+
+
+def load_source(args: argparse.Namespace) -> Trace:
+    """The trace ``args.source`` names: a trace file, a Lackey log or a built-in workload."""
+    path = Path(args.source)
+    if path.exists():
+        fmt = args.format
+        if fmt == "auto":
+            fmt = "trace" if path.suffix in (".npz", ".parquet") else "lackey"
+        return load_trace(path) if fmt == "trace" else lackey_to_trace(path, per_epoch=args.per_epoch)
+    if args.source in WORKLOADS:
+        return make_workload(args.source, pages=args.pages, epochs=args.epochs, per_epoch=args.per_epoch,
+                             actors=args.actors, seed=args.seed)
+    raise TraceError(f"{args.source!r} is neither a file nor a built-in workload "
+                     f"({', '.join(sorted(WORKLOADS))})")
+
+
+def _table(runs: list[dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"dmamig replay: {runs[0]['config']['trace']} under {runs[0]['config']['policy']}")
+    cols = ["mode", "fast hits", "promoted", "demoted", "MiB moved", "migr CPU ms", "CPU/page us", "stalls",
+            "stall ms", "access cost", "verified"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "mode" else "right")
+    for run in runs:
+        s = run["summary"]
+        per = s["cpu_ns_per_migrated_page"]
+        t.add_row(run["config"]["mode"], f"{s['fast_hit_share']:.1%}", str(s["promoted"]), str(s["demoted"]),
+                  f"{s['bytes_migrated'] / 2**20:.1f}", f"{s['migrate_cpu_ns'] / 1e6:.2f}",
+                  "-" if per is None else f"{per / 1e3:.1f}", str(s["stalls"]), f"{s['stall_ns'] / 1e6:.2f}",
+                  f"{s['access_cost']:.3g}", "yes" if s["verified"] else "[red]NO[/red]")
+    console.print(t)
+
+
+def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) -> int:
+    """Run ``dmamig replay``; return the exit code (1: bad trace or data that did not verify)."""
+    from rich.progress import Progress
+
+    con = console_factory()
+    try:
+        trace = load_source(args).validate()
+    except (TraceError, InvalidArgument) as exc:
+        console_factory(stderr=True).print(f"[red]dmamig replay: {exc}[/red]", markup=True, highlight=False)
+        return 1
+    if args.record is not None:
+        save_trace(trace, args.record)
+    modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]
+    runs = []
+    with Progress(console=con, transient=True) as prog:
+        for mode in modes:
+            task = prog.add_task(f"{trace.name} {args.policy} {mode}", total=trace.epochs)
+            res = replay(trace, make_policy(args.policy), mode, fast_fraction=args.fast_fraction,
+                         slow_cost=args.slow_cost, channels=args.channels, threads=args.threads, seed=args.seed,
+                         progress=lambda done, _total, task=task: prog.update(task, completed=done))
+            runs.append(res.to_dict())
+    _table(runs, con)
+    out = args.out or Path("replay-results") / f"{trace.name.replace(':', '-')}-{args.policy}"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"tool": "dmamig replay", "source": str(args.source),
+           "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                       "python": platform.python_version(), "backend": "cpu"},
+           "runs": runs}
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    files = [] if args.no_plots else _plots(runs, out)
+    con.print(f"wrote {out / 'results.json'}" + "".join(f", {f.name}" for f in files))
+    bad = [r["config"]["mode"] for r in runs if not r["summary"]["verified"]]
+    if bad:
+        con.print(f"[red]data did not verify in mode(s) {', '.join(bad)}: "
+                  f"{[r['summary']['first_mismatch'] for r in runs]}[/red]")
+        return 1
+    return 0
+
+
+def _plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    from .plots import plot_replays
+
+    return plot_replays(runs, out)
