@@ -33,6 +33,7 @@ __all__ = ["DeviceAccessor"]
 _YOUNG = np.uint8(PteFlag.YOUNG)
 _DIRTY = np.uint8(PteFlag.YOUNG | PteFlag.DIRTY)
 _WRITE = np.uint8(PteFlag.WRITE)
+_MIGRATION = np.uint8(PteFlag.MIGRATION)
 #: Times an access services its own pages again when they left the device before it reached them.
 REFAULT_TRIES = 2
 
@@ -312,9 +313,13 @@ class DeviceAccessor:
         for attempt in range(REFAULT_TRIES + 1):
             t0 = time.perf_counter_ns()
             with m.changed:
-                pfns, mapped = _lookup_settled(self.mm, addrs)
-                if not mapped.all():
-                    raise AddressFault(f"device access at {int(addrs[~mapped][0]):#x}: unmapped during the access")
+                pfns, hits = self._settled(addrs)
+                if sum(pos.size for _v, pos, _s in hits) != addrs.size:
+                    mapped = np.zeros(addrs.size, dtype=bool)
+                    for _v, pos, _s in hits:
+                        mapped[pos] = True
+                    raise AddressFault(f"device access at {int(addrs[~mapped][0]):#x}: unmapped during the "
+                                       f"access")
                 on = pfns >= 0
                 on[on] = m.nodemap.node_of(pfns[on]) == self.node
                 if not write and self._svc.dups is not None:
@@ -327,10 +332,12 @@ class DeviceAccessor:
                     t1 = time.perf_counter_ns()
                     if write:
                         self._svc.make_writable(addrs)
-                        pfns, _ = _lookup_settled(self.mm, addrs)
+                        pfns, hits = self._settled(addrs)
                     st.pages_remote += int((~on).sum())
                     visit(lo, hi, pfns[np.searchsorted(cu, chunk)])
-                    self._mark(addrs, write)
+                    bits = _DIRTY if write else _YOUNG
+                    for v, _pos, slots in hits:
+                        v.pte_flags[slots] |= bits
                     self._svc.tracker.touch(self.mm, addrs[on] // self._svc.block_size)
                     st.access_ns += time.perf_counter_ns() - t1
                     return
@@ -342,10 +349,13 @@ class DeviceAccessor:
     def _blocks(self, addrs: np.ndarray) -> np.ndarray:
         return np.unique(addrs // self._svc.block_size)
 
-    def _mark(self, addrs: np.ndarray, write: bool) -> None:
-        bits = _DIRTY if write else _YOUNG
-        for v, _pos, slots in _lookup(self.mm, addrs)[1]:
-            v.pte_flags[slots] |= bits
+    def _settled(self, addrs: np.ndarray) -> tuple[np.ndarray, list]:
+        """Pfns and per-VMA hits of ``addrs`` once none holds a migration entry (``changed`` held)."""
+        while True:
+            pfns, hits = _lookup(self.mm, addrs)
+            if not any((v.pte_flags[slots] & _MIGRATION).any() for v, _pos, slots in hits):
+                return pfns, hits
+            self.mm.machine.changed.wait()
 
     # -- in-place data access (caller holds the lock) -----------------------------------------------------------
     def _on_device(self, pfns: np.ndarray) -> np.ndarray:

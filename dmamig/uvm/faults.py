@@ -173,12 +173,13 @@ class FaultService:
         t0 = time.perf_counter_ns()
         t_thread = time.thread_time_ns()
         with m.changed:
-            pfns, hits = _lookup(mm, addrs)
-            for v, pos, slots in hits:
-                absent = slots[pfns[pos] < 0]
-                if absent.size:
-                    st.pages_populated += self._populate(v, absent)
-            pfns, _ = _lookup_settled(mm, addrs)
+            pfns, _mapped = _lookup_settled(mm, addrs)
+            if (pfns < 0).any():
+                for v, pos, slots in _lookup(mm, addrs)[1]:
+                    absent = slots[pfns[pos] < 0]
+                    if absent.size:
+                        st.pages_populated += self._populate(v, absent)
+                pfns, _mapped = _lookup_settled(mm, addrs)
             present = pfns >= 0
             present[present] = m.nodemap.node_of(pfns[present]) != self.node
             if duplicate:
