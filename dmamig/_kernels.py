@@ -123,20 +123,25 @@ def _move_object_slots(old, new, nr, mapping, index, oid, obj_pfns):
                     obj_pfns[j] = new[i] + k
 
 
+def _clear_page(p, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head):
+    """Free-page state for base pfn ``p``, as part of the folio headed by ``h`` (``p`` itself when freed)."""
+    flags[p] = 0
+    refcount[p] = 0
+    mapcount[p] = 0
+    mapping[p] = -1
+    index[p] = 0
+    private[p] = 0
+    last_cpupid[p] = -1
+    memcg[p] = 0
+    order[p] = 0
+    head[p] = h
+
+
 def _reset_pages(pfns, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head):
     """PageArray.reset: free-page state for each base pfn."""
     for i in range(pfns.size):
         p = pfns[i]
-        flags[p] = 0
-        refcount[p] = 0
-        mapcount[p] = 0
-        mapping[p] = -1
-        index[p] = 0
-        private[p] = 0
-        last_cpupid[p] = -1
-        memcg[p] = 0
-        order[p] = 0
-        head[p] = p
+        _clear_page(p, p, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head)
 
 
 def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping, index, private, last_cpupid,
@@ -146,17 +151,8 @@ def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping
     for i in range(heads.size):
         h = heads[i]
         for k in range(nr):
-            p = h + k
-            flags[p] = 0
-            refcount[p] = 0
-            mapcount[p] = 0
-            mapping[p] = -1
-            index[p] = 0
-            private[p] = 0
-            last_cpupid[p] = -1
-            memcg[p] = 0
-            order_arr[p] = 0
-            head[p] = h
+            _clear_page(h + k, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
+                        order_arr, head)
         order_arr[h] = order
         refcount[h] = 1
         if order:
@@ -344,16 +340,7 @@ def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, ma
         o = old[i]
         for j in range(nr[i]):
             p = o + j
-            flags[p] = 0
-            refcount[p] = 0
-            mapcount[p] = 0
-            mapping[p] = -1
-            index[p] = 0
-            private[p] = 0
-            last_cpupid[p] = -1
-            memcg[p] = 0
-            order[p] = 0
-            head[p] = p
+            _clear_page(p, p, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head)
             out[k] = p
             k += 1
     return dead
@@ -361,6 +348,7 @@ def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, ma
 
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
+    _clear_page = njit(nogil=True, cache=True, inline="always")(_clear_page)
     done_folios = _jit(_done_folios)
     trylock_folios = _jit(_trylock_folios)
     entry_info = _jit(_entry_info)
