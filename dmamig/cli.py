@@ -1,4 +1,5 @@
-"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema``, ``stress`` and ``replay``.
+"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema``, ``stress``, ``replay`` and
+``replay-report``.
 
 Exit codes: 0 success; 1 a failure the command found (a regression beyond the threshold, a benchmark whose
 data failed verification, a failed self-test, an unreadable results file); 2 a usage error (argparse).
@@ -52,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub, _argtype, _positive, _nonnegative)
     add_report_parser(sub, _argtype)
 
-    from .tiering.commands import add_replay_parser
+    from .tiering.commands import add_replay_parser, add_replay_report_parser
 
     add_replay_parser(sub, _argtype, _positive, _nonnegative)
+    add_replay_report_parser(sub)
 
     i = sub.add_parser("info", help="backend, devices, versions and kernel build status")
     i.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
@@ -328,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tiering.commands import cmd_replay
 
         return cmd_replay(args, _console)
+    if args.command == "replay-report":
+        from .tiering.commands import cmd_replay_report
+
+        return cmd_replay_report(args, _console)
     from .bench.schema import RESULTS_SCHEMA
 
     print(json.dumps(RESULTS_SCHEMA, indent=2))

@@ -16,7 +16,7 @@ from .replay import replay
 from .trace import Trace, TraceError, load_trace, save_trace
 from .workloads import WORKLOADS, make_workload
 
-__all__ = ["add_replay_parser", "cmd_replay", "load_source"]
+__all__ = ["add_replay_parser", "add_replay_report_parser", "cmd_replay", "cmd_replay_report", "load_source"]
 
 
 def _fraction(text: str) -> float:
@@ -140,3 +140,35 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     from .plots import plot_replays
 
     return plot_replays(runs, out)
+
+
+def add_replay_report_parser(sub: Any) -> None:
+    """Add ``replay-report`` to the ``dmamig`` subcommands."""
+    r = sub.add_parser("replay-report", help="compare replays: results.json / study.json files side by side",
+                       description="Read results of dmamig replay (results.json, or the folder holding it) or "
+                                   "of a policy study (study.json) and print one comparison table.")
+    r.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="results.json files or folders")
+    r.add_argument("--markdown", action="store_true", help="print a markdown table instead")
+
+
+def cmd_replay_report(args: argparse.Namespace, console_factory: Callable[..., Any]) -> int:
+    """Run ``dmamig replay-report``; exit 1 on an unreadable file or a replay whose data did not verify."""
+    from rich.table import Table
+
+    from .study import ROW_FIELDS, compare, markdown_table
+
+    try:
+        rows = compare(args.results)
+    except (OSError, ValueError, KeyError) as exc:
+        console_factory(stderr=True).print(f"dmamig replay-report: cannot read results: {exc}", markup=False)
+        return 1
+    if args.markdown:
+        print(markdown_table(rows), end="")
+    else:
+        t = Table(title="dmamig replay-report")
+        for c in ROW_FIELDS:
+            t.add_column(c, justify="left" if c in ("workload", "policy", "mode") else "right")
+        for r in rows:
+            t.add_row(*("-" if r[c] is None else str(r[c]) for c in ROW_FIELDS))
+        console_factory().print(t)
+    return 0 if all(r["verified"] for r in rows) else 1
