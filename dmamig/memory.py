@@ -265,9 +265,10 @@ def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
 
 
 def migrate_range_to_ram(mm: AddressSpace, addr: int, length: int) -> None:
-    """Bring every device page of ``[addr, addr + length)`` back to host memory (``FOLL_LONGTERM`` does).
+    """Bring every device page of ``[addr, addr + length)`` back to host memory, as a ``FOLL_LONGTERM`` pin
+    does before it pins (``check_and_migrate_movable_folios``: device memory is not long-term pinnable).
 
-    Caller holds ``machine.changed``. Raises AddressFault when a page cannot come back.
+    Caller holds ``machine.changed``. Raises OutOfMemory when a page cannot come back.
     """
     m = mm.machine
     for _attempt in range(MIGRATE_TO_RAM_TRIES + 1):
@@ -277,7 +278,8 @@ def migrate_range_to_ram(mm: AddressSpace, addr: int, length: int) -> None:
         if not remote.any():
             return
         _migrate_to_ram(mm, pfns[remote])
-    _cannot_come_back(m, addr, pfns[remote])
+    raise OutOfMemory(f"pin at {addr:#x}: {int(remote.sum())} device pages could not migrate back to host memory "
+                      f"({m.nodes[0].free_pages} host pages free); a long-term pin needs its pages there")
 
 
 def _migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:

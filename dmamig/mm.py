@@ -316,8 +316,10 @@ class AddressSpace:
         Pinned pages do not migrate (``-EAGAIN``), like pages under a long-term GUP pin. As
         ``pin_user_pages`` does, a private page is made this address space's own first (the zero page and
         copy-on-write pages are replaced by a copy), so the pin and the mapping always see the same page;
-        :meth:`fork` copies pinned pages at once instead of sharing them. With device-private memory, device
-        pages are migrated back to host memory before they are pinned (AddressFault if one cannot come).
+        :meth:`fork` copies pinned pages at once instead of sharing them. With device-private memory
+        (``Machine(device_memory="private")``), device pages of the range first migrate back to host memory,
+        as a ``FOLL_LONGTERM`` pin does (OutOfMemory if one cannot come); coherent device pages are pinned
+        where they are.
         """
         from .gup import pin_range
 
@@ -328,7 +330,7 @@ class AddressSpace:
         self._check_open()
         addr, length = self._check_range(addr, length, aligned=True)
         with m.changed:
-            # A device-private page cannot be pinned: as a FOLL_LONGTERM pin, bring device pages back first.
+            # Device-private memory is not pinnable: as a FOLL_LONGTERM pin, bring device pages back first.
             # The lock is held from here to the pin, so no device migrates them away in between.
             migrate_range_to_ram(self, addr, length)
             pin_range(self, addr, length)

@@ -85,12 +85,15 @@ def test_long_term_pin_of_device_pages(mode):
         a = mm.mmap(8 * PS)
         mm.write(a, np.full(8 * PS, 3, np.uint8))
         DeviceAccessor(mm, 1, UvmOptions(prefetch="none")).read(a, 8 * PS)
+        before = m.vmstat["migrate_to_ram"]
         mm.pin(a, 4 * PS)
         nodes = mm.nodes_of(a, 8 * PS)
-        if mode == "private":
+        if mode == "private":  # not pinnable: the pinned pages come back first
             assert (nodes[:4] == 0).all() and (nodes[4:] == 1).all()
-        else:
-            assert (nodes == 1).all()  # device-coherent pages are pinned where they are
+            assert m.vmstat["migrate_to_ram"] == before + 4
+        else:  # device-coherent pages are pinned where they are
+            assert (nodes == 1).all() and m.vmstat["migrate_to_ram"] == before
+        assert (mm.read(a, 8 * PS) == 3).all()
         mm.unpin(a, 4 * PS)
         mm.close()
         assert [nd.free_pages for nd in m.nodes] == [2048, 2048]
@@ -99,3 +102,19 @@ def test_long_term_pin_of_device_pages(mode):
 def test_device_memory_setting_is_checked():
     with pytest.raises(InvalidArgument, match="device_memory"):
         Machine(host_pages=64, device_pages=64, backend="cpu", device_memory="shared")
+
+
+def test_private_pin_fails_when_the_host_is_full():
+    with _machine("private", host_pages=64) as m:
+        mm = m.address_space()
+        a = mm.mmap(4 * PS)
+        DeviceAccessor(mm, 1).touch(a, 4 * PS, write=True)
+        held = m.alloc_pages(0, m.nodes[0].free_pages)
+        from dmamig import OutOfMemory
+
+        with pytest.raises(OutOfMemory, match="long-term pin"):
+            mm.pin(a, PS)
+        m.put_pages(held)
+        mm.pin(a, PS)
+        assert mm.node_of(a) == 0
+        mm.unpin(a, PS)
