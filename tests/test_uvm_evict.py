@@ -142,3 +142,17 @@ def test_explicit_prefetch_and_evict(m, no_copy):
     assert (mm.read(a, n * PS) == data).all()
     mm.close()
     assert _free(m) == [8192, 2048]
+
+
+def test_a_device_smaller_than_the_block_it_serves_reads_the_rest_remotely():
+    with Machine(host_pages=1024, device_pages=256, devices=1, backend="cpu", channels=2) as m:
+        mm = m.address_space()
+        a = mm.mmap(BLOCK * PS)  # one 2 MiB block, twice the device: the block in service cannot be evicted
+        data = np.random.default_rng(4).integers(0, 256, BLOCK * PS, dtype=np.uint8)
+        mm.write(a, data)
+        acc = DeviceAccessor(mm, 1)
+        assert (acc.read(a, BLOCK * PS) == data).all()
+        assert acc.stats.pages_migrated == 256 and acc.stats.pages_remote == BLOCK - 256
+        assert acc.stats.pages_evicted == 0
+        mm.close()
+        assert _free(m) == [1024, 256]

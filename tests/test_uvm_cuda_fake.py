@@ -1,0 +1,90 @@
+"""Device-side access on the CUDA backend's own code, driven through the CuPy stand-in of
+``test_cuda_fake.py`` (every machine): the page_access kernels' launches and address arithmetic, and a
+whole oversubscribed device access on a ``backend="cuda"`` machine."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from test_cuda_fake import FakeCupy, FakeGpu, FakeKernel
+
+from dmamig.backends import cuda as cuda_mod
+from dmamig.backends.cpu import CpuBackend
+from dmamig.backends.cuda import CudaBackend
+
+PAGE = 4096
+_fake_call = FakeKernel.__call__
+
+
+def _access_call(self, grid, block, args, **kwargs):
+    """The page_access kernels on the stand-in: their numpy reference at the real addresses."""
+    if not self.name.startswith("page_access_"):
+        return _fake_call(self, grid, block, args, **kwargs)
+    s = self.gpu.tls.streams[-1]
+    self.gpu.launches.append((self.name, grid, block))
+    a, buf, n, page = (int(x) for x in args)
+    self.gpu.check(a, 8 * n)
+    self.gpu.check(buf, n * page)
+
+    def run():
+        addrs = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(a)).tolist()
+        for i, p in enumerate(addrs):
+            self.gpu.check(p, page)
+            src, dst = (p, buf + i * page) if self.name == "page_access_read" else (buf + i * page, p)
+            ctypes.memmove(dst, src, page)
+
+    s.enqueue(run)
+
+
+@pytest.fixture
+def gpu(monkeypatch) -> FakeGpu:
+    monkeypatch.setattr(FakeKernel, "__call__", _access_call)
+    return FakeGpu()
+
+
+def test_access_frames_matches_the_reference(gpu):
+    b = CudaBackend(cupy=FakeCupy(gpu))
+    try:
+        rng = np.random.default_rng(0)
+        n = 40
+        frames = b.alloc_frames("device", 0, n, PAGE)
+        ref = CpuBackend().alloc_frames("device", 0, n, PAGE)
+        init = rng.integers(0, 256, (n, PAGE), dtype=np.uint8)
+        b.write_frames(frames, np.arange(n), init)
+        ref[:] = init
+        idx = rng.permutation(n)[:25]
+        np.testing.assert_array_equal(b.access_frames(frames, idx), CpuBackend().access_frames(ref, idx))
+        rows = rng.integers(0, 256, (idx.size, PAGE), dtype=np.uint8)
+        b.access_frames(frames, idx, rows)
+        CpuBackend().access_frames(ref, idx, rows)
+        np.testing.assert_array_equal(b.read_frames(frames, np.arange(n)), ref)
+        names = [name for name, _g, _b in gpu.launches]
+        assert names.count("page_access_read") == 1 and names.count("page_access_write") == 1
+    finally:
+        b.close()
+
+
+def test_oversubscribed_device_access_on_a_cuda_machine(gpu, monkeypatch):
+    import dmamig.backends as backends
+    from dmamig import DeviceAccessor, Machine, UvmOptions
+
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_mod, "_cupy", lambda: FakeCupy(gpu))
+    with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2) as m:
+        mm = m.address_space()
+        n = 2048  # twice the device
+        a = mm.mmap(n * PAGE)
+        data = np.random.default_rng(1).integers(0, 256, n * PAGE, dtype=np.uint8)
+        mm.write(a, data)
+        acc = DeviceAccessor(mm, 1, UvmOptions(fault_batch_size=256))
+        np.testing.assert_array_equal(acc.read(a, n * PAGE), data)
+        data[::PAGE] = 3
+        acc.write_pages(a + np.arange(n) * PAGE, data.reshape(n, PAGE))
+        assert acc.stats.pages_evicted > 0
+        np.testing.assert_array_equal(mm.read(a, n * PAGE), data)
+        assert any(name == "page_access_read" for name, _g, _b in gpu.launches)
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [4096, 1024]
+    assert gpu.live("device") == 0
