@@ -40,9 +40,11 @@ def test_page_access_kernels_match_the_reference(cuda, page):
     assert cuda.kernel(0, "page_access.cu", "page_access_read") is not None
 
 
+@pytest.mark.parametrize("memory", ["coherent", "private"])
 @pytest.mark.parametrize("no_copy", [True, False])
-def test_faults_through_real_device_memory_oversubscribed(gpu_required, no_copy):
-    with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2) as m:
+def test_faults_through_real_device_memory_oversubscribed(gpu_required, no_copy, memory):
+    with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2,
+                 device_memory=memory) as m:
         mm = m.address_space()
         n = 2048  # twice the device
         a = mm.mmap(n * PAGE)
@@ -54,5 +56,22 @@ def test_faults_through_real_device_memory_oversubscribed(gpu_required, no_copy)
         acc.write_pages(a + np.arange(n) * PAGE, data.reshape(n, PAGE))
         assert acc.stats.pages_evicted > 0
         assert (mm.read(a, n * PAGE) == data).all()
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [4096, 1024]
+
+
+def test_read_duplicates_in_real_device_memory(gpu_required):
+    with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2) as m:
+        mm = m.address_space()
+        n = 1500
+        a = mm.mmap(n * PAGE)
+        data = np.random.default_rng(2).integers(0, 256, n * PAGE, dtype=np.uint8)
+        mm.write(a, data)
+        acc = DeviceAccessor(mm, 1, UvmOptions(read_duplication=True))
+        assert (acc.read(a, n * PAGE) == data).all()
+        assert (mm.nodes_of(a, n * PAGE) == 0).all() and acc.stats.pages_read_duplicated == n
+        mm.write(a, np.zeros(PAGE, np.uint8))
+        data[:PAGE] = 0
+        assert (acc.read(a, n * PAGE) == data).all()
         mm.close()
         assert [nd.free_pages for nd in m.nodes] == [4096, 1024]
