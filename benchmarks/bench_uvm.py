@@ -3,8 +3,10 @@
 A device node reads a host-resident range with :class:`~dmamig.DeviceAccessor` (every page faults; faults are
 serviced in batches of 32, 256 or 1024 through the migration core, with the DMA engine or the migrating
 thread; UVM's density prefetch on). The same-run ceiling is the same access once the range is resident on the
-device (no fault at all). ``extra_info`` records pages/s, fault batches/s, service time per batch, bytes
-migrated per byte touched, and the ratio of the faulting access's throughput to the ceiling's.
+device (no fault at all), timed in the same round. ``extra_info`` records pages/s of the whole access,
+pages/s of the fault servicing alone, fault batches/s, service time per batch and per phase, bytes migrated per
+byte touched, and the ratio of the faulting access's throughput to the ceiling's. The access itself reads
+every byte on the device (a per-page checksum): on the CPU backend that read is part of both figures.
 
     pytest benchmarks/bench_uvm.py --benchmark-only
 """
@@ -53,9 +55,12 @@ def test_device_access_fault_servicing(benchmark, total_bytes: int, backend_name
             ceiling_s.append(time.perf_counter() - t0)
 
         stats_seen = []
+        fault_s: list[float] = []
 
         def round_():
+            t0 = time.perf_counter()
             run()
+            fault_s.append(time.perf_counter() - t0)
             stats_seen.append(state["acc"].stats)
             teardown_round()
 
@@ -64,22 +69,26 @@ def test_device_access_fault_servicing(benchmark, total_bytes: int, backend_name
         mm.close()
     s = stats_seen[-1]
     assert s.pages_migrated == pages
-    fault_s = benchmark.stats.stats.median - statistics.median(ceiling_s)
+    # Each round times the faulting access and then the same access again, every page resident: the ceiling.
+    access_s = statistics.median(fault_s)
     ceil = statistics.median(ceiling_s)
-    access_s = max(fault_s, 1e-9)
+    service_s = statistics.median(st.service_total_ns for st in stats_seen) / 1e9
     info = benchmark.extra_info
     info.update({
         "mode": mode, "fault_batch_size": batch, "pages": pages, "backend": backend_name,
         "options": opts.as_dict(),
+        "access_s": access_s, "ceiling_s": ceil,
         "pages_per_s": pages / access_s, "ceiling_pages_per_s": pages / ceil,
         "ratio_to_ceiling": ceil / access_s,
+        "service_pages_per_s": pages / service_s,
         "fault_batches": s.batches, "fault_batches_per_s": s.batches / access_s,
-        "service_us_per_batch": s.service_total_ns / max(s.batches, 1) / 1e3,
+        "service_us_per_batch": service_s * 1e6 / max(s.batches, 1),
         "service_ns": dict(s.service_ns),
         "bytes_migrated_per_byte_touched": s.bytes_migrated / total_bytes,
         "pages_prefetched": s.pages_prefetched,
     })
     bench_summary.append(
-        f"device access {mode:6s} batch {batch:5d}: {pages / access_s / 1e6:7.3f} M pages/s, "
-        f"{s.batches / access_s:9.0f} batches/s, {info['service_us_per_batch']:8.1f} us/batch; ceiling "
-        f"(pre-migrated) {pages / ceil / 1e6:7.3f} M pages/s; ratio {info['ratio_to_ceiling']:.3f}")
+        f"device access {mode:6s} batch {batch:5d}: {pages / access_s / 1e6:6.3f} M pages/s "
+        f"({pages / service_s / 1e6:6.3f} M pages/s serviced), {s.batches / access_s:6.0f} batches/s, "
+        f"{info['service_us_per_batch']:7.1f} us/batch; ceiling (pre-migrated) {pages / ceil / 1e6:6.3f} M pages/s; "
+        f"ratio {info['ratio_to_ceiling']:.3f}")

@@ -284,3 +284,15 @@ def test_resident_pages_are_accessed_with_the_backend_access_kernel(m, monkeypat
     s = acc.stats
     assert s.service_ns["unmap"] > 0 and s.service_ns["move"] > 0 and s.service_ns["fetch"] > 0
     assert s.service_total_ns == sum(s.service_ns.values()) and s.access_ns > 0
+
+
+@pytest.mark.parametrize("page", [64, 4096, 100])
+def test_read_touch_kernel_matches_numpy(page):
+    from dmamig.backends import cpu_kernels
+
+    frames = cpu_kernels.aligned_zeros(20, page)
+    frames[:] = np.random.default_rng(page).integers(0, 256, frames.shape, dtype=np.uint8)
+    idx = np.array([3, 0, 19, 3])
+    words = frames[idx].reshape(-1)
+    words = words[: words.size - words.size % 8].view(np.uint64)
+    assert cpu_kernels.xor_pages(frames, idx) == int(np.bitwise_xor.reduce(words))

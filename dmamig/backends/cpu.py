@@ -354,6 +354,13 @@ class CpuBackend:
         cpu_kernels.warm_up()
         return [CpuChannel(i) for i in range(int(count))]
 
+    def touch_frames(self, frames: np.ndarray, idx: np.ndarray) -> int:
+        """A device's read of every byte of the frames at ``idx``, with nothing copied out (a compiled pass).
+
+        Returns the XOR of the pages' 64-bit words. The CUDA backend reads with its checksum kernel instead.
+        """
+        return cpu_kernels.xor_pages(frames, idx)
+
     def checksum_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
         """Checksums of the frames at ``idx`` with the numpy reference."""
         return page_checksums(frames[np.asarray(idx, dtype=np.int64)])

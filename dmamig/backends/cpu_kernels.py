@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InvalidArgument
 
 __all__ = ["HAVE_NUMBA", "NUMBA_ERROR", "aligned_zeros", "check_runs", "copy_runs_cached", "copy_runs_stream",
-           "stream_copy_ok", "warm_up"]
+           "stream_copy_ok", "warm_up", "xor_pages"]
 
 #: Byte alignment that streaming stores need on the destination (and that the source loads assume).
 STREAM_ALIGN = 16
@@ -109,6 +109,15 @@ if HAVE_NUMBA:
         dbase = dst.ctypes.data
         for i in range(npages.shape[0]):
             _memcpy(dbase + dst_start[i] * row, sbase + src_start[i] * row, npages[i] * row)
+
+    @njit(nogil=True, cache=True)
+    def _xor_pages(words, idx):  # pragma: no cover - compiled
+        acc = np.uint64(0)
+        for i in range(idx.shape[0]):
+            row = words[idx[i]]
+            for w in range(row.shape[0]):
+                acc ^= row[w]
+        return acc
 
 
 def aligned_zeros(rows: int, cols: int, align: int = 4096) -> np.ndarray:
@@ -199,6 +208,20 @@ def copy_runs_cached(src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, ds
         _copy_runs_cached(src, dst, _as_runs(src_start), _as_runs(dst_start), _as_runs(npages))
     else:
         _fallback(src, dst, src_start, dst_start, npages)
+
+
+def xor_pages(frames: np.ndarray, idx: np.ndarray) -> int:
+    """Read every byte of the frames at ``idx`` and fold them: the XOR of their 64-bit words.
+
+    A device's read touch on the CPU backend: one pass over the pages with no temporary buffer, so the
+    read costs what reading the memory costs. The fold only keeps the reads from being optimized away.
+    """
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if HAVE_NUMBA and frames.flags.c_contiguous and frames.shape[1] % 8 == 0:
+        return int(_xor_pages(frames.view(np.uint64), idx))
+    words = frames[idx].reshape(-1)
+    words = words[: words.size - words.size % 8].view(np.uint64)
+    return int(np.bitwise_xor.reduce(words)) if words.size else 0
 
 
 def warm_up() -> None:

@@ -146,8 +146,8 @@ class DeviceAccessor:
     def touch(self, addr: int, length: int, write: bool = False) -> int:
         """Access ``[addr, addr + length)`` without moving data to the host; return the pages touched.
 
-        A read touch reads every byte of every page on the device (a per-page checksum, the
-        ``page_checksum`` kernel on CUDA); a write touch makes the pages writable and dirty in place.
+        A read touch reads every byte of every page on the device (the ``page_checksum`` kernel on CUDA, a
+        compiled pass on the CPU backend); a write touch makes the pages writable and dirty in place.
         """
         addr, length = self.mm._check_range(addr, length, aligned=False)
         m = self.mm.machine
@@ -392,7 +392,8 @@ class DeviceAccessor:
         on = self._on_device(pfns)
         nd = m.nodes[self.node]
         if on.any():
-            m.backend.checksum_frames(nd.frames, pfns[on] - nd.base_pfn)
+            touch = getattr(m.backend, "touch_frames", None)
+            (touch or m.backend.checksum_frames)(nd.frames, pfns[on] - nd.base_pfn)
         rest = pfns[~on & (pfns >= 0)]
         if rest.size:
             m.read_pfns(rest)
