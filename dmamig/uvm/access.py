@@ -18,11 +18,12 @@ import numpy as np
 from .._validate import check_node
 from ..errors import AddressFault, InvalidArgument
 from ..flags import PteFlag
-from ..memory import check_access, read_pages
+from ..memory import check_access
 from ..migrate.move_pages import _lookup, _lookup_settled
 from .counters import AccessCounters
 from .evict import migrate_device_pages
 from .faults import FaultService
+from .inplace import load, on_device, read_touch, store
 from .options import UvmOptions, UvmStats
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class DeviceAccessor:
         out = np.empty((npages, ps), dtype=np.uint8)
 
         def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
-            out[lo:hi] = self._load(pfns)
+            out[lo:hi] = load(self.mm.machine, self.node, pfns)
 
         self._run(first + np.arange(npages, dtype=np.int64) * ps, False, visit, contiguous=True)
         off = addr - first
@@ -105,10 +106,10 @@ class DeviceAccessor:
         def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
             chunk = rows[lo:hi]
             if lo == 0 and off:
-                chunk[0, :off] = self._load(pfns[:1])[0, :off]
+                chunk[0, :off] = load(self.mm.machine, self.node, pfns[:1])[0, :off]
             if hi == npages and tail:
-                chunk[-1, ps - tail:] = self._load(pfns[-1:])[0, ps - tail:]
-            self._store(pfns, chunk)
+                chunk[-1, ps - tail:] = load(self.mm.machine, self.node, pfns[-1:])[0, ps - tail:]
+            store(self.mm.machine, self.node, pfns, chunk)
 
         self._run(first + np.arange(npages, dtype=np.int64) * ps, True, visit, contiguous=True)
 
@@ -118,7 +119,7 @@ class DeviceAccessor:
         out = np.empty((addrs.size, self.mm.machine.page_size), dtype=np.uint8)
 
         def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
-            out[lo:hi] = self._load(pfns)
+            out[lo:hi] = load(self.mm.machine, self.node, pfns)
 
         self._run(addrs, False, visit)
         return out
@@ -139,7 +140,7 @@ class DeviceAccessor:
             p, rows = pfns, data[lo:hi]
             _, last = np.unique(p[::-1], return_index=True)
             keep = p.size - 1 - last
-            self._store(p[keep], rows[keep])
+            store(self.mm.machine, self.node, p[keep], rows[keep])
 
         self._run(addrs, True, visit)
 
@@ -157,7 +158,7 @@ class DeviceAccessor:
 
         def visit(lo: int, hi: int, pfns: np.ndarray) -> None:
             if not write:
-                self._checksum(pfns)
+                read_touch(self.mm.machine, self.node, pfns)
 
         self._run(first + np.arange(npages, dtype=np.int64) * ps, write, visit, contiguous=True)
         return npages
@@ -186,7 +187,7 @@ class DeviceAccessor:
         m = self.mm.machine
         with m.changed:
             pfns, _ = _lookup_settled(self.mm, addrs)
-        on = self._on_device(pfns)
+        on = on_device(self.mm.machine, self.node, pfns)
         if not on.any():
             return 0
         res = migrate_device_pages(m, pfns[on], self._svc.engine, options=self.options.migrate_options)
@@ -211,7 +212,7 @@ class DeviceAccessor:
     def _resident(self, addrs: np.ndarray) -> np.ndarray:
         with self.mm.machine.changed:
             pfns, _ = _lookup_settled(self.mm, addrs)
-            return self._on_device(pfns)
+            return on_device(self.mm.machine, self.node, pfns)
 
     def reset_stats(self) -> UvmStats:
         """Start the counters again; return the old ones."""
@@ -356,55 +357,3 @@ class DeviceAccessor:
             if not any((v.pte_flags[slots] & _MIGRATION).any() for v, _pos, slots in hits):
                 return pfns, hits
             self.mm.machine.changed.wait()
-
-    # -- in-place data access (caller holds the lock) -----------------------------------------------------------
-    def _on_device(self, pfns: np.ndarray) -> np.ndarray:
-        m = self.mm.machine
-        on = pfns >= 0
-        on[on] = m.nodemap.node_of(pfns[on]) == self.node
-        return on
-
-    def _load(self, pfns: np.ndarray) -> np.ndarray:
-        """Page contents: device pages by the device's access kernel, the others where they are."""
-        m = self.mm.machine
-        on = self._on_device(pfns)
-        if not on.any():
-            return read_pages(m, pfns)
-        nd = m.nodes[self.node]
-        if on.all():
-            return _device_access(m.backend, nd.frames, pfns - nd.base_pfn)
-        out = read_pages(m, np.where(on, -1, pfns))
-        out[on] = _device_access(m.backend, nd.frames, pfns[on] - nd.base_pfn)
-        return out
-
-    def _store(self, pfns: np.ndarray, rows: np.ndarray) -> None:
-        m = self.mm.machine
-        on = self._on_device(pfns)
-        nd = m.nodes[self.node]
-        if on.any():
-            _device_access(m.backend, nd.frames, pfns[on] - nd.base_pfn, np.ascontiguousarray(rows[on]))
-            m.pages.note_written(pfns[on])
-        if not on.all():
-            m.write_pfns(pfns[~on], np.ascontiguousarray(rows[~on]))
-
-    def _checksum(self, pfns: np.ndarray) -> None:
-        m = self.mm.machine
-        on = self._on_device(pfns)
-        nd = m.nodes[self.node]
-        if on.any():
-            touch = getattr(m.backend, "touch_frames", None)
-            (touch or m.backend.checksum_frames)(nd.frames, pfns[on] - nd.base_pfn)
-        rest = pfns[~on & (pfns >= 0)]
-        if rest.size:
-            m.read_pfns(rest)
-
-
-def _device_access(backend: Any, frames: Any, idx: np.ndarray, data: np.ndarray | None = None) -> Any:
-    """The backend's device access kernels, or its plain frame reads and writes where it has none."""
-    fn = getattr(backend, "access_frames", None)
-    if fn is not None:
-        return fn(frames, idx, data)
-    if data is None:
-        return backend.read_frames(frames, idx)
-    backend.write_frames(frames, idx, data)
-    return None
