@@ -390,3 +390,28 @@ def test_copy_folios(monkeypatch, numba_on):
 def test_frames_are_page_aligned():
     frames = CpuBackend().alloc_frames("host", -1, 3, 4096)
     assert frames.ctypes.data % 4096 == 0 and frames.shape == (3, 4096) and not frames.any()
+
+
+def test_a_failed_share_names_its_pages_and_the_rest_were_copied():
+    """Fence.failed_pages: the destination pfns of the refused channel share; every other page is copied."""
+    from dmamig import Machine
+
+    m = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=2)
+    try:
+        rng = np.random.default_rng(4)
+        src = np.arange(1024, dtype=np.int64)
+        m.write_pfns(src, rng.integers(0, 256, (1024, m.page_size), dtype=np.uint8))
+        dst = m.alloc_pages(1, 1024)
+        m.dma.inject_errors(1)
+        fence = m.dma.copy(src, dst)
+        with pytest.raises(DmaError):
+            fence.wait()
+        hit = fence.failed_pages()
+        assert hit is not None and hit.size == 512 and np.isin(hit, dst).all()
+        ok = ~np.isin(dst, hit)
+        assert np.array_equal(m.read_pfns(dst[ok]), m.read_pfns(src[ok]))
+        again = m.dma.copy(src, dst)
+        assert again.wait() and again.failed_pages().size == 0
+        m.put_pages(dst)
+    finally:
+        m.close()

@@ -151,7 +151,9 @@ def test_dma_error_costs_only_its_own_batch(m, mm):
     addr, data = filled(m, mm, n)
     m.dma.inject_errors(1)
     res = mm.migrate(addr, n * ps, 1, engine=m.dma)
-    assert res.ok and res.stats.nr_dma_fallback == core.NR_MAX_BATCHED_MIGRATION
+    # One channel of two refused its share of the first batch: those pages, and only those, were copied by
+    # the CPU.
+    assert res.ok and res.stats.nr_dma_fallback == core.NR_MAX_BATCHED_MIGRATION // 2
     assert res.stats.nr_tlb_flush == 3
     assert np.array_equal(mm.read(addr, n * ps), data)
 

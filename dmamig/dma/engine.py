@@ -332,24 +332,33 @@ class DmaEngine:
             self._stats.pages += int(src.size)
             self._stats.bytes += int(src.size) * self.page_size
             self._stats.runs += plan.nr_runs
-            completions, error = self._submit(plan, seq, int(src.size) * self.page_size)
+            completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
             if error is not None:
                 self._stats.errors += 1
-            fence = Fence(completions, error, self, seq)
+            fence = Fence(completions, error, self, seq, share_runs)
             self._pending = [f for f in self._pending if not f.done]
             self._pending.append(fence)
         return fence
 
-    def _submit(self, plan: CopyPlan, seq: int, nbytes: int) -> tuple[list[Completion], DmaError | None]:
-        """Queue each channel's share; consult the fault points (caller holds the lock)."""
+    def _submit(self, plan: CopyPlan, seq: int,
+                nbytes: int) -> tuple[list[Completion], DmaError | None, list[list[tuple[int, Any, Any]]]]:
+        """Queue each channel's share; consult the fault points (caller holds the lock).
+
+        Returns the completions (one per share), the submission's own error, and per share the destination
+        runs ``(node base pfn, dst_start, npages)``, so a failure can be traced to the pages it hit.
+        """
         per_channel: list[list[ChannelWork]] = [[] for _ in self._channels]
+        runs_of: list[list[tuple[int, Any, Any]]] = [[] for _ in self._channels]
         nodes = self.nodes
         for seg in plan.segments():
             s, d = nodes[seg.src_node], nodes[seg.dst_node]
+            dst_start, npages = plan.dst_start[seg.runs], plan.npages[seg.runs]
             per_channel[seg.channel].append(ChannelWork(
                 s.frames, d.frames, s.kind, d.kind, s.device, d.device, seg.method,
-                plan.src_start[seg.runs], plan.dst_start[seg.runs], plan.npages[seg.runs]))
+                plan.src_start[seg.runs], dst_start, npages))
+            runs_of[seg.channel].append((d.base_pfn, dst_start, npages))
         shares = [(ch, work) for ch, work in zip(self._channels, per_channel) if work]
+        share_runs = [runs for runs in runs_of if runs]
         faults = self.faults
         # dma_submit is decided once per submission (so inject_errors(n) fails n submissions); the refused
         # share is the first one, the others still run, as when one channel's descriptor ring rejects its part.
@@ -366,7 +375,7 @@ class DmaEngine:
                 continue
             fault = self._share_fault(work) if faults.armed else None
             out.append(self._queue(ch, work, fault, seq))
-        return out, error
+        return out, error, share_runs
 
     def _share_fault(self, work: list[ChannelWork]) -> str | None:
         """Which injected fault (if any) a channel share suffers: decided here, on the submitting thread,

@@ -79,11 +79,14 @@ class Fence:
     a caller that catches the error may free the destination frames at once.
     """
 
-    __slots__ = ("_completions", "_engine", "_error", "_failed", "_reported", "submission")
+    __slots__ = ("_completions", "_engine", "_error", "_failed", "_reported", "_share_runs", "submission")
 
     def __init__(self, completions: list[Any], error: DmaError | None = None,
-                 engine: DmaEngine | None = None, submission: int = 0):
+                 engine: DmaEngine | None = None, submission: int = 0,
+                 share_runs: list[list[tuple[int, Any, Any]]] | None = None):
         self._completions = completions
+        # Per completion, the destination runs (node base pfn, dst_start, npages) of that channel's share.
+        self._share_runs = share_runs
         self._error = error
         self._engine = engine
         self._failed: DmaError | None = None
@@ -128,6 +131,24 @@ class Fence:
         if failure is not None:
             raise failure
         return True
+
+    def failed_pages(self) -> np.ndarray | None:
+        """Destination pfns of the channel shares that failed, once the fence is done.
+
+        Every other destination page was copied. ``None`` when the engine did not record its shares (then
+        any destination may be affected). Partial copies count whole: a share that failed half way lists all
+        of its pages.
+        """
+        if self._share_runs is None or len(self._share_runs) != len(self._completions):
+            return None
+        out = []
+        for c, runs in zip(self._completions, self._share_runs):
+            if c.done() and c.error is not None:
+                for base, start, npages in runs:
+                    total = int(np.sum(npages))
+                    offset = np.arange(total) - np.repeat(np.cumsum(npages) - npages, npages)
+                    out.append(base + np.repeat(start, npages) + offset)
+        return np.concatenate(out).astype(np.int64) if out else np.empty(0, dtype=np.int64)
 
     def _failure(self) -> DmaError | None:
         if self._failed is None:

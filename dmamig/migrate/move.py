@@ -57,7 +57,13 @@ class MovePhase:
             fence.wait()
             failed = None
         except DmaError:
-            failed = moving[~self.e.fresh[moving]]
+            # Only the folios the failure hit: a destination page in a failed channel share. The others were
+            # copied and move as they are.
+            e = self.e
+            failed = moving[~e.fresh[moving]]
+            hit = fence.failed_pages()
+            if hit is not None:
+                failed = failed[np.isin(e.dst[failed], self.m.pages.head[hit])]
         self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
         if failed is not None:
             # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
