@@ -107,3 +107,16 @@ def test_a_write_inside_a_page_collapses_its_copy(m):
     mm.write(a + 1, b"\x5f")  # one byte in the middle of the page
     assert acc.stats.pages_collapsed == 1
     assert acc.read(a, 2).tolist() == [0, 0x5F]
+
+
+def test_closing_the_accessor_frees_its_copies(m):
+    mm = m.address_space()
+    a = mm.mmap(50 * PS)
+    mm.write(a, _data(50 * PS, 5))
+    with DeviceAccessor(mm, 1, DUP) as acc:
+        acc.read(a, 50 * PS)
+        assert m.nodes[1].free_pages == 2048 - 50
+    assert m.nodes[1].free_pages == 2048 and acc.stats.pages_collapsed == 50
+    mm.write(a, b"x")  # the notifier is gone: nothing left to collapse
+    assert acc.stats.pages_collapsed == 50
+    acc.close()

@@ -75,7 +75,23 @@ class DeviceAccessor:
 
     # -- public API ----------------------------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> np.ndarray:
-        """Read ``length`` bytes at ``addr`` on the device; return a host copy (uint8)."""
+        """Read ``length`` bytes at ``addr`` on the device.
+
+        Parameters
+        ----------
+        addr, length : int
+            Any address and a positive length inside mapped, readable memory.
+
+        Returns
+        -------
+        numpy.ndarray
+            A host copy of the bytes (uint8). Non-resident pages faulted in on the device first.
+
+        Raises
+        ------
+        AddressFault
+            An address is not mapped, or its mapping is not readable.
+        """
         addr, length = self.mm._check_range(addr, length, aligned=False)
         ps = self.mm.machine.page_size
         first = addr - addr % ps
@@ -90,7 +106,20 @@ class DeviceAccessor:
         return out.reshape(-1)[off: off + length].copy()
 
     def write(self, addr: int, data: Any) -> None:
-        """Write ``data`` (bytes-like or uint8 array) at ``addr`` from the device."""
+        """Write ``data`` at ``addr`` from the device.
+
+        Parameters
+        ----------
+        addr : int
+            Any address inside mapped, writable memory.
+        data : bytes-like or numpy.ndarray
+            The bytes (a uint8 array or anything with the buffer protocol), not empty.
+
+        Notes
+        -----
+        Pages fault in on the device; a copy-on-write page gets a copy of its own there. Bytes of the first
+        and last page outside ``data`` keep their content. Read duplicates of the pages are dropped first.
+        """
         from ..mm import _as_bytes
 
         buf = _as_bytes(data)
@@ -114,7 +143,19 @@ class DeviceAccessor:
         self._run(first + np.arange(npages, dtype=np.int64) * ps, True, visit, contiguous=True)
 
     def read_pages(self, addrs: Any) -> np.ndarray:
-        """Read whole pages at page-aligned ``addrs`` (any order, repeats allowed): ``(len(addrs), page_size)``."""
+        """Read whole pages, a scattered page list.
+
+        Parameters
+        ----------
+        addrs : array of int
+            Page-aligned addresses, in any order; repeats are allowed (a repeat in one fault batch is a
+            duplicate fault).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(len(addrs), page_size)`` uint8, row ``i`` the page at ``addrs[i]``.
+        """
         addrs = self._as_page_addrs(addrs)
         out = np.empty((addrs.size, self.mm.machine.page_size), dtype=np.uint8)
 
@@ -125,9 +166,15 @@ class DeviceAccessor:
         return out
 
     def write_pages(self, addrs: Any, data: Any) -> None:
-        """Write whole pages: ``data[i]`` (``(len(addrs), page_size)`` uint8) to the page at ``addrs[i]``.
+        """Write whole pages, a scattered page list.
 
-        Where an address repeats, the last of its rows is what stays.
+        Parameters
+        ----------
+        addrs : array of int
+            Page-aligned addresses, in any order.
+        data : numpy.ndarray
+            ``(len(addrs), page_size)`` uint8; row ``i`` goes to ``addrs[i]``. Where an address repeats, the
+            last of its rows is what stays.
         """
         addrs = self._as_page_addrs(addrs)
         ps = self.mm.machine.page_size
