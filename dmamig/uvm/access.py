@@ -192,10 +192,20 @@ class DeviceAccessor:
         self._run(addrs, True, visit)
 
     def touch(self, addr: int, length: int, write: bool = False) -> int:
-        """Access ``[addr, addr + length)`` without moving data to the host; return the pages touched.
+        """Access ``[addr, addr + length)`` without moving data to the host, as a kernel sweeping it would.
 
-        A read touch reads every byte of every page on the device (the ``page_checksum`` kernel on CUDA, a
-        compiled pass on the CPU backend); a write touch makes the pages writable and dirty in place.
+        Parameters
+        ----------
+        addr, length : int
+            The range.
+        write : bool
+            A read touch reads every byte of every page on the device (the ``page_checksum`` kernel on CUDA,
+            a compiled pass on the CPU backend); a write touch makes the pages writable and dirty in place.
+
+        Returns
+        -------
+        int
+            The number of pages touched.
         """
         addr, length = self.mm._check_range(addr, length, aligned=False)
         m = self.mm.machine
@@ -260,6 +270,23 @@ class DeviceAccessor:
         with self.mm.machine.changed:
             pfns, _ = _lookup_settled(self.mm, addrs)
             return on_device(self.mm.machine, self.node, pfns)
+
+    def close(self) -> None:
+        """Drop this device's read duplicates and stop listening to the address space. Idempotent.
+
+        Pages the device holds stay where they are (they belong to the address space).
+        """
+        svc = self._svc
+        if svc.dups is not None:
+            with self.mm.machine.changed:
+                self.stats.pages_collapsed += svc.dups.drop(0, 1 << 62)
+            self.mm.unregister_notifier(svc.collapse)
+
+    def __enter__(self) -> DeviceAccessor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def reset_stats(self) -> UvmStats:
         """Start the counters again; return the old ones."""
