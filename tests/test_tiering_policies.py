@@ -129,3 +129,13 @@ def test_make_policy_and_bad_settings():
         Tpp(low=0.5, high=0.1)
     with pytest.raises(InvalidArgument, match="threshold"):
         NumaBalancing(threshold=0)
+
+
+def test_uvm_policies_set_how_device_actors_fault():
+    lru, counters = make_policy("uvm-lru"), make_policy("uvm-counters", threshold=3)
+    assert lru.uvm_options(no_copy=True).no_copy and lru.uvm_options(no_copy=True).eviction == "lru"
+    assert counters.uvm_options(no_copy=False).access_counter_threshold == 3
+    assert not counters.uvm_options(no_copy=False).no_copy
+    assert FirstTouch().uvm_options(no_copy=True).access_counter_threshold == 0
+    with pytest.raises(InvalidArgument):
+        make_policy("uvm-lru", eviction="random")

@@ -120,3 +120,25 @@ def test_cli_replays_a_lackey_log_and_refuses_a_bad_source(tmp_path, capsys):
     assert main(["replay", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b")]) == 1
     assert "record 3" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("policy", ["uvm-lru", "uvm-counters"])
+@pytest.mark.parametrize("mode", ["copy", "no-copy"])
+def test_gpu_stencil_oversubscribes_the_device_and_verifies(policy, mode):
+    t = make_workload("stencil", pages=1024, epochs=4, per_epoch=384, seed=2, halo_share=0.1)
+    # Each page sees three device accesses per sweep (left, centre, right): a threshold of 2 migrates it.
+    r = replay(t, make_policy(policy, **({"threshold": 2} if policy == "uvm-counters" else {})), mode,
+               device_fraction=0.5)
+    s = r.summary
+    assert s["verified"] and s["leaked_frames"] == 0 and r.config["device_pages"] == 512
+    assert max(r.epochs["device_pages"]) <= 512
+    assert s["uvm_migrated"] > 0
+    if policy == "uvm-counters":  # pages are first accessed remotely, where they are
+        assert s["uvm_remote"] > 0
+
+
+def test_device_actors_must_be_known():
+    t = make_workload("stencil", pages=64, epochs=2, per_epoch=30)
+    t.meta["device_actors"] = [5]
+    with pytest.raises(TraceError, match="device_actors"):
+        replay(t, make_policy("uvm-lru"))

@@ -47,6 +47,8 @@ def add_replay_parser(sub: Any, argtype: Callable, positive: Callable, nonnegati
                    help="copy: the migrating thread copies; no-copy: the DMA engine does; both (default)")
     r.add_argument("--channels", type=argtype(positive), default=2, metavar="N", help="DMA channels (2)")
     r.add_argument("--threads", type=argtype(positive), default=1, metavar="T", help="accessor threads (1)")
+    r.add_argument("--device-fraction", type=argtype(_fraction), default=0.5, metavar="F",
+                   help="device frames as a share of the region's pages, for traces with device actors (0.5)")
     r.add_argument("--fast-fraction", type=argtype(_fraction), default=0.25, metavar="F",
                    help="fast-tier frames as a share of the region's pages (0.25)")
     r.add_argument("--slow-cost", type=argtype(_cost), default=2.5, metavar="C",
@@ -55,7 +57,7 @@ def add_replay_parser(sub: Any, argtype: Callable, positive: Callable, nonnegati
     r.add_argument("--epochs", type=argtype(positive), default=16, help="workload: epochs (16)")
     r.add_argument("--per-epoch", type=argtype(positive), default=256, metavar="N",
                    help="workload: accesses per epoch; Lackey: accesses per epoch (256)")
-    r.add_argument("--actors", type=argtype(positive), default=1, help="workload: actors (1)")
+    r.add_argument("--actors", type=argtype(positive), help="workload: actors (the workload's default)")
     r.add_argument("--seed", type=argtype(nonnegative), default=0, help="workload and initial bytes seed (0)")
     r.add_argument("--format", choices=("auto", "trace", "lackey"), default="auto",
                    help="how to read a TRACE file: auto (.npz/.parquet are traces, other files Lackey logs)")
@@ -73,8 +75,9 @@ def load_source(args: argparse.Namespace) -> Trace:
             fmt = "trace" if path.suffix in (".npz", ".parquet") else "lackey"
         return load_trace(path) if fmt == "trace" else lackey_to_trace(path, per_epoch=args.per_epoch)
     if args.source in WORKLOADS:
+        extra = {} if args.actors is None else {"actors": args.actors}
         return make_workload(args.source, pages=args.pages, epochs=args.epochs, per_epoch=args.per_epoch,
-                             actors=args.actors, seed=args.seed)
+                             seed=args.seed, **extra)
     raise TraceError(f"{args.source!r} is neither a file nor a built-in workload "
                      f"({', '.join(sorted(WORKLOADS))})")
 
@@ -84,7 +87,7 @@ def _table(runs: list[dict[str, Any]], console: Any) -> None:
 
     t = Table(title=f"dmamig replay: {runs[0]['config']['trace']} under {runs[0]['config']['policy']}")
     cols = ["mode", "fast hits", "promoted", "demoted", "MiB moved", "migr CPU ms", "CPU/page us", "stalls",
-            "stall ms", "access cost", "verified"]
+            "stall ms", "access cost", "UVM in/out", "verified"]
     for c in cols:
         t.add_column(c, justify="left" if c == "mode" else "right")
     for run in runs:
@@ -93,7 +96,8 @@ def _table(runs: list[dict[str, Any]], console: Any) -> None:
         t.add_row(run["config"]["mode"], f"{s['fast_hit_share']:.1%}", str(s["promoted"]), str(s["demoted"]),
                   f"{s['bytes_migrated'] / 2**20:.1f}", f"{s['migrate_cpu_ns'] / 1e6:.2f}",
                   "-" if per is None else f"{per / 1e3:.1f}", str(s["stalls"]), f"{s['stall_ns'] / 1e6:.2f}",
-                  f"{s['access_cost']:.3g}", "yes" if s["verified"] else "[red]NO[/red]")
+                  f"{s['access_cost']:.3g}", f"{s.get('uvm_migrated', 0)}/{s.get('uvm_evicted', 0)}",
+                  "yes" if s["verified"] else "[red]NO[/red]")
     console.print(t)
 
 
@@ -116,6 +120,7 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
             task = prog.add_task(f"{trace.name} {args.policy} {mode}", total=trace.epochs)
             res = replay(trace, make_policy(args.policy), mode, fast_fraction=args.fast_fraction,
                          slow_cost=args.slow_cost, channels=args.channels, threads=args.threads, seed=args.seed,
+                         device_fraction=args.device_fraction,
                          progress=lambda done, _total, task=task: prog.update(task, completed=done))
             runs.append(res.to_dict())
     _table(runs, con)

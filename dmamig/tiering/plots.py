@@ -11,7 +11,8 @@ __all__ = ["plot_replays"]
 _FIGURES = {
     "migrations.png": ("Pages migrated per epoch", [[("promoted", "promoted", 1), ("demoted", "demoted", 1)]]),
     "occupancy.png": ("Tier occupancy of the region (pages, at epoch start)",
-                      [[("fast_pages", "fast tier (node 0)", 1), ("slow_pages", "slow tier (node 1)", 1)]]),
+                      [[("fast_pages", "fast tier (node 0)", 1), ("slow_pages", "slow tier (node 1)", 1),
+                        ("device_pages", "device (node 2)", 1)]]),
     "stall_cpu.png": ("Accessor stall and migrating-thread CPU per epoch",
                       [[("stall_ns", "accessor stall (ms)", 1e-6)],
                        [("migrate_cpu_ns", "migrating-thread CPU (ms)", 1e-6)]]),
@@ -34,6 +35,8 @@ def plot_replays(runs: list[dict[str, Any]], out: Path) -> list[Path]:
             for r, row in enumerate(rows):
                 ax = axes[r][c]
                 for key, label, scale in row:
+                    if key == "device_pages" and not any(ep.get(key, ())):
+                        continue  # no device in this replay
                     ax.plot(range(len(ep[key])), [v * scale for v in ep[key]], label=label, marker=".")
                 ax.set_xlabel("epoch")
                 ax.legend(fontsize="small")

@@ -6,6 +6,10 @@ A policy is a small class with two methods, both fed numpy arrays (never a Pytho
 - ``epoch(obs)`` after every epoch, with an :class:`Observation`; it returns a list of
   :class:`Migration` (page indices of the region and a target node), made while the next epoch runs.
 
+Device actors of a trace (``trace.meta["device_actors"]``) access memory through a
+:class:`~dmamig.DeviceAccessor`; :meth:`Policy.uvm_options` says how their faults are serviced (UVM's demand
+faults with LRU eviction, or access-counter migration).
+
 A NUMA hint fault is an access to a page on a slow node (the kernel unmaps pages with ``PROT_NONE`` to catch
 such accesses; replay sees every access, so every slow access is a hint fault here).
 """
@@ -17,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..uvm import UvmOptions
 
 __all__ = ["POLICIES", "FirstTouch", "Lru", "Migration", "NumaBalancing", "Observation", "Policy", "Tiers", "Tpp",
-           "make_policy"]
+           "UvmCounters", "UvmFaults", "make_policy"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,11 @@ class Policy:
     def params(self) -> dict[str, object]:
         """Settings recorded with results."""
         return {k: v for k, v in vars(self).items() if k != "tiers" and not k.startswith("_")}
+
+    def uvm_options(self, no_copy: bool) -> UvmOptions:
+        """How device actors of a trace service their faults: UVM's defaults (demand faults, density
+        prefetch, LRU eviction of 2 MiB blocks when the device is oversubscribed)."""
+        return UvmOptions(no_copy=no_copy)
 
 
 class FirstTouch(Policy):
@@ -217,9 +227,39 @@ class Lru(Policy):
         return out
 
 
+class UvmFaults(Policy):
+    """Device memory as UVM manages it: every device access to a page elsewhere faults it in (batched, with
+    density prefetch), and an oversubscribed device evicts its least recently used 2 MiB blocks. Host tiers
+    stay as first touch left them."""
+
+    name = "uvm-lru"
+
+    def __init__(self, eviction: str = "lru", prefetch: str = "density"):
+        self.eviction, self.prefetch = eviction, prefetch
+        UvmOptions(eviction=eviction, prefetch=prefetch)  # refuse bad settings now, not mid-replay
+
+    def uvm_options(self, no_copy: bool) -> UvmOptions:
+        return UvmOptions(no_copy=no_copy, eviction=self.eviction, prefetch=self.prefetch)
+
+
+class UvmCounters(Policy):
+    """UVM access-counter migration: a device accesses host pages remotely, in place, and migrates a page
+    once it accessed it ``threshold`` times."""
+
+    name = "uvm-counters"
+
+    def __init__(self, threshold: int = 4):
+        if threshold < 1:
+            raise InvalidArgument(f"threshold must be >= 1, got {threshold}")
+        self.threshold = int(threshold)
+
+    def uvm_options(self, no_copy: bool) -> UvmOptions:
+        return UvmOptions(no_copy=no_copy, access_counter_threshold=self.threshold)
+
+
 #: Built-in policies by name.
 POLICIES: dict[str, type[Policy]] = {"first-touch": FirstTouch, "lru": Lru, "numa-balancing": NumaBalancing,
-                                     "tpp": Tpp}
+                                     "tpp": Tpp, "uvm-counters": UvmCounters, "uvm-lru": UvmFaults}
 
 
 def make_policy(name: str, **kw: object) -> Policy:

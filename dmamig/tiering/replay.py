@@ -30,14 +30,17 @@ from ..errors import InvalidArgument
 from ..flags import MigrateMode
 from ..machine import Machine
 from .policies import Migration, Observation, Policy, Tiers
-from .trace import Trace
+from .trace import Trace, TraceError
 
 __all__ = ["EPOCH_FIELDS", "ReplayResult", "replay"]
 
 #: Per-epoch series of a replay, each one number per epoch.
 EPOCH_FIELDS = ("accesses", "fast_hits", "hint_faults", "promoted", "demoted", "migrate_failed", "migrate_cpu_ns",
                 "migrate_wall_ns", "stalls", "stall_ns", "access_cost", "access_wall_ns", "fast_pages",
-                "slow_pages")
+                "slow_pages", "device_pages", "uvm_migrated", "uvm_evicted", "uvm_remote", "uvm_service_ns")
+#: Node of the device that device actors run on (after the two host tiers).
+DEVICE_NODE = 2
+_UVM = {"uvm_migrated": "pages_migrated", "uvm_evicted": "pages_evicted", "uvm_remote": "pages_remote"}
 
 
 @dataclass
@@ -63,6 +66,14 @@ class ReplayResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {"config": self.config, "summary": self.summary, "epochs": self.epochs}
+
+
+def _uvm_counts(device: Any) -> dict[str, int]:
+    """Cumulative UVM counters of a device accessor (zeros without one)."""
+    if device is None:
+        return dict.fromkeys((*_UVM, "uvm_service_ns"), 0)
+    st = device.stats
+    return {**{k: int(getattr(st, f)) for k, f in _UVM.items()}, "uvm_service_ns": int(sum(st.service_ns.values()))}
 
 
 def _first_touch_order(trace: Trace, pages: int, ps: int) -> np.ndarray:
@@ -106,8 +117,9 @@ class _Migrator(threading.Thread):
 class _Accessor:
     """Replays records through the real access path and checks reads against the reference model."""
 
-    def __init__(self, mm: Any, addr: int, ref: np.ndarray, trace: Trace):
+    def __init__(self, mm: Any, addr: int, ref: np.ndarray, trace: Trace, device: Any, dev_actor: np.ndarray):
         self.mm, self.addr, self.ref, self.trace = mm, addr, ref, trace
+        self.device, self.dev_actor = device, dev_actor  # a DeviceAccessor for the actors marked True
         self.mismatches = 0
         self.verified = 0
         self.first_bad: str | None = None
@@ -115,17 +127,19 @@ class _Accessor:
 
     def run(self, idx: np.ndarray, check: np.ndarray) -> None:
         t = self.trace
-        mm, addr, ref = self.mm, self.addr, self.ref
+        addr, ref = self.addr, self.ref
+        on_dev = self.dev_actor[t.actor[idx]].tolist()
         bad = ok = 0
-        for i, c in zip(idx.tolist(), check.tolist()):
+        for i, c, d in zip(idx.tolist(), check.tolist(), on_dev):
             off, n = int(t.offset[i]), int(t.length[i])
+            who = self.device if d else self.mm
             if t.write[i]:
                 # A store's bytes are derived from its record number, so any replay of the trace writes them.
                 data = np.full(n, (i * 7 + 1) & 0xFF, dtype=np.uint8)
-                mm.write(addr + off, data)
+                who.write(addr + off, data)
                 ref[off:off + n] = data
             else:
-                got = mm.read(addr + off, n)
+                got = who.read(addr + off, n)
                 if c:
                     ok += 1
                     if not np.array_equal(got, ref[off:off + n]):
@@ -162,7 +176,8 @@ def _run_epoch(acc: _Accessor, trace: Trace, lo: int, hi: int, threads: int, ps:
 
 def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: float = 0.25,
            slow_cost: float = 2.5, first_touch_fill: float = 0.9, channels: int = 2, threads: int = 1,
-           seed: int = 0, progress: Callable[[int, int], None] | None = None) -> ReplayResult:
+           device_fraction: float = 0.5, seed: int = 0,
+           progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Replay ``trace`` under ``policy`` with copy or no-copy migration on a fresh CPU-backend machine.
 
     Parameters
@@ -181,6 +196,10 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
         Share of the fast tier that first touch fills before it falls back to the slow tier.
     channels, threads : int
         DMA channels; accessor threads (actors are dealt to threads by ``actor % threads``).
+    device_fraction : float
+        With device actors (``trace.meta["device_actors"]``): device frames as a fraction of the region's
+        pages (below 1 oversubscribes the device; at least one 2 MiB block). They access memory through a
+        :class:`~dmamig.DeviceAccessor` on node 2 with :meth:`Policy.uvm_options`.
     seed : int
         Seed of the region's initial bytes.
     progress : callable, optional
@@ -199,12 +218,18 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
     ps = trace.page_size
     pages = -(-trace.region_bytes // ps)
     fast_pages = max(8, int(pages * fast_fraction))
-    m = Machine(host_nodes=[(fast_pages, 1.0), (pages + 8, float(slow_cost))], devices=0, device_pages=1,
-                page_size=ps, backend="cpu", channels=channels)
+    dev = [int(a) for a in trace.meta.get("device_actors", [])]
+    if any(not 0 <= a < trace.actors for a in dev):
+        raise TraceError(f"trace {trace.name!r}: device_actors {dev} name unknown actors (0..{trace.actors - 1})")
+    block = (2 << 20) // ps
+    m = Machine(host_nodes=[(fast_pages, 1.0), (pages + 8, float(slow_cost))], devices=1 if dev else 0,
+                device_pages=max(block, int(pages * device_fraction)) if dev else 1, page_size=ps, backend="cpu",
+                channels=channels)
     try:
         return _replay_on(m, trace, policy, mode, pages, fast_pages, first_touch_fill, threads, seed, progress,
                           {"fast_fraction": fast_fraction, "slow_cost": slow_cost, "channels": channels,
-                           "threads": threads, "first_touch_fill": first_touch_fill, "seed": seed})
+                           "threads": threads, "first_touch_fill": first_touch_fill, "seed": seed,
+                           "device_actors": dev, "device_pages": m.nodes[-1].total_pages if dev else 0})
     finally:
         m.close()
 
@@ -230,7 +255,14 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
         engine.copy(pair[:1], pair[1:]).wait()
         m.put_pages(pair)
     policy.start(Tiers(fast=0, slow=1, capacity={n.id: n.total_pages for n in m.nodes}, pages=pages))
-    acc = _Accessor(mm, addr, ref, trace)
+    dev_actor = np.zeros(trace.actors, dtype=bool)
+    dev_actor[settings["device_actors"]] = True
+    device = None
+    if dev_actor.any():
+        from ..uvm import DeviceAccessor
+
+        device = DeviceAccessor(mm, DEVICE_NODE, policy.uvm_options(no_copy=mode == "no-copy"))
+    acc = _Accessor(mm, addr, ref, trace, device, dev_actor)
     series: dict[str, list] = {k: [] for k in EPOCH_FIELDS}
     bounds = np.searchsorted(trace.epoch, np.arange(trace.epochs + 1))
     pending: list[Migration] = []
@@ -238,6 +270,7 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
         lo, hi = int(bounds[e]), int(bounds[e + 1])
         placement = mm.nodes_of(addr, nbytes)
         stalls0 = mm.migration_stalls
+        uvm0 = _uvm_counts(device)
         mig = _Migrator(mm, addr, ps, pending, engine)
         t0 = time.perf_counter_ns()
         mig.start()
@@ -247,18 +280,22 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
         if mig.error is not None:
             raise mig.error
         stalls1 = mm.migration_stalls
+        uvm1 = _uvm_counts(device)
         page = trace.offset[lo:hi] // ps
         node = placement[page]
+        local = np.where(dev_actor[trace.actor[lo:hi]], DEVICE_NODE, 0)  # the node an actor would like
         uniq, inv, counts = np.unique(page, return_inverse=True, return_counts=True)
         written = np.zeros(uniq.size, dtype=bool)
         written[inv[trace.write[lo:hi]]] = True
         hint = placement[uniq] == 1
-        rec = {"accesses": hi - lo, "fast_hits": int((node == 0).sum()), "hint_faults": int(counts[hint].sum()),
+        rec = {"accesses": hi - lo, "fast_hits": int((node == local).sum()), "hint_faults": int(counts[hint].sum()),
                "promoted": mig.done.get("promote", 0), "demoted": mig.done.get("demote", 0),
                "migrate_failed": mig.failed, "migrate_cpu_ns": mig.cpu_ns, "migrate_wall_ns": mig.wall_ns,
                "stalls": stalls1[0] - stalls0[0], "stall_ns": stalls1[1] - stalls0[1],
                "access_cost": float((trace.length[lo:hi] * cost[node]).sum()), "access_wall_ns": access_ns,
-               "fast_pages": int((placement == 0).sum()), "slow_pages": int((placement == 1).sum())}
+               "fast_pages": int((placement == 0).sum()), "slow_pages": int((placement == 1).sum()),
+               "device_pages": int((placement == DEVICE_NODE).sum()),
+               **{k: uvm1[k] - uvm0[k] for k in uvm0}}
         for k, v in rec.items():
             series[k].append(v)
         pending = policy.epoch(Observation(e, uniq, counts, written, hint, placement,
@@ -277,7 +314,8 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
         "migrate_cpu_ns": tot["migrate_cpu_ns"], "migrate_wall_ns": tot["migrate_wall_ns"],
         "cpu_ns_per_migrated_page": tot["migrate_cpu_ns"] / migrated if migrated else None,
         "stalls": tot["stalls"], "stall_ns": tot["stall_ns"], "access_cost": tot["access_cost"],
-        "access_wall_ns": tot["access_wall_ns"], "reads_verified": acc.verified, "mismatches": acc.mismatches,
+        "access_wall_ns": tot["access_wall_ns"], **{k: tot[k] for k in (*_UVM, "uvm_service_ns")},
+        "reads_verified": acc.verified, "mismatches": acc.mismatches,
         "first_mismatch": acc.first_bad, "final_bytes_ok": final_ok, "leaked_frames": leaked,
         "verified": final_ok and acc.mismatches == 0 and leaked == 0}
     config = {"trace": trace.name, "trace_meta": trace.meta, "records": len(trace), "epochs": trace.epochs,

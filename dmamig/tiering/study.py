@@ -21,7 +21,8 @@ __all__ = ["ROW_FIELDS", "compare", "markdown_table", "row_of", "run_study"]
 
 #: Columns of a comparison row.
 ROW_FIELDS = ("workload", "policy", "mode", "fast_hit_share", "promoted", "demoted", "mib_migrated",
-              "cpu_us_per_page", "migrate_cpu_ms", "stalls", "stall_ms", "access_cost", "verified")
+              "cpu_us_per_page", "migrate_cpu_ms", "stalls", "stall_ms", "access_cost", "uvm_in", "uvm_evicted",
+              "verified")
 
 
 def row_of(run: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def row_of(run: dict[str, Any]) -> dict[str, Any]:
             "cpu_us_per_page": None if per is None else round(per / 1e3, 2),
             "migrate_cpu_ms": round(s["migrate_cpu_ns"] / 1e6, 2), "stalls": s["stalls"],
             "stall_ms": round(s["stall_ns"] / 1e6, 2), "access_cost": round(s["access_cost"] / 2**20, 2),
-            "verified": s["verified"]}
+            "uvm_in": s.get("uvm_migrated", 0), "uvm_evicted": s.get("uvm_evicted", 0), "verified": s["verified"]}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -83,7 +84,10 @@ def run_study(out: str | Path, workloads: Sequence[str] = tuple(sorted(WORKLOADS
     runs = []
     for w in workloads:
         trace = make_workload(w, **(workload_kw or {}))
+        on_device = bool(trace.meta.get("device_actors"))
         for p in policies:
+            if p.startswith("uvm-") and not on_device:
+                continue  # a UVM policy only sets how device actors fault: without any it is first touch
             for mode in modes:
                 if progress is not None:
                     progress(f"{w} {p} {mode}")

@@ -1,9 +1,10 @@
 """Built-in workloads: seeded, deterministic generators of access traces.
 
 Each generator returns a :class:`~dmamig.tiering.Trace` over one region of ``pages`` pages; the same
-arguments give the same trace, record for record. With several actors, each actor stores only to pages it
-owns (``page % actors == actor``), so that threads replaying one epoch concurrently leave the same bytes
-behind in any interleaving, and data can be verified exactly.
+arguments give the same trace, record for record. With several actors, no two actors store to one page
+(each stores only to pages it owns, ``page % actors == actor``; in the stencil only the device stores), so
+that threads replaying one epoch concurrently leave the same bytes behind in any interleaving, and data can
+be verified exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from .trace import Trace
 
-__all__ = ["WORKLOADS", "kvstore", "make_workload", "phases", "sequential", "uniform", "zipf"]
+__all__ = ["WORKLOADS", "kvstore", "make_workload", "phases", "sequential", "stencil", "uniform", "zipf"]
 
 
 def _check(pages: int, epochs: int, per_epoch: int, actors: int, write_ratio: float, length: int,
@@ -148,9 +149,37 @@ def kvstore(pages: int = 512, epochs: int = 16, per_epoch: int = 256, actors: in
                        "hot_keys": hot_keys, "hot_share": hot_share})
 
 
+def stencil(pages: int = 1024, epochs: int = 8, per_epoch: int = 768, actors: int = 2, seed: int = 0,
+            write_ratio: float = 1 / 3, length: int = 1024, page_size: int = 4096, halo_share: float = 0.05) -> Trace:
+    """A GPU stencil: the device (actor 0) sweeps the grid, reading the pages either side of each page and
+    writing the page itself; the CPU (actor 1) reads back ``halo_share`` of the pages just written (a halo
+    exchange, which brings them back to host memory). Replay gives the device fewer frames than the grid
+    has pages, so the sweep oversubscribes device memory. ``actors`` must be 2; ``write_ratio`` is fixed by
+    the pattern (one store in three device accesses) and only checked."""
+    _check(pages, epochs, per_epoch, actors, write_ratio, length, page_size)
+    if actors != 2 or pages < 3:
+        raise InvalidArgument(f"stencil needs actors == 2 (device 0, CPU 1) and pages >= 3, got {actors}, {pages}")
+    rng = np.random.default_rng(seed)
+    ops = max(1, epochs * per_epoch // 3)
+    center = np.arange(ops, dtype=np.int64) % pages
+    halo = rng.random(ops) < halo_share
+    per_op = 3 + halo.astype(np.int64)  # left, right, center (+ a CPU read of the center)
+    op = np.repeat(np.arange(ops), per_op)
+    k = np.arange(op.size) - np.repeat(np.cumsum(per_op) - per_op, per_op)  # record number within its op
+    page = np.select([k == 0, k == 1], [(center[op] - 1) % pages, (center[op] + 1) % pages], center[op])
+    slot = rng.integers(0, page_size // length, op.size)
+    return Trace((op * epochs // ops).astype(np.int32), (k == 3).astype(np.int16), page * page_size + slot * length,
+                 np.full(op.size, length, dtype=np.int32), k == 2, region_bytes=pages * page_size, actors=2,
+                 name="stencil", page_size=page_size,
+                 meta={"workload": "stencil", "pages": pages, "epochs": epochs, "per_epoch": per_epoch,
+                       "actors": 2, "length": length, "seed": seed, "halo_share": halo_share,
+                       "device_actors": [0]})
+
+
 #: The built-in workloads by name.
 WORKLOADS: dict[str, Callable[..., Trace]] = {
-    "kvstore": kvstore, "phases": phases, "sequential": sequential, "uniform": uniform, "zipf": zipf}
+    "kvstore": kvstore, "phases": phases, "sequential": sequential, "stencil": stencil, "uniform": uniform,
+    "zipf": zipf}
 
 
 def make_workload(name: str, **kw: object) -> Trace:
