@@ -110,11 +110,15 @@ def _stencil(acc: DeviceAccessor, a: int, pages: int, sweeps: int) -> None:
 @pytest.mark.parametrize("mode", ["copy", "nocopy"])
 def test_oversubscribed_stencil(benchmark, total_bytes: int, backend_name: str, bench_summary: list[str],
                                 mode: str) -> None:
-    """The stencil over twice the device's memory, against the same stencil on a device that holds it all."""
+    """The stencil over twice the device's memory, against the same stencil on a device that holds it all.
+
+    One sweep per round; the first round starts from host memory, later ones from whatever the previous
+    sweep left on the device (the steady state of an oversubscribed loop). Medians over the rounds.
+    """
     pages = total_bytes // PAGE
-    sweeps = 2
     opts = UvmOptions(no_copy=mode == "nocopy")
-    results: dict[str, tuple[float, object]] = {}
+    times: dict[str, list[float]] = {"oversubscribed": [], "ceiling": []}
+    stats = {}
     for case, device_pages in (("oversubscribed", pages // 2), ("ceiling", pages + 512)):
         with Machine(host_pages=pages + 512, device_pages=device_pages, devices=1, backend=backend_name,
                      channels=2) as m:
@@ -126,32 +130,37 @@ def test_oversubscribed_stencil(benchmark, total_bytes: int, backend_name: str, 
             if case == "ceiling":
                 acc.prefetch(a, total_bytes)
                 acc.reset_stats()
+
+            def sweep(acc=acc, a=a, case=case):
                 t0 = time.perf_counter()
-                _stencil(acc, a, pages, sweeps)
-                results[case] = (time.perf_counter() - t0, acc.stats)
+                _stencil(acc, a, pages, 1)
+                times[case].append(time.perf_counter() - t0)
+
+            if case == "ceiling":
+                for _ in range(ROUNDS):
+                    sweep()
             else:
-                t0 = time.perf_counter()
-                benchmark.pedantic(_stencil, args=(acc, a, pages, sweeps), rounds=1, iterations=1)
-                results[case] = (time.perf_counter() - t0, acc.stats)
+                benchmark.pedantic(sweep, rounds=ROUNDS, iterations=1)
+            stats[case] = acc.stats
             expect = data.reshape(pages, PAGE)
-            expect[:, :8] += sweeps
+            expect[:, :8] += ROUNDS
             assert (mm.read(a, total_bytes).reshape(pages, PAGE) == expect).all()
             mm.close()
-    over_s, s = results["oversubscribed"]
-    ceil_s, _ = results["ceiling"]
-    touched = total_bytes * sweeps * 2  # every tile read and written once per sweep
+    over_s = statistics.median(times["oversubscribed"])
+    ceil_s = statistics.median(times["ceiling"])
+    s = stats["oversubscribed"]
+    touched = total_bytes * ROUNDS * 2  # every tile read and written once per sweep
     info = benchmark.extra_info
     info.update({
-        "mode": mode, "pages": pages, "oversubscription": 2.0, "sweeps": sweeps, "options": opts.as_dict(),
-        "seconds": over_s, "ceiling_seconds": ceil_s, "ratio_to_ceiling": ceil_s / over_s,
-        "pages_per_s": pages * sweeps / over_s, "fault_batches": s.batches,
-        "fault_batches_per_s": s.batches / over_s,
+        "mode": mode, "pages": pages, "oversubscription": 2.0, "sweeps": ROUNDS, "options": opts.as_dict(),
+        "sweep_s": over_s, "ceiling_sweep_s": ceil_s, "ratio_to_ceiling": ceil_s / over_s,
+        "pages_per_s": pages / over_s, "fault_batches_per_sweep": s.batches / ROUNDS,
         "service_us_per_batch": s.service_total_ns / max(s.batches, 1) / 1e3,
-        "pages_evicted": s.pages_evicted, "bytes_migrated_per_byte_touched": (s.bytes_migrated + s.bytes_evicted)
-        / touched,
+        "pages_evicted_per_sweep": s.pages_evicted / ROUNDS,
+        "bytes_migrated_per_byte_touched": (s.bytes_migrated + s.bytes_evicted) / touched,
     })
     bench_summary.append(
-        f"stencil 2x device memory {mode:6s}: {pages * sweeps / over_s / 1e6:6.3f} M pages/s, {s.batches} fault "
-        f"batches, {s.pages_evicted} pages evicted, {info['bytes_migrated_per_byte_touched']:.2f} bytes moved per "
-        f"byte touched; ceiling (fits, pre-migrated) {pages * sweeps / ceil_s / 1e6:6.3f} M pages/s; "
-        f"ratio {info['ratio_to_ceiling']:.3f}")
+        f"stencil 2x device memory {mode:6s}: {pages / over_s / 1e6:6.3f} M pages/s, "
+        f"{s.batches / ROUNDS:.0f} fault batches and {s.pages_evicted / ROUNDS:.0f} pages evicted per sweep, "
+        f"{info['bytes_migrated_per_byte_touched']:.2f} bytes moved per byte touched; ceiling (fits, "
+        f"pre-migrated) {pages / ceil_s / 1e6:6.3f} M pages/s; ratio {info['ratio_to_ceiling']:.3f}")
