@@ -284,6 +284,9 @@ def test_resident_pages_are_accessed_with_the_backend_access_kernel(m, monkeypat
     s = acc.stats
     assert s.service_ns["unmap"] > 0 and s.service_ns["move"] > 0 and s.service_ns["fetch"] > 0
     assert s.service_total_ns == sum(s.service_ns.values()) and s.access_ns > 0
+    assert s.service_ns_per_batch == s.service_total_ns / s.batches
+    d = s.as_dict()
+    assert d["faults"] == s.faults and d["service_ns"]["move"] == s.service_ns["move"]
 
 
 @pytest.mark.parametrize("page", [64, 4096, 100])

@@ -157,6 +157,12 @@ class UvmStats:
         """All service time, every phase together."""
         return sum(self.service_ns.values())
 
+    @property
+    def service_ns_per_batch(self) -> float:
+        """Mean service time of a fault batch (0.0 before the first)."""
+        return self.service_total_ns / self.batches if self.batches else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         """The counters as plain values."""
-        return {**asdict(self), "service_total_ns": self.service_total_ns}
+        return {**asdict(self), "service_total_ns": self.service_total_ns,
+                "service_ns_per_batch": self.service_ns_per_batch}
