@@ -72,7 +72,8 @@ def test_kernels_compile(cuda):
     from dmamig.backends.cuda import kernel_build_status, nvrtc_status
 
     assert nvrtc_status()["found"], nvrtc_status()["detail"]
-    assert kernel_build_status() == {"page_copy.cu": "compiled OK", "page_checksum.cu": "compiled OK"}
+    assert kernel_build_status() == {"page_copy.cu": "compiled OK", "page_checksum.cu": "compiled OK",
+                                     "page_access.cu": "compiled OK"}
     assert cuda.kernel(0, "page_copy.cu", "page_gather_copy") is not None and cuda.kernels_available
 
 

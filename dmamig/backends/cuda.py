@@ -71,6 +71,7 @@ __all__ = [
 KERNEL_FILES: dict[str, tuple[str, ...]] = {
     "page_copy.cu": ("page_gather_copy",),
     "page_checksum.cu": ("page_checksum",),
+    "page_access.cu": ("page_access_read", "page_access_write"),
 }
 #: Threads per block of both kernels (a multiple of 32, as the checksum's warp reduction requires).
 BLOCK_THREADS = 256
