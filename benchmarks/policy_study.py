@@ -14,7 +14,8 @@ from pathlib import Path
 from dmamig.tiering.study import run_study
 
 WORKLOAD = {"pages": 8192, "epochs": 16, "per_epoch": 4096, "seed": 1}
-POLICY = {"numa-balancing": {"rate_limit": 512}, "tpp": {"rate_limit": 512}, "lru": {"rate_limit": 1024}}
+POLICY = {"numa-balancing": {"rate_limit": 512}, "tpp": {"rate_limit": 512}, "lru": {"rate_limit": 1024},
+          "uvm-counters": {"threshold": 2}}
 REPLAY = {"fast_fraction": 0.25, "slow_cost": 2.5, "channels": 2}
 
 if __name__ == "__main__":
