@@ -55,12 +55,14 @@ def test_bad_records_are_named(change, why, record):
         tiny(**change).validate()
 
 
-def test_truncated_and_foreign_files_are_refused(tmp_path):
-    path = save_trace(tiny(), tmp_path / "t.npz")
+@pytest.mark.parametrize("suffix", [".npz", pytest.param(".parquet", marks=pytest.mark.skipif(
+    not have_pyarrow(), reason="pyarrow is not installed (pip install dmamig[traces])"))])
+def test_truncated_and_foreign_files_are_refused(tmp_path, suffix):
+    path = save_trace(tiny(), tmp_path / f"t{suffix}")
     raw = path.read_bytes()
-    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / f"cut{suffix}").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(TraceError, match="truncated"):
-        load_trace(tmp_path / "cut.npz")
+        load_trace(tmp_path / f"cut{suffix}")
     np.savez(tmp_path / "other.npz", x=np.arange(3))
     with pytest.raises(TraceError, match="not a dmamig trace"):
         load_trace(tmp_path / "other.npz")

@@ -108,11 +108,11 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
     con = console_factory()
     try:
         trace = load_source(args).validate()
+        if args.record is not None:
+            save_trace(trace, args.record)
     except (TraceError, InvalidArgument) as exc:
-        console_factory(stderr=True).print(f"[red]dmamig replay: {exc}[/red]", markup=True, highlight=False)
+        console_factory(stderr=True).print(f"dmamig replay: {exc}", markup=False, highlight=False)
         return 1
-    if args.record is not None:
-        save_trace(trace, args.record)
     modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]
     runs = []
     with Progress(console=con, transient=True) as prog:
