@@ -14,6 +14,12 @@ epoch after epoch:
 Every read is compared with a reference model of the region where no other actor stored to the page in that
 epoch, and the whole region is read back and compared at the end; then the address space is closed and every
 frame must be free again. Decisions taken after the last epoch are not run (nothing would observe them).
+
+Accesses are attributed to the node their page was on at the start of the epoch (one vectorized snapshot),
+so a page a migration moves during the epoch counts where it was. A trace whose ``meta["device_actors"]``
+names actors gets a device node (node 2) too: those actors access through a :class:`~dmamig.DeviceAccessor`
+(UVM-style faults, prefetch and eviction as :meth:`Policy.uvm_options` says), and a hit for them is a page
+already on the device.
 """
 
 from __future__ import annotations
