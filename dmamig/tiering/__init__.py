@@ -15,11 +15,13 @@ from .policies import (
     Policy,
     Tiers,
     Tpp,
+    UvmCounters,
+    UvmFaults,
     make_policy,
 )
 from .replay import EPOCH_FIELDS, ReplayResult, replay
 from .trace import Trace, TraceError, have_pyarrow, load_trace, save_trace
-from .workloads import WORKLOADS, kvstore, make_workload, phases, sequential, uniform, zipf
+from .workloads import WORKLOADS, kvstore, make_workload, phases, sequential, stencil, uniform, zipf
 
 __all__ = [
     "EPOCH_FIELDS",
@@ -36,6 +38,8 @@ __all__ = [
     "Tpp",
     "Trace",
     "TraceError",
+    "UvmCounters",
+    "UvmFaults",
     "have_pyarrow",
     "kvstore",
     "lackey_to_trace",
@@ -46,6 +50,7 @@ __all__ = [
     "replay",
     "save_trace",
     "sequential",
+    "stencil",
     "uniform",
     "zipf",
 ]
