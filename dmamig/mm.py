@@ -55,6 +55,7 @@ class AddressSpace:
         self._pins: dict[int, int] = {}
         self._notifiers: list[Callable[[int, int], None]] = []
         self._closed = False
+        self._device_migrations: list[Any] = []  # MigrateVma objects between setup() and finalize()
         self._stalls = 0  # accesses that met a migration entry, and the nanoseconds they waited
         self._stall_ns = 0
 
@@ -466,12 +467,21 @@ class AddressSpace:
         return move_pages(self, addrs, nodes, mode, engine, move_all, options)
 
     def close(self) -> None:
-        """Unmap everything and drop this address space's pins. Idempotent."""
+        """Unmap everything and drop this address space's pins. Idempotent.
+
+        Migrations in flight in other threads finish first; a :class:`MigrateVma` left between ``setup()``
+        and ``finalize()`` is aborted (:meth:`MigrateVma.abort`).
+        """
         if self._closed:
             return
+        from .migrate.device import abort_in_flight
+
         m = self.machine
         with m.changed:
             self._notify(0, 1 << 62)
+            # A device migration whose driver stopped between setup() and finalize() would hold its
+            # migration entries forever: abort it (its pages come back) instead of waiting.
+            abort_in_flight(self)
             while any(v.has_migration_entries() for v in self._vmas):
                 m.changed.wait()
             for v in list(self._vmas):

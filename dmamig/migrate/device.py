@@ -3,11 +3,14 @@
 ``setup()`` collects the range into ``src`` (``pfn << MIGRATE_PFN_SHIFT | flags``), isolates, locks and
 unmaps; the driver allocates destinations and copies with its DMA engine (``alloc_and_copy``); ``pages()``
 moves page state only; ``finalize()`` remaps every slot to its new page, or restores the old one. A page
-fails by losing its ``MIGRATE`` bit, never by aborting the range.
+fails by losing its ``MIGRATE`` bit, never by aborting the range. ``abort()`` ends a migration the driver
+cannot finish: it restores every page whose state has not moved, as ``finalize()`` does for pages that did
+not migrate.
 """
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from ..mm import AddressSpace
     from ..vma import Vma
 
-__all__ = ["MigrateVma"]
+__all__ = ["MigrateVma", "abort_in_flight"]
 
 _VALID = np.int64(MigratePfn.VALID)
 _MIGRATE = np.int64(MigratePfn.MIGRATE)
@@ -49,6 +52,21 @@ class MigrateVma:
 
     Notes
     -----
+    Between :meth:`setup` and :meth:`finalize` the range is unmapped behind migration entries and every
+    access to it waits. A driver that cannot go on calls :meth:`abort`; used as a context manager, leaving
+    the ``with`` block calls it, so an exception raised by the driver restores the range and propagates,
+    and a block that did not reach :meth:`finalize` is ended as the kernel's ``migrate_vma_finalize`` ends
+    it (pages moved by :meth:`pages` stay moved, every other page is restored)::
+
+        with MigrateVma(mm, start, end, node) as mv:
+            mv.setup()
+            mv.alloc_and_copy(engine=m.dma)
+            mv.pages()
+            mv.finalize()
+
+    :meth:`AddressSpace.close` and :meth:`Machine.close` abort a migration still in flight on the address
+    space (after the step running on another thread, if any, has returned) instead of waiting for it.
+
     As ``migrate_device.c``, device migration counts no ``pgmigrate_*`` events: :meth:`finalize` adds the
     pages it migrated (holes included) to vmstat ``migrate_vma_success`` and the collected pages it could not
     migrate to ``migrate_vma_fail``.
@@ -74,9 +92,53 @@ class MigrateVma:
 
     def _step(self, expected: str, nxt: str) -> None:
         if self._state != expected:
+            why = " (aborted: abort() or a close of the address space ended it)" if self._state == "aborted" \
+                else ""
             raise InvalidArgument(f"MigrateVma steps run in order setup, alloc_and_copy, pages, finalize: "
-                                  f"cannot run {nxt} after {self._state}")
+                                  f"cannot run {nxt} after {self._state}{why}")
         self._state = nxt
+
+    @property
+    def in_flight(self) -> bool:
+        """True between a successful :meth:`setup` and :meth:`finalize` or :meth:`abort`: the range is
+        unmapped and its accessors wait."""
+        return self._state in ("setup", "copying", "copied", "pages")
+
+    def __enter__(self) -> MigrateVma:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Restore on any exit: after an exception the driver's own error propagates (abort raises nothing
+        # of its own for a migration it can end), and a block that skipped finalize() must not leave the
+        # range unmapped behind entries that every accessor would wait on forever.
+        self.abort()
+
+    def abort(self) -> None:
+        """End the migration now: restore every page whose state has not moved, free unused destinations.
+
+        The old pages are remapped, unlocked and put back on the LRU, and the destinations allocated for
+        them are freed, as ``migrate_vma_finalize`` does for pages that did not migrate; their ``status``
+        stays ``-EBUSY`` (or the ``-ENOMEM``/``-EIO``/``-EAGAIN`` already recorded). After :meth:`pages` the
+        moved pages' state lives on the destinations (the kernel's commit point), so those pages finish
+        migrating as in :meth:`finalize`. Nothing happens before :meth:`setup` or after :meth:`finalize`;
+        no later step can run. A step running on another thread is waited for first.
+        """
+        m = self.mm.machine
+        with m.changed:
+            while self._state == "copying":  # the copy runs outside the lock: let it land first
+                m.changed.wait()
+            if not self.in_flight:
+                if self._state == "new":
+                    self._state = "aborted"
+                return
+            committed = self._state == "pages"
+            if not committed:
+                self.src &= ~_MIGRATE  # nothing moved yet: every entry is a page that did not migrate
+            self._state = "pages"
+            self.finalize()
+            if not committed:
+                self._state = "aborted"
 
     def _moving(self) -> np.ndarray:
         """Entries with a page that is still selected and has a destination."""
@@ -92,10 +154,11 @@ class MigrateVma:
         Raises InvalidArgument when the range is not inside one mapping (the kernel's ``-EINVAL``). Shared
         mappings, pages already on the target node, locked and pinned pages are not selected.
         """
-        self._step("new", "setup")
         mm, m = self.mm, self.mm.machine
         pages = m.pages
         with m.changed:
+            mm._check_open()
+            self._step("new", "setup")
             try:
                 segs = mm._wait_migrations(self.start, self.end - self.start)
             except Exception as exc:
@@ -131,6 +194,7 @@ class MigrateVma:
             m.count_event("migrate_tlb_flush")
             self.src[present] = (p << MIGRATE_PFN_SHIFT) | _VALID | _MIGRATE | np.where(writable, _WRITE, 0)
             self.cpages = int(((self.src & _MIGRATE) != 0).sum())
+            mm._device_migrations.append(self)  # close() aborts it if the driver never finishes
         return self.cpages
 
     def _try_split(self, head: int) -> None:
@@ -149,7 +213,24 @@ class MigrateVma:
 
         A hole gets a zero-filled page. Entries that get no frame or whose copy fails lose ``MIGRATE``.
         """
-        self._step("setup", "copied")
+        m = self.mm.machine
+        with m.lock:
+            # "copying" until the copy has landed: abort() and close() wait for it rather than free
+            # destinations a DMA engine may still be writing.
+            self._step("setup", "copying")
+        try:
+            self._alloc_and_copy(engine)
+        except BaseException:
+            with m.changed:  # a copy that did not finish leaves nothing worth moving: restore those pages
+                self.src[(self.dst & _VALID) != 0] &= ~_MIGRATE
+                self._state = "copied"
+                m.changed.notify_all()
+            raise
+        with m.changed:
+            self._state = "copied"
+            m.changed.notify_all()
+
+    def _alloc_and_copy(self, engine: DmaEngine | None) -> None:
         m = self.mm.machine
         sel = np.flatnonzero(self.src & _MIGRATE)
         with m.lock:
@@ -177,10 +258,10 @@ class MigrateVma:
 
     def pages(self) -> None:
         """Move page state to the destinations, no copy (``folio_migrate_mapping`` + ``folio_migrate_flags``)."""
-        self._step("copied", "pages")
         m = self.mm.machine
         pages = m.pages
         with m.lock:
+            self._step("copied", "pages")
             sel = np.flatnonzero(self._moving())
             old, new = self._pfns(self.src[sel]), self._pfns(self.dst[sel])
             busy = pages.refcount[old] != 1  # only the isolation reference may remain
@@ -191,10 +272,12 @@ class MigrateVma:
 
     def finalize(self) -> None:
         """Remap each slot to its new page (or restore the old one), unlock, put back, free the leftovers."""
-        self._step("pages", "done")
         m = self.mm.machine
         pages = m.pages
         with m.changed:
+            self._step("pages", "done")
+            if self in self.mm._device_migrations:
+                self.mm._device_migrations.remove(self)
             moved = self._moving()
             kept = ((self.src & _VALID) != 0) & ~moved
             old, new = self._pfns(self.src[moved]), self._pfns(self.dst[moved])
@@ -244,3 +327,10 @@ class MigrateVma:
         vma.obj.pfns[vma.pgoff + slots] = new
         map_pages(self.mm, vma, slots, new)
         self.status[holes] = 0
+
+
+def abort_in_flight(mm: AddressSpace) -> None:
+    """Abort every MigrateVma still in flight on ``mm`` (``AddressSpace.close``; caller holds the lock)."""
+    for mv in list(mm._device_migrations):
+        mv.abort()
+    mm._device_migrations.clear()
