@@ -1,8 +1,10 @@
 """The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema``, ``stress``, ``replay`` and
 ``replay-report``.
 
-Exit codes: 0 success; 1 a failure the command found (a regression beyond the threshold, a benchmark whose
-data failed verification, a failed self-test, an unreadable results file); 2 a usage error (argparse).
+Exit codes: 0 success; 1 a failure the command found (a significant regression beyond the threshold or a
+missing scenario, a benchmark whose data failed verification, a failed self-test); 2 a usage error, told in
+one line (a bad argument, an output folder that cannot be used, a file that is not a results file, runs
+whose settings differ); 130 after Ctrl-C (``bench`` keeps the scenarios that finished, marked partial).
 """
 
 from __future__ import annotations

@@ -210,6 +210,7 @@ def test_legacy_results_load_render_plot_and_compare(tmp_path, figures):
     assert "batching not recorded" in figures["copy_vs_nocopy.png"]._suptitle.get_text()
     # A new faithful run still compares with the old baseline, by id, and says the settings were unknown.
     new = make_doc()
+    new["settings"]["total_bytes"] = doc["settings"]["total_bytes"]  # runs of other settings are refused
     comps = {c.id: c for c in compare_results(new, doc, 0.1)}
     c = comps["migrate/h2d/4k/nocopy/ch2"]
     assert c.baseline is not None and c.ratio is not None and "baseline's batching not recorded" in c.note
@@ -267,7 +268,7 @@ def test_compare_flags_only_scenarios_beyond_threshold():
     assert regressions(compare_results(new, base, 0.2)) == []
 
 
-def test_compare_state_scenarios_use_cpu_rate_and_missing_scenarios_do_not_regress():
+def test_compare_state_scenarios_use_cpu_rate_and_missing_scenarios_regress():
     base = make_doc()
     new = copy.deepcopy(base)
     state = next(s for s in new["scenarios"] if s["kind"] == "state")
@@ -275,9 +276,9 @@ def test_compare_state_scenarios_use_cpu_rate_and_missing_scenarios_do_not_regre
     state["pages_per_cpu_s"] *= 0.5
     dropped = new["scenarios"].pop(0)
     comps = compare_results(new, base, 0.1)
-    assert [c.id for c in regressions(comps)] == [state["id"]]
+    assert [c.id for c in regressions(comps)] == [state["id"], dropped["id"]]
     missing = next(c for c in comps if c.id == dropped["id"])
-    assert missing.note == "not in this run" and not missing.regressed
+    assert missing.note == "missing from this run" and missing.regressed
 
 
 def test_compare_unverified_scenario_regresses():
@@ -330,9 +331,9 @@ def test_report_out_writes_csv_and_plots(tmp_path):
         "copy_vs_nocopy.png", "phases.png", "results.csv", "throughput_vs_folio.png"]
 
 
-def test_report_on_invalid_file_exits_1(tmp_path, capsys):
+def test_report_on_invalid_file_exits_2(tmp_path, capsys):
     doc = make_doc()
     del doc["scenarios"][0]["gbps"]
     write_json(doc, tmp_path / "r.json")
-    assert main(["report", str(tmp_path / "r.json")]) == 1
+    assert main(["report", str(tmp_path / "r.json")]) == 2
     assert "gbps" in capsys.readouterr().err

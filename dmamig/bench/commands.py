@@ -7,7 +7,7 @@ backend and a console factory; everything specific to benchmarks lives here, bes
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,24 @@ def _total(text: str) -> int:
     n = parse_size(text)
     if n % PAGE_SIZE:
         raise ValueError(f"{text!r} is not a whole number of 4 KiB pages; use e.g. 256M or 1G")
+    limit = _memory_limit()
+    if limit and n > limit:
+        raise ValueError(f"{text!r} does not fit in this machine's memory: a scenario holds about "
+                         f"{_COPIES} copies of its working set; use at most {limit >> 20}M")
     return n
+
+
+#: Copies of the working set a scenario holds at once (host node, device node, reference data).
+_COPIES = 3
+
+
+def _memory_limit() -> int:
+    """The largest working set that fits in physical memory, in whole MiB (0 when unknown)."""
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return (phys // _COPIES) >> 20 << 20
 
 
 def _channels(text: str) -> list[int]:
@@ -118,7 +135,10 @@ def add_report_parser(sub: Any, argtype: Callable) -> None:
     r = sub.add_parser("report", help="re-render a results.json; with a baseline, check for regressions",
                        description="Print the tables of a results file (and write CSV and plots with --out). "
                                    "With BASELINE, compare scenario by scenario and exit 1 when any scenario "
-                                   "is slower than (1 - threshold) times its baseline.")
+                                   "is slower than (1 - threshold) times its baseline and the 95%% bootstrap "
+                                   "interval of the ratio of median times lies below 1, when a baseline "
+                                   "scenario is missing, or when its options differ. Runs with different "
+                                   "settings (quick vs full, working set, backend) are refused (exit 2).")
     r.add_argument("results", type=Path, metavar="RESULTS.json")
     r.add_argument("baseline", type=Path, nargs="?", metavar="BASELINE.json")
     r.add_argument("--threshold", type=argtype(_threshold), default=0.1, metavar="FRACTION",
@@ -149,7 +169,9 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     Returns
     -------
     int
-        0, or 1 when a repetition failed verification.
+        0; 1 when a repetition failed verification; 130 after Ctrl-C (the scenarios that finished are
+        written, with ``"partial": true``; a folder left empty is removed). A folder that cannot be used
+        is a usage error (exit 2).
     """
     import dataclasses
 
@@ -157,9 +179,10 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .naming import describe_options
+    from .output import OutputError, bench_folder, remove_if_empty
     from .plots import write_plots
     from .report import render_tables, write_csv, write_json
-    from .runner import VerificationError, run_sweep, sweep_steps
+    from .runner import SweepInterrupted, VerificationError, run_sweep, sweep_steps
     from .scenarios import PIPELINED, default_settings, format_size
 
     settings = default_settings(backend, gpus=gpus, quick=args.quick)
@@ -186,8 +209,10 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         parser.error(f"argument --total: {format_size(settings.total_bytes)} is not a multiple of the largest "
                      f"folio size {format_size(largest)}; use e.g. --total {format_size(largest * 64)}")
 
-    out = args.out or Path("dmamig-results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out, created = bench_folder(args.out)
+    except OutputError as exc:
+        parser.error(str(exc))
     err = console(stderr=True)
     experiments = [describe_options(o) for o in settings.option_sets()[1:]]
     if settings.variants:
@@ -206,6 +231,16 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
             bar.stop()
             err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
             return 1
+        except KeyboardInterrupt as exc:  # SweepInterrupted carries the scenarios that finished
+            bar.stop()
+            return _interrupted(exc.doc if isinstance(exc, SweepInterrupted) else None, out, created, err)
+        except MemoryError:
+            bar.stop()
+            if created:
+                remove_if_empty(out)
+            err.print(f"dmamig bench: out of memory for {format_size(settings.total_bytes)} per scenario; "
+                      f"use a smaller --total")
+            return 2
     write_json(doc, out / "results.json")
     write_csv(doc, out / "results.csv")
     plots = [] if args.no_plots else write_plots(doc, out)
@@ -215,8 +250,28 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     return 0
 
 
+def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any) -> int:
+    """Ctrl-C: keep the scenarios that finished (marked partial), or leave no empty folder behind."""
+    from .output import remove_if_empty
+    from .report import write_csv, write_json
+
+    if doc is None:
+        if created:
+            remove_if_empty(out)
+        err.print("dmamig bench: interrupted before any scenario finished; nothing written")
+        return 130
+    write_json(doc, out / "results.json")
+    write_csv(doc, out / "results.csv")
+    err.print(f"dmamig bench: interrupted; kept the {len(doc['scenarios'])} scenario(s) that finished in "
+              f"{out / 'results.json'} (marked partial)")
+    return 130
+
+
 def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     """Run ``dmamig report``: print a results file; with a baseline, compare and exit 1 on a regression.
+
+    Exit 2 (one line on stderr) when a file is not a results file, when the two runs' settings differ, or
+    when ``--out`` cannot be written.
 
     Parameters
     ----------
@@ -227,8 +282,10 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     """
     from rich.markup import escape
 
+    from .output import OutputError, check_writable
     from .plots import write_plots
     from .report import (
+        check_comparable,
         compare_results,
         comparison_table,
         load_results,
@@ -242,13 +299,17 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     try:
         doc = load_results(args.results)
         base = load_results(args.baseline) if args.baseline else None
-    except ResultsError as exc:
-        err.print(f"[bold red]dmamig report:[/bold red] {exc}")
-        return 1
+        if base is not None:
+            check_comparable(doc, base)
+        if args.out:
+            check_writable(args.out)
+    except (ResultsError, OutputError) as exc:
+        # A file that is not a results file, runs that cannot be compared, an unusable folder: usage errors.
+        err.print(f"dmamig report: {escape(str(exc))}", soft_wrap=True)
+        return 2
     con = console()
     render_tables(doc, con)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         write_csv(doc, args.out / "results.csv")
         write_plots(doc, args.out)
     if base is None:

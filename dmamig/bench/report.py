@@ -26,11 +26,14 @@ from .naming import (
     settings_words,
 )
 from .schema import PHASES, ResultsError, validate_results
+from .stats import ratio_interval
 
 __all__ = [
     "CSV_FIELDS",
     "METRICS",
     "Comparison",
+    "NotComparable",
+    "check_comparable",
     "compare_results",
     "comparison_table",
     "load_results",
@@ -71,13 +74,17 @@ def load_results(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ResultsError(f"cannot read results file {str(p)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{str(p)!r} is not a results file: it is binary, not JSON text; give the "
+                           f"results.json that dmamig bench wrote") from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ResultsError(f"{str(p)!r} is not JSON: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ResultsError(f"{str(p)!r} is not JSON: {exc}; give the results.json that dmamig bench wrote") \
+            from None
     try:
         validate_results(doc)
     except ResultsError as exc:
@@ -263,27 +270,62 @@ class Comparison:
     regressed: bool
     note: str = ""
     name: str = ""
+    low: float | None = None
+    high: float | None = None
 
 
-def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> str:
+class NotComparable(ResultsError):
+    """Two runs whose settings differ: their figures measure different things and must not be compared."""
+
+
+#: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
+COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
+
+
+def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Refuse to compare runs whose settings differ (quick vs full, another working set, backend, page size).
+
+    Raises
+    ------
+    NotComparable
+        Naming every differing setting and its two values.
+    """
+    ns, bs = new["settings"], baseline["settings"]
+    diff = [f"{k} {ns.get(k, False if k == 'quick' else None)!r} vs baseline "
+            f"{bs.get(k, False if k == 'quick' else None)!r}"
+            for k in COMPARED_SETTINGS if ns.get(k, False if k == "quick" else None)
+            != bs.get(k, False if k == "quick" else None)]
+    if diff:
+        raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "
+                            f"with a baseline run with the same settings")
+
+
+def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> tuple[str, bool]:
+    """A note on the scenarios' recorded settings, and whether they differ (which fails the gate)."""
     # Same id, but one side predates recorded settings: the figures may come from different batching.
     n, b = batching_class(new), batching_class(base)
     if n == b or "n/a" in (n, b):
-        return ""
+        if new.get("options") and base.get("options") and new["options"] != base["options"]:
+            return f"options differ: {new['options']} vs baseline {base['options']}", True
+        return "", False
     if b == "legacy":
-        return "baseline's batching not recorded (older results)"
+        return "baseline's batching not recorded (older results)", False
     if n == "legacy":
-        return "this run's batching not recorded (older results)"
-    return f"batching differs: {new['batching']} vs baseline {base['batching']}"
+        return "this run's batching not recorded (older results)", False
+    return f"batching differs: {new['batching']} vs baseline {base['batching']}", True
 
 
 def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: float = 0.1,
                     metric: str = "throughput") -> list[Comparison]:
     """Compare two runs scenario by scenario.
 
-    A scenario regresses when ``new / baseline < 1 - threshold``, or when its data failed verification in the
-    new run. Scenarios present in only one of the runs are listed (with a note) but never regress, so that a
-    sweep can grow without breaking its baseline.
+    A scenario regresses when ``new / baseline < 1 - threshold`` *and* the change is significant: the 95 %
+    bootstrap interval of the ratio of median wall times (see :mod:`dmamig.bench.stats`) lies below 1. With
+    fewer than 3 repetitions on a side there is nothing to resample and the threshold alone decides (the
+    note says so). A scenario also regresses when its data failed verification in the new run, when its
+    recorded options differ from the baseline's, or when the baseline has it and the new run does not (a
+    partial or smaller run never passes the gate). Scenarios only the new run has are listed with a note and
+    do not regress, so that a sweep can grow without breaking its baseline.
 
     Parameters
     ----------
@@ -298,9 +340,15 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
     -------
     list of Comparison
         In the new run's scenario order, then baseline-only scenarios.
+
+    Raises
+    ------
+    NotComparable
+        When the runs' settings differ (:func:`check_comparable`).
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    check_comparable(new, baseline)
     normalize_results(new)
     normalize_results(baseline)
     base = {s["id"]: s for s in baseline["scenarios"]}
@@ -317,12 +365,28 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
             continue
         bv = primary_metric(b, metric)
         ratio = nv / bv if (nv is not None and bv) else None
-        slow = ratio is not None and ratio < 1.0 - threshold
-        note = "; ".join(x for x in (unverified, _settings_note(s, b)) if x)
-        out.append(Comparison(s["id"], bv, nv, ratio, slow or not s["verified"], note, s["name"]))
+        differs_note, differs = _settings_note(s, b)
+        lo = hi = None
+        untested = ""
+        slow = False
+        if ratio is not None:
+            ci = ratio_interval(s["wall_ns"], b["wall_ns"], ratio)
+            lo, hi = ci.low, ci.high
+            beyond = ratio < 1.0 - threshold
+            slow = beyond and (ci.slower or not ci.tested)
+            if beyond and not ci.tested:
+                untested = (f"{min(len(s['wall_ns']), len(b['wall_ns']))} repetition(s): too few to test "
+                            f"significance, threshold alone")
+            elif beyond and not slow:
+                untested = "within noise (not significant)"
+        note = "; ".join(x for x in (unverified, differs_note, untested) if x)
+        out.append(Comparison(s["id"], bv, nv, ratio, slow or differs or not s["verified"], note, s["name"],
+                              lo, hi))
     for sid, b in base.items():
         if sid not in seen:
-            out.append(Comparison(sid, primary_metric(b, metric), None, None, False, "not in this run", b["name"]))
+            out.append(Comparison(sid, primary_metric(b, metric), None, None, True,
+                                  "missing from this run" + (" (partial run)" if new.get("partial") else ""),
+                                  b["name"]))
     return out
 
 
@@ -334,12 +398,14 @@ def regressions(comparisons: list[Comparison]) -> list[Comparison]:
 def comparison_table(comparisons: list[Comparison], threshold: float, metric: str) -> Table:
     """A rich table of a comparison, regressions in red."""
     unit = "ratio to ceiling" if metric == "ceiling-ratio" else "GB/s or pages/CPU-s"
-    t = Table(title=f"Against baseline ({metric}: {unit}; regression below {1 - threshold:.2f}x)",
+    t = Table(title=f"Against baseline ({metric}: {unit}; regression: below {1 - threshold:.2f}x and "
+                    f"significant)",
               title_justify="left")
-    for col in ("scenario", "id", "baseline", "new", "new/baseline", "", "note"):
+    for col in ("scenario", "id", "baseline", "new", "new/baseline", "95% interval", "", "note"):
         t.add_column(col, justify="left" if col in ("scenario", "id", "note") else "right")
     for c in comparisons:
         fmt = _rate if (c.new or c.baseline or 0) >= 1e4 else _f
         verdict = "[red]REGRESSED[/red]" if c.regressed else ("ok" if c.ratio is not None else "")
-        t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), _f(c.ratio, "{:.3f}"), verdict, c.note)
+        ci = "-" if c.low is None else f"{c.low:.3f}-{c.high:.3f}"
+        t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), _f(c.ratio, "{:.3f}"), ci, verdict, c.note)
     return t

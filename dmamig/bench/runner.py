@@ -36,6 +36,7 @@ from .verify import (
 )
 
 __all__ = [
+    "SweepInterrupted",
     "VerificationError",
     "add_speedups",
     "cpu_copy_ceiling",
@@ -336,22 +337,40 @@ def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None) -> di
     ceilings = {c["direction"]: c for c in ceil_list}
 
     records: list[dict[str, Any]] = []
-    for i, g in enumerate(groups):
-        records.extend(_run_group(g, settings, ceilings, progress, seed=1000 + i))
-    for i, sc in enumerate(engine):
-        if sc.kind == "state":
-            records.append(_run_state(sc, settings, progress))
-        else:
-            records.append(_run_dma(sc, settings, ceilings, progress, seed=2000 + i))
 
-    add_speedups(records)
+    def document(partial: bool) -> dict[str, Any]:
+        add_speedups(records)
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "created": started.isoformat(timespec="seconds"),
+            "wall_s": time.perf_counter() - t_start,
+            "machine": machine_info(settings.backend, gpus),
+            "settings": settings.to_json(),
+            "ceilings": ceil_list,
+            "scenarios": records,
+        }
+        if partial:
+            doc["partial"] = True
+        return doc
 
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created": started.isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - t_start,
-        "machine": machine_info(settings.backend, gpus),
-        "settings": settings.to_json(),
-        "ceilings": ceil_list,
-        "scenarios": records,
-    }
+    try:
+        for i, g in enumerate(groups):
+            records.extend(_run_group(g, settings, ceilings, progress, seed=1000 + i))
+        for i, sc in enumerate(engine):
+            if sc.kind == "state":
+                records.append(_run_state(sc, settings, progress))
+            else:
+                records.append(_run_dma(sc, settings, ceilings, progress, seed=2000 + i))
+    except KeyboardInterrupt:
+        # Keep what finished: a scenario's record is appended only once all its repetitions are done.
+        raise SweepInterrupted(document(partial=True) if records else None) from None
+    return document(partial=False)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`run_sweep`; ``doc`` holds the scenarios that finished (``"partial": true``),
+    or is None when none did."""
+
+    def __init__(self, doc: dict[str, Any] | None):
+        super().__init__("benchmark interrupted")
+        self.doc = doc

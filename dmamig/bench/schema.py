@@ -166,6 +166,8 @@ RESULTS_SCHEMA: dict[str, Any] = {
         },
         "ceilings": {"type": "array", "items": _CEILING},
         "scenarios": {"type": "array", "items": _SCENARIO},
+        "partial": {"type": "boolean",
+                    "description": "true when the run was interrupted: only the scenarios that finished"},
     },
     # From schema 2 on, every scenario says what it is in words and which batching it ran with.
     "if": {"properties": {"schema_version": {"const": 2}}},
