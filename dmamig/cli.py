@@ -289,6 +289,7 @@ def _seconds(text: str) -> float:
 
 
 def _cmd_stress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .errors import InvalidArgument
     from .stress import StressConfig, run_stress
 
     backend = _resolve_backend(parser, args.backend)
@@ -297,10 +298,27 @@ def _cmd_stress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                        **({"roles": args.roles} if args.roles else {}))
     print(f"dmamig stress: {cfg.ops} ops, {cfg.threads} threads, fault rate {cfg.fault_rate:g}, backend "
           f"{backend}", flush=True)
+    try:
+        cfg.validate()
+    except InvalidArgument as exc:
+        parser.error(f"dmamig stress: {exc}")
     report = run_stress(cfg, out=lambda line: print(line, flush=True))
     for line in report.lines():
         print(line)
     return 0 if report.ok else 1
+
+
+def _check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse option values argparse let through unconverted.
+
+    ``--opt=--`` reaches the namespace as ``[]`` without the option's type ever seeing it (an argparse
+    quirk); every option here takes one value, so an empty list is always a usage error.
+    """
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cmd = sub.choices[args.command]
+    for action in cmd._actions:
+        if action.option_strings and action.nargs is None and getattr(args, action.dest, None) == []:
+            cmd.error(f"argument {'/'.join(action.option_strings)}: expected one value, got '--'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_parsed(parser, args)
     if args.command == "bench":
         from .bench.commands import cmd_bench
 
