@@ -127,7 +127,8 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
                    help="skip the engine scenarios (state-only migration, raw DMA copies)")
     b.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     b.add_argument("--out", type=Path, metavar="DIR",
-                   help="output folder (default ./dmamig-results/<timestamp>/)")
+                   help="output folder, refused if it already holds results (default "
+                        "./dmamig-results/<timestamp>/, suffixed -2, -3 ... when taken)")
 
 
 def add_report_parser(sub: Any, argtype: Callable) -> None:
