@@ -218,6 +218,8 @@ def test_ctrl_c_keeps_the_finished_scenarios_marked_partial(tmp_path, capsys, mo
     doc = json.loads((out / "results.json").read_text())
     assert doc["partial"] is True and doc["scenarios"]
     assert all(s["verified"] for s in doc["scenarios"])
+    assert main(["report", str(out / "results.json")]) == 0
+    assert "PARTIAL" in capsys.readouterr().out
 
 
 def test_ctrl_c_before_anything_finished_leaves_no_folder(tmp_path, capsys, monkeypatch):

@@ -157,7 +157,8 @@ def _header(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     gpus = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
     return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "
-            f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)")
+            f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)"
+            + (" | PARTIAL: interrupted, only the scenarios that finished" if doc.get("partial") else ""))
 
 
 def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
