@@ -30,3 +30,15 @@ def test_replay_report_compares_and_fails_on_unverified(tmp_path, capsys):
     (tmp_path / "a" / "results.json").write_text(json.dumps(doc))
     assert main(["replay-report", str(tmp_path / "a")]) == 1
     assert main(["replay-report", str(tmp_path / "missing.json")]) == 1
+
+
+def test_report_compares_replays_as_it_compares_benches(capsys):
+    """``dmamig report`` given results of ``dmamig replay`` prints the replay comparison."""
+    from pathlib import Path
+
+    from dmamig.cli import main
+
+    result = Path(__file__).parent.parent / "benchmarks" / "results" / "policy-study-cpu-2026-11-25" / "phases-tpp"
+    assert main(["report", str(result / "results.json"), str(result)]) == 0
+    out = capsys.readouterr().out
+    assert "replay-report" in out and "tpp" in out and "no-copy" in out

@@ -268,6 +268,24 @@ def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any)
     return 130
 
 
+def _replay_files(*paths: Any) -> bool:
+    """Whether the files given to ``report`` are results of ``dmamig replay`` (their ``tool`` says so)."""
+    import json
+
+    found = []
+    for p in paths:
+        if p is None:
+            continue
+        path = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False  # not readable as JSON: load_results says why
+        found.append(isinstance(doc, dict) and str(doc.get("tool", "")).startswith("dmamig replay"))
+    return bool(found) and all(found)
+
+
 def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     """Run ``dmamig report``: print a results file; with a baseline, compare and exit 1 on a regression.
 
@@ -297,6 +315,14 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     from .schema import ResultsError
 
     err = console(stderr=True)
+    if _replay_files(args.results, args.baseline):
+        # Results of ``dmamig replay`` (or a policy study): compared side by side, as replay-report does.
+        from types import SimpleNamespace
+
+        from ..tiering.commands import cmd_replay_report
+
+        files = [args.results] + ([args.baseline] if args.baseline else [])
+        return cmd_replay_report(SimpleNamespace(results=files, markdown=False), console)
     try:
         doc = load_results(args.results)
         base = load_results(args.baseline) if args.baseline else None
