@@ -30,7 +30,8 @@ from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, va
 from dmamig.cli import main
 
 #: A results file written before settings were recorded (schema 1), kept in the repository.
-LEGACY = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-epyc-2core-2026-11-25" / "results.json"
+#: A results file of schema 1 (before settings were recorded), kept from an earlier sample run.
+LEGACY = Path(__file__).resolve().parent / "data" / "results_schema1.json"
 
 CEIL = {"h2d": 10.0, "d2h": 10.0, "d2d": 10.0}
 

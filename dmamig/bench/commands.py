@@ -280,8 +280,8 @@ def _replay_files(*paths: Any) -> bool:
         try:
             with open(path, encoding="utf-8") as fh:
                 doc = json.load(fh)
-        except (OSError, ValueError, UnicodeDecodeError):
-            return False  # not readable as JSON: load_results says why
+        except (OSError, ValueError, RecursionError):
+            return False  # not readable as JSON (or absurdly nested): load_results says why
         found.append(isinstance(doc, dict) and str(doc.get("tool", "")).startswith("dmamig replay"))
     return bool(found) and all(found)
 
