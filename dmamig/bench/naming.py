@@ -106,14 +106,8 @@ def options_id(options: MigrateOptions | None) -> str:
     """
     if options is None or options.faithful:
         return ""
-    parts = []
-    if options.batch_pages != NR_MAX_BATCHED_MIGRATION:
-        parts.append(f"batch{options.batch_pages}")
-    if options.batches_per_step != 1:
-        parts.append(f"steps{options.batches_per_step}")
-    if options.pipeline_depth:
-        parts.append(f"pipe{options.pipeline_depth}")
-    return "/" + "-".join(parts)
+    short = {"batch_pages": "batch", "batches_per_step": "steps", "pipeline_depth": "pipe"}
+    return "/" + "-".join(f"{short[n]}{v}" for n, v in options.changes())
 
 
 def options_of(rec: dict[str, Any]) -> MigrateOptions | None:

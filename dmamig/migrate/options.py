@@ -55,19 +55,16 @@ class MigrateOptions:
         """True for the kernel's own batching (the default)."""
         return self == FAITHFUL
 
+    def changes(self) -> list[tuple[str, int]]:
+        """The settings that differ from the kernel's, as ``(name, value)`` in field order."""
+        return [(name, getattr(self, name)) for name in ("batch_pages", "batches_per_step", "pipeline_depth")
+                if getattr(self, name) != getattr(FAITHFUL, name)]
+
     @property
     def label(self) -> str:
         """A short name for reports: ``faithful`` or the settings that differ from it."""
-        if self.faithful:
-            return "faithful"
-        parts = []
-        if self.batch_pages != NR_MAX_BATCHED_MIGRATION:
-            parts.append(f"batch {self.batch_pages}")
-        if self.batches_per_step != 1:
-            parts.append(f"{self.batches_per_step} batches/step")
-        if self.pipeline_depth:
-            parts.append(f"pipeline {self.pipeline_depth}")
-        return ", ".join(parts)
+        words = {"batch_pages": "batch {}", "batches_per_step": "{} batches/step", "pipeline_depth": "pipeline {}"}
+        return ", ".join(words[n].format(v) for n, v in self.changes()) or "faithful"
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain values (for ``results.json``), with ``faithful`` beside them."""
