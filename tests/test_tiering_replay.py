@@ -110,14 +110,14 @@ def test_cli_replays_a_lackey_log_and_refuses_a_bad_source(tmp_path, capsys):
     sample = Path(__file__).parent / "data" / "lackey_sample.txt"
     assert main(["replay", str(sample), "--policy", "numa-balancing", "--per-epoch", "4", "--no-plots",
                  "--out", str(tmp_path / "l")]) == 0
-    assert main(["replay", "no-such-workload", "--out", str(tmp_path / "x")]) == 1
+    assert main(["replay", "no-such-workload", "--out", str(tmp_path / "x")]) == 2
     assert "neither a file nor a built-in workload" in capsys.readouterr().err
     t = small()
     t.offset[3] = t.region_bytes + 5
     np.savez_compressed(tmp_path / "bad.npz", **t.columns(), meta=np.array(json.dumps(
         {"format": "dmamig-trace/1", "region_bytes": t.region_bytes, "actors": 1, "name": "bad",
          "page_size": 4096})))
-    assert main(["replay", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b")]) == 1
+    assert main(["replay", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b")]) == 2
     assert "record 3" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 

@@ -102,7 +102,7 @@ def _table(runs: list[dict[str, Any]], console: Any) -> None:
 
 
 def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) -> int:
-    """Run ``dmamig replay``; return the exit code (1: bad trace or data that did not verify)."""
+    """Run ``dmamig replay``; return the exit code (2: a bad trace or workload, 1: data that did not verify)."""
     from rich.progress import Progress
 
     con = console_factory()
@@ -111,8 +111,10 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
         if args.record is not None:
             save_trace(trace, args.record)
     except (TraceError, InvalidArgument) as exc:
-        console_factory(stderr=True).print(f"dmamig replay: {exc}", markup=False, highlight=False)
-        return 1
+        # Bad input is a usage error, as for bench and report: one line (some readers' messages span lines).
+        console_factory(stderr=True).print(f"dmamig replay: {' '.join(str(exc).split())}", markup=False,
+                                           highlight=False, soft_wrap=True)
+        return 2
     modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]
     runs = []
     with Progress(console=con, transient=True) as prog:
