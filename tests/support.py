@@ -41,3 +41,30 @@ def filled(m, mm, npages: int, seed: int = 0, **kw) -> tuple[int, np.ndarray]:
     data = rand(npages * m.page_size, seed)
     mm.write(addr, data)
     return addr, data
+
+
+def free(m) -> list[int]:
+    """Free base-page frames of every node."""
+    return [n.free_pages for n in m.nodes]
+
+
+def used(m) -> int:
+    """Frames in use on the whole machine."""
+    return sum(n.total_pages - n.free_pages for n in m.nodes)
+
+
+def delta(m, before: dict) -> dict:
+    """vmstat counters that changed since ``before`` (a snapshot of ``m.vmstat``), with their change."""
+    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
+
+
+def run_migrate_vma(mm, start, end, node, engine=None):
+    """A driver's whole ``MigrateVma`` sequence: setup, alloc_and_copy, pages, finalize."""
+    from dmamig import MigrateVma
+
+    mv = MigrateVma(mm, start, end, node)
+    mv.setup()
+    mv.alloc_and_copy(engine=engine)
+    mv.pages()
+    mv.finalize()
+    return mv

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import filled, finish_within
+from support import filled, finish_within, used
 
 from dmamig import InvalidArgument, Machine, MigratePfn, MigrateVma, PageFlag, PteFlag
 from dmamig.flags import MIGRATE_PFN_SHIFT
@@ -32,10 +32,6 @@ def run(mv: MigrateVma, engine=None) -> MigrateVma:
     mv.pages()
     mv.finalize()
     return mv
-
-
-def used(m) -> int:
-    return sum(n.total_pages - n.free_pages for n in m.nodes)
 
 
 def test_full_range_migrates(m, mm, engine):

@@ -6,17 +6,13 @@ import threading
 
 import numpy as np
 import pytest
-from support import filled, finish_within
+from support import filled, finish_within, used
 
 from dmamig import InvalidArgument, Machine, MigrateVma, PageFlag, PteFlag
 from dmamig.flags import MIGRATE_PFN_SHIFT
 
 HOST = DEV = 1024
 STEPS = ["setup", "alloc_and_copy", "pages"]
-
-
-def used(m) -> int:
-    return sum(n.total_pages - n.free_pages for n in m.nodes)
 
 
 def run_until(mv: MigrateVma, last: str, engine=None) -> None:

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import WAIT, filled
+from support import WAIT, delta, filled
 
 import dmamig.migrate.batch_kernels as batch_kernels
 import dmamig.migrate.core as core
@@ -16,10 +16,6 @@ from dmamig import InvalidArgument, MigrateMode, MigrateOptions, PageFlag
 EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
 HOST = DEV = 4096
 NR = 512
-
-
-def delta(m, before: dict) -> dict:
-    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
 
 
 # -- batching -------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from support import filled, rand
+from support import delta, filled, rand
 
 import dmamig.migrate.core as core
 from dmamig import InvalidArgument, Machine, MigrateMode, PageFlag
@@ -17,10 +17,6 @@ EAGAIN, EBUSY, ENOMEM, ENOENT = -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM, -err
 HOST = DEV = 4096
 ALL_MODES = [MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC]
 WAIT = 30.0  # generous bound for joins; a healthy run takes milliseconds
-
-
-def delta(m, before: dict) -> dict:
-    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
 
 
 class Background:

@@ -6,7 +6,7 @@ import errno
 
 import numpy as np
 import pytest
-from support import rand
+from support import delta, rand
 
 from dmamig import MigrateMode, PageFlag
 
@@ -21,10 +21,6 @@ def thp(m, mm, folios: int, seed: int = 0, shared: bool = False) -> tuple[int, n
     data = rand(n, seed)
     mm.write(addr, data)
     return addr, data
-
-
-def delta(m, before: dict) -> dict:
-    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
 
 
 def fragment(m, node: int, keep_free: int | None = None) -> np.ndarray:

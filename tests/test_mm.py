@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support import rand
+from support import free, rand
 
 from dmamig import AddressFault, InvalidArgument, MigrateMode, OutOfMemory, PteFlag
 from dmamig.mm import MMAP_BASE
@@ -12,10 +12,6 @@ from dmamig.vma import ZERO_PFN
 
 HOST = 4096
 DEV = 4096
-
-
-def free(m) -> list[int]:
-    return [n.free_pages for n in m.nodes]
 
 
 START = [HOST, DEV, DEV]

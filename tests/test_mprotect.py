@@ -7,7 +7,7 @@ import errno
 
 import numpy as np
 import pytest
-from support import filled
+from support import filled, free, run_migrate_vma, used
 
 from dmamig import AddressFault, InvalidArgument, MigrateVma, PteFlag
 from dmamig.flags import Prot
@@ -16,23 +16,6 @@ EFAULT = -errno.EFAULT
 HOST = 1024
 DEV = 1024
 START = [HOST, DEV, DEV]
-
-
-def free(m) -> list[int]:
-    return [n.free_pages for n in m.nodes]
-
-
-def used(m) -> int:
-    return sum(n.total_pages - n.free_pages for n in m.nodes)
-
-
-def run_migrate_vma(mm, start, end, node, engine=None) -> MigrateVma:
-    mv = MigrateVma(mm, start, end, node)
-    mv.setup()
-    mv.alloc_and_copy(engine=engine)
-    mv.pages()
-    mv.finalize()
-    return mv
 
 
 # -- mprotect and mremap ----------------------------------------------------------------------------------------

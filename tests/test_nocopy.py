@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import filled, finish_within, rand
+from support import delta, filled, finish_within, rand
 
 pytest.importorskip("dmamig.dma")
 
@@ -27,10 +27,6 @@ SYNC_NO_COPY = MigrateMode.SYNC | MigrateMode.NO_COPY
 def pfns_of(mm, addr: int, npages: int) -> np.ndarray:
     ps = mm.machine.page_size
     return np.array([mm.pfn_of(addr + i * ps) for i in range(npages)], dtype=np.int64)
-
-
-def delta(m, before: dict) -> dict:
-    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
 
 
 # -- engine-driven no-copy migration ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 import numpy as np
-from support import filled
+from support import delta, filled, free, run_migrate_vma, used
 
 from dmamig import MigrateVma, PteFlag
 from dmamig.flags import MigratePfn
@@ -15,27 +15,6 @@ HOST = 1024
 DEV = 1024
 START = [HOST, DEV, DEV]
 EACCES, EFAULT = -errno.EACCES, -errno.EFAULT
-
-
-def free(m) -> list[int]:
-    return [n.free_pages for n in m.nodes]
-
-
-def used(m) -> int:
-    return sum(n.total_pages - n.free_pages for n in m.nodes)
-
-
-def delta(m, before: dict) -> dict:
-    return {k: v - before[k] for k, v in m.vmstat.items() if v != before[k]}
-
-
-def run_migrate_vma(mm, start, end, node, engine=None) -> MigrateVma:
-    mv = MigrateVma(mm, start, end, node)
-    mv.setup()
-    mv.alloc_and_copy(engine=engine)
-    mv.pages()
-    mv.finalize()
-    return mv
 
 
 # -- copy-on-write after fork -----------------------------------------------------------------------------------
