@@ -291,3 +291,33 @@ def test_selftest_fails_on_wrong_data(capsys, corrupting_cpu_copy):
     out = capsys.readouterr().out
     assert "FAIL copy migration, 4K folios" in out and "wrong content" in out
     assert "PASS no-copy migration, 4K folios" in out  # the DMA path does not use the corrupted copy
+
+
+def test_the_sweep_is_a_list_of_tasks_with_unique_ids_and_all_its_steps():
+    from dmamig.bench.runner import build_tasks, sweep_directions
+
+    s = default_settings("cpu")
+    tasks = build_tasks(s)
+    groups, engine = build_sweep(s)
+    assert [t.id for t in tasks] == [g.id for g in groups] + [e.id for e in engine]
+    assert len({t.id for t in tasks}) == len(tasks)
+    assert sum(t.steps for t in tasks) == sweep_steps(s)
+    assert sweep_directions(tasks) == ["h2d", "d2h"]
+    assert tasks[0].id == "group/4k/copy" and "group/4k/nocopy/ch2/steps16-pipe1" in [t.id for t in tasks]
+
+
+def test_run_sweep_reports_each_finished_task_and_skips_the_ones_named():
+    import pickle
+
+    from dmamig.bench.runner import build_tasks, run_sweep
+
+    s = default_settings("cpu", quick=True)
+    s = dataclasses.replace(s, sizes=[4096], extras=False, variants=False)
+    tasks = build_tasks(s)
+    assert pickle.loads(pickle.dumps(tasks)) == tasks  # tasks travel to other processes
+    done = []
+    doc = run_sweep(s, on_task_done=lambda t, recs: done.append((t.id, [r["id"] for r in recs])))
+    assert [d[0] for d in done] == [t.id for t in tasks]
+    assert [r["id"] for r in doc["scenarios"]] == [i for _, ids in done for i in ids]
+    again = run_sweep(s, skip={tasks[0].id})
+    assert [r["id"] for r in again["scenarios"]] == done[1][1]

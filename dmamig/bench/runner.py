@@ -25,6 +25,7 @@ from .environment import cpu_copy_ceiling, machine_info, measure_ceilings
 from .naming import DIRECTIONS, describe_options, options_of
 from .scenarios import PAGE_SIZE, BenchSettings, MigrateGroup, Scenario, build_sweep
 from .schema import PHASES, SCHEMA_VERSION
+from .tasks import ProgressFn, Task
 from .verify import (
     VerificationError,
     bench_machine,
@@ -37,13 +38,18 @@ from .verify import (
 
 __all__ = [
     "SweepInterrupted",
+    "Task",
     "VerificationError",
     "add_speedups",
+    "build_tasks",
     "cpu_copy_ceiling",
     "machine_info",
     "measure_ceilings",
     "range_pfns",
     "run_sweep",
+    "run_task",
+    "sweep_directions",
+    "sweep_document",
     "sweep_steps",
     "verify_pages",
     "verify_result",
@@ -51,8 +57,6 @@ __all__ = [
 
 #: Node that each direction migrates to (node 0 is host RAM; 1 and 2 are device nodes).
 _TARGET = {"h2d": 1, "d2d": 2, "d2h": 0}
-
-ProgressFn = Callable[[str, int], None]
 
 
 # -- figures ---------------------------------------------------------------------------------------------------
@@ -293,19 +297,73 @@ def _run_dma(sc: Scenario, settings: BenchSettings, ceilings: dict[str, dict], p
 
 # -- the sweep -------------------------------------------------------------------------------------------------
 
-def sweep_steps(settings: BenchSettings) -> int:
-    """Number of progress steps :func:`run_sweep` reports (one per timed or warm-up repetition of a leg)."""
+def build_tasks(settings: BenchSettings) -> list[Task]:
+    """The sweep of ``settings`` as tasks, in the order they run: migration groups (the headline first), then
+    the engine scenarios. Each task runs on one machine and returns its records (:func:`run_task`)."""
     groups, engine = build_sweep(settings)
     reps = settings.warmup + settings.repeat
-    return sum(len(g.scenarios) for g in groups) * reps + len(engine) * reps
+    tasks = [Task(g.id, g.label, "group", len(g.scenarios) * reps, g.path, g, 1000 + i)
+             for i, g in enumerate(groups)]
+    for i, sc in enumerate(engine):
+        dirs = (sc.direction,) if sc.kind == "dma" else ()
+        tasks.append(Task(sc.id, sc.name, sc.kind, reps, dirs, sc, 2000 + i))
+    return tasks
+
+
+def run_task(task: Task, settings: BenchSettings, ceilings: dict[str, dict],
+             progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+    """Run one task of :func:`build_tasks` on a machine of its own and return its scenario records.
+
+    ``ceilings`` maps each direction in ``task.directions`` to the ceiling measured on the same host and
+    GPU as the task (the ratio of a figure to a ceiling from another machine would mean nothing).
+    """
+    progress = progress or _noop
+    if task.kind == "group":
+        return _run_group(task.payload, settings, ceilings, progress, seed=task.seed)
+    if task.kind == "state":
+        return [_run_state(task.payload, settings, progress)]
+    if task.kind == "dma":
+        return [_run_dma(task.payload, settings, ceilings, progress, seed=task.seed)]
+    raise ValueError(f"task {task.id!r}: unknown kind {task.kind!r}")
+
+
+def sweep_steps(settings: BenchSettings) -> int:
+    """Number of progress steps :func:`run_sweep` reports (one per timed or warm-up repetition of a leg)."""
+    return sum(t.steps for t in build_tasks(settings))
+
+
+def sweep_directions(tasks: list[Task]) -> list[str]:
+    """The directions whose ceilings ``tasks`` need, in first-use order."""
+    return list(dict.fromkeys(d for t in tasks for d in t.directions))
 
 
 def _noop(label: str, advance: int) -> None:
     pass
 
 
-def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run every scenario of ``settings`` and return the results document (see :mod:`dmamig.bench.schema`).
+def sweep_document(settings: BenchSettings, started: _dt.datetime, wall_s: float, gpus: list[dict[str, Any]],
+                   ceilings: list[dict[str, Any]], records: list[dict[str, Any]],
+                   partial: bool = False) -> dict[str, Any]:
+    """The results document (see :mod:`dmamig.bench.schema`) of a sweep's records."""
+    add_speedups(records)
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": started.isoformat(timespec="seconds"),
+        "wall_s": wall_s,
+        "machine": machine_info(settings.backend, gpus),
+        "settings": settings.to_json(),
+        "ceilings": ceilings,
+        "scenarios": records,
+    }
+    if partial:
+        doc["partial"] = True
+    return doc
+
+
+def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None,
+              on_task_done: Callable[[Task, list[dict[str, Any]]], None] | None = None,
+              skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Run every task of ``settings`` in this process and return the results document.
 
     Parameters
     ----------
@@ -313,19 +371,25 @@ def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None) -> di
         What to run; ``settings.backend`` must be resolved (``"cpu"`` or ``"cuda"``).
     progress : callable, optional
         Called as ``progress(scenario_name, steps)`` after each repetition; :func:`sweep_steps` gives the total.
+    on_task_done : callable, optional
+        Called as ``on_task_done(task, records)`` after each task finished (a resumable sweep journals them).
+    skip : set of str
+        Ids of tasks not to run (finished in an earlier, interrupted run).
 
     Raises
     ------
     VerificationError
         When any repetition produced wrong data or misplaced pages.
+    SweepInterrupted
+        On Ctrl-C, carrying the document of the tasks that finished.
     """
     from ..backends import open_backend
 
     progress = progress or _noop
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
-    groups, engine = build_sweep(settings)
-    directions = list(dict.fromkeys(d for g in groups for d in g.path)) or ["h2d"]
+    tasks = [t for t in build_tasks(settings) if t.id not in skip]
+    directions = sweep_directions(tasks) or ["h2d"]
 
     backend = open_backend(settings.backend)
     try:
@@ -339,30 +403,17 @@ def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None) -> di
     records: list[dict[str, Any]] = []
 
     def document(partial: bool) -> dict[str, Any]:
-        add_speedups(records)
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "created": started.isoformat(timespec="seconds"),
-            "wall_s": time.perf_counter() - t_start,
-            "machine": machine_info(settings.backend, gpus),
-            "settings": settings.to_json(),
-            "ceilings": ceil_list,
-            "scenarios": records,
-        }
-        if partial:
-            doc["partial"] = True
-        return doc
+        return sweep_document(settings, started, time.perf_counter() - t_start, gpus, ceil_list, records,
+                              partial)
 
     try:
-        for i, g in enumerate(groups):
-            records.extend(_run_group(g, settings, ceilings, progress, seed=1000 + i))
-        for i, sc in enumerate(engine):
-            if sc.kind == "state":
-                records.append(_run_state(sc, settings, progress))
-            else:
-                records.append(_run_dma(sc, settings, ceilings, progress, seed=2000 + i))
+        for task in tasks:
+            out = run_task(task, settings, ceilings, progress)
+            records.extend(out)
+            if on_task_done is not None:
+                on_task_done(task, out)
     except KeyboardInterrupt:
-        # Keep what finished: a scenario's record is appended only once all its repetitions are done.
+        # Keep what finished: a task's records are kept only once all its repetitions are done.
         raise SweepInterrupted(document(partial=True) if records else None) from None
     return document(partial=False)
 

@@ -337,6 +337,13 @@ class MigrateGroup:
     options: MigrateOptions = FAITHFUL
 
     @property
+    def id(self) -> str:
+        """A stable identifier of the group, e.g. ``group/4k/nocopy/ch2`` (experiments append their settings)."""
+        size = format_size(self.folio_bytes).lower()
+        ch = f"/ch{self.channels}" if self.channels else ""
+        return f"group/{size}/{self.mode}{ch}{options_id(self.options)}"
+
+    @property
     def label(self) -> str:
         """A short progress label."""
         ch = f", {self.channels} DMA ch." if self.channels else ""
