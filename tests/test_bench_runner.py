@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dmamig import MigrateOptions
+from dmamig.bench.access import access_scenarios, access_tasks
 from dmamig.bench.report import load_results
 from dmamig.bench.runner import _figures, add_speedups, cpu_copy_ceiling, measure_ceilings, sweep_steps
 from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
@@ -40,7 +41,7 @@ def test_default_cpu_sweep_covers_sizes_modes_directions_channels():
     assert [e.id for e in engine] == ["state/4k", "state/2m", "dma/random/4k/ch2", "dma/contiguous/4k/ch2"]
     assert all(e.options == MigrateOptions() for e in engine if e.kind == "state")
     assert all(e.options is None for e in engine if e.kind == "dma")
-    assert sweep_steps(s) == (len(ids) + len(engine)) * (s.warmup + s.repeat)
+    assert sweep_steps(s) == (len(ids) + len(engine)) * (s.warmup + s.repeat) + sum(t.steps for t in access_tasks(s))
 
 
 def test_without_variants_only_the_kernels_batching_runs():
@@ -78,8 +79,9 @@ def test_two_devices_add_device_to_device_legs():
 
 def test_quick_sweep_is_small():
     s = default_settings("cpu", quick=True)
-    assert s.quick and s.total_bytes <= 16 << 20 and s.repeat == 1
-    assert sweep_steps(s) <= 40
+    assert s.quick and s.total_bytes <= 16 << 20 and s.repeat == 1 and s.access_bytes <= 16 << 20
+    # 32 steps of migration and engine scenarios, 24 of device access (12 scenarios, warm-up and one timed).
+    assert sweep_steps(s) <= 60
 
 
 def test_scenario_ids_and_orders():
@@ -232,7 +234,7 @@ def test_selftest_cpu_passes(capsys):
 def test_quick_settings_can_be_overridden_from_the_command_line(tmp_path):
     out = tmp_path / "r"
     assert main(["bench", "--quick", "--backend", "cpu", "--sizes", "64k", "--total", "1M", "--channels", "1",
-                 "--no-engine", "--no-plots", "--out", str(out)]) == 0
+                 "--no-engine", "--no-access", "--no-plots", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["sizes"] == [65536] and doc["settings"]["total_bytes"] == 1 << 20
     assert {s["kind"] for s in doc["scenarios"]} == {"migrate"}
@@ -299,7 +301,8 @@ def test_the_sweep_is_a_list_of_tasks_with_unique_ids_and_all_its_steps():
     s = default_settings("cpu")
     tasks = build_tasks(s)
     groups, engine = build_sweep(s)
-    assert [t.id for t in tasks] == [g.id for g in groups] + [e.id for e in engine]
+    assert [t.id for t in tasks] == [g.id for g in groups] + [e.id for e in engine] + [
+        a.id for a in access_scenarios(s)]
     assert len({t.id for t in tasks}) == len(tasks)
     assert sum(t.steps for t in tasks) == sweep_steps(s)
     assert sweep_directions(tasks) == ["h2d", "d2h"]
@@ -312,7 +315,7 @@ def test_run_sweep_reports_each_finished_task_and_skips_the_ones_named():
     from dmamig.bench.runner import build_tasks, run_sweep
 
     s = default_settings("cpu", quick=True)
-    s = dataclasses.replace(s, sizes=[4096], extras=False, variants=False)
+    s = dataclasses.replace(s, sizes=[4096], extras=False, variants=False, access=False)
     tasks = build_tasks(s)
     assert pickle.loads(pickle.dumps(tasks)) == tasks  # tasks travel to other processes
     done = []

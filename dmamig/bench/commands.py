@@ -73,6 +73,31 @@ def _pipeline(text: str) -> list[int]:
     return parse_pipeline(text)
 
 
+def _fault_batches(text: str) -> list[int]:
+    from .access import parse_fault_batches
+
+    return parse_fault_batches(text)
+
+
+def _oversubscription(text: str) -> list[float]:
+    from .access import parse_oversubscription
+
+    return parse_oversubscription(text)
+
+
+def _access_total(text: str) -> int:
+    from .scenarios import parse_size
+
+    n = parse_size(text)
+    if n % (2 << 20):
+        raise ValueError(f"{text!r} is not a whole number of 2 MiB blocks (UVM's unit of prefetch and "
+                         f"eviction); use e.g. 32M or 256M")
+    limit = _memory_limit()
+    if limit and n > limit:
+        raise ValueError(f"{text!r} does not fit in this machine's memory; use at most {limit >> 20}M")
+    return n
+
+
 def _threshold(text: str) -> float:
     try:
         v = float(text)
@@ -125,6 +150,16 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
     b.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests (a few seconds)")
     b.add_argument("--no-engine", action="store_true",
                    help="skip the engine scenarios (state-only migration, raw DMA copies)")
+    b.add_argument("--no-access", action="store_true",
+                   help="skip the device-access scenarios (a device faulting host memory in, UVM-style)")
+    b.add_argument("--fault-batch", type=argtype(_fault_batches), metavar="LIST",
+                   help="fault batch sizes of the streaming device read, e.g. 32,256,1024 (the default; UVM's "
+                        "256 always runs)")
+    b.add_argument("--oversubscription", type=argtype(_oversubscription), metavar="LIST",
+                   help="working set over device memory of the device-access stencil, e.g. 0.5,1,1.5,2 (the "
+                        "default; 2 with --quick)")
+    b.add_argument("--access-total", type=argtype(_access_total), metavar="SIZE",
+                   help="working set of each device-access scenario (default 32M on cpu, 256M on cuda)")
     b.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     b.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder, refused if it already holds results (default "
@@ -179,6 +214,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .access import stream_batches
     from .naming import describe_options
     from .output import OutputError, bench_folder, remove_if_empty
     from .plots import write_plots
@@ -197,6 +233,12 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         over["total_bytes"] = args.total
     if args.no_engine:
         over["extras"] = False
+    if args.no_access:
+        over["access"] = False
+    for key, field in (("fault_batch", "fault_batches"), ("oversubscription", "oversubscription"),
+                       ("access_total", "access_bytes")):
+        if getattr(args, key) is not None:
+            over[field] = getattr(args, key)
     if args.faithful_only:
         axes = [f"--{k}" for k, v in (("batch", args.batch_pages), ("batches-per-step", args.batches_per_step),
                                       ("pipeline", args.pipeline)) if v is not None]
@@ -222,6 +264,10 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
               f"{format_size(settings.total_bytes)} per scenario, DMA channels "
               f"{','.join(map(str, settings.channels))}, repeat {settings.repeat}, faithful batching"
               + (f" + experiments: {'; '.join(dict.fromkeys(experiments))}" if experiments else " only")
+              + (f"; device access {format_size(settings.access_bytes)}, fault batches "
+                 f"{','.join(map(str, stream_batches(settings)))}, stencil at "
+                 f"{','.join(f'{f:g}x' for f in sorted(set(settings.oversubscription)))} device memory"
+                 if settings.access else "; no device access")
               + f" -> {out}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[scenario]}"), console=err) as bar:

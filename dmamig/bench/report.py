@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .access_figures import access_table
 from .naming import (
     DIRECTIONS,
     LEGACY_BATCHING,
@@ -57,6 +58,9 @@ CSV_FIELDS = (
     + [f"phase_{p}_ns" for p in PHASES]
     + ["outside_phases_ns"]
     + [f"share_{p}" for p in PHASES]
+    # Device-access records (empty for the others).
+    + ["pattern", "fault_batch_size", "oversubscription", "fault_batches", "fault_batches_per_s",
+       "service_ns_per_batch", "bytes_migrated_per_byte_touched", "ceiling_pages_per_s"]
 )
 
 #: Metrics ``dmamig report`` can compare: ``throughput`` (GB/s; pages per CPU-second for state-only
@@ -222,7 +226,7 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
         rows = [s for s in mig if batching_class(s) == cls]
         if rows:
             console.print(_migration_table(rows, title, by_id))
-    eng = [s for s in scs if s["kind"] != "migrate"]
+    eng = [s for s in scs if s["kind"] in ("state", "dma")]
     if eng:
         t = Table(title="Engine (state-only migration, raw DMA copy)", title_justify="left")
         for col in ("scenario", "batching", "pages", "GB/s", "pages/s", "CPU ns/page", "pages per CPU-s",
@@ -235,6 +239,9 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
                       _f(s["cpu_ns_per_page"], "{:.0f}"), _rate(s.get("pages_per_cpu_s")),
                       _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), "yes" if s["verified"] else "[red]NO[/red]")
         console.print(t)
+    access = [s for s in scs if s["kind"] == "access"]
+    if access:
+        console.print(access_table(access))
     if doc.get("ceilings"):
         console.print("Ceilings (same run): " + "; ".join(
             f"{DIRECTIONS.get(c['direction'], c['direction'])} {c['gbps']:.2f} GB/s ({c['method']}, "
@@ -244,7 +251,8 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
 # -- comparison ------------------------------------------------------------------------------------------------
 
 def primary_metric(sc: dict[str, Any], metric: str = "throughput") -> float | None:
-    """The figure compared between runs: GB/s (pages per CPU-second for state-only), or its ceiling ratio.
+    """The figure compared between runs: GB/s (pages per CPU-second for state-only, pages per second for
+    device access), or its ceiling ratio.
 
     With ``metric="ceiling-ratio"`` a scenario without a ceiling (state-only) falls back to throughput.
     """
@@ -254,6 +262,8 @@ def primary_metric(sc: dict[str, Any], metric: str = "throughput") -> float | No
         return sc["ceiling_ratio"]
     if sc["kind"] == "state":
         return sc.get("pages_per_cpu_s")
+    if sc["kind"] == "access":
+        return sc.get("pages_per_s")
     return sc.get("gbps")
 
 
@@ -281,6 +291,8 @@ class NotComparable(ResultsError):
 
 #: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
 COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
+#: Settings compared only when both runs record them (older files predate them).
+COMPARED_IF_RECORDED = ("access_bytes",)
 
 
 def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
@@ -296,6 +308,8 @@ def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
             f"{bs.get(k, False if k == 'quick' else None)!r}"
             for k in COMPARED_SETTINGS if ns.get(k, False if k == "quick" else None)
             != bs.get(k, False if k == "quick" else None)]
+    diff += [f"{k} {ns[k]!r} vs baseline {bs[k]!r}" for k in COMPARED_IF_RECORDED
+             if k in ns and k in bs and ns[k] != bs[k]]
     if diff:
         raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "
                             f"with a baseline run with the same settings")
@@ -398,7 +412,7 @@ def regressions(comparisons: list[Comparison]) -> list[Comparison]:
 
 def comparison_table(comparisons: list[Comparison], threshold: float, metric: str) -> Table:
     """A rich table of a comparison, regressions in red."""
-    unit = "ratio to ceiling" if metric == "ceiling-ratio" else "GB/s or pages/CPU-s"
+    unit = "ratio to ceiling" if metric == "ceiling-ratio" else "GB/s, pages/CPU-s or device-access pages/s"
     t = Table(title=f"Against baseline ({metric}: {unit}; regression: below {1 - threshold:.2f}x and "
                     f"significant)",
               title_justify="left")

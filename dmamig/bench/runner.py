@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .access import access_tasks, add_access_speedups, run_access
 from .environment import cpu_copy_ceiling, machine_info, measure_ceilings
 from .naming import DIRECTIONS, describe_options, options_of
 from .scenarios import PAGE_SIZE, BenchSettings, MigrateGroup, Scenario, build_sweep
@@ -128,7 +129,8 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
     size, batch size and batches per step (copy has no DMA to pipeline, so the pipeline depth does not
     count), and ``speedup_vs`` names that copy record's id. Without such a copy record it falls back to the
     faithful copy. ``speedup_vs_faithful_copy`` always divides by the faithful copy. Records without
-    recorded settings (legacy) count as the kernel's batching.
+    recorded settings (legacy) count as the kernel's batching. Device-access records are paired by
+    :func:`~dmamig.bench.access.add_access_speedups`.
     """
     def key(r: dict[str, Any]) -> tuple:
         o = options_of(r)
@@ -145,6 +147,7 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
             r["speedup_vs"] = base["id"]
         if faithful is not None and faithful["gbps"] > 0:
             r["speedup_vs_faithful_copy"] = r["gbps"] / faithful["gbps"]
+    add_access_speedups(records)
 
 
 def _check_options(res: Any, sc: Scenario, what: str) -> None:
@@ -298,8 +301,9 @@ def _run_dma(sc: Scenario, settings: BenchSettings, ceilings: dict[str, dict], p
 # -- the sweep -------------------------------------------------------------------------------------------------
 
 def build_tasks(settings: BenchSettings) -> list[Task]:
-    """The sweep of ``settings`` as tasks, in the order they run: migration groups (the headline first), then
-    the engine scenarios. Each task runs on one machine and returns its records (:func:`run_task`)."""
+    """The sweep of ``settings`` as tasks, in the order they run: migration groups (the headline first), the
+    engine scenarios, then the device-access scenarios (:mod:`dmamig.bench.access`). Each task runs on its own
+    machine (or two, for a stencil and its ceiling) and returns its records (:func:`run_task`)."""
     groups, engine = build_sweep(settings)
     reps = settings.warmup + settings.repeat
     tasks = [Task(g.id, g.label, "group", len(g.scenarios) * reps, g.path, g, 1000 + i)
@@ -307,6 +311,7 @@ def build_tasks(settings: BenchSettings) -> list[Task]:
     for i, sc in enumerate(engine):
         dirs = (sc.direction,) if sc.kind == "dma" else ()
         tasks.append(Task(sc.id, sc.name, sc.kind, reps, dirs, sc, 2000 + i))
+    tasks += access_tasks(settings)
     return tasks
 
 
@@ -324,6 +329,8 @@ def run_task(task: Task, settings: BenchSettings, ceilings: dict[str, dict],
         return [_run_state(task.payload, settings, progress)]
     if task.kind == "dma":
         return [_run_dma(task.payload, settings, ceilings, progress, seed=task.seed)]
+    if task.kind == "access":
+        return run_access(task.payload, settings, progress, seed=task.seed)
     raise ValueError(f"task {task.id!r}: unknown kind {task.kind!r}")
 
 

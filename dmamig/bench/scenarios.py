@@ -200,6 +200,14 @@ class BenchSettings:
     variants : bool
         Add the default experiment: no-copy :data:`PIPELINED` at the smallest folio size, beside copy with the
         same batches per step, so that its no-copy/copy ratio compares like with like.
+    access : bool
+        Also run the device-access scenarios (:mod:`dmamig.bench.access`), in copy and no-copy mode.
+    access_bytes : int
+        Working set of each device-access scenario.
+    fault_batches : list of int
+        Fault batch sizes of the streaming read (UVM's 256 always runs, and is the one the other patterns use).
+    oversubscription : list of float
+        Working set over device memory of the stencil scenarios (``2.0``: twice the device's memory).
     """
 
     backend: str
@@ -215,6 +223,10 @@ class BenchSettings:
     batches_per_step: list[int] = field(default_factory=lambda: [1])
     pipeline: list[int] = field(default_factory=lambda: [0])
     variants: bool = True
+    access: bool = True
+    access_bytes: int = 32 << 20
+    fault_batches: list[int] = field(default_factory=lambda: [32, 256, 1024])
+    oversubscription: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
 
     def option_sets(self) -> list[MigrateOptions]:
         """The batching settings of the sweep axes: the kernel's first, then each experiment once."""
@@ -241,6 +253,10 @@ class BenchSettings:
             "batches_per_step": list(self.batches_per_step),
             "pipeline": list(self.pipeline),
             "variants": self.variants,
+            "access": self.access,
+            "access_bytes": self.access_bytes,
+            "fault_batches": list(self.fault_batches),
+            "oversubscription": list(self.oversubscription),
         }
 
 
@@ -250,7 +266,8 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     On the CPU backend the default fits about a minute on a 2-core machine: 256 MiB working sets (the
     performance targets quote 1 GiB; ``--total 1G`` selects it) and 1 or 2 channels, one per core. On a GPU
     the working set is 1 GiB, channels go up to 4 (one stream each), and a second GPU adds device->device.
-    Every default runs the kernel's batching, plus the pipelined variant at the smallest folio size.
+    Every default runs the kernel's batching, plus the pipelined variant at the smallest folio size. The
+    device-access scenarios work on 32 MiB (256 MiB on a GPU; 8 MiB and the 2x stencil only with ``quick``).
 
     Parameters
     ----------
@@ -263,10 +280,12 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     """
     if quick:
         return BenchSettings(backend=backend, sizes=[4096, 2 << 20], total_bytes=8 << 20, channels=[2],
-                             devices=1, repeat=1, warmup=1, quick=True)
+                             devices=1, repeat=1, warmup=1, quick=True, access_bytes=8 << 20,
+                             oversubscription=[2.0])
     if backend == "cuda":
         return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=1 << 30,
-                             channels=[1, 2, 4], devices=max(1, min(gpus, 2)), repeat=5, warmup=1)
+                             channels=[1, 2, 4], devices=max(1, min(gpus, 2)), repeat=5, warmup=1,
+                             access_bytes=256 << 20)
     return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=256 << 20,
                          channels=[1, 2], devices=1, repeat=5, warmup=1)
 

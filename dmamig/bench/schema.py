@@ -7,7 +7,8 @@ Every figure of a scenario is the median over its timed repetitions; ``wall_ns``
 
 Schema 2 records each scenario's name in words and the batching it ran with (``options``: the
 :class:`~dmamig.MigrateOptions`, ``null`` for a raw DMA copy). Schema 1 files (written before settings were
-recorded) still validate and load; their batching reads as not recorded.
+recorded) still validate and load; their batching reads as not recorded. Device-access records (kind
+``access``) and their settings came later within schema 2; every field they add is optional.
 """
 
 from __future__ import annotations
@@ -30,6 +31,33 @@ _phase_map = {
     "type": "object",
     "properties": {p: _num for p in PHASES},
     "additionalProperties": _num,
+}
+
+#: Fields of device-access records (kind ``access``), each optional: older files have no such record. Their
+#: ``bytes``/``pages``/``gbps``/``pages_per_s`` count the distinct pages one access touches, and ``phase_ns``
+#: holds the fault-service phases (fetch, prefetch, evict, populate, the migration core's, replay).
+_ACCESS_FIELDS = {
+    "pattern": {"enum": ["stream", "random", "strided", "stencil"],
+                "description": "Access pattern: streaming read, random 4K reads, strided read, tiled stencil."},
+    "fault_batch_size": {"type": "integer", "minimum": 1, "description": "Faults serviced per batch."},
+    "oversubscription": {**_num_or_null, "description": "Stencil: working set over device memory."},
+    "working_set_bytes": _int,
+    "device_bytes": {**_num_or_null, "description": "Stencil: device memory; null when it holds the range."},
+    "uvm_options": {"type": "object", "description": "UvmOptions the device serviced its faults with."},
+    "ceiling_wall_ns": {"type": "array", "items": _int,
+                        "description": "Wall time of the same access pre-migrated, each repetition."},
+    "ceiling_pages_per_s": _num,
+    "fault_batches": {**_num, "description": "Fault batches serviced per access."},
+    "faults": {**_num, "description": "Fault-buffer entries per access."},
+    "fault_batches_per_s": _num,
+    "service_ns_per_batch": {**_num_or_null, "description": "Service time of a fault batch; null: no fault."},
+    "service_phase_ns_per_batch": {**_phase_map, "description": "service_ns_per_batch by service phase."},
+    "service_pages_per_s": {**_num_or_null, "description": "Pages touched per second of fault servicing."},
+    "bytes_migrated": {**_num, "description": "Bytes migrated onto the device per access."},
+    "bytes_evicted": {**_num, "description": "Bytes evicted back to host memory per access."},
+    "pages_prefetched": _num,
+    "pages_remote": _num,
+    "bytes_migrated_per_byte_touched": {**_num, "description": "(bytes_migrated + bytes_evicted) / bytes."},
 }
 
 _SCENARIO = {
@@ -59,9 +87,10 @@ _SCENARIO = {
         },
         "batching": {"type": "string",
                      "description": "options in words: faithful, pipelined (...) or experiment (...)."},
-        "kind": {"enum": ["migrate", "state", "dma"],
+        "kind": {"enum": ["migrate", "state", "dma", "access"],
                  "description": "migrate: mm.migrate end to end; state: NO_COPY m.migrate_pages (page state "
-                                "only); dma: m.dma.copy of pages."},
+                                "only); dma: m.dma.copy of pages; access: a device reading (and writing) host "
+                                "memory through faults, UVM-style."},
         "mode": {"enum": ["copy", "nocopy", "state", "dma"]},
         "direction": {"enum": ["h2d", "d2h", "d2d"]},
         "direction_name": {"type": "string"},
@@ -100,6 +129,7 @@ _SCENARIO = {
         "nr_failed": _int,
         "nr_thp_split": _int,
         "verified": {"type": "boolean", "description": "Every repetition's data was checked after it ran."},
+        **_ACCESS_FIELDS,
     },
 }
 
@@ -162,6 +192,10 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "batches_per_step": {"type": "array", "items": {"type": "integer", "minimum": 1}},
                 "pipeline": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                 "variants": {"type": "boolean"},
+                "access": {"type": "boolean"},
+                "access_bytes": _int,
+                "fault_batches": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "oversubscription": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
             },
         },
         "ceilings": {"type": "array", "items": _CEILING},
