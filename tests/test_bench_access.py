@@ -21,6 +21,7 @@ from dmamig.bench.access import (
     parse_oversubscription,
     run_access,
 )
+from dmamig.bench.plots import write_plots
 from dmamig.bench.report import (
     NotComparable,
     check_comparable,
@@ -193,6 +194,18 @@ def test_results_validate_and_report_renders(doc, tmp_path):
     write_csv(again, tmp_path / "results.csv")
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
     assert "fault_batches_per_s" in header and "bytes_migrated_per_byte_touched" in header
+
+
+def test_plots_are_written(doc, tmp_path):
+    paths = write_plots(doc, tmp_path)
+    ours = {"access_oversubscription.png", "access_fault_batch.png", "access_service.png"}
+    assert ours <= {p.name for p in paths}
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_access = dict(doc, scenarios=[r for r in doc["scenarios"] if r["kind"] != "access"])
+    assert not {p.name for p in write_plots(no_access, tmp_path / "b")} & ours
+    only_access = dict(doc, scenarios=[r for r in doc["scenarios"] if r["kind"] == "access"])
+    assert {p.name for p in write_plots(only_access, tmp_path / "c")} == ours
 
 
 def test_comparison_uses_pages_per_second_and_older_baselines_still_compare(doc):

@@ -184,7 +184,8 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "res"
     assert main(["bench", "--quick", "--backend", "cpu", "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["copy_vs_nocopy.png", "phases.png", "results.csv", "results.json", "throughput_vs_folio.png"]
+    assert names == ["access_fault_batch.png", "access_oversubscription.png", "access_service.png",
+                     "copy_vs_nocopy.png", "phases.png", "results.csv", "results.json", "throughput_vs_folio.png"]
     doc = json.loads((out / "results.json").read_text())
     jsonschema.validate(doc, RESULTS_SCHEMA)
     load_results(out / "results.json")

@@ -312,16 +312,18 @@ def _bar_label(sc: dict[str, Any]) -> str:
 def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write every plot of ``doc`` into ``out_dir``; return the paths written.
 
-    Plots: ``throughput_vs_folio.png``, ``copy_vs_nocopy.png``, ``phases.png``. Nothing is written when the
-    document has no migration scenarios.
+    Plots: ``throughput_vs_folio.png``, ``copy_vs_nocopy.png``, ``phases.png`` when the document has migration
+    scenarios, then the device-access plots (:func:`~dmamig.bench.access_plots.write_access_plots`) when it
+    has device-access scenarios.
     """
+    from .access_plots import write_access_plots
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not _migrations(doc):
-        return []
     paths = []
-    for name, fn in (("throughput_vs_folio.png", plot_throughput), ("copy_vs_nocopy.png", plot_copy_vs_nocopy),
-                     ("phases.png", plot_phases)):
-        fn(doc, out / name)
-        paths.append(out / name)
-    return paths
+    if _migrations(doc):
+        for name, fn in (("throughput_vs_folio.png", plot_throughput), ("copy_vs_nocopy.png", plot_copy_vs_nocopy),
+                         ("phases.png", plot_phases)):
+            fn(doc, out / name)
+            paths.append(out / name)
+    return paths + write_access_plots(doc, out)
