@@ -13,6 +13,7 @@ from .migrate.move_pages import MovePagesResult
 from .mm import AddressSpace
 from .nodes import Node
 from .tiering import Policy, ReplayResult, Trace, TraceError, replay
+from .topology import Topology
 from .uvm import DeviceAccessor, UvmOptions, UvmStats
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "Prot",
     "PteFlag",
     "ReplayResult",
+    "Topology",
     "Trace",
     "TraceError",
     "UvmOptions",
