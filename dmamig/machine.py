@@ -17,6 +17,7 @@ from .fault import FaultPoints
 from .flags import MigrateMode, PageFlag
 from .nodes import MAX_ORDER, Node, NodeMap
 from .pages import PageArray
+from .topology import ROUTE_STAGED, Topology, node_routes, resolve_topology
 
 if TYPE_CHECKING:
     from .dma import DmaEngine
@@ -28,6 +29,8 @@ __all__ = ["Machine"]
 
 #: Most frames a node may have (1 TiB of 4 KiB pages): struct-page state costs tens of bytes per frame.
 MAX_NODE_PAGES = 1 << 28
+#: Most nodes (host nodes and devices): the pfn-to-node table holds node ids in one signed byte.
+MAX_NODES = 127
 
 #: vmstat counters the migration core maintains (names as in /proc/vmstat).
 VMSTAT_COUNTERS = (
@@ -92,11 +95,20 @@ class Machine:
         node's relative cost per byte accessed (e.g. ``[(4096, 1.0), (16384, 2.5)]``: DRAM then CXL). Host
         nodes are numbered first (node 0 is host RAM), devices after them. CPU accesses use slow host nodes
         in place; first touch allocates on node 0. ``None`` (the default) is one host node of ``host_pages``.
+    topology : Topology, optional
+        Peer access and links between the devices (:class:`~dmamig.topology.Topology`). Copies between devices
+        with peer access are direct; without it they are staged through host memory (DMA channels and the
+        migrating thread's copy alike). CPU backend: this setting, by default ``Topology.nvswitch(devices)``
+        (every pair NVLink with peer access: what the CPU backend always did). CUDA backend: read from the
+        runtime; a topology given there can only take peer access away (those pairs are then staged, e.g. to
+        measure staging on peer-capable GPUs), asking for peer access the GPUs lack is an error, and its link
+        classes are not used.
     """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
                  page_size: int = 4096, backend: str = "auto", channels: int = 4,
-                 device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None):
+                 device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None,
+                 topology: Topology | None = None):
         host_sizes, host_costs = _host_tiers(host_pages, host_nodes)
         host_pages = host_sizes[0]
         check_positive_int("host_pages", host_pages)
@@ -106,6 +118,12 @@ class Machine:
                 raise InvalidArgument(f"{name} must be at most {MAX_NODE_PAGES} (2**28) frames per node, got {value}")
         if not isinstance(devices, (int, np.integer)) or isinstance(devices, bool) or devices < 0:
             raise InvalidArgument(f"devices must be an integer >= 0, got {devices!r}")
+        if len(host_sizes) + devices > MAX_NODES:
+            raise InvalidArgument(f"a machine has at most {MAX_NODES} nodes (host nodes and devices together), "
+                                  f"got {len(host_sizes)} host nodes and {devices} devices")
+        if topology is not None and not isinstance(topology, Topology):
+            raise InvalidArgument(f"topology must be a dmamig.Topology (e.g. Topology.nvswitch({devices})), got "
+                                  f"{type(topology).__name__}")
         check_positive_int("page_size", page_size)
         if page_size < 64 or page_size & (page_size - 1):
             raise InvalidArgument(f"page_size must be a power of two >= 64, got {page_size}")
@@ -114,6 +132,12 @@ class Machine:
             raise InvalidArgument(f"device_memory must be 'coherent' or 'private', got {device_memory!r}")
         self._device_private = device_memory == "private"
         self._backend = open_backend(backend)
+        try:
+            self._topology = resolve_topology(self._backend, int(devices), topology)
+        except Exception:
+            self._backend.close()
+            raise
+        self._backend.topology = self._topology
         self._page_size = int(page_size)
         self._channels = int(channels)
         nodes = []
@@ -136,6 +160,8 @@ class Machine:
         # Per node: True for device memory, which a CPU access brings back to host RAM (host tiers are not).
         self.device_node_mask = np.array([n.kind == "device" for n in nodes], dtype=bool)
         self.nodemap = NodeMap(self._nodes)
+        # Per (source node, destination node): whether copies between them are staged through host memory.
+        self._staged = (node_routes([n.device for n in nodes], self._topology) == ROUTE_STAGED).tolist()
         self.pages = PageArray(base)
         # The machine-wide metadata lock (page tables, struct pages, allocators). Data copies of a migration run
         # outside it; accessors that meet a migration entry wait on `changed` until the migration finishes.
@@ -162,6 +188,8 @@ class Machine:
                              doc="Ids of the host memory nodes (tiers), fastest first as given.")
     device_private = property(lambda self: self._device_private,
                               doc='True when device memory is device-private (``device_memory="private"``).')
+    topology = property(lambda self: self._topology,
+                        doc="The devices' :class:`~dmamig.topology.Topology`: peer access and link per pair.")
 
     @property
     def vmstat(self) -> dict[str, int]:
@@ -188,7 +216,7 @@ class Machine:
 
             self._dma = DmaEngine(nodes=self._nodes, nodemap=self.nodemap, backend=self._backend,
                                   page_size=self._page_size, channels=self._channels, faults=self._faults,
-                                  on_submit=self.pages.note_written)
+                                  on_submit=self.pages.note_written, topology=self._topology)
         return self._dma
 
     # -- address spaces --------------------------------------------------------------------------------------
@@ -325,14 +353,21 @@ class Machine:
         dnid, dframe = self.nodemap.locate(dst)
         s0, d0 = int(snid[0]), int(dnid[0])
         if (snid == s0).all() and (dnid == d0).all():  # one node pair: the common case
-            self._backend.copy_folios(self._nodes[s0].frames, sframe, self._nodes[d0].frames, dframe, nr)
+            self._copy_pair(s0, sframe, d0, dframe, nr)
             return
         pair = snid * len(self._nodes) + dnid
         for p in distinct(pair):
             sel = pair == p
             s, d = divmod(p, len(self._nodes))
-            self._backend.copy_folios(self._nodes[s].frames, sframe[sel], self._nodes[d].frames, dframe[sel],
-                                      nr[sel])
+            self._copy_pair(s, sframe[sel], d, dframe[sel], nr[sel])
+
+    def _copy_pair(self, s: int, sframe: np.ndarray, d: int, dframe: np.ndarray, nr: np.ndarray) -> None:
+        # Devices without peer access: the backend stages the copy through host memory (only then is the
+        # keyword passed, so backends that predate staging keep working for every other pair).
+        if self._staged[s][d]:
+            self._backend.copy_folios(self._nodes[s].frames, sframe, self._nodes[d].frames, dframe, nr, staged=True)
+        else:
+            self._backend.copy_folios(self._nodes[s].frames, sframe, self._nodes[d].frames, dframe, nr)
 
     # -- the driver-level API ----------------------------------------------------------------------------------
     def alloc_pages(self, node: int, count: int, order: int = 0) -> np.ndarray:

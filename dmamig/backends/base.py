@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "ChannelWork", "Completion", "DeviceInfo", "DmaChannel"]
+__all__ = ["CHANNEL_COUNTERS", "Backend", "ChannelWork", "Completion", "DeviceInfo", "DmaChannel", "route_counts"]
 
 
 class DeviceInfo(dict):
@@ -36,6 +36,9 @@ class ChannelWork:
         ``dmamig.dma.plan.METHOD_*``.
     src_start, dst_start, npages : numpy.ndarray
         int64 run descriptors in frame units, validated by the engine.
+    staged : bool
+        A copy between two devices without peer access: the channel stages it through its pinned host bounce
+        buffer (two copies, see :mod:`dmamig.dma.staging`) instead of copying directly.
     """
 
     src_frames: Any
@@ -48,6 +51,36 @@ class ChannelWork:
     src_start: np.ndarray
     dst_start: np.ndarray
     npages: np.ndarray
+    staged: bool = False
+
+    @property
+    def between_devices(self) -> bool:
+        """Whether this work copies between two different devices (a peer or a staged copy)."""
+        return self.src_kind == self.dst_kind == "device" and self.src_device != self.dst_device
+
+    @property
+    def exec_device(self) -> int:
+        """The device whose channels run this work: the destination's GPU where there is one (a DMA engine pushes
+        writes), else the source's; copies between host nodes go to device 0's channels."""
+        if self.dst_kind == "device":
+            return int(self.dst_device)
+        if self.src_kind == "device":
+            return int(self.src_device)
+        return 0
+
+
+#: Counters every channel keeps (``DmaChannel.counters``): calls issued, and device-to-device copies by route
+#: (``peer_*`` direct, ``staged_*`` through host memory; runs as planned, bytes copied between the devices).
+CHANNEL_COUNTERS = ("kernel_launches", "memcpy_calls", "batch_calls", "peer_runs", "peer_bytes", "staged_runs",
+                    "staged_bytes")
+
+
+def route_counts(w: ChannelWork) -> dict[str, int]:
+    """The ``peer_*`` or ``staged_*`` counter increments of one piece of work (empty when not device to device)."""
+    if not w.between_devices:
+        return {}
+    key = "staged" if w.staged else "peer"
+    return {f"{key}_runs": int(w.npages.size), f"{key}_bytes": int(w.npages.sum()) * int(w.src_frames.shape[1])}
 
 
 @runtime_checkable
@@ -81,7 +114,7 @@ class DmaChannel(Protocol):
 
     @property
     def counters(self) -> dict[str, int]:
-        """``kernel_launches``, ``memcpy_calls`` and ``batch_calls`` issued so far."""
+        """The :data:`CHANNEL_COUNTERS` so far: calls issued, peer and staged device-to-device runs and bytes."""
 
     def close(self) -> None:
         """Finish queued work and release the channel. Idempotent."""
@@ -106,17 +139,23 @@ class Backend(Protocol):
         """Zero the frames at ``idx`` (a fresh page must not show a previous owner's bytes)."""
 
     def copy_folios(self, src: Any, src_idx: np.ndarray, dst: Any, dst_idx: np.ndarray,
-                    nr_pages: np.ndarray) -> None:
+                    nr_pages: np.ndarray, staged: bool = False) -> None:
         """Copy folio ``i`` (``nr_pages[i]`` contiguous frames) from ``src[src_idx[i]:]`` to ``dst[dst_idx[i]:]``.
 
         Runs synchronously on the calling (migrating) thread, one folio after another: the kernel's CPU copy.
+        ``staged``: the two devices have no peer access, so each folio goes through a host bounce buffer.
         """
 
     def devices(self) -> list[DeviceInfo]:
         """Describe the accelerators this backend drives (empty on the CPU backend)."""
 
-    def open_channels(self, count: int) -> list[DmaChannel]:
-        """Create ``count`` DMA channels for a :class:`dmamig.dma.DmaEngine`."""
+    def open_channels(self, count: int, device: int = 0) -> list[DmaChannel]:
+        """Create ``count`` DMA channels of ``device`` for a :class:`dmamig.dma.DmaEngine` (one set per device)."""
+
+    def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,
+                     staged: bool | None = None) -> float:
+        """Best seconds of one contiguous copy of ``nbytes`` from device ``src_dev`` to ``dst_dev`` (-1: host),
+        direct where the devices have peer access, staged through host memory where not."""
 
     def checksum_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
         """Per-page checksums (uint64, :func:`dmamig.dma.checksum.page_checksums`) of the frames at ``idx``."""

@@ -20,9 +20,11 @@ import numpy as np
 
 from ..dma.checksum import page_checksums
 from ..dma.plan import METHOD_GATHER
+from ..dma.staging import stage_capacity
 from ..errors import DmaError, InvalidArgument
 from . import cpu_kernels
-from .base import ChannelWork, DeviceInfo
+from .base import CHANNEL_COUNTERS, ChannelWork, DeviceInfo, route_counts
+from .ceiling import check_pair_args, numpy_pair_ceiling, topology_staged
 
 __all__ = ["ChannelCrash", "CpuBackend", "CpuChannel"]
 
@@ -79,6 +81,10 @@ class _ThreadCompletion:
 class CpuChannel:
     """One DMA channel of the CPU backend: a worker thread executing queued work in order.
 
+    Channels belong to one device (as a GPU's copy engines do): the engine gives each device its own set, so
+    copies towards different devices run on different workers, concurrently. A copy between two devices
+    without peer access is staged through the channel's own host bounce buffer: copied into it, then out of it.
+
     A worker that dies (an injected ``channel_crash``, or any error outside a job) fails the job it held with
     a :class:`~dmamig.errors.DmaError`; the next ``submit`` or a waiter notices the dead thread and starts a
     new worker, which runs the jobs still queued. A worker that keeps dying makes the channel *broken*: its
@@ -87,18 +93,23 @@ class CpuChannel:
     Parameters
     ----------
     index : int
-        Channel number (names the thread, ``dmamig-dma<index>``).
+        Channel number within its device (names the thread, ``dmamig-dma<index>``, plus ``-dev<device>`` for
+        devices other than 0).
+    device : int
+        The device whose channel this is.
     """
 
     #: The engine may pass ``fault=`` to :meth:`submit` (faults happen inside the worker).
     injects_faults = True
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, device: int = 0):
         self.index = int(index)
+        self.device = int(device)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._busy = 0.0
-        self._counters = {"kernel_launches": 0, "memcpy_calls": 0, "batch_calls": 0}
+        self._counters = dict.fromkeys(CHANNEL_COUNTERS, 0)
+        self._bounce: np.ndarray | None = None  # the staging buffer, made on the first staged copy
         self._closed = False
         self._current: _ThreadCompletion | None = None
         self._death: BaseException | None = None
@@ -110,7 +121,8 @@ class CpuChannel:
         self._thread = self._start()
 
     def _start(self) -> threading.Thread:
-        t = threading.Thread(target=self._main, name=f"dmamig-dma{self.index}", daemon=True)
+        name = f"dmamig-dma{self.index}" + (f"-dev{self.device}" if self.device else "")
+        t = threading.Thread(target=self._main, name=name, daemon=True)
         t.start()
         return t
 
@@ -122,7 +134,8 @@ class CpuChannel:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Kernel calls issued so far: ``kernel_launches`` (gather segments), ``memcpy_calls`` (long runs)."""
+        """Calls issued so far: ``kernel_launches`` (gather segments), ``memcpy_calls`` (long runs), and the
+        device-to-device runs and bytes copied directly (``peer_*``) or through host memory (``staged_*``)."""
         with self._lock:
             return dict(self._counters)
 
@@ -250,17 +263,34 @@ class CpuChannel:
             raise DmaError(f"injected dma_copy fault: DMA channel {self.index} failed mid-copy after "
                            f"{sum(int(w.npages.size) for w in cut)} of {total} runs")
         for w in work:
-            cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
+            if w.staged:
+                chunks, pieces = cpu_kernels.copy_runs_staged(w.src_frames, w.dst_frames, self._bounce_for(w),
+                                                               w.src_start, w.dst_start, w.npages)
+                launches, calls = 2 * chunks, 2 * pieces
+            else:
+                cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
+                launches, calls = 1, int(w.npages.size)
             # Bookkeeping mirrors what a GPU channel issues: one call per long run, one launch per segment of
-            # short runs. The CPU kernel copies both kinds in the same loop.
+            # short runs; staged, one of each per bounce-buffer chunk into the buffer and one out of it. The
+            # CPU kernel copies both kinds in the same loop.
             with self._lock:
                 if w.method == METHOD_GATHER:
-                    self._counters["kernel_launches"] += 1
+                    self._counters["kernel_launches"] += launches
                 else:
-                    self._counters["memcpy_calls"] += int(w.npages.size)
+                    self._counters["memcpy_calls"] += calls
+                for key, n in route_counts(w).items():
+                    self._counters[key] += n
         if fault == "complete":
             raise DmaError(f"injected dma_complete fault: DMA channel {self.index} copied its share but "
                            f"reported an error on completion")
+
+    def _bounce_for(self, w: ChannelWork) -> np.ndarray:
+        """This channel's bounce buffer for pages of ``w``'s size (only the worker thread uses it)."""
+        page = int(w.src_frames.shape[1])
+        b = self._bounce
+        if b is None or b.shape != (stage_capacity(page), page):
+            b = self._bounce = cpu_kernels.aligned_zeros(stage_capacity(page), page)
+        return b
 
     def close(self) -> None:
         """Let queued work finish, then stop the worker. Idempotent.
@@ -304,6 +334,10 @@ class CpuBackend:
     """
 
     name = "cpu"
+    #: The machine's topology (set by :class:`~dmamig.machine.Machine`); ``None``: every pair has peer access.
+    topology: Any = None
+    # Per migrating thread, its bounce buffer for staged folio copies (used synchronously by that thread only).
+    _local = threading.local()
 
     def alloc_frames(self, kind: str, device: int, nr_pages: int, page_size: int) -> np.ndarray:
         """Allocate a zero-filled, page-aligned ``(nr_pages, page_size)`` uint8 buffer."""
@@ -331,11 +365,12 @@ class CpuBackend:
         return None
 
     def copy_folios(self, src: np.ndarray, src_idx: np.ndarray, dst: np.ndarray, dst_idx: np.ndarray,
-                    nr_pages: np.ndarray) -> None:
+                    nr_pages: np.ndarray, staged: bool = False) -> None:
         """Copy folio ``i`` (``nr_pages[i]`` frames) from ``src[src_idx[i]:]`` to ``dst[dst_idx[i]:]``.
 
         Runs on the calling (migrating) thread, one folio after another with an ordinary cached ``memcpy``,
-        as the kernel's ``folio_copy()`` does; one compiled call covers the whole batch of folios.
+        as the kernel's ``folio_copy()`` does; one compiled call covers the whole batch of folios. ``staged``
+        (two devices without peer access): through the calling thread's host bounce buffer, two copies each.
         """
         src_idx = np.asarray(src_idx, dtype=np.int64)
         dst_idx = np.asarray(dst_idx, dtype=np.int64)
@@ -344,15 +379,44 @@ class CpuBackend:
             raise InvalidArgument(f"copy_folios: src_idx, dst_idx and nr_pages must be 1-D of one length, got "
                                   f"{src_idx.shape}, {dst_idx.shape}, {nr_pages.shape}")
         cpu_kernels.check_runs(src, dst, src_idx, dst_idx, nr_pages)
-        cpu_kernels.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
+        if staged:
+            cpu_kernels.copy_runs_staged(src, dst, self._thread_bounce(int(src.shape[1])), src_idx, dst_idx,
+                                         nr_pages, stream=False)
+        else:
+            cpu_kernels.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
+
+    def _thread_bounce(self, page: int) -> np.ndarray:
+        b = getattr(self._local, "bounce", None)
+        if b is None or b.shape != (stage_capacity(page), page):
+            b = self._local.bounce = cpu_kernels.aligned_zeros(stage_capacity(page), page)
+        return b
 
     def devices(self) -> list[DeviceInfo]:
         return []
 
-    def open_channels(self, count: int) -> list[CpuChannel]:
-        """Start ``count`` worker-thread channels (compiling the copy kernels first, if not cached yet)."""
+    def open_channels(self, count: int, device: int = 0) -> list[CpuChannel]:
+        """Start ``count`` worker-thread channels of ``device`` (compiling the copy kernels first, if needed)."""
         cpu_kernels.warm_up()
-        return [CpuChannel(i) for i in range(int(count))]
+        return [CpuChannel(i, device) for i in range(int(count))]
+
+    def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,
+                     staged: bool | None = None) -> float:
+        """Best seconds of one ``np.copyto`` of ``nbytes`` from device ``src_dev`` to ``dst_dev`` (-1: host).
+
+        Where the pair has no peer access (``staged``; by default as :attr:`topology` says) the copy goes in
+        :data:`~dmamig.dma.staging.STAGE_BYTES` chunks through a host bounce buffer, two ``np.copyto`` each, as
+        a staged DMA copy does. One untimed copy warms up first; the best of ``repeat`` is returned.
+
+        Raises
+        ------
+        InvalidArgument
+            A device id below -1, a pair outside the topology, ``staged`` for a pair that is not two devices,
+            ``nbytes`` or ``repeat`` below 1.
+        """
+        src_dev, dst_dev, nbytes, repeat = check_pair_args(src_dev, dst_dev, nbytes, repeat, staged)
+        if staged is None:
+            staged = topology_staged(self.topology, src_dev, dst_dev)
+        return numpy_pair_ceiling(nbytes, repeat, bool(staged))
 
     def touch_frames(self, frames: np.ndarray, idx: np.ndarray) -> int:
         """A device's read of every byte of the frames at ``idx``, with nothing copied out (a compiled pass).

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dma.staging import stage_chunks
 from ..errors import InvalidArgument
 
-__all__ = ["HAVE_NUMBA", "NUMBA_ERROR", "aligned_zeros", "check_runs", "copy_runs_cached", "copy_runs_stream",
-           "stream_copy_ok", "warm_up", "xor_pages"]
+__all__ = ["HAVE_NUMBA", "NUMBA_ERROR", "aligned_zeros", "check_runs", "copy_runs_cached", "copy_runs_staged",
+           "copy_runs_stream", "stream_copy_ok", "warm_up", "xor_pages"]
 
 #: Byte alignment that streaming stores need on the destination (and that the source loads assume).
 STREAM_ALIGN = 16
@@ -208,6 +209,37 @@ def copy_runs_cached(src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, ds
         _copy_runs_cached(src, dst, _as_runs(src_start), _as_runs(dst_start), _as_runs(npages))
     else:
         _fallback(src, dst, src_start, dst_start, npages)
+
+
+def copy_runs_staged(src: np.ndarray, dst: np.ndarray, bounce: np.ndarray, src_start: np.ndarray,
+                     dst_start: np.ndarray, npages: np.ndarray, stream: bool = True) -> tuple[int, int]:
+    """Copy runs from ``src`` to ``dst`` through the host ``bounce`` buffer: two copies per chunk, the second
+    after the first (how a copy between devices without peer access goes through host memory).
+
+    Parameters
+    ----------
+    src, dst : numpy.ndarray
+        Frame buffers, as :func:`copy_runs_stream`.
+    bounce : numpy.ndarray
+        ``(capacity, page_size)`` uint8 staging buffer; chunks of ``capacity`` pages go through it in turn.
+    src_start, dst_start, npages : numpy.ndarray
+        Runs, already validated with :func:`check_runs`.
+    stream : bool
+        Write ``dst`` with streaming stores (a DMA channel) or cached ones (the migrating thread's copy).
+        The bounce buffer is always written with cached stores: it is read back at once, from the cache.
+
+    Returns
+    -------
+    tuple of int
+        ``(chunks, pieces)``: bounce-buffer fills, and run pieces copied into it (runs cut at its boundaries).
+    """
+    pieces = stage_chunks(src_start, dst_start, npages, int(bounce.shape[0]))
+    out = copy_runs_stream if stream else copy_runs_cached
+    for k in range(pieces.nr_chunks):
+        s, d, n, b = pieces.chunk(k)
+        copy_runs_cached(src, bounce, s, b, n)  # hop 1: source device -> host
+        out(bounce, dst, b, d, n)  # hop 2: host -> destination device, after hop 1
+    return pieces.nr_chunks, int(pieces.npages.size)
 
 
 def xor_pages(frames: np.ndarray, idx: np.ndarray) -> int:

@@ -4,6 +4,12 @@ A submission (:meth:`DmaEngine.copy`) is validated, planned (:mod:`dmamig.dma.pl
 runs, balanced over channels, a copy method per run) and handed to the backend's channels, each of which runs
 its share asynchronously. The caller gets a :class:`Fence` at once and keeps working.
 
+Channels belong to devices, as a GPU's copy engines do: each device gets its own ``channels`` channels (opened
+on its first copy), and a copy runs on the channels of its destination device (of its source for a copy to host
+memory; device 0's for copies between host nodes). Copies towards different devices therefore run concurrently,
+whatever else is queued. Between two devices the machine's topology decides the route: a direct peer copy, or,
+without peer access, a copy staged through each channel's pinned host bounce buffer (:mod:`dmamig.dma.staging`).
+
 Ordering: work on one channel runs in submission order, but different channels run concurrently, so two
 submissions are **not** ordered with respect to each other. Wait for a fence before submitting a copy that
 reads what that fence's copy writes (or writes what it reads).
@@ -12,6 +18,7 @@ reads what that fence's copy writes (or writes what it reads).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import ChannelWork, Completion
+from ..backends.base import CHANNEL_COUNTERS, ChannelWork, Completion
 from ..errors import DmaError, InvalidArgument
 from ..fault import FaultAttr, FaultPoints
+from ..topology import ROUTE_STAGED, Topology, node_routes
 from .fence import DONE, FailedCompletion, FaultedCompletion, Fence
 from .plan import CopyPlan, PlanOptions, plan_copy, plan_one_pair
 
@@ -48,8 +56,16 @@ class DmaStats:
         Single large copies issued (one per long run).
     batch_calls : int
         Batched copy calls issued (cuMemcpyBatchAsync).
+    peer_runs, peer_bytes : int
+        Device-to-device runs and bytes copied directly between devices with peer access.
+    staged_runs, staged_bytes : int
+        Device-to-device runs and bytes staged through host memory (devices without peer access): each byte
+        is copied twice, into a channel's bounce buffer and out of it. Counted by the channels as they copy.
     busy_seconds : list of float
-        Per channel: seconds spent copying (completed work).
+        Per channel: seconds spent copying (completed work); the channels of every device, in the order the
+        devices were first used.
+    busy_by_device : dict of int to float
+        The same seconds summed per device whose channels ran them.
     errors : int
         Submissions that failed (injected or real).
     channel_restarts : int
@@ -63,7 +79,12 @@ class DmaStats:
     kernel_launches: int = 0
     memcpy_calls: int = 0
     batch_calls: int = 0
+    peer_runs: int = 0
+    peer_bytes: int = 0
+    staged_runs: int = 0
+    staged_bytes: int = 0
     busy_seconds: list[float] = field(default_factory=list)
+    busy_by_device: dict[int, float] = field(default_factory=dict)
     errors: int = 0
     channel_restarts: int = 0
 
@@ -84,12 +105,15 @@ class DmaEngine:
     page_size : int
         Bytes of a base page.
     channels : int
-        Number of DMA channels (>= 1).
+        DMA channels per device (>= 1).
     options : PlanOptions, optional
         Planner thresholds.
     faults : FaultPoints, optional
         Fault points consulted on every submission (``dma_submit``, ``dma_copy``, ``dma_complete``,
         ``channel_crash``); the machine passes its own ``m.faults``. A new, unarmed set by default.
+    topology : Topology, optional
+        Peer access between the nodes' devices; pairs without it are staged through host memory. ``None``: every
+        pair of devices has peer access.
 
     Examples
     --------
@@ -100,7 +124,7 @@ class DmaEngine:
 
     def __init__(self, nodes: Any, nodemap: Any, backend: Any, page_size: int = 4096, channels: int = 4,
                  options: PlanOptions | None = None, faults: FaultPoints | None = None,
-                 on_submit: Callable[[np.ndarray], None] | None = None):
+                 on_submit: Callable[[np.ndarray], None] | None = None, topology: Topology | None = None):
         if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 1:
             raise InvalidArgument(f"channels must be an integer >= 1, got {channels!r}")
         if not isinstance(page_size, (int, np.integer)) or page_size < 1:
@@ -125,18 +149,48 @@ class DmaEngine:
         self._on_submit = on_submit
         self._seq = 0
         self._stats = DmaStats()
-        self._base_busy = [0.0] * int(channels)
-        self._base_counters: list[dict[str, int]] = []
         self._pending: list[Fence] = []
-        self._channels = list(backend.open_channels(int(channels)))
-        self._base_counters = [dict(ch.counters) for ch in self._channels]
-        self._base_restarts = 0
+        self.topology = topology
+        # Node pair -> staged (True where two devices lack peer access), looked up once per segment.
+        self._staged = (node_routes([n.device for n in self.nodes], topology) == ROUTE_STAGED).tolist()
+        self._nchan = int(channels)
+        # Backends whose open_channels takes no device (older or test doubles) share one set of channels.
+        try:
+            self._per_device = "device" in inspect.signature(backend.open_channels).parameters
+        except (TypeError, ValueError):
+            self._per_device = False
+        self._lanes: dict[int, list[Any]] = {}
+        self._base: dict[int, tuple[float, dict[str, int], int]] = {}  # id(channel) -> stats baseline
+        self._open_lane(0)
+
+    def _open_lane(self, device: int) -> list[Any]:
+        """The channels of ``device``, opened on first use (caller holds the lock, or is the constructor)."""
+        key = device if self._per_device else 0
+        lane = self._lanes.get(key)
+        if lane is None:
+            chans = self.backend.open_channels(self._nchan, device=key) if key else \
+                self.backend.open_channels(self._nchan)
+            lane = self._lanes[key] = list(chans)
+            # A lane opened after reset_stats counts from zero, so its baseline is zero too.
+            for ch in lane:
+                self._base[id(ch)] = (0.0, dict.fromkeys(CHANNEL_COUNTERS, 0), 0)
+        return lane
+
+    @property
+    def _channels(self) -> list[Any]:
+        """Every open channel, device by device in the order the devices were first used."""
+        return [ch for lane in list(self._lanes.values()) for ch in lane]
 
     # -- properties ----------------------------------------------------------------------------------------
     @property
     def channels(self) -> int:
-        """Number of channels."""
-        return len(self._channels)
+        """Number of channels per device."""
+        return self._nchan
+
+    @property
+    def devices_used(self) -> tuple[int, ...]:
+        """Devices whose channels have been opened (device 0's always are)."""
+        return tuple(self._lanes)
 
     @property
     def closed(self) -> bool:
@@ -147,23 +201,30 @@ class DmaEngine:
     def stats(self) -> DmaStats:
         """A snapshot of the counters (see :class:`DmaStats`)."""
         with self._lock:
-            s = DmaStats(**{k: v for k, v in vars(self._stats).items() if k != "busy_seconds"})
-        for ch, busy0, c0 in zip(self._channels, self._base_busy, self._base_counters):
-            counters = ch.counters
-            s.kernel_launches += counters["kernel_launches"] - c0["kernel_launches"]
-            s.memcpy_calls += counters["memcpy_calls"] - c0["memcpy_calls"]
-            s.batch_calls += counters["batch_calls"] - c0["batch_calls"]
-            s.busy_seconds.append(ch.busy_seconds - busy0)
-        s.channel_restarts = sum(getattr(ch, "restarts", 0) for ch in self._channels) - self._base_restarts
+            s = DmaStats(**{k: v for k, v in vars(self._stats).items()
+                            if k not in ("busy_seconds", "busy_by_device")})
+            lanes = [(dev, list(lane)) for dev, lane in self._lanes.items()]
+            base = dict(self._base)
+        for dev, lane in lanes:
+            total = 0.0
+            for ch in lane:
+                busy0, c0, r0 = base[id(ch)]
+                counters = ch.counters
+                for key in CHANNEL_COUNTERS:
+                    setattr(s, key, getattr(s, key) + counters.get(key, 0) - c0.get(key, 0))
+                busy = ch.busy_seconds - busy0
+                s.busy_seconds.append(busy)
+                total += busy
+                s.channel_restarts += getattr(ch, "restarts", 0) - r0
+            s.busy_by_device[dev] = total
         return s
 
     def reset_stats(self) -> None:
         """Zero every counter."""
         with self._lock:
             self._stats = DmaStats()
-            self._base_busy = [ch.busy_seconds for ch in self._channels]
-            self._base_counters = [dict(ch.counters) for ch in self._channels]
-            self._base_restarts = sum(getattr(ch, "restarts", 0) for ch in self._channels)
+            for ch in self._channels:
+                self._base[id(ch)] = (ch.busy_seconds, dict(ch.counters), getattr(ch, "restarts", 0))
 
     def _count_error(self) -> None:
         with self._lock:
@@ -347,18 +408,22 @@ class DmaEngine:
         Returns the completions (one per share), the submission's own error, and per share the destination
         runs ``(node base pfn, dst_start, npages)``, so a failure can be traced to the pages it hit.
         """
-        per_channel: list[list[ChannelWork]] = [[] for _ in self._channels]
-        runs_of: list[list[tuple[int, Any, Any]]] = [[] for _ in self._channels]
-        nodes = self.nodes
+        # One share per (device, channel): each segment goes to its device's channel of the planned number.
+        per_share: dict[tuple[int, int], tuple[Any, list[ChannelWork], list[tuple[int, Any, Any]]]] = {}
+        nodes, staged = self.nodes, self._staged
         for seg in plan.segments():
             s, d = nodes[seg.src_node], nodes[seg.dst_node]
             dst_start, npages = plan.dst_start[seg.runs], plan.npages[seg.runs]
-            per_channel[seg.channel].append(ChannelWork(
-                s.frames, d.frames, s.kind, d.kind, s.device, d.device, seg.method,
-                plan.src_start[seg.runs], dst_start, npages))
-            runs_of[seg.channel].append((d.base_pfn, dst_start, npages))
-        shares = [(ch, work) for ch, work in zip(self._channels, per_channel) if work]
-        share_runs = [runs for runs in runs_of if runs]
+            w = ChannelWork(s.frames, d.frames, s.kind, d.kind, s.device, d.device, seg.method,
+                            plan.src_start[seg.runs], dst_start, npages, staged[seg.src_node][seg.dst_node])
+            dev = w.exec_device if self._per_device else 0
+            share = per_share.get((dev, seg.channel))
+            if share is None:
+                share = per_share[(dev, seg.channel)] = (self._open_lane(dev)[seg.channel], [], [])
+            share[1].append(w)
+            share[2].append((d.base_pfn, dst_start, npages))
+        shares = [(ch, work) for ch, work, _runs in per_share.values()]
+        share_runs = [runs for _ch, _work, runs in per_share.values()]
         faults = self.faults
         # dma_submit is decided once per submission (so inject_errors(n) fails n submissions); the refused
         # share is the first one, the others still run, as when one channel's descriptor ring rejects its part.
