@@ -29,6 +29,7 @@ RUNTIME_SIGNATURES = {
     "memcpyAsync": ["dst", "src", "size", "kind", "stream"],
     "memcpyPeerAsync": ["dst", "dstDevice", "src", "srcDevice", "size", "stream"],
     "memsetAsync": ["ptr", "value", "size", "stream"],
+    "streamWaitEvent": ["stream", "event", "flags"],
     "eventCreateWithFlags": ["flags"],
     "eventDestroy": ["event"],
     "eventRecord": ["event", "stream"],

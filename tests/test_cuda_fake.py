@@ -118,7 +118,22 @@ class FakeRuntime:
         return {"name": f"Fake GPU {i}".encode(), "totalGlobalMem": 1 << 30, "major": 9, "minor": 0}
 
     def deviceCanAccessPeer(self, a: int, b: int) -> int:
+        if self.gpu.peer_matrix is not None:
+            return int(bool(self.gpu.peer_matrix[a][b]))
         return int(self.gpu.peer_capable)
+
+    def deviceGetP2PAttribute(self, attr: int, a: int, b: int) -> int:
+        """Not in CuPy; the backend looks for it before asking the driver library."""
+        self.gpu.log.append(("deviceGetP2PAttribute", attr, a, b))
+        if a == b or not (0 <= a < self.gpu.ndev and 0 <= b < self.gpu.ndev):
+            raise FakeCudaError(101)  # cudaErrorInvalidDevice
+        if attr == 1:  # performance rank
+            return self.gpu.perf_rank
+        if attr == 2:  # access supported
+            return self.deviceCanAccessPeer(a, b)
+        if attr == 3:  # native atomics
+            return int(self.gpu.nvlink and bool(self.deviceCanAccessPeer(a, b)))
+        raise FakeCudaError(1)
 
     def deviceEnablePeerAccess(self, peer: int) -> None:
         key = (self.gpu.current_device(), peer)
@@ -155,6 +170,11 @@ class FakeRuntime:
         sdev = self.gpu.check(src, n, pageable=kind == 1)
         if kind == 4 and ddev >= 0 and sdev >= 0 and ddev != sdev and not self.gpu.default_cross_device:
             raise FakeCudaError(1)  # cross-device copies must say which devices they join
+        if sdev == -2:
+            # From pageable memory the runtime takes the bytes before returning (the caller may free them).
+            data = ctypes.create_string_buffer(ctypes.string_at(src, n), n)
+            self._stream(stream).enqueue(lambda: ctypes.memmove(dst, data, n))
+            return
         self._stream(stream).enqueue(lambda: ctypes.memmove(dst, src, n))
 
     def memcpyPeerAsync(self, dst: int, ddev: int, src: int, sdev: int, n: int, stream: int) -> None:
@@ -190,6 +210,13 @@ class FakeRuntime:
         if self.gpu.sticky:
             return self.gpu.sticky
         return 0 if e["stream"] is None or e["stream"].executed >= e["mark"] else 600
+
+    def streamWaitEvent(self, stream: int, ev: int, flags: int = 0) -> None:
+        """The stream's later work waits for the event's most recent record (as it stands now)."""
+        self.gpu.log.append(("streamWaitEvent", stream, ev))
+        e = self.gpu.events[ev]
+        waited, mark = e["stream"], e["mark"]
+        self._stream(stream).enqueue(lambda: waited.run(mark) if waited is not None else None)
 
     def eventQuery(self, ev: int) -> int:
         self.gpu.log.append(("eventQuery", ev))
@@ -291,6 +318,9 @@ class FakeGpu:
         self.oom = False
         self.nvrtc_missing = False
         self.peer_capable = True
+        self.peer_matrix = None  # per ordered pair, where peer access differs between pairs
+        self.nvlink = False  # native atomics over the peer links (what NVLink reports)
+        self.perf_rank = 0
         self.default_cross_device = False
         self.peer_enabled: set = set()
         self.tls = threading.local()

@@ -44,7 +44,7 @@ from ..dma.checksum import page_checksums
 from ..dma.plan import METHOD_BATCH, METHOD_GATHER
 from ..errors import BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
 from . import cpu_kernels
-from .base import ChannelWork, DeviceInfo
+from .base import CHANNEL_COUNTERS, ChannelWork, DeviceInfo, route_counts
 
 __all__ = [
     "BATCH_COPY_ENV",
@@ -718,17 +718,26 @@ class _CudaCompletion:
 class CudaChannel:
     """One DMA channel: a non-blocking stream per device, with per-method copy issue.
 
+    The engine gives each device its own channels; a channel's work runs on its stream of the device that
+    drives the copy, and a staged copy (two GPUs without peer access) on its streams of both devices through
+    its pinned bounce buffer (:class:`~dmamig.backends.cuda_peer.ChannelStaging`).
+
     Parameters
     ----------
     index : int
-        Channel number.
+        Channel number within its device.
     backend : CudaBackend
         The backend owning the kernels and peer-access table.
+    device : int
+        The device whose channel this is.
     """
 
-    def __init__(self, index: int, backend: CudaBackend):
+    def __init__(self, index: int, backend: CudaBackend, device: int = 0):
         self.index = int(index)
+        self.device = int(device)
         self._backend = backend
+        self._staging: Any = None  # ChannelStaging, made on the first staged copy
+        self._retired_staging: list[Any] = []  # outgrown ones, freed at close (queued work may still use them)
         self._cp = backend._cp
         self._rt = backend._rt
         self._streams: dict[int, Any] = {}
@@ -736,7 +745,7 @@ class CudaChannel:
         self._retired: list[tuple[int, int]] = []  # outgrown descriptor buffers, freed at close
         self._lock = threading.Lock()  # counters, busy time, the timing ring
         self._submit_lock = threading.Lock()  # one submission at a time owns the descriptor buffers
-        self._counters = {"kernel_launches": 0, "memcpy_calls": 0, "batch_calls": 0}
+        self._counters = dict.fromkeys(CHANNEL_COUNTERS, 0)
         self._busy = 0.0
         self._ring = PendingRing(TIMING_RING)
         self._closed = False
@@ -767,7 +776,8 @@ class CudaChannel:
 
     @property
     def counters(self) -> dict[str, int]:
-        """``kernel_launches``, ``memcpy_calls`` and ``batch_calls`` issued so far."""
+        """``kernel_launches``, ``memcpy_calls`` and ``batch_calls`` issued so far, and the device-to-device runs
+        and bytes copied directly (``peer_*``) or through host memory (``staged_*``)."""
         with self._lock:
             return dict(self._counters)
 
@@ -800,28 +810,44 @@ class CudaChannel:
         starts: list[Any] = []
         error: BaseException | None = None
         by_device: dict[int, list[ChannelWork]] = {}
+        staged: list[ChannelWork] = []
         for w in work:
-            by_device.setdefault(self._exec_device(w), []).append(w)
+            if w.staged:
+                staged.append(w)
+            else:
+                by_device.setdefault(self._exec_device(w), []).append(w)
+        timed: list[int] = []  # devices whose stream got a start event (each gets an end event below)
+
+        def begin(dev: int) -> None:
+            if dev not in timed:
+                with cp.cuda.Device(dev):
+                    start = rt.eventCreateWithFlags(0)
+                    starts.append(start)
+                    timed.append(dev)
+                    rt.eventRecord(start, self.stream(dev).ptr)
+
         nvtx = _nvtx(cp)
         if nvtx is not None:
             nvtx.RangePush(f"dmamig dma channel {self.index}")
         try:
             with self._submit_lock:
-                for dev, items in by_device.items():
-                    with cp.cuda.Device(dev):
-                        s = self.stream(dev)
-                        # Host-side descriptor work first, so the timed span covers the GPU's work only.
-                        prepared = [(w, self._prepare(dev, w)) for w in items]
-                        start = rt.eventCreateWithFlags(0)
-                        starts.append(start)
-                        rt.eventRecord(start, s.ptr)
-                        try:
+                try:
+                    for dev, items in by_device.items():
+                        with cp.cuda.Device(dev):
+                            s = self.stream(dev)
+                            # Host-side descriptor work first, so the timed span covers the GPU's work only.
+                            prepared = [(w, self._prepare(dev, w)) for w in items]
+                            begin(dev)
                             for w, desc in prepared:
                                 self._issue(dev, s, w, desc)
-                        finally:
-                            # Recorded even after a failed issue, so a wait covers what did get queued.
+                    for w in staged:
+                        self._staging_for(w).issue(w, begin)
+                finally:
+                    # Recorded even after a failed issue, so a wait covers what did get queued.
+                    for dev in timed:
+                        with cp.cuda.Device(dev):
                             end = rt.eventCreateWithFlags(_EVENT_BLOCKING_SYNC)
-                            rt.eventRecord(end, s.ptr)
+                            rt.eventRecord(end, self.stream(dev).ptr)
                             ends.append(end)
         except Exception as exc:
             error = map_cuda_error(exc, f"DMA channel {self.index}: issuing copies")
@@ -860,9 +886,22 @@ class CudaChannel:
         desc[1] = _ptr(w.dst_frames) + (np.repeat(w.dst_start, n) + off) * page
         return desc
 
+    def _staging_for(self, w: ChannelWork) -> Any:
+        """This channel's bounce buffer for pages of ``w``'s size (the caller holds the submission lock)."""
+        from .cuda_peer import ChannelStaging
+
+        page = int(w.src_frames.shape[1])
+        if self._staging is None or self._staging.page != page:
+            if self._staging is not None:
+                self._retired_staging.append(self._staging)
+            self._staging = ChannelStaging(self, page)
+        return self._staging
+
     def _issue(self, dev: int, s: Any, w: ChannelWork, desc: np.ndarray | None) -> None:
         b = self._backend
         page = int(w.src_frames.shape[1])
+        for key, n in route_counts(w).items():
+            self._count(key, n)
         if desc is not None:
             self._gather(dev, s, desc, page)
             return
@@ -937,8 +976,12 @@ class CudaChannel:
             buffers = [(d, p) for d, (p, _) in self._scratch.items()] + self._retired
             self._scratch.clear()
             self._retired = []
+            staging = self._retired_staging + ([self._staging] if self._staging is not None else [])
+            self._staging, self._retired_staging = None, []
         collect_first_error([lambda s=s: s.synchronize() for _, s in streams])
         collect_first_error([lambda d=d, p=p: self._backend._free_device(d, p) for d, p in buffers])
+        for st in staging:  # after every stream finished: nothing reads the bounce buffers any more
+            st.close()
 
 
 class CudaBackend:
@@ -980,7 +1023,13 @@ class CudaBackend:
         self._device_frames: list[weakref.ref] = []
         self._copy_calls = 0
         self._copy_seconds = 0.0
+        self._pinned_pool: Any = None  # bounce buffers of staged folio copies (cuda_peer._PinnedPool)
+        self._retired_pools: list[Any] = []
         self.peers: set[tuple[int, int]] = self._enable_peer_access()
+        self._runtime_topology: Any = None
+        #: The machine's topology (set by :class:`~dmamig.machine.Machine`, within what the runtime allows);
+        #: ``None`` until then: peer access as enabled.
+        self.topology: Any = None
         try:
             driver = int(self._rt.driverGetVersion())
         except Exception:
@@ -1017,6 +1066,18 @@ class CudaBackend:
                         continue
                 pairs.add((a, b))
         return pairs
+
+    def runtime_topology(self) -> Any:
+        """The :class:`~dmamig.topology.Topology` of every visible GPU, read from the runtime once (peer access as
+        enabled; links from ``cudaDeviceGetP2PAttribute``, see :mod:`dmamig.backends.cuda_peer`)."""
+        if self._runtime_topology is None:
+            from .cuda_peer import read_runtime_topology
+
+            try:
+                self._runtime_topology = read_runtime_topology(self._rt, self._ndev, self.peers)
+            except Exception as exc:
+                raise map_cuda_error(exc, "reading the GPU topology") from exc
+        return self._runtime_topology
 
     def kernel(self, device: int, fname: str, func: str) -> Any:
         """The compiled kernel ``func`` of ``fname`` on ``device`` (built and loaded once, then cached).
@@ -1206,9 +1267,11 @@ class CudaBackend:
         self._device_op(frames.device, "zeroing frames", op)
 
     def copy_folios(self, src: Any, src_idx: np.ndarray, dst: Any, dst_idx: np.ndarray,
-                    nr_pages: np.ndarray) -> None:
+                    nr_pages: np.ndarray, staged: bool = False) -> None:
         """Copy folio by folio on the calling thread: one ``cudaMemcpyAsync`` per folio (``cudaMemcpyPeerAsync``
         between devices) on the device's synchronous-operations stream, and one wait at the end of the batch.
+        ``staged`` (two GPUs without peer access): through a pinned bounce buffer, into it on the source's stream,
+        then out of it on the destination's (:func:`~dmamig.backends.cuda_peer.stage_folios`).
 
         The calls and their host time are counted in :attr:`copy_stats`: on a GPU this faithful per-folio copy
         costs one driver call per folio, which is what copy mode measures.
@@ -1223,6 +1286,15 @@ class CudaBackend:
             cpu_kernels.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
             return
         sdev, ddev = _device_of(src), _device_of(dst)
+        if staged and sdev >= 0 and ddev >= 0 and sdev != ddev:
+            from .cuda_peer import stage_folios
+
+            t0 = time.perf_counter()
+            stage_folios(self, src, src_idx, dst, dst_idx, nr_pages)
+            with self._lock:
+                self._copy_calls += int(src_idx.size)
+                self._copy_seconds += time.perf_counter() - t0
+            return
         page = int(src.shape[1])
         sp, dp = _ptr(src), _ptr(dst)
         rt = self._rt
@@ -1250,10 +1322,53 @@ class CudaBackend:
         return {"calls": calls, "seconds": secs, "us_per_call": (secs / calls * 1e6) if calls else 0.0}
 
     # -- DMA -------------------------------------------------------------------------------------------------
-    def open_channels(self, count: int) -> list[CudaChannel]:
-        """Create ``count`` stream channels (streams are made per device on first use)."""
+    def open_channels(self, count: int, device: int = 0) -> list[CudaChannel]:
+        """Create ``count`` stream channels of ``device`` (streams are made per device on first use)."""
         self._check_open()
-        return [CudaChannel(i, self) for i in range(int(count))]
+        return [CudaChannel(i, self, device) for i in range(int(count))]
+
+    def _staging_pool(self, nbytes: int) -> Any:
+        """The pool of pinned bounce buffers of ``nbytes`` for staged folio copies (made on first use)."""
+        from .cuda_peer import _PinnedPool
+
+        with self._lock:
+            if self._pinned_pool is None or self._pinned_pool.nbytes != nbytes:
+                if self._pinned_pool is not None:  # another page size: its buffers go when the backend closes
+                    self._retired_pools.append(self._pinned_pool)
+                self._pinned_pool = _PinnedPool(self._rt, nbytes)
+            return self._pinned_pool
+
+    def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,
+                     staged: bool | None = None) -> float:
+        """Best seconds of one contiguous copy of ``nbytes`` from device ``src_dev`` to ``dst_dev`` (-1: pinned
+        host memory), timed with CUDA events.
+
+        A direct copy (``cudaMemcpyPeerAsync`` between devices) where the pair has peer access, else the staged
+        copy the DMA channels make: chunks of :data:`~dmamig.dma.staging.STAGE_BYTES` through a pinned buffer,
+        device to host on the source's stream, host to device on the destination's. ``staged`` defaults to
+        what :attr:`topology` (else the enabled peer access) says. One untimed copy warms up first; the best of
+        ``repeat`` is returned. Buffers are allocated outside CuPy's pools and freed before returning.
+
+        Raises
+        ------
+        InvalidArgument
+            A device that does not exist, ``staged`` for a pair that is not two devices, ``nbytes`` or
+            ``repeat`` below 1.
+        OutOfMemory, DmaError
+            The buffers could not be allocated, or a copy failed.
+        """
+        from .ceiling import check_pair_args, topology_staged
+        from .cuda_peer import cuda_pair_ceiling
+
+        src_dev, dst_dev, nbytes, repeat = check_pair_args(src_dev, dst_dev, nbytes, repeat, staged)
+        self._check_open()
+        for v in (src_dev, dst_dev):
+            if v >= self._ndev:
+                raise InvalidArgument(f"device {v} does not exist; devices 0..{self._ndev - 1} are visible")
+        if staged is None:
+            t = self.topology if self.topology is not None else self.runtime_topology()
+            staged = topology_staged(t, src_dev, dst_dev)
+        return cuda_pair_ceiling(self, src_dev, dst_dev, nbytes, repeat, bool(staged))
 
     @property
     def batch_copy_available(self) -> bool:
@@ -1440,8 +1555,11 @@ class CudaBackend:
             frames, self._device_frames = self._device_frames, []
             scratch = list(self._sync_scratch.items())
             self._sync_scratch.clear()
+            pools = self._retired_pools + ([self._pinned_pool] if self._pinned_pool is not None else [])
+            self._pinned_pool, self._retired_pools = None, []
         calls: list[Callable[[], Any]] = [s.synchronize for s in streams]
         calls += [lambda d=d, p=p: self._free_device(d, p) for d, (p, _) in scratch]
+        calls += [pool.close for pool in pools]  # the streams that read them have finished
         for ref in frames:
             f = ref()
             if f is not None:
