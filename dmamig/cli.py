@@ -165,6 +165,8 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
         err = None
     devices: list[dict[str, Any]] = []
     batch_reason = None
+    topology: Any = ("a Machine setting on the cpu backend: Machine(topology=...), by default "
+                     "Topology.nvswitch(devices) (every device pair NVLink with peer access)")
     if backend == "cuda" and reason is not None:
         err = f"cuda requested but unusable: {reason}"
     else:
@@ -173,6 +175,8 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
             try:
                 devices = [dict(d) for d in be.devices()]
                 batch_reason = getattr(be, "batch_copy_reason", None)
+                if hasattr(be, "runtime_topology"):
+                    topology = be.runtime_topology().as_dict()
             finally:
                 be.close()
         except Exception as exc:
@@ -181,6 +185,7 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
         err = f"a GPU is present but CUDA is not usable: {reason}"
     info = machine_info(backend, devices)
     info["devices"] = devices
+    info["topology"] = topology
     info["cuda"] = {"usable": "usable", "absent": f"absent: {reason}"}.get(status.state, f"UNUSABLE: {reason}")
     if status.state != "absent" or "cupy is not installed" not in (reason or ""):
         from .backends.cuda import cuda_environment
@@ -227,6 +232,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         con.print(d)
     else:
         con.print("devices: none (the cpu backend emulates device nodes with host-RAM buffers)")
+    topo = info.get("topology")
+    if isinstance(topo, dict):
+        from .topology import Topology
+
+        con.print(f"topology: {escape(str(topo.get('name')))} (read from the CUDA runtime)")
+        con.print(escape(Topology.from_dict(topo).format()))
+    elif topo:
+        con.print(f"topology: {escape(str(topo))}")
     return 1 if "error" in info else 0
 
 

@@ -423,3 +423,11 @@ def test_gpu_pair_ceilings_on_one_device():
     with Machine(host_pages=64, device_pages=64, devices=1, backend="cuda") as m:
         for src, dst in ((-1, 0), (0, -1), (0, 0)):
             assert m.backend.pair_ceiling(src, dst, 8 << 20) > 0
+
+
+def test_info_says_where_the_topology_comes_from(capsys):
+    from dmamig.cli import info_dict, main
+
+    assert "Topology.nvswitch(devices)" in info_dict("cpu")["topology"]
+    main(["info", "--backend", "cpu"])
+    assert "topology: a Machine setting on the cpu backend" in capsys.readouterr().out
