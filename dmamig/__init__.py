@@ -6,7 +6,7 @@ core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CP
 
 from .errors import AddressFault, BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
 from .fault import FaultAttr, FaultPoints
-from .flags import MigrateMode, MigratePfn, PageFlag, Prot, PteFlag
+from .flags import MigrateMode, MigratePfn, MigrateVmaSelect, PageFlag, Prot, PteFlag
 from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
 from .migrate.move_pages import MovePagesResult
@@ -35,6 +35,7 @@ __all__ = [
     "MigrateResult",
     "MigrateStats",
     "MigrateVma",
+    "MigrateVmaSelect",
     "MovePagesResult",
     "Node",
     "OutOfMemory",

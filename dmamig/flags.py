@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 
-__all__ = ["MigrateMode", "MigratePfn", "PageFlag", "Prot", "PteFlag"]
+__all__ = ["MigrateMode", "MigratePfn", "MigrateVmaSelect", "PageFlag", "Prot", "PteFlag"]
 
 # Per-page status codes, as the kernel returns them (negative errno).
 EAGAIN = -errno.EAGAIN
@@ -85,12 +85,32 @@ class MigrateMode(enum.Flag):
 
 
 class MigratePfn(enum.IntFlag):
-    """Flags in the low bits of ``MigrateVma.src``/``dst`` entries (``pfn << MIGRATE_PFN_SHIFT | flags``)."""
+    """Flags in the low bits of ``MigrateVma.src``/``dst`` entries (``pfn << MIGRATE_PFN_SHIFT | flags``).
+
+    ``COMPOUND`` marks the head entry of a PMD-sized folio migrated whole (``MigrateVmaSelect.COMPOUND``): the
+    entry stands for ``2**HPAGE_PMD_ORDER`` pages and the entries of its other pages are 0.
+    """
 
     VALID = 1 << 0
     MIGRATE = 1 << 1
     WRITE = 1 << 3
     COMPOUND = 1 << 4
+
+
+class MigrateVmaSelect(enum.IntFlag):
+    """Which pages ``MigrateVma`` collects: ``struct migrate_vma.flags`` (the kernel's ``MIGRATE_VMA_SELECT_*``).
+
+    ``SYSTEM`` selects system (host) memory and the zero page; ``DEVICE_PRIVATE`` device-private pages and
+    ``DEVICE_COHERENT`` device-coherent pages, each only where the device node's ``owner`` equals the caller's
+    ``pgmap_owner``; ``COMPOUND`` collects a PMD-sized folio (and a PMD-sized hole) whole, as one
+    ``MigratePfn.COMPOUND`` entry, instead of splitting it. Holes (nothing mapped) are collected whatever
+    the flags, as ``migrate_vma_collect_hole`` collects them.
+    """
+
+    SYSTEM = 1 << 0
+    DEVICE_PRIVATE = 1 << 1
+    DEVICE_COHERENT = 1 << 2
+    COMPOUND = 1 << 3
 
 
 MIGRATE_PFN_SHIFT = 6

@@ -6,7 +6,7 @@ Frames are numbered by a machine-wide page frame number (pfn): node ``i`` owns t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from . import _kernels
 from .errors import InvalidArgument
 
-__all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap"]
+__all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap", "check_owner"]
 
 #: Largest folio order served (order 9 = 2 MiB folios of 4 KiB pages), as ``pageblock_order`` on x86-64.
 PAGEBLOCK_ORDER = 9
@@ -159,6 +159,19 @@ class FrameAllocator:
         return (self._nr_free - usable) / self._nr_free
 
 
+def check_owner(name: str, value: Any) -> Hashable:
+    """Return ``value`` as a device memory owner token, or raise InvalidArgument (``None``, unhashable)."""
+    if value is None:
+        raise InvalidArgument(f"{name} must be an owner token (a node's Node.owner: by default the device node's "
+                              f"id), got None; device memory always has an owner")
+    try:
+        hash(value)
+    except TypeError:
+        raise InvalidArgument(f"{name} must be hashable (an int, a str, a tuple or an object), got an unhashable "
+                              f"{type(value).__name__}") from None
+    return value
+
+
 class Node:
     """One memory node: host RAM (node 0) or a device. Its frames live in one backend buffer."""
 
@@ -170,12 +183,32 @@ class Node:
         self._total_pages = total_pages
         self.frames = frames
         self.allocator = FrameAllocator(total_pages)
+        # A device node's memory is one pgmap; until a driver claims it, its owner is the node's own id.
+        self._owner: Hashable | None = node_id if kind == "device" else None
 
     id = property(lambda self: self._id, doc="Node number; 0 is host RAM.")
     kind = property(lambda self: self._kind, doc='"host" or "device".')
     device = property(lambda self: self._device, doc="Accelerator index of a device node; -1 for host RAM.")
     base_pfn = property(lambda self: self._base_pfn, doc="First pfn of this node.")
     total_pages = property(lambda self: self._total_pages, doc="Number of base-page frames.")
+
+    @property
+    def owner(self) -> Hashable | None:
+        """The owner token of a device node's memory, the kernel's ``dev_pagemap.owner``; ``None`` for host RAM.
+
+        ``MigrateVma(..., flags=MigrateVmaSelect.DEVICE_PRIVATE | ..., pgmap_owner=x)`` collects a device
+        page only when its node's owner equals ``x``, as ``migrate_vma_collect_pmd`` compares
+        ``pgmap->owner``. The default is the node's id, so each device is its own owner; a driver that
+        drives several devices as one sets the same token on each (any hashable value but ``None``).
+        """
+        return self._owner
+
+    @owner.setter
+    def owner(self, value: Hashable) -> None:
+        if self._kind != "device":
+            raise InvalidArgument(f"node {self._id} is host memory: only a device node's memory (a dev_pagemap) "
+                                  f"has an owner")
+        self._owner = check_owner("owner", value)
 
     @property
     def free_pages(self) -> int:
