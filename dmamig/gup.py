@@ -3,6 +3,22 @@
 An address space records its pins per base pfn (``AddressSpace._pins``) and holds one folio reference per
 pin. A pinned private page is always the address space's own (``pin_user_pages`` unshares copy-on-write
 pages and never pins the zero page), which is what lets fork copy it instead of sharing it.
+
+Every pin is a long-term pin (``FOLL_LONGTERM``): device memory is not long-term pinnable
+(``folio_is_longterm_pinnable()`` is false for device-private and device-coherent ``ZONE_DEVICE`` pages), so
+device pages of the range migrate back to host memory before they are pinned, as
+``check_and_migrate_movable_folios`` does. The retry rules follow ``__gup_longterm_locked``, which faults the
+range in, migrates what is not pinnable and starts again while that returns ``-EAGAIN``:
+
+- a page under a migration entry, or isolated by another thread's migration that has not unmapped it yet, is
+  waited for (as ``migration_entry_wait`` and the folio lock make the kernel wait); waiting is not a retry,
+  since a migration in flight always ends;
+- otherwise device pages are migrated back (a ``SYNC`` migration, with its own -EAGAIN passes) and the pin
+  starts again, at most :data:`LONGTERM_PIN_RETRIES` times; pages still on a device then (host memory full,
+  a reference held elsewhere the whole time) make the pin fail with OutOfMemory (the kernel's ``-ENOMEM``),
+  pinning nothing.
+
+The machine lock is held from the last check to the pin, so no migration can move a page away in between.
 """
 
 from __future__ import annotations
@@ -11,28 +27,66 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidArgument
-from .memory import check_access, fault
+from .errors import InvalidArgument, OutOfMemory
+from .flags import PageFlag
+from .memory import check_access, fault, migrate_to_ram
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
 
-__all__ = ["drop_pins", "pin_range", "unpin_range"]
+__all__ = ["LONGTERM_PIN_RETRIES", "drop_pins", "pin_range", "unpin_range"]
+
+#: How many times a pin migrates device pages of its range back to host memory and starts again before it
+#: gives up (the kernel's ``__gup_longterm_locked`` loop, which has no bound of its own).
+LONGTERM_PIN_RETRIES = 10
+# How long a pin sleeps at most between looks at pages another thread's migration has isolated; the
+# migration wakes it when it ends, the timeout only covers a wake-up lost to a path that does not notify.
+_ISOLATED_POLL_S = 0.01
 
 
 def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
-    """``AddressSpace.pin``: fault the range in as the address space's own pages and pin each one."""
+    """``AddressSpace.pin``: fault the range in as the address space's own host pages and pin each one.
+
+    Device pages migrate back to host memory first (see the module notes for the retry rules). Raises
+    AddressFault when the mapping is not readable, OutOfMemory when device pages cannot come back.
+    """
     mm._check_open()
     addr, length = mm._check_range(addr, length, aligned=True)
     m = mm.machine
+    pages = m.pages
     with m.changed:
-        segs = mm._wait_migrations(addr, length)
-        for v, _s0, _s1 in segs:
-            check_access(v, max(addr, v.start), write=False)
-        for v, s0, s1 in segs:
-            fault(mm, v, s0, s1, 0, write=True)
-        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-        np.add.at(m.pages.refcount, m.pages.head[pfns], 1)
+        tries = 0
+        while True:
+            segs = mm._wait_migrations(addr, length)
+            for v, _s0, _s1 in segs:
+                check_access(v, max(addr, v.start), write=False)
+            if not m.device_private:
+                # A coherent device page is present: GUP unshares a copy-on-write one first (the copy goes to
+                # host memory, the other mappers keep theirs), then migrates what is left on a device.
+                for v, s0, s1 in segs:
+                    fault(mm, v, s0, s1, 0, write=True)
+            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+            remote = pfns[(pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]]
+            if remote.size == 0:
+                if m.device_private:
+                    # A device-private entry is not present: GUP's fault migrates it back first (above, for
+                    # every mapper), then unshares. New pages go to host memory, so none is remote now.
+                    for v, s0, s1 in segs:
+                        fault(mm, v, s0, s1, 0, write=True)
+                    pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+                break
+            if pages.test(pages.head[remote], PageFlag.ISOLATED).any():
+                # Another migration has taken these pages and will unmap, move or put them back: wait for it
+                # rather than fail to isolate them ourselves.
+                m.changed.wait(_ISOLATED_POLL_S)
+                continue
+            if tries == LONGTERM_PIN_RETRIES:
+                raise OutOfMemory(f"pin at {addr:#x}: {remote.size} device pages could not migrate back to host "
+                                  f"memory in {tries} tries ({m.nodes[0].free_pages} host pages free, or the "
+                                  f"pages are referenced elsewhere); a long-term pin needs its pages there")
+            tries += 1
+            migrate_to_ram(mm, remote)  # drops and retakes the lock: the range is looked at afresh
+        np.add.at(pages.refcount, pages.head[pfns], 1)
         for p in pfns.tolist():
             mm._pins[p] = mm._pins.get(p, 0) + 1
 

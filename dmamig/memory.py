@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .vma import Vma
 
 __all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "map_pages",
-           "migrate_range_to_ram", "new_pte_flags", "read_pages"]
+           "migrate_to_ram", "new_pte_flags", "read_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -254,7 +254,7 @@ def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.nda
             if m.device_private:
                 _cannot_come_back(m, addr, pfns[remote])
             return pfns
-        _migrate_to_ram(mm, pfns[remote])
+        migrate_to_ram(mm, pfns[remote])
     return pfns
 
 
@@ -264,29 +264,12 @@ def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
                        f"memory, so the access fails (SIGBUS)")
 
 
-def migrate_range_to_ram(mm: AddressSpace, addr: int, length: int) -> None:
-    """Bring every device page of ``[addr, addr + length)`` back to host memory, as a ``FOLL_LONGTERM`` pin
-    does before it pins (``check_and_migrate_movable_folios``: device memory is not long-term pinnable).
+def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:
+    """Migrate the folios of device pages ``pfns`` back to host RAM: a CPU fault on them, or a long-term pin.
 
-    Caller holds ``machine.changed``. Raises OutOfMemory when a page cannot come back.
-    """
-    m = mm.machine
-    for _attempt in range(MIGRATE_TO_RAM_TRIES + 1):
-        segs = mm._wait_migrations(addr, length)
-        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-        remote = (pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]
-        if not remote.any():
-            return
-        _migrate_to_ram(mm, pfns[remote])
-    raise OutOfMemory(f"pin at {addr:#x}: {int(remote.sum())} device pages could not migrate back to host memory "
-                      f"({m.nodes[0].free_pages} host pages free); a long-term pin needs its pages there")
-
-
-def _migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:
-    """A CPU fault on device pages: migrate their folios back to host RAM (lock held on entry and exit).
-
-    Every mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this
-    is the kernel's fault path, not move_pages.
+    The lock is held once (not nested) on entry and on exit, and dropped while the migration runs. Every
+    mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this is the
+    kernel's fault path, not move_pages.
     """
     from .flags import MigrateMode
     from .migrate.core import collect_folios, run_migration

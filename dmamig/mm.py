@@ -19,7 +19,7 @@ from ._validate import check_node
 from .errors import AddressFault, InvalidArgument
 from .flags import MigrateMode, Prot, PteFlag
 from .gup import drop_pins
-from .memory import DEFAULT_MEMCG, access_pfns, fault, migrate_range_to_ram, read_pages
+from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages
 from .migrate.options import MigrateOptions
 from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
 from .vma import ZERO_PFN, MemObject, Vma
@@ -317,24 +317,15 @@ class AddressSpace:
         Pinned pages do not migrate (``-EAGAIN``), like pages under a long-term GUP pin. As
         ``pin_user_pages`` does, a private page is made this address space's own first (the zero page and
         copy-on-write pages are replaced by a copy), so the pin and the mapping always see the same page;
-        :meth:`fork` copies pinned pages at once instead of sharing them. With device-private memory
-        (``Machine(device_memory="private")``), device pages of the range first migrate back to host memory,
-        as a ``FOLL_LONGTERM`` pin does (OutOfMemory if one cannot come); coherent device pages are pinned
-        where they are.
+        :meth:`fork` copies pinned pages at once instead of sharing them. Device pages of the range, coherent
+        and device-private alike, first migrate back to host memory, as a ``FOLL_LONGTERM`` pin does: device
+        memory is not long-term pinnable. Pages another thread is migrating are waited for; the migration
+        back is retried a bounded number of times (``dmamig.gup.LONGTERM_PIN_RETRIES``), then the pin fails
+        with OutOfMemory and pins nothing.
         """
         from .gup import pin_range
 
-        m = self.machine
-        if not m.device_private:
-            pin_range(self, addr, length)
-            return
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=True)
-        with m.changed:
-            # Device-private memory is not pinnable: as a FOLL_LONGTERM pin, bring device pages back first.
-            # The lock is held from here to the pin, so no device migrates them away in between.
-            migrate_range_to_ram(self, addr, length)
-            pin_range(self, addr, length)
+        pin_range(self, addr, length)
 
     def unpin(self, addr: int, length: int) -> None:
         """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``."""

@@ -530,20 +530,35 @@ def test_cpu_access_brings_device_pages_back(m, mm, access):
     assert np.array_equal(mm.read(addr, 8 * ps), data)
 
 
-def test_pinned_device_page_is_accessed_in_place(m, mm):
+def test_referenced_device_page_is_accessed_in_place(m, mm):
+    """A coherent device page held by a reference cannot migrate back: the CPU accesses it where it is."""
+    ps = m.page_size
+    addr = mm.mmap(2 * ps)
+    mm.write(addr, b"pinned")
+    mm.populate(addr, 2 * ps)
+    mm.migrate(addr, 2 * ps, 1)
+    pfn = mm.pfn_of(addr)
+    m.get_page(pfn)
+    assert mm.read(addr, 6).tobytes() == b"pinned"
+    mm.write(addr, b"PIN")
+    assert mm.nodes_of(addr, 2 * ps).tolist() == [1, 1]
+    assert mm.read(addr, 6).tobytes() == b"PINned"
+    m.put_page(pfn)
+    assert mm.read(addr, 6).tobytes() == b"PINned"
+    assert mm.node_of(addr) == 0
+
+
+def test_long_term_pin_brings_a_coherent_device_page_to_host(m, mm):
+    """FOLL_LONGTERM: a device page is not long-term pinnable, so pin migrates it back first."""
     ps = m.page_size
     addr = mm.mmap(2 * ps)
     mm.write(addr, b"pinned")
     mm.populate(addr, 2 * ps)
     mm.migrate(addr, 2 * ps, 1)
     mm.pin(addr, ps)
+    assert mm.nodes_of(addr, 2 * ps).tolist() == [0, 1]
     assert mm.read(addr, 6).tobytes() == b"pinned"
-    mm.write(addr, b"PIN")
-    assert mm.nodes_of(addr, 2 * ps).tolist() == [1, 1]
-    assert mm.read(addr, 6).tobytes() == b"PINned"
     mm.unpin(addr, ps)
-    assert mm.read(addr, 6).tobytes() == b"PINned"
-    assert mm.node_of(addr) == 0
 
 
 def test_device_page_read_with_full_host_is_accessed_in_place(m, mm):

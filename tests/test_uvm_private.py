@@ -1,5 +1,5 @@
 """Device-private memory (``Machine(device_memory="private")``): non-present CPU entries, CPU access always
-migrating, long-term pins migrating device pages back first."""
+migrating, long-term pins migrating device pages back first (coherent device pages too)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def test_private_cpu_access_always_migrates_and_counts():
 
 @pytest.mark.parametrize("mode", ["coherent", "private"])
 def test_long_term_pin_of_device_pages(mode):
+    """FOLL_LONGTERM: device-private and device-coherent pages alike are not long-term pinnable
+    (folio_is_longterm_pinnable), so the pinned pages come back to host memory first."""
     with _machine(mode) as m:
         mm = m.address_space()
         a = mm.mmap(8 * PS)
@@ -88,11 +90,8 @@ def test_long_term_pin_of_device_pages(mode):
         before = m.vmstat["migrate_to_ram"]
         mm.pin(a, 4 * PS)
         nodes = mm.nodes_of(a, 8 * PS)
-        if mode == "private":  # not pinnable: the pinned pages come back first
-            assert (nodes[:4] == 0).all() and (nodes[4:] == 1).all()
-            assert m.vmstat["migrate_to_ram"] == before + 4
-        else:  # device-coherent pages are pinned where they are
-            assert (nodes == 1).all() and m.vmstat["migrate_to_ram"] == before
+        assert (nodes[:4] == 0).all() and (nodes[4:] == 1).all()
+        assert m.vmstat["migrate_to_ram"] == before + 4
         assert (mm.read(a, 8 * PS) == 3).all()
         mm.unpin(a, 4 * PS)
         mm.close()
