@@ -840,8 +840,11 @@ class CudaChannel:
                             begin(dev)
                             for w, desc in prepared:
                                 self._issue(dev, s, w, desc)
-                    for w in staged:
-                        self._staging_for(w).issue(w, begin)
+                    if staged:
+                        from .cuda_peer import ChannelStaging
+
+                        for w in staged:
+                            ChannelStaging.of(self, w).issue(w, begin)
                 finally:
                     # Recorded even after a failed issue, so a wait covers what did get queued.
                     for dev in timed:
@@ -885,17 +888,6 @@ class CudaChannel:
         desc[0] = _ptr(w.src_frames) + (np.repeat(w.src_start, n) + off) * page
         desc[1] = _ptr(w.dst_frames) + (np.repeat(w.dst_start, n) + off) * page
         return desc
-
-    def _staging_for(self, w: ChannelWork) -> Any:
-        """This channel's bounce buffer for pages of ``w``'s size (the caller holds the submission lock)."""
-        from .cuda_peer import ChannelStaging
-
-        page = int(w.src_frames.shape[1])
-        if self._staging is None or self._staging.page != page:
-            if self._staging is not None:
-                self._retired_staging.append(self._staging)
-            self._staging = ChannelStaging(self, page)
-        return self._staging
 
     def _issue(self, dev: int, s: Any, w: ChannelWork, desc: np.ndarray | None) -> None:
         b = self._backend
@@ -1327,27 +1319,12 @@ class CudaBackend:
         self._check_open()
         return [CudaChannel(i, self, device) for i in range(int(count))]
 
-    def _staging_pool(self, nbytes: int) -> Any:
-        """The pool of pinned bounce buffers of ``nbytes`` for staged folio copies (made on first use)."""
-        from .cuda_peer import _PinnedPool
-
-        with self._lock:
-            if self._pinned_pool is None or self._pinned_pool.nbytes != nbytes:
-                if self._pinned_pool is not None:  # another page size: its buffers go when the backend closes
-                    self._retired_pools.append(self._pinned_pool)
-                self._pinned_pool = _PinnedPool(self._rt, nbytes)
-            return self._pinned_pool
-
     def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,
                      staged: bool | None = None) -> float:
         """Best seconds of one contiguous copy of ``nbytes`` from device ``src_dev`` to ``dst_dev`` (-1: pinned
-        host memory), timed with CUDA events.
-
-        A direct copy (``cudaMemcpyPeerAsync`` between devices) where the pair has peer access, else the staged
-        copy the DMA channels make: chunks of :data:`~dmamig.dma.staging.STAGE_BYTES` through a pinned buffer,
-        device to host on the source's stream, host to device on the destination's. ``staged`` defaults to
-        what :attr:`topology` (else the enabled peer access) says. One untimed copy warms up first; the best of
-        ``repeat`` is returned. Buffers are allocated outside CuPy's pools and freed before returning.
+        host memory), timed with CUDA events: direct where the pair has peer access, else staged as the DMA
+        channels stage it (``staged`` defaults to what :attr:`topology` says); see
+        :func:`~dmamig.backends.cuda_peer.cuda_pair_ceiling`.
 
         Raises
         ------
@@ -1362,12 +1339,11 @@ class CudaBackend:
 
         src_dev, dst_dev, nbytes, repeat = check_pair_args(src_dev, dst_dev, nbytes, repeat, staged)
         self._check_open()
-        for v in (src_dev, dst_dev):
-            if v >= self._ndev:
-                raise InvalidArgument(f"device {v} does not exist; devices 0..{self._ndev - 1} are visible")
+        if max(src_dev, dst_dev) >= self._ndev:
+            raise InvalidArgument(f"device {max(src_dev, dst_dev)} does not exist; devices 0..{self._ndev - 1} "
+                                  f"are visible")
         if staged is None:
-            t = self.topology if self.topology is not None else self.runtime_topology()
-            staged = topology_staged(t, src_dev, dst_dev)
+            staged = topology_staged(self.topology or self.runtime_topology(), src_dev, dst_dev)
         return cuda_pair_ceiling(self, src_dev, dst_dev, nbytes, repeat, bool(staged))
 
     @property

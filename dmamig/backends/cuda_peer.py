@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from .cuda import CudaBackend, CudaChannel
 
 __all__ = ["P2P_ACCESS_SUPPORTED", "P2P_NATIVE_ATOMIC_SUPPORTED", "P2P_PERFORMANCE_RANK", "ChannelStaging",
-           "cuda_pair_ceiling", "link_class", "p2p_attribute_reader", "read_runtime_topology", "stage_folios"]
+           "cuda_pair_ceiling", "link_class", "p2p_attribute_reader", "read_runtime_topology", "stage_folios",
+           "staging_pool"]
 
 # cudaDeviceP2PAttr (and CUdevice_P2PAttribute: the same numbers).
 P2P_PERFORMANCE_RANK = 1
@@ -168,6 +169,17 @@ class ChannelStaging:
         self._events: dict[tuple[str, int, int], Any] = {}  # (kind, device, slot) -> reusable event
         self._slot_free: list[Any] = [None, None]  # the event behind each slot's last read, on whatever device
 
+    @classmethod
+    def of(cls, channel: CudaChannel, w: ChannelWork) -> ChannelStaging:
+        """``channel``'s staging for pages of ``w``'s size, made on first use (under its submission lock)."""
+        page = int(w.src_frames.shape[1])
+        st = channel._staging
+        if st is None or st.page != page:
+            if st is not None:  # queued work may still read it: freed when the channel closes
+                channel._retired_staging.append(st)
+            st = channel._staging = cls(channel, page)
+        return st
+
     def _event(self, kind: str, device: int, slot: int) -> Any:
         ev = self._events.get((kind, device, slot))
         if ev is None:
@@ -258,6 +270,17 @@ class _PinnedPool:
         collect_first_error([lambda p=p: self._rt.freeHost(p) for p in ptrs])
 
 
+def staging_pool(backend: CudaBackend, nbytes: int) -> _PinnedPool:
+    """The backend's pool of pinned bounce buffers of ``nbytes`` for staged folio copies (made on first use)."""
+    with backend._lock:
+        pool = backend._pinned_pool
+        if pool is None or pool.nbytes != nbytes:
+            if pool is not None:  # another page size: its buffers are freed when the backend closes
+                backend._retired_pools.append(pool)
+            pool = backend._pinned_pool = _PinnedPool(backend._rt, nbytes)
+        return pool
+
+
 def _copies(rt: Any, page: int, from_ptr: int, a: np.ndarray, to_ptr: int, b: np.ndarray,
              n: np.ndarray) -> Callable[[Any], None]:
     """An operation for ``_device_op``: one ``cudaMemcpyAsync`` per run on the stream it is given."""
@@ -274,7 +297,7 @@ def stage_folios(backend: CudaBackend, src: Any, src_idx: np.ndarray, dst: Any, 
     destination's."""
     page = int(src.shape[1])
     cap = stage_capacity(page)
-    pool = backend._staging_pool(cap * page)
+    pool = staging_pool(backend, cap * page)
     buf = pool.take()
     rt = backend._rt
     sp, dp = _ptr(src), _ptr(dst)
