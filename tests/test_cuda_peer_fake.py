@@ -249,3 +249,10 @@ def test_info_shows_the_runtime_topology(three_gpu_machines, monkeypatch, capsys
     assert main(["info", "--backend", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "topology: cuda-runtime" in out and "PH*" in out and "NV" in out
+
+
+def test_one_gpu_has_no_pairs_to_describe(monkeypatch):
+    monkeypatch.setattr(cuda_peer, "_libcuda", lambda: None)
+    monkeypatch.delattr(FakeRuntime, "deviceGetP2PAttribute")
+    t = backend_on(FakeGpu()).runtime_topology()
+    assert t.devices == 1 and t.name == "cuda-runtime" and t.pairs() == []

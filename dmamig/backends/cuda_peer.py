@@ -133,7 +133,7 @@ def read_runtime_topology(rt: Any, ndev: int, peers: set[tuple[int, int]],
                     failed = f"{type(exc).__name__}: {exc}"
             links[a][b] = link_class(peer[a][b], atomics[a][b])
     name = "cuda-runtime"
-    if reader is None or failed is not None:
+    if ndev > 1 and (reader is None or failed is not None):
         rank = None  # the class defaults say as much as is known
         atomics = [[a == b for b in range(ndev)] for a in range(ndev)]
         links = [["" if a == b else link_class(peer[a][b], False) for b in range(ndev)] for a in range(ndev)]
