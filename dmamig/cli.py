@@ -347,7 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_parsed(parser, args)
     if args.command == "bench":
         from .bench.commands import cmd_bench
+        from .sweep import is_remote
 
+        if is_remote(args.cluster):  # the workers decide the backend: this machine may have no GPU
+            return cmd_bench(args, parser, None, 0, _console)
         backend = _resolve_backend(parser, args.backend)
         return cmd_bench(args, parser, backend, _gpu_count(backend), _console)
     if args.command == "report":

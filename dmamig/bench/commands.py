@@ -164,6 +164,9 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
     b.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder, refused if it already holds results (default "
                         "./dmamig-results/<timestamp>/, suffixed -2, -3 ... when taken)")
+    from ..sweep.cli import add_sweep_arguments
+
+    add_sweep_arguments(b, "scenario group")
 
 
 def add_report_parser(sub: Any, argtype: Callable) -> None:
@@ -195,33 +198,40 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     ----------
     args, parser
         The parsed arguments and their parser (for usage errors).
-    backend : str
-        The resolved backend, ``"cpu"`` or ``"cuda"``.
+    backend : str or None
+        The resolved backend, ``"cpu"`` or ``"cuda"``; None to resolve it on the workers of ``--cluster``
+        (a scheduler address: this machine may have no GPU while they do).
     gpus : int
-        Usable GPUs (0 on the CPU backend).
+        Usable GPUs (0 on the CPU backend); per worker when ``backend`` is None.
     console : callable
         ``console(stderr=False)`` gives a rich console.
 
     Returns
     -------
     int
-        0; 1 when a repetition failed verification; 130 after Ctrl-C (the scenarios that finished are
-        written, with ``"partial": true``; a folder left empty is removed). A folder that cannot be used
-        is a usage error (exit 2).
+        0; 1 when a repetition failed verification, or when cluster tasks failed twice (the others are
+        written, with ``"failed"``); 130 after Ctrl-C (the scenarios that finished are written, with
+        ``"partial": true``; a folder left empty is removed). A folder that cannot be used, a ``--resume``
+        of other settings and a ``--cluster`` that cannot be used are usage errors (exit 2).
     """
     import dataclasses
 
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..sweep.cli import check_sweep_arguments, open_sweep, remote_backend
     from .access import stream_batches
+    from .driver import BenchSweep, SweepFailed
     from .naming import describe_options
     from .output import OutputError, bench_folder, remove_if_empty
     from .plots import write_plots
     from .report import render_tables, write_csv, write_json
-    from .runner import SweepInterrupted, VerificationError, run_sweep, sweep_steps
+    from .runner import SweepInterrupted, VerificationError
     from .scenarios import PIPELINED, default_settings, format_size
 
+    check_sweep_arguments(args, parser)
+    if backend is None:
+        backend, gpus = remote_backend(args, parser)
     settings = default_settings(backend, gpus=gpus, quick=args.quick)
     over: dict[str, Any] = {}
     for key in ("sizes", "channels", "repeat", "warmup", "devices", "batch_pages", "batches_per_step"):
@@ -252,10 +262,16 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         parser.error(f"argument --total: {format_size(settings.total_bytes)} is not a multiple of the largest "
                      f"folio size {format_size(largest)}; use e.g. --total {format_size(largest * 64)}")
 
-    try:
-        out, created = bench_folder(args.out)
-    except OutputError as exc:
-        parser.error(str(exc))
+    def new_folder() -> tuple[Path, bool]:
+        try:
+            return bench_folder(args.out)
+        except OutputError as exc:
+            parser.error(str(exc))
+
+    sweep, out, created, session = open_sweep(
+        args, parser, lambda folder, resume: BenchSweep(settings, folder, resume=resume), new_folder,
+        backend=backend, gpus=gpus, devices_per_task=settings.devices,
+        memory_per_task=_COPIES * settings.total_bytes)
     err = console(stderr=True)
     experiments = [describe_options(o) for o in settings.option_sets()[1:]]
     if settings.variants:
@@ -269,11 +285,19 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                  f"{','.join(f'{f:g}x' for f in sorted(set(settings.oversubscription)))} device memory"
                  if settings.access else "; no device access")
               + f" -> {out}")
+    if sweep.prior:
+        err.print(f"resuming: {len(sweep.prior)} of {len(sweep.tasks)} task(s) finished before, "
+                  f"{len(sweep.todo)} to run")
+    if session is not None:
+        err.print(f"cluster {args.cluster}: scheduler {session.address}, {len(session.workers())} worker(s)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[scenario]}"), console=err) as bar:
-        task = bar.add_task("migrating", total=sweep_steps(settings), scenario="")
+        task = bar.add_task("migrating", total=sweep.steps, scenario="")
         try:
-            doc = run_sweep(settings, progress=lambda sid, n: bar.update(task, advance=n, scenario=sid))
+            doc = sweep.run(progress=lambda sid, n: bar.update(task, advance=n, scenario=sid), session=session)
+        except SweepFailed as exc:
+            bar.stop()
+            return _failed(exc, out, err)
         except VerificationError as exc:
             bar.stop()
             err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
@@ -288,8 +312,12 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
             err.print(f"dmamig bench: out of memory for {format_size(settings.total_bytes)} per scenario; "
                       f"use a smaller --total")
             return 2
+        finally:
+            if session is not None:
+                session.close()
     write_json(doc, out / "results.json")
     write_csv(doc, out / "results.csv")
+    sweep.journal.discard()  # complete: results.json holds every task, and the folder is what it always was
     plots = [] if args.no_plots else write_plots(doc, out)
     render_tables(doc, console())
     names = ", ".join(p.name for p in [out / "results.json", out / "results.csv", *plots])
@@ -310,8 +338,25 @@ def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any)
     write_json(doc, out / "results.json")
     write_csv(doc, out / "results.csv")
     err.print(f"dmamig bench: interrupted; kept the {len(doc['scenarios'])} scenario(s) that finished in "
-              f"{out / 'results.json'} (marked partial)")
+              f"{out / 'results.json'} (marked partial); continue with the same options and --resume {out}",
+              soft_wrap=True)
     return 130
+
+
+def _failed(exc: Any, out: Path, err: Any) -> int:
+    """Cluster tasks that failed twice: keep every other scenario, name each failed task and why."""
+    from rich.markup import escape
+
+    from .report import write_csv, write_json
+
+    write_json(exc.doc, out / "results.json")
+    write_csv(exc.doc, out / "results.csv")
+    err.print(f"[bold red]dmamig bench: {len(exc.failures)} task(s) failed twice[/bold red] (kept the "
+              f"{len(exc.doc['scenarios'])} scenario(s) that finished in {escape(str(out / 'results.json'))}; "
+              f"rerun the rest with --resume {escape(str(out))}):")
+    for f in exc.failures:
+        err.print(escape(f"  {f.id}: {f.error}"), soft_wrap=True)
+    return 1
 
 
 def _replay_files(*paths: Any) -> bool:

@@ -245,7 +245,16 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
     if doc.get("ceilings"):
         console.print("Ceilings (same run): " + "; ".join(
             f"{DIRECTIONS.get(c['direction'], c['direction'])} {c['gbps']:.2f} GB/s ({c['method']}, "
-            f"{format_size(c['bytes'])})" for c in doc["ceilings"]))
+            f"{format_size(c['bytes'])}{_measured_by(c.get('worker'))})" for c in doc["ceilings"]))
+
+
+def _measured_by(who: dict[str, Any] | None) -> str:
+    # Runs of several workers (a cluster, a resumed sweep) have a ceiling per worker: say whose it is.
+    if not who:
+        return ""
+    where = who.get("address") or f"pid {who.get('pid')}"
+    gpus = "".join(f", GPU {g.get('index')} {g.get('name')}" for g in who.get("gpus") or [])
+    return f", on {who.get('host')} {where}{gpus}"
 
 
 # -- comparison ------------------------------------------------------------------------------------------------

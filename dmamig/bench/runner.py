@@ -369,7 +369,9 @@ def sweep_document(settings: BenchSettings, started: _dt.datetime, wall_s: float
 
 def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None,
               on_task_done: Callable[[Task, list[dict[str, Any]]], None] | None = None,
-              skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+              skip: set[str] | frozenset[str] = frozenset(),
+              on_start: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None
+              ) -> dict[str, Any]:
     """Run every task of ``settings`` in this process and return the results document.
 
     Parameters
@@ -382,6 +384,9 @@ def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None,
         Called as ``on_task_done(task, records)`` after each task finished (a resumable sweep journals them).
     skip : set of str
         Ids of tasks not to run (finished in an earlier, interrupted run).
+    on_start : callable, optional
+        Called as ``on_start(gpus, ceilings)`` once the ceilings are measured, before the first task (a
+        journal keeps, with each task, the ceilings its ratios used).
 
     Raises
     ------
@@ -406,6 +411,8 @@ def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None,
     finally:
         backend.close()
     ceilings = {c["direction"]: c for c in ceil_list}
+    if on_start is not None:
+        on_start(gpus, ceil_list)
 
     records: list[dict[str, Any]] = []
 

@@ -60,6 +60,23 @@ _ACCESS_FIELDS = {
     "bytes_migrated_per_byte_touched": {**_num, "description": "(bytes_migrated + bytes_evicted) / bytes."},
 }
 
+#: Who ran a scenario or measured a ceiling. Recorded when a sweep ran in more than one process (on a Dask
+#: cluster, or resumed): a ratio divides by the ceiling of the same worker.
+_WORKER = {
+    "type": "object",
+    "properties": {
+        "host": {"type": "string"},
+        "address": {"type": ["string", "null"], "description": "Dask worker address; null: no cluster."},
+        "name": {"type": ["string", "null"]},
+        "pid": {"type": "integer"},
+        "run": {"type": "string", "description": "In-process sweeps: when the run that measured started."},
+        "gpus": {"type": "array", "description": "GPUs its tasks used: index, name, uuid (none on cpu).",
+                 "items": {"type": "object", "properties": {"index": {"type": ["integer", "null"]},
+                                                            "name": {"type": "string"},
+                                                            "uuid": {"type": ["string", "null"]}}}},
+    },
+}
+
 _SCENARIO = {
     "type": "object",
     "description": "One measured scenario; every figure is a median over the timed repetitions.",
@@ -67,6 +84,7 @@ _SCENARIO = {
                  "repeat", "wall_ns", "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns",
                  "cpu_ns_per_page", "ceiling_gbps", "ceiling_ratio", "verified"],
     "properties": {
+        "worker": _WORKER,
         "id": {"type": "string", "description": "Stable key, e.g. migrate/h2d/2m/nocopy/ch2; matches baselines. "
                                                 "Experiment settings append a suffix, e.g. /steps16-pipe1."},
         "name": {"type": "string",
@@ -142,6 +160,7 @@ _CEILING = {
         "bytes": _int,
         "seconds": _num,
         "gbps": _num,
+        "worker": _WORKER,
     },
 }
 
@@ -173,6 +192,9 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "dmamig": {"type": "string"},
                 "git_commit": {"type": ["string", "null"]},
                 "note": {"type": "string"},
+                "workers": {"type": "array", "items": _WORKER,
+                            "description": "Who ran the scenarios, when more than one process did."},
+                "cluster": {"type": "object", "description": "--cluster value, scheduler address, workers."},
             },
         },
         "settings": {
@@ -202,6 +224,9 @@ RESULTS_SCHEMA: dict[str, Any] = {
         "scenarios": {"type": "array", "items": _SCENARIO},
         "partial": {"type": "boolean",
                     "description": "true when the run was interrupted: only the scenarios that finished"},
+        "failed": {"type": "array", "description": "Cluster tasks that failed twice: their scenarios are missing.",
+                   "items": {"type": "object", "required": ["id", "error"],
+                             "properties": {"id": {"type": "string"}, "error": {"type": "string"}}}},
     },
     # From schema 2 on, every scenario says what it is in words and which batching it ran with.
     "if": {"properties": {"schema_version": {"const": 2}}},
