@@ -11,8 +11,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from .lackey import lackey_to_trace
-from .policies import POLICIES, make_policy
-from .replay import replay
+from .policies import POLICIES
 from .trace import Trace, TraceError, load_trace, save_trace
 from .workloads import WORKLOADS, make_workload
 
@@ -64,6 +63,9 @@ def add_replay_parser(sub: Any, argtype: Callable, positive: Callable, nonnegati
     r.add_argument("--record", type=Path, metavar="PATH", help="also save the replayed trace (.npz/.parquet)")
     r.add_argument("--out", type=Path, metavar="DIR", help="results folder (default replay-results/NAME-POLICY)")
     r.add_argument("--no-plots", action="store_true", help="skip the figures")
+    from ..sweep.cli import add_sweep_arguments
+
+    add_sweep_arguments(r, "mode's replay")
 
 
 def load_source(args: argparse.Namespace) -> Trace:
@@ -101,40 +103,84 @@ def _table(runs: list[dict[str, Any]], console: Any) -> None:
     console.print(t)
 
 
+class _UsageError(Exception):
+    """A usage error of ``dmamig replay``: printed in one line, exit 2."""
+
+
+class _Usage:
+    # What the shared --cluster/--resume checks call on a usage error (they are written for argparse).
+    def error(self, message: str) -> None:
+        raise _UsageError(message)
+
+
 def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) -> int:
-    """Run ``dmamig replay``; return the exit code (2: a bad trace or workload, 1: data that did not verify)."""
+    """Run ``dmamig replay``; return the exit code (2: a bad trace, workload, ``--cluster`` or ``--resume``;
+    1: data that did not verify, or cluster tasks that failed twice; 130: Ctrl-C, finished modes kept)."""
     from rich.progress import Progress
+
+    from ..sweep.cli import check_sweep_arguments, open_sweep
+    from .sweep import ReplayJob, ReplaySweep, replay_tasks
 
     con = console_factory()
     try:
+        check_sweep_arguments(args, _Usage())
         trace = load_source(args).validate()
         if args.record is not None:
             save_trace(trace, args.record)
-    except (TraceError, InvalidArgument) as exc:
+        modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]
+        job = ReplayJob(trace, args.policy, fast_fraction=args.fast_fraction, slow_cost=args.slow_cost,
+                        channels=args.channels, threads=args.threads, device_fraction=args.device_fraction,
+                        seed=args.seed)
+        sweep, out, _, session = open_sweep(
+            args, _Usage(), lambda folder, resume: ReplaySweep(job, replay_tasks(job, modes), folder,
+                                                               job.settings(str(args.source), modes), resume),
+            lambda: (args.out or Path("replay-results") / f"{trace.name.replace(':', '-')}-{args.policy}", False),
+            backend="cpu")
+    except (TraceError, InvalidArgument, _UsageError) as exc:
         # Bad input is a usage error, as for bench and report: one line (some readers' messages span lines).
         console_factory(stderr=True).print(f"dmamig replay: {' '.join(str(exc).split())}", markup=False,
                                            highlight=False, soft_wrap=True)
         return 2
-    modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]
-    runs = []
-    with Progress(console=con, transient=True) as prog:
-        for mode in modes:
-            task = prog.add_task(f"{trace.name} {args.policy} {mode}", total=trace.epochs)
-            res = replay(trace, make_policy(args.policy), mode, fast_fraction=args.fast_fraction,
-                         slow_cost=args.slow_cost, channels=args.channels, threads=args.threads, seed=args.seed,
-                         device_fraction=args.device_fraction,
-                         progress=lambda done, _total, task=task: prog.update(task, completed=done))
-            runs.append(res.to_dict())
+    interrupted, failures, cluster = False, [], session.describe() if session else None
+    try:
+        with Progress(console=con, transient=True) as prog:
+            bars = {t.id: prog.add_task(t.label, total=t.steps) for t in sweep.todo}
+            failures = sweep.run(lambda task, done: prog.update(bars[task.id], completed=done), session)
+    except KeyboardInterrupt:
+        interrupted = True  # the journal keeps every mode that finished
+    finally:
+        if session is not None:
+            session.close()
+    runs = sweep.runs()
+    for f in failures:
+        con.print(f"dmamig replay: {f.id} failed twice: {f.error}", style="red", markup=False, highlight=False)
+    if not runs:
+        con.print(f"dmamig replay: {'interrupted' if interrupted else 'failed'} before any replay finished; "
+                  f"nothing written")
+        return 130 if interrupted else 1
     _table(runs, con)
-    out = args.out or Path("replay-results") / f"{trace.name.replace(':', '-')}-{args.policy}"
     out.mkdir(parents=True, exist_ok=True)
     doc = {"tool": "dmamig replay", "source": str(args.source),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "python": platform.python_version(), "backend": "cpu"},
            "runs": runs}
+    if cluster is not None or sweep.prior:
+        doc["machine"]["workers"] = sweep.workers()
+    if cluster is not None:
+        doc["machine"]["cluster"] = cluster
+    if interrupted or failures:
+        doc["partial"] = True
+    if failures:
+        doc["failed"] = [{"id": f.id, "error": f.error} for f in failures]
     (out / "results.json").write_text(json.dumps(doc, indent=2))
+    if not doc.get("partial"):
+        sweep.journal.discard()  # complete: nothing is left to resume
     files = [] if args.no_plots else _plots(runs, out)
     con.print(f"wrote {out / 'results.json'}" + "".join(f", {f.name}" for f in files))
+    if interrupted or failures:
+        con.print(f"dmamig replay: {'interrupted' if interrupted else 'incomplete'}; kept {len(runs)} finished "
+                  f"replay(s) (marked partial); continue with the same options and --resume {out}")
+        return 130 if interrupted else 1
     bad = [r["config"]["mode"] for r in runs if not r["summary"]["verified"]]
     if bad:
         con.print(f"[red]data did not verify in mode(s) {', '.join(bad)}: "
