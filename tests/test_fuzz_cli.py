@@ -22,6 +22,10 @@ _BAD_NUMBER = st.sampled_from(["", "x", "-1", "1e999", "nan", "1.5", "0x10", "--
 _BAD_SIZE = st.sampled_from(["", "1", "3k", "4q", "-4k", "100T", "1.2345k", "1e3", "k", "2m2"])
 _BAD_LIST = st.sampled_from(["", ",", "x", "-1", "1;2", "3k", "1.5", "2,x"])
 _TEXT = st.text(min_size=0, max_size=12)
+#: --cluster and --resume values refused before anything connects or runs (Dask installed or not).
+_BAD_SWEEP = st.one_of(st.tuples(st.just("--cluster"), st.sampled_from(["", " ", "local:", "local:0", "local:x",
+                                                                        "local:-2"])),
+                       st.tuples(st.just("--resume"), st.sampled_from(["no-such-sweep-folder", "/"])))
 
 BENCH_BAD = st.one_of(
     st.tuples(st.sampled_from(["--total"]), _BAD_SIZE),
@@ -31,6 +35,7 @@ BENCH_BAD = st.one_of(
     st.tuples(st.sampled_from(["--repeat", "--devices"]), st.just("0")),
     st.tuples(st.sampled_from(["--backend"]), _TEXT.filter(lambda t: t not in ("auto", "cpu", "cuda"))),
     st.tuples(st.sampled_from(["--no-such-option", "--quick=1", "-z"]), st.just("1")),
+    _BAD_SWEEP,
 )
 BENCH_ANY = st.one_of(BENCH_BAD, st.tuples(st.sampled_from(["--sizes", "--channels", "--repeat", "--total"]),
                                            st.sampled_from(["4k", "2", "1", "1M", "64k,2m"])))
@@ -48,6 +53,7 @@ REPLAY_BAD = st.one_of(
     st.tuples(st.sampled_from(["--device-fraction", "--fast-fraction", "--slow-cost"]),
               st.sampled_from(["x", "", "-1", "nan", "-inf"])),
     st.tuples(st.sampled_from(["--policy", "--mode", "--format"]), _TEXT),
+    _BAD_SWEEP,
 )
 
 
