@@ -1,0 +1,118 @@
+"""pytest-benchmark suite: how much faithful no-copy migration can win on this host, and how much it does.
+
+A faithful batch overlaps nothing: the migrating thread unmaps 512 pages, copies them (copy mode) or submits
+them to the DMA channels and waits (no-copy), then moves their state. So
+
+    no-copy / copy  =  (state + CPU copy)  /  (state + DMA submission + DMA copy + hand-offs)
+
+and even a free submission and free hand-offs leave the bound ``(state + CPU copy) / (state + DMA copy)``.
+On the CPU backend the "DMA copy" is channel threads copying with streaming stores; whether two channels beat
+one depends on how much memory bandwidth one core leaves for a second. This suite measures, in one run and on
+the same frames:
+
+- ``state``: one faithful copy-mode ``mm.migrate`` of 512 pages, minus its copy phase;
+- ``cpu_copy``: the copy phase of that call (the kernel's ``folio_copy``: cached ``memcpy`` per page);
+- ``stream1`` / ``stream2``: the same 2 MiB per batch copied by one thread, and by two threads each taking
+  half, with streaming stores and no hand-off at all (threads started once, for the whole working set);
+- ``actual``: faithful copy and no-copy (2 channels) ``mm.migrate`` of the working set, per batch.
+
+It reports the bound with a free DMA engine, ``(state + cpu_copy) / (state + min(stream1, stream2))``,
+beside the measured faithful no-copy/copy ratio, and what the submission and hand-offs cost per batch
+(the measured no-copy batch minus ``state + stream``). CPU backend only: on a GPU the copy engines are not
+the CPU's threads and the DMA copy time is the copy engine's.
+
+    pytest benchmarks/bench_bound.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dmamig import Machine
+from dmamig.backends import cpu_kernels
+
+ROUNDS = int(os.environ.get("DMAMIG_BENCH_ROUNDS", "5"))
+BATCH = 512  # NR_MAX_BATCHED_MIGRATION
+PAGE = 4096
+
+
+def _per_batch_stream(src: np.ndarray, dst: np.ndarray, nbatches: int, threads: int) -> float:
+    """Seconds per 512-page batch when ``threads`` threads copy the batches' halves with streaming stores."""
+    share = BATCH // threads
+    barrier = threading.Barrier(threads + 1)
+    spans: list[float] = []
+
+    def work(t: int) -> None:
+        starts = np.arange(nbatches, dtype=np.int64) * BATCH + t * share
+        n = np.full(nbatches, share, dtype=np.int64)
+        barrier.wait()
+        cpu_kernels.copy_runs_stream(src, dst, starts, starts, n)  # one call, GIL released throughout
+        barrier.wait()
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    barrier.wait()
+    spans.append(time.perf_counter() - t0)
+    for th in pool:
+        th.join()
+    return spans[0] / nbatches
+
+
+def test_faithful_nocopy_bound(benchmark, total_bytes: int, backend_name: str, bench_summary: list[str]) -> None:
+    if backend_name != "cpu":
+        pytest.skip("the bound compares the CPU's copy with CPU channel threads: CPU backend only")
+    pages = total_bytes // PAGE
+    nbatches = pages // BATCH
+    m = Machine(host_pages=pages + BATCH, device_pages=pages + BATCH, devices=1, backend="cpu", channels=2)
+    try:
+        mm = m.address_space()
+        addr = mm.mmap(total_bytes)
+        data = np.random.default_rng(3).integers(0, 256, total_bytes, dtype=np.uint8)
+        mm.write(addr, data)
+        figures: dict[str, list[float]] = {k: [] for k in ("state", "cpu_copy", "stream1", "stream2", "copy",
+                                                           "nocopy")}
+
+        def one_round() -> None:
+            for mode, engine in (("copy", None), ("nocopy", m.dma)):
+                for target in (1, 0):
+                    res = mm.migrate(addr, total_bytes, target, engine=engine)
+                    assert res.ok
+                    if target == 1:
+                        figures[mode].append(res.wall_ns / 1e9 / nbatches)
+                        if mode == "copy":
+                            cp = res.phase_ns["copy"]
+                            figures["cpu_copy"].append(cp / 1e9 / nbatches)
+                            figures["state"].append((res.wall_ns - cp) / 1e9 / nbatches)
+            src, dst = m.nodes[0].frames, m.nodes[1].frames
+            for threads in (1, 2):
+                figures[f"stream{threads}"].append(_per_batch_stream(src, dst, nbatches, threads))
+
+        one_round()  # warm-up: compiles, first touch
+        for v in figures.values():
+            v.clear()
+        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+        assert np.array_equal(mm.read(addr, total_bytes), data)
+    finally:
+        m.close()
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    stream = min(med["stream1"], med["stream2"])
+    bound = (med["state"] + med["cpu_copy"]) / (med["state"] + stream)
+    actual = med["copy"] / med["nocopy"]
+    overhead = med["nocopy"] - med["state"] - stream
+    us = {k: round(v * 1e6, 1) for k, v in med.items()}
+    benchmark.extra_info.update(per_batch_us=us, bound_free_dma=round(bound, 3), actual_nocopy_over_copy=round(actual, 3),
+                                submission_and_handoffs_us=round(overhead * 1e6, 1), batches=nbatches)
+    bench_summary.append(
+        f"faithful 4K, per 512-page batch: state {us['state']} us, CPU copy {us['cpu_copy']} us, streaming copy "
+        f"{us['stream1']} us (1 thread) / {us['stream2']} us (2 threads); no-copy/copy bound with a free DMA "
+        f"engine {bound:.2f}x, measured {actual:.2f}x (copy {us['copy']} us, no-copy {us['nocopy']} us: "
+        f"{overhead * 1e6:.0f} us of submission and hand-offs)")
