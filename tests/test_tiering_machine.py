@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,27 +56,27 @@ def test_slow_tier_pages_are_accessed_in_place_and_device_pages_come_back():
 
 
 def test_migration_stalls_are_counted():
+    from dmamig import MigrateVma
+
     with tiered(host_nodes=[(2048, 1.0), (2048, 2.0)]) as m:
         mm = m.address_space()
         n = 1024 * m.page_size
         a = mm.mmap(n)
         mm.write(a, b"\1" * n)
         assert mm.migration_stalls == (0, 0)
-        stop = threading.Event()
-
-        def reader():
-            while not stop.is_set():
-                mm.read(a, n)
-
-        t = threading.Thread(target=reader)
-        t.start()
-        try:
-            for i in range(200):
-                mm.migrate(a, n, (i + 1) % 2)
-                if mm.migration_stalls[0]:
-                    break
-        finally:
-            stop.set()
-            t.join()
+        # A migration held in flight (pages behind migration entries) makes the reader wait: no race to win.
+        t = threading.Thread(target=mm.read, args=(a, n))
+        with MigrateVma(mm, a, a + n, 1) as mv:  # leaving the block early aborts: the reader is never stuck
+            mv.setup()
+            t.start()
+            deadline = time.monotonic() + 10
+            while mm.migration_stalls[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert mm.migration_stalls[0] == 1  # counted when the wait starts
+            mv.alloc_and_copy()
+            mv.pages()
+            mv.finalize()
+        t.join(10)
+        assert not t.is_alive()
         count, ns = mm.migration_stalls
         assert count >= 1 and ns > 0
