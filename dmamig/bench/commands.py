@@ -159,7 +159,7 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
                    help="working set over device memory of the device-access stencil, e.g. 0.5,1,1.5,2 (the "
                         "default; 2 with --quick)")
     b.add_argument("--access-total", type=argtype(_access_total), metavar="SIZE",
-                   help="working set of each device-access scenario (default 32M on cpu, 256M on cuda)")
+                   help="working set of each device-access scenario (default 32M on cpu, 128M on cuda)")
     b.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     b.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder, refused if it already holds results (default "

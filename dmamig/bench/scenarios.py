@@ -267,7 +267,7 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     performance targets quote 1 GiB; ``--total 1G`` selects it) and 1 or 2 channels, one per core. On a GPU
     the working set is 1 GiB, channels go up to 4 (one stream each), and a second GPU adds device->device.
     Every default runs the kernel's batching, plus the pipelined variant at the smallest folio size. The
-    device-access scenarios work on 32 MiB (256 MiB on a GPU; 8 MiB and the 2x stencil only with ``quick``).
+    device-access scenarios work on 32 MiB (128 MiB on a GPU; 8 MiB and the 2x stencil only with ``quick``).
 
     Parameters
     ----------
@@ -285,7 +285,7 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     if backend == "cuda":
         return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=1 << 30,
                              channels=[1, 2, 4], devices=max(1, min(gpus, 2)), repeat=5, warmup=1,
-                             access_bytes=256 << 20)
+                             access_bytes=128 << 20)
     return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=256 << 20,
                          channels=[1, 2], devices=1, repeat=5, warmup=1)
 
