@@ -13,6 +13,7 @@ import pytest
 cupy = pytest.importorskip("cupy", reason="cupy is not installed (install dmamig[cuda12] or dmamig[cuda13])")
 
 from dmamig.backends import cuda as cuda_mod  # noqa: E402
+from dmamig.backends.cuda import backend as cuda_codes  # noqa: E402
 
 #: runtime function -> parameter names, as CuPy's docstrings spell them.
 RUNTIME_SIGNATURES = {
@@ -74,13 +75,13 @@ def test_nvrtc_function_signatures(name):
 
 def test_constants_match_cupy():
     rt = cupy.cuda.runtime
-    assert rt.hostAllocPortable == cuda_mod._HOST_ALLOC_PORTABLE
-    assert rt.hostAllocMapped == cuda_mod._HOST_ALLOC_MAPPED
-    assert rt.memcpyHostToDevice == cuda_mod._MEMCPY_HOST_TO_DEVICE
-    assert rt.memcpyDeviceToHost == cuda_mod._MEMCPY_DEVICE_TO_HOST
-    assert rt.memcpyDefault == cuda_mod._MEMCPY_DEFAULT
-    assert rt.eventBlockingSync == cuda_mod._EVENT_BLOCKING_SYNC
-    assert rt.eventDisableTiming == cuda_mod._EVENT_DISABLE_TIMING
+    assert rt.hostAllocPortable == cuda_codes._HOST_ALLOC_PORTABLE
+    assert rt.hostAllocMapped == cuda_codes._HOST_ALLOC_MAPPED
+    assert rt.memcpyHostToDevice == cuda_codes._MEMCPY_HOST_TO_DEVICE
+    assert rt.memcpyDeviceToHost == cuda_codes._MEMCPY_DEVICE_TO_HOST
+    assert rt.memcpyDefault == cuda_codes._MEMCPY_DEFAULT
+    assert rt.eventBlockingSync == cuda_codes._EVENT_BLOCKING_SYNC
+    assert rt.eventDisableTiming == cuda_codes._EVENT_DISABLE_TIMING
     assert rt.streamNonBlocking == 1
 
 

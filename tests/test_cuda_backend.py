@@ -276,11 +276,11 @@ def test_batched_memcpy_path():
 
 # -- grid-stride loops, odd page sizes ----------------------------------------------------------------------------
 def test_kernels_with_more_pages_than_the_grid(cuda, monkeypatch):
-    import dmamig.backends.cuda as cuda_mod
+    from dmamig.backends.cuda import backend as cuda_kernels
 
     # Real grid size: 70,000 pages of 64 bytes is more than MAX_GRID blocks.
     page = 64
-    n = cuda_mod.MAX_GRID + 4464
+    n = cuda_kernels.MAX_GRID + 4464
     nodes = make_nodes(cuda, sizes=(n, n), devices=(-1, 0), seed=14, page=page)
     with engine_for(cuda, nodes, channels=1, options=PlanOptions(memcpy_min_pages=10**9)) as engine:
         before = contents(cuda, nodes)
@@ -290,7 +290,7 @@ def test_kernels_with_more_pages_than_the_grid(cuda, monkeypatch):
         np.testing.assert_array_equal(after[n:], before[perm])
         np.testing.assert_array_equal(engine.checksum(np.arange(2 * n)), page_checksums(after))
         # A tiny grid: every block strides over many pages.
-        monkeypatch.setattr(cuda_mod, "MAX_GRID", 3)
+        monkeypatch.setattr(cuda_kernels, "MAX_GRID", 3)
         engine.copy(n + np.arange(1000), np.arange(1000)).wait(timeout=120)
         np.testing.assert_array_equal(contents(cuda, nodes)[:1000], before[perm[:1000]])
         np.testing.assert_array_equal(engine.checksum(np.arange(1000)), page_checksums(before[perm[:1000]]))

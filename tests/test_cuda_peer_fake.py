@@ -10,17 +10,17 @@ from test_cuda_fake import (
     GATHER,
     MEMCPY,
     PAGE,
-    FakeCupy,
     FakeGpu,
     FakeRuntime,
     backend_on,
     contents,
     make_nodes,
+    use_fake_cupy,
 )
 
 from dmamig import InvalidArgument, Machine, Topology
 from dmamig.backends import cuda as cuda_mod
-from dmamig.backends import cuda_peer
+from dmamig.backends.cuda import staging as cuda_peer
 from dmamig.dma import DmaEngine, staging
 from dmamig.nodes import NodeMap
 
@@ -105,7 +105,7 @@ def test_staged_and_peer_copies_between_gpus(opts, auto, monkeypatch):
         s = engine.stats
         assert (s.staged_bytes, s.peer_bytes) == (13 * PAGE, 10 * PAGE) and s.peer_runs >= 1
         assert set(engine.devices_used) == {0, 1, 2}
-        dev2_ptr = cuda_mod._ptr(nodes[3].frames)
+        dev2_ptr = nodes[3].frames.ptr
         into_dev2 = [e for e in gpu.log if e[0] == "memcpyAsync" and dev2_ptr <= e[1] < dev2_ptr + 32 * PAGE]
         # Only the second hop writes device 2, from the channel's pinned bounce buffer (not from device 0).
         assert all(gpu.check(e[2], e[3]) == -1 for e in into_dev2)
@@ -172,7 +172,7 @@ def three_gpu_machines(monkeypatch):
 
     gpu = three_gpus()
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
-    monkeypatch.setattr(cuda_mod, "_cupy", lambda: FakeCupy(gpu))
+    use_fake_cupy(monkeypatch, gpu)
     return gpu
 
 

@@ -8,9 +8,8 @@ import ctypes
 
 import numpy as np
 import pytest
-from test_cuda_fake import FakeCupy, FakeGpu, FakeKernel
+from test_cuda_fake import FakeCupy, FakeGpu, FakeKernel, use_fake_cupy
 
-from dmamig.backends import cuda as cuda_mod
 from dmamig.backends.cpu import CpuBackend
 from dmamig.backends.cuda import CudaBackend
 
@@ -71,7 +70,7 @@ def test_oversubscribed_device_access_on_a_cuda_machine(gpu, monkeypatch):
     from dmamig import DeviceAccessor, Machine, UvmOptions
 
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
-    monkeypatch.setattr(cuda_mod, "_cupy", lambda: FakeCupy(gpu))
+    use_fake_cupy(monkeypatch, gpu)
     with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2) as m:
         mm = m.address_space()
         n = 2048  # twice the device

@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from ..dma.checksum import page_checksums
-from ..dma.plan import METHOD_BATCH, METHOD_GATHER
-from ..errors import BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
-from . import cpu_kernels
-from .base import CHANNEL_COUNTERS, ChannelWork, DeviceInfo, route_counts
+from ...dma.checksum import page_checksums
+from ...dma.plan import METHOD_BATCH, METHOD_GATHER
+from ...errors import BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
+from .. import cpu_kernels
+from ..base import CHANNEL_COUNTERS, ChannelWork, DeviceInfo, route_counts
 
 __all__ = [
     "BATCH_COPY_ENV",
@@ -380,7 +380,7 @@ def kernel_source(name: str) -> str:
         return importlib.resources.files("dmamig.kernels").joinpath(name).read_text(encoding="utf-8")
     except ModuleNotFoundError:
         # Running from a source checkout on sys.path (not installed): kernels/ sits beside the package.
-        return (Path(__file__).resolve().parents[2] / "kernels" / name).read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[3] / "kernels" / name).read_text(encoding="utf-8")
 
 
 def compile_kernel_nvrtc(fname: str, arch: int, cp: Any = None) -> bytes:
@@ -421,7 +421,7 @@ def compile_kernel_nvrtc(fname: str, arch: int, cp: Any = None) -> bytes:
 def kernel_build_status() -> dict[str, str]:
     """Build every kernel now and report, per ``.cu`` file, ``"compiled OK"``, ``"error: ..."``, or, without a
     usable GPU, whether NVRTC compiles it for sm_90 (for ``dmamig info``)."""
-    from . import cuda_unavailable_reason
+    from .. import cuda_unavailable_reason
 
     reason = cuda_unavailable_reason()
     status: dict[str, str] = {}
@@ -720,7 +720,7 @@ class CudaChannel:
 
     The engine gives each device its own channels; a channel's work runs on its stream of the device that
     drives the copy, and a staged copy (two GPUs without peer access) on its streams of both devices through
-    its pinned bounce buffer (:class:`~dmamig.backends.cuda_peer.ChannelStaging`).
+    its pinned bounce buffer (:class:`~dmamig.backends.cuda.staging.ChannelStaging`).
 
     Parameters
     ----------
@@ -841,7 +841,7 @@ class CudaChannel:
                             for w, desc in prepared:
                                 self._issue(dev, s, w, desc)
                     if staged:
-                        from .cuda_peer import ChannelStaging
+                        from .staging import ChannelStaging
 
                         for w in staged:
                             ChannelStaging.of(self, w).issue(w, begin)
@@ -1015,7 +1015,7 @@ class CudaBackend:
         self._device_frames: list[weakref.ref] = []
         self._copy_calls = 0
         self._copy_seconds = 0.0
-        self._pinned_pool: Any = None  # bounce buffers of staged folio copies (cuda_peer._PinnedPool)
+        self._pinned_pool: Any = None  # bounce buffers of staged folio copies (staging._PinnedPool)
         self._retired_pools: list[Any] = []
         self.peers: set[tuple[int, int]] = self._enable_peer_access()
         self._runtime_topology: Any = None
@@ -1061,9 +1061,9 @@ class CudaBackend:
 
     def runtime_topology(self) -> Any:
         """The :class:`~dmamig.topology.Topology` of every visible GPU, read from the runtime once (peer access as
-        enabled; links from ``cudaDeviceGetP2PAttribute``, see :mod:`dmamig.backends.cuda_peer`)."""
+        enabled; links from ``cudaDeviceGetP2PAttribute``, see :mod:`dmamig.backends.cuda.staging`)."""
         if self._runtime_topology is None:
-            from .cuda_peer import read_runtime_topology
+            from .staging import read_runtime_topology
 
             try:
                 self._runtime_topology = read_runtime_topology(self._rt, self._ndev, self.peers)
@@ -1263,7 +1263,7 @@ class CudaBackend:
         """Copy folio by folio on the calling thread: one ``cudaMemcpyAsync`` per folio (``cudaMemcpyPeerAsync``
         between devices) on the device's synchronous-operations stream, and one wait at the end of the batch.
         ``staged`` (two GPUs without peer access): through a pinned bounce buffer, into it on the source's stream,
-        then out of it on the destination's (:func:`~dmamig.backends.cuda_peer.stage_folios`).
+        then out of it on the destination's (:func:`~dmamig.backends.cuda.staging.stage_folios`).
 
         The calls and their host time are counted in :attr:`copy_stats`: on a GPU this faithful per-folio copy
         costs one driver call per folio, which is what copy mode measures.
@@ -1279,7 +1279,7 @@ class CudaBackend:
             return
         sdev, ddev = _device_of(src), _device_of(dst)
         if staged and sdev >= 0 and ddev >= 0 and sdev != ddev:
-            from .cuda_peer import stage_folios
+            from .staging import stage_folios
 
             t0 = time.perf_counter()
             stage_folios(self, src, src_idx, dst, dst_idx, nr_pages)
@@ -1324,7 +1324,7 @@ class CudaBackend:
         """Best seconds of one contiguous copy of ``nbytes`` from device ``src_dev`` to ``dst_dev`` (-1: pinned
         host memory), timed with CUDA events: direct where the pair has peer access, else staged as the DMA
         channels stage it (``staged`` defaults to what :attr:`topology` says); see
-        :func:`~dmamig.backends.cuda_peer.cuda_pair_ceiling`.
+        :func:`~dmamig.backends.cuda.staging.cuda_pair_ceiling`.
 
         Raises
         ------
@@ -1334,8 +1334,8 @@ class CudaBackend:
         OutOfMemory, DmaError
             The buffers could not be allocated, or a copy failed.
         """
-        from .ceiling import check_pair_args, topology_staged
-        from .cuda_peer import cuda_pair_ceiling
+        from ..ceiling import check_pair_args, topology_staged
+        from .staging import cuda_pair_ceiling
 
         src_dev, dst_dev, nbytes, repeat = check_pair_args(src_dev, dst_dev, nbytes, repeat, staged)
         self._check_open()
@@ -1585,6 +1585,3 @@ def nvrtc_check(archs: Iterable[int] = (80, 90)) -> int:
                 print(f"nvrtc {st['version']} sm_{arch} {fname}: FAILED: {exc}")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(nvrtc_check())

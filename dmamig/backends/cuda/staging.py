@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..dma.plan import METHOD_GATHER
-from ..dma.staging import STAGE_BYTES, stage_capacity, stage_chunks
-from ..topology import LINK_NVLINK, LINK_PCIE_HOST, LINK_PCIE_SWITCH, Topology
-from .base import ChannelWork, route_counts
-from .cuda import (
+from ...dma.plan import METHOD_GATHER
+from ...dma.staging import STAGE_BYTES, stage_capacity, stage_chunks
+from ...topology import LINK_NVLINK, LINK_PCIE_HOST, LINK_PCIE_SWITCH, Topology
+from ..base import ChannelWork, route_counts
+from .backend import (
     _EVENT_BLOCKING_SYNC,
     _EVENT_DISABLE_TIMING,
     _HOST_ALLOC_MAPPED,
@@ -42,7 +42,7 @@ from .cuda import (
 )
 
 if TYPE_CHECKING:
-    from .cuda import CudaBackend, CudaChannel
+    from .backend import CudaBackend, CudaChannel
 
 __all__ = ["P2P_ACCESS_SUPPORTED", "P2P_NATIVE_ATOMIC_SUPPORTED", "P2P_PERFORMANCE_RANK", "ChannelStaging",
            "cuda_pair_ceiling", "link_class", "p2p_attribute_reader", "read_runtime_topology", "stage_folios",
