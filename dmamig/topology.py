@@ -15,7 +15,7 @@ Peer access usually follows the link class (presets: yes for ``nvlink`` and ``pc
 but a platform or a user may deny it anywhere.
 
 On the CPU backend the topology is a setting (:class:`Topology` presets or an explicit matrix); on the CUDA
-backend it is read from the runtime (see :mod:`dmamig.backends.cuda.staging`).
+backend it is read from the runtime (see :mod:`dmamig.backends.cuda.topology`).
 """
 
 from __future__ import annotations

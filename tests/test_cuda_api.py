@@ -13,7 +13,7 @@ import pytest
 cupy = pytest.importorskip("cupy", reason="cupy is not installed (install dmamig[cuda12] or dmamig[cuda13])")
 
 from dmamig.backends import cuda as cuda_mod  # noqa: E402
-from dmamig.backends.cuda import backend as cuda_codes  # noqa: E402
+from dmamig.backends.cuda import codes as cuda_codes  # noqa: E402
 
 #: runtime function -> parameter names, as CuPy's docstrings spell them.
 RUNTIME_SIGNATURES = {

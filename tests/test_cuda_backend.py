@@ -276,7 +276,7 @@ def test_batched_memcpy_path():
 
 # -- grid-stride loops, odd page sizes ----------------------------------------------------------------------------
 def test_kernels_with_more_pages_than_the_grid(cuda, monkeypatch):
-    from dmamig.backends.cuda import backend as cuda_kernels
+    from dmamig.backends.cuda import kernels as cuda_kernels
 
     # Real grid size: 70,000 pages of 64 bytes is more than MAX_GRID blocks.
     page = 64

@@ -26,7 +26,8 @@ from dmamig.backends.cuda import (
     CudaBackend,
     DeviceFrames,
 )
-from dmamig.backends.cuda import backend as cuda_backend
+from dmamig.backends.cuda import kernels as cuda_kernels
+from dmamig.backends.cuda import runtime as cuda_runtime
 from dmamig.dma import DmaEngine, PlanOptions, page_checksums
 from dmamig.dma.plan import METHOD_BATCH, METHOD_MEMCPY
 from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
@@ -420,7 +421,7 @@ def backend_on(gpu: FakeGpu, **kw) -> CudaBackend:
 def use_fake_cupy(monkeypatch, gpu: FakeGpu) -> None:
     """Make the one place the CUDA backend imports cupy hand out the stand-in on ``gpu`` instead: backends made
     without ``cupy=`` (``backend="cuda"`` machines) and the module-level helpers then drive the stand-in."""
-    monkeypatch.setattr(cuda_backend, "_cupy", lambda: FakeCupy(gpu))
+    monkeypatch.setattr(cuda_runtime, "_cupy", lambda: FakeCupy(gpu))
 
 
 def make_nodes(backend, sizes=(64, 64), devices=(-1, 0), seed=0, page=PAGE):
@@ -572,7 +573,7 @@ def test_engine_copies_match_numpy(gpu, opts):
 
 
 def test_grid_is_capped_and_kernels_launch_on_the_channel_stream(gpu, monkeypatch):
-    monkeypatch.setattr(cuda_backend, "MAX_GRID", 8)
+    monkeypatch.setattr(cuda_kernels, "MAX_GRID", 8)
     b = backend_on(gpu)
     nodes = make_nodes(b, sizes=(64, 64), devices=(-1, 0), page=64)
     with engine_for(b, nodes, channels=1, options=GATHER) as engine:

@@ -180,9 +180,9 @@ def test_gpu_tests_skip_without_a_gpu_and_fail_when_one_is_required():
 
 def test_nvrtc_check_without_nvrtc_is_a_note_not_a_failure(monkeypatch, capsys):
     from dmamig.backends import cuda as cuda_mod
-    from dmamig.backends.cuda import backend as cuda_backend
+    from dmamig.backends.cuda import runtime as cuda_runtime
 
-    monkeypatch.setattr(cuda_backend, "nvrtc_status", lambda cp=None: {"found": False, "version": None,
+    monkeypatch.setattr(cuda_runtime, "nvrtc_status", lambda cp=None: {"found": False, "version": None,
                                                                      "detail": "cupy is not installed"})
     assert cuda_mod.nvrtc_check() == 0
     assert "skipped: cupy is not installed" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from test_cuda_fake import (
 
 from dmamig import InvalidArgument, Machine, Topology
 from dmamig.backends import cuda as cuda_mod
-from dmamig.backends.cuda import staging as cuda_peer
+from dmamig.backends.cuda import topology as cuda_topology
 from dmamig.dma import DmaEngine, staging
 from dmamig.nodes import NodeMap
 
@@ -63,7 +63,7 @@ def test_topology_is_read_from_the_runtime(nvlink, near):
 
 def test_without_an_attribute_query_links_follow_peer_access(monkeypatch):
     monkeypatch.delattr(FakeRuntime, "deviceGetP2PAttribute")
-    monkeypatch.setattr(cuda_peer, "_libcuda", lambda: None)
+    monkeypatch.setattr(cuda_topology, "_libcuda", lambda: None)
     t = backend_on(three_gpus()).runtime_topology()
     assert "links from peer access only" in t.name and "libcuda" in t.name
     assert (t.link(0, 1), t.link(0, 2)) == ("pcie-switch", "pcie-host") and not t.native_atomics(0, 1)
@@ -252,7 +252,7 @@ def test_info_shows_the_runtime_topology(three_gpu_machines, monkeypatch, capsys
 
 
 def test_one_gpu_has_no_pairs_to_describe(monkeypatch):
-    monkeypatch.setattr(cuda_peer, "_libcuda", lambda: None)
+    monkeypatch.setattr(cuda_topology, "_libcuda", lambda: None)
     monkeypatch.delattr(FakeRuntime, "deviceGetP2PAttribute")
     t = backend_on(FakeGpu()).runtime_topology()
     assert t.devices == 1 and t.name == "cuda-runtime" and t.pairs() == []

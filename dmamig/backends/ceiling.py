@@ -2,7 +2,7 @@
 does, directly or staged through host memory, for benchmarks to print beside what a migration achieves.
 
 The CPU backend times ``np.copyto`` here; the CUDA backend times copies with CUDA events
-(:func:`dmamig.backends.cuda.staging.cuda_pair_ceiling`). Both validate their arguments with :func:`check_pair_args`.
+(:func:`dmamig.backends.cuda.ceilings.cuda_pair_ceiling`). Both validate their arguments with :func:`check_pair_args`.
 """
 
 from __future__ import annotations

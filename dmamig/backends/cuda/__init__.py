@@ -1,53 +1,70 @@
 """The CUDA backend (CuPy): pinned host frames, device frames, stream channels and RawModule kernels.
 
-``cupy`` is imported inside this package only, and only when a backend object is made or a kernel is built, so
-importing it (and :mod:`dmamig`) works on machines without cupy or without a GPU.
+``cupy`` is imported inside this package only (by :func:`dmamig.backends.cuda.runtime._cupy`), and only when a
+backend object is made or a kernel is built, so importing it (and :mod:`dmamig`) works on machines without
+cupy or without a GPU. A backend may also be handed any object that provides the few CuPy names it uses
+(``cupy=``); the test suite drives the real channel and backend code through a small numpy implementation of
+them.
+
+Memory: host RAM frames are pinned (``cudaHostAlloc``, portable and mapped): copies from them are truly
+asynchronous and, under unified virtual addressing, the host pointer is also a device pointer, so the
+gather/scatter kernel reads and writes host pages directly. Device frames are plain ``cudaMalloc`` allocations
+(:class:`DeviceFrames`), outside CuPy's memory pools, so :meth:`CudaBackend.close` gives every byte back to
+the driver instead of leaving it cached in a pool.
+
+Channels: each DMA channel owns one non-blocking stream per device (so it never serialises with the legacy
+default stream). Per run the plan's method picks ``cudaMemcpyAsync`` (``cudaMemcpyPeerAsync`` between
+devices), the batched ``page_gather_copy`` kernel from ``kernels/page_copy.cu``, or ``cuMemcpyBatchAsync``
+when it was switched on. Completions are CUDA events recorded after the work. Their state is read with
+``cudaEventQuery`` directly: ``cudaSuccess`` is done, ``cudaErrorNotReady`` pending, and any other code is a
+CUDA error, turned into a :class:`~dmamig.errors.DmaError` that names it (CuPy's ``Event.done`` would report
+such an event as forever pending).
+
+Kernels are compiled with NVRTC. When NVRTC (or the build) is unavailable the backend warns once and keeps
+working: gather runs become one ``cudaMemcpyAsync`` per run and checksums are computed on the host.
+
+Modules, one job each:
+
+=============  ===============================================================================================
+``codes``      CUDA status codes and flag values; CUDA errors as the project's exceptions
+``runtime``    the cupy import, NVRTC's preload and status, the CUDA versions ``dmamig info`` shows
+``kernels``    kernel sources, launch shape, NVRTC compilation and check, build status (``dmamig info``)
+``memory``     device frames outside CuPy's pools, pinned host memory, frame addresses and release
+``events``     ``cudaEventQuery`` results, the timing-event ring, the completion of channel work
+``channels``   stream channels: descriptors, per-run copy methods, submission
+``batch``      ``cuMemcpyBatchAsync`` through ``cuda.bindings``, off unless asked for
+``staging``    copies between GPUs without peer access, through pinned bounce buffers
+``topology``   peer access and link classes read from the runtime
+``frameops``   the backend's synchronous frame operations (allocate, read, write, zero, access, checksum)
+``copies``     copy mode: the migrating thread's per-folio copies and their cost
+``ceilings``   copy ceilings timed with CUDA events, per direction and per device pair
+``backend``    :class:`CudaBackend`: devices, peer access, kernel cache, channels, close
+=============  ===============================================================================================
+
+Module-level settings are read in the module that uses them, so change them there (the names re-exported here
+are copies): ``MAX_GRID`` in :mod:`~dmamig.backends.cuda.kernels`, ``_cupy`` (the cupy import) in
+:mod:`~dmamig.backends.cuda.runtime`.
 """
 
-from .backend import (
-    BATCH_COPY_ENV,
-    KERNEL_FILES,
-    CudaBackend,
-    CudaChannel,
-    DeviceFrames,
-    PendingRing,
+from .backend import CudaBackend
+from .batch import BATCH_COPY_ENV
+from .channels import CudaChannel
+from .codes import (
+    CUDA_ERROR_INSUFFICIENT_DRIVER,
+    CUDA_ERROR_MEMORY_ALLOCATION,
+    CUDA_ERROR_NO_DEVICE,
+    CUDA_ERROR_NOT_READY,
+    CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED,
+    CUDA_SUCCESS,
     collect_first_error,
-    compile_kernel_nvrtc,
-    cuda_environment,
     cuda_error_kind,
     cuda_error_text,
-    event_finished,
-    kernel_build_status,
-    kernel_source,
     map_cuda_error,
-    nvrtc_check,
-    nvrtc_status,
-    preload_nvrtc,
 )
-from .backend import (
-    CUDA_ERROR_INSUFFICIENT_DRIVER as CUDA_ERROR_INSUFFICIENT_DRIVER,
-)
-from .backend import (
-    CUDA_ERROR_MEMORY_ALLOCATION as CUDA_ERROR_MEMORY_ALLOCATION,
-)
-from .backend import (
-    CUDA_ERROR_NO_DEVICE as CUDA_ERROR_NO_DEVICE,
-)
-from .backend import (
-    CUDA_ERROR_NOT_READY as CUDA_ERROR_NOT_READY,
-)
-from .backend import (
-    CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED as CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED,
-)
-from .backend import (
-    CUDA_SUCCESS as CUDA_SUCCESS,
-)
-from .backend import (
-    TIMING_RING as TIMING_RING,
-)
-from .backend import (
-    run_spans as run_spans,
-)
+from .events import TIMING_RING, PendingRing, event_finished
+from .kernels import KERNEL_FILES, compile_kernel_nvrtc, kernel_build_status, kernel_source, nvrtc_check
+from .memory import DeviceFrames, run_spans
+from .runtime import cuda_environment, nvrtc_status, preload_nvrtc
 
 __all__ = [
     "BATCH_COPY_ENV",
@@ -68,4 +85,13 @@ __all__ = [
     "nvrtc_check",
     "nvrtc_status",
     "preload_nvrtc",
+    # Public names of the single-module backend, importable from here as before.
+    "CUDA_ERROR_INSUFFICIENT_DRIVER",
+    "CUDA_ERROR_MEMORY_ALLOCATION",
+    "CUDA_ERROR_NOT_READY",
+    "CUDA_ERROR_NO_DEVICE",
+    "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED",
+    "CUDA_SUCCESS",
+    "TIMING_RING",
+    "run_spans",
 ]

@@ -1,0 +1,298 @@
+"""DMA channels on CUDA streams: one non-blocking stream per device, the per-page descriptors of gather runs
+and their upload, and per run the plan's method.
+
+Each channel owns one non-blocking stream per device (so it never serialises with the legacy default stream).
+Per run the plan's method picks ``cudaMemcpyAsync`` (``cudaMemcpyPeerAsync`` between devices), the batched
+``page_gather_copy`` kernel from ``kernels/page_copy.cu``, or ``cuMemcpyBatchAsync`` when it was switched on;
+staged work (two GPUs without peer access) goes through the channel's pinned bounce buffer
+(:class:`~dmamig.backends.cuda.staging.ChannelStaging`). Completions are CUDA events recorded after the work
+(:mod:`dmamig.backends.cuda.events`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...dma.plan import METHOD_BATCH, METHOD_GATHER
+from ...errors import DmaError
+from ..base import CHANNEL_COUNTERS, ChannelWork, route_counts
+from .codes import (
+    _EVENT_BLOCKING_SYNC,
+    _MEMCPY_DEFAULT,
+    _MEMCPY_HOST_TO_DEVICE,
+    collect_first_error,
+    map_cuda_error,
+)
+from .events import TIMING_RING, PendingRing, _CudaCompletion
+from .kernels import launch
+from .memory import _device_of, _ptr
+from .staging import ChannelStaging
+
+if TYPE_CHECKING:
+    from .backend import CudaBackend
+
+__all__ = ["CudaChannel"]
+
+
+def _nvtx(cp: Any) -> Any:
+    return getattr(cp.cuda, "nvtx", None)
+
+
+class CudaChannel:
+    """One DMA channel: a non-blocking stream per device, with per-method copy issue.
+
+    The engine gives each device its own channels; a channel's work runs on its stream of the device that
+    drives the copy, and a staged copy (two GPUs without peer access) on its streams of both devices through
+    its pinned bounce buffer (:class:`~dmamig.backends.cuda.staging.ChannelStaging`).
+
+    Parameters
+    ----------
+    index : int
+        Channel number within its device.
+    backend : CudaBackend
+        The backend owning the kernels and peer-access table.
+    device : int
+        The device whose channel this is.
+    """
+
+    def __init__(self, index: int, backend: CudaBackend, device: int = 0):
+        self.index = int(index)
+        self.device = int(device)
+        self._backend = backend
+        self._staging: Any = None  # ChannelStaging, made on the first staged copy
+        self._retired_staging: list[Any] = []  # outgrown ones, freed at close (queued work may still use them)
+        self._cp = backend._cp
+        self._rt = backend._rt
+        self._streams: dict[int, Any] = {}
+        self._scratch: dict[int, tuple[int, int]] = {}  # device -> (descriptor buffer, bytes)
+        self._retired: list[tuple[int, int]] = []  # outgrown descriptor buffers, freed at close
+        self._lock = threading.Lock()  # counters, busy time, the timing ring
+        self._submit_lock = threading.Lock()  # one submission at a time owns the descriptor buffers
+        self._counters = dict.fromkeys(CHANNEL_COUNTERS, 0)
+        self._busy = 0.0
+        self._ring = PendingRing(TIMING_RING)
+        self._closed = False
+
+    def stream(self, device: int) -> Any:
+        """This channel's stream on ``device`` (created on first use, non-blocking)."""
+        with self._lock:  # copy() may be called from several threads
+            s = self._streams.get(device)
+            if s is None:
+                with self._cp.cuda.Device(device):
+                    s = self._cp.cuda.Stream(non_blocking=True)
+                self._streams[device] = s
+            return s
+
+    @property
+    def busy_seconds(self) -> float:
+        """GPU time spent on this channel's completed work (CUDA event timing; failed jobs do not count)."""
+        with self._lock:
+            ready = self._ring.pop_ready(lambda c: c._settled or c._poll())
+        for c in ready:
+            c._settle()
+        with self._lock:
+            return self._busy
+
+    def _add_busy(self, seconds: float) -> None:
+        with self._lock:
+            self._busy += seconds
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """``kernel_launches``, ``memcpy_calls`` and ``batch_calls`` issued so far, and the device-to-device runs
+        and bytes copied directly (``peer_*``) or through host memory (``staged_*``)."""
+        with self._lock:
+            return dict(self._counters)
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self._counters[key] += n
+
+    @staticmethod
+    def _exec_device(w: ChannelWork) -> int:
+        # The destination's GPU drives the copy when there is one (writes are what a DMA engine pushes); else
+        # the source's; host-to-host copies go through device 0.
+        if w.dst_kind == "device":
+            return int(w.dst_device)
+        if w.src_kind == "device":
+            return int(w.src_device)
+        return 0
+
+    def submit(self, work: list[ChannelWork]) -> _CudaCompletion:
+        """Issue ``work`` on this channel's streams and return its completion without waiting.
+
+        Raises
+        ------
+        DmaError
+            The channel is closed.
+        """
+        if self._closed:
+            raise DmaError(f"DMA channel {self.index} is closed; open a new engine to copy")
+        cp, rt = self._cp, self._rt
+        ends: list[Any] = []
+        starts: list[Any] = []
+        error: BaseException | None = None
+        by_device: dict[int, list[ChannelWork]] = {}
+        staged: list[ChannelWork] = []
+        for w in work:
+            if w.staged:
+                staged.append(w)
+            else:
+                by_device.setdefault(self._exec_device(w), []).append(w)
+        timed: list[int] = []  # devices whose stream got a start event (each gets an end event below)
+
+        def begin(dev: int) -> None:
+            if dev not in timed:
+                with cp.cuda.Device(dev):
+                    start = rt.eventCreateWithFlags(0)
+                    starts.append(start)
+                    timed.append(dev)
+                    rt.eventRecord(start, self.stream(dev).ptr)
+
+        nvtx = _nvtx(cp)
+        if nvtx is not None:
+            nvtx.RangePush(f"dmamig dma channel {self.index}")
+        try:
+            with self._submit_lock:
+                try:
+                    for dev, items in by_device.items():
+                        with cp.cuda.Device(dev):
+                            s = self.stream(dev)
+                            # Host-side descriptor work first, so the timed span covers the GPU's work only.
+                            prepared = [(w, self._prepare(dev, w)) for w in items]
+                            begin(dev)
+                            for w, desc in prepared:
+                                self._issue(dev, s, w, desc)
+                    for w in staged:
+                        ChannelStaging.of(self, w).issue(w, begin)
+                finally:
+                    # Recorded even after a failed issue, so a wait covers what did get queued.
+                    for dev in timed:
+                        with cp.cuda.Device(dev):
+                            end = rt.eventCreateWithFlags(_EVENT_BLOCKING_SYNC)
+                            rt.eventRecord(end, self.stream(dev).ptr)
+                            ends.append(end)
+        except Exception as exc:
+            error = map_cuda_error(exc, f"DMA channel {self.index}: issuing copies")
+            if error is not exc:
+                error.__cause__ = exc
+        finally:
+            if nvtx is not None:
+                nvtx.RangePop()
+        if len(starts) > len(ends):  # the end event could not be made: drop the unmatched start event
+            for ev in starts[len(ends):]:
+                try:
+                    rt.eventDestroy(ev)
+                except Exception:
+                    pass
+            del starts[len(ends):]
+        completion = _CudaCompletion(self, ends, starts, error)
+        with self._lock:
+            over = self._ring.push(completion)
+        for old in over:  # keep the number of live timing events bounded: settle the oldest job now
+            old.wait(None)
+        return completion
+
+    def _prepare(self, dev: int, w: ChannelWork) -> np.ndarray | None:
+        """Per-page descriptors (2, n) of a gather run set, or ``None`` when it goes another way."""
+        if w.method != METHOD_GATHER or not self._backend.kernel_can_reach(dev, w):
+            return None
+        if self._backend.kernel(dev, "page_copy.cu", "page_gather_copy") is None:
+            return None  # no kernel (NVRTC missing): the runs go as memcpy calls
+        page = int(w.src_frames.shape[1])
+        n = w.npages
+        total = int(n.sum())
+        # Expand runs into per-page byte addresses (vectorized): page k of run r is start[r] + k.
+        off = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        desc = np.empty((2, total), dtype=np.uint64)
+        desc[0] = _ptr(w.src_frames) + (np.repeat(w.src_start, n) + off) * page
+        desc[1] = _ptr(w.dst_frames) + (np.repeat(w.dst_start, n) + off) * page
+        return desc
+
+    def _issue(self, dev: int, s: Any, w: ChannelWork, desc: np.ndarray | None) -> None:
+        b = self._backend
+        page = int(w.src_frames.shape[1])
+        for key, n in route_counts(w).items():
+            self._count(key, n)
+        if desc is not None:
+            self._gather(dev, s, desc, page)
+            return
+        if w.method == METHOD_BATCH and b._batch is not None:
+            sp, dp = _ptr(w.src_frames), _ptr(w.dst_frames)
+            try:
+                b._batch.copy((dp + w.dst_start * page).tolist(), (sp + w.src_start * page).tolist(),
+                              (w.npages * page).tolist(), s.ptr)
+                self._count("batch_calls", 1)
+                return
+            except Exception as exc:
+                b._disable_batch(exc)
+        self._memcpy_runs(s, w, page)
+
+    def _memcpy_runs(self, s: Any, w: ChannelWork, page: int) -> None:
+        rt = self._rt
+        sp, dp = _ptr(w.src_frames), _ptr(w.dst_frames)
+        sdev, ddev = _device_of(w.src_frames), _device_of(w.dst_frames)
+        # Between two devices cudaMemcpyPeerAsync is always valid: direct over the peer link when peer access
+        # is enabled, staged through host memory by the driver when it is not.
+        peer = sdev >= 0 and ddev >= 0 and sdev != ddev
+        for s0, d0, n in zip(w.src_start.tolist(), w.dst_start.tolist(), w.npages.tolist()):
+            if peer:
+                rt.memcpyPeerAsync(dp + d0 * page, ddev, sp + s0 * page, sdev, n * page, s.ptr)
+            else:
+                rt.memcpyAsync(dp + d0 * page, sp + s0 * page, n * page, _MEMCPY_DEFAULT, s.ptr)
+        self._count("memcpy_calls", int(w.npages.size))
+
+    def _descriptor_buffer(self, dev: int, nbytes: int) -> int:
+        """This channel's descriptor buffer on ``dev`` of at least ``nbytes`` (grown by doubling).
+
+        Reusing one buffer is safe: the upload of the next submission is queued on the same stream, after the
+        kernel that read the previous descriptors. An outgrown buffer may still be read by a queued kernel, so
+        it is only freed at close.
+        """
+        ptr, size = self._scratch.get(dev, (0, 0))
+        if size >= nbytes:
+            return ptr
+        new_size = max(nbytes, 2 * size, 1 << 16)
+        new = self._rt.malloc(new_size)
+        if ptr:
+            self._retired.append((dev, ptr))
+        self._scratch[dev] = (new, new_size)
+        return new
+
+    def _gather(self, dev: int, s: Any, desc: np.ndarray, page: int) -> None:
+        total = int(desc.shape[1])
+        kernel = self._backend.kernel(dev, "page_copy.cu", "page_gather_copy")
+        buf = self._descriptor_buffer(dev, desc.nbytes)
+        # A pageable source: the call returns once the bytes are staged, so ``desc`` may go right after.
+        self._rt.memcpyAsync(buf, int(desc.ctypes.data), desc.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+        launch(kernel, s, total,
+               (np.uint64(buf), np.uint64(buf + 8 * total), np.uint64(total), np.uint64(page)))
+        self._count("kernel_launches", 1)
+
+    def close(self) -> None:
+        """Wait for this channel's work, then release its streams, events and buffers. Idempotent.
+
+        Never raises: after a sticky CUDA error every release is still attempted.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            pending = self._ring.drain()
+        for c in pending:
+            c.wait(None)
+        with self._submit_lock:
+            streams = list(self._streams.items())
+            self._streams.clear()
+            buffers = [(d, p) for d, (p, _) in self._scratch.items()] + self._retired
+            self._scratch.clear()
+            self._retired = []
+            staging = self._retired_staging + ([self._staging] if self._staging is not None else [])
+            self._staging, self._retired_staging = None, []
+        collect_first_error([lambda s=s: s.synchronize() for _, s in streams])
+        collect_first_error([lambda d=d, p=p: self._backend._free_device(d, p) for d, p in buffers])
+        for st in staging:  # after every stream finished: nothing reads the bounce buffers any more
+            st.close()
