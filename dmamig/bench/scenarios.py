@@ -15,12 +15,14 @@ import re
 from dataclasses import dataclass, field
 
 from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
+from ..topology import Topology
 from .naming import DIRECTIONS, format_size, options_id, scenario_name
 
 __all__ = [
     "DIRECTIONS",
     "PAGE_SIZE",
     "PIPELINED",
+    "RUNTIME_TOPOLOGY",
     "BenchSettings",
     "MigrateGroup",
     "Scenario",
@@ -35,6 +37,8 @@ __all__ = [
     "parse_size",
 ]
 
+#: ``BenchSettings.topology`` on CUDA: the topology the runtime reports (presets are a CPU-backend setting).
+RUNTIME_TOPOLOGY = "runtime"
 #: Base page size every sweep uses (the kernel's on x86-64).
 PAGE_SIZE = 4096
 #: Largest folio order a node serves (2 MiB folios of 4 KiB pages).
@@ -184,7 +188,8 @@ class BenchSettings:
     channels : list of int
         DMA channel counts for no-copy migration.
     devices : int
-        Device nodes; ``>= 2`` adds device->device legs.
+        Device nodes; ``>= 2`` adds device->device legs (between the first two devices) and, with ``pairs``,
+        the all-pairs device-to-device matrix.
     repeat : int
         Timed repetitions per scenario (medians are reported).
     warmup : int
@@ -208,6 +213,13 @@ class BenchSettings:
         Fault batch sizes of the streaming read (UVM's 256 always runs, and is the one the other patterns use).
     oversubscription : list of float
         Working set over device memory of the stencil scenarios (``2.0``: twice the device's memory).
+    pairs : bool
+        With ``devices >= 2``: migrate between every ordered pair of devices (:mod:`dmamig.bench.pairs`).
+    pair_bytes : int
+        Working set of each device pair (a whole number of 2 MiB folios).
+    topology : str
+        Peer access and links between the devices: a preset of :meth:`~dmamig.Topology.preset` on the CPU
+        backend (``nvswitch``, ``pcie``, ``two-socket``, ``dgx1``), ``"runtime"`` on CUDA (what the GPUs report).
     """
 
     backend: str
@@ -227,6 +239,23 @@ class BenchSettings:
     access_bytes: int = 32 << 20
     fault_batches: list[int] = field(default_factory=lambda: [32, 256, 1024])
     oversubscription: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    pairs: bool = True
+    pair_bytes: int = 32 << 20
+    topology: str = "nvswitch"
+
+    def machine_topology(self, devices: int) -> Topology | None:
+        """The topology of a bench machine with the first ``devices`` of the sweep's devices.
+
+        ``None`` where the machine decides: on CUDA (the runtime reports it) and for a single device.
+
+        Raises
+        ------
+        dmamig.InvalidArgument
+            An unknown preset, or ``dgx1`` for a sweep of other than 8 devices.
+        """
+        if self.topology == RUNTIME_TOPOLOGY or devices < 2:
+            return None
+        return Topology.preset(self.topology, self.devices).subset(devices)
 
     def option_sets(self) -> list[MigrateOptions]:
         """The batching settings of the sweep axes: the kernel's first, then each experiment once."""
@@ -257,6 +286,9 @@ class BenchSettings:
             "access_bytes": self.access_bytes,
             "fault_batches": list(self.fault_batches),
             "oversubscription": list(self.oversubscription),
+            "pairs": self.pairs,
+            "pair_bytes": self.pair_bytes,
+            "topology": self.topology,
         }
 
 
@@ -268,6 +300,8 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     the working set is 1 GiB, channels go up to 4 (one stream each), and a second GPU adds device->device.
     Every default runs the kernel's batching, plus the pipelined variant at the smallest folio size. The
     device-access scenarios work on 32 MiB (128 MiB on a GPU; 8 MiB and the 2x stencil only with ``quick``).
+    With two devices or more each ordered device pair migrates 32 MiB (256 MiB on a GPU, 4 MiB with ``quick``)
+    of 2 MiB folios; on the CPU backend the devices sit on one NVSwitch unless ``topology`` names another preset.
 
     Parameters
     ----------
@@ -278,14 +312,15 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     quick : bool
         A sweep of a few seconds, for smoke tests.
     """
+    topology = RUNTIME_TOPOLOGY if backend == "cuda" else "nvswitch"
     if quick:
         return BenchSettings(backend=backend, sizes=[4096, 2 << 20], total_bytes=8 << 20, channels=[2],
                              devices=1, repeat=1, warmup=1, quick=True, access_bytes=8 << 20,
-                             oversubscription=[2.0])
+                             oversubscription=[2.0], pair_bytes=4 << 20, topology=topology)
     if backend == "cuda":
         return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=1 << 30,
                              channels=[1, 2, 4], devices=max(1, min(gpus, 2)), repeat=5, warmup=1,
-                             access_bytes=128 << 20)
+                             access_bytes=128 << 20, pair_bytes=256 << 20, topology=topology)
     return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=256 << 20,
                          channels=[1, 2], devices=1, repeat=5, warmup=1)
 

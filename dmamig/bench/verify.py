@@ -43,13 +43,17 @@ def bench_machine(settings: BenchSettings, pages: int, channels: int, devices: i
     channels : int
         DMA channels.
     devices : int, optional
-        Device nodes, when not the sweep's.
+        Device nodes; by default as many as a migration group's path visits (the sweep's, at most two: the
+        device->device leg runs between the first two devices), with the sweep's topology among them.
     """
     from ..machine import Machine
 
     n = _node_pages(pages)
-    m = Machine(host_pages=n, device_pages=n, devices=devices or settings.devices, page_size=PAGE_SIZE,
-                backend=settings.backend, channels=channels)
+    # Every device node holds room for the working set: a machine of all the sweep's devices (up to 8) would
+    # allocate that many times the memory for legs that never reach the devices past the second.
+    devices = devices or min(settings.devices, 2)
+    m = Machine(host_pages=n, device_pages=n, devices=devices, page_size=PAGE_SIZE, backend=settings.backend,
+                channels=channels, topology=settings.machine_topology(devices))
     try:
         yield m
     finally:
