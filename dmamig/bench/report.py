@@ -26,6 +26,7 @@ from .naming import (
     scenario_name,
     settings_words,
 )
+from .pairs_figures import pair_table
 from .schema import PHASES, ResultsError, validate_results
 from .stats import ratio_interval
 
@@ -61,6 +62,8 @@ CSV_FIELDS = (
     # Device-access records (empty for the others).
     + ["pattern", "fault_batch_size", "oversubscription", "fault_batches", "fault_batches_per_s",
        "service_ns_per_batch", "bytes_migrated_per_byte_touched", "ceiling_pages_per_s"]
+    # Device-pair records (empty for the others).
+    + ["src_device", "dst_device", "link", "peer", "staged", "ceiling_route"]
 )
 
 #: Metrics ``dmamig report`` can compare: ``throughput`` (GB/s; pages per CPU-second for state-only
@@ -204,7 +207,8 @@ def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, di
 
 
 def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
-    """Print the results as rich tables: faithful migrations, experiments, engine scenarios, then ceilings.
+    """Print the results as rich tables: faithful migrations, experiments, engine scenarios, device access,
+    the device-pair matrices, then ceilings.
 
     Each migration row says its batching (``faithful`` or the experiment's settings) and which copy
     scenario its no-copy/copy ratio divides by.
@@ -242,6 +246,8 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
     access = [s for s in scs if s["kind"] == "access"]
     if access:
         console.print(access_table(access))
+    for table in pair_table(scs):
+        console.print(table)
     if doc.get("ceilings"):
         console.print("Ceilings (same run): " + "; ".join(
             f"{DIRECTIONS.get(c['direction'], c['direction'])} {c['gbps']:.2f} GB/s ({c['method']}, "
@@ -301,7 +307,7 @@ class NotComparable(ResultsError):
 #: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
 COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
 #: Settings compared only when both runs record them (older files predate them).
-COMPARED_IF_RECORDED = ("access_bytes",)
+COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology")
 
 
 def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 from .access import access_tasks, add_access_speedups, run_access
 from .environment import cpu_copy_ceiling, machine_info, measure_ceilings
 from .naming import DIRECTIONS, describe_options, options_of
+from .pairs import add_pair_speedups, pair_tasks, run_pair
+from .pairs_figures import pair_topology
 from .scenarios import PAGE_SIZE, BenchSettings, MigrateGroup, Scenario, build_sweep
 from .schema import PHASES, SCHEMA_VERSION
 from .tasks import ProgressFn, Task
@@ -130,7 +132,8 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
     count), and ``speedup_vs`` names that copy record's id. Without such a copy record it falls back to the
     faithful copy. ``speedup_vs_faithful_copy`` always divides by the faithful copy. Records without
     recorded settings (legacy) count as the kernel's batching. Device-access records are paired by
-    :func:`~dmamig.bench.access.add_access_speedups`.
+    :func:`~dmamig.bench.access.add_access_speedups`, device-pair records by
+    :func:`~dmamig.bench.pairs.add_pair_speedups`.
     """
     def key(r: dict[str, Any]) -> tuple:
         o = options_of(r)
@@ -148,6 +151,7 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
         if faithful is not None and faithful["gbps"] > 0:
             r["speedup_vs_faithful_copy"] = r["gbps"] / faithful["gbps"]
     add_access_speedups(records)
+    add_pair_speedups(records)
 
 
 def _check_options(res: Any, sc: Scenario, what: str) -> None:
@@ -302,8 +306,9 @@ def _run_dma(sc: Scenario, settings: BenchSettings, ceilings: dict[str, dict], p
 
 def build_tasks(settings: BenchSettings) -> list[Task]:
     """The sweep of ``settings`` as tasks, in the order they run: migration groups (the headline first), the
-    engine scenarios, then the device-access scenarios (:mod:`dmamig.bench.access`). Each task runs on its own
-    machine (or two, for a stencil and its ceiling) and returns its records (:func:`run_task`)."""
+    engine scenarios, the device-access scenarios (:mod:`dmamig.bench.access`), then with two devices or more
+    one task per ordered device pair (:mod:`dmamig.bench.pairs`). Each task runs on its own machine (or two,
+    for a stencil and its ceiling) and returns its records (:func:`run_task`)."""
     groups, engine = build_sweep(settings)
     reps = settings.warmup + settings.repeat
     tasks = [Task(g.id, g.label, "group", len(g.scenarios) * reps, g.path, g, 1000 + i)
@@ -312,6 +317,7 @@ def build_tasks(settings: BenchSettings) -> list[Task]:
         dirs = (sc.direction,) if sc.kind == "dma" else ()
         tasks.append(Task(sc.id, sc.name, sc.kind, reps, dirs, sc, 2000 + i))
     tasks += access_tasks(settings)
+    tasks += pair_tasks(settings)
     return tasks
 
 
@@ -331,6 +337,8 @@ def run_task(task: Task, settings: BenchSettings, ceilings: dict[str, dict],
         return [_run_dma(task.payload, settings, ceilings, progress, seed=task.seed)]
     if task.kind == "access":
         return run_access(task.payload, settings, progress, seed=task.seed)
+    if task.kind == "pairs":
+        return run_pair(task.payload, settings, progress, seed=task.seed)
     raise ValueError(f"task {task.id!r}: unknown kind {task.kind!r}")
 
 
@@ -353,11 +361,16 @@ def sweep_document(settings: BenchSettings, started: _dt.datetime, wall_s: float
                    partial: bool = False) -> dict[str, Any]:
     """The results document (see :mod:`dmamig.bench.schema`) of a sweep's records."""
     add_speedups(records)
+    machine = machine_info(settings.backend, gpus)
+    # The devices' topology: a setting on cpu; on cuda what the runtime told the pairs' machines.
+    topo = settings.machine_topology(settings.devices) or pair_topology(records, source="runtime")
+    if topo is not None:
+        machine["topology"] = topo.as_dict()
     doc = {
         "schema_version": SCHEMA_VERSION,
         "created": started.isoformat(timespec="seconds"),
         "wall_s": wall_s,
-        "machine": machine_info(settings.backend, gpus),
+        "machine": machine,
         "settings": settings.to_json(),
         "ceilings": ceilings,
         "scenarios": records,

@@ -8,7 +8,8 @@ Every figure of a scenario is the median over its timed repetitions; ``wall_ns``
 Schema 2 records each scenario's name in words and the batching it ran with (``options``: the
 :class:`~dmamig.MigrateOptions`, ``null`` for a raw DMA copy). Schema 1 files (written before settings were
 recorded) still validate and load; their batching reads as not recorded. Device-access records (kind
-``access``) and their settings came later within schema 2; every field they add is optional.
+``access``), device-pair records (kind ``pairs``) and their settings came later within schema 2; every field
+they add is optional.
 """
 
 from __future__ import annotations
@@ -60,6 +61,24 @@ _ACCESS_FIELDS = {
     "bytes_migrated_per_byte_touched": {**_num, "description": "(bytes_migrated + bytes_evicted) / bytes."},
 }
 
+#: Fields of device-pair records (kind ``pairs``: a migration from one device to another), each optional.
+#: ``ceiling_*`` of such a record is the pair's own ceiling, measured in its task: peer or staged.
+_PAIR_FIELDS = {
+    "src_device": {**_int, "description": "Device (not node) the pages migrate from."},
+    "dst_device": {**_int, "description": "Device the pages migrate to."},
+    "link": {"enum": ["nvlink", "pcie-switch", "pcie-host"], "description": "Link class of the pair."},
+    "peer": {"type": "boolean", "description": "The pair has peer access: copies go straight over the link."},
+    "staged": {"type": "boolean", "description": "No peer access: copies are staged through host memory."},
+    "topology": {"type": "string", "description": "Name of the machine's topology (a preset, cuda-runtime)."},
+    "ceiling_route": {"enum": ["peer", "staged"],
+                      "description": "The pair's ceiling: a direct peer copy, or the copy staged through host "
+                                     "memory (pairs without peer access)."},
+    "ceiling_seconds": _num,
+    "dma_peer_bytes": {**_int, "description": "Bytes the DMA engine copied peer-to-peer (last repetition)."},
+    "dma_staged_bytes": {**_int, "description": "Bytes the DMA engine staged through host memory (last "
+                                                "repetition)."},
+}
+
 #: Who ran a scenario or measured a ceiling. Recorded when a sweep ran in more than one process (on a Dask
 #: cluster, or resumed): a ratio divides by the ceiling of the same worker.
 _WORKER = {
@@ -105,10 +124,11 @@ _SCENARIO = {
         },
         "batching": {"type": "string",
                      "description": "options in words: faithful, pipelined (...) or experiment (...)."},
-        "kind": {"enum": ["migrate", "state", "dma", "access"],
+        "kind": {"enum": ["migrate", "state", "dma", "access", "pairs"],
                  "description": "migrate: mm.migrate end to end; state: NO_COPY m.migrate_pages (page state "
                                 "only); dma: m.dma.copy of pages; access: a device reading (and writing) host "
-                                "memory through faults, UVM-style."},
+                                "memory through faults, UVM-style; pairs: mm.migrate from one device to "
+                                "another, for every ordered device pair."},
         "mode": {"enum": ["copy", "nocopy", "state", "dma"]},
         "direction": {"enum": ["h2d", "d2h", "d2d"]},
         "direction_name": {"type": "string"},
@@ -148,6 +168,7 @@ _SCENARIO = {
         "nr_thp_split": _int,
         "verified": {"type": "boolean", "description": "Every repetition's data was checked after it ran."},
         **_ACCESS_FIELDS,
+        **_PAIR_FIELDS,
     },
 }
 
@@ -195,6 +216,9 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "workers": {"type": "array", "items": _WORKER,
                             "description": "Who ran the scenarios, when more than one process did."},
                 "cluster": {"type": "object", "description": "--cluster value, scheduler address, workers."},
+                "topology": {"type": "object", "required": ["name", "devices", "links", "peer"],
+                             "description": "The devices' Topology.as_dict(): a setting on cpu, the runtime's "
+                                            "on cuda (recorded with two devices or more)."},
             },
         },
         "settings": {
@@ -218,6 +242,11 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "access_bytes": _int,
                 "fault_batches": {"type": "array", "items": {"type": "integer", "minimum": 1}},
                 "oversubscription": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                "pairs": {"type": "boolean", "description": "Device pairs run (with two devices or more)."},
+                "pair_bytes": _int,
+                "topology": {"type": "string",
+                             "description": "Topology preset (cpu: nvswitch, pcie, two-socket, dgx1) or runtime "
+                                            "(cuda)."},
             },
         },
         "ceilings": {"type": "array", "items": _CEILING},
