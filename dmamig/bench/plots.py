@@ -314,9 +314,11 @@ def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
     Plots: ``throughput_vs_folio.png``, ``copy_vs_nocopy.png``, ``phases.png`` when the document has migration
     scenarios, then the device-access plots (:func:`~dmamig.bench.access_plots.write_access_plots`) when it
-    has device-access scenarios.
+    has device-access scenarios, and the device-pair heat maps (:func:`~dmamig.bench.pairs_plots.write_pair_plots`)
+    when it has device-pair scenarios.
     """
     from .access_plots import write_access_plots
+    from .pairs_plots import write_pair_plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,4 +328,4 @@ def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
                          ("phases.png", plot_phases)):
             fn(doc, out / name)
             paths.append(out / name)
-    return paths + write_access_plots(doc, out)
+    return paths + write_access_plots(doc, out) + write_pair_plots(doc, out)
