@@ -98,6 +98,28 @@ def _access_total(text: str) -> int:
     return n
 
 
+def _devices(text: str) -> int:
+    from .pairs import parse_device_count
+
+    return parse_device_count(text)
+
+
+def _pair_total(text: str) -> int:
+    from .pairs import check_pair_bytes
+    from .scenarios import parse_size
+
+    n = parse_size(text)
+    try:
+        check_pair_bytes(n)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of 2 MiB folios (the device pairs migrate 2 MiB "
+                         f"folios); use e.g. 32M or 256M") from None
+    limit = _memory_limit()
+    if limit and n > limit:
+        raise ValueError(f"{text!r} does not fit in this machine's memory; use at most {limit >> 20}M")
+    return n
+
+
 def _threshold(text: str) -> float:
     try:
         v = float(text)
@@ -116,6 +138,8 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
     ``argtype`` wraps a ``ValueError``-raising parser into an argparse type; ``positive`` and ``nonnegative``
     are the command line's shared integer types.
     """
+    from ..topology import PRESETS
+
     b = sub.add_parser("bench", help="run the copy vs no-copy migration sweep and write a results folder",
                        description="Migrate a working set between host and device nodes with copy migration "
                                    "(the CPU copies) and no-copy migration (the DMA engine copies), over folio "
@@ -145,8 +169,19 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
     b.add_argument("--repeat", type=argtype(positive), metavar="N",
                    help="timed repetitions per scenario; medians are reported (default 5; 1 with --quick)")
     b.add_argument("--warmup", type=argtype(nonnegative), metavar="N", help="untimed repetitions first (1)")
-    b.add_argument("--devices", type=argtype(positive), metavar="N",
-                   help="device nodes; 2 adds device->device migration (default: GPUs present, at most 2)")
+    b.add_argument("--devices", type=argtype(_devices), metavar="N",
+                   help="device nodes, 1 to 8; 2 or more add device->device migration (between the first two) "
+                        "and the all-pairs matrix: each ordered device pair (d0->d1 and d1->d0 alike) in copy and "
+                        "no-copy mode, against the pair's own copy ceiling (default: GPUs present, at most 2; "
+                        "on cuda at most the GPUs visible)")
+    b.add_argument("--topology", choices=PRESETS, metavar="PRESET",
+                   help=f"cpu backend: peer access and links between the --devices, one of {', '.join(PRESETS)} "
+                        f"(default nvswitch: every pair NVLink with peer access; dgx1 needs --devices 8); on cuda "
+                        f"the runtime reports it")
+    b.add_argument("--pair-total", type=argtype(_pair_total), metavar="SIZE",
+                   help="working set of each device pair, whole 2 MiB folios (default 32M on cpu, 256M on cuda)")
+    b.add_argument("--no-pairs", action="store_true",
+                   help="skip the all-pairs device-to-device matrix that --devices 2 or more adds")
     b.add_argument("--quick", action="store_true", help="tiny sweep for smoke tests (a few seconds)")
     b.add_argument("--no-engine", action="store_true",
                    help="skip the engine scenarios (state-only migration, raw DMA copies)")
@@ -224,6 +259,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     from .driver import BenchSweep, SweepFailed
     from .naming import describe_options
     from .output import OutputError, bench_folder, remove_if_empty
+    from .pairs import pair_options, pair_scenarios
     from .plots import write_plots
     from .report import render_tables, write_csv, write_json
     from .runner import SweepInterrupted, VerificationError
@@ -245,6 +281,12 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         over["extras"] = False
     if args.no_access:
         over["access"] = False
+    try:
+        # On a cluster the workers' GPUs count: the sweep compares them with --devices itself.
+        over.update(pair_options(backend, gpus, args.devices or settings.devices, args.topology, args.pair_total,
+                                 args.no_pairs, check_gpus=not getattr(args, "cluster", None)))
+    except ValueError as exc:
+        parser.error(str(exc))
     for key, field in (("fault_batch", "fault_batches"), ("oversubscription", "oversubscription"),
                        ("access_total", "access_bytes")):
         if getattr(args, key) is not None:
@@ -284,6 +326,9 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                  f"{','.join(map(str, stream_batches(settings)))}, stencil at "
                  f"{','.join(f'{f:g}x' for f in sorted(set(settings.oversubscription)))} device memory"
                  if settings.access else "; no device access")
+              + (f"; device pairs: {settings.devices} devices ({len(pair_scenarios(settings))} ordered pairs, "
+                 f"topology {settings.topology}), {format_size(settings.pair_bytes)} each"
+                 if pair_scenarios(settings) else "")
               + f" -> {out}")
     if sweep.prior:
         err.print(f"resuming: {len(sweep.prior)} of {len(sweep.tasks)} task(s) finished before, "
