@@ -132,32 +132,10 @@ def _gpu_hint() -> bool:
 
 def cuda_status() -> CudaStatus:
     """Probe cupy and the CUDA driver (imports cupy, never raises) and classify the result."""
+    from .cuda.runtime import probe_cuda
+
     hint = _gpu_hint()
-    try:
-        import cupy
-    except ImportError as exc:
-        return classify_cuda(import_error=str(exc), import_missing=True, gpu_hint=hint)
-    except Exception as exc:  # a broken cupy install (missing libraries) is reported, not raised
-        return classify_cuda(import_error=f"{type(exc).__name__}: {exc}", gpu_hint=hint)
-    rt = cupy.cuda.runtime
-    versions = []
-    for fn in (rt.driverGetVersion, rt.runtimeGetVersion):
-        try:
-            versions.append(int(fn()))
-        except Exception:
-            versions.append(0)
-    try:
-        count = int(rt.getDeviceCount())
-    except Exception as exc:
-        return classify_cuda(driver_version=versions[0], runtime_version=versions[1],
-                             count_error=(getattr(exc, "status", None), f"{type(exc).__name__}: {exc}"),
-                             gpu_hint=hint)
-    try:
-        available = bool(cupy.is_available())
-    except Exception:
-        available = False
-    return classify_cuda(driver_version=versions[0], runtime_version=versions[1], device_count=count,
-                         available=available, gpu_hint=hint)
+    return classify_cuda(**probe_cuda(), gpu_hint=hint)
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -1,10 +1,10 @@
 """The CUDA backend (CuPy): pinned host frames, device frames, stream channels and RawModule kernels.
 
-``cupy`` is imported inside this package only (by :func:`dmamig.backends.cuda.runtime._cupy`), and only when a
-backend object is made or a kernel is built, so importing it (and :mod:`dmamig`) works on machines without
-cupy or without a GPU. A backend may also be handed any object that provides the few CuPy names it uses
-(``cupy=``); the test suite drives the real channel and backend code through a small numpy implementation of
-them.
+``cupy`` is imported inside this package only (by :mod:`dmamig.backends.cuda.runtime`), and only when a
+backend object is made, a kernel is built or CUDA is probed, so importing it (and :mod:`dmamig`) works on
+machines without cupy or without a GPU. A backend may also be handed any object that provides the few CuPy
+names it uses (``cupy=``); the test suite drives the real channel and backend code through a small numpy
+implementation of them.
 
 Memory: host RAM frames are pinned (``cudaHostAlloc``, portable and mapped): copies from them are truly
 asynchronous and, under unified virtual addressing, the host pointer is also a device pointer, so the
@@ -27,7 +27,7 @@ Modules, one job each:
 
 =============  ===============================================================================================
 ``codes``      CUDA status codes and flag values; CUDA errors as the project's exceptions
-``runtime``    the cupy import, NVRTC's preload and status, the CUDA versions ``dmamig info`` shows
+``runtime``    the cupy import and probe, NVRTC's preload and status, the CUDA versions ``dmamig info`` shows
 ``kernels``    kernel sources, launch shape, NVRTC compilation and check, build status (``dmamig info``)
 ``memory``     device frames outside CuPy's pools, pinned host memory, frame addresses and release
 ``events``     ``cudaEventQuery`` results, the timing-event ring, the completion of channel work

@@ -1,10 +1,11 @@
-"""CuPy and NVRTC: the one place the CUDA backend imports cupy, NVRTC's preload and status, and what
-``dmamig info`` shows about the CUDA driver, CuPy's CUDA and NVRTC.
+"""CuPy and NVRTC: the only place that imports cupy (:func:`_cupy` to drive it, :func:`probe_cuda` to see
+whether CUDA can run here), NVRTC's preload and status, and what ``dmamig info`` shows about the CUDA driver,
+CuPy's CUDA and NVRTC.
 
-``cupy`` is imported by :func:`_cupy` only, when a backend object is made or a kernel is built, so importing
-this package (and :mod:`dmamig`) works on machines without cupy or without a GPU. The other modules call it
-(and :func:`nvrtc_status`) through this module's namespace (``runtime._cupy()``), so that replacing it here,
-as the test suite's CuPy stand-in does, reaches every caller.
+``cupy`` is imported only when a backend object is made, a kernel is built or CUDA is probed, so importing
+this package (and :mod:`dmamig`) works on machines without cupy or without a GPU. The other modules call
+:func:`_cupy` (and :func:`nvrtc_status`) through this module's namespace (``runtime._cupy()``), so that
+replacing it here, as the test suite's CuPy stand-in does, reaches every caller.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ...errors import BackendUnavailable
 from .batch import BATCH_COPY_ENV, _batch_copy_requested
 from .codes import _version_text
 
-__all__ = ["cuda_environment", "nvrtc_status", "preload_nvrtc"]
+__all__ = ["cuda_environment", "nvrtc_status", "preload_nvrtc", "probe_cuda"]
 
 # NVRTC wheels on the package index, per CUDA major version: (distribution, library file name).
 _NVRTC_WHEELS = {12: ("nvidia-cuda-nvrtc-cu12", "libnvrtc.so.12"), 13: ("nvidia-cuda-nvrtc", "libnvrtc.so.13")}
@@ -151,3 +152,35 @@ def cuda_environment(cp: Any = None) -> dict[str, Any]:
     out["batch_copy"] = ("on (DMAMIG_CUDA_BATCH_COPY=1)" if _batch_copy_requested(None)
                          else f"off: not used unless {BATCH_COPY_ENV}=1 (no calibration shows it faster yet)")
     return out
+
+
+def probe_cuda() -> dict[str, Any]:
+    """What ``import cupy`` and the CUDA driver report here, as keyword arguments of
+    :func:`~dmamig.backends.classify_cuda` (all but ``gpu_hint``); never raises.
+
+    Imports cupy as it is (no NVRTC preload): a backend is not made here.
+    """
+    try:
+        import cupy
+    except ImportError as exc:
+        return {"import_error": str(exc), "import_missing": True}
+    except Exception as exc:  # a broken cupy install (missing libraries) is reported, not raised
+        return {"import_error": f"{type(exc).__name__}: {exc}"}
+    rt = cupy.cuda.runtime
+    versions = []
+    for fn in (rt.driverGetVersion, rt.runtimeGetVersion):
+        try:
+            versions.append(int(fn()))
+        except Exception:
+            versions.append(0)
+    try:
+        count = int(rt.getDeviceCount())
+    except Exception as exc:
+        return {"driver_version": versions[0], "runtime_version": versions[1],
+                "count_error": (getattr(exc, "status", None), f"{type(exc).__name__}: {exc}")}
+    try:
+        available = bool(cupy.is_available())
+    except Exception:
+        available = False
+    return {"driver_version": versions[0], "runtime_version": versions[1], "device_count": count,
+            "available": available}
