@@ -68,3 +68,15 @@ def run_migrate_vma(mm, start, end, node, engine=None):
     mv.pages()
     mv.finalize()
     return mv
+
+
+def jsonschema_or_skip():
+    """The ``jsonschema`` module (a ``test`` extra); the calling test skips, saying why, where it is missing."""
+    return pytest.importorskip("jsonschema", reason="jsonschema is not installed (pip install 'dmamig[test]')")
+
+
+def check_results_schema(doc) -> None:
+    """Validate a results document against the shipped JSON schema with ``jsonschema`` (skip without it)."""
+    from dmamig.bench.schema import RESULTS_SCHEMA
+
+    jsonschema_or_skip().validate(doc, RESULTS_SCHEMA)

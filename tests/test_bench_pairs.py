@@ -9,9 +9,9 @@ import json
 import pickle
 from types import SimpleNamespace
 
-import jsonschema
 import pytest
 from rich.console import Console
+from support import check_results_schema
 
 from dmamig import Topology
 from dmamig.bench.commands import cmd_bench
@@ -30,7 +30,7 @@ from dmamig.bench.report import (
 )
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
 from dmamig.bench.scenarios import default_settings
-from dmamig.bench.schema import RESULTS_SCHEMA, validate_results
+from dmamig.bench.schema import validate_results
 from dmamig.bench.verify import VerificationError
 from dmamig.cli import build_parser, main
 
@@ -122,7 +122,7 @@ def test_every_pair_runs_verified_in_both_modes_staged_where_the_topology_says(d
 
 
 def test_results_validate_and_report_renders_the_matrices(doc, tmp_path):
-    jsonschema.validate(doc, RESULTS_SCHEMA)
+    check_results_schema(doc)
     write_json(doc, tmp_path / "results.json")
     again = load_results(tmp_path / "results.json")
     con = Console(file=io.StringIO(), width=200)

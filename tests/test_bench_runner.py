@@ -6,16 +6,15 @@ import csv
 import dataclasses
 import json
 
-import jsonschema
 import numpy as np
 import pytest
+from support import check_results_schema
 
 from dmamig import MigrateOptions
 from dmamig.bench.access import access_scenarios, access_tasks
 from dmamig.bench.report import load_results
 from dmamig.bench.runner import _figures, add_speedups, cpu_copy_ceiling, measure_ceilings, sweep_steps
 from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
-from dmamig.bench.schema import RESULTS_SCHEMA
 from dmamig.cli import main
 from dmamig.migrate.options import FAITHFUL
 
@@ -187,7 +186,7 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     assert names == ["access_fault_batch.png", "access_oversubscription.png", "access_service.png",
                      "copy_vs_nocopy.png", "phases.png", "results.csv", "results.json", "throughput_vs_folio.png"]
     doc = json.loads((out / "results.json").read_text())
-    jsonschema.validate(doc, RESULTS_SCHEMA)
+    check_results_schema(doc)
     load_results(out / "results.json")
     scs = doc["scenarios"]
     assert all(s["verified"] and s["gbps"] > 0 for s in scs)
