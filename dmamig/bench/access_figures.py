@@ -13,6 +13,7 @@ from typing import Any
 
 from ..migrate.options import FAITHFUL
 from ..uvm.options import SERVICE_PHASES, UvmStats
+from .naming import format_number, format_rate
 from .scenarios import PAGE_SIZE
 
 __all__ = ["PATTERN_WORDS", "Sample", "access_record", "access_table", "add_access_speedups"]
@@ -136,17 +137,6 @@ def add_access_speedups(records: list[dict[str, Any]]) -> None:
             r["speedup_vs"] = base["id"]
 
 
-def _num(value: float | None, fmt: str = "{:.2f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
 
 
 def _split(rec: dict[str, Any], top: int = 4) -> str:
@@ -179,9 +169,9 @@ def access_table(records: list[dict[str, Any]]) -> Any:
         if r.get("oversubscription") is not None:
             what += f", {r['oversubscription']:g}x device memory"
         per_batch = r.get("service_ns_per_batch")
-        t.add_row(what, _num(r.get("fault_batch_size"), "{}"), "no-copy" if r["mode"] == "nocopy" else "copy",
-                  _num(r["channels"], "{}"), _rate(r["pages_per_s"]), _rate(r.get("ceiling_pages_per_s")),
-                  _num(r["ceiling_ratio"]), _num(r.get("speedup_vs_copy")), _rate(r.get("fault_batches_per_s")),
-                  _num(None if per_batch is None else per_batch / 1e3, "{:.0f}"), _split(r),
-                  _num(r.get("bytes_migrated_per_byte_touched")), "yes" if r["verified"] else "[red]NO[/red]")
+        t.add_row(what, format_number(r.get("fault_batch_size"), "{}"), "no-copy" if r["mode"] == "nocopy" else "copy",
+                  format_number(r["channels"], "{}"), format_rate(r["pages_per_s"]), format_rate(r.get("ceiling_pages_per_s")),
+                  format_number(r["ceiling_ratio"]), format_number(r.get("speedup_vs_copy")), format_rate(r.get("fault_batches_per_s")),
+                  format_number(None if per_batch is None else per_batch / 1e3, "{:.0f}"), _split(r),
+                  format_number(r.get("bytes_migrated_per_byte_touched")), "yes" if r["verified"] else "[red]NO[/red]")
     return t

@@ -21,6 +21,8 @@ __all__ = [
     "batching_class",
     "describe_options",
     "folio_words",
+    "format_number",
+    "format_rate",
     "format_size",
     "options_id",
     "options_of",
@@ -49,6 +51,21 @@ def format_size(nbytes: int) -> str:
     if nbytes >= 1 << 20:
         return f"{nbytes / (1 << 20):.1f}M"
     return f"{nbytes}B"
+
+
+def format_number(value: float | None, fmt: str = "{:.2f}") -> str:
+    """``value`` formatted with ``fmt``, or ``-`` when there is none (a table cell)."""
+    return "-" if value is None else fmt.format(value)
+
+
+def format_rate(value: float | None) -> str:
+    """A rate with a k/M/G suffix, e.g. ``1.25M``; ``-`` when there is none."""
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
 
 
 def folio_words(folio_bytes: int) -> str:

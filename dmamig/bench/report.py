@@ -21,6 +21,8 @@ from .naming import (
     LEGACY_BATCHING,
     NOT_A_MIGRATION,
     batching_class,
+    format_number,
+    format_rate,
     format_size,
     options_of,
     scenario_name,
@@ -136,17 +138,6 @@ def write_csv(doc: dict[str, Any], path: str | Path) -> None:
 
 # -- rendering -------------------------------------------------------------------------------------------------
 
-def _f(value: float | None, fmt: str = "{:.2f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
 
 
 def _phases(sc: dict[str, Any]) -> str:
@@ -199,9 +190,9 @@ def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, di
                      no_wrap=col not in ("ns per page by phase", "batching", "compared with"))
     for s in rows:
         t.add_row(DIRECTIONS.get(s["direction"], s["direction"]), format_size(s["folio_bytes"]),
-                  "no-copy" if s["mode"] == "nocopy" else "copy", _f(s["channels"], "{}"), s["batching"],
-                  _f(s["gbps"]), _f(s["cpu_ns_per_page"], "{:.0f}"),
-                  _f(s["ceiling_ratio"]), _f(s.get("speedup_vs_copy")),
+                  "no-copy" if s["mode"] == "nocopy" else "copy", format_number(s["channels"], "{}"), s["batching"],
+                  format_number(s["gbps"]), format_number(s["cpu_ns_per_page"], "{:.0f}"),
+                  format_number(s["ceiling_ratio"]), format_number(s.get("speedup_vs_copy")),
                   _compared_with(s, by_id), _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
     return t
 
@@ -239,9 +230,9 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
         for s in eng:
             # State-only migration copies no data: a GB/s figure would only restate pages/s.
             gbps = None if s["kind"] == "state" else s["gbps"]
-            t.add_row(s["name"], s["batching"], str(s["pages"]), _f(gbps), _rate(s["pages_per_s"]),
-                      _f(s["cpu_ns_per_page"], "{:.0f}"), _rate(s.get("pages_per_cpu_s")),
-                      _f(s["ceiling_gbps"]), _f(s["ceiling_ratio"]), "yes" if s["verified"] else "[red]NO[/red]")
+            t.add_row(s["name"], s["batching"], str(s["pages"]), format_number(gbps), format_rate(s["pages_per_s"]),
+                      format_number(s["cpu_ns_per_page"], "{:.0f}"), format_rate(s.get("pages_per_cpu_s")),
+                      format_number(s["ceiling_gbps"]), format_number(s["ceiling_ratio"]), "yes" if s["verified"] else "[red]NO[/red]")
         console.print(t)
     access = [s for s in scs if s["kind"] == "access"]
     if access:
@@ -434,8 +425,8 @@ def comparison_table(comparisons: list[Comparison], threshold: float, metric: st
     for col in ("scenario", "id", "baseline", "new", "new/baseline", "95% interval", "", "note"):
         t.add_column(col, justify="left" if col in ("scenario", "id", "note") else "right")
     for c in comparisons:
-        fmt = _rate if (c.new or c.baseline or 0) >= 1e4 else _f
+        fmt = format_rate if (c.new or c.baseline or 0) >= 1e4 else format_number
         verdict = "[red]REGRESSED[/red]" if c.regressed else ("ok" if c.ratio is not None else "")
         ci = "-" if c.low is None else f"{c.low:.3f}-{c.high:.3f}"
-        t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), _f(c.ratio, "{:.3f}"), ci, verdict, c.note)
+        t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), format_number(c.ratio, "{:.3f}"), ci, verdict, c.note)
     return t
