@@ -157,6 +157,8 @@ class CudaChannel:
             nvtx.RangePush(f"dmamig dma channel {self.index}")
         try:
             with self._submit_lock:
+                if self._closed:  # close() ran after the check above and freed the streams: make none anew
+                    raise DmaError(f"DMA channel {self.index} was closed during the submission; nothing was queued")
                 try:
                     for dev, items in by_device.items():
                         with cp.cuda.Device(dev):
@@ -192,6 +194,8 @@ class CudaChannel:
         completion = _CudaCompletion(self, ends, starts, error)
         with self._lock:
             over = self._ring.push(completion)
+            if self._closed:  # close() may have drained the ring before this push: settle the job here
+                over.append(completion)
         for old in over:  # keep the number of live timing events bounded: settle the oldest job now
             old.wait(None)
         return completion
@@ -280,10 +284,6 @@ class CudaChannel:
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            pending = self._ring.drain()
-        for c in pending:
-            c.wait(None)
         with self._submit_lock:
             streams = list(self._streams.items())
             self._streams.clear()
@@ -292,6 +292,12 @@ class CudaChannel:
             self._retired = []
             staging = self._retired_staging + ([self._staging] if self._staging is not None else [])
             self._staging, self._retired_staging = None, []
+        # Drained once no submission is issuing (a later one refuses); one that pushes its completion after this
+        # drain sees ``_closed`` and settles it itself, so no job's events are left behind.
+        with self._lock:
+            pending = self._ring.drain()
+        for c in pending:
+            c.wait(None)
         collect_first_error([lambda s=s: s.synchronize() for _, s in streams])
         collect_first_error([lambda d=d, p=p: self._backend._free_device(d, p) for d, p in buffers])
         for st in staging:  # after every stream finished: nothing reads the bounce buffers any more

@@ -109,10 +109,12 @@ def nvrtc_status(cp: Any = None) -> dict[str, Any]:
             cuda_major = int(cp.cuda.runtime.runtimeGetVersion()) // 1000
         except Exception:
             cuda_major = 0
-        wheel = _NVRTC_WHEELS.get(cuda_major, ("nvidia-cuda-nvrtc", ""))[0]
-        return {"found": False, "version": None,
-                "detail": f"{type(exc).__name__}: {exc}; install dmamig[cuda{cuda_major or 13}] (it brings the "
-                          f"{wheel} wheel) or a CUDA toolkit"}
+        if cuda_major in _NVRTC_WHEELS:
+            fix = (f"install dmamig[cuda{cuda_major}] (it brings the {_NVRTC_WHEELS[cuda_major][0]} wheel) or a "
+                   f"CUDA toolkit")
+        else:  # only CUDA 12 and 13 have an extra: older runtimes need a toolkit's NVRTC
+            fix = f"install the NVRTC of a CUDA {cuda_major or ''} toolkit (or move to CUDA 12/13: dmamig[cuda13])"
+        return {"found": False, "version": None, "detail": f"{type(exc).__name__}: {exc}; {fix}"}
     loaded = _preloaded.get(int(major))
     if loaded is None:
         try:
