@@ -889,3 +889,33 @@ def test_info_reports_an_unusable_gpu_as_an_error(unusable_gpu, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["cuda"].startswith("UNUSABLE: insufficient driver")
     assert "insufficient driver" in info["error"] and info["cuda_driver"] == "12.4"
+
+
+def test_a_submission_racing_close_queues_nothing_and_leaks_nothing(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b)
+    ch = b.open_channels(1)[0]
+    work = [ChannelWork(nodes[0].frames, nodes[1].frames, "host", "device", -1, 0, METHOD_MEMCPY,
+                        np.array([0]), np.array([0]), np.array([4]))]
+
+    class CloseOnAcquire:
+        """The submit lock, taken just after close() set the flag (the window between the two checks)."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            ch._closed = True
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    ch._submit_lock = CloseOnAcquire(ch._submit_lock)
+    before = len(gpu.log)
+    completion = ch.submit(work)
+    assert completion.wait() is True
+    assert isinstance(completion.error, DmaError) and "closed" in str(completion.error)
+    assert ch._streams == {}, "a stream was made after close"
+    assert not [e for e in gpu.log[before:] if e[0] in ("memcpyAsync", "eventRecord")]
+    b.close()
