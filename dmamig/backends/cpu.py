@@ -46,36 +46,52 @@ class ChannelCrash(BaseException):
     """
 
 
-class _ThreadCompletion:
-    """Completion of one channel job: an event plus the error the job raised, if any."""
+#: Serialises the finishing of completions: a worker, a revival and a close may each try to finish one.
+_FINISH = threading.Lock()
 
-    __slots__ = ("_channel", "_event", "error")
+
+class _ThreadCompletion:
+    """Completion of one channel job: a lock held until the job finishes, plus the error it raised, if any.
+
+    A bare lock rather than a :class:`threading.Event`: the job's hand-off to its waiter is on every DMA
+    submission's path, and an Event (a condition variable with a waiter list) costs several times as much.
+    """
+
+    __slots__ = ("_channel", "_done", "_gate", "error")
 
     def __init__(self, channel: CpuChannel) -> None:
-        self._event = threading.Event()
+        self._gate = threading.Lock()
+        self._gate.acquire()  # released once, by _finish; waiters pass through it one after the other
+        self._done = False
         self._channel = channel
         self.error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def wait(self, timeout: float | None = None) -> bool:
-        # Sleep on the event, waking every LIVENESS_PERIOD to look at the worker: a dead worker never sets
-        # the event, and its channel's revival fails (or restarts) what it held.
+        # Sleep on the gate, waking every LIVENESS_PERIOD to look at the worker: a dead worker never opens
+        # it, and its channel's revival fails (or restarts) what it held.
+        if self._done:
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             period = LIVENESS_PERIOD if deadline is None else min(LIVENESS_PERIOD,
                                                                   max(0.0, deadline - time.monotonic()))
-            if self._event.wait(period):
+            if self._gate.acquire(timeout=period):
+                self._gate.release()  # open for the next waiter too
                 return True
             self._channel.revive()
             if deadline is not None and time.monotonic() >= deadline:
-                return self._event.is_set()
+                return self._done
 
     def _finish(self, error: BaseException | None) -> None:
-        if not self._event.is_set():
+        with _FINISH:
+            if self._done:
+                return
             self.error = error
-            self._event.set()
+            self._done = True
+        self._gate.release()
 
 
 class CpuChannel:
