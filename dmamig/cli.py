@@ -31,14 +31,19 @@ def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     return wrapped
 
 
+def _whole(text: str) -> bool:
+    # ASCII digits only: str.isdigit() also accepts '²' and the like, which int() refuses.
+    return text.strip().isascii() and text.strip().isdigit()
+
+
 def _positive(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    if not _whole(text) or int(text) < 1:
         raise ValueError(f"{text!r} is not a positive whole number, e.g. 3")
     return int(text)
 
 
 def _nonnegative(text: str) -> int:
-    if not text.strip().isdigit():
+    if not _whole(text):
         raise ValueError(f"{text!r} is not a whole number >= 0, e.g. 1")
     return int(text)
 

@@ -10,6 +10,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,13 +19,13 @@ from dmamig.cli import main
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 #: Values no option of these commands accepts for the option it is paired with.
-_BAD_NUMBER = st.sampled_from(["", "x", "-1", "1e999", "nan", "1.5", "0x10", "--", " ", "1 2", "+-3"])
+_BAD_NUMBER = st.sampled_from(["", "x", "-1", "1e999", "nan", "1.5", "0x10", "--", " ", "1 2", "+-3", "\u00b2"])
 _BAD_SIZE = st.sampled_from(["", "1", "3k", "4q", "-4k", "100T", "1.2345k", "1e3", "k", "2m2"])
 _BAD_LIST = st.sampled_from(["", ",", "x", "-1", "1;2", "3k", "1.5", "2,x"])
 _TEXT = st.text(min_size=0, max_size=12)
 #: --cluster and --resume values refused before anything connects or runs (Dask installed or not).
 _BAD_SWEEP = st.one_of(st.tuples(st.just("--cluster"), st.sampled_from(["", " ", "local:", "local:0", "local:x",
-                                                                        "local:-2"])),
+                                                                        "local:-2", "local:\u00b2"])),
                        st.tuples(st.just("--resume"), st.sampled_from(["no-such-sweep-folder", "/"])))
 
 BENCH_BAD = st.one_of(
@@ -90,6 +91,25 @@ def test_bench_arguments(bad, rest, quick, data):
         rc, err = run(argv)
         assert not (Path(tmp) / "never").exists(), f"{argv}: a folder was created"
     assert_clear(rc, err, argv)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["bench", "--repeat=\u00b2"], "--repeat"),
+    (["bench", "--devices=\u00b2"], "--devices"),
+    (["bench", "--channels=1,\u00b2"], "--channels"),
+    (["bench", "--fault-batch=\u00b3"], "--fault-batch"),
+    (["bench", "--cluster=local:\u00b2"], "--cluster"),
+    (["replay", "uniform", "--pages=\u00b2"], "--pages"),
+    (["replay", "uniform", "--cluster=local:\u00b9"], "--cluster"),
+])
+def test_digits_that_are_not_whole_numbers_are_refused_by_name(argv, option, tmp_path):
+    # str.isdigit() accepts superscripts, which int() refuses: the check must not let them through.
+    argv = [*argv, "--out", str(tmp_path / "never")]
+    rc, err = run(argv)
+    assert_clear(rc, err, argv)
+    last = err.strip().splitlines()[-1]
+    assert option in last and "invalid literal" not in last, last
+    assert not (tmp_path / "never").exists()
 
 
 @FAST

@@ -96,7 +96,8 @@ def parse_device_count(text: str) -> int:
         Saying what is allowed.
     """
     n = MAX_PAIR_DEVICES
-    if not str(text).strip().isdigit() or not 1 <= int(text) <= n:
+    word = str(text).strip()
+    if not (word.isascii() and word.isdigit()) or not 1 <= int(word) <= n:
         raise ValueError(f"{text!r} is not a device count; use a whole number from 1 to {n} ({n} devices: "
                          f"{n * (n - 1)} ordered pairs)")
     return int(text)

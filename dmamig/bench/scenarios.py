@@ -116,7 +116,7 @@ def _parse_int_list(text: str, what: str, low: int, high: int, example: str) -> 
         raise ValueError(f"expected a comma-separated list of {what}s, e.g. {example}")
     out = set()
     for item in items:
-        if not item.isdigit() or not low <= int(item) <= high:
+        if not (item.isascii() and item.isdigit()) or not low <= int(item) <= high:
             raise ValueError(f"{item!r} is not a {what}; use whole numbers from {low} to {high}, e.g. {example}")
         out.add(int(item))
     return sorted(out)

@@ -41,7 +41,7 @@ def check_sweep_arguments(args: argparse.Namespace, parser: argparse.ArgumentPar
     if not spec.strip():
         parser.error("argument --cluster: expected 'local', 'local:N' or a scheduler address such as "
                      "tcp://host:8786")
-    if spec.startswith("local:") and not (spec[6:].isdigit() and int(spec[6:]) >= 1):
+    if spec.startswith("local:") and not (spec[6:].isascii() and spec[6:].isdigit() and int(spec[6:]) >= 1):
         parser.error(f"argument --cluster: {spec!r}: give local, local:N with N >= 1 workers, or a scheduler "
                      f"address such as tcp://host:8786")
     try:

@@ -221,7 +221,7 @@ def connect(spec: str, *, backend: str = "cpu", gpus: int = 0, devices_per_task:
         n = None
         if spec != "local":
             count = spec.split(":", 1)[1]
-            if not count.isdigit() or int(count) < 1:
+            if not (count.isascii() and count.isdigit()) or int(count) < 1:
                 raise ClusterError(f"argument --cluster: {spec!r}: give local, local:N with N >= 1 workers, or "
                                    f"a scheduler address such as tcp://host:8786")
             n = int(count)
