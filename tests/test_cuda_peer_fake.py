@@ -10,6 +10,7 @@ from test_cuda_fake import (
     GATHER,
     MEMCPY,
     PAGE,
+    FakeCudaError,
     FakeGpu,
     FakeRuntime,
     backend_on,
@@ -18,7 +19,7 @@ from test_cuda_fake import (
     use_fake_cupy,
 )
 
-from dmamig import InvalidArgument, Machine, Topology
+from dmamig import DmaError, InvalidArgument, Machine, Topology
 from dmamig.backends import cuda as cuda_mod
 from dmamig.backends.cuda import topology as cuda_topology
 from dmamig.dma import DmaEngine, staging
@@ -163,6 +164,41 @@ def test_a_staged_copy_between_gpus_on_the_migrating_thread(monkeypatch):
     assert bounce_allocs(gpu, 4 * PAGE) == 1
     b.close()
     assert bounce_allocs(gpu, 4 * PAGE) == 0
+
+
+def test_a_failed_staged_folio_copy_does_not_hand_its_bounce_buffer_on(monkeypatch):
+    """A hop that fails after queueing part of its copies leaves them in flight into the bounce buffer: the next
+    staged copy must not get that buffer, or the late writes land in the middle of its own data."""
+    monkeypatch.setattr(staging, "STAGE_BYTES", 4 * PAGE)
+    gpu = three_gpus()
+    b = backend_on(gpu)
+    dev0 = b.alloc_frames("device", 0, 16, PAGE)
+    dev1 = b.alloc_frames("device", 1, 16, PAGE)
+    dev2 = b.alloc_frames("device", 2, 16, PAGE)
+    rng = np.random.default_rng(8)
+    d0, d1 = (rng.integers(0, 256, (16, PAGE), dtype=np.uint8) for _ in range(2))
+    b.write_frames(dev0, np.arange(16), d0)
+    b.write_frames(dev1, np.arange(16), d1)
+    real = FakeRuntime.memcpyAsync
+    calls = []
+
+    def second_fails(self, *args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise FakeCudaError(1)  # cudaErrorInvalidValue, after the first copy was queued
+        return real(self, *args)
+
+    gpu.auto = False  # queued copies run when their stream is synchronized
+    monkeypatch.setattr(FakeRuntime, "memcpyAsync", second_fails)
+    with pytest.raises(DmaError):
+        b.copy_folios(dev0, np.array([0, 8]), dev2, np.array([0, 8]), np.array([1, 1]), staged=True)
+    monkeypatch.setattr(FakeRuntime, "memcpyAsync", real)
+    # Device 1 to device 0: its hop 2 runs on device 0's stream, behind the failed hop 1's queued copy.
+    b.copy_folios(dev1, np.array([3]), dev0, np.array([12]), np.array([1]), staged=True)
+    gpu.auto = True
+    np.testing.assert_array_equal(b.read_frames(dev0, np.array([12]))[0], d1[3])
+    b.close()
+    assert bounce_allocs(gpu, 4 * PAGE) == 0  # the retired buffer is freed with the backend
 
 
 # -- machines on the stand-in ---------------------------------------------------------------------------------------

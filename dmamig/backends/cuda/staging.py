@@ -179,18 +179,19 @@ def stage_folios(backend: CudaBackend, src: Any, src_idx: np.ndarray, dst: Any, 
                  nr_pages: np.ndarray) -> None:
     """The migrating thread's copy between two GPUs without peer access: per chunk, one ``cudaMemcpyAsync`` per
     folio piece into a pinned bounce buffer on the source device's stream, a wait, then out of it on the
-    destination's."""
+    destination's. The buffer goes back to the pool only after a copy that finished: after a failure, copies
+    already queued may still use it."""
     page = int(src.shape[1])
     cap = stage_capacity(page)
     pool = staging_pool(backend, cap * page)
     buf = pool.take()
     rt = backend._rt
     sp, dp = _ptr(src), _ptr(dst)
-    try:
-        pieces = stage_chunks(src_idx, dst_idx, nr_pages, cap)
-        for k in range(pieces.nr_chunks):
-            s0, d0, n, b0 = pieces.chunk(k)
-            backend._device_op(src.device, "staging folios into host memory", _copies(rt, page, sp, s0, buf, b0, n))
-            backend._device_op(dst.device, "staging folios out of host memory", _copies(rt, page, buf, b0, dp, d0, n))
-    finally:
-        pool.give(buf)
+    pieces = stage_chunks(src_idx, dst_idx, nr_pages, cap)
+    for k in range(pieces.nr_chunks):
+        s0, d0, n, b0 = pieces.chunk(k)
+        # A hop that fails may leave copies it queued still reading or writing ``buf``: the buffer is then kept
+        # out of the pool (the backend frees it when it closes) rather than handed to the next staged copy.
+        backend._device_op(src.device, "staging folios into host memory", _copies(rt, page, sp, s0, buf, b0, n))
+        backend._device_op(dst.device, "staging folios out of host memory", _copies(rt, page, buf, b0, dp, d0, n))
+    pool.give(buf)
