@@ -129,6 +129,21 @@ def test_journal_drops_a_torn_line_and_refuses_other_settings_or_tools(tmp_path)
         Journal.resume(tmp_path / "empty", "dmamig bench", {})
 
 
+@pytest.mark.parametrize("torn", ['{"journal": 1, "tool": "dmamig bench", "fing', ""])
+def test_a_journal_torn_in_its_first_write_resumes_with_nothing_finished(tmp_path, torn):
+    # The header goes out with the first finished task: a crash in that write leaves no whole line. Such a
+    # folder must still resume (a fresh sweep refuses it, as it holds a journal).
+    settings = {"total_bytes": 1}
+    (tmp_path / JOURNAL_NAME).write_text(torn)
+    j = Journal.resume(tmp_path, "dmamig bench", settings)
+    assert j.done == {} and j.path.read_text() == ""
+    j.record("a", records=[1])
+    again = Journal.resume(tmp_path, "dmamig bench", settings)
+    assert list(again.done) == ["a"]
+    with pytest.raises(ResumeError, match="total_bytes"):
+        Journal.resume(tmp_path, "dmamig bench", {"total_bytes": 2})
+
+
 # -- resume -------------------------------------------------------------------------------------------------------
 
 def _interrupt_after(monkeypatch, n):

@@ -93,6 +93,10 @@ class Journal:
                               f"(a sweep journals each task as it finishes); give the folder of a sweep that "
                               f"was interrupted")
         lines = j._read_lines()
+        if not lines and not j.path.stat().st_size:
+            # The header is written with the first finished task, in one write: a crash during it leaves no
+            # whole line (trimmed away above). Nothing finished; the first task to finish starts the file again.
+            return j
         try:
             head = json.loads(lines[0]) if lines else None
         except ValueError:
