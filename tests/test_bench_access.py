@@ -95,9 +95,20 @@ def test_bad_axes_say_what_is_allowed(fn, text, words):
     assert parse_oversubscription("2,0.5,2") == [0.5, 2.0] and parse_fault_batches("1024,32") == [32, 1024]
 
 
+def test_factors_that_read_alike_in_ids_are_refused():
+    # Ids name a factor in 6 significant digits: 1 and 1.0000001 would be one scenario id twice.
+    with pytest.raises(ValueError, match="'1' and '1.0000001' are one oversubscription factor"):
+        parse_oversubscription("1,1.0000001")
+    assert parse_oversubscription("1,1.0,1.5") == [1.0, 1.5]
+    s = dataclasses.replace(default_settings("cpu", quick=True), oversubscription=[1.0, 1.0000001])
+    with pytest.raises(ValueError, match="two tasks the id 'access/stencil/1x/b256/copy'"):
+        build_tasks(s)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--fault-batch", "0"], "--fault-batch"),
     (["--oversubscription", "-1"], "--oversubscription"),
+    (["--oversubscription", "0.5,0.50000001"], "--oversubscription: '0.5' and '0.50000001'"),
     (["--access-total", "3M"], "2 MiB blocks"),
 ])
 def test_bad_access_arguments_are_usage_errors(argv, words, capsys, tmp_path):

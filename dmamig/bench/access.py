@@ -177,7 +177,7 @@ def parse_oversubscription(text: str) -> list[float]:
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
         raise ValueError("expected a comma-separated list of oversubscription factors, e.g. 0.5,1,2")
-    out = set()
+    out: dict[str, tuple[float, str]] = {}
     for item in items:
         try:
             v = float(item)
@@ -186,8 +186,14 @@ def parse_oversubscription(text: str) -> list[float]:
         if not 0 < v <= 16:  # also false for nan
             raise ValueError(f"{item!r} is not an oversubscription factor; use numbers in (0, 16] (working set "
                              f"over device memory), e.g. 0.5,1,2")
-        out.add(v)
-    return sorted(out)
+        # A scenario's id names its factor in 6 significant digits: two factors that read alike would give two
+        # scenarios one id (one record hiding the other, a resume skipping the second).
+        label = f"{v:g}"
+        if label in out and out[label][0] != v:
+            raise ValueError(f"{out[label][1]!r} and {item!r} are one oversubscription factor ({label}x) in the "
+                             f"scenario ids; give factors that differ within 6 significant digits")
+        out.setdefault(label, (v, item))
+    return sorted(v for v, _ in out.values())
 
 
 # -- running one scenario ----------------------------------------------------------------------------------------

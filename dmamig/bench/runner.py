@@ -318,6 +318,12 @@ def build_tasks(settings: BenchSettings) -> list[Task]:
         tasks.append(Task(sc.id, sc.name, sc.kind, reps, dirs, sc, 2000 + i))
     tasks += access_tasks(settings)
     tasks += pair_tasks(settings)
+    # Ids key the journal, the resume and the cluster's futures: two tasks of one id would lose one of them.
+    seen: set[str] = set()
+    twice = [t.id for t in tasks if t.id in seen or seen.add(t.id)]
+    if twice:
+        raise ValueError(f"these settings give two tasks the id {twice[0]!r}; make the values of each sweep axis "
+                         f"distinct")
     return tasks
 
 
