@@ -410,6 +410,64 @@ def test_a_scheduler_without_usable_workers_is_a_usage_error():
             connect(plain.scheduler_address)
 
 
+class _InterruptedSession:
+    """A session whose scheduler questions meet Ctrl-C: whoever opened it must still close it."""
+
+    address = "tcp://127.0.0.1:1"
+
+    def __init__(self):
+        self.closed = 0
+
+    def workers(self):
+        raise KeyboardInterrupt
+
+    describe = workers
+
+    def close(self):
+        self.closed += 1
+
+
+@needs_dask
+@pytest.mark.parametrize("argv", [[*TINY, "--no-engine"], REPLAY])
+def test_ctrl_c_before_the_first_task_closes_the_session(argv, tmp_path, capsys, monkeypatch):
+    from dmamig.sweep import cli as sweep_cli
+
+    fake = _InterruptedSession()
+    monkeypatch.setattr(sweep_cli, "connect_or_exit", lambda parser, spec, **options: fake)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(out), "--cluster", "local"]) == 130
+    assert fake.closed >= 1
+    said = capsys.readouterr()
+    assert "interrupted before any" in said.err + said.out
+    assert not (out / "results.json").exists()
+
+
+@needs_dask
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, TimeoutError])
+def test_a_connection_that_fails_after_the_client_started_closes_it(stop, monkeypatch):
+    import distributed
+
+    from dmamig.sweep.cluster import ClusterError, connect
+
+    clients = []
+
+    class Client:
+        def __init__(self, *a, **k):
+            self.closed = False
+            clients.append(self)
+
+        def wait_for_workers(self, n, timeout=None):
+            raise stop
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(distributed, "Client", Client)
+    with pytest.raises(ClusterError if stop is TimeoutError else KeyboardInterrupt):
+        connect("tcp://127.0.0.1:1", wait=0.1)
+    assert len(clients) == 1 and clients[0].closed
+
+
 @needs_dask
 def test_a_replay_task_that_fails_twice_is_reported_and_the_other_kept(tmp_path, session, monkeypatch):
     from dmamig.tiering import make_workload

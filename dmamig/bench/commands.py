@@ -314,52 +314,56 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         args, parser, lambda folder, resume: BenchSweep(settings, folder, resume=resume), new_folder,
         backend=backend, gpus=gpus, devices_per_task=settings.devices,
         memory_per_task=_COPIES * settings.total_bytes)
-    err = console(stderr=True)
-    experiments = [describe_options(o) for o in settings.option_sets()[1:]]
-    if settings.variants:
-        experiments.append(f"{describe_options(PIPELINED)} at {format_size(settings.sizes[0])}")
-    err.print(f"dmamig bench: backend {backend}, sizes {','.join(format_size(s) for s in settings.sizes)}, "
-              f"{format_size(settings.total_bytes)} per scenario, DMA channels "
-              f"{','.join(map(str, settings.channels))}, repeat {settings.repeat}, faithful batching"
-              + (f" + experiments: {'; '.join(dict.fromkeys(experiments))}" if experiments else " only")
-              + (f"; device access {format_size(settings.access_bytes)}, fault batches "
-                 f"{','.join(map(str, stream_batches(settings)))}, stencil at "
-                 f"{','.join(f'{f:g}x' for f in sorted(set(settings.oversubscription)))} device memory"
-                 if settings.access else "; no device access")
-              + (f"; device pairs: {settings.devices} devices ({len(pair_scenarios(settings))} ordered pairs, "
-                 f"topology {settings.topology}), {format_size(settings.pair_bytes)} each"
-                 if pair_scenarios(settings) else "")
-              + f" -> {out}")
-    if sweep.prior:
-        err.print(f"resuming: {len(sweep.prior)} of {len(sweep.tasks)} task(s) finished before, "
-                  f"{len(sweep.todo)} to run")
-    if session is not None:
-        err.print(f"cluster {args.cluster}: scheduler {session.address}, {len(session.workers())} worker(s)")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[scenario]}"), console=err) as bar:
-        task = bar.add_task("migrating", total=sweep.steps, scenario="")
-        try:
-            doc = sweep.run(progress=lambda sid, n: bar.update(task, advance=n, scenario=sid), session=session)
-        except SweepFailed as exc:
-            bar.stop()
-            return _failed(exc, out, err)
-        except VerificationError as exc:
-            bar.stop()
-            err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
-            return 1
-        except KeyboardInterrupt as exc:  # SweepInterrupted carries the scenarios that finished
-            bar.stop()
-            return _interrupted(exc.doc if isinstance(exc, SweepInterrupted) else None, out, created, err)
-        except MemoryError:
-            bar.stop()
-            if created:
-                remove_if_empty(out)
-            err.print(f"dmamig bench: out of memory for {format_size(settings.total_bytes)} per scenario; "
-                      f"use a smaller --total")
-            return 2
-        finally:
-            if session is not None:
-                session.close()
+    # Whatever happens from here on (an error, Ctrl-C), a session closes: its cluster's workers must not outlive
+    # the command.
+    try:
+        err = console(stderr=True)
+        experiments = [describe_options(o) for o in settings.option_sets()[1:]]
+        if settings.variants:
+            experiments.append(f"{describe_options(PIPELINED)} at {format_size(settings.sizes[0])}")
+        err.print(f"dmamig bench: backend {backend}, sizes {','.join(format_size(s) for s in settings.sizes)}, "
+                  f"{format_size(settings.total_bytes)} per scenario, DMA channels "
+                  f"{','.join(map(str, settings.channels))}, repeat {settings.repeat}, faithful batching"
+                  + (f" + experiments: {'; '.join(dict.fromkeys(experiments))}" if experiments else " only")
+                  + (f"; device access {format_size(settings.access_bytes)}, fault batches "
+                     f"{','.join(map(str, stream_batches(settings)))}, stencil at "
+                     f"{','.join(f'{f:g}x' for f in sorted(set(settings.oversubscription)))} device memory"
+                     if settings.access else "; no device access")
+                  + (f"; device pairs: {settings.devices} devices ({len(pair_scenarios(settings))} ordered pairs, "
+                     f"topology {settings.topology}), {format_size(settings.pair_bytes)} each"
+                     if pair_scenarios(settings) else "")
+                  + f" -> {out}")
+        if sweep.prior:
+            err.print(f"resuming: {len(sweep.prior)} of {len(sweep.tasks)} task(s) finished before, "
+                      f"{len(sweep.todo)} to run")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[scenario]}"), console=err) as bar:
+            task = bar.add_task("migrating", total=sweep.steps, scenario="")
+            try:
+                if session is not None:
+                    err.print(f"cluster {args.cluster}: scheduler {session.address}, {len(session.workers())} "
+                              f"worker(s)")
+                doc = sweep.run(progress=lambda sid, n: bar.update(task, advance=n, scenario=sid), session=session)
+            except SweepFailed as exc:
+                bar.stop()
+                return _failed(exc, out, err)
+            except VerificationError as exc:
+                bar.stop()
+                err.print(f"[bold red]dmamig bench: verification FAILED[/bold red]: {escape(str(exc))}")
+                return 1
+            except KeyboardInterrupt as exc:  # SweepInterrupted carries the scenarios that finished
+                bar.stop()
+                return _interrupted(exc.doc if isinstance(exc, SweepInterrupted) else None, out, created, err)
+            except MemoryError:
+                bar.stop()
+                if created:
+                    remove_if_empty(out)
+                err.print(f"dmamig bench: out of memory for {format_size(settings.total_bytes)} per scenario; "
+                          f"use a smaller --total")
+                return 2
+    finally:
+        if session is not None:
+            session.close()
     write_json(doc, out / "results.json")
     write_csv(doc, out / "results.csv")
     sweep.journal.discard()  # complete: results.json holds every task, and the folder is what it always was

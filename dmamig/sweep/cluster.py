@@ -226,7 +226,11 @@ def connect(spec: str, *, backend: str = "cpu", gpus: int = 0, devices_per_task:
                                    f"a scheduler address such as tcp://host:8786")
             n = int(count)
         cluster = _local_cluster(backend, gpus, devices_per_task, memory_per_task, n)
-        return Session(spec, Client(cluster), cluster)
+        try:
+            return Session(spec, Client(cluster), cluster)
+        except BaseException:
+            cluster.close()  # its worker processes must not outlive a failed (or interrupted) connection
+            raise
     try:
         client = Client(spec, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -234,17 +238,19 @@ def connect(spec: str, *, backend: str = "cpu", gpus: int = 0, devices_per_task:
                            f"{' '.join(str(exc).split()) or type(exc).__name__}; start one with `dask scheduler` "
                            f"and give its address, e.g. tcp://host:8786") from None
     session = Session(spec, client, None)
-    try:
-        client.wait_for_workers(1, timeout=wait)
-    except (OSError, TimeoutError):
+    try:  # the client is closed on every way out but success: a usage error, a lost scheduler, Ctrl-C
+        try:
+            client.wait_for_workers(1, timeout=wait)
+        except (OSError, TimeoutError):
+            raise ClusterError(f"argument --cluster: no worker joined the scheduler at {spec!r} within "
+                               f"{wait:.0f} s; start workers with `dask worker {spec} --nthreads 1 --resources "
+                               f"{RESOURCE}=1`") from None
+        if not any(w.get("resources", {}).get(RESOURCE) for w in session.workers().values()):
+            raise ClusterError(f"argument --cluster: no worker at {spec!r} declares the {RESOURCE!r} resource; "
+                               f"start them with `dask worker {spec} --nthreads 1 --resources {RESOURCE}=1`")
+    except BaseException:
         session.close()
-        raise ClusterError(f"argument --cluster: no worker joined the scheduler at {spec!r} within {wait:.0f} "
-                           f"s; start workers with `dask worker {spec} --nthreads 1 --resources {RESOURCE}=1`"
-                           ) from None
-    if not any(w.get("resources", {}).get(RESOURCE) for w in session.workers().values()):
-        session.close()
-        raise ClusterError(f"argument --cluster: no worker at {spec!r} declares the {RESOURCE!r} resource; start "
-                           f"them with `dask worker {spec} --nthreads 1 --resources {RESOURCE}=1`")
+        raise
     return session
 
 

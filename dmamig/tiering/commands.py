@@ -141,8 +141,9 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
         console_factory(stderr=True).print(f"dmamig replay: {' '.join(str(exc).split())}", markup=False,
                                            highlight=False, soft_wrap=True)
         return 2
-    interrupted, failures, cluster = False, [], session.describe() if session else None
+    interrupted, failures, cluster = False, [], None
     try:
+        cluster = session.describe() if session else None
         with Progress(console=con, transient=True) as prog:
             bars = {t.id: prog.add_task(t.label, total=t.steps) for t in sweep.todo}
             failures = sweep.run(lambda task, done: prog.update(bars[task.id], completed=done), session)
