@@ -188,6 +188,19 @@ def test_a_wrong_byte_fails_verification(monkeypatch):
         run_pair(PairScenario(0, 1, 2, 2 * MIB, 1), s, lambda label, n: None, seed=1)
 
 
+def test_a_leaked_frame_fails_verification():
+    from dmamig import Machine
+    from dmamig.bench.verify import verify_no_leak
+
+    with Machine(host_pages=64, device_pages=64, devices=2, backend="cpu") as m:
+        verify_no_leak(m, "pair")
+        held = m.alloc_pages(2, 3)
+        with pytest.raises(VerificationError, match=r"pair: frames still in use .*\(2, 3\)"):
+            verify_no_leak(m, "pair")
+        m.put_pages(held)
+        verify_no_leak(m, "pair")
+
+
 @pytest.mark.parametrize("mode, staged, stats, words", [
     ("nocopy", True, dict(bytes=4, peer_bytes=4, staged_bytes=0, peer_runs=1, staged_runs=0), "topology says staged"),
     ("nocopy", False, dict(bytes=4, peer_bytes=0, staged_bytes=4, peer_runs=0, staged_runs=1), "says peer"),

@@ -30,7 +30,7 @@ from ..uvm.options import DEFAULT_FAULT_BATCH_SIZE, VA_BLOCK_SIZE, UvmOptions
 from .access_figures import Sample, access_record, add_access_speedups
 from .scenarios import PAGE_SIZE, BenchSettings, _parse_int_list
 from .tasks import ProgressFn, Task
-from .verify import check, random_bytes
+from .verify import check, random_bytes, verify_no_leak
 
 __all__ = ["ACCESS_PATTERNS", "AccessScenario", "access_scenarios", "access_tasks", "add_access_speedups",
            "parse_fault_batches", "parse_oversubscription", "run_access", "stream_batches"]
@@ -222,11 +222,6 @@ def _machine(settings: BenchSettings, sc: AccessScenario, device_pages: int) -> 
                    backend=settings.backend, channels=sc.channels or 1)
 
 
-def _no_leak(m: Any, what: str) -> None:
-    leaked = [(n.id, n.total_pages - n.free_pages) for n in m.nodes if n.free_pages != n.total_pages]
-    check(not leaked, what, f"frames still in use after every address space closed (node, frames): {leaked}")
-
-
 def _read_plan(sc: AccessScenario, seed: int) -> np.ndarray | None:
     """Page indexes a read scenario reads, in access order (``None``: the whole range, in order)."""
     pages = sc.working_pages
@@ -296,7 +291,7 @@ def _run_reads(sc: AccessScenario, settings: BenchSettings, progress: ProgressFn
                     progress(sc.name, 1)
         finally:
             mm.close()
-        _no_leak(m, sc.id)
+        verify_no_leak(m, sc.id)
     finally:
         m.close()
     return out
@@ -382,7 +377,7 @@ def _run_stencil(sc: AccessScenario, settings: BenchSettings, progress: Progress
             for mm in spaces:
                 mm.close()
         for m in machines:
-            _no_leak(m, sc.id)
+            verify_no_leak(m, sc.id)
     finally:
         for m in machines:
             m.close()

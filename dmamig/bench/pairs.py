@@ -26,7 +26,7 @@ import numpy as np
 from .pairs_figures import PAIR_FOLIO, PairSample, add_pair_speedups, pair_record, pair_table
 from .scenarios import PAGE_SIZE, BenchSettings, folio_order
 from .tasks import ProgressFn, Task
-from .verify import check, random_bytes, range_pfns, verify_pages, verify_result
+from .verify import check, random_bytes, range_pfns, verify_no_leak, verify_pages, verify_result
 
 __all__ = ["MAX_PAIR_DEVICES", "PAIR_FOLIO", "PairScenario", "add_pair_speedups", "check_pair_bytes",
            "pair_options", "pair_scenarios", "pair_table", "pair_tasks", "parse_device_count", "run_pair"]
@@ -189,11 +189,6 @@ def _check_route(stats: Any, sc: PairScenario, mode: str, staged: bool, what: st
           f"{'staged' if staged else 'peer'} pair")
 
 
-def _no_leak(m: Any, what: str) -> None:
-    leaked = [(n.id, n.total_pages - n.free_pages) for n in m.nodes if n.free_pages != n.total_pages]
-    check(not leaked, what, f"frames still in use after the address space closed (node, frames): {leaked}")
-
-
 def run_pair(sc: PairScenario, settings: BenchSettings, progress: ProgressFn, seed: int) -> list[dict[str, Any]]:
     """Run one device pair (a ``"pairs"`` task): its ceiling, then copy and no-copy migration; two records.
 
@@ -252,7 +247,7 @@ def run_pair(sc: PairScenario, settings: BenchSettings, progress: ProgressFn, se
                                         f"offset {bad[:1].tolist()})")
         finally:
             mm.close()
-        _no_leak(m, sc.id)
+        verify_no_leak(m, sc.id)
     finally:
         m.close()
     where = {"src_device": sc.src, "dst_device": sc.dst, "link": link, "peer": not staged, "staged": staged,

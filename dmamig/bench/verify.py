@@ -14,8 +14,8 @@ import numpy as np
 
 from .scenarios import PAGE_SIZE, BenchSettings
 
-__all__ = ["VerificationError", "bench_machine", "check", "random_bytes", "range_pfns", "verify_pages",
-           "verify_result"]
+__all__ = ["VerificationError", "bench_machine", "check", "random_bytes", "range_pfns", "verify_no_leak",
+           "verify_pages", "verify_result"]
 
 
 class VerificationError(AssertionError):
@@ -135,3 +135,15 @@ def verify_result(res: Any, pages: int, what: str) -> None:
     check(res.nr_failed == 0 and bad.size == 0, what,
            f"{res.nr_failed} pages failed to migrate (status {sorted(set(status[bad].tolist()))[:4]})")
     check(res.nr_succeeded == pages, what, f"{res.nr_succeeded} pages migrated, expected {pages}")
+
+
+def verify_no_leak(m: Any, what: str) -> None:
+    """Check that every node of ``m`` has all its frames free again (call it once every address space closed).
+
+    Raises
+    ------
+    VerificationError
+        Naming ``what`` and, per node that leaked, how many frames are still in use.
+    """
+    leaked = [(n.id, n.total_pages - n.free_pages) for n in m.nodes if n.free_pages != n.total_pages]
+    check(not leaked, what, f"frames still in use after every address space closed (node, frames): {leaked}")
