@@ -292,3 +292,38 @@ def test_one_gpu_has_no_pairs_to_describe(monkeypatch):
     monkeypatch.delattr(FakeRuntime, "deviceGetP2PAttribute")
     t = backend_on(FakeGpu()).runtime_topology()
     assert t.devices == 1 and t.name == "cuda-runtime" and t.pairs() == []
+
+
+def test_a_channel_retires_its_bounce_buffer_after_a_failed_staged_hop(monkeypatch):
+    """A staged submission that fails part way leaves copies queued into the channel's bounce buffer, and its
+    slot events no longer say when the buffer is free: the next staged submission must get a new buffer."""
+    monkeypatch.setattr(staging, "STAGE_BYTES", 2 * PAGE)
+    gpu = three_gpus()
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(8, 32, 32, 32), devices=(-1, 0, 1, 2), seed=9)
+    with engine_with(b, nodes, b.runtime_topology(), channels=1, options=MEMCPY) as engine:
+        expect = contents(b, nodes)
+        real = FakeRuntime.memcpyAsync
+        calls = []
+
+        def third_fails(self, *args):
+            calls.append(args)
+            if len(calls) == 3:
+                raise FakeCudaError(1)  # chunk 2's hop 1, after chunk 1 went out through the buffer
+            return real(self, *args)
+
+        monkeypatch.setattr(FakeRuntime, "memcpyAsync", third_fails)
+        with pytest.raises(DmaError):
+            engine.copy(8 + np.arange(6), 72 + np.arange(6)).wait()  # device 0 -> 2: staged, three chunks
+        monkeypatch.setattr(FakeRuntime, "memcpyAsync", real)
+        ch = engine._lanes[2][0]
+        failed = ch._retired_staging[-1] if ch._retired_staging else None
+        assert failed is not None and ch._staging is None, "the buffer of the failed hop is still in use"
+        src, dst = 8 + np.arange(10, 16), 72 + np.arange(10, 16)
+        expect[dst] = expect[src]
+        engine.copy(src, dst).wait()
+        assert ch._staging is not None and ch._staging is not failed
+        got = contents(b, nodes)
+        np.testing.assert_array_equal(got[dst], expect[dst])
+    b.close()
+    assert bounce_allocs(gpu, 2 * 2 * PAGE) == 0  # both buffers freed at close

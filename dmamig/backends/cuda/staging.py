@@ -77,14 +77,30 @@ class ChannelStaging:
 
         ``timing(device)`` is called before the first operation each stream gets, to record its start event.
         """
-        ch, rt, cp = self._ch, self._rt, self._ch._cp
+        ch = self._ch
         sdev, ddev = int(w.src_device), int(w.dst_device)
         src_s, dst_s = ch.stream(sdev), ch.stream(ddev)
-        page, cap = self.page, self.capacity
-        pieces = stage_chunks(w.src_start, w.dst_start, w.npages, cap)
+        page = self.page
+        pieces = stage_chunks(w.src_start, w.dst_start, w.npages, self.capacity)
         sp, dp = _ptr(w.src_frames), _ptr(w.dst_frames)
         gather = w.method == METHOD_GATHER and page % 16 == 0
         timing(sdev)
+        try:
+            self._issue_chunks(pieces, sdev, ddev, src_s, dst_s, sp, dp, gather, timing)
+        except BaseException:
+            # Part of a hop may be queued, and the slot events no longer say when the buffer is free: retire
+            # it (freed when the channel closes, after its streams) so no later submission writes into it.
+            if ch._staging is self:
+                ch._staging = None
+                ch._retired_staging.append(self)
+            raise
+        for key, v in route_counts(w).items():
+            ch._count(key, v)
+
+    def _issue_chunks(self, pieces: Any, sdev: int, ddev: int, src_s: Any, dst_s: Any, sp: int, dp: int,
+                      gather: bool, timing: Callable[[int], None]) -> None:
+        rt, cp = self._rt, self._ch._cp
+        cap = self.capacity
         for k in range(pieces.nr_chunks):
             slot = k & 1
             s0, d0, n, b0 = pieces.chunk(k)
@@ -102,8 +118,6 @@ class ChannelStaging:
                 self._hop(ddev, dst_s, self.ptr, b0, dp, d0, n, gather)
                 free = self._slot_free[slot] = self._event("free", ddev, slot)
                 rt.eventRecord(free, dst_s.ptr)
-        for key, v in route_counts(w).items():
-            ch._count(key, v)
 
     def _hop(self, dev: int, s: Any, src_ptr: int, src_start: np.ndarray, dst_ptr: int, dst_start: np.ndarray,
              npages: np.ndarray, gather: bool) -> None:
