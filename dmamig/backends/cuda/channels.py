@@ -111,16 +111,6 @@ class CudaChannel:
         with self._lock:
             self._counters[key] += n
 
-    @staticmethod
-    def _exec_device(w: ChannelWork) -> int:
-        # The destination's GPU drives the copy when there is one (writes are what a DMA engine pushes); else
-        # the source's; host-to-host copies go through device 0.
-        if w.dst_kind == "device":
-            return int(w.dst_device)
-        if w.src_kind == "device":
-            return int(w.src_device)
-        return 0
-
     def submit(self, work: list[ChannelWork]) -> _CudaCompletion:
         """Issue ``work`` on this channel's streams and return its completion without waiting.
 
@@ -141,7 +131,7 @@ class CudaChannel:
             if w.staged:
                 staged.append(w)
             else:
-                by_device.setdefault(self._exec_device(w), []).append(w)
+                by_device.setdefault(w.exec_device, []).append(w)
         timed: list[int] = []  # devices whose stream got a start event (each gets an end event below)
 
         def begin(dev: int) -> None:
