@@ -168,7 +168,11 @@ def test_pin_waits_for_a_migration_entry_then_brings_the_page_back(dm):
     mv.setup()
     t = threading.Thread(target=mm.pin, args=(addr, 4 * ps), daemon=True)
     t.start()
-    assert _blocked(t), "the pin did not wait for the migration entries"
+    # The pin meets the migration entries and waits: counted when the wait starts, so no timing is assumed.
+    deadline = time.monotonic() + WAIT
+    while mm.migration_stalls[0] == 0 and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert mm.migration_stalls[0] == 1 and t.is_alive(), "the pin did not wait for the migration entries"
     mv.alloc_and_copy(engine=m.dma)
     mv.pages()
     mv.finalize()
