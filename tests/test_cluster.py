@@ -231,6 +231,12 @@ def test_replay_resumes_only_the_mode_that_did_not_finish(tmp_path, monkeypatch,
     capsys.readouterr()
     assert main([*REPLAY, "--seed", "3", "--resume", str(out)]) == 2
     assert "seed: 3 here, 0 there" in capsys.readouterr().err
+    # The unfinished replay's journal is not overwritten by a fresh one into its folder (as for bench).
+    journal = (out / JOURNAL_NAME).read_bytes()
+    calls.clear()
+    assert main([*REPLAY, "--out", str(out)]) == 2
+    assert f"--resume {out}" in capsys.readouterr().err and calls == []
+    assert (out / JOURNAL_NAME).read_bytes() == journal
     calls.clear()
     assert main([*REPLAY, "--resume", str(out)]) == 0
     assert calls == ["no-copy"]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..sweep.journal import JOURNAL_NAME, Journal, ResumeError
+from ..sweep.journal import Journal
 from .runner import SweepInterrupted, VerificationError, build_tasks, run_sweep, sweep_document
 from .scenarios import BenchSettings
 from .tasks import ProgressFn, Task
@@ -98,11 +98,7 @@ class BenchSweep:
         if resume:
             self.journal = Journal.resume(self.folder, TOOL, settings_json(settings))
         else:
-            self.journal = Journal(self.folder, TOOL, settings_json(settings))
-            if self.journal.exists():
-                raise ResumeError(f"argument --out: {str(self.folder)!r} holds the journal of an unfinished "
-                                  f"sweep ({JOURNAL_NAME}); continue it with --resume {self.folder}, or give a "
-                                  f"new folder")
+            self.journal = Journal.fresh(self.folder, TOOL, settings_json(settings))
         ids = {t.id for t in self.tasks}
         self.prior = {i: e for i, e in self.journal.done.items() if i in ids}
         self.todo = [t for t in self.tasks if t.id not in self.prior]

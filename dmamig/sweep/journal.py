@@ -78,6 +78,21 @@ class Journal:
         self._started = False
 
     @classmethod
+    def fresh(cls, folder: Path, tool: str, settings: dict[str, Any], arg: str = "--out") -> Journal:
+        """The journal of a new sweep in ``folder``.
+
+        Raises
+        ------
+        ResumeError
+            When ``folder`` already holds a journal: an unfinished sweep is resumed, never overwritten.
+        """
+        j = cls(folder, tool, settings)
+        if j.exists():
+            raise ResumeError(f"argument {arg}: {str(j.folder)!r} holds the journal of an unfinished sweep "
+                              f"({JOURNAL_NAME}); continue it with --resume {j.folder}, or give a new folder")
+        return j
+
+    @classmethod
     def resume(cls, folder: Path, tool: str, settings: dict[str, Any], arg: str = "--resume") -> Journal:
         """Open the journal in ``folder`` to continue its sweep.
 

@@ -98,14 +98,16 @@ class ReplaySweep:
     settings : dict
         :meth:`ReplayJob.settings`: what the journal's fingerprint covers.
     resume : bool
-        Continue the sweep journalled in ``folder`` (raises :class:`~dmamig.sweep.ResumeError` if it cannot).
+        Continue the sweep journalled in ``folder`` (raises :class:`~dmamig.sweep.ResumeError` if it cannot;
+        without ``resume``, a ``folder`` that holds a journal raises it too).
     """
 
     def __init__(self, job: ReplayJob, tasks: list[Task], folder: Path, settings: dict[str, Any],
                  resume: bool = False):
         self.job = job
         self.tasks = tasks
-        self.journal = (Journal.resume(folder, TOOL, settings) if resume else Journal(folder, TOOL, settings))
+        # A folder holding an unfinished sweep's journal is resumed, never overwritten by a fresh one.
+        self.journal = (Journal.resume(folder, TOOL, settings) if resume else Journal.fresh(folder, TOOL, settings))
         ids = {t.id for t in tasks}
         self.prior = {i: e for i, e in self.journal.done.items() if i in ids}
         self.todo = [t for t in tasks if t.id not in self.prior]
