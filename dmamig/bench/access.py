@@ -374,6 +374,8 @@ def _run_stencil(sc: AccessScenario, settings: BenchSettings, progress: Progress
                 check(bad.size == 0, sc.id, f"after {warmup + repeat} sweeps {bad.size} bytes differ from what the "
                                             f"sweeps wrote (first at offset {bad[:1].tolist()})")
         finally:
+            for acc, _addr in accs:  # idempotent: after a failed sweep too, no accessor keeps listening
+                acc.close()
             for mm in spaces:
                 mm.close()
         for m in machines:
