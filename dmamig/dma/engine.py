@@ -1,8 +1,10 @@
 """The device DMA engine: asynchronous page copies between any nodes, spread over channels.
 
-A submission (:meth:`DmaEngine.copy`) is validated, planned (:mod:`dmamig.dma.plan`: sorted, coalesced into
-runs, balanced over channels, a copy method per run) and handed to the backend's channels, each of which runs
-its share asynchronously. The caller gets a :class:`Fence` at once and keeps working.
+A submission (:meth:`DmaEngine.copy`) is validated (:mod:`dmamig.dma.validate`), planned
+(:mod:`dmamig.dma.plan`: sorted, coalesced into runs, balanced over channels, a copy method per run) and handed
+to the backend's channels, each of which runs its share asynchronously. The caller gets a :class:`Fence` at once
+and keeps working. Its counters are :class:`~dmamig.dma.stats.DmaStats`; while fault points are armed,
+:mod:`dmamig.dma.inject` decides what each share suffers.
 
 Channels belong to devices, as a GPU's copy engines do: each device gets its own ``channels`` channels (opened
 on its first copy), and a copy runs on the channels of its destination device (of its source for a copy to host
@@ -21,74 +23,21 @@ import dataclasses
 import inspect
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..backends.base import CHANNEL_COUNTERS, ChannelWork, Completion
+from ..backends.base import ChannelWork, Completion
 from ..errors import DmaError, InvalidArgument
-from ..fault import FaultAttr, FaultPoints
+from ..fault import FaultPoints
 from ..topology import ROUTE_STAGED, Topology, node_routes
-from .fence import DONE, FailedCompletion, FaultedCompletion, Fence
+from .fence import DONE, FailedCompletion, Fence
+from .inject import add_submit_errors, emulate_fault, share_fault
 from .plan import CopyPlan, PlanOptions, plan_copy, plan_one_pair
+from .stats import DmaStats, baseline_of, with_channels, zero_baseline
+from .validate import pfn_array, validate_bounds
 
 __all__ = ["DmaEngine", "DmaStats", "Fence"]
-
-
-@dataclass
-class DmaStats:
-    """Counters of a :class:`DmaEngine` since it was created or last reset.
-
-    Attributes
-    ----------
-    bytes : int
-        Bytes submitted for copying (including submissions that then failed).
-    pages : int
-        Base pages submitted.
-    submissions : int
-        Non-empty :meth:`DmaEngine.copy` calls.
-    runs : int
-        Runs after coalescing and splitting.
-    kernel_launches : int
-        Gather/scatter kernel launches (one per segment of short runs).
-    memcpy_calls : int
-        Single large copies issued (one per long run).
-    batch_calls : int
-        Batched copy calls issued (cuMemcpyBatchAsync).
-    peer_runs, peer_bytes : int
-        Device-to-device runs and bytes copied directly between devices with peer access.
-    staged_runs, staged_bytes : int
-        Device-to-device runs and bytes staged through host memory (devices without peer access): each byte
-        is copied twice, into a channel's bounce buffer and out of it. Counted by the channels as they copy.
-    busy_seconds : list of float
-        Per channel: seconds spent copying (completed work); the channels of every device, in the order the
-        devices were first used.
-    busy_by_device : dict of int to float
-        The same seconds summed per device whose channels ran them.
-    errors : int
-        Submissions that failed (injected or real).
-    channel_restarts : int
-        Channel workers found dead and started again.
-    """
-
-    bytes: int = 0
-    pages: int = 0
-    submissions: int = 0
-    runs: int = 0
-    kernel_launches: int = 0
-    memcpy_calls: int = 0
-    batch_calls: int = 0
-    peer_runs: int = 0
-    peer_bytes: int = 0
-    staged_runs: int = 0
-    staged_bytes: int = 0
-    busy_seconds: list[float] = field(default_factory=list)
-    busy_by_device: dict[int, float] = field(default_factory=dict)
-    errors: int = 0
-    channel_restarts: int = 0
-
-
 
 
 class DmaEngine:
@@ -173,7 +122,7 @@ class DmaEngine:
             lane = self._lanes[key] = list(chans)
             # A lane opened after reset_stats counts from zero, so its baseline is zero too.
             for ch in lane:
-                self._base[id(ch)] = (0.0, dict.fromkeys(CHANNEL_COUNTERS, 0), 0)
+                self._base[id(ch)] = zero_baseline()
         return lane
 
     @property
@@ -201,30 +150,17 @@ class DmaEngine:
     def stats(self) -> DmaStats:
         """A snapshot of the counters (see :class:`DmaStats`)."""
         with self._lock:
-            s = DmaStats(**{k: v for k, v in vars(self._stats).items()
-                            if k not in ("busy_seconds", "busy_by_device")})
+            s = dataclasses.replace(self._stats, busy_seconds=[], busy_by_device={})
             lanes = [(dev, list(lane)) for dev, lane in self._lanes.items()]
             base = dict(self._base)
-        for dev, lane in lanes:
-            total = 0.0
-            for ch in lane:
-                busy0, c0, r0 = base[id(ch)]
-                counters = ch.counters
-                for key in CHANNEL_COUNTERS:
-                    setattr(s, key, getattr(s, key) + counters.get(key, 0) - c0.get(key, 0))
-                busy = ch.busy_seconds - busy0
-                s.busy_seconds.append(busy)
-                total += busy
-                s.channel_restarts += getattr(ch, "restarts", 0) - r0
-            s.busy_by_device[dev] = total
-        return s
+        return with_channels(s, lanes, base)
 
     def reset_stats(self) -> None:
         """Zero every counter."""
         with self._lock:
             self._stats = DmaStats()
             for ch in self._channels:
-                self._base[id(ch)] = (ch.busy_seconds, dict(ch.counters), getattr(ch, "restarts", 0))
+                self._base[id(ch)] = baseline_of(ch)
 
     def _count_error(self) -> None:
         with self._lock:
@@ -247,75 +183,12 @@ class DmaEngine:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise InvalidArgument(f"inject_errors needs a count >= 0, got {n!r}")
         with self._lock:
-            attr = self.faults.get("dma_submit")
-            pending = attr.times if (attr is not None and attr.probability == 1.0 and attr.interval == 1
-                                     and attr.space == 0 and attr.times > 0) else 0
-            if n == 0:
-                self.faults.clear("dma_submit")
-            else:
-                self.faults.set("dma_submit", FaultAttr(probability=1.0, times=pending + int(n), seed=0))
-
-    # -- validation ----------------------------------------------------------------------------------------
-    def _pfn_array(self, name: str, value: Any) -> np.ndarray:
-        return self._pfn_array_bounds(name, value)[0]
-
-    def _pfn_array_bounds(self, name: str, value: Any) -> tuple[np.ndarray, int, int]:
-        """``value`` as an int64 pfn array, with its lowest and highest pfn (``0, -1`` when empty)."""
-        a = np.asarray(value)
-        if a.ndim != 1:
-            raise InvalidArgument(f"{name} must be a 1-D array of pfns, got shape {a.shape}")
-        if a.size == 0 and a.dtype.kind in "iuf":  # ``[]`` is float64 to numpy; an empty list is fine
-            return np.empty(0, dtype=np.int64), 0, -1
-        if a.dtype.kind not in "iu":
-            raise InvalidArgument(f"{name} must have an integer dtype (pfns), got {a.dtype}")
-        lo, hi = 0, -1
-        if a.size:
-            lo, hi = int(a.min()), int(a.max())
-            if lo < 0 or hi >= self._nr_pfns:
-                bad = lo if lo < 0 else hi
-                raise InvalidArgument(f"{name} holds pfn {bad}, outside the machine's pfns 0..{self._nr_pfns - 1}")
-        return a.astype(np.int64, copy=False), lo, hi
-
-    def _validate(self, src_pfns: Any, dst_pfns: Any) -> tuple[np.ndarray, np.ndarray]:
-        src, dst, _ = self._validate_bounds(src_pfns, dst_pfns)
-        return src, dst
-
-    def _validate_bounds(self, src_pfns: Any, dst_pfns: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-        """Validated ``(src, dst, (src lo, src hi, dst lo, dst hi))``; the bounds also serve the planner."""
-        src, s_lo, s_hi = self._pfn_array_bounds("src_pfns", src_pfns)
-        dst, d_lo, d_hi = self._pfn_array_bounds("dst_pfns", dst_pfns)
-        if src.size != dst.size:
-            raise InvalidArgument(f"src_pfns and dst_pfns must have the same length (one destination per "
-                                  f"source page), got {src.size} and {dst.size}")
-        bounds = (s_lo, s_hi, d_lo, d_hi)
-        if src.size == 0:
-            return src, dst, bounds
-        # A destination written twice, or a page both read and written by one submission, would make the result
-        # depend on channel timing. Cheap cases first: increasing destinations are distinct, and disjoint pfn
-        # ranges cannot overlap; otherwise one counting pass answers both questions.
-        disjoint = s_hi < d_lo or d_hi < s_lo
-        if disjoint and bool((dst[1:] > dst[:-1]).all()):
-            return src, dst, bounds
-        lo, hi = min(s_lo, d_lo), max(s_hi, d_hi)
-        counts = np.bincount(dst - lo, minlength=hi - lo + 1)
-        if int(counts.max()) > 1:
-            dup = int(np.flatnonzero(counts > 1)[0]) + lo
-            raise InvalidArgument(f"dst_pfns lists pfn {dup} more than once; each destination page may be "
-                                  f"written once per submission")
-        if disjoint:
-            return src, dst, bounds
-        clash = counts[src - lo] != 0
-        if clash.any():
-            i = int(np.flatnonzero(clash)[0])
-            what = "is copied onto itself" if src[i] == dst[i] else "is both a source and a destination"
-            raise InvalidArgument(f"pfn {int(src[i])} {what} in one submission; sources and destinations must "
-                                  f"not overlap")
-        return src, dst, bounds
+            add_submit_errors(self.faults, int(n))
 
     # -- submission ----------------------------------------------------------------------------------------
     def plan(self, src_pfns: Any, dst_pfns: Any) -> CopyPlan:
         """Validate and plan a submission without running it (for inspection and tests)."""
-        src, dst = self._validate(src_pfns, dst_pfns)
+        src, dst, _ = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
         return self._plan(src, dst)
 
     def _locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +249,7 @@ class DmaEngine:
         """
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-        src, dst, bounds = self._validate_bounds(src_pfns, dst_pfns)
+        src, dst, bounds = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
         if src.size == 0:
             return DONE
         plan = self._plan(src, dst, bounds)
@@ -438,32 +311,16 @@ class DmaEngine:
             if refused and i == 0:
                 out.append(FailedCompletion(error))
                 continue
-            fault = self._share_fault(work) if faults.armed else None
+            fault = share_fault(faults, work, self.page_size) if faults.armed else None
             out.append(self._queue(ch, work, fault, seq))
         return out, error, share_runs
-
-    def _share_fault(self, work: list[ChannelWork]) -> str | None:
-        """Which injected fault (if any) a channel share suffers: decided here, on the submitting thread,
-        so that a seeded run draws the same faults whatever the channel timing."""
-        size = int(sum(int(w.npages.sum()) for w in work)) * self.page_size
-        for point, fault in (("channel_crash", "crash"), ("dma_copy", "copy"), ("dma_complete", "complete")):
-            if self.faults.should_fail(point, size):
-                return fault
-        return None
 
     def _queue(self, ch: Any, work: list[ChannelWork], fault: str | None, seq: int) -> Completion:
         if fault is None:
             return ch.submit(work)
         if getattr(ch, "injects_faults", False):
             return ch.submit(work, fault=fault)
-        # A channel that cannot fail inside its own worker (a CUDA stream): copy about half of the share for
-        # a mid-copy fault or a crash, all of it for a completion fault, and report the error on completion.
-        if fault != "complete":
-            work = [dataclasses.replace(w, src_start=w.src_start[:k], dst_start=w.dst_start[:k],
-                                        npages=w.npages[:k])
-                    for w in work if (k := w.npages.size // 2) > 0]
-        error = DmaError(f"injected {fault} fault on DMA channel {ch.index} (submission #{seq})")
-        return FaultedCompletion(ch.submit(work) if work else FailedCompletion(error), error)
+        return emulate_fault(ch, work, fault, seq)
 
     # -- checksums -----------------------------------------------------------------------------------------
     def checksum(self, pfns: Any) -> np.ndarray:
@@ -474,7 +331,7 @@ class DmaEngine:
         """
         if self._closed:
             raise DmaError("the DMA engine is closed; checksums need an open engine (create a new Machine)")
-        p = self._pfn_array("pfns", pfns)
+        p = pfn_array("pfns", pfns, self._nr_pfns)
         out = np.empty(p.size, dtype=np.uint64)
         if p.size == 0:
             return out
