@@ -1,7 +1,7 @@
 """The planner's common case as one compiled pass (numba): one node pair, pages already in source order.
 
 :func:`plan_runs` coalesces, splits, balances, picks methods and orders the runs exactly as the numpy steps of
-:mod:`dmamig.dma.plan` do (they stay the reference; the tests compare both on random submissions). A migration
+:mod:`dmamig.dma.plan_steps` do (they stay the reference; the tests compare both on random submissions). A migration
 submits one such list per batch, so the planner's cost is paid 512 pages at a time: the numpy steps cost tens
 of microseconds there, this loop a few.
 """
@@ -19,7 +19,7 @@ try:
 except Exception:  # pragma: no cover - numba is a dependency
     HAVE_NUMBA = False
 
-# Method numbers, as in plan.py (kept literal here so the compiled code sees constants).
+# Method numbers, as in copy_plan.py (kept literal here so the compiled code sees constants).
 _MEMCPY, _GATHER, _BATCH = 0, 1, 2
 
 
