@@ -28,7 +28,8 @@ import numpy as np
 
 from ..uvm.options import DEFAULT_FAULT_BATCH_SIZE, VA_BLOCK_SIZE, UvmOptions
 from .access_figures import Sample, access_record, add_access_speedups
-from .scenarios import PAGE_SIZE, BenchSettings, _parse_int_list
+from .parsing import parse_int_list
+from .scenarios import PAGE_SIZE, BenchSettings
 from .tasks import ProgressFn, Task
 from .verify import check, random_bytes, verify_no_leak
 
@@ -163,7 +164,7 @@ def parse_fault_batches(text: str) -> list[int]:
     ValueError
         On an empty list, a non-integer or a size out of range.
     """
-    return _parse_int_list(text, "fault batch size", 1, 1 << 16, "32,256,1024")
+    return parse_int_list(text, "fault batch size", 1, 1 << 16, "32,256,1024")
 
 
 def parse_oversubscription(text: str) -> list[float]:
