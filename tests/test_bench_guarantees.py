@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_bench_report import make_doc
 
-from dmamig.bench import runner
+from dmamig.bench import scenario_runs
 from dmamig.bench.output import OutputError, bench_folder
 from dmamig.bench.report import NotComparable, compare_results, regressions, write_json
 from dmamig.bench.stats import ratio_interval
@@ -197,7 +197,7 @@ def test_a_quick_run_is_refused_against_a_full_baseline(tmp_path, capsys):
 
 # -- Ctrl-C -----------------------------------------------------------------------------------------------------
 def _interrupt_after(monkeypatch, n: int) -> None:
-    real = runner._run_group
+    real = scenario_runs.run_group
     calls = []
 
     def group(*a, **k):
@@ -206,7 +206,7 @@ def _interrupt_after(monkeypatch, n: int) -> None:
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "_run_group", group)
+    monkeypatch.setattr(scenario_runs, "run_group", group)
 
 
 def test_ctrl_c_keeps_the_finished_scenarios_marked_partial(tmp_path, capsys, monkeypatch):

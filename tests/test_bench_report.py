@@ -13,6 +13,7 @@ from rich.console import Console
 from support import check_results_schema, jsonschema_or_skip
 
 from dmamig.bench import plots
+from dmamig.bench.figures import scenario_record
 from dmamig.bench.plots import write_plots
 from dmamig.bench.report import (
     CSV_FIELDS,
@@ -24,7 +25,7 @@ from dmamig.bench.report import (
     write_csv,
     write_json,
 )
-from dmamig.bench.runner import _figures, add_speedups, machine_info
+from dmamig.bench.runner import add_speedups, machine_info
 from dmamig.bench.scenarios import BenchSettings, build_sweep
 from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, validate_results
 from dmamig.cli import main
@@ -52,11 +53,11 @@ def make_doc(scale: float = 1.0, devices: int = 1) -> dict:
             wall = int(sc.total_bytes / (gbps * 1e9) * 1e9)
             phases = [{"unmap": wall // 10, "copy": wall // 2 if sc.mode == "copy" else 0, "move": wall // 10,
                        "undo": 0, "dma_wait": 0 if sc.mode == "copy" else wall // 2}] * 3
-            recs.append(_figures(sc, [wall] * 3, [wall // 2] * 3, phases, cmap[sc.direction],
-                                 {"nr_succeeded": sc.pages, "nr_failed": 0, "nr_thp_split": 0}))
+            recs.append(scenario_record(sc, [wall] * 3, [wall // 2] * 3, phases, cmap[sc.direction],
+                                        {"nr_succeeded": sc.pages, "nr_failed": 0, "nr_thp_split": 0}))
     for sc in engine:
         wall = int(sc.pages * 50 / scale)
-        recs.append(_figures(sc, [wall] * 3, [wall] * 3, [], cmap["h2d"] if sc.kind == "dma" else None))
+        recs.append(scenario_record(sc, [wall] * 3, [wall] * 3, [], cmap["h2d"] if sc.kind == "dma" else None))
     add_speedups(recs)
     return {"schema_version": SCHEMA_VERSION, "created": "2026-01-01T00:00:00+00:00", "wall_s": 1.0,
             "machine": machine_info("cpu", []), "settings": settings.to_json(), "ceilings": ceilings,

@@ -12,8 +12,9 @@ from support import check_results_schema
 
 from dmamig import MigrateOptions
 from dmamig.bench.access import access_scenarios, access_tasks
+from dmamig.bench.figures import scenario_record
 from dmamig.bench.report import load_results
-from dmamig.bench.runner import _figures, add_speedups, cpu_copy_ceiling, measure_ceilings, sweep_steps
+from dmamig.bench.runner import add_speedups, cpu_copy_ceiling, measure_ceilings, sweep_steps
 from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
 from dmamig.cli import main
 from dmamig.migrate.options import FAITHFUL
@@ -115,7 +116,7 @@ def test_figures_use_medians_and_ratios():
     walls = [3_000_000_000, 1_000_000_000, 2_000_000_000]
     ceiling = {"gbps": 2.0, "method": "np.copyto"}
     phases = [{"unmap": 100, "dma_wait": 10}, {"unmap": 300, "dma_wait": 30}, {"unmap": 200, "dma_wait": 20}]
-    r = _figures(sc, walls, [262144 * 100] * 3, phases, ceiling)
+    r = scenario_record(sc, walls, [262144 * 100] * 3, phases, ceiling)
     assert r["median_wall_ns"] == 2e9
     assert r["gbps"] == pytest.approx((1 << 30) / 2 / 1e9)
     assert r["ceiling_ratio"] == pytest.approx(r["gbps"] / 2.0)
@@ -132,7 +133,7 @@ def test_figures_use_medians_and_ratios():
 
 def test_figures_keep_phases_the_schema_does_not_name():
     sc = Scenario("migrate", 4096, 1 << 20, "copy", "h2d", options=PIPELINED)
-    r = _figures(sc, [1000], [500], [{"unmap": 100, "dma_submit": 50}], None)
+    r = scenario_record(sc, [1000], [500], [{"unmap": 100, "dma_submit": 50}], None)
     assert r["phase_ns"]["dma_submit"] == 50 and r["outside_phases_ns"] == 850
     assert r["options"]["pipeline_depth"] == 1 and not r["options"]["faithful"]
     assert r["batching"] == "pipelined (16 batches/step, DMA overlaps next unmap)"
@@ -140,7 +141,7 @@ def test_figures_keep_phases_the_schema_does_not_name():
 
 def _rec(mode, gbps, options=FAITHFUL, ch=2, folio=4096, direction="h2d"):
     sc = Scenario("migrate", folio, 1 << 20, mode, direction, ch if mode == "nocopy" else None, options=options)
-    r = _figures(sc, [1000], [1000], [], None)
+    r = scenario_record(sc, [1000], [1000], [], None)
     r["gbps"] = gbps
     return r
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dmamig.bench import runner
+from dmamig.bench import runner, scenario_runs
 from dmamig.bench.driver import BenchSweep, SweepFailed
 from dmamig.bench.runner import SweepInterrupted, build_tasks
 from dmamig.bench.scenarios import BenchSettings, default_settings
@@ -147,7 +147,7 @@ def test_a_journal_torn_in_its_first_write_resumes_with_nothing_finished(tmp_pat
 # -- resume -------------------------------------------------------------------------------------------------------
 
 def _interrupt_after(monkeypatch, n):
-    real, calls = runner._run_group, []
+    real, calls = scenario_runs.run_group, []
 
     def group(*a, **k):
         if len(calls) >= n:
@@ -155,7 +155,7 @@ def _interrupt_after(monkeypatch, n):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "_run_group", group)
+    monkeypatch.setattr(scenario_runs, "run_group", group)
 
 
 def test_resume_after_an_interrupt_reruns_nothing_that_finished(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,108 @@
+"""Figures of a migration, state-only or DMA-copy scenario: its record, and the speedups between records.
+
+A record holds a scenario's medians of the timed repetitions (:mod:`dmamig.bench.scenario_runs` times them),
+its phases, and its ratio to the same run's copy ceiling; :func:`add_speedups` pairs the records of a sweep
+once they are all in.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .access_figures import add_access_speedups
+from .naming import DIRECTIONS, describe_options, options_of
+from .pairs_figures import add_pair_speedups
+from .scenarios import Scenario
+from .schema import PHASES
+
+__all__ = ["add_speedups", "scenario_record"]
+
+
+def _phase_names(phases: list[dict[str, int]]) -> list[str]:
+    # The schema's phases in pipeline order, then any phase a newer core reports, so none is lost in "other".
+    extra = sorted({p for ph in phases for p in ph} - set(PHASES))
+    return [*PHASES, *extra]
+
+
+def scenario_record(sc: Scenario, walls: list[int], cpus: list[int], phases: list[dict[str, int]],
+                    ceiling: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of scenario ``sc`` from its timed repetitions: medians of ``walls`` and ``cpus`` (ns) and of
+    each phase, throughput, and the ratio to ``ceiling`` (the same run's copy ceiling, or None); ``extra``
+    adds fields of its kind. Speedups stay None until :func:`add_speedups` pairs the sweep's records."""
+    wall = statistics.median(walls)
+    cpu = statistics.median(cpus)
+    secs = wall / 1e9
+    gbps = sc.total_bytes / secs / 1e9 if secs > 0 else 0.0
+    names = _phase_names(phases)
+    phase_ns = {p: float(statistics.median([ph.get(p, 0) for ph in phases])) for p in names} if phases else {}
+    # Time of the call outside every named phase (argument checks, collecting and isolating folios, putting
+    # them back, building the result), per repetition first so that medians of parts never exceed the whole.
+    outside = (float(statistics.median([max(0, w - sum(ph.values())) for w, ph in zip(walls, phases, strict=True)]))
+               if phases and len(phases) == len(walls) else None)
+    rec: dict[str, Any] = {
+        "id": sc.id,
+        "name": sc.name,
+        "kind": sc.kind,
+        "mode": sc.mode,
+        "direction": sc.direction,
+        "direction_name": DIRECTIONS[sc.direction],
+        "layout": sc.layout,
+        "folio_bytes": sc.folio_bytes,
+        "folio_order": sc.order,
+        "channels": sc.channels,
+        "options": sc.options.as_dict() if sc.options is not None else None,
+        "batching": describe_options(sc.options),
+        "bytes": sc.total_bytes,
+        "pages": sc.pages,
+        "repeat": len(walls),
+        "wall_ns": [int(w) for w in walls],
+        "median_wall_ns": float(wall),
+        "gbps": gbps,
+        "pages_per_s": sc.pages / secs if secs > 0 else 0.0,
+        "thread_time_ns": float(cpu),
+        "cpu_ns_per_page": cpu / sc.pages,
+        "pages_per_cpu_s": sc.pages / (cpu / 1e9) if cpu > 0 else None,
+        "ceiling_gbps": ceiling["gbps"] if ceiling else None,
+        "ceiling_method": ceiling["method"] if ceiling else None,
+        "ceiling_ratio": gbps / ceiling["gbps"] if ceiling and ceiling["gbps"] > 0 else None,
+        "speedup_vs_copy": None,
+        "speedup_vs": None,
+        "speedup_vs_faithful_copy": None,
+        "phase_ns": phase_ns,
+        "phase_share": {p: v / wall for p, v in phase_ns.items()} if wall > 0 else {},
+        "outside_phases_ns": outside,
+        "verified": True,
+    }
+    rec.update(extra or {})
+    return rec
+
+
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    """Fill ``speedup_vs_copy``, ``speedup_vs`` and ``speedup_vs_faithful_copy`` of every no-copy migration.
+
+    Like is compared with like: a no-copy record is divided by the copy record of the same direction, folio
+    size, batch size and batches per step (copy has no DMA to pipeline, so the pipeline depth does not
+    count), and ``speedup_vs`` names that copy record's id. Without such a copy record it falls back to the
+    faithful copy. ``speedup_vs_faithful_copy`` always divides by the faithful copy. Records without
+    recorded settings (legacy) count as the kernel's batching. Device-access records are paired by
+    :func:`~dmamig.bench.access.add_access_speedups`, device-pair records by
+    :func:`~dmamig.bench.pairs.add_pair_speedups`.
+    """
+    def key(r: dict[str, Any]) -> tuple:
+        o = options_of(r)
+        return (r["direction"], r["folio_bytes"], o.batch_pages if o else 512, o.batches_per_step if o else 1)
+
+    copies = {key(r): r for r in records if r["kind"] == "migrate" and r["mode"] == "copy"}
+    for r in records:
+        if r["kind"] != "migrate" or r["mode"] != "nocopy":
+            continue
+        faithful = copies.get((r["direction"], r["folio_bytes"], 512, 1))
+        base = copies.get(key(r)) or faithful
+        if base is not None and base["gbps"] > 0:
+            r["speedup_vs_copy"] = r["gbps"] / base["gbps"]
+            r["speedup_vs"] = base["id"]
+        if faithful is not None and faithful["gbps"] > 0:
+            r["speedup_vs_faithful_copy"] = r["gbps"] / faithful["gbps"]
+    add_access_speedups(records)
+    add_pair_speedups(records)
