@@ -1,0 +1,211 @@
+"""Comparing a run with its baseline: the compared metric, per-scenario verdicts and the comparison table.
+
+A scenario regresses when it is slower beyond a threshold and significantly so (:mod:`dmamig.bench.stats`),
+when its data failed verification, when its settings differ, or when the run lacks it; runs whose settings
+differ are not compared at all. :mod:`dmamig.bench.report` re-exports these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+
+from .naming import batching_class, format_number, format_rate
+from .results_file import normalize_results
+from .schema import ResultsError
+from .stats import ratio_interval
+
+__all__ = [
+    "COMPARED_IF_RECORDED",
+    "COMPARED_SETTINGS",
+    "METRICS",
+    "Comparison",
+    "NotComparable",
+    "check_comparable",
+    "compare_results",
+    "comparison_table",
+    "primary_metric",
+    "regressions",
+]
+
+#: Metrics ``dmamig report`` can compare: ``throughput`` (GB/s; pages per CPU-second for state-only
+#: scenarios) or ``ceiling-ratio`` (throughput over the same run's ceiling, which factors out machine speed).
+METRICS = ("throughput", "ceiling-ratio")
+
+
+def primary_metric(sc: dict[str, Any], metric: str = "throughput") -> float | None:
+    """The figure compared between runs: GB/s (pages per CPU-second for state-only, pages per second for
+    device access), or its ceiling ratio.
+
+    With ``metric="ceiling-ratio"`` a scenario without a ceiling (state-only) falls back to throughput.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "ceiling-ratio" and sc.get("ceiling_ratio") is not None:
+        return sc["ceiling_ratio"]
+    if sc["kind"] == "state":
+        return sc.get("pages_per_cpu_s")
+    if sc["kind"] == "access":
+        return sc.get("pages_per_s")
+    return sc.get("gbps")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One scenario of a run against its baseline; ``ratio`` is new / baseline (higher is better).
+
+    ``id`` is the stable key both runs share; ``name`` says the scenario in words.
+    """
+
+    id: str
+    baseline: float | None
+    new: float | None
+    ratio: float | None
+    regressed: bool
+    note: str = ""
+    name: str = ""
+    low: float | None = None
+    high: float | None = None
+
+
+class NotComparable(ResultsError):
+    """Two runs whose settings differ: their figures measure different things and must not be compared."""
+
+
+#: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
+COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
+#: Settings compared only when both runs record them (older files predate them).
+COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology")
+
+
+def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Refuse to compare runs whose settings differ (quick vs full, another working set, backend, page size).
+
+    Raises
+    ------
+    NotComparable
+        Naming every differing setting and its two values.
+    """
+    ns, bs = new["settings"], baseline["settings"]
+    diff = [f"{k} {ns.get(k, False if k == 'quick' else None)!r} vs baseline "
+            f"{bs.get(k, False if k == 'quick' else None)!r}"
+            for k in COMPARED_SETTINGS if ns.get(k, False if k == "quick" else None)
+            != bs.get(k, False if k == "quick" else None)]
+    diff += [f"{k} {ns[k]!r} vs baseline {bs[k]!r}" for k in COMPARED_IF_RECORDED
+             if k in ns and k in bs and ns[k] != bs[k]]
+    if diff:
+        raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "
+                            f"with a baseline run with the same settings")
+
+
+def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> tuple[str, bool]:
+    """A note on the scenarios' recorded settings, and whether they differ (which fails the gate)."""
+    # Same id, but one side predates recorded settings: the figures may come from different batching.
+    n, b = batching_class(new), batching_class(base)
+    if n == b or "n/a" in (n, b):
+        if new.get("options") and base.get("options") and new["options"] != base["options"]:
+            return f"options differ: {new['options']} vs baseline {base['options']}", True
+        return "", False
+    if b == "legacy":
+        return "baseline's batching not recorded (older results)", False
+    if n == "legacy":
+        return "this run's batching not recorded (older results)", False
+    return f"batching differs: {new['batching']} vs baseline {base['batching']}", True
+
+
+def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: float = 0.1,
+                    metric: str = "throughput") -> list[Comparison]:
+    """Compare two runs scenario by scenario.
+
+    A scenario regresses when ``new / baseline < 1 - threshold`` *and* the change is significant: the 95 %
+    bootstrap interval of the ratio of median wall times (see :mod:`dmamig.bench.stats`) lies below 1. With
+    fewer than 3 repetitions on a side there is nothing to resample and the threshold alone decides (the
+    note says so). A scenario also regresses when its data failed verification in the new run, when its
+    recorded options differ from the baseline's, or when the baseline has it and the new run does not (a
+    partial or smaller run never passes the gate). Scenarios only the new run has are listed with a note and
+    do not regress, so that a sweep can grow without breaking its baseline.
+
+    Parameters
+    ----------
+    new, baseline : dict
+        Results documents.
+    threshold : float
+        Allowed relative slowdown, e.g. ``0.1`` for 10 %.
+    metric : str
+        One of :data:`METRICS`.
+
+    Returns
+    -------
+    list of Comparison
+        In the new run's scenario order, then baseline-only scenarios.
+
+    Raises
+    ------
+    NotComparable
+        When the runs' settings differ (:func:`check_comparable`).
+    """
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    check_comparable(new, baseline)
+    normalize_results(new)
+    normalize_results(baseline)
+    base = {s["id"]: s for s in baseline["scenarios"]}
+    seen = set()
+    out = []
+    for s in new["scenarios"]:
+        seen.add(s["id"])
+        nv = primary_metric(s, metric)
+        unverified = "data NOT verified" if not s["verified"] else ""
+        b = base.get(s["id"])
+        if b is None:
+            out.append(Comparison(s["id"], None, nv, None, not s["verified"],
+                                  "; ".join(x for x in ("not in baseline", unverified) if x), s["name"]))
+            continue
+        bv = primary_metric(b, metric)
+        ratio = nv / bv if (nv is not None and bv) else None
+        differs_note, differs = _settings_note(s, b)
+        lo = hi = None
+        untested = ""
+        slow = False
+        if ratio is not None:
+            ci = ratio_interval(s["wall_ns"], b["wall_ns"], ratio)
+            lo, hi = ci.low, ci.high
+            beyond = ratio < 1.0 - threshold
+            slow = beyond and (ci.slower or not ci.tested)
+            if beyond and not ci.tested:
+                untested = (f"{min(len(s['wall_ns']), len(b['wall_ns']))} repetition(s): too few to test "
+                            f"significance, threshold alone")
+            elif beyond and not slow:
+                untested = "within noise (not significant)"
+        note = "; ".join(x for x in (unverified, differs_note, untested) if x)
+        out.append(Comparison(s["id"], bv, nv, ratio, slow or differs or not s["verified"], note, s["name"],
+                              lo, hi))
+    for sid, b in base.items():
+        if sid not in seen:
+            out.append(Comparison(sid, primary_metric(b, metric), None, None, True,
+                                  "missing from this run" + (" (partial run)" if new.get("partial") else ""),
+                                  b["name"]))
+    return out
+
+
+def regressions(comparisons: list[Comparison]) -> list[Comparison]:
+    """The comparisons that regressed."""
+    return [c for c in comparisons if c.regressed]
+
+
+def comparison_table(comparisons: list[Comparison], threshold: float, metric: str) -> Table:
+    """A rich table of a comparison, regressions in red."""
+    unit = "ratio to ceiling" if metric == "ceiling-ratio" else "GB/s, pages/CPU-s or device-access pages/s"
+    t = Table(title=f"Against baseline ({metric}: {unit}; regression: below {1 - threshold:.2f}x and "
+                    f"significant)",
+              title_justify="left")
+    for col in ("scenario", "id", "baseline", "new", "new/baseline", "95% interval", "", "note"):
+        t.add_column(col, justify="left" if col in ("scenario", "id", "note") else "right")
+    for c in comparisons:
+        fmt = format_rate if (c.new or c.baseline or 0) >= 1e4 else format_number
+        verdict = "[red]REGRESSED[/red]" if c.regressed else ("ok" if c.ratio is not None else "")
+        ci = "-" if c.low is None else f"{c.low:.3f}-{c.high:.3f}"
+        t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), format_number(c.ratio, "{:.3f}"), ci, verdict, c.note)
+    return t

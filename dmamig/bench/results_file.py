@@ -1,0 +1,99 @@
+"""Reading and writing a results document: ``results.json`` (validated when read) and ``results.csv``.
+
+Results written before settings were recorded are normalized when read, so that every scenario has a name and
+a batching text; :mod:`dmamig.bench.report` re-exports these names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from .naming import LEGACY_BATCHING, NOT_A_MIGRATION, scenario_name
+from .schema import PHASES, ResultsError, validate_results
+
+__all__ = ["CSV_FIELDS", "load_results", "normalize_results", "write_csv", "write_json"]
+
+#: Columns of results.csv, in order; phase columns are ``phase_<name>_ns`` and ``share_<name>``.
+#: ``batch_pages``, ``batches_per_step``, ``pipeline_depth`` and ``faithful`` come from the scenario's options
+#: (empty for raw DMA copies and for results that predate recorded settings).
+CSV_FIELDS = (
+    ["id", "name", "kind", "mode", "direction", "layout", "folio_bytes", "folio_order", "channels", "batching",
+     "batch_pages", "batches_per_step", "pipeline_depth", "faithful", "bytes", "pages", "repeat",
+     "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
+     "ceiling_gbps", "ceiling_ratio", "ceiling_method", "speedup_vs_copy", "speedup_vs",
+     "speedup_vs_faithful_copy", "nr_failed", "verified"]
+    + [f"phase_{p}_ns" for p in PHASES]
+    + ["outside_phases_ns"]
+    + [f"share_{p}" for p in PHASES]
+    # Device-access records (empty for the others).
+    + ["pattern", "fault_batch_size", "oversubscription", "fault_batches", "fault_batches_per_s",
+       "service_ns_per_batch", "bytes_migrated_per_byte_touched", "ceiling_pages_per_s"]
+    # Device-pair records (empty for the others).
+    + ["src_device", "dst_device", "link", "peer", "staged", "ceiling_route"]
+)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and validate a results.json file.
+
+    Raises
+    ------
+    ResultsError
+        When the file is missing, not JSON, or does not follow the schema.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ResultsError(f"cannot read results file {str(p)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{str(p)!r} is not a results file: it is binary, not JSON text; give the "
+                           f"results.json that dmamig bench wrote") from None
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ResultsError(f"{str(p)!r} is not JSON: {exc}; give the results.json that dmamig bench wrote") \
+            from None
+    try:
+        validate_results(doc)
+    except ResultsError as exc:
+        raise ResultsError(f"{str(p)!r}: {exc}") from None
+    return normalize_results(doc)
+
+
+def normalize_results(doc: dict[str, Any]) -> dict[str, Any]:
+    """Give every scenario of ``doc`` a ``name`` and a ``batching`` text, in place; return ``doc``.
+
+    Results written before settings were recorded (schema 1) have neither: the name is built from the
+    scenario's fields, and the batching reads as not recorded. Their ``options`` stay absent, which is how
+    the report tells them apart from a run that recorded the kernel's batching.
+    """
+    for sc in doc["scenarios"]:
+        if "name" not in sc:
+            sc["name"] = scenario_name(sc["kind"], sc["direction"], sc["folio_bytes"], sc["mode"],
+                                       sc.get("channels"), sc.get("layout", ""))
+        if "batching" not in sc:
+            sc["batching"] = NOT_A_MIGRATION if sc["kind"] == "dma" else LEGACY_BATCHING
+    return doc
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> None:
+    """Write a results document as indented JSON."""
+    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(doc: dict[str, Any], path: str | Path) -> None:
+    """Write one CSV row per scenario with the columns of :data:`CSV_FIELDS`."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for sc in doc["scenarios"]:
+            row = {k: sc.get(k) for k in CSV_FIELDS}
+            row.update(sc.get("options") or {})
+            for p in PHASES:
+                row[f"phase_{p}_ns"] = (sc.get("phase_ns") or {}).get(p)
+                row[f"share_{p}"] = (sc.get("phase_share") or {}).get(p)
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
