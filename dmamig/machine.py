@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._arrays import add_at, distinct
 from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
 from .errors import InvalidArgument, OutOfMemory
 from .fault import FaultPoints
-from .flags import MigrateMode, PageFlag
+from .flags import MigrateMode
+from .frame_ops import FrameOps
 from .nodes import MAX_ORDER, Node, NodeMap
+from .page_controls import PageControls
 from .pages import PageArray
 from .topology import ROUTE_STAGED, Topology, node_routes, resolve_topology
 
@@ -69,7 +70,7 @@ def _host_tiers(host_pages: int, host_nodes: Sequence[Any] | None) -> tuple[list
     return sizes, costs
 
 
-class Machine:
+class Machine(FrameOps, PageControls):
     """An emulated machine: host RAM (node 0) and ``devices`` device nodes, each a frame buffer.
 
     Parameters
@@ -251,124 +252,6 @@ class Machine:
         if mm in self._spaces:
             self._spaces.remove(mm)
 
-    # -- frames ------------------------------------------------------------------------------------------------
-    def node_of_pfns(self, pfns: np.ndarray) -> np.ndarray:
-        """Node id of each pfn."""
-        return self.nodemap.node_of(pfns)
-
-    def alloc_folios(self, node: int, count: int, order: int = 0) -> np.ndarray:
-        """Allocate up to ``count`` folios of ``order`` on ``node`` (caller holds the lock); return head pfns.
-
-        Each folio comes back with refcount 1 and clean state. Fewer than ``count`` come back when the node is
-        short of (contiguous) frames.
-        """
-        nd = self._nodes[node]
-        if self._faults.armed:  # an injected allocation failure at folio k returns the k folios before it
-            count = self._faults.allowed("alloc", int(count), self._page_size << order)
-        heads = nd.allocator.alloc(count, order) + nd.base_pfn
-        if heads.size:
-            self.pages.prep_new(heads, order)
-        return heads
-
-    def free_folios(self, heads: np.ndarray) -> None:
-        """Return whole folios to their nodes' allocators (caller holds the lock)."""
-        heads = np.asarray(heads, dtype=np.int64)
-        if heads.size == 0:
-            return
-        pfns = self.pages.expand(heads)
-        self.pages.reset(pfns)
-        self.free_frames(pfns)
-
-    def free_frames(self, pfns: np.ndarray) -> None:
-        """Return base frames already reset to the free state to their nodes' allocators (lock held)."""
-        nid, frame = self.nodemap.locate(pfns)
-        nodes = distinct(nid)
-        if len(nodes) == 1:
-            self._nodes[nodes[0]].allocator.free(frame)
-            return
-        for n in nodes:
-            self._nodes[n].allocator.free(frame[nid == n])
-
-    def put_folios(self, heads: np.ndarray, refs: np.ndarray | int = 1, unique: bool = False) -> None:
-        """Drop references on folios and free those whose refcount reaches zero (caller holds the lock).
-
-        ``unique=True`` promises that ``heads`` has no repeats (a faster path).
-        """
-        heads = np.asarray(heads, dtype=np.int64)
-        if heads.size == 0:
-            return
-        add_at(self.pages.refcount, heads, -np.asarray(refs), unique)
-        dead = heads[self.pages.refcount[heads] <= 0]
-        if not unique:
-            dead = np.unique(dead)
-        if dead.size:
-            if (self.pages.refcount[dead] < 0).any():
-                raise RuntimeError(f"refcount underflow on pfns {dead[self.pages.refcount[dead] < 0][:8]}")
-            self.free_folios(dead)
-
-    def frames_of(self, pfns: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Group pfns by node: ``[(node_id, positions, frame_indices), ...]``."""
-        nid, frame = self.nodemap.locate(np.asarray(pfns, dtype=np.int64))
-        out = []
-        for n in distinct(nid):
-            pos = np.flatnonzero(nid == n)
-            out.append((n, pos, frame[pos]))
-        return out
-
-    def read_pfns(self, pfns: np.ndarray) -> np.ndarray:
-        """Host copy of the frames at ``pfns``, shape ``(len(pfns), page_size)``."""
-        out = np.empty((len(pfns), self._page_size), dtype=np.uint8)
-        for n, pos, frame in self.frames_of(pfns):
-            out[pos] = self._backend.read_frames(self._nodes[n].frames, frame)
-        return out
-
-    def write_pfns(self, pfns: np.ndarray, data: np.ndarray) -> None:
-        """Store ``data`` (``(len(pfns), page_size)`` uint8) into the frames at ``pfns``."""
-        for n, pos, frame in self.frames_of(pfns):
-            self._backend.write_frames(self._nodes[n].frames, frame, data[pos])
-        self.pages.note_written(pfns)
-
-    def zero_pfns(self, pfns: np.ndarray) -> None:
-        """Zero the frames at ``pfns``."""
-        for n, _pos, frame in self.frames_of(pfns):
-            self._backend.zero_frames(self._nodes[n].frames, frame)
-        self.pages.note_written(pfns)
-
-    def copy_folios(self, src_heads: np.ndarray, dst_heads: np.ndarray) -> None:
-        """Copy folios on the calling thread (the CPU copy path), grouped by node pair."""
-        if src_heads.size:
-            nr = self.pages.nr_pages(src_heads)
-            self._copy_runs(src_heads, dst_heads, nr)
-            self.pages.note_written(dst_heads if (nr == 1).all() else self.pages.expand(dst_heads))
-
-    def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
-        """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""
-        if src_pfns.size:
-            self._copy_runs(src_pfns, dst_pfns, np.ones(src_pfns.size, dtype=np.int64))
-            self.pages.note_written(dst_pfns)
-
-    def _copy_runs(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> None:
-        """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""
-        snid, sframe = self.nodemap.locate(src)
-        dnid, dframe = self.nodemap.locate(dst)
-        s0, d0 = int(snid[0]), int(dnid[0])
-        if (snid == s0).all() and (dnid == d0).all():  # one node pair: the common case
-            self._copy_pair(s0, sframe, d0, dframe, nr)
-            return
-        pair = snid * len(self._nodes) + dnid
-        for p in distinct(pair):
-            sel = pair == p
-            s, d = divmod(p, len(self._nodes))
-            self._copy_pair(s, sframe[sel], d, dframe[sel], nr[sel])
-
-    def _copy_pair(self, s: int, sframe: np.ndarray, d: int, dframe: np.ndarray, nr: np.ndarray) -> None:
-        # Devices without peer access: the backend stages the copy through host memory (only then is the
-        # keyword passed, so backends that predate staging keep working for every other pair).
-        if self._staged[s][d]:
-            self._backend.copy_folios(self._nodes[s].frames, sframe, self._nodes[d].frames, dframe, nr, staged=True)
-        else:
-            self._backend.copy_folios(self._nodes[s].frames, sframe, self._nodes[d].frames, dframe, nr)
-
     # -- the driver-level API ----------------------------------------------------------------------------------
     def alloc_pages(self, node: int, count: int, order: int = 0) -> np.ndarray:
         """Allocate ``count`` folios of ``order`` on ``node`` for a driver; return their head pfns.
@@ -440,119 +323,6 @@ class Machine:
 
         self._check_open()
         return migrate_pfns(self, pfns, node, mode, dst_pfns, options)
-
-    # -- controls that emulate the rest of the kernel ---------------------------------------------------------
-    def _head(self, pfn: int) -> int:
-        pfn = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
-        return int(self.pages.head[pfn])
-
-    def lock_page(self, pfn: int, blocking: bool = True) -> bool:
-        """Lock the folio of ``pfn`` (PG_locked), as another kernel path would; return False if busy."""
-        head = self._head(pfn)
-        with self.changed:
-            while self.pages.test(head, PageFlag.LOCKED):
-                if not blocking:
-                    return False
-                self.changed.wait()
-            self.pages.set(head, PageFlag.LOCKED)
-        return True
-
-    def unlock_page(self, pfn: int) -> None:
-        """Unlock the folio of ``pfn`` and wake waiters."""
-        head = self._head(pfn)
-        with self.changed:
-            if not self.pages.test(head, PageFlag.LOCKED):
-                raise InvalidArgument(f"pfn {pfn} is not locked")
-            self.pages.clear(head, PageFlag.LOCKED)
-            self.changed.notify_all()
-
-    def start_writeback(self, pfn: int, blocking: bool = True) -> bool:
-        """Start writeback on the folio of ``pfn`` (PG_writeback), as the kernel does: under the folio lock.
-
-        A folio that a migration holds locked cannot start writeback until the migration lets it go: with
-        ``blocking`` the call waits for the lock, otherwise it returns False at once. Returns True once
-        writeback has started.
-        """
-        head = self._head(pfn)
-        with self.changed:
-            while self.pages.test(head, PageFlag.LOCKED):
-                if not blocking:
-                    return False
-                self.changed.wait()
-            self.pages.set(head, PageFlag.WRITEBACK)
-            self.changed.notify_all()
-        return True
-
-    def end_writeback(self, pfn: int) -> None:
-        """End writeback on the folio of ``pfn`` and wake waiters."""
-        self.clear_page_flags(pfn, PageFlag.WRITEBACK)
-
-    def set_page_flags(self, pfn: int, flags: PageFlag) -> None:
-        """Set page flags on the folio of ``pfn`` (referenced, active, dirty, unevictable, ...)."""
-        self._change_flags(pfn, flags, self.pages.set)
-
-    def clear_page_flags(self, pfn: int, flags: PageFlag) -> None:
-        """Clear page flags on the folio of ``pfn`` and wake waiters."""
-        self._change_flags(pfn, flags, self.pages.clear)
-
-    def _change_flags(self, pfn: int, flags: PageFlag, change: Any) -> None:
-        head = self._head(pfn)
-        flags = PageFlag(flags)
-        if flags & (PageFlag.HEAD | PageFlag.ISOLATED | PageFlag.LOCKED):
-            raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use lock_page and "
-                                  "unlock_page for LOCKED")
-        with self.changed:
-            change(head, flags)
-            self.changed.notify_all()
-
-    def page_flags(self, pfn: int) -> PageFlag:
-        """Flags of the folio containing ``pfn``."""
-        head = self._head(pfn)
-        with self.lock:
-            return PageFlag(int(self.pages.flags[head]))
-
-    def get_page(self, pfn: int) -> None:
-        """Take a transient reference on the folio of ``pfn`` (a speculative lookup or short GUP)."""
-        head = self._head(pfn)
-        with self.lock:
-            if self.pages.refcount[head] <= 0:
-                raise InvalidArgument(f"pfn {pfn} is free; only an in-use page can be referenced")
-            self.pages.refcount[head] += 1
-            self._page_refs[head] = self._page_refs.get(head, 0) + 1
-
-    def put_page(self, pfn: int) -> None:
-        """Drop a reference taken with :meth:`get_page`; the folio is freed if it was the last one."""
-        head = self._head(pfn)
-        with self.changed:
-            held = self._page_refs.get(head, 0)
-            if held <= 0:
-                raise InvalidArgument(f"pfn {pfn} holds no reference taken with get_page to drop")
-            if held == 1:
-                del self._page_refs[head]
-            else:
-                self._page_refs[head] = held - 1
-            self.put_folios(np.array([head]))
-            self.changed.notify_all()
-
-    def set_page_cpupid(self, pfn: int, cpupid: int) -> None:
-        """Set the folio's ``last_cpupid`` (NUMA-balancing hint) as a fault on a CPU would."""
-        head = self._head(pfn)
-        with self.lock:
-            self.pages.last_cpupid[head] = cpupid
-
-    def page_state(self, pfn: int) -> dict:
-        """A dict snapshot of the struct page of ``pfn`` and its folio head, for inspection and tests."""
-        p = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
-        with self.lock:
-            pg = self.pages
-            h = int(pg.head[p])
-            return {
-                "pfn": p, "head": h, "node": int(self.nodemap.node_of(np.array([p]))[0]),
-                "flags": PageFlag(int(pg.flags[h])), "refcount": int(pg.refcount[h]),
-                "mapcount": int(pg.mapcount[p]), "mapping": int(pg.mapping[p]), "index": int(pg.index[p]),
-                "private": int(pg.private[h]), "last_cpupid": int(pg.last_cpupid[h]),
-                "memcg": int(pg.memcg[h]), "order": int(pg.order[h]),
-            }
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -1,0 +1,141 @@
+"""PageControls: a Machine's per-page controls that emulate the rest of the kernel (the page lock, writeback,
+page flags, transient references, last_cpupid) and the struct-page snapshot ``page_state``."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._validate import as_pfn_array
+from .errors import InvalidArgument
+from .flags import PageFlag
+
+if TYPE_CHECKING:
+    from .nodes import NodeMap
+    from .pages import PageArray
+
+__all__ = ["PageControls"]
+
+
+class PageControls:
+    """The per-page control methods of :class:`~dmamig.Machine` (a mixin: ``Machine.__init__`` sets the state)."""
+
+    nodemap: NodeMap
+    pages: PageArray
+    lock: Any  # a threading.RLock
+    changed: threading.Condition
+    _page_refs: dict[int, int]
+
+    def _head(self, pfn: int) -> int:
+        pfn = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
+        return int(self.pages.head[pfn])
+
+    def lock_page(self, pfn: int, blocking: bool = True) -> bool:
+        """Lock the folio of ``pfn`` (PG_locked), as another kernel path would; return False if busy."""
+        head = self._head(pfn)
+        with self.changed:
+            while self.pages.test(head, PageFlag.LOCKED):
+                if not blocking:
+                    return False
+                self.changed.wait()
+            self.pages.set(head, PageFlag.LOCKED)
+        return True
+
+    def unlock_page(self, pfn: int) -> None:
+        """Unlock the folio of ``pfn`` and wake waiters."""
+        head = self._head(pfn)
+        with self.changed:
+            if not self.pages.test(head, PageFlag.LOCKED):
+                raise InvalidArgument(f"pfn {pfn} is not locked")
+            self.pages.clear(head, PageFlag.LOCKED)
+            self.changed.notify_all()
+
+    def start_writeback(self, pfn: int, blocking: bool = True) -> bool:
+        """Start writeback on the folio of ``pfn`` (PG_writeback), as the kernel does: under the folio lock.
+
+        A folio that a migration holds locked cannot start writeback until the migration lets it go: with
+        ``blocking`` the call waits for the lock, otherwise it returns False at once. Returns True once
+        writeback has started.
+        """
+        head = self._head(pfn)
+        with self.changed:
+            while self.pages.test(head, PageFlag.LOCKED):
+                if not blocking:
+                    return False
+                self.changed.wait()
+            self.pages.set(head, PageFlag.WRITEBACK)
+            self.changed.notify_all()
+        return True
+
+    def end_writeback(self, pfn: int) -> None:
+        """End writeback on the folio of ``pfn`` and wake waiters."""
+        self.clear_page_flags(pfn, PageFlag.WRITEBACK)
+
+    def set_page_flags(self, pfn: int, flags: PageFlag) -> None:
+        """Set page flags on the folio of ``pfn`` (referenced, active, dirty, unevictable, ...)."""
+        self._change_flags(pfn, flags, self.pages.set)
+
+    def clear_page_flags(self, pfn: int, flags: PageFlag) -> None:
+        """Clear page flags on the folio of ``pfn`` and wake waiters."""
+        self._change_flags(pfn, flags, self.pages.clear)
+
+    def _change_flags(self, pfn: int, flags: PageFlag, change: Any) -> None:
+        head = self._head(pfn)
+        flags = PageFlag(flags)
+        if flags & (PageFlag.HEAD | PageFlag.ISOLATED | PageFlag.LOCKED):
+            raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use lock_page and "
+                                  "unlock_page for LOCKED")
+        with self.changed:
+            change(head, flags)
+            self.changed.notify_all()
+
+    def page_flags(self, pfn: int) -> PageFlag:
+        """Flags of the folio containing ``pfn``."""
+        head = self._head(pfn)
+        with self.lock:
+            return PageFlag(int(self.pages.flags[head]))
+
+    def get_page(self, pfn: int) -> None:
+        """Take a transient reference on the folio of ``pfn`` (a speculative lookup or short GUP)."""
+        head = self._head(pfn)
+        with self.lock:
+            if self.pages.refcount[head] <= 0:
+                raise InvalidArgument(f"pfn {pfn} is free; only an in-use page can be referenced")
+            self.pages.refcount[head] += 1
+            self._page_refs[head] = self._page_refs.get(head, 0) + 1
+
+    def put_page(self, pfn: int) -> None:
+        """Drop a reference taken with :meth:`get_page`; the folio is freed if it was the last one."""
+        head = self._head(pfn)
+        with self.changed:
+            held = self._page_refs.get(head, 0)
+            if held <= 0:
+                raise InvalidArgument(f"pfn {pfn} holds no reference taken with get_page to drop")
+            if held == 1:
+                del self._page_refs[head]
+            else:
+                self._page_refs[head] = held - 1
+            self.put_folios(np.array([head]))
+            self.changed.notify_all()
+
+    def set_page_cpupid(self, pfn: int, cpupid: int) -> None:
+        """Set the folio's ``last_cpupid`` (NUMA-balancing hint) as a fault on a CPU would."""
+        head = self._head(pfn)
+        with self.lock:
+            self.pages.last_cpupid[head] = cpupid
+
+    def page_state(self, pfn: int) -> dict:
+        """A dict snapshot of the struct page of ``pfn`` and its folio head, for inspection and tests."""
+        p = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
+        with self.lock:
+            pg = self.pages
+            h = int(pg.head[p])
+            return {
+                "pfn": p, "head": h, "node": int(self.nodemap.node_of(np.array([p]))[0]),
+                "flags": PageFlag(int(pg.flags[h])), "refcount": int(pg.refcount[h]),
+                "mapcount": int(pg.mapcount[p]), "mapping": int(pg.mapping[p]), "index": int(pg.index[p]),
+                "private": int(pg.private[h]), "last_cpupid": int(pg.last_cpupid[h]),
+                "memcg": int(pg.memcg[h]), "order": int(pg.order[h]),
+            }
