@@ -16,7 +16,7 @@ from support import WAIT, finish_within, rand
 
 from dmamig import DmaError, DmamigError, FaultAttr, FaultPoints, InvalidArgument, Machine, MigrateMode
 from dmamig.backends import cpu as cpu_backend
-from dmamig.backends import cpu_kernels
+from dmamig.backends import cpu_channel, cpu_kernels
 from dmamig.check import check_machine
 from dmamig.fault import FAULT_POINTS
 
@@ -389,7 +389,7 @@ def test_machine_close_while_migrations_and_copies_are_in_flight():
 
 def test_engine_close_fails_work_queued_on_a_dead_channel(m3, monkeypatch):
     m = m3
-    monkeypatch.setattr(cpu_backend, "CLOSE_TIMEOUT", 5.0)
+    monkeypatch.setattr(cpu_channel, "CLOSE_TIMEOUT", 5.0)
     src = np.arange(16)
     m.faults["channel_crash"] = FaultAttr(probability=1.0, times=1)
     fences = [m.dma.copy(src, 2048 + 16 * i + src) for i in range(3)]
