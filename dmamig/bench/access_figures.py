@@ -7,7 +7,6 @@ migrated onto the device and those evicted back to make room, over the distinct 
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ from ..migrate.options import FAITHFUL
 from ..uvm.options import SERVICE_PHASES, UvmStats
 from .naming import format_number, format_rate
 from .scenarios import PAGE_SIZE
+from .timing import median
 
 __all__ = ["PATTERN_WORDS", "Sample", "access_record", "access_table", "add_access_speedups"]
 
@@ -36,10 +36,6 @@ class Sample:
 
 # -- figures ---------------------------------------------------------------------------------------------------
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values))
-
-
 def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
     """The record of an :class:`~dmamig.bench.access.AccessScenario` from its timed samples.
 
@@ -50,17 +46,17 @@ def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
     pages = sc.touched_pages
     nbytes = pages * PAGE_SIZE
     walls = [s.wall for s in samples]
-    wall = _median(walls)
-    ceiling = _median([s.ceiling for s in samples])
-    cpu = _median([s.cpu for s in samples])
+    wall = median(walls)
+    ceiling = median([s.ceiling for s in samples])
+    cpu = median([s.cpu for s in samples])
     secs, csecs = wall / 1e9, ceiling / 1e9
     stats = [s.stats for s in samples]
-    batches = _median([st.batches for st in stats])
+    batches = median([st.batches for st in stats])
     per_batch = [st.service_total_ns / st.batches for st in stats if st.batches]
-    phase_ns = {p: _median([st.service_ns.get(p, 0) for st in stats]) for p in SERVICE_PHASES}
-    phase_batch = {p: _median([st.service_ns.get(p, 0) / st.batches for st in stats if st.batches])
+    phase_ns = {p: median([st.service_ns.get(p, 0) for st in stats]) for p in SERVICE_PHASES}
+    phase_batch = {p: median([st.service_ns.get(p, 0) / st.batches for st in stats if st.batches])
                    for p in SERVICE_PHASES} if per_batch else {}
-    service = _median([st.service_total_ns for st in stats])
+    service = median([st.service_total_ns for st in stats])
     gbps = nbytes / secs / 1e9 if secs > 0 else 0.0
     ceiling_gbps = nbytes / csecs / 1e9 if csecs > 0 else 0.0
     return {
@@ -96,7 +92,7 @@ def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
         "phase_ns": phase_ns,
         "phase_share": {p: v / wall for p, v in phase_ns.items()} if wall > 0 else {},
         # The access itself and its bookkeeping: everything but servicing faults.
-        "outside_phases_ns": _median([max(0, s.wall - s.stats.service_total_ns) for s in samples]),
+        "outside_phases_ns": median([max(0, s.wall - s.stats.service_total_ns) for s in samples]),
         "verified": True,
         "pattern": sc.pattern,
         "fault_batch_size": sc.fault_batch,
@@ -107,16 +103,16 @@ def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
         "ceiling_wall_ns": [int(s.ceiling) for s in samples],
         "ceiling_pages_per_s": pages / csecs if csecs > 0 else 0.0,
         "fault_batches": batches,
-        "faults": _median([st.faults for st in stats]),
+        "faults": median([st.faults for st in stats]),
         "fault_batches_per_s": batches / secs if secs > 0 else 0.0,
-        "service_ns_per_batch": _median(per_batch) if per_batch else None,
+        "service_ns_per_batch": median(per_batch) if per_batch else None,
         "service_phase_ns_per_batch": phase_batch,
         "service_pages_per_s": pages / (service / 1e9) if service > 0 else None,
-        "bytes_migrated": _median([st.bytes_migrated for st in stats]),
-        "bytes_evicted": _median([st.bytes_evicted for st in stats]),
-        "pages_prefetched": _median([st.pages_prefetched for st in stats]),
-        "pages_remote": _median([st.pages_remote for st in stats]),
-        "bytes_migrated_per_byte_touched": _median([(st.bytes_migrated + st.bytes_evicted) / nbytes
+        "bytes_migrated": median([st.bytes_migrated for st in stats]),
+        "bytes_evicted": median([st.bytes_evicted for st in stats]),
+        "pages_prefetched": median([st.pages_prefetched for st in stats]),
+        "pages_remote": median([st.pages_remote for st in stats]),
+        "bytes_migrated_per_byte_touched": median([(st.bytes_migrated + st.bytes_evicted) / nbytes
                                                     for st in stats]),
     }
 

@@ -7,22 +7,15 @@ once they are all in.
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from .access_figures import add_access_speedups
 from .naming import DIRECTIONS, describe_options, options_of
 from .pairs_figures import add_pair_speedups
 from .scenarios import Scenario
-from .schema import PHASES
+from .timing import timing_fields
 
 __all__ = ["add_speedups", "scenario_record"]
-
-
-def _phase_names(phases: list[dict[str, int]]) -> list[str]:
-    # The schema's phases in pipeline order, then any phase a newer core reports, so none is lost in "other".
-    extra = sorted({p for ph in phases for p in ph} - set(PHASES))
-    return [*PHASES, *extra]
 
 
 def scenario_record(sc: Scenario, walls: list[int], cpus: list[int], phases: list[dict[str, int]],
@@ -30,16 +23,6 @@ def scenario_record(sc: Scenario, walls: list[int], cpus: list[int], phases: lis
     """The record of scenario ``sc`` from its timed repetitions: medians of ``walls`` and ``cpus`` (ns) and of
     each phase, throughput, and the ratio to ``ceiling`` (the same run's copy ceiling, or None); ``extra``
     adds fields of its kind. Speedups stay None until :func:`add_speedups` pairs the sweep's records."""
-    wall = statistics.median(walls)
-    cpu = statistics.median(cpus)
-    secs = wall / 1e9
-    gbps = sc.total_bytes / secs / 1e9 if secs > 0 else 0.0
-    names = _phase_names(phases)
-    phase_ns = {p: float(statistics.median([ph.get(p, 0) for ph in phases])) for p in names} if phases else {}
-    # Time of the call outside every named phase (argument checks, collecting and isolating folios, putting
-    # them back, building the result), per repetition first so that medians of parts never exceed the whole.
-    outside = (float(statistics.median([max(0, w - sum(ph.values())) for w, ph in zip(walls, phases, strict=True)]))
-               if phases and len(phases) == len(walls) else None)
     rec: dict[str, Any] = {
         "id": sc.id,
         "name": sc.name,
@@ -55,23 +38,8 @@ def scenario_record(sc: Scenario, walls: list[int], cpus: list[int], phases: lis
         "batching": describe_options(sc.options),
         "bytes": sc.total_bytes,
         "pages": sc.pages,
-        "repeat": len(walls),
-        "wall_ns": [int(w) for w in walls],
-        "median_wall_ns": float(wall),
-        "gbps": gbps,
-        "pages_per_s": sc.pages / secs if secs > 0 else 0.0,
-        "thread_time_ns": float(cpu),
-        "cpu_ns_per_page": cpu / sc.pages,
-        "pages_per_cpu_s": sc.pages / (cpu / 1e9) if cpu > 0 else None,
-        "ceiling_gbps": ceiling["gbps"] if ceiling else None,
-        "ceiling_method": ceiling["method"] if ceiling else None,
-        "ceiling_ratio": gbps / ceiling["gbps"] if ceiling and ceiling["gbps"] > 0 else None,
-        "speedup_vs_copy": None,
-        "speedup_vs": None,
-        "speedup_vs_faithful_copy": None,
-        "phase_ns": phase_ns,
-        "phase_share": {p: v / wall for p, v in phase_ns.items()} if wall > 0 else {},
-        "outside_phases_ns": outside,
+        **timing_fields(sc.total_bytes, sc.pages, walls, cpus, phases,
+                        ceiling["gbps"] if ceiling else None, ceiling["method"] if ceiling else None),
         "verified": True,
     }
     rec.update(extra or {})

@@ -8,13 +8,13 @@ measured in the same task: a direct peer copy, or the copy staged through host m
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any
 
 from ..migrate.options import FAITHFUL
 from ..topology import LINK_CODES, Topology
 from .scenarios import PAGE_SIZE
+from .timing import timing_fields
 
 __all__ = ["PAIR_FOLIO", "PairSample", "add_pair_speedups", "pair_groups", "pair_matrix", "pair_record",
            "pair_table", "pair_topology", "pairs_of"]
@@ -32,10 +32,6 @@ class PairSample:
     cpu: int
     result: Any
     stats: Any
-
-
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values))
 
 
 def _channels(n: int) -> str:
@@ -60,16 +56,10 @@ def pair_record(sc: Any, mode: str, samples: list[PairSample], ceiling: tuple[fl
         ``src_device``, ``dst_device``, ``link``, ``peer``, ``staged``, ``topology``.
     """
     pages, nbytes = sc.pages, sc.pair_bytes
-    walls = [s.wall for s in samples]
-    wall, cpu = _median(walls), _median([s.cpu for s in samples])
-    secs = wall / 1e9
-    gbps = nbytes / secs / 1e9 if secs > 0 else 0.0
     ceil_s, method = ceiling
     ceil_gbps = nbytes / ceil_s / 1e9 if ceil_s > 0 else 0.0
-    names = sorted({p for s in samples for p in (getattr(s.result, "phase_ns", None) or {})})
-    phase_ns = {p: _median([float((s.result.phase_ns or {}).get(p, 0)) for s in samples]) for p in names}
-    outside = _median([max(0, s.wall - sum((s.result.phase_ns or {}).values())) for s in samples]) if names \
-        else None
+    timing = timing_fields(nbytes, pages, [s.wall for s in samples], [s.cpu for s in samples],
+                           [getattr(s.result, "phase_ns", None) or {} for s in samples], ceil_gbps, method)
     last = samples[-1]
     how = "copy" if mode == "copy" else f"no-copy, {_channels(sc.channels)}"
     route = "staged through host memory" if where["staged"] else f"peer, {where['link']}"
@@ -88,25 +78,9 @@ def pair_record(sc: Any, mode: str, samples: list[PairSample], ceiling: tuple[fl
         "batching": "faithful",
         "bytes": nbytes,
         "pages": pages,
-        "repeat": len(walls),
-        "wall_ns": [int(w) for w in walls],
-        "median_wall_ns": wall,
-        "gbps": gbps,
-        "pages_per_s": pages / secs if secs > 0 else 0.0,
-        "thread_time_ns": cpu,
-        "cpu_ns_per_page": cpu / pages,
-        "pages_per_cpu_s": pages / (cpu / 1e9) if cpu > 0 else None,
-        "ceiling_gbps": ceil_gbps,
-        "ceiling_method": method,
-        "ceiling_ratio": gbps / ceil_gbps if ceil_gbps > 0 else None,
+        **timing,
         "ceiling_route": "staged" if where["staged"] else "peer",
         "ceiling_seconds": ceil_s,
-        "speedup_vs_copy": None,
-        "speedup_vs": None,
-        "speedup_vs_faithful_copy": None,
-        "phase_ns": phase_ns,
-        "phase_share": {p: v / wall for p, v in phase_ns.items()} if wall > 0 else {},
-        "outside_phases_ns": outside,
         "nr_succeeded": int(last.result.nr_succeeded),
         "nr_failed": int(last.result.nr_failed),
         "nr_thp_split": int(getattr(last.result, "nr_thp_split", 0)),
