@@ -32,14 +32,20 @@ class PageControls:
         pfn = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
         return int(self.pages.head[pfn])
 
+    def _wait_unlocked(self, head: int, blocking: bool) -> bool:
+        """Wait (caller holds ``changed``) until folio ``head`` is unlocked; False at once if not ``blocking``."""
+        while self.pages.test(head, PageFlag.LOCKED):
+            if not blocking:
+                return False
+            self.changed.wait()
+        return True
+
     def lock_page(self, pfn: int, blocking: bool = True) -> bool:
         """Lock the folio of ``pfn`` (PG_locked), as another kernel path would; return False if busy."""
         head = self._head(pfn)
         with self.changed:
-            while self.pages.test(head, PageFlag.LOCKED):
-                if not blocking:
-                    return False
-                self.changed.wait()
+            if not self._wait_unlocked(head, blocking):
+                return False
             self.pages.set(head, PageFlag.LOCKED)
         return True
 
@@ -61,10 +67,8 @@ class PageControls:
         """
         head = self._head(pfn)
         with self.changed:
-            while self.pages.test(head, PageFlag.LOCKED):
-                if not blocking:
-                    return False
-                self.changed.wait()
+            if not self._wait_unlocked(head, blocking):
+                return False
             self.pages.set(head, PageFlag.WRITEBACK)
             self.changed.notify_all()
         return True
