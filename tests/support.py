@@ -80,3 +80,18 @@ def check_results_schema(doc) -> None:
     from dmamig.bench.schema import RESULTS_SCHEMA
 
     jsonschema_or_skip().validate(doc, RESULTS_SCHEMA)
+
+
+def interrupt_bench_after(monkeypatch, n: int) -> None:
+    """Make ``dmamig bench`` raise KeyboardInterrupt (Ctrl-C) when its ``n + 1``-th migration group starts."""
+    from dmamig.bench import scenario_runs
+
+    real, calls = scenario_runs.run_group, []
+
+    def group(*a, **k):
+        if len(calls) >= n:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(scenario_runs, "run_group", group)

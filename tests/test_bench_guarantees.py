@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 import pytest
+from support import interrupt_bench_after
 from test_bench_report import make_doc
 
-from dmamig.bench import scenario_runs
 from dmamig.bench.output import OutputError, bench_folder
 from dmamig.bench.report import NotComparable, compare_results, regressions, write_json
 from dmamig.bench.stats import ratio_interval
@@ -196,21 +196,8 @@ def test_a_quick_run_is_refused_against_a_full_baseline(tmp_path, capsys):
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------------------------
-def _interrupt_after(monkeypatch, n: int) -> None:
-    real = scenario_runs.run_group
-    calls = []
-
-    def group(*a, **k):
-        if len(calls) >= n:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(scenario_runs, "run_group", group)
-
-
 def test_ctrl_c_keeps_the_finished_scenarios_marked_partial(tmp_path, capsys, monkeypatch):
-    _interrupt_after(monkeypatch, 1)
+    interrupt_bench_after(monkeypatch, 1)
     out = tmp_path / "run"
     assert main([*TINY[:-4], "--channels", "1,2", "--faithful-only", "--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -223,7 +210,7 @@ def test_ctrl_c_keeps_the_finished_scenarios_marked_partial(tmp_path, capsys, mo
 
 
 def test_ctrl_c_before_anything_finished_leaves_no_folder(tmp_path, capsys, monkeypatch):
-    _interrupt_after(monkeypatch, 0)
+    interrupt_bench_after(monkeypatch, 0)
     out = tmp_path / "run"
     assert main([*TINY, "--out", str(out)]) == 130
     assert "nothing written" in capsys.readouterr().err

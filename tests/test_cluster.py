@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import interrupt_bench_after
 
-from dmamig.bench import runner, scenario_runs
+from dmamig.bench import runner
 from dmamig.bench.driver import BenchSweep, SweepFailed
 from dmamig.bench.runner import SweepInterrupted, build_tasks
 from dmamig.bench.scenarios import BenchSettings, default_settings
@@ -146,22 +147,10 @@ def test_a_journal_torn_in_its_first_write_resumes_with_nothing_finished(tmp_pat
 
 # -- resume -------------------------------------------------------------------------------------------------------
 
-def _interrupt_after(monkeypatch, n):
-    real, calls = scenario_runs.run_group, []
-
-    def group(*a, **k):
-        if len(calls) >= n:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(scenario_runs, "run_group", group)
-
-
 def test_resume_after_an_interrupt_reruns_nothing_that_finished(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = [*tiny(channels="1,2"), "--out", str(out)]
-    _interrupt_after(monkeypatch, 2)
+    interrupt_bench_after(monkeypatch, 2)
     assert main(argv) == 130
     assert f"--resume {out}" in capsys.readouterr().err
     before = json.loads((out / "results.json").read_text())
@@ -187,7 +176,7 @@ def test_resume_after_an_interrupt_reruns_nothing_that_finished(tmp_path, capsys
 def test_resume_is_refused_for_other_settings_a_missing_journal_or_a_finished_sweep(tmp_path, capsys,
                                                                                    monkeypatch):
     out = tmp_path / "run"
-    _interrupt_after(monkeypatch, 1)
+    interrupt_bench_after(monkeypatch, 1)
     assert main([*TINY, "--no-engine", "--out", str(out)]) == 130
     monkeypatch.undo()
     capsys.readouterr()
