@@ -95,3 +95,32 @@ def interrupt_bench_after(monkeypatch, n: int) -> None:
         return real(*a, **k)
 
     monkeypatch.setattr(scenario_runs, "run_group", group)
+
+
+def make_nodes(backend, sizes=(64, 64), devices=(-1, 0), seed=0, page=4096):
+    """Nodes of ``backend`` (device -1 is host RAM) filled with seeded random bytes, numbered and based in order."""
+    from dmamig.nodes import Node
+
+    rng = np.random.default_rng(seed)
+    nodes, base = [], 0
+    for i, (n, dev) in enumerate(zip(sizes, devices)):
+        kind = "host" if dev < 0 else "device"
+        frames = backend.alloc_frames(kind, dev, n, page)
+        backend.write_frames(frames, np.arange(n), rng.integers(0, 256, (n, page), dtype=np.uint8))
+        nodes.append(Node(i, kind, dev, base, n, frames))
+        base += n
+    return tuple(nodes)
+
+
+def contents(backend, nodes):
+    """Every frame of ``nodes``, in pfn order, read back to the host."""
+    return np.concatenate([backend.read_frames(n.frames, np.arange(n.total_pages)) for n in nodes])
+
+
+def engine_for(backend, nodes, channels=2, options=None):
+    """A DMA engine over ``nodes`` of ``backend``."""
+    from dmamig.dma import DmaEngine
+    from dmamig.nodes import NodeMap
+
+    return DmaEngine(nodes=nodes, nodemap=NodeMap(nodes), backend=backend, page_size=nodes[0].frames.shape[1],
+                     channels=channels, options=options)

@@ -7,13 +7,13 @@ import gc
 
 import numpy as np
 import pytest
+from support import contents, engine_for, make_nodes
 
 from dmamig import Machine, MigrateMode
 from dmamig.backends.base import ChannelWork
-from dmamig.dma import DmaEngine, PlanOptions, page_checksums
+from dmamig.dma import PlanOptions, page_checksums
 from dmamig.dma.plan import METHOD_GATHER, METHOD_MEMCPY
 from dmamig.errors import DmaError
-from dmamig.nodes import Node, NodeMap
 
 pytestmark = pytest.mark.gpu
 
@@ -44,27 +44,6 @@ def two_gpus(cp) -> None:
 def host(backend):
     return backend.alloc_frames("host", -1, 1, PAGE)
 
-
-def make_nodes(backend, sizes=(256, 256, 128), devices=(-1, 0, 0), seed=0, page=PAGE):
-    """Host node plus device nodes; a second device node shares device 0 when only one GPU is present."""
-    rng = np.random.default_rng(seed)
-    nodes, base = [], 0
-    for i, (n, dev) in enumerate(zip(sizes, devices)):
-        kind = "host" if dev < 0 else "device"
-        frames = backend.alloc_frames(kind, dev, n, page)
-        backend.write_frames(frames, np.arange(n), rng.integers(0, 256, (n, page), dtype=np.uint8))
-        nodes.append(Node(i, kind, dev, base, n, frames))
-        base += n
-    return tuple(nodes)
-
-
-def contents(backend, nodes):
-    return np.concatenate([backend.read_frames(n.frames, np.arange(n.total_pages)) for n in nodes])
-
-
-def engine_for(backend, nodes, channels=2, options=None):
-    return DmaEngine(nodes=nodes, nodemap=NodeMap(nodes), backend=backend, page_size=nodes[0].frames.shape[1],
-                     channels=channels, options=options)
 
 
 # -- build and memory --------------------------------------------------------------------------------------------
@@ -154,7 +133,8 @@ def test_channels_have_their_own_non_blocking_streams(cuda, cp):
 
 @pytest.mark.parametrize("method", [METHOD_GATHER, METHOD_MEMCPY])
 def test_engine_random_pages_match_numpy(cuda, method):
-    nodes = make_nodes(cuda, seed=3)
+    # A host node and two device nodes; the second shares device 0 when only one GPU is present.
+    nodes = make_nodes(cuda, sizes=(256, 256, 128), devices=(-1, 0, 0), seed=3)
     # Force one method: the gather kernel for everything, or one cudaMemcpyAsync per run.
     opts = PlanOptions(memcpy_min_pages=10**9) if method == METHOD_GATHER else PlanOptions(memcpy_min_pages=1)
     rng = np.random.default_rng(4)

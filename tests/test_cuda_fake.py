@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
+from support import contents, engine_for, make_nodes
 
 from dmamig.backends import cuda as cuda_mod
 from dmamig.backends.base import ChannelWork
@@ -28,10 +29,9 @@ from dmamig.backends.cuda import (
 )
 from dmamig.backends.cuda import kernels as cuda_kernels
 from dmamig.backends.cuda import runtime as cuda_runtime
-from dmamig.dma import DmaEngine, PlanOptions, page_checksums
+from dmamig.dma import PlanOptions, page_checksums
 from dmamig.dma.plan import METHOD_BATCH, METHOD_MEMCPY
 from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
-from dmamig.nodes import Node, NodeMap
 
 PAGE = 4096
 
@@ -423,26 +423,6 @@ def use_fake_cupy(monkeypatch, gpu: FakeGpu) -> None:
     without ``cupy=`` (``backend="cuda"`` machines) and the module-level helpers then drive the stand-in."""
     monkeypatch.setattr(cuda_runtime, "_cupy", lambda: FakeCupy(gpu))
 
-
-def make_nodes(backend, sizes=(64, 64), devices=(-1, 0), seed=0, page=PAGE):
-    rng = np.random.default_rng(seed)
-    nodes, base = [], 0
-    for i, (n, dev) in enumerate(zip(sizes, devices)):
-        kind = "host" if dev < 0 else "device"
-        frames = backend.alloc_frames(kind, dev, n, page)
-        backend.write_frames(frames, np.arange(n), rng.integers(0, 256, (n, page), dtype=np.uint8))
-        nodes.append(Node(i, kind, dev, base, n, frames))
-        base += n
-    return tuple(nodes)
-
-
-def contents(backend, nodes):
-    return np.concatenate([backend.read_frames(n.frames, np.arange(n.total_pages)) for n in nodes])
-
-
-def engine_for(backend, nodes, channels=2, options=None):
-    return DmaEngine(nodes=nodes, nodemap=NodeMap(nodes), backend=backend, page_size=nodes[0].frames.shape[1],
-                     channels=channels, options=options)
 
 
 GATHER = PlanOptions(memcpy_min_pages=10**9)

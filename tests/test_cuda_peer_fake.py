@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import contents, make_nodes
 from test_cuda_fake import (
     GATHER,
     MEMCPY,
@@ -14,8 +15,6 @@ from test_cuda_fake import (
     FakeGpu,
     FakeRuntime,
     backend_on,
-    contents,
-    make_nodes,
     use_fake_cupy,
 )
 
