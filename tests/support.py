@@ -124,3 +124,22 @@ def engine_for(backend, nodes, channels=2, options=None):
 
     return DmaEngine(nodes=nodes, nodemap=NodeMap(nodes), backend=backend, page_size=nodes[0].frames.shape[1],
                      channels=channels, options=options)
+
+
+def check_access_frames_against_cpu(backend, n: int, picks: int, page: int, seed: int = 0) -> None:
+    """``backend.access_frames`` reads and writes ``picks`` of ``n`` device frames as the CPU backend's does."""
+    from dmamig.backends.cpu import CpuBackend
+
+    cpu = CpuBackend()
+    rng = np.random.default_rng(seed)
+    frames = backend.alloc_frames("device", 0, n, page)
+    ref = cpu.alloc_frames("device", 0, n, page)
+    init = rng.integers(0, 256, (n, page), dtype=np.uint8)
+    backend.write_frames(frames, np.arange(n), init)
+    ref[:] = init
+    idx = rng.permutation(n)[:picks]
+    np.testing.assert_array_equal(backend.access_frames(frames, idx), cpu.access_frames(ref, idx))
+    rows = rng.integers(0, 256, (idx.size, page), dtype=np.uint8)
+    backend.access_frames(frames, idx, rows)
+    cpu.access_frames(ref, idx, rows)
+    np.testing.assert_array_equal(backend.read_frames(frames, np.arange(n)), ref)

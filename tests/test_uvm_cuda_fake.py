@@ -8,9 +8,9 @@ import ctypes
 
 import numpy as np
 import pytest
+from support import check_access_frames_against_cpu
 from test_cuda_fake import FakeCupy, FakeGpu, FakeKernel, use_fake_cupy
 
-from dmamig.backends.cpu import CpuBackend
 from dmamig.backends.cuda import CudaBackend
 
 PAGE = 4096
@@ -46,19 +46,7 @@ def gpu(monkeypatch) -> FakeGpu:
 def test_access_frames_matches_the_reference(gpu):
     b = CudaBackend(cupy=FakeCupy(gpu))
     try:
-        rng = np.random.default_rng(0)
-        n = 40
-        frames = b.alloc_frames("device", 0, n, PAGE)
-        ref = CpuBackend().alloc_frames("device", 0, n, PAGE)
-        init = rng.integers(0, 256, (n, PAGE), dtype=np.uint8)
-        b.write_frames(frames, np.arange(n), init)
-        ref[:] = init
-        idx = rng.permutation(n)[:25]
-        np.testing.assert_array_equal(b.access_frames(frames, idx), CpuBackend().access_frames(ref, idx))
-        rows = rng.integers(0, 256, (idx.size, PAGE), dtype=np.uint8)
-        b.access_frames(frames, idx, rows)
-        CpuBackend().access_frames(ref, idx, rows)
-        np.testing.assert_array_equal(b.read_frames(frames, np.arange(n)), ref)
+        check_access_frames_against_cpu(b, 40, 25, PAGE)
         names = [name for name, _g, _b in gpu.launches]
         assert names.count("page_access_read") == 1 and names.count("page_access_write") == 1
     finally:

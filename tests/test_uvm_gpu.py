@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import check_access_frames_against_cpu
 
 from dmamig import DeviceAccessor, Machine, UvmOptions
-from dmamig.backends.cpu import CpuBackend
 
 pytestmark = pytest.mark.gpu
 PAGE = 4096
@@ -24,19 +24,7 @@ def cuda(gpu_required):
 
 @pytest.mark.parametrize("page", [PAGE, 64 << 10])
 def test_page_access_kernels_match_the_reference(cuda, page):
-    rng = np.random.default_rng(0)
-    n = 300
-    frames = cuda.alloc_frames("device", 0, n, page)
-    ref = CpuBackend().alloc_frames("device", 0, n, page)
-    init = rng.integers(0, 256, (n, page), dtype=np.uint8)
-    cuda.write_frames(frames, np.arange(n), init)
-    ref[:] = init
-    idx = rng.permutation(n)[:200]
-    np.testing.assert_array_equal(cuda.access_frames(frames, idx), CpuBackend().access_frames(ref, idx))
-    rows = rng.integers(0, 256, (idx.size, page), dtype=np.uint8)
-    cuda.access_frames(frames, idx, rows)
-    CpuBackend().access_frames(ref, idx, rows)
-    np.testing.assert_array_equal(cuda.read_frames(frames, np.arange(n)), ref)
+    check_access_frames_against_cpu(cuda, 300, 200, page)
     assert cuda.kernel(0, "page_access.cu", "page_access_read") is not None
 
 
