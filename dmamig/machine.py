@@ -32,6 +32,8 @@ __all__ = ["Machine"]
 MAX_NODE_PAGES = 1 << 28
 #: Most nodes (host nodes and devices): the pfn-to-node table holds node ids in one signed byte.
 MAX_NODES = 127
+#: Longest DMA poll window a machine accepts (microseconds): one second.
+MAX_POLL_US = 1e6
 
 #: vmstat counters the migration core maintains (names as in /proc/vmstat).
 VMSTAT_COUNTERS = (
@@ -104,12 +106,18 @@ class Machine(FrameOps, PageControls):
         runtime; a topology given there can only take peer access away (those pairs are then staged, e.g. to
         measure staging on peer-capable GPUs), asking for peer access the GPUs lack is an error, and its link
         classes are not used.
+    dma_poll_us : float, optional
+        CPU backend: microseconds a DMA channel's worker polls its doorbell, and a waiter its completion, before
+        sleeping (default :data:`~dmamig.backends.cpu.DEFAULT_POLL_US`). Polling is how a copy engine and the
+        kernel's ``dma_sync_wait()`` behave; ``0`` makes channels sleep between jobs, so that every submission
+        pays the host's thread wake-ups (an experiment setting). The CUDA backend waits on CUDA events and
+        accepts only the default.
     """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
                  page_size: int = 4096, backend: str = "auto", channels: int = 4,
                  device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None,
-                 topology: Topology | None = None):
+                 topology: Topology | None = None, dma_poll_us: float | None = None):
         host_sizes, host_costs = _host_tiers(host_pages, host_nodes)
         host_pages = host_sizes[0]
         check_positive_int("host_pages", host_pages)
@@ -132,7 +140,17 @@ class Machine(FrameOps, PageControls):
         if device_memory not in ("coherent", "private"):
             raise InvalidArgument(f"device_memory must be 'coherent' or 'private', got {device_memory!r}")
         self._device_private = device_memory == "private"
+        if dma_poll_us is not None and (isinstance(dma_poll_us, bool) or not isinstance(dma_poll_us, (int, float))
+                                        or not 0 <= dma_poll_us <= MAX_POLL_US):
+            raise InvalidArgument(f"dma_poll_us must be a number of microseconds from 0 to {MAX_POLL_US:g}, or None "
+                                  f"for the default; got {dma_poll_us!r}")
         self._backend = open_backend(backend)
+        if dma_poll_us is not None:
+            if not hasattr(self._backend, "poll_us"):
+                self._backend.close()
+                raise InvalidArgument(f"dma_poll_us is a CPU backend setting; the {self._backend.name} backend "
+                                      f"waits on CUDA events: leave it None")
+            self._backend.poll_us = float(dma_poll_us)
         try:
             self._topology = resolve_topology(self._backend, int(devices), topology)
         except Exception:
@@ -180,6 +198,14 @@ class Machine(FrameOps, PageControls):
     # -- read-only properties --------------------------------------------------------------------------------
     backend = property(lambda self: self._backend, doc="The backend object that owns the frames.")
     backend_name = property(lambda self: self._backend.name, doc='"cpu" or "cuda".')
+
+    @property
+    def dma_poll_us(self) -> float | None:
+        """Microseconds the CPU backend's DMA channels and their waiters poll before sleeping; 0 when channels
+        sleep between jobs; ``None`` on the CUDA backend (it waits on CUDA events)."""
+        if not hasattr(self._backend, "poll_us"):
+            return None
+        return float(self._backend.poll_us) if self._backend.polling else 0.0
     page_size = property(lambda self: self._page_size, doc="Bytes per base page.")
     nodes = property(lambda self: self._nodes, doc="Tuple of Node; nodes[0] is host RAM.")
     access_cost = property(lambda self: self._access_cost,

@@ -143,3 +143,18 @@ def check_access_frames_against_cpu(backend, n: int, picks: int, page: int, seed
     backend.access_frames(frames, idx, rows)
     cpu.access_frames(ref, idx, rows)
     np.testing.assert_array_equal(backend.read_frames(frames, np.arange(n)), ref)
+
+
+def stop_worker(channel) -> None:
+    """Make a CPU DMA channel's worker leave its loop as if stopped, without closing the channel."""
+    with channel._lock:
+        channel._enqueue_stop()
+    channel._thread.join(WAIT)
+    assert not channel.alive
+
+
+def hook_copy_kernels(monkeypatch) -> None:
+    """Route polling channels' copies through the Python worker, so that hooks on ``cpu_kernels`` see them."""
+    from dmamig.backends.cpu_polling import PollingCpuChannel
+
+    monkeypatch.setattr(PollingCpuChannel, "compiled_copies", False)

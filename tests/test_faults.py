@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import WAIT, finish_within, rand
+from support import WAIT, finish_within, hook_copy_kernels, rand, stop_worker
 
 from dmamig import DmaError, DmamigError, FaultAttr, FaultPoints, InvalidArgument, Machine, MigrateMode
 from dmamig.backends import cpu as cpu_backend
@@ -25,10 +25,12 @@ MESSAGES = {"dma_submit": "refused its share", "dma_copy": "mid-copy", "dma_comp
             "channel_crash": "died"}
 
 
-@pytest.fixture
-def m3():
-    """A CPU machine with one device node and three DMA channels."""
-    mach = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=3)
+@pytest.fixture(params=[None, 0], ids=["polling", "sleeping"])
+def m3(request):
+    """A CPU machine with one device node and three DMA channels: polling ones (the default), and channels that
+    sleep between jobs; every cell runs on both."""
+    mach = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=3,
+                   dma_poll_us=request.param)
     yield mach
     finish_within(mach.close, "Machine.close")
 
@@ -271,6 +273,7 @@ def test_an_exception_inside_a_channel_worker_fails_the_fence(m3, monkeypatch):
             raise RuntimeError("copy engine fault inside the worker")
         return real(*args)
 
+    hook_copy_kernels(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "copy_runs_stream", flaky)
     mm = m.address_space()
     a, da, _b, _db = scattered(m, mm, 48)
@@ -287,9 +290,7 @@ def test_an_exception_inside_a_channel_worker_fails_the_fence(m3, monkeypatch):
 def test_a_worker_that_exits_is_restarted_by_the_next_wait(m3):
     m = m3
     ch = m.dma._channels[0]
-    ch._queue.put(None)  # the worker leaves its loop as if stopped, but nobody closed the channel
-    ch._thread.join(WAIT)
-    assert not ch.alive
+    stop_worker(ch)  # the worker leaves its loop as if stopped, but nobody closed the channel
     src = np.arange(32)
     m.write_pfns(src, rand(32 * m.page_size, 5).reshape(32, -1))
     fence = m.dma.copy(src, 2048 + src)
@@ -306,8 +307,7 @@ def test_a_worker_that_keeps_dying_breaks_its_channel_with_a_clear_error(m3, mon
         raise RuntimeError("worker cannot start")
 
     monkeypatch.setattr(ch, "_loop", die)
-    ch._queue.put(None)
-    ch._thread.join(WAIT)
+    stop_worker(ch)
     src = np.arange(8)
     fence = m.dma.copy(src, 2048 + src)  # contiguous: one run, on channel 0
 

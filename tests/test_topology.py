@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from support import WAIT, filled, finish_within
+from support import WAIT, filled, finish_within, hook_copy_kernels
 
 from dmamig import InvalidArgument, Machine, MigrateMode
 from dmamig.backends import cpu_kernels
@@ -271,6 +271,7 @@ def test_copies_to_different_devices_do_not_wait_for_each_other(m8, monkeypatch)
             assert release.wait(WAIT), "the test never released the held copy"
         return real(src, dst, s, d, n)
 
+    hook_copy_kernels(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "copy_runs_stream", gated)
     mm = m.address_space()
     a, da = filled(m, mm, 32, seed=1)
@@ -320,6 +321,7 @@ def test_migrations_between_several_device_pairs_run_on_several_channels_at_once
         meet(dst)
         return real_cached(src, dst, s, d, n)
 
+    hook_copy_kernels(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "copy_runs_stream", stream)
     monkeypatch.setattr(cpu_kernels, "copy_runs_cached", cached)
     mm = m.address_space()

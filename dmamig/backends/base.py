@@ -93,7 +93,8 @@ class Completion(Protocol):
         """Whether the work has finished (successfully or not); never blocks."""
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until finished or ``timeout`` seconds passed; ``True`` when finished. Never busy-spins."""
+        """Block until finished or ``timeout`` seconds passed; ``True`` when finished. Polls for at most a
+        bounded window (a polling CPU channel's ``poll_us``), then sleeps."""
 
 
 @runtime_checkable

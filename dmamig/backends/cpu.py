@@ -1,10 +1,12 @@
 """The CPU backend: every node's frames are a numpy buffer; DMA channels are worker threads.
 
-Each channel is one long-lived thread fed by a queue (:mod:`dmamig.backends.cpu_channel`). It runs the compiled
-GIL-free copy kernel of :mod:`dmamig.backends.cpu_kernels`, so a copy truly overlaps the thread that submitted
-it (the migrating thread keeps unmapping the next batch while the channels copy). Completions are locks: waiting
-sleeps in the kernel, it never spins. This module holds :class:`CpuBackend`: frame buffers, the migrating
-thread's own folio copies, channels, checksums and copy ceilings.
+Each channel is one long-lived thread running the compiled GIL-free copy kernels of
+:mod:`dmamig.backends.cpu_kernels`, so a copy truly overlaps the thread that submitted it. By default a channel
+polls (:mod:`dmamig.backends.cpu_polling`): its worker watches a doorbell ring in compiled code, as a copy
+engine does, and waiters poll the completion word, as the kernel's ``dma_sync_wait()`` does, each for at most
+``poll_us`` before sleeping. With ``poll_us = 0`` channels sleep between jobs (:mod:`dmamig.backends.cpu_channel`):
+every submission then costs the host's thread wake-ups. This module holds :class:`CpuBackend`: frame buffers, the
+migrating thread's own folio copies, channels, checksums and copy ceilings.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import numpy as np
 from ..dma.checksum import page_checksums
 from ..dma.staging import stage_capacity
 from ..errors import InvalidArgument
-from . import cpu_kernels
+from . import cpu_kernels, cpu_ring
 from .base import DeviceInfo
 from .ceiling import check_pair_args, numpy_pair_ceiling, topology_staged
 from .cpu_channel import ChannelCrash, CpuChannel
+from .cpu_polling import DEFAULT_POLL_US, PollingCpuChannel
 
-__all__ = ["ChannelCrash", "CpuBackend", "CpuChannel"]
+__all__ = ["DEFAULT_POLL_US", "ChannelCrash", "CpuBackend", "CpuChannel", "PollingCpuChannel"]
 
 
 class CpuBackend:
@@ -33,6 +36,10 @@ class CpuBackend:
     """
 
     name = "cpu"
+    #: Microseconds a DMA channel's worker polls its doorbell, and a waiter its completion, before sleeping
+    #: (set by :class:`~dmamig.machine.Machine`); 0: channels sleep between jobs. Where the polling loop cannot
+    #: run (no numba, or an OS without ``sched_yield``) channels sleep whatever this says.
+    poll_us: float = DEFAULT_POLL_US
     #: The machine's topology (set by :class:`~dmamig.machine.Machine`); ``None``: every pair has peer access.
     topology: Any = None
     # Per migrating thread, its bounce buffer for staged folio copies (used synchronously by that thread only).
@@ -93,9 +100,18 @@ class CpuBackend:
     def devices(self) -> list[DeviceInfo]:
         return []
 
+    @property
+    def polling(self) -> bool:
+        """Whether new DMA channels poll (``poll_us > 0`` and the polling loop can run here)."""
+        return self.poll_us > 0 and cpu_ring.RING_AVAILABLE
+
     def open_channels(self, count: int, device: int = 0) -> list[CpuChannel]:
-        """Start ``count`` worker-thread channels of ``device`` (compiling the copy kernels first, if needed)."""
+        """Start ``count`` worker-thread channels of ``device`` (compiling the copy kernels first, if needed):
+        polling channels while :attr:`polling`, else channels that sleep between jobs."""
         cpu_kernels.warm_up()
+        if self.polling:
+            cpu_ring.warm_up()
+            return [PollingCpuChannel(i, device, self.poll_us) for i in range(int(count))]
         return [CpuChannel(i, device) for i in range(int(count))]
 
     def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,

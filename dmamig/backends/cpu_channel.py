@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Any
 
 import numpy as np
 
@@ -188,7 +189,7 @@ class CpuChannel:
         if self._thread.is_alive():
             return
         with self._lock:
-            if self._thread.is_alive() or self._closed and self._queue.empty():
+            if self._thread.is_alive() or self._closed and self._queue_empty():
                 return
             held, self._current = self._current, None
             death, self._death = self._death, None
@@ -239,26 +240,29 @@ class CpuChannel:
             item = self._queue.get()
             if item is None:
                 return
-            work, completion, fault = item
-            with self._lock:
-                self._current = completion
-            if fault == "crash":
-                raise ChannelCrash(f"injected channel_crash fault on DMA channel {self.index}")
-            error: BaseException | None = None
-            start = time.perf_counter()
-            try:
-                if fault is None:
-                    self._execute(work)
-                else:
-                    self._execute(work, fault)
-            except Exception as exc:  # reported through the fence, never lost in the worker
-                error = exc
-            elapsed = time.perf_counter() - start
-            with self._lock:
-                self._busy += elapsed
-                self._current = None
-                self._deaths_in_a_row = 0
-            completion._finish(error)
+            self._run_job(*item)
+
+    def _run_job(self, work: list[ChannelWork], completion: Any, fault: str | None) -> None:
+        """Run one job on the worker thread and finish its completion (a crash fault kills the thread)."""
+        with self._lock:
+            self._current = completion
+        if fault == "crash":
+            raise ChannelCrash(f"injected channel_crash fault on DMA channel {self.index}")
+        error: BaseException | None = None
+        start = time.perf_counter()
+        try:
+            if fault is None:
+                self._execute(work)
+            else:
+                self._execute(work, fault)
+        except Exception as exc:  # reported through the fence, never lost in the worker
+            error = exc
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self._busy += elapsed
+            self._current = None
+            self._deaths_in_a_row = 0
+        completion._finish(error)
 
     def _execute(self, work: list[ChannelWork], fault: str | None = None) -> None:
         """Run one job on the worker thread (GIL released inside the kernels)."""
@@ -284,19 +288,28 @@ class CpuChannel:
             else:
                 cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
                 launches, calls = 1, int(w.npages.size)
-            # Bookkeeping mirrors what a GPU channel issues: one call per long run, one launch per segment of
-            # short runs; staged, one of each per bounce-buffer chunk into the buffer and one out of it. The
-            # CPU kernel copies both kinds in the same loop.
             with self._lock:
-                if w.method == METHOD_GATHER:
-                    self._counters["kernel_launches"] += launches
-                else:
-                    self._counters["memcpy_calls"] += calls
-                for key, n in route_counts(w).items():
-                    self._counters[key] += n
+                self._count(w, launches, calls)
         if fault == "complete":
             raise DmaError(f"injected dma_complete fault: DMA channel {self.index} copied its share but "
                            f"reported an error on completion")
+
+    def _count(self, w: ChannelWork, launches: int, calls: int) -> None:
+        # Bookkeeping mirrors what a GPU channel issues: one call per long run, one launch per segment of short
+        # runs; staged, one of each per bounce-buffer chunk into the buffer and one out of it. The CPU kernel
+        # copies both kinds in the same loop. The caller holds self._lock.
+        if w.method == METHOD_GATHER:
+            self._counters["kernel_launches"] += launches
+        else:
+            self._counters["memcpy_calls"] += calls
+        for key, n in route_counts(w).items():
+            self._counters[key] += n
+
+    def _queue_empty(self) -> bool:
+        return self._queue.empty()
+
+    def _enqueue_stop(self) -> None:
+        self._queue.put(None)  # the caller holds self._lock
 
     def _bounce_for(self, w: ChannelWork) -> np.ndarray:
         """This channel's bounce buffer for pages of ``w``'s size (only the worker thread uses it)."""
@@ -318,7 +331,7 @@ class CpuChannel:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(None)
+            self._enqueue_stop()
         if threading.current_thread() is self._thread:
             return
         deadline = time.monotonic() + CLOSE_TIMEOUT
@@ -326,7 +339,7 @@ class CpuChannel:
             self.revive()  # a dead worker is replaced so that what is queued still runs (or fails)
             t = self._thread
             t.join(min(LIVENESS_PERIOD * 4, max(0.0, deadline - time.monotonic())))
-            if not t.is_alive() and t is self._thread and (self._queue.empty() or self._broken):
+            if not t.is_alive() and t is self._thread and (self._queue_empty() or self._broken):
                 break
             if time.monotonic() >= deadline:
                 raise DmaError(f"DMA channel {self.index}'s worker thread did not stop within "

@@ -19,6 +19,7 @@ reads what that fence's copy writes (or writes what it reads).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import inspect
 import threading
@@ -38,6 +39,9 @@ from .stats import DmaStats, baseline_of, with_channels, zero_baseline
 from .validate import pfn_array, validate_bounds
 
 __all__ = ["DmaEngine", "DmaStats", "Fence"]
+
+#: Submissions kept for ``synchronize`` before the finished ones are dropped from the list.
+_PRUNE_PENDING = 32
 
 
 class DmaEngine:
@@ -204,11 +208,7 @@ class DmaEngine:
         return self.nodemap.locate(pfns)
 
     def _node_of(self, pfn: int) -> int:
-        node = 0
-        for i, b in enumerate(self._base_list):
-            if pfn >= b:
-                node = i
-        return node
+        return bisect.bisect_right(self._base_list, pfn) - 1  # the last node whose base is <= pfn
 
     def _plan(self, src: np.ndarray, dst: np.ndarray, bounds: tuple[int, ...] | None = None) -> CopyPlan:
         batch = bool(getattr(self.backend, "batch_copy_available", False))
@@ -270,7 +270,8 @@ class DmaEngine:
             if error is not None:
                 self._stats.errors += 1
             fence = Fence(completions, error, self, seq, share_runs)
-            self._pending = [f for f in self._pending if not f.done]
+            if len(self._pending) >= _PRUNE_PENDING:  # prune now and then: done fences need no synchronize()
+                self._pending = [f for f in self._pending if not f.done]
             self._pending.append(fence)
         return fence
 

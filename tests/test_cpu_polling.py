@@ -1,0 +1,223 @@
+"""Polling DMA channels of the CPU backend: the doorbell ring, its compiled loops, and the channel around them.
+
+The ring is checked on its own (a worker thread serving it, waiters polling it), then the channel: order
+across compiled and Python jobs, the full ring, sleeping workers and waiters, close and the machine setting.
+Reliability under faults runs on polling and sleeping channels alike in test_faults.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from support import WAIT, finish_within, rand
+
+from dmamig import DmaError, InvalidArgument, Machine
+from dmamig.backends import cpu_ring
+from dmamig.backends.base import ChannelWork
+from dmamig.backends.cpu import CpuBackend, CpuChannel, PollingCpuChannel
+from dmamig.backends.cpu_kernels import aligned_zeros
+from dmamig.dma.plan import METHOD_GATHER, METHOD_MEMCPY
+
+pytestmark = pytest.mark.skipif(not cpu_ring.RING_AVAILABLE, reason=f"no polling channels here: {cpu_ring.RING_ERROR}")
+
+PAGE = 4096
+
+
+def frames(n: int, seed: int) -> np.ndarray:
+    f = aligned_zeros(n, PAGE)
+    f[:] = np.random.default_rng(seed).integers(0, 256, f.shape, dtype=np.uint8)
+    return f
+
+
+def work(src, dst, s, d, n, method=METHOD_MEMCPY) -> ChannelWork:
+    a = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return ChannelWork(src, dst, "host", "device", -1, 0, method, a(s), a(d), a(n))
+
+
+# -- the ring ---------------------------------------------------------------------------------------------------
+def serve_until_python(ring: cpu_ring.Ring, seen: list[int]) -> None:
+    while True:
+        why = ring.serve(10_000_000)
+        seen.append(why)
+        if why == cpu_ring.SERVE_PYTHON:
+            ring.advance(ring.head + 1)
+            return
+
+
+def test_the_ring_runs_copy_jobs_in_order_and_hands_python_jobs_back():
+    src, dst = frames(64, 1), frames(64, 2)
+    ring = cpu_ring.Ring(capacity=8)
+    descs = [cpu_ring.descriptors([(src, dst, np.array([i * 8], dtype=np.int64), np.array([0], dtype=np.int64),
+                                     np.array([8], dtype=np.int64))]) for i in range(4)]
+    seen: list[int] = []
+    t = threading.Thread(target=serve_until_python, args=(ring, seen))
+    t.start()
+    seqs = [ring.publish(cpu_ring.JOB_COPY, d) for d in descs]  # four copies onto the same 8 frames
+    assert seqs == [0, 1, 2, 3]
+    assert ring.poll(3, 10**9)
+    np.testing.assert_array_equal(dst[:8], src[24:32])  # the last one wins: jobs ran in order
+    ring.publish(cpu_ring.JOB_PYTHON)
+    t.join(WAIT)
+    assert not t.is_alive() and seen[-1] == cpu_ring.SERVE_PYTHON and ring.head == ring.tail == 5
+    assert ring.busy_ns > 0
+
+
+def test_descriptors_stream_only_to_aligned_destinations():
+    src, dst = frames(4, 1), frames(4, 2)
+    one = np.ones(1, dtype=np.int64)
+    zero = np.zeros(1, dtype=np.int64)
+    aligned = cpu_ring.descriptors([(src, dst, zero, one, one)])
+    assert aligned[0].tolist() == [src.ctypes.data, dst.ctypes.data + PAGE, PAGE, cpu_ring.DESC_STREAM]
+    odd = np.zeros(4 * 72 + 8, dtype=np.uint8)[8:].reshape(4, 72)  # rows of 72 bytes: no whole 64-byte steps
+    plain = cpu_ring.descriptors([(odd, odd, zero, one, one)])
+    assert plain[0, 3] == 0
+    ring = cpu_ring.Ring(capacity=2)
+    odd[0] = np.arange(72, dtype=np.uint8)
+    ring.publish(cpu_ring.JOB_COPY, plain)
+    ring.publish(cpu_ring.JOB_PYTHON)
+    assert ring.serve(0) == cpu_ring.SERVE_PYTHON
+    np.testing.assert_array_equal(odd[1], np.arange(72, dtype=np.uint8))
+
+
+def test_a_poll_gives_up_after_its_budget():
+    ring = cpu_ring.Ring(capacity=2)
+    ring.publish(cpu_ring.JOB_PYTHON)  # nobody serves it
+    t0 = time.perf_counter()
+    assert ring.poll(0, 2_000_000) is False
+    assert 0.001 < time.perf_counter() - t0 < 1.0
+    ring.advance(1)
+    assert ring.poll(0, 0)
+
+
+def test_an_idle_serve_returns_after_its_window():
+    ring = cpu_ring.Ring(capacity=2)
+    t0 = time.perf_counter()
+    assert ring.serve(2_000_000) == cpu_ring.SERVE_IDLE
+    assert 0.001 < time.perf_counter() - t0 < 1.0
+
+
+# -- the channel ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def channel():
+    ch = PollingCpuChannel(0, poll_us=200)
+    yield ch
+    finish_within(ch.close, "PollingCpuChannel.close")
+
+
+def test_compiled_and_python_jobs_keep_submission_order(channel):
+    src, dst = frames(32, 1), frames(32, 2)
+    first = channel.submit([work(src, dst, [0], [0], [8])], fault="complete")  # a Python job: copies, then fails
+    second = channel.submit([work(src, dst, [8], [0], [8])])  # compiled, onto the same frames
+    assert second.wait(WAIT) and first.done()
+    assert isinstance(first.error, DmaError) and second.error is None
+    np.testing.assert_array_equal(dst[:8], src[8:16])
+    counters = channel.counters
+    assert counters["memcpy_calls"] == 2 and counters["kernel_launches"] == 0
+
+
+def test_many_jobs_in_flight_past_a_full_ring(channel, monkeypatch):
+    monkeypatch.setattr(cpu_ring, "CAPACITY", 4)
+    ch = PollingCpuChannel(1, poll_us=50)
+    try:
+        src, dst = frames(64, 3), frames(64, 4)
+        done = [ch.submit([work(src, dst, [i % 64], [i % 64], [1], METHOD_GATHER)]) for i in range(200)]
+        finish_within(lambda: [c.wait() for c in done], "200 jobs through a 4-slot ring")
+        assert all(c.done() and c.error is None for c in done)
+        np.testing.assert_array_equal(dst, src)
+        assert ch.counters["kernel_launches"] == 200 and ch.busy_seconds > 0
+    finally:
+        finish_within(ch.close, "close")
+
+
+def test_sleeping_workers_and_waiters_wake(monkeypatch):
+    """With a 1 us window both sides sleep almost at once: every wake-up path must still deliver."""
+    ch = PollingCpuChannel(0, poll_us=1)
+    try:
+        src, dst = frames(64, 5), frames(64, 6)
+        for round_ in range(3):
+            time.sleep(0.01)  # the worker is asleep on its doorbell by now
+            assert ch._idle
+            jobs = [ch.submit([work(src, dst, [i], [(i + round_) % 64], [1])]) for i in range(64)]
+            waiters = [threading.Thread(target=c.wait) for c in jobs[::8]]
+            for t in waiters:
+                t.start()
+            finish_within(lambda jobs=jobs: [c.wait() for c in jobs], "waiters of a sleeping channel")
+            for t in waiters:
+                t.join(WAIT)
+                assert not t.is_alive()
+            assert not ch._gates
+            np.testing.assert_array_equal(dst[(np.arange(64) + round_) % 64], src)
+    finally:
+        finish_within(ch.close, "close")
+
+
+def test_a_wait_with_a_timeout_returns_false_while_the_job_is_held():
+    release = threading.Event()
+
+    class Held(PollingCpuChannel):
+        def _execute(self, w, fault=None):
+            assert release.wait(WAIT)
+            super()._execute(w, fault)
+
+    ch = Held(0, poll_us=100)
+    try:
+        assert ch._compiled is False  # a customised _execute runs every job in Python
+        src, dst = frames(8, 7), frames(8, 8)
+        c = ch.submit([work(src, dst, [0], [0], [8])])
+        assert c.wait(0) is False and c.wait(0.02) is False and not c.done()
+        release.set()
+        assert c.wait(WAIT) and c.error is None
+        np.testing.assert_array_equal(dst, src)
+    finally:
+        release.set()
+        finish_within(ch.close, "close")
+
+
+def test_close_runs_what_is_queued_then_refuses_work(channel):
+    src, dst = frames(16, 9), frames(16, 10)
+    jobs = [channel.submit([work(src, dst, [i], [i], [1])]) for i in range(16)]
+    finish_within(channel.close, "close")
+    assert all(c.done() and c.error is None for c in jobs)
+    np.testing.assert_array_equal(dst, src)
+    assert not channel.alive
+    with pytest.raises(DmaError, match="closed"):
+        channel.submit([work(src, dst, [0], [0], [1])])
+    channel.close()  # idempotent
+
+
+def test_staged_work_goes_through_the_python_worker(channel):
+    src, dst = frames(16, 11), frames(16, 12)
+    w = ChannelWork(src, dst, "device", "device", 0, 1, METHOD_MEMCPY, np.array([0]), np.array([4]), np.array([8]),
+                    staged=True)
+    assert channel._descriptors([w]) is None
+    assert channel.submit([w]).wait(WAIT)
+    np.testing.assert_array_equal(dst[4:12], src[:8])
+    assert channel.counters["staged_runs"] == 1
+
+
+# -- the machine setting ----------------------------------------------------------------------------------------
+def test_the_machine_polls_by_default_and_can_sleep_instead():
+    for poll, kind in ((None, PollingCpuChannel), (250, PollingCpuChannel), (0, CpuChannel)):
+        m = Machine(host_pages=256, device_pages=256, backend="cpu", channels=2, dma_poll_us=poll)
+        try:
+            assert m.dma_poll_us == (CpuBackend.poll_us if poll is None else poll)
+            mm = m.address_space()
+            addr = mm.mmap(64 * m.page_size)
+            data = rand(64 * m.page_size, 3)
+            mm.write(addr, data)
+            assert mm.migrate(addr, 64 * m.page_size, 1, engine=m.dma).ok
+            assert type(m.dma._channels[0]) is kind
+            np.testing.assert_array_equal(mm.read(addr, 64 * m.page_size), data)
+            if kind is PollingCpuChannel:
+                assert m.dma._channels[0].poll_ns == int((poll or CpuBackend.poll_us) * 1000)
+        finally:
+            finish_within(m.close, "close")
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), True, "1", 2e6])
+def test_a_bad_poll_window_is_refused(bad):
+    with pytest.raises(InvalidArgument, match="dma_poll_us"):
+        Machine(host_pages=64, device_pages=64, backend="cpu", dma_poll_us=bad)
