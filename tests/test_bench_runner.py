@@ -221,6 +221,7 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     printed = captured.out
     assert "Migration, faithful" in printed and "Migration, experiment settings" in printed
     assert "x ceiling" in printed and "DMA channels" in printed
+    assert doc["settings"]["dma_poll_us"] == 1000.0 and "DMA channels poll 1000 us" in printed
     assert "faithful batching + experiments: pipelined (16 batches/step" in captured.err
     # The written file re-renders and compares with itself without a regression.
     assert main(["report", str(out / "results.json"), str(out / "results.json")]) == 0
@@ -240,6 +241,33 @@ def test_quick_settings_can_be_overridden_from_the_command_line(tmp_path):
     assert doc["settings"]["sizes"] == [65536] and doc["settings"]["total_bytes"] == 1 << 20
     assert {s["kind"] for s in doc["scenarios"]} == {"migrate"}
     assert not list(out.glob("*.png"))
+
+
+def test_a_poll_window_is_a_recorded_setting(tmp_path, capsys, monkeypatch):
+    from dmamig.machine import Machine
+
+    made = []
+    real = Machine.__init__
+
+    def spy(self, *a, **kw):
+        made.append(kw.get("dma_poll_us"))
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(Machine, "__init__", spy)
+    out = tmp_path / "r"
+    assert main(["bench", "--quick", "--backend", "cpu", "--sizes", "4k", "--total", "1M", "--channels", "1",
+                 "--dma-poll-us", "0", "--no-engine", "--no-access", "--no-plots", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    check_results_schema(doc)
+    assert doc["settings"]["dma_poll_us"] == 0.0 and made and set(made) == {0.0}
+    assert "DMA channels sleep between jobs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "nan", "2e6", "²"])
+def test_a_bad_poll_window_is_a_usage_error(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--backend", "cpu", "--dma-poll-us", bad])
+    assert exc.value.code == 2 and "--dma-poll-us" in capsys.readouterr().err
 
 
 def test_machine_info_makes_device_descriptions_json():

@@ -21,6 +21,7 @@ __all__ = [
     "parse_folio_sizes",
     "parse_int_list",
     "parse_pipeline",
+    "parse_poll_us",
     "parse_size",
 ]
 
@@ -156,6 +157,26 @@ def parse_pipeline(text: str) -> list[int]:
     """
     return parse_int_list(text, "pipeline depth", 0, 8, "0,1")
 
+
+def parse_poll_us(text: str) -> float:
+    """Parse a DMA poll window in microseconds, 0 (channels sleep) to 1000000.
+
+    Raises
+    ------
+    ValueError
+        On anything but a plain decimal number in that range.
+    """
+    t = text.strip()
+    try:
+        if not t or not t.isascii() or t.lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
+            raise ValueError
+        value = float(t)
+    except ValueError:
+        raise ValueError(f"expected a number of microseconds from 0 to 1000000, e.g. 1000 (or 0: channels "
+                         f"sleep), got {text!r}") from None
+    if not 0 <= value <= 1e6:
+        raise ValueError(f"a poll window is 0 to 1000000 microseconds, got {text!r}")
+    return value
 
 
 def folio_order(folio_bytes: int) -> int:

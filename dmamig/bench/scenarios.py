@@ -124,6 +124,21 @@ class BenchSettings:
     pairs: bool = True
     pair_bytes: int = 32 << 20
     topology: str = "nvswitch"
+    dma_poll_us: float | None = None
+
+    def machine_poll(self) -> float | None:
+        """The ``dma_poll_us`` of a bench machine (``None`` on CUDA, which takes none)."""
+        return self.dma_poll_us if self.backend == "cpu" else None
+
+    def recorded_poll(self) -> float | None:
+        """The poll window the CPU machines run with, as results.json records it (``None`` on CUDA)."""
+        if self.backend != "cpu":
+            return None
+        from ..backends.cpu import CpuBackend
+        from ..backends.cpu_ring import RING_AVAILABLE
+
+        poll = CpuBackend.poll_us if self.dma_poll_us is None else self.dma_poll_us
+        return float(poll) if RING_AVAILABLE else 0.0
 
     def machine_topology(self, devices: int) -> Topology | None:
         """The topology of a bench machine with the first ``devices`` of the sweep's devices.
@@ -171,6 +186,7 @@ class BenchSettings:
             "pairs": self.pairs,
             "pair_bytes": self.pair_bytes,
             "topology": self.topology,
+            "dma_poll_us": self.recorded_poll(),
         }
 
 
