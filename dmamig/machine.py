@@ -107,11 +107,11 @@ class Machine(FrameOps, PageControls):
         measure staging on peer-capable GPUs), asking for peer access the GPUs lack is an error, and its link
         classes are not used.
     dma_poll_us : float, optional
-        CPU backend: microseconds a DMA channel's worker polls its doorbell, and a waiter its completion, before
-        sleeping (default :data:`~dmamig.backends.cpu.DEFAULT_POLL_US`). Polling is how a copy engine and the
-        kernel's ``dma_sync_wait()`` behave; ``0`` makes channels sleep between jobs, so that every submission
-        pays the host's thread wake-ups (an experiment setting). The CUDA backend waits on CUDA events and
-        accepts only the default.
+        Microseconds a wait for a DMA copy polls its completion before sleeping, as the kernel's
+        ``dma_sync_wait()`` polls a copy engine (default :data:`~dmamig.backends.base.DEFAULT_POLL_US`); on the
+        CPU backend a channel's worker also watches its doorbell that long after its last job, as a copy engine
+        does. ``0`` makes every wait sleep at once (CUDA: in ``eventSynchronize``) and CPU channels sleep
+        between jobs, so that each submission pays the host's thread wake-ups: an experiment setting.
     """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
@@ -146,10 +146,6 @@ class Machine(FrameOps, PageControls):
                                   f"for the default; got {dma_poll_us!r}")
         self._backend = open_backend(backend)
         if dma_poll_us is not None:
-            if not hasattr(self._backend, "poll_us"):
-                self._backend.close()
-                raise InvalidArgument(f"dma_poll_us is a CPU backend setting; the {self._backend.name} backend "
-                                      f"waits on CUDA events: leave it None")
             self._backend.poll_us = float(dma_poll_us)
         try:
             self._topology = resolve_topology(self._backend, int(devices), topology)
@@ -200,11 +196,9 @@ class Machine(FrameOps, PageControls):
     backend_name = property(lambda self: self._backend.name, doc='"cpu" or "cuda".')
 
     @property
-    def dma_poll_us(self) -> float | None:
-        """Microseconds the CPU backend's DMA channels and their waiters poll before sleeping; 0 when channels
-        sleep between jobs; ``None`` on the CUDA backend (it waits on CUDA events)."""
-        if not hasattr(self._backend, "poll_us"):
-            return None
+    def dma_poll_us(self) -> float:
+        """Microseconds a wait for a DMA copy polls before sleeping (and CPU channels watch their doorbells);
+        0 when waits sleep at once (and CPU channels between jobs, as where the polling loop cannot run)."""
         return float(self._backend.poll_us) if self._backend.polling else 0.0
     page_size = property(lambda self: self._page_size, doc="Bytes per base page.")
     nodes = property(lambda self: self._nodes, doc="Tuple of Node; nodes[0] is host RAM.")

@@ -221,7 +221,7 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     printed = captured.out
     assert "Migration, faithful" in printed and "Migration, experiment settings" in printed
     assert "x ceiling" in printed and "DMA channels" in printed
-    assert doc["settings"]["dma_poll_us"] == 1000.0 and "DMA channels poll 1000 us" in printed
+    assert doc["settings"]["dma_poll_us"] == 1000.0 and "DMA waits poll 1000 us" in printed
     assert "faithful batching + experiments: pipelined (16 batches/step" in captured.err
     # The written file re-renders and compares with itself without a regression.
     assert main(["report", str(out / "results.json"), str(out / "results.json")]) == 0
@@ -260,7 +260,7 @@ def test_a_poll_window_is_a_recorded_setting(tmp_path, capsys, monkeypatch):
     doc = json.loads((out / "results.json").read_text())
     check_results_schema(doc)
     assert doc["settings"]["dma_poll_us"] == 0.0 and made and set(made) == {0.0}
-    assert "DMA channels sleep between jobs" in capsys.readouterr().out
+    assert "DMA waits sleep at once" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bad", ["-1", "x", "nan", "2e6", "²"])

@@ -16,8 +16,8 @@ from support import WAIT, finish_within, rand
 
 from dmamig import DmaError, InvalidArgument, Machine
 from dmamig.backends import cpu_ring
-from dmamig.backends.base import ChannelWork
-from dmamig.backends.cpu import CpuBackend, CpuChannel, PollingCpuChannel
+from dmamig.backends.base import DEFAULT_POLL_US, ChannelWork
+from dmamig.backends.cpu import CpuChannel, PollingCpuChannel
 from dmamig.backends.cpu_kernels import aligned_zeros
 from dmamig.dma.plan import METHOD_GATHER, METHOD_MEMCPY
 
@@ -203,7 +203,7 @@ def test_the_machine_polls_by_default_and_can_sleep_instead():
     for poll, kind in ((None, PollingCpuChannel), (250, PollingCpuChannel), (0, CpuChannel)):
         m = Machine(host_pages=256, device_pages=256, backend="cpu", channels=2, dma_poll_us=poll)
         try:
-            assert m.dma_poll_us == (CpuBackend.poll_us if poll is None else poll)
+            assert m.dma_poll_us == (DEFAULT_POLL_US if poll is None else poll)
             mm = m.address_space()
             addr = mm.mmap(64 * m.page_size)
             data = rand(64 * m.page_size, 3)
@@ -212,7 +212,7 @@ def test_the_machine_polls_by_default_and_can_sleep_instead():
             assert type(m.dma._channels[0]) is kind
             np.testing.assert_array_equal(mm.read(addr, 64 * m.page_size), data)
             if kind is PollingCpuChannel:
-                assert m.dma._channels[0].poll_ns == int((poll or CpuBackend.poll_us) * 1000)
+                assert m.dma._channels[0].poll_ns == int((poll or DEFAULT_POLL_US) * 1000)
         finally:
             finish_within(m.close, "close")
 

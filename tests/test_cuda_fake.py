@@ -643,6 +643,28 @@ def test_wait_with_timeout_returns_false_until_the_stream_runs(gpu):
         assert fence.done and fence.wait(timeout=0.01) is True
 
 
+@pytest.mark.parametrize("poll_us", [0, 300_000])
+def test_a_wait_polls_the_events_for_the_poll_window_before_it_sleeps(gpu, poll_us):
+    b = backend_on(gpu)
+    b.poll_us = poll_us
+    nodes = make_nodes(b)
+    with engine_for(b, nodes) as engine:
+        gpu.auto = False
+        fence = engine.copy(np.arange(10), 64 + np.arange(10))
+        runner = threading.Timer(0.005, gpu.run)  # the copy finishes 5 ms later, well inside the window
+        runner.start()
+        gpu.log.clear()
+        assert fence.wait() is True
+        runner.join()
+        calls = [entry[0] for entry in gpu.log]
+        if poll_us:  # dma_sync_wait(): polled to completion, never slept
+            assert "eventQuery" in calls and "eventSynchronize" not in calls
+        else:  # no window: straight to the blocking wait
+            assert "eventSynchronize" in calls
+        np.testing.assert_array_equal(b.read_frames(nodes[1].frames, np.arange(10)),
+                                      b.read_frames(nodes[0].frames, np.arange(10)))
+
+
 def test_sticky_error_surfaces_from_a_timed_wait(gpu):
     # CuPy's Event.done is `eventQuery() == 0`: after a sticky error it stays False, and a timed wait would
     # return False forever. The error must come out instead, named.

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["CHANNEL_COUNTERS", "Backend", "ChannelWork", "Completion", "DeviceInfo", "DmaChannel", "route_counts"]
+__all__ = ["CHANNEL_COUNTERS", "DEFAULT_POLL_US", "Backend", "ChannelWork", "Completion", "DeviceInfo", "DmaChannel", "route_counts"]
 
 
 class DeviceInfo(dict):
@@ -68,6 +68,11 @@ class ChannelWork:
             return int(self.src_device)
         return 0
 
+
+#: Microseconds a waiter polls a DMA completion before it sleeps (and, on the CPU backend, a channel's worker its
+#: doorbell after its last job), as the kernel's ``dma_sync_wait()`` polls a copy engine: longer than the state
+#: work between two faithful batches (~70-100 us per 512 pages), short enough that an idle engine soon stops.
+DEFAULT_POLL_US = 1000.0
 
 #: Counters every channel keeps (``DmaChannel.counters``): calls issued, and device-to-device copies by route
 #: (``peer_*`` direct, ``staged_*`` through host memory; runs as planned, bytes copied between the devices).

@@ -24,15 +24,11 @@ import numpy as np
 
 from ..errors import DmaError
 from . import cpu_ring
-from .base import ChannelWork
+from .base import DEFAULT_POLL_US, ChannelWork
 from .cpu_channel import _FINISH, LIVENESS_PERIOD, CpuChannel
 
 __all__ = ["DEFAULT_POLL_US", "PollingCpuChannel"]
 
-#: Microseconds a polling worker watches its doorbell after its last job, and a waiter polls a completion,
-#: before sleeping: longer than the state work between two faithful batches (~70-100 us per 512 pages), so a
-#: migration's submissions meet a polling worker, and short enough that an idle engine soon stops spinning.
-DEFAULT_POLL_US = 1000.0
 #: In-flight job records kept before the finished ones are dropped (with the descriptor arrays they hold).
 _REAP_AFTER = 16
 

@@ -184,9 +184,9 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
                         f"(default nvswitch: every pair NVLink with peer access; dgx1 needs --devices 8); on cuda "
                         f"the runtime reports it")
     b.add_argument("--dma-poll-us", type=argtype(_poll_us), metavar="US",
-                   help="cpu backend: microseconds DMA channels (and their waiters) poll before sleeping (default "
-                        "1000, as a copy engine watches its doorbell and dma_sync_wait() polls); 0 makes channels "
-                        "sleep between jobs, so every submission pays the host's thread wake-ups (an experiment)")
+                   help="microseconds a wait for a DMA copy polls before sleeping, as dma_sync_wait() does (cpu: "
+                        "channel workers watch their doorbells as long); default 1000; 0 sleeps at once, so every "
+                        "copy pays the host's thread wake-ups (an experiment)")
     b.add_argument("--pair-total", type=argtype(_pair_total), metavar="SIZE",
                    help="working set of each device pair, whole 2 MiB folios (default 32M on cpu, 256M on cuda)")
     b.add_argument("--no-pairs", action="store_true",

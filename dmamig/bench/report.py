@@ -70,8 +70,7 @@ def _header(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     gpus = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
     poll = s.get("dma_poll_us")
-    channels = "" if poll is None else \
-        f" | DMA channels {f'poll {poll:g} us' if poll else 'sleep between jobs'}"
+    channels = "" if poll is None else f" | DMA waits {f'poll {poll:g} us' if poll else 'sleep at once'}"
     return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "
             f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)"
             + channels

@@ -102,6 +102,10 @@ class BenchSettings:
     topology : str
         Peer access and links between the devices: a preset of :meth:`~dmamig.Topology.preset` on the CPU
         backend (``nvswitch``, ``pcie``, ``two-socket``, ``dgx1``), ``"runtime"`` on CUDA (what the GPUs report).
+    dma_poll_us : float or None
+        How long a wait for a DMA copy (and a CPU channel's idle worker) polls before sleeping
+        (``Machine(dma_poll_us=)``); ``None`` is the machine's default, ``0`` sleeping at once. Recorded as the
+        value the machines used.
     """
 
     backend: str
@@ -127,18 +131,17 @@ class BenchSettings:
     dma_poll_us: float | None = None
 
     def machine_poll(self) -> float | None:
-        """The ``dma_poll_us`` of a bench machine (``None`` on CUDA, which takes none)."""
-        return self.dma_poll_us if self.backend == "cpu" else None
+        """The ``dma_poll_us`` of a bench machine (``None``: the machine's default)."""
+        return self.dma_poll_us
 
-    def recorded_poll(self) -> float | None:
-        """The poll window the CPU machines run with, as results.json records it (``None`` on CUDA)."""
-        if self.backend != "cpu":
-            return None
-        from ..backends.cpu import CpuBackend
+    def recorded_poll(self) -> float:
+        """The poll window the bench machines run with, as results.json records it."""
+        from ..backends.base import DEFAULT_POLL_US
         from ..backends.cpu_ring import RING_AVAILABLE
 
-        poll = CpuBackend.poll_us if self.dma_poll_us is None else self.dma_poll_us
-        return float(poll) if RING_AVAILABLE else 0.0
+        poll = DEFAULT_POLL_US if self.dma_poll_us is None else self.dma_poll_us
+        # CPU channels sleep where the polling loop cannot run (no numba, or no sched_yield).
+        return float(poll) if RING_AVAILABLE or self.backend != "cpu" else 0.0
 
     def machine_topology(self, devices: int) -> Topology | None:
         """The topology of a bench machine with the first ``devices`` of the sweep's devices.

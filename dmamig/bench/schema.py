@@ -247,9 +247,9 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "topology": {"type": "string",
                              "description": "Topology preset (cpu: nvswitch, pcie, two-socket, dgx1) or runtime "
                                             "(cuda)."},
-                "dma_poll_us": {"type": ["number", "null"], "minimum": 0,
-                                "description": "cpu: microseconds DMA channels and waiters poll before sleeping "
-                                               "(0: channels sleep between jobs); null on cuda."},
+                "dma_poll_us": {"type": "number", "minimum": 0,
+                                "description": "Microseconds a DMA wait (and a cpu channel's idle worker) polls "
+                                               "before sleeping; 0: they sleep at once."},
             },
         },
         "ceilings": {"type": "array", "items": _CEILING},

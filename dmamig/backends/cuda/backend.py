@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...errors import BackendUnavailable
-from ..base import ChannelWork, DeviceInfo
+from ..base import DEFAULT_POLL_US, ChannelWork, DeviceInfo
 from . import runtime
 from .batch import BATCH_COPY_ENV, _batch_copy_requested, _BatchCopy
 from .ceilings import CeilingMixin
@@ -48,6 +48,14 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
     """
 
     name = "cuda"
+    #: Microseconds a waiter polls a channel's CUDA events before sleeping in ``eventSynchronize`` (set by
+    #: :class:`~dmamig.machine.Machine`); 0: waits sleep at once.
+    poll_us: float = DEFAULT_POLL_US
+
+    @property
+    def polling(self) -> bool:
+        """Whether waits on new channels poll first (``poll_us > 0``)."""
+        return self.poll_us > 0
 
     def __init__(self, batch_copy: bool | None = None, cupy: Any = None) -> None:
         cp = cupy if cupy is not None else runtime._cupy()

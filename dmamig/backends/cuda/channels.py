@@ -59,6 +59,8 @@ class CudaChannel:
     """
 
     def __init__(self, index: int, backend: CudaBackend, device: int = 0):
+        #: Microseconds a waiter polls this channel's events before it sleeps in eventSynchronize.
+        self.poll_us = float(backend.poll_us)
         self.index = int(index)
         self.device = int(device)
         self._backend = backend
