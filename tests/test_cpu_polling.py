@@ -221,3 +221,26 @@ def test_the_machine_polls_by_default_and_can_sleep_instead():
 def test_a_bad_poll_window_is_refused(bad):
     with pytest.raises(InvalidArgument, match="dma_poll_us"):
         Machine(host_pages=64, device_pages=64, backend="cpu", dma_poll_us=bad)
+
+
+def test_close_with_a_full_ring_still_stops_the_worker(monkeypatch):
+    monkeypatch.setattr(cpu_ring, "CAPACITY", 4)
+    release = threading.Event()
+
+    class Held(PollingCpuChannel):
+        def _execute(self, w, fault=None):
+            assert release.wait(WAIT)
+            super()._execute(w, fault)
+
+    ch = Held(0, poll_us=100)
+    src, dst = frames(8, 13), frames(8, 14)
+    jobs = [ch.submit([work(src, dst, [i], [i], [1])]) for i in range(4)]  # the ring is full: no slot to stop
+    closer = threading.Thread(target=ch.close)
+    closer.start()
+    time.sleep(0.02)
+    assert closer.is_alive()  # close waits for the queued jobs
+    release.set()
+    closer.join(WAIT)
+    assert not closer.is_alive() and not ch.alive
+    assert all(c.done() and c.error is None for c in jobs)
+    np.testing.assert_array_equal(dst[:4], src[:4])

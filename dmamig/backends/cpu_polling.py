@@ -220,6 +220,8 @@ class PollingCpuChannel(CpuChannel):
                 with self._lock:
                     if ring.tail != ring.head:
                         continue
+                    if self._closed:  # closed with nothing left (a full ring had no slot for the stop request)
+                        return
                     self._idle = True
                 self._bell.acquire()
             else:  # a job for Python at the head
@@ -236,8 +238,8 @@ class PollingCpuChannel(CpuChannel):
         return self._ring.head >= self._ring.tail
 
     def _enqueue_stop(self) -> None:
-        # The caller holds self._lock. A full ring has no slot for the stop request: the jobs still queued are
-        # then failed by close's drain, once the worker is stopped some other way (it is a daemon thread).
+        # The caller holds self._lock. A full ring has no slot for the stop request: the worker then stops when it
+        # finds the ring empty and the channel closed.
         if self._ring.tail - self._ring.head < self._ring.capacity:
             seq = self._ring.publish(cpu_ring.JOB_PYTHON)
             self._jobs[seq] = None
