@@ -154,15 +154,24 @@ def test_sleeping_workers_and_waiters_wake(monkeypatch):
         finish_within(ch.close, "close")
 
 
-def test_a_wait_with_a_timeout_returns_false_while_the_job_is_held():
+class HeldChannel(PollingCpuChannel):
+    """A polling channel whose jobs wait for ``release`` before they copy (they run in Python)."""
+
+    release: threading.Event
+
+    def _execute(self, w, fault=None):
+        assert self.release.wait(WAIT)
+        super()._execute(w, fault)
+
+
+def held_channel(monkeypatch) -> tuple[HeldChannel, threading.Event]:
     release = threading.Event()
+    monkeypatch.setattr(HeldChannel, "release", release, raising=False)
+    return HeldChannel(0, poll_us=100), release
 
-    class Held(PollingCpuChannel):
-        def _execute(self, w, fault=None):
-            assert release.wait(WAIT)
-            super()._execute(w, fault)
 
-    ch = Held(0, poll_us=100)
+def test_a_wait_with_a_timeout_returns_false_while_the_job_is_held(monkeypatch):
+    ch, release = held_channel(monkeypatch)
     try:
         assert ch._compiled is False  # a customised _execute runs every job in Python
         src, dst = frames(8, 7), frames(8, 8)
@@ -225,14 +234,7 @@ def test_a_bad_poll_window_is_refused(bad):
 
 def test_close_with_a_full_ring_still_stops_the_worker(monkeypatch):
     monkeypatch.setattr(cpu_ring, "CAPACITY", 4)
-    release = threading.Event()
-
-    class Held(PollingCpuChannel):
-        def _execute(self, w, fault=None):
-            assert release.wait(WAIT)
-            super()._execute(w, fault)
-
-    ch = Held(0, poll_us=100)
+    ch, release = held_channel(monkeypatch)
     src, dst = frames(8, 13), frames(8, 14)
     jobs = [ch.submit([work(src, dst, [i], [i], [1])]) for i in range(4)]  # the ring is full: no slot to stop
     closer = threading.Thread(target=ch.close)

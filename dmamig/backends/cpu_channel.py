@@ -49,6 +49,20 @@ class ChannelCrash(BaseException):
 _FINISH = threading.Lock()
 
 
+def sleep_on_gate(gate: threading.Lock, channel: CpuChannel, deadline: float | None, done: Any) -> bool:
+    """Sleep on a job's ``gate`` until it opens (``True``) or ``deadline`` (``time.monotonic``) passes (then
+    ``done()``), waking every LIVENESS_PERIOD to look at the worker: a dead worker never opens the gate, and
+    its channel's revival fails (or restarts) what it held."""
+    while True:
+        period = LIVENESS_PERIOD if deadline is None else min(LIVENESS_PERIOD, max(0.0, deadline - time.monotonic()))
+        if gate.acquire(timeout=period):
+            gate.release()  # open for the next waiter too
+            return True
+        channel.revive()
+        if deadline is not None and time.monotonic() >= deadline:
+            return done()
+
+
 class _ThreadCompletion:
     """Completion of one channel job: a lock held until the job finishes, plus the error it raised, if any.
 
@@ -69,20 +83,10 @@ class _ThreadCompletion:
         return self._done
 
     def wait(self, timeout: float | None = None) -> bool:
-        # Sleep on the gate, waking every LIVENESS_PERIOD to look at the worker: a dead worker never opens
-        # it, and its channel's revival fails (or restarts) what it held.
         if self._done:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            period = LIVENESS_PERIOD if deadline is None else min(LIVENESS_PERIOD,
-                                                                  max(0.0, deadline - time.monotonic()))
-            if self._gate.acquire(timeout=period):
-                self._gate.release()  # open for the next waiter too
-                return True
-            self._channel.revive()
-            if deadline is not None and time.monotonic() >= deadline:
-                return self._done
+        return sleep_on_gate(self._gate, self._channel, deadline, self.done)
 
     def _finish(self, error: BaseException | None) -> None:
         with _FINISH:

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import DmaError
 from . import cpu_ring
 from .base import DEFAULT_POLL_US, ChannelWork
-from .cpu_channel import _FINISH, LIVENESS_PERIOD, CpuChannel
+from .cpu_channel import _FINISH, LIVENESS_PERIOD, CpuChannel, sleep_on_gate
 
 __all__ = ["DEFAULT_POLL_US", "PollingCpuChannel"]
 
@@ -59,22 +59,12 @@ class _RingCompletion:
         if timeout is not None and timeout <= 0:
             return False
         ch = self._channel
+        deadline = None if timeout is None else time.monotonic() + timeout
         budget = ch.poll_ns if timeout is None else min(ch.poll_ns, int(timeout * 1e9))
         if budget > 0 and ch._ring.poll(self.seq, budget):
             return True
-        # Past the poll window: sleep on a gate that the worker opens, waking every LIVENESS_PERIOD to look at
-        # the worker (a dead one never opens it; its channel's revival fails or restarts what it held).
-        deadline = None if timeout is None else time.monotonic() + timeout
-        gate = ch._gate_for(self.seq)
-        while True:
-            period = LIVENESS_PERIOD if deadline is None else min(LIVENESS_PERIOD,
-                                                                  max(0.0, deadline - time.monotonic()))
-            if gate.acquire(timeout=period):
-                gate.release()  # open for the next waiter too
-                return True
-            ch.revive()
-            if deadline is not None and time.monotonic() >= deadline:
-                return self.done()
+        # Past the poll window: sleep on a gate that the worker opens.
+        return sleep_on_gate(ch._gate_for(self.seq), ch, deadline, self.done)
 
     def _finish(self, error: BaseException | None) -> None:
         """Finish this job from Python (a Python job, or one failed by a dead, broken or closed channel)."""
