@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from support import WAIT, finish_within, rand
 
-from dmamig import DmaError, InvalidArgument, Machine
+from dmamig import DmaError, FaultAttr, InvalidArgument, Machine
 from dmamig.backends import cpu_ring
 from dmamig.backends.base import DEFAULT_POLL_US, ChannelWork
 from dmamig.backends.cpu import CpuChannel, PollingCpuChannel
@@ -246,3 +246,36 @@ def test_close_with_a_full_ring_still_stops_the_worker(monkeypatch):
     assert not closer.is_alive() and not ch.alive
     assert all(c.done() and c.error is None for c in jobs)
     np.testing.assert_array_equal(dst[:4], src[:4])
+
+
+def test_the_engine_plans_straight_into_descriptors_with_the_general_path_s_counts(monkeypatch):
+    m = Machine(host_pages=512, device_pages=512, backend="cpu", channels=2)
+    try:
+        calls = []
+        real = PollingCpuChannel.submit_descriptors
+
+        def spy(self, desc, launches, n_calls):
+            calls.append(self.index)
+            return real(self, desc, launches, n_calls)
+
+        monkeypatch.setattr(PollingCpuChannel, "submit_descriptors", spy)
+        src = np.concatenate([np.arange(0, 200), np.arange(300, 400, 2)])  # long runs and single pages
+        data = rand(src.size * m.page_size, 4).reshape(src.size, -1)
+        m.write_pfns(src, data)
+
+        def copied() -> list[dict[str, int]]:
+            before = [dict(ch.counters) for ch in m.dma._channels]
+            m.dma.copy(src, 512 + src).wait(WAIT)
+            np.testing.assert_array_equal(m.read_pfns(512 + src), data)
+            return [{k: ch.counters[k] - b[k] for k in b} for ch, b in zip(m.dma._channels, before)]
+
+        m.dma.faults["dma_copy"] = FaultAttr(probability=0.0)  # a fault point armed: the general path
+        general = copied()
+        assert calls == []
+        del m.dma.faults["dma_copy"]
+        calls.clear()
+        planned = copied()
+        assert calls == [0, 1]  # one planned job per channel
+        assert planned == general and sum(d["kernel_launches"] + d["memcpy_calls"] for d in planned) > 0
+    finally:
+        finish_within(m.close, "close")

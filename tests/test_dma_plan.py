@@ -349,3 +349,37 @@ def test_compiled_plan_equals_the_numpy_reference(sub):
     for name in ("src_node", "dst_node", "src_start", "dst_start", "npages", "channel", "method", "seg_start",
                  "seg_end"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(submissions())
+def test_planned_descriptors_are_the_plan_run_for_run(sub):
+    """The CPU polling channels' one-call planner (plan + descriptor rows) gives the planner's runs, channel by
+    channel, and the counters a channel would count for them."""
+    from dmamig.backends import cpu_ring
+    from dmamig.dma.copy_plan import METHOD_GATHER as GATHER
+
+    if not cpu_ring.RING_AVAILABLE:
+        pytest.skip(cpu_ring.RING_ERROR)
+    sn, si, dn, di, channels, opts, _batch = sub
+    sn, dn = np.full_like(sn, sn[0]), np.full_like(dn, dn[0])
+    want = plan_copy(sn, si, dn, di, channels=channels, options=opts)
+    page = 64
+    src = np.zeros((int(si.max()) + 1, page), dtype=np.uint8)
+    dst = np.zeros((int(di.max()) + 1, page), dtype=np.uint8)
+    base_s, base_d = 1000, 5000
+    got = cpu_ring.plan_descriptors(src, dst, si.astype(np.int64) + base_s, di.astype(np.int64) + base_d, base_s,
+                                    base_d, channels, opts)
+    assert got.nr_runs == want.nr_runs
+    for c in range(channels):
+        a, b = got.bounds[c], got.bounds[c + 1]
+        mine = want.channel == c
+        assert np.array_equal(got.dst_start[a:b], want.dst_start[mine])
+        assert np.array_equal(got.npages[a:b], want.npages[mine])
+        rows = got.desc[a:b]
+        assert np.array_equal(rows[:, 0], src.ctypes.data + want.src_start[mine] * page)
+        assert np.array_equal(rows[:, 1], dst.ctypes.data + want.dst_start[mine] * page)
+        assert np.array_equal(rows[:, 2], want.npages[mine] * page)
+        gather = want.method[mine] == GATHER
+        segs = [s for s in want.segments() if s.channel == c and s.method == GATHER]
+        assert got.launches[c] == len(segs) and got.calls[c] == int((~gather).sum())

@@ -12,7 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["CHANNEL_COUNTERS", "DEFAULT_POLL_US", "Backend", "ChannelWork", "Completion", "DeviceInfo", "DmaChannel", "route_counts"]
+__all__ = ["CHANNEL_COUNTERS", "DEFAULT_POLL_US", "Backend", "ChannelWork", "Completion", "DeviceInfo", "DmaChannel", "exec_device",
+           "route_counts"]
 
 
 class DeviceInfo(dict):
@@ -60,13 +61,18 @@ class ChannelWork:
 
     @property
     def exec_device(self) -> int:
-        """The device whose channels run this work: the destination's GPU where there is one (a DMA engine pushes
-        writes), else the source's; copies between host nodes go to device 0's channels."""
-        if self.dst_kind == "device":
-            return int(self.dst_device)
-        if self.src_kind == "device":
-            return int(self.src_device)
-        return 0
+        """The device whose channels run this work (see :func:`exec_device`)."""
+        return exec_device(self.src_kind, self.src_device, self.dst_kind, self.dst_device)
+
+
+def exec_device(src_kind: str, src_device: int, dst_kind: str, dst_device: int) -> int:
+    """The device whose channels run a copy: the destination's GPU where there is one (a DMA engine pushes
+    writes), else the source's; copies between host nodes go to device 0's channels."""
+    if dst_kind == "device":
+        return int(dst_device)
+    if src_kind == "device":
+        return int(src_device)
+    return 0
 
 
 #: Microseconds a waiter polls a DMA completion before it sleeps (and, on the CPU backend, a channel's worker its

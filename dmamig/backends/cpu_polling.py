@@ -116,11 +116,26 @@ class PollingCpuChannel(CpuChannel):
         with self._lock:
             return self._busy + self._ring.busy_ns / 1e9
 
+    @property
+    def takes_descriptors(self) -> bool:
+        """Whether :meth:`submit_descriptors` runs here (plain copies run in the compiled loop)."""
+        return self._compiled
+
     def submit(self, work: list[ChannelWork], fault: str | None = None) -> _RingCompletion:
         """Publish ``work`` on the ring and return its completion immediately (see :meth:`CpuChannel.submit`)."""
+        desc = self._descriptors(work) if fault is None and self._compiled else None
+        counts = [(w, 1, int(w.npages.size)) for w in work] if desc is not None else []
+        return self._enqueue(desc, work, fault, counts)
+
+    def submit_descriptors(self, desc: np.ndarray, launches: int, calls: int) -> _RingCompletion:
+        """Publish a planned copy job (rows of :func:`~dmamig.backends.cpu_ring.plan_descriptors`) between host
+        and device nodes; ``launches`` and ``calls`` are its gather segments and memcpy runs, for the counters."""
+        return self._enqueue(desc, [], None, [(None, launches, calls)])
+
+    def _enqueue(self, desc: np.ndarray | None, work: list[ChannelWork], fault: str | None,
+                 counts: list[tuple[ChannelWork | None, int, int]]) -> _RingCompletion:
         if not self._thread.is_alive():
             self.revive()
-        desc = self._descriptors(work) if fault is None and self._compiled else None
         ring = self._ring
         while True:
             with self._lock:
@@ -137,9 +152,12 @@ class PollingCpuChannel(CpuChannel):
                     completion = _RingCompletion(self, seq)
                     self._jobs[seq] = (work, completion, fault, desc)
                     self._order.append(seq)
-                    if desc is not None:
-                        for w in work:
-                            self._count(w, 1, int(w.npages.size))
+                    for w, launches, calls in counts:
+                        if w is None:  # planned descriptors: never between devices
+                            self._counters["kernel_launches"] += launches
+                            self._counters["memcpy_calls"] += calls
+                        else:
+                            self._count(w, launches, calls)
                     self._ring_bell()
                     return completion
                 self._reap()

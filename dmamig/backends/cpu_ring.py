@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .cpu_kernels import HAVE_NUMBA
 
 __all__ = ["CAPACITY", "DESC_STREAM", "JOB_COPY", "JOB_PYTHON", "RING_AVAILABLE", "RING_ERROR", "SERVE_IDLE",
-           "SERVE_PYTHON", "SERVE_WAKE", "Ring"]
+           "SERVE_PYTHON", "SERVE_WAKE", "PlannedCopy", "Ring", "descriptors", "plan_descriptors", "warm_up"]
 
 #: Job ring slots: a submitter finding the ring full waits for the oldest job.
 CAPACITY = 1024
@@ -53,8 +54,11 @@ SERVE_IDLE, SERVE_PYTHON, SERVE_WAKE = 0, 1, 2
 # cache line.
 TAIL, HEAD, SLEEPERS, BUSY_NS = 0, 8, 16, 24
 _CTL_WORDS = 32
-#: Spins between two looks at the clock (and two ``sched_yield`` calls): a few microseconds.
-_SPINS_PER_YIELD = 64
+#: Spins between two ``sched_yield`` calls: a poller that shares a CPU with a thread that has work (the
+#: migrating thread, another channel) gives it back within about a microsecond.
+_SPINS_PER_YIELD = 4
+#: Spins between two looks at the clock (the end of the poll window): a few microseconds.
+_SPINS_PER_CLOCK = 64
 _CLOCK_MONOTONIC = 1 if platform.system() == "Linux" else 6  # CLOCK_MONOTONIC on Linux; on macOS it is 6
 
 RING_ERROR: str | None = None
@@ -74,6 +78,7 @@ if RING_AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    from ..dma import plan_kernels
     from .cpu_kernels import _memcpy, _store_fence, _stream64
 
     _X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -181,8 +186,8 @@ if RING_AVAILABLE:
                 spins += 1
                 if spins % _SPINS_PER_YIELD == 0:
                     _sched_yield()
-                    if _now_ns(ts) - idle_since >= idle_ns:
-                        return SERVE_IDLE
+                if spins % _SPINS_PER_CLOCK == 0 and _now_ns(ts) - idle_since >= idle_ns:
+                    return SERVE_IDLE
                 continue
             slot = head % capacity
             if jobs[slot, 0] != JOB_COPY:
@@ -208,8 +213,8 @@ if RING_AVAILABLE:
             spins += 1
             if spins % _SPINS_PER_YIELD == 0:
                 _sched_yield()
-                if _now_ns(ts) - start >= budget_ns:
-                    return False
+            if spins % _SPINS_PER_CLOCK == 0 and _now_ns(ts) - start >= budget_ns:
+                return False
         return True
 
     @njit(nogil=True, cache=True)
@@ -244,6 +249,45 @@ if RING_AVAILABLE:
     @njit(nogil=True, cache=True)
     def _publish_desc(ctl, jobs, kind, desc):  # pragma: no cover - compiled
         return _publish(ctl, jobs, kind, desc.ctypes.data, desc.shape[0])
+
+    @njit(nogil=True, cache=True)
+    def _in_order(a):  # pragma: no cover - compiled
+        for i in range(1, a.shape[0]):
+            if a[i] < a[i - 1]:
+                return False
+        return True
+
+    @njit(nogil=True, cache=True)
+    def _plan_descriptors(src_pfns, dst_pfns, src_base, dst_base, channels, split_min, large_fraction, memcpy_min,
+                          src, dst, desc, run_dst, run_np, per_channel):  # pragma: no cover - compiled
+        n = src_pfns.shape[0]
+        src_idx = src_pfns - src_base
+        dst_idx = dst_pfns - dst_base
+        run_src = np.empty(n, dtype=np.int64)
+        run_ch = np.empty(n, dtype=np.int64)
+        run_m = np.empty(n, dtype=np.int8)
+        seg = np.empty(n + 1, dtype=np.int64)
+        nr, nseg = plan_kernels.plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min,
+                                          False, 0, run_src, run_dst, run_np, run_ch, run_m, seg)
+        _fill(desc, 0, src, dst, run_src[:nr], run_dst[:nr], run_np[:nr])
+        # Per channel: first run, gather segments (one kernel launch each), memcpy runs (one call each).
+        for c in range(channels):
+            per_channel[c, 0] = nr
+            per_channel[c, 1] = 0
+            per_channel[c, 2] = 0
+        for k in range(nseg - 1, -1, -1):
+            a = seg[k]
+            b = seg[k + 1]
+            c = run_ch[a]
+            per_channel[c, 0] = a
+            if run_m[a] == plan_kernels._GATHER:
+                per_channel[c, 1] += 1
+            else:
+                per_channel[c, 2] += b - a
+        for c in range(channels - 2, -1, -1):  # channels without runs start where the next one does
+            if per_channel[c, 0] > per_channel[c + 1, 0]:
+                per_channel[c, 0] = per_channel[c + 1, 0]
+        return nr
 
 class Ring:
     """One channel's ring: the shared words, the job slots, and typed calls into the compiled loops.
@@ -330,6 +374,60 @@ def descriptors(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
         _fill(desc, at, src, dst, s, d, n)
         at += int(n.shape[0])
     return desc
+
+
+class PlannedCopy(NamedTuple):
+    """A one-node-pair submission planned straight into descriptor rows (:func:`plan_descriptors`).
+
+    Attributes
+    ----------
+    desc : numpy.ndarray
+        ``(nr_runs, 4)`` descriptor rows, ordered by channel.
+    dst_start, npages : numpy.ndarray
+        Destination frame index and pages of each run (what a failed share names).
+    bounds : list of int
+        Channel ``c`` takes runs ``bounds[c]:bounds[c + 1]``.
+    launches, calls : list of int
+        Per channel, gather segments (kernel launches) and memcpy runs (calls), for the channel counters.
+    """
+
+    desc: np.ndarray
+    dst_start: np.ndarray
+    npages: np.ndarray
+    bounds: list[int]
+    launches: list[int]
+    calls: list[int]
+
+    @property
+    def nr_runs(self) -> int:
+        """Runs planned."""
+        return int(self.npages.size)
+
+
+def plan_descriptors(src: np.ndarray, dst: np.ndarray, src_pfns: np.ndarray, dst_pfns: np.ndarray,
+                     src_base: int, dst_base: int, channels: int, options: Any) -> PlannedCopy:
+    """Plan pages ``src[src_pfns[i] - src_base] -> dst[dst_pfns[i] - dst_base]`` over ``channels`` and write the
+    descriptor rows, in one compiled call.
+
+    The pages are put in source order (stably) as :func:`~dmamig.dma.plan.plan_one_pair` does, then planned by
+    :func:`dmamig.dma.plan_kernels.plan_runs`, the planner's compiled pass (coalesce, split, balance, order by
+    channel), with ``options`` a :class:`~dmamig.dma.plan.PlanOptions` (batched copies never apply on the CPU).
+    ``src_pfns`` and ``dst_pfns`` are validated int64 arrays.
+    """
+    n = int(src_pfns.shape[0])
+    if not _in_order(src_pfns):  # source order first, stably (what sort_pages gives the planner)
+        order = np.argsort(src_pfns, kind="stable")
+        src_pfns, dst_pfns = src_pfns[order], dst_pfns[order]
+    desc = np.empty((n, 4), dtype=np.int64)
+    run_dst = np.empty(n, dtype=np.int64)
+    run_np = np.empty(n, dtype=np.int64)
+    per_channel = np.empty((int(channels), 3), dtype=np.int64)
+    nr = int(_plan_descriptors(src_pfns, dst_pfns, int(src_base), int(dst_base), int(channels),
+                               int(options.split_min_pages), float(options.large_run_fraction),
+                               int(options.memcpy_min_pages), src, dst, desc, run_dst, run_np, per_channel))
+    table = per_channel.tolist()
+    return PlannedCopy(desc[:nr], run_dst[:nr], run_np[:nr], [row[0] for row in table] + [nr],
+                       [row[1] for row in table], [row[2] for row in table])
 
 
 def warm_up() -> None:

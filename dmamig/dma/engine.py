@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import ChannelWork, Completion
+from ..backends.base import ChannelWork, Completion, exec_device
 from ..errors import DmaError, InvalidArgument
 from ..fault import FaultPoints
 from ..topology import ROUTE_STAGED, Topology, node_routes
@@ -96,6 +96,8 @@ class DmaEngine:
             raise InvalidArgument("nodes must be given in increasing base_pfn order")
         self._lock = threading.Lock()
         self._closed = False
+        self._batch_available = bool(getattr(backend, "batch_copy_available", False))
+        self._takes_descriptors: dict[int, bool] = {}  # per open lane: its channels take planned descriptors
         self.faults = faults if faults is not None else FaultPoints()
         # Told the destination pfns of every submission before it is queued (the machine records that their
         # content changes, so a NO_COPY migration can tell a current copy from a stale one).
@@ -211,7 +213,7 @@ class DmaEngine:
         return bisect.bisect_right(self._base_list, pfn) - 1  # the last node whose base is <= pfn
 
     def _plan(self, src: np.ndarray, dst: np.ndarray, bounds: tuple[int, ...] | None = None) -> CopyPlan:
-        batch = bool(getattr(self.backend, "batch_copy_available", False))
+        batch = self._batch_available
         # One source node and one destination node (every migration batch): the ends of each range tell.
         s_lo, s_hi, d_lo, d_hi = bounds if bounds is not None else \
             (int(src.min()), int(src.max()), int(dst.min()), int(dst.max()))
@@ -252,7 +254,8 @@ class DmaEngine:
         src, dst, bounds = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
         if src.size == 0:
             return DONE
-        plan = self._plan(src, dst, bounds)
+        planned = self._plan_descriptors(src, dst, bounds)
+        plan = self._plan(src, dst, bounds) if planned is None else None
         if self._on_submit is not None:
             self._on_submit(dst)
         # Submission happens under the engine lock so that close() cannot slip between the check and the
@@ -265,8 +268,12 @@ class DmaEngine:
             self._stats.submissions += 1
             self._stats.pages += int(src.size)
             self._stats.bytes += int(src.size) * self.page_size
-            self._stats.runs += plan.nr_runs
-            completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
+            if planned is not None:
+                self._stats.runs += planned[0].nr_runs
+                completions, error, share_runs = self._submit_planned(*planned)
+            else:
+                self._stats.runs += plan.nr_runs
+                completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
             if error is not None:
                 self._stats.errors += 1
             fence = Fence(completions, error, self, seq, share_runs)
@@ -274,6 +281,49 @@ class DmaEngine:
                 self._pending = [f for f in self._pending if not f.done]
             self._pending.append(fence)
         return fence
+
+    def _plan_descriptors(self, src: np.ndarray, dst: np.ndarray, bounds: tuple[int, ...]) -> Any:
+        """Plan straight into channel descriptors where the lane's channels take them (CPU polling channels),
+        for one node pair that is not two devices and with no fault point armed; else ``None``.
+
+        Returns ``(PlannedCopy, lane, destination node)``. The plan is the planner's own compiled pass, so the
+        runs are those :meth:`_plan` makes; only the ChannelWork objects and per-share descriptor building
+        are skipped: a 512-page batch's submission in one compiled call.
+        """
+        if self.faults.armed or self._batch_available:
+            return None
+        s_lo, s_hi, d_lo, d_hi = bounds
+        sn, dn = self._node_of(s_lo), self._node_of(d_lo)
+        s, d = self.nodes[sn], self.nodes[dn]
+        if sn != self._node_of(s_hi) or dn != self._node_of(d_hi) or s.kind == d.kind == "device":
+            return None
+        # Only a lane already open (lanes open under the lock): its first submission takes the general path.
+        key = exec_device(s.kind, s.device, d.kind, d.device) if self._per_device else 0
+        lane = self._lanes.get(key)
+        if lane is None:
+            return None
+        takes = self._takes_descriptors.get(key)
+        if takes is None:
+            takes = self._takes_descriptors[key] = all(getattr(ch, "takes_descriptors", False) for ch in lane)
+        if not takes:
+            return None
+        from ..backends.cpu_ring import plan_descriptors
+
+        planned = plan_descriptors(s.frames, d.frames, src, dst, self._base_list[sn], self._base_list[dn],
+                                   self.channels, self.options)
+        return planned, lane, d
+
+    def _submit_planned(self, planned: Any, lane: list[Any], d: Any) -> tuple[list[Completion], None, list]:
+        """Publish each channel's rows of a planned submission (the caller holds the lock)."""
+        completions, share_runs = [], []
+        b = planned.bounds
+        for c, ch in enumerate(lane):
+            if b[c] == b[c + 1]:
+                continue
+            completions.append(ch.submit_descriptors(planned.desc[b[c]:b[c + 1]], planned.launches[c],
+                                                     planned.calls[c]))
+            share_runs.append([(d.base_pfn, planned.dst_start[b[c]:b[c + 1]], planned.npages[b[c]:b[c + 1]])])
+        return completions, None, share_runs
 
     def _submit(self, plan: CopyPlan, seq: int,
                 nbytes: int) -> tuple[list[Completion], DmaError | None, list[list[tuple[int, Any, Any]]]]:
