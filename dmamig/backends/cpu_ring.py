@@ -6,8 +6,10 @@ cannot be that engine on a VM, where every wake-up costs tens of microseconds (a
 reference machine: more than a 4K batch's whole state work), twice per submission. So a polling channel's worker
 stays in the compiled loop :func:`serve` between jobs, watching the ring, and a waiter polls the completion word
 with :func:`poll_done`; both sleep in the kernel only after a bounded poll window, so an idle engine costs
-nothing. Spinning yields the CPU (``sched_yield``) every few microseconds, so a poller never starves the
-migrating thread of a core it shares.
+nothing. Spinning yields the CPU (``sched_yield``) every few spins, but a scheduler still shares a CPU fairly
+between a poller and a busy thread (EEVDF does not hand a yielded CPU to a thread that has had more than its
+share): where pollers outnumber the spare CPUs, as two channels beside the migrating thread on two vCPUs, they
+take some of its time while a migration runs.
 
 The shared state is one int64 array ``ctl`` (each word on its own cache line) and a job ring ``jobs`` of
 ``(kind, descriptor address, descriptor count, 0)`` rows. Job ``s`` sits in slot ``s % capacity``:
@@ -55,7 +57,7 @@ SERVE_IDLE, SERVE_PYTHON, SERVE_WAKE = 0, 1, 2
 TAIL, HEAD, SLEEPERS, BUSY_NS = 0, 8, 16, 24
 _CTL_WORDS = 32
 #: Spins between two ``sched_yield`` calls: a poller that shares a CPU with a thread that has work (the
-#: migrating thread, another channel) gives it back within about a microsecond.
+#: migrating thread, another channel) offers it back within about a microsecond.
 _SPINS_PER_YIELD = 4
 #: Spins between two looks at the clock (the end of the poll window): a few microseconds.
 _SPINS_PER_CLOCK = 64
@@ -415,6 +417,8 @@ def plan_descriptors(src: np.ndarray, dst: np.ndarray, src_pfns: np.ndarray, dst
     ``src_pfns`` and ``dst_pfns`` are validated int64 arrays.
     """
     n = int(src_pfns.shape[0])
+    if not (src_pfns.flags.c_contiguous and dst_pfns.flags.c_contiguous):  # one compiled signature only
+        src_pfns, dst_pfns = np.ascontiguousarray(src_pfns), np.ascontiguousarray(dst_pfns)
     if not _in_order(src_pfns):  # source order first, stably (what sort_pages gives the planner)
         order = np.argsort(src_pfns, kind="stable")
         src_pfns, dst_pfns = src_pfns[order], dst_pfns[order]

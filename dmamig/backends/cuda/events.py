@@ -152,6 +152,7 @@ class _CudaCompletion:
         """
         if self._settled:
             return True
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         # First poll the events for the channel's poll window, as dma_sync_wait() polls a copy engine: a
         # blocking-sync event costs an OS wake-up on completion, several times a short copy on some hosts.
         poll_s = self._channel.poll_us / 1e6
@@ -181,7 +182,6 @@ class _CudaCompletion:
                     self._pending = []
             self._settle()
             return True
-        deadline = time.monotonic() + max(0.0, float(timeout))
         delay = 50e-6
         while not self._poll():
             remaining = deadline - time.monotonic()
