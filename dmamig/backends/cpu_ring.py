@@ -22,23 +22,17 @@ The shared state is one int64 array ``ctl`` (each word on its own cache line) an
   waiter fences between announcing itself and re-reading ``HEAD``), and returns to Python to wake them.
 * ``BUSY_NS``: nanoseconds the worker has spent copying.
 
-Descriptors are ``(source address, destination address, bytes, flags)`` rows; flag :data:`DESC_STREAM` copies
-with streaming stores (the DMA kernel of :mod:`~dmamig.backends.cpu_kernels`), else with ``memcpy``. The arrays
-the addresses point into are kept alive by the channel until the job is complete.
-
-Linux and macOS (the loops call libc's ``sched_yield`` and ``clock_gettime``) with numba; elsewhere
-:data:`RING_AVAILABLE` is False and channels sleep between jobs.
+Descriptors are the rows of :mod:`dmamig.backends.cpu_descriptors`; the arrays their addresses point into are
+kept alive by the channel until the job is complete. The loops are built on :mod:`dmamig.backends.cpu_spin`:
+Linux and macOS with numba; elsewhere :data:`RING_AVAILABLE` is False and channels sleep between jobs.
 """
 
 from __future__ import annotations
 
-import ctypes
-import platform
-from typing import Any, NamedTuple
-
 import numpy as np
 
-from .cpu_kernels import HAVE_NUMBA
+from .cpu_descriptors import DESC_STREAM, PlannedCopy, descriptors, plan_descriptors
+from .cpu_spin import SPIN_AVAILABLE, SPIN_ERROR
 
 __all__ = ["CAPACITY", "DESC_STREAM", "JOB_COPY", "JOB_PYTHON", "RING_AVAILABLE", "RING_ERROR", "SERVE_IDLE",
            "SERVE_PYTHON", "SERVE_WAKE", "PlannedCopy", "Ring", "descriptors", "plan_descriptors", "warm_up"]
@@ -48,8 +42,6 @@ CAPACITY = 1024
 #: Job kinds: copies the compiled loop runs itself, and jobs it hands back to Python (faults, staged copies,
 #: the stop request, channels whose jobs are customised).
 JOB_COPY, JOB_PYTHON = 1, 2
-#: Descriptor flag: copy with streaming stores.
-DESC_STREAM = 1
 #: Why :func:`serve` returned: the idle window passed, a Python job is at the head, a sleeping waiter needs waking.
 SERVE_IDLE, SERVE_PYTHON, SERVE_WAKE = 0, 1, 2
 # Word indexes in ctl: 8 words (64 bytes) apart, so that the submitter's and the worker's words never share a
@@ -61,119 +53,19 @@ _CTL_WORDS = 32
 _SPINS_PER_YIELD = 4
 #: Spins between two looks at the clock (the end of the poll window): a few microseconds.
 _SPINS_PER_CLOCK = 64
-_CLOCK_MONOTONIC = 1 if platform.system() == "Linux" else 6  # CLOCK_MONOTONIC on Linux; on macOS it is 6
 
-RING_ERROR: str | None = None
-if platform.system() not in ("Linux", "Darwin"):  # pragma: no cover - Windows
-    RING_ERROR = f"the loops call libc's sched_yield and clock_gettime, which {platform.system()} lacks"
-if not HAVE_NUMBA:  # pragma: no cover - installs without numba
-    RING_ERROR = "numba is not importable"
-if ctypes.sizeof(ctypes.c_void_p) != 8:  # pragma: no cover
-    RING_ERROR = "a 64-bit Python is needed"
+#: Why polling channels cannot run here (``None`` where they can).
+RING_ERROR: str | None = SPIN_ERROR
 #: Whether polling channels can run here.
-RING_AVAILABLE = RING_ERROR is None
+RING_AVAILABLE = SPIN_AVAILABLE
 
 
 if RING_AVAILABLE:
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
+    from numba import njit
 
-    from ..dma import plan_kernels
-    from .cpu_kernels import _memcpy, _store_fence, _stream64
-
-    _X86 = platform.machine().lower() in ("x86_64", "amd64")
-
-    @intrinsic
-    def _load_acquire(typingctx, addr):
-        """An acquire load of the int64 at ``addr`` (never hoisted out of a polling loop)."""
-        sig = types.int64(types.intp)
-
-        def codegen(context, builder, signature, args):
-            return builder.load_atomic(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), "acquire", 8)
-
-        return sig, codegen
-
-    @intrinsic
-    def _store_release(typingctx, addr, value):
-        """A release store of ``value`` to the int64 at ``addr``: every earlier write is visible before it."""
-        sig = types.void(types.intp, types.int64)
-
-        def codegen(context, builder, signature, args):
-            ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
-            builder.store_atomic(args[1], ptr, "release", 8)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _load_plain(typingctx, addr):
-        """A plain load of the int64 at ``addr`` (descriptor words, published before the job's release)."""
-        sig = types.int64(types.intp)
-
-        def codegen(context, builder, signature, args):
-            return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), align=8)
-
-        return sig, codegen
-
-    @intrinsic
-    def _cpu_relax(typingctx):
-        """``cpu_relax()``: the x86 PAUSE hint inside a spin loop (nothing elsewhere)."""
-        sig = types.void()
-
-        def codegen(context, builder, signature, args):
-            if _X86:
-                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                    "llvm.x86.sse2.pause")
-                builder.call(fn, [])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _sched_yield(typingctx):
-        """libc's ``sched_yield()``: let another thread that is ready to run have this CPU."""
-        sig = types.void()
-
-        def codegen(context, builder, signature, args):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
-            builder.call(fn, [])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _clock_gettime(typingctx, clock, timespec):
-        """libc's ``clock_gettime(clock, timespec)``, the timespec given by address."""
-        sig = types.void(types.int32, types.intp)
-
-        def codegen(context, builder, signature, args):
-            fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32), ir.IntType(8).as_pointer()])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "clock_gettime")
-            builder.call(fn, [args[0], builder.inttoptr(args[1], ir.IntType(8).as_pointer())])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @njit(nogil=True, cache=True)
-    def _now_ns(ts):  # pragma: no cover - compiled
-        _clock_gettime(np.int32(_CLOCK_MONOTONIC), ts.ctypes.data)
-        return ts[0] * 1_000_000_000 + ts[1]
-
-    @njit(nogil=True, cache=True)
-    def _run_descriptors(addr, count):  # pragma: no cover - compiled
-        for i in range(count):
-            row = addr + i * 32
-            src = _load_plain(row)
-            dst = _load_plain(row + 8)
-            nbytes = _load_plain(row + 16)
-            if _load_plain(row + 24) & DESC_STREAM:
-                for off in range(0, nbytes, 64):
-                    _stream64(dst + off, src + off)
-            else:
-                _memcpy(dst, src, nbytes)
-        _store_fence()  # streaming stores are weakly ordered: make them visible before HEAD moves
+    from .cpu_descriptors import run_descriptors
+    from .cpu_kernels import _store_fence
+    from .cpu_spin import _cpu_relax, _load_acquire, _now_ns, _sched_yield, _store_release
 
     @njit(nogil=True, cache=True)
     def _serve(ctl, jobs, idle_ns, ts):  # pragma: no cover - compiled
@@ -195,7 +87,7 @@ if RING_AVAILABLE:
             if jobs[slot, 0] != JOB_COPY:
                 return SERVE_PYTHON
             start = _now_ns(ts)
-            _run_descriptors(jobs[slot, 1], jobs[slot, 2])
+            run_descriptors(jobs[slot, 1], jobs[slot, 2])
             idle_since = _now_ns(ts)
             ctl[BUSY_NS] += idle_since - start
             head += 1
@@ -236,60 +128,10 @@ if RING_AVAILABLE:
         _store_fence()
 
     @njit(nogil=True, cache=True)
-    def _fill(desc, at, src, dst, src_start, dst_start, npages):  # pragma: no cover - compiled
-        row = src.shape[1]
-        sbase = src.ctypes.data
-        dbase = dst.ctypes.data
-        # Streaming stores need an aligned destination and whole 64-byte steps (see cpu_kernels.stream_copy_ok).
-        flags = DESC_STREAM if dbase % 16 == 0 and row % 64 == 0 else 0
-        for i in range(npages.shape[0]):
-            desc[at + i, 0] = sbase + src_start[i] * row
-            desc[at + i, 1] = dbase + dst_start[i] * row
-            desc[at + i, 2] = npages[i] * row
-            desc[at + i, 3] = flags
-
-    @njit(nogil=True, cache=True)
     def _publish_desc(ctl, jobs, kind, desc):  # pragma: no cover - compiled
         return _publish(ctl, jobs, kind, desc.ctypes.data, desc.shape[0])
 
-    @njit(nogil=True, cache=True)
-    def _in_order(a):  # pragma: no cover - compiled
-        for i in range(1, a.shape[0]):
-            if a[i] < a[i - 1]:
-                return False
-        return True
 
-    @njit(nogil=True, cache=True)
-    def _plan_descriptors(src_pfns, dst_pfns, src_base, dst_base, channels, split_min, large_fraction, memcpy_min,
-                          src, dst, desc, run_dst, run_np, per_channel):  # pragma: no cover - compiled
-        n = src_pfns.shape[0]
-        src_idx = src_pfns - src_base
-        dst_idx = dst_pfns - dst_base
-        run_src = np.empty(n, dtype=np.int64)
-        run_ch = np.empty(n, dtype=np.int64)
-        run_m = np.empty(n, dtype=np.int8)
-        seg = np.empty(n + 1, dtype=np.int64)
-        nr, nseg = plan_kernels.plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min,
-                                          False, 0, run_src, run_dst, run_np, run_ch, run_m, seg)
-        _fill(desc, 0, src, dst, run_src[:nr], run_dst[:nr], run_np[:nr])
-        # Per channel: first run, gather segments (one kernel launch each), memcpy runs (one call each).
-        for c in range(channels):
-            per_channel[c, 0] = nr
-            per_channel[c, 1] = 0
-            per_channel[c, 2] = 0
-        for k in range(nseg - 1, -1, -1):
-            a = seg[k]
-            b = seg[k + 1]
-            c = run_ch[a]
-            per_channel[c, 0] = a
-            if run_m[a] == plan_kernels._GATHER:
-                per_channel[c, 1] += 1
-            else:
-                per_channel[c, 2] += b - a
-        for c in range(channels - 2, -1, -1):  # channels without runs start where the next one does
-            if per_channel[c, 0] > per_channel[c + 1, 0]:
-                per_channel[c, 0] = per_channel[c + 1, 0]
-        return nr
 
 class Ring:
     """One channel's ring: the shared words, the job slots, and typed calls into the compiled loops.
@@ -359,79 +201,6 @@ class Ring:
     def poll(self, seq: int, budget_ns: int) -> bool:
         """Poll until job ``seq`` is done or ``budget_ns`` passed; ``True`` when done. Releases the GIL."""
         return bool(_poll_done(self.ctl, int(seq), int(budget_ns), np.zeros(2, dtype=np.int64)))
-
-
-def descriptors(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The descriptor rows of a copy job, run by run, in order: one ``(src_frames, dst_frames, src_start,
-    dst_start, npages)`` per piece of work (C-contiguous uint8 frames of equal rows, int64 runs). Streaming
-    stores where the destination allows them."""
-    if len(runs) == 1:
-        src, dst, s, d, n = runs[0]
-        desc = np.empty((n.shape[0], 4), dtype=np.int64)
-        _fill(desc, 0, src, dst, s, d, n)
-        return desc
-    desc = np.empty((sum(int(r[4].shape[0]) for r in runs), 4), dtype=np.int64)
-    at = 0
-    for src, dst, s, d, n in runs:
-        _fill(desc, at, src, dst, s, d, n)
-        at += int(n.shape[0])
-    return desc
-
-
-class PlannedCopy(NamedTuple):
-    """A one-node-pair submission planned straight into descriptor rows (:func:`plan_descriptors`).
-
-    Attributes
-    ----------
-    desc : numpy.ndarray
-        ``(nr_runs, 4)`` descriptor rows, ordered by channel.
-    dst_start, npages : numpy.ndarray
-        Destination frame index and pages of each run (what a failed share names).
-    bounds : list of int
-        Channel ``c`` takes runs ``bounds[c]:bounds[c + 1]``.
-    launches, calls : list of int
-        Per channel, gather segments (kernel launches) and memcpy runs (calls), for the channel counters.
-    """
-
-    desc: np.ndarray
-    dst_start: np.ndarray
-    npages: np.ndarray
-    bounds: list[int]
-    launches: list[int]
-    calls: list[int]
-
-    @property
-    def nr_runs(self) -> int:
-        """Runs planned."""
-        return int(self.npages.size)
-
-
-def plan_descriptors(src: np.ndarray, dst: np.ndarray, src_pfns: np.ndarray, dst_pfns: np.ndarray,
-                     src_base: int, dst_base: int, channels: int, options: Any) -> PlannedCopy:
-    """Plan pages ``src[src_pfns[i] - src_base] -> dst[dst_pfns[i] - dst_base]`` over ``channels`` and write the
-    descriptor rows, in one compiled call.
-
-    The pages are put in source order (stably) as :func:`~dmamig.dma.plan.plan_one_pair` does, then planned by
-    :func:`dmamig.dma.plan_kernels.plan_runs`, the planner's compiled pass (coalesce, split, balance, order by
-    channel), with ``options`` a :class:`~dmamig.dma.plan.PlanOptions` (batched copies never apply on the CPU).
-    ``src_pfns`` and ``dst_pfns`` are validated int64 arrays.
-    """
-    n = int(src_pfns.shape[0])
-    if not (src_pfns.flags.c_contiguous and dst_pfns.flags.c_contiguous):  # one compiled signature only
-        src_pfns, dst_pfns = np.ascontiguousarray(src_pfns), np.ascontiguousarray(dst_pfns)
-    if not _in_order(src_pfns):  # source order first, stably (what sort_pages gives the planner)
-        order = np.argsort(src_pfns, kind="stable")
-        src_pfns, dst_pfns = src_pfns[order], dst_pfns[order]
-    desc = np.empty((n, 4), dtype=np.int64)
-    run_dst = np.empty(n, dtype=np.int64)
-    run_np = np.empty(n, dtype=np.int64)
-    per_channel = np.empty((int(channels), 3), dtype=np.int64)
-    nr = int(_plan_descriptors(src_pfns, dst_pfns, int(src_base), int(dst_base), int(channels),
-                               int(options.split_min_pages), float(options.large_run_fraction),
-                               int(options.memcpy_min_pages), src, dst, desc, run_dst, run_np, per_channel))
-    table = per_channel.tolist()
-    return PlannedCopy(desc[:nr], run_dst[:nr], run_np[:nr], [row[0] for row in table] + [nr],
-                       [row[1] for row in table], [row[2] for row in table])
 
 
 def warm_up() -> None:

@@ -1,0 +1,119 @@
+"""Compiled primitives of polling loops: atomic loads and stores, ``cpu_relax``, ``sched_yield``, a clock.
+
+numba intrinsics that emit what a spin loop needs and numba does not offer on the CPU: acquire loads and release
+stores of an int64 at a raw address (so a polled word is never hoisted out of the loop, and what was written
+before a release is visible to whoever acquires it), the x86 PAUSE hint, libc's ``sched_yield`` and
+``clock_gettime`` (called by symbol, so the compiled code caches). :mod:`dmamig.backends.cpu_ring` builds the
+DMA channels' doorbell ring on them.
+
+Linux and macOS with numba on a 64-bit Python; elsewhere :data:`SPIN_AVAILABLE` is False (with the reason in
+:data:`SPIN_ERROR`) and nothing is compiled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import numpy as np
+
+from .cpu_kernels import HAVE_NUMBA
+
+__all__ = ["SPIN_AVAILABLE", "SPIN_ERROR"]
+
+_CLOCK_MONOTONIC = 1 if platform.system() == "Linux" else 6  # CLOCK_MONOTONIC on Linux; on macOS it is 6
+
+SPIN_ERROR: str | None = None
+if platform.system() not in ("Linux", "Darwin"):  # pragma: no cover - Windows
+    SPIN_ERROR = f"the loops call libc's sched_yield and clock_gettime, which {platform.system()} lacks"
+if not HAVE_NUMBA:  # pragma: no cover - installs without numba
+    SPIN_ERROR = "numba is not importable"
+if ctypes.sizeof(ctypes.c_void_p) != 8:  # pragma: no cover
+    SPIN_ERROR = "a 64-bit Python is needed"
+#: Whether the primitives (and so polling channels) can run here.
+SPIN_AVAILABLE = SPIN_ERROR is None
+
+
+if SPIN_AVAILABLE:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    _X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+    @intrinsic
+    def _load_acquire(typingctx, addr):
+        """An acquire load of the int64 at ``addr`` (never hoisted out of a polling loop)."""
+        sig = types.int64(types.intp)
+
+        def codegen(context, builder, signature, args):
+            return builder.load_atomic(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), "acquire", 8)
+
+        return sig, codegen
+
+    @intrinsic
+    def _store_release(typingctx, addr, value):
+        """A release store of ``value`` to the int64 at ``addr``: every earlier write is visible before it."""
+        sig = types.void(types.intp, types.int64)
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+            builder.store_atomic(args[1], ptr, "release", 8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def _load_plain(typingctx, addr):
+        """A plain load of the int64 at ``addr`` (descriptor words, published before the job's release)."""
+        sig = types.int64(types.intp)
+
+        def codegen(context, builder, signature, args):
+            return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), align=8)
+
+        return sig, codegen
+
+    @intrinsic
+    def _cpu_relax(typingctx):
+        """``cpu_relax()``: the x86 PAUSE hint inside a spin loop (nothing elsewhere)."""
+        sig = types.void()
+
+        def codegen(context, builder, signature, args):
+            if _X86:
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                    "llvm.x86.sse2.pause")
+                builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def _sched_yield(typingctx):
+        """libc's ``sched_yield()``: let another thread that is ready to run have this CPU."""
+        sig = types.void()
+
+        def codegen(context, builder, signature, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def _clock_gettime(typingctx, clock, timespec):
+        """libc's ``clock_gettime(clock, timespec)``, the timespec given by address."""
+        sig = types.void(types.int32, types.intp)
+
+        def codegen(context, builder, signature, args):
+            fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32), ir.IntType(8).as_pointer()])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "clock_gettime")
+            builder.call(fn, [args[0], builder.inttoptr(args[1], ir.IntType(8).as_pointer())])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @njit(nogil=True, cache=True)
+    def _now_ns(ts):  # pragma: no cover - compiled
+        _clock_gettime(np.int32(_CLOCK_MONOTONIC), ts.ctypes.data)
+        return ts[0] * 1_000_000_000 + ts[1]
