@@ -49,6 +49,17 @@ class ChannelCrash(BaseException):
 _FINISH = threading.Lock()
 
 
+def finish_once(completion: Any, error: BaseException | None) -> bool:
+    """Record ``error`` and mark ``completion`` done unless it is already; ``True`` for the call that did it (a
+    worker, a revival and a close may each try)."""
+    with _FINISH:
+        if completion._done:
+            return False
+        completion.error = error
+        completion._done = True
+    return True
+
+
 def sleep_on_gate(gate: threading.Lock, channel: CpuChannel, deadline: float | None, done: Any) -> bool:
     """Sleep on a job's ``gate`` until it opens (``True``) or ``deadline`` (``time.monotonic``) passes (then
     ``done()``), waking every LIVENESS_PERIOD to look at the worker: a dead worker never opens the gate, and
@@ -89,12 +100,8 @@ class _ThreadCompletion:
         return sleep_on_gate(self._gate, self._channel, deadline, self.done)
 
     def _finish(self, error: BaseException | None) -> None:
-        with _FINISH:
-            if self._done:
-                return
-            self.error = error
-            self._done = True
-        self._gate.release()
+        if finish_once(self, error):
+            self._gate.release()
 
 
 class CpuChannel:

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import DmaError
 from . import cpu_ring
 from .base import DEFAULT_POLL_US, ChannelWork
-from .cpu_channel import _FINISH, LIVENESS_PERIOD, CpuChannel, sleep_on_gate
+from .cpu_channel import LIVENESS_PERIOD, CpuChannel, finish_once, sleep_on_gate
 
 __all__ = ["DEFAULT_POLL_US", "PollingCpuChannel"]
 
@@ -68,12 +68,8 @@ class _RingCompletion:
 
     def _finish(self, error: BaseException | None) -> None:
         """Finish this job from Python (a Python job, or one failed by a dead, broken or closed channel)."""
-        with _FINISH:
-            if self._done:
-                return
-            self.error = error
-            self._done = True
-        self._channel._retire(self.seq)
+        if finish_once(self, error):
+            self._channel._retire(self.seq)
 
 
 class PollingCpuChannel(CpuChannel):
