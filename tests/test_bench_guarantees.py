@@ -132,6 +132,17 @@ def test_runs_with_other_settings_are_refused(tmp_path, capsys, key, value):
     assert "not comparable" in one_line_error(capsys)
 
 
+def test_runs_whose_dma_waits_differ_are_refused_once_both_record_it():
+    base = make_doc()
+    base["settings"]["dma_poll_us"] = 1000.0
+    new = copy.deepcopy(base)
+    new["settings"]["dma_poll_us"] = 0.0  # channels that sleep: another engine's timing
+    with pytest.raises(NotComparable, match="dma_poll_us"):
+        compare_results(new, base, 0.1)
+    del base["settings"]["dma_poll_us"]  # a baseline from before the setting was recorded
+    assert not [c for c in compare_results(new, base, 0.1) if c.regressed]
+
+
 def test_scenario_options_that_differ_fail_the_gate():
     base = make_doc()
     new = copy.deepcopy(base)

@@ -77,7 +77,7 @@ class NotComparable(ResultsError):
 #: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
 COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
 #: Settings compared only when both runs record them (older files predate them).
-COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology")
+COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology", "dma_poll_us")
 
 
 def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
