@@ -88,6 +88,16 @@ def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
     return mode
 
 
+_BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
+
+
+def _base_mode(mode: MigrateMode) -> MigrateMode:
+    base = _BASE_MODES.get(mode)
+    if base is None:  # flag arithmetic on enums is slow: once per mode
+        base = _BASE_MODES[mode] = mode & _MODE_MASK
+    return base
+
+
 class _Migration(UnmapPhase, MovePhase):
     """One ``migrate_pages()`` call over isolated folios: its entries, loops and statistics.
 
@@ -99,7 +109,7 @@ class _Migration(UnmapPhase, MovePhase):
                  options: MigrateOptions, entries: Entries):
         self.m = m
         self.node = node
-        self.mode = mode & _MODE_MASK
+        self.mode = _base_mode(mode)
         self.engine = engine
         self.options = options
         self.e = entries

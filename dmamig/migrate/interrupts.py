@@ -8,6 +8,9 @@ unmapped behind migration entries, or moved: states the put-back path restores.
 
 from __future__ import annotations
 
+# The C functions behind the signal module: its Python wrappers convert handlers to and from enums, which costs
+# several microseconds per call, and every migration call swaps the SIGINT handler twice.
+import _signal
 import signal
 import threading
 from types import FrameType, TracebackType
@@ -30,8 +33,8 @@ class DeferredInterrupt:
 
     def __enter__(self) -> DeferredInterrupt:
         if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._old = signal.signal(signal.SIGINT, self._hold)
+                and _signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = _signal.signal(signal.SIGINT, self._hold)
         return self
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
@@ -46,7 +49,7 @@ class DeferredInterrupt:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)  # type: ignore[arg-type]
+            _signal.signal(signal.SIGINT, self._old)  # type: ignore[arg-type]
             self._old = None
         if self.pending and exc_type is None:
             self.pending = False
