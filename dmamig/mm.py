@@ -3,7 +3,8 @@
 The class holds the VMAs and the public calls; the work lives beside it, named after the kernel's files:
 :mod:`dmamig.mmap` (mapping and unmapping), :mod:`dmamig.memory` (faults, copy-on-write, the zero page,
 the access path), :mod:`dmamig.gup` (pins), :mod:`dmamig.fork`, :mod:`dmamig.mprotect` (mprotect and
-mremap) and :mod:`dmamig.migrate.move_pages` (``migrate`` and ``move_pages``).
+mremap), :mod:`dmamig.migrate.move_pages` (``migrate`` and ``move_pages``) and :mod:`dmamig.mm_inspect` (what
+an address maps to, and the notifiers).
 """
 
 from __future__ import annotations
