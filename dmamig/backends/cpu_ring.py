@@ -3,7 +3,7 @@
 A hardware DMA engine watches its doorbell and writes a completion word: nobody wakes it, it wakes nobody, and
 the kernel's ``dma_sync_wait()`` polls that word with ``cpu_relax()``. A channel thread that sleeps between jobs
 cannot be that engine on a VM, where every wake-up costs tens of microseconds (about 25 us a hop on the 2-vCPU
-reference machine: more than a 4K batch's whole state work), twice per submission. So a polling channel's worker
+reference machine), twice per submission: together most of a 4K batch's state work. So a polling channel's worker
 stays in the compiled loop :func:`serve` between jobs, watching the ring, and a waiter polls the completion word
 with :func:`poll_done`; both sleep in the kernel only after a bounded poll window, so an idle engine costs
 nothing. Spinning yields the CPU (``sched_yield``) every few spins, but a scheduler still shares a CPU fairly
