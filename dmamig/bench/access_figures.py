@@ -14,7 +14,7 @@ from ..migrate.options import FAITHFUL
 from ..uvm.options import SERVICE_PHASES, UvmStats
 from .naming import format_number, format_rate
 from .scenarios import PAGE_SIZE
-from .timing import median
+from .timing import median, timing_fields
 
 __all__ = ["PATTERN_WORDS", "Sample", "access_record", "access_table", "add_access_speedups"]
 
@@ -48,7 +48,6 @@ def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
     walls = [s.wall for s in samples]
     wall = median(walls)
     ceiling = median([s.ceiling for s in samples])
-    cpu = median([s.cpu for s in samples])
     secs, csecs = wall / 1e9, ceiling / 1e9
     stats = [s.stats for s in samples]
     batches = median([st.batches for st in stats])
@@ -57,8 +56,13 @@ def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
     phase_batch = {p: median([st.service_ns.get(p, 0) / st.batches for st in stats if st.batches])
                    for p in SERVICE_PHASES} if per_batch else {}
     service = median([st.service_total_ns for st in stats])
-    gbps = nbytes / secs / 1e9 if secs > 0 else 0.0
-    ceiling_gbps = nbytes / csecs / 1e9 if csecs > 0 else 0.0
+    ceiling_method = ("the same stencil on a device that holds the range, pre-migrated (same run)"
+                      if sc.pattern == "stencil" else "the same access, range pre-migrated (same run)")
+    timing = timing_fields(nbytes, pages, walls, [s.cpu for s in samples], [],
+                           nbytes / csecs / 1e9 if csecs > 0 else 0.0, ceiling_method)
+    # Phases are the fault-service phases, and outside them is the access itself and its bookkeeping.
+    timing.update(phase_ns=phase_ns, phase_share={p: v / wall for p, v in phase_ns.items()} if wall > 0 else {},
+                  outside_phases_ns=median([max(0, s.wall - s.stats.service_total_ns) for s in samples]))
     return {
         "id": sc.id,
         "name": sc.name,
@@ -74,25 +78,7 @@ def access_record(sc: Any, samples: list[Sample]) -> dict[str, Any]:
         "batching": "faithful",
         "bytes": nbytes,
         "pages": pages,
-        "repeat": len(samples),
-        "wall_ns": [int(w) for w in walls],
-        "median_wall_ns": wall,
-        "gbps": gbps,
-        "pages_per_s": pages / secs if secs > 0 else 0.0,
-        "thread_time_ns": cpu,
-        "cpu_ns_per_page": cpu / pages,
-        "pages_per_cpu_s": pages / (cpu / 1e9) if cpu > 0 else None,
-        "ceiling_gbps": ceiling_gbps,
-        "ceiling_method": ("the same stencil on a device that holds the range, pre-migrated (same run)"
-                           if sc.pattern == "stencil" else "the same access, range pre-migrated (same run)"),
-        "ceiling_ratio": gbps / ceiling_gbps if ceiling_gbps > 0 else None,
-        "speedup_vs_copy": None,
-        "speedup_vs": None,
-        "speedup_vs_faithful_copy": None,
-        "phase_ns": phase_ns,
-        "phase_share": {p: v / wall for p, v in phase_ns.items()} if wall > 0 else {},
-        # The access itself and its bookkeeping: everything but servicing faults.
-        "outside_phases_ns": median([max(0, s.wall - s.stats.service_total_ns) for s in samples]),
+        **timing,
         "verified": True,
         "pattern": sc.pattern,
         "fault_batch_size": sc.fault_batch,
