@@ -25,7 +25,7 @@ if SPIN_AVAILABLE:
     from numba import njit
 
     from ..dma import plan_kernels
-    from .cpu_kernels import _memcpy, _store_fence, _stream64
+    from .cpu_kernels import STREAM_ALIGN, STREAM_STEP, _memcpy, _store_fence, _stream64
     from .cpu_spin import _load_plain
 
     @njit(nogil=True, cache=True)
@@ -36,7 +36,7 @@ if SPIN_AVAILABLE:
             dst = _load_plain(row + 8)
             nbytes = _load_plain(row + 16)
             if _load_plain(row + 24) & DESC_STREAM:
-                for off in range(0, nbytes, 64):
+                for off in range(0, nbytes, STREAM_STEP):
                     _stream64(dst + off, src + off)
             else:
                 _memcpy(dst, src, nbytes)
@@ -47,8 +47,8 @@ if SPIN_AVAILABLE:
         row = src.shape[1]
         sbase = src.ctypes.data
         dbase = dst.ctypes.data
-        # Streaming stores need an aligned destination and whole 64-byte steps (see cpu_kernels.stream_copy_ok).
-        flags = DESC_STREAM if dbase % 16 == 0 and row % 64 == 0 else 0
+        # Streaming stores need an aligned destination and whole steps (the rule of cpu_kernels.stream_copy_ok).
+        flags = DESC_STREAM if dbase % STREAM_ALIGN == 0 and row % STREAM_STEP == 0 else 0
         for i in range(npages.shape[0]):
             desc[at + i, 0] = sbase + src_start[i] * row
             desc[at + i, 1] = dbase + dst_start[i] * row

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DmaError
-from . import cpu_ring
+from . import cpu_descriptors, cpu_ring
 from .base import DEFAULT_POLL_US, ChannelWork
 from .cpu_channel import LIVENESS_PERIOD, CpuChannel, finish_once, sleep_on_gate
 
@@ -111,6 +111,10 @@ class PollingCpuChannel(CpuChannel):
         """Seconds the worker has spent copying (compiled loop and Python jobs)."""
         with self._lock:
             return self._busy + self._ring.busy_ns / 1e9
+
+    #: Plans a one-node-pair submission straight into descriptor rows for :meth:`submit_descriptors` (the engine
+    #: calls it on a lane whose channels all :attr:`takes_descriptors`).
+    plan_descriptors = staticmethod(cpu_descriptors.plan_descriptors)
 
     @property
     def takes_descriptors(self) -> bool:

@@ -283,8 +283,8 @@ class DmaEngine:
         return fence
 
     def _plan_descriptors(self, src: np.ndarray, dst: np.ndarray, bounds: tuple[int, ...]) -> Any:
-        """Plan straight into channel descriptors where the lane's channels take them (CPU polling channels),
-        for one node pair that is not two devices and with no fault point armed; else ``None``.
+        """Plan straight into channel descriptors where the lane's channels take them (CPU polling channels: their
+        ``plan_descriptors``), for one node pair that is not two devices, no fault point armed; else ``None``.
 
         Returns ``(PlannedCopy, lane, destination node)``. The plan is the planner's own compiled pass, so the
         runs are those :meth:`_plan` makes; only the ChannelWork objects and per-share descriptor building
@@ -307,10 +307,8 @@ class DmaEngine:
             takes = self._takes_descriptors[key] = all(getattr(ch, "takes_descriptors", False) for ch in lane)
         if not takes:
             return None
-        from ..backends.cpu_ring import plan_descriptors
-
-        planned = plan_descriptors(s.frames, d.frames, src, dst, self._base_list[sn], self._base_list[dn],
-                                   self.channels, self.options)
+        planned = lane[0].plan_descriptors(s.frames, d.frames, src, dst, self._base_list[sn], self._base_list[dn],
+                                           self.channels, self.options)
         return planned, lane, d
 
     def _submit_planned(self, planned: Any, lane: list[Any], d: Any) -> tuple[list[Completion], None, list]:
