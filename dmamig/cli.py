@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fail when no thread progresses for this long (60)")
     st.add_argument("--roles", type=_argtype(_roles), metavar="LIST",
                     help="roles to deal to the threads, comma-separated among writer, reader, migrator, dma, "
-                         "driver, churn (default: all)")
+                         "driver, churn, pinner (default: all)")
     st.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu")
     return p
 

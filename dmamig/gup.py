@@ -34,7 +34,7 @@ from .memory import check_access, fault, migrate_to_ram
 if TYPE_CHECKING:
     from .mm import AddressSpace
 
-__all__ = ["LONGTERM_PIN_RETRIES", "drop_pins", "pin_range", "unpin_range"]
+__all__ = ["LONGTERM_PIN_RETRIES", "drop_pins", "pin_range", "unpin_range", "write_pinned"]
 
 #: How many times a pin migrates device pages of its range back to host memory and starts again before it
 #: gives up (the kernel's ``__gup_longterm_locked`` loop, which has no bound of its own).
@@ -91,14 +91,42 @@ def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
             mm._pins[p] = mm._pins.get(p, 0) + 1
 
 
+def _pinned_pfns(mm: AddressSpace, addr: int, length: int) -> np.ndarray:
+    """The pfns behind the page-aligned range, present or under a migration entry (whose pfn is still the
+    source: a pinned folio never passes a migration's reference freeze). Caller holds the lock."""
+    segs = mm._segments(addr, length)
+    return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+
+
+def write_pinned(mm: AddressSpace, addr: int, buf: np.ndarray) -> None:
+    """``AddressSpace.write_pinned``: store ``buf`` at ``addr`` straight into the frames this address space
+    has pinned, without a page-table walk; refuses a range with a page it has not pinned."""
+    addr, length = mm._check_range(addr, buf.size, aligned=False)
+    m = mm.machine
+    ps = m.page_size
+    first = addr - addr % ps
+    end = -(-(addr + length) // ps) * ps
+    with m.changed:
+        pfns = _pinned_pfns(mm, first, end - first)
+        unpinned = [p for p in pfns.tolist() if p < 0 or p not in mm._pins]
+        if unpinned:
+            raise InvalidArgument(f"write_pinned at {addr:#x}+{length:#x}: {len(unpinned)} of {pfns.size} pages "
+                                  f"are not pinned by this address space; pin them with mm.pin first")
+        off = addr - first
+        frames = m.read_pfns(pfns) if (off or (addr + length) % ps) else np.empty((pfns.size, ps), np.uint8)
+        frames.reshape(-1)[off: off + length] = buf
+        m.write_pfns(pfns, frames)
+        m.pages.set(m.pages.head[pfns], PageFlag.DIRTY)
+        m.changed.notify_all()
+
+
 def unpin_range(mm: AddressSpace, addr: int, length: int) -> None:
     """``AddressSpace.unpin``: drop one pin on each page of the range; refuses pages it has not pinned."""
     mm._check_open()
     addr, length = mm._check_range(addr, length, aligned=True)
     m = mm.machine
     with m.changed:
-        segs = mm._wait_migrations(addr, length)
-        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+        pfns = _pinned_pfns(mm, addr, length)
         need: dict[int, int] = {}
         for p in pfns.tolist():
             need[p] = need.get(p, 0) + 1

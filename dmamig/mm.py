@@ -262,8 +262,35 @@ class AddressSpace(AddressInspection):
 
         pin_range(self, addr, length)
 
+    def write_pinned(self, addr: int, data: Any) -> None:
+        """Write bytes at ``addr`` through this address space's pins, as a pin holder writes its pages.
+
+        A driver, an RDMA NIC or io_uring writes the pages it holds with ``pin_user_pages`` directly, not
+        through the page table: the write neither faults nor waits for a migration entry, so it can land on a
+        page a migration has unmapped and is about to move. The folio is marked dirty, as
+        ``unpin_user_pages_dirty_lock`` does.
+
+        Parameters
+        ----------
+        addr : int
+            First byte; any alignment.
+        data : bytes-like or uint8 array
+            What to write; every page it touches must be pinned by this address space (:meth:`pin`).
+
+        Raises InvalidArgument when a page of the range is not pinned here, AddressFault on an unmapped
+        address.
+        """
+        from .gup import write_pinned
+
+        self._check_open()
+        write_pinned(self, addr, _as_bytes(data))
+
     def unpin(self, addr: int, length: int) -> None:
-        """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``."""
+        """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``.
+
+        Like ``unpin_user_pages`` it never waits: a pinned page a migration has unmapped is still the pinned
+        page, and dropping the pin lets that migration's next pass move it.
+        """
         from .gup import unpin_range
 
         unpin_range(self, addr, length)

@@ -7,6 +7,8 @@ the head pfn, which carries ``PageFlag.HEAD`` when ``k > 0``. Every pfn records 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from . import _kernels
@@ -38,7 +40,8 @@ class PageArray:
         # trusts a caller's copy only if the destination was written after the source last changed: a write to
         # the source after the caller's copy makes the copy stale, and the core copies again.
         self.write_seq = np.zeros(n, dtype=np.int64)
-        self._seq = 0
+        # next() on a count is atomic under the GIL: writers on different threads never share a number.
+        self._seq = itertools.count(1)
         # Scratch for one pass over a batch under the lock (pfn -> batch entry); always all -1 between uses.
         self.mark = np.full(n, -1, dtype=np.int64)
 
@@ -71,8 +74,7 @@ class PageArray:
     # -- content sequence -----------------------------------------------------------------------------------
     def note_written(self, pfns: np.ndarray) -> None:
         """Frames at ``pfns`` got new content: written, zeroed, or the destination of a copy just issued."""
-        self._seq += 1
-        self.write_seq[pfns] = self._seq
+        self.write_seq[pfns] = next(self._seq)
 
     def copies_current(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> np.ndarray:
         """Per folio pair: whether every base frame of ``dst`` was written after its ``src`` frame last was."""

@@ -39,8 +39,8 @@ class StressConfig:
     ops : int
         Operations in all, shared among the threads.
     threads : int
-        Worker threads; roles (writer, reader, migrator, dma, driver, churn) are dealt round robin, and a
-        thread with several roles mixes them.
+        Worker threads; roles (writer, reader, migrator, dma, driver, churn, pinner) are dealt round robin,
+        and a thread with several roles mixes them.
     fault_rate : float
         Chance in ``[0, 1]`` that each DMA share fails at submission, mid-copy or at completion; a channel
         worker crashes and a folio allocation fails at a quarter of it. ``0`` injects nothing.
@@ -51,7 +51,8 @@ class StressConfig:
     stall_timeout : float
         Seconds without any progress after which the run fails and names the stuck threads.
     roles : tuple of str
-        The roles to deal (a subset of writer, reader, migrator, dma, driver, churn; all by default).
+        The roles to deal (a subset of writer, reader, migrator, dma, driver, churn, pinner; all by
+        default). A pinner pins a few pages, writes them through its pin and drops it.
     """
 
     ops: int = 10_000

@@ -1,13 +1,15 @@
 """The operations of ``dmamig stress``: regions with their byte models, shared counters, and the workers.
 
-Bytes are modelled exactly: whoever writes a region (a writer, or the churn thread that owns it) holds the
-region's lock while writing and updating the model, and a reader holds it while reading and comparing.
-Migrations take no region lock: they must never change a byte, whenever they run.
+Bytes are modelled exactly: whoever writes a region (a writer, a pin holder, or the churn thread that owns
+it) holds the region's lock while writing and updating the model, and a reader holds it while reading and
+comparing. Migrations take no region lock: they must never change a byte, whenever they run. A pin holder
+writes through its pin, not the page table, so its writes land on pages that migrations have unmapped.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["ROLES", "Region", "Shared", "Worker", "region_bytes"]
 
 #: Worker roles, dealt to threads round robin.
-ROLES = ("writer", "reader", "migrator", "dma", "driver", "churn")
+ROLES = ("writer", "reader", "migrator", "dma", "driver", "churn", "pinner")
+#: Writes a pin holder makes through its pin before it drops it.
+PINNER_WRITES = 8
 _MODES = (MigrateMode.ASYNC, MigrateMode.SYNC_LIGHT, MigrateMode.SYNC)
 
 
@@ -208,6 +212,39 @@ class Worker:
         with self.s.lock:
             self.s.report.bytes_verified += n
         return "read"
+
+    def _pinner(self) -> str:
+        """Pin a few pages, write them through the pin while migrations come and go, then drop the pin.
+
+        The writes go straight to the pinned frames: a migration may have the pages unmapped, copied (by the
+        DMA engine) and be retrying their move when one lands, and the pin may be dropped before its next
+        pass. No write may be lost.
+        """
+        r = self._pick(churn_ok=False)
+        if r is None:
+            return "idle"
+        ps = self.m.page_size
+        addr, n = self._span(r, 4)
+        self.doing = f"pin {n} pages of {r} at {addr:#x}"
+        try:
+            r.mm.pin(addr, n * ps)
+        except OutOfMemory:
+            return "pin-oom"
+        try:
+            base = addr - r.addr
+            for _ in range(PINNER_WRITES):
+                size = int(self.rng.integers(1, n * ps + 1))
+                off = base + int(self.rng.integers(0, n * ps - size + 1))
+                data = self.rng.integers(0, 256, size, dtype=np.uint8)
+                self.doing = f"write {size} bytes through a pin at {r}+{off}"
+                with r.lock:
+                    r.mm.write_pinned(r.addr + off, data)
+                    r.model[off: off + size] = data
+                time.sleep(0)  # let migrations of these pages run between the writes
+        finally:
+            self.doing = f"unpin {n} pages of {r} at {addr:#x}"
+            r.mm.unpin(addr, n * ps)
+        return "pin-write"
 
     # -- migrations ------------------------------------------------------------------------------------------
     def _node(self) -> int:

@@ -138,8 +138,13 @@ def test_populate_pin_munmap_and_lookups(world, data):
     w = world
     addr, length = data.draw(w.addrs(), label="addr"), data.draw(lengths, label="length")
     attempt(w.m, w.mm.populate, addr, length, data.draw(nodes, label="node"))
+    # Nothing is pinned yet: a write through pins is always refused.
+    payload = data.draw(st.one_of(st.binary(max_size=64), junk), label="payload")
+    _, exc = attempt(w.m, w.mm.write_pinned, addr, payload)
+    assert exc is not None
     pinned, exc = attempt(w.m, w.mm.pin, addr, length)
     if exc is None:
+        w.mm.write_pinned(addr, w.mm.read(addr, length))  # its own bytes: the fixture's content stays
         w.mm.unpin(addr, length)
     attempt(w.m, w.mm.unpin, addr, length)
     attempt(w.m, w.mm.node_of, addr)

@@ -14,7 +14,16 @@ import numpy as np
 import pytest
 from support import WAIT, filled, finish_within
 
-from dmamig import DeviceAccessor, Machine, MigrateMode, MigrateVma, OutOfMemory, UvmOptions
+from dmamig import (
+    DeviceAccessor,
+    InvalidArgument,
+    Machine,
+    MigrateMode,
+    MigrateVma,
+    OutOfMemory,
+    PageFlag,
+    UvmOptions,
+)
 from dmamig.check import check_machine
 from dmamig.migrate.isolate import isolate_folios, putback_folios
 
@@ -251,3 +260,41 @@ def test_pins_racing_migrations_end_pinned_on_host(dm):
     assert check_machine(m) == []
     finish_within(mm.close, "close")
     assert [nd.free_pages for nd in m.nodes] == [HOST, DEV, DEV]
+
+
+# -- writes through a pin ---------------------------------------------------------------------------------------
+def test_write_pinned_writes_the_pinned_frames_and_dirties_them(m, mm):
+    """A pin holder writes straight to the pinned pages (set_page_dirty_lock after its DMA): the bytes are
+    what the mapping reads, at any alignment, and the folio is dirty."""
+    ps = m.page_size
+    addr = mm.mmap(4 * ps, shared=True)
+    mm.populate(addr, 4 * ps)
+    data = np.zeros(4 * ps, dtype=np.uint8)
+    mm.pin(addr + ps, 2 * ps)
+    assert PageFlag.DIRTY not in m.page_flags(mm.pfn_of(addr + ps))
+    payload = np.arange(ps + 10, dtype=np.uint8)
+    mm.write_pinned(addr + ps + 7, payload)
+    data[ps + 7: 2 * ps + 17] = payload
+    assert np.array_equal(mm.read(addr, 4 * ps), data)
+    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(addr + ps))
+    mm.unpin(addr + ps, 2 * ps)
+
+
+def test_write_pinned_refuses_pages_it_has_not_pinned(m, mm):
+    """Only the pins of this address space give access: an unpinned page, or another space's pin, is refused
+    before any byte is written."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 2)
+    mm.pin(addr, ps)
+    with pytest.raises(InvalidArgument, match="1 of 2 pages are not pinned"):
+        mm.write_pinned(addr + ps - 1, b"xy")
+    other = m.address_space()
+    oaddr, _ = filled(m, other, 1)
+    with pytest.raises(InvalidArgument, match="not pinned"):
+        other.write_pinned(oaddr, b"x")
+    assert np.array_equal(mm.read(addr, 2 * ps), data)
+    mm.unpin(addr, ps)
+    with pytest.raises(InvalidArgument, match="not pinned"):
+        mm.write_pinned(addr, b"x")
+    other.close()
+

@@ -194,6 +194,74 @@ def test_write_after_the_callers_copy_is_not_lost(m, mm, copier):
     assert np.array_equal(mm.read(addr, 8 * ps), data)
 
 
+@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("copier", ["dma", "caller"])
+@pytest.mark.parametrize("when", ["before the first move pass", "between move passes"])
+def test_a_write_through_a_pin_is_not_lost_on_the_move_retry(m, mm, monkeypatch, path, copier, when):
+    """migrate_folio_move(): a copy is good for the pass that made it. The holder of an extra reference writes
+    the unmapped source through it and drops it; the next freeze succeeds. The kernel copies again there
+    (folio_mc_copy inside migrate_folio since 6.11; the batch-offload RFC consumes its "copied" mark on first
+    use): moving state over the copy taken before the write would lose it."""
+    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", path == "compiled")
+    ps = m.page_size
+    n = 8
+    addr, data = filled(m, mm, n)
+    mm.pin(addr + 2 * ps, ps)
+    written = b"written through the pin"
+    real_move = core._Migration._move_pass
+    passes = []
+
+    def holder_writes_and_unpins():
+        mm.write_pinned(addr + 2 * ps + 100, written)  # never waits for the migration entry
+        mm.unpin(addr + 2 * ps, ps)  # nor does the unpin
+
+    def move(self, moving):
+        if not passes and when == "before the first move pass":
+            holder_writes_and_unpins()
+        out = real_move(self, moving)
+        passes.append(out.size)
+        if len(passes) == 1 and when == "between move passes":
+            assert out.size == 1  # the pinned folio is busy: it stays unmapped for the next pass
+            holder_writes_and_unpins()
+        return out
+
+    monkeypatch.setattr(core._Migration, "_move_pass", move)
+    if copier == "dma":
+        res = mm.migrate(addr, n * ps, 1, mode=MigrateMode.SYNC, engine=m.dma)
+    else:
+        src = mm.pfns_of(addr, n * ps)
+        dst = m.alloc_pages(1, n)
+        m.copy_pages(src, dst)
+        res = m.migrate_pages(src, 1, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
+    assert res.ok and (mm.nodes_of(addr, n * ps) == 1).all()
+    assert res.stats.nr_no_copy == n - 1  # the written page was copied again by the CPU
+    assert len(passes) == 2 and passes[-1] == 0
+    data[2 * ps + 100: 2 * ps + 100 + len(written)] = np.frombuffer(written, np.uint8)
+    assert np.array_equal(mm.read(addr, n * ps), data)
+    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(addr + 2 * ps))
+
+
+def test_a_copy_no_write_overtook_survives_a_move_retry(m, mm, monkeypatch):
+    """The fresh mark is dropped only by a write: a folio busy for a pass without one still moves uncopied."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 4)
+    mm.pin(addr, ps)
+    real_move = core._Migration._move_pass
+    passes = []
+
+    def move(self, moving):
+        out = real_move(self, moving)
+        passes.append(out.size)
+        if len(passes) == 1:
+            mm.unpin(addr, ps)
+        return out
+
+    monkeypatch.setattr(core._Migration, "_move_pass", move)
+    res = mm.migrate(addr, 4 * ps, 1, mode=MigrateMode.SYNC, engine=m.dma)
+    assert res.ok and res.stats.nr_no_copy == 4 and passes == [1, 0]
+    assert np.array_equal(mm.read(addr, 4 * ps), data)
+
+
 def test_write_racing_a_no_copy_migration_is_never_lost(m, mm):
     """Writers hammer the sources while NO_COPY migrations run on copies taken earlier: no write is lost."""
     ps = m.page_size

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import dmamig.migrate.core as core
 from dmamig import AddressFault, Machine, MigrateMode, MigrateVma, OutOfMemory, PteFlag
 from dmamig.flags import Prot
 
@@ -224,10 +225,11 @@ class MigrationModel(RuleBasedStateMachine):
         got = sp.mm.mremap(addr, count * PS, new * PS)
         assert np.array_equal(sp.mm.pfns_of(got, min(count, new) * PS), pfns)  # same frames, moved or not
         end = addr + count * PS
+        grown_ro = addr in sp.readonly  # the range is in one VMA: pages it grows by get that VMA's protection
         moved = {a: (sp.pages.pop(a), a in sp.readonly) for a in range(addr, end, PS)}
         sp.readonly -= set(moved)
         for i in range(new):
-            page, ro = moved.get(addr + i * PS, (Page(), False))
+            page, ro = moved.get(addr + i * PS, (Page(), grown_ro))
             sp.pages[got + i * PS] = page
             if ro:
                 sp.readonly.add(got + i * PS)
@@ -314,6 +316,54 @@ class MigrationModel(RuleBasedStateMachine):
         sp = with_pins[data.draw(st.integers(0, len(with_pins) - 1), label="space")]
         addr, count = sp.pins.pop(data.draw(st.integers(0, len(sp.pins) - 1), label="pin"))
         sp.mm.unpin(addr, count * PS)
+
+    @precondition(lambda self: HAVE_DMA)
+    @rule(data=st.data(), node=st.integers(1, 2), mode=st.sampled_from(MODES), after_passes=st.integers(0, 2))
+    def migrate_while_a_pin_holder_writes(self, data, node, mode, after_passes):
+        """A pin holder writes through its pin while a no-copy migration has the page unmapped and copied
+        (before the first move pass, or after a pass it kept the page busy), then drops the pin: the write
+        must survive the move's retry."""
+        sp = self._pick_space(data)
+        rng = self._pick_range(data, sp)
+        if rng is None:
+            return
+        addr, count = rng
+        try:
+            sp.mm.pin(addr, count * PS)
+        except OutOfMemory:
+            return
+        size = data.draw(st.integers(1, count * PS), label="size")
+        off = data.draw(st.integers(0, count * PS - size), label="offset")
+        seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+        payload = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+        done = []
+
+        def holder():
+            sp.mm.write_pinned(addr + off, payload)
+            sp.mm.unpin(addr, count * PS)
+            done.append(True)
+
+        real_move = core._Migration._move_pass
+        seen = []
+
+        def move(mig, moving):
+            if not done and len(seen) == after_passes:
+                holder()
+            seen.append(1)
+            return real_move(mig, moving)
+
+        core._Migration._move_pass = move
+        try:
+            eio = self._eio_possible()
+            res = sp.mm.migrate(addr, count * PS, node, mode=mode, engine=self.m.dma)
+        finally:
+            core._Migration._move_pass = real_move
+        if not done:
+            holder()  # the migration ended first (nothing to move, or no pass that late)
+        self._check_status(res.status, eio)
+        for i, b in enumerate(range(off, off + size)):
+            a = addr + b
+            sp.pages[a - a % PS].b[a % PS] = payload[i]
 
     @precondition(lambda self: len(self.spaces) < MAX_SPACES)
     @rule(data=st.data())

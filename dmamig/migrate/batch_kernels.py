@@ -66,12 +66,22 @@ def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked,
     return bad
 
 
-def _move_one_vma(pos, src, dst, nr, expected, order, fresh, status, unmapped, pmd_order, putback_clear, lru,
-                  flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, page_order, head, oid,
-                  obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts):
-    """Freeze-check, move and finish the folios of entries ``pos``; rc 0 moved, 1 busy (an extra reference:
-    retry). Moved entries get status 0 and leave the unmapped set.
+def _copy_current(s, d, n, write_seq):
+    """Whether every base frame of the destination folio ``d`` was written after its source frame last was."""
+    for j in range(n):
+        if write_seq[d + j] <= write_seq[s + j]:
+            return False
+    return True
 
+
+def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, unmapped, pmd_order,
+                  putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
+                  page_order, head, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts):
+    """Freeze-check, move and finish the folios of entries ``pos``; rc 0 moved, 1 busy (retry). Moved entries
+    get status 0 and leave the unmapped set.
+
+    Busy is an extra reference, or a copy made before this pass that a write has since made stale (its
+    ``fresh`` mark is dropped here, so the next pass copies again): see ``MovePhase._move_pass``.
     ``counts`` receives (base pages moved, PMD-sized folios, large folios, pages whose destination was already
     a copy). Returns ``(frames freed into freed[:n], new folios that lost their last reference)``.
     """
@@ -79,7 +89,11 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, status, unmapped, p
     total = 0
     for i in range(pos.size):
         p = pos[i]
-        if refcount[src[p]] == expected[p]:
+        stale = False
+        if fresh[p] and not _copy_current(src[p], dst[p], nr[p], write_seq):
+            fresh[p] = False
+            stale = True
+        if refcount[src[p]] == expected[p] and not stale:
             rc[i] = 0
             moved += 1
             total += nr[p]
@@ -135,6 +149,7 @@ if HAVE_NUMBA:
     )
 
     _expand = njit(nogil=True, cache=True)(_expand)
+    _copy_current = njit(nogil=True, cache=True)(_copy_current)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
 else:  # pragma: no cover

@@ -240,6 +240,10 @@ class _Migration(UnmapPhase, MovePhase):
         nr_move = 0
         for _ in range(passes):
             self.interrupts.check()
+            if nr_move:
+                # The folios left were busy: their holders may have written them since the copy. Those copies
+                # are made again in this pass (the freeze checks once more, under the lock).
+                self._drop_stale_copies(moving)
             nr_move += 1
             moving = self._move_pass(moving)
             if moving.size == 0:

@@ -104,8 +104,10 @@ class MovePhase:
                 m.changed.notify_all()
                 self.phase_ns["move"] += time.perf_counter_ns() - t0
                 return np.concatenate([retry, busy_pos]) if retry.size else busy_pos
-            # Freeze: references may have been taken while we copied.
+            # Freeze: references may have been taken while we copied, and a copy made before this pass is
+            # trusted only while its destination is newer than its source.
             busy = pages.refcount[e.src[moving]] != e.expected[moving]
+            busy |= self._drop_stale_copies(moving)
             if busy.any():
                 retry = np.concatenate([retry, moving[busy]])
                 moving = moving[~busy]
@@ -115,6 +117,23 @@ class MovePhase:
         self.phase_ns["move"] += time.perf_counter_ns() - t0
         return retry
 
+    def _drop_stale_copies(self, moving: np.ndarray) -> np.ndarray:
+        """At the freeze: drop the ``fresh`` mark of every copy a write has overtaken; return where it was dropped.
+
+        A copy is good for the pass that made it only while nobody can write the source. The DMA copy (or the
+        caller's, for ``NO_COPY``) is made before the move loop, and a holder of an extra reference can write
+        the unmapped source through it, then drop it before a later freeze: moving state over that copy would
+        lose the write. Every frame write advances ``write_seq``, so a destination newer than its source is a
+        copy no write has overtaken; any other is copied again on the next pass.
+        """
+        e = self.e
+        stale = e.fresh[moving]
+        if stale.any():
+            fresh = moving[stale]
+            stale[stale] = ~self.m.pages.copies_current(e.src[fresh], e.dst[fresh], e.nr[fresh])
+            e.fresh[moving[stale]] = False
+        return stale
+
     def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
         """Freeze, move and finish the folios of ``moving`` in one compiled call; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
@@ -122,8 +141,8 @@ class MovePhase:
         freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
         counts = np.empty(4, dtype=np.int64)
         nfreed, dead = batch_kernels.move_one_vma(
-            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, e.status, e.unmapped, HPAGE_PMD_ORDER,
-            _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping, pages.index,
+            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
+            HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping, pages.index,
             pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
             vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
         if nfreed == 0:
