@@ -1,0 +1,236 @@
+"""One GPU check, ready to run on a lent GPU host: per-call costs, DMA submission costs, a re-baseline, the GPU
+tests and the CPU bound, written to one results folder in at most ``--budget`` seconds (300 by default).
+
+    python3 benchmarks/gpu_check.py --out "$OUT/gpu-check"
+
+Each check is a short ``run()`` that fills its part of one result dict; the ones that start a process run
+under a share of the budget that is left, so a hung step costs its share, not the session. Without a usable
+GPU the CUDA per-call costs are skipped with the reason and every other check still runs on the CPU backend,
+so the script itself is exercised on any host. It writes:
+
+- ``summary.json``: every figure (medians of host microseconds), the card, the commit and the settings;
+- ``summary.md``: the same as tables;
+- ``info.txt``, ``bench/`` (``dmamig bench`` at 4K and 2M, faithful batching), ``gpu-tests.log``
+  (``pytest -m gpu``: the failure paths on the card) and ``bound.log`` (``benchmarks/bench_bound.py`` on the
+  CPU backend, on the host's own cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Calls timed per per-call figure (after as many warm-up calls).
+CALLS = 300
+#: Base pages of one submission: the kernel's NR_MAX_BATCHED_MIGRATION.
+BATCH = 512
+#: Most seconds each process step may take, before the budget that is left caps it further.
+STEP_CAPS = {"info": 30, "bench": 150, "gpu_tests": 120, "bound": 120}
+
+
+def _median_us(fn: Callable[[], Any], calls: int = CALLS) -> float:
+    """Median host microseconds of ``fn()`` over ``calls`` calls, after as many untimed ones."""
+    for _ in range(calls):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return round(statistics.median(times) / 1e3, 3)
+
+
+# -- per-call costs of the CUDA runtime ------------------------------------------------------------------------
+def run_cuda_calls(result: dict[str, Any]) -> None:
+    """What each runtime call a submission may make costs the host: a launch, an event, a stream memory
+    write, 4 KiB uploads from pinned and from pageable memory. Skipped, with the reason, without a GPU."""
+    out = result.setdefault("cuda_calls_us", {})
+    try:
+        import cupy as cp
+
+        cp.cuda.runtime.getDeviceCount()
+        props = cp.cuda.runtime.getDeviceProperties(0)
+    except Exception as exc:  # no cupy, no driver, no device: all are "no usable GPU" here
+        out["skipped"] = f"no usable GPU: {type(exc).__name__}: {exc}"
+        return
+    name = props["name"]
+    result["card"] = name.decode() if isinstance(name, bytes) else str(name)
+    stream = cp.cuda.Stream(non_blocking=True)
+    noop = cp.RawKernel(r'extern "C" __global__ void noop() {}', "noop")
+    with stream:
+        out["kernel_launch"] = _median_us(lambda: noop((1,), (1,), ()))
+        stream.synchronize()
+
+        def event_per_call() -> None:
+            ev = cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(stream)
+
+        out["event_create_and_record"] = _median_us(event_per_call)
+        pooled = cp.cuda.Event(block=False, disable_timing=True)
+        out["event_record_pooled"] = _median_us(lambda: pooled.record(stream))
+        stream.synchronize()
+        dev = cp.empty(4096, dtype=cp.uint8)
+        pinned_mem = cp.cuda.alloc_pinned_memory(4096)
+        pinned = np.frombuffer(pinned_mem, dtype=np.uint8, count=4096)
+        pageable = np.zeros(4096, dtype=np.uint8)
+        h2d = cp.cuda.runtime.memcpyHostToDevice
+        out["upload_4k_pinned"] = _median_us(lambda: cp.cuda.runtime.memcpyAsync(
+            dev.data.ptr, pinned.ctypes.data, 4096, h2d, stream.ptr))
+        stream.synchronize()
+        out["upload_4k_pageable"] = _median_us(lambda: cp.cuda.runtime.memcpyAsync(
+            dev.data.ptr, pageable.ctypes.data, 4096, h2d, stream.ptr))
+        stream.synchronize()
+        out["stream_synchronize_idle"] = _median_us(stream.synchronize)
+    try:
+        from cuda.bindings import driver as cu
+
+        word = cp.zeros(1, dtype=cp.uint64)
+        handle, ptr = cu.CUstream(stream.ptr), cu.CUdeviceptr(word.data.ptr)
+        out["stream_write_value64"] = _median_us(lambda: cu.cuStreamWriteValue64(handle, ptr, 1, 0))
+        stream.synchronize()
+    except Exception as exc:
+        out["stream_write_value64"] = f"not measured: {type(exc).__name__}: {exc}"
+    out["batched_memcpy"] = "not measured: cudaMemcpyBatchAsync (CUDA 12.8+) has no CuPy wrapper"
+
+
+# -- dmamig's own DMA submissions -------------------------------------------------------------------------------
+def run_submissions(result: dict[str, Any], backend: str) -> None:
+    """Host time of one ``m.dma.copy`` of a 512-page batch (the submission alone, then to completion) at 4K
+    (random pages) and 2M (one contiguous run), with 1 and 4 channels, and a one-page copy's start-to-done
+    latency, on the backend the bench uses."""
+    from dmamig import Machine
+
+    out = result.setdefault("submission_us", {})
+    rng = np.random.default_rng(0)
+    for channels in (1, 4):
+        m = Machine(host_pages=8 * BATCH, device_pages=8 * BATCH, devices=1, backend=backend, channels=channels)
+        try:
+            result.setdefault("backend", m.backend_name)
+            # 4K: the sources in random order, as a batch of scattered base pages comes to the engine.
+            src4k = m.alloc_pages(0, BATCH)[rng.permutation(BATCH)]
+            dst4k = m.alloc_pages(1, BATCH)
+            src2m = m.pages.expand(m.alloc_pages(0, 1, order=9))
+            dst2m = m.pages.expand(m.alloc_pages(1, 1, order=9))
+            for name, src, dst in (("4k", src4k, dst4k), ("2m", src2m, dst2m)):
+                out[f"{name}_{channels}ch_submit"], out[f"{name}_{channels}ch_to_completion"] = \
+                    _submission_us(m.dma, src, dst)
+            out[f"one_page_{channels}ch_to_completion"] = _submission_us(m.dma, src4k[:1], dst4k[:1])[1]
+        finally:
+            m.close()
+
+
+def _submission_us(dma: Any, src: np.ndarray, dst: np.ndarray) -> tuple[float, float]:
+    """Median host microseconds of ``dma.copy(src, dst)`` alone (each fence waited for outside the timed
+    call) and of the copy waited for to completion."""
+    times = []
+    for k in range(2 * CALLS):
+        t0 = time.perf_counter_ns()
+        fence = dma.copy(src, dst)
+        t1 = time.perf_counter_ns()
+        fence.wait()
+        if k >= CALLS:
+            times.append(t1 - t0)
+    return round(statistics.median(times) / 1e3, 3), _median_us(lambda: dma.copy(src, dst).wait(), CALLS // 3)
+
+
+# -- the steps run as processes -----------------------------------------------------------------------------------
+def _step(result: dict[str, Any], name: str, cmd: list[str], log: Path, deadline: float,
+          env: dict[str, str] | None = None) -> None:
+    left = deadline - time.monotonic()
+    limit = min(STEP_CAPS[name], left)
+    steps = result.setdefault("steps", {})
+    if limit < 10:
+        steps[name] = {"cmd": " ".join(cmd), "skipped": f"budget spent ({left:.0f} s left)"}
+        return
+    t0 = time.monotonic()
+    with log.open("w") as fh:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=limit,
+                                env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    lines = log.read_text(errors="replace").strip().splitlines()
+    steps[name] = {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
+                   "limit_s": round(limit), "last_line": lines[-1] if lines else "", "log": log.name}
+
+
+def run_steps(result: dict[str, Any], out: Path, deadline: float, backend: str) -> None:
+    py = sys.executable
+    _step(result, "info", [py, "-m", "dmamig", "info"], out / "info.txt", deadline)
+    _step(result, "bench", [py, "-m", "dmamig", "bench", "--backend", backend, "--sizes", "4k,2m",
+                            "--faithful-only", "--repeat", "3", "--no-access", "--no-pairs", "--out",
+                            str(out / "bench")], out / "bench.log", deadline)
+    _step(result, "gpu_tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+          out / "gpu-tests.log", deadline)
+    _step(result, "bound", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_bound.py",
+                            "--benchmark-only"], out / "bound.log", deadline, env={"DMAMIG_BACKEND": "cpu"})
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git here)"
+    return (sha or "unknown (not a git checkout)") + (" (dirty)" if dirty else "")
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [f"# GPU check: {result.get('card', 'no GPU')} ({result['date']})", "",
+             f"Commit {result['commit']}, backend {result.get('backend', '?')}, host {result['host']}.", ""]
+    for key, title in (("cuda_calls_us", "CUDA runtime calls, host us per call (median)"),
+                       ("submission_us", "dmamig DMA submissions, host us (median)")):
+        lines += [f"## {title}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in result.get(key, {}).items()]
+        lines.append("")
+    lines += ["## Steps", "", "| step | rc | seconds | last line |", "|---|---|---|---|"]
+    for name, s in result.get("steps", {}).items():
+        lines.append(f"| {name} | {s.get('rc', s.get('skipped'))} | {s.get('seconds', '')} | "
+                     f"{s.get('last_line', '').replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("gpu-check"), help="results folder (created; must be new)")
+    p.add_argument("--budget", type=float, default=300.0, help="seconds for the whole check (300)")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    args = p.parse_args(argv)
+    if args.budget <= 0:
+        p.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.out.exists() and any(args.out.iterdir()):
+        p.error(f"--out {args.out} already holds files; name a new folder")
+    args.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "host":
+                              f"{platform.node()} ({os.cpu_count()} CPUs)", "budget_s": args.budget}
+    backend = args.backend
+    for check in (lambda: run_cuda_calls(result), lambda: run_submissions(result, backend)):
+        try:
+            check()
+        except Exception as exc:  # one failing check must not cost the others' figures
+            result.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
+    run_steps(result, args.out, deadline, backend)
+    (args.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "summary.md").write_text(_markdown(result))
+    print(_markdown(result))
+    failed = [n for n, s in result.get("steps", {}).items() if s.get("rc") not in (0, None)]
+    return 1 if result.get("errors") or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``benchmarks/gpu_check.py`` runs where no GPU is: the CUDA figures are skipped with the reason, the DMA
+submission figures and the summary files are written, and steps past the budget are skipped, not run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "CALLS", 4)
+    return mod
+
+
+def test_a_check_within_no_budget_writes_its_figures_and_skips_its_steps(gpu_check, tmp_path):
+    out = tmp_path / "check"
+    assert gpu_check.main(["--out", str(out), "--budget", "1", "--backend", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    calls = summary["cuda_calls_us"]
+    assert "skipped" in calls or calls["kernel_launch"] > 0
+    subs = summary["submission_us"]
+    for name in ("4k", "2m"):
+        for ch in (1, 4):
+            assert subs[f"{name}_{ch}ch_submit"] > 0
+            assert subs[f"{name}_{ch}ch_to_completion"] >= subs[f"{name}_{ch}ch_submit"] * 0.5
+    assert summary["backend"] == "cpu" and "errors" not in summary
+    assert set(summary["steps"]) == {"info", "bench", "gpu_tests", "bound"}
+    assert all("budget spent" in s["skipped"] for s in summary["steps"].values())
+    assert "# GPU check" in (out / "summary.md").read_text()
+
+
+def test_a_used_folder_is_refused(gpu_check, tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--out", str(tmp_path)])
+    assert exc.value.code == 2
