@@ -339,3 +339,47 @@ def test_report_on_invalid_file_exits_2(tmp_path, capsys):
     write_json(doc, tmp_path / "r.json")
     assert main(["report", str(tmp_path / "r.json")]) == 2
     assert "gbps" in capsys.readouterr().err
+
+
+def test_report_takes_the_folder_bench_wrote(tmp_path, capsys):
+    """bench prints its folder as its result: report takes that folder, and names what an empty one lacks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json(make_doc(), run / "results.json")
+    assert main(["report", str(run), str(run)]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["report", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no results.json" in err and "Is a directory" not in err
+
+
+def test_report_calls_a_slowdown_with_too_few_repetitions_inconclusive(tmp_path, capsys):
+    """With one repetition a side nothing can be resampled: a slowdown beyond the threshold is reported as
+    inconclusive, by name, and the comparison exits 0; the same slowdown with 3 repetitions regresses."""
+    base = make_doc()
+    new = copy.deepcopy(base)
+    for doc in (base, new):
+        for s in doc["scenarios"]:
+            s["wall_ns"] = s["wall_ns"][:1]
+    victim = new["scenarios"][1]
+    victim["gbps"] *= 0.5
+    comps = compare_results(new, base, 0.1)
+    assert regressions(comps) == []
+    unsure = [c for c in comps if c.inconclusive]
+    assert [c.id for c in unsure] == [victim["id"]] and "inconclusive" in unsure[0].note
+    write_json(base, tmp_path / "base.json")
+    write_json(new, tmp_path / "new.json")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json")]) == 0
+    err = capsys.readouterr().err
+    assert "1 scenario(s) inconclusive" in err and victim["id"] in err and "0.500x baseline" in err
+    assert "1 inconclusive" in err
+
+
+def test_report_help_prints_a_plain_percent(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert "95% bootstrap" in out and "%%" not in out

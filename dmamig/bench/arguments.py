@@ -216,14 +216,17 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
 def add_report_parser(sub: Any, argtype: Callable) -> None:
     """Add the ``report`` subcommand to ``sub`` (an argparse subparsers object)."""
     r = sub.add_parser("report", help="re-render a results.json; with a baseline, check for regressions",
-                       description="Print the tables of a results file (and write CSV and plots with --out). "
-                                   "With BASELINE, compare scenario by scenario and exit 1 when any scenario "
-                                   "is slower than (1 - threshold) times its baseline and the 95%% bootstrap "
-                                   "interval of the ratio of median times lies below 1, when a baseline "
-                                   "scenario is missing, or when its options differ. Runs with different "
-                                   "settings (quick vs full, working set, backend) are refused (exit 2).")
-    r.add_argument("results", type=Path, metavar="RESULTS.json")
-    r.add_argument("baseline", type=Path, nargs="?", metavar="BASELINE.json")
+                       description="Print the tables of a results file, or of the folder dmamig bench wrote "
+                                   "(and write CSV and plots with --out). With BASELINE, compare scenario by "
+                                   "scenario and exit 1 when any scenario is slower than (1 - threshold) times "
+                                   "its baseline and the 95% bootstrap interval of the ratio of median times "
+                                   "lies below 1, when a baseline scenario is missing, or when its options "
+                                   "differ. A scenario beyond the threshold with fewer than 3 repetitions is "
+                                   "reported as inconclusive and does not fail. Runs with different settings "
+                                   "(quick vs full, working set, backend) are refused (exit 2).")
+    r.add_argument("results", type=Path, metavar="RESULTS", help="a results.json, or the folder that holds it")
+    r.add_argument("baseline", type=Path, nargs="?", metavar="BASELINE",
+                   help="the baseline's results.json, or its folder")
     r.add_argument("--threshold", type=argtype(_threshold), default=0.1, metavar="FRACTION",
                    help="allowed slowdown before a scenario counts as regressed (default 0.1 = 10 %%)")
     r.add_argument("--metric", choices=("throughput", "ceiling-ratio"), default="throughput",

@@ -280,6 +280,13 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     comps = compare_results(doc, base, args.threshold, args.metric)
     con.print(comparison_table(comps, args.threshold, args.metric))
     bad = regressions(comps)
+    unsure = [c for c in comps if c.inconclusive and not c.regressed]
+    if unsure:
+        err.print(f"dmamig report: {len(unsure)} scenario(s) inconclusive, slower beyond "
+                  f"{args.threshold:.0%} but with too few repetitions to tell from noise (rerun with --repeat 3 "
+                  f"or more):")
+        for c in unsure:
+            err.print(escape(f"  {c.name or c.id} ({c.id}): {c.ratio:.3f}x baseline"))
     if bad:
         err.print(f"[bold red]dmamig report: {len(bad)} scenario(s) regressed beyond {args.threshold:.0%} "
                   f"({args.metric}):[/bold red]")
@@ -288,5 +295,6 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
             err.print(escape(f"  {c.name or c.id} ({c.id}): {detail}")
                       + (f" ({c.note})" if c.note and c.ratio is not None else ""))
         return 1
-    err.print(f"dmamig report: no regression beyond {args.threshold:.0%} ({args.metric}, {len(comps)} scenarios)")
+    err.print(f"dmamig report: no regression beyond {args.threshold:.0%} ({args.metric}, {len(comps)} scenarios"
+              + (f", {len(unsure)} inconclusive)" if unsure else ")"))
     return 0

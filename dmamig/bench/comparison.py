@@ -68,6 +68,7 @@ class Comparison:
     name: str = ""
     low: float | None = None
     high: float | None = None
+    inconclusive: bool = False  # beyond the threshold, but too few repetitions to test whether it is noise
 
 
 class NotComparable(ResultsError):
@@ -121,8 +122,8 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
 
     A scenario regresses when ``new / baseline < 1 - threshold`` *and* the change is significant: the 95 %
     bootstrap interval of the ratio of median wall times (see :mod:`dmamig.bench.stats`) lies below 1. With
-    fewer than 3 repetitions on a side there is nothing to resample and the threshold alone decides (the
-    note says so). A scenario also regresses when its data failed verification in the new run, when its
+    fewer than 3 repetitions on a side there is nothing to resample: a scenario beyond the threshold is then
+    *inconclusive* (``Comparison.inconclusive``, and the note says so), not a regression. A scenario also regresses when its data failed verification in the new run, when its
     recorded options differ from the baseline's, or when the baseline has it and the new run does not (a
     partial or smaller run never passes the gate). Scenarios only the new run has are listed with a note and
     do not regress, so that a sweep can grow without breaking its baseline.
@@ -173,15 +174,16 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
             ci = ratio_interval(s["wall_ns"], b["wall_ns"], ratio)
             lo, hi = ci.low, ci.high
             beyond = ratio < 1.0 - threshold
-            slow = beyond and (ci.slower or not ci.tested)
+            slow = beyond and ci.slower
             if beyond and not ci.tested:
-                untested = (f"{min(len(s['wall_ns']), len(b['wall_ns']))} repetition(s): too few to test "
-                            f"significance, threshold alone")
+                untested = (f"inconclusive: {min(len(s['wall_ns']), len(b['wall_ns']))} repetition(s), too few "
+                            f"to test significance (use --repeat 3 or more)")
             elif beyond and not slow:
                 untested = "within noise (not significant)"
         note = "; ".join(x for x in (unverified, differs_note, untested) if x)
         out.append(Comparison(s["id"], bv, nv, ratio, slow or differs or not s["verified"], note, s["name"],
-                              lo, hi))
+                              lo, hi, inconclusive=bool(ratio is not None and ratio < 1.0 - threshold
+                                                        and lo is None)))
     for sid, b in base.items():
         if sid not in seen:
             out.append(Comparison(sid, primary_metric(b, metric), None, None, True,
@@ -205,7 +207,8 @@ def comparison_table(comparisons: list[Comparison], threshold: float, metric: st
         t.add_column(col, justify="left" if col in ("scenario", "id", "note") else "right")
     for c in comparisons:
         fmt = format_rate if (c.new or c.baseline or 0) >= 1e4 else format_number
-        verdict = "[red]REGRESSED[/red]" if c.regressed else ("ok" if c.ratio is not None else "")
+        verdict = "[red]REGRESSED[/red]" if c.regressed else (
+            "[yellow]inconclusive[/yellow]" if c.inconclusive else ("ok" if c.ratio is not None else ""))
         ci = "-" if c.low is None else f"{c.low:.3f}-{c.high:.3f}"
         t.add_row(c.name or c.id, c.id, fmt(c.baseline), fmt(c.new), format_number(c.ratio, "{:.3f}"), ci, verdict, c.note)
     return t

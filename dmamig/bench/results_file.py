@@ -37,7 +37,7 @@ CSV_FIELDS = (
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Read and validate a results.json file.
+    """Read and validate a results.json file, or the one in the folder ``path`` names.
 
     Raises
     ------
@@ -45,6 +45,11 @@ def load_results(path: str | Path) -> dict[str, Any]:
         When the file is missing, not JSON, or does not follow the schema.
     """
     p = Path(path)
+    if p.is_dir():  # the folder dmamig bench printed as its result
+        if not (p / "results.json").is_file():
+            raise ResultsError(f"folder {str(p)!r} holds no results.json; give a folder dmamig bench wrote, or "
+                               f"its results.json")
+        p = p / "results.json"
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
