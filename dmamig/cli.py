@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -206,6 +207,15 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
     return info
 
 
+def _info_text(key: str, v: Any, info: dict[str, Any]) -> str:
+    """One ``dmamig info`` value in words: what a missing one means, and a reason said once, not per kernel."""
+    if v is None:
+        return {"git_commit": "unknown (not run from a git checkout)"}.get(key, "not installed")
+    if key == "kernel_build_status" and isinstance(v, dict) and str(info.get("cuda", "")).startswith("absent"):
+        return f"not built ({', '.join(v)}): CUDA is absent here, see cuda"
+    return json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     info = info_dict(args.backend)
     if args.json:
@@ -222,9 +232,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 "python", "numpy", "numba", "cupy", "cpu", "cpu_count", "platform", "kernel_build_status",
                 "error"):
         if key in info:
-            v = info[key]
-            text = json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
-            t.add_row(key, escape(text))
+            t.add_row(key, escape(_info_text(key, info[key], info)))
     con.print(t)
     if info["devices"]:
         d = Table(title="devices", title_justify="left")
@@ -319,7 +327,7 @@ def _cmd_stress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         cfg.validate()
     except InvalidArgument as exc:
-        parser.error(f"dmamig stress: {exc}")
+        parser.error(str(exc))
     report = run_stress(cfg, out=lambda line: print(line, flush=True))
     for line in report.lines():
         print(line)
@@ -332,11 +340,28 @@ def _check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     ``--opt=--`` reaches the namespace as ``[]`` without the option's type ever seeing it (an argparse
     quirk); every option here takes one value, so an empty list is always a usage error.
     """
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    cmd = sub.choices[args.command]
+    cmd = _command_parser(parser, args.command)
     for action in cmd._actions:
         if action.option_strings and action.nargs is None and getattr(args, action.dest, None) == []:
             cmd.error(f"argument {'/'.join(action.option_strings)}: expected one value, got '--'")
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The subcommand's own parser: its usage errors read ``dmamig COMMAND: error: ...``, as argparse's do."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--total -8M`` as ``--total=-8M``: argparse takes a value starting with ``-`` for an option and says
+    "expected one argument"; attached, the value reaches its option's check, which says what is allowed."""
+    out: list[str] = []
+    for tok in argv:
+        if out and re.match(r"^-\d", tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,16 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         Arguments without the program name (``sys.argv[1:]`` by default).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _check_parsed(parser, args)
+    cmd = _command_parser(parser, args.command)
     if args.command == "bench":
         from .bench.commands import cmd_bench
         from .sweep import is_remote
 
         if is_remote(args.cluster):  # the workers decide the backend: this machine may have no GPU
-            return cmd_bench(args, parser, None, 0, _console)
-        backend = _resolve_backend(parser, args.backend)
-        return cmd_bench(args, parser, backend, _gpu_count(backend), _console)
+            return cmd_bench(args, cmd, None, 0, _console)
+        backend = _resolve_backend(cmd, args.backend)
+        return cmd_bench(args, cmd, backend, _gpu_count(backend), _console)
     if args.command == "report":
         from .bench.commands import cmd_report
 
@@ -365,9 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         return _cmd_info(args)
     if args.command == "selftest":
-        return _cmd_selftest(args, parser)
+        return _cmd_selftest(args, cmd)
     if args.command == "stress":
-        return _cmd_stress(args, parser)
+        return _cmd_stress(args, cmd)
     if args.command == "replay":
         from .tiering.commands import cmd_replay
 

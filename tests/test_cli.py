@@ -35,7 +35,12 @@ def _usage_error(argv: list[str], capsys) -> str:
     (["report", "r.json", "--threshold", "2"], ["--threshold", "out of range", "[0, 1)"]),
     (["report", "r.json", "--threshold", "ten"], ["--threshold", "not a number"]),
     (["report", "r.json", "--metric", "speed"], ["--metric", "invalid choice", "ceiling-ratio"]),
-    (["report"], ["RESULTS.json"]),
+    (["report"], ["RESULTS"]),
+    (["bench", "--total", "-8M"], ["--total", "'-8M'"]),
+    (["bench", "--warmup", "-1"], ["--warmup", "'-1'", "whole number >= 0"]),
+    (["bench", "--topology", "dgx1"], ["--topology", "dgx1 has 8 devices", "--devices 8"]),
+    (["bench", "--resume", "/nonexistent/sweep"], ["--resume", "does not exist"]),
+    (["bench", "--resume", __file__], ["--resume", "is a file, not a folder"]),
     ([], ["COMMAND"]),
     (["frobnicate"], ["invalid choice", "bench"]),
 ])
@@ -126,3 +131,11 @@ def test_readme_keeps_the_ci_commands_and_its_quick_tour_runs():
     assert "python3 -m pip install '.[test]' && python3 -m pytest" in lines
     tour = readme.split("## Python API quick tour", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(tour, "README.md quick tour", "exec"), {})
+
+
+@pytest.mark.parametrize("argv", [["bench", "--resume", "/nonexistent/sweep"], ["bench", "--topology", "dgx1"],
+                                  ["bench", "--total", "lots"], ["stress", "--threads", "0"]])
+def test_usage_errors_name_their_command_in_one_style(argv, capsys):
+    """Whether argparse or a later check refuses it, a usage error reads 'dmamig COMMAND: error: ...'."""
+    err = _usage_error(argv, capsys).strip().splitlines()[-1]
+    assert err.startswith(f"dmamig {argv[0]}: error: argument "), err

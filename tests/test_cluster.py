@@ -126,6 +126,9 @@ def test_journal_drops_a_torn_line_and_refuses_other_settings_or_tools(tmp_path)
         Journal.resume(tmp_path, "dmamig bench", {"total_bytes": 2, "sizes": [4096]})
     with pytest.raises(ResumeError, match="dmamig bench"):
         Journal.resume(tmp_path, "dmamig replay", {"total_bytes": 1, "sizes": [4096]})
+    with pytest.raises(ResumeError, match="does not exist"):
+        Journal.resume(tmp_path / "empty", "dmamig bench", {})
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ResumeError, match="nothing to resume"):
         Journal.resume(tmp_path / "empty", "dmamig bench", {})
 

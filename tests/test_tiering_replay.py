@@ -88,6 +88,22 @@ def test_migrations_from_a_policy_outside_the_region_fail_per_page():
     assert r.summary["verified"] and r.summary["demoted"] >= 1
 
 
+def test_a_second_replay_never_overwrites_the_first(tmp_path, monkeypatch, capsys):
+    """The default folder is taken by the first run: the second writes beside it; an --out that holds results
+    is refused (exit 2), and the first run's results stay as they were."""
+    monkeypatch.chdir(tmp_path)
+    small = ["replay", "zipf", "--policy", "tpp", "--pages", "64", "--epochs", "2", "--per-epoch", "32",
+             "--no-plots"]
+    assert main(small) == 0
+    first = (tmp_path / "replay-results" / "zipf-tpp" / "results.json").read_bytes()
+    assert main(small) == 0
+    assert (tmp_path / "replay-results" / "zipf-tpp-2" / "results.json").exists()
+    capsys.readouterr()
+    assert main([*small, "--out", "replay-results/zipf-tpp"]) == 2
+    assert "already holds a results.json" in capsys.readouterr().err
+    assert (tmp_path / "replay-results" / "zipf-tpp" / "results.json").read_bytes() == first
+
+
 def test_cli_replay_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["replay", "zipf", "--policy", "tpp", "--pages", "64", "--epochs", "4", "--per-epoch", "64",

@@ -122,11 +122,11 @@ def pair_options(backend: str, gpus: int, devices: int, topology: str | None, pa
         if backend == "cuda":
             raise ValueError("argument --topology: a cpu-backend setting; on cuda the runtime reports the GPUs' "
                              "topology (dmamig info shows it); drop --topology")
+        if topology == "dgx1" and devices != 8:  # before the general rule: dgx1 has exactly one right answer
+            raise ValueError(f"argument --topology: dgx1 has 8 devices; use --devices 8, not {devices}")
         if devices < 2:
             raise ValueError(f"argument --topology: needs --devices 2 or more (a topology links devices); got "
                              f"{devices} device")
-        if topology == "dgx1" and devices != 8:
-            raise ValueError(f"argument --topology: dgx1 has 8 devices; use --devices 8, not {devices}")
         over["topology"] = topology
     if pair_total is not None:
         if devices < 2 or no_pairs:

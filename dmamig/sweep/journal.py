@@ -103,6 +103,12 @@ class Journal:
             ``settings`` (the message names the settings that differ).
         """
         j = cls(folder, tool, settings)
+        if not Path(folder).exists():
+            raise ResumeError(f"argument {arg}: {str(folder)!r} does not exist; give the folder of a sweep that "
+                              f"was interrupted (the --out folder it printed)")
+        if not Path(folder).is_dir():
+            raise ResumeError(f"argument {arg}: {str(folder)!r} is a file, not a folder; give the folder of a "
+                              f"sweep that was interrupted (the --out folder it printed)")
         if not j.path.is_file():
             raise ResumeError(f"argument {arg}: {str(folder)!r} holds no {JOURNAL_NAME}: nothing to resume "
                               f"(a sweep journals each task as it finishes); give the folder of a sweep that "

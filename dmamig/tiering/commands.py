@@ -103,6 +103,30 @@ def _table(runs: list[dict[str, Any]], console: Any) -> None:
     console.print(t)
 
 
+def _replay_folder(out: Path | None, name: str) -> tuple[Path, bool]:
+    """The folder a replay writes into, and whether this call created it: ``--out`` unless it already holds
+    results (never overwritten), else ``replay-results/NAME``, or ``NAME-2``, ``NAME-3`` ... when taken."""
+    from ..sweep.journal import JOURNAL_NAME
+
+    if out is not None:
+        # An interrupted replay's folder (its journal is there) is left to the sweep, which says to --resume it.
+        if (out / "results.json").exists() and not (out / JOURNAL_NAME).exists():
+            raise _UsageError(f"argument --out: {str(out)!r} already holds a results.json; results are never "
+                              f"overwritten: give a new folder, or leave --out out for a fresh one")
+        return out, False
+    root = Path("replay-results")
+    for n in range(1, 10_000):
+        folder = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir(parents=True)  # atomic: of two replays racing for one name, exactly one gets it
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _UsageError(f"argument --out: cannot create {str(folder)!r}: {exc.strerror or exc}") from None
+        return folder, True
+    raise _UsageError(f"argument --out: {str(root)!r} has 10000 folders named {name}; give --out")
+
+
 class _UsageError(Exception):
     """A usage error of ``dmamig replay``: printed in one line, exit 2."""
 
@@ -134,8 +158,7 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
         sweep, out, _, session = open_sweep(
             args, _Usage(), lambda folder, resume: ReplaySweep(job, replay_tasks(job, modes), folder,
                                                                job.settings(str(args.source), modes), resume),
-            lambda: (args.out or Path("replay-results") / f"{trace.name.replace(':', '-')}-{args.policy}", False),
-            backend="cpu")
+            lambda: _replay_folder(args.out, f"{trace.name.replace(':', '-')}-{args.policy}"), backend="cpu")
     except (TraceError, InvalidArgument, _UsageError) as exc:
         # Bad input is a usage error, as for bench and report: one line (some readers' messages span lines).
         console_factory(stderr=True).print(f"dmamig replay: {' '.join(str(exc).split())}", markup=False,
