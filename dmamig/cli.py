@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--ops", type=_argtype(_positive), default=10_000, metavar="N",
                     help="operations in all (default 10000)")
     st.add_argument("--threads", type=_argtype(_positive), default=6, metavar="T", help="worker threads (6)")
-    st.add_argument("--fault-rate", type=_argtype(_rate), default=0.0, metavar="R",
+    st.add_argument("--fault-rate", type=_argtype(_rate), default=0.02, metavar="R",
                     help="chance that each DMA share fails (submission, mid-copy, completion); worker crashes "
-                         "and allocation failures at R/4 (default 0)")
+                         "and allocation failures at R/4 (default 0.02; 0 injects nothing)")
     st.add_argument("--seed", type=_argtype(_nonnegative), metavar="S", help="seed (default: random, printed)")
     st.add_argument("--check-every", type=_argtype(_positive), default=1000, metavar="K",
                     help="operations between invariant checks (1000)")
