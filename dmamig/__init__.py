@@ -4,7 +4,15 @@ Copy migration (the migrating thread copies every page) and no-copy migration (a
 core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CPU backend or on CUDA streams.
 """
 
-from .errors import AddressFault, BackendUnavailable, DmaError, DmamigError, InvalidArgument, OutOfMemory
+from .errors import (
+    AddressFault,
+    BackendUnavailable,
+    DmaError,
+    DmamigError,
+    InvalidArgument,
+    MigrationStalled,
+    OutOfMemory,
+)
 from .fault import FaultAttr, FaultPoints
 from .flags import MigrateMode, MigratePfn, MigrateVmaSelect, PageFlag, Prot, PteFlag
 from .machine import Machine
@@ -36,6 +44,7 @@ __all__ = [
     "MigrateStats",
     "MigrateVma",
     "MigrateVmaSelect",
+    "MigrationStalled",
     "MovePagesResult",
     "Node",
     "OutOfMemory",

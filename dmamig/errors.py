@@ -12,6 +12,7 @@ __all__ = [
     "DmaError",
     "DmamigError",
     "InvalidArgument",
+    "MigrationStalled",
     "OutOfMemory",
 ]
 
@@ -38,3 +39,8 @@ class DmaError(DmamigError):
 
 class BackendUnavailable(DmamigError, RuntimeError):
     """The requested backend cannot run here (no cupy, no device, or a driver problem)."""
+
+
+class MigrationStalled(DmamigError, TimeoutError):
+    """A wait for another thread's migration of a range did not end in time (a driver that never finished
+    its ``MigrateVma``, or a migration stuck elsewhere); the waiting call changed nothing."""

@@ -23,19 +23,24 @@ The machine lock is held from the last check to the pin, so no migration can mov
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidArgument, OutOfMemory
+from .errors import InvalidArgument, MigrationStalled, OutOfMemory
 from .flags import PageFlag
 from .memory import check_access, fault, migrate_to_ram
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
 
-__all__ = ["LONGTERM_PIN_RETRIES", "drop_pins", "pin_range", "unpin_range", "write_pinned"]
+__all__ = ["LONGTERM_PIN_RETRIES", "LONGTERM_PIN_WAIT_S", "drop_pins", "pin_range", "unpin_range", "write_pinned"]
 
+#: Seconds a pin waits in all for other threads' migrations of its range to end before it raises
+#: MigrationStalled, pinning nothing. The kernel waits without bound; here a driver that set up a MigrateVma
+#: and never finalized it must not hang its caller.
+LONGTERM_PIN_WAIT_S = 60.0
 #: How many times a pin migrates device pages of its range back to host memory and starts again before it
 #: gives up (the kernel's ``__gup_longterm_locked`` loop, which has no bound of its own).
 LONGTERM_PIN_RETRIES = 10
@@ -54,10 +59,11 @@ def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
     addr, length = mm._check_range(addr, length, aligned=True)
     m = mm.machine
     pages = m.pages
+    deadline = time.monotonic() + LONGTERM_PIN_WAIT_S
     with m.changed:
         tries = 0
         while True:
-            segs = mm._wait_migrations(addr, length)
+            segs = mm._wait_migrations(addr, length, timeout=max(deadline - time.monotonic(), 0.0))
             for v, _s0, _s1 in segs:
                 check_access(v, max(addr, v.start), write=False)
             if not m.device_private:
@@ -78,6 +84,9 @@ def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
             if pages.test(pages.head[remote], PageFlag.ISOLATED).any():
                 # Another migration has taken these pages and will unmap, move or put them back: wait for it
                 # rather than fail to isolate them ourselves.
+                if time.monotonic() >= deadline:
+                    raise MigrationStalled(f"pin at {addr:#x}: {remote.size} device pages stayed isolated by "
+                                           f"another migration for {LONGTERM_PIN_WAIT_S:g} s; nothing was pinned")
                 m.changed.wait(_ISOLATED_POLL_S)
                 continue
             if tries == LONGTERM_PIN_RETRIES:

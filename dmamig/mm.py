@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._validate import check_node
-from .errors import AddressFault, InvalidArgument
+from .errors import AddressFault, InvalidArgument, MigrationStalled
 from .flags import MigrateMode, Prot, PteFlag
 from .gup import drop_pins
 from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages
@@ -102,8 +102,11 @@ class AddressSpace(AddressInspection):
             i += 1
         return out
 
-    def _wait_migrations(self, addr: int, length: int) -> list[tuple[Vma, int, int]]:
-        """Segments of the range once no migration entry is left in it (caller holds ``machine.changed``)."""
+    def _wait_migrations(self, addr: int, length: int, timeout: float | None = None) -> list[tuple[Vma, int, int]]:
+        """Segments of the range once no migration entry is left in it (caller holds ``machine.changed``).
+
+        With ``timeout`` (seconds), a wait that has not ended by then raises MigrationStalled.
+        """
         t0 = 0
         while True:
             segs = self._segments(addr, length)
@@ -114,7 +117,16 @@ class AddressSpace(AddressInspection):
             if not t0:
                 t0 = time.perf_counter_ns()
                 self._stalls += 1
-            self.machine.changed.wait()
+            if timeout is None:
+                self.machine.changed.wait()
+                continue
+            left = timeout - (time.perf_counter_ns() - t0) / 1e9
+            if left <= 0:
+                self._stall_ns += time.perf_counter_ns() - t0
+                raise MigrationStalled(f"range {addr:#x}+{length:#x} stayed under migration entries for "
+                                       f"{timeout:g} s: a migration of it has not finished (a MigrateVma that "
+                                       f"was set up but never finalized?)")
+            self.machine.changed.wait(left)
 
     @property
     def migration_stalls(self) -> tuple[int, int]:

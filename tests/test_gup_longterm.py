@@ -298,3 +298,46 @@ def test_write_pinned_refuses_pages_it_has_not_pinned(m, mm):
         mm.write_pinned(addr, b"x")
     other.close()
 
+
+
+# -- a migration that never ends --------------------------------------------------------------------------------
+@pytest.mark.parametrize("stuck", ["migration entries", "isolated"])
+def test_a_pin_meeting_a_migration_that_never_ends_fails_clearly(dm, monkeypatch, stuck):
+    """A driver that set up a MigrateVma and never finished it (or a migration that keeps a page isolated)
+    makes the pin fail with MigrationStalled after LONGTERM_PIN_WAIT_S, pinning nothing, instead of hanging;
+    once the migration ends, the pin succeeds."""
+    import dmamig.gup as gup
+    from dmamig import MigrationStalled
+
+    monkeypatch.setattr(gup, "LONGTERM_PIN_WAIT_S", 0.2)
+    m = dm
+    ps = m.page_size
+    mm = m.address_space()
+    addr, data = filled(m, mm, 2)
+    if stuck == "migration entries":
+        pfns = mm.pfns_of(addr, 2 * ps)  # looked up first: a lookup waits for migration entries too
+        mv = MigrateVma(mm, addr, addr + 2 * ps, 1)
+        mv.setup()
+        match = "stayed under migration entries"
+    else:
+        mm.migrate(addr, 2 * ps, 1)
+        pfns = mm.pfns_of(addr, 2 * ps)
+        head = pfns[:1]
+        with m.lock:
+            assert isolate_folios(m, head).tolist() == [0]
+        match = "stayed isolated"
+    refs = [m.page_state(p)["refcount"] for p in pfns.tolist()]
+    with pytest.raises(MigrationStalled, match=match):
+        finish_within(lambda: mm.pin(addr, 2 * ps), "a pin meeting a stuck migration")
+    assert [m.page_state(p)["refcount"] for p in pfns.tolist()] == refs  # nothing pinned
+    if stuck == "migration entries":
+        mv.abort()
+    else:
+        with m.changed:
+            putback_folios(m, head)
+            m.changed.notify_all()
+    mm.pin(addr, 2 * ps)
+    assert mm.nodes_of(addr, 2 * ps).tolist() == [0, 0]
+    mm.unpin(addr, 2 * ps)
+    assert np.array_equal(mm.read(addr, 2 * ps), data)
+    mm.close()

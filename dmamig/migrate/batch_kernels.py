@@ -81,7 +81,7 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
     get status 0 and leave the unmapped set.
 
     Busy is an extra reference, or a copy made before this pass that a write has since made stale (its
-    ``fresh`` mark is dropped here, so the next pass copies again): see ``MovePhase._move_pass``.
+    ``fresh`` mark is dropped here, so the next pass copies again): see ``MovePhase._drop_stale_copies``.
     ``counts`` receives (base pages moved, PMD-sized folios, large folios, pages whose destination was already
     a copy). Returns ``(frames freed into freed[:n], new folios that lost their last reference)``.
     """

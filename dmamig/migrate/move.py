@@ -118,7 +118,10 @@ class MovePhase:
         return retry
 
     def _drop_stale_copies(self, moving: np.ndarray) -> np.ndarray:
-        """At the freeze: drop the ``fresh`` mark of every copy a write has overtaken; return where it was dropped.
+        """Drop the ``fresh`` mark of every copy a write has overtaken; return where it was dropped.
+
+        Called before each retried pass (so the copy is made again in that pass) and at the freeze, under the
+        lock (where a dropped mark makes the folio busy for one more pass).
 
         A copy is good for the pass that made it only while nobody can write the source. The DMA copy (or the
         caller's, for ``NO_COPY``) is made before the move loop, and a holder of an extra reference can write
@@ -142,8 +145,8 @@ class MovePhase:
         counts = np.empty(4, dtype=np.int64)
         nfreed, dead = batch_kernels.move_one_vma(
             moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
-            HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping, pages.index,
-            pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
+            HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
+            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
             vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
         if nfreed == 0:
             return moving
