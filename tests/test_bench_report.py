@@ -383,3 +383,16 @@ def test_report_help_prints_a_plain_percent(capsys):
         main(["report", "--help"])
     out = capsys.readouterr().out
     assert "95% bootstrap" in out and "%%" not in out
+
+
+def test_a_refusal_gives_sizes_as_sizes(tmp_path, capsys):
+    """Runs of other working sets are refused naming the setting, in the units every other message uses."""
+    base = make_doc()
+    new = copy.deepcopy(base)
+    new["settings"]["total_bytes"] = 16 << 20
+    write_json(base, tmp_path / "base.json")
+    write_json(new, tmp_path / "new.json")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json")]) == 2
+    err = capsys.readouterr().err
+    assert "total_bytes 16M vs baseline 8M" in err and "8388608" not in err

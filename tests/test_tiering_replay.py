@@ -158,3 +158,21 @@ def test_device_actors_must_be_known():
     t.meta["device_actors"] = [5]
     with pytest.raises(TraceError, match="device_actors"):
         replay(t, make_policy("uvm-lru"))
+
+
+def test_cli_counts_unparsed_lackey_lines_and_names_a_text_file_posing_as_npz(tmp_path, capsys):
+    """Lines of a Lackey log that are neither accesses nor Valgrind banners are counted and reported, not
+    dropped silently; a text file named .npz is 'not a trace' (exit 2), without numpy's pickle advice."""
+    from pathlib import Path
+
+    sample = (Path(__file__).parent / "data" / "lackey_sample.txt").read_text()
+    log = tmp_path / "log.txt"
+    log.write_text(sample + "garbage line one\n L zz,4\n")
+    assert main(["replay", str(log), "--policy", "lru", "--mode", "copy", "--per-epoch", "4", "--no-plots",
+                 "--out", str(tmp_path / "l")]) == 0
+    assert "2 line(s) of" in capsys.readouterr().out
+    fake = tmp_path / "fake.npz"
+    fake.write_text("this is not a trace\n")
+    assert main(["replay", str(fake), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "not a trace" in err and "allow_pickle" not in err and len(err.strip().splitlines()) == 1

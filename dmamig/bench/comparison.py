@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .naming import batching_class, format_number, format_rate
+from .naming import batching_class, format_number, format_rate, format_size
 from .results_file import normalize_results
 from .schema import ResultsError
 from .stats import ratio_interval
@@ -90,11 +90,15 @@ def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
         Naming every differing setting and its two values.
     """
     ns, bs = new["settings"], baseline["settings"]
-    diff = [f"{k} {ns.get(k, False if k == 'quick' else None)!r} vs baseline "
-            f"{bs.get(k, False if k == 'quick' else None)!r}"
+
+    def said(k: str, v: Any) -> str:  # sizes as every other message gives them (8M, not 8388608)
+        return format_size(v) if k.endswith("_bytes") and isinstance(v, int) and v > 0 else repr(v)
+
+    diff = [f"{k} {said(k, ns.get(k, False if k == 'quick' else None))} vs baseline "
+            f"{said(k, bs.get(k, False if k == 'quick' else None))}"
             for k in COMPARED_SETTINGS if ns.get(k, False if k == "quick" else None)
             != bs.get(k, False if k == "quick" else None)]
-    diff += [f"{k} {ns[k]!r} vs baseline {bs[k]!r}" for k in COMPARED_IF_RECORDED
+    diff += [f"{k} {said(k, ns[k])} vs baseline {said(k, bs[k])}" for k in COMPARED_IF_RECORDED
              if k in ns and k in bs and ns[k] != bs[k]]
     if diff:
         raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "

@@ -149,6 +149,10 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
     try:
         check_sweep_arguments(args, _Usage())
         trace = load_source(args).validate()
+        unparsed = int((trace.meta or {}).get("unparsed_lines", 0))
+        if unparsed:
+            con.print(f"dmamig replay: {unparsed} line(s) of {args.source} are not Lackey access lines (nor "
+                      f"Valgrind banners) and were skipped", markup=False, highlight=False)
         if args.record is not None:
             save_trace(trace, args.record)
         modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]

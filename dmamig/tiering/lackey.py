@@ -50,10 +50,14 @@ def lackey_to_trace(path: str | Path, per_epoch: int = 1000, page_size: int = 40
     """
     path = Path(path)
     kinds, addrs, sizes = [], [], []
+    skipped = 0  # lines that are neither an access nor a Valgrind banner: counted, never dropped silently
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             mt = _LINE.match(line)
-            if mt is None or (mt.group(1) == "I" and not instructions):
+            if mt is None:
+                skipped += 0 if (not line.strip() or line.startswith("==")) else 1
+                continue
+            if mt.group(1) == "I" and not instructions:
                 continue
             kinds.append(mt.group(1).strip())
             addrs.append(int(mt.group(2), 16))
@@ -78,4 +82,5 @@ def lackey_to_trace(path: str | Path, per_epoch: int = 1000, page_size: int = 40
     return Trace(epoch, np.zeros(a.size, dtype=np.int16), offset, n, write,
                  region_bytes=int(touched.size) * page_size, actors=1, name=f"lackey:{path.name}",
                  page_size=page_size, meta={"source": "valgrind-lackey", "file": path.name,
-                                            "pages": int(touched.size), "per_epoch": per_epoch}).validate()
+                                            "pages": int(touched.size), "per_epoch": per_epoch,
+                                            "unparsed_lines": skipped}).validate()

@@ -203,6 +203,9 @@ def load_trace(path: str | Path) -> Trace:
             meta = json.loads((table.schema.metadata or {}).get(b"dmamig", b"{}"))
             cols = {c: table.column(c).to_numpy() for c in table.column_names}
         elif path.suffix == ".npz":
+            if not zipfile.is_zipfile(path):  # else numpy tries it as a pickle and advises allow_pickle
+                raise TraceError(f"{path}: not a trace: a .npz trace is a zip archive of columns (what "
+                                 f"dmamig replay --record writes), and this file is not one")
             with np.load(path, allow_pickle=False) as z:
                 cols = {k: z[k] for k in z.files}
             meta = json.loads(str(cols.pop("meta", np.array("{}"))))
