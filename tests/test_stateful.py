@@ -294,17 +294,25 @@ class MigrationModel(RuleBasedStateMachine):
         res = m.migrate_pages(pfns, node, mode=mode | MigrateMode.NO_COPY, dst_pfns=dst)
         self._check_status(res.status, eio=False)
 
-    @rule(data=st.data())
-    def pin(self, data):
+    def _pin_some(self, data) -> tuple[Space, int, int] | None:
+        """Pin a drawn range: ``(space, address, pages)``, or None (nothing mapped, or no frames to pin)."""
         sp = self._pick_space(data)
         rng = self._pick_range(data, sp)
         if rng is None:
-            return
+            return None
         addr, count = rng
         try:
             sp.mm.pin(addr, count * PS)
         except OutOfMemory:
+            return None
+        return sp, addr, count
+
+    @rule(data=st.data())
+    def pin(self, data):
+        pinned = self._pin_some(data)
+        if pinned is None:
             return
+        sp, addr, count = pinned
         sp.pins.append((addr, count))
         for i in range(count):
             assert PteFlag.PRESENT in sp.mm.pte_flags(addr + i * PS)
@@ -323,15 +331,10 @@ class MigrationModel(RuleBasedStateMachine):
         """A pin holder writes through its pin while a no-copy migration has the page unmapped and copied
         (before the first move pass, or after a pass it kept the page busy), then drops the pin: the write
         must survive the move's retry."""
-        sp = self._pick_space(data)
-        rng = self._pick_range(data, sp)
-        if rng is None:
+        pinned = self._pin_some(data)
+        if pinned is None:
             return
-        addr, count = rng
-        try:
-            sp.mm.pin(addr, count * PS)
-        except OutOfMemory:
-            return
+        sp, addr, count = pinned
         size = data.draw(st.integers(1, count * PS), label="size")
         off = data.draw(st.integers(0, count * PS - size), label="offset")
         seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
