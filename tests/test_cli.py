@@ -131,6 +131,9 @@ def test_readme_keeps_the_ci_commands_and_its_quick_tour_runs():
     assert "python3 -m pip install '.[test]' && python3 -m pytest" in lines
     tour = readme.split("## Python API quick tour", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(tour, "README.md quick tour", "exec"), {})
+    # The experiment settings' snippet runs on its own too.
+    snippet = readme.split("The same settings in Python:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(snippet, "README.md experiment settings", "exec"), {})
 
 
 @pytest.mark.parametrize("argv", [["bench", "--resume", "/nonexistent/sweep"], ["bench", "--topology", "dgx1"],
