@@ -396,3 +396,23 @@ def test_a_refusal_gives_sizes_as_sizes(tmp_path, capsys):
     assert main(["report", str(tmp_path / "new.json"), str(tmp_path / "base.json")]) == 2
     err = capsys.readouterr().err
     assert "total_bytes 16M vs baseline 8M" in err and "8388608" not in err
+
+
+def test_csv_and_tables_carry_the_spread_of_the_repetitions(tmp_path, capsys):
+    """Medians alone hide noise: the CSV has min, max and IQR of the repetitions' wall times and the GB/s
+    of the slowest and fastest; the migration tables show that GB/s range."""
+    import csv
+
+    doc = make_doc()
+    sc = doc["scenarios"][0]
+    w = sc["median_wall_ns"]
+    sc["wall_ns"] = [w / 2, w, 2 * w]
+    write_json(doc, tmp_path / "r.json")
+    assert main(["report", str(tmp_path / "r.json"), "--out", str(tmp_path / "o")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert float(row["min_wall_ns"]) == w / 2 and float(row["max_wall_ns"]) == 2 * w
+    assert float(row["iqr_wall_ns"]) == pytest.approx(0.75 * w)
+    assert float(row["gbps_min"]) == pytest.approx(sc["gbps"] / 2)
+    assert float(row["gbps_max"]) == pytest.approx(sc["gbps"] * 2)
+    out = capsys.readouterr().out
+    assert "min-max" in out and f"{sc['gbps'] / 2:.2f}-{sc['gbps'] * 2:.2f}" in out

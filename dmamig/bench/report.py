@@ -35,7 +35,7 @@ from .naming import (
     settings_words,
 )
 from .pairs_figures import pair_table
-from .results_file import CSV_FIELDS, load_results, normalize_results, write_csv, write_json
+from .results_file import CSV_FIELDS, load_results, normalize_results, wall_spread, write_csv, write_json
 
 __all__ = [
     "CSV_FIELDS",
@@ -94,12 +94,20 @@ _MIGRATION_TABLES = (
 )
 
 
+def _spread(sc: dict[str, Any]) -> str:
+    """GB/s of the slowest and the fastest timed repetition ("-" for a single one)."""
+    sp = wall_spread(sc)
+    if sp["gbps_min"] is None or len(sc.get("wall_ns") or []) < 2:
+        return "-"
+    return f"{format_number(sp['gbps_min'])}-{format_number(sp['gbps_max'])}"
+
+
 def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, dict[str, Any]]) -> Table:
     t = Table(title=title, title_justify="left")
     # The ceiling itself is printed once below the tables, and pages/s is GB/s in other units: both stay in
     # the CSV, out of a table that is wide already.
     for col, just in (("direction", "left"), ("folio", "right"), ("mode", "left"), ("DMA channels", "right"),
-                      ("batching", "left"), ("GB/s", "right"), ("CPU ns/page", "right"),
+                      ("batching", "left"), ("GB/s", "right"), ("min-max", "right"), ("CPU ns/page", "right"),
                       ("x ceiling", "right"), ("no-copy ÷ copy", "right"),
                       ("compared with", "left"), ("ns per page by phase", "left"), ("ok", "center")):
         # Wide enough for "pipelined (16 batches/step, DMA overlaps next unmap)" in two lines.
@@ -109,7 +117,7 @@ def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, di
     for s in rows:
         t.add_row(DIRECTIONS.get(s["direction"], s["direction"]), format_size(s["folio_bytes"]),
                   "no-copy" if s["mode"] == "nocopy" else "copy", format_number(s["channels"], "{}"), s["batching"],
-                  format_number(s["gbps"]), format_number(s["cpu_ns_per_page"], "{:.0f}"),
+                  format_number(s["gbps"]), _spread(s), format_number(s["cpu_ns_per_page"], "{:.0f}"),
                   format_number(s["ceiling_ratio"]), format_number(s.get("speedup_vs_copy")),
                   _compared_with(s, by_id), _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
     return t

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .naming import LEGACY_BATCHING, NOT_A_MIGRATION, scenario_name
 from .schema import PHASES, ResultsError, validate_results
 
@@ -22,7 +24,7 @@ __all__ = ["CSV_FIELDS", "load_results", "normalize_results", "write_csv", "writ
 CSV_FIELDS = (
     ["id", "name", "kind", "mode", "direction", "layout", "folio_bytes", "folio_order", "channels", "batching",
      "batch_pages", "batches_per_step", "pipeline_depth", "faithful", "bytes", "pages", "repeat",
-     "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
+     "median_wall_ns", "min_wall_ns", "max_wall_ns", "iqr_wall_ns", "gbps", "gbps_min", "gbps_max", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
      "ceiling_gbps", "ceiling_ratio", "ceiling_method", "speedup_vs_copy", "speedup_vs",
      "speedup_vs_faithful_copy", "nr_failed", "verified"]
     + [f"phase_{p}_ns" for p in PHASES]
@@ -90,6 +92,20 @@ def write_json(doc: dict[str, Any], path: str | Path) -> None:
     Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
+def wall_spread(sc: dict[str, Any]) -> dict[str, float | None]:
+    """The spread of a scenario's timed repetitions: min, max and interquartile range of ``wall_ns``, and the
+    GB/s they give (the slowest repetition is ``gbps_min``); None where the record has no GB/s or no times."""
+    walls = np.asarray(sc.get("wall_ns") or [], dtype=np.float64)
+    if walls.size == 0 or not (walls > 0).all():
+        return {"min_wall_ns": None, "max_wall_ns": None, "iqr_wall_ns": None, "gbps_min": None, "gbps_max": None}
+    q1, q3 = np.percentile(walls, [25, 75])
+    gbps, med = sc.get("gbps"), sc.get("median_wall_ns")
+    scale = gbps * med if gbps and med else None  # GB/s x ns: the same bytes over another repetition's time
+    return {"min_wall_ns": float(walls.min()), "max_wall_ns": float(walls.max()), "iqr_wall_ns": float(q3 - q1),
+            "gbps_min": scale / float(walls.max()) if scale else None,
+            "gbps_max": scale / float(walls.min()) if scale else None}
+
+
 def write_csv(doc: dict[str, Any], path: str | Path) -> None:
     """Write one CSV row per scenario with the columns of :data:`CSV_FIELDS`."""
     with open(path, "w", newline="") as fh:
@@ -97,6 +113,7 @@ def write_csv(doc: dict[str, Any], path: str | Path) -> None:
         w.writeheader()
         for sc in doc["scenarios"]:
             row = {k: sc.get(k) for k in CSV_FIELDS}
+            row.update(wall_spread(sc))
             row.update(sc.get("options") or {})
             for p in PHASES:
                 row[f"phase_{p}_ns"] = (sc.get("phase_ns") or {}).get(p)
