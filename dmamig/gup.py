@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import InvalidArgument, MigrationStalled, OutOfMemory
 from .flags import PageFlag
-from .memory import check_access, fault, migrate_to_ram
+from .memory import check_access, fault, migrate_to_ram, write_pages
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
@@ -121,10 +121,7 @@ def write_pinned(mm: AddressSpace, addr: int, buf: np.ndarray) -> None:
         if unpinned:
             raise InvalidArgument(f"write_pinned at {addr:#x}+{length:#x}: {len(unpinned)} of {pfns.size} pages "
                                   f"are not pinned by this address space; pin them with mm.pin first")
-        off = addr - first
-        frames = m.read_pfns(pfns) if (off or (addr + length) % ps) else np.empty((pfns.size, ps), np.uint8)
-        frames.reshape(-1)[off: off + length] = buf
-        m.write_pfns(pfns, frames)
+        write_pages(m, pfns, addr - first, buf)
         m.pages.set(m.pages.head[pfns], PageFlag.DIRTY)
         m.changed.notify_all()
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .vma import Vma
 
 __all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "map_pages",
-           "migrate_to_ram", "new_pte_flags", "read_pages"]
+           "migrate_to_ram", "new_pte_flags", "read_pages", "write_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -283,6 +283,16 @@ def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:
         run_migration(m, heads, 0, MigrateMode.SYNC, None, None, pfns, status, t_thread, t_wall)
     finally:
         m.lock.acquire()
+
+
+def write_pages(m: Machine, pfns: np.ndarray, off: int, buf: np.ndarray) -> None:
+    """Store ``buf`` at byte ``off`` of the first of the frames ``pfns``, which it spans: pages it covers only
+    in part are read first, so their other bytes stay (caller holds the lock)."""
+    ps = m.page_size
+    partial = off or (off + buf.size) % ps
+    frames = m.read_pfns(pfns) if partial else np.empty((pfns.size, ps), dtype=np.uint8)
+    frames.reshape(-1)[off: off + buf.size] = buf
+    m.write_pfns(pfns, frames)
 
 
 def read_pages(m: Machine, pfns: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from ._validate import check_node
 from .errors import AddressFault, InvalidArgument, MigrationStalled
 from .flags import MigrateMode, Prot, PteFlag
 from .gup import drop_pins
-from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages
+from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages, write_pages
 from .migrate.options import MigrateOptions
 from .mm_inspect import AddressInspection
 from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
@@ -102,7 +102,8 @@ class AddressSpace(AddressInspection):
             i += 1
         return out
 
-    def _wait_migrations(self, addr: int, length: int, timeout: float | None = None) -> list[tuple[Vma, int, int]]:
+    def _wait_migrations(self, addr: int, length: int,
+                         timeout: float | None = None) -> list[tuple[Vma, int, int]]:
         """Segments of the range once no migration entry is left in it (caller holds ``machine.changed``).
 
         With ``timeout`` (seconds), a wait that has not ended by then raises MigrationStalled.
@@ -240,16 +241,10 @@ class AddressSpace(AddressInspection):
         buf = _as_bytes(data)
         addr, length = self._check_range(addr, buf.size, aligned=False)
         m = self.machine
-        ps = m.page_size
-        off = addr % ps
         with m.changed:
             self._notify(addr, addr + length)
             pfns = access_pfns(self, addr, length, write=True)
-            pages_data = m.read_pfns(pfns) if (off or (off + length) % ps) else \
-                np.empty((pfns.size, ps), dtype=np.uint8)
-            flat = pages_data.reshape(-1)
-            flat[off: off + length] = buf
-            m.write_pfns(pfns, pages_data)
+            write_pages(m, pfns, addr % m.page_size, buf)
             self._touch(addr, length, dirty=True)
 
     def _touch(self, addr: int, length: int, dirty: bool) -> None:

@@ -33,6 +33,14 @@ def _expand(heads, nr, total):
     return out
 
 
+def _copy_current(s, d, n, write_seq):
+    """Whether every base frame of the destination folio ``d`` was written after its source frame last was."""
+    for j in range(n):
+        if write_seq[d + j] <= write_seq[s + j]:
+            return False
+    return True
+
+
 def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags, refcount,
                    mapcount, mapping, index, head, oid, pgoff, npages, pte_pfn, pte_flags, rc):
     """Lock each folio of entries ``pos`` (busy: rc 1; writeback: rc -EBUSY, lock given back), install
@@ -53,25 +61,14 @@ def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked,
             continue
         p = pos[i]
         unmapped[p] = True
-        ok = True
         for j in range(nr[p]):
             pfns[k] = heads[i] + j
             k += 1
-            if given[p] and write_seq[dst[p] + j] <= write_seq[heads[i] + j]:
-                ok = False
         if given[p]:
-            fresh[p] = ok
+            fresh[p] = _copy_current(heads[i], dst[p], nr[p], write_seq)
     install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                     pte_flags)
     return bad
-
-
-def _copy_current(s, d, n, write_seq):
-    """Whether every base frame of the destination folio ``d`` was written after its source frame last was."""
-    for j in range(n):
-        if write_seq[d + j] <= write_seq[s + j]:
-            return False
-    return True
 
 
 def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, unmapped, pmd_order,

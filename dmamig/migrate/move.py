@@ -146,8 +146,8 @@ class MovePhase:
         nfreed, dead = batch_kernels.move_one_vma(
             moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
             HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
-            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid, m.object(e.oid).pfns,
-            vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
+            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
+            m.object(e.oid).pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
         if nfreed == 0:
             return moving
         self._free_old(freed[:nfreed])
