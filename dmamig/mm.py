@@ -418,9 +418,18 @@ class AddressSpace(AddressInspection):
         Returns
         -------
         MovePagesResult
-            ``status[i]``: the node the page at ``addrs[i]`` is on after the call, or ``-ENOENT`` (not
-            populated), ``-EFAULT`` (no mapping there, or the zero page), ``-EACCES`` (mapped by another
-            process, without ``move_all``), or the migration's ``-EBUSY``/``-EAGAIN``/``-ENOMEM``/``-EIO``.
+            ``status[i]``: the node the page at ``addrs[i]`` reached, or ``-ENOENT`` (not populated, or under
+            migration right now), ``-EFAULT`` (no mapping there, or the zero page), ``-EACCES`` (mapped by
+            another process, without ``move_all``), ``-EBUSY`` (its folio is isolated: by another migration,
+            or named earlier in the same group), or the migration's ``-EAGAIN``/``-EBUSY``/``-ENOMEM``/``-EIO``.
+            ``rc`` is the syscall's return value.
+
+        Notes
+        -----
+        As the kernel's ``do_pages_move``: addresses are taken in order and queued; the queue is migrated
+        whenever the target node changes and after every address that was not queued. A group that leaves
+        folios unmigrated stops the call: ``rc`` counts them and every address after the group (untried, they
+        report where their page is); ``-ENOMEM`` stops it too. Nothing waits for a migration in flight.
         """
         from .migrate.move_pages import move_pages
 

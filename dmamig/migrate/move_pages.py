@@ -21,9 +21,11 @@ import numpy as np
 
 from .._validate import check_node
 from ..errors import InvalidArgument
-from ..flags import EFAULT, MigrateMode
-from ..vma import ZERO_PFN
+from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, PteFlag
+from ..vma import NO_PFN, ZERO_PFN
 from .core import check_mode, collect_folios, run_migration
+from .entries import _PENDING
+from .isolate import putback_folios
 from .options import MigrateOptions
 
 if TYPE_CHECKING:
@@ -42,23 +44,32 @@ class MovePagesResult:
     Attributes
     ----------
     status : numpy.ndarray
-        One int32 per address: the node its page is on after the call, or ``-errno``.
-    results : dict
-        The :class:`~dmamig.MigrateResult` of the core's run for each target node (empty for a query).
+        One int32 per address: the target node once its page is there (migrated, or there already), or
+        ``-errno``. Where the kernel writes no status (a group whose migration failed, and the addresses the
+        call never reached after it), the entry says what happened to the page: the node it is on, or the
+        ``-errno`` of its failure.
+    results : list of (int, MigrateResult)
+        One ``(node, MigrateResult)`` per group of pages the call migrated (each ``do_move_pages_to_node``),
+        in order; empty for a query.
+    rc : int
+        The syscall's return value: ``0``; or, once a group failed to migrate some folios, their number plus
+        the addresses after the group that were never tried (the call stops there); or ``-ENOMEM`` when a
+        group found no frame for a base page.
     """
 
     status: np.ndarray
-    results: dict[int, MigrateResult] = field(default_factory=dict)
+    results: list[tuple[int, MigrateResult]] = field(default_factory=list)
+    rc: int = 0
 
     @property
     def nr_succeeded(self) -> int:
-        """Base pages the core migrated, over every target node."""
-        return sum(r.nr_succeeded for r in self.results.values())
+        """Base pages the core migrated, over every group."""
+        return sum(r.nr_succeeded for _node, r in self.results)
 
     @property
     def nr_failed(self) -> int:
-        """Base pages the core tried and could not migrate (the syscall's return value counts these)."""
-        return sum(r.nr_failed for r in self.results.values())
+        """Base pages the core tried and could not migrate."""
+        return sum(r.nr_failed for _node, r in self.results)
 
 
 def _check_engine(m: Machine, engine: Any, mode: MigrateMode) -> MigrateMode:
@@ -148,53 +159,128 @@ def _lookup_settled(mm: AddressSpace, addrs: np.ndarray) -> tuple[np.ndarray, np
         mm.machine.changed.wait()
 
 
-def _where(m: Machine, pfns: np.ndarray, mapped: np.ndarray) -> np.ndarray:
-    """``do_pages_stat``: node of each page, ``-ENOENT`` if not populated, ``-EFAULT`` if unmapped or zero."""
-    from ..flags import ENOENT
+def _follow_pages(mm: AddressSpace, addrs: np.ndarray) -> np.ndarray:
+    """``follow_page`` of each address, waiting for nothing (caller holds the lock).
 
+    The pfn of the page mapped there; ``ZERO_PFN`` (``-EFAULT``) for the zero page and where no VMA maps the
+    address; ``-1`` (``-ENOENT``) where nothing is populated, and where a migration entry stands in the PTE:
+    the page walk finds no page behind a non-present entry and reports it as absent, it does not wait.
+    """
+    ps = mm.machine.page_size
+    vmas = mm.vmas
+    pfns = np.full(addrs.size, ZERO_PFN, dtype=np.int64)
+    if not vmas:
+        return pfns
+    starts = np.array([v.start for v in vmas], dtype=np.int64)
+    ends = np.array([v.end for v in vmas], dtype=np.int64)
+    i = np.searchsorted(starts, addrs, side="right") - 1
+    inside = (i >= 0) & (addrs < ends[np.maximum(i, 0)])
+    for k in np.unique(i[inside]).tolist():
+        pos = np.flatnonzero(inside & (i == k))
+        slots = (addrs[pos] - vmas[k].start) // ps
+        migrating = (vmas[k].pte_flags[slots] & np.uint8(PteFlag.MIGRATION)) != 0
+        pfns[pos] = np.where(migrating, NO_PFN, vmas[k].pte_pfn[slots])
+    return pfns
+
+
+def _pages_stat(m: Machine, pfns: np.ndarray) -> np.ndarray:
+    """``do_pages_stat_array``: the node of each page, ``-ENOENT`` where none, ``-EFAULT`` for the zero page
+    or no mapping."""
     status = np.where(pfns >= 0, m.nodemap.node_of(np.maximum(pfns, 0)), ENOENT).astype(np.int32)
-    status[(pfns == ZERO_PFN) | ~mapped] = EFAULT
+    status[pfns == ZERO_PFN] = EFAULT
     return status
+
+
+def _add_folios_for_migration(mm: AddressSpace, addrs: np.ndarray, node: int,
+                              move_all: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``add_folio_for_migration`` over a run of addresses with one target node, up to the first one that is
+    not queued (caller holds the lock).
+
+    Returns ``(k, pfns, status, heads)``: ``addrs[:k]`` are queued (``pfns`` and the provisional ``status`` of
+    those pages, their isolated ``heads``); ``status[k]``, when ``k < addrs.size``, is the page that ended the
+    group: ``0`` (on ``node`` already) or why it was not queued. A folio named a second time in a group is
+    already isolated, so that address is ``-EBUSY``.
+    """
+    m = mm.machine
+    pfns = _follow_pages(mm, addrs)
+    status, heads = collect_folios(m, pfns, node, move_all=move_all)
+    queued = status == _PENDING
+    k = addrs.size if queued.all() else int(np.argmin(queued))  # the first page not queued
+    # ``heads`` lists each folio once, in order: up to the first repeat of a folio it matches the pages' heads.
+    # A repeat is where the kernel's isolation fails, the folio being isolated already.
+    want, got = m.pages.head[pfns[:k]], heads[:k]
+    if got.size < k or not np.array_equal(got, want):
+        differ = np.flatnonzero(got != want[: got.size])
+        k = int(differ[0]) if differ.size else got.size
+    if k < addrs.size:
+        if status[k] == _PENDING:
+            status[k] = EBUSY
+        # Only the pages before ``k`` were taken: the kernel never reached the rest of the run yet.
+        putback_folios(m, heads[k:])
+        heads = heads[:k]
+    return k, pfns[:k], status[: k + 1], heads
 
 
 def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engine: DmaEngine | None,
                move_all: bool, options: MigrateOptions | None) -> MovePagesResult:
-    """``AddressSpace.move_pages``: validate, then run the core once per target node, in order of first use.
+    """``AddressSpace.move_pages``: validate, then ``do_pages_move`` (or ``do_pages_stat`` for a query).
 
-    The kernel flushes its page list whenever the target node changes from one address to the next; grouping
-    every address of a node into one run places the pages the same way with fewer passes. Statuses are read
-    back from the page tables at the end, so a page named twice reports where it finally is. An address whose
-    page is under migration is waited for, as ``migrate`` waits, where the kernel's page walk would skip the
-    migration entry and report ``-ENOENT``.
+    As the kernel, pages are queued in order, and the queue is migrated (one ``migrate_pages()`` call)
+    whenever the target node changes and after every page that was not queued (already on its node, or
+    not movable: its status says why). A group that fails to migrate some folios stops the call: the
+    return value counts them and every address after the group, untried. An address whose page is under
+    migration reports ``-ENOENT`` at once, as the kernel's page walk does.
     """
     mm._check_open()
     m = mm.machine
     addrs = _as_addrs(addrs)
     if nodes is None:
         with m.changed:
-            return MovePagesResult(_where(m, *_lookup_settled(mm, addrs)))
+            return MovePagesResult(_pages_stat(m, _follow_pages(mm, addrs)))
     targets = _as_nodes(m, nodes, addrs.size)
     mode = _check_engine(m, engine, check_mode(mode, allow_no_copy=False))
     options = MigrateOptions.coerce(options)
-    status = np.zeros(addrs.size, dtype=np.int32)
-    errors = np.zeros(addrs.size, dtype=np.int32)  # per-address -errno that the final lookup cannot see
-    results: dict[int, MigrateResult] = {}
-    _, first = np.unique(targets, return_index=True)
-    for node in targets[np.sort(first)].tolist():
+    return _do_pages_move(mm, addrs, targets, mode, engine, bool(move_all), options)
+
+
+def _do_pages_move(mm: AddressSpace, addrs: np.ndarray, targets: np.ndarray, mode: MigrateMode,
+                   engine: DmaEngine | None, move_all: bool, options: MigrateOptions) -> MovePagesResult:
+    """``do_pages_move``: group, migrate each group (``do_move_pages_to_node``), store statuses, stop on failure."""
+    m = mm.machine
+    n = addrs.size
+    status = np.zeros(n, dtype=np.int32)
+    results: list[tuple[int, MigrateResult]] = []
+    run_end = np.empty(n, dtype=np.int64)  # where the run of equal targets holding each address ends
+    cuts = np.flatnonzero(np.diff(targets)) + 1
+    for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
+        run_end[a:b] = b
+    i = 0
+    rc = 0
+    while i < n:
+        node = int(targets[i])
         t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
-        sel = np.flatnonzero(targets == node)
         with m.changed:
-            pfns, mapped = _lookup_settled(mm, addrs[sel])
-            st, heads = collect_folios(m, np.where(mapped, pfns, ZERO_PFN), node, move_all=bool(move_all))
-        res = run_migration(m, heads, node, mode, engine, None, pfns, st, t_thread, t_wall, options)
-        res.status[~mapped] = EFAULT
-        results[node] = res
-        failed = (res.status < 0) & (res.status != EFAULT)
-        errors[sel[failed]] = res.status[failed]
-        errors[sel[~failed]] = 0
-    with m.changed:
-        status[:] = _where(m, *_lookup_settled(mm, addrs))
-    # Where the page is wins, except for pages the call could not move: they report why.
-    keep = (errors != 0) & (status >= 0)
-    status[keep] = errors[keep]
-    return MovePagesResult(status, results)
+            k, pfns, st, heads = _add_folios_for_migration(mm, addrs[i:run_end[i]], node, move_all)
+        nxt = i + k + 1 if k < run_end[i] - i else int(run_end[i])  # the first address not accounted for
+        if nxt == i + k + 1:
+            status[i + k] = node if st[k] == 0 else st[k]
+        if heads.size:
+            res = run_migration(m, heads, node, mode, engine, None, pfns, st[:k], t_thread, t_wall, options)
+            results.append((node, res))
+            group = status[i:i + k]
+            if res.rc == 0:
+                group[:] = node
+            else:
+                # move_pages_and_store_status stores nothing for a failed group; its pages say what happened.
+                group[:] = np.where(res.status == 0, node, res.status)
+                rc = res.rc + (n - nxt) if res.rc > 0 else res.rc
+                i = nxt
+                break
+        else:
+            status[i:i + k] = node
+        i = nxt
+    if i < n:
+        # Never reached: where the pages are.
+        with m.changed:
+            status[i:] = _pages_stat(m, _follow_pages(mm, addrs[i:]))
+    return MovePagesResult(status, results, rc)
