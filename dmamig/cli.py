@@ -209,11 +209,34 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
 
 def _info_text(key: str, v: Any, info: dict[str, Any]) -> str:
     """One ``dmamig info`` value in words: what a missing one means, and a reason said once, not per kernel."""
+    if key == "git_commit":
+        if v is None:
+            return str(info.get("git_commit_source") or "unknown")
+        dirty = {True: ", dirty: tracked files changed", False: ", clean"}.get(info.get("git_dirty"), "")
+        return f"{v}{dirty} (from {info.get('git_commit_source', 'unknown')})"
+    if key == "host" and isinstance(v, dict):
+        return host_text(v)
     if v is None:
-        return {"git_commit": "unknown (not run from a git checkout)"}.get(key, "not installed")
+        return "not installed"
     if key == "kernel_build_status" and isinstance(v, dict) and str(info.get("cuda", "")).startswith("absent"):
         return f"not built ({', '.join(v)}): CUDA is absent here, see cuda"
     return json.dumps(v, default=str) if isinstance(v, dict | list) else str(v)
+
+
+def host_text(host: dict[str, Any]) -> str:
+    """A host record (:func:`dmamig.sweep.hardware.host_facts`) in one line of words."""
+    numa = host.get("numa_nodes")
+    if isinstance(numa, list):
+        nodes = "; ".join(f"node {n.get('node')}: CPUs {n.get('cpus')}" for n in numa)
+        numa_text = f"{len(numa)} NUMA node(s) ({nodes})"
+    else:
+        numa_text = str(numa)
+    mem = host.get("memory_bytes")
+    mem_text = f"{mem / (1 << 30):.1f} GiB" if isinstance(mem, int) else str(mem)
+    tpc = host.get("threads_per_core")
+    return (f"{host.get('cpu_model')}; {host.get('cpus_available')} of {host.get('cpus_online')} CPUs available "
+            f"to this process ({host.get('affinity')}); SMT {host.get('smt')}"
+            + (f" ({tpc} thread(s) per core)" if tpc else "") + f"; {numa_text}; memory {mem_text}")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -229,19 +252,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     t.add_column("key", style="bold")
     t.add_column("value")
     for key in ("backend", "cuda", "cuda_driver", "cuda_runtime", "nvrtc", "batch_copy", "dmamig", "git_commit",
-                "python", "numpy", "numba", "cupy", "cpu", "cpu_count", "platform", "kernel_build_status",
+                "python", "numpy", "numba", "cupy", "host", "platform", "kernel_build_status",
                 "error"):
         if key in info:
             t.add_row(key, escape(_info_text(key, info[key], info)))
     con.print(t)
     if info["devices"]:
         d = Table(title="devices", title_justify="left")
-        for col in ("#", "name", "memory", "peers"):
+        for col in ("#", "name", "memory", "peers", "UUID", "PCI bus", "driver", "CUDA runtime", "compute mode",
+                    "persistence", "app clocks MHz (SM, memory)"):
             d.add_column(col)
-        for k, dev in enumerate(info["devices"]):
+        for k, dev in enumerate(info.get("gpus") or info["devices"]):
             mem = dev.get("memory_bytes")
             d.add_row(str(k), escape(str(dev.get("name", "?"))), f"{mem / (1 << 30):.1f} GiB" if mem else "?",
-                      ", ".join(map(str, dev.get("peers", []))) or "none")
+                      ", ".join(map(str, dev.get("peers", []))) or "none",
+                      *(escape(str(dev.get(key, "unknown"))) for key in ("uuid", "pci_bus_id", "driver",
+                                                                        "cuda_runtime", "compute_mode",
+                                                                        "persistence_mode")),
+                      escape(f"{dev.get('app_clock_graphics_mhz', 'unknown')}, "
+                             f"{dev.get('app_clock_memory_mhz', 'unknown')}"))
         con.print(d)
     else:
         con.print("devices: none (the cpu backend emulates device nodes with host-RAM buffers)")

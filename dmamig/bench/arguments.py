@@ -223,7 +223,9 @@ def add_report_parser(sub: Any, argtype: Callable) -> None:
                                    "lies below 1, when a baseline scenario is missing, or when its options "
                                    "differ. A scenario beyond the threshold with fewer than 3 repetitions is "
                                    "reported as inconclusive and does not fail. Runs with different settings "
-                                   "(quick vs full, working set, backend) are refused (exit 2).")
+                                   "(quick vs full, working set, backend) are refused (exit 2), and so are runs "
+                                   "from different machines (CPU model, GPU) unless --allow-other-machine is "
+                                   "given.")
     r.add_argument("results", type=Path, metavar="RESULTS", help="a results.json, or the folder that holds it")
     r.add_argument("baseline", type=Path, nargs="?", metavar="BASELINE",
                    help="the baseline's results.json, or its folder")
@@ -232,4 +234,7 @@ def add_report_parser(sub: Any, argtype: Callable) -> None:
     r.add_argument("--metric", choices=("throughput", "ceiling-ratio"), default="throughput",
                    help="compare GB/s (pages per CPU-second for state-only), or the ratio to the same run's "
                         "ceiling, which factors out machine speed (default throughput)")
+    r.add_argument("--allow-other-machine", action="store_true",
+                   help="compare runs made on different machines (another CPU model or GPU), which is refused "
+                        "otherwise (exit 2); the backend may then differ too")
     r.add_argument("--out", type=Path, metavar="DIR", help="also write results.csv and plots into DIR")

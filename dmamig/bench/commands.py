@@ -225,8 +225,9 @@ def _replay_files(*paths: Any) -> bool:
 def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     """Run ``dmamig report``: print a results file; with a baseline, compare and exit 1 on a regression.
 
-    Exit 2 (one line on stderr) when a file is not a results file, when the two runs' settings differ, or
-    when ``--out`` cannot be written.
+    Exit 2 (one line on stderr) when a file is not a results file, when the two runs' settings differ, when
+    they come from different machines (another CPU model or GPU; ``--allow-other-machine`` compares them
+    anyway), or when ``--out`` cannot be written.
 
     Parameters
     ----------
@@ -237,17 +238,18 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     """
     from rich.markup import escape
 
-    from .output import OutputError, check_writable
-    from .plots import write_plots
-    from .report import (
+    from .comparison import (
         check_comparable,
+        check_same_machine,
         compare_results,
         comparison_table,
-        load_results,
+        machine_identity,
         regressions,
-        render_tables,
-        write_csv,
     )
+    from .output import OutputError, check_writable
+    from .plots import write_plots
+    from .report import render_tables
+    from .results_file import load_results, write_csv
     from .schema import ResultsError
 
     err = console(stderr=True)
@@ -262,8 +264,12 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     try:
         doc = load_results(args.results)
         base = load_results(args.baseline) if args.baseline else None
+        other = bool(getattr(args, "allow_other_machine", False))
+        unchecked: list[str] = []
         if base is not None:
-            check_comparable(doc, base)
+            if not other:
+                unchecked = check_same_machine(doc, base)
+            check_comparable(doc, base, other)
         if args.out:
             check_writable(args.out)
     except (ResultsError, OutputError) as exc:
@@ -277,7 +283,16 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
         write_plots(doc, args.out)
     if base is None:
         return 0
-    comps = compare_results(doc, base, args.threshold, args.metric)
+    if other:
+        a, b = machine_identity(doc), machine_identity(base)
+        err.print(escape(f"dmamig report: comparing runs of different machines on purpose (--allow-other-machine): "
+                         f"CPU {a['cpu_model'] or 'unknown'} vs baseline {b['cpu_model'] or 'unknown'}; GPU "
+                         f"{a['gpus'] or 'unknown'} vs baseline {b['gpus'] or 'unknown'}; backend "
+                         f"{doc['settings']['backend']} vs baseline {base['settings']['backend']}"), soft_wrap=True)
+    elif unchecked:
+        err.print(f"dmamig report: not checked whether both runs come from the same machine: "
+                  f"{', '.join(unchecked)} unknown in one of them (older results record less)", soft_wrap=True)
+    comps = compare_results(doc, base, args.threshold, args.metric, other_machine=other)
     con.print(comparison_table(comps, args.threshold, args.metric))
     bad = regressions(comps)
     unsure = [c for c in comps if c.inconclusive and not c.regressed]

@@ -2,7 +2,7 @@
 
 A scenario regresses when it is slower beyond a threshold and significantly so (:mod:`dmamig.bench.stats`),
 when its data failed verification, when its settings differ, or when the run lacks it; runs whose settings
-differ are not compared at all. :mod:`dmamig.bench.report` re-exports these names.
+differ are not compared at all, nor runs from different machines (another CPU model or GPU) unless asked. :mod:`dmamig.bench.report` re-exports these names.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ from .stats import ratio_interval
 __all__ = [
     "COMPARED_IF_RECORDED",
     "COMPARED_SETTINGS",
+    "MACHINE_FIELDS",
     "METRICS",
     "Comparison",
     "NotComparable",
+    "OtherMachine",
     "check_comparable",
+    "check_same_machine",
     "compare_results",
     "comparison_table",
+    "machine_identity",
     "primary_metric",
     "regressions",
 ]
@@ -81,8 +85,11 @@ COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
 COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology", "dma_poll_us")
 
 
-def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
+def check_comparable(new: dict[str, Any], baseline: dict[str, Any], other_machine: bool = False) -> None:
     """Refuse to compare runs whose settings differ (quick vs full, another working set, backend, page size).
+
+    With ``other_machine`` (runs known to come from different machines, compared on purpose) the backend may
+    differ: a machine without a GPU runs only the CPU backend.
 
     Raises
     ------
@@ -96,13 +103,78 @@ def check_comparable(new: dict[str, Any], baseline: dict[str, Any]) -> None:
 
     diff = [f"{k} {said(k, ns.get(k, False if k == 'quick' else None))} vs baseline "
             f"{said(k, bs.get(k, False if k == 'quick' else None))}"
-            for k in COMPARED_SETTINGS if ns.get(k, False if k == "quick" else None)
+            for k in COMPARED_SETTINGS if not (other_machine and k == "backend") and ns.get(k, False if k == "quick" else None)
             != bs.get(k, False if k == "quick" else None)]
     diff += [f"{k} {said(k, ns[k])} vs baseline {said(k, bs[k])}" for k in COMPARED_IF_RECORDED
              if k in ns and k in bs and ns[k] != bs[k]]
     if diff:
         raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "
                             f"with a baseline run with the same settings")
+
+
+class OtherMachine(NotComparable):
+    """Two runs from different machines (another CPU model or other GPUs): their figures measure the machines
+    as much as the code. ``fields`` names what differs."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
+#: What says which machine made a run, compared by :func:`check_same_machine`, and its words.
+MACHINE_FIELDS = {"cpu_model": "CPU model", "gpus": "GPU"}
+
+
+def _known(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and value.startswith("unknown"))
+
+
+def machine_identity(doc: dict[str, Any]) -> dict[str, Any]:
+    """The fields of :data:`MACHINE_FIELDS` of a results document; None where the document does not say.
+
+    ``cpu_model`` is the CPU model of every process that ran a scenario (a cluster's workers, when they
+    recorded theirs; else the machine's). ``gpus`` is the set of names of the GPUs the run used, ``"none"``
+    on the CPU backend. A field missing from an older result, or recorded as ``"unknown ..."``, is None.
+    """
+    m = doc.get("machine") or {}
+    workers = [w for w in m.get("workers") or [] if _known(w.get("cpu"))]
+    if workers:
+        cpu: Any = " + ".join(sorted({str(w["cpu"]) for w in workers}))
+    else:
+        cpu = (m.get("host") or {}).get("cpu_model") or m.get("cpu")
+    gpus: Any = None
+    if "gpus" in m:
+        names = sorted({str(g.get("name")) for g in m["gpus"] if _known(g.get("name"))})
+        gpus = " + ".join(names) if names else ("none" if not m["gpus"] and m.get("backend") == "cpu" else None)
+    return {"cpu_model": cpu if _known(cpu) else None, "gpus": gpus}
+
+
+def check_same_machine(new: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """Refuse to compare runs made on different machines: another CPU model, or other GPUs.
+
+    A field that either run does not record (older results, or a fact that could not be read) is *unknown*
+    and does not count as a difference: the refusal needs evidence. Such fields are returned, so that the
+    report can say which ones it could not check.
+
+    Returns
+    -------
+    list of str
+        The fields (in words) that one of the runs does not record.
+
+    Raises
+    ------
+    OtherMachine
+        Naming every field that differs and its two values.
+    """
+    a, b = machine_identity(new), machine_identity(baseline)
+    unknown = [MACHINE_FIELDS[k] for k in MACHINE_FIELDS if a[k] is None or b[k] is None]
+    diff = [k for k in MACHINE_FIELDS if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    if diff:
+        said = "; ".join(f"{MACHINE_FIELDS[k]} {a[k]!r} vs baseline {b[k]!r}" for k in diff)
+        raise OtherMachine(f"the runs come from different machines: {said}; their figures would compare the "
+                           f"machines, not the code. Compare with a baseline made on the same machine, or "
+                           f"give --allow-other-machine to compare them anyway", [MACHINE_FIELDS[k] for k in diff])
+    return unknown
 
 
 def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> tuple[str, bool]:
@@ -121,7 +193,7 @@ def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> tuple[str, bool
 
 
 def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: float = 0.1,
-                    metric: str = "throughput") -> list[Comparison]:
+                    metric: str = "throughput", other_machine: bool = False) -> list[Comparison]:
     """Compare two runs scenario by scenario.
 
     A scenario regresses when ``new / baseline < 1 - threshold`` *and* the change is significant: the 95 %
@@ -140,6 +212,9 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
         Allowed relative slowdown, e.g. ``0.1`` for 10 %.
     metric : str
         One of :data:`METRICS`.
+    other_machine : bool
+        The runs come from different machines and are compared on purpose (see :func:`check_comparable`);
+        the machine itself is checked by :func:`check_same_machine`, which the caller asks.
 
     Returns
     -------
@@ -153,7 +228,7 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    check_comparable(new, baseline)
+    check_comparable(new, baseline, other_machine)
     normalize_results(new)
     normalize_results(baseline)
     base = {s["id"]: s for s in baseline["scenarios"]}

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..sweep.hardware import cpu_model
 from ..sweep.journal import Journal
 from .runner import SweepInterrupted, VerificationError, build_tasks, run_sweep, sweep_document
 from .scenarios import BenchSettings
@@ -147,8 +148,9 @@ class BenchSweep:
             # An in-process sweep measures its ceilings anew each run: the run, not the process, is the worker.
             seen["who"] = {"host": platform.node(), "address": None, "name": None, "pid": os.getpid(),
                            "run": started.isoformat(timespec="microseconds"),
-                           "gpus": [{"index": g.get("id"), "name": str(g.get("name")), "uuid": g.get("uuid")}
-                                    for g in gpus[:self.settings.devices]]}
+                           "cpu": cpu_model(),
+                           "gpus": [json_ready({**g, "index": g.get("id", g.get("index")), "name": str(g.get("name")),
+                                                "uuid": g.get("uuid")}) for g in gpus[:self.settings.devices]]}
 
         def done(task: Task, records: list[dict[str, Any]]) -> None:
             ceilings = [c for c in seen["ceilings"] if c["direction"] in task.directions]

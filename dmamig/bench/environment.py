@@ -1,12 +1,14 @@
 """Where a benchmark runs, and the copy ceiling it is measured against in the same run.
 
-:func:`machine_info` describes the CPU, GPUs, library versions and the git commit; :func:`measure_ceilings`
+:func:`machine_info` describes the host, the GPUs a run used, library versions and the git commit
+(:func:`git_provenance`); :func:`measure_ceilings`
 times a plain copy of the working set (pinned ``cudaMemcpyAsync`` on a GPU, ``np.copyto`` on the CPU), which
 every migration figure is divided by.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -14,10 +16,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-__all__ = ["cpu_copy_ceiling", "machine_info", "measure_ceilings"]
+__all__ = ["cpu_copy_ceiling", "git_provenance", "machine_info", "measure_ceilings"]
 
 
 # -- versions and machine -----------------------------------------------------------------------------------------------
@@ -47,43 +50,84 @@ def _cupy_version() -> str | None:
     return None
 
 
-def _cpu_name() -> str:
+def _git(where: Path, *args: str) -> str | None:
     try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _git_head(where: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _git_commit() -> str | None:
-    """The commit of the source tree dmamig runs from, or of the dmamig checkout in the current directory.
-
-    An installed copy (``pip install .``) has no git metadata, but CI runs it from the checkout it installed,
-    so a current directory holding dmamig's own pyproject.toml names the commit.
-    """
-    here = Path(__file__).resolve().parent
-    if (here.parent.parent / "pyproject.toml").exists():
-        return _git_head(here)
+def _checkout(where: Path) -> dict[str, Any] | None:
+    """The commit and dirtiness of the dmamig checkout holding ``where``; None when it is not one."""
+    top = _git(where, "rev-parse", "--show-toplevel")
+    if not top:
+        return None
     try:
-        ours = 'name = "dmamig"' in (Path.cwd() / "pyproject.toml").read_text()
+        ours = 'name = "dmamig"' in (Path(top) / "pyproject.toml").read_text()
     except OSError:
         ours = False
-    return _git_head(Path.cwd()) if ours else None
+    head = _git(Path(top), "rev-parse", "HEAD") if ours else None
+    if not head:
+        return None
+    status = _git(Path(top), "status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": head, "git_dirty": None if status is None else bool(status), "path": top}
+
+
+def _pip_source() -> dict[str, Any] | None:
+    """What pip recorded of where dmamig was installed from (PEP 610 ``direct_url.json``), if anything."""
+    try:
+        text = metadata.distribution("dmamig").read_text("direct_url.json")
+    except (metadata.PackageNotFoundError, OSError):
+        return None
+    try:
+        doc = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def git_provenance() -> dict[str, Any]:
+    """The git commit the running dmamig was made from, whether its tree was dirty, and where that was found.
+
+    Looked for, in order: the source tree dmamig runs from (a checkout, or an editable install); the commit
+    pip recorded for an install from a git URL; the clone pip recorded for ``pip install .`` (its HEAD now,
+    which is the installed commit unless the clone moved since); the dmamig checkout holding the current
+    directory (as on a CI runner that installed the checkout it runs in).
+
+    Returns
+    -------
+    dict
+        ``git_commit`` (the hash, or None), ``git_dirty`` (True when tracked files differed from the commit;
+        None when unknown) and ``git_commit_source``: where the commit was found, or ``"unknown: ..."`` saying
+        where it was looked for.
+    """
+    here = Path(__file__).resolve().parent.parent
+    found = _checkout(here) if (here.parent / "pyproject.toml").exists() else None
+    if found:
+        return {"git_commit": found["git_commit"], "git_dirty": found["git_dirty"],
+                "git_commit_source": f"source tree {found['path']}"}
+    pip = _pip_source() or {}
+    vcs = pip.get("vcs_info") or {}
+    if vcs.get("commit_id"):
+        return {"git_commit": str(vcs["commit_id"]), "git_dirty": False,
+                "git_commit_source": f"pip install from {pip.get('url')} (the commit pip recorded)"}
+    url = str(pip.get("url") or "")
+    if url.startswith("file://"):
+        found = _checkout(Path(unquote(urlparse(url).path)))
+        if found:
+            return {"git_commit": found["git_commit"], "git_dirty": found["git_dirty"],
+                    "git_commit_source": f"the clone dmamig was installed from, {found['path']} (its HEAD when "
+                                         f"this ran)"}
+    found = _checkout(Path.cwd())
+    if found:
+        return {"git_commit": found["git_commit"], "git_dirty": found["git_dirty"],
+                "git_commit_source": f"the dmamig checkout in the current directory, {found['path']}"}
+    installed = f"from {url}" if url else "with no source recorded by pip"
+    return {"git_commit": None, "git_dirty": None,
+            "git_commit_source": f"unknown: dmamig runs from {here}, which is not a git checkout; it was installed "
+                                 f"{installed}, which is not a git checkout now; the current directory is not "
+                                 f"a dmamig checkout (run from the clone, or install with pip install -e)"}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -102,35 +146,58 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine_info(backend: str, gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Describe where a run happens: CPU, GPUs, versions and the git commit.
+    """Describe where a run happens: the host, the GPUs it used, versions and the git commit.
 
     Parameters
     ----------
     backend : str
         ``"cpu"`` or ``"cuda"``.
     gpus : list of dict, optional
-        ``backend.devices()`` of the backend in use.
+        The GPUs the run used: ``backend.devices()`` of the backend in use (described here with
+        :func:`dmamig.sweep.hardware.gpu_facts`), or records a worker already described.
+
+    Returns
+    -------
+    dict
+        ``cpu`` (model) and ``cpu_count`` (logical CPUs), ``host`` (:func:`dmamig.sweep.hardware.host_facts`:
+        CPU model, the cores this process may use, SMT, NUMA nodes, memory), ``gpus`` (per GPU: UUID, PCI bus
+        id, name, driver, CUDA runtime, compute and persistence mode, application clocks), versions, and
+        :func:`git_provenance`'s ``git_commit``, ``git_dirty`` and ``git_commit_source``.
     """
     import numpy
 
+    from ..sweep.hardware import cpu_model, gpu_facts, host_facts
+
+    gpus = [_jsonable(dict(g)) for g in (gpus or [])]
+    if backend == "cuda" and gpus and not all("smi_match" in g for g in gpus):
+        gpus = [_jsonable(g) for g in gpu_facts(gpus)]
     info: dict[str, Any] = {
         "backend": backend,
         "hostname": platform.node(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count() or 1,
-        "gpus": [_jsonable(dict(g)) for g in (gpus or [])],
+        "host": _jsonable_deep(host_facts()),
+        "gpus": gpus,
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "numba": _version("numba"),
         "cupy": _cupy_version(),
         "dmamig": _version("dmamig") or _package_version(),
-        "git_commit": _git_commit(),
+        **git_provenance(),
     }
     if backend == "cpu":
         info["note"] = ("cpu backend: every node's frames are numpy buffers in host RAM, so host->device and "
                         "device->host are RAM-to-RAM copies between distinct buffers; DMA channels are threads")
     return info
+
+
+def _jsonable_deep(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable_deep(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable_deep(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # -- ceilings --------------------------------------------------------------------------------------------------

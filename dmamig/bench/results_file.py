@@ -16,7 +16,7 @@ import numpy as np
 from .naming import LEGACY_BATCHING, NOT_A_MIGRATION, scenario_name
 from .schema import PHASES, ResultsError, validate_results
 
-__all__ = ["CSV_FIELDS", "load_results", "normalize_results", "write_csv", "write_json"]
+__all__ = ["CSV_FIELDS", "load_results", "normalize_results", "wall_spread", "who_ran", "write_csv", "write_json"]
 
 #: Columns of results.csv, in order; phase columns are ``phase_<name>_ns`` and ``share_<name>``.
 #: ``batch_pages``, ``batches_per_step``, ``pipeline_depth`` and ``faithful`` come from the scenario's options
@@ -35,6 +35,8 @@ CSV_FIELDS = (
        "service_ns_per_batch", "bytes_migrated_per_byte_touched", "ceiling_pages_per_s"]
     # Device-pair records (empty for the others).
     + ["src_device", "dst_device", "link", "peer", "staged", "ceiling_route"]
+    # Who ran it (every run; on a cluster each row its own worker): see :func:`who_ran`.
+    + ["host", "worker", "cpu_model", "gpu", "gpu_uuid", "gpu_pci_bus_id"]
 )
 
 
@@ -106,6 +108,25 @@ def wall_spread(sc: dict[str, Any]) -> dict[str, float | None]:
             "gbps_max": scale / float(walls.min()) if scale else None}
 
 
+def who_ran(sc: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
+    """The CSV's columns of who ran a scenario: ``host``, ``worker`` (the Dask worker's address, else the
+    process id), ``cpu_model``, and the ``gpu`` names, ``gpu_uuid`` and ``gpu_pci_bus_id`` of the GPUs it used
+    (several joined by ``;``). A record without a worker (one process ran the whole sweep) takes the machine's.
+    """
+    who = sc.get("worker") or {}
+    gpus = who.get("gpus") if who else machine.get("gpus")
+    gpus = gpus or []
+
+    def joined(key: str) -> str | None:
+        vals = [str(g.get(key)) for g in gpus if g.get(key) is not None]
+        return ";".join(vals) or None
+
+    address = who.get("address") or (f"pid {who['pid']}" if who.get("pid") is not None else None)
+    return {"host": who.get("host") or machine.get("hostname"), "worker": address,
+            "cpu_model": who.get("cpu") or (machine.get("host") or {}).get("cpu_model") or machine.get("cpu"),
+            "gpu": joined("name"), "gpu_uuid": joined("uuid"), "gpu_pci_bus_id": joined("pci_bus_id")}
+
+
 def write_csv(doc: dict[str, Any], path: str | Path) -> None:
     """Write one CSV row per scenario with the columns of :data:`CSV_FIELDS`."""
     with open(path, "w", newline="") as fh:
@@ -114,6 +135,7 @@ def write_csv(doc: dict[str, Any], path: str | Path) -> None:
         for sc in doc["scenarios"]:
             row = {k: sc.get(k) for k in CSV_FIELDS}
             row.update(wall_spread(sc))
+            row.update(who_ran(sc, doc.get("machine") or {}))
             row.update(sc.get("options") or {})
             for p in PHASES:
                 row[f"phase_{p}_ns"] = (sc.get("phase_ns") or {}).get(p)

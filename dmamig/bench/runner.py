@@ -165,7 +165,12 @@ def run_sweep(settings: BenchSettings, progress: ProgressFn | None = None,
 
     backend = open_backend(settings.backend)
     try:
-        gpus = [dict(d) for d in backend.devices()]
+        # The GPUs the sweep uses (devices 0 .. devices - 1), described once: UUID, PCI bus id, driver, clocks.
+        gpus = [dict(d) for d in backend.devices()][:settings.devices]
+        if settings.backend == "cuda" and gpus:
+            from ..sweep.hardware import gpu_facts
+
+            gpus = gpu_facts(gpus)
         ceil_list = measure_ceilings(backend, settings.backend, settings.total_bytes, directions,
                                      repeat=max(3, settings.repeat))
     finally:

@@ -85,11 +85,13 @@ _WORKER = {
     "type": "object",
     "properties": {
         "host": {"type": "string"},
+        "cpu": {"type": "string", "description": "The worker's CPU model (absent in older results)."},
         "address": {"type": ["string", "null"], "description": "Dask worker address; null: no cluster."},
         "name": {"type": ["string", "null"]},
         "pid": {"type": "integer"},
         "run": {"type": "string", "description": "In-process sweeps: when the run that measured started."},
-        "gpus": {"type": "array", "description": "GPUs its tasks used: index, name, uuid (none on cpu).",
+        "gpus": {"type": "array", "description": "GPUs its tasks used: index, name, uuid, pci_bus_id, driver and "
+                                                "the rest of machine.gpus (none on cpu).",
                  "items": {"type": "object", "properties": {"index": {"type": ["integer", "null"]},
                                                             "name": {"type": "string"},
                                                             "uuid": {"type": ["string", "null"]}}}},
@@ -204,14 +206,30 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "platform": {"type": "string"},
                 "cpu": {"type": "string"},
                 "cpu_count": {"type": "integer", "minimum": 1},
-                "gpus": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                                     "properties": {"name": {"type": "string"}}}},
+                "host": {"type": "object",
+                         "description": "The host (dmamig.sweep.hardware.host_facts): cpu_model, cpus_online, "
+                                        "cpus_available and affinity (the cores the process may use), smt, "
+                                        "threads_per_core, numa_nodes, memory_bytes; a fact that could not be "
+                                        "read is the text 'unknown (why)'. Absent in older results."},
+                "gpus": {"type": "array",
+                         "description": "The GPUs the run used: name, index, uuid, pci_bus_id, driver, cuda_runtime, "
+                                        "compute_mode, persistence_mode, app_clock_graphics_mhz, "
+                                        "app_clock_memory_mhz (older results: name, memory and compute "
+                                        "capability only); a field that could not be read says 'unknown (why)'.",
+                         "items": {"type": "object", "required": ["name"],
+                                   "properties": {"name": {"type": "string"}}}},
                 "python": {"type": "string"},
                 "numpy": {"type": "string"},
                 "numba": {"type": ["string", "null"]},
                 "cupy": {"type": ["string", "null"]},
                 "dmamig": {"type": "string"},
-                "git_commit": {"type": ["string", "null"]},
+                "git_commit": {"type": ["string", "null"],
+                               "description": "The commit dmamig was made from; null when unknown (then "
+                                              "git_commit_source says where it was looked for)."},
+                "git_dirty": {"type": ["boolean", "null"],
+                              "description": "Whether tracked files differed from git_commit; null: unknown."},
+                "git_commit_source": {"type": "string",
+                                      "description": "Where git_commit was found, or 'unknown: ...'."},
                 "note": {"type": "string"},
                 "workers": {"type": "array", "items": _WORKER,
                             "description": "Who ran the scenarios, when more than one process did."},
