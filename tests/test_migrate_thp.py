@@ -272,3 +272,30 @@ def test_range_covering_part_of_a_folio_moves_the_whole_folio(m, mm):
     assert res.nr_succeeded == NR and res.nr_thp_succeeded == 1
     assert (mm.nodes_of(addr, NR * ps) == 2).all()
     assert np.array_equal(mm.read(addr, NR * ps), data)
+
+
+def test_migrate_pages_cuts_a_batch_after_the_folio_that_fills_it(m, mm, monkeypatch):
+    """migrate_pages(): a batch takes folios until it holds NR_MAX_BATCHED_MIGRATION base pages or more; the
+    folio that gets it there is its last (``list_cut_before`` the next), and the next batch starts after it.
+    511 base pages, a THP and 600 base pages are batches of 1023, 512 and 88 pages: three TLB flushes."""
+    from dmamig.migrate import core
+
+    ps = m.page_size
+    a = mm.mmap(511 * ps)
+    mm.write(a, rand(511 * ps, 1))
+    t, _ = thp(m, mm, 1)
+    b = mm.mmap(600 * ps)
+    mm.write(b, rand(600 * ps, 2))
+    pfns = np.concatenate([mm.pfns_of(a, 511 * ps), [mm.pfn_of(t)], mm.pfns_of(b, 600 * ps)])
+    sizes = []
+    real = core._Migration.migrate_pages_batch
+
+    def batch(self, todo, mode, passes, ends_call=True):
+        sizes.append(int(self.e.nr[todo].sum()))
+        return real(self, todo, mode, passes, ends_call)
+
+    monkeypatch.setattr(core._Migration, "migrate_pages_batch", batch)
+    before = m.vmstat
+    res = m.migrate_pages(pfns, 1, mode=MigrateMode.ASYNC)
+    assert res.ok and sizes == [1023, 512, 88]
+    assert res.stats.nr_tlb_flush == 3 and delta(m, before)["migrate_tlb_flush"] == 3

@@ -18,7 +18,7 @@ from ..nodes import PAGEBLOCK_ORDER
 if TYPE_CHECKING:
     from ..machine import Machine
 
-__all__ = ["Entries"]
+__all__ = ["Entries", "batch_ids"]
 
 #: Order of a PMD-mapped THP; only folios of this order count in ``thp_migration_*``.
 HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
@@ -88,8 +88,8 @@ class Entries:
 
     # -- batches -----------------------------------------------------------------------------------------------
     def steps(self, positions: np.ndarray, batch_pages: int, per_step: int) -> list[np.ndarray]:
-        """Cut entries into batches of ``batch_pages`` base pages (a folio never straddles two), and batches
-        into steps of ``per_step`` batches."""
+        """Cut entries into batches of ``batch_pages`` base pages (see :func:`batch_ids`), and batches into
+        steps of ``per_step`` batches."""
         total = positions.size if self.all_base else int(self.nr[positions].sum())
         if total <= batch_pages:
             self.batch_of[positions] = 0
@@ -98,8 +98,7 @@ class Entries:
             self.batch_of[positions] = np.arange(positions.size) // batch_pages
             size = batch_pages * per_step
             return [positions[a:a + size] for a in range(0, positions.size, size)]
-        nr = self.nr[positions]
-        batch_id = (np.cumsum(nr) - nr) // batch_pages
+        batch_id = batch_ids(self.nr[positions], batch_pages)
         self.batch_of[positions] = batch_id
         step_id = batch_id // per_step
         cuts = (np.flatnonzero(np.diff(step_id)) + 1).tolist()
@@ -210,6 +209,25 @@ class Entries:
             st = st.copy()
             st[split] = self.status[self.split_first[entry[split]] + off[split]]
         return st
+
+
+def batch_ids(nr: np.ndarray, batch_pages: int) -> np.ndarray:
+    """The batch of each folio of ``nr`` base pages, in list order, as ``migrate_pages()`` cuts its list.
+
+    A batch takes folios until it holds ``batch_pages`` base pages or more: the folio that gets it there is
+    its last (``list_cut_before`` the next one), and the next batch starts after it. A batch may so hold up
+    to ``batch_pages - 1`` pages more than ``batch_pages``; a folio never straddles two batches.
+    """
+    ends = np.cumsum(nr)
+    out = np.empty(nr.size, dtype=np.int64)
+    start, done, b = 0, 0, 0
+    while start < nr.size:
+        stop = int(np.searchsorted(ends, done + batch_pages, side="left")) + 1  # one past the folio reaching it
+        stop = min(stop, nr.size)
+        out[start:stop] = b
+        done = int(ends[stop - 1])
+        start, b = stop, b + 1
+    return out
 
 
 def shared_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
