@@ -329,6 +329,8 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
                 mig.phase_ns["putback"] += time.perf_counter_ns() - t0
     s = mig.stats
     rc = ENOMEM if mig.enomem else mig.nr_failed_folios
+    if rc and entries.all_migrated():
+        rc = 0  # a split large folio counted as a failure, but all its pieces moved (03e5f82ea632)
     return MigrateResult(status=status, nr_succeeded=s.nr_succeeded, nr_failed=s.nr_failed_pages,
                          nr_thp_succeeded=s.nr_thp_succeeded, nr_thp_failed=s.nr_thp_failed,
                          nr_thp_split=s.nr_thp_split, phase_ns=mig.phase_ns,

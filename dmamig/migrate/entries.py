@@ -180,6 +180,11 @@ class Entries:
         self._pieces = []
         return out
 
+    def all_migrated(self) -> bool:
+        """Whether nothing is left to put back: every folio moved, a split one as all of its pieces."""
+        st = self.status
+        return bool(((st == 0) | (st == _SPLIT)).all())
+
     # -- per-page status -----------------------------------------------------------------------------------------
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """``(entry, offset)`` of each base pfn inside the source folios (before anything moved).

@@ -60,7 +60,8 @@ class MigrateResult:
         PMD-sized folios migrated whole, failed (a split one included), and split to migrate as base pages.
     rc : int
         The kernel's return value of ``migrate_pages()``: the number of folios not migrated (a split large
-        folio counts as one, its pieces not at all), or ``-ENOMEM`` when a base page found no frame.
+        folio counts as one, its pieces not at all; ``0`` when every folio moved, a split one's pieces all
+        included), or ``-ENOMEM`` when a base page found no frame.
     phase_ns : dict
         Wall nanoseconds on the migrating thread per phase (see :data:`PHASES`).
     thread_time_ns, wall_ns : int
