@@ -329,9 +329,11 @@ class AddressSpace(AddressInspection):
 
         Notes
         -----
-        VMAs are split at the range's ends. Removing write access clears the write bit of every PTE,
-        migration entries included, so a page under migration comes back read-only; granting it sets no
-        bit: the next write faults (and copies a copy-on-write page). Pages and migrations are not touched.
+        VMAs whose rights change are split at the range's ends; a VMA that has ``prot`` already is left
+        alone. Removing write access clears the write bit of every PTE. Any change of rights, write kept
+        or not, makes a migration entry readable, so a page under migration comes back read-only until a
+        write fault. Granting write access sets no bit: the next write faults (and copies a copy-on-write
+        page). Pages and migrations are not touched, nor waited for.
         """
         from .mprotect import change_protection
 

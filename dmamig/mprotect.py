@@ -2,11 +2,14 @@
 
 Both work on VMAs whose pages may be under migration right now, and neither waits for it, as in the kernel:
 
-- ``change_protection`` splits VMAs at the range's ends, rewrites the PTE bits in place and merges VMAs that
-  continue each other again (``vma_merge``). Dropping write access clears the write bit of
-  present PTEs and of migration entries alike (``make_readable_migration_entry``), so a migration that
-  finishes afterwards maps its new page read-only. Granting write access sets no bit: the next write faults,
-  and the fault reuses or copies the page as copy-on-write demands.
+- ``mprotect_fixup`` leaves a VMA whose rights do not change alone: no split, no page-table walk. The others
+  are split at the range's ends, their PTE bits rewritten in place (``change_pte_range``), and VMAs that
+  continue each other are merged again (``vma_merge``). Dropping write access clears the write bit of
+  present PTEs. A writable migration entry becomes a readable (exclusive) one on any change of rights, write
+  kept or not (``make_readable_exclusive_migration_entry``: the walk does not check the new rights against
+  the entry), so a migration that finishes afterwards maps its new page read-only until a write fault.
+  Granting write access sets no bit: the next write faults, and the fault reuses or copies the page as
+  copy-on-write demands.
 - ``move_vma`` moves a VMA, page table and all, to a new address. The rmap finds a page by its object and
   index, never by its address, so pages keep their frames and a migration in flight still finds its
   migration entries to restore. Shrinking unmaps the tail, which waits for migrations there (as munmap).
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["change_protection", "move_vma"]
 
 _NOT_WRITE = np.uint8(~np.uint8(PteFlag.WRITE))
+_MIGRATION = np.uint8(PteFlag.MIGRATION)
 
 
 def _check_prot(prot: Any) -> Prot:
@@ -41,14 +45,17 @@ def _check_prot(prot: Any) -> Prot:
     return Prot(int(prot))
 
 
-def _split_range(mm: AddressSpace, addr: int, end: int) -> list[Vma]:
+def _split_range(mm: AddressSpace, addr: int, end: int, prot: Prot | None = None) -> list[Vma]:
     """Split VMAs so that ``[addr, end)`` is covered by whole VMAs; return them (caller holds the lock).
 
+    With ``prot``, VMAs that have those rights already are neither split nor returned (``mprotect_fixup``).
     Raises AddressFault, with nothing split, when part of the range is not mapped.
     """
     segs = mm._segments(addr, end - addr)
     out = []
     for v, s0, s1 in segs:
+        if prot is not None and v.prot == prot:
+            continue
         if s0 == 0 and s1 == v.npages:
             out.append(v)
             continue
@@ -67,12 +74,27 @@ def change_protection(mm: AddressSpace, addr: int, length: int, prot: Any) -> No
     ps = mm.machine.page_size
     end = addr + -(-length // ps) * ps
     with mm.machine.changed:
-        for v in _split_range(mm, addr, end):
+        vmas = _split_range(mm, addr, end, prot)
+        if not vmas:
+            return  # mprotect_fixup: no VMA's rights change
+        for v in vmas:
             v.prot = prot
-            if not prot & Prot.WRITE:
-                v.pte_flags &= _NOT_WRITE
+            _change_pte_range(v, prot)
         _merge_around(mm, addr, end)
         mm.machine.changed.notify_all()
+
+
+def _change_pte_range(v: Vma, prot: Prot) -> None:
+    """``change_pte_range`` over a whole VMA whose rights changed to ``prot``."""
+    if not prot & Prot.WRITE:
+        v.pte_flags &= _NOT_WRITE
+        return
+    # Write stays allowed, but a writable migration entry still becomes readable: the walk makes every one
+    # readable rather than check the new rights. The migrated page is mapped read-only; a write faults and,
+    # the page being exclusive, gets its write bit back without a copy.
+    flags = v.pte_flags
+    entries = (flags & _MIGRATION) != 0
+    flags[entries] &= _NOT_WRITE
 
 
 def _mergeable(a: Vma, b: Vma) -> bool:

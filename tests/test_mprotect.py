@@ -71,6 +71,44 @@ def test_mprotect_during_migration_makes_the_entry_read_only(m, mm):
     assert np.array_equal(mm.read(addr + 2, 2 * ps - 2), data[2:])
 
 
+def test_change_pte_range_makes_a_writable_migration_entry_readable_when_write_stays(m, mm):
+    """change_pte_range makes every writable migration entry readable (exclusive) on a change of rights, even
+    one that keeps write allowed: the migrated page maps read-only until a write fault."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 2)
+    mv = MigrateVma(mm, addr, addr + 2 * ps, 1)
+    mv.setup()
+    mm.mprotect(addr, ps, Prot.WRITE)  # rights change, write stays allowed
+    mm.mprotect(addr, ps, Prot.READ | Prot.WRITE)
+    assert PteFlag.WRITE not in mm.pte_flags(addr) and PteFlag.MIGRATION in mm.pte_flags(addr)
+    assert PteFlag.WRITE in mm.pte_flags(addr + ps)  # outside the range: untouched
+    mv.alloc_and_copy()
+    mv.pages()
+    mv.finalize()
+    assert (mm.nodes_of(addr, 2 * ps) == 1).all()
+    assert PteFlag.WRITE not in mm.pte_flags(addr) and PteFlag.WRITE in mm.pte_flags(addr + ps)
+    mm.write(addr, b"ok")  # a write fault (here bringing the device page back) maps it writable
+    assert PteFlag.WRITE in mm.pte_flags(addr)
+    assert mm.read(addr, 2).tobytes() == b"ok" and np.array_equal(mm.read(addr + 2, 2 * ps - 2), data[2:])
+
+
+def test_mprotect_fixup_that_changes_nothing_is_a_no_op(m, mm):
+    """mprotect_fixup returns at once when a VMA's rights do not change: no split, no merge, and a writable
+    migration entry stays writable, so the migrated page maps writable."""
+    ps = m.page_size
+    addr, _ = filled(m, mm, 4)
+    (vma,) = mm.vmas
+    mv = MigrateVma(mm, addr, addr + 4 * ps, 1)
+    mv.setup()
+    mm.mprotect(addr + ps, 2 * ps, Prot.READ | Prot.WRITE)
+    assert mm.vmas == (vma,)  # the same VMA object: never split (and merged back)
+    assert PteFlag.WRITE in mm.pte_flags(addr + ps)
+    mv.alloc_and_copy()
+    mv.pages()
+    mv.finalize()
+    assert all(PteFlag.WRITE in mm.pte_flags(addr + i * ps) for i in range(4))
+
+
 def test_mremap_moves_a_mapping_with_its_frames(m, mm):
     """move_vma: the page table moves; same frames, same data, and the rmap still finds the pages."""
     ps = m.page_size
