@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def tiny_settings(**over):
 
 def journal_ids(folder: Path) -> list[str]:
     lines = (folder / JOURNAL_NAME).read_text().splitlines()
-    return [json.loads(line)["id"] for line in lines[1:]]
+    return [e["id"] for e in map(json.loads, lines[1:]) if "id" in e]  # not the ends of interrupted runs
 
 
 def journal_tasks(folder: Path) -> list[Task]:
@@ -174,6 +175,52 @@ def test_resume_after_an_interrupt_reruns_nothing_that_finished(tmp_path, capsys
     # Two processes ran this sweep: every scenario and ceiling says which.
     assert len({s["worker"]["run"] for s in doc["scenarios"]}) == 2
     assert len({c["worker"]["run"] for c in doc["ceilings"]}) == 2
+
+
+def test_a_resumed_run_counts_its_whole_time_says_so_and_counts_tasks_alike(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = [*tiny(channels="1,2"), "--out", str(out)]
+    interrupt_bench_after(monkeypatch, 2)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    n = len(journal_tasks(out))
+    assert f"interrupted after 2 of {n} tasks finished" in err
+    first = json.loads((out / "results.json").read_text())
+    monkeypatch.undo()
+    assert main([*argv[:-2], "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming: 2 of {n} tasks finished before, {n - 2} to run" in err
+    # The bar counts the same tasks, has an ETA and its description.
+    assert re.search(rf"dmamig bench .*{n} of {n} tasks .*ETA", err)
+    doc = json.loads((out / "results.json").read_text())
+    validate_results(doc)
+    runs = doc["resumed"]["runs"]
+    assert doc["resumed"]["parts"] == 2 and len(runs) == 2
+    assert runs[0]["wall_s"] >= first["wall_s"]  # the first part up to Ctrl-C, not only to its last task
+    assert doc["wall_s"] == pytest.approx(runs[0]["wall_s"] + runs[1]["wall_s"])
+    assert main(["report", str(out)]) == 0
+    assert "RESUMED: ran in 2 parts" in capsys.readouterr().out
+
+
+def test_ceilings_of_two_processes_are_two_labelled_lines():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from dmamig.bench import plots
+
+    who = [{"host": "vm", "address": None, "pid": 7, "run": f"2026-12-06T0{i}:00:00.000000+00:00", "gpus": []}
+           for i in (1, 2)]
+    doc = {"ceilings": [{"direction": "h2d", "gbps": g, "worker": w, "method": "np.copyto", "bytes": 1,
+                         "seconds": 1.0} for g, w in ((9.5, who[0]), (7.25, who[1]))]}
+    fig, ax = plt.subplots()
+    top = plots._ceiling_line(ax, doc, "h2d")
+    labels = [label for label in ax.get_legend_handles_labels()[1] if label.startswith("ceiling")]
+    plt.close(fig)
+    assert top == 9.5 and len(ax.lines) == 2
+    assert labels == ["ceiling 9.5 GB/s (plain copy, run of 2026-12-06 01:00:00)",
+                      "ceiling 7.2 GB/s (plain copy, run of 2026-12-06 02:00:00)"]
 
 
 def test_resume_is_refused_for_other_settings_a_missing_journal_or_a_finished_sweep(tmp_path, capsys,

@@ -14,7 +14,7 @@ from typing import Any
 
 from .arguments import WORKING_SET_COPIES, add_bench_parser, add_report_parser
 
-__all__ = ["add_bench_parser", "add_report_parser", "cmd_bench", "cmd_report"]
+__all__ = ["add_bench_parser", "add_report_parser", "cmd_bench", "cmd_report", "tasks_text"]
 
 
 # -- commands --------------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     import dataclasses
 
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..sweep.cli import check_sweep_arguments, open_sweep, remote_backend
     from .access import stream_batches
@@ -130,16 +130,23 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                      if pair_scenarios(settings) else "")
                   + f" -> {out}")
         if sweep.prior:
-            err.print(f"resuming: {len(sweep.prior)} of {len(sweep.tasks)} task(s) finished before, "
-                      f"{len(sweep.todo)} to run")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            err.print(f"resuming: {tasks_text(sweep)} finished before, {len(sweep.todo)} to run")
+        # The bar moves per repetition (its ETA needs steps that small) and counts tasks, as the interrupt and
+        # resume messages do; a resumed sweep's bar starts where the earlier runs stopped.
+        done_steps = sum(t.steps for t in sweep.tasks if t.id in sweep.prior)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tasks]}"),
+                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                       TextColumn("{task.fields[scenario]}"), console=err) as bar:
-            task = bar.add_task("migrating", total=sweep.steps, scenario="")
+            task = bar.add_task("dmamig bench", total=done_steps + sweep.steps, completed=done_steps,
+                                tasks=tasks_text(sweep),
+                                scenario=f"measuring the copy ceilings, then {sweep.todo[0].label}"
+                                if sweep.todo else "")
             try:
                 if session is not None:
                     err.print(f"cluster {args.cluster}: scheduler {session.address}, {len(session.workers())} "
                               f"worker(s)")
-                doc = sweep.run(progress=lambda sid, n: bar.update(task, advance=n, scenario=sid), session=session)
+                doc = sweep.run(progress=lambda sid, n: bar.update(task, advance=n, scenario=sid,
+                                                                   tasks=tasks_text(sweep)), session=session)
             except SweepFailed as exc:
                 bar.stop()
                 return _failed(exc, out, err)
@@ -149,7 +156,8 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                 return 1
             except KeyboardInterrupt as exc:  # SweepInterrupted carries the scenarios that finished
                 bar.stop()
-                return _interrupted(exc.doc if isinstance(exc, SweepInterrupted) else None, out, created, err)
+                return _interrupted(exc.doc if isinstance(exc, SweepInterrupted) else None, out, created, err,
+                                    tasks_text(sweep))
             except MemoryError:
                 bar.stop()
                 if created:
@@ -170,7 +178,13 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     return 0
 
 
-def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any) -> int:
+def tasks_text(sweep: Any) -> str:
+    """``"4 of 34 tasks"``: how far a sweep is, counted as the progress bar, the interrupt and the resume
+    messages all count it."""
+    return f"{sweep.tasks_done} of {len(sweep.tasks)} tasks"
+
+
+def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any, done: str) -> int:
     """Ctrl-C: keep the scenarios that finished (marked partial), or leave no empty folder behind."""
     from .output import remove_if_empty
     from .report import write_csv, write_json
@@ -178,12 +192,12 @@ def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any)
     if doc is None:
         if created:
             remove_if_empty(out)
-        err.print("dmamig bench: interrupted before any scenario finished; nothing written")
+        err.print("dmamig bench: interrupted before any task finished; nothing written")
         return 130
     write_json(doc, out / "results.json")
     write_csv(doc, out / "results.csv")
-    err.print(f"dmamig bench: interrupted; kept the {len(doc['scenarios'])} scenario(s) that finished in "
-              f"{out / 'results.json'} (marked partial); continue with the same options and --resume {out}",
+    err.print(f"dmamig bench: interrupted after {done} finished; kept their {len(doc['scenarios'])} scenario(s) "
+              f"in {out / 'results.json'} (marked partial); continue with the same options and --resume {out}",
               soft_wrap=True)
     return 130
 

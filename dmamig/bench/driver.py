@@ -8,7 +8,8 @@ records of every finished task in the order of :func:`~dmamig.bench.runner.build
 
 A document whose tasks ran in more than one process (a cluster, or a resumed sweep) records who ran what:
 every scenario and every ceiling carries ``worker`` (host, Dask worker address, pid, GPUs), the top-level
-``ceilings`` hold one entry per worker and direction, and ``machine.workers`` lists the workers. A plain
+``ceilings`` hold one entry per worker and direction, and ``machine.workers`` lists the workers. A resumed
+sweep's ``wall_s`` is the sum of its runs', and ``resumed`` lists them. A plain
 in-process sweep writes the same document as :func:`~dmamig.bench.runner.run_sweep` alone.
 """
 
@@ -68,6 +69,16 @@ def _worker_key(who: dict[str, Any] | None) -> tuple:
 
 def _noop(label: str, steps: int) -> None:
     pass
+
+
+def _run_id(started: _dt.datetime) -> str:
+    """The name of a run of a sweep: when it started (a resumed sweep is several runs)."""
+    return started.isoformat(timespec="microseconds")
+
+
+def _run_fields(started: _dt.datetime, t0: float) -> dict[str, Any]:
+    """What a journalled task says of its run: which one, and how long it had run when the task finished."""
+    return {"run": _run_id(started), "run_elapsed_s": time.perf_counter() - t0}
 
 
 class BenchSweep:
@@ -147,18 +158,21 @@ class BenchSweep:
             seen["ceilings"] = ceilings
             # An in-process sweep measures its ceilings anew each run: the run, not the process, is the worker.
             seen["who"] = {"host": platform.node(), "address": None, "name": None, "pid": os.getpid(),
-                           "run": started.isoformat(timespec="microseconds"),
+                           "run": _run_id(started),
                            "cpu": cpu_model(),
                            "gpus": [json_ready({**g, "index": g.get("id", g.get("index")), "name": str(g.get("name")),
                                                 "uuid": g.get("uuid")}) for g in gpus[:self.settings.devices]]}
 
         def done(task: Task, records: list[dict[str, Any]]) -> None:
             ceilings = [c for c in seen["ceilings"] if c["direction"] in task.directions]
-            self.journal.record(task.id, records=json_ready(records), ceilings=ceilings, worker=seen["who"])
+            self.journal.record(task.id, records=json_ready(records), ceilings=ceilings, worker=seen["who"],
+                                **_run_fields(started, t0))
+            progress(task.label, 0)  # the task is journalled: the count of finished tasks moves on
 
         try:
             doc = run_sweep(self.settings, progress, on_task_done=done, skip=set(self.prior), on_start=start)
         except SweepInterrupted:
+            self.journal.end_run(_run_id(started), time.perf_counter() - t0)
             if not self.prior:
                 raise
             raise SweepInterrupted(self.document(started, time.perf_counter() - t0, partial=True)) from None
@@ -178,13 +192,14 @@ class BenchSweep:
                 raise VerificationError(f"{result['verification_error']} (on {who.get('host')}, worker "
                                         f"{who.get('address')})")
             self.journal.record(task.id, records=json_ready(result["records"]), ceilings=result["ceilings"],
-                                worker=who)
+                                worker=who, **_run_fields(started, t0))
             progress(f"{task.label} on {who.get('host')}", task.steps)
 
         cluster = session.describe()
         try:
             failures = session.run(self.todo, worker_fn or run_on_worker, self.settings, on_done=done)
         except KeyboardInterrupt:
+            self.journal.end_run(_run_id(started), time.perf_counter() - t0)
             finished = bool(self.journal.done)
             raise SweepInterrupted(self.document(started, time.perf_counter() - t0, partial=True, cluster=cluster)
                                    if finished else None) from None
@@ -196,9 +211,36 @@ class BenchSweep:
 
     # -- the merged document -----------------------------------------------------------------------------------
 
+    @property
+    def tasks_done(self) -> int:
+        """How many of the sweep's tasks have finished, in earlier runs and in this one."""
+        ids = {t.id for t in self.tasks}
+        return sum(1 for i in self.journal.done if i in ids)
+
+    def earlier_runs(self, started: _dt.datetime) -> list[dict[str, Any]]:
+        """The runs of this sweep before the one started at ``started``: ``started`` and ``wall_s`` of each.
+
+        A run that was interrupted journalled its end; one that was killed outright counts up to its last
+        finished task.
+        """
+        current = _run_id(started)
+        walls: dict[str, float] = {}
+        for entry in self.journal.done.values():
+            run = entry.get("run")
+            if run and run != current:
+                walls[run] = max(walls.get(run, 0.0), float(entry.get("run_elapsed_s") or 0.0))
+        for r in self.journal.runs:
+            if r.get("run") and r["run"] != current:
+                walls[r["run"]] = max(walls.get(r["run"], 0.0), float(r["wall_s"]))
+        return [{"started": run, "wall_s": w} for run, w in sorted(walls.items())]
+
     def document(self, started: _dt.datetime, wall_s: float, *, partial: bool = False,
                  cluster: dict[str, Any] | None = None, failures: list[Any] = ()) -> dict[str, Any]:
-        """The results document of every task the journal holds, in sweep order, tagged with their workers."""
+        """The results document of every task the journal holds, in sweep order, tagged with their workers.
+
+        ``wall_s`` is this run's; the document's covers the earlier runs too (:meth:`earlier_runs`), which
+        ``resumed`` lists.
+        """
         entries = self.journal.done
         records: list[dict[str, Any]] = []
         ceilings: list[dict[str, Any]] = []
@@ -222,7 +264,12 @@ class BenchSweep:
             for g in who.get("gpus") or []:
                 gpus.setdefault((g.get("uuid") or (who.get("host"), g.get("index"))),
                                 {**g, "host": who.get("host")})
-        doc = sweep_document(self.settings, started, wall_s, list(gpus.values()), ceilings, records, partial)
+        earlier = self.earlier_runs(started)
+        doc = sweep_document(self.settings, started, wall_s + sum(r["wall_s"] for r in earlier),
+                             list(gpus.values()), ceilings, records, partial)
+        if earlier:
+            doc["resumed"] = {"parts": len(earlier) + 1,
+                              "runs": [*earlier, {"started": _run_id(started), "wall_s": wall_s}]}
         doc["machine"]["workers"] = list(workers.values())
         if cluster is not None:
             doc["machine"]["cluster"] = cluster

@@ -14,7 +14,7 @@ from typing import Any
 from .naming import DIRECTIONS, batching_class, format_size, options_of, settings_words
 from .schema import PHASES
 
-__all__ = ["plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "write_plots"]
+__all__ = ["ceiling_label", "ceilings_of", "plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "write_plots"]
 
 _PHASE_COLORS = {"isolate": "#64b5cd", "unmap": "#4c72b0", "copy": "#dd8452", "submit": "#da8bc3",
                  "dma_wait": "#8172b3", "move": "#55a868", "undo": "#c44e52", "putback": "#ccb974",
@@ -102,17 +102,35 @@ def _experiment_label(sc: dict[str, Any]) -> str:
     return f"{_mode_label(sc)}, {settings_words(options_of(sc))}"
 
 
-def _ceiling(doc: dict[str, Any], direction: str) -> dict[str, Any] | None:
-    return next((c for c in doc.get("ceilings", []) if c["direction"] == direction), None)
+def ceilings_of(doc: dict[str, Any], direction: str) -> list[dict[str, Any]]:
+    """Every ceiling of ``direction``: one per process that measured it (a resumed or cluster run has several)."""
+    return [c for c in doc.get("ceilings", []) if c["direction"] == direction]
+
+
+def ceiling_label(c: dict[str, Any], several: bool) -> str:
+    """A ceiling line's legend: its GB/s, and with several ceilings who measured it (each its own line)."""
+    who = c.get("worker") or {}
+    if not several or not who:
+        return f"ceiling {c['gbps']:.1f} GB/s (plain copy, same run)"
+    if who.get("address"):
+        by = f"worker {who['address']} on {who.get('host')}"
+    else:
+        run = str(who.get("run") or "")[:19].replace("T", " ")
+        by = f"run of {run}" if run else f"pid {who.get('pid')} on {who.get('host')}"
+    gpus = ", ".join(str(g.get("name")) for g in who.get("gpus") or [])
+    return f"ceiling {c['gbps']:.1f} GB/s (plain copy, {by}{', ' + gpus if gpus else ''})"
+
+
+_CEILING_STYLES = (":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1)))
 
 
 def _ceiling_line(ax: Any, doc: dict[str, Any], direction: str) -> float:
-    c = _ceiling(doc, direction)
-    if not c:
-        return 0.0
-    ax.axhline(c["gbps"], color="black", linestyle=":", linewidth=1.5,
-               label=f"ceiling {c['gbps']:.1f} GB/s (plain copy, same run)")
-    return float(c["gbps"])
+    # One line per process that measured a ceiling, each labelled: two processes' ceilings are two figures.
+    cs = ceilings_of(doc, direction)
+    for k, c in enumerate(cs):
+        ax.axhline(c["gbps"], color="black" if k == 0 else "#555555", linewidth=1.5,
+                   linestyle=_CEILING_STYLES[k % len(_CEILING_STYLES)], label=ceiling_label(c, len(cs) > 1))
+    return max((float(c["gbps"]) for c in cs), default=0.0)
 
 
 # -- the plots -------------------------------------------------------------------------------------------------

@@ -73,8 +73,17 @@ def _header(doc: dict[str, Any]) -> str:
     channels = "" if poll is None else f" | DMA waits {f'poll {poll:g} us' if poll else 'sleep at once'}"
     return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "
             f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)"
-            + channels
+            + channels + _resumed(doc)
             + (" | PARTIAL: interrupted, only the scenarios that finished" if doc.get("partial") else ""))
+
+
+def _resumed(doc: dict[str, Any]) -> str:
+    r = doc.get("resumed")
+    if not r:
+        return ""
+    parts = ", ".join(f"{x['wall_s']:.1f} s" for x in r["runs"])
+    return (f" | RESUMED: ran in {r['parts']} parts ({parts}; {doc.get('wall_s', 0):.1f} s in all), each with "
+            f"its own ceilings")
 
 
 def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:

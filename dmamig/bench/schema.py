@@ -196,7 +196,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
     "properties": {
         "schema_version": {"enum": list(SCHEMA_VERSIONS)},
         "created": {"type": "string", "description": "ISO 8601 time the run started (UTC)."},
-        "wall_s": {**_num, "description": "Wall time of the whole sweep."},
+        "wall_s": {**_num, "description": "Wall time of the whole sweep (of all its parts, when resumed)."},
         "machine": {
             "type": "object",
             "required": ["backend", "cpu", "cpu_count", "python", "numpy", "dmamig"],
@@ -272,6 +272,13 @@ RESULTS_SCHEMA: dict[str, Any] = {
         },
         "ceilings": {"type": "array", "items": _CEILING},
         "scenarios": {"type": "array", "items": _SCENARIO},
+        "resumed": {"type": "object", "required": ["parts", "runs"],
+                    "description": "A sweep run in several parts (interrupted, then --resume): runs lists each "
+                                   "part's start and wall time; wall_s is their sum.",
+                    "properties": {"parts": {"type": "integer", "minimum": 2},
+                                   "runs": {"type": "array", "items": {
+                                       "type": "object", "required": ["started", "wall_s"],
+                                       "properties": {"started": {"type": "string"}, "wall_s": _num}}}}},
         "partial": {"type": "boolean",
                     "description": "true when the run was interrupted: only the scenarios that finished"},
         "failed": {"type": "array", "description": "Cluster tasks that failed twice: their scenarios are missing.",

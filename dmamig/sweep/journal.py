@@ -2,7 +2,8 @@
 
 The first line is a header naming the tool, the settings and their fingerprint; every later line is one
 finished task: its ``id``, the settings ``fingerprint`` and whatever the tool keeps to rebuild its results
-(records, the ceilings they were divided by, the worker that ran it). Lines are appended and flushed to disk
+(records, the ceilings they were divided by, the worker that ran it), or the end of a run that was
+interrupted (``run_ended``, with its start and wall time, so that a resumed sweep's wall time covers it). Lines are appended and flushed to disk
 as each task finishes, by the one process that merges results (in-process or the cluster's client), so that
 a sweep stopped at any point (Ctrl-C, a lost connection, a killed client) resumes from its folder: the ids
 found here are not run again.
@@ -73,6 +74,8 @@ class Journal:
         self.settings = settings
         self.fingerprint = fingerprint(settings)
         self.done: dict[str, dict[str, Any]] = {}
+        #: Earlier runs of this sweep that ended (interrupted): ``{"run": started, "wall_s": ...}`` each.
+        self.runs: list[dict[str, Any]] = []
         # A fresh journal starts its file at the first finished task: a sweep stopped before any task finished
         # leaves no file (and its folder can be removed as empty).
         self._started = False
@@ -134,8 +137,12 @@ class Journal:
                               f"it was started with")
         for line in lines[1:]:
             entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("fingerprint") == j.fingerprint and "id" in entry:
+            if not isinstance(entry, dict) or entry.get("fingerprint") != j.fingerprint:
+                continue
+            if "id" in entry:
                 j.done.setdefault(str(entry["id"]), entry)
+            elif "run_ended" in entry:
+                j.runs.append(entry)
         j._started = True
         return j
 
@@ -166,6 +173,20 @@ class Journal:
     def record(self, task_id: str, **fields: Any) -> None:
         """Append the finished task ``task_id`` with ``fields`` (JSON-ready) and flush it to disk."""
         entry = {"id": task_id, "fingerprint": self.fingerprint, **fields}
+        self._append(entry)
+        self.done[task_id] = entry
+
+    def end_run(self, run: str, wall_s: float) -> None:
+        """Append that the run started at ``run`` (ISO time) ended after ``wall_s`` seconds, unfinished (Ctrl-C),
+        so that the resumed sweep's wall time covers it. Nothing is written for a run that finished no task:
+        its folder holds no journal."""
+        if not self._started:
+            return
+        entry = {"run_ended": True, "run": run, "wall_s": float(wall_s), "fingerprint": self.fingerprint}
+        self._append(entry)
+        self.runs.append(entry)
+
+    def _append(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, default=_plain) + "\n"
         if not self._started:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -180,7 +201,6 @@ class Journal:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
-        self.done[task_id] = entry
 
 
 def _plain(obj: Any) -> Any:
