@@ -1,8 +1,8 @@
 """PNG plots of a results document (matplotlib, Agg backend: no display needed).
 
 Each plot is meant to be read without the README: its title names the backend, the working set and the batching
-(faithful, i.e. the kernel's, unless marked as an experiment), axes of rates start at zero, and legends say
-what each colour measures.
+(faithful, i.e. the kernel's, unless marked as an experiment), axes of rates start at zero, legends say
+what each colour measures, and error bars span the slowest to the fastest timed repetition.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 from .naming import DIRECTIONS, batching_class, format_size, options_of, settings_words
 from .schema import PHASES
 
-__all__ = ["ceiling_label", "ceilings_of", "plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "write_plots"]
+__all__ = ["ceiling_label", "ceilings_of", "plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "spread_bars",
+           "write_plots"]
 
 _PHASE_COLORS = {"isolate": "#64b5cd", "unmap": "#4c72b0", "copy": "#dd8452", "submit": "#da8bc3",
                  "dma_wait": "#8172b3", "move": "#55a868", "undo": "#c44e52", "putback": "#ccb974",
@@ -133,6 +134,33 @@ def _ceiling_line(ax: Any, doc: dict[str, Any], direction: str) -> float:
     return max((float(c["gbps"]) for c in cs), default=0.0)
 
 
+#: What an error bar spans, for the axis labels.
+_BARS = "bars: slowest to fastest repetition"
+
+
+def spread_bars(recs: list[dict[str, Any] | None], value: str = "gbps") -> tuple[list[float], list[float]]:
+    """Error bars of ``recs``' ``value`` (``gbps``, or another rate of the same bytes): how far below and above
+    the median the slowest and the fastest timed repetition lie; zero for a missing record or one repetition.
+
+    A rate over the same bytes scales as the inverse of the wall time, so a repetition's rate is the median
+    rate times the median wall time over that repetition's.
+    """
+    from .results_file import wall_spread
+
+    lo, hi = [], []
+    for sc in recs:
+        v = (sc or {}).get(value)
+        sp = wall_spread(sc) if sc and v else None
+        if not sp or sp["min_wall_ns"] is None or not sc.get("median_wall_ns"):
+            lo.append(0.0)
+            hi.append(0.0)
+            continue
+        med = sc["median_wall_ns"]
+        lo.append(max(0.0, v - v * med / sp["max_wall_ns"]))
+        hi.append(max(0.0, v * med / sp["min_wall_ns"] - v))
+    return lo, hi
+
+
 # -- the plots -------------------------------------------------------------------------------------------------
 
 def plot_throughput(doc: dict[str, Any], path: Path) -> None:
@@ -153,11 +181,13 @@ def plot_throughput(doc: dict[str, Any], path: Path) -> None:
     for ax, d in zip(axes[0], directions, strict=True):
         labels = sorted({_mode_label(s) for s in head if s["direction"] == d}, key=lambda x: (x != "copy", x))
         for label in labels:
-            pts = {s["folio_bytes"]: s["gbps"] for s in head if s["direction"] == d and _mode_label(s) == label}
+            pts = {s["folio_bytes"]: s for s in head if s["direction"] == d and _mode_label(s) == label}
             x = [i for i, sz in enumerate(sizes) if sz in pts]
-            ys = [pts[sizes[i]] for i in x]
-            top = max([top, *ys])
-            ax.plot(x, ys, marker="o", label=label, linestyle="-" if label == "copy" else "--")
+            ys = [pts[sizes[i]]["gbps"] for i in x]
+            lo, hi = spread_bars([pts[sizes[i]] for i in x])
+            top = max([top, *ys, *(y + h for y, h in zip(ys, hi))])
+            ax.errorbar(x, ys, yerr=[lo, hi], marker="o", label=label, linestyle="-" if label == "copy" else "--",
+                        capsize=4, elinewidth=1.2)
         for k, s in enumerate(e for e in experiments if e["direction"] == d):
             top = max(top, s["gbps"])
             ax.plot([sizes.index(s["folio_bytes"])], [s["gbps"]], marker="osD^v<>"[k % 7], markersize=9,
@@ -170,7 +200,7 @@ def plot_throughput(doc: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
     for ax in axes[0]:
         ax.set_ylim(0, top * 1.1 or 1.0)
-    axes[0][0].set_ylabel("GB/s (median; axis starts at 0)")
+    axes[0][0].set_ylabel(f"GB/s (median; axis starts at 0)\n{_BARS}")
     # One legend for every panel (they share their series), below them, so it never covers a point.
     legend: dict[str, Any] = {}
     for ax in axes[0]:
@@ -196,32 +226,39 @@ def plot_copy_vs_nocopy(doc: dict[str, Any], path: Path) -> None:
                              sharey=True)
     width = 0.38
     for ax, d in zip(axes[0], directions, strict=True):
-        copy, best = [], []
+        copy_recs, best_recs = [], []
         for sz in sizes:
             cell = [s for s in head if s["direction"] == d and s["folio_bytes"] == sz]
-            copy.append(max((s["gbps"] for s in cell if s["mode"] == "copy"), default=0.0))
-            best.append(max((s["gbps"] for s in cell if s["mode"] == "nocopy"), default=0.0))
+            copy_recs.append(max((s for s in cell if s["mode"] == "copy"), key=lambda s: s["gbps"], default=None))
+            best_recs.append(max((s for s in cell if s["mode"] == "nocopy"), key=lambda s: s["gbps"], default=None))
+        copy = [s["gbps"] if s else 0.0 for s in copy_recs]
+        best = [s["gbps"] if s else 0.0 for s in best_recs]
         xs = range(len(sizes))
-        ax.bar([x - width / 2 for x in xs], copy, width, label="copy (the CPU copies)", color="#dd8452")
+        bar_err: dict[str, Any] = {"capsize": 3, "ecolor": "black", "error_kw": {"elinewidth": 1}}
+        copy_err = spread_bars(copy_recs)
+        ax.bar([x - width / 2 for x in xs], copy, width, label="copy (the CPU copies)", color="#dd8452",
+               yerr=copy_err, **bar_err)
         if len(chans) == 1:
             how = f"{chans[0]} DMA channel" + ("" if chans[0] == 1 else "s")
         else:
             how = f"best of {', '.join(map(str, chans[:-1]))} or {chans[-1]} DMA channels"
+        best_err = spread_bars(best_recs)
         bars = ax.bar([x + width / 2 for x in xs], best, width, color="#4c72b0",
-                      label=f"no-copy (the DMA engine copies), {how}")
-        for rect, c, n in zip(bars, copy, best, strict=True):
-            if c > 0:
-                ax.annotate(f"{n / c:.2f}x", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                      label=f"no-copy (the DMA engine copies), {how}", yerr=best_err, **bar_err)
+        for rect, c, n, up in zip(bars, copy, best, best_err[1], strict=True):
+            if c > 0:  # above the error bar, so that the two do not overlap
+                ax.annotate(f"{n / c:.2f}x", (rect.get_x() + rect.get_width() / 2, rect.get_height() + up),
                             ha="center", va="bottom", fontsize=8)
         ceiling = _ceiling_line(ax, doc, d)
         ax.set_title(DIRECTIONS[d])
         ax.set_xticks(list(xs), [format_size(s) for s in sizes])
         ax.set_xlabel("folio size (4K = base pages)")
         ax.grid(True, axis="y", alpha=0.3)
-        # Headroom above the tallest bar or the ceiling, so the legend covers neither.
-        ax.set_ylim(0, max([*copy, *best, ceiling, 1e-9]) * 1.45)
+        # Headroom above the tallest bar, its error bar or the ceiling, so the legend covers none of them.
+        tops = [*(c + h for c, h in zip(copy, copy_err[1])), *(b + h for b, h in zip(best, best_err[1]))]
+        ax.set_ylim(0, max([*tops, ceiling, 1e-9]) * 1.45)
         ax.legend(fontsize=8, loc="upper left")
-    axes[0][0].set_ylabel("GB/s (median; axis starts at 0)")
+    axes[0][0].set_ylabel(f"GB/s (median; axis starts at 0)\n{_BARS}")
     fig.suptitle(f"Copy vs no-copy migration, {words}\nlabels: no-copy GB/s / copy GB/s; {_context(doc)}",
                  fontsize=10.5)
     _save(plt, fig, path)
