@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -401,15 +402,52 @@ def test_bench_cli_on_a_local_cluster_reports_a_failing_task(tmp_path, capsys, m
     out = tmp_path / "o"
     assert main([*TINY, "--no-engine", "--out", str(out), "--cluster", "local:2"]) == 1
     err = capsys.readouterr().err
+    # Which workers, on which hosts, ran it (both workers of local:2 may not have had a task: 1 or 2).
+    assert re.search(rf"dmamig bench: ran on [12] worker\(s\) on 1 host\(s\): {re.escape(platform.node())}", err)
     assert "failed twice" in err and f"{victim}: RuntimeError: injected failure" in err
     doc = json.loads((out / "results.json").read_text())
     assert doc["failed"] == [{"id": victim, "error": "RuntimeError: injected failure"}] and doc["scenarios"]
 
 
 @needs_dask
-def test_replay_on_a_local_cluster(tmp_path):
+def test_local_cluster_beyond_the_cores_is_a_usage_error_naming_the_limit(tmp_path, capsys):
+    cores = len(os.sched_getaffinity(0))
+    for argv in ([*TINY, "--no-engine"], REPLAY):
+        with pytest.raises(SystemExit) as exc:
+            rc = main([*argv, "--out", str(tmp_path / "o"), "--cluster", f"local:{cores + 1}"])
+            raise SystemExit(rc)
+        assert exc.value.code == 2
+        err = capsys.readouterr()
+        text = " ".join((err.err + err.out).split())
+        assert f"'local:{cores + 1}' asks for {cores + 1} workers, but this machine allows at most {cores} " \
+               f"({cores} core(s) available to this process, one per worker)" in text
+        assert not (tmp_path / "o").exists()
+
+
+@needs_dask
+def test_local_cluster_beyond_the_gpus_is_refused_before_any_worker_starts():
+    from dmamig.sweep.cluster import ClusterError, connect, local_worker_limit
+
+    assert local_worker_limit("cuda", 4, 2) == (2, "4 GPU(s) here, 2 per worker")
+    with pytest.raises(ClusterError, match=r"'local:2' asks for 2 workers, but this machine allows at most 1 "
+                                           r"\(1 GPU\(s\) here, one per worker\)"):
+        connect("local:2", backend="cuda", gpus=1)
+
+
+def test_workers_summary_names_the_hosts():
+    from dmamig.sweep.cluster import workers_summary
+
+    who = [{"host": "b", "address": "tcp://b:1"}, {"host": "a", "address": "tcp://a:1"},
+           {"host": "b", "address": "tcp://b:2"}]
+    assert workers_summary(who) == "3 worker(s) on 2 host(s): a (1), b (2)"
+
+
+@needs_dask
+def test_replay_on_a_local_cluster(tmp_path, capsys):
     assert main([*REPLAY, "--out", str(tmp_path / "here")]) == 0
+    assert "ran on" not in capsys.readouterr().out
     assert main([*REPLAY, "--out", str(tmp_path / "there"), "--cluster", "local:2"]) == 0
+    assert f"dmamig replay: ran on 2 worker(s) on 1 host(s): {platform.node()} (2)" in capsys.readouterr().out
     here, there = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("here", "there"))
     assert [r["config"] for r in there["runs"]] == [r["config"] for r in here["runs"]]
     assert all(r["summary"]["verified"] for r in there["runs"])

@@ -149,6 +149,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                                                                    tasks=tasks_text(sweep)), session=session)
             except SweepFailed as exc:
                 bar.stop()
+                _ran_on(exc.doc, err)
                 return _failed(exc, out, err)
             except VerificationError as exc:
                 bar.stop()
@@ -175,7 +176,20 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     render_tables(doc, console())
     names = ", ".join(p.name for p in [out / "results.json", out / "results.csv", *plots])
     err.print(f"wrote {names} to {out} ({doc['wall_s']:.1f} s)")
+    if session is not None:
+        _ran_on(doc, err)
     return 0
+
+
+def _ran_on(doc: dict[str, Any], err: Any) -> None:
+    """Say how many workers, on which hosts, ran a cluster sweep."""
+    from rich.markup import escape
+
+    from ..sweep.cluster import workers_summary
+
+    workers = doc["machine"].get("workers") or []
+    if workers:
+        err.print(escape(f"dmamig bench: ran on {workers_summary(workers)}"), soft_wrap=True)
 
 
 def tasks_text(sweep: Any) -> str:

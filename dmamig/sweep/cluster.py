@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["DASK_HINT", "RESOURCE", "ClusterError", "Session", "TaskFailure", "connect", "local_gpu_groups",
-           "require_dask"]
+           "local_worker_limit", "require_dask", "workers_summary"]
 
 #: Worker resource a sweep task needs one unit of; a worker with one unit runs one timed task at a time.
 RESOURCE = "bench"
@@ -60,17 +60,51 @@ def local_gpu_groups(gpus: int, per_task: int) -> list[list[int]]:
     return groups or [list(range(max(gpus, 1)))]
 
 
+def _cores() -> int:
+    """The cores this process may run on (its affinity), which its worker processes inherit."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _cpu_workers(memory_per_task: int) -> int:
     # A task runs a migrating thread beside its DMA channel threads: one worker per two cores, and no more
     # workers than there is memory for their working sets at once.
-    n = max(1, (os.cpu_count() or 1) // 2)
-    try:
-        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        phys = 0
+    n = max(1, _cores() // 2)
+    phys = _memory()
     if memory_per_task > 0 and phys > 0:
         n = min(n, max(1, phys // memory_per_task))
     return n
+
+
+def local_worker_limit(backend: str, gpus: int, devices_per_task: int = 1,
+                       memory_per_task: int = 0) -> tuple[int, str]:
+    """The most workers ``--cluster local:N`` may start on this machine, and why, in words.
+
+    On the CUDA backend one worker per GPU (per group of ``devices_per_task`` GPUs): a worker owns its GPUs.
+    On the CPU backend one worker per core this process may use (two workers on one core would time each
+    other), and no more than there is memory for their working sets at once.
+    """
+    if backend == "cuda":
+        per = max(1, devices_per_task)
+        n = max(1, gpus // per)
+        return n, (f"{gpus} GPU(s) here, {per} per worker" if per > 1 else f"{gpus} GPU(s) here, one per worker")
+    cores = _cores()
+    n, why = cores, f"{cores} core(s) available to this process, one per worker"
+    phys = _memory()
+    if memory_per_task > 0 and phys > 0 and phys // memory_per_task < n:
+        n = max(1, phys // memory_per_task)
+        why = (f"memory for {n} working set(s) at once ({phys / (1 << 30):.1f} GiB here, "
+               f"{memory_per_task / (1 << 20):.0f} MiB per task)")
+    return n, why
 
 
 class Session:
@@ -172,6 +206,22 @@ class Session:
                 pass
 
 
+def workers_summary(workers: list[dict[str, Any]]) -> str:
+    """How many workers, on which hosts, ran a sweep: ``"3 worker(s) on 2 host(s): a (2), b (1)"``.
+
+    Parameters
+    ----------
+    workers : list of dict
+        Who ran the tasks (:func:`dmamig.sweep.worker.identity` of each distinct worker).
+    """
+    hosts: dict[str, int] = {}
+    for w in workers:
+        host = str(w.get("host") or "unknown host")
+        hosts[host] = hosts.get(host, 0) + 1
+    return (f"{len(workers)} worker(s) on {len(hosts)} host(s): "
+            + ", ".join(f"{h} ({n})" for h, n in sorted(hosts.items())))
+
+
 def _why(fut: Any) -> str:
     """One line on why a future failed."""
     if fut.status == "cancelled":
@@ -225,6 +275,10 @@ def connect(spec: str, *, backend: str = "cpu", gpus: int = 0, devices_per_task:
                 raise ClusterError(f"argument --cluster: {spec!r}: give local, local:N with N >= 1 workers, or "
                                    f"a scheduler address such as tcp://host:8786")
             n = int(count)
+            limit, why = local_worker_limit(backend, gpus, devices_per_task, memory_per_task)
+            if n > limit:
+                raise ClusterError(f"argument --cluster: {spec!r} asks for {n} workers, but this machine allows "
+                                   f"at most {limit} ({why}); give local:{limit} or fewer, or plain local")
         cluster = _local_cluster(backend, gpus, devices_per_task, memory_per_task, n)
         try:
             return Session(spec, Client(cluster), cluster)

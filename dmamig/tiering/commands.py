@@ -205,6 +205,11 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
         sweep.journal.discard()  # complete: nothing is left to resume
     files = [] if args.no_plots else _plots(runs, out)
     con.print(f"wrote {out / 'results.json'}" + "".join(f", {f.name}" for f in files))
+    if cluster is not None:
+        from ..sweep.cluster import workers_summary
+
+        con.print(f"dmamig replay: ran on {workers_summary(doc['machine']['workers'])}", markup=False,
+                  highlight=False)
     if interrupted or failures:
         con.print(f"dmamig replay: {'interrupted' if interrupted else 'incomplete'}; kept {len(runs)} finished "
                   f"replay(s) (marked partial); continue with the same options and --resume {out}")
