@@ -86,3 +86,53 @@ def test_lackey_with_instructions_and_empty_file(tmp_path):
     (tmp_path / "empty.txt").write_text("==1== nothing here\n")
     with pytest.raises(TraceError, match="no Lackey access lines"):
         lackey_to_trace(tmp_path / "empty.txt")
+
+
+# -- typed columns ---------------------------------------------------------------------------------------------
+
+def _npz_with(tmp_path: Path, name: str, value) -> Path:
+    t = tiny()
+    cols = t.columns()
+    cols[name] = value
+    path = tmp_path / f"bad-{name}.npz"
+    np.savez_compressed(path, **cols, meta=np.load(save_trace(t, tmp_path / "good.npz"))["meta"])
+    return path
+
+
+@pytest.mark.parametrize("name, value, said", [
+    ("offset", np.array([0.0, 4096.0, 100.0, 8000.0]), "column 'offset' has dtype float64; a trace's offset is int64"),
+    ("epoch", np.array([0, 0, 1, 2], dtype=np.int64), "column 'epoch' has dtype int64; a trace's epoch is int32"),
+    ("write", np.array([1, 0, 0, 1], dtype=np.uint8), "column 'write' has dtype uint8; a trace's write is bool"),
+    ("length", np.array([[64], [64], [8], [100]], dtype=np.int32), "column 'length' has shape (4, 1)"),
+])
+def test_replay_refuses_a_trace_file_whose_column_has_the_wrong_dtype(tmp_path, capsys, name, value, said):
+    from dmamig.cli import main
+
+    path = _npz_with(tmp_path, name, value)
+    assert main(["replay", str(path), "--no-plots", "--out", str(tmp_path / "out")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert said in err and not (tmp_path / "out").exists()
+
+
+def test_trace_columns_that_would_change_in_conversion_are_refused_by_name():
+    with pytest.raises(TraceError, match=r"column 'offset' has dtype float64, which does not convert to its "
+                                         r"format's int64 without changing values"):
+        tiny(offset=[0.5, 4096, 100, 8000])
+    with pytest.raises(TraceError, match="column 'epoch' has dtype int64"):
+        tiny(epoch=[0, 0, 1, 2**40])  # beyond int32
+    with pytest.raises(TraceError, match="column 'actor' has dtype <U1"):
+        tiny(actor=["0", "1", "0", "1"])
+    assert tiny(epoch=np.array([0, 0, 1, 2], dtype=np.int64)).epoch.dtype == np.int32  # lossless: converted
+
+
+def test_replay_digest_covers_dtypes_and_shapes_not_only_bytes():
+    from dmamig.tiering.sweep import trace_digest
+
+    t = tiny()
+    base = trace_digest(t)
+    assert trace_digest(tiny()) == base
+    t.write = t.write.view(np.uint8)  # the same bytes, another dtype
+    assert trace_digest(t) != base
+    t = tiny()
+    t.offset = t.offset.reshape(2, 2)  # the same bytes, another shape
+    assert trace_digest(t) != base

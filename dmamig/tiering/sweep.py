@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..bench.tasks import Task
 from ..sweep.journal import Journal
 from .policies import make_policy
@@ -33,10 +35,12 @@ TOOL = "dmamig replay"
 
 
 def trace_digest(trace: Trace) -> str:
-    """A hash of the trace's records, region, actors, page size and metadata."""
+    """A hash of the trace's records (each column's name, dtype, shape and bytes), region, actors, page size
+    and metadata: two traces whose bytes agree but whose columns are typed or shaped otherwise differ."""
     h = hashlib.sha256()
-    for col in trace.columns().values():
-        h.update(col.tobytes())
+    for name, col in trace.columns().items():
+        h.update(json.dumps([name, col.dtype.str, list(col.shape)]).encode())
+        h.update(np.ascontiguousarray(col).tobytes())
     h.update(json.dumps([trace.region_bytes, trace.actors, trace.page_size, trace.name, trace.meta],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

@@ -77,7 +77,7 @@ class Trace:
 
     def __post_init__(self) -> None:
         for col, dt in COLUMNS.items():
-            setattr(self, col, np.ascontiguousarray(getattr(self, col), dtype=dt))
+            setattr(self, col, _column(col, getattr(self, col), dt, self.name))
 
     def __len__(self) -> int:
         return int(self.epoch.size)
@@ -128,6 +128,37 @@ class Trace:
         return self
 
 
+def _column(name: str, values: Any, dtype: Any, trace: str) -> np.ndarray:
+    """``values`` as the column ``name`` of its format's ``dtype``: refused (naming the column) when it is not
+    one-dimensional, or when the conversion would change a value (a fraction, an overflow, a non-number)."""
+    arr = np.asarray(values)
+    want = np.dtype(dtype)
+    if arr.ndim != 1:
+        raise TraceError(f"trace {trace!r}: column {name!r} has shape {arr.shape}; a trace column is "
+                         f"one-dimensional, one value per access")
+    if arr.dtype == want:
+        return np.ascontiguousarray(arr)
+    wrong = TraceError(f"trace {trace!r}: column {name!r} has dtype {arr.dtype}, which does not convert to its "
+                       f"format's {want} without changing values; give {name} as {want}")
+    if arr.dtype.kind not in "biuf":  # text, objects, dates: not numbers
+        raise wrong
+    with np.errstate(all="ignore"):
+        out = arr.astype(want)
+    if arr.size and not np.array_equal(out, arr):
+        raise wrong
+    return np.ascontiguousarray(out)
+
+
+def _check_file_dtypes(cols: dict[str, np.ndarray], path: Path) -> None:
+    """A trace file's columns must hold their format's dtypes (or one that converts to it safely)."""
+    for name, dt in COLUMNS.items():
+        got = np.asarray(cols[name]).dtype
+        if not np.can_cast(got, dt, "safe"):
+            raise TraceError(f"{path}: column {name!r} has dtype {got}; a trace's {name} is {np.dtype(dt)} "
+                             f"(see the format in dmamig.tiering.trace); this file was not written by dmamig "
+                             f"or was changed since")
+
+
 def _meta(trace: Trace) -> dict[str, Any]:
     return {"format": "dmamig-trace/1", "region_bytes": trace.region_bytes, "actors": trace.actors,
             "name": trace.name, "page_size": trace.page_size, "meta": trace.meta}
@@ -139,6 +170,7 @@ def _from_meta(cols: dict[str, np.ndarray], meta: dict[str, Any], path: Path) ->
     missing = [c for c in COLUMNS if c not in cols]
     if missing:
         raise TraceError(f"{path}: trace lacks columns {missing}")
+    _check_file_dtypes(cols, path)
     return Trace(**{c: cols[c] for c in COLUMNS}, region_bytes=int(meta["region_bytes"]),
                  actors=int(meta["actors"]), name=str(meta["name"]), page_size=int(meta["page_size"]),
                  meta=dict(meta.get("meta", {}))).validate()
