@@ -9,6 +9,9 @@
 - A private page pinned by the parent is copied at once (``copy_present_page`` for a maybe-DMA-pinned page):
   the pin holder must keep seeing the page the parent maps, so the parent's page never becomes copy-on-write.
 - The zero page is mapped in the child as it is.
+- A migration entry is copied, not waited for (``copy_nonpresent_pte``): it holds no mapcount and no
+  reference, and the migration's ``remove_migration_ptes`` finds the child's copy through the rmap and maps
+  the new page there too. In a copy-on-write mapping a writable entry becomes readable in both processes.
 """
 
 from __future__ import annotations
@@ -28,20 +31,19 @@ __all__ = ["dup_mmap", "fork_mm"]
 
 _NOT_WRITE = np.uint8(~np.uint8(PteFlag.WRITE))
 _NOT_YOUNG = np.uint8(~np.uint8(PteFlag.YOUNG))
+_MIGRATION = np.uint8(PteFlag.MIGRATION)
 
 
 def fork_mm(parent: AddressSpace) -> AddressSpace:
     """``AddressSpace.fork``: a new address space with a copy of ``parent``'s mappings.
 
-    Waits until no migration entry is left in the parent. Raises OutOfMemory, with the partial child torn
-    down, when there are no frames for the pinned pages that must be copied.
+    Waits for nothing: migration entries are copied. Raises OutOfMemory, with the partial child torn down,
+    when there are no frames for the pinned pages that must be copied.
     """
     m = parent.machine
     child = m.address_space()
     try:
         with m.changed:
-            while any(v.has_migration_entries() for v in parent.vmas):
-                m.changed.wait()
             dup_mmap(parent, child)
     except BaseException:
         child.close()
@@ -50,7 +52,7 @@ def fork_mm(parent: AddressSpace) -> AddressSpace:
 
 
 def dup_mmap(parent: AddressSpace, child: AddressSpace) -> None:
-    """Give the empty ``child`` a copy of ``parent``'s mappings (caller holds the lock, no migration entries).
+    """Give the empty ``child`` a copy of ``parent``'s mappings (caller holds the lock).
 
     Raises OutOfMemory when there are no frames for the pinned pages that must be copied; the caller closes
     the partial child.
@@ -67,7 +69,7 @@ def _dup_shared(child: AddressSpace, v: Vma) -> None:
     m = child.machine
     cv = Vma(child, v.start, v.npages, v.obj, v.pgoff, v.pte_pfn.copy(), v.pte_flags.copy(), v.prot, v.chain)
     child._insert(cv)
-    pfns = cv.pte_pfn[cv.pte_pfn >= 0]
+    pfns = cv.pte_pfn[_present(cv)]
     np.add.at(m.pages.mapcount, pfns, 1)
     np.add.at(m.pages.refcount, m.pages.head[pfns], 1)
 
@@ -82,7 +84,11 @@ def _dup_private(parent: AddressSpace, child: AddressSpace, v: Vma) -> None:
     cv.pte_pfn[pinned] = NO_PFN
     cv.pte_flags[pinned] = 0
     child._insert(cv)
-    shared = np.flatnonzero(cv.pte_pfn >= 0)
+    # copy_nonpresent_pte: both processes' migration entries become readable; they hold no mapcount.
+    entries = np.flatnonzero((cv.pte_flags & _MIGRATION) != 0)
+    v.pte_flags[entries] &= _NOT_WRITE
+    cv.pte_flags[entries] &= _NOT_WRITE
+    shared = np.flatnonzero(_present(cv))
     if shared.size:
         pfns = cv.pte_pfn[shared]
         np.add.at(pages.mapcount, pfns, 1)
@@ -103,9 +109,14 @@ def _dup_private(parent: AddressSpace, child: AddressSpace, v: Vma) -> None:
     cv.pte_flags[pinned] = v.pte_flags[pinned]
 
 
+def _present(v: Vma) -> np.ndarray:
+    """Slots of ``v`` that map a page: neither empty, nor the zero page, nor a migration entry."""
+    return (v.pte_pfn >= 0) & ((v.pte_flags & _MIGRATION) == 0)
+
+
 def _pinned_slots(parent: AddressSpace, v: Vma) -> np.ndarray:
-    """Slots of ``v`` whose page the parent holds a pin on."""
+    """Slots of ``v`` that map a page the parent holds a pin on (``copy_present_page``; an entry is copied)."""
     if not parent._pins:
         return np.empty(0, dtype=np.int64)
     keys = np.fromiter(parent._pins.keys(), dtype=np.int64, count=len(parent._pins))
-    return np.flatnonzero(np.isin(v.pte_pfn, keys) & (v.pte_pfn >= 0))
+    return np.flatnonzero(np.isin(v.pte_pfn, keys) & _present(v))

@@ -309,6 +309,8 @@ class AddressSpace(AddressInspection):
         Shared mappings are shared (mapcount 2). Private pages are shared copy-on-write: both processes map
         the same frame without the write bit, and the first write in either copies the page for the writer
         (the last mapper just gets the write bit back). Pages this address space has pinned are copied now.
+        A page under migration is not waited for: the child gets a copy of its migration entry (readable, for
+        a private mapping, in both processes), and the migration maps its new page in both.
 
         Raises OutOfMemory (and leaves nothing behind) when there are no frames for the pinned pages' copies.
         """

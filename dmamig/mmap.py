@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InvalidArgument
+from .flags import PteFlag
 from .nodes import MAX_ORDER
 from .vma import NO_PFN, forget_anon_slots
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from .vma import Vma
 
 __all__ = ["MAX_MAP_PAGES", "TASK_SIZE", "check_mmap", "get_unmapped_area", "unmap_range", "unmap_slots"]
+
+_MIGRATION = np.uint8(PteFlag.MIGRATION)
 
 #: Size of the user address space (x86-64 with 4-level page tables: 128 TiB).
 TASK_SIZE = 1 << 47
@@ -54,15 +57,20 @@ def get_unmapped_area(mm: AddressSpace, npages: int, order: int) -> int:
     return start
 
 
-def unmap_range(mm: AddressSpace, addr: int, end: int) -> None:
-    """munmap's body (caller holds ``machine.changed``): waits for migration entries in the range, then drops
-    every PTE of ``[addr, end)`` and splits the VMAs it cuts."""
+def unmap_range(mm: AddressSpace, addr: int, end: int, wait: bool = True) -> None:
+    """munmap's body (caller holds ``machine.changed``): drops every PTE of ``[addr, end)`` and splits the VMAs
+    it cuts.
+
+    With ``wait`` it first waits for the migration entries in the range to go. Without, it drops them as the
+    kernel's ``zap_pte_range`` does: an entry holds no mapcount or reference, so the migration finds no PTE to
+    restore there, and a new page that nothing maps any more is freed when the migration lets it go.
+    """
     m = mm.machine
     ps = m.page_size
     while True:
         hit = [v for v in mm.vmas if v.start < end and v.end > addr]
         spans = [(v, max(0, (addr - v.start) // ps), min(v.npages, (end - v.start) // ps)) for v in hit]
-        if not any(v.has_migration_entries(s0, s1) for v, s0, s1 in spans):
+        if not wait or not any(v.has_migration_entries(s0, s1) for v, s0, s1 in spans):
             break
         m.changed.wait()
     for v, s0, s1 in spans:
@@ -74,6 +82,13 @@ def unmap_slots(mm: AddressSpace, vma: Vma, slots: np.ndarray) -> None:
     """Drop the PTEs of ``slots``: mapcount and the PTE's reference; free what nobody holds."""
     m = mm.machine
     pfns = vma.pte_pfn[slots]
+    entry = (vma.pte_flags[slots] & _MIGRATION) != 0
+    if entry.any():
+        # Migration entries hold no mapcount and no reference. A private page's object slot is forgotten, so
+        # the migration does not hand it to a new page that nothing maps.
+        if not vma.shared:
+            forget_anon_slots(m, pfns[entry])
+        pfns = pfns[~entry]
     pfns = pfns[pfns >= 0]  # the zero page holds no mapcount and no reference
     if pfns.size:
         np.subtract.at(m.pages.mapcount, pfns, 1)

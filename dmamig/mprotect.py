@@ -12,7 +12,8 @@ Both work on VMAs whose pages may be under migration right now, and neither wait
   copy-on-write demands.
 - ``move_vma`` moves a VMA, page table and all, to a new address. The rmap finds a page by its object and
   index, never by its address, so pages keep their frames and a migration in flight still finds its
-  migration entries to restore. Shrinking unmaps the tail, which waits for migrations there (as munmap).
+  migration entries to restore. Shrinking unmaps the tail without waiting for migrations there: its
+  migration entries are dropped (``zap_pte_range``), and those migrations finish with no PTE to restore.
   A private mapping grows with untouched pages; a shared one maps more pages of its memory object, and may
   not grow past the object's end (where the kernel would raise SIGBUS on access).
 """
@@ -142,7 +143,7 @@ def move_vma(mm: AddressSpace, old_addr: int, old_len: int, new_len: int, may_mo
             raise AddressFault(f"mremap: [{old_addr:#x}, {old_addr + old_n * ps:#x}) spans {len(segs)} "
                                f"mappings; it must lie inside one")
         if new_n < old_n:
-            unmap_range(mm, old_addr + new_n * ps, old_addr + old_n * ps)
+            unmap_range(mm, old_addr + new_n * ps, old_addr + old_n * ps, wait=False)
             m.changed.notify_all()
             return old_addr
         if new_n == old_n:

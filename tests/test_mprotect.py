@@ -4,12 +4,14 @@ function it mirrors."""
 from __future__ import annotations
 
 import errno
+import threading
 
 import numpy as np
 import pytest
-from support import filled, free, run_migrate_vma, used
+from support import WAIT, filled, free, run_migrate_vma, used
 
 from dmamig import AddressFault, InvalidArgument, MigrateVma, PteFlag
+from dmamig.check import check_machine
 from dmamig.flags import Prot
 
 EFAULT = -errno.EFAULT
@@ -142,6 +144,30 @@ def test_mremap_during_migration_keeps_the_pages(m, mm):
     assert mv.status.tolist() == [0] * 4
     assert (mm.nodes_of(new, 4 * ps) == 2).all()
     assert np.array_equal(mm.read(new, 4 * ps), data)
+
+
+def test_mremap_shrink_drops_migration_entries_without_waiting(m, mm):
+    """mremap's shrink is do_vmi_munmap, whose zap_pte_range drops a migration entry without waiting: the
+    migration then finds no PTE to restore, and its new page, mapped by nobody, is freed with the old one."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 4)
+    mv = MigrateVma(mm, addr + ps, addr + 4 * ps, 1)
+    mv.setup()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(mm.mremap(addr, 4 * ps, 2 * ps)), daemon=True)
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive(), "a shrinking mremap waited for a migration in flight"
+    assert out == [addr] and [(v.start, v.npages) for v in mm.vmas] == [(addr, 2)]
+    assert PteFlag.MIGRATION in mm.pte_flags(addr + ps)  # kept: only the tail went
+    mv.alloc_and_copy()
+    mv.pages()
+    mv.finalize()
+    assert mm.node_of(addr + ps) == 1 and used(m) == 2
+    assert np.array_equal(mm.read(addr, 2 * ps), data[: 2 * ps])
+    assert not check_machine(m)
+    mm.close()
+    assert free(m) == START
 
 
 def test_mremap_of_a_cow_range_keeps_the_rmap_of_both_processes(m, mm):

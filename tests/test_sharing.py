@@ -4,11 +4,14 @@ kernel function it mirrors. The zero page is in test_zero_page.py, mprotect and 
 from __future__ import annotations
 
 import errno
+import threading
 
 import numpy as np
-from support import delta, filled, free, run_migrate_vma, used
+import pytest
+from support import WAIT, delta, filled, free, run_migrate_vma, used
 
 from dmamig import MigrateVma, PteFlag
+from dmamig.check import check_machine
 from dmamig.flags import MigratePfn
 
 HOST = 1024
@@ -312,3 +315,47 @@ def test_cow_writers_and_migrators_race_without_losing_a_byte(m, mm):
     child.close()
     mm.close()
     assert free(m) == START
+
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_copy_nonpresent_pte_fork_copies_a_migration_entry(m, mm, monkeypatch, shared):
+    """copy_nonpresent_pte: fork copies a migration entry instead of waiting for the migration; in a
+    copy-on-write mapping the entry becomes readable in both processes. The migration then maps its new page
+    in both (remove_migration_ptes walks the rmap), and a write is copy-on-write as usual."""
+    from dmamig.migrate import core
+
+    ps = m.page_size
+    addr, data = filled(m, mm, 2, shared=shared)
+    forked: list = []
+    real = core._Migration._move_pass
+
+    def move_pass(self, moving):
+        if not forked:  # the batch is unmapped: its pages are behind migration entries
+            forked.append(mm.fork())
+            forked.append([(sp.pte_flags(addr), sp.pte_flags(addr + ps)) for sp in (mm, forked[0])])
+        return real(self, moving)
+
+    monkeypatch.setattr(core._Migration, "_move_pass", move_pass)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(mm.migrate(addr, ps, 1, move_all=True)), daemon=True)
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive(), "fork waited for the migration in flight"
+    monkeypatch.undo()
+    child, flags = forked
+    for entry, present in flags:
+        assert PteFlag.MIGRATION in entry and (PteFlag.WRITE in entry) == shared
+        assert PteFlag.PRESENT in present
+    assert out[0].ok
+    pfn = mm.pfn_of(addr)
+    assert child.pfn_of(addr) == pfn and mm.node_of(addr) == 1 and m.page_state(pfn)["mapcount"] == 2
+    assert (PteFlag.WRITE in mm.pte_flags(addr)) == shared
+    assert not check_machine(m)
+    child.write(addr, b"child")
+    assert child.read(addr, 5).tobytes() == b"child"
+    assert mm.read(addr, 5).tobytes() == (b"child" if shared else data[:5].tobytes())
+    assert np.array_equal(mm.read(addr + ps, ps), data[ps:])
+    child.close()
+    mm.close()
+    assert not check_machine(m) and free(m) == START
