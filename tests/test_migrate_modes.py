@@ -203,6 +203,36 @@ def test_async_does_not_wait_for_a_locked_page(m, mm):
     assert np.array_equal(mm.read(addr, 4 * ps), data)
 
 
+@pytest.mark.parametrize("one_vma", [True, False], ids=["compiled", "phase-by-phase"])
+def test_migrate_folio_unmap_frees_the_destination_of_an_async_lock_retry(m, mm, monkeypatch, one_vma):
+    """migrate_folio_unmap: a folio whose lock is busy in ASYNC mode gives its destination back
+    (migrate_folio_undo_dst) before it is retried; each pass allocates again."""
+    from dmamig.migrate import batch_kernels
+
+    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", one_vma)
+    ps = m.page_size
+    addr, data = filled(m, mm, 2)
+    pfn = mm.pfn_of(addr)
+    m.lock_page(pfn)
+    held = []
+    real = core._Migration._unmap_pass
+
+    def unmap_pass(self, todo, mode):
+        out = real(self, todo, mode)
+        held.append(DEV - m.nodes[1].free_pages)  # frames of the target node in use after the pass
+        return out
+
+    monkeypatch.setattr(core._Migration, "_unmap_pass", unmap_pass)
+    try:
+        res = mm.migrate(addr, 2 * ps, 1, mode=MigrateMode.ASYNC)
+    finally:
+        m.unlock_page(pfn)
+    assert res.status.tolist() == [EAGAIN, 0]
+    assert held == [1] * core.NR_MAX_MIGRATE_PAGES_RETRY  # only the unmapped folio's destination
+    assert m.nodes[1].free_pages == DEV - 1
+    assert np.array_equal(mm.read(addr, 2 * ps), data)
+
+
 @pytest.mark.parametrize("mode", [MigrateMode.SYNC_LIGHT, MigrateMode.SYNC])
 def test_sync_modes_wait_for_a_locked_page(m, mm, mode):
     ps = m.page_size

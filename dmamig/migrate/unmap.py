@@ -1,8 +1,9 @@
 """The unmap loop of ``migrate_pages_batch()``: ``migrate_folio_unmap`` over a batch, pass by pass.
 
 Each pass gets destinations (``get_new_folio``; -ENOMEM splits a large folio or ends the call), locks (ASYNC
-only tries: busy is -EAGAIN, retried next pass), checks writeback (-EBUSY unless SYNC) and installs
-migration entries (``try_to_migrate``). A batch mapped through one VMA does all of that in one compiled call.
+only tries: busy is -EAGAIN, its destination freed and the folio retried next pass), checks writeback
+(-EBUSY unless SYNC) and installs migration entries (``try_to_migrate``). A batch mapped through one VMA does
+all of that in one compiled call.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ class UnmapPhase:
             vma = self._one_vma()
             if mode == MigrateMode.ASYNC and vma is not None:
                 self.phase_ns["unmap"] += time.perf_counter_ns() - t0
-                return self._unmap_one_vma(todo, vma)
+                todo, retry = self._unmap_one_vma(todo, vma)
+                e.release_dst(retry)
+                return todo, retry
             if mode == MigrateMode.ASYNC:
                 todo, retry = self._trylock(todo)
             else:
                 todo, retry = self._lock_waiting(todo, mode)
                 pages.set(e.src[todo], _LOCKED)
                 todo = self._check_writeback(todo, mode)
+            # migrate_folio_unmap gives a folio that will be retried back its destination
+            # (migrate_folio_undo_dst); the next pass allocates another.
+            e.release_dst(retry)
             if todo.size:
                 install_migration_entries(m, e.base_pfns(e.src[todo], todo))
                 e.unmapped[todo] = True
