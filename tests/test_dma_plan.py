@@ -353,33 +353,36 @@ def test_compiled_plan_equals_the_numpy_reference(sub):
 
 @settings(max_examples=200, deadline=None)
 @given(submissions())
-def test_planned_descriptors_are_the_plan_run_for_run(sub):
-    """The CPU polling channels' one-call planner (plan + descriptor rows) gives the planner's runs, channel by
-    channel, and the counters a channel would count for them."""
-    from dmamig.backends import cpu_ring
+def test_ring_rows_are_the_plan_run_for_run(sub):
+    """One compiled submission onto a lane's rings (plan + rows + publish) gives the planner's runs, channel by
+    channel, as each channel's rows, and the counters a channel would count for them."""
+    from dmamig.dma import ring as dma_ring
     from dmamig.dma.copy_plan import METHOD_GATHER as GATHER
 
-    if not cpu_ring.RING_AVAILABLE:
-        pytest.skip(cpu_ring.RING_ERROR)
+    if not dma_ring.RING_AVAILABLE:
+        pytest.skip(dma_ring.RING_ERROR)
     sn, si, dn, di, channels, opts, _batch = sub
     sn, dn = np.full_like(sn, sn[0]), np.full_like(dn, dn[0])
     want = plan_copy(sn, si, dn, di, channels=channels, options=opts)
     page = 64
-    src = np.zeros((int(si.max()) + 1, page), dtype=np.uint8)
-    dst = np.zeros((int(di.max()) + 1, page), dtype=np.uint8)
+    s_addr, d_addr = 1 << 20, 1 << 30
     base_s, base_d = 1000, 5000
-    got = cpu_ring.plan_descriptors(src, dst, si.astype(np.int64) + base_s, di.astype(np.int64) + base_d, base_s,
-                                    base_d, channels, opts)
+    rings = dma_ring.RingSet(channels, row_capacity=max(1, si.size), job_capacity=2)
+    got = rings.submit_pages(si.astype(np.int64) + base_s, di.astype(np.int64) + base_d, base_s, base_d, s_addr,
+                             d_addr, page, opts)
     assert got.nr_runs == want.nr_runs
-    for c in range(channels):
-        a, b = got.bounds[c], got.bounds[c + 1]
+    for c, ring in enumerate(rings.rings):
         mine = want.channel == c
-        assert np.array_equal(got.dst_start[a:b], want.dst_start[mine])
-        assert np.array_equal(got.npages[a:b], want.npages[mine])
-        rows = got.desc[a:b]
-        assert np.array_equal(rows[:, 0], src.ctypes.data + want.src_start[mine] * page)
-        assert np.array_equal(rows[:, 1], dst.ctypes.data + want.dst_start[mine] * page)
+        k = int(mine.sum())
+        assert (got.seqs[c] == -1) == (k == 0)
+        assert ring.tail == (1 if k else 0)
+        if not k:
+            continue
+        assert ring.jobs[0, :3].tolist() == [dma_ring.JOB_ROWS, 0, k]
+        rows = ring.rows[:k]
+        assert np.array_equal(rows[:, 0], s_addr + want.src_start[mine] * page)
+        assert np.array_equal(rows[:, 1], d_addr + want.dst_start[mine] * page)
         assert np.array_equal(rows[:, 2], want.npages[mine] * page)
         gather = want.method[mine] == GATHER
         segs = [s for s in want.segments() if s.channel == c and s.method == GATHER]
-        assert got.launches[c] == len(segs) and got.calls[c] == int((~gather).sum())
+        assert ring.counters == (len(segs), int((~gather).sum()))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..dma.checksum import page_checksums
+from ..dma.ring import RingSet
 from ..dma.staging import stage_capacity
 from ..errors import InvalidArgument
 from . import cpu_kernels, cpu_ring
@@ -107,11 +108,13 @@ class CpuBackend:
 
     def open_channels(self, count: int, device: int = 0) -> list[CpuChannel]:
         """Start ``count`` worker-thread channels of ``device`` (compiling the copy kernels first, if needed):
-        polling channels while :attr:`polling`, else channels that sleep between jobs."""
+        polling channels over one :class:`~dmamig.dma.ring.RingSet` while :attr:`polling`, else channels that
+        sleep between jobs."""
         cpu_kernels.warm_up()
         if self.polling:
             cpu_ring.warm_up()
-            return [PollingCpuChannel(i, device, self.poll_us) for i in range(int(count))]
+            rings = RingSet(int(count))
+            return [PollingCpuChannel(i, device, self.poll_us, rings.rings[i]) for i in range(int(count))]
         return [CpuChannel(i, device) for i in range(int(count))]
 
     def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,

@@ -22,14 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from ..dma import ring as dma_ring
 from ..errors import DmaError
-from . import cpu_descriptors, cpu_ring
+from . import cpu_ring
 from .base import DEFAULT_POLL_US, ChannelWork
 from .cpu_channel import LIVENESS_PERIOD, CpuChannel, finish_once, sleep_on_gate
 
 __all__ = ["DEFAULT_POLL_US", "PollingCpuChannel"]
 
-#: In-flight job records kept before the finished ones are dropped (with the descriptor arrays they hold).
+#: In-flight job records kept before the finished ones are dropped (with the row arrays they hold).
 _REAP_AFTER = 16
 
 
@@ -40,7 +41,8 @@ def _runs(a: np.ndarray) -> np.ndarray:
 
 
 class _RingCompletion:
-    """Completion of job ``seq`` of a polling channel: done once the ring's ``HEAD`` passed it."""
+    """Completion of job ``seq`` of a polling channel: done once the ring's ``HEAD`` passed it; its error is the
+    job's status (or what the channel's Python side recorded)."""
 
     __slots__ = ("_channel", "_done", "error", "seq")
 
@@ -51,7 +53,12 @@ class _RingCompletion:
         self.error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done or self._channel._ring.head > self.seq
+        if self._done:
+            return True
+        if self._channel._ring.head > self.seq:
+            self._settle()
+            return True
+        return False
 
     def wait(self, timeout: float | None = None) -> bool:
         if self.done():
@@ -61,15 +68,32 @@ class _RingCompletion:
         ch = self._channel
         deadline = None if timeout is None else time.monotonic() + timeout
         budget = ch.poll_ns if timeout is None else min(ch.poll_ns, int(timeout * 1e9))
-        if budget > 0 and ch._ring.poll(self.seq, budget):
+        if budget > 0 and cpu_ring.poll_done(ch._ring, self.seq, budget):
+            self._settle()
             return True
         # Past the poll window: sleep on a gate that the worker opens.
-        return sleep_on_gate(ch._gate_for(self.seq), ch, deadline, self.done)
+        if sleep_on_gate(ch._gate_for(self.seq), ch, deadline, self.done):
+            self._settle()
+            return True
+        return False
+
+    def _settle(self) -> None:
+        """Read the job's status once ``HEAD`` passed it (the acquire load that saw it orders this read)."""
+        if self._done:
+            return
+        ch = self._channel
+        status = ch._ring.status(self.seq)
+        if status not in (dma_ring.STATUS_OK, dma_ring.STATUS_PENDING) and self.error is None:
+            self.error = ch._failures.get(self.seq) or DmaError(f"DMA channel {ch.index} job {self.seq}: "
+                                                               f"{dma_ring.status_text(status)}")
+        self._done = True
 
     def _finish(self, error: BaseException | None) -> None:
         """Finish this job from Python (a Python job, or one failed by a dead, broken or closed channel)."""
         if finish_once(self, error):
-            self._channel._retire(self.seq)
+            if error is not None:  # what a compiled submission's own completion reports for this job
+                self._channel._failures[self.seq] = error
+            self._channel._retire(self.seq, dma_ring.STATUS_OK if error is None else dma_ring.STATUS_FAILED)
 
 
 class PollingCpuChannel(CpuChannel):
@@ -83,6 +107,9 @@ class PollingCpuChannel(CpuChannel):
         The device whose channel this is.
     poll_us : float
         Microseconds of polling before the worker or a waiter sleeps (> 0).
+    ring : Ring, optional
+        This channel's ring in its lane's :class:`~dmamig.dma.ring.RingSet` (the backend opens a lane's channels
+        over one set, so that one compiled call submits to all of them); a ring of its own by default.
     """
 
     #: Whether plain copies run in the compiled loop. ``False`` sends every job through the worker's Python side
@@ -90,15 +117,21 @@ class PollingCpuChannel(CpuChannel):
     #: that hook the copy kernels use it.
     compiled_copies = True
 
-    def __init__(self, index: int, device: int = 0, poll_us: float = DEFAULT_POLL_US):
-        self._ring = cpu_ring.Ring()
+    def __init__(self, index: int, device: int = 0, poll_us: float = DEFAULT_POLL_US,
+                 ring: dma_ring.Ring | None = None):
+        self._ring = ring if ring is not None else dma_ring.RingSet(1).rings[0]
+        #: The lane's rings, shared with the other channels of the lane.
+        self.ring_set = self._ring.ring_set
+        self._clock = np.zeros(2, dtype=np.int64)  # timespec scratch of the worker's loop
         #: Nanoseconds of polling before sleeping.
         self.poll_ns = max(1, int(float(poll_us) * 1000))
-        # In-flight jobs by sequence number: (work, completion, fault, descriptors); the descriptors' arrays
-        # stay alive until the job is done. Reaped in order as HEAD passes them.
+        # In-flight Python-side jobs by sequence number: (work, completion, fault, rows); the rows' array stays
+        # alive until the job is done. Reaped in order as HEAD passes them. Jobs published by a compiled
+        # submission have no entry: their completion reads the job's status.
         self._jobs: dict[int, tuple[list[ChannelWork], _RingCompletion, str | None, Any] | None] = {}
         self._order: collections.deque[int] = collections.deque()
         self._gates: dict[int, threading.Lock] = {}  # job -> lock its sleeping waiters wait on
+        self._failures: dict[int, BaseException] = {}  # job -> why the Python side failed it (rare)
         self._bell = threading.Lock()  # the idle worker sleeps on it; a submission opens it
         self._bell.acquire()
         self._idle = False
@@ -112,28 +145,45 @@ class PollingCpuChannel(CpuChannel):
         with self._lock:
             return self._busy + self._ring.busy_ns / 1e9
 
-    #: Plans a one-node-pair submission straight into descriptor rows for :meth:`submit_descriptors` (the engine
-    #: calls it on a lane whose channels all :attr:`takes_descriptors`).
-    plan_descriptors = staticmethod(cpu_descriptors.plan_descriptors)
+    @property
+    def counters(self) -> dict[str, int]:
+        """As :attr:`CpuChannel.counters`, with what compiled submissions published on this channel's ring."""
+        out = super().counters
+        launches, calls = self._ring.counters
+        out["kernel_launches"] += launches
+        out["memcpy_calls"] += calls
+        return out
 
     @property
-    def takes_descriptors(self) -> bool:
-        """Whether :meth:`submit_descriptors` runs here (plain copies run in the compiled loop)."""
+    def takes_rows(self) -> bool:
+        """Whether compiled submissions (:meth:`~dmamig.dma.ring.RingSet.submit_pages`) may publish on this
+        channel's ring (plain copies run in the compiled loop)."""
         return self._compiled
+
+    def completion(self, seq: int) -> _RingCompletion:
+        """The completion of job ``seq``, published on this channel's ring by a compiled submission."""
+        return _RingCompletion(self, seq)
+
+    def wake(self) -> None:
+        """Wake the worker if it sleeps (a compiled submission found the ring's ``IDLE`` word set)."""
+        with self._lock:
+            self._ring_bell()
+
+    def wait_for_progress(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until the oldest unfinished job finishes: room in a full ring."""
+        ring = self._ring
+        head = ring.head
+        if head < ring.tail:
+            _RingCompletion(self, head).wait(timeout)
 
     def submit(self, work: list[ChannelWork], fault: str | None = None) -> _RingCompletion:
         """Publish ``work`` on the ring and return its completion immediately (see :meth:`CpuChannel.submit`)."""
-        desc = self._descriptors(work) if fault is None and self._compiled else None
+        desc = self._rows(work) if fault is None and self._compiled else None
         counts = [(w, 1, int(w.npages.size)) for w in work] if desc is not None else []
         return self._enqueue(desc, work, fault, counts)
 
-    def submit_descriptors(self, desc: np.ndarray, launches: int, calls: int) -> _RingCompletion:
-        """Publish a planned copy job (rows of :func:`~dmamig.backends.cpu_ring.plan_descriptors`) between host
-        and device nodes; ``launches`` and ``calls`` are its gather segments and memcpy runs, for the counters."""
-        return self._enqueue(desc, [], None, [(None, launches, calls)])
-
     def _enqueue(self, desc: np.ndarray | None, work: list[ChannelWork], fault: str | None,
-                 counts: list[tuple[ChannelWork | None, int, int]]) -> _RingCompletion:
+                 counts: list[tuple[ChannelWork, int, int]]) -> _RingCompletion:
         if not self._thread.is_alive():
             self.revive()
         ring = self._ring
@@ -147,26 +197,24 @@ class PollingCpuChannel(CpuChannel):
                     return failed
                 if len(self._order) > _REAP_AFTER:
                     self._reap()
-                if ring.tail - ring.head < ring.capacity:
-                    seq = ring.publish(cpu_ring.JOB_COPY if desc is not None else cpu_ring.JOB_PYTHON, desc)
+                with self.ring_set.lock:
+                    room = ring.has_room()
+                    if room:
+                        seq, _ = ring.publish(dma_ring.JOB_EXTERNAL if desc is not None else dma_ring.JOB_PYTHON,
+                                              desc)
+                if room:
                     completion = _RingCompletion(self, seq)
                     self._jobs[seq] = (work, completion, fault, desc)
                     self._order.append(seq)
                     for w, launches, calls in counts:
-                        if w is None:  # planned descriptors: never between devices
-                            self._counters["kernel_launches"] += launches
-                            self._counters["memcpy_calls"] += calls
-                        else:
-                            self._count(w, launches, calls)
+                        self._count(w, launches, calls)
                     self._ring_bell()
                     return completion
                 self._reap()
-                oldest = self._jobs[self._order[0]]
-            if oldest is not None:  # the ring is full: wait for its oldest job, outside the lock
-                oldest[1].wait(LIVENESS_PERIOD)
+            self.wait_for_progress(LIVENESS_PERIOD)  # the ring is full: wait for its oldest job, outside the lock
 
-    def _descriptors(self, work: list[ChannelWork]) -> np.ndarray | None:
-        """The job's descriptor rows, or None when a piece needs Python (staged, or buffers numba cannot take)."""
+    def _rows(self, work: list[ChannelWork]) -> np.ndarray | None:
+        """The job's rows, or None when a piece needs Python (staged, or buffers numba cannot take)."""
         pieces = []
         for w in work:
             src, dst = w.src_frames, w.dst_frames
@@ -175,16 +223,20 @@ class PollingCpuChannel(CpuChannel):
                     or dst.dtype != np.uint8 or src.ndim != 2 or dst.ndim != 2:
                 return None
             pieces.append((src, dst, _runs(w.src_start), _runs(w.dst_start), _runs(w.npages)))
-        return cpu_ring.descriptors(pieces)
+        for src, dst, *_ in pieces:  # rows may only touch registered memory: these frames are
+            self.ring_set.register_frames(src)
+            self.ring_set.register_frames(dst)
+        return dma_ring.external_rows(pieces)
 
     def _ring_bell(self) -> None:
         # The caller holds self._lock, under which the worker decides to sleep: no lost wake-up.
         if self._idle:
             self._idle = False
+            self._ring.set_idle(False)
             self._bell.release()
 
     def _reap(self) -> None:
-        """Forget jobs that are done (the caller holds self._lock)."""
+        """Forget Python-side jobs that are done (the caller holds self._lock)."""
         head = self._ring.head
         while self._order and self._order[0] < head:
             del self._jobs[self._order.popleft()]
@@ -211,17 +263,17 @@ class PollingCpuChannel(CpuChannel):
         for gate in opened:
             gate.release()
 
-    def _retire(self, seq: int) -> None:
-        """Mark job ``seq`` (and any before it) finished from Python, and wake its waiters."""
+    def _retire(self, seq: int, status: int = dma_ring.STATUS_OK) -> None:
+        """Finish job ``seq`` (and any unfinished before it) from Python with ``status``, and wake its waiters."""
         with self._lock:
             if self._ring.head <= seq:
-                self._ring.advance(seq + 1)
+                self._ring.finish(seq + 1, status)
         self._open_gates()
 
     def _loop(self) -> None:
         ring = self._ring
         while True:
-            why = ring.serve(self.poll_ns)
+            why = cpu_ring.serve(ring, self.poll_ns, self._clock)
             if why == cpu_ring.SERVE_WAKE:
                 self._open_gates()
             elif why == cpu_ring.SERVE_IDLE:
@@ -231,6 +283,12 @@ class PollingCpuChannel(CpuChannel):
                     if self._closed:  # closed with nothing left (a full ring had no slot for the stop request)
                         return
                     self._idle = True
+                    # The consumer's half of the hand-shake: a compiled submission that published meanwhile
+                    # either sees IDLE (and wakes us) or is seen here.
+                    if ring.set_idle(True) != ring.head:
+                        self._idle = False
+                        ring.set_idle(False)
+                        continue
                 self._bell.acquire()
             else:  # a job for Python at the head
                 seq = ring.head
@@ -248,20 +306,23 @@ class PollingCpuChannel(CpuChannel):
     def _enqueue_stop(self) -> None:
         # The caller holds self._lock. A full ring has no slot for the stop request: the worker then stops when it
         # finds the ring empty and the channel closed.
-        if self._ring.tail - self._ring.head < self._ring.capacity:
-            seq = self._ring.publish(cpu_ring.JOB_PYTHON)
-            self._jobs[seq] = None
-            self._order.append(seq)
+        with self.ring_set.lock:
+            if self._ring.has_room():
+                seq, _ = self._ring.publish(dma_ring.JOB_PYTHON)
+                self._jobs[seq] = None
+                self._order.append(seq)
         self._ring_bell()
 
     def _drain(self) -> list[_RingCompletion]:
         # The caller holds self._lock (revive) or the worker has stopped (close): the jobs not yet run, in order.
+        # A compiled submission's job has no entry: a completion of its own carries its failure onto the ring.
         ring = self._ring
         out = []
         for seq in range(ring.head, ring.tail):
-            item = self._jobs.get(seq)
-            if item is not None:
-                out.append(item[1])
+            if seq not in self._jobs:
+                out.append(_RingCompletion(self, seq))
+            elif self._jobs[seq] is not None:
+                out.append(self._jobs[seq][1])
         if not out:
-            ring.advance(ring.tail)
+            ring.finish(ring.tail, dma_ring.STATUS_FAILED)
         return out

@@ -1,10 +1,9 @@
-"""Compiled primitives of polling loops: atomic loads and stores, ``cpu_relax``, ``sched_yield``, a clock.
+"""Compiled primitives of polling loops: ``cpu_relax``, ``sched_yield``, a clock.
 
-numba intrinsics that emit what a spin loop needs and numba does not offer on the CPU: acquire loads and release
-stores of an int64 at a raw address (so a polled word is never hoisted out of the loop, and what was written
-before a release is visible to whoever acquires it), the x86 PAUSE hint, libc's ``sched_yield`` and
-``clock_gettime`` (called by symbol, so the compiled code caches). :mod:`dmamig.backends.cpu_ring` builds the
-DMA channels' doorbell ring on them.
+numba intrinsics that emit what a spin loop needs and numba does not offer on the CPU: the x86 PAUSE hint,
+libc's ``sched_yield`` and ``clock_gettime`` (called by symbol, so the compiled code caches). With the atomic
+loads and stores of :mod:`dmamig._atomics`, :mod:`dmamig.backends.cpu_ring` builds the CPU consumer of the DMA
+channels' ring on them.
 
 Linux and macOS with numba on a 64-bit Python; elsewhere :data:`SPIN_AVAILABLE` is False (with the reason in
 :data:`SPIN_ERROR`) and nothing is compiled.
@@ -41,38 +40,6 @@ if SPIN_AVAILABLE:
     from numba.extending import intrinsic
 
     _X86 = platform.machine().lower() in ("x86_64", "amd64")
-
-    @intrinsic
-    def _load_acquire(typingctx, addr):
-        """An acquire load of the int64 at ``addr`` (never hoisted out of a polling loop)."""
-        sig = types.int64(types.intp)
-
-        def codegen(context, builder, signature, args):
-            return builder.load_atomic(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), "acquire", 8)
-
-        return sig, codegen
-
-    @intrinsic
-    def _store_release(typingctx, addr, value):
-        """A release store of ``value`` to the int64 at ``addr``: every earlier write is visible before it."""
-        sig = types.void(types.intp, types.int64)
-
-        def codegen(context, builder, signature, args):
-            ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
-            builder.store_atomic(args[1], ptr, "release", 8)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _load_plain(typingctx, addr):
-        """A plain load of the int64 at ``addr`` (descriptor words, published before the job's release)."""
-        sig = types.int64(types.intp)
-
-        def codegen(context, builder, signature, args):
-            return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), align=8)
-
-        return sig, codegen
 
     @intrinsic
     def _cpu_relax(typingctx):

@@ -35,6 +35,7 @@ from ..topology import ROUTE_STAGED, Topology, node_routes
 from .fence import DONE, FailedCompletion, Fence
 from .inject import add_submit_errors, emulate_fault, share_fault
 from .plan import CopyPlan, PlanOptions, plan_copy, plan_one_pair
+from .ring import SUBMIT_NO_ROOM, SUBMIT_TOO_BIG
 from .stats import DmaStats, baseline_of, with_channels, zero_baseline
 from .validate import pfn_array, validate_bounds
 
@@ -42,6 +43,8 @@ __all__ = ["DmaEngine", "DmaStats", "Fence"]
 
 #: Submissions kept for ``synchronize`` before the finished ones are dropped from the list.
 _PRUNE_PENDING = 32
+#: Seconds a submission that found a ring full waits for its oldest job before it looks again.
+_ROOM_WAIT_S = 0.05
 
 
 class DmaEngine:
@@ -97,7 +100,8 @@ class DmaEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._batch_available = bool(getattr(backend, "batch_copy_available", False))
-        self._takes_descriptors: dict[int, bool] = {}  # per open lane: its channels take planned descriptors
+        # Node pair -> its ring route (see _ring_route); () where it has none.
+        self._routes: dict[tuple[int, int], tuple[Any, ...]] = {}
         self.faults = faults if faults is not None else FaultPoints()
         # Told the destination pfns of every submission before it is queued (the machine records that their
         # content changes, so a NO_COPY migration can tell a current copy from a stale one).
@@ -254,10 +258,14 @@ class DmaEngine:
         src, dst, bounds = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
         if src.size == 0:
             return DONE
-        planned = self._plan_descriptors(src, dst, bounds)
-        plan = self._plan(src, dst, bounds) if planned is None else None
         if self._on_submit is not None:
             self._on_submit(dst)
+        route = self._ring_route(bounds)
+        if route is not None:
+            fence = self._submit_rows(route, src, dst)
+            if fence is not None:
+                return fence
+        plan = self._plan(src, dst, bounds)
         # Submission happens under the engine lock so that close() cannot slip between the check and the
         # queueing: no share is ever queued behind a channel's stop.
         with self._lock:
@@ -268,12 +276,8 @@ class DmaEngine:
             self._stats.submissions += 1
             self._stats.pages += int(src.size)
             self._stats.bytes += int(src.size) * self.page_size
-            if planned is not None:
-                self._stats.runs += planned[0].nr_runs
-                completions, error, share_runs = self._submit_planned(*planned)
-            else:
-                self._stats.runs += plan.nr_runs
-                completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
+            self._stats.runs += plan.nr_runs
+            completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
             if error is not None:
                 self._stats.errors += 1
             fence = Fence(completions, error, self, seq, share_runs)
@@ -282,46 +286,79 @@ class DmaEngine:
             self._pending.append(fence)
         return fence
 
-    def _plan_descriptors(self, src: np.ndarray, dst: np.ndarray, bounds: tuple[int, ...]) -> Any:
-        """Plan straight into channel descriptors where the lane's channels take them (CPU polling channels: their
-        ``plan_descriptors``), for one node pair that is not two devices, no fault point armed; else ``None``.
+    def _ring_route(self, bounds: tuple[int, ...]) -> tuple[Any, ...] | None:
+        """How a submission goes to the lane's rings in one compiled call, or ``None`` when it takes the general
+        path: a fault point armed, a batched-copy backend, more than one node pair, two devices, a lane not yet
+        open (it opens on the general path), or channels that do not take rows (:attr:`takes_rows`).
 
-        Returns ``(PlannedCopy, lane, destination node)``. The plan is the planner's own compiled pass, so the
-        runs are those :meth:`_plan` makes; only the ChannelWork objects and per-share descriptor building
-        are skipped: a 512-page batch's submission in one compiled call.
+        Returns ``(ring set, lane, source base pfn, destination base pfn, source address, destination address)``.
         """
         if self.faults.armed or self._batch_available:
             return None
         s_lo, s_hi, d_lo, d_hi = bounds
         sn, dn = self._node_of(s_lo), self._node_of(d_lo)
-        s, d = self.nodes[sn], self.nodes[dn]
-        if sn != self._node_of(s_hi) or dn != self._node_of(d_hi) or s.kind == d.kind == "device":
+        if sn != self._node_of(s_hi) or dn != self._node_of(d_hi):
             return None
-        # Only a lane already open (lanes open under the lock): its first submission takes the general path.
+        route = self._routes.get((sn, dn))
+        if route is None:
+            route = self._make_route(sn, dn)
+            if route is None:
+                return None
+            self._routes[(sn, dn)] = route
+        if not route or any(ch.broken for ch in route[1]):  # a broken channel fails its shares on the general path
+            return None
+        return route
+
+    def _make_route(self, sn: int, dn: int) -> tuple[Any, ...] | None:
+        """The ring route of node pair ``(sn, dn)``; ``()`` where there is none; ``None`` until its lane is open."""
+        s, d = self.nodes[sn], self.nodes[dn]
+        if s.kind == d.kind == "device":
+            return ()
         key = exec_device(s.kind, s.device, d.kind, d.device) if self._per_device else 0
         lane = self._lanes.get(key)
         if lane is None:
             return None
-        takes = self._takes_descriptors.get(key)
-        if takes is None:
-            takes = self._takes_descriptors[key] = all(getattr(ch, "takes_descriptors", False) for ch in lane)
-        if not takes:
-            return None
-        planned = lane[0].plan_descriptors(s.frames, d.frames, src, dst, self._base_list[sn], self._base_list[dn],
-                                           self.channels, self.options)
-        return planned, lane, d
+        rings = getattr(lane[0], "ring_set", None)
+        if rings is None or not all(getattr(ch, "ring_set", None) is rings and ch.takes_rows for ch in lane) \
+                or not all(type(n.frames) is np.ndarray and n.frames.flags.c_contiguous for n in (s, d)):
+            return ()
+        # Rows may only touch registered memory: every node's frames, so that a wrong address is a job status.
+        for n in self.nodes:
+            if type(n.frames) is np.ndarray and n.frames.flags.c_contiguous:
+                rings.register_frames(n.frames)
+        return (rings, lane, s.base_pfn, d.base_pfn, s.frames.ctypes.data, d.frames.ctypes.data)
 
-    def _submit_planned(self, planned: Any, lane: list[Any], d: Any) -> tuple[list[Completion], None, list]:
-        """Publish each channel's rows of a planned submission (the caller holds the lock)."""
-        completions, share_runs = [], []
-        b = planned.bounds
-        for c, ch in enumerate(lane):
-            if b[c] == b[c + 1]:
-                continue
-            completions.append(ch.submit_descriptors(planned.desc[b[c]:b[c + 1]], planned.launches[c],
-                                                     planned.calls[c]))
-            share_runs.append([(d.base_pfn, planned.dst_start[b[c]:b[c + 1]], planned.npages[b[c]:b[c + 1]])])
-        return completions, None, share_runs
+    def _submit_rows(self, route: tuple[Any, ...], src: np.ndarray, dst: np.ndarray) -> Fence | None:
+        """Publish a submission on the lane's rings in one compiled call; ``None`` when a channel's share is more
+        rows than its ring holds (the general path then takes it)."""
+        rings, lane, s_base, d_base, s_addr, d_addr = route
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
+                got = rings.submit_pages(src, dst, s_base, d_base, s_addr, d_addr, self.page_size, self.options)
+                if got == SUBMIT_TOO_BIG:
+                    return None
+                if got != SUBMIT_NO_ROOM:
+                    self._seq += 1
+                    self._stats.submissions += 1
+                    self._stats.pages += int(src.size)
+                    self._stats.bytes += int(src.size) * self.page_size
+                    self._stats.runs += got.nr_runs
+                    fence = Fence([lane[c].completion(seq) for c, seq in enumerate(got.seqs) if seq >= 0], None,
+                                  self, self._seq)
+                    if len(self._pending) >= _PRUNE_PENDING:
+                        self._pending = [f for f in self._pending if not f.done]
+                    self._pending.append(fence)
+                    break
+            # A ring is full: collect finished jobs' statuses, and wait (outside the lock) for the oldest jobs.
+            rings.make_room()
+            for ch in lane:
+                ch.wait_for_progress(_ROOM_WAIT_S)
+        for c, asleep in enumerate(got.asleep):
+            if asleep:
+                lane[c].wake()
+        return fence
 
     def _submit(self, plan: CopyPlan, seq: int,
                 nbytes: int) -> tuple[list[Completion], DmaError | None, list[list[tuple[int, Any, Any]]]]:

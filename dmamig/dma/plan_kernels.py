@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "plan_runs"]
+__all__ = ["BATCH", "GATHER", "HAVE_NUMBA", "MEMCPY", "plan_runs"]
 
 try:
     from numba import njit
@@ -19,8 +19,8 @@ try:
 except Exception:  # pragma: no cover - numba is a dependency
     HAVE_NUMBA = False
 
-# Method numbers, as in copy_plan.py (kept literal here so the compiled code sees constants).
-_MEMCPY, _GATHER, _BATCH = 0, 1, 2
+#: Method numbers, as in copy_plan.py (kept literal here so the compiled code sees constants).
+MEMCPY, GATHER, BATCH = 0, 1, 2
 
 
 def _plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min, use_batch, batch_max,
@@ -124,11 +124,11 @@ def _plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min
             longest = run_np[r]
     for r in range(nr):
         if longest < memcpy_min or run_np[r] < memcpy_min:
-            run_m[r] = _GATHER
+            run_m[r] = GATHER
         elif use_batch and run_np[r] < batch_max:
-            run_m[r] = _BATCH
+            run_m[r] = BATCH
         else:
-            run_m[r] = _MEMCPY
+            run_m[r] = MEMCPY
     # 5. Order by (channel, method), stable, and cut segments.
     key = np.empty(nr, dtype=np.int64)
     ordered = True

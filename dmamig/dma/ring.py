@@ -1,0 +1,537 @@
+"""The DMA channel protocol: one descriptor ring per channel, written by one compiled call per submission.
+
+Real copy engines take work the same way: the driver writes descriptor rows into a ring in memory the engine can
+read, publishes a tail, and the engine publishes how far it got and how each job ended. dmamig's channels
+speak this protocol whatever runs them (the CPU backend's compiled workers; a device consumer on a GPU), so the
+host work of a submission is the same small compiled call everywhere.
+
+**Layout.** A lane (the channels of one device) owns four int64 arrays, allocated once (pinned and mapped for the
+device where there is one, see :class:`RingSet`):
+
+* ``rows[c]``: channel ``c``'s ring of rows ``(src address, dst address, bytes, flags)``; row ``r`` (a running
+  count) sits at ``r % row_capacity``, so a job's rows may wrap around the end.
+* ``jobs[c]``: its ring of job slots ``(kind, first row, row count, status)``; job ``s`` sits at
+  ``s % job_capacity``. A :data:`JOB_ROWS` job's rows are in the ring; a :data:`JOB_EXTERNAL` job's are in an
+  array of their own (``first`` is its address: one job larger than the ring); a :data:`JOB_PYTHON` job is
+  handed back to the consumer's host side (injected faults, staged copies, the stop request).
+* ``ctl[c]``: the channel's words. The submitter's line: ``TAIL`` (jobs published), ``ROW_TAIL`` (rows
+  written), ``REAPED`` (jobs whose status the host side has collected, so their slots may be reused) and the
+  ``LAUNCHES`` and ``CALLS`` counters. The consumer's line: ``HEAD`` (jobs finished), ``ROW_HEAD`` (rows it
+  no longer reads), ``BUSY_NS`` and ``HEARTBEAT``. Then ``SLEEPERS`` (waiters asleep) and ``IDLE`` (the consumer
+  is asleep).
+* ``regions``: the registered memory a row may touch, ``[lo, hi)`` byte ranges (row 0 holds their count). A row
+  outside them ends its job with :data:`STATUS_BAD_ROW` (the rows before it were copied): a status, never a
+  wild write or a poisoned device context.
+
+**Ordering.** The submitter writes rows and the job slot with plain stores, then publishes ``TAIL`` with a
+release store. The consumer reads ``TAIL`` with an acquire load before it reads a row, copies, makes its stores
+visible (a fence after streaming stores), writes the job's status, then publishes ``HEAD`` (and ``ROW_HEAD``)
+with a release store. A waiter reads ``HEAD`` with an acquire load before it trusts the status and the
+destination bytes, so the protocol holds on weakly ordered CPUs (Arm) as on x86. A consumer about to sleep
+stores ``IDLE``, fences, and looks at ``TAIL`` once more; a submitter stores ``TAIL``, fences, and reads
+``IDLE``: one of the two always sees the other, so no job waits for a sleeping consumer.
+
+A submission (:meth:`RingSet.submit_pages`) is one compiled call: put the pages in source order, plan runs
+(:func:`dmamig.dma.plan_kernels.plan_runs`: coalesce, split, balance over the channels), check every channel has
+room, write every channel's rows, and publish. It allocates nothing (a per-lane workspace is reused) and makes
+no Python object per page or per run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._atomics import ATOMICS_ERROR
+from ..errors import InvalidArgument
+from . import plan_kernels
+
+__all__ = [
+    "JOB_CAPACITY",
+    "JOB_EXTERNAL",
+    "JOB_PYTHON",
+    "JOB_ROWS",
+    "RING_AVAILABLE",
+    "RING_ERROR",
+    "ROW_CAPACITY",
+    "ROW_STREAM",
+    "STATUS_BAD_ROW",
+    "STATUS_FAILED",
+    "STATUS_OK",
+    "STATUS_PENDING",
+    "SUBMIT_NO_ROOM",
+    "SUBMIT_TOO_BIG",
+    "Ring",
+    "RingSet",
+    "Submitted",
+    "status_text",
+]
+
+# -- the words ------------------------------------------------------------------------------------------------
+# ctl, per channel: the submitter's cache line, the consumer's, then the sleep hand-shake's.
+TAIL, ROW_TAIL, REAPED, LAUNCHES, CALLS = 0, 1, 2, 3, 4
+HEAD, ROW_HEAD, BUSY_NS, HEARTBEAT = 8, 9, 10, 11
+SLEEPERS, IDLE = 16, 24
+CTL_WORDS = 32
+# A job slot.
+J_KIND, J_FIRST, J_COUNT, J_STATUS = 0, 1, 2, 3
+#: Job kinds: rows in the ring, rows in an array of their own, work for the consumer's host side.
+JOB_ROWS, JOB_EXTERNAL, JOB_PYTHON = 1, 2, 3
+#: Job statuses: not finished, copied, stopped at a row outside registered memory, failed on the host side.
+STATUS_PENDING, STATUS_OK, STATUS_BAD_ROW, STATUS_FAILED = 0, 1, 2, 3
+#: Row flag: the consumer may copy this row with streaming (non-temporal) stores.
+ROW_STREAM = 1
+#: Bytes of one row.
+ROW_BYTES = 32
+#: Rows per channel ring (1 MiB of rows: a 1 GiB batch of scattered 4 KiB pages spread over 8 channels fits).
+ROW_CAPACITY = 1 << 15
+#: Job slots per channel ring.
+JOB_CAPACITY = 1024
+#: Registered memory ranges a lane can hold.
+MAX_REGIONS = 64
+#: What :func:`submit_pages` returns when it wrote nothing: a channel's ring has no room now (wait for its
+#: oldest job), or a channel's share is more rows than its ring holds (submit it as an external job).
+SUBMIT_NO_ROOM, SUBMIT_TOO_BIG = -1, -2
+# Streaming stores need a 16-byte aligned destination and whole 64-byte steps.
+_STREAM_ALIGN, _STREAM_STEP = 16, 64
+
+#: Why the ring cannot be driven here (``None`` where it can).
+RING_ERROR: str | None = ATOMICS_ERROR if ATOMICS_ERROR else (
+    None if plan_kernels.HAVE_NUMBA else "numba is not importable")
+#: Whether rings can be used here.
+RING_AVAILABLE = RING_ERROR is None
+
+_STATUS_TEXT = {STATUS_PENDING: "pending", STATUS_OK: "copied",
+                STATUS_BAD_ROW: "a row outside registered memory (the rows before it were copied)",
+                STATUS_FAILED: "not copied: its channel failed, broke or was closed before the job finished"}
+
+
+def status_text(status: int) -> str:
+    """What a job status means, in words."""
+    return _STATUS_TEXT.get(int(status), f"unknown status {int(status)}")
+
+
+if RING_AVAILABLE:
+    from numba import njit
+
+    from .._atomics import full_fence, load_acquire, store_release
+
+    @njit(nogil=True, cache=True)
+    def _source_order(keys, n, order, tmp, count):  # pragma: no cover - compiled
+        """Stable order of ``keys[:n]`` (non-negative) into ``order``: least-significant-digit radix, 8 bits a
+        pass, as many passes as the largest key needs (three for a 1 GiB node of 4 KiB frames)."""
+        top = 0
+        for i in range(n):
+            order[i] = i
+            if keys[i] > top:
+                top = keys[i]
+        shift = 0
+        while (top >> shift) > 0:
+            for d in range(257):
+                count[d] = 0
+            for i in range(n):
+                count[((keys[order[i]] >> shift) & 255) + 1] += 1
+            for d in range(256):
+                count[d + 1] += count[d]
+            for i in range(n):
+                k = order[i]
+                d = (keys[k] >> shift) & 255
+                tmp[count[d]] = k
+                count[d] += 1
+            for i in range(n):
+                order[i] = tmp[i]
+            shift += 8
+
+    @njit(nogil=True, cache=True)
+    def _write_rows(rows, at, capacity, src_addr, dst_addr, page, flags, run_src, run_dst, run_np, a, b):
+        # pragma: no cover - compiled
+        for r in range(a, b):
+            slot = at % capacity
+            rows[slot, 0] = src_addr + run_src[r] * page
+            rows[slot, 1] = dst_addr + run_dst[r] * page
+            rows[slot, 2] = run_np[r] * page
+            rows[slot, 3] = flags
+            at += 1
+
+    @njit(nogil=True, cache=True)
+    def _publish(ctl, jobs, kind, first, count):  # pragma: no cover - compiled
+        """Fill the next job slot and release ``TAIL``; return ``(seq, consumer asleep)``. The caller checked
+        there is a free slot and holds the lane's publishing lock."""
+        base = ctl.ctypes.data
+        tail = ctl[TAIL]
+        slot = tail % jobs.shape[0]
+        jobs[slot, J_KIND] = kind
+        jobs[slot, J_FIRST] = first
+        jobs[slot, J_COUNT] = count
+        jobs[slot, J_STATUS] = STATUS_PENDING
+        store_release(base + TAIL * 8, tail + 1)
+        full_fence()  # TAIL before IDLE: the consumer fences between its IDLE store and its TAIL load
+        return tail, load_acquire(base + IDLE * 8)
+
+    @njit(nogil=True, cache=True)
+    def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, src_base, dst_base, src_addr, dst_addr, page,
+                      split_min, large_fraction, memcpy_min, ws, wm, out):  # pragma: no cover - compiled
+        n = src_pfns.shape[0]
+        channels = ctl.shape[0]
+        # Workspace: frame indices in source order, the radix scratch, then the planner's run arrays.
+        src_idx = ws[0:n]
+        dst_idx = ws[n:2 * n]
+        order = ws[2 * n:3 * n]
+        tmp = ws[3 * n:4 * n]
+        run_src = ws[4 * n:5 * n]
+        run_dst = ws[5 * n:6 * n]
+        run_np = ws[6 * n:7 * n]
+        run_ch = ws[7 * n:8 * n]
+        seg = ws[8 * n:9 * n + 1]
+        count = ws[9 * n + 1:9 * n + 258]
+        in_order = True
+        for i in range(n):
+            tmp[i] = src_pfns[i] - src_base
+            if i and src_pfns[i] < src_pfns[i - 1]:
+                in_order = False
+        if in_order:
+            for i in range(n):
+                src_idx[i] = tmp[i]
+                dst_idx[i] = dst_pfns[i] - dst_base
+        else:
+            # Sources in order (stably) first: pages contiguous on both sides then sit side by side.
+            _source_order(tmp, n, order, run_src, count)
+            for i in range(n):
+                k = order[i]
+                src_idx[i] = src_pfns[k] - src_base
+                dst_idx[i] = dst_pfns[k] - dst_base
+        nr, nseg = plan_kernels.plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min,
+                                          False, 0, run_src, run_dst, run_np, run_ch, wm, seg)
+        # Per channel: first run, runs, gather segments (a launch each), memcpy runs (a call each).
+        for c in range(channels):
+            out[c, 0] = nr
+            out[c, 1] = 0
+            out[c, 2] = 0
+            out[c, 3] = 0
+        for k in range(nseg):
+            a = seg[k]
+            c = run_ch[a]
+            if out[c, 0] > a:
+                out[c, 0] = a
+            out[c, 1] += seg[k + 1] - a
+            if wm[a] == plan_kernels.GATHER:
+                out[c, 2] += 1
+            else:
+                out[c, 3] += seg[k + 1] - a
+        # Room on every channel before anything is written: a submission is published whole or not at all.
+        row_cap = rows.shape[1]
+        job_cap = jobs.shape[1]
+        for c in range(channels):
+            k = out[c, 1]
+            if k == 0:
+                continue
+            if k > row_cap:
+                return SUBMIT_TOO_BIG
+            base = ctl[c].ctypes.data
+            if ctl[c, TAIL] - ctl[c, REAPED] >= job_cap or \
+                    ctl[c, ROW_TAIL] + k - load_acquire(base + ROW_HEAD * 8) > row_cap:
+                return SUBMIT_NO_ROOM
+        flags = ROW_STREAM if dst_addr % _STREAM_ALIGN == 0 and page % _STREAM_STEP == 0 else 0
+        for c in range(channels):
+            k = out[c, 1]
+            if k == 0:
+                out[c, 0] = -1
+                out[c, 1] = 0
+                continue
+            first = ctl[c, ROW_TAIL]
+            a = out[c, 0]
+            _write_rows(rows[c], first, row_cap, src_addr, dst_addr, page, flags, run_src, run_dst, run_np,
+                        a, a + k)
+            ctl[c, ROW_TAIL] = first + k
+            ctl[c, LAUNCHES] += out[c, 2]
+            ctl[c, CALLS] += out[c, 3]
+            seq, idle = _publish(ctl[c], jobs[c], JOB_ROWS, first, k)
+            out[c, 0] = seq
+            out[c, 1] = idle
+        return nr
+
+    @njit(nogil=True, cache=True)
+    def _load_word(ctl, index):  # pragma: no cover - compiled
+        return load_acquire(ctl.ctypes.data + index * 8)
+
+    @njit(nogil=True, cache=True)
+    def _store_word(ctl, index, value):  # pragma: no cover - compiled
+        store_release(ctl.ctypes.data + index * 8, value)
+        full_fence()
+
+    @njit(nogil=True, cache=True)
+    def _fill_rows(desc, at, src, dst, src_start, dst_start, npages):  # pragma: no cover - compiled
+        page = src.shape[1]
+        dbase = dst.ctypes.data
+        flags = ROW_STREAM if dbase % _STREAM_ALIGN == 0 and page % _STREAM_STEP == 0 else 0
+        _write_rows(desc, at, desc.shape[0], src.ctypes.data, dbase, page, flags, src_start, dst_start, npages,
+                    0, npages.shape[0])
+
+
+class Submitted:
+    """What :meth:`RingSet.submit_pages` published: per channel the job's sequence number (``-1``: no rows),
+    whether that channel's consumer was asleep, and the runs planned."""
+
+    __slots__ = ("nr_runs", "seqs", "asleep")
+
+    def __init__(self, nr_runs: int, seqs: list[int], asleep: list[int]) -> None:
+        self.nr_runs = nr_runs
+        self.seqs = seqs
+        self.asleep = asleep
+
+
+class Ring:
+    """Channel ``c``'s view of a :class:`RingSet`: its words, rows and job slots, and typed calls on them.
+
+    Publishing goes through the set's :attr:`RingSet.lock`; reads never block.
+    """
+
+    def __init__(self, ring_set: RingSet, c: int) -> None:
+        self.ring_set = ring_set
+        self.index = int(c)
+        self.ctl = ring_set.ctl[c]
+        self.rows = ring_set.rows[c]
+        self.jobs = ring_set.jobs[c]
+        self.regions = ring_set.regions
+        # Statuses other than STATUS_OK of jobs whose slots were reaped (their slots may be reused).
+        self._failed: dict[int, int] = {}
+
+    @property
+    def job_capacity(self) -> int:
+        """Job slots."""
+        return int(self.jobs.shape[0])
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows the ring holds."""
+        return int(self.rows.shape[0])
+
+    @property
+    def tail(self) -> int:
+        """Jobs published so far."""
+        return int(self.ctl[TAIL])
+
+    @property
+    def head(self) -> int:
+        """Jobs finished so far (job ``s`` is done once ``head > s``); an acquire load, so the job's status and
+        destination bytes may be trusted after it."""
+        return int(_load_word(self.ctl, HEAD))
+
+    @property
+    def busy_ns(self) -> int:
+        """Nanoseconds the consumer has spent copying."""
+        return int(self.ctl[BUSY_NS])
+
+    @property
+    def counters(self) -> tuple[int, int]:
+        """Gather segments (launches) and memcpy runs (calls) published by compiled submissions."""
+        return int(self.ctl[LAUNCHES]), int(self.ctl[CALLS])
+
+    def kind(self, seq: int) -> int:
+        """The kind of job ``seq`` (still in its slot: not reaped)."""
+        return int(self.jobs[seq % self.job_capacity, J_KIND])
+
+    def status(self, seq: int) -> int:
+        """The status of job ``seq``, once :attr:`head` passed it (``STATUS_PENDING`` before)."""
+        if self.head <= seq:
+            return STATUS_PENDING
+        s = int(self.jobs[seq % self.job_capacity, J_STATUS])
+        if int(self.ctl[REAPED]) <= seq:  # read after the slot: had it been reaped, REAPED would be past seq
+            return s
+        return self._failed.get(seq, STATUS_OK)
+
+    def has_room(self) -> bool:
+        """Whether one more job slot is free (caller holds the set's lock; reaps first when needed)."""
+        if self.tail - int(self.ctl[REAPED]) < self.job_capacity:
+            return True
+        self.reap()
+        return self.tail - int(self.ctl[REAPED]) < self.job_capacity
+
+    def publish(self, kind: int, desc: np.ndarray | None = None) -> tuple[int, bool]:
+        """Publish a job; returns ``(seq, consumer asleep)``. The caller holds the set's lock and checked
+        :meth:`has_room`.
+
+        ``desc``: the ``(n, 4)`` int64 rows of a :data:`JOB_EXTERNAL` job (kept alive by the caller until the
+        job is done); ``None`` for a :data:`JOB_PYTHON` job.
+        """
+        if desc is None:
+            seq, idle = _publish(self.ctl, self.jobs, kind, 0, 0)
+        else:
+            seq, idle = _publish(self.ctl, self.jobs, kind, desc.ctypes.data, desc.shape[0])
+        return int(seq), bool(idle)
+
+    def reap(self) -> None:
+        """Collect the statuses of finished jobs, so that their slots can be reused (caller holds the lock)."""
+        head = self.head
+        for seq in range(int(self.ctl[REAPED]), head):
+            s = int(self.jobs[seq % self.job_capacity, J_STATUS])
+            if s != STATUS_OK:
+                self._failed[seq] = s
+        _store_word(self.ctl, REAPED, head)
+
+    def finish(self, to: int, status: int = STATUS_OK) -> None:
+        """Finish every job below ``to`` from the host side with ``status`` (a host-side job, or a failed,
+        drained or closed channel): their statuses, then ``HEAD`` and ``ROW_HEAD``."""
+        head = int(self.ctl[HEAD])
+        row_head = int(self.ctl[ROW_HEAD])
+        for seq in range(head, to):
+            slot = seq % self.job_capacity
+            if int(self.jobs[slot, J_STATUS]) == STATUS_PENDING:
+                self.jobs[slot, J_STATUS] = status
+            if int(self.jobs[slot, J_KIND]) == JOB_ROWS:
+                row_head = int(self.jobs[slot, J_FIRST]) + int(self.jobs[slot, J_COUNT])
+        _store_word(self.ctl, ROW_HEAD, row_head)
+        if to > head:
+            _store_word(self.ctl, HEAD, to)
+
+    def set_idle(self, idle: bool) -> int:
+        """Store ``IDLE`` and, after a full fence, return :attr:`tail` (the consumer's half of the hand-shake)."""
+        _store_word(self.ctl, IDLE, int(idle))
+        return int(_load_word(self.ctl, TAIL))
+
+    def announce_sleepers(self, count: int) -> int:
+        """Publish how many waiters sleep, then (after a full fence) return :attr:`head`."""
+        _store_word(self.ctl, SLEEPERS, int(count))
+        return self.head
+
+
+def external_rows(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The rows of a :data:`JOB_EXTERNAL` job: one ``(src_frames, dst_frames, src_start, dst_start, npages)``
+    per piece of work (C-contiguous uint8 frames of equal rows, int64 runs), run by run, in order; streaming
+    where the destination allows it."""
+    desc = np.empty((sum(int(p[4].shape[0]) for p in pieces), 4), dtype=np.int64)
+    at = 0
+    for src, dst, s, d, n in pieces:
+        _fill_rows(desc, at, src, dst, s, d, n)
+        at += int(n.shape[0])
+    return desc
+
+
+class RingSet:
+    """The rings of one lane: ``channels`` channels' words, rows and job slots, the registered memory, the
+    publishing lock, and the compiled submission over them.
+
+    Parameters
+    ----------
+    channels : int
+        Channels in the lane (>= 1).
+    row_capacity, job_capacity : int, optional
+        Rows and job slots per channel (:data:`ROW_CAPACITY`, :data:`JOB_CAPACITY` by default).
+    alloc : callable, optional
+        ``alloc(shape) -> int64 array`` for the shared arrays (zero-filled): pinned, device-mapped host memory
+        on a GPU backend. ``np.zeros`` by default.
+    """
+
+    def __init__(self, channels: int, row_capacity: int | None = None, job_capacity: int | None = None,
+                 alloc: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> None:
+        row_capacity = ROW_CAPACITY if row_capacity is None else row_capacity
+        job_capacity = JOB_CAPACITY if job_capacity is None else job_capacity
+        if not RING_AVAILABLE:
+            raise RuntimeError(f"DMA rings are not available here: {RING_ERROR}")
+        for name, value in (("channels", channels), ("row_capacity", row_capacity), ("job_capacity", job_capacity)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise InvalidArgument(f"RingSet {name} must be an integer >= 1, got {value!r}")
+        make = alloc or (lambda shape: np.zeros(shape, dtype=np.int64))
+        self.ctl = make((int(channels), CTL_WORDS))
+        self.rows = make((int(channels), int(row_capacity), 4))
+        self.jobs = make((int(channels), int(job_capacity), 4))
+        self.regions = make((MAX_REGIONS + 1, 2))
+        #: Serialises publishing on every ring of the set (compiled submissions and channels' own jobs).
+        self.lock = threading.Lock()
+        self.rings = [Ring(self, c) for c in range(int(channels))]
+        self._ws = np.empty(0, dtype=np.int64)
+        self._wm = np.empty(0, dtype=np.int8)
+        self._out = np.empty((int(channels), 4), dtype=np.int64)
+        self._known: dict[tuple[int, int], None] = {}
+
+    @property
+    def channels(self) -> int:
+        """Channels in the lane."""
+        return len(self.rings)
+
+    def register(self, lo: int, hi: int) -> None:
+        """Let rows touch the bytes ``[lo, hi)`` (a node's frames, a bounce buffer). Idempotent.
+
+        Raises
+        ------
+        InvalidArgument
+            An empty range, or the set already holds ``MAX_REGIONS`` ranges.
+        """
+        lo, hi = int(lo), int(hi)
+        if hi <= lo:
+            raise InvalidArgument(f"a registered range must hold bytes, got [{lo:#x}, {hi:#x})")
+        with self.lock:
+            if (lo, hi) in self._known:
+                return
+            n = int(self.regions[0, 0])
+            if n >= MAX_REGIONS:
+                raise InvalidArgument(f"a DMA lane registers at most {MAX_REGIONS} memory ranges")
+            self.regions[n + 1] = (lo, hi)
+            self._known[(lo, hi)] = None
+            _store_word(self.regions[0], 0, n + 1)
+
+    def register_frames(self, frames: np.ndarray) -> None:
+        """:meth:`register` the bytes of a C-contiguous frame buffer."""
+        self.register(frames.ctypes.data, frames.ctypes.data + frames.nbytes)
+
+    def _workspace(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        need = 9 * n + 258
+        if self._ws.size < need:  # grown by doubling; reused by every later submission
+            self._ws = np.empty(max(need, 2 * self._ws.size), dtype=np.int64)
+            self._wm = np.empty(max(n, 2 * self._wm.size), dtype=np.int8)
+        return self._ws, self._wm
+
+    def submit_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray, src_base: int, dst_base: int,
+                     src_addr: int, dst_addr: int, page: int, options: Any) -> Submitted | int:
+        """Plan pages ``src_pfns[i] -> dst_pfns[i]`` (one node pair, validated int64 pfns) over every channel
+        and publish each channel's rows, in one compiled call.
+
+        Page ``p`` of the source node is at ``src_addr + (p - src_base) * page`` (likewise the destination).
+        ``options`` is a :class:`~dmamig.dma.copy_plan.PlanOptions` (batched copies never apply here).
+
+        Returns
+        -------
+        Submitted or int
+            What was published, or :data:`SUBMIT_NO_ROOM` / :data:`SUBMIT_TOO_BIG` when nothing was.
+        """
+        n = int(src_pfns.shape[0])
+        with self.lock:
+            ws, wm = self._workspace(n)
+            out = self._out
+            nr = int(_submit_pages(self.ctl, self.rows, self.jobs, src_pfns, dst_pfns, src_base, dst_base,
+                                   src_addr, dst_addr, page, options.split_min_pages,
+                                   float(options.large_run_fraction), options.memcpy_min_pages, ws, wm, out))
+            if nr < 0:
+                return nr
+            table = out.tolist()
+        return Submitted(nr, [row[0] for row in table], [row[1] for row in table])
+
+    def make_room(self) -> None:
+        """Reap every ring (caller does not hold the lock)."""
+        with self.lock:
+            for ring in self.rings:
+                ring.reap()
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) the submission now rather than inside a first copy."""
+    if not RING_AVAILABLE:
+        return
+    from .copy_plan import PlanOptions
+
+    rs = RingSet(2, row_capacity=8, job_capacity=4)
+    src = np.array([3, 1, 2], dtype=np.int64)
+    dst = np.array([10, 11, 12], dtype=np.int64)
+    got = rs.submit_pages(src, dst, 0, 8, 4096, 8192, 64, PlanOptions())
+    assert isinstance(got, Submitted)
+    external_rows([(np.zeros((2, 64), np.uint8), np.zeros((2, 64), np.uint8), np.zeros(1, np.int64),
+                    np.ones(1, np.int64), np.ones(1, np.int64))])
+    ring = rs.rings[0]
+    ring.publish(JOB_PYTHON)
+    ring.finish(ring.tail)
+    ring.reap()
+    ring.set_idle(False)
+    ring.announce_sleepers(0)
