@@ -80,3 +80,57 @@ def test_migration_stalls_are_counted():
         assert not t.is_alive()
         count, ns = mm.migration_stalls
         assert count >= 1 and ns > 0
+
+
+# -- pages on a slow host tier migrate like any others ---------------------------------------------------------
+
+@pytest.mark.parametrize("device_memory", ["coherent", "private"])
+@pytest.mark.parametrize("order", [0, 9])
+@pytest.mark.parametrize("nocopy", [False, True], ids=["copy", "no-copy"])
+def test_pages_move_between_two_host_tiers_in_both_modes(nocopy, order, device_memory):
+    from dmamig import MigrateMode
+
+    with tiered(host_nodes=[(2048, 1.0), (2048, 2.5)], device_pages=2048, device_memory=device_memory) as m:
+        mm = m.address_space()
+        n = 1024 * m.page_size
+        a = mm.mmap(n, order=order)
+        data = np.random.default_rng(order).integers(0, 256, n, dtype=np.uint8)
+        mm.write(a, data)
+        engine = m.dma if nocopy else None
+        # fast -> slow -> fast, through the device and back to the slow tier, in every mode
+        for node, mode in ((1, MigrateMode.SYNC), (0, MigrateMode.ASYNC), (1, MigrateMode.SYNC_LIGHT),
+                           (2, MigrateMode.SYNC), (1, MigrateMode.SYNC), (0, MigrateMode.SYNC)):
+            res = mm.migrate(a, n, node, mode=mode, engine=engine)
+            assert (res.nr_succeeded, res.nr_failed) == (1024, 0), (node, mode)
+            assert (mm.nodes_of(a, n) == node).all() and (mm.read(a, n) == data).all()
+        # move_pages: half of the pages to the slow tier, one status per page
+        half = np.arange(0, 1024, 2) * m.page_size + a
+        res = mm.move_pages(half, np.ones(half.size, dtype=np.int64))
+        assert (np.asarray(res.status) == 1).all()
+        assert (mm.read(a, n) == data).all()
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [2048, 2048, 2048]
+
+
+@pytest.mark.parametrize("nocopy", [False, True], ids=["copy", "no-copy"])
+def test_slow_tier_frames_migrate_with_migrate_pages(nocopy):
+    from dmamig import MigrateMode
+
+    with tiered() as m:
+        mm = m.address_space()
+        n = 16 * m.page_size
+        a = mm.mmap(n)
+        data = np.random.default_rng(7).integers(0, 256, n, dtype=np.uint8)
+        mm.populate(a, n, node=1)
+        mm.write(a, data)
+        pfns = np.array([mm.pfn_of(a + i * m.page_size) for i in range(16)])
+        if nocopy:  # a driver's flow: destinations allocated and copied by the DMA engine, state moved only
+            dst = m.alloc_pages(0, 16)
+            m.dma.copy(pfns, dst).wait()
+            res = m.migrate_pages(pfns, 0, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
+        else:
+            res = m.migrate_pages(pfns, 0, mode=MigrateMode.SYNC)
+        assert res.nr_failed == 0 and (mm.nodes_of(a, n) == 0).all()
+        assert (mm.read(a, n) == data).all()
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [64, 128, 32]
