@@ -256,3 +256,23 @@ def test_installed_copy_without_a_source_says_why_the_commit_is_unknown(tmp_path
     assert info["git_commit"] is None and info["git_dirty"] is None
     src = info["git_commit_source"]
     assert src.startswith("unknown: dmamig runs from") and "is not a git checkout" in src and "gone" in src
+
+
+# -- the documentation of it ---------------------------------------------------------------------------------------
+
+def test_docs_name_every_machine_field_a_result_records(tmp_path):
+    from dmamig.bench.environment import machine_info
+    from dmamig.sweep.hardware import SMI_FIELDS
+
+    docs = (ROOT / "docs" / "results.md").read_text()
+    info = machine_info("cpu")
+    fields = [k for k in info if k != "note"] + [f"host.{k}" for k in info["host"]]
+    fields += [key for _, key in SMI_FIELDS if not key.startswith("smi_")] + ["cuda_runtime", "smi_match"]
+    def said(f: str) -> bool:
+        return any(form in docs for form in (f"`{f}`", f"`{f.split('.')[-1]}`", f"`gpus[].{f}`"))
+
+    missing = [f for f in fields if not said(f)]
+    assert not missing, f"docs/results.md does not describe {missing}"
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/results.md" in readme and "--allow-other-machine" in readme
+    assert "### What a result records about its machine" in readme
