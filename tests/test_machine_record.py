@@ -227,10 +227,10 @@ def _info_from(site: Path, cwd: Path) -> dict:
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_installed_copy_records_the_commit_of_the_clone_it_was_installed_from(tmp_path):
     clone = tmp_path / "clone"
-    clone.mkdir()
+    shutil.copytree(ROOT / "dmamig", clone / "dmamig", ignore=shutil.ignore_patterns("__pycache__"))
     (clone / "pyproject.toml").write_text('[project]\nname = "dmamig"\n')
     _git(clone, "init", "-q")
-    _git(clone, "add", "pyproject.toml")
+    _git(clone, "add", "-A")
     _git(clone, "commit", "-q", "-m", "c")
     head = _git(clone, "rev-parse", "HEAD")
     site = _installed_copy(tmp_path, {"url": clone.as_uri(), "dir_info": {}})
@@ -238,9 +238,14 @@ def test_installed_copy_records_the_commit_of_the_clone_it_was_installed_from(tm
     elsewhere.mkdir()
     info = _info_from(site, elsewhere)
     assert info["git_commit"] == head and info["git_dirty"] is False
-    assert info["git_commit_source"].startswith(f"the clone dmamig was installed from, {clone}")
-    (clone / "pyproject.toml").write_text('[project]\nname = "dmamig"\nversion = "2"\n')
-    assert _info_from(site, elsewhere)["git_dirty"] is True
+    assert info["git_commit_source"] == f"the clone dmamig was installed from, {clone} (the installed files " \
+                                        f"match its HEAD)"
+    # The clone moved on after the install: its HEAD is not what is installed, and the record says so.
+    (clone / "dmamig" / "flags.py").write_text("# changed\n")
+    _git(clone, "commit", "-q", "-am", "d")
+    info = _info_from(site, elsewhere)
+    assert info["git_commit"] == _git(clone, "rev-parse", "HEAD") and info["git_dirty"] is True
+    assert "the installed files differ from its HEAD" in info["git_commit_source"]
 
 
 def test_installed_copy_from_a_git_url_records_pips_commit(tmp_path):

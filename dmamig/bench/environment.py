@@ -8,6 +8,7 @@ every migration figure is divided by.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -87,12 +88,33 @@ def _pip_source() -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _installed_matches(top: Path, commit: str, package: Path) -> bool | None:
+    """Whether the installed package's files are those of ``commit`` in the clone ``top`` (git blob hashes);
+    None when git cannot list the commit's files."""
+    listing = _git(top, "ls-tree", "-r", commit, "--", "dmamig", "kernels")
+    if listing is None:
+        return None
+    blobs = {}
+    for line in listing.splitlines():
+        meta, _, path = line.partition("\t")
+        blobs[path] = meta.split()[-1]
+    for f in package.rglob("*"):
+        if not f.is_file() or "__pycache__" in f.parts or f.suffix not in (".py", ".cu"):
+            continue
+        rel = f.relative_to(package).as_posix()
+        key = rel if rel.startswith("kernels/") else f"dmamig/{rel}"  # dmamig.kernels ships kernels/
+        data = f.read_bytes()
+        if blobs.get(key) != hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest():
+            return False
+    return True
+
+
 def git_provenance() -> dict[str, Any]:
     """The git commit the running dmamig was made from, whether its tree was dirty, and where that was found.
 
     Looked for, in order: the source tree dmamig runs from (a checkout, or an editable install); the commit
-    pip recorded for an install from a git URL; the clone pip recorded for ``pip install .`` (its HEAD now,
-    which is the installed commit unless the clone moved since); the dmamig checkout holding the current
+    pip recorded for an install from a git URL; the clone pip recorded for ``pip install .`` (its HEAD, and
+    ``git_dirty`` true when the installed files differ from that commit's); the dmamig checkout holding the current
     directory (as on a CI runner that installed the checkout it runs in).
 
     Returns
@@ -116,9 +138,13 @@ def git_provenance() -> dict[str, Any]:
     if url.startswith("file://"):
         found = _checkout(Path(unquote(urlparse(url).path)))
         if found:
-            return {"git_commit": found["git_commit"], "git_dirty": found["git_dirty"],
-                    "git_commit_source": f"the clone dmamig was installed from, {found['path']} (its HEAD when "
-                                         f"this ran)"}
+            same = _installed_matches(Path(found["path"]), found["git_commit"], here)
+            how = {True: "the installed files match its HEAD",
+                   False: "the installed files differ from its HEAD: installed from another commit or from "
+                          "uncommitted changes",
+                   None: "its HEAD when this ran"}[same]
+            return {"git_commit": found["git_commit"], "git_dirty": None if same is None else not same,
+                    "git_commit_source": f"the clone dmamig was installed from, {found['path']} ({how})"}
     found = _checkout(Path.cwd())
     if found:
         return {"git_commit": found["git_commit"], "git_dirty": found["git_dirty"],
