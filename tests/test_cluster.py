@@ -188,9 +188,18 @@ def test_a_resumed_run_counts_its_whole_time_says_so_and_counts_tasks_alike(tmp_
     assert f"interrupted after 2 of {n} tasks finished" in err
     first = json.loads((out / "results.json").read_text())
     monkeypatch.undo()
+    from rich.progress import Progress
+
+    added, real_add = [], Progress.add_task
+    monkeypatch.setattr(Progress, "add_task", lambda self, *a, **k: added.append((a, k)) or real_add(self, *a, **k))
     assert main([*argv[:-2], "--resume", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"resuming: 2 of {n} tasks finished before, {n - 2} to run" in err
+    # From its first moment the bar has its description, counts the tasks that finished before, and says
+    # what it is doing (measuring the ceilings, before the first repetition reports anything).
+    [(args, kw)] = added
+    assert args == ("dmamig bench",) and kw["tasks"] == f"2 of {n} tasks" and kw["completed"] > 0
+    assert kw["scenario"].startswith("measuring the copy ceilings, then ")
     # The bar counts the same tasks, has an ETA and its description.
     assert re.search(rf"dmamig bench .*{n} of {n} tasks .*ETA", err)
     doc = json.loads((out / "results.json").read_text())
