@@ -237,7 +237,7 @@ class Machine(FrameOps, PageControls):
 
             self._dma = DmaEngine(nodes=self._nodes, nodemap=self.nodemap, backend=self._backend,
                                   page_size=self._page_size, channels=self._channels, faults=self._faults,
-                                  on_submit=self.pages.note_written, topology=self._topology)
+                                  content=self.pages, topology=self._topology)
         return self._dma
 
     # -- address spaces --------------------------------------------------------------------------------------

@@ -76,6 +76,11 @@ class PageArray:
         """Frames at ``pfns`` got new content: written, zeroed, or the destination of a copy just issued."""
         self.write_seq[pfns] = next(self._seq)
 
+    def next_write_seq(self) -> int:
+        """A new write sequence number, for a caller that stamps ``write_seq`` itself (the DMA engine's compiled
+        submission stamps its destinations before it publishes them)."""
+        return next(self._seq)
+
     def copies_current(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> np.ndarray:
         """Per folio pair: whether every base frame of ``dst`` was written after its ``src`` frame last was."""
         if (nr == 1).all():

@@ -258,8 +258,8 @@ def test_the_engine_submits_to_every_ring_in_one_call_with_the_general_path_s_co
         calls = []
         real = dma_ring.RingSet.submit_pages
 
-        def spy(self, *args):
-            got = real(self, *args)
+        def spy(self, *args, **kw):
+            got = real(self, *args, **kw)
             calls.append(got.seqs)
             return got
 

@@ -83,6 +83,23 @@ def test_jobs_run_in_submission_order_on_each_channel():
     consumer.stop()
 
 
+def test_submissions_of_every_size_reuse_one_workspace_and_copy_exactly():
+    src, dst = frames(1024, 16), frames(1024, 17)
+    rings = registered(3, src, dst)
+    consumers = [Consumer(r) for r in rings.rings]
+    rng = np.random.default_rng(18)
+    for n in (3, 5, 100, 7, 700, 1, 1000, 64):  # the workspace grows, then serves smaller ones
+        pages = np.sort(rng.choice(1024, n, replace=False))
+        perm = rng.permutation(pages)
+        got = submit(rings, src, dst, perm, pages)
+        for ring, (seq, _) in zip(rings.rings, got.jobs):
+            if seq >= 0:
+                wait_done(ring, seq)
+        np.testing.assert_array_equal(dst[pages], src[perm])
+    for c in consumers:
+        c.stop()
+
+
 def test_rows_wrap_around_the_end_of_the_ring():
     src, dst = frames(256, 3), frames(256, 4)
     rings = registered(1, src, dst, row_capacity=48, job_capacity=4)

@@ -23,7 +23,6 @@ import bisect
 import dataclasses
 import inspect
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ from ..topology import ROUTE_STAGED, Topology, node_routes
 from .fence import DONE, FailedCompletion, Fence
 from .inject import add_submit_errors, emulate_fault, share_fault
 from .plan import CopyPlan, PlanOptions, plan_copy, plan_one_pair
-from .ring import SUBMIT_NO_ROOM, SUBMIT_TOO_BIG
+from .ring import SUBMIT_NO_ROOM
 from .stats import DmaStats, baseline_of, with_channels, zero_baseline
 from .validate import pfn_array, validate_bounds
 
@@ -67,6 +66,10 @@ class DmaEngine:
     faults : FaultPoints, optional
         Fault points consulted on every submission (``dma_submit``, ``dma_copy``, ``dma_complete``,
         ``channel_crash``); the machine passes its own ``m.faults``. A new, unarmed set by default.
+    content : PageArray, optional
+        What the destinations of every submission are stamped in before it is published: its ``write_seq``
+        array (int64, one per pfn) gets a new number from its ``next_write_seq()`` (the machine's page array,
+        so that a NO_COPY migration can tell a current copy from a stale one).
     topology : Topology, optional
         Peer access between the nodes' devices; pairs without it are staged through host memory. ``None``: every
         pair of devices has peer access.
@@ -80,7 +83,7 @@ class DmaEngine:
 
     def __init__(self, nodes: Any, nodemap: Any, backend: Any, page_size: int = 4096, channels: int = 4,
                  options: PlanOptions | None = None, faults: FaultPoints | None = None,
-                 on_submit: Callable[[np.ndarray], None] | None = None, topology: Topology | None = None):
+                 content: Any = None, topology: Topology | None = None):
         if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 1:
             raise InvalidArgument(f"channels must be an integer >= 1, got {channels!r}")
         if not isinstance(page_size, (int, np.integer)) or page_size < 1:
@@ -103,9 +106,11 @@ class DmaEngine:
         # Node pair -> its ring route (see _ring_route); () where it has none.
         self._routes: dict[tuple[int, int], tuple[Any, ...]] = {}
         self.faults = faults if faults is not None else FaultPoints()
-        # Told the destination pfns of every submission before it is queued (the machine records that their
-        # content changes, so a NO_COPY migration can tell a current copy from a stale one).
-        self._on_submit = on_submit
+        # Stamped with the destination pfns of every submission before it is published (the machine's page
+        # array: a NO_COPY migration tells a current copy from a stale one by these write sequence numbers).
+        self._content = content
+        self._write_seq = content.write_seq if content is not None else np.zeros(0, dtype=np.int64)
+        self._fast: tuple[Any, ...] | None = None  # the last ring route used: tried first
         self._seq = 0
         self._stats = DmaStats()
         self._pending: list[Fence] = []
@@ -255,16 +260,27 @@ class DmaEngine:
         """
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
+        fast = self._fast
+        if fast is not None and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
+                and src_pfns.dtype == dst_pfns.dtype == np.int64 and src_pfns.ndim == 1 \
+                and src_pfns.shape == dst_pfns.shape and src_pfns.size and not self.faults.armed:
+            # The route of the last submission, checked inside the compiled call: a batch of a migration
+            # between the same two nodes needs no other pass over its pfns.
+            fence = self._submit_rows(fast, src_pfns, dst_pfns, checked=False)
+            if fence is not None:
+                return fence
         src, dst, bounds = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
         if src.size == 0:
             return DONE
-        if self._on_submit is not None:
-            self._on_submit(dst)
         route = self._ring_route(bounds)
         if route is not None:
-            fence = self._submit_rows(route, src, dst)
+            fence = self._submit_rows(route, src, dst, checked=True)
             if fence is not None:
+                if route[-1]:
+                    self._fast = route
                 return fence
+        if self._content is not None:
+            self._content.note_written(dst)
         plan = self._plan(src, dst, bounds)
         # Submission happens under the engine lock so that close() cannot slip between the check and the
         # queueing: no share is ever queued behind a channel's stop.
@@ -305,12 +321,14 @@ class DmaEngine:
             if route is None:
                 return None
             self._routes[(sn, dn)] = route
-        if not route or any(ch.broken for ch in route[1]):  # a broken channel fails its shares on the general path
-            return None
-        return route
+        return route or None
 
     def _make_route(self, sn: int, dn: int) -> tuple[Any, ...] | None:
-        """The ring route of node pair ``(sn, dn)``; ``()`` where there is none; ``None`` until its lane is open."""
+        """The ring route of node pair ``(sn, dn)``; ``()`` where there is none; ``None`` until its lane is open.
+
+        A route is ``(ring set, lane, source base pfn, destination base pfn, source address, destination
+        address, source pages, destination pages, nodes differ)``.
+        """
         s, d = self.nodes[sn], self.nodes[dn]
         if s.kind == d.kind == "device":
             return ()
@@ -326,27 +344,37 @@ class DmaEngine:
         for n in self.nodes:
             if type(n.frames) is np.ndarray and n.frames.flags.c_contiguous:
                 rings.register_frames(n.frames)
-        return (rings, lane, s.base_pfn, d.base_pfn, s.frames.ctypes.data, d.frames.ctypes.data)
+        return (rings, lane, s.base_pfn, d.base_pfn, s.frames.ctypes.data, d.frames.ctypes.data, s.total_pages,
+                d.total_pages, sn != dn)
 
-    def _submit_rows(self, route: tuple[Any, ...], src: np.ndarray, dst: np.ndarray) -> Fence | None:
-        """Publish a submission on the lane's rings in one compiled call; ``None`` when a channel's share is more
-        rows than its ring holds (the general path then takes it)."""
-        rings, lane, s_base, d_base, s_addr, d_addr = route
+    def _submit_rows(self, route: tuple[Any, ...], src: np.ndarray, dst: np.ndarray, checked: bool) -> Fence | None:
+        """Check, stamp and publish a submission on the lane's rings in one compiled call.
+
+        ``None`` when nothing was published and the general path must take it: a channel's share is more rows than its ring holds, or (``checked`` false) a page is off the route or the
+        destinations need the full validation.
+        """
+        # A channel that broke is not asked here: its jobs fail when a waiter finds its worker gone (revive).
+        rings, lane, s_base, d_base, s_addr, d_addr, s_pages, d_pages, _ = route
+        content = self._content
         while True:
             with self._lock:
                 if self._closed:
                     raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-                got = rings.submit_pages(src, dst, s_base, d_base, s_addr, d_addr, self.page_size, self.options)
-                if got == SUBMIT_TOO_BIG:
+                got = rings.submit_pages(src, dst, s_base, d_base, s_addr, d_addr, self.page_size, self.options,
+                                         src_pages=s_pages, dst_pages=d_pages, checked=checked,
+                                         write_seq=self._write_seq,
+                                         seq=content.next_write_seq() if content is not None else 0)
+                if type(got) is int and got != SUBMIT_NO_ROOM:
                     return None
                 if got != SUBMIT_NO_ROOM:
                     self._seq += 1
-                    self._stats.submissions += 1
-                    self._stats.pages += int(src.size)
-                    self._stats.bytes += int(src.size) * self.page_size
-                    self._stats.runs += got.nr_runs
-                    fence = Fence([lane[c].completion(seq) for c, seq in enumerate(got.seqs) if seq >= 0], None,
-                                  self, self._seq)
+                    stats = self._stats
+                    stats.submissions += 1
+                    stats.pages += int(src.size)
+                    stats.bytes += int(src.size) * self.page_size
+                    stats.runs += got.nr_runs
+                    fence = Fence([lane[c].completion(seq) for c, (seq, _) in enumerate(got.jobs) if seq >= 0],
+                                  None, self, self._seq)
                     if len(self._pending) >= _PRUNE_PENDING:
                         self._pending = [f for f in self._pending if not f.done]
                     self._pending.append(fence)
@@ -355,8 +383,8 @@ class DmaEngine:
             rings.make_room()
             for ch in lane:
                 ch.wait_for_progress(_ROOM_WAIT_S)
-        for c, asleep in enumerate(got.asleep):
-            if asleep:
+        for c, (seq, asleep) in enumerate(got.jobs):
+            if asleep and seq >= 0:
                 lane[c].wake()
         return fence
 

@@ -63,7 +63,9 @@ __all__ = [
     "STATUS_OK",
     "STATUS_PENDING",
     "SUBMIT_NO_ROOM",
+    "SUBMIT_OUTSIDE",
     "SUBMIT_TOO_BIG",
+    "SUBMIT_UNCHECKED",
     "Ring",
     "RingSet",
     "Submitted",
@@ -92,9 +94,13 @@ ROW_CAPACITY = 1 << 15
 JOB_CAPACITY = 1024
 #: Registered memory ranges a lane can hold.
 MAX_REGIONS = 64
-#: What :func:`submit_pages` returns when it wrote nothing: a channel's ring has no room now (wait for its
-#: oldest job), or a channel's share is more rows than its ring holds (submit it as an external job).
-SUBMIT_NO_ROOM, SUBMIT_TOO_BIG = -1, -2
+#: What :meth:`RingSet.submit_pages` returns when it wrote nothing: a channel's ring has no room now (wait for
+#: its oldest job); a channel's share is more rows than its ring holds (submit it as an external job); a page
+#: is outside the node pair; the destinations are not increasing and the caller did not check them.
+SUBMIT_NO_ROOM, SUBMIT_TOO_BIG, SUBMIT_OUTSIDE, SUBMIT_UNCHECKED = -1, -2, -3, -4
+_NO_SEQ = np.zeros(0, dtype=np.int64)
+# Words of the radix sort's digit counts (10-bit digits), in the submission workspace.
+_COUNT_WORDS = 1026
 # Streaming stores need a 16-byte aligned destination and whole 64-byte steps.
 _STREAM_ALIGN, _STREAM_STEP = 16, 64
 
@@ -121,29 +127,37 @@ if RING_AVAILABLE:
 
     @njit(nogil=True, cache=True)
     def _source_order(keys, n, order, tmp, count):  # pragma: no cover - compiled
-        """Stable order of ``keys[:n]`` (non-negative) into ``order``: least-significant-digit radix, 8 bits a
-        pass, as many passes as the largest key needs (three for a 1 GiB node of 4 KiB frames)."""
+        """Stable order of ``keys[:n]`` (non-negative) into ``order``: least-significant-digit radix with as few
+        passes of at most 10-bit digits as the largest key needs (one for a batch within 4 MiB of 4 KiB frames,
+        two up to 4 GiB). ``count`` holds at least 1025 words."""
         top = 0
         for i in range(n):
             order[i] = i
             if keys[i] > top:
                 top = keys[i]
-        shift = 0
-        while (top >> shift) > 0:
-            for d in range(257):
+        bits = 0
+        while (top >> bits) > 0:
+            bits += 1
+        passes = (bits + 9) // 10
+        if passes == 0:
+            return
+        digit = (bits + passes - 1) // passes
+        mask = (1 << digit) - 1
+        for p in range(passes):
+            shift = p * digit
+            for d in range(mask + 2):
                 count[d] = 0
             for i in range(n):
-                count[((keys[order[i]] >> shift) & 255) + 1] += 1
-            for d in range(256):
+                count[((keys[order[i]] >> shift) & mask) + 1] += 1
+            for d in range(mask + 1):
                 count[d + 1] += count[d]
             for i in range(n):
                 k = order[i]
-                d = (keys[k] >> shift) & 255
+                d = (keys[k] >> shift) & mask
                 tmp[count[d]] = k
                 count[d] += 1
             for i in range(n):
                 order[i] = tmp[i]
-            shift += 8
 
     @njit(nogil=True, cache=True)
     def _write_rows(rows, at, capacity, src_addr, dst_addr, page, flags, run_src, run_dst, run_np, a, b):
@@ -172,10 +186,23 @@ if RING_AVAILABLE:
         return tail, load_acquire(base + IDLE * 8)
 
     @njit(nogil=True, cache=True)
-    def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, src_base, dst_base, src_addr, dst_addr, page,
-                      split_min, large_fraction, memcpy_min, ws, wm, out):  # pragma: no cover - compiled
+    def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, src_base, dst_base, src_pages, dst_pages, checked,
+                      write_seq, seq, src_addr, dst_addr, page, split_min, large_fraction, memcpy_min, ws, wm,
+                      out):  # pragma: no cover - compiled
         n = src_pfns.shape[0]
         channels = ctl.shape[0]
+        if wm.shape[0] < n or ws.shape[0] < 9 * n + 1 + _COUNT_WORDS:  # the caller's workspace is too small
+            return SUBMIT_TOO_BIG
+        # Validate: every page on the node pair; destinations distinct (strictly increasing, or checked by the
+        # caller). The caller checked that the two nodes differ or that no page is both read and written.
+        increasing = True
+        for i in range(n):
+            if not (src_base <= src_pfns[i] < src_base + src_pages and dst_base <= dst_pfns[i] < dst_base + dst_pages):
+                return SUBMIT_OUTSIDE
+            if i and dst_pfns[i] <= dst_pfns[i - 1]:
+                increasing = False
+        if not (increasing or checked):
+            return SUBMIT_UNCHECKED
         # Workspace: frame indices in source order, the radix scratch, then the planner's run arrays.
         src_idx = ws[0:n]
         dst_idx = ws[n:2 * n]
@@ -186,18 +213,23 @@ if RING_AVAILABLE:
         run_np = ws[6 * n:7 * n]
         run_ch = ws[7 * n:8 * n]
         seg = ws[8 * n:9 * n + 1]
-        count = ws[9 * n + 1:9 * n + 258]
+        count = ws[9 * n + 1:9 * n + 1 + _COUNT_WORDS]
         in_order = True
+        low = src_pfns[0]
         for i in range(n):
-            tmp[i] = src_pfns[i] - src_base
+            if src_pfns[i] < low:
+                low = src_pfns[i]
             if i and src_pfns[i] < src_pfns[i - 1]:
                 in_order = False
         if in_order:
             for i in range(n):
-                src_idx[i] = tmp[i]
+                src_idx[i] = src_pfns[i] - src_base
                 dst_idx[i] = dst_pfns[i] - dst_base
         else:
-            # Sources in order (stably) first: pages contiguous on both sides then sit side by side.
+            # Sources in order (stably) first: pages contiguous on both sides then sit side by side. Keys count
+            # from the lowest source, so a batch from a few MiB sorts in one radix pass.
+            for i in range(n):
+                tmp[i] = src_pfns[i] - low
             _source_order(tmp, n, order, run_src, count)
             for i in range(n):
                 k = order[i]
@@ -234,6 +266,10 @@ if RING_AVAILABLE:
             if ctl[c, TAIL] - ctl[c, REAPED] >= job_cap or \
                     ctl[c, ROW_TAIL] + k - load_acquire(base + ROW_HEAD * 8) > row_cap:
                 return SUBMIT_NO_ROOM
+        # The destinations' content changes from now on: stamped before anything is published.
+        if write_seq.shape[0]:
+            for i in range(n):
+                write_seq[dst_pfns[i]] = seq
         flags = ROW_STREAM if dst_addr % _STREAM_ALIGN == 0 and page % _STREAM_STEP == 0 else 0
         for c in range(channels):
             k = out[c, 1]
@@ -272,15 +308,19 @@ if RING_AVAILABLE:
 
 
 class Submitted:
-    """What :meth:`RingSet.submit_pages` published: per channel the job's sequence number (``-1``: no rows),
-    whether that channel's consumer was asleep, and the runs planned."""
+    """What :meth:`RingSet.submit_pages` published: the runs planned and, per channel, ``[seq, asleep]``: the
+    job's sequence number (``-1``: no rows for that channel) and whether its consumer was asleep."""
 
-    __slots__ = ("nr_runs", "seqs", "asleep")
+    __slots__ = ("jobs", "nr_runs")
 
-    def __init__(self, nr_runs: int, seqs: list[int], asleep: list[int]) -> None:
+    def __init__(self, nr_runs: int, jobs: list[list[int]]) -> None:
         self.nr_runs = nr_runs
-        self.seqs = seqs
-        self.asleep = asleep
+        self.jobs = jobs
+
+    @property
+    def seqs(self) -> list[int]:
+        """Per channel, the job's sequence number (``-1``: none)."""
+        return [j[0] for j in self.jobs]
 
 
 class Ring:
@@ -477,37 +517,46 @@ class RingSet:
         """:meth:`register` the bytes of a C-contiguous frame buffer."""
         self.register(frames.ctypes.data, frames.ctypes.data + frames.nbytes)
 
-    def _workspace(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        need = 9 * n + 258
-        if self._ws.size < need:  # grown by doubling; reused by every later submission
-            self._ws = np.empty(max(need, 2 * self._ws.size), dtype=np.int64)
-            self._wm = np.empty(max(n, 2 * self._wm.size), dtype=np.int8)
-        return self._ws, self._wm
+    def _grow(self, n: int) -> None:
+        """Room in the workspace for a submission of ``n`` pages (grown by doubling; reused ever after). The
+        compiled call trusts these sizes: ``_wm`` holds ``m`` methods and ``_ws`` ``9 m + 1 + _COUNT_WORDS``
+        words for one ``m``."""
+        m = max(n, 2 * self._wm.size)
+        self._wm = np.empty(m, dtype=np.int8)
+        self._ws = np.empty(9 * m + 1 + _COUNT_WORDS, dtype=np.int64)
 
     def submit_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray, src_base: int, dst_base: int,
-                     src_addr: int, dst_addr: int, page: int, options: Any) -> Submitted | int:
-        """Plan pages ``src_pfns[i] -> dst_pfns[i]`` (one node pair, validated int64 pfns) over every channel
-        and publish each channel's rows, in one compiled call.
+                     src_addr: int, dst_addr: int, page: int, options: Any, *, src_pages: int = 1 << 62,
+                     dst_pages: int = 1 << 62, checked: bool = True, write_seq: np.ndarray | None = None,
+                     seq: int = 0) -> Submitted | int:
+        """Check, plan and publish pages ``src_pfns[i] -> dst_pfns[i]`` (int64) over every channel, in one compiled
+        call.
 
-        Page ``p`` of the source node is at ``src_addr + (p - src_base) * page`` (likewise the destination).
-        ``options`` is a :class:`~dmamig.dma.copy_plan.PlanOptions` (batched copies never apply here).
+        Page ``p`` of the source node is at ``src_addr + (p - src_base) * page``, and the node holds
+        ``src_pages`` pages (likewise the destination). ``options`` is a
+        :class:`~dmamig.dma.copy_plan.PlanOptions` (batched copies never apply here). ``checked``: the caller
+        validated the pfns (distinct destinations, no page both read and written); otherwise destinations must
+        be strictly increasing, and the two nodes must differ. ``write_seq``: stamped with ``seq`` at every
+        destination before anything is published.
 
         Returns
         -------
         Submitted or int
-            What was published, or :data:`SUBMIT_NO_ROOM` / :data:`SUBMIT_TOO_BIG` when nothing was.
+            What was published, or a ``SUBMIT_*`` code when nothing was.
         """
         n = int(src_pfns.shape[0])
         with self.lock:
-            ws, wm = self._workspace(n)
-            out = self._out
+            if self._wm.size < n:
+                self._grow(n)
             nr = int(_submit_pages(self.ctl, self.rows, self.jobs, src_pfns, dst_pfns, src_base, dst_base,
+                                   src_pages, dst_pages, checked, _NO_SEQ if write_seq is None else write_seq, seq,
                                    src_addr, dst_addr, page, options.split_min_pages,
-                                   float(options.large_run_fraction), options.memcpy_min_pages, ws, wm, out))
+                                   float(options.large_run_fraction), options.memcpy_min_pages, self._ws, self._wm,
+                                   self._out))
             if nr < 0:
                 return nr
-            table = out.tolist()
-        return Submitted(nr, [row[0] for row in table], [row[1] for row in table])
+            table = self._out[:, :2].tolist()
+        return Submitted(nr, table)
 
     def make_room(self) -> None:
         """Reap every ring (caller does not hold the lock)."""
