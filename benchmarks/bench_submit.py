@@ -1,0 +1,136 @@
+"""Host cost of one DMA submission: a 512-page batch at 4K (scattered pages) and 2M (one folio), 1 and 4 channels.
+
+    python3 benchmarks/bench_submit.py [--backend cpu] [--out DIR]
+
+Each case is a short ``run()`` over the same operation, ``m.dma.copy(src, dst)`` (its fence waited for outside
+the timed call), on a machine of the chosen backend. It reports, per case, the median host microseconds of:
+
+- ``submit``: the whole ``copy`` call (validation, plan, rows, publish, the fence);
+- ``compiled``: the ring's one compiled call alone (:meth:`dmamig.dma.ring.RingSet.submit_pages`), where the
+  lane's channels take rows;
+
+and, over the same calls, the numpy buffers allocated per submission (``tracemalloc``'s numpy domain: a
+submission should allocate none) and the submission's share of the target (DESIGN.md: 10 us at 4K, 5 us at 2M).
+Medians; these machines are noisy. Nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmamig import Machine
+from dmamig.dma import ring as dma_ring
+
+#: Base pages of one submission: the kernel's NR_MAX_BATCHED_MIGRATION.
+BATCH = 512
+#: Calls timed per case (after as many warm-up calls).
+CALLS = 400
+#: The design's targets, host microseconds per submission.
+TARGET_US = {"4k": 10.0, "2m": 5.0}
+#: tracemalloc's domain for numpy's data buffers.
+NUMPY_DOMAIN = 389047
+
+
+def pages(m: Machine, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Source and destination pfns of one batch: scattered 4K pages in random order, or one 2 MiB folio."""
+    if kind == "4k":
+        return m.alloc_pages(0, BATCH)[rng.permutation(BATCH)], m.alloc_pages(1, BATCH)
+    return m.pages.expand(m.alloc_pages(0, 1, order=9)), m.pages.expand(m.alloc_pages(1, 1, order=9))
+
+
+def timed_submissions(dma: Any, src: np.ndarray, dst: np.ndarray) -> float:
+    """Median host microseconds of ``dma.copy(src, dst)``, each fence waited for outside the timed call."""
+    times = []
+    for k in range(2 * CALLS):
+        t0 = time.perf_counter_ns()
+        fence = dma.copy(src, dst)
+        t1 = time.perf_counter_ns()
+        fence.wait()
+        if k >= CALLS:
+            times.append(t1 - t0)
+    return statistics.median(times) / 1e3
+
+
+def compiled_only(dma: Any, src: np.ndarray, dst: np.ndarray) -> float | str:
+    """Median host microseconds of the ring's compiled call alone (the engine's own route, its jobs waited for)."""
+    fast = getattr(dma, "_fast", None)
+    if not fast:
+        return "not measured: this lane's channels take no rows"
+    rings, lane, s_base, d_base, s_addr, d_addr, s_pages, d_pages, _ = fast
+    times = []
+    for k in range(2 * CALLS):
+        t0 = time.perf_counter_ns()
+        got = rings.submit_pages(src, dst, s_base, d_base, s_addr, d_addr, dma.page_size, dma.options,
+                                 src_pages=s_pages, dst_pages=d_pages, checked=False)
+        t1 = time.perf_counter_ns()
+        if isinstance(got, int):  # a ring full: make room and try again, untimed
+            rings.make_room()
+            continue
+        for c, (seq, asleep) in enumerate(got.jobs):
+            if seq >= 0:
+                if asleep:
+                    lane[c].wake()
+                lane[c].completion(seq).wait()
+        if k >= CALLS:
+            times.append(t1 - t0)
+    return statistics.median(times) / 1e3
+
+
+def numpy_allocations(dma: Any, src: np.ndarray, dst: np.ndarray, calls: int = 100) -> float:
+    """numpy buffers allocated per ``copy`` call (fences waited for outside the count)."""
+    fences = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot().filter_traces([tracemalloc.DomainFilter(True, NUMPY_DOMAIN)])
+        for _ in range(calls):
+            fences.append(dma.copy(src, dst))
+            fences[-1].wait()
+        after = tracemalloc.take_snapshot().filter_traces([tracemalloc.DomainFilter(True, NUMPY_DOMAIN)])
+    finally:
+        tracemalloc.stop()
+    grown = sum(max(0, s.count_diff) for s in after.compare_to(before, "lineno"))
+    return grown / calls
+
+
+def run(backend: str, channels: int, kind: str) -> dict[str, Any]:
+    """One case: a machine with ``channels`` channels per device, a batch of ``kind`` pages, every figure."""
+    m = Machine(host_pages=8 * BATCH, device_pages=8 * BATCH, devices=1, backend=backend, channels=channels)
+    try:
+        src, dst = pages(m, kind, np.random.default_rng(0))
+        submit = timed_submissions(m.dma, src, dst)
+        return {"backend": m.backend_name, "channels": channels, "pages": kind, "submit_us": round(submit, 3),
+                "compiled_us": compiled_only(m.dma, src, dst),
+                "numpy_allocations_per_submission": numpy_allocations(m.dma, src, dst),
+                "target_us": TARGET_US[kind], "share_of_target": round(submit / TARGET_US[kind], 2)}
+    finally:
+        m.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", type=Path, help="folder for submit.json (created)")
+    args = ap.parse_args(argv)
+    rows = [run(args.backend, c, kind) for kind in ("4k", "2m") for c in (1, 4)]
+    print(f"{'pages':>5} {'ch':>3} {'submit us':>10} {'compiled us':>12} {'np allocs':>10} {'x target':>9}")
+    for r in rows:
+        comp = r["compiled_us"] if isinstance(r["compiled_us"], str) else f"{r['compiled_us']:.2f}"
+        print(f"{r['pages']:>5} {r['channels']:>3} {r['submit_us']:>10.2f} {comp:>12} "
+              f"{r['numpy_allocations_per_submission']:>10.2f} {r['share_of_target']:>9.2f}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "submit.json").write_text(json.dumps({"rows": rows, "ring_available": dma_ring.RING_AVAILABLE},
+                                                         indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
