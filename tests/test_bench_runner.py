@@ -263,6 +263,35 @@ def test_a_poll_window_is_a_recorded_setting(tmp_path, capsys, monkeypatch):
     assert "DMA waits sleep at once" in capsys.readouterr().out
 
 
+def test_the_rfc_preset_runs_beside_the_faithful_figure_and_every_ratio_names_its_copy_baseline(tmp_path, capsys):
+    from dmamig.migrate.options import RFC_DMA_OFFLOAD_BATCH_PAGES
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:  # the preset is an experiment setting
+        main(["bench", "--quick", "--backend", "cpu", "--rfc-preset", "--faithful-only", "--out", str(out)])
+    assert exc.value.code == 2 and "--rfc-preset" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--backend", "cpu", "--sizes", "4k", "--total", "1M", "--channels", "1",
+                 "--rfc-preset", "--no-engine", "--no-access", "--no-plots", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    check_results_schema(doc)
+    assert doc["settings"]["copy_baseline"] == "cpu"
+    assert RFC_DMA_OFFLOAD_BATCH_PAGES in doc["settings"]["batch_pages"]
+    mig = [s for s in doc["scenarios"] if s["kind"] == "migrate"]
+    rfc = [s for s in mig if s["options"]["batch_pages"] == RFC_DMA_OFFLOAD_BATCH_PAGES]
+    assert {s["mode"] for s in rfc} == {"copy", "nocopy"} and any(s["options"]["faithful"] for s in mig)
+    assert all(s["batching"].startswith("DMA-offload RFC preset") for s in rfc)
+    assert {s["copy_baseline"] for s in mig} == {"cpu"}
+    text = capsys.readouterr().out
+    assert "copy baseline cpu" in text and "faithful copy (cpu)" in text
+    with open(out / "results.csv") as fh:
+        assert {row["copy_baseline"] for row in csv.DictReader(fh) if row["kind"] == "migrate"} == {"cpu"}
+
+
+def test_copy_mode_on_cuda_is_named_the_sync_dma_baseline():
+    assert default_settings("cuda", gpus=1).copy_baseline() == "sync-dma"
+    assert default_settings("cpu").copy_baseline() == "cpu"
+
+
 @pytest.mark.parametrize("bad", ["-1", "x", "nan", "2e6", "²"])
 def test_a_bad_poll_window_is_a_usage_error(bad, capsys):
     with pytest.raises(SystemExit) as exc:

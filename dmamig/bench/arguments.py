@@ -168,6 +168,10 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
     b.add_argument("--pipeline", type=argtype(_pipeline), metavar="LIST",
                    help="experiment axis: steps whose DMA copy overlaps the next step's unmap, e.g. 0,1 "
                         "(no-copy only; the kernel's is 0)")
+    b.add_argument("--rfc-preset", action="store_true",
+                   help="experiment preset: also migrate with the DMA batch-offload RFC's configuration (batches of "
+                        "262144 base pages, 1 GiB of 4K pages, as its patched kernels ran), reported beside the "
+                        "faithful figure as its own scenario")
     b.add_argument("--faithful-only", action="store_true",
                    help="run only the kernel's batching: no default pipelined no-copy variant at the "
                         "smallest folio size")

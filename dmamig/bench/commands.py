@@ -87,9 +87,15 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                        ("access_total", "access_bytes")):
         if getattr(args, key) is not None:
             over[field] = getattr(args, key)
+    if getattr(args, "rfc_preset", False):
+        from ..migrate.options import RFC_DMA_OFFLOAD_BATCH_PAGES
+
+        over["batch_pages"] = list(dict.fromkeys([*(args.batch_pages or settings.batch_pages),
+                                                  RFC_DMA_OFFLOAD_BATCH_PAGES]))
     if args.faithful_only:
         axes = [f"--{k}" for k, v in (("batch", args.batch_pages), ("batches-per-step", args.batches_per_step),
-                                      ("pipeline", args.pipeline)) if v is not None]
+                                      ("pipeline", args.pipeline), ("rfc-preset", args.rfc_preset or None))
+                if v is not None]
         if axes:
             parser.error(f"argument --faithful-only: not allowed with {', '.join(axes)}, which add experiment "
                          f"settings; drop one of them")

@@ -46,8 +46,10 @@ def scenario_record(sc: Scenario, walls: list[int], cpus: list[int], phases: lis
     return rec
 
 
-def add_speedups(records: list[dict[str, Any]]) -> None:
-    """Fill ``speedup_vs_copy``, ``speedup_vs`` and ``speedup_vs_faithful_copy`` of every no-copy migration.
+def add_speedups(records: list[dict[str, Any]], copy_baseline: str = "cpu") -> None:
+    """Fill ``speedup_vs_copy``, ``speedup_vs`` and ``speedup_vs_faithful_copy`` of every no-copy migration,
+    and ``copy_baseline`` (what copy mode measured: :data:`~dmamig.bench.naming.COPY_BASELINES`) of every
+    migration.
 
     Like is compared with like: a no-copy record is divided by the copy record of the same direction, folio
     size, batch size and batches per step (copy has no DMA to pipeline, so the pipeline depth does not
@@ -63,6 +65,8 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
 
     copies = {key(r): r for r in records if r["kind"] == "migrate" and r["mode"] == "copy"}
     for r in records:
+        if r["kind"] == "migrate":
+            r["copy_baseline"] = copy_baseline
         if r["kind"] != "migrate" or r["mode"] != "nocopy":
             continue
         faithful = copies.get((r["direction"], r["folio_bytes"], 512, 1))

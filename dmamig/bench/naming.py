@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..migrate.options import NR_MAX_BATCHED_MIGRATION, MigrateOptions
+from ..migrate.options import NR_MAX_BATCHED_MIGRATION, RFC_DMA_OFFLOAD, MigrateOptions
 
 __all__ = [
+    "COPY_BASELINES",
+    "COPY_BASELINE_OF",
     "DIRECTIONS",
     "LEGACY_BATCHING",
     "NOT_A_MIGRATION",
@@ -29,6 +31,16 @@ __all__ = [
     "scenario_name",
     "settings_words",
 ]
+
+#: What copy mode measures, by name: the divisor of every no-copy / copy ratio. On the CPU backend the migrating
+#: thread copies (the kernel's folio_copy). On CUDA the CPU cannot touch device memory on a PCIe card, so copy
+#: mode is one synchronous DMA per folio, as a driver without batching copies device-private memory.
+COPY_BASELINES = {
+    "cpu": "the migrating CPU copies each folio (memcpy)",
+    "sync-dma": "one synchronous DMA copy per folio (a driver without batching)",
+}
+#: The copy baseline of each backend.
+COPY_BASELINE_OF = {"cpu": "cpu", "cuda": "sync-dma"}
 
 #: Short names of the migration directions, in report order.
 DIRECTIONS = {
@@ -112,6 +124,8 @@ def describe_options(options: MigrateOptions | None) -> str:
         return NOT_A_MIGRATION
     if options.faithful:
         return "faithful"
+    if options == RFC_DMA_OFFLOAD:
+        return f"DMA-offload RFC preset ({settings_words(options)})"
     kind = "pipelined" if options.pipeline_depth else "experiment"
     return f"{kind} ({settings_words(options)})"
 

@@ -26,6 +26,7 @@ from .comparison import (
     regressions,
 )
 from .naming import (
+    COPY_BASELINES,
     DIRECTIONS,
     batching_class,
     format_number,
@@ -71,6 +72,8 @@ def _header(doc: dict[str, Any]) -> str:
     gpus = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
     poll = s.get("dma_poll_us")
     channels = "" if poll is None else f" | DMA waits {f'poll {poll:g} us' if poll else 'sleep at once'}"
+    if s.get("copy_baseline"):
+        channels += f" | copy baseline {s['copy_baseline']}: {COPY_BASELINES.get(s['copy_baseline'], '?')}"
     return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "
             f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)"
             + channels + _resumed(doc)
@@ -90,10 +93,11 @@ def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
     if sc.get("speedup_vs_copy") is None:
         return "-"
     base = by_id.get(sc.get("speedup_vs") or "")
+    baseline = f" ({sc['copy_baseline']})" if sc.get("copy_baseline") else ""
     if base is None:  # legacy results: the copy of the same direction and folio size
-        return "copy, same folio size"
+        return "copy, same folio size" + baseline
     opts = options_of(base)
-    return "faithful copy" if opts is None or opts.faithful else f"copy with {settings_words(opts)}"
+    return ("faithful copy" if opts is None or opts.faithful else f"copy with {settings_words(opts)}") + baseline
 
 
 _MIGRATION_TABLES = (

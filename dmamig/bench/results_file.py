@@ -26,7 +26,7 @@ CSV_FIELDS = (
      "batch_pages", "batches_per_step", "pipeline_depth", "faithful", "bytes", "pages", "repeat",
      "median_wall_ns", "min_wall_ns", "max_wall_ns", "iqr_wall_ns", "gbps", "gbps_min", "gbps_max", "pages_per_s", "thread_time_ns", "cpu_ns_per_page", "pages_per_cpu_s",
      "ceiling_gbps", "ceiling_ratio", "ceiling_method", "speedup_vs_copy", "speedup_vs",
-     "speedup_vs_faithful_copy", "nr_failed", "verified"]
+     "speedup_vs_faithful_copy", "copy_baseline", "nr_failed", "verified"]
     + [f"phase_{p}_ns" for p in PHASES]
     + ["outside_phases_ns"]
     + [f"share_{p}" for p in PHASES]

@@ -107,7 +107,7 @@ def sweep_document(settings: BenchSettings, started: _dt.datetime, wall_s: float
                    ceilings: list[dict[str, Any]], records: list[dict[str, Any]],
                    partial: bool = False) -> dict[str, Any]:
     """The results document (see :mod:`dmamig.bench.schema`) of a sweep's records."""
-    add_speedups(records)
+    add_speedups(records, settings.copy_baseline())
     machine = machine_info(settings.backend, gpus)
     # The devices' topology: a setting on cpu; on cuda what the runtime told the pairs' machines.
     topo = settings.machine_topology(settings.devices) or pair_topology(records, source="runtime")

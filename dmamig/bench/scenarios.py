@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from ..topology import Topology
-from .naming import DIRECTIONS, format_size, options_id, scenario_name
+from .naming import COPY_BASELINE_OF, DIRECTIONS, format_size, options_id, scenario_name
 from .parsing import (
     PAGE_SIZE,
     folio_order,
@@ -130,6 +130,10 @@ class BenchSettings:
     topology: str = "nvswitch"
     dma_poll_us: float | None = None
 
+    def copy_baseline(self) -> str:
+        """What copy mode measures on this sweep's backend (:data:`~dmamig.bench.naming.COPY_BASELINES`)."""
+        return COPY_BASELINE_OF.get(self.backend, "cpu")
+
     def machine_poll(self) -> float | None:
         """The ``dma_poll_us`` of a bench machine (``None``: the machine's default)."""
         return self.dma_poll_us
@@ -190,6 +194,7 @@ class BenchSettings:
             "pair_bytes": self.pair_bytes,
             "topology": self.topology,
             "dma_poll_us": self.recorded_poll(),
+            "copy_baseline": self.copy_baseline(),
         }
 
 

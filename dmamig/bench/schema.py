@@ -157,6 +157,10 @@ _SCENARIO = {
                             "description": "no-copy gbps / gbps of the copy scenario named by speedup_vs: same "
                                            "direction, folio size, batch size and batches per step."},
         "speedup_vs": {"type": ["string", "null"], "description": "id of the copy scenario compared with."},
+        "copy_baseline": {"type": ["string", "null"],
+                          "description": "What copy mode measured, the divisor of every no-copy / copy ratio: "
+                                         "'cpu' (the migrating thread's memcpy) or 'sync-dma' (one synchronous "
+                                         "DMA per folio, a driver without batching)."},
         "speedup_vs_faithful_copy": {**_num_or_null,
                                      "description": "no-copy gbps / the faithful copy's, same direction and "
                                                     "folio size."},
