@@ -22,9 +22,9 @@ from dmamig.bench.driver import BenchSweep, SweepFailed
 from dmamig.bench.runner import SweepInterrupted, build_tasks
 from dmamig.bench.scenarios import BenchSettings, default_settings
 from dmamig.bench.schema import validate_results
-from dmamig.bench.tasks import Task
 from dmamig.cli import build_parser, main
 from dmamig.sweep import JOURNAL_NAME, Journal, ResumeError
+from dmamig.sweep.tasks import Task
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
 needs_dask = pytest.mark.skipif(not HAVE_DASK, reason="Dask is not installed (pip install 'dmamig[dask]')")

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from ..sweep.tasks import ProgressFn, Task
 from ..uvm.options import DEFAULT_FAULT_BATCH_SIZE, VA_BLOCK_SIZE, UvmOptions
 from .access_figures import Sample, access_record, add_access_speedups
 from .parsing import parse_int_list
 from .scenarios import PAGE_SIZE, BenchSettings
-from .tasks import ProgressFn, Task
 from .verify import check, random_bytes, verify_no_leak
 
 __all__ = ["ACCESS_PATTERNS", "AccessScenario", "access_scenarios", "access_tasks", "add_access_speedups",

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..sweep.tasks import Task
 from .environment import measure_ceilings
 from .runner import VerificationError, run_task
 from .scenarios import BenchSettings
-from .tasks import Task
 
 __all__ = ["run_on_worker", "worker_ceilings"]
 

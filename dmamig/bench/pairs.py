@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ..sweep.tasks import ProgressFn, Task
 from .pairs_figures import PAIR_FOLIO, PairSample, add_pair_speedups, pair_record, pair_table
 from .scenarios import PAGE_SIZE, BenchSettings, folio_order
-from .tasks import ProgressFn, Task
 from .verify import check, random_bytes, range_pfns, verify_no_leak, verify_pages, verify_result
 
 __all__ = ["MAX_PAIR_DEVICES", "PAIR_FOLIO", "PairScenario", "add_pair_speedups", "check_pair_bytes",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..sweep.tasks import ProgressFn, Task
 from . import scenario_runs
 from .access import access_tasks, run_access
 from .environment import cpu_copy_ceiling, machine_info, measure_ceilings
@@ -22,7 +23,6 @@ from .pairs import pair_tasks, run_pair
 from .pairs_figures import pair_topology
 from .scenarios import BenchSettings, build_sweep
 from .schema import SCHEMA_VERSION
-from .tasks import ProgressFn, Task
 from .verify import VerificationError, range_pfns, verify_pages, verify_result
 
 __all__ = [

@@ -1,8 +1,9 @@
 """Sweeps as journalled tasks, run in this process or on a Dask cluster.
 
-A sweep (``dmamig bench``, ``dmamig replay``) is a list of tasks whose results are records. Two pieces are
+A sweep (``dmamig bench``, ``dmamig replay``) is a list of tasks whose results are records. Three pieces are
 shared by every sweep:
 
+- :mod:`dmamig.sweep.tasks`: the task, plain picklable data that says what to run;
 - :mod:`dmamig.sweep.journal`: ``tasks.jsonl`` in the output folder, one line per finished task, written as
   each task finishes, so that an interrupted sweep resumes without re-running what finished;
 - :mod:`dmamig.sweep.cluster`: connecting to a Dask cluster (``local`` or a scheduler address) and running the

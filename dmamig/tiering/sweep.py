@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..bench.tasks import Task
 from ..sweep.journal import Journal
+from ..sweep.tasks import Task
 from .policies import make_policy
 from .replay import replay
 from .trace import Trace

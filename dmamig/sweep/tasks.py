@@ -1,9 +1,10 @@
-"""A sweep as tasks: each one runs on one machine (one process, one GPU) and returns its scenario records.
+"""A sweep as tasks: each one runs on one machine (one process, one GPU) and returns its records.
 
-A task is the unit that a sweep schedules, journals and, with ``--cluster``, ships to a worker; so it is
-plain, picklable data: what to run (``kind`` and ``payload``), which ceilings its ratios need
-(``directions``, measured on the machine that runs it) and how many progress steps it reports.
-:func:`dmamig.bench.runner.build_tasks` makes them and :func:`dmamig.bench.runner.run_task` runs one.
+A task is the unit that a sweep schedules, journals (:mod:`dmamig.sweep.journal`) and, with ``--cluster``,
+ships to a worker (:mod:`dmamig.sweep.cluster`); so it is plain, picklable data: what to run (``kind`` and
+``payload``), which ceilings its ratios need (``directions``, measured on the machine that runs it) and how
+many progress steps it reports. The sweeps above this floor (``dmamig bench``, ``dmamig replay``) make their
+tasks and run them; this module knows none of them.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ class Task:
     label : str
         A short description for progress bars.
     kind : str
-        ``"group"`` (a :class:`~dmamig.bench.scenarios.MigrateGroup`: one record per leg), ``"state"`` or
-        ``"dma"`` (one :class:`~dmamig.bench.scenarios.Scenario`, one record).
+        What the sweep's runner runs for this task (``dmamig bench``: ``"group"``, ``"state"``, ``"dma"``,
+        ...; ``dmamig replay``: ``"replay"``).
     steps : int
         Progress steps the task reports (one per repetition of each of its records).
     directions : tuple of str
         Directions whose copy ceilings the task's ratios use.
     payload : Any
-        What :func:`~dmamig.bench.runner.run_task` runs for this kind.
+        What the sweep's runner runs for this kind.
     seed : int
         Seed of the task's random data, fixed by its place in the sweep so that reruns write the same bytes.
     """
