@@ -30,8 +30,7 @@ from dmamig.bench.scenarios import BenchSettings, build_sweep
 from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, validate_results
 from dmamig.cli import main
 
-#: A results file written before settings were recorded (schema 1), kept in the repository.
-#: A results file of schema 1 (before settings were recorded), kept from an earlier sample run.
+#: A results file of schema 1 (before settings were recorded), kept from an earlier sample run: it is refused.
 LEGACY = Path(__file__).resolve().parent / "data" / "results_schema1.json"
 
 CEIL = {"h2d": 10.0, "d2h": 10.0, "d2d": 10.0}
@@ -198,28 +197,21 @@ def test_phase_plot_stacks_ns_per_page_and_explains_outside(tmp_path, figures):
     assert "copy" in [t.get_text() for t in ax.get_xticklabels()][0]
 
 
-def test_legacy_results_load_render_plot_and_compare(tmp_path, figures):
-    doc = load_results(LEGACY)
-    assert doc["schema_version"] == 1
-    for s in doc["scenarios"]:
-        assert "options" not in s and s["name"] and s["batching"] in ("not recorded", "not a migration")
-    assert next(s for s in doc["scenarios"] if s["id"] == "migrate/h2d/4k/nocopy/ch2")["name"] == \
-        "host->device, 4K pages, no-copy, 2 DMA channels"
-    buf = io.StringIO()
-    render_tables(doc, Console(file=buf, width=250, color_system=None))
-    assert "batching not recorded" in buf.getvalue() and "Migration, faithful" not in buf.getvalue()
-    write_plots(doc, tmp_path)
-    assert "batching not recorded" in figures["copy_vs_nocopy.png"]._suptitle.get_text()
-    # A new faithful run still compares with the old baseline, by id, and says the settings were unknown.
-    new = make_doc()
-    new["settings"]["total_bytes"] = doc["settings"]["total_bytes"]  # runs of other settings are refused
-    comps = {c.id: c for c in compare_results(new, doc, 0.1)}
-    c = comps["migrate/h2d/4k/nocopy/ch2"]
-    assert c.baseline is not None and c.ratio is not None and "baseline's batching not recorded" in c.note
-    assert comps["migrate/h2d/4k/nocopy/ch2/steps16-pipe1"].note == "not in baseline"
-    write_csv(doc, tmp_path / "legacy.csv")
-    rows = list(csv.DictReader(open(tmp_path / "legacy.csv")))
-    assert rows[0]["batching"] == "not recorded" and rows[0]["faithful"] == ""
+def test_older_schema_results_are_refused_saying_what_to_do(tmp_path, capsys):
+    with pytest.raises(ResultsError) as err:
+        load_results(LEGACY)
+    msg = str(err.value)
+    assert "schema_version 1" in msg and f"schema_version {SCHEMA_VERSION} only" in msg
+    assert "rerun dmamig bench" in msg
+    # As a baseline too: dmamig report says so and exits 2, before comparing anything.
+    new = tmp_path / "new.json"
+    write_json(make_doc(), new)
+    assert main(["report", str(new), str(LEGACY)]) == 2
+    assert "schema_version 1" in capsys.readouterr().err
+    doc = make_doc()
+    doc["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(ResultsError, match="newer dmamig"):
+        validate_results(doc)
 
 
 def test_tables_say_faithful_or_experiment_per_row():
@@ -236,7 +228,7 @@ def test_tables_say_faithful_or_experiment_per_row():
     assert "copy with 16 batches/step" in experiments  # what the pipelined ratio divides by
 
 
-def test_schema_2_requires_recorded_settings_and_schema_1_does_not():
+def test_schema_2_requires_recorded_settings_and_schema_1_is_refused():
     doc = make_doc()
     del doc["scenarios"][0]["options"]
     with pytest.raises(ResultsError, match="options"):
@@ -244,7 +236,8 @@ def test_schema_2_requires_recorded_settings_and_schema_1_does_not():
     doc["schema_version"] = 1
     for s in doc["scenarios"]:
         s.pop("options", None), s.pop("name"), s.pop("batching")
-    validate_results(doc)
+    with pytest.raises(ResultsError, match="schema_version 1"):
+        validate_results(doc)
 
 
 def test_compare_same_run_has_no_regression():

@@ -13,7 +13,6 @@ from typing import Any
 from rich.table import Table
 
 from .naming import batching_class, format_number, format_rate, format_size
-from .results_file import normalize_results
 from .schema import ResultsError
 from .stats import ratio_interval
 
@@ -179,16 +178,11 @@ def check_same_machine(new: dict[str, Any], baseline: dict[str, Any]) -> list[st
 
 def _settings_note(new: dict[str, Any], base: dict[str, Any]) -> tuple[str, bool]:
     """A note on the scenarios' recorded settings, and whether they differ (which fails the gate)."""
-    # Same id, but one side predates recorded settings: the figures may come from different batching.
     n, b = batching_class(new), batching_class(base)
     if n == b or "n/a" in (n, b):
         if new.get("options") and base.get("options") and new["options"] != base["options"]:
             return f"options differ: {new['options']} vs baseline {base['options']}", True
         return "", False
-    if b == "legacy":
-        return "baseline's batching not recorded (older results)", False
-    if n == "legacy":
-        return "this run's batching not recorded (older results)", False
     return f"batching differs: {new['batching']} vs baseline {base['batching']}", True
 
 
@@ -229,8 +223,6 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     check_comparable(new, baseline, other_machine)
-    normalize_results(new)
-    normalize_results(baseline)
     base = {s["id"]: s for s in baseline["scenarios"]}
     seen = set()
     out = []

@@ -54,8 +54,8 @@ def add_speedups(records: list[dict[str, Any]], copy_baseline: str = "cpu") -> N
     Like is compared with like: a no-copy record is divided by the copy record of the same direction, folio
     size, batch size and batches per step (copy has no DMA to pipeline, so the pipeline depth does not
     count), and ``speedup_vs`` names that copy record's id. Without such a copy record it falls back to the
-    faithful copy. ``speedup_vs_faithful_copy`` always divides by the faithful copy. Records without
-    recorded settings (legacy) count as the kernel's batching. Device-access records are paired by
+    faithful copy. ``speedup_vs_faithful_copy`` always divides by the faithful copy. Device-access records are
+    paired by
     :func:`~dmamig.bench.access.add_access_speedups`, device-pair records by
     :func:`~dmamig.bench.pairs.add_pair_speedups`.
     """

@@ -3,9 +3,6 @@
 A scenario has a stable machine id (``migrate/h2d/4k/nocopy/ch2``, used to match a run with its baseline) and a
 name a person reads (``host->device, 4K pages, no-copy, 2 DMA channels``). Batching settings other than the
 kernel's are spelled out as well: ``pipelined (16 batches/step, DMA overlaps next unmap)``.
-
-Everything here also works on records of results files written before settings were recorded (schema 1), so
-that old baselines render and compare with the same words.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ __all__ = [
     "COPY_BASELINES",
     "COPY_BASELINE_OF",
     "DIRECTIONS",
-    "LEGACY_BATCHING",
     "NOT_A_MIGRATION",
     "batching_class",
     "describe_options",
@@ -49,8 +45,6 @@ DIRECTIONS = {
     "d2d": "device->device",
 }
 
-#: Batching text of a record from a results file that predates recorded settings (schema 1).
-LEGACY_BATCHING = "not recorded"
 #: Batching text of raw DMA copies, which migrate nothing.
 NOT_A_MIGRATION = "not a migration"
 
@@ -151,11 +145,9 @@ def options_of(rec: dict[str, Any]) -> MigrateOptions | None:
 
 
 def batching_class(rec: dict[str, Any]) -> str:
-    """``faithful``, ``experiment``, ``legacy`` (not recorded) or ``n/a`` (not a migration) for a record."""
+    """``faithful``, ``experiment`` or ``n/a`` (not a migration) for a record."""
     if rec["kind"] == "dma":
         return "n/a"
-    if "options" not in rec:
-        return "legacy"
     o = options_of(rec)
     return "faithful" if o is None or o.faithful else "experiment"
 

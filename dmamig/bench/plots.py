@@ -38,7 +38,6 @@ PHASE_LEGEND = {
 }
 
 _FAITHFUL_WORDS = "faithful (the kernel's batching: 512-page batches, one at a time, no pipeline)"
-_LEGACY_WORDS = "batching not recorded (results from before settings were recorded)"
 
 
 def _pyplot():
@@ -68,13 +67,10 @@ def _migrations(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _headline(mig: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """The records a headline plot shows, and their batching in words: faithful ones, else legacy ones."""
+    """The records a headline plot shows, and their batching in words: the faithful ones."""
     faithful = [s for s in mig if batching_class(s) == "faithful"]
     if faithful:
         return faithful, _FAITHFUL_WORDS
-    legacy = [s for s in mig if batching_class(s) == "legacy"]
-    if legacy:
-        return legacy, _LEGACY_WORDS
     # Only experiments (a hand-made or filtered document): plot them, and say so.
     return mig, "experiment settings only (no faithful run in this file)"
 

@@ -36,7 +36,7 @@ from .naming import (
     settings_words,
 )
 from .pairs_figures import pair_table
-from .results_file import CSV_FIELDS, load_results, normalize_results, wall_spread, write_csv, write_json
+from .results_file import CSV_FIELDS, load_results, wall_spread, write_csv, write_json
 
 __all__ = [
     "CSV_FIELDS",
@@ -47,7 +47,6 @@ __all__ = [
     "compare_results",
     "comparison_table",
     "load_results",
-    "normalize_results",
     "primary_metric",
     "regressions",
     "render_tables",
@@ -94,7 +93,7 @@ def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
         return "-"
     base = by_id.get(sc.get("speedup_vs") or "")
     baseline = f" ({sc['copy_baseline']})" if sc.get("copy_baseline") else ""
-    if base is None:  # legacy results: the copy of the same direction and folio size
+    if base is None:  # the copy of the same direction and folio size
         return "copy, same folio size" + baseline
     opts = options_of(base)
     return ("faithful copy" if opts is None or opts.faithful else f"copy with {settings_words(opts)}") + baseline
@@ -103,7 +102,6 @@ def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
 _MIGRATION_TABLES = (
     ("faithful", "Migration, faithful: the kernel's batching (512-page batches, one at a time, no pipeline)"),
     ("experiment", "Migration, experiment settings (not the kernel's batching: compare with care)"),
-    ("legacy", "Migration, batching not recorded (results from before settings were recorded)"),
 )
 
 
@@ -151,7 +149,6 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
         Where to print (a new console on stdout by default).
     """
     console = console or Console()
-    normalize_results(doc)
     console.print(_header(doc))
     scs = doc["scenarios"]
     by_id = {s["id"]: s for s in scs}

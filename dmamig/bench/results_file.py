@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .naming import LEGACY_BATCHING, NOT_A_MIGRATION, scenario_name
 from .schema import PHASES, ResultsError, validate_results
 
-__all__ = ["CSV_FIELDS", "load_results", "normalize_results", "wall_spread", "who_ran", "write_csv", "write_json"]
+__all__ = ["CSV_FIELDS", "load_results", "wall_spread", "who_ran", "write_csv", "write_json"]
 
 #: Columns of results.csv, in order; phase columns are ``phase_<name>_ns`` and ``share_<name>``.
 #: ``batch_pages``, ``batches_per_step``, ``pipeline_depth`` and ``faithful`` come from the scenario's options
@@ -70,22 +69,6 @@ def load_results(path: str | Path) -> dict[str, Any]:
         validate_results(doc)
     except ResultsError as exc:
         raise ResultsError(f"{str(p)!r}: {exc}") from None
-    return normalize_results(doc)
-
-
-def normalize_results(doc: dict[str, Any]) -> dict[str, Any]:
-    """Give every scenario of ``doc`` a ``name`` and a ``batching`` text, in place; return ``doc``.
-
-    Results written before settings were recorded (schema 1) have neither: the name is built from the
-    scenario's fields, and the batching reads as not recorded. Their ``options`` stay absent, which is how
-    the report tells them apart from a run that recorded the kernel's batching.
-    """
-    for sc in doc["scenarios"]:
-        if "name" not in sc:
-            sc["name"] = scenario_name(sc["kind"], sc["direction"], sc["folio_bytes"], sc["mode"],
-                                       sc.get("channels"), sc.get("layout", ""))
-        if "batching" not in sc:
-            sc["batching"] = NOT_A_MIGRATION if sc["kind"] == "dma" else LEGACY_BATCHING
     return doc
 
 

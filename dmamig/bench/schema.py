@@ -6,21 +6,20 @@ Units: sizes in bytes, times in nanoseconds, throughput in GB/s (10**9 bytes per
 Every figure of a scenario is the median over its timed repetitions; ``wall_ns`` keeps every repetition.
 
 Schema 2 records each scenario's name in words and the batching it ran with (``options``: the
-:class:`~dmamig.MigrateOptions`, ``null`` for a raw DMA copy). Schema 1 files (written before settings were
-recorded) still validate and load; their batching reads as not recorded. Device-access records (kind
-``access``), device-pair records (kind ``pairs``) and their settings came later within schema 2; every field
-they add is optional.
+:class:`~dmamig.MigrateOptions`, ``null`` for a raw DMA copy). Files of another ``schema_version`` are refused
+with a message that says which version the file has, which one is read, and what to do. Device-access records
+(kind ``access``), device-pair records (kind ``pairs``) and their settings came later within schema 2; every
+field they add is optional.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PHASES", "RESULTS_SCHEMA", "SCHEMA_VERSION", "SCHEMA_VERSIONS", "ResultsError", "validate_results"]
+__all__ = ["PHASES", "RESULTS_SCHEMA", "SCHEMA_VERSION", "ResultsError", "validate_results"]
 
+#: The version of the results document ``dmamig bench`` writes, and the only one ``dmamig report`` reads.
 SCHEMA_VERSION = 2
-#: Versions ``dmamig report`` reads: 1 has no recorded settings (legacy), 2 records them.
-SCHEMA_VERSIONS = (1, 2)
 
 #: Migration phases timed in ``MigrateResult.phase_ns``, in pipeline order (older results hold a subset).
 PHASES = ("isolate", "unmap", "copy", "submit", "dma_wait", "move", "undo", "putback")
@@ -101,9 +100,9 @@ _WORKER = {
 _SCENARIO = {
     "type": "object",
     "description": "One measured scenario; every figure is a median over the timed repetitions.",
-    "required": ["id", "kind", "mode", "direction", "folio_bytes", "folio_order", "channels", "bytes", "pages",
-                 "repeat", "wall_ns", "median_wall_ns", "gbps", "pages_per_s", "thread_time_ns",
-                 "cpu_ns_per_page", "ceiling_gbps", "ceiling_ratio", "verified"],
+    "required": ["id", "name", "kind", "mode", "direction", "folio_bytes", "folio_order", "channels", "options",
+                 "batching", "bytes", "pages", "repeat", "wall_ns", "median_wall_ns", "gbps", "pages_per_s",
+                 "thread_time_ns", "cpu_ns_per_page", "ceiling_gbps", "ceiling_ratio", "verified"],
     "properties": {
         "worker": _WORKER,
         "id": {"type": "string", "description": "Stable key, e.g. migrate/h2d/2m/nocopy/ch2; matches baselines. "
@@ -198,7 +197,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "created", "machine", "settings", "ceilings", "scenarios"],
     "properties": {
-        "schema_version": {"enum": list(SCHEMA_VERSIONS)},
+        "schema_version": {"const": SCHEMA_VERSION},
         "created": {"type": "string", "description": "ISO 8601 time the run started (UTC)."},
         "wall_s": {**_num, "description": "Wall time of the whole sweep (of all its parts, when resumed)."},
         "machine": {
@@ -289,14 +288,35 @@ RESULTS_SCHEMA: dict[str, Any] = {
                    "items": {"type": "object", "required": ["id", "error"],
                              "properties": {"id": {"type": "string"}, "error": {"type": "string"}}}},
     },
-    # From schema 2 on, every scenario says what it is in words and which batching it ran with.
-    "if": {"properties": {"schema_version": {"const": 2}}},
-    "then": {"properties": {"scenarios": {"items": {"required": ["name", "options", "batching"]}}}},
 }
 
 
 class ResultsError(ValueError):
     """A results file does not follow the schema."""
+
+
+def check_schema_version(doc: Any) -> None:
+    """Refuse a results document of another ``schema_version`` than :data:`SCHEMA_VERSION`.
+
+    Raises
+    ------
+    ResultsError
+        Saying which version the document has, which one is read, and what to do.
+    """
+    if not isinstance(doc, dict) or "schema_version" not in doc:
+        return  # not a results document at all: the schema says what is missing
+    version = doc["schema_version"]
+    if version == SCHEMA_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        raise ResultsError(f"results file has schema_version {version}, from an older dmamig; this dmamig reads "
+                           f"schema_version {SCHEMA_VERSION} only; rerun dmamig bench to make a results file "
+                           f"of this version")
+    if isinstance(version, int) and not isinstance(version, bool):
+        raise ResultsError(f"results file has schema_version {version}, from a newer dmamig; this dmamig reads "
+                           f"schema_version {SCHEMA_VERSION} only; read it with the dmamig that wrote it")
+    raise ResultsError(f"results file has schema_version {version!r}; this dmamig reads schema_version "
+                       f"{SCHEMA_VERSION} only; give the results.json that dmamig bench wrote")
 
 
 def validate_results(doc: Any) -> None:
@@ -308,8 +328,10 @@ def validate_results(doc: Any) -> None:
     Raises
     ------
     ResultsError
-        Naming the first offending field.
+        Naming the first offending field, or (:func:`check_schema_version`) saying that the document has
+        another schema version than the one read.
     """
+    check_schema_version(doc)
     try:
         import jsonschema
     except ImportError:
@@ -326,10 +348,7 @@ def validate_results(doc: Any) -> None:
     for key in RESULTS_SCHEMA["required"]:
         if key not in doc:
             raise ResultsError(f"results file is not valid: missing {key!r}")
-    if doc["schema_version"] not in SCHEMA_VERSIONS:
-        raise ResultsError(f"results file has schema_version {doc['schema_version']!r}; expected one of "
-                           f"{list(SCHEMA_VERSIONS)}")
-    required = _SCENARIO["required"] + (["name", "options", "batching"] if doc["schema_version"] >= 2 else [])
+    required = _SCENARIO["required"]
     for i, sc in enumerate(doc["scenarios"]):
         missing = [k for k in required if k not in sc]
         if missing:
