@@ -41,7 +41,7 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
         The machine to check; its lock is taken for the duration.
     idle : bool
         Nothing is in flight: no migration entry may remain, no folio may be locked or isolated, and every
-        reference must be accounted for (PTEs, page caches, pins, ``get_page``). Pass ``False`` while
+        reference must be accounted for (PTEs, page caches, the swap cache, pins, ``get_page``). Pass ``False`` while
         migrations may run: only the checks that hold at every instant are made (mapcounts, frames, rmap).
 
     Returns
@@ -84,6 +84,9 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
                 np.add.at(exp_ref, pages.head[cached], 1)
         for h, c in m._page_refs.items():
             exp_ref[h] += c
+        swap = np.flatnonzero((pages.flags & np.uint32(PageFlag.SWAPCACHE)) != 0)
+        swap = swap[pages.head[swap] == swap]
+        exp_ref[swap] += pages.nr_pages(swap)  # the swap cache's, one per base page
 
         bad = np.flatnonzero(pages.mapcount != exp_map)
         if bad.size:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import AddressFault, OutOfMemory
 from .flags import PageFlag, PteFlag
-from .vma import NO_PFN, ZERO_PFN, forget_anon_slots
+from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -176,7 +176,11 @@ def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
     old = vma.pte_pfn[slots]
     reuse = pages.mapcount[old] == 1
     if reuse.any():
-        reuse[reuse] = _only_ptes_and_own_pins(mm, pages.head[old[reuse]])
+        cand = np.flatnonzero(reuse)
+        ok = _only_ptes_and_own_pins(mm, pages.head[old[cand]])
+        reuse[cand] = ok
+        # wp_can_reuse_anon_folio: a page the writer alone holds leaves the swap cache (folio_free_swap).
+        folio_free_swap(m, pages.head[old[cand[ok]]])
     if vma.writable:
         vma.pte_flags[slots[reuse]] |= _WRITE
     slots, old = slots[~reuse], old[~reuse]
@@ -194,6 +198,7 @@ def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
     # The old page loses this PTE; the other mappers keep it (and free it when the last one goes).
     np.subtract.at(pages.mapcount, old, 1)
     forget_anon_slots(m, old)
+    free_swap_cache(m, pages.head[old])
     m.put_folios(pages.head[old])
     vma.pte_pfn[slots] = NO_PFN
     map_pages(mm, vma, slots, new)
@@ -201,10 +206,12 @@ def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
 
 
 def _only_ptes_and_own_pins(mm: AddressSpace, heads: np.ndarray) -> np.ndarray:
-    """Whether each folio's references are its PTEs' and this address space's pins, nothing else.
+    """Whether each folio's references are its PTEs', this address space's pins and the swap cache's, nothing
+    else.
 
     An extra reference (a migration's isolation, a speculative ``get_page``) may be a reader the writer must
-    not disturb, so such a page is copied, as ``wp_can_reuse_anon_folio`` refuses it.
+    not disturb, so such a page is copied, as ``wp_can_reuse_anon_folio`` refuses it. So is a locked folio in
+    the swap cache, which cannot leave it now.
     """
     pages = mm.machine.pages
     u, inv = np.unique(heads, return_inverse=True)
@@ -222,7 +229,11 @@ def _only_ptes_and_own_pins(mm: AddressSpace, heads: np.ndarray) -> np.ndarray:
         pos = np.minimum(np.searchsorted(u, ph), u.size - 1)
         hit = u[pos] == ph
         np.add.at(pinned, pos[hit], vals[hit])
-    return (pages.refcount[u] - mapped == pinned)[inv]
+    swap = pages.test(u, PageFlag.SWAPCACHE)
+    if not swap.any():
+        return (pages.refcount[u] - mapped == pinned)[inv]
+    ok = (pages.refcount[u] - mapped == pinned + np.where(swap, nr, 0)) & ~(swap & pages.test(u, PageFlag.LOCKED))
+    return ok[inv]
 
 
 # -- the access path of read and write ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from .errors import InvalidArgument
 from .flags import PteFlag
 from .nodes import MAX_ORDER
-from .vma import NO_PFN, forget_anon_slots
+from .vma import NO_PFN, forget_anon_slots, free_swap_cache
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
@@ -92,8 +92,10 @@ def unmap_slots(mm: AddressSpace, vma: Vma, slots: np.ndarray) -> None:
     pfns = pfns[pfns >= 0]  # the zero page holds no mapcount and no reference
     if pfns.size:
         np.subtract.at(m.pages.mapcount, pfns, 1)
+        heads = m.pages.head[pfns]
         if not vma.shared:
             forget_anon_slots(m, pfns)
-        m.put_folios(m.pages.head[pfns])
+            free_swap_cache(m, heads)  # free_pages_and_swap_cache: the last unmap takes it out
+        m.put_folios(heads)
     vma.pte_pfn[slots] = NO_PFN
     vma.pte_flags[slots] = 0

@@ -78,22 +78,52 @@ class PageControls:
         self.clear_page_flags(pfn, PageFlag.WRITEBACK)
 
     def set_page_flags(self, pfn: int, flags: PageFlag) -> None:
-        """Set page flags on the folio of ``pfn`` (referenced, active, dirty, unevictable, ...)."""
-        self._change_flags(pfn, flags, self.pages.set)
+        """Set page flags on the folio of ``pfn`` (referenced, active, dirty, unevictable, ...).
+
+        ``SWAPCACHE`` adds the folio to the swap cache, as ``add_to_swap_cache`` does: under the folio lock
+        (waited for), the swap cache taking one reference per base page. Only an anonymous folio can be
+        added; shared memory is in its page cache.
+        """
+        self._change_flags(pfn, flags, True)
 
     def clear_page_flags(self, pfn: int, flags: PageFlag) -> None:
-        """Clear page flags on the folio of ``pfn`` and wake waiters."""
-        self._change_flags(pfn, flags, self.pages.clear)
+        """Clear page flags on the folio of ``pfn`` and wake waiters.
 
-    def _change_flags(self, pfn: int, flags: PageFlag, change: Any) -> None:
+        ``SWAPCACHE`` deletes the folio from the swap cache (``delete_from_swap_cache``), dropping the swap
+        cache's references under the folio lock.
+        """
+        self._change_flags(pfn, flags, False)
+
+    def _change_flags(self, pfn: int, flags: PageFlag, set_: bool) -> None:
         head = self._head(pfn)
         flags = PageFlag(flags)
         if flags & (PageFlag.HEAD | PageFlag.ISOLATED | PageFlag.LOCKED):
             raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use lock_page and "
                                   "unlock_page for LOCKED")
         with self.changed:
-            change(head, flags)
+            if flags & PageFlag.SWAPCACHE:
+                self._wait_unlocked(head, True)
+                self._swap_cache(head, set_)
+            (self.pages.set if set_ else self.pages.clear)(head, flags)
             self.changed.notify_all()
+
+    def _swap_cache(self, head: int, add: bool) -> None:
+        """The swap cache's references on folio ``head`` as it enters or leaves it (caller holds the lock)."""
+        pages = self.pages
+        if bool(pages.test(head, PageFlag.SWAPCACHE)) == add:
+            return
+        nr = 1 << int(pages.order[head])
+        if add:
+            if pages.refcount[head] <= 0:
+                raise InvalidArgument(f"pfn {head} is free; only an in-use page can enter the swap cache")
+            obj = self.object_or_none(int(pages.mapping[head]))
+            if obj is not None and obj.shared:
+                raise InvalidArgument(f"pfn {head} is shared memory, in its page cache; only an anonymous "
+                                      f"folio enters the swap cache")
+            pages.refcount[head] += nr
+            return
+        pages.clear(head, PageFlag.SWAPCACHE)
+        self.put_folios(np.array([head]), nr)
 
     def page_flags(self, pfn: int) -> PageFlag:
         """Flags of the folio containing ``pfn``."""

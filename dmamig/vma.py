@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .mm import AddressSpace
 
-__all__ = ["NO_PFN", "ZERO_PFN", "MemObject", "Vma", "forget_anon_slots", "install_migration_entries",
-           "remove_migration_entries", "rmap_walk"]
+__all__ = ["NO_PFN", "ZERO_PFN", "MemObject", "Vma", "folio_free_swap", "forget_anon_slots", "free_swap_cache",
+           "install_migration_entries", "remove_migration_entries", "rmap_walk"]
 
 #: ``pte_pfn`` of a slot that maps nothing.
 NO_PFN = -1
@@ -145,6 +145,35 @@ def forget_anon_slots(m: Machine, pfns: np.ndarray) -> None:
         p, idx = p[inside], idx[inside]
         hit = obj.pfns[idx] == p
         obj.pfns[idx[hit]] = NO_PFN
+
+
+def free_swap_cache(m: Machine, heads: np.ndarray) -> None:
+    """``free_swap_cache``: folios of ``heads`` in the swap cache that no PTE maps any more leave it, dropping
+    its references (caller holds the lock); a locked folio (a migration's) stays.
+
+    ``folio_free_swap`` only frees a folio no swap entry refers to; nothing is ever swapped out here, so that
+    is every one.
+    """
+    pages = m.pages
+    heads = heads[pages.test(heads, PageFlag.SWAPCACHE)]
+    if heads.size == 0:
+        return
+    heads = np.unique(heads)
+    nr = pages.nr_pages(heads)
+    mapped = np.add.reduceat(pages.mapcount[pages.expand(heads)].astype(np.int64),
+                             np.concatenate(([0], np.cumsum(nr)[:-1])))
+    folio_free_swap(m, heads[mapped == 0])
+
+
+def folio_free_swap(m: Machine, heads: np.ndarray) -> None:
+    """Take the folios ``heads`` out of the swap cache, dropping its references (caller holds the lock); a
+    locked folio (``folio_trylock`` fails) and one not in the swap cache stay as they are."""
+    pages = m.pages
+    heads = heads[pages.test(heads, PageFlag.SWAPCACHE) & ~pages.test(heads, PageFlag.LOCKED)]
+    if heads.size:
+        heads = np.unique(heads)
+        pages.clear(heads, PageFlag.SWAPCACHE)
+        m.put_folios(heads, pages.nr_pages(heads), unique=True)
 
 
 def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np.ndarray, np.ndarray]]:

@@ -26,16 +26,22 @@ def run_scenario(seed: int, path: str) -> dict:
     try:
         mm = m.address_space()
         regions = []
+        shm = set()
         for _ in range(int(rng.integers(1, 4))):
             order = int(rng.choice([0, 0, 4, 9]))
             npages = int(rng.integers(1, 3)) << max(order, 0) if order else int(rng.integers(1, 700))
             addr = mm.mmap(npages * m.page_size, shared=bool(rng.integers(0, 4) == 0), order=order)
+            if mm.vmas[-1].shared:
+                shm.add(addr)
             mm.write(addr, rng.integers(0, 256, npages * m.page_size, dtype=np.uint8))
             regions.append((addr, npages))
         for addr, npages in regions:
             pfns = mm.pfns_of(addr, npages * m.page_size)
             for pfn in rng.choice(pfns, size=min(8, pfns.size), replace=False).tolist():
-                m.set_page_flags(int(pfn), PageFlag(int(rng.choice(FLAGS))))
+                flag = PageFlag(int(rng.choice(FLAGS)))
+                if flag == PageFlag.SWAPCACHE and addr in shm:
+                    flag = PageFlag.WORKINGSET  # shared memory is in its page cache, not the swap cache
+                m.set_page_flags(int(pfn), flag)
                 m.set_page_cpupid(int(pfn), int(rng.integers(0, 1000)))
             if rng.integers(0, 2):
                 m.get_page(int(pfns[rng.integers(0, pfns.size)]))  # a transient reference: -EAGAIN

@@ -12,6 +12,7 @@ from support import WAIT, delta, filled
 import dmamig.migrate.batch_kernels as batch_kernels
 import dmamig.migrate.core as core
 from dmamig import InvalidArgument, MigrateMode, MigrateOptions, PageFlag
+from dmamig.check import check_machine
 
 EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
 HOST = DEV = 4096
@@ -308,6 +309,95 @@ def test_swapcache_moves_to_the_new_folio(m, mm):
     m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
     assert mm.migrate(addr, m.page_size, 1).ok
     assert PageFlag.SWAPCACHE in m.page_flags(mm.pfn_of(addr))
+
+
+def test_add_to_swap_cache_takes_a_reference_per_base_page(m, mm):
+    """add_to_swap_cache / delete_from_swap_cache: the swap cache holds one reference per base page of the
+    folio; shared memory (in its page cache) cannot enter it."""
+    ps = m.page_size
+    addr, _ = filled(m, mm, 1)
+    thp, _ = filled(m, mm, NR, order=9)
+    for a, nr in ((addr, 1), (thp, NR)):
+        pfn = mm.pfn_of(a)
+        before = m.page_state(pfn)["refcount"]
+        m.set_page_flags(pfn, PageFlag.SWAPCACHE)
+        m.set_page_flags(pfn, PageFlag.SWAPCACHE)  # already there: nothing more
+        assert m.page_state(pfn)["refcount"] == before + nr and not check_machine(m)
+        m.clear_page_flags(pfn, PageFlag.SWAPCACHE)
+        assert m.page_state(pfn)["refcount"] == before and not check_machine(m)
+    shm = mm.mmap(ps, shared=True)
+    mm.write(shm, b"s")
+    with pytest.raises(InvalidArgument, match="swap cache"):
+        m.set_page_flags(mm.pfn_of(shm), PageFlag.SWAPCACHE)
+
+
+@pytest.mark.parametrize("order", [0, 9], ids=["base", "thp"])
+def test_folio_expected_refs_counts_the_swap_cache(m, mm, order):
+    """folio_expected_refs: a folio in the swap cache has a mapping, so its expected count is the isolation
+    reference plus one per base page; it migrates, and the new folio holds the swap cache's references. One
+    more reference (a transient pin) is -EAGAIN as for any folio."""
+    ps = m.page_size
+    n = NR if order else 1
+    addr, data = filled(m, mm, n, order=order)
+    m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
+    assert mm.migrate(addr, n * ps, 1).ok
+    st = m.page_state(mm.pfn_of(addr))
+    assert PageFlag.SWAPCACHE in st["flags"] and st["refcount"] == n + n  # PTEs + the swap cache
+    assert not check_machine(m)
+    m.get_page(mm.pfn_of(addr))
+    res = mm.migrate(addr, n * ps, 2, mode=MigrateMode.ASYNC)
+    assert (res.status == EAGAIN).all()
+    m.put_page(mm.pfn_of(addr))
+    assert mm.migrate(addr, n * ps, 2).ok and not check_machine(m)
+    assert np.array_equal(mm.read(addr, n * ps), data)
+
+
+def test_split_thp_in_the_swap_cache_gives_each_piece_its_reference(m, mm):
+    """split_folio of a THP in the swap cache (migrate_pages_batch on -ENOMEM): each base page keeps one swap
+    cache reference, and the pieces migrate with it."""
+    ps = m.page_size
+    addr, data = filled(m, mm, NR, order=9)
+    m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
+    held = m.alloc_pages(1, DEV)
+    m.put_pages(held[::2])  # free frames, but no free pageblock
+    res = mm.migrate(addr, NR * ps, 1)
+    assert res.ok and res.nr_thp_split == 1
+    for i in (0, 1, NR - 1):
+        st = m.page_state(mm.pfn_of(addr + i * ps))
+        assert st["order"] == 0 and PageFlag.SWAPCACHE in st["flags"] and st["refcount"] == 2
+    m.put_pages(held[1::2])
+    assert not check_machine(m)
+    assert np.array_equal(mm.read(addr, NR * ps), data)
+
+
+def test_free_swap_cache_when_the_last_mapping_goes(m, mm):
+    """zap_pte_range -> free_pages_and_swap_cache: a folio in the swap cache that nothing maps any more leaves
+    it, so munmap and close give every frame back; while another process maps it, it stays."""
+    ps = m.page_size
+    addr, _ = filled(m, mm, 2)
+    pfn = mm.pfn_of(addr)
+    m.set_page_flags(pfn, PageFlag.SWAPCACHE)
+    assert m.page_state(pfn)["refcount"] == 2
+    child = mm.fork()
+    mm.munmap(addr, 2 * ps)
+    assert PageFlag.SWAPCACHE in m.page_flags(pfn) and m.page_state(pfn)["refcount"] == 2
+    child.close()
+    mm.close()
+    assert not check_machine(m)
+    assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
+
+
+def test_wp_can_reuse_anon_folio_takes_a_swap_cache_page_out(m, mm):
+    """wp_can_reuse_anon_folio: a write to a read-only page this process alone maps takes it out of the swap
+    cache (folio_free_swap) and reuses it, without a copy."""
+    addr, _ = filled(m, mm, 1)
+    child = mm.fork()  # both map it read-only
+    pfn = mm.pfn_of(addr)
+    m.set_page_flags(pfn, PageFlag.SWAPCACHE)
+    child.close()
+    mm.write(addr, b"w")
+    assert mm.pfn_of(addr) == pfn and PageFlag.SWAPCACHE not in m.page_flags(pfn)
+    assert m.page_state(pfn)["refcount"] == 1 and not check_machine(m)
 
 
 def test_writeback_cannot_start_on_a_folio_a_migration_holds(m, mm):

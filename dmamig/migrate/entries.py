@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Entries", "batch_ids"]
 
+_SWAPCACHE = np.uint32(PageFlag.SWAPCACHE)
+
 #: Order of a PMD-mapped THP; only folios of this order count in ``thp_migration_*``.
 HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
 
@@ -60,6 +62,11 @@ class Entries:
             self.expected = self.nr + 1 if shared else np.ones(n, dtype=np.int64)
         else:
             self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
+        # An anonymous folio in the swap cache has a mapping too (the swap cache's), holding a reference per
+        # base page.
+        swap = (pages.flags[self.src] & _SWAPCACHE) != 0
+        if swap.any():
+            self.expected = np.where(swap, self.nr + 1, self.expected)
         # Few allocations per call: the int64 and the bool columns each come from one block.
         ints = np.empty((3, n), dtype=np.int64)
         self.dst, self.batch_of, self.split_first = ints
@@ -138,17 +145,17 @@ class Entries:
         head = int(self.src[pos])
         nr = int(self.nr[pos])
         pfns = head + np.arange(nr)
-        shared = bool(self.expected[pos] > 1)
-        expected = 1 + int(pages.mapcount[pfns].sum()) + (nr if shared else 0)
+        cached = bool(self.expected[pos] > 1)  # in the page cache or the swap cache: a reference per page
+        expected = 1 + int(pages.mapcount[pfns].sum()) + (nr if cached else 0)
         if pages.refcount[head] != expected or pages.test(head, PageFlag.LOCKED):
             return False  # split_folio() refuses a folio with extra references or a busy lock
-        pages.split(head, page_cache=shared)
+        pages.split(head, page_cache=cached)
         # The isolation reference stayed on the head; every other base page gets its own.
         pages.refcount[pfns[1:]] += 1
         self.status[pos] = _SPLIT
         first = self.size
         self.split_first[pos] = first
-        self._grow(pfns, 1 + (1 if shared else 0), int(self.batch_of[pos]))
+        self._grow(pfns, 1 + (1 if cached else 0), int(self.batch_of[pos]))
         self._pieces.append(np.arange(first, first + nr))
         return True
 
