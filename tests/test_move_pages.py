@@ -235,3 +235,15 @@ def test_a_page_under_migration_is_enoent_at_once(m, mm):
     mv.finalize()
     assert mm.nodes_of(addr, 2 * ps).tolist() == [1, 2]
     assert np.array_equal(mm.read(addr, 2 * ps), data)
+
+
+def test_add_folio_for_migration_a_repeat_far_down_a_group_is_busy(m, mm):
+    """add_folio_for_migration: however long the group has grown, a folio it queued already fails to isolate
+    (-EBUSY) when named again; the group (70 pages) migrates and the call goes on after it."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 80)
+    addrs = [addr + i * ps for i in range(70)] + [addr + 5 * ps] + [addr + i * ps for i in range(70, 80)]
+    res = mm.move_pages(addrs, [1] * len(addrs))
+    assert res.status.tolist() == [1] * 70 + [EBUSY] + [1] * 10 and res.rc == 0
+    assert [r.nr_succeeded for _, r in res.results] == [70, 10]
+    assert (mm.nodes_of(addr, 80 * ps) == 1).all() and np.array_equal(mm.read(addr, 80 * ps), data)

@@ -221,6 +221,30 @@ def _add_folios_for_migration(mm: AddressSpace, addrs: np.ndarray, node: int,
     return k, pfns[:k], status[: k + 1], heads
 
 
+#: Addresses looked up at once while a group grows (doubling while every one is queued): a group costs work in
+#: proportion to its own length, not to what is left of its run.
+_GROUP_WINDOW = 64
+
+
+def _queue_group(mm: AddressSpace, addrs: np.ndarray, node: int,
+                 move_all: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_add_folios_for_migration` over a run, a window at a time until a page is not queued."""
+    m = mm.machine
+    pfns, st, heads = [], [], []
+    lo, w = 0, _GROUP_WINDOW
+    while True:
+        hi = min(addrs.size, lo + w)
+        with m.changed:
+            # A folio queued by an earlier window is isolated already: -EBUSY here, as in the kernel.
+            k, p, s, h = _add_folios_for_migration(mm, addrs[lo:hi], node, move_all)
+        pfns.append(p)
+        st.append(s)
+        heads.append(h)
+        if k < hi - lo or hi == addrs.size:
+            return lo + k, np.concatenate(pfns), np.concatenate(st), np.concatenate(heads)
+        lo, w = hi, 2 * w
+
+
 def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engine: DmaEngine | None,
                move_all: bool, options: MigrateOptions | None) -> MovePagesResult:
     """``AddressSpace.move_pages``: validate, then ``do_pages_move`` (or ``do_pages_stat`` for a query).
@@ -259,8 +283,7 @@ def _do_pages_move(mm: AddressSpace, addrs: np.ndarray, targets: np.ndarray, mod
     while i < n:
         node = int(targets[i])
         t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
-        with m.changed:
-            k, pfns, st, heads = _add_folios_for_migration(mm, addrs[i:run_end[i]], node, move_all)
+        k, pfns, st, heads = _queue_group(mm, addrs[i:run_end[i]], node, move_all)
         nxt = i + k + 1 if k < run_end[i] - i else int(run_end[i])  # the first address not accounted for
         if nxt == i + k + 1:
             status[i + k] = node if st[k] == 0 else st[k]
