@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
-from support import contents, engine_for, make_nodes
+from support import WAIT, contents, engine_for, make_nodes
 
 from dmamig.backends import cuda as cuda_mod
 from dmamig.backends.base import ChannelWork
@@ -30,6 +30,7 @@ from dmamig.backends.cuda import (
 from dmamig.backends.cuda import kernels as cuda_kernels
 from dmamig.backends.cuda import runtime as cuda_runtime
 from dmamig.dma import PlanOptions, page_checksums
+from dmamig.dma import ring as dma_ring
 from dmamig.dma.plan import METHOD_BATCH, METHOD_MEMCPY
 from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
 
@@ -185,6 +186,17 @@ class FakeRuntime:
             raise FakeCudaError(1)
         self._stream(stream).enqueue(lambda: ctypes.memmove(dst, src, n))
 
+    def memset(self, ptr: int, value: int, n: int) -> None:
+        self.gpu.check(ptr, n)
+        ctypes.memset(ptr, value, n)
+
+    def streamQuery(self, stream: int) -> int:
+        self.gpu.log.append(("streamQuery", stream))
+        if self.gpu.sticky:
+            return self.gpu.sticky
+        s = self._stream(stream)
+        return 0 if s.executed >= s.enqueued else 600
+
     def memsetAsync(self, ptr: int, value: int, n: int, stream: int) -> None:
         self.gpu.check(ptr, n)
         self._stream(stream).enqueue(lambda: ctypes.memset(ptr, value, n))
@@ -262,6 +274,9 @@ class FakeKernel:
             raise AssertionError("kernel launched outside `with stream:` (it would run on the default stream)")
         s = streams[-1]
         self.gpu.launches.append((self.name, grid, block))
+        if self.name == "ring_copy":
+            s.enqueue(lambda: self._ring_copy(tuple(int(x) for x in args)))
+            return
         a, b, n, page = (int(x) for x in args)
         if self.name == "page_gather_copy":
             self.gpu.check(a, 8 * n)
@@ -279,6 +294,43 @@ class FakeKernel:
             self.gpu.check(s_, page)
             self.gpu.check(d_, page)
             ctypes.memmove(d_, s_, page)
+
+    def _ring_copy(self, args: tuple[int, ...]) -> None:
+        """kernels/ring_copy.cu's protocol: per channel with a job, check its rows against the registered ranges,
+        copy them (every range checked against the allocations), then the status, ROW_HEAD and HEAD."""
+        def words(addr: int, n: int) -> np.ndarray:
+            self.gpu.check(addr, 8 * n)
+            return np.ctypeslib.as_array((ctypes.c_int64 * n).from_address(addr))
+
+        ctl, rows, jobs, regions, done = args[:5]
+        seqs = args[5:13]
+        channels, row_cap, job_cap, ctl_words, _bpc = args[13:18]
+        nreg = int(words(regions, 1)[0])
+        ranges = words(regions, 2 * nreg + 2).reshape(-1, 2)[1:].tolist()
+        words(done, 1)  # the per-channel counters are device memory the kernel may touch
+
+        def inside(addr: int, n: int) -> bool:
+            return any(lo <= addr and addr + n <= hi for lo, hi in ranges)
+
+        for c in range(channels):
+            seq = seqs[c]
+            if seq < 0:
+                continue
+            my_ctl = words(ctl + 8 * c * ctl_words, ctl_words)
+            slot = words(jobs + 32 * (c * job_cap + seq % job_cap), 4)
+            first, count = int(slot[1]), int(slot[2])
+            ring = words(rows + 32 * c * row_cap, 4 * row_cap).reshape(row_cap, 4)
+            picked = [ring[(first + i) % row_cap].tolist() for i in range(count)]
+            ok = not nreg or all(inside(src, n) and inside(dst, n) for src, dst, n, _ in picked)
+            if ok:
+                for src, dst, n, _ in picked:
+                    self.gpu.check(src, n)
+                    self.gpu.check(dst, n)
+                    ctypes.memmove(dst, src, n)
+            slot[3] = 1 if ok else 2
+            my_ctl[9] = first + count
+            my_ctl[11] += 1
+            my_ctl[8] = seq + 1
 
     def _checksum(self, a: int, out: int, n: int, page: int) -> None:
         addrs = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(a)).tolist()
@@ -554,7 +606,7 @@ def test_engine_copies_match_numpy(gpu, opts):
 
 def test_grid_is_capped_and_kernels_launch_on_the_channel_stream(gpu, monkeypatch):
     monkeypatch.setattr(cuda_kernels, "MAX_GRID", 8)
-    b = backend_on(gpu)
+    b = backend_on(gpu, rings=False)  # the channels' streams
     nodes = make_nodes(b, sizes=(64, 64), devices=(-1, 0), page=64)
     with engine_for(b, nodes, channels=1, options=GATHER) as engine:
         expect = contents(b, nodes)
@@ -645,7 +697,7 @@ def test_wait_with_timeout_returns_false_until_the_stream_runs(gpu):
 
 @pytest.mark.parametrize("poll_us", [0, 300_000])
 def test_a_wait_polls_the_events_for_the_poll_window_before_it_sleeps(gpu, poll_us):
-    b = backend_on(gpu)
+    b = backend_on(gpu, rings=False)  # the channels' events
     b.poll_us = poll_us
     nodes = make_nodes(b)
     with engine_for(b, nodes) as engine:
@@ -707,7 +759,7 @@ def test_failed_wait_synchronizes_every_device_and_keeps_the_first_error():
 
 
 def test_timing_events_are_bounded_and_start_after_descriptor_work(gpu, monkeypatch):
-    b = backend_on(gpu)
+    b = backend_on(gpu, rings=False)  # the channels' events
     nodes = make_nodes(b)
     engine = engine_for(b, nodes, channels=1, options=GATHER)
     ch = engine._channels[0]
@@ -750,14 +802,15 @@ def test_missing_nvrtc_warns_once_and_falls_back(gpu):
     gpu.nvrtc_missing = True
     b = backend_on(gpu)
     nodes = make_nodes(b, seed=11)
-    with engine_for(b, nodes, options=GATHER) as engine:
+    with pytest.warns(RuntimeWarning, match="cannot be built.*libnvrtc") as record:
+        engine = engine_for(b, nodes, options=GATHER)  # the ring kernel is the first to be built
         expect = contents(b, nodes)
         expect[64:74] = expect[20:30]
-        with pytest.warns(RuntimeWarning, match="cannot be built.*libnvrtc") as record:
-            engine.copy(20 + np.arange(10), 64 + np.arange(10)).wait()
-            np.testing.assert_array_equal(engine.checksum(np.arange(128)), page_checksums(expect))
-            engine.copy(20 + np.arange(10), 64 + np.arange(10)).wait()
-        assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+        engine.copy(20 + np.arange(10), 64 + np.arange(10)).wait()
+        np.testing.assert_array_equal(engine.checksum(np.arange(128)), page_checksums(expect))
+        engine.copy(20 + np.arange(10), 64 + np.arange(10)).wait()
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    with engine:
         np.testing.assert_array_equal(contents(b, nodes), expect)
         assert engine.stats.kernel_launches == 0 and engine.stats.memcpy_calls > 0
     assert not b.kernels_available and "libnvrtc" in b.kernel_error
@@ -921,3 +974,87 @@ def test_a_submission_racing_close_queues_nothing_and_leaks_nothing(gpu):
     assert ch._streams == {}, "a stream was made after close"
     assert not [e for e in gpu.log[before:] if e[0] in ("memcpyAsync", "eventRecord")]
     b.close()
+
+
+# -- the ring lane: one ring_copy launch per submission ----------------------------------------------------------
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_submission_is_one_ring_launch_with_no_event_and_no_copy_call(gpu, channels):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, sizes=(1024, 1024), seed=21)
+    with engine_for(b, nodes, channels=channels) as engine:
+        rng = np.random.default_rng(22)
+        engine.copy(np.array([0]), np.array([1024])).wait()  # the route is found and kept
+        expect = contents(b, nodes)
+        calls_before, launches_before, events_before = len(gpu.log), len(gpu.launches), gpu.live("events")
+        for src, dst in ((rng.permutation(512), 1024 + np.arange(512)),  # scattered 4K pages
+                         (512 + np.arange(512), 1536 + np.arange(512))):  # one contiguous 2 MiB run
+            expect[dst] = expect[src]
+            engine.copy(src, dst).wait()
+        calls = gpu.log[calls_before:]
+        ring_launches = [x for x in gpu.launches[launches_before:] if x[0] == "ring_copy"]
+        assert len(ring_launches) == len(gpu.launches) - launches_before == 2
+        assert ring_launches[0][1] == (channels * cuda_mod.ring_lane.BLOCKS_PER_CHANNEL,)
+        assert gpu.live("events") == events_before  # no event created, recorded or destroyed
+        assert not [c for c in calls if c[0] in ("memcpyAsync", "eventRecord", "eventQuery")]
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+
+
+def test_a_bad_row_on_the_gpu_ring_is_a_status_and_copies_nothing(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, seed=23)
+    with engine_for(b, nodes, channels=2) as engine:
+        engine.copy(np.array([0]), np.array([64])).wait()
+        lane = engine._channels[0]._lane
+        before = contents(b, nodes)
+        ring = lane.rings.rings[0]
+        rows = np.array([[nodes[0].frames.ctypes.data, 0x10, 4096, 0]], dtype=np.int64)  # a wild destination
+        with lane.rings.lock:
+            seq, _ = ring.publish(dma_ring.JOB_EXTERNAL, rows)
+        # The ring kernel takes its rows from the ring; an external job's rows are not the device's to read, so
+        # publish the bad row into the ring itself.
+        first = int(ring.ctl[dma_ring.ROW_TAIL])
+        ring.rows[first % ring.row_capacity] = rows[0]
+        ring.ctl[dma_ring.ROW_TAIL] = first + 1
+        ring.jobs[seq % ring.job_capacity, :3] = (dma_ring.JOB_ROWS, first, 1)
+        lane.launch([[seq, 0], [-1, 0]])
+        job = lane.job(0, seq)
+        assert job.wait(WAIT) and isinstance(job.error, DmaError)
+        assert "outside registered memory" in str(job.error)
+        np.testing.assert_array_equal(contents(b, nodes), before)
+        engine.copy(np.arange(8), 64 + np.arange(8)).wait()  # the lane goes on
+        before[64:72] = before[:8]
+        np.testing.assert_array_equal(contents(b, nodes), before)
+
+
+def test_a_stalled_gpu_consumer_bounds_a_timed_wait_and_finishes_when_it_runs(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, seed=24)
+    with engine_for(b, nodes, channels=2) as engine:
+        engine.copy(np.array([0]), np.array([64])).wait()
+        expect = contents(b, nodes)
+        expect[64:96] = expect[:32]
+        gpu.auto = False  # the device does not run what is queued until told to
+        fence = engine.copy(np.arange(32), 64 + np.arange(32))
+        assert fence.wait(0.05) is False and not fence.done
+        gpu.run()
+        assert fence.wait(WAIT)
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+        gpu.auto = True
+
+
+def test_a_sticky_error_fails_the_lane_its_jobs_and_later_ones_and_close_still_frees(gpu):
+    b = backend_on(gpu)
+    nodes = make_nodes(b, seed=25)
+    host_before = gpu.live("host")
+    engine = engine_for(b, nodes, channels=2)
+    engine.copy(np.array([0]), np.array([64])).wait()
+    gpu.auto = False
+    fence = engine.copy(np.arange(16), 64 + np.arange(16))
+    gpu.sticky = 700  # an illegal address elsewhere poisoned the context
+    with pytest.raises(DmaError, match="illegal memory access"):
+        fence.wait(WAIT)
+    with pytest.raises(DmaError):
+        engine.copy(np.arange(16), 80 + np.arange(16)).wait(WAIT)
+    engine.close()  # bounded, and never raises after a sticky error
+    b.close()
+    assert gpu.live("host") == host_before  # the lane's pinned rings went with it

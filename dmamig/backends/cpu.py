@@ -101,6 +101,12 @@ class CpuBackend:
     def devices(self) -> list[DeviceInfo]:
         return []
 
+    def frames_address(self, frames: Any) -> tuple[int, int] | None:
+        """Where a node's frames are, for the DMA rings: ``(address, bytes)`` of a C-contiguous buffer."""
+        if isinstance(frames, np.ndarray) and frames.flags.c_contiguous:
+            return int(frames.ctypes.data), int(frames.nbytes)
+        return None
+
     @property
     def polling(self) -> bool:
         """Whether new DMA channels poll (``poll_us > 0`` and the polling loop can run here)."""

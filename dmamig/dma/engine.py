@@ -337,15 +337,19 @@ class DmaEngine:
         if lane is None:
             return None
         rings = getattr(lane[0], "ring_set", None)
-        if rings is None or not all(getattr(ch, "ring_set", None) is rings and ch.takes_rows for ch in lane) \
-                or not all(type(n.frames) is np.ndarray and n.frames.flags.c_contiguous for n in (s, d)):
+        where = getattr(self.backend, "frames_address", None)
+        if rings is None or where is None \
+                or not all(getattr(ch, "ring_set", None) is rings and ch.takes_rows for ch in lane):
+            return ()
+        spans = [where(n.frames) for n in self.nodes]
+        if spans[sn] is None or spans[dn] is None:
             return ()
         # Rows may only touch registered memory: every node's frames, so that a wrong address is a job status.
-        for n in self.nodes:
-            if type(n.frames) is np.ndarray and n.frames.flags.c_contiguous:
-                rings.register_frames(n.frames)
-        return (rings, lane, s.base_pfn, d.base_pfn, s.frames.ctypes.data, d.frames.ctypes.data, s.total_pages,
-                d.total_pages, sn != dn)
+        for span in spans:
+            if span is not None:
+                rings.register(span[0], span[0] + span[1])
+        return (rings, lane, s.base_pfn, d.base_pfn, spans[sn][0], spans[dn][0], s.total_pages, d.total_pages,
+                sn != dn)
 
     def _submit_rows(self, route: tuple[Any, ...], src: np.ndarray, dst: np.ndarray, checked: bool) -> Fence | None:
         """Check, stamp and publish a submission on the lane's rings in one compiled call.

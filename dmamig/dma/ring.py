@@ -481,6 +481,9 @@ class RingSet:
         self.regions = make((MAX_REGIONS + 1, 2))
         #: Serialises publishing on every ring of the set (compiled submissions and channels' own jobs).
         self.lock = threading.Lock()
+        #: Called with :attr:`Submitted.jobs` right after a compiled submission published (under :attr:`lock`, so
+        #: in publishing order): a consumer that is started per submission (a GPU kernel launch) starts here.
+        self.consumer: Callable[[list[list[int]]], None] | None = None
         self.rings = [Ring(self, c) for c in range(int(channels))]
         self._ws = np.empty(0, dtype=np.int64)
         self._wm = np.empty(0, dtype=np.int8)
@@ -556,7 +559,18 @@ class RingSet:
             if nr < 0:
                 return nr
             table = self._out[:, :2].tolist()
+            if self.consumer is not None:
+                self.consumer(table)
         return Submitted(nr, table)
+
+    def detach(self) -> None:
+        """Move every array into memory of its own (copies), before the memory they were allocated in is freed:
+        views held by rings, completions and readers stay valid, with the last values."""
+        with self.lock:
+            self.ctl, self.rows, self.jobs, self.regions = (a.copy() for a in (self.ctl, self.rows, self.jobs,
+                                                                               self.regions))
+            for c, ring in enumerate(self.rings):
+                ring.ctl, ring.rows, ring.jobs, ring.regions = self.ctl[c], self.rows[c], self.jobs[c], self.regions
 
     def make_room(self) -> None:
         """Reap every ring (caller does not hold the lock)."""

@@ -14,6 +14,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from ...dma.ring import RING_AVAILABLE
 from ...errors import BackendUnavailable
 from ..base import DEFAULT_POLL_US, ChannelWork, DeviceInfo
 from . import runtime
@@ -25,6 +28,7 @@ from .copies import FolioCopyMixin
 from .frameops import FrameOpsMixin
 from .kernels import kernel_source
 from .memory import DeviceFrames
+from .ring_lane import MAX_RING_CHANNELS, CudaRingLane
 from .topology import read_runtime_topology
 
 __all__ = ["CudaBackend"]
@@ -40,6 +44,11 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
         offer it. Default: off, unless the environment variable ``DMAMIG_CUDA_BATCH_COPY=1``.
     cupy : module, optional
         The cupy module to drive (imported when omitted). Any object offering the same names works.
+    rings : bool
+        Submit DMA copies between two nodes through each device's ring lane, one ``ring_copy`` launch per
+        submission (the default). ``False`` issues every submission on the channels' streams (a
+        ``cudaMemcpyAsync`` per long run, a gather launch per segment of short ones, an event pair per job),
+        as the work the rings cannot take always is.
 
     Raises
     ------
@@ -57,8 +66,9 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
         """Whether waits on new channels poll first (``poll_us > 0``)."""
         return self.poll_us > 0
 
-    def __init__(self, batch_copy: bool | None = None, cupy: Any = None) -> None:
+    def __init__(self, batch_copy: bool | None = None, cupy: Any = None, rings: bool = True) -> None:
         cp = cupy if cupy is not None else runtime._cupy()
+        self.rings = bool(rings)
         self._cp = cp
         self._rt = cp.cuda.runtime
         try:
@@ -70,6 +80,7 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
         self._lock = threading.Lock()
         self._closed = False
         self._functions: dict[tuple[int, str, str], Any] = {}
+        self._lanes: list[CudaRingLane] = []
         self.kernel_error: str | None = None
         self._sync_streams: dict[int, Any] = {}
         self._sync_locks = [threading.Lock() for _ in range(self._ndev)]
@@ -182,9 +193,27 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
 
     # -- DMA -------------------------------------------------------------------------------------------------
     def open_channels(self, count: int, device: int = 0) -> list[CudaChannel]:
-        """Create ``count`` stream channels of ``device`` (streams are made per device on first use)."""
+        """Create ``count`` channels of ``device``: over one ring lane (:mod:`~dmamig.backends.cuda.ring_lane`,
+        one ``ring_copy`` launch per submission) where the kernel builds and ``count`` is at most
+        :data:`~dmamig.backends.cuda.ring_lane.MAX_RING_CHANNELS`, with a stream each for the work that takes
+        the general path (made per device on first use)."""
         self._check_open()
-        return [CudaChannel(i, self, device) for i in range(int(count))]
+        lane = None
+        if self.rings and int(count) <= MAX_RING_CHANNELS and RING_AVAILABLE:
+            kernel = self.kernel(device, "ring_copy.cu", "ring_copy")
+            if kernel is not None:
+                lane = CudaRingLane(self._cp, device, int(count), kernel, self.poll_us)
+                with self._lock:
+                    self._lanes.append(lane)
+        return [CudaChannel(i, self, device, lane) for i in range(int(count))]
+
+    def frames_address(self, frames: Any) -> tuple[int, int] | None:
+        """Where a node's frames are, for the DMA rings: ``(address, bytes)`` (pinned host or device memory)."""
+        if isinstance(frames, np.ndarray):
+            return int(frames.ctypes.data), int(frames.nbytes)
+        if isinstance(frames, DeviceFrames) and not frames.released:
+            return int(frames.ptr), int(frames.shape[0]) * int(frames.shape[1])
+        return None
 
     @property
     def batch_copy_available(self) -> bool:
@@ -228,7 +257,9 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
             self._sync_scratch.clear()
             pools = self._retired_pools + ([self._pinned_pool] if self._pinned_pool is not None else [])
             self._pinned_pool, self._retired_pools = None, []
-        calls: list[Callable[[], Any]] = [s.synchronize for s in streams]
+            lanes, self._lanes = self._lanes, []
+        calls: list[Callable[[], Any]] = [lane.close for lane in lanes]  # idempotent: the engine closed most
+        calls += [s.synchronize for s in streams]
         calls += [lambda d=d, p=p: self._free_device(d, p) for d, (p, _) in scratch]
         calls += [pool.close for pool in pools]  # the streams that read them have finished
         for ref in frames:

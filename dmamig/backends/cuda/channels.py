@@ -33,6 +33,7 @@ from .staging import ChannelStaging
 
 if TYPE_CHECKING:
     from .backend import CudaBackend
+    from .ring_lane import CudaRingLane
 
 __all__ = ["CudaChannel"]
 
@@ -58,7 +59,7 @@ class CudaChannel:
         The device whose channel this is.
     """
 
-    def __init__(self, index: int, backend: CudaBackend, device: int = 0):
+    def __init__(self, index: int, backend: CudaBackend, device: int = 0, lane: CudaRingLane | None = None):
         #: Microseconds a waiter polls this channel's events before it sleeps in eventSynchronize.
         self.poll_us = float(backend.poll_us)
         self.index = int(index)
@@ -77,6 +78,8 @@ class CudaChannel:
         self._busy = 0.0
         self._ring = PendingRing(TIMING_RING)
         self._closed = False
+        # The device's ring lane (one kernel launch per submission), shared with the other channels of the lane.
+        self._lane = lane
 
     def stream(self, device: int) -> Any:
         """This channel's stream on ``device`` (created on first use, non-blocking)."""
@@ -104,10 +107,45 @@ class CudaChannel:
 
     @property
     def counters(self) -> dict[str, int]:
-        """``kernel_launches``, ``memcpy_calls`` and ``batch_calls`` issued so far, and the device-to-device runs
-        and bytes copied directly (``peer_*``) or through host memory (``staged_*``)."""
+        """``kernel_launches``, ``memcpy_calls`` and ``batch_calls`` issued so far (the ring lane's launches, one
+        per submission for every channel, count on channel 0), and the device-to-device runs and bytes copied
+        directly (``peer_*``) or through host memory (``staged_*``)."""
         with self._lock:
-            return dict(self._counters)
+            out = dict(self._counters)
+        if self._lane is not None and self.index == 0:  # one ring_copy launch serves every channel of the lane
+            out["kernel_launches"] += self._lane.launches
+        return out
+
+    # -- the ring lane (see ring_lane.py) ------------------------------------------------------------------------
+    @property
+    def ring_set(self) -> Any:
+        """The lane's :class:`~dmamig.dma.ring.RingSet`, or ``None`` where the ring kernel is not available."""
+        return self._lane.rings if self._lane is not None else None
+
+    @property
+    def takes_rows(self) -> bool:
+        """Whether compiled submissions may publish on this channel's ring (the lane has not failed)."""
+        return self._lane is not None and self._lane.failure is None
+
+    @property
+    def broken(self) -> str | None:
+        """Why the channel's ring lane failed, or ``None``."""
+        lane = self._lane
+        return None if lane is None or lane.failure is None else str(lane.failure)
+
+    def completion(self, seq: int) -> Any:
+        """The completion of job ``seq``, published on this channel's ring by a compiled submission."""
+        return self._lane.job(self.index, seq)
+
+    def wake(self) -> None:
+        """Nothing to wake: each submission launches its consumer."""
+
+    def wait_for_progress(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until the oldest unfinished job of this channel's ring finishes."""
+        ring = self._lane.rings.rings[self.index]
+        head = ring.head
+        if head < ring.tail:
+            self._lane.job(self.index, head).wait(timeout)
 
     def _count(self, key: str, n: int) -> None:
         with self._lock:
@@ -291,6 +329,8 @@ class CudaChannel:
         for c in pending:
             c.wait(None)
         collect_first_error([lambda s=s: s.synchronize() for _, s in streams])
+        if self._lane is not None:  # idempotent: the lane's first channel to close waits for its stream
+            self._lane.close()
         collect_first_error([lambda d=d, p=p: self._backend._free_device(d, p) for d, p in buffers])
         for st in staging:  # after every stream finished: nothing reads the bounce buffers any more
             st.close()
