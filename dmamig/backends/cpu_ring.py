@@ -12,9 +12,10 @@ between a poller and a busy thread (EEVDF does not hand a yielded CPU to a threa
 share): where pollers outnumber the spare CPUs, as two channels beside the migrating thread on two vCPUs, they
 take some of its time while a migration runs.
 
-The loop runs :data:`~dmamig.dma.ring.JOB_ROWS` and :data:`~dmamig.dma.ring.JOB_EXTERNAL` jobs itself: each row
-is checked against the lane's registered memory, then copied (streaming stores where the row allows them, a
-``memcpy`` otherwise); a row outside registered memory ends its job with ``STATUS_BAD_ROW``. Streaming stores are
+The loop runs :data:`~dmamig.dma.ring.JOB_ROWS` and :data:`~dmamig.dma.ring.JOB_EXTERNAL` jobs itself: every row
+is checked against the lane's registered memory, then the rows are copied (streaming stores where the row allows
+them, a ``memcpy`` otherwise); a row outside registered memory ends its job with ``STATUS_BAD_ROW`` before
+anything is copied, as the GPU consumer does. Streaming stores are
 fenced before the status and the release of ``HEAD``, so a waiter's acquire load of ``HEAD`` makes the
 destination bytes visible (on Arm as on x86). A :data:`~dmamig.dma.ring.JOB_PYTHON` job at the head returns to
 the worker's Python side. Built on :mod:`dmamig.backends.cpu_spin`: Linux and macOS with numba; elsewhere
@@ -65,26 +66,29 @@ if RING_AVAILABLE:
 
     @njit(nogil=True, cache=True)
     def _run_job(rows, regions, kind, first, count):  # pragma: no cover - compiled
-        """Copy one job's rows; its status."""
+        """Check every row of one job against the registered memory, then copy them; the job's status."""
         capacity = rows.shape[0]
         base = rows.ctypes.data
         nreg = load_acquire(regions.ctypes.data)
-        status = _STATUS_OK
+        if nreg:
+            for i in range(count):
+                row = base + ((first + i) % capacity) * 32 if kind == _JOB_ROWS else first + i * 32
+                nbytes = load_plain(row + 16)
+                if not (_registered(regions, nreg, load_plain(row), nbytes)
+                        and _registered(regions, nreg, load_plain(row + 8), nbytes)):
+                    return _STATUS_BAD_ROW
         for i in range(count):
             row = base + ((first + i) % capacity) * 32 if kind == _JOB_ROWS else first + i * 32
             src = load_plain(row)
             dst = load_plain(row + 8)
             nbytes = load_plain(row + 16)
-            if nreg and not (_registered(regions, nreg, src, nbytes) and _registered(regions, nreg, dst, nbytes)):
-                status = _STATUS_BAD_ROW
-                break
             if load_plain(row + 24) & _ROW_STREAM:
                 for off in range(0, nbytes, STREAM_STEP):
                     _stream64(dst + off, src + off)
             else:
                 _memcpy(dst, src, nbytes)
         full_fence()  # streaming stores are weakly ordered: make them visible before HEAD moves
-        return status
+        return _STATUS_OK
 
     @njit(nogil=True, cache=True)
     def _serve(ctl, rows, jobs, regions, idle_ns, ts):  # pragma: no cover - compiled

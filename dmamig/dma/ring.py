@@ -20,7 +20,7 @@ device where there is one, see :class:`RingSet`):
   no longer reads), ``BUSY_NS`` and ``HEARTBEAT``. Then ``SLEEPERS`` (waiters asleep) and ``IDLE`` (the consumer
   is asleep).
 * ``regions``: the registered memory a row may touch, ``[lo, hi)`` byte ranges (row 0 holds their count). A row
-  outside them ends its job with :data:`STATUS_BAD_ROW` (the rows before it were copied): a status, never a
+  outside them ends its job with :data:`STATUS_BAD_ROW` before any of its rows is copied: a status, never a
   wild write or a poisoned device context.
 
 **Ordering.** The submitter writes rows and the job slot with plain stores, then publishes ``TAIL`` with a
@@ -82,7 +82,8 @@ CTL_WORDS = 32
 J_KIND, J_FIRST, J_COUNT, J_STATUS = 0, 1, 2, 3
 #: Job kinds: rows in the ring, rows in an array of their own, work for the consumer's host side.
 JOB_ROWS, JOB_EXTERNAL, JOB_PYTHON = 1, 2, 3
-#: Job statuses: not finished, copied, stopped at a row outside registered memory, failed on the host side.
+#: Job statuses: not finished, copied, refused for a row outside registered memory, not copied (its channel
+#: failed or was closed).
 STATUS_PENDING, STATUS_OK, STATUS_BAD_ROW, STATUS_FAILED = 0, 1, 2, 3
 #: Row flag: the consumer may copy this row with streaming (non-temporal) stores.
 ROW_STREAM = 1
@@ -111,7 +112,7 @@ RING_ERROR: str | None = ATOMICS_ERROR if ATOMICS_ERROR else (
 RING_AVAILABLE = RING_ERROR is None
 
 _STATUS_TEXT = {STATUS_PENDING: "pending", STATUS_OK: "copied",
-                STATUS_BAD_ROW: "a row outside registered memory (the rows before it were copied)",
+                STATUS_BAD_ROW: "a row outside registered memory (nothing of the job was copied)",
                 STATUS_FAILED: "not copied: its channel failed, broke or was closed before the job finished"}
 
 
