@@ -10,7 +10,8 @@ so the script itself is exercised on any host. It writes:
 
 - ``summary.json``: every figure (medians of host microseconds), the card, the commit and the settings;
 - ``summary.md``: the same as tables;
-- ``info.txt``, ``bench/`` (``dmamig bench`` at 4K and 2M, faithful batching), ``gpu-tests.log``
+- ``info.txt``, ``bench/`` (``dmamig bench`` at 4K and 2M, faithful batching), ``bench-rfc/`` (2M, faithful
+  and the DMA-offload RFC preset), ``gpu-tests.log``
   (``pytest -m gpu``: the failure paths on the card) and ``bound.log`` (``benchmarks/bench_bound.py`` on the
   CPU backend, on the host's own cores).
 """
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_submit  # benchmarks/ is the script's own folder
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,7 @@ CALLS = 300
 #: Base pages of one submission: the kernel's NR_MAX_BATCHED_MIGRATION.
 BATCH = 512
 #: Most seconds each process step may take, before the budget that is left caps it further.
-STEP_CAPS = {"info": 30, "bench": 150, "gpu_tests": 120, "bound": 120}
+STEP_CAPS = {"info": 30, "bench": 150, "bench_rfc": 90, "gpu_tests": 120, "bound": 120}
 
 
 def _median_us(fn: Callable[[], Any], calls: int = CALLS) -> float:
@@ -108,8 +110,9 @@ def run_cuda_calls(result: dict[str, Any]) -> None:
 # -- dmamig's own DMA submissions -------------------------------------------------------------------------------
 def run_submissions(result: dict[str, Any], backend: str) -> None:
     """Host time of one ``m.dma.copy`` of a 512-page batch (the submission alone, then to completion) at 4K
-    (random pages) and 2M (one contiguous run), with 1 and 4 channels, and a one-page copy's start-to-done
-    latency, on the backend the bench uses."""
+    (random pages) and 2M (one contiguous run), with 1 and 4 channels, the ring's compiled call alone, the numpy
+    buffers a submission allocates, and a one-page copy's start-to-done latency (the ring's start and completion
+    latency), on the backend the bench uses."""
     from dmamig import Machine
 
     out = result.setdefault("submission_us", {})
@@ -126,6 +129,9 @@ def run_submissions(result: dict[str, Any], backend: str) -> None:
             for name, src, dst in (("4k", src4k, dst4k), ("2m", src2m, dst2m)):
                 out[f"{name}_{channels}ch_submit"], out[f"{name}_{channels}ch_to_completion"] = \
                     _submission_us(m.dma, src, dst)
+                compiled = bench_submit.compiled_only(m.dma, src, dst)
+                out[f"{name}_{channels}ch_compiled"] = round(compiled, 3) if isinstance(compiled, float) else compiled
+                out[f"{name}_{channels}ch_numpy_allocations"] = bench_submit.numpy_allocations(m.dma, src, dst, 20)
             out[f"one_page_{channels}ch_to_completion"] = _submission_us(m.dma, src4k[:1], dst4k[:1])[1]
         finally:
             m.close()
@@ -172,6 +178,9 @@ def run_steps(result: dict[str, Any], out: Path, deadline: float, backend: str) 
     _step(result, "bench", [py, "-m", "dmamig", "bench", "--backend", backend, "--sizes", "4k,2m",
                             "--faithful-only", "--repeat", "3", "--no-access", "--no-pairs", "--out",
                             str(out / "bench")], out / "bench.log", deadline)
+    _step(result, "bench_rfc", [py, "-m", "dmamig", "bench", "--backend", backend, "--sizes", "2m", "--rfc-preset",
+                                "--repeat", "3", "--no-access", "--no-pairs", "--no-engine", "--out",
+                                str(out / "bench-rfc")], out / "bench-rfc.log", deadline)
     _step(result, "gpu_tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
           out / "gpu-tests.log", deadline)
     _step(result, "bound", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_bound.py",

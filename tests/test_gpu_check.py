@@ -14,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
 @pytest.fixture
 def gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its folder is on the path
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -33,7 +34,8 @@ def test_a_check_within_no_budget_writes_its_figures_and_skips_its_steps(gpu_che
             assert subs[f"{name}_{ch}ch_submit"] > 0
             assert subs[f"{name}_{ch}ch_to_completion"] >= subs[f"{name}_{ch}ch_submit"] * 0.5
     assert summary["backend"] == "cpu" and "errors" not in summary
-    assert set(summary["steps"]) == {"info", "bench", "gpu_tests", "bound"}
+    assert subs["4k_1ch_numpy_allocations"] == 0 and subs["2m_4ch_compiled"] > 0
+    assert set(summary["steps"]) == {"info", "bench", "bench_rfc", "gpu_tests", "bound"}
     assert all("budget spent" in s["skipped"] for s in summary["steps"].values())
     assert "# GPU check" in (out / "summary.md").read_text()
 
