@@ -86,11 +86,11 @@ def test_constants_match_cupy():
 
 
 @pytest.mark.parametrize("code, name", [
-    (cuda_mod.CUDA_ERROR_NOT_READY, "cudaErrorNotReady"),
-    (cuda_mod.CUDA_ERROR_MEMORY_ALLOCATION, "cudaErrorMemoryAllocation"),
-    (cuda_mod.CUDA_ERROR_INSUFFICIENT_DRIVER, "cudaErrorInsufficientDriver"),
-    (cuda_mod.CUDA_ERROR_NO_DEVICE, "cudaErrorNoDevice"),
-    (cuda_mod.CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, "cudaErrorPeerAccessAlreadyEnabled"),
+    (cuda_codes.CUDA_ERROR_NOT_READY, "cudaErrorNotReady"),
+    (cuda_codes.CUDA_ERROR_MEMORY_ALLOCATION, "cudaErrorMemoryAllocation"),
+    (cuda_codes.CUDA_ERROR_INSUFFICIENT_DRIVER, "cudaErrorInsufficientDriver"),
+    (cuda_codes.CUDA_ERROR_NO_DEVICE, "cudaErrorNoDevice"),
+    (cuda_codes.CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, "cudaErrorPeerAccessAlreadyEnabled"),
     (700, "cudaErrorIllegalAddress"),
 ])
 def test_status_codes_have_the_expected_names(code, name):

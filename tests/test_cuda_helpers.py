@@ -19,8 +19,8 @@ from dmamig.backends.cuda import (
     cuda_error_text,
     event_finished,
     map_cuda_error,
-    run_spans,
 )
+from dmamig.backends.cuda.memory import run_spans
 from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
 
 

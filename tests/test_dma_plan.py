@@ -9,15 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmamig.dma.plan import (
-    METHOD_BATCH,
-    METHOD_GATHER,
-    METHOD_MEMCPY,
-    PlanOptions,
-    coalesce_runs,
-    plan_copy,
-    sort_pages,
-)
+from dmamig.dma.copy_plan import METHOD_BATCH, METHOD_GATHER, METHOD_MEMCPY, PlanOptions
+from dmamig.dma.plan import plan_copy
+from dmamig.dma.plan_steps import coalesce_runs, sort_pages
 from dmamig.errors import InvalidArgument
 
 NO_SPLIT = PlanOptions(split_min_pages=1 << 40)

@@ -18,7 +18,7 @@ from dmamig.backends.cpu import PollingCpuChannel
 from dmamig.backends.cpu_kernels import aligned_zeros
 from dmamig.dma import PlanOptions
 from dmamig.dma import ring as dma_ring
-from dmamig.dma.plan import METHOD_MEMCPY
+from dmamig.dma.copy_plan import METHOD_MEMCPY
 
 pytestmark = pytest.mark.skipif(not cpu_ring.RING_AVAILABLE, reason=f"no rings here: {cpu_ring.RING_ERROR}")
 

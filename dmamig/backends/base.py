@@ -34,7 +34,7 @@ class ChannelWork:
     src_device, dst_device : int
         Accelerator index of each side (-1 for host RAM).
     method : int
-        ``dmamig.dma.plan.METHOD_*``.
+        ``dmamig.dma.copy_plan.METHOD_*``.
     src_start, dst_start, npages : numpy.ndarray
         int64 run descriptors in frame units, validated by the engine.
     staged : bool

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dma.plan import METHOD_GATHER
+from ..dma.copy_plan import METHOD_GATHER
 from ..dma.staging import stage_capacity
 from ..errors import DmaError
 from . import cpu_kernels

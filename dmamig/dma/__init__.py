@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from .checksum import page_checksums
-from .engine import DmaEngine, DmaStats, Fence
-from .plan import METHOD_BATCH, METHOD_GATHER, METHOD_MEMCPY, CopyPlan, PlanOptions, plan_copy
+from .copy_plan import METHOD_BATCH, METHOD_GATHER, METHOD_MEMCPY, CopyPlan, PlanOptions
+from .engine import DmaEngine
+from .fence import Fence
+from .plan import plan_copy
+from .stats import DmaStats
 
 __all__ = [
     "METHOD_BATCH",

@@ -31,14 +31,15 @@ from ..backends.base import ChannelWork, Completion, exec_device
 from ..errors import DmaError, InvalidArgument
 from ..fault import FaultPoints
 from ..topology import ROUTE_STAGED, Topology, node_routes
+from .copy_plan import CopyPlan, PlanOptions
 from .fence import DONE, FailedCompletion, Fence
 from .inject import add_submit_errors, emulate_fault, share_fault
-from .plan import CopyPlan, PlanOptions, plan_copy, plan_one_pair
+from .plan import plan_copy, plan_one_pair
 from .ring import SUBMIT_NO_ROOM
 from .stats import DmaStats, baseline_of, with_channels, zero_baseline
 from .validate import pfn_array, validate_bounds
 
-__all__ = ["DmaEngine", "DmaStats", "Fence"]
+__all__ = ["DmaEngine"]
 
 #: Submissions kept for ``synchronize`` before the finished ones are dropped from the list.
 _PRUNE_PENDING = 32

@@ -30,32 +30,10 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from . import plan_kernels
-from .copy_plan import (
-    METHOD_BATCH,
-    METHOD_GATHER,
-    METHOD_MEMCPY,
-    METHOD_NAMES,
-    CopyPlan,
-    PlanOptions,
-    Segment,
-    empty_plan,
-    finish_plan,
-)
+from .copy_plan import CopyPlan, PlanOptions, empty_plan, finish_plan
 from .plan_steps import balance_runs, choose_methods, coalesce_runs, sort_pages, split_runs
 
-__all__ = [
-    "METHOD_BATCH",
-    "METHOD_GATHER",
-    "METHOD_MEMCPY",
-    "METHOD_NAMES",
-    "CopyPlan",
-    "PlanOptions",
-    "Segment",
-    "coalesce_runs",
-    "plan_copy",
-    "plan_one_pair",
-    "sort_pages",
-]
+__all__ = ["plan_copy", "plan_one_pair"]
 
 
 #: Plan one-node-pair submissions with the compiled pass (numba); the numpy steps of

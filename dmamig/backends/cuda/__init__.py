@@ -31,7 +31,8 @@ Modules, one job each:
 ``kernels``    kernel sources, launch shape, NVRTC compilation and check, build status (``dmamig info``)
 ``memory``     device frames outside CuPy's pools, pinned host memory, frame addresses and release
 ``events``     ``cudaEventQuery`` results, the timing-event ring, the completion of channel work
-``channels``   stream channels: descriptors, per-run copy methods, submission
+``ring_lane``  each device's DMA rings in pinned mapped memory, one ``ring_copy`` launch per submission
+``channels``   stream channels: descriptors, per-run copy methods, submission; their ring lane
 ``batch``      ``cuMemcpyBatchAsync`` through ``cuda.bindings``, off unless asked for
 ``staging``    copies between GPUs without peer access, through pinned bounce buffers
 ``topology``   peer access and link classes read from the runtime
@@ -49,21 +50,10 @@ are copies): ``MAX_GRID`` in :mod:`~dmamig.backends.cuda.kernels`, ``_cupy`` (th
 from .backend import CudaBackend
 from .batch import BATCH_COPY_ENV
 from .channels import CudaChannel
-from .codes import (
-    CUDA_ERROR_INSUFFICIENT_DRIVER,
-    CUDA_ERROR_MEMORY_ALLOCATION,
-    CUDA_ERROR_NO_DEVICE,
-    CUDA_ERROR_NOT_READY,
-    CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED,
-    CUDA_SUCCESS,
-    collect_first_error,
-    cuda_error_kind,
-    cuda_error_text,
-    map_cuda_error,
-)
-from .events import TIMING_RING, PendingRing, event_finished
+from .codes import collect_first_error, cuda_error_kind, cuda_error_text, map_cuda_error
+from .events import PendingRing, event_finished
 from .kernels import KERNEL_FILES, compile_kernel_nvrtc, kernel_build_status, kernel_source, nvrtc_check
-from .memory import DeviceFrames, run_spans
+from .memory import DeviceFrames
 from .runtime import cuda_environment, nvrtc_status, preload_nvrtc
 
 __all__ = [
@@ -85,13 +75,4 @@ __all__ = [
     "nvrtc_check",
     "nvrtc_status",
     "preload_nvrtc",
-    # Public names of the single-module backend, importable from here as before.
-    "CUDA_ERROR_INSUFFICIENT_DRIVER",
-    "CUDA_ERROR_MEMORY_ALLOCATION",
-    "CUDA_ERROR_NOT_READY",
-    "CUDA_ERROR_NO_DEVICE",
-    "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED",
-    "CUDA_SUCCESS",
-    "TIMING_RING",
-    "run_spans",
 ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...dma.plan import METHOD_BATCH, METHOD_GATHER
+from ...dma.copy_plan import METHOD_BATCH, METHOD_GATHER
 from ...errors import DmaError
 from ..base import CHANNEL_COUNTERS, ChannelWork, route_counts
 from .codes import (
