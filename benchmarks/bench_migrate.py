@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 
 from dmamig import Machine, MigrateMode, MigrateOptions
-from dmamig.bench.naming import describe_options, scenario_name
-from dmamig.bench.runner import measure_ceilings, range_pfns, verify_pages
-from dmamig.bench.scenarios import PAGE_SIZE, PIPELINED, folio_order, format_size
+from dmamig.bench.environment import measure_ceilings
+from dmamig.bench.naming import describe_options, format_size, scenario_name
+from dmamig.bench.parsing import PAGE_SIZE, folio_order
+from dmamig.bench.scenarios import PIPELINED
+from dmamig.bench.verify import range_pfns, verify_pages
 
 ROUNDS = int(os.environ.get("DMAMIG_BENCH_ROUNDS", "5"))
 CHANNELS = 2

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Emulated Linux page migration with a device DMA engine: copy vs no-copy benchmarks.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from .bench.commands import add_bench_parser, add_report_parser
+    from .bench.arguments import add_bench_parser, add_report_parser
 
     add_bench_parser(sub, _argtype, _positive, _nonnegative)
     add_report_parser(sub, _argtype)
@@ -159,7 +159,7 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
     version cupy was built for), ``nvrtc`` and ``batch_copy`` are shown wherever cupy imports.
     """
     from .backends import cuda_status, open_backend, resolve_backend
-    from .bench.runner import machine_info
+    from .bench.environment import machine_info
 
     status = cuda_status()
     reason = status.reason
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = _command_parser(parser, args.command)
     if args.command == "bench":
         from .bench.commands import cmd_bench
-        from .sweep import is_remote
+        from .sweep.cli import is_remote
 
         if is_remote(args.cluster):  # the workers decide the backend: this machine may have no GPU
             return cmd_bench(args, cmd, None, 0, _console)

@@ -21,17 +21,10 @@ from dmamig.bench.access import (
     parse_oversubscription,
     run_access,
 )
+from dmamig.bench.comparison import NotComparable, check_comparable, compare_results, regressions
 from dmamig.bench.plots import write_plots
-from dmamig.bench.report import (
-    NotComparable,
-    check_comparable,
-    compare_results,
-    load_results,
-    regressions,
-    render_tables,
-    write_csv,
-    write_json,
-)
+from dmamig.bench.report import render_tables
+from dmamig.bench.results_file import load_results, write_csv, write_json
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
 from dmamig.bench.scenarios import default_settings
 from dmamig.bench.schema import validate_results

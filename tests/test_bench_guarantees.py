@@ -12,8 +12,9 @@ import pytest
 from support import interrupt_bench_after
 from test_bench_report import make_doc
 
+from dmamig.bench.comparison import NotComparable, compare_results, regressions
 from dmamig.bench.output import OutputError, bench_folder
-from dmamig.bench.report import NotComparable, compare_results, regressions, write_json
+from dmamig.bench.results_file import write_json
 from dmamig.bench.stats import ratio_interval
 from dmamig.cli import main
 

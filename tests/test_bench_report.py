@@ -13,19 +13,12 @@ from rich.console import Console
 from support import check_results_schema, jsonschema_or_skip
 
 from dmamig.bench import plots
-from dmamig.bench.figures import scenario_record
+from dmamig.bench.comparison import compare_results, primary_metric, regressions
+from dmamig.bench.environment import machine_info
+from dmamig.bench.figures import add_speedups, scenario_record
 from dmamig.bench.plots import write_plots
-from dmamig.bench.report import (
-    CSV_FIELDS,
-    compare_results,
-    load_results,
-    primary_metric,
-    regressions,
-    render_tables,
-    write_csv,
-    write_json,
-)
-from dmamig.bench.runner import add_speedups, machine_info
+from dmamig.bench.report import render_tables
+from dmamig.bench.results_file import CSV_FIELDS, load_results, write_csv, write_json
 from dmamig.bench.scenarios import BenchSettings, build_sweep
 from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, validate_results
 from dmamig.cli import main

@@ -12,9 +12,10 @@ from support import check_results_schema
 
 from dmamig import MigrateOptions
 from dmamig.bench.access import access_scenarios, access_tasks
-from dmamig.bench.figures import scenario_record
-from dmamig.bench.report import load_results
-from dmamig.bench.runner import add_speedups, cpu_copy_ceiling, measure_ceilings, sweep_steps
+from dmamig.bench.environment import cpu_copy_ceiling, measure_ceilings
+from dmamig.bench.figures import add_speedups, scenario_record
+from dmamig.bench.results_file import load_results
+from dmamig.bench.runner import sweep_steps
 from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
 from dmamig.cli import main
 from dmamig.migrate.options import FAITHFUL
@@ -300,7 +301,7 @@ def test_a_bad_poll_window_is_a_usage_error(bad, capsys):
 
 
 def test_machine_info_makes_device_descriptions_json():
-    from dmamig.bench.runner import machine_info
+    from dmamig.bench.environment import machine_info
 
     info = machine_info("cuda", [{"name": "GPU", "memory_bytes": np.int64(80 << 30), "compute_capability": (9, 0),
                                   "peers": [1], "handle": object()}])

@@ -23,7 +23,7 @@ from dmamig.bench.runner import SweepInterrupted, build_tasks
 from dmamig.bench.scenarios import BenchSettings, default_settings
 from dmamig.bench.schema import validate_results
 from dmamig.cli import build_parser, main
-from dmamig.sweep import JOURNAL_NAME, Journal, ResumeError
+from dmamig.sweep.journal import JOURNAL_NAME, Journal, ResumeError
 from dmamig.sweep.tasks import Task
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None

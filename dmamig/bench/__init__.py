@@ -5,10 +5,3 @@ results document it writes (see :mod:`dmamig.bench.schema`). Every migration sce
 :class:`~dmamig.MigrateOptions` it ran with: the kernel's batching (faithful, the headline) or a named
 experiment such as :data:`~dmamig.bench.scenarios.PIPELINED`.
 """
-
-from .naming import describe_options, scenario_name
-from .scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings, parse_size
-from .schema import RESULTS_SCHEMA, validate_results
-
-__all__ = ["PIPELINED", "RESULTS_SCHEMA", "BenchSettings", "Scenario", "build_sweep", "default_settings",
-           "describe_options", "parse_size", "scenario_name", "validate_results"]

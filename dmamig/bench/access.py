@@ -28,13 +28,21 @@ import numpy as np
 
 from ..sweep.tasks import ProgressFn, Task
 from ..uvm.options import DEFAULT_FAULT_BATCH_SIZE, VA_BLOCK_SIZE, UvmOptions
-from .access_figures import Sample, access_record, add_access_speedups
-from .parsing import parse_int_list
-from .scenarios import PAGE_SIZE, BenchSettings
+from .access_figures import Sample, access_record
+from .parsing import PAGE_SIZE, parse_int_list
+from .scenarios import BenchSettings
 from .verify import check, random_bytes, verify_no_leak
 
-__all__ = ["ACCESS_PATTERNS", "AccessScenario", "access_scenarios", "access_tasks", "add_access_speedups",
-           "parse_fault_batches", "parse_oversubscription", "run_access", "stream_batches"]
+__all__ = [
+    "ACCESS_PATTERNS",
+    "AccessScenario",
+    "access_scenarios",
+    "access_tasks",
+    "parse_fault_batches",
+    "parse_oversubscription",
+    "run_access",
+    "stream_batches",
+]
 
 #: Access patterns, in sweep order.
 ACCESS_PATTERNS = ("stream", "random", "strided", "stencil")

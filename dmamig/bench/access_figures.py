@@ -13,7 +13,7 @@ from typing import Any
 from ..migrate.options import FAITHFUL
 from ..uvm.options import SERVICE_PHASES, UvmStats
 from .naming import format_number, format_rate
-from .scenarios import PAGE_SIZE
+from .parsing import PAGE_SIZE
 from .timing import median, timing_fields
 
 __all__ = ["PATTERN_WORDS", "Sample", "access_record", "access_table", "add_access_speedups"]

@@ -1,7 +1,7 @@
 """The command lines of ``dmamig bench`` and ``dmamig report``: their subparsers and argument types.
 
 Each argument type names what was wrong and what is allowed; :mod:`dmamig.bench.commands` runs the parsed
-arguments (and re-exports :func:`add_bench_parser` and :func:`add_report_parser`, which :mod:`dmamig.cli` uses).
+arguments.
 """
 
 from __future__ import annotations

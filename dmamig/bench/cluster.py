@@ -13,8 +13,9 @@ from typing import Any
 
 from ..sweep.tasks import Task
 from .environment import measure_ceilings
-from .runner import VerificationError, run_task
+from .runner import run_task
 from .scenarios import BenchSettings
+from .verify import VerificationError
 
 __all__ = ["run_on_worker", "worker_ceilings"]
 

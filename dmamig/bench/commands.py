@@ -1,8 +1,8 @@
 """The ``bench`` and ``report`` subcommands of ``dmamig``: what they run.
 
-:mod:`dmamig.cli` builds the command line (with the subparsers of :mod:`dmamig.bench.arguments`, re-exported
-here) and hands these two commands their parsed arguments, the resolved backend and a console factory;
-everything specific to benchmarks lives in this package, beside the code it drives.
+:mod:`dmamig.cli` builds the command line (with the subparsers of :mod:`dmamig.bench.arguments`) and hands
+these two commands their parsed arguments, the resolved backend and a console factory; everything specific to
+benchmarks lives in this package, beside the code it drives.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .arguments import WORKING_SET_COPIES, add_bench_parser, add_report_parser
+from .arguments import WORKING_SET_COPIES
 
-__all__ = ["add_bench_parser", "add_report_parser", "cmd_bench", "cmd_report", "tasks_text"]
+__all__ = ["cmd_bench", "cmd_report", "tasks_text"]
 
 
 # -- commands --------------------------------------------------------------------------------------------------
@@ -51,13 +51,15 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
     from ..sweep.cli import check_sweep_arguments, open_sweep, remote_backend
     from .access import stream_batches
     from .driver import BenchSweep, SweepFailed
-    from .naming import describe_options
+    from .naming import describe_options, format_size
     from .output import OutputError, bench_folder, remove_if_empty
     from .pairs import pair_options, pair_scenarios
     from .plots import write_plots
-    from .report import render_tables, write_csv, write_json
-    from .runner import SweepInterrupted, VerificationError
-    from .scenarios import PIPELINED, default_settings, format_size
+    from .report import render_tables
+    from .results_file import write_csv, write_json
+    from .runner import SweepInterrupted
+    from .scenarios import PIPELINED, default_settings
+    from .verify import VerificationError
 
     check_sweep_arguments(args, parser)
     if backend is None:
@@ -207,7 +209,7 @@ def tasks_text(sweep: Any) -> str:
 def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any, done: str) -> int:
     """Ctrl-C: keep the scenarios that finished (marked partial), or leave no empty folder behind."""
     from .output import remove_if_empty
-    from .report import write_csv, write_json
+    from .results_file import write_csv, write_json
 
     if doc is None:
         if created:
@@ -226,7 +228,7 @@ def _failed(exc: Any, out: Path, err: Any) -> int:
     """Cluster tasks that failed twice: keep every other scenario, name each failed task and why."""
     from rich.markup import escape
 
-    from .report import write_csv, write_json
+    from .results_file import write_csv, write_json
 
     write_json(exc.doc, out / "results.json")
     write_csv(exc.doc, out / "results.csv")

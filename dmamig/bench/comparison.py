@@ -2,7 +2,7 @@
 
 A scenario regresses when it is slower beyond a threshold and significantly so (:mod:`dmamig.bench.stats`),
 when its data failed verification, when its settings differ, or when the run lacks it; runs whose settings
-differ are not compared at all, nor runs from different machines (another CPU model or GPU) unless asked. :mod:`dmamig.bench.report` re-exports these names.
+differ are not compared at all, nor runs from different machines (another CPU model or GPU) unless asked.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ from typing import Any
 from ..sweep.hardware import cpu_model
 from ..sweep.journal import Journal
 from ..sweep.tasks import ProgressFn, Task
-from .runner import SweepInterrupted, VerificationError, build_tasks, run_sweep, sweep_document
+from .runner import SweepInterrupted, build_tasks, run_sweep, sweep_document
 from .scenarios import BenchSettings
+from .verify import VerificationError
 
 __all__ = ["TOOL", "BenchSweep", "SweepFailed", "settings_json"]
 

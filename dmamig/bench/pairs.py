@@ -24,12 +24,21 @@ from typing import Any
 import numpy as np
 
 from ..sweep.tasks import ProgressFn, Task
-from .pairs_figures import PAIR_FOLIO, PairSample, add_pair_speedups, pair_record, pair_table
-from .scenarios import PAGE_SIZE, BenchSettings, folio_order
+from .pairs_figures import PAIR_FOLIO, PairSample, pair_record
+from .parsing import PAGE_SIZE, folio_order
+from .scenarios import BenchSettings
 from .verify import check, random_bytes, range_pfns, verify_no_leak, verify_pages, verify_result
 
-__all__ = ["MAX_PAIR_DEVICES", "PAIR_FOLIO", "PairScenario", "add_pair_speedups", "check_pair_bytes",
-           "pair_options", "pair_scenarios", "pair_table", "pair_tasks", "parse_device_count", "run_pair"]
+__all__ = [
+    "MAX_PAIR_DEVICES",
+    "PairScenario",
+    "check_pair_bytes",
+    "pair_options",
+    "pair_scenarios",
+    "pair_tasks",
+    "parse_device_count",
+    "run_pair",
+]
 
 #: Most devices the matrix spans (56 ordered pairs).
 MAX_PAIR_DEVICES = 8

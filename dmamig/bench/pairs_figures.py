@@ -13,7 +13,7 @@ from typing import Any
 
 from ..migrate.options import FAITHFUL
 from ..topology import LINK_CODES, Topology
-from .scenarios import PAGE_SIZE
+from .parsing import PAGE_SIZE
 from .timing import timing_fields
 
 __all__ = ["PAIR_FOLIO", "PairSample", "add_pair_speedups", "pair_groups", "pair_matrix", "pair_record",

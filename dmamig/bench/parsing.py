@@ -1,7 +1,7 @@
 """The values of a sweep as a command line gives them: byte sizes, folio sizes and the numeric sweep axes.
 
 Each parser refuses bad input with a message that says what is allowed. The page and folio sizes they check
-against live here too. Everything here is pure; :mod:`dmamig.bench.scenarios` re-exports the public names.
+against live here too. Everything here is pure.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 and the ceilings.
 
 Everything here works on the results document (the parsed ``results.json``), so a report can be re-rendered
-or compared on a machine that never ran the benchmark. Reading and writing the document
-(:mod:`dmamig.bench.results_file`) and the baseline comparison (:mod:`dmamig.bench.comparison`) are
-re-exported here, where ``dmamig report`` and its callers take them from.
+or compared on a machine that never ran the benchmark. Reading and writing the document is
+:mod:`dmamig.bench.results_file`'s job, the baseline comparison :mod:`dmamig.bench.comparison`'s.
 """
 
 from __future__ import annotations
@@ -15,16 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .access_figures import access_table
-from .comparison import (
-    METRICS,
-    Comparison,
-    NotComparable,
-    check_comparable,
-    compare_results,
-    comparison_table,
-    primary_metric,
-    regressions,
-)
 from .naming import (
     COPY_BASELINES,
     DIRECTIONS,
@@ -36,23 +25,9 @@ from .naming import (
     settings_words,
 )
 from .pairs_figures import pair_table
-from .results_file import CSV_FIELDS, load_results, wall_spread, write_csv, write_json
+from .results_file import wall_spread
 
-__all__ = [
-    "CSV_FIELDS",
-    "METRICS",
-    "Comparison",
-    "NotComparable",
-    "check_comparable",
-    "compare_results",
-    "comparison_table",
-    "load_results",
-    "primary_metric",
-    "regressions",
-    "render_tables",
-    "write_csv",
-    "write_json",
-]
+__all__ = ["render_tables"]
 
 
 def _phases(sc: dict[str, Any]) -> str:

@@ -1,7 +1,4 @@
 """Reading and writing a results document: ``results.json`` (validated when read) and ``results.csv``.
-
-Results written before settings were recorded are normalized when read, so that every scenario has a name and
-a batching text; :mod:`dmamig.bench.report` re-exports these names.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 (:mod:`dmamig.bench.scenario_runs` for migration groups, state-only migration and raw DMA copies,
 :mod:`dmamig.bench.access` and :mod:`dmamig.bench.pairs` for the others); :func:`run_sweep` runs them all in
 this process and :func:`sweep_document` builds the results document. Records come from
-:mod:`dmamig.bench.figures`; the names tests and benchmarks take from here are re-exported.
+:mod:`dmamig.bench.figures`.
 """
 
 from __future__ import annotations
@@ -17,31 +17,21 @@ from typing import Any
 from ..sweep.tasks import ProgressFn, Task
 from . import scenario_runs
 from .access import access_tasks, run_access
-from .environment import cpu_copy_ceiling, machine_info, measure_ceilings
+from .environment import machine_info, measure_ceilings
 from .figures import add_speedups
 from .pairs import pair_tasks, run_pair
 from .pairs_figures import pair_topology
 from .scenarios import BenchSettings, build_sweep
 from .schema import SCHEMA_VERSION
-from .verify import VerificationError, range_pfns, verify_pages, verify_result
 
 __all__ = [
     "SweepInterrupted",
-    "Task",
-    "VerificationError",
-    "add_speedups",
     "build_tasks",
-    "cpu_copy_ceiling",
-    "machine_info",
-    "measure_ceilings",
-    "range_pfns",
     "run_sweep",
     "run_task",
     "sweep_directions",
     "sweep_document",
     "sweep_steps",
-    "verify_pages",
-    "verify_result",
 ]
 
 

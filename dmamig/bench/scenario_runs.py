@@ -21,7 +21,8 @@ import numpy as np
 from ..sweep.tasks import ProgressFn
 from .figures import scenario_record
 from .naming import describe_options
-from .scenarios import PAGE_SIZE, BenchSettings, MigrateGroup, Scenario
+from .parsing import PAGE_SIZE
+from .scenarios import BenchSettings, MigrateGroup, Scenario
 from .verify import bench_machine, check, random_bytes, range_pfns, verify_pages, verify_result
 
 __all__ = ["run_dma", "run_group", "run_state"]

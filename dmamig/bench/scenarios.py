@@ -1,8 +1,7 @@
 """Benchmark scenarios: sweep settings and the list of scenarios a sweep runs.
 
 Everything here is pure (no machine, no backend), so that sweep generation can be tested and shown without
-running anything. The parsers of sizes and sweep axes live in :mod:`dmamig.bench.parsing`; their public names
-are re-exported here.
+running anything. The parsers of sizes and sweep axes live in :mod:`dmamig.bench.parsing`.
 
 A *group* is one working set migrated around a cycle of nodes (host -> device -> back) in one mode; each leg of
 the cycle is a *scenario* with its own figures. Grouping the legs means every timed repetition starts from a
@@ -16,21 +15,13 @@ from dataclasses import dataclass, field
 
 from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from ..topology import Topology
-from .naming import COPY_BASELINE_OF, DIRECTIONS, format_size, options_id, scenario_name
+from .naming import COPY_BASELINE_OF, format_size, options_id, scenario_name
 from .parsing import (
     PAGE_SIZE,
     folio_order,
-    parse_batch_pages,
-    parse_batches_per_step,
-    parse_channels,
-    parse_folio_sizes,
-    parse_pipeline,
-    parse_size,
 )
 
 __all__ = [
-    "DIRECTIONS",
-    "PAGE_SIZE",
     "PIPELINED",
     "RUNTIME_TOPOLOGY",
     "BenchSettings",
@@ -38,14 +29,6 @@ __all__ = [
     "Scenario",
     "build_sweep",
     "default_settings",
-    "folio_order",
-    "format_size",
-    "parse_batch_pages",
-    "parse_batches_per_step",
-    "parse_channels",
-    "parse_folio_sizes",
-    "parse_pipeline",
-    "parse_size",
 ]
 
 #: ``BenchSettings.topology`` on CUDA: the topology the runtime reports (presets are a CPU-backend setting).

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .runner import range_pfns, verify_pages, verify_result
-from .scenarios import PAGE_SIZE, format_size
+from .naming import format_size
+from .parsing import PAGE_SIZE
+from .verify import range_pfns, verify_pages, verify_result
 
 __all__ = ["run_selftest"]
 

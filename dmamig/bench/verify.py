@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .scenarios import PAGE_SIZE, BenchSettings
+from .parsing import PAGE_SIZE
+from .scenarios import BenchSettings
 
 __all__ = ["VerificationError", "bench_machine", "check", "random_bytes", "range_pfns", "verify_no_leak",
            "verify_pages", "verify_result"]

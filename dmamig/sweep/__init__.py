@@ -12,14 +12,3 @@ shared by every sweep:
 Importing this package imports no Dask: only :mod:`dmamig.sweep.cluster` does, and only when a cluster is
 asked for.
 """
-
-from __future__ import annotations
-
-from .journal import JOURNAL_NAME, Journal, ResumeError, fingerprint
-
-__all__ = ["JOURNAL_NAME", "Journal", "ResumeError", "fingerprint", "is_remote"]
-
-
-def is_remote(spec: str | None) -> bool:
-    """Whether a ``--cluster`` value names a scheduler elsewhere (not None, not ``local`` or ``local:N``)."""
-    return spec is not None and spec != "local" and not spec.startswith("local:")

@@ -15,8 +15,13 @@ from typing import Any
 
 from .journal import JOURNAL_NAME, ResumeError
 
-__all__ = ["add_sweep_arguments", "check_sweep_arguments", "connect_or_exit", "open_sweep", "remote_backend",
-           "resume_folder"]
+__all__ = ["add_sweep_arguments", "check_sweep_arguments", "connect_or_exit", "is_remote", "open_sweep",
+           "remote_backend", "resume_folder"]
+
+
+def is_remote(spec: str | None) -> bool:
+    """Whether a ``--cluster`` value names a scheduler elsewhere (not None, not ``local`` or ``local:N``)."""
+    return spec is not None and spec != "local" and not spec.startswith("local:")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser, unit: str) -> None:
