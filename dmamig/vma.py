@@ -165,11 +165,14 @@ def free_swap_cache(m: Machine, heads: np.ndarray) -> None:
     folio_free_swap(m, heads[mapped == 0])
 
 
-def folio_free_swap(m: Machine, heads: np.ndarray) -> None:
-    """Take the folios ``heads`` out of the swap cache, dropping its references (caller holds the lock); a
-    locked folio (``folio_trylock`` fails) and one not in the swap cache stay as they are."""
+def folio_free_swap(m: Machine, heads: np.ndarray, locked: bool = False) -> None:
+    """Take the folios ``heads`` out of the swap cache, dropping its references (caller holds the lock).
+
+    A folio not in the swap cache stays as it is; so does a locked one (``folio_trylock`` fails), unless the
+    caller holds those folio locks itself (``locked``).
+    """
     pages = m.pages
-    heads = heads[pages.test(heads, PageFlag.SWAPCACHE) & ~pages.test(heads, PageFlag.LOCKED)]
+    heads = heads[pages.test(heads, PageFlag.SWAPCACHE) & (locked | ~pages.test(heads, PageFlag.LOCKED))]
     if heads.size:
         heads = np.unique(heads)
         pages.clear(heads, PageFlag.SWAPCACHE)

@@ -7,9 +7,10 @@ import threading
 
 import numpy as np
 import pytest
-from support import filled, finish_within, used
+from support import filled, finish_within, run_migrate_vma, used
 
 from dmamig import InvalidArgument, Machine, MigratePfn, MigrateVma, PageFlag, PteFlag
+from dmamig.check import check_machine
 from dmamig.flags import MIGRATE_PFN_SHIFT
 
 EBUSY, ENOMEM, EIO = -errno.EBUSY, -errno.ENOMEM, -errno.EIO
@@ -436,3 +437,18 @@ def test_holes_are_filled_after_a_munmap_elsewhere_split_the_mapping(m, mm):
     assert mm.read(a, m.page_size).tobytes() == b"\x11" * m.page_size
     mm.close()
     assert [n.free_pages for n in m.nodes] == [n.total_pages for n in m.nodes]
+
+
+def test_migrate_vma_takes_a_swap_cache_page_out_on_its_way_to_the_device(m, mm):
+    """migrate_vma_check_page counts the swap cache's reference as the mapping's (the page is not pinned);
+    migrate_vma_pages takes a folio bound for device memory out of the swap cache (folio_free_swap)."""
+    ps = m.page_size
+    addr, data = filled(m, mm, 2)
+    pfn = mm.pfn_of(addr)
+    m.set_page_flags(pfn, PageFlag.SWAPCACHE)
+    mv = run_migrate_vma(mm, addr, addr + 2 * ps, 1)
+    assert mv.cpages == 2 and mv.status.tolist() == [0, 0]
+    dev = m.page_state(mm.pfn_of(addr))
+    assert dev["node"] == 1 and PageFlag.SWAPCACHE not in dev["flags"] and dev["refcount"] == 1
+    assert not check_machine(m)
+    assert np.array_equal(mm.read(addr, 2 * ps), data)

@@ -30,7 +30,7 @@ import numpy as np
 from .._validate import check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, EBUSY, MigrateVmaSelect, PageFlag
-from ..vma import remove_migration_entries
+from ..vma import folio_free_swap, remove_migration_entries
 from .device_collect import _MIGRATE, _VALID, HPAGE_PMD_NR, VmaCollect, check_select
 from .device_move import VmaMove
 from .state import migrate_folio
@@ -255,7 +255,13 @@ class MigrateVma(VmaCollect, VmaMove):
                 wrong = pages.order[old] != pages.order[new]
                 self.src[sel[wrong]] &= ~_MIGRATE
                 sel, old, new = sel[~wrong], old[~wrong], new[~wrong]
-            busy = pages.refcount[old] != 1  # only the isolation reference may remain
+            # Only the isolation reference may remain, and the swap cache's for a folio that keeps its mapping.
+            # A folio bound for device memory leaves the swap cache first (migrate_vma_pages: folio_free_swap;
+            # the folio is locked by this migration).
+            device = np.array([nd.kind == "device" for nd in m.nodes], dtype=bool)
+            folio_free_swap(m, old[device[m.nodemap.node_of(new)]], locked=True)
+            swap = pages.test(old, PageFlag.SWAPCACHE)
+            busy = pages.refcount[old] != 1 + np.where(swap, pages.nr_pages(old), 0)
             self.status[self._cover(sel[busy])] = EAGAIN
             self.src[sel[busy]] &= ~_MIGRATE
             sel, old, new = sel[~busy], old[~busy], new[~busy]

@@ -147,7 +147,8 @@ class VmaCollect:
         on_node = m.nodemap.node_of(p) == self.node
         large = pages.order[pages.head[p]] > 0
         locked = pages.test(pages.head[p], PageFlag.LOCKED)
-        pinned = pages.refcount[p] != pages.mapcount[p]
+        # migrate_vma_check_page: a folio with a mapping (here the swap cache's) has one reference more.
+        pinned = pages.refcount[p] - pages.test(p, PageFlag.SWAPCACHE) != pages.mapcount[p]
         take = ~on_node & ~large & ~locked & ~pinned
         present, p = present[take], p[take]
         rc = isolate_folios(m, p)
