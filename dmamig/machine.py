@@ -108,7 +108,7 @@ class Machine(FrameOps, PageControls):
         classes are not used.
     dma_poll_us : float, optional
         Microseconds a wait for a DMA copy polls its completion before sleeping, as the kernel's
-        ``dma_sync_wait()`` polls a copy engine (default :data:`~dmamig.backends.base.DEFAULT_POLL_US`); on the
+        ``dma_sync_wait()`` polls a copy engine (default :data:`~dmamig.dma.channel.DEFAULT_POLL_US`); on the
         CPU backend a channel's worker also watches its doorbell that long after its last job, as a copy engine
         does. ``0`` makes every wait sleep at once (CUDA: in ``eventSynchronize``) and CPU channels sleep
         between jobs, so that each submission pays the host's thread wake-ups: an experiment setting.

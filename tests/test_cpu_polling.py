@@ -16,10 +16,10 @@ from support import WAIT, finish_within, rand
 
 from dmamig import DmaError, FaultAttr, InvalidArgument, Machine
 from dmamig.backends import cpu_ring
-from dmamig.backends.base import DEFAULT_POLL_US, ChannelWork
 from dmamig.backends.cpu import CpuChannel, PollingCpuChannel
 from dmamig.backends.cpu_kernels import aligned_zeros
 from dmamig.dma import ring as dma_ring
+from dmamig.dma.channel import DEFAULT_POLL_US, ChannelWork
 from dmamig.dma.copy_plan import METHOD_GATHER, METHOD_MEMCPY
 
 pytestmark = pytest.mark.skipif(not cpu_ring.RING_AVAILABLE, reason=f"no polling channels here: {cpu_ring.RING_ERROR}")

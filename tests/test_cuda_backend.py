@@ -10,8 +10,8 @@ import pytest
 from support import contents, engine_for, make_nodes
 
 from dmamig import Machine, MigrateMode
-from dmamig.backends.base import ChannelWork
 from dmamig.dma import PlanOptions, page_checksums
+from dmamig.dma.channel import ChannelWork
 from dmamig.dma.copy_plan import METHOD_GATHER, METHOD_MEMCPY
 from dmamig.errors import DmaError
 

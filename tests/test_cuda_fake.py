@@ -21,13 +21,13 @@ import pytest
 from support import WAIT, contents, engine_for, make_nodes
 
 from dmamig.backends import cuda as cuda_mod
-from dmamig.backends.base import ChannelWork
 from dmamig.backends.cuda import CudaBackend, DeviceFrames
 from dmamig.backends.cuda import kernels as cuda_kernels
 from dmamig.backends.cuda import runtime as cuda_runtime
 from dmamig.backends.cuda.events import TIMING_RING
 from dmamig.dma import PlanOptions, page_checksums
 from dmamig.dma import ring as dma_ring
+from dmamig.dma.channel import ChannelWork
 from dmamig.dma.copy_plan import METHOD_BATCH, METHOD_MEMCPY
 from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
 

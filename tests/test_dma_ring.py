@@ -13,11 +13,11 @@ from support import WAIT, finish_within
 
 from dmamig import DmaError, Machine
 from dmamig.backends import cpu_channel, cpu_ring
-from dmamig.backends.base import ChannelWork
 from dmamig.backends.cpu import PollingCpuChannel
 from dmamig.backends.cpu_kernels import aligned_zeros
 from dmamig.dma import PlanOptions
 from dmamig.dma import ring as dma_ring
+from dmamig.dma.channel import ChannelWork
 from dmamig.dma.copy_plan import METHOD_MEMCPY
 
 pytestmark = pytest.mark.skipif(not cpu_ring.RING_AVAILABLE, reason=f"no rings here: {cpu_ring.RING_ERROR}")

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from ..dma.channel import CHANNEL_COUNTERS, ChannelWork, route_counts
 from ..dma.copy_plan import METHOD_GATHER
 from ..dma.staging import stage_capacity
 from ..errors import DmaError
 from . import cpu_kernels
-from .base import CHANNEL_COUNTERS, ChannelWork, route_counts
 
 __all__ = ["ChannelCrash", "CpuChannel"]
 

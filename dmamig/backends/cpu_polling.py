@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from ..dma import ring as dma_ring
+from ..dma.channel import DEFAULT_POLL_US, ChannelWork
 from ..errors import DmaError
 from . import cpu_ring
-from .base import DEFAULT_POLL_US, ChannelWork
 from .cpu_channel import LIVENESS_PERIOD, CpuChannel, finish_once, sleep_on_gate
 
 __all__ = ["DEFAULT_POLL_US", "PollingCpuChannel"]

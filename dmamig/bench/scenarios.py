@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from ..topology import Topology
 from .naming import COPY_BASELINE_OF, format_size, options_id, scenario_name
-from .parsing import (
-    PAGE_SIZE,
-    folio_order,
-)
+from .parsing import PAGE_SIZE, folio_order
 
 __all__ = [
     "PIPELINED",
@@ -123,8 +120,8 @@ class BenchSettings:
 
     def recorded_poll(self) -> float:
         """The poll window the bench machines run with, as results.json records it."""
-        from ..backends.base import DEFAULT_POLL_US
         from ..backends.cpu_ring import RING_AVAILABLE
+        from ..dma.channel import DEFAULT_POLL_US
 
         poll = DEFAULT_POLL_US if self.dma_poll_us is None else self.dma_poll_us
         # CPU channels sleep where the polling loop cannot run (no numba, or no sched_yield).

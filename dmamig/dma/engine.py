@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import ChannelWork, Completion, exec_device
 from ..errors import DmaError, InvalidArgument
 from ..fault import FaultPoints
 from ..topology import ROUTE_STAGED, Topology, node_routes
+from .channel import ChannelWork, Completion, exec_device
 from .copy_plan import CopyPlan, PlanOptions
 from .fence import DONE, FailedCompletion, Fence
 from .inject import add_submit_errors, emulate_fault, share_fault

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backends.base import Completion
 from ..errors import DmaError, InvalidArgument
+from .channel import Completion
 
 if TYPE_CHECKING:
     from .engine import DmaEngine

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..backends.base import ChannelWork, Completion
 from ..errors import DmaError
 from ..fault import FaultAttr, FaultPoints
+from .channel import ChannelWork, Completion
 from .fence import FailedCompletion, FaultedCompletion
 
 __all__ = ["add_submit_errors", "emulate_fault", "share_fault"]

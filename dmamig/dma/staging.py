@@ -73,7 +73,7 @@ def stage_chunks(src_start: np.ndarray, dst_start: np.ndarray, npages: np.ndarra
     Parameters
     ----------
     src_start, dst_start, npages : numpy.ndarray
-        int64 runs (frame units), as in a :class:`~dmamig.backends.base.ChannelWork`.
+        int64 runs (frame units), as in a :class:`~dmamig.dma.channel.ChannelWork`.
     capacity : int
         Pages per slot (:func:`stage_capacity`).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import CHANNEL_COUNTERS
+from .channel import CHANNEL_COUNTERS
 
 __all__ = ["Baseline", "DmaStats", "baseline_of", "with_channels", "zero_baseline"]
 

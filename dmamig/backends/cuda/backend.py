@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ...dma.channel import DEFAULT_POLL_US, ChannelWork
 from ...dma.ring import RING_AVAILABLE
 from ...errors import BackendUnavailable
-from ..base import DEFAULT_POLL_US, ChannelWork, DeviceInfo
+from ..base import DeviceInfo
 from . import runtime
 from .batch import BATCH_COPY_ENV, _batch_copy_requested, _BatchCopy
 from .ceilings import CeilingMixin

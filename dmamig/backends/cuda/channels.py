@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...dma.channel import CHANNEL_COUNTERS, ChannelWork, route_counts
 from ...dma.copy_plan import METHOD_BATCH, METHOD_GATHER
 from ...errors import DmaError
-from ..base import CHANNEL_COUNTERS, ChannelWork, route_counts
 from .codes import (
     _EVENT_BLOCKING_SYNC,
     _MEMCPY_DEFAULT,

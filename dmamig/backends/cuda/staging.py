@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...dma.channel import ChannelWork, route_counts
 from ...dma.copy_plan import METHOD_GATHER
 from ...dma.staging import stage_capacity, stage_chunks
-from ..base import ChannelWork, route_counts
 from .codes import _EVENT_DISABLE_TIMING, _MEMCPY_DEFAULT, collect_first_error
 from .memory import _ptr, alloc_pinned
 
