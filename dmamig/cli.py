@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tiering.commands import cmd_replay_report
 
         return cmd_replay_report(args, _console)
-    from .bench.schema import RESULTS_SCHEMA
+    from .bench.results import RESULTS_SCHEMA
 
     print(json.dumps(RESULTS_SCHEMA, indent=2))
     return 0

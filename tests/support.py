@@ -77,7 +77,7 @@ def jsonschema_or_skip():
 
 def check_results_schema(doc) -> None:
     """Validate a results document against the shipped JSON schema with ``jsonschema`` (skip without it)."""
-    from dmamig.bench.schema import RESULTS_SCHEMA
+    from dmamig.bench.results import RESULTS_SCHEMA
 
     jsonschema_or_skip().validate(doc, RESULTS_SCHEMA)
 

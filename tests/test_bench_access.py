@@ -21,13 +21,20 @@ from dmamig.bench.access import (
     parse_oversubscription,
     run_access,
 )
-from dmamig.bench.comparison import NotComparable, check_comparable, compare_results, regressions
 from dmamig.bench.plots import write_plots
 from dmamig.bench.report import render_tables
-from dmamig.bench.results_file import load_results, write_csv, write_json
+from dmamig.bench.results import (
+    NotComparable,
+    check_comparable,
+    compare_results,
+    load_results,
+    regressions,
+    validate_results,
+    write_csv,
+    write_json,
+)
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
 from dmamig.bench.scenarios import default_settings
-from dmamig.bench.schema import validate_results
 from dmamig.bench.verify import VerificationError
 from dmamig.cli import main
 from dmamig.uvm import SERVICE_PHASES

@@ -12,10 +12,8 @@ import pytest
 from support import interrupt_bench_after
 from test_bench_report import make_doc
 
-from dmamig.bench.comparison import NotComparable, compare_results, regressions
 from dmamig.bench.output import OutputError, bench_folder
-from dmamig.bench.results_file import write_json
-from dmamig.bench.stats import ratio_interval
+from dmamig.bench.results import NotComparable, compare_results, ratio_interval, regressions, write_json
 from dmamig.cli import main
 
 TINY = ["bench", "--quick", "--backend", "cpu", "--no-plots", "--sizes", "64k", "--total", "1M",

@@ -15,15 +15,28 @@ from support import check_results_schema
 
 from dmamig import Topology
 from dmamig.bench.commands import cmd_bench
-from dmamig.bench.comparison import NotComparable, check_comparable, compare_results, regressions
-from dmamig.bench.pairs import PairScenario, _check_route, pair_scenarios, pair_tasks, run_pair
-from dmamig.bench.pairs_plots import write_pair_plots
+from dmamig.bench.pairs import (
+    PairScenario,
+    _check_route,
+    pair_scenarios,
+    pair_tasks,
+    run_pair,
+    write_pair_plots,
+)
 from dmamig.bench.plots import write_plots
 from dmamig.bench.report import render_tables
-from dmamig.bench.results_file import load_results, write_csv, write_json
+from dmamig.bench.results import (
+    NotComparable,
+    check_comparable,
+    compare_results,
+    load_results,
+    regressions,
+    validate_results,
+    write_csv,
+    write_json,
+)
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
 from dmamig.bench.scenarios import default_settings
-from dmamig.bench.schema import validate_results
 from dmamig.bench.verify import VerificationError
 from dmamig.cli import build_parser, main
 

@@ -13,14 +13,24 @@ from rich.console import Console
 from support import check_results_schema, jsonschema_or_skip
 
 from dmamig.bench import plots
-from dmamig.bench.comparison import compare_results, primary_metric, regressions
 from dmamig.bench.environment import machine_info
 from dmamig.bench.figures import add_speedups, scenario_record
 from dmamig.bench.plots import write_plots
 from dmamig.bench.report import render_tables
-from dmamig.bench.results_file import CSV_FIELDS, load_results, write_csv, write_json
+from dmamig.bench.results import (
+    CSV_FIELDS,
+    RESULTS_SCHEMA,
+    SCHEMA_VERSION,
+    ResultsError,
+    compare_results,
+    load_results,
+    primary_metric,
+    regressions,
+    validate_results,
+    write_csv,
+    write_json,
+)
 from dmamig.bench.scenarios import BenchSettings, build_sweep
-from dmamig.bench.schema import RESULTS_SCHEMA, SCHEMA_VERSION, ResultsError, validate_results
 from dmamig.cli import main
 
 #: A results file of schema 1 (before settings were recorded), kept from an earlier sample run: it is refused.

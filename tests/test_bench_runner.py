@@ -14,7 +14,7 @@ from dmamig import MigrateOptions
 from dmamig.bench.access import access_scenarios, access_tasks
 from dmamig.bench.environment import cpu_copy_ceiling, measure_ceilings
 from dmamig.bench.figures import add_speedups, scenario_record
-from dmamig.bench.results_file import load_results
+from dmamig.bench.results import load_results
 from dmamig.bench.runner import sweep_steps
 from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
 from dmamig.cli import main

@@ -18,10 +18,9 @@ import pytest
 from support import interrupt_bench_after
 
 from dmamig.bench import runner
-from dmamig.bench.driver import BenchSweep, SweepFailed
-from dmamig.bench.runner import SweepInterrupted, build_tasks
+from dmamig.bench.results import validate_results
+from dmamig.bench.runner import BenchSweep, SweepFailed, SweepInterrupted, build_tasks
 from dmamig.bench.scenarios import BenchSettings, default_settings
-from dmamig.bench.schema import validate_results
 from dmamig.cli import build_parser, main
 from dmamig.sweep.journal import JOURNAL_NAME, Journal, ResumeError
 from dmamig.sweep.tasks import Task
@@ -320,7 +319,7 @@ def test_a_local_cluster_sweep_equals_the_in_process_sweep(tmp_path, session):
 
 @needs_dask
 def test_a_worker_killed_mid_task_is_retried(tmp_path, session):
-    from dmamig.bench.cluster import run_on_worker
+    from dmamig.bench.runner import run_on_worker
 
     s = tiny_settings(extras=False)
     tasks = build_tasks(s)
@@ -344,7 +343,7 @@ def test_a_worker_killed_mid_task_is_retried(tmp_path, session):
 
 @needs_dask
 def test_tasks_that_fail_twice_are_reported_and_the_rest_kept(tmp_path, session):
-    from dmamig.bench.cluster import run_on_worker
+    from dmamig.bench.runner import run_on_worker
 
     s = tiny_settings(extras=False)
     good = build_tasks(s)[:2]
@@ -397,7 +396,7 @@ def test_an_interrupted_cluster_sweep_resumes_without_rerunning_what_finished(tm
 
 @needs_dask
 def test_bench_cli_on_a_local_cluster_reports_a_failing_task(tmp_path, capsys, monkeypatch):
-    from dmamig.bench import cluster
+    from dmamig.bench import runner as cluster
 
     real = cluster.run_on_worker
     victim = build_tasks(tiny_settings(extras=False))[0].id

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from dmamig.bench.comparison import OtherMachine, check_same_machine, machine_identity
-from dmamig.bench.results_file import load_results, write_csv, write_json
+from dmamig.bench.results import (
+    OtherMachine,
+    check_same_machine,
+    load_results,
+    machine_identity,
+    write_csv,
+    write_json,
+)
 from dmamig.cli import main
 from dmamig.sweep.hardware import gpu_facts, host_facts
 

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dmamig.bench.results_file import load_results, wall_spread  # noqa: E402
+from dmamig.bench.results import load_results, wall_spread  # noqa: E402
 from dmamig.cli import main  # noqa: E402
 
 EPYC = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-epyc-2core-2026-11-26"

@@ -50,14 +50,13 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
 
     from ..sweep.cli import check_sweep_arguments, open_sweep, remote_backend
     from .access import stream_batches
-    from .driver import BenchSweep, SweepFailed
     from .naming import describe_options, format_size
     from .output import OutputError, bench_folder, remove_if_empty
     from .pairs import pair_options, pair_scenarios
     from .plots import write_plots
     from .report import render_tables
-    from .results_file import write_csv, write_json
-    from .runner import SweepInterrupted
+    from .results import write_csv, write_json
+    from .runner import BenchSweep, SweepFailed, SweepInterrupted
     from .scenarios import PIPELINED, default_settings
     from .verify import VerificationError
 
@@ -209,7 +208,7 @@ def tasks_text(sweep: Any) -> str:
 def _interrupted(doc: dict[str, Any] | None, out: Path, created: bool, err: Any, done: str) -> int:
     """Ctrl-C: keep the scenarios that finished (marked partial), or leave no empty folder behind."""
     from .output import remove_if_empty
-    from .results_file import write_csv, write_json
+    from .results import write_csv, write_json
 
     if doc is None:
         if created:
@@ -228,7 +227,7 @@ def _failed(exc: Any, out: Path, err: Any) -> int:
     """Cluster tasks that failed twice: keep every other scenario, name each failed task and why."""
     from rich.markup import escape
 
-    from .results_file import write_csv, write_json
+    from .results import write_csv, write_json
 
     write_json(exc.doc, out / "results.json")
     write_csv(exc.doc, out / "results.csv")
@@ -274,19 +273,20 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     """
     from rich.markup import escape
 
-    from .comparison import (
+    from .output import OutputError, check_writable
+    from .plots import write_plots
+    from .report import render_tables
+    from .results import (
+        ResultsError,
         check_comparable,
         check_same_machine,
         compare_results,
         comparison_table,
+        load_results,
         machine_identity,
         regressions,
+        write_csv,
     )
-    from .output import OutputError, check_writable
-    from .plots import write_plots
-    from .report import render_tables
-    from .results_file import load_results, write_csv
-    from .schema import ResultsError
 
     err = console(stderr=True)
     if _replay_files(args.results, args.baseline):

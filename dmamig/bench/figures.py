@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .access_figures import add_access_speedups
+from .access import add_access_speedups
 from .naming import DIRECTIONS, describe_options, options_of
-from .pairs_figures import add_pair_speedups
+from .pairs import add_pair_speedups
 from .scenarios import Scenario
 from .timing import timing_fields
 

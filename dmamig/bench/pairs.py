@@ -13,32 +13,59 @@ its source's, and the DMA engine's counters say the copy went the way the topolo
 over the peer link, or all staged through host memory; copy: no DMA at all). The working set is read back
 once at the end, and no frame may leak. The ratio of each pair divides by the ceiling of that pair, measured
 in the same task, on the same machine.
+
+Records: a pair record has every field a bench record has (kind ``pairs``, direction ``d2d``; ``gbps`` is the
+working set over the median wall time of one migration from ``src_device`` to ``dst_device``), and says where
+it ran: the link class, peer access or staged, and the topology's name. ``ceiling_gbps`` is that pair's own
+ceiling (``ceiling_route``: peer or staged). The report shows the pairs as matrices, and the plots as heat
+maps: one cell per ordered pair, source device per row, destination per column, each annotated with its
+figure and its link class (NV nvlink, PS pcie-switch, PH pcie-host); pairs without peer access are hatched and
+starred. Colour scales start at zero.
 """
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..migrate.options import FAITHFUL
 from ..sweep.tasks import ProgressFn, Task
-from .pairs_figures import PAIR_FOLIO, PairSample, pair_record
+from ..topology import LINK_CODES, Topology
+from .naming import format_size
 from .parsing import PAGE_SIZE, folio_order
+from .plots import _pyplot
 from .scenarios import BenchSettings
+from .timing import timing_fields
 from .verify import check, random_bytes, range_pfns, verify_no_leak, verify_pages, verify_result
 
 __all__ = [
     "MAX_PAIR_DEVICES",
+    "PAIR_FOLIO",
+    "PairSample",
     "PairScenario",
+    "add_pair_speedups",
     "check_pair_bytes",
+    "pair_groups",
+    "pair_matrix",
     "pair_options",
+    "pair_record",
     "pair_scenarios",
+    "pair_table",
     "pair_tasks",
+    "pair_topology",
+    "pairs_of",
     "parse_device_count",
+    "plot_pair_gbps",
+    "plot_pair_ratio",
     "run_pair",
+    "write_pair_plots",
 ]
+
 
 #: Most devices the matrix spans (56 ordered pairs).
 MAX_PAIR_DEVICES = 8
@@ -263,3 +290,297 @@ def run_pair(sc: PairScenario, settings: BenchSettings, progress: ProgressFn, se
     where = {"src_device": sc.src, "dst_device": sc.dst, "link": link, "peer": not staged, "staged": staged,
              "topology": topo.name}
     return [pair_record(sc, mode, samples[mode], ceiling, where) for mode in _MODES]
+
+
+#: Folio size every pair migrates: PMD-sized folios, one per kernel batch, so that the figure is the link's.
+PAIR_FOLIO = 2 << 20
+_CHANNELS_WORDS = {1: "1 DMA channel"}
+
+
+@dataclass
+class PairSample:
+    """One timed migration of a pair: wall and migrating-thread CPU time, its result and the DMA counters."""
+
+    wall: int
+    cpu: int
+    result: Any
+    stats: Any
+
+
+def _channels(n: int) -> str:
+    return _CHANNELS_WORDS.get(n, f"{n} DMA channels")
+
+
+def pair_record(sc: Any, mode: str, samples: list[PairSample], ceiling: tuple[float, str],
+                where: dict[str, Any]) -> dict[str, Any]:
+    """The record of one mode of a :class:`~dmamig.bench.pairs.PairScenario` from its timed samples.
+
+    Parameters
+    ----------
+    sc : PairScenario
+        The pair.
+    mode : str
+        ``"copy"`` or ``"nocopy"``.
+    samples : list of PairSample
+        The timed repetitions.
+    ceiling : tuple
+        Best seconds of the pair's plain copy, and how it was measured.
+    where : dict
+        ``src_device``, ``dst_device``, ``link``, ``peer``, ``staged``, ``topology``.
+    """
+    pages, nbytes = sc.pages, sc.pair_bytes
+    ceil_s, method = ceiling
+    ceil_gbps = nbytes / ceil_s / 1e9 if ceil_s > 0 else 0.0
+    timing = timing_fields(nbytes, pages, [s.wall for s in samples], [s.cpu for s in samples],
+                           [getattr(s.result, "phase_ns", None) or {} for s in samples], ceil_gbps, method)
+    last = samples[-1]
+    how = "copy" if mode == "copy" else f"no-copy, {_channels(sc.channels)}"
+    route = "staged through host memory" if where["staged"] else f"peer, {where['link']}"
+    rec: dict[str, Any] = {
+        "id": sc.record_id(mode),
+        "name": f"device {sc.src} -> device {sc.dst} ({route}), 2M folios, {how}",
+        "kind": "pairs",
+        "mode": mode,
+        "direction": "d2d",
+        "direction_name": f"device {sc.src}->device {sc.dst}",
+        "layout": "",
+        "folio_bytes": PAIR_FOLIO,
+        "folio_order": (PAIR_FOLIO // PAGE_SIZE).bit_length() - 1,
+        "channels": sc.channels if mode == "nocopy" else None,
+        "options": FAITHFUL.as_dict(),
+        "batching": "faithful",
+        "bytes": nbytes,
+        "pages": pages,
+        **timing,
+        "ceiling_route": "staged" if where["staged"] else "peer",
+        "ceiling_seconds": ceil_s,
+        "nr_succeeded": int(last.result.nr_succeeded),
+        "nr_failed": int(last.result.nr_failed),
+        "nr_thp_split": int(getattr(last.result, "nr_thp_split", 0)),
+        "dma_peer_bytes": int(last.stats.peer_bytes),
+        "dma_staged_bytes": int(last.stats.staged_bytes),
+        "verified": True,
+    }
+    rec.update(where)
+    return rec
+
+
+def add_pair_speedups(records: list[dict[str, Any]]) -> None:
+    """Fill ``speedup_vs_copy`` (and ``speedup_vs``, ``speedup_vs_faithful_copy``) of every no-copy pair
+    record: its GB/s over the copy record of the same pair (both run the kernel's batching)."""
+    copies = {(r["src_device"], r["dst_device"]): r for r in records
+              if r["kind"] == "pairs" and r["mode"] == "copy"}
+    for r in records:
+        if r["kind"] != "pairs" or r["mode"] != "nocopy":
+            continue
+        base = copies.get((r["src_device"], r["dst_device"]))
+        if base is not None and base["gbps"] > 0:
+            r["speedup_vs_copy"] = r["speedup_vs_faithful_copy"] = r["gbps"] / base["gbps"]
+            r["speedup_vs"] = base["id"]
+
+
+# -- matrices --------------------------------------------------------------------------------------------------
+
+def pairs_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pair records among ``records``."""
+    return [r for r in records if r["kind"] == "pairs"]
+
+
+def pair_matrix(records: list[dict[str, Any]], field: str) -> list[list[Any]]:
+    """``out[a][b]``: ``field`` of the record of the pair ``(a, b)`` among ``records`` (one mode), ``None``
+    where there is none (the diagonal, pairs that did not run). Sized by the largest device id seen."""
+    n = 1 + max((max(r["src_device"], r["dst_device"]) for r in records), default=-1)
+    out: list[list[Any]] = [[None] * n for _ in range(n)]
+    for r in records:
+        out[r["src_device"]][r["dst_device"]] = r.get(field)
+    return out
+
+
+def pair_topology(records: list[dict[str, Any]], source: str = "setting") -> Topology | None:
+    """The topology the pair records ran on, rebuilt from their link and peer fields (``None`` without a
+    complete matrix); ``source`` says where the records' machines had it from."""
+    recs = pairs_of(records)
+    if not recs:
+        return None
+    links, peer = pair_matrix(recs, "link"), pair_matrix(recs, "peer")
+    n = len(links)
+    if any(links[a][b] is None for a in range(n) for b in range(n) if a != b):
+        return None
+    return Topology(links, [[a == b or bool(peer[a][b]) for b in range(n)] for a in range(n)],
+                    name=recs[0].get("topology") or "custom", source=source)
+
+
+def pair_groups(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The pair records by mode (copy first, then no-copy by channel count), titled."""
+    out = []
+    keys = sorted({(r["mode"] != "copy", r.get("channels") or 0) for r in records})
+    for nocopy, ch in keys:
+        rows = [r for r in records if (r["mode"] != "copy", r.get("channels") or 0) == (nocopy, ch)]
+        out.append((f"no-copy, {_channels(ch)}" if nocopy else "copy", rows))
+    return out
+
+
+def pair_table(records: list[dict[str, Any]]) -> list[Any]:
+    """What the report prints of the pair records: per mode a rich table, the matrix of GB/s and ratio to
+    the pair's ceiling (source device per row, destination per column; ``*`` staged through host memory), then
+    the ceilings with each pair's link class, then a line saying how to read them (empty without pairs)."""
+    from rich.table import Table
+
+    recs = pairs_of(records)
+    if not recs:
+        return []
+    tables = []
+    size = ", ".join(sorted({f"{r['bytes'] >> 20} MiB" for r in recs}))
+    for title, rows in pair_groups(recs):
+        gbps, ratio, staged = (pair_matrix(rows, f) for f in ("gbps", "ceiling_ratio", "staged"))
+        ok = all(r["verified"] for r in rows)
+        t = Table(title=f"Device pairs, {title}: GB/s, x the pair's ceiling"
+                        + ("" if ok else " [red]UNVERIFIED records[/red]"), title_justify="left")
+        t.add_column("from \\ to", justify="left")
+        n = len(gbps)
+        for b in range(n):
+            t.add_column(f"d{b}", justify="right", no_wrap=True)
+        for a in range(n):
+            cells = []
+            for b in range(n):
+                if gbps[a][b] is None:
+                    cells.append("-")
+                    continue
+                x = "" if ratio[a][b] is None else f" {ratio[a][b]:.2f}x"
+                cells.append(f"{gbps[a][b]:.2f}{x}{'*' if staged[a][b] else ''}")
+            t.add_row(f"d{a}", *cells)
+        tables.append(t)
+    first = pair_groups(recs)[0][1]
+    ceil, link, staged = (pair_matrix(first, f) for f in ("ceiling_gbps", "link", "staged"))
+    t = Table(title="Device pair ceilings: link, GB/s", title_justify="left")
+    t.add_column("from \\ to", justify="left")
+    for b in range(len(ceil)):
+        t.add_column(f"d{b}", justify="right", no_wrap=True)
+    for a in range(len(ceil)):
+        t.add_row(f"d{a}", *("-" if ceil[a][b] is None else
+                             f"{LINK_CODES.get(link[a][b], '?')}{'*' if staged[a][b] else ''} {ceil[a][b]:.2f}"
+                             for b in range(len(ceil))))
+    tables.append(t)
+    tables.append(f"Device pairs: {size} of 2M folios each, the kernel's batching; rows: source device, columns: "
+                  f"destination; * no peer access, copies staged through host memory; NV nvlink, PS pcie-switch, "
+                  f"PH pcie-host; each pair's ceiling is its plain copy (peer, or staged), measured in its task")
+    return tables
+
+
+_STAGED_WORDS = "hatched, *: no peer access, copies staged through host memory"
+_LINK_WORDS = "NV nvlink, PS pcie-switch, PH pcie-host"
+
+
+def _context(doc: dict[str, Any], recs: list[dict[str, Any]]) -> str:
+    s, m = doc["settings"], doc["machine"]
+    gpus = sorted({g["name"] for g in m.get("gpus") or []})
+    where = f"{m['backend']} backend" + (f" ({', '.join(gpus)})" if gpus else "")
+    topo = (m.get("topology") or {}).get("name") or recs[0].get("topology") or "?"
+    sizes = "/".join(format_size(b) for b in sorted({r["bytes"] for r in recs}))
+    reps = f"median of {s['repeat']} repetitions" if s["repeat"] > 1 else "1 repetition"
+    return f"{where}, topology {topo}, {sizes} per pair in 2M folios, kernel's batching, {reps}"
+
+
+def _heatmap(ax: Any, recs: list[dict[str, Any]], field: str, vmax: float, fmt: str, cmap: str) -> Any:
+    """Draw one matrix of ``field`` on ``ax``; return the image (for a colour bar)."""
+    import numpy as np
+
+    values = pair_matrix(recs, field)
+    link, staged = pair_matrix(recs, "link"), pair_matrix(recs, "staged")
+    n = len(values)
+    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    import matplotlib
+
+    colors = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")  # the diagonal and missing pairs
+    img = ax.imshow(np.ma.masked_invalid(grid), cmap=colors, vmin=0.0, vmax=vmax or 1.0)
+    small = 8 if n <= 4 else 7
+    for a in range(n):
+        for b in range(n):
+            v = values[a][b]
+            if v is None:
+                ax.text(b, a, "-" if a == b else "n/a", ha="center", va="center", fontsize=small, color="#888888")
+                continue
+            if staged[a][b]:
+                ax.add_patch(_hatch(a, b))
+            dark = float(v) / (vmax or 1.0) < 0.55  # viridis is dark at the bottom of its scale
+            color = "white" if dark else "black"
+            ax.text(b, a - 0.12, fmt.format(v), ha="center", va="center", fontsize=small + 1, color=color,
+                    fontweight="bold")
+            code = LINK_CODES.get(link[a][b], "?") + ("*" if staged[a][b] else "")
+            ax.text(b, a + 0.25, code, ha="center", va="center", fontsize=small - 1, color=color)
+    ticks = list(range(n))
+    ax.set_xticks(ticks, [f"d{i}" for i in ticks])
+    ax.set_yticks(ticks, [f"d{i}" for i in ticks])
+    ax.set_xlabel("destination device")
+    ax.set_ylabel("source device")
+    ax.tick_params(length=0)
+    return img
+
+
+def _hatch(a: int, b: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#ffffff80", linewidth=0)
+
+
+def _panels(doc: dict[str, Any], path: Path, plan: list[tuple[str, list[dict[str, Any]], str, str]], fmt: str,
+            title: str) -> None:
+    """One heat map per ``(label, records, field, scale)`` of ``plan``, side by side; panels of one ``scale``
+    (a colour-bar label) share a colour scale from zero and one colour bar."""
+    plt = _pyplot()
+    recs = [r for _, rs, _, _ in plan for r in rs]
+    n = 1 + max(max(r["src_device"], r["dst_device"]) for r in recs)
+    side = max(3.4, 0.5 * n + 1.0)
+    scales = list(dict.fromkeys(scale for *_, scale in plan))
+    # Constrained layout places the three-line title and colour bars that span several panels.
+    fig, axes = plt.subplots(1, len(plan), figsize=(side * len(plan) + 1.4 * len(scales), side + 0.9),
+                             squeeze=False, layout="constrained")
+    # Ratios keep 1 (the ceiling) on their scale, so that a pair far below its ceiling looks it.
+    top = {k: max([1.0 if any(f == "ceiling_ratio" for _, _, f, sk in plan if sk == k) else 1e-9,
+                   *(r.get(f) or 0.0 for _, rs, f, sk in plan if sk == k for r in rs)]) for k in scales}
+    images: dict[str, tuple[Any, list[Any]]] = {}
+    for ax, (label, rows, field, scale) in zip(axes[0], plan, strict=True):
+        img = _heatmap(ax, rows, field, top[scale], fmt, "viridis")
+        ax.set_title(label, fontsize=10)
+        images.setdefault(scale, (img, []))[1].append(ax)
+    for scale, (img, axs) in images.items():
+        fig.colorbar(img, ax=axs, shrink=0.85, pad=0.03).set_label(scale)
+    # Wrapped to the figure's width (about 7.5 pixels a character at this size): a small matrix is narrow.
+    width = int(fig.get_figwidth() * fig.dpi / 7.5)
+    lines = [title, _context(doc, recs), f"{_LINK_WORDS}; {_STAGED_WORDS}"]
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)  # square panels: keep every label
+    plt.close(fig)
+
+
+def plot_pair_gbps(doc: dict[str, Any], path: Path) -> None:
+    """GB/s of every device pair in each mode (one colour scale), and each pair's ceiling (its own scale)."""
+    groups = pair_groups(pairs_of(doc["scenarios"]))
+    unit = "GB/s, median (scale starts at 0)"
+    plan = [(f"migration, {label}", rows, "gbps", unit) for label, rows in groups]
+    plan.append(("ceiling: plain copy of the pair", groups[0][1], "ceiling_gbps", "ceiling GB/s, best (from 0)"))
+    _panels(doc, path, plan, "{:.2f}",
+            "Device-to-device migration, GB/s per ordered pair; right: each pair's copy ceiling (same task)")
+
+
+def plot_pair_ratio(doc: dict[str, Any], path: Path) -> None:
+    """Each pair's GB/s over its own ceiling (peer copy, or staged where there is no peer access), per mode."""
+    unit = "x the pair's ceiling (scale starts at 0)"
+    plan = [(f"migration, {label}", rows, "ceiling_ratio", unit)
+            for label, rows in pair_groups(pairs_of(doc["scenarios"]))]
+    _panels(doc, path, plan, "{:.2f}x",
+            "Device-to-device migration over each pair's own copy ceiling (the peer copy, or the staged copy "
+            "where the pair has no peer access)")
+
+
+def write_pair_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write ``pairs_gbps.png`` and ``pairs_ceiling_ratio.png`` into ``out_dir`` when ``doc`` has device-pair
+    records; return the paths written."""
+    if not pairs_of(doc["scenarios"]):
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "pairs_gbps.png", out / "pairs_ceiling_ratio.png"]
+    plot_pair_gbps(doc, paths[0])
+    plot_pair_ratio(doc, paths[1])
+    return paths

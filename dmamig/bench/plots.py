@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .naming import DIRECTIONS, batching_class, format_size, options_of, settings_words
-from .schema import PHASES
+from .results import PHASES
 
 __all__ = ["ceiling_label", "ceilings_of", "plot_copy_vs_nocopy", "plot_phases", "plot_throughput", "spread_bars",
            "write_plots"]
@@ -141,7 +141,7 @@ def spread_bars(recs: list[dict[str, Any] | None], value: str = "gbps") -> tuple
     A rate over the same bytes scales as the inverse of the wall time, so a repetition's rate is the median
     rate times the median wall time over that repetition's.
     """
-    from .results_file import wall_spread
+    from .results import wall_spread
 
     lo, hi = [], []
     for sc in recs:
@@ -368,8 +368,8 @@ def write_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
     has device-access scenarios, and the device-pair heat maps (:func:`~dmamig.bench.pairs_plots.write_pair_plots`)
     when it has device-pair scenarios.
     """
-    from .access_plots import write_access_plots
-    from .pairs_plots import write_pair_plots
+    from .access import write_access_plots
+    from .pairs import write_pair_plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

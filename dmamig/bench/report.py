@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .access_figures import access_table
+from .access import access_table
 from .naming import (
     COPY_BASELINES,
     DIRECTIONS,
@@ -24,8 +24,8 @@ from .naming import (
     options_of,
     settings_words,
 )
-from .pairs_figures import pair_table
-from .results_file import wall_spread
+from .pairs import pair_table
+from .results import wall_spread
 
 __all__ = ["render_tables"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .schema import PHASES
+from .results import PHASES
 
 __all__ = ["median", "phase_names", "timing_fields"]
 
