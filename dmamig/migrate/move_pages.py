@@ -24,7 +24,6 @@ from ..errors import InvalidArgument
 from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, PteFlag
 from ..vma import NO_PFN, ZERO_PFN
 from .core import check_mode, collect_folios, run_migration
-from .entries import _PENDING
 from .isolate import putback_folios
 from .options import MigrateOptions
 
@@ -204,7 +203,7 @@ def _add_folios_for_migration(mm: AddressSpace, addrs: np.ndarray, node: int,
     m = mm.machine
     pfns = _follow_pages(mm, addrs)
     status, heads = collect_folios(m, pfns, node, move_all=move_all)
-    queued = status == _PENDING
+    queued = status > 0  # collect_folios: positive for a page whose folio it isolated, 0 or -errno otherwise
     k = addrs.size if queued.all() else int(np.argmin(queued))  # the first page not queued
     # ``heads`` lists each folio once, in order: up to the first repeat of a folio it matches the pages' heads.
     # A repeat is where the kernel's isolation fails, the folio being isolated already.
@@ -213,7 +212,7 @@ def _add_folios_for_migration(mm: AddressSpace, addrs: np.ndarray, node: int,
         differ = np.flatnonzero(got != want[: got.size])
         k = int(differ[0]) if differ.size else got.size
     if k < addrs.size:
-        if status[k] == _PENDING:
+        if status[k] > 0:
             status[k] = EBUSY
         # Only the pages before ``k`` were taken: the kernel never reached the rest of the run yet.
         putback_folios(m, heads[k:])
@@ -299,8 +298,6 @@ def _do_pages_move(mm: AddressSpace, addrs: np.ndarray, targets: np.ndarray, mod
                 rc = res.rc + (n - nxt) if res.rc > 0 else res.rc
                 i = nxt
                 break
-        else:
-            status[i:i + k] = node
         i = nxt
     if i < n:
         # Never reached: where the pages are.
