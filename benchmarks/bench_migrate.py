@@ -24,9 +24,9 @@ import pytest
 
 from dmamig import Machine, MigrateMode, MigrateOptions
 from dmamig.bench.environment import measure_ceilings
+from dmamig.bench.migration import PIPELINED
 from dmamig.bench.naming import describe_options, format_size, scenario_name
-from dmamig.bench.parsing import PAGE_SIZE, folio_order
-from dmamig.bench.scenarios import PIPELINED
+from dmamig.bench.settings import PAGE_SIZE, folio_order
 from dmamig.bench.verify import range_pfns, verify_pages
 
 ROUNDS = int(os.environ.get("DMAMIG_BENCH_ROUNDS", "5"))

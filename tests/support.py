@@ -84,9 +84,9 @@ def check_results_schema(doc) -> None:
 
 def interrupt_bench_after(monkeypatch, n: int) -> None:
     """Make ``dmamig bench`` raise KeyboardInterrupt (Ctrl-C) when its ``n + 1``-th migration group starts."""
-    from dmamig.bench import scenario_runs
+    from dmamig.bench import runner
 
-    real, calls = scenario_runs.run_group, []
+    real, calls = runner.run_group, []
 
     def group(*a, **k):
         if len(calls) >= n:
@@ -94,7 +94,7 @@ def interrupt_bench_after(monkeypatch, n: int) -> None:
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(scenario_runs, "run_group", group)
+    monkeypatch.setattr(runner, "run_group", group)
 
 
 def make_nodes(backend, sizes=(64, 64), devices=(-1, 0), seed=0, page=4096):
@@ -128,7 +128,7 @@ def engine_for(backend, nodes, channels=2, options=None):
 
 def check_access_frames_against_cpu(backend, n: int, picks: int, page: int, seed: int = 0) -> None:
     """``backend.access_frames`` reads and writes ``picks`` of ``n`` device frames as the CPU backend's does."""
-    from dmamig.backends.cpu import CpuBackend
+    from dmamig.backends.cpu.backend import CpuBackend
 
     cpu = CpuBackend()
     rng = np.random.default_rng(seed)
@@ -155,6 +155,6 @@ def stop_worker(channel) -> None:
 
 def hook_copy_kernels(monkeypatch) -> None:
     """Route polling channels' copies through the Python worker, so that hooks on ``cpu_kernels`` see them."""
-    from dmamig.backends.cpu_polling import PollingCpuChannel
+    from dmamig.backends.cpu.polling_channel import PollingCpuChannel
 
     monkeypatch.setattr(PollingCpuChannel, "compiled_copies", False)

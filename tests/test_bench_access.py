@@ -21,8 +21,7 @@ from dmamig.bench.access import (
     parse_oversubscription,
     run_access,
 )
-from dmamig.bench.plots import write_plots
-from dmamig.bench.report import render_tables
+from dmamig.bench.report import render_tables, write_plots
 from dmamig.bench.results import (
     NotComparable,
     check_comparable,
@@ -34,7 +33,7 @@ from dmamig.bench.results import (
     write_json,
 )
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
-from dmamig.bench.scenarios import default_settings
+from dmamig.bench.settings import default_settings
 from dmamig.bench.verify import VerificationError
 from dmamig.cli import main
 from dmamig.uvm import SERVICE_PHASES

@@ -23,8 +23,7 @@ from dmamig.bench.pairs import (
     run_pair,
     write_pair_plots,
 )
-from dmamig.bench.plots import write_plots
-from dmamig.bench.report import render_tables
+from dmamig.bench.report import render_tables, write_plots
 from dmamig.bench.results import (
     NotComparable,
     check_comparable,
@@ -36,7 +35,7 @@ from dmamig.bench.results import (
     write_json,
 )
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
-from dmamig.bench.scenarios import default_settings
+from dmamig.bench.settings import default_settings
 from dmamig.bench.verify import VerificationError
 from dmamig.cli import build_parser, main
 
@@ -187,7 +186,7 @@ def test_pairs_compare_against_a_baseline(doc):
 # -- verification ----------------------------------------------------------------------------------------------
 
 def test_a_wrong_byte_fails_verification(monkeypatch):
-    from dmamig.backends.cpu import CpuBackend
+    from dmamig.backends.cpu.backend import CpuBackend
 
     real = CpuBackend.copy_folios
 

@@ -12,11 +12,10 @@ import pytest
 from rich.console import Console
 from support import check_results_schema, jsonschema_or_skip
 
-from dmamig.bench import plots
+from dmamig.bench import migration
 from dmamig.bench.environment import machine_info
-from dmamig.bench.figures import add_speedups, scenario_record
-from dmamig.bench.plots import write_plots
-from dmamig.bench.report import render_tables
+from dmamig.bench.migration import scenario_record
+from dmamig.bench.report import render_tables, write_plots
 from dmamig.bench.results import (
     CSV_FIELDS,
     RESULTS_SCHEMA,
@@ -30,7 +29,8 @@ from dmamig.bench.results import (
     write_csv,
     write_json,
 )
-from dmamig.bench.scenarios import BenchSettings, build_sweep
+from dmamig.bench.runner import add_speedups, build_sweep
+from dmamig.bench.settings import BenchSettings
 from dmamig.cli import main
 
 #: A results file of schema 1 (before settings were recorded), kept from an earlier sample run: it is refused.
@@ -136,14 +136,14 @@ def test_plots_are_png(tmp_path):
 def figures(monkeypatch):
     """Every figure the plots save, by file name, kept open for inspection."""
     saved = {}
-    real = plots._save
+    real = migration.save_figure
 
     def keep(plt, fig, path, rect=(0, 0, 1, 1)):
         saved[path.name] = fig
         fig.canvas.draw()  # lay out as the real save does, so tick labels exist
         real(plt, fig, path, rect)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(migration, "save_figure", keep)
     return saved
 
 

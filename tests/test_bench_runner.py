@@ -13,10 +13,10 @@ from support import check_results_schema
 from dmamig import MigrateOptions
 from dmamig.bench.access import access_scenarios, access_tasks
 from dmamig.bench.environment import cpu_copy_ceiling, measure_ceilings
-from dmamig.bench.figures import add_speedups, scenario_record
+from dmamig.bench.migration import PIPELINED, Scenario, scenario_record
 from dmamig.bench.results import load_results
-from dmamig.bench.runner import sweep_steps
-from dmamig.bench.scenarios import PIPELINED, BenchSettings, Scenario, build_sweep, default_settings
+from dmamig.bench.runner import add_speedups, build_sweep, sweep_steps
+from dmamig.bench.settings import BenchSettings, default_settings
 from dmamig.cli import main
 from dmamig.migrate.options import FAITHFUL
 
@@ -329,7 +329,7 @@ def test_selftest_cuda_passes(capsys):
 @pytest.fixture
 def corrupting_cpu_copy(monkeypatch):
     """The CPU copy path of copy migration flips one byte of every batch it copies: fast and wrong."""
-    from dmamig.backends.cpu import CpuBackend
+    from dmamig.backends.cpu.backend import CpuBackend
 
     real = CpuBackend.copy_folios
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from support import jsonschema_or_skip
 
-from dmamig.bench.parsing import parse_channels, parse_folio_sizes, parse_size
+from dmamig.bench.settings import parse_channels, parse_folio_sizes, parse_size
 from dmamig.cli import build_parser, main
 
 

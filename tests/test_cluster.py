@@ -20,7 +20,7 @@ from support import interrupt_bench_after
 from dmamig.bench import runner
 from dmamig.bench.results import validate_results
 from dmamig.bench.runner import BenchSweep, SweepFailed, SweepInterrupted, build_tasks
-from dmamig.bench.scenarios import BenchSettings, default_settings
+from dmamig.bench.settings import BenchSettings, default_settings
 from dmamig.cli import build_parser, main
 from dmamig.sweep.journal import JOURNAL_NAME, Journal, ResumeError
 from dmamig.sweep.tasks import Task
@@ -217,14 +217,14 @@ def test_ceilings_of_two_processes_are_two_labelled_lines():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from dmamig.bench import plots
+    from dmamig.bench import migration
 
     who = [{"host": "vm", "address": None, "pid": 7, "run": f"2026-12-06T0{i}:00:00.000000+00:00", "gpus": []}
            for i in (1, 2)]
     doc = {"ceilings": [{"direction": "h2d", "gbps": g, "worker": w, "method": "np.copyto", "bytes": 1,
                          "seconds": 1.0} for g, w in ((9.5, who[0]), (7.25, who[1]))]}
     fig, ax = plt.subplots()
-    top = plots._ceiling_line(ax, doc, "h2d")
+    top = migration._ceiling_line(ax, doc, "h2d")
     labels = [label for label in ax.get_legend_handles_labels()[1] if label.startswith("ceiling")]
     plt.close(fig)
     assert top == 9.5 and len(ax.lines) == 2

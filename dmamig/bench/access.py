@@ -38,9 +38,8 @@ from ..migrate.options import FAITHFUL
 from ..sweep.tasks import ProgressFn, Task
 from ..uvm.options import DEFAULT_FAULT_BATCH_SIZE, SERVICE_PHASES, VA_BLOCK_SIZE, UvmOptions, UvmStats
 from .naming import format_number, format_rate, format_size
-from .parsing import PAGE_SIZE, parse_int_list
-from .plots import _BARS, _EXTRA_COLORS, _PHASE_COLORS, PHASE_LEGEND, _pyplot, _save, spread_bars
-from .scenarios import BenchSettings
+from .plots import BARS, EXTRA_COLORS, PHASE_COLORS, PHASE_LEGEND, pyplot, save_figure, spread_bars
+from .settings import PAGE_SIZE, BenchSettings, parse_int_list
 from .timing import median, timing_fields
 from .verify import check, random_bytes, verify_no_leak
 
@@ -591,7 +590,7 @@ def _modes(recs: list[dict[str, Any]]) -> list[str]:
 def plot_oversubscription(doc: dict[str, Any], path: Path) -> None:
     """The stencil's throughput against the oversubscription factor (left) and the bytes it migrates per
     byte it touches (right), copy and no-copy, with the pre-migrated ceiling of each point dotted."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = sorted((r for r in _access(doc) if r.get("pattern") == "stencil"), key=lambda r: r["oversubscription"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.8))
     top = 0.0
@@ -624,13 +623,13 @@ def plot_oversubscription(doc: dict[str, Any], path: Path) -> None:
     fig.suptitle("Device access: 2 MiB-tile stencil vs oversubscription (UVM faults, LRU eviction, density "
                  f"prefetch)\n{_context(doc, recs)}; grey line: the device holds the working set exactly",
                  fontsize=10.5)
-    _save(plt, fig, path, rect=(0, 0.1, 1, 1))
+    save_figure(plt, fig, path, rect=(0, 0.1, 1, 1))
 
 
 def plot_access_batches(doc: dict[str, Any], path: Path) -> None:
     """Fault-servicing throughput of the streaming read against the fault batch size, copy and no-copy, with
     the same read pre-migrated (dotted): what each batch size leaves of the ceiling."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = sorted((r for r in _access(doc) if r.get("pattern") == "stream"), key=lambda r: r["fault_batch_size"])
     batches = sorted({r["fault_batch_size"] for r in recs})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -659,26 +658,26 @@ def plot_access_batches(doc: dict[str, Any], path: Path) -> None:
     ax.set_xlim(-0.5, len(batches) - 0.5)
     ax.set_xlabel("fault batch size (faults serviced together)")
     ax.set_ylim(0, top * 1.2 or 1.0)
-    ax.set_ylabel(f"M pages/s (median; axis starts at 0)\n{_BARS}")
+    ax.set_ylabel(f"M pages/s (median; axis starts at 0)\n{BARS}")
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     words = " | ".join({"copy": "copy", "nocopy": "no-copy"}[m] for m in _modes(recs))
     fig.suptitle(f"Device access: streaming read vs fault batch size; labels: x ceiling ({words})\n"
                  f"{_context(doc, recs)}", fontsize=10.5)
-    _save(plt, fig, path, rect=(0, 0.1, 1, 1))
+    save_figure(plt, fig, path, rect=(0, 0.1, 1, 1))
 
 
 def plot_service_breakdown(doc: dict[str, Any], path: Path) -> None:
     """Stacked bars of the service time of one fault batch by phase, for every access that faulted: copy
     and no-copy side by side, so the DMA engine's share (dma_wait) and the CPU copy's (copy) compare."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = [r for r in _access(doc) if r.get("service_ns_per_batch")]
     seen = {p for r in recs for p, v in (r.get("service_phase_ns_per_batch") or {}).items() if v > 0}
     names = [p for p in SERVICE_PHASES if p in seen] + sorted(seen - set(SERVICE_PHASES))
-    colors = {**_PHASE_COLORS, **_SERVICE_COLORS}
+    colors = {**PHASE_COLORS, **_SERVICE_COLORS}
     for k, p in enumerate(p for p in names if p not in colors):
-        colors[p] = _EXTRA_COLORS[k % len(_EXTRA_COLORS)]
+        colors[p] = EXTRA_COLORS[k % len(EXTRA_COLORS)]
     # A bar's label is three or four short lines, about 0.85 in wide at 7 pt: each bar gets that much room.
     fig, ax = plt.subplots(figsize=(max(11.0, 0.95 * len(recs) + 2.5), 5.8))
     bottom = [0.0] * len(recs)
@@ -706,7 +705,7 @@ def plot_service_breakdown(doc: dict[str, Any], path: Path) -> None:
                loc="lower center", ncol=3, fontsize=7.5, frameon=False)
     fig.suptitle("Device access: where the service time of one fault batch goes (hatched: no-copy)\n"
                  f"{_context(doc, recs)}", fontsize=10.5)
-    _save(plt, fig, path, rect=(0, 0.02 + 0.03 * ((len(handles) + 2) // 3), 1, 1))
+    save_figure(plt, fig, path, rect=(0, 0.02 + 0.03 * ((len(handles) + 2) // 3), 1, 1))
 
 
 def write_access_plots(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -17,13 +17,13 @@ __all__ = ["WORKING_SET_COPIES", "add_bench_parser", "add_report_parser"]
 # -- argument types: each names what was wrong and what is allowed ---------------------------------------------
 
 def _sizes(text: str) -> list[int]:
-    from .parsing import parse_folio_sizes
+    from .settings import parse_folio_sizes
 
     return parse_folio_sizes(text)
 
 
 def _total(text: str) -> int:
-    from .parsing import PAGE_SIZE, parse_size
+    from .settings import PAGE_SIZE, parse_size
 
     n = parse_size(text)
     if n % PAGE_SIZE:
@@ -49,31 +49,31 @@ def _memory_limit() -> int:
 
 
 def _channels(text: str) -> list[int]:
-    from .parsing import parse_channels
+    from .settings import parse_channels
 
     return parse_channels(text)
 
 
 def _batch_pages(text: str) -> list[int]:
-    from .parsing import parse_batch_pages
+    from .settings import parse_batch_pages
 
     return parse_batch_pages(text)
 
 
 def _batches_per_step(text: str) -> list[int]:
-    from .parsing import parse_batches_per_step
+    from .settings import parse_batches_per_step
 
     return parse_batches_per_step(text)
 
 
 def _poll_us(text: str) -> float:
-    from .parsing import parse_poll_us
+    from .settings import parse_poll_us
 
     return parse_poll_us(text)
 
 
 def _pipeline(text: str) -> list[int]:
-    from .parsing import parse_pipeline
+    from .settings import parse_pipeline
 
     return parse_pipeline(text)
 
@@ -91,7 +91,7 @@ def _oversubscription(text: str) -> list[float]:
 
 
 def _access_total(text: str) -> int:
-    from .parsing import parse_size
+    from .settings import parse_size
 
     n = parse_size(text)
     if n % (2 << 20):
@@ -111,7 +111,7 @@ def _devices(text: str) -> int:
 
 def _pair_total(text: str) -> int:
     from .pairs import check_pair_bytes
-    from .parsing import parse_size
+    from .settings import parse_size
 
     n = parse_size(text)
     try:

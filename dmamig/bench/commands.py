@@ -50,14 +50,14 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
 
     from ..sweep.cli import check_sweep_arguments, open_sweep, remote_backend
     from .access import stream_batches
+    from .migration import PIPELINED
     from .naming import describe_options, format_size
     from .output import OutputError, bench_folder, remove_if_empty
     from .pairs import pair_options, pair_scenarios
-    from .plots import write_plots
-    from .report import render_tables
+    from .report import render_tables, write_plots
     from .results import write_csv, write_json
     from .runner import BenchSweep, SweepFailed, SweepInterrupted
-    from .scenarios import PIPELINED, default_settings
+    from .settings import default_settings
     from .verify import VerificationError
 
     check_sweep_arguments(args, parser)
@@ -274,8 +274,7 @@ def cmd_report(args: argparse.Namespace, console: Callable[..., Any]) -> int:
     from rich.markup import escape
 
     from .output import OutputError, check_writable
-    from .plots import write_plots
-    from .report import render_tables
+    from .report import render_tables, write_plots
     from .results import (
         ResultsError,
         check_comparable,

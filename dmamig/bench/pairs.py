@@ -37,9 +37,8 @@ from ..migrate.options import FAITHFUL
 from ..sweep.tasks import ProgressFn, Task
 from ..topology import LINK_CODES, Topology
 from .naming import format_size
-from .parsing import PAGE_SIZE, folio_order
-from .plots import _pyplot
-from .scenarios import BenchSettings
+from .plots import pyplot
+from .settings import PAGE_SIZE, BenchSettings, folio_order
 from .timing import timing_fields
 from .verify import check, random_bytes, range_pfns, verify_no_leak, verify_pages, verify_result
 
@@ -527,7 +526,7 @@ def _panels(doc: dict[str, Any], path: Path, plan: list[tuple[str, list[dict[str
             title: str) -> None:
     """One heat map per ``(label, records, field, scale)`` of ``plan``, side by side; panels of one ``scale``
     (a colour-bar label) share a colour scale from zero and one colour bar."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = [r for _, rs, _, _ in plan for r in rs]
     n = 1 + max(max(r["src_device"], r["dst_device"]) for r in recs)
     side = max(3.4, 0.5 * n + 1.0)

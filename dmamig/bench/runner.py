@@ -37,13 +37,13 @@ from typing import Any
 from ..sweep.hardware import cpu_model
 from ..sweep.journal import Journal
 from ..sweep.tasks import ProgressFn, Task
-from . import scenario_runs
-from .access import access_tasks, run_access
+from .access import access_tasks, add_access_speedups, run_access
+from .engine import engine_scenarios, run_dma, run_state
 from .environment import machine_info, measure_ceilings
-from .figures import add_speedups
-from .pairs import pair_tasks, pair_topology, run_pair
+from .migration import MigrateGroup, Scenario, add_migration_speedups, migration_groups, run_group
+from .pairs import add_pair_speedups, pair_tasks, pair_topology, run_pair
 from .results import SCHEMA_VERSION
-from .scenarios import BenchSettings, build_sweep
+from .settings import BenchSettings
 from .verify import VerificationError
 
 __all__ = [
@@ -51,6 +51,8 @@ __all__ = [
     "SweepFailed",
     "SweepInterrupted",
     "TOOL",
+    "add_speedups",
+    "build_sweep",
     "build_tasks",
     "run_on_worker",
     "run_sweep",
@@ -61,6 +63,22 @@ __all__ = [
     "sweep_steps",
     "worker_ceilings",
 ]
+
+
+def build_sweep(settings: BenchSettings) -> tuple[list[MigrateGroup], list[Scenario]]:
+    """Expand settings into migration groups (:func:`~dmamig.bench.migration.migration_groups`) and engine
+    scenarios (:func:`~dmamig.bench.engine.engine_scenarios`, empty when ``settings.extras`` is false)."""
+    return migration_groups(settings), engine_scenarios(settings)
+
+
+def add_speedups(records: list[dict[str, Any]], copy_baseline: str = "cpu") -> None:
+    """Pair the records of a sweep once they are all in: no-copy migrations with their copy
+    (:func:`~dmamig.bench.migration.add_migration_speedups`, which also records ``copy_baseline``),
+    device-access records (:func:`~dmamig.bench.access.add_access_speedups`) and device pairs
+    (:func:`~dmamig.bench.pairs.add_pair_speedups`)."""
+    add_migration_speedups(records, copy_baseline)
+    add_access_speedups(records)
+    add_pair_speedups(records)
 
 
 def build_tasks(settings: BenchSettings) -> list[Task]:
@@ -95,11 +113,11 @@ def run_task(task: Task, settings: BenchSettings, ceilings: dict[str, dict],
     """
     progress = progress or _noop
     if task.kind == "group":
-        return scenario_runs.run_group(task.payload, settings, ceilings, progress, seed=task.seed)
+        return run_group(task.payload, settings, ceilings, progress, seed=task.seed)
     if task.kind == "state":
-        return [scenario_runs.run_state(task.payload, settings, progress)]
+        return [run_state(task.payload, settings, progress)]
     if task.kind == "dma":
-        return [scenario_runs.run_dma(task.payload, settings, ceilings, progress, seed=task.seed)]
+        return [run_dma(task.payload, settings, ceilings, progress, seed=task.seed)]
     if task.kind == "access":
         return run_access(task.payload, settings, progress, seed=task.seed)
     if task.kind == "pairs":

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .naming import format_size
-from .parsing import PAGE_SIZE
+from .settings import PAGE_SIZE
 from .verify import range_pfns, verify_pages, verify_result
 
 __all__ = ["run_selftest"]

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .parsing import PAGE_SIZE
-from .scenarios import BenchSettings
+from .settings import PAGE_SIZE, BenchSettings
 
 __all__ = ["VerificationError", "bench_machine", "check", "random_bytes", "range_pfns", "verify_no_leak",
            "verify_pages", "verify_result"]

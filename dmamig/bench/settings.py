@@ -1,39 +1,189 @@
-"""Benchmark scenarios: sweep settings and the list of scenarios a sweep runs.
+"""What a ``dmamig bench`` sweep measures: its settings, the defaults, and the values a command line gives.
 
-Everything here is pure (no machine, no backend), so that sweep generation can be tested and shown without
-running anything. The parsers of sizes and sweep axes live in :mod:`dmamig.bench.parsing`.
-
-A *group* is one working set migrated around a cycle of nodes (host -> device -> back) in one mode; each leg of
-the cycle is a *scenario* with its own figures. Grouping the legs means every timed repetition starts from a
-populated range on the right node without an untimed reset in between.
+Everything here is pure (no machine, no backend), so that a sweep can be built, tested and shown without
+running anything. Each parser of a size, a folio size or a sweep axis refuses bad input with a message that says
+what is allowed; the page and folio sizes they check against live here too.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 
 from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from ..topology import Topology
-from .naming import COPY_BASELINE_OF, format_size, options_id, scenario_name
-from .parsing import PAGE_SIZE, folio_order
+from .naming import COPY_BASELINE_OF, format_size
 
 __all__ = [
-    "PIPELINED",
+    "MAX_FOLIO_ORDER",
+    "PAGE_SIZE",
     "RUNTIME_TOPOLOGY",
     "BenchSettings",
-    "MigrateGroup",
-    "Scenario",
-    "build_sweep",
     "default_settings",
+    "folio_order",
+    "folio_sizes",
+    "parse_batch_pages",
+    "parse_batches_per_step",
+    "parse_channels",
+    "parse_folio_sizes",
+    "parse_int_list",
+    "parse_pipeline",
+    "parse_poll_us",
+    "parse_size",
 ]
+
+#: Base page size every sweep uses (the kernel's on x86-64).
+PAGE_SIZE = 4096
+
+#: Largest folio order a node serves (2 MiB folios of 4 KiB pages).
+MAX_FOLIO_ORDER = 9
 
 #: ``BenchSettings.topology`` on CUDA: the topology the runtime reports (presets are a CPU-backend setting).
 RUNTIME_TOPOLOGY = "runtime"
-#: The pipelined variant every default sweep adds for no-copy at its smallest folio size: the setting that hid
-#: the emulator's per-batch cost before the kernel's batching became the default. An experiment, never a headline.
-PIPELINED = MigrateOptions(batches_per_step=16, pipeline_depth=1)
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``4k``, ``64K``, ``2m``, ``256M``, ``1G``, ``1.5g`` or ``4096``.
+
+    Suffixes are binary (``k`` = 1024) and may be followed by ``b``/``ib`` (``4KiB``, ``2MB``).
+
+    Parameters
+    ----------
+    text : str
+        The size as typed on a command line.
+
+    Returns
+    -------
+    int
+        The size in bytes.
+
+    Raises
+    ------
+    ValueError
+        When ``text`` is not a size; the message says what a size looks like.
+    """
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a size; use a number with an optional k/m/g suffix, e.g. 4k, 2m, 1G")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value != int(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a positive whole number of bytes")
+    return int(value)
+
+def folio_sizes() -> list[int]:
+    """Every folio size a node serves: ``PAGE_SIZE << order`` for order 0..9."""
+    return [PAGE_SIZE << order for order in range(MAX_FOLIO_ORDER + 1)]
+
+def parse_folio_sizes(text: str) -> list[int]:
+    """Parse a comma-separated list of folio sizes (``4k,64k,2m``) into sorted, distinct byte counts.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a malformed size, or a size that is not ``4K << order`` for order 0..9.
+    """
+    items = [t for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError("expected a comma-separated list of folio sizes, e.g. 4k,64k,2m")
+    allowed = folio_sizes()
+    out = set()
+    for item in items:
+        size = parse_size(item)
+        if size not in allowed:
+            names = ", ".join(format_size(s) for s in allowed)
+            raise ValueError(f"{item.strip()!r} is not a folio size; allowed: {names}")
+        out.add(size)
+    return sorted(out)
+
+def folio_order(folio_bytes: int) -> int:
+    """The order of a folio of ``folio_bytes`` bytes (``4K`` -> 0, ``64K`` -> 4, ``2M`` -> 9)."""
+    return (folio_bytes // PAGE_SIZE).bit_length() - 1
+
+def parse_int_list(text: str, what: str, low: int, high: int, example: str) -> list[int]:
+    """Parse a comma-separated list of whole numbers in ``low..high`` into sorted, distinct values.
+
+    One parser for every numeric sweep axis, so that each rejects bad input with the same kind of message;
+    ``what`` names one value (``"channel count"``) and ``example`` shows a valid list.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a value outside ``low..high``.
+    """
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list of {what}s, e.g. {example}")
+    out = set()
+    for item in items:
+        if not (item.isascii() and item.isdigit()) or not low <= int(item) <= high:
+            raise ValueError(f"{item!r} is not a {what}; use whole numbers from {low} to {high}, e.g. {example}")
+        out.add(int(item))
+    return sorted(out)
+
+def parse_channels(text: str) -> list[int]:
+    """Parse a comma-separated list of DMA channel counts (``1,2,4``), each in 1..64.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a count outside 1..64.
+    """
+    return parse_int_list(text, "channel count", 1, 64, "1,2,4")
+
+def parse_batch_pages(text: str) -> list[int]:
+    """Parse a comma-separated list of batch sizes in base pages (``512,2048``), each in 1..262144.
+
+    ``512`` is the kernel's ``NR_MAX_BATCHED_MIGRATION``; any other value is an experiment setting.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a size outside 1..262144.
+    """
+    return parse_int_list(text, "batch size in pages", 1, 1 << 18, "512,2048")
+
+def parse_batches_per_step(text: str) -> list[int]:
+    """Parse a comma-separated list of batches per step (``1,16``), each in 1..1024; ``1`` is the kernel's.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a count outside 1..1024.
+    """
+    return parse_int_list(text, "batches-per-step count", 1, 1024, "1,16")
+
+def parse_pipeline(text: str) -> list[int]:
+    """Parse a comma-separated list of DMA pipeline depths (``0,1``), each in 0..8; ``0`` is the kernel's.
+
+    Raises
+    ------
+    ValueError
+        On an empty list, a non-integer or a depth outside 0..8.
+    """
+    return parse_int_list(text, "pipeline depth", 0, 8, "0,1")
+
+def parse_poll_us(text: str) -> float:
+    """Parse a DMA poll window in microseconds, 0 (channels sleep) to 1000000.
+
+    Raises
+    ------
+    ValueError
+        On anything but a plain decimal number in that range.
+    """
+    t = text.strip()
+    try:
+        if not t or not t.isascii() or t.lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
+            raise ValueError
+        value = float(t)
+    except ValueError:
+        raise ValueError(f"expected a number of microseconds from 0 to 1000000, e.g. 1000 (or 0: channels "
+                         f"sleep), got {text!r}") from None
+    if not 0 <= value <= 1e6:
+        raise ValueError(f"a poll window is 0 to 1000000 microseconds, got {text!r}")
+    return value
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -65,7 +215,7 @@ class BenchSettings:
         1, 0) always runs as the headline; every other combination runs as an experiment at every folio size
         and channel count.
     variants : bool
-        Add the default experiment: no-copy :data:`PIPELINED` at the smallest folio size, beside copy with the
+        Add the default experiment: no-copy :data:`~dmamig.bench.migration.PIPELINED` at the smallest folio size, beside copy with the
         same batches per step, so that its no-copy/copy ratio compares like with like.
     access : bool
         Also run the device-access scenarios (:mod:`dmamig.bench.access`), in copy and no-copy mode.
@@ -177,7 +327,6 @@ class BenchSettings:
             "copy_baseline": self.copy_baseline(),
         }
 
-
 def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> BenchSettings:
     """The sweep ``dmamig bench`` runs when no option says otherwise.
 
@@ -209,146 +358,3 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
                              access_bytes=128 << 20, pair_bytes=256 << 20, topology=topology)
     return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=256 << 20,
                          channels=[1, 2], devices=1, repeat=5, warmup=1)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One measured figure set: a migration leg, a state-only migration or a raw DMA copy.
-
-    ``kind`` is ``"migrate"`` (end-to-end ``mm.migrate``), ``"state"`` (``m.migrate_pages`` with ``NO_COPY``:
-    page state only) or ``"dma"`` (``m.dma.copy`` of pages, ``layout`` ``"random"`` or ``"contiguous"``).
-    ``options`` is the migration's batching (``None`` for a raw DMA copy, which migrates nothing).
-    """
-
-    kind: str
-    folio_bytes: int
-    total_bytes: int
-    mode: str = "nocopy"
-    direction: str = "h2d"
-    channels: int | None = None
-    layout: str = ""
-    options: MigrateOptions | None = FAITHFUL
-
-    @property
-    def id(self) -> str:
-        """A stable identifier, used to match scenarios between a run and its baseline.
-
-        The kernel's batching adds no suffix (ids stay as they were before settings were recorded); an
-        experiment appends its settings, e.g. ``migrate/h2d/4k/nocopy/ch2/steps16-pipe1``.
-        """
-        size = format_size(self.folio_bytes).lower()
-        if self.kind == "migrate":
-            ch = f"/ch{self.channels}" if self.mode == "nocopy" else ""
-            return f"migrate/{self.direction}/{size}/{self.mode}{ch}{options_id(self.options)}"
-        if self.kind == "state":
-            return f"state/{size}{options_id(self.options)}"
-        return f"dma/{self.layout}/{size}/ch{self.channels}"
-
-    @property
-    def name(self) -> str:
-        """The scenario in words, e.g. ``host->device, 4K pages, no-copy, 2 DMA channels``."""
-        return scenario_name(self.kind, self.direction, self.folio_bytes, self.mode, self.channels, self.layout,
-                             self.options)
-
-    @property
-    def pages(self) -> int:
-        """Base pages moved."""
-        return self.total_bytes // PAGE_SIZE
-
-    @property
-    def order(self) -> int:
-        """Folio order."""
-        return folio_order(self.folio_bytes)
-
-
-@dataclass(frozen=True)
-class MigrateGroup:
-    """One working set migrated around ``path`` (node kinds) in one mode; one scenario per leg.
-
-    ``path`` is a cycle of direction names, e.g. ``("h2d", "d2h")`` or ``("h2d", "d2d", "d2h")``.
-    """
-
-    mode: str
-    folio_bytes: int
-    total_bytes: int
-    channels: int | None
-    path: tuple[str, ...]
-    scenarios: tuple[Scenario, ...] = field(default=())
-    options: MigrateOptions = FAITHFUL
-
-    @property
-    def id(self) -> str:
-        """A stable identifier of the group, e.g. ``group/4k/nocopy/ch2`` (experiments append their settings)."""
-        size = format_size(self.folio_bytes).lower()
-        ch = f"/ch{self.channels}" if self.channels else ""
-        return f"group/{size}/{self.mode}{ch}{options_id(self.options)}"
-
-    @property
-    def label(self) -> str:
-        """A short progress label."""
-        ch = f", {self.channels} DMA ch." if self.channels else ""
-        how = "no-copy" if self.mode == "nocopy" else "copy"
-        return f"{how} {format_size(self.folio_bytes)}{ch}{options_id(self.options)}"
-
-
-def _path(devices: int) -> tuple[str, ...]:
-    return ("h2d", "d2d", "d2h") if devices >= 2 else ("h2d", "d2h")
-
-
-def _group(settings: BenchSettings, mode: str, size: int, ch: int | None, opts: MigrateOptions) -> MigrateGroup:
-    path = _path(settings.devices)
-    legs = tuple(Scenario("migrate", size, settings.total_bytes, mode, d, ch, options=opts) for d in path)
-    return MigrateGroup(mode, size, settings.total_bytes, ch, path, legs, opts)
-
-
-def build_sweep(settings: BenchSettings) -> tuple[list[MigrateGroup], list[Scenario]]:
-    """Expand settings into migration groups and engine scenarios.
-
-    Copy migration does not use the DMA engine, so it runs once per folio size and batching (a pipeline depth
-    changes nothing without a DMA copy to overlap); no-copy runs once per channel count. The kernel's batching
-    comes first (the headline), then each experiment of the sweep axes at every folio size, then (with
-    ``settings.variants``) :data:`PIPELINED` no-copy at the smallest folio size beside copy at the same
-    batches per step. The engine scenarios are state-only migration (smallest and largest folio size, in
-    every batching of the axes without a pipeline) and raw DMA copies of random and contiguous 4 KiB pages at
-    the largest channel count.
-
-    Returns
-    -------
-    groups : list of MigrateGroup
-        Migration groups, each with its per-leg scenarios.
-    engine : list of Scenario
-        State-only and DMA-copy scenarios (empty when ``settings.extras`` is false).
-    """
-    plan: list[tuple[str, int, int | None, MigrateOptions]] = []
-
-    def add(mode: str, size: int, opts: MigrateOptions) -> None:
-        if mode == "copy":
-            # Without a DMA engine the pipeline depth is ignored: run each copy batching once.
-            opts = MigrateOptions(opts.batch_pages, opts.batches_per_step, 0)
-            todo = [None]
-        else:
-            todo = list(settings.channels)
-        for ch in todo:
-            if (mode, size, ch, opts) not in plan:
-                plan.append((mode, size, ch, opts))
-
-    for opts in settings.option_sets():
-        for size in settings.sizes:
-            add("copy", size, opts)
-            add("nocopy", size, opts)
-    if settings.variants:
-        add("copy", settings.sizes[0], PIPELINED)
-        add("nocopy", settings.sizes[0], PIPELINED)
-    groups = [_group(settings, mode, size, ch, opts) for mode, size, ch, opts in plan]
-
-    engine: list[Scenario] = []
-    if settings.extras:
-        state_opts = list(dict.fromkeys(MigrateOptions(o.batch_pages, o.batches_per_step, 0)
-                                        for o in settings.option_sets()))
-        for opts in state_opts:
-            for size in sorted({settings.sizes[0], settings.sizes[-1]}):
-                engine.append(Scenario("state", size, settings.total_bytes, "state", "h2d", options=opts))
-        ch = max(settings.channels)
-        for layout in ("random", "contiguous"):
-            engine.append(Scenario("dma", PAGE_SIZE, settings.total_bytes, "dma", "h2d", ch, layout, options=None))
-    return groups, engine
