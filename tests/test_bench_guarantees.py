@@ -12,9 +12,8 @@ import pytest
 from support import interrupt_bench_after
 from test_bench_report import make_doc
 
-from dmamig.bench.output import OutputError, bench_folder
 from dmamig.bench.results import NotComparable, compare_results, ratio_interval, regressions, write_json
-from dmamig.cli import main
+from dmamig.cli import OutputError, bench_folder, main
 
 TINY = ["bench", "--quick", "--backend", "cpu", "--no-plots", "--sizes", "64k", "--total", "1M",
         "--channels", "1", "--no-engine", "--faithful-only"]
@@ -65,7 +64,7 @@ def test_read_only_out_is_a_usage_error(tmp_path, capsys, monkeypatch):
     if os.access(ro, os.W_OK):  # root writes anywhere: make the probe meet what a read-only folder gives
         def denied(*a, **k):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr("dmamig.bench.output.tempfile.NamedTemporaryFile", denied)
+        monkeypatch.setattr("dmamig.cli.tempfile.NamedTemporaryFile", denied)
     with pytest.raises(SystemExit) as exc:
         main([*TINY, "--out", str(ro / "sub")])
     assert exc.value.code == 2 and "Permission denied" in one_line_error(capsys)

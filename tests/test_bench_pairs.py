@@ -14,7 +14,6 @@ from rich.console import Console
 from support import check_results_schema
 
 from dmamig import Topology
-from dmamig.bench.commands import cmd_bench
 from dmamig.bench.pairs import (
     PairScenario,
     _check_route,
@@ -37,7 +36,7 @@ from dmamig.bench.results import (
 from dmamig.bench.runner import build_tasks, run_sweep, run_task
 from dmamig.bench.settings import default_settings
 from dmamig.bench.verify import VerificationError
-from dmamig.cli import build_parser, main
+from dmamig.cli import build_parser, cmd_bench, main
 
 MIB = 1 << 20
 #: Everything but the pairs as small as a sweep gets: one 2M group per mode, no engine, no device access.
