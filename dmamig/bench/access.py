@@ -40,7 +40,7 @@ from ..uvm.options import DEFAULT_FAULT_BATCH_SIZE, SERVICE_PHASES, VA_BLOCK_SIZ
 from .naming import format_number, format_rate, format_size
 from .plots import BARS, EXTRA_COLORS, PHASE_COLORS, PHASE_LEGEND, pyplot, save_figure, spread_bars
 from .settings import PAGE_SIZE, BenchSettings, parse_int_list
-from .timing import median, timing_fields
+from .timing import median, timed_call, timing_fields
 from .verify import check, random_bytes, verify_no_leak
 
 __all__ = [
@@ -295,9 +295,7 @@ def _run_reads(sc: AccessScenario, settings: BenchSettings, progress: ProgressFn
                     res = mm.migrate(addr, nbytes, 0)  # back to host memory: every page faults again
                     check(res.nr_failed == 0, what, f"{res.nr_failed} pages did not go back to host memory")
                     acc.reset_stats()
-                    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-                    got = access(acc)
-                    wall, cpu = time.perf_counter_ns() - t0, time.thread_time_ns() - c0
+                    got, wall, cpu = timed_call(access, acc)
                     st = acc.reset_stats()
                     t0 = time.perf_counter_ns()
                     again = access(acc)
@@ -379,9 +377,8 @@ def _run_stencil(sc: AccessScenario, settings: BenchSettings, progress: Progress
                 walls = []
                 for acc, addr in accs:
                     acc.reset_stats()
-                    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-                    halos = _stencil_sweep(acc, addr, pages)
-                    walls.append((time.perf_counter_ns() - t0, time.thread_time_ns() - c0))
+                    halos, wall, cpu = timed_call(_stencil_sweep, acc, addr, pages)
+                    walls.append((wall, cpu))
                     for edge, got in halos:
                         # Edge pages before the tile were written this sweep already; those after, not yet.
                         want = _bumped(rows, edge, np.where(edge % TILE_PAGES == TILE_PAGES - 1, rep + 1, rep))

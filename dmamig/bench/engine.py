@@ -10,7 +10,6 @@ migration scenarios are.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from ..sweep.tasks import ProgressFn
 from .migration import Scenario, check_options, repetition, result_phases, scenario_record
 from .naming import format_number, format_rate
 from .settings import PAGE_SIZE, BenchSettings
+from .timing import timed_call
 from .verify import bench_machine, check, random_bytes, range_pfns, verify_result
 
 __all__ = ["engine_scenarios", "engine_table", "run_dma", "run_state"]
@@ -61,11 +61,8 @@ def run_state(sc: Scenario, settings: BenchSettings, progress: ProgressFn) -> di
                     heads = src[:: 1 << sc.order]
                     dst = np.asarray(m.alloc_pages(node, nfolios, order=sc.order), dtype=np.int64)
                     check(dst.size == nfolios, what, f"alloc_pages gave {dst.size} of {nfolios} folios")
-                    c0 = time.thread_time_ns()
-                    t0 = time.perf_counter_ns()
-                    res = m.migrate_pages(heads, node, mode=mode, dst_pfns=dst, options=sc.options)
-                    wall = time.perf_counter_ns() - t0
-                    cpu = time.thread_time_ns() - c0
+                    res, wall, cpu = timed_call(m.migrate_pages, heads, node, mode=mode, dst_pfns=dst,
+                                                options=sc.options)
                     verify_result(res, pages, what)
                     check_options(res, sc, what)
                     now = range_pfns(mm, addr, pages)
@@ -98,11 +95,7 @@ def run_dma(sc: Scenario, settings: BenchSettings, ceilings: dict[str, dict], pr
             check(dst.size == pages, sc.id, f"alloc_pages gave {dst.size} of {pages} frames")
             try:
                 for rep in range(settings.warmup + settings.repeat):
-                    c0 = time.thread_time_ns()
-                    t0 = time.perf_counter_ns()
-                    m.dma.copy(src, dst).wait()
-                    wall = time.perf_counter_ns() - t0
-                    cpu = time.thread_time_ns() - c0
+                    _, wall, cpu = timed_call(lambda: m.dma.copy(src, dst).wait())
                     sums = np.asarray(m.dma.checksum(dst))
                     bad = np.flatnonzero(sums != ref)
                     check(bad.size == 0, repetition(sc, rep),

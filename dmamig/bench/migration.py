@@ -22,7 +22,6 @@ records, the report's tables and the plots.
 from __future__ import annotations
 
 import textwrap
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from .naming import (
 from .plots import BARS, EXTRA_COLORS, PHASE_COLORS, PHASE_LEGEND, pyplot, save_figure, spread_bars
 from .results import PHASES, wall_spread
 from .settings import PAGE_SIZE, BenchSettings, folio_order
-from .timing import timing_fields
+from .timing import timed_call, timing_fields
 from .verify import bench_machine, check, random_bytes, range_pfns, verify_pages, verify_result
 
 __all__ = [
@@ -233,12 +232,8 @@ def run_group(g: MigrateGroup, settings: BenchSettings, ceilings: dict[str, dict
             for rep in range(settings.warmup + settings.repeat):
                 for sc in g.scenarios:
                     target = _TARGET[sc.direction]
-                    c0 = time.thread_time_ns()
-                    t0 = time.perf_counter_ns()
-                    res = mm.migrate(addr, g.total_bytes, target, mode=MigrateMode.SYNC, engine=engine,
-                                     options=g.options)
-                    wall = time.perf_counter_ns() - t0
-                    cpu = time.thread_time_ns() - c0
+                    res, wall, cpu = timed_call(mm.migrate, addr, g.total_bytes, target, mode=MigrateMode.SYNC,
+                                                engine=engine, options=g.options)
                     what = repetition(sc, rep)
                     verify_result(res, pages, what)
                     check_options(res, sc, what)

@@ -26,7 +26,6 @@ starred. Colour scales start at zero.
 from __future__ import annotations
 
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from ..topology import LINK_CODES, Topology
 from .naming import format_size
 from .plots import pyplot
 from .settings import PAGE_SIZE, BenchSettings, folio_order
-from .timing import timing_fields
+from .timing import timed_call, timing_fields
 from .verify import check, random_bytes, range_pfns, verify_no_leak, verify_pages, verify_result
 
 __all__ = [
@@ -140,7 +139,7 @@ def parse_device_count(text: str) -> int:
 
 def pair_options(backend: str, gpus: int, devices: int, topology: str | None, pair_total: int | None,
                  no_pairs: bool, check_gpus: bool = True) -> dict[str, Any]:
-    """The :class:`~dmamig.bench.scenarios.BenchSettings` fields that ``--topology``, ``--pair-total`` and
+    """The :class:`~dmamig.bench.settings.BenchSettings` fields that ``--topology``, ``--pair-total`` and
     ``--no-pairs`` set, for a sweep of ``devices`` devices on ``backend`` with ``gpus`` GPUs visible.
 
     Raises
@@ -263,9 +262,8 @@ def run_pair(sc: PairScenario, settings: BenchSettings, progress: ProgressFn, se
                     what = f"{sc.id} {mode}, repetition {rep + 1}"
                     verify_pages(m, range_pfns(mm, addr, pages), src, None, what)
                     m.dma.reset_stats()
-                    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-                    res = mm.migrate(addr, nbytes, dst, mode=MigrateMode.SYNC, engine=engine, options=FAITHFUL)
-                    wall, cpu = time.perf_counter_ns() - t0, time.thread_time_ns() - c0
+                    res, wall, cpu = timed_call(mm.migrate, addr, nbytes, dst, mode=MigrateMode.SYNC, engine=engine,
+                                                options=FAITHFUL)
                     stats = m.dma.stats
                     verify_result(res, pages, what)
                     ran = getattr(res, "options", None)

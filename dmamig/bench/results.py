@@ -672,7 +672,7 @@ def compare_results(new: dict[str, Any], baseline: dict[str, Any], threshold: fl
     """Compare two runs scenario by scenario.
 
     A scenario regresses when ``new / baseline < 1 - threshold`` *and* the change is significant: the 95 %
-    bootstrap interval of the ratio of median wall times (see :mod:`dmamig.bench.stats`) lies below 1. With
+    bootstrap interval of the ratio of median wall times (see :func:`ratio_interval`) lies below 1. With
     fewer than 3 repetitions on a side there is nothing to resample: a scenario beyond the threshold is then
     *inconclusive* (``Comparison.inconclusive``, and the note says so), not a regression. A scenario also regresses when its data failed verification in the new run, when its
     recorded options differ from the baseline's, or when the baseline has it and the new run does not (a

@@ -142,7 +142,7 @@ def _noop(label: str, advance: int) -> None:
 def sweep_document(settings: BenchSettings, started: _dt.datetime, wall_s: float, gpus: list[dict[str, Any]],
                    ceilings: list[dict[str, Any]], records: list[dict[str, Any]],
                    partial: bool = False) -> dict[str, Any]:
-    """The results document (see :mod:`dmamig.bench.schema`) of a sweep's records."""
+    """The results document (see :mod:`dmamig.bench.results`) of a sweep's records."""
     add_speedups(records, settings.copy_baseline())
     machine = machine_info(settings.backend, gpus)
     # The devices' topology: a setting on cpu; on cuda what the runtime told the pairs' machines.
@@ -337,7 +337,7 @@ class BenchSweep:
         session : Session, optional
             A :class:`~dmamig.sweep.cluster.Session`; without one the tasks run in this process.
         worker_fn : callable, optional
-            What a worker runs per task (default :func:`dmamig.bench.cluster.run_on_worker`).
+            What a worker runs per task (default :func:`run_on_worker`).
 
         Raises
         ------
@@ -507,7 +507,7 @@ def worker_ceilings(settings: BenchSettings, directions: tuple[str, ...] | list[
 
 
 def run_on_worker(task: Task, settings: BenchSettings) -> dict[str, Any]:
-    """Run ``task`` here with ceilings measured here; what :class:`~dmamig.bench.driver.BenchSweep` journals.
+    """Run ``task`` here with ceilings measured here; what :class:`BenchSweep` journals.
 
     Returns
     -------

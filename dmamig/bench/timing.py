@@ -1,19 +1,43 @@
 """The timing fields every migration record shares: medians of its timed repetitions, throughput, the ratio
 to a ceiling, and the split of the wall time by phase.
 
-Migration groups, state-only and DMA-copy scenarios (:mod:`dmamig.bench.figures`) and device pairs
-(:mod:`dmamig.bench.pairs_figures`) all describe their repetitions the same way; :func:`timing_fields` is that
-description, and :func:`median` the one median the bench figures use.
+Migration groups, state-only and DMA-copy scenarios (:mod:`dmamig.bench.migration`,
+:mod:`dmamig.bench.engine`), device access (:mod:`dmamig.bench.access`) and device pairs
+(:mod:`dmamig.bench.pairs`) all time and describe their repetitions the same way: :func:`timed_call` is the
+one timing of a measured call, :func:`timing_fields` the description, and :func:`median` the one median the
+bench figures use.
 """
 
 from __future__ import annotations
 
 import statistics
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .results import PHASES
 
-__all__ = ["median", "phase_names", "timing_fields"]
+__all__ = ["median", "phase_names", "timed_call", "timing_fields"]
+
+T = TypeVar("T")
+
+
+def timed_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, int, int]:
+    """Run ``fn(*args, **kwargs)`` once, as every scenario times what it measures.
+
+    Returns
+    -------
+    tuple
+        ``fn``'s result, the wall time around the call (``time.perf_counter_ns``) and the CPU time of the
+        calling thread (``time.thread_time_ns``: the migrating or faulting thread; DMA channels run elsewhere,
+        which is the point of no-copy migration), both in nanoseconds.
+    """
+    c0 = time.thread_time_ns()
+    t0 = time.perf_counter_ns()
+    out = fn(*args, **kwargs)
+    wall = time.perf_counter_ns() - t0
+    cpu = time.thread_time_ns() - c0
+    return out, wall, cpu
 
 
 def median(values: list[float]) -> float:
