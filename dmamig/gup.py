@@ -14,9 +14,11 @@ range in, migrates what is not pinnable and starts again while that returns ``-E
   waited for (as ``migration_entry_wait`` and the folio lock make the kernel wait); waiting is not a retry,
   since a migration in flight always ends;
 - otherwise device pages are migrated back (a ``SYNC`` migration, with its own -EAGAIN passes) and the pin
-  starts again, at most :data:`LONGTERM_PIN_RETRIES` times; pages still on a device then (host memory full,
-  a reference held elsewhere the whole time) make the pin fail with OutOfMemory (the kernel's ``-ENOMEM``),
-  pinning nothing.
+  starts again. The kernel's loop has no bound while migrations succeed; here a try that brings no page back
+  counts, and after :data:`LONGTERM_PIN_RETRIES` such tries (host memory full, a reference held elsewhere the
+  whole time) the pin fails with OutOfMemory (the kernel's ``-ENOMEM``), pinning nothing. Pages that keep
+  coming back and leaving again (other threads migrating them to devices) are bounded by
+  :data:`LONGTERM_PIN_WAIT_S`, then MigrationStalled.
 
 The machine lock is held from the last check to the pin, so no migration can move a page away in between.
 """
@@ -41,8 +43,8 @@ __all__ = ["LONGTERM_PIN_RETRIES", "LONGTERM_PIN_WAIT_S", "drop_pins", "pin_rang
 #: MigrationStalled, pinning nothing. The kernel waits without bound; here a driver that set up a MigrateVma
 #: and never finalized it must not hang its caller.
 LONGTERM_PIN_WAIT_S = 60.0
-#: How many times a pin migrates device pages of its range back to host memory and starts again before it
-#: gives up (the kernel's ``__gup_longterm_locked`` loop, which has no bound of its own).
+#: How many times a pin's migration of device pages back to host memory may bring none back before the pin gives
+#: up (the kernel's ``__gup_longterm_locked`` loop has no bound of its own while it makes progress).
 LONGTERM_PIN_RETRIES = 10
 # How long a pin sleeps at most between looks at pages another thread's migration has isolated; the
 # migration wakes it when it ends, the timeout only covers a wake-up lost to a path that does not notify.
@@ -93,8 +95,15 @@ def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
                 raise OutOfMemory(f"pin at {addr:#x}: {remote.size} device pages could not migrate back to host "
                                   f"memory in {tries} tries ({m.nodes[0].free_pages} host pages free, or the "
                                   f"pages are referenced elsewhere); a long-term pin needs its pages there")
-            tries += 1
-            migrate_to_ram(mm, remote)  # drops and retakes the lock: the range is looked at afresh
+            if time.monotonic() >= deadline:
+                raise MigrationStalled(f"pin at {addr:#x}: {remote.size} device pages kept going back to devices "
+                                       f"for {LONGTERM_PIN_WAIT_S:g} s while the pin brought them to host memory; "
+                                       f"nothing was pinned")
+            if migrate_to_ram(mm, remote) == 0:  # drops and retakes the lock: the range is looked at afresh
+                # Nothing came back: a reference held elsewhere for now, or no host frames. Give the holder
+                # time (a change of page state wakes us early) rather than spend every try at once.
+                tries += 1
+                m.changed.wait(_ISOLATED_POLL_S)
         np.add.at(pages.refcount, pages.head[pfns], 1)
         for p in pfns.tolist():
             mm._pins[p] = mm._pins.get(p, 0) + 1

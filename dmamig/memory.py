@@ -275,12 +275,12 @@ def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
                        f"memory, so the access fails (SIGBUS)")
 
 
-def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:
+def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> int:
     """Migrate the folios of device pages ``pfns`` back to host RAM: a CPU fault on them, or a long-term pin.
 
     The lock is held once (not nested) on entry and on exit, and dropped while the migration runs. Every
     mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this is the
-    kernel's fault path, not move_pages.
+    kernel's fault path, not move_pages. Returns how many of ``pfns`` migrated.
     """
     from .flags import MigrateMode
     from .migrate.core import collect_folios, run_migration
@@ -291,9 +291,10 @@ def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> None:
     m.count_event("migrate_to_ram", int(m.pages.nr_pages(heads).sum()) if heads.size else 0)
     m.lock.release()
     try:
-        run_migration(m, heads, 0, MigrateMode.SYNC, None, None, pfns, status, t_thread, t_wall)
+        res = run_migration(m, heads, 0, MigrateMode.SYNC, None, None, pfns, status, t_thread, t_wall)
     finally:
         m.lock.acquire()
+    return int(res.nr_succeeded)
 
 
 def write_pages(m: Machine, pfns: np.ndarray, off: int, buf: np.ndarray) -> None:
