@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 
 from dmamig import Machine, MigrateOptions
-from dmamig.backends import cpu_kernels
+from dmamig.backends.cpu import copy_loops
 
 ROUNDS = int(os.environ.get("DMAMIG_BENCH_ROUNDS", "5"))
 BATCH = 512  # NR_MAX_BATCHED_MIGRATION
@@ -63,7 +63,7 @@ def _per_batch_stream(src: np.ndarray, dst: np.ndarray, nbatches: int, threads: 
         starts = np.arange(nbatches, dtype=np.int64) * BATCH + t * share
         n = np.full(nbatches, share, dtype=np.int64)
         barrier.wait()
-        cpu_kernels.copy_runs_stream(src, dst, starts, starts, n)  # one call, GIL released throughout
+        copy_loops.copy_runs_stream(src, dst, starts, starts, n)  # one call, GIL released throughout
         barrier.wait()
 
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from dmamig.backends.cpu import CpuBackend
+from dmamig.backends.cpu.backend import CpuBackend
 from dmamig.dma import DmaEngine
 from dmamig.nodes import Node, NodeMap
 

@@ -128,7 +128,7 @@ def engine_for(backend, nodes, channels=2, options=None):
 
 def check_access_frames_against_cpu(backend, n: int, picks: int, page: int, seed: int = 0) -> None:
     """``backend.access_frames`` reads and writes ``picks`` of ``n`` device frames as the CPU backend's does."""
-    from dmamig.backends.cpu import CpuBackend
+    from dmamig.backends.cpu.backend import CpuBackend
 
     cpu = CpuBackend()
     rng = np.random.default_rng(seed)
@@ -155,6 +155,6 @@ def stop_worker(channel) -> None:
 
 def hook_copy_kernels(monkeypatch) -> None:
     """Route polling channels' copies through the Python worker, so that hooks on ``cpu_kernels`` see them."""
-    from dmamig.backends.cpu_polling import PollingCpuChannel
+    from dmamig.backends.cpu.polling_channel import PollingCpuChannel
 
     monkeypatch.setattr(PollingCpuChannel, "compiled_copies", False)

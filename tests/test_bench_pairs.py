@@ -185,7 +185,7 @@ def test_pairs_compare_against_a_baseline(doc):
 # -- verification ----------------------------------------------------------------------------------------------
 
 def test_a_wrong_byte_fails_verification(monkeypatch):
-    from dmamig.backends.cpu import CpuBackend
+    from dmamig.backends.cpu.backend import CpuBackend
 
     real = CpuBackend.copy_folios
 

@@ -329,7 +329,7 @@ def test_selftest_cuda_passes(capsys):
 @pytest.fixture
 def corrupting_cpu_copy(monkeypatch):
     """The CPU copy path of copy migration flips one byte of every batch it copies: fast and wrong."""
-    from dmamig.backends.cpu import CpuBackend
+    from dmamig.backends.cpu.backend import CpuBackend
 
     real = CpuBackend.copy_folios
 

@@ -15,9 +15,10 @@ import pytest
 from support import WAIT, finish_within, rand
 
 from dmamig import DmaError, FaultAttr, InvalidArgument, Machine
-from dmamig.backends import cpu_ring
-from dmamig.backends.cpu import CpuChannel, PollingCpuChannel
-from dmamig.backends.cpu_kernels import aligned_zeros
+from dmamig.backends.cpu import ring_consumer as cpu_ring
+from dmamig.backends.cpu.channel import CpuChannel
+from dmamig.backends.cpu.copy_loops import aligned_zeros
+from dmamig.backends.cpu.polling_channel import PollingCpuChannel
 from dmamig.dma import ring as dma_ring
 from dmamig.dma.channel import DEFAULT_POLL_US, ChannelWork
 from dmamig.dma.copy_plan import METHOD_GATHER, METHOD_MEMCPY

@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from dmamig.backends import cpu_kernels
-from dmamig.backends.cpu import CpuBackend, CpuChannel
+from dmamig.backends.cpu import copy_loops as cpu_kernels
+from dmamig.backends.cpu.backend import CpuBackend
+from dmamig.backends.cpu.channel import CpuChannel
 from dmamig.dma import DmaEngine, DmaStats, Fence, PlanOptions, page_checksums
 from dmamig.errors import DmaError, InvalidArgument
 from dmamig.nodes import Node, NodeMap

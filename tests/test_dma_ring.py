@@ -12,9 +12,10 @@ import pytest
 from support import WAIT, finish_within
 
 from dmamig import DmaError, Machine
-from dmamig.backends import cpu_channel, cpu_ring
-from dmamig.backends.cpu import PollingCpuChannel
-from dmamig.backends.cpu_kernels import aligned_zeros
+from dmamig.backends.cpu import channel as cpu_channel
+from dmamig.backends.cpu import ring_consumer as cpu_ring
+from dmamig.backends.cpu.copy_loops import aligned_zeros
+from dmamig.backends.cpu.polling_channel import PollingCpuChannel
 from dmamig.dma import PlanOptions
 from dmamig.dma import ring as dma_ring
 from dmamig.dma.channel import ChannelWork

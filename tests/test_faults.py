@@ -15,8 +15,9 @@ import pytest
 from support import WAIT, finish_within, hook_copy_kernels, rand, stop_worker
 
 from dmamig import DmaError, DmamigError, FaultAttr, FaultPoints, InvalidArgument, Machine, MigrateMode
-from dmamig.backends import cpu as cpu_backend
-from dmamig.backends import cpu_channel, cpu_kernels
+from dmamig.backends.cpu import backend as cpu_backend
+from dmamig.backends.cpu import channel as cpu_channel
+from dmamig.backends.cpu import copy_loops as cpu_kernels
 from dmamig.check import check_machine
 from dmamig.fault import FAULT_POINTS
 
@@ -420,7 +421,7 @@ def test_fence_wait_rejects_a_bad_timeout(m3, timeout):
 
 
 # -- channels that cannot fail inside their worker (as CUDA streams): the engine emulates the fault -----------
-class PlainChannel(cpu_backend.CpuChannel):
+class PlainChannel(cpu_channel.CpuChannel):
     injects_faults = False
 
     def submit(self, work, fault=None):

@@ -11,7 +11,7 @@ import pytest
 from support import WAIT, filled, finish_within, hook_copy_kernels
 
 from dmamig import InvalidArgument, Machine, MigrateMode
-from dmamig.backends import cpu_kernels
+from dmamig.backends.cpu import copy_loops as cpu_kernels
 from dmamig.dma import staging
 from dmamig.topology import LINK_CLASSES, MAX_DEVICES, PRESETS, Topology, node_routes
 

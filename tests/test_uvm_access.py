@@ -291,7 +291,7 @@ def test_resident_pages_are_accessed_with_the_backend_access_kernel(m, monkeypat
 
 @pytest.mark.parametrize("page", [64, 4096, 100])
 def test_read_touch_kernel_matches_numpy(page):
-    from dmamig.backends import cpu_kernels
+    from dmamig.backends.cpu import copy_loops as cpu_kernels
 
     frames = cpu_kernels.aligned_zeros(20, page)
     frames[:] = np.random.default_rng(page).integers(0, 256, frames.shape, dtype=np.uint8)

@@ -162,7 +162,7 @@ def open_backend(name: str = "auto", **options) -> Backend:
     """Create the backend ``name`` (``"auto"``, ``"cpu"`` or ``"cuda"``)."""
     resolved = resolve_backend(name)
     if resolved == "cpu":
-        from .cpu import CpuBackend
+        from .cpu.backend import CpuBackend
 
         return CpuBackend(**options)
     reason = cuda_unavailable_reason()

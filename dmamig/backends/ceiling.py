@@ -14,7 +14,7 @@ import numpy as np
 
 from ..dma.staging import STAGE_BYTES
 from ..errors import InvalidArgument
-from . import cpu_kernels
+from .cpu import copy_loops
 
 __all__ = ["check_pair_args", "numpy_pair_ceiling", "topology_staged"]
 
@@ -55,12 +55,12 @@ def topology_staged(topology: Any, src_dev: int, dst_dev: int) -> bool:
 def numpy_pair_ceiling(nbytes: int, repeat: int, staged: bool) -> float:
     """Best seconds of ``np.copyto`` of ``nbytes`` between two page-aligned buffers, ``staged`` through a host
     bounce buffer in :data:`~dmamig.dma.staging.STAGE_BYTES` chunks (two copies each, as a staged DMA copy)."""
-    src = cpu_kernels.aligned_zeros(1, nbytes)[0]
-    dst = cpu_kernels.aligned_zeros(1, nbytes)[0]
+    src = copy_loops.aligned_zeros(1, nbytes)[0]
+    dst = copy_loops.aligned_zeros(1, nbytes)[0]
     src.fill(1)  # touched, so that the timed copies do not pay first-touch page faults
     dst.fill(0)
     step = min(nbytes, STAGE_BYTES)
-    bounce = cpu_kernels.aligned_zeros(1, step)[0] if staged else None
+    bounce = copy_loops.aligned_zeros(1, step)[0] if staged else None
     best = float("inf")
     for i in range(repeat + 1):
         t0 = time.perf_counter()

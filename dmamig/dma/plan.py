@@ -2,7 +2,7 @@
 
 This module holds the planners' entry points (:func:`plan_copy`, :func:`plan_one_pair`) and picks how a
 submission is planned: by the numpy steps of :mod:`dmamig.dma.plan_steps`, or, for one node pair, by the compiled
-pass of :mod:`dmamig.dma.plan_kernels`. The plan's data types are in :mod:`dmamig.dma.copy_plan`.
+pass of :mod:`dmamig.dma.plan_loops`. The plan's data types are in :mod:`dmamig.dma.copy_plan`.
 
 Everything is vectorized over the submission: a plan is a handful of parallel arrays (one entry per run), never
 a Python object per page or per run. The only Python loops are bounded by the number of channels (the
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument
-from . import plan_kernels
+from . import plan_loops
 from .copy_plan import CopyPlan, PlanOptions, empty_plan, finish_plan
 from .plan_steps import balance_runs, choose_methods, coalesce_runs, sort_pages, split_runs
 
@@ -47,7 +47,7 @@ def _plan_one_pair(src_node: int, dst_node: int, src_idx: np.ndarray, dst_idx: n
     runs = np.empty((4, n), dtype=np.int64)
     method = np.empty(n, dtype=np.int8)
     seg = np.empty(n + 1, dtype=np.int64)
-    nr, nseg = plan_kernels.plan_runs(np.ascontiguousarray(src_idx), np.ascontiguousarray(dst_idx), channels,
+    nr, nseg = plan_loops.plan_runs(np.ascontiguousarray(src_idx), np.ascontiguousarray(dst_idx), channels,
                                       options.split_min_pages, options.large_run_fraction,
                                       options.memcpy_min_pages, bool(options.use_batch and batch_available),
                                       options.batch_max_pages, runs[0], runs[1], runs[2], runs[3], method, seg)
@@ -64,7 +64,7 @@ def plan_one_pair(src_node: int, src_idx: np.ndarray, dst_node: int, dst_idx: np
     ``src_idx`` and ``dst_idx`` are int64 frame indices within those nodes.
     """
     options = options or PlanOptions()
-    if not (plan_kernels.HAVE_NUMBA and USE_COMPILED):
+    if not (plan_loops.HAVE_NUMBA and USE_COMPILED):
         n = src_idx.size
         return plan_copy(np.full(n, src_node), src_idx, np.full(n, dst_node), dst_idx, channels=channels,
                          options=options, batch_available=batch_available)
@@ -116,7 +116,7 @@ def plan_copy(src_node: np.ndarray, src_idx: np.ndarray, dst_node: np.ndarray, d
     one_pair = int(src_node.min()) == int(src_node.max()) and int(dst_node.min()) == int(dst_node.max())
     pair = None if one_pair else src_node * nn + dst_node
     order = sort_pages(pair if pair is not None else 0, src_idx)
-    if one_pair and plan_kernels.HAVE_NUMBA and USE_COMPILED:
+    if one_pair and plan_loops.HAVE_NUMBA and USE_COMPILED:
         if order is not None:
             src_idx, dst_idx = src_idx[order], dst_idx[order]
         return _plan_one_pair(int(src_node[0]), int(dst_node[0]), src_idx, dst_idx, channels, options,

@@ -2,7 +2,7 @@
 channels, choose a copy method per run.
 
 Pure numpy, vectorized over the submission (see :mod:`dmamig.dma.plan` for the order of the steps). They plan
-every submission the compiled pass of :mod:`dmamig.dma.plan_kernels` does not, and stay its reference.
+every submission the compiled pass of :mod:`dmamig.dma.plan_loops` does not, and stay its reference.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ stores ``IDLE``, fences, and looks at ``TAIL`` once more; a submitter stores ``T
 ``IDLE``: one of the two always sees the other, so no job waits for a sleeping consumer.
 
 A submission (:meth:`RingSet.submit_pages`) is one compiled call: put the pages in source order, plan runs
-(:func:`dmamig.dma.plan_kernels.plan_runs`: coalesce, split, balance over the channels), check every channel has
+(:func:`dmamig.dma.plan_loops.plan_runs`: coalesce, split, balance over the channels), check every channel has
 room, write every channel's rows, and publish. It allocates nothing (a per-lane workspace is reused) and makes
 no Python object per page or per run.
 """
@@ -47,7 +47,7 @@ import numpy as np
 
 from .._atomics import ATOMICS_ERROR
 from ..errors import InvalidArgument
-from . import plan_kernels
+from . import plan_loops
 
 __all__ = [
     "JOB_CAPACITY",
@@ -107,7 +107,7 @@ _STREAM_ALIGN, _STREAM_STEP = 16, 64
 
 #: Why the ring cannot be driven here (``None`` where it can).
 RING_ERROR: str | None = ATOMICS_ERROR if ATOMICS_ERROR else (
-    None if plan_kernels.HAVE_NUMBA else "numba is not importable")
+    None if plan_loops.HAVE_NUMBA else "numba is not importable")
 #: Whether rings can be used here.
 RING_AVAILABLE = RING_ERROR is None
 
@@ -236,7 +236,7 @@ if RING_AVAILABLE:
                 k = order[i]
                 src_idx[i] = src_pfns[k] - src_base
                 dst_idx[i] = dst_pfns[k] - dst_base
-        nr, nseg = plan_kernels.plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min,
+        nr, nseg = plan_loops.plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min,
                                           False, 0, run_src, run_dst, run_np, run_ch, wm, seg)
         # Per channel: first run, runs, gather segments (a launch each), memcpy runs (a call each).
         for c in range(channels):
@@ -250,7 +250,7 @@ if RING_AVAILABLE:
             if out[c, 0] > a:
                 out[c, 0] = a
             out[c, 1] += seg[k + 1] - a
-            if wm[a] == plan_kernels.GATHER:
+            if wm[a] == plan_loops.GATHER:
                 out[c, 2] += 1
             else:
                 out[c, 3] += seg[k + 1] - a

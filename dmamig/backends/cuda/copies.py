@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InvalidArgument
-from .. import cpu_kernels
+from ..cpu import copy_loops
 from .codes import _MEMCPY_DEFAULT
 from .memory import _device_of, _ptr
 from .staging import stage_folios
@@ -39,9 +39,9 @@ class FolioCopyMixin:
         nr_pages = np.asarray(nr_pages, dtype=np.int64)
         if not (src_idx.shape == dst_idx.shape == nr_pages.shape) or src_idx.ndim != 1:
             raise InvalidArgument("copy_folios: src_idx, dst_idx and nr_pages must be 1-D of one length")
-        cpu_kernels.check_runs(src, dst, src_idx, dst_idx, nr_pages)
+        copy_loops.check_runs(src, dst, src_idx, dst_idx, nr_pages)
         if isinstance(src, np.ndarray) and isinstance(dst, np.ndarray):
-            cpu_kernels.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
+            copy_loops.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
             return
         sdev, ddev = _device_of(src), _device_of(dst)
         if staged and sdev >= 0 and ddev >= 0 and sdev != ddev:

@@ -26,8 +26,8 @@ import numpy as np
 
 from ...dma import ring as dma_ring
 from ...errors import DmaError
-from ..cpu_ring import RING_AVAILABLE as POLL_AVAILABLE
-from ..cpu_ring import poll_done
+from ..cpu.ring_consumer import RING_AVAILABLE as POLL_AVAILABLE
+from ..cpu.ring_consumer import poll_done
 from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text
 from .memory import alloc_pinned
 

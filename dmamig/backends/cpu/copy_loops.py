@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dma.staging import stage_chunks
-from ..errors import InvalidArgument
+from ...dma.staging import stage_chunks
+from ...errors import InvalidArgument
 
 __all__ = ["HAVE_NUMBA", "NUMBA_ERROR", "aligned_zeros", "check_runs", "copy_runs_cached", "copy_runs_staged",
            "copy_runs_stream", "stream_copy_ok", "warm_up", "xor_pages"]

@@ -1,7 +1,7 @@
 """Polling DMA channels of the CPU backend: a worker that watches its doorbell, waiters that poll completion.
 
-A :class:`PollingCpuChannel` is a :class:`~dmamig.backends.cpu_channel.CpuChannel` whose worker stays in a
-compiled loop between jobs (:mod:`dmamig.backends.cpu_ring`), as a copy engine watches its doorbell, and whose
+A :class:`PollingCpuChannel` is a :class:`~dmamig.backends.cpu.channel.CpuChannel` whose worker stays in a
+compiled loop between jobs (:mod:`dmamig.backends.cpu.ring_consumer`), as a copy engine watches its doorbell, and whose
 waiters poll the completion word, as the kernel's ``dma_sync_wait()`` does. A submission reaches the worker in
 well under a microsecond instead of an OS wake-up (about 25 us a hop on the 2-vCPU reference VM), and the
 worker's copies never wait for the GIL.
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..dma import ring as dma_ring
-from ..dma.channel import DEFAULT_POLL_US, ChannelWork
-from ..errors import DmaError
-from . import cpu_ring
-from .cpu_channel import LIVENESS_PERIOD, CpuChannel, finish_once, sleep_on_gate
+from ...dma import ring as dma_ring
+from ...dma.channel import DEFAULT_POLL_US, ChannelWork
+from ...errors import DmaError
+from . import ring_consumer
+from .channel import LIVENESS_PERIOD, CpuChannel, finish_once, sleep_on_gate
 
 __all__ = ["DEFAULT_POLL_US", "PollingCpuChannel"]
 
@@ -68,7 +68,7 @@ class _RingCompletion:
         ch = self._channel
         deadline = None if timeout is None else time.monotonic() + timeout
         budget = ch.poll_ns if timeout is None else min(ch.poll_ns, int(timeout * 1e9))
-        if budget > 0 and cpu_ring.poll_done(ch._ring, self.seq, budget):
+        if budget > 0 and ring_consumer.poll_done(ch._ring, self.seq, budget):
             self._settle()
             return True
         # Past the poll window: sleep on a gate that the worker opens.
@@ -273,10 +273,10 @@ class PollingCpuChannel(CpuChannel):
     def _loop(self) -> None:
         ring = self._ring
         while True:
-            why = cpu_ring.serve(ring, self.poll_ns, self._clock)
-            if why == cpu_ring.SERVE_WAKE:
+            why = ring_consumer.serve(ring, self.poll_ns, self._clock)
+            if why == ring_consumer.SERVE_WAKE:
                 self._open_gates()
-            elif why == cpu_ring.SERVE_IDLE:
+            elif why == ring_consumer.SERVE_IDLE:
                 with self._lock:
                     if ring.tail != ring.head:
                         continue

@@ -1,6 +1,6 @@
 """The CPU backend's DMA channels: each channel is one long-lived worker thread fed by a queue.
 
-The worker runs the compiled GIL-free copy kernels of :mod:`dmamig.backends.cpu_kernels`, so a copy truly
+The worker runs the compiled GIL-free copy kernels of :mod:`dmamig.backends.cpu.copy_loops`, so a copy truly
 overlaps the thread that submitted it. A job's completion is a lock its waiters sleep on, waking now and then to
 check that the worker is still alive: a worker that dies (an injected ``channel_crash``, or any error outside a
 job) fails the job it held, and the channel starts a new worker or, after repeated deaths, declares itself
@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..dma.channel import CHANNEL_COUNTERS, ChannelWork, route_counts
-from ..dma.copy_plan import METHOD_GATHER
-from ..dma.staging import stage_capacity
-from ..errors import DmaError
-from . import cpu_kernels
+from ...dma.channel import CHANNEL_COUNTERS, ChannelWork, route_counts
+from ...dma.copy_plan import METHOD_GATHER
+from ...dma.staging import stage_capacity
+from ...errors import DmaError
+from . import copy_loops
 
 __all__ = ["ChannelCrash", "CpuChannel"]
 
@@ -298,11 +298,11 @@ class CpuChannel:
                            f"{sum(int(w.npages.size) for w in cut)} of {total} runs")
         for w in work:
             if w.staged:
-                chunks, pieces = cpu_kernels.copy_runs_staged(w.src_frames, w.dst_frames, self._bounce_for(w),
+                chunks, pieces = copy_loops.copy_runs_staged(w.src_frames, w.dst_frames, self._bounce_for(w),
                                                                w.src_start, w.dst_start, w.npages)
                 launches, calls = 2 * chunks, 2 * pieces
             else:
-                cpu_kernels.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
+                copy_loops.copy_runs_stream(w.src_frames, w.dst_frames, w.src_start, w.dst_start, w.npages)
                 launches, calls = 1, int(w.npages.size)
             with self._lock:
                 self._count(w, launches, calls)
@@ -332,7 +332,7 @@ class CpuChannel:
         page = int(w.src_frames.shape[1])
         b = self._bounce
         if b is None or b.shape != (stage_capacity(page), page):
-            b = self._bounce = cpu_kernels.aligned_zeros(stage_capacity(page), page)
+            b = self._bounce = copy_loops.aligned_zeros(stage_capacity(page), page)
         return b
 
     def close(self) -> None:

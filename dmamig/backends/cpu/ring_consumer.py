@@ -18,7 +18,7 @@ them, a ``memcpy`` otherwise); a row outside registered memory ends its job with
 anything is copied, as the GPU consumer does. Streaming stores are
 fenced before the status and the release of ``HEAD``, so a waiter's acquire load of ``HEAD`` makes the
 destination bytes visible (on Arm as on x86). A :data:`~dmamig.dma.ring.JOB_PYTHON` job at the head returns to
-the worker's Python side. Built on :mod:`dmamig.backends.cpu_spin`: Linux and macOS with numba; elsewhere
+the worker's Python side. Built on :mod:`dmamig.backends.cpu.spin`: Linux and macOS with numba; elsewhere
 :data:`RING_AVAILABLE` is False and channels sleep between jobs.
 """
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dma import ring as dma_ring
-from .cpu_spin import SPIN_ERROR
+from ...dma import ring as dma_ring
+from .spin import SPIN_ERROR
 
 __all__ = ["RING_AVAILABLE", "RING_ERROR", "SERVE_IDLE", "SERVE_PYTHON", "SERVE_WAKE", "poll_done", "serve",
            "warm_up"]
@@ -53,9 +53,9 @@ _STATUS_OK, _STATUS_BAD_ROW = dma_ring.STATUS_OK, dma_ring.STATUS_BAD_ROW
 if RING_AVAILABLE:
     from numba import njit
 
-    from .._atomics import full_fence, load_acquire, load_plain, store_release
-    from .cpu_kernels import STREAM_STEP, _memcpy, _stream64
-    from .cpu_spin import _cpu_relax, _now_ns, _sched_yield
+    from ..._atomics import full_fence, load_acquire, load_plain, store_release
+    from .copy_loops import STREAM_STEP, _memcpy, _stream64
+    from .spin import _cpu_relax, _now_ns, _sched_yield
 
     @njit(nogil=True, cache=True, inline="always")
     def _registered(regions, nreg, addr, nbytes):  # pragma: no cover - compiled

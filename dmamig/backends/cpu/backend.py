@@ -1,10 +1,10 @@
 """The CPU backend: every node's frames are a numpy buffer; DMA channels are worker threads.
 
 Each channel is one long-lived thread running the compiled GIL-free copy kernels of
-:mod:`dmamig.backends.cpu_kernels`, so a copy truly overlaps the thread that submitted it. By default a channel
-polls (:mod:`dmamig.backends.cpu_polling`): its worker watches a doorbell ring in compiled code, as a copy
+:mod:`dmamig.backends.cpu.copy_loops`, so a copy truly overlaps the thread that submitted it. By default a channel
+polls (:mod:`dmamig.backends.cpu.polling_channel`): its worker watches a doorbell ring in compiled code, as a copy
 engine does, and waiters poll the completion word, as the kernel's ``dma_sync_wait()`` does, each for at most
-``poll_us`` before sleeping. With ``poll_us = 0`` channels sleep between jobs (:mod:`dmamig.backends.cpu_channel`):
+``poll_us`` before sleeping. With ``poll_us = 0`` channels sleep between jobs (:mod:`dmamig.backends.cpu.channel`):
 every submission then costs the host's thread wake-ups. This module holds :class:`CpuBackend`: frame buffers, the
 migrating thread's own folio copies, channels, checksums and copy ceilings.
 """
@@ -16,17 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from ..dma.checksum import page_checksums
-from ..dma.ring import RingSet
-from ..dma.staging import stage_capacity
-from ..errors import InvalidArgument
-from . import cpu_kernels, cpu_ring
-from .base import DeviceInfo
-from .ceiling import check_pair_args, numpy_pair_ceiling, topology_staged
-from .cpu_channel import ChannelCrash, CpuChannel
-from .cpu_polling import DEFAULT_POLL_US, PollingCpuChannel
+from ...dma.channel import DEFAULT_POLL_US
+from ...dma.checksum import page_checksums
+from ...dma.ring import RingSet
+from ...dma.staging import stage_capacity
+from ...errors import InvalidArgument
+from ..base import DeviceInfo
+from ..ceiling import check_pair_args, numpy_pair_ceiling, topology_staged
+from . import copy_loops, ring_consumer
+from .channel import CpuChannel
+from .polling_channel import PollingCpuChannel
 
-__all__ = ["DEFAULT_POLL_US", "ChannelCrash", "CpuBackend", "CpuChannel", "PollingCpuChannel"]
+__all__ = ["CpuBackend"]
 
 
 class CpuBackend:
@@ -48,7 +49,7 @@ class CpuBackend:
 
     def alloc_frames(self, kind: str, device: int, nr_pages: int, page_size: int) -> np.ndarray:
         """Allocate a zero-filled, page-aligned ``(nr_pages, page_size)`` uint8 buffer."""
-        return cpu_kernels.aligned_zeros(int(nr_pages), int(page_size))
+        return copy_loops.aligned_zeros(int(nr_pages), int(page_size))
 
     def read_frames(self, frames: np.ndarray, idx: np.ndarray) -> np.ndarray:
         return frames[idx]
@@ -85,17 +86,17 @@ class CpuBackend:
         if not (src_idx.shape == dst_idx.shape == nr_pages.shape) or src_idx.ndim != 1:
             raise InvalidArgument(f"copy_folios: src_idx, dst_idx and nr_pages must be 1-D of one length, got "
                                   f"{src_idx.shape}, {dst_idx.shape}, {nr_pages.shape}")
-        cpu_kernels.check_runs(src, dst, src_idx, dst_idx, nr_pages)
+        copy_loops.check_runs(src, dst, src_idx, dst_idx, nr_pages)
         if staged:
-            cpu_kernels.copy_runs_staged(src, dst, self._thread_bounce(int(src.shape[1])), src_idx, dst_idx,
+            copy_loops.copy_runs_staged(src, dst, self._thread_bounce(int(src.shape[1])), src_idx, dst_idx,
                                          nr_pages, stream=False)
         else:
-            cpu_kernels.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
+            copy_loops.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
 
     def _thread_bounce(self, page: int) -> np.ndarray:
         b = getattr(self._local, "bounce", None)
         if b is None or b.shape != (stage_capacity(page), page):
-            b = self._local.bounce = cpu_kernels.aligned_zeros(stage_capacity(page), page)
+            b = self._local.bounce = copy_loops.aligned_zeros(stage_capacity(page), page)
         return b
 
     def devices(self) -> list[DeviceInfo]:
@@ -110,15 +111,15 @@ class CpuBackend:
     @property
     def polling(self) -> bool:
         """Whether new DMA channels poll (``poll_us > 0`` and the polling loop can run here)."""
-        return self.poll_us > 0 and cpu_ring.RING_AVAILABLE
+        return self.poll_us > 0 and ring_consumer.RING_AVAILABLE
 
     def open_channels(self, count: int, device: int = 0) -> list[CpuChannel]:
         """Start ``count`` worker-thread channels of ``device`` (compiling the copy kernels first, if needed):
         polling channels over one :class:`~dmamig.dma.ring.RingSet` while :attr:`polling`, else channels that
         sleep between jobs."""
-        cpu_kernels.warm_up()
+        copy_loops.warm_up()
         if self.polling:
-            cpu_ring.warm_up()
+            ring_consumer.warm_up()
             rings = RingSet(int(count))
             return [PollingCpuChannel(i, device, self.poll_us, rings.rings[i]) for i in range(int(count))]
         return [CpuChannel(i, device) for i in range(int(count))]
@@ -147,7 +148,7 @@ class CpuBackend:
 
         Returns the XOR of the pages' 64-bit words. The CUDA backend reads with its checksum kernel instead.
         """
-        return cpu_kernels.xor_pages(frames, idx)
+        return copy_loops.xor_pages(frames, idx)
 
     def checksum_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
         """Checksums of the frames at ``idx`` with the numpy reference."""
