@@ -270,7 +270,7 @@ class BenchSettings:
 
     def recorded_poll(self) -> float:
         """The poll window the bench machines run with, as results.json records it."""
-        from ..backends.cpu_ring import RING_AVAILABLE
+        from ..backends.cpu.ring_consumer import RING_AVAILABLE
         from ..dma.channel import DEFAULT_POLL_US
 
         poll = DEFAULT_POLL_US if self.dma_poll_us is None else self.dma_poll_us
