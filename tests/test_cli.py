@@ -124,16 +124,19 @@ def test_python_dash_m_runs_the_cli():
 def test_readme_keeps_the_ci_commands_and_its_quick_tour_runs():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
     lines = readme.splitlines()
     # CI runs these two lines verbatim (.ci/run greps the test command out of the README).
     assert "python3 -m pip install . && dmamig bench" in lines
     assert "python3 -m pip install '.[test]' && python3 -m pytest" in lines
-    tour = readme.split("## Python API quick tour", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(tour, "README.md quick tour", "exec"), {})
+    api = (root / "docs" / "api.md").read_text()
+    tour = api.split("## Python API quick tour", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(tour, "docs/api.md quick tour", "exec"), {})
     # The experiment settings' snippet runs on its own too.
-    snippet = readme.split("The same settings in Python:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(snippet, "README.md experiment settings", "exec"), {})
+    guide = (root / "docs" / "guide.md").read_text()
+    snippet = guide.split("The same settings in Python:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(snippet, "docs/guide.md experiment settings", "exec"), {})
 
 
 @pytest.mark.parametrize("argv", [["bench", "--resume", "/nonexistent/sweep"], ["bench", "--topology", "dgx1"],

@@ -284,6 +284,6 @@ def test_docs_name_every_machine_field_a_result_records(tmp_path):
 
     missing = [f for f in fields if not said(f)]
     assert not missing, f"docs/results.md does not describe {missing}"
-    readme = (ROOT / "README.md").read_text()
-    assert "docs/results.md" in readme and "--allow-other-machine" in readme
-    assert "### What a result records about its machine" in readme
+    reading = (ROOT / "docs" / "reading-results.md").read_text()
+    assert "docs/results.md" in reading and "--allow-other-machine" in reading
+    assert "### What a result records about its machine" in reading

@@ -1,6 +1,6 @@
 """What every bench plot shares (matplotlib, Agg backend: no display needed): pyplot, saving, colours, bars.
 
-Each plot is meant to be read without the README: its title names the backend, the working set and the batching
+Each plot is meant to be read without the documentation: its title names the backend, the working set and the batching
 (faithful, i.e. the kernel's, unless marked as an experiment), axes of rates start at zero, legends say
 what each colour measures, and error bars span the slowest to the fastest timed repetition. The plots
 themselves live with their scenario kind (:mod:`dmamig.bench.migration`, :mod:`dmamig.bench.access`,
