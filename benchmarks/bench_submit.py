@@ -1,6 +1,6 @@
 """Host cost of one DMA submission: a 512-page batch at 4K (scattered pages) and 2M (one folio), 1 and 4 channels.
 
-    python3 benchmarks/bench_submit.py [--backend cpu] [--out DIR]
+    python3 benchmarks/bench_submit.py [--backend cpu|cuda|standin] [--out DIR]
 
 Each case is a short ``run()`` over the same operation, ``m.dma.copy(src, dst)`` (its fence waited for outside
 the timed call), on a machine of the chosen backend. It reports, per case, the median host microseconds of:
@@ -11,12 +11,18 @@ the timed call), on a machine of the chosen backend. It reports, per case, the m
 
 and, over the same calls, the numpy buffers allocated per submission (``tracemalloc``'s numpy domain: a
 submission should allocate none) and the submission's share of the target (DESIGN.md: 10 us at 4K, 5 us at 2M).
-Medians; these machines are noisy. Nothing here is a pass/fail test.
+
+``--backend standin`` runs the CUDA backend's own code (the ring lane, its launch and its waits) over the CuPy
+stand-in of ``tests/test_cuda_fake.py`` with a zero-cost device: a launch is queued and runs, untimed, after the
+timed call, publishing each job done without copying. It adds the runtime calls a submission makes (the
+launches and the runtime entry points the stand-in logs). Medians; these machines are noisy. Nothing here is a
+pass/fail test.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import time
@@ -100,6 +106,68 @@ def numpy_allocations(dma: Any, src: np.ndarray, dst: np.ndarray, calls: int = 1
     return grown / calls
 
 
+def standin_engine(channels: int) -> tuple[Any, Any, Any]:
+    """A DMA engine of the CUDA backend over the stand-in's zero-cost device, and the stand-in's GPU: host and
+    device nodes of ``8 * BATCH`` pages each."""
+    import sys
+
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    import test_cuda_fake as fake  # the stand-in lives beside the tests that check it
+    from support import engine_for, make_nodes
+
+    from dmamig.backends.cuda.backend import CudaBackend
+
+    def publish_only(self: Any, args: tuple[int, ...]) -> None:  # the protocol's completion, no bytes moved
+        ctl, _rows, jobs, _regions, _done = args[:5]
+        channels_, _row_cap, job_cap, ctl_words, _bpc = args[13:18]
+        for c, seq in enumerate(args[5:5 + channels_]):
+            if seq < 0:
+                continue
+            words = np.ctypeslib.as_array((ctypes.c_int64 * ctl_words).from_address(ctl + 8 * c * ctl_words))
+            slot = np.ctypeslib.as_array((ctypes.c_int64 * 4).from_address(jobs + 32 * (c * job_cap + seq % job_cap)))
+            slot[3] = 1
+            words[9] = slot[1] + slot[2]
+            words[8] = seq + 1
+
+    fake.FakeKernel._ring_copy = publish_only
+    gpu = fake.FakeGpu(auto=False)
+    backend = CudaBackend(cupy=fake.FakeCupy(gpu))
+    nodes = make_nodes(backend, sizes=(8 * BATCH, 8 * BATCH), devices=(-1, 0))
+    return engine_for(backend, nodes, channels=channels), gpu, backend
+
+
+def run_standin(channels: int, kind: str) -> dict[str, Any]:
+    """One case on the stand-in: host microseconds and runtime calls of the CUDA path's submission."""
+    engine, gpu, backend = standin_engine(channels)
+    try:
+        rng = np.random.default_rng(0)
+        n = 8 * BATCH
+        src = rng.permutation(BATCH).astype(np.int64) if kind == "4k" else np.arange(BATCH, dtype=np.int64)
+        dst = n + np.arange(BATCH, dtype=np.int64)
+        times, calls = [], []
+        for k in range(2 * CALLS):
+            logged, launched = len(gpu.log), len(gpu.launches)
+            t0 = time.perf_counter_ns()
+            fence = engine.copy(src, dst)
+            t1 = time.perf_counter_ns()
+            calls.append(len(gpu.log) - logged + len(gpu.launches) - launched)
+            gpu.run()  # the device, untimed
+            fence.wait()
+            if k >= CALLS:
+                times.append(t1 - t0)
+        submit = statistics.median(times) / 1e3
+        gpu.auto = True  # the allocation count waits for its fences
+        return {"backend": "cuda (stand-in, zero-cost device)", "channels": channels, "pages": kind,
+                "submit_us": round(submit, 3), "compiled_us": "not measured", "runtime_calls": max(calls[CALLS:]),
+                "numpy_allocations_per_submission": numpy_allocations(engine, src, dst),
+                "target_us": TARGET_US[kind], "share_of_target": round(submit / TARGET_US[kind], 2)}
+    finally:
+        gpu.run()
+        engine.close()
+        backend.close()
+
+
 def run(backend: str, channels: int, kind: str) -> dict[str, Any]:
     """One case: a machine with ``channels`` channels per device, a batch of ``kind`` pages, every figure."""
     m = Machine(host_pages=8 * BATCH, device_pages=8 * BATCH, devices=1, backend=backend, channels=channels)
@@ -116,15 +184,19 @@ def run(backend: str, channels: int, kind: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--backend", default="cpu", choices=["auto", "cpu", "cuda", "standin"])
     ap.add_argument("--out", type=Path, help="folder for submit.json (created)")
     args = ap.parse_args(argv)
-    rows = [run(args.backend, c, kind) for kind in ("4k", "2m") for c in (1, 4)]
-    print(f"{'pages':>5} {'ch':>3} {'submit us':>10} {'compiled us':>12} {'np allocs':>10} {'x target':>9}")
+    case = run_standin if args.backend == "standin" else lambda c, kind: run(args.backend, c, kind)
+    rows = [case(c, kind) for kind in ("4k", "2m") for c in (1, 4)]
+    print(f"backend: {rows[0]['backend']}")
+    print(f"{'pages':>5} {'ch':>3} {'submit us':>10} {'compiled us':>12} {'np allocs':>10} {'runtime calls':>14} "
+          f"{'x target':>9}")
     for r in rows:
         comp = r["compiled_us"] if isinstance(r["compiled_us"], str) else f"{r['compiled_us']:.2f}"
         print(f"{r['pages']:>5} {r['channels']:>3} {r['submit_us']:>10.2f} {comp:>12} "
-              f"{r['numpy_allocations_per_submission']:>10.2f} {r['share_of_target']:>9.2f}")
+              f"{r['numpy_allocations_per_submission']:>10.2f} {r.get('runtime_calls', '-'):>14} "
+              f"{r['share_of_target']:>9.2f}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "submit.json").write_text(json.dumps({"rows": rows, "ring_available": dma_ring.RING_AVAILABLE},
