@@ -42,3 +42,18 @@ def as_pfn_array(m: Machine, name: str, pfns: Any) -> np.ndarray:
     if bad.any():
         raise InvalidArgument(f"{name} has pfns out of range 0..{m.pages.nr_pfns - 1}: {arr[bad][:8].tolist()}")
     return arr
+
+
+def as_bytes(data: Any) -> np.ndarray:
+    """``data`` (bytes-like or a uint8 array, not empty) as a flat uint8 array, without a copy where it can."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise InvalidArgument(f"data must be bytes-like or a uint8 array, got an array of {data.dtype}")
+        buf = np.ascontiguousarray(data).reshape(-1)
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        buf = np.frombuffer(data, dtype=np.uint8)
+    else:
+        raise InvalidArgument(f"data must be bytes-like or a uint8 array, got {type(data).__name__}")
+    if buf.size == 0:
+        raise InvalidArgument("data must not be empty")
+    return buf

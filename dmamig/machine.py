@@ -11,20 +11,22 @@ import numpy as np
 
 from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
+from .dma import DmaEngine
 from .errors import InvalidArgument, OutOfMemory
 from .fault import FaultPoints
 from .flags import MigrateMode
 from .frame_ops import FrameOps
+from .migrate.core import migrate_pfns
+from .mm import AddressSpace
 from .nodes import MAX_ORDER, Node, NodeMap
 from .page_controls import PageControls
 from .pages import PageArray
 from .topology import ROUTE_STAGED, Topology, node_routes, resolve_topology
 
 if TYPE_CHECKING:
-    from .dma import DmaEngine
     from .migrate import MigrateResult
     from .migrate.options import MigrateOptions
-    from .mm import AddressSpace, MemObject
+    from .vma import MemObject
 
 __all__ = ["Machine"]
 
@@ -233,8 +235,6 @@ class Machine(FrameOps, PageControls):
         """The device DMA engine (created on first use)."""
         if self._dma is None:
             self._check_open()
-            from .dma import DmaEngine
-
             self._dma = DmaEngine(nodes=self._nodes, nodemap=self.nodemap, backend=self._backend,
                                   page_size=self._page_size, channels=self._channels, faults=self._faults,
                                   content=self.pages, topology=self._topology)
@@ -244,8 +244,6 @@ class Machine(FrameOps, PageControls):
     def address_space(self) -> AddressSpace:
         """Create a new, empty address space (a process)."""
         self._check_open()
-        from .mm import AddressSpace
-
         mm = AddressSpace(self)
         with self.lock:
             self._spaces.append(mm)
@@ -339,8 +337,6 @@ class Machine(FrameOps, PageControls):
         MigrateResult
             Per-page status of ``pfns`` (``0`` or ``-errno``) and counters.
         """
-        from .migrate.core import migrate_pfns
-
         self._check_open()
         return migrate_pfns(self, pfns, node, mode, dst_pfns, options)
 

@@ -23,16 +23,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import AddressFault, OutOfMemory
-from .flags import PageFlag, PteFlag
-from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache
+from .flags import MigrateMode, PageFlag, PteFlag
+from .migrate.core import run_migration
+from .migrate.isolate import collect_folios
+from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache, map_pages
 
 if TYPE_CHECKING:
     from .machine import Machine
     from .mm import AddressSpace
     from .vma import Vma
 
-__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "map_pages",
-           "migrate_to_ram", "new_pte_flags", "read_pages", "write_pages"]
+__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "migrate_to_ram",
+           "read_pages", "write_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -40,11 +42,6 @@ DEFAULT_MEMCG = 1
 _NEW_PAGE_FLAGS = PageFlag.UPTODATE | PageFlag.LRU | PageFlag.SWAPBACKED
 _ZERO_PTE = np.uint8(PteFlag.PRESENT | PteFlag.YOUNG | PteFlag.SPECIAL)
 _WRITE = np.uint8(PteFlag.WRITE)
-
-
-def new_pte_flags(vma: Vma) -> np.uint8:
-    """Bits of a PTE that maps a page this VMA owns alone: present, young, writable if the VMA is."""
-    return np.uint8(PteFlag.PRESENT | PteFlag.YOUNG | (PteFlag.WRITE if vma.writable else 0))
 
 
 def check_access(vma: Vma, addr: int, write: bool) -> None:
@@ -55,15 +52,6 @@ def check_access(vma: Vma, addr: int, write: bool) -> None:
     if not vma.readable:
         raise AddressFault(f"access at {addr:#x}: the mapping {vma.start:#x}-{vma.end:#x} has prot "
                            f"{vma.prot!r}; mprotect it with Prot.READ first")
-
-
-def map_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, pfns: np.ndarray) -> None:
-    """Point ``slots`` (empty or zero-page) at ``pfns``: each PTE takes a mapcount and a folio reference."""
-    pages = mm.machine.pages
-    vma.pte_pfn[slots] = pfns
-    vma.pte_flags[slots] = new_pte_flags(vma)
-    np.add.at(pages.mapcount, pfns, 1)
-    np.add.at(pages.refcount, pages.head[pfns], 1)
 
 
 def fault(mm: AddressSpace, vma: Vma, s0: int, s1: int, node: int, write: bool) -> None:
@@ -105,7 +93,7 @@ def _fault_absent(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> N
         cached = obj.pfns[vma.pgoff + slots]
         hit = cached >= 0
         if hit.any():
-            map_pages(mm, vma, slots[hit], cached[hit])
+            map_pages(mm.machine, vma, slots[hit], cached[hit])
         slots = slots[~hit]
         if slots.size == 0:
             return
@@ -133,7 +121,7 @@ def _fault_absent(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> N
     # anonymous memory the PTEs' references are the only ones.
     pages.refcount[heads] = pages.nr_pages(heads) if obj.shared else 0
     m.count_event("pgfault", new_pfns.size)
-    map_pages(mm, vma, new_idx - vma.pgoff, new_pfns)
+    map_pages(mm.machine, vma, new_idx - vma.pgoff, new_pfns)
 
 
 def _prep_pages(mm: AddressSpace, vma: Vma, pfns: np.ndarray, heads: np.ndarray, idx: np.ndarray) -> None:
@@ -201,7 +189,7 @@ def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
     free_swap_cache(m, pages.head[old])
     m.put_folios(pages.head[old])
     vma.pte_pfn[slots] = NO_PFN
-    map_pages(mm, vma, slots, new)
+    map_pages(mm.machine, vma, slots, new)
     m.count_event("pgfault", slots.size)
 
 
@@ -282,9 +270,6 @@ def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> int:
     mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this is the
     kernel's fault path, not move_pages. Returns how many of ``pfns`` migrated.
     """
-    from .flags import MigrateMode
-    from .migrate.core import collect_folios, run_migration
-
     m = mm.machine
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
     status, heads = collect_folios(m, pfns, 0)

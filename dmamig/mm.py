@@ -16,14 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._validate import check_node
+from ._validate import as_bytes, check_node
 from .errors import AddressFault, InvalidArgument, MigrationStalled
 from .flags import MigrateMode, Prot, PteFlag
-from .gup import drop_pins
+from .fork import fork_mm
+from .gup import drop_pins, pin_range, unpin_range, write_pinned
 from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages, write_pages
+from .migrate.device import abort_in_flight
+from .migrate.move_pages import migrate_range, move_pages
 from .migrate.options import MigrateOptions
 from .mm_inspect import AddressInspection
 from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
+from .mprotect import change_protection, move_vma
 from .vma import ZERO_PFN, MemObject, Vma
 
 if TYPE_CHECKING:
@@ -238,7 +242,7 @@ class AddressSpace(AddressInspection):
         address space alone. Raises AddressFault on an unmapped address or a mapping without write access.
         """
         self._check_open()
-        buf = _as_bytes(data)
+        buf = as_bytes(data)
         addr, length = self._check_range(addr, buf.size, aligned=False)
         m = self.machine
         with m.changed:
@@ -265,8 +269,6 @@ class AddressSpace(AddressInspection):
         back is retried a bounded number of times (``dmamig.gup.LONGTERM_PIN_RETRIES``), then the pin fails
         with OutOfMemory and pins nothing.
         """
-        from .gup import pin_range
-
         pin_range(self, addr, length)
 
     def write_pinned(self, addr: int, data: Any) -> None:
@@ -287,10 +289,8 @@ class AddressSpace(AddressInspection):
         Raises InvalidArgument when a page of the range is not pinned here, AddressFault on an unmapped
         address.
         """
-        from .gup import write_pinned
-
         self._check_open()
-        write_pinned(self, addr, _as_bytes(data))
+        write_pinned(self, addr, as_bytes(data))
 
     def unpin(self, addr: int, length: int) -> None:
         """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``.
@@ -298,8 +298,6 @@ class AddressSpace(AddressInspection):
         Like ``unpin_user_pages`` it never waits: a pinned page a migration has unmapped is still the pinned
         page, and dropping the pin lets that migration's next pass move it.
         """
-        from .gup import unpin_range
-
         unpin_range(self, addr, length)
 
     # -- fork, mprotect, mremap -------------------------------------------------------------------------------
@@ -314,8 +312,6 @@ class AddressSpace(AddressInspection):
 
         Raises OutOfMemory (and leaves nothing behind) when there are no frames for the pinned pages' copies.
         """
-        from .fork import fork_mm
-
         self._check_open()
         return fork_mm(self)
 
@@ -337,8 +333,6 @@ class AddressSpace(AddressInspection):
         write fault. Granting write access sets no bit: the next write faults (and copies a copy-on-write
         page). Pages and migrations are not touched, nor waited for.
         """
-        from .mprotect import change_protection
-
         change_protection(self, addr, length, prot)
 
     def mremap(self, old_addr: int, old_len: int, new_len: int, may_move: bool = True) -> int:
@@ -360,8 +354,6 @@ class AddressSpace(AddressInspection):
             The mapping's (new) address. A moved mapping keeps its pages: same frames, same data, and
             migrations in flight over it complete (the rmap finds pages by object and index, not address).
         """
-        from .mprotect import move_vma
-
         with self.machine.changed:
             if isinstance(old_addr, (int, np.integer)) and isinstance(old_len, (int, np.integer)):
                 self._notify(int(old_addr), int(old_addr) + int(old_len))
@@ -399,8 +391,6 @@ class AddressSpace(AddressInspection):
             populated), ``-EFAULT`` (the zero page: nothing to move), ``-EACCES`` (mapped by another process,
             without ``move_all``) or the failure's ``-errno``. Pages left alone are not counted failed.
         """
-        from .migrate.move_pages import migrate_range
-
         return migrate_range(self, addr, length, node, mode, engine, options, move_all)
 
     def move_pages(self, addrs: Any, nodes: Any = None, mode: MigrateMode = MigrateMode.SYNC,
@@ -435,8 +425,6 @@ class AddressSpace(AddressInspection):
         folios unmigrated stops the call: ``rc`` counts them and every address after the group (untried, they
         report where their page is); ``-ENOMEM`` stops it too. Nothing waits for a migration in flight.
         """
-        from .migrate.move_pages import move_pages
-
         return move_pages(self, addrs, nodes, mode, engine, move_all, options)
 
     def close(self) -> None:
@@ -447,8 +435,6 @@ class AddressSpace(AddressInspection):
         """
         if self._closed:
             return
-        from .migrate.device import abort_in_flight
-
         m = self.machine
         with m.changed:
             self._notify(0, 1 << 62)
@@ -471,16 +457,3 @@ class AddressSpace(AddressInspection):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _as_bytes(data: Any) -> np.ndarray:
-    if isinstance(data, np.ndarray):
-        if data.dtype != np.uint8:
-            raise InvalidArgument(f"data must be bytes-like or a uint8 array, got an array of {data.dtype}")
-        buf = np.ascontiguousarray(data).reshape(-1)
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        buf = np.frombuffer(data, dtype=np.uint8)
-    else:
-        raise InvalidArgument(f"data must be bytes-like or a uint8 array, got {type(data).__name__}")
-    if buf.size == 0:
-        raise InvalidArgument("data must not be empty")
-    return buf

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .mm import AddressSpace
 
 __all__ = ["NO_PFN", "ZERO_PFN", "MemObject", "Vma", "folio_free_swap", "forget_anon_slots", "free_swap_cache",
-           "install_migration_entries", "remove_migration_entries", "rmap_walk"]
+           "install_migration_entries", "map_pages", "new_pte_flags", "remove_migration_entries", "rmap_walk"]
 
 #: ``pte_pfn`` of a slot that maps nothing.
 NO_PFN = -1
@@ -128,6 +128,21 @@ class Vma:
 
     def __repr__(self) -> str:
         return f"Vma({self.start:#x}-{self.end:#x}, obj={self.obj.id}, pgoff={self.pgoff}, prot={self.prot!r})"
+
+
+def new_pte_flags(vma: Vma) -> np.uint8:
+    """Bits of a PTE that maps a page this VMA owns alone: present, young, writable if the VMA is."""
+    return np.uint8(PteFlag.PRESENT | PteFlag.YOUNG | (PteFlag.WRITE if vma.writable else 0))
+
+
+def map_pages(m: Machine, vma: Vma, slots: np.ndarray, pfns: np.ndarray) -> None:
+    """Point ``slots`` (empty or zero-page) at ``pfns``: each PTE takes a mapcount and a folio reference
+    (caller holds the lock)."""
+    pages = m.pages
+    vma.pte_pfn[slots] = pfns
+    vma.pte_flags[slots] = new_pte_flags(vma)
+    np.add.at(pages.mapcount, pfns, 1)
+    np.add.at(pages.refcount, pages.head[pfns], 1)
 
 
 def forget_anon_slots(m: Machine, pfns: np.ndarray) -> None:

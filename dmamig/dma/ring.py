@@ -48,6 +48,7 @@ import numpy as np
 from .._atomics import ATOMICS_ERROR
 from ..errors import InvalidArgument
 from . import plan_loops
+from .copy_plan import PlanOptions
 
 __all__ = [
     "JOB_CAPACITY",
@@ -584,8 +585,6 @@ def warm_up() -> None:
     """Compile (or load from the cache) the submission now rather than inside a first copy."""
     if not RING_AVAILABLE:
         return
-    from .copy_plan import PlanOptions
-
     rs = RingSet(2, row_capacity=8, job_capacity=4)
     src = np.array([3, 1, 2], dtype=np.int64)
     dst = np.array([10, 11, 12], dtype=np.int64)

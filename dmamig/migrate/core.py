@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._validate import as_pfn_array, check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, ENOMEM, MigrateMode
 from .entries import _PENDING, _SPLIT, _UNTRIED, HPAGE_PMD_ORDER, Entries
 from .interrupts import DeferredInterrupt
-from .isolate import collect_folios, isolate_folios, putback_folios
+from .isolate import check_dst, collect_folios, isolate_folios, putback_folios
 from .move import MovePhase
 from .options import NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from .result import PHASES, MigrateResult, MigrateStats
@@ -341,9 +342,6 @@ def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, e
 def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: Any = None,
                  options: MigrateOptions | None = None) -> MigrateResult:
     """``Machine.migrate_pages``: validate, isolate, migrate, put back."""
-    from .._validate import as_pfn_array, check_node
-    from .isolate import check_dst
-
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
     pfns = as_pfn_array(m, "pfns", pfns)
     node = check_node(m, "node", node)

@@ -12,8 +12,7 @@ import numpy as np
 
 from ..errors import DmaError
 from ..flags import EAGAIN, EIO, ENOMEM, MIGRATE_PFN_SHIFT, PageFlag
-from ..memory import map_pages
-from ..vma import NO_PFN
+from ..vma import NO_PFN, map_pages
 from .device_collect import _COMPOUND, _FLAG_BITS, _MIGRATE, _VALID, _WRITE, HPAGE_PMD_NR
 from .entries import HPAGE_PMD_ORDER
 
@@ -188,4 +187,4 @@ class VmaMove:
         pages.index[pfns] = vma.pgoff + slots
         pages.refcount[heads] -= 1  # the allocation reference: the PTEs take their own below
         vma.obj.pfns[vma.pgoff + slots] = pfns
-        map_pages(self.mm, vma, slots, pfns)
+        map_pages(self.mm.machine, vma, slots, pfns)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._validate import check_node
+from ..dma import DmaEngine
 from ..errors import InvalidArgument
 from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, PteFlag
 from ..vma import NO_PFN, ZERO_PFN
@@ -28,7 +29,6 @@ from .isolate import putback_folios
 from .options import MigrateOptions
 
 if TYPE_CHECKING:
-    from ..dma import DmaEngine
     from ..machine import Machine
     from ..mm import AddressSpace
     from .core import MigrateResult
@@ -74,8 +74,6 @@ class MovePagesResult:
 def _check_engine(m: Machine, engine: Any, mode: MigrateMode) -> MigrateMode:
     if engine is None:
         return mode
-    from ..dma import DmaEngine
-
     if not isinstance(engine, DmaEngine) or engine is not m.dma:
         raise InvalidArgument("engine must be this machine's DMA engine (m.dma) or None")
     return mode | MigrateMode.NO_COPY
@@ -146,8 +144,6 @@ def _lookup(mm: AddressSpace, addrs: np.ndarray) -> tuple[np.ndarray, list]:
 
 def _lookup_settled(mm: AddressSpace, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(pfns, mapped)`` once no addressed slot holds a migration entry (caller holds ``machine.changed``)."""
-    from ..flags import PteFlag
-
     while True:
         pfns, hits = _lookup(mm, addrs)
         if not any((v.pte_flags[slots] & np.uint8(PteFlag.MIGRATION)).any() for v, _p, slots in hits):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._validate import check_node
+from .._validate import as_bytes, check_node
 from ..errors import AddressFault, InvalidArgument
 from ..flags import PteFlag
 from ..memory import check_access
@@ -120,9 +120,7 @@ class DeviceAccessor:
         Pages fault in on the device; a copy-on-write page gets a copy of its own there. Bytes of the first
         and last page outside ``data`` keep their content. Read duplicates of the pages are dropped first.
         """
-        from ..mm import _as_bytes
-
-        buf = _as_bytes(data)
+        buf = as_bytes(data)
         addr, length = self.mm._check_range(addr, buf.size, aligned=False)
         ps = self.mm.machine.page_size
         first = addr - addr % ps
