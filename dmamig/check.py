@@ -76,7 +76,7 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
                 np.add.at(exp_map, live, 1)
                 np.add.at(exp_ref, pages.head[live], 1)
                 mapped.append(live)
-            for p, c in mm._pins.items():
+            for p, c in mm.mm_struct.pins.items():
                 exp_ref[pages.head[p]] += c
         for obj in list(m._objects.values()):
             if obj.shared:
@@ -170,7 +170,7 @@ def state_digest(m: Machine) -> str:
                      "order", "head"):
             h.update(getattr(pages, name).tobytes())
         for mm in list(m._spaces):
-            h.update(repr(sorted(mm._pins.items())).encode())
+            h.update(repr(sorted(mm.mm_struct.pins.items())).encode())
             for v in mm.vmas:
                 h.update(f"{v.start}:{v.npages}:{v.pgoff}:{v.obj.id}".encode())
                 h.update(v.pte_pfn.tobytes())

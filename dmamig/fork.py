@@ -26,6 +26,7 @@ from .vma import NO_PFN, MemObject, Vma
 
 if TYPE_CHECKING:
     from .mm import AddressSpace
+    from .mm_struct import MmStruct
 
 __all__ = ["dup_mmap", "fork_mm"]
 
@@ -34,7 +35,7 @@ _NOT_YOUNG = np.uint8(~np.uint8(PteFlag.YOUNG))
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 
 
-def fork_mm(parent: AddressSpace) -> AddressSpace:
+def fork_mm(parent: MmStruct) -> AddressSpace:
     """``AddressSpace.fork``: a new address space with a copy of ``parent``'s mappings.
 
     Waits for nothing: migration entries are copied. Raises OutOfMemory, with the partial child torn down,
@@ -44,20 +45,20 @@ def fork_mm(parent: AddressSpace) -> AddressSpace:
     child = m.address_space()
     try:
         with m.changed:
-            dup_mmap(parent, child)
+            dup_mmap(parent, child.mm_struct)
     except BaseException:
         child.close()
         raise
     return child
 
 
-def dup_mmap(parent: AddressSpace, child: AddressSpace) -> None:
+def dup_mmap(parent: MmStruct, child: MmStruct) -> None:
     """Give the empty ``child`` a copy of ``parent``'s mappings (caller holds the lock).
 
     Raises OutOfMemory when there are no frames for the pinned pages that must be copied; the caller closes
     the partial child.
     """
-    child._next = parent._next
+    child.highest_vm_end = parent.highest_vm_end
     for v in parent.vmas:
         if v.shared:
             _dup_shared(child, v)
@@ -65,16 +66,16 @@ def dup_mmap(parent: AddressSpace, child: AddressSpace) -> None:
             _dup_private(parent, child, v)
 
 
-def _dup_shared(child: AddressSpace, v: Vma) -> None:
+def _dup_shared(child: MmStruct, v: Vma) -> None:
     m = child.machine
     cv = Vma(child, v.start, v.npages, v.obj, v.pgoff, v.pte_pfn.copy(), v.pte_flags.copy(), v.prot, v.chain)
-    child._insert(cv)
+    child.insert(cv)
     pfns = cv.pte_pfn[_present(cv)]
     np.add.at(m.pages.mapcount, pfns, 1)
     np.add.at(m.pages.refcount, m.pages.head[pfns], 1)
 
 
-def _dup_private(parent: AddressSpace, child: AddressSpace, v: Vma) -> None:
+def _dup_private(parent: MmStruct, child: MmStruct, v: Vma) -> None:
     m = parent.machine
     pages = m.pages
     obj = MemObject(m, v.obj.pfns.size, False, v.obj.order)
@@ -83,7 +84,7 @@ def _dup_private(parent: AddressSpace, child: AddressSpace, v: Vma) -> None:
     pinned = _pinned_slots(parent, v)
     cv.pte_pfn[pinned] = NO_PFN
     cv.pte_flags[pinned] = 0
-    child._insert(cv)
+    child.insert(cv)
     # copy_nonpresent_pte: both processes' migration entries become readable; they hold no mapcount.
     entries = np.flatnonzero((cv.pte_flags & _MIGRATION) != 0)
     v.pte_flags[entries] &= _NOT_WRITE
@@ -114,9 +115,9 @@ def _present(v: Vma) -> np.ndarray:
     return (v.pte_pfn >= 0) & ((v.pte_flags & _MIGRATION) == 0)
 
 
-def _pinned_slots(parent: AddressSpace, v: Vma) -> np.ndarray:
+def _pinned_slots(parent: MmStruct, v: Vma) -> np.ndarray:
     """Slots of ``v`` that map a page the parent holds a pin on (``copy_present_page``; an entry is copied)."""
-    if not parent._pins:
+    if not parent.pins:
         return np.empty(0, dtype=np.int64)
-    keys = np.fromiter(parent._pins.keys(), dtype=np.int64, count=len(parent._pins))
+    keys = np.fromiter(parent.pins.keys(), dtype=np.int64, count=len(parent.pins))
     return np.flatnonzero(np.isin(v.pte_pfn, keys) & _present(v))

@@ -1,6 +1,6 @@
 """Pins, after the kernel's ``mm/gup.c``: long-lived references on the pages of a range.
 
-An address space records its pins per base pfn (``AddressSpace._pins``) and holds one folio reference per
+An address space records its pins per base pfn (``MmStruct.pins``) and holds one folio reference per
 pin. A pinned private page is always the address space's own (``pin_user_pages`` unshares copy-on-write
 pages and never pins the zero page), which is what lets fork copy it instead of sharing it.
 
@@ -35,7 +35,7 @@ from .flags import PageFlag
 from .memory import check_access, fault, migrate_to_ram, write_pages
 
 if TYPE_CHECKING:
-    from .mm import AddressSpace
+    from .mm_struct import MmStruct
 
 __all__ = ["LONGTERM_PIN_RETRIES", "LONGTERM_PIN_WAIT_S", "drop_pins", "pin_range", "unpin_range", "write_pinned"]
 
@@ -51,21 +51,21 @@ LONGTERM_PIN_RETRIES = 10
 _ISOLATED_POLL_S = 0.01
 
 
-def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
+def pin_range(mm: MmStruct, addr: int, length: int) -> None:
     """``AddressSpace.pin``: fault the range in as the address space's own host pages and pin each one.
 
     Device pages migrate back to host memory first (see the module notes for the retry rules). Raises
     AddressFault when the mapping is not readable, OutOfMemory when device pages cannot come back.
     """
-    mm._check_open()
-    addr, length = mm._check_range(addr, length, aligned=True)
+    mm.check_open()
+    addr, length = mm.check_range(addr, length, aligned=True)
     m = mm.machine
     pages = m.pages
     deadline = time.monotonic() + LONGTERM_PIN_WAIT_S
     with m.changed:
         tries = 0
         while True:
-            segs = mm._wait_migrations(addr, length, timeout=max(deadline - time.monotonic(), 0.0))
+            segs = mm.wait_migrations(addr, length, timeout=max(deadline - time.monotonic(), 0.0))
             for v, _s0, _s1 in segs:
                 check_access(v, max(addr, v.start), write=False)
             if not m.device_private:
@@ -106,27 +106,27 @@ def pin_range(mm: AddressSpace, addr: int, length: int) -> None:
                 m.changed.wait(_ISOLATED_POLL_S)
         np.add.at(pages.refcount, pages.head[pfns], 1)
         for p in pfns.tolist():
-            mm._pins[p] = mm._pins.get(p, 0) + 1
+            mm.pins[p] = mm.pins.get(p, 0) + 1
 
 
-def _pinned_pfns(mm: AddressSpace, addr: int, length: int) -> np.ndarray:
+def _pinned_pfns(mm: MmStruct, addr: int, length: int) -> np.ndarray:
     """The pfns behind the page-aligned range, present or under a migration entry (whose pfn is still the
     source: a pinned folio never passes a migration's reference freeze). Caller holds the lock."""
-    segs = mm._segments(addr, length)
+    segs = mm.segments(addr, length)
     return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
 
 
-def write_pinned(mm: AddressSpace, addr: int, buf: np.ndarray) -> None:
+def write_pinned(mm: MmStruct, addr: int, buf: np.ndarray) -> None:
     """``AddressSpace.write_pinned``: store ``buf`` at ``addr`` straight into the frames this address space
     has pinned, without a page-table walk; refuses a range with a page it has not pinned."""
-    addr, length = mm._check_range(addr, buf.size, aligned=False)
+    addr, length = mm.check_range(addr, buf.size, aligned=False)
     m = mm.machine
     ps = m.page_size
     first = addr - addr % ps
     end = -(-(addr + length) // ps) * ps
     with m.changed:
         pfns = _pinned_pfns(mm, first, end - first)
-        unpinned = [p for p in pfns.tolist() if p < 0 or p not in mm._pins]
+        unpinned = [p for p in pfns.tolist() if p < 0 or p not in mm.pins]
         if unpinned:
             raise InvalidArgument(f"write_pinned at {addr:#x}+{length:#x}: {len(unpinned)} of {pfns.size} pages "
                                   f"are not pinned by this address space; pin them with mm.pin first")
@@ -135,17 +135,17 @@ def write_pinned(mm: AddressSpace, addr: int, buf: np.ndarray) -> None:
         m.changed.notify_all()
 
 
-def unpin_range(mm: AddressSpace, addr: int, length: int) -> None:
+def unpin_range(mm: MmStruct, addr: int, length: int) -> None:
     """``AddressSpace.unpin``: drop one pin on each page of the range; refuses pages it has not pinned."""
-    mm._check_open()
-    addr, length = mm._check_range(addr, length, aligned=True)
+    mm.check_open()
+    addr, length = mm.check_range(addr, length, aligned=True)
     m = mm.machine
     with m.changed:
         pfns = _pinned_pfns(mm, addr, length)
         need: dict[int, int] = {}
         for p in pfns.tolist():
             need[p] = need.get(p, 0) + 1
-        missing = [p for p, n in need.items() if mm._pins.get(p, 0) < n]
+        missing = [p for p, n in need.items() if mm.pins.get(p, 0) < n]
         if missing:
             raise InvalidArgument(f"range {addr:#x}+{length:#x} holds pages this address space has not "
                                   f"pinned ({len(missing)} of {len(need)})")
@@ -153,15 +153,15 @@ def unpin_range(mm: AddressSpace, addr: int, length: int) -> None:
         m.changed.notify_all()
 
 
-def drop_pins(mm: AddressSpace, pins: dict[int, int]) -> None:
+def drop_pins(mm: MmStruct, pins: dict[int, int]) -> None:
     """Drop ``pins`` (pfn -> count) of ``mm`` and their references (caller holds the lock)."""
     m = mm.machine
     for p, n in pins.items():
-        left = mm._pins[p] - n
+        left = mm.pins[p] - n
         if left:
-            mm._pins[p] = left
+            mm.pins[p] = left
         else:
-            del mm._pins[p]
+            del mm.pins[p]
     if pins:
         pfns = np.fromiter(pins.keys(), dtype=np.int64, count=len(pins))
         refs = np.fromiter(pins.values(), dtype=np.int64, count=len(pins))

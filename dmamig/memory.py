@@ -30,11 +30,11 @@ from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap
 
 if TYPE_CHECKING:
     from .machine import Machine
-    from .mm import AddressSpace
+    from .mm_struct import MmStruct
     from .vma import Vma
 
-__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "migrate_to_ram",
-           "read_pages", "write_pages"]
+__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "fault_absent",
+           "migrate_to_ram", "read_pages", "wp_pages", "write_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -54,7 +54,7 @@ def check_access(vma: Vma, addr: int, write: bool) -> None:
                            f"{vma.prot!r}; mprotect it with Prot.READ first")
 
 
-def fault(mm: AddressSpace, vma: Vma, s0: int, s1: int, node: int, write: bool) -> None:
+def fault(mm: MmStruct, vma: Vma, s0: int, s1: int, node: int, write: bool) -> None:
     """Handle a fault on every slot of ``[s0, s1)`` that needs one; new pages go on ``node``.
 
     ``write`` asks for pages this VMA owns alone (a write, a pin, populate of a writable mapping): absent and
@@ -63,7 +63,7 @@ def fault(mm: AddressSpace, vma: Vma, s0: int, s1: int, node: int, write: bool) 
     faulted before the shortage (absent ones, when copy-on-write pages then find no frame) stay mapped.
     """
     if vma.shared:
-        _fault_absent(mm, vma, s0 + np.flatnonzero(vma.pte_pfn[s0:s1] == NO_PFN), node)
+        fault_absent(mm, vma, s0 + np.flatnonzero(vma.pte_pfn[s0:s1] == NO_PFN), node)
         if write and vma.writable:
             # Shared pages are never copied: a write fault only restores the write bit (wp_page_shared).
             vma.pte_flags[s0:s1] |= np.where(vma.pte_pfn[s0:s1] >= 0, _WRITE, np.uint8(0)).astype(np.uint8)
@@ -79,12 +79,12 @@ def fault(mm: AddressSpace, vma: Vma, s0: int, s1: int, node: int, write: bool) 
     absent = s0 + np.flatnonzero(pfns < 0)
     wp = s0 + np.flatnonzero((pfns >= 0) & ((vma.pte_flags[s0:s1] & _WRITE) == 0))
     if absent.size:
-        _fault_absent(mm, vma, absent, node)
+        fault_absent(mm, vma, absent, node)
     if wp.size:
-        _wp_pages(mm, vma, wp, node)
+        wp_pages(mm, vma, wp, node)
 
 
-def _fault_absent(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
+def fault_absent(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
     """Fault in ``slots`` (empty or zero-page): page-cache hits for shared memory, else new zeroed pages."""
     if slots.size == 0:
         return
@@ -124,7 +124,7 @@ def _fault_absent(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> N
     map_pages(mm.machine, vma, new_idx - vma.pgoff, new_pfns)
 
 
-def _prep_pages(mm: AddressSpace, vma: Vma, pfns: np.ndarray, heads: np.ndarray, idx: np.ndarray) -> None:
+def _prep_pages(mm: MmStruct, vma: Vma, pfns: np.ndarray, heads: np.ndarray, idx: np.ndarray) -> None:
     """Make new pages ``pfns`` (folio ``heads``) pages ``idx`` of the VMA's own object."""
     pages, obj = mm.machine.pages, vma.obj
     pages.mapping[pfns] = obj.id
@@ -158,7 +158,7 @@ def _plan_folios(vma: Vma, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, idx[~in_folio]
 
 
-def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
+def wp_pages(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
     """``do_wp_page`` on present private pages without the write bit: reuse where exclusive, else copy."""
     m, pages = mm.machine, mm.machine.pages
     old = vma.pte_pfn[slots]
@@ -193,7 +193,7 @@ def _wp_pages(mm: AddressSpace, vma: Vma, slots: np.ndarray, node: int) -> None:
     m.count_event("pgfault", slots.size)
 
 
-def _only_ptes_and_own_pins(mm: AddressSpace, heads: np.ndarray) -> np.ndarray:
+def _only_ptes_and_own_pins(mm: MmStruct, heads: np.ndarray) -> np.ndarray:
     """Whether each folio's references are its PTEs', this address space's pins and the swap cache's, nothing
     else.
 
@@ -210,9 +210,9 @@ def _only_ptes_and_own_pins(mm: AddressSpace, heads: np.ndarray) -> np.ndarray:
         starts = np.concatenate(([0], np.cumsum(nr)[:-1]))
         mapped = np.add.reduceat(pages.mapcount[pages.expand(u)].astype(np.int64), starts)
     pinned = np.zeros(u.size, dtype=np.int64)
-    if mm._pins:
-        keys = np.fromiter(mm._pins.keys(), dtype=np.int64, count=len(mm._pins))
-        vals = np.fromiter(mm._pins.values(), dtype=np.int64, count=len(mm._pins))
+    if mm.pins:
+        keys = np.fromiter(mm.pins.keys(), dtype=np.int64, count=len(mm.pins))
+        vals = np.fromiter(mm.pins.values(), dtype=np.int64, count=len(mm.pins))
         ph = pages.head[keys]
         pos = np.minimum(np.searchsorted(u, ph), u.size - 1)
         hit = u[pos] == ph
@@ -229,7 +229,7 @@ def _only_ptes_and_own_pins(mm: AddressSpace, heads: np.ndarray) -> np.ndarray:
 MIGRATE_TO_RAM_TRIES = 3
 
 
-def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.ndarray:
+def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray:
     """Fault the range in on the host and bring device pages back (``migrate_to_ram``); return its pfns.
 
     A read maps the zero page where nothing is mapped (``ZERO_PFN`` in the result); a write gets pages of its
@@ -240,7 +240,7 @@ def access_pfns(mm: AddressSpace, addr: int, length: int, write: bool) -> np.nda
     """
     m = mm.machine
     for attempt in range(MIGRATE_TO_RAM_TRIES + 1):
-        segs = mm._wait_migrations(addr, length)
+        segs = mm.wait_migrations(addr, length)
         for v, _s0, _s1 in segs:
             check_access(v, max(addr, v.start), write)
         for v, s0, s1 in segs:
@@ -263,7 +263,7 @@ def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
                        f"memory, so the access fails (SIGBUS)")
 
 
-def migrate_to_ram(mm: AddressSpace, pfns: np.ndarray) -> int:
+def migrate_to_ram(mm: MmStruct, pfns: np.ndarray) -> int:
     """Migrate the folios of device pages ``pfns`` back to host RAM: a CPU fault on them, or a long-term pin.
 
     The lock is held once (not nested) on entry and on exit, and dropped while the migration runs. Every

@@ -1,6 +1,7 @@
 """AddressSpace: a process's mappings and page tables, accesses, pins, fork, mprotect/mremap and migration.
 
-The class holds the VMAs and the public calls; the work lives beside it, named after the kernel's files:
+The class is the public facade over the address space's state, a :class:`~dmamig.mm_struct.MmStruct` (VMAs,
+pins, notifiers, migrations in flight); the work lives beside it, named after the kernel's files:
 :mod:`dmamig.mmap` (mapping and unmapping), :mod:`dmamig.memory` (faults, copy-on-write, the zero page,
 the access path), :mod:`dmamig.gup` (pins), :mod:`dmamig.fork`, :mod:`dmamig.mprotect` (mprotect and
 mremap), :mod:`dmamig.migrate.move_pages` (``migrate`` and ``move_pages``) and :mod:`dmamig.mm_inspect` (what
@@ -9,26 +10,23 @@ an address maps to, and the notifiers).
 
 from __future__ import annotations
 
-import bisect
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._validate import as_bytes, check_node
-from .errors import AddressFault, InvalidArgument, MigrationStalled
 from .flags import MigrateMode, Prot, PteFlag
 from .fork import fork_mm
 from .gup import drop_pins, pin_range, unpin_range, write_pinned
-from .memory import DEFAULT_MEMCG, access_pfns, fault, read_pages, write_pages
+from .memory import access_pfns, fault, read_pages, write_pages
 from .migrate.device import abort_in_flight
 from .migrate.move_pages import migrate_range, move_pages
 from .migrate.options import MigrateOptions
 from .mm_inspect import AddressInspection
+from .mm_struct import MmStruct
 from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
 from .mprotect import change_protection, move_vma
-from .vma import ZERO_PFN, MemObject, Vma
+from .vma import MemObject, Vma
 
 if TYPE_CHECKING:
     from .dma import DmaEngine
@@ -36,10 +34,8 @@ if TYPE_CHECKING:
     from .migrate import MigrateResult
     from .migrate.move_pages import MovePagesResult
 
-__all__ = ["DEFAULT_MEMCG", "MMAP_BASE", "ZERO_PFN", "AddressSpace"]
+__all__ = ["AddressSpace"]
 
-#: First virtual address handed out by mmap (like a process's mmap base, away from 0).
-MMAP_BASE = 0x10_0000_0000
 _TOUCHED = np.uint8(PteFlag.YOUNG | PteFlag.DIRTY)
 
 
@@ -56,89 +52,22 @@ class AddressSpace(AddressInspection):
 
     def __init__(self, machine: Machine):
         self.machine = machine
-        self._vmas: list[Vma] = []
-        self._next = MMAP_BASE
-        self._pins: dict[int, int] = {}
-        self._notifiers: list[Callable[[int, int], None]] = []
-        self._closed = False
-        self._device_migrations: list[Any] = []  # MigrateVma objects between setup() and finalize()
-        self._stalls = 0  # accesses that met a migration entry, and the nanoseconds they waited
-        self._stall_ns = 0
+        #: The address space's memory state (VMAs, pins, notifiers, migrations in flight), which the page
+        #: faults, gup, fork, mprotect and the migration code work on.
+        self.mm_struct = MmStruct(machine)
 
     # -- lookup -----------------------------------------------------------------------------------------------
     @property
     def vmas(self) -> tuple[Vma, ...]:
         """The VMAs in address order."""
-        return tuple(self._vmas)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise InvalidArgument("this address space is closed")
-
-    def _check_range(self, addr: Any, length: Any, aligned: bool) -> tuple[int, int]:
-        for name, v in (("addr", addr), ("length", length)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise InvalidArgument(f"{name} must be an integer, got {type(v).__name__}")
-        if addr < 0:
-            raise InvalidArgument(f"addr must be >= 0, got {addr}")
-        if length <= 0:
-            raise InvalidArgument(f"length must be > 0, got {length}")
-        ps = self.machine.page_size
-        if aligned and addr % ps:
-            raise InvalidArgument(f"addr {addr:#x} must be aligned to the page size ({ps} bytes)")
-        return int(addr), int(length)
-
-    def _segments(self, addr: int, length: int) -> list[tuple[Vma, int, int]]:
-        """``[(vma, first_slot, end_slot), ...]`` covering ``[addr, addr + length)``; AddressFault on a hole."""
-        ps = self.machine.page_size
-        end = addr + length
-        out = []
-        cur = addr
-        i = bisect.bisect_right([v.start for v in self._vmas], cur) - 1
-        while cur < end:
-            if i < 0 or i >= len(self._vmas) or not (self._vmas[i].start <= cur < self._vmas[i].end):
-                raise AddressFault(f"address {cur:#x} is not mapped (access {addr:#x}+{length:#x})")
-            v = self._vmas[i]
-            s0 = (cur - v.start) // ps
-            s1 = -(-(min(end, v.end) - v.start) // ps)
-            out.append((v, s0, s1))
-            cur = v.end
-            i += 1
-        return out
-
-    def _wait_migrations(self, addr: int, length: int,
-                         timeout: float | None = None) -> list[tuple[Vma, int, int]]:
-        """Segments of the range once no migration entry is left in it (caller holds ``machine.changed``).
-
-        With ``timeout`` (seconds), a wait that has not ended by then raises MigrationStalled.
-        """
-        t0 = 0
-        while True:
-            segs = self._segments(addr, length)
-            if not any(v.has_migration_entries(s0, s1) for v, s0, s1 in segs):
-                if t0:
-                    self._stall_ns += time.perf_counter_ns() - t0
-                return segs
-            if not t0:
-                t0 = time.perf_counter_ns()
-                self._stalls += 1
-            if timeout is None:
-                self.machine.changed.wait()
-                continue
-            left = timeout - (time.perf_counter_ns() - t0) / 1e9
-            if left <= 0:
-                self._stall_ns += time.perf_counter_ns() - t0
-                raise MigrationStalled(f"range {addr:#x}+{length:#x} stayed under migration entries for "
-                                       f"{timeout:g} s: a migration of it has not finished (a MigrateVma that "
-                                       f"was set up but never finalized?)")
-            self.machine.changed.wait(left)
+        return self.mm_struct.vmas
 
     @property
     def migration_stalls(self) -> tuple[int, int]:
         """``(count, nanoseconds)``: calls of this address space that met a migration entry and waited for it
         to go, and the wall time they waited in all (what an application sees of migrations in flight)."""
         with self.machine.lock:
-            return self._stalls, self._stall_ns
+            return self.mm_struct.stalls, self.mm_struct.stall_ns
 
     # -- mmap / munmap ----------------------------------------------------------------------------------------
     def mmap(self, length: int, shared: bool = False, order: int = 0) -> int:
@@ -160,44 +89,27 @@ class AddressSpace(AddressInspection):
         int
             The start address.
         """
-        self._check_open()
+        mms = self.mm_struct
+        mms.check_open()
         m = self.machine
         with m.lock:
-            npages, shared, order = check_mmap(self, length, shared, order)
-            start = get_unmapped_area(self, npages, order)
-            self._insert(Vma(self, start, npages, MemObject(m, npages, shared, order), 0))
+            npages, shared, order = check_mmap(mms, length, shared, order)
+            start = get_unmapped_area(mms, npages, order)
+            mms.insert(Vma(mms, start, npages, MemObject(m, npages, shared, order), 0))
         return start
-
-    def _insert(self, vma: Vma) -> None:
-        bisect.insort(self._vmas, vma, key=lambda v: v.start)
-        for obj in vma.chain:
-            obj.vmas.append(vma)
-
-    def _remove(self, vma: Vma) -> None:
-        self._vmas.remove(vma)
-        for obj in vma.chain:
-            obj.vmas.remove(vma)
-
-    def _replace(self, vma: Vma, pieces: list[Vma]) -> None:
-        """Put ``pieces`` in the place of ``vma``; release the objects no VMA is linked to any more."""
-        self._remove(vma)
-        for piece in pieces:
-            self._insert(piece)
-        for obj in vma.chain:
-            if not obj.vmas:
-                obj.release()
 
     def munmap(self, addr: int, length: int) -> None:
         """Unmap ``[addr, addr + length)`` (rounded up to pages); parts of a VMA may be unmapped.
 
         Holes inside the range are allowed, as with munmap(2); an address with no mapping at all is fine too.
         """
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=True)
+        mms = self.mm_struct
+        mms.check_open()
+        addr, length = mms.check_range(addr, length, aligned=True)
         ps = self.machine.page_size
         with self.machine.changed:
-            self._notify(addr, addr + -(-length // ps) * ps)
-            unmap_range(self, addr, addr + -(-length // ps) * ps)
+            mms.notify(addr, addr + -(-length // ps) * ps)
+            unmap_range(mms, addr, addr + -(-length // ps) * ps)
             self.machine.changed.notify_all()
 
     # -- faults -----------------------------------------------------------------------------------------------
@@ -209,13 +121,14 @@ class AddressSpace(AddressInspection):
         the zero page, and a mapping without access rights is left alone. Pages present stay where they are.
         Raises AddressFault on an unmapped address and OutOfMemory when ``node`` is full.
         """
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=False)
+        mms = self.mm_struct
+        mms.check_open()
+        addr, length = mms.check_range(addr, length, aligned=False)
         node = check_node(self.machine, "node", node)
         with self.machine.changed:
-            for v, s0, s1 in self._wait_migrations(addr, length):
+            for v, s0, s1 in mms.wait_migrations(addr, length):
                 if v.readable:
-                    fault(self, v, s0, s1, node, write=v.writable and not v.shared)
+                    fault(mms, v, s0, s1, node, write=v.writable and not v.shared)
 
     # -- access -----------------------------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> np.ndarray:
@@ -224,12 +137,13 @@ class AddressSpace(AddressInspection):
         Untouched private pages map the zero page (no frame is used); device-resident pages are migrated
         back first. Raises AddressFault on an unmapped address or a mapping without read access.
         """
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=False)
+        mms = self.mm_struct
+        mms.check_open()
+        addr, length = mms.check_range(addr, length, aligned=False)
         m = self.machine
         ps = m.page_size
         with m.changed:
-            pfns = access_pfns(self, addr, length, write=False)
+            pfns = access_pfns(mms, addr, length, write=False)
             self._touch(addr, length, dirty=False)
             data = read_pages(m, pfns).reshape(-1)
         off = addr % ps
@@ -241,19 +155,20 @@ class AddressSpace(AddressInspection):
         A write to a copy-on-write page (after :meth:`fork`) or to the zero page copies it first, for this
         address space alone. Raises AddressFault on an unmapped address or a mapping without write access.
         """
-        self._check_open()
+        mms = self.mm_struct
+        mms.check_open()
         buf = as_bytes(data)
-        addr, length = self._check_range(addr, buf.size, aligned=False)
+        addr, length = mms.check_range(addr, buf.size, aligned=False)
         m = self.machine
         with m.changed:
-            self._notify(addr, addr + length)
-            pfns = access_pfns(self, addr, length, write=True)
+            mms.notify(addr, addr + length)
+            pfns = access_pfns(mms, addr, length, write=True)
             write_pages(m, pfns, addr % m.page_size, buf)
             self._touch(addr, length, dirty=True)
 
     def _touch(self, addr: int, length: int, dirty: bool) -> None:
         bits = _TOUCHED if dirty else np.uint8(PteFlag.YOUNG)
-        for v, s0, s1 in self._segments(addr, length):
+        for v, s0, s1 in self.mm_struct.segments(addr, length):
             v.pte_flags[s0:s1] |= bits
 
     # -- pins -------------------------------------------------------------------------------------------------
@@ -269,7 +184,7 @@ class AddressSpace(AddressInspection):
         back is retried a bounded number of times (``dmamig.gup.LONGTERM_PIN_RETRIES``), then the pin fails
         with OutOfMemory and pins nothing.
         """
-        pin_range(self, addr, length)
+        pin_range(self.mm_struct, addr, length)
 
     def write_pinned(self, addr: int, data: Any) -> None:
         """Write bytes at ``addr`` through this address space's pins, as a pin holder writes its pages.
@@ -289,8 +204,8 @@ class AddressSpace(AddressInspection):
         Raises InvalidArgument when a page of the range is not pinned here, AddressFault on an unmapped
         address.
         """
-        self._check_open()
-        write_pinned(self, addr, as_bytes(data))
+        self.mm_struct.check_open()
+        write_pinned(self.mm_struct, addr, as_bytes(data))
 
     def unpin(self, addr: int, length: int) -> None:
         """Drop pins taken with :meth:`pin` on ``[addr, addr + length)``.
@@ -298,7 +213,7 @@ class AddressSpace(AddressInspection):
         Like ``unpin_user_pages`` it never waits: a pinned page a migration has unmapped is still the pinned
         page, and dropping the pin lets that migration's next pass move it.
         """
-        unpin_range(self, addr, length)
+        unpin_range(self.mm_struct, addr, length)
 
     # -- fork, mprotect, mremap -------------------------------------------------------------------------------
     def fork(self) -> AddressSpace:
@@ -312,8 +227,8 @@ class AddressSpace(AddressInspection):
 
         Raises OutOfMemory (and leaves nothing behind) when there are no frames for the pinned pages' copies.
         """
-        self._check_open()
-        return fork_mm(self)
+        self.mm_struct.check_open()
+        return fork_mm(self.mm_struct)
 
     def mprotect(self, addr: int, length: int, prot: Prot | int) -> None:
         """Change the access rights of ``[addr, addr + length)`` (rounded up to pages), like mprotect(2).
@@ -333,7 +248,7 @@ class AddressSpace(AddressInspection):
         write fault. Granting write access sets no bit: the next write faults (and copies a copy-on-write
         page). Pages and migrations are not touched, nor waited for.
         """
-        change_protection(self, addr, length, prot)
+        change_protection(self.mm_struct, addr, length, prot)
 
     def mremap(self, old_addr: int, old_len: int, new_len: int, may_move: bool = True) -> int:
         """Resize, and if needed move, the mapping at ``[old_addr, old_addr + old_len)``, like mremap(2).
@@ -356,8 +271,8 @@ class AddressSpace(AddressInspection):
         """
         with self.machine.changed:
             if isinstance(old_addr, (int, np.integer)) and isinstance(old_len, (int, np.integer)):
-                self._notify(int(old_addr), int(old_addr) + int(old_len))
-            return move_vma(self, old_addr, old_len, new_len, may_move)
+                self.mm_struct.notify(int(old_addr), int(old_addr) + int(old_len))
+            return move_vma(self.mm_struct, old_addr, old_len, new_len, may_move)
 
     # -- migration --------------------------------------------------------------------------------------------
     def migrate(self, addr: int, length: int, node: int, mode: MigrateMode = MigrateMode.SYNC,
@@ -391,7 +306,7 @@ class AddressSpace(AddressInspection):
             populated), ``-EFAULT`` (the zero page: nothing to move), ``-EACCES`` (mapped by another process,
             without ``move_all``) or the failure's ``-errno``. Pages left alone are not counted failed.
         """
-        return migrate_range(self, addr, length, node, mode, engine, options, move_all)
+        return migrate_range(self.mm_struct, addr, length, node, mode, engine, options, move_all)
 
     def move_pages(self, addrs: Any, nodes: Any = None, mode: MigrateMode = MigrateMode.SYNC,
                    engine: DmaEngine | None = None, move_all: bool = False,
@@ -425,7 +340,7 @@ class AddressSpace(AddressInspection):
         folios unmigrated stops the call: ``rc`` counts them and every address after the group (untried, they
         report where their page is); ``-ENOMEM`` stops it too. Nothing waits for a migration in flight.
         """
-        return move_pages(self, addrs, nodes, mode, engine, move_all, options)
+        return move_pages(self.mm_struct, addrs, nodes, mode, engine, move_all, options)
 
     def close(self) -> None:
         """Unmap everything and drop this address space's pins. Idempotent.
@@ -433,21 +348,22 @@ class AddressSpace(AddressInspection):
         Migrations in flight in other threads finish first; a :class:`MigrateVma` left between ``setup()``
         and ``finalize()`` is aborted (:meth:`MigrateVma.abort`).
         """
-        if self._closed:
+        mms = self.mm_struct
+        if mms.closed:
             return
         m = self.machine
         with m.changed:
-            self._notify(0, 1 << 62)
+            mms.notify(0, 1 << 62)
             # A device migration whose driver stopped between setup() and finalize() would hold its
             # migration entries forever: abort it (its pages come back) instead of waiting.
-            abort_in_flight(self)
-            while any(v.has_migration_entries() for v in self._vmas):
+            abort_in_flight(mms)
+            while any(v.has_migration_entries() for v in mms.vmas):
                 m.changed.wait()
-            for v in list(self._vmas):
-                unmap_slots(self, v, np.arange(v.npages))
-                self._replace(v, [])
-            drop_pins(self, dict(self._pins))
-            self._closed = True
+            for v in mms.vmas:
+                unmap_slots(mms, v, np.arange(v.npages))
+                mms.replace(v, [])
+            drop_pins(mms, dict(mms.pins))
+            mms.closed = True
             m.forget_space(self)
             m.changed.notify_all()
 

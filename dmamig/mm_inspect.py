@@ -1,7 +1,7 @@
 """What an address space maps, and who is told when that changes: the inspection calls and the notifiers.
 
-A mixin of :class:`~dmamig.mm.AddressSpace` (its lookups, ``_segments`` and ``_wait_migrations``, live there):
-the pfn, node and PTE bits behind an address, vectorized over a range, and ``mmu_interval_notifier``-like
+A mixin of :class:`~dmamig.mm.AddressSpace` (the lookups and the notifier list are its
+:class:`~dmamig.mm_struct.MmStruct`'s): the pfn, node and PTE bits behind an address, vectorized over a range, and ``mmu_interval_notifier``-like
 callbacks that a device keeping copies of the pages registers.
 """
 
@@ -16,22 +16,24 @@ from .flags import PteFlag
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .mm_struct import MmStruct
 
 __all__ = ["AddressInspection"]
 
 
 class AddressInspection:
     """The inspection calls and notifiers of :class:`~dmamig.mm.AddressSpace` (a mixin: the address space
-    provides ``_check_open``, ``_check_range``, ``_segments`` and ``_wait_migrations``)."""
+    provides ``machine`` and ``mm_struct``)."""
 
     machine: Machine
-    _notifiers: list[Callable[[int, int], None]]
+    mm_struct: MmStruct
 
     def _pte_pfn(self, addr: Any) -> int:
-        self._check_open()
-        addr, _ = self._check_range(addr, 1, aligned=False)
+        mms = self.mm_struct
+        mms.check_open()
+        addr, _ = mms.check_range(addr, 1, aligned=False)
         with self.machine.changed:
-            ((v, s0, _s1),) = self._wait_migrations(addr, 1)
+            ((v, s0, _s1),) = mms.wait_migrations(addr, 1)
             return int(v.pte_pfn[s0])
 
     def pfn_of(self, addr: int) -> int:
@@ -49,11 +51,12 @@ class AddressInspection:
         On a machine with device-private memory, a device page's entry is not present to the CPU: it shows
         ``DEVICE_PRIVATE`` instead of ``PRESENT`` (its write, young and dirty bits as they are).
         """
-        self._check_open()
-        addr, _ = self._check_range(addr, 1, aligned=False)
+        mms = self.mm_struct
+        mms.check_open()
+        addr, _ = mms.check_range(addr, 1, aligned=False)
         m = self.machine
         with m.lock:
-            ((v, s0, _s1),) = self._segments(addr, 1)
+            ((v, s0, _s1),) = mms.segments(addr, 1)
             flags = PteFlag(int(v.pte_flags[s0]))
             pfn = int(v.pte_pfn[s0])
             if m.device_private and pfn >= 0 and flags & PteFlag.PRESENT \
@@ -63,10 +66,11 @@ class AddressInspection:
 
     def pfns_of(self, addr: int, length: int) -> np.ndarray:
         """Pfn of every page of ``[addr, addr + length)`` as :meth:`pfn_of` gives it (vectorized)."""
-        self._check_open()
-        addr, length = self._check_range(addr, length, aligned=False)
+        mms = self.mm_struct
+        mms.check_open()
+        addr, length = mms.check_range(addr, length, aligned=False)
         with self.machine.changed:
-            return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in self._wait_migrations(addr, length)])
+            return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in mms.wait_migrations(addr, length)])
 
     def nodes_of(self, addr: int, length: int) -> np.ndarray:
         """Node of every page of ``[addr, addr + length)`` as :meth:`node_of` gives it (vectorized)."""
@@ -82,13 +86,9 @@ class AddressInspection:
         :meth:`mremap` (the old range) and :meth:`close` (everything). Migration does not notify: it keeps
         every byte.
         """
-        self._notifiers.append(fn)
+        self.mm_struct.notifiers.append(fn)
 
     def unregister_notifier(self, fn: Callable[[int, int], None]) -> None:
         """Stop calling ``fn``; a function never registered is ignored."""
-        if fn in self._notifiers:
-            self._notifiers.remove(fn)
-
-    def _notify(self, start: int, end: int) -> None:
-        for fn in list(self._notifiers):
-            fn(start, end)
+        if fn in self.mm_struct.notifiers:
+            self.mm_struct.notifiers.remove(fn)

@@ -16,7 +16,7 @@ from .nodes import MAX_ORDER
 from .vma import NO_PFN, forget_anon_slots, free_swap_cache
 
 if TYPE_CHECKING:
-    from .mm import AddressSpace
+    from .mm_struct import MmStruct
     from .vma import Vma
 
 __all__ = ["MAX_MAP_PAGES", "TASK_SIZE", "check_mmap", "get_unmapped_area", "unmap_range", "unmap_slots"]
@@ -29,7 +29,7 @@ TASK_SIZE = 1 << 47
 MAX_MAP_PAGES = 1 << 28
 
 
-def check_mmap(mm: AddressSpace, length: Any, shared: Any, order: Any) -> tuple[int, bool, int]:
+def check_mmap(mm: MmStruct, length: Any, shared: Any, order: Any) -> tuple[int, bool, int]:
     """Validate mmap's arguments; return ``(npages, shared, order)``."""
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length <= 0:
         raise InvalidArgument(f"length must be a positive integer, got {length!r}")
@@ -39,25 +39,25 @@ def check_mmap(mm: AddressSpace, length: Any, shared: Any, order: Any) -> tuple[
         raise InvalidArgument(f"order must be an integer in 0..{MAX_ORDER}, got {order!r}")
     ps = mm.machine.page_size
     npages = -(-int(length) // ps)
-    if int(length) > TASK_SIZE - mm._next:
+    if int(length) > TASK_SIZE - mm.highest_vm_end:
         raise InvalidArgument(f"length {int(length):#x} does not fit in the user address space "
-                              f"(128 TiB; {TASK_SIZE - mm._next:#x} bytes left above the last mapping)")
+                              f"(128 TiB; {TASK_SIZE - mm.highest_vm_end:#x} bytes left above the last mapping)")
     if npages > MAX_MAP_PAGES:
         raise InvalidArgument(f"length {int(length):#x} is {npages} pages; one mapping may have at most "
                               f"{MAX_MAP_PAGES} (its page table is a dense array)")
     return npages, bool(shared), int(order)
 
 
-def get_unmapped_area(mm: AddressSpace, npages: int, order: int) -> int:
+def get_unmapped_area(mm: MmStruct, npages: int, order: int) -> int:
     """A fresh, folio-aligned range of ``npages`` pages, followed by a guard page (caller holds the lock)."""
     ps = mm.machine.page_size
     align = ps << order
-    start = -(-mm._next // align) * align
-    mm._next = start + npages * ps + ps
+    start = -(-mm.highest_vm_end // align) * align
+    mm.highest_vm_end = start + npages * ps + ps
     return start
 
 
-def unmap_range(mm: AddressSpace, addr: int, end: int, wait: bool = True) -> None:
+def unmap_range(mm: MmStruct, addr: int, end: int, wait: bool = True) -> None:
     """munmap's body (caller holds ``machine.changed``): drops every PTE of ``[addr, end)`` and splits the VMAs
     it cuts.
 
@@ -75,10 +75,10 @@ def unmap_range(mm: AddressSpace, addr: int, end: int, wait: bool = True) -> Non
         m.changed.wait()
     for v, s0, s1 in spans:
         unmap_slots(mm, v, np.arange(s0, s1))
-        mm._replace(v, ([v.slice(0, s0)] if s0 > 0 else []) + ([v.slice(s1, v.npages)] if s1 < v.npages else []))
+        mm.replace(v, ([v.slice(0, s0)] if s0 > 0 else []) + ([v.slice(s1, v.npages)] if s1 < v.npages else []))
 
 
-def unmap_slots(mm: AddressSpace, vma: Vma, slots: np.ndarray) -> None:
+def unmap_slots(mm: MmStruct, vma: Vma, slots: np.ndarray) -> None:
     """Drop the PTEs of ``slots``: mapcount and the PTE's reference; free what nobody holds."""
     m = mm.machine
     pfns = vma.pte_pfn[slots]

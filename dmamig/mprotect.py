@@ -20,7 +20,6 @@ Both work on VMAs whose pages may be under migration right now, and neither wait
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from .mmap import get_unmapped_area, unmap_range
 from .vma import Vma
 
 if TYPE_CHECKING:
-    from .mm import AddressSpace
+    from .mm_struct import MmStruct
 
 __all__ = ["change_protection", "move_vma"]
 
@@ -46,13 +45,13 @@ def _check_prot(prot: Any) -> Prot:
     return Prot(int(prot))
 
 
-def _split_range(mm: AddressSpace, addr: int, end: int, prot: Prot | None = None) -> list[Vma]:
+def _split_range(mm: MmStruct, addr: int, end: int, prot: Prot | None = None) -> list[Vma]:
     """Split VMAs so that ``[addr, end)`` is covered by whole VMAs; return them (caller holds the lock).
 
     With ``prot``, VMAs that have those rights already are neither split nor returned (``mprotect_fixup``).
     Raises AddressFault, with nothing split, when part of the range is not mapped.
     """
-    segs = mm._segments(addr, end - addr)
+    segs = mm.segments(addr, end - addr)
     out = []
     for v, s0, s1 in segs:
         if prot is not None and v.prot == prot:
@@ -61,16 +60,16 @@ def _split_range(mm: AddressSpace, addr: int, end: int, prot: Prot | None = None
             out.append(v)
             continue
         inner = v.slice(s0, s1)
-        mm._replace(v, [p for p in ([v.slice(0, s0)] if s0 else []) + [inner]
+        mm.replace(v, [p for p in ([v.slice(0, s0)] if s0 else []) + [inner]
                         + ([v.slice(s1, v.npages)] if s1 < v.npages else [])])
         out.append(inner)
     return out
 
 
-def change_protection(mm: AddressSpace, addr: int, length: int, prot: Any) -> None:
+def change_protection(mm: MmStruct, addr: int, length: int, prot: Any) -> None:
     """``AddressSpace.mprotect``: set the rights of every VMA of the range, splitting VMAs at its ends."""
-    mm._check_open()
-    addr, length = mm._check_range(addr, length, aligned=True)
+    mm.check_open()
+    addr, length = mm.check_range(addr, length, aligned=True)
     prot = _check_prot(prot)
     ps = mm.machine.page_size
     end = addr + -(-length // ps) * ps
@@ -104,7 +103,7 @@ def _mergeable(a: Vma, b: Vma) -> bool:
             and a.pgoff + a.npages == b.pgoff)
 
 
-def _merge_around(mm: AddressSpace, addr: int, end: int) -> None:
+def _merge_around(mm: MmStruct, addr: int, end: int) -> None:
     """``vma_merge``: join the VMAs of ``[addr, end)`` and their neighbours that continue each other."""
     near = [v for v in mm.vmas if v.end >= addr and v.start <= end]
     run = near[:1]
@@ -118,8 +117,8 @@ def _merge_around(mm: AddressSpace, addr: int, end: int) -> None:
                          np.concatenate([r.pte_pfn for r in run]), np.concatenate([r.pte_flags for r in run]),
                          first.prot, first.chain)
             for r in run[1:]:
-                mm._replace(r, [])
-            mm._replace(first, [merged])
+                mm.replace(r, [])
+            mm.replace(first, [merged])
         run = [v]
 
 
@@ -129,16 +128,16 @@ def _check_len(name: str, v: Any) -> int:
     return int(v)
 
 
-def move_vma(mm: AddressSpace, old_addr: int, old_len: int, new_len: int, may_move: bool) -> int:
+def move_vma(mm: MmStruct, old_addr: int, old_len: int, new_len: int, may_move: bool) -> int:
     """``AddressSpace.mremap``: shrink, grow in place, or move the range to a fresh address."""
-    mm._check_open()
-    old_addr, old_len = mm._check_range(old_addr, old_len, aligned=True)
+    mm.check_open()
+    old_addr, old_len = mm.check_range(old_addr, old_len, aligned=True)
     new_len = _check_len("new_len", new_len)
     m = mm.machine
     ps = m.page_size
     old_n, new_n = -(-old_len // ps), -(-new_len // ps)
     with m.changed:
-        segs = mm._segments(old_addr, old_n * ps)
+        segs = mm.segments(old_addr, old_n * ps)
         if len(segs) != 1:
             raise AddressFault(f"mremap: [{old_addr:#x}, {old_addr + old_n * ps:#x}) spans {len(segs)} "
                                f"mappings; it must lie inside one")
@@ -162,25 +161,23 @@ def move_vma(mm: AddressSpace, old_addr: int, old_len: int, new_len: int, may_mo
             _resize(mm, vma, new_n)
             return old_addr
         # The page table moves with the VMA: same slots, same pfns, same migration entries.
-        mm._vmas.remove(vma)
-        vma.start = get_unmapped_area(mm, new_n, vma.obj.order)
-        bisect.insort(mm._vmas, vma, key=lambda v: v.start)
+        mm.relocate(vma, get_unmapped_area(mm, new_n, vma.obj.order))
         _resize(mm, vma, new_n)
         m.changed.notify_all()
         return vma.start
 
 
-def _free(mm: AddressSpace, start: int, end: int) -> bool:
+def _free(mm: MmStruct, start: int, end: int) -> bool:
     """Whether no VMA overlaps ``[start, end)``, leaving a guard page after it."""
     guard = end + mm.machine.page_size
     return not any(v.start < guard and v.end > start for v in mm.vmas)
 
 
-def _resize(mm: AddressSpace, vma: Vma, npages: int) -> None:
+def _resize(mm: MmStruct, vma: Vma, npages: int) -> None:
     """Grow ``vma`` to ``npages`` slots, the new ones empty; a private VMA's object grows to cover them."""
     extra = npages - vma.npages
     vma.pte_pfn = np.concatenate([vma.pte_pfn, np.full(extra, -1, np.int64)])
     vma.pte_flags = np.concatenate([vma.pte_flags, np.zeros(extra, np.uint8)])
     vma.npages = npages
     vma.obj.grow(vma.pgoff + npages)
-    mm._next = max(mm._next, vma.end + mm.machine.page_size)
+    mm.highest_vm_end = max(mm.highest_vm_end, vma.end + mm.machine.page_size)

@@ -121,7 +121,7 @@ def test_pin_fails_cleanly_when_pages_cannot_come_back(dm):
     m.get_page(pfn)
     with pytest.raises(OutOfMemory, match="long-term pin"):
         mm.pin(addr, 2 * ps)
-    assert not mm._pins
+    assert not mm.mm_struct.pins
     m.put_page(pfn)
     mm.pin(addr, 2 * ps)
     assert mm.nodes_of(addr, 2 * ps).tolist() == [0, 0]
@@ -255,7 +255,7 @@ def test_pins_racing_migrations_end_pinned_on_host(dm):
     assert not [t for t in crew if t.is_alive()], "threads did not finish: a deadlock or a lost wakeup"
     if errors:
         raise errors[0]
-    assert not mm._pins
+    assert not mm.mm_struct.pins
     assert np.array_equal(mm.read(addr, n * ps), data)
     assert check_machine(m) == []
     finish_within(mm.close, "close")

@@ -7,7 +7,7 @@ import pytest
 from support import free, rand
 
 from dmamig import AddressFault, InvalidArgument, MigrateMode, OutOfMemory, PteFlag
-from dmamig.mm import MMAP_BASE
+from dmamig.mm_struct import MMAP_BASE
 from dmamig.vma import ZERO_PFN
 
 HOST = 4096

@@ -38,6 +38,7 @@ from .state import migrate_folio
 if TYPE_CHECKING:
     from ..dma import DmaEngine
     from ..mm import AddressSpace
+    from ..mm_struct import MmStruct
 
 __all__ = ["HPAGE_PMD_NR", "MigrateVma", "abort_in_flight"]
 
@@ -191,12 +192,12 @@ class MigrateVma(VmaCollect, VmaMove):
         folio that the range covers whole when ``flags`` has ``COMPOUND``: its first slot is one compound
         entry. ``cpages`` counts entries, a compound one once, as the kernel counts them.
         """
-        mm, m = self.mm, self.mm.machine
+        mms, m = self.mm.mm_struct, self.mm.machine
         with m.changed:
-            mm._check_open()
+            mms.check_open()
             self._step("new", "setup")
             try:
-                segs = mm._wait_migrations(self.start, self.end - self.start)
+                segs = mms.wait_migrations(self.start, self.end - self.start)
             except Exception as exc:
                 self._state = "new"
                 raise InvalidArgument(f"range {self.start:#x}-{self.end:#x} is not fully mapped: {exc}") from exc
@@ -209,7 +210,7 @@ class MigrateVma(VmaCollect, VmaMove):
             if vma.shared:
                 return 0  # only anonymous private memory migrates to a device (the selftests' -ENOENT)
             self._collect(vma, s0, s1)
-            mm._device_migrations.append(self)  # close() aborts it if the driver never finishes
+            mms.device_migrations.append(self)  # close() aborts it if the driver never finishes
         return self.cpages
 
     def alloc_and_copy(self, engine: DmaEngine | None = None) -> None:
@@ -273,8 +274,8 @@ class MigrateVma(VmaCollect, VmaMove):
         pages = m.pages
         with m.changed:
             self._step("pages", "done")
-            if self in self.mm._device_migrations:
-                self.mm._device_migrations.remove(self)
+            if self in self.mm.mm_struct.device_migrations:
+                self.mm.mm_struct.device_migrations.remove(self)
             moved = self._moving()
             kept = ((self.src & _VALID) != 0) & ~moved
             old, new = self._pfns(self.src[moved]), self._pfns(self.dst[moved])
@@ -304,8 +305,8 @@ class MigrateVma(VmaCollect, VmaMove):
             m.changed.notify_all()
 
 
-def abort_in_flight(mm: AddressSpace) -> None:
+def abort_in_flight(mm: MmStruct) -> None:
     """Abort every MigrateVma still in flight on ``mm`` (``AddressSpace.close``; caller holds the lock)."""
-    for mv in list(mm._device_migrations):
+    for mv in list(mm.device_migrations):
         mv.abort()
-    mm._device_migrations.clear()
+    mm.device_migrations.clear()

@@ -30,7 +30,7 @@ from .options import MigrateOptions
 
 if TYPE_CHECKING:
     from ..machine import Machine
-    from ..mm import AddressSpace
+    from ..mm_struct import MmStruct
     from .core import MigrateResult
 
 __all__ = ["MovePagesResult", "migrate_range", "move_pages"]
@@ -79,18 +79,18 @@ def _check_engine(m: Machine, engine: Any, mode: MigrateMode) -> MigrateMode:
     return mode | MigrateMode.NO_COPY
 
 
-def migrate_range(mm: AddressSpace, addr: int, length: int, node: int, mode: MigrateMode,
+def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: MigrateMode,
                   engine: DmaEngine | None, options: MigrateOptions | None, move_all: bool) -> MigrateResult:
     """``AddressSpace.migrate``: every page of a range to one node."""
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
-    mm._check_open()
-    addr, length = mm._check_range(addr, length, aligned=True)
+    mm.check_open()
+    addr, length = mm.check_range(addr, length, aligned=True)
     m = mm.machine
     node = check_node(m, "node", node)
     mode = _check_engine(m, engine, check_mode(mode, allow_no_copy=False))
     options = MigrateOptions.coerce(options)
     with m.changed:
-        segs = mm._wait_migrations(addr, length)
+        segs = mm.wait_migrations(addr, length)
         pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])  # a copy: the tables change
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
         status, heads = collect_folios(m, pfns, node, move_all=bool(move_all))
@@ -122,39 +122,7 @@ def _as_nodes(m: Machine, nodes: Any, n: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _lookup(mm: AddressSpace, addrs: np.ndarray) -> tuple[np.ndarray, list]:
-    """The pfn of each address (``-1`` where unmapped too) and, per VMA hit, ``(vma, positions, slots)``."""
-    ps = mm.machine.page_size
-    vmas = mm.vmas
-    pfns = np.full(addrs.size, -1, dtype=np.int64)
-    hits = []
-    if not vmas:
-        return pfns, hits
-    starts = np.array([v.start for v in vmas], dtype=np.int64)
-    ends = np.array([v.end for v in vmas], dtype=np.int64)
-    i = np.searchsorted(starts, addrs, side="right") - 1
-    inside = (i >= 0) & (addrs < ends[np.maximum(i, 0)])
-    for k in np.unique(i[inside]).tolist():
-        pos = np.flatnonzero(inside & (i == k))
-        slots = (addrs[pos] - vmas[k].start) // ps
-        pfns[pos] = vmas[k].pte_pfn[slots]
-        hits.append((vmas[k], pos, slots))
-    return pfns, hits
-
-
-def _lookup_settled(mm: AddressSpace, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(pfns, mapped)`` once no addressed slot holds a migration entry (caller holds ``machine.changed``)."""
-    while True:
-        pfns, hits = _lookup(mm, addrs)
-        if not any((v.pte_flags[slots] & np.uint8(PteFlag.MIGRATION)).any() for v, _p, slots in hits):
-            mapped = np.zeros(addrs.size, dtype=bool)
-            for _v, pos, _s in hits:
-                mapped[pos] = True
-            return pfns, mapped
-        mm.machine.changed.wait()
-
-
-def _follow_pages(mm: AddressSpace, addrs: np.ndarray) -> np.ndarray:
+def _follow_pages(mm: MmStruct, addrs: np.ndarray) -> np.ndarray:
     """``follow_page`` of each address, waiting for nothing (caller holds the lock).
 
     The pfn of the page mapped there; ``ZERO_PFN`` (``-EFAULT``) for the zero page and where no VMA maps the
@@ -186,7 +154,7 @@ def _pages_stat(m: Machine, pfns: np.ndarray) -> np.ndarray:
     return status
 
 
-def _add_folios_for_migration(mm: AddressSpace, addrs: np.ndarray, node: int,
+def _add_folios_for_migration(mm: MmStruct, addrs: np.ndarray, node: int,
                               move_all: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """``add_folio_for_migration`` over a run of addresses with one target node, up to the first one that is
     not queued (caller holds the lock).
@@ -221,7 +189,7 @@ def _add_folios_for_migration(mm: AddressSpace, addrs: np.ndarray, node: int,
 _GROUP_WINDOW = 64
 
 
-def _queue_group(mm: AddressSpace, addrs: np.ndarray, node: int,
+def _queue_group(mm: MmStruct, addrs: np.ndarray, node: int,
                  move_all: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_add_folios_for_migration` over a run, a window at a time until a page is not queued."""
     m = mm.machine
@@ -240,7 +208,7 @@ def _queue_group(mm: AddressSpace, addrs: np.ndarray, node: int,
         lo, w = hi, 2 * w
 
 
-def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engine: DmaEngine | None,
+def move_pages(mm: MmStruct, addrs: Any, nodes: Any, mode: MigrateMode, engine: DmaEngine | None,
                move_all: bool, options: MigrateOptions | None) -> MovePagesResult:
     """``AddressSpace.move_pages``: validate, then ``do_pages_move`` (or ``do_pages_stat`` for a query).
 
@@ -250,7 +218,7 @@ def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engi
     return value counts them and every address after the group, untried. An address whose page is under
     migration reports ``-ENOENT`` at once, as the kernel's page walk does.
     """
-    mm._check_open()
+    mm.check_open()
     m = mm.machine
     addrs = _as_addrs(addrs)
     if nodes is None:
@@ -262,7 +230,7 @@ def move_pages(mm: AddressSpace, addrs: Any, nodes: Any, mode: MigrateMode, engi
     return _do_pages_move(mm, addrs, targets, mode, engine, bool(move_all), options)
 
 
-def _do_pages_move(mm: AddressSpace, addrs: np.ndarray, targets: np.ndarray, mode: MigrateMode,
+def _do_pages_move(mm: MmStruct, addrs: np.ndarray, targets: np.ndarray, mode: MigrateMode,
                    engine: DmaEngine | None, move_all: bool, options: MigrateOptions) -> MovePagesResult:
     """``do_pages_move``: group, migrate each group (``do_move_pages_to_node``), store statuses, stop on failure."""
     m = mm.machine

@@ -19,7 +19,6 @@ from .._validate import as_bytes, check_node
 from ..errors import AddressFault, InvalidArgument
 from ..flags import PteFlag
 from ..memory import check_access
-from ..migrate.move_pages import _lookup, _lookup_settled
 from .counters import AccessCounters
 from .evict import migrate_device_pages
 from .faults import FaultService
@@ -92,7 +91,7 @@ class DeviceAccessor:
         AddressFault
             An address is not mapped, or its mapping is not readable.
         """
-        addr, length = self.mm._check_range(addr, length, aligned=False)
+        addr, length = self.mm.mm_struct.check_range(addr, length, aligned=False)
         ps = self.mm.machine.page_size
         first = addr - addr % ps
         npages = -(-(addr + length - first) // ps)
@@ -121,7 +120,7 @@ class DeviceAccessor:
         and last page outside ``data`` keep their content. Read duplicates of the pages are dropped first.
         """
         buf = as_bytes(data)
-        addr, length = self.mm._check_range(addr, buf.size, aligned=False)
+        addr, length = self.mm.mm_struct.check_range(addr, buf.size, aligned=False)
         ps = self.mm.machine.page_size
         first = addr - addr % ps
         npages = -(-(addr + length - first) // ps)
@@ -205,7 +204,7 @@ class DeviceAccessor:
         int
             The number of pages touched.
         """
-        addr, length = self.mm._check_range(addr, length, aligned=False)
+        addr, length = self.mm.mm_struct.check_range(addr, length, aligned=False)
         m = self.mm.machine
         ps = m.page_size
         first = addr - addr % ps
@@ -241,7 +240,7 @@ class DeviceAccessor:
         addrs = self._range_pages(addr, length)
         m = self.mm.machine
         with m.changed:
-            pfns, _ = _lookup_settled(self.mm, addrs)
+            pfns, _ = self.mm.mm_struct.lookup_settled(addrs)
         on = on_device(self.mm.machine, self.node, pfns)
         if not on.any():
             return 0
@@ -252,21 +251,21 @@ class DeviceAccessor:
         return n
 
     def _range_pages(self, addr: int, length: int) -> np.ndarray:
-        self.mm._check_open()
-        addr, length = self.mm._check_range(addr, length, aligned=False)
+        self.mm.mm_struct.check_open()
+        addr, length = self.mm.mm_struct.check_range(addr, length, aligned=False)
         ps = self.mm.machine.page_size
         first = addr - addr % ps
         npages = -(-(addr + length - first) // ps)
         addrs = first + np.arange(npages, dtype=np.int64) * ps
         with self.mm.machine.changed:
-            _pfns, mapped = _lookup_settled(self.mm, addrs)
+            _pfns, mapped = self.mm.mm_struct.lookup_settled(addrs)
         if not mapped.all():
             raise AddressFault(f"device access at {int(addrs[~mapped][0]):#x}: address not mapped")
         return addrs
 
     def _resident(self, addrs: np.ndarray) -> np.ndarray:
         with self.mm.machine.changed:
-            pfns, _ = _lookup_settled(self.mm, addrs)
+            pfns, _ = self.mm.mm_struct.lookup_settled(addrs)
             return on_device(self.mm.machine, self.node, pfns)
 
     def close(self) -> None:
@@ -306,25 +305,25 @@ class DeviceAccessor:
     def _run(self, addrs: np.ndarray, write: bool, visit: Callable[[int, int, np.ndarray], None],
              contiguous: bool = False) -> None:
         """Access page ``addrs[i]`` in order, calling ``visit(lo, hi, pfns)`` on each serviced stretch."""
-        self.mm._check_open()
+        self.mm.mm_struct.check_open()
         m = self.mm.machine
         if contiguous:
             uniq, inv = addrs, np.arange(addrs.size, dtype=np.int64)
         else:
             uniq, inv = np.unique(addrs, return_inverse=True)
         with m.changed:
-            pfns, mapped = _lookup_settled(self.mm, uniq)
+            pfns, mapped = self.mm.mm_struct.lookup_settled(uniq)
             if not mapped.all():
                 raise AddressFault(f"device access at {int(uniq[~mapped][0]):#x}: address not mapped")
-            for v, pos, _slots in _lookup(self.mm, uniq)[1]:
+            for v, pos, _slots in self.mm.mm_struct.lookup(uniq)[1]:
                 check_access(v, int(uniq[pos[0]]), write)
             if write and self._svc.dups is not None:
                 # A write collapses every read duplicate of its pages, this device's and the others'.
-                self.mm._notify(int(uniq[0]), int(uniq[-1]) + m.page_size)
+                self.mm.mm_struct.notify(int(uniq[0]), int(uniq[-1]) + m.page_size)
             known = pfns >= 0
             known[known] = m.nodemap.node_of(pfns[known]) == self.node
             if not write:
-                known |= self._svc._duplicated(uniq)
+                known |= self._svc.duplicated(uniq)
             elsewhere = (pfns >= 0) & ~known
         self.stats.accesses += 1
         self.stats.pages_resident += int(known[inv].sum())
@@ -425,7 +424,7 @@ class DeviceAccessor:
     def _settled(self, addrs: np.ndarray) -> tuple[np.ndarray, list]:
         """Pfns and per-VMA hits of ``addrs`` once none holds a migration entry (``changed`` held)."""
         while True:
-            pfns, hits = _lookup(self.mm, addrs)
+            pfns, hits = self.mm.mm_struct.lookup(addrs)
             if not any((v.pte_flags[slots] & _MIGRATION).any() for v, _pos, slots in hits):
                 return pfns, hits
             self.mm.machine.changed.wait()

@@ -22,7 +22,6 @@ from .._validate import check_node
 from ..errors import InvalidArgument
 from ..flags import ENOENT, MigrateMode
 from ..migrate.core import collect_folios, run_migration
-from ..migrate.move_pages import _lookup_settled
 from ..migrate.result import MigrateResult
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ class BlockTracker:
         use = self._use
         # Blocks of closed address spaces hold nothing any more (their pages were freed): drop them here, so
         # that the tracker never keeps a closed address space alive.
-        for key in [k for k in use if k[0]._closed]:
+        for key in [k for k in use if k[0].mm_struct.closed]:
             del use[key]
         for b in np.unique(blocks).tolist():
             key = (mm, b)
@@ -181,9 +180,9 @@ def evict_block(mm: AddressSpace, block: int, block_size: int, node: int, engine
     start = block * block_size
     addrs = start + np.arange(block_size // ps, dtype=np.int64) * ps
     with m.changed:
-        if mm._closed:
+        if mm.mm_struct.closed:
             return 0, None
-        pfns, mapped = _lookup_settled(mm, addrs)
+        pfns, mapped = mm.mm_struct.lookup_settled(addrs)
         on = mapped & (pfns >= 0)
         on[on] = m.nodemap.node_of(pfns[on]) == node
         if not on.any():

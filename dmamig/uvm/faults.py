@@ -16,9 +16,8 @@ import numpy as np
 
 from ..errors import OutOfMemory
 from ..flags import MigrateMode, PteFlag
-from ..memory import _fault_absent, _wp_pages
+from ..memory import fault_absent, wp_pages
 from ..migrate.core import collect_folios, run_migration
-from ..migrate.move_pages import _lookup, _lookup_settled
 from .dup import ReadDuplicates
 from .evict import evict_block, tracker_of
 from .options import VA_BLOCK_SIZE, UvmOptions, UvmStats
@@ -53,7 +52,7 @@ class FaultService:
         if self.dups is not None:
             self.stats.pages_collapsed += self.dups.drop(start, end)
 
-    def _duplicated(self, addrs: np.ndarray) -> np.ndarray:
+    def duplicated(self, addrs: np.ndarray) -> np.ndarray:
         if self.dups is None or not len(self.dups):
             return np.zeros(addrs.size, dtype=bool)
         return self.dups.lookup(addrs) >= 0
@@ -82,7 +81,7 @@ class FaultService:
             pfns, valid = self._lookup_valid(cand)
             resident = (pfns >= 0) & valid
             resident[resident] = m.nodemap.node_of(pfns[resident]) == self.node
-            resident |= self._duplicated(cand) & valid
+            resident |= self.duplicated(cand) & valid
         faulted = np.zeros(cand.size, dtype=bool)
         faulted[np.searchsorted(blocks, uniq // bs) * bp + (uniq % bs) // ps] = True
         t1 = time.perf_counter_ns()
@@ -123,7 +122,7 @@ class FaultService:
 
     def _lookup_valid(self, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pfns of ``addrs`` and whether each lies in a readable mapping (caller holds ``changed``)."""
-        pfns, mapped = _lookup_settled(self.mm, addrs)
+        pfns, mapped = self.mm.mm_struct.lookup_settled(addrs)
         valid = mapped.copy()
         for v in self.mm.vmas:
             if not v.readable:
@@ -169,17 +168,17 @@ class FaultService:
     def _bring_in(self, addrs: np.ndarray, duplicate: bool = False) -> None:
         """Give absent pages zeroed device pages and migrate the others onto the device (or, with
         ``duplicate``, copy private pages resident elsewhere into read-only device copies)."""
-        m, st, mm = self.mm.machine, self.stats, self.mm
+        m, st, mm = self.mm.machine, self.stats, self.mm.mm_struct
         t0 = time.perf_counter_ns()
         t_thread = time.thread_time_ns()
         with m.changed:
-            pfns, _mapped = _lookup_settled(mm, addrs)
+            pfns, _mapped = mm.lookup_settled(addrs)
             if (pfns < 0).any():
-                for v, pos, slots in _lookup(mm, addrs)[1]:
+                for v, pos, slots in mm.lookup(addrs)[1]:
                     absent = slots[pfns[pos] < 0]
                     if absent.size:
                         st.pages_populated += self._populate(v, absent)
-                pfns, _mapped = _lookup_settled(mm, addrs)
+                pfns, _mapped = mm.lookup_settled(addrs)
             present = pfns >= 0
             present[present] = m.nodemap.node_of(pfns[present]) != self.node
             if duplicate:
@@ -206,23 +205,23 @@ class FaultService:
         for v in self.mm.vmas:
             if v.shared:
                 private[(addrs >= v.start) & (addrs < v.end)] = False
-        private &= ~self._duplicated(addrs)
+        private &= ~self.duplicated(addrs)
         idx = np.flatnonzero(private)
         n = self.dups.add(addrs[idx], pfns[idx], self.engine) if idx.size else 0
         self.stats.pages_read_duplicated += n
         done = np.zeros(addrs.size, dtype=bool)
         done[idx[:n]] = True
-        return done | (present & self._duplicated(addrs))
+        return done | (present & self.duplicated(addrs))
 
     def _populate(self, vma: object, slots: np.ndarray) -> int:
         """Zeroed pages for untouched slots, on the device, or on the host when neither room nor eviction
         could free enough (then accessed remotely). Returns the pages placed on the device."""
-        mm = self.mm
+        mm = self.mm.mm_struct
         try:
-            _fault_absent(mm, vma, slots, self.node)
+            fault_absent(mm, vma, slots, self.node)
             return int(slots.size)
         except OutOfMemory:
-            _fault_absent(mm, vma, slots, 0)
+            fault_absent(mm, vma, slots, 0)
             return 0
 
     def make_writable(self, addrs: np.ndarray) -> None:
@@ -230,8 +229,8 @@ class FaultService:
 
         The caller holds ``changed``. The private copy goes on the device, or on the host when it is full.
         """
-        mm = self.mm
-        pfns, hits = _lookup(mm, addrs)
+        mm = self.mm.mm_struct
+        pfns, hits = mm.lookup(addrs)
         for v, pos, slots in hits:
             p = pfns[pos]
             if v.shared:
@@ -243,6 +242,6 @@ class FaultService:
             wp = slots[(p >= 0) & ((v.pte_flags[slots] & _WRITE) == 0)]
             if wp.size:
                 try:
-                    _wp_pages(mm, v, wp, self.node)
+                    wp_pages(mm, v, wp, self.node)
                 except OutOfMemory:
-                    _wp_pages(mm, v, wp, 0)
+                    wp_pages(mm, v, wp, 0)
