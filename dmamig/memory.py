@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import AddressFault, OutOfMemory
 from .flags import MigrateMode, PageFlag, PteFlag
-from .migrate.core import run_migration
+from .migrate.core import MigrationRequest, run_migration
 from .migrate.isolate import collect_folios
 from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache, map_pages
 
@@ -276,7 +276,8 @@ def migrate_to_ram(mm: MmStruct, pfns: np.ndarray) -> int:
     m.count_event("migrate_to_ram", int(m.pages.nr_pages(heads).sum()) if heads.size else 0)
     m.lock.release()
     try:
-        res = run_migration(m, heads, 0, MigrateMode.SYNC, None, None, pfns, status, t_thread, t_wall)
+        res = run_migration(m, MigrationRequest(heads=heads, node=0, mode=MigrateMode.SYNC, pfns=pfns, status=status,
+                                                t_thread=t_thread, t_wall=t_wall))
     finally:
         m.lock.acquire()
     return int(res.nr_succeeded)

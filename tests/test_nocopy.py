@@ -13,6 +13,7 @@ pytest.importorskip("dmamig.dma")
 
 import dmamig.migrate.core as core  # noqa: E402
 from dmamig import InvalidArgument, Machine, MigrateMode, PageFlag  # noqa: E402
+from dmamig.migrate.options import NR_MAX_BATCHED_MIGRATION  # noqa: E402
 
 EAGAIN, EIO, ENOENT = -errno.EAGAIN, -errno.EIO, -errno.ENOENT
 HOST = DEV = 4096
@@ -143,13 +144,13 @@ def test_dma_error_falls_back_to_a_cpu_copy(m, mm, mode):
 def test_dma_error_costs_only_its_own_batch(m, mm):
     """An error in one batch's submission falls back for that batch; the other batches' DMA copies stand."""
     ps = m.page_size
-    n = 3 * core.NR_MAX_BATCHED_MIGRATION
+    n = 3 * NR_MAX_BATCHED_MIGRATION
     addr, data = filled(m, mm, n)
     m.dma.inject_errors(1)
     res = mm.migrate(addr, n * ps, 1, engine=m.dma)
     # One channel of two refused its share of the first batch: those pages, and only those, were copied by
     # the CPU.
-    assert res.ok and res.stats.nr_dma_fallback == core.NR_MAX_BATCHED_MIGRATION // 2
+    assert res.ok and res.stats.nr_dma_fallback == NR_MAX_BATCHED_MIGRATION // 2
     assert res.stats.nr_tlb_flush == 3
     assert np.array_equal(mm.read(addr, n * ps), data)
 

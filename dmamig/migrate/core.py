@@ -1,6 +1,6 @@
 """The migration core: ``migrate_pages()`` as the kernel runs it, batch by batch.
 
-Each batch of :data:`NR_MAX_BATCHED_MIGRATION` base pages goes through ``migrate_pages_batch()``: an unmap
+Each batch of :data:`~.options.NR_MAX_BATCHED_MIGRATION` base pages goes through ``migrate_pages_batch()``: an unmap
 loop (get a destination, lock, check writeback, install migration entries; busy folios retried on the next
 pass), one TLB flush, the copy (the migrating thread's, or one DMA submission waited for before any move), a
 move loop (check references, move state, remap to the new folio; a folio with a transient reference stays
@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,9 +36,9 @@ from ..errors import InvalidArgument
 from ..flags import EAGAIN, ENOMEM, MigrateMode
 from .entries import _PENDING, _SPLIT, _UNTRIED, HPAGE_PMD_ORDER, Entries
 from .interrupts import DeferredInterrupt
-from .isolate import check_dst, collect_folios, isolate_folios, putback_folios
+from .isolate import check_dst, collect_folios, putback_folios
 from .move import MovePhase
-from .options import NR_MAX_BATCHED_MIGRATION, MigrateOptions
+from .options import MigrateOptions
 from .result import PHASES, MigrateResult, MigrateStats
 from .unmap import UnmapPhase
 
@@ -46,17 +47,11 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 __all__ = [
-    "HPAGE_PMD_ORDER",
-    "NR_MAX_BATCHED_MIGRATION",
     "NR_MAX_MIGRATE_ASYNC_RETRY",
     "NR_MAX_MIGRATE_PAGES_RETRY",
     "NR_MAX_MIGRATE_SYNC_RETRY",
-    "PHASES",
-    "MigrateResult",
-    "MigrateStats",
+    "MigrationRequest",
     "check_mode",
-    "collect_folios",
-    "isolate_folios",
     "migrate_pfns",
     "run_migration",
 ]
@@ -301,19 +296,56 @@ class _Migration(UnmapPhase, MovePhase):
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
-def run_migration(m: Machine, heads: np.ndarray, node: int, mode: MigrateMode, engine: DmaEngine | None,
-                  dst: np.ndarray | None, pfns: np.ndarray, status: np.ndarray, t_thread: int,
-                  t_wall: int, options: MigrateOptions | None = None) -> MigrateResult:
-    """Migrate isolated ``heads`` and build the result for the requested ``pfns``.
+@dataclass(kw_only=True)
+class MigrationRequest:
+    """One ``migrate_pages()`` call over folios already isolated: what moves, where to, how, and which pages
+    the caller asked about.
 
-    ``status`` is :func:`collect_folios`'s provisional status of ``pfns``; its pending entries get the status
-    of their folio.
+    Attributes
+    ----------
+    heads : numpy.ndarray
+        Head pfns of the isolated folios, each once (:func:`~.isolate.collect_folios` gives them).
+    node : int
+        The target node.
+    mode : MigrateMode
+        ``ASYNC``, ``SYNC_LIGHT`` or ``SYNC``; ``| NO_COPY`` when ``engine`` or the caller copies.
+    pfns : numpy.ndarray
+        The pages the caller named: the result holds one status per entry.
+    status : numpy.ndarray
+        :func:`~.isolate.collect_folios`'s provisional status of ``pfns``; its pending entries get the status
+        of their folio.
+    t_thread, t_wall : int
+        ``time.thread_time_ns()`` and ``time.perf_counter_ns()`` when the caller's call began: the result's
+        times (and its ``isolate`` phase) count from there.
+    engine : DmaEngine, optional
+        The DMA engine that copies each batch (no-copy migration); ``None``: the migrating thread copies.
+    dst : numpy.ndarray, optional
+        Destination folio heads, one per entry of ``heads``, whose content the caller copied already
+        (``Machine.migrate_pages`` with ``NO_COPY``); ``None``: the core allocates destinations.
+    options : MigrateOptions, optional
+        Batching; ``None`` is the kernel's.
     """
-    options = MigrateOptions.coerce(options)
+
+    heads: np.ndarray
+    node: int
+    mode: MigrateMode
+    pfns: np.ndarray
+    status: np.ndarray
+    t_thread: int
+    t_wall: int
+    engine: DmaEngine | None = None
+    dst: np.ndarray | None = None
+    options: MigrateOptions | None = None
+
+
+def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
+    """Migrate the isolated folios of ``req`` and build the result for the pages it names."""
+    heads, pfns, status, t_thread, t_wall = req.heads, req.pfns, req.status, req.t_thread, req.t_wall
+    options = MigrateOptions.coerce(req.options)
     t_run = time.perf_counter_ns()
     with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
-        entries = Entries(m, heads, dst)
-    mig = _Migration(m, node, mode, engine, options, entries)
+        entries = Entries(m, heads, req.dst)
+    mig = _Migration(m, req.node, req.mode, req.engine, options, entries)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
         pending = status == _PENDING
@@ -362,4 +394,5 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             m.free_folios(dst[~taken])  # destinations of folios that will not move are ours to free
             dst = dst[taken]
             heads = pfns[taken]
-    return run_migration(m, heads, node, mode, None, dst, pfns, status, t_thread, t_wall, options)
+    return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
+                                             t_thread=t_thread, t_wall=t_wall, dst=dst, options=options))

@@ -19,8 +19,8 @@ from ..errors import InvalidArgument
 from ..flags import MIGRATE_PFN_SHIFT, MigratePfn, MigrateVmaSelect, PageFlag, PteFlag
 from ..nodes import check_owner
 from ..vma import NO_PFN, install_migration_entries
-from .core import isolate_folios
 from .entries import HPAGE_PMD_ORDER
+from .isolate import isolate_folios
 
 if TYPE_CHECKING:
     from ..mm import AddressSpace

@@ -4,7 +4,7 @@ As the kernel's ``do_pages_move`` and ``add_folio_for_migration``, each page is 
 and then, in this order: no mapping -> ``-EFAULT``; nothing populated -> ``-ENOENT``; the zero page ->
 ``-EFAULT`` (there is nothing to move); already on the target node -> done; mapped by another process
 without ``move_all`` (``MPOL_MF_MOVE_ALL``) -> ``-EACCES``; else isolated and handed to the migration core
-(:func:`~dmamig.migrate.core.collect_folios` and :func:`~dmamig.migrate.core.run_migration`). Pages left
+(:func:`~dmamig.migrate.isolate.collect_folios` and :func:`~dmamig.migrate.core.run_migration`). Pages left
 alone are not migration failures: ``pgmigrate_fail`` does not count them.
 
 A folio counts as mapped by another process when any of its base pages has a mapcount above one (the
@@ -24,14 +24,14 @@ from ..dma import DmaEngine
 from ..errors import InvalidArgument
 from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, PteFlag
 from ..vma import NO_PFN, ZERO_PFN
-from .core import check_mode, collect_folios, run_migration
-from .isolate import putback_folios
+from .core import MigrationRequest, check_mode, run_migration
+from .isolate import collect_folios, putback_folios
 from .options import MigrateOptions
 
 if TYPE_CHECKING:
     from ..machine import Machine
     from ..mm_struct import MmStruct
-    from .core import MigrateResult
+    from .result import MigrateResult
 
 __all__ = ["MovePagesResult", "migrate_range", "move_pages"]
 
@@ -94,7 +94,8 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
         pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])  # a copy: the tables change
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
         status, heads = collect_folios(m, pfns, node, move_all=bool(move_all))
-    return run_migration(m, heads, node, mode, engine, None, pfns, status, t_thread, t_wall, options)
+    return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
+                                             t_thread=t_thread, t_wall=t_wall, engine=engine, options=options))
 
 
 def _as_addrs(addrs: Any) -> np.ndarray:
@@ -251,7 +252,8 @@ def _do_pages_move(mm: MmStruct, addrs: np.ndarray, targets: np.ndarray, mode: M
         if nxt == i + k + 1:
             status[i + k] = node if st[k] == 0 else st[k]
         if heads.size:
-            res = run_migration(m, heads, node, mode, engine, None, pfns, st[:k], t_thread, t_wall, options)
+            res = run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=st[:k],
+                                                    t_thread=t_thread, t_wall=t_wall, engine=engine, options=options))
             results.append((node, res))
             group = status[i:i + k]
             if res.rc == 0:

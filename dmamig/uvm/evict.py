@@ -21,7 +21,8 @@ import numpy as np
 from .._validate import check_node
 from ..errors import InvalidArgument
 from ..flags import ENOENT, MigrateMode
-from ..migrate.core import collect_folios, run_migration
+from ..migrate.core import MigrationRequest, run_migration
+from ..migrate.isolate import collect_folios
 from ..migrate.result import MigrateResult
 
 if TYPE_CHECKING:
@@ -123,7 +124,8 @@ def migrate_device_pages(m: Machine, pfns: np.ndarray, engine: DmaEngine | None 
             res.status[:] = ENOENT
             return res
         status, heads = collect_folios(m, sel, 0)
-    res = run_migration(m, heads, 0, mode, engine, None, sel, status, t_thread, t_wall, options)
+    res = run_migration(m, MigrationRequest(heads=heads, node=0, mode=mode, pfns=sel, status=status,
+                                            t_thread=t_thread, t_wall=t_wall, engine=engine, options=options))
     full = np.full(pfns.size, ENOENT, dtype=np.int32)
     full[used] = res.status
     res.status = full

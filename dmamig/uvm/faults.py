@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import OutOfMemory
 from ..flags import MigrateMode, PteFlag
 from ..memory import fault_absent, wp_pages
-from ..migrate.core import collect_folios, run_migration
+from ..migrate.core import MigrationRequest, run_migration
+from ..migrate.isolate import collect_folios
 from .dup import ReadDuplicates
 from .evict import evict_block, tracker_of
 from .options import VA_BLOCK_SIZE, UvmOptions, UvmStats
@@ -188,8 +189,9 @@ class FaultService:
             st.service_ns["populate"] += t_wall - t0
             status, heads = collect_folios(m, move, self.node) if move.size else (None, move)
         if heads.size:
-            res = run_migration(m, heads, self.node, self.mode, self.engine, None, move, status, t_thread, t_wall,
-                                self.options.migrate_options)
+            res = run_migration(m, MigrationRequest(heads=heads, node=self.node, mode=self.mode, pfns=move,
+                                                    status=status, t_thread=t_thread, t_wall=t_wall,
+                                                    engine=self.engine, options=self.options.migrate_options))
             st.pages_migrated += res.nr_succeeded
             st.bytes_migrated += res.nr_succeeded * m.page_size
             for k, v in res.phase_ns.items():
