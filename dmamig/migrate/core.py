@@ -34,7 +34,7 @@ import numpy as np
 from .._validate import as_pfn_array, check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, ENOMEM, MigrateMode
-from .entries import _PENDING, _SPLIT, _UNTRIED, HPAGE_PMD_ORDER, Entries
+from .entries import HPAGE_PMD_ORDER, PENDING, SPLIT, UNTRIED, Entries
 from .interrupts import DeferredInterrupt
 from .isolate import check_dst, collect_folios, putback_folios
 from .move import MovePhase
@@ -165,8 +165,8 @@ class _Migration(UnmapPhase, MovePhase):
             # Every folio that failed but for lack of memory is tried again alone in the caller's mode: now it
             # may block on the page lock and on writeback. Its failure in the ASYNC passes is not counted.
             st = e.status[step]
-            retry = step[(st == _PENDING) | ((st < 0) & (st != ENOMEM))]
-            e.status[retry] = _PENDING
+            retry = step[(st == PENDING) | ((st < 0) & (st != ENOMEM))]
+            e.status[retry] = PENDING
             for pos in retry.tolist():
                 if self.enomem:
                     break
@@ -174,7 +174,7 @@ class _Migration(UnmapPhase, MovePhase):
             self._count_failed(retry)
         else:
             st = e.status[step]
-            self._count_failed(step[(st == _PENDING) | (st < 0)])
+            self._count_failed(step[(st == PENDING) | (st < 0)])
         pieces = e.take_split_pieces()
         if pieces.size and not self.enomem:
             # One ASYNC pass; the pieces' failures are not folios of the return value: their large folio
@@ -186,7 +186,7 @@ class _Migration(UnmapPhase, MovePhase):
         """Settle entries that end failed: the EAGAIN ones become -EAGAIN; count pages and folios."""
         e = self.e
         st = e.status[pos]
-        e.status[pos[st == _PENDING]] = EAGAIN
+        e.status[pos[st == PENDING]] = EAGAIN
         failed = pos[(e.status[pos] < 0) & ~e.counted[pos]]
         if failed.size == 0:
             return
@@ -272,13 +272,13 @@ class _Migration(UnmapPhase, MovePhase):
                     self.engine.synchronize()  # no copy may still write a destination we free
                 self._undo(np.flatnonzero(e.unmapped))
             if interrupted:
-                e.status[e.status == _UNTRIED] = _PENDING
-            untried = np.flatnonzero(e.status == _UNTRIED)
+                e.status[e.status == UNTRIED] = PENDING
+            untried = np.flatnonzero(e.status == UNTRIED)
             e.counted[untried] = True  # never tried: the call ended on -ENOMEM before reaching them
             e.status[untried] = ENOMEM
             self.stats.nr_untried_pages += int(e.nr[untried].sum())
-            self._count_failed(np.flatnonzero((e.status == _PENDING) | ((e.status < 0) & ~e.counted)))
-            back = np.flatnonzero((e.status != 0) & (e.status != _SPLIT))
+            self._count_failed(np.flatnonzero((e.status == PENDING) | ((e.status < 0) & ~e.counted)))
+            back = np.flatnonzero((e.status != 0) & (e.status != SPLIT))
             putback_folios(m, e.src[back])
             e.release_dst(back, given_too=True)
             self._count_vmstat()
@@ -348,7 +348,7 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
     mig = _Migration(m, req.node, req.mode, req.engine, options, entries)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
-        pending = status == _PENDING
+        pending = status == PENDING
         where = entries.locate(pfns[pending])
         interrupted = True
         with mig.interrupts:
@@ -390,7 +390,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             dst = check_dst(m, pfns, as_pfn_array(m, "dst_pfns", dst_pfns), node)
         status, heads = collect_folios(m, pfns, node)
         if dst is not None:
-            taken = status == _PENDING
+            taken = status == PENDING
             m.free_folios(dst[~taken])  # destinations of folios that will not move are ours to free
             dst = dst[taken]
             heads = pfns[taken]

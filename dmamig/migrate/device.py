@@ -31,7 +31,7 @@ from .._validate import check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, EBUSY, MigrateVmaSelect, PageFlag
 from ..vma import folio_free_swap, remove_migration_entries
-from .device_collect import _MIGRATE, _VALID, HPAGE_PMD_NR, VmaCollect, check_select
+from .device_collect import HPAGE_PMD_NR, PFN_MIGRATE, PFN_VALID, VmaCollect, check_select
 from .device_move import VmaMove
 from .state import migrate_folio
 
@@ -177,7 +177,7 @@ class MigrateVma(VmaCollect, VmaMove):
                 return
             committed = self._state == "pages"
             if not committed:
-                self.src &= ~_MIGRATE  # nothing moved yet: every entry is a page that did not migrate
+                self.src &= ~PFN_MIGRATE  # nothing moved yet: every entry is a page that did not migrate
             self._state = "pages"
             self.finalize()
             if not committed:
@@ -230,7 +230,7 @@ class MigrateVma(VmaCollect, VmaMove):
             self._alloc_and_copy(engine)
         except BaseException:
             with m.changed:  # a copy that did not finish leaves nothing worth moving: restore those pages
-                self.src[(self.dst & _VALID) != 0] &= ~_MIGRATE
+                self.src[(self.dst & PFN_VALID) != 0] &= ~PFN_MIGRATE
                 self._state = "copied"
                 m.changed.notify_all()
             raise
@@ -254,7 +254,7 @@ class MigrateVma(VmaCollect, VmaMove):
             if self._compound:
                 # A destination of another size than its source cannot take its state (a driver's mistake).
                 wrong = pages.order[old] != pages.order[new]
-                self.src[sel[wrong]] &= ~_MIGRATE
+                self.src[sel[wrong]] &= ~PFN_MIGRATE
                 sel, old, new = sel[~wrong], old[~wrong], new[~wrong]
             # Only the isolation reference may remain, and the swap cache's for a folio that keeps its mapping.
             # A folio bound for device memory leaves the swap cache first (migrate_vma_pages: folio_free_swap;
@@ -264,7 +264,7 @@ class MigrateVma(VmaCollect, VmaMove):
             swap = pages.test(old, PageFlag.SWAPCACHE)
             busy = pages.refcount[old] != 1 + np.where(swap, pages.nr_pages(old), 0)
             self.status[self._cover(sel[busy])] = EAGAIN
-            self.src[sel[busy]] &= ~_MIGRATE
+            self.src[sel[busy]] &= ~PFN_MIGRATE
             sel, old, new = sel[~busy], old[~busy], new[~busy]
             migrate_folio(m, old, new, pages.nr_pages(old))
 
@@ -277,7 +277,7 @@ class MigrateVma(VmaCollect, VmaMove):
             if self in self.mm.mm_struct.device_migrations:
                 self.mm.mm_struct.device_migrations.remove(self)
             moved = self._moving()
-            kept = ((self.src & _VALID) != 0) & ~moved
+            kept = ((self.src & PFN_VALID) != 0) & ~moved
             old, new = self._pfns(self.src[moved]), self._pfns(self.dst[moved])
             back = self._pfns(self.src[kept])
             if self._compound:  # migration entries are per base page
@@ -292,10 +292,10 @@ class MigrateVma(VmaCollect, VmaMove):
             m.put_folios(np.concatenate([back, new]))
             moved_slots = self._cover(np.flatnonzero(moved))
             self.status[moved_slots] = 0
-            holes = np.flatnonzero(((self.src & _MIGRATE) != 0) & ((self.src & _VALID) == 0)
-                                   & ((self.dst & _VALID) != 0))
+            holes = np.flatnonzero(((self.src & PFN_MIGRATE) != 0) & ((self.src & PFN_VALID) == 0)
+                                   & ((self.dst & PFN_VALID) != 0))
             self._fill_holes(holes)
-            unused = ((self.dst & _VALID) != 0) & ~moved
+            unused = ((self.dst & PFN_VALID) != 0) & ~moved
             unused[holes[self.status[holes] == 0]] = False
             m.free_folios(self._pfns(self.dst[unused]))
             # migrate_device.c counts no pgmigrate_* events: device migration has counters of its own, in pages.

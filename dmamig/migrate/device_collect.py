@@ -26,13 +26,15 @@ if TYPE_CHECKING:
     from ..mm import AddressSpace
     from ..vma import Vma
 
-__all__ = ["HPAGE_PMD_NR", "LEGACY_SELECT", "VmaCollect", "check_select"]
+__all__ = ["HPAGE_PMD_NR", "LEGACY_SELECT", "PFN_COMPOUND", "PFN_FLAG_BITS", "PFN_MIGRATE", "PFN_VALID", "PFN_WRITE",
+           "VmaCollect", "check_select"]
 
-_VALID = np.int64(MigratePfn.VALID)
-_MIGRATE = np.int64(MigratePfn.MIGRATE)
-_WRITE = np.int64(MigratePfn.WRITE)
-_COMPOUND = np.int64(MigratePfn.COMPOUND)
-_FLAG_BITS = np.int64((1 << MIGRATE_PFN_SHIFT) - 1)
+# The MigratePfn bits of src[] and dst[] entries as int64, and the mask of every flag bit below the pfn.
+PFN_VALID = np.int64(MigratePfn.VALID)
+PFN_MIGRATE = np.int64(MigratePfn.MIGRATE)
+PFN_WRITE = np.int64(MigratePfn.WRITE)
+PFN_COMPOUND = np.int64(MigratePfn.COMPOUND)
+PFN_FLAG_BITS = np.int64((1 << MIGRATE_PFN_SHIFT) - 1)
 #: Base pages of a compound entry (a PMD-sized folio, ``HPAGE_PMD_NR``).
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
 _DEVICE = MigrateVmaSelect.DEVICE_PRIVATE | MigrateVmaSelect.DEVICE_COHERENT
@@ -88,7 +90,7 @@ class VmaCollect:
         idx = np.asarray(idx, dtype=np.int64)
         if not self._compound:
             return idx
-        nr = np.where((self.src[idx] & _COMPOUND) != 0, HPAGE_PMD_NR, 1)
+        nr = np.where((self.src[idx] & PFN_COMPOUND) != 0, HPAGE_PMD_NR, 1)
         if (nr == 1).all():
             return idx
         return np.repeat(idx, nr) + np.arange(int(nr.sum())) - np.repeat(np.cumsum(nr) - nr, nr)
@@ -121,7 +123,7 @@ class VmaCollect:
         compound = bool(sel & int(MigrateVmaSelect.COMPOUND))
         # Holes are collected whatever the flags (migrate_vma_collect_hole); the zero page only for SYSTEM.
         holes = pfns < 0 if sel & int(MigrateVmaSelect.SYSTEM) else pfns == NO_PFN
-        self.src[holes] = _MIGRATE
+        self.src[holes] = PFN_MIGRATE
         if compound:
             self._collect_compound_holes(pfns)
         selected = self._selected_nodes()
@@ -157,10 +159,10 @@ class VmaCollect:
         writable = (vma.pte_flags[s0 + present] & np.uint8(PteFlag.WRITE)) != 0
         install_migration_entries(m, p)
         m.count_event("migrate_tlb_flush")
-        self.src[present] = (p << MIGRATE_PFN_SHIFT) | _VALID | _MIGRATE | np.where(writable, _WRITE, 0)
-        collected = np.flatnonzero(self.src & _MIGRATE)
+        self.src[present] = (p << MIGRATE_PFN_SHIFT) | PFN_VALID | PFN_MIGRATE | np.where(writable, PFN_WRITE, 0)
+        collected = np.flatnonzero(self.src & PFN_MIGRATE)
         self.cpages = int(collected.size)
-        self._compound = bool((self.src[collected] & _COMPOUND).any())
+        self._compound = bool((self.src[collected] & PFN_COMPOUND).any())
         self._collected = int(self._cover(collected).size)
 
     def _pmd_slot(self, pfns: np.ndarray, head: int) -> int:
@@ -193,7 +195,7 @@ class VmaCollect:
         for b in np.flatnonzero(blocks).tolist():
             slot = first + b * HPAGE_PMD_NR
             self.src[slot: slot + HPAGE_PMD_NR] = 0
-            self.src[slot] = _MIGRATE | _COMPOUND
+            self.src[slot] = PFN_MIGRATE | PFN_COMPOUND
 
     def _collect_whole(self, vma: Vma, s0: int, whole: list[tuple[int, int]]) -> None:
         """Isolate, lock and unmap PMD-sized folios whole; busy, pinned or resident ones are left alone."""
@@ -215,8 +217,8 @@ class VmaCollect:
         ptes = vma.pte_flags[s0 + slots[:, None] + np.arange(HPAGE_PMD_NR)]
         writable = ((ptes & np.uint8(PteFlag.WRITE)) != 0).all(axis=1)  # pmd_write of the whole mapping
         install_migration_entries(m, pages.expand(heads))
-        self.src[slots] = (heads << MIGRATE_PFN_SHIFT) | _VALID | _MIGRATE | _COMPOUND \
-            | np.where(writable, _WRITE, 0)
+        self.src[slots] = (heads << MIGRATE_PFN_SHIFT) | PFN_VALID | PFN_MIGRATE | PFN_COMPOUND \
+            | np.where(writable, PFN_WRITE, 0)
 
     def _try_split(self, head: int) -> None:
         m = self.mm.machine

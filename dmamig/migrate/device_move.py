@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import DmaError
 from ..flags import EAGAIN, EIO, ENOMEM, MIGRATE_PFN_SHIFT, PageFlag
 from ..vma import NO_PFN, map_pages
-from .device_collect import _COMPOUND, _FLAG_BITS, _MIGRATE, _VALID, _WRITE, HPAGE_PMD_NR
+from .device_collect import HPAGE_PMD_NR, PFN_COMPOUND, PFN_FLAG_BITS, PFN_MIGRATE, PFN_VALID, PFN_WRITE
 from .entries import HPAGE_PMD_ORDER
 
 if TYPE_CHECKING:
@@ -38,24 +38,24 @@ class VmaMove:
 
     def _moving(self) -> np.ndarray:
         """Entries with a page that is still selected and has a destination."""
-        return ((self.src & _MIGRATE) != 0) & ((self.src & _VALID) != 0) & ((self.dst & _VALID) != 0)
+        return ((self.src & PFN_MIGRATE) != 0) & ((self.src & PFN_VALID) != 0) & ((self.dst & PFN_VALID) != 0)
 
     def _alloc_and_copy(self, engine: DmaEngine | None) -> None:
-        sel = np.flatnonzero(self.src & _MIGRATE)
-        comp = (self.src[sel] & _COMPOUND) != 0
+        sel = np.flatnonzero(self.src & PFN_MIGRATE)
+        comp = (self.src[sel] & PFN_COMPOUND) != 0
         if comp.any():
             self._alloc_and_copy_compound(engine, sel, comp)
             return
         m = self.mm.machine
         with m.lock:
             got = m.alloc_folios(self.node, sel.size, 0)
-            self.src[sel[got.size:]] &= ~_MIGRATE
+            self.src[sel[got.size:]] &= ~PFN_MIGRATE
             self.status[sel[got.size:]] = ENOMEM
             sel = sel[: got.size]
             m.pages.set(got, PageFlag.LOCKED)
-            writable = (self.src[sel] & _WRITE) != 0
-            self.dst[sel] = (got << MIGRATE_PFN_SHIFT) | _VALID | np.where(writable, _WRITE, 0)
-        valid = (self.src[sel] & _VALID) != 0
+            writable = (self.src[sel] & PFN_WRITE) != 0
+            self.dst[sel] = (got << MIGRATE_PFN_SHIFT) | PFN_VALID | np.where(writable, PFN_WRITE, 0)
+        valid = (self.src[sel] & PFN_VALID) != 0
         src_p, dst_p = self._pfns(self.src[sel[valid]]), got[valid]
         m.zero_pfns(got[~valid])
         self._copy(engine, src_p, dst_p, None, None, sel[valid])
@@ -79,7 +79,7 @@ class VmaMove:
             engine.copy(src_p, dst_p).wait()
         except DmaError:
             self.status[self._cover(entries)] = EIO
-            self.src[entries] &= ~_MIGRATE
+            self.src[entries] &= ~PFN_MIGRATE
 
     def _alloc_and_copy_compound(self, engine: DmaEngine | None, sel: np.ndarray, comp: np.ndarray) -> None:
         m = self.mm.machine
@@ -99,17 +99,17 @@ class VmaMove:
             lost = np.unique(lack_owner[lacking == lack_owner])  # entries whose first slot found no frame
             self.status[self._cover(lost)] = ENOMEM
             self.status[lacking] = ENOMEM
-            self.src[lost] &= ~_MIGRATE
+            self.src[lost] &= ~PFN_MIGRATE
             want, owner = want[: got.size], owner[: got.size]
             pages.set(np.concatenate([big, got]), PageFlag.LOCKED)
-            self.dst[whole] = (big << MIGRATE_PFN_SHIFT) | _VALID | _COMPOUND \
-                | np.where((self.src[whole] & _WRITE) != 0, _WRITE, 0)
-            self.dst[want] = (got << MIGRATE_PFN_SHIFT) | _VALID \
-                | np.where((self.src[owner] & _WRITE) != 0, _WRITE, 0)
+            self.dst[whole] = (big << MIGRATE_PFN_SHIFT) | PFN_VALID | PFN_COMPOUND \
+                | np.where((self.src[whole] & PFN_WRITE) != 0, PFN_WRITE, 0)
+            self.dst[want] = (got << MIGRATE_PFN_SHIFT) | PFN_VALID \
+                | np.where((self.src[owner] & PFN_WRITE) != 0, PFN_WRITE, 0)
         # What to copy, base page by base page: whole folios, base pages, and the slots of folios driven in
         # base pages (source page head + j of their compound entry). Holes get zero-filled pages instead.
-        wv = (self.src[whole] & _VALID) != 0
-        bv = (self.src[owner] & _VALID) != 0
+        wv = (self.src[whole] & PFN_VALID) != 0
+        bv = (self.src[owner] & PFN_VALID) != 0
         offset = want - owner
         src_heads = self._pfns(self.src[whole[wv]])
         src_p = np.concatenate([pages.expand(src_heads), self._pfns(self.src[owner[bv]]) + offset[bv]])
@@ -123,20 +123,20 @@ class VmaMove:
             return
         m = self.mm.machine
         pages = m.pages
-        comp = np.flatnonzero(((self.src & _COMPOUND) != 0) & ((self.src & _MIGRATE) != 0)
-                              & ((self.dst & _COMPOUND) == 0))
+        comp = np.flatnonzero(((self.src & PFN_COMPOUND) != 0) & ((self.src & PFN_MIGRATE) != 0)
+                              & ((self.dst & PFN_COMPOUND) == 0))
         for i in comp.tolist():
             span = slice(i, i + HPAGE_PMD_NR)
-            if not ((self.dst[span] & _VALID) != 0).any():
+            if not ((self.dst[span] & PFN_VALID) != 0).any():
                 continue  # no destination at all: restored whole by finalize()
-            flags = self.src[i] & _FLAG_BITS & ~_COMPOUND
-            if not self.src[i] & _VALID:
+            flags = self.src[i] & PFN_FLAG_BITS & ~PFN_COMPOUND
+            if not self.src[i] & PFN_VALID:
                 self.src[span] = flags  # a hole: one hole entry per page
                 continue
             head = int(self._pfns(self.src[i]))
             pfns = head + np.arange(HPAGE_PMD_NR)
             if pages.refcount[head] != 1:  # a reference taken since setup(): split_folio refuses the folio
-                self.src[i] &= ~_MIGRATE
+                self.src[i] &= ~PFN_MIGRATE
                 self.status[span] = EAGAIN
                 continue
             pages.split(head)
@@ -159,7 +159,7 @@ class VmaMove:
 
     def _fill_vma_holes(self, vma: Vma, holes: np.ndarray, slots: np.ndarray) -> None:
         pages = self.mm.machine.pages
-        comp = (self.dst[holes] & _COMPOUND) != 0
+        comp = (self.dst[holes] & PFN_COMPOUND) != 0
         if comp.any():
             # A PMD-sized hole is filled whole or not at all: every slot must still be empty and in this VMA
             # (migrate_vma_insert_huge_pmd_page needs pmd_none).

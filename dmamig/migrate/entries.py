@@ -1,7 +1,7 @@
 """The folios of one migrate call, as parallel arrays: the kernel's ``from`` list with its ``dst`` folios.
 
 One entry per isolated source folio: its head, destination, status, size and the expected reference count.
-A large folio split on ``-ENOMEM`` keeps its entry (status ``_SPLIT``) and adds one entry per base page.
+A large folio split on ``-ENOMEM`` keeps its entry (status ``SPLIT``) and adds one entry per base page.
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ from ..nodes import PAGEBLOCK_ORDER
 if TYPE_CHECKING:
     from ..machine import Machine
 
-__all__ = ["Entries", "batch_ids"]
+__all__ = ["HPAGE_PMD_ORDER", "PENDING", "SPLIT", "UNTRIED", "Entries", "batch_ids"]
 
 _SWAPCACHE = np.uint32(PageFlag.SWAPCACHE)
 
 #: Order of a PMD-mapped THP; only folios of this order count in ``thp_migration_*``.
 HPAGE_PMD_ORDER = PAGEBLOCK_ORDER
 
-# Internal entry states (positive, so they never collide with -errno).
-_PENDING = 1  # tried and still to go: the kernel's -EAGAIN between passes
-_SPLIT = 2  # a large folio split into base-page entries of its own
-_UNTRIED = 3  # not reached yet (and never, once an -ENOMEM ended the call)
+# Entry states of a call in progress, beside 0 (migrated) and -errno: positive, so they never collide.
+#: Tried and still to go: the kernel's -EAGAIN between passes.
+PENDING = 1
+#: A large folio split into base-page entries of its own.
+SPLIT = 2
+#: Not reached yet (and never, once an -ENOMEM ended the call).
+UNTRIED = 3
 
 
 class Entries:
@@ -80,7 +83,7 @@ class Entries:
         self.all_given = dst is not None  # every destination is the caller's (NO_COPY with dst_pfns)
         if dst is not None:
             self.given[:] = True
-        self.status = np.full(n, _UNTRIED, np.int32)
+        self.status = np.full(n, UNTRIED, np.int32)
         self._pieces: list[np.ndarray] = []
 
     def base_pfns(self, heads: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -152,7 +155,7 @@ class Entries:
         pages.split(head, page_cache=cached)
         # The isolation reference stayed on the head; every other base page gets its own.
         pages.refcount[pfns[1:]] += 1
-        self.status[pos] = _SPLIT
+        self.status[pos] = SPLIT
         first = self.size
         self.split_first[pos] = first
         self._grow(pfns, 1 + (1 if cached else 0), int(self.batch_of[pos]))
@@ -168,7 +171,7 @@ class Entries:
         self.src = np.concatenate([self.src, heads])
         self.all_given = False
         self.order, self.nr = cat(self.order, 0), cat(self.nr, 1)
-        self.given, self.dst, self.status = cat(self.given, False), cat(self.dst, -1), cat(self.status, _UNTRIED)
+        self.given, self.dst, self.status = cat(self.given, False), cat(self.dst, -1), cat(self.status, UNTRIED)
         self.expected = cat(self.expected, expected)
         self.fresh, self.unmapped, self.counted = cat(self.fresh, False), cat(self.unmapped, False), \
             cat(self.counted, False)
@@ -190,7 +193,7 @@ class Entries:
     def all_migrated(self) -> bool:
         """Whether nothing is left to put back: every folio moved, a split one as all of its pieces."""
         st = self.status
-        return bool(((st == 0) | (st == _SPLIT)).all())
+        return bool(((st == 0) | (st == SPLIT)).all())
 
     # -- per-page status -----------------------------------------------------------------------------------------
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -216,7 +219,7 @@ class Entries:
             return self.status[: self.size]
         entry, off = where
         st = self.status[entry]
-        split = st == _SPLIT
+        split = st == SPLIT
         if split.any():
             st = st.copy()
             st[split] = self.status[self.split_first[entry[split]] + off[split]]

@@ -11,7 +11,7 @@ from .._arrays import all_distinct, first_occurrences
 from ..errors import InvalidArgument
 from ..flags import EACCES, EBUSY, EFAULT, ENOENT, PageFlag
 from ..vma import ZERO_PFN
-from .entries import _PENDING
+from .entries import PENDING
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -60,7 +60,7 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int,
     ``-EFAULT``, as the syscall reports it.
 
     Caller holds the lock. Returns ``(status, heads)``: a provisional per-page status (``0`` for pages already
-    on ``node``, ``-errno`` for pages that cannot be taken, ``_PENDING`` for the rest) and the isolated heads,
+    on ``node``, ``-errno`` for pages that cannot be taken, ``PENDING`` for the rest) and the isolated heads,
     each folio once, in first-occurrence order. The compiled loop does it in one pass; the numpy code below is
     its reference.
     """
@@ -106,7 +106,7 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int,
         rc = isolate_folios(m, heads)
         order = np.argsort(heads, kind="stable")
         status[want] = rc[order[np.searchsorted(heads[order], wanted)]]
-    status[want & (status == 0)] = _PENDING
+    status[want & (status == 0)] = PENDING
     return status, heads[rc == 0]
 
 

@@ -19,7 +19,7 @@ from ..errors import DmaError
 from ..flags import PageFlag
 from ..vma import remove_migration_entries
 from . import batch_kernels
-from .entries import _PENDING, HPAGE_PMD_ORDER
+from .entries import HPAGE_PMD_ORDER, PENDING
 from .state import migrate_folio
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class MovePhase:
             m.put_folios(new, unique=True)
         self._count_moved(pos)
 
-    def _undo(self, pos: np.ndarray, rc: int = _PENDING) -> None:
+    def _undo(self, pos: np.ndarray, rc: int = PENDING) -> None:
         """``migrate_folio_undo_src/dst``: restore the source mappings, unlock, give back the destinations."""
         if pos.size == 0:
             return

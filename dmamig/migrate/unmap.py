@@ -17,7 +17,7 @@ from .. import _kernels
 from ..flags import EBUSY, ENOMEM, MigrateMode, PageFlag
 from ..vma import install_migration_entries
 from . import batch_kernels
-from .entries import _PENDING, _UNTRIED, HPAGE_PMD_ORDER
+from .entries import HPAGE_PMD_ORDER, PENDING, UNTRIED
 
 if TYPE_CHECKING:
     from ..vma import Vma
@@ -37,7 +37,7 @@ class UnmapPhase:
         t0 = time.perf_counter_ns()
         m, e, pages = self.m, self.e, self.m.pages
         with m.changed:
-            e.status[todo] = _PENDING
+            e.status[todo] = PENDING
             todo = self._get_new_folios(todo)
             vma = self._one_vma()
             if mode == MigrateMode.ASYNC and vma is not None:
@@ -98,14 +98,14 @@ class UnmapPhase:
                 stop = p if stop is None else min(stop, p)
                 break
         if stop is None:
-            return todo if e.all_base else todo[e.status[todo] == _PENDING]
+            return todo if e.all_base else todo[e.status[todo] == PENDING]
         self.batch_enomem = True
         self._count_failed(np.array([stop]), folios=self.batch_counts_folios)
         # The kernel stops at the folio that found no memory: the ones after it in the list stay untried.
-        later = todo[(todo > stop) & (e.status[todo] == _PENDING)]
+        later = todo[(todo > stop) & (e.status[todo] == PENDING)]
         e.release_dst(later)
-        e.status[later] = _UNTRIED
-        return todo[(todo < stop) & (e.status[todo] == _PENDING)]
+        e.status[later] = UNTRIED
+        return todo[(todo < stop) & (e.status[todo] == PENDING)]
 
     def _one_vma(self) -> Vma | None:
         """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path)."""
@@ -156,7 +156,7 @@ class UnmapPhase:
             e.release_dst(bad)
             e.status[bad] = EBUSY
             m.changed.notify_all()
-        return todo[(e.status[todo] == _PENDING) & ~busy], todo[busy]  # (bad ones now hold -EBUSY)
+        return todo[(e.status[todo] == PENDING) & ~busy], todo[busy]  # (bad ones now hold -EBUSY)
 
     def _lock_waiting(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
         """Sync modes take the lock, sleeping while it is busy; SYNC_LIGHT gives up on a !uptodate folio."""
