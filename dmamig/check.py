@@ -57,7 +57,7 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
         exp_ref = np.zeros(n, dtype=np.int64)
         mapped: list[np.ndarray] = []
         ptes = 0
-        for mm in list(m._spaces):
+        for mm in m.address_spaces:
             for v in mm.vmas:
                 flags, pfn = v.pte_flags, v.pte_pfn
                 special = (flags & _SPECIAL) != 0
@@ -78,11 +78,11 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
                 mapped.append(live)
             for p, c in mm.mm_struct.pins.items():
                 exp_ref[pages.head[p]] += c
-        for obj in list(m._objects.values()):
+        for obj in m.objects:
             if obj.shared:
                 cached = obj.pfns[obj.pfns >= 0]
                 np.add.at(exp_ref, pages.head[cached], 1)
-        for h, c in m._page_refs.items():
+        for h, c in m.page_refs.items():
             exp_ref[h] += c
         swap = np.flatnonzero((pages.flags & np.uint32(PageFlag.SWAPCACHE)) != 0)
         swap = swap[pages.head[swap] == swap]
@@ -169,7 +169,7 @@ def state_digest(m: Machine) -> str:
         for name in ("flags", "refcount", "mapcount", "mapping", "index", "private", "last_cpupid", "memcg",
                      "order", "head"):
             h.update(getattr(pages, name).tobytes())
-        for mm in list(m._spaces):
+        for mm in m.address_spaces:
             h.update(repr(sorted(mm.mm_struct.pins.items())).encode())
             for v in mm.vmas:
                 h.update(f"{v.start}:{v.npages}:{v.pgoff}:{v.obj.id}".encode())

@@ -231,6 +231,11 @@ class Machine(FrameOps, PageControls):
         return self._faults
 
     @property
+    def dma_started(self) -> bool:
+        """Whether the DMA engine exists yet (reading :attr:`dma` creates it)."""
+        return self._dma is not None
+
+    @property
     def dma(self) -> DmaEngine:
         """The device DMA engine (created on first use)."""
         if self._dma is None:
@@ -248,6 +253,18 @@ class Machine(FrameOps, PageControls):
         with self.lock:
             self._spaces.append(mm)
         return mm
+
+    @property
+    def address_spaces(self) -> tuple[AddressSpace, ...]:
+        """The open address spaces, oldest first."""
+        with self.lock:
+            return tuple(self._spaces)
+
+    @property
+    def objects(self) -> tuple[MemObject, ...]:
+        """The live memory objects (anonymous and shared memory that some VMA maps), oldest first."""
+        with self.lock:
+            return tuple(self._objects.values())
 
     def register_object(self, obj: MemObject) -> int:
         """Give an address-space object (anon or shared memory) its ``mapping`` id."""

@@ -131,6 +131,12 @@ class PageControls:
         with self.lock:
             return PageFlag(int(self.pages.flags[head]))
 
+    @property
+    def page_refs(self) -> dict[int, int]:
+        """References taken with :meth:`get_page` and not dropped yet, per folio head (a copy)."""
+        with self.lock:
+            return dict(self._page_refs)
+
     def get_page(self, pfn: int) -> None:
         """Take a transient reference on the folio of ``pfn`` (a speculative lookup or short GUP)."""
         head = self._head(pfn)

@@ -292,7 +292,7 @@ def run_stress(config: StressConfig | None = None, out: Callable[[str], None] | 
         if not report.violations and shared.checked_at != shared.ops_done:
             check()
         _teardown(shared, report)
-    report.channel_restarts = m.dma.stats.channel_restarts if m._dma is not None else 0
+    report.channel_restarts = m.dma.stats.channel_restarts if m.dma_started else 0
     if not report.violations:
         report.faults_survived = sum(report.faults_injected.values())
     return report

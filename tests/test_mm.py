@@ -429,7 +429,7 @@ def test_fork_out_of_memory_leaves_nothing_behind(m, mm):
     with pytest.raises(OutOfMemory):
         mm.fork()
     assert m.nodes[0].free_pages == 4  # the partial child was torn down
-    assert len(m._spaces) == 1
+    assert len(m.address_spaces) == 1
     m.put_pages(held)
     child = mm.fork()  # with frames it works
     assert np.array_equal(child.read(addr, 8 * ps), mm.read(addr, 8 * ps))
