@@ -127,8 +127,8 @@ def standin_engine(channels: int) -> tuple[Any, Any, Any]:
             words = np.ctypeslib.as_array((ctypes.c_int64 * ctl_words).from_address(ctl + 8 * c * ctl_words))
             slot = np.ctypeslib.as_array((ctypes.c_int64 * 4).from_address(jobs + 32 * (c * job_cap + seq % job_cap)))
             slot[3] = 1
-            words[9] = slot[1] + slot[2]
-            words[8] = seq + 1
+            words[dma_ring.ROW_HEAD] = slot[1] + slot[2]
+            words[dma_ring.HEAD] = seq + 1
 
     fake.FakeKernel._ring_copy = publish_only
     gpu = fake.FakeGpu(auto=False)

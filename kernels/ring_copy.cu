@@ -20,9 +20,10 @@
 #define MAX_CHANNELS 8
 #define STATUS_OK 1LL
 #define STATUS_BAD_ROW 2LL
-#define HEAD 8
-#define ROW_HEAD 9
-#define HEARTBEAT 11
+// Word indexes in a channel's ctl (dmamig/dma/ring.py).
+#define HEAD 16
+#define ROW_HEAD 17
+#define HEARTBEAT 19
 
 __device__ __forceinline__ bool registered(const volatile long long* regions, long long nreg,
                                            long long addr, long long nbytes)

@@ -325,9 +325,9 @@ class FakeKernel:
                     self.gpu.check(dst, n)
                     ctypes.memmove(dst, src, n)
             slot[3] = 1 if ok else 2
-            my_ctl[9] = first + count
-            my_ctl[11] += 1
-            my_ctl[8] = seq + 1
+            my_ctl[dma_ring.ROW_HEAD] = first + count
+            my_ctl[dma_ring.HEARTBEAT] += 1
+            my_ctl[dma_ring.HEAD] = seq + 1
 
     def _checksum(self, a: int, out: int, n: int, page: int) -> None:
         addrs = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(a)).tolist()

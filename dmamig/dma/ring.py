@@ -14,11 +14,12 @@ device where there is one, see :class:`RingSet`):
   ``s % job_capacity``. A :data:`JOB_ROWS` job's rows are in the ring; a :data:`JOB_EXTERNAL` job's are in an
   array of their own (``first`` is its address: one job larger than the ring); a :data:`JOB_PYTHON` job is
   handed back to the consumer's host side (injected faults, staged copies, the stop request).
-* ``ctl[c]``: the channel's words. The submitter's line: ``TAIL`` (jobs published), ``ROW_TAIL`` (rows
-  written), ``REAPED`` (jobs whose status the host side has collected, so their slots may be reused) and the
+* ``ctl[c]``: the channel's words, a cache line apart where different threads write them. ``TAIL`` (jobs
+  published) alone on the line the consumer polls. The submitter's own line: ``ROW_TAIL`` (rows written),
+  ``REAPED`` (jobs whose status the host side has collected, so their slots may be reused) and the
   ``LAUNCHES`` and ``CALLS`` counters. The consumer's line: ``HEAD`` (jobs finished), ``ROW_HEAD`` (rows it
-  no longer reads), ``BUSY_NS`` and ``HEARTBEAT``. Then ``SLEEPERS`` (waiters asleep) and ``IDLE`` (the consumer
-  is asleep).
+  no longer reads), ``BUSY_NS`` and ``HEARTBEAT``. Then ``SLEEPERS`` (waiters asleep) and ``IDLE`` (the
+  consumer is asleep).
 * ``regions``: the registered memory a row may touch, ``[lo, hi)`` byte ranges (row 0 holds their count). A row
   outside them ends its job with :data:`STATUS_BAD_ROW` before any of its rows is copied: a status, never a
   wild write or a poisoned device context.
@@ -74,11 +75,14 @@ __all__ = [
 ]
 
 # -- the words ------------------------------------------------------------------------------------------------
-# ctl, per channel: the submitter's cache line, the consumer's, then the sleep hand-shake's.
-TAIL, ROW_TAIL, REAPED, LAUNCHES, CALLS = 0, 1, 2, 3, 4
-HEAD, ROW_HEAD, BUSY_NS, HEARTBEAT = 8, 9, 10, 11
-SLEEPERS, IDLE = 16, 24
-CTL_WORDS = 32
+# ctl, per channel, 8 words (a cache line) apart where different threads write: TAIL alone on the line the
+# consumer polls (so the submitter's other stores do not pull that line away from it once per word), the
+# submitter's private words, the consumer's, then each half of the sleep hand-shakes.
+TAIL = 0
+ROW_TAIL, REAPED, LAUNCHES, CALLS = 8, 9, 10, 11
+HEAD, ROW_HEAD, BUSY_NS, HEARTBEAT = 16, 17, 18, 19
+SLEEPERS, IDLE = 24, 32
+CTL_WORDS = 40
 # A job slot.
 J_KIND, J_FIRST, J_COUNT, J_STATUS = 0, 1, 2, 3
 #: Job kinds: rows in the ring, rows in an array of their own, work for the consumer's host side.
@@ -101,6 +105,11 @@ MAX_REGIONS = 64
 #: is outside the node pair; the destinations are not increasing and the caller did not check them.
 SUBMIT_NO_ROOM, SUBMIT_TOO_BIG, SUBMIT_OUTSIDE, SUBMIT_UNCHECKED = -1, -2, -3, -4
 _NO_SEQ = np.zeros(0, dtype=np.int64)
+# The gather method's number, written out: numba's on-disk cache freezes globals and is refreshed only when this
+# file changes (checked against the planner's at import).
+_GATHER = 1
+if _GATHER != plan_loops.GATHER:  # pragma: no cover
+    raise ImportError("dmamig.dma.ring: its copy of the gather method number differs from the planner's")
 # Words of the radix sort's digit counts (10-bit digits), in the submission workspace.
 _COUNT_WORDS = 1026
 # Streaming stores need a 16-byte aligned destination and whole 64-byte steps.
@@ -251,7 +260,7 @@ if RING_AVAILABLE:
             if out[c, 0] > a:
                 out[c, 0] = a
             out[c, 1] += seg[k + 1] - a
-            if wm[a] == plan_loops.GATHER:
+            if wm[a] == _GATHER:
                 out[c, 2] += 1
             else:
                 out[c, 3] += seg[k + 1] - a

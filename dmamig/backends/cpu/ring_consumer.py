@@ -45,10 +45,16 @@ RING_ERROR: str | None = SPIN_ERROR or dma_ring.RING_ERROR
 #: Whether polling channels can run here.
 RING_AVAILABLE = RING_ERROR is None
 
-_TAIL, _HEAD, _ROW_HEAD = dma_ring.TAIL, dma_ring.HEAD, dma_ring.ROW_HEAD
-_BUSY_NS, _HEARTBEAT, _SLEEPERS = dma_ring.BUSY_NS, dma_ring.HEARTBEAT, dma_ring.SLEEPERS
-_JOB_ROWS, _JOB_PYTHON, _ROW_STREAM = dma_ring.JOB_ROWS, dma_ring.JOB_PYTHON, dma_ring.ROW_STREAM
-_STATUS_OK, _STATUS_BAD_ROW = dma_ring.STATUS_OK, dma_ring.STATUS_BAD_ROW
+# The ring's layout, written out here: numba's on-disk cache freezes the globals a compiled function reads and is
+# refreshed only when this file changes, so a layout change in dma/ring.py must change this file too (checked).
+_TAIL, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS = 0, 16, 17, 18, 19, 24
+_JOB_ROWS, _JOB_PYTHON, _ROW_STREAM = 1, 3, 1
+_STATUS_OK, _STATUS_BAD_ROW = 1, 2
+if (_TAIL, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS, _JOB_ROWS, _JOB_PYTHON, _ROW_STREAM, _STATUS_OK,
+        _STATUS_BAD_ROW) != (dma_ring.TAIL, dma_ring.HEAD, dma_ring.ROW_HEAD, dma_ring.BUSY_NS, dma_ring.HEARTBEAT,
+                             dma_ring.SLEEPERS, dma_ring.JOB_ROWS, dma_ring.JOB_PYTHON, dma_ring.ROW_STREAM,
+                             dma_ring.STATUS_OK, dma_ring.STATUS_BAD_ROW):  # pragma: no cover
+    raise ImportError("dmamig.backends.cpu.ring_consumer: its copy of the ring layout differs from dmamig.dma.ring's")
 
 if RING_AVAILABLE:
     from numba import njit
