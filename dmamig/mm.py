@@ -48,12 +48,18 @@ class AddressSpace(AddressInspection):
     Private memory behaves as the kernel's anonymous memory: a read of an untouched page maps the shared
     zero page (no frame; :meth:`pfn_of` gives ``ZERO_PFN``, :meth:`node_of` gives ``-1``, :meth:`pte_flags`
     shows ``PRESENT | SPECIAL`` without ``WRITE``), and :meth:`fork` shares private pages copy-on-write.
+
+    Attributes
+    ----------
+    machine : Machine
+        The machine whose frames this address space maps.
+    mm_struct : MmStruct
+        The address space's state (VMAs, pins, notifiers, migrations in flight), which the page faults, gup,
+        fork, mprotect and the migration code work on; the methods here are the public way to change it.
     """
 
     def __init__(self, machine: Machine):
         self.machine = machine
-        #: The address space's memory state (VMAs, pins, notifiers, migrations in flight), which the page
-        #: faults, gup, fork, mprotect and the migration code work on.
         self.mm_struct = MmStruct(machine)
 
     # -- lookup -----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .flags import PageFlag, Prot, PteFlag
 
 if TYPE_CHECKING:
     from .machine import Machine
-    from .mm import AddressSpace
+    from .mm_struct import MmStruct
 
 __all__ = ["NO_PFN", "ZERO_PFN", "MemObject", "Vma", "folio_free_swap", "forget_anon_slots", "free_swap_cache",
            "install_migration_entries", "map_pages", "new_pte_flags", "remove_migration_entries", "rmap_walk"]
@@ -87,7 +87,7 @@ class Vma:
     ``pgoff``, with its page table (``pte_pfn``, ``pte_flags``), its access rights ``prot`` and its
     anon_vma ``chain`` (its own object first, then the objects of the mappings it was forked from)."""
 
-    def __init__(self, mm: AddressSpace, start: int, npages: int, obj: MemObject, pgoff: int,
+    def __init__(self, mm: MmStruct, start: int, npages: int, obj: MemObject, pgoff: int,
                  pte_pfn: np.ndarray | None = None, pte_flags: np.ndarray | None = None,
                  prot: Prot = Prot.READ | Prot.WRITE, chain: tuple[MemObject, ...] | None = None):
         self.mm = mm
