@@ -36,10 +36,9 @@ Modules, one job each:
 ``batch``      ``cuMemcpyBatchAsync`` through ``cuda.bindings``, off unless asked for
 ``staging``    copies between GPUs without peer access, through pinned bounce buffers
 ``topology``   peer access and link classes read from the runtime
-``frameops``   the backend's synchronous frame operations (allocate, read, write, zero, access, checksum)
-``copies``     copy mode: the migrating thread's per-folio copies and their cost
 ``ceilings``   copy ceilings timed with CUDA events, per direction and per device pair
-``backend``    :class:`CudaBackend`: devices, peer access, kernel cache, channels, close
+``backend``    :class:`CudaBackend`: devices, peer access, kernel cache, frames and their synchronous operations,
+               copy mode, channels, ceilings, close
 =============  ===============================================================================================
 
 Module-level settings are read in the module that uses them, so change them there (the names re-exported here

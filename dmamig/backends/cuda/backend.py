@@ -1,14 +1,17 @@
-"""The CUDA backend object: devices and peer access, the kernel cache, channels, device information, and
-close.
+"""The CUDA backend object: devices and peer access, the kernel cache, frames and their synchronous operations,
+copy mode, channels, copy ceilings, device information, and close.
 
-:class:`CudaBackend` takes its frame operations from :class:`~dmamig.backends.cuda.frameops.FrameOpsMixin`,
-copy mode from :class:`~dmamig.backends.cuda.copies.FolioCopyMixin` and the copy ceilings from
-:class:`~dmamig.backends.cuda.ceilings.CeilingMixin`; the state they share is made here.
+Frame operations run on each device's synchronous stream and are waited for: allocation, reads, writes and
+zeroing (one copy or memset per run of consecutive frames), a device's own access through the ``page_access``
+kernels, and per-page checksums with the ``page_checksum`` kernel. Copy mode is the migrating thread's
+folio-by-folio copy, one driver call per folio, counted (:attr:`CudaBackend.copy_stats`). Copy ceilings are timed
+by the functions of :mod:`~dmamig.backends.cuda.ceilings`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -17,25 +20,34 @@ from typing import Any
 import numpy as np
 
 from ...dma.channel import DEFAULT_POLL_US, ChannelWork
+from ...dma.checksum import page_checksums
 from ...dma.ring import RING_AVAILABLE
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, DmamigError, InvalidArgument
 from ..base import DeviceInfo
+from ..ceiling import check_pair_args, topology_staged
+from ..cpu import copy_loops
 from . import runtime
 from .batch import BATCH_COPY_ENV, _batch_copy_requested, _BatchCopy
-from .ceilings import CeilingMixin
+from .ceilings import cuda_copy_ceiling, cuda_pair_ceiling
 from .channels import CudaChannel
-from .codes import CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, collect_first_error, map_cuda_error
-from .copies import FolioCopyMixin
-from .frameops import FrameOpsMixin
-from .kernels import kernel_source
-from .memory import DeviceFrames
+from .codes import (
+    _MEMCPY_DEFAULT,
+    _MEMCPY_DEVICE_TO_HOST,
+    _MEMCPY_HOST_TO_DEVICE,
+    CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED,
+    collect_first_error,
+    map_cuda_error,
+)
+from .kernels import kernel_source, launch
+from .memory import DeviceFrames, _device_of, _free_device_memory, _ptr, pinned_frames, run_spans
 from .ring_lane import MAX_RING_CHANNELS, CudaRingLane
+from .staging import stage_folios
 from .topology import read_runtime_topology
 
 __all__ = ["CudaBackend"]
 
 
-class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
+class CudaBackend:
     """Frames in pinned host memory and on CUDA devices; DMA channels on CUDA streams.
 
     Parameters
@@ -239,6 +251,312 @@ class CudaBackend(FrameOpsMixin, FolioCopyMixin, CeilingMixin):
                 peers=sorted(b for a, b in self.peers if a == i),
             ))
         return out
+
+    # -- frames and their synchronous operations ------------------------------------------------------------
+
+    def sync_stream(self, device: int) -> Any:
+        """The stream of the synchronous operations (reads, writes, folio copies) on ``device``."""
+        with self._lock:
+            s = self._sync_streams.get(device)
+            if s is None:
+                with self._cp.cuda.Device(device):
+                    s = self._cp.cuda.Stream(non_blocking=True)
+                self._sync_streams[device] = s
+            return s
+
+    def _device_op(self, dev: int, what: str, op: Callable[[Any], Any]) -> Any:
+        """Run ``op(stream)`` on device ``dev``'s synchronous stream, wait, and map CUDA errors."""
+        self._check_open()
+        try:
+            with self._sync_locks[dev], self._cp.cuda.Device(dev):
+                s = self.sync_stream(dev)
+                out = op(s)
+                s.synchronize()
+            return out
+        except DmamigError:
+            raise
+        except Exception as exc:
+            raise map_cuda_error(exc, f"{what} on device {dev}") from exc
+
+    def _sync_buffer(self, dev: int, nbytes: int) -> int:
+        """The synchronous stream's scratch buffer on ``dev`` (the caller holds that device's sync lock)."""
+        ptr, size = self._sync_scratch.get(dev, (0, 0))
+        if size >= nbytes:
+            return ptr
+        if ptr:
+            # Everything on this stream has finished (each sync op waits), so the old buffer is free.
+            self._rt.free(ptr)
+            self._sync_scratch.pop(dev, None)
+        new_size = max(nbytes, 2 * size, 1 << 16)
+        ptr = self._rt.malloc(new_size)
+        self._sync_scratch[dev] = (ptr, new_size)
+        return ptr
+
+    def alloc_frames(self, kind: str, device: int, nr_pages: int, page_size: int) -> Any:
+        """Zero-filled frames: pinned host memory (a numpy array) for ``"host"``, :class:`DeviceFrames` for
+        ``"device"``.
+
+        Raises
+        ------
+        InvalidArgument
+            ``kind`` is not ``"host"``/``"device"`` or ``device`` does not exist.
+        OutOfMemory
+            The allocation failed.
+        BackendUnavailable
+            The backend is closed, or CUDA failed in a way that makes it unusable.
+        """
+        self._check_open()
+        nr_pages, page_size = int(nr_pages), int(page_size)
+        nbytes = nr_pages * page_size
+        if kind == "host":
+            if nbytes == 0:
+                return np.zeros((nr_pages, page_size), dtype=np.uint8)
+            try:
+                return pinned_frames(self._rt, nbytes).reshape(nr_pages, page_size)
+            except Exception as exc:
+                raise map_cuda_error(exc, f"allocating {nbytes} bytes of pinned host frames") from exc
+        if kind != "device":
+            raise InvalidArgument(f"frame kind must be 'host' or 'device', got {kind!r}")
+        if not 0 <= int(device) < self._ndev:
+            raise InvalidArgument(f"device {device} does not exist; devices 0..{self._ndev - 1} are visible")
+        device = int(device)
+        ptr = 0
+        try:
+            with self._cp.cuda.Device(device):
+                ptr = self._rt.malloc(max(nbytes, 1))
+                frames = DeviceFrames(ptr, device, nr_pages, page_size)
+                s = self.sync_stream(device)
+                self._rt.memsetAsync(ptr, 0, nbytes, s.ptr)
+                s.synchronize()  # channel streams do not order after this stream: finish the fill now
+        except Exception as exc:
+            if ptr:
+                collect_first_error([lambda: self._free_device(device, ptr)])
+            raise map_cuda_error(exc, f"allocating {nbytes} bytes of frames on device {device}") from exc
+        # A machine dropped without close() still gives its device memory back, when the frames are collected.
+        frames._finalizer = weakref.finalize(frames, _free_device_memory, self._cp, device, ptr)
+        frames._finalizer.atexit = False
+        with self._lock:
+            self._device_frames.append(weakref.ref(frames))
+        return frames
+
+    def read_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
+        """Host copy of the frames at ``idx`` (synchronous; one copy per run of consecutive frames)."""
+        if isinstance(frames, np.ndarray):
+            return frames[idx]
+        idx = np.asarray(idx, dtype=np.int64)
+        page = frames.shape[1]
+        out = np.empty((idx.size, page), dtype=np.uint8)
+        first, pos, length = run_spans(idx)
+        base = _ptr(frames)
+
+        def op(s: Any) -> np.ndarray:
+            for f, p, n in zip(first.tolist(), pos.tolist(), length.tolist()):
+                self._rt.memcpyAsync(int(out.ctypes.data) + p * page, base + f * page, n * page,
+                                     _MEMCPY_DEVICE_TO_HOST, s.ptr)
+            return out
+
+        return self._device_op(frames.device, "reading frames", op)
+
+    def write_frames(self, frames: Any, idx: np.ndarray, data: np.ndarray) -> None:
+        """Store host ``data`` into the frames at ``idx`` (synchronous; one copy per run)."""
+        if isinstance(frames, np.ndarray):
+            frames[idx] = data
+            return
+        idx = np.asarray(idx, dtype=np.int64)
+        page = frames.shape[1]
+        data = np.ascontiguousarray(data, dtype=np.uint8).reshape(idx.size, page)
+        first, pos, length = run_spans(idx)
+        base = _ptr(frames)
+
+        def op(s: Any) -> None:
+            for f, p, n in zip(first.tolist(), pos.tolist(), length.tolist()):
+                self._rt.memcpyAsync(base + f * page, int(data.ctypes.data) + p * page, n * page,
+                                     _MEMCPY_HOST_TO_DEVICE, s.ptr)
+
+        self._device_op(frames.device, "writing frames", op)
+
+    def zero_frames(self, frames: Any, idx: np.ndarray) -> None:
+        """Zero the frames at ``idx`` (synchronous; one memset per run)."""
+        if isinstance(frames, np.ndarray):
+            frames[idx] = 0
+            return
+        page = frames.shape[1]
+        first, _pos, length = run_spans(idx)
+        base = _ptr(frames)
+
+        def op(s: Any) -> None:
+            for f, n in zip(first.tolist(), length.tolist()):
+                self._rt.memsetAsync(base + f * page, 0, n * page, s.ptr)
+
+        self._device_op(frames.device, "zeroing frames", op)
+
+    def access_frames(self, frames: Any, idx: np.ndarray, data: np.ndarray | None = None) -> np.ndarray | None:
+        """A device's own access to whole frames, by the ``page_access`` kernels on that device.
+
+        A read (``data`` None) gathers the frames at ``idx`` into a device buffer with ``page_access_read``
+        and returns its host copy; a write stages ``data`` in a device buffer and scatters it with
+        ``page_access_write``. Host frames, pages whose size is not a multiple of 16, and kernels that cannot
+        be built fall back to :meth:`read_frames` / :meth:`write_frames`. Synchronous.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        page = int(frames.shape[1])
+        read = data is None
+        if isinstance(frames, np.ndarray) or idx.size == 0:
+            if read:
+                return self.read_frames(frames, idx)
+            self.write_frames(frames, idx, data)
+            return None
+        dev = max(_device_of(frames), 0)
+        func = "page_access_read" if read else "page_access_write"
+        kernel = None if page % 16 else self.kernel(dev, "page_access.cu", func)
+        if kernel is None:
+            if read:
+                return self.read_frames(frames, idx)
+            self.write_frames(frames, idx, data)
+            return None
+        addrs = (_ptr(frames) + idx * page).astype(np.uint64)
+        nbytes = idx.size * page
+        host = np.empty((idx.size, page), dtype=np.uint8) if read else \
+            np.ascontiguousarray(data, dtype=np.uint8).reshape(idx.size, page)
+        # The dense page buffer starts 256-byte aligned after the address list (uint4 accesses need 16).
+        offset = -(-addrs.nbytes // 256) * 256
+        rt = self._rt
+
+        def op(s: Any) -> np.ndarray | None:
+            buf = self._sync_buffer(dev, offset + nbytes)
+            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            if not read:
+                rt.memcpyAsync(buf + offset, int(host.ctypes.data), nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            launch(kernel, s, idx.size,
+                   (np.uint64(buf), np.uint64(buf + offset), np.uint64(idx.size), np.uint64(page)))
+            if read:
+                rt.memcpyAsync(int(host.ctypes.data), buf + offset, nbytes, _MEMCPY_DEVICE_TO_HOST, s.ptr)
+                return host
+            return None
+
+        return self._device_op(dev, "device access to frames", op)
+
+    def checksum_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
+        """Per-page checksums with the ``page_checksum`` kernel (pinned host pages are read through UVA).
+
+        Pages whose size is not a multiple of 16, and every page when the kernel cannot be built, are read back
+        and summed on the host with the numpy reference.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        page = int(frames.shape[1])
+        if idx.size == 0:
+            return np.empty(0, dtype=np.uint64)
+        dev = max(_device_of(frames), 0)
+        kernel = None if page % 16 else self.kernel(dev, "page_checksum.cu", "page_checksum")
+        if kernel is None:
+            return page_checksums(self.read_frames(frames, idx))
+        addrs = (_ptr(frames) + idx * page).astype(np.uint64)
+        out = np.empty(idx.size, dtype=np.uint64)
+        rt = self._rt
+
+        def op(s: Any) -> np.ndarray:
+            buf = self._sync_buffer(dev, 2 * addrs.nbytes)
+            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            launch(kernel, s, idx.size,
+                   (np.uint64(buf), np.uint64(buf + addrs.nbytes), np.uint64(idx.size), np.uint64(page)))
+            rt.memcpyAsync(int(out.ctypes.data), buf + addrs.nbytes, out.nbytes, _MEMCPY_DEVICE_TO_HOST, s.ptr)
+            return out
+
+        return self._device_op(dev, "checksumming frames", op)
+
+    # -- copy mode: the migrating thread's folio copies ------------------------------------------------------
+
+    def copy_folios(self, src: Any, src_idx: np.ndarray, dst: Any, dst_idx: np.ndarray,
+                    nr_pages: np.ndarray, staged: bool = False) -> None:
+        """Copy folio by folio on the calling thread: one ``cudaMemcpyAsync`` per folio (``cudaMemcpyPeerAsync``
+        between devices) on the device's synchronous-operations stream, and one wait at the end of the batch.
+        ``staged`` (two GPUs without peer access): through a pinned bounce buffer, into it on the source's stream,
+        then out of it on the destination's (:func:`~dmamig.backends.cuda.staging.stage_folios`).
+
+        The calls and their host time are counted in :attr:`copy_stats`: on a GPU this faithful per-folio copy
+        costs one driver call per folio, which is what copy mode measures.
+        """
+        src_idx = np.asarray(src_idx, dtype=np.int64)
+        dst_idx = np.asarray(dst_idx, dtype=np.int64)
+        nr_pages = np.asarray(nr_pages, dtype=np.int64)
+        if not (src_idx.shape == dst_idx.shape == nr_pages.shape) or src_idx.ndim != 1:
+            raise InvalidArgument("copy_folios: src_idx, dst_idx and nr_pages must be 1-D of one length")
+        copy_loops.check_runs(src, dst, src_idx, dst_idx, nr_pages)
+        if isinstance(src, np.ndarray) and isinstance(dst, np.ndarray):
+            copy_loops.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
+            return
+        sdev, ddev = _device_of(src), _device_of(dst)
+        if staged and sdev >= 0 and ddev >= 0 and sdev != ddev:
+            t0 = time.perf_counter()
+            stage_folios(self, src, src_idx, dst, dst_idx, nr_pages)
+            with self._lock:
+                self._copy_calls += int(src_idx.size)
+                self._copy_seconds += time.perf_counter() - t0
+            return
+        page = int(src.shape[1])
+        sp, dp = _ptr(src), _ptr(dst)
+        rt = self._rt
+        peer = sdev >= 0 and ddev >= 0 and sdev != ddev
+
+        def op(s: Any) -> None:
+            for a, b, n in zip(src_idx.tolist(), dst_idx.tolist(), nr_pages.tolist()):
+                if peer:
+                    rt.memcpyPeerAsync(dp + b * page, ddev, sp + a * page, sdev, n * page, s.ptr)
+                else:
+                    rt.memcpyAsync(dp + b * page, sp + a * page, n * page, _MEMCPY_DEFAULT, s.ptr)
+
+        t0 = time.perf_counter()
+        self._device_op(ddev if ddev >= 0 else sdev, "copying folios", op)
+        with self._lock:
+            self._copy_calls += int(src_idx.size)
+            self._copy_seconds += time.perf_counter() - t0
+
+    @property
+    def copy_stats(self) -> dict[str, float]:
+        """Copy-mode cost: ``calls`` (one per folio copied by :meth:`copy_folios`), ``seconds`` (host time of
+        those batches, waits included) and ``us_per_call``."""
+        with self._lock:
+            calls, secs = self._copy_calls, self._copy_seconds
+        return {"calls": calls, "seconds": secs, "us_per_call": (secs / calls * 1e6) if calls else 0.0}
+
+    # -- copy ceilings (ceilings.py) ------------------------------------------------------------------------------
+    def copy_ceiling(self, direction: str, nbytes: int, repeat: int = 3) -> float:
+        """Best seconds of one ``cudaMemcpyAsync`` of ``nbytes`` contiguous bytes (``"h2d"``, ``"d2h"`` or
+        ``"d2d"``), timed with CUDA events; see :func:`~dmamig.backends.cuda.ceilings.cuda_copy_ceiling`.
+
+        Raises
+        ------
+        InvalidArgument
+            ``direction`` is not one of the three.
+        OutOfMemory, DmaError
+            The buffers could not be allocated, or a copy failed.
+        """
+        self._check_open()
+        return cuda_copy_ceiling(self._cp, self._ndev, direction, int(nbytes), repeat, self._free_device)
+
+    def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,
+                     staged: bool | None = None) -> float:
+        """Best seconds of one contiguous copy of ``nbytes`` from device ``src_dev`` to ``dst_dev`` (-1: pinned
+        host memory), timed with CUDA events: direct where the pair has peer access, else staged as the DMA
+        channels stage it (``staged`` defaults to what :attr:`topology` says); see
+        :func:`~dmamig.backends.cuda.ceilings.cuda_pair_ceiling`.
+
+        Raises
+        ------
+        InvalidArgument
+            A device that does not exist, ``staged`` for a pair that is not two devices, ``nbytes`` or
+            ``repeat`` below 1.
+        OutOfMemory, DmaError
+            The buffers could not be allocated, or a copy failed.
+        """
+        src_dev, dst_dev, nbytes, repeat = check_pair_args(src_dev, dst_dev, nbytes, repeat, staged)
+        self._check_open()
+        if max(src_dev, dst_dev) >= self._ndev:
+            raise InvalidArgument(f"device {max(src_dev, dst_dev)} does not exist; devices 0..{self._ndev - 1} "
+                                  f"are visible")
+        if staged is None:
+            staged = topology_staged(self.topology or self.runtime_topology(), src_dev, dst_dev)
+        return cuda_pair_ceiling(self._cp, src_dev, dst_dev, nbytes, repeat, bool(staged), self._free_device)
 
     def close(self) -> None:
         """Release everything: wait for the synchronous streams, free every device frame buffer and scratch
