@@ -7,8 +7,9 @@ whether the address space is closed. It also owns the checks and lookups every e
 open address space, a well-formed range, the VMAs and slots a range covers, and the wait for migration
 entries to leave it. :class:`~dmamig.mm.AddressSpace` is the public facade over it.
 
-Every method that reads or changes the VMAs or the pins runs with ``machine.lock`` held, except
-:meth:`check_open` and :meth:`check_range`, which look at no shared state.
+The VMA list and the pins change only under ``machine.lock``; the lookups expect their caller to hold it
+(:meth:`wait_migrations` and :meth:`lookup_settled` wait on ``machine.changed``). :meth:`check_open` and
+:meth:`check_range` look at no shared state.
 """
 
 from __future__ import annotations
