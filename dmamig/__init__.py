@@ -14,7 +14,7 @@ from .errors import (
     OutOfMemory,
 )
 from .fault import FaultAttr, FaultPoints
-from .flags import MigrateMode, MigratePfn, MigrateVmaSelect, PageFlag, Prot, PteFlag
+from .flags import MigrateMode, MigratePfn, MigrateReason, MigrateVmaSelect, PageFlag, Prot, PteFlag
 from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
 from .migrate.move_pages import MovePagesResult
@@ -40,6 +40,7 @@ __all__ = [
     "MigrateMode",
     "MigrateOptions",
     "MigratePfn",
+    "MigrateReason",
     "MigrateResult",
     "MigrateStats",
     "MigrateVma",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 
-__all__ = ["MigrateMode", "MigratePfn", "MigrateVmaSelect", "PageFlag", "Prot", "PteFlag"]
+__all__ = ["MigrateMode", "MigratePfn", "MigrateReason", "MigrateVmaSelect", "PageFlag", "Prot", "PteFlag"]
 
 # Per-page status codes, as the kernel returns them (negative errno).
 EAGAIN = -errno.EAGAIN
@@ -68,6 +68,29 @@ class Prot(enum.IntFlag):
     NONE = 0
     READ = 1
     WRITE = 2
+
+
+class MigrateReason(enum.IntEnum):
+    """Why pages migrate: the kernel's ``enum migrate_reason``, recorded with every call and deciding a few rules.
+
+    ``MR_NUMA_MISPLACED`` (NUMA balancing moving a misplaced folio after a hint fault) never splits a large folio
+    that finds no destination: it fails instead. ``MR_LONGTERM_PIN`` (a long-term pin moving pages off
+    unpinnable memory) retries a large folio whose split failed with ``-EAGAIN`` on the next pass, instead of
+    failing it. ``MR_DEMOTION`` and ``MR_NUMA_MISPLACED`` feed their own vmstat counters (``pgdemote_*``,
+    ``numa_pages_migrated``, ``pgpromote_success``). ``mm.migrate`` and ``move_pages`` are ``MR_SYSCALL``, as
+    ``migrate_pages(2)`` and ``move_pages(2)`` are.
+    """
+
+    MR_COMPACTION = 0
+    MR_MEMORY_FAILURE = 1
+    MR_MEMORY_HOTPLUG = 2
+    MR_SYSCALL = 3
+    MR_MEMPOLICY_MBIND = 4
+    MR_NUMA_MISPLACED = 5
+    MR_CONTIG_RANGE = 6
+    MR_LONGTERM_PIN = 7
+    MR_DEMOTION = 8
+    MR_DAMON = 9
 
 
 class MigrateMode(enum.Flag):

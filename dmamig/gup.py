@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InvalidArgument, MigrationStalled, OutOfMemory
-from .flags import PageFlag
+from .flags import MigrateReason, PageFlag
 from .memory import check_access, fault, migrate_to_ram, write_pages
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def pin_range(mm: MmStruct, addr: int, length: int) -> None:
                 raise MigrationStalled(f"pin at {addr:#x}: {remote.size} device pages kept going back to devices "
                                        f"for {LONGTERM_PIN_WAIT_S:g} s while the pin brought them to host memory; "
                                        f"nothing was pinned")
-            if migrate_to_ram(mm, remote) == 0:  # drops and retakes the lock: the range is looked at afresh
+            if migrate_to_ram(mm, remote, MigrateReason.MR_LONGTERM_PIN) == 0:  # drops and retakes the lock: the range is looked at afresh
                 # Nothing came back: a reference held elsewhere for now, or no host frames. Give the holder
                 # time (a change of page state wakes us early) rather than spend every try at once.
                 tries += 1

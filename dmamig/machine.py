@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 from collections.abc import Sequence
@@ -14,9 +15,10 @@ from .backends import open_backend
 from .dma import DmaEngine
 from .errors import InvalidArgument, OutOfMemory
 from .fault import FaultPoints
-from .flags import MigrateMode
+from .flags import MigrateMode, MigrateReason
 from .frame_ops import FrameOps
-from .migrate.core import migrate_pfns
+from .migrate.core import migrate_misplaced_folio, migrate_pfns
+from .migrate.result import MigrateEvent
 from .mm import AddressSpace
 from .nodes import MAX_ORDER, Node, NodeMap
 from .page_controls import PageControls
@@ -51,7 +53,12 @@ VMSTAT_COUNTERS = (
     "migrate_to_ram",
     "migrate_vma_success",  # MigrateVma counts these instead of pgmigrate_*, as migrate_device.c counts none
     "migrate_vma_fail",
+    "numa_pages_migrated",  # the counters of migration reasons (MigrateReason)
+    "pgpromote_success",
+    "pgdemote_direct",
 )
+#: ``mm_migrate_pages`` events kept (:attr:`Machine.migrate_events`); older ones are dropped.
+MIGRATE_EVENTS_KEPT = 4096
 
 
 def _host_tiers(host_pages: int, host_nodes: Sequence[Any] | None) -> tuple[list[int], list[float]]:
@@ -188,6 +195,7 @@ class Machine(FrameOps, PageControls):
         self._object_ids = itertools.count(1)
         self._spaces: list[AddressSpace] = []
         self._vmstat = dict.fromkeys(VMSTAT_COUNTERS, 0)
+        self._migrate_events: collections.deque[MigrateEvent] = collections.deque(maxlen=MIGRATE_EVENTS_KEPT)
         self._dma: DmaEngine | None = None
         self._faults = FaultPoints()
         self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
@@ -330,7 +338,8 @@ class Machine(FrameOps, PageControls):
             self.put_folios(heads)
 
     def migrate_pages(self, pfns: Any, node: int, mode: MigrateMode = MigrateMode.SYNC,
-                      dst_pfns: Any = None, options: MigrateOptions | None = None) -> MigrateResult:
+                      dst_pfns: Any = None, options: MigrateOptions | None = None,
+                      reason: MigrateReason = MigrateReason.MR_SYSCALL) -> MigrateResult:
         """Migrate the folios containing ``pfns`` to ``node``, like the kernel's ``migrate_pages()``.
 
         Parameters
@@ -348,6 +357,9 @@ class Machine(FrameOps, PageControls):
             be stale by then).
         options : MigrateOptions, optional
             Batching; ``None`` is the kernel's. Other settings are experiments.
+        reason : MigrateReason
+            Why the pages migrate (``MR_SYSCALL`` by default): recorded in :attr:`migrate_events`, counted by its
+            own vmstat counters, and deciding the rules :class:`~dmamig.flags.MigrateReason` lists.
 
         Returns
         -------
@@ -355,7 +367,28 @@ class Machine(FrameOps, PageControls):
             Per-page status of ``pfns`` (``0`` or ``-errno``) and counters.
         """
         self._check_open()
-        return migrate_pfns(self, pfns, node, mode, dst_pfns, options)
+        return migrate_pfns(self, pfns, node, mode, dst_pfns, options, reason)
+
+    def migrate_misplaced_folio(self, pfn: int, node: int) -> MigrateResult:
+        """Move the folio holding ``pfn`` to ``node`` as NUMA balancing does after a hint fault: one folio,
+        ``ASYNC``, ``MR_NUMA_MISPLACED`` (never split: a large folio without a destination fails).
+
+        Counts ``numa_pages_migrated``, and ``pgpromote_success`` for a move into the top tier (the first host
+        node) from below it.
+        """
+        self._check_open()
+        return migrate_misplaced_folio(self, pfn, node)
+
+    @property
+    def migrate_events(self) -> list[MigrateEvent]:
+        """The last :data:`MIGRATE_EVENTS_KEPT` ``migrate_pages()`` calls, oldest first, each as the kernel's
+        ``mm_migrate_pages`` tracepoint records it (a CPU fault bringing device pages back is not one)."""
+        with self.lock:
+            return list(self._migrate_events)
+
+    def record_migration(self, event: MigrateEvent) -> None:
+        """Add one call's ``mm_migrate_pages`` record to :attr:`migrate_events` (the core does, holding the lock)."""
+        self._migrate_events.append(event)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def _check_open(self) -> None:

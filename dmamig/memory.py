@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import AddressFault, OutOfMemory
-from .flags import MigrateMode, PageFlag, PteFlag
+from .flags import MigrateMode, MigrateReason, PageFlag, PteFlag
 from .migrate.core import MigrationRequest, run_migration
 from .migrate.isolate import collect_folios
 from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache, map_pages
@@ -263,12 +263,14 @@ def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
                        f"memory, so the access fails (SIGBUS)")
 
 
-def migrate_to_ram(mm: MmStruct, pfns: np.ndarray) -> int:
+def migrate_to_ram(mm: MmStruct, pfns: np.ndarray, reason: MigrateReason | None = None) -> int:
     """Migrate the folios of device pages ``pfns`` back to host RAM: a CPU fault on them, or a long-term pin.
 
     The lock is held once (not nested) on entry and on exit, and dropped while the migration runs. Every
     mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this is the
-    kernel's fault path, not move_pages. Returns how many of ``pfns`` migrated.
+    kernel's fault path, not move_pages. ``reason``: ``MR_LONGTERM_PIN`` for a pin (a ``migrate_pages()`` call
+    in the kernel too); ``None`` for a fault, which records no migration event. Returns how many of ``pfns``
+    migrated.
     """
     m = mm.machine
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
@@ -277,7 +279,7 @@ def migrate_to_ram(mm: MmStruct, pfns: np.ndarray) -> int:
     m.lock.release()
     try:
         res = run_migration(m, MigrationRequest(heads=heads, node=0, mode=MigrateMode.SYNC, pfns=pfns, status=status,
-                                                t_thread=t_thread, t_wall=t_wall))
+                                                t_thread=t_thread, t_wall=t_wall, reason=reason))
     finally:
         m.lock.acquire()
     return int(res.nr_succeeded)

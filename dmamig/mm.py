@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._validate import as_bytes, check_node
-from .flags import MigrateMode, Prot, PteFlag
+from .flags import MigrateMode, MigrateReason, Prot, PteFlag
 from .fork import fork_mm
 from .gup import drop_pins, pin_range, unpin_range, write_pinned
 from .memory import access_pfns, fault, read_pages, write_pages
@@ -283,7 +283,7 @@ class AddressSpace(AddressInspection):
     # -- migration --------------------------------------------------------------------------------------------
     def migrate(self, addr: int, length: int, node: int, mode: MigrateMode = MigrateMode.SYNC,
                 engine: DmaEngine | None = None, options: MigrateOptions | None = None,
-                move_all: bool = False) -> MigrateResult:
+                move_all: bool = False, reason: MigrateReason = MigrateReason.MR_SYSCALL) -> MigrateResult:
         """Migrate the pages of ``[addr, addr + length)`` to ``node`` (like move_pages(2) over a range).
 
         Parameters
@@ -304,6 +304,10 @@ class AddressSpace(AddressInspection):
         move_all : bool
             ``MPOL_MF_MOVE_ALL``: also move pages that other processes map (after a fork, or shared memory).
             Without it such a page is left alone with ``-EACCES``, as with ``MPOL_MF_MOVE``.
+        reason : MigrateReason
+            Why the pages migrate: ``MR_SYSCALL`` (``migrate_pages(2)``, the default), ``MR_DEMOTION`` for a
+            tiering policy's demotion, ``MR_MEMPOLICY_MBIND``, ...; recorded in ``Machine.migrate_events``,
+            counted by its own vmstat counters, and deciding the rules :class:`~dmamig.MigrateReason` lists.
 
         Returns
         -------
@@ -312,7 +316,7 @@ class AddressSpace(AddressInspection):
             populated), ``-EFAULT`` (the zero page: nothing to move), ``-EACCES`` (mapped by another process,
             without ``move_all``) or the failure's ``-errno``. Pages left alone are not counted failed.
         """
-        return migrate_range(self.mm_struct, addr, length, node, mode, engine, options, move_all)
+        return migrate_range(self.mm_struct, addr, length, node, mode, engine, options, move_all, reason)
 
     def move_pages(self, addrs: Any, nodes: Any = None, mode: MigrateMode = MigrateMode.SYNC,
                    engine: DmaEngine | None = None, move_all: bool = False,

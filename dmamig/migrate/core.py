@@ -33,13 +33,13 @@ import numpy as np
 
 from .._validate import as_pfn_array, check_node
 from ..errors import InvalidArgument
-from ..flags import EAGAIN, ENOMEM, MigrateMode
+from ..flags import EAGAIN, ENOMEM, MigrateMode, MigrateReason
 from .entries import HPAGE_PMD_ORDER, PENDING, SPLIT, UNTRIED, Entries
 from .interrupts import DeferredInterrupt
 from .isolate import check_dst, collect_folios, putback_folios
 from .move import MovePhase
 from .options import MigrateOptions
-from .result import PHASES, MigrateResult, MigrateStats
+from .result import PHASES, MigrateEvent, MigrateResult, MigrateStats
 from .unmap import UnmapPhase
 
 if TYPE_CHECKING:
@@ -102,9 +102,12 @@ class _Migration(UnmapPhase, MovePhase):
     """
 
     def __init__(self, m: Machine, node: int, mode: MigrateMode, engine: DmaEngine | None,
-                 options: MigrateOptions, entries: Entries):
+                 options: MigrateOptions, entries: Entries, reason: MigrateReason | None = MigrateReason.MR_SYSCALL):
         self.m = m
         self.node = node
+        # None: not a migrate_pages() call (a CPU fault bringing device pages back): no event, no reason counts.
+        self.reason = reason
+        self.requested_mode = mode
         self.mode = _base_mode(mode)
         self.engine = engine
         self.options = options
@@ -285,14 +288,40 @@ class _Migration(UnmapPhase, MovePhase):
             m.changed.notify_all()
 
     def _count_vmstat(self) -> None:
-        """Add the call's counters to vmstat, once, at the end (as migrate_pages() does; caller holds the lock)."""
+        """Add the call's counters to vmstat, once, at the end (as migrate_pages() does), with the reason's own
+        counters, and record the call's ``mm_migrate_pages`` event (caller holds the lock)."""
         s, count = self.stats, self.m.count_event
+        if self.reason is not None:
+            self._count_reason()
+            self.m.record_migration(MigrateEvent(s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded,
+                                                 s.nr_thp_failed, s.nr_thp_split, s.nr_split,
+                                                 self.requested_mode, self.reason))
         for name, value in (("pgmigrate_success", s.nr_succeeded), ("pgmigrate_fail", s.nr_failed_pages),
                             ("thp_migration_success", s.nr_thp_succeeded), ("thp_migration_fail", s.nr_thp_failed),
                             ("thp_migration_split", s.nr_thp_split), ("pgmigrate_no_copy", s.nr_no_copy),
                             ("pgmigrate_dma_fallback", s.nr_dma_fallback), ("migrate_tlb_flush", s.nr_tlb_flush)):
             if value:
                 count(name, value)
+
+
+    def _count_reason(self) -> None:
+        """The counters a reason adds: ``numa_pages_migrated`` and ``pgpromote_success`` for NUMA balancing (a
+        promotion is a move from a lower tier into the top tier, the first host node), ``pgdemote_direct`` for a
+        demotion (no kswapd here: reclaim runs in the caller's thread)."""
+        s, m = self.stats, self.m
+        if not s.nr_succeeded:
+            return
+        if self.reason == MigrateReason.MR_NUMA_MISPLACED:
+            m.count_event("numa_pages_migrated", s.nr_succeeded)
+            top = m.host_node_ids[0]
+            if self.node == top:
+                e = self.e
+                moved = np.flatnonzero(e.status == 0)
+                below = moved[m.nodemap.node_of(e.src[moved]) != top]
+                if below.size:
+                    m.count_event("pgpromote_success", int(e.nr[below].sum()))
+        elif self.reason == MigrateReason.MR_DEMOTION:
+            m.count_event("pgdemote_direct", s.nr_succeeded)
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
@@ -324,6 +353,9 @@ class MigrationRequest:
         (``Machine.migrate_pages`` with ``NO_COPY``); ``None``: the core allocates destinations.
     options : MigrateOptions, optional
         Batching; ``None`` is the kernel's.
+    reason : MigrateReason or None
+        Why the folios migrate (``MR_SYSCALL`` by default); ``None`` for a migration that is not a
+        ``migrate_pages()`` call (a CPU fault bringing device pages back), which records no event.
     """
 
     heads: np.ndarray
@@ -336,6 +368,7 @@ class MigrationRequest:
     engine: DmaEngine | None = None
     dst: np.ndarray | None = None
     options: MigrateOptions | None = None
+    reason: MigrateReason | None = MigrateReason.MR_SYSCALL
 
 
 def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
@@ -345,7 +378,7 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
     t_run = time.perf_counter_ns()
     with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
         entries = Entries(m, heads, req.dst)
-    mig = _Migration(m, req.node, req.mode, req.engine, options, entries)
+    mig = _Migration(m, req.node, req.mode, req.engine, options, entries, req.reason)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
         pending = status == PENDING
@@ -371,10 +404,21 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
                          wall_ns=time.perf_counter_ns() - t_wall, stats=s, options=options, rc=rc)
 
 
+def check_reason(reason: Any) -> MigrateReason:
+    """``reason`` as a :class:`~dmamig.flags.MigrateReason`; an error naming the argument otherwise."""
+    try:
+        return MigrateReason(reason)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"reason must be a MigrateReason (MR_SYSCALL, MR_NUMA_MISPLACED, MR_DEMOTION, ...), "
+                              f"got {reason!r}") from None
+
+
 def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: Any = None,
-                 options: MigrateOptions | None = None) -> MigrateResult:
+                 options: MigrateOptions | None = None,
+                 reason: MigrateReason = MigrateReason.MR_SYSCALL) -> MigrateResult:
     """``Machine.migrate_pages``: validate, isolate, migrate, put back."""
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
+    reason = check_reason(reason)
     pfns = as_pfn_array(m, "pfns", pfns)
     node = check_node(m, "node", node)
     mode = check_mode(mode, allow_no_copy=True)
@@ -395,4 +439,14 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             dst = dst[taken]
             heads = pfns[taken]
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
-                                             t_thread=t_thread, t_wall=t_wall, dst=dst, options=options))
+                                             t_thread=t_thread, t_wall=t_wall, dst=dst, options=options,
+                                             reason=reason))
+
+
+def migrate_misplaced_folio(m: Machine, pfn: Any, node: int) -> MigrateResult:
+    """``Machine.migrate_misplaced_folio``: NUMA balancing's move of one folio after a hint fault, ASYNC, with
+    ``MR_NUMA_MISPLACED`` (a large folio that finds no destination fails rather than splits)."""
+    pfn = as_pfn_array(m, "pfn", np.atleast_1d(np.asarray(pfn)))
+    if pfn.size != 1:
+        raise InvalidArgument(f"migrate_misplaced_folio moves one folio: pfn must be one pfn, got {pfn.size}")
+    return migrate_pfns(m, pfn, node, MigrateMode.ASYNC, reason=MigrateReason.MR_NUMA_MISPLACED)

@@ -22,9 +22,9 @@ import numpy as np
 from .._validate import check_node
 from ..dma import DmaEngine
 from ..errors import InvalidArgument
-from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, PteFlag
+from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, MigrateReason, PteFlag
 from ..vma import NO_PFN, ZERO_PFN
-from .core import MigrationRequest, check_mode, run_migration
+from .core import MigrationRequest, check_mode, check_reason, run_migration
 from .isolate import collect_folios, putback_folios
 from .options import MigrateOptions
 
@@ -80,9 +80,11 @@ def _check_engine(m: Machine, engine: Any, mode: MigrateMode) -> MigrateMode:
 
 
 def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: MigrateMode,
-                  engine: DmaEngine | None, options: MigrateOptions | None, move_all: bool) -> MigrateResult:
+                  engine: DmaEngine | None, options: MigrateOptions | None, move_all: bool,
+                  reason: MigrateReason = MigrateReason.MR_SYSCALL) -> MigrateResult:
     """``AddressSpace.migrate``: every page of a range to one node."""
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
+    reason = check_reason(reason)
     mm.check_open()
     addr, length = mm.check_range(addr, length, aligned=True)
     m = mm.machine
@@ -95,7 +97,8 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
         status, heads = collect_folios(m, pfns, node, move_all=bool(move_all))
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
-                                             t_thread=t_thread, t_wall=t_wall, engine=engine, options=options))
+                                             t_thread=t_thread, t_wall=t_wall, engine=engine, options=options,
+                                             reason=reason))
 
 
 def _as_addrs(addrs: Any) -> np.ndarray:

@@ -6,15 +6,51 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..flags import MigrateMode, MigrateReason
 from .options import MigrateOptions
 
-__all__ = ["PHASES", "MigrateResult", "MigrateStats"]
+__all__ = ["PHASES", "MigrateEvent", "MigrateResult", "MigrateStats"]
 
 #: Wall-time phases of the migrating thread. ``isolate`` and ``putback`` are the per-call work around the
 #: batches (collecting and isolating the folios of the range; putting back what did not move and building the
 #: result); ``unmap``, ``copy``, ``submit`` (handing a batch's copy to the DMA engine: planning, queueing),
 #: ``dma_wait``, ``move`` and ``undo`` are the batch phases.
 PHASES = ("isolate", "unmap", "copy", "submit", "dma_wait", "move", "undo", "putback")
+
+
+@dataclass(frozen=True)
+class MigrateEvent:
+    """One ``migrate_pages()`` call as the kernel's ``mm_migrate_pages`` tracepoint records it.
+
+    Attributes
+    ----------
+    succeeded, failed : int
+        Base pages migrated, and base pages that failed (``nr_succeeded``, ``nr_failed_pages``).
+    thp_succeeded, thp_failed, thp_split : int
+        PMD-sized folios migrated, failed and split.
+    large_folio_split : int
+        Large folios of any size split (``nr_split``).
+    mode : MigrateMode
+        ``ASYNC``, ``SYNC_LIGHT`` or ``SYNC`` (``NO_COPY`` included where it applied).
+    reason : MigrateReason
+        Why the pages migrated.
+    """
+
+    succeeded: int
+    failed: int
+    thp_succeeded: int
+    thp_failed: int
+    thp_split: int
+    large_folio_split: int
+    mode: MigrateMode
+    reason: MigrateReason
+
+    def as_dict(self) -> dict[str, int | str]:
+        """The record with plain values (names for mode and reason), for JSON."""
+        return {"succeeded": self.succeeded, "failed": self.failed, "thp_succeeded": self.thp_succeeded,
+                "thp_failed": self.thp_failed, "thp_split": self.thp_split,
+                "large_folio_split": self.large_folio_split, "mode": str(self.mode.name),
+                "reason": self.reason.name}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import _kernels
-from ..flags import EBUSY, ENOMEM, MigrateMode, PageFlag
+from ..flags import EBUSY, ENOMEM, MigrateMode, MigrateReason, PageFlag
 from ..vma import install_migration_entries
 from . import batch_kernels
 from .entries import HPAGE_PMD_ORDER, PENDING, UNTRIED
@@ -38,12 +38,15 @@ class UnmapPhase:
         m, e, pages = self.m, self.e, self.m.pages
         with m.changed:
             e.status[todo] = PENDING
+            self.alloc_retry = todo[:0]
             todo = self._get_new_folios(todo)
             vma = self._one_vma()
             if mode == MigrateMode.ASYNC and vma is not None:
                 self.phase_ns["unmap"] += time.perf_counter_ns() - t0
                 todo, retry = self._unmap_one_vma(todo, vma)
                 e.release_dst(retry)
+                if self.alloc_retry.size:
+                    retry = np.concatenate([retry, self.alloc_retry])
                 return todo, retry
             if mode == MigrateMode.ASYNC:
                 todo, retry = self._trylock(todo)
@@ -54,6 +57,8 @@ class UnmapPhase:
             # migrate_folio_unmap gives a folio that will be retried back its destination
             # (migrate_folio_undo_dst); the next pass allocates another.
             e.release_dst(retry)
+            if self.alloc_retry.size:
+                retry = np.concatenate([retry, self.alloc_retry])
             if todo.size:
                 install_migration_entries(m, e.base_pfns(e.src[todo], todo))
                 e.unmapped[todo] = True
@@ -81,22 +86,34 @@ class UnmapPhase:
             groups = [(lo, need)] if lo == int(orders.max()) else \
                 [(int(o), need[orders == o]) for o in np.unique(orders)]
         stop = None  # position of the first entry that ended the call with -ENOMEM
+        # "Large folio NUMA faulting doesn't split to retry": NUMA balancing's folio fails instead.
+        nosplit = self.reason == MigrateReason.MR_NUMA_MISPLACED
+        again = []  # large folios a long-term pin retries whole on the next pass (their split failed)
         for order, pos in groups:
             heads = m.alloc_folios(self.node, pos.size, order)
             e.dst[pos[: heads.size]] = heads
             for p in pos[heads.size:].tolist():
-                if order > 0 and e.split(p):
-                    # A split large folio is one failed folio (its pieces are migrated on their own).
-                    thp = int(order == HPAGE_PMD_ORDER)
-                    self.stats.nr_thp_split += thp
-                    self.stats.nr_thp_failed += thp
-                    self.stats.nr_split += 1
-                    self.stats.nr_large_failed += 1
-                    self.nr_failed_folios += 1
-                    continue
+                if order > 0 and not nosplit:
+                    if e.split(p):
+                        # A split large folio is one failed folio (its pieces are migrated on their own).
+                        thp = int(order == HPAGE_PMD_ORDER)
+                        self.stats.nr_thp_split += thp
+                        self.stats.nr_thp_failed += thp
+                        self.stats.nr_split += 1
+                        self.stats.nr_large_failed += 1
+                        self.nr_failed_folios += 1
+                        continue
+                    if self.reason == MigrateReason.MR_LONGTERM_PIN:
+                        # try_split_folio() gave -EAGAIN: "try again to split large folio to mitigate the
+                        # failure of longterm pinning" (the folio is retried, not failed).
+                        again.append(p)
+                        continue
                 e.status[p] = ENOMEM
                 stop = p if stop is None else min(stop, p)
                 break
+        self.alloc_retry = np.array(again, dtype=np.int64)
+        if again:
+            todo = todo[~np.isin(todo, self.alloc_retry)]
         if stop is None:
             return todo if e.all_base else todo[e.status[todo] == PENDING]
         self.batch_enomem = True
