@@ -17,7 +17,7 @@ from .errors import InvalidArgument, OutOfMemory
 from .fault import FaultPoints
 from .flags import MigrateMode, MigrateReason
 from .frame_ops import FrameOps
-from .migrate.core import migrate_misplaced_folio, migrate_pfns
+from .migrate.core import demote_folios, migrate_misplaced_folio, migrate_pfns
 from .migrate.result import MigrateEvent
 from .mm import AddressSpace
 from .nodes import MAX_ORDER, Node, NodeMap
@@ -56,6 +56,9 @@ VMSTAT_COUNTERS = (
     "numa_pages_migrated",  # the counters of migration reasons (MigrateReason)
     "pgpromote_success",
     "pgdemote_direct",
+    "pgdemote_kswapd",
+    "numa_hint_faults",  # NUMA balancing's hint faults (do_numa_page), and those on the faulting CPU's node
+    "numa_hint_faults_local",
 )
 #: ``mm_migrate_pages`` events kept (:attr:`Machine.migrate_events`); older ones are dropped.
 MIGRATE_EVENTS_KEPT = 4096
@@ -378,6 +381,28 @@ class Machine(FrameOps, PageControls):
         """
         self._check_open()
         return migrate_misplaced_folio(self, pfn, node)
+
+    def demote_folios(self, pfns: Any, kswapd: bool = False) -> MigrateResult:
+        """Demote the folios holding ``pfns`` (all on one host node) as reclaim does (``demote_folio_list``).
+
+        They move to the next tier down (the host node after theirs in ``host_nodes``), ``ASYNC``, with
+        ``MR_DEMOTION``; a folio that finds no frame there takes one on another lower tier
+        (``alloc_demote_folio``), never on its own tier or above, and nothing is reclaimed to make room.
+
+        Parameters
+        ----------
+        pfns : array_like of int
+            Pages of the folios to demote, all on one host node that has a tier below it.
+        kswapd : bool
+            ``True`` for kswapd's background reclaim (counts ``pgdemote_kswapd``); ``False`` for direct reclaim
+            in the allocating task (``pgdemote_direct``).
+
+        Returns
+        -------
+        MigrateResult
+        """
+        self._check_open()
+        return demote_folios(self, pfns, bool(kswapd))
 
     @property
     def migrate_events(self) -> list[MigrateEvent]:

@@ -102,11 +102,15 @@ class _Migration(UnmapPhase, MovePhase):
     """
 
     def __init__(self, m: Machine, node: int, mode: MigrateMode, engine: DmaEngine | None,
-                 options: MigrateOptions, entries: Entries, reason: MigrateReason | None = MigrateReason.MR_SYSCALL):
+                 options: MigrateOptions, entries: Entries, reason: MigrateReason | None = MigrateReason.MR_SYSCALL,
+                 kswapd: bool = False):
         self.m = m
         self.node = node
         # None: not a migrate_pages() call (a CPU fault bringing device pages back): no event, no reason counts.
         self.reason = reason
+        self.kswapd = kswapd  # a demotion from kswapd's reclaim (pgdemote_kswapd), else from direct reclaim
+        # alloc_demote_folio: the target first, then the other nodes of lower tiers (never a higher one)
+        self.fallback_nodes = demotion_fallback(m, node, entries) if reason == MigrateReason.MR_DEMOTION else ()
         self.requested_mode = mode
         self.mode = _base_mode(mode)
         self.engine = engine
@@ -306,8 +310,8 @@ class _Migration(UnmapPhase, MovePhase):
 
     def _count_reason(self) -> None:
         """The counters a reason adds: ``numa_pages_migrated`` and ``pgpromote_success`` for NUMA balancing (a
-        promotion is a move from a lower tier into the top tier, the first host node), ``pgdemote_direct`` for a
-        demotion (no kswapd here: reclaim runs in the caller's thread)."""
+        promotion is a move from a lower tier into the top tier, the first host node), ``pgdemote_kswapd`` or
+        ``pgdemote_direct`` for a demotion, after the reclaimer that demoted (``reclaimer_offset()``)."""
         s, m = self.stats, self.m
         if not s.nr_succeeded:
             return
@@ -321,7 +325,22 @@ class _Migration(UnmapPhase, MovePhase):
                 if below.size:
                     m.count_event("pgpromote_success", int(e.nr[below].sum()))
         elif self.reason == MigrateReason.MR_DEMOTION:
-            m.count_event("pgdemote_direct", s.nr_succeeded)
+            m.count_event("pgdemote_kswapd" if self.kswapd else "pgdemote_direct", s.nr_succeeded)
+
+
+def demotion_fallback(m: Machine, node: int, entries: Entries) -> tuple[int, ...]:
+    """The nodes ``alloc_demote_folio`` falls back to once ``node`` (the demotion target, tried alone first with
+    ``__GFP_THISNODE``) has no frame: the other host nodes in tiers below every source's tier
+    (``node_get_allowed_targets``), nearest tier first; never a node of the sources' tier or above."""
+    tiers = m.host_node_ids
+    src = entries.src
+    if src.size == 0:
+        return ()
+    nodes = np.unique(m.nodemap.node_of(src)).tolist()
+    if any(n not in tiers for n in nodes):
+        return ()  # a device page has no tier below it
+    lowest = max(tiers.index(n) for n in nodes)
+    return tuple(n for n in tiers[lowest + 1:] if n != node)
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
@@ -369,6 +388,7 @@ class MigrationRequest:
     dst: np.ndarray | None = None
     options: MigrateOptions | None = None
     reason: MigrateReason | None = MigrateReason.MR_SYSCALL
+    kswapd: bool = False
 
 
 def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
@@ -378,7 +398,7 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
     t_run = time.perf_counter_ns()
     with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
         entries = Entries(m, heads, req.dst)
-    mig = _Migration(m, req.node, req.mode, req.engine, options, entries, req.reason)
+    mig = _Migration(m, req.node, req.mode, req.engine, options, entries, req.reason, req.kswapd)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
         pending = status == PENDING
@@ -415,7 +435,7 @@ def check_reason(reason: Any) -> MigrateReason:
 
 def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: Any = None,
                  options: MigrateOptions | None = None,
-                 reason: MigrateReason = MigrateReason.MR_SYSCALL) -> MigrateResult:
+                 reason: MigrateReason = MigrateReason.MR_SYSCALL, kswapd: bool = False) -> MigrateResult:
     """``Machine.migrate_pages``: validate, isolate, migrate, put back."""
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
     reason = check_reason(reason)
@@ -440,7 +460,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             heads = pfns[taken]
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
                                              t_thread=t_thread, t_wall=t_wall, dst=dst, options=options,
-                                             reason=reason))
+                                             reason=reason, kswapd=kswapd))
 
 
 def migrate_misplaced_folio(m: Machine, pfn: Any, node: int) -> MigrateResult:
@@ -450,3 +470,27 @@ def migrate_misplaced_folio(m: Machine, pfn: Any, node: int) -> MigrateResult:
     if pfn.size != 1:
         raise InvalidArgument(f"migrate_misplaced_folio moves one folio: pfn must be one pfn, got {pfn.size}")
     return migrate_pfns(m, pfn, node, MigrateMode.ASYNC, reason=MigrateReason.MR_NUMA_MISPLACED)
+
+
+def next_demotion_node(m: Machine, node: int) -> int:
+    """The host node one tier below ``node`` (host nodes are tiers, fastest first), or -1 for the lowest tier
+    and for device memory, which has no demotion target."""
+    tiers = m.host_node_ids
+    if node not in tiers or tiers.index(node) + 1 == len(tiers):
+        return -1
+    return tiers[tiers.index(node) + 1]
+
+
+def demote_folios(m: Machine, pfns: Any, kswapd: bool = False) -> MigrateResult:
+    """``Machine.demote_folios``: ``demote_folio_list`` over folios of one host node: ``migrate_pages()`` to the
+    next tier down, ``ASYNC``, ``MR_DEMOTION``, with ``alloc_demote_folio``'s fallback to lower tiers."""
+    pfns = as_pfn_array(m, "pfns", pfns)
+    nodes = np.unique(m.nodemap.node_of(pfns)).tolist()
+    if len(nodes) != 1:
+        raise InvalidArgument(f"demotion reclaims one node's folios (demote_folio_list runs per node): pfns lie "
+                              f"on nodes {nodes}")
+    target = next_demotion_node(m, nodes[0])
+    if target < 0:
+        raise InvalidArgument(f"node {nodes[0]} has no demotion target: it is not a host node above the lowest "
+                              f"tier (host tiers, fastest first: {list(m.host_node_ids)})")
+    return migrate_pfns(m, pfns, target, MigrateMode.ASYNC, reason=MigrateReason.MR_DEMOTION, kswapd=kswapd)

@@ -91,6 +91,10 @@ class UnmapPhase:
         again = []  # large folios a long-term pin retries whole on the next pass (their split failed)
         for order, pos in groups:
             heads = m.alloc_folios(self.node, pos.size, order)
+            for nid in self.fallback_nodes:  # a demotion: alloc_demote_folio's lower tiers, no direct reclaim
+                if heads.size == pos.size:
+                    break
+                heads = np.concatenate([heads, m.alloc_folios(nid, pos.size - heads.size, order)])
             e.dst[pos[: heads.size]] = heads
             for p in pos[heads.size:].tolist():
                 if order > 0 and not nosplit:
