@@ -17,6 +17,7 @@ ENOENT = -errno.ENOENT
 EINVAL = -errno.EINVAL
 EPERM = -errno.EPERM
 EACCES = -errno.EACCES
+ENODEV = -errno.ENODEV
 
 
 class PageFlag(enum.IntFlag):

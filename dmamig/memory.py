@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import AddressFault, OutOfMemory
-from .flags import MigrateMode, MigrateReason, PageFlag, PteFlag
+from .flags import MigrateMode, MigrateReason, MigrateVmaSelect, PageFlag, PteFlag
 from .migrate.core import MigrationRequest, run_migration
+from .migrate.device import MigrateVma
 from .migrate.isolate import collect_folios
 from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache, map_pages
 
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
     from .mm_struct import MmStruct
     from .vma import Vma
 
-__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "fault", "fault_absent",
-           "migrate_to_ram", "read_pages", "wp_pages", "write_pages"]
+__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "do_device_private_fault",
+           "fault", "fault_absent", "fault_device_private", "migrate_to_ram", "read_pages", "wp_pages",
+           "write_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -233,9 +235,11 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
     """Fault the range in on the host and bring device pages back (``migrate_to_ram``); return its pfns.
 
     A read maps the zero page where nothing is mapped (``ZERO_PFN`` in the result); a write gets pages of its
-    own. Device pages that cannot come back (pinned, host full) are accessed in place, as device-coherent
-    memory would be; device-private memory cannot be, and the access fails (the kernel's ``SIGBUS``). The
-    caller holds ``machine.changed``, and on return the range holds no migration entry.
+    own. A device-private page is a non-present entry: the CPU fault on it runs its owner's ``migrate_to_ram``
+    (:func:`do_device_private_fault`) before anything else is done to the slot, as ``do_swap_page`` does.
+    Device-coherent pages that cannot come back (pinned, host full) are accessed in place; device-private
+    ones cannot be, and the access fails (the kernel's ``SIGBUS``). The caller holds ``machine.changed``, and
+    on return the range holds no migration entry.
     Raises AddressFault when the mapping's rights forbid the access or a device-private page cannot come back.
     """
     m = mm.machine
@@ -243,18 +247,28 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
         segs = mm.wait_migrations(addr, length)
         for v, _s0, _s1 in segs:
             check_access(v, max(addr, v.start), write)
+        if m.device_private:
+            remote = _device_pfns(m, np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs]))
+            if remote.size:
+                if attempt == MIGRATE_TO_RAM_TRIES:
+                    _cannot_come_back(m, addr, remote)
+                fault_device_private(mm, segs)
+                continue
         for v, s0, s1 in segs:
             fault(mm, v, s0, s1, 0, write)
         pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
-        remote = (pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]
-        if not remote.any():
+        remote = _device_pfns(m, pfns)
+        if remote.size == 0 or m.device_private:
             return pfns
         if attempt == MIGRATE_TO_RAM_TRIES:
-            if m.device_private:
-                _cannot_come_back(m, addr, pfns[remote])
             return pfns
-        migrate_to_ram(mm, pfns[remote])
+        migrate_to_ram(mm, remote)
     return pfns
+
+
+def _device_pfns(m: Machine, pfns: np.ndarray) -> np.ndarray:
+    """The pfns of ``pfns`` that are device pages."""
+    return pfns[(pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]]
 
 
 def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
@@ -263,14 +277,82 @@ def _cannot_come_back(m: Machine, addr: int, pfns: np.ndarray) -> None:
                        f"memory, so the access fails (SIGBUS)")
 
 
-def migrate_to_ram(mm: MmStruct, pfns: np.ndarray, reason: MigrateReason | None = None) -> int:
-    """Migrate the folios of device pages ``pfns`` back to host RAM: a CPU fault on them, or a long-term pin.
+def fault_device_private(mm: MmStruct, segs: list[tuple[Vma, int, int]]) -> int:
+    """CPU faults on every device-private entry of ``segs``, one fault per page, in address order.
 
-    The lock is held once (not nested) on entry and on exit, and dropped while the migration runs. Every
-    mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check applies: this is the
-    kernel's fault path, not move_pages. ``reason``: ``MR_LONGTERM_PIN`` for a pin (a ``migrate_pages()`` call
-    in the kernel too); ``None`` for a fault, which records no migration event. Returns how many of ``pfns``
-    migrated.
+    Returns how many of the faulting pages came back. The lock is held once on entry and on exit.
+    """
+    m = mm.machine
+    back = 0
+    for v, s0, s1 in segs:
+        slots = s0 + np.flatnonzero(v.pte_pfn[s0:s1] >= 0)
+        slots = slots[m.device_node_mask[m.nodemap.node_of(v.pte_pfn[slots])]]
+        for slot in slots.tolist():
+            # An earlier fault may have changed this slot (a whole folio came back, or the VMA went).
+            if v not in mm.vmas or v.pte_pfn[slot] < 0:
+                continue
+            back += do_device_private_fault(mm, v.start + slot * m.page_size)
+    return back
+
+
+def do_device_private_fault(mm: MmStruct, addr: int) -> int:
+    """``do_swap_page`` on a device-private entry: run the page owner's ``migrate_to_ram`` on the faulting page.
+
+    As the kernel, the handler takes the page lock with a trylock (a page locked by someone else, such as a
+    migration, makes the fault return without doing anything: the access faults again) and a reference on the
+    page, then calls the owner's ``migrate_to_ram``: here the test driver's (``dmirror_devmem_fault``), a
+    :class:`~dmamig.MigrateVma` of the one faulting page to host memory with ``fault_page`` set, selecting
+    device-private pages of that owner. It is device migration (``migrate_device.c``): it counts
+    ``migrate_vma_success`` / ``migrate_vma_fail``, never ``pgmigrate_*``, and records no migration event.
+    vmstat ``migrate_to_ram`` counts the faults that ran the handler. The lock is held once on entry and on
+    exit and dropped while the migration runs. Returns 1 when the page came back, else 0.
+    """
+    m = mm.machine
+    pages = m.pages
+    ps = m.page_size
+    ((v, slot, _s1),) = mm.segments(addr, ps)
+    pfn = int(v.pte_pfn[slot])
+    if pfn < 0 or not m.device_node_mask[int(m.nodemap.node_of(np.array([pfn]))[0])]:
+        return 0
+    head = int(pages.head[pfn])
+    if pages.test(np.array([head]), PageFlag.LOCKED)[0]:
+        return 0  # trylock_page failed: the fault returns and the access retries
+    pages.set(np.array([head]), PageFlag.LOCKED)
+    pages.refcount[head] += 1  # get_page
+    owner = m.nodes[int(m.nodemap.node_of(np.array([pfn]))[0])].owner
+    start = addr - addr % ps
+    end = start + ps
+    flags = MigrateVmaSelect.DEVICE_PRIVATE
+    if pages.order[head]:
+        # A large device folio migrates whole where the VMA maps it whole (else setup() splits it first).
+        start = max(start - (pfn - head) * ps, v.start)
+        end = min(start + (int(pages.nr_pages(np.array([head]))[0]) * ps), v.end)
+        flags |= MigrateVmaSelect.COMPOUND
+    m.count_event("migrate_to_ram")
+    mv = MigrateVma(mm, start, end, 0, flags=flags, pgmap_owner=owner, fault_page=head)
+    m.lock.release()
+    try:
+        with mv:
+            if mv.setup():  # nothing collected (pinned, gone): leaving the block ends the migration
+                mv.alloc_and_copy()
+                mv.pages()
+                mv.finalize()
+    finally:
+        m.lock.acquire()
+        pages.clear(np.array([head]), PageFlag.LOCKED)  # unlock_page
+        m.put_folios(np.array([head]))  # put_page: frees the source once it migrated
+        m.changed.notify_all()
+    return int(mv.status[(addr - start) // ps] == 0)
+
+
+def migrate_to_ram(mm: MmStruct, pfns: np.ndarray, reason: MigrateReason | None = None) -> int:
+    """Migrate the folios of device-coherent pages ``pfns`` back to host RAM with the ``migrate_pages()`` core.
+
+    A CPU access to coherent device memory that brings it back (the emulator's choice: the kernel accesses
+    coherent memory in place), or a long-term pin (``reason`` ``MR_LONGTERM_PIN``, a ``migrate_pages()``
+    call in the kernel too). The lock is held once (not nested) on entry and on exit, and dropped while the
+    migration runs. Every mapper's PTE follows the page (the rmap finds them all), so no ``move_all`` check
+    applies. ``reason`` ``None`` records no migration event. Returns how many of ``pfns`` migrated.
     """
     m = mm.machine
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()

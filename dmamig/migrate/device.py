@@ -30,6 +30,7 @@ import numpy as np
 from .._validate import check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, EBUSY, MigrateVmaSelect, PageFlag
+from ..mm_struct import MmStruct
 from ..vma import folio_free_swap, remove_migration_entries
 from .device_collect import HPAGE_PMD_NR, PFN_MIGRATE, PFN_VALID, VmaCollect, check_select
 from .device_move import VmaMove
@@ -38,7 +39,6 @@ from .state import migrate_folio
 if TYPE_CHECKING:
     from ..dma import DmaEngine
     from ..mm import AddressSpace
-    from ..mm_struct import MmStruct
 
 __all__ = ["HPAGE_PMD_NR", "MigrateVma", "abort_in_flight"]
 
@@ -66,6 +66,11 @@ class MigrateVma(VmaCollect, VmaMove):
     pgmap_owner : hashable, optional
         The caller's device memory owner token, compared with each device node's ``owner`` (by default the
         node's id). Required when ``flags`` selects device pages.
+    fault_page : int, optional
+        ``struct migrate_vma.fault_page``: the pfn of the device-private page whose CPU fault runs this
+        migration (a ``migrate_to_ram`` handler). The fault handler holds that page locked and holds one
+        reference on it, so :meth:`setup` collects it locked, expects that extra reference
+        (``migrate_vma_check_page``), and :meth:`finalize` leaves it locked for the handler to unlock.
 
     Attributes
     ----------
@@ -109,8 +114,9 @@ class MigrateVma(VmaCollect, VmaMove):
     Pages already on ``node`` are not collected (an emulator rule: the kernel leaves that test to the driver).
     """
 
-    def __init__(self, mm: AddressSpace, start: int, end: int, node: int, *,
-                 flags: MigrateVmaSelect | int | None = None, pgmap_owner: Hashable | None = None):
+    def __init__(self, mm: AddressSpace | MmStruct, start: int, end: int, node: int, *,
+                 flags: MigrateVmaSelect | int | None = None, pgmap_owner: Hashable | None = None,
+                 fault_page: int | None = None):
         m = mm.machine
         ps = m.page_size
         for name, v in (("start", start), ("end", end)):
@@ -119,6 +125,9 @@ class MigrateVma(VmaCollect, VmaMove):
         if end <= start:
             raise InvalidArgument(f"end ({end:#x}) must be greater than start ({start:#x})")
         self.mm = mm
+        # The page-fault path (floor 6) runs a migrate_vma on the address space's state, not its facade.
+        self.mms: MmStruct = mm if isinstance(mm, MmStruct) else mm.mm_struct
+        self.fault_page = -1 if fault_page is None else int(fault_page)
         self.start, self.end = int(start), int(end)
         self.node = check_node(m, "node", node)
         self.flags, self.pgmap_owner = check_select(flags, pgmap_owner)
@@ -192,7 +201,7 @@ class MigrateVma(VmaCollect, VmaMove):
         folio that the range covers whole when ``flags`` has ``COMPOUND``: its first slot is one compound
         entry. ``cpages`` counts entries, a compound one once, as the kernel counts them.
         """
-        mms, m = self.mm.mm_struct, self.mm.machine
+        mms, m = self.mms, self.mm.machine
         with m.changed:
             mms.check_open()
             self._step("new", "setup")
@@ -262,11 +271,17 @@ class MigrateVma(VmaCollect, VmaMove):
             device = np.array([nd.kind == "device" for nd in m.nodes], dtype=bool)
             folio_free_swap(m, old[device[m.nodemap.node_of(new)]], locked=True)
             swap = pages.test(old, PageFlag.SWAPCACHE)
-            busy = pages.refcount[old] != 1 + np.where(swap, pages.nr_pages(old), 0)
+            # The fault handler's reference on the fault page is expected too (migrate_vma_check_page).
+            busy = pages.refcount[old] != 1 + np.where(swap, pages.nr_pages(old), 0) + (old == self.fault_page)
             self.status[self._cover(sel[busy])] = EAGAIN
             self.src[sel[busy]] &= ~PFN_MIGRATE
             sel, old, new = sel[~busy], old[~busy], new[~busy]
+            # The fault handler's reference stays on the old page (it puts that page after the migration); only
+            # the migration's own references move to the new one.
+            faulting = old[old == self.fault_page]
+            pages.refcount[faulting] -= 1
             migrate_folio(m, old, new, pages.nr_pages(old))
+            pages.refcount[faulting] += 1
 
     def finalize(self) -> None:
         """Remap each slot to its new page (or restore the old one), unlock, put back, free the leftovers."""
@@ -274,8 +289,8 @@ class MigrateVma(VmaCollect, VmaMove):
         pages = m.pages
         with m.changed:
             self._step("pages", "done")
-            if self in self.mm.mm_struct.device_migrations:
-                self.mm.mm_struct.device_migrations.remove(self)
+            if self in self.mms.device_migrations:
+                self.mms.device_migrations.remove(self)
             moved = self._moving()
             kept = ((self.src & PFN_VALID) != 0) & ~moved
             old, new = self._pfns(self.src[moved]), self._pfns(self.dst[moved])
@@ -286,7 +301,10 @@ class MigrateVma(VmaCollect, VmaMove):
             else:
                 remove_migration_entries(m, old, new)
                 remove_migration_entries(m, back, back)
-            pages.clear(np.concatenate([old, back, new]), PageFlag.LOCKED | PageFlag.ISOLATED)
+            pages.clear(np.concatenate([old, back, new]), PageFlag.ISOLATED)
+            # migrate_device_finalize unlocks every source but the fault page: its fault handler unlocks it.
+            src = np.concatenate([old, back])
+            pages.clear(np.concatenate([src[src != self.fault_page], new]), PageFlag.LOCKED)
             pages.set(np.concatenate([back, new]), PageFlag.LRU)
             m.put_folios(old)  # the migration's reference: a reference taken since pages() keeps it alive
             m.put_folios(np.concatenate([back, new]))

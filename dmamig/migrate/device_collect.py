@@ -80,6 +80,7 @@ class VmaCollect:
     cpages: int
     _collected: int
     _compound: bool
+    fault_page: int
 
     @staticmethod
     def _pfns(entries: np.ndarray) -> np.ndarray:
@@ -148,9 +149,11 @@ class VmaCollect:
         p = pfns[present]
         on_node = m.nodemap.node_of(p) == self.node
         large = pages.order[pages.head[p]] > 0
-        locked = pages.test(pages.head[p], PageFlag.LOCKED)
+        # The fault page is locked by its fault handler, which holds one reference on it too.
+        faulting = p == self.fault_page
+        locked = pages.test(pages.head[p], PageFlag.LOCKED) & ~faulting
         # migrate_vma_check_page: a folio with a mapping (here the swap cache's) has one reference more.
-        pinned = pages.refcount[p] - pages.test(p, PageFlag.SWAPCACHE) != pages.mapcount[p]
+        pinned = pages.refcount[p] - pages.test(p, PageFlag.SWAPCACHE) - faulting != pages.mapcount[p]
         take = ~on_node & ~large & ~locked & ~pinned
         present, p = present[take], p[take]
         rc = isolate_folios(m, p)
@@ -206,8 +209,9 @@ class VmaCollect:
         slots = np.array([s for s, _ in whole], dtype=np.int64)
         heads = np.array([h for _, h in whole], dtype=np.int64)
         members = heads[:, None] + np.arange(HPAGE_PMD_NR)
-        pinned = pages.refcount[heads] != pages.mapcount[members].sum(axis=1)
-        ok = ~pinned & ~pages.test(heads, PageFlag.LOCKED) & (m.nodemap.node_of(heads) != self.node)
+        faulting = heads == self.fault_page  # locked by its fault handler, which holds a reference
+        pinned = pages.refcount[heads] - faulting != pages.mapcount[members].sum(axis=1)
+        ok = ~pinned & (~pages.test(heads, PageFlag.LOCKED) | faulting) & (m.nodemap.node_of(heads) != self.node)
         slots, heads = slots[ok], heads[ok]
         rc = isolate_folios(m, heads)
         slots, heads = slots[rc == 0], heads[rc == 0]
@@ -225,7 +229,9 @@ class VmaCollect:
         pages = m.pages
         nr = 1 << int(pages.order[head])
         pfns = head + np.arange(nr)
-        if pages.refcount[head] == int(pages.mapcount[pfns].sum()) and not pages.test(head, PageFlag.LOCKED):
+        faulting = head == self.fault_page  # locked by its fault handler, which holds a reference
+        if pages.refcount[head] - faulting == int(pages.mapcount[pfns].sum()) \
+                and (faulting or not pages.test(head, PageFlag.LOCKED)):
             pages.split(head)
             # Base pages nobody maps any more (a partly unmapped folio) are freed, as __split_huge_page does.
             m.free_folios(pfns[pages.refcount[pfns] <= 0])

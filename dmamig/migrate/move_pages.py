@@ -22,7 +22,7 @@ import numpy as np
 from .._validate import check_node
 from ..dma import DmaEngine
 from ..errors import InvalidArgument
-from ..flags import EBUSY, EFAULT, ENOENT, MigrateMode, MigrateReason, PteFlag
+from ..flags import EBUSY, EFAULT, ENODEV, ENOENT, MigrateMode, MigrateReason, PteFlag
 from ..vma import NO_PFN, ZERO_PFN
 from .core import MigrationRequest, check_mode, check_reason, run_migration
 from .isolate import collect_folios, putback_folios
@@ -52,8 +52,8 @@ class MovePagesResult:
         in order; empty for a query.
     rc : int
         The syscall's return value: ``0``; or, once a group failed to migrate some folios, their number plus
-        the addresses after the group that were never tried (the call stops there); or ``-ENOMEM`` when a
-        group found no frame for a base page.
+        the addresses after the group that were never tried (the call stops there); ``-ENOMEM`` when a
+        group found no frame for a base page; or ``-ENODEV`` at a target node of device-private memory.
     """
 
     status: np.ndarray
@@ -147,6 +147,13 @@ def _follow_pages(mm: MmStruct, addrs: np.ndarray) -> np.ndarray:
         slots = (addrs[pos] - vmas[k].start) // ps
         migrating = (vmas[k].pte_flags[slots] & np.uint8(PteFlag.MIGRATION)) != 0
         pfns[pos] = np.where(migrating, NO_PFN, vmas[k].pte_pfn[slots])
+    m = mm.machine
+    if m.device_private:
+        # A device-private entry is not present either: folio_walk_start finds no page behind it.
+        mapped = pfns >= 0
+        dev = np.zeros(pfns.size, dtype=bool)
+        dev[mapped] = m.device_node_mask[m.nodemap.node_of(pfns[mapped])]
+        pfns[dev] = NO_PFN
     return pfns
 
 
@@ -220,7 +227,9 @@ def move_pages(mm: MmStruct, addrs: Any, nodes: Any, mode: MigrateMode, engine: 
     whenever the target node changes and after every page that was not queued (already on its node, or
     not movable: its status says why). A group that fails to migrate some folios stops the call: the
     return value counts them and every address after the group, untried. An address whose page is under
-    migration reports ``-ENOENT`` at once, as the kernel's page walk does.
+    migration reports ``-ENOENT`` at once, as the kernel's page walk does; so does a device-private page
+    (a non-present entry). Device-private memory is not an ``N_MEMORY`` node: a target on it ends the call
+    with ``-ENODEV`` (``rc``), the addresses from there on untried.
     """
     mm.check_open()
     m = mm.machine
@@ -249,6 +258,11 @@ def _do_pages_move(mm: MmStruct, addrs: np.ndarray, targets: np.ndarray, mode: M
     rc = 0
     while i < n:
         node = int(targets[i])
+        if m.device_private and m.device_node_mask[node]:
+            # Device-private memory is ZONE_DEVICE, not an N_MEMORY node: do_pages_move fails with -ENODEV
+            # there, after the groups before it were migrated; the addresses from here on are untried.
+            rc = ENODEV
+            break
         t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
         k, pfns, st, heads = _queue_group(mm, addrs[i:run_end[i]], node, move_all)
         nxt = i + k + 1 if k < run_end[i] - i else int(run_end[i])  # the first address not accounted for

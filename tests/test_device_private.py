@@ -1,0 +1,143 @@
+"""Device-private memory as the kernel has it (``MEMORY_DEVICE_PRIVATE``, ``migrate_device.c``, ``mm/memory.c``).
+
+- A CPU fault on a device-private entry is ``do_swap_page``'s ``is_device_private_entry`` branch: it locks the
+  page, takes a reference and calls the owner's ``migrate_to_ram``, a ``migrate_vma`` of the faulting page with
+  ``fault_page`` set (``dmirror_devmem_fault``). Device migration counts no ``pgmigrate_*`` events.
+- ``migrate_vma_setup`` with ``fault_page`` expects the fault handler's lock and reference on that page.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from dmamig import Machine, MigrateVma, PageFlag
+from dmamig import MigrateVmaSelect as Sel
+from dmamig.check import check_machine
+
+PS = 4096
+NR = 512
+
+
+def _machine(mode: str = "private", host_pages: int = 2048) -> Machine:
+    return Machine(host_pages=host_pages, device_pages=2048, devices=1, backend="cpu", channels=2,
+                   device_memory=mode)
+
+
+def _to_device(m: Machine, mm, addr: int, n: int, flags: Sel = Sel.SYSTEM) -> None:
+    with MigrateVma(mm, addr, addr + n * PS, 1, flags=flags) as mv:
+        mv.setup()
+        mv.alloc_and_copy(engine=m.dma)
+        mv.pages()
+        mv.finalize()
+    assert (mm.nodes_of(addr, n * PS) == 1).all()
+
+
+def test_do_swap_page_device_private_fault_runs_migrate_vma_of_the_fault_page():
+    """do_swap_page -> migrate_to_ram: a migrate_vma of the one faulting page, no pgmigrate_* counted."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(8 * PS)
+        data = np.random.default_rng(1).integers(0, 256, 8 * PS, dtype=np.uint8)
+        mm.write(a, data)
+        _to_device(m, mm, a, 8)
+        before, events = m.vmstat, len(m.migrate_events)
+        assert np.array_equal(mm.read(a + 3 * PS + 5, 10), data[3 * PS + 5: 3 * PS + 15])
+        after = m.vmstat
+        assert mm.nodes_of(a, 8 * PS).tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
+        assert after["pgmigrate_success"] == before["pgmigrate_success"]
+        assert after["migrate_vma_success"] == before["migrate_vma_success"] + 1
+        assert after["migrate_to_ram"] == before["migrate_to_ram"] + 1
+        assert len(m.migrate_events) == events  # no migrate_pages() call, so no mm_migrate_pages event
+        assert np.array_equal(mm.read(a, 8 * PS), data)
+        assert m.vmstat["pgmigrate_success"] == before["pgmigrate_success"]
+        assert check_machine(m) == []
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [2048, 2048]
+
+
+def test_migrate_vma_setup_fault_page_is_collected_locked_with_its_reference():
+    """migrate_vma_setup(fault_page): the handler's lock and reference do not make the page busy, and
+    migrate_vma_finalize leaves the fault page locked for the handler; other locked pages are skipped."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(2 * PS)
+        mm.write(a, np.full(2 * PS, 7, np.uint8))
+        _to_device(m, mm, a, 2)
+        p0, p1 = mm.pfn_of(a), mm.pfn_of(a + PS)
+        m.get_page(p0)
+        m.get_page(p1)  # p1 holds an extra reference too, but it is not the fault page
+        ms = mm.mm_struct
+        with m.lock:
+            m.pages.set(np.array([p0]), PageFlag.LOCKED)  # PageFlag.LOCKED, as do_swap_page
+        mv = MigrateVma(ms, a, a + 2 * PS, 0, flags=Sel.DEVICE_PRIVATE, pgmap_owner=m.nodes[1].owner,
+                        fault_page=p0)
+        assert mv.setup() == 1
+        mv.alloc_and_copy()
+        mv.pages()
+        mv.finalize()
+        assert mv.status.tolist() == [0, mv.status[1]] and mv.status[1] != 0
+        assert m.page_state(p0)["flags"] & PageFlag.LOCKED  # still locked: the handler unlocks it
+        with m.lock:
+            m.pages.clear(np.array([p0]), PageFlag.LOCKED)
+        m.put_page(p0)
+        m.put_page(p1)
+        assert mm.nodes_of(a, 2 * PS).tolist() == [0, 1]
+        assert (mm.read(a, 2 * PS) == 7).all()
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [2048, 2048]
+
+
+def test_do_swap_page_on_a_large_device_private_folio():
+    """A fault on a PMD-sized device-private folio brings the folio back through migrate_vma."""
+    with _machine(host_pages=4 * NR) as m:
+        mm = m.address_space()
+        a = mm.mmap(NR * PS, order=9)
+        data = np.random.default_rng(2).integers(0, 256, NR * PS, dtype=np.uint8)
+        mm.write(a, data)
+        _to_device(m, mm, a, NR, Sel.SYSTEM | Sel.COMPOUND)
+        before = m.vmstat
+        assert np.array_equal(mm.read(a + 7 * PS, PS), data[7 * PS: 8 * PS])
+        assert m.vmstat["pgmigrate_success"] == before["pgmigrate_success"]
+        assert np.array_equal(mm.read(a, NR * PS), data)
+        assert (mm.nodes_of(a, NR * PS) == 0).all()
+        assert check_machine(m) == []
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [4 * NR, 2048]
+
+
+def test_do_pages_move_to_a_device_private_node_fails_with_enodev():
+    """do_pages_move: a target node without N_MEMORY (device-private ZONE_DEVICE memory) ends the call with
+    -ENODEV after the groups before it were migrated."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(4 * PS)
+        mm.write(a, np.full(4 * PS, 5, np.uint8))
+        addrs = [a + i * PS for i in range(4)]
+        res = mm.move_pages(addrs, [0, 1, 1, 0])
+        assert res.rc == -errno.ENODEV
+        assert (mm.nodes_of(a, 4 * PS) == 0).all()
+        assert res.status.tolist() == [0, 0, 0, 0]  # untried addresses say where their pages are
+        assert m.vmstat["pgmigrate_success"] == 0
+
+
+def test_do_pages_stat_of_a_device_private_page_is_enoent():
+    """folio_walk_start finds no page behind a non-present device-private entry: move_pages reports -ENOENT,
+    in a query and in a move, and migrates nothing."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(2 * PS)
+        mm.write(a, np.full(2 * PS, 5, np.uint8))
+        _to_device(m, mm, a, 1)
+        addrs = [a, a + PS]
+        assert mm.move_pages(addrs, None).status.tolist() == [-errno.ENOENT, 0]
+        res = mm.move_pages(addrs, [0, 0])
+        assert res.status.tolist() == [-errno.ENOENT, 0] and res.rc == 0
+        assert mm.nodes_of(a, 2 * PS).tolist() == [1, 0]
+    with _machine("coherent") as m:  # coherent device memory is present: its node is reported
+        mm = m.address_space()
+        a = mm.mmap(PS)
+        mm.write(a, np.full(PS, 5, np.uint8))
+        _to_device(m, mm, a, 1)
+        assert mm.move_pages([a], None).status.tolist() == [1]
