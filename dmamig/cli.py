@@ -349,7 +349,8 @@ def _console(stderr: bool = False):
 
 
 def _resolve_backend(parser: argparse.ArgumentParser, name: str) -> str:
-    from .backends import cuda_unavailable_reason, resolve_backend
+    from .backends import resolve_backend
+    from .backends.cuda import status as cuda_probe
     from .errors import InvalidArgument
 
     try:
@@ -357,7 +358,7 @@ def _resolve_backend(parser: argparse.ArgumentParser, name: str) -> str:
     except InvalidArgument as exc:
         parser.error(str(exc))
     if resolved == "cuda":
-        reason = cuda_unavailable_reason()
+        reason = cuda_probe.cuda_unavailable_reason()
         if reason is not None:
             parser.error(f"argument --backend: cuda cannot run here: {reason}; use --backend cpu")
     return resolved
@@ -397,10 +398,11 @@ def info_dict(backend_arg: str = "auto") -> dict[str, Any]:
     is present but CUDA cannot use it, which is also an ``error``); ``cuda_driver``, ``cuda_runtime`` (the CUDA
     version cupy was built for), ``nvrtc`` and ``batch_copy`` are shown wherever cupy imports.
     """
-    from .backends import cuda_status, open_backend, resolve_backend
+    from .backends import open_backend, resolve_backend
+    from .backends.cuda import status as cuda_probe
     from .bench.environment import machine_info
 
-    status = cuda_status()
+    status = cuda_probe.cuda_status()
     reason = status.reason
     try:
         backend = resolve_backend(backend_arg)
@@ -527,11 +529,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.markup import escape
 
-    from .backends import cuda_status
+    from .backends.cuda import status as cuda_probe
     from .bench.selftest import run_selftest
 
     con = _console()
-    status = cuda_status()
+    status = cuda_probe.cuda_status()
     # A GPU that CUDA cannot use (an insufficient driver, say) is a failure, never a quiet fallback to the CPU.
     # (No GPU at all with --backend cuda is a usage error, below.)
     if status.state == "unusable" and args.backend in ("cuda", "auto"):

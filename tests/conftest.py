@@ -11,7 +11,8 @@ import pytest
 from support import finish_within
 
 from dmamig import Machine
-from dmamig.backends import REQUIRE_GPU_ENV, cuda_status
+from dmamig.backends import REQUIRE_GPU_ENV
+from dmamig.backends.cuda.status import cuda_status
 
 
 @functools.lru_cache(maxsize=1)

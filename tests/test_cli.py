@@ -56,9 +56,9 @@ def test_total_must_be_a_multiple_of_the_largest_folio(capsys):
 
 
 def test_cuda_backend_without_gpu_is_a_clear_usage_error(capsys, monkeypatch):
-    import dmamig.backends as backends
+    from dmamig.backends.cuda import status as cuda_probe
 
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: "no CUDA device is visible")
     for cmd in ("bench", "selftest"):
         err = _usage_error([cmd, "--backend", "cuda"], capsys)
         assert "--backend" in err and "no CUDA device is visible" in err and "--backend cpu" in err

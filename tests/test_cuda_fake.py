@@ -856,10 +856,10 @@ def test_devices_report(gpu):
 @pytest.fixture
 def fake_cuda_machine(monkeypatch):
     """``backend="cuda"`` machines built on the stand-in (``gpu`` is its state)."""
-    import dmamig.backends as backends
+    from dmamig.backends.cuda import status as cuda_probe
 
     gpu = FakeGpu()
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: None)
     use_fake_cupy(monkeypatch, gpu)
     return gpu
 
@@ -913,12 +913,12 @@ def test_machine_migrations_on_the_stand_in(fake_cuda_machine):
 
 @pytest.fixture
 def unusable_gpu(monkeypatch):
-    import dmamig.backends as backends
+    from dmamig.backends.cuda import status as cuda_probe
 
     reason = ("insufficient driver: the driver supports CUDA 12.4, cupy was built for CUDA 13.0; update the driver "
               "or install the cupy build for CUDA 12 (dmamig[cuda12])")
-    monkeypatch.setattr(backends, "cuda_status", lambda: backends.CudaStatus("unusable", reason))
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: reason)
+    monkeypatch.setattr(cuda_probe, "cuda_status", lambda: cuda_probe.CudaStatus("unusable", reason))
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: reason)
     monkeypatch.setattr(cuda_mod, "cuda_environment", lambda cp=None: {"cuda_driver": "12.4"})
     return reason
 

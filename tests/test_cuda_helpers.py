@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmamig.backends import REQUIRE_GPU_ENV, classify_cuda, cuda_status
+from dmamig.backends import REQUIRE_GPU_ENV
 from dmamig.backends.cuda import (
     PendingRing,
     collect_first_error,
@@ -21,6 +21,7 @@ from dmamig.backends.cuda import (
     map_cuda_error,
 )
 from dmamig.backends.cuda.memory import run_spans
+from dmamig.backends.cuda.status import classify_cuda, cuda_status
 from dmamig.errors import BackendUnavailable, DmaError, InvalidArgument, OutOfMemory
 
 

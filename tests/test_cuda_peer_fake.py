@@ -203,10 +203,10 @@ def test_a_failed_staged_folio_copy_does_not_hand_its_bounce_buffer_on(monkeypat
 # -- machines on the stand-in ---------------------------------------------------------------------------------------
 @pytest.fixture
 def three_gpu_machines(monkeypatch):
-    import dmamig.backends as backends
+    from dmamig.backends.cuda import status as cuda_probe
 
     gpu = three_gpus()
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: None)
     use_fake_cupy(monkeypatch, gpu)
     return gpu
 
@@ -274,10 +274,10 @@ def test_pair_ceilings_on_the_stand_in(three_gpu_machines):
 
 
 def test_info_shows_the_runtime_topology(three_gpu_machines, monkeypatch, capsys):
-    import dmamig.backends as backends
+    from dmamig.backends.cuda import status as cuda_probe
     from dmamig.cli import info_dict, main
 
-    monkeypatch.setattr(backends, "cuda_status", lambda: backends.CudaStatus("usable"))
+    monkeypatch.setattr(cuda_probe, "cuda_status", lambda: cuda_probe.CudaStatus("usable"))
     monkeypatch.setattr(cuda_mod, "kernel_build_status", lambda: {"page_copy.cu": "compiled OK"})
     info = info_dict("cuda")
     assert info["topology"]["source"] == "runtime" and info["topology"]["peer"][0][2] is False

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import dmamig
-import dmamig.backends as backends
 from dmamig import (
     AddressFault,
     BackendUnavailable,
@@ -20,6 +19,7 @@ from dmamig import (
     PageFlag,
     PteFlag,
 )
+from dmamig.backends.cuda import status as cuda_probe
 
 DESIGN_NAMES = {
     "Machine", "MigrateMode", "MigrateVma", "MigratePfn", "DmamigError", "InvalidArgument", "AddressFault",
@@ -131,7 +131,7 @@ def test_vmstat_is_a_snapshot():
 
 
 def test_cuda_without_gpu_raises_backend_unavailable_with_reason():
-    reason = backends.cuda_unavailable_reason()
+    reason = cuda_probe.cuda_unavailable_reason()
     if reason is None:
         pytest.skip("a GPU is usable here; the no-GPU error path cannot be exercised")
     with pytest.raises(BackendUnavailable) as exc:
@@ -141,34 +141,34 @@ def test_cuda_without_gpu_raises_backend_unavailable_with_reason():
 
 
 def test_cuda_error_when_reason_is_forced(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: "no device for this test")
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: "no device for this test")
     with pytest.raises(BackendUnavailable, match="no device for this test"):
         small(backend="cuda")
 
 
 def test_env_override_picks_cpu_even_when_a_gpu_looks_usable(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setenv("DMAMIG_BACKEND", "cpu")
     with small(backend="auto") as m:
         assert m.backend_name == "cpu"
 
 
 def test_env_override_cuda_is_honoured_by_auto(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: "pretend there is no GPU")
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: "pretend there is no GPU")
     monkeypatch.setenv("DMAMIG_BACKEND", "cuda")
     with pytest.raises(BackendUnavailable, match="pretend there is no GPU"):
         small(backend="auto")
 
 
 def test_auto_without_env_falls_back_to_cpu(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: "pretend there is no GPU")
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: "pretend there is no GPU")
     monkeypatch.delenv("DMAMIG_BACKEND", raising=False)
     with small(backend="auto") as m:
         assert m.backend_name == "cpu"
 
 
 def test_env_override_does_not_change_an_explicit_backend(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: "pretend there is no GPU")
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: "pretend there is no GPU")
     monkeypatch.setenv("DMAMIG_BACKEND", "cuda")
     with small(backend="cpu") as m:
         assert m.backend_name == "cpu"

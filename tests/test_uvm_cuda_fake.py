@@ -54,10 +54,10 @@ def test_access_frames_matches_the_reference(gpu):
 
 
 def test_oversubscribed_device_access_on_a_cuda_machine(gpu, monkeypatch):
-    import dmamig.backends as backends
     from dmamig import DeviceAccessor, Machine, UvmOptions
+    from dmamig.backends.cuda import status as cuda_probe
 
-    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_probe, "cuda_unavailable_reason", lambda: None)
     use_fake_cupy(monkeypatch, gpu)
     with Machine(host_pages=4096, device_pages=1024, devices=1, backend="cuda", channels=2) as m:
         mm = m.address_space()

@@ -67,7 +67,8 @@ def identity(backend: str, devices: int) -> dict[str, Any]:
 
 def probe_backend(name: str) -> dict[str, Any]:
     """What ``--backend NAME`` resolves to on this worker, and its usable GPUs (``error`` when it cannot run)."""
-    from ..backends import cuda_unavailable_reason, resolve_backend
+    from ..backends import resolve_backend
+    from ..backends.cuda import status as cuda_probe
 
     try:
         resolved = resolve_backend(name)
@@ -75,7 +76,7 @@ def probe_backend(name: str) -> dict[str, Any]:
         return {"host": platform.node(), "backend": None, "gpus": 0, "error": str(exc)}
     gpus = 0
     if resolved == "cuda":
-        reason = cuda_unavailable_reason()
+        reason = cuda_probe.cuda_unavailable_reason()
         if reason is not None:
             return {"host": platform.node(), "backend": None, "gpus": 0, "error": f"cuda cannot run: {reason}"}
         from ..backends import open_backend

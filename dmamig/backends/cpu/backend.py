@@ -12,6 +12,7 @@ migrating thread's own folio copies, channels, checksums and copy ceilings.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -19,15 +20,15 @@ import numpy as np
 from ...dma.channel import DEFAULT_POLL_US
 from ...dma.checksum import page_checksums
 from ...dma.ring import RingSet
-from ...dma.staging import stage_capacity
+from ...dma.staging import STAGE_BYTES, stage_capacity
 from ...errors import InvalidArgument
 from ..base import DeviceInfo
-from ..ceiling import check_pair_args, numpy_pair_ceiling, topology_staged
+from ..ceiling import check_pair_args, topology_staged
 from . import copy_loops, ring_consumer
 from .channel import CpuChannel
 from .polling_channel import PollingCpuChannel
 
-__all__ = ["CpuBackend"]
+__all__ = ["CpuBackend", "numpy_pair_ceiling"]
 
 
 class CpuBackend:
@@ -161,3 +162,27 @@ class CpuBackend:
 
     def close(self) -> None:
         pass
+
+
+def numpy_pair_ceiling(nbytes: int, repeat: int, staged: bool) -> float:
+    """Best seconds of ``np.copyto`` of ``nbytes`` between two page-aligned buffers, ``staged`` through a host
+    bounce buffer in :data:`~dmamig.dma.staging.STAGE_BYTES` chunks (two copies each, as a staged DMA copy)."""
+    src = copy_loops.aligned_zeros(1, nbytes)[0]
+    dst = copy_loops.aligned_zeros(1, nbytes)[0]
+    src.fill(1)  # touched, so that the timed copies do not pay first-touch page faults
+    dst.fill(0)
+    step = min(nbytes, STAGE_BYTES)
+    bounce = copy_loops.aligned_zeros(1, step)[0] if staged else None
+    best = float("inf")
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+        if bounce is None:
+            np.copyto(dst, src)
+        else:
+            for a in range(0, nbytes, step):
+                n = min(step, nbytes - a)
+                np.copyto(bounce[:n], src[a:a + n])  # hop 1: into host memory
+                np.copyto(dst[a:a + n], bounce[:n])  # hop 2: out of it, after hop 1
+        if i:  # the first copy is the warm-up
+            best = min(best, time.perf_counter() - t0)
+    return best

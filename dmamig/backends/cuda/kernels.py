@@ -91,7 +91,7 @@ def compile_kernel_nvrtc(fname: str, arch: int, cp: Any = None) -> bytes:
 def kernel_build_status() -> dict[str, str]:
     """Build every kernel now and report, per ``.cu`` file, ``"compiled OK"``, ``"error: ..."``, or, without a
     usable GPU, whether NVRTC compiles it for sm_90 (for ``dmamig info``)."""
-    from .. import cuda_unavailable_reason
+    from .status import cuda_unavailable_reason
 
     reason = cuda_unavailable_reason()
     status: dict[str, str] = {}

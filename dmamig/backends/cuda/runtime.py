@@ -158,7 +158,7 @@ def cuda_environment(cp: Any = None) -> dict[str, Any]:
 
 def probe_cuda() -> dict[str, Any]:
     """What ``import cupy`` and the CUDA driver report here, as keyword arguments of
-    :func:`~dmamig.backends.classify_cuda` (all but ``gpu_hint``); never raises.
+    :func:`~dmamig.backends.cuda.status.classify_cuda` (all but ``gpu_hint``); never raises.
 
     Imports cupy as it is (no NVRTC preload): a backend is not made here.
     """
