@@ -4,16 +4,19 @@ An address space records its pins per base pfn (``MmStruct.pins``) and holds one
 pin. A pinned private page is always the address space's own (``pin_user_pages`` unshares copy-on-write
 pages and never pins the zero page), which is what lets fork copy it instead of sharing it.
 
-Every pin is a long-term pin (``FOLL_LONGTERM``): device memory is not long-term pinnable
-(``folio_is_longterm_pinnable()`` is false for device-private and device-coherent ``ZONE_DEVICE`` pages), so
-device pages of the range migrate back to host memory before they are pinned, as
-``check_and_migrate_movable_folios`` does. The retry rules follow ``__gup_longterm_locked``, which faults the
+A pin is long-term (``FOLL_LONGTERM``) unless asked otherwise. Any pin faults device-private pages back
+first: their entries are not present, so GUP's ``faultin_page`` runs the fault, and ``do_swap_page`` the
+owner's ``migrate_to_ram`` (:func:`~dmamig.memory.fault_device_private`). Device-coherent pages are present
+and a short-term pin takes them where they are; they are not long-term pinnable
+(``folio_is_longterm_pinnable()`` is false for ``ZONE_DEVICE`` pages), so a long-term pin migrates each one to
+host memory first with ``migrate_device_coherent_folio``, as ``migrate_longterm_unpinnable_folios`` does.
+Neither counts ``pgmigrate_*`` events. The retry rules follow ``__gup_longterm_locked``, which faults the
 range in, migrates what is not pinnable and starts again while that returns ``-EAGAIN``:
 
 - a page under a migration entry, or isolated by another thread's migration that has not unmapped it yet, is
   waited for (as ``migration_entry_wait`` and the folio lock make the kernel wait); waiting is not a retry,
   since a migration in flight always ends;
-- otherwise device pages are migrated back (a ``SYNC`` migration, with its own -EAGAIN passes) and the pin
+- otherwise device pages are brought back (faults, or device migrations of single folios) and the pin
   starts again. The kernel's loop has no bound while migrations succeed; here a try that brings no page back
   counts, and after :data:`LONGTERM_PIN_RETRIES` such tries (host memory full, a reference held elsewhere the
   whole time) the pin fails with OutOfMemory (the kernel's ``-ENOMEM``), pinning nothing. Pages that keep
@@ -32,7 +35,8 @@ import numpy as np
 
 from .errors import InvalidArgument, MigrationStalled, OutOfMemory
 from .flags import MigrateReason, PageFlag
-from .memory import check_access, fault, migrate_to_ram, write_pages
+from .memory import check_access, fault, fault_device_private, migrate_to_ram, write_pages
+from .migrate.device import migrate_device_coherent_folio
 
 if TYPE_CHECKING:
     from .mm_struct import MmStruct
@@ -51,10 +55,13 @@ LONGTERM_PIN_RETRIES = 10
 _ISOLATED_POLL_S = 0.01
 
 
-def pin_range(mm: MmStruct, addr: int, length: int) -> None:
+def pin_range(mm: MmStruct, addr: int, length: int, longterm: bool = True) -> None:
     """``AddressSpace.pin``: fault the range in as the address space's own host pages and pin each one.
 
-    Device pages migrate back to host memory first (see the module notes for the retry rules). Raises
+    Device-private pages are faulted back first, by any pin (GUP's ``faultin_page`` meets a non-present
+    entry and ``do_swap_page`` runs the owner's ``migrate_to_ram``). Device-coherent pages are present and
+    pinned where they are, unless the pin is long-term (``longterm``, ``FOLL_LONGTERM``): then each migrates
+    to host memory with ``migrate_device_coherent_folio`` (see the module notes for the retry rules). Raises
     AddressFault when the mapping is not readable, OutOfMemory when device pages cannot come back.
     """
     mm.check_open()
@@ -70,15 +77,14 @@ def pin_range(mm: MmStruct, addr: int, length: int) -> None:
                 check_access(v, max(addr, v.start), write=False)
             if not m.device_private:
                 # A coherent device page is present: GUP unshares a copy-on-write one first (the copy goes to
-                # host memory, the other mappers keep theirs), then migrates what is left on a device.
+                # host memory, the other mappers keep theirs).
                 for v, s0, s1 in segs:
                     fault(mm, v, s0, s1, 0, write=True)
             pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
             remote = pfns[(pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]]
-            if remote.size == 0:
+            if remote.size == 0 or not (longterm or m.device_private):
                 if m.device_private:
-                    # A device-private entry is not present: GUP's fault migrates it back first (above, for
-                    # every mapper), then unshares. New pages go to host memory, so none is remote now.
+                    # No device-private entry is left: unshare what is shared, on the host.
                     for v, s0, s1 in segs:
                         fault(mm, v, s0, s1, 0, write=True)
                     pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
@@ -94,12 +100,15 @@ def pin_range(mm: MmStruct, addr: int, length: int) -> None:
             if tries == LONGTERM_PIN_RETRIES:
                 raise OutOfMemory(f"pin at {addr:#x}: {remote.size} device pages could not migrate back to host "
                                   f"memory in {tries} tries ({m.nodes[0].free_pages} host pages free, or the "
-                                  f"pages are referenced elsewhere); a long-term pin needs its pages there")
+                                  f"pages are referenced elsewhere); a pin needs device-private pages there, "
+                                  f"a long-term pin device-coherent ones too")
             if time.monotonic() >= deadline:
                 raise MigrationStalled(f"pin at {addr:#x}: {remote.size} device pages kept going back to devices "
                                        f"for {LONGTERM_PIN_WAIT_S:g} s while the pin brought them to host memory; "
                                        f"nothing was pinned")
-            if migrate_to_ram(mm, remote, MigrateReason.MR_LONGTERM_PIN) == 0:  # drops and retakes the lock: the range is looked at afresh
+            # Both drop and retake the lock or change page tables: the range is looked at afresh.
+            back = fault_device_private(mm, segs) if m.device_private else _migrate_coherent(mm, remote)
+            if back == 0:
                 # Nothing came back: a reference held elsewhere for now, or no host frames. Give the holder
                 # time (a change of page state wakes us early) rather than spend every try at once.
                 tries += 1
@@ -107,6 +116,20 @@ def pin_range(mm: MmStruct, addr: int, length: int) -> None:
         np.add.at(pages.refcount, pages.head[pfns], 1)
         for p in pfns.tolist():
             mm.pins[p] = mm.pins.get(p, 0) + 1
+
+
+def _migrate_coherent(mm: MmStruct, remote: np.ndarray) -> int:
+    """``migrate_longterm_unpinnable_folios`` for device-coherent pages: ``migrate_device_coherent_folio``
+    on each folio (large ones, which the kernel never has there, go through ``migrate_pages()`` with
+    ``MR_LONGTERM_PIN``). Returns how many pages came back (caller holds the lock)."""
+    m = mm.machine
+    heads = np.unique(m.pages.head[remote])
+    large = m.pages.order[heads] > 0
+    back = sum(migrate_device_coherent_folio(m, h) == 0 for h in heads[~large].tolist())
+    if large.any():
+        back += migrate_to_ram(mm, m.pages.expand(heads[large]), MigrateReason.MR_LONGTERM_PIN)
+    m.changed.notify_all()
+    return back
 
 
 def _pinned_pfns(mm: MmStruct, addr: int, length: int) -> np.ndarray:

@@ -178,19 +178,21 @@ class AddressSpace(AddressInspection):
             v.pte_flags[s0:s1] |= bits
 
     # -- pins -------------------------------------------------------------------------------------------------
-    def pin(self, addr: int, length: int) -> None:
+    def pin(self, addr: int, length: int, longterm: bool = True) -> None:
         """Pin the pages of ``[addr, addr + length)``: fault them in and hold an extra reference on each.
 
-        Pinned pages do not migrate (``-EAGAIN``), like pages under a long-term GUP pin. As
-        ``pin_user_pages`` does, a private page is made this address space's own first (the zero page and
-        copy-on-write pages are replaced by a copy), so the pin and the mapping always see the same page;
-        :meth:`fork` copies pinned pages at once instead of sharing them. Device pages of the range, coherent
-        and device-private alike, first migrate back to host memory, as a ``FOLL_LONGTERM`` pin does: device
-        memory is not long-term pinnable. Pages another thread is migrating are waited for; the migration
-        back is retried a bounded number of times (``dmamig.gup.LONGTERM_PIN_RETRIES``), then the pin fails
-        with OutOfMemory and pins nothing.
+        Pinned pages do not migrate (``-EAGAIN``), like pages under a GUP pin. As ``pin_user_pages`` does, a
+        private page is made this address space's own first (the zero page and copy-on-write pages are
+        replaced by a copy), so the pin and the mapping always see the same page; :meth:`fork` copies pinned
+        pages at once instead of sharing them. Device-private pages of the range are faulted back to host
+        memory by any pin (their entries are not present). Device-coherent pages are pinned where they are
+        by a short-term pin; a long-term pin (``longterm``, the default: ``FOLL_LONGTERM``) migrates them to
+        host memory first (``migrate_device_coherent_folio``), device memory not being long-term pinnable.
+        Pages another thread is migrating are waited for; bringing device pages back is retried a bounded
+        number of times (``dmamig.gup.LONGTERM_PIN_RETRIES``), then the pin fails with OutOfMemory and pins
+        nothing.
         """
-        pin_range(self.mm_struct, addr, length)
+        pin_range(self.mm_struct, addr, length, longterm=longterm)
 
     def write_pinned(self, addr: int, data: Any) -> None:
         """Write bytes at ``addr`` through this address space's pins, as a pin holder writes its pages.

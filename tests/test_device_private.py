@@ -141,3 +141,91 @@ def test_do_pages_stat_of_a_device_private_page_is_enoent():
         mm.write(a, np.full(PS, 5, np.uint8))
         _to_device(m, mm, a, 1)
         assert mm.move_pages([a], None).status.tolist() == [1]
+
+
+def _on_device(m: Machine, n: int = 4):
+    mm = m.address_space()
+    a = mm.mmap(n * PS)
+    mm.write(a, np.arange(n * PS, dtype=np.uint32).astype(np.uint8))
+    _to_device(m, mm, a, n)
+    return mm, a
+
+
+def test_faultin_page_any_gup_faults_device_private_pages_back():
+    """__get_user_pages -> faultin_page: a short-term pin (no FOLL_LONGTERM) meets non-present
+    device-private entries and faults them back through migrate_to_ram, counting no pgmigrate_* events."""
+    with _machine() as m:
+        mm, a = _on_device(m)
+        before, events = m.vmstat, len(m.migrate_events)
+        mm.pin(a, 4 * PS, longterm=False)
+        assert (mm.nodes_of(a, 4 * PS) == 0).all()
+        after = m.vmstat
+        assert after["pgmigrate_success"] == before["pgmigrate_success"]
+        assert after["migrate_to_ram"] == before["migrate_to_ram"] + 4
+        assert after["migrate_vma_success"] == before["migrate_vma_success"] + 4
+        assert len(m.migrate_events) == events
+        assert np.array_equal(mm.read(a, 4 * PS), np.arange(4 * PS, dtype=np.uint32).astype(np.uint8))
+        mm.unpin(a, 4 * PS)
+        assert check_machine(m) == []
+
+
+def test_long_term_pin_faults_device_private_pages_without_migrate_pages():
+    """__gup_longterm_locked: device-private pages come back by the fault, not by migrate_pages()."""
+    with _machine() as m:
+        mm, a = _on_device(m)
+        before, events = m.vmstat, len(m.migrate_events)
+        mm.pin(a, 4 * PS)
+        assert (mm.nodes_of(a, 4 * PS) == 0).all()
+        assert m.vmstat["pgmigrate_success"] == before["pgmigrate_success"]
+        assert len(m.migrate_events) == events
+        mm.unpin(a, 4 * PS)
+
+
+def test_short_term_pin_takes_device_coherent_pages_in_place():
+    """folio_is_longterm_pinnable matters only to FOLL_LONGTERM: a short-term pin of present
+    device-coherent pages pins them on the device."""
+    with _machine("coherent") as m:
+        mm, a = _on_device(m)
+        mm.pin(a, 4 * PS, longterm=False)
+        assert (mm.nodes_of(a, 4 * PS) == 1).all()
+        mm.unpin(a, 4 * PS)
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [2048, 2048]
+
+
+def test_migrate_device_coherent_folio_for_a_long_term_pin():
+    """migrate_longterm_unpinnable_folios -> migrate_device_coherent_folio: each device-coherent folio is a
+    device migration of its pfn (no pgmigrate_* events, no mm_migrate_pages record)."""
+    with _machine("coherent") as m:
+        mm, a = _on_device(m)
+        before, events = m.vmstat, len(m.migrate_events)
+        mm.pin(a, 4 * PS)
+        assert (mm.nodes_of(a, 4 * PS) == 0).all()
+        after = m.vmstat
+        assert after["pgmigrate_success"] == before["pgmigrate_success"]
+        assert after["migrate_to_ram"] == before["migrate_to_ram"] + 4
+        assert len(m.migrate_events) == events
+        data = np.arange(4 * PS, dtype=np.uint32).astype(np.uint8)
+        assert np.array_equal(mm.read(a, 4 * PS), data)
+        mm.unpin(a, 4 * PS)
+        assert check_machine(m) == []
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [2048, 2048]
+
+
+def test_migrate_device_coherent_folio_is_ebusy_with_an_extra_reference():
+    """migrate_device_coherent_folio: a folio with a reference besides its mappings stays (-EBUSY)."""
+    from dmamig.migrate.device import migrate_device_coherent_folio
+
+    with _machine("coherent") as m:
+        mm, a = _on_device(m, 1)
+        p = mm.pfn_of(a)
+        m.get_page(p)
+        with m.lock:
+            assert migrate_device_coherent_folio(m, p) == -errno.EBUSY
+        assert mm.node_of(a) == 1 and m.page_state(p)["refcount"] == 2
+        m.put_page(p)
+        with m.lock:
+            assert migrate_device_coherent_folio(m, p) == 0
+        assert mm.node_of(a) == 0
+        assert check_machine(m) == []

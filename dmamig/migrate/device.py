@@ -31,16 +31,18 @@ from .._validate import check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, EBUSY, MigrateVmaSelect, PageFlag
 from ..mm_struct import MmStruct
-from ..vma import folio_free_swap, remove_migration_entries
+from ..vma import folio_free_swap, install_migration_entries, remove_migration_entries
 from .device_collect import HPAGE_PMD_NR, PFN_MIGRATE, PFN_VALID, VmaCollect, check_select
 from .device_move import VmaMove
+from .isolate import isolate_folios
 from .state import migrate_folio
 
 if TYPE_CHECKING:
     from ..dma import DmaEngine
+    from ..machine import Machine
     from ..mm import AddressSpace
 
-__all__ = ["HPAGE_PMD_NR", "MigrateVma", "abort_in_flight"]
+__all__ = ["HPAGE_PMD_NR", "MigrateVma", "abort_in_flight", "migrate_device_coherent_folio"]
 
 
 class MigrateVma(VmaCollect, VmaMove):
@@ -328,3 +330,44 @@ def abort_in_flight(mm: MmStruct) -> None:
     for mv in list(mm.device_migrations):
         mv.abort()
     mm.device_migrations.clear()
+
+
+def migrate_device_coherent_folio(m: Machine, head: int) -> int:
+    """``migrate_device_coherent_folio``: move one device-coherent folio to host memory; ``0`` or ``-EBUSY``.
+
+    What a long-term pin does with a device-coherent page, which is not long-term pinnable: a device
+    migration of the one pfn, without a VMA or a page-table walk (``migrate_device_unmap`` straight on the
+    folio, every mapper's PTE becoming a migration entry), a host page allocated for it, the folio copied by
+    the CPU (``folio_copy``), its state moved (``migrate_device_pages``) and every mapping pointed at the new
+    page (``migrate_device_finalize``). A folio that is locked, large (the kernel warns: device-coherent folios
+    are base pages), holds a reference besides its mappings, or finds no host page stays where it is:
+    ``-EBUSY``. As ``migrate_device.c`` it counts no ``pgmigrate_*`` event and records no migration event;
+    vmstat ``migrate_to_ram`` counts the page brought back. Caller holds the lock.
+    """
+    pages = m.pages
+    h = np.array([head], dtype=np.int64)
+    # folio_lock would sleep on a locked folio; here the pin that asked comes back and tries again.
+    if pages.order[head] or pages.test(h, PageFlag.LOCKED)[0] or isolate_folios(m, h)[0]:
+        return EBUSY
+    pages.set(h, PageFlag.LOCKED)
+    install_migration_entries(m, h)
+    m.count_event("migrate_tlb_flush")
+    swap = int(pages.test(h, PageFlag.SWAPCACHE)[0])
+    # migrate_vma_check_page: only the migration's reference (and the swap cache's) may be left.
+    new = m.alloc_folios(0, 1, 0) if pages.refcount[head] == 1 + swap else np.empty(0, np.int64)
+    if new.size == 0:
+        remove_migration_entries(m, h, h)
+        pages.clear(h, PageFlag.LOCKED | PageFlag.ISOLATED)
+        pages.set(h, PageFlag.LRU)
+        m.put_folios(h)
+        return EBUSY
+    pages.set(new, PageFlag.LOCKED)
+    m.copy_pages(h, new)
+    migrate_folio(m, h, new, pages.nr_pages(h))
+    remove_migration_entries(m, h, new)
+    pages.clear(np.concatenate([h, new]), PageFlag.LOCKED | PageFlag.ISOLATED)
+    pages.set(new, PageFlag.LRU)
+    m.put_folios(h)  # the migration's reference: frees the device page
+    m.put_folios(new)  # the allocation's: the mappings hold the new page now
+    m.count_event("migrate_to_ram")
+    return 0
