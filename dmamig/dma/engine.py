@@ -297,7 +297,7 @@ class DmaEngine:
             completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
             if error is not None:
                 self._stats.errors += 1
-            fence = Fence(completions, error, self, seq, share_runs)
+            fence = Fence(completions, error, self._count_error, seq, share_runs)
             if len(self._pending) >= _PRUNE_PENDING:  # prune now and then: done fences need no synchronize()
                 self._pending = [f for f in self._pending if not f.done]
             self._pending.append(fence)
@@ -379,7 +379,7 @@ class DmaEngine:
                     stats.bytes += int(src.size) * self.page_size
                     stats.runs += got.nr_runs
                     fence = Fence([lane[c].completion(seq) for c, (seq, _) in enumerate(got.jobs) if seq >= 0],
-                                  None, self, self._seq)
+                                  None, self._count_error, self._seq)
                     if len(self._pending) >= _PRUNE_PENDING:
                         self._pending = [f for f in self._pending if not f.done]
                     self._pending.append(fence)
@@ -469,7 +469,7 @@ class DmaEngine:
         with self._lock:
             pending, self._pending = self._pending, []
         for fence in pending:
-            for c in fence._completions:
+            for c in fence.completions:
                 c.wait(None)
 
     def close(self) -> None:

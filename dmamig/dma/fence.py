@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import DmaError, InvalidArgument
 from .channel import Completion
-
-if TYPE_CHECKING:
-    from .engine import DmaEngine
 
 __all__ = ["FailedCompletion", "Fence", "FaultedCompletion", "check_timeout"]
 
@@ -72,27 +70,34 @@ class FaultedCompletion:
 
 
 class Fence:
-    """Completion of one :meth:`DmaEngine.copy` submission.
+    """Completion of one :meth:`~dmamig.dma.engine.DmaEngine.copy` submission.
 
     ``done`` polls; ``wait`` blocks (sleeping, never spinning) until every channel finished its share. A failed
     submission raises :class:`~dmamig.errors.DmaError` from every ``wait`` once all of its work has stopped, so
     a caller that catches the error may free the destination frames at once.
     """
 
-    __slots__ = ("_completions", "_engine", "_error", "_failed", "_reported", "_share_runs", "submission")
+    __slots__ = ("_completions", "_error", "_failed", "_on_failure", "_reported", "_share_runs", "submission")
 
     def __init__(self, completions: list[Any], error: DmaError | None = None,
-                 engine: DmaEngine | None = None, submission: int = 0,
+                 on_failure: Callable[[], None] | None = None, submission: int = 0,
                  share_runs: list[list[tuple[int, Any, Any]]] | None = None):
         self._completions = completions
         # Per completion, the destination runs (node base pfn, dst_start, npages) of that channel's share.
         self._share_runs = share_runs
         self._error = error
-        self._engine = engine
+        # Told once when a channel's failure is first seen (the engine counts it; failures known at submission
+        # were counted there).
+        self._on_failure = on_failure
         self._failed: DmaError | None = None
         self._reported = False
         #: Sequence number of the submission (1-based; 0 for an empty one).
         self.submission = submission
+
+    @property
+    def completions(self) -> tuple[Any, ...]:
+        """One completion per channel share (each with ``done()``, ``wait(timeout)`` and ``error``)."""
+        return tuple(self._completions)
 
     @property
     def done(self) -> bool:
@@ -161,10 +166,10 @@ class Fence:
                                                 f"(share {i}): {type(c.error).__name__}: {c.error}")
                         self._failed.__cause__ = c.error
                         break
-            if self._failed is not None and not self._reported and self._engine is not None:
+            if self._failed is not None and not self._reported and self._on_failure is not None:
                 self._reported = True
                 if self._error is None:  # failures known at submission were counted there
-                    self._engine._count_error()
+                    self._on_failure()
         return self._failed
 
     def __repr__(self) -> str:
