@@ -48,7 +48,7 @@ except Exception as exc:  # pragma: no cover - exercised only on installs withou
 if HAVE_NUMBA:
 
     @intrinsic
-    def _memcpy(typingctx, dst, src, nbytes):
+    def raw_memcpy(typingctx, dst, src, nbytes):
         """``memcpy(dst, src, nbytes)`` on raw addresses (LLVM's memcpy intrinsic: libc's tuned memcpy)."""
         sig = types.void(types.intp, types.intp, types.intp)
 
@@ -61,7 +61,7 @@ if HAVE_NUMBA:
         return sig, codegen
 
     @intrinsic
-    def _stream64(typingctx, dst, src):
+    def stream64(typingctx, dst, src):
         """Copy 64 bytes: four unaligned 16-byte loads, four aligned non-temporal 16-byte stores."""
         sig = types.void(types.intp, types.intp)
 
@@ -100,7 +100,7 @@ if HAVE_NUMBA:
             s = sbase + src_start[i] * row
             d = dbase + dst_start[i] * row
             for off in range(0, npages[i] * row, 64):
-                _stream64(d + off, s + off)
+                stream64(d + off, s + off)
         _store_fence()
 
     @njit(nogil=True, cache=True)
@@ -109,7 +109,7 @@ if HAVE_NUMBA:
         sbase = src.ctypes.data
         dbase = dst.ctypes.data
         for i in range(npages.shape[0]):
-            _memcpy(dbase + dst_start[i] * row, sbase + src_start[i] * row, npages[i] * row)
+            raw_memcpy(dbase + dst_start[i] * row, sbase + src_start[i] * row, npages[i] * row)
 
     @njit(nogil=True, cache=True)
     def _xor_pages(words, idx):  # pragma: no cover - compiled

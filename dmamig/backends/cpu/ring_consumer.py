@@ -60,8 +60,8 @@ if RING_AVAILABLE:
     from numba import njit
 
     from ..._atomics import full_fence, load_acquire, load_plain, store_release
-    from .copy_loops import STREAM_STEP, _memcpy, _stream64
-    from .spin import _cpu_relax, _now_ns, _sched_yield
+    from .copy_loops import STREAM_STEP, raw_memcpy, stream64
+    from .spin import cpu_relax, now_ns, sched_yield
 
     @njit(nogil=True, cache=True, inline="always")
     def _registered(regions, nreg, addr, nbytes):  # pragma: no cover - compiled
@@ -90,9 +90,9 @@ if RING_AVAILABLE:
             nbytes = load_plain(row + 16)
             if load_plain(row + 24) & _ROW_STREAM:
                 for off in range(0, nbytes, STREAM_STEP):
-                    _stream64(dst + off, src + off)
+                    stream64(dst + off, src + off)
             else:
-                _memcpy(dst, src, nbytes)
+                raw_memcpy(dst, src, nbytes)
         full_fence()  # streaming stores are weakly ordered: make them visible before HEAD moves
         return _STATUS_OK
 
@@ -101,24 +101,24 @@ if RING_AVAILABLE:
         base = ctl.ctypes.data
         capacity = jobs.shape[0]
         head = load_acquire(base + _HEAD * 8)
-        idle_since = _now_ns(ts)
+        idle_since = now_ns(ts)
         spins = 0
         while True:
             if load_acquire(base + _TAIL * 8) == head:
-                _cpu_relax()
+                cpu_relax()
                 spins += 1
                 if spins % _SPINS_PER_YIELD == 0:
-                    _sched_yield()
-                if spins % _SPINS_PER_CLOCK == 0 and _now_ns(ts) - idle_since >= idle_ns:
+                    sched_yield()
+                if spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - idle_since >= idle_ns:
                     return SERVE_IDLE
                 continue
             slot = head % capacity
             kind = jobs[slot, 0]
             if kind == _JOB_PYTHON:
                 return SERVE_PYTHON
-            start = _now_ns(ts)
+            start = now_ns(ts)
             jobs[slot, 3] = _run_job(rows, regions, kind, jobs[slot, 1], jobs[slot, 2])
-            idle_since = _now_ns(ts)
+            idle_since = now_ns(ts)
             ctl[_BUSY_NS] += idle_since - start
             ctl[_HEARTBEAT] += 1
             if kind == _JOB_ROWS:
@@ -133,14 +133,14 @@ if RING_AVAILABLE:
     @njit(nogil=True, cache=True)
     def _poll_done(ctl, seq, budget_ns, ts):  # pragma: no cover - compiled
         head_addr = ctl.ctypes.data + _HEAD * 8
-        start = _now_ns(ts)
+        start = now_ns(ts)
         spins = 0
         while load_acquire(head_addr) <= seq:
-            _cpu_relax()
+            cpu_relax()
             spins += 1
             if spins % _SPINS_PER_YIELD == 0:
-                _sched_yield()
-            if spins % _SPINS_PER_CLOCK == 0 and _now_ns(ts) - start >= budget_ns:
+                sched_yield()
+            if spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - start >= budget_ns:
                 return False
         return True
 

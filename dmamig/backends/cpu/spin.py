@@ -42,7 +42,7 @@ if SPIN_AVAILABLE:
     _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
     @intrinsic
-    def _cpu_relax(typingctx):
+    def cpu_relax(typingctx):
         """``cpu_relax()``: the x86 PAUSE hint inside a spin loop (nothing elsewhere)."""
         sig = types.void()
 
@@ -56,7 +56,7 @@ if SPIN_AVAILABLE:
         return sig, codegen
 
     @intrinsic
-    def _sched_yield(typingctx):
+    def sched_yield(typingctx):
         """libc's ``sched_yield()``: let another thread that is ready to run have this CPU."""
         sig = types.void()
 
@@ -81,6 +81,6 @@ if SPIN_AVAILABLE:
         return sig, codegen
 
     @njit(nogil=True, cache=True)
-    def _now_ns(ts):  # pragma: no cover - compiled
+    def now_ns(ts):  # pragma: no cover - compiled
         _clock_gettime(np.int32(_CLOCK_MONOTONIC), ts.ctypes.data)
         return ts[0] * 1_000_000_000 + ts[1]
