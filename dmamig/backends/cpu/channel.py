@@ -50,13 +50,13 @@ _FINISH = threading.Lock()
 
 
 def finish_once(completion: Any, error: BaseException | None) -> bool:
-    """Record ``error`` and mark ``completion`` done unless it is already; ``True`` for the call that did it (a
-    worker, a revival and a close may each try)."""
+    """Record ``error`` and mark ``completion`` done (its ``finished``) unless it is already; ``True`` for the
+    call that did it (a worker, a revival and a close may each try)."""
     with _FINISH:
-        if completion._done:
+        if completion.finished:
             return False
         completion.error = error
-        completion._done = True
+        completion.finished = True
     return True
 
 
@@ -81,20 +81,20 @@ class _ThreadCompletion:
     submission's path, and an Event (a condition variable with a waiter list) costs several times as much.
     """
 
-    __slots__ = ("_channel", "_done", "_gate", "error")
+    __slots__ = ("_channel", "_gate", "error", "finished")
 
     def __init__(self, channel: CpuChannel) -> None:
         self._gate = threading.Lock()
         self._gate.acquire()  # released once, by _finish; waiters pass through it one after the other
-        self._done = False
+        self.finished = False
         self._channel = channel
         self.error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done
+        return self.finished
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._done:
+        if self.finished:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         return sleep_on_gate(self._gate, self._channel, deadline, self.done)

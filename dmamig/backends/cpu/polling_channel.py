@@ -44,16 +44,16 @@ class _RingCompletion:
     """Completion of job ``seq`` of a polling channel: done once the ring's ``HEAD`` passed it; its error is the
     job's status (or what the channel's Python side recorded)."""
 
-    __slots__ = ("_channel", "_done", "error", "seq")
+    __slots__ = ("_channel", "error", "finished", "seq")
 
     def __init__(self, channel: PollingCpuChannel, seq: int) -> None:
         self._channel = channel
-        self._done = False
+        self.finished = False
         self.seq = seq
         self.error: BaseException | None = None
 
     def done(self) -> bool:
-        if self._done:
+        if self.finished:
             return True
         if self._channel._ring.head > self.seq:
             self._settle()
@@ -79,14 +79,14 @@ class _RingCompletion:
 
     def _settle(self) -> None:
         """Read the job's status once ``HEAD`` passed it (the acquire load that saw it orders this read)."""
-        if self._done:
+        if self.finished:
             return
         ch = self._channel
         status = ch._ring.status(self.seq)
         if status not in (dma_ring.STATUS_OK, dma_ring.STATUS_PENDING) and self.error is None:
             self.error = ch._failures.get(self.seq) or DmaError(f"DMA channel {ch.index} job {self.seq}: "
                                                                f"{dma_ring.status_text(status)}")
-        self._done = True
+        self.finished = True
 
     def _finish(self, error: BaseException | None) -> None:
         """Finish this job from Python (a Python job, or one failed by a dead, broken or closed channel)."""
@@ -193,7 +193,7 @@ class PollingCpuChannel(CpuChannel):
                     raise DmaError(f"DMA channel {self.index} is closed; open a new engine to copy")
                 if self._broken is not None:
                     failed = _RingCompletion(self, -1)
-                    failed.error, failed._done = DmaError(self._broken), True
+                    failed.error, failed.finished = DmaError(self._broken), True
                     return failed
                 if len(self._order) > _REAP_AFTER:
                     self._reap()
