@@ -382,7 +382,7 @@ class Machine(FrameOps, PageControls):
         self._check_open()
         return migrate_misplaced_folio(self, pfn, node)
 
-    def demote_folios(self, pfns: Any, kswapd: bool = False) -> MigrateResult:
+    def demote_folios(self, pfns: Any, kswapd: bool = False, engine: DmaEngine | None = None) -> MigrateResult:
         """Demote the folios holding ``pfns`` (all on one host node) as reclaim does (``demote_folio_list``).
 
         They move to the next tier down (the host node after theirs in ``host_nodes``), ``ASYNC``, with
@@ -396,13 +396,17 @@ class Machine(FrameOps, PageControls):
         kswapd : bool
             ``True`` for kswapd's background reclaim (counts ``pgdemote_kswapd``); ``False`` for direct reclaim
             in the allocating task (``pgdemote_direct``).
+        engine : DmaEngine, optional
+            ``m.dma``: the DMA engine copies each batch and the core moves state only (no-copy migration, as
+            the DMA batch-offload RFC would for any ``migrate_pages()`` caller); ``None``: the CPU copies, as
+            the kernel does.
 
         Returns
         -------
         MigrateResult
         """
         self._check_open()
-        return demote_folios(self, pfns, bool(kswapd))
+        return demote_folios(self, pfns, bool(kswapd), engine)
 
     @property
     def migrate_events(self) -> list[MigrateEvent]:

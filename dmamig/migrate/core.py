@@ -435,15 +435,17 @@ def check_reason(reason: Any) -> MigrateReason:
 
 def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: Any = None,
                  options: MigrateOptions | None = None,
-                 reason: MigrateReason = MigrateReason.MR_SYSCALL, kswapd: bool = False) -> MigrateResult:
-    """``Machine.migrate_pages``: validate, isolate, migrate, put back."""
+                 reason: MigrateReason = MigrateReason.MR_SYSCALL, kswapd: bool = False,
+                 engine: DmaEngine | None = None) -> MigrateResult:
+    """``Machine.migrate_pages``: validate, isolate, migrate, put back (``engine``: the DMA engine copies, for
+    the demotion entry point)."""
     t_thread, t_wall = time.thread_time_ns(), time.perf_counter_ns()
     reason = check_reason(reason)
     pfns = as_pfn_array(m, "pfns", pfns)
     node = check_node(m, "node", node)
     mode = check_mode(mode, allow_no_copy=True)
     options = MigrateOptions.coerce(options)
-    no_copy = bool(mode & MigrateMode.NO_COPY)
+    no_copy = bool(mode & MigrateMode.NO_COPY) and engine is None  # with an engine, the engine copies
     if no_copy != (dst_pfns is not None):
         raise InvalidArgument("NO_COPY and dst_pfns go together: NO_COPY moves state onto destinations the "
                               "caller already copied (dst_pfns from m.alloc_pages); without NO_COPY the core "
@@ -460,7 +462,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
             heads = pfns[taken]
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
                                              t_thread=t_thread, t_wall=t_wall, dst=dst, options=options,
-                                             reason=reason, kswapd=kswapd))
+                                             reason=reason, kswapd=kswapd, engine=engine))
 
 
 def migrate_misplaced_folio(m: Machine, pfn: Any, node: int) -> MigrateResult:
@@ -481,9 +483,11 @@ def next_demotion_node(m: Machine, node: int) -> int:
     return tiers[tiers.index(node) + 1]
 
 
-def demote_folios(m: Machine, pfns: Any, kswapd: bool = False) -> MigrateResult:
+def demote_folios(m: Machine, pfns: Any, kswapd: bool = False, engine: DmaEngine | None = None) -> MigrateResult:
     """``Machine.demote_folios``: ``demote_folio_list`` over folios of one host node: ``migrate_pages()`` to the
     next tier down, ``ASYNC``, ``MR_DEMOTION``, with ``alloc_demote_folio``'s fallback to lower tiers."""
+    if engine is not None and engine is not m.dma:
+        raise InvalidArgument("engine must be this machine's DMA engine (m.dma) or None")
     pfns = as_pfn_array(m, "pfns", pfns)
     nodes = np.unique(m.nodemap.node_of(pfns)).tolist()
     if len(nodes) != 1:
@@ -493,4 +497,5 @@ def demote_folios(m: Machine, pfns: Any, kswapd: bool = False) -> MigrateResult:
     if target < 0:
         raise InvalidArgument(f"node {nodes[0]} has no demotion target: it is not a host node above the lowest "
                               f"tier (host tiers, fastest first: {list(m.host_node_ids)})")
-    return migrate_pfns(m, pfns, target, MigrateMode.ASYNC, reason=MigrateReason.MR_DEMOTION, kswapd=kswapd)
+    mode = MigrateMode.ASYNC if engine is None else MigrateMode.ASYNC | MigrateMode.NO_COPY
+    return migrate_pfns(m, pfns, target, mode, reason=MigrateReason.MR_DEMOTION, kswapd=kswapd, engine=engine)

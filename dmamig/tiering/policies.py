@@ -10,8 +10,12 @@ Device actors of a trace (``trace.meta["device_actors"]``) access memory through
 :class:`~dmamig.DeviceAccessor`; :meth:`Policy.uvm_options` says how their faults are serviced (UVM's demand
 faults with LRU eviction, or access-counter migration).
 
-A NUMA hint fault is an access to a page on a slow node (the kernel unmaps pages with ``PROT_NONE`` to catch
-such accesses; replay sees every access, so every slow access is a hint fault here).
+``numa-balancing`` and ``tpp`` run the kernel's paths by default (``path="hint-faults"``): the replay makes
+the region ``PROT_NONE`` each scan period, promotes one folio per hint fault with ``migrate_misplaced_folio``
+under the kernel's hot threshold and rate limit, and (tpp) demotes from kswapd's reclaim past the watermarks;
+see :mod:`dmamig.tiering.numa`. Their ``epoch()`` is the experiment ``path="move_pages"``: a user-space
+daemon's decision after each epoch, migrated in ``move_pages`` SYNC batches. For it, and in
+:class:`Observation`, a hint fault is an access to a page on a slow node.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from ..uvm import UvmOptions
+from .numa import NumaSettings
 
 __all__ = ["POLICIES", "FirstTouch", "Lru", "Migration", "NumaBalancing", "Observation", "Policy", "Tiers", "Tpp",
            "UvmCounters", "UvmFaults", "make_policy"]
@@ -102,6 +107,11 @@ class Policy:
         """Settings recorded with results."""
         return {k: v for k, v in vars(self).items() if k != "tiers" and not k.startswith("_")}
 
+    def kernel_paths(self) -> NumaSettings | None:
+        """The kernel's NUMA-balancing and demotion settings when the policy runs the kernel's paths (hint faults
+        and reclaim, :mod:`dmamig.tiering.numa`) instead of returning migrations from :meth:`epoch`."""
+        return None
+
     def uvm_options(self, no_copy: bool) -> UvmOptions:
         """How device actors of a trace service their faults: UVM's defaults (demand faults, density
         prefetch, LRU eviction of 2 MiB blocks when the device is oversubscribed)."""
@@ -115,20 +125,40 @@ class FirstTouch(Policy):
 
 
 class NumaBalancing(Policy):
-    """NUMA-balancing tiering promotion: a slow page that took ``threshold`` hint faults is promoted.
+    """NUMA-balancing tiering promotion (``numa_balancing=2``), without demotion.
 
-    Hint faults accumulate per page across epochs (``decay`` halves them each epoch, as the kernel's
-    scan-period windows forget old faults); at most ``rate_limit`` pages are promoted per epoch (the kernel's
-    ``numa_balancing_promote_rate_limit_MBps``), the hottest first, and only into free frames of the fast
-    tier: this policy never demotes.
+    By default (``path="hint-faults"``) the kernel's path runs: scanner, hint faults, one folio per fault with
+    ``migrate_misplaced_folio``, the hot threshold ``hot_threshold_ms`` and the rate limit
+    ``promote_rate_limit_mbps`` (the kernel's sysctls, their defaults), and promotion stops once the top tier
+    reaches its high watermark (nothing demotes). ``path="move_pages"`` is an experiment: after each epoch the
+    slow pages that took ``threshold`` hint faults (accumulated, halved each epoch with ``decay``) are promoted,
+    at most ``rate_limit`` per epoch, the hottest first, into free fast frames, in ``move_pages`` SYNC batches.
     """
 
     name = "numa-balancing"
+    demotion = False
+    PATHS = ("hint-faults", "move_pages")
 
-    def __init__(self, threshold: int = 2, rate_limit: int = 64, decay: bool = True):
+    def __init__(self, threshold: int = 2, rate_limit: int = 64, decay: bool = True, path: str = "hint-faults",
+                 hot_threshold_ms: int = 1000, promote_rate_limit_mbps: int = 65536, scan_size_mb: int = 256):
         if threshold < 1 or rate_limit < 1:
             raise InvalidArgument(f"threshold and rate_limit must be >= 1, got {threshold}, {rate_limit}")
+        if path not in self.PATHS:
+            raise InvalidArgument(f"path must be 'hint-faults' (the kernel's) or 'move_pages' (epoch batches, an "
+                                  f"experiment), got {path!r}")
         self.threshold, self.rate_limit, self.decay = int(threshold), int(rate_limit), bool(decay)
+        self.path = path
+        self._numa = NumaSettings(hot_threshold_ms=hot_threshold_ms, promote_rate_limit_mbps=promote_rate_limit_mbps,
+                                  scan_size_mb=scan_size_mb, demotion=self.demotion)
+
+    def params(self) -> dict[str, object]:
+        out = super().params()
+        if self.path == "hint-faults":  # the epoch path's settings do not apply
+            out = {"path": self.path, **self._numa.as_dict()}
+        return out
+
+    def kernel_paths(self) -> NumaSettings | None:
+        return self._numa if self.path == "hint-faults" else None
 
     def start(self, tiers: Tiers) -> None:
         super().start(tiers)
@@ -152,22 +182,26 @@ class NumaBalancing(Policy):
 
 
 class Tpp(NumaBalancing):
-    """TPP-style tiering: NUMA-balancing promotion plus proactive demotion with watermarks.
+    """TPP-style tiering: NUMA-balancing promotion plus demotion.
 
-    When the fast tier's free frames fall below ``low`` (a fraction of its size), the coldest fast pages (least
-    recently accessed) are demoted until ``high`` is free again; promotion may then use the room down to
-    ``low``: demotion makes room ahead of promotion, as TPP decouples the two.
+    By default (``path="hint-faults"``) the kernel's paths run: promotion as :class:`NumaBalancing`'s, and
+    demotion from kswapd's reclaim (``demotion_enabled``) when the top tier passes its watermarks, coldest
+    pages first, ``MR_DEMOTION``. ``path="move_pages"`` is an experiment: after each epoch, when the fast
+    tier's free frames fall below ``low`` (a fraction of its size), the coldest fast pages (least recently
+    accessed) are demoted until ``high`` is free again, and promotion may use the room down to ``low``.
     """
 
     name = "tpp"
+    demotion = True
 
     def __init__(self, threshold: int = 2, rate_limit: int = 64, low: float = 0.05, high: float = 0.10,
-                 decay: bool = True):
-        super().__init__(threshold, rate_limit, decay)
+                 decay: bool = True, path: str = "hint-faults", hot_threshold_ms: int = 1000,
+                 promote_rate_limit_mbps: int = 65536, scan_size_mb: int = 256):
+        super().__init__(threshold, rate_limit, decay, path, hot_threshold_ms, promote_rate_limit_mbps,
+                         scan_size_mb)
         if not 0.0 <= low <= high < 1.0:
             raise InvalidArgument(f"watermarks need 0 <= low <= high < 1, got low={low}, high={high}")
         self.low, self.high = float(low), float(high)
-
     def start(self, tiers: Tiers) -> None:
         super().start(tiers)
         self._last = np.full(tiers.pages, -1, dtype=np.int64)  # last epoch each page was accessed

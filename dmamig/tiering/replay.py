@@ -6,7 +6,11 @@ tier filled to ``first_touch_fill`` of its size, the rest on the slow tier), wri
 epoch after epoch:
 
 1. the migrations the policy chose after the previous epoch start on a migrator thread (``move_pages``; copy:
-   the migrator copies; no-copy: ``m.dma`` copies and the migrator moves state only);
+   the migrator copies; no-copy: ``m.dma`` copies and the migrator moves state only); a policy that runs the
+   kernel's paths (:meth:`Policy.kernel_paths`: ``numa-balancing`` and ``tpp`` by default) returns none:
+   instead the scanner makes the region ``PROT_NONE`` at the epoch's start, each hint fault promotes its one
+   folio (``migrate_misplaced_folio``, in the accessor's thread) and kswapd demotes past the watermarks
+   (:mod:`dmamig.tiering.numa`);
 2. meanwhile the accessor threads replay this epoch's records through ``mm.read`` / ``mm.write``, meeting the
    migrations' entries (their waits are the stall, :attr:`AddressSpace.migration_stalls`);
 3. the policy sees the epoch (accessed pages, counts, hint faults) and decides the next migrations.
@@ -14,6 +18,10 @@ epoch after epoch:
 Every read is compared with a reference model of the region where no other actor stored to the page in that
 epoch, and the whole region is read back and compared at the end; then the address space is closed and every
 frame must be free again. Decisions taken after the last epoch are not run (nothing would observe them).
+
+Every ``migrate_pages()`` call of the replay is an ``mm_migrate_pages`` event (``Machine.migrate_events``):
+the summary totals them per reason (``events_by_reason``), and ``record_events`` keeps each one, with its
+epoch, in :attr:`ReplayResult.events`.
 
 Accesses are attributed to the node their page was on at the start of the epoch (one vectorized snapshot),
 so a page a migration moves during the epoch counts where it was. A trace whose ``meta["device_actors"]``
@@ -35,11 +43,15 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..flags import MigrateMode
 from ..machine import Machine
+from .numa import HintFaultPaths
 from .policies import Migration, Observation, Policy, Tiers
 from .trace import Trace, TraceError
 
 __all__ = ["EPOCH_FIELDS", "ReplayResult", "replay"]
 
+#: vmstat counters a replay reports the change of (``summary["vmstat"]``).
+VMSTAT_REPORTED = ("pgmigrate_success", "pgmigrate_fail", "numa_hint_faults", "numa_hint_faults_local",
+                   "numa_pages_migrated", "pgpromote_success", "pgdemote_kswapd", "pgdemote_direct")
 #: Per-epoch series of a replay, each one number per epoch.
 EPOCH_FIELDS = ("accesses", "fast_hits", "hint_faults", "promoted", "demoted", "migrate_failed", "migrate_cpu_ns",
                 "migrate_wall_ns", "stalls", "stall_ns", "access_cost", "access_wall_ns", "fast_pages",
@@ -63,15 +75,22 @@ class ReplayResult:
         One list per name of :data:`EPOCH_FIELDS`.
     config : dict
         Trace, policy, mode and machine settings.
+    events : list of dict
+        With ``record_events``: every ``mm_migrate_pages`` event of the replay
+        (:meth:`~dmamig.migrate.result.MigrateEvent.as_dict` plus its ``epoch``), oldest first.
     """
 
     summary: dict[str, Any]
     epochs: dict[str, list[int | float]]
     config: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"config": self.config, "summary": self.summary, "epochs": self.epochs}
+        """A JSON-ready dict (``events`` only when recorded)."""
+        out = {"config": self.config, "summary": self.summary, "epochs": self.epochs}
+        if self.config.get("record_events"):
+            out["events"] = self.events
+        return out
 
 
 def _uvm_counts(device: Any) -> dict[str, int]:
@@ -123,9 +142,11 @@ class _Migrator(threading.Thread):
 class _Accessor:
     """Replays records through the real access path and checks reads against the reference model."""
 
-    def __init__(self, mm: Any, addr: int, ref: np.ndarray, trace: Trace, device: Any, dev_actor: np.ndarray):
+    def __init__(self, mm: Any, addr: int, ref: np.ndarray, trace: Trace, device: Any, dev_actor: np.ndarray,
+                 numa: HintFaultPaths | None = None, now_ms: np.ndarray | None = None):
         self.mm, self.addr, self.ref, self.trace = mm, addr, ref, trace
         self.device, self.dev_actor = device, dev_actor  # a DeviceAccessor for the actors marked True
+        self.numa, self.now_ms = numa, now_ms  # the kernel's hint faults; each record's trace time
         self.mismatches = 0
         self.verified = 0
         self.first_bad: str | None = None
@@ -135,10 +156,13 @@ class _Accessor:
         t = self.trace
         addr, ref = self.addr, self.ref
         on_dev = self.dev_actor[t.actor[idx]].tolist()
+        numa, ps = self.numa, self.trace.page_size
         bad = ok = 0
         for i, c, d in zip(idx.tolist(), check.tolist(), on_dev):
             off, n = int(t.offset[i]), int(t.length[i])
             who = self.device if d else self.mm
+            if numa is not None and not d:
+                numa.access(off // ps, float(self.now_ms[i]))  # a PROT_NONE page takes its hint fault first
             if t.write[i]:
                 # A store's bytes are derived from its record number, so any replay of the trace writes them.
                 data = np.full(n, (i * 7 + 1) & 0xFF, dtype=np.uint8)
@@ -182,7 +206,7 @@ def _run_epoch(acc: _Accessor, trace: Trace, lo: int, hi: int, threads: int, ps:
 
 def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: float = 0.25,
            slow_cost: float = 2.5, first_touch_fill: float = 0.9, channels: int = 2, threads: int = 1,
-           device_fraction: float = 0.5, seed: int = 0,
+           device_fraction: float = 0.5, seed: int = 0, record_events: bool = True,
            progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Replay ``trace`` under ``policy`` with copy or no-copy migration on a fresh CPU-backend machine.
 
@@ -208,6 +232,9 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
         :class:`~dmamig.DeviceAccessor` on node 2 with :meth:`Policy.uvm_options`.
     seed : int
         Seed of the region's initial bytes.
+    record_events : bool
+        Keep every ``mm_migrate_pages`` event in :attr:`ReplayResult.events` (the summary's per-reason totals
+        are always there).
     progress : callable, optional
         Called as ``progress(epoch_done, epochs)``.
 
@@ -235,6 +262,7 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
         return _replay_on(m, trace, policy, mode, pages, fast_pages, first_touch_fill, threads, seed, progress,
                           {"fast_fraction": fast_fraction, "slow_cost": slow_cost, "channels": channels,
                            "threads": threads, "first_touch_fill": first_touch_fill, "seed": seed,
+                           "record_events": bool(record_events),
                            "device_actors": dev, "device_pages": m.nodes[-1].total_pages if dev else 0})
     finally:
         m.close()
@@ -268,46 +296,83 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
         from ..uvm import DeviceAccessor
 
         device = DeviceAccessor(mm, DEVICE_NODE, policy.uvm_options(no_copy=mode == "no-copy"))
-    acc = _Accessor(mm, addr, ref, trace, device, dev_actor)
-    series: dict[str, list] = {k: [] for k in EPOCH_FIELDS}
+    settings_numa = policy.kernel_paths()
+    numa = HintFaultPaths(mm, addr, pages, settings_numa, engine) if settings_numa is not None else None
+    period = settings_numa.scan_period_ms if settings_numa is not None else 1000
     bounds = np.searchsorted(trace.epoch, np.arange(trace.epochs + 1))
+    # Trace time of every record: epoch e spans [e, e + 1) scan periods, its records spread evenly over it.
+    n_ep = np.diff(bounds)[trace.epoch]
+    now_ms = (trace.epoch + (np.arange(len(trace)) - bounds[trace.epoch]) / np.maximum(n_ep, 1)) * period
+    acc = _Accessor(mm, addr, ref, trace, device, dev_actor, numa, now_ms)
+    series: dict[str, list] = {k: [] for k in EPOCH_FIELDS}
+    vm0 = m.vmstat
+    events = m.migrate_events
+    last_event = events[-1] if events else None
+    kept: list[dict[str, Any]] = []
+    by_reason: dict[str, dict[str, int]] = {}
+    dropped = False
     pending: list[Migration] = []
-    for e in range(trace.epochs):
-        lo, hi = int(bounds[e]), int(bounds[e + 1])
-        placement = mm.nodes_of(addr, nbytes)
-        stalls0 = mm.migration_stalls
-        uvm0 = _uvm_counts(device)
-        mig = _Migrator(mm, addr, ps, pending, engine)
-        t0 = time.perf_counter_ns()
-        mig.start()
-        _run_epoch(acc, trace, lo, hi, threads, ps, pages)
-        access_ns = time.perf_counter_ns() - t0
-        mig.join()
-        if mig.error is not None:
-            raise mig.error
-        stalls1 = mm.migration_stalls
-        uvm1 = _uvm_counts(device)
-        page = trace.offset[lo:hi] // ps
-        node = placement[page]
-        local = np.where(dev_actor[trace.actor[lo:hi]], DEVICE_NODE, 0)  # the node an actor would like
-        uniq, inv, counts = np.unique(page, return_inverse=True, return_counts=True)
-        written = np.zeros(uniq.size, dtype=bool)
-        written[inv[trace.write[lo:hi]]] = True
-        hint = placement[uniq] == 1
-        rec = {"accesses": hi - lo, "fast_hits": int((node == local).sum()), "hint_faults": int(counts[hint].sum()),
-               "promoted": mig.done.get("promote", 0), "demoted": mig.done.get("demote", 0),
-               "migrate_failed": mig.failed, "migrate_cpu_ns": mig.cpu_ns, "migrate_wall_ns": mig.wall_ns,
-               "stalls": stalls1[0] - stalls0[0], "stall_ns": stalls1[1] - stalls0[1],
-               "access_cost": float((trace.length[lo:hi] * cost[node]).sum()), "access_wall_ns": access_ns,
-               "fast_pages": int((placement == 0).sum()), "slow_pages": int((placement == 1).sum()),
-               "device_pages": int((placement == DEVICE_NODE).sum()),
-               **{k: uvm1[k] - uvm0[k] for k in uvm0}}
-        for k, v in rec.items():
-            series[k].append(v)
-        pending = policy.epoch(Observation(e, uniq, counts, written, hint, placement,
-                                           {n.id: n.free_pages for n in m.nodes}))
-        if progress is not None:
-            progress(e + 1, trace.epochs)
+    try:
+        for e in range(trace.epochs):
+            lo, hi = int(bounds[e]), int(bounds[e + 1])
+            placement = mm.nodes_of(addr, nbytes)
+            if numa is not None:
+                numa.scan(e * period, placement)  # task_numa_work at the start of the scan period
+                numa0 = dict(numa.stats)
+            stalls0 = mm.migration_stalls
+            uvm0 = _uvm_counts(device)
+            mig = _Migrator(mm, addr, ps, pending, engine)
+            t0 = time.perf_counter_ns()
+            mig.start()
+            _run_epoch(acc, trace, lo, hi, threads, ps, pages)
+            access_ns = time.perf_counter_ns() - t0
+            mig.join()
+            if mig.error is not None:
+                raise mig.error
+            stalls1 = mm.migration_stalls
+            uvm1 = _uvm_counts(device)
+            page = trace.offset[lo:hi] // ps
+            node = placement[page]
+            local = np.where(dev_actor[trace.actor[lo:hi]], DEVICE_NODE, 0)  # the node an actor would like
+            uniq, inv, counts = np.unique(page, return_inverse=True, return_counts=True)
+            written = np.zeros(uniq.size, dtype=bool)
+            written[inv[trace.write[lo:hi]]] = True
+            hint = placement[uniq] == 1
+            rec = {"accesses": hi - lo, "fast_hits": int((node == local).sum()),
+                   "hint_faults": int(counts[hint].sum()),
+                   "promoted": mig.done.get("promote", 0), "demoted": mig.done.get("demote", 0),
+                   "migrate_failed": mig.failed, "migrate_cpu_ns": mig.cpu_ns, "migrate_wall_ns": mig.wall_ns,
+                   "stalls": stalls1[0] - stalls0[0], "stall_ns": stalls1[1] - stalls0[1],
+                   "access_cost": float((trace.length[lo:hi] * cost[node]).sum()), "access_wall_ns": access_ns,
+                   "fast_pages": int((placement == 0).sum()), "slow_pages": int((placement == 1).sum()),
+                   "device_pages": int((placement == DEVICE_NODE).sum()),
+                   **{k: uvm1[k] - uvm0[k] for k in uvm0}}
+            if numa is not None:  # the kernel's paths: promotions by hint fault, demotions by kswapd
+                d = {k: numa.stats[k] - numa0[k] for k in numa0}
+                rec["hint_faults"] = d["hint_faults"]
+                rec["promoted"] += d["promoted"]
+                rec["demoted"] += d["demoted"]
+                rec["migrate_failed"] += d["promote_failed"] + d["demote_failed"]
+                rec["migrate_cpu_ns"] += d["promote_cpu_ns"] + d["kswapd_cpu_ns"]
+            for k, v in rec.items():
+                series[k].append(v)
+            new, lost = _events_after(m, last_event)
+            dropped |= lost
+            if new:
+                last_event = new[-1]
+            for ev in new:
+                _add_event(by_reason, ev)
+                if settings["record_events"]:
+                    kept.append({"epoch": e, **ev.as_dict()})
+            if numa is None:
+                pending = policy.epoch(Observation(e, uniq, counts, written, hint, placement,
+                                                   {n.id: n.free_pages for n in m.nodes}))
+            if progress is not None:
+                progress(e + 1, trace.epochs)
+    finally:
+        if numa is not None:
+            numa.close()
+    vm1 = m.vmstat
     final_ok = bool(np.array_equal(mm.read(addr, nbytes), ref))
     mm.close()
     leaked = int(sum(a - n.free_pages for a, n in zip(free0, m.nodes)))
@@ -321,10 +386,34 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
         "cpu_ns_per_migrated_page": tot["migrate_cpu_ns"] / migrated if migrated else None,
         "stalls": tot["stalls"], "stall_ns": tot["stall_ns"], "access_cost": tot["access_cost"],
         "access_wall_ns": tot["access_wall_ns"], **{k: tot[k] for k in (*_UVM, "uvm_service_ns")},
+        "vmstat": {k: vm1[k] - vm0[k] for k in VMSTAT_REPORTED}, "events_by_reason": by_reason,
+        "events_dropped": dropped, "numa": None if numa is None else dict(numa.stats),
         "reads_verified": acc.verified, "mismatches": acc.mismatches,
         "first_mismatch": acc.first_bad, "final_bytes_ok": final_ok, "leaked_frames": leaked,
         "verified": final_ok and acc.mismatches == 0 and leaked == 0}
     config = {"trace": trace.name, "trace_meta": trace.meta, "records": len(trace), "epochs": trace.epochs,
               "region_pages": pages, "page_size": ps, "policy": policy.name, "policy_params": policy.params(),
-              "mode": mode, "fast_pages": fast_pages, "slow_pages": m.nodes[1].total_pages, **settings}
-    return ReplayResult(summary, series, config)
+              "mode": mode, "fast_pages": fast_pages, "slow_pages": m.nodes[1].total_pages,
+              "paths": "move_pages" if numa is None else "hint-faults",
+              "numa_settings": None if numa is None else settings_numa.as_dict(),
+              "watermarks": None if numa is None else vars(numa.wmark), **settings}
+    return ReplayResult(summary, series, config, kept)
+
+
+def _events_after(m: Machine, last: Any) -> tuple[list[Any], bool]:
+    """The ``mm_migrate_pages`` events recorded after ``last``, and whether some were dropped unseen (the
+    machine keeps the latest ``MIGRATE_EVENTS_KEPT``)."""
+    evs = m.migrate_events
+    for k in range(len(evs) - 1, -1, -1):
+        if evs[k] is last:
+            return evs[k + 1:], False
+    return evs, last is not None
+
+
+def _add_event(by_reason: dict[str, dict[str, int]], ev: Any) -> None:
+    """Add one event to the per-reason totals."""
+    t = by_reason.setdefault(ev.reason.name, dict.fromkeys(("calls", "succeeded", "failed", "thp_succeeded",
+                                                            "thp_failed", "thp_split", "large_folio_split"), 0))
+    t["calls"] += 1
+    for k in ("succeeded", "failed", "thp_succeeded", "thp_failed", "thp_split", "large_folio_split"):
+        t[k] += getattr(ev, k)
