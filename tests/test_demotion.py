@@ -117,3 +117,14 @@ def test_mr_demotion_through_migrate_pages_takes_the_fallback_too(tiers):
     nodes = mm.nodes_of(addr, 80 * m.page_size)
     assert (nodes == 1).sum() == 64 and (nodes == 2).sum() == 16
     mm.close()
+
+
+def test_api_md_reasons_snippet_runs(capsys):
+    """docs/api.md's reasons and event stream example runs as written."""
+    from pathlib import Path
+
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    snippet = api.split("### Migration reasons and the event stream", 1)[1].split("```python\n", 1)[1]
+    exec(compile(snippet.split("```", 1)[0], "docs/api.md reasons", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["MR_NUMA_MISPLACED ASYNC 1 0 0", "MR_MEMPOLICY_MBIND SYNC 7 0 0", "MR_DEMOTION ASYNC 7 0 0"]
