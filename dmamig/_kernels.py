@@ -25,6 +25,8 @@ except Exception:  # pragma: no cover - numba is a dependency; this keeps the nu
 #: The shared zero page's pfn in a page table (as vma.ZERO_PFN: it maps no frame).
 ZERO_PFN = -2
 _PRESENT = int(PteFlag.PRESENT)
+# Present PTEs and device-private entries both map a page that try_to_migrate turns into a migration entry.
+_MAPPED = int(PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE)
 _MIGRATION = int(PteFlag.MIGRATION)
 _DIRTY_PTE = int(PteFlag.DIRTY)
 _KEPT = int(PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY)
@@ -44,7 +46,8 @@ _MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
 
 def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                      pte_flags):
-    """try_to_migrate over one VMA: each present PTE of ``pfns`` becomes a migration entry."""
+    """try_to_migrate over one VMA: each present PTE or device-private entry of ``pfns`` becomes a migration
+    entry."""
     for i in range(pfns.size):
         p = pfns[i]
         if mapping[p] != oid:
@@ -53,7 +56,7 @@ def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid,
         if s < 0 or s >= npages or pte_pfn[s] != p:
             continue
         f = pte_flags[s]
-        if (f & _PRESENT) == 0:
+        if (f & _MAPPED) == 0:
             continue
         pte_flags[s] = (f & _KEPT) | _MIGRATION
         h = head[p]

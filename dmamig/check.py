@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["check_machine", "state_digest"]
 
 _PRESENT = np.uint8(PteFlag.PRESENT)
+_DEVICE_PRIVATE = np.uint8(PteFlag.DEVICE_PRIVATE)
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 # A special PTE (the shared zero page) maps no struct page: no frame, no reference, no mapcount.
 _SPECIAL = np.uint8(getattr(PteFlag, "SPECIAL", 0))
@@ -63,7 +64,15 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
                 special = (flags & _SPECIAL) != 0
                 if (special & (pfn >= 0)).any():
                     out.append(f"{v}: special PTEs (the zero page) that map a real frame")
-                present = ((flags & _PRESENT) != 0) & ~special
+                # A device-private entry is not present, but it maps its page as a present PTE does.
+                present = ((flags & (_PRESENT | _DEVICE_PRIVATE)) != 0) & ~special
+                if m.device_private:
+                    dev = np.zeros(pfn.size, dtype=bool)
+                    dev[pfn >= 0] = m.device_node_mask[m.nodemap.node_of(pfn[pfn >= 0])]
+                    wrong = present & (dev != ((flags & _DEVICE_PRIVATE) != 0))
+                    if wrong.any() or ((flags & _PRESENT) != 0)[(flags & _DEVICE_PRIVATE) != 0].any():
+                        out.append(f"{v}: a device page mapped by a present PTE, or a device-private entry "
+                                   f"naming a host page")
                 migration = (flags & _MIGRATION) != 0
                 if (present & (pfn < 0)).any() or (present & migration).any():
                     out.append(f"{v}: PTEs marked present without a page, or present and migration at once")
@@ -150,7 +159,7 @@ def _check_rmap(m: Machine, mapped: np.ndarray, ptes: int) -> list[str]:
     """The reverse map of every mapped page finds each of its PTEs (migration depends on it)."""
     uniq = np.unique(mapped)
     found = 0
-    for _vma, slots, _pos in rmap_walk(m, uniq, int(PteFlag.PRESENT)):
+    for _vma, slots, _pos in rmap_walk(m, uniq, int(PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE)):
         found += slots.size
     if found != ptes:
         return [f"the reverse map finds {found} of the {ptes} present PTEs: some mapped pages cannot be "

@@ -55,8 +55,9 @@ class PteFlag(enum.IntFlag):
     DIRTY = 1 << 3
     MIGRATION = 1 << 4  # a migration entry: not present, accessors wait for the migration to finish
     SPECIAL = 1 << 5  # maps no struct page: the shared zero page (pfn ``ZERO_PFN``), never writable
-    # A device-private entry (``Machine(device_memory="private")``): not present to the CPU, it names a device
-    # page; a CPU access faults and migrates the page back (``migrate_to_ram``). Shown by ``pte_flags``.
+    # A device-private entry (``Machine(device_memory="private")``): a non-present, swap-style entry naming a
+    # device page (it keeps write, young and dirty); a CPU access faults and the owner's ``migrate_to_ram``
+    # brings the page back. Never set together with PRESENT.
     DEVICE_PRIVATE = 1 << 6
 
 

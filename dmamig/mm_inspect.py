@@ -48,8 +48,8 @@ class AddressInspection:
     def pte_flags(self, addr: int) -> PteFlag:
         """The PTE bits of the page at ``addr`` (0 when not populated; ``SPECIAL`` marks the zero page).
 
-        On a machine with device-private memory, a device page's entry is not present to the CPU: it shows
-        ``DEVICE_PRIVATE`` instead of ``PRESENT`` (its write, young and dirty bits as they are).
+        On a machine with device-private memory, a device page's entry is not present to the CPU: it is a
+        ``DEVICE_PRIVATE`` entry, without ``PRESENT`` (with its write, young and dirty bits).
         """
         mms = self.mm_struct
         mms.check_open()
@@ -57,12 +57,7 @@ class AddressInspection:
         m = self.machine
         with m.lock:
             ((v, s0, _s1),) = mms.segments(addr, 1)
-            flags = PteFlag(int(v.pte_flags[s0]))
-            pfn = int(v.pte_pfn[s0])
-            if m.device_private and pfn >= 0 and flags & PteFlag.PRESENT \
-                    and m.nodes[int(m.nodemap.node_of(np.array([pfn]))[0])].kind == "device":
-                flags = (flags & ~PteFlag.PRESENT) | PteFlag.DEVICE_PRIVATE
-            return flags
+            return PteFlag(int(v.pte_flags[s0]))
 
     def pfns_of(self, addr: int, length: int) -> np.ndarray:
         """Pfn of every page of ``[addr, addr + length)`` as :meth:`pfn_of` gives it (vectorized)."""

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from .mm_struct import MmStruct
 
 __all__ = ["NO_PFN", "ZERO_PFN", "MemObject", "Vma", "folio_free_swap", "forget_anon_slots", "free_swap_cache",
-           "install_migration_entries", "map_pages", "new_pte_flags", "remove_migration_entries", "rmap_walk"]
+           "install_migration_entries", "map_pages", "mark_device_private", "new_pte_flags", "remove_migration_entries",
+           "rmap_walk"]
 
 #: ``pte_pfn`` of a slot that maps nothing.
 NO_PFN = -1
@@ -37,6 +38,10 @@ NO_PFN = -1
 #: negative pfn it is skipped by the rmap, the page accounting and the migration core.
 ZERO_PFN = -2
 _PRESENT = np.uint8(PteFlag.PRESENT)
+_DEVICE_PRIVATE = np.uint8(PteFlag.DEVICE_PRIVATE)
+# A slot that maps a page: a present PTE, or a device-private entry (not present, but it names the page, holds
+# its reference and mapcount, and the rmap finds it, as try_to_migrate finds device-private entries).
+_MAPPED = np.uint8(PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE)
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 # Bits a migration entry keeps from the PTE it replaces (the kernel keeps young, dirty and write).
 _KEPT = np.uint8(PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY)
@@ -141,8 +146,36 @@ def map_pages(m: Machine, vma: Vma, slots: np.ndarray, pfns: np.ndarray) -> None
     pages = m.pages
     vma.pte_pfn[slots] = pfns
     vma.pte_flags[slots] = new_pte_flags(vma)
+    if m.device_private:
+        dev = _device_private(m, pfns)
+        if dev.any():
+            s = slots[dev]
+            vma.pte_flags[s] = (vma.pte_flags[s] & ~_PRESENT) | _DEVICE_PRIVATE
     np.add.at(pages.mapcount, pfns, 1)
     np.add.at(pages.refcount, pages.head[pfns], 1)
+
+
+def _device_private(m: Machine, pfns: np.ndarray) -> np.ndarray:
+    """Which of ``pfns`` (real frames) are device-private pages: on a device node of a machine whose device
+    memory is device-private."""
+    return m.device_node_mask[m.nodemap.node_of(pfns)]
+
+
+def mark_device_private(m: Machine, pfns: np.ndarray) -> None:
+    """Make the present PTEs that map device-private pages among ``pfns`` device-private entries.
+
+    Device-private memory is not addressable by the CPU, so a PTE never maps it present: it holds a
+    non-present device-private (swap-style) entry that keeps the page's write, young and dirty bits, as
+    ``remove_migrate_pte`` makes one (``make_writable_device_private_entry``) for a device-private folio.
+    Caller holds the lock; nothing happens on a machine with device-coherent memory.
+    """
+    if not m.device_private or pfns.size == 0:
+        return
+    dev = pfns[_device_private(m, pfns)]
+    if dev.size == 0:
+        return
+    for vma, slots, _pos in rmap_walk(m, dev, PteFlag.PRESENT):
+        vma.pte_flags[slots] = (vma.pte_flags[slots] & ~_PRESENT) | _DEVICE_PRIVATE
 
 
 def forget_anon_slots(m: Machine, pfns: np.ndarray) -> None:
@@ -197,8 +230,9 @@ def folio_free_swap(m: Machine, heads: np.ndarray, locked: bool = False) -> None
 def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np.ndarray, np.ndarray]]:
     """Yield ``(vma, slots, positions)``: the PTE slots that map ``pfns[positions]`` with a ``want`` bit set.
 
-    ``want`` is ``PteFlag.PRESENT`` for live mappings or ``PteFlag.MIGRATION`` for migration entries. The walk
-    is vectorized per (object, VMA) pair, never per page.
+    ``want`` is ``PteFlag.PRESENT`` for present mappings, ``PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE`` for every
+    live mapping (device-private entries too) or ``PteFlag.MIGRATION`` for migration entries. The walk is
+    vectorized per (object, VMA) pair, never per page.
     """
     mapping = m.pages.mapping[pfns]
     index = m.pages.index[pfns]
@@ -231,7 +265,9 @@ USE_KERNELS = _kernels.HAVE_NUMBA
 def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
     """``try_to_migrate``: replace every PTE mapping ``pfns`` with a migration entry (caller holds the lock).
 
-    Each PTE's reference and mapcount are dropped; a dirty PTE marks its folio dirty, as the kernel does.
+    Present PTEs and device-private entries alike (``try_to_migrate_one`` makes a device-private entry a
+    migration entry too). Each PTE's reference and mapcount are dropped; a dirty PTE marks its folio dirty, as
+    the kernel does.
     """
     pages = m.pages
     if USE_KERNELS:
@@ -240,7 +276,7 @@ def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
                                      pages.refcount, pages.flags, oid, vma.pgoff, vma.npages, vma.pte_pfn,
                                      vma.pte_flags)
         return
-    for vma, slots, pos in rmap_walk(m, pfns, PteFlag.PRESENT):
+    for vma, slots, pos in rmap_walk(m, pfns, _MAPPED):
         flags = vma.pte_flags[slots]
         vma.pte_flags[slots] = (flags & _KEPT) | _MIGRATION
         p = pfns[pos]
@@ -257,13 +293,15 @@ def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> No
     """``remove_migration_ptes``: point the migration entries of ``old`` at ``new`` and make them present.
 
     ``new`` equal to ``old`` restores the original mapping (undo). Each PTE takes a reference and a mapcount
-    on the page it now maps.
+    on the page it now maps. An entry that now names a device-private page is a device-private entry, not a
+    present PTE (:func:`mark_device_private`).
     """
     pages = m.pages
     if USE_KERNELS:
         for oid, vma in _vmas_mapping(m, old):
             _kernels.remove_entries(old, new, pages.mapping, pages.index, pages.head, pages.mapcount,
                                     pages.refcount, oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags)
+        mark_device_private(m, new)
         return
     for vma, slots, pos in rmap_walk(m, old, PteFlag.MIGRATION):
         q = new[pos]
@@ -272,3 +310,4 @@ def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> No
         heads = pages.head[q]
         pages.mapcount[q] += 1
         add_at(pages.refcount, heads, 1, unique=np.array_equal(heads, q))
+    mark_device_private(m, new)

@@ -12,7 +12,7 @@ import errno
 
 import numpy as np
 
-from dmamig import Machine, MigrateVma, PageFlag
+from dmamig import Machine, MigrateVma, PageFlag, PteFlag
 from dmamig import MigrateVmaSelect as Sel
 from dmamig.check import check_machine
 
@@ -229,3 +229,109 @@ def test_migrate_device_coherent_folio_is_ebusy_with_an_extra_reference():
             assert migrate_device_coherent_folio(m, p) == 0
         assert mm.node_of(a) == 0
         assert check_machine(m) == []
+
+
+def _raw_pte(mm, addr: int) -> PteFlag:
+    """The entry in the page table itself, not a relabelled view of it."""
+    ((v, s, _e),) = mm.mm_struct.segments(addr, PS)
+    return PteFlag(int(v.pte_flags[s]))
+
+
+def test_remove_migrate_pte_makes_a_device_private_entry():
+    """remove_migrate_pte: a migration entry that now names a device-private page becomes a non-present
+    device-private entry (make_writable_device_private_entry), keeping its write bit; in the page table
+    itself, for migrate_vma and the migrate_pages() core alike."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(4 * PS)
+        mm.write(a, np.full(4 * PS, 3, np.uint8))
+        _to_device(m, mm, a, 2)
+        assert mm.migrate(a + 2 * PS, 2 * PS, 1).nr_succeeded == 2
+        for i in range(4):
+            f = _raw_pte(mm, a + i * PS)
+            assert f & PteFlag.DEVICE_PRIVATE and f & PteFlag.WRITE and not f & PteFlag.PRESENT
+        assert mm.pte_flags(a) == _raw_pte(mm, a)
+        assert check_machine(m) == []
+        mm.read(a, PS)
+        f = _raw_pte(mm, a)
+        assert f & PteFlag.PRESENT and not f & PteFlag.DEVICE_PRIVATE
+
+
+def test_try_to_migrate_one_takes_device_private_entries_and_copy_nonpresent_pte():
+    """try_to_migrate_one turns device-private entries into migration entries too (a migration off the
+    device finds every mapper); fork copies a device-private entry (copy_nonpresent_pte), write-protected in
+    both processes of a private mapping."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(2 * PS)
+        mm.write(a, np.full(2 * PS, 4, np.uint8))
+        _to_device(m, mm, a, 2)
+        child = mm.fork()
+        for who in (mm, child):
+            f = _raw_pte(who, a)
+            assert f & PteFlag.DEVICE_PRIVATE and not f & (PteFlag.PRESENT | PteFlag.WRITE)
+        assert m.page_state(mm.pfn_of(a))["mapcount"] == 2
+        assert check_machine(m) == []
+        # Every mapper's entry becomes a migration entry, then maps the new page.
+        with MigrateVma(mm, a, a + 2 * PS, 0, flags=Sel.DEVICE_PRIVATE, pgmap_owner=m.nodes[1].owner) as mv:
+            assert mv.setup() == 2
+            mv.alloc_and_copy()
+            mv.pages()
+            mv.finalize()
+        assert (mv.status == 0).all()
+        for who in (mm, child):
+            assert who.node_of(a) == 0 and _raw_pte(who, a) & PteFlag.PRESENT
+        assert (child.read(a, 2 * PS) == 4).all()
+        child.close()
+        mm.close()
+        assert check_machine(m) == [] and [nd.free_pages for nd in m.nodes] == [2048, 2048]
+
+
+def test_device_private_faults_race_device_accesses_without_losing_a_byte():
+    """CPU faults (migrate_to_ram on each device-private entry) against device accesses migrating the same
+    pages to the device, on threads: each side writes its own bytes; none is lost, no frame leaks."""
+    import threading
+
+    from dmamig import DeviceAccessor, UvmOptions
+
+    n, rounds = 16, 150
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(n * PS)
+        mm.write(a, np.zeros(n * PS, np.uint8))
+        acc = DeviceAccessor(mm, 1, UvmOptions(prefetch="none"))
+        errors: list[BaseException] = []
+
+        def cpu() -> None:
+            try:
+                for r in range(rounds):
+                    i = r % n
+                    mm.write(a + i * PS, np.array([r % 251], np.uint8))
+                    assert mm.read(a + i * PS, 1)[0] == r % 251
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        def device() -> None:
+            try:
+                for r in range(rounds):
+                    i = (r * 7) % n
+                    acc.write(a + i * PS + 1, np.array([r % 241], np.uint8))
+                    assert acc.read(a + i * PS + 1, 1)[0] == r % 241
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=cpu), threading.Thread(target=device)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        want = np.zeros((n, PS), np.uint8)
+        for r in range(rounds):
+            want[r % n, 0] = r % 251
+            want[(r * 7) % n, 1] = r % 241
+        assert np.array_equal(mm.read(a, n * PS).reshape(n, PS), want)
+        assert m.vmstat["pgmigrate_fail"] == 0
+        assert check_machine(m) == []
+        mm.close()
+        assert [nd.free_pages for nd in m.nodes] == [2048, 2048]

@@ -17,7 +17,7 @@ import numpy as np
 from .. import _kernels
 from ..errors import DmaError
 from ..flags import PageFlag
-from ..vma import remove_migration_entries
+from ..vma import mark_device_private, remove_migration_entries
 from . import batch_kernels
 from .entries import HPAGE_PMD_ORDER, PENDING
 from .state import migrate_folio
@@ -150,6 +150,9 @@ class MovePhase:
             m.object(e.oid).pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
         if nfreed == 0:
             return moving
+        if m.device_private:  # entries now naming device-private pages are not present PTEs
+            new = e.dst[moving[rc == 0]]
+            mark_device_private(m, new if e.all_base else pages.expand(new))
         self._free_old(freed[:nfreed])
         if dead:
             new = e.dst[moving[rc == 0]]
