@@ -75,13 +75,13 @@ def test_nvrtc_function_signatures(name):
 
 def test_constants_match_cupy():
     rt = cupy.cuda.runtime
-    assert rt.hostAllocPortable == cuda_codes._HOST_ALLOC_PORTABLE
-    assert rt.hostAllocMapped == cuda_codes._HOST_ALLOC_MAPPED
-    assert rt.memcpyHostToDevice == cuda_codes._MEMCPY_HOST_TO_DEVICE
-    assert rt.memcpyDeviceToHost == cuda_codes._MEMCPY_DEVICE_TO_HOST
-    assert rt.memcpyDefault == cuda_codes._MEMCPY_DEFAULT
-    assert rt.eventBlockingSync == cuda_codes._EVENT_BLOCKING_SYNC
-    assert rt.eventDisableTiming == cuda_codes._EVENT_DISABLE_TIMING
+    assert rt.hostAllocPortable == cuda_codes.HOST_ALLOC_PORTABLE
+    assert rt.hostAllocMapped == cuda_codes.HOST_ALLOC_MAPPED
+    assert rt.memcpyHostToDevice == cuda_codes.MEMCPY_HOST_TO_DEVICE
+    assert rt.memcpyDeviceToHost == cuda_codes.MEMCPY_DEVICE_TO_HOST
+    assert rt.memcpyDefault == cuda_codes.MEMCPY_DEFAULT
+    assert rt.eventBlockingSync == cuda_codes.EVENT_BLOCKING_SYNC
+    assert rt.eventDisableTiming == cuda_codes.EVENT_DISABLE_TIMING
     assert rt.streamNonBlocking == 1
 
 

@@ -470,7 +470,7 @@ def backend_on(gpu: FakeGpu, **kw) -> CudaBackend:
 def use_fake_cupy(monkeypatch, gpu: FakeGpu) -> None:
     """Make the one place the CUDA backend imports cupy hand out the stand-in on ``gpu`` instead: backends made
     without ``cupy=`` (``backend="cuda"`` machines) and the module-level helpers then drive the stand-in."""
-    monkeypatch.setattr(cuda_runtime, "_cupy", lambda: FakeCupy(gpu))
+    monkeypatch.setattr(cuda_runtime, "import_cupy", lambda: FakeCupy(gpu))
 
 
 
@@ -829,7 +829,7 @@ class _FailingBatch:
 
 def test_a_failing_batch_copy_is_switched_off_with_its_reason(gpu):
     b = backend_on(gpu)
-    b._batch = _FailingBatch()
+    b._batch = _FailingBatch()  # the backend's own state: a batched copy that fails
     nodes = make_nodes(b, seed=12)
     with engine_for(b, nodes) as engine:
         ch = engine._channels[0]

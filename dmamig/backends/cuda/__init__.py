@@ -32,9 +32,9 @@ Modules, one job each:
 ``memory``     device frames outside CuPy's pools, pinned host memory, frame addresses and release
 ``events``     ``cudaEventQuery`` results, the timing-event ring, the completion of channel work
 ``ring_lane``  each device's DMA rings in pinned mapped memory, one ``ring_copy`` launch per submission
-``channels``   stream channels: descriptors, per-run copy methods, submission; their ring lane
+``channels``   stream channels: descriptors, per-run copy methods, submission, staged copies between GPUs
+               without peer access (a pinned bounce buffer per channel); their ring lane
 ``batch``      ``cuMemcpyBatchAsync`` through ``cuda.bindings``, off unless asked for
-``staging``    copies between GPUs without peer access, through pinned bounce buffers
 ``topology``   peer access and link classes read from the runtime
 ``ceilings``   copy ceilings timed with CUDA events, per direction and per device pair
 ``backend``    :class:`CudaBackend`: devices, peer access, kernel cache, frames and their synchronous operations,
@@ -42,7 +42,7 @@ Modules, one job each:
 =============  ===============================================================================================
 
 Module-level settings are read in the module that uses them, so change them there (the names re-exported here
-are copies): ``MAX_GRID`` in :mod:`~dmamig.backends.cuda.kernels`, ``_cupy`` (the cupy import) in
+are copies): ``MAX_GRID`` in :mod:`~dmamig.backends.cuda.kernels`, ``import_cupy`` (the cupy import) in
 :mod:`~dmamig.backends.cuda.runtime`.
 """
 

@@ -22,26 +22,34 @@ import numpy as np
 from ...dma.channel import DEFAULT_POLL_US, ChannelWork
 from ...dma.checksum import page_checksums
 from ...dma.ring import RING_AVAILABLE
+from ...dma.staging import stage_capacity, stage_chunks
 from ...errors import BackendUnavailable, DmamigError, InvalidArgument
 from ..base import DeviceInfo
 from ..ceiling import check_pair_args, topology_staged
 from ..cpu import copy_loops
 from . import runtime
-from .batch import BATCH_COPY_ENV, _batch_copy_requested, _BatchCopy
+from .batch import BATCH_COPY_ENV, BatchCopy, batch_copy_requested
 from .ceilings import cuda_copy_ceiling, cuda_pair_ceiling
 from .channels import CudaChannel
 from .codes import (
-    _MEMCPY_DEFAULT,
-    _MEMCPY_DEVICE_TO_HOST,
-    _MEMCPY_HOST_TO_DEVICE,
     CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED,
+    MEMCPY_DEFAULT,
+    MEMCPY_DEVICE_TO_HOST,
+    MEMCPY_HOST_TO_DEVICE,
     collect_first_error,
     map_cuda_error,
 )
 from .kernels import kernel_source, launch
-from .memory import DeviceFrames, _device_of, _free_device_memory, _ptr, pinned_frames, run_spans
+from .memory import (
+    DeviceFrames,
+    alloc_pinned,
+    device_of,
+    frames_ptr,
+    free_device_memory,
+    pinned_frames,
+    run_spans,
+)
 from .ring_lane import MAX_RING_CHANNELS, CudaRingLane
-from .staging import stage_folios
 from .topology import read_runtime_topology
 
 __all__ = ["CudaBackend"]
@@ -80,7 +88,7 @@ class CudaBackend:
         return self.poll_us > 0
 
     def __init__(self, batch_copy: bool | None = None, cupy: Any = None, rings: bool = True) -> None:
-        cp = cupy if cupy is not None else runtime._cupy()
+        cp = cupy if cupy is not None else runtime.import_cupy()
         self.rings = bool(rings)
         self._cp = cp
         self._rt = cp.cuda.runtime
@@ -101,7 +109,7 @@ class CudaBackend:
         self._device_frames: list[weakref.ref] = []
         self._copy_calls = 0
         self._copy_seconds = 0.0
-        self._pinned_pool: Any = None  # bounce buffers of staged folio copies (staging._PinnedPool)
+        self._pinned_pool: Any = None  # bounce buffers of staged folio copies (_PinnedPool)
         self._retired_pools: list[Any] = []
         self.peers: set[tuple[int, int]] = self._enable_peer_access()
         self._runtime_topology: Any = None
@@ -112,8 +120,8 @@ class CudaBackend:
             driver = int(self._rt.driverGetVersion())
         except Exception:
             driver = 0
-        if _batch_copy_requested(batch_copy):
-            self._batch, self.batch_copy_reason = _BatchCopy.probe(driver)
+        if batch_copy_requested(batch_copy):
+            self._batch, self.batch_copy_reason = BatchCopy.probe(driver)
         else:
             self._batch = None
             self.batch_copy_reason = (f"off by default (set {BATCH_COPY_ENV}=1 or batch_copy=True): no "
@@ -193,16 +201,43 @@ class CudaBackend:
                 return False
         return True
 
-    def _disable_batch(self, exc: BaseException) -> None:
+    def disable_batch_copy(self, exc: BaseException) -> None:
         """Stop using cuMemcpyBatchAsync after it failed, and record why (shown by ``batch_copy_reason``)."""
         self._batch = None
         self.batch_copy_reason = (f"switched off after a failure: {type(exc).__name__}: {exc}; runs go as "
                                   f"cudaMemcpyAsync calls")
         warnings.warn(f"dmamig: {self.batch_copy_reason}", RuntimeWarning, stacklevel=4)
 
-    def _free_device(self, device: int, ptr: int) -> None:
+    def _staging_pool(self, nbytes: int) -> _PinnedPool:
+        """The pool of pinned bounce buffers of ``nbytes`` for staged folio copies (made on first use)."""
+        with self._lock:
+            pool = self._pinned_pool
+            if pool is None or pool.nbytes != nbytes:
+                if pool is not None:  # another page size: its buffers are freed when the backend closes
+                    self._retired_pools.append(pool)
+                pool = self._pinned_pool = _PinnedPool(self._rt, nbytes)
+            return pool
+
+    def free_device(self, device: int, ptr: int) -> None:
+        """Free device memory at ``ptr`` of ``device`` (allocated with the runtime's ``malloc``)."""
         with self._cp.cuda.Device(device):
             self._rt.free(ptr)
+
+    @property
+    def cp(self) -> Any:
+        """The cupy module (or stand-in) this backend drives."""
+        return self._cp
+
+    @property
+    def runtime(self) -> Any:
+        """``cupy.cuda.runtime`` of :attr:`cp`."""
+        return self._rt
+
+    @property
+    def batch_copier(self) -> Any:
+        """The ``cuMemcpyBatchAsync`` caller channels use for ``METHOD_BATCH`` runs, or ``None`` (off, or switched
+        off after a failure: see ``batch_copy_reason``)."""
+        return self._batch
 
     # -- DMA -------------------------------------------------------------------------------------------------
     def open_channels(self, count: int, device: int = 0) -> list[CudaChannel]:
@@ -330,10 +365,10 @@ class CudaBackend:
                 s.synchronize()  # channel streams do not order after this stream: finish the fill now
         except Exception as exc:
             if ptr:
-                collect_first_error([lambda: self._free_device(device, ptr)])
+                collect_first_error([lambda: self.free_device(device, ptr)])
             raise map_cuda_error(exc, f"allocating {nbytes} bytes of frames on device {device}") from exc
         # A machine dropped without close() still gives its device memory back, when the frames are collected.
-        frames._finalizer = weakref.finalize(frames, _free_device_memory, self._cp, device, ptr)
+        frames._finalizer = weakref.finalize(frames, free_device_memory, self._cp, device, ptr)
         frames._finalizer.atexit = False
         with self._lock:
             self._device_frames.append(weakref.ref(frames))
@@ -347,12 +382,12 @@ class CudaBackend:
         page = frames.shape[1]
         out = np.empty((idx.size, page), dtype=np.uint8)
         first, pos, length = run_spans(idx)
-        base = _ptr(frames)
+        base = frames_ptr(frames)
 
         def op(s: Any) -> np.ndarray:
             for f, p, n in zip(first.tolist(), pos.tolist(), length.tolist()):
                 self._rt.memcpyAsync(int(out.ctypes.data) + p * page, base + f * page, n * page,
-                                     _MEMCPY_DEVICE_TO_HOST, s.ptr)
+                                     MEMCPY_DEVICE_TO_HOST, s.ptr)
             return out
 
         return self._device_op(frames.device, "reading frames", op)
@@ -366,12 +401,12 @@ class CudaBackend:
         page = frames.shape[1]
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(idx.size, page)
         first, pos, length = run_spans(idx)
-        base = _ptr(frames)
+        base = frames_ptr(frames)
 
         def op(s: Any) -> None:
             for f, p, n in zip(first.tolist(), pos.tolist(), length.tolist()):
                 self._rt.memcpyAsync(base + f * page, int(data.ctypes.data) + p * page, n * page,
-                                     _MEMCPY_HOST_TO_DEVICE, s.ptr)
+                                     MEMCPY_HOST_TO_DEVICE, s.ptr)
 
         self._device_op(frames.device, "writing frames", op)
 
@@ -382,7 +417,7 @@ class CudaBackend:
             return
         page = frames.shape[1]
         first, _pos, length = run_spans(idx)
-        base = _ptr(frames)
+        base = frames_ptr(frames)
 
         def op(s: Any) -> None:
             for f, n in zip(first.tolist(), length.tolist()):
@@ -406,7 +441,7 @@ class CudaBackend:
                 return self.read_frames(frames, idx)
             self.write_frames(frames, idx, data)
             return None
-        dev = max(_device_of(frames), 0)
+        dev = max(device_of(frames), 0)
         func = "page_access_read" if read else "page_access_write"
         kernel = None if page % 16 else self.kernel(dev, "page_access.cu", func)
         if kernel is None:
@@ -414,7 +449,7 @@ class CudaBackend:
                 return self.read_frames(frames, idx)
             self.write_frames(frames, idx, data)
             return None
-        addrs = (_ptr(frames) + idx * page).astype(np.uint64)
+        addrs = (frames_ptr(frames) + idx * page).astype(np.uint64)
         nbytes = idx.size * page
         host = np.empty((idx.size, page), dtype=np.uint8) if read else \
             np.ascontiguousarray(data, dtype=np.uint8).reshape(idx.size, page)
@@ -424,13 +459,13 @@ class CudaBackend:
 
         def op(s: Any) -> np.ndarray | None:
             buf = self._sync_buffer(dev, offset + nbytes)
-            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, MEMCPY_HOST_TO_DEVICE, s.ptr)
             if not read:
-                rt.memcpyAsync(buf + offset, int(host.ctypes.data), nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+                rt.memcpyAsync(buf + offset, int(host.ctypes.data), nbytes, MEMCPY_HOST_TO_DEVICE, s.ptr)
             launch(kernel, s, idx.size,
                    (np.uint64(buf), np.uint64(buf + offset), np.uint64(idx.size), np.uint64(page)))
             if read:
-                rt.memcpyAsync(int(host.ctypes.data), buf + offset, nbytes, _MEMCPY_DEVICE_TO_HOST, s.ptr)
+                rt.memcpyAsync(int(host.ctypes.data), buf + offset, nbytes, MEMCPY_DEVICE_TO_HOST, s.ptr)
                 return host
             return None
 
@@ -446,20 +481,20 @@ class CudaBackend:
         page = int(frames.shape[1])
         if idx.size == 0:
             return np.empty(0, dtype=np.uint64)
-        dev = max(_device_of(frames), 0)
+        dev = max(device_of(frames), 0)
         kernel = None if page % 16 else self.kernel(dev, "page_checksum.cu", "page_checksum")
         if kernel is None:
             return page_checksums(self.read_frames(frames, idx))
-        addrs = (_ptr(frames) + idx * page).astype(np.uint64)
+        addrs = (frames_ptr(frames) + idx * page).astype(np.uint64)
         out = np.empty(idx.size, dtype=np.uint64)
         rt = self._rt
 
         def op(s: Any) -> np.ndarray:
             buf = self._sync_buffer(dev, 2 * addrs.nbytes)
-            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+            rt.memcpyAsync(buf, int(addrs.ctypes.data), addrs.nbytes, MEMCPY_HOST_TO_DEVICE, s.ptr)
             launch(kernel, s, idx.size,
                    (np.uint64(buf), np.uint64(buf + addrs.nbytes), np.uint64(idx.size), np.uint64(page)))
-            rt.memcpyAsync(int(out.ctypes.data), buf + addrs.nbytes, out.nbytes, _MEMCPY_DEVICE_TO_HOST, s.ptr)
+            rt.memcpyAsync(int(out.ctypes.data), buf + addrs.nbytes, out.nbytes, MEMCPY_DEVICE_TO_HOST, s.ptr)
             return out
 
         return self._device_op(dev, "checksumming frames", op)
@@ -471,7 +506,7 @@ class CudaBackend:
         """Copy folio by folio on the calling thread: one ``cudaMemcpyAsync`` per folio (``cudaMemcpyPeerAsync``
         between devices) on the device's synchronous-operations stream, and one wait at the end of the batch.
         ``staged`` (two GPUs without peer access): through a pinned bounce buffer, into it on the source's stream,
-        then out of it on the destination's (:func:`~dmamig.backends.cuda.staging.stage_folios`).
+        then out of it on the destination's (``_stage_folios`` below).
 
         The calls and their host time are counted in :attr:`copy_stats`: on a GPU this faithful per-folio copy
         costs one driver call per folio, which is what copy mode measures.
@@ -485,16 +520,16 @@ class CudaBackend:
         if isinstance(src, np.ndarray) and isinstance(dst, np.ndarray):
             copy_loops.copy_runs_cached(src, dst, src_idx, dst_idx, nr_pages)
             return
-        sdev, ddev = _device_of(src), _device_of(dst)
+        sdev, ddev = device_of(src), device_of(dst)
         if staged and sdev >= 0 and ddev >= 0 and sdev != ddev:
             t0 = time.perf_counter()
-            stage_folios(self, src, src_idx, dst, dst_idx, nr_pages)
+            _stage_folios(self, src, src_idx, dst, dst_idx, nr_pages)
             with self._lock:
                 self._copy_calls += int(src_idx.size)
                 self._copy_seconds += time.perf_counter() - t0
             return
         page = int(src.shape[1])
-        sp, dp = _ptr(src), _ptr(dst)
+        sp, dp = frames_ptr(src), frames_ptr(dst)
         rt = self._rt
         peer = sdev >= 0 and ddev >= 0 and sdev != ddev
 
@@ -503,7 +538,7 @@ class CudaBackend:
                 if peer:
                     rt.memcpyPeerAsync(dp + b * page, ddev, sp + a * page, sdev, n * page, s.ptr)
                 else:
-                    rt.memcpyAsync(dp + b * page, sp + a * page, n * page, _MEMCPY_DEFAULT, s.ptr)
+                    rt.memcpyAsync(dp + b * page, sp + a * page, n * page, MEMCPY_DEFAULT, s.ptr)
 
         t0 = time.perf_counter()
         self._device_op(ddev if ddev >= 0 else sdev, "copying folios", op)
@@ -532,7 +567,7 @@ class CudaBackend:
             The buffers could not be allocated, or a copy failed.
         """
         self._check_open()
-        return cuda_copy_ceiling(self._cp, self._ndev, direction, int(nbytes), repeat, self._free_device)
+        return cuda_copy_ceiling(self._cp, self._ndev, direction, int(nbytes), repeat, self.free_device)
 
     def pair_ceiling(self, src_dev: int, dst_dev: int, nbytes: int, repeat: int = 3,
                      staged: bool | None = None) -> float:
@@ -556,7 +591,7 @@ class CudaBackend:
                                   f"are visible")
         if staged is None:
             staged = topology_staged(self.topology or self.runtime_topology(), src_dev, dst_dev)
-        return cuda_pair_ceiling(self._cp, src_dev, dst_dev, nbytes, repeat, bool(staged), self._free_device)
+        return cuda_pair_ceiling(self._cp, src_dev, dst_dev, nbytes, repeat, bool(staged), self.free_device)
 
     def close(self) -> None:
         """Release everything: wait for the synchronous streams, free every device frame buffer and scratch
@@ -579,7 +614,7 @@ class CudaBackend:
             lanes, self._lanes = self._lanes, []
         calls: list[Callable[[], Any]] = [lane.close for lane in lanes]  # idempotent: the engine closed most
         calls += [s.synchronize for s in streams]
-        calls += [lambda d=d, p=p: self._free_device(d, p) for d, (p, _) in scratch]
+        calls += [lambda d=d, p=p: self.free_device(d, p) for d, (p, _) in scratch]
         calls += [pool.close for pool in pools]  # the streams that read them have finished
         for ref in frames:
             f = ref()
@@ -592,3 +627,64 @@ class CudaBackend:
         fin = frames._finalizer
         if fin is not None:
             fin()  # frees once; collecting the frames later does nothing
+
+
+# -- the migrating thread's staged copy (copy mode between GPUs without peer access) -----------------------------
+
+class _PinnedPool:
+    """Pinned bounce buffers for the migrating threads' staged copies: one per thread copying at a time."""
+
+    def __init__(self, rt: Any, nbytes: int):
+        self._rt, self.nbytes = rt, int(nbytes)
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._all: list[int] = []
+
+    def take(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        ptr = alloc_pinned(self._rt, self.nbytes)
+        with self._lock:
+            self._all.append(ptr)
+        return ptr
+
+    def give(self, ptr: int) -> None:
+        with self._lock:
+            self._free.append(ptr)
+
+    def close(self) -> None:
+        with self._lock:
+            ptrs, self._all, self._free = self._all, [], []
+        collect_first_error([lambda p=p: self._rt.freeHost(p) for p in ptrs])
+
+
+def _copies(rt: Any, page: int, from_ptr: int, a: np.ndarray, to_ptr: int, b: np.ndarray,
+             n: np.ndarray) -> Callable[[Any], None]:
+    """An operation for ``_device_op``: one ``cudaMemcpyAsync`` per run on the stream it is given."""
+    def op(s: Any) -> None:
+        for x, y, c in zip(a.tolist(), b.tolist(), n.tolist()):
+            rt.memcpyAsync(to_ptr + y * page, from_ptr + x * page, c * page, MEMCPY_DEFAULT, s.ptr)
+    return op
+
+
+def _stage_folios(backend: CudaBackend, src: Any, src_idx: np.ndarray, dst: Any, dst_idx: np.ndarray,
+                  nr_pages: np.ndarray) -> None:
+    """The migrating thread's copy between two GPUs without peer access: per chunk, one ``cudaMemcpyAsync`` per
+    folio piece into a pinned bounce buffer on the source device's stream, a wait, then out of it on the
+    destination's. The buffer goes back to the pool only after a copy that finished: after a failure, copies
+    already queued may still use it."""
+    page = int(src.shape[1])
+    cap = stage_capacity(page)
+    pool = backend._staging_pool(cap * page)
+    buf = pool.take()
+    rt = backend._rt
+    sp, dp = frames_ptr(src), frames_ptr(dst)
+    pieces = stage_chunks(src_idx, dst_idx, nr_pages, cap)
+    for k in range(pieces.nr_chunks):
+        s0, d0, n, b0 = pieces.chunk(k)
+        # A hop that fails may leave copies it queued still reading or writing ``buf``: the buffer is then kept
+        # out of the pool (the backend frees it when it closes) rather than handed to the next staged copy.
+        backend._device_op(src.device, "staging folios into host memory", _copies(rt, page, sp, s0, buf, b0, n))
+        backend._device_op(dst.device, "staging folios out of host memory", _copies(rt, page, buf, b0, dp, d0, n))
+    pool.give(buf)

@@ -9,19 +9,19 @@ from typing import Any
 from ...errors import DmaError
 from .codes import _version_text
 
-__all__ = ["BATCH_COPY_ENV"]
+__all__ = ["BATCH_COPY_ENV", "BatchCopy", "batch_copy_requested"]
 
 #: Environment variable that switches ``cuMemcpyBatchAsync`` on (``1``) for channels of new backends.
 BATCH_COPY_ENV = "DMAMIG_CUDA_BATCH_COPY"
 
 
-def _batch_copy_requested(option: bool | None) -> bool:
+def batch_copy_requested(option: bool | None) -> bool:
     if option is not None:
         return bool(option)
     return os.environ.get(BATCH_COPY_ENV, "").strip() in ("1", "true", "yes", "on")
 
 
-class _BatchCopy:
+class BatchCopy:
     """``cuMemcpyBatchAsync`` through the CUDA Python driver bindings (``cuda.bindings``), when installed."""
 
     #: The first driver with cuMemcpyBatchAsync (CUDA 12.8, as cuDriverGetVersion encodes it).
@@ -35,7 +35,7 @@ class _BatchCopy:
         self._attrs = attrs
 
     @classmethod
-    def probe(cls, driver_version: int) -> tuple[_BatchCopy | None, str]:
+    def probe(cls, driver_version: int) -> tuple[BatchCopy | None, str]:
         """The batch copier, or ``None`` with the reason it is unavailable.
 
         Parameters

@@ -13,10 +13,10 @@ from typing import Any
 from ...dma.staging import STAGE_BYTES
 from ...errors import InvalidArgument
 from .codes import (
-    _EVENT_BLOCKING_SYNC,
-    _EVENT_DISABLE_TIMING,
-    _HOST_ALLOC_PORTABLE,
-    _MEMCPY_DEFAULT,
+    EVENT_BLOCKING_SYNC,
+    EVENT_DISABLE_TIMING,
+    HOST_ALLOC_PORTABLE,
+    MEMCPY_DEFAULT,
     collect_first_error,
     map_cuda_error,
 )
@@ -61,15 +61,15 @@ def cuda_copy_ceiling(cp: Any, ndev: int, direction: str, nbytes: int, repeat: i
                 frees.append(lambda: free_device(other_dev, other))
                 src, dst = dev0, other
             else:
-                host = rt.hostAlloc(nbytes, _HOST_ALLOC_PORTABLE)
+                host = rt.hostAlloc(nbytes, HOST_ALLOC_PORTABLE)
                 frees.append(lambda: rt.freeHost(host))
                 src, dst = (host, dev0) if direction == "h2d" else (dev0, host)
-            start, end = rt.eventCreateWithFlags(0), rt.eventCreateWithFlags(_EVENT_BLOCKING_SYNC)
+            start, end = rt.eventCreateWithFlags(0), rt.eventCreateWithFlags(EVENT_BLOCKING_SYNC)
             events += [start, end]
             best = float("inf")
             for i in range(max(1, int(repeat)) + 1):
                 rt.eventRecord(start, stream.ptr)
-                rt.memcpyAsync(dst, src, nbytes, _MEMCPY_DEFAULT, stream.ptr)
+                rt.memcpyAsync(dst, src, nbytes, MEMCPY_DEFAULT, stream.ptr)
                 rt.eventRecord(end, stream.ptr)
                 rt.eventSynchronize(end)
                 if i:  # the first copy is the warm-up
@@ -112,15 +112,15 @@ def cuda_pair_ceiling(cp: Any, src_dev: int, dst_dev: int, nbytes: int, repeat: 
         src, dst = buffer(src_dev), buffer(dst_dev)
         with cp.cuda.Device(timer):
             stream = cp.cuda.Stream(non_blocking=True)
-        start, end = event(timer, 0), event(timer, _EVENT_BLOCKING_SYNC)
+        start, end = event(timer, 0), event(timer, EVENT_BLOCKING_SYNC)
         if staged:
             step = min(nbytes, STAGE_BYTES)
             bounce = alloc_pinned(rt, 2 * step)
             frees.append(lambda: rt.freeHost(bounce))
             with cp.cuda.Device(src_dev):
                 src_stream = cp.cuda.Stream(non_blocking=True)
-            filled = [event(src_dev, _EVENT_DISABLE_TIMING) for _ in range(2)]
-            free = [event(timer, _EVENT_DISABLE_TIMING) for _ in range(2)]
+            filled = [event(src_dev, EVENT_DISABLE_TIMING) for _ in range(2)]
+            free = [event(timer, EVENT_DISABLE_TIMING) for _ in range(2)]
         best = float("inf")
         for i in range(repeat + 1):
             with cp.cuda.Device(timer):
@@ -128,7 +128,7 @@ def cuda_pair_ceiling(cp: Any, src_dev: int, dst_dev: int, nbytes: int, repeat: 
                 if not staged and src_dev >= 0 and dst_dev >= 0 and src_dev != dst_dev:
                     rt.memcpyPeerAsync(dst, dst_dev, src, src_dev, nbytes, stream.ptr)
                 elif not staged:
-                    rt.memcpyAsync(dst, src, nbytes, _MEMCPY_DEFAULT, stream.ptr)
+                    rt.memcpyAsync(dst, src, nbytes, MEMCPY_DEFAULT, stream.ptr)
             if staged:
                 with cp.cuda.Device(src_dev):
                     rt.streamWaitEvent(src_stream.ptr, start, 0)
@@ -137,11 +137,11 @@ def cuda_pair_ceiling(cp: Any, src_dev: int, dst_dev: int, nbytes: int, repeat: 
                     with cp.cuda.Device(src_dev):
                         if k >= 2:  # the slot's previous chunk has left host memory
                             rt.streamWaitEvent(src_stream.ptr, free[slot], 0)
-                        rt.memcpyAsync(bounce + slot * step, src + a, n, _MEMCPY_DEFAULT, src_stream.ptr)
+                        rt.memcpyAsync(bounce + slot * step, src + a, n, MEMCPY_DEFAULT, src_stream.ptr)
                         rt.eventRecord(filled[slot], src_stream.ptr)
                     with cp.cuda.Device(timer):
                         rt.streamWaitEvent(stream.ptr, filled[slot], 0)
-                        rt.memcpyAsync(dst + a, bounce + slot * step, n, _MEMCPY_DEFAULT, stream.ptr)
+                        rt.memcpyAsync(dst + a, bounce + slot * step, n, MEMCPY_DEFAULT, stream.ptr)
                         rt.eventRecord(free[slot], stream.ptr)
             with cp.cuda.Device(timer):
                 rt.eventRecord(end, stream.ptr)

@@ -5,31 +5,33 @@ Each channel owns one non-blocking stream per device (so it never serialises wit
 Per run the plan's method picks ``cudaMemcpyAsync`` (``cudaMemcpyPeerAsync`` between devices), the batched
 ``page_gather_copy`` kernel from ``kernels/page_copy.cu``, or ``cuMemcpyBatchAsync`` when it was switched on;
 staged work (two GPUs without peer access) goes through the channel's pinned bounce buffer
-(:class:`~dmamig.backends.cuda.staging.ChannelStaging`). Completions are CUDA events recorded after the work
+(:class:`ChannelStaging`, below). Completions are CUDA events recorded after the work
 (:mod:`dmamig.backends.cuda.events`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ...dma.channel import CHANNEL_COUNTERS, ChannelWork, route_counts
 from ...dma.copy_plan import METHOD_BATCH, METHOD_GATHER
+from ...dma.staging import stage_capacity, stage_chunks
 from ...errors import DmaError
 from .codes import (
-    _EVENT_BLOCKING_SYNC,
-    _MEMCPY_DEFAULT,
-    _MEMCPY_HOST_TO_DEVICE,
+    EVENT_BLOCKING_SYNC,
+    EVENT_DISABLE_TIMING,
+    MEMCPY_DEFAULT,
+    MEMCPY_HOST_TO_DEVICE,
     collect_first_error,
     map_cuda_error,
 )
-from .events import TIMING_RING, PendingRing, _CudaCompletion
+from .events import TIMING_RING, CudaCompletion, PendingRing
 from .kernels import launch
-from .memory import _device_of, _ptr
-from .staging import ChannelStaging
+from .memory import alloc_pinned, device_of, frames_ptr
 
 if TYPE_CHECKING:
     from .backend import CudaBackend
@@ -47,7 +49,7 @@ class CudaChannel:
 
     The engine gives each device its own channels; a channel's work runs on its stream of the device that
     drives the copy, and a staged copy (two GPUs without peer access) on its streams of both devices through
-    its pinned bounce buffer (:class:`~dmamig.backends.cuda.staging.ChannelStaging`).
+    its pinned bounce buffer (:class:`ChannelStaging`, below).
 
     Parameters
     ----------
@@ -67,8 +69,8 @@ class CudaChannel:
         self._backend = backend
         self._staging: Any = None  # ChannelStaging, made on the first staged copy
         self._retired_staging: list[Any] = []  # outgrown ones, freed at close (queued work may still use them)
-        self._cp = backend._cp
-        self._rt = backend._rt
+        self._cp = backend.cp
+        self._rt = backend.runtime
         self._streams: dict[int, Any] = {}
         self._scratch: dict[int, tuple[int, int]] = {}  # device -> (descriptor buffer, bytes)
         self._retired: list[tuple[int, int]] = []  # outgrown descriptor buffers, freed at close
@@ -101,7 +103,13 @@ class CudaChannel:
         with self._lock:
             return self._busy
 
-    def _add_busy(self, seconds: float) -> None:
+    @property
+    def runtime(self) -> Any:
+        """``cupy.cuda.runtime`` of the backend this channel issues on."""
+        return self._rt
+
+    def add_busy(self, seconds: float) -> None:
+        """Fold ``seconds`` of GPU time of a finished job into :attr:`busy_seconds`."""
         with self._lock:
             self._busy += seconds
 
@@ -151,7 +159,7 @@ class CudaChannel:
         with self._lock:
             self._counters[key] += n
 
-    def submit(self, work: list[ChannelWork]) -> _CudaCompletion:
+    def submit(self, work: list[ChannelWork]) -> CudaCompletion:
         """Issue ``work`` on this channel's streams and return its completion without waiting.
 
         Raises
@@ -204,7 +212,7 @@ class CudaChannel:
                     # Recorded even after a failed issue, so a wait covers what did get queued.
                     for dev in timed:
                         with cp.cuda.Device(dev):
-                            end = rt.eventCreateWithFlags(_EVENT_BLOCKING_SYNC)
+                            end = rt.eventCreateWithFlags(EVENT_BLOCKING_SYNC)
                             rt.eventRecord(end, self.stream(dev).ptr)
                             ends.append(end)
         except Exception as exc:
@@ -221,7 +229,7 @@ class CudaChannel:
                 except Exception:
                     pass
             del starts[len(ends):]
-        completion = _CudaCompletion(self, ends, starts, error)
+        completion = CudaCompletion(self, ends, starts, error)
         with self._lock:
             over = self._ring.push(completion)
             if self._closed:  # close() may have drained the ring before this push: settle the job here
@@ -242,8 +250,8 @@ class CudaChannel:
         # Expand runs into per-page byte addresses (vectorized): page k of run r is start[r] + k.
         off = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
         desc = np.empty((2, total), dtype=np.uint64)
-        desc[0] = _ptr(w.src_frames) + (np.repeat(w.src_start, n) + off) * page
-        desc[1] = _ptr(w.dst_frames) + (np.repeat(w.dst_start, n) + off) * page
+        desc[0] = frames_ptr(w.src_frames) + (np.repeat(w.src_start, n) + off) * page
+        desc[1] = frames_ptr(w.dst_frames) + (np.repeat(w.dst_start, n) + off) * page
         return desc
 
     def _issue(self, dev: int, s: Any, w: ChannelWork, desc: np.ndarray | None) -> None:
@@ -254,21 +262,21 @@ class CudaChannel:
         if desc is not None:
             self._gather(dev, s, desc, page)
             return
-        if w.method == METHOD_BATCH and b._batch is not None:
-            sp, dp = _ptr(w.src_frames), _ptr(w.dst_frames)
+        if w.method == METHOD_BATCH and b.batch_copier is not None:
+            sp, dp = frames_ptr(w.src_frames), frames_ptr(w.dst_frames)
             try:
-                b._batch.copy((dp + w.dst_start * page).tolist(), (sp + w.src_start * page).tolist(),
+                b.batch_copier.copy((dp + w.dst_start * page).tolist(), (sp + w.src_start * page).tolist(),
                               (w.npages * page).tolist(), s.ptr)
                 self._count("batch_calls", 1)
                 return
             except Exception as exc:
-                b._disable_batch(exc)
+                b.disable_batch_copy(exc)
         self._memcpy_runs(s, w, page)
 
     def _memcpy_runs(self, s: Any, w: ChannelWork, page: int) -> None:
         rt = self._rt
-        sp, dp = _ptr(w.src_frames), _ptr(w.dst_frames)
-        sdev, ddev = _device_of(w.src_frames), _device_of(w.dst_frames)
+        sp, dp = frames_ptr(w.src_frames), frames_ptr(w.dst_frames)
+        sdev, ddev = device_of(w.src_frames), device_of(w.dst_frames)
         # Between two devices cudaMemcpyPeerAsync is always valid: direct over the peer link when peer access
         # is enabled, staged through host memory by the driver when it is not.
         peer = sdev >= 0 and ddev >= 0 and sdev != ddev
@@ -276,7 +284,7 @@ class CudaChannel:
             if peer:
                 rt.memcpyPeerAsync(dp + d0 * page, ddev, sp + s0 * page, sdev, n * page, s.ptr)
             else:
-                rt.memcpyAsync(dp + d0 * page, sp + s0 * page, n * page, _MEMCPY_DEFAULT, s.ptr)
+                rt.memcpyAsync(dp + d0 * page, sp + s0 * page, n * page, MEMCPY_DEFAULT, s.ptr)
         self._count("memcpy_calls", int(w.npages.size))
 
     def _descriptor_buffer(self, dev: int, nbytes: int) -> int:
@@ -301,7 +309,7 @@ class CudaChannel:
         kernel = self._backend.kernel(dev, "page_copy.cu", "page_gather_copy")
         buf = self._descriptor_buffer(dev, desc.nbytes)
         # A pageable source: the call returns once the bytes are staged, so ``desc`` may go right after.
-        self._rt.memcpyAsync(buf, int(desc.ctypes.data), desc.nbytes, _MEMCPY_HOST_TO_DEVICE, s.ptr)
+        self._rt.memcpyAsync(buf, int(desc.ctypes.data), desc.nbytes, MEMCPY_HOST_TO_DEVICE, s.ptr)
         launch(kernel, s, total,
                (np.uint64(buf), np.uint64(buf + 8 * total), np.uint64(total), np.uint64(page)))
         self._count("kernel_launches", 1)
@@ -331,6 +339,122 @@ class CudaChannel:
         collect_first_error([lambda s=s: s.synchronize() for _, s in streams])
         if self._lane is not None:  # idempotent: the lane's first channel to close waits for its stream
             self._lane.close()
-        collect_first_error([lambda d=d, p=p: self._backend._free_device(d, p) for d, p in buffers])
+        collect_first_error([lambda d=d, p=p: self._backend.free_device(d, p) for d, p in buffers])
         for st in staging:  # after every stream finished: nothing reads the bounce buffers any more
             st.close()
+
+
+# -- staged channel work: two GPUs without peer access ---------------------------------------------------------------
+# A channel's staged work runs in chunks of STAGE_BYTES through the channel's pinned bounce buffer of two slots:
+# hop 1 (device to host) on the channel's stream of the source device, hop 2 (host to device) on its stream of
+# the destination device, after an event recorded behind hop 1. Before a slot is filled again, the source
+# stream waits for the event recorded behind that slot's last hop 2, so chunk k + 1 comes in while chunk k goes
+# out. Scattered pages go through the gather kernel on each side (the kernels read and write the mapped pinned
+# buffer directly), long runs as one cudaMemcpyAsync per piece.
+
+def _expand(start: np.ndarray, npages: np.ndarray) -> np.ndarray:
+    """Every page of runs ``(start, npages)``, in order."""
+    off = np.arange(int(npages.sum()), dtype=np.int64) - np.repeat(np.cumsum(npages) - npages, npages)
+    return np.repeat(start, npages) + off
+
+
+class ChannelStaging:
+    """A channel's pinned bounce buffer (two slots) and the events that order its reuse.
+
+    Owned by one :class:`~dmamig.backends.cuda.CudaChannel` and used under its submission lock.
+    """
+
+    def __init__(self, channel: CudaChannel, page: int):
+        self._ch = channel
+        self._rt = channel._rt
+        self.page = int(page)
+        self.capacity = stage_capacity(self.page)
+        self.ptr = alloc_pinned(self._rt, 2 * self.capacity * self.page)
+        self._events: dict[tuple[str, int, int], Any] = {}  # (kind, device, slot) -> reusable event
+        self._slot_free: list[Any] = [None, None]  # the event behind each slot's last read, on whatever device
+
+    @classmethod
+    def of(cls, channel: CudaChannel, w: ChannelWork) -> ChannelStaging:
+        """``channel``'s staging for pages of ``w``'s size, made on first use (under its submission lock)."""
+        page = int(w.src_frames.shape[1])
+        st = channel._staging
+        if st is None or st.page != page:
+            if st is not None:  # queued work may still read it: freed when the channel closes
+                channel._retired_staging.append(st)
+            st = channel._staging = cls(channel, page)
+        return st
+
+    def _event(self, kind: str, device: int, slot: int) -> Any:
+        ev = self._events.get((kind, device, slot))
+        if ev is None:
+            with self._ch._cp.cuda.Device(device):
+                ev = self._events[(kind, device, slot)] = self._rt.eventCreateWithFlags(EVENT_DISABLE_TIMING)
+        return ev
+
+    def issue(self, w: ChannelWork, timing: Callable[[int], None]) -> None:
+        """Queue ``w`` (two devices without peer access) as hop 1 / hop 2 pairs per chunk.
+
+        ``timing(device)`` is called before the first operation each stream gets, to record its start event.
+        """
+        ch = self._ch
+        sdev, ddev = int(w.src_device), int(w.dst_device)
+        src_s, dst_s = ch.stream(sdev), ch.stream(ddev)
+        page = self.page
+        pieces = stage_chunks(w.src_start, w.dst_start, w.npages, self.capacity)
+        sp, dp = frames_ptr(w.src_frames), frames_ptr(w.dst_frames)
+        gather = w.method == METHOD_GATHER and page % 16 == 0
+        timing(sdev)
+        try:
+            self._issue_chunks(pieces, sdev, ddev, src_s, dst_s, sp, dp, gather, timing)
+        except BaseException:
+            # Part of a hop may be queued, and the slot events no longer say when the buffer is free: retire
+            # it (freed when the channel closes, after its streams) so no later submission writes into it.
+            if ch._staging is self:
+                ch._staging = None
+                ch._retired_staging.append(self)
+            raise
+        for key, v in route_counts(w).items():
+            ch._count(key, v)
+
+    def _issue_chunks(self, pieces: Any, sdev: int, ddev: int, src_s: Any, dst_s: Any, sp: int, dp: int,
+                      gather: bool, timing: Callable[[int], None]) -> None:
+        rt, cp = self._rt, self._ch._cp
+        cap = self.capacity
+        for k in range(pieces.nr_chunks):
+            slot = k & 1
+            s0, d0, n, b0 = pieces.chunk(k)
+            b0 = b0 + slot * cap  # page index within the whole two-slot buffer
+            with cp.cuda.Device(sdev):
+                if self._slot_free[slot] is not None:
+                    rt.streamWaitEvent(src_s.ptr, self._slot_free[slot], 0)  # its last hop 2 has read it
+                self._hop(sdev, src_s, sp, s0, self.ptr, b0, n, gather)
+                filled = self._event("filled", sdev, slot)
+                rt.eventRecord(filled, src_s.ptr)
+            with cp.cuda.Device(ddev):
+                rt.streamWaitEvent(dst_s.ptr, filled, 0)
+                if k == 0:
+                    timing(ddev)  # the destination's span starts once the first chunk is in host memory
+                self._hop(ddev, dst_s, self.ptr, b0, dp, d0, n, gather)
+                free = self._slot_free[slot] = self._event("free", ddev, slot)
+                rt.eventRecord(free, dst_s.ptr)
+
+    def _hop(self, dev: int, s: Any, src_ptr: int, src_start: np.ndarray, dst_ptr: int, dst_start: np.ndarray,
+             npages: np.ndarray, gather: bool) -> None:
+        ch, page = self._ch, self.page
+        if gather and ch._backend.kernel(dev, "page_copy.cu", "page_gather_copy") is not None:
+            desc = np.empty((2, int(npages.sum())), dtype=np.uint64)
+            desc[0] = src_ptr + _expand(src_start, npages) * page
+            desc[1] = dst_ptr + _expand(dst_start, npages) * page
+            ch._gather(dev, s, desc, page)
+            return
+        for a, b, n in zip(src_start.tolist(), dst_start.tolist(), npages.tolist()):
+            self._rt.memcpyAsync(dst_ptr + b * page, src_ptr + a * page, n * page, MEMCPY_DEFAULT, s.ptr)
+        ch._count("memcpy_calls", int(npages.size))
+
+    def close(self) -> None:
+        """Free the events and the buffer (the channel's streams have finished). Never raises."""
+        rt = self._rt
+        events, self._events = list(self._events.values()), {}
+        collect_first_error([lambda e=e: rt.eventDestroy(e) for e in events] + [lambda: rt.freeHost(self.ptr)])
+
+

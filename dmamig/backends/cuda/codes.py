@@ -14,8 +14,10 @@ from typing import Any
 from ...errors import BackendUnavailable, DmaError, DmamigError, OutOfMemory
 
 __all__ = ["CUDA_ERROR_INSUFFICIENT_DRIVER", "CUDA_ERROR_MEMORY_ALLOCATION", "CUDA_ERROR_NOT_READY",
-           "CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED", "CUDA_SUCCESS",
-           "collect_first_error", "cuda_error_kind", "cuda_error_text", "map_cuda_error"]
+           "CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED", "CUDA_SUCCESS", "EVENT_BLOCKING_SYNC",
+           "EVENT_DISABLE_TIMING", "HOST_ALLOC_MAPPED", "HOST_ALLOC_PORTABLE", "MEMCPY_DEFAULT",
+           "MEMCPY_DEVICE_TO_HOST", "MEMCPY_HOST_TO_DEVICE", "collect_first_error", "cuda_error_kind",
+           "cuda_error_text", "map_cuda_error"]
 
 # CUDA runtime codes the backend interprets (cudaError_t values, stable across CUDA 11-13).
 CUDA_SUCCESS = 0
@@ -29,13 +31,13 @@ CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
 _UNAVAILABLE_CODES = frozenset({3, 35, 46, 100, 101, 802, 803, 804})
 
 # cudaHostAllocPortable | cudaHostAllocMapped: pinned for every device, and device-addressable.
-_HOST_ALLOC_PORTABLE = 1
-_HOST_ALLOC_MAPPED = 2
-_MEMCPY_HOST_TO_DEVICE = 1
-_MEMCPY_DEVICE_TO_HOST = 2
-_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the driver infers the direction from the pointers (UVA)
-_EVENT_BLOCKING_SYNC = 1  # a waiting thread sleeps in the driver instead of spinning
-_EVENT_DISABLE_TIMING = 2
+HOST_ALLOC_PORTABLE = 1
+HOST_ALLOC_MAPPED = 2
+MEMCPY_HOST_TO_DEVICE = 1
+MEMCPY_DEVICE_TO_HOST = 2
+MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the driver infers the direction from the pointers (UVA)
+EVENT_BLOCKING_SYNC = 1  # a waiting thread sleeps in the driver instead of spinning
+EVENT_DISABLE_TIMING = 2
 
 
 def _version_text(v: int) -> str:

@@ -20,7 +20,7 @@ from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda
 if TYPE_CHECKING:
     from .channels import CudaChannel
 
-__all__ = ["TIMING_RING", "PendingRing", "event_finished"]
+__all__ = ["CudaCompletion", "PendingRing", "TIMING_RING", "event_finished"]
 
 #: Completions per channel whose timing events may wait to be read; the oldest is folded in beyond that.
 TIMING_RING = 64
@@ -99,7 +99,7 @@ class PendingRing:
         return items
 
 
-class _CudaCompletion:
+class CudaCompletion:
     """Completion of one channel job: an end event per device it used, plus that device's timing start event.
 
     The events are queried with ``cudaEventQuery`` (0 done, ``cudaErrorNotReady`` pending, anything else an
@@ -109,7 +109,7 @@ class _CudaCompletion:
 
     def __init__(self, channel: CudaChannel, ends: list[Any], starts: list[Any], error: BaseException | None):
         self._channel = channel
-        self._rt = channel._rt
+        self._rt = channel.runtime
         self._pending = list(ends)  # end events not yet seen finished
         self._ends = list(ends)
         self._starts = list(starts)
@@ -211,4 +211,4 @@ class _CudaCompletion:
                 self._rt.eventDestroy(ev)
             except Exception:  # a sticky context error: the driver reclaims it with the context
                 pass
-        self._channel._add_busy(seconds)
+        self._channel.add_busy(seconds)

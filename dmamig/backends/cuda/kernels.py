@@ -74,7 +74,7 @@ def compile_kernel_nvrtc(fname: str, arch: int, cp: Any = None) -> bytes:
     """
     if fname not in KERNEL_FILES:
         raise InvalidArgument(f"fname must be one of {sorted(KERNEL_FILES)}, got {fname!r}")
-    cp = cp if cp is not None else runtime._cupy()
+    cp = cp if cp is not None else runtime.import_cupy()
     nvrtc = cp.cuda.nvrtc
     prog = nvrtc.createProgram(kernel_source(fname), fname, (), ())
     try:
@@ -113,7 +113,7 @@ def kernel_build_status() -> dict[str, str]:
                 status[fname] = f"error: NVRTC {nv['version']} cannot compile it: {type(exc).__name__}: {exc}"
             continue
         try:
-            cp = runtime._cupy()
+            cp = runtime.import_cupy()
             module = cp.RawModule(code=code)
             for func in funcs:
                 module.get_function(func)

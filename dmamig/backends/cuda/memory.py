@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from ...errors import DmaError, InvalidArgument
-from .codes import _HOST_ALLOC_MAPPED, _HOST_ALLOC_PORTABLE
+from .codes import HOST_ALLOC_MAPPED, HOST_ALLOC_PORTABLE
 
-__all__ = ["DeviceFrames", "alloc_pinned", "pinned_frames", "run_spans"]
+__all__ = ["DeviceFrames", "alloc_pinned", "device_of", "frames_ptr", "free_device_memory", "pinned_frames",
+           "run_spans"]
 
 
 class DeviceFrames:
@@ -70,7 +71,7 @@ class DeviceFrames:
         return f"DeviceFrames(device={self.device}, shape={self.shape}, {state})"
 
 
-def _ptr(frames: Any) -> int:
+def frames_ptr(frames: Any) -> int:
     """Base address of a frame buffer: numpy (pinned host) or :class:`DeviceFrames`."""
     if isinstance(frames, np.ndarray):
         return int(frames.ctypes.data)
@@ -81,7 +82,7 @@ def _ptr(frames: Any) -> int:
     raise InvalidArgument(f"frames must be a numpy array or DeviceFrames, got {type(frames).__name__}")
 
 
-def _device_of(frames: Any) -> int:
+def device_of(frames: Any) -> int:
     """Device id of a frame buffer, -1 for host memory."""
     return frames.device if isinstance(frames, DeviceFrames) else -1
 
@@ -101,7 +102,7 @@ def run_spans(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def alloc_pinned(rt: Any, nbytes: int) -> int:
     """Address of ``nbytes`` of pinned host memory, portable (pinned for every device) and mapped
     (device-addressable); the caller frees it with ``rt.freeHost``."""
-    flags = getattr(rt, "hostAllocPortable", _HOST_ALLOC_PORTABLE) | getattr(rt, "hostAllocMapped", _HOST_ALLOC_MAPPED)
+    flags = getattr(rt, "hostAllocPortable", HOST_ALLOC_PORTABLE) | getattr(rt, "hostAllocMapped", HOST_ALLOC_MAPPED)
     return int(rt.hostAlloc(nbytes, flags))
 
 
@@ -119,7 +120,7 @@ def pinned_frames(rt: Any, nbytes: int) -> np.ndarray:
     return frames
 
 
-def _free_device_memory(cp: Any, device: int, ptr: int) -> None:
+def free_device_memory(cp: Any, device: int, ptr: int) -> None:
     try:
         with cp.cuda.Device(device):
             cp.cuda.runtime.free(ptr)

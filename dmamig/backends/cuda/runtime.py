@@ -1,10 +1,10 @@
-"""CuPy and NVRTC: the only place that imports cupy (:func:`_cupy` to drive it, :func:`probe_cuda` to see
+"""CuPy and NVRTC: the only place that imports cupy (:func:`import_cupy` to drive it, :func:`probe_cuda` to see
 whether CUDA can run here), NVRTC's preload and status, and what ``dmamig info`` shows about the CUDA driver,
 CuPy's CUDA and NVRTC.
 
 ``cupy`` is imported only when a backend object is made, a kernel is built or CUDA is probed, so importing
 this package (and :mod:`dmamig`) works on machines without cupy or without a GPU. The other modules call
-:func:`_cupy` (and :func:`nvrtc_status`) through this module's namespace (``runtime._cupy()``), so that
+:func:`import_cupy` (and :func:`nvrtc_status`) through this module's namespace (``runtime.import_cupy()``), so that
 replacing it here, as the test suite's CuPy stand-in does, reaches every caller.
 """
 
@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BackendUnavailable
-from .batch import BATCH_COPY_ENV, _batch_copy_requested
+from .batch import BATCH_COPY_ENV, batch_copy_requested
 from .codes import _version_text
 
-__all__ = ["cuda_environment", "nvrtc_status", "preload_nvrtc", "probe_cuda"]
+__all__ = ["cuda_environment", "import_cupy", "nvrtc_status", "preload_nvrtc", "probe_cuda"]
 
 # NVRTC wheels on the package index, per CUDA major version: (distribution, library file name).
 _NVRTC_WHEELS = {12: ("nvidia-cuda-nvrtc-cu12", "libnvrtc.so.12"), 13: ("nvidia-cuda-nvrtc", "libnvrtc.so.13")}
 
 
-def _cupy() -> Any:
+def import_cupy() -> Any:
     try:
         import cupy
     except Exception as exc:
@@ -99,7 +99,7 @@ def nvrtc_status(cp: Any = None) -> dict[str, Any]:
         ``found`` (bool), ``version`` (``"13.0"`` or ``None``) and ``detail`` (where it came from, or why not).
     """
     try:
-        cp = cp if cp is not None else _cupy()
+        cp = cp if cp is not None else import_cupy()
     except BackendUnavailable as exc:
         return {"found": False, "version": None, "detail": str(exc)}
     try:
@@ -139,7 +139,7 @@ def cuda_environment(cp: Any = None) -> dict[str, Any]:
         ``batch_copy`` (whether channels use ``cuMemcpyBatchAsync``). Only ``cupy`` when cupy is missing.
     """
     try:
-        cp = cp if cp is not None else _cupy()
+        cp = cp if cp is not None else import_cupy()
     except BackendUnavailable as exc:
         return {"cupy": f"not usable: {exc}"}
     rt = cp.cuda.runtime
@@ -151,7 +151,7 @@ def cuda_environment(cp: Any = None) -> dict[str, Any]:
             out[key] = f"unknown ({type(exc).__name__}: {exc})"
     nv = nvrtc_status(cp)
     out["nvrtc"] = f"{nv['version']} ({nv['detail']})" if nv["found"] else f"not found: {nv['detail']}"
-    out["batch_copy"] = ("on (DMAMIG_CUDA_BATCH_COPY=1)" if _batch_copy_requested(None)
+    out["batch_copy"] = ("on (DMAMIG_CUDA_BATCH_COPY=1)" if batch_copy_requested(None)
                          else f"off: not used unless {BATCH_COPY_ENV}=1 (no calibration shows it faster yet)")
     return out
 
