@@ -103,8 +103,9 @@ class Machine(FrameOps, PageControls):
         How the CPU sees device memory. ``coherent`` (the default): the CPU can address it; an access
         brings device pages back when it can and accesses them in place when it cannot. ``private``
         (``MEMORY_DEVICE_PRIVATE``): the CPU cannot address it; a CPU page-table entry of a device page is a
-        non-present device-private entry, every CPU access migrates the page back (or fails), and a pin
-        migrates device pages back first, as a ``FOLL_LONGTERM`` pin does.
+        non-present device-private entry, every CPU access faults it back with the owner's ``migrate_to_ram``
+        (a ``MigrateVma`` of the faulting page) or fails, and so does any pin. Device-coherent pages are
+        pinned in place, except by a long-term pin (``migrate_device_coherent_folio``).
     host_nodes : sequence, optional
         Tiered host memory: one entry per host node, either a frame count or ``(frames, cost)`` with the
         node's relative cost per byte accessed (e.g. ``[(4096, 1.0), (16384, 2.5)]``: DRAM then CXL). Host
