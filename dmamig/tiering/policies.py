@@ -153,8 +153,9 @@ class NumaBalancing(Policy):
 
     def params(self) -> dict[str, object]:
         out = super().params()
-        if self.path == "hint-faults":  # the epoch path's settings do not apply
-            out = {"path": self.path, **self._numa.as_dict()}
+        if self.path == "hint-faults":  # the epoch path's settings do not apply; the rest is in numa_settings
+            out = {"path": self.path, "hot_threshold_ms": self._numa.hot_threshold_ms,
+                   "promote_rate_limit_mbps": self._numa.promote_rate_limit_mbps}
         return out
 
     def kernel_paths(self) -> NumaSettings | None:
