@@ -43,10 +43,12 @@ def test_task_numa_work_protects_lower_tier_pages_only(tiered):
     mm.migrate(addr, 16 * m.page_size, 0)  # the first 16 pages on the top tier
     p = paths(mm, addr, scan_size_mb=1)  # 256 pages of 4 KiB per scan
     try:
-        placement = mm.nodes_of(addr, 256 * m.page_size)
-        assert p.scan(0.0, placement) == 240
+        assert p.scan(0.0) == 240
         assert not p.prot_none[:16].any() and p.prot_none[16:].all() and (p.access_ms[16:] == 0).all()
-        assert p.scan(1000.0, placement) == 0 and (p.access_ms[16:] == 0).all()  # still PROT_NONE: skipped
+        assert p.scan(1000.0) == 0 and (p.access_ms[16:] == 0).all()  # still PROT_NONE: skipped
+        mm.migrate(addr + 20 * m.page_size, m.page_size, 0)  # migrated since: its new PTE is not PROT_NONE
+        mm.migrate(addr + 20 * m.page_size, m.page_size, 1)
+        assert p.scan(2000.0) == 1 and p.access_ms[20] == 2000.0
     finally:
         p.close()
 
@@ -57,7 +59,7 @@ def test_do_numa_page_counts_hint_faults_and_migrates_one_folio(tiered):
     m, mm, addr = tiered
     p = paths(mm, addr)
     try:
-        p.scan(0.0, mm.nodes_of(addr, 256 * m.page_size))
+        p.scan(0.0)
         before = len(m.migrate_events)
         p.access(5, 10.0)
         p.access(5, 11.0)
@@ -77,7 +79,7 @@ def test_do_numa_page_counts_numa_hint_faults_local(tiered):
     m, mm, addr = tiered
     p = paths(mm, addr)
     try:
-        p.scan(0.0, mm.nodes_of(addr, 256 * m.page_size))
+        p.scan(0.0)
         p.access(7, 10.0, cpu_node=1)
         v = m.vmstat
         assert v["numa_hint_faults"] == 1 and v["numa_hint_faults_local"] == 1 and v["pgmigrate_success"] == 0
@@ -90,7 +92,7 @@ def test_should_numa_migrate_memory_needs_a_fault_within_the_hot_threshold(tiere
     m, mm, addr = tiered
     p = paths(mm, addr, hot_threshold_ms=1000)
     try:
-        p.scan(0.0, mm.nodes_of(addr, 256 * m.page_size))
+        p.scan(0.0)
         p.access(1, 999.0)
         p.access(2, 1000.0)
         assert mm.node_of(addr + m.page_size) == 0 and mm.node_of(addr + 2 * m.page_size) == 1
@@ -106,11 +108,11 @@ def test_numa_promotion_rate_limit_counts_candidates_per_second(tiered):
     p = paths(mm, addr, promote_rate_limit_mbps=1)
     p.rate_limit_pages = 4  # the window's limit in pages, small enough for a short test
     try:
-        p.scan(0.0, mm.nodes_of(addr, 256 * m.page_size))
+        p.scan(0.0)
         for page in range(8):
             p.access(page, 10.0 + page)
         assert p.stats["promoted"] == 3 and p.stats["rate_limited"] == 5  # the 4th candidate reaches the limit
-        p.scan(1011.0, mm.nodes_of(addr, 256 * m.page_size))  # protects pages 3..7 again, stamped 1011
+        p.scan(1011.0)  # protects pages 3..7 again, stamped 1011
         p.access(5, 1012.0)  # > 1 s after the window began: a new window
         assert p.stats["promoted"] == 4 and mm.node_of(addr + 5 * m.page_size) == 0
     finally:
@@ -153,7 +155,7 @@ def test_migrate_misplaced_folio_prepare_wakes_kswapd_which_demotes():
         for tpp in (False, True):
             p = HintFaultPaths(mm, addr, 256, NumaSettings(demotion=tpp))
             try:
-                p.scan(0.0, mm.nodes_of(addr, 256 * m.page_size))
+                p.scan(0.0)
                 p.access(3, 5.0)
                 assert mm.node_of(addr + 3 * m.page_size) == 1 and p.stats["kswapd_wakeups"] == 1
                 if not tpp:
@@ -170,7 +172,7 @@ def test_migrate_misplaced_folio_prepare_wakes_kswapd_which_demotes():
         p = HintFaultPaths(mm, addr, 256, NumaSettings(demotion=True))
         try:
             before = m.vmstat
-            p.scan(0.0, mm.nodes_of(addr, 256 * m.page_size))
+            p.scan(0.0)
             p.access(3, 5.0)
             assert p.stats["demoted"] >= 32 and m.nodes[0].free_pages > w.promo
             assert m.vmstat["pgdemote_kswapd"] - before["pgdemote_kswapd"] == p.stats["demoted"]

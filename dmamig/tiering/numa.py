@@ -151,6 +151,7 @@ class HintFaultPaths:
         self.lower = set(m.host_node_ids[1:])
         self.wmark = kernel_watermarks(m, self.top, settings.watermark_scale_factor)
         self.prot_none = np.zeros(pages, dtype=bool)  # the scanner's marks (PROT_NONE PTEs)
+        self.marked_pfn = np.full(pages, -1, dtype=np.int64)  # the page each mark was made on
         self.access_ms = np.zeros(pages, dtype=np.float64)  # folio_xchg_access_time's stamp
         self.last_use = np.full(pages, -np.inf)  # trace time of the last access: the LRU's order
         self.scan_offset = 0  # mm->numa_scan_offset
@@ -176,16 +177,21 @@ class HintFaultPaths:
         self._kswapd.start()
 
     # -- task_numa_work -------------------------------------------------------------------------------------
-    def scan(self, now_ms: float, placement: np.ndarray) -> int:
+    def scan(self, now_ms: float) -> int:
         """One scan period's ``change_prot_numa`` over the next ``scan_size`` of the region; returns how many
-        pages it protected. Top-tier, unpopulated, device and already protected pages are skipped."""
+        pages it protected. Top-tier, unpopulated, device and already protected pages are skipped. A mark
+        whose page was migrated since (by a device, or a policy) is gone: the new PTE is not ``PROT_NONE``."""
+        pfns = self.mm.pfns_of(self.addr, self.pages * self.ps)
+        placement = np.where(pfns >= 0, self.m.nodemap.node_of(np.maximum(pfns, 0)), -1)
         n = min(self.scan_pages, self.pages)
         idx = (self.scan_offset + np.arange(n)) % self.pages
         self.scan_offset = int((self.scan_offset + n) % self.pages)
         lower = np.isin(placement[idx], list(self.lower)) if self.lower else np.zeros(n, dtype=bool)
-        take = idx[lower & ~self.prot_none[idx]]
         with self.lock:
+            self.prot_none &= self.marked_pfn == pfns
+            take = idx[lower & ~self.prot_none[idx]]
             self.prot_none[take] = True
+            self.marked_pfn[take] = pfns[take]
             self.access_ms[take] = now_ms
         return int(take.size)
 
@@ -205,9 +211,10 @@ class HintFaultPaths:
             if not self.prot_none[page]:
                 return  # another thread took this fault
             self.prot_none[page] = False
-        node = mm.node_of(va)
-        if node not in self.lower:
-            return  # migrated meanwhile (a device took it): its new PTE is not PROT_NONE, no fault
+        pfn = mm.pfn_of(va)
+        if pfn != self.marked_pfn[page]:
+            return  # migrated since the scan (a device took it): its new PTE is not PROT_NONE, no fault
+        node = int(m.nodemap.node_of(np.array([pfn]))[0])
         with m.lock:
             m.count_event("numa_hint_faults")
             if node == cpu_node:
@@ -228,7 +235,7 @@ class HintFaultPaths:
             self._wake_kswapd()
             return
         t0 = time.thread_time_ns()
-        res = m.migrate_misplaced_folio(mm.pfn_of(va), self.top)
+        res = m.migrate_misplaced_folio(pfn, self.top)
         with self.lock:
             self.stats["promote_cpu_ns"] += time.thread_time_ns() - t0
             self.stats["promoted" if res.nr_succeeded else "promote_failed"] += 1

@@ -317,7 +317,7 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
             lo, hi = int(bounds[e]), int(bounds[e + 1])
             placement = mm.nodes_of(addr, nbytes)
             if numa is not None:
-                numa.scan(e * period, placement)  # task_numa_work at the start of the scan period
+                numa.scan(e * period)  # task_numa_work at the start of the scan period
                 numa0 = dict(numa.stats)
             stalls0 = mm.migration_stalls
             uvm0 = _uvm_counts(device)
