@@ -84,10 +84,13 @@ def pin_range(mm: MmStruct, addr: int, length: int, longterm: bool = True) -> No
             remote = pfns[(pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]]
             if remote.size == 0 or not (longterm or m.device_private):
                 if m.device_private:
-                    # No device-private entry is left: unshare what is shared, on the host.
+                    # No device-private entry is left: unshare what is shared, on the host. A shared mapping's
+                    # fault may map a page its page cache holds on a device: fault that back, and look again.
                     for v, s0, s1 in segs:
                         fault(mm, v, s0, s1, 0, write=True)
                     pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+                    if ((pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]).any():
+                        continue
                 break
             if pages.test(pages.head[remote], PageFlag.ISOLATED).any():
                 # Another migration has taken these pages and will unmap, move or put them back: wait for it

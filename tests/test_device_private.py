@@ -335,3 +335,23 @@ def test_device_private_faults_race_device_accesses_without_losing_a_byte():
         assert check_machine(m) == []
         mm.close()
         assert [nd.free_pages for nd in m.nodes] == [2048, 2048]
+
+
+def test_do_swap_page_splits_a_large_device_private_folio_and_unlocks_its_other_pages():
+    """A fault on a large device-private folio that is not PMD-mapped whole: migrate_vma_collect splits it
+    (split_folio), and every page but the one the fault handler holds locked is unlocked, as
+    __split_huge_page unlocks them; the whole folio's range comes back."""
+    with _machine() as m:
+        mm = m.address_space()
+        a = mm.mmap(4 * PS, order=2)
+        data = np.random.default_rng(3).integers(0, 256, 4 * PS, dtype=np.uint8)
+        mm.write(a, data)
+        assert mm.migrate(a, 4 * PS, 1).nr_succeeded == 4
+        assert m.page_state(mm.pfn_of(a))["order"] == 2
+        assert np.array_equal(mm.read(a + PS, PS), data[PS: 2 * PS])
+        assert (mm.nodes_of(a, 4 * PS) == 0).all()
+        for i in range(4):
+            assert not m.page_state(mm.pfn_of(a + i * PS))["flags"] & PageFlag.LOCKED
+        assert mm.migrate(a, 4 * PS, 1).nr_succeeded == 4  # nothing is left locked to wait on
+        assert np.array_equal(mm.read(a, 4 * PS), data)
+        assert check_machine(m) == []

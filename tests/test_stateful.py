@@ -13,7 +13,7 @@ import errno
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -464,3 +464,23 @@ MigrationModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_migration_model = MigrationModel.TestCase
+
+
+class PrivateMigrationModel(MigrationModel):
+    """The same model on device-private memory: device pages are non-present entries, every CPU access and
+    pin faults them back through migrate_to_ram (a migrate_vma of the faulting page)."""
+
+    def __init__(self):
+        super().__init__()
+        self.m.close()
+        self.m = Machine(host_pages=HOST, device_pages=DEV, devices=2, page_size=PS, backend="cpu",
+                         channels=2, device_memory="private")
+        self.spaces = [Space(self.m.address_space())]
+
+
+PrivateMigrationModel.TestCase.settings = settings(
+    max_examples=50, stateful_step_count=40, deadline=None, database=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_private_migration_model = PrivateMigrationModel.TestCase

@@ -233,6 +233,10 @@ class VmaCollect:
         if pages.refcount[head] - faulting == int(pages.mapcount[pfns].sum()) \
                 and (faulting or not pages.test(head, PageFlag.LOCKED)):
             pages.split(head)
+            if faulting:
+                # The fault handler holds the head page's lock; every other page of the split folio is unlocked
+                # (__split_huge_page unlocks the pages but the one its caller holds).
+                pages.clear(pfns[1:], PageFlag.LOCKED)
             # Base pages nobody maps any more (a partly unmapped folio) are freed, as __split_huge_page does.
             m.free_folios(pfns[pages.refcount[pfns] <= 0])
             m.count_event("thp_migration_split")
