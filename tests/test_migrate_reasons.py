@@ -136,3 +136,17 @@ def test_migrate_misplaced_folio_moves_one_folio(m, mm):
     mm.populate(a, 2 * m.page_size)
     with pytest.raises(InvalidArgument, match="one folio"):
         m.migrate_misplaced_folio([mm.pfn_of(a), mm.pfn_of(a + m.page_size)], 1)
+
+
+def test_a_device_driver_migration_is_no_mm_migrate_pages_event():
+    """UVM's fault service and eviction migrate through the driver, not migrate_pages(): no event is recorded."""
+    from dmamig import DeviceAccessor
+
+    with Machine(host_pages=2048, device_pages=2048, backend="cpu") as m:
+        mm = m.address_space()
+        a = mm.mmap(64 * m.page_size)
+        mm.populate(a, 64 * m.page_size)
+        before = len(m.migrate_events)
+        with DeviceAccessor(mm, 1) as dev:
+            dev.read(a, 64 * m.page_size)
+        assert m.vmstat["pgmigrate_success"] > 0 and len(m.migrate_events) == before

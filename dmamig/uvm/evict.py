@@ -125,7 +125,8 @@ def migrate_device_pages(m: Machine, pfns: np.ndarray, engine: DmaEngine | None 
             return res
         status, heads = collect_folios(m, sel, 0)
     res = run_migration(m, MigrationRequest(heads=heads, node=0, mode=mode, pfns=sel, status=status,
-                                            t_thread=t_thread, t_wall=t_wall, engine=engine, options=options))
+                                            t_thread=t_thread, t_wall=t_wall, engine=engine, options=options,
+                                            reason=None))  # the driver's own migration: no mm_migrate_pages
     full = np.full(pfns.size, ENOENT, dtype=np.int32)
     full[used] = res.status
     res.status = full

@@ -191,7 +191,8 @@ class FaultService:
         if heads.size:
             res = run_migration(m, MigrationRequest(heads=heads, node=self.node, mode=self.mode, pfns=move,
                                                     status=status, t_thread=t_thread, t_wall=t_wall,
-                                                    engine=self.engine, options=self.options.migrate_options))
+                                                    engine=self.engine, options=self.options.migrate_options,
+                                                    reason=None))  # the driver's, not migrate_pages()
             st.pages_migrated += res.nr_succeeded
             st.bytes_migrated += res.nr_succeeded * m.page_size
             for k, v in res.phase_ns.items():
