@@ -52,15 +52,16 @@ def pages(m: Machine, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, 
     return m.pages.expand(m.alloc_pages(0, 1, order=9)), m.pages.expand(m.alloc_pages(1, 1, order=9))
 
 
-def timed_submissions(dma: Any, src: np.ndarray, dst: np.ndarray) -> float:
-    """Median host microseconds of ``dma.copy(src, dst)``, each fence waited for outside the timed call."""
+def timed_submissions(dma: Any, src: np.ndarray, dst: np.ndarray, calls: int = CALLS) -> float:
+    """Median host microseconds of ``dma.copy(src, dst)``, each fence waited for outside the timed call
+    (``calls`` timed, after as many untimed)."""
     times = []
-    for k in range(2 * CALLS):
+    for k in range(2 * calls):
         t0 = time.perf_counter_ns()
         fence = dma.copy(src, dst)
         t1 = time.perf_counter_ns()
         fence.wait()
-        if k >= CALLS:
+        if k >= calls:
             times.append(t1 - t0)
     return statistics.median(times) / 1e3
 

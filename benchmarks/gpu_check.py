@@ -139,16 +139,9 @@ def run_submissions(result: dict[str, Any], backend: str) -> None:
 
 def _submission_us(dma: Any, src: np.ndarray, dst: np.ndarray) -> tuple[float, float]:
     """Median host microseconds of ``dma.copy(src, dst)`` alone (each fence waited for outside the timed
-    call) and of the copy waited for to completion."""
-    times = []
-    for k in range(2 * CALLS):
-        t0 = time.perf_counter_ns()
-        fence = dma.copy(src, dst)
-        t1 = time.perf_counter_ns()
-        fence.wait()
-        if k >= CALLS:
-            times.append(t1 - t0)
-    return round(statistics.median(times) / 1e3, 3), _median_us(lambda: dma.copy(src, dst).wait(), CALLS // 3)
+    call: :func:`bench_submit.timed_submissions`) and of the copy waited for to completion."""
+    return (round(bench_submit.timed_submissions(dma, src, dst, CALLS), 3),
+            _median_us(lambda: dma.copy(src, dst).wait(), CALLS // 3))
 
 
 # -- the steps run as processes -----------------------------------------------------------------------------------

@@ -133,20 +133,11 @@ def _follow_pages(mm: MmStruct, addrs: np.ndarray) -> np.ndarray:
     address; ``-1`` (``-ENOENT``) where nothing is populated, and where a migration entry stands in the PTE:
     the page walk finds no page behind a non-present entry and reports it as absent, it does not wait.
     """
-    ps = mm.machine.page_size
-    vmas = mm.vmas
-    pfns = np.full(addrs.size, ZERO_PFN, dtype=np.int64)
-    if not vmas:
-        return pfns
-    starts = np.array([v.start for v in vmas], dtype=np.int64)
-    ends = np.array([v.end for v in vmas], dtype=np.int64)
-    i = np.searchsorted(starts, addrs, side="right") - 1
-    inside = (i >= 0) & (addrs < ends[np.maximum(i, 0)])
-    for k in np.unique(i[inside]).tolist():
-        pos = np.flatnonzero(inside & (i == k))
-        slots = (addrs[pos] - vmas[k].start) // ps
-        migrating = (vmas[k].pte_flags[slots] & np.uint8(PteFlag.MIGRATION)) != 0
-        pfns[pos] = np.where(migrating, NO_PFN, vmas[k].pte_pfn[slots])
+    found, hits = mm.lookup(addrs)
+    pfns = np.full(addrs.size, ZERO_PFN, dtype=np.int64)  # no VMA maps the address
+    for vma, pos, slots in hits:
+        migrating = (vma.pte_flags[slots] & np.uint8(PteFlag.MIGRATION)) != 0
+        pfns[pos] = np.where(migrating, NO_PFN, found[pos])
     m = mm.machine
     if m.device_private:
         # A device-private entry is not present either: folio_walk_start finds no page behind it.
