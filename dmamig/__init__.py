@@ -13,7 +13,7 @@ from .errors import (
     MigrationStalled,
     OutOfMemory,
 )
-from .fault import FaultAttr, FaultPoints
+from .fault_injection import FaultAttr, FaultPoints
 from .flags import MigrateMode, MigratePfn, MigrateReason, MigrateVmaSelect, PageFlag, Prot, PteFlag
 from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma

@@ -11,7 +11,7 @@ from ._arrays import add_at, distinct
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .fault import FaultPoints
+    from .fault_injection import FaultPoints
     from .nodes import Node, NodeMap
     from .pages import PageArray
 

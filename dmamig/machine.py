@@ -14,7 +14,7 @@ from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
 from .dma import DmaEngine
 from .errors import InvalidArgument, OutOfMemory
-from .fault import FaultPoints
+from .fault_injection import FaultPoints
 from .flags import MigrateMode, MigrateReason
 from .frame_ops import FrameOps
 from .migrate.core import demote_folios, migrate_misplaced_folio, migrate_pfns
@@ -239,7 +239,7 @@ class Machine(FrameOps, PageControls):
     @property
     def faults(self) -> FaultPoints:
         """The machine's fault points (``alloc``, ``dma_submit``, ``dma_copy``, ``dma_complete``,
-        ``channel_crash``); see :mod:`dmamig.fault`."""
+        ``channel_crash``); see :mod:`dmamig.fault_injection`."""
         return self._faults
 
     @property

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _kernels
+from . import page_loops
 from .errors import InvalidArgument
 
 __all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap", "check_owner"]
@@ -20,7 +20,7 @@ __all__ = ["MAX_ORDER", "PAGEBLOCK_ORDER", "FrameAllocator", "Node", "NodeMap", 
 PAGEBLOCK_ORDER = 9
 MAX_ORDER = PAGEBLOCK_ORDER
 _BLOCK = 1 << PAGEBLOCK_ORDER
-#: Allocate and free with the compiled loops of ``_kernels`` (numba); the numpy methods are the reference.
+#: Allocate and free with the compiled loops of ``page_loops`` (numba); the numpy methods are the reference.
 USE_COMPILED = True
 
 
@@ -64,16 +64,16 @@ class FrameAllocator:
             raise InvalidArgument(f"order must be in 0..{MAX_ORDER}, got {order}")
         if count <= 0:
             return np.empty(0, dtype=np.int64)
-        if _kernels.HAVE_NUMBA and USE_COMPILED:
+        if page_loops.HAVE_NUMBA and USE_COMPILED:
             # One compiled pass finds and takes the blocks (the numpy methods below are the reference).
             size = 1 << order
             out = np.empty(min(count, self._nr_free // size), dtype=np.int64)
             if out.size == 0:
                 return out
             if order == 0:
-                got = _kernels.alloc_frames0(self._free, self._block_free, _BLOCK, out.size, out)
+                got = page_loops.alloc_frames0(self._free, self._block_free, _BLOCK, out.size, out)
             else:
-                got = _kernels.alloc_frames_order(self._free, self._block_free, _BLOCK, size, out.size, out)
+                got = page_loops.alloc_frames_order(self._free, self._block_free, _BLOCK, size, out.size, out)
             self._nr_free -= got * size
             return out[:got]
         heads = self._alloc_order0(count) if order == 0 else self._alloc_order(count, order)
@@ -125,8 +125,8 @@ class FrameAllocator:
         frames = np.asarray(frames, dtype=np.int64)
         if frames.size == 0:
             return
-        if _kernels.HAVE_NUMBA and USE_COMPILED:
-            bad = _kernels.free_frames(self._free, self._block_free, _BLOCK, frames)
+        if page_loops.HAVE_NUMBA and USE_COMPILED:
+            bad = page_loops.free_frames(self._free, self._block_free, _BLOCK, frames)
             if bad >= 0:
                 raise RuntimeError(f"double free of frame {int(frames[bad])} (allocator invariant broken)")
             self._nr_free += frames.size

@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from . import _kernels
+from . import page_loops
 from .flags import PageFlag
 
 __all__ = ["NO_MAPPING", "PageArray"]
@@ -92,8 +92,8 @@ class PageArray:
     def prep_new(self, heads: np.ndarray, order: int) -> None:
         """Initialise freshly allocated folios: refcount 1, clean state, compound head/tails set up."""
         heads = np.asarray(heads, dtype=np.int64)
-        if _kernels.HAVE_NUMBA:
-            _kernels.prep_new_folios(heads, int(order), np.uint32(PageFlag.HEAD), self.flags, self.refcount,
+        if page_loops.HAVE_NUMBA:
+            page_loops.prep_new_folios(heads, int(order), np.uint32(PageFlag.HEAD), self.flags, self.refcount,
                                      self.mapcount, self.mapping, self.index, self.private, self.last_cpupid,
                                      self.memcg, self.order, self.head)
             return
@@ -107,8 +107,8 @@ class PageArray:
 
     def reset(self, pfns: np.ndarray) -> None:
         """Return base pfns to the free state (no folio, no references)."""
-        if _kernels.HAVE_NUMBA and isinstance(pfns, np.ndarray) and pfns.dtype == np.int64 and pfns.ndim == 1:
-            _kernels.reset_pages(pfns, self.flags, self.refcount, self.mapcount, self.mapping, self.index,
+        if page_loops.HAVE_NUMBA and isinstance(pfns, np.ndarray) and pfns.dtype == np.int64 and pfns.ndim == 1:
+            page_loops.reset_pages(pfns, self.flags, self.refcount, self.mapcount, self.mapping, self.index,
                                  self.private, self.last_cpupid, self.memcg, self.order, self.head)
             return
         self.flags[pfns] = 0

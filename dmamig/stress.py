@@ -24,7 +24,7 @@ import numpy as np
 
 from .check import check_machine
 from .errors import InvalidArgument
-from .fault import FaultAttr
+from .fault_injection import FaultAttr
 from .machine import Machine
 from .stress_ops import ROLES, Region, Shared, Worker, region_bytes
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _kernels
+from . import page_loops
 from ._arrays import add_at, distinct
 from .flags import PageFlag, Prot, PteFlag
 
@@ -258,8 +258,8 @@ def _vmas_mapping(m: Machine, pfns: np.ndarray) -> Iterator[tuple[int, Vma]]:
                 yield oid, vma
 
 
-#: Use the compiled loops of ``_kernels`` (numba); the numpy code is the reference and the fallback.
-USE_KERNELS = _kernels.HAVE_NUMBA
+#: Use the compiled loops of ``page_loops`` (numba); the numpy code is the reference and the fallback.
+USE_LOOPS = page_loops.HAVE_NUMBA
 
 
 def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
@@ -270,9 +270,9 @@ def install_migration_entries(m: Machine, pfns: np.ndarray) -> None:
     the kernel does.
     """
     pages = m.pages
-    if USE_KERNELS:
+    if USE_LOOPS:
         for oid, vma in _vmas_mapping(m, pfns):
-            _kernels.install_entries(pfns, pages.mapping, pages.index, pages.head, pages.mapcount,
+            page_loops.install_entries(pfns, pages.mapping, pages.index, pages.head, pages.mapcount,
                                      pages.refcount, pages.flags, oid, vma.pgoff, vma.npages, vma.pte_pfn,
                                      vma.pte_flags)
         return
@@ -297,9 +297,9 @@ def remove_migration_entries(m: Machine, old: np.ndarray, new: np.ndarray) -> No
     present PTE (:func:`mark_device_private`).
     """
     pages = m.pages
-    if USE_KERNELS:
+    if USE_LOOPS:
         for oid, vma in _vmas_mapping(m, old):
-            _kernels.remove_entries(old, new, pages.mapping, pages.index, pages.head, pages.mapcount,
+            page_loops.remove_entries(old, new, pages.mapping, pages.index, pages.head, pages.mapcount,
                                     pages.refcount, oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags)
         mark_device_private(m, new)
         return

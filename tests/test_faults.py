@@ -19,7 +19,7 @@ from dmamig.backends.cpu import backend as cpu_backend
 from dmamig.backends.cpu import channel as cpu_channel
 from dmamig.backends.cpu import copy_loops as cpu_kernels
 from dmamig.check import check_machine
-from dmamig.fault import FAULT_POINTS
+from dmamig.fault_injection import FAULT_POINTS
 
 DMA_POINTS = ("dma_submit", "dma_copy", "dma_complete", "channel_crash")
 MESSAGES = {"dma_submit": "refused its share", "dma_copy": "mid-copy", "dma_complete": "on completion",
@@ -132,7 +132,7 @@ def test_fault_points_names_counts_and_scoping():
 
 def test_verbose_logs_each_injected_failure(caplog):
     attr = FaultAttr(probability=1.0, times=1, verbose=2)
-    with caplog.at_level(logging.WARNING, logger="dmamig.fault"):
+    with caplog.at_level(logging.WARNING, logger="dmamig.fault_injection"):
         assert attr.should_fail(where="dma_copy")
     assert "FAULT_INJECTION" in caplog.text and "dma_copy" in caplog.text and "test_faults.py" in caplog.text
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from support import WAIT, delta, filled
 
-import dmamig.migrate.batch_kernels as batch_kernels
+import dmamig.migrate.batch_loops as batch_loops
 import dmamig.migrate.core as core
 from dmamig import InvalidArgument, MigrateMode, MigrateOptions, PageFlag
 from dmamig.check import check_machine
@@ -205,7 +205,7 @@ def test_a_write_through_a_pin_is_not_lost_on_the_move_retry(m, mm, monkeypatch,
     the unmapped source through it and drops it; the next freeze succeeds. The kernel copies again there
     (folio_mc_copy inside migrate_folio since 6.11; the batch-offload RFC consumes its "copied" mark on first
     use): moving state over the copy taken before the write would lose it."""
-    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", path == "compiled")
+    monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", path == "compiled")
     ps = m.page_size
     n = 8
     addr, data = filled(m, mm, n)
@@ -460,7 +460,7 @@ def test_sigint_inside_a_phase_is_held_until_the_phase_ends(m, mm, monkeypatch):
 
     ps = m.page_size
     addr, data = filled(m, mm, 2 * NR, seed=6)
-    real = batch_kernels.unmap_one_vma
+    real = batch_loops.unmap_one_vma
     seen = []
 
     def unmap(todo, *args):  # the compiled unmap pass, in the middle of the unmap phase
@@ -469,7 +469,7 @@ def test_sigint_inside_a_phase_is_held_until_the_phase_ends(m, mm, monkeypatch):
         seen.append(todo.size)
         return real(todo, *args)
 
-    monkeypatch.setattr(batch_kernels, "unmap_one_vma", unmap)
+    monkeypatch.setattr(batch_loops, "unmap_one_vma", unmap)
     with pytest.raises(KeyboardInterrupt):
         mm.migrate(addr, 2 * NR * ps, 1)
     monkeypatch.undo()

@@ -207,9 +207,9 @@ def test_async_does_not_wait_for_a_locked_page(m, mm):
 def test_migrate_folio_unmap_frees_the_destination_of_an_async_lock_retry(m, mm, monkeypatch, one_vma):
     """migrate_folio_unmap: a folio whose lock is busy in ASYNC mode gives its destination back
     (migrate_folio_undo_dst) before it is retried; each pass allocates again."""
-    from dmamig.migrate import batch_kernels
+    from dmamig.migrate import batch_loops
 
-    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", one_vma)
+    monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", one_vma)
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import dmamig._kernels as kernels
-import dmamig.migrate.batch_kernels as batch_kernels
+import dmamig.migrate.batch_loops as batch_loops
 import dmamig.migrate.state as state
+import dmamig.page_loops as page_loops
 import dmamig.vma as vma_mod
 from dmamig import MigrateMode, PageFlag, PteFlag
 from dmamig.migrate.state import migrate_folio_mapping, migrate_folio_states
@@ -29,10 +29,10 @@ COPIED = [PageFlag.ERROR, PageFlag.REFERENCED, PageFlag.UPTODATE, PageFlag.WORKI
 def implementation(request, monkeypatch):
     """Run on the compiled loops and on the numpy reference (where both exist)."""
     if request.param == "compiled":
-        if not kernels.HAVE_NUMBA:
+        if not page_loops.HAVE_NUMBA:
             pytest.skip("numba is not available: only the numpy path exists")
     else:
-        for mod, name in ((state, "USE_KERNELS"), (vma_mod, "USE_KERNELS"), (kernels, "HAVE_NUMBA")):
+        for mod, name in ((state, "USE_LOOPS"), (vma_mod, "USE_LOOPS"), (page_loops, "HAVE_NUMBA")):
             monkeypatch.setattr(mod, name, False, raising=False)
     return request.param
 
@@ -56,16 +56,16 @@ def freed(m, monkeypatch):
     monkeypatch.setattr(m, "free_folios", spy)
     # The single-call batch kernels reset the old folio in the same compiled call that moves its state, so
     # there is no moment to look at it: take the phase-by-phase path, which runs the same state kernels.
-    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", False)
-    if kernels.HAVE_NUMBA:
+    monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", False)
+    if page_loops.HAVE_NUMBA:
         # The compiled migrate_folio_done frees the old folios itself.
-        real_done = kernels.done_folios
+        real_done = page_loops.done_folios
 
         def done_spy(old, *args):
             snapshot(old)
             return real_done(old, *args)
 
-        monkeypatch.setattr(kernels, "done_folios", done_spy)
+        monkeypatch.setattr(page_loops, "done_folios", done_spy)
     return seen
 
 
@@ -220,7 +220,7 @@ def test_everything_at_once_on_a_thp_and_back(m, mm):
 def transfer(pages: PageArray, old: np.ndarray, new: np.ndarray, implementation: str) -> None:
     """folio_migrate_mapping + folio_migrate_flags on a bare PageArray (pages of no object)."""
     if implementation == "compiled":
-        kernels.move_folio_state(old, new, np.ones(old.size, np.int64), pages.flags, pages.refcount,
+        page_loops.move_folio_state(old, new, np.ones(old.size, np.int64), pages.flags, pages.refcount,
                                  pages.mapping, pages.index, pages.private, pages.last_cpupid, pages.memcg)
     else:
         fake = SimpleNamespace(pages=pages)
@@ -256,7 +256,7 @@ def test_moved_flags_are_cleared_on_the_old_page(implementation):
 
 
 def test_compiled_and_numpy_state_transfer_agree(implementation):
-    if kernels.move_folio_state is None:
+    if page_loops.move_folio_state is None:
         pytest.skip("numba is not available: no compiled path to compare")
     n = 256
     rng = np.random.default_rng(5)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DmaError, InvalidArgument
-from ..fault import FaultPoints
+from ..fault_injection import FaultPoints
 from ..topology import ROUTE_STAGED, Topology, node_routes
 from .channel import ChannelWork, Completion, exec_device
 from .copy_plan import CopyPlan, PlanOptions

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import DmaError
-from ..fault import FaultAttr, FaultPoints
+from ..fault_injection import FaultAttr, FaultPoints
 from .channel import ChannelWork, Completion
 from .fence import FailedCompletion, FaultedCompletion
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import _kernels
+from .. import page_loops
 from .._arrays import distinct
 from ..flags import PageFlag
 from ..nodes import PAGEBLOCK_ORDER
@@ -42,9 +42,9 @@ class Entries:
         pages = m.pages
         n = heads.size
         self.src = np.asarray(heads, dtype=np.int64)
-        if _kernels.HAVE_NUMBA and n:
+        if page_loops.HAVE_NUMBA and n:
             self.order = np.empty(n, dtype=np.int64)
-            top, node, lo, hi = _kernels.entry_info(self.src, pages.order, pages.mapping, m.nodemap.node_table,
+            top, node, lo, hi = page_loops.entry_info(self.src, pages.order, pages.mapping, m.nodemap.node_table,
                                                     self.order)
             one_object = lo == hi
             self.oid = int(lo) if one_object and lo >= 0 else -1  # the one object of every folio, if so

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import _kernels
+from .. import page_loops
 from .._arrays import all_distinct, first_occurrences
 from ..errors import InvalidArgument
 from ..flags import EACCES, EBUSY, EFAULT, ENOENT, PageFlag
@@ -65,12 +65,12 @@ def collect_folios(m: Machine, pfns: np.ndarray, node: int,
     its reference.
     """
     nd = m.nodes[node]
-    if _kernels.HAVE_NUMBA:
+    if page_loops.HAVE_NUMBA:
         pages = m.pages
         status = np.empty(pfns.size, dtype=np.int32)
         entry = np.empty(pfns.size, dtype=np.int64)
         heads = np.empty(pfns.size, dtype=np.int64)
-        n = _kernels.collect_folios(pfns, nd.base_pfn, nd.base_pfn + nd.total_pages, pages.head, pages.refcount,
+        n = page_loops.collect_folios(pfns, nd.base_pfn, nd.base_pfn + nd.total_pages, pages.head, pages.refcount,
                                     pages.flags, pages.mapcount, pages.order, pages.mark, _LRU, _ISOLATED,
                                     not move_all, status, entry, heads)
         return status, heads[:n]

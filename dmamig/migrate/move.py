@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import _kernels
+from .. import page_loops
 from ..errors import DmaError
 from ..flags import PageFlag
 from ..vma import mark_device_private, remove_migration_entries
-from . import batch_kernels
+from . import batch_loops
 from .entries import HPAGE_PMD_ORDER, PENDING
 from .state import migrate_folio
 
@@ -143,7 +143,7 @@ class MovePhase:
         rc = np.empty(moving.size, dtype=np.int32)
         freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
         counts = np.empty(4, dtype=np.int64)
-        nfreed, dead = batch_kernels.move_one_vma(
+        nfreed, dead = batch_loops.move_one_vma(
             moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
             HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
             pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
@@ -202,9 +202,9 @@ class MovePhase:
         remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
         # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
         # old one (still locked and isolated: nobody can reach it) goes back to the allocator.
-        if _kernels.HAVE_NUMBA:
+        if page_loops.HAVE_NUMBA:
             freed = np.empty(pos.size if e.all_base else int(e.nr[pos].sum()), dtype=np.int64)
-            dead = _kernels.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
+            dead = page_loops.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
                                         pages.mapcount, pages.mapping, pages.index, pages.private,
                                         pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
             self._free_old(freed)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import _kernels
+from .. import page_loops
 from .._arrays import distinct
 from ..flags import MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag
 
@@ -21,8 +21,8 @@ __all__ = ["COPIED_FLAGS", "migrate_folio", "migrate_folio_mapping", "migrate_fo
 #: Flags copied from the old folio to the new one as they are (``folio_migrate_flags``).
 COPIED_FLAGS = MIGRATE_COPIED_FLAGS
 _MOVED_ON_OLD = MIGRATE_MOVED_FLAGS
-#: Use the compiled loops of ``_kernels`` (numba); the numpy code below is the reference and the fallback.
-USE_KERNELS = _kernels.HAVE_NUMBA
+#: Use the compiled loops of ``page_loops`` (numba); the numpy code below is the reference and the fallback.
+USE_LOOPS = page_loops.HAVE_NUMBA
 
 
 def _u32(flag: PageFlag) -> np.uint32:
@@ -88,7 +88,7 @@ def migrate_folio_states(m: Machine, old: np.ndarray, new: np.ndarray) -> None:
 
 def migrate_folio(m: Machine, old: np.ndarray, new: np.ndarray, nr: np.ndarray) -> None:
     """Move mapping and state from ``old`` to ``new`` folios of ``nr`` base pages each (no data copy)."""
-    if not USE_KERNELS:
+    if not USE_LOOPS:
         migrate_folio_mapping(m, old, new)
         migrate_folio_states(m, old, new)
         return
@@ -96,6 +96,6 @@ def migrate_folio(m: Machine, old: np.ndarray, new: np.ndarray, nr: np.ndarray) 
     # The object slots first: they are found through the old pages' mapping and index.
     for oid in distinct(pages.mapping[old]):
         if oid >= 0:
-            _kernels.move_object_slots(old, new, nr, pages.mapping, pages.index, oid, m.object(oid).pfns)
-    _kernels.move_folio_state(old, new, nr, pages.flags, pages.refcount, pages.mapping, pages.index,
+            page_loops.move_object_slots(old, new, nr, pages.mapping, pages.index, oid, m.object(oid).pfns)
+    page_loops.move_folio_state(old, new, nr, pages.flags, pages.refcount, pages.mapping, pages.index,
                               pages.private, pages.last_cpupid, pages.memcg)

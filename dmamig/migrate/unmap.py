@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import _kernels
+from .. import page_loops
 from ..flags import EBUSY, ENOMEM, MigrateMode, MigrateReason, PageFlag
 from ..vma import install_migration_entries
-from . import batch_kernels
+from . import batch_loops
 from .entries import HPAGE_PMD_ORDER, PENDING, UNTRIED
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class UnmapPhase:
 
     def _one_vma(self) -> Vma | None:
         """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path)."""
-        if not _kernels.HAVE_NUMBA or not batch_kernels.USE_BATCH_KERNELS or self.e.oid < 0:
+        if not page_loops.HAVE_NUMBA or not batch_loops.USE_BATCH_LOOPS or self.e.oid < 0:
             return None
         obj = self.m.object_or_none(self.e.oid)
         if obj is None or len(obj.vmas) != 1:
@@ -142,7 +142,7 @@ class UnmapPhase:
         t0 = time.perf_counter_ns()
         e, pages = self.e, self.m.pages
         rc = np.empty(todo.size, dtype=np.int32)
-        bad = batch_kernels.unmap_one_vma(todo, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
+        bad = batch_loops.unmap_one_vma(todo, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
                                           _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount,
                                           pages.mapcount, pages.mapping, pages.index, pages.head, e.oid,
                                           vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc)
@@ -162,9 +162,9 @@ class UnmapPhase:
         """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
         m, e, pages = self.m, self.e, self.m.pages
         heads = e.src[todo]
-        if _kernels.HAVE_NUMBA:
+        if page_loops.HAVE_NUMBA:
             rc = np.empty(todo.size, dtype=np.int32)
-            if not _kernels.trylock_folios(heads, pages.flags, _LOCKED_U32, _WRITEBACK_U32, rc):
+            if not page_loops.trylock_folios(heads, pages.flags, _LOCKED_U32, _WRITEBACK_U32, rc):
                 return todo, todo[:0]
             busy = rc == 1
             bad = todo[rc == EBUSY]

@@ -3,7 +3,7 @@
 ``unmap_one_vma`` is the ASYNC unmap pass (trylock, writeback check, ``try_to_migrate``); ``move_one_vma`` is a
 move pass (the reference-count freeze, ``folio_migrate_mapping`` + ``folio_migrate_flags``, the object's slots,
 ``remove_migration_ptes`` onto the new folios, ``migrate_folio_done``). Each strings together the per-phase
-loops of :mod:`dmamig._kernels` inside one nogil call, so a batch costs a fixed handful of Python-level calls
+loops of :mod:`dmamig.page_loops` inside one nogil call, so a batch costs a fixed handful of Python-level calls
 whatever it holds. The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
 does the same work phase by phase and stays the reference: the tests run random migrations both ways and
 compare every page, page table and object slot.
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _kernels
+from .. import page_loops
 
-__all__ = ["HAVE_NUMBA", "USE_BATCH_KERNELS", "move_one_vma", "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "move_one_vma", "unmap_one_vma"]
 
-HAVE_NUMBA = _kernels.HAVE_NUMBA
+HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
 #: move.py is the reference, and the only path for folios mapped through several VMAs.
-USE_BATCH_KERNELS = True
+USE_BATCH_LOOPS = True
 
 
 def _expand(heads, nr, total):
@@ -136,7 +136,7 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
 if HAVE_NUMBA:
     from numba import njit
 
-    from .._kernels import (  # noqa: F401
+    from ..page_loops import (  # noqa: F401
         done_folios,
         install_entries,
         move_folio_state,

@@ -52,7 +52,7 @@ __all__ = ["FAULT_POINTS", "FaultAttr", "FaultPoints"]
 #: The named fault points of a machine.
 FAULT_POINTS = ("alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit")
 
-_log = logging.getLogger("dmamig.fault")
+_log = logging.getLogger("dmamig.fault_injection")
 
 
 def _is_int(v: Any) -> bool:
@@ -74,7 +74,7 @@ class FaultAttr:
     space : int
         Bytes (the ``size`` of each call) to let pass before the first failure can happen.
     verbose : int
-        ``0`` silent, ``1`` log each injected failure on the ``dmamig.fault`` logger, ``2`` with its stack.
+        ``0`` silent, ``1`` log each injected failure on the ``dmamig.fault_injection`` logger, ``2`` with its stack.
     seed : int, optional
         Seed of the attribute's random generator; ``None`` draws one, readable afterwards from ``seed`` so
         that the run can be repeated.

@@ -1,9 +1,9 @@
 """Compiled per-page loops of the migration core (numba), used when numba imports.
 
-Each kernel does in one pass what the numpy code in ``vma.py``, ``migrate/state.py`` and ``pages.py`` does in many
+Each loop does in one pass what the numpy code in ``vma.py``, ``migrate/state.py`` and ``pages.py`` does in many
 array operations; those numpy versions stay as the reference (the tests check both agree) and as the path
-where numba is missing. The kernels are ``nogil`` so a migrating thread never holds the GIL while it walks
-its batch, and ``cache=True`` so they compile once per machine.
+where numba is missing. The loops are ``nogil`` so a migrating thread never holds the GIL while it walks
+its batch, and ``cache=True`` so they compile once per machine. ("Kernels" in dmamig are CUDA sources only.)
 """
 
 from __future__ import annotations

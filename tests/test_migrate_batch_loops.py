@@ -1,4 +1,4 @@
-"""The single-call batch kernels against the phase-by-phase reference: same pages, page tables and slots."""
+"""The single-call batch loops against the phase-by-phase reference: same pages, page tables and slots."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dmamig._kernels as kernels
-import dmamig.migrate.batch_kernels as batch_kernels
+import dmamig.migrate.batch_loops as batch_loops
 import dmamig.migrate.state as state
+import dmamig.page_loops as page_loops
 import dmamig.vma as vma_mod
 from dmamig import Machine, MigrateMode, MigrateOptions, PageFlag
 
@@ -81,12 +81,12 @@ def run_scenario(seed: int, path: str) -> dict:
 
 def _set_path(monkeypatch, path: str) -> None:
     if path == "numpy":
-        for mod, name in ((state, "USE_KERNELS"), (vma_mod, "USE_KERNELS"), (kernels, "HAVE_NUMBA")):
+        for mod, name in ((state, "USE_LOOPS"), (vma_mod, "USE_LOOPS"), (page_loops, "HAVE_NUMBA")):
             monkeypatch.setattr(mod, name, False)
-    monkeypatch.setattr(batch_kernels, "USE_BATCH_KERNELS", path == "batch")
+    monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", path == "batch")
 
 
-@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_batch_kernels_match_the_phase_by_phase_paths(seed):
