@@ -381,10 +381,6 @@ class Ring:
         """Gather segments (launches) and memcpy runs (calls) published by compiled submissions."""
         return int(self.ctl[LAUNCHES]), int(self.ctl[CALLS])
 
-    def kind(self, seq: int) -> int:
-        """The kind of job ``seq`` (still in its slot: not reaped)."""
-        return int(self.jobs[seq % self.job_capacity, J_KIND])
-
     def status(self, seq: int) -> int:
         """The status of job ``seq``, once :attr:`head` passed it (``STATUS_PENDING`` before)."""
         if self.head <= seq:

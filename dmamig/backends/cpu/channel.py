@@ -166,11 +166,6 @@ class CpuChannel:
             return dict(self._counters)
 
     @property
-    def broken(self) -> str | None:
-        """Why the channel is broken (its shares fail at once), or ``None`` while it works."""
-        return self._broken
-
-    @property
     def alive(self) -> bool:
         """Whether the worker thread is running."""
         return self._thread.is_alive()

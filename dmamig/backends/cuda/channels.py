@@ -135,12 +135,6 @@ class CudaChannel:
         """Whether compiled submissions may publish on this channel's ring (the lane has not failed)."""
         return self._lane is not None and self._lane.failure is None
 
-    @property
-    def broken(self) -> str | None:
-        """Why the channel's ring lane failed, or ``None``."""
-        lane = self._lane
-        return None if lane is None or lane.failure is None else str(lane.failure)
-
     def completion(self, seq: int) -> Any:
         """The completion of job ``seq``, published on this channel's ring by a compiled submission."""
         return self._lane.job(self.index, seq)
