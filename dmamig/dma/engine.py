@@ -288,19 +288,28 @@ class DmaEngine:
         with self._lock:
             if self._closed:
                 raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-            self._seq += 1
-            seq = self._seq
-            self._stats.submissions += 1
-            self._stats.pages += int(src.size)
-            self._stats.bytes += int(src.size) * self.page_size
-            self._stats.runs += plan.nr_runs
+            seq = self._count_submission(int(src.size), plan.nr_runs)
             completions, error, share_runs = self._submit(plan, seq, int(src.size) * self.page_size)
             if error is not None:
                 self._stats.errors += 1
-            fence = Fence(completions, error, self._count_error, seq, share_runs)
-            if len(self._pending) >= _PRUNE_PENDING:  # prune now and then: done fences need no synchronize()
-                self._pending = [f for f in self._pending if not f.done]
-            self._pending.append(fence)
+            fence = self._track(Fence(completions, error, self._count_error, seq, share_runs))
+        return fence
+
+    def _count_submission(self, pages: int, runs: int) -> int:
+        """Count one submission of ``pages`` pages in ``runs`` runs; its sequence number (caller holds the lock)."""
+        self._seq += 1
+        stats = self._stats
+        stats.submissions += 1
+        stats.pages += pages
+        stats.bytes += pages * self.page_size
+        stats.runs += runs
+        return self._seq
+
+    def _track(self, fence: Fence) -> Fence:
+        """Keep ``fence`` for :meth:`synchronize` (caller holds the lock)."""
+        if len(self._pending) >= _PRUNE_PENDING:  # prune now and then: done fences need no synchronize()
+            self._pending = [f for f in self._pending if not f.done]
+        self._pending.append(fence)
         return fence
 
     def _ring_route(self, bounds: tuple[int, ...]) -> tuple[Any, ...] | None:
@@ -372,17 +381,9 @@ class DmaEngine:
                 if type(got) is int and got != SUBMIT_NO_ROOM:
                     return None
                 if got != SUBMIT_NO_ROOM:
-                    self._seq += 1
-                    stats = self._stats
-                    stats.submissions += 1
-                    stats.pages += int(src.size)
-                    stats.bytes += int(src.size) * self.page_size
-                    stats.runs += got.nr_runs
-                    fence = Fence([lane[c].completion(seq) for c, (seq, _) in enumerate(got.jobs) if seq >= 0],
-                                  None, self._count_error, self._seq)
-                    if len(self._pending) >= _PRUNE_PENDING:
-                        self._pending = [f for f in self._pending if not f.done]
-                    self._pending.append(fence)
+                    submission = self._count_submission(int(src.size), got.nr_runs)
+                    fence = self._track(Fence([lane[c].completion(seq) for c, (seq, _) in enumerate(got.jobs)
+                                               if seq >= 0], None, self._count_error, submission))
                     break
             # A ring is full: collect finished jobs' statuses, and wait (outside the lock) for the oldest jobs.
             rings.make_room()
