@@ -6,7 +6,7 @@ Each case is a short ``run()`` over the same operation, ``m.dma.copy(src, dst)``
 the timed call), on a machine of the chosen backend. It reports, per case, the median host microseconds of:
 
 - ``submit``: the whole ``copy`` call (validation, plan, rows, publish, the fence);
-- ``compiled``: the ring's one compiled call alone (:meth:`dmamig.dma.ring.RingSet.submit_pages`), where the
+- ``compiled``: the ring's one compiled call alone (:meth:`dmamig.dma.ring.RingRoute.submit`), where the
   lane's channels take rows;
 
 and, over the same calls, the numpy buffers allocated per submission (``tracemalloc``'s numpy domain: a
@@ -68,18 +68,17 @@ def timed_submissions(dma: Any, src: np.ndarray, dst: np.ndarray, calls: int = C
 
 def compiled_only(dma: Any, src: np.ndarray, dst: np.ndarray) -> float | str:
     """Median host microseconds of the ring's compiled call alone (the engine's own route, its jobs waited for)."""
-    fast = getattr(dma, "_fast", None)
-    if not fast:
+    found = dma.ring_route(src, dst)
+    if found is None:
         return "not measured: this lane's channels take no rows"
-    rings, lane, s_base, d_base, s_addr, d_addr, s_pages, d_pages, _ = fast
+    route, lane = found
     times = []
     for k in range(2 * CALLS):
         t0 = time.perf_counter_ns()
-        got = rings.submit_pages(src, dst, s_base, d_base, s_addr, d_addr, dma.page_size, dma.options,
-                                 src_pages=s_pages, dst_pages=d_pages, checked=False)
+        got = route.submit(src, dst, False)
         t1 = time.perf_counter_ns()
         if isinstance(got, int):  # a ring full: make room and try again, untimed
-            rings.make_room()
+            route.ring_set.make_room()
             continue
         for c, (seq, asleep) in enumerate(got.jobs):
             if seq >= 0:

@@ -257,14 +257,14 @@ def test_the_engine_submits_to_every_ring_in_one_call_with_the_general_path_s_co
     try:
         assert m.dma.channels == 2  # the engine (and its rings' warm-up) exists before the spy
         calls = []
-        real = dma_ring.RingSet.submit_pages
+        real = dma_ring.RingRoute.submit
 
         def spy(self, *args, **kw):
             got = real(self, *args, **kw)
             calls.append(got.seqs)
             return got
 
-        monkeypatch.setattr(dma_ring.RingSet, "submit_pages", spy)
+        monkeypatch.setattr(dma_ring.RingRoute, "submit", spy)
         src = np.concatenate([np.arange(0, 200), np.arange(300, 400, 2)])  # long runs and single pages
         data = rand(src.size * m.page_size, 4).reshape(src.size, -1)
         m.write_pfns(src, data)

@@ -362,8 +362,8 @@ def test_ring_rows_are_the_plan_run_for_run(sub):
     s_addr, d_addr = 1 << 20, 1 << 30
     base_s, base_d = 1000, 5000
     rings = dma_ring.RingSet(channels, row_capacity=max(1, si.size), job_capacity=2)
-    got = rings.submit_pages(si.astype(np.int64) + base_s, di.astype(np.int64) + base_d, base_s, base_d, s_addr,
-                             d_addr, page, opts)
+    got = rings.route(base_s, base_d, s_addr, d_addr, page, opts).submit(si.astype(np.int64) + base_s,
+                                                                       di.astype(np.int64) + base_d)
     assert got.nr_runs == want.nr_runs
     for c, ring in enumerate(rings.rings):
         mine = want.channel == c

@@ -57,8 +57,8 @@ class Consumer:
 
 def submit(rings: dma_ring.RingSet, src_f: np.ndarray, dst_f: np.ndarray, src: np.ndarray,
            dst: np.ndarray) -> dma_ring.Submitted | int:
-    return rings.submit_pages(np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64), 0, 0,
-                              src_f.ctypes.data, dst_f.ctypes.data, PAGE, OPTS)
+    return rings.route(0, 0, src_f.ctypes.data, dst_f.ctypes.data, PAGE, OPTS).submit(
+        np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64))
 
 
 def wait_done(ring: dma_ring.Ring, seq: int) -> None:

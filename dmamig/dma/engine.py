@@ -35,9 +35,13 @@ from .copy_plan import CopyPlan, PlanOptions
 from .fence import DONE, FailedCompletion, Fence
 from .inject import add_submit_errors, emulate_fault, share_fault
 from .plan import plan_copy, plan_one_pair
-from .ring import SUBMIT_NO_ROOM
+from .ring import SUBMIT_NO_ROOM, RingRoute
 from .stats import DmaStats, baseline_of, with_channels, zero_baseline
 from .validate import pfn_array, validate_bounds
+
+# The native int64 dtype: numpy's builtin dtypes are singletons, so ``is`` tells them apart at a glance (an
+# equal dtype that is not this object just takes the full validation).
+_INT64 = np.dtype(np.int64)
 
 __all__ = ["DmaEngine"]
 
@@ -95,7 +99,7 @@ class DmaEngine:
         self.nodemap = nodemap
         self.backend = backend
         self.page_size = int(page_size)
-        self.options = options or PlanOptions()
+        self._options = options or PlanOptions()
         self._nr_pfns = int(nodemap.nr_pfns)
         self._bases = np.array([n.base_pfn for n in self.nodes], dtype=np.int64)
         self._base_list = self._bases.tolist()
@@ -147,6 +151,11 @@ class DmaEngine:
         return [ch for lane in list(self._lanes.values()) for ch in lane]
 
     # -- properties ----------------------------------------------------------------------------------------
+    @property
+    def options(self) -> PlanOptions:
+        """How submissions are planned (fixed for the engine's life: routes pack them once)."""
+        return self._options
+
     @property
     def channels(self) -> int:
         """Number of channels per device."""
@@ -231,10 +240,10 @@ class DmaEngine:
         if sn == self._node_of(s_hi) and dn == self._node_of(d_hi):
             base = self._base_list
             return plan_one_pair(sn, src - base[sn], dn, dst - base[dn], channels=self.channels,
-                                 options=self.options, batch_available=batch)
+                                 options=self._options, batch_available=batch)
         snode, sidx = self._locate(src)
         dnode, didx = self._locate(dst)
-        return plan_copy(snode, sidx, dnode, didx, channels=self.channels, options=self.options,
+        return plan_copy(snode, sidx, dnode, didx, channels=self.channels, options=self._options,
                          batch_available=batch)
 
     def copy(self, src_pfns: Any, dst_pfns: Any) -> Fence:
@@ -263,7 +272,7 @@ class DmaEngine:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
         fast = self._fast
         if fast is not None and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
-                and src_pfns.dtype == dst_pfns.dtype == np.int64 and src_pfns.ndim == 1 \
+                and src_pfns.dtype is _INT64 and dst_pfns.dtype is _INT64 and src_pfns.ndim == 1 \
                 and src_pfns.shape == dst_pfns.shape and src_pfns.size and not self.faults.armed:
             # The route of the last submission, checked inside the compiled call: a batch of a migration
             # between the same two nodes needs no other pass over its pfns.
@@ -295,6 +304,20 @@ class DmaEngine:
             fence = self._track(Fence(completions, error, self._count_error, seq, share_runs))
         return fence
 
+    def ring_route(self, src_pfns: Any, dst_pfns: Any) -> tuple[RingRoute, list[Any]] | None:
+        """Where :meth:`copy` of these pages goes in one compiled call: the :class:`~dmamig.dma.ring.RingRoute` and
+        the channels that run its jobs (``channel.completion(seq)``); ``None`` where it takes the general path.
+        For benchmarks that time the compiled call alone; a lane opens on its first general-path copy.
+
+        Raises
+        ------
+        InvalidArgument
+            As :meth:`copy`.
+        """
+        src, _dst, bounds = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
+        route = self._ring_route(bounds) if src.size else None
+        return (route[0], list(route[1])) if route else None
+
     def _count_submission(self, pages: int, runs: int) -> int:
         """Count one submission of ``pages`` pages in ``runs`` runs; its sequence number (caller holds the lock)."""
         self._seq += 1
@@ -317,7 +340,7 @@ class DmaEngine:
         path: a fault point armed, a batched-copy backend, more than one node pair, two devices, a lane not yet
         open (it opens on the general path), or channels that do not take rows (:attr:`takes_rows`).
 
-        Returns ``(ring set, lane, source base pfn, destination base pfn, source address, destination address)``.
+        Returns ``(RingRoute, lane, nodes differ)``.
         """
         if self.faults.armed or self._batch_available:
             return None
@@ -336,8 +359,7 @@ class DmaEngine:
     def _make_route(self, sn: int, dn: int) -> tuple[Any, ...] | None:
         """The ring route of node pair ``(sn, dn)``; ``()`` where there is none; ``None`` until its lane is open.
 
-        A route is ``(ring set, lane, source base pfn, destination base pfn, source address, destination
-        address, source pages, destination pages, nodes differ)``.
+        A route is ``(RingRoute, lane, nodes differ)``.
         """
         s, d = self.nodes[sn], self.nodes[dn]
         if s.kind == d.kind == "device":
@@ -358,35 +380,34 @@ class DmaEngine:
         for span in spans:
             if span is not None:
                 rings.register(span[0], span[0] + span[1])
-        return (rings, lane, s.base_pfn, d.base_pfn, spans[sn][0], spans[dn][0], s.total_pages, d.total_pages,
-                sn != dn)
+        return (rings.route(s.base_pfn, d.base_pfn, spans[sn][0], spans[dn][0], self.page_size, self._options,
+                            src_pages=s.total_pages, dst_pages=d.total_pages), lane, sn != dn)
 
     def _submit_rows(self, route: tuple[Any, ...], src: np.ndarray, dst: np.ndarray, checked: bool) -> Fence | None:
         """Check, stamp and publish a submission on the lane's rings in one compiled call.
 
-        ``None`` when nothing was published and the general path must take it: a channel's share is more rows than its ring holds, or (``checked`` false) a page is off the route or the
-        destinations need the full validation.
+        ``None`` when nothing was published and the general path must take it: a channel's share is more rows
+        than its ring holds, or (``checked`` false) a page is off the route or the destinations need the full
+        validation.
         """
         # A channel that broke is not asked here: its jobs fail when a waiter finds its worker gone (revive).
-        rings, lane, s_base, d_base, s_addr, d_addr, s_pages, d_pages, _ = route
+        ring_route, lane, _ = route
         content = self._content
         while True:
             with self._lock:
                 if self._closed:
                     raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-                got = rings.submit_pages(src, dst, s_base, d_base, s_addr, d_addr, self.page_size, self.options,
-                                         src_pages=s_pages, dst_pages=d_pages, checked=checked,
-                                         write_seq=self._write_seq,
-                                         seq=content.next_write_seq() if content is not None else 0)
-                if type(got) is int and got != SUBMIT_NO_ROOM:
-                    return None
-                if got != SUBMIT_NO_ROOM:
+                got = ring_route.submit(src, dst, checked, self._write_seq,
+                                        content.next_write_seq() if content is not None else 0)
+                if type(got) is not int:
                     submission = self._count_submission(int(src.size), got.nr_runs)
                     fence = self._track(Fence([lane[c].completion(seq) for c, (seq, _) in enumerate(got.jobs)
                                                if seq >= 0], None, self._count_error, submission))
                     break
+                if got != SUBMIT_NO_ROOM:
+                    return None
             # A ring is full: collect finished jobs' statuses, and wait (outside the lock) for the oldest jobs.
-            rings.make_room()
+            ring_route.ring_set.make_room()
             for ch in lane:
                 ch.wait_for_progress(_ROOM_WAIT_S)
         for c, (seq, asleep) in enumerate(got.jobs):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BATCH", "GATHER", "HAVE_NUMBA", "MEMCPY", "plan_runs"]
+__all__ = ["BATCH", "GATHER", "HAVE_NUMBA", "MEMCPY", "coalesce", "plan_coalesced", "plan_runs"]
 
 try:
     from numba import njit
@@ -23,32 +23,68 @@ except Exception:  # pragma: no cover - numba is a dependency
 MEMCPY, GATHER, BATCH = 0, 1, 2
 
 
+def _coalesce(src_idx, dst_idx, run_src, run_dst, run_np):
+    """Runs of pages contiguous on both sides, in page order, into the run arrays; return ``(nruns, longest)``."""
+    n = src_idx.size
+    if n == 0:
+        return 0, 0
+    nr = 0
+    longest = 0
+    s0 = src_idx[0]
+    d0 = dst_idx[0]
+    length = 1
+    for i in range(1, n):
+        s = src_idx[i]
+        d = dst_idx[i]
+        if s == s0 + length and d == d0 + length:
+            length += 1
+        else:  # the run's length stays in a register until it ends: a store per page costs more than the test
+            run_src[nr] = s0
+            run_dst[nr] = d0
+            run_np[nr] = length
+            nr += 1
+            if length > longest:
+                longest = length
+            s0 = s
+            d0 = d
+            length = 1
+    run_src[nr] = s0
+    run_dst[nr] = d0
+    run_np[nr] = length
+    if length > longest:
+        longest = length
+    return nr + 1, longest
+
+
 def _plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min, use_batch, batch_max,
                run_src, run_dst, run_np, run_ch, run_m, seg_bounds):
     """Fill the run arrays (capacity ``len(src_idx)``) and segment bounds; return ``(nruns, nsegs)``."""
-    n = src_idx.size
-    # 1. Coalesce pages contiguous on both sides.
-    nr = 0
-    for i in range(n):
-        if i > 0 and src_idx[i] == src_idx[i - 1] + 1 and dst_idx[i] == dst_idx[i - 1] + 1:
-            run_np[nr - 1] += 1
-        else:
-            run_src[nr] = src_idx[i]
-            run_dst[nr] = dst_idx[i]
-            run_np[nr] = 1
-            nr += 1
+    nr, longest = coalesce(src_idx, dst_idx, run_src, run_dst, run_np)
+    return plan_coalesced(src_idx.size, nr, longest, channels, split_min, large_fraction, memcpy_min, use_batch,
+                          batch_max, run_src, run_dst, run_np, run_ch, run_m, seg_bounds)
+
+
+def _plan_coalesced(n, nr, longest, channels, split_min, large_fraction, memcpy_min, use_batch, batch_max,
+                    run_src, run_dst, run_np, run_ch, run_m, seg_bounds):
+    """Steps 2 to 5 over ``nr`` runs of ``n`` pages in all (the longest ``longest`` pages), already coalesced in
+    the run arrays (capacity ``n``); return ``(nruns, nsegs)``.
+
+    The steps are the reference's, but fused: a submission of scattered pages is a few hundred one-page runs, and
+    each extra pass over them costs about as much as the work in it. The common case (no run to split, no large
+    run, runs already in channel order) is one pass: channel, method and segments together."""
     # 2. Split runs longer than a channel's fair share into near-equal pieces (in place, from the back).
     if channels > 1:
         share = -(-n // channels)
         max_pages = share if share > split_min else split_min
-        extra_runs = 0
-        for r in range(nr):
-            extra_runs += -(-run_np[r] // max_pages) - 1
-        if extra_runs:
+        if longest > max_pages:
+            extra_runs = 0
+            for r in range(nr):
+                if run_np[r] > max_pages:
+                    extra_runs += -(-run_np[r] // max_pages) - 1
             w = nr + extra_runs
             for r in range(nr - 1, -1, -1):
                 length = run_np[r]
-                pieces = -(-length // max_pages)
+                pieces = -(-length // max_pages) if length > max_pages else 1
                 base = length // pieces
                 extra = length - base * pieces
                 s0 = run_src[r]
@@ -60,100 +96,97 @@ def _plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min
                     run_dst[w] = d0 + off
                     run_np[w] = base + (1 if k < extra else 0)
             nr += extra_runs
-    # 3. Balance over channels: large runs by LPT, small ones by a prefix partition of the deficits.
-    for r in range(nr):
-        run_ch[r] = 0
-    if channels > 1 and nr > 0:
-        total = 0
-        longest = 0
+            longest = 0
+            for r in range(nr):
+                if run_np[r] > longest:
+                    longest = run_np[r]
+    # 3. Balance over channels: large runs by LPT, small ones by a prefix partition of the deficits. The total
+    # is n pages, whatever the runs.
+    mean = n / channels
+    large_min = mean / large_fraction
+    if large_min < 1.0:
+        large_min = 1.0
+    load = np.zeros(channels, dtype=np.float64)
+    nlarge = 0
+    if channels > 1 and nr > 0 and longest >= large_min:
         for r in range(nr):
-            total += run_np[r]
-            if run_np[r] > longest:
-                longest = run_np[r]
-        mean = total / channels
-        large_min = mean / large_fraction
-        if large_min < 1.0:
-            large_min = 1.0
-        load = np.zeros(channels, dtype=np.float64)
-        nlarge = 0
-        if longest >= large_min:
-            for r in range(nr):
-                if run_np[r] >= large_min:
-                    nlarge += 1
-        if nlarge:
-            large = np.empty(nlarge, dtype=np.int64)
-            sizes = np.empty(nlarge, dtype=np.int64)
-            j = 0
-            for r in range(nr):
-                if run_np[r] >= large_min:
-                    large[j] = r
-                    sizes[j] = -run_np[r]
-                    j += 1
-            order = np.argsort(sizes, kind="mergesort")
-            for j in range(nlarge):
-                r = large[order[j]]
-                c = 0
-                for k in range(1, channels):
-                    if load[k] < load[c]:
-                        c = k
-                run_ch[r] = c
-                load[c] += run_np[r]
-        nsmall = nr - nlarge
-        if nsmall:
-            bounds = np.empty(channels - 1, dtype=np.int64)
-            acc = 0.0
-            for k in range(channels - 1):
-                d = mean - load[k]
-                acc += d if d > 0.0 else 0.0
-                bounds[k] = np.int64(np.floor(acc + 0.5))
-            end = 0
-            for r in range(nr):
-                if nlarge and run_np[r] >= large_min:
-                    continue
-                end += run_np[r]
-                c = channels - 1
-                for k in range(channels - 1):
-                    if end <= bounds[k]:
-                        c = k
-                        break
-                run_ch[r] = c
-    # 4. Methods.
-    longest = 0
-    for r in range(nr):
-        if run_np[r] > longest:
-            longest = run_np[r]
-    for r in range(nr):
-        if longest < memcpy_min or run_np[r] < memcpy_min:
-            run_m[r] = GATHER
-        elif use_batch and run_np[r] < batch_max:
-            run_m[r] = BATCH
-        else:
-            run_m[r] = MEMCPY
-    # 5. Order by (channel, method), stable, and cut segments.
-    key = np.empty(nr, dtype=np.int64)
+            if run_np[r] >= large_min:
+                nlarge += 1
+        large = np.empty(nlarge, dtype=np.int64)
+        sizes = np.empty(nlarge, dtype=np.int64)
+        j = 0
+        for r in range(nr):
+            if run_np[r] >= large_min:
+                large[j] = r
+                sizes[j] = -run_np[r]
+                j += 1
+        order = np.argsort(sizes, kind="mergesort")
+        for j in range(nlarge):
+            r = large[order[j]]
+            c = 0
+            for k in range(1, channels):
+                if load[k] < load[c]:
+                    c = k
+            run_ch[r] = c
+            load[c] += run_np[r]
+    bounds = np.empty(channels, dtype=np.int64)
+    acc = 0.0
+    for k in range(channels - 1):
+        d = mean - load[k]
+        acc += d if d > 0.0 else 0.0
+        bounds[k] = np.int64(np.floor(acc + 0.5))
+    # 4. With the small runs' channels: methods, the (channel, method) order and the segments, in one pass.
+    gather_all = longest < memcpy_min
+    end = 0
+    c = 0
+    prev = -1
     ordered = True
-    for r in range(nr):
-        key[r] = run_ch[r] * 3 + run_m[r]
-        if r > 0 and key[r] < key[r - 1]:
-            ordered = False
-    if not ordered:
-        order = np.argsort(key, kind="mergesort")
-        tmp = np.empty(nr, dtype=np.int64)
-        for a in (run_src, run_dst, run_np, run_ch):
-            for r in range(nr):
-                tmp[r] = a[order[r]]
-            for r in range(nr):
-                a[r] = tmp[r]
-        tm = np.empty(nr, dtype=np.int8)
-        for r in range(nr):
-            tm[r] = run_m[order[r]]
-        for r in range(nr):
-            run_m[r] = tm[r]
-        for r in range(nr):
-            key[r] = run_ch[r] * 3 + run_m[r]
     nseg = 0
     for r in range(nr):
-        if r == 0 or key[r] != key[r - 1]:
+        length = run_np[r]
+        if channels > 1 and not (nlarge and length >= large_min):
+            end += length
+            while c < channels - 1 and end > bounds[c]:
+                c += 1
+            run_ch[r] = c
+        elif channels == 1:
+            run_ch[r] = 0
+        if gather_all or length < memcpy_min:
+            m = GATHER
+        elif use_batch and length < batch_max:
+            m = BATCH
+        else:
+            m = MEMCPY
+        run_m[r] = m
+        key = run_ch[r] * 3 + m
+        if key != prev:
+            if key < prev:
+                ordered = False
+            seg_bounds[nseg] = r
+            nseg += 1
+            prev = key
+    if ordered:
+        seg_bounds[nseg] = nr
+        return nr, nseg
+    # 5. Otherwise order by (channel, method), stable, and cut the segments again.
+    keys = np.empty(nr, dtype=np.int64)
+    for r in range(nr):
+        keys[r] = run_ch[r] * 3 + run_m[r]
+    order = np.argsort(keys, kind="mergesort")
+    tmp = np.empty(nr, dtype=np.int64)
+    for a in (run_src, run_dst, run_np, run_ch):
+        for r in range(nr):
+            tmp[r] = a[order[r]]
+        for r in range(nr):
+            a[r] = tmp[r]
+    tm = np.empty(nr, dtype=np.int8)
+    for r in range(nr):
+        tm[r] = run_m[order[r]]
+    for r in range(nr):
+        run_m[r] = tm[r]
+    nseg = 0
+    for r in range(nr):
+        if r == 0 or keys[order[r]] != keys[order[r - 1]]:
             seg_bounds[nseg] = r
             nseg += 1
     seg_bounds[nseg] = nr
@@ -161,6 +194,8 @@ def _plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min
 
 
 if HAVE_NUMBA:
+    coalesce = njit(nogil=True, cache=True)(_coalesce)
+    plan_coalesced = njit(nogil=True, cache=True)(_plan_coalesced)
     plan_runs = njit(nogil=True, cache=True)(_plan_runs)
 else:  # pragma: no cover
-    plan_runs = None
+    coalesce = plan_coalesced = plan_runs = None

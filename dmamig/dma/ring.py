@@ -32,7 +32,7 @@ destination bytes, so the protocol holds on weakly ordered CPUs (Arm) as on x86.
 stores ``IDLE``, fences, and looks at ``TAIL`` once more; a submitter stores ``TAIL``, fences, and reads
 ``IDLE``: one of the two always sees the other, so no job waits for a sleeping consumer.
 
-A submission (:meth:`RingSet.submit_pages`) is one compiled call: put the pages in source order, plan runs
+A submission (:meth:`RingRoute.submit`) is one compiled call: put the pages in source order, plan runs
 (:func:`dmamig.dma.plan_loops.plan_runs`: coalesce, split, balance over the channels), check every channel has
 room, write every channel's rows, and publish. It allocates nothing (a per-lane workspace is reused) and makes
 no Python object per page or per run.
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -69,6 +68,7 @@ __all__ = [
     "SUBMIT_TOO_BIG",
     "SUBMIT_UNCHECKED",
     "Ring",
+    "RingRoute",
     "RingSet",
     "Submitted",
     "status_text",
@@ -100,7 +100,7 @@ ROW_CAPACITY = 1 << 15
 JOB_CAPACITY = 1024
 #: Registered memory ranges a lane can hold.
 MAX_REGIONS = 64
-#: What :meth:`RingSet.submit_pages` returns when it wrote nothing: a channel's ring has no room now (wait for
+#: What :meth:`RingRoute.submit` returns when it wrote nothing: a channel's ring has no room now (wait for
 #: its oldest job); a channel's share is more rows than its ring holds (submit it as an external job); a page
 #: is outside the node pair; the destinations are not increasing and the caller did not check them.
 SUBMIT_NO_ROOM, SUBMIT_TOO_BIG, SUBMIT_OUTSIDE, SUBMIT_UNCHECKED = -1, -2, -3, -4
@@ -112,6 +112,9 @@ if _GATHER != plan_loops.GATHER:  # pragma: no cover
     raise ImportError("dmamig.dma.ring: its copy of the gather method number differs from the planner's")
 # Words of the radix sort's digit counts (10-bit digits), in the submission workspace.
 _COUNT_WORDS = 1026
+# A route's words (RingRoute): what stays the same from one submission between two nodes to the next.
+R_SRC_BASE, R_DST_BASE, R_SRC_PAGES, R_DST_PAGES, R_SRC_ADDR, R_DST_ADDR, R_PAGE, R_SPLIT_MIN, R_MEMCPY_MIN = range(9)
+_ROUTE_WORDS = 9
 # Streaming stores need a 16-byte aligned destination and whole 64-byte steps.
 _STREAM_ALIGN, _STREAM_STEP = 16, 64
 
@@ -173,13 +176,15 @@ if RING_AVAILABLE:
     @njit(nogil=True, cache=True)
     def _write_rows(rows, at, capacity, src_addr, dst_addr, page, flags, run_src, run_dst, run_np, a, b):
         # pragma: no cover - compiled
+        slot = at % capacity  # one division: a modulo per row costs more than the row
         for r in range(a, b):
-            slot = at % capacity
             rows[slot, 0] = src_addr + run_src[r] * page
             rows[slot, 1] = dst_addr + run_dst[r] * page
             rows[slot, 2] = run_np[r] * page
             rows[slot, 3] = flags
-            at += 1
+            slot += 1
+            if slot == capacity:
+                slot = 0
 
     @njit(nogil=True, cache=True)
     def _publish(ctl, jobs, kind, first, count):  # pragma: no cover - compiled
@@ -197,24 +202,52 @@ if RING_AVAILABLE:
         return tail, load_acquire(base + IDLE * 8)
 
     @njit(nogil=True, cache=True)
-    def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, src_base, dst_base, src_pages, dst_pages, checked,
-                      write_seq, seq, src_addr, dst_addr, page, split_min, large_fraction, memcpy_min, ws, wm,
+    def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, route, large_fraction, checked, write_seq, seq, ws, wm,
                       out):  # pragma: no cover - compiled
+        src_base = route[R_SRC_BASE]
+        dst_base = route[R_DST_BASE]
+        src_pages = route[R_SRC_PAGES]
+        dst_pages = route[R_DST_PAGES]
+        src_addr = route[R_SRC_ADDR]
+        dst_addr = route[R_DST_ADDR]
+        page = route[R_PAGE]
+        split_min = route[R_SPLIT_MIN]
+        memcpy_min = route[R_MEMCPY_MIN]
         n = src_pfns.shape[0]
         channels = ctl.shape[0]
         if wm.shape[0] < n or ws.shape[0] < 9 * n + 1 + _COUNT_WORDS:  # the caller's workspace is too small
             return SUBMIT_TOO_BIG
-        # Validate: every page on the node pair; destinations distinct (strictly increasing, or checked by the
-        # caller). The caller checked that the two nodes differ or that no page is both read and written.
-        increasing = True
-        for i in range(n):
-            if not (src_base <= src_pfns[i] < src_base + src_pages and dst_base <= dst_pfns[i] < dst_base + dst_pages):
-                return SUBMIT_OUTSIDE
-            if i and dst_pfns[i] <= dst_pfns[i - 1]:
-                increasing = False
+        # One pass to validate and look: every page on the node pair; destinations distinct (strictly
+        # increasing, or checked by the caller; the caller checked that the two nodes differ or that no page is
+        # both read and written); sources in order or not, and the lowest. Each pass over a batch costs about
+        # as much as the work in it, so the passes are fused.
+        s0 = src_pfns[0]
+        d0 = dst_pfns[0]
+        low = s0
+        high = s0
+        outside = 0
+        decreasing = 0  # destinations not strictly increasing
+        unordered = 0  # sources not in order
+        broken = 0  # not one run contiguous on both sides
+        for i in range(n):  # branch-free, so the compiler can vectorise it
+            s = src_pfns[i]
+            d = dst_pfns[i]
+            outside |= (s < src_base) | (s >= src_base + src_pages) | (d < dst_base) | (d >= dst_base + dst_pages)
+            broken |= (s != s0 + i) | (d != d0 + i)
+            low = min(low, s)
+            high = max(high, s)
+        for i in range(1, n):
+            decreasing |= dst_pfns[i] <= dst_pfns[i - 1]
+            unordered |= src_pfns[i] < src_pfns[i - 1]
+        if outside:
+            return SUBMIT_OUTSIDE
+        increasing = not decreasing
+        in_order = not unordered
+        contiguous = 0 if broken else n
         if not (increasing or checked):
             return SUBMIT_UNCHECKED
-        # Workspace: frame indices in source order, the radix scratch, then the planner's run arrays.
+        # Workspace: pfns in source order, the radix scratch, then the planner's run arrays. The plan works on
+        # machine pfns; the rows subtract the node bases.
         src_idx = ws[0:n]
         dst_idx = ws[n:2 * n]
         order = ws[2 * n:3 * n]
@@ -225,29 +258,44 @@ if RING_AVAILABLE:
         run_ch = ws[7 * n:8 * n]
         seg = ws[8 * n:9 * n + 1]
         count = ws[9 * n + 1:9 * n + 1 + _COUNT_WORDS]
-        in_order = True
-        low = src_pfns[0]
-        for i in range(n):
-            if src_pfns[i] < low:
-                low = src_pfns[i]
-            if i and src_pfns[i] < src_pfns[i - 1]:
-                in_order = False
-        if in_order:
+        if contiguous == n:
+            src_idx = src_pfns
+            dst_idx = dst_pfns
+            run_src[0] = src_pfns[0]
+            run_dst[0] = dst_pfns[0]
+            run_np[0] = n
+        elif in_order:
+            src_idx = src_pfns
+            dst_idx = dst_pfns
+        elif high - low < _COUNT_WORDS - 2:
+            # Sources within a few MiB (a migration's batch): one stable counting pass puts them in order.
+            span = high - low + 1
+            for k in range(span + 1):
+                count[k] = 0
             for i in range(n):
-                src_idx[i] = src_pfns[i] - src_base
-                dst_idx[i] = dst_pfns[i] - dst_base
+                count[src_pfns[i] - low + 1] += 1
+            for k in range(span):
+                count[k + 1] += count[k]
+            for i in range(n):
+                at = count[src_pfns[i] - low]
+                count[src_pfns[i] - low] = at + 1
+                src_idx[at] = src_pfns[i]
+                dst_idx[at] = dst_pfns[i]
         else:
-            # Sources in order (stably) first: pages contiguous on both sides then sit side by side. Keys count
-            # from the lowest source, so a batch from a few MiB sorts in one radix pass.
+            # Otherwise a stable radix over keys counted from the lowest source (two passes up to 4 GiB).
             for i in range(n):
                 tmp[i] = src_pfns[i] - low
             _source_order(tmp, n, order, run_src, count)
             for i in range(n):
                 k = order[i]
-                src_idx[i] = src_pfns[k] - src_base
-                dst_idx[i] = dst_pfns[k] - dst_base
-        nr, nseg = plan_loops.plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min,
-                                          False, 0, run_src, run_dst, run_np, run_ch, wm, seg)
+                src_idx[i] = src_pfns[k]
+                dst_idx[i] = dst_pfns[k]
+        if contiguous == n:
+            nr, longest = 1, n
+        else:
+            nr, longest = plan_loops.coalesce(src_idx, dst_idx, run_src, run_dst, run_np)
+        nr, nseg = plan_loops.plan_coalesced(n, nr, longest, channels, split_min, large_fraction, memcpy_min,
+                                             False, 0, run_src, run_dst, run_np, run_ch, wm, seg)
         # Per channel: first run, runs, gather segments (a launch each), memcpy runs (a call each).
         for c in range(channels):
             out[c, 0] = nr
@@ -290,8 +338,8 @@ if RING_AVAILABLE:
                 continue
             first = ctl[c, ROW_TAIL]
             a = out[c, 0]
-            _write_rows(rows[c], first, row_cap, src_addr, dst_addr, page, flags, run_src, run_dst, run_np,
-                        a, a + k)
+            _write_rows(rows[c], first, row_cap, src_addr - src_base * page, dst_addr - dst_base * page, page,
+                        flags, run_src, run_dst, run_np, a, a + k)
             ctl[c, ROW_TAIL] = first + k
             ctl[c, LAUNCHES] += out[c, 2]
             ctl[c, CALLS] += out[c, 3]
@@ -319,7 +367,7 @@ if RING_AVAILABLE:
 
 
 class Submitted:
-    """What :meth:`RingSet.submit_pages` published: the runs planned and, per channel, ``[seq, asleep]``: the
+    """What :meth:`RingRoute.submit` published: the runs planned and, per channel, ``[seq, asleep]``: the
     job's sequence number (``-1``: no rows for that channel) and whether its consumer was asleep."""
 
     __slots__ = ("jobs", "nr_runs")
@@ -527,48 +575,21 @@ class RingSet:
         """:meth:`register` the bytes of a C-contiguous frame buffer."""
         self.register(frames.ctypes.data, frames.ctypes.data + frames.nbytes)
 
-    def _grow(self, n: int) -> None:
-        """Room in the workspace for a submission of ``n`` pages (grown by doubling; reused ever after). The
-        compiled call trusts these sizes: ``_wm`` holds ``m`` methods and ``_ws`` ``9 m + 1 + _COUNT_WORDS``
-        words for one ``m``."""
-        m = max(n, 2 * self._wm.size)
-        self._wm = np.empty(m, dtype=np.int8)
-        self._ws = np.empty(9 * m + 1 + _COUNT_WORDS, dtype=np.int64)
+    def workspace(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The compiled submission's scratch for ``n`` pages, grown by doubling and reused ever after (caller holds
+        :attr:`lock`): ``9 m + 1 + _COUNT_WORDS`` int64 words and ``m`` method bytes for one ``m >= n``, and the
+        per-channel answer table."""
+        if self._wm.size < n:
+            m = max(n, 2 * self._wm.size)
+            self._wm = np.empty(m, dtype=np.int8)
+            self._ws = np.empty(9 * m + 1 + _COUNT_WORDS, dtype=np.int64)
+        return self._ws, self._wm, self._out
 
-    def submit_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray, src_base: int, dst_base: int,
-                     src_addr: int, dst_addr: int, page: int, options: Any, *, src_pages: int = 1 << 62,
-                     dst_pages: int = 1 << 62, checked: bool = True, write_seq: np.ndarray | None = None,
-                     seq: int = 0) -> Submitted | int:
-        """Check, plan and publish pages ``src_pfns[i] -> dst_pfns[i]`` (int64) over every channel, in one compiled
-        call.
-
-        Page ``p`` of the source node is at ``src_addr + (p - src_base) * page``, and the node holds
-        ``src_pages`` pages (likewise the destination). ``options`` is a
-        :class:`~dmamig.dma.copy_plan.PlanOptions` (batched copies never apply here). ``checked``: the caller
-        validated the pfns (distinct destinations, no page both read and written); otherwise destinations must
-        be strictly increasing, and the two nodes must differ. ``write_seq``: stamped with ``seq`` at every
-        destination before anything is published.
-
-        Returns
-        -------
-        Submitted or int
-            What was published, or a ``SUBMIT_*`` code when nothing was.
-        """
-        n = int(src_pfns.shape[0])
-        with self.lock:
-            if self._wm.size < n:
-                self._grow(n)
-            nr = int(_submit_pages(self.ctl, self.rows, self.jobs, src_pfns, dst_pfns, src_base, dst_base,
-                                   src_pages, dst_pages, checked, _NO_SEQ if write_seq is None else write_seq, seq,
-                                   src_addr, dst_addr, page, options.split_min_pages,
-                                   float(options.large_run_fraction), options.memcpy_min_pages, self._ws, self._wm,
-                                   self._out))
-            if nr < 0:
-                return nr
-            table = self._out[:, :2].tolist()
-            if self.consumer is not None:
-                self.consumer(table)
-        return Submitted(nr, table)
+    def route(self, src_base: int, dst_base: int, src_addr: int, dst_addr: int, page: int,
+              options: PlanOptions, *, src_pages: int = 1 << 62, dst_pages: int = 1 << 62) -> RingRoute:
+        """Submissions from one memory to another over these rings (see :class:`RingRoute`)."""
+        return RingRoute(self, src_base, dst_base, src_addr, dst_addr, page, options, src_pages=src_pages,
+                         dst_pages=dst_pages)
 
     def detach(self) -> None:
         """Move every array into memory of its own (copies), before the memory they were allocated in is freed:
@@ -586,6 +607,57 @@ class RingSet:
                 ring.reap()
 
 
+class RingRoute:
+    """Submissions of pages from one memory to another over a :class:`RingSet`: the constant half of the compiled
+    call, packed once, so that a submission passes only what changes.
+
+    Page ``p`` of the source is at ``src_addr + (p - src_base) * page``, and the source holds ``src_pages``
+    pages (likewise the destination). ``options`` is a :class:`~dmamig.dma.copy_plan.PlanOptions` (batched
+    copies never apply here).
+    """
+
+    __slots__ = ("_args", "_large_fraction", "ring_set")
+
+    def __init__(self, ring_set: RingSet, src_base: int, dst_base: int, src_addr: int, dst_addr: int, page: int,
+                 options: PlanOptions, *, src_pages: int = 1 << 62, dst_pages: int = 1 << 62) -> None:
+        if not isinstance(options, PlanOptions):
+            raise InvalidArgument(f"options must be a PlanOptions, got {type(options).__name__}")
+        words = np.empty(_ROUTE_WORDS, dtype=np.int64)
+        words[R_SRC_BASE], words[R_DST_BASE] = src_base, dst_base
+        words[R_SRC_PAGES], words[R_DST_PAGES] = src_pages, dst_pages
+        words[R_SRC_ADDR], words[R_DST_ADDR], words[R_PAGE] = src_addr, dst_addr, page
+        words[R_SPLIT_MIN], words[R_MEMCPY_MIN] = options.split_min_pages, options.memcpy_min_pages
+        self.ring_set = ring_set
+        self._args = words
+        self._large_fraction = float(options.large_run_fraction)
+
+    def submit(self, src_pfns: np.ndarray, dst_pfns: np.ndarray, checked: bool = True,
+               write_seq: np.ndarray | None = None, seq: int = 0) -> Submitted | int:
+        """Check, plan and publish pages ``src_pfns[i] -> dst_pfns[i]`` (int64) over every channel, in one compiled
+        call.
+
+        ``checked``: the caller validated the pfns (distinct destinations, no page both read and written);
+        otherwise destinations must be strictly increasing, and the two memories must differ. ``write_seq``:
+        stamped with ``seq`` at every destination before anything is published.
+
+        Returns
+        -------
+        Submitted or int
+            What was published, or a ``SUBMIT_*`` code when nothing was.
+        """
+        rs = self.ring_set
+        with rs.lock:
+            ws = rs.workspace(src_pfns.shape[0])
+            nr = _submit_pages(rs.ctl, rs.rows, rs.jobs, src_pfns, dst_pfns, self._args, self._large_fraction,
+                               checked, _NO_SEQ if write_seq is None else write_seq, seq, ws[0], ws[1], ws[2])
+            if nr < 0:
+                return nr
+            table = ws[2][:, :2].tolist()
+            if rs.consumer is not None:
+                rs.consumer(table)
+        return Submitted(nr, table)
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) the submission now rather than inside a first copy."""
     if not RING_AVAILABLE:
@@ -593,7 +665,7 @@ def warm_up() -> None:
     rs = RingSet(2, row_capacity=8, job_capacity=4)
     src = np.array([3, 1, 2], dtype=np.int64)
     dst = np.array([10, 11, 12], dtype=np.int64)
-    got = rs.submit_pages(src, dst, 0, 8, 4096, 8192, 64, PlanOptions())
+    got = rs.route(0, 8, 4096, 8192, 64, PlanOptions()).submit(src, dst)
     assert isinstance(got, Submitted)
     external_rows([(np.zeros((2, 64), np.uint8), np.zeros((2, 64), np.uint8), np.zeros(1, np.int64),
                     np.ones(1, np.int64), np.ones(1, np.int64))])

@@ -156,7 +156,7 @@ class PollingCpuChannel(CpuChannel):
 
     @property
     def takes_rows(self) -> bool:
-        """Whether compiled submissions (:meth:`~dmamig.dma.ring.RingSet.submit_pages`) may publish on this
+        """Whether compiled submissions (:meth:`~dmamig.dma.ring.RingRoute.submit`) may publish on this
         channel's ring (plain copies run in the compiled loop)."""
         return self._compiled
 
