@@ -12,6 +12,7 @@ import numpy as np
 
 from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
+from .cost_model import CostModel, load_model
 from .dma import DmaEngine
 from .errors import InvalidArgument, OutOfMemory
 from .fault_injection import FaultPoints
@@ -126,11 +127,18 @@ class Machine(FrameOps, PageControls):
         does. ``0`` makes every wait sleep at once (CUDA: in ``eventSynchronize``) and CPU channels sleep
         between jobs, so that each submission pays the host's thread wake-ups: an experiment setting.
     """
+    cost_model : CostModel, str or path, optional
+        An experiment setting: a cost model (:mod:`dmamig.cost_model`; a preset's name such as ``"zen3-ptdma"``,
+        or a preset file) that charges each operation of every migration to a modelled clock. Results then
+        carry ``modelled`` beside their measured time, labelled with the model's name. ``None`` (the default):
+        nothing is modelled.
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
                  page_size: int = 4096, backend: str = "auto", channels: int = 4,
                  device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None,
-                 topology: Topology | None = None, dma_poll_us: float | None = None):
+                 topology: Topology | None = None, dma_poll_us: float | None = None,
+                 cost_model: CostModel | str | None = None):
+        self._cost_model = None if cost_model is None else load_model(cost_model)
         host_sizes, host_costs = _host_tiers(host_pages, host_nodes)
         host_pages = host_sizes[0]
         check_positive_int("host_pages", host_pages)
@@ -225,6 +233,9 @@ class Machine(FrameOps, PageControls):
                               doc='True when device memory is device-private (``device_memory="private"``).')
     topology = property(lambda self: self._topology,
                         doc="The devices' :class:`~dmamig.topology.Topology`: peer access and link per pair.")
+    cost_model = property(lambda self: self._cost_model,
+                          doc="The :class:`~dmamig.cost_model.CostModel` that models every migration's time, or "
+                              "None (the experiment setting ``cost_model=``).")
 
     @property
     def vmstat(self) -> dict[str, int]:

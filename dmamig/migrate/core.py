@@ -34,6 +34,7 @@ import numpy as np
 from .._validate import as_pfn_array, check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, ENOMEM, MigrateMode, MigrateReason
+from .cost_charges import BatchCharges
 from .entries import HPAGE_PMD_ORDER, PENDING, SPLIT, UNTRIED, Entries
 from .interrupts import DeferredInterrupt
 from .isolate import check_dst, collect_folios, putback_folios
@@ -123,6 +124,7 @@ class _Migration(UnmapPhase, MovePhase):
         self.batch_counts_folios = True  # the batch's failures are folios of the return value
         self.interrupts = DeferredInterrupt()  # Ctrl-C lands between phases only
         self.nr_failed_folios = 0  # the kernel's return value: folios not migrated, a split THP as one
+        self.charges = BatchCharges.start(m, entries, self.stats)  # None unless the machine has a cost model
 
     # -- migrate_pages(): batches, one at a time ---------------------------------------------------------------
     def migrate_pages(self, positions: np.ndarray) -> None:
@@ -219,11 +221,15 @@ class _Migration(UnmapPhase, MovePhase):
         nr_unmap = 0
         self.batch_enomem = False
         self.batch_counts_folios = ends_call
+        tried = freezes = 0  # folio lock attempts and reference freezes, for a cost model
+        if self.charges is not None:
+            self.charges.before_unmap(todo)
         for _ in range(passes):
             self.interrupts.check()
             if todo.size == 0 or self.batch_enomem:
                 break
             nr_unmap += 1
+            tried += todo.size
             done, todo = self._unmap_pass(todo, mode)
             unmapped.append(done)
         if self.batch_enomem and ends_call:
@@ -232,14 +238,20 @@ class _Migration(UnmapPhase, MovePhase):
         moving = np.concatenate(unmapped) if len(unmapped) > 1 else (unmapped[0] if unmapped else todo[:0])
         if moving.size == 0:
             self.stats.nr_passes += nr_unmap
+            if self.charges is not None:
+                self.charges.unmapped(tried, moving, 0, False)
             return
         # try_to_unmap_flush(): one flush per batch, after the whole batch is unmapped.
-        self.stats.nr_tlb_flush += e.nr_batches(moving)
+        flushes = e.nr_batches(moving)
+        self.stats.nr_tlb_flush += flushes
         self.interrupts.check()
         fence = self._submit(moving)
+        record = None if self.charges is None else self.charges.unmapped(tried, moving, flushes, fence is not None)
         if fence is not None:
             yield
             self._wait(fence, moving)
+        if record is not None:
+            record.before_move()
         nr_move = 0
         for _ in range(passes):
             self.interrupts.check()
@@ -248,9 +260,12 @@ class _Migration(UnmapPhase, MovePhase):
                 # are made again in this pass (the freeze checks once more, under the lock).
                 self._drop_stale_copies(moving)
             nr_move += 1
+            freezes += moving.size
             moving = self._move_pass(moving)
             if moving.size == 0:
                 break
+        if record is not None:
+            record.moved(freezes, moving)  # what is left is undone below
         self.stats.nr_move_passes += nr_move
         self.stats.nr_passes += max(nr_unmap, nr_move)
         if moving.size == 0:
@@ -421,7 +436,8 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
                          nr_thp_succeeded=s.nr_thp_succeeded, nr_thp_failed=s.nr_thp_failed,
                          nr_thp_split=s.nr_thp_split, phase_ns=mig.phase_ns,
                          thread_time_ns=time.thread_time_ns() - t_thread,
-                         wall_ns=time.perf_counter_ns() - t_wall, stats=s, options=options, rc=rc)
+                         wall_ns=time.perf_counter_ns() - t_wall, stats=s, options=options, rc=rc,
+                         modelled=None if mig.charges is None else mig.charges.clock.result())
 
 
 def check_reason(reason: Any) -> MigrateReason:

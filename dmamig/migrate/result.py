@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..cost_model.clock import ModelledTime
 from ..flags import MigrateMode, MigrateReason
 from .options import MigrateOptions
 
@@ -104,6 +105,9 @@ class MigrateResult:
         CPU time of the migrating thread and wall time of the whole call.
     options : MigrateOptions
         The batching the call ran with (the kernel's unless an experiment asked otherwise).
+    modelled : ModelledTime or None
+        With a cost model on the machine (``Machine(cost_model=...)``): what the model says the call took,
+        labelled with the model's name. Never part of the measured fields above.
     """
 
     status: np.ndarray
@@ -118,6 +122,7 @@ class MigrateResult:
     stats: MigrateStats = field(default_factory=MigrateStats)
     options: MigrateOptions = field(default_factory=MigrateOptions)
     rc: int = 0
+    modelled: ModelledTime | None = None
 
     @property
     def ok(self) -> bool:
