@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parser(sub, _argtype, _positive, _nonnegative)
     add_replay_report_parser(sub)
 
+    from .bench.model_command import add_model_parser
+
+    add_model_parser(sub, _argtype)
+
     i = sub.add_parser("info", help="backend, devices, versions and kernel build status")
     i.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -1089,6 +1093,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tiering.commands import cmd_replay_report
 
         return cmd_replay_report(args, _console)
+    if args.command == "model":
+        from .bench.model_command import cmd_model
+
+        return cmd_model(args, _console)
     from .bench.results import RESULTS_SCHEMA
 
     print(json.dumps(RESULTS_SCHEMA, indent=2))

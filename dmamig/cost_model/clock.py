@@ -43,6 +43,9 @@ def histogram(nr: Any) -> Hist:
     arr = np.asarray(nr)
     if arr.size == 0:
         return ()
+    lo = int(arr.min())
+    if lo == int(arr.max()):
+        return ((lo, int(arr.size)),)  # one folio size, the usual batch: no sort
     sizes, counts = np.unique(arr, return_counts=True)
     return tuple(zip(sizes.tolist(), counts.tolist()))
 
@@ -214,8 +217,7 @@ class ModelClock:
             # Long runs are cut so that every channel gets the same bytes; the cuts add at most one descriptor
             # per channel.
             per = [(math.ceil((runs + used - 1) / used), pages * ps / used)] * used if used else []
-        ndesc = sum(p[0] for p in per)
-        self._cpu("dma_submit", d.call_ns + d.channel_call_ns * used + d.desc_ns * ndesc)
+        self._cpu("dma_submit", d.call_ns + d.channel_call_ns * used + d.desc_ns * _folios(c.dma_folios))
         start = self.t_cpu
         total_bytes = sum(p[1] for p in per)
         end = start

@@ -188,7 +188,8 @@ class DmaCosts:
     channel_call_ns : float
         Host work per channel used by a submission (its descriptor list started, its completion armed).
     desc_ns : float
-        Host work per descriptor (prepare and submit), serial on the migrating thread.
+        Host work per folio submitted (its descriptor prepared and submitted; with ``balance``, its entry in
+        the plan), serial on the migrating thread.
     desc_hw_ns : float
         The engine's own time per descriptor, on its channel (fetch, completion write).
     completion : {"interrupt", "poll"}

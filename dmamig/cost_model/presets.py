@@ -148,7 +148,7 @@ def e5_ioat() -> CostModel:
     # 16 I/OAT channels on one THP, its bytes balanced over them: assumed host costs and a 1 us descriptor; the
     # row sets the channel's bandwidth.
     dcall, dchan, ddesc, desc_hw, irq = 20_000.0, 2_000.0, 100.0, 1000.0, 10_000.0
-    host = thp + dcall + 16 * dchan + 16 * ddesc + irq
+    host = thp + dcall + 16 * dchan + ddesc + irq
     per_chan = _gbps_ns(_M2, _row(name, "dma", "2M", 16).value) - host - desc_hw
     dma = DmaCosts(channels=16, channel_bw=(_M2 / 16) / per_chan * 1e9, cap_bw=0.0, call_ns=dcall,
                    channel_call_ns=dchan, desc_ns=ddesc, desc_hw_ns=desc_hw, completion="interrupt", irq_ns=irq,
@@ -174,11 +174,17 @@ def h200_ce() -> CostModel:
     kernel = zen3_ptdma().kernel
     ceiling = _row(name, "ceiling", "contiguous", 4).value
     rand4 = _row(name, "dma-copy", "4K-random", 4).value
-    # dma.copy of random 4K pages over 4 channels: each channel's time per page is its descriptor's engine cost
-    # plus the page at the link's speed (one engine can fill the link, so channel_bw = the ceiling).
-    desc_hw = 4 * _K4 / rand4 - _K4 / ceiling
-    dma = DmaCosts(channels=4, channel_bw=ceiling * 1e9, cap_bw=ceiling * 1e9, call_ns=114_000.0,
-                   channel_call_ns=37_000.0, desc_ns=104.0, desc_hw_ns=desc_hw, completion="poll", irq_ns=10_000.0,
+    # The emulator's submission on that host, per 512-page batch: 114 us at 2M with one channel (one run) is
+    # the call; 279 us at 4K with four channels against 167 us with one, the cost per channel.
+    call_ns, chan_ns = 114_000.0, (279_000.0 - 167_000.0) / 3
+    # dma.copy of random 4K pages (1 GiB) over 4 channels: the copy engines run at the link's cap (one engine can
+    # fill the link: channel_bw = the ceiling; their own cost per descriptor assumed hidden, 0); what the row's
+    # time leaves per page is the host's work per descriptor. (The 4K batch's submit, 167 us for 512 pages,
+    # would give 104 ns per descriptor: more than this row leaves.)
+    desc_hw = 0.0
+    desc_ns = _K4 / rand4 - _K4 / ceiling - (call_ns + 4 * chan_ns) / _N4
+    dma = DmaCosts(channels=4, channel_bw=ceiling * 1e9, cap_bw=ceiling * 1e9, call_ns=call_ns,
+                   channel_call_ns=chan_ns, desc_ns=desc_ns, desc_hw_ns=desc_hw, completion="poll", irq_ns=10_000.0,
                    poll_ns=1000.0, split="balance")
     # The copy mode on a GPU is the sync-dma baseline: one cudaMemcpyAsync per folio (about 2.7 us per 4 KiB
     # folio in all: 1404 us per 512-folio batch; 98 us for a 2 MiB batch's copy).
@@ -187,9 +193,9 @@ def h200_ce() -> CostModel:
     sources = (
         "this project's H200 run, benchmarks/results/cuda-h200-2026-11-25/README.md (host to device)",
         "pinned cudaMemcpyAsync ceiling (55.5 GB/s): dma.channel_bw and dma.cap_bw",
-        "dma.copy of random 4K pages, 4 channels (30.72 GB/s): dma.desc_hw_ns",
+        "dma.copy of random 4K pages, 4 channels (30.72 GB/s): dma.desc_ns (dma.desc_hw_ns assumed 0)",
         "per 512-page batch: submit 114 us (2M, 1 channel), 167 us (4K, 1 channel), 279 us (4K, 4 channels): "
-        "dma.call_ns, dma.desc_ns, dma.channel_call_ns (the emulator's submission on that host)",
+        "dma.call_ns, dma.channel_call_ns (the emulator's submission on that host)",
         "copy 4K's CPU copy 1404 us per 512 folios, copy 2M's 98 us: copy.call_ns and copy.bw_* (the sync-dma "
         "baseline, one runtime call per folio)",
         "kernel costs: zen3-ptdma's (the H200 run measured the emulator's state work, not a kernel's)",

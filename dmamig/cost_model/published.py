@@ -50,6 +50,10 @@ class PublishedRow:
         ``(low, high)`` where the reference gives a range.
     note : str
         What the row is and how it is read.
+    call_bytes : int
+        Bytes one migration call moved in the measurement: the RFC's runs move 1 GiB in one call; Zi Yan's
+        figures are one call of 512 base pages or of one THP. A model is compared with a row on a run of that
+        shape. ``dma-copy`` rows are the engine alone (``dma.copy`` of that many bytes, no migration).
     """
 
     preset: str
@@ -61,6 +65,7 @@ class PublishedRow:
     calibration: bool
     span: tuple[float, float] | None = None
     note: str = ""
+    call_bytes: int = 1 << 30
 
 
 PUBLISHED: tuple[PublishedRow, ...] = (
@@ -83,13 +88,15 @@ PUBLISHED: tuple[PublishedRow, ...] = (
                  note="8 threads: the same range (a check: threads beyond 8 add little)"),
     # -- e5-ioat: Zi Yan's 2019 RFC --------------------------------------------------------------------------
     PublishedRow("e5-ioat", "Zi Yan 2019", "vanilla", "4K", 0, 0.85, True,
-                 note="migrate_pages of 512 base pages"),
-    PublishedRow("e5-ioat", "Zi Yan 2019", "vanilla", "2M", 0, 2.39, True, note="one THP"),
+                 note="migrate_pages of 512 base pages", call_bytes=2 << 20),
+    PublishedRow("e5-ioat", "Zi Yan 2019", "vanilla", "2M", 0, 2.39, True, note="one THP",
+                 call_bytes=2 << 20),
     PublishedRow("e5-ioat", "Zi Yan 2019", "mtcopy", "2M", 16, 7.65, True, span=(7.4, 7.9),
-                 note="one THP, 16 copy threads, each a part of the folio"),
-    PublishedRow("e5-ioat", "Zi Yan 2019", "dma", "2M", 16, 4.32, True, note="one THP, 16 I/OAT channels"),
-    PublishedRow("e5-ioat", "Zi Yan 2019", "vanilla", "4K-single", 0, 0.31, False,
-                 note="migrate_pages of one base page (a check of the per-call cost)"),
+                 note="one THP, 16 copy threads, each a part of the folio", call_bytes=2 << 20),
+    PublishedRow("e5-ioat", "Zi Yan 2019", "dma", "2M", 16, 4.32, True, note="one THP, 16 I/OAT channels",
+                 call_bytes=2 << 20),
+    PublishedRow("e5-ioat", "Zi Yan 2019", "vanilla", "4K", 0, 0.31, False,
+                 note="migrate_pages of one base page (a check of the per-call cost)", call_bytes=4096),
     # -- h200-ce: this project's H200 run (host to device) ---------------------------------------------------
     PublishedRow("h200-ce", "H200 run", "ceiling", "contiguous", 4, 55.5, True,
                  note="pinned cudaMemcpyAsync host->device: the copy engines' cap"),

@@ -61,6 +61,8 @@ class BatchCharges:
 
     def before_unmap(self, todo: np.ndarray) -> None:
         """Note the mappings of the folios a batch will try (the unmap replaces them by migration entries)."""
+        if self.maps.size < self.e.src.size:  # a split large folio added entries for its pieces
+            self.maps = np.concatenate([self.maps, np.zeros(self.e.src.size - self.maps.size, dtype=np.int64)])
         self.maps[todo] = np.maximum(self.m.pages.mapcount[self.e.src[todo]], 0)
 
     def unmapped(self, tried: int, moving: np.ndarray, flushes: int, submitted: bool) -> BatchRecord:
