@@ -142,8 +142,8 @@ def _print_study(con: Any, study: Any, doc: dict[str, Any]) -> None:
     for col in ("source", "run", "folio", "lanes", "published", f"modelled ({name})", "error", "role"):
         p.add_column(col, justify="right" if col in ("lanes", "published", "error") else "left")
     for r in doc["published"]:
-        pub = f"{r['published']:g}" + (f" ({r['span'][0]:g}-{r['span'][1]:g})" if r["span"] else "")
-        mod = "-" if r["modelled"] is None else f"{r['modelled']:.2f}"
+        pub = f"{r['published']:.4g}" + (f" ({r['span'][0]:g}-{r['span'][1]:g})" if r["span"] else "")
+        mod = "-" if r["modelled"] is None else f"{r['modelled']:.4g}"
         err = "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}%"
         p.add_row(r["table"], r["kind"], r["folio"], str(r["lanes"]), pub, mod, err,
                   "calibration input" if r["calibration"] else "check (not fitted)")

@@ -160,10 +160,8 @@ class ModelStudy:
             return self.value(r.kind, r.folio, r.lanes)
         if r.kind in ("ceiling", "dma-copy"):
             return _engine_alone(self.model.with_set(**{"dma.channels": r.lanes}), r)
-        if r.kind == "cycles":
-            # The V1 rows: the modelled copy share of a vanilla 4K migration, as cycles of a 3700-cycle page.
-            share = self.copy_share("4K")
-            return None if share is None else (3700.0 if r.folio == "migrate_pages" else 3700.0 * share)
+        if r.kind == "copy-share":
+            return self.copy_share(r.folio)
         return None
 
     def copy_share(self, folio: str) -> float | None:

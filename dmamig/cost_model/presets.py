@@ -66,14 +66,13 @@ def _folio_work(k: KernelCosts, pages: int) -> float:
 def zen3_ptdma() -> CostModel:
     """The AMD RFC's machine: AMD Zen 3 EPYC, two nodes, PTDMA channels (the dcbm driver)."""
     name = "zen3-ptdma"
-    cyc_all = _row(name, "cycles", "migrate_pages", 0).value
-    cyc_copy = _row(name, "cycles", "folio_copy", 0).value
+    share = _row(name, "copy-share", "4K", 0).value
     # Assumed: a syscall's own cost, the local flush and one IPI (the benchmark's one thread runs on one CPU, so a
     # flush reaches one other CPU at most), the copy's fixed cost per folio.
     call_ns, flush_ns, ipi_ns, cpus, copy_call_ns = 2000.0, 500.0, 1500.0, 2, 20.0
     # V3 1a 4K: the time per page of the vanilla kernel; V1: the copy's share of it.
     t4 = _gbps_ns(_K4, _row(name, "vanilla", "4K", 0).value)
-    copy4 = t4 * cyc_copy / cyc_all
+    copy4 = t4 * share
     flush = flush_ns + ipi_ns * (cpus - 1)
     per_folio = t4 - copy4 - flush / 512 - call_ns / _N4 - 2 * _PAGE_NS
     kernel = _kernel(per_folio, call_ns=call_ns, tlb_flush_ns=flush_ns, ipi_ns=ipi_ns, cpus=cpus)
