@@ -272,3 +272,16 @@ def test_calibrating_on_this_machine_writes_a_preset_and_compares_measured_with_
 def test_a_model_needs_its_four_sections():
     with pytest.raises(InvalidArgument, match="dma must be a DmaCosts"):
         replace(TINY, dma=KERNEL)
+
+
+@pytest.mark.parametrize("split, busiest", [("folio", (1 + 2) * PS), ("part", 5 * PS / 2)])
+def test_the_multithreaded_copy_takes_its_busiest_thread_or_its_cap(split, busiest):
+    # Three folios (1, 2 and 2 pages) over 2 threads at 1 byte/ns each, 500 ns to dispatch a thread. By folio, the
+    # folios are dealt round robin by count (smallest first): one thread gets 1 + 2 pages; by part, each half.
+    model = TINY.with_set(**{"mtcopy.threads": 2, "mtcopy.split": split, "mtcopy.thread_bw": 1e9,
+                             "mtcopy.dispatch_ns": 500.0})
+    moved = ((1, 1), (2, 2))
+    t = replay([MoveCharge(0, moved, 0, moved)], model)
+    assert t.ops_ns["copy"] == pytest.approx(2 * 500 + busiest)
+    capped = replay([MoveCharge(0, moved, 0, moved)], model.with_set(**{"mtcopy.cap_bw": 0.25e9}))
+    assert capped.ops_ns["copy"] == pytest.approx(2 * 500 + 5 * PS / 0.25)
