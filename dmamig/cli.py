@@ -1,7 +1,8 @@
-"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema``, ``stress``, ``replay`` and
-``replay-report``: the whole command line of the benchmark in one module (its argument types, subparsers,
-output folders and commands), calling down into :mod:`dmamig.bench` for what the commands run. ``replay`` and
-``replay-report`` take their subparsers and commands from :mod:`dmamig.tiering.commands`.
+"""The ``dmamig`` command: ``bench``, ``report``, ``info``, ``selftest``, ``schema``, ``stress``, ``replay``,
+``replay-report`` and ``model``: the whole command line of the benchmark in one module (its argument types,
+subparsers, output folders and commands), calling down into :mod:`dmamig.bench` for what the commands run.
+``replay`` and ``replay-report`` take their subparsers and commands from :mod:`dmamig.tiering.commands`, ``model``
+from :mod:`dmamig.bench.model_command`.
 
 Every argument type names what was wrong and what is allowed. Output folders are unique, writable and never
 overwrite results.

@@ -133,7 +133,7 @@ def e5_ioat() -> CostModel:
     # t4 = call + flush + 512 * (s*w1 + copy_call) + 512*4096 * x;  t2 = call + flush + s*w512 + copy_call + 2M * x
     a = np.array([[512 * w1, 512 * _K4], [w512, _M2]])
     b = np.array([t4 - call_ns - flush - 512 * copy_call_ns, t2 - call_ns - flush - copy_call_ns])
-    s, x = np.linalg.solve(a, b)
+    s, x = (float(v) for v in np.linalg.solve(a, b))
     kernel = _kernel(s * (w1 - 2 * _PAGE_NS), call_ns=call_ns, tlb_flush_ns=flush_ns, ipi_ns=ipi_ns, cpus=cpus)
     bw = 1e9 / x
     copy = CpuCopy(bw_4k=bw, bw_2m=bw, call_ns=copy_call_ns, cached_bw=2 * bw)
