@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -62,6 +63,7 @@ class FakeStream:
         self.ops: list = []
         self.enqueued = 0
         self.executed = 0
+        self.resident: threading.Thread | None = None  # a persistent kernel running on the stream
         gpu.streams[self.ptr] = self
 
     def enqueue(self, op) -> None:
@@ -77,11 +79,29 @@ class FakeStream:
             op()
             self.executed += 1
 
+    def busy(self) -> bool:
+        """Work queued, or a persistent kernel still running."""
+        return self.executed < self.enqueued or (self.resident is not None and self.resident.is_alive())
+
+    def start_resident(self, body) -> None:
+        """Run ``body`` on a thread of its own after the stream's previous resident kernel ends (stream order)."""
+        before = self.resident
+
+        def run() -> None:
+            if before is not None:
+                before.join()
+            body()
+
+        self.resident = threading.Thread(target=run, daemon=True, name="fake-ring-persist")
+        self.resident.start()
+
     def synchronize(self) -> None:
         self.gpu.log.append(("streamSynchronize", self.ptr))
         if self.gpu.sticky:
             raise FakeCudaError(self.gpu.sticky)
         self.run()
+        if self.resident is not None:
+            self.resident.join()
 
     def __enter__(self) -> FakeStream:
         self.gpu.tls.__dict__.setdefault("streams", []).append(self)
@@ -191,8 +211,12 @@ class FakeRuntime:
         self.gpu.log.append(("streamQuery", stream))
         if self.gpu.sticky:
             return self.gpu.sticky
-        s = self._stream(stream)
-        return 0 if s.executed >= s.enqueued else 600
+        return 600 if self._stream(stream).busy() else 0
+
+    def deviceGetAttribute(self, attr: int, device: int) -> int:
+        if not 0 <= device < self.gpu.ndev:
+            raise FakeCudaError(101)
+        return self.gpu.attrs[attr]
 
     def memsetAsync(self, ptr: int, value: int, n: int, stream: int) -> None:
         self.gpu.check(ptr, n)
@@ -274,6 +298,13 @@ class FakeKernel:
         if self.name == "ring_copy":
             s.enqueue(lambda: self._ring_copy(tuple(int(x) for x in args)))
             return
+        if self.name == "ring_persist":
+            if not kwargs.get("enable_cooperative_groups"):
+                raise AssertionError("ring_persist needs a cooperative launch (its grid barrier)")
+            if self.gpu.sticky:
+                raise FakeCudaError(self.gpu.sticky)
+            s.enqueue(lambda: s.start_resident(lambda: self._ring_persist(tuple(int(x) for x in args))))
+            return
         a, b, n, page = (int(x) for x in args)
         if self.name == "page_gather_copy":
             self.gpu.check(a, 8 * n)
@@ -329,6 +360,83 @@ class FakeKernel:
             my_ctl[dma_ring.HEARTBEAT] += 1
             my_ctl[dma_ring.HEAD] = seq + 1
 
+    def _ring_persist(self, args: tuple[int, ...]) -> None:
+        """kernels/ring_persist.cu's protocol on a thread: poll every channel's TAIL, run one job per channel a
+        round (rows checked against the registered ranges, then copied), publish status, ROW_HEAD and HEAD, beat
+        HEARTBEAT; exit after the idle window with the IDLE hand-shake, or on the stop word once nothing is
+        left. Switches on the GPU: ``consumer_stalled`` (no progress, no heartbeat), ``sticky`` (the kernel
+        dies), ``bad_row`` (the next job's first row points outside registered memory)."""
+        gpu = self.gpu
+
+        def words(addr: int, n: int) -> np.ndarray:
+            gpu.check(addr, 8 * n)
+            return np.ctypeslib.as_array((ctypes.c_int64 * n).from_address(addr))
+
+        ctl, rows, jobs, regions, host, scratch = args[:6]
+        channels, row_cap, job_cap, ctl_words, idle_ns, generation = args[6:12]
+        words(scratch, 88)  # the round buffers and barrier are device memory the kernel may touch
+        ctl_v = words(ctl, channels * ctl_words).reshape(channels, ctl_words)
+        host_v = words(host, 16)
+        ring_v = [words(rows + 32 * c * row_cap, 4 * row_cap).reshape(row_cap, 4) for c in range(channels)]
+        jobs_v = [words(jobs + 32 * c * job_cap, 4 * job_cap).reshape(job_cap, 4) for c in range(channels)]
+        fence = threading.Lock()  # taking a lock is a full fence (a locked instruction on x86)
+        heads = [int(ctl_v[c, dma_ring.HEAD]) for c in range(channels)]
+        ctl_v[:, dma_ring.IDLE] = 0
+        host_v[1] = generation
+        gpu.persist_runs.append(generation)
+        idle_since = time.monotonic_ns()
+        while True:
+            while gpu.consumer_stalled and not gpu.sticky:
+                time.sleep(1e-3)
+            if gpu.sticky:
+                return  # the context is poisoned: the kernel dies where it stands
+            with fence:
+                tails = ctl_v[:, dma_ring.TAIL].tolist()
+            work = [c for c in range(channels) if tails[c] > heads[c]]
+            if not work:
+                if host_v[0]:
+                    break
+                ctl_v[:, dma_ring.HEARTBEAT] += 1
+                if time.monotonic_ns() - idle_since >= idle_ns:
+                    ctl_v[:, dma_ring.IDLE] = generation
+                    with fence:
+                        tails = ctl_v[:, dma_ring.TAIL].tolist()
+                    if any(tails[c] > heads[c] for c in range(channels)):
+                        ctl_v[:, dma_ring.IDLE] = 0
+                        continue
+                    break
+                time.sleep(20e-6)
+                continue
+            nreg = int(words(regions, 1)[0])
+            ranges = words(regions, 2 * nreg + 2).reshape(-1, 2)[1:].tolist()
+            for c in work:
+                seq = heads[c]
+                slot = jobs_v[c][seq % job_cap]
+                kind, first, count = int(slot[0]), int(slot[1]), int(slot[2])
+                host_v[8 + c] = seq + 1
+                if kind != dma_ring.JOB_ROWS:
+                    slot[3] = dma_ring.STATUS_FAILED
+                else:
+                    if gpu.bad_row:
+                        gpu.bad_row = False
+                        ring_v[c][first % row_cap, 1] = 0x10
+                    picked = [ring_v[c][(first + i) % row_cap].tolist() for i in range(count)]
+                    ok = not nreg or all(any(lo <= a and a + n <= hi for lo, hi in ranges)
+                                         for src, dst, n, _ in picked for a in (src, dst))
+                    if ok:
+                        for src, dst, n, _ in picked:
+                            gpu.check(src, n)
+                            gpu.check(dst, n)
+                            ctypes.memmove(dst, src, n)
+                    slot[3] = dma_ring.STATUS_OK if ok else dma_ring.STATUS_BAD_ROW
+                    ctl_v[c, dma_ring.ROW_HEAD] = first + count
+                with fence:
+                    ctl_v[c, dma_ring.HEAD] = seq + 1
+                heads[c] = seq + 1
+            ctl_v[:, dma_ring.HEARTBEAT] += 1
+            idle_since = time.monotonic_ns()
+        host_v[1] = 0
+
     def _checksum(self, a: int, out: int, n: int, page: int) -> None:
         addrs = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(a)).tolist()
         pages = np.stack([np.ctypeslib.as_array((ctypes.c_uint8 * page).from_address(p)) for p in addrs])
@@ -380,6 +488,11 @@ class FakeGpu:
         self.events: dict[int, dict] = {}
         self.launches: list = []
         self.log: list = []
+        # cudaDeviceAttr values: multiprocessors, a kernel execution timeout, cooperative launch support.
+        self.attrs = {16: 132, 17: 0, 95: 1}
+        self.consumer_stalled = False  # a persistent consumer stops making progress (and beating)
+        self.bad_row = False  # the next job a persistent consumer runs has a row outside registered memory
+        self.persist_runs: list[int] = []  # generations of the persistent consumers that started
         self.double_frees = 0
         self._next = 0x1000
         self.runtime = FakeRuntime(self)
@@ -1055,3 +1168,200 @@ def test_a_sticky_error_fails_the_lane_its_jobs_and_later_ones_and_close_still_f
     engine.close()  # bounded, and never raises after a sticky error
     b.close()
     assert gpu.live("host") == host_before  # the lane's pinned rings went with it
+
+
+# -- the persistent consumer (dma_engine="persistent"): one resident ring_persist kernel per device ---------------
+def persistent_backend(gpu: FakeGpu, poll_us: float = 1e6) -> CudaBackend:
+    """A backend whose lanes run the persistent consumer; ``poll_us`` is also the consumer's idle window."""
+    b = backend_on(gpu, dma_engine="persistent")
+    b.poll_us = poll_us
+    return b
+
+
+def persist_launches(gpu: FakeGpu) -> list:
+    return [x for x in gpu.launches if x[0] == "ring_persist"]
+
+
+def wait_until(cond, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {WAIT} s")
+        time.sleep(1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_persistent_consumer_copies_every_submission_from_one_cooperative_launch(gpu, channels):
+    b = persistent_backend(gpu)
+    nodes = make_nodes(b, sizes=(1024, 1024), seed=31)
+    with engine_for(b, nodes, channels=channels) as engine:
+        lane = engine._channels[0]._lane
+        assert type(lane).__name__ == "PersistentRingLane" and lane.blocks == 32  # min(32, 132 multiprocessors)
+        rng = np.random.default_rng(32)
+        expect = contents(b, nodes)
+        calls_before = len(gpu.log)
+        for _ in range(3):
+            for src, dst in ((rng.permutation(512), 1024 + rng.permutation(1024)[:512]),  # scattered 4K pages
+                             (512 + np.arange(512), 1536 + np.arange(512))):  # one contiguous 2 MiB run
+                dst = np.sort(dst)
+                expect[dst] = expect[src]
+                engine.copy(src, dst).wait(WAIT)
+        assert not [c for c in gpu.log[calls_before:] if c[0] in ("memcpyAsync", "eventRecord", "eventQuery")]
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+        launches = persist_launches(gpu)
+        assert len(launches) == 1 and launches[0][1] == (32,)  # resident: one launch served all six
+        assert lane.generation == 1 and lane.running == 1
+        assert all(lane.seen(c) == lane.rings.rings[c].tail for c in range(channels))
+    assert not any(s.resident is not None and s.resident.is_alive() for s in gpu.streams.values())
+    b.close()
+
+
+def test_the_persistent_consumer_exits_when_idle_and_the_next_submission_relaunches_it(gpu):
+    b = persistent_backend(gpu, poll_us=200)  # a 200 us idle window
+    nodes = make_nodes(b, sizes=(256, 256), seed=33)
+    with engine_for(b, nodes, channels=2) as engine:
+        lane = engine._channels[0]._lane
+        expect = contents(b, nodes)
+        engine.copy(np.arange(8), 256 + np.arange(8)).wait(WAIT)
+        expect[256:264] = expect[:8]
+        wait_until(lambda: lane.running == 0, "the idle consumer's exit")
+        assert all(int(r.ctl[dma_ring.IDLE]) == lane.generation == 1 for r in lane.rings.rings)
+        engine.copy(np.arange(8, 16), 264 + np.arange(8)).wait(WAIT)
+        expect[264:272] = expect[8:16]
+        assert lane.generation == 2 and gpu.persist_runs == [1, 2]
+        # Submissions around the idle window's end, where the consumer's exit races the doorbell: none is lost.
+        rng = np.random.default_rng(34)
+        for i in range(40):
+            time.sleep(float(rng.uniform(0, 400e-6)))
+            src = rng.choice(256, 16, replace=False)
+            dst = 256 + np.sort(rng.choice(256, 16, replace=False))
+            expect[dst] = expect[src]
+            assert engine.copy(src, dst).wait(WAIT), f"submission {i} was not served"
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+        assert 2 <= lane.launches <= 42 and lane.launches == lane.generation
+    b.close()
+
+
+def test_a_bad_row_on_the_persistent_consumer_is_a_status_and_the_lane_goes_on(gpu):
+    b = persistent_backend(gpu)
+    nodes = make_nodes(b, seed=35)
+    with engine_for(b, nodes, channels=1) as engine:
+        engine.copy(np.array([0]), np.array([64])).wait(WAIT)
+        before = contents(b, nodes)
+        gpu.bad_row = True  # the next job's first row points outside registered memory
+        with pytest.raises(DmaError, match="outside registered memory"):
+            engine.copy(np.arange(8), 64 + np.arange(8)).wait(WAIT)
+        np.testing.assert_array_equal(contents(b, nodes), before)  # nothing of the job was copied
+        lane = engine._channels[0]._lane
+        assert lane.failure is None and lane.launches == 1
+        engine.copy(np.arange(8), 64 + np.arange(8)).wait(WAIT)
+        before[64:72] = before[:8]
+        np.testing.assert_array_equal(contents(b, nodes), before)
+    b.close()
+
+
+def test_a_stalled_persistent_consumer_fails_its_jobs_and_close_is_bounded(gpu):
+    b = persistent_backend(gpu)
+    nodes = make_nodes(b, seed=36)
+    engine = engine_for(b, nodes, channels=2)
+    engine.copy(np.array([0]), np.array([64])).wait(WAIT)
+    lane = engine._channels[0]._lane
+    gpu.consumer_stalled = True  # the heartbeat stops
+    fence = engine.copy(np.arange(16), 64 + np.arange(16))
+    assert fence.wait(0.05) is False  # a timed wait returns in time
+    lane.stall_s = 0.2
+    t0 = time.monotonic()
+    with pytest.raises(DmaError, match="stalled"):
+        fence.wait(WAIT)
+    assert time.monotonic() - t0 < 5.0
+    assert lane.failure is not None and not engine._channels[0].takes_rows
+    lane.close_timeout = 0.3
+    t0 = time.monotonic()
+    engine.close()  # bounded, and never raises
+    assert time.monotonic() - t0 < 5.0
+    assert "did not stop" in str(lane.failure) or "stalled" in str(lane.failure)
+    gpu.consumer_stalled = False  # the consumer wakes, sees the stop word and exits
+    wait_until(lambda: lane.running == 0, "the stopped consumer's exit")
+    b.close()
+
+
+def test_a_sticky_error_fails_the_persistent_lane_and_close_still_frees(gpu):
+    b = persistent_backend(gpu)
+    nodes = make_nodes(b, seed=37)
+    host_before, device_before = gpu.live("host"), gpu.live("device")
+    engine = engine_for(b, nodes, channels=2)
+    engine.copy(np.array([0]), np.array([64])).wait(WAIT)
+    gpu.sticky = 700  # an illegal address elsewhere poisoned the context: the consumer dies
+    with pytest.raises(DmaError, match="illegal memory access"):
+        engine.copy(np.arange(16), 64 + np.arange(16)).wait(WAIT)
+    with pytest.raises(DmaError):
+        engine.copy(np.arange(16), 80 + np.arange(16)).wait(WAIT)
+    engine.close()  # bounded, never raises: the stream reports the error at once
+    assert gpu.live("host") == host_before and gpu.live("device") == device_before
+    b.close()
+
+
+def test_close_stops_the_persistent_consumer_and_frees_its_memory(gpu):
+    b = persistent_backend(gpu)
+    nodes = make_nodes(b, seed=38)
+    host_before, device_before = gpu.live("host"), gpu.live("device")
+    engine = engine_for(b, nodes, channels=2)
+    engine.copy(np.arange(32), 64 + np.arange(32)).wait(WAIT)
+    lane = engine._channels[0]._lane
+    assert lane.running == 1
+    t0 = time.monotonic()
+    engine.close()
+    assert time.monotonic() - t0 < 5.0 and lane.running == 0 and lane.failure is None
+    assert gpu.live("host") == host_before and gpu.live("device") == device_before
+    b.close()
+
+
+def test_a_queued_persistent_consumer_bounds_a_timed_wait_and_serves_once_it_runs(gpu):
+    b = persistent_backend(gpu)
+    nodes = make_nodes(b, seed=39)
+    with engine_for(b, nodes, channels=2) as engine:
+        expect = contents(b, nodes)
+        gpu.auto = False  # the launch stays queued until the device is told to run
+        fence = engine.copy(np.arange(32), 64 + np.arange(32))
+        expect[64:96] = expect[:32]
+        assert fence.wait(0.05) is False and not fence.done
+        gpu.auto = True
+        gpu.run()
+        assert fence.wait(WAIT)
+        np.testing.assert_array_equal(contents(b, nodes), expect)
+    b.close()
+
+
+@pytest.mark.parametrize("attr, value, reason", [(17, 1, "kernel execution timeout"),
+                                                  (95, 0, "cooperative launch")])
+def test_the_persistent_consumer_is_refused_where_a_device_makes_it_unsafe(gpu, attr, value, reason):
+    gpu.attrs[attr] = value
+    with pytest.raises(BackendUnavailable, match=f"dma_engine='persistent' is refused: .*{reason}"):
+        backend_on(gpu, dma_engine="persistent")
+    backend_on(gpu).close()  # the default needs none of it
+
+
+def test_the_persistent_consumer_is_refused_under_a_running_mps_daemon(gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    backend_on(gpu, dma_engine="persistent").close()  # a pipe directory without a daemon's control pipe
+    (tmp_path / "control").touch()
+    with pytest.raises(BackendUnavailable, match="MPS control daemon is running"):
+        backend_on(gpu, dma_engine="persistent")
+
+
+def test_dma_engine_values_and_where_they_are_refused(gpu):
+    from dmamig.backends.cpu.backend import CpuBackend
+
+    with pytest.raises(InvalidArgument, match="dma_engine must be one of 'launch', 'persistent'"):
+        backend_on(gpu, dma_engine="resident")
+    with pytest.raises(BackendUnavailable, match="rings=False"):
+        backend_on(gpu, rings=False, dma_engine="persistent")
+    b = backend_on(gpu)
+    assert b.dma_engine == "launch"
+    b.set_dma_engine("persistent")
+    assert b.dma_engine == "persistent"
+    b.close()
+    cpu = CpuBackend()
+    cpu.set_dma_engine("launch")
+    with pytest.raises(InvalidArgument, match="already are persistent consumers"):
+        cpu.set_dma_engine("persistent")

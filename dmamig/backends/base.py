@@ -12,8 +12,27 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..dma.channel import DmaChannel
+from ..errors import InvalidArgument
 
-__all__ = ["Backend", "DeviceInfo"]
+__all__ = ["DMA_ENGINES", "Backend", "DeviceInfo", "check_dma_engine"]
+
+#: What consumes a device's DMA rings (``Machine(dma_engine=)``): ``"launch"``, one kernel launch per submission
+#: (the default), or ``"persistent"``, a consumer kernel that stays resident until its rings go idle (an experiment
+#: setting, CUDA only: the CPU backend's polling channels already are persistent consumers).
+DMA_ENGINES = ("launch", "persistent")
+
+
+def check_dma_engine(value: object) -> str:
+    """``value`` when it is one of :data:`DMA_ENGINES`.
+
+    Raises
+    ------
+    InvalidArgument
+        Anything else; the message names the setting and the allowed values.
+    """
+    if not isinstance(value, str) or value not in DMA_ENGINES:
+        raise InvalidArgument(f"dma_engine must be one of {', '.join(map(repr, DMA_ENGINES))}, got {value!r}")
+    return value
 
 
 class DeviceInfo(dict):

@@ -22,7 +22,7 @@ from ...dma.checksum import page_checksums
 from ...dma.ring import RingSet
 from ...dma.staging import STAGE_BYTES, stage_capacity
 from ...errors import InvalidArgument
-from ..base import DeviceInfo
+from ..base import DeviceInfo, check_dma_engine
 from ..ceiling import check_pair_args, topology_staged
 from . import copy_loops, ring_consumer
 from .channel import CpuChannel
@@ -108,6 +108,24 @@ class CpuBackend:
         if isinstance(frames, np.ndarray) and frames.flags.c_contiguous:
             return int(frames.ctypes.data), int(frames.nbytes)
         return None
+
+    def set_dma_engine(self, dma_engine: str) -> None:
+        """``Machine(dma_engine=)``: only the default, ``"launch"``, is taken here (it changes nothing).
+
+        ``"persistent"`` names the CUDA backend's resident consumer kernel. The CPU backend has no per-submission
+        launch to replace: its polling channels already are persistent consumers (a worker watches its ring's
+        tail and sleeps after an idle window of ``dma_poll_us``), so asking for the experiment here is refused
+        rather than recorded as if it had run.
+
+        Raises
+        ------
+        InvalidArgument
+            ``"persistent"``, or a value that is neither.
+        """
+        if check_dma_engine(dma_engine) == "persistent":
+            raise InvalidArgument("dma_engine='persistent' is a CUDA backend setting: the CPU backend's polling "
+                                  "channels already are persistent consumers (their idle window is dma_poll_us); "
+                                  "use dma_engine='launch' (the default) on the CPU backend")
 
     @property
     def polling(self) -> bool:

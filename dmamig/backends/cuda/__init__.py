@@ -25,21 +25,23 @@ working: gather runs become one ``cudaMemcpyAsync`` per run and checksums are co
 
 Modules, one job each:
 
-=============  ===============================================================================================
-``codes``      CUDA status codes and flag values; CUDA errors as the project's exceptions
-``runtime``    the cupy import and probe, NVRTC's preload and status, the CUDA versions ``dmamig info`` shows
-``kernels``    kernel sources, launch shape, NVRTC compilation and check, build status (``dmamig info``)
-``memory``     device frames outside CuPy's pools, pinned host memory, frame addresses and release
-``events``     ``cudaEventQuery`` results, the timing-event ring, the completion of channel work
-``ring_lane``  each device's DMA rings in pinned mapped memory, one ``ring_copy`` launch per submission
-``channels``   stream channels: descriptors, per-run copy methods, submission, staged copies between GPUs
-               without peer access (a pinned bounce buffer per channel); their ring lane
-``batch``      ``cuMemcpyBatchAsync`` through ``cuda.bindings``, off unless asked for
-``topology``   peer access and link classes read from the runtime
-``ceilings``   copy ceilings timed with CUDA events, per direction and per device pair
-``backend``    :class:`CudaBackend`: devices, peer access, kernel cache, frames and their synchronous operations,
-               copy mode, channels, ceilings, close
-=============  ===============================================================================================
+===================  ===============================================================================================
+``codes``            CUDA status codes and flag values; CUDA errors as the project's exceptions
+``runtime``          the cupy import and probe, NVRTC's preload and status, the CUDA versions ``dmamig info`` shows
+``kernels``          kernel sources, launch shape, NVRTC compilation and check, build status (``dmamig info``)
+``memory``           device frames outside CuPy's pools, pinned host memory, frame addresses and release
+``events``           ``cudaEventQuery`` results, the timing-event ring, the completion of channel work
+``ring_lane``        each device's DMA rings in pinned mapped memory, one ``ring_copy`` launch per submission
+``persistent_lane``  the experiment ``dma_engine="persistent"``: a ``ring_persist`` consumer kernel per device
+                     that stays resident until its rings go idle; its refusal rules
+``channels``         stream channels: descriptors, per-run copy methods, submission, staged copies between GPUs
+                     without peer access (a pinned bounce buffer per channel); their ring lane
+``batch``            ``cuMemcpyBatchAsync`` through ``cuda.bindings``, off unless asked for
+``topology``         peer access and link classes read from the runtime
+``ceilings``         copy ceilings timed with CUDA events, per direction and per device pair
+``backend``          :class:`CudaBackend`: devices, peer access, kernel cache, frames and their synchronous operations,
+                     copy mode, channels, ceilings, close
+===================  ===============================================================================================
 
 Module-level settings are read in the module that uses them, so change them there (the names re-exported here
 are copies): ``MAX_GRID`` in :mod:`~dmamig.backends.cuda.kernels`, ``import_cupy`` (the cupy import) in

@@ -24,7 +24,7 @@ from ...dma.checksum import page_checksums
 from ...dma.ring import RING_AVAILABLE
 from ...dma.staging import stage_capacity, stage_chunks
 from ...errors import BackendUnavailable, DmamigError, InvalidArgument
-from ..base import DeviceInfo
+from ..base import DeviceInfo, check_dma_engine
 from ..ceiling import check_pair_args, topology_staged
 from ..cpu import copy_loops
 from . import runtime
@@ -49,6 +49,12 @@ from .memory import (
     pinned_frames,
     run_spans,
 )
+from .persistent_lane import (
+    ATTR_MULTIPROCESSOR_COUNT,
+    PERSISTENT_BLOCKS,
+    PersistentRingLane,
+    persistent_refusal,
+)
 from .ring_lane import MAX_RING_CHANNELS, CudaRingLane
 from .topology import read_runtime_topology
 
@@ -70,24 +76,34 @@ class CudaBackend:
         submission (the default). ``False`` issues every submission on the channels' streams (a
         ``cudaMemcpyAsync`` per long run, a gather launch per segment of short ones, an event pair per job),
         as the work the rings cannot take always is.
+    dma_engine : {"launch", "persistent"}
+        What consumes the rings: one ``ring_copy`` launch per submission (the default), or a persistent consumer
+        kernel per device (:mod:`~dmamig.backends.cuda.persistent_lane`, an experiment setting); see
+        :meth:`set_dma_engine`.
 
     Raises
     ------
     BackendUnavailable
-        cupy is missing or no CUDA device is usable.
+        cupy is missing or no CUDA device is usable, or ``dma_engine="persistent"`` is unsafe here.
+    InvalidArgument
+        ``dma_engine`` is not one of the two.
     """
 
     name = "cuda"
     #: Microseconds a waiter polls a channel's CUDA events before sleeping in ``eventSynchronize`` (set by
     #: :class:`~dmamig.machine.Machine`); 0: waits sleep at once.
     poll_us: float = DEFAULT_POLL_US
+    #: What consumes the rings of channels opened from now on: ``"launch"`` or ``"persistent"``
+    #: (:meth:`set_dma_engine`).
+    dma_engine: str = "launch"
 
     @property
     def polling(self) -> bool:
         """Whether waits on new channels poll first (``poll_us > 0``)."""
         return self.poll_us > 0
 
-    def __init__(self, batch_copy: bool | None = None, cupy: Any = None, rings: bool = True) -> None:
+    def __init__(self, batch_copy: bool | None = None, cupy: Any = None, rings: bool = True,
+                 dma_engine: str = "launch") -> None:
         cp = cupy if cupy is not None else runtime.import_cupy()
         self.rings = bool(rings)
         self._cp = cp
@@ -101,7 +117,7 @@ class CudaBackend:
         self._lock = threading.Lock()
         self._closed = False
         self._functions: dict[tuple[int, str, str], Any] = {}
-        self._lanes: list[CudaRingLane] = []
+        self._lanes: list[CudaRingLane | PersistentRingLane] = []
         self.kernel_error: str | None = None
         self._sync_streams: dict[int, Any] = {}
         self._sync_locks = [threading.Lock() for _ in range(self._ndev)]
@@ -126,6 +142,36 @@ class CudaBackend:
             self._batch = None
             self.batch_copy_reason = (f"off by default (set {BATCH_COPY_ENV}=1 or batch_copy=True): no "
                                       f"calibration shows it faster than per-run copies yet")
+        self.set_dma_engine(dma_engine)
+
+    def set_dma_engine(self, dma_engine: str) -> None:
+        """Choose what consumes the rings of channels opened from now on (``Machine(dma_engine=)`` calls this).
+
+        ``"persistent"`` is refused where it is unsafe, on any visible device (see
+        :func:`~dmamig.backends.cuda.persistent_lane.persistent_refusal`: a kernel execution timeout, no
+        cooperative launch, a running MPS daemon), and where the rings themselves are off or unavailable.
+
+        Raises
+        ------
+        InvalidArgument
+            Not ``"launch"`` or ``"persistent"``.
+        BackendUnavailable
+            ``"persistent"`` cannot run safely here; the message says why.
+        """
+        engine = check_dma_engine(dma_engine)
+        if engine == "persistent":
+            if not self.rings:
+                raise BackendUnavailable("dma_engine='persistent' consumes the DMA rings, which this backend has "
+                                         "switched off (CudaBackend(rings=False))")
+            if not RING_AVAILABLE:
+                raise BackendUnavailable("dma_engine='persistent' consumes the DMA rings, which cannot be driven "
+                                         "here (numba or the atomics are missing)")
+            for dev in range(self._ndev):
+                reason = persistent_refusal(self._rt, dev)
+                if reason is not None:
+                    raise BackendUnavailable(f"dma_engine='persistent' is refused: {reason}; use "
+                                             f"dma_engine='launch' (one kernel launch per submission)")
+        self.dma_engine = engine
 
     def _check_open(self) -> None:
         if self._closed:
@@ -246,14 +292,34 @@ class CudaBackend:
         :data:`~dmamig.backends.cuda.ring_lane.MAX_RING_CHANNELS`, with a stream each for the work that takes
         the general path (made per device on first use)."""
         self._check_open()
-        lane = None
-        if self.rings and int(count) <= MAX_RING_CHANNELS and RING_AVAILABLE:
+        lane: CudaRingLane | PersistentRingLane | None = None
+        if self.dma_engine == "persistent":
+            lane = self._persistent_lane(int(count), device)
+        elif self.rings and int(count) <= MAX_RING_CHANNELS and RING_AVAILABLE:
             kernel = self.kernel(device, "ring_copy.cu", "ring_copy")
             if kernel is not None:
                 lane = CudaRingLane(self._cp, device, int(count), kernel, self.poll_us)
-                with self._lock:
-                    self._lanes.append(lane)
+        if lane is not None:
+            with self._lock:
+                self._lanes.append(lane)
         return [CudaChannel(i, self, device, lane) for i in range(int(count))]
+
+    def _persistent_lane(self, count: int, device: int) -> PersistentRingLane:
+        """The lane of ``dma_engine="persistent"``; never a quiet fall-back to another consumer, so that a result
+        recorded with the setting measured it."""
+        if count > MAX_RING_CHANNELS:
+            raise InvalidArgument(f"dma_engine='persistent' serves at most {MAX_RING_CHANNELS} channels per "
+                                  f"device, got channels={count}")
+        kernel = self.kernel(device, "ring_persist.cu", "ring_persist")
+        if kernel is None:
+            raise BackendUnavailable(f"dma_engine='persistent' needs the ring_persist kernel, which cannot be "
+                                     f"built here: {self.kernel_error}")
+        try:
+            sms = int(self._rt.deviceGetAttribute(ATTR_MULTIPROCESSOR_COUNT, device))
+        except Exception as exc:
+            raise map_cuda_error(exc, f"reading device {device}'s multiprocessor count") from exc
+        return PersistentRingLane(self._cp, device, count, kernel, self.poll_us,
+                                  blocks=max(1, min(PERSISTENT_BLOCKS, sms)))
 
     def frames_address(self, frames: Any) -> tuple[int, int] | None:
         """Where a node's frames are, for the DMA rings: ``(address, bytes)`` (pinned host or device memory)."""

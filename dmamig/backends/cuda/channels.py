@@ -35,6 +35,7 @@ from .memory import alloc_pinned, device_of, frames_ptr
 
 if TYPE_CHECKING:
     from .backend import CudaBackend
+    from .persistent_lane import PersistentRingLane
     from .ring_lane import CudaRingLane
 
 __all__ = ["CudaChannel"]
@@ -61,7 +62,8 @@ class CudaChannel:
         The device whose channel this is.
     """
 
-    def __init__(self, index: int, backend: CudaBackend, device: int = 0, lane: CudaRingLane | None = None):
+    def __init__(self, index: int, backend: CudaBackend, device: int = 0,
+                 lane: CudaRingLane | PersistentRingLane | None = None):
         #: Microseconds a waiter polls this channel's events before it sleeps in eventSynchronize.
         self.poll_us = float(backend.poll_us)
         self.index = int(index)
@@ -80,7 +82,8 @@ class CudaChannel:
         self._busy = 0.0
         self._ring = PendingRing(TIMING_RING)
         self._closed = False
-        # The device's ring lane (one kernel launch per submission), shared with the other channels of the lane.
+        # The device's ring lane (one kernel launch per submission, or a persistent consumer), shared with the other
+        # channels of the lane.
         self._lane = lane
 
     def stream(self, device: int) -> Any:

@@ -24,6 +24,7 @@ KERNEL_FILES: dict[str, tuple[str, ...]] = {
     "page_checksum.cu": ("page_checksum",),
     "page_access.cu": ("page_access_read", "page_access_write"),
     "ring_copy.cu": ("ring_copy",),
+    "ring_persist.cu": ("ring_persist",),
 }
 #: Threads per block of both kernels (a multiple of 32, as the checksum's warp reduction requires).
 BLOCK_THREADS = 256
