@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .filemap import File
 from .flags import PageFlag, PteFlag
 from .vma import rmap_walk
 
@@ -91,6 +92,8 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
             if obj.shared:
                 cached = obj.pfns[obj.pfns >= 0]
                 np.add.at(exp_ref, pages.head[cached], 1)
+                if isinstance(obj, File):  # a file folio's private data holds a reference (folio_attach_private)
+                    exp_ref[cached[pages.test(cached, PageFlag.PRIVATE)]] += 1
         for h, c in m.page_refs.items():
             exp_ref[h] += c
         swap = np.flatnonzero((pages.flags & np.uint32(PageFlag.SWAPCACHE)) != 0)

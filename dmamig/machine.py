@@ -16,6 +16,7 @@ from .cost_model import CostModel, load_model
 from .dma import DmaEngine
 from .errors import InvalidArgument, OutOfMemory
 from .fault_injection import FaultPoints
+from .filemap import File, Filesystem, PageCache
 from .flags import MigrateMode, MigrateReason
 from .frame_ops import FrameOps
 from .migrate.core import demote_folios, migrate_misplaced_folio, migrate_pfns
@@ -126,18 +127,23 @@ class Machine(FrameOps, PageControls):
         CPU backend a channel's worker also watches its doorbell that long after its last job, as a copy engine
         does. ``0`` makes every wait sleep at once (CUDA: in ``eventSynchronize``) and CPU channels sleep
         between jobs, so that each submission pays the host's thread wake-ups: an experiment setting.
-    """
     cost_model : CostModel, str or path, optional
         An experiment setting: a cost model (:mod:`dmamig.cost_model`; a preset's name such as ``"zen3-ptdma"``,
         or a preset file) that charges each operation of every migration to a modelled clock. Results then
         carry ``modelled`` beside their measured time, labelled with the model's name. ``None`` (the default):
         nothing is modelled.
+    dma_engine : {"launch", "persistent"}, optional
+        What consumes the DMA rings on CUDA: ``"launch"`` (the default), one kernel launch per submission, or
+        ``"persistent"``, an experiment setting: a consumer kernel per device that stays resident until its rings
+        go idle (refused, with the reason, under a kernel watchdog, without cooperative launch or under MPS; and
+        on the CPU backend, whose polling channels already are persistent consumers).
+    """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
                  page_size: int = 4096, backend: str = "auto", channels: int = 4,
                  device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None,
                  topology: Topology | None = None, dma_poll_us: float | None = None,
-                 cost_model: CostModel | str | None = None):
+                 cost_model: CostModel | str | None = None, dma_engine: str | None = None):
         self._cost_model = None if cost_model is None else load_model(cost_model)
         host_sizes, host_costs = _host_tiers(host_pages, host_nodes)
         host_pages = host_sizes[0]
@@ -169,6 +175,8 @@ class Machine(FrameOps, PageControls):
         if dma_poll_us is not None:
             self._backend.poll_us = float(dma_poll_us)
         try:
+            if dma_engine is not None:
+                self._backend.set_dma_engine(dma_engine)
             self._topology = resolve_topology(self._backend, int(devices), topology)
         except Exception:
             self._backend.close()
@@ -211,6 +219,7 @@ class Machine(FrameOps, PageControls):
         self._dma: DmaEngine | None = None
         self._faults = FaultPoints()
         self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
+        self.page_cache = PageCache(self)  # files and their page cache (the flusher starts with the first file)
         self._closed = False
 
     # -- read-only properties --------------------------------------------------------------------------------
@@ -231,11 +240,11 @@ class Machine(FrameOps, PageControls):
                              doc="Ids of the host memory nodes (tiers), fastest first as given.")
     device_private = property(lambda self: self._device_private,
                               doc='True when device memory is device-private (``device_memory="private"``).')
-    topology = property(lambda self: self._topology,
-                        doc="The devices' :class:`~dmamig.topology.Topology`: peer access and link per pair.")
     cost_model = property(lambda self: self._cost_model,
                           doc="The :class:`~dmamig.cost_model.CostModel` that models every migration's time, or "
                               "None (the experiment setting ``cost_model=``).")
+    topology = property(lambda self: self._topology,
+                        doc="The devices' :class:`~dmamig.topology.Topology`: peer access and link per pair.")
 
     @property
     def vmstat(self) -> dict[str, int]:
@@ -309,6 +318,42 @@ class Machine(FrameOps, PageControls):
     def forget_space(self, mm: AddressSpace) -> None:
         if mm in self._spaces:
             self._spaces.remove(mm)
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def open(self, path: Any = None, size: int | None = None, fs: Filesystem | str = "generic",
+             writable: bool = True, create: bool = True) -> File:
+        """Open a real file on disk through this machine's page cache.
+
+        Parameters
+        ----------
+        path : str or os.PathLike, optional
+            The file; ``None`` creates a new one in a temporary folder removed at :meth:`close`.
+        size : int, optional
+            Truncate or extend the file to this many bytes first.
+        fs : Filesystem or str
+            The filesystem model (:data:`~dmamig.filemap.FILESYSTEMS`: ``"generic"`` with
+            ``filemap_migrate_folio``, ``"buffer"``, ``"blockdev"``, ``"no-callback"``, ``"unaudited"``).
+        writable : bool
+            Open for writing (``O_RDWR``); ``False`` opens read-only, and only private or read-only mappings
+            of it may be made.
+        create : bool
+            Create the file when it does not exist.
+
+        Returns
+        -------
+        File
+            ``pread``, ``pwrite``, ``fsync``, ``ftruncate``, ``close``; map it with
+            ``mm.mmap(length, file=f, offset=0, shared=True)``.
+
+        Raises InvalidArgument for a bad path, a directory, a read-only file opened for writing, or a file that
+        does not exist (or vanished) without ``create``.
+        """
+        self._check_open()
+        return self.page_cache.open(path, size, fs, writable, create)
+
+    def node_page_state(self, node: int) -> dict[str, int]:
+        """The page-cache counters of ``node``: ``nr_file_pages``, ``nr_file_dirty``, ``nr_writeback``."""
+        return self.page_cache.node_page_state(check_node(self, "node", node))
 
     # -- the driver-level API ----------------------------------------------------------------------------------
     def alloc_pages(self, node: int, count: int, order: int = 0) -> np.ndarray:
@@ -442,6 +487,7 @@ class Machine(FrameOps, PageControls):
             return
         for mm in list(self._spaces):
             mm.close()
+        self.page_cache.close()
         if self._dma is not None:
             self._dma.close()
         self._backend.close()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import AddressFault, OutOfMemory
+from .filemap import File, vma_file
 from .flags import MigrateMode, MigrateReason, MigrateVmaSelect, PageFlag, PteFlag
 from .migrate.core import MigrationRequest, run_migration
 from .migrate.device import MigrateVma
@@ -71,6 +72,20 @@ def fault(mm: MmStruct, vma: Vma, s0: int, s1: int, node: int, write: bool) -> N
             vma.pte_flags[s0:s1] |= np.where(vma.pte_pfn[s0:s1] >= 0, _WRITE, np.uint8(0)).astype(np.uint8)
         return
     pfns = vma.pte_pfn[s0:s1]
+    file = vma_file(vma) if mm.machine.page_cache.files else None
+    if file is not None:
+        # A private file mapping reads the page cache: its pages are mapped read-only, and a write copies
+        # them below like any copy-on-write page (do_read_fault, then do_cow_fault's copy).
+        empty = s0 + np.flatnonzero(pfns == NO_PFN)
+        if empty.size:
+            idx = vma.pgoff + empty
+            file.check_index(idx, f"fault at {vma.start + int(empty[0]) * mm.machine.page_size:#x}")
+            map_pages(mm.machine, vma, empty, file.find_or_read(idx, node))
+            vma.pte_flags[empty] &= ~_WRITE
+            mm.machine.count_event("pgfault", empty.size)
+            pfns = vma.pte_pfn[s0:s1]
+        if not write:
+            return
     if not write:
         empty = s0 + np.flatnonzero(pfns == NO_PFN)
         if empty.size:
@@ -91,6 +106,10 @@ def fault_absent(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
     if slots.size == 0:
         return
     m, pages, obj = mm.machine, mm.machine.pages, vma.obj
+    if isinstance(obj, File):
+        # A shared file mapping: the page cache has every page, read from disk where it had none.
+        obj.check_index(vma.pgoff + slots, f"fault at {vma.start + int(slots[0]) * m.page_size:#x}")
+        obj.find_or_read(vma.pgoff + slots, node)
     if obj.shared:
         cached = obj.pfns[vma.pgoff + slots]
         hit = cached >= 0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._validate import as_bytes, check_node
+from .filemap import check_file_mapping
 from .flags import MigrateMode, MigrateReason, Prot, PteFlag
 from .fork import fork_mm
 from .gup import drop_pins, pin_range, unpin_range, write_pinned
@@ -30,6 +31,7 @@ from .vma import MemObject, Vma
 
 if TYPE_CHECKING:
     from .dma import DmaEngine
+    from .filemap import File
     from .machine import Machine
     from .migrate import MigrateResult
     from .migrate.move_pages import MovePagesResult
@@ -76,8 +78,9 @@ class AddressSpace(AddressInspection):
             return self.mm_struct.stalls, self.mm_struct.stall_ns
 
     # -- mmap / munmap ----------------------------------------------------------------------------------------
-    def mmap(self, length: int, shared: bool = False, order: int = 0) -> int:
-        """Map ``length`` bytes (rounded up to pages) of anonymous memory, readable and writable.
+    def mmap(self, length: int, shared: bool = False, order: int = 0, file: File | None = None,
+             offset: int = 0) -> int:
+        """Map ``length`` bytes (rounded up to pages) of anonymous memory or of a file, readable and writable.
 
         Parameters
         ----------
@@ -89,6 +92,14 @@ class AddressSpace(AddressInspection):
         order : int
             Folio order of the pages faulted in: ``9`` gives 2 MiB folios with 4 KiB pages. The address is
             aligned to the folio size; a fault falls back to base pages when no contiguous block is free.
+        file : File, optional
+            Map this file (from :meth:`Machine.open <dmamig.Machine.open>`) from byte ``offset`` on. Shared: the
+            mapping is the file's page cache, and writes reach the file. Private: pages are read from the page
+            cache and a write copies the page for this mapping alone (copy-on-write); the file never changes.
+            A page past the end of the file cannot be accessed (AddressFault, the kernel's SIGBUS). File
+            mappings use base pages (``order=0``); a shared mapping of a file opened read-only is refused.
+        offset : int
+            Page-aligned byte offset in ``file``.
 
         Returns
         -------
@@ -100,6 +111,13 @@ class AddressSpace(AddressInspection):
         m = self.machine
         with m.lock:
             npages, shared, order = check_mmap(mms, length, shared, order)
+            if file is not None:
+                pgoff = check_file_mapping(m, file, offset, shared, order)
+                start = get_unmapped_area(mms, npages, order)
+                # A private mapping's copies are anonymous pages at the file's page index.
+                chain = (file,) if shared else (MemObject(m, pgoff + npages, False, 0), file)
+                mms.insert(Vma(mms, start, npages, chain[0], pgoff, chain=chain))
+                return start
             start = get_unmapped_area(mms, npages, order)
             mms.insert(Vma(mms, start, npages, MemObject(m, npages, shared, order), 0))
         return start
@@ -171,6 +189,10 @@ class AddressSpace(AddressInspection):
             pfns = access_pfns(mms, addr, length, write=True)
             write_pages(m, pfns, addr % m.page_size, buf)
             self._touch(addr, length, dirty=True)
+            if m.page_cache.files:
+                # A write through a shared file mapping dirties its folios (the write fault's
+                # folio_mark_dirty; writeback write-protects nothing here, so every write counts).
+                m.page_cache.mark_dirty(pfns)
 
     def _touch(self, addr: int, length: int, dirty: bool) -> None:
         bits = _TOUCHED if dirty else np.uint8(PteFlag.YOUNG)

@@ -131,7 +131,8 @@ def options_id(options: MigrateOptions | None) -> str:
     """
     if options is None or options.faithful:
         return ""
-    short = {"batch_pages": "batch", "batches_per_step": "steps", "pipeline_depth": "pipe"}
+    short = {"batch_pages": "batch", "batches_per_step": "steps", "pipeline_depth": "pipe",
+             "unaudited_no_copy": "unaudited-"}
     return "/" + "-".join(f"{short[n]}{v}" for n, v in options.changes())
 
 

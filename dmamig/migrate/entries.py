@@ -70,6 +70,13 @@ class Entries:
         swap = (pages.flags[self.src] & _SWAPCACHE) != 0
         if swap.any():
             self.expected = np.where(swap, self.nr + 1, self.expected)
+        # Folios of files migrate through their mapping's callback (mapping_callbacks.py); None: there are none
+        # (no file is open, or none of these folios is a file's), and every folio takes the core's own path.
+        self.by_callback: np.ndarray | None = None
+        if m.page_cache.files and n:
+            mine = m.page_cache.file_folios(self.src)
+            if mine.any():
+                self.by_callback = mine
         # Few allocations per call: the int64 and the bool columns each come from one block.
         ints = np.empty((3, n), dtype=np.int64)
         self.dst, self.batch_of, self.split_first = ints
@@ -176,6 +183,8 @@ class Entries:
         self.fresh, self.unmapped, self.counted = cat(self.fresh, False), cat(self.unmapped, False), \
             cat(self.counted, False)
         self.batch_of, self.split_first = cat(self.batch_of, batch), cat(self.split_first, -1)
+        if self.by_callback is not None:
+            self.by_callback = cat(self.by_callback, False)
 
     @property
     def has_pieces(self) -> bool:

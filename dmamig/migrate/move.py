@@ -16,10 +16,11 @@ import numpy as np
 
 from .. import page_loops
 from ..errors import DmaError
-from ..flags import PageFlag
+from ..flags import EAGAIN, PageFlag
 from ..vma import mark_device_private, remove_migration_entries
 from . import batch_loops
 from .entries import HPAGE_PMD_ORDER, PENDING
+from .mapping_callbacks import mapping_migrate_check
 from .state import migrate_folio
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = ["MovePhase"]
 _LOCKED = PageFlag.LOCKED
 _PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
 _LRU = np.uint32(PageFlag.LRU)
+_PRIVATE = np.uint32(PageFlag.PRIVATE)
 
 
 class MovePhase:
@@ -76,7 +78,61 @@ class MovePhase:
 
     # -- the move loop ------------------------------------------------------------------------------------------
     def _move_pass(self, moving: np.ndarray) -> np.ndarray:
-        """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass)."""
+        """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass).
+
+        Folios of files go through their mapping's migrate callback (:meth:`_move_by_callback`); the others,
+        anonymous and shared memory (``migrate_folio``), through the core's own path (:meth:`_move_folios`).
+        """
+        by_callback = self.e.by_callback
+        if by_callback is None:
+            return self._move_folios(moving)
+        mine = by_callback[moving]
+        if not mine.any():
+            return self._move_folios(moving)
+        retry = self._move_by_callback(moving[mine])
+        rest = moving[~mine]
+        return np.concatenate([retry, self._move_folios(rest)]) if rest.size else retry
+
+    def _move_by_callback(self, moving: np.ndarray) -> np.ndarray:
+        """``move_to_new_folio`` through each folio's ``mapping->a_ops->migrate_folio``; return the busy ones.
+
+        Under the lock: the callback decides (``-EAGAIN`` keeps the folio unmapped for the next pass, another
+        ``-errno`` fails it and restores its mappings), then the reference check (``folio_migrate_mapping``:
+        the page cache's references, one for private data, the isolation reference), then the copy if nobody
+        made one, then the move. The copy follows the check, as in the kernels that had ``NO_COPY``: a writer
+        must hold a reference, so one that writes without the folio lock either fails the check or wrote
+        before the copy. A copy made before the move pass (the DMA engine's, a ``NO_COPY`` caller's) has no
+        such protection: that is what the no-copy refusal of ``mapping_migrate_check`` is for.
+        """
+        m, e, pages = self.m, self.e, self.m.pages
+        t0 = time.perf_counter_ns()
+        with m.changed:
+            no_copy = e.fresh[moving] | e.given[moving] | (self.engine is not None)
+            rc = mapping_migrate_check(m, e.src[moving], self.batch_mode, no_copy, self.options)
+            src = e.src[moving]
+            expected = e.nr[moving] + 1 + ((pages.flags[src] & _PRIVATE) != 0)
+            busy = (rc == EAGAIN) | ((rc == 0) & (pages.refcount[src] != expected))
+            busy |= (rc == 0) & self._drop_stale_copies(moving)
+            failed = moving[(rc != 0) & (rc != EAGAIN)]
+            if failed.size:
+                for err in np.unique(rc[(rc != 0) & (rc != EAGAIN)]).tolist():
+                    self._undo(moving[rc == err], err)
+            ok = moving[(rc == 0) & ~busy]
+            if ok.size:
+                stale = ok[~e.fresh[ok]]
+                if stale.size:
+                    t1 = time.perf_counter_ns()
+                    m.copy_folios(e.src[stale], e.dst[stale])
+                    self.phase_ns["copy"] += time.perf_counter_ns() - t1
+                    t0 += time.perf_counter_ns() - t1
+                m.page_cache.move_counters(e.src[ok], e.dst[ok])
+                self._move_to_new_folios(ok)
+            m.changed.notify_all()
+        self.phase_ns["move"] += time.perf_counter_ns() - t0
+        return moving[busy]
+
+    def _move_folios(self, moving: np.ndarray) -> np.ndarray:
+        """The core's own move pass (``migrate_folio``) over ``moving``; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
         retry = moving[:0]
         if not e.fresh[moving].all():

@@ -38,17 +38,26 @@ class MigrateOptions:
         the kernel and the DMA batch-offload RFC (submit, wait, move, next batch). ``1`` overlaps one step's
         copy with the next step's unmap: an experiment setting. Blocking passes (sync modes' per-folio retries)
         always run unpipelined, so the core never sleeps on a lock while holding other page locks.
+    unaudited_no_copy : bool
+        Let no-copy migration move the folios of a filesystem that writes folios without the folio lock
+        (``Filesystem(locks_folios=False)``). ``False`` is the kernel's precaution: such a migration fails with
+        ``-EINVAL``. ``True`` is an experiment that shows why: a write that lands on the source after its DMA
+        copy is lost.
     """
 
     batch_pages: int = NR_MAX_BATCHED_MIGRATION
     batches_per_step: int = 1
     pipeline_depth: int = 0
+    unaudited_no_copy: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("batch_pages", 1), ("batches_per_step", 1), ("pipeline_depth", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidArgument(f"MigrateOptions.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.unaudited_no_copy, bool):
+            raise InvalidArgument(f"MigrateOptions.unaudited_no_copy must be True or False, got "
+                                  f"{self.unaudited_no_copy!r}")
 
     @property
     def faithful(self) -> bool:
@@ -57,18 +66,26 @@ class MigrateOptions:
 
     def changes(self) -> list[tuple[str, int]]:
         """The settings that differ from the kernel's, as ``(name, value)`` in field order."""
-        return [(name, getattr(self, name)) for name in ("batch_pages", "batches_per_step", "pipeline_depth")
+        return [(name, getattr(self, name)) for name in ("batch_pages", "batches_per_step", "pipeline_depth",
+                                                         "unaudited_no_copy")
                 if getattr(self, name) != getattr(FAITHFUL, name)]
 
     @property
     def label(self) -> str:
         """A short name for reports: ``faithful`` or the settings that differ from it."""
-        words = {"batch_pages": "batch {}", "batches_per_step": "{} batches/step", "pipeline_depth": "pipeline {}"}
+        words = {"batch_pages": "batch {}", "batches_per_step": "{} batches/step", "pipeline_depth": "pipeline {}",
+                 "unaudited_no_copy": "no-copy on un-audited files"}
         return ", ".join(words[n].format(v) for n, v in self.changes()) or "faithful"
 
     def as_dict(self) -> dict[str, Any]:
-        """The settings as plain values (for ``results.json``), with ``faithful`` beside them."""
-        return {**asdict(self), "faithful": self.faithful}
+        """The settings as plain values (for ``results.json``), with ``faithful`` beside them.
+
+        ``unaudited_no_copy`` appears only where it is set: it changes nothing for anonymous memory, and the
+        results recorded before it existed keep their form."""
+        d = asdict(self)
+        if not self.unaudited_no_copy:
+            del d["unaudited_no_copy"]
+        return {**d, "faithful": self.faithful}
 
     @classmethod
     def coerce(cls, value: Any, name: str = "options") -> MigrateOptions:

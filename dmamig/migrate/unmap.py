@@ -36,6 +36,7 @@ class UnmapPhase:
         """``migrate_folio_unmap`` over ``todo``; return (unmapped, busy: retry on the next pass)."""
         t0 = time.perf_counter_ns()
         m, e, pages = self.m, self.e, self.m.pages
+        self.batch_mode = mode  # the move passes that follow run the mapping callbacks in this mode
         with m.changed:
             e.status[todo] = PENDING
             self.alloc_retry = todo[:0]
