@@ -238,6 +238,11 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
                    help="microseconds a wait for a DMA copy polls before sleeping, as dma_sync_wait() does (cpu: "
                         "channel workers watch their doorbells as long); default 1000; 0 sleeps at once, so every "
                         "copy pays the host's thread wake-ups (an experiment)")
+    b.add_argument("--dma-engine", choices=("launch", "persistent"),
+                   help="cuda: what consumes the DMA rings: launch (one kernel launch per submission, the default) "
+                        "or persistent (a resident consumer kernel per device: an experiment, recorded in "
+                        "results.json); the cpu backend refuses persistent, its channels already are persistent "
+                        "consumers")
     b.add_argument("--pair-total", type=argtype(_pair_total), metavar="SIZE",
                    help="working set of each device pair, whole 2 MiB folios (default 32M on cpu, 256M on cuda)")
     b.add_argument("--no-pairs", action="store_true",
@@ -753,6 +758,11 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         over["pipeline"] = args.pipeline
     if args.dma_poll_us is not None:
         over["dma_poll_us"] = args.dma_poll_us
+    if args.dma_engine == "persistent" and backend == "cpu":
+        parser.error("--dma-engine persistent is a cuda setting: the cpu backend's channels already are persistent "
+                     "consumers (--dma-poll-us sets their idle window)")
+    if args.dma_engine is not None:
+        over["dma_engine"] = args.dma_engine
     if args.total is not None:
         over["total_bytes"] = args.total
     if args.no_engine:

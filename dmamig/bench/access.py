@@ -248,7 +248,8 @@ def _machine(settings: BenchSettings, sc: AccessScenario, device_pages: int) -> 
     # Whole 2 MiB blocks of host memory plus a spare one, as the migration scenarios' machines have.
     host = (-(-sc.working_pages // TILE_PAGES) + 1) * TILE_PAGES
     return Machine(host_pages=host, device_pages=device_pages, devices=1, page_size=PAGE_SIZE,
-                   backend=settings.backend, channels=sc.channels or 1, dma_poll_us=settings.machine_poll())
+                   backend=settings.backend, channels=sc.channels or 1, dma_poll_us=settings.machine_poll(),
+                   dma_engine=settings.machine_dma_engine())
 
 
 def _read_plan(sc: AccessScenario, seed: int) -> np.ndarray | None:

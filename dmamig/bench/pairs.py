@@ -240,7 +240,7 @@ def run_pair(sc: PairScenario, settings: BenchSettings, progress: ProgressFn, se
     room = (-(-pages // 512) + 1) * 512  # whole 2 MiB blocks and a spare one, as every bench machine has
     m = Machine(host_pages=room, device_pages=room, devices=sc.devices, page_size=PAGE_SIZE,
                 backend=settings.backend, channels=sc.channels, topology=settings.machine_topology(sc.devices),
-                dma_poll_us=settings.machine_poll())
+                dma_poll_us=settings.machine_poll(), dma_engine=settings.machine_dma_engine())
     try:
         topo = m.topology
         staged, link = topo.staged(sc.src, sc.dst), topo.link(sc.src, sc.dst)

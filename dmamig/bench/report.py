@@ -27,6 +27,8 @@ def _header(doc: dict[str, Any]) -> str:
     gpus = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
     poll = s.get("dma_poll_us")
     channels = "" if poll is None else f" | DMA waits {f'poll {poll:g} us' if poll else 'sleep at once'}"
+    if s.get("dma_engine") == "persistent":
+        channels += " | DMA consumer: persistent kernel (experiment)"
     if s.get("copy_baseline"):
         channels += f" | copy baseline {s['copy_baseline']}: {COPY_BASELINES.get(s['copy_baseline'], '?')}"
     return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "

@@ -321,6 +321,10 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "dma_poll_us": {"type": "number", "minimum": 0,
                                 "description": "Microseconds a DMA wait (and a cpu channel's idle worker) polls "
                                                "before sleeping; 0: they sleep at once."},
+                "dma_engine": {"enum": ["launch", "persistent", None],
+                               "description": "What consumed the DMA rings on cuda: 'launch' (one kernel launch "
+                                              "per submission, the default) or 'persistent' (a resident consumer "
+                                              "kernel per device, an experiment); null on cpu."},
             },
         },
         "ceilings": {"type": "array", "items": _CEILING},
@@ -561,8 +565,8 @@ class NotComparable(ResultsError):
 
 #: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
 COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
-#: Settings compared only when both runs record them (older files predate them).
-COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology", "dma_poll_us")
+#: Settings compared only when both runs record them (older files predate them; null: not the backend's setting).
+COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology", "dma_poll_us", "dma_engine")
 
 
 def check_comparable(new: dict[str, Any], baseline: dict[str, Any], other_machine: bool = False) -> None:
@@ -586,7 +590,7 @@ def check_comparable(new: dict[str, Any], baseline: dict[str, Any], other_machin
             for k in COMPARED_SETTINGS if not (other_machine and k == "backend") and ns.get(k, False if k == "quick" else None)
             != bs.get(k, False if k == "quick" else None)]
     diff += [f"{k} {said(k, ns[k])} vs baseline {said(k, bs[k])}" for k in COMPARED_IF_RECORDED
-             if k in ns and k in bs and ns[k] != bs[k]]
+             if ns.get(k) is not None and bs.get(k) is not None and ns[k] != bs[k]]
     if diff:
         raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "
                             f"with a baseline run with the same settings")

@@ -236,6 +236,10 @@ class BenchSettings:
         How long a wait for a DMA copy (and a CPU channel's idle worker) polls before sleeping
         (``Machine(dma_poll_us=)``); ``None`` is the machine's default, ``0`` sleeping at once. Recorded as the
         value the machines used.
+    dma_engine : str or None
+        What consumes the DMA rings on CUDA (``Machine(dma_engine=)``): ``None`` or ``"launch"``, one kernel launch
+        per submission (the default); ``"persistent"``, a resident consumer kernel per device (an experiment; the
+        CPU backend refuses it). Recorded on CUDA, ``null`` on the CPU backend.
     """
 
     backend: str
@@ -259,6 +263,7 @@ class BenchSettings:
     pair_bytes: int = 32 << 20
     topology: str = "nvswitch"
     dma_poll_us: float | None = None
+    dma_engine: str | None = None
 
     def copy_baseline(self) -> str:
         """What copy mode measures on this sweep's backend (:data:`~dmamig.bench.naming.COPY_BASELINES`)."""
@@ -267,6 +272,15 @@ class BenchSettings:
     def machine_poll(self) -> float | None:
         """The ``dma_poll_us`` of a bench machine (``None``: the machine's default)."""
         return self.dma_poll_us
+
+    def machine_dma_engine(self) -> str | None:
+        """The ``dma_engine`` of a bench machine (``None``: the machine's default)."""
+        return self.dma_engine
+
+    def recorded_dma_engine(self) -> str | None:
+        """What consumed the DMA rings, as results.json records it: ``None`` on the CPU backend (its channels are
+        worker threads whatever the setting), else the setting (``"launch"`` by default)."""
+        return None if self.backend == "cpu" else (self.dma_engine or "launch")
 
     def recorded_poll(self) -> float:
         """The poll window the bench machines run with, as results.json records it."""
@@ -325,6 +339,7 @@ class BenchSettings:
             "topology": self.topology,
             "dma_poll_us": self.recorded_poll(),
             "copy_baseline": self.copy_baseline(),
+            "dma_engine": self.recorded_dma_engine(),
         }
 
 def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> BenchSettings:

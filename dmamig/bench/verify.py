@@ -53,7 +53,8 @@ def bench_machine(settings: BenchSettings, pages: int, channels: int, devices: i
     # allocate that many times the memory for legs that never reach the devices past the second.
     devices = devices or min(settings.devices, 2)
     m = Machine(host_pages=n, device_pages=n, devices=devices, page_size=PAGE_SIZE, backend=settings.backend,
-                channels=channels, topology=settings.machine_topology(devices), dma_poll_us=settings.machine_poll())
+                channels=channels, topology=settings.machine_topology(devices), dma_poll_us=settings.machine_poll(),
+                dma_engine=settings.machine_dma_engine())
     try:
         yield m
     finally:
