@@ -10,8 +10,9 @@ so the script itself is exercised on any host. It writes:
 
 - ``summary.json``: every figure (medians of host microseconds), the card, the commit and the settings;
 - ``summary.md``: the same as tables;
-- ``info.txt``, ``bench/`` (``dmamig bench`` at 4K and 2M, faithful batching), ``bench-rfc/`` (2M, faithful
-  and the DMA-offload RFC preset), ``gpu-tests.log``
+- ``info.txt``, ``bench/`` (``dmamig bench`` at 4K and 2M, faithful batching), ``bench-persistent/`` (the same
+  with ``--dma-engine persistent``: the copy re-baseline with the persistent consumer, on CUDA only),
+  ``bench-rfc/`` (2M, faithful and the DMA-offload RFC preset), ``gpu-tests.log``
   (``pytest -m gpu``: the failure paths on the card) and ``bound.log`` (``benchmarks/bench_bound.py`` on the
   CPU backend, on the host's own cores).
 """
@@ -39,7 +40,14 @@ CALLS = 300
 #: Base pages of one submission: the kernel's NR_MAX_BATCHED_MIGRATION.
 BATCH = 512
 #: Most seconds each process step may take, before the budget that is left caps it further.
-STEP_CAPS = {"info": 30, "bench": 150, "bench_rfc": 90, "gpu_tests": 120, "bound": 120}
+STEP_CAPS = {"info": 30, "bench": 150, "bench_persistent": 120, "bench_rfc": 90, "gpu_tests": 120, "bound": 120}
+#: The persistent consumer's idle window while its start latency is measured (``dma_poll_us``): long enough that
+#: it stays resident between two probes.
+PERSISTENT_IDLE_US = 20000.0
+#: Most microseconds from a doorbell to the persistent consumer seeing the job (docs/DESIGN's target).
+JOB_START_TARGET_US = 3.0
+#: Microseconds a probe waits for the consumer before it counts as missed (and the consumer is relaunched).
+PROBE_TIMEOUT_US = 50000
 
 
 def _median_us(fn: Callable[[], Any], calls: int = CALLS) -> float:
@@ -137,6 +145,82 @@ def run_submissions(result: dict[str, Any], backend: str) -> None:
             m.close()
 
 
+# -- the persistent consumer (dma_engine="persistent") -------------------------------------------------------------
+def run_persistent(result: dict[str, Any], backend: str) -> None:
+    """The persistent consumer's job-start latency and a re-baseline of the submissions with it (CUDA only).
+
+    Job start: a probe job (one that copies nothing) is published on a channel's ring while the consumer is
+    resident, and the host spins until the consumer's ``SEEN`` word says it picked the job up. The figure is that
+    round trip (publish call, the doorbell's way to the device, the consumer's poll, its ``SEEN`` store's way
+    back): an upper bound on doorbell-to-consumer, compared with :data:`JOB_START_TARGET_US`. Then the
+    submissions of :func:`run_submissions` (one page, and 512 pages at 4K and 2M with 1 and 4 channels) on
+    machines with ``dma_engine="persistent"``. Skipped, with the reason, on the CPU backend or where the setting
+    is refused (a watchdog, no cooperative launch, MPS).
+    """
+    from dmamig import Machine
+    from dmamig.dma import ring as dma_ring
+
+    out = result.setdefault("persistent_us", {})
+    if backend == "cpu" or result.get("backend") == "cpu":
+        out["skipped"] = "cpu backend: its polling channels already are persistent consumers"
+        return
+    try:
+        m = Machine(host_pages=8 * BATCH, device_pages=8 * BATCH, devices=1, backend="cuda", channels=1,
+                    dma_engine="persistent", dma_poll_us=PERSISTENT_IDLE_US)
+    except Exception as exc:  # refused (the reason says why) or no usable GPU
+        out["skipped"] = f"{type(exc).__name__}: {exc}"
+        return
+    try:
+        src, dst = m.alloc_pages(0, 1), m.alloc_pages(1, 1)
+        m.dma.copy(src, dst).wait()  # the first submission launches the consumer
+        route = m.dma.ring_route(src, dst)
+        if route is None:
+            out["skipped"] = "the copy took the general path, not the rings"
+            return
+        rings, lane = route[0].ring_set, route[1][0].ring_lane
+        ring = rings.rings[0]
+        starts, missed = [], 0
+        for _ in range(CALLS):
+            with rings.lock:
+                if not ring.has_room():
+                    missed += 1
+                    continue
+                t0 = time.perf_counter_ns()
+                seq, _ = ring.publish(dma_ring.JOB_PYTHON)  # ends STATUS_FAILED: a probe copies nothing
+            while lane.seen(0) <= seq:
+                if time.perf_counter_ns() - t0 > PROBE_TIMEOUT_US * 1000:
+                    missed += 1
+                    m.dma.copy(src, dst).wait()  # the consumer went idle: relaunch it
+                    break
+            else:
+                starts.append(time.perf_counter_ns() - t0)
+        if starts:
+            starts.sort()
+            out["job_start"] = round(statistics.median(starts) / 1e3, 3)
+            out["job_start_p90"] = round(starts[int(0.9 * (len(starts) - 1))] / 1e3, 3)
+            out["job_start_target"] = JOB_START_TARGET_US
+            out["job_start_met"] = out["job_start"] <= JOB_START_TARGET_US
+        out["job_start_probes_missed"] = missed
+        out["one_page_1ch_to_completion"] = _median_us(lambda: m.dma.copy(src, dst).wait(), CALLS // 3)
+        out["launches"] = lane.launches
+    finally:
+        m.close()
+    rng = np.random.default_rng(0)
+    for channels in (1, 4):
+        m = Machine(host_pages=8 * BATCH, device_pages=8 * BATCH, devices=1, backend="cuda", channels=channels,
+                    dma_engine="persistent")
+        try:
+            src4k = m.alloc_pages(0, BATCH)[rng.permutation(BATCH)]
+            dst4k = m.alloc_pages(1, BATCH)
+            src2m = m.pages.expand(m.alloc_pages(0, 1, order=9))
+            dst2m = m.pages.expand(m.alloc_pages(1, 1, order=9))
+            for name, src, dst in (("4k", src4k, dst4k), ("2m", src2m, dst2m)):
+                out[f"{name}_{channels}ch_submit"], out[f"{name}_{channels}ch_to_completion"] = \
+                    _submission_us(m.dma, src, dst)
+        finally:
+            m.close()
+
+
 def _submission_us(dma: Any, src: np.ndarray, dst: np.ndarray) -> tuple[float, float]:
     """Median host microseconds of ``dma.copy(src, dst)`` alone (each fence waited for outside the timed
     call: :func:`bench_submit.timed_submissions`) and of the copy waited for to completion."""
@@ -171,6 +255,14 @@ def run_steps(result: dict[str, Any], out: Path, deadline: float, backend: str) 
     _step(result, "bench", [py, "-m", "dmamig", "bench", "--backend", backend, "--sizes", "4k,2m",
                             "--faithful-only", "--repeat", "3", "--no-access", "--no-pairs", "--out",
                             str(out / "bench")], out / "bench.log", deadline)
+    if result.get("backend") == "cpu" or backend == "cpu":
+        result.setdefault("steps", {})["bench_persistent"] = {
+            "skipped": "cpu backend: dma_engine='persistent' is a CUDA setting"}
+    else:
+        _step(result, "bench_persistent", [py, "-m", "dmamig", "bench", "--backend", backend, "--dma-engine",
+                                           "persistent", "--sizes", "4k,2m", "--faithful-only", "--repeat", "3",
+                                           "--no-access", "--no-pairs", "--out", str(out / "bench-persistent")],
+              out / "bench-persistent.log", deadline)
     _step(result, "bench_rfc", [py, "-m", "dmamig", "bench", "--backend", backend, "--sizes", "2m", "--rfc-preset",
                                 "--repeat", "3", "--no-access", "--no-pairs", "--no-engine", "--out",
                                 str(out / "bench-rfc")], out / "bench-rfc.log", deadline)
@@ -195,7 +287,9 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [f"# GPU check: {result.get('card', 'no GPU')} ({result['date']})", "",
              f"Commit {result['commit']}, backend {result.get('backend', '?')}, host {result['host']}.", ""]
     for key, title in (("cuda_calls_us", "CUDA runtime calls, host us per call (median)"),
-                       ("submission_us", "dmamig DMA submissions, host us (median)")):
+                       ("submission_us", "dmamig DMA submissions, host us (median)"),
+                       ("persistent_us", "dma_engine='persistent': job start (doorbell to the consumer seeing "
+                                         "it, a round trip) and submissions, host us (median)")):
         lines += [f"## {title}", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in result.get(key, {}).items()]
         lines.append("")
@@ -221,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "host":
                               f"{platform.node()} ({os.cpu_count()} CPUs)", "budget_s": args.budget}
     backend = args.backend
-    for check in (lambda: run_cuda_calls(result), lambda: run_submissions(result, backend)):
+    for check in (lambda: run_cuda_calls(result), lambda: run_submissions(result, backend),
+                  lambda: run_persistent(result, backend)):
         try:
             check()
         except Exception as exc:  # one failing check must not cost the others' figures

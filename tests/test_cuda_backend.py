@@ -48,11 +48,10 @@ def host(backend):
 
 # -- build and memory --------------------------------------------------------------------------------------------
 def test_kernels_compile(cuda):
-    from dmamig.backends.cuda import kernel_build_status, nvrtc_status
+    from dmamig.backends.cuda import KERNEL_FILES, kernel_build_status, nvrtc_status
 
     assert nvrtc_status()["found"], nvrtc_status()["detail"]
-    assert kernel_build_status() == {"page_copy.cu": "compiled OK", "page_checksum.cu": "compiled OK",
-                                     "page_access.cu": "compiled OK"}
+    assert kernel_build_status() == dict.fromkeys(KERNEL_FILES, "compiled OK")
     assert cuda.kernel(0, "page_copy.cu", "page_gather_copy") is not None and cuda.kernels_available
 
 
@@ -350,3 +349,80 @@ def test_machine_close_gives_device_memory_back(cp):
     # 512 MiB of device frames per machine: after three machines, no more than a little is still held.
     assert rt.memGetInfo()[0] >= free0 - (64 << 20)
     assert pool.total_bytes() <= pool0 + (16 << 20)
+
+
+# -- the persistent consumer (dma_engine="persistent") ------------------------------------------------------------
+@pytest.fixture
+def persistent(gpu_required):
+    """A backend whose lanes run the persistent consumer (skipped, with the reason, where it is refused here)."""
+    from dmamig.backends.cuda import CudaBackend
+    from dmamig.errors import BackendUnavailable
+
+    try:
+        backend = CudaBackend(dma_engine="persistent")
+    except BackendUnavailable as exc:
+        pytest.skip(f"the persistent consumer is refused on this host: {exc}")
+    yield backend
+    backend.close()
+
+
+def test_the_persistent_consumer_copies_scattered_pages_and_runs_from_one_launch(persistent):
+    persistent.poll_us = 1e6  # a 1 s idle window: the consumer stays resident between the submissions
+    nodes = make_nodes(persistent, sizes=(2048, 2048), devices=(-1, 0), seed=40)
+    rng = np.random.default_rng(41)
+    with engine_for(persistent, nodes, channels=4) as engine:
+        expect = contents(persistent, nodes)
+        for _ in range(4):
+            src = rng.permutation(2048)[:512]
+            dst = 2048 + np.sort(rng.permutation(2048)[:512])
+            expect[dst] = expect[src]
+            assert engine.copy(src, dst).wait(timeout=60)
+            run = int(rng.integers(0, 3)) * 512
+            expect[2048 + run:2560 + run] = expect[run:run + 512]
+            assert engine.copy(run + np.arange(512), 2048 + run + np.arange(512)).wait(timeout=60)
+        lane = engine.ring_route(np.arange(1), 2048 + np.arange(1))[1][0].ring_lane
+        assert type(lane).__name__ == "PersistentRingLane" and lane.launches == 1 and lane.failure is None
+        np.testing.assert_array_equal(contents(persistent, nodes), expect)
+    assert lane.running == 0  # close stopped it
+
+
+def test_a_bad_row_on_the_persistent_consumer_is_a_status(persistent):
+    nodes = make_nodes(persistent, sizes=(64, 64), devices=(-1, 0), seed=42)
+    with engine_for(persistent, nodes, channels=1) as engine:
+        before = contents(persistent, nodes)
+        assert engine.copy(np.arange(4), 64 + np.arange(4)).wait(timeout=60)
+        before[64:68] = before[:4]
+        route, chans = engine.ring_route(np.arange(1), 64 + np.arange(1))
+        # A route whose destination is no registered memory: its rows point at a wild address.
+        wild = route.ring_set.route(0, 0, int(nodes[0].frames.ctypes.data), 0x10000, PAGE, PlanOptions())
+        got = wild.submit(np.arange(2, dtype=np.int64), np.arange(2, dtype=np.int64))
+        job = chans[0].completion(got.jobs[0][0])
+        assert job.wait(60) and isinstance(job.error, DmaError) and "outside registered memory" in str(job.error)
+        assert engine.copy(np.arange(4, 8), 68 + np.arange(4)).wait(timeout=60)  # the context is healthy
+        before[68:72] = before[4:8]
+        np.testing.assert_array_equal(contents(persistent, nodes), before)
+
+
+def test_the_persistent_consumer_exits_when_idle_and_is_relaunched(persistent):
+    import time
+
+    persistent.poll_us = 100  # a 100 us idle window for the lanes opened from now on
+    nodes = make_nodes(persistent, sizes=(256, 256), devices=(-1, 0), seed=43)
+    with engine_for(persistent, nodes, channels=2) as engine:
+        expect = contents(persistent, nodes)
+        rng = np.random.default_rng(44)
+        lane = None
+        for i in range(50):
+            time.sleep(float(rng.uniform(0, 300e-6)))
+            src = rng.choice(256, 16, replace=False)
+            dst = 256 + np.sort(rng.choice(256, 16, replace=False))
+            expect[dst] = expect[src]
+            assert engine.copy(src, dst).wait(timeout=60), f"submission {i} was not served"
+            lane = lane or engine.ring_route(src, dst)[1][0].ring_lane
+        deadline = time.monotonic() + 10
+        while lane.running and time.monotonic() < deadline:
+            time.sleep(1e-3)
+        assert lane.running == 0 and lane.launches >= 2 and lane.failure is None
+        assert engine.copy(np.arange(8), 256 + np.arange(8)).wait(timeout=60)
+        expect[256:264] = expect[:8]
+        np.testing.assert_array_equal(contents(persistent, nodes), expect)

@@ -134,6 +134,11 @@ class CudaChannel:
         return self._lane.rings if self._lane is not None else None
 
     @property
+    def ring_lane(self) -> CudaRingLane | PersistentRingLane | None:
+        """The lane whose rings this channel shares (its consumer's counters and words), or ``None``."""
+        return self._lane
+
+    @property
     def takes_rows(self) -> bool:
         """Whether compiled submissions may publish on this channel's ring (the lane has not failed)."""
         return self._lane is not None and self._lane.failure is None
