@@ -116,7 +116,7 @@ class FrameOps:
         if src_heads.size:
             nr = self.pages.nr_pages(src_heads)
             self._copy_runs(src_heads, dst_heads, nr)
-            self.pages.note_written(dst_heads if (nr == 1).all() else self.pages.expand(dst_heads))
+            self.pages.note_folios_written(dst_heads)
 
     def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
         """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""

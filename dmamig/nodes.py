@@ -46,6 +46,21 @@ class FrameAllocator:
         """Number of free frames."""
         return self._nr_free
 
+    @property
+    def block(self) -> int:
+        """Frames per pageblock."""
+        return _BLOCK
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The free-frame bitmap and the per-pageblock free counts, for compiled callers that allocate or free
+        through :mod:`dmamig.page_loops` (``alloc_frames0``, ``alloc_frames_order``, ``free_frames``) inside a
+        larger compiled pass; they report the frames they took (or, negative, gave back) with :meth:`taken`."""
+        return self._free, self._block_free
+
+    def taken(self, frames: int) -> None:
+        """Account for ``frames`` frames a compiled caller took from :meth:`arrays` (negative: gave back)."""
+        self._nr_free -= int(frames)
+
     def is_free(self, idx: np.ndarray) -> np.ndarray:
         """Whether each frame index in ``idx`` is free."""
         return self._free[idx]

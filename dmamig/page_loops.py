@@ -12,8 +12,9 @@ import numpy as np
 
 from .flags import EACCES, EBUSY, EFAULT, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "entry_info", "free_frames", "install_entries", "trylock_folios", "move_folio_state", "move_object_slots", "prep_new_folios",
-           "remove_entries", "reset_pages"]
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "entry_info",
+           "expand_folios", "free_frames", "install_entries", "move_folio_state", "move_object_slots",
+           "prep_new_folios", "remove_entries", "reset_pages", "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -349,8 +350,33 @@ def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, ma
     return dead
 
 
+def _expand_folios(heads, page_order):
+    """Every base pfn of the folios whose heads are given, folio by folio (PageArray.expand)."""
+    total = 0
+    for i in range(heads.size):
+        total += 1 << page_order[heads[i]]
+    out = np.empty(total, dtype=np.int64)
+    k = 0
+    for i in range(heads.size):
+        h = heads[i]
+        for j in range(1 << page_order[h]):
+            out[k] = h + j
+            k += 1
+    return out
+
+
+def _stamp_folios(heads, page_order, write_seq, seq):
+    """``write_seq`` of every base page of the folios whose heads are given becomes ``seq``."""
+    for i in range(heads.size):
+        h = heads[i]
+        for j in range(1 << page_order[h]):
+            write_seq[h + j] = seq
+
+
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
+    expand_folios = _jit(_expand_folios)
+    stamp_folios = _jit(_stamp_folios)
     _clear_page = njit(nogil=True, cache=True, inline="always")(_clear_page)
     done_folios = _jit(_done_folios)
     trylock_folios = _jit(_trylock_folios)
@@ -366,6 +392,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
+    expand_folios = stamp_folios = None
     alloc_frames0 = alloc_frames_order = free_frames = collect_folios = done_folios = trylock_folios = entry_info = None
     install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
     prep_new_folios = None

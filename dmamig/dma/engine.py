@@ -115,7 +115,6 @@ class DmaEngine:
         # array: a NO_COPY migration tells a current copy from a stale one by these write sequence numbers).
         self._content = content
         self._write_seq = content.write_seq if content is not None else np.zeros(0, dtype=np.int64)
-        self._fast: tuple[Any, ...] | None = None  # the last ring route used: tried first
         self._seq = 0
         self._stats = DmaStats()
         self._pending: list[Fence] = []
@@ -270,15 +269,16 @@ class DmaEngine:
         """
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-        fast = self._fast
-        if fast is not None and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
+        if self._routes and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
                 and src_pfns.dtype is _INT64 and dst_pfns.dtype is _INT64 and src_pfns.ndim == 1 \
                 and src_pfns.shape == dst_pfns.shape and src_pfns.size and not self.faults.armed:
-            # The route of the last submission, checked inside the compiled call: a batch of a migration
-            # between the same two nodes needs no other pass over its pfns.
-            fence = self._submit_rows(fast, src_pfns, dst_pfns, checked=False)
-            if fence is not None:
-                return fence
+            # The route of the first page's node pair, checked inside the compiled call: a batch of a migration
+            # between two nodes needs no other pass over its pfns (a page elsewhere sends it the long way).
+            fast = self._routes.get((self._node_of(int(src_pfns[0])), self._node_of(int(dst_pfns[0]))))
+            if fast and fast[-1]:
+                fence = self._submit_rows(fast, src_pfns, dst_pfns, checked=False)
+                if fence is not None:
+                    return fence
         src, dst, bounds = validate_bounds(src_pfns, dst_pfns, self._nr_pfns)
         if src.size == 0:
             return DONE
@@ -286,8 +286,6 @@ class DmaEngine:
         if route is not None:
             fence = self._submit_rows(route, src, dst, checked=True)
             if fence is not None:
-                if route[-1]:
-                    self._fast = route
                 return fence
         if self._content is not None:
             self._content.note_written(dst)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import page_loops
 
-__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "move_one_vma", "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "move_one_vma", "to_copy", "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
@@ -71,16 +71,87 @@ def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked,
     return bad
 
 
+def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount, mapcount,
+                     mapping, index, private, last_cpupid, memcg, page_order, head):
+    """``get_new_folio`` for the entries of ``pos`` without a destination, all folios of ``order`` from one
+    node's allocator arrays (its pfns start at ``node_base``): all of them or none. Returns the frames taken, or
+    -1 when the node cannot serve them all (nothing taken: the caller takes the general path, where running short
+    has its rules)."""
+    need = 0
+    for i in range(pos.size):
+        if dst[pos[i]] < 0:
+            need += 1
+    if need == 0:
+        return 0
+    size = 1 << order
+    out = np.empty(need, dtype=np.int64)
+    if order == 0:
+        got = alloc_frames0(free, block_free, block, need, out)
+    else:
+        got = alloc_frames_order(free, block_free, block, size, need, out)
+    if got < need:
+        for j in range(got):  # give back what was taken
+            for k in range(size):
+                free[out[j] + k] = True
+            block_free[out[j] // block] += size
+        return -1
+    for j in range(need):
+        out[j] += node_base
+    prep_new_folios(out, order, head_flag, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
+                    page_order, head)
+    j = 0
+    for i in range(pos.size):
+        p = pos[i]
+        if dst[p] < 0:
+            dst[p] = out[j]
+            j += 1
+    return need * size
+
+
+def _to_copy(pos, src, expected, fresh, refcount, copy, keep, busy):
+    """Before a move pass's copy, when some entry of ``pos`` has no current copy: the folios with an extra
+    reference are busy (``folio_migrate_mapping``'s check comes before the copy, so a busy folio is not copied)
+    and go to ``busy``, the others without a current copy to ``copy``; ``keep`` gets the entries that stay in
+    the pass. Returns ``(copies, busy ones, kept)``; ``(0, 0, -1)`` when every entry has a current copy (then
+    nothing is checked and ``pos`` stays whole)."""
+    stale = False
+    for i in range(pos.size):
+        if not fresh[pos[i]]:
+            stale = True
+            break
+    if not stale:
+        return 0, 0, -1
+    nc = 0
+    nk = 0
+    nb = 0
+    for i in range(pos.size):
+        p = pos[i]
+        if refcount[src[p]] != expected[p]:
+            busy[nb] = p
+            nb += 1
+            continue
+        keep[nk] = p
+        nk += 1
+        if not fresh[p]:
+            copy[nc] = p
+            nc += 1
+    return nc, nb, nk
+
+
 def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, unmapped, pmd_order,
                   putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                  page_order, head, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts):
+                  page_order, head, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts, free,
+                  block_free, block, node_base):
     """Freeze-check, move and finish the folios of entries ``pos``; rc 0 moved, 1 busy (retry). Moved entries
     get status 0 and leave the unmapped set.
 
     Busy is an extra reference, or a copy made before this pass that a write has since made stale (its
     ``fresh`` mark is dropped here, so the next pass copies again): see ``MovePhase._drop_stale_copies``.
     ``counts`` receives (base pages moved, PMD-sized folios, large folios, pages whose destination was already
-    a copy). Returns ``(frames freed into freed[:n], new folios that lost their last reference)``.
+    a copy). The old folios' frames, reset, go to ``freed[:n]``; where ``node_base`` >= 0 (every old folio is on
+    the node whose allocator arrays ``free``, ``block_free`` are given, its pfns from ``node_base``) they also go
+    back to that allocator. Returns ``(n, new folios that lost their last reference, busy entries, the index in
+    freed of a frame already free or -1)``; a double free gives nothing back (the allocator's invariant).
     """
     moved = 0
     total = 0
@@ -99,7 +170,7 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
     for c in range(4):
         counts[c] = 0
     if moved == 0:
-        return 0, 0
+        return 0, 0, pos.size, -1
     o = np.empty(moved, dtype=np.int64)
     n = np.empty(moved, dtype=np.int64)
     k = np.empty(moved, dtype=np.int64)
@@ -130,24 +201,36 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
                        oid, pgoff, npages, pte_pfn, pte_flags)
     dead = done_folios(o, n, k, putback_clear, lru, flags, refcount, mapcount, mapping, index, private,
                        last_cpupid, memcg, page_order, head, freed)
-    return total, dead
+    bad = -1
+    if node_base >= 0:
+        frames = np.empty(total, dtype=np.int64)
+        for i in range(total):
+            frames[i] = freed[i] - node_base
+        bad = free_frames(free, block_free, block, frames)
+    return total, dead, pos.size - moved, bad
 
 
 if HAVE_NUMBA:
     from numba import njit
 
     from ..page_loops import (  # noqa: F401
+        alloc_frames0,
+        alloc_frames_order,
         done_folios,
+        free_frames,
         install_entries,
         move_folio_state,
         move_object_slots,
+        prep_new_folios,
         remove_entries,
         trylock_folios,
     )
 
     _expand = njit(nogil=True, cache=True)(_expand)
     _copy_current = njit(nogil=True, cache=True)(_copy_current)
+    to_copy = njit(nogil=True, cache=True)(_to_copy)
+    alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
 else:  # pragma: no cover
-    unmap_one_vma = move_one_vma = None
+    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = None

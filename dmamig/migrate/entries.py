@@ -56,6 +56,8 @@ class Entries:
             one_object, lo = False, -1
             self.oid = -1
         self.all_base = top == 0  # only base pages: a folio's head is its one pfn
+        # The order every folio has (-1: mixed): one allocation per batch then needs no grouping.
+        self.one_order = int(top) if self.all_base or bool((self.order == top).all()) else -1
         self.src_node = node  # the node every source lives on, or -1 if they span several
         self.nr = np.left_shift(1, self.order)
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
@@ -177,6 +179,8 @@ class Entries:
 
         self.src = np.concatenate([self.src, heads])
         self.all_given = False
+        if self.one_order != 0:
+            self.one_order = -1  # base pages beside larger folios
         self.order, self.nr = cat(self.order, 0), cat(self.nr, 1)
         self.given, self.dst, self.status = cat(self.given, False), cat(self.dst, -1), cat(self.status, UNTRIED)
         self.expected = cat(self.expected, expected)

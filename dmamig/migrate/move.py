@@ -33,6 +33,10 @@ _LOCKED = PageFlag.LOCKED
 _PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
 _LRU = np.uint32(PageFlag.LRU)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.flags.writeable = False
+# Stand-ins for the allocator arrays where the old folios span nodes (they are freed node by node after the call).
+_NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
 
 
 class MovePhase:
@@ -135,17 +139,29 @@ class MovePhase:
         """The core's own move pass (``migrate_folio``) over ``moving``; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
         retry = moving[:0]
-        if not e.fresh[moving].all():
+        if batch_loops.HAVE_NUMBA:
             # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
             t0 = time.perf_counter_ns()
+            stale, keep, busy = np.empty((3, moving.size), dtype=np.int64)
             with m.lock:
-                busy = pages.refcount[e.src[moving]] != e.expected[moving]
-            if busy.any():
-                retry = moving[busy]
-                moving = moving[~busy]
+                nc, nb, nk = batch_loops.to_copy(moving, e.src, e.expected, e.fresh, pages.refcount, stale, keep,
+                                                 busy)
+            if nb:
+                retry = busy[:nb]
+                moving = keep[:nk]
+            stale = stale[:nc]
             self.phase_ns["move"] += time.perf_counter_ns() - t0
-        fresh = e.fresh[moving]
-        stale = moving[~fresh] if not fresh.all() else moving[:0]
+        else:
+            if not e.fresh[moving].all():
+                t0 = time.perf_counter_ns()
+                with m.lock:
+                    busy = pages.refcount[e.src[moving]] != e.expected[moving]
+                if busy.any():
+                    retry = moving[busy]
+                    moving = moving[~busy]
+                self.phase_ns["move"] += time.perf_counter_ns() - t0
+            fresh = e.fresh[moving]
+            stale = moving[~fresh] if not fresh.all() else moving[:0]
         if stale.size:
             # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
             # outside the metadata lock; the locked, unmapped source cannot change meanwhile.
@@ -194,32 +210,46 @@ class MovePhase:
         return stale
 
     def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
-        """Freeze, move and finish the folios of ``moving`` in one compiled call; return the busy ones."""
+        """Freeze, move and finish the folios of ``moving`` in one compiled call, which also gives the old
+        frames back to their node; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
+        total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
         rc = np.empty(moving.size, dtype=np.int32)
-        freed = np.empty(moving.size if e.all_base else int(e.nr[moving].sum()), dtype=np.int64)
+        freed = np.empty(total, dtype=np.int64)
         counts = np.empty(4, dtype=np.int64)
-        nfreed, dead = batch_loops.move_one_vma(
+        if e.src_node >= 0:
+            nd = m.nodes[e.src_node]
+            alloc, base = nd.allocator, nd.base_pfn
+            free, block_free = alloc.arrays()
+        else:
+            alloc, base, (free, block_free) = None, -1, _NO_ALLOCATOR
+        nfreed, dead, nbusy, bad = batch_loops.move_one_vma(
             moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
             HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
             pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
-            m.object(e.oid).pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts)
+            m.object(e.oid).pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts, free,
+            block_free, 1 if alloc is None else alloc.block, base)
         if nfreed == 0:
             return moving
+        if bad >= 0:
+            raise RuntimeError(f"double free of frame {int(freed[bad])} (allocator invariant broken)")
+        if alloc is not None:
+            alloc.taken(-nfreed)
+        else:
+            self._free_old(freed[:nfreed])
         if m.device_private:  # entries now naming device-private pages are not present PTEs
             new = e.dst[moving[rc == 0]]
             mark_device_private(m, new if e.all_base else pages.expand(new))
-        self._free_old(freed[:nfreed])
         if dead:
             new = e.dst[moving[rc == 0]]
             m.free_folios(new[pages.refcount[new] <= 0])
         s = self.stats
-        s.nr_succeeded += int(counts[0])
-        s.nr_thp_succeeded += int(counts[1])
-        s.nr_large_succeeded += int(counts[2])
-        s.nr_no_copy += int(counts[3])
-        return moving[rc != 0] if int(counts[0]) < (moving.size if e.all_base else int(e.nr[moving].sum())) \
-            else moving[:0]
+        c = counts.tolist()
+        s.nr_succeeded += c[0]
+        s.nr_thp_succeeded += c[1]
+        s.nr_large_succeeded += c[2]
+        s.nr_no_copy += c[3]
+        return moving[rc != 0] if nbusy else _NONE
 
     def _free_old(self, pfns: np.ndarray) -> None:
         """Give the reset frames of old folios back to their allocator."""
