@@ -8,18 +8,21 @@
 // rows[c * row_cap * 4 ...] as (src address, dst address, bytes, flags), its job slots jobs[c * job_cap * 4 ...]
 // as (kind, first row, rows, status). host_ctl is the lane's own pinned words (STOP, SEEN per channel, the
 // generation running); scratch is device memory (the dispatched round, the grid barrier, the finish count) that
-// the host zeroes once.
+// the host zeroes once; stage is device memory for a round's rows (row_cap rows per channel).
 //
 // Protocol, per round: the leader (warp 0 of block 0, one lane per channel) polls every channel's TAIL with
 // system-scope acquire loads, issued by all lanes at once so that the PCIe round trips overlap, and backs off with
 // __nanosleep while nothing is there. It takes at most one job per channel, writes the round into scratch, and
-// every block passes a grid barrier (all blocks are resident: the launch is cooperative). Every block checks all
-// rows of the round against the registered memory (a row outside it makes its job copy nothing and end with
-// STATUS_BAD_ROW: a status, never a wild write), then the blocks share the copying: a row of at least
-// BIG_ROW bytes is spread over the whole grid, a smaller one goes to one block. The last block to finish
-// (a device-memory count) writes each job's status and ROW_HEAD, adds the round's time to BUSY_NS, then after a
-// system-scope fence publishes each HEAD with a release store, so a host that reads HEAD sees the status and the
-// bytes. A job of another kind than rows in the ring (its rows are not the device's to read) ends STATUS_FAILED.
+// every block passes a grid barrier (all blocks are resident: the launch is cooperative). The grid then reads each
+// row of the round once from host memory into device memory (stage), checking it against the registered memory
+// on the way (a row outside it marks its job bad: it copies nothing and ends with STATUS_BAD_ROW, never a wild
+// write); a second barrier, then the blocks copy from the staged rows: a row of at least BIG_ROW bytes is spread
+// over the whole grid, a smaller one goes to one block. (Every block reading every row over PCIe, as ring_copy
+// does per channel, would read a quarter of a 4 KiB batch's payload again in 8-byte pieces.) The last block to
+// finish (a device-memory count) writes each job's status and ROW_HEAD, adds the round's time to BUSY_NS, then
+// after a system-scope fence publishes each HEAD with a release store, so a host that reads HEAD sees the status
+// and the bytes. A job of another kind than rows in the ring (its rows are not the device's to read) ends
+// STATUS_FAILED.
 //
 // Liveness: HEARTBEAT advances on every channel each HEARTBEAT_NS while the leader polls and after every round,
 // so the host can tell a stalled consumer from a slow copy. Idle exit uses the CPU consumer's hand-shake: store
@@ -53,13 +56,15 @@
 #define S_BAR_GEN 1
 #define S_FINISHED 2
 #define S_ROUND 8
-#define ROUND_WORDS 40
+#define ROUND_WORDS 48
 #define R_EXIT 0
 #define R_START_NS 1
 #define R_SEQ 2
 #define R_KIND 10
 #define R_FIRST 18
 #define R_COUNT 26
+#define R_BAD 34
+#define MAX_REGIONS 64
 #define SCRATCH_WORDS (S_ROUND + 2 * ROUND_WORDS)
 // A row this long is copied by the whole grid rather than by one block.
 #define BIG_ROW (64LL * 1024)
@@ -97,7 +102,7 @@ __device__ __forceinline__ unsigned long long now_ns()
     return t;
 }
 
-__device__ __forceinline__ bool registered(const volatile long long* regions, long long nreg,
+__device__ __forceinline__ bool registered(const long long* regions, long long nreg,
                                            long long addr, long long nbytes)
 {
     for (long long k = 1; k <= nreg; ++k) {
@@ -151,12 +156,14 @@ __device__ __forceinline__ void copy_bytes(long long src, long long dst, long lo
 
 extern "C" __global__ void ring_persist(long long* ctl, const long long* rows, long long* jobs,
                                         const long long* regions, long long* host_ctl, long long* scratch_words,
-                                        int channels, long long row_cap, long long job_cap, int ctl_words,
-                                        unsigned long long idle_ns, long long generation)
+                                        long long* stage, int channels, long long row_cap, long long job_cap,
+                                        int ctl_words, unsigned long long idle_ns, long long generation)
 {
     volatile long long* scratch = scratch_words;
-    const volatile long long* reg = regions;
+    const volatile long long* host_regions = regions;
     const unsigned int nblocks = gridDim.x;
+    const long long nthreads = (long long)nblocks * blockDim.x;
+    const long long gtid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int lane = threadIdx.x & 31;
     const bool leader = blockIdx.x == 0 && threadIdx.x < 32;
     const bool my_channel = leader && lane < channels && lane < MAX_CHANNELS;
@@ -186,6 +193,7 @@ extern "C" __global__ void ring_persist(long long* ctl, const long long* rows, l
     __shared__ long long r_seq[MAX_CHANNELS], r_kind[MAX_CHANNELS], r_first[MAX_CHANNELS], r_count[MAX_CHANNELS];
     __shared__ long long r_start, r_exit;
     __shared__ int bad[MAX_CHANNELS];
+    __shared__ long long reg[2 * MAX_REGIONS + 2];
     while (true) {
         volatile long long* rb = scratch + S_ROUND + (round & 1) * ROUND_WORDS;
         if (leader) {
@@ -239,6 +247,7 @@ extern "C" __global__ void ring_persist(long long* ctl, const long long* rows, l
                         const bool take = tail > head;
                         const volatile long long* slot = jobs + ((long long)lane * job_cap + head % job_cap) * 4;
                         rb[R_SEQ + lane] = take ? head : -1;
+                        rb[R_BAD + lane] = 0;
                         if (take) {
                             rb[R_KIND + lane] = slot[0];
                             rb[R_FIRST + lane] = slot[1];
@@ -272,7 +281,6 @@ extern "C" __global__ void ring_persist(long long* ctl, const long long* rows, l
             r_kind[c] = rb[R_KIND + c];
             r_first[c] = rb[R_FIRST + c];
             r_count[c] = rb[R_COUNT + c];
-            bad[c] = 0;
         }
         if (threadIdx.x == 0) {
             r_exit = rb[R_EXIT];
@@ -284,19 +292,40 @@ extern "C" __global__ void ring_persist(long long* ctl, const long long* rows, l
             break;
         }
 
-        // Check every job's rows against the registered memory (each block alike, so all agree).
+        // Stage every row of the round once, in device memory, checking it against the registered memory (read
+        // into shared memory for the round: a registration may have added a range since the last one).
+        if (threadIdx.x == 0) {
+            const long long n = load_acquire_sys(regions);  // the count is released after its ranges
+            reg[0] = n < MAX_REGIONS ? n : MAX_REGIONS;
+        }
+        __syncthreads();
+        for (long long k = threadIdx.x; k < 2 * reg[0]; k += blockDim.x) {
+            reg[2 + k] = host_regions[2 + k];
+        }
+        __syncthreads();
         const long long nreg = reg[0];
         for (int c = 0; c < channels; ++c) {
-            if (r_seq[c] < 0 || r_kind[c] != JOB_ROWS || nreg <= 0) {
+            if (r_seq[c] < 0 || r_kind[c] != JOB_ROWS) {
                 continue;
             }
             const volatile long long* ring = rows + (long long)c * row_cap * 4;
-            for (long long i = threadIdx.x; i < r_count[c]; i += blockDim.x) {
+            long long* staged = stage + (long long)c * row_cap * 4;
+            for (long long i = gtid; i < r_count[c]; i += nthreads) {
                 const volatile long long* row = ring + ((r_first[c] + i) % row_cap) * 4;
-                if (!registered(reg, nreg, row[0], row[2]) || !registered(reg, nreg, row[1], row[2])) {
-                    bad[c] = 1;
+                const long long src = row[0];
+                const long long dst = row[1];
+                const long long nbytes = row[2];
+                staged[i * 4] = src;
+                staged[i * 4 + 1] = dst;
+                staged[i * 4 + 2] = nbytes;
+                if (nreg > 0 && !(registered(reg, nreg, src, nbytes) && registered(reg, nreg, dst, nbytes))) {
+                    rb[R_BAD + c] = 1;
                 }
             }
+        }
+        grid_barrier(scratch, nblocks);
+        if (threadIdx.x < MAX_CHANNELS) {
+            bad[threadIdx.x] = threadIdx.x < channels ? (int)rb[R_BAD + threadIdx.x] : 0;
         }
         __syncthreads();
 
@@ -306,16 +335,14 @@ extern "C" __global__ void ring_persist(long long* ctl, const long long* rows, l
             if (r_seq[c] < 0 || r_kind[c] != JOB_ROWS || bad[c]) {
                 continue;
             }
-            const volatile long long* ring = rows + (long long)c * row_cap * 4;
+            const volatile long long* staged = stage + (long long)c * row_cap * 4;
             for (long long i = 0; i < r_count[c]; ++i) {
-                const volatile long long* row = ring + ((r_first[c] + i) % row_cap) * 4;
-                const long long nbytes = row[2];
+                const long long nbytes = staged[i * 4 + 2];
                 if (nbytes >= BIG_ROW) {
-                    copy_bytes(row[0], row[1], nbytes, (long long)blockIdx.x * blockDim.x + threadIdx.x,
-                               (long long)nblocks * blockDim.x);
+                    copy_bytes(staged[i * 4], staged[i * 4 + 1], nbytes, gtid, nthreads);
                 } else {
                     if (spread % nblocks == blockIdx.x) {
-                        copy_bytes(row[0], row[1], nbytes, threadIdx.x, blockDim.x);
+                        copy_bytes(staged[i * 4], staged[i * 4 + 1], nbytes, threadIdx.x, blockDim.x);
                     }
                     spread += 1;
                 }

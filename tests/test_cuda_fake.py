@@ -372,9 +372,10 @@ class FakeKernel:
             gpu.check(addr, 8 * n)
             return np.ctypeslib.as_array((ctypes.c_int64 * n).from_address(addr))
 
-        ctl, rows, jobs, regions, host, scratch = args[:6]
-        channels, row_cap, job_cap, ctl_words, idle_ns, generation = args[6:12]
-        words(scratch, 88)  # the round buffers and barrier are device memory the kernel may touch
+        ctl, rows, jobs, regions, host, scratch, stage = args[:7]
+        channels, row_cap, job_cap, ctl_words, idle_ns, generation = args[7:13]
+        words(scratch, 104)  # the round buffers, the barrier and the staged rows are device memory it may touch
+        words(stage, 4 * channels * row_cap)
         ctl_v = words(ctl, channels * ctl_words).reshape(channels, ctl_words)
         host_v = words(host, 16)
         ring_v = [words(rows + 32 * c * row_cap, 4 * row_cap).reshape(row_cap, 4) for c in range(channels)]
@@ -1365,3 +1366,22 @@ def test_dma_engine_values_and_where_they_are_refused(gpu):
     cpu.set_dma_engine("launch")
     with pytest.raises(InvalidArgument, match="already are persistent consumers"):
         cpu.set_dma_engine("persistent")
+
+
+def test_the_persistent_kernel_and_its_lane_agree_on_every_word():
+    import re
+
+    from dmamig.backends.cuda import persistent_lane
+
+    text = cuda_kernels.kernel_source("ring_persist.cu")
+    defs = dict(re.findall(r"^#define (\w+) (\S+)$", text, re.MULTILINE))
+    assert int(defs["S_ROUND"]) + 2 * int(defs["ROUND_WORDS"]) == persistent_lane.SCRATCH_WORDS
+    assert (int(defs["H_STOP"]), int(defs["H_RUNNING"]), int(defs["H_SEEN"])) == \
+        (persistent_lane.H_STOP, persistent_lane.H_RUNNING, persistent_lane.H_SEEN)
+    for name in ("TAIL", "HEAD", "ROW_HEAD", "BUSY_NS", "HEARTBEAT", "IDLE"):
+        assert int(defs[name]) == getattr(dma_ring, name), name
+    for name in ("JOB_ROWS", "STATUS_OK", "STATUS_BAD_ROW", "STATUS_FAILED"):
+        assert int(defs[name].rstrip("L")) == getattr(dma_ring, name), name
+    assert int(defs["MAX_CHANNELS"]) == cuda_mod.ring_lane.MAX_RING_CHANNELS
+    assert int(defs["MAX_REGIONS"]) == dma_ring.MAX_REGIONS
+    assert int(defs["R_BAD"]) + int(defs["MAX_CHANNELS"]) <= int(defs["ROUND_WORDS"])

@@ -4,7 +4,8 @@
 
 A :class:`PersistentRingLane` holds the lane's :class:`~dmamig.dma.ring.RingSet` in pinned host memory mapped for
 the device, a few words of its own there (the stop word, the generation running, the last job each channel's
-consumer saw), a little device memory for the kernel's round and grid barrier, one non-blocking stream, and the
+consumer saw), device memory for the kernel's round, grid barrier and staged rows (each row of a round is read
+from host memory once, then copied from there), one non-blocking stream, and the
 ``ring_persist`` kernel (``kernels/ring_persist.cu``): one cooperative launch of a few blocks that polls every
 channel's ``TAIL``, copies, publishes statuses and ``HEAD`` and advances ``HEARTBEAT``, until the rings stay idle
 for the lane's idle window (the poll window, as a CPU channel's worker) or the stop word is set.
@@ -68,7 +69,7 @@ PERSISTENT_STALL_S = 5.0
 H_STOP, H_RUNNING, H_SEEN = 0, 1, 8
 HOST_WORDS = H_SEEN + MAX_RING_CHANNELS
 #: Device-memory words of the kernel's round buffers and grid barrier (kernels/ring_persist.cu's SCRATCH_WORDS).
-SCRATCH_WORDS = 88
+SCRATCH_WORDS = 104
 #: Where an MPS control daemon keeps its pipes unless ``CUDA_MPS_PIPE_DIRECTORY`` says otherwise.
 DEFAULT_MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
@@ -173,11 +174,19 @@ class PersistentRingLane:
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._scratch = int(self._rt.malloc(8 * SCRATCH_WORDS))
             self._rt.memset(self._scratch, 0, 8 * SCRATCH_WORDS)
+            try:
+                # Room for every channel's whole ring: the most one round can stage.
+                self._stage = int(self._rt.malloc(dma_ring.ROW_BYTES * self.rings.rows.shape[0]
+                                                  * self.rings.rows.shape[1]))
+            except Exception:
+                self._rt.free(self._scratch)
+                raise
         rs = self.rings
         self._args = (np.uint64(rs.ctl.ctypes.data), np.uint64(rs.rows.ctypes.data), np.uint64(rs.jobs.ctypes.data),
                       np.uint64(rs.regions.ctypes.data), np.uint64(self.host_words.ctypes.data),
-                      np.uint64(self._scratch), np.int32(rs.channels), np.int64(rs.rows.shape[1]),
-                      np.int64(rs.jobs.shape[1]), np.int32(rs.ctl.shape[1]), np.uint64(self.idle_ns))
+                      np.uint64(self._scratch), np.uint64(self._stage), np.int32(rs.channels),
+                      np.int64(rs.rows.shape[1]), np.int64(rs.jobs.shape[1]), np.int32(rs.ctl.shape[1]),
+                      np.uint64(self.idle_ns))
         rs.consumer = self.doorbell
 
     def _alloc(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -315,6 +324,6 @@ class PersistentRingLane:
         if self._leaked:
             return
         with self._cp.cuda.Device(self.device):
-            collect_first_error([lambda: self._rt.free(self._scratch)])
+            collect_first_error([lambda: self._rt.free(self._scratch), lambda: self._rt.free(self._stage)])
         collect_first_error([lambda p=p: self._rt.freeHost(p) for p in self._pinned])
         self._pinned = []
