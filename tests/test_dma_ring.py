@@ -232,3 +232,21 @@ def test_a_sleeping_consumer_is_woken_by_a_compiled_submission():
             np.testing.assert_array_equal(m.read_pfns(256 + src), data)
     finally:
         finish_within(m.close, "close")
+
+
+def test_registered_memory_stays_alive_until_the_rings_detach():
+    # Pinned host frames are freed when their last reference goes: a lane must not let that happen while a
+    # job may still point into them, only once its consumer has finished (detach).
+    import gc
+    import weakref
+
+    rings = dma_ring.RingSet(1)
+    frames = np.zeros((4, PAGE), dtype=np.uint8)
+    ref = weakref.ref(frames)
+    rings.register_frames(frames)
+    del frames
+    gc.collect()
+    assert ref() is not None
+    rings.detach()
+    gc.collect()
+    assert ref() is None

@@ -375,9 +375,9 @@ class DmaEngine:
         if spans[sn] is None or spans[dn] is None:
             return ()
         # Rows may only touch registered memory: every node's frames, so that a wrong address is a job status.
-        for span in spans:
+        for node, span in zip(self.nodes, spans):
             if span is not None:
-                rings.register(span[0], span[0] + span[1])
+                rings.register(span[0], span[0] + span[1], owner=node.frames)
         return (rings.route(s.base_pfn, d.base_pfn, spans[sn][0], spans[dn][0], self.page_size, self._options,
                             src_pages=s.total_pages, dst_pages=d.total_pages), lane, sn != dn)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -543,15 +544,19 @@ class RingSet:
         self._ws = np.empty(0, dtype=np.int64)
         self._wm = np.empty(0, dtype=np.int8)
         self._out = np.empty((int(channels), 4), dtype=np.int64)
-        self._known: dict[tuple[int, int], None] = {}
+        self._known: dict[tuple[int, int], Any] = {}
 
     @property
     def channels(self) -> int:
         """Channels in the lane."""
         return len(self.rings)
 
-    def register(self, lo: int, hi: int) -> None:
+    def register(self, lo: int, hi: int, owner: Any = None) -> None:
         """Let rows touch the bytes ``[lo, hi)`` (a node's frames, a bounce buffer). Idempotent.
+
+        ``owner`` (the frames the range belongs to) is kept alive until :meth:`detach`: memory that is freed
+        when its last reference goes (pinned host frames) is then never freed while a job may still point into
+        it; the lane detaches only after its consumer has finished.
 
         Raises
         ------
@@ -563,17 +568,19 @@ class RingSet:
             raise InvalidArgument(f"a registered range must hold bytes, got [{lo:#x}, {hi:#x})")
         with self.lock:
             if (lo, hi) in self._known:
+                if owner is not None:
+                    self._known[(lo, hi)] = owner
                 return
             n = int(self.regions[0, 0])
             if n >= MAX_REGIONS:
                 raise InvalidArgument(f"a DMA lane registers at most {MAX_REGIONS} memory ranges")
             self.regions[n + 1] = (lo, hi)
-            self._known[(lo, hi)] = None
+            self._known[(lo, hi)] = owner
             _store_word(self.regions[0], 0, n + 1)
 
     def register_frames(self, frames: np.ndarray) -> None:
-        """:meth:`register` the bytes of a C-contiguous frame buffer."""
-        self.register(frames.ctypes.data, frames.ctypes.data + frames.nbytes)
+        """:meth:`register` the bytes of a C-contiguous frame buffer (kept alive until :meth:`detach`)."""
+        self.register(frames.ctypes.data, frames.ctypes.data + frames.nbytes, owner=frames)
 
     def workspace(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The compiled submission's scratch for ``n`` pages, grown by doubling and reused ever after (caller holds
@@ -597,6 +604,7 @@ class RingSet:
         with self.lock:
             self.ctl, self.rows, self.jobs, self.regions = (a.copy() for a in (self.ctl, self.rows, self.jobs,
                                                                                self.regions))
+            self._known = dict.fromkeys(self._known)  # no job runs any more: the registered memory may go
             for c, ring in enumerate(self.rings):
                 ring.ctl, ring.rows, ring.jobs, ring.regions = self.ctl[c], self.rows[c], self.jobs[c], self.regions
 
