@@ -345,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="roles to deal to the threads, comma-separated among writer, reader, migrator, dma, "
                          "driver, churn, pinner (default: all)")
     st.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu")
+    st.add_argument("--files", choices=("generic", "buffer", "blockdev", "no-callback", "unaudited"),
+                    metavar="FS", help="also map files on this filesystem model (generic, buffer, blockdev, "
+                                       "no-callback, unaudited), written through mappings and pwrite")
+    st.add_argument("--files-only", action="store_true", help="with --files: no anonymous or shmem regions")
+    st.add_argument("--unaudited-no-copy", action="store_true",
+                    help="experiment: let no-copy migration move the un-audited filesystem's folios, and count "
+                         "the writes it loses")
     return p
 
 
@@ -601,6 +608,7 @@ def _cmd_stress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     backend = _resolve_backend(parser, args.backend)
     cfg = StressConfig(ops=args.ops, threads=args.threads, fault_rate=args.fault_rate, seed=args.seed,
                        check_every=args.check_every, stall_timeout=args.stall_timeout, backend=backend,
+                       files=args.files, anon=not args.files_only, unaudited_no_copy=args.unaudited_no_copy,
                        **({"roles": args.roles} if args.roles else {}))
     print(f"dmamig stress: {cfg.ops} ops, {cfg.threads} threads, fault rate {cfg.fault_rate:g}, backend "
           f"{backend}", flush=True)

@@ -120,6 +120,8 @@ class File(MemObject):
     unlocked_writes : int
         Writes (in pages) that landed on a folio a migration held locked: only the un-audited filesystem
         makes them, and each may be lost by a no-copy migration.
+    unlocked_pages : dict of int to int
+        The same, by file page.
     """
 
     def __init__(self, machine: Machine, cache: PageCache, path: str, fd: int, writable: bool, fs: Filesystem):
@@ -133,6 +135,7 @@ class File(MemObject):
         self.opened = True
         self.wb_err = 0  # errno of a writeback that failed, reported by the next fsync
         self.unlocked_writes = 0
+        self.unlocked_pages: dict[int, int] = {}  # file page -> unlocked writes that landed on a locked folio
 
     def __repr__(self) -> str:
         return f"File({self.path!r}, size={self.size}, fs={self.fs.name!r})"
@@ -212,6 +215,8 @@ class File(MemObject):
             # No folio lock and no reference kept across the write: nothing tells a migration that holds the
             # folio locked and unmapped that its content changed, so the frames are written as they are.
             self.unlocked_writes += int(np.count_nonzero(locked))
+            for i in idx[locked].tolist():
+                self.unlocked_pages[i] = self.unlocked_pages.get(i, 0) + 1
             for n, pos, frame in m.frames_of(pfns):
                 m.backend.write_frames(m.nodes[n].frames, frame, frames[pos])
         self.cache.mark_dirty(pfns)
@@ -531,6 +536,11 @@ class PageCache:
         clean = pfns[(pages.flags[pfns] & _DIRTY) == 0]
         pages.set(clean, PageFlag.DIRTY)
         self.count(clean, _FILE_DIRTY, 1)
+
+    def count_dirtied(self, pfns: np.ndarray) -> None:
+        """Count file folios ``pfns`` that someone else has just made dirty (a dirty PTE that became a
+        migration entry: ``try_to_migrate_one``'s ``folio_mark_dirty``)."""
+        self.count(pfns, _FILE_DIRTY, 1)
 
     def move_counters(self, old: np.ndarray, new: np.ndarray) -> None:
         """``folio_migrate_mapping``'s counters: the folios' pages (and their dirtiness) change node."""

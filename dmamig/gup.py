@@ -157,6 +157,7 @@ def write_pinned(mm: MmStruct, addr: int, buf: np.ndarray) -> None:
             raise InvalidArgument(f"write_pinned at {addr:#x}+{length:#x}: {len(unpinned)} of {pfns.size} pages "
                                   f"are not pinned by this address space; pin them with mm.pin first")
         write_pages(m, pfns, addr - first, buf)
+        m.page_cache.mark_dirty(m.pages.head[pfns])  # a file folio's dirtiness is counted per node
         m.pages.set(m.pages.head[pfns], PageFlag.DIRTY)
         m.changed.notify_all()
 

@@ -25,8 +25,10 @@ import numpy as np
 from .check import check_machine
 from .errors import InvalidArgument
 from .fault_injection import FaultAttr
+from .filemap import FILESYSTEMS
 from .machine import Machine
-from .stress_ops import ROLES, Region, Shared, Worker, region_bytes
+from .migrate.options import MigrateOptions
+from .stress_ops import ROLES, Region, Shared, Worker, region_bytes, unaudited
 
 __all__ = ["StressConfig", "StressReport", "run_stress"]
 
@@ -54,6 +56,16 @@ class StressConfig:
     roles : tuple of str
         The roles to deal (a subset of writer, reader, migrator, dma, driver, churn, pinner; all by
         default). A pinner pins a few pages, writes them through its pin and drops it.
+    files : str, optional
+        A filesystem model (``dmamig.filemap.FILESYSTEMS``): each address space also maps a file on it shared
+        (written through the mapping and with ``pwrite``) and another one private, while the flusher writes
+        dirty folios back. At the end the bytes on disk must equal the model. ``None``: no files.
+    anon : bool
+        Map the anonymous and shared-memory regions; ``False`` (with ``files``) stresses the files alone.
+    unaudited_no_copy : bool
+        Run every migration with ``MigrateOptions(unaudited_no_copy=True)``: no-copy migration moves the
+        folios of a filesystem that writes without the folio lock. The writes it loses are counted
+        (``StressReport.lost_writes``), each one checked against a write that landed on a locked folio.
     """
 
     ops: int = 10_000
@@ -69,6 +81,9 @@ class StressConfig:
     channels: int = 3
     backend: str = "cpu"
     roles: tuple[str, ...] = ROLES
+    files: str | None = None
+    anon: bool = True
+    unaudited_no_copy: bool = False
 
     def validate(self) -> None:
         """Raise InvalidArgument for a setting out of range."""
@@ -84,6 +99,13 @@ class StressConfig:
         roles = tuple(self.roles) if isinstance(self.roles, (list, tuple)) else ()
         if not roles or any(r not in ROLES for r in roles) or len(set(roles)) != len(roles):
             raise InvalidArgument(f"roles must be distinct names among {', '.join(ROLES)}, got {self.roles!r}")
+        if self.files is not None and self.files not in FILESYSTEMS:
+            raise InvalidArgument(f"files must be one of {', '.join(FILESYSTEMS)} or None, got {self.files!r}")
+        if not self.anon and self.files is None:
+            raise InvalidArgument("anon=False leaves nothing to stress: name a filesystem with files=")
+        if not isinstance(self.unaudited_no_copy, bool) or not isinstance(self.anon, bool):
+            raise InvalidArgument(f"anon and unaudited_no_copy must be True or False, got {self.anon!r} and "
+                                  f"{self.unaudited_no_copy!r}")
         if not self.stall_timeout > 0:
             raise InvalidArgument(f"stall_timeout must be > 0 seconds, got {self.stall_timeout!r}")
 
@@ -112,6 +134,12 @@ class StressReport:
         DMA channel workers restarted after a crash.
     op_counts : dict of str to int
         Operations by kind (``-raced``: the range was unmapped meanwhile; ``-oom``: an allocation failed).
+    lost_writes : int
+        Pages of files whose written bytes were lost, found by the verification: only with
+        ``unaudited_no_copy``, where each must be a page the un-audited filesystem wrote while a migration
+        held it locked (else it is a violation).
+    unlocked_writes : int
+        Writes (in pages) the un-audited filesystem made to folios a migration held locked.
     violations : list of str
         What went wrong; empty when every invariant held (``ok``).
     """
@@ -126,6 +154,8 @@ class StressReport:
     pages_migrated: int = 0
     channel_restarts: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
+    lost_writes: int = 0
+    unlocked_writes: int = 0
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -151,6 +181,8 @@ class StressReport:
             f"pages migrated: {self.pages_migrated}",
             f"bytes verified: {self.bytes_verified:,}",
             f"invariant checks: {self.checks}",
+            f"file writes lost: {self.lost_writes} (writes to locked folios without the folio lock: "
+            f"{self.unlocked_writes})",
             f"seed: {self.seed} (dmamig stress --seed {self.seed} repeats these operations and faults)",
         ]
         if self.violations:
@@ -244,9 +276,10 @@ def run_stress(config: StressConfig | None = None, out: Callable[[str], None] | 
     report = StressReport(seed=seed)
     m = Machine(host_pages=cfg.host_pages, device_pages=cfg.device_pages, devices=cfg.devices,
                 page_size=cfg.page_size, backend=cfg.backend, channels=cfg.channels)
-    shared = Shared(m, report)
+    options = MigrateOptions(unaudited_no_copy=True) if cfg.unaudited_no_copy else None
+    shared = Shared(m, report, options)
     try:
-        _setup_regions(shared, np.random.default_rng(seed))
+        _setup_regions(shared, np.random.default_rng(seed), cfg.files, cfg.anon)
     except BaseException:
         m.close()
         raise
@@ -298,16 +331,35 @@ def run_stress(config: StressConfig | None = None, out: Callable[[str], None] | 
     return report
 
 
-def _setup_regions(shared: Shared, rng: np.random.Generator) -> None:
+def _setup_regions(shared: Shared, rng: np.random.Generator, fs: str | None = None, anon: bool = True) -> None:
     m = shared.m
+    ps = m.page_size
     for _ in range(2):
         mm = m.address_space()
         shared.spaces.append(mm)
-        for npages, is_shared, order in ((48, False, 0), (48, True, 0), (512, False, 9)):
-            addr = mm.mmap(npages * m.page_size, shared=is_shared, order=order)
+        for npages, is_shared, order in ((48, False, 0), (48, True, 0), (512, False, 9)) if anon else ():
+            addr = mm.mmap(npages * ps, shared=is_shared, order=order)
             r = Region(mm, addr, npages, is_shared, order, churn=False)
-            data = rng.integers(0, 256, npages * m.page_size, dtype=np.uint8)
+            data = rng.integers(0, 256, npages * ps, dtype=np.uint8)
             mm.write(addr, data)
+            r.model[:] = data
+            shared.add_region(r)
+        if fs is None:
+            continue
+        for is_shared in (True, False):
+            npages = 48
+            f = m.open(size=npages * ps, fs=fs)
+            shared.files.append(f)
+            data = rng.integers(0, 256, npages * ps, dtype=np.uint8)
+            f.pwrite(data, 0)
+            addr = mm.mmap(npages * ps, file=f, shared=is_shared)
+            r = Region(mm, addr, npages, is_shared, 0, churn=False, file=f)
+            mm.read(addr, npages * ps)  # every page maps its page-cache folio
+            if not is_shared:
+                # Half the private pages are copied on write; the others still map the page cache.
+                half = rng.integers(0, 256, npages // 2 * ps, dtype=np.uint8)
+                mm.write(addr, half)
+                data[: half.size] = half
             r.model[:] = data
             shared.add_region(r)
 
@@ -337,14 +389,19 @@ def _check_all(shared: Shared, vm0: dict[str, int], report: StressReport) -> Non
     m = shared.m
     for v in check_machine(m, idle=True):
         report.violations.append(f"after {shared.ops_done} ops: {v}")
+    for v in m.page_cache.check_counters():
+        report.violations.append(f"after {shared.ops_done} ops: {v}")
     with m.lock:
         for r in shared.live_regions():
             got = region_bytes(m, r)
-            if got.size != r.model.size or not np.array_equal(got, r.model):
+            if got.size == r.model.size and shared.losses_expected and unaudited(r):
+                _count_lost_writes(shared, r, got)
+            elif got.size != r.model.size or not np.array_equal(got, r.model):
                 bad = int(np.flatnonzero(got != r.model)[0]) if got.size == r.model.size else -1
                 report.violations.append(f"after {shared.ops_done} ops: {r} holds bytes that differ from the "
                                          f"model (first at offset {bad})")
             report.bytes_verified += int(r.model.size)
+        report.unlocked_writes = sum(f.unlocked_writes for f in shared.files)
     vm = m.vmstat
     d = {k: vm[k] - vm0.get(k, 0) for k in vm}
     s = dict(shared.sums)
@@ -367,11 +424,45 @@ def _check_all(shared: Shared, vm0: dict[str, int], report: StressReport) -> Non
     report.pages_migrated = d["pgmigrate_success"]
 
 
+def _count_lost_writes(shared: Shared, r: Region, got: np.ndarray) -> None:
+    """The un-audited filesystem's lost writes in ``r`` (lock held): every page that differs from the model
+    must be one it wrote while a migration held the folio locked; the model then takes the bytes as they are,
+    so that each loss counts once."""
+    ps = shared.m.page_size
+    lost = np.unique(np.flatnonzero(got != r.model) // ps)
+    if lost.size == 0:
+        return
+    unexplained = [p for p in lost.tolist() if not r.file.unlocked_pages.get(p)]
+    if unexplained:
+        shared.report.violations.append(f"after {shared.ops_done} ops: {r} lost writes on pages {unexplained[:8]} "
+                                        f"that no write without the folio lock explains")
+    shared.report.lost_writes += int(lost.size)
+    r.model[:] = got
+
+
+def _check_disk(shared: Shared, report: StressReport) -> None:
+    """After fsync, each shared file region's bytes on disk equal its model."""
+    for r in shared.regions:
+        if r.file is None or not r.shared or not r.alive:
+            continue
+        err = r.file.fsync()
+        if err:
+            report.violations.append(f"fsync of {r.file.path} returned {err}")
+        with open(r.file.path, "rb") as fh:
+            disk = np.frombuffer(fh.read(), dtype=np.uint8)
+        if disk.size != r.model.size or not np.array_equal(disk, r.model):
+            report.violations.append(f"{r}: the bytes on disk differ from the model after fsync")
+
+
 def _teardown(shared: Shared, report: StressReport) -> None:
-    """Close every address space, check that every frame came back, close the machine (bounded)."""
+    """Check the files on disk, close every address space and file, check that every frame came back, close
+    the machine (bounded)."""
     m = shared.m
+    _check_disk(shared, report)
     for mm in shared.all_spaces():
         mm.close()
+    for f in shared.files:
+        f.close()
     for node in m.nodes:
         if node.free_pages != node.total_pages:
             report.violations.append(f"node {node.id}: {node.total_pages - node.free_pages} frames leaked after "

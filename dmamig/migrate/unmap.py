@@ -38,6 +38,9 @@ class UnmapPhase:
         m, e, pages = self.m, self.e, self.m.pages
         self.batch_mode = mode  # the move passes that follow run the mapping callbacks in this mode
         with m.changed:
+            if e.by_callback is not None:
+                # try_to_migrate_one's folio_mark_dirty for a dirty PTE: a file folio's dirtiness is counted.
+                was_clean = todo[e.by_callback[todo] & ~pages.test(e.src[todo], PageFlag.DIRTY)]
             e.status[todo] = PENDING
             self.alloc_retry = todo[:0]
             todo = self._get_new_folios(todo)
@@ -45,6 +48,8 @@ class UnmapPhase:
             if mode == MigrateMode.ASYNC and vma is not None:
                 self.phase_ns["unmap"] += time.perf_counter_ns() - t0
                 todo, retry = self._unmap_one_vma(todo, vma)
+                if e.by_callback is not None:
+                    self._count_dirtied(was_clean)
                 e.release_dst(retry)
                 if self.alloc_retry.size:
                     retry = np.concatenate([retry, self.alloc_retry])
@@ -64,8 +69,17 @@ class UnmapPhase:
                 install_migration_entries(m, e.base_pfns(e.src[todo], todo))
                 e.unmapped[todo] = True
                 e.check_fresh(todo)
+            if e.by_callback is not None:
+                self._count_dirtied(was_clean)
         self.phase_ns["unmap"] += time.perf_counter_ns() - t0
         return todo, retry
+
+    def _count_dirtied(self, was_clean: np.ndarray) -> None:
+        """Count the file folios of ``was_clean`` that a dirty PTE made dirty as it became a migration entry."""
+        src = self.e.src[was_clean]
+        dirtied = src[self.m.pages.test(src, PageFlag.DIRTY)]
+        if dirtied.size:
+            self.m.page_cache.count_dirtied(dirtied)
 
     def _get_new_folios(self, todo: np.ndarray) -> np.ndarray:
         """Allocate destinations; split large folios that get none; a base page that gets none ends the call.
