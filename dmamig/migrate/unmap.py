@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["UnmapPhase"]
 
 _LOCKED = PageFlag.LOCKED
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.flags.writeable = False
 _LOCKED_U32 = np.uint32(PageFlag.LOCKED)
 _WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
+_HEAD_U32 = np.uint32(PageFlag.HEAD)
 
 
 class UnmapPhase:
@@ -42,10 +45,11 @@ class UnmapPhase:
                 # try_to_migrate_one's folio_mark_dirty for a dirty PTE: a file folio's dirtiness is counted.
                 was_clean = todo[e.by_callback[todo] & ~pages.test(e.src[todo], PageFlag.DIRTY)]
             e.status[todo] = PENDING
-            self.alloc_retry = todo[:0]
-            todo = self._get_new_folios(todo)
-            vma = self._one_vma()
-            if mode == MigrateMode.ASYNC and vma is not None:
+            vma = self._one_vma() if mode == MigrateMode.ASYNC else None
+            self.alloc_retry = _NONE
+            if vma is None or not self._alloc_compiled(todo):
+                todo = self._get_new_folios(todo)
+            if vma is not None:
                 self.phase_ns["unmap"] += time.perf_counter_ns() - t0
                 todo, retry = self._unmap_one_vma(todo, vma)
                 if e.by_callback is not None:
@@ -81,6 +85,26 @@ class UnmapPhase:
         if dirtied.size:
             self.m.page_cache.count_dirtied(dirtied)
 
+    def _alloc_compiled(self, todo: np.ndarray) -> bool:
+        """Destinations for ``todo`` in one compiled call, where they are folios of one order from the target
+        node and the node can serve them all (caller holds the lock); ``False`` when :meth:`_get_new_folios` must
+        (nothing was taken then)."""
+        m, e = self.m, self.e
+        if e.all_given or e.one_order < 0 or self.fallback_nodes or m.faults.armed:
+            return e.all_given
+        nd = m.nodes[self.node]
+        alloc = nd.allocator
+        free, block_free = alloc.arrays()
+        pages = m.pages
+        taken = batch_loops.alloc_one_order(todo, e.dst, free, block_free, alloc.block, nd.base_pfn, e.one_order,
+                                            _HEAD_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
+                                            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order,
+                                            pages.head)
+        if taken < 0:
+            return False
+        alloc.taken(taken)
+        return True
+
     def _get_new_folios(self, todo: np.ndarray) -> np.ndarray:
         """Allocate destinations; split large folios that get none; a base page that gets none ends the call.
 
@@ -89,29 +113,37 @@ class UnmapPhase:
         m, e = self.m, self.e
         if e.all_given:
             return todo  # NO_COPY onto the caller's destinations: nothing to allocate
-        dst = e.dst[todo]
-        need = todo[dst < 0] if not (dst < 0).all() else todo
+        need = todo[e.dst[todo] < 0]
         if need.size == 0:
             return todo
-        if e.all_base:
-            groups = [(0, need)]
+        if e.one_order >= 0 and not self.fallback_nodes:
+            # Folios of one order, one target node: a single allocation, and nothing more when it is served whole.
+            heads = m.alloc_folios(self.node, need.size, e.one_order)
+            e.dst[need[:heads.size]] = heads
+            if heads.size == need.size:
+                self.alloc_retry = _NONE
+                return todo
+            short = [(e.one_order, need[heads.size:])]
         else:
             orders = e.order[need]
             lo = int(orders.min())
             groups = [(lo, need)] if lo == int(orders.max()) else \
                 [(int(o), need[orders == o]) for o in np.unique(orders)]
+            short = []  # per order, the entries left without a destination
+            for order, pos in groups:
+                heads = m.alloc_folios(self.node, pos.size, order)
+                for nid in self.fallback_nodes:  # a demotion: alloc_demote_folio's lower tiers, no direct reclaim
+                    if heads.size == pos.size:
+                        break
+                    heads = np.concatenate([heads, m.alloc_folios(nid, pos.size - heads.size, order)])
+                e.dst[pos[: heads.size]] = heads
+                short.append((order, pos[heads.size:]))
         stop = None  # position of the first entry that ended the call with -ENOMEM
         # "Large folio NUMA faulting doesn't split to retry": NUMA balancing's folio fails instead.
         nosplit = self.reason == MigrateReason.MR_NUMA_MISPLACED
         again = []  # large folios a long-term pin retries whole on the next pass (their split failed)
-        for order, pos in groups:
-            heads = m.alloc_folios(self.node, pos.size, order)
-            for nid in self.fallback_nodes:  # a demotion: alloc_demote_folio's lower tiers, no direct reclaim
-                if heads.size == pos.size:
-                    break
-                heads = np.concatenate([heads, m.alloc_folios(nid, pos.size - heads.size, order)])
-            e.dst[pos[: heads.size]] = heads
-            for p in pos[heads.size:].tolist():
+        for order, rest in short:
+            for p in rest.tolist():
                 if order > 0 and not nosplit:
                     if e.split(p):
                         # A split large folio is one failed folio (its pieces are migrated on their own).
