@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from dmamig import Machine
 from dmamig.backends.cpu import copy_loops as cpu_kernels
 from dmamig.backends.cpu.backend import CpuBackend
 from dmamig.backends.cpu.channel import CpuChannel
@@ -436,3 +437,25 @@ def test_the_compiled_bounds_check_agrees_with_the_numpy_one():
                 return str(exc)
 
         assert outcome(np.int64) == outcome(np.int32)
+
+
+def test_migrations_both_ways_keep_the_one_call_route(monkeypatch):
+    # Each submission after the first per node pair goes straight to its ring route (one compiled call checks
+    # it); the full validation is only for a pair's first submission, whatever pair came last.
+    import dmamig.dma.engine as engine_module
+
+    m = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=2)
+    try:
+        mm = m.address_space()
+        addr = mm.mmap(512 * m.page_size, order=9)
+        data = np.arange(512 * m.page_size, dtype=np.uint64).astype(np.uint8)
+        mm.write(addr, data)
+        full = []
+        real = engine_module.validate_bounds
+        monkeypatch.setattr(engine_module, "validate_bounds", lambda *a, **k: full.append(1) or real(*a, **k))
+        for i in range(6):
+            assert mm.migrate(addr, 512 * m.page_size, 1 if i % 2 == 0 else 0, engine=m.dma).ok
+        assert len(full) == 2  # one per direction
+        np.testing.assert_array_equal(mm.read(addr, data.size), data)
+    finally:
+        m.close()

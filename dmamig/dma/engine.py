@@ -39,8 +39,8 @@ from .ring import SUBMIT_NO_ROOM, RingRoute
 from .stats import DmaStats, baseline_of, with_channels, zero_baseline
 from .validate import pfn_array, validate_bounds
 
-# The native int64 dtype: numpy's builtin dtypes are singletons, so ``is`` tells them apart at a glance (an
-# equal dtype that is not this object just takes the full validation).
+# The native int64 dtype, compared as a dtype (comparing with the scalar type costs twice as much; arrays made by
+# compiled code carry equal dtype objects that are not numpy's own, so ``is`` would miss them).
 _INT64 = np.dtype(np.int64)
 
 __all__ = ["DmaEngine"]
@@ -270,7 +270,7 @@ class DmaEngine:
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
         if self._routes and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
-                and src_pfns.dtype is _INT64 and dst_pfns.dtype is _INT64 and src_pfns.ndim == 1 \
+                and src_pfns.dtype == _INT64 and dst_pfns.dtype == _INT64 and src_pfns.ndim == 1 \
                 and src_pfns.shape == dst_pfns.shape and src_pfns.size and not self.faults.armed:
             # The route of the first page's node pair, checked inside the compiled call: a batch of a migration
             # between two nodes needs no other pass over its pfns (a page elsewhere sends it the long way).
