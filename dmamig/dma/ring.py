@@ -598,13 +598,16 @@ class RingSet:
         return RingRoute(self, src_base, dst_base, src_addr, dst_addr, page, options, src_pages=src_pages,
                          dst_pages=dst_pages)
 
-    def detach(self) -> None:
+    def detach(self, keep_registered: bool = False) -> None:
         """Move every array into memory of its own (copies), before the memory they were allocated in is freed:
-        views held by rings, completions and readers stay valid, with the last values."""
+        views held by rings, completions and readers stay valid, with the last values. The registered memory's
+        owners are let go unless ``keep_registered`` (a consumer that may still run, whose lane keeps its
+        memory)."""
         with self.lock:
             self.ctl, self.rows, self.jobs, self.regions = (a.copy() for a in (self.ctl, self.rows, self.jobs,
                                                                                self.regions))
-            self._known = dict.fromkeys(self._known)  # no job runs any more: the registered memory may go
+            if not keep_registered:
+                self._known = dict.fromkeys(self._known)  # no job runs any more: the registered memory may go
             for c, ring in enumerate(self.rings):
                 ring.ctl, ring.rows, ring.jobs, ring.regions = self.ctl[c], self.rows[c], self.jobs[c], self.regions
 

@@ -320,7 +320,7 @@ class PersistentRingLane:
         self.rings.consumer = None
         # Completions and counters may still read the rings from the host: the arrays move to memory of their
         # own before the pinned memory goes (also when it is kept for a consumer that never stopped).
-        self.rings.detach()
+        self.rings.detach(keep_registered=self._leaked)
         if self._leaked:
             return
         with self._cp.cuda.Device(self.device):
