@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from ...errors import DmaError
-from .codes import _version_text
+from .codes import cuda_version_text
 
 __all__ = ["BATCH_COPY_ENV", "BatchCopy", "batch_copy_requested"]
 
@@ -44,8 +44,8 @@ class BatchCopy:
             ``cudaDriverGetVersion()``: the bindings may offer the call on a driver that lacks it.
         """
         if int(driver_version) < cls.MIN_DRIVER:
-            return None, (f"the driver supports CUDA {_version_text(driver_version)}; cuMemcpyBatchAsync needs "
-                          f"{_version_text(cls.MIN_DRIVER)} or newer")
+            return None, (f"the driver supports CUDA {cuda_version_text(driver_version)}; cuMemcpyBatchAsync needs "
+                          f"{cuda_version_text(cls.MIN_DRIVER)} or newer")
         try:
             from cuda.bindings import driver
         except Exception as exc:

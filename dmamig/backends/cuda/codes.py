@@ -17,7 +17,7 @@ __all__ = ["CUDA_ERROR_INSUFFICIENT_DRIVER", "CUDA_ERROR_MEMORY_ALLOCATION", "CU
            "CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED", "CUDA_SUCCESS", "EVENT_BLOCKING_SYNC",
            "EVENT_DISABLE_TIMING", "HOST_ALLOC_MAPPED", "HOST_ALLOC_PORTABLE", "MEMCPY_DEFAULT",
            "MEMCPY_DEVICE_TO_HOST", "MEMCPY_HOST_TO_DEVICE", "collect_first_error", "cuda_error_kind",
-           "cuda_error_text", "map_cuda_error"]
+           "cuda_error_text", "cuda_version_text", "map_cuda_error"]
 
 # CUDA runtime codes the backend interprets (cudaError_t values, stable across CUDA 11-13).
 CUDA_SUCCESS = 0
@@ -40,7 +40,7 @@ EVENT_BLOCKING_SYNC = 1  # a waiting thread sleeps in the driver instead of spin
 EVENT_DISABLE_TIMING = 2
 
 
-def _version_text(v: int) -> str:
+def cuda_version_text(v: int) -> str:
     """``13020`` -> ``"13.2"`` (CUDA's ``1000 * major + 10 * minor`` encoding); ``0`` -> ``"none"``."""
     v = int(v)
     return "none" if v <= 0 else f"{v // 1000}.{(v % 1000) // 10}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from ...errors import BackendUnavailable
 from .batch import BATCH_COPY_ENV, batch_copy_requested
-from .codes import _version_text
+from .codes import cuda_version_text
 
 __all__ = ["cuda_environment", "import_cupy", "nvrtc_status", "preload_nvrtc", "probe_cuda"]
 
@@ -146,7 +146,7 @@ def cuda_environment(cp: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {"cupy": str(getattr(cp, "__version__", "?"))}
     for key, fn in (("cuda_driver", "driverGetVersion"), ("cuda_runtime", "runtimeGetVersion")):
         try:
-            out[key] = _version_text(getattr(rt, fn)())
+            out[key] = cuda_version_text(getattr(rt, fn)())
         except Exception as exc:
             out[key] = f"unknown ({type(exc).__name__}: {exc})"
     nv = nvrtc_status(cp)
