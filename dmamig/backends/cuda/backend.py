@@ -45,7 +45,6 @@ from .memory import (
     alloc_pinned,
     device_of,
     frames_ptr,
-    free_device_memory,
     pinned_frames,
     run_spans,
 )
@@ -433,9 +432,7 @@ class CudaBackend:
             if ptr:
                 collect_first_error([lambda: self.free_device(device, ptr)])
             raise map_cuda_error(exc, f"allocating {nbytes} bytes of frames on device {device}") from exc
-        # A machine dropped without close() still gives its device memory back, when the frames are collected.
-        frames._finalizer = weakref.finalize(frames, free_device_memory, self._cp, device, ptr)
-        frames._finalizer.atexit = False
+        frames.own(self._cp)
         with self._lock:
             self._device_frames.append(weakref.ref(frames))
         return frames
@@ -685,14 +682,8 @@ class CudaBackend:
         for ref in frames:
             f = ref()
             if f is not None:
-                calls.append(lambda f=f: self._release_frames(f))
+                calls.append(f.release)
         collect_first_error(calls)
-
-    def _release_frames(self, frames: DeviceFrames) -> None:
-        frames.ptr = 0  # released first: any later use raises instead of touching freed memory
-        fin = frames._finalizer
-        if fin is not None:
-            fin()  # frees once; collecting the frames later does nothing
 
 
 # -- the migrating thread's staged copy (copy mode between GPUs without peer access) -----------------------------

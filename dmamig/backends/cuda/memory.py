@@ -47,6 +47,18 @@ class DeviceFrames:
         self.shape = (int(nr_pages), int(page_size))
         self._finalizer: weakref.finalize | None = None  # frees the memory once, at release or collection
 
+    def own(self, cp: Any) -> None:
+        """Free the memory (with ``cp``'s runtime) once: at :meth:`release`, or when the frames are collected, so
+        that a machine dropped without ``close()`` still gives its device memory back."""
+        self._finalizer = weakref.finalize(self, free_device_memory, cp, self.device, self.ptr)
+        self._finalizer.atexit = False
+
+    def release(self) -> None:
+        """Give the memory back now, once; any later use raises instead of touching freed memory."""
+        self.ptr = 0
+        if self._finalizer is not None:
+            self._finalizer()  # frees once; collecting the frames later does nothing
+
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
