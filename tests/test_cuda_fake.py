@@ -1023,6 +1023,34 @@ def test_machine_migrations_on_the_stand_in(fake_cuda_machine):
     assert fake_cuda_machine.live("device") == 0 and fake_cuda_machine.live("events") == 0
 
 
+def test_a_sticky_error_during_a_dma_copy_leaves_no_fallback_copy_calling_into_the_context(fake_cuda_machine):
+    # A failed DMA copy normally falls back to the migrating thread's copy; after a sticky error the context is
+    # unusable, so the fallback must fail at once (DmaError, pages restored) instead of calling into it.
+    from dmamig import Machine, MigrateMode
+
+    gpu = fake_cuda_machine
+    with Machine(host_pages=256, device_pages=256, devices=1, backend="cuda", channels=2) as m:
+        mm = m.address_space()
+        data = np.random.default_rng(21).integers(0, 256, 64 * PAGE, dtype=np.uint8)
+        addr = mm.mmap(64 * PAGE)
+        mm.write(addr, data)
+        gpu.auto = False  # the DMA copy stays queued...
+        timer = threading.Timer(0.05, lambda: setattr(gpu, "sticky", 700))  # ...until the context breaks
+        timer.start()
+        seen = len(gpu.log)
+        with pytest.raises(DmaError, match="unusable after a sticky error"):
+            mm.migrate(addr, 64 * PAGE, 1, mode=MigrateMode.SYNC, engine=m.dma)
+        timer.join()
+        calls = [c[0] for c in gpu.log[seen:]]
+        assert not any(name.startswith("memcpy") for name in calls), calls
+        assert m.backend.sticky_error(0) is not None
+        assert mm.node_of(addr) == 0
+        np.testing.assert_array_equal(mm.read(addr, 64 * PAGE), data)
+        gpu.sticky = 0  # let close() give everything back
+        gpu.auto = True
+        mm.close()
+
+
 # -- the command line where a GPU is present but unusable -------------------------------------------------------------
 
 @pytest.fixture

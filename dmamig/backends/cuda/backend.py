@@ -23,7 +23,7 @@ from ...dma.channel import DEFAULT_POLL_US, ChannelWork
 from ...dma.checksum import page_checksums
 from ...dma.ring import RING_AVAILABLE
 from ...dma.staging import stage_capacity, stage_chunks
-from ...errors import BackendUnavailable, DmamigError, InvalidArgument
+from ...errors import BackendUnavailable, DmaError, DmamigError, InvalidArgument
 from ..base import DeviceInfo, check_dma_engine
 from ..ceiling import check_pair_args, topology_staged
 from ..cpu import copy_loops
@@ -37,6 +37,7 @@ from .codes import (
     MEMCPY_DEVICE_TO_HOST,
     MEMCPY_HOST_TO_DEVICE,
     collect_first_error,
+    is_sticky,
     map_cuda_error,
 )
 from .kernels import kernel_source, launch
@@ -117,6 +118,8 @@ class CudaBackend:
         self._closed = False
         self._functions: dict[tuple[int, str, str], Any] = {}
         self._lanes: list[CudaRingLane | PersistentRingLane] = []
+        # Device -> the first sticky error met there: its context is unusable, so nothing more is asked of it.
+        self._sticky: dict[int, BaseException] = {}
         self.kernel_error: str | None = None
         self._sync_streams: dict[int, Any] = {}
         self._sync_locks = [threading.Lock() for _ in range(self._ndev)]
@@ -297,7 +300,7 @@ class CudaBackend:
         elif self.rings and int(count) <= MAX_RING_CHANNELS and RING_AVAILABLE:
             kernel = self.kernel(device, "ring_copy.cu", "ring_copy")
             if kernel is not None:
-                lane = CudaRingLane(self._cp, device, int(count), kernel, self.poll_us)
+                lane = CudaRingLane(self._cp, device, int(count), kernel, self.poll_us, on_sticky=self.note_sticky)
         if lane is not None:
             with self._lock:
                 self._lanes.append(lane)
@@ -318,7 +321,17 @@ class CudaBackend:
         except Exception as exc:
             raise map_cuda_error(exc, f"reading device {device}'s multiprocessor count") from exc
         return PersistentRingLane(self._cp, device, count, kernel, self.poll_us,
-                                  blocks=max(1, min(PERSISTENT_BLOCKS, sms)))
+                                  blocks=max(1, min(PERSISTENT_BLOCKS, sms)), on_sticky=self.note_sticky)
+
+    def note_sticky(self, device: int, error: BaseException) -> None:
+        """Device ``device`` met a sticky CUDA error (its context is unusable until the process exits): from now
+        on every operation on it fails at once with :meth:`sticky_error`'s error, without calling into CUDA."""
+        with self._lock:
+            self._sticky.setdefault(int(device), error)
+
+    def sticky_error(self, device: int) -> BaseException | None:
+        """The first sticky CUDA error met on ``device``, or ``None``."""
+        return self._sticky.get(int(device))
 
     def frames_address(self, frames: Any) -> tuple[int, int] | None:
         """Where a node's frames are, for the DMA rings: ``(address, bytes)`` (pinned host or device memory)."""
@@ -365,8 +378,14 @@ class CudaBackend:
             return s
 
     def _device_op(self, dev: int, what: str, op: Callable[[Any], Any]) -> Any:
-        """Run ``op(stream)`` on device ``dev``'s synchronous stream, wait, and map CUDA errors."""
+        """Run ``op(stream)`` on device ``dev``'s synchronous stream, wait, and map CUDA errors; refuse at once on a
+        device whose context a sticky error made unusable (a migration's fallback copy after a failed DMA never
+        calls into it)."""
         self._check_open()
+        sticky = self._sticky.get(dev)
+        if sticky is not None:
+            raise DmaError(f"{what} on device {dev}: its CUDA context is unusable after a sticky error ({sticky}); "
+                           f"nothing more can run there until the process exits") from sticky
         try:
             with self._sync_locks[dev], self._cp.cuda.Device(dev):
                 s = self.sync_stream(dev)
@@ -376,7 +395,10 @@ class CudaBackend:
         except DmamigError:
             raise
         except Exception as exc:
-            raise map_cuda_error(exc, f"{what} on device {dev}") from exc
+            error = map_cuda_error(exc, f"{what} on device {dev}")
+            if is_sticky(getattr(exc, "status", None)):
+                self.note_sticky(dev, error)
+            raise error from exc
 
     def _sync_buffer(self, dev: int, nbytes: int) -> int:
         """The synchronous stream's scratch buffer on ``dev`` (the caller holds that device's sync lock)."""

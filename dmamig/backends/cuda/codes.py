@@ -16,8 +16,8 @@ from ...errors import BackendUnavailable, DmaError, DmamigError, OutOfMemory
 __all__ = ["CUDA_ERROR_INSUFFICIENT_DRIVER", "CUDA_ERROR_MEMORY_ALLOCATION", "CUDA_ERROR_NOT_READY",
            "CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED", "CUDA_SUCCESS", "EVENT_BLOCKING_SYNC",
            "EVENT_DISABLE_TIMING", "HOST_ALLOC_MAPPED", "HOST_ALLOC_PORTABLE", "MEMCPY_DEFAULT",
-           "MEMCPY_DEVICE_TO_HOST", "MEMCPY_HOST_TO_DEVICE", "collect_first_error", "cuda_error_kind",
-           "cuda_error_text", "cuda_version_text", "map_cuda_error"]
+           "MEMCPY_DEVICE_TO_HOST", "MEMCPY_HOST_TO_DEVICE", "STICKY_CODES", "collect_first_error", "cuda_error_kind",
+           "cuda_error_text", "cuda_version_text", "is_sticky", "map_cuda_error"]
 
 # CUDA runtime codes the backend interprets (cudaError_t values, stable across CUDA 11-13).
 CUDA_SUCCESS = 0
@@ -29,6 +29,15 @@ CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
 # Codes that mean "no usable CUDA here" rather than a failed operation: initialization error, insufficient
 # driver, devices unavailable, no device, invalid device, system not ready, driver mismatch, compat unsupported.
 _UNAVAILABLE_CODES = frozenset({3, 35, 46, 100, 101, 802, 803, 804})
+#: Codes after which the context is unusable until the process exits (sticky): an uncorrectable ECC error,
+#: an illegal address, a launch timeout, a device-side assert, a hardware stack error, an illegal or misaligned
+#: instruction or address, an invalid address space or program counter, a failed launch.
+STICKY_CODES = frozenset({214, 700, 702, 710, 714, 715, 716, 717, 718, 719})
+
+
+def is_sticky(code: int | None) -> bool:
+    """Whether a ``cudaError_t`` leaves its context unusable (see :data:`STICKY_CODES`)."""
+    return code in STICKY_CODES
 
 # cudaHostAllocPortable | cudaHostAllocMapped: pinned for every device, and device-addressable.
 HOST_ALLOC_PORTABLE = 1

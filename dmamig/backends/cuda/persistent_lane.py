@@ -37,7 +37,7 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import numpy as np
 from ...dma import ring as dma_ring
 from ...errors import DmaError
 from ..cpu.channel import CLOSE_TIMEOUT
-from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text
+from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text, is_sticky
 from .memory import alloc_pinned
 from .ring_lane import MAX_RING_CHANNELS, RingJob
 
@@ -140,7 +140,7 @@ class PersistentRingLane:
     """
 
     def __init__(self, cp: Any, device: int, channels: int, kernel: Any, poll_us: float,
-                 blocks: int = PERSISTENT_BLOCKS) -> None:
+                 blocks: int = PERSISTENT_BLOCKS, on_sticky: Callable[[int, BaseException], None] | None = None) -> None:
         if not 1 <= int(channels) <= MAX_RING_CHANNELS:
             raise ValueError(f"a CUDA ring lane serves 1 to {MAX_RING_CHANNELS} channels, got {channels}")
         if int(blocks) < 1:
@@ -164,6 +164,8 @@ class PersistentRingLane:
         self.failure: BaseException | None = None
         #: Kernel launches so far (the first submission's, and one per relaunch after the consumer went idle).
         self.launches = 0
+        #: Told ``(device, error)`` when the lane meets a sticky CUDA error: the context is unusable from then on.
+        self.on_sticky = on_sticky
         #: The last launch's generation (its number, from 1; what its ``IDLE`` stores say when it exits).
         self.generation = 0
         # Per channel: the HEARTBEAT value a waiter last saw change, and when.
@@ -225,6 +227,8 @@ class PersistentRingLane:
                            f"a cooperative launch of {self.blocks} blocks) failed: {type(exc).__name__}: {exc}")
             err.__cause__ = exc
             self.fail(err)
+            if is_sticky(getattr(exc, "status", None)) and self.on_sticky is not None:
+                self.on_sticky(self.device, err)
             return
         self.generation = generation
         self.launches += 1
@@ -275,8 +279,11 @@ class PersistentRingLane:
                                    f"publishing job {seq} of channel {ring.index}"))
             return
         if code != CUDA_ERROR_NOT_READY:
-            self.fail(DmaError(f"DMA ring of device {self.device}: the persistent consumer's stream reported "
-                               f"{cuda_error_text(code, self._rt)}; its jobs did not complete"))
+            err = DmaError(f"DMA ring of device {self.device}: the persistent consumer's stream reported "
+                           f"{cuda_error_text(code, self._rt)}; its jobs did not complete")
+            self.fail(err)
+            if is_sticky(code) and self.on_sticky is not None:
+                self.on_sticky(self.device, err)
             return
         beat, now = int(ring.ctl[dma_ring.HEARTBEAT]), time.monotonic()
         last = self._beats.get(ring.index)

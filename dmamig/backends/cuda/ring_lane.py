@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from ...dma import ring as dma_ring
 from ...errors import DmaError
 from ..cpu.ring_consumer import RING_AVAILABLE as POLL_AVAILABLE
 from ..cpu.ring_consumer import poll_done
-from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text
+from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text, is_sticky
 from .memory import alloc_pinned
 
 __all__ = ["BLOCKS_PER_CHANNEL", "MAX_RING_CHANNELS", "STALL_S", "CudaRingLane", "RingJob"]
@@ -128,7 +129,8 @@ class CudaRingLane:
         Microseconds a waiter polls ``HEAD`` before it sleeps.
     """
 
-    def __init__(self, cp: Any, device: int, channels: int, kernel: Any, poll_us: float) -> None:
+    def __init__(self, cp: Any, device: int, channels: int, kernel: Any, poll_us: float,
+                 on_sticky: Callable[[int, BaseException], None] | None = None) -> None:
         if not 1 <= int(channels) <= MAX_RING_CHANNELS:
             raise ValueError(f"a CUDA ring lane serves 1 to {MAX_RING_CHANNELS} channels, got {channels}")
         self._cp, self._rt = cp, cp.cuda.runtime
@@ -142,6 +144,8 @@ class CudaRingLane:
         self.failure: BaseException | None = None
         #: Kernel launches so far.
         self.launches = 0
+        #: Told ``(device, error)`` when the lane meets a sticky CUDA error: the context is unusable from then on.
+        self.on_sticky = on_sticky
         self.rings = dma_ring.RingSet(int(channels), alloc=self._alloc)
         with cp.cuda.Device(self.device):
             self.stream = cp.cuda.Stream(non_blocking=True)
@@ -184,6 +188,8 @@ class CudaRingLane:
             err.__cause__ = exc
             self.fail(err)
             self._fail_jobs(jobs, err)
+            if is_sticky(getattr(exc, "status", None)) and self.on_sticky is not None:
+                self.on_sticky(self.device, err)
 
     def _fail_jobs(self, jobs: list[list[int]], error: BaseException) -> None:
         for ring, (seq, _) in zip(self.rings.rings, jobs):
@@ -214,8 +220,11 @@ class CudaRingLane:
                 self.fail(DmaError(f"DMA ring of device {self.device}: the consumer finished without publishing "
                                    f"job {seq} of channel {ring.index}"))
             return
-        self.fail(DmaError(f"DMA ring of device {self.device}: the stream reported "
-                           f"{cuda_error_text(code, self._rt)}; its jobs did not complete"))
+        err = DmaError(f"DMA ring of device {self.device}: the stream reported {cuda_error_text(code, self._rt)}; "
+                       f"its jobs did not complete")
+        self.fail(err)
+        if is_sticky(code) and self.on_sticky is not None:
+            self.on_sticky(self.device, err)
 
     @property
     def idle(self) -> bool:
