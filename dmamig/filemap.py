@@ -124,6 +124,8 @@ class File(MemObject):
         The same, by file page.
     """
 
+    migrate_callback = True
+
     def __init__(self, machine: Machine, cache: PageCache, path: str, fd: int, writable: bool, fs: Filesystem):
         self.size = os.fstat(fd).st_size
         super().__init__(machine, _pages(self.size, machine.page_size), shared=True, order=0)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._validate import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
+from .balloon import Balloon
 from .cost_model import CostModel, load_model
 from .dma import DmaEngine
 from .errors import InvalidArgument, OutOfMemory
@@ -212,6 +213,10 @@ class Machine(FrameOps, PageControls):
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._objects: dict[int, MemObject] = {}
+        # Mapping ids of the objects whose folios migrate through their own callback, and of those whose pages
+        # are non-LRU movable pages (kept as arrays for the migration core's vectorized lookups).
+        self.callback_object_ids = np.empty(0, dtype=np.int64)
+        self.movable_object_ids = np.empty(0, dtype=np.int64)
         self._object_ids = itertools.count(1)
         self._spaces: list[AddressSpace] = []
         self._vmstat = dict.fromkeys(VMSTAT_COUNTERS, 0)
@@ -299,13 +304,22 @@ class Machine(FrameOps, PageControls):
             return tuple(self._objects.values())
 
     def register_object(self, obj: MemObject) -> int:
-        """Give an address-space object (anon or shared memory) its ``mapping`` id."""
+        """Give an address-space object (anon or shared memory, a file, a balloon) its ``mapping`` id."""
         oid = next(self._object_ids)
         self._objects[oid] = obj
+        if obj.migrate_callback:
+            self._index_callback_objects()
         return oid
 
     def unregister_object(self, oid: int) -> None:
-        self._objects.pop(oid, None)
+        obj = self._objects.pop(oid, None)
+        if obj is not None and obj.migrate_callback:
+            self._index_callback_objects()
+
+    def _index_callback_objects(self) -> None:
+        objs = self._objects.items()
+        self.callback_object_ids = np.array([oid for oid, o in objs if o.migrate_callback], dtype=np.int64)
+        self.movable_object_ids = np.array([oid for oid, o in objs if o.movable], dtype=np.int64)
 
     def object(self, oid: int) -> MemObject:
         """The object whose ``mapping`` id is ``oid``."""
@@ -350,6 +364,19 @@ class Machine(FrameOps, PageControls):
         """
         self._check_open()
         return self.page_cache.open(path, size, fs, writable, create)
+
+    def balloon(self, pages: int = 0, node: int = 0) -> Balloon:
+        """A balloon device (non-LRU movable pages with ``movable_ops``), inflated by ``pages`` pages of ``node``.
+
+        Its pages migrate with :meth:`migrate_pages` like any others, through the driver's callbacks; a
+        no-copy migration of them fails with ``-EINVAL``, as ``balloon_page_migrate`` refused it.
+        """
+        self._check_open()
+        with self.lock:
+            b = Balloon(self)
+        if pages:
+            b.inflate(pages, node)
+        return b
 
     def node_page_state(self, node: int) -> dict[str, int]:
         """The page-cache counters of ``node``: ``nr_file_pages``, ``nr_file_dirty``, ``nr_writeback``."""

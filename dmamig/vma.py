@@ -58,6 +58,12 @@ class MemObject:
     tables of the linked VMAs (``vmas``) are the truth.
     """
 
+    #: Its folios migrate through a callback of their own (``a_ops->migrate_folio`` of a file, or the
+    #: ``movable_ops`` of non-LRU movable pages), not the core's compiled path for anonymous and shared memory.
+    migrate_callback = False
+    #: Its pages are non-LRU movable pages (a balloon's): isolated and put back by their driver, never on an LRU.
+    movable = False
+
     def __init__(self, machine: Machine, npages: int, shared: bool, order: int):
         self.machine = machine
         self.shared = shared

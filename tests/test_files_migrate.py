@@ -262,3 +262,33 @@ def test_migrate_file_private(m, engine):
     f.close()
     assert [nd.free_pages for nd in m.nodes] != start  # frames came back
     assert m.nodes[0].free_pages == m.nodes[0].total_pages and m.nodes[1].free_pages == m.nodes[1].total_pages
+
+
+def test_movable_ops_migrates_balloon_pages_off_the_lru(m):
+    """``movable_ops``: non-LRU movable pages (a balloon's) are isolated, migrated and put back by their driver."""
+    start = [nd.free_pages for nd in m.nodes]
+    b = m.balloon(4)
+    mm = m.address_space()
+    a = mm.mmap(2 * PS)
+    mm.write(a, b"anon" * 2048)
+    pfns = np.concatenate([b.pfns, [mm.pfn_of(a), mm.pfn_of(a + PS)]])
+    res = m.migrate_pages(pfns, 1)
+    assert (res.status == 0).all() and res.nr_succeeded == 6
+    assert (m.nodemap.node_of(b.pfns) == 1).all()  # the balloon's slots follow its pages
+    assert all(PageFlag.LRU not in m.page_flags(int(p)) for p in b.pfns)
+    assert PageFlag.LRU in m.page_flags(mm.pfn_of(a))
+    assert bytes(mm.read(a, 4)) == b"anon"
+    settled(m)
+    b.deflate()
+    mm.close()
+    assert [nd.free_pages for nd in m.nodes] == start
+
+
+def test_movable_ops_refuses_no_copy_with_einval(m):
+    b = m.balloon(3)
+    dst = m.alloc_pages(1, 3)
+    res = m.migrate_pages(b.pfns.copy(), 1, mode=SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
+    assert res.status.tolist() == [EINVAL] * 3
+    assert (m.nodemap.node_of(b.pfns) == 0).all()
+    assert m.migrate_pages(b.pfns.copy(), 1, mode=ASYNC).status.tolist() == [0] * 3
+    settled(m)

@@ -72,11 +72,11 @@ class Entries:
         swap = (pages.flags[self.src] & _SWAPCACHE) != 0
         if swap.any():
             self.expected = np.where(swap, self.nr + 1, self.expected)
-        # Folios of files migrate through their mapping's callback (mapping_callbacks.py); None: there are none
-        # (no file is open, or none of these folios is a file's), and every folio takes the core's own path.
+        # Folios of files and movable non-LRU pages migrate through their mapping's callback
+        # (mapping_callbacks.py); None: there are none here, and every folio takes the core's own path.
         self.by_callback: np.ndarray | None = None
-        if m.page_cache.files and n:
-            mine = m.page_cache.file_folios(self.src)
+        if m.callback_object_ids.size and n:
+            mine = np.isin(pages.mapping[self.src], m.callback_object_ids)
             if mine.any():
                 self.by_callback = mine
         # Few allocations per call: the int64 and the bool columns each come from one block.

@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import page_loops
 from .._arrays import all_distinct, first_occurrences
+from ..balloon import isolate_movable_folios
 from ..errors import InvalidArgument
 from ..flags import EACCES, EBUSY, EFAULT, ENOENT, PageFlag
 from ..vma import ZERO_PFN
@@ -16,7 +17,7 @@ from .entries import PENDING
 if TYPE_CHECKING:
     from ..machine import Machine
 
-__all__ = ["check_dst", "collect_folios", "isolate_folios", "putback_folios"]
+__all__ = ["check_dst", "collect_folios", "collect_lru_folios", "isolate_folios", "putback_folios"]
 
 _LRU = np.uint32(PageFlag.LRU)
 _ISOLATED = np.uint32(PageFlag.ISOLATED)
@@ -42,17 +43,43 @@ def isolate_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
 
 
 def putback_folios(m: Machine, heads: np.ndarray) -> None:
-    """``putback_movable_pages``: back on the LRU, the isolation reference dropped (caller holds the lock)."""
+    """``putback_movable_pages``: back on the LRU, the isolation reference dropped (caller holds the lock).
+
+    Non-LRU movable pages go back to their driver (``movable_ops->putback_page``), not on an LRU.
+    """
     if heads.size == 0:
         return
     pages = m.pages
     pages.clear(heads, PageFlag.ISOLATED)
-    pages.set(heads, PageFlag.LRU)
+    if m.movable_object_ids.size:
+        pages.set(heads[~np.isin(pages.mapping[heads], m.movable_object_ids)], PageFlag.LRU)
+    else:
+        pages.set(heads, PageFlag.LRU)
     m.put_folios(heads, unique=True)
 
 
 def collect_folios(m: Machine, pfns: np.ndarray, node: int,
                    move_all: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Pick and isolate the folios of ``pfns`` for ``node`` (see :func:`collect_lru_folios`); non-LRU movable
+    pages (a balloon's) are isolated through their driver (``isolate_movable_page``), after the others."""
+    status, heads = collect_lru_folios(m, pfns, node, move_all)
+    if m.movable_object_ids.size == 0:
+        return status, heads
+    busy = np.flatnonzero(status == EBUSY)
+    if busy.size == 0:
+        return status, heads
+    cand = m.pages.head[pfns[busy]]
+    movable = np.isin(m.pages.mapping[cand], m.movable_object_ids)
+    busy, cand = busy[movable], cand[movable]
+    first = np.unique(cand, return_index=True)[1]
+    first.sort()
+    taken = cand[first][isolate_movable_folios(m, cand[first]) == 0]
+    status[busy[np.isin(cand, taken)]] = PENDING
+    return status, np.concatenate([heads, taken])
+
+
+def collect_lru_folios(m: Machine, pfns: np.ndarray, node: int,
+                       move_all: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Pick and isolate the folios of ``pfns`` (``-1`` = no page, ``ZERO_PFN`` = the zero page) for ``node``.
 
     ``move_all=False`` is move_pages(2) without ``MPOL_MF_MOVE_ALL``: a folio another process maps too (a page

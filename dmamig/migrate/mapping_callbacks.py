@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._arrays import distinct
+from ..balloon import Balloon
 from ..filemap import BH_LOCKED, BH_REF, File
 from ..flags import EAGAIN, EBUSY, EINVAL, MigrateMode, PageFlag
 
@@ -44,7 +45,7 @@ _DIRTY = np.uint32(PageFlag.DIRTY)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
 
 #: ``check(m, file, heads, mode)``: per folio 0 or -errno, before the folio's mapping moves (lock held).
-Check = Callable[["Machine", File, np.ndarray, MigrateMode], np.ndarray]
+Check = Callable[["Machine", Any, np.ndarray, MigrateMode], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,9 @@ def fallback_migrate_folio(m: Machine, f: File, heads: np.ndarray, mode: Migrate
     return rc
 
 
-def movable_ops(m: Machine, f: File, heads: np.ndarray, mode: MigrateMode) -> np.ndarray:
-    """``movable_operations.migrate_page`` of balloon and zsmalloc pages: the driver moves its page."""
+def movable_ops(m: Machine, balloon: Balloon, heads: np.ndarray, mode: MigrateMode) -> np.ndarray:
+    """``movable_operations.migrate_page`` of balloon and zsmalloc pages (``balloon_page_migrate``): the driver
+    moves its page to the new one (the core moves the slot); no-copy is refused before it is called."""
     return np.zeros(heads.size, dtype=np.int32)
 
 
@@ -172,11 +174,14 @@ def mapping_migrate_check(m: Machine, heads: np.ndarray, mode: MigrateMode, no_c
     mapping = m.pages.mapping[heads]
     for oid in distinct(mapping):
         f = m.object_or_none(oid) if oid >= 0 else None
-        if not isinstance(f, File):
+        if isinstance(f, Balloon):
+            cb, audited = CALLBACKS["movable_ops"], True
+        elif isinstance(f, File):
+            cb, audited = callback_of(f), f.fs.locks_folios or options.unaudited_no_copy
+        else:
             continue
         sel = np.flatnonzero(mapping == oid)
-        cb = callback_of(f)
-        refuse = no_copy[sel] & (not cb.no_copy or (not f.fs.locks_folios and not options.unaudited_no_copy))
+        refuse = no_copy[sel] & (not cb.no_copy or not audited)
         rc[sel[refuse]] = EINVAL
         go = sel[~refuse]
         if go.size:

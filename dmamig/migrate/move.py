@@ -129,8 +129,12 @@ class MovePhase:
                     m.copy_folios(e.src[stale], e.dst[stale])
                     self.phase_ns["copy"] += time.perf_counter_ns() - t1
                     t0 += time.perf_counter_ns() - t1
-                m.page_cache.move_counters(e.src[ok], e.dst[ok])
+                file = m.page_cache.file_folios(e.src[ok])
+                m.page_cache.move_counters(e.src[ok[file]], e.dst[ok[file]])
+                new = e.dst[ok]
                 self._move_to_new_folios(ok)
+                if m.movable_object_ids.size:  # a movable page goes back to its driver, not on an LRU
+                    pages.clear(new[np.isin(pages.mapping[new], m.movable_object_ids)], PageFlag.LRU)
             m.changed.notify_all()
         self.phase_ns["move"] += time.perf_counter_ns() - t0
         return moving[busy]
