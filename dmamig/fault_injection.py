@@ -21,6 +21,11 @@ A :class:`FaultPoints` holds one optional attribute per named point of the machi
 ``alloc``
     ``Machine.alloc_folios`` stops at the failing folio and returns fewer folios, as a failed page
     allocation: callers see ``-ENOMEM`` entries or :class:`~dmamig.errors.OutOfMemory`.
+``writeback``
+    A writeback's disk write fails with ``EIO`` (the backing file's I/O error): its folios stay dirty and the
+    file's next ``fsync`` returns ``-EIO``.
+``disk_full``
+    A writeback's disk write fails with ``ENOSPC`` (a full disk): the same, reported as ``-ENOSPC``.
 
 Examples
 --------
@@ -50,7 +55,7 @@ from .errors import InvalidArgument
 __all__ = ["FAULT_POINTS", "FaultAttr", "FaultPoints"]
 
 #: The named fault points of a machine.
-FAULT_POINTS = ("alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit")
+FAULT_POINTS = ("alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit", "writeback", "disk_full")
 
 _log = logging.getLogger("dmamig.fault_injection")
 

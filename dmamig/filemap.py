@@ -320,8 +320,9 @@ class File(MemObject):
     def fsync(self) -> int:
         """Write every dirty folio back, wait for writeback in flight, then ``os.fsync`` the file.
 
-        Returns ``0``, or ``-EIO`` when a writeback since the last fsync failed (the error is reported once,
-        as the kernel's ``filemap_check_errors`` does; the folios it could not write stay dirty).
+        Returns ``0``, or ``-EIO`` (``-ENOSPC`` for a full disk) when a writeback since the last fsync failed:
+        the error is reported once, as the kernel's ``filemap_check_errors`` does, and the folios it could not
+        write stay dirty (the next fsync writes them again).
         """
         self._check_open()
         with self.machine.changed:
@@ -559,10 +560,13 @@ class PageCache:
         locked folios are skipped and the flusher does the disk writes. Returns the folios started."""
         m, pages = self.machine, self.machine.pages
         started = 0
+        failed = np.empty(0, dtype=np.int64)  # written once by this call and failed: not tried again here
         while True:
             cached = f.pfns[f.pfns >= 0]
             fl = pages.flags[cached]
             dirty = cached[((fl & _DIRTY) != 0) & ((fl & (_LOCKED | _WB)) == 0)]
+            if failed.size:
+                dirty = dirty[~np.isin(dirty, failed)]
             if dirty.size:
                 started += dirty.size
                 batch = self._start(f, dirty)
@@ -577,10 +581,14 @@ class PageCache:
                 finally:
                     m.lock.acquire()
                 self._end(f, batch[1], err)
+                if err:
+                    failed = np.concatenate([failed, batch[1]])
                 continue
             if not wait:
                 return started
             busy = ((fl & (_LOCKED | _WB)) != 0) & (((fl & _DIRTY) != 0) | ((fl & _WB) != 0))
+            if failed.size:
+                busy &= ~np.isin(cached, failed)
             if not busy.any():
                 return started
             m.changed.wait()
@@ -625,6 +633,12 @@ class PageCache:
         """The disk writes of one writeback (no lock held): 0 or the errno of the first failure."""
         if self.io_delay:
             threading.Event().wait(self.io_delay)
+        faults = self.machine.faults
+        if faults.armed:
+            if faults.should_fail("writeback", idx.size):
+                return errno.EIO
+            if faults.should_fail("disk_full", idx.size):
+                return errno.ENOSPC
         ps = self.machine.page_size
         try:
             end = f.size  # i_size: bytes past it are not the file's
@@ -643,7 +657,7 @@ class PageCache:
         pages.clear(heads, PageFlag.WRITEBACK)
         self.count(heads, _WRITEBACK, -1)
         if err:
-            f.wb_err = errno.EIO
+            f.wb_err = errno.ENOSPC if err == errno.ENOSPC else errno.EIO  # mapping_set_error
             live = heads[(pages.mapping[heads] == f.id) & ((pages.flags[heads] & _DIRTY) == 0)]
             pages.set(live, PageFlag.DIRTY)
             self.count(live, _FILE_DIRTY, 1)

@@ -127,7 +127,10 @@ def _migrate_coherent(mm: MmStruct, remote: np.ndarray) -> int:
     ``MR_LONGTERM_PIN``). Returns how many pages came back (caller holds the lock)."""
     m = mm.machine
     heads = np.unique(m.pages.head[remote])
-    large = m.pages.order[heads] > 0
+    # migrate_device_coherent_folio takes a device page with no mapping of its own; a large folio, and a
+    # folio of a file or a balloon (which the kernel never has in device memory: only this emulator's
+    # migrate_pages() puts one there), goes through migrate_pages() and its mapping's callback instead.
+    large = (m.pages.order[heads] > 0) | np.isin(m.pages.mapping[heads], m.callback_object_ids)
     back = sum(migrate_device_coherent_folio(m, h) == 0 for h in heads[~large].tolist())
     if large.any():
         back += migrate_to_ram(mm, m.pages.expand(heads[large]), MigrateReason.MR_LONGTERM_PIN)

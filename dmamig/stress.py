@@ -59,7 +59,8 @@ class StressConfig:
     files : str, optional
         A filesystem model (``dmamig.filemap.FILESYSTEMS``): each address space also maps a file on it shared
         (written through the mapping and with ``pwrite``) and another one private, while the flusher writes
-        dirty folios back. At the end the bytes on disk must equal the model. ``None``: no files.
+        dirty folios back (failing with ``EIO`` and ``ENOSPC`` at a quarter of ``fault_rate`` each). At the
+        end the bytes on disk must equal the model. ``None``: no files.
     anon : bool
         Map the anonymous and shared-memory regions; ``False`` (with ``files``) stresses the files alone.
     unaudited_no_copy : bool
@@ -236,7 +237,8 @@ def _faults(m: Machine, rate: float, seed: int) -> None:
     if rate <= 0:
         return
     for i, (point, p) in enumerate((("dma_submit", rate), ("dma_copy", rate), ("dma_complete", rate),
-                                    ("channel_crash", rate / 4), ("alloc", rate / 4))):
+                                    ("channel_crash", rate / 4), ("alloc", rate / 4), ("writeback", rate / 4),
+                                    ("disk_full", rate / 4))):
         m.faults[point] = FaultAttr(probability=p, seed=seed * 16 + i)
 
 
@@ -445,9 +447,13 @@ def _check_disk(shared: Shared, report: StressReport) -> None:
     for r in shared.regions:
         if r.file is None or not r.shared or not r.alive:
             continue
+        # A writeback that failed under fault injection is reported once, its folios still dirty: the next
+        # fsync writes them.
         err = r.file.fsync()
         if err:
-            report.violations.append(f"fsync of {r.file.path} returned {err}")
+            err = r.file.fsync()
+        if err:
+            report.violations.append(f"fsync of {r.file.path} returned {err} twice")
         with open(r.file.path, "rb") as fh:
             disk = np.frombuffer(fh.read(), dtype=np.uint8)
         if disk.size != r.model.size or not np.array_equal(disk, r.model):

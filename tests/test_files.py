@@ -252,3 +252,34 @@ def test_pwrite_waits_for_a_locked_folio(m):
     assert bytes(f.pread(0, 6)) == b"after!"
     data = np.frombuffer(disk(f), dtype=np.uint8)
     assert data.size == PS
+
+
+@pytest.mark.parametrize(("point", "err"), [("writeback", -5), ("disk_full", -28)])
+def test_a_failed_writeback_keeps_the_folio_dirty_and_fsync_reports_it(m, point, err):
+    f = m.open(size=2 * PS)
+    f.pwrite(b"kept dirty", 0)
+    with m.faults.injecting(point, probability=1.0, times=1):
+        assert f.fsync() == err  # the error, once
+    pfn = int(f.folio_pfns(0, 1)[0])
+    assert PageFlag.DIRTY in m.page_flags(pfn)
+    assert m.faults.injected[point] == 1
+    assert f.fsync() == 0  # written this time
+    assert disk(f)[:10] == b"kept dirty"
+    assert m.page_cache.check_counters() == [] and check_machine(m) == []
+
+
+def test_the_flusher_meets_an_io_error_and_fsync_reports_it(m):
+    m.page_cache.writeback_interval = 0.001
+    f = m.open(size=PS)
+    with m.faults.injecting("writeback", probability=1.0, times=1):
+        f.pwrite(b"retried", 0)
+        deadline = time.monotonic() + 10
+        while m.faults.injected["writeback"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    assert f.fsync() == -5
+    deadline = time.monotonic() + 10
+    while disk(f)[:7] != b"retried":  # the flusher (or fsync) wrote the still-dirty folio again
+        assert time.monotonic() < deadline
+        f.fsync()
+        time.sleep(0.002)
