@@ -41,9 +41,6 @@ class UnmapPhase:
         m, e, pages = self.m, self.e, self.m.pages
         self.batch_mode = mode  # the move passes that follow run the mapping callbacks in this mode
         with m.changed:
-            if e.by_callback is not None:
-                # try_to_migrate_one's folio_mark_dirty for a dirty PTE: a file folio's dirtiness is counted.
-                was_clean = todo[e.by_callback[todo] & ~pages.test(e.src[todo], PageFlag.DIRTY)]
             e.status[todo] = PENDING
             vma = self._one_vma() if mode == MigrateMode.ASYNC else None
             self.alloc_retry = _NONE
@@ -51,9 +48,9 @@ class UnmapPhase:
                 todo = self._get_new_folios(todo)
             if vma is not None:
                 self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+                was_clean = self._clean_file_folios(todo)
                 todo, retry = self._unmap_one_vma(todo, vma)
-                if e.by_callback is not None:
-                    self._count_dirtied(was_clean)
+                self._count_dirtied(was_clean)
                 e.release_dst(retry)
                 if self.alloc_retry.size:
                     retry = np.concatenate([retry, self.alloc_retry])
@@ -70,16 +67,27 @@ class UnmapPhase:
             if self.alloc_retry.size:
                 retry = np.concatenate([retry, self.alloc_retry])
             if todo.size:
+                was_clean = self._clean_file_folios(todo)
                 install_migration_entries(m, e.base_pfns(e.src[todo], todo))
+                self._count_dirtied(was_clean)
                 e.unmapped[todo] = True
                 e.check_fresh(todo)
-            if e.by_callback is not None:
-                self._count_dirtied(was_clean)
         self.phase_ns["unmap"] += time.perf_counter_ns() - t0
         return todo, retry
 
-    def _count_dirtied(self, was_clean: np.ndarray) -> None:
-        """Count the file folios of ``was_clean`` that a dirty PTE made dirty as it became a migration entry."""
+    def _clean_file_folios(self, todo: np.ndarray) -> np.ndarray | None:
+        """The entries of ``todo`` that are clean file folios, taken right before their PTEs become migration
+        entries (no wait in between); None when the call has no file folio."""
+        e = self.e
+        if e.by_callback is None:
+            return None
+        return todo[e.by_callback[todo] & ~self.m.pages.test(e.src[todo], PageFlag.DIRTY)]
+
+    def _count_dirtied(self, was_clean: np.ndarray | None) -> None:
+        """Count the file folios of ``was_clean`` that a dirty PTE made dirty as it became a migration entry
+        (``try_to_migrate_one``'s ``folio_mark_dirty``: a file folio's dirtiness is counted per node)."""
+        if was_clean is None or was_clean.size == 0:
+            return
         src = self.e.src[was_clean]
         dirtied = src[self.m.pages.test(src, PageFlag.DIRTY)]
         if dirtied.size:
