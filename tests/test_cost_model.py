@@ -205,7 +205,7 @@ def test_the_even_split_deals_folios_by_count_and_balance_splits_bytes():
         clock = ModelClock(model)
         clock.charge(CallCharge(0))
         clock.charge(c)
-        clock.charge(MoveCharge(0, (), 0, ()))
+        clock.charge(MoveCharge(0, (), 0, (), waited=True))
         assert clock.pending == type(clock.pending)()
         t = clock.result()
         submit = t.ops_ns["dma_submit"]

@@ -208,7 +208,7 @@ def _engine_alone(model: CostModel, r: PublishedRow) -> float:
     pages = r.call_bytes // model.page_size
     entries = ((pages, 1),) if r.folio == "contiguous" else ((1, pages),)
     runs = ((1, pages),) if "random" in r.folio else ((pages, 1),)
-    t = replay([UnmapCharge(0, (), 0, 0, entries, runs), MoveCharge(0, (), 0, ())], model)
+    t = replay([UnmapCharge(0, (), 0, 0, entries, runs), MoveCharge(0, (), 0, (), waited=True)], model)
     return r.call_bytes / t.wall_ns
 
 

@@ -100,6 +100,7 @@ class MoveCharge:
     fallback_pages: int = 0
     undone: int = 0
     undone_mappings: int = 0
+    waited: bool = False  # the batch waited for its own DMA submission (the oldest one not yet waited for)
 
     def scaled(self, k: int) -> MoveCharge:
         """The same batch ``k`` times larger."""
@@ -238,7 +239,7 @@ class ModelClock:
 
     def _move(self, c: MoveCharge) -> None:
         k, d = self.model.kernel, self.model.dma
-        if self.pending:
+        if c.waited and self.pending:
             end = self.pending.popleft()
             latency = d.irq_ns if d.completion == "interrupt" else d.poll_ns / 2
             ready = end + latency

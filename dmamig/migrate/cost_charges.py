@@ -77,14 +77,14 @@ class BatchCharges:
             dma_runs = histogram(coalesced_runs(e.src[need], e.dst[need], nr))
         self.clock.charge(UnmapCharge(tried, histogram(e.nr[moving]), int(self.maps[moving].sum()), flushes,
                                       dma_folios, dma_runs))
-        return BatchRecord(self, moving, self.stats.nr_dma_fallback)
+        return BatchRecord(self, moving, self.stats.nr_dma_fallback, submitted)
 
 
 class BatchRecord:
     """One batch between its two halves (a pipelined step's batches are in flight together)."""
 
-    def __init__(self, charges: BatchCharges, moving: np.ndarray, fallback0: int):
-        self.charges, self.moving, self.fallback0 = charges, moving, fallback0
+    def __init__(self, charges: BatchCharges, moving: np.ndarray, fallback0: int, submitted: bool):
+        self.charges, self.moving, self.fallback0, self.submitted = charges, moving, fallback0, submitted
         self.fresh = moving[:0].astype(bool)
 
     def before_move(self) -> None:
@@ -99,4 +99,5 @@ class BatchRecord:
         moved = moving[done]
         copied = moving[done & ~self.fresh]
         c.clock.charge(MoveCharge(freezes, histogram(e.nr[moved]), int(maps[moved].sum()), histogram(e.nr[copied]),
-                                  c.stats.nr_dma_fallback - self.fallback0, int(left.size), int(maps[left].sum())))
+                                  c.stats.nr_dma_fallback - self.fallback0, int(left.size), int(maps[left].sum()),
+                                  self.submitted))
