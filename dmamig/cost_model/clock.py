@@ -64,17 +64,38 @@ def _scaled(h: Hist, k: int) -> Hist:
 
 @dataclass(frozen=True)
 class CallCharge:
-    """The start of a ``migrate_pages()`` call: its folios, isolated."""
+    """The start of a ``migrate_pages()`` call.
+
+    Attributes
+    ----------
+    folios : int
+        Folios the call isolated.
+    """
 
     folios: int
 
     def scaled(self, k: int) -> CallCharge:
+        """The same call over ``k`` times the folios."""
         return CallCharge(self.folios * k)
 
 
 @dataclass(frozen=True)
 class UnmapCharge:
-    """The first half of a batch (see the module's description)."""
+    """The first half of a batch (see the module's description).
+
+    Attributes
+    ----------
+    tried : int
+        Folio attempts over the unmap passes (each allocates a destination and takes the lock).
+    unmapped : Hist
+        The folios unmapped, by size.
+    mappings : int
+        Their mappings (one rmap unmap and one migration entry each).
+    flushes : int
+        TLB flushes (one per batch of the step).
+    dma_folios, dma_runs : Hist
+        The DMA submission's folios, and its runs once coalesced (empty: no submission).
+    """
 
     tried: int
     unmapped: Hist
@@ -91,7 +112,25 @@ class UnmapCharge:
 
 @dataclass(frozen=True)
 class MoveCharge:
-    """The second half of a batch (see the module's description)."""
+    """The second half of a batch (see the module's description).
+
+    Attributes
+    ----------
+    freezes : int
+        Reference freezes: the folios of every move pass.
+    moved : Hist
+        The folios moved, by size.
+    mappings : int
+        Their mappings (one migration entry replaced each).
+    cpu_copied : Hist
+        The folios the CPU copied in the move loop (copy mode).
+    fallback_pages : int
+        Base pages the CPU copied because their DMA copy failed.
+    undone, undone_mappings : int
+        Folios undone after the last pass, and their mappings.
+    waited : bool
+        Whether the batch waited for its own DMA submission.
+    """
 
     freezes: int
     moved: Hist
