@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._validate import as_bytes, check_node
-from .filemap import check_file_mapping
+from .filemap import File, check_file_mapping
 from .flags import MigrateMode, MigrateReason, Prot, PteFlag
 from .fork import fork_mm
 from .gup import drop_pins, pin_range, unpin_range, write_pinned
@@ -31,7 +31,6 @@ from .vma import MemObject, Vma
 
 if TYPE_CHECKING:
     from .dma import DmaEngine
-    from .filemap import File
     from .machine import Machine
     from .migrate import MigrateResult
     from .migrate.move_pages import MovePagesResult
@@ -135,6 +134,33 @@ class AddressSpace(AddressInspection):
             mms.notify(addr, addr + -(-length // ps) * ps)
             unmap_range(mms, addr, addr + -(-length // ps) * ps)
             self.machine.changed.notify_all()
+
+    def msync(self, addr: int, length: int, sync: bool = True) -> int:
+        """Write back the files that ``[addr, addr + length)`` maps shared, like msync(2).
+
+        ``sync`` is ``MS_SYNC``: each file's dirty folios are written and waited for (the whole file, which
+        covers the range); ``False`` is ``MS_ASYNC``: writeback is started and finishes on the flusher. Private
+        and anonymous mappings in the range have nothing to write. Returns ``0``, or the first file's
+        ``-EIO`` / ``-ENOSPC`` from a failed writeback (reported once, as :meth:`File.fsync
+        <dmamig.filemap.File.fsync>` reports it). Raises AddressFault where nothing is mapped.
+        """
+        mms = self.mm_struct
+        mms.check_open()
+        addr, length = mms.check_range(addr, length, aligned=True)
+        with self.machine.lock:
+            files = list(dict.fromkeys(v.obj for v, _s0, _s1 in mms.segments(addr, length)
+                                       if isinstance(v.obj, File)))
+        rc = 0
+        for f in files:
+            if sync:
+                with self.machine.changed:
+                    self.machine.page_cache.write_back(f, wait=True)
+                    err, f.wb_err = f.wb_err, 0
+                rc = rc or (-err if err else 0)
+            else:
+                with self.machine.changed:
+                    self.machine.page_cache.write_back(f, wait=False)
+        return rc
 
     # -- faults -----------------------------------------------------------------------------------------------
     def populate(self, addr: int, length: int, node: int = 0) -> None:

@@ -283,3 +283,23 @@ def test_the_flusher_meets_an_io_error_and_fsync_reports_it(m):
         assert time.monotonic() < deadline
         f.fsync()
         time.sleep(0.002)
+
+
+def test_msync_writes_back_the_files_a_range_maps(m):
+    f = m.open(size=4 * PS)
+    g = m.open(size=4 * PS)
+    mm = m.address_space()
+    a = mm.mmap(4 * PS, file=f, shared=True)
+    b = mm.mmap(4 * PS, file=g, shared=False)
+    mm.write(a + PS, b"msync")
+    mm.write(b, b"private")
+    assert mm.msync(a, 4 * PS) == 0
+    assert disk(f)[PS:PS + 5] == b"msync"
+    assert mm.msync(b, 4 * PS) == 0 and disk(g) == b"\0" * 4 * PS
+    mm.write(a, b"async")
+    assert mm.msync(a, PS, sync=False) == 0
+    assert f.fsync() == 0 and disk(f)[:5] == b"async"
+    with m.faults.injecting("writeback", probability=1.0, times=1):
+        mm.write(a, b"error")
+        assert mm.msync(a, PS) == -5
+    assert mm.msync(a, PS) == 0 and disk(f)[:5] == b"error"
