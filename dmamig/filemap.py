@@ -674,7 +674,8 @@ class PageCache:
                 if self._stop:
                     return
                 queue, self._queue = self._queue, []
-            if not queue:
+            # The counters say whether any folio is dirty: an idle page cache costs a sum per round, not a scan.
+            if not queue and self.node_stat[_FILE_DIRTY].sum() > 0:
                 with m.changed:
                     for f in list(self.files):
                         if f.opened or f.vmas:
