@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 __all__ = ["BH_LOCKED", "BH_REF", "BLOCKDEV_FS", "BUFFER_FS", "FILESYSTEMS", "GENERIC_FS", "NODE_STAT_ITEMS", "NO_CALLBACK_FS",
            "UNAUDITED_FS", "File", "Filesystem", "PageCache", "check_file_mapping", "vma_file"]
 
-#: Per-node page-cache counters (``enum node_stat_item``), in :meth:`PageCache.node_page_state` order.
-NODE_STAT_ITEMS = ("nr_file_pages", "nr_file_dirty", "nr_writeback")
-_FILE_PAGES, _FILE_DIRTY, _WRITEBACK = range(3)
+#: Per-node page-cache counters (``enum node_stat_item``), in :meth:`PageCache.node_page_state` order. As in the
+#: kernel, ``nr_file_pages`` counts shared-memory pages too, and ``nr_shmem`` those alone.
+NODE_STAT_ITEMS = ("nr_file_pages", "nr_file_dirty", "nr_writeback", "nr_shmem")
+_FILE_PAGES, _FILE_DIRTY, _WRITEBACK, _SHMEM = range(4)
 
 _NEW_FILE_FLAGS = PageFlag.UPTODATE | PageFlag.LRU | PageFlag.MAPPEDTODISK
 _DIRTY = np.uint32(PageFlag.DIRTY)
@@ -540,6 +541,25 @@ class PageCache:
         pages.set(clean, PageFlag.DIRTY)
         self.count(clean, _FILE_DIRTY, 1)
 
+    def shmem_added(self, pfns: np.ndarray) -> None:
+        """Shared-memory pages ``pfns`` entered their object's page cache (a fault allocated them)."""
+        self.count(pfns, _FILE_PAGES, 1)
+        self.count(pfns, _SHMEM, 1)
+
+    def shmem_removed(self, pfns: np.ndarray) -> None:
+        """Shared-memory pages ``pfns`` left their page cache (the object was released)."""
+        self.count(pfns, _FILE_PAGES, -1)
+        self.count(pfns, _SHMEM, -1)
+
+    def move_shmem(self, old: np.ndarray, new: np.ndarray, nr: np.ndarray) -> None:
+        """``folio_migrate_mapping``'s counters for shared-memory folios: ``nr`` pages each change node."""
+        if old.size == 0:
+            return
+        nodemap, stat = self.machine.nodemap, self.node_stat
+        for item in (_FILE_PAGES, _SHMEM):
+            np.add.at(stat[item], nodemap.node_of(old), -nr)
+            np.add.at(stat[item], nodemap.node_of(new), nr)
+
     def count_dirtied(self, pfns: np.ndarray) -> None:
         """Count file folios ``pfns`` that someone else has just made dirty (a dirty PTE that became a
         migration entry: ``try_to_migrate_one``'s ``folio_mark_dirty``)."""
@@ -625,6 +645,11 @@ class PageCache:
                 np.add.at(want[_FILE_PAGES], nid, 1)
                 np.add.at(want[_FILE_DIRTY], nid[(fl & _DIRTY) != 0], 1)
                 np.add.at(want[_WRITEBACK], nid[(fl & _WB) != 0], 1)
+            for obj in m.objects:
+                if obj.shared and not obj.migrate_callback:  # shared memory
+                    nid = m.nodemap.node_of(obj.pfns[obj.pfns >= 0])
+                    np.add.at(want[_FILE_PAGES], nid, 1)
+                    np.add.at(want[_SHMEM], nid, 1)
             bad = np.argwhere(want != self.node_stat)
             return [f"{NODE_STAT_ITEMS[i]} of node {n}: counted {int(self.node_stat[i, n])}, the page state "
                     f"says {int(want[i, n])}" for i, n in bad.tolist()]

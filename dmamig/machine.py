@@ -379,7 +379,8 @@ class Machine(FrameOps, PageControls):
         return b
 
     def node_page_state(self, node: int) -> dict[str, int]:
-        """The page-cache counters of ``node``: ``nr_file_pages``, ``nr_file_dirty``, ``nr_writeback``."""
+        """The page-cache counters of ``node``: ``nr_file_pages`` (shared memory included), ``nr_file_dirty``,
+        ``nr_writeback`` and ``nr_shmem``."""
         return self.page_cache.node_page_state(check_node(self, "node", node))
 
     # -- the driver-level API ----------------------------------------------------------------------------------

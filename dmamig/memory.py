@@ -138,6 +138,8 @@ def fault_absent(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
     heads = np.concatenate([big, small])
     m.zero_pfns(new_pfns)
     _prep_pages(mm, vma, new_pfns, heads, new_idx)
+    if obj.shared:
+        m.page_cache.shmem_added(new_pfns)  # nr_file_pages and nr_shmem of their nodes
     # The allocation reference becomes the page cache's (one per base page) for shared memory; for
     # anonymous memory the PTEs' references are the only ones.
     pages.refcount[heads] = pages.nr_pages(heads) if obj.shared else 0

@@ -82,6 +82,7 @@ class MemObject:
         m = self.machine
         present = self.pfns[self.pfns >= 0]
         if self.shared and present.size:
+            m.page_cache.shmem_removed(present)
             heads, refs = np.unique(m.pages.head[present], return_counts=True)
             m.pages.mapping[present] = -1  # truncated: a page kept alive by a pin belongs to no object
             m.put_folios(heads, refs)

@@ -37,7 +37,7 @@ def test_pwrite_pread_through_the_page_cache(m):
     f = m.open(size=3 * PS)
     assert f.pwrite(b"abc" * 2000, 100) == 6000
     assert bytes(f.pread(100, 9)) == b"abcabcabc"
-    assert m.node_page_state(0) == {"nr_file_pages": 2, "nr_file_dirty": 2, "nr_writeback": 0}
+    assert m.node_page_state(0) == {"nr_file_pages": 2, "nr_file_dirty": 2, "nr_writeback": 0, "nr_shmem": 0}
     assert disk(f)[100:103] == b"\0\0\0"  # not written back yet
     assert f.fsync() == 0
     assert disk(f)[100:6100] == b"abc" * 2000

@@ -79,11 +79,11 @@ def test_folio_migrate_mapping_moves_the_node_counters(m):
     f.fsync()
     mm.write(a + PS, b"dirty")
     mm.write(a + 3 * PS, b"dirty")
-    assert m.node_page_state(0) == {"nr_file_pages": 4, "nr_file_dirty": 2, "nr_writeback": 0}
+    assert m.node_page_state(0) == {"nr_file_pages": 4, "nr_file_dirty": 2, "nr_writeback": 0, "nr_shmem": 0}
     res = mm.migrate(a, 2 * PS, 1)
     assert res.nr_succeeded == 2
-    assert m.node_page_state(0) == {"nr_file_pages": 2, "nr_file_dirty": 1, "nr_writeback": 0}
-    assert m.node_page_state(1) == {"nr_file_pages": 2, "nr_file_dirty": 1, "nr_writeback": 0}
+    assert m.node_page_state(0) == {"nr_file_pages": 2, "nr_file_dirty": 1, "nr_writeback": 0, "nr_shmem": 0}
+    assert m.node_page_state(1) == {"nr_file_pages": 2, "nr_file_dirty": 1, "nr_writeback": 0, "nr_shmem": 0}
     assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(a + PS))
     f.fsync()
     assert m.node_page_state(1)["nr_file_dirty"] == 0
@@ -292,3 +292,26 @@ def test_movable_ops_refuses_no_copy_with_einval(m):
     assert (m.nodemap.node_of(b.pfns) == 0).all()
     assert m.migrate_pages(b.pfns.copy(), 1, mode=ASYNC).status.tolist() == [0] * 3
     settled(m)
+
+
+@pytest.mark.parametrize("order", [0, 9])
+def test_folio_migrate_mapping_moves_nr_shmem(m, order):
+    """Shared memory is in the page cache too: ``nr_file_pages`` and ``nr_shmem`` count it, and move with it."""
+    big = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=2)
+    try:
+        mm = big.address_space()
+        n = 1024
+        a = mm.mmap(n * PS, shared=True, order=order)
+        mm.populate(a, n * PS)
+        assert big.node_page_state(0)["nr_shmem"] == n and big.node_page_state(0)["nr_file_pages"] == n
+        for engine in (None, big.dma):
+            res = mm.migrate(a, 512 * PS, 1, engine=engine)
+            assert res.nr_succeeded == 512
+            assert big.node_page_state(1)["nr_shmem"] == 512 and big.node_page_state(0)["nr_shmem"] == n - 512
+            assert big.page_cache.check_counters() == []
+            mm.migrate(a, 512 * PS, 0, engine=engine)
+        mm.close()
+        assert big.node_page_state(0)["nr_shmem"] == 0 and big.node_page_state(0)["nr_file_pages"] == 0
+        assert big.page_cache.check_counters() == []
+    finally:
+        big.close()

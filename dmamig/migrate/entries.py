@@ -66,7 +66,14 @@ class Entries:
             shared = obj is not None and obj.shared
             self.expected = self.nr + 1 if shared else np.ones(n, dtype=np.int64)
         else:
+            shared = True  # some may be: the pass below looks
             self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
+        # Shared-memory folios (the page cache's references): their nr_shmem moves with them. None: none here
+        # (known without a pass over the entries when they all belong to one anonymous object).
+        self.shmem: np.ndarray | None = None
+        if n and shared:
+            shmem = self.expected > 1
+            self.shmem = shmem if shmem.any() else None
         # An anonymous folio in the swap cache has a mapping too (the swap cache's), holding a reference per
         # base page.
         swap = (pages.flags[self.src] & _SWAPCACHE) != 0
@@ -79,6 +86,10 @@ class Entries:
             mine = np.isin(pages.mapping[self.src], m.callback_object_ids)
             if mine.any():
                 self.by_callback = mine
+                if self.shmem is not None:
+                    self.shmem = self.shmem & ~mine
+                    if not self.shmem.any():
+                        self.shmem = None
         # Few allocations per call: the int64 and the bool columns each come from one block.
         ints = np.empty((3, n), dtype=np.int64)
         self.dst, self.batch_of, self.split_first = ints
@@ -167,11 +178,12 @@ class Entries:
         self.status[pos] = SPLIT
         first = self.size
         self.split_first[pos] = first
-        self._grow(pfns, 1 + (1 if cached else 0), int(self.batch_of[pos]))
+        self._grow(pfns, 1 + (1 if cached else 0), int(self.batch_of[pos]),
+                   self.shmem is not None and bool(self.shmem[pos]))
         self._pieces.append(np.arange(first, first + nr))
         return True
 
-    def _grow(self, heads: np.ndarray, expected: int, batch: int) -> None:
+    def _grow(self, heads: np.ndarray, expected: int, batch: int, shmem: bool = False) -> None:
         n = heads.size
 
         def cat(a: np.ndarray, fill: object) -> np.ndarray:
@@ -189,6 +201,8 @@ class Entries:
         self.batch_of, self.split_first = cat(self.batch_of, batch), cat(self.split_first, -1)
         if self.by_callback is not None:
             self.by_callback = cat(self.by_callback, False)
+        if self.shmem is not None:
+            self.shmem = cat(self.shmem, bool(shmem))
 
     @property
     def has_pieces(self) -> bool:

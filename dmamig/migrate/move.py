@@ -237,6 +237,10 @@ class MovePhase:
             return moving
         if bad >= 0:
             raise RuntimeError(f"double free of frame {int(freed[bad])} (allocator invariant broken)")
+        if e.shmem is not None:  # folio_migrate_mapping's nr_shmem (and nr_file_pages) change node
+            moved = moving[rc == 0]
+            moved = moved[e.shmem[moved]]
+            m.page_cache.move_shmem(e.src[moved], e.dst[moved], e.nr[moved])
         if alloc is not None:
             alloc.taken(-nfreed)
         else:
@@ -288,6 +292,9 @@ class MovePhase:
         """Move mapping and state, point migration entries at the new folios, unlock, free the old ones."""
         m, e, pages = self.m, self.e, self.m.pages
         old, new = e.src[pos], e.dst[pos]
+        if e.shmem is not None:
+            sh = pos[e.shmem[pos]]
+            m.page_cache.move_shmem(e.src[sh], e.dst[sh], e.nr[sh])
         migrate_folio(m, old, new, e.nr[pos])
         remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
         # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
