@@ -4,6 +4,7 @@ Copy migration (the migrating thread copies every page) and no-copy migration (a
 core moves page state only, the kernel's ``MIGRATE_SYNC_NO_COPY`` idea), on a CPU backend or on CUDA streams.
 """
 
+from .balloon import Balloon
 from .errors import (
     AddressFault,
     BackendUnavailable,
@@ -14,6 +15,7 @@ from .errors import (
     OutOfMemory,
 )
 from .fault_injection import FaultAttr, FaultPoints
+from .filemap import File, Filesystem
 from .flags import MigrateMode, MigratePfn, MigrateReason, MigrateVmaSelect, PageFlag, Prot, PteFlag
 from .machine import Machine
 from .migrate import MigrateOptions, MigrateResult, MigrateStats, MigrateVma
@@ -30,11 +32,14 @@ __all__ = [
     "AddressFault",
     "AddressSpace",
     "BackendUnavailable",
+    "Balloon",
     "DeviceAccessor",
     "DmaError",
     "DmamigError",
     "FaultAttr",
     "FaultPoints",
+    "File",
+    "Filesystem",
     "InvalidArgument",
     "Machine",
     "MigrateMode",

@@ -229,4 +229,5 @@ def test_fault_injection_is_public():
     assert {"Policy", "ReplayResult", "Trace", "TraceError", "replay"} <= set(dmamig.__all__)
     with small() as m:
         assert isinstance(m.faults, dmamig.FaultPoints)
-        assert set(m.faults.points) == {"alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit"}
+        assert set(m.faults.points) == {"alloc", "channel_crash", "dma_complete", "dma_copy", "dma_submit",
+                                         "writeback", "disk_full"}
