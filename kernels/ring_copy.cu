@@ -14,7 +14,7 @@
 // finish (a device-memory counter per channel) writes the job's status, ROW_HEAD and then HEAD, each after a
 // system-scope fence, so a host that reads HEAD sees the status and the copied bytes.
 //
-// Reference: the CPU backend's consumer (dmamig/backends/cpu_ring.py) runs the same rows; the CUDA stand-in
+// Reference: the CPU backend's consumer (dmamig/backends/cpu/ring_consumer.py) runs the same rows; the CUDA stand-in
 // in tests/test_cuda_fake.py runs this kernel's protocol in Python.
 
 #define MAX_CHANNELS 8
