@@ -336,9 +336,10 @@ def do_device_private_fault(mm: MmStruct, addr: int) -> int:
     if pfn < 0 or not m.device_node_mask[int(m.nodemap.node_of(np.array([pfn]))[0])]:
         return 0
     head = int(pages.head[pfn])
-    if v.shared:
-        # The kernel never has a shared-memory page in device-private memory (migrate_vma takes anonymous
-        # memory only); this emulator's migrate_pages() can put one there, and brings it back the same way.
+    if v.shared or np.isin(pages.mapping[head], m.callback_object_ids):
+        # The kernel never has a shared-memory or page-cache page in device-private memory (migrate_vma takes
+        # anonymous memory only); this emulator's migrate_pages() can put one there, and brings it back the
+        # same way (a private file mapping maps page-cache folios too, until it writes them).
         return int(migrate_to_ram(mm, pages.expand(np.array([head]))) > 0)
     if pages.test(np.array([head]), PageFlag.LOCKED)[0]:
         return 0  # trylock_page failed: the fault returns and the access retries

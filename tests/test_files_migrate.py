@@ -315,3 +315,26 @@ def test_folio_migrate_mapping_moves_nr_shmem(m, order):
         assert big.page_cache.check_counters() == []
     finally:
         big.close()
+
+
+def test_private_file_mapping_comes_back_from_device_private_memory():
+    """A private file mapping maps page-cache folios until it writes them; the emulator's migrate_pages() can put
+    them in device-private memory, and a CPU access brings them back through the migrate_pages() core."""
+    m = Machine(host_pages=256, device_pages=256, devices=1, backend="cpu", device_memory="private")
+    try:
+        f = m.open(size=4 * PS)
+        f.pwrite(b"abcd" * PS, 0)
+        mm = m.address_space()
+        a = mm.mmap(4 * PS, file=f, shared=False)
+        mm.read(a, 4 * PS)
+        mm.write(a, b"Z" * PS)  # page 0 is copied on write; pages 1-3 still map the page cache
+        res = mm.migrate(a, 4 * PS, 1, move_all=True)
+        assert (res.status == 0).all()
+        assert bytes(mm.read(a, 4)) == b"ZZZZ" and bytes(mm.read(a + PS, 4)) == b"abcd"
+        assert mm.node_of(a + PS) == 0
+        settled(m)
+        mm.close()
+        f.close()
+        assert [nd.free_pages for nd in m.nodes] == [256, 256]
+    finally:
+        m.close()
