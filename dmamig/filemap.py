@@ -233,7 +233,9 @@ class File(MemObject):
         first = _pages(size, ps)
         while True:
             gone = np.flatnonzero(self.pfns[first:] >= 0) + first
-            heads = self.pfns[gone]
+            # The partial last page is zeroed past the end under its folio lock too: wait for it as well.
+            tail = self.pfns[first - 1: first] if size % ps and first - 1 < self.pfns.size else self.pfns[:0]
+            heads = np.concatenate([self.pfns[gone], tail[tail >= 0]])
             if not ((pages.flags[heads] & (_LOCKED | _WB)) != 0).any() and \
                     not any(v.has_migration_entries() for v in self.vmas):
                 break
