@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._validate import check_node, check_positive_int
+from .arguments import check_node, check_positive_int
 from .errors import OutOfMemory
 from .flags import EBUSY, PageFlag
 from .vma import NO_PFN, MemObject
@@ -53,9 +53,9 @@ class Balloon(MemObject):
         count = check_positive_int("count", count)
         node = check_node(m, "node", node)
         with m.lock:
-            new = m.alloc_folios(node, count, 0)
+            new = m.frames.alloc_folios(node, count, 0)
             if new.size < count:
-                m.free_folios(new)
+                m.frames.free_folios(new)
                 raise OutOfMemory(f"node {node} has {m.nodes[node].free_pages} free pages, {count} asked to inflate")
             first = self.pfns.size
             self.grow(first + count)
@@ -72,7 +72,7 @@ class Balloon(MemObject):
             held = self.pfns[self.pfns >= 0]
             m.pages.mapping[held] = -1
             self.pfns[:] = NO_PFN
-            m.put_folios(held, unique=True)
+            m.frames.put_folios(held, unique=True)
             m.changed.notify_all()
 
     def release(self) -> None:

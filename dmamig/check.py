@@ -94,7 +94,7 @@ def check_machine(m: Machine, idle: bool = True) -> list[str]:
                 np.add.at(exp_ref, pages.head[cached], 1)
                 if isinstance(obj, File):  # a file folio's private data holds a reference (folio_attach_private)
                     exp_ref[cached[pages.test(cached, PageFlag.PRIVATE)]] += 1
-        for h, c in m.page_refs.items():
+        for h, c in m.page_controls.page_refs.items():
             exp_ref[h] += c
         swap = np.flatnonzero((pages.flags & np.uint32(PageFlag.SWAPCACHE)) != 0)
         swap = swap[pages.head[swap] == swap]
@@ -189,6 +189,6 @@ def state_digest(m: Machine) -> str:
                 h.update(v.pte_flags.tobytes())
         for node in m.nodes:
             h.update(node.allocator.is_free(np.arange(node.total_pages)).tobytes())
-            h.update(m.read_pfns(node.base_pfn + np.arange(node.total_pages)).tobytes())
+            h.update(m.frames.read_pfns(node.base_pfn + np.arange(node.total_pages)).tobytes())
         h.update(repr(sorted(m.vmstat.items())).encode())
     return h.hexdigest()

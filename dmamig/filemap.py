@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._validate import as_bytes
+from .arguments import as_bytes
 from .errors import AddressFault, InvalidArgument, OutOfMemory
 from .flags import PageFlag, PteFlag
 from .mmap import unmap_slots
@@ -160,12 +160,12 @@ class File(MemObject):
         miss = np.unique(idx[pfns < 0])
         if miss.size == 0:
             return pfns
-        new = m.alloc_folios(node, miss.size, 0)
+        new = m.frames.alloc_folios(node, miss.size, 0)
         if new.size < miss.size:
-            m.free_folios(new)
+            m.frames.free_folios(new)
             raise OutOfMemory(f"node {node} is out of free pages: {miss.size} needed for the page cache of "
                               f"{self.path!r}, {m.nodes[node].free_pages} free")
-        m.write_pfns(new, self._read_disk(miss))
+        m.frames.write_pfns(new, self._read_disk(miss))
         pages.mapping[new] = self.id
         pages.index[new] = miss
         pages.set(new, _NEW_FILE_FLAGS)
@@ -210,17 +210,17 @@ class File(MemObject):
                 break
             m.changed.wait()
         off = offset - int(idx[0]) * ps
-        frames = m.read_pfns(pfns)
+        frames = m.frames.read_pfns(pfns)
         frames.reshape(-1)[off: off + buf.size] = buf
         if self.fs.locks_folios:
-            m.write_pfns(pfns, frames)
+            m.frames.write_pfns(pfns, frames)
         else:
             # No folio lock and no reference kept across the write: nothing tells a migration that holds the
             # folio locked and unmapped that its content changed, so the frames are written as they are.
             self.unlocked_writes += int(np.count_nonzero(locked))
             for i in idx[locked].tolist():
                 self.unlocked_pages[i] = self.unlocked_pages.get(i, 0) + 1
-            for n, pos, frame in m.frames_of(pfns):
+            for n, pos, frame in m.frames.frames_of(pfns):
                 m.backend.write_frames(m.nodes[n].frames, frame, frames[pos])
         self.cache.mark_dirty(pfns)
         self.size = max(self.size, offset + buf.size)
@@ -246,9 +246,9 @@ class File(MemObject):
         if size % ps and first - 1 < self.pfns.size and self.pfns[first - 1] >= 0:
             # The partial last page keeps its bytes up to the new end only (truncate_inode_partial_folio).
             pfn = self.pfns[first - 1: first]
-            frame = m.read_pfns(pfn)
+            frame = m.frames.read_pfns(pfn)
             frame[0, size % ps:] = 0
-            m.write_pfns(pfn, frame)
+            m.frames.write_pfns(pfn, frame)
         self.size = size
 
     def evict(self, idx: np.ndarray) -> None:
@@ -266,7 +266,7 @@ class File(MemObject):
         pages.private[pfns] = 0
         pages.mapping[pfns] = -1  # truncated: a folio kept alive by a migration or a pin belongs to no file
         self.pfns[idx] = NO_PFN
-        m.put_folios(pfns, 1 + private.astype(np.int64), unique=True)
+        m.frames.put_folios(pfns, 1 + private.astype(np.int64), unique=True)
 
     def release(self) -> None:
         """No VMA maps the file any more: an open file keeps its page cache; a closed one writes its dirty
@@ -301,7 +301,7 @@ class File(MemObject):
                 return np.empty(0, dtype=np.uint8)
             ps = m.page_size
             pfns = self.find_or_read(np.arange(offset // ps, -(-(offset + length) // ps)))
-            data = m.read_pfns(pfns).reshape(-1)
+            data = m.frames.read_pfns(pfns).reshape(-1)
         off = offset % ps
         return data[off: off + length].copy()
 
@@ -625,7 +625,7 @@ class PageCache:
         self.count(heads, _WRITEBACK, 1)
         for vma, slots, _pos in rmap_walk(m, heads, PteFlag.PRESENT | PteFlag.MIGRATION):
             vma.pte_flags[slots] &= ~_PTE_DIRTY
-        return f, heads, pages.index[heads].copy(), m.read_pfns(heads)
+        return f, heads, pages.index[heads].copy(), m.frames.read_pfns(heads)
 
     def write_folios(self, f: File, heads: np.ndarray) -> int:
         """Write dirty folios ``heads`` of ``f`` back now, on this thread, holding the lock (the migrating

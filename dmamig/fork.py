@@ -106,7 +106,7 @@ def _dup_private(parent: MmStruct, child: MmStruct, v: Vma) -> None:
         cuts = np.flatnonzero(np.diff(sel) != 1) + 1
         for run in np.split(sel, cuts):
             fault(child, cv, int(run[0]), int(run[-1]) + 1, n, write=True)
-        m.copy_pages(v.pte_pfn[sel], cv.pte_pfn[sel])
+        m.frames.copy_pages(v.pte_pfn[sel], cv.pte_pfn[sel])
     cv.pte_flags[pinned] = v.pte_flags[pinned]
 
 

@@ -195,4 +195,4 @@ def drop_pins(mm: MmStruct, pins: dict[int, int]) -> None:
     if pins:
         pfns = np.fromiter(pins.keys(), dtype=np.int64, count=len(pins))
         refs = np.fromiter(pins.values(), dtype=np.int64, count=len(pins))
-        m.put_folios(m.pages.head[pfns], refs)
+        m.frames.put_folios(m.pages.head[pfns], refs)

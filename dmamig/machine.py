@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._validate import as_pfn_array, check_node, check_positive_int
+from .arguments import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
 from .balloon import Balloon
 from .cost_model import CostModel, load_model
@@ -19,7 +19,7 @@ from .errors import InvalidArgument, OutOfMemory
 from .fault_injection import FaultPoints
 from .filemap import File, Filesystem, PageCache
 from .flags import MigrateMode, MigrateReason
-from .frame_ops import FrameOps
+from .frames import Frames
 from .migrate.core import demote_folios, migrate_misplaced_folio, migrate_pfns
 from .migrate.result import MigrateEvent
 from .mm import AddressSpace
@@ -87,7 +87,7 @@ def _host_tiers(host_pages: int, host_nodes: Sequence[Any] | None) -> tuple[list
     return sizes, costs
 
 
-class Machine(FrameOps, PageControls):
+class Machine:
     """An emulated machine: host RAM (node 0) and ``devices`` device nodes, each a frame buffer.
 
     Parameters
@@ -223,7 +223,11 @@ class Machine(FrameOps, PageControls):
         self._migrate_events: collections.deque[MigrateEvent] = collections.deque(maxlen=MIGRATE_EVENTS_KEPT)
         self._dma: DmaEngine | None = None
         self._faults = FaultPoints()
-        self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
+        #: The frames by pfn: folio allocation and freeing, frame I/O, the migrating thread's CPU copy.
+        self.frames = Frames(self._backend, self._nodes, self._page_size, self._faults, self._staged, self.nodemap,
+                             self.pages)
+        #: Per-page controls for tests and drivers: the page lock, writeback, flags, references, page_state.
+        self.page_controls = PageControls(self)
         self.page_cache = PageCache(self)  # files and their page cache (the flusher starts with the first file)
         self._closed = False
 
@@ -403,12 +407,12 @@ class Machine(FrameOps, PageControls):
         if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or not 0 <= order <= MAX_ORDER:
             raise InvalidArgument(f"order must be an integer in 0..{MAX_ORDER}, got {order!r}")
         with self.lock:
-            heads = self.alloc_folios(node, count, order)
+            heads = self.frames.alloc_folios(node, count, order)
             if heads.size < count:
-                self.free_folios(heads)
+                self.frames.free_folios(heads)
                 raise OutOfMemory(f"node {node} has only {heads.size} free order-{order} blocks, {count} requested")
             pfns = self.pages.expand(heads)
-            self.zero_pfns(pfns)
+            self.frames.zero_pfns(pfns)
         return heads
 
     def put_pages(self, pfns: np.ndarray) -> None:
@@ -423,7 +427,7 @@ class Machine(FrameOps, PageControls):
                         | (pages.mapping[heads] != -1)]
             if bad.size:
                 raise InvalidArgument(f"pfns {bad[:8].tolist()} are not driver-owned folio heads from alloc_pages")
-            self.put_folios(heads)
+            self.frames.put_folios(heads)
 
     def migrate_pages(self, pfns: Any, node: int, mode: MigrateMode = MigrateMode.SYNC,
                       dst_pfns: Any = None, options: MigrateOptions | None = None,

@@ -121,14 +121,14 @@ def fault_absent(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
     idx = vma.pgoff + slots
     folio_heads, base_idx = _plan_folios(vma, idx)
     order = obj.order
-    big = m.alloc_folios(node, folio_heads.size, order) if folio_heads.size else np.empty(0, np.int64)
+    big = m.frames.alloc_folios(node, folio_heads.size, order) if folio_heads.size else np.empty(0, np.int64)
     # Folios that found no contiguous block fall back to base pages, as a THP fault does.
     fallback = folio_heads[big.size:]
     if fallback.size:
         base_idx = np.sort(np.concatenate([base_idx, (fallback[:, None] + np.arange(1 << order)).ravel()]))
-    small = m.alloc_folios(node, base_idx.size, 0)
+    small = m.frames.alloc_folios(node, base_idx.size, 0)
     if small.size < base_idx.size:
-        m.free_folios(np.concatenate([big, small]))
+        m.frames.free_folios(np.concatenate([big, small]))
         raise OutOfMemory(f"node {node} is out of free pages: {base_idx.size + (big.size << order)} needed "
                           f"for a fault at {vma.start + int(slots[0]) * m.page_size:#x}, "
                           f"{m.nodes[node].free_pages} free")
@@ -136,7 +136,7 @@ def fault_absent(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
         if big.size else base_idx
     new_pfns = np.concatenate([pages.expand(big), small]) if big.size else small
     heads = np.concatenate([big, small])
-    m.zero_pfns(new_pfns)
+    m.frames.zero_pfns(new_pfns)
     _prep_pages(mm, vma, new_pfns, heads, new_idx)
     if obj.shared:
         m.page_cache.shmem_added(new_pfns)  # nr_file_pages and nr_shmem of their nodes
@@ -197,20 +197,20 @@ def wp_pages(mm: MmStruct, vma: Vma, slots: np.ndarray, node: int) -> None:
     slots, old = slots[~reuse], old[~reuse]
     if slots.size == 0:
         return
-    new = m.alloc_folios(node, slots.size, 0)
+    new = m.frames.alloc_folios(node, slots.size, 0)
     if new.size < slots.size:
-        m.free_folios(new)
+        m.frames.free_folios(new)
         raise OutOfMemory(f"node {node} is out of free pages: {slots.size} needed to copy shared pages for a "
                           f"write at {vma.start + int(slots[0]) * m.page_size:#x}, {m.nodes[node].free_pages} "
                           f"free")
-    m.copy_pages(old, new)
+    m.frames.copy_pages(old, new)
     _prep_pages(mm, vma, new, new, vma.pgoff + slots)
     pages.refcount[new] = 0  # the PTE's reference, taken below, is the only one
     # The old page loses this PTE; the other mappers keep it (and free it when the last one goes).
     np.subtract.at(pages.mapcount, old, 1)
     forget_anon_slots(m, old)
     free_swap_cache(m, pages.head[old])
-    m.put_folios(pages.head[old])
+    m.frames.put_folios(pages.head[old])
     vma.pte_pfn[slots] = NO_PFN
     map_pages(mm.machine, vma, slots, new)
     m.count_event("pgfault", slots.size)
@@ -366,7 +366,7 @@ def do_device_private_fault(mm: MmStruct, addr: int) -> int:
     finally:
         m.lock.acquire()
         pages.clear(np.array([head]), PageFlag.LOCKED)  # unlock_page
-        m.put_folios(np.array([head]))  # put_page: frees the source once it migrated
+        m.frames.put_folios(np.array([head]))  # put_page: frees the source once it migrated
         m.changed.notify_all()
     return int(mv.status[(addr - start) // ps] == 0)
 
@@ -398,17 +398,17 @@ def write_pages(m: Machine, pfns: np.ndarray, off: int, buf: np.ndarray) -> None
     in part are read first, so their other bytes stay (caller holds the lock)."""
     ps = m.page_size
     partial = off or (off + buf.size) % ps
-    frames = m.read_pfns(pfns) if partial else np.empty((pfns.size, ps), dtype=np.uint8)
+    frames = m.frames.read_pfns(pfns) if partial else np.empty((pfns.size, ps), dtype=np.uint8)
     frames.reshape(-1)[off: off + buf.size] = buf
-    m.write_pfns(pfns, frames)
+    m.frames.write_pfns(pfns, frames)
 
 
 def read_pages(m: Machine, pfns: np.ndarray) -> np.ndarray:
     """Contents of ``pfns``, zero-page entries as zeros: ``(len(pfns), page_size)`` uint8."""
     real = pfns >= 0
     if real.all():
-        return m.read_pfns(pfns)
+        return m.frames.read_pfns(pfns)
     out = np.zeros((pfns.size, m.page_size), dtype=np.uint8)
     if real.any():
-        out[real] = m.read_pfns(pfns[real])
+        out[real] = m.frames.read_pfns(pfns[real])
     return out

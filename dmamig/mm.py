@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._validate import as_bytes, check_node
+from .arguments import as_bytes, check_node
 from .filemap import File, check_file_mapping
 from .flags import MigrateMode, MigrateReason, Prot, PteFlag
 from .fork import fork_mm

@@ -96,6 +96,6 @@ def unmap_slots(mm: MmStruct, vma: Vma, slots: np.ndarray) -> None:
         if not vma.shared:
             forget_anon_slots(m, pfns)
             free_swap_cache(m, heads)  # free_pages_and_swap_cache: the last unmap takes it out
-        m.put_folios(heads)
+        m.frames.put_folios(heads)
     vma.pte_pfn[slots] = NO_PFN
     vma.pte_flags[slots] = 0

@@ -3,60 +3,64 @@ page flags, transient references, last_cpupid) and the struct-page snapshot ``pa
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._validate import as_pfn_array
+from .arguments import as_pfn_array
 from .errors import InvalidArgument
 from .flags import PageFlag
 
 if TYPE_CHECKING:
-    from .nodes import NodeMap
-    from .pages import PageArray
+    from .machine import Machine
 
 __all__ = ["PageControls"]
 
 
 class PageControls:
-    """The per-page control methods of :class:`~dmamig.Machine` (a mixin: ``Machine.__init__`` sets the state)."""
+    """A machine's per-page controls (``Machine.page_controls``): what the rest of the kernel does to a page that
+    a migration must live with (the page lock, writeback, page flags, transient references, ``last_cpupid``),
+    for tests and drivers, and the struct-page snapshot :meth:`page_state`.
 
-    nodemap: NodeMap
-    pages: PageArray
-    lock: Any  # a threading.RLock
-    changed: threading.Condition
-    _page_refs: dict[int, int]
+    Parameters
+    ----------
+    m : Machine
+        The machine whose pages these control.
+    """
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+        self._page_refs: dict[int, int] = {}  # references taken with get_page, by folio head
 
     def _head(self, pfn: int) -> int:
-        pfn = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
-        return int(self.pages.head[pfn])
+        pfn = int(as_pfn_array(self.m, "pfn", np.array([pfn]))[0])
+        return int(self.m.pages.head[pfn])
 
     def _wait_unlocked(self, head: int, blocking: bool) -> bool:
         """Wait (caller holds ``changed``) until folio ``head`` is unlocked; False at once if not ``blocking``."""
-        while self.pages.test(head, PageFlag.LOCKED):
+        while self.m.pages.test(head, PageFlag.LOCKED):
             if not blocking:
                 return False
-            self.changed.wait()
+            self.m.changed.wait()
         return True
 
     def lock_page(self, pfn: int, blocking: bool = True) -> bool:
         """Lock the folio of ``pfn`` (PG_locked), as another kernel path would; return False if busy."""
         head = self._head(pfn)
-        with self.changed:
+        with self.m.changed:
             if not self._wait_unlocked(head, blocking):
                 return False
-            self.pages.set(head, PageFlag.LOCKED)
+            self.m.pages.set(head, PageFlag.LOCKED)
         return True
 
     def unlock_page(self, pfn: int) -> None:
         """Unlock the folio of ``pfn`` and wake waiters."""
         head = self._head(pfn)
-        with self.changed:
-            if not self.pages.test(head, PageFlag.LOCKED):
+        with self.m.changed:
+            if not self.m.pages.test(head, PageFlag.LOCKED):
                 raise InvalidArgument(f"pfn {pfn} is not locked")
-            self.pages.clear(head, PageFlag.LOCKED)
-            self.changed.notify_all()
+            self.m.pages.clear(head, PageFlag.LOCKED)
+            self.m.changed.notify_all()
 
     def start_writeback(self, pfn: int, blocking: bool = True) -> bool:
         """Start writeback on the folio of ``pfn`` (PG_writeback), as the kernel does: under the folio lock.
@@ -66,11 +70,11 @@ class PageControls:
         writeback has started.
         """
         head = self._head(pfn)
-        with self.changed:
+        with self.m.changed:
             if not self._wait_unlocked(head, blocking):
                 return False
-            self.pages.set(head, PageFlag.WRITEBACK)
-            self.changed.notify_all()
+            self.m.pages.set(head, PageFlag.WRITEBACK)
+            self.m.changed.notify_all()
         return True
 
     def end_writeback(self, pfn: int) -> None:
@@ -100,56 +104,56 @@ class PageControls:
         if flags & (PageFlag.HEAD | PageFlag.ISOLATED | PageFlag.LOCKED):
             raise InvalidArgument("HEAD, ISOLATED and LOCKED are managed by the core; use lock_page and "
                                   "unlock_page for LOCKED")
-        with self.changed:
+        with self.m.changed:
             if flags & PageFlag.SWAPCACHE:
                 self._wait_unlocked(head, True)
                 self._swap_cache(head, set_)
-            (self.pages.set if set_ else self.pages.clear)(head, flags)
-            self.changed.notify_all()
+            (self.m.pages.set if set_ else self.m.pages.clear)(head, flags)
+            self.m.changed.notify_all()
 
     def _swap_cache(self, head: int, add: bool) -> None:
         """The swap cache's references on folio ``head`` as it enters or leaves it (caller holds the lock)."""
-        pages = self.pages
+        pages = self.m.pages
         if bool(pages.test(head, PageFlag.SWAPCACHE)) == add:
             return
         nr = 1 << int(pages.order[head])
         if add:
             if pages.refcount[head] <= 0:
                 raise InvalidArgument(f"pfn {head} is free; only an in-use page can enter the swap cache")
-            obj = self.object_or_none(int(pages.mapping[head]))
+            obj = self.m.object_or_none(int(pages.mapping[head]))
             if obj is not None and obj.shared:
                 raise InvalidArgument(f"pfn {head} is shared memory, in its page cache; only an anonymous "
                                       f"folio enters the swap cache")
             pages.refcount[head] += nr
             return
         pages.clear(head, PageFlag.SWAPCACHE)
-        self.put_folios(np.array([head]), nr)
+        self.m.frames.put_folios(np.array([head]), nr)
 
     def page_flags(self, pfn: int) -> PageFlag:
         """Flags of the folio containing ``pfn``."""
         head = self._head(pfn)
-        with self.lock:
-            return PageFlag(int(self.pages.flags[head]))
+        with self.m.lock:
+            return PageFlag(int(self.m.pages.flags[head]))
 
     @property
     def page_refs(self) -> dict[int, int]:
         """References taken with :meth:`get_page` and not dropped yet, per folio head (a copy)."""
-        with self.lock:
+        with self.m.lock:
             return dict(self._page_refs)
 
     def get_page(self, pfn: int) -> None:
         """Take a transient reference on the folio of ``pfn`` (a speculative lookup or short GUP)."""
         head = self._head(pfn)
-        with self.lock:
-            if self.pages.refcount[head] <= 0:
+        with self.m.lock:
+            if self.m.pages.refcount[head] <= 0:
                 raise InvalidArgument(f"pfn {pfn} is free; only an in-use page can be referenced")
-            self.pages.refcount[head] += 1
+            self.m.pages.refcount[head] += 1
             self._page_refs[head] = self._page_refs.get(head, 0) + 1
 
     def put_page(self, pfn: int) -> None:
         """Drop a reference taken with :meth:`get_page`; the folio is freed if it was the last one."""
         head = self._head(pfn)
-        with self.changed:
+        with self.m.changed:
             held = self._page_refs.get(head, 0)
             if held <= 0:
                 raise InvalidArgument(f"pfn {pfn} holds no reference taken with get_page to drop")
@@ -157,23 +161,23 @@ class PageControls:
                 del self._page_refs[head]
             else:
                 self._page_refs[head] = held - 1
-            self.put_folios(np.array([head]))
-            self.changed.notify_all()
+            self.m.frames.put_folios(np.array([head]))
+            self.m.changed.notify_all()
 
     def set_page_cpupid(self, pfn: int, cpupid: int) -> None:
         """Set the folio's ``last_cpupid`` (NUMA-balancing hint) as a fault on a CPU would."""
         head = self._head(pfn)
-        with self.lock:
-            self.pages.last_cpupid[head] = cpupid
+        with self.m.lock:
+            self.m.pages.last_cpupid[head] = cpupid
 
     def page_state(self, pfn: int) -> dict:
         """A dict snapshot of the struct page of ``pfn`` and its folio head, for inspection and tests."""
-        p = int(as_pfn_array(self, "pfn", np.array([pfn]))[0])
-        with self.lock:
-            pg = self.pages
+        p = int(as_pfn_array(self.m, "pfn", np.array([pfn]))[0])
+        with self.m.lock:
+            pg = self.m.pages
             h = int(pg.head[p])
             return {
-                "pfn": p, "head": h, "node": int(self.nodemap.node_of(np.array([p]))[0]),
+                "pfn": p, "head": h, "node": int(self.m.nodemap.node_of(np.array([p]))[0]),
                 "flags": PageFlag(int(pg.flags[h])), "refcount": int(pg.refcount[h]),
                 "mapcount": int(pg.mapcount[p]), "mapping": int(pg.mapping[p]), "index": int(pg.index[p]),
                 "private": int(pg.private[h]), "last_cpupid": int(pg.last_cpupid[h]),

@@ -73,7 +73,7 @@ def region_bytes(m: Machine, r: Region) -> np.ndarray:
         have = np.flatnonzero(pfns >= 0)
         if have.size:
             pages = out[lo - r.addr: hi - r.addr].reshape(-1, ps)
-            pages[have] = m.read_pfns(pfns[have])
+            pages[have] = m.frames.read_pfns(pfns[have])
     return out
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import page_loops
-from ._arrays import add_at, distinct
+from .array_ops import add_at, distinct
 from .flags import PageFlag, Prot, PteFlag
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class MemObject:
             m.page_cache.shmem_removed(present)
             heads, refs = np.unique(m.pages.head[present], return_counts=True)
             m.pages.mapping[present] = -1  # truncated: a page kept alive by a pin belongs to no object
-            m.put_folios(heads, refs)
+            m.frames.put_folios(heads, refs)
         elif not self.shared:
             # Anonymous pages still alive (isolated by a migration, pinned) belong to no object from now on:
             # an rmap walk or a migration must not look the released object up.
@@ -231,7 +231,7 @@ def folio_free_swap(m: Machine, heads: np.ndarray, locked: bool = False) -> None
     if heads.size:
         heads = np.unique(heads)
         pages.clear(heads, PageFlag.SWAPCACHE)
-        m.put_folios(heads, pages.nr_pages(heads), unique=True)
+        m.frames.put_folios(heads, pages.nr_pages(heads), unique=True)
 
 
 def rmap_walk(m: Machine, pfns: np.ndarray, want: int) -> Iterator[tuple[Vma, np.ndarray, np.ndarray]]:

@@ -148,11 +148,11 @@ def test_accessors_and_migrators_never_lose_a_byte(m, use_engine):
             i = int(rng.integers(0, npriv))
             pfn = int(mm.vmas[0].pte_pfn[i])  # a speculative lookup: the page may move or go meanwhile
             try:
-                m.get_page(pfn)
+                m.page_controls.get_page(pfn)
             except InvalidArgument:
                 continue  # freed since it was looked up
             time.sleep(0)
-            m.put_page(pfn)
+            m.page_controls.put_page(pfn)
 
     def pinner() -> None:
         rng = np.random.default_rng(600)
@@ -239,7 +239,7 @@ def test_mapping_removed_while_a_migration_waits_for_a_page_lock(m, shared, how)
     addr = mm.mmap(4 * ps, shared=shared)
     mm.write(addr, np.ones(4 * ps, np.uint8))
     pfn = mm.pfn_of(addr)
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     out: dict = {}
 
     def migrate() -> None:
@@ -250,14 +250,14 @@ def test_mapping_removed_while_a_migration_waits_for_a_page_lock(m, shared, how)
     crew.threads[0].start()
     deadline = time.monotonic() + WAIT
     # Wait until the other pages moved: the locked page is isolated and waited for alone.
-    while not (PageFlag.ISOLATED in m.page_flags(pfn) and mm.node_of(addr + 3 * ps) == 1):
+    while not (PageFlag.ISOLATED in m.page_controls.page_flags(pfn) and mm.node_of(addr + 3 * ps) == 1):
         assert time.monotonic() < deadline
         time.sleep(0.002)
     if how == "munmap":
         mm.munmap(addr, 4 * ps)
     else:
         mm.close()
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     crew.threads = crew.threads[:1]
     crew.threads[0].join(WAIT)
     assert not crew.threads[0].is_alive()

@@ -267,12 +267,12 @@ def test_the_engine_submits_to_every_ring_in_one_call_with_the_general_path_s_co
         monkeypatch.setattr(dma_ring.RingRoute, "submit", spy)
         src = np.concatenate([np.arange(0, 200), np.arange(300, 400, 2)])  # long runs and single pages
         data = rand(src.size * m.page_size, 4).reshape(src.size, -1)
-        m.write_pfns(src, data)
+        m.frames.write_pfns(src, data)
 
         def copied() -> list[dict[str, int]]:
             before = [dict(ch.counters) for ch in m.dma._channels]
             m.dma.copy(src, 512 + src).wait(WAIT)
-            np.testing.assert_array_equal(m.read_pfns(512 + src), data)
+            np.testing.assert_array_equal(m.frames.read_pfns(512 + src), data)
             return [{k: ch.counters[k] - b[k] for k in b} for ch, b in zip(m.dma._channels, before)]
 
         m.dma.faults["dma_copy"] = FaultAttr(probability=0.0)  # a fault point armed: the general path

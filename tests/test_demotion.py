@@ -74,11 +74,11 @@ def test_demote_folio_list_migrates_async(tiers):
     once instead of a wait; the others move."""
     m = tiers
     mm, addr, data, pfns = region(m, 0, 4, seed=4)
-    assert m.lock_page(int(pfns[1]))
+    assert m.page_controls.lock_page(int(pfns[1]))
     try:
         res = m.demote_folios(pfns)
     finally:
-        m.unlock_page(int(pfns[1]))
+        m.page_controls.unlock_page(int(pfns[1]))
     assert res.status.tolist() == [0, EAGAIN, 0, 0]
     assert np.array_equal(mm.read(addr, 4 * m.page_size), data)
     mm.close()

@@ -66,8 +66,8 @@ def test_migrate_vma_setup_fault_page_is_collected_locked_with_its_reference():
         mm.write(a, np.full(2 * PS, 7, np.uint8))
         _to_device(m, mm, a, 2)
         p0, p1 = mm.pfn_of(a), mm.pfn_of(a + PS)
-        m.get_page(p0)
-        m.get_page(p1)  # p1 holds an extra reference too, but it is not the fault page
+        m.page_controls.get_page(p0)
+        m.page_controls.get_page(p1)  # p1 holds an extra reference too, but it is not the fault page
         ms = mm.mm_struct
         with m.lock:
             m.pages.set(np.array([p0]), PageFlag.LOCKED)  # PageFlag.LOCKED, as do_swap_page
@@ -78,11 +78,11 @@ def test_migrate_vma_setup_fault_page_is_collected_locked_with_its_reference():
         mv.pages()
         mv.finalize()
         assert mv.status.tolist() == [0, mv.status[1]] and mv.status[1] != 0
-        assert m.page_state(p0)["flags"] & PageFlag.LOCKED  # still locked: the handler unlocks it
+        assert m.page_controls.page_state(p0)["flags"] & PageFlag.LOCKED  # still locked: the handler unlocks it
         with m.lock:
             m.pages.clear(np.array([p0]), PageFlag.LOCKED)
-        m.put_page(p0)
-        m.put_page(p1)
+        m.page_controls.put_page(p0)
+        m.page_controls.put_page(p1)
         assert mm.nodes_of(a, 2 * PS).tolist() == [0, 1]
         assert (mm.read(a, 2 * PS) == 7).all()
         mm.close()
@@ -220,11 +220,11 @@ def test_migrate_device_coherent_folio_is_ebusy_with_an_extra_reference():
     with _machine("coherent") as m:
         mm, a = _on_device(m, 1)
         p = mm.pfn_of(a)
-        m.get_page(p)
+        m.page_controls.get_page(p)
         with m.lock:
             assert migrate_device_coherent_folio(m, p) == -errno.EBUSY
-        assert mm.node_of(a) == 1 and m.page_state(p)["refcount"] == 2
-        m.put_page(p)
+        assert mm.node_of(a) == 1 and m.page_controls.page_state(p)["refcount"] == 2
+        m.page_controls.put_page(p)
         with m.lock:
             assert migrate_device_coherent_folio(m, p) == 0
         assert mm.node_of(a) == 0
@@ -270,7 +270,7 @@ def test_try_to_migrate_one_takes_device_private_entries_and_copy_nonpresent_pte
         for who in (mm, child):
             f = _raw_pte(who, a)
             assert f & PteFlag.DEVICE_PRIVATE and not f & (PteFlag.PRESENT | PteFlag.WRITE)
-        assert m.page_state(mm.pfn_of(a))["mapcount"] == 2
+        assert m.page_controls.page_state(mm.pfn_of(a))["mapcount"] == 2
         assert check_machine(m) == []
         # Every mapper's entry becomes a migration entry, then maps the new page.
         with MigrateVma(mm, a, a + 2 * PS, 0, flags=Sel.DEVICE_PRIVATE, pgmap_owner=m.nodes[1].owner) as mv:
@@ -347,11 +347,11 @@ def test_do_swap_page_splits_a_large_device_private_folio_and_unlocks_its_other_
         data = np.random.default_rng(3).integers(0, 256, 4 * PS, dtype=np.uint8)
         mm.write(a, data)
         assert mm.migrate(a, 4 * PS, 1).nr_succeeded == 4
-        assert m.page_state(mm.pfn_of(a))["order"] == 2
+        assert m.page_controls.page_state(mm.pfn_of(a))["order"] == 2
         assert np.array_equal(mm.read(a + PS, PS), data[PS: 2 * PS])
         assert (mm.nodes_of(a, 4 * PS) == 0).all()
         for i in range(4):
-            assert not m.page_state(mm.pfn_of(a + i * PS))["flags"] & PageFlag.LOCKED
+            assert not m.page_controls.page_state(mm.pfn_of(a + i * PS))["flags"] & PageFlag.LOCKED
         assert mm.migrate(a, 4 * PS, 1).nr_succeeded == 4  # nothing is left locked to wait on
         assert np.array_equal(mm.read(a, 4 * PS), data)
         assert check_machine(m) == []

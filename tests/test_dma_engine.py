@@ -402,7 +402,7 @@ def test_a_failed_share_names_its_pages_and_the_rest_were_copied():
     try:
         rng = np.random.default_rng(4)
         src = np.arange(1024, dtype=np.int64)
-        m.write_pfns(src, rng.integers(0, 256, (1024, m.page_size), dtype=np.uint8))
+        m.frames.write_pfns(src, rng.integers(0, 256, (1024, m.page_size), dtype=np.uint8))
         dst = m.alloc_pages(1, 1024)
         m.dma.inject_errors(1)
         fence = m.dma.copy(src, dst)
@@ -411,7 +411,7 @@ def test_a_failed_share_names_its_pages_and_the_rest_were_copied():
         hit = fence.failed_pages()
         assert hit is not None and hit.size == 512 and np.isin(hit, dst).all()
         ok = ~np.isin(dst, hit)
-        assert np.array_equal(m.read_pfns(dst[ok]), m.read_pfns(src[ok]))
+        assert np.array_equal(m.frames.read_pfns(dst[ok]), m.frames.read_pfns(src[ok]))
         again = m.dma.copy(src, dst)
         assert again.wait() and again.failed_pages().size == 0
         m.put_pages(dst)

@@ -149,9 +149,9 @@ def test_a_share_larger_than_its_ring_is_refused_whole_and_the_engine_takes_the_
     try:
         src_p = np.arange(0, 200, 2)
         data = np.random.default_rng(9).integers(0, 256, (src_p.size, m.page_size), dtype=np.uint8)
-        m.write_pfns(src_p, data)
+        m.frames.write_pfns(src_p, data)
         m.dma.copy(src_p, 256 + src_p).wait(WAIT)  # 50 rows a channel, 8 slots: whole, on the general path
-        np.testing.assert_array_equal(m.read_pfns(256 + src_p), data)
+        np.testing.assert_array_equal(m.frames.read_pfns(256 + src_p), data)
     finally:
         finish_within(m.close, "close")
 
@@ -225,11 +225,11 @@ def test_a_sleeping_consumer_is_woken_by_a_compiled_submission():
     try:
         src = np.arange(0, 64)
         data = np.random.default_rng(15).integers(0, 256, (src.size, m.page_size), dtype=np.uint8)
-        m.write_pfns(src, data)
+        m.frames.write_pfns(src, data)
         for _ in range(20):  # each round waits long past the poll window: the workers are asleep
             threading.Event().wait(0.005)
             m.dma.copy(src, 256 + src).wait(WAIT)
-            np.testing.assert_array_equal(m.read_pfns(256 + src), data)
+            np.testing.assert_array_equal(m.frames.read_pfns(256 + src), data)
     finally:
         finish_within(m.close, "close")
 

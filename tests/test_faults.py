@@ -144,8 +144,8 @@ def test_dma_fault_on_one_channel_of_several(m3, point):
     rng = np.random.default_rng(1)
     src = np.sort(rng.choice(2048, 96, replace=False))
     dst = 2048 + np.sort(rng.choice(2048, 96, replace=False))
-    m.write_pfns(src, rand(96 * m.page_size, 2).reshape(96, -1))
-    before = m.read_pfns(src)
+    m.frames.write_pfns(src, rand(96 * m.page_size, 2).reshape(96, -1))
+    before = m.frames.read_pfns(src)
     plan = m.dma.plan(src, dst)
     assert len(set(plan.channel.tolist())) == 3
     m.faults[point] = FaultAttr(probability=1.0, times=1)
@@ -153,19 +153,19 @@ def test_dma_fault_on_one_channel_of_several(m3, point):
     with pytest.raises(DmaError, match=MESSAGES[point]):
         fence.wait(timeout=WAIT)
     assert fence.done and m.faults.injected[point] == 1 and m.dma.stats.errors == 1
-    np.testing.assert_array_equal(m.read_pfns(src), before)  # sources are never written
+    np.testing.assert_array_equal(m.frames.read_pfns(src), before)  # sources are never written
     # Only the faulted share (channel 0's, the first) is affected: the pages of the two others arrived.
     channel_of = np.empty(2048, dtype=np.int64)
     for s, n, c in zip(plan.src_start.tolist(), plan.npages.tolist(), plan.channel.tolist()):
         channel_of[s:s + n] = c
     other = channel_of[src] != 0
-    got = m.read_pfns(dst)
+    got = m.frames.read_pfns(dst)
     np.testing.assert_array_equal(got[other], before[other])
     if point == "dma_complete":
         np.testing.assert_array_equal(got, before)
     # The engine (and, after a crash, the restarted channel) keeps working.
     assert m.dma.copy(src, dst).wait(timeout=WAIT)
-    np.testing.assert_array_equal(m.read_pfns(dst), before)
+    np.testing.assert_array_equal(m.frames.read_pfns(dst), before)
     if point == "channel_crash":
         assert m.dma.stats.channel_restarts == 1
 
@@ -235,7 +235,7 @@ def test_allocation_fails_for_the_second_large_folio_of_a_batch(m3):
     addr = mm.mmap(1024 * ps, order=9)
     data = rand(1024 * ps, 4)
     mm.write(addr, data)
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9
     m.faults["alloc"] = FaultAttr(probability=1.0, interval=2, times=1)
     res = mm.migrate(addr, 1024 * ps, 1)
     assert m.faults.injected["alloc"] == 1
@@ -293,10 +293,10 @@ def test_a_worker_that_exits_is_restarted_by_the_next_wait(m3):
     ch = m.dma._channels[0]
     stop_worker(ch)  # the worker leaves its loop as if stopped, but nobody closed the channel
     src = np.arange(32)
-    m.write_pfns(src, rand(32 * m.page_size, 5).reshape(32, -1))
+    m.frames.write_pfns(src, rand(32 * m.page_size, 5).reshape(32, -1))
     fence = m.dma.copy(src, 2048 + src)
     finish_within(lambda: fence.wait(), "a wait on a restarted channel")
-    np.testing.assert_array_equal(m.read_pfns(2048 + src), m.read_pfns(src))
+    np.testing.assert_array_equal(m.frames.read_pfns(2048 + src), m.frames.read_pfns(src))
     assert ch.alive and m.dma.stats.channel_restarts == 1
 
 
@@ -324,14 +324,14 @@ def test_a_worker_that_keeps_dying_breaks_its_channel_with_a_clear_error(m3, mon
 def test_a_crash_with_queued_work_behind_it(m3):
     m = m3
     src = np.arange(16)
-    m.write_pfns(src, rand(16 * m.page_size, 6).reshape(16, -1))
+    m.frames.write_pfns(src, rand(16 * m.page_size, 6).reshape(16, -1))
     m.faults["channel_crash"] = FaultAttr(probability=1.0, times=1)
     fences = [m.dma.copy(src, 2048 + 16 * i + src) for i in range(4)]  # one channel, queued in order
     with pytest.raises(DmaError, match="died"):
         fences[0].wait(timeout=WAIT)
     for i, f in enumerate(fences[1:], 1):
         assert f.wait(timeout=WAIT)
-        np.testing.assert_array_equal(m.read_pfns(2048 + 16 * i + src), m.read_pfns(src))
+        np.testing.assert_array_equal(m.frames.read_pfns(2048 + 16 * i + src), m.frames.read_pfns(src))
 
 
 # -- closing while work is in flight --------------------------------------------------------------------------

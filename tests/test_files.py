@@ -132,7 +132,7 @@ def test_the_flusher_writes_dirty_folios_back(m):
     while disk(f)[:7] != b"flushed" or m.node_page_state(0)["nr_file_dirty"]:
         assert time.monotonic() < deadline, "the flusher never wrote the folio back"
         time.sleep(0.005)
-    assert PageFlag.DIRTY not in m.page_flags(int(f.folio_pfns(0, 1)[0]))
+    assert PageFlag.DIRTY not in m.page_controls.page_flags(int(f.folio_pfns(0, 1)[0]))
 
 
 def test_start_writeback_puts_folios_under_writeback(m):
@@ -141,10 +141,10 @@ def test_start_writeback_puts_folios_under_writeback(m):
     f.pwrite(b"a" * 2 * PS, 0)
     assert f.start_writeback() == 2
     pfn = int(f.folio_pfns(0, 1)[0])
-    assert PageFlag.WRITEBACK in m.page_flags(pfn)
+    assert PageFlag.WRITEBACK in m.page_controls.page_flags(pfn)
     assert m.node_page_state(0)["nr_writeback"] == 2
     assert f.fsync() == 0  # waits for the writeback in flight
-    assert PageFlag.WRITEBACK not in m.page_flags(pfn)
+    assert PageFlag.WRITEBACK not in m.page_controls.page_flags(pfn)
     assert disk(f) == b"a" * 2 * PS
 
 
@@ -242,12 +242,12 @@ def test_pwrite_waits_for_a_locked_folio(m):
     f = m.open(size=PS)
     f.pwrite(b"before", 0)
     pfn = int(f.folio_pfns(0, 1)[0])
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     done = threading.Event()
     t = threading.Thread(target=lambda: (f.pwrite(b"after!", 0), done.set()), daemon=True)
     t.start()
     assert not done.wait(0.2)  # generic_perform_write sleeps on the folio lock
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     assert done.wait(10)
     assert bytes(f.pread(0, 6)) == b"after!"
     data = np.frombuffer(disk(f), dtype=np.uint8)
@@ -261,7 +261,7 @@ def test_a_failed_writeback_keeps_the_folio_dirty_and_fsync_reports_it(m, point,
     with m.faults.injecting(point, probability=1.0, times=1):
         assert f.fsync() == err  # the error, once
     pfn = int(f.folio_pfns(0, 1)[0])
-    assert PageFlag.DIRTY in m.page_flags(pfn)
+    assert PageFlag.DIRTY in m.page_controls.page_flags(pfn)
     assert m.faults.injected[point] == 1
     assert f.fsync() == 0  # written this time
     assert disk(f)[:10] == b"kept dirty"

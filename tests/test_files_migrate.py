@@ -68,8 +68,8 @@ def test_filemap_migrate_folio_moves_private_data_and_slot(m):
     new = f.folio_pfns()
     assert (m.nodemap.node_of(new) == 1).all()
     assert [mm.pfn_of(a + i * PS) for i in range(4)] == new.tolist()  # the page-cache slot moved with the PTEs
-    assert PageFlag.PRIVATE in m.page_flags(int(new[0]))
-    assert m.page_state(int(new[0]))["private"] == 0x5A
+    assert PageFlag.PRIVATE in m.page_controls.page_flags(int(new[0]))
+    assert m.page_controls.page_state(int(new[0]))["private"] == 0x5A
     assert bytes(f.pread(2 * PS, 10)) == b"file data\x02"
     settled(m)
 
@@ -84,7 +84,7 @@ def test_folio_migrate_mapping_moves_the_node_counters(m):
     assert res.nr_succeeded == 2
     assert m.node_page_state(0) == {"nr_file_pages": 2, "nr_file_dirty": 1, "nr_writeback": 0, "nr_shmem": 0}
     assert m.node_page_state(1) == {"nr_file_pages": 2, "nr_file_dirty": 1, "nr_writeback": 0, "nr_shmem": 0}
-    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(a + PS))
+    assert PageFlag.DIRTY in m.page_controls.page_flags(mm.pfn_of(a + PS))
     f.fsync()
     assert m.node_page_state(1)["nr_file_dirty"] == 0
     with open(f.path, "rb") as fh:
@@ -120,7 +120,7 @@ def test_buffer_migrate_folio_moves_held_buffers(m):
     f.buffer_state(0, get_bh=1)
     res = mm.migrate(a, PS, 1)
     assert res.status.tolist() == [0]
-    assert m.page_state(mm.pfn_of(a))["private"] == BH_REF  # the buffers moved, held as they were
+    assert m.page_controls.page_state(mm.pfn_of(a))["private"] == BH_REF  # the buffers moved, held as they were
     f.buffer_state(0, get_bh=-1)
     settled(m)
 
@@ -139,7 +139,7 @@ def test_buffer_migrate_folio_norefs_refuses_busy_buffer_heads(m):
 
 def test_fallback_migrate_folio_writes_out_a_dirty_folio_in_sync(m):
     f, mm, a = mapped(m, "no-callback")
-    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(a))
+    assert PageFlag.DIRTY in m.page_controls.page_flags(mm.pfn_of(a))
     for mode in (ASYNC, SYNC_LIGHT):
         res = mm.migrate(a, PS, 1, mode=mode)
         assert res.status.tolist() == [EBUSY]
@@ -148,7 +148,7 @@ def test_fallback_migrate_folio_writes_out_a_dirty_folio_in_sync(m):
     with open(f.path, "rb") as fh:
         assert fh.read(10) == b"file data\x00"  # writeout() wrote it before the move
     # try_to_free_buffers released the buffer heads: the new folio has no private data.
-    assert PageFlag.PRIVATE not in m.page_flags(mm.pfn_of(a))
+    assert PageFlag.PRIVATE not in m.page_controls.page_flags(mm.pfn_of(a))
     settled(m)
 
 
@@ -167,7 +167,7 @@ def test_writeback_folios_busy_in_async_and_sync_light_waited_for_in_sync(m):
     m.page_cache.io_delay = 0.3
     f, mm, a = mapped(m, "generic", npages=2)
     assert f.start_writeback() == 2
-    assert PageFlag.WRITEBACK in m.page_flags(mm.pfn_of(a))
+    assert PageFlag.WRITEBACK in m.page_controls.page_flags(mm.pfn_of(a))
     for mode in (ASYNC, SYNC_LIGHT):
         assert mm.migrate(a, 2 * PS, 1, mode=mode).status.tolist() == [EBUSY, EBUSY]
     res = mm.migrate(a, 2 * PS, 1, mode=SYNC)
@@ -275,8 +275,8 @@ def test_movable_ops_migrates_balloon_pages_off_the_lru(m):
     res = m.migrate_pages(pfns, 1)
     assert (res.status == 0).all() and res.nr_succeeded == 6
     assert (m.nodemap.node_of(b.pfns) == 1).all()  # the balloon's slots follow its pages
-    assert all(PageFlag.LRU not in m.page_flags(int(p)) for p in b.pfns)
-    assert PageFlag.LRU in m.page_flags(mm.pfn_of(a))
+    assert all(PageFlag.LRU not in m.page_controls.page_flags(int(p)) for p in b.pfns)
+    assert PageFlag.LRU in m.page_controls.page_flags(mm.pfn_of(a))
     assert bytes(mm.read(a, 4)) == b"anon"
     settled(m)
     b.deflate()

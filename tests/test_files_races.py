@@ -135,7 +135,7 @@ def test_ctrl_c_inside_a_migration_of_file_folios(monkeypatch, phase, engine):
         mm.migrate(a, n * PS, 1, engine=m.dma if engine else None)
     monkeypatch.undo()
     for pfn in mm.pfns_of(a, n * PS).tolist()[::97]:
-        assert not m.page_flags(pfn) & (PageFlag.LOCKED | PageFlag.ISOLATED)
+        assert not m.page_controls.page_flags(pfn) & (PageFlag.LOCKED | PageFlag.ISOLATED)
     assert check_machine(m) == [] and m.page_cache.check_counters() == []
     assert np.array_equal(mm.read(a, n * PS), data)
     assert (mm.migrate(a, n * PS, 1, engine=m.dma if engine else None).status == 0).all()

@@ -118,11 +118,11 @@ def test_pin_fails_cleanly_when_pages_cannot_come_back(dm):
     addr, data = filled(m, mm, 2)
     mm.migrate(addr, 2 * ps, 1)
     pfn = mm.pfn_of(addr + ps)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     with pytest.raises(OutOfMemory, match="long-term pin"):
         mm.pin(addr, 2 * ps)
     assert not mm.mm_struct.pins
-    m.put_page(pfn)
+    m.page_controls.put_page(pfn)
     mm.pin(addr, 2 * ps)
     assert mm.nodes_of(addr, 2 * ps).tolist() == [0, 0]
     mm.unpin(addr, 2 * ps)
@@ -271,12 +271,12 @@ def test_write_pinned_writes_the_pinned_frames_and_dirties_them(m, mm):
     mm.populate(addr, 4 * ps)
     data = np.zeros(4 * ps, dtype=np.uint8)
     mm.pin(addr + ps, 2 * ps)
-    assert PageFlag.DIRTY not in m.page_flags(mm.pfn_of(addr + ps))
+    assert PageFlag.DIRTY not in m.page_controls.page_flags(mm.pfn_of(addr + ps))
     payload = np.arange(ps + 10, dtype=np.uint8)
     mm.write_pinned(addr + ps + 7, payload)
     data[ps + 7: 2 * ps + 17] = payload
     assert np.array_equal(mm.read(addr, 4 * ps), data)
-    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(addr + ps))
+    assert PageFlag.DIRTY in m.page_controls.page_flags(mm.pfn_of(addr + ps))
     mm.unpin(addr + ps, 2 * ps)
 
 
@@ -326,10 +326,10 @@ def test_a_pin_meeting_a_migration_that_never_ends_fails_clearly(dm, monkeypatch
         with m.lock:
             assert isolate_folios(m, head).tolist() == [0]
         match = "stayed isolated"
-    refs = [m.page_state(p)["refcount"] for p in pfns.tolist()]
+    refs = [m.page_controls.page_state(p)["refcount"] for p in pfns.tolist()]
     with pytest.raises(MigrationStalled, match=match):
         finish_within(lambda: mm.pin(addr, 2 * ps), "a pin meeting a stuck migration")
-    assert [m.page_state(p)["refcount"] for p in pfns.tolist()] == refs  # nothing pinned
+    assert [m.page_controls.page_state(p)["refcount"] for p in pfns.tolist()] == refs  # nothing pinned
     if stuck == "migration entries":
         mv.abort()
     else:

@@ -41,10 +41,10 @@ def run_scenario(seed: int, path: str) -> dict:
                 flag = PageFlag(int(rng.choice(FLAGS)))
                 if flag == PageFlag.SWAPCACHE and addr in shm:
                     flag = PageFlag.WORKINGSET  # shared memory is in its page cache, not the swap cache
-                m.set_page_flags(int(pfn), flag)
-                m.set_page_cpupid(int(pfn), int(rng.integers(0, 1000)))
+                m.page_controls.set_page_flags(int(pfn), flag)
+                m.page_controls.set_page_cpupid(int(pfn), int(rng.integers(0, 1000)))
             if rng.integers(0, 2):
-                m.get_page(int(pfns[rng.integers(0, pfns.size)]))  # a transient reference: -EAGAIN
+                m.page_controls.get_page(int(pfns[rng.integers(0, pfns.size)]))  # a transient reference: -EAGAIN
         if rng.integers(0, 2):
             mm.fork()  # private pages shared copy-on-write: -EACCES without move_all
         if rng.integers(0, 2):
@@ -55,7 +55,7 @@ def run_scenario(seed: int, path: str) -> dict:
         locked = bool(rng.integers(0, 3) == 0)
         if locked:  # a busy page lock: -EAGAIN in ASYNC (a sync mode would wait for this very thread)
             addr, npages = regions[0]
-            m.lock_page(mm.pfn_of(addr + int(rng.integers(0, npages)) * m.page_size))
+            m.page_controls.lock_page(mm.pfn_of(addr + int(rng.integers(0, npages)) * m.page_size))
         out = {"status": [], "stats": []}
         for _ in range(int(rng.integers(2, 5))):
             addr, npages = regions[int(rng.integers(0, len(regions)))]

@@ -59,7 +59,7 @@ def test_full_range_migrates(m, mm, engine):
     assert {k: d[k] - before[k] for k in d if d[k] != before[k]} == {"migrate_vma_success": 16,
                                                                       "migrate_tlb_flush": 1}
     for pfn in dst.tolist():
-        st = m.page_state(pfn)
+        st = m.page_controls.page_state(pfn)
         assert st["refcount"] == st["mapcount"] == 1
         assert PageFlag.LOCKED not in st["flags"] and PageFlag.ISOLATED not in st["flags"]
         assert PageFlag.LRU in st["flags"]
@@ -73,7 +73,7 @@ def test_setup_unmaps_and_accessors_wait_for_finalize(m, mm):
     mv.setup()
     assert PteFlag.MIGRATION in mm.pte_flags(addr)
     src = int(mv.src[0] >> MIGRATE_PFN_SHIFT)
-    assert PageFlag.LOCKED in m.page_flags(src)
+    assert PageFlag.LOCKED in m.page_controls.page_flags(src)
     out = {}
     reader = threading.Thread(target=lambda: out.update(data=mm.read(addr, 4 * ps)), daemon=True)
     reader.start()
@@ -99,7 +99,7 @@ def test_holes_get_zero_filled_pages(m, mm, engine):
     assert (mv.src[holes] >> MIGRATE_PFN_SHIFT == 0).all()
     m.alloc_pages(2, 1)
     dirty = m.alloc_pages(2, 8)
-    m.write_pfns(dirty, np.full((8, ps), 0x5A, np.uint8))
+    m.frames.write_pfns(dirty, np.full((8, ps), 0x5A, np.uint8))
     m.put_pages(dirty)  # recycled frames: holes must still read as zeros
     mv.alloc_and_copy(engine=engine)
     mv.pages()
@@ -107,7 +107,7 @@ def test_holes_get_zero_filled_pages(m, mm, engine):
     assert mv.status.tolist() == [0] * 6
     assert (mm.nodes_of(addr, 6 * ps) == 2).all()
     for i in holes:
-        st = m.page_state(mm.pfn_of(addr + i * ps))
+        st = m.page_controls.page_state(mm.pfn_of(addr + i * ps))
         assert st["refcount"] == st["mapcount"] == 1 and st["index"] == i
     out = mm.read(addr, 6 * ps)
     assert out[ps: ps + 3].tobytes() == b"one" and out[4 * ps: 4 * ps + 4].tobytes() == b"four"
@@ -137,7 +137,7 @@ def test_pinned_locked_and_resident_pages_are_not_selected(m, mm, engine):
     mm.migrate(addr + 5 * ps, ps, 1)  # already on the target
     mm.pin(addr + ps, ps)
     locked = mm.pfn_of(addr + 3 * ps)
-    m.lock_page(locked)
+    m.page_controls.lock_page(locked)
     mv = MigrateVma(mm, addr, addr + 6 * ps, 1)
     assert mv.setup() == 3
     assert [bool(s & MIGRATE) for s in mv.src.tolist()] == [True, False, True, False, True, False]
@@ -146,9 +146,9 @@ def test_pinned_locked_and_resident_pages_are_not_selected(m, mm, engine):
     mv.finalize()
     assert mv.status.tolist() == [0, EBUSY, 0, EBUSY, 0, EBUSY]
     assert mm.nodes_of(addr, 6 * ps).tolist() == [1, 0, 1, 0, 1, 1]
-    st = m.page_state(mm.pfn_of(addr + ps))
+    st = m.page_controls.page_state(mm.pfn_of(addr + ps))
     assert st["refcount"] == 2 and PageFlag.ISOLATED not in st["flags"]
-    m.unlock_page(locked)
+    m.page_controls.unlock_page(locked)
     mm.unpin(addr + ps, ps)
     assert np.array_equal(mm.read(addr, 6 * ps), data)
 
@@ -159,15 +159,15 @@ def test_transient_reference_between_setup_and_pages_keeps_the_page(m, mm):
     mv = MigrateVma(mm, addr, addr + 2 * ps, 1)
     mv.setup()
     pfn = int(mv.src[0] >> MIGRATE_PFN_SHIFT)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     mv.alloc_and_copy()
     mv.pages()
     assert not mv.src[0] & MIGRATE
     mv.finalize()
     assert mv.status.tolist() == [-errno.EAGAIN, 0]
     assert mm.pfn_of(addr) == pfn
-    assert m.page_state(pfn)["refcount"] == 2
-    m.put_page(pfn)
+    assert m.page_controls.page_state(pfn)["refcount"] == 2
+    m.page_controls.put_page(pfn)
     assert np.array_equal(mm.read(addr, 2 * ps), data)
     mm.close()
     assert used(m) == 0
@@ -339,13 +339,13 @@ def test_reference_taken_after_pages_keeps_the_old_page_alive(m, mm):
     mv.alloc_and_copy()
     mv.pages()
     old = int(mv.src[0] >> MIGRATE_PFN_SHIFT)
-    m.get_page(old)
+    m.page_controls.get_page(old)
     mv.finalize()
     assert (mv.status == 0).all()
     assert mm.node_of(addr) == 1
-    assert m.page_state(old)["refcount"] == 1  # still allocated: the reference holder frees it
+    assert m.page_controls.page_state(old)["refcount"] == 1  # still allocated: the reference holder frees it
     assert m.nodes[0].free_pages == HOST - 1
-    m.put_page(old)
+    m.page_controls.put_page(old)
     assert m.nodes[0].free_pages == HOST
     assert np.array_equal(mm.read(addr, 2 * ps), data)
     mm.close()
@@ -356,13 +356,13 @@ def test_transient_reference_outlives_munmap(m, mm):
     ps = m.page_size
     addr, _ = filled(m, mm, 1)
     pfn = mm.pfn_of(addr)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     mm.munmap(addr, ps)
     assert m.nodes[0].free_pages == HOST - 1
-    m.put_page(pfn)
+    m.page_controls.put_page(pfn)
     assert m.nodes[0].free_pages == HOST
     with pytest.raises(InvalidArgument):
-        m.put_page(pfn)
+        m.page_controls.put_page(pfn)
 
 
 def test_reference_taken_on_destinations_survives(m, mm):
@@ -375,15 +375,15 @@ def test_reference_taken_on_destinations_survives(m, mm):
     mv.alloc_and_copy()
     dst = (mv.dst >> MIGRATE_PFN_SHIFT).tolist()
     for pfn in dst:
-        m.get_page(pfn)
+        m.page_controls.get_page(pfn)
     mv.pages()
     mv.finalize()
     assert (mv.status == 0).all()
     assert [mm.pfn_of(addr), mm.pfn_of(addr + ps)] == dst
     for pfn in dst:
-        assert m.page_state(pfn)["refcount"] == 2
-        m.put_page(pfn)
-        assert m.page_state(pfn)["refcount"] == 1
+        assert m.page_controls.page_state(pfn)["refcount"] == 2
+        m.page_controls.put_page(pfn)
+        assert m.page_controls.page_state(pfn)["refcount"] == 1
     assert m.nodes[1].free_pages == DEV - 2
     assert mm.read(addr, 4).tobytes() == b"data"
     mm.close()
@@ -445,10 +445,10 @@ def test_migrate_vma_takes_a_swap_cache_page_out_on_its_way_to_the_device(m, mm)
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    m.set_page_flags(pfn, PageFlag.SWAPCACHE)
+    m.page_controls.set_page_flags(pfn, PageFlag.SWAPCACHE)
     mv = run_migrate_vma(mm, addr, addr + 2 * ps, 1)
     assert mv.cpages == 2 and mv.status.tolist() == [0, 0]
-    dev = m.page_state(mm.pfn_of(addr))
+    dev = m.page_controls.page_state(mm.pfn_of(addr))
     assert dev["node"] == 1 and PageFlag.SWAPCACHE not in dev["flags"] and dev["refcount"] == 1
     assert not check_machine(m)
     assert np.array_equal(mm.read(addr, 2 * ps), data)

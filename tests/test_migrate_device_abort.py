@@ -26,7 +26,7 @@ def assert_restored(m, mm, addr: int, data: np.ndarray, node: int = 0) -> None:
     assert PteFlag.MIGRATION not in mm.pte_flags(addr)
     assert (mm.nodes_of(addr, data.size) == node).all()
     for pfn in mm.pfns_of(addr, data.size).tolist():
-        st = m.page_state(pfn)
+        st = m.page_controls.page_state(pfn)
         assert st["refcount"] == st["mapcount"] == 1
         assert not st["flags"] & (PageFlag.LOCKED | PageFlag.ISOLATED) and PageFlag.LRU in st["flags"]
     out = {}
@@ -166,14 +166,14 @@ def test_close_waits_for_a_copy_running_on_another_thread(m):
     mv = MigrateVma(mm, addr, addr + 8 * ps, 1)
     mv.setup()
     entered, release = threading.Event(), threading.Event()
-    real = m.copy_pages
+    real = m.frames.copy_pages
 
     def slow_copy(src, dst):
         entered.set()
         release.wait(30)
         real(src, dst)
 
-    m.copy_pages = slow_copy
+    m.frames.copy_pages = slow_copy
     driver = threading.Thread(target=mv.alloc_and_copy, daemon=True)
     driver.start()
     assert entered.wait(30)

@@ -154,14 +154,14 @@ def test_busy_folio_stays_unmapped_between_move_passes(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 4)
     pfn = mm.pfn_of(addr + ps)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     res = mm.migrate(addr, 4 * ps, 1, mode=MigrateMode.ASYNC)
     assert res.status.tolist() == [0, EAGAIN, 0, 0]
     assert res.stats.nr_unmap_passes == 1 and res.stats.nr_move_passes == core.NR_MAX_MIGRATE_PAGES_RETRY
     assert res.rc == 1
-    st = m.page_state(pfn)
+    st = m.page_controls.page_state(pfn)
     assert PageFlag.LOCKED not in st["flags"] and PageFlag.LRU in st["flags"] and st["mapcount"] == 1
-    m.put_page(pfn)
+    m.page_controls.put_page(pfn)
     assert np.array_equal(mm.read(addr, 4 * ps), data)
 
 
@@ -189,7 +189,7 @@ def test_write_after_the_callers_copy_is_not_lost(m, mm, copier):
     if copier == "dma":
         m.dma.copy(src, dst).wait()
     else:
-        m.copy_pages(src, dst)
+        m.frames.copy_pages(src, dst)
     mm.write(addr + 3 * ps, b"written after the copy")
     res = m.migrate_pages(src, 1, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
     assert res.ok and res.stats.nr_no_copy == 7  # the written page was copied again by the CPU
@@ -234,14 +234,14 @@ def test_a_write_through_a_pin_is_not_lost_on_the_move_retry(m, mm, monkeypatch,
     else:
         src = mm.pfns_of(addr, n * ps)
         dst = m.alloc_pages(1, n)
-        m.copy_pages(src, dst)
+        m.frames.copy_pages(src, dst)
         res = m.migrate_pages(src, 1, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
     assert res.ok and (mm.nodes_of(addr, n * ps) == 1).all()
     assert res.stats.nr_no_copy == n - 1  # the written page was copied again by the CPU
     assert len(passes) == 2 and passes[-1] == 0
     data[2 * ps + 100: 2 * ps + 100 + len(written)] = np.frombuffer(written, np.uint8)
     assert np.array_equal(mm.read(addr, n * ps), data)
-    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(addr + 2 * ps))
+    assert PageFlag.DIRTY in m.page_controls.page_flags(mm.pfn_of(addr + 2 * ps))
 
 
 def test_a_copy_no_write_overtook_survives_a_move_retry(m, mm, monkeypatch):
@@ -306,9 +306,9 @@ def test_write_racing_a_no_copy_migration_is_never_lost(m, mm):
 def test_swapcache_moves_to_the_new_folio(m, mm):
     """folio_migrate_mapping(): a swap-cache folio's new folio is in the swap cache."""
     addr, _ = filled(m, mm, 1)
-    m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
+    m.page_controls.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
     assert mm.migrate(addr, m.page_size, 1).ok
-    assert PageFlag.SWAPCACHE in m.page_flags(mm.pfn_of(addr))
+    assert PageFlag.SWAPCACHE in m.page_controls.page_flags(mm.pfn_of(addr))
 
 
 def test_add_to_swap_cache_takes_a_reference_per_base_page(m, mm):
@@ -319,16 +319,16 @@ def test_add_to_swap_cache_takes_a_reference_per_base_page(m, mm):
     thp, _ = filled(m, mm, NR, order=9)
     for a, nr in ((addr, 1), (thp, NR)):
         pfn = mm.pfn_of(a)
-        before = m.page_state(pfn)["refcount"]
-        m.set_page_flags(pfn, PageFlag.SWAPCACHE)
-        m.set_page_flags(pfn, PageFlag.SWAPCACHE)  # already there: nothing more
-        assert m.page_state(pfn)["refcount"] == before + nr and not check_machine(m)
-        m.clear_page_flags(pfn, PageFlag.SWAPCACHE)
-        assert m.page_state(pfn)["refcount"] == before and not check_machine(m)
+        before = m.page_controls.page_state(pfn)["refcount"]
+        m.page_controls.set_page_flags(pfn, PageFlag.SWAPCACHE)
+        m.page_controls.set_page_flags(pfn, PageFlag.SWAPCACHE)  # already there: nothing more
+        assert m.page_controls.page_state(pfn)["refcount"] == before + nr and not check_machine(m)
+        m.page_controls.clear_page_flags(pfn, PageFlag.SWAPCACHE)
+        assert m.page_controls.page_state(pfn)["refcount"] == before and not check_machine(m)
     shm = mm.mmap(ps, shared=True)
     mm.write(shm, b"s")
     with pytest.raises(InvalidArgument, match="swap cache"):
-        m.set_page_flags(mm.pfn_of(shm), PageFlag.SWAPCACHE)
+        m.page_controls.set_page_flags(mm.pfn_of(shm), PageFlag.SWAPCACHE)
 
 
 @pytest.mark.parametrize("order", [0, 9], ids=["base", "thp"])
@@ -339,15 +339,15 @@ def test_folio_expected_refs_counts_the_swap_cache(m, mm, order):
     ps = m.page_size
     n = NR if order else 1
     addr, data = filled(m, mm, n, order=order)
-    m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
+    m.page_controls.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
     assert mm.migrate(addr, n * ps, 1).ok
-    st = m.page_state(mm.pfn_of(addr))
+    st = m.page_controls.page_state(mm.pfn_of(addr))
     assert PageFlag.SWAPCACHE in st["flags"] and st["refcount"] == n + n  # PTEs + the swap cache
     assert not check_machine(m)
-    m.get_page(mm.pfn_of(addr))
+    m.page_controls.get_page(mm.pfn_of(addr))
     res = mm.migrate(addr, n * ps, 2, mode=MigrateMode.ASYNC)
     assert (res.status == EAGAIN).all()
-    m.put_page(mm.pfn_of(addr))
+    m.page_controls.put_page(mm.pfn_of(addr))
     assert mm.migrate(addr, n * ps, 2).ok and not check_machine(m)
     assert np.array_equal(mm.read(addr, n * ps), data)
 
@@ -357,13 +357,13 @@ def test_split_thp_in_the_swap_cache_gives_each_piece_its_reference(m, mm):
     cache reference, and the pieces migrate with it."""
     ps = m.page_size
     addr, data = filled(m, mm, NR, order=9)
-    m.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
+    m.page_controls.set_page_flags(mm.pfn_of(addr), PageFlag.SWAPCACHE)
     held = m.alloc_pages(1, DEV)
     m.put_pages(held[::2])  # free frames, but no free pageblock
     res = mm.migrate(addr, NR * ps, 1)
     assert res.ok and res.nr_thp_split == 1
     for i in (0, 1, NR - 1):
-        st = m.page_state(mm.pfn_of(addr + i * ps))
+        st = m.page_controls.page_state(mm.pfn_of(addr + i * ps))
         assert st["order"] == 0 and PageFlag.SWAPCACHE in st["flags"] and st["refcount"] == 2
     m.put_pages(held[1::2])
     assert not check_machine(m)
@@ -376,11 +376,11 @@ def test_free_swap_cache_when_the_last_mapping_goes(m, mm):
     ps = m.page_size
     addr, _ = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    m.set_page_flags(pfn, PageFlag.SWAPCACHE)
-    assert m.page_state(pfn)["refcount"] == 2
+    m.page_controls.set_page_flags(pfn, PageFlag.SWAPCACHE)
+    assert m.page_controls.page_state(pfn)["refcount"] == 2
     child = mm.fork()
     mm.munmap(addr, 2 * ps)
-    assert PageFlag.SWAPCACHE in m.page_flags(pfn) and m.page_state(pfn)["refcount"] == 2
+    assert PageFlag.SWAPCACHE in m.page_controls.page_flags(pfn) and m.page_controls.page_state(pfn)["refcount"] == 2
     child.close()
     mm.close()
     assert not check_machine(m)
@@ -393,28 +393,28 @@ def test_wp_can_reuse_anon_folio_takes_a_swap_cache_page_out(m, mm):
     addr, _ = filled(m, mm, 1)
     child = mm.fork()  # both map it read-only
     pfn = mm.pfn_of(addr)
-    m.set_page_flags(pfn, PageFlag.SWAPCACHE)
+    m.page_controls.set_page_flags(pfn, PageFlag.SWAPCACHE)
     child.close()
     mm.write(addr, b"w")
-    assert mm.pfn_of(addr) == pfn and PageFlag.SWAPCACHE not in m.page_flags(pfn)
-    assert m.page_state(pfn)["refcount"] == 1 and not check_machine(m)
+    assert mm.pfn_of(addr) == pfn and PageFlag.SWAPCACHE not in m.page_controls.page_flags(pfn)
+    assert m.page_controls.page_state(pfn)["refcount"] == 1 and not check_machine(m)
 
 
 def test_writeback_cannot_start_on_a_folio_a_migration_holds(m, mm):
     """folio_start_writeback() needs the folio lock, which a migration holds from unmap to move."""
     addr, _ = filled(m, mm, 1)
     pfn = mm.pfn_of(addr)
-    m.lock_page(pfn)  # as a migration would hold it
-    assert m.start_writeback(pfn, blocking=False) is False
-    assert PageFlag.WRITEBACK not in m.page_flags(pfn)
+    m.page_controls.lock_page(pfn)  # as a migration would hold it
+    assert m.page_controls.start_writeback(pfn, blocking=False) is False
+    assert PageFlag.WRITEBACK not in m.page_controls.page_flags(pfn)
     done = threading.Event()
-    t = threading.Thread(target=lambda: (m.start_writeback(pfn), done.set()), daemon=True)
+    t = threading.Thread(target=lambda: (m.page_controls.start_writeback(pfn), done.set()), daemon=True)
     t.start()
     assert not done.wait(0.05)  # blocked on the lock
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     assert done.wait(WAIT)
-    assert PageFlag.WRITEBACK in m.page_flags(pfn)
-    m.end_writeback(pfn)
+    assert PageFlag.WRITEBACK in m.page_controls.page_flags(pfn)
+    m.page_controls.end_writeback(pfn)
 
 
 # -- interrupts -------------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_keyboard_interrupt_between_phases_restores_every_page(m, mm, monkeypatc
     nodes = mm.nodes_of(addr, n * ps)
     assert (nodes[:NR] == 1).all() and (nodes[NR:] == 0).all()
     for pfn in mm.pfns_of(addr, n * ps).tolist()[::97]:
-        st = m.page_state(pfn)
+        st = m.page_controls.page_state(pfn)
         assert not st["flags"] & (PageFlag.LOCKED | PageFlag.ISOLATED) and PageFlag.LRU in st["flags"]
         assert st["refcount"] == st["mapcount"] == 1
     assert np.array_equal(mm.read(addr, n * ps), data)

@@ -137,7 +137,7 @@ def test_bad_modes_are_refused_before_anything_moves(m, mm, mode):
     with pytest.raises(InvalidArgument):
         mm.migrate(addr, 4 * ps, 1, mode=mode)
     assert m.vmstat == before
-    flags = m.page_flags(mm.pfn_of(addr))
+    flags = m.page_controls.page_flags(mm.pfn_of(addr))
     assert PageFlag.LRU in flags and PageFlag.ISOLATED not in flags
     assert mm.migrate(addr, 4 * ps, 1).nr_succeeded == 4  # nothing was left isolated
     assert np.array_equal(mm.read(addr, 4 * ps), data)
@@ -180,10 +180,10 @@ def test_async_does_not_wait_for_a_locked_page(m, mm):
     locker_ready, release = threading.Event(), threading.Event()
 
     def locker():
-        m.lock_page(pfn)
+        m.page_controls.lock_page(pfn)
         locker_ready.set()
         release.wait(WAIT)
-        m.unlock_page(pfn)
+        m.page_controls.unlock_page(pfn)
 
     t = threading.Thread(target=locker, daemon=True)
     t.start()
@@ -198,7 +198,7 @@ def test_async_does_not_wait_for_a_locked_page(m, mm):
     assert res.stats.nr_passes == core.NR_MAX_MIGRATE_PAGES_RETRY
     assert mm.nodes_of(addr, 4 * ps).tolist() == [1, 0, 1, 1]
     assert mm.pfn_of(addr + ps) == pfn
-    flags = m.page_flags(pfn)
+    flags = m.page_controls.page_flags(pfn)
     assert PageFlag.LOCKED not in flags and PageFlag.LRU in flags and PageFlag.ISOLATED not in flags
     assert np.array_equal(mm.read(addr, 4 * ps), data)
 
@@ -213,7 +213,7 @@ def test_migrate_folio_unmap_frees_the_destination_of_an_async_lock_retry(m, mm,
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     held = []
     real = core._Migration._unmap_pass
 
@@ -226,7 +226,7 @@ def test_migrate_folio_unmap_frees_the_destination_of_an_async_lock_retry(m, mm,
     try:
         res = mm.migrate(addr, 2 * ps, 1, mode=MigrateMode.ASYNC)
     finally:
-        m.unlock_page(pfn)
+        m.page_controls.unlock_page(pfn)
     assert res.status.tolist() == [EAGAIN, 0]
     assert held == [1] * core.NR_MAX_MIGRATE_PAGES_RETRY  # only the unmapped folio's destination
     assert m.nodes[1].free_pages == DEV - 1
@@ -238,13 +238,13 @@ def test_sync_modes_wait_for_a_locked_page(m, mm, mode):
     ps = m.page_size
     addr, data = filled(m, mm, 4)
     pfn = mm.pfn_of(addr + 2 * ps)
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     job = Background(lambda: mm.migrate(addr, 4 * ps, 1, mode=mode))
     # The other pages move in the batched passes; the locked one is then waited for, alone, without holding
     # the machine: this thread can still look at the address space.
     wait_until(lambda: mm.nodes_of(addr, 4 * ps).tolist() == [1, 1, 0, 1], "the unlocked pages to move")
     assert job.thread.is_alive()
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     res = job.join()
     assert res.status.tolist() == [0, 0, 0, 0]
     assert res.nr_succeeded == 4
@@ -256,25 +256,25 @@ def test_sync_light_does_not_wait_for_a_locked_page_that_is_not_uptodate(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    m.clear_page_flags(pfn, PageFlag.UPTODATE)
-    m.lock_page(pfn)
+    m.page_controls.clear_page_flags(pfn, PageFlag.UPTODATE)
+    m.page_controls.lock_page(pfn)
     res = mm.migrate(addr, 2 * ps, 1, mode=MigrateMode.SYNC_LIGHT)
     assert res.status.tolist() == [EAGAIN, 0]
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     assert np.array_equal(mm.read(addr, 2 * ps), data)
 
 
 def test_lock_page_controls(m, mm):
     addr, _ = filled(m, mm, 1)
     pfn = mm.pfn_of(addr)
-    assert m.lock_page(pfn)
-    assert not m.lock_page(pfn, blocking=False)
-    assert PageFlag.LOCKED in m.page_flags(pfn)
-    m.unlock_page(pfn)
+    assert m.page_controls.lock_page(pfn)
+    assert not m.page_controls.lock_page(pfn, blocking=False)
+    assert PageFlag.LOCKED in m.page_controls.page_flags(pfn)
+    m.page_controls.unlock_page(pfn)
     with pytest.raises(InvalidArgument):
-        m.unlock_page(pfn)
+        m.page_controls.unlock_page(pfn)
     with pytest.raises(InvalidArgument):
-        m.set_page_flags(pfn, PageFlag.LOCKED)
+        m.page_controls.set_page_flags(pfn, PageFlag.LOCKED)
 
 
 # -- writeback -------------------------------------------------------------------------------------------------
@@ -283,23 +283,23 @@ def test_writeback_is_ebusy_without_sync(m, mm, mode):
     ps = m.page_size
     addr, data = filled(m, mm, 3)
     pfn = mm.pfn_of(addr + ps)
-    m.start_writeback(pfn)
+    m.page_controls.start_writeback(pfn)
     before = m.vmstat
     res = mm.migrate(addr, 3 * ps, 1, mode=mode)
     assert res.status.tolist() == [0, EBUSY, 0]
     assert res.nr_succeeded == 2 and res.nr_failed == 1
     assert delta(m, before) == {"pgmigrate_success": 2, "pgmigrate_fail": 1, "migrate_tlb_flush": 1}
     assert mm.pfn_of(addr + ps) == pfn
-    flags = m.page_flags(pfn)
+    flags = m.page_controls.page_flags(pfn)
     assert PageFlag.WRITEBACK in flags and PageFlag.LOCKED not in flags and PageFlag.ISOLATED not in flags
-    m.end_writeback(pfn)
+    m.page_controls.end_writeback(pfn)
     assert np.array_equal(mm.read(addr, 3 * ps), data)
 
 
 def test_writeback_ebusy_is_not_retried_in_async(m, mm):
     ps = m.page_size
     addr, _ = filled(m, mm, 1)
-    m.start_writeback(mm.pfn_of(addr))
+    m.page_controls.start_writeback(mm.pfn_of(addr))
     res = mm.migrate(addr, ps, 1, mode=MigrateMode.ASYNC)
     assert res.status.tolist() == [EBUSY]
     assert res.stats.nr_passes == 1
@@ -309,15 +309,15 @@ def test_sync_waits_for_writeback_to_end(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 3)
     pfn = mm.pfn_of(addr)
-    m.start_writeback(pfn)
+    m.page_controls.start_writeback(pfn)
     job = Background(lambda: mm.migrate(addr, 3 * ps, 2, mode=MigrateMode.SYNC))
     wait_until(lambda: mm.nodes_of(addr, 3 * ps).tolist() == [0, 2, 2], "the other pages to move")
     assert job.thread.is_alive()
-    m.end_writeback(pfn)
+    m.page_controls.end_writeback(pfn)
     res = job.join()
     assert res.status.tolist() == [0, 0, 0]
     assert mm.node_of(addr) == 2
-    assert PageFlag.WRITEBACK not in m.page_flags(mm.pfn_of(addr))
+    assert PageFlag.WRITEBACK not in m.page_controls.page_flags(mm.pfn_of(addr))
     assert np.array_equal(mm.read(addr, 3 * ps), data)
 
 
@@ -335,7 +335,7 @@ def test_pinned_pages_fail_with_eagain_in_every_mode(m, mm, mode):
     assert delta(m, before)["pgmigrate_fail"] == 2
     assert [mm.pfn_of(addr + ps), mm.pfn_of(addr + 2 * ps)] == pinned
     for pfn in pinned:
-        st = m.page_state(pfn)
+        st = m.page_controls.page_state(pfn)
         assert st["refcount"] == 2 and st["mapcount"] == 1
         assert PageFlag.ISOLATED not in st["flags"] and PageFlag.LOCKED not in st["flags"]
     assert np.array_equal(mm.read(addr, 4 * ps), data)
@@ -359,11 +359,11 @@ def test_transient_reference_is_eagain_then_migrates(m, mm, mode):
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     res = mm.migrate(addr, 2 * ps, 1, mode=mode)
     assert res.status.tolist() == [EAGAIN, 0]
-    assert m.page_state(pfn)["refcount"] == 2
-    m.put_page(pfn)
+    assert m.page_controls.page_state(pfn)["refcount"] == 2
+    m.page_controls.put_page(pfn)
     res = mm.migrate(addr, 2 * ps, 1, mode=mode)
     assert res.status.tolist() == [0, 0] and res.nr_succeeded == 1
     assert np.array_equal(mm.read(addr, 2 * ps), data)
@@ -373,12 +373,12 @@ def test_get_put_page_controls(m, mm):
     addr, _ = filled(m, mm, 1)
     pfn = mm.pfn_of(addr)
     with pytest.raises(InvalidArgument):
-        m.put_page(pfn)  # no extra reference to drop
+        m.page_controls.put_page(pfn)  # no extra reference to drop
     free_pfn = m.nodes[2].base_pfn
     with pytest.raises(InvalidArgument):
-        m.get_page(free_pfn)
+        m.page_controls.get_page(free_pfn)
     with pytest.raises(InvalidArgument):
-        m.get_page(10**9)
+        m.page_controls.get_page(10**9)
 
 
 def test_sync_retries_failed_folios_one_at_a_time(m, mm, monkeypatch):
@@ -386,7 +386,7 @@ def test_sync_retries_failed_folios_one_at_a_time(m, mm, monkeypatch):
     addr, data = filled(m, mm, 4)
     stuck = [mm.pfn_of(addr), mm.pfn_of(addr + 3 * ps)]
     for pfn in stuck:
-        m.get_page(pfn)
+        m.page_controls.get_page(pfn)
     sizes = []
     real = core._Migration._unmap_pass
 
@@ -406,7 +406,7 @@ def test_sync_retries_failed_folios_one_at_a_time(m, mm, monkeypatch):
     assert res.stats.nr_passes == async_passes + 2 * sync_passes
     assert res.nr_failed == 2 and res.rc == 2
     for pfn in stuck:
-        m.put_page(pfn)
+        m.page_controls.put_page(pfn)
     assert np.array_equal(mm.read(addr, 4 * ps), data)
 
 
@@ -415,14 +415,14 @@ def test_reference_dropped_between_passes_is_retried(m, mm, monkeypatch, mode):
     ps = m.page_size
     addr, data = filled(m, mm, 3)
     pfn = mm.pfn_of(addr + ps)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     calls = []
     real = core._Migration._move_pass
 
     def drop_on_second_pass(self, moving):
         calls.append(moving.size)
         if len(calls) == 2:
-            m.put_page(pfn)  # the speculative reference goes away before the second move pass
+            m.page_controls.put_page(pfn)  # the speculative reference goes away before the second move pass
         return real(self, moving)
 
     monkeypatch.setattr(core._Migration, "_move_pass", drop_on_second_pass)
@@ -440,21 +440,21 @@ def test_reference_taken_during_the_copy_fails_the_page(m, mm, monkeypatch):
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    real = m.copy_folios
+    real = m.frames.copy_folios
     taken = []
 
     def copy_and_grab(src, dst):
         real(src, dst)
         if not taken:
-            m.get_page(pfn)  # a speculative lookup races with the copy: the freeze must see it
+            m.page_controls.get_page(pfn)  # a speculative lookup races with the copy: the freeze must see it
             taken.append(pfn)
 
-    monkeypatch.setattr(m, "copy_folios", copy_and_grab)
+    monkeypatch.setattr(m.frames, "copy_folios", copy_and_grab)
     res = mm.migrate(addr, 2 * ps, 1, mode=MigrateMode.ASYNC)
     assert res.status.tolist() == [EAGAIN, 0]
     assert mm.pfn_of(addr) == pfn
-    assert m.page_state(pfn)["refcount"] == 2
-    m.put_page(pfn)
+    assert m.page_controls.page_state(pfn)["refcount"] == 2
+    m.page_controls.put_page(pfn)
     assert np.array_equal(mm.read(addr, 2 * ps), data)
 
 
@@ -474,7 +474,7 @@ def test_an_exception_in_the_copy_leaves_every_page_mapped(m, mm, monkeypatch, e
     if engine:
         monkeypatch.setattr(m.dma, "copy", boom)
     else:
-        monkeypatch.setattr(m, "copy_folios", boom)
+        monkeypatch.setattr(m.frames, "copy_folios", boom)
     with pytest.raises(Boom):
         mm.migrate(addr, 1100 * ps, 1, engine=m.dma if engine else None)
     monkeypatch.undo()
@@ -483,7 +483,7 @@ def test_an_exception_in_the_copy_leaves_every_page_mapped(m, mm, monkeypatch, e
     assert np.array_equal(np.array([mm.pfn_of(addr + i * ps) for i in range(1100)]), pfns)
     assert [n.free_pages for n in m.nodes] == [HOST - 1100, DEV, DEV]
     for pfn in pfns[[0, 600, 1099]].tolist():
-        st = m.page_state(pfn)
+        st = m.page_controls.page_state(pfn)
         assert st["refcount"] == st["mapcount"] == 1
         assert PageFlag.ISOLATED not in st["flags"] and PageFlag.LOCKED not in st["flags"]
     assert np.array_equal(mm.read(addr, 1100 * ps), data)
@@ -543,7 +543,7 @@ def test_migrate_pages_statuses_for_odd_pfns(m, mm):
     res = m.migrate_pages([mapped, free_pfn, driver, mapped], 1)
     assert res.status.tolist() == [0, ENOENT, EBUSY, 0]
     assert res.nr_succeeded == 1
-    assert m.page_state(driver)["refcount"] == 1
+    assert m.page_controls.page_state(driver)["refcount"] == 1
     m.put_pages([driver])
     with pytest.raises(InvalidArgument):
         m.migrate_pages([], 1)
@@ -577,12 +577,12 @@ def test_page_isolated_by_one_migration_is_ebusy_for_another(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 2)
     pfn = mm.pfn_of(addr)
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     first = Background(lambda: mm.migrate(addr, ps, 1, mode=MigrateMode.SYNC))
-    wait_until(lambda: PageFlag.ISOLATED in m.page_flags(pfn), "the first migration to isolate the page")
+    wait_until(lambda: PageFlag.ISOLATED in m.page_controls.page_flags(pfn), "the first migration to isolate the page")
     second = m.migrate_pages([pfn], 2, mode=MigrateMode.ASYNC)
     assert second.status.tolist() == [EBUSY]
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     assert first.join().status.tolist() == [0]
     assert mm.node_of(addr) == 1
     assert np.array_equal(mm.read(addr, 2 * ps), data)

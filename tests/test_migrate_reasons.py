@@ -41,7 +41,7 @@ def test_migrate_pages_batch_nosplit_for_mr_numa_misplaced(m, mm):
     held = fragment(m, 1)
     res = m.migrate_misplaced_folio(mm.pfn_of(addr), 1)
     assert res.nr_thp_split == 0 and res.nr_succeeded == 0 and res.rc == ENOMEM
-    assert (res.status == ENOMEM).all() and m.page_state(mm.pfn_of(addr))["order"] == 9
+    assert (res.status == ENOMEM).all() and m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9
     assert m.vmstat["numa_pages_migrated"] == 0
     res = m.migrate_pages(np.array([mm.pfn_of(addr)]), 1)  # MR_SYSCALL: split, pieces moved
     assert res.nr_thp_split == 1 and res.nr_succeeded == NR
@@ -55,7 +55,7 @@ def test_migrate_pages_batch_mr_longterm_pin_retries_a_folio_whose_split_failed(
     ps = m.page_size
     addr, data = thp(mm, 2, seed=2)
     heads = np.array([mm.pfn_of(addr), mm.pfn_of(addr + NR * ps)])
-    m.get_page(int(heads[0]))  # an extra reference: the first folio cannot be split
+    m.page_controls.get_page(int(heads[0]))  # an extra reference: the first folio cannot be split
     held = fragment(m, 1)
     try:
         res = m.migrate_pages(heads, 1, mode=MigrateMode.ASYNC)  # MR_SYSCALL
@@ -68,7 +68,7 @@ def test_migrate_pages_batch_mr_longterm_pin_retries_a_folio_whose_split_failed(
         assert res.nr_thp_split == 1 and res.nr_succeeded == NR and res.rc == 2
         assert m.migrate_events[-1].reason == MigrateReason.MR_LONGTERM_PIN
     finally:
-        m.put_page(int(heads[0]))
+        m.page_controls.put_page(int(heads[0]))
     assert np.array_equal(mm.read(addr, 2 * NR * ps), data)
     m.put_pages(held)
 

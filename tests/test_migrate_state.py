@@ -41,7 +41,7 @@ def implementation(request, monkeypatch):
 def freed(m, monkeypatch):
     """Snapshots of folios as the core frees them (the old folios of a migration), by head pfn."""
     seen: dict[int, dict] = {}
-    real = m.free_folios
+    real = m.frames.free_folios
 
     def snapshot(heads):
         pg = m.pages
@@ -53,7 +53,7 @@ def freed(m, monkeypatch):
         snapshot(heads)
         return real(heads)
 
-    monkeypatch.setattr(m, "free_folios", spy)
+    monkeypatch.setattr(m.frames, "free_folios", spy)
     # The single-call batch kernels reset the old folio in the same compiled call that moves its state, so
     # there is no moment to look at it: take the phase-by-phase path, which runs the same state kernels.
     monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", False)
@@ -85,76 +85,76 @@ def migrate(mm, addr, node=1, n=1, **kw):
 @pytest.mark.parametrize("flag", COPIED, ids=lambda f: f.name)
 def test_copied_flag_reaches_the_new_page(m, mm, freed, flag):
     addr, old = one_page(m, mm)
-    m.clear_page_flags(old, PageFlag.DIRTY)  # start from a clean page: only the flag under test is extra
+    m.page_controls.clear_page_flags(old, PageFlag.DIRTY)  # start from a clean page: only the flag under test is extra
     mm.vmas[0].pte_flags[0] &= np.uint8(~np.uint8(PteFlag.DIRTY))
     if flag != PageFlag.UPTODATE:
-        before = m.page_flags(old)
+        before = m.page_controls.page_flags(old)
         assert flag not in before
-    m.set_page_flags(old, flag)
+    m.page_controls.set_page_flags(old, flag)
     migrate(mm, addr)
     new = mm.pfn_of(addr)
     assert new != old
-    assert flag in m.page_flags(new)
+    assert flag in m.page_controls.page_flags(new)
 
 
 @pytest.mark.parametrize("flag", [PageFlag.REFERENCED, PageFlag.WORKINGSET, PageFlag.ERROR, PageFlag.IDLE,
                                   PageFlag.MLOCKED, PageFlag.CHECKED], ids=lambda f: f.name)
 def test_copied_flag_absent_stays_absent(m, mm, flag):
     addr, old = one_page(m, mm)
-    assert flag not in m.page_flags(old)
+    assert flag not in m.page_controls.page_flags(old)
     migrate(mm, addr)
-    assert flag not in m.page_flags(mm.pfn_of(addr))
+    assert flag not in m.page_controls.page_flags(mm.pfn_of(addr))
 
 
 def test_dirty_pte_makes_the_new_page_dirty(m, mm):
     addr, old = one_page(m, mm)
-    assert PageFlag.DIRTY not in m.page_flags(old)
+    assert PageFlag.DIRTY not in m.page_controls.page_flags(old)
     assert PteFlag.DIRTY in mm.pte_flags(addr)
     migrate(mm, addr)
-    assert PageFlag.DIRTY in m.page_flags(mm.pfn_of(addr))
+    assert PageFlag.DIRTY in m.page_controls.page_flags(mm.pfn_of(addr))
 
 
 def test_clean_page_stays_clean(m, mm):
     addr = mm.mmap(m.page_size)
     mm.populate(addr, m.page_size)
     migrate(mm, addr)
-    assert PageFlag.DIRTY not in m.page_flags(mm.pfn_of(addr))
+    assert PageFlag.DIRTY not in m.page_controls.page_flags(mm.pfn_of(addr))
 
 
 def test_active_moves_and_is_cleared_on_the_old_page(m, mm, freed):
     addr, old = one_page(m, mm)
-    m.set_page_flags(old, PageFlag.ACTIVE)
+    m.page_controls.set_page_flags(old, PageFlag.ACTIVE)
     migrate(mm, addr)
-    assert PageFlag.ACTIVE in m.page_flags(mm.pfn_of(addr))
+    assert PageFlag.ACTIVE in m.page_controls.page_flags(mm.pfn_of(addr))
     assert PageFlag.ACTIVE not in freed[old]["flags"]
 
 
 def test_unevictable_moves_when_not_active(m, mm, freed):
     addr, old = one_page(m, mm)
-    m.set_page_flags(old, PageFlag.UNEVICTABLE)
+    m.page_controls.set_page_flags(old, PageFlag.UNEVICTABLE)
     migrate(mm, addr)
-    flags = m.page_flags(mm.pfn_of(addr))
+    flags = m.page_controls.page_flags(mm.pfn_of(addr))
     assert PageFlag.UNEVICTABLE in flags and PageFlag.ACTIVE not in flags
     assert PageFlag.UNEVICTABLE not in freed[old]["flags"]
 
 
 def test_active_wins_over_unevictable(m, mm):
     addr, old = one_page(m, mm)
-    m.set_page_flags(old, PageFlag.ACTIVE | PageFlag.UNEVICTABLE)
+    m.page_controls.set_page_flags(old, PageFlag.ACTIVE | PageFlag.UNEVICTABLE)
     migrate(mm, addr)
-    flags = m.page_flags(mm.pfn_of(addr))
+    flags = m.page_controls.page_flags(mm.pfn_of(addr))
     assert PageFlag.ACTIVE in flags and PageFlag.UNEVICTABLE not in flags
 
 
 def test_private_moves_with_its_data(m, mm, freed):
     addr, old = one_page(m, mm)
-    m.set_page_flags(old, PageFlag.PRIVATE)
+    m.page_controls.set_page_flags(old, PageFlag.PRIVATE)
     with m.lock:
         m.pages.private[old] = 0xC0FFEE
     migrate(mm, addr)
     new = mm.pfn_of(addr)
-    assert PageFlag.PRIVATE in m.page_flags(new)
-    assert m.page_state(new)["private"] == 0xC0FFEE
+    assert PageFlag.PRIVATE in m.page_controls.page_flags(new)
+    assert m.page_controls.page_state(new)["private"] == 0xC0FFEE
     assert PageFlag.PRIVATE not in freed[old]["flags"]
     assert freed[old]["private"] == 0
 
@@ -163,12 +163,12 @@ def test_no_private_flag_no_private_data(m, mm):
     addr, old = one_page(m, mm)
     migrate(mm, addr)
     new = mm.pfn_of(addr)
-    assert PageFlag.PRIVATE not in m.page_flags(new) and m.page_state(new)["private"] == 0
+    assert PageFlag.PRIVATE not in m.page_controls.page_flags(new) and m.page_controls.page_state(new)["private"] == 0
 
 
 def test_swapcache_is_cleared_on_the_old_page(m, mm, freed):
     addr, old = one_page(m, mm)
-    m.set_page_flags(old, PageFlag.SWAPCACHE)
+    m.page_controls.set_page_flags(old, PageFlag.SWAPCACHE)
     migrate(mm, addr)
     assert PageFlag.SWAPCACHE not in freed[old]["flags"]
 
@@ -176,26 +176,26 @@ def test_swapcache_is_cleared_on_the_old_page(m, mm, freed):
 def test_swapbacked_and_lru_on_the_new_page(m, mm):
     addr, old = one_page(m, mm)
     migrate(mm, addr)
-    flags = m.page_flags(mm.pfn_of(addr))
+    flags = m.page_controls.page_flags(mm.pfn_of(addr))
     assert PageFlag.SWAPBACKED in flags and PageFlag.LRU in flags
     assert PageFlag.ISOLATED not in flags and PageFlag.LOCKED not in flags
 
 
 def test_last_cpupid_moves_and_the_old_page_gets_minus_one(m, mm, freed):
     addr, old = one_page(m, mm)
-    m.set_page_cpupid(old, 4321)
+    m.page_controls.set_page_cpupid(old, 4321)
     migrate(mm, addr)
-    assert m.page_state(mm.pfn_of(addr))["last_cpupid"] == 4321
+    assert m.page_controls.page_state(mm.pfn_of(addr))["last_cpupid"] == 4321
     assert freed[old]["last_cpupid"] == -1
 
 
 def test_memcg_moves(m, mm, freed):
     addr, old = one_page(m, mm)
-    assert m.page_state(old)["memcg"] != 0
+    assert m.page_controls.page_state(old)["memcg"] != 0
     with m.lock:
         m.pages.memcg[old] = 17
     migrate(mm, addr)
-    assert m.page_state(mm.pfn_of(addr))["memcg"] == 17
+    assert m.page_controls.page_state(mm.pfn_of(addr))["memcg"] == 17
     assert freed[old]["memcg"] == 0
 
 
@@ -205,12 +205,12 @@ def test_everything_at_once_on_a_thp_and_back(m, mm):
     mm.write(addr, np.ones(512 * ps, np.uint8))
     head = mm.pfn_of(addr)
     extra = PageFlag.REFERENCED | PageFlag.WORKINGSET | PageFlag.ACTIVE | PageFlag.MAPPEDTODISK | PageFlag.ERROR
-    m.set_page_flags(head, extra)
-    m.set_page_cpupid(head + 3, 99)  # any page of the folio sets its folio's
+    m.page_controls.set_page_flags(head, extra)
+    m.page_controls.set_page_cpupid(head + 3, 99)  # any page of the folio sets its folio's
     for node in (1, 2, 0):
         res = mm.migrate(addr, 512 * ps, node, mode=MigrateMode.SYNC)
         assert res.nr_thp_succeeded == 1
-        st = m.page_state(mm.pfn_of(addr))
+        st = m.page_controls.page_state(mm.pfn_of(addr))
         assert st["node"] == node and st["order"] == 9
         assert extra | PageFlag.DIRTY | PageFlag.HEAD | PageFlag.UPTODATE <= st["flags"]
         assert st["last_cpupid"] == 99 and st["memcg"] == 1
@@ -310,11 +310,11 @@ def test_pte_bits_restored_on_a_failed_migration(m, mm):
     bits = PteFlag.PRESENT | PteFlag.DIRTY
     with m.lock:
         mm.vmas[0].pte_flags[0] = np.uint8(bits)
-    m.get_page(mm.pfn_of(addr))
+    m.page_controls.get_page(mm.pfn_of(addr))
     res = mm.migrate(addr, ps, 1)
     assert not res.ok
     assert mm.pte_flags(addr) == bits
-    m.put_page(mm.pfn_of(addr))
+    m.page_controls.put_page(mm.pfn_of(addr))
 
 
 # -- references and mapcounts ----------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_anon_refcount_equals_mapcount_after_migration(m, mm):
     for node in (1, 2, 0):
         migrate(mm, addr, node, 8)
         for i in range(8):
-            st = m.page_state(mm.pfn_of(addr + i * ps))
+            st = m.page_controls.page_state(mm.pfn_of(addr + i * ps))
             assert st["refcount"] == st["mapcount"] == 1
 
 
@@ -340,10 +340,10 @@ def test_shared_refcount_is_mapcount_plus_page_cache(m, mm):
         for i in range(4):
             pfn = mm.pfn_of(addr + i * ps)
             assert child.pfn_of(addr + i * ps) == grandchild.pfn_of(addr + i * ps) == pfn
-            st = m.page_state(pfn)
+            st = m.page_controls.page_state(pfn)
             assert st["node"] == node and st["mapcount"] == 3 and st["refcount"] == 4
     grandchild.close()
-    st = m.page_state(mm.pfn_of(addr))
+    st = m.page_controls.page_state(mm.pfn_of(addr))
     assert st["mapcount"] == 2 and st["refcount"] == 3
     child.close()
 
@@ -359,28 +359,28 @@ def test_reference_taken_on_a_fresh_destination_survives(m, mm, monkeypatch, eng
         real = m.dma.copy
 
         def copy(src, dst):
-            m.get_page(int(dst[0]))
+            m.page_controls.get_page(int(dst[0]))
             grabbed.append(int(dst[0]))
             return real(src, dst)
 
         monkeypatch.setattr(m.dma, "copy", copy)
     else:
-        real = m.copy_folios
+        real = m.frames.copy_folios
 
         def copy(src, dst):
-            m.get_page(int(dst[0]))
+            m.page_controls.get_page(int(dst[0]))
             grabbed.append(int(dst[0]))
             real(src, dst)
 
-        monkeypatch.setattr(m, "copy_folios", copy)
+        monkeypatch.setattr(m.frames, "copy_folios", copy)
     migrate(mm, addr, 1, 2, engine=m.dma if engine else None)
     monkeypatch.undo()
     pfn = grabbed[0]
     assert mm.pfn_of(addr) == pfn
-    st = m.page_state(pfn)
+    st = m.page_controls.page_state(pfn)
     assert st["mapcount"] == 1 and st["refcount"] == 2
-    m.put_page(pfn)
-    st = m.page_state(pfn)
+    m.page_controls.put_page(pfn)
+    st = m.page_controls.page_state(pfn)
     assert st["refcount"] == 1 and m.nodes[1].free_pages == DEV - 2  # still mapped, still allocated
     mm.close()
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
@@ -390,9 +390,9 @@ def test_mapping_and_index_move_with_the_page(m, mm):
     ps = m.page_size
     addr = mm.mmap(4 * ps)
     mm.write(addr, np.ones(4 * ps, np.uint8))
-    old = m.page_state(mm.pfn_of(addr + 2 * ps))
+    old = m.page_controls.page_state(mm.pfn_of(addr + 2 * ps))
     migrate(mm, addr, 1, 4)
-    new = m.page_state(mm.pfn_of(addr + 2 * ps))
+    new = m.page_controls.page_state(mm.pfn_of(addr + 2 * ps))
     assert (new["mapping"], new["index"]) == (old["mapping"], old["index"]) == (old["mapping"], 2)
     assert m.object(new["mapping"]).pfns[2] == new["pfn"]
 
@@ -410,7 +410,7 @@ def test_shared_page_cache_follows_a_migration_of_an_unmapped_index(m, mm):
     assert m.nodes[0].free_pages == HOST
     assert child.read(addr, 5).tobytes() == b"cache"
     assert child.pfn_of(addr) == mm.pfn_of(addr) and mm.node_of(addr) == 0
-    assert m.page_state(mm.pfn_of(addr))["mapcount"] == 2
+    assert m.page_controls.page_state(mm.pfn_of(addr))["mapcount"] == 2
     child.close()
 
 

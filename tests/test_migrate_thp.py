@@ -39,7 +39,7 @@ def fragment(m, node: int, keep_free: int | None = None) -> np.ndarray:
 
 
 def folio_of(m, mm, addr) -> dict:
-    return m.page_state(mm.pfn_of(addr))
+    return m.page_controls.page_state(mm.pfn_of(addr))
 
 
 def test_fault_makes_2mib_folios(m, mm):
@@ -162,11 +162,11 @@ def test_pinned_thp_is_not_split(m, mm):
 def test_locked_thp_in_async_is_eagain_for_every_base_page(m, mm):
     ps = m.page_size
     addr, _ = thp(m, mm, 2)
-    m.lock_page(mm.pfn_of(addr + NR * ps + 3))  # a tail page's lock is its folio's
+    m.page_controls.lock_page(mm.pfn_of(addr + NR * ps + 3))  # a tail page's lock is its folio's
     res = mm.migrate(addr, 2 * NR * ps, 1, mode=MigrateMode.ASYNC)
     assert (res.status[:NR] == 0).all() and (res.status[NR:] == EAGAIN).all()
     assert res.nr_thp_succeeded == 1 and res.nr_thp_failed == 1
-    m.unlock_page(mm.pfn_of(addr + NR * ps))
+    m.page_controls.unlock_page(mm.pfn_of(addr + NR * ps))
 
 
 def test_mapping_with_a_partial_folio_at_its_end(m, mm):

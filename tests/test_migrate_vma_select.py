@@ -194,7 +194,7 @@ def test_pages_not_selected_are_not_split(m, mm):
     addr, data = filled(m, mm, NR, order=9)
     before = m.vmstat
     assert run(mm, addr, addr + NR * ps, 1, flags=Sel.DEVICE_COHERENT, pgmap_owner=1).cpages == 0
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9
     assert "thp_migration_split" not in delta(m, before)
     assert np.array_equal(mm.read(addr, NR * ps), data)
 
@@ -216,7 +216,7 @@ def test_compound_migration_keeps_the_folio_whole(m, mm, engine):
     mv.finalize()
     assert mv.status.tolist() == [0] * NR
     assert mm.pfns_of(addr, NR * ps).tolist() == list(range(dst, dst + NR))
-    st = m.page_state(dst)
+    st = m.page_controls.page_state(dst)
     assert st["order"] == 9 and st["node"] == 1 and st["refcount"] == NR
     assert PageFlag.LOCKED not in st["flags"] and PageFlag.LRU in st["flags"]
     assert delta(m, before) == {"migrate_vma_success": NR, "migrate_tlb_flush": 1}
@@ -225,7 +225,7 @@ def test_compound_migration_keeps_the_folio_whole(m, mm, engine):
     mv = run(mm, addr, addr + NR * ps, 0, engine, flags=Sel.DEVICE_COHERENT | Sel.COMPOUND, pgmap_owner=1)
     assert mv.cpages == 1 and mv.status.tolist() == [0] * NR
     back = mm.pfn_of(addr)
-    assert m.page_state(back)["order"] == 9 and mm.nodes_of(addr, NR * ps).tolist() == [0] * NR
+    assert m.page_controls.page_state(back)["order"] == 9 and mm.nodes_of(addr, NR * ps).tolist() == [0] * NR
     assert np.array_equal(mm.read(addr, NR * ps), data)
     finish_within(mm.close, "close")
     assert [nd.free_pages for nd in m.nodes] == [HOST, DEV, DEV]
@@ -238,10 +238,10 @@ def test_compound_device_private_round_trip():
         addr, data = filled(m, mm, 2 * NR, order=9)
         mv = run(mm, addr, addr + 2 * NR * ps, 2, m.dma, flags=Sel.SYSTEM | Sel.COMPOUND)
         assert mv.cpages == 2 and (mv.src[[0, NR]] & COMPOUND).all()
-        assert m.page_state(mm.pfn_of(addr + NR * ps))["order"] == 9
+        assert m.page_controls.page_state(mm.pfn_of(addr + NR * ps))["order"] == 9
         mv = run(mm, addr, addr + 2 * NR * ps, 0, m.dma, flags=Sel.DEVICE_PRIVATE | Sel.COMPOUND, pgmap_owner=2)
         assert mv.cpages == 2 and (mv.status == 0).all()
-        assert [m.page_state(mm.pfn_of(addr + i * NR * ps))["order"] for i in range(2)] == [9, 9]
+        assert [m.page_controls.page_state(mm.pfn_of(addr + i * NR * ps))["order"] for i in range(2)] == [9, 9]
         assert np.array_equal(mm.read(addr, 2 * NR * ps), data)
         assert check_machine(m) == []
         mm.close()
@@ -264,7 +264,7 @@ def test_compound_without_a_pmd_destination_is_split_and_counted(m, mm, engine):
     assert mv.status.tolist() == [0] * NR
     assert delta(m, before) == {"thp_migration_split": 1, "migrate_vma_success": NR, "migrate_tlb_flush": 1}
     assert mm.nodes_of(addr, NR * ps).tolist() == [1] * NR
-    assert m.page_state(mm.pfn_of(addr))["order"] == 0
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 0
     assert np.array_equal(mm.read(addr, NR * ps), data)
     m.put_pages(held)
     finish_within(mm.close, "close")
@@ -294,7 +294,7 @@ def test_compound_hole_becomes_one_folio(m, mm, engine):
     mv.finalize()
     assert mv.status.tolist() == [0] * NR
     head = mm.pfn_of(addr)
-    st = m.page_state(head)
+    st = m.page_controls.page_state(head)
     assert st["order"] == 9 and st["node"] == 1 and st["refcount"] == NR and st["mapcount"] == 1
     assert mm.pfns_of(addr, NR * ps).tolist() == list(range(head, head + NR))
     assert (mm.read(addr, NR * ps) == 0).all()
@@ -324,7 +324,7 @@ def test_pinned_thp_is_not_collected_nor_split(m, mm):
     before = m.vmstat
     mv = run(mm, addr, addr + NR * ps, 1, flags=Sel.SYSTEM | Sel.COMPOUND)
     assert mv.cpages == 0 and (mv.src == 0).all() and (mv.status == EBUSY).all()
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9 and "thp_migration_split" not in delta(m, before)
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9 and "thp_migration_split" not in delta(m, before)
     mm.unpin(addr + 3 * ps, ps)
     assert np.array_equal(mm.read(addr, NR * ps), data)
 
@@ -336,7 +336,7 @@ def test_compound_dma_failure_restores_the_folio(m, mm):
     m.dma.inject_errors(1)
     mv = run(mm, addr, addr + NR * ps, 1, m.dma, flags=Sel.SYSTEM | Sel.COMPOUND)
     assert (mv.status == EIO).all()
-    assert mm.pfn_of(addr) == head and m.page_state(head)["order"] == 9
+    assert mm.pfn_of(addr) == head and m.page_controls.page_state(head)["order"] == 9
     assert np.array_equal(mm.read(addr, NR * ps), data)
     finish_within(mm.close, "close")
     assert [nd.free_pages for nd in m.nodes] == [HOST, DEV, DEV]
@@ -349,8 +349,8 @@ def test_compound_abort_restores_the_folio(m, mm):
     with MigrateVma(mm, addr, addr + NR * ps, 1, flags=Sel.SYSTEM | Sel.COMPOUND) as mv:
         mv.setup()
         mv.alloc_and_copy()
-    assert mm.pfn_of(addr) == head and m.page_state(head)["order"] == 9
-    st = m.page_state(head)
+    assert mm.pfn_of(addr) == head and m.page_controls.page_state(head)["order"] == 9
+    st = m.page_controls.page_state(head)
     assert PageFlag.LOCKED not in st["flags"] and PageFlag.ISOLATED not in st["flags"]
     assert np.array_equal(mm.read(addr, NR * ps), data)
     finish_within(mm.close, "close")
@@ -365,7 +365,7 @@ def test_compound_folio_shared_with_a_child_moves_for_both(m, mm):
     mv = run(mm, addr, addr + NR * ps, 1, flags=Sel.SYSTEM | Sel.COMPOUND)
     assert mv.cpages == 1 and (mv.status == 0).all()
     new = mm.pfn_of(addr)
-    assert child.pfn_of(addr) == new and m.page_state(new)["refcount"] == 2 * NR
+    assert child.pfn_of(addr) == new and m.page_controls.page_state(new)["refcount"] == 2 * NR
     for space in (mm, child):
         assert np.array_equal(space.read(addr, NR * ps), data)
     finish_within(child.close, "close")
@@ -378,7 +378,7 @@ def test_compound_with_uvm_accessor(m, mm):
     run(mm, addr, addr + NR * ps, 1, flags=Sel.SYSTEM | Sel.COMPOUND)
     acc = DeviceAccessor(mm, 1, UvmOptions(prefetch="none"))
     assert np.array_equal(acc.read(addr, NR * ps), data)
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9
 
 
 # -- argument checks ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_pfn_of_and_node_of_after_populate(m, mm):
     assert base <= pfn < base + DEV
     assert mm.pfn_of(addr) == -1 and mm.node_of(addr + 3 * ps) == -1
     assert m.nodes[2].free_pages == DEV - 2
-    st = m.page_state(pfn)
+    st = m.page_controls.page_state(pfn)
     assert st["node"] == 2 and st["mapcount"] == 1 and st["refcount"] == 1
 
 
@@ -366,7 +366,7 @@ def test_fork_shares_private_memory_copy_on_write(m, mm):
     assert np.array_equal(child.pfns_of(addr, 4 * ps), mm.pfns_of(addr, 4 * ps))
     assert sum(n.total_pages - n.free_pages for n in m.nodes) == 3  # one frame per page, shared
     for i in range(3):
-        st = m.page_state(mm.pfn_of(addr + i * ps))
+        st = m.page_controls.page_state(mm.pfn_of(addr + i * ps))
         assert st["mapcount"] == 2 and st["refcount"] == 2
         assert PteFlag.WRITE not in mm.pte_flags(addr + i * ps)
         assert PteFlag.WRITE not in child.pte_flags(addr + i * ps)
@@ -382,7 +382,7 @@ def test_fork_shares_private_memory_copy_on_write(m, mm):
     # The page unpopulated at fork is independent in both.
     child.write(addr + 3 * ps, b"c")
     assert mm.read(addr + 3 * ps, 1).tobytes() == b"\x00"
-    st = m.page_state(mm.pfn_of(addr))
+    st = m.page_controls.page_state(mm.pfn_of(addr))
     assert st["mapcount"] == 1 and st["refcount"] == 1
     child.close()
     mm.close()
@@ -397,7 +397,7 @@ def test_fork_shares_shared_memory(m, mm):
     child = mm.fork()
     for off in (0, ps):
         assert child.pfn_of(addr + off) == mm.pfn_of(addr + off)
-        st = m.page_state(mm.pfn_of(addr + off))
+        st = m.page_controls.page_state(mm.pfn_of(addr + off))
         assert st["mapcount"] == 2
         assert st["refcount"] == 3  # two PTEs and the page cache
     child.write(addr + 1, b"ELLO")
@@ -408,7 +408,7 @@ def test_fork_shares_shared_memory(m, mm):
     assert sum(n.total_pages - n.free_pages for n in m.nodes) == 3
     mm.close()
     assert child.read(addr, 5).tobytes() == b"hELLO"
-    assert m.page_state(child.pfn_of(addr))["mapcount"] == 1
+    assert m.page_controls.page_state(child.pfn_of(addr))["mapcount"] == 1
     child.close()
     assert free(m) == START
 
@@ -447,15 +447,15 @@ def test_pin_faults_in_and_holds_a_reference(m, mm):
     mm.pin(addr, 2 * ps)
     assert mm.nodes_of(addr, 2 * ps).tolist() == [0, 0]
     pfn = mm.pfn_of(addr)
-    assert m.page_state(pfn)["refcount"] == 2
+    assert m.page_controls.page_state(pfn)["refcount"] == 2
     mm.pin(addr, ps)
-    assert m.page_state(pfn)["refcount"] == 3
+    assert m.page_controls.page_state(pfn)["refcount"] == 3
     mm.unpin(addr, ps)
     mm.unpin(addr, 2 * ps)
-    assert m.page_state(pfn)["refcount"] == 1
+    assert m.page_controls.page_state(pfn)["refcount"] == 1
     with pytest.raises(InvalidArgument, match="not pinned"):
         mm.unpin(addr, ps)
-    assert m.page_state(pfn)["refcount"] == 1
+    assert m.page_controls.page_state(pfn)["refcount"] == 1
 
 
 def test_pinned_page_outlives_munmap_until_close(m, mm):
@@ -538,12 +538,12 @@ def test_referenced_device_page_is_accessed_in_place(m, mm):
     mm.populate(addr, 2 * ps)
     mm.migrate(addr, 2 * ps, 1)
     pfn = mm.pfn_of(addr)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     assert mm.read(addr, 6).tobytes() == b"pinned"
     mm.write(addr, b"PIN")
     assert mm.nodes_of(addr, 2 * ps).tolist() == [1, 1]
     assert mm.read(addr, 6).tobytes() == b"PINned"
-    m.put_page(pfn)
+    m.page_controls.put_page(pfn)
     assert mm.read(addr, 6).tobytes() == b"PINned"
     assert mm.node_of(addr) == 0
 
@@ -585,7 +585,7 @@ def test_shared_device_page_comes_back_for_every_mapper(m, mm):
     assert child.node_of(addr) == 2 and mm.node_of(addr) == 2
     assert child.read(addr, 7).tobytes() == b"shared!"
     assert mm.node_of(addr) == 0 and child.pfn_of(addr) == mm.pfn_of(addr)
-    st = m.page_state(mm.pfn_of(addr))
+    st = m.page_controls.page_state(mm.pfn_of(addr))
     assert st["mapcount"] == 2 and st["refcount"] == 3
     child.close()
     mm.close()

@@ -80,7 +80,7 @@ def test_migration_failures_are_reported_per_page(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 4)
     mm.pin(addr, ps)
-    m.start_writeback(mm.pfn_of(addr + ps))
+    m.page_controls.start_writeback(mm.pfn_of(addr + ps))
     res = mm.move_pages([addr, addr + ps, addr + 2 * ps], [1, 1, 1], mode=MigrateMode.ASYNC)
     assert res.status.tolist() == [EAGAIN, EBUSY, 1]
     assert res.nr_failed == 2
@@ -88,7 +88,7 @@ def test_migration_failures_are_reported_per_page(m, mm):
     res = mm.move_pages([addr + 3 * ps], [2])
     assert res.status.tolist() == [ENOMEM]
     m.put_pages(held)
-    m.end_writeback(mm.pfn_of(addr + ps))
+    m.page_controls.end_writeback(mm.pfn_of(addr + ps))
     mm.unpin(addr, ps)
     assert np.array_equal(mm.read(addr, 4 * ps), data)
 

@@ -63,8 +63,8 @@ def test_no_copy_never_copies_on_the_migrating_thread(m, mm, monkeypatch):
         calls.append(args)
         raise AssertionError("the migrating thread copied a page")
 
-    monkeypatch.setattr(m, "copy_folios", forbidden)
-    monkeypatch.setattr(m, "copy_pages", forbidden)
+    monkeypatch.setattr(m.frames, "copy_folios", forbidden)
+    monkeypatch.setattr(m.frames, "copy_pages", forbidden)
     for node in (2, 1, 0):
         res = mm.migrate(addr, 32 * ps, node, engine=m.dma)
         assert res.ok and calls == []
@@ -97,7 +97,7 @@ def test_no_copy_thp_whole_and_split(m, mm):
     addr, data = filled(m, mm, 2 * NR, order=9)
     res = mm.migrate(addr, 2 * NR * ps, 1, engine=m.dma)
     assert res.ok and res.nr_thp_succeeded == 2
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9
     nd = m.nodes[2]
     got = m.alloc_pages(2, nd.free_pages)
     held = got[(got - nd.base_pfn) % NR == 0]
@@ -114,12 +114,12 @@ def test_no_copy_with_failures_mixed_in(m, mm):
     data = rand(8 * ps, 3)
     mm.write(addr, data[: 6 * ps])
     mm.pin(addr + ps, ps)
-    m.get_page(mm.pfn_of(addr + 3 * ps))
+    m.page_controls.get_page(mm.pfn_of(addr + 3 * ps))
     mm.migrate(addr + 5 * ps, ps, 1)
     res = mm.migrate(addr, 8 * ps, 1, engine=m.dma)
     assert res.status.tolist() == [0, EAGAIN, 0, EAGAIN, 0, 0, ENOENT, ENOENT]
     assert res.nr_succeeded == 3 and res.nr_failed == 2
-    m.put_page(mm.pfn_of(addr + 3 * ps))
+    m.page_controls.put_page(mm.pfn_of(addr + 3 * ps))
     assert np.array_equal(mm.read(addr, 6 * ps), data[: 6 * ps])
 
 
@@ -161,7 +161,7 @@ def test_dma_error_on_a_thp(m, mm):
     m.dma.inject_errors(1)
     res = mm.migrate(addr, NR * ps, 1, engine=m.dma)
     assert res.ok and res.nr_thp_succeeded == 1 and res.stats.nr_dma_fallback == NR
-    assert m.page_state(mm.pfn_of(addr))["order"] == 9 and mm.node_of(addr) == 1
+    assert m.page_controls.page_state(mm.pfn_of(addr))["order"] == 9 and mm.node_of(addr) == 1
     assert np.array_equal(mm.read(addr, NR * ps), data)
 
 
@@ -170,10 +170,10 @@ def test_async_no_copy_with_a_locked_page(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 3)
     pfn = mm.pfn_of(addr + ps)
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     res = mm.migrate(addr, 3 * ps, 1, mode=MigrateMode.ASYNC, engine=m.dma)
     assert res.status.tolist() == [0, EAGAIN, 0]
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     assert np.array_equal(mm.read(addr, 3 * ps), data)
 
 
@@ -181,13 +181,13 @@ def test_sync_no_copy_waits_for_a_locked_page(m, mm):
     ps = m.page_size
     addr, data = filled(m, mm, 3)
     pfn = mm.pfn_of(addr)
-    m.lock_page(pfn)
+    m.page_controls.lock_page(pfn)
     out = {}
     t = threading.Thread(target=lambda: out.update(res=mm.migrate(addr, 3 * ps, 1, engine=m.dma)), daemon=True)
     t.start()
     t.join(0.05)
     assert t.is_alive()
-    m.unlock_page(pfn)
+    m.page_controls.unlock_page(pfn)
     t.join(30)
     assert not t.is_alive()
     assert out["res"].status.tolist() == [0, 0, 0]
@@ -197,14 +197,14 @@ def test_sync_no_copy_waits_for_a_locked_page(m, mm):
 def _write_between_passes(monkeypatch, m, mm, addr: int, new: bytes):
     """Fail the first pass (a transient reference) and write the source before the second pass unmaps it."""
     pfn = mm.pfn_of(addr)
-    m.get_page(pfn)
+    m.page_controls.get_page(pfn)
     calls = []
     real = core._Migration._unmap_pass
 
     def hook(self, todo, mode):
         calls.append(todo.size)
         if len(calls) == 2:
-            m.put_page(pfn)
+            m.page_controls.put_page(pfn)
             mm.write(addr, new)  # the source is mapped again between the passes: it can change
         return real(self, todo, mode)
 
@@ -231,7 +231,7 @@ def test_no_copy_moves_state_only(m, mm):
     src = pfns_of(mm, addr, 4)
     dst = m.alloc_pages(1, 4)
     marker = np.full((4, ps), 0xA5, np.uint8)
-    m.write_pfns(dst, marker)  # not the source's content: if the core copied, the marker would be gone
+    m.frames.write_pfns(dst, marker)  # not the source's content: if the core copied, the marker would be gone
     before = m.vmstat
     res = m.migrate_pages(src, 1, mode=SYNC_NO_COPY, dst_pfns=dst)
     assert res.ok and res.stats.nr_no_copy == 4
@@ -247,12 +247,12 @@ def test_no_copy_after_caller_copy_keeps_data(m, mm, mode):
     addr, data = filled(m, mm, 16)
     src = pfns_of(mm, addr, 16)
     dst = m.alloc_pages(2, 16)
-    m.write_pfns(dst, m.read_pfns(src))
+    m.frames.write_pfns(dst, m.frames.read_pfns(src))
     res = m.migrate_pages(src, 2, mode=mode | MigrateMode.NO_COPY, dst_pfns=dst)
     assert res.ok and res.nr_succeeded == 16
     assert np.array_equal(pfns_of(mm, addr, 16), dst)
     for pfn in dst.tolist():
-        st = m.page_state(pfn)
+        st = m.page_controls.page_state(pfn)
         assert st["refcount"] == st["mapcount"] == 1 and PageFlag.LRU in st["flags"]
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV - 16]
     assert np.array_equal(mm.read(addr, 16 * ps), data)
@@ -263,7 +263,7 @@ def test_no_copy_thp_onto_an_order9_destination(m, mm):
     addr, data = filled(m, mm, NR, order=9)
     head = mm.pfn_of(addr)
     dst = m.alloc_pages(1, 1, order=9)
-    m.write_pfns(m.pages.expand(dst), m.read_pfns(np.arange(head, head + NR)))
+    m.frames.write_pfns(m.pages.expand(dst), m.frames.read_pfns(np.arange(head, head + NR)))
     res = m.migrate_pages([head], 1, mode=SYNC_NO_COPY, dst_pfns=dst)
     assert res.ok and res.nr_thp_succeeded == 1 and res.nr_succeeded == NR
     assert mm.pfn_of(addr) == dst[0]
@@ -276,7 +276,7 @@ def test_no_copy_failures_free_their_destinations(m, mm):
     mm.pin(addr + ps, ps)
     src = pfns_of(mm, addr, 4)
     dst = m.alloc_pages(1, 4)
-    m.write_pfns(dst, m.read_pfns(src))
+    m.frames.write_pfns(dst, m.frames.read_pfns(src))
     res = m.migrate_pages(src, 1, mode=SYNC_NO_COPY, dst_pfns=dst)
     assert res.status.tolist() == [0, EAGAIN, 0, 0]
     assert m.nodes[1].free_pages == DEV - 3  # the pinned page's destination went back
@@ -289,7 +289,7 @@ def test_no_copy_destination_of_a_page_already_there_is_freed(m, mm):
     mm.migrate(addr, ps, 1)
     src = pfns_of(mm, addr, 2)
     dst = m.alloc_pages(1, 2)
-    m.write_pfns(dst, m.read_pfns(src))
+    m.frames.write_pfns(dst, m.frames.read_pfns(src))
     res = m.migrate_pages(src, 1, mode=SYNC_NO_COPY, dst_pfns=dst)
     assert res.status.tolist() == [0, 0] and res.nr_succeeded == 1
     assert m.nodes[1].free_pages == DEV - 2
@@ -314,7 +314,7 @@ def test_retried_no_copy_folio_gets_a_fresh_copy(m, mm, monkeypatch, mode):
     addr, data = filled(m, mm, 2)
     src = pfns_of(mm, addr, 2)
     dst = m.alloc_pages(1, 2)
-    m.write_pfns(dst, m.read_pfns(src))
+    m.frames.write_pfns(dst, m.frames.read_pfns(src))
     calls = _write_between_passes(monkeypatch, m, mm, addr, b"fresh")
     res = m.migrate_pages(src, 1, mode=mode | MigrateMode.NO_COPY, dst_pfns=dst)
     assert len(calls) >= 2
@@ -360,7 +360,7 @@ def test_bad_destinations_are_refused_and_nothing_changes(m, mm, case):
         m.migrate_pages(bad_src, 1, mode=SYNC_NO_COPY, dst_pfns=bad_dst)
     assert [n.free_pages for n in m.nodes] == before
     for pfn in src.tolist():
-        flags = m.page_flags(pfn)
+        flags = m.page_controls.page_flags(pfn)
         assert PageFlag.ISOLATED not in flags and PageFlag.LRU in flags
     m.put_pages(dst)  # still the caller's
     for e in extra:

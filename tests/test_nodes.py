@@ -211,11 +211,11 @@ def test_alloc_pages_gives_zeroed_aligned_folios(m, order):
     assert node.free_pages == 2048 - (3 << order)
     pfns = m.pages.expand(heads)
     assert (m.nodemap.node_of(pfns) == 1).all()
-    assert not m.read_pfns(pfns).any()
-    st = m.page_state(int(heads[0]))
+    assert not m.frames.read_pfns(pfns).any()
+    st = m.page_controls.page_state(int(heads[0]))
     assert st["refcount"] == 1 and st["order"] == order and st["mapping"] == -1
     if order:
-        tail = m.page_state(int(heads[0]) + 1)
+        tail = m.page_controls.page_state(int(heads[0]) + 1)
         assert tail["head"] == heads[0]
     m.put_pages(heads)
     assert node.free_pages == 2048
@@ -223,10 +223,10 @@ def test_alloc_pages_gives_zeroed_aligned_folios(m, order):
 
 def test_alloc_pages_zeroes_recycled_frames(m):
     heads = m.alloc_pages(1, 4)
-    m.write_pfns(heads, np.full((4, m.page_size), 0xAB, np.uint8))
+    m.frames.write_pfns(heads, np.full((4, m.page_size), 0xAB, np.uint8))
     m.put_pages(heads)
     again = m.alloc_pages(1, 2048)
-    assert not m.read_pfns(again).any()
+    assert not m.frames.read_pfns(again).any()
     m.put_pages(again)
 
 

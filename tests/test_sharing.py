@@ -30,7 +30,7 @@ def test_fork_maps_one_frame_write_protected_in_both(m, mm):
     assert np.array_equal(child.pfns_of(addr, 4 * ps), pfns)
     assert used(m) == 4
     for i in range(4):
-        st = m.page_state(int(pfns[i]))
+        st = m.page_controls.page_state(int(pfns[i]))
         assert (st["mapcount"], st["refcount"]) == (2, 2)
         for space in (mm, child):
             assert PteFlag.WRITE not in space.pte_flags(addr + i * ps)
@@ -53,9 +53,9 @@ def test_first_write_copies_the_page_for_the_writer_alone(m, mm):
     assert np.array_equal(mm.read(addr, ps), expect)
     assert np.array_equal(child.read(addr, ps), data[:ps])
     for space in (mm, child):
-        st = m.page_state(space.pfn_of(addr))
+        st = m.page_controls.page_state(space.pfn_of(addr))
         assert (st["mapcount"], st["refcount"]) == (1, 1)
-    assert m.page_state(mm.pfn_of(addr))["mapping"] == mm.vmas[0].obj.id
+    assert m.page_controls.page_state(mm.pfn_of(addr))["mapping"] == mm.vmas[0].obj.id
 
 
 def test_last_mapper_reuses_the_page(m, mm):
@@ -76,12 +76,12 @@ def test_an_extra_reference_makes_the_last_mapper_copy(m, mm):
     addr, data = filled(m, mm, 1)
     old = mm.pfn_of(addr)
     mm.fork().close()
-    assert m.page_state(old)["mapcount"] == 1 and PteFlag.WRITE not in mm.pte_flags(addr)
-    m.get_page(old)
+    assert m.page_controls.page_state(old)["mapcount"] == 1 and PteFlag.WRITE not in mm.pte_flags(addr)
+    m.page_controls.get_page(old)
     mm.write(addr, b"w")
     assert mm.pfn_of(addr) != old
-    assert m.page_state(old)["refcount"] == 1  # only the speculative reference is left
-    m.put_page(old)
+    assert m.page_controls.page_state(old)["refcount"] == 1  # only the speculative reference is left
+    m.page_controls.put_page(old)
     assert used(m) == 1
     assert mm.read(addr, 1).tobytes() == b"w" and np.array_equal(mm.read(addr + 1, 99), data[1:100])
 
@@ -97,7 +97,7 @@ def test_migration_moves_a_cow_page_for_both_processes(m, mm):
     assert np.array_equal(mm.pfns_of(addr, 8 * ps), child.pfns_of(addr, 8 * ps))
     assert free(m) == [HOST, DEV - 8, DEV]
     for i in range(8):
-        st = m.page_state(mm.pfn_of(addr + i * ps))
+        st = m.page_controls.page_state(mm.pfn_of(addr + i * ps))
         assert (st["mapcount"], st["refcount"]) == (2, 2)
         assert PteFlag.WRITE not in mm.pte_flags(addr + i * ps)  # the migration entry kept the bits
     child.write(addr, b"child")  # still copy-on-write after the move
@@ -162,8 +162,8 @@ def test_write_to_a_shared_large_folio_copies_one_base_page(m, mm):
     child = mm.fork()
     child.write(addr + 3 * ps, b"x")
     assert used(m) == nr + 1
-    assert m.page_state(child.pfn_of(addr + 3 * ps))["order"] == 0
-    assert m.page_state(child.pfn_of(addr + 4 * ps))["order"] == 4
+    assert m.page_controls.page_state(child.pfn_of(addr + 3 * ps))["order"] == 0
+    assert m.page_controls.page_state(child.pfn_of(addr + 4 * ps))["order"] == 4
     assert np.array_equal(mm.read(addr, nr * ps), data)
     assert child.read(addr + 3 * ps, 1).tobytes() == b"x"
     child.close()
@@ -191,7 +191,7 @@ def test_pin_breaks_copy_on_write(m, mm):
     child.pin(addr, m.page_size)
     assert child.pfn_of(addr) != mm.pfn_of(addr)
     child.write(addr, b"pinned")  # no copy now: the pinned page is the mapped page
-    assert m.page_state(child.pfn_of(addr))["refcount"] == 2
+    assert m.page_controls.page_state(child.pfn_of(addr))["refcount"] == 2
     child.unpin(addr, m.page_size)
 
 
@@ -349,7 +349,7 @@ def test_copy_nonpresent_pte_fork_copies_a_migration_entry(m, mm, monkeypatch, s
         assert PteFlag.PRESENT in present
     assert out[0].ok
     pfn = mm.pfn_of(addr)
-    assert child.pfn_of(addr) == pfn and mm.node_of(addr) == 1 and m.page_state(pfn)["mapcount"] == 2
+    assert child.pfn_of(addr) == pfn and mm.node_of(addr) == 1 and m.page_controls.page_state(pfn)["mapcount"] == 2
     assert (PteFlag.WRITE in mm.pte_flags(addr)) == shared
     assert not check_machine(m)
     child.write(addr, b"child")

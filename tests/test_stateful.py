@@ -292,7 +292,7 @@ class MigrationModel(RuleBasedStateMachine):
             dst = m.alloc_pages(node, pfns.size)
         except OutOfMemory:
             return
-        m.write_pfns(dst, m.read_pfns(pfns))
+        m.frames.write_pfns(dst, m.frames.read_pfns(pfns))
         res = m.migrate_pages(pfns, node, mode=mode | MigrateMode.NO_COPY, dst_pfns=dst)
         self._check_status(res.status, eio=False)
 

@@ -220,10 +220,10 @@ def test_a_staged_copy_is_two_copies_through_the_channel_bounce_buffer(m8, monke
     src, dst = m.nodes[4], m.nodes[5]  # devices 3 and 4
     rng = np.random.default_rng(1)
     pages = rng.integers(0, 256, (10, ps), dtype=np.uint8)
-    m.write_pfns(src.base_pfn + np.arange(10), pages)
+    m.frames.write_pfns(src.base_pfn + np.arange(10), pages)
     fence = m.dma.copy(src.base_pfn + np.arange(10), dst.base_pfn + 20 + np.arange(10))
     fence.wait(timeout=WAIT)
-    np.testing.assert_array_equal(m.read_pfns(dst.base_pfn + 20 + np.arange(10)), pages)
+    np.testing.assert_array_equal(m.frames.read_pfns(dst.base_pfn + 20 + np.arange(10)), pages)
     dma_calls = [c for c in calls if c[0] is src.frames or c[1] is dst.frames]
     # 10 pages through a 4-page buffer: three chunks, each in (from device 3) and then out (to device 4).
     assert [c[2] for c in dma_calls] == [4, 4, 4, 4, 2, 2]

@@ -50,7 +50,7 @@ def test_cpu_access_to_a_pinned_device_page(mode):
         a = mm.mmap(2 * PS)
         mm.write(a, np.full(2 * PS, 9, np.uint8))
         DeviceAccessor(mm, 1, UvmOptions(prefetch="none")).read(a, 2 * PS)
-        m.get_page(mm.pfn_of(a))  # a transient reference that outlives every retry
+        m.page_controls.get_page(mm.pfn_of(a))  # a transient reference that outlives every retry
         if mode == "coherent":
             assert (mm.read(a, PS) == 9).all()
             assert mm.node_of(a) == 1
@@ -58,7 +58,7 @@ def test_cpu_access_to_a_pinned_device_page(mode):
             with pytest.raises(AddressFault, match="device-private"):
                 mm.read(a, PS)
         assert (mm.read(a + PS, PS) == 9).all() and mm.node_of(a + PS) == 0
-        m.put_page(mm.pfn_of(a))
+        m.page_controls.put_page(mm.pfn_of(a))
         assert (mm.read(a, PS) == 9).all() and mm.node_of(a) == 0
 
 

@@ -51,7 +51,7 @@ def test_write_to_a_zero_large_folio_range_allocates_the_folio(m, mm):
     addr = mm.mmap(16 * ps, order=4)
     mm.read(addr, 16 * ps)
     mm.write(addr, b"f")
-    assert m.page_state(mm.pfn_of(addr + 15 * ps))["order"] == 4 and used(m) == 16
+    assert m.page_controls.page_state(mm.pfn_of(addr + 15 * ps))["order"] == 4 and used(m) == 16
 
 
 def test_migrate_skips_the_zero_page(m, mm):

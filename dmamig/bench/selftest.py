@@ -72,12 +72,12 @@ def _dma_random(m: Any, rng: np.random.Generator) -> str:
         dst = np.asarray(m.alloc_pages(1, n), dtype=np.int64)[rng.permutation(n)]
         m.dma.copy(src, dst).wait()
         # The reference: numpy checksums of the source pages as read back to the host.
-        want = page_checksums(m.read_pfns(src))
+        want = page_checksums(m.frames.read_pfns(src))
         got_src = np.asarray(m.dma.checksum(src))
         got_dst = np.asarray(m.dma.checksum(dst))
         _check(np.array_equal(got_src, want), "engine checksum of the source differs from the numpy reference")
         _check(np.array_equal(got_dst, want), f"{(got_dst != want).sum()} of {n} copied pages differ from source")
-        _check(np.array_equal(m.read_pfns(dst), m.read_pfns(src)), "copied bytes differ from the source bytes")
+        _check(np.array_equal(m.frames.read_pfns(dst), m.frames.read_pfns(src)), "copied bytes differ from the source bytes")
         return f"{n} scattered pages, {m.dma.channels if hasattr(m.dma, 'channels') else '?'} channels"
     finally:
         if dst is not None:
@@ -98,7 +98,7 @@ def _dma_error(m: Any, rng: np.random.Generator) -> str:
         m.dma.inject_errors(1)
         res = mm.migrate(addr, n * ps, 1, mode=MigrateMode.SYNC, engine=m.dma)
         st = np.asarray(res.status)
-        where = np.asarray(m.node_of_pfns(range_pfns(mm, addr, n)))
+        where = np.asarray(m.frames.node_of_pfns(range_pfns(mm, addr, n)))
         _check(((st == 0) | (where == 0)).all(), "a page that failed to migrate is not on its source node")
         _check(((st != 0) | (where == 1)).all(), "a page reported migrated is not on the target node")
         _check(np.array_equal(mm.read(addr, n * ps), data), "data changed after an injected DMA error")

@@ -112,7 +112,7 @@ def verify_pages(m: Any, pfns: np.ndarray, node: int, ref: np.ndarray | None, wh
     VerificationError
         On the first discrepancy, with the number of bad pages and the first one.
     """
-    nid = m.node_of_pfns(pfns)
+    nid = m.frames.node_of_pfns(pfns)
     bad = np.flatnonzero(nid != node)
     check(bad.size == 0, what, f"{bad.size} pages are not on node {node} (first: page {bad[:1].tolist()}, "
                                 f"on node {nid[bad[:1]].tolist()})")

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomics import ATOMICS_ERROR
+from ..atomics import ATOMICS_ERROR
 from ..errors import InvalidArgument
 from . import plan_loops
 from .copy_plan import PlanOptions
@@ -138,7 +138,7 @@ def status_text(status: int) -> str:
 if RING_AVAILABLE:
     from numba import njit
 
-    from .._atomics import full_fence, load_acquire, store_release
+    from ..atomics import full_fence, load_acquire, store_release
 
     @njit(nogil=True, cache=True)
     def _source_order(keys, n, order, tmp, count):  # pragma: no cover - compiled

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._validate import as_pfn_array, check_node
+from ..arguments import as_pfn_array, check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, ENOMEM, MigrateMode, MigrateReason
 from .cost_charges import BatchCharges
@@ -473,7 +473,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
         status, heads = collect_folios(m, pfns, node)
         if dst is not None:
             taken = status == PENDING
-            m.free_folios(dst[~taken])  # destinations of folios that will not move are ours to free
+            m.frames.free_folios(dst[~taken])  # destinations of folios that will not move are ours to free
             dst = dst[taken]
             heads = pfns[taken]
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._validate import check_node
+from ..arguments import check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, EBUSY, MigrateVmaSelect, PageFlag
 from ..mm_struct import MmStruct
@@ -308,8 +308,8 @@ class MigrateVma(VmaCollect, VmaMove):
             src = np.concatenate([old, back])
             pages.clear(np.concatenate([src[src != self.fault_page], new]), PageFlag.LOCKED)
             pages.set(np.concatenate([back, new]), PageFlag.LRU)
-            m.put_folios(old)  # the migration's reference: a reference taken since pages() keeps it alive
-            m.put_folios(np.concatenate([back, new]))
+            m.frames.put_folios(old)  # the migration's reference: a reference taken since pages() keeps it alive
+            m.frames.put_folios(np.concatenate([back, new]))
             moved_slots = self._cover(np.flatnonzero(moved))
             self.status[moved_slots] = 0
             holes = np.flatnonzero(((self.src & PFN_MIGRATE) != 0) & ((self.src & PFN_VALID) == 0)
@@ -317,7 +317,7 @@ class MigrateVma(VmaCollect, VmaMove):
             self._fill_holes(holes)
             unused = ((self.dst & PFN_VALID) != 0) & ~moved
             unused[holes[self.status[holes] == 0]] = False
-            m.free_folios(self._pfns(self.dst[unused]))
+            m.frames.free_folios(self._pfns(self.dst[unused]))
             # migrate_device.c counts no pgmigrate_* events: device migration has counters of its own, in pages.
             n = moved_slots.size + int((self.status[self._cover(holes)] == 0).sum())
             m.count_event("migrate_vma_success", n)
@@ -354,20 +354,20 @@ def migrate_device_coherent_folio(m: Machine, head: int) -> int:
     m.count_event("migrate_tlb_flush")
     swap = int(pages.test(h, PageFlag.SWAPCACHE)[0])
     # migrate_vma_check_page: only the migration's reference (and the swap cache's) may be left.
-    new = m.alloc_folios(0, 1, 0) if pages.refcount[head] == 1 + swap else np.empty(0, np.int64)
+    new = m.frames.alloc_folios(0, 1, 0) if pages.refcount[head] == 1 + swap else np.empty(0, np.int64)
     if new.size == 0:
         remove_migration_entries(m, h, h)
         pages.clear(h, PageFlag.LOCKED | PageFlag.ISOLATED)
         pages.set(h, PageFlag.LRU)
-        m.put_folios(h)
+        m.frames.put_folios(h)
         return EBUSY
     pages.set(new, PageFlag.LOCKED)
-    m.copy_pages(h, new)
+    m.frames.copy_pages(h, new)
     migrate_folio(m, h, new, pages.nr_pages(h))
     remove_migration_entries(m, h, new)
     pages.clear(np.concatenate([h, new]), PageFlag.LOCKED | PageFlag.ISOLATED)
     pages.set(new, PageFlag.LRU)
-    m.put_folios(h)  # the migration's reference: frees the device page
-    m.put_folios(new)  # the allocation's: the mappings hold the new page now
+    m.frames.put_folios(h)  # the migration's reference: frees the device page
+    m.frames.put_folios(new)  # the allocation's: the mappings hold the new page now
     m.count_event("migrate_to_ram")
     return 0

@@ -238,5 +238,5 @@ class VmaCollect:
                 # (__split_huge_page unlocks the pages but the one its caller holds).
                 pages.clear(pfns[1:], PageFlag.LOCKED)
             # Base pages nobody maps any more (a partly unmapped folio) are freed, as __split_huge_page does.
-            m.free_folios(pfns[pages.refcount[pfns] <= 0])
+            m.frames.free_folios(pfns[pages.refcount[pfns] <= 0])
             m.count_event("thp_migration_split")

@@ -48,7 +48,7 @@ class VmaMove:
             return
         m = self.mm.machine
         with m.lock:
-            got = m.alloc_folios(self.node, sel.size, 0)
+            got = m.frames.alloc_folios(self.node, sel.size, 0)
             self.src[sel[got.size:]] &= ~PFN_MIGRATE
             self.status[sel[got.size:]] = ENOMEM
             sel = sel[: got.size]
@@ -57,7 +57,7 @@ class VmaMove:
             self.dst[sel] = (got << MIGRATE_PFN_SHIFT) | PFN_VALID | np.where(writable, PFN_WRITE, 0)
         valid = (self.src[sel] & PFN_VALID) != 0
         src_p, dst_p = self._pfns(self.src[sel[valid]]), got[valid]
-        m.zero_pfns(got[~valid])
+        m.frames.zero_pfns(got[~valid])
         self._copy(engine, src_p, dst_p, None, None, sel[valid])
 
     def _copy(self, engine: DmaEngine | None, src_p: np.ndarray, dst_p: np.ndarray, src_heads: np.ndarray | None,
@@ -69,11 +69,11 @@ class VmaMove:
             return
         if engine is None:
             if src_heads is None:
-                m.copy_pages(src_p, dst_p)
+                m.frames.copy_pages(src_p, dst_p)
             else:
-                m.copy_folios(src_heads, dst_heads)
+                m.frames.copy_folios(src_heads, dst_heads)
                 nr = int(m.pages.nr_pages(src_heads).sum()) if src_heads.size else 0
-                m.copy_pages(src_p[nr:], dst_p[nr:])
+                m.frames.copy_pages(src_p[nr:], dst_p[nr:])
             return
         try:
             engine.copy(src_p, dst_p).wait()
@@ -86,7 +86,7 @@ class VmaMove:
         pages = m.pages
         with m.lock:
             csel = sel[comp]
-            big = m.alloc_folios(self.node, csel.size, HPAGE_PMD_ORDER) if csel.size else np.empty(0, np.int64)
+            big = m.frames.alloc_folios(self.node, csel.size, HPAGE_PMD_ORDER) if csel.size else np.empty(0, np.int64)
             whole, short = csel[: big.size], csel[big.size:]
             # A compound entry without a PMD-sized destination is driven in base pages, one per slot, each
             # slot's entry owned by the compound entry (its write bit, its source page head + j).
@@ -94,7 +94,7 @@ class VmaMove:
             fb_owner = np.repeat(short, HPAGE_PMD_NR)
             want = np.concatenate([sel[~comp], fb_slots])
             owner = np.concatenate([sel[~comp], fb_owner])
-            got = m.alloc_folios(self.node, want.size, 0)
+            got = m.frames.alloc_folios(self.node, want.size, 0)
             lacking, lack_owner = want[got.size:], owner[got.size:]
             lost = np.unique(lack_owner[lacking == lack_owner])  # entries whose first slot found no frame
             self.status[self._cover(lost)] = ENOMEM
@@ -114,7 +114,7 @@ class VmaMove:
         src_heads = self._pfns(self.src[whole[wv]])
         src_p = np.concatenate([pages.expand(src_heads), self._pfns(self.src[owner[bv]]) + offset[bv]])
         dst_p = np.concatenate([pages.expand(big[wv]), got[bv]])
-        m.zero_pfns(np.concatenate([pages.expand(big[~wv]), got[~bv]]))
+        m.frames.zero_pfns(np.concatenate([pages.expand(big[~wv]), got[~bv]]))
         self._copy(engine, src_p, dst_p, src_heads, big[wv], np.unique(np.concatenate([whole[wv], owner[bv]])))
 
     def _split_for_base_destinations(self) -> None:

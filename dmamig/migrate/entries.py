@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import page_loops
-from .._arrays import distinct
+from ..array_ops import distinct
 from ..flags import PageFlag
 from ..nodes import PAGEBLOCK_ORDER
 
@@ -147,7 +147,7 @@ class Entries:
             return
         own = pos[(self.dst[pos] >= 0) & (given_too | ~self.given[pos])]
         if own.size:
-            self.m.free_folios(self.dst[own])
+            self.m.frames.free_folios(self.dst[own])
             self.dst[own] = -1
         self.fresh[pos] = False
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import page_loops
-from .._arrays import all_distinct, first_occurrences
+from ..array_ops import all_distinct, first_occurrences
 from ..balloon import isolate_movable_folios
 from ..errors import InvalidArgument
 from ..flags import EACCES, EBUSY, EFAULT, ENOENT, PageFlag
@@ -55,7 +55,7 @@ def putback_folios(m: Machine, heads: np.ndarray) -> None:
         pages.set(heads[~np.isin(pages.mapping[heads], m.movable_object_ids)], PageFlag.LRU)
     else:
         pages.set(heads, PageFlag.LRU)
-    m.put_folios(heads, unique=True)
+    m.frames.put_folios(heads, unique=True)
 
 
 def collect_folios(m: Machine, pfns: np.ndarray, node: int,

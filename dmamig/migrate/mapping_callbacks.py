@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._arrays import distinct
+from ..array_ops import distinct
 from ..balloon import Balloon
 from ..filemap import BH_LOCKED, BH_REF, File
 from ..flags import EAGAIN, EBUSY, EINVAL, MigrateMode, PageFlag

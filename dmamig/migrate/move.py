@@ -74,7 +74,7 @@ class MovePhase:
         if failed is not None:
             # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
             t0 = time.perf_counter_ns()
-            self.m.copy_folios(self.e.src[failed], self.e.dst[failed])
+            self.m.frames.copy_folios(self.e.src[failed], self.e.dst[failed])
             self.phase_ns["copy"] += time.perf_counter_ns() - t0
             n = int(self.e.nr[failed].sum())
             self.stats.nr_dma_fallback += n
@@ -126,7 +126,7 @@ class MovePhase:
                 stale = ok[~e.fresh[ok]]
                 if stale.size:
                     t1 = time.perf_counter_ns()
-                    m.copy_folios(e.src[stale], e.dst[stale])
+                    m.frames.copy_folios(e.src[stale], e.dst[stale])
                     self.phase_ns["copy"] += time.perf_counter_ns() - t1
                     t0 += time.perf_counter_ns() - t1
                 file = m.page_cache.file_folios(e.src[ok])
@@ -170,7 +170,7 @@ class MovePhase:
             # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
             # outside the metadata lock; the locked, unmapped source cannot change meanwhile.
             t0 = time.perf_counter_ns()
-            m.copy_folios(e.src[stale], e.dst[stale])
+            m.frames.copy_folios(e.src[stale], e.dst[stale])
             self.phase_ns["copy"] += time.perf_counter_ns() - t0
         t0 = time.perf_counter_ns()
         with m.changed:
@@ -250,7 +250,7 @@ class MovePhase:
             mark_device_private(m, new if e.all_base else pages.expand(new))
         if dead:
             new = e.dst[moving[rc == 0]]
-            m.free_folios(new[pages.refcount[new] <= 0])
+            m.frames.free_folios(new[pages.refcount[new] <= 0])
         s = self.stats
         c = counts.tolist()
         s.nr_succeeded += c[0]
@@ -266,7 +266,7 @@ class MovePhase:
             nd = self.m.nodes[e.src_node]
             nd.allocator.free(pfns - nd.base_pfn)
         else:
-            self.m.free_frames(pfns)
+            self.m.frames.free_frames(pfns)
 
     def _count_moved(self, pos: np.ndarray) -> None:
         """Moved folios: status 0, counted (no-copy pages are those whose destination was already fresh)."""
@@ -306,11 +306,11 @@ class MovePhase:
                                         pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
             self._free_old(freed)
             if dead:
-                m.free_folios(new[pages.refcount[new] <= 0])
+                m.frames.free_folios(new[pages.refcount[new] <= 0])
         else:
             pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
-            m.free_folios(old)
-            m.put_folios(new, unique=True)
+            m.frames.free_folios(old)
+            m.frames.put_folios(new, unique=True)
         self._count_moved(pos)
 
     def _undo(self, pos: np.ndarray, rc: int = PENDING) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._validate import check_node
+from ..arguments import check_node
 from ..dma import DmaEngine
 from ..errors import InvalidArgument
 from ..flags import EBUSY, EFAULT, ENODEV, ENOENT, MigrateMode, MigrateReason, PteFlag

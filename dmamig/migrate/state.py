@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import page_loops
-from .._arrays import distinct
+from ..array_ops import distinct
 from ..flags import MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag
 
 if TYPE_CHECKING:

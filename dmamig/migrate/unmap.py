@@ -126,7 +126,7 @@ class UnmapPhase:
             return todo
         if e.one_order >= 0 and not self.fallback_nodes:
             # Folios of one order, one target node: a single allocation, and nothing more when it is served whole.
-            heads = m.alloc_folios(self.node, need.size, e.one_order)
+            heads = m.frames.alloc_folios(self.node, need.size, e.one_order)
             e.dst[need[:heads.size]] = heads
             if heads.size == need.size:
                 self.alloc_retry = _NONE
@@ -139,11 +139,11 @@ class UnmapPhase:
                 [(int(o), need[orders == o]) for o in np.unique(orders)]
             short = []  # per order, the entries left without a destination
             for order, pos in groups:
-                heads = m.alloc_folios(self.node, pos.size, order)
+                heads = m.frames.alloc_folios(self.node, pos.size, order)
                 for nid in self.fallback_nodes:  # a demotion: alloc_demote_folio's lower tiers, no direct reclaim
                     if heads.size == pos.size:
                         break
-                    heads = np.concatenate([heads, m.alloc_folios(nid, pos.size - heads.size, order)])
+                    heads = np.concatenate([heads, m.frames.alloc_folios(nid, pos.size - heads.size, order)])
                 e.dst[pos[: heads.size]] = heads
                 short.append((order, pos[heads.size:]))
         stop = None  # position of the first entry that ended the call with -ENOMEM

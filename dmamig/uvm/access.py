@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._validate import as_bytes, check_node
+from ..arguments import as_bytes, check_node
 from ..errors import AddressFault, InvalidArgument
 from ..flags import PteFlag
 from ..memory import check_access

@@ -51,7 +51,7 @@ class ReadDuplicates:
         record of it. Returns how many copies were made (fewer when the device is short of frames).
         """
         m = self.m
-        got = m.alloc_folios(self.node, addrs.size, 0)
+        got = m.frames.alloc_folios(self.node, addrs.size, 0)
         n = got.size
         if n == 0:
             return 0
@@ -64,7 +64,7 @@ class ReadDuplicates:
             except DmaError:
                 pass  # a failed DMA copy falls back to the CPU, as migration does
         if not copied:
-            m.copy_pages(src, got)
+            m.frames.copy_pages(src, got)
         m.pages.note_written(got)
         a = np.concatenate([self.addrs, addrs])
         p = np.concatenate([self.pfns, got])
@@ -85,7 +85,7 @@ class ReadDuplicates:
     def _free(self, idx: np.ndarray) -> int:
         if idx.size == 0:
             return 0
-        self.m.free_folios(self.pfns[idx])
+        self.m.frames.free_folios(self.pfns[idx])
         keep = np.ones(self.addrs.size, dtype=bool)
         keep[idx] = False
         self.addrs, self.pfns = self.addrs[keep], self.pfns[keep]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._validate import check_node
+from ..arguments import check_node
 from ..errors import InvalidArgument
 from ..flags import ENOENT, MigrateMode
 from ..migrate.core import MigrationRequest, run_migration

@@ -58,7 +58,7 @@ def store(m: Machine, node: int, pfns: np.ndarray, rows: np.ndarray) -> None:
         _device_access(m.backend, nd.frames, pfns[on] - nd.base_pfn, np.ascontiguousarray(rows[on]))
         m.pages.note_written(pfns[on])
     if not on.all():
-        m.write_pfns(pfns[~on], np.ascontiguousarray(rows[~on]))
+        m.frames.write_pfns(pfns[~on], np.ascontiguousarray(rows[~on]))
 
 
 def read_touch(m: Machine, node: int, pfns: np.ndarray) -> None:
@@ -70,4 +70,4 @@ def read_touch(m: Machine, node: int, pfns: np.ndarray) -> None:
         (touch or m.backend.checksum_frames)(nd.frames, pfns[on] - nd.base_pfn)
     rest = pfns[~on & (pfns >= 0)]
     if rest.size:
-        m.read_pfns(rest)
+        m.frames.read_pfns(rest)

@@ -59,7 +59,7 @@ if (_TAIL, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS, _JOB_ROWS, _JOB_PY
 if RING_AVAILABLE:
     from numba import njit
 
-    from ..._atomics import full_fence, load_acquire, load_plain, store_release
+    from ...atomics import full_fence, load_acquire, load_plain, store_release
     from .copy_loops import STREAM_STEP, raw_memcpy, stream64
     from .spin import cpu_relax, now_ns, sched_yield
 

@@ -2,7 +2,7 @@
 
 numba intrinsics that emit what a spin loop needs and numba does not offer on the CPU: the x86 PAUSE hint,
 libc's ``sched_yield`` and ``clock_gettime`` (called by symbol, so the compiled code caches). With the atomic
-loads and stores of :mod:`dmamig._atomics`, :mod:`dmamig.backends.cpu.ring_consumer` builds the CPU consumer of the DMA
+loads and stores of :mod:`dmamig.atomics`, :mod:`dmamig.backends.cpu.ring_consumer` builds the CPU consumer of the DMA
 channels' ring on them.
 
 Linux and macOS with numba on a 64-bit Python; elsewhere :data:`SPIN_AVAILABLE` is False (with the reason in

@@ -1,4 +1,4 @@
-"""FrameOps: a Machine's frames by pfn: allocating and freeing folios, dropping references, reading, writing,
+"""Frames: a Machine's frames by pfn: allocating and freeing folios, dropping references, reading, writing,
 zeroing and CPU-copying frames (grouped by node, one backend call per node or node pair)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._arrays import add_at, distinct
+from .array_ops import add_at, distinct
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -15,19 +15,41 @@ if TYPE_CHECKING:
     from .nodes import Node, NodeMap
     from .pages import PageArray
 
-__all__ = ["FrameOps"]
+__all__ = ["Frames"]
 
 
-class FrameOps:
-    """The frame and folio methods of :class:`~dmamig.Machine` (a mixin: ``Machine.__init__`` sets the state)."""
+class Frames:
+    """A machine's frames by pfn (``Machine.frames``): allocating and freeing folios, dropping references, frame
+    I/O and the migrating thread's CPU copy, grouped by node (one backend call per node or node pair). The
+    callers hold the machine's lock where they change page state.
 
-    _backend: Backend
-    _nodes: tuple[Node, ...]
-    _page_size: int
-    _faults: FaultPoints
-    _staged: list[list[bool]]
-    nodemap: NodeMap
-    pages: PageArray
+    Parameters
+    ----------
+    backend : Backend
+        The backend that owns the frames.
+    nodes : tuple of Node
+        The machine's nodes, in pfn order.
+    page_size : int
+        Bytes of a base page.
+    faults : FaultPoints
+        The machine's fault points (an injected allocation failure).
+    staged : list of list of bool
+        Per (source node, destination node): whether copies between them go through host memory.
+    nodemap : NodeMap
+        Node of each pfn.
+    pages : PageArray
+        The struct pages.
+    """
+
+    def __init__(self, backend: Backend, nodes: tuple[Node, ...], page_size: int, faults: FaultPoints,
+                 staged: list[list[bool]], nodemap: NodeMap, pages: PageArray) -> None:
+        self._backend = backend
+        self._nodes = nodes
+        self._page_size = int(page_size)
+        self._faults = faults
+        self._staged = staged
+        self.nodemap = nodemap
+        self.pages = pages
 
     def node_of_pfns(self, pfns: np.ndarray) -> np.ndarray:
         """Node id of each pfn."""
