@@ -194,6 +194,16 @@ class File(MemObject):
         out[inside] = self.pfns[idx[inside]]
         return out
 
+    def attach_buffers(self, pfns: np.ndarray) -> None:
+        """Give folios that lost their private data (``try_to_free_buffers``) new, idle buffer heads
+        (``folio_create_empty_buffers``), as the filesystem does before it uses them (lock held)."""
+        pages = self.machine.pages
+        bare = pfns[(pages.flags[pfns] & _PRIVATE) == 0]
+        if bare.size:
+            pages.set(bare, PageFlag.PRIVATE)
+            pages.private[bare] = 0
+            pages.refcount[bare] += 1
+
     # -- writes ----------------------------------------------------------------------------------------------
     def write_cached(self, offset: int, buf: np.ndarray) -> None:
         """Store ``buf`` at ``offset`` through the page cache (``generic_perform_write``; lock held).
@@ -209,6 +219,8 @@ class File(MemObject):
             if not self.fs.locks_folios or not locked.any():
                 break
             m.changed.wait()
+        if self.fs.buffer_heads:
+            self.attach_buffers(pfns)  # block_write_begin writes through the folio's buffers
         off = offset - int(idx[0]) * ps
         frames = m.frames.read_pfns(pfns)
         frames.reshape(-1)[off: off + buf.size] = buf
@@ -376,6 +388,7 @@ class File(MemObject):
         offset, _ = _check_span(offset, 1)
         with m.changed:
             pfn = int(self.find_or_read(np.array([offset // ps]))[0])
+            self.attach_buffers(np.array([pfn]))
             state = int(m.pages.private[pfn]) + BH_REF * int(get_bh)
             if state < 0:
                 raise InvalidArgument("put_bh without a matching get_bh")
