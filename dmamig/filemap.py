@@ -39,8 +39,11 @@ from .vma import NO_PFN, MemObject, Vma, rmap_walk
 if TYPE_CHECKING:
     from .machine import Machine
 
-__all__ = ["BH_LOCKED", "BH_REF", "BLOCKDEV_FS", "BUFFER_FS", "FILESYSTEMS", "GENERIC_FS", "NODE_STAT_ITEMS", "NO_CALLBACK_FS",
+__all__ = ["BH_LOCKED", "BH_REF", "BLOCKDEV_FS", "MAX_FILE_PAGES", "BUFFER_FS", "FILESYSTEMS", "GENERIC_FS", "NODE_STAT_ITEMS", "NO_CALLBACK_FS",
            "UNAUDITED_FS", "File", "Filesystem", "PageCache", "check_file_mapping", "vma_file"]
+
+#: Most pages a file may have: its page cache is a dense array of pfns (8 bytes per page).
+MAX_FILE_PAGES = 1 << 24
 
 #: Per-node page-cache counters (``enum node_stat_item``), in :meth:`PageCache.node_page_state` order. As in the
 #: kernel, ``nr_file_pages`` counts shared-memory pages too, and ``nr_shmem`` those alone.
@@ -327,7 +330,7 @@ class File(MemObject):
             raise InvalidArgument(f"{self.path!r} was opened read-only (writable=False): pwrite needs a file "
                                   f"opened for writing (EBADF)")
         buf = as_bytes(data)
-        offset, _ = _check_span(offset, buf.size)
+        offset, _ = _check_span(offset, buf.size, self.machine.page_size)
         with self.machine.changed:
             self.write_cached(offset, buf)
         return int(buf.size)
@@ -355,6 +358,7 @@ class File(MemObject):
                                   f"opened for writing")
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise InvalidArgument(f"size must be an integer >= 0, got {size!r}")
+        _check_size(int(size), self.machine.page_size, "size")
         with self.machine.changed:
             self.truncate(int(size))
             os.ftruncate(self.fd, int(size))
@@ -372,7 +376,7 @@ class File(MemObject):
         """The pfn caching each page of ``[offset, offset + length)`` (the whole file by default); ``-1``
         where the page is not cached."""
         length = max(1, self.size - offset) if length is None else length
-        offset, length = _check_span(offset, length)
+        offset, length = _check_span(offset, length, self.machine.page_size)
         with self.machine.lock:
             return self.cached_pfns(offset, length)
 
@@ -385,7 +389,7 @@ class File(MemObject):
         if not self.fs.buffer_heads:
             raise InvalidArgument(f"{self.path!r} is on the {self.fs.name!r} filesystem, which has no buffer heads")
         m, ps = self.machine, self.machine.page_size
-        offset, _ = _check_span(offset, 1)
+        offset, _ = _check_span(offset, 1, m.page_size)
         with m.changed:
             pfn = int(self.find_or_read(np.array([offset // ps]))[0])
             self.attach_buffers(np.array([pfn]))
@@ -416,7 +420,7 @@ class File(MemObject):
         self.close()
 
 
-def check_file_mapping(m: Machine, file: Any, offset: Any, shared: bool, order: int) -> int:
+def check_file_mapping(m: Machine, file: Any, offset: Any, shared: bool, order: int, npages: int) -> int:
     """Validate the file arguments of mmap; return the first page's index in the file."""
     if not isinstance(file, File) or file.machine is not m:
         raise InvalidArgument(f"file must be a File opened on this machine (m.open(path)), got {file!r}")
@@ -431,6 +435,7 @@ def check_file_mapping(m: Machine, file: Any, offset: Any, shared: bool, order: 
     if shared and not file.writable:
         raise InvalidArgument(f"{file.path!r} was opened read-only: a shared writable mapping of it needs a file "
                               f"opened for writing (EACCES); map it private")
+    _check_size(int(offset) + npages * m.page_size, m.page_size, "offset + length")
     return int(offset) // m.page_size
 
 
@@ -497,6 +502,8 @@ class PageCache:
             raise InvalidArgument(f"fs must be a Filesystem or one of {sorted(FILESYSTEMS)}, got {fs!r}")
         if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0):
             raise InvalidArgument(f"size must be an integer >= 0 or None, got {size!r}")
+        if size is not None:
+            _check_size(int(size), self.machine.page_size, "size")
         if path is None:
             if self._tmpdir is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="dmamig-files-")
@@ -781,13 +788,22 @@ def _open_fd(path: Any, writable: bool, create: bool) -> int:
     return fd
 
 
-def _check_span(offset: Any, length: Any) -> tuple[int, int]:
+def _check_span(offset: Any, length: Any, ps: int | None = None) -> tuple[int, int]:
+    """``(offset, length)`` as ints; with ``ps`` (the page size), also inside :data:`MAX_FILE_PAGES`."""
     for name, v in (("offset", offset), ("length", length)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise InvalidArgument(f"{name} must be an integer, got {type(v).__name__}")
     if offset < 0 or length < 0:
         raise InvalidArgument(f"offset and length must be >= 0, got {offset} and {length}")
+    if ps is not None:
+        _check_size(int(offset) + int(length), ps, "offset + length")
     return int(offset), int(length)
+
+
+def _check_size(size: int, ps: int, what: str) -> None:
+    if size > MAX_FILE_PAGES * ps:
+        raise InvalidArgument(f"{what} is {size} bytes; a file may have at most {MAX_FILE_PAGES} pages "
+                              f"({MAX_FILE_PAGES * ps} bytes): its page cache is a dense array")
 
 
 def _pages(size: int, ps: int) -> int:

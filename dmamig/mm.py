@@ -172,7 +172,7 @@ class AddressSpace:
         with m.lock:
             npages, shared, order = check_mmap(mms, length, shared, order)
             if file is not None:
-                pgoff = check_file_mapping(m, file, offset, shared, order)
+                pgoff = check_file_mapping(m, file, offset, shared, order, npages)
                 start = get_unmapped_area(mms, npages, order)
                 # A private mapping's copies are anonymous pages at the file's page index.
                 chain = (file,) if shared else (MemObject(m, pgoff + npages, False, 0), file)

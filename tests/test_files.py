@@ -303,3 +303,19 @@ def test_msync_writes_back_the_files_a_range_maps(m):
         mm.write(a, b"error")
         assert mm.msync(a, PS) == -5
     assert mm.msync(a, PS) == 0 and disk(f)[:5] == b"error"
+
+
+def test_a_file_too_large_for_its_page_cache_is_refused(m):
+    from dmamig.filemap import MAX_FILE_PAGES
+    f = m.open(size=PS)
+    limit = MAX_FILE_PAGES * PS
+    with pytest.raises(InvalidArgument, match="at most"):
+        f.pwrite(b"x", limit)
+    with pytest.raises(InvalidArgument, match="at most"):
+        f.ftruncate(limit + 1)
+    with pytest.raises(InvalidArgument, match="at most"):
+        m.open(size=limit + 1)
+    mm = m.address_space()
+    with pytest.raises(InvalidArgument, match="at most"):
+        mm.mmap(2 * PS, file=f, offset=limit - PS)
+    assert f.size == PS
