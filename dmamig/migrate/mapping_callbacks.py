@@ -86,16 +86,16 @@ def _buffer_migrate(m: Machine, heads: np.ndarray, mode: MigrateMode, check_refs
     pages = m.pages
     rc = np.zeros(heads.size, dtype=np.int32)
     with_buffers = (pages.flags[heads] & _PRIVATE) != 0
-    for k in np.flatnonzero(with_buffers).tolist():
-        h = int(heads[k])
-        if pages.private[h] & BH_LOCKED:
-            if mode == MigrateMode.ASYNC:
-                rc[k] = EAGAIN  # buffer_migrate_lock_buffers: trylock only
-                continue
-            while pages.private[h] & BH_LOCKED:  # lock_buffer sleeps
+    locked = with_buffers & ((pages.private[heads] & BH_LOCKED) != 0)
+    if locked.any():
+        if mode == MigrateMode.ASYNC:
+            rc[locked] = EAGAIN  # buffer_migrate_lock_buffers: trylock only
+        else:
+            while ((pages.private[heads[locked]] & BH_LOCKED) != 0).any():  # lock_buffer sleeps
                 m.changed.wait()
-        if check_refs and pages.private[h] >= BH_REF:
-            rc[k] = EAGAIN  # busy buffer heads, still busy after invalidate_bh_lrus()
+    if check_refs:
+        # Busy buffer heads, still busy after invalidate_bh_lrus().
+        rc[(rc == 0) & with_buffers & (pages.private[heads] >= BH_REF)] = EAGAIN
     return rc
 
 
