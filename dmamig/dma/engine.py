@@ -399,8 +399,13 @@ class DmaEngine:
                                         content.next_write_seq() if content is not None else 0)
                 if type(got) is not int:
                     submission = self._count_submission(int(src.size), got.nr_runs)
-                    fence = self._track(Fence([lane[c].completion(seq) for c, (seq, _) in enumerate(got.jobs)
-                                               if seq >= 0], None, self._count_error, submission))
+                    completions, asleep = [], []
+                    for c, (seq, idle) in enumerate(got.jobs):
+                        if seq >= 0:
+                            completions.append(lane[c].completion(seq))
+                            if idle:
+                                asleep.append(lane[c])
+                    fence = self._track(Fence(completions, None, self._count_error, submission))
                     break
                 if got != SUBMIT_NO_ROOM:
                     return None
@@ -408,9 +413,8 @@ class DmaEngine:
             ring_route.ring_set.make_room()
             for ch in lane:
                 ch.wait_for_progress(_ROOM_WAIT_S)
-        for c, (seq, asleep) in enumerate(got.jobs):
-            if asleep and seq >= 0:
-                lane[c].wake()
+        for ch in asleep:
+            ch.wake()
         return fence
 
     def _submit(self, plan: CopyPlan, seq: int,

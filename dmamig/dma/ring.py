@@ -658,12 +658,13 @@ class RingRoute:
         """
         rs = self.ring_set
         with rs.lock:
-            ws = rs.workspace(src_pfns.shape[0])
+            if rs._wm.size < src_pfns.shape[0]:
+                rs.workspace(src_pfns.shape[0])
             nr = _submit_pages(rs.ctl, rs.rows, rs.jobs, src_pfns, dst_pfns, self._args, self._large_fraction,
-                               checked, _NO_SEQ if write_seq is None else write_seq, seq, ws[0], ws[1], ws[2])
+                               checked, _NO_SEQ if write_seq is None else write_seq, seq, rs._ws, rs._wm, rs._out)
             if nr < 0:
                 return nr
-            table = ws[2][:, :2].tolist()
+            table = rs._out[:, :2].tolist()
             if rs.consumer is not None:
                 rs.consumer(table)
         return Submitted(nr, table)
