@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from .lackey import lackey_to_trace
 from .policies import POLICIES
+from .replay import BACKINGS
 from .trace import Trace, TraceError, load_trace, save_trace
 from .workloads import WORKLOADS, make_workload
 
@@ -58,6 +59,9 @@ def add_replay_parser(sub: Any, argtype: Callable, positive: Callable, nonnegati
                    help="workload: accesses per epoch; Lackey: accesses per epoch (256)")
     r.add_argument("--actors", type=argtype(positive), help="workload: actors (the workload's default)")
     r.add_argument("--seed", type=argtype(nonnegative), default=0, help="workload and initial bytes seed (0)")
+    r.add_argument("--backing", choices=BACKINGS, default="anon",
+                   help="the region: private anonymous memory (anon), shared anonymous memory (shmem), or a shared "
+                        "mapping of a real file whose bytes on disk are checked at the end (file)")
     r.add_argument("--format", choices=("auto", "trace", "lackey"), default="auto",
                    help="how to read a TRACE file: auto (.npz/.parquet are traces, other files Lackey logs)")
     r.add_argument("--record", type=Path, metavar="PATH", help="also save the replayed trace (.npz/.parquet)")
@@ -158,7 +162,7 @@ def cmd_replay(args: argparse.Namespace, console_factory: Callable[..., Any]) ->
         modes = ["copy", "no-copy"] if args.mode == "both" else [args.mode]
         job = ReplayJob(trace, args.policy, fast_fraction=args.fast_fraction, slow_cost=args.slow_cost,
                         channels=args.channels, threads=args.threads, device_fraction=args.device_fraction,
-                        seed=args.seed)
+                        seed=args.seed, backing=args.backing)
         sweep, out, _, session = open_sweep(
             args, _Usage(), lambda folder, resume: ReplaySweep(job, replay_tasks(job, modes), folder,
                                                                job.settings(str(args.source), modes), resume),

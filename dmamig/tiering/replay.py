@@ -47,7 +47,7 @@ from .numa import HintFaultPaths
 from .policies import Migration, Observation, Policy, Tiers
 from .trace import Trace, TraceError
 
-__all__ = ["EPOCH_FIELDS", "ReplayResult", "replay"]
+__all__ = ["BACKINGS", "EPOCH_FIELDS", "ReplayResult", "replay"]
 
 #: vmstat counters a replay reports the change of (``summary["vmstat"]``).
 VMSTAT_REPORTED = ("pgmigrate_success", "pgmigrate_fail", "numa_hint_faults", "numa_hint_faults_local",
@@ -58,6 +58,8 @@ EPOCH_FIELDS = ("accesses", "fast_hits", "hint_faults", "promoted", "demoted", "
                 "slow_pages", "device_pages", "uvm_migrated", "uvm_evicted", "uvm_remote", "uvm_service_ns")
 #: Node of the device that device actors run on (after the two host tiers).
 DEVICE_NODE = 2
+#: What a replayed region can be: private anonymous memory, shared anonymous memory, a shared mapping of a file.
+BACKINGS = ("anon", "shmem", "file")
 _UVM = {"uvm_migrated": "pages_migrated", "uvm_evicted": "pages_evicted", "uvm_remote": "pages_remote"}
 
 
@@ -206,7 +208,7 @@ def _run_epoch(acc: _Accessor, trace: Trace, lo: int, hi: int, threads: int, ps:
 
 def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: float = 0.25,
            slow_cost: float = 2.5, first_touch_fill: float = 0.9, channels: int = 2, threads: int = 1,
-           device_fraction: float = 0.5, seed: int = 0, record_events: bool = True,
+           device_fraction: float = 0.5, seed: int = 0, record_events: bool = True, backing: str = "anon",
            progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Replay ``trace`` under ``policy`` with copy or no-copy migration on a fresh CPU-backend machine.
 
@@ -235,6 +237,10 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
     record_events : bool
         Keep every ``mm_migrate_pages`` event in :attr:`ReplayResult.events` (the summary's per-reason totals
         are always there).
+    backing : {"anon", "shmem", "file"}
+        What the region is: private anonymous memory (the default), shared anonymous memory, or a shared
+        mapping of a real file (in a temporary folder; its folios migrate through the page cache's callback,
+        the flusher writes them back, and at the end the file on disk must hold the region's bytes).
     progress : callable, optional
         Called as ``progress(epoch_done, epochs)``.
 
@@ -244,6 +250,8 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
     """
     if mode not in ("copy", "no-copy"):
         raise InvalidArgument(f"mode must be 'copy' or 'no-copy', got {mode!r}")
+    if backing not in BACKINGS:
+        raise InvalidArgument(f"backing must be one of {', '.join(BACKINGS)}, got {backing!r}")
     if not 0.0 < fast_fraction <= 1.0 or not 0.0 <= first_touch_fill <= 1.0 or threads < 1:
         raise InvalidArgument(f"need 0 < fast_fraction <= 1, 0 <= first_touch_fill <= 1, threads >= 1; got "
                               f"{fast_fraction}, {first_touch_fill}, {threads}")
@@ -262,7 +270,7 @@ def replay(trace: Trace, policy: Policy, mode: str = "copy", *, fast_fraction: f
         return _replay_on(m, trace, policy, mode, pages, fast_pages, first_touch_fill, threads, seed, progress,
                           {"fast_fraction": fast_fraction, "slow_cost": slow_cost, "channels": channels,
                            "threads": threads, "first_touch_fill": first_touch_fill, "seed": seed,
-                           "record_events": bool(record_events),
+                           "record_events": bool(record_events), "backing": backing,
                            "device_actors": dev, "device_pages": m.nodes[-1].total_pages if dev else 0})
     finally:
         m.close()
@@ -274,7 +282,9 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
     ps, nbytes = m.page_size, pages * m.page_size
     free0 = [n.free_pages for n in m.nodes]
     mm = m.address_space()
-    addr = mm.mmap(nbytes)
+    backing = settings["backing"]
+    file = m.open(size=nbytes) if backing == "file" else None
+    addr = mm.mmap(nbytes, shared=backing != "anon", file=file)
     mm.populate(addr, nbytes, node=1)
     order = _first_touch_order(trace, pages, ps)[:int(fast_pages * fill)]
     if order.size:
@@ -374,7 +384,12 @@ def _replay_on(m: Machine, trace: Trace, policy: Policy, mode: str, pages: int, 
             numa.close()
     vm1 = m.vmstat
     final_ok = bool(np.array_equal(mm.read(addr, nbytes), ref))
+    if file is not None:  # what the region's writes left on disk, once written back
+        file.fsync()
+        final_ok = final_ok and bool(np.array_equal(np.fromfile(file.path, dtype=np.uint8, count=nbytes), ref))
     mm.close()
+    if file is not None:
+        file.close()
     leaked = int(sum(a - n.free_pages for a, n in zip(free0, m.nodes)))
     tot = {k: sum(v) for k, v in series.items()}
     migrated = tot["promoted"] + tot["demoted"]

@@ -58,12 +58,17 @@ class ReplayJob:
     threads: int = 1
     device_fraction: float = 0.5
     seed: int = 0
+    backing: str = "anon"
 
     def settings(self, source: str, modes: list[str]) -> dict[str, Any]:
-        """The settings a journal records and compares on ``--resume``."""
-        return {"source": source, "trace": trace_digest(self.trace), "policy": self.policy, "modes": modes,
-                "fast_fraction": self.fast_fraction, "slow_cost": self.slow_cost, "channels": self.channels,
-                "threads": self.threads, "device_fraction": self.device_fraction, "seed": self.seed}
+        """The settings a journal records and compares on ``--resume`` (``backing`` only where it is not the
+        default, so that journals written before it existed still resume)."""
+        out = {"source": source, "trace": trace_digest(self.trace), "policy": self.policy, "modes": modes,
+               "fast_fraction": self.fast_fraction, "slow_cost": self.slow_cost, "channels": self.channels,
+               "threads": self.threads, "device_fraction": self.device_fraction, "seed": self.seed}
+        if self.backing != "anon":
+            out["backing"] = self.backing
+        return out
 
 
 def replay_tasks(job: ReplayJob, modes: list[str]) -> list[Task]:
@@ -77,7 +82,7 @@ def run_replay_task(task: Task, job: ReplayJob,
     """Replay ``job`` in the mode ``task`` names; the run as ``ReplayResult.to_dict()``."""
     res = replay(job.trace, make_policy(job.policy), task.payload, fast_fraction=job.fast_fraction,
                  slow_cost=job.slow_cost, channels=job.channels, threads=job.threads, seed=job.seed,
-                 device_fraction=job.device_fraction, progress=progress)
+                 device_fraction=job.device_fraction, backing=job.backing, progress=progress)
     return res.to_dict()
 
 
