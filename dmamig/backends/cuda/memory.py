@@ -18,7 +18,7 @@ import numpy as np
 from ...errors import DmaError, InvalidArgument
 from .codes import HOST_ALLOC_MAPPED, HOST_ALLOC_PORTABLE
 
-__all__ = ["DeviceFrames", "alloc_pinned", "device_of", "frames_ptr", "free_device_memory", "pinned_frames",
+__all__ = ["DeviceFrames", "alloc_pinned", "device_of", "frames_ptr", "free_device_memory", "pinned_frames", "pinned_words",
            "run_spans"]
 
 
@@ -116,6 +116,18 @@ def alloc_pinned(rt: Any, nbytes: int) -> int:
     (device-addressable); the caller frees it with ``rt.freeHost``."""
     flags = getattr(rt, "hostAllocPortable", HOST_ALLOC_PORTABLE) | getattr(rt, "hostAllocMapped", HOST_ALLOC_MAPPED)
     return int(rt.hostAlloc(nbytes, flags))
+
+
+def pinned_words(rt: Any, shape: tuple[int, ...], owned: list[int]) -> np.ndarray:
+    """Zero-filled int64 words of ``shape`` in pinned, device-mapped host memory (:func:`alloc_pinned`), for
+    rings and flags that host and device both read and write; the address goes to ``owned``, whose owner frees
+    it with ``rt.freeHost`` once the device no longer reads it (never a finalizer: a kernel may still run)."""
+    n = int(np.prod(shape))
+    ptr = alloc_pinned(rt, 8 * n)
+    owned.append(ptr)
+    arr = np.frombuffer((ctypes.c_int64 * n).from_address(ptr), dtype=np.int64).reshape(shape)
+    arr.fill(0)
+    return arr
 
 
 def pinned_frames(rt: Any, nbytes: int) -> np.ndarray:

@@ -33,7 +33,6 @@ client's kernel that never yields its SMs starves the other clients, and MPS may
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -47,7 +46,7 @@ from ...dma import ring as dma_ring
 from ...errors import DmaError
 from ..cpu.channel import CLOSE_TIMEOUT
 from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text, is_sticky
-from .memory import alloc_pinned
+from .memory import pinned_words
 from .ring_lane import MAX_RING_CHANNELS, RingJob
 
 __all__ = ["ATTR_COOPERATIVE_LAUNCH", "ATTR_KERNEL_EXEC_TIMEOUT", "ATTR_MULTIPROCESSOR_COUNT", "H_RUNNING",
@@ -192,12 +191,7 @@ class PersistentRingLane:
         rs.consumer = self.doorbell
 
     def _alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape))
-        ptr = alloc_pinned(self._rt, 8 * n)
-        self._pinned.append(ptr)
-        arr = np.frombuffer((ctypes.c_int64 * n).from_address(ptr), dtype=np.int64).reshape(shape)
-        arr.fill(0)
-        return arr
+        return pinned_words(self._rt, shape, self._pinned)
 
     # -- submissions ------------------------------------------------------------------------------------------
     def doorbell(self, jobs: list[list[int]]) -> None:

@@ -17,7 +17,6 @@ finished: never by a finalizer while the device may still read them.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from ...errors import DmaError
 from ..cpu.ring_consumer import RING_AVAILABLE as POLL_AVAILABLE
 from ..cpu.ring_consumer import poll_done
 from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text, is_sticky
-from .memory import alloc_pinned
+from .memory import pinned_words
 
 __all__ = ["BLOCKS_PER_CHANNEL", "MAX_RING_CHANNELS", "STALL_S", "CudaRingLane", "RingJob"]
 
@@ -161,12 +160,7 @@ class CudaRingLane:
         rs.consumer = self.launch
 
     def _alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape))
-        ptr = alloc_pinned(self._rt, 8 * n)
-        self._pinned.append(ptr)
-        arr = np.frombuffer((ctypes.c_int64 * n).from_address(ptr), dtype=np.int64).reshape(shape)
-        arr.fill(0)
-        return arr
+        return pinned_words(self._rt, shape, self._pinned)
 
     def launch(self, jobs: list[list[int]]) -> None:
         """Run one submission's jobs (``[seq, _]`` per channel, ``seq`` -1 for none): one launch on the lane's
