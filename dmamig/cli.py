@@ -137,6 +137,19 @@ def _oversubscription(text: str) -> list[float]:
     return parse_oversubscription(text)
 
 
+def _files_total(text: str) -> int:
+    from .bench.settings import PAGE_SIZE, parse_size
+
+    n = parse_size(text)
+    if n % PAGE_SIZE:
+        raise ValueError(f"{text!r} is not a whole number of 4 KiB pages; use e.g. 32M")
+    limit = _memory_limit()
+    # The private mapping's copies sit beside its page cache: twice the working set on the host.
+    if limit and 2 * n > limit:
+        raise ValueError(f"{text!r} does not fit twice in this machine's memory; use at most {limit >> 21}M")
+    return n
+
+
 def _access_total(text: str) -> int:
     from .bench.settings import parse_size
 
@@ -260,6 +273,14 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
                         "default; 2 with --quick)")
     b.add_argument("--access-total", type=argtype(_access_total), metavar="SIZE",
                    help="working set of each device-access scenario (default 32M on cpu, 128M on cuda)")
+    b.add_argument("--files", action="store_true",
+                   help="also run the file-backed scenarios (clean and dirty page cache, shmem, a private file "
+                        "mapping after COW), copy and no-copy; --quick always runs them, at 4M")
+    b.add_argument("--no-files", action="store_true",
+                   help="skip the file-backed scenarios, also in a --quick sweep")
+    b.add_argument("--files-total", type=argtype(_files_total), metavar="SIZE",
+                   help="working set of each file-backed scenario (default 32M on cpu, 128M on cuda, 4M with "
+                        "--quick)")
     b.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     b.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder, refused if it already holds results (default "
@@ -777,6 +798,17 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
         over["extras"] = False
     if args.no_access:
         over["access"] = False
+    if args.files and args.no_files:
+        parser.error("argument --no-files: not allowed with --files; drop one of them")
+    if args.files:
+        over["files"] = True
+    if args.no_files:
+        over["files"] = False
+    if args.files_total is not None:
+        if args.no_files or not (args.files or settings.files):
+            parser.error("argument --files-total: sizes the file-backed scenarios, which run with --files (or "
+                         "--quick) and not with --no-files; add --files")
+        over["files_bytes"] = args.files_total
     try:
         # On a cluster the workers' GPUs count: the sweep compares them with --devices itself.
         over.update(pair_options(backend, gpus, args.devices or settings.devices, args.topology, args.pair_total,
@@ -831,6 +863,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                      f"{','.join(map(str, stream_batches(settings)))}, stencil at "
                      f"{','.join(f'{f:g}x' for f in sorted(set(settings.oversubscription)))} device memory"
                      if settings.access else "; no device access")
+                  + (f"; file-backed scenarios {format_size(settings.files_bytes)}" if settings.files else "")
                   + (f"; device pairs: {settings.devices} devices ({len(pair_scenarios(settings))} ordered pairs, "
                      f"topology {settings.topology}), {format_size(settings.pair_bytes)} each"
                      if pair_scenarios(settings) else "")

@@ -280,7 +280,7 @@ def test_access_tasks_run_through_run_task():
 # -- the command line --------------------------------------------------------------------------------------------
 
 SMALL = ["bench", "--quick", "--backend", "cpu", "--no-plots", "--sizes", "64k", "--total", "1M", "--channels",
-         "1", "--no-engine"]
+         "1", "--no-engine", "--no-files"]
 
 
 def test_no_access_drops_them(tmp_path):

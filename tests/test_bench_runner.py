@@ -81,8 +81,9 @@ def test_two_devices_add_device_to_device_legs():
 def test_quick_sweep_is_small():
     s = default_settings("cpu", quick=True)
     assert s.quick and s.total_bytes <= 16 << 20 and s.repeat == 1 and s.access_bytes <= 16 << 20
-    # 32 steps of migration and engine scenarios, 24 of device access (12 scenarios, warm-up and one timed).
-    assert sweep_steps(s) <= 60
+    # 32 steps of migration and engine scenarios, 24 of device access (12 scenarios, warm-up and one timed),
+    # 32 of the file-backed scenarios (8 tasks of two legs, warm-up and one timed).
+    assert sweep_steps(s) <= 90
 
 
 def test_scenario_ids_and_orders():
@@ -237,7 +238,7 @@ def test_selftest_cpu_passes(capsys):
 def test_quick_settings_can_be_overridden_from_the_command_line(tmp_path):
     out = tmp_path / "r"
     assert main(["bench", "--quick", "--backend", "cpu", "--sizes", "64k", "--total", "1M", "--channels", "1",
-                 "--no-engine", "--no-access", "--no-plots", "--out", str(out)]) == 0
+                 "--no-engine", "--no-access", "--no-files", "--no-plots", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["sizes"] == [65536] and doc["settings"]["total_bytes"] == 1 << 20
     assert {s["kind"] for s in doc["scenarios"]} == {"migrate"}
@@ -374,7 +375,7 @@ def test_run_sweep_reports_each_finished_task_and_skips_the_ones_named():
     from dmamig.bench.runner import build_tasks, run_sweep
 
     s = default_settings("cpu", quick=True)
-    s = dataclasses.replace(s, sizes=[4096], extras=False, variants=False, access=False)
+    s = dataclasses.replace(s, sizes=[4096], extras=False, variants=False, access=False, files=False)
     tasks = build_tasks(s)
     assert pickle.loads(pickle.dumps(tasks)) == tasks  # tasks travel to other processes
     done = []

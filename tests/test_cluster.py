@@ -49,7 +49,7 @@ REPLAY = ["replay", "uniform", "--pages", "64", "--epochs", "3", "--per-epoch", 
 
 def tiny_settings(**over):
     s = default_settings("cpu", quick=True)
-    extra = {"access": False} if hasattr(s, "access") else {}
+    extra = {"access": False, "files": False}
     return dataclasses.replace(s, sizes=[4096], total_bytes=1 << 20, channels=[1], variants=False,
                                **extra, **over)
 

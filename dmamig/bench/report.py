@@ -3,7 +3,7 @@
 Everything here works on the results document (the parsed ``results.json``), so a report can be re-rendered
 or compared on a machine that never ran the benchmark. Each scenario kind draws its own tables and plots
 (:mod:`dmamig.bench.migration`, :mod:`dmamig.bench.engine`, :mod:`dmamig.bench.access`,
-:mod:`dmamig.bench.pairs`); this module puts them in order under one header, with the ceilings last.
+:mod:`dmamig.bench.files`, :mod:`dmamig.bench.pairs`); this module puts them in order under one header, with the ceilings last.
 Reading, writing and comparing the document is :mod:`dmamig.bench.results`' job.
 """
 
@@ -16,6 +16,7 @@ from rich.console import Console
 
 from .access import access_table, write_access_plots
 from .engine import engine_table
+from .files import file_table
 from .migration import migration_tables, write_migration_plots
 from .naming import COPY_BASELINES, DIRECTIONS, format_size
 from .pairs import pair_table, write_pair_plots
@@ -46,7 +47,7 @@ def _resumed(doc: dict[str, Any]) -> str:
 
 def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
     """Print the results as rich tables: faithful migrations, experiments, engine scenarios, device access,
-    the device-pair matrices, then ceilings.
+    file-backed scenarios, the device-pair matrices, then ceilings.
 
     Each migration row says its batching (``faithful`` or the experiment's settings) and which copy
     scenario its no-copy/copy ratio divides by.
@@ -70,6 +71,9 @@ def render_tables(doc: dict[str, Any], console: Console | None = None) -> None:
     access = [s for s in scs if s["kind"] == "access"]
     if access:
         console.print(access_table(access))
+    files = file_table(scs)
+    if files is not None:
+        console.print(files)
     for table in pair_table(scs):
         console.print(table)
     if doc.get("ceilings"):

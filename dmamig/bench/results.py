@@ -10,8 +10,8 @@ Every figure of a scenario is the median over its timed repetitions; ``wall_ns``
 Schema 2 records each scenario's name in words and the batching it ran with (``options``: the
 :class:`~dmamig.MigrateOptions`, ``null`` for a raw DMA copy). Files of another ``schema_version`` are refused
 with a message that says which version the file has, which one is read, and what to do. Device-access records
-(kind ``access``), device-pair records (kind ``pairs``) and their settings came later within schema 2; every
-field they add is optional.
+(kind ``access``), device-pair records (kind ``pairs``), file-backed records (kind ``files``) and their settings
+came later within schema 2; every field they add is optional.
 
 Comparing: a scenario regresses when it is slower beyond a threshold and significantly so, when its data
 failed verification, when its settings differ, or when the run lacks it; runs whose settings differ are not
@@ -128,6 +128,18 @@ _PAIR_FIELDS = {
                                                 "repetition)."},
 }
 
+#: Fields of file-backed records (kind ``files``: ``mm.migrate`` of page-cache, shmem or private-file pages),
+#: each optional. Their other fields are a migration record's.
+_FILE_FIELDS = {
+    "file_case": {"enum": ["clean", "dirty", "shmem", "private-cow"],
+                  "description": "clean page cache (shared file mapping), dirty page cache (written through a "
+                                 "shared mapping), shared anonymous memory, or a private file mapping after COW."},
+    "source_dirty_pages": {**_num, "description": "Median dirty page-cache pages on the source node when the "
+                                                  "migration started."},
+    "source_writeback_pages": {**_num, "description": "Median page-cache pages under writeback on the source "
+                                                      "node when the migration started."},
+}
+
 #: Who ran a scenario or measured a ceiling. Recorded when a sweep ran in more than one process (on a Dask
 #: cluster, or resumed): a ratio divides by the ceiling of the same worker.
 _WORKER = {
@@ -175,11 +187,12 @@ _SCENARIO = {
         },
         "batching": {"type": "string",
                      "description": "options in words: faithful, pipelined (...) or experiment (...)."},
-        "kind": {"enum": ["migrate", "state", "dma", "access", "pairs"],
+        "kind": {"enum": ["migrate", "state", "dma", "access", "pairs", "files"],
                  "description": "migrate: mm.migrate end to end; state: NO_COPY m.migrate_pages (page state "
                                 "only); dma: m.dma.copy of pages; access: a device reading (and writing) host "
                                 "memory through faults, UVM-style; pairs: mm.migrate from one device to "
-                                "another, for every ordered device pair."},
+                                "another, for every ordered device pair; files: mm.migrate of page-cache, "
+                                "shmem or private-file pages."},
         "mode": {"enum": ["copy", "nocopy", "state", "dma"]},
         "direction": {"enum": ["h2d", "d2h", "d2d"]},
         "direction_name": {"type": "string"},
@@ -224,6 +237,7 @@ _SCENARIO = {
         "verified": {"type": "boolean", "description": "Every repetition's data was checked after it ran."},
         **_ACCESS_FIELDS,
         **_PAIR_FIELDS,
+        **_FILE_FIELDS,
     },
 }
 
@@ -313,6 +327,8 @@ RESULTS_SCHEMA: dict[str, Any] = {
                 "access_bytes": _int,
                 "fault_batches": {"type": "array", "items": {"type": "integer", "minimum": 1}},
                 "oversubscription": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                "files": {"type": "boolean", "description": "File-backed scenarios run."},
+                "files_bytes": _int,
                 "pairs": {"type": "boolean", "description": "Device pairs run (with two devices or more)."},
                 "pair_bytes": _int,
                 "topology": {"type": "string",
@@ -426,6 +442,8 @@ CSV_FIELDS = (
        "service_ns_per_batch", "bytes_migrated_per_byte_touched", "ceiling_pages_per_s"]
     # Device-pair records (empty for the others).
     + ["src_device", "dst_device", "link", "peer", "staged", "ceiling_route"]
+    # File-backed records (empty for the others).
+    + ["file_case", "source_dirty_pages", "source_writeback_pages"]
     # Who ran it (every run; on a cluster each row its own worker): see :func:`who_ran`.
     + ["host", "worker", "cpu_model", "gpu", "gpu_uuid", "gpu_pci_bus_id"]
 )
@@ -566,7 +584,7 @@ class NotComparable(ResultsError):
 #: Run settings that change what a scenario measures; runs that differ in any of them are not compared.
 COMPARED_SETTINGS = ("backend", "page_size", "total_bytes", "quick")
 #: Settings compared only when both runs record them (older files predate them; null: not the backend's setting).
-COMPARED_IF_RECORDED = ("access_bytes", "pair_bytes", "topology", "dma_poll_us", "dma_engine")
+COMPARED_IF_RECORDED = ("access_bytes", "files_bytes", "pair_bytes", "topology", "dma_poll_us", "dma_engine")
 
 
 def check_comparable(new: dict[str, Any], baseline: dict[str, Any], other_machine: bool = False) -> None:

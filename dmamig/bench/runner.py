@@ -2,7 +2,7 @@
 
 :func:`build_tasks` turns settings into tasks (:class:`~dmamig.sweep.tasks.Task`) and :func:`run_task` runs one
 with the runner of its kind (:mod:`dmamig.bench.migration`, :mod:`dmamig.bench.engine`,
-:mod:`dmamig.bench.access`, :mod:`dmamig.bench.pairs`); :func:`run_sweep` runs them all in this process and
+:mod:`dmamig.bench.access`, :mod:`dmamig.bench.files`, :mod:`dmamig.bench.pairs`); :func:`run_sweep` runs them all in this process and
 :func:`sweep_document` builds the results document.
 
 :class:`BenchSweep` binds a sweep to its output folder: journalled, resumable, in this process or on a cluster.
@@ -40,6 +40,7 @@ from ..sweep.tasks import ProgressFn, Task
 from .access import access_tasks, add_access_speedups, run_access
 from .engine import engine_scenarios, run_dma, run_state
 from .environment import machine_info, measure_ceilings
+from .files import add_file_speedups, file_tasks, run_file_case
 from .migration import MigrateGroup, Scenario, add_migration_speedups, migration_groups, run_group
 from .pairs import add_pair_speedups, pair_tasks, pair_topology, run_pair
 from .results import SCHEMA_VERSION
@@ -74,16 +75,18 @@ def build_sweep(settings: BenchSettings) -> tuple[list[MigrateGroup], list[Scena
 def add_speedups(records: list[dict[str, Any]], copy_baseline: str = "cpu") -> None:
     """Pair the records of a sweep once they are all in: no-copy migrations with their copy
     (:func:`~dmamig.bench.migration.add_migration_speedups`, which also records ``copy_baseline``),
-    device-access records (:func:`~dmamig.bench.access.add_access_speedups`) and device pairs
-    (:func:`~dmamig.bench.pairs.add_pair_speedups`)."""
+    device-access records (:func:`~dmamig.bench.access.add_access_speedups`), file-backed records
+    (:func:`~dmamig.bench.files.add_file_speedups`) and device pairs (:func:`~dmamig.bench.pairs.add_pair_speedups`)."""
     add_migration_speedups(records, copy_baseline)
     add_access_speedups(records)
+    add_file_speedups(records, copy_baseline)
     add_pair_speedups(records)
 
 
 def build_tasks(settings: BenchSettings) -> list[Task]:
     """The sweep of ``settings`` as tasks, in the order they run: migration groups (the headline first), the
-    engine scenarios, the device-access scenarios (:mod:`dmamig.bench.access`), then with two devices or more
+    engine scenarios, the device-access scenarios (:mod:`dmamig.bench.access`), the file-backed scenarios
+    (:mod:`dmamig.bench.files`), then with two devices or more
     one task per ordered device pair (:mod:`dmamig.bench.pairs`). Each task runs on its own machine (or two,
     for a stencil and its ceiling) and returns its records (:func:`run_task`)."""
     groups, engine = build_sweep(settings)
@@ -94,6 +97,7 @@ def build_tasks(settings: BenchSettings) -> list[Task]:
         dirs = (sc.direction,) if sc.kind == "dma" else ()
         tasks.append(Task(sc.id, sc.name, sc.kind, reps, dirs, sc, 2000 + i))
     tasks += access_tasks(settings)
+    tasks += file_tasks(settings)
     tasks += pair_tasks(settings)
     # Ids key the journal, the resume and the cluster's futures: two tasks of one id would lose one of them.
     seen: set[str] = set()
@@ -120,6 +124,8 @@ def run_task(task: Task, settings: BenchSettings, ceilings: dict[str, dict],
         return [run_dma(task.payload, settings, ceilings, progress, seed=task.seed)]
     if task.kind == "access":
         return run_access(task.payload, settings, progress, seed=task.seed)
+    if task.kind == "files":
+        return run_file_case(task.payload, settings, ceilings, progress, seed=task.seed)
     if task.kind == "pairs":
         return run_pair(task.payload, settings, progress, seed=task.seed)
     raise ValueError(f"task {task.id!r}: unknown kind {task.kind!r}")

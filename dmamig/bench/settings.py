@@ -225,6 +225,12 @@ class BenchSettings:
         Fault batch sizes of the streaming read (UVM's 256 always runs, and is the one the other patterns use).
     oversubscription : list of float
         Working set over device memory of the stencil scenarios (``2.0``: twice the device's memory).
+    files : bool
+        Also run the file-backed scenarios (:mod:`dmamig.bench.files`): clean and dirty page cache, shared
+        memory and a private file mapping after copy-on-write, in copy and no-copy mode. Off by default (they
+        add about 14 s on a 2-vCPU VM); on in a quick sweep, at 4 MiB.
+    files_bytes : int
+        Working set of each file-backed scenario (whole 4 KiB pages).
     pairs : bool
         With ``devices >= 2``: migrate between every ordered pair of devices (:mod:`dmamig.bench.pairs`).
     pair_bytes : int
@@ -259,6 +265,8 @@ class BenchSettings:
     access_bytes: int = 32 << 20
     fault_batches: list[int] = field(default_factory=lambda: [32, 256, 1024])
     oversubscription: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    files: bool = False
+    files_bytes: int = 32 << 20
     pairs: bool = True
     pair_bytes: int = 32 << 20
     topology: str = "nvswitch"
@@ -334,6 +342,8 @@ class BenchSettings:
             "access_bytes": self.access_bytes,
             "fault_batches": list(self.fault_batches),
             "oversubscription": list(self.oversubscription),
+            "files": self.files,
+            "files_bytes": self.files_bytes,
             "pairs": self.pairs,
             "pair_bytes": self.pair_bytes,
             "topology": self.topology,
@@ -352,6 +362,8 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     device-access scenarios work on 32 MiB (128 MiB on a GPU; 8 MiB and the 2x stencil only with ``quick``).
     With two devices or more each ordered device pair migrates 32 MiB (256 MiB on a GPU, 4 MiB with ``quick``)
     of 2 MiB folios; on the CPU backend the devices sit on one NVSwitch unless ``topology`` names another preset.
+    The file-backed scenarios run only in a quick sweep (4 MiB) unless ``files`` is set (32 MiB, 128 MiB on a
+    GPU).
 
     Parameters
     ----------
@@ -366,10 +378,11 @@ def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> Ben
     if quick:
         return BenchSettings(backend=backend, sizes=[4096, 2 << 20], total_bytes=8 << 20, channels=[2],
                              devices=1, repeat=1, warmup=1, quick=True, access_bytes=8 << 20,
-                             oversubscription=[2.0], pair_bytes=4 << 20, topology=topology)
+                             oversubscription=[2.0], files=True, files_bytes=4 << 20, pair_bytes=4 << 20, topology=topology)
     if backend == "cuda":
         return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=1 << 30,
                              channels=[1, 2, 4], devices=max(1, min(gpus, 2)), repeat=5, warmup=1,
-                             access_bytes=128 << 20, pair_bytes=256 << 20, topology=topology)
+                             access_bytes=128 << 20, files_bytes=128 << 20, pair_bytes=256 << 20,
+                             topology=topology)
     return BenchSettings(backend=backend, sizes=[4096, 64 << 10, 2 << 20], total_bytes=256 << 20,
                          channels=[1, 2], devices=1, repeat=5, warmup=1)
