@@ -250,3 +250,18 @@ def test_registered_memory_stays_alive_until_the_rings_detach():
     rings.detach()
     gc.collect()
     assert ref() is None
+
+
+def test_a_consumer_that_cannot_start_fails_only_the_unfinished_jobs_it_was_given():
+    rings = dma_ring.RingSet(3)
+    r0, r1, r2 = rings.rings
+    with rings.lock:
+        done, _ = r0.publish(dma_ring.JOB_PYTHON)
+        r0.finish(done + 1)  # already copied: keeps its status
+        left, _ = r0.publish(dma_ring.JOB_PYTHON)
+        other, _ = r1.publish(dma_ring.JOB_PYTHON)
+    rings.fail_unfinished([[done, 0], [other, 0], [-1, 0]])  # channel 0's finished job, channel 1's, none on 2
+    assert r0.status(done) == dma_ring.STATUS_OK
+    assert r1.status(other) == dma_ring.STATUS_FAILED and r1.head == other + 1
+    assert r0.head == done + 1 and r0.status(left) == dma_ring.STATUS_PENDING  # not given: left alone
+    assert r2.tail == 0 and r2.head == 0

@@ -611,6 +611,13 @@ class RingSet:
             for c, ring in enumerate(self.rings):
                 ring.ctl, ring.rows, ring.jobs, ring.regions = self.ctl[c], self.rows[c], self.jobs[c], self.regions
 
+    def fail_unfinished(self, jobs: list[list[int]]) -> None:
+        """End with :data:`STATUS_FAILED` each job of ``jobs`` (:attr:`Submitted.jobs`: ``[seq, _]`` per channel,
+        ``seq`` -1 for none) that its consumer has not finished: a consumer that could not be started."""
+        for ring, (seq, _) in zip(self.rings, jobs):
+            if seq >= 0 and ring.head <= seq:
+                ring.finish(seq + 1, STATUS_FAILED)
+
     def make_room(self) -> None:
         """Reap every ring (caller does not hold the lock)."""
         with self.lock:

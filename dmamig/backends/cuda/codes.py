@@ -17,7 +17,7 @@ __all__ = ["CUDA_ERROR_INSUFFICIENT_DRIVER", "CUDA_ERROR_MEMORY_ALLOCATION", "CU
            "CUDA_ERROR_NO_DEVICE", "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED", "CUDA_SUCCESS", "EVENT_BLOCKING_SYNC",
            "EVENT_DISABLE_TIMING", "HOST_ALLOC_MAPPED", "HOST_ALLOC_PORTABLE", "MEMCPY_DEFAULT",
            "MEMCPY_DEVICE_TO_HOST", "MEMCPY_HOST_TO_DEVICE", "STICKY_CODES", "collect_first_error", "cuda_error_kind",
-           "cuda_error_text", "cuda_version_text", "is_sticky", "map_cuda_error"]
+           "cuda_error_text", "cuda_version_text", "is_sticky", "map_cuda_error", "stream_status"]
 
 # CUDA runtime codes the backend interprets (cudaError_t values, stable across CUDA 11-13).
 CUDA_SUCCESS = 0
@@ -33,6 +33,14 @@ _UNAVAILABLE_CODES = frozenset({3, 35, 46, 100, 101, 802, 803, 804})
 #: an illegal address, a launch timeout, a device-side assert, a hardware stack error, an illegal or misaligned
 #: instruction or address, an invalid address space or program counter, a failed launch.
 STICKY_CODES = frozenset({214, 700, 702, 710, 714, 715, 716, 717, 718, 719})
+
+
+def stream_status(rt: Any, stream: Any) -> int:
+    """``cudaStreamQuery`` of ``stream`` as a code (CuPy raises for an error code; its status is the code)."""
+    try:
+        return int(rt.streamQuery(stream.ptr))
+    except Exception as exc:
+        return int(getattr(exc, "status", -1))
 
 
 def is_sticky(code: int | None) -> bool:

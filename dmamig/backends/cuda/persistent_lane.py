@@ -45,7 +45,14 @@ import numpy as np
 from ...dma import ring as dma_ring
 from ...errors import DmaError
 from ..cpu.channel import CLOSE_TIMEOUT
-from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text, is_sticky
+from .codes import (
+    CUDA_ERROR_NOT_READY,
+    CUDA_SUCCESS,
+    collect_first_error,
+    cuda_error_text,
+    is_sticky,
+    stream_status,
+)
 from .memory import pinned_words
 from .ring_lane import MAX_RING_CHANNELS, RingJob
 
@@ -200,13 +207,13 @@ class PersistentRingLane:
         ``IDLE`` held the last launch's generation (that consumer exited); otherwise the running (or queued)
         consumer takes the jobs. A launch that fails fails those jobs and the lane."""
         if self.failure is not None or self._closed:
-            self._fail_jobs(jobs)
+            self.rings.fail_unfinished(jobs)
             return
         if self.generation and not any(seq >= 0 and idle == self.generation for seq, idle in jobs):
             return
         self.relaunch()
         if self.failure is not None:
-            self._fail_jobs(jobs)
+            self.rings.fail_unfinished(jobs)
 
     def relaunch(self) -> None:
         """Queue one more launch of the consumer on the lane's stream (the caller holds the ring set's lock, or
@@ -227,11 +234,6 @@ class PersistentRingLane:
         self.generation = generation
         self.launches += 1
 
-    def _fail_jobs(self, jobs: list[list[int]]) -> None:
-        for ring, (seq, _) in zip(self.rings.rings, jobs):
-            if seq >= 0 and ring.head <= seq:
-                ring.finish(seq + 1, dma_ring.STATUS_FAILED)
-
     def job(self, channel: int, seq: int) -> RingJob:
         """The completion of job ``seq`` on ``channel``'s ring."""
         return RingJob(self, self.rings.rings[channel], seq)
@@ -245,11 +247,6 @@ class PersistentRingLane:
         """The generation of the consumer running now (0: none is)."""
         return int(self.host_words[H_RUNNING])
 
-    @property
-    def idle(self) -> bool:
-        """Whether every published job has finished."""
-        return all(r.head >= r.tail for r in self.rings.rings)
-
     # -- failure ------------------------------------------------------------------------------------------------
     def fail(self, error: BaseException) -> None:
         """Fail the lane: its unfinished jobs and every later one fail with ``error`` (kept in :attr:`failure`)."""
@@ -258,10 +255,7 @@ class PersistentRingLane:
                 self.failure = error
 
     def _query(self) -> int:
-        try:
-            return int(self._rt.streamQuery(self.stream.ptr))
-        except Exception as exc:  # CuPy raises for an error code
-            return int(getattr(exc, "status", -1))
+        return stream_status(self._rt, self.stream)
 
     def check_stream(self, ring: dma_ring.Ring, seq: int) -> None:
         """Ask how the consumer is doing (job ``seq`` of ``ring`` is not done): a CUDA error, a stream that went

@@ -28,7 +28,14 @@ from ...dma import ring as dma_ring
 from ...errors import DmaError
 from ..cpu.ring_consumer import RING_AVAILABLE as POLL_AVAILABLE
 from ..cpu.ring_consumer import poll_done
-from .codes import CUDA_ERROR_NOT_READY, CUDA_SUCCESS, collect_first_error, cuda_error_text, is_sticky
+from .codes import (
+    CUDA_ERROR_NOT_READY,
+    CUDA_SUCCESS,
+    collect_first_error,
+    cuda_error_text,
+    is_sticky,
+    stream_status,
+)
 from .memory import pinned_words
 
 __all__ = ["BLOCKS_PER_CHANNEL", "MAX_RING_CHANNELS", "STALL_S", "CudaRingLane", "RingJob"]
@@ -169,7 +176,7 @@ class CudaRingLane:
         A launch that fails fails those jobs and the lane (a CUDA error here is sticky).
         """
         if self.failure is not None:
-            self._fail_jobs(jobs, self.failure)
+            self.rings.fail_unfinished(jobs)
             return
         seqs = tuple(np.int64(j[0]) for j in jobs) + self._no_job
         try:
@@ -181,14 +188,9 @@ class CudaRingLane:
                            f"{type(exc).__name__}: {exc}")
             err.__cause__ = exc
             self.fail(err)
-            self._fail_jobs(jobs, err)
+            self.rings.fail_unfinished(jobs)
             if is_sticky(getattr(exc, "status", None)) and self.on_sticky is not None:
                 self.on_sticky(self.device, err)
-
-    def _fail_jobs(self, jobs: list[list[int]], error: BaseException) -> None:
-        for ring, (seq, _) in zip(self.rings.rings, jobs):
-            if seq >= 0 and ring.head <= seq:
-                ring.finish(seq + 1, dma_ring.STATUS_FAILED)
 
     def job(self, channel: int, seq: int) -> RingJob:
         """The completion of job ``seq`` on ``channel``'s ring."""
@@ -203,10 +205,7 @@ class CudaRingLane:
     def check_stream(self, ring: dma_ring.Ring, seq: int) -> None:
         """Ask the stream how it is doing (job ``seq`` of ``ring`` is not done): a CUDA error, or a stream that
         went idle without publishing the job, fails the lane."""
-        try:
-            code = int(self._rt.streamQuery(self.stream.ptr))
-        except Exception as exc:  # CuPy raises for an error code
-            code = int(getattr(exc, "status", -1))
+        code = stream_status(self._rt, self.stream)
         if code == CUDA_ERROR_NOT_READY:
             return
         if code == CUDA_SUCCESS:
@@ -219,11 +218,6 @@ class CudaRingLane:
         self.fail(err)
         if is_sticky(code) and self.on_sticky is not None:
             self.on_sticky(self.device, err)
-
-    @property
-    def idle(self) -> bool:
-        """Whether every published job has finished."""
-        return all(r.head >= r.tail for r in self.rings.rings)
 
     def close(self) -> None:
         """Wait for the stream (bounded by what it has queued), then free the counters and the pinned rings.
