@@ -582,15 +582,13 @@ class RingSet:
         """:meth:`register` the bytes of a C-contiguous frame buffer (kept alive until :meth:`detach`)."""
         self.register(frames.ctypes.data, frames.ctypes.data + frames.nbytes, owner=frames)
 
-    def workspace(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The compiled submission's scratch for ``n`` pages, grown by doubling and reused ever after (caller holds
-        :attr:`lock`): ``9 m + 1 + _COUNT_WORDS`` int64 words and ``m`` method bytes for one ``m >= n``, and the
-        per-channel answer table."""
-        if self._wm.size < n:
-            m = max(n, 2 * self._wm.size)
-            self._wm = np.empty(m, dtype=np.int8)
-            self._ws = np.empty(9 * m + 1 + _COUNT_WORDS, dtype=np.int64)
-        return self._ws, self._wm, self._out
+    def _grow(self, n: int) -> None:
+        """Room in the compiled submission's scratch for ``n`` pages, grown by doubling and reused ever after
+        (caller holds :attr:`lock`): ``9 m + 1 + _COUNT_WORDS`` int64 words and ``m`` method bytes for one
+        ``m >= n``."""
+        m = max(n, 2 * self._wm.size)
+        self._wm = np.empty(m, dtype=np.int8)
+        self._ws = np.empty(9 * m + 1 + _COUNT_WORDS, dtype=np.int64)
 
     def route(self, src_base: int, dst_base: int, src_addr: int, dst_addr: int, page: int,
               options: PlanOptions, *, src_pages: int = 1 << 62, dst_pages: int = 1 << 62) -> RingRoute:
@@ -666,7 +664,7 @@ class RingRoute:
         rs = self.ring_set
         with rs.lock:
             if rs._wm.size < src_pfns.shape[0]:
-                rs.workspace(src_pfns.shape[0])
+                rs._grow(src_pfns.shape[0])
             nr = _submit_pages(rs.ctl, rs.rows, rs.jobs, src_pfns, dst_pfns, self._args, self._large_fraction,
                                checked, _NO_SEQ if write_seq is None else write_seq, seq, rs._ws, rs._wm, rs._out)
             if nr < 0:
