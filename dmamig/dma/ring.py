@@ -259,9 +259,7 @@ if RING_AVAILABLE:
         run_ch = ws[7 * n:8 * n]
         seg = ws[8 * n:9 * n + 1]
         count = ws[9 * n + 1:9 * n + 1 + _COUNT_WORDS]
-        if contiguous == n:
-            src_idx = src_pfns
-            dst_idx = dst_pfns
+        if contiguous == n:  # one run: nothing to order or coalesce
             run_src[0] = src_pfns[0]
             run_dst[0] = dst_pfns[0]
             run_np[0] = n

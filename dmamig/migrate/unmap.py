@@ -98,8 +98,10 @@ class UnmapPhase:
         node and the node can serve them all (caller holds the lock); ``False`` when :meth:`_get_new_folios` must
         (nothing was taken then)."""
         m, e = self.m, self.e
-        if e.all_given or e.one_order < 0 or self.fallback_nodes or m.faults.armed:
-            return e.all_given
+        if e.all_given:
+            return True  # NO_COPY onto the caller's destinations: nothing to allocate
+        if e.one_order < 0 or self.fallback_nodes or m.faults.armed:
+            return False
         nd = m.nodes[self.node]
         alloc = nd.allocator
         free, block_free = alloc.arrays()
