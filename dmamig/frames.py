@@ -136,15 +136,18 @@ class Frames:
     def copy_folios(self, src_heads: np.ndarray, dst_heads: np.ndarray) -> None:
         """Copy folios on the calling thread (the CPU copy path), grouped by node pair."""
         if src_heads.size:
-            nr = self.pages.nr_pages(src_heads)
-            self._copy_runs(src_heads, dst_heads, nr)
-            self.pages.note_folios_written(dst_heads)
+            # The copy's number is drawn before it starts: a write that lands on a source while the copy runs
+            # (through a pin, on a folio that is unmapped) is then newer than the copy, which is not trusted.
+            seq = self.pages.next_write_seq()
+            self._copy_runs(src_heads, dst_heads, self.pages.nr_pages(src_heads))
+            self.pages.note_folios_written(dst_heads, seq)
 
     def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
         """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""
         if src_pfns.size:
+            seq = self.pages.next_write_seq()  # drawn before the copy, as in copy_folios
             self._copy_runs(src_pfns, dst_pfns, np.ones(src_pfns.size, dtype=np.int64))
-            self.pages.note_written(dst_pfns)
+            self.pages.note_written(dst_pfns, seq)
 
     def _copy_runs(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> None:
         """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""

@@ -74,16 +74,19 @@ class PageArray:
         return starts + np.arange(int(nr.sum()))
 
     # -- content sequence -----------------------------------------------------------------------------------
-    def note_written(self, pfns: np.ndarray) -> None:
-        """Frames at ``pfns`` got new content: written, zeroed, or the destination of a copy just issued."""
-        self.write_seq[pfns] = next(self._seq)
+    def note_written(self, pfns: np.ndarray, seq: int | None = None) -> None:
+        """Frames at ``pfns`` got new content: written, zeroed, or the destination of a copy. ``seq``: a number
+        drawn (:meth:`next_write_seq`) before a copy began, so that a write to its source while it ran counts as
+        newer than the copy; a new number by default."""
+        self.write_seq[pfns] = next(self._seq) if seq is None else seq
 
-    def note_folios_written(self, heads: np.ndarray) -> None:
+    def note_folios_written(self, heads: np.ndarray, seq: int | None = None) -> None:
         """Every base frame of the folios whose heads are given got new content (see :meth:`note_written`)."""
+        seq = next(self._seq) if seq is None else seq
         if page_loops.HAVE_NUMBA:
-            page_loops.stamp_folios(np.asarray(heads, dtype=np.int64), self.order, self.write_seq, next(self._seq))
+            page_loops.stamp_folios(np.asarray(heads, dtype=np.int64), self.order, self.write_seq, seq)
         else:
-            self.note_written(self.expand(heads))
+            self.note_written(self.expand(heads), seq)
 
     def next_write_seq(self) -> int:
         """A new write sequence number, for a caller that stamps ``write_seq`` itself (the DMA engine's compiled

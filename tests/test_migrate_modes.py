@@ -586,3 +586,26 @@ def test_page_isolated_by_one_migration_is_ebusy_for_another(m, mm):
     assert first.join().status.tolist() == [0]
     assert mm.node_of(addr) == 1
     assert np.array_equal(mm.read(addr, 2 * ps), data)
+
+
+def test_a_write_to_the_source_during_a_cpu_copy_leaves_the_copy_stale():
+    # A pin holder can write an unmapped source while the migrating thread copies it (the fallback copy after a
+    # failed DMA copy checks no reference first). The copy's write stamp is drawn before it starts, so such a
+    # write counts as newer and the move copies again instead of moving state over the old bytes.
+    m = Machine(host_pages=1024, device_pages=1024, devices=1, backend="cpu", channels=1)
+    try:
+        src = m.frames.alloc_folios(0, 1, 9)
+        dst = m.frames.alloc_folios(1, 1, 9)
+        base = m.pages.expand(src)
+        m.frames.write_pfns(base, np.zeros((512, m.page_size), dtype=np.uint8))
+        real = m.backend.copy_folios
+
+        def copy_then_write(*args, **kw):
+            real(*args, **kw)  # the copy has read the source...
+            m.frames.write_pfns(base[:1], np.full((1, m.page_size), 7, dtype=np.uint8))  # ...then a write lands
+
+        m.backend.copy_folios = copy_then_write
+        m.frames.copy_folios(src, dst)
+        assert not m.pages.copies_current(src, dst, m.pages.nr_pages(src))[0]
+    finally:
+        m.close()
