@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import page_loops
 
-__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "move_one_vma", "to_copy", "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "move_one_vma", "stale_base_pfns", "to_copy",
+           "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
@@ -106,6 +107,23 @@ def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_f
             dst[p] = out[j]
             j += 1
     return need * size
+
+
+def _stale_base_pfns(pos, src, dst, nr, fresh, out_src, out_dst):
+    """Every base pfn of the source and the destination folio of each entry of ``pos`` without a current copy,
+    folio by folio, into ``out_src`` and ``out_dst`` (a DMA submission's pages). Returns how many."""
+    k = 0
+    for i in range(pos.size):
+        p = pos[i]
+        if fresh[p]:
+            continue
+        s = src[p]
+        d = dst[p]
+        for j in range(nr[p]):
+            out_src[k] = s + j
+            out_dst[k] = d + j
+            k += 1
+    return k
 
 
 def _to_copy(pos, src, expected, fresh, refcount, copy, keep, busy):
@@ -226,8 +244,9 @@ if HAVE_NUMBA:
     _expand = njit(nogil=True, cache=True)(_expand)
     _copy_current = njit(nogil=True, cache=True)(_copy_current)
     to_copy = njit(nogil=True, cache=True)(_to_copy)
+    stale_base_pfns = njit(nogil=True, cache=True)(_stale_base_pfns)
     alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
 else:  # pragma: no cover
-    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = None
+    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = None

@@ -124,6 +124,11 @@ class _Migration(UnmapPhase, MovePhase):
         self.batch_counts_folios = True  # the batch's failures are folios of the return value
         self.interrupts = DeferredInterrupt()  # Ctrl-C lands between phases only
         self.nr_failed_folios = 0  # the kernel's return value: folios not migrated, a split THP as one
+        self.nr_moved_folios = 0  # entries moved so far: a step that moved them all needs no second look
+        # The batch whose DMA wait just made every copy current (the first move pass then has nothing to check
+        # before it moves), and scratch for the compiled move pass's per-entry results.
+        self.copied_batch: np.ndarray | None = None
+        self.scratch = np.empty(0, dtype=np.int64)
         self.charges = BatchCharges.start(m, entries, self.stats)  # None unless the machine has a cost model
 
     # -- migrate_pages(): batches, one at a time ---------------------------------------------------------------
@@ -135,8 +140,10 @@ class _Migration(UnmapPhase, MovePhase):
             for step in steps:
                 if self.enomem:
                     break
+                moved = self.nr_moved_folios
                 self._drive(self._first_pass(step))
-                self._after_step(step)
+                if self.nr_moved_folios - moved < step.size or self.e.has_pieces:
+                    self._after_step(step)
             return
         # Experiment: a step's DMA copy runs while the next steps are unmapped. The blocking per-folio retries
         # and the split pieces wait until every step is through, so that no thread sleeps on a page lock while

@@ -47,12 +47,19 @@ class MovePhase:
         """No-copy with an engine: one DMA submission for the whole batch's stale destinations."""
         if self.engine is None:
             return None
-        need = moving[~self.e.fresh[moving]]
-        if need.size == 0:
-            return None
         t0 = time.perf_counter_ns()
         e = self.e
-        fence = self.engine.copy(e.base_pfns(e.src[need], need), e.base_pfns(e.dst[need], need))
+        if batch_loops.HAVE_NUMBA:
+            total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
+            src, dst = np.empty((2, total), dtype=np.int64)
+            n = batch_loops.stale_base_pfns(moving, e.src, e.dst, e.nr, e.fresh, src, dst)
+            src, dst = src[:n], dst[:n]
+        else:
+            need = moving[~e.fresh[moving]]
+            src, dst = e.base_pfns(e.src[need], need), e.base_pfns(e.dst[need], need)
+        if src.size == 0:
+            return None
+        fence = self.engine.copy(src, dst)
         self.phase_ns["submit"] += time.perf_counter_ns() - t0
         return fence
 
@@ -79,6 +86,7 @@ class MovePhase:
             n = int(self.e.nr[failed].sum())
             self.stats.nr_dma_fallback += n
         self.e.fresh[moving] = True
+        self.copied_batch = moving
 
     # -- the move loop ------------------------------------------------------------------------------------------
     def _move_pass(self, moving: np.ndarray) -> np.ndarray:
@@ -143,7 +151,10 @@ class MovePhase:
         """The core's own move pass (``migrate_folio``) over ``moving``; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
         retry = moving[:0]
-        if batch_loops.HAVE_NUMBA:
+        if moving is self.copied_batch:
+            self.copied_batch = None  # for this pass only: a later one may find copies a write made stale
+            stale = retry  # the DMA wait before this first pass made every copy current: nothing to copy
+        elif batch_loops.HAVE_NUMBA:
             # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
             t0 = time.perf_counter_ns()
             stale, keep, busy = np.empty((3, moving.size), dtype=np.int64)
@@ -218,9 +229,11 @@ class MovePhase:
         frames back to their node; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
         total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
-        rc = np.empty(moving.size, dtype=np.int32)
-        freed = np.empty(total, dtype=np.int64)
-        counts = np.empty(4, dtype=np.int64)
+        if self.scratch.size < total + moving.size + 4:
+            self.scratch = np.empty(2 * (total + moving.size + 4), dtype=np.int64)
+        freed = self.scratch[:total]
+        counts = self.scratch[total:total + 4]
+        rc = self.scratch[total + 4:total + 4 + moving.size].view(np.int32)[:moving.size]
         if e.src_node >= 0:
             nd = m.nodes[e.src_node]
             alloc, base = nd.allocator, nd.base_pfn
@@ -257,6 +270,7 @@ class MovePhase:
         s.nr_thp_succeeded += c[1]
         s.nr_large_succeeded += c[2]
         s.nr_no_copy += c[3]
+        self.nr_moved_folios += moving.size - nbusy
         return moving[rc != 0] if nbusy else _NONE
 
     def _free_old(self, pfns: np.ndarray) -> None:
@@ -287,6 +301,7 @@ class MovePhase:
         s.nr_thp_succeeded += thp
         s.nr_large_succeeded += large
         s.nr_no_copy += nc
+        self.nr_moved_folios += pos.size
 
     def _move_to_new_folios(self, pos: np.ndarray) -> None:
         """Move mapping and state, point migration entries at the new folios, unlock, free the old ones."""
