@@ -13,9 +13,9 @@ import numpy as np
 from .flags import EACCES, EBUSY, EFAULT, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "entry_info",
-           "expand_folios", "free_folio_frames", "free_frames", "install_entries", "move_folio_state",
-           "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages", "stamp_folios",
-           "trylock_folios"]
+           "expand_folios", "free_folio_frames", "free_frames", "install_entries", "locate_entries",
+           "move_folio_state", "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages",
+           "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -325,6 +325,18 @@ def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mapcount, ord
     return n
 
 
+def _locate_entries(pfns, head, src, mark, entry):
+    """The entry (position in ``src``, the folio heads of a call, each once) of the folio of each base pfn of
+    ``pfns`` into ``entry``, -1 for a page of no listed folio. ``mark`` (one slot per pfn, all -1) is scratch
+    and is reset."""
+    for k in range(src.size):
+        mark[src[k]] = k
+    for i in range(pfns.size):
+        entry[i] = mark[head[pfns[i]]]
+    for k in range(src.size):
+        mark[src[k]] = -1
+
+
 def _trylock_folios(heads, flags, locked, writeback, rc):
     """The ASYNC unmap's lock step: take each free folio lock; a busy lock is -EAGAIN (rc 1, retried next pass)
     and a folio under writeback -EBUSY (its lock given back). Returns how many did not lock."""
@@ -429,6 +441,7 @@ if HAVE_NUMBA:
     free_frames = _jit(_free_frames)
     free_folio_frames = _jit(_free_folio_frames)
     collect_folios = _jit(_collect_folios)
+    locate_entries = _jit(_locate_entries)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -437,6 +450,6 @@ if HAVE_NUMBA:
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
     expand_folios = stamp_folios = None
-    alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = done_folios = trylock_folios = entry_info = None
-    install_entries = remove_entries = move_folio_state = move_object_slots = reset_pages = None
-    prep_new_folios = None
+    alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
+    done_folios = trylock_folios = entry_info = install_entries = remove_entries = move_folio_state = None
+    move_object_slots = reset_pages = prep_new_folios = None

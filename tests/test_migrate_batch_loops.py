@@ -111,3 +111,25 @@ def test_batch_kernels_match_the_phase_by_phase_paths(seed):
         for a, b in zip(got["data"], ref["data"]):
             assert np.array_equal(a, b), path
         assert got["vmstat"] == ref["vmstat"], path
+
+
+@settings(max_examples=60, deadline=None)
+@given(nr=st.lists(st.sampled_from([1, 1, 1, 2, 16, 512]), min_size=1, max_size=300),
+       batch_pages=st.sampled_from([1, 16, 512, 1000]))
+def test_batches_cut_compiled_as_the_numpy_reference(nr: list[int], batch_pages: int) -> None:
+    from dmamig.migrate.entries import batch_ids
+
+    sizes = np.array(nr, dtype=np.int64)
+    compiled = batch_ids(sizes, batch_pages)
+    batch_loops.HAVE_NUMBA = False
+    try:
+        reference = batch_ids(sizes, batch_pages)
+    finally:
+        batch_loops.HAVE_NUMBA = page_loops.HAVE_NUMBA
+    assert np.array_equal(compiled, reference)
+    # Each batch but the last holds batch_pages or more, and only its last folio took it there.
+    ends = np.flatnonzero(np.diff(compiled)) + 1
+    for a, b in zip([0, *ends.tolist()], [*ends.tolist(), sizes.size]):
+        held = int(sizes[a:b].sum())
+        assert b == sizes.size or held >= batch_pages
+        assert held - int(sizes[b - 1]) < batch_pages

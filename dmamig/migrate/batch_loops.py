@@ -15,8 +15,8 @@ import numpy as np
 
 from .. import page_loops
 
-__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "move_one_vma", "stale_base_pfns", "to_copy",
-           "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "move_one_vma", "stale_base_pfns",
+           "to_copy", "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
@@ -107,6 +107,19 @@ def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_f
             dst[p] = out[j]
             j += 1
     return need * size
+
+
+def _cut_batches(nr, batch_pages, out):
+    """``batch_ids`` (entries.py, whose numpy loop is the reference): a batch takes folios of ``nr`` base pages,
+    in list order, until it holds ``batch_pages`` or more; the batch of each folio goes to ``out``."""
+    b = 0
+    held = 0
+    for i in range(nr.size):
+        out[i] = b
+        held += nr[i]
+        if held >= batch_pages:
+            b += 1
+            held = 0
 
 
 def _stale_base_pfns(pos, src, dst, nr, fresh, out_src, out_dst):
@@ -245,8 +258,9 @@ if HAVE_NUMBA:
     _copy_current = njit(nogil=True, cache=True)(_copy_current)
     to_copy = njit(nogil=True, cache=True)(_to_copy)
     stale_base_pfns = njit(nogil=True, cache=True)(_stale_base_pfns)
+    cut_batches = njit(nogil=True, cache=True)(_cut_batches)
     alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
 else:  # pragma: no cover
-    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = None
+    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = None

@@ -418,13 +418,13 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
     heads, pfns, status, t_thread, t_wall = req.heads, req.pfns, req.status, req.t_thread, req.t_wall
     options = MigrateOptions.coerce(req.options)
     t_run = time.perf_counter_ns()
+    pending = status == PENDING
     with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
         entries = Entries(m, heads, req.dst)
+        where = entries.locate(pfns[pending]) if heads.size else None
     mig = _Migration(m, req.node, req.mode, req.engine, options, entries, req.reason, req.kswapd)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
-        pending = status == PENDING
-        where = entries.locate(pfns[pending])
         interrupted = True
         with mig.interrupts:
             try:

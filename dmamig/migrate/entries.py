@@ -14,6 +14,7 @@ from .. import page_loops
 from ..array_ops import distinct
 from ..flags import PageFlag
 from ..nodes import PAGEBLOCK_ORDER
+from . import batch_loops
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -224,32 +225,38 @@ class Entries:
 
     # -- per-page status -----------------------------------------------------------------------------------------
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(entry, offset)`` of each base pfn inside the source folios (before anything moved).
+        """``(entry, pfns)``: the entry of each base pfn's source folio, before anything moved (caller holds the
+        lock), for :meth:`status_at`.
 
         ``None`` when the pfns are the entries themselves, in order (base pages, each listed once: the usual
         case, since collection keeps first occurrences in order).
         """
         if self.all_base and pfns.size == self.src.size:
             return None
-        heads = self.m.pages.head[pfns]
-        src = self.src
+        pages, src = self.m.pages, self.src
+        if page_loops.HAVE_NUMBA:
+            entry = np.empty(pfns.size, dtype=np.int64)
+            page_loops.locate_entries(pfns, pages.head, src, pages.mark, entry)
+            return entry, pfns
+        heads = pages.head[pfns]
         if src.size < 2 or bool((src[1:] > src[:-1]).all()):
             entry = np.searchsorted(src, heads)
         else:
             order = np.argsort(src)
             entry = order[np.searchsorted(src[order], heads)]
-        return entry, pfns - src[entry]
+        return entry, pfns
 
     def status_at(self, where: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Final status of the pages :meth:`locate` found; a split folio's page reports its own piece."""
         if where is None:
             return self.status[: self.size]
-        entry, off = where
+        entry, pfns = where
         st = self.status[entry]
         split = st == SPLIT
         if split.any():
             st = st.copy()
-            st[split] = self.status[self.split_first[entry[split]] + off[split]]
+            at = entry[split]
+            st[split] = self.status[self.split_first[at] + pfns[split] - self.src[at]]
         return st
 
 
@@ -260,8 +267,11 @@ def batch_ids(nr: np.ndarray, batch_pages: int) -> np.ndarray:
     its last (``list_cut_before`` the next one), and the next batch starts after it. A batch may so hold up
     to ``batch_pages - 1`` pages more than ``batch_pages``; a folio never straddles two batches.
     """
-    ends = np.cumsum(nr)
     out = np.empty(nr.size, dtype=np.int64)
+    if batch_loops.HAVE_NUMBA:
+        batch_loops.cut_batches(np.asarray(nr, dtype=np.int64), batch_pages, out)
+        return out
+    ends = np.cumsum(nr)
     start, done, b = 0, 0, 0
     while start < nr.size:
         stop = int(np.searchsorted(ends, done + batch_pages, side="left")) + 1  # one past the folio reaching it
