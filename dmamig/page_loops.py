@@ -356,30 +356,34 @@ def _trylock_folios(heads, flags, locked, writeback, rc):
     return bad
 
 
-def _entry_info(heads, page_order, mapping, node_table, order_out):
-    """Per-folio order of ``heads`` into ``order_out``; returns (largest order, the one node of all heads or -1,
-    lowest and highest ``mapping``) so the caller can take the one-object, one-node, base-page paths."""
+def _entry_info(heads, page_order, mapping, flags, swapcache, node_table, order_out, nr_out):
+    """Per-folio order and size of ``heads`` into ``order_out`` and ``nr_out``; returns (largest order, whether
+    every folio has it, the one node of all heads or -1, lowest and highest ``mapping``, whether any folio is in
+    the swap cache) so the caller can take the one-object, one-node, one-order paths."""
     top = 0
+    low = 1 << 30
     node = -2
     lo = 1 << 62
     hi = -(1 << 62)
+    swap = False
     for i in range(heads.size):
         h = heads[i]
         o = page_order[h]
         order_out[i] = o
-        if o > top:
-            top = o
+        nr_out[i] = 1 << o
+        top = max(top, o)
+        low = min(low, o)
         nd = node_table[h]
         if node == -2:
             node = nd
         elif nd != node:
             node = -1
         mp = mapping[h]
-        if mp < lo:
-            lo = mp
-        if mp > hi:
-            hi = mp
-    return top, node, lo, hi
+        lo = min(lo, mp)
+        hi = max(hi, mp)
+        if flags[h] & swapcache:
+            swap = True
+    return top, low == top, node, lo, hi, swap
 
 
 def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid,

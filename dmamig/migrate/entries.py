@@ -44,23 +44,26 @@ class Entries:
         n = heads.size
         self.src = np.asarray(heads, dtype=np.int64)
         if page_loops.HAVE_NUMBA and n:
-            self.order = np.empty(n, dtype=np.int64)
-            top, node, lo, hi = page_loops.entry_info(self.src, pages.order, pages.mapping, m.nodemap.node_table,
-                                                    self.order)
+            self.order, self.nr = np.empty((2, n), dtype=np.int64)
+            top, same, node, lo, hi, swap = page_loops.entry_info(self.src, pages.order, pages.mapping, pages.flags,
+                                                                  _SWAPCACHE, m.nodemap.node_table, self.order,
+                                                                  self.nr)
             one_object = lo == hi
             self.oid = int(lo) if one_object and lo >= 0 else -1  # the one object of every folio, if so
         else:
             self.order = pages.order[self.src].astype(np.int64)
+            self.nr = np.left_shift(1, self.order)
             top = int(self.order.max()) if n else 0
+            same = bool((self.order == top).all())
             nid = m.nodemap.node_table[self.src]
             node = int(nid[0]) if n and nid.min() == nid.max() else -1
             one_object, lo = False, -1
             self.oid = -1
+            swap = bool(((pages.flags[self.src] & _SWAPCACHE) != 0).any())
         self.all_base = top == 0  # only base pages: a folio's head is its one pfn
         # The order every folio has (-1: mixed): one allocation per batch then needs no grouping.
-        self.one_order = int(top) if self.all_base or bool((self.order == top).all()) else -1
-        self.src_node = node  # the node every source lives on, or -1 if they span several
-        self.nr = np.left_shift(1, self.order)
+        self.one_order = int(top) if same else -1
+        self.src_node = int(node)  # the node every source lives on, or -1 if they span several
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
         if one_object:
             obj = m.object_or_none(int(lo)) if lo >= 0 else None
@@ -77,9 +80,9 @@ class Entries:
             self.shmem = shmem if shmem.any() else None
         # An anonymous folio in the swap cache has a mapping too (the swap cache's), holding a reference per
         # base page.
-        swap = (pages.flags[self.src] & _SWAPCACHE) != 0
-        if swap.any():
-            self.expected = np.where(swap, self.nr + 1, self.expected)
+        if swap:
+            swapped = (pages.flags[self.src] & _SWAPCACHE) != 0
+            self.expected = np.where(swapped, self.nr + 1, self.expected)
         # Folios of files and movable non-LRU pages migrate through their mapping's callback
         # (mapping_callbacks.py); None: there are none here, and every folio takes the core's own path.
         self.by_callback: np.ndarray | None = None
