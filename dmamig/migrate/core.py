@@ -291,7 +291,7 @@ class _Migration(UnmapPhase, MovePhase):
         they are restored first, so no page stays unmapped, locked or isolated.
         """
         m, e = self.m, self.e
-        if not interrupted and not self.enomem and not (e.status != 0).any():
+        if not interrupted and not self.enomem and self.nr_moved_folios == e.size:
             with m.lock:  # every folio moved (a split one's pieces included): nothing to put back
                 self._count_vmstat()
             return
