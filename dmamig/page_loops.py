@@ -40,6 +40,8 @@ _PRIVATE = np.uint32(PageFlag.PRIVATE)
 _SWAPCACHE = np.uint32(PageFlag.SWAPCACHE)
 _WRITEBACK = np.uint32(PageFlag.WRITEBACK)
 _MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
+# Pages from which a folio's contiguous pages are filled per array rather than page by page.
+_FILL_MIN = 16
 
 
 # The two PTE kernels below repeat the same slot lookup (the rmap walk of one page) inline: a shared helper,
@@ -112,8 +114,13 @@ def _move_folio_state(old, new, nr, flags, refcount, mapping, index, private, la
         memcg[o] = 0
         refcount[n] += refcount[o] - 1  # keeps references taken on the new folio since its allocation
         refcount[o] = 1
-        mapping[n:n + nr[i]] = mapping[o:o + nr[i]]
-        index[n:n + nr[i]] = index[o:o + nr[i]]
+        if nr[i] < _FILL_MIN:
+            for k in range(nr[i]):
+                mapping[n + k] = mapping[o + k]
+                index[n + k] = index[o + k]
+        else:
+            mapping[n:n + nr[i]] = mapping[o:o + nr[i]]
+            index[n:n + nr[i]] = index[o:o + nr[i]]
 
 
 def _move_object_slots(old, new, nr, mapping, index, oid, obj_pfns):
@@ -143,8 +150,9 @@ def _clear_page(p, h, flags, refcount, mapcount, mapping, index, private, last_c
 
 def _clear_range(a, b, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head):
     """Free-page state for base pfns ``a`` to ``b``, as parts of the folio headed by ``h`` (each its own head
-    where ``h`` < 0). One fill per array: a folio's pages are contiguous, and fills compile to block stores where
-    a page-by-page pass over ten arrays does not."""
+    where ``h`` < 0): one fill per array, for a large folio (block stores, where a page-by-page pass over ten
+    arrays is not; a small folio is cleared page by page, since a fill and a call have set-up costs of their
+    own)."""
     flags[a:b] = 0
     refcount[a:b] = 0
     mapcount[a:b] = 0
@@ -174,8 +182,13 @@ def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping
     nr = 1 << order
     for i in range(heads.size):
         h = heads[i]
-        _clear_range(h, h + nr, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                     order_arr, head)
+        if nr < _FILL_MIN:
+            for k in range(nr):
+                _clear_page(h + k, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
+                            order_arr, head)
+        else:
+            _clear_range(h, h + nr, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
+                         order_arr, head)
         order_arr[h] = order
         refcount[h] = 1
         if order:
@@ -263,12 +276,13 @@ def _free_folio_frames(free, block_free, block, heads, nr, base):
     for i in range(heads.size):
         a = heads[i] - base
         n = nr[i]
-        free[a:a + n] = True
-        if a // block == (a + n - 1) // block:  # a folio within one pageblock: one count
-            block_free[a // block] += n
-        else:
+        if n < _FILL_MIN or a // block != (a + n - 1) // block:
             for j in range(n):
+                free[a + j] = True
                 block_free[(a + j) // block] += 1
+        else:  # a large folio within one pageblock: one fill, one count
+            free[a:a + n] = True
+            block_free[a // block] += n
     return -1
 
 
@@ -400,11 +414,19 @@ def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, ma
         if refcount[n] <= 0:
             dead += 1
         o = old[i]
-        _clear_range(o, o + nr[i], -1, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                     order, head)
-        for j in range(nr[i]):
-            out[k] = o + j
-            k += 1
+        if nr[i] < _FILL_MIN:
+            for j in range(nr[i]):
+                p = o + j
+                _clear_page(p, p, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order,
+                            head)
+                out[k] = p
+                k += 1
+        else:
+            _clear_range(o, o + nr[i], -1, flags, refcount, mapcount, mapping, index, private, last_cpupid,
+                         memcg, order, head)
+            for j in range(nr[i]):
+                out[k] = o + j
+                k += 1
     return dead
 
 

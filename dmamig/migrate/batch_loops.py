@@ -234,7 +234,13 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
                        last_cpupid, memcg, page_order, head, freed)
     bad = -1
     if node_base >= 0:
-        bad = free_folio_frames(free, block_free, block, o, k, node_base)
+        if total == moved:  # base pages: frame by frame
+            frames = np.empty(total, dtype=np.int64)
+            for i in range(total):
+                frames[i] = freed[i] - node_base
+            bad = free_frames(free, block_free, block, frames)
+        else:
+            bad = free_folio_frames(free, block_free, block, o, k, node_base)
     return total, dead, pos.size - moved, bad
 
 
@@ -246,6 +252,7 @@ if HAVE_NUMBA:
         alloc_frames_order,
         done_folios,
         free_folio_frames,
+        free_frames,
         install_entries,
         move_folio_state,
         move_object_slots,
