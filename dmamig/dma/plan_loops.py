@@ -60,14 +60,16 @@ def _plan_runs(src_idx, dst_idx, channels, split_min, large_fraction, memcpy_min
                run_src, run_dst, run_np, run_ch, run_m, seg_bounds):
     """Fill the run arrays (capacity ``len(src_idx)``) and segment bounds; return ``(nruns, nsegs)``."""
     nr, longest = coalesce(src_idx, dst_idx, run_src, run_dst, run_np)
+    aux = np.empty(2 * channels + 2 * src_idx.size, dtype=np.int64)
     return plan_coalesced(src_idx.size, nr, longest, channels, split_min, large_fraction, memcpy_min, use_batch,
-                          batch_max, run_src, run_dst, run_np, run_ch, run_m, seg_bounds)
+                          batch_max, run_src, run_dst, run_np, run_ch, run_m, seg_bounds, aux)
 
 
 def _plan_coalesced(n, nr, longest, channels, split_min, large_fraction, memcpy_min, use_batch, batch_max,
-                    run_src, run_dst, run_np, run_ch, run_m, seg_bounds):
+                    run_src, run_dst, run_np, run_ch, run_m, seg_bounds, aux):
     """Steps 2 to 5 over ``nr`` runs of ``n`` pages in all (the longest ``longest`` pages), already coalesced in
-    the run arrays (capacity ``n``); return ``(nruns, nsegs)``.
+    the run arrays (capacity ``n``); return ``(nruns, nsegs)``. ``aux``: int64 scratch of at least
+    ``2 * channels + 2 * n`` words (the common case then allocates nothing).
 
     The steps are the reference's, but fused: a submission of scattered pages is a few hundred one-page runs, and
     each extra pass over them costs about as much as the work in it. The common case (no run to split, no large
@@ -106,30 +108,34 @@ def _plan_coalesced(n, nr, longest, channels, split_min, large_fraction, memcpy_
     large_min = mean / large_fraction
     if large_min < 1.0:
         large_min = 1.0
-    load = np.zeros(channels, dtype=np.float64)
+    # Loads are whole pages, so integers; the scratch is the caller's.
+    load = aux[0:channels]
+    bounds = aux[channels:2 * channels]
+    for k in range(channels):
+        load[k] = 0
     nlarge = 0
     if channels > 1 and nr > 0 and longest >= large_min:
+        large = aux[2 * channels:2 * channels + nr]
         for r in range(nr):
             if run_np[r] >= large_min:
+                large[nlarge] = r
                 nlarge += 1
-        large = np.empty(nlarge, dtype=np.int64)
-        sizes = np.empty(nlarge, dtype=np.int64)
-        j = 0
-        for r in range(nr):
-            if run_np[r] >= large_min:
-                large[j] = r
-                sizes[j] = -run_np[r]
-                j += 1
-        order = np.argsort(sizes, kind="mergesort")
+        # Longest first, ties in run order: a stable insertion sort (at most channels * large_fraction runs).
+        for j in range(1, nlarge):
+            r = large[j]
+            i = j
+            while i > 0 and run_np[large[i - 1]] < run_np[r]:
+                large[i] = large[i - 1]
+                i -= 1
+            large[i] = r
         for j in range(nlarge):
-            r = large[order[j]]
+            r = large[j]
             c = 0
             for k in range(1, channels):
                 if load[k] < load[c]:
                     c = k
             run_ch[r] = c
             load[c] += run_np[r]
-    bounds = np.empty(channels, dtype=np.int64)
     acc = 0.0
     for k in range(channels - 1):
         d = mean - load[k]

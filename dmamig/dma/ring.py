@@ -135,6 +135,7 @@ def status_text(status: int) -> str:
     return _STATUS_TEXT.get(int(status), f"unknown status {int(status)}")
 
 
+
 if RING_AVAILABLE:
     from numba import njit
 
@@ -203,6 +204,106 @@ if RING_AVAILABLE:
         return tail, load_acquire(base + IDLE * 8)
 
     @njit(nogil=True, cache=True)
+    def _small_runs(ctl, rows, jobs, by_table, table, low, span, src_idx, dst_idx, split_min, large_fraction,
+                    memcpy_min, src_addr, dst_addr, page, flags, dst_pfns, write_seq, seq, aux,
+                    out):  # pragma: no cover - compiled
+        """Publish a submission whose runs are all small (scattered pages) in one pass over them: each run
+        becomes its channel's next row as soon as it ends. Returns the runs, or -1 (nothing written or stamped)
+        where the planner is needed: a run long enough to split, to place by LPT or to copy by memcpy, or a
+        channel that might lack room.
+
+        The pages come in source order, ``(src_idx[i], dst_idx[i])``, or (``by_table``) as ``table[k]``, the
+        destination of source ``low + k`` (-1: none) for ``k < span``. The rows are those of
+        :func:`dmamig.dma.plan_loops.plan_coalesced`'s plan for such runs: every run a gather, channels by the
+        prefix partition, in run order.
+        """
+        n = dst_pfns.shape[0]
+        channels = ctl.shape[0]
+        row_cap = rows.shape[1]
+        job_cap = jobs.shape[1]
+        # Room for every page as a run of its own on every channel: then the exact plan fits too.
+        if n > row_cap:
+            return -1
+        for c in range(channels):
+            if ctl[c, TAIL] - ctl[c, REAPED] >= job_cap or \
+                    ctl[c, ROW_TAIL] + n - load_acquire(ctl[c].ctypes.data + ROW_HEAD * 8) > row_cap:
+                return -1
+        # The planner's thresholds: a run this long would be split, placed by LPT or copied by memcpy.
+        limit = memcpy_min
+        mean = n / channels
+        bounds = aux[0:channels]
+        used = aux[channels:2 * channels]
+        slot = aux[2 * channels:3 * channels]
+        if channels > 1:
+            share = -(-n // channels)
+            limit = min(limit, max(share, split_min) + 1)
+            large_min = max(mean / large_fraction, 1.0)
+            limit = min(limit, np.int64(np.ceil(large_min)))
+            acc = 0.0
+            for k in range(channels - 1):
+                acc += mean
+                bounds[k] = np.int64(np.floor(acc + 0.5))
+        for c in range(channels):
+            used[c] = 0
+            slot[c] = ctl[c, ROW_TAIL] % row_cap
+        c = 0
+        end = 0
+        nr = 0
+        rs = -1
+        rd = -1
+        length = 0
+        last = span if by_table else n
+        for k in range(last + 1):
+            if k < last:
+                if by_table:
+                    d = table[k]
+                    if d < 0:
+                        continue
+                    s = low + k
+                else:
+                    s = src_idx[k]
+                    d = dst_idx[k]
+                if s == rs + length and d == rd + length:
+                    length += 1
+                    continue
+            if length:  # the run ends: its row
+                if length >= limit:
+                    return -1
+                end += length
+                while c < channels - 1 and end > bounds[c]:
+                    c += 1
+                at = slot[c]
+                rows[c, at, 0] = src_addr + rs * page
+                rows[c, at, 1] = dst_addr + rd * page
+                rows[c, at, 2] = length * page
+                rows[c, at, 3] = flags
+                at += 1
+                slot[c] = 0 if at == row_cap else at
+                used[c] += 1
+                nr += 1
+            if k < last:
+                rs = s
+                rd = d
+                length = 1
+        # The destinations' content changes from now on: stamped before anything is published.
+        if write_seq.shape[0]:
+            for i in range(n):
+                write_seq[dst_pfns[i]] = seq
+        for c in range(channels):
+            k = used[c]
+            if k == 0:
+                out[c, 0] = -1
+                out[c, 1] = 0
+                continue
+            first = ctl[c, ROW_TAIL]
+            ctl[c, ROW_TAIL] = first + k
+            ctl[c, LAUNCHES] += 1
+            seq_c, idle = _publish(ctl[c], jobs[c], JOB_ROWS, first, k)
+            out[c, 0] = seq_c
+            out[c, 1] = idle
+        return nr
+
+    @njit(nogil=True, cache=True)
     def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, route, large_fraction, checked, write_seq, seq, ws, wm,
                       out):  # pragma: no cover - compiled
         src_base = route[R_SRC_BASE]
@@ -216,7 +317,7 @@ if RING_AVAILABLE:
         memcpy_min = route[R_MEMCPY_MIN]
         n = src_pfns.shape[0]
         channels = ctl.shape[0]
-        if wm.shape[0] < n or ws.shape[0] < 9 * n + 1 + _COUNT_WORDS:  # the caller's workspace is too small
+        if wm.shape[0] < n or ws.shape[0] < 11 * n + 1 + _COUNT_WORDS + 4 * channels:  # the caller's workspace is too small
             return SUBMIT_TOO_BIG
         # One pass to validate and look: every page on the node pair; destinations distinct (strictly
         # increasing, or checked by the caller; the caller checked that the two nodes differ or that no page is
@@ -226,29 +327,25 @@ if RING_AVAILABLE:
         d0 = dst_pfns[0]
         low = s0
         high = s0
-        outside = 0
-        decreasing = 0  # destinations not strictly increasing
-        unordered = 0  # sources not in order
-        broken = 0  # not one run contiguous on both sides
-        for i in range(n):  # branch-free, so the compiler can vectorise it
+        outside = (s0 < src_base) | (s0 >= src_base + src_pages) | (d0 < dst_base) | (d0 >= dst_base + dst_pages)
+        decreasing = False  # destinations not strictly increasing
+        unordered = False  # sources not in order
+        broken = False  # not one run contiguous on both sides
+        for i in range(1, n):  # branch-free, so the compiler can vectorise it
             s = src_pfns[i]
             d = dst_pfns[i]
             outside |= (s < src_base) | (s >= src_base + src_pages) | (d < dst_base) | (d >= dst_base + dst_pages)
             broken |= (s != s0 + i) | (d != d0 + i)
+            decreasing |= d <= dst_pfns[i - 1]
+            unordered |= s < src_pfns[i - 1]
             low = min(low, s)
             high = max(high, s)
-        for i in range(1, n):
-            decreasing |= dst_pfns[i] <= dst_pfns[i - 1]
-            unordered |= src_pfns[i] < src_pfns[i - 1]
         if outside:
             return SUBMIT_OUTSIDE
-        increasing = not decreasing
-        in_order = not unordered
-        contiguous = 0 if broken else n
-        if not (increasing or checked):
+        if decreasing and not checked:
             return SUBMIT_UNCHECKED
-        # Workspace: pfns in source order, the radix scratch, then the planner's run arrays. The plan works on
-        # machine pfns; the rows subtract the node bases.
+        # Workspace: pfns in source order, the radix scratch, the planner's run arrays and its scratch. The plan
+        # works on machine pfns; the rows subtract the node bases.
         src_idx = ws[0:n]
         dst_idx = ws[n:2 * n]
         order = ws[2 * n:3 * n]
@@ -259,27 +356,44 @@ if RING_AVAILABLE:
         run_ch = ws[7 * n:8 * n]
         seg = ws[8 * n:9 * n + 1]
         count = ws[9 * n + 1:9 * n + 1 + _COUNT_WORDS]
-        if contiguous == n:  # one run: nothing to order or coalesce
-            run_src[0] = src_pfns[0]
-            run_dst[0] = dst_pfns[0]
+        aux = ws[9 * n + 1 + _COUNT_WORDS:11 * n + 1 + _COUNT_WORDS + 4 * channels]
+        nr = -1
+        by_table = False
+        span = 0
+        if not broken:  # one run: nothing to order or coalesce
+            run_src[0] = s0
+            run_dst[0] = d0
             run_np[0] = n
-        elif in_order:
+            nr, longest = 1, n
+        elif not unordered:
             src_idx = src_pfns
             dst_idx = dst_pfns
         elif high - low < _COUNT_WORDS - 2:
-            # Sources within a few MiB (a migration's batch): one stable counting pass puts them in order.
+            # Sources within a few MiB (a migration's batch). Distinct sources (the rule) go straight into a
+            # table by source, and the runs are read off it in source order: the same runs as a stable sort and a
+            # coalesce, in two passes instead of five.
             span = high - low + 1
-            for k in range(span + 1):
-                count[k] = 0
-            for i in range(n):
-                count[src_pfns[i] - low + 1] += 1
             for k in range(span):
-                count[k + 1] += count[k]
+                count[k] = -1
+            repeated = False
             for i in range(n):
-                at = count[src_pfns[i] - low]
-                count[src_pfns[i] - low] = at + 1
-                src_idx[at] = src_pfns[i]
-                dst_idx[at] = dst_pfns[i]
+                k = src_pfns[i] - low
+                repeated |= count[k] >= 0
+                count[k] = dst_pfns[i]
+            by_table = not repeated
+            if repeated:
+                # A source read twice: one stable counting pass puts them in order.
+                for k in range(span + 1):
+                    count[k] = 0
+                for i in range(n):
+                    count[src_pfns[i] - low + 1] += 1
+                for k in range(span):
+                    count[k + 1] += count[k]
+                for i in range(n):
+                    at = count[src_pfns[i] - low]
+                    count[src_pfns[i] - low] = at + 1
+                    src_idx[at] = src_pfns[i]
+                    dst_idx[at] = dst_pfns[i]
         else:
             # Otherwise a stable radix over keys counted from the lowest source (two passes up to 4 GiB).
             for i in range(n):
@@ -289,12 +403,46 @@ if RING_AVAILABLE:
                 k = order[i]
                 src_idx[i] = src_pfns[k]
                 dst_idx[i] = dst_pfns[k]
-        if contiguous == n:
-            nr, longest = 1, n
-        else:
+        if nr < 0:
+            # The common case first: small runs only (scattered pages), written as rows while they are found.
+            got = _small_runs(ctl, rows, jobs, by_table, count, low, span, src_idx, dst_idx, split_min, large_fraction,
+                              memcpy_min, src_addr - src_base * page, dst_addr - dst_base * page, page,
+                              ROW_STREAM if dst_addr % _STREAM_ALIGN == 0 and page % _STREAM_STEP == 0 else 0,
+                              dst_pfns, write_seq, seq, aux, out)
+            if got >= 0:
+                return got
+        if nr < 0 and by_table:
+            nr = 0
+            longest = 0
+            rs = s0
+            rd = d0
+            length = 0
+            for k in range(span):
+                d = count[k]
+                if d < 0:
+                    continue
+                s = low + k
+                if s == rs + length and d == rd + length:
+                    length += 1
+                    continue
+                if length:
+                    run_src[nr] = rs
+                    run_dst[nr] = rd
+                    run_np[nr] = length
+                    nr += 1
+                    longest = max(longest, length)
+                rs = s
+                rd = d
+                length = 1
+            run_src[nr] = rs
+            run_dst[nr] = rd
+            run_np[nr] = length
+            nr += 1
+            longest = max(longest, length)
+        elif nr < 0:
             nr, longest = plan_loops.coalesce(src_idx, dst_idx, run_src, run_dst, run_np)
         nr, nseg = plan_loops.plan_coalesced(n, nr, longest, channels, split_min, large_fraction, memcpy_min,
-                                             False, 0, run_src, run_dst, run_np, run_ch, wm, seg)
+                                             False, 0, run_src, run_dst, run_np, run_ch, wm, seg, aux)
         # Per channel: first run, runs, gather segments (a launch each), memcpy runs (a call each).
         for c in range(channels):
             out[c, 0] = nr
@@ -582,11 +730,11 @@ class RingSet:
 
     def _grow(self, n: int) -> None:
         """Room in the compiled submission's scratch for ``n`` pages, grown by doubling and reused ever after
-        (caller holds :attr:`lock`): ``9 m + 1 + _COUNT_WORDS`` int64 words and ``m`` method bytes for one
-        ``m >= n``."""
+        (caller holds :attr:`lock`): ``11 m + 1 + _COUNT_WORDS + 4 channels`` int64 words (the sorted pfns, the
+        radix, the runs, the radix's counts, the planner's scratch) and ``m`` method bytes for one ``m >= n``."""
         m = max(n, 2 * self._wm.size)
         self._wm = np.empty(m, dtype=np.int8)
-        self._ws = np.empty(9 * m + 1 + _COUNT_WORDS, dtype=np.int64)
+        self._ws = np.empty(11 * m + 1 + _COUNT_WORDS + 4 * self.channels, dtype=np.int64)
 
     def route(self, src_base: int, dst_base: int, src_addr: int, dst_addr: int, page: int,
               options: PlanOptions, *, src_pages: int = 1 << 62, dst_pages: int = 1 << 62) -> RingRoute:
