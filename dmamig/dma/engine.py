@@ -398,13 +398,13 @@ class DmaEngine:
                 got = ring_route.submit(src, dst, checked, self._write_seq,
                                         content.next_write_seq() if content is not None else 0)
                 if type(got) is not int:
-                    submission = self._count_submission(int(src.size), got.nr_runs)
+                    submission = self._count_submission(src.size, got.nr_runs)
                     completions, asleep = [], []
-                    for c, (seq, idle) in enumerate(got.jobs):
+                    for ch, (seq, idle) in zip(lane, got.jobs):
                         if seq >= 0:
-                            completions.append(lane[c].completion(seq))
+                            completions.append(ch.completion(seq))
                             if idle:
-                                asleep.append(lane[c])
+                                asleep.append(ch)
                     fence = self._track(Fence(completions, None, self._count_error, submission))
                     break
                 if got != SUBMIT_NO_ROOM:

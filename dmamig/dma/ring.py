@@ -690,6 +690,7 @@ class RingSet:
         self._ws = np.empty(0, dtype=np.int64)
         self._wm = np.empty(0, dtype=np.int8)
         self._out = np.empty((int(channels), 4), dtype=np.int64)
+        self._jobs_out = self._out[:, :2]  # what a submission hands back, a view made once
         self._known: dict[tuple[int, int], Any] = {}
 
     @property
@@ -815,7 +816,7 @@ class RingRoute:
                                checked, _NO_SEQ if write_seq is None else write_seq, seq, rs._ws, rs._wm, rs._out)
             if nr < 0:
                 return nr
-            table = rs._out[:, :2].tolist()
+            table = rs._jobs_out.tolist()
             if rs.consumer is not None:
                 rs.consumer(table)
         return Submitted(nr, table)
