@@ -42,11 +42,27 @@ def _copy_current(s, d, n, write_seq):
     return True
 
 
-def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags, refcount,
-                   mapcount, mapping, index, head, oid, pgoff, npages, pte_pfn, pte_flags, rc):
-    """Lock each folio of entries ``pos`` (busy: rc 1; writeback: rc -EBUSY, lock given back), install
-    migration entries for the locked ones, mark them unmapped and check their caller destinations (fresh when
-    written after the source last changed). Returns how many did not lock."""
+def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags,
+                   refcount, mapcount, mapping, index, private, last_cpupid, memcg, page_order, head, oid, pgoff,
+                   npages, pte_pfn, pte_flags, free, block_free, block, node_base, order, head_flag, rc):
+    """The ASYNC unmap pass over entries ``pos``: with ``order`` >= 0 first ``get_new_folio`` for the entries
+    without a destination, as :func:`alloc_one_order` from the target node's allocator arrays (its pfns from
+    ``node_base``); then lock each folio (busy: rc 1; writeback: rc -EBUSY, lock given back), install migration
+    entries for the locked ones, mark them unmapped and check their caller destinations (fresh when written
+    after the source last changed). Every entry of ``pos`` gets status ``pending`` first.
+
+    Returns ``(how many did not lock, frames taken)``; ``(0, -1)`` when the node could not serve every
+    destination, and then nothing was done (the general allocation, which has rules for running short, goes
+    first and this runs again with ``order`` -1).
+    """
+    taken = 0
+    if order >= 0:
+        taken = alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount,
+                                mapcount, mapping, index, private, last_cpupid, memcg, page_order, head)
+        if taken < 0:
+            return 0, -1
+    for i in range(pos.size):
+        status[pos[i]] = pending
     heads = np.empty(pos.size, dtype=np.int64)
     for i in range(pos.size):
         heads[i] = src[pos[i]]
@@ -69,7 +85,7 @@ def _unmap_one_vma(pos, src, nr, given, dst, unmapped, fresh, write_seq, locked,
             fresh[p] = _copy_current(heads[i], dst[p], nr[p], write_seq)
     install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                     pte_flags)
-    return bad
+    return bad, taken
 
 
 def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount, mapcount,

@@ -41,20 +41,16 @@ class UnmapPhase:
         m, e, pages = self.m, self.e, self.m.pages
         self.batch_mode = mode  # the move passes that follow run the mapping callbacks in this mode
         with m.changed:
-            e.status[todo] = PENDING
             vma = self._one_vma() if mode == MigrateMode.ASYNC else None
             self.alloc_retry = _NONE
-            if vma is None or not self._alloc_compiled(todo):
-                todo = self._get_new_folios(todo)
             if vma is not None:
-                self.phase_ns["unmap"] += time.perf_counter_ns() - t0
-                was_clean = self._clean_file_folios(todo)
                 todo, retry = self._unmap_one_vma(todo, vma)
-                self._count_dirtied(was_clean)
-                e.release_dst(retry)
                 if self.alloc_retry.size:
                     retry = np.concatenate([retry, self.alloc_retry])
+                self.phase_ns["unmap"] += time.perf_counter_ns() - t0
                 return todo, retry
+            e.status[todo] = PENDING
+            todo = self._get_new_folios(todo)
             if mode == MigrateMode.ASYNC:
                 todo, retry = self._trylock(todo)
             else:
@@ -92,28 +88,6 @@ class UnmapPhase:
         dirtied = src[self.m.pages.test(src, PageFlag.DIRTY)]
         if dirtied.size:
             self.m.page_cache.count_dirtied(dirtied)
-
-    def _alloc_compiled(self, todo: np.ndarray) -> bool:
-        """Destinations for ``todo`` in one compiled call, where they are folios of one order from the target
-        node and the node can serve them all (caller holds the lock); ``False`` when :meth:`_get_new_folios` must
-        (nothing was taken then)."""
-        m, e = self.m, self.e
-        if e.all_given:
-            return True  # NO_COPY onto the caller's destinations: nothing to allocate
-        if e.one_order < 0 or self.fallback_nodes or m.faults.armed:
-            return False
-        nd = m.nodes[self.node]
-        alloc = nd.allocator
-        free, block_free = alloc.arrays()
-        pages = m.pages
-        taken = batch_loops.alloc_one_order(todo, e.dst, free, block_free, alloc.block, nd.base_pfn, e.one_order,
-                                            _HEAD_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
-                                            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order,
-                                            pages.head)
-        if taken < 0:
-            return False
-        alloc.taken(taken)
-        return True
 
     def _get_new_folios(self, todo: np.ndarray) -> np.ndarray:
         """Allocate destinations; split large folios that get none; a base page that gets none ends the call.
@@ -195,14 +169,41 @@ class UnmapPhase:
         return obj.vmas[0]
 
     def _unmap_one_vma(self, todo: np.ndarray, vma: Vma) -> tuple[np.ndarray, np.ndarray]:
-        """The ASYNC unmap pass in one compiled call (caller holds the lock): lock, writeback, unmap."""
-        t0 = time.perf_counter_ns()
-        e, pages = self.e, self.m.pages
+        """The ASYNC unmap pass in one compiled call (caller holds the lock): destinations, where they are folios
+        of one order from the target node and the node can serve them all, then lock, writeback, unmap.
+        Returns (unmapped, busy), as :meth:`_unmap_pass`."""
+        m, e, pages = self.m, self.e, self.m.pages
+        order = -1  # -1: nothing for the compiled call to allocate
+        if not e.all_given:  # NO_COPY onto the caller's destinations: nothing to allocate
+            if e.one_order >= 0 and not self.fallback_nodes and not m.faults.armed:
+                order = e.one_order
+            else:
+                e.status[todo] = PENDING
+                todo = self._get_new_folios(todo)
+        # Clean file folios, taken right before their PTEs become migration entries; the lock is held from here
+        # to the unmap, so one the allocation below drops stays clean and is not counted.
+        was_clean = self._clean_file_folios(todo)
+        nd = m.nodes[self.node]
+        alloc = nd.allocator
+        free, block_free = alloc.arrays()
         rc = np.empty(todo.size, dtype=np.int32)
-        bad = batch_loops.unmap_one_vma(todo, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
-                                          _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount,
-                                          pages.mapcount, pages.mapping, pages.index, pages.head, e.oid,
-                                          vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc)
+        while True:
+            bad, taken = batch_loops.unmap_one_vma(
+                todo, e.status, PENDING, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
+                _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
+                pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
+                vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, free, block_free, alloc.block, nd.base_pfn,
+                order, _HEAD_U32, rc)
+            if taken >= 0:
+                break
+            # The node could not serve every destination (nothing was taken): the general allocation, which
+            # splits a large folio or ends the call, then the unmap.
+            order = -1
+            e.status[todo] = PENDING
+            todo = self._get_new_folios(todo)
+            rc = rc[:todo.size]
+        if taken:
+            alloc.taken(taken)
         retry = todo[:0]
         if bad:
             retry = todo[rc == 1]
@@ -210,9 +211,10 @@ class UnmapPhase:
             if wb.size:
                 e.release_dst(wb)
                 e.status[wb] = EBUSY
-                self.m.changed.notify_all()
+                m.changed.notify_all()
             todo = todo[rc == 0]
-        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+        self._count_dirtied(was_clean)
+        e.release_dst(retry)
         return todo, retry
 
     def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
