@@ -12,6 +12,7 @@ import numpy as np
 
 from .arguments import as_pfn_array, check_node, check_positive_int
 from .backends import open_backend
+from .backends.cuda.memory import HOST_MAPPED, check_device_frames
 from .balloon import Balloon
 from .cost_model import CostModel, load_model
 from .dma import DmaEngine
@@ -138,13 +139,21 @@ class Machine:
         ``"persistent"``, an experiment setting: a consumer kernel per device that stays resident until its rings
         go idle (refused, with the reason, under a kernel watchdog, without cooperative launch or under MPS; and
         on the CPU backend, whose polling channels already are persistent consumers).
+    device_frames : {"device", "host-mapped"}, optional
+        Where device nodes' frames live on CUDA: ``"device"`` (the default), device memory; or
+        ``"host-mapped"``, an experiment setting: pinned host memory mapped into the devices' address space, which
+        the migrating CPU copies with its memcpy in copy mode, as it can copy into device memory over a
+        cache-coherent link (Grace Hopper C2C). On a card on PCIe it is a proxy for that link, not device memory:
+        the copy baseline ``cpu`` of ``dmamig bench --copy-baseline cpu``. Refused on the CPU backend, whose device
+        frames already are host memory that the migrating CPU copies.
     """
 
     def __init__(self, host_pages: int = 8192, device_pages: int = 8192, devices: int = 1,
                  page_size: int = 4096, backend: str = "auto", channels: int = 4,
                  device_memory: str = "coherent", host_nodes: Sequence[Any] | None = None,
                  topology: Topology | None = None, dma_poll_us: float | None = None,
-                 cost_model: CostModel | str | None = None, dma_engine: str | None = None):
+                 cost_model: CostModel | str | None = None, dma_engine: str | None = None,
+                 device_frames: str | None = None):
         self._cost_model = None if cost_model is None else load_model(cost_model)
         host_sizes, host_costs = _host_tiers(host_pages, host_nodes)
         host_pages = host_sizes[0]
@@ -172,7 +181,15 @@ class Machine:
                                         or not 0 <= dma_poll_us <= MAX_POLL_US):
             raise InvalidArgument(f"dma_poll_us must be a number of microseconds from 0 to {MAX_POLL_US:g}, or None "
                                   f"for the default; got {dma_poll_us!r}")
+        device_frames = "device" if device_frames is None else check_device_frames(device_frames)
         self._backend = open_backend(backend)
+        if device_frames == HOST_MAPPED and self._backend.name != "cuda":
+            self._backend.close()
+            # Asking for it there would record an experiment that changed nothing.
+            raise InvalidArgument(f"device_frames={HOST_MAPPED!r} is a CUDA backend setting: the "
+                                  f"{self._backend.name} backend's device frames already are host memory that the "
+                                  f"migrating CPU copies; leave device_frames unset there")
+        self._device_frames = device_frames
         if dma_poll_us is not None:
             self._backend.poll_us = float(dma_poll_us)
         try:
@@ -194,7 +211,9 @@ class Machine:
                 kind = "host" if nid < nh else "device"
                 count = int(host_sizes[nid] if nid < nh else device_pages)
                 dev = -1 if nid < nh else nid - nh
-                frames = self._backend.alloc_frames(kind, dev, count, self._page_size)
+                # A device node stays a device node (its kind, its device id) wherever its frames live.
+                where = device_frames if kind == "device" else kind
+                frames = self._backend.alloc_frames(where, dev, count, self._page_size)
                 nodes.append(Node(nid, kind, dev, base, count, frames))
                 base += count
         except Exception:
@@ -252,6 +271,9 @@ class Machine:
     cost_model = property(lambda self: self._cost_model,
                           doc="The :class:`~dmamig.cost_model.CostModel` that models every migration's time, or "
                               "None (the experiment setting ``cost_model=``).")
+    device_frames = property(lambda self: self._device_frames,
+                             doc='Where device nodes\' frames live: ``"device"`` or ``"host-mapped"`` (the '
+                                 'experiment setting ``device_frames=``).')
     topology = property(lambda self: self._topology,
                         doc="The devices' :class:`~dmamig.topology.Topology`: peer access and link per pair.")
 

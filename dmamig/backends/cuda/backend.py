@@ -42,6 +42,8 @@ from .codes import (
 )
 from .kernels import kernel_source, launch
 from .memory import (
+    DEVICE_FRAMES,
+    HOST_MAPPED,
     DeviceFrames,
     alloc_pinned,
     device_of,
@@ -416,12 +418,19 @@ class CudaBackend:
 
     def alloc_frames(self, kind: str, device: int, nr_pages: int, page_size: int) -> Any:
         """Zero-filled frames: pinned host memory (a numpy array) for ``"host"``, :class:`DeviceFrames` for
-        ``"device"``.
+        ``"device"``, and for ``"host-mapped"`` a device node's frames in pinned, mapped host memory (a numpy
+        array, ``Machine(device_frames="host-mapped")``).
+
+        Host-mapped device frames are what the migrating CPU can copy into, as it can into device memory over a
+        cache-coherent link (Grace Hopper C2C): :meth:`copy_folios` copies them with the CPU's memcpy, and the
+        device reads and writes them through their mapped address (unified addressing), as it does host frames.
+        Like host frames they are freed when the last reference to them goes, not at :meth:`close`: they are
+        numpy arrays that user code may still hold.
 
         Raises
         ------
         InvalidArgument
-            ``kind`` is not ``"host"``/``"device"`` or ``device`` does not exist.
+            ``kind`` is not ``"host"``, ``"device"`` or ``"host-mapped"``, or ``device`` does not exist.
         OutOfMemory
             The allocation failed.
         BackendUnavailable
@@ -429,19 +438,17 @@ class CudaBackend:
         """
         self._check_open()
         nr_pages, page_size = int(nr_pages), int(page_size)
-        nbytes = nr_pages * page_size
         if kind == "host":
-            if nbytes == 0:
-                return np.zeros((nr_pages, page_size), dtype=np.uint8)
-            try:
-                return pinned_frames(self._rt, nbytes).reshape(nr_pages, page_size)
-            except Exception as exc:
-                raise map_cuda_error(exc, f"allocating {nbytes} bytes of pinned host frames") from exc
-        if kind != "device":
-            raise InvalidArgument(f"frame kind must be 'host' or 'device', got {kind!r}")
+            return self._pinned_frames(nr_pages, page_size, "pinned host frames")
+        if kind not in DEVICE_FRAMES:
+            raise InvalidArgument(f"frame kind must be 'host' or 'device', or 'host-mapped' (a device's frames in "
+                                  f"pinned host memory), got {kind!r}")
         if not 0 <= int(device) < self._ndev:
             raise InvalidArgument(f"device {device} does not exist; devices 0..{self._ndev - 1} are visible")
         device = int(device)
+        if kind == HOST_MAPPED:
+            return self._pinned_frames(nr_pages, page_size, f"host-mapped frames of device {device}")
+        nbytes = nr_pages * page_size
         ptr = 0
         try:
             with self._cp.cuda.Device(device):
@@ -458,6 +465,16 @@ class CudaBackend:
         with self._lock:
             self._device_frames.append(weakref.ref(frames))
         return frames
+
+    def _pinned_frames(self, nr_pages: int, page_size: int, what: str) -> np.ndarray:
+        """``(nr_pages, page_size)`` zero-filled frames in pinned, mapped host memory (:func:`pinned_frames`)."""
+        nbytes = nr_pages * page_size
+        if nbytes == 0:
+            return np.zeros((nr_pages, page_size), dtype=np.uint8)
+        try:
+            return pinned_frames(self._rt, nbytes).reshape(nr_pages, page_size)
+        except Exception as exc:
+            raise map_cuda_error(exc, f"allocating {nbytes} bytes of {what}") from exc
 
     def read_frames(self, frames: Any, idx: np.ndarray) -> np.ndarray:
         """Host copy of the frames at ``idx`` (synchronous; one copy per run of consecutive frames)."""

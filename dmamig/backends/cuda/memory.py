@@ -2,7 +2,9 @@
 portable and mapped), their addresses, and how each is given back.
 
 Host RAM frames are pinned: copies from them are truly asynchronous and, under unified virtual addressing, the
-host pointer is also a device pointer, so the kernels read and write host pages directly. Device frames are
+host pointer is also a device pointer, so the kernels read and write host pages directly. A device node's frames
+may live there too (:data:`HOST_MAPPED`, ``Machine(device_frames="host-mapped")``), so that the migrating CPU
+copies them: the ``cpu`` copy baseline on CUDA. Device frames are
 plain ``cudaMalloc`` allocations (:class:`DeviceFrames`), outside CuPy's memory pools, so closing the backend
 gives every byte back to the driver instead of leaving it cached in a pool.
 """
@@ -18,8 +20,28 @@ import numpy as np
 from ...errors import DmaError, InvalidArgument
 from .codes import HOST_ALLOC_MAPPED, HOST_ALLOC_PORTABLE
 
-__all__ = ["DeviceFrames", "alloc_pinned", "device_of", "frames_ptr", "free_device_memory", "pinned_frames", "pinned_words",
-           "run_spans"]
+__all__ = ["DEVICE_FRAMES", "HOST_MAPPED", "DeviceFrames", "alloc_pinned", "check_device_frames", "device_of",
+           "frames_ptr", "free_device_memory", "pinned_frames", "pinned_words", "run_spans"]
+
+#: Device frames in pinned, mapped host memory (``Machine(device_frames="host-mapped")``): what the migrating CPU
+#: copies into when it can address device memory, as over a cache-coherent link (Grace Hopper C2C).
+HOST_MAPPED = "host-mapped"
+#: Where a device node's frames live on CUDA (``Machine(device_frames=)``): ``"device"`` (``cudaMalloc``, the
+#: default) or :data:`HOST_MAPPED`, the memory of the copy baseline ``cpu`` (``dmamig bench --copy-baseline cpu``).
+DEVICE_FRAMES = ("device", HOST_MAPPED)
+
+
+def check_device_frames(value: object) -> str:
+    """``value`` when it is one of :data:`DEVICE_FRAMES`.
+
+    Raises
+    ------
+    InvalidArgument
+        Anything else; the message names the setting and the allowed values.
+    """
+    if not isinstance(value, str) or value not in DEVICE_FRAMES:
+        raise InvalidArgument(f"device_frames must be one of {', '.join(map(repr, DEVICE_FRAMES))}, got {value!r}")
+    return value
 
 
 class DeviceFrames:
