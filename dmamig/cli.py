@@ -256,6 +256,12 @@ def add_bench_parser(sub: Any, argtype: Callable, positive: Callable, nonnegativ
                         "or persistent (a resident consumer kernel per device: an experiment, recorded in "
                         "results.json); the cpu backend refuses persistent, its channels already are persistent "
                         "consumers")
+    b.add_argument("--copy-baseline", choices=("sync-dma", "cpu"),
+                   help="what copy mode measures, the divisor of every no-copy / copy ratio (recorded in "
+                        "results.json as copy_baseline): on cuda sync-dma (one synchronous DMA per folio, the "
+                        "default) or cpu (the migrating CPU's memcpy into device frames in host-mapped memory, as "
+                        "over a cache-coherent link such as Grace Hopper C2C: a proxy where the card is on PCIe; "
+                        "no-copy keeps device memory); the cpu backend measures only cpu")
     b.add_argument("--pair-total", type=argtype(_pair_total), metavar="SIZE",
                    help="working set of each device pair, whole 2 MiB folios (default 32M on cpu, 256M on cuda)")
     b.add_argument("--no-pairs", action="store_true",
@@ -766,13 +772,14 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
 
     from .bench.access import stream_batches
     from .bench.migration import PIPELINED
-    from .bench.naming import describe_options, format_size
+    from .bench.naming import check_copy_baseline, describe_options, format_size
     from .bench.pairs import pair_options, pair_scenarios
     from .bench.report import render_tables, write_plots
     from .bench.results import write_csv, write_json
     from .bench.runner import BenchSweep, SweepFailed, SweepInterrupted
     from .bench.settings import default_settings
     from .bench.verify import VerificationError
+    from .errors import InvalidArgument
     from .sweep.cli import check_sweep_arguments, open_sweep, remote_backend
 
     check_sweep_arguments(args, parser)
@@ -792,6 +799,11 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, backend
                      "consumers (--dma-poll-us sets their idle window)")
     if args.dma_engine is not None:
         over["dma_engine"] = args.dma_engine
+    if args.copy_baseline is not None:
+        try:
+            over["copy_baseline_name"] = check_copy_baseline(args.copy_baseline, backend)
+        except InvalidArgument as exc:
+            parser.error(f"--copy-baseline: {exc}")
     if args.total is not None:
         over["total_bytes"] = args.total
     if args.no_engine:

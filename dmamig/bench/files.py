@@ -281,7 +281,7 @@ def run_file_case(sc: FileScenario, settings: BenchSettings, ceilings: dict[str,
     # The private mapping's copies sit beside the page cache on the host: room for both.
     room = 2 * pages if sc.case == "private-cow" else pages
     samples = {d: {"wall": [], "cpu": [], "phase": [], "dirty": [], "writeback": [], "res": None} for d in _PATH}
-    with bench_machine(settings, room, sc.channels or 1, devices=1) as m:
+    with bench_machine(settings, room, sc.channels or 1, devices=1, mode=sc.mode) as m:
         mm = m.address_space()
         mapped = None
         try:

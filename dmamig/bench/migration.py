@@ -34,6 +34,7 @@ from ..sweep.tasks import ProgressFn
 from .naming import (
     DIRECTIONS,
     batching_class,
+    copy_baseline_tag,
     describe_options,
     format_number,
     format_size,
@@ -217,7 +218,7 @@ def run_group(g: MigrateGroup, settings: BenchSettings, ceilings: dict[str, dict
 
     pages = g.total_bytes // PAGE_SIZE
     order = g.scenarios[0].order
-    with bench_machine(settings, pages, g.channels or 1) as m:
+    with bench_machine(settings, pages, g.channels or 1, mode=g.mode) as m:
         mm = m.address_space()
         try:
             addr = mm.mmap(g.total_bytes, order=order)
@@ -333,11 +334,12 @@ def _phases(sc: dict[str, Any]) -> str:
         parts.append(f"outside\u00a0{sc['outside_phases_ns'] / pages:.0f}")
     return " ".join(parts) or "-"
 
-def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:
+def _compared_with(sc: dict[str, Any], by_id: dict[str, dict[str, Any]], backend: str | None) -> str:
     if sc.get("speedup_vs_copy") is None:
         return "-"
     base = by_id.get(sc.get("speedup_vs") or "")
-    baseline = f" ({sc['copy_baseline']})" if sc.get("copy_baseline") else ""
+    tag = copy_baseline_tag(sc.get("copy_baseline"), backend)
+    baseline = f" ({tag})" if tag else ""
     if base is None:  # the copy of the same direction and folio size
         return "copy, same folio size" + baseline
     opts = options_of(base)
@@ -355,7 +357,8 @@ def _spread(sc: dict[str, Any]) -> str:
         return "-"
     return f"{format_number(sp['gbps_min'])}-{format_number(sp['gbps_max'])}"
 
-def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, dict[str, Any]]) -> Table:
+def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, dict[str, Any]],
+                     backend: str | None) -> Table:
     t = Table(title=title, title_justify="left")
     # The ceiling itself is printed once below the tables, and pages/s is GB/s in other units: both stay in
     # the CSV, out of a table that is wide already.
@@ -372,7 +375,7 @@ def _migration_table(rows: list[dict[str, Any]], title: str, by_id: dict[str, di
                   "no-copy" if s["mode"] == "nocopy" else "copy", format_number(s["channels"], "{}"), s["batching"],
                   format_number(s["gbps"]), _spread(s), format_number(s["cpu_ns_per_page"], "{:.0f}"),
                   format_number(s["ceiling_ratio"]), format_number(s.get("speedup_vs_copy")),
-                  _compared_with(s, by_id), _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
+                  _compared_with(s, by_id, backend), _phases(s), "yes" if s["verified"] else "[red]NO[/red]")
     return t
 
 def migration_tables(doc: dict[str, Any]) -> list[Table]:
@@ -388,7 +391,7 @@ def migration_tables(doc: dict[str, Any]) -> list[Table]:
     for cls, title in _MIGRATION_TABLES:
         rows = [s for s in mig if batching_class(s) == cls]
         if rows:
-            tables.append(_migration_table(rows, title, by_id))
+            tables.append(_migration_table(rows, title, by_id, doc.get("settings", {}).get("backend")))
     return tables
 
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidArgument
 from ..migrate.options import NR_MAX_BATCHED_MIGRATION, RFC_DMA_OFFLOAD, MigrateOptions
 
 __all__ = [
     "COPY_BASELINES",
+    "COPY_BASELINE_CHOICES",
     "COPY_BASELINE_OF",
     "DIRECTIONS",
     "NOT_A_MIGRATION",
     "batching_class",
+    "check_copy_baseline",
+    "copy_baseline_tag",
     "describe_options",
     "folio_words",
     "format_number",
@@ -30,13 +34,47 @@ __all__ = [
 
 #: What copy mode measures, by name: the divisor of every no-copy / copy ratio. On the CPU backend the migrating
 #: thread copies (the kernel's folio_copy). On CUDA the CPU cannot touch device memory on a PCIe card, so copy
-#: mode is one synchronous DMA per folio, as a driver without batching copies device-private memory.
+#: mode is by default one synchronous DMA per folio, as a driver without batching copies device-private memory;
+#: ``cpu`` there (``dmamig bench --copy-baseline cpu``) has the migrating CPU copy into device frames in pinned,
+#: host-mapped memory, as it can copy into device memory over a cache-coherent link: on a PCIe card a proxy.
 COPY_BASELINES = {
-    "cpu": "the migrating CPU copies each folio (memcpy)",
+    "cpu": "the migrating CPU copies each folio (memcpy); on cuda into device frames in host-mapped memory, as "
+           "over a cache-coherent link (Grace Hopper C2C): a proxy where the card is on PCIe",
     "sync-dma": "one synchronous DMA copy per folio (a driver without batching)",
 }
-#: The copy baseline of each backend.
+#: The copy baseline of each backend, when none is asked for.
 COPY_BASELINE_OF = {"cpu": "cpu", "cuda": "sync-dma"}
+#: The copy baselines each backend can measure, its default first.
+COPY_BASELINE_CHOICES = {"cpu": ("cpu",), "cuda": ("sync-dma", "cpu")}
+
+
+
+def check_copy_baseline(name: object, backend: str) -> str:
+    """``name`` when ``backend`` can measure that copy baseline (:data:`COPY_BASELINE_CHOICES`).
+
+    Raises
+    ------
+    InvalidArgument
+        An unknown name, or one the backend cannot measure; the message says which it can.
+    """
+    allowed = COPY_BASELINE_CHOICES.get(backend, ())
+    if not isinstance(name, str) or name not in COPY_BASELINES:
+        raise InvalidArgument(f"copy baseline must be one of {', '.join(map(repr, COPY_BASELINES))}, got {name!r}")
+    if name not in allowed:
+        why = (": the cpu backend's copy mode always is the migrating CPU's memcpy, it has no DMA to copy "
+               "synchronously" if backend == "cpu" else "")
+        raise InvalidArgument(f"copy baseline {name!r} cannot run on the {backend} backend, which measures "
+                              f"{', '.join(map(repr, allowed)) or 'none'}{why}")
+    return name
+
+
+def copy_baseline_tag(name: str | None, backend: str | None) -> str:
+    """A copy baseline's name as a table cell: ``cpu, proxy`` for the CPU's memcpy on CUDA (host-mapped device
+    frames stand for a coherent link's device memory), else the name; empty for none."""
+    if not name:
+        return ""
+    return f"{name}, proxy" if name == "cpu" and backend == "cuda" else name
+
 
 #: Short names of the migration directions, in report order.
 DIRECTIONS = {

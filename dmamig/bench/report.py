@@ -18,7 +18,7 @@ from .access import access_table, write_access_plots
 from .engine import engine_table
 from .files import file_table
 from .migration import migration_tables, write_migration_plots
-from .naming import COPY_BASELINES, DIRECTIONS, format_size
+from .naming import COPY_BASELINES, DIRECTIONS, copy_baseline_tag, format_size
 from .pairs import pair_table, write_pair_plots
 
 __all__ = ["render_tables", "write_plots"]
@@ -31,7 +31,8 @@ def _header(doc: dict[str, Any]) -> str:
     if s.get("dma_engine") == "persistent":
         channels += " | DMA consumer: persistent kernel (experiment)"
     if s.get("copy_baseline"):
-        channels += f" | copy baseline {s['copy_baseline']}: {COPY_BASELINES.get(s['copy_baseline'], '?')}"
+        channels += (f" | copy baseline {copy_baseline_tag(s['copy_baseline'], s.get('backend'))}: "
+                     f"{COPY_BASELINES.get(s['copy_baseline'], '?')}")
     return (f"dmamig {m.get('dmamig', '?')} | backend {m['backend']} | CPU {m['cpu']} x{m['cpu_count']} | "
             f"GPU {gpus} | working set {format_size(s['total_bytes'])} | repeat {s['repeat']} (medians)"
             + channels + _resumed(doc)

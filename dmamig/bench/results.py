@@ -221,8 +221,10 @@ _SCENARIO = {
         "speedup_vs": {"type": ["string", "null"], "description": "id of the copy scenario compared with."},
         "copy_baseline": {"type": ["string", "null"],
                           "description": "What copy mode measured, the divisor of every no-copy / copy ratio: "
-                                         "'cpu' (the migrating thread's memcpy) or 'sync-dma' (one synchronous "
-                                         "DMA per folio, a driver without batching)."},
+                                         "'cpu' (the migrating thread's memcpy; on cuda into host-mapped device "
+                                         "frames, a proxy for a cache-coherent link where the card is on PCIe) "
+                                         "or 'sync-dma' (one synchronous DMA per folio, a driver without "
+                                         "batching)."},
         "speedup_vs_faithful_copy": {**_num_or_null,
                                      "description": "no-copy gbps / the faithful copy's, same direction and "
                                                     "folio size."},
@@ -341,6 +343,18 @@ RESULTS_SCHEMA: dict[str, Any] = {
                                "description": "What consumed the DMA rings on cuda: 'launch' (one kernel launch "
                                               "per submission, the default) or 'persistent' (a resident consumer "
                                               "kernel per device, an experiment); null on cpu."},
+                "copy_baseline": {"enum": ["cpu", "sync-dma"],
+                                  "description": "What copy mode measured (dmamig bench --copy-baseline): 'cpu', "
+                                                 "the migrating CPU's memcpy (on cuda into host-mapped device "
+                                                 "frames: a proxy for a cache-coherent link where the card is on "
+                                                 "PCIe), or 'sync-dma', one synchronous DMA per folio (cuda's "
+                                                 "default)."},
+                "copy_device_frames": {"enum": ["device", "host-mapped", None],
+                                       "description": "Where the device frames of the migration and file "
+                                                      "scenarios' copy mode lived on cuda "
+                                                      "(Machine(device_frames=)): 'device', or 'host-mapped' under "
+                                                      "the cpu baseline; no-copy mode always ran on device memory. "
+                                                      "null on cpu."},
             },
         },
         "ceilings": {"type": "array", "items": _CEILING},
@@ -609,6 +623,11 @@ def check_comparable(new: dict[str, Any], baseline: dict[str, Any], other_machin
             != bs.get(k, False if k == "quick" else None)]
     diff += [f"{k} {said(k, ns[k])} vs baseline {said(k, bs[k])}" for k in COMPARED_IF_RECORDED
              if ns.get(k) is not None and bs.get(k) is not None and ns[k] != bs[k]]
+    # Another copy baseline divides every no-copy / copy ratio by another copy; between backends (other_machine)
+    # the baselines differ by nature, and the backend already says so.
+    if ns.get("backend") == bs.get("backend") and None not in (ns.get("copy_baseline"), bs.get("copy_baseline")) \
+            and ns["copy_baseline"] != bs["copy_baseline"]:
+        diff.append(f"copy_baseline {ns['copy_baseline']!r} vs baseline {bs['copy_baseline']!r}")
     if diff:
         raise NotComparable(f"the runs are not comparable, their settings differ: {'; '.join(diff)}; compare "
                             f"with a baseline run with the same settings")

@@ -11,6 +11,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
+from ..backends.cuda.memory import HOST_MAPPED
 from ..migrate.options import FAITHFUL, NR_MAX_BATCHED_MIGRATION, MigrateOptions
 from ..topology import Topology
 from .naming import COPY_BASELINE_OF, format_size
@@ -246,6 +247,12 @@ class BenchSettings:
         What consumes the DMA rings on CUDA (``Machine(dma_engine=)``): ``None`` or ``"launch"``, one kernel launch
         per submission (the default); ``"persistent"``, a resident consumer kernel per device (an experiment; the
         CPU backend refuses it). Recorded on CUDA, ``null`` on the CPU backend.
+    copy_baseline_name : str or None
+        What copy mode measures, the divisor of every no-copy / copy ratio (:data:`~dmamig.bench.naming.COPY_BASELINES`):
+        ``None`` is the backend's (:data:`~dmamig.bench.naming.COPY_BASELINE_OF`). On CUDA ``"cpu"`` runs the
+        migration and file scenarios' copy mode on machines whose device frames are host-mapped
+        (``Machine(device_frames="host-mapped")``), so that the migrating CPU's memcpy copies them; their no-copy
+        mode keeps device memory. Recorded as ``copy_baseline``.
     """
 
     backend: str
@@ -272,10 +279,23 @@ class BenchSettings:
     topology: str = "nvswitch"
     dma_poll_us: float | None = None
     dma_engine: str | None = None
+    copy_baseline_name: str | None = None
 
     def copy_baseline(self) -> str:
-        """What copy mode measures on this sweep's backend (:data:`~dmamig.bench.naming.COPY_BASELINES`)."""
-        return COPY_BASELINE_OF.get(self.backend, "cpu")
+        """What copy mode measures on this sweep (:data:`~dmamig.bench.naming.COPY_BASELINES`): the setting, else
+        the backend's."""
+        return self.copy_baseline_name or COPY_BASELINE_OF.get(self.backend, "cpu")
+
+    def machine_device_frames(self, mode: str) -> str | None:
+        """The ``device_frames`` of a bench machine that runs ``mode`` (``"copy"`` or ``"nocopy"``).
+
+        ``"host-mapped"`` for copy mode on CUDA under the ``cpu`` baseline, so that the migrating CPU copies the
+        device frames; ``None`` (device memory) otherwise: no-copy mode measures the DMA engine on real device
+        memory whatever the baseline.
+        """
+        if mode == "copy" and self.backend == "cuda" and self.copy_baseline() == "cpu":
+            return HOST_MAPPED
+        return None
 
     def machine_poll(self) -> float | None:
         """The ``dma_poll_us`` of a bench machine (``None``: the machine's default)."""
@@ -289,6 +309,13 @@ class BenchSettings:
         """What consumed the DMA rings, as results.json records it: ``None`` on the CPU backend (its channels are
         worker threads whatever the setting), else the setting (``"launch"`` by default)."""
         return None if self.backend == "cpu" else (self.dma_engine or "launch")
+
+    def recorded_copy_device_frames(self) -> str | None:
+        """Where copy mode's device frames lived, as results.json records it: ``None`` on the CPU backend (its
+        device frames are host memory whatever the setting), else ``"host-mapped"`` or ``"device"``."""
+        if self.backend == "cpu":
+            return None
+        return self.machine_device_frames("copy") or "device"
 
     def recorded_poll(self) -> float:
         """The poll window the bench machines run with, as results.json records it."""
@@ -350,6 +377,7 @@ class BenchSettings:
             "dma_poll_us": self.recorded_poll(),
             "copy_baseline": self.copy_baseline(),
             "dma_engine": self.recorded_dma_engine(),
+            "copy_device_frames": self.recorded_copy_device_frames(),
         }
 
 def default_settings(backend: str, *, gpus: int = 0, quick: bool = False) -> BenchSettings:

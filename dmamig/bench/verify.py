@@ -31,7 +31,8 @@ def _node_pages(pages: int) -> int:
 
 
 @contextmanager
-def bench_machine(settings: BenchSettings, pages: int, channels: int, devices: int | None = None) -> Iterator[Any]:
+def bench_machine(settings: BenchSettings, pages: int, channels: int, devices: int | None = None,
+                  mode: str = "nocopy") -> Iterator[Any]:
     """A machine with room for ``pages`` base pages on every node, closed on exit.
 
     Parameters
@@ -45,6 +46,9 @@ def bench_machine(settings: BenchSettings, pages: int, channels: int, devices: i
     devices : int, optional
         Device nodes; by default as many as a migration group's path visits (the sweep's, at most two: the
         device->device leg runs between the first two devices), with the sweep's topology among them.
+    mode : {"nocopy", "copy"}
+        What the machine migrates in: copy mode under the ``cpu`` baseline on CUDA gets host-mapped device frames
+        (:meth:`~dmamig.bench.settings.BenchSettings.machine_device_frames`).
     """
     from ..machine import Machine
 
@@ -54,7 +58,7 @@ def bench_machine(settings: BenchSettings, pages: int, channels: int, devices: i
     devices = devices or min(settings.devices, 2)
     m = Machine(host_pages=n, device_pages=n, devices=devices, page_size=PAGE_SIZE, backend=settings.backend,
                 channels=channels, topology=settings.machine_topology(devices), dma_poll_us=settings.machine_poll(),
-                dma_engine=settings.machine_dma_engine())
+                dma_engine=settings.machine_dma_engine(), device_frames=settings.machine_device_frames(mode))
     try:
         yield m
     finally:
