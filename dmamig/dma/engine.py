@@ -23,6 +23,7 @@ import bisect
 import dataclasses
 import inspect
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -110,11 +111,16 @@ class DmaEngine:
         self._batch_available = bool(getattr(backend, "batch_copy_available", False))
         # Node pair -> its ring route (see _ring_route); () where it has none.
         self._routes: dict[tuple[int, int], tuple[Any, ...]] = {}
+        # The route of the last submission published in one compiled call between two different nodes: a
+        # migration's batches keep to one node pair, and the compiled call itself sends back a page off the
+        # route, so the next batch needs no look-up.
+        self._last_route: tuple[Any, ...] | None = None
         self.faults = faults if faults is not None else FaultPoints()
         # Stamped with the destination pfns of every submission before it is published (the machine's page
         # array: a NO_COPY migration tells a current copy from a stale one by these write sequence numbers).
         self._content = content
         self._write_seq = content.write_seq if content is not None else np.zeros(0, dtype=np.int64)
+        self._next_write_seq: Callable[[], int] = content.next_write_seq if content is not None else int
         self._seq = 0
         self._stats = DmaStats()
         self._pending: list[Fence] = []
@@ -174,7 +180,9 @@ class DmaEngine:
     def stats(self) -> DmaStats:
         """A snapshot of the counters (see :class:`DmaStats`)."""
         with self._lock:
-            s = dataclasses.replace(self._stats, busy_seconds=[], busy_by_device={})
+            # Every page counted is a page of bytes: the submissions count only pages.
+            s = dataclasses.replace(self._stats, bytes=self._stats.pages * self.page_size, busy_seconds=[],
+                                    busy_by_device={})
             lanes = [(dev, list(lane)) for dev, lane in self._lanes.items()]
             base = dict(self._base)
         return with_channels(s, lanes, base)
@@ -270,12 +278,19 @@ class DmaEngine:
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
         if self._routes and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
-                and src_pfns.dtype == _INT64 and dst_pfns.dtype == _INT64 and src_pfns.ndim == 1 \
+                and (src_pfns.dtype is _INT64 or src_pfns.dtype == _INT64) \
+                and (dst_pfns.dtype is _INT64 or dst_pfns.dtype == _INT64) and src_pfns.ndim == 1 \
                 and src_pfns.shape == dst_pfns.shape and src_pfns.size and not self.faults.armed:
-            # The route of the first page's node pair, checked inside the compiled call: a batch of a migration
-            # between two nodes needs no other pass over its pfns (a page elsewhere sends it the long way).
+            # The last route, then the route of the first page's node pair; every page is checked against the
+            # route inside the compiled call: a batch of a migration between two nodes needs no other pass over
+            # its pfns (a page elsewhere sends it the long way).
+            last = self._last_route
+            if last is not None:
+                fence = self._submit_rows(last, src_pfns, dst_pfns, checked=False)
+                if fence is not None:
+                    return fence
             fast = self._routes.get((self._node_of(int(src_pfns[0])), self._node_of(int(dst_pfns[0]))))
-            if fast and fast[-1]:
+            if fast and fast[-1] and fast is not last:
                 fence = self._submit_rows(fast, src_pfns, dst_pfns, checked=False)
                 if fence is not None:
                     return fence
@@ -321,8 +336,7 @@ class DmaEngine:
         self._seq += 1
         stats = self._stats
         stats.submissions += 1
-        stats.pages += pages
-        stats.bytes += pages * self.page_size
+        stats.pages += pages  # and pages * page_size bytes (see stats)
         stats.runs += runs
         return self._seq
 
@@ -389,23 +403,27 @@ class DmaEngine:
         validation.
         """
         # A channel that broke is not asked here: its jobs fail when a waiter finds its worker gone (revive).
-        ring_route, lane, _ = route
-        content = self._content
+        ring_route, lane, differ = route
         while True:
             with self._lock:
                 if self._closed:
                     raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
-                got = ring_route.submit(src, dst, checked, self._write_seq,
-                                        content.next_write_seq() if content is not None else 0)
+                got = ring_route.submit(src, dst, checked, self._write_seq, self._next_write_seq())
                 if type(got) is not int:
-                    submission = self._count_submission(src.size, got.nr_runs)
-                    completions, asleep = [], []
-                    for ch, (seq, idle) in zip(lane, got.jobs):
-                        if seq >= 0:
-                            completions.append(ch.completion(seq))
-                            if idle:
-                                asleep.append(ch)
-                    fence = self._track(Fence(completions, None, self._count_error, submission))
+                    # _count_submission and _track, written out: this is every migration batch's path.
+                    self._seq = submission = self._seq + 1
+                    stats = self._stats
+                    stats.submissions += 1
+                    stats.pages += src.size
+                    stats.runs += got.nr_runs
+                    jobs = got.jobs
+                    # The channels' completions are made when the fence is first asked (while the copy runs).
+                    fence = Fence(None, None, self._count_error, submission, None, (lane, jobs))
+                    if len(self._pending) >= _PRUNE_PENDING:
+                        self._pending = [f for f in self._pending if not f.done]
+                    self._pending.append(fence)
+                    if differ:
+                        self._last_route = route
                     break
                 if got != SUBMIT_NO_ROOM:
                     return None
@@ -413,8 +431,9 @@ class DmaEngine:
             ring_route.ring_set.make_room()
             for ch in lane:
                 ch.wait_for_progress(_ROOM_WAIT_S)
-        for ch in asleep:
-            ch.wake()
+        for ch, (_seq, asleep) in zip(lane, jobs):
+            if asleep:  # a channel without a job reports its consumer awake
+                ch.wake()
         return fence
 
     def _submit(self, plan: CopyPlan, seq: int,

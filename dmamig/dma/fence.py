@@ -77,12 +77,17 @@ class Fence:
     a caller that catches the error may free the destination frames at once.
     """
 
-    __slots__ = ("_completions", "_error", "_failed", "_on_failure", "_reported", "_share_runs", "submission")
+    __slots__ = ("_completions", "_error", "_failed", "_jobs", "_on_failure", "_share_runs", "submission")
 
-    def __init__(self, completions: list[Any], error: DmaError | None = None,
+    def __init__(self, completions: list[Any] | None, error: DmaError | None = None,
                  on_failure: Callable[[], None] | None = None, submission: int = 0,
-                 share_runs: list[list[tuple[int, Any, Any]]] | None = None):
+                 share_runs: list[list[tuple[int, Any, Any]]] | None = None,
+                 jobs: tuple[list[Any], list[list[int]]] | None = None):
+        # ``None`` with ``jobs``: made from them when first needed (a submission's host time stays short; a
+        # waiter makes them while the copy runs).
         self._completions = completions
+        # (channels, per channel [seq, _]): the ring jobs of a compiled submission, seq -1 where a channel has none.
+        self._jobs = jobs
         # Per completion, the destination runs (node base pfn, dst_start, npages) of that channel's share.
         self._share_runs = share_runs
         self._error = error
@@ -90,19 +95,26 @@ class Fence:
         # were counted there).
         self._on_failure = on_failure
         self._failed: DmaError | None = None
-        self._reported = False
         #: Sequence number of the submission (1-based; 0 for an empty one).
         self.submission = submission
+
+    def _shares(self) -> list[Any]:
+        """The completions, made from the ring jobs on first use."""
+        got = self._completions
+        if got is None:
+            channels, jobs = self._jobs
+            got = self._completions = [ch.completion(seq) for ch, (seq, _) in zip(channels, jobs) if seq >= 0]
+        return got
 
     @property
     def completions(self) -> tuple[Any, ...]:
         """One completion per channel share (each with ``done()``, ``wait(timeout)`` and ``error``)."""
-        return tuple(self._completions)
+        return tuple(self._shares())
 
     @property
     def done(self) -> bool:
         """Whether the submission has finished, successfully or not. Never blocks."""
-        return all(c.done() for c in self._completions)
+        return all(c.done() for c in self._shares())
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the submission to finish.
@@ -128,7 +140,7 @@ class Fence:
         """
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for c in self._completions:
+        for c in self._shares():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not c.wait(remaining):
                 return False
@@ -144,10 +156,10 @@ class Fence:
         any destination may be affected). Partial copies count whole: a share that failed half way lists all
         of its pages.
         """
-        if self._share_runs is None or len(self._share_runs) != len(self._completions):
+        if self._share_runs is None or len(self._share_runs) != len(self._shares()):
             return None
         out = []
-        for c, runs in zip(self._completions, self._share_runs):
+        for c, runs in zip(self._shares(), self._share_runs):
             if c.done() and c.error is not None:
                 for base, start, npages in runs:
                     total = int(np.sum(npages))
@@ -158,18 +170,16 @@ class Fence:
     def _failure(self) -> DmaError | None:
         if self._failed is None:
             if self._error is not None:
-                self._failed = self._error
+                self._failed = self._error  # known at submission, and counted there
             else:
-                for i, c in enumerate(self._completions):
+                for i, c in enumerate(self._shares()):
                     if c.error is not None:
                         self._failed = DmaError(f"DMA submission #{self.submission} failed on a channel "
                                                 f"(share {i}): {type(c.error).__name__}: {c.error}")
                         self._failed.__cause__ = c.error
+                        if self._on_failure is not None:  # told once: the failure is kept from now on
+                            self._on_failure()
                         break
-            if self._failed is not None and not self._reported and self._on_failure is not None:
-                self._reported = True
-                if self._error is None:  # failures known at submission were counted there
-                    self._on_failure()
         return self._failed
 
     def __repr__(self) -> str:
