@@ -163,7 +163,9 @@ class CudaRingLane:
         self._tail = (np.int32(rs.channels), np.int64(rs.rows.shape[1]), np.int64(rs.jobs.shape[1]),
                       np.int32(rs.ctl.shape[1]), np.int32(BLOCKS_PER_CHANNEL))
         self._grid = (rs.channels * BLOCKS_PER_CHANNEL,)
-        self._no_job = (np.int64(-1),) * (MAX_RING_CHANNELS - rs.channels)
+        self._no_job = (-1,) * (MAX_RING_CHANNELS - rs.channels)
+        # Made once: launches run one at a time, under the ring set's lock, so one context object serves them all.
+        self._device_scope = cp.cuda.Device(self.device)
         rs.consumer = self.launch
 
     def _alloc(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -178,10 +180,12 @@ class CudaRingLane:
         if self.failure is not None:
             self.rings.fail_unfinished(jobs)
             return
-        seqs = tuple(np.int64(j[0]) for j in jobs) + self._no_job
+        # The sequence numbers go as Python ints: a kernel argument that is an int is passed as a 64-bit one
+        # (long long seq0..seq7).
+        seqs = tuple([j[0] for j in jobs])
         try:
-            with self._cp.cuda.Device(self.device), self.stream:
-                self._kernel(self._grid, (RING_THREADS,), self._args + seqs + self._tail)
+            with self._device_scope, self.stream:
+                self._kernel(self._grid, (RING_THREADS,), self._args + seqs + self._no_job + self._tail)
             self.launches += 1
         except Exception as exc:
             err = DmaError(f"DMA ring of device {self.device}: launching the ring_copy kernel failed: "
