@@ -253,6 +253,9 @@ if RING_AVAILABLE:
         rd = -1
         length = 0
         last = span if by_table else n
+        # The destinations' content changes from now on: each is stamped as the walk meets it, before anything
+        # is published (a walk cut short by a long run leaves the planner to stamp them all again).
+        stamp = write_seq.shape[0] > 0
         for k in range(last + 1):
             if k < last:
                 if by_table:
@@ -263,6 +266,8 @@ if RING_AVAILABLE:
                 else:
                     s = src_idx[k]
                     d = dst_idx[k]
+                if stamp:
+                    write_seq[d] = seq
                 if s == rs + length and d == rd + length:
                     length += 1
                     continue
@@ -285,10 +290,6 @@ if RING_AVAILABLE:
                 rs = s
                 rd = d
                 length = 1
-        # The destinations' content changes from now on: stamped before anything is published.
-        if write_seq.shape[0]:
-            for i in range(n):
-                write_seq[dst_pfns[i]] = seq
         for c in range(channels):
             k = used[c]
             if k == 0:
