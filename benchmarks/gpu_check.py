@@ -12,7 +12,9 @@ so the script itself is exercised on any host. It writes:
 - ``summary.md``: the same as tables;
 - ``info.txt``, ``bench/`` (``dmamig bench`` at 4K and 2M, faithful batching), ``bench-persistent/`` (the same
   with ``--dma-engine persistent``: the copy re-baseline with the persistent consumer, on CUDA only),
-  ``bench-rfc/`` (2M, faithful and the DMA-offload RFC preset), ``gpu-tests.log``
+  ``bench-rfc/`` (2M, faithful and the DMA-offload RFC preset), ``bench-cpu-baseline/`` (2M, one channel, with
+  ``--copy-baseline cpu``: copy mode as the migrating CPU's memcpy into host-mapped device frames, on CUDA only),
+  ``gpu-tests.log``
   (``pytest -m gpu``: the failure paths on the card) and ``bound.log`` (``benchmarks/bench_bound.py`` on the
   CPU backend, on the host's own cores).
 """
@@ -40,7 +42,8 @@ CALLS = 300
 #: Base pages of one submission: the kernel's NR_MAX_BATCHED_MIGRATION.
 BATCH = 512
 #: Most seconds each process step may take, before the budget that is left caps it further.
-STEP_CAPS = {"info": 30, "bench": 150, "bench_persistent": 120, "bench_rfc": 90, "gpu_tests": 120, "bound": 120}
+STEP_CAPS = {"info": 30, "bench": 150, "bench_persistent": 120, "bench_rfc": 90, "bench_cpu_baseline": 60,
+             "gpu_tests": 120, "bound": 120}
 #: The persistent consumer's idle window while its start latency is measured (``dma_poll_us``): long enough that
 #: it stays resident between two probes.
 PERSISTENT_IDLE_US = 20000.0
@@ -268,6 +271,18 @@ def run_steps(result: dict[str, Any], out: Path, deadline: float, backend: str) 
                                 str(out / "bench-rfc")], out / "bench-rfc.log", deadline)
     _step(result, "gpu_tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
           out / "gpu-tests.log", deadline)
+    if result.get("backend") == "cpu" or backend == "cpu":
+        result.setdefault("steps", {})["bench_cpu_baseline"] = {
+            "skipped": "cpu backend: its copy mode already is the cpu baseline (the CUDA setting is "
+                       "--copy-baseline cpu)"}
+    else:
+        # After the GPU tests, which come first where the budget runs short; one size and one channel: the copy
+        # figure is what this step is for, the no-copy run only gives the ratio.
+        _step(result, "bench_cpu_baseline", [py, "-m", "dmamig", "bench", "--backend", backend, "--copy-baseline",
+                                             "cpu", "--sizes", "2m", "--channels", "1", "--faithful-only",
+                                             "--repeat", "3", "--no-access", "--no-pairs", "--no-engine", "--out",
+                                             str(out / "bench-cpu-baseline")], out / "bench-cpu-baseline.log",
+              deadline)
     _step(result, "bound", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_bound.py",
                             "--benchmark-only"], out / "bound.log", deadline, env={"DMAMIG_BACKEND": "cpu"})
 
