@@ -459,3 +459,29 @@ def test_migrations_both_ways_keep_the_one_call_route(monkeypatch):
         np.testing.assert_array_equal(mm.read(addr, data.size), data)
     finally:
         m.close()
+
+
+def test_batches_alternating_between_node_pairs_each_reach_their_own_pages():
+    # The engine offers a batch to the route of its last compiled submission first: a batch of another node pair
+    # is sent back by the compiled call's check and goes to its own route. Bytes, write stamps and counters exact.
+    from dmamig import Machine
+
+    m = Machine(host_pages=1024, device_pages=1024, devices=2, backend="cpu", channels=2)
+    try:
+        rng = np.random.default_rng(6)
+        pages = 0
+        for a, b in [(0, 1), (1, 0), (0, 2), (2, 0), (0, 1), (0, 2)] * 2:
+            src = m.alloc_pages(a, 64)[rng.permutation(64)]
+            m.frames.write_pfns(src, rng.integers(0, 256, (64, m.page_size), dtype=np.uint8))
+            dst = m.alloc_pages(b, 64)
+            before = int(m.pages.write_seq[dst].min())
+            assert m.dma.copy(src, dst).wait()
+            pages += 64
+            assert np.array_equal(m.frames.read_pfns(dst), m.frames.read_pfns(src))
+            assert (m.pages.write_seq[dst] > before).all() and np.unique(m.pages.write_seq[dst]).size == 1
+            m.put_pages(src)
+            m.put_pages(dst)
+        stats = m.dma.stats
+        assert stats.pages == pages and stats.bytes == pages * m.page_size and stats.submissions == 12
+    finally:
+        m.close()
