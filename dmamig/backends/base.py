@@ -14,7 +14,7 @@ import numpy as np
 from ..dma.channel import DmaChannel
 from ..errors import InvalidArgument
 
-__all__ = ["DMA_ENGINES", "Backend", "DeviceInfo", "check_dma_engine"]
+__all__ = ["DMA_ENGINES", "Backend", "DeviceInfo", "check_choice", "check_dma_engine"]
 
 #: What consumes a device's DMA rings (``Machine(dma_engine=)``): ``"launch"``, one kernel launch per submission
 #: (the default), or ``"persistent"``, a consumer kernel that stays resident until its rings go idle (an experiment
@@ -30,8 +30,19 @@ def check_dma_engine(value: object) -> str:
     InvalidArgument
         Anything else; the message names the setting and the allowed values.
     """
-    if not isinstance(value, str) or value not in DMA_ENGINES:
-        raise InvalidArgument(f"dma_engine must be one of {', '.join(map(repr, DMA_ENGINES))}, got {value!r}")
+    return check_choice("dma_engine", value, DMA_ENGINES)
+
+
+def check_choice(setting: str, value: object, allowed: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``allowed``, the values of the string setting named ``setting``.
+
+    Raises
+    ------
+    InvalidArgument
+        Anything else; the message names the setting and the allowed values.
+    """
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidArgument(f"{setting} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DmaError, InvalidArgument
+from ..base import check_choice
 from .codes import HOST_ALLOC_MAPPED, HOST_ALLOC_PORTABLE
 
 __all__ = ["DEVICE_FRAMES", "HOST_MAPPED", "DeviceFrames", "alloc_pinned", "check_device_frames", "device_of",
@@ -39,9 +40,7 @@ def check_device_frames(value: object) -> str:
     InvalidArgument
         Anything else; the message names the setting and the allowed values.
     """
-    if not isinstance(value, str) or value not in DEVICE_FRAMES:
-        raise InvalidArgument(f"device_frames must be one of {', '.join(map(repr, DEVICE_FRAMES))}, got {value!r}")
-    return value
+    return check_choice("device_frames", value, DEVICE_FRAMES)
 
 
 class DeviceFrames:
