@@ -278,8 +278,7 @@ class DmaEngine:
         if self._closed:
             raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
         if self._routes and type(src_pfns) is np.ndarray and type(dst_pfns) is np.ndarray \
-                and (src_pfns.dtype is _INT64 or src_pfns.dtype == _INT64) \
-                and (dst_pfns.dtype is _INT64 or dst_pfns.dtype == _INT64) and src_pfns.ndim == 1 \
+                and src_pfns.dtype == _INT64 and dst_pfns.dtype == _INT64 and src_pfns.ndim == 1 \
                 and src_pfns.shape == dst_pfns.shape and src_pfns.size and not self.faults.armed:
             # The last route, then the route of the first page's node pair; every page is checked against the
             # route inside the compiled call: a batch of a migration between two nodes needs no other pass over
@@ -410,18 +409,10 @@ class DmaEngine:
                     raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
                 got = ring_route.submit(src, dst, checked, self._write_seq, self._next_write_seq())
                 if type(got) is not int:
-                    # _count_submission and _track, written out: this is every migration batch's path.
-                    self._seq = submission = self._seq + 1
-                    stats = self._stats
-                    stats.submissions += 1
-                    stats.pages += src.size
-                    stats.runs += got.nr_runs
+                    submission = self._count_submission(int(src.size), got.nr_runs)
                     jobs = got.jobs
                     # The channels' completions are made when the fence is first asked (while the copy runs).
-                    fence = Fence(None, None, self._count_error, submission, None, (lane, jobs))
-                    if len(self._pending) >= _PRUNE_PENDING:
-                        self._pending = [f for f in self._pending if not f.done]
-                    self._pending.append(fence)
+                    fence = self._track(Fence(None, None, self._count_error, submission, None, (lane, jobs)))
                     if differ:
                         self._last_route = route
                     break

@@ -1,8 +1,9 @@
 """One compiled call per phase of a batch whose folios are mapped through a single VMA (the usual case).
 
 ``unmap_one_vma`` is the ASYNC unmap pass (``get_new_folio`` where one node's allocator can serve every
-destination, trylock, writeback check, ``try_to_migrate``); ``move_one_vma`` is a move pass (the reference-count freeze, ``folio_migrate_mapping`` + ``folio_migrate_flags``, the object's slots,
-``remove_migration_ptes`` onto the new folios, ``migrate_folio_done``). Each strings together the per-phase
+destination, trylock, writeback check, ``try_to_migrate``); ``move_one_vma`` is a move pass (the reference-count
+freeze, ``folio_migrate_mapping`` + ``folio_migrate_flags``, the object's slots, ``remove_migration_ptes`` onto
+the new folios, ``migrate_folio_done``). Each strings together the per-phase
 loops of :mod:`dmamig.page_loops` inside one nogil call, so a batch costs a fixed handful of Python-level calls
 whatever it holds (``stale_base_pfns`` lists the DMA submission's pages in between, ``cut_batches`` cuts a
 call into batches). The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
