@@ -16,6 +16,7 @@ import numpy as np
 
 from .filemap import File
 from .flags import PageFlag, PteFlag
+from .pages import NO_MAPPING
 from .vma import rmap_walk
 
 if TYPE_CHECKING:
@@ -152,6 +153,16 @@ def _check_frames(m: Machine, live_heads: np.ndarray) -> list[str]:
         if neither.size:
             out.append(f"node {node.id}: {neither.size} frames leaked (allocated, but no live folio holds "
                        f"them), e.g. pfns {_first(neither + node.base_pfn)}")
+        # Allocation sets up only a folio's head and its tails' head pointers: every other field of a free
+        # frame must already be in the free state (each path that frees resets first).
+        pfns = node.base_pfn + np.flatnonzero(free)
+        dirty = pfns[(pages.flags[pfns] != 0) | (pages.refcount[pfns] != 0) | (pages.mapcount[pfns] != 0)
+                     | (pages.mapping[pfns] != NO_MAPPING) | (pages.index[pfns] != 0) | (pages.private[pfns] != 0)
+                     | (pages.last_cpupid[pfns] != -1) | (pages.memcg[pfns] != 0) | (pages.order[pfns] != 0)
+                     | (pages.head[pfns] != pfns)]
+        if dirty.size:
+            out.append(f"node {node.id}: {dirty.size} free frames hold state of a folio (not reset when freed), "
+                       f"e.g. pfns {_first(dirty)}")
         if node.free_pages + int(used.sum()) != node.total_pages:
             out.append(f"node {node.id}: free {node.free_pages} + used {int(used.sum())} != size "
                        f"{node.total_pages}")

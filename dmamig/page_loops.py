@@ -176,19 +176,22 @@ def _reset_pages(pfns, flags, refcount, mapcount, mapping, index, private, last_
         _clear_page(p, p, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg, order, head)
 
 
-def _prep_new_folios(heads, order, head_flag, flags, refcount, mapcount, mapping, index, private, last_cpupid,
-                     memcg, order_arr, head):
-    """PageArray.prep_new: a fresh folio of ``2**order`` pages at each head, refcount 1 on the head."""
+def _prep_new_folios(heads, order, head_flag, flags, refcount, order_arr, head):
+    """PageArray.prep_new: a fresh folio of ``2**order`` pages at each head, refcount 1 on the head.
+
+    The frames come from an allocator, which holds only frames in the free state (every path that frees
+    resets them first, as ``free_pages_prepare`` checks a freed page is clean; :func:`dmamig.check.check_machine`
+    checks it): what is left to set is the head's order, reference and flag and each tail's head
+    (``prep_compound_page``), not the other state arrays a second time.
+    """
     nr = 1 << order
     for i in range(heads.size):
         h = heads[i]
         if nr < _FILL_MIN:
-            for k in range(nr):
-                _clear_page(h + k, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                            order_arr, head)
+            for k in range(1, nr):
+                head[h + k] = h
         else:
-            _clear_range(h, h + nr, h, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                         order_arr, head)
+            head[h + 1:h + nr] = h
         order_arr[h] = order
         refcount[h] = 1
         if order:

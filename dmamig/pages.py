@@ -106,8 +106,7 @@ class PageArray:
         heads = np.asarray(heads, dtype=np.int64)
         if page_loops.HAVE_NUMBA:
             page_loops.prep_new_folios(heads, int(order), np.uint32(PageFlag.HEAD), self.flags, self.refcount,
-                                     self.mapcount, self.mapping, self.index, self.private, self.last_cpupid,
-                                     self.memcg, self.order, self.head)
+                                       self.order, self.head)
             return
         pfns = (heads[:, None] + np.arange(1 << order)).ravel() if order else heads
         self.reset(pfns)

@@ -45,8 +45,8 @@ def _copy_current(s, d, n, write_seq):
 
 
 def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags,
-                   refcount, mapcount, mapping, index, private, last_cpupid, memcg, page_order, head, oid, pgoff,
-                   npages, pte_pfn, pte_flags, free, block_free, block, node_base, order, head_flag, rc):
+                   refcount, mapcount, mapping, index, page_order, head, oid, pgoff, npages, pte_pfn, pte_flags, free,
+                   block_free, block, node_base, order, head_flag, rc):
     """The ASYNC unmap pass over entries ``pos``: with ``order`` >= 0 first ``get_new_folio`` for the entries
     without a destination, as :func:`alloc_one_order` from the target node's allocator arrays (its pfns from
     ``node_base``); then lock each folio (busy: rc 1; writeback: rc -EBUSY, lock given back), install migration
@@ -60,7 +60,7 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
     taken = 0
     if order >= 0:
         taken = alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount,
-                                mapcount, mapping, index, private, last_cpupid, memcg, page_order, head)
+                                page_order, head)
         if taken < 0:
             return 0, -1
     for i in range(pos.size):
@@ -90,8 +90,8 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
     return bad, taken
 
 
-def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount, mapcount,
-                     mapping, index, private, last_cpupid, memcg, page_order, head):
+def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount, page_order,
+                     head):
     """``get_new_folio`` for the entries of ``pos`` without a destination, all folios of ``order`` from one
     node's allocator arrays (its pfns start at ``node_base``): all of them or none. Returns the frames taken, or
     -1 when the node cannot serve them all (nothing taken: the caller takes the general path, where running short
@@ -116,8 +116,7 @@ def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_f
         return -1
     for j in range(need):
         out[j] += node_base
-    prep_new_folios(out, order, head_flag, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                    page_order, head)
+    prep_new_folios(out, order, head_flag, flags, refcount, page_order, head)
     j = 0
     for i in range(pos.size):
         p = pos[i]

@@ -191,9 +191,8 @@ class UnmapPhase:
             bad, taken = batch_loops.unmap_one_vma(
                 todo, e.status, PENDING, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
                 _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
-                pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
-                vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, free, block_free, alloc.block, nd.base_pfn,
-                order, _HEAD_U32, rc)
+                pages.index, pages.order, pages.head, e.oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
+                free, block_free, alloc.block, nd.base_pfn, order, _HEAD_U32, rc)
             if taken >= 0:
                 break
             # The node could not serve every destination (nothing was taken): the general allocation, which
