@@ -60,7 +60,7 @@ def test_the_consumer_runs_copy_jobs_in_order_and_hands_python_jobs_back():
     t.start()
     seqs = [ring.publish(dma_ring.JOB_EXTERNAL, d)[0] for d in descs]  # four copies onto the same 8 frames
     assert seqs == [0, 1, 2, 3]
-    assert cpu_ring.poll_done(ring, 3, 10**9)
+    assert cpu_ring.poll_status(ring, 3, 10**9) == dma_ring.STATUS_OK
     np.testing.assert_array_equal(dst[:8], src[24:32])  # the last one wins: jobs ran in order
     assert [ring.status(s) for s in seqs] == [dma_ring.STATUS_OK] * 4
     ring.publish(dma_ring.JOB_PYTHON)
@@ -90,10 +90,25 @@ def test_a_poll_gives_up_after_its_budget():
     ring = dma_ring.RingSet(1, job_capacity=2).rings[0]
     ring.publish(dma_ring.JOB_PYTHON)  # nobody serves it
     t0 = time.perf_counter()
-    assert cpu_ring.poll_done(ring, 0, 2_000_000) is False
+    assert cpu_ring.poll_status(ring, 0, 2_000_000) is None
     assert 0.001 < time.perf_counter() - t0 < 1.0
     ring.finish(1)
-    assert cpu_ring.poll_done(ring, 0, 0)
+    assert cpu_ring.poll_status(ring, 0, 0) == dma_ring.STATUS_OK
+
+
+def test_a_poll_reads_the_job_status_and_one_a_reap_kept():
+    ring = dma_ring.RingSet(1, job_capacity=2).rings[0]
+    for _ in range(2):
+        ring.publish(dma_ring.JOB_PYTHON)
+    ring.finish(1, dma_ring.STATUS_FAILED)
+    ring.finish(2)
+    assert cpu_ring.poll_status(ring, 0, 0) == dma_ring.STATUS_FAILED
+    assert cpu_ring.poll_status(ring, 1, 0) == dma_ring.STATUS_OK
+    ring.reap()  # both slots free for reuse: the failed job's status is kept by the ring, the OK one is not needed
+    ring.publish(dma_ring.JOB_PYTHON)  # reuses job 0's slot
+    assert cpu_ring.poll_status(ring, 0, 0) == dma_ring.STATUS_FAILED
+    assert cpu_ring.poll_status(ring, 1, 0) == dma_ring.STATUS_OK
+    assert cpu_ring.poll_status(ring, 2, 0) is None
 
 
 def test_an_idle_serve_returns_after_its_window():

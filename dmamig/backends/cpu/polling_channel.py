@@ -61,28 +61,34 @@ class _RingCompletion:
         return False
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self.done():
+        if self.finished:
             return True
-        if timeout is not None and timeout <= 0:
-            return False
         ch = self._channel
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is not None and timeout <= 0:
+            return self.done()
         budget = ch.poll_ns if timeout is None else min(ch.poll_ns, int(timeout * 1e9))
-        if budget > 0 and ring_consumer.poll_done(ch._ring, self.seq, budget):
-            self._settle()
+        if budget > 0:
+            status = ring_consumer.poll_status(ch._ring, self.seq, budget)
+            if status is not None:
+                self._settle(status)
+                return True
+        elif self.done():
             return True
+        deadline = None if timeout is None else time.monotonic() + timeout
         # Past the poll window: sleep on a gate that the worker opens.
         if sleep_on_gate(ch._gate_for(self.seq), ch, deadline, self.done):
             self._settle()
             return True
         return False
 
-    def _settle(self) -> None:
-        """Read the job's status once ``HEAD`` passed it (the acquire load that saw it orders this read)."""
+    def _settle(self, status: int | None = None) -> None:
+        """Take the job's status once ``HEAD`` passed it (the acquire load that saw it orders this read), or
+        ``status`` as :func:`~dmamig.backends.cpu.ring_consumer.poll_status` read it."""
         if self.finished:
             return
         ch = self._channel
-        status = ch._ring.status(self.seq)
+        if status is None:
+            status = ch._ring.status(self.seq)
         if status not in (dma_ring.STATUS_OK, dma_ring.STATUS_PENDING) and self.error is None:
             self.error = ch._failures.get(self.seq) or DmaError(f"DMA channel {ch.index} job {self.seq}: "
                                                                f"{dma_ring.status_text(status)}")

@@ -6,7 +6,7 @@ the kernel's ``dma_sync_wait()`` polls that word with ``cpu_relax()``. A channel
 cannot be that engine on a VM, where every wake-up costs tens of microseconds (about 25 us a hop on the 2-vCPU
 reference machine), twice per submission: together most of a 4K batch's state work. So a polling channel's worker
 stays in the compiled loop :func:`serve` between jobs, watching the ring's tail, and a waiter polls the ring's
-head with :func:`poll_done`; both sleep in the kernel only after a bounded poll window, so an idle engine costs
+head with :func:`poll_status`; both sleep in the kernel only after a bounded poll window, so an idle engine costs
 nothing. Spinning yields the CPU (``sched_yield``) every few spins, but a scheduler still shares a CPU fairly
 between a poller and a busy thread (EEVDF does not hand a yielded CPU to a thread that has had more than its
 share): where pollers outnumber the spare CPUs, as two channels beside the migrating thread on two vCPUs, they
@@ -29,7 +29,7 @@ import numpy as np
 from ...dma import ring as dma_ring
 from .spin import SPIN_ERROR
 
-__all__ = ["RING_AVAILABLE", "RING_ERROR", "SERVE_IDLE", "SERVE_PYTHON", "SERVE_WAKE", "poll_done", "serve",
+__all__ = ["RING_AVAILABLE", "RING_ERROR", "SERVE_IDLE", "SERVE_PYTHON", "SERVE_WAKE", "poll_status", "serve",
            "warm_up"]
 
 #: Why :func:`serve` returned: the idle window passed, a Python job is at the head, a sleeping waiter needs waking.
@@ -47,13 +47,16 @@ RING_AVAILABLE = RING_ERROR is None
 
 # The ring's layout, written out here: numba's on-disk cache freezes the globals a compiled function reads and is
 # refreshed only when this file changes, so a layout change in dma/ring.py must change this file too (checked).
-_TAIL, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS = 0, 16, 17, 18, 19, 24
-_JOB_ROWS, _JOB_PYTHON, _ROW_STREAM = 1, 3, 1
+_TAIL, _REAPED, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS = 0, 9, 16, 17, 18, 19, 24
+_JOB_ROWS, _JOB_PYTHON, _ROW_STREAM, _J_STATUS = 1, 3, 1, 3
 _STATUS_OK, _STATUS_BAD_ROW = 1, 2
-if (_TAIL, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS, _JOB_ROWS, _JOB_PYTHON, _ROW_STREAM, _STATUS_OK,
-        _STATUS_BAD_ROW) != (dma_ring.TAIL, dma_ring.HEAD, dma_ring.ROW_HEAD, dma_ring.BUSY_NS, dma_ring.HEARTBEAT,
-                             dma_ring.SLEEPERS, dma_ring.JOB_ROWS, dma_ring.JOB_PYTHON, dma_ring.ROW_STREAM,
-                             dma_ring.STATUS_OK, dma_ring.STATUS_BAD_ROW):  # pragma: no cover
+# _poll_status's answers that are not a job status.
+_NOT_DONE, _SLOT_REAPED = -1, -2
+if (_TAIL, _REAPED, _HEAD, _ROW_HEAD, _BUSY_NS, _HEARTBEAT, _SLEEPERS, _JOB_ROWS, _JOB_PYTHON, _ROW_STREAM, _J_STATUS,
+        _STATUS_OK, _STATUS_BAD_ROW) != (dma_ring.TAIL, dma_ring.REAPED, dma_ring.HEAD, dma_ring.ROW_HEAD,
+                                         dma_ring.BUSY_NS, dma_ring.HEARTBEAT, dma_ring.SLEEPERS, dma_ring.JOB_ROWS,
+                                         dma_ring.JOB_PYTHON, dma_ring.ROW_STREAM, dma_ring.J_STATUS,
+                                         dma_ring.STATUS_OK, dma_ring.STATUS_BAD_ROW):  # pragma: no cover
     raise ImportError("dmamig.backends.cpu.ring_consumer: its copy of the ring layout differs from dmamig.dma.ring's")
 
 if RING_AVAILABLE:
@@ -131,18 +134,24 @@ if RING_AVAILABLE:
             spins = 0
 
     @njit(nogil=True, cache=True)
-    def _poll_done(ctl, seq, budget_ns, ts):  # pragma: no cover - compiled
+    def _poll_status(ctl, jobs, seq, budget_ns, ts):  # pragma: no cover - compiled
         head_addr = ctl.ctypes.data + _HEAD * 8
-        start = now_ns(ts)
-        spins = 0
-        while load_acquire(head_addr) <= seq:
-            cpu_relax()
-            spins += 1
-            if spins % _SPINS_PER_YIELD == 0:
-                sched_yield()
-            if spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - start >= budget_ns:
-                return False
-        return True
+        if load_acquire(head_addr) <= seq:
+            start = now_ns(ts)
+            spins = 0
+            while load_acquire(head_addr) <= seq:
+                cpu_relax()
+                spins += 1
+                if spins % _SPINS_PER_YIELD == 0:
+                    sched_yield()
+                if spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - start >= budget_ns:
+                    return _NOT_DONE
+        # The slot's status with an acquire load, so the REAPED read after it cannot pass it: a slot reaped (and
+        # maybe reused) in between is seen as such.
+        status = load_acquire(jobs.ctypes.data + ((seq % jobs.shape[0]) * jobs.shape[1] + _J_STATUS) * 8)
+        if ctl[_REAPED] > seq:
+            return _SLOT_REAPED
+        return status
 
 
 def serve(ring: dma_ring.Ring, idle_ns: int, clock: np.ndarray) -> int:
@@ -154,9 +163,18 @@ def serve(ring: dma_ring.Ring, idle_ns: int, clock: np.ndarray) -> int:
     return int(_serve(ring.ctl, ring.rows, ring.jobs, ring.regions, int(idle_ns), clock))
 
 
-def poll_done(ring: dma_ring.Ring, seq: int, budget_ns: int) -> bool:
-    """Poll until job ``seq`` of ``ring`` is done or ``budget_ns`` passed; ``True`` when done. Releases the GIL."""
-    return bool(_poll_done(ring.ctl, int(seq), int(budget_ns), np.zeros(2, dtype=np.int64)))
+def poll_status(ring: dma_ring.Ring, seq: int, budget_ns: int) -> int | None:
+    """Poll until job ``seq`` of ``ring`` is done or ``budget_ns`` passed; the job's status once done (as
+    :meth:`~dmamig.dma.ring.Ring.status` gives it), ``None`` when the budget ran out first. Releases the GIL.
+
+    One compiled call where a waiter would otherwise read ``HEAD``, poll it, then read ``HEAD`` and the slot again.
+    """
+    status = int(_poll_status(ring.ctl, ring.jobs, int(seq), int(budget_ns), np.zeros(2, dtype=np.int64)))
+    if status == _NOT_DONE:
+        return None
+    if status == _SLOT_REAPED:  # the slot was reaped: the ring kept the job's status if it was not OK
+        return ring.status(seq)
+    return status
 
 
 def warm_up() -> None:
@@ -174,5 +192,5 @@ def warm_up() -> None:
     ring.publish(dma_ring.JOB_EXTERNAL, desc)
     ring.publish(dma_ring.JOB_PYTHON)
     assert serve(ring, 0, np.zeros(2, dtype=np.int64)) == SERVE_PYTHON and ring.head == 1
-    assert poll_done(ring, 0, 0)
+    assert poll_status(ring, 0, 0) == dma_ring.STATUS_OK
     ring.finish(2)

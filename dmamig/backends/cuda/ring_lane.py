@@ -27,7 +27,7 @@ import numpy as np
 from ...dma import ring as dma_ring
 from ...errors import DmaError
 from ..cpu.ring_consumer import RING_AVAILABLE as POLL_AVAILABLE
-from ..cpu.ring_consumer import poll_done
+from ..cpu.ring_consumer import poll_status
 from .codes import (
     CUDA_ERROR_NOT_READY,
     CUDA_SUCCESS,
@@ -78,14 +78,18 @@ class RingJob:
         return False
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self.done():
+        if self._done:
             return True
         lane = self._lane
-        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         budget = lane.poll_ns if timeout is None else min(lane.poll_ns, int(max(0.0, timeout) * 1e9))
-        if budget > 0 and POLL_AVAILABLE and poll_done(self._ring, self.seq, budget):
-            self._settle()
+        if budget > 0 and POLL_AVAILABLE and lane.failure is None:
+            status = poll_status(self._ring, self.seq, budget)
+            if status is not None:
+                self._settle(status)
+                return True
+        if self.done():
             return True
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         delay = 50e-6
         last_progress, last_head = time.monotonic(), self._ring.head
         while not self.done():
@@ -104,8 +108,9 @@ class RingJob:
             delay = min(delay * 2, 2e-3)
         return True
 
-    def _settle(self) -> None:
-        status = self._ring.status(self.seq)
+    def _settle(self, status: int | None = None) -> None:
+        if status is None:
+            status = self._ring.status(self.seq)
         if status not in (dma_ring.STATUS_OK, dma_ring.STATUS_PENDING) and self.error is None:
             self.error = self._lane.failure or DmaError(
                 f"DMA channel {self._ring.index} of device {self._lane.device}, job {self.seq}: "
