@@ -184,7 +184,7 @@ class MovePhase:
             m.frames.copy_folios(e.src[stale], e.dst[stale])
             self.phase_ns["copy"] += time.perf_counter_ns() - t0
         t0 = time.perf_counter_ns()
-        with m.changed:
+        with m.lock:  # m.changed's lock, entered directly, as in the unmap pass
             vma = self._one_vma()
             if vma is not None:
                 busy_pos = self._move_one_vma(moving, vma)

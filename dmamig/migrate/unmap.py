@@ -40,7 +40,9 @@ class UnmapPhase:
         t0 = time.perf_counter_ns()
         m, e, pages = self.m, self.e, self.m.pages
         self.batch_mode = mode  # the move passes that follow run the mapping callbacks in this mode
-        with m.changed:
+        # m.changed's own lock, entered directly (the condition's Python-level wrapper costs more than the lock);
+        # notify_all works the same under it.
+        with m.lock:
             vma = self._one_vma() if mode == MigrateMode.ASYNC else None
             self.alloc_retry = _NONE
             if vma is not None:
