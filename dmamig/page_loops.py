@@ -12,10 +12,9 @@ import numpy as np
 
 from .flags import EACCES, EBUSY, EFAULT, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "entry_info",
-           "expand_folios", "free_folio_frames", "free_frames", "install_entries", "locate_entries",
-           "move_folio_state", "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages",
-           "stamp_folios", "trylock_folios"]
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "expand_folios",
+           "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
+           "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages", "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -373,36 +372,6 @@ def _trylock_folios(heads, flags, locked, writeback, rc):
     return bad
 
 
-def _entry_info(heads, page_order, mapping, flags, swapcache, node_table, order_out, nr_out):
-    """Per-folio order and size of ``heads`` into ``order_out`` and ``nr_out``; returns (largest order, whether
-    every folio has it, the one node of all heads or -1, lowest and highest ``mapping``, whether any folio is in
-    the swap cache) so the caller can take the one-object, one-node, one-order paths."""
-    top = 0
-    low = 1 << 30
-    node = -2
-    lo = 1 << 62
-    hi = -(1 << 62)
-    swap = False
-    for i in range(heads.size):
-        h = heads[i]
-        o = page_order[h]
-        order_out[i] = o
-        nr_out[i] = 1 << o
-        top = max(top, o)
-        low = min(low, o)
-        nd = node_table[h]
-        if node == -2:
-            node = nd
-        elif nd != node:
-            node = -1
-        mp = mapping[h]
-        lo = min(lo, mp)
-        hi = max(hi, mp)
-        if flags[h] & swapcache:
-            swap = True
-    return top, low == top, node, lo, hi, swap
-
-
 def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid,
                  memcg, order, head, out):
     """migrate_folio_done for moved folios: the new folio back on the LRU without the isolation reference; every
@@ -464,7 +433,6 @@ if HAVE_NUMBA:
     _clear_range = njit(nogil=True, cache=True)(_clear_range)
     done_folios = _jit(_done_folios)
     trylock_folios = _jit(_trylock_folios)
-    entry_info = _jit(_entry_info)
     alloc_frames0 = _jit(_alloc_frames0)
     alloc_frames_order = _jit(_alloc_frames_order)
     free_frames = _jit(_free_frames)
@@ -480,5 +448,5 @@ if HAVE_NUMBA:
 else:  # pragma: no cover
     expand_folios = stamp_folios = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
-    done_folios = trylock_folios = entry_info = install_entries = remove_entries = move_folio_state = None
+    done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from support import delta, rand
 
+import dmamig.page_loops as page_loops
 from dmamig import MigrateMode, PageFlag
 
 EAGAIN, ENOMEM = -errno.EAGAIN, -errno.ENOMEM
@@ -113,7 +114,10 @@ def test_thp_splits_when_target_has_no_contiguous_block(m, mm):
     assert [n.free_pages for n in m.nodes] == [HOST, DEV, DEV]
 
 
-def test_split_folio_with_too_few_frames_migrates_what_fits(m, mm):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_split_folio_with_too_few_frames_migrates_what_fits(m, mm, monkeypatch, compiled):
+    if not compiled:  # the numpy reference of the per-call loops (each page's status from its split piece)
+        monkeypatch.setattr(page_loops, "HAVE_NUMBA", False)
     ps = m.page_size
     addr, data = thp(m, mm, 1, seed=2)
     held = fragment(m, 1, keep_free=200)

@@ -3,10 +3,11 @@
 ``unmap_one_vma`` is the ASYNC unmap pass (``get_new_folio`` where one node's allocator can serve every
 destination, trylock, writeback check, ``try_to_migrate``); ``move_one_vma`` is a move pass (the reference-count
 freeze, ``folio_migrate_mapping`` + ``folio_migrate_flags``, the object's slots, ``remove_migration_ptes`` onto
-the new folios, ``migrate_folio_done``). Each strings together the per-phase
-loops of :mod:`dmamig.page_loops` inside one nogil call, so a batch costs a fixed handful of Python-level calls
-whatever it holds (``stale_base_pfns`` lists the DMA submission's pages in between, ``cut_batches`` cuts a
-call into batches). The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
+the new folios, ``migrate_folio_done``). Each strings together the per-phase loops of :mod:`dmamig.page_loops`
+inside one nogil call, so a batch costs a fixed handful of Python-level calls whatever it holds
+(``stale_base_pfns`` lists the DMA submission's pages in between). A call's own set-up and end are compiled
+too: ``init_entries`` sets up its entries, ``cut_batches`` cuts them into batches, ``fill_status`` gives the
+pages their status. The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
 does the same work phase by phase and stays the reference: the tests run random migrations both ways and
 compare every page, page table and object slot.
 """
@@ -17,8 +18,8 @@ import numpy as np
 
 from .. import page_loops
 
-__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "move_one_vma", "stale_base_pfns",
-           "to_copy", "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "init_entries",
+           "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
@@ -124,6 +125,56 @@ def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_f
             dst[p] = out[j]
             j += 1
     return need * size
+
+
+def _init_entries(heads, page_order, mapping, flags, swapcache, node_table, untried, ints, status):
+    """A migrate call's entries set up in one pass (``Entries``, whose numpy path is the reference): per folio
+    of ``heads`` its order and size, one expected reference, no destination, batch 0, no split piece (the rows of
+    ``ints``: ORDER, NR, EXPECTED, DST, BATCH_OF, SPLIT_FIRST) and status ``untried``. Returns (largest order,
+    whether every folio has it, the one node of all heads or -1, lowest and highest ``mapping``, whether any folio
+    is in the swap cache) so the caller can take the one-object, one-node, one-order paths."""
+    top = 0
+    low = 1 << 30
+    node = -2
+    lo = 1 << 62
+    hi = -(1 << 62)
+    swap = False
+    for i in range(heads.size):
+        h = heads[i]
+        o = page_order[h]
+        ints[0, i] = o
+        ints[1, i] = 1 << o
+        ints[2, i] = 1
+        ints[3, i] = -1
+        ints[4, i] = 0
+        ints[5, i] = -1
+        status[i] = untried
+        top = max(top, o)
+        low = min(low, o)
+        nd = node_table[h]
+        if node == -2:
+            node = nd
+        elif nd != node:
+            node = -1
+        mp = mapping[h]
+        lo = min(lo, mp)
+        hi = max(hi, mp)
+        if flags[h] & swapcache:
+            swap = True
+    return top, low == top, node, lo, hi, swap
+
+
+def _fill_status(status, pending, entry, pfns, entry_status, split_first, src, split):
+    """``Entries.fill_status`` (its numpy lines are the reference): each page of ``status`` still ``pending``
+    takes the status of its entry ``entry[i]``; a page of a split folio takes its own piece's."""
+    for i in range(status.size):
+        if status[i] != pending:
+            continue
+        e = entry[i]
+        s = entry_status[e]
+        if s == split:
+            s = entry_status[split_first[e] + pfns[i] - src[e]]
+        status[i] = s
 
 
 def _cut_batches(nr, batch_pages, out):
@@ -283,8 +334,10 @@ if HAVE_NUMBA:
     to_copy = njit(nogil=True, cache=True)(_to_copy)
     stale_base_pfns = njit(nogil=True, cache=True)(_stale_base_pfns)
     cut_batches = njit(nogil=True, cache=True)(_cut_batches)
+    init_entries = njit(nogil=True, cache=True)(_init_entries)
+    fill_status = njit(nogil=True, cache=True)(_fill_status)
     alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
 else:  # pragma: no cover
-    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = None
+    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = init_entries = fill_status = None

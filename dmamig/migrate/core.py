@@ -418,10 +418,9 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
     heads, pfns, status, t_thread, t_wall = req.heads, req.pfns, req.status, req.t_thread, req.t_wall
     options = MigrateOptions.coerce(req.options)
     t_run = time.perf_counter_ns()
-    pending = status == PENDING
     with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
         entries = Entries(m, heads, req.dst)
-        where = entries.locate(pfns[pending]) if heads.size else None
+        where = entries.locate(pfns, status) if heads.size else None
     mig = _Migration(m, req.node, req.mode, req.engine, options, entries, req.reason, req.kswapd)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:
@@ -433,7 +432,7 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
             finally:
                 t0 = time.perf_counter_ns()
                 mig.finish(interrupted)
-                status[pending] = entries.status_at(where)
+                entries.fill_status(status, where)
                 mig.phase_ns["putback"] += time.perf_counter_ns() - t0
     s = mig.stats
     rc = ENOMEM if mig.enomem else mig.nr_failed_folios

@@ -43,16 +43,24 @@ class Entries:
         pages = m.pages
         n = heads.size
         self.src = np.asarray(heads, dtype=np.int64)
+        # Few allocations per call: the int64 columns come from one block, the bool ones from another.
+        ints = np.empty((6, n), dtype=np.int64)
+        self.order, self.nr, self.expected, self.dst, self.batch_of, self.split_first = ints
+        self.status = np.empty(n, np.int32)
         if page_loops.HAVE_NUMBA and n:
-            self.order, self.nr = np.empty((2, n), dtype=np.int64)
-            top, same, node, lo, hi, swap = page_loops.entry_info(self.src, pages.order, pages.mapping, pages.flags,
-                                                                  _SWAPCACHE, m.nodemap.node_table, self.order,
-                                                                  self.nr)
+            top, same, node, lo, hi, swap = batch_loops.init_entries(self.src, pages.order, pages.mapping,
+                                                                     pages.flags, _SWAPCACHE, m.nodemap.node_table,
+                                                                     UNTRIED, ints, self.status)
             one_object = lo == hi
             self.oid = int(lo) if one_object and lo >= 0 else -1  # the one object of every folio, if so
         else:
-            self.order = pages.order[self.src].astype(np.int64)
-            self.nr = np.left_shift(1, self.order)
+            self.order[:] = pages.order[self.src]
+            self.nr[:] = np.left_shift(1, self.order)
+            self.expected[:] = 1
+            self.dst[:] = -1
+            self.batch_of[:] = 0
+            self.split_first[:] = -1  # first piece of a split entry
+            self.status[:] = UNTRIED
             top = int(self.order.max()) if n else 0
             same = bool((self.order == top).all())
             nid = m.nodemap.node_table[self.src]
@@ -68,10 +76,12 @@ class Entries:
         if one_object:
             obj = m.object_or_none(int(lo)) if lo >= 0 else None
             shared = obj is not None and obj.shared
-            self.expected = self.nr + 1 if shared else np.ones(n, dtype=np.int64)
+            if shared:
+                self.expected += self.nr
         else:
             shared = True  # some may be: the pass below looks
-            self.expected = 1 + np.where(shared_folios(m, self.src), self.nr, 0) if n else self.nr
+            if n:
+                self.expected += np.where(shared_folios(m, self.src), self.nr, 0)
         # Shared-memory folios (the page cache's references): their nr_shmem moves with them. None: none here
         # (known without a pass over the entries when they all belong to one anonymous object).
         self.shmem: np.ndarray | None = None
@@ -82,7 +92,7 @@ class Entries:
         # base page.
         if swap:
             swapped = (pages.flags[self.src] & _SWAPCACHE) != 0
-            self.expected = np.where(swapped, self.nr + 1, self.expected)
+            self.expected[swapped] = self.nr[swapped] + 1
         # Folios of files and movable non-LRU pages migrate through their mapping's callback
         # (mapping_callbacks.py); None: there are none here, and every folio takes the core's own path.
         self.by_callback: np.ndarray | None = None
@@ -94,12 +104,8 @@ class Entries:
                     self.shmem = self.shmem & ~mine
                     if not self.shmem.any():
                         self.shmem = None
-        # Few allocations per call: the int64 and the bool columns each come from one block.
-        ints = np.empty((3, n), dtype=np.int64)
-        self.dst, self.batch_of, self.split_first = ints
-        self.dst[:] = -1 if dst is None else dst
-        self.batch_of[:] = 0
-        self.split_first[:] = -1  # first piece of a split entry
+        if dst is not None:
+            self.dst[:] = dst
         flags = np.zeros((4, n), dtype=bool)
         # given: destination supplied (and copied) by the caller; fresh: destination content equals the source
         # right now; unmapped: source locked and behind migration entries; counted: failure in the statistics.
@@ -107,7 +113,6 @@ class Entries:
         self.all_given = dst is not None  # every destination is the caller's (NO_COPY with dst_pfns)
         if dst is not None:
             self.given[:] = True
-        self.status = np.full(n, UNTRIED, np.int32)
         self._pieces: list[np.ndarray] = []
 
     def base_pfns(self, heads: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -227,9 +232,10 @@ class Entries:
         return bool(((st == 0) | (st == SPLIT)).all())
 
     # -- per-page status -----------------------------------------------------------------------------------------
-    def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(entry, pfns)``: the entry of each base pfn's source folio, before anything moved (caller holds the
-        lock), for :meth:`status_at`.
+    def locate(self, pfns: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Where the pages of ``pfns`` whose ``status`` is ``PENDING`` (collection's provisional status: their
+        folio is an entry) will find their final status: the entry of each page's folio, before anything moved
+        (caller holds the lock), for :meth:`fill_status`.
 
         ``None`` when the pfns are the entries themselves, in order (base pages, each listed once: the usual
         case, since collection keeps first occurrences in order).
@@ -237,10 +243,11 @@ class Entries:
         if self.all_base and pfns.size == self.src.size:
             return None
         pages, src = self.m.pages, self.src
-        if page_loops.HAVE_NUMBA:
+        if page_loops.HAVE_NUMBA:  # every page's entry, -1 for a page of no entry's folio (those are not pending)
             entry = np.empty(pfns.size, dtype=np.int64)
             page_loops.locate_entries(pfns, pages.head, src, pages.mark, entry)
             return entry, pfns
+        pfns = pfns[status == PENDING]
         heads = pages.head[pfns]
         if src.size < 2 or bool((src[1:] > src[:-1]).all()):
             entry = np.searchsorted(src, heads)
@@ -249,18 +256,22 @@ class Entries:
             entry = order[np.searchsorted(src[order], heads)]
         return entry, pfns
 
-    def status_at(self, where: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-        """Final status of the pages :meth:`locate` found; a split folio's page reports its own piece."""
+    def fill_status(self, status: np.ndarray, where: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Give each pending page of ``status`` the final status of its entry, :meth:`locate` having found them;
+        a split folio's page reports its own piece."""
         if where is None:
-            return self.status[: self.size]
+            status[:] = self.status[: self.size]
+            return
         entry, pfns = where
+        if page_loops.HAVE_NUMBA:
+            batch_loops.fill_status(status, PENDING, entry, pfns, self.status, self.split_first, self.src, SPLIT)
+            return
         st = self.status[entry]
         split = st == SPLIT
         if split.any():
-            st = st.copy()
             at = entry[split]
             st[split] = self.status[self.split_first[at] + pfns[split] - self.src[at]]
-        return st
+        status[status == PENDING] = st
 
 
 def batch_ids(nr: np.ndarray, batch_pages: int) -> np.ndarray:
