@@ -265,3 +265,13 @@ def test_a_consumer_that_cannot_start_fails_only_the_unfinished_jobs_it_was_give
     assert r1.status(other) == dma_ring.STATUS_FAILED and r1.head == other + 1
     assert r0.head == done + 1 and r0.status(left) == dma_ring.STATUS_PENDING  # not given: left alone
     assert r2.tail == 0 and r2.head == 0
+
+
+def test_a_route_covers_the_pages_between_its_two_memories_only():
+    rings = dma_ring.RingSet(1)
+    route = rings.route(100, 500, 0, 0, PAGE, OPTS, src_pages=50, dst_pages=10)
+    assert route.covers(100, 500) and route.covers(149, 509)
+    assert not route.covers(99, 500) and not route.covers(150, 500)
+    assert not route.covers(100, 499) and not route.covers(100, 510)
+    unbounded = rings.route(0, 8, 0, 0, PAGE, OPTS)  # no sizes given: from each base up
+    assert unbounded.covers(1 << 40, 8) and not unbounded.covers(0, 7)

@@ -283,12 +283,13 @@ class DmaEngine:
             # The last route, then the route of the first page's node pair; every page is checked against the
             # route inside the compiled call: a batch of a migration between two nodes needs no other pass over
             # its pfns (a page elsewhere sends it the long way).
+            s0, d0 = int(src_pfns[0]), int(dst_pfns[0])
             last = self._last_route
-            if last is not None:
+            if last is not None and last[0].covers(s0, d0):
                 fence = self._submit_rows(last, src_pfns, dst_pfns, checked=False)
                 if fence is not None:
                     return fence
-            fast = self._routes.get((self._node_of(int(src_pfns[0])), self._node_of(int(dst_pfns[0]))))
+            fast = self._routes.get((self._node_of(s0), self._node_of(d0)))
             if fast and fast[-1] and fast is not last:
                 fence = self._submit_rows(fast, src_pfns, dst_pfns, checked=False)
                 if fence is not None:

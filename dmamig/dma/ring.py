@@ -780,7 +780,7 @@ class RingRoute:
     copies never apply here).
     """
 
-    __slots__ = ("_args", "_large_fraction", "ring_set")
+    __slots__ = ("_args", "_dst_range", "_large_fraction", "_src_range", "ring_set")
 
     def __init__(self, ring_set: RingSet, src_base: int, dst_base: int, src_addr: int, dst_addr: int, page: int,
                  options: PlanOptions, *, src_pages: int = 1 << 62, dst_pages: int = 1 << 62) -> None:
@@ -794,6 +794,18 @@ class RingRoute:
         self.ring_set = ring_set
         self._args = words
         self._large_fraction = float(options.large_run_fraction)
+        self._src_range = (int(src_base), int(src_base) + int(src_pages))
+        self._dst_range = (int(dst_base), int(dst_base) + int(dst_pages))
+
+    def covers(self, src_pfn: int, dst_pfn: int) -> bool:
+        """Whether the copy of page ``src_pfn`` to ``dst_pfn`` is between this route's memories: a caller's
+        cheap look at a submission's first page before it tries the route (the compiled call checks every
+        page)."""
+        lo, hi = self._src_range
+        if not lo <= src_pfn < hi:
+            return False
+        lo, hi = self._dst_range
+        return lo <= dst_pfn < hi
 
     def submit(self, src_pfns: np.ndarray, dst_pfns: np.ndarray, checked: bool = True,
                write_seq: np.ndarray | None = None, seq: int = 0) -> Submitted | int:
