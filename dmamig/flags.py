@@ -144,5 +144,7 @@ MIGRATE_PFN_SHIFT = 6
 MIGRATE_COPIED_FLAGS = (PageFlag.ERROR | PageFlag.REFERENCED | PageFlag.UPTODATE | PageFlag.WORKINGSET
                         | PageFlag.CHECKED | PageFlag.MAPPEDTODISK | PageFlag.DIRTY | PageFlag.YOUNG
                         | PageFlag.IDLE | PageFlag.MLOCKED | PageFlag.RECLAIM)
+#: PTE bits a migration entry keeps from the PTE it replaces, and gives to the PTE that replaces it.
+MIGRATION_ENTRY_KEPT = PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY
 #: Page flags that move: set on the new folio, cleared on the old one.
 MIGRATE_MOVED_FLAGS = PageFlag.ACTIVE | PageFlag.UNEVICTABLE | PageFlag.SWAPCACHE | PageFlag.PRIVATE

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .flags import EACCES, EBUSY, EFAULT, ENOENT, MIGRATE_COPIED_FLAGS, MIGRATE_MOVED_FLAGS, PageFlag, PteFlag
+from .flags import (
+    EACCES,
+    EBUSY,
+    EFAULT,
+    ENOENT,
+    MIGRATE_COPIED_FLAGS,
+    MIGRATE_MOVED_FLAGS,
+    MIGRATION_ENTRY_KEPT,
+    PageFlag,
+    PteFlag,
+)
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "expand_folios",
            "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
-           "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages", "stamp_folios", "trylock_folios"]
+           "move_head_state", "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages", "stamp_folios",
+           "trylock_folios"]
 
 try:
     from numba import njit
@@ -30,7 +41,7 @@ _PRESENT = int(PteFlag.PRESENT)
 _MAPPED = int(PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE)
 _MIGRATION = int(PteFlag.MIGRATION)
 _DIRTY_PTE = int(PteFlag.DIRTY)
-_KEPT = int(PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY)
+_KEPT = int(MIGRATION_ENTRY_KEPT)
 _PG_DIRTY = np.uint32(PageFlag.DIRTY)
 _COPIED = np.uint32(MIGRATE_COPIED_FLAGS | PageFlag.SWAPBACKED)
 _ACTIVE = np.uint32(PageFlag.ACTIVE)
@@ -89,30 +100,36 @@ def _remove_entries(old, new, mapping, index, head, mapcount, refcount, oid, pgo
         refcount[head[q]] += 1
 
 
+def _move_head_state(o, n, flags, refcount, private, last_cpupid, memcg):
+    """folio_migrate_flags and the reference hand-over of ``folio_migrate_mapping`` for one folio pair: the state
+    kept on the head (see state.py)."""
+    of = flags[o]
+    nf = flags[n] | (of & _COPIED)
+    if of & _ACTIVE:
+        nf |= _ACTIVE
+    elif of & _UNEVICTABLE:
+        nf |= _UNEVICTABLE
+    nf |= of & _SWAPCACHE
+    if of & _PRIVATE:
+        nf |= _PRIVATE
+        private[n] = private[o]
+    private[o] = 0
+    flags[n] = nf & ~_WRITEBACK
+    flags[o] = of & ~_MOVED_ON_OLD
+    last_cpupid[n] = last_cpupid[o]
+    last_cpupid[o] = -1
+    memcg[n] = memcg[o]
+    memcg[o] = 0
+    refcount[n] += refcount[o] - 1  # keeps references taken on the new folio since its allocation
+    refcount[o] = 1
+
+
 def _move_folio_state(old, new, nr, flags, refcount, mapping, index, private, last_cpupid, memcg):
     """folio_migrate_mapping + folio_migrate_flags for each (old, new) folio pair (see state.py)."""
     for i in range(old.size):
         o = old[i]
         n = new[i]
-        of = flags[o]
-        nf = flags[n] | (of & _COPIED)
-        if of & _ACTIVE:
-            nf |= _ACTIVE
-        elif of & _UNEVICTABLE:
-            nf |= _UNEVICTABLE
-        nf |= of & _SWAPCACHE
-        if of & _PRIVATE:
-            nf |= _PRIVATE
-            private[n] = private[o]
-        private[o] = 0
-        flags[n] = nf & ~_WRITEBACK
-        flags[o] = of & ~_MOVED_ON_OLD
-        last_cpupid[n] = last_cpupid[o]
-        last_cpupid[o] = -1
-        memcg[n] = memcg[o]
-        memcg[o] = 0
-        refcount[n] += refcount[o] - 1  # keeps references taken on the new folio since its allocation
-        refcount[o] = 1
+        move_head_state(o, n, flags, refcount, private, last_cpupid, memcg)
         if nr[i] < _FILL_MIN:
             for k in range(nr[i]):
                 mapping[n + k] = mapping[o + k]
@@ -427,6 +444,7 @@ def _stamp_folios(heads, page_order, write_seq, seq):
 
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
+    move_head_state = njit(nogil=True, cache=True, inline="always")(_move_head_state)
     expand_folios = _jit(_expand_folios)
     stamp_folios = _jit(_stamp_folios)
     _clear_page = njit(nogil=True, cache=True, inline="always")(_clear_page)
@@ -446,6 +464,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
+    move_head_state = None
     expand_folios = stamp_folios = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import page_loops
 from .array_ops import add_at, distinct
-from .flags import PageFlag, Prot, PteFlag
+from .flags import MIGRATION_ENTRY_KEPT, PageFlag, Prot, PteFlag
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -44,7 +44,7 @@ _DEVICE_PRIVATE = np.uint8(PteFlag.DEVICE_PRIVATE)
 _MAPPED = np.uint8(PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE)
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 # Bits a migration entry keeps from the PTE it replaces (the kernel keeps young, dirty and write).
-_KEPT = np.uint8(PteFlag.WRITE | PteFlag.YOUNG | PteFlag.DIRTY)
+_KEPT = np.uint8(MIGRATION_ENTRY_KEPT)
 
 
 class MemObject:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import page_loops
+from ..flags import MIGRATION_ENTRY_KEPT, PteFlag
 
 __all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "init_entries",
            "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma"]
@@ -26,15 +27,9 @@ HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: move.py is the reference, and the only path for folios mapped through several VMAs.
 USE_BATCH_LOOPS = True
 
-
-def _expand(heads, nr, total):
-    out = np.empty(total, dtype=np.int64)
-    k = 0
-    for i in range(heads.size):
-        for j in range(nr[i]):
-            out[k] = heads[i] + j
-            k += 1
-    return out
+_PRESENT = int(PteFlag.PRESENT)
+_MIGRATION = int(PteFlag.MIGRATION)
+_KEPT = int(MIGRATION_ENTRY_KEPT)
 
 
 def _copy_current(s, d, n, write_seq):
@@ -237,6 +232,38 @@ def _to_copy(pos, src, expected, fresh, refcount, copy, keep, busy):
     return nc, nb, nk
 
 
+def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags):
+    """The base pages of one folio pair in one pass: each new page takes its old page's ``mapping`` and
+    ``index`` (``folio_migrate_mapping``), the object's slot that held the old page holds the new one, and the
+    VMA's migration entry of the old page maps the new one (``remove_migration_ptes``: a mapcount on the page, a
+    reference on the new folio's head ``n``). The same work as ``move_object_slots``, the per-page half of
+    ``move_folio_state`` and ``remove_entries`` of :mod:`dmamig.page_loops`, which pass over the pages three
+    times (each reads the old page's slot)."""
+    refs = 0
+    for j in range(nr):
+        p = o + j
+        q = n + j
+        mp = mapping[p]
+        ix = index[p]
+        mapping[q] = mp
+        index[q] = ix
+        if mp != oid:
+            continue
+        if obj_pfns[ix] == p:
+            obj_pfns[ix] = q
+        s = ix - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != p:
+            continue
+        f = pte_flags[s]
+        if (f & _MIGRATION) == 0:
+            continue
+        pte_pfn[s] = q
+        pte_flags[s] = (f & _KEPT) | _PRESENT
+        mapcount[q] += 1
+        refs += 1
+    refcount[n] += refs
+
+
 def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, unmapped, pmd_order,
                   putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
                   page_order, head, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts, free,
@@ -291,13 +318,10 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
             counts[2] += 1
         if fresh[p]:
             counts[3] += nr[p]
-    move_object_slots(o, n, k, mapping, index, oid, obj_pfns)
-    move_folio_state(o, n, k, flags, refcount, mapping, index, private, last_cpupid, memcg)
-    if total == moved:
-        remove_entries(o, n, mapping, index, head, mapcount, refcount, oid, pgoff, npages, pte_pfn, pte_flags)
-    else:
-        remove_entries(_expand(o, k, total), _expand(n, k, total), mapping, index, head, mapcount, refcount,
-                       oid, pgoff, npages, pte_pfn, pte_flags)
+    for i in range(moved):
+        move_head_state(o[i], n[i], flags, refcount, private, last_cpupid, memcg)
+        _move_pages(o[i], n[i], k[i], mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, npages, pte_pfn,
+                    pte_flags)
     dead = done_folios(o, n, k, putback_clear, lru, flags, refcount, mapcount, mapping, index, private,
                        last_cpupid, memcg, page_order, head, freed)
     bad = -1
@@ -322,14 +346,12 @@ if HAVE_NUMBA:
         free_folio_frames,
         free_frames,
         install_entries,
-        move_folio_state,
-        move_object_slots,
+        move_head_state,
         prep_new_folios,
-        remove_entries,
         trylock_folios,
     )
 
-    _expand = njit(nogil=True, cache=True)(_expand)
+    _move_pages = njit(nogil=True, cache=True, inline="always")(_move_pages)
     _copy_current = njit(nogil=True, cache=True)(_copy_current)
     to_copy = njit(nogil=True, cache=True)(_to_copy)
     stale_base_pfns = njit(nogil=True, cache=True)(_stale_base_pfns)
