@@ -151,12 +151,13 @@ class Frames:
 
     def _copy_runs(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> None:
         """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""
-        snid, sframe = self.nodemap.locate(src)
-        dnid, dframe = self.nodemap.locate(dst)
-        s0, d0 = int(snid[0]), int(dnid[0])
-        if (snid == s0).all() and (dnid == d0).all():  # one node pair: the common case
+        one = self.nodemap.locate_pair(src, dst)
+        if one is not None:  # one node pair: the common case
+            s0, sframe, d0, dframe = one
             self._copy_pair(s0, sframe, d0, dframe, nr)
             return
+        snid, sframe = self.nodemap.locate(src)
+        dnid, dframe = self.nodemap.locate(dst)
         pair = snid * len(self._nodes) + dnid
         for p in distinct(pair):
             sel = pair == p

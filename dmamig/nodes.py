@@ -256,6 +256,18 @@ class NodeMap:
         """Node id of each pfn."""
         return self.node_table[pfns].astype(np.int64)
 
+    def locate_pair(self, src: np.ndarray, dst: np.ndarray) -> tuple[int, np.ndarray, int, np.ndarray] | None:
+        """``(source node, source frames, destination node, destination frames)`` of a copy's int64 pfns when all
+        of ``src`` lie on one node and all of ``dst`` on one node (the common case); ``None`` otherwise (then
+        :meth:`locate` each side)."""
+        if not page_loops.HAVE_NUMBA or src.dtype != np.int64 or dst.dtype != np.int64:
+            return None
+        frames = np.empty((2, src.size), dtype=np.int64)
+        s, d = page_loops.one_node_pair(src, dst, self.node_table, self.bases, frames[0], frames[1])
+        if s < 0:
+            return None
+        return int(s), frames[0], int(d), frames[1]
+
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(node_ids, frame_indices)`` of each pfn."""
         nid = self.node_table[pfns]

@@ -24,8 +24,8 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "expand_folios",
            "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
-           "move_head_state", "move_object_slots", "prep_new_folios", "remove_entries", "reset_pages", "stamp_folios",
-           "trylock_folios"]
+           "move_head_state", "move_object_slots", "one_node_pair", "prep_new_folios", "remove_entries", "reset_pages",
+           "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -370,6 +370,24 @@ def _locate_entries(pfns, head, src, mark, entry):
         mark[src[k]] = -1
 
 
+def _one_node_pair(src, dst, node_table, bases, sframe, dframe):
+    """``(s, d)``: the node of every pfn of ``src`` and the node of every pfn of ``dst``, each pfn's frame within its
+    node written to ``sframe`` and ``dframe``; ``(-1, -1)`` when a side spans nodes (the frames are then partly
+    written). NodeMap.locate for a copy's two sides, in one pass."""
+    if src.size == 0:
+        return -1, -1
+    s = node_table[src[0]]
+    d = node_table[dst[0]]
+    sb = bases[s]
+    db = bases[d]
+    for i in range(src.size):
+        if node_table[src[i]] != s or node_table[dst[i]] != d:
+            return -1, -1
+        sframe[i] = src[i] - sb
+        dframe[i] = dst[i] - db
+    return s, d
+
+
 def _trylock_folios(heads, flags, locked, writeback, rc):
     """The ASYNC unmap's lock step: take each free folio lock; a busy lock is -EAGAIN (rc 1, retried next pass)
     and a folio under writeback -EBUSY (its lock given back). Returns how many did not lock."""
@@ -457,6 +475,7 @@ if HAVE_NUMBA:
     free_folio_frames = _jit(_free_folio_frames)
     collect_folios = _jit(_collect_folios)
     locate_entries = _jit(_locate_entries)
+    one_node_pair = _jit(_one_node_pair)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -466,6 +485,6 @@ if HAVE_NUMBA:
 else:  # pragma: no cover
     move_head_state = None
     expand_folios = stamp_folios = None
-    alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
+    alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = one_node_pair = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

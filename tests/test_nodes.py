@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmamig import InvalidArgument, Machine, OutOfMemory
+from dmamig import InvalidArgument, Machine, OutOfMemory, page_loops
+from dmamig.backends.cpu import copy_loops
 from dmamig.nodes import MAX_ORDER, FrameAllocator, NodeMap
 
 BLOCK = 1 << MAX_ORDER
@@ -177,6 +178,41 @@ def test_nodemap_locates_pfns():
         assert frame.tolist() == [0, 1023, 0, 511, 0, 511]
         assert [n.base_pfn for n in m.nodes] == [0, 1024, 1536]
         assert nm.nr_pfns == 2048
+
+
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: locate_pair always defers to locate")
+def test_nodemap_locates_a_copys_one_node_pair_as_locate_does():
+    with Machine(host_pages=1024, device_pages=512, devices=2, backend="cpu") as m:
+        nm = NodeMap(m.nodes)
+        src = np.array([5, 0, 1023], dtype=np.int64)
+        dst = np.array([1600, 2047, 1536], dtype=np.int64)
+        s, sframe, d, dframe = nm.locate_pair(src, dst)
+        assert (s, d) == (0, 2)
+        assert sframe.tolist() == nm.locate(src)[1].tolist() and dframe.tolist() == nm.locate(dst)[1].tolist()
+        assert nm.locate_pair(np.array([5, 1024], dtype=np.int64), dst[:2]) is None  # sources on two nodes
+        assert nm.locate_pair(src[:2], np.array([1600, 1024], dtype=np.int64)) is None  # destinations on two
+        assert nm.locate_pair(src[:0], dst[:0]) is None
+        assert nm.locate_pair(src.astype(np.int32), dst) is None  # another dtype: locate's business
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_copy_runs_outside_their_buffers_are_refused_with_the_first_reason(monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setattr(copy_loops, "HAVE_NUMBA", False)
+    src, dst = np.zeros((8, 64), np.uint8), np.zeros((4, 64), np.uint8)
+
+    def runs(*cols):
+        return [np.array(c, dtype=np.int64) for c in cols]
+
+    copy_loops.check_runs(src, dst, *runs([0, 6], [0, 3], [2, 1]))  # inside: no error
+    with pytest.raises(InvalidArgument, match="run lengths must be >= 0"):
+        copy_loops.check_runs(src, dst, *runs([7, 0], [0, 9], [2, -1]))  # the negative length is named first
+    with pytest.raises(InvalidArgument, match="a source run falls outside the 8 frames"):
+        copy_loops.check_runs(src, dst, *runs([0, 7], [3, 9], [1, 2]))
+    with pytest.raises(InvalidArgument, match="a destination run falls outside the 4 frames"):
+        copy_loops.check_runs(src, dst, *runs([0, 0], [3, 0], [2, 1]))
+    with pytest.raises(InvalidArgument, match="a source run falls outside"):
+        copy_loops.check_runs(src, dst, *runs([-1], [0], [1]))
 
 
 def test_node_fragmentation_report():

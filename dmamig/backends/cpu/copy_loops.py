@@ -112,6 +112,20 @@ if HAVE_NUMBA:
             raw_memcpy(dbase + dst_start[i] * row, sbase + src_start[i] * row, npages[i] * row)
 
     @njit(nogil=True, cache=True)
+    def _run_fault(src_rows, dst_rows, src_start, dst_start, npages):  # pragma: no cover - compiled
+        # check_runs' three checks, in its order (a negative length first, then the source, the destination).
+        for i in range(npages.shape[0]):
+            if npages[i] < 0:
+                return 1
+        for i in range(npages.shape[0]):
+            if src_start[i] < 0 or src_start[i] + npages[i] > src_rows:
+                return 2
+        for i in range(npages.shape[0]):
+            if dst_start[i] < 0 or dst_start[i] + npages[i] > dst_rows:
+                return 3
+        return 0
+
+    @njit(nogil=True, cache=True)
     def _xor_pages(words, idx):  # pragma: no cover - compiled
         acc = np.uint64(0)
         for i in range(idx.shape[0]):
@@ -152,11 +166,18 @@ def check_runs(src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, dst_star
                               f"and {dst.shape}")
     if npages.size == 0:
         return
-    if int(npages.min()) < 0:
+    if HAVE_NUMBA and src_start.dtype == dst_start.dtype == npages.dtype == np.int64:
+        fault = int(_run_fault(src.shape[0], dst.shape[0], src_start, dst_start, npages))  # one pass, no temporaries
+    else:
+        fault = 1 if int(npages.min()) < 0 else 0
+        for code, start, limit in ((2, src_start, src.shape[0]), (3, dst_start, dst.shape[0])):
+            if not fault and (int(start.min()) < 0 or int((start + npages).max()) > limit):
+                fault = code
+    if fault == 1:
         raise InvalidArgument("run lengths must be >= 0")
-    for name, start, limit in (("source", src_start, src.shape[0]), ("destination", dst_start, dst.shape[0])):
-        if int(start.min()) < 0 or int((start + npages).max()) > limit:
-            raise InvalidArgument(f"a {name} run falls outside the {limit} frames of its buffer")
+    if fault:
+        name, limit = ("source", src.shape[0]) if fault == 2 else ("destination", dst.shape[0])
+        raise InvalidArgument(f"a {name} run falls outside the {limit} frames of its buffer")
 
 
 def stream_copy_ok(src: np.ndarray, dst: np.ndarray) -> bool:
