@@ -611,7 +611,9 @@ class CudaBackend:
         then out of it on the destination's (``_stage_folios`` below).
 
         The calls and their host time are counted in :attr:`copy_stats`: on a GPU this faithful per-folio copy
-        costs one driver call per folio, which is what copy mode measures.
+        costs one driver call per folio, which is what copy mode measures. Between two host arrays (host nodes,
+        and a device node's frames under ``Machine(device_frames="host-mapped")``: the ``cpu`` copy baseline) the
+        calling thread copies with ``memcpy``, as the CPU backend does, and no driver call is made or counted.
         """
         src_idx = np.asarray(src_idx, dtype=np.int64)
         dst_idx = np.asarray(dst_idx, dtype=np.int64)
