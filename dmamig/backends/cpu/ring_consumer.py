@@ -99,6 +99,15 @@ if RING_AVAILABLE:
         full_fence()  # streaming stores are weakly ordered: make them visible before HEAD moves
         return _STATUS_OK
 
+    @njit(nogil=True, cache=True, inline="always")
+    def _spin(spins, ts, since, window_ns):  # pragma: no cover - compiled
+        """One turn of a poll: relax, yield the CPU every few turns, and every so many read the clock: whether
+        ``window_ns`` has passed since ``since``."""
+        cpu_relax()
+        if spins % _SPINS_PER_YIELD == 0:
+            sched_yield()
+        return spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - since >= window_ns
+
     @njit(nogil=True, cache=True)
     def _serve(ctl, rows, jobs, regions, idle_ns, ts):  # pragma: no cover - compiled
         base = ctl.ctypes.data
@@ -108,11 +117,8 @@ if RING_AVAILABLE:
         spins = 0
         while True:
             if load_acquire(base + _TAIL * 8) == head:
-                cpu_relax()
                 spins += 1
-                if spins % _SPINS_PER_YIELD == 0:
-                    sched_yield()
-                if spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - idle_since >= idle_ns:
+                if _spin(spins, ts, idle_since, idle_ns):
                     return SERVE_IDLE
                 continue
             slot = head % capacity
@@ -140,11 +146,8 @@ if RING_AVAILABLE:
             start = now_ns(ts)
             spins = 0
             while load_acquire(head_addr) <= seq:
-                cpu_relax()
                 spins += 1
-                if spins % _SPINS_PER_YIELD == 0:
-                    sched_yield()
-                if spins % _SPINS_PER_CLOCK == 0 and now_ns(ts) - start >= budget_ns:
+                if _spin(spins, ts, start, budget_ns):
                     return _NOT_DONE
         # The slot's status with an acquire load, so the REAPED read after it cannot pass it: a slot reaped (and
         # maybe reused) in between is seen as such.
