@@ -284,6 +284,25 @@ def test_movable_ops_migrates_balloon_pages_off_the_lru(m):
     assert [nd.free_pages for nd in m.nodes] == start
 
 
+def test_each_page_reports_its_own_status_when_balloon_pages_come_before_lru_pages(m):
+    """Movable pages are isolated after the LRU ones, so the call's folios are not in the caller's order: every
+    page still gets the status of its own folio."""
+    b = m.balloon(2)
+    mm = m.address_space()
+    a = mm.mmap(2 * PS)
+    mm.write(a, b"anon" * 2048)
+    busy = mm.pfn_of(a + PS)
+    m.page_controls.get_page(busy)  # an extra reference: -EAGAIN after every pass
+    pfns = np.concatenate([b.pfns, [mm.pfn_of(a), busy]])
+    res = m.migrate_pages(pfns, 1, mode=ASYNC)
+    assert res.status.tolist() == [0, 0, 0, EAGAIN]
+    assert m.nodemap.node_of(b.pfns).tolist() == [1, 1] and mm.nodes_of(a, 2 * PS).tolist() == [1, 0]
+    m.page_controls.put_page(busy)
+    settled(m)
+    b.deflate()
+    mm.close()
+
+
 def test_movable_ops_refuses_no_copy_with_einval(m):
     b = m.balloon(3)
     dst = m.alloc_pages(1, 3)
