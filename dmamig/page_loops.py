@@ -483,8 +483,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = None
-    expand_folios = stamp_folios = None
-    alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = one_node_pair = None
+    move_head_state = expand_folios = stamp_folios = one_node_pair = None
+    alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

@@ -362,4 +362,5 @@ if HAVE_NUMBA:
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
 else:  # pragma: no cover
-    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = init_entries = fill_status = None
+    unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = None
+    init_entries = fill_status = None
