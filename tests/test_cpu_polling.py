@@ -204,6 +204,24 @@ def test_a_wait_with_a_timeout_returns_false_while_the_job_is_held(monkeypatch):
         finish_within(ch.close, "close")
 
 
+def test_a_timed_wait_counts_its_poll_window_against_the_timeout(monkeypatch):
+    """A waiter polls, then sleeps until the deadline: the poll is part of the wait, not added to it."""
+    release = threading.Event()
+    monkeypatch.setattr(HeldChannel, "release", release, raising=False)
+    ch = HeldChannel(0, poll_us=2_000_000)  # a poll window longer than the wait
+    try:
+        src, dst = frames(8, 7), frames(8, 8)
+        c = ch.submit([work(src, dst, [0], [0], [8])])
+        t0 = time.monotonic()
+        assert c.wait(0.3) is False
+        assert time.monotonic() - t0 < 0.55  # polling 0.3 s then sleeping 0.3 s more would take 0.6
+        release.set()
+        assert c.wait(WAIT) and c.error is None
+    finally:
+        release.set()
+        finish_within(ch.close, "close")
+
+
 def test_close_runs_what_is_queued_then_refuses_work(channel):
     src, dst = frames(16, 9), frames(16, 10)
     jobs = [channel.submit([work(src, dst, [i], [i], [1])]) for i in range(16)]

@@ -66,6 +66,7 @@ class _RingCompletion:
         ch = self._channel
         if timeout is not None and timeout <= 0:
             return self.done()
+        deadline = None if timeout is None else time.monotonic() + timeout
         budget = ch.poll_ns if timeout is None else min(ch.poll_ns, int(timeout * 1e9))
         if budget > 0:
             status = ring_consumer.poll_status(ch._ring, self.seq, budget)
@@ -74,7 +75,6 @@ class _RingCompletion:
                 return True
         elif self.done():
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
         # Past the poll window: sleep on a gate that the worker opens.
         if sleep_on_gate(ch._gate_for(self.seq), ch, deadline, self.done):
             self._settle()

@@ -81,6 +81,7 @@ class RingJob:
         if self._done:
             return True
         lane = self._lane
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         budget = lane.poll_ns if timeout is None else min(lane.poll_ns, int(max(0.0, timeout) * 1e9))
         if budget > 0 and POLL_AVAILABLE and lane.failure is None:
             status = poll_status(self._ring, self.seq, budget)
@@ -89,7 +90,6 @@ class RingJob:
                 return True
         if self.done():
             return True
-        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         delay = 50e-6
         last_progress, last_head = time.monotonic(), self._ring.head
         while not self.done():
