@@ -22,7 +22,7 @@ from .flags import (
     PteFlag,
 )
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "collect_folios", "done_folios", "expand_folios",
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios", "expand_folios",
            "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
            "move_head_state", "move_object_slots", "one_node_pair", "prep_new_folios", "remove_entries", "reset_pages",
            "stamp_folios", "trylock_folios"]
@@ -388,6 +388,14 @@ def _one_node_pair(src, dst, node_table, bases, sframe, dframe):
     return s, d
 
 
+def _any_bits(flags, lo, hi, bits):
+    """Whether any of ``flags[lo:hi]`` has one of ``bits`` set (no temporary, stops at the first)."""
+    for i in range(lo, hi):
+        if flags[i] & bits:
+            return True
+    return False
+
+
 def _trylock_folios(heads, flags, locked, writeback, rc):
     """The ASYNC unmap's lock step: take each free folio lock; a busy lock is -EAGAIN (rc 1, retried next pass)
     and a folio under writeback -EBUSY (its lock given back). Returns how many did not lock."""
@@ -476,6 +484,7 @@ if HAVE_NUMBA:
     collect_folios = _jit(_collect_folios)
     locate_entries = _jit(_locate_entries)
     one_node_pair = _jit(_one_node_pair)
+    any_bits = _jit(_any_bits)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -483,7 +492,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = one_node_pair = None
+    move_head_state = expand_folios = stamp_folios = one_node_pair = any_bits = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

@@ -136,6 +136,9 @@ class Vma:
 
     def has_migration_entries(self, s0: int = 0, s1: int | None = None) -> bool:
         """Whether any slot in ``[s0, s1)`` holds a migration entry."""
+        if USE_LOOPS:  # every migrate call and fault asks: one pass, no temporary
+            lo, hi, _ = slice(s0, s1).indices(self.pte_flags.size)
+            return bool(page_loops.any_bits(self.pte_flags, lo, hi, _MIGRATION))
         return bool((self.pte_flags[s0:s1] & _MIGRATION).any())
 
     def __repr__(self) -> str:

@@ -590,3 +590,20 @@ def test_shared_device_page_comes_back_for_every_mapper(m, mm):
     child.close()
     mm.close()
     assert free(m) == START
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_a_vma_finds_its_migration_entries_in_any_slice(m, mm, monkeypatch, compiled):
+    import dmamig.vma as vma_mod
+
+    monkeypatch.setattr(vma_mod, "USE_LOOPS", compiled and vma_mod.USE_LOOPS)
+    addr = mm.mmap(64 * m.page_size)
+    mm.write(addr, b"x" * (64 * m.page_size))
+    v = [v for v in mm.vmas if v.start == addr][0]
+    assert not v.has_migration_entries()
+    v.pte_flags[40] |= np.uint8(PteFlag.MIGRATION)
+    try:
+        got = [v.has_migration_entries(*s) for s in [(), (0, 40), (40, 41), (41,), (30, 10**6), (-24,), (-23,)]]
+        assert got == [True, False, True, False, True, True, False]
+    finally:
+        v.pte_flags[40] &= np.uint8(~np.uint8(PteFlag.MIGRATION))
