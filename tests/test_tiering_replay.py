@@ -187,12 +187,18 @@ def test_replay_over_shared_memory_and_a_file_keeps_every_byte(backing):
     # The region as shared anonymous memory, or as a shared mapping of a real file: its folios migrate through
     # the page cache's callback while the flusher writes them back, and the file on disk ends up holding the
     # region's bytes (final_ok checks the mapping and the disk).
+    # Every migration of a replay may meet its folios under writeback (ASYNC: -EBUSY) when the flusher's rounds
+    # fall that way, so each mode must try to migrate, and the two modes together must move something.
     trace = make_workload("phases", pages=256, epochs=4, per_epoch=128, seed=3)
+    moved = 0
     for mode in ("copy", "no-copy"):
         res = replay(trace, make_policy("tpp"), mode, backing=backing)
-        assert res.summary["verified"] and res.summary["final_bytes_ok"]
-        assert res.summary["promoted"] + res.summary["demoted"] > 0
+        s = res.summary
+        assert s["verified"] and s["final_bytes_ok"]
+        assert s["promoted"] + s["demoted"] + s["migrate_failed"] > 0
+        moved += s["promoted"] + s["demoted"]
         assert res.config["backing"] == backing
+    assert moved > 0
 
 
 def test_replay_refuses_an_unknown_backing():
