@@ -133,3 +133,44 @@ def test_batches_cut_compiled_as_the_numpy_reference(nr: list[int], batch_pages:
         held = int(sizes[a:b].sum())
         assert b == sizes.size or held >= batch_pages
         assert held - int(sizes[b - 1]) < batch_pages
+
+
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
+@pytest.mark.parametrize("order", [0, 4])
+def test_the_compiled_unmap_pass_lists_the_submission_of_the_folios_it_unmapped(monkeypatch, order):
+    """The one-VMA unmap pass lists the DMA submission's pages itself: every base page of each folio it
+    unmapped, source to destination, folio by folio; a folio it did not unmap (under writeback: -EBUSY in
+    ASYNC, not retried, so the batch has one unmap pass) is not in it."""
+    m = Machine(host_pages=1024, device_pages=1024, devices=1, backend="cpu", channels=1)
+    try:
+        mm = m.address_space()
+        nr = 1 << order
+        folios = 6
+        size = folios * nr * m.page_size
+        addr = mm.mmap(size, order=order)
+        data = np.random.default_rng(order).integers(0, 256, size, dtype=np.uint8)
+        mm.write(addr, data)
+        wb = mm.pfn_of(addr + 2 * nr * m.page_size)
+        m.page_controls.set_page_flags(wb, PageFlag.WRITEBACK)
+        submitted = []
+        real = m.dma.copy
+
+        def spy(src, dst):
+            submitted.append((np.array(src), np.array(dst)))
+            return real(src, dst)
+
+        monkeypatch.setattr(m.dma, "copy", spy)
+        monkeypatch.setattr(batch_loops, "stale_base_pfns", None)  # the listing must come from the unmap pass
+        before = mm.pfns_of(addr, size)
+        res = mm.migrate(addr, size, 1, mode=MigrateMode.ASYNC, engine=m.dma,
+                         options=MigrateOptions(batch_pages=folios * nr))
+        after = mm.pfns_of(addr, size)
+        m.page_controls.clear_page_flags(wb, PageFlag.WRITEBACK)
+        assert len(submitted) == 1
+        src, dst = submitted[0]
+        moved = np.flatnonzero(res.status == 0)
+        assert moved.size == (folios - 1) * nr and (res.status[2 * nr:3 * nr] == -16).all()
+        assert np.array_equal(src, before[moved]) and np.array_equal(dst, after[moved])
+        assert np.array_equal(mm.read(addr, size), data)
+    finally:
+        m.close()

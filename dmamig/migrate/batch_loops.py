@@ -42,23 +42,27 @@ def _copy_current(s, d, n, write_seq):
 
 def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags,
                    refcount, mapcount, mapping, index, page_order, head, oid, pgoff, npages, pte_pfn, pte_flags, free,
-                   block_free, block, node_base, order, head_flag, rc):
+                   block_free, block, node_base, order, head_flag, rc, out_src, out_dst):
     """The ASYNC unmap pass over entries ``pos``: with ``order`` >= 0 first ``get_new_folio`` for the entries
     without a destination, as :func:`alloc_one_order` from the target node's allocator arrays (its pfns from
     ``node_base``); then lock each folio (busy: rc 1; writeback: rc -EBUSY, lock given back), install migration
     entries for the locked ones, mark them unmapped and check their caller destinations (fresh when written
     after the source last changed). Every entry of ``pos`` gets status ``pending`` first.
 
-    Returns ``(how many did not lock, frames taken)``; ``(0, -1)`` when the node could not serve every
-    destination, and then nothing was done (the general allocation, which has rules for running short, goes
-    first and this runs again with ``order`` -1).
+    Where ``out_src`` is not empty (it and ``out_dst`` hold every base page of ``pos``), the base pfns of the
+    unmapped folios without a current copy go there, source and destination, folio by folio: the DMA
+    submission's pages, as :func:`stale_base_pfns` lists them.
+
+    Returns ``(how many did not lock, frames taken, pages listed)``; ``(0, -1, 0)`` when the node could not serve
+    every destination, and then nothing was done (the general allocation, which has rules for running short,
+    goes first and this runs again with ``order`` -1).
     """
     taken = 0
     if order >= 0:
         taken = alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount,
                                 page_order, head)
         if taken < 0:
-            return 0, -1
+            return 0, -1, 0
     for i in range(pos.size):
         status[pos[i]] = pending
     heads = np.empty(pos.size, dtype=np.int64)
@@ -81,9 +85,21 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
             k += 1
         if given[p]:
             fresh[p] = _copy_current(heads[i], dst[p], nr[p], write_seq)
+    listed = 0
+    if out_src.size:
+        for i in range(pos.size):
+            p = pos[i]
+            if rc[i] != 0 or fresh[p]:
+                continue
+            s = heads[i]
+            d = dst[p]
+            for j in range(nr[p]):
+                out_src[listed] = s + j
+                out_dst[listed] = d + j
+                listed += 1
     install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                     pte_flags)
-    return bad, taken
+    return bad, taken, listed
 
 
 def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount, page_order,

@@ -34,6 +34,7 @@ import numpy as np
 from ..arguments import as_pfn_array, check_node
 from ..errors import InvalidArgument
 from ..flags import EAGAIN, ENOMEM, MigrateMode, MigrateReason
+from . import batch_loops
 from .cost_charges import BatchCharges
 from .entries import HPAGE_PMD_ORDER, PENDING, SPLIT, UNTRIED, Entries
 from .interrupts import DeferredInterrupt
@@ -126,9 +127,14 @@ class _Migration(UnmapPhase, MovePhase):
         self.nr_failed_folios = 0  # the kernel's return value: folios not migrated, a split THP as one
         self.nr_moved_folios = 0  # entries moved so far: a step that moved them all needs no second look
         # The batch whose DMA wait just made every copy current (the first move pass then has nothing to check
-        # before it moves), and scratch for the compiled move pass's per-entry results.
+        # before it moves).
         self.copied_batch: np.ndarray | None = None
-        self.scratch = np.empty(0, dtype=np.int64)
+        # The pages of the DMA submission, as the compiled unmap pass listed them: (the entries it unmapped,
+        # source pfns, destination pfns); taken by the submission when those entries are the whole batch.
+        self.listed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # The one object every folio belongs to, where the compiled one-VMA passes may run (see _one_vma).
+        self.one_object = m.object_or_none(entries.oid) \
+            if batch_loops.HAVE_NUMBA and batch_loops.USE_BATCH_LOOPS and entries.oid >= 0 else None
         self.charges = BatchCharges.start(m, entries, self.stats)  # None unless the machine has a cost model
 
     # -- migrate_pages(): batches, one at a time ---------------------------------------------------------------

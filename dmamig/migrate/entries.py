@@ -145,6 +145,8 @@ class Entries:
 
     def nr_batches(self, pos: np.ndarray) -> int:
         """How many batches the entries at ``pos`` span (one TLB flush each)."""
+        if pos.size == 1:
+            return 1
         b = self.batch_of[pos]
         return 1 if b[0] == b[-1] else len(distinct(b))
 

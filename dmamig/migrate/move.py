@@ -49,7 +49,10 @@ class MovePhase:
             return None
         t0 = time.perf_counter_ns()
         e = self.e
-        if batch_loops.HAVE_NUMBA:
+        listed, self.listed = self.listed, None
+        if listed is not None and listed[0] is moving:
+            src, dst = listed[1], listed[2]  # the one unmap pass of this batch listed its pages
+        elif batch_loops.HAVE_NUMBA:
             total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
             src, dst = np.empty((2, total), dtype=np.int64)
             n = batch_loops.stale_base_pfns(moving, e.src, e.dst, e.nr, e.fresh, src, dst)
@@ -150,7 +153,7 @@ class MovePhase:
     def _move_folios(self, moving: np.ndarray) -> np.ndarray:
         """The core's own move pass (``migrate_folio``) over ``moving``; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
-        retry = moving[:0]
+        retry = _NONE
         if moving is self.copied_batch:
             self.copied_batch = None  # for this pass only: a later one may find copies a write made stale
             stale = retry  # the DMA wait before this first pass made every copy current: nothing to copy
@@ -229,11 +232,9 @@ class MovePhase:
         frames back to their node; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
         total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
-        if self.scratch.size < total + moving.size + 4:
-            self.scratch = np.empty(2 * (total + moving.size + 4), dtype=np.int64)
-        freed = self.scratch[:total]
-        counts = self.scratch[total:total + 4]
-        rc = self.scratch[total + 4:total + 4 + moving.size].view(np.int32)[:moving.size]
+        freed = np.empty(total + 4, dtype=np.int64)
+        counts = freed[total:]
+        rc = np.empty(moving.size, dtype=np.int32)
         if e.src_node >= 0:
             nd = m.nodes[e.src_node]
             alloc, base = nd.allocator, nd.base_pfn
@@ -244,7 +245,7 @@ class MovePhase:
             moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
             HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
             pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
-            m.object(e.oid).pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts, free,
+            self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts, free,
             block_free, 1 if alloc is None else alloc.block, base)
         if nfreed == 0:
             return moving

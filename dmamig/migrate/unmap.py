@@ -27,6 +27,7 @@ __all__ = ["UnmapPhase"]
 _LOCKED = PageFlag.LOCKED
 _NONE = np.empty(0, dtype=np.int64)
 _NONE.flags.writeable = False
+_NO_LIST = np.empty((2, 0), dtype=np.int64)  # no submission to list: a copy migration
 _LOCKED_U32 = np.uint32(PageFlag.LOCKED)
 _WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
 _HEAD_U32 = np.uint32(PageFlag.HEAD)
@@ -162,13 +163,14 @@ class UnmapPhase:
         return todo[(todo < stop) & (e.status[todo] == PENDING)]
 
     def _one_vma(self) -> Vma | None:
-        """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path)."""
-        if not page_loops.HAVE_NUMBA or not batch_loops.USE_BATCH_LOOPS or self.e.oid < 0:
+        """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path).
+        Asked at every pass: the lock was dropped since the last one, and a VMA may have been split or unmapped
+        meanwhile (an object no VMA maps any more is released with no VMA left)."""
+        obj = self.one_object
+        if obj is None:
             return None
-        obj = self.m.object_or_none(self.e.oid)
-        if obj is None or len(obj.vmas) != 1:
-            return None
-        return obj.vmas[0]
+        vmas = obj.vmas
+        return vmas[0] if len(vmas) == 1 else None
 
     def _unmap_one_vma(self, todo: np.ndarray, vma: Vma) -> tuple[np.ndarray, np.ndarray]:
         """The ASYNC unmap pass in one compiled call (caller holds the lock): destinations, where they are folios
@@ -184,17 +186,22 @@ class UnmapPhase:
                 todo = self._get_new_folios(todo)
         # Clean file folios, taken right before their PTEs become migration entries; the lock is held from here
         # to the unmap, so one the allocation below drops stays clean and is not counted.
-        was_clean = self._clean_file_folios(todo)
+        was_clean = None if e.by_callback is None else self._clean_file_folios(todo)
         nd = m.nodes[self.node]
         alloc = nd.allocator
         free, block_free = alloc.arrays()
         rc = np.empty(todo.size, dtype=np.int32)
+        # With an engine, the pass also lists the DMA submission's pages (every base page of the batch at most).
+        listed = _NO_LIST
+        if self.engine is not None:
+            listed = np.empty((2, todo.size << e.one_order if e.one_order >= 0 else int(e.nr[todo].sum())),
+                              dtype=np.int64)
         while True:
-            bad, taken = batch_loops.unmap_one_vma(
+            bad, taken, n = batch_loops.unmap_one_vma(
                 todo, e.status, PENDING, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
                 _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
                 pages.index, pages.order, pages.head, e.oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
-                free, block_free, alloc.block, nd.base_pfn, order, _HEAD_U32, rc)
+                free, block_free, alloc.block, nd.base_pfn, order, _HEAD_U32, rc, listed[0], listed[1])
             if taken >= 0:
                 break
             # The node could not serve every destination (nothing was taken): the general allocation, which
@@ -205,7 +212,7 @@ class UnmapPhase:
             rc = rc[:todo.size]
         if taken:
             alloc.taken(taken)
-        retry = todo[:0]
+        retry = _NONE
         if bad:
             retry = todo[rc == 1]
             wb = todo[rc == EBUSY]
@@ -214,8 +221,11 @@ class UnmapPhase:
                 e.status[wb] = EBUSY
                 m.changed.notify_all()
             todo = todo[rc == 0]
-        self._count_dirtied(was_clean)
-        e.release_dst(retry)
+            e.release_dst(retry)
+        if listed is not _NO_LIST:
+            self.listed = (todo, listed[0, :n], listed[1, :n])
+        if was_clean is not None:
+            self._count_dirtied(was_clean)
         return todo, retry
 
     def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
