@@ -283,7 +283,7 @@ class DmaEngine:
             # The last route, then the route of the first page's node pair; every page is checked against the
             # route inside the compiled call: a batch of a migration between two nodes needs no other pass over
             # its pfns (a page elsewhere sends it the long way).
-            s0, d0 = int(src_pfns[0]), int(dst_pfns[0])
+            s0, d0 = src_pfns.item(0), dst_pfns.item(0)
             last = self._last_route
             if last is not None and last[0].covers(s0, d0):
                 fence = self._submit_rows(last, src_pfns, dst_pfns, checked=False)

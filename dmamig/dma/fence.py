@@ -138,12 +138,16 @@ class Fence:
         InvalidArgument
             ``timeout`` is not a number >= 0 or None.
         """
-        timeout = check_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for c in self._shares():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not c.wait(remaining):
-                return False
+        shares = self._completions if self._completions is not None else self._shares()
+        if timeout is None:  # the usual wait, without a deadline to keep
+            for c in shares:
+                if not c.wait(None):
+                    return False
+        else:
+            deadline = time.monotonic() + check_timeout(timeout)
+            for c in shares:
+                if not c.wait(max(0.0, deadline - time.monotonic())):
+                    return False
         failure = self._failure()
         if failure is not None:
             raise failure

@@ -172,7 +172,7 @@ def poll_status(ring: dma_ring.Ring, seq: int, budget_ns: int) -> int | None:
 
     One compiled call where a waiter would otherwise read ``HEAD``, poll it, then read ``HEAD`` and the slot again.
     """
-    status = int(_poll_status(ring.ctl, ring.jobs, int(seq), int(budget_ns), np.zeros(2, dtype=np.int64)))
+    status = int(_poll_status(ring.ctl, ring.jobs, int(seq), int(budget_ns), np.empty(2, dtype=np.int64)))
     if status == _NOT_DONE:
         return None
     if status == _SLOT_REAPED:  # the slot was reaped: the ring kept the job's status if it was not OK
