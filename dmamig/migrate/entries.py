@@ -128,11 +128,13 @@ class Entries:
     # -- batches -----------------------------------------------------------------------------------------------
     def steps(self, positions: np.ndarray, batch_pages: int, per_step: int) -> list[np.ndarray]:
         """Cut entries into batches of ``batch_pages`` base pages (see :func:`batch_ids`), and batches into
-        steps of ``per_step`` batches."""
-        total = positions.size if self.all_base else int(self.nr[positions].sum())
+        steps of ``per_step`` batches. Once per call, before any batch runs (every entry is set up in batch 0)."""
+        if self.one_order >= 0:
+            total = positions.size << self.one_order
+        else:
+            total = int(self.nr[positions].sum())
         if total <= batch_pages:
-            self.batch_of[positions] = 0
-            return [positions]
+            return [positions]  # one batch: every entry is set up in batch 0
         if self.all_base:  # every folio one page: batches are fixed-size slices
             self.batch_of[positions] = np.arange(positions.size) // batch_pages
             size = batch_pages * per_step
