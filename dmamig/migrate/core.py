@@ -234,6 +234,7 @@ class _Migration(UnmapPhase, MovePhase):
         nr_unmap = 0
         self.batch_enomem = False
         self.batch_counts_folios = ends_call
+        self.listed = None  # what an earlier batch's unmap pass listed and no submission took
         tried = freezes = 0  # folio lock attempts and reference freezes, for a cost model
         if self.charges is not None:
             self.charges.before_unmap(todo)
