@@ -17,7 +17,7 @@ import pytest
 from dmamig import Machine, MigrateMode, MigrateOptions, PageFlag
 from dmamig.check import check_machine
 from dmamig.filemap import BH_LOCKED, BH_REF
-from dmamig.migrate.move import MovePhase
+from dmamig.migrate.core import _Migration
 
 PS = 4096
 EAGAIN, EBUSY, EINVAL = -errno.EAGAIN, -errno.EBUSY, -errno.EINVAL
@@ -208,7 +208,7 @@ def test_a_write_that_lands_after_the_dma_copy(m, monkeypatch, fs):
     (when the experiment setting lets no-copy move its folios); one that takes the lock waits for the move and
     writes the new folio."""
     f, mm, a = mapped(m, fs, npages=1)
-    wait = MovePhase._wait
+    wait = _Migration._wait
     writers = []
 
     def write_after_copy(self, fence, moving):
@@ -218,7 +218,7 @@ def test_a_write_that_lands_after_the_dma_copy(m, monkeypatch, fs):
         t.join(0.3)  # the un-audited write is done by now; the other one sleeps on the folio lock
         writers.append(t)
 
-    monkeypatch.setattr(MovePhase, "_wait", write_after_copy)
+    monkeypatch.setattr(_Migration, "_wait", write_after_copy)
     res = mm.migrate(a, PS, 1, engine=m.dma, options=MigrateOptions(unaudited_no_copy=True))
     assert res.status.tolist() == [0]
     writers[0].join(30)

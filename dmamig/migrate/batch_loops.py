@@ -288,7 +288,7 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
     get status 0 and leave the unmapped set.
 
     Busy is an extra reference, or a copy made before this pass that a write has since made stale (its
-    ``fresh`` mark is dropped here, so the next pass copies again): see ``MovePhase._drop_stale_copies``.
+    ``fresh`` mark is dropped here, so the next pass copies again): see ``_Migration._drop_stale_copies`` in core.py.
     ``counts`` receives (base pages moved, PMD-sized folios, large folios, pages whose destination was already
     a copy). The old folios' frames, reset, go to ``freed[:n]``; where ``node_base`` >= 0 (every old folio is on
     the node whose allocator arrays ``free``, ``block_free`` are given, its pfns from ``node_base``) they also go

@@ -19,6 +19,15 @@ Return-code rules, as in mm/migrate.c:
   every failed folio but ``-ENOMEM`` alone, in the caller's mode.
 A failed DMA copy fails no folio: the folios of that submission are copied by the migrating thread instead
 (the batch-offload RFC's fallback), and counted.
+
+The whole of ``migrate_pages()`` is here, one method per step, as mm/migrate.c keeps it in one file: the driver
+(batches, passes, retries), the unmap loop (``migrate_folio_unmap``: ``get_new_folio``, where -ENOMEM splits a
+large folio or ends the call; the folio lock, which ASYNC only tries, a busy one retried on the next pass with
+its destination freed; writeback, -EBUSY unless SYNC; ``try_to_migrate``), the copy (one DMA submission for the
+batch, waited for before anything moves), the move loop (``migrate_folio_move``: references, the copy where no
+current one exists, state and mapping, the migration entries onto the new folios, ``migrate_folio_done``) and
+the undo (``migrate_folio_undo_src`` and ``_dst``). A batch mapped through one VMA runs each loop's pass as one
+compiled call (:mod:`.batch_loops`).
 """
 
 from __future__ import annotations
@@ -31,22 +40,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import page_loops
 from ..arguments import as_pfn_array, check_node
-from ..errors import InvalidArgument
-from ..flags import EAGAIN, ENOMEM, MigrateMode, MigrateReason
+from ..errors import DmaError, InvalidArgument
+from ..flags import EAGAIN, EBUSY, ENOMEM, MigrateMode, MigrateReason, PageFlag
+from ..vma import install_migration_entries, mark_device_private, remove_migration_entries
 from . import batch_loops
 from .cost_charges import BatchCharges
 from .entries import HPAGE_PMD_ORDER, PENDING, SPLIT, UNTRIED, Entries
 from .interrupts import DeferredInterrupt
 from .isolate import check_dst, collect_folios, putback_folios
-from .move import MovePhase
+from .mapping_callbacks import mapping_migrate_check
 from .options import MigrateOptions
 from .result import PHASES, MigrateEvent, MigrateResult, MigrateStats
-from .unmap import UnmapPhase
+from .state import migrate_folio
 
 if TYPE_CHECKING:
-    from ..dma import DmaEngine
+    from ..dma import DmaEngine, Fence
     from ..machine import Machine
+    from ..vma import Vma
 
 __all__ = [
     "NR_MAX_MIGRATE_ASYNC_RETRY",
@@ -65,6 +77,19 @@ NR_MAX_MIGRATE_ASYNC_RETRY = 3
 #: ...then each folio that failed alone, in the caller's mode, this many passes.
 NR_MAX_MIGRATE_SYNC_RETRY = NR_MAX_MIGRATE_PAGES_RETRY - NR_MAX_MIGRATE_ASYNC_RETRY
 _MODE_MASK = MigrateMode.ASYNC | MigrateMode.SYNC_LIGHT | MigrateMode.SYNC
+
+_LOCKED = PageFlag.LOCKED
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.flags.writeable = False
+_NO_LIST = np.empty((2, 0), dtype=np.int64)  # no submission to list: a copy migration
+_LOCKED_U32 = np.uint32(PageFlag.LOCKED)
+_WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
+_HEAD_U32 = np.uint32(PageFlag.HEAD)
+_PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
+_LRU = np.uint32(PageFlag.LRU)
+_PRIVATE = np.uint32(PageFlag.PRIVATE)
+# Stand-ins for the allocator arrays where the old folios span nodes (they are freed node by node after the call).
+_NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
 
 
 _CHECKED_MODES: dict[tuple[MigrateMode, bool], MigrateMode] = {}  # valid (mode, allow_no_copy) pairs seen
@@ -96,12 +121,8 @@ def _base_mode(mode: MigrateMode) -> MigrateMode:
     return base
 
 
-class _Migration(UnmapPhase, MovePhase):
-    """One ``migrate_pages()`` call over isolated folios: its entries, loops and statistics.
-
-    The unmap loop's passes come from :class:`UnmapPhase` (unmap.py), the copy and the move loop's passes from
-    :class:`MovePhase` (move.py); this class drives them as ``migrate_pages()`` and ``migrate_pages_batch()``.
-    """
+class _Migration:
+    """One ``migrate_pages()`` call over isolated folios: its entries, loops and statistics."""
 
     def __init__(self, m: Machine, node: int, mode: MigrateMode, engine: DmaEngine | None,
                  options: MigrateOptions, entries: Entries, reason: MigrateReason | None = MigrateReason.MR_SYSCALL,
@@ -289,6 +310,551 @@ class _Migration(UnmapPhase, MovePhase):
             self._undo(moving)  # still busy after the last pass: -EAGAIN, remapped to the old folio
             self.m.changed.notify_all()
         self.phase_ns["undo"] += time.perf_counter_ns() - t0
+
+    # -- the unmap loop: migrate_folio_unmap over a batch, pass by pass -------------------------------------------
+    def _unmap_pass(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
+        """``migrate_folio_unmap`` over ``todo``; return (unmapped, busy: retry on the next pass)."""
+        t0 = time.perf_counter_ns()
+        m, e, pages = self.m, self.e, self.m.pages
+        self.batch_mode = mode  # the move passes that follow run the mapping callbacks in this mode
+        # m.changed's own lock, entered directly (the condition's Python-level wrapper costs more than the lock);
+        # notify_all works the same under it.
+        with m.lock:
+            vma = self._one_vma() if mode == MigrateMode.ASYNC else None
+            self.alloc_retry = _NONE
+            if vma is not None:
+                todo, retry = self._unmap_one_vma(todo, vma)
+                if self.alloc_retry.size:
+                    retry = np.concatenate([retry, self.alloc_retry])
+                self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+                return todo, retry
+            e.status[todo] = PENDING
+            todo = self._get_new_folios(todo)
+            if mode == MigrateMode.ASYNC:
+                todo, retry = self._trylock(todo)
+            else:
+                todo, retry = self._lock_waiting(todo, mode)
+                pages.set(e.src[todo], _LOCKED)
+                todo = self._check_writeback(todo, mode)
+            # migrate_folio_unmap gives a folio that will be retried back its destination
+            # (migrate_folio_undo_dst); the next pass allocates another.
+            e.release_dst(retry)
+            if self.alloc_retry.size:
+                retry = np.concatenate([retry, self.alloc_retry])
+            if todo.size:
+                was_clean = self._clean_file_folios(todo)
+                install_migration_entries(m, e.base_pfns(e.src[todo], todo))
+                self._count_dirtied(was_clean)
+                e.unmapped[todo] = True
+                e.check_fresh(todo)
+        self.phase_ns["unmap"] += time.perf_counter_ns() - t0
+        return todo, retry
+
+    def _clean_file_folios(self, todo: np.ndarray) -> np.ndarray | None:
+        """The entries of ``todo`` that are clean file folios, taken right before their PTEs become migration
+        entries (no wait in between); None when the call has no file folio."""
+        e = self.e
+        if e.by_callback is None:
+            return None
+        return todo[e.by_callback[todo] & ~self.m.pages.test(e.src[todo], PageFlag.DIRTY)]
+
+    def _count_dirtied(self, was_clean: np.ndarray | None) -> None:
+        """Count the file folios of ``was_clean`` that a dirty PTE made dirty as it became a migration entry
+        (``try_to_migrate_one``'s ``folio_mark_dirty``: a file folio's dirtiness is counted per node)."""
+        if was_clean is None or was_clean.size == 0:
+            return
+        src = self.e.src[was_clean]
+        dirtied = src[self.m.pages.test(src, PageFlag.DIRTY)]
+        if dirtied.size:
+            self.m.page_cache.count_dirtied(dirtied)
+
+    def _get_new_folios(self, todo: np.ndarray) -> np.ndarray:
+        """Allocate destinations; split large folios that get none; a base page that gets none ends the call.
+
+        Returns the entries that go on (those with a destination, ahead of any -ENOMEM).
+        """
+        m, e = self.m, self.e
+        if e.all_given:
+            return todo  # NO_COPY onto the caller's destinations: nothing to allocate
+        need = todo[e.dst[todo] < 0]
+        if need.size == 0:
+            return todo
+        if e.one_order >= 0 and not self.fallback_nodes:
+            # Folios of one order, one target node: a single allocation, and nothing more when it is served whole.
+            heads = m.frames.alloc_folios(self.node, need.size, e.one_order)
+            e.dst[need[:heads.size]] = heads
+            if heads.size == need.size:
+                self.alloc_retry = _NONE
+                return todo
+            short = [(e.one_order, need[heads.size:])]
+        else:
+            orders = e.order[need]
+            lo = int(orders.min())
+            groups = [(lo, need)] if lo == int(orders.max()) else \
+                [(int(o), need[orders == o]) for o in np.unique(orders)]
+            short = []  # per order, the entries left without a destination
+            for order, pos in groups:
+                heads = m.frames.alloc_folios(self.node, pos.size, order)
+                for nid in self.fallback_nodes:  # a demotion: alloc_demote_folio's lower tiers, no direct reclaim
+                    if heads.size == pos.size:
+                        break
+                    heads = np.concatenate([heads, m.frames.alloc_folios(nid, pos.size - heads.size, order)])
+                e.dst[pos[: heads.size]] = heads
+                short.append((order, pos[heads.size:]))
+        stop = None  # position of the first entry that ended the call with -ENOMEM
+        # "Large folio NUMA faulting doesn't split to retry": NUMA balancing's folio fails instead.
+        nosplit = self.reason == MigrateReason.MR_NUMA_MISPLACED
+        again = []  # large folios a long-term pin retries whole on the next pass (their split failed)
+        for order, rest in short:
+            for p in rest.tolist():
+                if order > 0 and not nosplit:
+                    if e.split(p):
+                        # A split large folio is one failed folio (its pieces are migrated on their own).
+                        thp = int(order == HPAGE_PMD_ORDER)
+                        self.stats.nr_thp_split += thp
+                        self.stats.nr_thp_failed += thp
+                        self.stats.nr_split += 1
+                        self.stats.nr_large_failed += 1
+                        self.nr_failed_folios += 1
+                        continue
+                    if self.reason == MigrateReason.MR_LONGTERM_PIN:
+                        # try_split_folio() gave -EAGAIN: "try again to split large folio to mitigate the
+                        # failure of longterm pinning" (the folio is retried, not failed).
+                        again.append(p)
+                        continue
+                e.status[p] = ENOMEM
+                stop = p if stop is None else min(stop, p)
+                break
+        self.alloc_retry = np.array(again, dtype=np.int64)
+        if again:
+            todo = todo[~np.isin(todo, self.alloc_retry)]
+        if stop is None:
+            return todo if e.all_base else todo[e.status[todo] == PENDING]
+        self.batch_enomem = True
+        self._count_failed(np.array([stop]), folios=self.batch_counts_folios)
+        # The kernel stops at the folio that found no memory: the ones after it in the list stay untried.
+        later = todo[(todo > stop) & (e.status[todo] == PENDING)]
+        e.release_dst(later)
+        e.status[later] = UNTRIED
+        return todo[(todo < stop) & (e.status[todo] == PENDING)]
+
+    def _one_vma(self) -> Vma | None:
+        """The one VMA through which every folio of the call is mapped, if so (the compiled single-call path).
+        Asked at every pass: the lock was dropped since the last one, and a VMA may have been split or unmapped
+        meanwhile (an object no VMA maps any more is released with no VMA left)."""
+        obj = self.one_object
+        if obj is None:
+            return None
+        vmas = obj.vmas
+        return vmas[0] if len(vmas) == 1 else None
+
+    def _unmap_one_vma(self, todo: np.ndarray, vma: Vma) -> tuple[np.ndarray, np.ndarray]:
+        """The ASYNC unmap pass in one compiled call (caller holds the lock): destinations, where they are folios
+        of one order from the target node and the node can serve them all, then lock, writeback, unmap.
+        Returns (unmapped, busy), as :meth:`_unmap_pass`."""
+        m, e, pages = self.m, self.e, self.m.pages
+        order = -1  # -1: nothing for the compiled call to allocate
+        if not e.all_given:  # NO_COPY onto the caller's destinations: nothing to allocate
+            if e.one_order >= 0 and not self.fallback_nodes and not m.faults.armed:
+                order = e.one_order
+            else:
+                e.status[todo] = PENDING
+                todo = self._get_new_folios(todo)
+        # Clean file folios, taken right before their PTEs become migration entries; the lock is held from here
+        # to the unmap, so one the allocation below drops stays clean and is not counted.
+        was_clean = None if e.by_callback is None else self._clean_file_folios(todo)
+        nd = m.nodes[self.node]
+        alloc = nd.allocator
+        free, block_free = alloc.arrays()
+        rc = np.empty(todo.size, dtype=np.int32)
+        # With an engine, the pass also lists the DMA submission's pages (every base page of the batch at most).
+        listed = _NO_LIST
+        if self.engine is not None:
+            listed = np.empty((2, todo.size << e.one_order if e.one_order >= 0 else int(e.nr[todo].sum())),
+                              dtype=np.int64)
+        while True:
+            bad, taken, n = batch_loops.unmap_one_vma(
+                todo, e.status, PENDING, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
+                _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
+                pages.index, pages.order, pages.head, e.oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
+                free, block_free, alloc.block, nd.base_pfn, order, _HEAD_U32, rc, listed[0], listed[1])
+            if taken >= 0:
+                break
+            # The node could not serve every destination (nothing was taken): the general allocation, which
+            # splits a large folio or ends the call, then the unmap.
+            order = -1
+            e.status[todo] = PENDING
+            todo = self._get_new_folios(todo)
+            rc = rc[:todo.size]
+        if taken:
+            alloc.taken(taken)
+        retry = _NONE
+        if bad:
+            retry = todo[rc == 1]
+            wb = todo[rc == EBUSY]
+            if wb.size:
+                e.release_dst(wb)
+                e.status[wb] = EBUSY
+                m.changed.notify_all()
+            todo = todo[rc == 0]
+            e.release_dst(retry)
+        if listed is not _NO_LIST:
+            self.listed = (todo, listed[0, :n], listed[1, :n])
+        if was_clean is not None:
+            self._count_dirtied(was_clean)
+        return todo, retry
+
+    def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
+        m, e, pages = self.m, self.e, self.m.pages
+        heads = e.src[todo]
+        if page_loops.HAVE_NUMBA:
+            rc = np.empty(todo.size, dtype=np.int32)
+            if not page_loops.trylock_folios(heads, pages.flags, _LOCKED_U32, _WRITEBACK_U32, rc):
+                return todo, todo[:0]
+            busy = rc == 1
+            bad = todo[rc == EBUSY]
+        else:
+            busy = pages.test(heads, _LOCKED)
+            wb = ~busy & pages.test(heads, PageFlag.WRITEBACK)
+            pages.set(heads[~busy & ~wb], _LOCKED)
+            bad = todo[wb]
+        if bad.size:
+            e.release_dst(bad)
+            e.status[bad] = EBUSY
+            m.changed.notify_all()
+        return todo[(e.status[todo] == PENDING) & ~busy], todo[busy]  # (bad ones now hold -EBUSY)
+
+    def _lock_waiting(self, todo: np.ndarray, mode: MigrateMode) -> tuple[np.ndarray, np.ndarray]:
+        """Sync modes take the lock, sleeping while it is busy; SYNC_LIGHT gives up on a !uptodate folio."""
+        m, e, pages = self.m, self.e, self.m.pages
+        retry = []
+        for p in todo[pages.test(e.src[todo], _LOCKED)].tolist():
+            head = int(e.src[p])
+            if mode == MigrateMode.SYNC_LIGHT and not pages.test(head, PageFlag.UPTODATE):
+                retry.append(p)
+                continue
+            while pages.test(head, _LOCKED):
+                m.changed.wait()
+        retry_arr = np.array(retry, dtype=np.int64)
+        return (todo[~np.isin(todo, retry_arr)] if retry else todo), retry_arr
+
+    def _check_writeback(self, todo: np.ndarray, mode: MigrateMode) -> np.ndarray:
+        """Folios under writeback: -EBUSY unless SYNC, which waits for the writeback to end."""
+        m, e, pages = self.m, self.e, self.m.pages
+        wb = pages.test(e.src[todo], PageFlag.WRITEBACK)
+        if not wb.any():
+            return todo
+        if mode != MigrateMode.SYNC:
+            bad = todo[wb]
+            pages.clear(e.src[bad], _LOCKED)
+            e.release_dst(bad)
+            e.status[bad] = EBUSY
+            m.changed.notify_all()
+            return todo[~wb]
+        for p in todo[wb].tolist():
+            while pages.test(int(e.src[p]), PageFlag.WRITEBACK):
+                m.changed.wait()
+        return todo
+
+    # -- the copy -----------------------------------------------------------------------------------------------
+    def _submit(self, moving: np.ndarray) -> Fence | None:
+        """No-copy with an engine: one DMA submission for the whole batch's stale destinations."""
+        if self.engine is None:
+            return None
+        t0 = time.perf_counter_ns()
+        e = self.e
+        listed, self.listed = self.listed, None
+        if listed is not None and listed[0] is moving:
+            src, dst = listed[1], listed[2]  # the one unmap pass of this batch listed its pages
+        elif batch_loops.HAVE_NUMBA:
+            total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
+            src, dst = np.empty((2, total), dtype=np.int64)
+            n = batch_loops.stale_base_pfns(moving, e.src, e.dst, e.nr, e.fresh, src, dst)
+            src, dst = src[:n], dst[:n]
+        else:
+            need = moving[~e.fresh[moving]]
+            src, dst = e.base_pfns(e.src[need], need), e.base_pfns(e.dst[need], need)
+        if src.size == 0:
+            return None
+        fence = self.engine.copy(src, dst)
+        self.phase_ns["submit"] += time.perf_counter_ns() - t0
+        return fence
+
+    def _wait(self, fence: Fence, moving: np.ndarray) -> None:
+        """Wait for the batch's DMA copy; if it failed, the migrating thread copies those folios instead."""
+        t0 = time.perf_counter_ns()
+        try:
+            fence.wait()
+            failed = None
+        except DmaError:
+            # Only the folios the failure hit: a destination page in a failed channel share. The others were
+            # copied and move as they are.
+            e = self.e
+            failed = moving[~e.fresh[moving]]
+            hit = fence.failed_pages()
+            if hit is not None:
+                failed = failed[np.isin(e.dst[failed], self.m.pages.head[hit])]
+        self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+        if failed is not None:
+            # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
+            t0 = time.perf_counter_ns()
+            self.m.frames.copy_folios(self.e.src[failed], self.e.dst[failed])
+            self.phase_ns["copy"] += time.perf_counter_ns() - t0
+            n = int(self.e.nr[failed].sum())
+            self.stats.nr_dma_fallback += n
+        self.e.fresh[moving] = True
+        self.copied_batch = moving
+
+    # -- the move loop ------------------------------------------------------------------------------------------
+    def _move_pass(self, moving: np.ndarray) -> np.ndarray:
+        """``migrate_folio_move`` over ``moving``; return the busy ones (still unmapped, for the next pass).
+
+        Folios of files go through their mapping's migrate callback (:meth:`_move_by_callback`); the others,
+        anonymous and shared memory (``migrate_folio``), through the core's own path (:meth:`_move_folios`).
+        """
+        by_callback = self.e.by_callback
+        if by_callback is None:
+            return self._move_folios(moving)
+        mine = by_callback[moving]
+        if not mine.any():
+            return self._move_folios(moving)
+        retry = self._move_by_callback(moving[mine])
+        rest = moving[~mine]
+        return np.concatenate([retry, self._move_folios(rest)]) if rest.size else retry
+
+    def _move_by_callback(self, moving: np.ndarray) -> np.ndarray:
+        """``move_to_new_folio`` through each folio's ``mapping->a_ops->migrate_folio``; return the busy ones.
+
+        Under the lock: the callback decides (``-EAGAIN`` keeps the folio unmapped for the next pass, another
+        ``-errno`` fails it and restores its mappings), then the reference check (``folio_migrate_mapping``:
+        the page cache's references, one for private data, the isolation reference), then the copy if nobody
+        made one, then the move. The copy follows the check, as in the kernels that had ``NO_COPY``: a writer
+        must hold a reference, so one that writes without the folio lock either fails the check or wrote
+        before the copy. A copy made before the move pass (the DMA engine's, a ``NO_COPY`` caller's) has no
+        such protection: that is what the no-copy refusal of ``mapping_migrate_check`` is for.
+        """
+        m, e, pages = self.m, self.e, self.m.pages
+        t0 = time.perf_counter_ns()
+        with m.changed:
+            no_copy = e.fresh[moving] | e.given[moving] | (self.engine is not None)
+            rc = mapping_migrate_check(m, e.src[moving], self.batch_mode, no_copy, self.options)
+            src = e.src[moving]
+            expected = e.nr[moving] + 1 + ((pages.flags[src] & _PRIVATE) != 0)
+            busy = (rc == EAGAIN) | ((rc == 0) & (pages.refcount[src] != expected))
+            busy |= (rc == 0) & self._drop_stale_copies(moving)
+            failed = moving[(rc != 0) & (rc != EAGAIN)]
+            if failed.size:
+                for err in np.unique(rc[(rc != 0) & (rc != EAGAIN)]).tolist():
+                    self._undo(moving[rc == err], err)
+            ok = moving[(rc == 0) & ~busy]
+            if ok.size:
+                stale = ok[~e.fresh[ok]]
+                if stale.size:
+                    t1 = time.perf_counter_ns()
+                    m.frames.copy_folios(e.src[stale], e.dst[stale])
+                    self.phase_ns["copy"] += time.perf_counter_ns() - t1
+                    t0 += time.perf_counter_ns() - t1
+                file = m.page_cache.file_folios(e.src[ok])
+                m.page_cache.move_counters(e.src[ok[file]], e.dst[ok[file]])
+                new = e.dst[ok]
+                self._move_to_new_folios(ok)
+                if m.movable_object_ids.size:  # a movable page goes back to its driver, not on an LRU
+                    pages.clear(new[np.isin(pages.mapping[new], m.movable_object_ids)], PageFlag.LRU)
+            m.changed.notify_all()
+        self.phase_ns["move"] += time.perf_counter_ns() - t0
+        return moving[busy]
+
+    def _move_folios(self, moving: np.ndarray) -> np.ndarray:
+        """The core's own move pass (``migrate_folio``) over ``moving``; return the busy ones."""
+        m, e, pages = self.m, self.e, self.m.pages
+        retry = _NONE
+        if moving is self.copied_batch:
+            self.copied_batch = None  # for this pass only: a later one may find copies a write made stale
+            stale = retry  # the DMA wait before this first pass made every copy current: nothing to copy
+        elif batch_loops.HAVE_NUMBA:
+            # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
+            t0 = time.perf_counter_ns()
+            stale, keep, busy = np.empty((3, moving.size), dtype=np.int64)
+            with m.lock:
+                nc, nb, nk = batch_loops.to_copy(moving, e.src, e.expected, e.fresh, pages.refcount, stale, keep,
+                                                 busy)
+            if nb:
+                retry = busy[:nb]
+                moving = keep[:nk]
+            stale = stale[:nc]
+            self.phase_ns["move"] += time.perf_counter_ns() - t0
+        else:
+            if not e.fresh[moving].all():
+                t0 = time.perf_counter_ns()
+                with m.lock:
+                    busy = pages.refcount[e.src[moving]] != e.expected[moving]
+                if busy.any():
+                    retry = moving[busy]
+                    moving = moving[~busy]
+                self.phase_ns["move"] += time.perf_counter_ns() - t0
+            fresh = e.fresh[moving]
+            stale = moving[~fresh] if not fresh.all() else moving[:0]
+        if stale.size:
+            # The copy path (or a caller's NO_COPY copy that a write made stale): the migrating thread copies
+            # outside the metadata lock; the locked, unmapped source cannot change meanwhile.
+            t0 = time.perf_counter_ns()
+            m.frames.copy_folios(e.src[stale], e.dst[stale])
+            self.phase_ns["copy"] += time.perf_counter_ns() - t0
+        t0 = time.perf_counter_ns()
+        with m.lock:  # m.changed's lock, entered directly, as in the unmap pass
+            vma = self._one_vma()
+            if vma is not None:
+                busy_pos = self._move_one_vma(moving, vma)
+                m.changed.notify_all()
+                self.phase_ns["move"] += time.perf_counter_ns() - t0
+                return np.concatenate([retry, busy_pos]) if retry.size else busy_pos
+            # Freeze: references may have been taken while we copied, and a copy made before this pass is
+            # trusted only while its destination is newer than its source.
+            busy = pages.refcount[e.src[moving]] != e.expected[moving]
+            busy |= self._drop_stale_copies(moving)
+            if busy.any():
+                retry = np.concatenate([retry, moving[busy]])
+                moving = moving[~busy]
+            if moving.size:
+                self._move_to_new_folios(moving)
+            m.changed.notify_all()
+        self.phase_ns["move"] += time.perf_counter_ns() - t0
+        return retry
+
+    def _drop_stale_copies(self, moving: np.ndarray) -> np.ndarray:
+        """Drop the ``fresh`` mark of every copy a write has overtaken; return where it was dropped.
+
+        Called before each retried pass (so the copy is made again in that pass) and at the freeze, under the
+        lock (where a dropped mark makes the folio busy for one more pass).
+
+        A copy is good for the pass that made it only while nobody can write the source. The DMA copy (or the
+        caller's, for ``NO_COPY``) is made before the move loop, and a holder of an extra reference can write
+        the unmapped source through it, then drop it before a later freeze: moving state over that copy would
+        lose the write. Every frame write advances ``write_seq``, so a destination newer than its source is a
+        copy no write has overtaken; any other is copied again on the next pass.
+        """
+        e = self.e
+        stale = e.fresh[moving]
+        if stale.any():
+            fresh = moving[stale]
+            stale[stale] = ~self.m.pages.copies_current(e.src[fresh], e.dst[fresh], e.nr[fresh])
+            e.fresh[moving[stale]] = False
+        return stale
+
+    def _move_one_vma(self, moving: np.ndarray, vma: Vma) -> np.ndarray:
+        """Freeze, move and finish the folios of ``moving`` in one compiled call, which also gives the old
+        frames back to their node; return the busy ones."""
+        m, e, pages = self.m, self.e, self.m.pages
+        total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
+        freed = np.empty(total + 4, dtype=np.int64)
+        counts = freed[total:]
+        rc = np.empty(moving.size, dtype=np.int32)
+        if e.src_node >= 0:
+            nd = m.nodes[e.src_node]
+            alloc, base = nd.allocator, nd.base_pfn
+            free, block_free = alloc.arrays()
+        else:
+            alloc, base, (free, block_free) = None, -1, _NO_ALLOCATOR
+        nfreed, dead, nbusy, bad = batch_loops.move_one_vma(
+            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
+            HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
+            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
+            self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts, free,
+            block_free, 1 if alloc is None else alloc.block, base)
+        if nfreed == 0:
+            return moving
+        if bad >= 0:
+            raise RuntimeError(f"double free of frame {int(freed[bad])} (allocator invariant broken)")
+        if e.shmem is not None:  # folio_migrate_mapping's nr_shmem (and nr_file_pages) change node
+            moved = moving[rc == 0]
+            moved = moved[e.shmem[moved]]
+            m.page_cache.move_shmem(e.src[moved], e.dst[moved], e.nr[moved])
+        if alloc is not None:
+            alloc.taken(-nfreed)
+        else:
+            self._free_old(freed[:nfreed])
+        if m.device_private:  # entries now naming device-private pages are not present PTEs
+            new = e.dst[moving[rc == 0]]
+            mark_device_private(m, new if e.all_base else pages.expand(new))
+        if dead:
+            new = e.dst[moving[rc == 0]]
+            m.frames.free_folios(new[pages.refcount[new] <= 0])
+        s = self.stats
+        c = counts.tolist()
+        s.nr_succeeded += c[0]
+        s.nr_thp_succeeded += c[1]
+        s.nr_large_succeeded += c[2]
+        s.nr_no_copy += c[3]
+        self.nr_moved_folios += moving.size - nbusy
+        return moving[rc != 0] if nbusy else _NONE
+
+    def _free_old(self, pfns: np.ndarray) -> None:
+        """Give the reset frames of old folios back to their allocator."""
+        e = self.e
+        if e.src_node >= 0:
+            nd = self.m.nodes[e.src_node]
+            nd.allocator.free(pfns - nd.base_pfn)
+        else:
+            self.m.frames.free_frames(pfns)
+
+    def _count_moved(self, pos: np.ndarray) -> None:
+        """Moved folios: status 0, counted (no-copy pages are those whose destination was already fresh)."""
+        e = self.e
+        e.unmapped[pos] = False
+        e.status[pos] = 0
+        if e.all_base:
+            pages_moved, thp, large = pos.size, 0, 0
+            nc = int(np.count_nonzero(e.fresh[pos]))
+        else:
+            nr = e.nr[pos]
+            pages_moved = int(nr.sum())
+            thp = int(np.count_nonzero(e.order[pos] == HPAGE_PMD_ORDER))
+            large = int(np.count_nonzero(nr > 1))
+            nc = int(nr[e.fresh[pos]].sum())
+        s = self.stats
+        s.nr_succeeded += pages_moved
+        s.nr_thp_succeeded += thp
+        s.nr_large_succeeded += large
+        s.nr_no_copy += nc
+        self.nr_moved_folios += pos.size
+
+    def _move_to_new_folios(self, pos: np.ndarray) -> None:
+        """Move mapping and state, point migration entries at the new folios, unlock, free the old ones."""
+        m, e, pages = self.m, self.e, self.m.pages
+        old, new = e.src[pos], e.dst[pos]
+        if e.shmem is not None:
+            sh = pos[e.shmem[pos]]
+            m.page_cache.move_shmem(e.src[sh], e.dst[sh], e.nr[sh])
+        migrate_folio(m, old, new, e.nr[pos])
+        remove_migration_entries(m, e.base_pfns(old, pos), e.base_pfns(new, pos))
+        # migrate_folio_done(): the new folio joins the LRU and drops the isolation reference it inherited; the
+        # old one (still locked and isolated: nobody can reach it) goes back to the allocator.
+        if page_loops.HAVE_NUMBA:
+            freed = np.empty(pos.size if e.all_base else int(e.nr[pos].sum()), dtype=np.int64)
+            dead = page_loops.done_folios(old, new, e.nr[pos], _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount,
+                                        pages.mapcount, pages.mapping, pages.index, pages.private,
+                                        pages.last_cpupid, pages.memcg, pages.order, pages.head, freed)
+            self._free_old(freed)
+            if dead:
+                m.frames.free_folios(new[pages.refcount[new] <= 0])
+        else:
+            pages.flags[new] = (pages.flags[new] & _PUTBACK_CLEAR) | _LRU
+            m.frames.free_folios(old)
+            m.frames.put_folios(new, unique=True)
+        self._count_moved(pos)
+
+    def _undo(self, pos: np.ndarray, rc: int = PENDING) -> None:
+        """``migrate_folio_undo_src/dst``: restore the source mappings, unlock, give back the destinations."""
+        if pos.size == 0:
+            return
+        m, e, pages = self.m, self.e, self.m.pages
+        srcp = e.base_pfns(e.src[pos], pos)
+        remove_migration_entries(m, srcp, srcp)
+        e.unmapped[pos] = False
+        pages.clear(e.src[pos], _LOCKED)
+        e.release_dst(pos)
+        e.status[pos] = rc
 
     # -- the end ------------------------------------------------------------------------------------------------
     def finish(self, interrupted: bool) -> None:
