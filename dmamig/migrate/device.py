@@ -7,8 +7,10 @@ fails by losing its ``MIGRATE`` bit, never by aborting the range. ``abort()`` en
 cannot finish: it restores every page whose state has not moved, as ``finalize()`` does for pages that did
 not migrate.
 
-This module holds the steps a driver calls and their order; collection of the range is in
-:mod:`.device_collect`, destinations, copies, splits and hole filling in :mod:`.device_move`.
+This module holds the whole of it, as the kernel's file does: the steps a driver calls and their order, then
+the collection of the range (``migrate_vma_collect`` and ``migrate_vma_unmap``), then destinations, copies,
+splits and hole filling (the driver's ``alloc_and_copy``, ``migrate_vma_split_unmapped_folio``,
+``migrate_vma_insert_page``).
 
 Which pages ``setup()`` collects follows ``struct migrate_vma.flags`` (:class:`~dmamig.MigrateVmaSelect`) and
 ``pgmap_owner``: system memory with ``SYSTEM``, device pages with ``DEVICE_PRIVATE`` or ``DEVICE_COHERENT``
@@ -21,19 +23,30 @@ splits a source whose destination does not agree on ``COMPOUND``.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Hashable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..arguments import check_node
-from ..errors import InvalidArgument
-from ..flags import EAGAIN, EBUSY, MigrateVmaSelect, PageFlag
+from ..errors import DmaError, InvalidArgument
+from ..flags import (
+    EAGAIN,
+    EBUSY,
+    EIO,
+    ENOMEM,
+    MIGRATE_PFN_SHIFT,
+    MigratePfn,
+    MigrateVmaSelect,
+    PageFlag,
+    PteFlag,
+)
 from ..mm_struct import MmStruct
-from ..vma import folio_free_swap, install_migration_entries, remove_migration_entries
-from .device_collect import HPAGE_PMD_NR, PFN_MIGRATE, PFN_VALID, VmaCollect, check_select
-from .device_move import VmaMove
+from ..nodes import check_owner
+from ..vma import NO_PFN, folio_free_swap, install_migration_entries, map_pages, remove_migration_entries
+from .entries import HPAGE_PMD_ORDER
 from .isolate import isolate_folios
 from .state import migrate_folio
 
@@ -41,11 +54,50 @@ if TYPE_CHECKING:
     from ..dma import DmaEngine
     from ..machine import Machine
     from ..mm import AddressSpace
+    from ..vma import Vma
 
-__all__ = ["HPAGE_PMD_NR", "MigrateVma", "abort_in_flight", "migrate_device_coherent_folio"]
+__all__ = ["HPAGE_PMD_NR", "LEGACY_SELECT", "PFN_COMPOUND", "PFN_FLAG_BITS", "PFN_MIGRATE", "PFN_VALID", "PFN_WRITE",
+           "MigrateVma", "abort_in_flight", "check_select", "migrate_device_coherent_folio"]
 
 
-class MigrateVma(VmaCollect, VmaMove):
+# The MigratePfn bits of src[] and dst[] entries as int64, and the mask of every flag bit below the pfn.
+PFN_VALID = np.int64(MigratePfn.VALID)
+PFN_MIGRATE = np.int64(MigratePfn.MIGRATE)
+PFN_WRITE = np.int64(MigratePfn.WRITE)
+PFN_COMPOUND = np.int64(MigratePfn.COMPOUND)
+PFN_FLAG_BITS = np.int64((1 << MIGRATE_PFN_SHIFT) - 1)
+#: Base pages of a compound entry (a PMD-sized folio, ``HPAGE_PMD_NR``).
+HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
+_DEVICE = MigrateVmaSelect.DEVICE_PRIVATE | MigrateVmaSelect.DEVICE_COHERENT
+#: What ``flags=None`` selects: every page, as MigrateVma did before it took flags (large folios are split).
+LEGACY_SELECT = MigrateVmaSelect.SYSTEM | _DEVICE
+_ALL_SELECT = LEGACY_SELECT | MigrateVmaSelect.COMPOUND
+
+
+def check_select(flags: Any, pgmap_owner: Any) -> tuple[MigrateVmaSelect, Hashable | None]:
+    """Validate ``MigrateVma``'s ``flags`` and ``pgmap_owner``; return them (``None`` flags: LEGACY_SELECT)."""
+    owner = None if pgmap_owner is None else check_owner("pgmap_owner", pgmap_owner)
+    if flags is None:
+        return LEGACY_SELECT, owner
+    if isinstance(flags, bool) or not isinstance(flags, (int, np.integer)) \
+            or (isinstance(flags, enum.Enum) and not isinstance(flags, MigrateVmaSelect)):
+        raise InvalidArgument(f"flags must be MigrateVmaSelect flags (SYSTEM, DEVICE_PRIVATE, DEVICE_COHERENT, "
+                              f"COMPOUND, or-ed together) or None for every page, got {flags!r}")
+    unknown = int(flags) & ~int(_ALL_SELECT)
+    if int(flags) < 0 or unknown:
+        raise InvalidArgument(f"flags {int(flags):#x} has bits MigrateVmaSelect does not define "
+                              f"({unknown if int(flags) >= 0 else int(flags):#x}); allowed are SYSTEM (0x1), "
+                              f"DEVICE_PRIVATE (0x2), DEVICE_COHERENT (0x4) and COMPOUND (0x8)")
+    sel = MigrateVmaSelect(int(flags))
+    if sel & _DEVICE and owner is None:
+        # Device memory always has an owner (memremap_pages refuses a device pgmap without one), so a missing
+        # pgmap_owner could never select a device page: it is a mistake, not a request.
+        raise InvalidArgument(f"flags {sel!r} select device pages, which need pgmap_owner: the owner token of "
+                              f"the device node whose pages to collect (Node.owner, by default the node's id)")
+    return sel, owner
+
+
+class MigrateVma:
     """Migrate ``[start, end)`` of ``mm`` to ``node``, step by step as a device driver does.
 
     Parameters
@@ -323,6 +375,321 @@ class MigrateVma(VmaCollect, VmaMove):
             m.count_event("migrate_vma_success", n)
             m.count_event("migrate_vma_fail", self._collected - n)
             m.changed.notify_all()
+
+
+    # -- collection: migrate_vma_collect (its hole and PMD walks) and migrate_vma_unmap ---------------------
+    @staticmethod
+    def _pfns(entries: np.ndarray) -> np.ndarray:
+        return entries >> MIGRATE_PFN_SHIFT
+
+    def _cover(self, idx: np.ndarray) -> np.ndarray:
+        """The page slots of entries ``idx``: a compound entry covers HPAGE_PMD_NR slots, others one."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if not self._compound:
+            return idx
+        nr = np.where((self.src[idx] & PFN_COMPOUND) != 0, HPAGE_PMD_NR, 1)
+        if (nr == 1).all():
+            return idx
+        return np.repeat(idx, nr) + np.arange(int(nr.sum())) - np.repeat(np.cumsum(nr) - nr, nr)
+
+    def _selected_nodes(self) -> np.ndarray:
+        """Per node: whether ``flags`` and ``pgmap_owner`` select its pages (``migrate_vma_collect_pmd``)."""
+        m = self.mm.machine
+        sel = int(self.flags)  # plain ints: flag arithmetic on enum members is slow
+        dev_flag = int(MigrateVmaSelect.DEVICE_PRIVATE if m.device_private else MigrateVmaSelect.DEVICE_COHERENT)
+        out = np.zeros(len(m.nodes), dtype=bool)
+        for nd in m.nodes:
+            if nd.kind != "device":
+                out[nd.id] = bool(sel & int(MigrateVmaSelect.SYSTEM))
+            else:
+                mine = self._any_owner or bool(nd.owner == self.pgmap_owner)
+                out[nd.id] = bool(sel & dev_flag) and mine
+        return out
+
+    def _collect(self, vma: Vma, s0: int, s1: int) -> None:
+        """Collect slots ``s0:s1`` of ``vma`` into ``src``: select, isolate, lock and unmap (lock held).
+
+        ``migrate_vma_collect`` (``migrate_vma_collect_hole``, ``migrate_vma_collect_pmd``) and
+        ``migrate_vma_unmap`` for :meth:`~dmamig.MigrateVma.setup`, which has checked the range; sets
+        ``cpages`` and the base pages behind the collected entries.
+        """
+        m = self.mm.machine
+        pages = m.pages
+        pfns = vma.pte_pfn[s0:s1]
+        sel = int(self.flags)
+        compound = bool(sel & int(MigrateVmaSelect.COMPOUND))
+        # Holes are collected whatever the flags (migrate_vma_collect_hole); the zero page only for SYSTEM.
+        holes = pfns < 0 if sel & int(MigrateVmaSelect.SYSTEM) else pfns == NO_PFN
+        self.src[holes] = PFN_MIGRATE
+        if compound:
+            self._collect_compound_holes(pfns)
+        selected = self._selected_nodes()
+        present = np.flatnonzero(pfns >= 0)
+        if not selected.all():
+            present = present[selected[m.nodemap.node_of(pfns[present])]]
+        heads = pages.head[pfns[present]]
+        whole: list[tuple[int, int]] = []  # (slot, head) of PMD-sized folios collected whole
+        for head in np.unique(heads[pages.order[heads] > 0]).tolist():
+            slot = self._pmd_slot(pfns, head) if compound else -1
+            if slot >= 0:
+                whole.append((slot, head))
+            else:
+                # Split so that every page is handled on its own (migrate_vma_collect_pmd's fallback).
+                self._try_split(head)
+        if whole:
+            self._collect_whole(vma, s0, whole)
+            done = np.zeros(self.npages, dtype=bool)
+            for slot, _head in whole:
+                done[slot: slot + HPAGE_PMD_NR] = True
+            present = present[~done[present]]
+        p = pfns[present]
+        on_node = m.nodemap.node_of(p) == self.node
+        large = pages.order[pages.head[p]] > 0
+        # The fault page is locked by its fault handler, which holds one reference on it too.
+        faulting = p == self.fault_page
+        locked = pages.test(pages.head[p], PageFlag.LOCKED) & ~faulting
+        # migrate_vma_check_page: a folio with a mapping (here the swap cache's) has one reference more.
+        pinned = pages.refcount[p] - pages.test(p, PageFlag.SWAPCACHE) - faulting != pages.mapcount[p]
+        take = ~on_node & ~large & ~locked & ~pinned
+        present, p = present[take], p[take]
+        rc = isolate_folios(m, p)
+        present, p = present[rc == 0], p[rc == 0]
+        pages.set(p, PageFlag.LOCKED)
+        writable = (vma.pte_flags[s0 + present] & np.uint8(PteFlag.WRITE)) != 0
+        install_migration_entries(m, p)
+        m.count_event("migrate_tlb_flush")
+        self.src[present] = (p << MIGRATE_PFN_SHIFT) | PFN_VALID | PFN_MIGRATE | np.where(writable, PFN_WRITE, 0)
+        collected = np.flatnonzero(self.src & PFN_MIGRATE)
+        self.cpages = int(collected.size)
+        self._compound = bool((self.src[collected] & PFN_COMPOUND).any())
+        self._collected = int(self._cover(collected).size)
+
+    def _pmd_slot(self, pfns: np.ndarray, head: int) -> int:
+        """Slot of a PMD-sized folio mapped whole, in order, at a PMD-aligned address of the range; else -1.
+
+        That is the kernel's PMD-mapped THP whose PMD the range covers (``IS_ALIGNED(start, HPAGE_PMD_SIZE)``
+        and the same for the end): only such a folio is collected whole.
+        """
+        m = self.mm.machine
+        if int(m.pages.order[head]) != HPAGE_PMD_ORDER:
+            return -1
+        at = np.flatnonzero(pfns == head)
+        if at.size != 1:
+            return -1
+        slot = int(at[0])
+        first = self.start // m.page_size + slot
+        if first % HPAGE_PMD_NR or slot + HPAGE_PMD_NR > pfns.size:
+            return -1
+        return slot if np.array_equal(pfns[slot: slot + HPAGE_PMD_NR], head + np.arange(HPAGE_PMD_NR)) else -1
+
+    def _collect_compound_holes(self, pfns: np.ndarray) -> None:
+        """PMD-sized, PMD-aligned runs of empty slots become one compound hole entry (the rest 0)."""
+        ps = self.mm.machine.page_size
+        base = self.start // ps
+        first = (-base) % HPAGE_PMD_NR
+        n = (pfns.size - first) // HPAGE_PMD_NR
+        if n <= 0:
+            return
+        blocks = (pfns[first: first + n * HPAGE_PMD_NR] == NO_PFN).reshape(n, HPAGE_PMD_NR).all(axis=1)
+        for b in np.flatnonzero(blocks).tolist():
+            slot = first + b * HPAGE_PMD_NR
+            self.src[slot: slot + HPAGE_PMD_NR] = 0
+            self.src[slot] = PFN_MIGRATE | PFN_COMPOUND
+
+    def _collect_whole(self, vma: Vma, s0: int, whole: list[tuple[int, int]]) -> None:
+        """Isolate, lock and unmap PMD-sized folios whole; busy, pinned or resident ones are left alone."""
+        if not whole:
+            return
+        m = self.mm.machine
+        pages = m.pages
+        slots = np.array([s for s, _ in whole], dtype=np.int64)
+        heads = np.array([h for _, h in whole], dtype=np.int64)
+        members = heads[:, None] + np.arange(HPAGE_PMD_NR)
+        faulting = heads == self.fault_page  # locked by its fault handler, which holds a reference
+        pinned = pages.refcount[heads] - faulting != pages.mapcount[members].sum(axis=1)
+        ok = ~pinned & (~pages.test(heads, PageFlag.LOCKED) | faulting) & (m.nodemap.node_of(heads) != self.node)
+        slots, heads = slots[ok], heads[ok]
+        rc = isolate_folios(m, heads)
+        slots, heads = slots[rc == 0], heads[rc == 0]
+        if heads.size == 0:
+            return
+        pages.set(heads, PageFlag.LOCKED)
+        ptes = vma.pte_flags[s0 + slots[:, None] + np.arange(HPAGE_PMD_NR)]
+        writable = ((ptes & np.uint8(PteFlag.WRITE)) != 0).all(axis=1)  # pmd_write of the whole mapping
+        install_migration_entries(m, pages.expand(heads))
+        self.src[slots] = (heads << MIGRATE_PFN_SHIFT) | PFN_VALID | PFN_MIGRATE | PFN_COMPOUND \
+            | np.where(writable, PFN_WRITE, 0)
+
+    def _try_split(self, head: int) -> None:
+        m = self.mm.machine
+        pages = m.pages
+        nr = 1 << int(pages.order[head])
+        pfns = head + np.arange(nr)
+        faulting = head == self.fault_page  # locked by its fault handler, which holds a reference
+        if pages.refcount[head] - faulting == int(pages.mapcount[pfns].sum()) \
+                and (faulting or not pages.test(head, PageFlag.LOCKED)):
+            pages.split(head)
+            if faulting:
+                # The fault handler holds the head page's lock; every other page of the split folio is unlocked
+                # (__split_huge_page unlocks the pages but the one its caller holds).
+                pages.clear(pfns[1:], PageFlag.LOCKED)
+            # Base pages nobody maps any more (a partly unmapped folio) are freed, as __split_huge_page does.
+            m.frames.free_folios(pfns[pages.refcount[pfns] <= 0])
+            m.count_event("thp_migration_split")
+
+    # -- destinations and copies (the driver's part), splits for base-page destinations, holes filled ----------
+    def _moving(self) -> np.ndarray:
+        """Entries with a page that is still selected and has a destination."""
+        return ((self.src & PFN_MIGRATE) != 0) & ((self.src & PFN_VALID) != 0) & ((self.dst & PFN_VALID) != 0)
+
+    def _alloc_and_copy(self, engine: DmaEngine | None) -> None:
+        sel = np.flatnonzero(self.src & PFN_MIGRATE)
+        comp = (self.src[sel] & PFN_COMPOUND) != 0
+        if comp.any():
+            self._alloc_and_copy_compound(engine, sel, comp)
+            return
+        m = self.mm.machine
+        with m.lock:
+            got = m.frames.alloc_folios(self.node, sel.size, 0)
+            self.src[sel[got.size:]] &= ~PFN_MIGRATE
+            self.status[sel[got.size:]] = ENOMEM
+            sel = sel[: got.size]
+            m.pages.set(got, PageFlag.LOCKED)
+            writable = (self.src[sel] & PFN_WRITE) != 0
+            self.dst[sel] = (got << MIGRATE_PFN_SHIFT) | PFN_VALID | np.where(writable, PFN_WRITE, 0)
+        valid = (self.src[sel] & PFN_VALID) != 0
+        src_p, dst_p = self._pfns(self.src[sel[valid]]), got[valid]
+        m.frames.zero_pfns(got[~valid])
+        self._copy(engine, src_p, dst_p, None, None, sel[valid])
+
+    def _copy(self, engine: DmaEngine | None, src_p: np.ndarray, dst_p: np.ndarray, src_heads: np.ndarray | None,
+              dst_heads: np.ndarray | None, entries: np.ndarray) -> None:
+        """Copy base pages ``src_p`` to ``dst_p`` (whole folios ``src_heads`` to ``dst_heads`` among them, for
+        the CPU copy); a failed DMA copy fails ``entries``, whose pages stay where they are."""
+        m = self.mm.machine
+        if src_p.size == 0:
+            return
+        if engine is None:
+            if src_heads is None:
+                m.frames.copy_pages(src_p, dst_p)
+            else:
+                m.frames.copy_folios(src_heads, dst_heads)
+                nr = int(m.pages.nr_pages(src_heads).sum()) if src_heads.size else 0
+                m.frames.copy_pages(src_p[nr:], dst_p[nr:])
+            return
+        try:
+            engine.copy(src_p, dst_p).wait()
+        except DmaError:
+            self.status[self._cover(entries)] = EIO
+            self.src[entries] &= ~PFN_MIGRATE
+
+    def _alloc_and_copy_compound(self, engine: DmaEngine | None, sel: np.ndarray, comp: np.ndarray) -> None:
+        m = self.mm.machine
+        pages = m.pages
+        with m.lock:
+            csel = sel[comp]
+            big = m.frames.alloc_folios(self.node, csel.size, HPAGE_PMD_ORDER) if csel.size else np.empty(0, np.int64)
+            whole, short = csel[: big.size], csel[big.size:]
+            # A compound entry without a PMD-sized destination is driven in base pages, one per slot, each
+            # slot's entry owned by the compound entry (its write bit, its source page head + j).
+            fb_slots = (short[:, None] + np.arange(HPAGE_PMD_NR)).ravel()
+            fb_owner = np.repeat(short, HPAGE_PMD_NR)
+            want = np.concatenate([sel[~comp], fb_slots])
+            owner = np.concatenate([sel[~comp], fb_owner])
+            got = m.frames.alloc_folios(self.node, want.size, 0)
+            lacking, lack_owner = want[got.size:], owner[got.size:]
+            lost = np.unique(lack_owner[lacking == lack_owner])  # entries whose first slot found no frame
+            self.status[self._cover(lost)] = ENOMEM
+            self.status[lacking] = ENOMEM
+            self.src[lost] &= ~PFN_MIGRATE
+            want, owner = want[: got.size], owner[: got.size]
+            pages.set(np.concatenate([big, got]), PageFlag.LOCKED)
+            self.dst[whole] = (big << MIGRATE_PFN_SHIFT) | PFN_VALID | PFN_COMPOUND \
+                | np.where((self.src[whole] & PFN_WRITE) != 0, PFN_WRITE, 0)
+            self.dst[want] = (got << MIGRATE_PFN_SHIFT) | PFN_VALID \
+                | np.where((self.src[owner] & PFN_WRITE) != 0, PFN_WRITE, 0)
+        # What to copy, base page by base page: whole folios, base pages, and the slots of folios driven in
+        # base pages (source page head + j of their compound entry). Holes get zero-filled pages instead.
+        wv = (self.src[whole] & PFN_VALID) != 0
+        bv = (self.src[owner] & PFN_VALID) != 0
+        offset = want - owner
+        src_heads = self._pfns(self.src[whole[wv]])
+        src_p = np.concatenate([pages.expand(src_heads), self._pfns(self.src[owner[bv]]) + offset[bv]])
+        dst_p = np.concatenate([pages.expand(big[wv]), got[bv]])
+        m.frames.zero_pfns(np.concatenate([pages.expand(big[~wv]), got[~bv]]))
+        self._copy(engine, src_p, dst_p, src_heads, big[wv], np.unique(np.concatenate([whole[wv], owner[bv]])))
+
+    def _split_for_base_destinations(self) -> None:
+        """Split compound entries whose destination is not compound into one entry per page (lock held)."""
+        if not self._compound:
+            return
+        m = self.mm.machine
+        pages = m.pages
+        comp = np.flatnonzero(((self.src & PFN_COMPOUND) != 0) & ((self.src & PFN_MIGRATE) != 0)
+                              & ((self.dst & PFN_COMPOUND) == 0))
+        for i in comp.tolist():
+            span = slice(i, i + HPAGE_PMD_NR)
+            if not ((self.dst[span] & PFN_VALID) != 0).any():
+                continue  # no destination at all: restored whole by finalize()
+            flags = self.src[i] & PFN_FLAG_BITS & ~PFN_COMPOUND
+            if not self.src[i] & PFN_VALID:
+                self.src[span] = flags  # a hole: one hole entry per page
+                continue
+            head = int(self._pfns(self.src[i]))
+            pfns = head + np.arange(HPAGE_PMD_NR)
+            if pages.refcount[head] != 1:  # a reference taken since setup(): split_folio refuses the folio
+                self.src[i] &= ~PFN_MIGRATE
+                self.status[span] = EAGAIN
+                continue
+            pages.split(head)
+            pages.refcount[pfns[1:]] += 1  # the isolation reference stayed on the head; each piece gets one
+            self.src[span] = (pfns << MIGRATE_PFN_SHIFT) | flags
+            m.count_event("thp_migration_split")
+
+    def _fill_holes(self, holes: np.ndarray) -> None:
+        """Map the new zero-filled pages of holes, unless a racing fault filled the slot first."""
+        if holes.size == 0:
+            return
+        ps = self.mm.machine.page_size
+        addrs = self.start + holes * ps
+        # Look the VMAs up again: a munmap elsewhere in the mapping may have split it since setup(), and a
+        # hole that was munmapped meanwhile has nowhere to go (its new page is freed as unused).
+        for vma in self.mm.vmas:
+            inside = (addrs >= vma.start) & (addrs < vma.end)
+            if inside.any():
+                self._fill_vma_holes(vma, holes[inside], (addrs[inside] - vma.start) // ps)
+
+    def _fill_vma_holes(self, vma: Vma, holes: np.ndarray, slots: np.ndarray) -> None:
+        pages = self.mm.machine.pages
+        comp = (self.dst[holes] & PFN_COMPOUND) != 0
+        if comp.any():
+            # A PMD-sized hole is filled whole or not at all: every slot must still be empty and in this VMA
+            # (migrate_vma_insert_huge_pmd_page needs pmd_none).
+            first, heads = slots[comp], self._pfns(self.dst[holes[comp]])
+            members = first[:, None] + np.arange(HPAGE_PMD_NR)
+            fits = (first + HPAGE_PMD_NR <= vma.npages)
+            fits[fits] = (vma.pte_pfn[members[fits]] == NO_PFN).all(axis=1)
+            self._map_new(vma, members[fits].ravel(), heads[fits], pages.expand(heads[fits]))
+            self.status[self._cover(holes[comp][fits])] = 0
+            holes, slots = holes[~comp], slots[~comp]
+        free = vma.pte_pfn[slots] < 0
+        holes, slots = holes[free], slots[free]
+        new = self._pfns(self.dst[holes])
+        self._map_new(vma, slots, new, new)
+        self.status[holes] = 0
+
+    def _map_new(self, vma: Vma, slots: np.ndarray, heads: np.ndarray, pfns: np.ndarray) -> None:
+        """Make new folios ``heads`` (base pages ``pfns``) anonymous pages of ``slots`` and map them."""
+        if heads.size == 0:
+            return
+        pages = self.mm.machine.pages
+        pages.clear(heads, PageFlag.LOCKED)
+        pages.set(heads, PageFlag.UPTODATE | PageFlag.LRU | PageFlag.SWAPBACKED)
+        pages.mapping[pfns] = vma.obj.id
+        pages.index[pfns] = vma.pgoff + slots
+        pages.refcount[heads] -= 1  # the allocation reference: the PTEs take their own below
+        vma.obj.pfns[vma.pgoff + slots] = pfns
+        map_pages(self.mm.machine, vma, slots, pfns)
 
 
 def abort_in_flight(mm: MmStruct) -> None:
