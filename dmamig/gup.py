@@ -37,6 +37,7 @@ from .errors import InvalidArgument, MigrationStalled, OutOfMemory
 from .flags import MigrateReason, PageFlag
 from .memory import check_access, fault, fault_device_private, migrate_to_ram, write_pages
 from .migrate.device import migrate_device_coherent_folio
+from .mm_struct import segment_pfns
 
 if TYPE_CHECKING:
     from .mm_struct import MmStruct
@@ -80,7 +81,7 @@ def pin_range(mm: MmStruct, addr: int, length: int, longterm: bool = True) -> No
                 # host memory, the other mappers keep theirs).
                 for v, s0, s1 in segs:
                     fault(mm, v, s0, s1, 0, write=True)
-            pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+            pfns = segment_pfns(segs)
             remote = pfns[(pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]]
             if remote.size == 0 or not (longterm or m.device_private):
                 if m.device_private:
@@ -88,7 +89,7 @@ def pin_range(mm: MmStruct, addr: int, length: int, longterm: bool = True) -> No
                     # fault may map a page its page cache holds on a device: fault that back, and look again.
                     for v, s0, s1 in segs:
                         fault(mm, v, s0, s1, 0, write=True)
-                    pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+                    pfns = segment_pfns(segs)
                     if ((pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]).any():
                         continue
                 break
@@ -142,7 +143,7 @@ def _pinned_pfns(mm: MmStruct, addr: int, length: int) -> np.ndarray:
     """The pfns behind the page-aligned range, present or under a migration entry (whose pfn is still the
     source: a pinned folio never passes a migration's reference freeze). Caller holds the lock."""
     segs = mm.segments(addr, length)
-    return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+    return segment_pfns(segs)
 
 
 def write_pinned(mm: MmStruct, addr: int, buf: np.ndarray) -> None:

@@ -28,6 +28,7 @@ from .flags import MigrateMode, MigrateReason, MigrateVmaSelect, PageFlag, PteFl
 from .migrate.core import MigrationRequest, run_migration
 from .migrate.device import MigrateVma
 from .migrate.isolate import collect_folios
+from .mm_struct import segment_pfns
 from .vma import NO_PFN, ZERO_PFN, folio_free_swap, forget_anon_slots, free_swap_cache, map_pages
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
         for v, _s0, _s1 in segs:
             check_access(v, max(addr, v.start), write)
         if m.device_private:
-            remote = _device_pfns(m, np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs]))
+            remote = _device_pfns(m, segment_pfns(segs))
             if remote.size:
                 if attempt == MIGRATE_TO_RAM_TRIES:
                     _cannot_come_back(m, addr, remote)
@@ -277,7 +278,7 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
                 continue
         for v, s0, s1 in segs:
             fault(mm, v, s0, s1, 0, write)
-        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])
+        pfns = segment_pfns(segs)
         remote = _device_pfns(m, pfns)
         if remote.size == 0 or m.device_private:
             return pfns

@@ -24,7 +24,7 @@ from .memory import access_pfns, fault, read_pages, write_pages
 from .migrate.device import abort_in_flight
 from .migrate.move_pages import migrate_range, move_pages
 from .migrate.options import MigrateOptions
-from .mm_struct import MmStruct
+from .mm_struct import MmStruct, segment_pfns
 from .mmap import check_mmap, get_unmapped_area, unmap_range, unmap_slots
 from .mprotect import change_protection, move_vma
 from .vma import MemObject, Vma
@@ -114,7 +114,7 @@ class AddressSpace:
         mms.check_open()
         addr, length = mms.check_range(addr, length, aligned=False)
         with self.machine.changed:
-            return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in mms.wait_migrations(addr, length)])
+            return segment_pfns(mms.wait_migrations(addr, length))
 
     def nodes_of(self, addr: int, length: int) -> np.ndarray:
         """Node of every page of ``[addr, addr + length)`` as :meth:`node_of` gives it (vectorized)."""

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .vma import Vma
 
-__all__ = ["MMAP_BASE", "MmStruct"]
+__all__ = ["MMAP_BASE", "MmStruct", "segment_pfns"]
 
 #: First virtual address handed out by mmap (like a process's mmap base, away from 0).
 MMAP_BASE = 0x10_0000_0000
@@ -211,3 +211,12 @@ class MmStruct:
         """Call every notifier on ``[start, end)`` (caller holds the lock)."""
         for fn in list(self.notifiers):
             fn(start, end)
+
+
+def segment_pfns(segments: list[tuple[Vma, int, int]]) -> np.ndarray:
+    """The pfns the page tables of ``segments`` (:meth:`MmStruct.segments`) hold, in address order: a copy, since
+    the tables change once the lock is dropped (caller holds it)."""
+    if len(segments) == 1:  # the usual range, inside one VMA: one slice copied, no list to join
+        v, s0, s1 = segments[0]
+        return v.pte_pfn[s0:s1].copy()
+    return np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segments])

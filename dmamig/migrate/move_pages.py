@@ -23,6 +23,7 @@ from ..arguments import check_node
 from ..dma import DmaEngine
 from ..errors import InvalidArgument
 from ..flags import EBUSY, EFAULT, ENODEV, ENOENT, MigrateMode, MigrateReason, PteFlag
+from ..mm_struct import segment_pfns
 from ..vma import NO_PFN, ZERO_PFN
 from .core import MigrationRequest, check_mode, check_reason, run_migration
 from .isolate import collect_folios, putback_folios
@@ -93,7 +94,7 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
     options = MigrateOptions.coerce(options)
     with m.changed:
         segs = mm.wait_migrations(addr, length)
-        pfns = np.concatenate([v.pte_pfn[s0:s1] for v, s0, s1 in segs])  # a copy: the tables change
+        pfns = segment_pfns(segs)
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
         status, heads = collect_folios(m, pfns, node, move_all=bool(move_all))
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
