@@ -23,8 +23,8 @@ __all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "f
            "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
-#: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of unmap.py and
-#: move.py is the reference, and the only path for folios mapped through several VMAs.
+#: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the
+#: reference, and the only path for folios mapped through several VMAs.
 USE_BATCH_LOOPS = True
 
 _PRESENT = int(PteFlag.PRESENT)
