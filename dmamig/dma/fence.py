@@ -138,7 +138,7 @@ class Fence:
         InvalidArgument
             ``timeout`` is not a number >= 0 or None.
         """
-        shares = self._completions if self._completions is not None else self._shares()
+        shares = self._shares()
         if timeout is None:  # the usual wait, without a deadline to keep
             for c in shares:
                 if not c.wait(None):
