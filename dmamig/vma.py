@@ -137,8 +137,10 @@ class Vma:
     def has_migration_entries(self, s0: int = 0, s1: int | None = None) -> bool:
         """Whether any slot in ``[s0, s1)`` holds a migration entry."""
         if USE_LOOPS:  # every migrate call and fault asks: one pass, no temporary
-            lo, hi, _ = slice(s0, s1).indices(self.pte_flags.size)
-            return bool(page_loops.any_bits(self.pte_flags, lo, hi, _MIGRATION))
+            n = self.pte_flags.size
+            if s1 is None or s0 < 0 or s1 < 0 or s1 > n:  # slice rules only where they change something
+                s0, s1, _ = slice(s0, s1).indices(n)
+            return page_loops.any_bits(self.pte_flags, s0, s1, _MIGRATION)
         return bool((self.pte_flags[s0:s1] & _MIGRATION).any())
 
     def __repr__(self) -> str:

@@ -1021,6 +1021,8 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
 
 def check_reason(reason: Any) -> MigrateReason:
     """``reason`` as a :class:`~dmamig.flags.MigrateReason`; an error naming the argument otherwise."""
+    if type(reason) is MigrateReason:
+        return reason
     try:
         return MigrateReason(reason)
     except (ValueError, TypeError):

@@ -72,12 +72,19 @@ class MovePagesResult:
         return sum(r.nr_failed for _node, r in self.results)
 
 
+#: ``mode | NO_COPY`` per mode seen: flag arithmetic on enums costs more than a dict lookup.
+_NO_COPY_MODES: dict[MigrateMode, MigrateMode] = {}
+
+
 def _check_engine(m: Machine, engine: Any, mode: MigrateMode) -> MigrateMode:
     if engine is None:
         return mode
     if not isinstance(engine, DmaEngine) or engine is not m.dma:
         raise InvalidArgument("engine must be this machine's DMA engine (m.dma) or None")
-    return mode | MigrateMode.NO_COPY
+    no_copy = _NO_COPY_MODES.get(mode)
+    if no_copy is None:
+        no_copy = _NO_COPY_MODES[mode] = mode | MigrateMode.NO_COPY
+    return no_copy
 
 
 def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: MigrateMode,
