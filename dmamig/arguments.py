@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import page_loops
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -38,7 +39,10 @@ def as_pfn_array(m: Machine, name: str, pfns: Any) -> np.ndarray:
     if arr.dtype.kind not in "iu":
         raise InvalidArgument(f"{name} must have an integer dtype, got {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
-    bad = (arr < 0) | (arr >= m.pages.nr_pfns)
+    n = m.pages.nr_pfns
+    if page_loops.HAVE_NUMBA and page_loops.first_outside(arr, n) < 0:
+        return arr
+    bad = (arr < 0) | (arr >= n)
     if bad.any():
         raise InvalidArgument(f"{name} has pfns out of range 0..{m.pages.nr_pfns - 1}: {arr[bad][:8].tolist()}")
     return arr

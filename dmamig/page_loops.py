@@ -23,7 +23,7 @@ from .flags import (
 )
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios", "expand_folios",
-           "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
+           "first_outside", "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
            "move_head_state", "move_object_slots", "one_node_pair", "prep_new_folios", "remove_entries", "reset_pages",
            "stamp_folios", "trylock_folios"]
 
@@ -388,6 +388,15 @@ def _one_node_pair(src, dst, node_table, bases, sframe, dframe):
     return s, d
 
 
+def _first_outside(values, hi):
+    """The index of the first of ``values`` outside ``[0, hi)``, or -1 (an argument check of every entry point
+    that takes pfns: numpy's comparisons cost a few microseconds for a call's one pfn)."""
+    for i in range(values.size):
+        if values[i] < 0 or values[i] >= hi:
+            return i
+    return -1
+
+
 def _any_bits(flags, lo, hi, bits):
     """Whether any of ``flags[lo:hi]`` has one of ``bits`` set (no temporary, stops at the first)."""
     for i in range(lo, hi):
@@ -485,6 +494,7 @@ if HAVE_NUMBA:
     locate_entries = _jit(_locate_entries)
     one_node_pair = _jit(_one_node_pair)
     any_bits = _jit(_any_bits)
+    first_outside = _jit(_first_outside)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -492,7 +502,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = one_node_pair = any_bits = None
+    move_head_state = expand_folios = stamp_folios = one_node_pair = any_bits = first_outside = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None
