@@ -220,6 +220,7 @@ class Machine:
             self._backend.close()
             raise
         self._nodes = tuple(nodes)
+        self._host_node_ids = tuple(n.id for n in nodes if n.kind == "host")
         self._access_cost = tuple(host_costs) + (1.0,) * devices
         # Per node: True for device memory, which a CPU access brings back to host RAM (host tiers are not).
         self.device_node_mask = np.array([n.kind == "device" for n in nodes], dtype=bool)
@@ -264,7 +265,7 @@ class Machine:
     access_cost = property(lambda self: self._access_cost,
                            doc="Relative cost per byte a CPU access pays on each node (host tiers as given in "
                                "``host_nodes``; 1.0 for node 0 and devices by default).")
-    host_node_ids = property(lambda self: tuple(n.id for n in self._nodes if n.kind == "host"),
+    host_node_ids = property(lambda self: self._host_node_ids,
                              doc="Ids of the host memory nodes (tiers), fastest first as given.")
     device_private = property(lambda self: self._device_private,
                               doc='True when device memory is device-private (``device_memory="private"``).')
