@@ -121,6 +121,24 @@ def test_pgpromote_counts_only_moves_into_the_top_tier():
         assert v["numa_pages_migrated"] == 2 and v["pgpromote_success"] == 1
 
 
+def test_pgpromote_counts_every_page_one_call_brings_into_the_top_tier_from_several_nodes():
+    """A NUMA-balancing call over pages of the slow tier, a device and the top tier itself: the pages that move
+    come from both lower nodes and all count; the page already in the top tier neither moves nor counts."""
+    with Machine(host_nodes=[(1024, 1.0), (1024, 3.0)], device_pages=1024, backend="cpu") as m:
+        mm = m.address_space()
+        ps = m.page_size
+        a = mm.mmap(6 * ps)
+        mm.populate(a, 2 * ps, node=1)
+        mm.populate(a + 2 * ps, 3 * ps, node=2)
+        mm.populate(a + 5 * ps, ps, node=0)
+        pfns = [mm.pfn_of(a + i * ps) for i in range(6)]
+        res = m.migrate_pages(pfns, 0, MigrateMode.ASYNC, reason=MigrateReason.MR_NUMA_MISPLACED)
+        assert res.ok and res.nr_succeeded == 5
+        assert mm.nodes_of(a, 6 * ps).tolist() == [0] * 6
+        v = m.vmstat
+        assert v["numa_pages_migrated"] == 5 and v["pgpromote_success"] == 5
+
+
 @pytest.mark.parametrize("bad", ["MR_SYSCALL", 42, None, 3.5])
 def test_a_bad_reason_is_refused_naming_the_argument(m, mm, bad):
     a = mm.mmap(m.page_size)

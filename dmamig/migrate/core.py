@@ -912,13 +912,10 @@ class _Migration:
             return
         if self.reason == MigrateReason.MR_NUMA_MISPLACED:
             m.count_event("numa_pages_migrated", s.nr_succeeded)
-            top = m.host_node_ids[0]
-            if self.node == top:
-                e = self.e
-                moved = np.flatnonzero(e.status == 0)
-                below = moved[m.nodemap.node_of(e.src[moved]) != top]
-                if below.size:
-                    m.count_event("pgpromote_success", int(e.nr[below].sum()))
+            # Collection leaves out the pages already on the target node, so every page that moved into the top
+            # tier came from below it (or from a device).
+            if self.node == m.host_node_ids[0]:
+                m.count_event("pgpromote_success", s.nr_succeeded)
         elif self.reason == MigrateReason.MR_DEMOTION:
             m.count_event("pgdemote_kswapd" if self.kswapd else "pgdemote_direct", s.nr_succeeded)
 
@@ -1042,7 +1039,7 @@ def migrate_pfns(m: Machine, pfns: Any, node: int, mode: MigrateMode, dst_pfns: 
     node = check_node(m, "node", node)
     mode = check_mode(mode, allow_no_copy=True)
     options = MigrateOptions.coerce(options)
-    no_copy = bool(mode & MigrateMode.NO_COPY) and engine is None  # with an engine, the engine copies
+    no_copy = _base_mode(mode) != mode and engine is None  # NO_COPY; with an engine, the engine copies
     if no_copy != (dst_pfns is not None):
         raise InvalidArgument("NO_COPY and dst_pfns go together: NO_COPY moves state onto destinations the "
                               "caller already copied (dst_pfns from m.alloc_pages); without NO_COPY the core "

@@ -244,7 +244,7 @@ class Entries:
         ``None`` when the pfns are the entries themselves, in order (base pages, each listed once: the usual
         case, since collection keeps first occurrences in order; but it isolates movable pages after the others).
         """
-        if self.all_base and pfns.size == self.src.size and np.array_equal(pfns, self.src):
+        if self.all_base and pfns.size == self.src.size and (pfns == self.src).all():
             return None
         pages, src = self.m.pages, self.src
         if page_loops.HAVE_NUMBA:  # every page's entry, -1 for a page of no entry's folio (those are not pending)
