@@ -35,6 +35,11 @@ MMAP_BASE = 0x10_0000_0000
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 
 
+def _vma_start(vma: Vma) -> int:
+    """The key the VMA list is kept sorted by."""
+    return vma.start
+
+
 class MmStruct:
     """The memory state of one address space (the kernel's ``mm_struct``).
 
@@ -81,7 +86,7 @@ class MmStruct:
 
     def insert(self, vma: Vma) -> None:
         """Add ``vma`` in address order and link it to the objects of its anon_vma chain."""
-        bisect.insort(self._vmas, vma, key=lambda v: v.start)
+        bisect.insort(self._vmas, vma, key=_vma_start)
         for obj in vma.chain:
             obj.vmas.append(vma)
 
@@ -105,7 +110,7 @@ class MmStruct:
         still finds its pages and the migration entries in it."""
         self._vmas.remove(vma)
         vma.start = start
-        bisect.insort(self._vmas, vma, key=lambda v: v.start)
+        bisect.insort(self._vmas, vma, key=_vma_start)
 
     # -- checks and lookups ------------------------------------------------------------------------------------
     def check_open(self) -> None:
@@ -135,15 +140,14 @@ class MmStruct:
         out = []
         cur = addr
         vmas = self._vmas
-        i = bisect.bisect_right([v.start for v in vmas], cur) - 1
+        i = bisect.bisect_right(vmas, cur, key=_vma_start) - 1
         while cur < end:
-            if i < 0 or i >= len(vmas) or not (vmas[i].start <= cur < vmas[i].end):
+            v = vmas[i] if 0 <= i < len(vmas) else None
+            v_start, v_end = (v.start, v.end) if v is not None else (0, 0)
+            if not v_start <= cur < v_end:
                 raise AddressFault(f"address {cur:#x} is not mapped (access {addr:#x}+{length:#x})")
-            v = vmas[i]
-            s0 = (cur - v.start) // ps
-            s1 = -(-(min(end, v.end) - v.start) // ps)
-            out.append((v, s0, s1))
-            cur = v.end
+            out.append((v, (cur - v_start) // ps, -(-(min(end, v_end) - v_start) // ps)))
+            cur = v_end
             i += 1
         return out
 

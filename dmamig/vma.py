@@ -103,6 +103,7 @@ class Vma:
                  pte_pfn: np.ndarray | None = None, pte_flags: np.ndarray | None = None,
                  prot: Prot = Prot.READ | Prot.WRITE, chain: tuple[MemObject, ...] | None = None):
         self.mm = mm
+        self._page_size = mm.machine.page_size  # for end, asked on every lookup
         self.start = start
         self.npages = npages
         self.obj = obj
@@ -128,7 +129,7 @@ class Vma:
     @property
     def end(self) -> int:
         """First address past the VMA."""
-        return self.start + self.npages * self.mm.machine.page_size
+        return self.start + self.npages * self._page_size
 
     @property
     def shared(self) -> bool:
