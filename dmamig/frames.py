@@ -139,23 +139,25 @@ class Frames:
             # The copy's number is drawn before it starts: a write that lands on a source while the copy runs
             # (through a pin, on a folio that is unmapped) is then newer than the copy, which is not trusted.
             seq = self.pages.next_write_seq()
-            self._copy_runs(src_heads, dst_heads, self.pages.nr_pages(src_heads))
+            self._copy_runs(src_heads, dst_heads, self.pages.order)
             self.pages.note_folios_written(dst_heads, seq)
 
     def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> None:
         """Copy base pages on the calling thread, ``src_pfns[i]`` to ``dst_pfns[i]``."""
         if src_pfns.size:
             seq = self.pages.next_write_seq()  # drawn before the copy, as in copy_folios
-            self._copy_runs(src_pfns, dst_pfns, np.ones(src_pfns.size, dtype=np.int64))
+            self._copy_runs(src_pfns, dst_pfns, None)
             self.pages.note_written(dst_pfns, seq)
 
-    def _copy_runs(self, src: np.ndarray, dst: np.ndarray, nr: np.ndarray) -> None:
-        """``nr[i]`` frames from ``src[i]`` to ``dst[i]``, one backend call per (source, destination) node pair."""
-        one = self.nodemap.locate_pair(src, dst)
+    def _copy_runs(self, src: np.ndarray, dst: np.ndarray, order: np.ndarray | None) -> None:
+        """The folio at each ``src[i]`` to ``dst[i]`` (its size from the page orders ``order``; None: one page
+        each), one backend call per (source, destination) node pair."""
+        one = self.nodemap.locate_pair(src, dst, order)
         if one is not None:  # one node pair: the common case
-            s0, sframe, d0, dframe = one
+            s0, sframe, d0, dframe, nr = one
             self._copy_pair(s0, sframe, d0, dframe, nr)
             return
+        nr = np.ones(src.size, dtype=np.int64) if order is None else self.pages.nr_pages(src)
         snid, sframe = self.nodemap.locate(src)
         dnid, dframe = self.nodemap.locate(dst)
         pair = snid * len(self._nodes) + dnid

@@ -22,6 +22,8 @@ MAX_ORDER = PAGEBLOCK_ORDER
 _BLOCK = 1 << PAGEBLOCK_ORDER
 #: Allocate and free with the compiled loops of ``page_loops`` (numba); the numpy methods are the reference.
 USE_COMPILED = True
+#: ``order`` of :meth:`NodeMap.locate_pair` for base pages (the dtype of the page orders: one compiled signature).
+_NO_ORDER = np.zeros(0, dtype=np.int8)
 
 
 class FrameAllocator:
@@ -256,17 +258,20 @@ class NodeMap:
         """Node id of each pfn."""
         return self.node_table[pfns].astype(np.int64)
 
-    def locate_pair(self, src: np.ndarray, dst: np.ndarray) -> tuple[int, np.ndarray, int, np.ndarray] | None:
-        """``(source node, source frames, destination node, destination frames)`` of a copy's int64 pfns when all
-        of ``src`` lie on one node and all of ``dst`` on one node (the common case); ``None`` otherwise (then
-        :meth:`locate` each side)."""
+    def locate_pair(self, src: np.ndarray, dst: np.ndarray,
+                    order: np.ndarray | None = None) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray] | None:
+        """``(source node, source frames, destination node, destination frames, run lengths)`` of a copy's int64
+        pfns when all of ``src`` lie on one node and all of ``dst`` on one node (the common case); ``None``
+        otherwise (then :meth:`locate` each side). The run of ``src[i]`` is the folio it heads, its size from the
+        page orders ``order``, or one page each without them."""
         if not page_loops.HAVE_NUMBA or src.dtype != np.int64 or dst.dtype != np.int64:
             return None
-        frames = np.empty((2, src.size), dtype=np.int64)
-        s, d = page_loops.one_node_pair(src, dst, self.node_table, self.bases, frames[0], frames[1])
+        out = np.empty((3, src.size), dtype=np.int64)
+        s, d = page_loops.one_node_pair(src, dst, self.node_table, self.bases, _NO_ORDER if order is None else order,
+                                        out)
         if s < 0:
             return None
-        return int(s), frames[0], int(d), frames[1]
+        return int(s), out[0], int(d), out[1], out[2]
 
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(node_ids, frame_indices)`` of each pfn."""

@@ -370,9 +370,10 @@ def _locate_entries(pfns, head, src, mark, entry):
         mark[src[k]] = -1
 
 
-def _one_node_pair(src, dst, node_table, bases, sframe, dframe):
-    """``(s, d)``: the node of every pfn of ``src`` and the node of every pfn of ``dst``, each pfn's frame within its
-    node written to ``sframe`` and ``dframe``; ``(-1, -1)`` when a side spans nodes (the frames are then partly
+def _one_node_pair(src, dst, node_table, bases, order, out):
+    """``(s, d)``: the node of every pfn of ``src`` and the node of every pfn of ``dst``; each pfn's frame within its
+    node goes to ``out[0]`` and ``out[1]``, and to ``out[2]`` the size of the folio it heads (``1 << order[pfn]``,
+    1 each where ``order`` is empty: base pages); ``(-1, -1)`` when a side spans nodes (``out`` is then partly
     written). NodeMap.locate for a copy's two sides, in one pass."""
     if src.size == 0:
         return -1, -1
@@ -380,11 +381,13 @@ def _one_node_pair(src, dst, node_table, bases, sframe, dframe):
     d = node_table[dst[0]]
     sb = bases[s]
     db = bases[d]
+    sized = order.size > 0
     for i in range(src.size):
         if node_table[src[i]] != s or node_table[dst[i]] != d:
             return -1, -1
-        sframe[i] = src[i] - sb
-        dframe[i] = dst[i] - db
+        out[0, i] = src[i] - sb
+        out[1, i] = dst[i] - db
+        out[2, i] = (1 << order[src[i]]) if sized else 1
     return s, d
 
 

@@ -186,9 +186,13 @@ def test_nodemap_locates_a_copys_one_node_pair_as_locate_does():
         nm = NodeMap(m.nodes)
         src = np.array([5, 0, 1023], dtype=np.int64)
         dst = np.array([1600, 2047, 1536], dtype=np.int64)
-        s, sframe, d, dframe = nm.locate_pair(src, dst)
+        s, sframe, d, dframe, nr = nm.locate_pair(src, dst)
         assert (s, d) == (0, 2)
         assert sframe.tolist() == nm.locate(src)[1].tolist() and dframe.tolist() == nm.locate(dst)[1].tolist()
+        assert nr.tolist() == [1, 1, 1]  # base pages without page orders
+        order = np.zeros(m.nodemap.nr_pfns, dtype=np.int8)
+        order[[5, 0, 1023]] = [2, 0, 9]
+        assert nm.locate_pair(src, dst, order)[4].tolist() == [4, 1, 512]  # each run the folio its source heads
         assert nm.locate_pair(np.array([5, 1024], dtype=np.int64), dst[:2]) is None  # sources on two nodes
         assert nm.locate_pair(src[:2], np.array([1600, 1024], dtype=np.int64)) is None  # destinations on two
         assert nm.locate_pair(src[:0], dst[:0]) is None
