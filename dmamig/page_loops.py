@@ -22,10 +22,11 @@ from .flags import (
     PteFlag,
 )
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios", "expand_folios",
-           "first_outside", "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
-           "move_head_state", "move_object_slots", "one_node_pair", "prep_new_folios", "remove_entries", "reset_pages",
-           "stamp_folios", "trylock_folios"]
+__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios",
+           "expand_folios", "first_outside", "free_folio_frames", "free_frames", "install_entries",
+           "locate_entries", "move_folio_state", "move_head_state", "move_object_slots", "one_node_pair",
+           "prep_new_folios", "remove_entries", "reset_pages", "same_values", "stamp_folios",
+           "trylock_folios"]
 
 try:
     from numba import njit
@@ -400,6 +401,14 @@ def _first_outside(values, hi):
     return -1
 
 
+def _same_values(a, b):
+    """Whether ``a`` and ``b`` (of one length) hold the same values in the same order."""
+    for i in range(a.size):
+        if a[i] != b[i]:
+            return False
+    return True
+
+
 def _any_bits(flags, lo, hi, bits):
     """Whether any of ``flags[lo:hi]`` has one of ``bits`` set (no temporary, stops at the first)."""
     for i in range(lo, hi):
@@ -498,6 +507,7 @@ if HAVE_NUMBA:
     one_node_pair = _jit(_one_node_pair)
     any_bits = _jit(_any_bits)
     first_outside = _jit(_first_outside)
+    same_values = _jit(_same_values)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -505,7 +515,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = one_node_pair = any_bits = first_outside = None
+    move_head_state = expand_folios = stamp_folios = one_node_pair = any_bits = first_outside = same_values = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

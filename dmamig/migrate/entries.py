@@ -244,10 +244,12 @@ class Entries:
         ``None`` when the pfns are the entries themselves, in order (base pages, each listed once: the usual
         case, since collection keeps first occurrences in order; but it isolates movable pages after the others).
         """
-        if self.all_base and pfns.size == self.src.size and (pfns == self.src).all():
-            return None
         pages, src = self.m.pages, self.src
-        if page_loops.HAVE_NUMBA:  # every page's entry, -1 for a page of no entry's folio (those are not pending)
+        compiled = page_loops.HAVE_NUMBA
+        if self.all_base and pfns.size == src.size \
+                and (page_loops.same_values(pfns, src) if compiled else bool((pfns == src).all())):
+            return None
+        if compiled:  # every page's entry, -1 for a page of no entry's folio (those are not pending)
             entry = np.empty(pfns.size, dtype=np.int64)
             page_loops.locate_entries(pfns, pages.head, src, pages.mark, entry)
             return entry, pfns
