@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Frames"]
 
+#: Positions of every pfn of a lookup (``frames_of`` where one node holds them all).
+_ALL = slice(None)
+
 
 class Frames:
     """A machine's frames by pfn (``Machine.frames``): allocating and freeing folios, dropping references, frame
@@ -105,9 +108,14 @@ class Frames:
                 raise RuntimeError(f"refcount underflow on pfns {dead[self.pages.refcount[dead] < 0][:8]}")
             self.free_folios(dead)
 
-    def frames_of(self, pfns: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Group pfns by node: ``[(node_id, positions, frame_indices), ...]``."""
-        nid, frame = self.nodemap.locate(np.asarray(pfns, dtype=np.int64))
+    def frames_of(self, pfns: np.ndarray) -> list[tuple[int, np.ndarray | slice, np.ndarray]]:
+        """Group pfns by node: ``[(node_id, positions, frame_indices), ...]``; ``positions`` index ``pfns`` (a
+        slice of them all when one node holds every pfn, the common case)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        one = self.nodemap.locate_one(pfns)
+        if one is not None:
+            return [(one[0], _ALL, one[1])]
+        nid, frame = self.nodemap.locate(pfns)
         out = []
         for n in distinct(nid):
             pos = np.flatnonzero(nid == n)

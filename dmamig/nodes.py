@@ -273,6 +273,15 @@ class NodeMap:
             return None
         return int(s), out[0], int(d), out[1], out[2]
 
+    def locate_one(self, pfns: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """``(node, frame_indices)`` of int64 ``pfns`` that all lie on one node (the common case); ``None``
+        otherwise (then :meth:`locate`)."""
+        if not page_loops.HAVE_NUMBA or pfns.dtype != np.int64:
+            return None
+        frames = np.empty(pfns.size, dtype=np.int64)
+        n = page_loops.one_node(pfns, self.node_table, self.bases, frames)
+        return None if n < 0 else (int(n), frames)
+
     def locate(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(node_ids, frame_indices)`` of each pfn."""
         nid = self.node_table[pfns]

@@ -24,7 +24,7 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios",
            "expand_folios", "first_outside", "free_folio_frames", "free_frames", "install_entries",
-           "locate_entries", "move_folio_state", "move_head_state", "move_object_slots", "one_node_pair",
+           "locate_entries", "move_folio_state", "move_head_state", "move_object_slots", "one_node", "one_node_pair",
            "prep_new_folios", "remove_entries", "reset_pages", "same_values", "stamp_folios",
            "trylock_folios"]
 
@@ -371,6 +371,20 @@ def _locate_entries(pfns, head, src, mark, entry):
         mark[src[k]] = -1
 
 
+def _one_node(pfns, node_table, bases, frames):
+    """The node of every pfn of ``pfns``, each pfn's frame within it written to ``frames``; -1 when they span
+    nodes (``frames`` is then partly written). NodeMap.locate for pfns on one node, in one pass."""
+    if pfns.size == 0:
+        return -1
+    n = node_table[pfns[0]]
+    base = bases[n]
+    for i in range(pfns.size):
+        if node_table[pfns[i]] != n:
+            return -1
+        frames[i] = pfns[i] - base
+    return n
+
+
 def _one_node_pair(src, dst, node_table, bases, order, out):
     """``(s, d)``: the node of every pfn of ``src`` and the node of every pfn of ``dst``; each pfn's frame within its
     node goes to ``out[0]`` and ``out[1]``, and to ``out[2]`` the size of the folio it heads (``1 << order[pfn]``,
@@ -504,6 +518,7 @@ if HAVE_NUMBA:
     free_folio_frames = _jit(_free_folio_frames)
     collect_folios = _jit(_collect_folios)
     locate_entries = _jit(_locate_entries)
+    one_node = _jit(_one_node)
     one_node_pair = _jit(_one_node_pair)
     any_bits = _jit(_any_bits)
     first_outside = _jit(_first_outside)
@@ -515,7 +530,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = one_node_pair = any_bits = first_outside = same_values = None
+    move_head_state = expand_folios = stamp_folios = one_node = one_node_pair = any_bits = first_outside = same_values = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None
