@@ -24,7 +24,7 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios",
            "expand_folios", "first_outside", "free_folio_frames", "free_frames", "install_entries",
-           "locate_entries", "move_folio_state", "move_head_state", "move_object_slots", "one_node", "one_node_pair",
+           "locate_entries", "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
            "prep_new_folios", "remove_entries", "reset_pages", "same_values", "stamp_folios",
            "trylock_folios"]
 
@@ -415,6 +415,18 @@ def _first_outside(values, hi):
     return -1
 
 
+def _on_nodes(pfns, node_table, mask, out):
+    """The pfns of ``pfns`` (negative ones are no page) whose node ``mask`` selects, in order, into ``out``;
+    returns how many."""
+    k = 0
+    for i in range(pfns.size):
+        p = pfns[i]
+        if p >= 0 and mask[node_table[p]]:
+            out[k] = p
+            k += 1
+    return k
+
+
 def _same_values(a, b):
     """Whether ``a`` and ``b`` (of one length) hold the same values in the same order."""
     for i in range(a.size):
@@ -518,6 +530,7 @@ if HAVE_NUMBA:
     free_folio_frames = _jit(_free_folio_frames)
     collect_folios = _jit(_collect_folios)
     locate_entries = _jit(_locate_entries)
+    on_nodes = _jit(_on_nodes)
     one_node = _jit(_one_node)
     one_node_pair = _jit(_one_node_pair)
     any_bits = _jit(_any_bits)
@@ -530,7 +543,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = one_node = one_node_pair = any_bits = first_outside = same_values = None
+    move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = first_outside = same_values = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

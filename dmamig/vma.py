@@ -45,6 +45,10 @@ _MAPPED = np.uint8(PteFlag.PRESENT | PteFlag.DEVICE_PRIVATE)
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 # Bits a migration entry keeps from the PTE it replaces (the kernel keeps young, dirty and write).
 _KEPT = np.uint8(MIGRATION_ENTRY_KEPT)
+# The rights that allow a load, and a store (x86: WRITE implies READ): set lookups, as flag arithmetic on an
+# enum costs more and every access asks.
+_READABLE = frozenset({Prot.READ, Prot.WRITE, Prot.READ | Prot.WRITE})
+_WRITABLE = frozenset({Prot.WRITE, Prot.READ | Prot.WRITE})
 
 
 class MemObject:
@@ -115,11 +119,11 @@ class Vma:
 
     @property
     def readable(self) -> bool:
-        return bool(self.prot & (Prot.READ | Prot.WRITE))
+        return self.prot in _READABLE
 
     @property
     def writable(self) -> bool:
-        return bool(self.prot & Prot.WRITE)
+        return self.prot in _WRITABLE
 
     def slice(self, s0: int, s1: int) -> Vma:
         """A new VMA for slots ``[s0, s1)`` of this one (same objects, rights and page-table entries)."""
