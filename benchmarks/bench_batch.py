@@ -111,6 +111,42 @@ def test_2m_folios_outside_the_copy(benchmark, bench_summary, mode: str, shape: 
                          f"{best / 1e3:.1f} us; target <= {FOLIO_TARGET_US[shape]:g} us")
 
 
+def test_a_numa_balancing_call_of_one_page(benchmark, bench_summary) -> None:
+    """What NUMA balancing pays per hint fault that migrates: ``migrate_misplaced_folio`` of one 4 KiB page
+    between two host tiers (ASYNC, the migrating CPU copies), per call, and outside its copy phase; beside the
+    same-run ``np.copyto`` of one page. Tiering replays make thousands of these calls."""
+    ps, pages = 4096, 64
+    with Machine(host_nodes=[(4 * PAGES, 1.0), (4 * PAGES, 3.0)], devices=0, backend="cpu") as m:
+        mm = m.address_space()
+        addr = mm.mmap(pages * ps)
+        data = np.random.default_rng(5).integers(0, 256, pages * ps, dtype=np.uint8)
+        mm.write(addr, data)
+        calls: list[int] = []
+        outside: list[int] = []
+
+        def rounds() -> None:
+            for i in range(30 * pages):  # an even number of sweeps: every round starts with all pages on node 0
+                pfn = mm.pfn_of(addr + (i % pages) * ps)
+                res = m.migrate_misplaced_folio(pfn, 1 if i // pages % 2 == 0 else 0)
+                assert res.ok and res.nr_succeeded == 1
+                calls.append(res.wall_ns)
+                outside.append(res.wall_ns - res.phase_ns["copy"])
+
+        rounds()  # warm-up (compiles, caches)
+        calls.clear()
+        outside.clear()
+        benchmark.pedantic(rounds, rounds=ROUNDS, iterations=1)
+        assert np.array_equal(mm.read(addr, pages * ps), data)
+        src, dst = m.nodes[0].frames[:1], m.nodes[1].frames[:1]
+        best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(200))
+    call_us, out_us = statistics.median(calls) / 1e3, statistics.median(outside) / 1e3
+    benchmark.extra_info.update(call_us=round(call_us, 2), outside_copy_us=round(out_us, 2),
+                                ceiling_copyto_4k_us=round(best / 1e3, 3))
+    bench_summary.append(f"NUMA balancing, migrate_misplaced_folio of one 4 KiB page between host tiers: {call_us:.1f} "
+                         f"us per call, {out_us:.1f} us outside its copy phase (medians); ceiling np.copyto of 4 KiB "
+                         f"{best / 1e3:.2f} us")
+
+
 def copyto_ceiling_ns(m: Machine) -> int:
     """The same-run ceiling: 2 MiB copied contiguously from node 0's frames to node 1's by ``np.copyto``, best of
     many (a noisy ceiling never flatters the ratio)."""
