@@ -89,12 +89,16 @@ def fault(mm: MmStruct, vma: Vma, s0: int, s1: int, node: int, write: bool) -> N
         if not write:
             return
     if not write:
+        if page_loops.HAVE_NUMBA and page_loops.first_at(vma.pte_pfn, s0, s1, NO_PFN) < 0:
+            return  # every slot maps something: a read faults nowhere (the usual access)
         empty = s0 + np.flatnonzero(pfns == NO_PFN)
         if empty.size:
             vma.pte_pfn[empty] = ZERO_PFN
             vma.pte_flags[empty] = _ZERO_PTE
             mm.machine.count_event("pgfault", empty.size)
         return
+    if page_loops.HAVE_NUMBA and page_loops.first_unwritable(vma.pte_pfn, vma.pte_flags, s0, s1, _WRITE) < 0:
+        return  # every slot maps a page it may write: a write faults nowhere (the usual access)
     absent = s0 + np.flatnonzero(pfns < 0)
     wp = s0 + np.flatnonzero((pfns >= 0) & ((vma.pte_flags[s0:s1] & _WRITE) == 0))
     if absent.size:
@@ -410,6 +414,8 @@ def write_pages(m: Machine, pfns: np.ndarray, off: int, buf: np.ndarray) -> None
 
 def read_pages(m: Machine, pfns: np.ndarray) -> np.ndarray:
     """Contents of ``pfns``, zero-page entries as zeros: ``(len(pfns), page_size)`` uint8."""
+    if page_loops.HAVE_NUMBA and page_loops.first_outside(pfns, m.pages.nr_pfns) < 0:
+        return m.frames.read_pfns(pfns)  # no zero-page entry: one pass says so
     real = pfns >= 0
     if real.all():
         return m.frames.read_pfns(pfns)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["AddressSpace"]
 
 _TOUCHED = np.uint8(PteFlag.YOUNG | PteFlag.DIRTY)
+_YOUNG = np.uint8(PteFlag.YOUNG)
 
 
 class AddressSpace:
@@ -282,7 +283,7 @@ class AddressSpace:
                 m.page_cache.mark_dirty(pfns)
 
     def _touch(self, addr: int, length: int, dirty: bool) -> None:
-        bits = _TOUCHED if dirty else np.uint8(PteFlag.YOUNG)
+        bits = _TOUCHED if dirty else _YOUNG
         for v, s0, s1 in self.mm_struct.segments(addr, length):
             v.pte_flags[s0:s1] |= bits
 

@@ -23,10 +23,10 @@ from .flags import (
 )
 
 __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios",
-           "expand_folios", "first_outside", "free_folio_frames", "free_frames", "install_entries",
-           "locate_entries", "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
-           "prep_new_folios", "remove_entries", "reset_pages", "same_values", "stamp_folios",
-           "trylock_folios"]
+           "expand_folios", "first_at", "first_outside", "first_unwritable", "free_folio_frames",
+           "free_frames", "install_entries", "locate_entries", "move_folio_state", "move_head_state",
+           "move_object_slots", "on_nodes", "one_node", "one_node_pair", "prep_new_folios", "remove_entries",
+           "reset_pages", "same_values", "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -415,6 +415,23 @@ def _first_outside(values, hi):
     return -1
 
 
+def _first_at(values, lo, hi, x):
+    """The first index in ``[lo, hi)`` where ``values`` holds ``x``, or -1."""
+    for i in range(lo, hi):
+        if values[i] == x:
+            return i
+    return -1
+
+
+def _first_unwritable(pte_pfn, pte_flags, lo, hi, write):
+    """The first slot in ``[lo, hi)`` that maps no page or lacks the ``write`` bit (a write faults there), or
+    -1."""
+    for i in range(lo, hi):
+        if pte_pfn[i] < 0 or (pte_flags[i] & write) == 0:
+            return i
+    return -1
+
+
 def _on_nodes(pfns, node_table, mask, out):
     """The pfns of ``pfns`` (negative ones are no page) whose node ``mask`` selects, in order, into ``out``;
     returns how many."""
@@ -534,7 +551,9 @@ if HAVE_NUMBA:
     one_node = _jit(_one_node)
     one_node_pair = _jit(_one_node_pair)
     any_bits = _jit(_any_bits)
+    first_at = _jit(_first_at)
     first_outside = _jit(_first_outside)
+    first_unwritable = _jit(_first_unwritable)
     same_values = _jit(_same_values)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
@@ -543,7 +562,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = first_outside = same_values = None
+    move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = first_at = first_outside = first_unwritable = same_values = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None
