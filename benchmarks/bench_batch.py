@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,10 +31,7 @@ def test_one_batch_copy_mode_outside_the_copy(benchmark, bench_summary) -> None:
     ps = 4096
     m = Machine(host_pages=4 * PAGES, device_pages=4 * PAGES, devices=1, backend="cpu", channels=2)
     try:
-        mm = m.address_space()
-        addr = mm.mmap(PAGES * ps)
-        data = np.random.default_rng(7).integers(0, 256, PAGES * ps, dtype=np.uint8)
-        mm.write(addr, data)
+        mm, addr, data = filled_mapping(m, PAGES * ps, seed=7)
         outside: list[int] = []
         copy: list[int] = []
         phases: dict[str, list[int]] = {}
@@ -82,10 +80,7 @@ def test_2m_folios_outside_the_copy(benchmark, bench_summary, mode: str, shape: 
     ps, pages = 4096, folios * PAGES
     m = Machine(host_pages=pages + PAGES, device_pages=pages + PAGES, devices=1, backend="cpu", channels=1)
     try:
-        mm = m.address_space()
-        addr = mm.mmap(pages * ps, order=9)
-        data = np.random.default_rng(9).integers(0, 256, pages * ps, dtype=np.uint8)
-        mm.write(addr, data)
+        mm, addr, data = filled_mapping(m, pages * ps, seed=9, order=9)
         engine = m.dma if mode == "no-copy" else None
         calls = 400 // folios
         outside: list[float] = []
@@ -117,10 +112,7 @@ def test_a_numa_balancing_call_of_one_page(benchmark, bench_summary) -> None:
     same-run ``np.copyto`` of one page. Tiering replays make thousands of these calls."""
     ps, pages = 4096, 64
     with Machine(host_nodes=[(4 * PAGES, 1.0), (4 * PAGES, 3.0)], devices=0, backend="cpu") as m:
-        mm = m.address_space()
-        addr = mm.mmap(pages * ps)
-        data = np.random.default_rng(5).integers(0, 256, pages * ps, dtype=np.uint8)
-        mm.write(addr, data)
+        mm, addr, data = filled_mapping(m, pages * ps, seed=5)
         calls: list[int] = []
         outside: list[int] = []
 
@@ -145,6 +137,16 @@ def test_a_numa_balancing_call_of_one_page(benchmark, bench_summary) -> None:
     bench_summary.append(f"NUMA balancing, migrate_misplaced_folio of one 4 KiB page between host tiers: {call_us:.1f} "
                          f"us per call, {out_us:.1f} us outside its copy phase (medians); ceiling np.copyto of 4 KiB "
                          f"{best / 1e3:.2f} us")
+
+
+def filled_mapping(m: Machine, nbytes: int, seed: int, order: int = 0) -> tuple[Any, int, np.ndarray]:
+    """A new address space of ``m`` with ``nbytes`` mapped (folios of ``order``) and written with random bytes:
+    ``(address space, address, the bytes)``, so a case can check every byte after it ran."""
+    mm = m.address_space()
+    addr = mm.mmap(nbytes, order=order)
+    data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    mm.write(addr, data)
+    return mm, addr, data
 
 
 def copyto_ceiling_ns(m: Machine) -> int:
