@@ -407,8 +407,8 @@ def _one_node_pair(src, dst, node_table, bases, order, out):
 
 
 def _first_outside(values, hi):
-    """The index of the first of ``values`` outside ``[0, hi)``, or -1 (an argument check of every entry point
-    that takes pfns: numpy's comparisons cost a few microseconds for a call's one pfn)."""
+    """The index of the first of ``values`` outside ``[0, hi)``, or -1 (the range check of every entry point that
+    takes pfns, in one pass without temporaries)."""
     for i in range(values.size):
         if values[i] < 0 or values[i] >= hi:
             return i
@@ -562,7 +562,8 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
-    move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = first_at = first_outside = first_unwritable = same_values = None
+    move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = None
+    first_at = first_outside = first_unwritable = same_values = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None
