@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import page_loops
 from .errors import AddressFault, InvalidArgument, MigrationStalled
 from .flags import PteFlag
 
@@ -183,6 +184,14 @@ class MmStruct:
         (caller holds the lock)."""
         ps = self.machine.page_size
         vmas = self._vmas
+        if vmas and addrs.size and page_loops.HAVE_NUMBA and addrs.dtype == np.int64:
+            # The usual lookup: every address in the VMA of the first, found in one compiled pass.
+            i = bisect.bisect_right(vmas, int(addrs[0]), key=_vma_start) - 1
+            if i >= 0:
+                v = vmas[i]
+                slots, pfns = np.empty((2, addrs.size), dtype=np.int64)
+                if page_loops.slots_within(addrs, v.start, v.end, ps, v.pte_pfn, slots, pfns):
+                    return pfns, [(v, np.arange(addrs.size), slots)]
         pfns = np.full(addrs.size, -1, dtype=np.int64)
         hits: list[tuple[Vma, np.ndarray, np.ndarray]] = []
         if not vmas:

@@ -26,7 +26,7 @@ __all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "col
            "expand_folios", "first_at", "first_outside", "first_unwritable", "free_folio_frames",
            "free_frames", "install_entries", "locate_entries", "move_folio_state", "move_head_state",
            "move_object_slots", "on_nodes", "one_node", "one_node_pair", "prep_new_folios", "remove_entries",
-           "reset_pages", "same_values", "stamp_folios", "trylock_folios"]
+           "reset_pages", "same_values", "slots_within", "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -444,6 +444,19 @@ def _on_nodes(pfns, node_table, mask, out):
     return k
 
 
+def _slots_within(addrs, start, end, page_size, pte_pfn, slots, pfns):
+    """Whether every address of ``addrs`` lies in ``[start, end)`` (one VMA's range); if so, each one's slot
+    and the pfn its PTE holds are in ``slots`` and ``pfns`` (partly written otherwise)."""
+    for i in range(addrs.size):
+        a = addrs[i]
+        if a < start or a >= end:
+            return False
+        s = (a - start) // page_size
+        slots[i] = s
+        pfns[i] = pte_pfn[s]
+    return True
+
+
 def _same_values(a, b):
     """Whether ``a`` and ``b`` (of one length) hold the same values in the same order."""
     for i in range(a.size):
@@ -555,6 +568,7 @@ if HAVE_NUMBA:
     first_outside = _jit(_first_outside)
     first_unwritable = _jit(_first_unwritable)
     same_values = _jit(_same_values)
+    slots_within = _jit(_slots_within)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -563,7 +577,7 @@ if HAVE_NUMBA:
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
     move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = None
-    first_at = first_outside = first_unwritable = same_values = None
+    first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None
