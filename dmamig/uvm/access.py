@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..arguments import as_bytes, check_node
+from ..array_ops import unique_ints
 from ..errors import AddressFault, InvalidArgument
 from ..flags import PteFlag
 from ..memory import check_access
@@ -339,7 +340,7 @@ class DeviceAccessor:
             if fault_idx.size:
                 entries = uniq[fault_idx]
                 done = self._svc.service_batch(np.repeat(entries, k) if k > 1 else entries,
-                                               self._blocks(uniq[np.unique(chunk)]), write)
+                                               self._blocks(uniq[unique_ints(chunk)]), write)
                 known[fault_idx] = True
                 pos = np.searchsorted(uniq, done) if not contiguous else (done - uniq[0]) // m.page_size
                 ok = (pos >= 0) & (pos < uniq.size)
@@ -379,7 +380,7 @@ class DeviceAccessor:
         """Access entries ``[lo, hi)`` in place once their pages are on the device (or cannot come, or are
         left remote by access-counter migration)."""
         m, st = self.mm.machine, self.stats
-        cu = np.unique(chunk)
+        cu = unique_ints(chunk)
         addrs = uniq[cu]
         stay = remote_ok[cu]
         for attempt in range(REFAULT_TRIES + 1):
@@ -419,7 +420,7 @@ class DeviceAccessor:
             self._svc.service_batch(missing, self._blocks(addrs), write)
 
     def _blocks(self, addrs: np.ndarray) -> np.ndarray:
-        return np.unique(addrs // self._svc.block_size)
+        return unique_ints(addrs // self._svc.block_size)
 
     def _settled(self, addrs: np.ndarray) -> tuple[np.ndarray, list]:
         """Pfns and per-VMA hits of ``addrs`` once none holds a migration entry (``changed`` held)."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..arguments import check_node
+from ..array_ops import unique_ints
 from ..errors import InvalidArgument
 from ..flags import ENOENT, MigrateMode
 from ..migrate.core import MigrationRequest, run_migration
@@ -64,7 +65,7 @@ class BlockTracker:
         # that the tracker never keeps a closed address space alive.
         for key in [k for k in use if k[0].mm_struct.closed]:
             del use[key]
-        for b in np.unique(blocks).tolist():
+        for b in unique_ints(blocks).tolist():
             key = (mm, b)
             old = use.get(key)
             use[key] = (t, t) if old is None else (old[0], t)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..array_ops import union_ints, unique_ints
 from ..errors import OutOfMemory
 from ..flags import MigrateMode, PteFlag
 from ..memory import fault_absent, wp_pages
@@ -70,13 +71,13 @@ class FaultService:
         """
         st, m = self.stats, self.mm.machine
         t0 = time.perf_counter_ns()
-        uniq = np.unique(entries)
+        uniq = unique_ints(entries)
         st.faults += int(entries.size)
         st.duplicates += int(entries.size - uniq.size)
         st.batches += 1
         st.pages_faulted += int(uniq.size)
         ps, bs, bp = m.page_size, self.block_size, self.block_pages
-        blocks = np.unique(uniq // bs)
+        blocks = unique_ints(uniq // bs)
         cand = (blocks[:, None] * bs + np.arange(bp, dtype=np.int64) * ps).reshape(-1)
         with m.changed:
             pfns, valid = self._lookup_valid(cand)
@@ -98,18 +99,18 @@ class FaultService:
         prefetched = int((want & ~faulted).sum())
         if addrs.size:
             need = self._frames_needed(pfns[want])
-            keep = blocks if protect is None else np.union1d(blocks, protect)
+            keep = blocks if protect is None else union_ints(blocks, protect)
             self._make_room(need, {(self.mm, int(b)) for b in keep.tolist()})
             self._bring_in(addrs, duplicate=not write and self.dups is not None)
             st.pages_prefetched += prefetched
         self.tracker.touch(self.mm, blocks)
         st.replays += 1
-        return np.union1d(addrs, uniq)
+        return union_ints(addrs, uniq)
 
     def prefetch_pages(self, addrs: np.ndarray) -> None:
         """Bring page ``addrs`` (sorted, of one 2 MiB block or a few) to the device without any fault."""
         m, mm = self.mm.machine, self.mm
-        blocks = np.unique(addrs // self.block_size)
+        blocks = unique_ints(addrs // self.block_size)
         with m.changed:
             pfns, valid = self._lookup_valid(addrs)
             on = pfns >= 0
@@ -134,7 +135,7 @@ class FaultService:
         """Device frames the pages ``pfns`` need: one per absent page, whole folios for present ones."""
         pages = self.mm.machine.pages
         present = pfns[pfns >= 0]
-        heads = np.unique(pages.head[present]) if present.size else present
+        heads = unique_ints(pages.head[present]) if present.size else present
         return int((pfns < 0).sum()) + int(pages.nr_pages(heads).sum() if heads.size else 0)
 
     # -- eviction ----------------------------------------------------------------------------------------------
