@@ -7,7 +7,8 @@ import pytest
 
 from dmamig import AddressFault, DeviceAccessor, InvalidArgument, Machine, PteFlag, UvmOptions
 from dmamig.flags import Prot
-from dmamig.uvm import density_prefetch
+from dmamig.page_loops import HAVE_NUMBA
+from dmamig.uvm import density_prefetch, prefetch
 
 PS = 4096
 BLOCK = 512  # 4 KiB pages per 2 MiB block
@@ -162,6 +163,40 @@ def test_density_prefetch_tree():
     assert out[0, :8].all() and not out[0, 8] and out[0, 9:].all()
     valid[0, 15] = False
     assert not density_prefetch(faulted, resident, valid, 51)[0, 15]
+
+
+def _density_by_page(faulted, resident, valid, threshold):
+    """The density policy as its docstring says it, page by page: each faulted page brings the largest aligned
+    subregion around it whose occupied pages are more than ``threshold`` percent of it."""
+    nb, bp = faulted.shape
+    occupied = (faulted | resident) & valid
+    out = faulted.copy()
+    for b in range(nb):
+        for p in np.flatnonzero(faulted[b]).tolist():
+            size = 2
+            while size <= bp:
+                lo = p - p % size
+                if occupied[b, lo:lo + size].sum() * 100 > threshold * size:
+                    out[b, lo:lo + size] = True
+                size *= 2
+    return out & valid & ~resident
+
+
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
+def test_density_prefetch_picks_what_the_policy_says_on_random_blocks(monkeypatch, path):
+    if path == "numpy":
+        monkeypatch.setattr(prefetch, "USE_COMPILED", False)
+    elif not HAVE_NUMBA:
+        pytest.skip("numba is not available: the numpy path is the only one")
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        nb, bp = int(rng.integers(1, 4)), 1 << int(rng.integers(1, 10))
+        faulted = rng.random((nb, bp)) < rng.random()
+        resident = (rng.random((nb, bp)) < rng.random()) & ~faulted
+        valid = rng.random((nb, bp)) < 0.95
+        threshold = int(rng.integers(1, 101))
+        got = density_prefetch(faulted, resident, valid, threshold)
+        assert np.array_equal(got, _density_by_page(faulted, resident, valid, threshold)), trial
 
 
 def test_two_devices_touch_one_range_in_turn(m):

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["density_prefetch"]
+try:
+    from numba import njit
+except Exception:  # pragma: no cover - numba is a dependency; the numpy path serves without it
+    njit = None
+
+__all__ = ["USE_COMPILED", "density_prefetch"]
+
+#: Decide with the compiled loop (numba) where it imports; the numpy path is its reference.
+USE_COMPILED = True
 
 
 def density_prefetch(faulted: np.ndarray, resident: np.ndarray, valid: np.ndarray, threshold: int) -> np.ndarray:
@@ -31,6 +39,16 @@ def density_prefetch(faulted: np.ndarray, resident: np.ndarray, valid: np.ndarra
         ``(nblocks, block_pages)`` bool: the faulted pages plus the prefetched ones, never a resident or
         invalid page.
     """
+    if USE_COMPILED and _density_compiled is not None:
+        out = np.empty(faulted.shape, dtype=bool)
+        _density_compiled(faulted, resident, valid, int(threshold), out)
+        return out
+    return _density_numpy(faulted, resident, valid, threshold)
+
+
+def _density_numpy(faulted: np.ndarray, resident: np.ndarray, valid: np.ndarray, threshold: int) -> np.ndarray:
+    """:func:`density_prefetch` in numpy, level by level for every block at once (the reference of the compiled
+    loop, and the path without numba)."""
     nb, bp = faulted.shape
     occupied = (faulted | resident) & valid
     out = faulted.copy()
@@ -45,3 +63,33 @@ def density_prefetch(faulted: np.ndarray, resident: np.ndarray, valid: np.ndarra
             out |= np.repeat(q, size, axis=1)
         size *= 2
     return out & valid & ~resident
+
+
+def _density(faulted, resident, valid, threshold, out):
+    """:func:`density_prefetch` block by block into ``out``: each level's subregion counts come from the two
+    halves of the level below, so a block costs one pass per level over a shrinking array."""
+    nb, bp = faulted.shape
+    occ = np.empty(bp, dtype=np.int64)
+    hit = np.empty(bp, dtype=np.bool_)
+    for b in range(nb):
+        for i in range(bp):
+            f = faulted[b, i]
+            occ[i] = 1 if (f or resident[b, i]) and valid[b, i] else 0
+            hit[i] = f
+            out[b, i] = f
+        n = bp
+        size = 1
+        while n > 1:
+            n //= 2
+            size *= 2
+            for j in range(n):
+                occ[j] = occ[2 * j] + occ[2 * j + 1]
+                hit[j] = hit[2 * j] or hit[2 * j + 1]
+                if hit[j] and occ[j] * 100 > threshold * size:
+                    for i in range(j * size, (j + 1) * size):
+                        out[b, i] = True
+        for i in range(bp):
+            out[b, i] = out[b, i] and valid[b, i] and not resident[b, i]
+
+
+_density_compiled = None if njit is None else njit(nogil=True, cache=True)(_density)
