@@ -386,22 +386,16 @@ def _one_node(pfns, node_table, bases, frames):
 
 
 def _one_node_pair(src, dst, node_table, bases, order, out):
-    """``(s, d)``: the node of every pfn of ``src`` and the node of every pfn of ``dst``; each pfn's frame within its
-    node goes to ``out[0]`` and ``out[1]``, and to ``out[2]`` the size of the folio it heads (``1 << order[pfn]``,
-    1 each where ``order`` is empty: base pages); ``(-1, -1)`` when a side spans nodes (``out`` is then partly
-    written). NodeMap.locate for a copy's two sides, in one pass."""
-    if src.size == 0:
+    """``(s, d)``: the node of every pfn of ``src`` and the node of every pfn of ``dst`` (:func:`_one_node` on each
+    side, their frames into ``out[0]`` and ``out[1]``), and to ``out[2]`` the size of the folio each pfn of ``src``
+    heads (``1 << order[pfn]``, 1 each where ``order`` is empty: base pages); ``(-1, -1)`` when a side spans nodes
+    (``out`` is then partly written). NodeMap.locate for a copy's two sides."""
+    s = _one_node(src, node_table, bases, out[0])
+    d = _one_node(dst, node_table, bases, out[1]) if s >= 0 else -1
+    if d < 0:
         return -1, -1
-    s = node_table[src[0]]
-    d = node_table[dst[0]]
-    sb = bases[s]
-    db = bases[d]
     sized = order.size > 0
     for i in range(src.size):
-        if node_table[src[i]] != s or node_table[dst[i]] != d:
-            return -1, -1
-        out[0, i] = src[i] - sb
-        out[1, i] = dst[i] - db
         out[2, i] = (1 << order[src[i]]) if sized else 1
     return s, d
 
@@ -561,7 +555,7 @@ if HAVE_NUMBA:
     collect_folios = _jit(_collect_folios)
     locate_entries = _jit(_locate_entries)
     on_nodes = _jit(_on_nodes)
-    one_node = _jit(_one_node)
+    one_node = _one_node = _jit(_one_node)  # under its own name too: one_node_pair calls it compiled
     one_node_pair = _jit(_one_node_pair)
     any_bits = _jit(_any_bits)
     first_at = _jit(_first_at)
