@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import InvalidArgument, MigrationStalled, OutOfMemory
 from .flags import MigrateReason, PageFlag
-from .memory import check_access, fault, fault_device_private, migrate_to_ram, write_pages
+from .memory import check_access, device_pfns, fault, fault_device_private, migrate_to_ram, write_pages
 from .migrate.device import migrate_device_coherent_folio
 from .mm_struct import segment_pfns
 
@@ -82,7 +82,7 @@ def pin_range(mm: MmStruct, addr: int, length: int, longterm: bool = True) -> No
                 for v, s0, s1 in segs:
                     fault(mm, v, s0, s1, 0, write=True)
             pfns = segment_pfns(segs)
-            remote = pfns[(pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]]
+            remote = device_pfns(m, pfns)
             if remote.size == 0 or not (longterm or m.device_private):
                 if m.device_private:
                     # No device-private entry is left: unshare what is shared, on the host. A shared mapping's
@@ -90,7 +90,7 @@ def pin_range(mm: MmStruct, addr: int, length: int, longterm: bool = True) -> No
                     for v, s0, s1 in segs:
                         fault(mm, v, s0, s1, 0, write=True)
                     pfns = segment_pfns(segs)
-                    if ((pfns >= 0) & m.device_node_mask[m.nodemap.node_of(np.maximum(pfns, 0))]).any():
+                    if device_pfns(m, pfns).size:
                         continue
                 break
             if pages.test(pages.head[remote], PageFlag.ISOLATED).any():

@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     from .mm_struct import MmStruct
     from .vma import Vma
 
-__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "do_device_private_fault",
-           "fault", "fault_absent", "fault_device_private", "migrate_to_ram", "read_pages", "wp_pages",
-           "write_pages"]
+__all__ = ["DEFAULT_MEMCG", "MIGRATE_TO_RAM_TRIES", "access_pfns", "check_access", "device_pfns",
+           "do_device_private_fault", "fault", "fault_absent", "fault_device_private", "migrate_to_ram",
+           "read_pages", "wp_pages", "write_pages"]
 
 #: memcg id given to pages faulted by address spaces (one cgroup for the emulated machine).
 DEFAULT_MEMCG = 1
@@ -275,7 +275,7 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
         for v, _s0, _s1 in segs:
             check_access(v, max(addr, v.start), write)
         if m.device_private:
-            remote = _device_pfns(m, segment_pfns(segs))
+            remote = device_pfns(m, segment_pfns(segs))
             if remote.size:
                 if attempt == MIGRATE_TO_RAM_TRIES:
                     _cannot_come_back(m, addr, remote)
@@ -284,7 +284,7 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
         for v, s0, s1 in segs:
             fault(mm, v, s0, s1, 0, write)
         pfns = segment_pfns(segs)
-        remote = _device_pfns(m, pfns)
+        remote = device_pfns(m, pfns)
         if remote.size == 0 or m.device_private:
             return pfns
         if attempt == MIGRATE_TO_RAM_TRIES:
@@ -293,7 +293,7 @@ def access_pfns(mm: MmStruct, addr: int, length: int, write: bool) -> np.ndarray
     return pfns
 
 
-def _device_pfns(m: Machine, pfns: np.ndarray) -> np.ndarray:
+def device_pfns(m: Machine, pfns: np.ndarray) -> np.ndarray:
     """The pfns of ``pfns`` that are device pages."""
     if page_loops.HAVE_NUMBA:  # every access asks: one pass, not five numpy steps
         out = np.empty(pfns.size, dtype=np.int64)
