@@ -607,3 +607,22 @@ def test_a_vma_finds_its_migration_entries_in_any_slice(m, mm, monkeypatch, comp
         assert got == [True, False, True, False, True, True, False]
     finally:
         v.pte_flags[40] &= np.uint8(~np.uint8(PteFlag.MIGRATION))
+
+
+def test_a_lookup_by_address_agrees_with_each_page_table_whether_one_vma_or_several_hold_its_addresses(m, mm):
+    ps = m.page_size
+    a = mm.mmap(8 * ps)
+    b = mm.mmap(4 * ps)
+    mm.write(a, rand(8 * ps, 1))
+    mm.write(b, rand(4 * ps, 2))
+    mms = mm.mm_struct
+    for addrs in ([a + 5 * ps, a, a + 7 * ps], [b + 3 * ps, a + ps, b], [a + 2 * ps], [b + 100 * ps, a]):
+        arr = np.array(addrs, dtype=np.int64)
+        pfns, hits = mms.lookup(arr)
+        want = [mm.pfn_of(x) if (a <= x < a + 8 * ps or b <= x < b + 4 * ps) else -1 for x in addrs]
+        assert pfns.tolist() == want
+        covered = np.zeros(arr.size, dtype=bool)
+        for v, pos, slots in hits:
+            assert (v.pte_pfn[slots] == pfns[pos]).all() and (arr[pos] == v.start + slots * ps).all()
+            covered[pos] = True
+        assert covered.tolist() == [w != -1 for w in want]

@@ -199,6 +199,19 @@ def test_nodemap_locates_a_copys_one_node_pair_as_locate_does():
         assert nm.locate_pair(src.astype(np.int32), dst) is None  # another dtype: locate's business
 
 
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: locate_one always defers to locate")
+def test_nodemap_locates_pfns_of_one_node_as_locate_does():
+    with Machine(host_pages=1024, device_pages=512, devices=2, backend="cpu") as m:
+        nm = NodeMap(m.nodes)
+        pfns = np.array([1600, 2047, 1536], dtype=np.int64)
+        n, frames = nm.locate_one(pfns)
+        nid, want = nm.locate(pfns)
+        assert n == 2 and (nid == 2).all() and frames.tolist() == want.tolist()
+        assert nm.locate_one(np.array([5, 1024], dtype=np.int64)) is None  # two nodes: locate's business
+        assert nm.locate_one(pfns[:0]) is None
+        assert nm.locate_one(pfns.astype(np.int32)) is None
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 def test_copy_runs_outside_their_buffers_are_refused_with_the_first_reason(monkeypatch, compiled):
     if not compiled:
