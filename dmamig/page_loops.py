@@ -22,11 +22,12 @@ from .flags import (
     PteFlag,
 )
 
-__all__ = ["HAVE_NUMBA", "alloc_frames0", "alloc_frames_order", "any_bits", "collect_folios", "done_folios",
-           "expand_folios", "first_at", "first_outside", "first_unwritable", "free_folio_frames",
-           "free_frames", "install_entries", "locate_entries", "move_folio_state", "move_head_state",
-           "move_object_slots", "on_nodes", "one_node", "one_node_pair", "prep_new_folios", "remove_entries",
-           "reset_pages", "same_values", "slots_within", "stamp_folios", "trylock_folios"]
+__all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
+           "collect_folios", "done_folios", "expand_folios", "first_at", "first_outside", "first_unwritable",
+           "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
+           "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields",
+           "prep_new_folios", "remove_entries", "reset_pages", "same_values", "slots_within", "stamp_folios",
+           "trylock_folios"]
 
 try:
     from numba import njit
@@ -53,6 +54,42 @@ _WRITEBACK = np.uint32(PageFlag.WRITEBACK)
 _MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
 # Pages from which a folio's contiguous pages are filled per array rather than page by page.
 _FILL_MIN = 16
+
+#: PageArray's per-pfn fields, in their order in its one state buffer: ``(name, dtype, free-state value)``, the
+#: widest first so that each field's part is aligned for its dtype; ``head`` starts as each pfn itself (None).
+#: A compiled call takes the buffer as one argument and finds the fields with :func:`page_fields` (each array
+#: argument costs the call its own unboxing, and a batch's calls take a dozen of them).
+PAGE_FIELDS = (("mapping", np.int64, -1), ("index", np.int64, 0), ("private", np.int64, 0),
+               ("head", np.int64, None), ("write_seq", np.int64, 0), ("mark", np.int64, -1),
+               ("flags", np.uint32, 0), ("refcount", np.int32, 0), ("mapcount", np.int32, 0),
+               ("last_cpupid", np.int32, -1), ("memcg", np.int32, 0), ("order", np.int8, 0))
+#: Bytes of the state buffer per pfn.
+PAGE_BYTES = sum(np.dtype(dtype).itemsize for _name, dtype, _free in PAGE_FIELDS)
+
+
+def _page_fields(state):
+    """The field arrays of a PageArray state buffer (bytes), in :data:`PAGE_FIELDS` order: views, no copies.
+
+    Written out field by field, not looped over :data:`PAGE_FIELDS`, so that a compiled caller gets each as a
+    typed array; a test checks the two agree.
+    """
+    n = state.size // PAGE_BYTES
+    a, b = 8 * n, 4 * n
+    mapping = state[0:a].view(np.int64)
+    index = state[a:2 * a].view(np.int64)
+    private = state[2 * a:3 * a].view(np.int64)
+    head = state[3 * a:4 * a].view(np.int64)
+    write_seq = state[4 * a:5 * a].view(np.int64)
+    mark = state[5 * a:6 * a].view(np.int64)
+    o = 6 * a
+    flags = state[o:o + b].view(np.uint32)
+    refcount = state[o + b:o + 2 * b].view(np.int32)
+    mapcount = state[o + 2 * b:o + 3 * b].view(np.int32)
+    last_cpupid = state[o + 3 * b:o + 4 * b].view(np.int32)
+    memcg = state[o + 4 * b:o + 5 * b].view(np.int32)
+    order = state[o + 5 * b:o + 5 * b + n].view(np.int8)
+    return (mapping, index, private, head, write_seq, mark, flags, refcount, mapcount, last_cpupid, memcg,
+            order)
 
 
 # The two PTE kernels below repeat the same slot lookup (the rmap walk of one page) inline: a shared helper,
@@ -541,6 +578,7 @@ def _stamp_folios(heads, page_order, write_seq, seq):
 
 if HAVE_NUMBA:
     _jit = njit(nogil=True, cache=True)
+    page_fields = njit(nogil=True, cache=True, inline="always")(_page_fields)
     move_head_state = njit(nogil=True, cache=True, inline="always")(_move_head_state)
     expand_folios = _jit(_expand_folios)
     stamp_folios = _jit(_stamp_folios)
@@ -570,6 +608,7 @@ if HAVE_NUMBA:
     reset_pages = _jit(_reset_pages)
     prep_new_folios = _jit(_prep_new_folios)
 else:  # pragma: no cover
+    page_fields = _page_fields  # the views serve the numpy path as well
     move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = None
     first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None

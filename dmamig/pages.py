@@ -26,24 +26,39 @@ class PageArray:
     def __init__(self, nr_pfns: int):
         n = int(nr_pfns)
         self.nr_pfns = n
-        self.flags = np.zeros(n, dtype=np.uint32)
-        self.refcount = np.zeros(n, dtype=np.int32)
-        self.mapcount = np.zeros(n, dtype=np.int32)
-        self.mapping = np.full(n, NO_MAPPING, dtype=np.int64)
-        self.index = np.zeros(n, dtype=np.int64)
-        self.private = np.zeros(n, dtype=np.int64)
-        self.last_cpupid = np.full(n, -1, dtype=np.int32)
-        self.memcg = np.zeros(n, dtype=np.int32)
-        self.order = np.zeros(n, dtype=np.int8)
-        self.head = np.arange(n, dtype=np.int64)
-        # When each frame's content last changed, as a machine-wide sequence number. A NO_COPY migration
-        # trusts a caller's copy only if the destination was written after the source last changed: a write to
-        # the source after the caller's copy makes the copy stale, and the core copies again.
-        self.write_seq = np.zeros(n, dtype=np.int64)
+        # Every field lives in one buffer (see page_loops.PAGE_FIELDS), so that a compiled call takes the
+        # state of every page as one argument: ``state``. The attributes are its typed views.
+        self.state = np.empty(n * page_loops.PAGE_BYTES, dtype=np.uint8)
+        offset = 0
+        for name, dtype, free in page_loops.PAGE_FIELDS:
+            size = n * np.dtype(dtype).itemsize
+            field = self.state[offset:offset + size].view(dtype)
+            offset += size
+            if free is None:
+                field[:] = np.arange(n)
+            else:
+                field.fill(free)
+            setattr(self, name, field)
+        # The fields, typed for readers (mypy) and named once more here; page_loops.page_fields gives the same
+        # views to compiled code.
+        self.flags: np.ndarray
+        self.refcount: np.ndarray
+        self.mapcount: np.ndarray
+        self.mapping: np.ndarray
+        self.index: np.ndarray
+        self.private: np.ndarray
+        self.last_cpupid: np.ndarray
+        self.memcg: np.ndarray
+        self.order: np.ndarray
+        self.head: np.ndarray
+        # write_seq: when each frame's content last changed, as a machine-wide sequence number. A NO_COPY
+        # migration trusts a caller's copy only if the destination was written after the source last changed:
+        # a write to the source after the caller's copy makes the copy stale, and the core copies again.
+        self.write_seq: np.ndarray
+        # mark: scratch for one pass over a batch under the lock (pfn -> batch entry); always all -1 between uses.
+        self.mark: np.ndarray
         # next() on a count is atomic under the GIL: writers on different threads never share a number.
         self._seq = itertools.count(1)
-        # Scratch for one pass over a batch under the lock (pfn -> batch entry); always all -1 between uses.
-        self.mark = np.full(n, -1, dtype=np.int64)
 
     # -- flag helpers, vectorized over an index array ------------------------------------------------------
     def test(self, pfns: np.ndarray | int, flag: PageFlag) -> np.ndarray:

@@ -173,3 +173,67 @@ def test_a_batch_submits_every_page_of_the_folios_its_unmap_pass_unmapped_and_no
         assert np.array_equal(mm.read(addr, size), data)
     finally:
         m.close()
+
+
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not installed")
+def test_compiled_page_fields_are_the_page_arrays_own_memory() -> None:
+    # A compiled call finds every field in PageArray.state: the same bytes the named arrays are, both ways.
+    from dmamig.pages import PageArray
+
+    pages = PageArray(37)
+    views = page_loops.page_fields(pages.state)
+    assert [name for name, _dtype, _free in page_loops.PAGE_FIELDS] == \
+        ["mapping", "index", "private", "head", "write_seq", "mark", "flags", "refcount", "mapcount",
+         "last_cpupid", "memcg", "order"]
+    assert pages.state.size == 37 * page_loops.PAGE_BYTES
+    for k, ((name, dtype, free), view) in enumerate(zip(page_loops.PAGE_FIELDS, views)):
+        field = getattr(pages, name)
+        assert view.dtype == field.dtype == dtype and view.shape == field.shape == (37,)
+        assert field.ctypes.data == view.ctypes.data, name
+        expect = np.arange(37) if free is None else np.full(37, free)
+        np.testing.assert_array_equal(view, expect)
+        field[5] = 17 + k  # a write through the named array shows in the buffer's view
+        assert view[5] == 17 + k
+    # The fields tile the buffer: none overlaps the next.
+    ends = [(v.ctypes.data, v.ctypes.data + v.nbytes) for v in views]
+    assert ends[0][0] == pages.state.ctypes.data and ends[-1][1] == pages.state.ctypes.data + pages.state.nbytes
+    assert all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+
+
+def test_entry_blocks_hold_the_named_rows_also_after_a_split_grows_them() -> None:
+    m = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu")
+    try:
+        mm = m.address_space()
+        addr = mm.mmap(2 * 512 * m.page_size, order=9)
+        mm.write(addr, np.ones(2 * 512 * m.page_size, dtype=np.uint8))
+        heads = np.unique(m.pages.head[mm.pfns_of(addr, 2 * 512 * m.page_size)])
+        from dmamig.migrate.entries import Entries
+
+        e = Entries(m, heads)
+        rows = {"order": batch_loops.ROW_ORDER, "nr": batch_loops.ROW_NR, "expected": batch_loops.ROW_EXPECTED,
+                "dst": batch_loops.ROW_DST, "batch_of": batch_loops.ROW_BATCH_OF,
+                "split_first": batch_loops.ROW_SPLIT_FIRST}
+        flags = {"given": batch_loops.ROW_GIVEN, "fresh": batch_loops.ROW_FRESH,
+                 "unmapped": batch_loops.ROW_UNMAPPED, "counted": batch_loops.ROW_COUNTED}
+
+        def check() -> None:
+            for name, row in rows.items():
+                assert getattr(e, name).ctypes.data == e.ints[row].ctypes.data, name
+            for name, row in flags.items():
+                assert getattr(e, name).ctypes.data == e.bools[row].ctypes.data, name
+            assert e.ints.flags.c_contiguous and e.bools.flags.c_contiguous
+
+        check()
+        e.fresh[1] = True
+        e.dst[0] = 99
+        m.pages.refcount[heads[0]] += 1  # the isolation reference, which split_folio expects
+        assert e.split(0)
+        check()
+        assert e.size == 2 + 512
+        # The new pieces: base pages, no destination, not yet tried; the old entries kept their values.
+        np.testing.assert_array_equal(e.nr[2:], 1)
+        np.testing.assert_array_equal(e.dst[2:], -1)
+        assert e.dst[0] == 99 and e.fresh[1] and not e.fresh[2:].any()
+        assert (e.split_first[2:] == -1).all() and e.split_first[0] == 2
+    finally:
+        m.close()

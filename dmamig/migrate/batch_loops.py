@@ -17,17 +17,33 @@ from __future__ import annotations
 import numpy as np
 
 from .. import page_loops
-from ..flags import MIGRATION_ENTRY_KEPT, PteFlag
+from ..flags import MIGRATION_ENTRY_KEPT, PageFlag, PteFlag
+from ..nodes import PAGEBLOCK_ORDER
 
-__all__ = ["HAVE_NUMBA", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "init_entries",
-           "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma"]
+__all__ = ["HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH", "ROW_GIVEN",
+           "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED", "USE_BATCH_LOOPS", "alloc_one_order",
+           "cut_batches", "fill_status", "init_entries", "move_one_vma", "stale_base_pfns", "to_copy",
+           "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the
 #: reference, and the only path for folios mapped through several VMAs.
 USE_BATCH_LOOPS = True
 
+# Rows of a call's entry blocks (Entries.ints and Entries.bools), which a compiled call takes whole.
+ROW_ORDER, ROW_NR, ROW_EXPECTED, ROW_DST, ROW_BATCH_OF, ROW_SPLIT_FIRST = range(6)
+ROW_GIVEN, ROW_FRESH, ROW_UNMAPPED, ROW_COUNTED = range(4)
+
 _PRESENT = int(PteFlag.PRESENT)
+# Page flags the loops set or test: constants of the compiled code, not arguments (each argument costs a call).
+_LOCKED = np.uint32(PageFlag.LOCKED)
+_WRITEBACK = np.uint32(PageFlag.WRITEBACK)
+_HEAD = np.uint32(PageFlag.HEAD)
+_LRU = np.uint32(PageFlag.LRU)
+# migrate_folio_done: the new folio leaves isolation and its lock.
+_PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
+# Order of a PMD-mapped THP (entries.HPAGE_PMD_ORDER): only such folios count in thp_migration_*.
+_PMD_ORDER = PAGEBLOCK_ORDER
 _MIGRATION = int(PteFlag.MIGRATION)
 _KEPT = int(MIGRATION_ENTRY_KEPT)
 
@@ -40,26 +56,34 @@ def _copy_current(s, d, n, write_seq):
     return True
 
 
-def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, write_seq, locked, writeback, flags,
-                   refcount, mapcount, mapping, index, page_order, head, oid, pgoff, npages, pte_pfn, pte_flags, free,
-                   block_free, block, node_base, order, head_flag, rc, out_src, out_dst):
-    """The ASYNC unmap pass over entries ``pos``: with ``order`` >= 0 first ``get_new_folio`` for the entries
+def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, npages, pte_pfn, pte_flags, free,
+                   block_free, block, node_base, order, rc, listed):
+    """The ASYNC unmap pass over entries ``pos`` (the call's entries as ``src``, ``status`` and the ``ints`` and
+    ``bools`` blocks; every page's state as PageArray's ``state`` buffer): with ``order`` >= 0 first
+    ``get_new_folio`` for the entries
     without a destination, as :func:`alloc_one_order` from the target node's allocator arrays (its pfns from
     ``node_base``); then lock each folio (busy: rc 1; writeback: rc -EBUSY, lock given back), install migration
     entries for the locked ones, mark them unmapped and check their caller destinations (fresh when written
     after the source last changed). Every entry of ``pos`` gets status ``pending`` first.
 
-    Where ``out_src`` is not empty (it and ``out_dst`` hold every base page of ``pos``), the base pfns of the
-    unmapped folios without a current copy go there, source and destination, folio by folio: the DMA
-    submission's pages, as :func:`stale_base_pfns` lists them.
+    Where ``listed`` is not empty (its two rows hold every base page of ``pos``), the base pfns of the unmapped
+    folios without a current copy go there, source and destination, folio by folio: the DMA submission's pages,
+    as :func:`stale_base_pfns` lists them.
 
     Returns ``(how many did not lock, frames taken, pages listed)``; ``(0, -1, 0)`` when the node could not serve
     every destination, and then nothing was done (the general allocation, which has rules for running short,
     goes first and this runs again with ``order`` -1).
     """
+    nr = ints[ROW_NR]
+    dst = ints[ROW_DST]
+    given = bools[ROW_GIVEN]
+    fresh = bools[ROW_FRESH]
+    unmapped = bools[ROW_UNMAPPED]
+    mapping, index, _private, head, write_seq, _mark, flags, refcount, mapcount, _cpupid, _memcg, page_order = \
+        page_fields(state)
     taken = 0
     if order >= 0:
-        taken = alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount,
+        taken = alloc_one_order(pos, dst, free, block_free, block, node_base, order, _HEAD, flags, refcount,
                                 page_order, head)
         if taken < 0:
             return 0, -1, 0
@@ -68,7 +92,7 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
     heads = np.empty(pos.size, dtype=np.int64)
     for i in range(pos.size):
         heads[i] = src[pos[i]]
-    bad = trylock_folios(heads, flags, locked, writeback, rc)
+    bad = trylock_folios(heads, flags, _LOCKED, _WRITEBACK, rc)
     total = 0
     for i in range(pos.size):
         if rc[i] == 0:
@@ -85,8 +109,8 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
             k += 1
         if given[p]:
             fresh[p] = _copy_current(heads[i], dst[p], nr[p], write_seq)
-    listed = 0
-    if out_src.size:
+    nlisted = 0
+    if listed.shape[1]:
         done = pos
         if bad:
             done = np.empty(pos.size - bad, dtype=np.int64)
@@ -95,10 +119,10 @@ def _unmap_one_vma(pos, status, pending, src, nr, given, dst, unmapped, fresh, w
                 if rc[i] == 0:
                     done[k] = pos[i]
                     k += 1
-        listed = stale_base_pfns(done, src, dst, nr, fresh, out_src, out_dst)
+        nlisted = stale_base_pfns(done, src, dst, nr, fresh, listed[0], listed[1])
     install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
                     pte_flags)
-    return bad, taken, listed
+    return bad, taken, nlisted
 
 
 def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_flag, flags, refcount, page_order,
@@ -140,7 +164,7 @@ def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_f
 def _init_entries(heads, page_order, mapping, flags, swapcache, node_table, untried, ints, status):
     """A migrate call's entries set up in one pass (``Entries``, whose numpy path is the reference): per folio
     of ``heads`` its order and size, one expected reference, no destination, batch 0, no split piece (the rows of
-    ``ints``: ORDER, NR, EXPECTED, DST, BATCH_OF, SPLIT_FIRST) and status ``untried``. Returns (largest order,
+    ``ints``: the ``ROW_*`` constants) and status ``untried``. Returns (largest order,
     whether every folio has it, the one node of all heads or -1, lowest and highest ``mapping``, whether any folio
     is in the swap cache) so the caller can take the one-object, one-node, one-order paths."""
     top = 0
@@ -152,12 +176,12 @@ def _init_entries(heads, page_order, mapping, flags, swapcache, node_table, untr
     for i in range(heads.size):
         h = heads[i]
         o = page_order[h]
-        ints[0, i] = o
-        ints[1, i] = 1 << o
-        ints[2, i] = 1
-        ints[3, i] = -1
-        ints[4, i] = 0
-        ints[5, i] = -1
+        ints[ROW_ORDER, i] = o
+        ints[ROW_NR, i] = 1 << o
+        ints[ROW_EXPECTED, i] = 1
+        ints[ROW_DST, i] = -1
+        ints[ROW_BATCH_OF, i] = 0
+        ints[ROW_SPLIT_FIRST, i] = -1
         status[i] = untried
         top = max(top, o)
         low = min(low, o)
@@ -279,21 +303,29 @@ def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgo
     refcount[n] += refs
 
 
-def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, unmapped, pmd_order,
-                  putback_clear, lru, flags, refcount, mapcount, mapping, index, private, last_cpupid, memcg,
-                  page_order, head, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed, counts, free,
-                  block_free, block, node_base):
-    """Freeze-check, move and finish the folios of entries ``pos``; rc 0 moved, 1 busy (retry). Moved entries
-    get status 0 and leave the unmapped set.
+def _move_one_vma(pos, status, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed,
+                  free, block_free, block, node_base):
+    """Freeze-check, move and finish the folios of entries ``pos`` (the call's entries and every page's state
+    as :func:`unmap_one_vma` takes them); rc 0 moved, 1 busy (retry). Moved entries get status 0 and leave the
+    unmapped set.
 
     Busy is an extra reference, or a copy made before this pass that a write has since made stale (its
     ``fresh`` mark is dropped here, so the next pass copies again): see ``_Migration._drop_stale_copies`` in core.py.
-    ``counts`` receives (base pages moved, PMD-sized folios, large folios, pages whose destination was already
-    a copy). The old folios' frames, reset, go to ``freed[:n]``; where ``node_base`` >= 0 (every old folio is on
-    the node whose allocator arrays ``free``, ``block_free`` are given, its pfns from ``node_base``) they also go
-    back to that allocator. Returns ``(n, new folios that lost their last reference, busy entries, the index in
-    freed of a frame already free or -1)``; a double free gives nothing back (the allocator's invariant).
+    The old folios' frames, reset, go to ``freed[:n]``, ``n`` the base pages moved; where ``node_base`` >= 0
+    (every old folio is on the node whose allocator arrays ``free``, ``block_free`` are given, its pfns from
+    ``node_base``) they also go back to that allocator. Returns ``(n, PMD-sized folios moved, large folios moved,
+    pages moved whose destination was already a copy, new folios that lost their last reference, busy entries,
+    the index in freed of a frame already free or -1)``; a double free gives nothing back (the allocator's
+    invariant).
     """
+    order = ints[ROW_ORDER]
+    nr = ints[ROW_NR]
+    expected = ints[ROW_EXPECTED]
+    dst = ints[ROW_DST]
+    fresh = bools[ROW_FRESH]
+    unmapped = bools[ROW_UNMAPPED]
+    mapping, index, private, head, write_seq, _mark, flags, refcount, mapcount, last_cpupid, memcg, page_order = \
+        page_fields(state)
     moved = 0
     total = 0
     for i in range(pos.size):
@@ -308,10 +340,9 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
             total += nr[p]
         else:
             rc[i] = 1
-    for c in range(4):
-        counts[c] = 0
+    thp = large = no_copy = 0
     if moved == 0:
-        return 0, 0, pos.size, -1
+        return 0, thp, large, no_copy, 0, pos.size, -1
     o = np.empty(moved, dtype=np.int64)
     n = np.empty(moved, dtype=np.int64)
     k = np.empty(moved, dtype=np.int64)
@@ -326,18 +357,17 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
         j += 1
         status[p] = 0
         unmapped[p] = False
-        counts[0] += nr[p]
-        if order[p] == pmd_order:
-            counts[1] += 1
+        if order[p] == _PMD_ORDER:
+            thp += 1
         if nr[p] > 1:
-            counts[2] += 1
+            large += 1
         if fresh[p]:
-            counts[3] += nr[p]
+            no_copy += nr[p]
     for i in range(moved):
         move_head_state(o[i], n[i], flags, refcount, private, last_cpupid, memcg)
         _move_pages(o[i], n[i], k[i], mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, npages, pte_pfn,
                     pte_flags)
-    dead = done_folios(o, n, k, putback_clear, lru, flags, refcount, mapcount, mapping, index, private,
+    dead = done_folios(o, n, k, _PUTBACK_CLEAR, _LRU, flags, refcount, mapcount, mapping, index, private,
                        last_cpupid, memcg, page_order, head, freed)
     bad = -1
     if node_base >= 0:
@@ -348,7 +378,7 @@ def _move_one_vma(pos, src, dst, nr, expected, order, fresh, write_seq, status, 
             bad = free_frames(free, block_free, block, frames)
         else:
             bad = free_folio_frames(free, block_free, block, o, k, node_base)
-    return total, dead, pos.size - moved, bad
+    return total, thp, large, no_copy, dead, pos.size - moved, bad
 
 
 if HAVE_NUMBA:
@@ -362,6 +392,7 @@ if HAVE_NUMBA:
         free_frames,
         install_entries,
         move_head_state,
+        page_fields,
         prep_new_folios,
         trylock_folios,
     )

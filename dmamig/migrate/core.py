@@ -84,7 +84,6 @@ _NONE.flags.writeable = False
 _NO_LIST = np.empty((2, 0), dtype=np.int64)  # no submission to list: a copy migration
 _LOCKED_U32 = np.uint32(PageFlag.LOCKED)
 _WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
-_HEAD_U32 = np.uint32(PageFlag.HEAD)
 _PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
 _LRU = np.uint32(PageFlag.LRU)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
@@ -474,10 +473,8 @@ class _Migration:
                               dtype=np.int64)
         while True:
             bad, taken, n = batch_loops.unmap_one_vma(
-                todo, e.status, PENDING, e.src, e.nr, e.given, e.dst, e.unmapped, e.fresh, pages.write_seq,
-                _LOCKED_U32, _WRITEBACK_U32, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
-                pages.index, pages.order, pages.head, e.oid, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
-                free, block_free, alloc.block, nd.base_pfn, order, _HEAD_U32, rc, listed[0], listed[1])
+                todo, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid, vma.pgoff, vma.npages,
+                vma.pte_pfn, vma.pte_flags, free, block_free, alloc.block, nd.base_pfn, order, rc, listed)
             if taken >= 0:
                 break
             # The node could not serve every destination (nothing was taken): the general allocation, which
@@ -747,8 +744,7 @@ class _Migration:
         frames back to their node; return the busy ones."""
         m, e, pages = self.m, self.e, self.m.pages
         total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
-        freed = np.empty(total + 4, dtype=np.int64)
-        counts = freed[total:]
+        freed = np.empty(total, dtype=np.int64)
         rc = np.empty(moving.size, dtype=np.int32)
         if e.src_node >= 0:
             nd = m.nodes[e.src_node]
@@ -756,12 +752,10 @@ class _Migration:
             free, block_free = alloc.arrays()
         else:
             alloc, base, (free, block_free) = None, -1, _NO_ALLOCATOR
-        nfreed, dead, nbusy, bad = batch_loops.move_one_vma(
-            moving, e.src, e.dst, e.nr, e.expected, e.order, e.fresh, pages.write_seq, e.status, e.unmapped,
-            HPAGE_PMD_ORDER, _PUTBACK_CLEAR, _LRU, pages.flags, pages.refcount, pages.mapcount, pages.mapping,
-            pages.index, pages.private, pages.last_cpupid, pages.memcg, pages.order, pages.head, e.oid,
-            self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, counts, free,
-            block_free, 1 if alloc is None else alloc.block, base)
+        nfreed, thp, large, no_copy, dead, nbusy, bad = batch_loops.move_one_vma(
+            moving, e.status, e.src, e.ints, e.bools, pages.state, e.oid, self.one_object.pfns, vma.pgoff,
+            vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, free, block_free, 1 if alloc is None else alloc.block,
+            base)
         if nfreed == 0:
             return moving
         if bad >= 0:
@@ -781,11 +775,10 @@ class _Migration:
             new = e.dst[moving[rc == 0]]
             m.frames.free_folios(new[pages.refcount[new] <= 0])
         s = self.stats
-        c = counts.tolist()
-        s.nr_succeeded += c[0]
-        s.nr_thp_succeeded += c[1]
-        s.nr_large_succeeded += c[2]
-        s.nr_no_copy += c[3]
+        s.nr_succeeded += nfreed
+        s.nr_thp_succeeded += thp
+        s.nr_large_succeeded += large
+        s.nr_no_copy += no_copy
         self.nr_moved_folios += moving.size - nbusy
         return moving[rc != 0] if nbusy else _NONE
 

@@ -43,8 +43,9 @@ class Entries:
         pages = m.pages
         n = heads.size
         self.src = np.asarray(heads, dtype=np.int64)
-        # Few allocations per call: the int64 columns come from one block, the bool ones from another.
-        ints = np.empty((6, n), dtype=np.int64)
+        # Few allocations per call: the int64 columns come from one block, the bool ones from another; a
+        # compiled call takes each block as one argument (``ints``, ``bools``) and its rows in this order.
+        self.ints = ints = np.empty((6, n), dtype=np.int64)
         self.order, self.nr, self.expected, self.dst, self.batch_of, self.split_first = ints
         self.status = np.empty(n, np.int32)
         if page_loops.HAVE_NUMBA and n:
@@ -106,10 +107,10 @@ class Entries:
                         self.shmem = None
         if dst is not None:
             self.dst[:] = dst
-        flags = np.zeros((4, n), dtype=bool)
         # given: destination supplied (and copied) by the caller; fresh: destination content equals the source
         # right now; unmapped: source locked and behind migration entries; counted: failure in the statistics.
-        self.given, self.fresh, self.unmapped, self.counted = flags
+        self.bools = np.zeros((4, n), dtype=bool)
+        self.given, self.fresh, self.unmapped, self.counted = self.bools
         self.all_given = dst is not None  # every destination is the caller's (NO_COPY with dst_pfns)
         if dst is not None:
             self.given[:] = True
@@ -206,12 +207,13 @@ class Entries:
         self.all_given = False
         if self.one_order != 0:
             self.one_order = -1  # base pages beside larger folios
-        self.order, self.nr = cat(self.order, 0), cat(self.nr, 1)
-        self.given, self.dst, self.status = cat(self.given, False), cat(self.dst, -1), cat(self.status, UNTRIED)
-        self.expected = cat(self.expected, expected)
-        self.fresh, self.unmapped, self.counted = cat(self.fresh, False), cat(self.unmapped, False), \
-            cat(self.counted, False)
-        self.batch_of, self.split_first = cat(self.batch_of, batch), cat(self.split_first, -1)
+        # The blocks grow as a whole, their rows in the order __init__ gives them.
+        self.ints = np.concatenate([self.ints, np.array([[0], [1], [expected], [-1], [batch], [-1]]).repeat(n, 1)],
+                                   axis=1)
+        self.order, self.nr, self.expected, self.dst, self.batch_of, self.split_first = self.ints
+        self.bools = np.concatenate([self.bools, np.zeros((4, n), dtype=bool)], axis=1)
+        self.given, self.fresh, self.unmapped, self.counted = self.bools
+        self.status = cat(self.status, UNTRIED)
         if self.by_callback is not None:
             self.by_callback = cat(self.by_callback, False)
         if self.shmem is not None:
