@@ -52,6 +52,8 @@ _PRIVATE = np.uint32(PageFlag.PRIVATE)
 _SWAPCACHE = np.uint32(PageFlag.SWAPCACHE)
 _WRITEBACK = np.uint32(PageFlag.WRITEBACK)
 _MOVED_ON_OLD = np.uint32(MIGRATE_MOVED_FLAGS)
+_LRU = np.uint32(PageFlag.LRU)
+_ISOLATED = np.uint32(PageFlag.ISOLATED)
 # Pages from which a folio's contiguous pages are filled per array rather than page by page.
 _FILL_MIN = 16
 
@@ -343,15 +345,17 @@ def _free_folio_frames(free, block_free, block, heads, nr, base):
     return -1
 
 
-def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mapcount, order, mark, lru, isolated,
-                    refuse_shared, status, entry, heads):
-    """collect_folios + isolate_folios in one pass (see migrate/isolate.py for the numpy reference).
+def _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry, heads):
+    """collect_folios + isolate_folios in one pass (see migrate/isolate.py for the numpy reference), over the
+    page state of PageArray's ``state`` buffer.
 
     Per page: ``status`` 0 (already on the node), -ENOENT (no page, or free), -EFAULT (the zero page), -EACCES
     (mapped by another process, with ``refuse_shared``), -EBUSY (off the LRU or isolated by someone else) or 1
     (the core's pending state; ``entry`` is its folio's index in ``heads``). Each folio is isolated once, in
     first-occurrence order; ``mark`` (one slot per pfn, all -1) remembers this call's folios and is reset.
     """
+    _mapping, _index, _private, head, _ws, mark, flags, refcount, mapcount, _cpupid, _memcg, order = \
+        page_fields(state)
     n = 0
     for i in range(pfns.size):
         p = pfns[i]
@@ -381,10 +385,10 @@ def _collect_folios(pfns, node_lo, node_hi, head, refcount, flags, mapcount, ord
                 status[i] = EACCES
                 continue
         f = flags[h]
-        if (f & lru) == 0 or (f & isolated) != 0:
+        if (f & _LRU) == 0 or (f & _ISOLATED) != 0:
             status[i] = EBUSY
             continue
-        flags[h] = (f | isolated) & ~lru
+        flags[h] = (f | _ISOLATED) & ~_LRU
         refcount[h] += 1
         mark[h] = n
         heads[n] = h

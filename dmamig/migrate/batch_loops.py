@@ -40,6 +40,7 @@ _LOCKED = np.uint32(PageFlag.LOCKED)
 _WRITEBACK = np.uint32(PageFlag.WRITEBACK)
 _HEAD = np.uint32(PageFlag.HEAD)
 _LRU = np.uint32(PageFlag.LRU)
+_SWAPCACHE = np.uint32(PageFlag.SWAPCACHE)
 # migrate_folio_done: the new folio leaves isolation and its lock.
 _PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
 # Order of a PMD-mapped THP (entries.HPAGE_PMD_ORDER): only such folios count in thp_migration_*.
@@ -161,12 +162,15 @@ def _alloc_one_order(pos, dst, free, block_free, block, node_base, order, head_f
     return need * size
 
 
-def _init_entries(heads, page_order, mapping, flags, swapcache, node_table, untried, ints, status):
+def _init_entries(heads, state, node_table, untried, ints, status):
     """A migrate call's entries set up in one pass (``Entries``, whose numpy path is the reference): per folio
-    of ``heads`` its order and size, one expected reference, no destination, batch 0, no split piece (the rows of
-    ``ints``: the ``ROW_*`` constants) and status ``untried``. Returns (largest order,
-    whether every folio has it, the one node of all heads or -1, lowest and highest ``mapping``, whether any folio
-    is in the swap cache) so the caller can take the one-object, one-node, one-order paths."""
+    of ``heads`` (pages in PageArray's ``state`` buffer) its order and size, one expected reference, no
+    destination, batch 0, no split piece (the rows of ``ints``: the ``ROW_*`` constants) and status ``untried``.
+    Returns (largest order, whether every folio has it, the one node of all heads or -1, lowest and highest
+    ``mapping``, whether any folio is in the swap cache) so the caller can take the one-object, one-node,
+    one-order paths."""
+    mapping, _index, _private, _head, _ws, _mark, flags, _refcount, _mapcount, _cpupid, _memcg, page_order = \
+        page_fields(state)
     top = 0
     low = 1 << 30
     node = -2
@@ -193,7 +197,7 @@ def _init_entries(heads, page_order, mapping, flags, swapcache, node_table, untr
         mp = mapping[h]
         lo = min(lo, mp)
         hi = max(hi, mp)
-        if flags[h] & swapcache:
+        if flags[h] & _SWAPCACHE:
             swap = True
     return top, low == top, node, lo, hi, swap
 

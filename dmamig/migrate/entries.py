@@ -49,8 +49,7 @@ class Entries:
         self.order, self.nr, self.expected, self.dst, self.batch_of, self.split_first = ints
         self.status = np.empty(n, np.int32)
         if page_loops.HAVE_NUMBA and n:
-            top, same, node, lo, hi, swap = batch_loops.init_entries(self.src, pages.order, pages.mapping,
-                                                                     pages.flags, _SWAPCACHE, m.nodemap.node_table,
+            top, same, node, lo, hi, swap = batch_loops.init_entries(self.src, pages.state, m.nodemap.node_table,
                                                                      UNTRIED, ints, self.status)
             one_object = lo == hi
             self.oid = int(lo) if one_object and lo >= 0 else -1  # the one object of every folio, if so

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 __all__ = ["check_dst", "collect_folios", "collect_lru_folios", "isolate_folios", "putback_folios"]
 
-_LRU = np.uint32(PageFlag.LRU)
-_ISOLATED = np.uint32(PageFlag.ISOLATED)
 
 
 def isolate_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
@@ -97,9 +95,8 @@ def collect_lru_folios(m: Machine, pfns: np.ndarray, node: int,
         status = np.empty(pfns.size, dtype=np.int32)
         entry = np.empty(pfns.size, dtype=np.int64)
         heads = np.empty(pfns.size, dtype=np.int64)
-        n = page_loops.collect_folios(pfns, nd.base_pfn, nd.base_pfn + nd.total_pages, pages.head, pages.refcount,
-                                    pages.flags, pages.mapcount, pages.order, pages.mark, _LRU, _ISOLATED,
-                                    not move_all, status, entry, heads)
+        n = page_loops.collect_folios(pfns, nd.base_pfn, nd.base_pfn + nd.total_pages, pages.state, not move_all,
+                                      status, entry, heads)
         return status, heads[:n]
     status = np.where(pfns == ZERO_PFN, EFAULT, ENOENT).astype(np.int32)
     present = pfns >= 0
