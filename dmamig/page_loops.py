@@ -25,7 +25,7 @@ from .flags import (
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "done_folios", "expand_folios", "first_at", "first_outside", "first_unwritable",
            "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
-           "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields",
+           "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields", "page_slots",
            "prep_new_folios", "remove_entries", "reset_pages", "same_values", "slots_within", "stamp_folios",
            "trylock_folios"]
 
@@ -65,12 +65,25 @@ PAGE_FIELDS = (("mapping", np.int64, -1), ("index", np.int64, 0), ("private", np
                ("head", np.int64, None), ("write_seq", np.int64, 0), ("mark", np.int64, -1),
                ("flags", np.uint32, 0), ("refcount", np.int32, 0), ("mapcount", np.int32, 0),
                ("last_cpupid", np.int32, -1), ("memcg", np.int32, 0), ("order", np.int8, 0))
-#: Bytes of the state buffer per pfn.
+#: Bytes of the state buffer per slot (a pfn's entry in every field).
 PAGE_BYTES = sum(np.dtype(dtype).itemsize for _name, dtype, _free in PAGE_FIELDS)
+# Each field has a few slots more than pfns (see page_slots): so many that a field's part starts 320 bytes (five
+# cache lines) further into a 4 KiB page than the part before it. One pfn's entries in the fields then fall in
+# different cache sets; with parts a multiple of 4 KiB long they would all fall in one, and a loop over a batch's
+# pages, which reads a dozen fields at each, would evict its own lines.
+_SLOT_ALIGN = 512
+_SLOT_SKEW = 40
+
+
+def page_slots(nr_pfns: int) -> int:
+    """Slots per field in a PageArray state buffer for ``nr_pfns`` pfns: at least as many, and 40 past a
+    multiple of 512 (an int64 field then ends 320 bytes past a 4 KiB boundary)."""
+    return nr_pfns + (_SLOT_SKEW - nr_pfns) % _SLOT_ALIGN
 
 
 def _page_fields(state):
-    """The field arrays of a PageArray state buffer (bytes), in :data:`PAGE_FIELDS` order: views, no copies.
+    """The field arrays of a PageArray state buffer (bytes), in :data:`PAGE_FIELDS` order: views, no copies,
+    each of the buffer's slots (:func:`page_slots`: a few more than pfns, which no caller indexes).
 
     Written out field by field, not looped over :data:`PAGE_FIELDS`, so that a compiled caller gets each as a
     typed array; a test checks the two agree.

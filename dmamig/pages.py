@@ -28,12 +28,13 @@ class PageArray:
         self.nr_pfns = n
         # Every field lives in one buffer (see page_loops.PAGE_FIELDS), so that a compiled call takes the
         # state of every page as one argument: ``state``. The attributes are its typed views.
-        self.state = np.empty(n * page_loops.PAGE_BYTES, dtype=np.uint8)
+        slots = page_loops.page_slots(n)
+        self.state = np.zeros(slots * page_loops.PAGE_BYTES, dtype=np.uint8)
         offset = 0
         for name, dtype, free in page_loops.PAGE_FIELDS:
-            size = n * np.dtype(dtype).itemsize
-            field = self.state[offset:offset + size].view(dtype)
-            offset += size
+            size = np.dtype(dtype).itemsize
+            field = self.state[offset:offset + n * size].view(dtype)
+            offset += slots * size
             if free is None:
                 field[:] = np.arange(n)
             else:

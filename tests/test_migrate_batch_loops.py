@@ -176,28 +176,33 @@ def test_a_batch_submits_every_page_of_the_folios_its_unmap_pass_unmapped_and_no
 
 
 @pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not installed")
-def test_compiled_page_fields_are_the_page_arrays_own_memory() -> None:
+@pytest.mark.parametrize("n", [37, 40, 4096])
+def test_compiled_page_fields_are_the_page_arrays_own_memory(n: int) -> None:
     # A compiled call finds every field in PageArray.state: the same bytes the named arrays are, both ways.
     from dmamig.pages import PageArray
 
-    pages = PageArray(37)
+    pages = PageArray(n)
     views = page_loops.page_fields(pages.state)
     assert [name for name, _dtype, _free in page_loops.PAGE_FIELDS] == \
         ["mapping", "index", "private", "head", "write_seq", "mark", "flags", "refcount", "mapcount",
          "last_cpupid", "memcg", "order"]
-    assert pages.state.size == 37 * page_loops.PAGE_BYTES
+    slots = page_loops.page_slots(n)
+    assert slots >= n and pages.state.size == slots * page_loops.PAGE_BYTES
     for k, ((name, dtype, free), view) in enumerate(zip(page_loops.PAGE_FIELDS, views)):
         field = getattr(pages, name)
-        assert view.dtype == field.dtype == dtype and view.shape == field.shape == (37,)
+        assert view.dtype == field.dtype == dtype and field.shape == (n,) and view.shape == (slots,)
         assert field.ctypes.data == view.ctypes.data, name
-        expect = np.arange(37) if free is None else np.full(37, free)
-        np.testing.assert_array_equal(view, expect)
-        field[5] = 17 + k  # a write through the named array shows in the buffer's view
-        assert view[5] == 17 + k
+        expect = np.arange(n) if free is None else np.full(n, free)
+        np.testing.assert_array_equal(view[:n], expect)
+        field[n - 1] = 17 + k  # a write through the named array shows in the buffer's view
+        assert view[n - 1] == 17 + k
     # The fields tile the buffer: none overlaps the next.
     ends = [(v.ctypes.data, v.ctypes.data + v.nbytes) for v in views]
     assert ends[0][0] == pages.state.ctypes.data and ends[-1][1] == pages.state.ctypes.data + pages.state.nbytes
     assert all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+    # One pfn's entries in the wide fields lie in different cache sets (offsets apart within a 4 KiB page).
+    wide = [v.ctypes.data % 4096 for v in views if v.dtype.itemsize == 8]
+    assert len({off // 64 for off in wide}) == len(wide)
 
 
 def test_entry_blocks_hold_the_named_rows_also_after_a_split_grows_them() -> None:
