@@ -3,6 +3,9 @@
 A folio of order ``k`` is ``2**k`` consecutive pfns; its state (flags, refcount, mapping, index, ...) lives on
 the head pfn, which carries ``PageFlag.HEAD`` when ``k > 0``. Every pfn records its head in ``head``, and
 ``mapcount`` is kept per base page because each PTE maps one base page.
+
+The arrays are views of one buffer, ``state`` (its layout is :data:`dmamig.page_loops.PAGE_FIELDS`), which a
+compiled loop takes as a single argument.
 """
 
 from __future__ import annotations
