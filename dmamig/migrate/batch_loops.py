@@ -61,11 +61,11 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
                    block_free, block, node_base, order, rc, listed):
     """The ASYNC unmap pass over entries ``pos`` (the call's entries as ``src``, ``status`` and the ``ints`` and
     ``bools`` blocks; every page's state as PageArray's ``state`` buffer): with ``order`` >= 0 first
-    ``get_new_folio`` for the entries
-    without a destination, as :func:`alloc_one_order` from the target node's allocator arrays (its pfns from
-    ``node_base``); then lock each folio (busy: rc 1; writeback: rc -EBUSY, lock given back), install migration
-    entries for the locked ones, mark them unmapped and check their caller destinations (fresh when written
-    after the source last changed). Every entry of ``pos`` gets status ``pending`` first.
+    ``get_new_folio`` for the entries without a destination, as :func:`alloc_one_order` from the target node's
+    allocator arrays (its pfns from ``node_base``); then lock each folio (busy: rc 1; writeback: rc -EBUSY, lock
+    given back), install migration entries for the locked ones, mark them unmapped and check their caller
+    destinations (fresh when written after the source last changed). Every entry of ``pos`` gets status
+    ``pending`` first.
 
     Where ``listed`` is not empty (its two rows hold every base page of ``pos``), the base pfns of the unmapped
     folios without a current copy go there, source and destination, folio by folio: the DMA submission's pages,

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["check_dst", "collect_folios", "collect_lru_folios", "isolate_folios", "putback_folios"]
 
 
-
 def isolate_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
     """Take folios off their LRU list for migration (caller holds the lock); return 0 or -errno per folio.
 
