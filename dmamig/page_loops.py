@@ -25,9 +25,9 @@ from .flags import (
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "done_folios", "expand_folios", "first_at", "first_outside", "first_unwritable",
            "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
-           "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields", "page_slots",
-           "prep_new_folios", "remove_entries", "reset_pages", "same_values", "slots_within", "stamp_folios",
-           "trylock_folios"]
+           "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields",
+           "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values", "slots_within",
+           "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit

@@ -49,6 +49,13 @@ _MIGRATION = int(PteFlag.MIGRATION)
 _KEPT = int(MIGRATION_ENTRY_KEPT)
 
 
+def _entry_rows(ints, bools):
+    """A call's entry columns from its two blocks (Entries.ints, Entries.bools), in ``ROW_*`` order: order, nr,
+    expected, dst, batch_of, split_first, given, fresh, unmapped, counted."""
+    return (ints[ROW_ORDER], ints[ROW_NR], ints[ROW_EXPECTED], ints[ROW_DST], ints[ROW_BATCH_OF],
+            ints[ROW_SPLIT_FIRST], bools[ROW_GIVEN], bools[ROW_FRESH], bools[ROW_UNMAPPED], bools[ROW_COUNTED])
+
+
 def _copy_current(s, d, n, write_seq):
     """Whether every base frame of the destination folio ``d`` was written after its source frame last was."""
     for j in range(n):
@@ -75,11 +82,7 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
     every destination, and then nothing was done (the general allocation, which has rules for running short,
     goes first and this runs again with ``order`` -1).
     """
-    nr = ints[ROW_NR]
-    dst = ints[ROW_DST]
-    given = bools[ROW_GIVEN]
-    fresh = bools[ROW_FRESH]
-    unmapped = bools[ROW_UNMAPPED]
+    _order, nr, _expected, dst, _batch, _split, given, fresh, unmapped, _counted = _entry_rows(ints, bools)
     mapping, index, _private, head, write_seq, _mark, flags, refcount, mapcount, _cpupid, _memcg, page_order = \
         page_fields(state)
     taken = 0
@@ -322,12 +325,7 @@ def _move_one_vma(pos, status, src, ints, bools, state, oid, obj_pfns, pgoff, np
     the index in freed of a frame already free or -1)``; a double free gives nothing back (the allocator's
     invariant).
     """
-    order = ints[ROW_ORDER]
-    nr = ints[ROW_NR]
-    expected = ints[ROW_EXPECTED]
-    dst = ints[ROW_DST]
-    fresh = bools[ROW_FRESH]
-    unmapped = bools[ROW_UNMAPPED]
+    order, nr, expected, dst, _batch, _split, _given, fresh, unmapped, _counted = _entry_rows(ints, bools)
     mapping, index, private, head, write_seq, _mark, flags, refcount, mapcount, last_cpupid, memcg, page_order = \
         page_fields(state)
     moved = 0
@@ -402,6 +400,7 @@ if HAVE_NUMBA:
     )
 
     _move_pages = njit(nogil=True, cache=True, inline="always")(_move_pages)
+    _entry_rows = njit(nogil=True, cache=True, inline="always")(_entry_rows)
     _copy_current = njit(nogil=True, cache=True)(_copy_current)
     to_copy = njit(nogil=True, cache=True)(_to_copy)
     stale_base_pfns = njit(nogil=True, cache=True)(_stale_base_pfns)
