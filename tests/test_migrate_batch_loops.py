@@ -80,10 +80,14 @@ def run_scenario(seed: int, path: str) -> dict:
 
 
 def _set_path(monkeypatch, path: str) -> None:
+    """``fused``: every compiled path (no-copy batches fused, see core._Migration._fused_steps); ``batch``: one
+    compiled call per phase; ``phases``: the phase-by-phase path with compiled loops; ``numpy``: the reference."""
     if path == "numpy":
         for mod, name in ((state, "USE_LOOPS"), (vma_mod, "USE_LOOPS"), (page_loops, "HAVE_NUMBA")):
             monkeypatch.setattr(mod, name, False)
-    monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", path == "batch")
+    monkeypatch.setattr(batch_loops, "USE_BATCH_LOOPS", path in ("fused", "batch"))
+    if path != "fused":
+        monkeypatch.setattr(batch_loops, "fused_batch", None)
 
 
 @pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
@@ -92,12 +96,12 @@ def _set_path(monkeypatch, path: str) -> None:
 def test_batch_kernels_match_the_phase_by_phase_paths(seed):
     results = {}
     with pytest.MonkeyPatch.context() as mp:
-        for path in ("batch", "phases", "numpy"):
+        for path in ("fused", "batch", "phases", "numpy"):
             _set_path(mp, path)
             results[path] = run_scenario(seed, path)
             mp.undo()
     ref = results["numpy"]
-    for path in ("batch", "phases"):
+    for path in ("fused", "batch", "phases"):
         got = results[path]
         for a, b in zip(got["status"], ref["status"]):
             assert np.array_equal(a, b), path

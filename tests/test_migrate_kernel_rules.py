@@ -20,13 +20,18 @@ NR = 512
 
 
 # -- batching -------------------------------------------------------------------------------------------------
-def test_faithful_default_runs_one_batch_at_a_time(m, mm, monkeypatch):
-    """migrate_pages(): batch N is unmapped, copied and moved before batch N+1 is unmapped."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_faithful_default_runs_one_batch_at_a_time(m, mm, monkeypatch, fused):
+    """migrate_pages(): batch N is unmapped, copied and moved before batch N+1 is unmapped (also where one
+    compiled call moves batch N and unmaps batch N+1: fused no-copy batches)."""
     ps = m.page_size
     n = 3 * NR
     addr, data = filled(m, mm, n)
     events = []
     real_unmap, real_move = core._Migration._unmap_pass, core._Migration._move_pass
+    real_fused = batch_loops.fused_batch
+    if fused and real_fused is None:
+        pytest.skip(f"fused batches cannot run here: {batch_loops.FUSED_ERROR}")
 
     def unmap(self, todo, mode):
         events.append(("unmap", todo.size))
@@ -36,8 +41,13 @@ def test_faithful_default_runs_one_batch_at_a_time(m, mm, monkeypatch):
         events.append(("move", moving.size))
         return real_move(self, moving)
 
+    def fused_batch(prev, nxt, *args):  # moves prev, then unmaps nxt
+        events.extend([("move", prev.size)] * bool(prev.size) + [("unmap", nxt.size)] * bool(nxt.size))
+        return real_fused(prev, nxt, *args)
+
     monkeypatch.setattr(core._Migration, "_unmap_pass", unmap)
     monkeypatch.setattr(core._Migration, "_move_pass", move)
+    monkeypatch.setattr(batch_loops, "fused_batch", fused_batch if fused else None)
     res = mm.migrate(addr, n * ps, 1, engine=m.dma)
     assert res.ok and res.options.faithful
     assert events == [("unmap", NR), ("move", NR)] * 3
@@ -438,6 +448,8 @@ def test_keyboard_interrupt_between_phases_restores_every_page(m, mm, monkeypatc
         return real(self, *args)
 
     monkeypatch.setattr(core._Migration, phase, interrupted)
+    # The general path's phases (fused batches make them in one compiled call: see test_migrate_fused.py).
+    monkeypatch.setattr(batch_loops, "fused_batch", None)
     with pytest.raises(KeyboardInterrupt):
         mm.migrate(addr, n * ps, 1, engine=m.dma if engine else None)
     monkeypatch.undo()

@@ -12,6 +12,7 @@ from support import delta, filled, rand
 
 import dmamig.migrate.core as core
 from dmamig import InvalidArgument, Machine, MigrateMode, PageFlag
+from dmamig.dma.engine import RingBatches
 
 EAGAIN, EBUSY, ENOMEM, ENOENT = -errno.EAGAIN, -errno.EBUSY, -errno.ENOMEM, -errno.ENOENT
 HOST = DEV = 4096
@@ -473,6 +474,7 @@ def test_an_exception_in_the_copy_leaves_every_page_mapped(m, mm, monkeypatch, e
 
     if engine:
         monkeypatch.setattr(m.dma, "copy", boom)
+        monkeypatch.setattr(RingBatches, "wait", boom)  # fused batches wait for their copy there
     else:
         monkeypatch.setattr(m.frames, "copy_folios", boom)
     with pytest.raises(Boom):

@@ -298,9 +298,9 @@ def test_migrate_pages_cuts_a_batch_after_the_folio_that_fills_it(m, mm, monkeyp
     sizes = []
     real = core._Migration.migrate_pages_batch
 
-    def batch(self, todo, mode, passes, ends_call=True):
+    def batch(self, todo, mode, passes, ends_call=True, **kw):
         sizes.append(int(self.e.nr[todo].sum()))
-        return real(self, todo, mode, passes, ends_call)
+        return real(self, todo, mode, passes, ends_call, **kw)
 
     monkeypatch.setattr(core._Migration, "migrate_pages_batch", batch)
     before = m.vmstat

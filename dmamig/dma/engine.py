@@ -44,7 +44,7 @@ from .validate import pfn_array, validate_bounds
 # compiled code carry equal dtype objects that are not numpy's own, so ``is`` would miss them).
 _INT64 = np.dtype(np.int64)
 
-__all__ = ["DmaEngine"]
+__all__ = ["DmaEngine", "RingBatches"]
 
 #: Submissions kept for ``synchronize`` before the finished ones are dropped from the list.
 _PRUNE_PENDING = 32
@@ -122,6 +122,7 @@ class DmaEngine:
         self._write_seq = content.write_seq if content is not None else np.zeros(0, dtype=np.int64)
         self._next_write_seq: Callable[[], int] = content.next_write_seq if content is not None else int
         self._seq = 0
+        self._batches: dict[tuple[int, int, int], RingBatches] = {}  # see ring_batches
         self._stats = DmaStats()
         self._pending: list[Fence] = []
         self.topology = topology
@@ -331,6 +332,27 @@ class DmaEngine:
         route = self._ring_route(bounds) if src.size else None
         return (route[0], list(route[1])) if route else None
 
+    def ring_batches(self, src_node: int, dst_node: int, pages: int) -> RingBatches | None:
+        """The rings between two nodes, for a caller that publishes submissions of at most ``pages`` pages from
+        its own compiled call (:class:`RingBatches`); ``None`` where a copy between them takes the general path
+        (see :meth:`ring_route`: no lane open yet, fault points armed, a batched-copy backend, two devices).
+        Asked again later, it may be there (a lane opens on its first general-path copy)."""
+        if self.faults.armed or self._batch_available or self._closed:
+            return None
+        key = (int(src_node), int(dst_node), int(pages))
+        got = self._batches.get(key)
+        if got is None:
+            route = self._routes.get(key[:2])
+            if route is None:
+                route = self._make_route(*key[:2])
+                if route is None:
+                    return None
+                self._routes[key[:2]] = route
+            if not route:
+                return None
+            got = self._batches[key] = RingBatches(self, route[0], route[1], key[2])
+        return got
+
     def _count_submission(self, pages: int, runs: int) -> int:
         """Count one submission of ``pages`` pages in ``runs`` runs; its sequence number (caller holds the lock)."""
         self._seq += 1
@@ -503,9 +525,12 @@ class DmaEngine:
         """
         with self._lock:
             pending, self._pending = self._pending, []
+            completions = [c for rings in self._batches.values() for c in rings.in_flight()]
         for fence in pending:
             for c in fence.completions:
                 c.wait(None)
+        for c in completions:
+            c.wait(None)
 
     def close(self) -> None:
         """Let submitted work finish (or fail, on a dead channel), then stop the channels.
@@ -536,3 +561,103 @@ class DmaEngine:
     def __repr__(self) -> str:
         return (f"DmaEngine(backend={getattr(self.backend, 'name', '?')!r}, channels={self.channels}, "
                 f"closed={self._closed})")
+
+
+class RingBatches:
+    """The rings of one node pair, for a caller that publishes its submissions from its own compiled call (the
+    migration core's fused batch: a move pass, an unmap pass and the submission of its pages, in one call).
+
+    One submission in flight at a time: :meth:`hold` takes the engine's lock and the rings' (in that order, after
+    any lock of the caller's), draws the submission's write sequence number (:attr:`seq`) and gives the other
+    arguments of :func:`~dmamig.dma.ring.submit_pages` besides the pfns and ``checked``
+    (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`, with the number drawn last); the caller submits with
+    them, calls :meth:`published` if the submission published (a non-negative return), then :meth:`release`
+    in any case, and :meth:`wait` outside its locks. The engine counts the submission as it counts
+    :meth:`DmaEngine.copy`'s, and :meth:`DmaEngine.synchronize` waits for it.
+    """
+
+    __slots__ = ("_args", "_asleep", "_engine", "_jobs", "_lane", "_pages", "_route", "seq")
+
+    def __init__(self, engine: DmaEngine, route: RingRoute, lane: list[Any], pages: int) -> None:
+        self._engine = engine
+        self._route = route
+        self._lane = lane
+        self._pages = pages
+        self._args: tuple[Any, ...] = ()
+        self._asleep: list[Any] = []
+        self._jobs: list[list[int]] | None = None  # the submission in flight: [seq, asleep] per channel
+        #: The write sequence number :meth:`hold` drew for the submission.
+        self.seq = 0
+
+    def hold(self) -> tuple[Any, ...] | None:
+        """Take the locks; the compiled submission's arguments (besides :attr:`seq`, drawn here). ``None``
+        (nothing held) while fault points are armed: the general path must take the copy.
+
+        Raises
+        ------
+        DmaError
+            The engine is closed (nothing held).
+        """
+        eng = self._engine
+        eng._lock.acquire()
+        if eng._closed or eng.faults.armed:
+            eng._lock.release()
+            if eng._closed:
+                raise DmaError("the DMA engine is closed; create a new Machine (or engine) to copy")
+            return None
+        rs = self._route.ring_set
+        rs.lock.acquire()
+        if not self._args or self._args[0] is not rs.ctl:  # (the arrays move only when the lane closes)
+            self._args = self._route.compiled_args(self._pages, eng._write_seq)[:-1]
+        self.seq = eng._next_write_seq()
+        return self._args
+
+    def published(self, pages: int, runs: int) -> None:
+        """Count what the submission just made under :meth:`hold` published (``pages`` pages in ``runs`` runs,
+        the return of :func:`~dmamig.dma.ring.submit_pages`)."""
+        self._jobs = jobs = self._route.jobs_published()
+        self._engine._count_submission(pages, runs)
+        for ch, (_seq, asleep) in zip(self._lane, jobs):
+            if asleep:  # a channel without a job reports its consumer awake
+                self._asleep.append(ch)
+
+    def release(self) -> None:
+        """Give the locks back, then wake the consumers the submission found asleep."""
+        self._route.ring_set.lock.release()
+        self._engine._lock.release()
+        if self._asleep:
+            asleep, self._asleep = self._asleep, []
+            for ch in asleep:
+                ch.wake()
+
+    def wait(self) -> None:
+        """Wait for the submission in flight to finish (never on a dead channel: its jobs fail).
+
+        Raises
+        ------
+        DmaError
+            A channel did not copy its share (its status, or its channel's failure); which pages it hit is not
+            told: treat every page of the submission as not copied.
+        """
+        jobs = self._jobs
+        if jobs is None:
+            return
+        error = None
+        for ch, (seq, _) in zip(self._lane, jobs):
+            if seq >= 0:
+                c = ch.completion(seq)
+                c.wait(None)
+                if c.error is not None and error is None:
+                    error = c.error
+        self._jobs = None
+        if error is not None:
+            self._engine._count_error()
+            raise DmaError(f"DMA submission of a batch failed on a channel: {type(error).__name__}: {error}") \
+                from error
+
+    def in_flight(self) -> list[Any]:
+        """The completions of the submission in flight (none when there is none)."""
+        jobs = self._jobs
+        if jobs is None:
+            return []
+        return [ch.completion(seq) for ch, (seq, _) in zip(self._lane, jobs) if seq >= 0]

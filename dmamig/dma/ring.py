@@ -73,6 +73,7 @@ __all__ = [
     "RingSet",
     "Submitted",
     "status_text",
+    "submit_pages",
 ]
 
 # -- the words ------------------------------------------------------------------------------------------------
@@ -305,8 +306,10 @@ if RING_AVAILABLE:
         return nr
 
     @njit(nogil=True, cache=True)
-    def _submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, route, large_fraction, checked, write_seq, seq, ws, wm,
-                      out):  # pragma: no cover - compiled
+    def submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, route, large_fraction, checked, write_seq, seq, ws, wm,
+                     out):  # pragma: no cover - compiled
+        """The compiled submission (:meth:`RingRoute.submit`), for a caller that submits from its own compiled
+        call, with the other arguments :meth:`RingRoute.compiled_args` gives. Caller holds the set's lock."""
         src_base = route[R_SRC_BASE]
         dst_base = route[R_DST_BASE]
         src_pages = route[R_SRC_PAGES]
@@ -807,6 +810,28 @@ class RingRoute:
         lo, hi = self._dst_range
         return lo <= dst_pfn < hi
 
+    def compiled_args(self, pages: int, write_seq: np.ndarray | None = None, seq: int = 0) -> tuple[Any, ...]:
+        """What :func:`submit_pages` takes besides the pfns and ``checked``, for submissions of at most ``pages``
+        pages stamped with ``seq`` in ``write_seq``, in its order: ``(ctl, rows, jobs, route words, large-run
+        fraction, write_seq, workspace, method bytes, out, seq)``. Caller holds the set's :attr:`RingSet.lock`
+        while it submits with them. The workspace is grown here, and shared by every submission of the set
+        under the lock; a later growth leaves these arrays as they are (large enough for ``pages``)."""
+        rs = self.ring_set
+        if rs._wm.size < pages:
+            rs._grow(pages)
+        return (rs.ctl, rs.rows, rs.jobs, self._args, self._large_fraction,
+                _NO_SEQ if write_seq is None else write_seq, rs._ws, rs._wm, rs._out, seq)
+
+    def jobs_published(self) -> list[list[int]]:
+        """What the last :func:`submit_pages` published, per channel ``[seq, asleep]`` (as :attr:`Submitted.jobs`);
+        hands it to the set's :attr:`RingSet.consumer` where one is started per submission. Caller holds the
+        set's lock, right after that submission."""
+        rs = self.ring_set
+        table = rs._jobs_out.tolist()
+        if rs.consumer is not None:
+            rs.consumer(table)
+        return table
+
     def submit(self, src_pfns: np.ndarray, dst_pfns: np.ndarray, checked: bool = True,
                write_seq: np.ndarray | None = None, seq: int = 0) -> Submitted | int:
         """Check, plan and publish pages ``src_pfns[i] -> dst_pfns[i]`` (int64) over every channel, in one compiled
@@ -825,7 +850,7 @@ class RingRoute:
         with rs.lock:
             if rs._wm.size < src_pfns.shape[0]:
                 rs._grow(src_pfns.shape[0])
-            nr = _submit_pages(rs.ctl, rs.rows, rs.jobs, src_pfns, dst_pfns, self._args, self._large_fraction,
+            nr = submit_pages(rs.ctl, rs.rows, rs.jobs, src_pfns, dst_pfns, self._args, self._large_fraction,
                                checked, _NO_SEQ if write_seq is None else write_seq, seq, rs._ws, rs._wm, rs._out)
             if nr < 0:
                 return nr

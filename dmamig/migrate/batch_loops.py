@@ -17,13 +17,18 @@ from __future__ import annotations
 import numpy as np
 
 from .. import page_loops
+from ..backends.cpu.spin import SPIN_ERROR
+from ..dma.ring import RING_ERROR
 from ..flags import MIGRATION_ENTRY_KEPT, PageFlag, PteFlag
 from ..nodes import PAGEBLOCK_ORDER
 
-__all__ = ["HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH", "ROW_GIVEN",
+__all__ = ["ACC_LARGE", "ACC_LAST_MOVE", "ACC_MOVED", "ACC_MOVES", "ACC_MOVE_NS", "ACC_NO_COPY", "ACC_PAGES",
+           "ACC_SUBMIT_NS", "ACC_THP", "ACC_UNMAPS", "ACC_UNMAP_NS", "ACC_WORDS", "FUSED_ERROR", "FUSED_MOVED",
+           "FUSED_MOVE_LEFT", "FUSED_NOT_SUBMITTED", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_UNMAP_LEFT",
+           "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH", "ROW_GIVEN",
            "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED", "USE_BATCH_LOOPS", "alloc_one_order",
-           "cut_batches", "fill_status", "init_entries", "move_one_vma", "stale_base_pfns", "to_copy",
-           "unmap_one_vma"]
+           "cut_batches", "fill_status", "fused_batch", "init_entries", "move_one_vma", "stale_base_pfns",
+           "to_copy", "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the
@@ -383,6 +388,83 @@ def _move_one_vma(pos, status, src, ints, bools, state, oid, obj_pfns, pgoff, np
     return total, thp, large, no_copy, dead, pos.size - moved, bad
 
 
+# What fused_batch returns first: the batch before moved and the next one, unmapped whole, was submitted
+# (SUBMITTED) or there was no next one (MOVED); or it stopped at a case the general path takes: the batch before
+# has folios left after its move pass (MOVE_LEFT; the next one untouched), the target node could not serve the
+# next one (NO_FRAMES; untouched), some of its folios did not lock (UNMAP_LEFT), or the rings did not take its
+# submission (NOT_SUBMITTED: their code second).
+FUSED_SUBMITTED, FUSED_MOVED, FUSED_MOVE_LEFT, FUSED_NO_FRAMES, FUSED_UNMAP_LEFT, FUSED_NOT_SUBMITTED = range(6)
+#: Words of fused_batch's ``acc``, added up over calls: pages moved, PMD-sized and large folios moved, pages moved
+#: without a copy of their own, entries moved, batches submitted whole (an unmap pass, a TLB flush, a pass each),
+#: move passes that moved every folio, and the nanoseconds of the move, unmap and submission phases; then the
+#: last move pass's result where it left folios (move_one_vma's seven values).
+(ACC_PAGES, ACC_THP, ACC_LARGE, ACC_NO_COPY, ACC_MOVED, ACC_UNMAPS, ACC_MOVES, ACC_MOVE_NS, ACC_UNMAP_NS,
+ ACC_SUBMIT_NS, ACC_LAST_MOVE) = range(11)
+ACC_WORDS = ACC_LAST_MOVE + 7
+
+
+def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn,
+                 pte_flags, tfree, tbf, tblock, tbase, order, sfree, sbf, sblock, sbase, rc, listed, freed, acc, ts,
+                 seq, ctl, rows, jobs, route, large_fraction, write_seq, ws, wm, out):
+    """One step of a long no-copy migration under the machine lock, as one call: the move pass of batch ``prev``
+    (entries whose DMA copy finished: marked fresh, then :func:`move_one_vma`, old frames back to the source
+    node's allocator arrays ``sfree``, ``sbf``), then the unmap pass of batch ``nxt`` (:func:`unmap_one_vma`,
+    destinations of ``order`` from the target node's ``tfree``, ``tbf``) and the submission of its pages to the
+    rings, stamped ``seq`` (:func:`dmamig.dma.ring.submit_pages` over the arrays after ``seq``, the caller holding
+    the rings).
+    ``acc`` adds up what the calls did (``ACC_*``); ``ts`` is clock scratch.
+
+    Returns ``(FUSED_*, runs submitted or the rings' SUBMIT_* code, pages listed, frames taken from the target
+    node, frames given back to the source node)``. It stops at the first case that is not the common one and
+    leaves the rest as it is, for the general path (see ``FUSED_*``); ``rc``, ``freed`` and ``acc``'s last
+    move then tell where it stopped, as after :func:`unmap_one_vma` and :func:`move_one_vma`. Passes are
+    counted in ``acc`` for batches that went through whole: a submitted batch's unmap pass (with its TLB flush
+    and its pass), a move pass that moved every folio.
+    """
+    t0 = now_ns(ts)
+    freed_frames = 0
+    if prev.size:
+        fresh = bools[ROW_FRESH]
+        for i in range(prev.size):
+            fresh[prev[i]] = True
+        nfreed, thp, large, no_copy, dead, nbusy, bad = _move_one_vma(
+            prev, status, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed,
+            sfree, sbf, sblock, sbase)
+        t1 = now_ns(ts)
+        acc[ACC_MOVE_NS] += t1 - t0
+        t0 = t1
+        if nbusy or dead or bad >= 0:
+            last = acc[ACC_LAST_MOVE:]
+            last[0], last[1], last[2], last[3], last[4], last[5], last[6] = nfreed, thp, large, no_copy, dead, \
+                nbusy, bad
+            return FUSED_MOVE_LEFT, 0, 0, 0, 0
+        freed_frames = nfreed
+        acc[ACC_MOVES] += 1
+        acc[ACC_PAGES] += nfreed
+        acc[ACC_THP] += thp
+        acc[ACC_LARGE] += large
+        acc[ACC_NO_COPY] += no_copy
+        acc[ACC_MOVED] += prev.size
+    if nxt.size == 0:
+        return FUSED_MOVED, 0, 0, 0, freed_frames
+    bad, taken, n = _unmap_one_vma(nxt, status, pending, src, ints, bools, state, oid, pgoff, npages, pte_pfn,
+                                   pte_flags, tfree, tbf, tblock, tbase, order, rc, listed)
+    t1 = now_ns(ts)
+    acc[ACC_UNMAP_NS] += t1 - t0
+    if taken < 0:
+        return FUSED_NO_FRAMES, 0, 0, 0, freed_frames
+    if bad or n == 0:
+        return FUSED_UNMAP_LEFT, 0, n, taken, freed_frames
+    # Unchecked, as the engine's own first try of a batch: destinations out of order go the long way.
+    nr = submit_pages(ctl, rows, jobs, listed[0, :n], listed[1, :n], route, large_fraction, False, write_seq,
+                      seq, ws, wm, out)
+    acc[ACC_SUBMIT_NS] += now_ns(ts) - t1
+    if nr < 0:
+        return FUSED_NOT_SUBMITTED, nr, n, taken, freed_frames
+    acc[ACC_UNMAPS] += 1
+    return FUSED_SUBMITTED, nr, n, taken, freed_frames
+
+
 if HAVE_NUMBA:
     from numba import njit
 
@@ -410,6 +492,17 @@ if HAVE_NUMBA:
     alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
+    _unmap_one_vma, _move_one_vma = unmap_one_vma, move_one_vma  # as fused_batch calls them
 else:  # pragma: no cover
     unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = None
     init_entries = fill_status = None
+
+#: Why the fused batches cannot run here (``None`` where they can): they need the rings and a compiled clock.
+FUSED_ERROR: str | None = "numba is not importable" if not HAVE_NUMBA else (RING_ERROR or SPIN_ERROR)
+if FUSED_ERROR is None:
+    from ..backends.cpu.spin import now_ns  # noqa: F401
+    from ..dma.ring import submit_pages  # noqa: F401
+
+    fused_batch = njit(nogil=True, cache=True)(_fused_batch)
+else:  # pragma: no cover
+    fused_batch = None

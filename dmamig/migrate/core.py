@@ -57,6 +57,7 @@ from .state import migrate_folio
 
 if TYPE_CHECKING:
     from ..dma import DmaEngine, Fence
+    from ..dma.engine import RingBatches
     from ..machine import Machine
     from ..vma import Vma
 
@@ -163,13 +164,18 @@ class _Migration:
         steps = self.e.steps(positions, self.options.batch_pages, self.options.batches_per_step)
         depth = self.options.pipeline_depth if self.engine is not None else 0
         if depth == 0:
-            for step in steps:
-                if self.enomem:
-                    break
+            i = 0
+            while i < len(steps) and not self.enomem:
+                rings = self._fused_rings(steps, i)
+                if rings is not None:
+                    i = self._fused_steps(steps, i, rings)
+                    continue
+                step = steps[i]
                 moved = self.nr_moved_folios
                 self._drive(self._first_pass(step))
                 if self.nr_moved_folios - moved < step.size or self.e.has_pieces:
                     self._after_step(step)
+                i += 1
             return
         # Experiment: a step's DMA copy runs while the next steps are unmapped. The blocking per-folio retries
         # and the split pieces wait until every step is through, so that no thread sleeps on a page lock while
@@ -188,15 +194,156 @@ class _Migration:
         if not self.enomem:
             self._after_step(np.concatenate(steps) if steps else positions[:0])
 
-    def _first_pass(self, step: np.ndarray) -> Iterator[None]:
-        if self.mode == MigrateMode.ASYNC:
-            return self.migrate_pages_batch(step, MigrateMode.ASYNC, NR_MAX_MIGRATE_PAGES_RETRY)
-        return self.migrate_pages_batch(step, MigrateMode.ASYNC, NR_MAX_MIGRATE_ASYNC_RETRY)
+    def _first_pass(self, step: np.ndarray,
+                    first: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[None]:
+        return self.migrate_pages_batch(step, MigrateMode.ASYNC, self._first_passes(), first=first)
+
+    def _first_passes(self) -> int:
+        """Passes of a step's first, ASYNC, run: all of them in ASYNC mode, else the sync modes' ASYNC share."""
+        return NR_MAX_MIGRATE_PAGES_RETRY if self.mode == MigrateMode.ASYNC else NR_MAX_MIGRATE_ASYNC_RETRY
 
     @staticmethod
     def _drive(gen: Iterator[None]) -> None:
         for _ in gen:
             pass
+
+    # -- fused batches: a long no-copy migration, one compiled call per batch ---------------------------------
+    def _fused_rings(self, steps: list[np.ndarray], i: int) -> RingBatches | None:
+        """The DMA rings the steps from ``i`` on can be fused over (see :meth:`_fused_steps`), or None.
+
+        Fused are the common batches of a no-copy migration: anonymous folios of one order, mapped through one
+        VMA, from one node to another whose DMA channels take ring rows, one batch per step, no split pieces
+        waiting, no fault point armed, no cost model, coherent device memory. Everything else (and every batch
+        that leaves the common case on its way) takes the general path, which is the reference.
+        """
+        e, m = self.e, self.m
+        if self.engine is None or batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
+                or e.all_given or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
+                or self.charges is not None or m.device_private or e.src_node < 0 or e.src_node == self.node \
+                or self.options.batches_per_step != 1 or m.faults.armed or e.has_pieces or len(steps) - i < 2:
+            return None
+        return self.engine.ring_batches(e.src_node, self.node, max(s.size for s in steps[i:]) << e.one_order)
+
+    def _fused_steps(self, steps: list[np.ndarray], i: int, rings: RingBatches) -> int:
+        """Run the steps from ``i`` on as fused batches; returns the index of the first step not run.
+
+        Per batch one compiled call under the machine lock (:func:`~.batch_loops.fused_batch`): the move pass
+        of the batch before, whose DMA copy is done, then the unmap pass of this one and the submission of its
+        pages to the rings; then, outside every lock, the wait for its copy. The kernel's order is kept (a
+        batch's move before the next batch's unmap), and so are the lock discipline and the counters of the
+        general path. A batch that leaves the common case (folios busy or under writeback, no frames on the
+        target node, a ring the submission does not go to, a failed copy, folios left after the move pass) is
+        finished from that point by the general path; where the VMA or the rings can no longer be used, the
+        batch before is moved the general way. Either way the caller goes on from the index returned (and asks
+        :meth:`_fused_rings` again: the batch may have changed what the rest can take).
+        """
+        m, e, pages = self.m, self.e, self.m.pages
+        passes = self._first_passes()
+        self.batch_mode = MigrateMode.ASYNC
+        tn, sn = m.nodes[self.node], m.nodes[e.src_node]
+        ta, sa = tn.allocator, sn.allocator
+        tfree, tbf = ta.arrays()
+        sfree, sbf = sa.arrays()
+        most = max(s.size for s in steps[i:])
+        rc = np.empty(most, dtype=np.int32)
+        listed = np.empty((2, most << e.one_order), dtype=np.int64)
+        freed = np.empty(most << e.one_order, dtype=np.int64)
+        acc = np.zeros(batch_loops.ACC_WORDS, dtype=np.int64)
+        ts = np.empty(2, dtype=np.int64)
+        prev = _NONE  # the batch whose copy is done, moved by the next call
+        try:
+            while True:
+                nxt = steps[i] if i < len(steps) else _NONE
+                self.interrupts.check()
+                with m.lock:
+                    vma = self._one_vma()
+                    args = None if vma is None else rings.hold()
+                    if args is None:
+                        code = -1
+                    else:
+                        try:
+                            code, nr, nlisted, taken, given_back = batch_loops.fused_batch(
+                                prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
+                                self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, tfree, tbf,
+                                ta.block, tn.base_pfn, e.one_order, sfree, sbf, sa.block, sn.base_pfn, rc, listed,
+                                freed, acc, ts, rings.seq, *args)
+                            if code == batch_loops.FUSED_SUBMITTED:
+                                rings.published(nlisted, nr)
+                        finally:
+                            rings.release()
+                        if taken:
+                            ta.taken(taken)
+                        if given_back:
+                            sa.taken(-given_back)
+                        if code == batch_loops.FUSED_MOVE_LEFT:
+                            left = self._settle_moved(prev, rc[:prev.size], freed, sa,
+                                                      *acc[batch_loops.ACC_LAST_MOVE:].tolist())
+                        elif code == batch_loops.FUSED_UNMAP_LEFT:
+                            done, retry = self._sort_unlocked(nxt, rc[:nxt.size])
+                        if prev.size:
+                            m.changed.notify_all()
+                if code == batch_loops.FUSED_SUBMITTED:
+                    t0 = time.perf_counter_ns()
+                    try:
+                        rings.wait()
+                    except DmaError:
+                        self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+                        self._copy_failed(None, nxt)
+                        self._move_and_undo(nxt, passes, 1, counted=1)
+                        self._after_step(nxt)
+                        return i + 1
+                    self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+                    prev, i = nxt, i + 1
+                    continue
+                break
+        finally:
+            self._add_fused(acc)
+        # Out of the common case: the batch where it happened goes on the general way from where it is, and the
+        # caller asks again whether the steps after it can be fused (a split, say, leaves folios of two orders).
+        if code == batch_loops.FUSED_MOVED:
+            return i
+        if code == -1:  # the VMA or the rings cannot be used now: the batch before moves the general way
+            if prev.size:
+                e.fresh[prev] = True
+                self.copied_batch = prev
+                self._move_and_undo(prev, passes, 1, counted=1)
+                self._after_step(prev)
+            return i
+        if code == batch_loops.FUSED_MOVE_LEFT:  # the batch before has folios left; this one is untouched
+            if left.size:
+                self._move_and_undo(left, passes, 1, nr_move=1, counted=1)
+            else:  # the pass moved them all, and left Python its share (a new folio nobody holds)
+                self.stats.nr_move_passes += 1
+            self._after_step(prev)
+            return i
+        if code == batch_loops.FUSED_NO_FRAMES:  # untouched: the general allocation has the rules
+            self._drive(self._first_pass(nxt))
+        elif code == batch_loops.FUSED_UNMAP_LEFT:
+            self.listed = None  # the general submission lists the pages of every pass
+            self._drive(self._first_pass(nxt, first=(done, retry)))
+        else:  # FUSED_NOT_SUBMITTED: unmapped whole; the engine's general path takes the submission
+            self.listed = (nxt, listed[0, :nlisted].copy(), listed[1, :nlisted].copy())
+            self._drive(self._first_pass(nxt, first=(nxt, _NONE)))
+        self._after_step(nxt)
+        return i + 1
+
+    def _add_fused(self, acc: np.ndarray) -> None:
+        """Add what fused batches did (:func:`~.batch_loops.fused_batch`'s ``acc``) to the call's counters."""
+        (pages, thp, large, no_copy, moved, unmaps, moves, move_ns, unmap_ns,
+         submit_ns) = acc[:batch_loops.ACC_LAST_MOVE].tolist()
+        s = self.stats
+        s.nr_succeeded += pages
+        s.nr_thp_succeeded += thp
+        s.nr_large_succeeded += large
+        s.nr_no_copy += no_copy
+        self.nr_moved_folios += moved
+        s.nr_unmap_passes += unmaps
+        s.nr_tlb_flush += unmaps
+        s.nr_passes += unmaps
+        s.nr_move_passes += moves
+        self.phase_ns["move"] += move_ns
+        self.phase_ns["unmap"] += unmap_ns
+        self.phase_ns["submit"] += submit_ns
 
     def _after_step(self, step: np.ndarray) -> None:
         """``migrate_pages_sync``'s second half, then the split pieces of the step's large folios."""
@@ -242,23 +389,30 @@ class _Migration:
             self.nr_failed_folios += failed.size
 
     # -- migrate_pages_batch(): unmap loop, flush, copy, move loop, undo ----------------------------------------
-    def migrate_pages_batch(self, todo: np.ndarray, mode: MigrateMode, passes: int,
-                            ends_call: bool = True) -> Iterator[None]:
+    def migrate_pages_batch(self, todo: np.ndarray, mode: MigrateMode, passes: int, ends_call: bool = True,
+                            first: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[None]:
         """One batch (or step) through its unmap and move loops; yields while its DMA copy runs.
 
         A base page without a frame stops the unmap loop; unless the batch is the pass over split pieces
-        (``ends_call=False``, whose result the kernel ignores), it also ends the whole call.
+        (``ends_call=False``, whose result the kernel ignores), it also ends the whole call. ``first``: the
+        batch's first unmap pass was made already (a fused batch handed over, see :meth:`_fused_steps`), with
+        these ``(unmapped, busy)`` entries, and :attr:`listed` holds what it listed.
         """
         e = self.e
         unmapped: list[np.ndarray] = []
         nr_unmap = 0
         self.batch_enomem = False
         self.batch_counts_folios = ends_call
-        self.listed = None  # what an earlier batch's unmap pass listed and no submission took
-        tried = freezes = 0  # folio lock attempts and reference freezes, for a cost model
-        if self.charges is not None:
-            self.charges.before_unmap(todo)
-        for _ in range(passes):
+        tried = 0  # folio lock attempts, for a cost model
+        if first is None:
+            self.listed = None  # what an earlier batch's unmap pass listed and no submission took
+            if self.charges is not None:
+                self.charges.before_unmap(todo)
+        else:
+            tried, nr_unmap = todo.size, 1
+            unmapped.append(first[0])
+            todo = first[1]
+        for _ in range(passes - nr_unmap):
             self.interrupts.check()
             if todo.size == 0 or self.batch_enomem:
                 break
@@ -286,8 +440,18 @@ class _Migration:
             self._wait(fence, moving)
         if record is not None:
             record.before_move()
-        nr_move = 0
-        for _ in range(passes):
+        self._move_and_undo(moving, passes, nr_unmap, record=record)
+
+    def _move_and_undo(self, moving: np.ndarray, passes: int, nr_unmap: int, nr_move: int = 0, counted: int = 0,
+                       record: Any = None) -> None:
+        """The move loop of a batch whose copy is done, then the undo of what is left.
+
+        ``nr_move``: move passes made already (a fused batch's, which left busy folios; not yet counted);
+        ``counted``: this batch's passes counted in ``nr_passes`` already (a fused batch counts one when it is
+        submitted). ``record``: the batch's cost-model record, if any.
+        """
+        freezes = 0  # reference freezes, for a cost model
+        while nr_move < passes:
             self.interrupts.check()
             if nr_move:
                 # The folios left were busy: their holders may have written them since the copy. Those copies
@@ -301,7 +465,7 @@ class _Migration:
         if record is not None:
             record.moved(freezes, moving)  # what is left is undone below
         self.stats.nr_move_passes += nr_move
-        self.stats.nr_passes += max(nr_unmap, nr_move)
+        self.stats.nr_passes += max(nr_unmap, nr_move) - counted
         if moving.size == 0:
             return
         t0 = time.perf_counter_ns()
@@ -487,19 +651,26 @@ class _Migration:
             alloc.taken(taken)
         retry = _NONE
         if bad:
-            retry = todo[rc == 1]
-            wb = todo[rc == EBUSY]
-            if wb.size:
-                e.release_dst(wb)
-                e.status[wb] = EBUSY
-                m.changed.notify_all()
-            todo = todo[rc == 0]
-            e.release_dst(retry)
+            todo, retry = self._sort_unlocked(todo, rc)
         if listed is not _NO_LIST:
             self.listed = (todo, listed[0, :n], listed[1, :n])
         if was_clean is not None:
             self._count_dirtied(was_clean)
         return todo, retry
+
+    def _sort_unlocked(self, todo: np.ndarray, rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """After a compiled unmap pass where some folios did not lock (``rc`` per entry of ``todo``: 0 unmapped,
+        1 busy, -EBUSY writeback): the busy ones give back their destinations for the next pass, the ones under
+        writeback fail. Returns (unmapped, busy). Caller holds the lock."""
+        e = self.e
+        retry = todo[rc == 1]
+        wb = todo[rc == EBUSY]
+        if wb.size:
+            e.release_dst(wb)
+            e.status[wb] = EBUSY
+            self.m.changed.notify_all()
+        e.release_dst(retry)
+        return todo[rc == 0], retry
 
     def _trylock(self, todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ASYNC: try each folio lock; busy -> -EAGAIN (retried next pass), writeback -> -EBUSY (permanent)."""
@@ -583,24 +754,29 @@ class _Migration:
         t0 = time.perf_counter_ns()
         try:
             fence.wait()
-            failed = None
         except DmaError:
-            # Only the folios the failure hit: a destination page in a failed channel share. The others were
-            # copied and move as they are.
-            e = self.e
-            failed = moving[~e.fresh[moving]]
-            hit = fence.failed_pages()
-            if hit is not None:
-                failed = failed[np.isin(e.dst[failed], self.m.pages.head[hit])]
+            self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+            self._copy_failed(fence.failed_pages(), moving)
+            return
         self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
-        if failed is not None:
-            # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
-            t0 = time.perf_counter_ns()
-            self.m.frames.copy_folios(self.e.src[failed], self.e.dst[failed])
-            self.phase_ns["copy"] += time.perf_counter_ns() - t0
-            n = int(self.e.nr[failed].sum())
-            self.stats.nr_dma_fallback += n
         self.e.fresh[moving] = True
+        self.copied_batch = moving
+
+    def _copy_failed(self, hit: np.ndarray | None, moving: np.ndarray) -> None:
+        """The batch's DMA copy failed: the migrating thread copies the folios whose destinations it hit (the
+        pages ``hit``; None: any), then every copy of the batch is current."""
+        # Only the folios the failure hit: a destination page in a failed channel share. The others were copied
+        # and move as they are.
+        e = self.e
+        failed = moving[~e.fresh[moving]]
+        if hit is not None:
+            failed = failed[np.isin(e.dst[failed], self.m.pages.head[hit])]
+        # The source is unmapped and locked, so a CPU copy now is as exact as the DMA copy would have been.
+        t0 = time.perf_counter_ns()
+        self.m.frames.copy_folios(e.src[failed], e.dst[failed])
+        self.phase_ns["copy"] += time.perf_counter_ns() - t0
+        self.stats.nr_dma_fallback += int(e.nr[failed].sum())
+        e.fresh[moving] = True
         self.copied_batch = moving
 
     # -- the move loop ------------------------------------------------------------------------------------------
@@ -752,10 +928,19 @@ class _Migration:
             free, block_free = alloc.arrays()
         else:
             alloc, base, (free, block_free) = None, -1, _NO_ALLOCATOR
-        nfreed, thp, large, no_copy, dead, nbusy, bad = batch_loops.move_one_vma(
+        got = batch_loops.move_one_vma(
             moving, e.status, e.src, e.ints, e.bools, pages.state, e.oid, self.one_object.pfns, vma.pgoff,
             vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, free, block_free, 1 if alloc is None else alloc.block,
             base)
+        return self._settle_moved(moving, rc, freed, alloc, *got)
+
+    def _settle_moved(self, moving: np.ndarray, rc: np.ndarray, freed: np.ndarray, alloc: Any, nfreed: int, thp: int,
+                      large: int, no_copy: int, dead: int, nbusy: int, bad: int) -> np.ndarray:
+        """After a compiled move pass over ``moving`` (:func:`~.batch_loops.move_one_vma`: its ``rc`` and
+        ``freed``, then its seven results; ``alloc``: the source node's allocator it gave the old frames back to,
+        or None): what it leaves to Python (a double free, the shmem counters, device-private entries, new folios
+        nobody holds), then the counters. Returns the busy entries. Caller holds the lock."""
+        m, e, pages = self.m, self.e, self.m.pages
         if nfreed == 0:
             return moving
         if bad >= 0:

@@ -1,0 +1,399 @@
+"""Fused no-copy batches (``core._Migration._fused_steps``): the same migration as the general path, page for page
+and counter for counter, and every way out of the common case handed over to the general path where it was met."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from support import filled
+
+import dmamig.migrate.batch_loops as batch_loops
+from dmamig import DmaError, Machine, MigrateMode, PageFlag
+from dmamig.check import check_machine
+from dmamig.dma import ring as dma_ring
+from dmamig.dma.engine import RingBatches
+from dmamig.migrate.interrupts import DeferredInterrupt
+
+pytestmark = pytest.mark.skipif(batch_loops.FUSED_ERROR is not None,
+                                reason=f"fused batches cannot run here: {batch_loops.FUSED_ERROR}")
+
+NR = 512  # base pages of a kernel batch
+PAGE_FIELDS = ("flags", "refcount", "mapcount", "mapping", "index", "private", "last_cpupid", "memcg", "order",
+               "head", "write_seq")
+# The position of the route's words among fused_batch's arguments (after seq, ctl, rows, jobs).
+_ROUTE_ARG = batch_loops.fused_batch.py_func.__code__.co_varnames.index("route") if batch_loops.fused_batch \
+    else 0
+
+
+def machine() -> Machine:
+    return Machine(host_pages=8 * NR, device_pages=8 * NR, devices=2, backend="cpu", channels=2)
+
+
+def recording(codes: list[int], rig=None):
+    """fused_batch, recording the code of each call; ``rig(call number, args)`` may change its arguments."""
+    real = batch_loops.fused_batch
+
+    def fused(*args):
+        if rig is not None:
+            args = rig(len(codes), list(args))
+        got = real(*args)
+        codes.append(got[0])
+        return got
+    return fused
+
+
+def state_of(m: Machine, mm, regions: list[tuple[int, int]], results: list) -> dict:
+    out = {name: getattr(m.pages, name).copy() for name in PAGE_FIELDS if name != "write_seq"}
+    out["ptes"] = [(v.pte_pfn.copy(), v.pte_flags.copy()) for v in mm.vmas]
+    out["free"] = [nd.allocator.is_free(np.arange(nd.total_pages)).copy() for nd in m.nodes]
+    out["nr_free"] = [nd.free_pages for nd in m.nodes]
+    out["data"] = [mm.read(a, n * m.page_size) for a, n in regions]
+    out["vmstat"] = m.vmstat
+    out["results"] = [(r.status.copy(), r.stats, r.rc) for r in results]
+    stats = m.dma.stats
+    out["dma"] = (stats.submissions, stats.pages, stats.errors)
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "results":
+            for (sa, ta, ra), (sb, tb, rb) in zip(a[key], b[key]):
+                assert np.array_equal(sa, sb) and ta == tb and ra == rb, (ta, tb)
+        elif isinstance(a[key], list):
+            for x, y in zip(a[key], b[key]):
+                if isinstance(x, tuple):
+                    assert all(np.array_equal(p, q) for p, q in zip(x, y)), key
+                else:
+                    assert np.array_equal(x, y), key
+        elif isinstance(a[key], np.ndarray):
+            assert np.array_equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def both_paths(scenario, rig=None) -> list[int]:
+    """Run ``scenario()`` (which builds a machine and returns :func:`state_of`) fused and on the general path;
+    they must agree on everything. Returns the fused calls' codes."""
+    out = {}
+    codes: list[int] = []
+    for path in ("fused", "general"):
+        with pytest.MonkeyPatch.context() as mp:
+            if path == "general":
+                mp.setattr(batch_loops, "fused_batch", None)
+            else:
+                mp.setattr(batch_loops, "fused_batch", recording(codes, rig))
+            out[path] = scenario()
+    assert_same(out["fused"], out["general"])
+    return codes
+
+
+@pytest.mark.parametrize("order", [0, 9])
+@pytest.mark.parametrize("batches", [2, 5])
+def test_fused_batches_match_the_general_path(order, batches):
+    def scenario():
+        m = machine()
+        try:
+            mm = m.address_space()
+            addr, data = filled(m, mm, batches * NR, seed=batches, order=order)
+            results = [mm.migrate(addr, batches * NR * m.page_size, node, engine=m.dma) for node in (1, 0, 1, 0)]
+            assert all(r.ok for r in results)
+            assert np.array_equal(mm.read(addr, batches * NR * m.page_size), data)
+            assert check_machine(m) == []
+            return state_of(m, mm, [(addr, batches * NR)], results)
+        finally:
+            m.close()
+
+    codes = both_paths(scenario)
+    # A fused call per batch, plus one per migration that moves the last (the CPU backend's lane is open from
+    # the start).
+    assert codes == ([batch_loops.FUSED_SUBMITTED] * batches + [batch_loops.FUSED_MOVED]) * 4
+
+
+@pytest.mark.parametrize("mode", [MigrateMode.ASYNC, MigrateMode.SYNC])
+@pytest.mark.parametrize("order", [0, 9])
+def test_a_busy_folio_hands_its_batch_over_after_the_first_move_pass(mode, order):
+    def scenario():
+        m = machine()
+        try:
+            mm = m.address_space()
+            addr, data = filled(m, mm, 3 * NR, seed=1, order=order)
+            pfn = mm.pfn_of(addr + (NR + 7) * m.page_size)  # batch 2
+            m.page_controls.get_page(pfn)  # a transient reference: -EAGAIN at every freeze
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=mode, engine=m.dma)
+            m.page_controls.put_page(pfn)
+            assert res.nr_succeeded == 3 * NR - (NR if order else 1)
+            assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+            again = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=mode, engine=m.dma)
+            assert again.ok and check_machine(m) == []
+            return state_of(m, mm, [(addr, 3 * NR)], [res, again])
+        finally:
+            m.close()
+
+    codes = both_paths(scenario)
+    assert batch_loops.FUSED_MOVE_LEFT in codes
+
+
+@pytest.mark.parametrize("why", ["locked", "writeback"])
+def test_a_folio_that_does_not_lock_hands_its_batch_over_after_the_first_unmap_pass(why):
+    def scenario():
+        m = machine()
+        try:
+            mm = m.address_space()
+            addr, data = filled(m, mm, 3 * NR, seed=2)
+            pfn = mm.pfn_of(addr + (2 * NR + 3) * m.page_size)  # batch 3
+            if why == "locked":
+                m.page_controls.lock_page(pfn)
+            else:
+                m.page_controls.start_writeback(pfn)
+            # ASYNC: a sync mode would retry the folio alone and wait for a lock this very thread holds.
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=MigrateMode.ASYNC, engine=m.dma)
+            if why == "locked":
+                m.page_controls.unlock_page(pfn)
+            else:
+                m.page_controls.end_writeback(pfn)
+            assert res.nr_succeeded == 3 * NR - 1 and res.nr_failed == 1
+            assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+            assert check_machine(m) == []
+            return state_of(m, mm, [(addr, 3 * NR)], [res])
+        finally:
+            m.close()
+
+    codes = both_paths(scenario)
+    assert batch_loops.FUSED_UNMAP_LEFT in codes
+
+
+@pytest.mark.parametrize("order", [0, 9])
+def test_a_target_node_out_of_frames_hands_the_batch_to_the_general_allocation(order):
+    def scenario():
+        m = machine()
+        try:
+            mm = m.address_space()
+            addr, data = filled(m, mm, 4 * NR, seed=3, order=order)
+            held = m.alloc_pages(1, 8 * NR - 2 * NR - NR // 2)  # room for two and a half batches
+            if order:
+                m.put_pages(held[-2 * NR::2])  # free frames, but no free 2 MiB block for the third THP
+            res = mm.migrate(addr, 4 * NR * m.page_size, 1, engine=m.dma)
+            assert not res.ok
+            assert np.array_equal(mm.read(addr, 4 * NR * m.page_size), data)
+            m.put_pages(held if not order else np.setdiff1d(held, held[-2 * NR::2]))
+            assert check_machine(m) == []
+            return state_of(m, mm, [(addr, 4 * NR)], [res])
+        finally:
+            m.close()
+
+    codes = both_paths(scenario)
+    assert batch_loops.FUSED_NO_FRAMES in codes
+
+
+def test_a_submission_the_rings_refuse_goes_through_the_engine_general_path():
+    def rig(call, args):
+        if call == 1:  # the second batch: a route that covers no destination, so every page is outside it
+            route = args[_ROUTE_ARG].copy()
+            route[dma_ring.R_DST_PAGES] = 0
+            args[_ROUTE_ARG] = route
+        return args
+
+    def scenario():
+        m = machine()
+        try:
+            mm = m.address_space()
+            addr, data = filled(m, mm, 3 * NR, seed=4)
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, engine=m.dma)
+            assert res.ok and res.stats.nr_no_copy == 3 * NR
+            assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+            assert check_machine(m) == []
+            return state_of(m, mm, [(addr, 3 * NR)], [res])
+        finally:
+            m.close()
+
+    codes = both_paths(scenario, rig)
+    assert batch_loops.FUSED_NOT_SUBMITTED in codes
+
+
+def test_a_failed_dma_copy_is_made_by_the_migrating_thread(monkeypatch):
+    real = RingBatches.wait
+    waits = []
+
+    def wait(self):
+        real(self)
+        waits.append(1)
+        if len(waits) == 2:  # the second batch: its channel reports a failure after the copy ended
+            self._engine._count_error()
+            raise DmaError("injected: the channel did not copy its share")
+
+    monkeypatch.setattr(RingBatches, "wait", wait)
+    m = machine()
+    try:
+        mm = m.address_space()
+        addr, data = filled(m, mm, 3 * NR, seed=5)
+        res = mm.migrate(addr, 3 * NR * m.page_size, 1, engine=m.dma)
+        assert res.ok and res.stats.nr_dma_fallback == NR and res.stats.nr_no_copy == 3 * NR
+        assert res.stats.nr_move_passes == 3 and res.stats.nr_passes == 3 and res.stats.nr_tlb_flush == 3
+        assert m.dma.stats.errors == 1
+        assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+        assert check_machine(m) == []
+    finally:
+        m.close()
+
+
+def test_a_vma_that_changes_ends_the_fused_run(monkeypatch):
+    """Where the one VMA cannot be used any more, the batch in flight moves the general way and the rest go on."""
+    from dmamig.migrate import core
+
+    real = core._Migration._one_vma
+    asked = []
+
+    def one_vma(self):
+        asked.append(1)
+        return None if len(asked) == 3 else real(self)
+
+    monkeypatch.setattr(core._Migration, "_one_vma", one_vma)
+    codes: list[int] = []
+    monkeypatch.setattr(batch_loops, "fused_batch", recording(codes))
+    m = machine()
+    try:
+        mm = m.address_space()
+        addr, data = filled(m, mm, 4 * NR, seed=6)
+        res = mm.migrate(addr, 4 * NR * m.page_size, 1, engine=m.dma)
+        assert res.ok and res.stats.nr_no_copy == 4 * NR and res.stats.nr_move_passes == 4
+        assert res.stats.nr_unmap_passes == 4 and res.stats.nr_passes == 4 and res.stats.nr_tlb_flush == 4
+        assert codes[:2] == [batch_loops.FUSED_SUBMITTED] * 2 and len(codes) > 2  # fused again after the gap
+        assert np.array_equal(mm.read(addr, 4 * NR * m.page_size), data)
+        assert check_machine(m) == []
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("when", [2, 3, 4])
+def test_an_interrupt_with_a_batch_in_flight_restores_every_page(monkeypatch, when):
+    real = DeferredInterrupt.check
+    checks = []
+
+    def check(self):
+        checks.append(1)
+        if len(checks) == when:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(DeferredInterrupt, "check", check)
+    m = machine()
+    try:
+        mm = m.address_space()
+        n = 4 * NR
+        addr, data = filled(m, mm, n, seed=7)
+        free_before = [nd.free_pages for nd in m.nodes]
+        with pytest.raises(KeyboardInterrupt):
+            mm.migrate(addr, n * m.page_size, 1, engine=m.dma)
+        monkeypatch.undo()
+        moved = (mm.nodes_of(addr, n * m.page_size) == 1).sum()
+        assert moved % NR == 0 and moved < n
+        assert check_machine(m) == []
+        assert sum(nd.free_pages for nd in m.nodes) == sum(free_before)
+        assert np.array_equal(mm.read(addr, n * m.page_size), data)
+        assert mm.migrate(addr, n * m.page_size, 2, engine=m.dma).ok
+        assert np.array_equal(mm.read(addr, n * m.page_size), data)
+    finally:
+        m.close()
+
+
+def test_an_engine_closed_between_batches_fails_the_call_and_restores_every_page(monkeypatch):
+    real = RingBatches.wait
+    waits = []
+
+    def wait(self):
+        real(self)
+        waits.append(1)
+        if len(waits) == 2:
+            self._engine.close()  # (from the migrating thread, outside every lock)
+
+    monkeypatch.setattr(RingBatches, "wait", wait)
+    m = machine()
+    try:
+        mm = m.address_space()
+        n = 4 * NR
+        addr, data = filled(m, mm, n, seed=8)
+        with pytest.raises(DmaError, match="closed"):
+            mm.migrate(addr, n * m.page_size, 1, engine=m.dma)
+        assert (mm.nodes_of(addr, n * m.page_size) == 1).sum() == NR  # the batch before the one in flight
+        assert check_machine(m) == []
+        assert np.array_equal(mm.read(addr, n * m.page_size), data)
+    finally:
+        m.close()
+
+
+# -- the engine's side: RingBatches ------------------------------------------------------------------------------
+def _open_rings(m: Machine) -> RingBatches:
+    src, dst = m.alloc_pages(0, 4), m.alloc_pages(1, 4)
+    m.dma.copy(src, dst).wait()  # a lane opens on its first general-path copy
+    m.put_pages(np.concatenate([src, dst]))
+    rings = m.dma.ring_batches(0, 1, 64)
+    assert rings is not None and m.dma.ring_batches(0, 1, 64) is rings
+    return rings
+
+
+def _submit(rings: RingBatches, src: np.ndarray, dst: np.ndarray) -> int:
+    args = rings.hold()
+    assert args is not None
+    try:
+        ctl, rows, jobs, route, fraction, write_seq, ws, wm, out = args
+        nr = dma_ring.submit_pages(ctl, rows, jobs, src, dst, route, fraction, False, write_seq, rings.seq, ws, wm,
+                                   out)
+        if nr >= 0:
+            rings.published(src.size, nr)
+    finally:
+        rings.release()
+    return nr
+
+
+def test_ring_batches_count_publish_and_are_waited_for_by_synchronize():
+    with machine() as m:
+        rings = _open_rings(m)
+        src, dst = m.alloc_pages(0, 32), m.alloc_pages(1, 32)
+        m.frames.write_pfns(src, np.random.default_rng(0).integers(0, 256, (32, m.page_size), dtype=np.uint8))
+        before = m.dma.stats
+        assert _submit(rings, src, dst) >= 0
+        m.dma.synchronize()  # waits for the ring batch in flight
+        assert np.array_equal(m.frames.read_pfns(dst), m.frames.read_pfns(src))
+        after = m.dma.stats
+        assert after.submissions == before.submissions + 1 and after.pages == before.pages + 32
+        assert (m.pages.write_seq[dst] == rings.seq).all()  # stamped before it was published
+        rings.wait()
+        rings.wait()  # nothing in flight: returns at once
+
+
+def test_ring_batches_hold_nothing_when_faults_are_armed_or_the_engine_is_closed():
+    with machine() as m:
+        rings = _open_rings(m)
+        m.faults.set("dma_copy", probability=1.0)
+        assert rings.hold() is None and m.dma.ring_batches(0, 1, 64) is None
+        m.faults.clear()
+        done = threading.Event()
+        threading.Thread(target=lambda: (m.dma.synchronize(), done.set()), daemon=True).start()
+        assert done.wait(10), "hold() kept the engine lock"
+        m.dma.close()
+        with pytest.raises(DmaError, match="closed"):
+            rings.hold()
+        assert m.dma.ring_batches(0, 1, 64) is None
+        assert m.dma._lock.acquire(timeout=1)  # nothing held after the refusal
+        m.dma._lock.release()
+
+
+def test_a_page_flag_copy_does_not_change_what_fused_batches_take():
+    """Writeback set on a page of the first batch only: that batch goes the general way, the rest fused."""
+    codes: list[int] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batch_loops, "fused_batch", recording(codes))
+        with machine() as m:
+            mm = m.address_space()
+            addr, data = filled(m, mm, 3 * NR, seed=9)
+            pfn = mm.pfn_of(addr)
+            m.page_controls.set_page_flags(pfn, PageFlag.WRITEBACK)
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=MigrateMode.ASYNC, engine=m.dma)
+            m.page_controls.clear_page_flags(pfn, PageFlag.WRITEBACK)
+            assert res.nr_failed == 1 and res.nr_succeeded == 3 * NR - 1
+            assert codes[0] == batch_loops.FUSED_UNMAP_LEFT and batch_loops.FUSED_SUBMITTED in codes
+            assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
