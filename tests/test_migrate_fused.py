@@ -1,5 +1,6 @@
-"""Fused no-copy batches (``core._Migration._fused_steps``): the same migration as the general path, page for page
-and counter for counter, and every way out of the common case handed over to the general path where it was met."""
+"""Fused batches (``core._Migration._fused_steps``), copied by the DMA engine or by the migrating thread: the same
+migration as the general path, page for page and counter for counter, and every way out of the common case handed
+over to the general path where it was met."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from support import filled
 
 import dmamig.migrate.batch_loops as batch_loops
-from dmamig import DmaError, Machine, MigrateMode, PageFlag
+from dmamig import DmaError, Machine, MigrateMode, PageFlag, Prot
 from dmamig.check import check_machine
 from dmamig.dma import ring as dma_ring
 from dmamig.dma.engine import RingBatches
@@ -91,15 +92,24 @@ def both_paths(scenario, rig=None) -> list[int]:
     return codes
 
 
+COPIERS = ["dma", "cpu"]
+
+
+def engine_of(m: Machine, copier: str):
+    return m.dma if copier == "dma" else None
+
+
+@pytest.mark.parametrize("copier", COPIERS)
 @pytest.mark.parametrize("order", [0, 9])
 @pytest.mark.parametrize("batches", [2, 5])
-def test_fused_batches_match_the_general_path(order, batches):
+def test_fused_batches_match_the_general_path(order, batches, copier):
     def scenario():
         m = machine()
         try:
             mm = m.address_space()
             addr, data = filled(m, mm, batches * NR, seed=batches, order=order)
-            results = [mm.migrate(addr, batches * NR * m.page_size, node, engine=m.dma) for node in (1, 0, 1, 0)]
+            results = [mm.migrate(addr, batches * NR * m.page_size, node, engine=engine_of(m, copier))
+                       for node in (1, 0, 1, 0)]
             assert all(r.ok for r in results)
             assert np.array_equal(mm.read(addr, batches * NR * m.page_size), data)
             assert check_machine(m) == []
@@ -110,12 +120,16 @@ def test_fused_batches_match_the_general_path(order, batches):
     codes = both_paths(scenario)
     # A fused call per batch, plus one per migration that moves the last (the CPU backend's lane is open from
     # the start).
-    assert codes == ([batch_loops.FUSED_SUBMITTED] * batches + [batch_loops.FUSED_MOVED]) * 4
+    started = batch_loops.FUSED_SUBMITTED if copier == "dma" else batch_loops.FUSED_TO_COPY
+    assert codes == ([started] * batches + [batch_loops.FUSED_MOVED]) * 4
 
 
+@pytest.mark.parametrize("copier", COPIERS)
 @pytest.mark.parametrize("mode", [MigrateMode.ASYNC, MigrateMode.SYNC])
 @pytest.mark.parametrize("order", [0, 9])
-def test_a_busy_folio_hands_its_batch_over_after_the_first_move_pass(mode, order):
+def test_a_busy_folio_hands_its_batch_over_where_it_is_found(mode, order, copier):
+    """An extra reference: the DMA copy is made and the first move pass finds it; the migrating thread's copy is
+    not made (the reference check comes before it)."""
     def scenario():
         m = machine()
         try:
@@ -123,22 +137,23 @@ def test_a_busy_folio_hands_its_batch_over_after_the_first_move_pass(mode, order
             addr, data = filled(m, mm, 3 * NR, seed=1, order=order)
             pfn = mm.pfn_of(addr + (NR + 7) * m.page_size)  # batch 2
             m.page_controls.get_page(pfn)  # a transient reference: -EAGAIN at every freeze
-            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=mode, engine=m.dma)
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=mode, engine=engine_of(m, copier))
             m.page_controls.put_page(pfn)
             assert res.nr_succeeded == 3 * NR - (NR if order else 1)
             assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
-            again = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=mode, engine=m.dma)
+            again = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=mode, engine=engine_of(m, copier))
             assert again.ok and check_machine(m) == []
             return state_of(m, mm, [(addr, 3 * NR)], [res, again])
         finally:
             m.close()
 
     codes = both_paths(scenario)
-    assert batch_loops.FUSED_MOVE_LEFT in codes
+    assert (batch_loops.FUSED_MOVE_LEFT if copier == "dma" else batch_loops.FUSED_UNMAPPED) in codes
 
 
+@pytest.mark.parametrize("copier", COPIERS)
 @pytest.mark.parametrize("why", ["locked", "writeback"])
-def test_a_folio_that_does_not_lock_hands_its_batch_over_after_the_first_unmap_pass(why):
+def test_a_folio_that_does_not_lock_hands_its_batch_over_after_the_first_unmap_pass(why, copier):
     def scenario():
         m = machine()
         try:
@@ -150,7 +165,7 @@ def test_a_folio_that_does_not_lock_hands_its_batch_over_after_the_first_unmap_p
             else:
                 m.page_controls.start_writeback(pfn)
             # ASYNC: a sync mode would retry the folio alone and wait for a lock this very thread holds.
-            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=MigrateMode.ASYNC, engine=m.dma)
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, mode=MigrateMode.ASYNC, engine=engine_of(m, copier))
             if why == "locked":
                 m.page_controls.unlock_page(pfn)
             else:
@@ -166,8 +181,9 @@ def test_a_folio_that_does_not_lock_hands_its_batch_over_after_the_first_unmap_p
     assert batch_loops.FUSED_UNMAP_LEFT in codes
 
 
+@pytest.mark.parametrize("copier", COPIERS)
 @pytest.mark.parametrize("order", [0, 9])
-def test_a_target_node_out_of_frames_hands_the_batch_to_the_general_allocation(order):
+def test_a_target_node_out_of_frames_hands_the_batch_to_the_general_allocation(order, copier):
     def scenario():
         m = machine()
         try:
@@ -176,7 +192,7 @@ def test_a_target_node_out_of_frames_hands_the_batch_to_the_general_allocation(o
             held = m.alloc_pages(1, 8 * NR - 2 * NR - NR // 2)  # room for two and a half batches
             if order:
                 m.put_pages(held[-2 * NR::2])  # free frames, but no free 2 MiB block for the third THP
-            res = mm.migrate(addr, 4 * NR * m.page_size, 1, engine=m.dma)
+            res = mm.migrate(addr, 4 * NR * m.page_size, 1, engine=engine_of(m, copier))
             assert not res.ok
             assert np.array_equal(mm.read(addr, 4 * NR * m.page_size), data)
             m.put_pages(held if not order else np.setdiff1d(held, held[-2 * NR::2]))
@@ -211,7 +227,7 @@ def test_a_submission_the_rings_refuse_goes_through_the_engine_general_path():
             m.close()
 
     codes = both_paths(scenario, rig)
-    assert batch_loops.FUSED_NOT_SUBMITTED in codes
+    assert batch_loops.FUSED_UNMAPPED in codes
 
 
 def test_a_failed_dma_copy_is_made_by_the_migrating_thread(monkeypatch):
@@ -268,8 +284,9 @@ def test_a_vma_that_changes_ends_the_fused_run(monkeypatch):
         m.close()
 
 
+@pytest.mark.parametrize("copier", COPIERS)
 @pytest.mark.parametrize("when", [2, 3, 4])
-def test_an_interrupt_with_a_batch_in_flight_restores_every_page(monkeypatch, when):
+def test_an_interrupt_with_a_batch_in_flight_restores_every_page(monkeypatch, when, copier):
     real = DeferredInterrupt.check
     checks = []
 
@@ -287,7 +304,7 @@ def test_an_interrupt_with_a_batch_in_flight_restores_every_page(monkeypatch, wh
         addr, data = filled(m, mm, n, seed=7)
         free_before = [nd.free_pages for nd in m.nodes]
         with pytest.raises(KeyboardInterrupt):
-            mm.migrate(addr, n * m.page_size, 1, engine=m.dma)
+            mm.migrate(addr, n * m.page_size, 1, engine=engine_of(m, copier))
         monkeypatch.undo()
         moved = (mm.nodes_of(addr, n * m.page_size) == 1).sum()
         assert moved % NR == 0 and moved < n
@@ -397,3 +414,18 @@ def test_a_page_flag_copy_does_not_change_what_fused_batches_take():
             assert res.nr_failed == 1 and res.nr_succeeded == 3 * NR - 1
             assert codes[0] == batch_loops.FUSED_UNMAP_LEFT and batch_loops.FUSED_SUBMITTED in codes
             assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+
+
+def test_a_folio_mapped_through_two_vmas_takes_the_general_path():
+    """One object, two VMAs (an mprotect split): the fused run cannot start, and the call goes on regardless."""
+    codes: list[int] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batch_loops, "fused_batch", recording(codes))
+        with machine() as m:
+            mm = m.address_space()
+            addr, data = filled(m, mm, 3 * NR, seed=10)
+            mm.mprotect(addr, NR * m.page_size, Prot.READ)  # two VMAs over one object
+            res = mm.migrate(addr, 3 * NR * m.page_size, 1, engine=m.dma)
+            assert res.ok and res.nr_succeeded == 3 * NR and codes == []
+            assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+            assert check_machine(m) == []

@@ -24,8 +24,8 @@ from ..nodes import PAGEBLOCK_ORDER
 
 __all__ = ["ACC_LARGE", "ACC_LAST_MOVE", "ACC_MOVED", "ACC_MOVES", "ACC_MOVE_NS", "ACC_NO_COPY", "ACC_PAGES",
            "ACC_SUBMIT_NS", "ACC_THP", "ACC_UNMAPS", "ACC_UNMAP_NS", "ACC_WORDS", "FUSED_ERROR", "FUSED_MOVED",
-           "FUSED_MOVE_LEFT", "FUSED_NOT_SUBMITTED", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_UNMAP_LEFT",
-           "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH", "ROW_GIVEN",
+           "FUSED_MOVE_LEFT", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_TO_COPY", "FUSED_UNMAPPED",
+           "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH", "ROW_GIVEN",
            "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED", "USE_BATCH_LOOPS", "alloc_one_order",
            "cut_batches", "fill_status", "fused_batch", "init_entries", "move_one_vma", "stale_base_pfns",
            "to_copy", "unmap_one_vma"]
@@ -388,12 +388,14 @@ def _move_one_vma(pos, status, src, ints, bools, state, oid, obj_pfns, pgoff, np
     return total, thp, large, no_copy, dead, pos.size - moved, bad
 
 
-# What fused_batch returns first: the batch before moved and the next one, unmapped whole, was submitted
-# (SUBMITTED) or there was no next one (MOVED); or it stopped at a case the general path takes: the batch before
-# has folios left after its move pass (MOVE_LEFT; the next one untouched), the target node could not serve the
-# next one (NO_FRAMES; untouched), some of its folios did not lock (UNMAP_LEFT), or the rings did not take its
-# submission (NOT_SUBMITTED: their code second).
-FUSED_SUBMITTED, FUSED_MOVED, FUSED_MOVE_LEFT, FUSED_NO_FRAMES, FUSED_UNMAP_LEFT, FUSED_NOT_SUBMITTED = range(6)
+# What fused_batch returns first: the batch before moved and the next one, unmapped whole, was submitted to the
+# rings (SUBMITTED) or is for the caller to copy (TO_COPY), or there was no next one (MOVED); or it stopped at a
+# case the general path takes: the batch before has folios left after its move pass (MOVE_LEFT; the next one
+# untouched), the target node could not serve the next one (NO_FRAMES; untouched), some of its folios did not
+# lock (UNMAP_LEFT), or it is unmapped whole but not copied (UNMAPPED: the rings did not take the submission,
+# their code second; or, copying, a folio has an extra reference, which the copy must not overlook).
+FUSED_SUBMITTED, FUSED_TO_COPY, FUSED_MOVED, FUSED_MOVE_LEFT, FUSED_NO_FRAMES, FUSED_UNMAP_LEFT, \
+    FUSED_UNMAPPED = range(7)
 #: Words of fused_batch's ``acc``, added up over calls: pages moved, PMD-sized and large folios moved, pages moved
 #: without a copy of their own, entries moved, batches submitted whole (an unmap pass, a TLB flush, a pass each),
 #: move passes that moved every folio, and the nanoseconds of the move, unmap and submission phases; then the
@@ -405,13 +407,14 @@ ACC_WORDS = ACC_LAST_MOVE + 7
 
 def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn,
                  pte_flags, tfree, tbf, tblock, tbase, order, sfree, sbf, sblock, sbase, rc, listed, freed, acc, ts,
-                 seq, ctl, rows, jobs, route, large_fraction, write_seq, ws, wm, out):
-    """One step of a long no-copy migration under the machine lock, as one call: the move pass of batch ``prev``
-    (entries whose DMA copy finished: marked fresh, then :func:`move_one_vma`, old frames back to the source
+                 copying, seq, ctl, rows, jobs, route, large_fraction, write_seq, ws, wm, out):
+    """One step of a long migration under the machine lock, as one call: the move pass of batch ``prev``, whose
+    copy is made (:func:`move_one_vma`; a DMA copy marks its entries fresh first; old frames back to the source
     node's allocator arrays ``sfree``, ``sbf``), then the unmap pass of batch ``nxt`` (:func:`unmap_one_vma`,
-    destinations of ``order`` from the target node's ``tfree``, ``tbf``) and the submission of its pages to the
-    rings, stamped ``seq`` (:func:`dmamig.dma.ring.submit_pages` over the arrays after ``seq``, the caller holding
-    the rings).
+    destinations of ``order`` from the target node's ``tfree``, ``tbf``) and the start of its copy: with
+    ``copying`` the reference check that comes before a copy of the migrating thread's (``to_copy``), which the
+    caller makes outside the lock; else the submission of its pages to the rings, stamped ``seq``
+    (:func:`dmamig.dma.ring.submit_pages` over the arrays after ``seq``, the caller holding the rings).
     ``acc`` adds up what the calls did (``ACC_*``); ``ts`` is clock scratch.
 
     Returns ``(FUSED_*, runs submitted or the rings' SUBMIT_* code, pages listed, frames taken from the target
@@ -424,9 +427,10 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
     t0 = now_ns(ts)
     freed_frames = 0
     if prev.size:
-        fresh = bools[ROW_FRESH]
-        for i in range(prev.size):
-            fresh[prev[i]] = True
+        if not copying:
+            fresh = bools[ROW_FRESH]
+            for i in range(prev.size):
+                fresh[prev[i]] = True
         nfreed, thp, large, no_copy, dead, nbusy, bad = _move_one_vma(
             prev, status, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed,
             sfree, sbf, sblock, sbase)
@@ -455,12 +459,21 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
         return FUSED_NO_FRAMES, 0, 0, 0, freed_frames
     if bad or n == 0:
         return FUSED_UNMAP_LEFT, 0, n, taken, freed_frames
+    if copying:
+        # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
+        expected = ints[ROW_EXPECTED]
+        _, _, _, _, _, _, _, refcount, _, _, _, _ = page_fields(state)
+        for i in range(nxt.size):
+            if refcount[src[nxt[i]]] != expected[nxt[i]]:
+                return FUSED_UNMAPPED, 0, n, taken, freed_frames
+        acc[ACC_UNMAPS] += 1
+        return FUSED_TO_COPY, 0, n, taken, freed_frames
     # Unchecked, as the engine's own first try of a batch: destinations out of order go the long way.
     nr = submit_pages(ctl, rows, jobs, listed[0, :n], listed[1, :n], route, large_fraction, False, write_seq,
                       seq, ws, wm, out)
     acc[ACC_SUBMIT_NS] += now_ns(ts) - t1
     if nr < 0:
-        return FUSED_NOT_SUBMITTED, nr, n, taken, freed_frames
+        return FUSED_UNMAPPED, nr, n, taken, freed_frames
     acc[ACC_UNMAPS] += 1
     return FUSED_SUBMITTED, nr, n, taken, freed_frames
 

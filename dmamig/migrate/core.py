@@ -90,6 +90,11 @@ _LRU = np.uint32(PageFlag.LRU)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
 # Stand-ins for the allocator arrays where the old folios span nodes (they are freed node by node after the call).
 _NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
+# Stand-ins for the rings' arrays where fused batches are copied by the migrating thread (the types of
+# RingBatches.hold's, so that one compiled fused_batch serves both).
+_NO_RINGS = (np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1, 4), dtype=np.int64),
+             np.zeros((1, 1, 4), dtype=np.int64), np.zeros(1, dtype=np.int64), 0.0, np.zeros(0, dtype=np.int64),
+             np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8), np.zeros((1, 4), dtype=np.int64))
 
 
 _CHECKED_MODES: dict[tuple[MigrateMode, bool], MigrateMode] = {}  # valid (mode, allow_no_copy) pairs seen
@@ -166,10 +171,13 @@ class _Migration:
         if depth == 0:
             i = 0
             while i < len(steps) and not self.enomem:
-                rings = self._fused_rings(steps, i)
-                if rings is not None:
-                    i = self._fused_steps(steps, i, rings)
-                    continue
+                fusable, rings = self._can_fuse(steps, i)
+                if fusable:
+                    ran = self._fused_steps(steps, i, rings)
+                    if ran > i:
+                        i = ran
+                        continue
+                    # (none ran: the VMA or the rings could not be used; this step goes the general way)
                 step = steps[i]
                 moved = self.nr_moved_folios
                 self._drive(self._first_pass(step))
@@ -207,29 +215,36 @@ class _Migration:
         for _ in gen:
             pass
 
-    # -- fused batches: a long no-copy migration, one compiled call per batch ---------------------------------
-    def _fused_rings(self, steps: list[np.ndarray], i: int) -> RingBatches | None:
-        """The DMA rings the steps from ``i`` on can be fused over (see :meth:`_fused_steps`), or None.
+    # -- fused batches: a long migration, one compiled call per batch -----------------------------------------
+    def _can_fuse(self, steps: list[np.ndarray], i: int) -> tuple[bool, RingBatches | None]:
+        """Whether the steps from ``i`` on can run as fused batches (see :meth:`_fused_steps`), and the DMA rings
+        they go over (None: the migrating thread copies).
 
-        Fused are the common batches of a no-copy migration: anonymous folios of one order, mapped through one
-        VMA, from one node to another whose DMA channels take ring rows, one batch per step, no split pieces
-        waiting, no fault point armed, no cost model, coherent device memory. Everything else (and every batch
-        that leaves the common case on its way) takes the general path, which is the reference.
+        Fused are the common batches of a long migration: anonymous folios of one order, mapped through one VMA,
+        from one node to another (whose DMA channels take ring rows, for a no-copy migration), one batch per
+        step, two steps or more, no split pieces waiting, no fault point armed, no cost model, coherent device
+        memory. Everything else (and every batch that leaves the common case on its way) takes the general path,
+        which is the reference.
         """
         e, m = self.e, self.m
-        if self.engine is None or batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
-                or e.all_given or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
+        if batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 or e.all_given \
+                or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
                 or self.charges is not None or m.device_private or e.src_node < 0 or e.src_node == self.node \
                 or self.options.batches_per_step != 1 or m.faults.armed or e.has_pieces or len(steps) - i < 2:
-            return None
-        return self.engine.ring_batches(e.src_node, self.node, max(s.size for s in steps[i:]) << e.one_order)
+            return False, None
+        if self.engine is None:
+            return True, None
+        rings = self.engine.ring_batches(e.src_node, self.node, max(s.size for s in steps[i:]) << e.one_order)
+        return rings is not None, rings
 
-    def _fused_steps(self, steps: list[np.ndarray], i: int, rings: RingBatches) -> int:
-        """Run the steps from ``i`` on as fused batches; returns the index of the first step not run.
+    def _fused_steps(self, steps: list[np.ndarray], i: int, rings: RingBatches | None) -> int:
+        """Run the steps from ``i`` on as fused batches, copied by the DMA engine over ``rings`` (None: by the
+        migrating thread); returns the index of the first step not run.
 
         Per batch one compiled call under the machine lock (:func:`~.batch_loops.fused_batch`): the move pass
-        of the batch before, whose DMA copy is done, then the unmap pass of this one and the submission of its
-        pages to the rings; then, outside every lock, the wait for its copy. The kernel's order is kept (a
+        of the batch before, whose copy is made, then the unmap pass of this one and the start of its copy (the
+        submission of its pages to the rings; or the reference check before a copy of the migrating thread's);
+        then, outside every lock, the wait for the DMA copy or the copy itself. The kernel's order is kept (a
         batch's move before the next batch's unmap), and so are the lock discipline and the counters of the
         general path. A batch that leaves the common case (folios busy or under writeback, no frames on the
         target node, a ring the submission does not go to, a failed copy, folios left after the move pass) is
@@ -238,6 +253,7 @@ class _Migration:
         :meth:`_fused_rings` again: the batch may have changed what the rest can take).
         """
         m, e, pages = self.m, self.e, self.m.pages
+        copying = rings is None
         passes = self._first_passes()
         self.batch_mode = MigrateMode.ASYNC
         tn, sn = m.nodes[self.node], m.nodes[e.src_node]
@@ -257,7 +273,7 @@ class _Migration:
                 self.interrupts.check()
                 with m.lock:
                     vma = self._one_vma()
-                    args = None if vma is None else rings.hold()
+                    args = None if vma is None else (_NO_RINGS if copying else rings.hold())
                     if args is None:
                         code = -1
                     else:
@@ -266,11 +282,12 @@ class _Migration:
                                 prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
                                 self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, tfree, tbf,
                                 ta.block, tn.base_pfn, e.one_order, sfree, sbf, sa.block, sn.base_pfn, rc, listed,
-                                freed, acc, ts, rings.seq, *args)
+                                freed, acc, ts, copying, 0 if copying else rings.seq, *args)
                             if code == batch_loops.FUSED_SUBMITTED:
                                 rings.published(nlisted, nr)
                         finally:
-                            rings.release()
+                            if not copying:
+                                rings.release()
                         if taken:
                             ta.taken(taken)
                         if given_back:
@@ -293,6 +310,14 @@ class _Migration:
                         self._after_step(nxt)
                         return i + 1
                     self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+                    prev, i = nxt, i + 1
+                    continue
+                if code == batch_loops.FUSED_TO_COPY:
+                    # The migrating thread copies outside the lock; the locked, unmapped sources cannot change
+                    # meanwhile (the move pass checks the references once more).
+                    t0 = time.perf_counter_ns()
+                    m.frames.copy_folios(e.src[nxt], e.dst[nxt])
+                    self.phase_ns["copy"] += time.perf_counter_ns() - t0
                     prev, i = nxt, i + 1
                     continue
                 break
@@ -321,8 +346,8 @@ class _Migration:
         elif code == batch_loops.FUSED_UNMAP_LEFT:
             self.listed = None  # the general submission lists the pages of every pass
             self._drive(self._first_pass(nxt, first=(done, retry)))
-        else:  # FUSED_NOT_SUBMITTED: unmapped whole; the engine's general path takes the submission
-            self.listed = (nxt, listed[0, :nlisted].copy(), listed[1, :nlisted].copy())
+        else:  # FUSED_UNMAPPED: unmapped whole; the general path copies (the engine's general path submits)
+            self.listed = None if copying else (nxt, listed[0, :nlisted].copy(), listed[1, :nlisted].copy())
             self._drive(self._first_pass(nxt, first=(nxt, _NONE)))
         self._after_step(nxt)
         return i + 1
