@@ -246,3 +246,31 @@ def test_entry_blocks_hold_the_named_rows_also_after_a_split_grows_them() -> Non
         assert (e.split_first[2:] == -1).all() and e.split_first[0] == 2
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("order", [0, 4, 9])
+@pytest.mark.parametrize("batch_pages, per_step", [(1, 1), (16, 1), (100, 3), (512, 1), (1000, 2)])
+def test_steps_of_folios_of_one_size_are_the_batches_batch_ids_cuts(order, batch_pages, per_step):
+    """Folios of one size are cut into slices of a fixed number of folios: the same batches and steps as
+    ``batch_ids`` gives for any sizes (a batch takes folios until it holds ``batch_pages`` or more)."""
+    from dmamig.migrate.entries import Entries, batch_ids
+
+    with Machine(host_pages=4096, device_pages=512, devices=1, backend="cpu") as m:
+        mm = m.address_space()
+        folios = 7
+        addr = mm.mmap((folios << order) * m.page_size, order=order)
+        mm.write(addr, np.ones((folios << order) * m.page_size, dtype=np.uint8))
+        heads = np.unique(m.pages.head[mm.pfns_of(addr, (folios << order) * m.page_size)])
+        with m.lock:
+            e = Entries(m, heads, None)
+        assert e.one_order == order
+        positions = np.arange(heads.size)
+        steps = e.steps(positions, batch_pages, per_step)
+        if folios << order <= batch_pages:
+            assert len(steps) == 1 and np.array_equal(steps[0], positions)
+            return
+        batch = batch_ids(np.full(folios, 1 << order, dtype=np.int64), batch_pages)
+        assert np.array_equal(e.batch_of[positions], batch)
+        step = batch // per_step
+        want = [positions[step == s] for s in np.unique(step)]
+        assert len(steps) == len(want) and all(np.array_equal(a, b) for a, b in zip(steps, want))

@@ -227,14 +227,14 @@ class _Migration:
         which is the reference.
         """
         e, m = self.e, self.m
-        if batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 or e.all_given \
-                or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
+        if len(steps) - i < 2 or batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
+                or e.all_given or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
                 or self.charges is not None or m.device_private or e.src_node < 0 or e.src_node == self.node \
-                or self.options.batches_per_step != 1 or m.faults.armed or e.has_pieces or len(steps) - i < 2:
+                or self.options.batches_per_step != 1 or m.faults.armed or e.has_pieces:
             return False, None
         if self.engine is None:
             return True, None
-        rings = self.engine.ring_batches(e.src_node, self.node, max(s.size for s in steps[i:]) << e.one_order)
+        rings = self.engine.ring_batches(e.src_node, self.node, max(map(len, steps[i:])) << e.one_order)
         return rings is not None, rings
 
     def _fused_steps(self, steps: list[np.ndarray], i: int, rings: RingBatches | None) -> int:
@@ -260,7 +260,7 @@ class _Migration:
         ta, sa = tn.allocator, sn.allocator
         tfree, tbf = ta.arrays()
         sfree, sbf = sa.arrays()
-        most = max(s.size for s in steps[i:])
+        most = max(map(len, steps[i:]))
         rc = np.empty(most, dtype=np.int32)
         listed = np.empty((2, most << e.one_order), dtype=np.int64)
         freed = np.empty(most << e.one_order, dtype=np.int64)

@@ -135,9 +135,10 @@ class Entries:
             total = int(self.nr[positions].sum())
         if total <= batch_pages:
             return [positions]  # one batch: every entry is set up in batch 0
-        if self.all_base:  # every folio one page: batches are fixed-size slices
-            self.batch_of[positions] = np.arange(positions.size) // batch_pages
-            size = batch_pages * per_step
+        if self.one_order >= 0:  # folios of one size: a batch is the same number of them each time (slices)
+            folios = -(-batch_pages >> self.one_order)  # the folio that reaches batch_pages is its batch's last
+            self.batch_of[positions] = np.arange(positions.size) // folios
+            size = folios * per_step
             return [positions[a:a + size] for a in range(0, positions.size, size)]
         batch_id = batch_ids(self.nr[positions], batch_pages)
         self.batch_of[positions] = batch_id
