@@ -122,7 +122,8 @@ class DmaEngine:
         self._write_seq = content.write_seq if content is not None else np.zeros(0, dtype=np.int64)
         self._next_write_seq: Callable[[], int] = content.next_write_seq if content is not None else int
         self._seq = 0
-        self._batches: dict[tuple[int, int, int], RingBatches] = {}  # see ring_batches
+        # The submission in flight of each RingBatches (its lane and jobs), for synchronize().
+        self._in_flight: dict[RingBatches, tuple[list[Any], list[list[int]]]] = {}
         self._stats = DmaStats()
         self._pending: list[Fence] = []
         self.topology = topology
@@ -339,19 +340,14 @@ class DmaEngine:
         Asked again later, it may be there (a lane opens on its first general-path copy)."""
         if self.faults.armed or self._batch_available or self._closed:
             return None
-        key = (int(src_node), int(dst_node), int(pages))
-        got = self._batches.get(key)
-        if got is None:
-            route = self._routes.get(key[:2])
+        key = (int(src_node), int(dst_node))
+        route = self._routes.get(key)
+        if route is None:
+            route = self._make_route(*key)
             if route is None:
-                route = self._make_route(*key[:2])
-                if route is None:
-                    return None
-                self._routes[key[:2]] = route
-            if not route:
                 return None
-            got = self._batches[key] = RingBatches(self, route[0], route[1], key[2])
-        return got
+            self._routes[key] = route
+        return RingBatches(self, route[0], route[1], int(pages)) if route else None
 
     def _count_submission(self, pages: int, runs: int) -> int:
         """Count one submission of ``pages`` pages in ``runs`` runs; its sequence number (caller holds the lock)."""
@@ -525,7 +521,9 @@ class DmaEngine:
         """
         with self._lock:
             pending, self._pending = self._pending, []
-            completions = [c for rings in self._batches.values() for c in rings.in_flight()]
+            in_flight, self._in_flight = self._in_flight, {}
+        completions = [ch.completion(seq) for lane, jobs in in_flight.values()
+                       for ch, (seq, _) in zip(lane, jobs) if seq >= 0]
         for fence in pending:
             for c in fence.completions:
                 c.wait(None)
@@ -567,7 +565,8 @@ class RingBatches:
     """The rings of one node pair, for a caller that publishes its submissions from its own compiled call (the
     migration core's fused batch: a move pass, an unmap pass and the submission of its pages, in one call).
 
-    One submission in flight at a time: :meth:`hold` takes the engine's lock and the rings' (in that order, after
+    One caller's, with one submission in flight at a time (each migration asks :meth:`DmaEngine.ring_batches` for
+    its own): :meth:`hold` takes the engine's lock and the rings' (in that order, after
     any lock of the caller's), draws the submission's write sequence number (:attr:`seq`) and gives the other
     arguments of :func:`~dmamig.dma.ring.submit_pages` besides the pfns and ``checked``
     (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`, with the number drawn last); the caller submits with
@@ -616,7 +615,9 @@ class RingBatches:
         """Count what the submission just made under :meth:`hold` published (``pages`` pages in ``runs`` runs,
         the return of :func:`~dmamig.dma.ring.submit_pages`)."""
         self._jobs = jobs = self._route.jobs_published()
-        self._engine._count_submission(pages, runs)
+        eng = self._engine
+        eng._count_submission(pages, runs)
+        eng._in_flight[self] = (self._lane, jobs)
         for ch, (_seq, asleep) in zip(self._lane, jobs):
             if asleep:  # a channel without a job reports its consumer awake
                 self._asleep.append(ch)
@@ -650,14 +651,9 @@ class RingBatches:
                 if c.error is not None and error is None:
                     error = c.error
         self._jobs = None
+        with self._engine._lock:
+            self._engine._in_flight.pop(self, None)
         if error is not None:
             self._engine._count_error()
             raise DmaError(f"DMA submission of a batch failed on a channel: {type(error).__name__}: {error}") \
                 from error
-
-    def in_flight(self) -> list[Any]:
-        """The completions of the submission in flight (none when there is none)."""
-        jobs = self._jobs
-        if jobs is None:
-            return []
-        return [ch.completion(seq) for ch, (seq, _) in zip(self._lane, jobs) if seq >= 0]

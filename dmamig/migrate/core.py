@@ -171,7 +171,7 @@ class _Migration:
         if depth == 0:
             i = 0
             while i < len(steps) and not self.enomem:
-                fusable, rings = self._can_fuse(steps, i)
+                fusable, rings = self._can_fuse(steps, i) if len(steps) - i > 1 else (False, None)
                 if fusable:
                     ran = self._fused_steps(steps, i, rings)
                     if ran > i:
