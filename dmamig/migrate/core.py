@@ -294,7 +294,7 @@ class _Migration:
                             sa.taken(-given_back)
                         if code == batch_loops.FUSED_MOVE_LEFT:
                             left = self._settle_moved(prev, rc[:prev.size], freed, sa,
-                                                      *acc[batch_loops.ACC_LAST_MOVE:].tolist())
+                                                      acc[batch_loops.ACC_LAST_MOVE:].tolist())
                         elif code == batch_loops.FUSED_UNMAP_LEFT:
                             done, retry = self._sort_unlocked(nxt, rc[:nxt.size])
                         if prev.size:
@@ -957,15 +957,16 @@ class _Migration:
             moving, e.status, e.src, e.ints, e.bools, pages.state, e.oid, self.one_object.pfns, vma.pgoff,
             vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, free, block_free, 1 if alloc is None else alloc.block,
             base)
-        return self._settle_moved(moving, rc, freed, alloc, *got)
+        return self._settle_moved(moving, rc, freed, alloc, got)
 
-    def _settle_moved(self, moving: np.ndarray, rc: np.ndarray, freed: np.ndarray, alloc: Any, nfreed: int, thp: int,
-                      large: int, no_copy: int, dead: int, nbusy: int, bad: int) -> np.ndarray:
+    def _settle_moved(self, moving: np.ndarray, rc: np.ndarray, freed: np.ndarray, alloc: Any,
+                      got: tuple[int, ...] | list[int]) -> np.ndarray:
         """After a compiled move pass over ``moving`` (:func:`~.batch_loops.move_one_vma`: its ``rc`` and
-        ``freed``, then its seven results; ``alloc``: the source node's allocator it gave the old frames back to,
-        or None): what it leaves to Python (a double free, the shmem counters, device-private entries, new folios
-        nobody holds), then the counters. Returns the busy entries. Caller holds the lock."""
+        ``freed``, and ``got``, its seven results; ``alloc``: the source node's allocator it gave the old frames
+        back to, or None): what it leaves to Python (a double free, the shmem counters, device-private entries,
+        new folios nobody holds), then the counters. Returns the busy entries. Caller holds the lock."""
         m, e, pages = self.m, self.e, self.m.pages
+        nfreed, thp, large, no_copy, dead, nbusy, bad = got
         if nfreed == 0:
             return moving
         if bad >= 0:
