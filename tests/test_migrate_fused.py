@@ -399,7 +399,7 @@ def test_ring_batches_hold_nothing_when_faults_are_armed_or_the_engine_is_closed
         m.dma._lock.release()
 
 
-def test_a_page_flag_copy_does_not_change_what_fused_batches_take():
+def test_the_batches_after_one_handed_over_are_fused_again():
     """Writeback set on a page of the first batch only: that batch goes the general way, the rest fused."""
     codes: list[int] = []
     with pytest.MonkeyPatch.context() as mp:

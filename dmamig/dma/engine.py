@@ -566,13 +566,13 @@ class RingBatches:
     migration core's fused batch: a move pass, an unmap pass and the submission of its pages, in one call).
 
     One caller's, with one submission in flight at a time (each migration asks :meth:`DmaEngine.ring_batches` for
-    its own): :meth:`hold` takes the engine's lock and the rings' (in that order, after
-    any lock of the caller's), draws the submission's write sequence number (:attr:`seq`) and gives the other
-    arguments of :func:`~dmamig.dma.ring.submit_pages` besides the pfns and ``checked``
-    (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`, with the number drawn last); the caller submits with
-    them, calls :meth:`published` if the submission published (a non-negative return), then :meth:`release`
-    in any case, and :meth:`wait` outside its locks. The engine counts the submission as it counts
-    :meth:`DmaEngine.copy`'s, and :meth:`DmaEngine.synchronize` waits for it.
+    its own): :meth:`hold` takes the engine's lock and the rings' (in that order, after any lock of the
+    caller's), draws the submission's write sequence number (:attr:`seq`) and gives the other arguments of
+    :func:`~dmamig.dma.ring.submit_pages` besides the pfns and ``checked``
+    (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`, less the number); the caller submits with them, calls
+    :meth:`published` if the submission published (a non-negative return), then :meth:`release` in any case,
+    and :meth:`wait` outside its locks. The engine counts the submission as it counts :meth:`DmaEngine.copy`'s,
+    and :meth:`DmaEngine.synchronize` waits for it.
     """
 
     __slots__ = ("_args", "_asleep", "_engine", "_jobs", "_lane", "_pages", "_route", "seq")

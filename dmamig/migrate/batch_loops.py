@@ -5,9 +5,11 @@ destination, trylock, writeback check, ``try_to_migrate``); ``move_one_vma`` is 
 freeze, ``folio_migrate_mapping`` + ``folio_migrate_flags``, the object's slots, ``remove_migration_ptes`` onto
 the new folios, ``migrate_folio_done``). Each strings together the per-phase loops of :mod:`dmamig.page_loops`
 inside one nogil call, so a batch costs a fixed handful of Python-level calls whatever it holds
-(``stale_base_pfns`` lists the DMA submission's pages in between). A call's own set-up and end are compiled
-too: ``init_entries`` sets up its entries, ``cut_batches`` cuts them into batches, ``fill_status`` gives the
-pages their status. The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
+(``stale_base_pfns`` lists the DMA submission's pages in between). In a long migration ``fused_batch`` makes a
+batch one call: the move pass of the batch before, then this one's unmap pass and the start of its copy (the
+ring submission, or the reference check before the migrating thread's copy). A call's own set-up and end are
+compiled too: ``init_entries`` sets up its entries, ``cut_batches`` cuts them into batches, ``fill_status`` gives
+the pages their status. The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
 does the same work phase by phase and stays the reference: the tests run random migrations both ways and
 compare every page, page table and object slot.
 """
@@ -25,10 +27,10 @@ from ..nodes import PAGEBLOCK_ORDER
 __all__ = ["ACC_LARGE", "ACC_LAST_MOVE", "ACC_MOVED", "ACC_MOVES", "ACC_MOVE_NS", "ACC_NO_COPY", "ACC_PAGES",
            "ACC_SUBMIT_NS", "ACC_THP", "ACC_UNMAPS", "ACC_UNMAP_NS", "ACC_WORDS", "FUSED_ERROR", "FUSED_MOVED",
            "FUSED_MOVE_LEFT", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_TO_COPY", "FUSED_UNMAPPED",
-           "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH", "ROW_GIVEN",
-           "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED", "USE_BATCH_LOOPS", "alloc_one_order",
-           "cut_batches", "fill_status", "fused_batch", "init_entries", "move_one_vma", "stale_base_pfns",
-           "to_copy", "unmap_one_vma"]
+           "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED",
+           "ROW_FRESH", "ROW_GIVEN", "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED",
+           "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "fused_batch", "init_entries",
+           "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the

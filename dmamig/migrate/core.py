@@ -250,7 +250,7 @@ class _Migration:
         target node, a ring the submission does not go to, a failed copy, folios left after the move pass) is
         finished from that point by the general path; where the VMA or the rings can no longer be used, the
         batch before is moved the general way. Either way the caller goes on from the index returned (and asks
-        :meth:`_fused_rings` again: the batch may have changed what the rest can take).
+        :meth:`_can_fuse` again: the batch may have changed what the rest can take).
         """
         m, e, pages = self.m, self.e, self.m.pages
         copying = rings is None
