@@ -1413,3 +1413,36 @@ def test_the_persistent_kernel_and_its_lane_agree_on_every_word():
     assert int(defs["MAX_CHANNELS"]) == cuda_mod.ring_lane.MAX_RING_CHANNELS
     assert int(defs["MAX_REGIONS"]) == dma_ring.MAX_REGIONS
     assert int(defs["R_BAD"]) + int(defs["MAX_CHANNELS"]) <= int(defs["ROUND_WORDS"])
+
+
+def test_long_migrations_run_fused_batches_on_the_stand_in(fake_cuda_machine):
+    """A migration of several batches publishes each batch from the fused call (the lane's launch per submission
+    included) and waits outside the locks, as on the CPU backend."""
+    import dmamig.migrate.batch_loops as batch_loops
+    from dmamig import Machine
+
+    if batch_loops.fused_batch is None:
+        pytest.skip(f"fused batches cannot run here: {batch_loops.FUSED_ERROR}")
+    codes = []
+    real = batch_loops.fused_batch
+
+    def fused(*args):
+        got = real(*args)
+        codes.append(got[0])
+        return got
+
+    with pytest.MonkeyPatch.context() as mp, \
+            Machine(host_pages=2048, device_pages=2048, devices=1, backend="cuda", channels=2) as m:
+        mp.setattr(batch_loops, "fused_batch", fused)
+        mm = m.address_space()
+        n = 3 * 512
+        data = np.random.default_rng(21).integers(0, 256, n * PAGE, dtype=np.uint8)
+        addr = mm.mmap(n * PAGE)
+        mm.write(addr, data)
+        for node in (1, 0, 1):
+            res = mm.migrate(addr, n * PAGE, node, engine=m.dma)
+            assert res.ok and res.stats.nr_no_copy == n and res.stats.nr_dma_fallback == 0
+        assert codes.count(batch_loops.FUSED_SUBMITTED) >= 6  # the first call may open the lane the general way
+        np.testing.assert_array_equal(mm.read(addr, n * PAGE), data)
+        mm.close()
+    assert fake_cuda_machine.live("device") == 0 and fake_cuda_machine.live("events") == 0
