@@ -460,3 +460,44 @@ def test_concurrent_long_migrations_between_the_same_nodes_keep_every_byte(copie
         assert not errors, errors[0]
         assert codes.count(batch_loops.FUSED_SUBMITTED if copier == "dma" else batch_loops.FUSED_TO_COPY) > 0
         assert check_machine(m) == []
+
+
+@pytest.mark.parametrize("copier", COPIERS)
+def test_writes_while_fused_batches_migrate_are_never_lost(copier):
+    """A writer stores into the range while it migrates batch after batch: a store to a folio under migration
+    waits for its move, and every store is in the final bytes."""
+    with Machine(host_pages=8 * NR, device_pages=8 * NR, devices=1, backend="cpu", channels=2) as m:
+        mm = m.address_space()
+        n = 4 * NR
+        addr, data = filled(m, mm, n, seed=30, order=9)
+        expected = data.copy()
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        codes: list[int] = []
+
+        def writer():
+            rng = np.random.default_rng(31)
+            try:
+                while not stop.is_set():
+                    page = int(rng.integers(0, n))
+                    value = rng.integers(0, 256, 64, dtype=np.uint8)
+                    mm.write(addr + page * m.page_size + 128, value)
+                    expected[page * m.page_size + 128: page * m.page_size + 192] = value
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(batch_loops, "fused_batch", recording(codes))
+            t = threading.Thread(target=writer)
+            t.start()
+            try:
+                for node in (1, 0) * 8:
+                    res = mm.migrate(addr, n * m.page_size, node, mode=MigrateMode.ASYNC, engine=engine_of(m, copier))
+                    assert res.rc >= 0
+            finally:
+                stop.set()
+                t.join(60)
+        assert not errors, errors[0]
+        assert codes, "no batch ran fused"
+        assert np.array_equal(mm.read(addr, n * m.page_size), expected)
+        assert check_machine(m) == []
