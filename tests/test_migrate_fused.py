@@ -501,3 +501,26 @@ def test_writes_while_fused_batches_migrate_are_never_lost(copier):
         assert codes, "no batch ran fused"
         assert np.array_equal(mm.read(addr, n * m.page_size), expected)
         assert check_machine(m) == []
+
+
+def test_one_compiled_fused_batch_serves_both_copiers_and_every_call():
+    """Every fused call of a run, copied by the DMA engine or by the migrating thread, passes arguments of the
+    same types: one compiled fused_batch (a read-only empty batch or stand-in ring array would compile it again)."""
+    from numba import typeof
+
+    kinds = set()
+    real = batch_loops.fused_batch
+
+    def fused(*args):
+        kinds.add(tuple(typeof(a) for a in args))
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batch_loops, "fused_batch", fused)
+        with machine() as m:
+            mm = m.address_space()
+            addr, _ = filled(m, mm, 3 * NR, seed=40, order=9)
+            for engine in (m.dma, None, m.dma, None):
+                for node in (1, 0):
+                    assert mm.migrate(addr, 3 * NR * m.page_size, node, engine=engine).ok
+    assert len(kinds) == 1

@@ -90,6 +90,8 @@ _LRU = np.uint32(PageFlag.LRU)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
 # Stand-ins for the allocator arrays where the old folios span nodes (they are freed node by node after the call).
 _NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
+# No batch, for fused_batch (writable, as the steps are: a read-only array would compile it once more).
+_NO_STEP = np.empty(0, dtype=np.int64)
 # Stand-ins for the rings' arrays where fused batches are copied by the migrating thread (the types of
 # RingBatches.hold's, so that one compiled fused_batch serves both).
 _NO_RINGS = (np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1, 4), dtype=np.int64),
@@ -266,10 +268,10 @@ class _Migration:
         freed = np.empty(most << e.one_order, dtype=np.int64)
         acc = np.zeros(batch_loops.ACC_WORDS, dtype=np.int64)
         ts = np.empty(2, dtype=np.int64)
-        prev = _NONE  # the batch whose copy is done, moved by the next call
+        prev = _NO_STEP  # the batch whose copy is done, moved by the next call
         try:
             while True:
-                nxt = steps[i] if i < len(steps) else _NONE
+                nxt = steps[i] if i < len(steps) else _NO_STEP
                 self.interrupts.check()
                 with m.lock:
                     vma = self._one_vma()
