@@ -274,3 +274,32 @@ def test_steps_of_folios_of_one_size_are_the_batches_batch_ids_cuts(order, batch
         step = batch // per_step
         want = [positions[step == s] for s in np.unique(step)]
         assert len(steps) == len(want) and all(np.array_equal(a, b) for a, b in zip(steps, want))
+
+
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: collection does not locate pages")
+def test_collection_locates_each_page_as_entries_locate_does():
+    """collect_located's entry of each page (the call's entries then skip Entries.locate) is the one
+    Entries.locate finds: THP pages, base pages, pages repeated, pages on the target node, the zero page."""
+    from dmamig.migrate.entries import PENDING, Entries
+    from dmamig.migrate.isolate import collect_located, putback_folios
+
+    with Machine(host_pages=4096, device_pages=2048, devices=1, backend="cpu") as m:
+        mm = m.address_space()
+        ps = m.page_size
+        thp = mm.mmap(2 * 512 * ps, order=9)
+        mm.write(thp, np.ones(2 * 512 * ps, dtype=np.uint8))
+        base = mm.mmap(40 * ps)
+        mm.write(base, np.ones(40 * ps, dtype=np.uint8))
+        assert mm.migrate(base, 8 * ps, 1).ok  # already on the target node
+        zero = mm.mmap(4 * ps)
+        mm.read(zero, 4 * ps)
+        pfns = np.concatenate([mm.pfns_of(base, 40 * ps), mm.pfns_of(thp + 300 * ps, 600 * ps),
+                               mm.pfns_of(zero, 4 * ps), mm.pfns_of(base + 20 * ps, 5 * ps)])
+        with m.lock:
+            status, heads, entry = collect_located(m, pfns, 1)
+            where = Entries(m, heads, None).locate(pfns, status)
+            putback_folios(m, heads)
+        assert entry is not None and where is not None
+        pending = status == PENDING
+        assert pending.sum() == 32 + 600 + 5 and (entry[~pending] == -1).all()
+        assert np.array_equal(entry[pending], where[0][pending])

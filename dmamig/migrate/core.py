@@ -1173,6 +1173,11 @@ class MigrationRequest:
     reason : MigrateReason or None
         Why the folios migrate (``MR_SYSCALL`` by default); ``None`` for a migration that is not a
         ``migrate_pages()`` call (a CPU fault bringing device pages back), which records no event.
+    kswapd : bool
+        A demotion from kswapd's reclaim (``pgdemote_kswapd``), else from direct reclaim.
+    entry : numpy.ndarray, optional
+        Per page of ``pfns``, the position of its folio in ``heads`` (-1 for a page whose folio is not one of
+        them), as :func:`~.isolate.collect_located` gives it for these very heads; ``None``: found here.
     """
 
     heads: np.ndarray
@@ -1187,6 +1192,7 @@ class MigrationRequest:
     options: MigrateOptions | None = None
     reason: MigrateReason | None = MigrateReason.MR_SYSCALL
     kswapd: bool = False
+    entry: np.ndarray | None = None
 
 
 def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
@@ -1196,7 +1202,12 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
     t_run = time.perf_counter_ns()
     with m.lock:  # the folios' objects may be released by a concurrent munmap once the lock is dropped
         entries = Entries(m, heads, req.dst)
-        where = entries.locate(pfns, status) if heads.size else None
+        if not heads.size:
+            where = None
+        elif req.entry is not None:
+            where = (req.entry, pfns)  # collection found each page's folio already
+        else:
+            where = entries.locate(pfns, status)
     mig = _Migration(m, req.node, req.mode, req.engine, options, entries, req.reason, req.kswapd)
     mig.phase_ns["isolate"] = t_run - t_wall  # validation, collecting the range, isolating its folios
     if heads.size:

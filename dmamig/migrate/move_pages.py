@@ -26,7 +26,7 @@ from ..flags import EBUSY, EFAULT, ENODEV, ENOENT, MigrateMode, MigrateReason, P
 from ..mm_struct import segment_pfns
 from ..vma import NO_PFN, ZERO_PFN
 from .core import MigrationRequest, check_mode, check_reason, run_migration
-from .isolate import collect_folios, putback_folios
+from .isolate import collect_folios, collect_located, putback_folios
 from .options import MigrateOptions
 
 if TYPE_CHECKING:
@@ -103,10 +103,10 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
         segs = mm.wait_migrations(addr, length)
         pfns = segment_pfns(segs)
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
-        status, heads = collect_folios(m, pfns, node, move_all=bool(move_all))
+        status, heads, entry = collect_located(m, pfns, node, move_all=bool(move_all))
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
                                              t_thread=t_thread, t_wall=t_wall, engine=engine, options=options,
-                                             reason=reason))
+                                             reason=reason, entry=entry))
 
 
 def _as_addrs(addrs: Any) -> np.ndarray:
