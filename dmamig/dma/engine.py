@@ -569,7 +569,7 @@ class RingBatches:
     its own): :meth:`hold` takes the engine's lock and the rings' (in that order, after any lock of the
     caller's), draws the submission's write sequence number (:attr:`seq`) and gives the other arguments of
     :func:`~dmamig.dma.ring.submit_pages` besides the pfns and ``checked``
-    (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`, less the number); the caller submits with them, calls
+    (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`); the caller submits with them, calls
     :meth:`published` if the submission published (a non-negative return), then :meth:`release` in any case,
     and :meth:`wait` outside its locks. The engine counts the submission as it counts :meth:`DmaEngine.copy`'s,
     and :meth:`DmaEngine.synchronize` waits for it.
@@ -607,7 +607,7 @@ class RingBatches:
         rs = self._route.ring_set
         rs.lock.acquire()
         if not self._args or self._args[0] is not rs.ctl:  # (the arrays move only when the lane closes)
-            self._args = self._route.compiled_args(self._pages, eng._write_seq)[:-1]
+            self._args = self._route.compiled_args(self._pages, eng._write_seq)
         self.seq = eng._next_write_seq()
         return self._args
 

@@ -810,17 +810,18 @@ class RingRoute:
         lo, hi = self._dst_range
         return lo <= dst_pfn < hi
 
-    def compiled_args(self, pages: int, write_seq: np.ndarray | None = None, seq: int = 0) -> tuple[Any, ...]:
-        """What :func:`submit_pages` takes besides the pfns and ``checked``, for submissions of at most ``pages``
-        pages stamped with ``seq`` in ``write_seq``, in its order: ``(ctl, rows, jobs, route words, large-run
-        fraction, write_seq, workspace, method bytes, out, seq)``. Caller holds the set's :attr:`RingSet.lock`
-        while it submits with them. The workspace is grown here, and shared by every submission of the set
-        under the lock; a later growth leaves these arrays as they are (large enough for ``pages``)."""
+    def compiled_args(self, pages: int, write_seq: np.ndarray | None = None) -> tuple[Any, ...]:
+        """What :func:`submit_pages` takes besides the pfns, ``checked`` and the write sequence number, for
+        submissions of at most ``pages`` pages stamped in ``write_seq``, in its order: ``(ctl, rows, jobs, route
+        words, large-run fraction, write_seq, workspace, method bytes, out)``. Caller holds the set's
+        :attr:`RingSet.lock` while it submits with them. The workspace is grown here, and shared by every
+        submission of the set under the lock; a later growth leaves these arrays as they are (large enough for
+        ``pages``)."""
         rs = self.ring_set
         if rs._wm.size < pages:
             rs._grow(pages)
         return (rs.ctl, rs.rows, rs.jobs, self._args, self._large_fraction,
-                _NO_SEQ if write_seq is None else write_seq, rs._ws, rs._wm, rs._out, seq)
+                _NO_SEQ if write_seq is None else write_seq, rs._ws, rs._wm, rs._out)
 
     def jobs_published(self) -> list[list[int]]:
         """What the last :func:`submit_pages` published, per channel ``[seq, asleep]`` (as :attr:`Submitted.jobs`);

@@ -224,12 +224,12 @@ class _Migration:
 
         Fused are the common batches of a long migration: anonymous folios of one order, mapped through one VMA,
         from one node to another (whose DMA channels take ring rows, for a no-copy migration), one batch per
-        step, two steps or more, no split pieces waiting, no fault point armed, no cost model, coherent device
-        memory. Everything else (and every batch that leaves the common case on its way) takes the general path,
-        which is the reference.
+        step, no split pieces waiting, no fault point armed, no cost model, coherent device memory; the caller
+        asks where two steps or more are left. Everything else (and every batch that leaves the common case on
+        its way) takes the general path, which is the reference.
         """
         e, m = self.e, self.m
-        if len(steps) - i < 2 or batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
+        if batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
                 or e.all_given or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
                 or self.charges is not None or m.device_private or e.src_node < 0 or e.src_node == self.node \
                 or self.options.batches_per_step != 1 or m.faults.armed or e.has_pieces:
