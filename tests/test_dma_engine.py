@@ -439,24 +439,26 @@ def test_the_compiled_bounds_check_agrees_with_the_numpy_one():
         assert outcome(np.int64) == outcome(np.int32)
 
 
-def test_migrations_both_ways_keep_the_one_call_route(monkeypatch):
+def test_copies_both_ways_keep_the_one_call_route(monkeypatch):
     # Each submission after the first per node pair goes straight to its ring route (one compiled call checks
     # it); the full validation is only for a pair's first submission, whatever pair came last.
     import dmamig.dma.engine as engine_module
 
     m = Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu", channels=2)
     try:
-        mm = m.address_space()
-        addr = mm.mmap(512 * m.page_size, order=9)
-        data = np.arange(512 * m.page_size, dtype=np.uint64).astype(np.uint8)
-        mm.write(addr, data)
+        host, dev = m.nodes[0], m.nodes[1]
+        data = np.random.default_rng(3).integers(0, 256, host.frames[:512].shape, dtype=np.uint8)
+        host.frames[:512] = data
+        pfns = [np.arange(512, dtype=np.int64) + host.base_pfn, np.arange(512, dtype=np.int64) + dev.base_pfn]
+        m.dma.copy(pfns[0], pfns[1]).wait()  # (the lane opens on its first, general-path, copy)
         full = []
         real = engine_module.validate_bounds
         monkeypatch.setattr(engine_module, "validate_bounds", lambda *a, **k: full.append(1) or real(*a, **k))
         for i in range(6):
-            assert mm.migrate(addr, 512 * m.page_size, 1 if i % 2 == 0 else 0, engine=m.dma).ok
-        assert len(full) == 2  # one per direction
-        np.testing.assert_array_equal(mm.read(addr, data.size), data)
+            m.dma.copy(pfns[(i + 1) % 2], pfns[i % 2]).wait()
+        assert len(full) == 1  # the way back's first submission; the way there had its own before
+        np.testing.assert_array_equal(host.frames[:512], data)
+        np.testing.assert_array_equal(dev.frames[:512], data)
     finally:
         m.close()
 

@@ -11,6 +11,7 @@ from support import delta, filled, finish_within, rand
 
 pytest.importorskip("dmamig.dma")
 
+import dmamig.migrate.batch_loops as batch_loops  # noqa: E402
 import dmamig.migrate.core as core  # noqa: E402
 from dmamig import InvalidArgument, Machine, MigrateMode, PageFlag  # noqa: E402
 from dmamig.migrate.options import NR_MAX_BATCHED_MIGRATION  # noqa: E402
@@ -195,7 +196,11 @@ def test_sync_no_copy_waits_for_a_locked_page(m, mm):
 
 
 def _write_between_passes(monkeypatch, m, mm, addr: int, new: bytes):
-    """Fail the first pass (a transient reference) and write the source before the second pass unmaps it."""
+    """Fail the first pass (a transient reference) and write the source before the second pass unmaps it.
+
+    It hooks the general path's unmap pass, so the fused batches (which make a batch's first pass in one compiled
+    call; tests/test_migrate_fused.py holds their busy-folio cases) are turned off."""
+    monkeypatch.setattr(batch_loops, "fused_batch", None)
     pfn = mm.pfn_of(addr)
     m.page_controls.get_page(pfn)
     calls = []

@@ -173,7 +173,7 @@ class _Migration:
         if depth == 0:
             i = 0
             while i < len(steps) and not self.enomem:
-                fusable, rings = self._can_fuse(steps, i) if len(steps) - i > 1 else (False, None)
+                fusable, rings = self._can_fuse(steps, i) if len(steps) - i > 1 or self.engine is not None else (False, None)
                 if fusable:
                     ran = self._fused_steps(steps, i, rings)
                     if ran > i:
@@ -273,9 +273,11 @@ class _Migration:
             while True:
                 nxt = steps[i] if i < len(steps) else _NO_STEP
                 self.interrupts.check()
+                # The last call only moves: it submits nothing, so it holds no rings.
+                held = not copying and nxt.size > 0
                 with m.lock:
                     vma = self._one_vma()
-                    args = None if vma is None else (_NO_RINGS if copying else rings.hold())
+                    args = None if vma is None else (rings.hold() if held else _NO_RINGS)
                     if args is None:
                         code = -1
                     else:
@@ -284,11 +286,11 @@ class _Migration:
                                 prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
                                 self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, tfree, tbf,
                                 ta.block, tn.base_pfn, e.one_order, sfree, sbf, sa.block, sn.base_pfn, rc, listed,
-                                freed, acc, ts, copying, 0 if copying else rings.seq, *args)
+                                freed, acc, ts, copying, rings.seq if held else 0, *args)
                             if code == batch_loops.FUSED_SUBMITTED:
                                 rings.published(nlisted, nr)
                         finally:
-                            if not copying:
+                            if held:
                                 rings.release()
                         if taken:
                             ta.taken(taken)
