@@ -240,7 +240,8 @@ class Machine:
         self._object_ids = itertools.count(1)
         self._spaces: list[AddressSpace] = []
         self._vmstat = dict.fromkeys(VMSTAT_COUNTERS, 0)
-        self._migrate_events: collections.deque[MigrateEvent] = collections.deque(maxlen=MIGRATE_EVENTS_KEPT)
+        self._migrate_events: collections.deque[MigrateEvent | tuple[Any, ...]] = \
+            collections.deque(maxlen=MIGRATE_EVENTS_KEPT)
         self._dma: DmaEngine | None = None
         self._faults = FaultPoints()
         #: The frames by pfn: folio allocation and freeing, frame I/O, the migrating thread's CPU copy.
@@ -287,6 +288,13 @@ class Machine:
     def count_event(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the vmstat counter ``name`` (caller holds the lock)."""
         self._vmstat[name] += int(n)
+
+    def count_events(self, names: tuple[str, ...], counts: Sequence[int]) -> None:
+        """Add ``counts[i]`` to the vmstat counter ``names[i]``, for each ``i`` (caller holds the lock)."""
+        vmstat = self._vmstat
+        for name, n in zip(names, counts):
+            if n:
+                vmstat[name] += int(n)
 
     @property
     def faults(self) -> FaultPoints:
@@ -525,11 +533,19 @@ class Machine:
         """The last :data:`MIGRATE_EVENTS_KEPT` ``migrate_pages()`` calls, oldest first, each as the kernel's
         ``mm_migrate_pages`` tracepoint records it (a CPU fault bringing device pages back is not one)."""
         with self.lock:
-            return list(self._migrate_events)
+            kept = self._migrate_events
+            if kept and type(kept[-1]) is tuple:  # records since the last read become events, once
+                kept = self._migrate_events = collections.deque(
+                    (ev if type(ev) is MigrateEvent else MigrateEvent(*ev) for ev in kept), maxlen=kept.maxlen)
+            return list(kept)
 
-    def record_migration(self, event: MigrateEvent) -> None:
-        """Add one call's ``mm_migrate_pages`` record to :attr:`migrate_events` (the core does, holding the lock)."""
-        self._migrate_events.append(event)
+    def record_migration(self, succeeded: int, failed: int, thp_succeeded: int, thp_failed: int, thp_split: int,
+                         large_folio_split: int, mode: MigrateMode, reason: MigrateReason) -> None:
+        """Add one call's ``mm_migrate_pages`` record to :attr:`migrate_events`, the fields of a
+        :class:`~dmamig.migrate.result.MigrateEvent` (the core does, holding the lock). Kept as a tuple, made an
+        event when first read (every migration call records one; a reader may tell events apart by identity)."""
+        self._migrate_events.append((succeeded, failed, thp_succeeded, thp_failed, thp_split, large_folio_split,
+                                     mode, reason))
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -122,6 +122,9 @@ class MmStruct:
     def check_range(self, addr: Any, length: Any, aligned: bool) -> tuple[int, int]:
         """Validate an ``(addr, length)`` argument pair: integers, ``addr >= 0``, ``length > 0`` and, with
         ``aligned``, a page-aligned ``addr``. Returns them as ints."""
+        if type(addr) is int and type(length) is int and addr >= 0 and length > 0 \
+                and not (aligned and addr % self.machine.page_size):
+            return addr, length  # the common case, in one test (bool is not int's type)
         for name, v in (("addr", addr), ("length", length)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise InvalidArgument(f"{name} must be an integer, got {type(v).__name__}")

@@ -93,6 +93,11 @@ def test_mm_migrate_pages_event_per_call_with_the_tracepoint_fields(m, mm):
     assert len(m.migrate_events) == before + 2
     res = mm.move_pages([base, addr], [0, 0])  # two groups? one node: one group, one call
     assert res.rc == 0 and len(m.migrate_events) == before + 3
+    # A record is the same object at every read (a reader finds where it left off by identity).
+    last = m.migrate_events[-1]
+    mm.migrate(addr, NR * ps, 1)
+    seen = m.migrate_events
+    assert seen[-2] is last and seen[-1] is not last and seen[-1] is m.migrate_events[-1]
 
 
 def test_reasons_feed_their_own_counters(mm):

@@ -52,7 +52,7 @@ from .interrupts import DeferredInterrupt
 from .isolate import check_dst, collect_folios, putback_folios
 from .mapping_callbacks import mapping_migrate_check
 from .options import MigrateOptions
-from .result import PHASES, MigrateEvent, MigrateResult, MigrateStats
+from .result import PHASES, MigrateResult, MigrateStats
 from .state import migrate_folio
 
 if TYPE_CHECKING:
@@ -118,6 +118,12 @@ def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
     return mode
 
 
+# The vmstat counters every call adds to (from its MigrateStats, in this order; see _count_vmstat).
+_CALL_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
+                  "thp_migration_split", "pgmigrate_no_copy", "pgmigrate_dma_fallback", "migrate_tlb_flush")
+# The reasons with counters of their own (see _count_reason).
+_REASONS_COUNTED = frozenset({MigrateReason.MR_NUMA_MISPLACED, MigrateReason.MR_DEMOTION})
+
 _BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
 
 
@@ -173,7 +179,8 @@ class _Migration:
         if depth == 0:
             i = 0
             while i < len(steps) and not self.enomem:
-                fusable, rings = self._can_fuse(steps, i) if len(steps) - i > 1 or self.engine is not None else (False, None)
+                fusable, rings = self._can_fuse(steps, i) if len(steps) - i > 1 or self.engine is not None \
+                    else (False, None)
                 if fusable:
                     ran = self._fused_steps(steps, i, rings)
                     if ran > i:
@@ -225,7 +232,9 @@ class _Migration:
         Fused are the common batches of a long migration: anonymous folios of one order, mapped through one VMA,
         from one node to another (whose DMA channels take ring rows, for a no-copy migration), one batch per
         step, no split pieces waiting, no fault point armed, no cost model, coherent device memory; the caller
-        asks where two steps or more are left. Everything else (and every batch that leaves the common case on
+        asks where two steps or more are left, or one that the DMA engine copies (a call of one batch: copied by
+        the migrating thread, it costs more fused than the general path's three compiled calls, whose arguments
+        are fewer). Everything else (and every batch that leaves the common case on
         its way) takes the general path, which is the reference.
         """
         e, m = self.e, self.m
@@ -1097,18 +1106,14 @@ class _Migration:
     def _count_vmstat(self) -> None:
         """Add the call's counters to vmstat, once, at the end (as migrate_pages() does), with the reason's own
         counters, and record the call's ``mm_migrate_pages`` event (caller holds the lock)."""
-        s, count = self.stats, self.m.count_event
+        s, m = self.stats, self.m
         if self.reason is not None:
-            self._count_reason()
-            self.m.record_migration(MigrateEvent(s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded,
-                                                 s.nr_thp_failed, s.nr_thp_split, s.nr_split,
-                                                 self.requested_mode, self.reason))
-        for name, value in (("pgmigrate_success", s.nr_succeeded), ("pgmigrate_fail", s.nr_failed_pages),
-                            ("thp_migration_success", s.nr_thp_succeeded), ("thp_migration_fail", s.nr_thp_failed),
-                            ("thp_migration_split", s.nr_thp_split), ("pgmigrate_no_copy", s.nr_no_copy),
-                            ("pgmigrate_dma_fallback", s.nr_dma_fallback), ("migrate_tlb_flush", s.nr_tlb_flush)):
-            if value:
-                count(name, value)
+            if s.nr_succeeded and self.reason in _REASONS_COUNTED:
+                self._count_reason()
+            m.record_migration(s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
+                               s.nr_thp_split, s.nr_split, self.requested_mode, self.reason)
+        m.count_events(_CALL_COUNTERS, (s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
+                                        s.nr_thp_split, s.nr_no_copy, s.nr_dma_fallback, s.nr_tlb_flush))
 
 
     def _count_reason(self) -> None:

@@ -35,8 +35,43 @@ SPLIT = 2
 UNTRIED = 3
 
 
+class _Row:
+    """A column of an entry block (``Entries.ints`` or ``Entries.bools``), as a view made on its first read and
+    kept in the instance from then on: a call reads few of the ten, and each view is a numpy object to build."""
+
+    __slots__ = ("block", "name", "row")
+
+    def __init__(self, block: str, row: int) -> None:
+        self.block, self.row = block, row
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Entries | None, owner: type | None = None) -> np.ndarray:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        view = obj.__dict__[self.name] = getattr(obj, self.block)[self.row]
+        return view
+
+
 class Entries:
-    """Per-folio state of a migrate call; positions index every array."""
+    """Per-folio state of a migrate call; positions index every array.
+
+    The int64 columns ``order``, ``nr``, ``expected``, ``dst``, ``batch_of``, ``split_first`` are the rows of
+    ``ints``; the bool ones ``given``, ``fresh``, ``unmapped``, ``counted`` the rows of ``bools``.
+    """
+
+    order = _Row("ints", batch_loops.ROW_ORDER)
+    nr = _Row("ints", batch_loops.ROW_NR)
+    expected = _Row("ints", batch_loops.ROW_EXPECTED)
+    dst = _Row("ints", batch_loops.ROW_DST)
+    batch_of = _Row("ints", batch_loops.ROW_BATCH_OF)
+    split_first = _Row("ints", batch_loops.ROW_SPLIT_FIRST)
+    given = _Row("bools", batch_loops.ROW_GIVEN)
+    fresh = _Row("bools", batch_loops.ROW_FRESH)
+    unmapped = _Row("bools", batch_loops.ROW_UNMAPPED)
+    counted = _Row("bools", batch_loops.ROW_COUNTED)
+    _ROWS = ("order", "nr", "expected", "dst", "batch_of", "split_first", "given", "fresh", "unmapped", "counted")
 
     def __init__(self, m: Machine, heads: np.ndarray, dst: np.ndarray | None = None):
         self.m = m
@@ -46,7 +81,6 @@ class Entries:
         # Few allocations per call: the int64 columns come from one block, the bool ones from another; a
         # compiled call takes each block as one argument (``ints``, ``bools``) and its rows in this order.
         self.ints = ints = np.empty((6, n), dtype=np.int64)
-        self.order, self.nr, self.expected, self.dst, self.batch_of, self.split_first = ints
         self.status = np.empty(n, np.int32)
         if page_loops.HAVE_NUMBA and n:
             top, same, node, lo, hi, swap = batch_loops.init_entries(self.src, pages.state, m.nodemap.node_table,
@@ -109,7 +143,6 @@ class Entries:
         # given: destination supplied (and copied) by the caller; fresh: destination content equals the source
         # right now; unmapped: source locked and behind migration entries; counted: failure in the statistics.
         self.bools = np.zeros((4, n), dtype=bool)
-        self.given, self.fresh, self.unmapped, self.counted = self.bools
         self.all_given = dst is not None  # every destination is the caller's (NO_COPY with dst_pfns)
         if dst is not None:
             self.given[:] = True
@@ -210,9 +243,9 @@ class Entries:
         # The blocks grow as a whole, their rows in the order __init__ gives them.
         self.ints = np.concatenate([self.ints, np.array([[0], [1], [expected], [-1], [batch], [-1]]).repeat(n, 1)],
                                    axis=1)
-        self.order, self.nr, self.expected, self.dst, self.batch_of, self.split_first = self.ints
         self.bools = np.concatenate([self.bools, np.zeros((4, n), dtype=bool)], axis=1)
-        self.given, self.fresh, self.unmapped, self.counted = self.bools
+        for name in self._ROWS:  # views of the old blocks: made again from the new ones when read
+            self.__dict__.pop(name, None)
         self.status = cat(self.status, UNTRIED)
         if self.by_callback is not None:
             self.by_callback = cat(self.by_callback, False)
