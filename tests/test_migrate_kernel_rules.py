@@ -296,8 +296,10 @@ def test_write_racing_a_no_copy_migration_is_never_lost(m, mm):
     try:
         for rnd in range(20):
             node = 1 + rnd % 2
-            src = np.array([mm.pfn_of(addr + i * ps) for i in range(n)])
+            # Destinations first: a source read before them may be freed by a write that brings its device page
+            # back, and then be handed out as a destination (a page both read and written: not a copy).
             dst = m.alloc_pages(node, n)
+            src = np.array([mm.pfn_of(addr + i * ps) for i in range(n)])
             m.dma.copy(src, dst).wait()
             res = m.migrate_pages(src, node, mode=MigrateMode.SYNC | MigrateMode.NO_COPY, dst_pfns=dst)
             # A write to a device page brings it back to the host first, so a listed pfn may be gone (-ENOENT)
