@@ -234,8 +234,8 @@ class _Migration:
         step, no split pieces waiting, no fault point armed, no cost model, coherent device memory; the caller
         asks where two steps or more are left, or one that the DMA engine copies (a call of one batch: copied by
         the migrating thread, it costs more fused than the general path's three compiled calls, whose arguments
-        are fewer). Everything else (and every batch that leaves the common case on
-        its way) takes the general path, which is the reference.
+        are fewer). Everything else (and every batch that leaves the common case on its way) takes the general
+        path, which is the reference.
         """
         e, m = self.e, self.m
         if batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
