@@ -34,6 +34,27 @@ def test_a_small_run_with_faults_holds_every_invariant():
     assert f"--seed {report.seed}" in "\n".join(report.lines())
 
 
+def test_a_small_run_without_faults_runs_fused_batches_among_the_other_threads(monkeypatch):
+    # Without fault points the no-copy migrations of the run take the fused batches (a call of one batch included),
+    # racing the writers, readers, MigrateVma drivers and the other migrations: every invariant still holds.
+    import dmamig.migrate.batch_loops as batch_loops
+
+    if batch_loops.fused_batch is None:
+        pytest.skip(f"fused batches cannot run here: {batch_loops.FUSED_ERROR}")
+    codes: list[int] = []
+    real = batch_loops.fused_batch
+
+    def fused(*args):
+        got = real(*args)
+        codes.append(got[0])
+        return got
+
+    monkeypatch.setattr(batch_loops, "fused_batch", fused)
+    report = run_stress(small(fault_rate=0.0, seed=21, roles=("writer", "reader", "migrator", "dma", "driver")))
+    assert report.ok, "\n".join(report.lines())
+    assert codes.count(batch_loops.FUSED_SUBMITTED) > 10 and batch_loops.FUSED_MOVED in codes
+
+
 def test_a_small_run_with_fork_and_munmap_churn():
     report = run_stress(small(fault_rate=0.05, seed=12))
     assert report.ok, "\n".join(report.lines())
