@@ -121,8 +121,6 @@ def check_mode(mode: Any, allow_no_copy: bool) -> MigrateMode:
 # The vmstat counters every call adds to (from its MigrateStats, in this order; see _count_vmstat).
 _CALL_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success", "thp_migration_fail",
                   "thp_migration_split", "pgmigrate_no_copy", "pgmigrate_dma_fallback", "migrate_tlb_flush")
-# The reasons with counters of their own (see _count_reason).
-_REASONS_COUNTED = frozenset({MigrateReason.MR_NUMA_MISPLACED, MigrateReason.MR_DEMOTION})
 
 _BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
 
@@ -1108,8 +1106,7 @@ class _Migration:
         counters, and record the call's ``mm_migrate_pages`` event (caller holds the lock)."""
         s, m = self.stats, self.m
         if self.reason is not None:
-            if s.nr_succeeded and self.reason in _REASONS_COUNTED:
-                self._count_reason()
+            self._count_reason()
             m.record_migration(s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
                                s.nr_thp_split, s.nr_split, self.requested_mode, self.reason)
         m.count_events(_CALL_COUNTERS, (s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,

@@ -71,7 +71,7 @@ class Entries:
     fresh = _Row("bools", batch_loops.ROW_FRESH)
     unmapped = _Row("bools", batch_loops.ROW_UNMAPPED)
     counted = _Row("bools", batch_loops.ROW_COUNTED)
-    _ROWS = ("order", "nr", "expected", "dst", "batch_of", "split_first", "given", "fresh", "unmapped", "counted")
+    _ROWS = tuple(name for name, value in locals().items() if isinstance(value, _Row))
 
     def __init__(self, m: Machine, heads: np.ndarray, dst: np.ndarray | None = None):
         self.m = m
