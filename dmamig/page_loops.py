@@ -301,16 +301,19 @@ def _alloc_frames_order(free, block_free, block, size, count, out):
             if bf < size or (bf == block) != whole:
                 continue
             base = b * block
+            # A whole free pageblock (block_free counts its free frames) needs no frame-by-frame look; blocks
+            # are then taken in order, so each start after the first is free too.
+            whole_free = bf == block
             for start in range(base, base + block, size):
-                ok = True
-                for k in range(size):
-                    if not free[start + k]:
-                        ok = False
-                        break
-                if not ok:
-                    continue
-                for k in range(size):
-                    free[start + k] = False
+                if not whole_free:
+                    ok = True
+                    for k in range(size):
+                        if not free[start + k]:
+                            ok = False
+                            break
+                    if not ok:
+                        continue
+                free[start:start + size] = False
                 bf -= size
                 out[got] = start
                 got += 1
