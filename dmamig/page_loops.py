@@ -23,8 +23,8 @@ from .flags import (
 )
 
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
-           "collect_folios", "done_folios", "expand_folios", "first_at", "first_outside", "first_unwritable",
-           "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
+           "collect_folios", "collect_slots", "done_folios", "expand_folios", "first_at", "first_outside",
+           "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
            "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields",
            "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values", "slots_within",
            "stamp_folios", "trylock_folios"]
@@ -373,13 +373,22 @@ def _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry,
     _mapping, _index, _private, head, _ws, mark, flags, refcount, mapcount, _cpupid, _memcg, order = \
         page_fields(state)
     n = 0
+    run_end = -1  # the folio of the page before ends at this pfn: a page that follows it inside is settled
     for i in range(pfns.size):
         p = pfns[i]
+        if p < run_end and i and p == pfns[i - 1] + 1:
+            # The next page of the same folio (a folio's pages are consecutive pfns): the same outcome, without
+            # looking its folio up again.
+            status[i] = status[i - 1]
+            entry[i] = entry[i - 1]
+            continue
+        run_end = -1
         entry[i] = -1
         if p < 0:
             status[i] = EFAULT if p == ZERO_PFN else ENOENT
             continue
         h = head[p]
+        run_end = h + (1 << order[h])
         if h >= node_lo and h < node_hi:
             status[i] = 0
             continue
@@ -414,6 +423,19 @@ def _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry,
     for k in range(n):
         mark[heads[k]] = -1
     return n
+
+
+def _collect_slots(pte_pfn, pte_flags, s0, s1, node_lo, node_hi, state, refuse_shared, pfns, status, entry,
+                   heads):
+    """A range's collection where one VMA maps it, slots ``s0`` to ``s1``: -1, and nothing done, where a slot
+    holds a migration entry (the caller waits for that migration to finish); else the pfns of the slots copied
+    to ``pfns`` and :func:`collect_folios` over them (its return value)."""
+    for s in range(s0, s1):
+        if pte_flags[s] & _MIGRATION:
+            return -1
+    for i in range(s1 - s0):
+        pfns[i] = pte_pfn[s0 + i]
+    return _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry, heads)
 
 
 def _locate_entries(pfns, head, src, mark, entry):
@@ -610,7 +632,8 @@ if HAVE_NUMBA:
     alloc_frames_order = _jit(_alloc_frames_order)
     free_frames = _jit(_free_frames)
     free_folio_frames = _jit(_free_folio_frames)
-    collect_folios = _jit(_collect_folios)
+    collect_folios = _collect_folios = _jit(_collect_folios)  # under its own name too: collect_slots calls it
+    collect_slots = _jit(_collect_slots)
     locate_entries = _jit(_locate_entries)
     on_nodes = _jit(_on_nodes)
     one_node = _one_node = _jit(_one_node)  # under its own name too: one_node_pair calls it compiled
@@ -632,5 +655,6 @@ else:  # pragma: no cover
     move_head_state = expand_folios = stamp_folios = on_nodes = one_node = one_node_pair = any_bits = None
     first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
+    collect_slots = None
     done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

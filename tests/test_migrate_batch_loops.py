@@ -303,3 +303,83 @@ def test_collection_locates_each_page_as_entries_locate_does():
         pending = status == PENDING
         assert pending.sum() == 32 + 600 + 5 and (entry[~pending] == -1).all()
         assert np.array_equal(entry[pending], where[0][pending])
+
+
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: the numpy collection is the only one")
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_collection_matches_the_numpy_reference(seed, monkeypatch):
+    """The compiled collection (which settles the pages after a folio's first from that first one) gives the
+    numpy code's status and heads and isolates the same folios: pages in and out of order, runs that cross from
+    one folio into the next, folios named twice, pages on the target node, shared and busy folios, no page, the
+    zero page."""
+    from dmamig.flags import EACCES
+    from dmamig.migrate.isolate import collect_lru_folios, putback_folios
+
+    rng = np.random.default_rng(seed)
+    with Machine(host_pages=4096, device_pages=2048, devices=1, backend="cpu") as m:
+        mm = m.address_space()
+        ps = m.page_size
+        thp = mm.mmap(3 * 512 * ps, order=9)
+        mm.write(thp, np.ones(3 * 512 * ps, dtype=np.uint8))
+        small = mm.mmap(4 * 16 * ps, order=4)
+        mm.write(small, np.ones(4 * 16 * ps, dtype=np.uint8))
+        base = mm.mmap(64 * ps)
+        mm.write(base, np.ones(64 * ps, dtype=np.uint8))
+        assert mm.migrate(base + 32 * ps, 8 * ps, 1).ok  # already on the target node
+        zero = mm.mmap(4 * ps)
+        mm.read(zero, 4 * ps)
+        child = mm.fork()  # the base pages are shared now: -EACCES without move_all
+        m.page_controls.lock_page(int(mm.pfns_of(small + 16 * ps, ps)[0]))  # still collected (isolation ignores it)
+        with m.lock:
+            busy = int(mm.pfns_of(small + 32 * ps, ps)[0])
+            m.pages.clear(np.array([busy]), PageFlag.LRU)  # off the LRU: -EBUSY
+        every = np.concatenate([mm.pfns_of(thp, 3 * 512 * ps), mm.pfns_of(small, 4 * 16 * ps),
+                                mm.pfns_of(base, 64 * ps), mm.pfns_of(zero, 4 * ps), [-1]])
+        pieces = [every[a:a + int(rng.integers(1, 700))] for a in rng.integers(0, every.size, 12)]
+        pieces = [p[::-1] if rng.integers(0, 3) == 0 else p for p in pieces]
+        pfns = np.concatenate(pieces).astype(np.int64)
+        for move_all in (True, False):
+            got = {}
+            for path in ("compiled", "numpy"):
+                monkeypatch.setattr(page_loops, "HAVE_NUMBA", path == "compiled")
+                with m.lock:
+                    status, heads, _entry = collect_lru_folios(m, pfns, 1, move_all)
+                    got[path] = (status.copy(), heads.copy(), m.pages.flags.copy(), m.pages.refcount.copy())
+                    putback_folios(m, heads)
+            monkeypatch.undo()
+            for a, b in zip(got["compiled"], got["numpy"]):
+                assert np.array_equal(a, b)
+            assert (1 if move_all else EACCES) in got["compiled"][0]  # something taken; or refused as shared
+        child.close()
+
+
+def test_a_migration_of_a_range_waits_for_the_migration_entries_in_it():
+    """``AddressSpace.migrate`` over a range that another migration holds behind migration entries waits for
+    that migration (the wait is counted), then migrates what it finds."""
+    import threading
+    import time
+
+    from dmamig import MigrateVma
+
+    with Machine(host_pages=2048, device_pages=2048, devices=1, backend="cpu") as m:
+        mm = m.address_space()
+        n = 256 * m.page_size
+        a = mm.mmap(n)
+        data = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8)
+        mm.write(a, data)
+        results = []
+        t = threading.Thread(target=lambda: results.append(mm.migrate(a, n, 0)))
+        with MigrateVma(mm, a, a + n // 2, 1) as mv:  # leaving the block early aborts: the thread is never stuck
+            mv.setup()
+            t.start()
+            deadline = time.monotonic() + 10
+            while mm.migration_stalls[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert mm.migration_stalls[0] == 1 and not results  # waiting for the entries
+            mv.alloc_and_copy()
+            mv.pages()
+            mv.finalize()
+        t.join(10)
+        assert not t.is_alive() and results[0].ok
+        assert (m.nodemap.node_of(mm.pfns_of(a, n)) == 0).all()
+        assert np.array_equal(mm.read(a, n), data)

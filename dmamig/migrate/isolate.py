@@ -11,13 +11,16 @@ from ..array_ops import all_distinct, first_occurrences
 from ..balloon import isolate_movable_folios
 from ..errors import InvalidArgument
 from ..flags import EACCES, EBUSY, EFAULT, ENOENT, PageFlag
+from ..mm_struct import segment_pfns
 from ..vma import ZERO_PFN
 from .entries import PENDING
 
 if TYPE_CHECKING:
     from ..machine import Machine
+    from ..mm_struct import MmStruct
 
-__all__ = ["check_dst", "collect_folios", "collect_located", "collect_lru_folios", "isolate_folios", "putback_folios"]
+__all__ = ["check_dst", "collect_folios", "collect_located", "collect_lru_folios", "collect_range", "isolate_folios",
+           "putback_folios"]
 
 
 def isolate_folios(m: Machine, heads: np.ndarray) -> np.ndarray:
@@ -83,6 +86,33 @@ def collect_located(m: Machine, pfns: np.ndarray, node: int,
     taken = cand[first][isolate_movable_folios(m, cand[first]) == 0]
     status[busy[np.isin(cand, taken)]] = PENDING
     return status, np.concatenate([heads, taken]), None
+
+
+def collect_range(mm: MmStruct, addr: int, length: int, node: int,
+                  move_all: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The pfns of ``[addr, addr + length)`` once no migration entry is left in it (:meth:`MmStruct.wait_migrations`),
+    and :func:`collect_located` over them: ``(pfns, status, heads, entry)`` (caller holds ``machine.changed``).
+
+    Where one VMA maps the whole range, no migration entry stands in it and no driver's movable pages need their
+    own isolation, one compiled pass does it all (the usual ``AddressSpace.migrate``); the steps one by one
+    are the reference, and the way wherever there is something to wait for.
+    """
+    m = mm.machine
+    if page_loops.HAVE_NUMBA and m.movable_object_ids.size == 0:
+        segs = mm.segments(addr, length)
+        if len(segs) == 1:
+            v, s0, s1 = segs[0]
+            nd = m.nodes[node]
+            n = s1 - s0
+            pfns, entry, heads = np.empty((3, n), dtype=np.int64)
+            status = np.empty(n, dtype=np.int32)
+            k = page_loops.collect_slots(v.pte_pfn, v.pte_flags, s0, s1, nd.base_pfn, nd.base_pfn + nd.total_pages,
+                                         m.pages.state, not move_all, pfns, status, entry, heads)
+            if k >= 0:
+                return pfns, status, heads[:k], entry
+    pfns = segment_pfns(mm.wait_migrations(addr, length))
+    status, heads, entry = collect_located(m, pfns, node, move_all)
+    return pfns, status, heads, entry
 
 
 def collect_lru_folios(m: Machine, pfns: np.ndarray, node: int,

@@ -23,10 +23,9 @@ from ..arguments import check_node
 from ..dma import DmaEngine
 from ..errors import InvalidArgument
 from ..flags import EBUSY, EFAULT, ENODEV, ENOENT, MigrateMode, MigrateReason, PteFlag
-from ..mm_struct import segment_pfns
 from ..vma import NO_PFN, ZERO_PFN
 from .core import MigrationRequest, check_mode, check_reason, run_migration
-from .isolate import collect_folios, collect_located, putback_folios
+from .isolate import collect_folios, collect_range, putback_folios
 from .options import MigrateOptions
 
 if TYPE_CHECKING:
@@ -100,10 +99,8 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
     mode = _check_engine(m, engine, check_mode(mode, allow_no_copy=False))
     options = MigrateOptions.coerce(options)
     with m.changed:
-        segs = mm.wait_migrations(addr, length)
-        pfns = segment_pfns(segs)
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
-        status, heads, entry = collect_located(m, pfns, node, move_all=bool(move_all))
+        pfns, status, heads, entry = collect_range(mm, addr, length, node, move_all=bool(move_all))
     return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
                                              t_thread=t_thread, t_wall=t_wall, engine=engine, options=options,
                                              reason=reason, entry=entry))
