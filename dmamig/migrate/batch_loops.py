@@ -29,8 +29,8 @@ __all__ = ["ACC_LARGE", "ACC_LAST_MOVE", "ACC_MOVED", "ACC_MOVES", "ACC_MOVE_NS"
            "FUSED_MOVE_LEFT", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_TO_COPY", "FUSED_UNMAPPED",
            "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED",
            "ROW_FRESH", "ROW_GIVEN", "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED",
-           "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "fused_batch", "init_entries",
-           "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma"]
+           "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "fused_batch", "fused_work",
+           "init_entries", "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma", "work_views"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the
@@ -407,9 +407,38 @@ FUSED_SUBMITTED, FUSED_TO_COPY, FUSED_MOVED, FUSED_MOVE_LEFT, FUSED_NO_FRAMES, F
 ACC_WORDS = ACC_LAST_MOVE + 7
 
 
+# fused_batch's scratch is one int64 buffer (each array argument costs a compiled call its own unboxing): two
+# words give the entries and the base pages a batch holds at most, then come the parts work_views gives.
+_WORK_HEAD = 2
+
+
+def fused_work(entries: int, pages: int) -> np.ndarray:
+    """Scratch for :func:`fused_batch` over batches of at most ``entries`` folios and ``pages`` base pages, its
+    ``acc`` zeroed; :func:`work_views` gives its parts."""
+    work = np.zeros(_WORK_HEAD + (entries + 1) // 2 + 3 * pages + ACC_WORDS + 2, dtype=np.int64)
+    work[0], work[1] = entries, pages
+    return work
+
+
+def work_views(work):
+    """The parts of a :func:`fused_work` buffer, as views (numpy's here; :func:`fused_batch` takes them apart the
+    same way, compiled): ``(rc, listed, freed, acc, ts)``: an int32 per entry; two rows of an int64 per page (a
+    submission's source and destination pfns); an int64 per page (old frames); the ``ACC_WORDS`` counters; clock
+    scratch."""
+    most, pages = work[0], work[1]
+    a = _WORK_HEAD + (most + 1) // 2
+    rc = work[_WORK_HEAD:a].view(np.int32)[:most]
+    listed = work[a:a + 2 * pages].reshape((2, pages))
+    b = a + 3 * pages
+    freed = work[a + 2 * pages:b]
+    acc = work[b:b + ACC_WORDS]
+    ts = work[b + ACC_WORDS:b + ACC_WORDS + 2]
+    return rc, listed, freed, acc, ts
+
+
 def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn,
-                 pte_flags, tfree, tbf, tblock, tbase, order, sfree, sbf, sblock, sbase, rc, listed, freed, acc, ts,
-                 copying, seq, ctl, rows, jobs, route, large_fraction, write_seq, ws, wm, out):
+                 pte_flags, tfree, tbf, tblock, tbase, order, sfree, sbf, sblock, sbase, work, copying, seq, ctl,
+                 rows, jobs, route, large_fraction, write_seq, ws, wm, out):
     """One step of a long migration under the machine lock, as one call: the move pass of batch ``prev``, whose
     copy is made (:func:`move_one_vma`; a DMA copy marks its entries fresh first; old frames back to the source
     node's allocator arrays ``sfree``, ``sbf``), then the unmap pass of batch ``nxt`` (:func:`unmap_one_vma`,
@@ -417,7 +446,8 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
     ``copying`` the reference check that comes before a copy of the migrating thread's (``to_copy``), which the
     caller makes outside the lock; else the submission of its pages to the rings, stamped ``seq``
     (:func:`dmamig.dma.ring.submit_pages` over the arrays after ``seq``, the caller holding the rings).
-    ``acc`` adds up what the calls did (``ACC_*``); ``ts`` is clock scratch.
+    ``work`` is its scratch (:func:`fused_work`), whose parts (:func:`work_views`) tell the caller what happened:
+    ``acc`` adds up what the calls did (``ACC_*``).
 
     Returns ``(FUSED_*, runs submitted or the rings' SUBMIT_* code, pages listed, frames taken from the target
     node, frames given back to the source node)``. It stops at the first case that is not the common one and
@@ -426,6 +456,7 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
     counted in ``acc`` for batches that went through whole: a submitted batch's unmap pass (with its TLB flush
     and its pass), a move pass that moved every folio.
     """
+    rc, listed, freed, acc, ts = _work_views(work)
     t0 = now_ns(ts)
     freed_frames = 0
     if prev.size:
@@ -503,6 +534,7 @@ if HAVE_NUMBA:
     stale_base_pfns = njit(nogil=True, cache=True)(_stale_base_pfns)
     cut_batches = njit(nogil=True, cache=True)(_cut_batches)
     init_entries = njit(nogil=True, cache=True)(_init_entries)
+    _work_views = njit(nogil=True, cache=True, inline="always")(work_views)
     fill_status = njit(nogil=True, cache=True)(_fill_status)
     alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)

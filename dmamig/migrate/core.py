@@ -270,11 +270,8 @@ class _Migration:
         tfree, tbf = ta.arrays()
         sfree, sbf = sa.arrays()
         most = max(map(len, steps[i:]))
-        rc = np.empty(most, dtype=np.int32)
-        listed = np.empty((2, most << e.one_order), dtype=np.int64)
-        freed = np.empty(most << e.one_order, dtype=np.int64)
-        acc = np.zeros(batch_loops.ACC_WORDS, dtype=np.int64)
-        ts = np.empty(2, dtype=np.int64)
+        work = batch_loops.fused_work(most, most << e.one_order)
+        rc, listed, freed, acc, _ts = batch_loops.work_views(work)
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
         try:
             while True:
@@ -292,8 +289,8 @@ class _Migration:
                             code, nr, nlisted, taken, given_back = batch_loops.fused_batch(
                                 prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
                                 self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, tfree, tbf,
-                                ta.block, tn.base_pfn, e.one_order, sfree, sbf, sa.block, sn.base_pfn, rc, listed,
-                                freed, acc, ts, copying, rings.seq if held else 0, *args)
+                                ta.block, tn.base_pfn, e.one_order, sfree, sbf, sa.block, sn.base_pfn, work, copying,
+                                rings.seq if held else 0, *args)
                             if code == batch_loops.FUSED_SUBMITTED:
                                 rings.published(nlisted, nr)
                         finally:
