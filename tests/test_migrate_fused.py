@@ -422,6 +422,28 @@ def test_ring_batches_count_publish_and_are_waited_for_by_synchronize():
         rings.wait()  # nothing in flight: returns at once
 
 
+def test_ring_batches_given_back_serve_the_next_caller():
+    """close() gives the rings back for the next caller between the same nodes (grown for its submissions), not
+    while a submission is in flight; taken again, they are that caller's alone."""
+    with machine() as m:
+        rings = _open_rings(m)
+        rng = np.random.default_rng(1)
+        src, dst = m.alloc_pages(0, 32), m.alloc_pages(1, 32)
+        m.frames.write_pfns(src, rng.integers(0, 256, (32, m.page_size), dtype=np.uint8))
+        assert _submit(rings, src, dst) >= 0
+        rings.close()  # in flight: kept by its caller
+        assert m.dma.ring_batches(0, 1, 64) is not rings
+        rings.wait()
+        rings.close()
+        again = m.dma.ring_batches(0, 1, 300)
+        assert again is rings and m.dma.ring_batches(0, 1, 64) is not rings
+        src, dst = m.alloc_pages(0, 300), m.alloc_pages(1, 300)
+        m.frames.write_pfns(src, rng.integers(0, 256, (300, m.page_size), dtype=np.uint8))
+        assert _submit(again, src, dst) >= 0
+        again.wait()
+        assert np.array_equal(m.frames.read_pfns(dst), m.frames.read_pfns(src))
+
+
 def test_ring_batches_hold_nothing_when_faults_are_armed_or_the_engine_is_closed():
     with machine() as m:
         rings = _open_rings(m)

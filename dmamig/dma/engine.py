@@ -50,6 +50,8 @@ __all__ = ["DmaEngine", "RingBatches"]
 _PRUNE_PENDING = 32
 #: Seconds a submission that found a ring full waits for its oldest job before it looks again.
 _ROOM_WAIT_S = 0.05
+#: RingBatches kept per node pair for reuse (RingBatches.close): one per migrating thread, a few threads.
+_IDLE_BATCHES = 4
 
 
 class DmaEngine:
@@ -124,6 +126,9 @@ class DmaEngine:
         self._seq = 0
         # The submission in flight of each RingBatches (its lane and jobs), for synchronize().
         self._in_flight: dict[RingBatches, tuple[list[Any], list[list[int]]]] = {}
+        # Node pair -> RingBatches given back (RingBatches.close) for the next caller: a migration call of one
+        # batch asks for one, and a new one costs it more than a look here.
+        self._idle_batches: dict[tuple[int, int], list[RingBatches]] = {}
         self._stats = DmaStats()
         self._pending: list[Fence] = []
         self.topology = topology
@@ -341,13 +346,23 @@ class DmaEngine:
         if self.faults.armed or self._batch_available or self._closed:
             return None
         key = (int(src_node), int(dst_node))
+        idle = self._idle_batches.get(key)
+        if idle:
+            try:
+                batches = idle.pop()  # (another thread may have taken the last one since the test)
+            except IndexError:
+                pass
+            else:
+                if pages > batches._pages:
+                    batches._pages, batches._args = int(pages), ()  # hold() asks the route for larger arrays
+                return batches
         route = self._routes.get(key)
         if route is None:
             route = self._make_route(*key)
             if route is None:
                 return None
             self._routes[key] = route
-        return RingBatches(self, route[0], route[1], int(pages)) if route else None
+        return RingBatches(self, route[0], route[1], int(pages), key) if route else None
 
     def _count_submission(self, pages: int, runs: int) -> int:
         """Count one submission of ``pages`` pages in ``runs`` runs; its sequence number (caller holds the lock)."""
@@ -572,16 +587,19 @@ class RingBatches:
     (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`); the caller submits with them, calls
     :meth:`published` if the submission published (a non-negative return), then :meth:`release` in any case,
     and :meth:`wait` outside its locks. The engine counts the submission as it counts :meth:`DmaEngine.copy`'s,
-    and :meth:`DmaEngine.synchronize` waits for it.
+    and :meth:`DmaEngine.synchronize` waits for it. :meth:`close` gives the rings back when the caller is done: the
+    next caller between the same nodes gets them.
     """
 
-    __slots__ = ("_args", "_asleep", "_engine", "_jobs", "_lane", "_pages", "_route", "seq")
+    __slots__ = ("_args", "_asleep", "_engine", "_jobs", "_key", "_lane", "_pages", "_route", "seq")
 
-    def __init__(self, engine: DmaEngine, route: RingRoute, lane: list[Any], pages: int) -> None:
+    def __init__(self, engine: DmaEngine, route: RingRoute, lane: list[Any], pages: int,
+                 key: tuple[int, int]) -> None:
         self._engine = engine
         self._route = route
         self._lane = lane
         self._pages = pages
+        self._key = key  # the node pair
         self._args: tuple[Any, ...] = ()
         self._asleep: list[Any] = []
         self._jobs: list[list[int]] | None = None  # the submission in flight: [seq, asleep] per channel
@@ -630,6 +648,14 @@ class RingBatches:
             asleep, self._asleep = self._asleep, []
             for ch in asleep:
                 ch.wake()
+
+    def close(self) -> None:
+        """Give these rings back to the engine, for the next caller between the same nodes (with nothing in
+        flight; else, or once a few wait there already, they are left to go)."""
+        if self._jobs is None:
+            idle = self._engine._idle_batches.setdefault(self._key, [])
+            if len(idle) < _IDLE_BATCHES:
+                idle.append(self)
 
     def wait(self) -> None:
         """Wait for the submission in flight to finish (never on a dead channel: its jobs fail).

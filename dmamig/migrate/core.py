@@ -331,6 +331,8 @@ class _Migration:
                 break
         finally:
             self._add_fused(acc)
+            if rings is not None:
+                rings.close()
         # Out of the common case: the batch where it happened goes on the general way from where it is, and the
         # caller asks again whether the steps after it can be fused (a split, say, leaves folios of two orders).
         if code == batch_loops.FUSED_MOVED:
