@@ -407,16 +407,18 @@ FUSED_SUBMITTED, FUSED_TO_COPY, FUSED_MOVED, FUSED_MOVE_LEFT, FUSED_NO_FRAMES, F
 ACC_WORDS = ACC_LAST_MOVE + 7
 
 
-# fused_batch's scratch is one int64 buffer (each array argument costs a compiled call its own unboxing): two
-# words give the entries and the base pages a batch holds at most, then come the parts work_views gives.
-_WORK_HEAD = 2
+# fused_batch's scratch is one int64 buffer (each array argument costs a compiled call its own unboxing): first
+# the ACC_WORDS counters, which the caller reads after every run (a slice); then the entries and the base pages a
+# batch holds at most, and the other parts work_views gives, which the caller reads only where a batch leaves the
+# common case.
+_WORK_HEAD = ACC_WORDS + 4
 
 
 def fused_work(entries: int, pages: int) -> np.ndarray:
     """Scratch for :func:`fused_batch` over batches of at most ``entries`` folios and ``pages`` base pages, its
-    ``acc`` zeroed; :func:`work_views` gives its parts."""
-    work = np.zeros(_WORK_HEAD + (entries + 1) // 2 + 3 * pages + ACC_WORDS + 2, dtype=np.int64)
-    work[0], work[1] = entries, pages
+    counters (``work[:ACC_WORDS]``) zeroed; :func:`work_views` gives its parts."""
+    work = np.zeros(_WORK_HEAD + (entries + 1) // 2 + 3 * pages, dtype=np.int64)
+    work[ACC_WORDS:ACC_WORDS + 2] = entries, pages
     return work
 
 
@@ -425,15 +427,13 @@ def work_views(work):
     same way, compiled): ``(rc, listed, freed, acc, ts)``: an int32 per entry; two rows of an int64 per page (a
     submission's source and destination pfns); an int64 per page (old frames); the ``ACC_WORDS`` counters; clock
     scratch."""
-    most, pages = work[0], work[1]
+    most, pages = work[ACC_WORDS], work[ACC_WORDS + 1]
     a = _WORK_HEAD + (most + 1) // 2
     rc = work[_WORK_HEAD:a].view(np.int32)[:most]
     listed = work[a:a + 2 * pages].reshape((2, pages))
-    b = a + 3 * pages
-    freed = work[a + 2 * pages:b]
-    acc = work[b:b + ACC_WORDS]
-    ts = work[b + ACC_WORDS:b + ACC_WORDS + 2]
-    return rc, listed, freed, acc, ts
+    b = a + 2 * pages
+    freed = work[b:b + pages]
+    return rc, listed, freed, work[:ACC_WORDS], work[ACC_WORDS + 2:_WORK_HEAD]
 
 
 def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn,

@@ -271,7 +271,7 @@ class _Migration:
         sfree, sbf = sa.arrays()
         most = max(map(len, steps[i:]))
         work = batch_loops.fused_work(most, most << e.one_order)
-        rc, listed, freed, acc, _ts = batch_loops.work_views(work)
+        acc = work[:batch_loops.ACC_WORDS]
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
         try:
             while True:
@@ -301,9 +301,11 @@ class _Migration:
                         if given_back:
                             sa.taken(-given_back)
                         if code == batch_loops.FUSED_MOVE_LEFT:
+                            rc, _listed, freed, _acc, _ts = batch_loops.work_views(work)
                             left = self._settle_moved(prev, rc[:prev.size], freed, sa,
                                                       acc[batch_loops.ACC_LAST_MOVE:].tolist())
                         elif code == batch_loops.FUSED_UNMAP_LEFT:
+                            rc = batch_loops.work_views(work)[0]
                             done, retry = self._sort_unlocked(nxt, rc[:nxt.size])
                         if prev.size:
                             m.changed.notify_all()
@@ -357,6 +359,7 @@ class _Migration:
             self.listed = None  # the general submission lists the pages of every pass
             self._drive(self._first_pass(nxt, first=(done, retry)))
         else:  # FUSED_UNMAPPED: unmapped whole; the general path copies (the engine's general path submits)
+            listed = batch_loops.work_views(work)[1]
             self.listed = None if copying else (nxt, listed[0, :nlisted].copy(), listed[1, :nlisted].copy())
             self._drive(self._first_pass(nxt, first=(nxt, _NONE)))
         self._after_step(nxt)
