@@ -24,10 +24,10 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "collect_slots", "done_folios", "expand_folios", "first_at", "first_outside",
-           "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "locate_entries", "move_folio_state",
-           "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair", "page_fields",
-           "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values", "slots_within",
-           "stamp_folios", "trylock_folios"]
+           "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "locate_entries",
+           "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
+           "page_fields", "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values",
+           "slots_within", "stamp_folios", "trylock_folios"]
 
 try:
     from numba import njit
@@ -301,8 +301,8 @@ def _alloc_frames_order(free, block_free, block, size, count, out):
             if bf < size or (bf == block) != whole:
                 continue
             base = b * block
-            # A whole free pageblock (block_free counts its free frames) needs no frame-by-frame look; blocks
-            # are then taken in order, so each start after the first is free too.
+            # A whole free pageblock (block_free counts its free frames) needs no frame-by-frame look: its
+            # starts are taken in order, so each one is free until taken.
             whole_free = bf == block
             for start in range(base, base + block, size):
                 if not whole_free:

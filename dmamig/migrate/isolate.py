@@ -90,8 +90,9 @@ def collect_located(m: Machine, pfns: np.ndarray, node: int,
 
 def collect_range(mm: MmStruct, addr: int, length: int, node: int,
                   move_all: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """The pfns of ``[addr, addr + length)`` once no migration entry is left in it (:meth:`MmStruct.wait_migrations`),
-    and :func:`collect_located` over them: ``(pfns, status, heads, entry)`` (caller holds ``machine.changed``).
+    """The pfns of ``[addr, addr + length)`` once no migration entry is left in it
+    (:meth:`~dmamig.mm_struct.MmStruct.wait_migrations`), and :func:`collect_located` over them: ``(pfns, status,
+    heads, entry)`` (caller holds ``machine.changed``).
 
     Where one VMA maps the whole range, no migration entry stands in it and no driver's movable pages need their
     own isolation, one compiled pass does it all (the usual ``AddressSpace.migrate``); the steps one by one
