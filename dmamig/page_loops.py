@@ -30,7 +30,8 @@ __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_fr
            "slots_within", "stamp_folios", "trylock_folios"]
 
 try:
-    from numba import njit
+    from numba import carray, njit, types
+    from numba.extending import intrinsic
 
     HAVE_NUMBA = True
 except Exception:  # pragma: no cover - numba is a dependency; this keeps the numpy path usable without it
@@ -85,8 +86,8 @@ def _page_fields(state):
     """The field arrays of a PageArray state buffer (bytes), in :data:`PAGE_FIELDS` order: views, no copies,
     each of the buffer's slots (:func:`page_slots`: a few more than pfns, which no caller indexes).
 
-    Written out field by field, not looped over :data:`PAGE_FIELDS`, so that a compiled caller gets each as a
-    typed array; a test checks the two agree.
+    The numpy path's, where numba is missing; a compiled caller takes :func:`_page_fields_at` as ``page_fields``
+    (a test checks its fields are PageArray's own arrays).
     """
     n = state.size // PAGE_BYTES
     a, b = 8 * n, 4 * n
@@ -103,6 +104,30 @@ def _page_fields(state):
     last_cpupid = state[o + 3 * b:o + 4 * b].view(np.int32)
     memcg = state[o + 4 * b:o + 5 * b].view(np.int32)
     order = state[o + 5 * b:o + 5 * b + n].view(np.int8)
+    return (mapping, index, private, head, write_seq, mark, flags, refcount, mapcount, last_cpupid, memcg,
+            order)
+
+
+def _page_fields_at(state):
+    """:func:`_page_fields` for compiled callers: each field an array over the buffer's own memory at its offset,
+    as the views are. A view costs a compiled call checks of its own, for every field, in each of the several
+    calls of a batch that take the buffer apart; these cost nothing. They hold no reference to ``state``: valid
+    while it is, as it is for every caller, which has it as an argument."""
+    n = state.size // PAGE_BYTES
+    at = state.ctypes.data
+    mapping = carray(_pointer(at, np.int64), n)
+    index = carray(_pointer(at + 8 * n, np.int64), n)
+    private = carray(_pointer(at + 16 * n, np.int64), n)
+    head = carray(_pointer(at + 24 * n, np.int64), n)
+    write_seq = carray(_pointer(at + 32 * n, np.int64), n)
+    mark = carray(_pointer(at + 40 * n, np.int64), n)
+    o = at + 48 * n
+    flags = carray(_pointer(o, np.uint32), n)
+    refcount = carray(_pointer(o + 4 * n, np.int32), n)
+    mapcount = carray(_pointer(o + 8 * n, np.int32), n)
+    last_cpupid = carray(_pointer(o + 12 * n, np.int32), n)
+    memcg = carray(_pointer(o + 16 * n, np.int32), n)
+    order = carray(_pointer(o + 20 * n, np.int8), n)
     return (mapping, index, private, head, write_seq, mark, flags, refcount, mapcount, last_cpupid, memcg,
             order)
 
@@ -619,8 +644,18 @@ def _stamp_folios(heads, page_order, write_seq, seq):
 
 
 if HAVE_NUMBA:
+    @intrinsic
+    def _pointer(typingctx, address, dtype):
+        """The integer ``address`` as a pointer to items of ``dtype`` (a numpy scalar type), for ``carray``."""
+        item = dtype.dtype
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_data_type(item).as_pointer())
+
+        return types.CPointer(item)(types.intp, dtype), codegen
+
     _jit = njit(nogil=True, cache=True)
-    page_fields = njit(nogil=True, cache=True, inline="always")(_page_fields)
+    page_fields = njit(nogil=True, cache=True, inline="always")(_page_fields_at)
     move_head_state = njit(nogil=True, cache=True, inline="always")(_move_head_state)
     expand_folios = _jit(_expand_folios)
     stamp_folios = _jit(_stamp_folios)
