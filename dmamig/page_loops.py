@@ -115,20 +115,12 @@ def _page_fields_at(state):
     while it is, as it is for every caller, which has it as an argument."""
     n = state.size // PAGE_BYTES
     at = state.ctypes.data
-    mapping = carray(_pointer(at, np.int64), n)
-    index = carray(_pointer(at + 8 * n, np.int64), n)
-    private = carray(_pointer(at + 16 * n, np.int64), n)
-    head = carray(_pointer(at + 24 * n, np.int64), n)
-    write_seq = carray(_pointer(at + 32 * n, np.int64), n)
-    mark = carray(_pointer(at + 40 * n, np.int64), n)
-    o = at + 48 * n
-    flags = carray(_pointer(o, np.uint32), n)
-    refcount = carray(_pointer(o + 4 * n, np.int32), n)
-    mapcount = carray(_pointer(o + 8 * n, np.int32), n)
-    last_cpupid = carray(_pointer(o + 12 * n, np.int32), n)
-    memcg = carray(_pointer(o + 16 * n, np.int32), n)
-    order = carray(_pointer(o + 20 * n, np.int8), n)
-    return (mapping, index, private, head, write_seq, mark, flags, refcount, mapcount, last_cpupid, memcg,
+    # The fields in PAGE_FIELDS order: six int64 ones, flags (uint32), four int32 ones, order (int8).
+    wide = carray(_pointer(at, np.int64), (6, n))
+    flags = carray(_pointer(at + 48 * n, np.uint32), n)
+    narrow = carray(_pointer(at + 52 * n, np.int32), (4, n))
+    order = carray(_pointer(at + 68 * n, np.int8), n)
+    return (wide[0], wide[1], wide[2], wide[3], wide[4], wide[5], flags, narrow[0], narrow[1], narrow[2], narrow[3],
             order)
 
 
