@@ -1,0 +1,13 @@
+#!/bin/bash
+# Alternating before/now, N rounds: each line is "round mode folios before|now lowest middle" (blocks.py).
+# /tmp/base and /tmp/now are git worktrees of the two commits (machine.txt).
+for r in $(seq 1 $1); do
+  for case in "nocopy 1" "copy 1" "nocopy 32" "copy 32"; do
+    set -- $case
+    for w in before now; do
+      d=/tmp/base; [ $w = now ] && d=/tmp/now
+      v=$(PYTHONPATH=$d MODE=$1 FOLIOS=$2 python3 blocks.py | awk '{print $4, $5}')
+      echo "$r $1 $2 $w $v"
+    done
+  done
+done
