@@ -192,7 +192,8 @@ class MmStruct:
             i = bisect.bisect_right(vmas, int(addrs[0]), key=_vma_start) - 1
             if i >= 0:
                 v = vmas[i]
-                slots, pfns = np.empty((2, addrs.size), dtype=np.int64)
+                slots = np.empty(addrs.size, dtype=np.int64)
+                pfns = np.empty(addrs.size, dtype=np.int64)
                 if page_loops.slots_within(addrs, v.start, v.end, ps, v.pte_pfn, slots, pfns):
                     return pfns, [(v, np.arange(addrs.size), slots)]
         pfns = np.full(addrs.size, -1, dtype=np.int64)

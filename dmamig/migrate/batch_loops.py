@@ -418,7 +418,8 @@ def fused_work(entries: int, pages: int) -> np.ndarray:
     """Scratch for :func:`fused_batch` over batches of at most ``entries`` folios and ``pages`` base pages, its
     counters (``work[:ACC_WORDS]``) zeroed; :func:`work_views` gives its parts."""
     work = np.zeros(_WORK_HEAD + (entries + 1) // 2 + 3 * pages, dtype=np.int64)
-    work[ACC_WORDS:ACC_WORDS + 2] = entries, pages
+    work[ACC_WORDS] = entries
+    work[ACC_WORDS + 1] = pages
     return work
 
 

@@ -775,7 +775,8 @@ class _Migration:
             src, dst = listed[1], listed[2]  # the one unmap pass of this batch listed its pages
         elif batch_loops.HAVE_NUMBA:
             total = moving.size << e.one_order if e.one_order >= 0 else int(e.nr[moving].sum())
-            src, dst = np.empty((2, total), dtype=np.int64)
+            src = np.empty(total, dtype=np.int64)
+            dst = np.empty(total, dtype=np.int64)
             n = batch_loops.stale_base_pfns(moving, e.src, e.dst, e.nr, e.fresh, src, dst)
             src, dst = src[:n], dst[:n]
         else:
@@ -886,7 +887,9 @@ class _Migration:
         elif batch_loops.HAVE_NUMBA:
             # folio_migrate_mapping's reference check comes before the copy, so a busy folio is not copied.
             t0 = time.perf_counter_ns()
-            stale, keep, busy = np.empty((3, moving.size), dtype=np.int64)
+            stale = np.empty(moving.size, dtype=np.int64)
+            keep = np.empty(moving.size, dtype=np.int64)
+            busy = np.empty(moving.size, dtype=np.int64)
             with m.lock:
                 nc, nb, nk = batch_loops.to_copy(moving, e.src, e.expected, e.fresh, pages.refcount, stale, keep,
                                                  busy)

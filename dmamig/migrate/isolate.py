@@ -105,7 +105,10 @@ def collect_range(mm: MmStruct, addr: int, length: int, node: int,
             v, s0, s1 = segs[0]
             nd = m.nodes[node]
             n = s1 - s0
-            pfns, entry, heads = np.empty((3, n), dtype=np.int64)
+            # Arrays of their own: unpacking the rows of one costs more than the allocations it saves.
+            pfns = np.empty(n, dtype=np.int64)
+            entry = np.empty(n, dtype=np.int64)
+            heads = np.empty(n, dtype=np.int64)
             status = np.empty(n, dtype=np.int32)
             k = page_loops.collect_slots(v.pte_pfn, v.pte_flags, s0, s1, nd.base_pfn, nd.base_pfn + nd.total_pages,
                                          m.pages.state, not move_all, pfns, status, entry, heads)
