@@ -447,9 +447,8 @@ def _collect_slots(pte_pfn, pte_flags, s0, s1, node_lo, node_hi, state, refuse_s
     """A range's collection where one VMA maps it, slots ``s0`` to ``s1``: -1, and nothing done, where a slot
     holds a migration entry (the caller waits for that migration to finish); else the pfns of the slots copied
     to ``pfns`` and :func:`collect_folios` over them (its return value)."""
-    for s in range(s0, s1):
-        if pte_flags[s] & _MIGRATION:
-            return -1
+    if _any_bits(pte_flags, s0, s1, _MIGRATION):  # Vma.has_migration_entries' own test
+        return -1
     for i in range(s1 - s0):
         pfns[i] = pte_pfn[s0 + i]
     return _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry, heads)
@@ -665,7 +664,7 @@ if HAVE_NUMBA:
     on_nodes = _jit(_on_nodes)
     one_node = _one_node = _jit(_one_node)  # under its own name too: one_node_pair calls it compiled
     one_node_pair = _jit(_one_node_pair)
-    any_bits = _jit(_any_bits)
+    any_bits = _any_bits = _jit(_any_bits)  # under its own name too: collect_slots calls it
     first_at = _jit(_first_at)
     first_outside = _jit(_first_outside)
     first_unwritable = _jit(_first_unwritable)
