@@ -108,6 +108,10 @@ class MigrateMode(enum.Flag):
     SYNC = enum.auto()
     NO_COPY = enum.auto()
 
+    # Enum hashes a member by its name, in Python: every dict keyed by a mode paid for it on each migration call.
+    # Members (combinations included) are singletons compared by identity, so the identity's hash serves.
+    __hash__ = object.__hash__
+
 
 class MigratePfn(enum.IntFlag):
     """Flags in the low bits of ``MigrateVma.src``/``dst`` entries (``pfn << MIGRATE_PFN_SHIFT | flags``).

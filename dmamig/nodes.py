@@ -200,6 +200,11 @@ class Node:
         self._total_pages = total_pages
         self.frames = frames
         self.allocator = FrameAllocator(total_pages)
+        #: What a compiled pass that takes or frees this node's frames is given, in this order: the allocator's
+        #: arrays (:meth:`FrameAllocator.arrays`), its frames per pageblock and the node's first pfn; a pass reports
+        #: the frames it took with ``allocator.taken``. One tuple, made once: these never change.
+        self.alloc_args: tuple[np.ndarray, np.ndarray, int, int] = (*self.allocator.arrays(), self.allocator.block,
+                                                                     base_pfn)
         # A device node's memory is one pgmap; until a driver claims it, its owner is the node's own id.
         self._owner: Hashable | None = node_id if kind == "device" else None
 

@@ -416,8 +416,10 @@ _WORK_HEAD = ACC_WORDS + 4
 
 def fused_work(entries: int, pages: int) -> np.ndarray:
     """Scratch for :func:`fused_batch` over batches of at most ``entries`` folios and ``pages`` base pages, its
-    counters (``work[:ACC_WORDS]``) zeroed; :func:`work_views` gives its parts."""
-    work = np.zeros(_WORK_HEAD + (entries + 1) // 2 + 3 * pages, dtype=np.int64)
+    counters (``work[:ACC_WORDS]``) zeroed; :func:`work_views` gives its parts (the rest is written before it is
+    read: zeroing it all costs a call of one folio more than the rest of this)."""
+    work = np.empty(_WORK_HEAD + (entries + 1) // 2 + 3 * pages, dtype=np.int64)
+    work[:ACC_WORDS] = 0
     work[ACC_WORDS] = entries
     work[ACC_WORDS + 1] = pages
     return work

@@ -88,8 +88,8 @@ _WRITEBACK_U32 = np.uint32(PageFlag.WRITEBACK)
 _PUTBACK_CLEAR = np.uint32(~np.uint32(PageFlag.ISOLATED | PageFlag.LOCKED))
 _LRU = np.uint32(PageFlag.LRU)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
-# Stand-ins for the allocator arrays where the old folios span nodes (they are freed node by node after the call).
-_NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
+# Stand-in for a node's alloc_args where the old folios span nodes (they are freed node by node after the call).
+_NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), 1, -1)
 # No batch, for fused_batch (writable, as the steps are: a read-only array would compile it once more).
 _NO_STEP = np.empty(0, dtype=np.int64)
 # Stand-ins for the rings' arrays where fused batches are copied by the migrating thread (the types of
@@ -123,6 +123,7 @@ _CALL_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success"
                   "thp_migration_split", "pgmigrate_no_copy", "pgmigrate_dma_fallback", "migrate_tlb_flush")
 
 _BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
+_NO_PHASE_NS = dict.fromkeys(PHASES, 0)  # a call's phase times start as a copy (dict.fromkeys costs 6x more)
 
 
 def _base_mode(mode: MigrateMode) -> MigrateMode:
@@ -144,14 +145,14 @@ class _Migration:
         self.reason = reason
         self.kswapd = kswapd  # a demotion from kswapd's reclaim (pgdemote_kswapd), else from direct reclaim
         # alloc_demote_folio: the target first, then the other nodes of lower tiers (never a higher one)
-        self.fallback_nodes = demotion_fallback(m, node, entries) if reason == MigrateReason.MR_DEMOTION else ()
+        self.fallback_nodes = demotion_fallback(m, node, entries) if reason is MigrateReason.MR_DEMOTION else ()
         self.requested_mode = mode
         self.mode = _base_mode(mode)
         self.engine = engine
         self.options = options
         self.e = entries
         self.stats = MigrateStats()
-        self.phase_ns = dict.fromkeys(PHASES, 0)
+        self.phase_ns = _NO_PHASE_NS.copy()
         self.enomem = False  # a base page found no frame: the call ends (the kernel's rc_saved = -ENOMEM)
         self.batch_enomem = False  # ...and the batch it was in stops unmapping
         self.batch_counts_folios = True  # the batch's failures are folios of the return value
@@ -165,9 +166,8 @@ class _Migration:
         # source pfns, destination pfns); taken by the submission when those entries are the whole batch.
         self.listed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # The one object every folio belongs to, where the compiled one-VMA passes may run (see _one_vma).
-        self.one_object = m.object_or_none(entries.oid) \
-            if batch_loops.HAVE_NUMBA and batch_loops.USE_BATCH_LOOPS and entries.oid >= 0 else None
-        self.charges = BatchCharges.start(m, entries, self.stats)  # None unless the machine has a cost model
+        self.one_object = entries.obj if batch_loops.HAVE_NUMBA and batch_loops.USE_BATCH_LOOPS else None
+        self.charges = None if m.cost_model is None else BatchCharges.start(m, entries, self.stats)
 
     # -- migrate_pages(): batches, one at a time ---------------------------------------------------------------
     def migrate_pages(self, positions: np.ndarray) -> None:
@@ -265,10 +265,9 @@ class _Migration:
         copying = rings is None
         passes = self._first_passes()
         self.batch_mode = MigrateMode.ASYNC
-        tn, sn = m.nodes[self.node], m.nodes[e.src_node]
+        nodes = m.nodes
+        tn, sn = nodes[self.node], nodes[e.src_node]
         ta, sa = tn.allocator, sn.allocator
-        tfree, tbf = ta.arrays()
-        sfree, sbf = sa.arrays()
         most = max(map(len, steps[i:]))
         work = batch_loops.fused_work(most, most << e.one_order)
         acc = work[:batch_loops.ACC_WORDS]
@@ -288,8 +287,8 @@ class _Migration:
                         try:
                             code, nr, nlisted, taken, given_back = batch_loops.fused_batch(
                                 prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
-                                self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags, tfree, tbf,
-                                ta.block, tn.base_pfn, e.one_order, sfree, sbf, sa.block, sn.base_pfn, work, copying,
+                                self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
+                                *tn.alloc_args, e.one_order, *sn.alloc_args, work, copying,
                                 rings.seq if held else 0, *args)
                             if code == batch_loops.FUSED_SUBMITTED:
                                 rings.published(nlisted, nr)
@@ -666,7 +665,6 @@ class _Migration:
         was_clean = None if e.by_callback is None else self._clean_file_folios(todo)
         nd = m.nodes[self.node]
         alloc = nd.allocator
-        free, block_free = alloc.arrays()
         rc = np.empty(todo.size, dtype=np.int32)
         # With an engine, the pass also lists the DMA submission's pages (every base page of the batch at most).
         listed = _NO_LIST
@@ -676,7 +674,7 @@ class _Migration:
         while True:
             bad, taken, n = batch_loops.unmap_one_vma(
                 todo, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid, vma.pgoff, vma.npages,
-                vma.pte_pfn, vma.pte_flags, free, block_free, alloc.block, nd.base_pfn, order, rc, listed)
+                vma.pte_pfn, vma.pte_flags, *nd.alloc_args, order, rc, listed)
             if taken >= 0:
                 break
             # The node could not serve every destination (nothing was taken): the general allocation, which
@@ -965,14 +963,12 @@ class _Migration:
         rc = np.empty(moving.size, dtype=np.int32)
         if e.src_node >= 0:
             nd = m.nodes[e.src_node]
-            alloc, base = nd.allocator, nd.base_pfn
-            free, block_free = alloc.arrays()
+            alloc, alloc_args = nd.allocator, nd.alloc_args
         else:
-            alloc, base, (free, block_free) = None, -1, _NO_ALLOCATOR
+            alloc, alloc_args = None, _NO_ALLOCATOR
         got = batch_loops.move_one_vma(
             moving, e.status, e.src, e.ints, e.bools, pages.state, e.oid, self.one_object.pfns, vma.pgoff,
-            vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, free, block_free, 1 if alloc is None else alloc.block,
-            base)
+            vma.npages, vma.pte_pfn, vma.pte_flags, rc, freed, *alloc_args)
         return self._settle_moved(moving, rc, freed, alloc, got)
 
     def _settle_moved(self, moving: np.ndarray, rc: np.ndarray, freed: np.ndarray, alloc: Any,

@@ -107,8 +107,10 @@ class Entries:
         self.one_order = int(top) if same else -1
         self.src_node = int(node)  # the node every source lives on, or -1 if they span several
         # folio_expected_refs(): the isolation reference, plus the page cache's for a shared-memory folio.
+        #: The object every folio belongs to (None: several, none, or released since).
+        self.obj = m.object_or_none(self.oid) if self.oid >= 0 else None
         if one_object:
-            obj = m.object_or_none(int(lo)) if lo >= 0 else None
+            obj = self.obj
             shared = obj is not None and obj.shared
             if shared:
                 self.expected += self.nr

@@ -110,7 +110,8 @@ def collect_range(mm: MmStruct, addr: int, length: int, node: int,
             entry = np.empty(n, dtype=np.int64)
             heads = np.empty(n, dtype=np.int64)
             status = np.empty(n, dtype=np.int32)
-            k = page_loops.collect_slots(v.pte_pfn, v.pte_flags, s0, s1, nd.base_pfn, nd.base_pfn + nd.total_pages,
+            lo = nd.base_pfn
+            k = page_loops.collect_slots(v.pte_pfn, v.pte_flags, s0, s1, lo, lo + nd.total_pages,
                                          m.pages.state, not move_all, pfns, status, entry, heads)
             if k >= 0:
                 return pfns, status, heads[:k], entry
