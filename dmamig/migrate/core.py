@@ -123,7 +123,8 @@ _CALL_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success"
                   "thp_migration_split", "pgmigrate_no_copy", "pgmigrate_dma_fallback", "migrate_tlb_flush")
 
 _BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
-_NO_PHASE_NS = dict.fromkeys(PHASES, 0)  # a call's phase times start as a copy (dict.fromkeys costs 6x more)
+_NO_PHASE_NS = dict.fromkeys(PHASES, 0)
+_REASON_COUNTED = frozenset((MigrateReason.MR_NUMA_MISPLACED, MigrateReason.MR_DEMOTION))  # counters of their own  # a call's phase times start as a copy (dict.fromkeys costs 6x more)
 
 
 def _base_mode(mode: MigrateMode) -> MigrateMode:
@@ -239,10 +240,11 @@ class _Migration:
         if batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
                 or e.all_given or e.by_callback is not None or e.shmem is not None or self.fallback_nodes \
                 or self.charges is not None or m.device_private or e.src_node < 0 or e.src_node == self.node \
-                or self.options.batches_per_step != 1 or m.faults.armed or e.has_pieces:
+                or self.options.batches_per_step != 1 or e.has_pieces:
             return False, None
         if self.engine is None:
-            return True, None
+            return not m.faults.armed, None
+        # (no rings while fault points are armed: the engine's faults are the machine's)
         rings = self.engine.ring_batches(e.src_node, self.node, max(map(len, steps[i:])) << e.one_order)
         return rings is not None, rings
 
@@ -1107,7 +1109,8 @@ class _Migration:
         counters, and record the call's ``mm_migrate_pages`` event (caller holds the lock)."""
         s, m = self.stats, self.m
         if self.reason is not None:
-            self._count_reason()
+            if s.nr_succeeded and self.reason in _REASON_COUNTED:
+                self._count_reason()
             m.record_migration(s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
                                s.nr_thp_split, s.nr_split, self.requested_mode, self.reason)
         m.count_events(_CALL_COUNTERS, (s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
@@ -1115,12 +1118,11 @@ class _Migration:
 
 
     def _count_reason(self) -> None:
-        """The counters a reason adds: ``numa_pages_migrated`` and ``pgpromote_success`` for NUMA balancing (a
-        promotion is a move from a lower tier into the top tier, the first host node), ``pgdemote_kswapd`` or
-        ``pgdemote_direct`` for a demotion, after the reclaimer that demoted (``reclaimer_offset()``)."""
+        """The counters a reason of ``_REASON_COUNTED`` adds where pages moved: ``numa_pages_migrated`` and
+        ``pgpromote_success`` for NUMA balancing (a promotion is a move from a lower tier into the top tier, the
+        first host node), ``pgdemote_kswapd`` or ``pgdemote_direct`` for a demotion, after the reclaimer that
+        demoted (``reclaimer_offset()``)."""
         s, m = self.stats, self.m
-        if not s.nr_succeeded:
-            return
         if self.reason == MigrateReason.MR_NUMA_MISPLACED:
             m.count_event("numa_pages_migrated", s.nr_succeeded)
             # Collection leaves out the pages already on the target node, so every page that moved into the top

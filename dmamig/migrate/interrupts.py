@@ -17,6 +17,11 @@ from types import FrameType, TracebackType
 
 __all__ = ["DeferredInterrupt"]
 
+# Per thread, whether it is the main thread (the one that receives signals): asked on every migration call, and
+# threading's own test is two Python calls. A thread that forks keeps its answer in the child, where it may have
+# become the main thread: the hold is then skipped, which changes nothing but when a Ctrl-C lands.
+_THREAD = threading.local()
+
 
 class DeferredInterrupt:
     """Context manager that holds SIGINT for the migration core and delivers it at phase boundaries.
@@ -32,8 +37,11 @@ class DeferredInterrupt:
         self.pending = False
 
     def __enter__(self) -> DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread() \
-                and _signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            main = _THREAD.main
+        except AttributeError:
+            main = _THREAD.main = threading.current_thread() is threading.main_thread()
+        if main and _signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._old = _signal.signal(signal.SIGINT, self._hold)
         return self
 
