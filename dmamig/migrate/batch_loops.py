@@ -9,7 +9,7 @@ inside one nogil call, so a batch costs a fixed handful of Python-level calls wh
 batch one call: the move pass of the batch before, then this one's unmap pass and the start of its copy (the
 ring submission, or the reference check before the migrating thread's copy). A call's own set-up and end are
 compiled too: ``init_entries`` sets up its entries, ``cut_batches`` cuts them into batches, ``fill_status`` gives
-the pages their status. The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
+the pages their status (``fill_moved_status`` where every folio moved whole). The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
 does the same work phase by phase and stays the reference: the tests run random migrations both ways and
 compare every page, page table and object slot.
 """
@@ -29,8 +29,8 @@ __all__ = ["ACC_LARGE", "ACC_LAST_MOVE", "ACC_MOVED", "ACC_MOVES", "ACC_MOVE_NS"
            "FUSED_MOVE_LEFT", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_TO_COPY", "FUSED_UNMAPPED",
            "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED",
            "ROW_FRESH", "ROW_GIVEN", "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED",
-           "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_status", "fused_batch", "fused_work",
-           "init_entries", "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma", "work_views"]
+           "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_moved_status", "fill_status", "fused_batch",
+           "fused_work", "init_entries", "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma", "work_views"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the
@@ -225,6 +225,14 @@ def _fill_status(status, pending, entry, pfns, entry_status, split_first, src, s
         status[i] = s
 
 
+def _fill_moved_status(status, pending):
+    """``Entries.fill_status`` where every entry moved whole: each page still ``pending`` is 0 (its entry
+    need not be looked up)."""
+    for i in range(status.size):
+        if status[i] == pending:
+            status[i] = 0
+
+
 def _cut_batches(nr, batch_pages, out):
     """``batch_ids`` (entries.py, whose numpy loop is the reference): a batch takes folios of ``nr`` base pages,
     in list order, until it holds ``batch_pages`` or more; the batch of each folio goes to ``out``."""
@@ -416,10 +424,8 @@ _WORK_HEAD = ACC_WORDS + 4
 
 def fused_work(entries: int, pages: int) -> np.ndarray:
     """Scratch for :func:`fused_batch` over batches of at most ``entries`` folios and ``pages`` base pages, its
-    counters (``work[:ACC_WORDS]``) zeroed; :func:`work_views` gives its parts (the rest is written before it is
-    read: zeroing it all costs a call of one folio more than the rest of this)."""
-    work = np.empty(_WORK_HEAD + (entries + 1) // 2 + 3 * pages, dtype=np.int64)
-    work[:ACC_WORDS] = 0
+    counters (``work[:ACC_WORDS]``) zeroed; :func:`work_views` gives its parts."""
+    work = np.zeros(_WORK_HEAD + (entries + 1) // 2 + 3 * pages, dtype=np.int64)
     work[ACC_WORDS] = entries
     work[ACC_WORDS + 1] = pages
     return work
@@ -539,13 +545,14 @@ if HAVE_NUMBA:
     init_entries = njit(nogil=True, cache=True)(_init_entries)
     _work_views = njit(nogil=True, cache=True, inline="always")(work_views)
     fill_status = njit(nogil=True, cache=True)(_fill_status)
+    fill_moved_status = njit(nogil=True, cache=True)(_fill_moved_status)
     alloc_one_order = njit(nogil=True, cache=True)(_alloc_one_order)
     unmap_one_vma = njit(nogil=True, cache=True)(_unmap_one_vma)
     move_one_vma = njit(nogil=True, cache=True)(_move_one_vma)
     _unmap_one_vma, _move_one_vma = unmap_one_vma, move_one_vma  # as fused_batch calls them
 else:  # pragma: no cover
     unmap_one_vma = move_one_vma = to_copy = alloc_one_order = stale_base_pfns = cut_batches = None
-    init_entries = fill_status = None
+    init_entries = fill_status = fill_moved_status = None
 
 #: Why the fused batches cannot run here (``None`` where they can): they need the rings and a compiled clock.
 FUSED_ERROR: str | None = "numba is not importable" if not HAVE_NUMBA else (RING_ERROR or SPIN_ERROR)

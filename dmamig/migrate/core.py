@@ -1226,7 +1226,8 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
             finally:
                 t0 = time.perf_counter_ns()
                 mig.finish(interrupted)
-                entries.fill_status(status, where)
+                # (a split folio's entry never moves: all moved is none split)
+                entries.fill_status(status, where, all_moved=not interrupted and mig.nr_moved_folios == entries.size)
                 mig.phase_ns["putback"] += time.perf_counter_ns() - t0
     s = mig.stats
     rc = ENOMEM if mig.enomem else mig.nr_failed_folios

@@ -299,11 +299,19 @@ class Entries:
             entry = order[np.searchsorted(src[order], heads)]
         return entry, pfns
 
-    def fill_status(self, status: np.ndarray, where: tuple[np.ndarray, np.ndarray] | None) -> None:
+    def fill_status(self, status: np.ndarray, where: tuple[np.ndarray, np.ndarray] | None,
+                    all_moved: bool = False) -> None:
         """Give each pending page of ``status`` the final status of its entry, :meth:`locate` having found them;
-        a split folio's page reports its own piece."""
+        a split folio's page reports its own piece. ``all_moved``: every entry moved (none split), so each
+        pending page's status is 0."""
         if where is None:
             status[:] = self.status[: self.size]
+            return
+        if all_moved:
+            if page_loops.HAVE_NUMBA:
+                batch_loops.fill_moved_status(status, PENDING)
+            else:
+                status[status == PENDING] = 0
             return
         entry, pfns = where
         if page_loops.HAVE_NUMBA:
