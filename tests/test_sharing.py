@@ -323,8 +323,10 @@ def test_copy_nonpresent_pte_fork_copies_a_migration_entry(m, mm, monkeypatch, s
     """copy_nonpresent_pte: fork copies a migration entry instead of waiting for the migration; in a
     copy-on-write mapping the entry becomes readable in both processes. The migration then maps its new page
     in both (remove_migration_ptes walks the rmap), and a write is copy-on-write as usual."""
-    from dmamig.migrate import core
+    from dmamig.migrate import batch_loops, core
 
+    # The fork lands between the general path's unmap and move passes (a fused batch makes them in compiled calls).
+    monkeypatch.setattr(batch_loops, "fused_batch", None)
     ps = m.page_size
     addr, data = filled(m, mm, 2, shared=shared)
     forked: list = []

@@ -178,8 +178,7 @@ class _Migration:
         if depth == 0:
             i = 0
             while i < len(steps) and not self.enomem:
-                fusable, rings = self._can_fuse(steps, i) if len(steps) - i > 1 or self.engine is not None \
-                    else (False, None)
+                fusable, rings = self._can_fuse(steps, i)
                 if fusable:
                     ran = self._fused_steps(steps, i, rings)
                     if ran > i:
@@ -230,11 +229,10 @@ class _Migration:
 
         Fused are the common batches of a long migration: anonymous folios of one order, mapped through one VMA,
         from one node to another (whose DMA channels take ring rows, for a no-copy migration), one batch per
-        step, no split pieces waiting, no fault point armed, no cost model, coherent device memory; the caller
-        asks where two steps or more are left, or one that the DMA engine copies (a call of one batch: copied by
-        the migrating thread, it costs more fused than the general path's three compiled calls, whose arguments
-        are fewer). Everything else (and every batch that leaves the common case on its way) takes the general
-        path, which is the reference.
+        step, no split pieces waiting, no fault point armed, no cost model, coherent device memory; a call of one
+        batch too (its two fused calls cost less than the general path's three and its Python). Everything else
+        (and every batch that leaves the common case on its way) takes the general path, which is the
+        reference.
         """
         e, m = self.e, self.m
         if batch_loops.fused_batch is None or self.one_object is None or e.one_order < 0 \
