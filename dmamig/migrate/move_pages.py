@@ -101,9 +101,12 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
     with m.changed:
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
         pfns, status, heads, entry = collect_range(mm, addr, length, node, move_all=bool(move_all))
-    return run_migration(m, MigrationRequest(heads=heads, node=node, mode=mode, pfns=pfns, status=status,
-                                             t_thread=t_thread, t_wall=t_wall, engine=engine, options=options,
-                                             reason=reason, entry=entry))
+    # The request's fields in order, positional: keywords cost a call of one folio measurably.
+    return run_migration(m, MigrationRequest(heads, node, mode, pfns, status, t_thread, t_wall, engine,
+                                             None,  # dst: the core allocates the destinations
+                                             options, reason,
+                                             False,  # kswapd
+                                             entry))
 
 
 def _as_addrs(addrs: Any) -> np.ndarray:
