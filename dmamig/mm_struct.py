@@ -15,6 +15,7 @@ The VMA list and the pins change only under ``machine.lock``; the lookups expect
 from __future__ import annotations
 
 import bisect
+import operator
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -36,9 +37,8 @@ MMAP_BASE = 0x10_0000_0000
 _MIGRATION = np.uint8(PteFlag.MIGRATION)
 
 
-def _vma_start(vma: Vma) -> int:
-    """The key the VMA list is kept sorted by."""
-    return vma.start
+#: The key the VMA list is kept sorted by (an attrgetter: bisect calls it with no Python frame).
+_vma_start = operator.attrgetter("start")
 
 
 class MmStruct:
@@ -70,6 +70,7 @@ class MmStruct:
 
     def __init__(self, machine: Machine):
         self.machine = machine
+        self._page_size = machine.page_size  # asked on every range check and lookup
         self._vmas: list[Vma] = []  # address order; changed only through insert, remove, replace, relocate
         self.highest_vm_end = MMAP_BASE
         self.pins: dict[int, int] = {}
@@ -123,7 +124,7 @@ class MmStruct:
         """Validate an ``(addr, length)`` argument pair: integers, ``addr >= 0``, ``length > 0`` and, with
         ``aligned``, a page-aligned ``addr``. Returns them as ints."""
         if type(addr) is int and type(length) is int and addr >= 0 and length > 0 \
-                and not (aligned and addr % self.machine.page_size):
+                and not (aligned and addr % self._page_size):
             return addr, length  # the common case, in one test (bool is not int's type)
         for name, v in (("addr", addr), ("length", length)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -132,14 +133,14 @@ class MmStruct:
             raise InvalidArgument(f"addr must be >= 0, got {addr}")
         if length <= 0:
             raise InvalidArgument(f"length must be > 0, got {length}")
-        ps = self.machine.page_size
+        ps = self._page_size
         if aligned and addr % ps:
             raise InvalidArgument(f"addr {addr:#x} must be aligned to the page size ({ps} bytes)")
         return int(addr), int(length)
 
     def segments(self, addr: int, length: int) -> list[tuple[Vma, int, int]]:
         """``[(vma, first_slot, end_slot), ...]`` covering ``[addr, addr + length)``; AddressFault on a hole."""
-        ps = self.machine.page_size
+        ps = self._page_size
         end = addr + length
         out = []
         cur = addr
@@ -147,7 +148,7 @@ class MmStruct:
         i = bisect.bisect_right(vmas, cur, key=_vma_start) - 1
         while cur < end:
             v = vmas[i] if 0 <= i < len(vmas) else None
-            v_start, v_end = (v.start, v.end) if v is not None else (0, 0)
+            v_start, v_end = (v.start, v.start + v.npages * ps) if v is not None else (0, 0)  # (Vma.end)
             if not v_start <= cur < v_end:
                 raise AddressFault(f"address {cur:#x} is not mapped (access {addr:#x}+{length:#x})")
             out.append((v, (cur - v_start) // ps, -(-(min(end, v_end) - v_start) // ps)))
@@ -185,7 +186,7 @@ class MmStruct:
     def lookup(self, addrs: np.ndarray) -> tuple[np.ndarray, list[tuple[Vma, np.ndarray, np.ndarray]]]:
         """The pfn of each of ``addrs`` (``-1`` where unmapped too) and, per VMA hit, ``(vma, positions, slots)``
         (caller holds the lock)."""
-        ps = self.machine.page_size
+        ps = self._page_size
         vmas = self._vmas
         if vmas and addrs.size and page_loops.HAVE_NUMBA and addrs.dtype == np.int64:
             # The usual lookup: every address in the VMA of the first, found in one compiled pass.
