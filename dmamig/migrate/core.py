@@ -263,7 +263,6 @@ class _Migration:
         """
         m, e, pages = self.m, self.e, self.m.pages
         copying = rings is None
-        passes = self._first_passes()
         self.batch_mode = MigrateMode.ASYNC
         nodes = m.nodes
         tn, sn = nodes[self.node], nodes[e.src_node]
@@ -315,7 +314,7 @@ class _Migration:
                     except DmaError:
                         self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
                         self._copy_failed(None, nxt)
-                        self._move_and_undo(nxt, passes, 1, counted=1)
+                        self._move_and_undo(nxt, self._first_passes(), 1, counted=1)
                         self._after_step(nxt)
                         return i + 1
                     self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
@@ -342,12 +341,12 @@ class _Migration:
             if prev.size:
                 e.fresh[prev] = True
                 self.copied_batch = prev
-                self._move_and_undo(prev, passes, 1, counted=1)
+                self._move_and_undo(prev, self._first_passes(), 1, counted=1)
                 self._after_step(prev)
             return i
         if code == batch_loops.FUSED_MOVE_LEFT:  # the batch before has folios left; this one is untouched
             if left.size:
-                self._move_and_undo(left, passes, 1, nr_move=1, counted=1)
+                self._move_and_undo(left, self._first_passes(), 1, nr_move=1, counted=1)
             else:  # the pass moved them all, and left Python its share (a new folio nobody holds)
                 self.stats.nr_move_passes += 1
             self._after_step(prev)
@@ -1073,17 +1072,18 @@ class _Migration:
         e.status[pos] = rc
 
     # -- the end ------------------------------------------------------------------------------------------------
-    def finish(self, interrupted: bool) -> None:
-        """Put back every source that did not migrate and free unused destinations; settle the counters.
+    def finish(self, interrupted: bool) -> bool:
+        """Put back every source that did not migrate and free unused destinations; settle the counters. Returns
+        whether every entry moved (then nothing was put back; a split folio's own entry never moves).
 
         After an exception (an interrupt between phases, a failing copy) some entries may still be unmapped:
         they are restored first, so no page stays unmapped, locked or isolated.
         """
         m, e = self.m, self.e
-        if not interrupted and not self.enomem and self.nr_moved_folios == e.size:
-            with m.lock:  # every folio moved (a split one's pieces included): nothing to put back
+        if not interrupted and not self.enomem and self.nr_moved_folios == e.src.size:
+            with m.lock:  # every folio moved: nothing to put back
                 self._count_vmstat()
-            return
+            return True
         with m.changed:
             if e.unmapped.any():
                 if self.engine is not None:
@@ -1101,6 +1101,7 @@ class _Migration:
             e.release_dst(back, given_too=True)
             self._count_vmstat()
             m.changed.notify_all()
+        return False
 
     def _count_vmstat(self) -> None:
         """Add the call's counters to vmstat, once, at the end (as migrate_pages() does), with the reason's own
@@ -1223,9 +1224,7 @@ def run_migration(m: Machine, req: MigrationRequest) -> MigrateResult:
                 interrupted = False
             finally:
                 t0 = time.perf_counter_ns()
-                mig.finish(interrupted)
-                # (a split folio's entry never moves: all moved is none split)
-                entries.fill_status(status, where, all_moved=not interrupted and mig.nr_moved_folios == entries.size)
+                entries.fill_status(status, where, all_moved=mig.finish(interrupted))
                 mig.phase_ns["putback"] += time.perf_counter_ns() - t0
     s = mig.stats
     rc = ENOMEM if mig.enomem else mig.nr_failed_folios
