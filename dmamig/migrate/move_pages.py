@@ -98,7 +98,7 @@ def migrate_range(mm: MmStruct, addr: int, length: int, node: int, mode: Migrate
     node = check_node(m, "node", node)
     mode = _check_engine(m, engine, check_mode(mode, allow_no_copy=False))
     options = MigrateOptions.coerce(options)
-    with m.changed:
+    with m.lock:  # m.changed's lock, entered directly (collection waits on m.changed where it must)
         # The zero page (-EFAULT) and, without move_all, pages other processes map (-EACCES) are left alone.
         pfns, status, heads, entry = collect_range(mm, addr, length, node, move_all=bool(move_all))
     # The request's fields in order, positional: keywords cost a call of one folio measurably.
