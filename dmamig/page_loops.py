@@ -449,9 +449,11 @@ def _collect_slots(pte_pfn, pte_flags, s0, s1, node_lo, node_hi, state, refuse_s
     to ``pfns`` and :func:`collect_folios` over them (its return value)."""
     if _any_bits(pte_flags, s0, s1, _MIGRATION):  # Vma.has_migration_entries' own test
         return -1
-    for i in range(s1 - s0):
+    n = s1 - s0
+    for i in range(n):
         pfns[i] = pte_pfn[s0 + i]
-    return _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry, heads)
+    # The slots' pfns only: collect_folios goes over every pfn it is given, and the rest of ``pfns`` is not set.
+    return _collect_folios(pfns[:n], node_lo, node_hi, state, refuse_shared, status, entry, heads)
 
 
 def _locate_entries(pfns, head, src, mark, entry):

@@ -353,6 +353,32 @@ def test_compiled_collection_matches_the_numpy_reference(seed, monkeypatch):
         child.close()
 
 
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: collect_range takes the steps")
+def test_compiled_slot_collection_reads_only_its_slots():
+    """collect_slots over slots s0..s1 fills the first s1 - s0 entries of arrays that may be longer (their rest
+    is never set), and an empty range collects nothing."""
+    from dmamig.migrate.isolate import putback_folios
+
+    with Machine(host_pages=1024, device_pages=1024, devices=1, backend="cpu") as m:
+        mm = m.address_space()
+        ps = m.page_size
+        addr = mm.mmap(64 * ps)
+        mm.write(addr, np.ones(64 * ps, dtype=np.uint8))
+        (v, s0, s1), = mm.mm_struct.segments(addr, 64 * ps)
+        nd = m.nodes[1]
+        lo, hi = nd.base_pfn, nd.base_pfn + nd.total_pages
+        pfns, entry, heads = (np.full(64, -7, dtype=np.int64) for _ in range(3))  # garbage past the range
+        status = np.full(64, 99, dtype=np.int32)
+        with m.lock:
+            for a, b in ((s0, s0), (s0 + 10, s0 + 14)):
+                k = page_loops.collect_slots(v.pte_pfn, v.pte_flags, a, b, lo, hi, m.pages.state, False, pfns,
+                                             status, entry, heads)
+                assert k == b - a
+                assert np.array_equal(heads[:k], v.pte_pfn[a:b]) and (status[:k] == 1).all()
+                assert (status[k:] == 99).all()  # nothing past the range was collected
+                putback_folios(m, heads[:k])
+
+
 def test_a_migration_of_a_range_waits_for_the_migration_entries_in_it():
     """``AddressSpace.migrate`` over a range that another migration holds behind migration entries waits for
     that migration (the wait is counted), then migrates what it finds."""
