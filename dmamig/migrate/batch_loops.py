@@ -9,9 +9,9 @@ inside one nogil call, so a batch costs a fixed handful of Python-level calls wh
 batch one call: the move pass of the batch before, then this one's unmap pass and the start of its copy (the
 ring submission, or the reference check before the migrating thread's copy). A call's own set-up and end are
 compiled too: ``init_entries`` sets up its entries, ``cut_batches`` cuts them into batches, ``fill_status`` gives
-the pages their status (``fill_moved_status`` where every folio moved whole). The general path in ``core.py`` (any number of VMAs, through ``vma.py`` and ``state.py``)
-does the same work phase by phase and stays the reference: the tests run random migrations both ways and
-compare every page, page table and object slot.
+the pages their status (``fill_moved_status`` where every folio moved whole). The general path in ``core.py``
+(any number of VMAs, through ``vma.py`` and ``state.py``) does the same work phase by phase and stays the
+reference: the tests run random migrations both ways and compare every page, page table and object slot.
 """
 
 from __future__ import annotations

@@ -123,8 +123,9 @@ _CALL_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success"
                   "thp_migration_split", "pgmigrate_no_copy", "pgmigrate_dma_fallback", "migrate_tlb_flush")
 
 _BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
-_NO_PHASE_NS = dict.fromkeys(PHASES, 0)
-_REASON_COUNTED = frozenset((MigrateReason.MR_NUMA_MISPLACED, MigrateReason.MR_DEMOTION))  # counters of their own  # a call's phase times start as a copy (dict.fromkeys costs 6x more)
+_NO_PHASE_NS = dict.fromkeys(PHASES, 0)  # a call's phase times start as its copy (cheaper than dict.fromkeys)
+# The reasons with vmstat counters of their own (_count_reason).
+_REASON_COUNTED = frozenset((MigrateReason.MR_NUMA_MISPLACED, MigrateReason.MR_DEMOTION))
 
 
 def _base_mode(mode: MigrateMode) -> MigrateMode:
