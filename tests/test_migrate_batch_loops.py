@@ -353,6 +353,34 @@ def test_compiled_collection_matches_the_numpy_reference(seed, monkeypatch):
         child.close()
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_statuses_of_a_call_whose_folios_all_moved_are_what_their_entries_say(monkeypatch, compiled):
+    """Entries.fill_status with ``all_moved`` (no entry looked up) gives every page what the entry lookup gives
+    where every entry moved: pending pages 0, the others their collection's status."""
+    from dmamig.flags import EACCES, EFAULT, ENOENT
+    from dmamig.migrate.entries import PENDING, SPLIT, Entries
+
+    if compiled and not page_loops.HAVE_NUMBA:
+        pytest.skip("numba is not available")
+    monkeypatch.setattr(page_loops, "HAVE_NUMBA", compiled)
+    rng = np.random.default_rng(3)
+    n, folios = 700, 9
+    collected = rng.choice(np.array([PENDING, 0, ENOENT, EFAULT, EACCES], dtype=np.int32), n, p=[.6, .1, .1, .1, .1])
+    entry = np.where(collected == PENDING, rng.integers(0, folios, n), -1)
+    pfns = rng.integers(0, 10**6, n)
+    # Where the pages find their entries, as Entries.locate gives it: every page (compiled), or the pending ones.
+    where = (entry, pfns) if compiled else (entry[collected == PENDING], pfns[collected == PENDING])
+    e = Entries.__new__(Entries)  # the columns fill_status reads, every entry moved
+    e.status = np.zeros(folios, dtype=np.int32)
+    e.ints = np.zeros((6, folios), dtype=np.int64)
+    e.src = np.arange(folios, dtype=np.int64)
+    fast, looked_up = collected.copy(), collected.copy()
+    e.fill_status(fast, where, all_moved=True)
+    e.fill_status(looked_up, where)
+    assert np.array_equal(fast, looked_up)
+    assert np.array_equal(fast, np.where(collected == PENDING, 0, collected)) and SPLIT not in fast
+
+
 @pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: collect_range takes the steps")
 def test_compiled_slot_collection_reads_only_its_slots():
     """collect_slots over slots s0..s1 fills the first s1 - s0 entries of arrays that may be longer (their rest
