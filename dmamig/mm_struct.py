@@ -148,7 +148,7 @@ class MmStruct:
         i = bisect.bisect_right(vmas, cur, key=_vma_start) - 1
         while cur < end:
             v = vmas[i] if 0 <= i < len(vmas) else None
-            v_start, v_end = (v.start, v.start + v.npages * ps) if v is not None else (0, 0)  # (Vma.end)
+            v_start, v_end = (v.start, v.end) if v is not None else (0, 0)
             if not v_start <= cur < v_end:
                 raise AddressFault(f"address {cur:#x} is not mapped (access {addr:#x}+{length:#x})")
             out.append((v, (cur - v_start) // ps, -(-(min(end, v_end) - v_start) // ps)))

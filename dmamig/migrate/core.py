@@ -124,8 +124,6 @@ _CALL_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_success"
 
 _BASE_MODES: dict[MigrateMode, MigrateMode] = {}  # mode -> its ASYNC/SYNC_LIGHT/SYNC part
 _NO_PHASE_NS = dict.fromkeys(PHASES, 0)  # a call's phase times start as its copy (cheaper than dict.fromkeys)
-# The reasons with vmstat counters of their own (_count_reason).
-_REASON_COUNTED = frozenset((MigrateReason.MR_NUMA_MISPLACED, MigrateReason.MR_DEMOTION))
 
 
 def _base_mode(mode: MigrateMode) -> MigrateMode:
@@ -169,7 +167,7 @@ class _Migration:
         self.listed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # The one object every folio belongs to, where the compiled one-VMA passes may run (see _one_vma).
         self.one_object = entries.obj if batch_loops.HAVE_NUMBA and batch_loops.USE_BATCH_LOOPS else None
-        self.charges = None if m.cost_model is None else BatchCharges.start(m, entries, self.stats)
+        self.charges = BatchCharges.start(m, entries, self.stats)  # None unless the machine has a cost model
 
     # -- migrate_pages(): batches, one at a time ---------------------------------------------------------------
     def migrate_pages(self, positions: np.ndarray) -> None:
@@ -1081,7 +1079,7 @@ class _Migration:
         they are restored first, so no page stays unmapped, locked or isolated.
         """
         m, e = self.m, self.e
-        if not interrupted and not self.enomem and self.nr_moved_folios == e.src.size:
+        if not interrupted and not self.enomem and self.nr_moved_folios == e.size:
             with m.lock:  # every folio moved: nothing to put back
                 self._count_vmstat()
             return True
@@ -1109,8 +1107,7 @@ class _Migration:
         counters, and record the call's ``mm_migrate_pages`` event (caller holds the lock)."""
         s, m = self.stats, self.m
         if self.reason is not None:
-            if s.nr_succeeded and self.reason in _REASON_COUNTED:
-                self._count_reason()
+            self._count_reason()
             m.record_migration(s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
                                s.nr_thp_split, s.nr_split, self.requested_mode, self.reason)
         m.count_events(_CALL_COUNTERS, (s.nr_succeeded, s.nr_failed_pages, s.nr_thp_succeeded, s.nr_thp_failed,
@@ -1118,11 +1115,12 @@ class _Migration:
 
 
     def _count_reason(self) -> None:
-        """The counters a reason of ``_REASON_COUNTED`` adds where pages moved: ``numa_pages_migrated`` and
-        ``pgpromote_success`` for NUMA balancing (a promotion is a move from a lower tier into the top tier, the
-        first host node), ``pgdemote_kswapd`` or ``pgdemote_direct`` for a demotion, after the reclaimer that
-        demoted (``reclaimer_offset()``)."""
+        """The counters a reason adds: ``numa_pages_migrated`` and ``pgpromote_success`` for NUMA balancing (a
+        promotion is a move from a lower tier into the top tier, the first host node), ``pgdemote_kswapd`` or
+        ``pgdemote_direct`` for a demotion, after the reclaimer that demoted (``reclaimer_offset()``)."""
         s, m = self.stats, self.m
+        if not s.nr_succeeded:
+            return
         if self.reason == MigrateReason.MR_NUMA_MISPLACED:
             m.count_event("numa_pages_migrated", s.nr_succeeded)
             # Collection leaves out the pages already on the target node, so every page that moved into the top
