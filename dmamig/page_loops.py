@@ -24,7 +24,7 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "collect_slots", "done_folios", "expand_folios", "first_at", "first_outside",
-           "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "locate_entries",
+           "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "install_run", "locate_entries",
            "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
            "page_fields", "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values",
            "slots_within", "stamp_folios", "trylock_folios"]
@@ -57,6 +57,11 @@ _LRU = np.uint32(PageFlag.LRU)
 _ISOLATED = np.uint32(PageFlag.ISOLATED)
 # Pages from which a folio's contiguous pages are filled per array rather than page by page.
 _FILL_MIN = 16
+
+# Indexing: a loop over a contiguous range indexes a view from 0 (``v = a[lo:hi]``, then ``v[i]`` for ``i`` in
+# ``range(v.size)``), not ``a[lo + i]`` or ``a[i]`` for ``i`` in ``range(lo, hi)``. numba wraps a negative index
+# around the end, and where the compiler cannot prove an index non-negative that test stays in the loop: it keeps
+# a reduction or a copy from being vectorised, and costs every access a compare and a select.
 
 #: PageArray's per-pfn fields, in their order in its one state buffer: ``(name, dtype, free-state value)``, the
 #: widest first so that each field's part is aligned for its dtype; ``head`` starts as each pfn itself (None).
@@ -128,26 +133,41 @@ def _page_fields_at(state):
 # even with numba's inline="always", measured 30-50% slower in the unmap phase.
 
 
-def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
-                     pte_flags):
-    """try_to_migrate over one VMA: each present PTE or device-private entry of ``pfns`` becomes a migration
-    entry."""
-    for i in range(pfns.size):
-        p = pfns[i]
-        if mapping[p] != oid:
+def _install_run(first, nr, h, mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn, pte_flags):
+    """try_to_migrate over one VMA for the ``nr`` base pages from pfn ``first``, all of the folio headed by ``h``:
+    each present PTE or device-private entry of theirs becomes a migration entry. The folio's reference and
+    dirty bit are settled once, after its pages."""
+    run_mapping = mapping[first:first + nr]  # views indexed from 0 (see the note on indexing above)
+    run_index = index[first:first + nr]
+    run_mapcount = mapcount[first:first + nr]
+    unmapped = 0
+    dirty = False
+    for j in range(nr):
+        if run_mapping[j] != oid:
             continue
-        s = index[p] - pgoff
-        if s < 0 or s >= npages or pte_pfn[s] != p:
+        s = run_index[j] - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != first + j:
             continue
         f = pte_flags[s]
         if (f & _MAPPED) == 0:
             continue
         pte_flags[s] = (f & _KEPT) | _MIGRATION
-        h = head[p]
-        if f & _DIRTY_PTE:
-            flags[h] |= _PG_DIRTY
-        mapcount[p] -= 1
-        refcount[h] -= 1
+        dirty |= (f & _DIRTY_PTE) != 0
+        run_mapcount[j] -= 1
+        unmapped += 1
+    if dirty:
+        flags[h] |= _PG_DIRTY
+    refcount[h] -= unmapped
+
+
+def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
+                     pte_flags):
+    """try_to_migrate over one VMA: each present PTE or device-private entry of ``pfns`` becomes a migration
+    entry (:func:`_install_run` page by page)."""
+    for i in range(pfns.size):
+        p = pfns[i]
+        _install_run(p, 1, head[p], mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
+                     pte_flags)
 
 
 def _remove_entries(old, new, mapping, index, head, mapcount, refcount, oid, pgoff, npages, pte_pfn,
@@ -361,9 +381,14 @@ def _free_folio_frames(free, block_free, block, heads, nr, base):
     k = 0
     for i in range(heads.size):
         a = heads[i] - base
-        for j in range(nr[i]):
-            if free[a + j]:
-                return k + j
+        frames = free[a:a + nr[i]]
+        seen = False
+        for j in range(frames.size):  # no branch, so that it vectorises; the rare hit is found below
+            seen |= frames[j]
+        if seen:
+            for j in range(frames.size):
+                if frames[j]:
+                    return k + j
         k += nr[i]
     for i in range(heads.size):
         a = heads[i] - base
@@ -450,8 +475,7 @@ def _collect_slots(pte_pfn, pte_flags, s0, s1, node_lo, node_hi, state, refuse_s
     if _any_bits(pte_flags, s0, s1, _MIGRATION):  # Vma.has_migration_entries' own test
         return -1
     n = s1 - s0
-    for i in range(n):
-        pfns[i] = pte_pfn[s0 + i]
+    pfns[:n] = pte_pfn[s0:s1]
     # The slots' pfns only: collect_folios goes over every pfn it is given, and the rest of ``pfns`` is not set.
     return _collect_folios(pfns[:n], node_lo, node_hi, state, refuse_shared, status, entry, heads)
 
@@ -557,11 +581,14 @@ def _same_values(a, b):
 
 
 def _any_bits(flags, lo, hi, bits):
-    """Whether any of ``flags[lo:hi]`` has one of ``bits`` set (no temporary, stops at the first)."""
-    for i in range(lo, hi):
-        if flags[i] & bits:
-            return True
-    return False
+    """Whether any of ``flags[lo:hi]`` has one of ``bits`` set (no temporary). The flags are or-ed together
+    without a branch, over a view indexed from 0, so that the compiler vectorises the loop (see the note on
+    indexing at the top of this module)."""
+    view = flags[lo:hi]
+    seen = flags.dtype.type(0)
+    for i in range(view.size):
+        seen |= view[i]
+    return (seen & bits) != 0
 
 
 def _trylock_folios(heads, flags, locked, writeback, rc):
@@ -607,9 +634,10 @@ def _done_folios(old, new, nr, putback_clear, lru, flags, refcount, mapcount, ma
         else:
             _clear_range(o, o + nr[i], -1, flags, refcount, mapcount, mapping, index, private, last_cpupid,
                          memcg, order, head)
-            for j in range(nr[i]):
-                out[k] = o + j
-                k += 1
+            listed = out[k:k + nr[i]]
+            for j in range(listed.size):
+                listed[j] = o + j
+            k += nr[i]
     return dead
 
 
@@ -672,6 +700,7 @@ if HAVE_NUMBA:
     first_unwritable = _jit(_first_unwritable)
     same_values = _jit(_same_values)
     slots_within = _jit(_slots_within)
+    install_run = _install_run = njit(nogil=True, cache=True, inline="always")(_install_run)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -684,5 +713,5 @@ else:  # pragma: no cover
     first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     collect_slots = None
-    done_folios = trylock_folios = install_entries = remove_entries = move_folio_state = None
+    done_folios = trylock_folios = install_entries = install_run = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

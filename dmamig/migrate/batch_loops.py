@@ -64,11 +64,15 @@ def _entry_rows(ints, bools):
 
 
 def _copy_current(s, d, n, write_seq):
-    """Whether every base frame of the destination folio ``d`` was written after its source frame last was."""
+    """Whether every base frame of the destination folio ``d`` was written after its source frame last was (over
+    views indexed from 0, without a branch, so that it vectorises: see the note on indexing in
+    :mod:`dmamig.page_loops`)."""
+    src = write_seq[s:s + n]
+    dst = write_seq[d:d + n]
+    current = True
     for j in range(n):
-        if write_seq[d + j] <= write_seq[s + j]:
-            return False
-    return True
+        current &= dst[j] > src[j]
+    return current
 
 
 def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, npages, pte_pfn, pte_flags, free,
@@ -104,20 +108,11 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
     for i in range(pos.size):
         heads[i] = src[pos[i]]
     bad = trylock_folios(heads, flags, _LOCKED, _WRITEBACK, rc)
-    total = 0
-    for i in range(pos.size):
-        if rc[i] == 0:
-            total += nr[pos[i]]
-    pfns = np.empty(total, dtype=np.int64)
-    k = 0
     for i in range(pos.size):
         if rc[i] != 0:
             continue
         p = pos[i]
         unmapped[p] = True
-        for j in range(nr[p]):
-            pfns[k] = heads[i] + j
-            k += 1
         if given[p]:
             fresh[p] = _copy_current(heads[i], dst[p], nr[p], write_seq)
     nlisted = 0
@@ -131,8 +126,10 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
                     done[k] = pos[i]
                     k += 1
         nlisted = stale_base_pfns(done, src, dst, nr, fresh, listed[0], listed[1])
-    install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
-                    pte_flags)
+    for i in range(pos.size):
+        if rc[i] == 0:
+            install_run(heads[i], nr[pos[i]], heads[i], mapping, index, mapcount, refcount, flags, oid, pgoff,
+                        npages, pte_pfn, pte_flags)
     return bad, taken, nlisted
 
 
@@ -256,10 +253,13 @@ def _stale_base_pfns(pos, src, dst, nr, fresh, out_src, out_dst):
             continue
         s = src[p]
         d = dst[p]
-        for j in range(nr[p]):
-            out_src[k] = s + j
-            out_dst[k] = d + j
-            k += 1
+        n = nr[p]
+        to_src = out_src[k:k + n]
+        to_dst = out_dst[k:k + n]
+        for j in range(n):
+            to_src[j] = s + j
+            to_dst[j] = d + j
+        k += n
     return k
 
 
@@ -300,16 +300,22 @@ def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgo
     reference on the new folio's head ``n``). The same work as ``move_object_slots``, the per-page half of
     ``move_folio_state`` and ``remove_entries`` of :mod:`dmamig.page_loops`, which pass over the pages three
     times (each reads the old page's slot)."""
+    # The two folios' pages as views indexed from 0 (see the note on indexing in dmamig.page_loops).
+    old_mapping = mapping[o:o + nr]
+    old_index = index[o:o + nr]
+    new_mapping = mapping[n:n + nr]
+    new_index = index[n:n + nr]
+    new_mapcount = mapcount[n:n + nr]
     refs = 0
     for j in range(nr):
-        p = o + j
-        q = n + j
-        mp = mapping[p]
-        ix = index[p]
-        mapping[q] = mp
-        index[q] = ix
+        mp = old_mapping[j]
+        ix = old_index[j]
+        new_mapping[j] = mp
+        new_index[j] = ix
         if mp != oid:
             continue
+        p = o + j
+        q = n + j
         if obj_pfns[ix] == p:
             obj_pfns[ix] = q
         s = ix - pgoff
@@ -320,7 +326,7 @@ def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgo
             continue
         pte_pfn[s] = q
         pte_flags[s] = (f & _KEPT) | _PRESENT
-        mapcount[q] += 1
+        new_mapcount[j] += 1
         refs += 1
     refcount[n] += refs
 
@@ -529,7 +535,7 @@ if HAVE_NUMBA:
         done_folios,
         free_folio_frames,
         free_frames,
-        install_entries,
+        install_run,
         move_head_state,
         page_fields,
         prep_new_folios,
