@@ -111,6 +111,22 @@ def test_a_poll_reads_the_job_status_and_one_a_reap_kept():
     assert cpu_ring.poll_status(ring, 2, 0) is None
 
 
+def test_a_reap_across_the_ring_end_keeps_every_failed_status():
+    ring = dma_ring.RingSet(1, job_capacity=4).rings[0]
+    for _ in range(3):
+        ring.publish(dma_ring.JOB_PYTHON)
+    ring.finish(3)
+    ring.reap()
+    for seq in range(3, 7):  # slots 3, 0, 1, 2: the jobs wrap around the end
+        ring.publish(dma_ring.JOB_PYTHON)
+        ring.finish(seq + 1, dma_ring.STATUS_BAD_ROW if seq in (3, 5) else dma_ring.STATUS_OK)
+    ring.reap()
+    for _ in range(3):  # every slot free again: the reaped statuses are the ring's
+        ring.publish(dma_ring.JOB_PYTHON)
+    assert [ring.status(seq) for seq in range(7)] == [dma_ring.STATUS_OK] * 3 + [
+        dma_ring.STATUS_BAD_ROW, dma_ring.STATUS_OK, dma_ring.STATUS_BAD_ROW, dma_ring.STATUS_OK]
+
+
 def test_an_idle_serve_returns_after_its_window():
     ring = dma_ring.RingSet(1, job_capacity=2).rings[0]
     t0 = time.perf_counter()

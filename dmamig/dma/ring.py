@@ -612,10 +612,13 @@ class Ring:
     def reap(self) -> None:
         """Collect the statuses of finished jobs, so that their slots can be reused (caller holds the lock)."""
         head = self.head
-        for seq in range(int(self.ctl[REAPED]), head):
-            s = int(self.jobs[seq % self.job_capacity, J_STATUS])
-            if s != STATUS_OK:
-                self._failed[seq] = s
+        first = int(self.ctl[REAPED])
+        if head > first:
+            # One look at every slot at once: a full ring of finished jobs is reaped in one go (a compiled
+            # submission that finds no free slot sends its batch the general way, which reaps them all).
+            statuses = self.jobs[np.arange(first, head) % self.job_capacity, J_STATUS]
+            for k in np.flatnonzero(statuses != STATUS_OK).tolist():
+                self._failed[first + k] = int(statuses[k])
         _store_word(self.ctl, REAPED, head)
 
     def finish(self, to: int, status: int = STATUS_OK) -> None:
