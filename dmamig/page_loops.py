@@ -24,6 +24,7 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "collect_slots", "done_folios", "expand_folios", "first_at", "first_outside",
+           "first_slot",
            "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "install_run", "locate_entries",
            "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
            "page_fields", "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values",
@@ -133,6 +134,24 @@ def _page_fields_at(state):
 # even with numba's inline="always", measured 30-50% slower in the unmap phase.
 
 
+def _first_slot(run_mapping, run_index, oid, pgoff, npages):
+    """Where pages (their ``mapping`` and ``index`` as views) are consecutive pages of object ``oid`` whose slots
+    are all within a VMA of ``npages`` slots from object page ``pgoff``: the VMA slot of the first, else -1. A
+    folio mapped in order (every large folio a fault or a migration put in place) is; a loop over its pages may
+    then index views of its slots from 0."""
+    n = run_index.size
+    if n == 0:
+        return -1
+    ix = run_index[0]
+    s = ix - pgoff
+    if s < 0 or s + n > npages:
+        return -1
+    in_order = True
+    for j in range(n):  # no branch, so that it vectorises
+        in_order &= (run_mapping[j] == oid) & (run_index[j] == ix + j)
+    return s if in_order else -1
+
+
 def _install_run(first, nr, h, mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn, pte_flags):
     """try_to_migrate over one VMA for the ``nr`` base pages from pfn ``first``, all of the folio headed by ``h``:
     each present PTE or device-private entry of theirs becomes a migration entry. The folio's reference and
@@ -142,6 +161,22 @@ def _install_run(first, nr, h, mapping, index, mapcount, refcount, flags, oid, p
     run_mapcount = mapcount[first:first + nr]
     unmapped = 0
     dirty = False
+    s0 = _first_slot(run_mapping, run_index, oid, pgoff, npages) if nr > 1 else -1
+    if s0 >= 0:
+        # The pages' slots in order: the same steps without a branch, over views of the slots.
+        slot_pfn = pte_pfn[s0:s0 + nr]
+        slot_flags = pte_flags[s0:s0 + nr]
+        for j in range(nr):
+            f = slot_flags[j]
+            hit = (slot_pfn[j] == first + j) & ((f & _MAPPED) != 0)
+            slot_flags[j] = ((f & _KEPT) | _MIGRATION) if hit else f
+            dirty |= hit & ((f & _DIRTY_PTE) != 0)
+            run_mapcount[j] -= hit
+            unmapped += hit
+        if dirty:
+            flags[h] |= _PG_DIRTY
+        refcount[h] -= unmapped
+        return
     for j in range(nr):
         if run_mapping[j] != oid:
             continue
@@ -700,6 +735,7 @@ if HAVE_NUMBA:
     first_unwritable = _jit(_first_unwritable)
     same_values = _jit(_same_values)
     slots_within = _jit(_slots_within)
+    first_slot = _first_slot = njit(nogil=True, cache=True, inline="always")(_first_slot)
     install_run = _install_run = njit(nogil=True, cache=True, inline="always")(_install_run)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
@@ -713,5 +749,5 @@ else:  # pragma: no cover
     first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     collect_slots = None
-    done_folios = trylock_folios = install_entries = install_run = remove_entries = move_folio_state = None
+    done_folios = trylock_folios = install_entries = install_run = first_slot = remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

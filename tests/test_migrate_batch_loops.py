@@ -437,3 +437,61 @@ def test_a_migration_of_a_range_waits_for_the_migration_entries_in_it():
         assert not t.is_alive() and results[0].ok
         assert (m.nodemap.node_of(mm.pfns_of(a, n)) == 0).all()
         assert np.array_equal(mm.read(a, n), data)
+
+
+def _partly_mapped_thps(seed: int) -> dict:
+    """Two 2 MiB folios (and a 64 KiB one) whose pages are not all mapped as they were: a forked child wrote
+    into the first (its slots there hold copies), part of the second is unmapped, some pages are dirty
+    through their PTEs; then both address spaces migrate there and back."""
+    rng = np.random.default_rng(seed)
+    m = Machine(host_pages=4096, device_pages=4096, devices=1, backend="cpu", channels=1)
+    try:
+        mm = m.address_space()
+        regions = []
+        for order, npages in ((9, 1024), (4, 16)):
+            addr = mm.mmap(npages * m.page_size, order=order)
+            mm.write(addr, rng.integers(0, 256, npages * m.page_size, dtype=np.uint8))
+            regions.append((addr, npages))
+        child = mm.fork()
+        thp = regions[0][0]
+        for page in rng.choice(512, size=5, replace=False).tolist():
+            child.write(thp + page * m.page_size, b"the child's own copy")
+        mm.write(thp + 7 * m.page_size, b"the parent's own write")
+        mm.munmap(thp + (512 + 100) * m.page_size, 50 * m.page_size)
+        ranges = ((thp, 600), (thp + 662 * m.page_size, 362), regions[1])  # around the hole
+        out = {"status": []}
+        for space in (mm, child):
+            for node in (1, 0):
+                for addr, npages in ranges:
+                    res = space.migrate(addr, npages * m.page_size, node, engine=m.dma if node else None)
+                    out["status"].append(res.status.copy())
+        for name in PAGE_FIELDS:
+            out[name] = getattr(m.pages, name).copy()
+        out["ptes"] = [(v.pte_pfn.copy(), v.pte_flags.copy()) for s in (mm, child) for v in s.vmas]
+        out["data"] = [s.read(a, n * m.page_size) for s in (mm, child) for a, n in ranges]
+        return out
+    finally:
+        m.close()
+
+
+@pytest.mark.skipif(not page_loops.HAVE_NUMBA, reason="numba is not available: only the reference path exists")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_large_folios_whose_slots_no_longer_all_map_them_move_as_the_reference_moves_them(seed):
+    """A large folio whose slots do not all map it (a child's copies in some, a hole in another VMA's) is taken
+    page by page by the compiled passes (in order in one VMA's slots they go without a branch per page); it must
+    come out as the reference leaves it."""
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for path in ("fused", "numpy"):
+            _set_path(mp, path)
+            results[path] = _partly_mapped_thps(seed)
+            mp.undo()
+    got, ref = results["fused"], results["numpy"]
+    for a, b in zip(got["status"], ref["status"], strict=True):
+        assert np.array_equal(a, b)
+    for name in PAGE_FIELDS:
+        assert np.array_equal(got[name], ref[name]), name
+    for (pa, fa), (pb, fb) in zip(got["ptes"], ref["ptes"], strict=True):
+        assert np.array_equal(pa, pb) and np.array_equal(fa, fb)
+    for a, b in zip(got["data"], ref["data"], strict=True):
+        assert np.array_equal(a, b)

@@ -307,6 +307,27 @@ def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgo
     new_index = index[n:n + nr]
     new_mapcount = mapcount[n:n + nr]
     refs = 0
+    s0 = first_slot(old_mapping, old_index, oid, pgoff, npages) if nr > 1 else -1
+    if s0 >= 0 and s0 + pgoff + nr <= obj_pfns.size:
+        # The pages' slots in order: the same steps without a branch, over views of the slots.
+        obj_slots = obj_pfns[s0 + pgoff:s0 + pgoff + nr]
+        slot_pfn = pte_pfn[s0:s0 + nr]
+        slot_flags = pte_flags[s0:s0 + nr]
+        for j in range(nr):
+            p = o + j
+            q = n + j
+            new_mapping[j] = oid
+            new_index[j] = old_index[j]
+            held = obj_slots[j]
+            obj_slots[j] = q if held == p else held
+            f = slot_flags[j]
+            hit = (slot_pfn[j] == p) & ((f & _MIGRATION) != 0)
+            slot_pfn[j] = q if hit else slot_pfn[j]
+            slot_flags[j] = ((f & _KEPT) | _PRESENT) if hit else f
+            new_mapcount[j] += hit
+            refs += hit
+        refcount[n] += refs
+        return
     for j in range(nr):
         mp = old_mapping[j]
         ix = old_index[j]
@@ -533,6 +554,7 @@ if HAVE_NUMBA:
         alloc_frames0,
         alloc_frames_order,
         done_folios,
+        first_slot,
         free_folio_frames,
         free_frames,
         install_run,
