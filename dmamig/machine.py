@@ -68,6 +68,27 @@ VMSTAT_COUNTERS = (
 MIGRATE_EVENTS_KEPT = 4096
 
 
+class _Changed(threading.Condition):
+    """The machine's ``changed`` condition, which keeps count of the threads asleep on it: a migration notifies
+    it after every batch it moves, and a notification with nobody asleep is then one test."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        super().__init__(lock)
+        #: Threads in :meth:`wait` (read and written under the lock).
+        self.sleepers = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.sleepers += 1
+        try:
+            return super().wait(timeout)
+        finally:
+            self.sleepers -= 1
+
+    def notify_all(self) -> None:
+        if self.sleepers:
+            super().notify_all()
+
+
 def _host_tiers(host_pages: int, host_nodes: Sequence[Any] | None) -> tuple[list[int], list[float]]:
     """Frame counts and access costs of the host nodes from ``host_pages`` or ``host_nodes``."""
     if host_nodes is None:
@@ -231,7 +252,7 @@ class Machine:
         # The machine-wide metadata lock (page tables, struct pages, allocators). Data copies of a migration run
         # outside it; accessors that meet a migration entry wait on `changed` until the migration finishes.
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
+        self.changed = _Changed(self.lock)
         self._objects: dict[int, MemObject] = {}
         # Mapping ids of the objects whose folios migrate through their own callback, and of those whose pages
         # are non-LRU movable pages (kept as arrays for the migration core's vectorized lookups).

@@ -304,8 +304,9 @@ def _clear_range(a, b, h, flags, refcount, mapcount, mapping, index, private, la
     memcg[a:b] = 0
     order[a:b] = 0
     if h < 0:
-        for p in range(a, b):
-            head[p] = p
+        heads = head[a:b]  # a view indexed from 0 (see the note on indexing above)
+        for j in range(heads.size):
+            heads[j] = a + j
     else:
         head[a:b] = h
 

@@ -225,9 +225,8 @@ def _fill_status(status, pending, entry, pfns, entry_status, split_first, src, s
 def _fill_moved_status(status, pending):
     """``Entries.fill_status`` where every entry moved whole: each page still ``pending`` is 0 (its entry
     need not be looked up)."""
-    for i in range(status.size):
-        if status[i] == pending:
-            status[i] = 0
+    for i in range(status.size):  # a select, not a branch: it vectorises
+        status[i] = 0 if status[i] == pending else status[i]
 
 
 def _cut_batches(nr, batch_pages, out):

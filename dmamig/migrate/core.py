@@ -270,10 +270,12 @@ class _Migration:
         work = batch_loops.fused_work(most, most << e.one_order)
         acc = work[:batch_loops.ACC_WORDS]
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
+        interrupts, changed = self.interrupts, m.changed
+        waited = 0  # nanoseconds of DMA waits, added to the phase times once
         try:
             while True:
                 nxt = steps[i] if i < len(steps) else _NO_STEP
-                self.interrupts.check()
+                interrupts.check()
                 # The last call only moves: it submits nothing, so it holds no rings.
                 held = not copying and nxt.size > 0
                 with m.lock:
@@ -305,18 +307,18 @@ class _Migration:
                             rc = batch_loops.work_views(work)[0]
                             done, retry = self._sort_unlocked(nxt, rc[:nxt.size])
                         if prev.size:
-                            m.changed.notify_all()
+                            changed.notify_all()
                 if code == batch_loops.FUSED_SUBMITTED:
                     t0 = time.perf_counter_ns()
                     try:
                         rings.wait()
                     except DmaError:
-                        self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+                        waited += time.perf_counter_ns() - t0
                         self._copy_failed(None, nxt)
                         self._move_and_undo(nxt, self._first_passes(), 1, counted=1)
                         self._after_step(nxt)
                         return i + 1
-                    self.phase_ns["dma_wait"] += time.perf_counter_ns() - t0
+                    waited += time.perf_counter_ns() - t0
                     prev, i = nxt, i + 1
                     continue
                 if code == batch_loops.FUSED_TO_COPY:
@@ -329,6 +331,7 @@ class _Migration:
                     continue
                 break
         finally:
+            self.phase_ns["dma_wait"] += waited
             self._add_fused(acc)
             if rings is not None:
                 rings.close()
