@@ -271,6 +271,11 @@ class _Migration:
         acc = work[:batch_loops.ACC_WORDS]
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
         interrupts, changed = self.interrupts, m.changed
+        # The first call goes through the compiled function, which checks its arguments' types; the later ones
+        # through its entry point (batch_loops.entry_of), with arrays of the same types: the same objects (the
+        # entries, the page state, the allocators' and the rings' arrays, work), slices of the same steps array,
+        # and the one VMA's page table, whose arrays are made the same way whatever VMA it is.
+        call = checked = batch_loops.fused_batch
         waited = 0  # nanoseconds of DMA waits, added to the phase times once
         try:
             while True:
@@ -285,11 +290,13 @@ class _Migration:
                         code = -1
                     else:
                         try:
-                            code, nr, nlisted, taken, given_back = batch_loops.fused_batch(
+                            code, nr, nlisted, taken, given_back = call(
                                 prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
                                 self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
                                 *tn.alloc_args, e.one_order, *sn.alloc_args, work, copying,
                                 rings.seq if held else 0, *args)
+                            if call is checked:
+                                call = batch_loops.entry_of(checked)
                             if code == batch_loops.FUSED_SUBMITTED:
                                 rings.published(nlisted, nr)
                         finally:
