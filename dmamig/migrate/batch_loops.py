@@ -606,4 +606,11 @@ def entry_of(fn: Any) -> Any:
     overloads = getattr(fn, "overloads", None)
     if not overloads or len(overloads) != 1:
         return fn
-    return getattr(next(iter(overloads.values())), "entry_point", fn)
+    entry = _ENTRIES.get(fn)
+    if entry is None:  # looked up once: reading the compiled version out of ``overloads`` costs tens of us
+        entry = _ENTRIES[fn] = getattr(next(iter(overloads.values())), "entry_point", fn)
+    return entry
+
+
+# Per compiled function, the entry point of its one compiled version (entry_of).
+_ENTRIES: dict[Any, Any] = {}
