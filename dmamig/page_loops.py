@@ -24,8 +24,8 @@ from .flags import (
 
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "collect_slots", "done_folios", "expand_folios", "first_at", "first_outside",
-           "first_slot",
-           "first_unwritable", "free_folio_frames", "free_frames", "install_entries", "install_run", "locate_entries",
+           "first_slot", "first_unwritable", "free_folio_frames", "free_frames", "install_entries",
+           "install_in_order", "install_run", "locate_entries",
            "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
            "page_fields", "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values",
            "slots_within", "stamp_folios", "trylock_folios"]
@@ -134,22 +134,43 @@ def _page_fields_at(state):
 # even with numba's inline="always", measured 30-50% slower in the unmap phase.
 
 
-def _first_slot(run_mapping, run_index, oid, pgoff, npages):
-    """Where pages (their ``mapping`` and ``index`` as views) are consecutive pages of object ``oid`` whose slots
-    are all within a VMA of ``npages`` slots from object page ``pgoff``: the VMA slot of the first, else -1. A
-    folio mapped in order (every large folio a fault or a migration put in place) is; a loop over its pages may
-    then index views of its slots from 0."""
-    n = run_index.size
-    if n == 0:
+def _first_slot(mapping, index, first, nr, oid, pgoff, npages):
+    """Where the ``nr`` base pages from pfn ``first`` are consecutive pages of object ``oid`` whose slots are all
+    within a VMA of ``npages`` slots from object page ``pgoff``: the VMA slot of the first, else -1. A large
+    folio mapped in order (every one a fault or a migration put in place) is; a loop over its pages may then
+    index views of its slots from 0, without a branch per page (:func:`install_in_order`)."""
+    if nr < 1:
         return -1
-    ix = run_index[0]
+    ix = index[first]
     s = ix - pgoff
-    if s < 0 or s + n > npages:
+    if s < 0 or s + nr > npages:
         return -1
+    run_mapping = mapping[first:first + nr]  # views indexed from 0 (see the note on indexing above)
+    run_index = index[first:first + nr]
     in_order = True
-    for j in range(n):  # no branch, so that it vectorises
+    for j in range(nr):  # no branch, so that it vectorises
         in_order &= (run_mapping[j] == oid) & (run_index[j] == ix + j)
     return s if in_order else -1
+
+
+def _install_in_order(first, nr, h, s0, mapcount, refcount, flags, pte_pfn, pte_flags):
+    """:func:`install_run` for pages whose slots are in order from VMA slot ``s0`` (:func:`first_slot`): the same
+    steps, each a select instead of a branch, over views of the slots."""
+    run_mapcount = mapcount[first:first + nr]
+    slot_pfn = pte_pfn[s0:s0 + nr]
+    slot_flags = pte_flags[s0:s0 + nr]
+    unmapped = 0
+    dirty = False
+    for j in range(nr):
+        f = slot_flags[j]
+        hit = (slot_pfn[j] == first + j) & ((f & _MAPPED) != 0)
+        slot_flags[j] = ((f & _KEPT) | _MIGRATION) if hit else f
+        dirty |= hit & ((f & _DIRTY_PTE) != 0)
+        run_mapcount[j] -= hit
+        unmapped += hit
+    if dirty:
+        flags[h] |= _PG_DIRTY
+    refcount[h] -= unmapped
 
 
 def _install_run(first, nr, h, mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn, pte_flags):
@@ -161,22 +182,6 @@ def _install_run(first, nr, h, mapping, index, mapcount, refcount, flags, oid, p
     run_mapcount = mapcount[first:first + nr]
     unmapped = 0
     dirty = False
-    s0 = _first_slot(run_mapping, run_index, oid, pgoff, npages) if nr > 1 else -1
-    if s0 >= 0:
-        # The pages' slots in order: the same steps without a branch, over views of the slots.
-        slot_pfn = pte_pfn[s0:s0 + nr]
-        slot_flags = pte_flags[s0:s0 + nr]
-        for j in range(nr):
-            f = slot_flags[j]
-            hit = (slot_pfn[j] == first + j) & ((f & _MAPPED) != 0)
-            slot_flags[j] = ((f & _KEPT) | _MIGRATION) if hit else f
-            dirty |= hit & ((f & _DIRTY_PTE) != 0)
-            run_mapcount[j] -= hit
-            unmapped += hit
-        if dirty:
-            flags[h] |= _PG_DIRTY
-        refcount[h] -= unmapped
-        return
     for j in range(nr):
         if run_mapping[j] != oid:
             continue
@@ -736,7 +741,8 @@ if HAVE_NUMBA:
     first_unwritable = _jit(_first_unwritable)
     same_values = _jit(_same_values)
     slots_within = _jit(_slots_within)
-    first_slot = _first_slot = njit(nogil=True, cache=True, inline="always")(_first_slot)
+    first_slot = _jit(_first_slot)
+    install_in_order = _jit(_install_in_order)
     install_run = _install_run = njit(nogil=True, cache=True, inline="always")(_install_run)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
@@ -750,5 +756,6 @@ else:  # pragma: no cover
     first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     collect_slots = None
-    done_folios = trylock_folios = install_entries = install_run = first_slot = remove_entries = move_folio_state = None
+    done_folios = trylock_folios = install_entries = install_run = install_in_order = first_slot = None
+    remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

@@ -129,9 +129,15 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
                     k += 1
         nlisted = stale_base_pfns(done, src, dst, nr, fresh, listed[0], listed[1])
     for i in range(pos.size):
-        if rc[i] == 0:
-            install_run(heads[i], nr[pos[i]], heads[i], mapping, index, mapcount, refcount, flags, oid, pgoff,
-                        npages, pte_pfn, pte_flags)
+        if rc[i] != 0:
+            continue
+        h = heads[i]
+        n = nr[pos[i]]
+        s0 = first_slot(mapping, index, h, n, oid, pgoff, npages) if n > 1 else -1
+        if s0 >= 0:
+            install_in_order(h, n, h, s0, mapcount, refcount, flags, pte_pfn, pte_flags)
+        else:
+            install_run(h, n, h, mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn, pte_flags)
     return bad, taken, nlisted
 
 
@@ -308,27 +314,6 @@ def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgo
     new_index = index[n:n + nr]
     new_mapcount = mapcount[n:n + nr]
     refs = 0
-    s0 = first_slot(old_mapping, old_index, oid, pgoff, npages) if nr > 1 else -1
-    if s0 >= 0 and s0 + pgoff + nr <= obj_pfns.size:
-        # The pages' slots in order: the same steps without a branch, over views of the slots.
-        obj_slots = obj_pfns[s0 + pgoff:s0 + pgoff + nr]
-        slot_pfn = pte_pfn[s0:s0 + nr]
-        slot_flags = pte_flags[s0:s0 + nr]
-        for j in range(nr):
-            p = o + j
-            q = n + j
-            new_mapping[j] = oid
-            new_index[j] = old_index[j]
-            held = obj_slots[j]
-            obj_slots[j] = q if held == p else held
-            f = slot_flags[j]
-            hit = (slot_pfn[j] == p) & ((f & _MIGRATION) != 0)
-            slot_pfn[j] = q if hit else slot_pfn[j]
-            slot_flags[j] = ((f & _KEPT) | _PRESENT) if hit else f
-            new_mapcount[j] += hit
-            refs += hit
-        refcount[n] += refs
-        return
     for j in range(nr):
         mp = old_mapping[j]
         ix = old_index[j]
@@ -350,6 +335,33 @@ def _move_pages(o, n, nr, mapping, index, mapcount, refcount, oid, obj_pfns, pgo
         pte_flags[s] = (f & _KEPT) | _PRESENT
         new_mapcount[j] += 1
         refs += 1
+    refcount[n] += refs
+
+
+def _move_in_order(o, n, nr, s0, mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, pte_pfn, pte_flags):
+    """:func:`_move_pages` for an old folio whose pages are in order in the VMA's slots from ``s0`` (and in the
+    object's from ``s0 + pgoff``; :func:`~dmamig.page_loops.first_slot`): the same steps, each a select instead
+    of a branch, over views of the slots."""
+    new_mapping = mapping[n:n + nr]
+    new_index = index[n:n + nr]
+    new_mapcount = mapcount[n:n + nr]
+    obj_slots = obj_pfns[s0 + pgoff:s0 + pgoff + nr]
+    slot_pfn = pte_pfn[s0:s0 + nr]
+    slot_flags = pte_flags[s0:s0 + nr]
+    refs = 0
+    for j in range(nr):
+        p = o + j
+        q = n + j
+        new_mapping[j] = oid
+        new_index[j] = s0 + pgoff + j
+        held = obj_slots[j]
+        obj_slots[j] = q if held == p else held
+        f = slot_flags[j]
+        hit = (slot_pfn[j] == p) & ((f & _MIGRATION) != 0)
+        slot_pfn[j] = q if hit else slot_pfn[j]
+        slot_flags[j] = ((f & _KEPT) | _PRESENT) if hit else f
+        new_mapcount[j] += hit
+        refs += hit
     refcount[n] += refs
 
 
@@ -410,8 +422,13 @@ def _move_one_vma(pos, status, src, ints, bools, state, oid, obj_pfns, pgoff, np
             no_copy += nr[p]
     for i in range(moved):
         move_head_state(o[i], n[i], flags, refcount, private, last_cpupid, memcg)
-        _move_pages(o[i], n[i], k[i], mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, npages, pte_pfn,
-                    pte_flags)
+        s0 = first_slot(mapping, index, o[i], k[i], oid, pgoff, npages) if k[i] > 1 else -1
+        if s0 >= 0 and s0 + pgoff + k[i] <= obj_pfns.size:
+            _move_in_order(o[i], n[i], k[i], s0, mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, pte_pfn,
+                           pte_flags)
+        else:
+            _move_pages(o[i], n[i], k[i], mapping, index, mapcount, refcount, oid, obj_pfns, pgoff, npages,
+                        pte_pfn, pte_flags)
     dead = done_folios(o, n, k, _PUTBACK_CLEAR, _LRU, flags, refcount, mapcount, mapping, index, private,
                        last_cpupid, memcg, page_order, head, freed)
     bad = -1
@@ -558,6 +575,7 @@ if HAVE_NUMBA:
         first_slot,
         free_folio_frames,
         free_frames,
+        install_in_order,
         install_run,
         move_head_state,
         page_fields,
@@ -566,6 +584,7 @@ if HAVE_NUMBA:
     )
 
     _move_pages = njit(nogil=True, cache=True, inline="always")(_move_pages)
+    _move_in_order = njit(nogil=True, cache=True)(_move_in_order)
     _entry_rows = njit(nogil=True, cache=True, inline="always")(_entry_rows)
     _copy_current = njit(nogil=True, cache=True)(_copy_current)
     to_copy = njit(nogil=True, cache=True)(_to_copy)
