@@ -130,8 +130,8 @@ def _page_fields_at(state):
             order)
 
 
-# The two PTE kernels below repeat the same slot lookup (the rmap walk of one page) inline: a shared helper,
-# even with numba's inline="always", measured 30-50% slower in the unmap phase.
+# install_run and remove_entries below repeat the same slot lookup (the rmap walk of one page) inline: a shared
+# helper for it, even with numba's inline="always", measured 30-50% slower in the unmap phase.
 
 
 def _first_slot(mapping, index, first, nr, oid, pgoff, npages):

@@ -616,7 +616,8 @@ else:  # pragma: no cover
 def entry_of(fn: Any) -> Any:
     """The entry point of compiled function ``fn``'s one compiled version, or ``fn`` itself (not compiled, or
     compiled more than once). A call through it converts the arguments without first matching their types
-    against the compiled versions (for the fused batch's 35 arguments, about a third of the call's own cost).
+    against the compiled versions, a good part of a call's own cost where it takes many arguments (the fused
+    batch takes 35).
 
     For a caller that already called ``fn`` itself with arguments of the same types: the same arrays, or arrays
     made the same way (same dtype, dimensions and layout), and scalars of the same kinds. An argument of another
@@ -626,7 +627,7 @@ def entry_of(fn: Any) -> Any:
     if not overloads or len(overloads) != 1:
         return fn
     entry = _ENTRIES.get(fn)
-    if entry is None:  # looked up once: reading the compiled version out of ``overloads`` costs tens of us
+    if entry is None:  # looked up once: reading a version out of ``overloads`` costs more than the calls it saves
         entry = _ENTRIES[fn] = getattr(next(iter(overloads.values())), "entry_point", fn)
     return entry
 
