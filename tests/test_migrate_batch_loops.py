@@ -540,3 +540,32 @@ def test_a_long_migration_calls_the_fused_batch_through_its_entry_point_after_th
         assert np.array_equal(mm.read(addr, 2048 * m.page_size), data)
     finally:
         m.close()
+
+
+@pytest.mark.skipif(batch_loops.fused_batch is None, reason="fused batches need numba and the rings")
+@pytest.mark.parametrize("copier", ["dma", "cpu"])
+def test_every_fused_call_of_a_migration_passes_arguments_of_the_first_call_s_types(monkeypatch, copier):
+    """What the fused loop's entry point (batch_loops.entry_of) relies on: after its first call, which the
+    compiled function checks, every later call of the same migration passes arguments of the same types."""
+    from numba import typeof
+
+    real = batch_loops.fused_batch
+    seen: list[tuple] = []
+
+    def fused(*args):
+        seen.append(tuple(typeof(a) for a in args))
+        return real(*args)
+
+    monkeypatch.setattr(batch_loops, "fused_batch", fused)
+    m = Machine(host_pages=4096, device_pages=4096, devices=1, backend="cpu", channels=2)
+    try:
+        mm = m.address_space()
+        for order, npages in ((9, 2048), (0, 1024)):
+            addr = mm.mmap(npages * m.page_size, order=order)
+            mm.write(addr, np.random.default_rng(order).integers(0, 256, npages * m.page_size, dtype=np.uint8))
+            for node in (1, 0):
+                seen.clear()
+                assert mm.migrate(addr, npages * m.page_size, node, engine=m.dma if copier == "dma" else None).ok
+                assert len(seen) > 2 and len(set(seen)) == 1, (order, node)
+    finally:
+        m.close()
