@@ -25,7 +25,7 @@ from .flags import (
 __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_frames_order", "any_bits",
            "collect_folios", "collect_slots", "done_folios", "expand_folios", "first_at", "first_outside",
            "first_slot", "first_unwritable", "free_folio_frames", "free_frames", "install_entries",
-           "install_in_order", "install_run", "locate_entries",
+           "install_in_order", "locate_entries",
            "move_folio_state", "move_head_state", "move_object_slots", "on_nodes", "one_node", "one_node_pair",
            "page_fields", "page_slots", "prep_new_folios", "remove_entries", "reset_pages", "same_values",
            "slots_within", "stamp_folios", "trylock_folios"]
@@ -130,7 +130,7 @@ def _page_fields_at(state):
             order)
 
 
-# install_run and remove_entries below repeat the same slot lookup (the rmap walk of one page) inline: a shared
+# install_entries and remove_entries below repeat the same slot lookup (the rmap walk of one page) inline: a shared
 # helper for it, even with numba's inline="always", measured 30-50% slower in the unmap phase.
 
 
@@ -154,8 +154,9 @@ def _first_slot(mapping, index, first, nr, oid, pgoff, npages):
 
 
 def _install_in_order(first, nr, h, s0, mapcount, refcount, flags, pte_pfn, pte_flags):
-    """:func:`install_run` for pages whose slots are in order from VMA slot ``s0`` (:func:`first_slot`): the same
-    steps, each a select instead of a branch, over views of the slots."""
+    """:func:`install_entries` for the ``nr`` base pages from pfn ``first``, all of the folio headed by ``h``, whose
+    slots are in order from VMA slot ``s0`` (:func:`first_slot`): the same steps, each a select instead of a
+    branch, over views of the slots; the folio's reference and dirty bit settled once, after its pages."""
     run_mapcount = mapcount[first:first + nr]
     slot_pfn = pte_pfn[s0:s0 + nr]
     slot_flags = pte_flags[s0:s0 + nr]
@@ -173,41 +174,26 @@ def _install_in_order(first, nr, h, s0, mapcount, refcount, flags, pte_pfn, pte_
     refcount[h] -= unmapped
 
 
-def _install_run(first, nr, h, mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn, pte_flags):
-    """try_to_migrate over one VMA for the ``nr`` base pages from pfn ``first``, all of the folio headed by ``h``:
-    each present PTE or device-private entry of theirs becomes a migration entry. The folio's reference and
-    dirty bit are settled once, after its pages."""
-    run_mapping = mapping[first:first + nr]  # views indexed from 0 (see the note on indexing above)
-    run_index = index[first:first + nr]
-    run_mapcount = mapcount[first:first + nr]
-    unmapped = 0
-    dirty = False
-    for j in range(nr):
-        if run_mapping[j] != oid:
+def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
+                     pte_flags):
+    """try_to_migrate over one VMA: each present PTE or device-private entry of ``pfns`` becomes a migration
+    entry."""
+    for i in range(pfns.size):
+        p = pfns[i]
+        if mapping[p] != oid:
             continue
-        s = run_index[j] - pgoff
-        if s < 0 or s >= npages or pte_pfn[s] != first + j:
+        s = index[p] - pgoff
+        if s < 0 or s >= npages or pte_pfn[s] != p:
             continue
         f = pte_flags[s]
         if (f & _MAPPED) == 0:
             continue
         pte_flags[s] = (f & _KEPT) | _MIGRATION
-        dirty |= (f & _DIRTY_PTE) != 0
-        run_mapcount[j] -= 1
-        unmapped += 1
-    if dirty:
-        flags[h] |= _PG_DIRTY
-    refcount[h] -= unmapped
-
-
-def _install_entries(pfns, mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
-                     pte_flags):
-    """try_to_migrate over one VMA: each present PTE or device-private entry of ``pfns`` becomes a migration
-    entry (:func:`_install_run` page by page)."""
-    for i in range(pfns.size):
-        p = pfns[i]
-        _install_run(p, 1, head[p], mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
-                     pte_flags)
+        h = head[p]
+        if f & _DIRTY_PTE:
+            flags[h] |= _PG_DIRTY
+        mapcount[p] -= 1
+        refcount[h] -= 1
 
 
 def _remove_entries(old, new, mapping, index, head, mapcount, refcount, oid, pgoff, npages, pte_pfn,
@@ -743,7 +729,6 @@ if HAVE_NUMBA:
     slots_within = _jit(_slots_within)
     first_slot = _jit(_first_slot)
     install_in_order = _jit(_install_in_order)
-    install_run = _install_run = njit(nogil=True, cache=True, inline="always")(_install_run)
     install_entries = _jit(_install_entries)
     remove_entries = _jit(_remove_entries)
     move_folio_state = _jit(_move_folio_state)
@@ -756,6 +741,6 @@ else:  # pragma: no cover
     first_at = first_outside = first_unwritable = same_values = slots_within = None
     alloc_frames0 = alloc_frames_order = free_frames = free_folio_frames = collect_folios = locate_entries = None
     collect_slots = None
-    done_folios = trylock_folios = install_entries = install_run = install_in_order = first_slot = None
+    done_folios = trylock_folios = install_entries = install_in_order = first_slot = None
     remove_entries = move_folio_state = None
     move_object_slots = reset_pages = prep_new_folios = None

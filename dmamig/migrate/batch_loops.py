@@ -128,6 +128,14 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
                     done[k] = pos[i]
                     k += 1
         nlisted = stale_base_pfns(done, src, dst, nr, fresh, listed[0], listed[1])
+    # A large folio in order in the VMA's slots in one go; the base pfns of the others listed, then installed
+    # page by page.
+    total = 0
+    for i in range(pos.size):
+        if rc[i] == 0:
+            total += nr[pos[i]]
+    pfns = np.empty(total, dtype=np.int64)
+    k = 0
     for i in range(pos.size):
         if rc[i] != 0:
             continue
@@ -136,8 +144,12 @@ def _unmap_one_vma(pos, status, pending, src, ints, bools, state, oid, pgoff, np
         s0 = first_slot(mapping, index, h, n, oid, pgoff, npages) if n > 1 else -1
         if s0 >= 0:
             install_in_order(h, n, h, s0, mapcount, refcount, flags, pte_pfn, pte_flags)
-        else:
-            install_run(h, n, h, mapping, index, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn, pte_flags)
+            continue
+        for j in range(n):
+            pfns[k] = h + j
+            k += 1
+    install_entries(pfns[:k], mapping, index, head, mapcount, refcount, flags, oid, pgoff, npages, pte_pfn,
+                    pte_flags)
     return bad, taken, nlisted
 
 
@@ -575,8 +587,8 @@ if HAVE_NUMBA:
         first_slot,
         free_folio_frames,
         free_frames,
+        install_entries,
         install_in_order,
-        install_run,
         move_head_state,
         page_fields,
         prep_new_folios,
