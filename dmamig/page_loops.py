@@ -31,8 +31,9 @@ __all__ = ["HAVE_NUMBA", "PAGE_BYTES", "PAGE_FIELDS", "alloc_frames0", "alloc_fr
            "slots_within", "stamp_folios", "trylock_folios"]
 
 try:
-    from numba import carray, njit, types
-    from numba.extending import intrinsic
+    from numba import carray, njit
+
+    from .array_table import pointer
 
     HAVE_NUMBA = True
 except Exception:  # pragma: no cover - numba is a dependency; this keeps the numpy path usable without it
@@ -122,10 +123,10 @@ def _page_fields_at(state):
     n = state.size // PAGE_BYTES
     at = state.ctypes.data
     # The fields in PAGE_FIELDS order: six int64 ones, flags (uint32), four int32 ones, order (int8).
-    wide = carray(_pointer(at, np.int64), (6, n))
-    flags = carray(_pointer(at + 48 * n, np.uint32), n)
-    narrow = carray(_pointer(at + 52 * n, np.int32), (4, n))
-    order = carray(_pointer(at + 68 * n, np.int8), n)
+    wide = carray(pointer(at, np.int64), (6, n))
+    flags = carray(pointer(at + 48 * n, np.uint32), n)
+    narrow = carray(pointer(at + 52 * n, np.int32), (4, n))
+    order = carray(pointer(at + 68 * n, np.int8), n)
     return (wide[0], wide[1], wide[2], wide[3], wide[4], wide[5], flags, narrow[0], narrow[1], narrow[2], narrow[3],
             order)
 
@@ -430,6 +431,24 @@ def _free_folio_frames(free, block_free, block, heads, nr, base):
     return -1
 
 
+def _in_order(pfns, i, k, p):
+    """Whether ``pfns[i:i + k]`` are ``p``, ``p + 1``, ... (over a view indexed from 0, without a branch)."""
+    run = pfns[i:i + k]
+    ok = True
+    for j in range(run.size):
+        ok &= run[j] == p + j
+    return ok
+
+
+def _fill_run(status, entry, i, k, st, e):
+    """``status[i:i + k]`` and ``entry[i:i + k]`` become ``st`` and ``e`` (views indexed from 0)."""
+    sv = status[i:i + k]
+    ev = entry[i:i + k]
+    for j in range(sv.size):
+        sv[j] = st
+        ev[j] = e
+
+
 def _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry, heads):
     """collect_folios + isolate_folios in one pass (see migrate/isolate.py for the numpy reference), over the
     page state of PageArray's ``state`` buffer.
@@ -442,53 +461,63 @@ def _collect_folios(pfns, node_lo, node_hi, state, refuse_shared, status, entry,
     _mapping, _index, _private, head, _ws, mark, flags, refcount, mapcount, _cpupid, _memcg, order = \
         page_fields(state)
     n = 0
+    size = pfns.size
     run_end = -1  # the folio of the page before ends at this pfn: a page that follows it inside is settled
-    for i in range(pfns.size):
+    i = 0
+    while i < size:
         p = pfns[i]
         if p < run_end and i and p == pfns[i - 1] + 1:
             # The next page of the same folio (a folio's pages are consecutive pfns): the same outcome, without
             # looking its folio up again.
             status[i] = status[i - 1]
             entry[i] = entry[i - 1]
+            i += 1
             continue
         run_end = -1
-        entry[i] = -1
         if p < 0:
             status[i] = EFAULT if p == ZERO_PFN else ENOENT
+            entry[i] = -1
+            i += 1
             continue
         h = head[p]
-        run_end = h + (1 << order[h])
+        nr = 1 << order[h]
+        run_end = h + nr
+        e = mark[h]  # -1 unless this call has the folio already
         if h >= node_lo and h < node_hi:
-            status[i] = 0
+            st, e = 0, -1
+        elif e >= 0:
+            st = 1
+        elif refcount[h] <= 0:
+            st = ENOENT
+        else:
+            st = 1
+            if refuse_shared:
+                for k in range(nr):
+                    if mapcount[h + k] > 1:
+                        st = EACCES
+                        break
+            if st == 1:
+                f = flags[h]
+                if (f & _LRU) == 0 or (f & _ISOLATED) != 0:
+                    st = EBUSY
+                else:
+                    flags[h] = (f | _ISOLATED) & ~_LRU
+                    refcount[h] += 1
+                    mark[h] = n
+                    heads[n] = h
+                    e = n
+                    n += 1
+        # The rest of a large folio mapped in order (a THP's 512 slots) is settled at once: one vectorised look
+        # that the pages follow, one fill.
+        k = run_end - p
+        if k > 1 and i + k <= size and _in_order(pfns, i, k, p):
+            _fill_run(status, entry, i, k, st, e)
+            i += k
+            run_end = -1
             continue
-        e = mark[h]
-        if e >= 0:
-            status[i] = 1
-            entry[i] = e
-            continue
-        if refcount[h] <= 0:
-            status[i] = ENOENT
-            continue
-        if refuse_shared:
-            shared = False
-            for k in range(1 << order[h]):
-                if mapcount[h + k] > 1:
-                    shared = True
-                    break
-            if shared:
-                status[i] = EACCES
-                continue
-        f = flags[h]
-        if (f & _LRU) == 0 or (f & _ISOLATED) != 0:
-            status[i] = EBUSY
-            continue
-        flags[h] = (f | _ISOLATED) & ~_LRU
-        refcount[h] += 1
-        mark[h] = n
-        heads[n] = h
-        entry[i] = n
-        status[i] = 1
-        n += 1
+        status[i] = st
+        entry[i] = e
+        i += 1
     for k in range(n):
         mark[heads[k]] = -1
     return n
@@ -692,16 +721,6 @@ def _stamp_folios(heads, page_order, write_seq, seq):
 
 
 if HAVE_NUMBA:
-    @intrinsic
-    def _pointer(typingctx, address, dtype):
-        """The integer ``address`` as a pointer to items of ``dtype`` (a numpy scalar type), for ``carray``."""
-        item = dtype.dtype
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_data_type(item).as_pointer())
-
-        return types.CPointer(item)(types.intp, dtype), codegen
-
     _jit = njit(nogil=True, cache=True)
     page_fields = njit(nogil=True, cache=True, inline="always")(_page_fields_at)
     move_head_state = njit(nogil=True, cache=True, inline="always")(_move_head_state)
@@ -715,6 +734,8 @@ if HAVE_NUMBA:
     alloc_frames_order = _jit(_alloc_frames_order)
     free_frames = _jit(_free_frames)
     free_folio_frames = _jit(_free_folio_frames)
+    _in_order = njit(nogil=True, cache=True, inline="always")(_in_order)
+    _fill_run = njit(nogil=True, cache=True, inline="always")(_fill_run)
     collect_folios = _collect_folios = _jit(_collect_folios)  # under its own name too: collect_slots calls it
     collect_slots = _jit(_collect_slots)
     locate_entries = _jit(_locate_entries)

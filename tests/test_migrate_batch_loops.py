@@ -497,56 +497,11 @@ def test_large_folios_whose_slots_no_longer_all_map_them_move_as_the_reference_m
         assert np.array_equal(a, b)
 
 
-def test_a_compiled_function_s_entry_point_is_taken_only_where_it_has_one_version():
-    def plain(a):
-        return a
-    assert batch_loops.entry_of(plain) is plain  # not compiled
-    if not page_loops.HAVE_NUMBA:
-        return
-    from numba import njit
-
-    @njit
-    def twice(a, k):
-        return 2 * a[k]
-
-    assert batch_loops.entry_of(twice) is twice  # nothing compiled yet
-    x = np.arange(5, dtype=np.int64)
-    assert twice(x, 3) == 6
-    entry = batch_loops.entry_of(twice)
-    assert entry is not twice and entry(x, 4) == twice(x, 4) == 8
-    twice(np.arange(5.0), 1)  # a second version: which one a call needs is the compiled function's to tell
-    assert batch_loops.entry_of(twice) is twice
-
-
-@pytest.mark.skipif(batch_loops.fused_batch is None, reason="fused batches need numba and the rings")
-def test_a_long_migration_calls_the_fused_batch_through_its_entry_point_after_the_first_call(monkeypatch):
-    taken = []
-    real = batch_loops.entry_of
-
-    def entry_of(fn):
-        taken.append(fn)
-        return real(fn)
-
-    monkeypatch.setattr(batch_loops, "entry_of", entry_of)
-    m = Machine(host_pages=4096, device_pages=4096, devices=1, backend="cpu", channels=1)
-    try:
-        mm = m.address_space()
-        addr = mm.mmap(2048 * m.page_size, order=9)
-        data = np.random.default_rng(3).integers(0, 256, 2048 * m.page_size, dtype=np.uint8)
-        mm.write(addr, data)
-        for node in (1, 0, 1):
-            assert mm.migrate(addr, 2048 * m.page_size, node, engine=m.dma).stats.nr_thp_succeeded == 4
-        assert taken == [batch_loops.fused_batch] * 3  # once per call, after its first fused batch
-        assert np.array_equal(mm.read(addr, 2048 * m.page_size), data)
-    finally:
-        m.close()
-
-
 @pytest.mark.skipif(batch_loops.fused_batch is None, reason="fused batches need numba and the rings")
 @pytest.mark.parametrize("copier", ["dma", "cpu"])
 def test_every_fused_call_of_a_migration_passes_arguments_of_the_first_call_s_types(monkeypatch, copier):
-    """What the fused loop's entry point (batch_loops.entry_of) relies on: after its first call, which the
-    compiled function checks, every later call of the same migration passes arguments of the same types."""
+    """Every call of a migration's fused loop passes arguments of its first call's types: the compiled function is
+    compiled once, whatever the copier and the folios' size."""
     from numba import typeof
 
     real = batch_loops.fused_batch

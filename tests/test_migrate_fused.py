@@ -4,6 +4,7 @@ over to the general path where it was met."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -12,6 +13,7 @@ from support import filled
 
 import dmamig.migrate.batch_loops as batch_loops
 from dmamig import DmaError, Machine, MigrateMode, PageFlag, Prot
+from dmamig.array_table import SLOT_WORDS
 from dmamig.check import check_machine
 from dmamig.dma import ring as dma_ring
 from dmamig.dma.engine import RingBatches
@@ -23,9 +25,6 @@ pytestmark = pytest.mark.skipif(batch_loops.FUSED_ERROR is not None,
 NR = 512  # base pages of a kernel batch
 PAGE_FIELDS = ("flags", "refcount", "mapcount", "mapping", "index", "private", "last_cpupid", "memcg", "order",
                "head", "write_seq")
-# The position of the route's words among fused_batch's arguments (after seq, ctl, rows, jobs).
-_ROUTE_ARG = batch_loops.fused_batch.py_func.__code__.co_varnames.index("route") if batch_loops.fused_batch \
-    else 0
 
 
 def machine() -> Machine:
@@ -246,11 +245,19 @@ def test_a_target_node_out_of_frames_hands_the_batch_to_the_general_allocation(o
 
 
 def test_a_submission_the_rings_refuse_goes_through_the_engine_general_path():
+    kept = []
+
     def rig(call, args):
         if call == 1:  # the second batch: a route that covers no destination, so every page is outside it
-            route = args[_ROUTE_ARG].copy()
+            table = dma_ring.ROUTE_LAYOUT.table()
+            table.words[:] = args[1]  # the rings' route table, as the fused call gets it
+            at = dma_ring.RT_ROUTE * SLOT_WORDS
+            route = np.ctypeslib.as_array((ctypes.c_int64 * int(table.words[at + 1])).from_address(
+                int(table.words[at]))).copy()
             route[dma_ring.R_DST_PAGES] = 0
-            args[_ROUTE_ARG] = route
+            table.set(dma_ring.RT_ROUTE, (route,))
+            kept.append(table)  # (the call reads the route through the table's address)
+            args[1] = table.words
         return args
 
     def scenario():
@@ -393,12 +400,10 @@ def _open_rings(m: Machine) -> RingBatches:
 
 
 def _submit(rings: RingBatches, src: np.ndarray, dst: np.ndarray) -> int:
-    args = rings.hold()
-    assert args is not None
+    table = rings.hold()
+    assert table is not None
     try:
-        ctl, rows, jobs, route, fraction, write_seq, ws, wm, out = args
-        nr = dma_ring.submit_pages(ctl, rows, jobs, src, dst, route, fraction, False, write_seq, rings.seq, ws, wm,
-                                   out)
+        nr = dma_ring.submit_table(table, src, dst, False, rings.seq)
         if nr >= 0:
             rings.published(src.size, nr)
     finally:

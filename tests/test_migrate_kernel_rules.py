@@ -41,9 +41,10 @@ def test_faithful_default_runs_one_batch_at_a_time(m, mm, monkeypatch, fused):
         events.append(("move", moving.size))
         return real_move(self, moving)
 
-    def fused_batch(prev, nxt, *args):  # moves prev, then unmaps nxt
-        events.extend([("move", prev.size)] * bool(prev.size) + [("unmap", nxt.size)] * bool(nxt.size))
-        return real_fused(prev, nxt, *args)
+    def fused_batch(table, rings, prev_lo, prev_hi, nxt_lo, nxt_hi, seq):  # moves prev, then unmaps nxt
+        moved, unmapped = prev_hi - prev_lo, nxt_hi - nxt_lo
+        events.extend([("move", moved)] * bool(moved) + [("unmap", unmapped)] * bool(unmapped))
+        return real_fused(table, rings, prev_lo, prev_hi, nxt_lo, nxt_hi, seq)
 
     monkeypatch.setattr(core._Migration, "_unmap_pass", unmap)
     monkeypatch.setattr(core._Migration, "_move_pass", move)
@@ -485,7 +486,7 @@ def test_sigint_inside_a_phase_is_held_until_the_phase_ends(m, mm, monkeypatch, 
     def unmap(*args):  # the compiled unmap pass (or the fused call that makes it), in the middle of the phase
         if not seen:
             signal.raise_signal(signal.SIGINT)  # arrives while this phase is half done
-        seen.append(args[1 if fused else 0].size)
+        seen.append(args[5] - args[4] if fused else args[0].size)  # (fused: the batch it unmaps, a range)
         return real(*args)
 
     monkeypatch.setattr(batch_loops, name, unmap)

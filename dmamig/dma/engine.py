@@ -354,7 +354,7 @@ class DmaEngine:
                 pass
             else:
                 if pages > batches._pages:
-                    batches._pages, batches._args = int(pages), ()  # hold() asks the route for larger arrays
+                    batches._pages = int(pages)  # hold() has the route grow its workspace
                 return batches
         route = self._routes.get(key)
         if route is None:
@@ -582,16 +582,16 @@ class RingBatches:
 
     One caller's, with one submission in flight at a time (each migration asks :meth:`DmaEngine.ring_batches` for
     its own): :meth:`hold` takes the engine's lock and the rings' (in that order, after any lock of the
-    caller's), draws the submission's write sequence number (:attr:`seq`) and gives the other arguments of
-    :func:`~dmamig.dma.ring.submit_pages` besides the pfns and ``checked``
-    (:meth:`~dmamig.dma.ring.RingRoute.compiled_args`); the caller submits with them, calls
+    caller's), draws the submission's write sequence number (:attr:`seq`) and gives the route's table, what
+    :func:`~dmamig.dma.ring.submit_table` takes besides the pfns, ``checked`` and :attr:`seq`
+    (:meth:`~dmamig.dma.ring.RingRoute.table`'s words); the caller submits with it, calls
     :meth:`published` if the submission published (a non-negative return), then :meth:`release` in any case,
     and :meth:`wait` outside its locks. The engine counts the submission as it counts :meth:`DmaEngine.copy`'s,
     and :meth:`DmaEngine.synchronize` waits for it. :meth:`close` gives the rings back when the caller is done: the
     next caller between the same nodes gets them.
     """
 
-    __slots__ = ("_args", "_asleep", "_engine", "_jobs", "_key", "_lane", "_pages", "_route", "seq")
+    __slots__ = ("_asleep", "_engine", "_jobs", "_key", "_lane", "_pages", "_route", "seq")
 
     def __init__(self, engine: DmaEngine, route: RingRoute, lane: list[Any], pages: int,
                  key: tuple[int, int]) -> None:
@@ -600,14 +600,13 @@ class RingBatches:
         self._lane = lane
         self._pages = pages
         self._key = key  # the node pair
-        self._args: tuple[Any, ...] = ()
         self._asleep: list[Any] = []
         self._jobs: list[list[int]] | None = None  # the submission in flight: [seq, asleep] per channel
         #: The write sequence number :meth:`hold` drew for the submission.
         self.seq = 0
 
-    def hold(self) -> tuple[Any, ...] | None:
-        """Take the locks; the compiled submission's arguments (besides :attr:`seq`, drawn here). ``None``
+    def hold(self) -> np.ndarray | None:
+        """Take the locks; the route's table for the compiled submission (:attr:`seq` drawn here). ``None``
         (nothing held) while fault points are armed: the general path must take the copy.
 
         Raises
@@ -624,10 +623,8 @@ class RingBatches:
             return None
         rs = self._route.ring_set
         rs.lock.acquire()
-        if not self._args or self._args[0] is not rs.ctl:  # (the arrays move only when the lane closes)
-            self._args = self._route.compiled_args(self._pages, eng._write_seq)
         self.seq = eng._next_write_seq()
-        return self._args
+        return self._route.table(self._pages, eng._write_seq).words
 
     def published(self, pages: int, runs: int) -> None:
         """Count what the submission just made under :meth:`hold` published (``pages`` pages in ``runs`` runs,

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ..array_table import TABLE_ERROR, ArrayTable, TableLayout
 from ..atomics import ATOMICS_ERROR
 from ..errors import InvalidArgument
 from . import plan_loops
@@ -58,8 +59,20 @@ __all__ = [
     "JOB_ROWS",
     "RING_AVAILABLE",
     "RING_ERROR",
+    "ROUTE_LAYOUT",
     "ROW_CAPACITY",
     "ROW_STREAM",
+    "RT_CTL",
+    "RT_JOBS",
+    "RT_OUT",
+    "RT_ROUTE",
+    "RT_ROWS",
+    "RT_WM",
+    "RT_WRITE_SEQ",
+    "RT_WS",
+    "Ring",
+    "RingRoute",
+    "RingSet",
     "STATUS_BAD_ROW",
     "STATUS_FAILED",
     "STATUS_OK",
@@ -68,12 +81,10 @@ __all__ = [
     "SUBMIT_OUTSIDE",
     "SUBMIT_TOO_BIG",
     "SUBMIT_UNCHECKED",
-    "Ring",
-    "RingRoute",
-    "RingSet",
     "Submitted",
     "status_text",
     "submit_pages",
+    "submit_table",
 ]
 
 # -- the words ------------------------------------------------------------------------------------------------
@@ -119,10 +130,17 @@ R_SRC_BASE, R_DST_BASE, R_SRC_PAGES, R_DST_PAGES, R_SRC_ADDR, R_DST_ADDR, R_PAGE
 _ROUTE_WORDS = 9
 # Streaming stores need a 16-byte aligned destination and whole 64-byte steps.
 _STREAM_ALIGN, _STREAM_STEP = 16, 64
+#: Slots of a route's table (:meth:`RingRoute.table`): what :func:`submit_pages` takes besides the pfns,
+#: ``checked`` and the sequence number, as one argument of a compiled call (:mod:`dmamig.array_table`); the
+#: large-run fraction is its one scalar.
+RT_CTL, RT_ROWS, RT_JOBS, RT_ROUTE, RT_WRITE_SEQ, RT_WS, RT_WM, RT_OUT = range(8)
+ROUTE_LAYOUT = TableLayout(((np.int64, 2), (np.int64, 3), (np.int64, 3), (np.int64, 1), (np.int64, 1),
+                            (np.int64, 1), (np.int8, 1), (np.int64, 2)), scalars=1)
+_W_LARGE_FRACTION = ROUTE_LAYOUT.scalar_word(0)
 
 #: Why the ring cannot be driven here (``None`` where it can).
 RING_ERROR: str | None = ATOMICS_ERROR if ATOMICS_ERROR else (
-    None if plan_loops.HAVE_NUMBA else "numba is not importable")
+    None if plan_loops.HAVE_NUMBA else "numba is not importable") or TABLE_ERROR
 #: Whether rings can be used here.
 RING_AVAILABLE = RING_ERROR is None
 
@@ -140,6 +158,7 @@ def status_text(status: int) -> str:
 if RING_AVAILABLE:
     from numba import njit
 
+    from ..array_table import table_array1, table_array2, table_array3, table_float
     from ..atomics import full_fence, load_acquire, store_release
 
     @njit(nogil=True, cache=True)
@@ -309,7 +328,8 @@ if RING_AVAILABLE:
     def submit_pages(ctl, rows, jobs, src_pfns, dst_pfns, route, large_fraction, checked, write_seq, seq, ws, wm,
                      out):  # pragma: no cover - compiled
         """The compiled submission (:meth:`RingRoute.submit`), for a caller that submits from its own compiled
-        call, with the other arguments :meth:`RingRoute.compiled_args` gives. Caller holds the set's lock."""
+        call, with the set's and the route's arrays (:func:`submit_table` takes them as a route's table). Caller
+        holds the set's lock."""
         src_base = route[R_SRC_BASE]
         dst_base = route[R_DST_BASE]
         src_pages = route[R_SRC_PAGES]
@@ -498,6 +518,16 @@ if RING_AVAILABLE:
             out[c, 0] = seq
             out[c, 1] = idle
         return nr
+
+    @njit(nogil=True, cache=True)
+    def submit_table(table, src_pfns, dst_pfns, checked, seq):  # pragma: no cover - compiled
+        """:func:`submit_pages` over a route's table (:meth:`RingRoute.table`). Caller holds the set's lock."""
+        return submit_pages(table_array2(table, RT_CTL, np.int64), table_array3(table, RT_ROWS, np.int64),
+                            table_array3(table, RT_JOBS, np.int64), src_pfns, dst_pfns,
+                            table_array1(table, RT_ROUTE, np.int64), table_float(table, _W_LARGE_FRACTION),
+                            checked, table_array1(table, RT_WRITE_SEQ, np.int64), seq,
+                            table_array1(table, RT_WS, np.int64), table_array1(table, RT_WM, np.int8),
+                            table_array2(table, RT_OUT, np.int64))
 
     @njit(nogil=True, cache=True)
     def _load_word(ctl, index):  # pragma: no cover - compiled
@@ -786,7 +816,7 @@ class RingRoute:
     copies never apply here).
     """
 
-    __slots__ = ("_args", "_dst_range", "_large_fraction", "_src_range", "ring_set")
+    __slots__ = ("_args", "_dst_range", "_set_ctl", "_set_seq", "_set_ws", "_src_range", "_table", "ring_set")
 
     def __init__(self, ring_set: RingSet, src_base: int, dst_base: int, src_addr: int, dst_addr: int, page: int,
                  options: PlanOptions, *, src_pages: int = 1 << 62, dst_pages: int = 1 << 62) -> None:
@@ -799,7 +829,10 @@ class RingRoute:
         words[R_SPLIT_MIN], words[R_MEMCPY_MIN] = options.split_min_pages, options.memcpy_min_pages
         self.ring_set = ring_set
         self._args = words
-        self._large_fraction = float(options.large_run_fraction)
+        self._table = ROUTE_LAYOUT.table()
+        self._table.set_float(_W_LARGE_FRACTION, float(options.large_run_fraction))
+        # The set's arrays the table holds (table(): set again where they moved).
+        self._set_ctl = self._set_ws = self._set_seq = None
         self._src_range = (int(src_base), int(src_base) + int(src_pages))
         self._dst_range = (int(dst_base), int(dst_base) + int(dst_pages))
 
@@ -813,18 +846,23 @@ class RingRoute:
         lo, hi = self._dst_range
         return lo <= dst_pfn < hi
 
-    def compiled_args(self, pages: int, write_seq: np.ndarray | None = None) -> tuple[Any, ...]:
-        """What :func:`submit_pages` takes besides the pfns, ``checked`` and the write sequence number, for
-        submissions of at most ``pages`` pages stamped in ``write_seq``, in its order: ``(ctl, rows, jobs, route
-        words, large-run fraction, write_seq, workspace, method bytes, out)``. Caller holds the set's
-        :attr:`RingSet.lock` while it submits with them. The workspace is grown here, and shared by every
-        submission of the set under the lock; a later growth leaves these arrays as they are (large enough for
-        ``pages``)."""
+    def table(self, pages: int, write_seq: np.ndarray | None = None) -> ArrayTable:
+        """What :func:`submit_table` takes besides the pfns, ``checked`` and the write sequence number, for
+        submissions of at most ``pages`` pages stamped in ``write_seq``: the route's table (:data:`ROUTE_LAYOUT`:
+        the set's words, rows, job slots, workspace and out words, the route's words, ``write_seq``, the
+        large-run fraction). One table per route, kept and set again only where an array moved since (the
+        workspace grown, the lane detached) or ``write_seq`` is another; the workspace is grown here. Caller
+        holds the set's :attr:`RingSet.lock` while it submits with it."""
         rs = self.ring_set
         if rs._wm.size < pages:
             rs._grow(pages)
-        return (rs.ctl, rs.rows, rs.jobs, self._args, self._large_fraction,
-                _NO_SEQ if write_seq is None else write_seq, rs._ws, rs._wm, rs._out)
+        if write_seq is None:
+            write_seq = _NO_SEQ
+        table = self._table
+        if rs.ctl is not self._set_ctl or rs._ws is not self._set_ws or write_seq is not self._set_seq:
+            table.set(RT_CTL, (rs.ctl, rs.rows, rs.jobs, self._args, write_seq, rs._ws, rs._wm, rs._out))
+            self._set_ctl, self._set_ws, self._set_seq = rs.ctl, rs._ws, write_seq
+        return table
 
     def jobs_published(self) -> list[list[int]]:
         """What the last :func:`submit_pages` published, per channel ``[seq, asleep]`` (as :attr:`Submitted.jobs`);
@@ -852,10 +890,7 @@ class RingRoute:
         """
         rs = self.ring_set
         with rs.lock:
-            if rs._wm.size < src_pfns.shape[0]:
-                rs._grow(src_pfns.shape[0])
-            nr = submit_pages(rs.ctl, rs.rows, rs.jobs, src_pfns, dst_pfns, self._args, self._large_fraction,
-                               checked, _NO_SEQ if write_seq is None else write_seq, seq, rs._ws, rs._wm, rs._out)
+            nr = submit_table(self.table(src_pfns.shape[0], write_seq).words, src_pfns, dst_pfns, checked, seq)
             if nr < 0:
                 return nr
             table = rs._jobs_out.tolist()

@@ -16,23 +16,24 @@ reference: the tests run random migrations both ways and compare every page, pag
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .. import page_loops
+from ..array_table import ArrayTable, TableLayout
 from ..backends.cpu.spin import SPIN_ERROR
 from ..dma.ring import RING_ERROR
 from ..flags import MIGRATION_ENTRY_KEPT, PageFlag, PteFlag
 from ..nodes import PAGEBLOCK_ORDER
 
 __all__ = ["ACC_LARGE", "ACC_LAST_MOVE", "ACC_MOVED", "ACC_MOVES", "ACC_MOVE_NS", "ACC_NO_COPY", "ACC_PAGES",
-           "ACC_SUBMIT_NS", "ACC_THP", "ACC_UNMAPS", "ACC_UNMAP_NS", "ACC_WORDS", "FUSED_ERROR", "FUSED_MOVED",
-           "FUSED_MOVE_LEFT", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_TO_COPY", "FUSED_UNMAPPED",
-           "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED",
-           "ROW_FRESH", "ROW_GIVEN", "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED",
-           "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches", "fill_moved_status", "fill_status", "fused_batch",
-           "fused_work", "init_entries", "move_one_vma", "stale_base_pfns", "to_copy", "unmap_one_vma", "work_views"]
+           "ACC_SUBMIT_NS", "ACC_THP", "ACC_UNMAPS", "ACC_UNMAP_NS", "ACC_WORDS", "FUSED_ERROR", "FUSED_LAYOUT",
+           "FUSED_MOVED", "FUSED_MOVE_LEFT", "FUSED_NO_FRAMES", "FUSED_SUBMITTED", "FUSED_TO_COPY", "FUSED_UNMAPPED",
+           "FUSED_UNMAP_LEFT", "HAVE_NUMBA", "ROW_BATCH_OF", "ROW_COUNTED", "ROW_DST", "ROW_EXPECTED", "ROW_FRESH",
+           "ROW_GIVEN", "ROW_NR", "ROW_ORDER", "ROW_SPLIT_FIRST", "ROW_UNMAPPED", "T_BOOLS", "T_INTS", "T_OBJ_PFNS",
+           "T_POSITIONS", "T_PTE_FLAGS", "T_PTE_PFN", "T_SBLOCK_FREE", "T_SFREE", "T_SRC", "T_STATE", "T_STATUS",
+           "T_TBLOCK_FREE", "T_TFREE", "T_WORK", "USE_BATCH_LOOPS", "alloc_one_order", "cut_batches",
+           "fill_moved_status", "fill_status", "fused_batch", "fused_table", "fused_work", "init_entries",
+           "move_one_vma", "set_fused_vma", "stale_base_pfns", "to_copy", "unmap_one_vma", "work_views"]
 
 HAVE_NUMBA = page_loops.HAVE_NUMBA
 #: Run a batch mapped through one VMA as one compiled call per phase; the phase-by-phase path of core.py is the
@@ -502,18 +503,55 @@ def work_views(work):
     return rc, listed, freed, work[:ACC_WORDS], work[ACC_WORDS + 2:_WORK_HEAD]
 
 
-def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn,
-                 pte_flags, tfree, tbf, tblock, tbase, order, sfree, sbf, sblock, sbase, work, copying, seq, ctl,
-                 rows, jobs, route, large_fraction, write_seq, ws, wm, out):
-    """One step of a long migration under the machine lock, as one call: the move pass of batch ``prev``, whose
-    copy is made (:func:`move_one_vma`; a DMA copy marks its entries fresh first; old frames back to the source
-    node's allocator arrays ``sfree``, ``sbf``), then the unmap pass of batch ``nxt`` (:func:`unmap_one_vma`,
-    destinations of ``order`` from the target node's ``tfree``, ``tbf``) and the start of its copy: with
-    ``copying`` the reference check that comes before a copy of the migrating thread's (``to_copy``), which the
-    caller makes outside the lock; else the submission of its pages to the rings, stamped ``seq``
-    (:func:`dmamig.dma.ring.submit_pages` over the arrays after ``seq``, the caller holding the rings).
-    ``work`` is its scratch (:func:`fused_work`), whose parts (:func:`work_views`) tell the caller what happened:
-    ``acc`` adds up what the calls did (``ACC_*``).
+# fused_batch takes its arrays and constants in one table (dmamig.array_table): a call converts each array
+# argument on its own, and this one would take two dozen. The call's own arrays are set once per run of fused
+# batches, the VMA's where the VMA (or its page table) changes; the rings come as their route's table.
+(T_POSITIONS, T_STATUS, T_SRC, T_INTS, T_BOOLS, T_STATE, T_WORK, T_TFREE, T_TBLOCK_FREE, T_SFREE, T_SBLOCK_FREE,
+ T_OBJ_PFNS, T_PTE_PFN, T_PTE_FLAGS) = range(14)
+FUSED_LAYOUT = TableLayout(
+    ((np.int64, 1), (np.int32, 1), (np.int64, 1), (np.int64, 2), (np.bool_, 2), (np.uint8, 1), (np.int64, 1),
+     (np.bool_, 1), (np.int64, 1), (np.bool_, 1), (np.int64, 1),
+     (np.int64, 1), (np.int64, 1), (np.uint8, 1)), scalars=10)
+# The scalars' words, constants of the compiled code.
+(_W_PENDING, _W_OID, _W_ORDER, _W_COPYING, _W_TBLOCK, _W_TBASE, _W_SBLOCK, _W_SBASE, _W_PGOFF,
+ _W_NPAGES) = (FUSED_LAYOUT.scalar_word(k) for k in range(10))
+
+
+def fused_table(positions: np.ndarray, status: np.ndarray, src: np.ndarray, ints: np.ndarray, bools: np.ndarray,
+                state: np.ndarray, work: np.ndarray, target_alloc: tuple, source_alloc: tuple, pending: int, oid: int,
+                order: int, copying: bool) -> ArrayTable:
+    """The table of a run of :func:`fused_batch` calls over the steps in ``positions`` (a batch is a range of
+    it): the call's entries (``status``, ``src`` and the two entry blocks), the page state buffer, the scratch
+    ``work`` (:func:`fused_work`), the target and source nodes' ``alloc_args``, the entries' ``pending``
+    status, the object ``oid`` the VMA maps, the destination ``order`` and whether the migrating thread copies.
+    The VMA's part is set with :func:`set_fused_vma`."""
+    table = FUSED_LAYOUT.table()
+    tfree, tbf, tblock, tbase = target_alloc
+    sfree, sbf, sblock, sbase = source_alloc
+    table.set(T_POSITIONS, (positions, status, src, ints, bools, state, work, tfree, tbf, sfree, sbf),
+              _W_PENDING, (pending, oid, order, int(copying), tblock, tbase, sblock, sbase))
+    return table
+
+
+def set_fused_vma(table: ArrayTable, obj_pfns: np.ndarray, pgoff: int, npages: int, pte_pfn: np.ndarray,
+                  pte_flags: np.ndarray) -> None:
+    """The VMA's part of a :func:`fused_table`: its object's slots, its first object page and size, its page
+    table."""
+    table.set(T_OBJ_PFNS, (obj_pfns, pte_pfn, pte_flags), _W_PGOFF, (pgoff, npages))
+
+
+def _fused_batch(table, rings, prev_lo, prev_hi, nxt_lo, nxt_hi, seq):
+    """One step of a long migration under the machine lock, as one call: the move pass of batch ``prev``
+    (entries ``positions[prev_lo:prev_hi]``), whose copy is made (:func:`move_one_vma`; a DMA copy marks its
+    entries fresh first; old frames back to the source node's allocator), then the unmap pass of batch ``nxt``
+    (``positions[nxt_lo:nxt_hi]``; :func:`unmap_one_vma`, destinations of the table's order from the target
+    node's allocator) and the start of its copy: where the migrating thread copies, the reference check that
+    comes before its copy (``to_copy``), which the caller makes outside the lock; else the submission of its
+    pages to the rings, stamped ``seq`` (:func:`dmamig.dma.ring.submit_table` over ``rings``, their route's
+    table, the caller holding them). Everything else comes from ``table`` (:func:`fused_table`); its scratch
+    ``work``
+    (:func:`fused_work`) has parts (:func:`work_views`) that tell the caller what happened: ``acc`` adds up
+    what the calls did (``ACC_*``).
 
     Returns ``(FUSED_*, runs submitted or the rings' SUBMIT_* code, pages listed, frames taken from the target
     node, frames given back to the source node)``. It stops at the first case that is not the common one and
@@ -522,7 +560,22 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
     counted in ``acc`` for batches that went through whole: a submitted batch's unmap pass (with its TLB flush
     and its pass), a move pass that moved every folio.
     """
-    rc, listed, freed, acc, ts = _work_views(work)
+    positions = table_array1(table, T_POSITIONS, np.int64)
+    prev = positions[prev_lo:prev_hi]
+    nxt = positions[nxt_lo:nxt_hi]
+    status = table_array1(table, T_STATUS, np.int32)
+    src = table_array1(table, T_SRC, np.int64)
+    ints = table_array2(table, T_INTS, np.int64)
+    bools = table_array2(table, T_BOOLS, np.bool_)
+    state = table_array1(table, T_STATE, np.uint8)
+    obj_pfns = table_array1(table, T_OBJ_PFNS, np.int64)
+    pte_pfn = table_array1(table, T_PTE_PFN, np.int64)
+    pte_flags = table_array1(table, T_PTE_FLAGS, np.uint8)
+    oid = table[_W_OID]
+    pgoff = table[_W_PGOFF]
+    npages = table[_W_NPAGES]
+    copying = table[_W_COPYING] != 0
+    rc, listed, freed, acc, ts = _work_views(table_array1(table, T_WORK, np.int64))
     t0 = now_ns(ts)
     freed_frames = 0
     if prev.size:
@@ -532,7 +585,8 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
                 fresh[prev[i]] = True
         nfreed, thp, large, no_copy, dead, nbusy, bad = _move_one_vma(
             prev, status, src, ints, bools, state, oid, obj_pfns, pgoff, npages, pte_pfn, pte_flags, rc, freed,
-            sfree, sbf, sblock, sbase)
+            table_array1(table, T_SFREE, np.bool_), table_array1(table, T_SBLOCK_FREE, np.int64), table[_W_SBLOCK],
+            table[_W_SBASE])
         t1 = now_ns(ts)
         acc[ACC_MOVE_NS] += t1 - t0
         t0 = t1
@@ -550,8 +604,10 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
         acc[ACC_MOVED] += prev.size
     if nxt.size == 0:
         return FUSED_MOVED, 0, 0, 0, freed_frames
-    bad, taken, n = _unmap_one_vma(nxt, status, pending, src, ints, bools, state, oid, pgoff, npages, pte_pfn,
-                                   pte_flags, tfree, tbf, tblock, tbase, order, rc, listed)
+    bad, taken, n = _unmap_one_vma(nxt, status, table[_W_PENDING], src, ints, bools, state, oid, pgoff, npages,
+                                   pte_pfn, pte_flags, table_array1(table, T_TFREE, np.bool_),
+                                   table_array1(table, T_TBLOCK_FREE, np.int64), table[_W_TBLOCK], table[_W_TBASE],
+                                   table[_W_ORDER], rc, listed)
     t1 = now_ns(ts)
     acc[ACC_UNMAP_NS] += t1 - t0
     if taken < 0:
@@ -568,8 +624,7 @@ def _fused_batch(prev, nxt, status, pending, src, ints, bools, state, oid, obj_p
         acc[ACC_UNMAPS] += 1
         return FUSED_TO_COPY, 0, n, taken, freed_frames
     # Unchecked, as the engine's own first try of a batch: destinations out of order go the long way.
-    nr = submit_pages(ctl, rows, jobs, listed[0, :n], listed[1, :n], route, large_fraction, False, write_seq,
-                      seq, ws, wm, out)
+    nr = submit_table(rings, listed[0, :n], listed[1, :n], False, seq)
     acc[ACC_SUBMIT_NS] += now_ns(ts) - t1
     if nr < 0:
         return FUSED_UNMAPPED, nr, n, taken, freed_frames
@@ -617,32 +672,10 @@ else:  # pragma: no cover
 #: Why the fused batches cannot run here (``None`` where they can): they need the rings and a compiled clock.
 FUSED_ERROR: str | None = "numba is not importable" if not HAVE_NUMBA else (RING_ERROR or SPIN_ERROR)
 if FUSED_ERROR is None:
+    from ..array_table import table_array1, table_array2  # noqa: F401
     from ..backends.cpu.spin import now_ns  # noqa: F401
-    from ..dma.ring import submit_pages  # noqa: F401
+    from ..dma.ring import submit_table  # noqa: F401
 
     fused_batch = njit(nogil=True, cache=True)(_fused_batch)
 else:  # pragma: no cover
     fused_batch = None
-
-
-def entry_of(fn: Any) -> Any:
-    """The entry point of compiled function ``fn``'s one compiled version, or ``fn`` itself (not compiled, or
-    compiled more than once). A call through it converts the arguments without first matching their types
-    against the compiled versions, a good part of a call's own cost where it takes many arguments (the fused
-    batch takes 35).
-
-    For a caller that already called ``fn`` itself with arguments of the same types: the same arrays, or arrays
-    made the same way (same dtype, dimensions and layout), and scalars of the same kinds. An argument of another
-    type is not refused there but misread, so nothing else may call it.
-    """
-    overloads = getattr(fn, "overloads", None)
-    if not overloads or len(overloads) != 1:
-        return fn
-    entry = _ENTRIES.get(fn)
-    if entry is None:  # looked up once: reading a version out of ``overloads`` costs more than the calls it saves
-        entry = _ENTRIES[fn] = getattr(next(iter(overloads.values())), "entry_point", fn)
-    return entry
-
-
-# Per compiled function, the entry point of its one compiled version (entry_of).
-_ENTRIES: dict[Any, Any] = {}

@@ -90,13 +90,10 @@ _LRU = np.uint32(PageFlag.LRU)
 _PRIVATE = np.uint32(PageFlag.PRIVATE)
 # Stand-in for a node's alloc_args where the old folios span nodes (they are freed node by node after the call).
 _NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), 1, -1)
-# No batch, for fused_batch (writable, as the steps are: a read-only array would compile it once more).
+# No batch: what the fused loop moves before its first batch and unmaps after its last.
 _NO_STEP = np.empty(0, dtype=np.int64)
-# Stand-ins for the rings' arrays where fused batches are copied by the migrating thread (the types of
-# RingBatches.hold's, so that one compiled fused_batch serves both).
-_NO_RINGS = (np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1, 4), dtype=np.int64),
-             np.zeros((1, 1, 4), dtype=np.int64), np.zeros(1, dtype=np.int64), 0.0, np.zeros(0, dtype=np.int64),
-             np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8), np.zeros((1, 4), dtype=np.int64))
+# No rings, for fused batches the migrating thread copies (of a route table's type, never read).
+_NO_RINGS = np.zeros(0, dtype=np.int64)
 
 
 _CHECKED_MODES: dict[tuple[MigrateMode, bool], MigrateMode] = {}  # valid (mode, allow_no_copy) pairs seen
@@ -269,34 +266,42 @@ class _Migration:
         most = max(map(len, steps[i:]))
         work = batch_loops.fused_work(most, most << e.one_order)
         acc = work[:batch_loops.ACC_WORDS]
+        # The steps from i on, one after another in one array: a batch is a range of it.
+        positions = steps[i] if len(steps) == i + 1 else np.concatenate(steps[i:])
+        table = batch_loops.fused_table(positions, e.status, e.src, e.ints, e.bools, pages.state, work,
+                                        tn.alloc_args, sn.alloc_args, PENDING, e.oid, e.one_order, copying)
+        words = table.words
+        # What the table holds of the VMA (it is looked up under the lock at each batch: the mapping may have
+        # changed between batches).
+        vma_in = pte_pfn_in = pte_flags_in = obj_pfns_in = None
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
-        interrupts, changed = self.interrupts, m.changed
-        # The first call goes through the compiled function, which checks its arguments' types; the later ones
-        # through its entry point (batch_loops.entry_of), with arrays of the same types: the same objects (the
-        # entries, the page state, the allocators' and the rings' arrays, work), slices of the same steps array,
-        # and the one VMA's page table, whose arrays are made the same way whatever VMA it is.
-        call = checked = batch_loops.fused_batch
+        prev_lo = prev_hi = lo = 0  # prev's range in positions; where the next batch starts
+        interrupts, changed, call = self.interrupts, m.changed, batch_loops.fused_batch
         waited = 0  # nanoseconds of DMA waits, added to the phase times once
         try:
             while True:
                 nxt = steps[i] if i < len(steps) else _NO_STEP
+                hi = lo + nxt.size
                 interrupts.check()
                 # The last call only moves: it submits nothing, so it holds no rings.
-                held = not copying and nxt.size > 0
+                held = not copying and hi > lo
                 with m.lock:
-                    vma = self._one_vma()
-                    args = None if vma is None else (rings.hold() if held else _NO_RINGS)
-                    if args is None:
+                    obj = self.one_object
+                    vmas = obj.vmas
+                    vma = vmas[0] if len(vmas) == 1 else None
+                    ring_table = None if vma is None else (rings.hold() if held else _NO_RINGS)
+                    if ring_table is None:
                         code = -1
                     else:
                         try:
-                            code, nr, nlisted, taken, given_back = call(
-                                prev, nxt, e.status, PENDING, e.src, e.ints, e.bools, pages.state, e.oid,
-                                self.one_object.pfns, vma.pgoff, vma.npages, vma.pte_pfn, vma.pte_flags,
-                                *tn.alloc_args, e.one_order, *sn.alloc_args, work, copying,
-                                rings.seq if held else 0, *args)
-                            if call is checked:
-                                call = batch_loops.entry_of(checked)
+                            if vma is not vma_in or vma.pte_pfn is not pte_pfn_in \
+                                    or vma.pte_flags is not pte_flags_in or obj.pfns is not obj_pfns_in:
+                                batch_loops.set_fused_vma(table, obj.pfns, vma.pgoff, vma.npages, vma.pte_pfn,
+                                                          vma.pte_flags)
+                                vma_in, pte_pfn_in, pte_flags_in, obj_pfns_in = vma, vma.pte_pfn, vma.pte_flags, \
+                                    obj.pfns
+                            code, nr, nlisted, taken, given_back = call(words, ring_table, prev_lo, prev_hi, lo,
+                                                                        hi, rings.seq if held else 0)
                             if code == batch_loops.FUSED_SUBMITTED:
                                 rings.published(nlisted, nr)
                         finally:
@@ -326,7 +331,7 @@ class _Migration:
                         self._after_step(nxt)
                         return i + 1
                     waited += time.perf_counter_ns() - t0
-                    prev, i = nxt, i + 1
+                    prev, i, prev_lo, prev_hi, lo = nxt, i + 1, lo, hi, hi
                     continue
                 if code == batch_loops.FUSED_TO_COPY:
                     # The migrating thread copies outside the lock; the locked, unmapped sources cannot change
@@ -334,7 +339,7 @@ class _Migration:
                     t0 = time.perf_counter_ns()
                     m.frames.copy_folios(e.src[nxt], e.dst[nxt])
                     self.phase_ns["copy"] += time.perf_counter_ns() - t0
-                    prev, i = nxt, i + 1
+                    prev, i, prev_lo, prev_hi, lo = nxt, i + 1, lo, hi, hi
                     continue
                 break
         finally:
