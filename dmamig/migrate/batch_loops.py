@@ -519,17 +519,20 @@ FUSED_LAYOUT = TableLayout(
 
 def fused_table(positions: np.ndarray, status: np.ndarray, src: np.ndarray, ints: np.ndarray, bools: np.ndarray,
                 state: np.ndarray, work: np.ndarray, target_alloc: tuple, source_alloc: tuple, pending: int, oid: int,
-                order: int, copying: bool) -> ArrayTable:
+                order: int, copying: bool, vma: tuple) -> ArrayTable:
     """The table of a run of :func:`fused_batch` calls over the steps in ``positions`` (a batch is a range of
     it): the call's entries (``status``, ``src`` and the two entry blocks), the page state buffer, the scratch
     ``work`` (:func:`fused_work`), the target and source nodes' ``alloc_args``, the entries' ``pending``
-    status, the object ``oid`` the VMA maps, the destination ``order`` and whether the migrating thread copies.
-    The VMA's part is set with :func:`set_fused_vma`."""
+    status, the object ``oid`` the VMA maps, the destination ``order``, whether the migrating thread copies,
+    and the VMA's part, as :func:`set_fused_vma` takes it (``(obj_pfns, pgoff, npages, pte_pfn, pte_flags)``),
+    which :func:`set_fused_vma` sets again where the VMA changed."""
     table = FUSED_LAYOUT.table()
     tfree, tbf, tblock, tbase = target_alloc
     sfree, sbf, sblock, sbase = source_alloc
-    table.set(T_POSITIONS, (positions, status, src, ints, bools, state, work, tfree, tbf, sfree, sbf),
-              _W_PENDING, (pending, oid, order, int(copying), tblock, tbase, sblock, sbase))
+    obj_pfns, pgoff, npages, pte_pfn, pte_flags = vma
+    table.set(T_POSITIONS, (positions, status, src, ints, bools, state, work, tfree, tbf, sfree, sbf, obj_pfns,
+                            pte_pfn, pte_flags),
+              _W_PENDING, (pending, oid, order, int(copying), tblock, tbase, sblock, sbase, pgoff, npages))
     return table
 
 

@@ -94,6 +94,8 @@ _NO_ALLOCATOR = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), 1, -1)
 _NO_STEP = np.empty(0, dtype=np.int64)
 # No rings, for fused batches the migrating thread copies (of a route table's type, never read).
 _NO_RINGS = np.zeros(0, dtype=np.int64)
+# No page table, for a fused table made while the object has no VMA (each batch looks again).
+_NO_PTE_FLAGS = np.zeros(0, dtype=np.uint8)
 
 
 _CHECKED_MODES: dict[tuple[MigrateMode, bool], MigrateMode] = {}  # valid (mode, allow_no_copy) pairs seen
@@ -268,12 +270,20 @@ class _Migration:
         acc = work[:batch_loops.ACC_WORDS]
         # The steps from i on, one after another in one array: a batch is a range of it.
         positions = steps[i] if len(steps) == i + 1 else np.concatenate(steps[i:])
+        # The VMA as it is now (each batch looks again under the lock, and sets it again where it changed).
+        obj = self.one_object
+        with m.lock:
+            vmas = obj.vmas
+            vma_in = vmas[0] if vmas else None
+            if vma_in is None:
+                vma_part = (obj.pfns, 0, 0, _NO_STEP, _NO_PTE_FLAGS)
+            else:
+                vma_part = (obj.pfns, vma_in.pgoff, vma_in.npages, vma_in.pte_pfn, vma_in.pte_flags)
         table = batch_loops.fused_table(positions, e.status, e.src, e.ints, e.bools, pages.state, work,
-                                        tn.alloc_args, sn.alloc_args, PENDING, e.oid, e.one_order, copying)
+                                        tn.alloc_args, sn.alloc_args, PENDING, e.oid, e.one_order, copying, vma_part)
         words = table.words
-        # What the table holds of the VMA (it is looked up under the lock at each batch: the mapping may have
-        # changed between batches).
-        vma_in = pte_pfn_in = pte_flags_in = obj_pfns_in = None
+        # What the table holds of the VMA.
+        obj_pfns_in, _, _, pte_pfn_in, pte_flags_in = vma_part
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
         prev_lo = prev_hi = lo = 0  # prev's range in positions; where the next batch starts
         interrupts, changed, call = self.interrupts, m.changed, batch_loops.fused_batch
