@@ -266,7 +266,11 @@ if RING_AVAILABLE:
         for c in range(channels):
             used[c] = 0
             slot[c] = ctl[c, ROW_TAIL] % row_cap
+        # The channel being filled keeps its next slot and row count in locals, stored back when the walk moves on:
+        # kept in memory, each row's store would wait for the row before's.
         c = 0
+        at = slot[0]
+        count = 0
         end = 0
         nr = 0
         rs = -1
@@ -296,20 +300,26 @@ if RING_AVAILABLE:
                     return -1
                 end += length
                 while c < channels - 1 and end > bounds[c]:
+                    slot[c] = at
+                    used[c] = count
                     c += 1
-                at = slot[c]
+                    at = slot[c]
+                    count = 0
                 rows[c, at, 0] = src_addr + rs * page
                 rows[c, at, 1] = dst_addr + rd * page
                 rows[c, at, 2] = length * page
                 rows[c, at, 3] = flags
                 at += 1
-                slot[c] = 0 if at == row_cap else at
-                used[c] += 1
+                if at == row_cap:
+                    at = 0
+                count += 1
                 nr += 1
             if k < last:
                 rs = s
                 rd = d
                 length = 1
+        slot[c] = at
+        used[c] = count
         for c in range(channels):
             k = used[c]
             if k == 0:
