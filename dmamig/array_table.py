@@ -111,7 +111,7 @@ class TableLayout:
         Words after the slots for scalars; scalar ``i`` is word :meth:`scalar_word` ``(i)``.
     """
 
-    __slots__ = ("rows", "scalars")
+    __slots__ = ("rows", "scalars", "slots", "words")
 
     def __init__(self, slots: Sequence[tuple[Any, int]], scalars: int = 0) -> None:
         rows = []
@@ -123,11 +123,13 @@ class TableLayout:
             raise InvalidArgument(f"TableLayout: scalars must be >= 0, got {scalars!r}")
         #: Per slot: item size in bytes, dimensions.
         self.rows = np.array(rows, dtype=np.int64).reshape(len(rows), 2)
-        self.scalars = int(scalars)
+        #: Slots, scalars, and words of a table.
+        self.slots, self.scalars = len(rows), int(scalars)
+        self.words = self.slots * SLOT_WORDS + self.scalars
 
     def scalar_word(self, i: int) -> int:
         """The word of scalar ``i`` (in a compiled reader, a constant)."""
-        return self.rows.shape[0] * SLOT_WORDS + i
+        return self.slots * SLOT_WORDS + i
 
     def table(self) -> ArrayTable:
         """A new table of this layout: every slot unset (address 0, no items), every scalar 0."""
@@ -141,10 +143,10 @@ class ArrayTable:
     __slots__ = ("_held", "_layout", "words")
 
     def __init__(self, layout: TableLayout) -> None:
-        self._layout = layout.rows
+        self._layout = layout
         #: The table: ``SLOT_WORDS`` words per slot, then the scalars.
-        self.words = np.zeros(layout.rows.shape[0] * SLOT_WORDS + layout.scalars, dtype=np.int64)
-        self._held: list[np.ndarray | None] = [None] * layout.rows.shape[0]
+        self.words = np.zeros(layout.words, dtype=np.int64)
+        self._held: list[np.ndarray | None] = [None] * layout.slots
 
     def set(self, first: int, arrays: tuple[np.ndarray, ...], at: int = 0, values: tuple[int, ...] = ()) -> None:
         """Put ``arrays`` in slots ``first``, ``first + 1``, ... and hold them; write the integers ``values``
@@ -155,18 +157,18 @@ class ArrayTable:
         InvalidArgument
             An array whose item size, dimensions or order is not its slot's, or more arrays than slots.
         """
-        if first < 0 or first + len(arrays) > self._layout.shape[0]:
-            raise InvalidArgument(f"ArrayTable.set: slots {first} to {first + len(arrays) - 1} of "
-                                  f"{self._layout.shape[0]}")
+        layout = self._layout
+        if first < 0 or first + len(arrays) > layout.slots:
+            raise InvalidArgument(f"ArrayTable.set: slots {first} to {first + len(arrays) - 1} of {layout.slots}")
         if not arrays:
             self.words[at:at + len(values)] = values
             return
         if not values:  # (numba iterates no empty tuple)
             at, values = -1, (0,)
-        bad = _pack(self.words, self._layout, first, arrays, at, values)
+        bad = _pack(self.words, layout.rows, first, arrays, at, values)
         if bad >= 0:
             a = arrays[bad - first]
-            size, ndim = self._layout[bad].tolist()
+            size, ndim = layout.rows[bad].tolist()
             raise InvalidArgument(f"ArrayTable slot {bad} takes C-ordered {ndim}-D arrays of {size}-byte items, "
                                   f"got {a.ndim}-D {a.dtype} (C order: {a.flags.c_contiguous})")
         self._held[first:first + len(arrays)] = arrays
