@@ -15,8 +15,9 @@ so the script itself is exercised on any host. It writes:
   ``bench-rfc/`` (2M, faithful and the DMA-offload RFC preset), ``bench-cpu-baseline/`` (2M, one channel, with
   ``--copy-baseline cpu``: copy mode as the migrating CPU's memcpy into host-mapped device frames, on CUDA only),
   ``gpu-tests.log``
-  (``pytest -m gpu``: the failure paths on the card) and ``bound.log`` (``benchmarks/bench_bound.py`` on the
-  CPU backend, on the host's own cores).
+  (``pytest -m gpu``: the failure paths on the card), ``bound.log`` (``benchmarks/bench_bound.py`` on the
+  CPU backend, on the host's own cores) and ``submit-cpu/`` (``benchmarks/bench_submit.py --backend cpu``: the
+  CPU channel's submission, 1 and 4 channels, on the same cores).
 """
 
 from __future__ import annotations
@@ -285,6 +286,10 @@ def run_steps(result: dict[str, Any], out: Path, deadline: float, backend: str) 
               deadline)
     _step(result, "bound", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_bound.py",
                             "--benchmark-only"], out / "bound.log", deadline, env={"DMAMIG_BACKEND": "cpu"})
+    # The CPU channel's submission with 1 and 4 channels where each channel's worker has a core of its own (on a
+    # 2-vCPU VM four workers share two with the submitter).
+    _step(result, "submit_cpu", [py, "benchmarks/bench_submit.py", "--backend", "cpu", "--out",
+                                 str(out / "submit-cpu")], out / "submit-cpu.log", deadline)
 
 
 def _commit() -> str:

@@ -36,7 +36,7 @@ def test_a_check_within_no_budget_writes_its_figures_and_skips_its_steps(gpu_che
     assert summary["backend"] == "cpu" and "errors" not in summary
     assert subs["4k_1ch_numpy_allocations"] == 0 and subs["2m_4ch_compiled"] > 0
     assert set(summary["steps"]) == {"info", "bench", "bench_persistent", "bench_rfc", "bench_cpu_baseline",
-                                     "gpu_tests", "bound"}
+                                     "gpu_tests", "bound", "submit_cpu"}
     assert "CUDA setting" in summary["steps"].pop("bench_persistent")["skipped"]
     assert "--copy-baseline cpu" in summary["steps"].pop("bench_cpu_baseline")["skipped"]
     assert all("budget spent" in s["skipped"] for s in summary["steps"].values())
