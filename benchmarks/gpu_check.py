@@ -44,7 +44,7 @@ CALLS = 300
 BATCH = 512
 #: Most seconds each process step may take, before the budget that is left caps it further.
 STEP_CAPS = {"info": 30, "bench": 150, "bench_persistent": 120, "bench_rfc": 90, "bench_cpu_baseline": 60,
-             "gpu_tests": 120, "bound": 120}
+             "gpu_tests": 120, "bound": 120, "submit_cpu": 60}
 #: The persistent consumer's idle window while its start latency is measured (``dma_poll_us``): long enough that
 #: it stays resident between two probes.
 PERSISTENT_IDLE_US = 20000.0
