@@ -9,7 +9,8 @@ it, until its slot is set again or the table goes.
 
 The table checks what goes in, once, when a slot is set: each array's item size, dimensions and C order
 against its slot's layout (one compiled call for a group of slots); the compiled reader then takes the slot's
-dtype on trust.
+dtype on trust. What it reads is writable, and unchecked by bounds, as any compiled array: a read-only array
+is not protected by its flag once in a table, and an index past an array's end is not caught.
 """
 
 from __future__ import annotations

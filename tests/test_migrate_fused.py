@@ -277,6 +277,45 @@ def test_a_submission_the_rings_refuse_goes_through_the_engine_general_path():
     assert batch_loops.FUSED_UNMAPPED in codes
 
 
+def test_a_page_table_replaced_between_fused_batches_is_set_again_in_the_table(monkeypatch):
+    """mremap grows the VMA in place between two fused batches (its page table and its object's slots are new
+    arrays): every later fused call's table holds the new ones, and the migration ends as if nothing had moved.
+    (A call over the old ones would leave migration entries in the new page table, which readers wait for: the
+    wrapper refuses such a call before it runs.)"""
+    real_wait, real_fused = RingBatches.wait, batch_loops.fused_batch
+    grown, codes = [], []
+    pte_slot = batch_loops.T_PTE_PFN * SLOT_WORDS
+    obj_slot = batch_loops.T_OBJ_PFNS * SLOT_WORDS
+
+    def wait(self):
+        real_wait(self)
+        if not grown:  # outside every lock, between the first batch and the second
+            grown.append(mm.mremap(addr, 3 * NR * m.page_size, 4 * NR * m.page_size, may_move=False))
+
+    def fused(table, *args):
+        vma = mm.vmas[0]
+        if table[pte_slot] != vma.pte_pfn.ctypes.data or table[pte_slot + 1] != vma.npages \
+                or table[obj_slot] != vma.obj.pfns.ctypes.data:
+            raise AssertionError("a fused call's table holds a page table or slots its VMA no longer has")
+        got = real_fused(table, *args)
+        codes.append(got[0])
+        return got
+
+    monkeypatch.setattr(RingBatches, "wait", wait)
+    monkeypatch.setattr(batch_loops, "fused_batch", fused)
+    with machine() as m:
+        mm = m.address_space()
+        addr, data = filled(m, mm, 3 * NR, seed=12, order=9)
+        res = mm.migrate(addr, 3 * NR * m.page_size, 1, engine=m.dma)
+        assert grown == [addr] and mm.vmas[0].npages == 4 * NR
+        assert res.ok and res.stats.nr_thp_succeeded == 3 and res.stats.nr_no_copy == 3 * NR
+        assert codes.count(batch_loops.FUSED_SUBMITTED) == 3
+        assert not mm.vmas[0].has_migration_entries()
+        assert (mm.nodes_of(addr, 3 * NR * m.page_size) == 1).all()
+        assert np.array_equal(mm.read(addr, 3 * NR * m.page_size), data)
+        assert check_machine(m) == []
+
+
 def test_a_failed_dma_copy_is_made_by_the_migrating_thread(monkeypatch):
     real = RingBatches.wait
     waits = []

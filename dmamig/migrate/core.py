@@ -283,7 +283,7 @@ class _Migration:
                                         tn.alloc_args, sn.alloc_args, PENDING, e.oid, e.one_order, copying, vma_part)
         words = table.words
         # What the table holds of the VMA.
-        obj_pfns_in, _, _, pte_pfn_in, pte_flags_in = vma_part
+        obj_pfns_in, pgoff_in, npages_in, pte_pfn_in, pte_flags_in = vma_part
         prev = _NO_STEP  # the batch whose copy is done, moved by the next call
         prev_lo = prev_hi = lo = 0  # prev's range in positions; where the next batch starts
         interrupts, changed, call = self.interrupts, m.changed, batch_loops.fused_batch
@@ -304,12 +304,16 @@ class _Migration:
                         code = -1
                     else:
                         try:
+                            # (compiled code reads the table's arrays unchecked: anything the VMA's part
+                            # came from that may change is compared)
                             if vma is not vma_in or vma.pte_pfn is not pte_pfn_in \
-                                    or vma.pte_flags is not pte_flags_in or obj.pfns is not obj_pfns_in:
+                                    or vma.pte_flags is not pte_flags_in or obj.pfns is not obj_pfns_in \
+                                    or vma.npages != npages_in or vma.pgoff != pgoff_in:
                                 batch_loops.set_fused_vma(table, obj.pfns, vma.pgoff, vma.npages, vma.pte_pfn,
                                                           vma.pte_flags)
                                 vma_in, pte_pfn_in, pte_flags_in, obj_pfns_in = vma, vma.pte_pfn, vma.pte_flags, \
                                     obj.pfns
+                                npages_in, pgoff_in = vma.npages, vma.pgoff
                             code, nr, nlisted, taken, given_back = call(words, ring_table, prev_lo, prev_hi, lo,
                                                                         hi, rings.seq if held else 0)
                             if code == batch_loops.FUSED_SUBMITTED:

@@ -77,7 +77,7 @@ class Entries:
         self.m = m
         pages = m.pages
         n = heads.size
-        self.src = np.asarray(heads, dtype=np.int64)
+        self.src = np.ascontiguousarray(heads, dtype=np.int64)  # (compiled calls take it through a table)
         # Few allocations per call: the int64 columns come from one block, the bool ones from another; a
         # compiled call takes each block as one argument (``ints``, ``bools``) and its rows in this order.
         self.ints = ints = np.empty((6, n), dtype=np.int64)
