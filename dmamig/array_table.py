@@ -4,8 +4,8 @@ numba converts each array argument of a call on its own (a type check, a referen
 call that takes two dozen arrays spends more on its arguments than a small batch's work costs. An
 :class:`ArrayTable` writes each array's address and shape into one int64 array, :attr:`ArrayTable.words`,
 beside a few int64 (or float64) scalars, and keeps the arrays; the compiled side takes ``words`` and reads each
-array back with :func:`table_array1` (``2``, ``3``: by dimensions) (no copy, no reference): an array read so is valid while the table holds
-it, until its slot is set again or the table goes.
+array back with :func:`table_array1` (``table_array2``, ``table_array3`` by dimensions; no copy, no reference):
+an array read so is valid while the table holds it, until its slot is set again or the table goes.
 
 The table checks what goes in, once, when a slot is set: each array's item size, dimensions and C order
 against its slot's layout (one compiled call for a group of slots); the compiled reader then takes the slot's
@@ -40,8 +40,8 @@ except Exception:  # pragma: no cover - numba is a dependency
 
 def _pack(words, layout, first, arrays, at, values):  # pragma: no cover - compiled
     """Slots ``first``, ``first + 1``, ... of ``words`` from ``arrays``, each checked against its row of
-    ``layout`` (item size, dimensions); then, where ``at`` >= 0, ``values`` into ``words[at:]``. Returns the first slot refused, or
-    -1 (then every slot and value was written)."""
+    ``layout`` (item size, dimensions); then, where ``at`` >= 0, ``values`` into ``words[at:]``. Returns the
+    first slot refused, or -1 (then every slot and value was written)."""
     k = first
     for a in literal_unroll(arrays):
         if a.itemsize != layout[k, 0] or a.ndim != layout[k, 1] or not a.flags.c_contiguous:

@@ -552,9 +552,8 @@ def _fused_batch(table, rings, prev_lo, prev_hi, nxt_lo, nxt_hi, seq):
     comes before its copy (``to_copy``), which the caller makes outside the lock; else the submission of its
     pages to the rings, stamped ``seq`` (:func:`dmamig.dma.ring.submit_table` over ``rings``, their route's
     table, the caller holding them). Everything else comes from ``table`` (:func:`fused_table`); its scratch
-    ``work``
-    (:func:`fused_work`) has parts (:func:`work_views`) that tell the caller what happened: ``acc`` adds up
-    what the calls did (``ACC_*``).
+    ``work`` (:func:`fused_work`) has parts (:func:`work_views`) that tell the caller what happened: ``acc``
+    adds up what the calls did (``ACC_*``).
 
     Returns ``(FUSED_*, runs submitted or the rings' SUBMIT_* code, pages listed, frames taken from the target
     node, frames given back to the source node)``. It stops at the first case that is not the common one and
