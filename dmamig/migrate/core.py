@@ -273,8 +273,7 @@ class _Migration:
         # The VMA as it is now (each batch looks again under the lock, and sets it again where it changed).
         obj = self.one_object
         with m.lock:
-            vmas = obj.vmas
-            vma_in = vmas[0] if vmas else None
+            vma_in = self._one_vma()
             if vma_in is None:
                 vma_part = (obj.pfns, 0, 0, _NO_STEP, _NO_PTE_FLAGS)
             else:
@@ -296,9 +295,7 @@ class _Migration:
                 # The last call only moves: it submits nothing, so it holds no rings.
                 held = not copying and hi > lo
                 with m.lock:
-                    obj = self.one_object
-                    vmas = obj.vmas
-                    vma = vmas[0] if len(vmas) == 1 else None
+                    vma = self._one_vma()
                     ring_table = None if vma is None else (rings.hold() if held else _NO_RINGS)
                     if ring_table is None:
                         code = -1
